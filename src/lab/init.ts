@@ -1,0 +1,93 @@
+/**
+ * /init of the lab initramfs (busybox sh), following docs/lab.md: load virtio/9p/overlay/kvm
+ * modules, mount the host root read-only over 9p with a tmpfs overlay on top, chroot into it,
+ * check that /dev/kvm is real KVM (kvm_amd, svm), run the spec, report its exit code with a marker
+ * (see console.ts) and power off. Parameters come on the kernel command line as tvlab.* words.
+ */
+
+/** Modules the lab loads, dependencies resolved from the modules themselves; `?` = only if present. */
+export const LAB_MODULES = [
+  "virtio_ring",
+  "virtio",
+  "virtio_pci_legacy_dev",
+  "virtio_pci_modern_dev",
+  "virtio_pci",
+  "netfs",
+  "fscache",
+  "9pnet",
+  "9pnet_virtio",
+  "9p",
+  "overlay",
+  "irqbypass",
+  "kvm",
+  "ccp?",
+  "kvm_amd",
+  // TAP networks for nested guests: tun (TUN/TAP), bridge (+stp, llc), veth, vhost-net, macvtap
+  "tun?",
+  "bridge?",
+  "veth?",
+  "vhost_net?",
+  "macvtap?",
+];
+
+export const LAB_INIT = `#!/bin/sh
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+nonce=x spec="" tty=none
+set -f
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    tvlab.nonce=*) nonce="\${arg#tvlab.nonce=}" ;;
+    tvlab.spec=*) spec="\${arg#tvlab.spec=}" ;;
+    tvlab.tty=*) tty="\${arg#tvlab.tty=}" ;;
+  esac
+done
+set +f
+fail() {
+  echo "@@TVLAB:$nonce:error:$*@@"
+  poweroff -f
+  exit 1
+}
+rel=$(uname -r)
+while read -r m; do
+  [ -n "$m" ] && { insmod "/lib/modules/$rel/$m" 2>/dev/null || echo "typevisor-lab: insmod $m failed"; }
+done < /etc/typevisor/modules
+mkdir -p /lower /ovl /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 hostroot /lower || fail "cannot mount the host root over 9p"
+mount -t tmpfs -o mode=0755 tmpfs /ovl
+mkdir -p /ovl/upper /ovl/work
+mount -t overlay -o lowerdir=/lower,upperdir=/ovl/upper,workdir=/ovl/work overlay /newroot || fail "cannot mount the overlay on the host root"
+specpath=$(echo "$spec" | base64 -d)
+cp "/newroot$specpath" /spec.sh || fail "cannot read the run spec $specpath through 9p"
+for d in proc sys dev tmp run; do mkdir -p "/newroot/$d"; done
+mount -t proc proc /newroot/proc
+mount -t sysfs sysfs /newroot/sys
+mount -t devtmpfs devtmpfs /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts -o mode=0620,ptmxmode=0666 devpts /newroot/dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
+mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
+mount -t tmpfs -o mode=0755 tmpfs /newroot/run
+cp /spec.sh /newroot/run/typevisor-lab.sh
+[ -c /dev/kvm ] || fail "no /dev/kvm in the lab: the kvm modules did not load"
+grep -qw svm /proc/cpuinfo || fail "the lab CPU has no svm flag: QEMU did not emulate AMD-V"
+[ -d /sys/module/kvm_amd ] || fail "kvm_amd is not loaded in the lab"
+hostname typevisor-lab
+# raw newlines on the console: the host terminal adds its own carriage returns
+stty -onlcr < /dev/console
+set -o pipefail
+echo "@@TVLAB:$nonce:start@@"
+if [ "$tty" = none ]; then
+  # the host's stdout is no terminal: give the command a pipe so it does not draw for one
+  chroot /newroot /bin/sh /run/typevisor-lab.sh < /dev/null 2>&1 | cat
+  code=$?
+else
+  stty cols "\${tty%x*}" rows "\${tty#*x}" < /dev/console
+  chroot /newroot /bin/sh /run/typevisor-lab.sh < /dev/null
+  code=$?
+fi
+echo "@@TVLAB:$nonce:exit:$code@@"
+poweroff -f
+`;

@@ -1,0 +1,248 @@
+/**
+ * The KVM lab: a Debian kernel booted under QEMU's TCG emulator with nested SVM, which gives a
+ * real /dev/kvm (kvm-amd with nested paging) to a command run inside it, with the host root
+ * mounted read-only under a tmpfs overlay. Recipe and measurements: docs/lab.md and kvm-lab.md.
+ */
+import { spawn } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { createWriteStream, existsSync, rmSync, type WriteStream } from "node:fs";
+import { mkdir, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { delimiter, join } from "node:path";
+import type { Writable } from "node:stream";
+import { TypevisorError } from "../errors.js";
+import { writeNewc, withParents, type CpioEntry } from "../images/cpio.js";
+import { fetchPackage, kernelImage, kernelRelease, KERNEL_PACKAGE, tempName, type Progress } from "../images/debian.js";
+import { cacheDir } from "../images/dirs.js";
+import { busyboxEntries, busyboxPath, moduleEntries, skeletonEntries } from "../images/initramfs.js";
+import { indexModules, resolveLoadOrder } from "../images/kmod.js";
+import { ConsoleFilter } from "./console.js";
+import { LAB_INIT, LAB_MODULES } from "./init.js";
+import { passedEnv, specScript } from "./spec.js";
+
+export const QEMU = "qemu-system-x86_64";
+
+export interface LabKernel {
+  kernel: string;
+  initrd: string;
+  release: string;
+  package: string;
+}
+
+type Env = Record<string, string | undefined>;
+
+function labDir(cache: string): string {
+  return join(cache, "lab");
+}
+
+/** Fetch the generic Debian kernel and busybox, and build (once) the lab initramfs for them. */
+export async function prepareLab(opts: { cache?: string; progress?: Progress } = {}): Promise<LabKernel> {
+  const cache = opts.cache ?? cacheDir();
+  const fetchOpts = { cache, ...(opts.progress !== undefined ? { progress: opts.progress } : {}) };
+  // the generic kernel, not -cloud: only it has 9p (kvm-lab.md)
+  const kpkg = await fetchPackage("linux-image-amd64", { ...fetchOpts, concrete: KERNEL_PACKAGE });
+  const bb = await fetchPackage("busybox-static", fetchOpts);
+  const release = await kernelRelease(kpkg);
+  const key = createHash("sha256").update(JSON.stringify([LAB_INIT, LAB_MODULES, kpkg.version, bb.version])).digest("hex").slice(0, 12);
+  const dir = labDir(cache);
+  await mkdir(dir, { recursive: true });
+  const initrd = join(dir, `initramfs-${release}-${key}.cpio`);
+  if (!existsSync(initrd)) {
+    opts.progress?.(`building the lab initramfs for ${release}`);
+    const modules = await resolveLoadOrder(await indexModules(kpkg.root, release), LAB_MODULES);
+    const entries: CpioEntry[] = [
+      ...skeletonEntries(),
+      ...(await busyboxEntries(busyboxPath(bb))),
+      ...(await moduleEntries(release, modules)),
+      { type: "file", path: "init", data: Buffer.from(LAB_INIT), mode: 0o755 },
+    ];
+    const tmp = tempName(initrd);
+    await writeFile(tmp, writeNewc(withParents(entries)));
+    await rename(tmp, initrd);
+    // older initramfs builds are dead weight
+    for (const f of await readdir(dir)) if (f.startsWith("initramfs-") && join(dir, f) !== initrd) await rm(join(dir, f), { force: true });
+  }
+  return { kernel: await kernelImage(kpkg), initrd, release, package: `${kpkg.name} ${kpkg.version}` };
+}
+
+export interface LabOptions {
+  /** Lab RAM in MiB (default $TYPEVISOR_LAB_MEMORY or 6144: nested guests up to 2 GiB plus node). */
+  memoryMiB?: number;
+  /** Lab vCPUs (default $TYPEVISOR_LAB_CPUS or 1: kvm-lab.md saw a panic with 2). */
+  cpus?: number;
+  /** Whole-run limit in seconds (default $TYPEVISOR_LAB_TIMEOUT or 3600). */
+  timeoutSec?: number;
+  /** Limit from QEMU start to command start, seconds (default 180). */
+  bootTimeoutSec?: number;
+  cwd?: string;
+  env?: Env;
+  cache?: string;
+  /** Command output (stdout and stderr arrive merged over the serial console). */
+  output?: Writable;
+  /** Lab status lines (booting, boot time); default none. */
+  progress?: Progress;
+  /** Terminal size to give the command (`COLSxROWS`), or undefined for a pipe (no tty). */
+  tty?: { columns: number; rows: number };
+  /** Called when the command starts, with the ms since QEMU was spawned. */
+  onStart?: (bootMs: number) => void;
+}
+
+function envInt(env: Env, name: string, dflt: number, min: number, max: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === "") return dflt;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < min || n > max) {
+    throw new TypevisorError("LAB_BAD_ENV", `${name}=${raw} is not an integer between ${min} and ${max}`);
+  }
+  return n;
+}
+
+export function findOnPath(cmd: string, env: Env = process.env): string | undefined {
+  for (const d of (env["PATH"] ?? "").split(delimiter)) {
+    if (d !== "" && existsSync(join(d, cmd))) return join(d, cmd);
+  }
+  return undefined;
+}
+
+export function labQemuArgs(k: LabKernel, o: { memoryMiB: number; cpus: number; append: string }): string[] {
+  return [
+    "-M", "q35",
+    // a bigger translation cache than QEMU's default means fewer flushes while node runs
+    "-accel", "tcg,tb-size=1024",
+    "-cpu", "EPYC",
+    "-smp", String(o.cpus),
+    "-m", String(o.memoryMiB),
+    "-nographic",
+    "-no-reboot",
+    "-nic", "none",
+    "-kernel", k.kernel,
+    "-initrd", k.initrd,
+    "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    "-append", o.append,
+  ];
+}
+
+async function pruneLogs(dir: string, keep: number): Promise<void> {
+  const logs = (await readdir(dir)).filter((f) => f.endsWith(".log")).sort();
+  for (const f of logs.slice(0, Math.max(0, logs.length - keep))) await rm(join(dir, f), { force: true });
+}
+
+/**
+ * Run argv inside a fresh lab and resolve with its exit code. Throws TypevisorError for lab
+ * failures (QEMU missing, boot failure or timeout, no KVM inside); the console log is then kept
+ * in <cache>/lab/logs/ and named in the error.
+ */
+export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<number> {
+  const env = opts.env ?? process.env;
+  if (argv.length === 0 || argv[0] === "") throw new TypevisorError("LAB_NO_COMMAND", "no command given to run in the lab", { hint: "npm run lab -- <command> [args...]" });
+  const memoryMiB = opts.memoryMiB ?? envInt(env, "TYPEVISOR_LAB_MEMORY", 6144, 256, 1 << 20);
+  const cpus = opts.cpus ?? envInt(env, "TYPEVISOR_LAB_CPUS", 1, 1, 64);
+  const timeoutSec = opts.timeoutSec ?? envInt(env, "TYPEVISOR_LAB_TIMEOUT", 3600, 1, 7 * 86400);
+  const bootTimeoutSec = Math.min(opts.bootTimeoutSec ?? 180, timeoutSec);
+  const cache = opts.cache ?? cacheDir(env);
+  const say = opts.progress ?? (() => undefined);
+
+  const qemu = findOnPath(QEMU, env);
+  if (qemu === undefined) {
+    throw new TypevisorError("LAB_QEMU_MISSING", `${QEMU} is not installed (not found on PATH)`, { hint: "install it: apt-get install qemu-system-x86" });
+  }
+  const k = await prepareLab({ cache, progress: say });
+
+  const nonce = randomBytes(8).toString("hex");
+  const runs = join(labDir(cache), "runs");
+  const logs = join(labDir(cache), "logs");
+  await mkdir(runs, { recursive: true });
+  await mkdir(logs, { recursive: true });
+  const specPath = join(runs, `${nonce}.sh`);
+  await writeFile(specPath, specScript(argv, opts.cwd ?? process.cwd(), passedEnv(env)));
+  const logPath = join(logs, `lab-${new Date().toISOString().replaceAll(":", "-")}-${nonce}.log`);
+  const log: WriteStream = createWriteStream(logPath);
+
+  const tty = opts.tty === undefined ? "none" : `${opts.tty.columns}x${opts.tty.rows}`;
+  const append = [
+    "console=ttyS0",
+    "panic=-1",
+    "quiet",
+    "loglevel=3",
+    `tvlab.nonce=${nonce}`,
+    `tvlab.spec=${Buffer.from(specPath).toString("base64")}`,
+    `tvlab.tty=${tty}`,
+  ].join(" ");
+  say(`booting the lab: ${k.package}, ${memoryMiB} MiB, ${cpus} CPU${cpus > 1 ? "s" : ""}`);
+  const t0 = performance.now();
+  const child = spawn(qemu, labQemuArgs(k, { memoryMiB, cpus, append }), { stdio: ["pipe", "pipe", "pipe"] });
+  const filter = new ConsoleFilter(nonce);
+  const out = opts.output ?? process.stdout;
+
+  const cleanup = (): void => {
+    rmSync(specPath, { force: true });
+  };
+  const onSignal = (sig: NodeJS.Signals): void => {
+    child.kill("SIGKILL");
+    cleanup();
+    process.exit(sig === "SIGINT" ? 130 : 143);
+  };
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+
+  let qemuStderr = "";
+  child.stderr.on("data", (d: Buffer) => {
+    qemuStderr += d.toString("utf8");
+    log.write(d);
+  });
+
+  type Outcome = { code: number } | { error: TypevisorError };
+  const outcome = await new Promise<Outcome>((resolve) => {
+    let settled = false;
+    const finish = (o: Outcome): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(bootTimer);
+      clearTimeout(runTimer);
+      // nothing in the lab persists (read-only host root, tmpfs overlay): no need to wait for its poweroff
+      child.kill("SIGKILL");
+      resolve(o);
+    };
+    const failure = (code: string, message: string): TypevisorError =>
+      new TypevisorError(code, `${message}; lab console log: ${logPath}`, { hint: "read the log; TYPEVISOR_LAB_MEMORY, TYPEVISOR_LAB_CPUS and TYPEVISOR_LAB_TIMEOUT size the lab" });
+    const bootTimer = setTimeout(() => {
+      if (filter.phase === "boot") finish({ error: failure("LAB_BOOT_FAILED", `the lab did not start the command within ${bootTimeoutSec} s`) });
+    }, bootTimeoutSec * 1000);
+    const runTimer = setTimeout(() => finish({ error: failure("LAB_TIMEOUT", `the lab run exceeded TYPEVISOR_LAB_TIMEOUT=${timeoutSec} s`) }), timeoutSec * 1000);
+
+    child.stdout.on("data", (d: Buffer) => {
+      log.write(d);
+      const { output, events } = filter.push(d.toString("latin1"));
+      if (output !== "") out.write(Buffer.from(output, "latin1"));
+      for (const ev of events) {
+        if (ev.kind === "start") {
+          const ms = performance.now() - t0;
+          say(`lab up in ${(ms / 1000).toFixed(1)} s; running: ${argv.join(" ")}`);
+          opts.onStart?.(ms);
+        } else if (ev.kind === "exit") {
+          finish({ code: ev.code });
+        } else {
+          finish({ error: failure("LAB_SETUP_FAILED", `the lab could not be set up: ${ev.message}`) });
+        }
+      }
+    });
+    child.on("error", (e) => finish({ error: new TypevisorError("LAB_QEMU_FAILED", `cannot run ${qemu}: ${e.message}`, { cause: e }) }));
+    child.on("exit", (code, signal) => {
+      const how = signal !== null ? `signal ${signal}` : `status ${code}`;
+      const why = qemuStderr.trim().split("\n").slice(-2).join(" | ");
+      if (filter.phase === "boot") finish({ error: failure("LAB_BOOT_FAILED", `the lab exited (${how}) before the command started${why ? `: ${why}` : ""}`) });
+      else finish({ error: failure("LAB_CRASHED", `the lab exited (${how}) while the command was running${why ? `: ${why}` : ""}`) });
+    });
+  });
+
+  process.removeListener("SIGINT", onSignal);
+  process.removeListener("SIGTERM", onSignal);
+  cleanup();
+  await new Promise<void>((r) => log.end(r));
+  if ("error" in outcome) {
+    await pruneLogs(logs, 20);
+    throw outcome.error;
+  }
+  // keep logs of failed lab runs only
+  if ((await stat(logPath)).isFile()) await rm(logPath, { force: true });
+  return outcome.code;
+}
