@@ -1,0 +1,206 @@
+/**
+ * `typevisor run`: one VM in this process, its serial console on the terminal.
+ * Exit status: 0 when the guest powers off (or is stopped through the API),
+ * 1 when it crashes, 2 for bad input. A guest reboot restarts the VM unless
+ * --no-reboot.
+ */
+import { readFileSync, statSync } from "node:fs";
+import type { Server } from "node:http";
+import { Option, type Command } from "commander";
+import { TypevisorError } from "../errors.js";
+import { imagePaths, loadImage } from "../images/image.js";
+import { kvmHostKind } from "../kvm/kvm.js";
+import { startControlServer } from "../vmm/api/server.js";
+import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
+
+export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1";
+
+export interface RunOptions {
+  image?: string;
+  kernel?: string;
+  initrd?: string;
+  cmdline?: string;
+  append?: string;
+  cpus: string;
+  memory: string;
+  reboot: boolean;
+  apiSocket?: string;
+  lab: boolean;
+}
+
+/** Ctrl-A x quits, as in QEMU's -nographic console. */
+const ESCAPE = 0x01;
+
+function parseIntArg(name: string, v: string): number {
+  if (!/^\d+$/.test(v.trim())) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be a whole number (got "${v}")`);
+  return Number(v);
+}
+
+function readInput(path: string, what: string): Uint8Array {
+  try {
+    const st = statSync(path);
+    if (!st.isFile()) throw new TypevisorError("INVALID_ARGUMENT", `${what} ${path} is not a regular file`);
+    return readFileSync(path);
+  } catch (e) {
+    if (e instanceof TypevisorError) throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new TypevisorError("FILE_NOT_FOUND", `${what} ${path}: ${code === "ENOENT" ? "no such file" : (e as Error).message}`);
+  }
+}
+
+export interface ResolvedBoot {
+  kernel: Uint8Array;
+  initrd?: Uint8Array;
+  cmdline: string;
+}
+
+export async function resolveBoot(o: RunOptions): Promise<ResolvedBoot> {
+  if (o.image !== undefined && o.kernel !== undefined) {
+    throw new TypevisorError("INVALID_ARGUMENT", "give either --image or --kernel, not both");
+  }
+  if (o.cmdline !== undefined && o.append !== undefined) {
+    throw new TypevisorError("INVALID_ARGUMENT", "give either --cmdline (replaces) or --append (adds), not both");
+  }
+  let kernelPath: string;
+  let initrdPath = o.initrd;
+  if (o.image !== undefined) {
+    await loadImage(o.image);
+    const p = imagePaths(o.image);
+    kernelPath = p.kernel;
+    initrdPath ??= p.initrd;
+  } else if (o.kernel !== undefined) {
+    kernelPath = o.kernel;
+  } else {
+    throw new TypevisorError("INVALID_ARGUMENT", "nothing to boot: give --image NAME or --kernel PATH", {
+      hint: "typevisor image build minimal && typevisor run --image minimal",
+    });
+  }
+  const cmdline = o.cmdline ?? (o.append !== undefined ? `${DEFAULT_CMDLINE} ${o.append}` : DEFAULT_CMDLINE);
+  return {
+    kernel: readInput(kernelPath, "kernel"),
+    ...(initrdPath !== undefined ? { initrd: readInput(initrdPath, "initrd") } : {}),
+    cmdline,
+  };
+}
+
+export async function runCommand(o: RunOptions, log: (line: string) => void): Promise<number> {
+  const cpus = parseIntArg("--cpus", o.cpus);
+  const memoryMiB = parseIntArg("--memory", o.memory);
+  validateConfig({ cpus, memoryMiB });
+  const boot = await resolveBoot(o);
+
+  const kind = kvmHostKind();
+  if (kind !== "hardware") {
+    const why = kind === "pvm"
+      ? "this host's /dev/kvm is PVM (software nested virtualization), which cannot boot stock Linux kernels"
+      : "this host has no /dev/kvm";
+    if (!o.lab) throw new TypevisorError("KVM_UNSUITABLE", why, { hint: "drop --no-lab to run inside the KVM lab, or use a host with hardware virtualization" });
+    return -1; // the caller re-runs this command inside the lab
+  }
+
+  const stdin = process.stdin;
+  const tty = stdin.isTTY === true;
+  let current: Vm | undefined;
+  let server: Server | undefined;
+  let stopRequested = false;
+  let escape = false;
+  const onInput = (chunk: Buffer): void => {
+    if (tty) {
+      for (const b of chunk) {
+        if (escape) {
+          escape = false;
+          if (b === 0x78 /* x */) {
+            stopRequested = true;
+            current?.stop();
+            return;
+          }
+        } else if (b === ESCAPE) {
+          escape = true;
+          continue;
+        }
+        current?.sendInput(Uint8Array.of(b));
+      }
+    } else {
+      current?.sendInput(chunk);
+    }
+  };
+  if (tty) stdin.setRawMode(true);
+  stdin.on("data", onInput);
+  const onSignal = (): void => {
+    stopRequested = true;
+    current?.stop();
+  };
+  process.on("SIGTERM", onSignal);
+  process.on("SIGINT", onSignal);
+
+  try {
+    for (let boots = 1; ; boots++) {
+      const vm = new Vm({
+        cpus, memoryMiB, consoleFd: 1,
+        boot: { kind: "linux", kernel: boot.kernel, ...(boot.initrd !== undefined ? { initrd: boot.initrd } : {}), cmdline: boot.cmdline },
+      });
+      current = vm;
+      if (o.apiSocket !== undefined && server === undefined) {
+        server = await startControlServer(o.apiSocket, {
+          info: () => ({ state: current?.vmState, cpus, memoryMiB, cmdline: boot.cmdline, boots, pid: process.pid }),
+          stats: () => current?.getStats(),
+          pause: async () => current?.pause(),
+          resume: () => current?.resume(),
+          stop: () => {
+            stopRequested = true;
+            current?.stop();
+          },
+        });
+      }
+      const result: VmExitResult = await vm.run();
+      vm.destroy();
+      if (result.kind === "reset" && o.reboot && !stopRequested) {
+        log(`typevisor: guest reset; restarting the VM (boot ${boots + 1})`);
+        continue;
+      }
+      switch (result.kind) {
+        case "poweroff":
+        case "stopped":
+          return 0;
+        case "reset":
+          log("typevisor: guest reset (--no-reboot): exiting");
+          return 0;
+        case "crash":
+          log(`typevisor: guest crashed: ${result.reason}`);
+          if (result.dump !== undefined) log(result.dump);
+          return 1;
+      }
+    }
+  } finally {
+    stdin.off("data", onInput);
+    if (tty) stdin.setRawMode(false);
+    stdin.pause();
+    process.off("SIGTERM", onSignal);
+    process.off("SIGINT", onSignal);
+    server?.close();
+  }
+}
+
+export function registerRunCommand(program: Command, onLab: (argv: string[]) => Promise<number>): void {
+  program
+    .command("run")
+    .description("boot one VM with the typevisor VMM, its serial console on this terminal (Ctrl-A x quits)")
+    .option("--image <name>", "boot an image built with `typevisor image build`")
+    .option("--kernel <path>", "kernel to boot: bzImage, or an ELF vmlinux with a PVH entry note")
+    .option("--initrd <path>", "initramfs to load with the kernel")
+    .option("--cmdline <str>", `kernel command line, replacing the default "${DEFAULT_CMDLINE}"`)
+    .option("--append <str>", "text appended to the default kernel command line")
+    .option("--cpus <n>", "number of vCPUs", "1")
+    .option("--memory <MiB>", "guest memory in MiB", "256")
+    .option("--no-reboot", "exit when the guest reboots instead of restarting it")
+    .option("--api-socket <path>", "serve the control API (pause, resume, stop, stats) on this unix socket")
+    .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
+    .action(async (opts: RunOptions, cmd: Command) => {
+      const code = await runCommand(opts, (l) => process.stderr.write(l + "\n"));
+      if (code === -1) {
+        process.exitCode = await onLab(cmd.parent?.args ?? []);
+      } else {
+        process.exitCode = code;
+      }
+    });
+}

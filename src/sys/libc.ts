@@ -1,0 +1,220 @@
+import koffi from "koffi";
+import { TypevisorError } from "../errors.js";
+
+/**
+ * The few libc calls the VMM needs, through koffi. Every wrapper checks the
+ * return value and turns errno into a SysError, the way rust-vmm's wrappers
+ * do, so callers never see a raw -1.
+ *
+ * Loaded once per thread (koffi handles are per isolate): each vCPU worker
+ * imports this module again.
+ */
+const libc = koffi.load("libc.so.6");
+
+// x86_64 SysV passes the variadic third ioctl argument in a register like any
+// other integer, so two fixed prototypes (pointer, integer) are safe.
+const ioctlPtr = libc.func("int ioctl(int fd, unsigned long req, void *arg)");
+const ioctlInt = libc.func("int ioctl(int fd, unsigned long req, unsigned long arg)");
+const openFn = libc.func("int open(const char *path, int flags, int mode)");
+const closeFn = libc.func("int close(int fd)");
+const mmapFn = libc.func("void *mmap(void *addr, size_t len, int prot, int flags, int fd, long off)");
+const munmapFn = libc.func("int munmap(void *addr, size_t len)");
+const madviseFn = libc.func("int madvise(void *addr, size_t len, int advice)");
+const writeFn = libc.func("long write(int fd, const void *buf, size_t n)");
+const readFn = libc.func("long read(int fd, void *buf, size_t n)");
+const pollFn = libc.func("int poll(void *fds, unsigned long nfds, int timeout)");
+const eventfdFn = libc.func("int eventfd(unsigned int initval, int flags)");
+const pthreadSelfFn = libc.func("unsigned long pthread_self()");
+const pthreadKillFn = libc.func("int pthread_kill(unsigned long thread, int sig)");
+const sigactionFn = libc.func("int sigaction(int sig, const void *act, void *oldact)");
+const dlsymFn = libc.func("uintptr_t dlsym(uintptr_t handle, const char *name)");
+const getpidFn = libc.func("int getpid()");
+const gettidFn = libc.func("int gettid()");
+// memmove(dst, dst, 0) returns dst: the one portable way to turn an address
+// received from another thread into a koffi pointer we can view.
+const pointerAtFn = libc.func("void *memmove(uintptr_t dst, uintptr_t src, size_t n)");
+
+export const O_RDWR = 0x2;
+export const O_CLOEXEC = 0x80000;
+export const PROT_READ = 0x1;
+export const PROT_WRITE = 0x2;
+export const MAP_SHARED = 0x01;
+export const MAP_PRIVATE = 0x02;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_NORESERVE = 0x4000;
+export const MADV_DONTFORK = 10;
+export const MADV_MERGEABLE = 12;
+export const EFD_CLOEXEC = 0x80000;
+export const EFD_NONBLOCK = 0x800;
+
+export const EINTR = 4;
+export const EAGAIN = 11;
+
+/** An opaque native pointer (koffi external). */
+export type Pointer = unknown;
+
+export class SysError extends TypevisorError {
+  readonly errno: number;
+  readonly call: string;
+  constructor(call: string, errno: number) {
+    super("SYSCALL_FAILED", `${call} failed: ${errnoName(errno)} (errno ${errno})`);
+    this.errno = errno;
+    this.call = call;
+  }
+}
+
+const ERRNO_NAMES: Record<number, string> = {
+  1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
+  14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 22: "EINVAL", 24: "EMFILE", 25: "ENOTTY",
+  28: "ENOSPC", 38: "ENOSYS", 95: "EOPNOTSUPP",
+};
+
+export function errnoName(errno: number): string {
+  return ERRNO_NAMES[errno] ?? `errno ${errno}`;
+}
+
+export function errno(): number {
+  return koffi.errno();
+}
+
+function check(call: string, ret: number): number {
+  if (ret < 0) throw new SysError(call, koffi.errno());
+  return ret;
+}
+
+/** ioctl with a pointer (buffer) argument; returns the non-negative result. */
+export function ioctl(fd: number, req: number, arg: Uint8Array | null, name = "ioctl"): number {
+  return check(name, ioctlPtr(fd, req, arg) as number);
+}
+
+/** ioctl with an integer argument. */
+export function ioctlValue(fd: number, req: number, arg: number | bigint, name = "ioctl"): number {
+  return check(name, ioctlInt(fd, req, arg) as number);
+}
+
+/** ioctl returning -errno instead of throwing (for hot paths such as KVM_RUN). */
+export function ioctlRaw(fd: number, req: number, arg: number): number {
+  const r = ioctlInt(fd, req, arg) as number;
+  return r < 0 ? -koffi.errno() : r;
+}
+
+export function open(path: string, flags: number): number {
+  const fd = openFn(path, flags | O_CLOEXEC, 0) as number;
+  if (fd < 0) throw new SysError(`open(${path})`, koffi.errno());
+  return fd;
+}
+
+export function close(fd: number): void {
+  closeFn(fd);
+}
+
+export interface Mapping {
+  pointer: Pointer;
+  address: bigint;
+  length: number;
+}
+
+export function mmap(length: number, prot: number, flags: number, fd = -1, offset = 0): Mapping {
+  const p = mmapFn(null, length, prot, flags, fd, offset);
+  const address = koffi.address(p) as bigint;
+  // MAP_FAILED is (void *)-1.
+  if (address === 0xffff_ffff_ffff_ffffn || address === 0n) throw new SysError("mmap", koffi.errno());
+  return { pointer: p, address, length };
+}
+
+export function munmap(m: Mapping): void {
+  check("munmap", munmapFn(m.pointer, m.length) as number);
+}
+
+export function madvise(m: Mapping, advice: number): void {
+  check("madvise", madviseFn(m.pointer, m.length, advice) as number);
+}
+
+/** An ArrayBuffer over native memory, without copying. */
+export function view(pointer: Pointer, length: number): ArrayBuffer {
+  return koffi.view(pointer, length) as ArrayBuffer;
+}
+
+/** A pointer for an address obtained elsewhere (e.g. posted from another thread). */
+export function pointerAt(address: bigint): Pointer {
+  return pointerAtFn(address, address, 0);
+}
+
+/** write(2); returns bytes written or -errno. */
+export function writeRaw(fd: number, buf: Uint8Array): number {
+  const r = writeFn(fd, buf, buf.length) as number;
+  return r < 0 ? -koffi.errno() : r;
+}
+
+/** read(2); returns bytes read or -errno. */
+export function readRaw(fd: number, buf: Uint8Array): number {
+  const r = readFn(fd, buf, buf.length) as number;
+  return r < 0 ? -koffi.errno() : r;
+}
+
+const POLLOUT = 0x4;
+/**
+ * Write all of `buf`, waiting with poll(2) when the fd is non-blocking and full
+ * (Node may have put a shared stdout pipe in O_NONBLOCK mode).
+ */
+export function writeAll(fd: number, buf: Uint8Array): void {
+  let off = 0;
+  const pfd = new Uint8Array(8);
+  const dv = new DataView(pfd.buffer);
+  while (off < buf.length) {
+    const r = writeRaw(fd, off === 0 ? buf : buf.subarray(off));
+    if (r >= 0) {
+      off += r;
+    } else if (r === -EAGAIN) {
+      dv.setInt32(0, fd, true);
+      dv.setInt16(4, POLLOUT, true);
+      pollFn(pfd, 1, 1000);
+    } else if (r !== -EINTR) {
+      return; // console gone (EPIPE etc.): drop output rather than kill the vCPU
+    }
+  }
+}
+
+export function eventfd(initval = 0, flags = EFD_CLOEXEC | EFD_NONBLOCK): number {
+  return check("eventfd", eventfdFn(initval, flags) as number);
+}
+
+export function pthreadSelf(): bigint {
+  return BigInt(pthreadSelfFn() as number | bigint);
+}
+
+export function pthreadKill(thread: bigint, sig: number): void {
+  const r = pthreadKillFn(thread, sig) as number;
+  if (r !== 0) throw new SysError("pthread_kill", r);
+}
+
+export function getpid(): number {
+  return getpidFn() as number;
+}
+
+export function gettid(): number {
+  return gettidFn() as number;
+}
+
+/** SIGRTMIN+1 under glibc (which reserves 32 and 33 for itself). */
+export const SIG_VCPU_KICK = 35;
+
+let kickInstalled = false;
+/**
+ * Install a do-nothing handler for the vCPU kick signal, without SA_RESTART,
+ * so a signal sent with pthread_kill makes a blocked KVM_RUN return EINTR
+ * (KVM API §4.10 KVM_RUN: "-EINTR: an unmasked signal is pending").
+ * The handler is libc's getpid: async-signal-safe and side-effect free, so no
+ * JS ever runs in signal context (kvm-lab.md: measured to work here).
+ * Process-wide: once is enough.
+ */
+export function installKickHandler(): void {
+  if (kickInstalled) return;
+  const handler = dlsymFn(0, "getpid") as number | bigint;
+  if (BigInt(handler) === 0n) throw new SysError("dlsym(getpid)", koffi.errno());
+  // struct sigaction (x86_64 glibc): sa_handler @0, sa_mask @8 (128 bytes), sa_flags @136, sa_restorer @144.
+  const act = new Uint8Array(152);
+  new DataView(act.buffer).setBigUint64(0, BigInt(handler), true);
+  check("sigaction", sigactionFn(SIG_VCPU_KICK, act, null) as number);
+  kickInstalled = true;
+}

@@ -1,0 +1,36 @@
+/**
+ * Shared control words between the VMM main thread and its vCPU workers
+ * (Int32Array over a SharedArrayBuffer), and the typed messages they exchange,
+ * in the manner of Firecracker's vCPU event channel.
+ */
+export const CTRL = {
+  /** VmRequest: why the VM should stop running (first writer wins). */
+  REQUEST: 0,
+  /** 1 while the VMM wants the vCPUs parked. */
+  PAUSE: 1,
+  /** How many vCPUs are parked right now. */
+  PAUSED: 2,
+  SLOTS: 4,
+} as const;
+
+export const VmRequest = { NONE: 0, POWEROFF: 1, RESET: 2, STOP: 3, CRASH: 4 } as const;
+export type VmRequestCode = (typeof VmRequest)[keyof typeof VmRequest];
+
+/** Per-vCPU exit counters: one Float64 slot per exit reason (0..STAT_SLOTS-2) plus "other". */
+export const STAT_SLOTS = 32;
+
+export interface VcpuWorkerInit {
+  vcpuId: number;
+  vcpuFd: number;
+  vmFd: number;
+  runSize: number;
+  control: SharedArrayBuffer;
+  stats: SharedArrayBuffer;
+  serial: SharedArrayBuffer;
+  consoleFd: number;
+  com1Gsi: number;
+}
+
+export type VcpuMessage =
+  | { type: "ready"; vcpuId: number; thread: bigint }
+  | { type: "exit"; vcpuId: number; request: VmRequestCode; reason: string; dump?: string };

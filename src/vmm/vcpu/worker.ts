@@ -1,0 +1,147 @@
+/**
+ * A vCPU thread: blocks in KVM_RUN and serves the exits that come back.
+ *
+ * Port I/O for the legacy platform devices is handled right here, on the vCPU
+ * thread, against device state shared through SharedArrayBuffers: a console
+ * character costs one exit and one write(2), never a hop to the main thread.
+ * The guest is hostile: any exit we do not understand is counted and answered
+ * harmlessly (reads as all ones), never thrown at the user.
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import { EXIT, EXIT_NAMES, KVM, SYSTEM_EVENT } from "../../kvm/ioctls.js";
+import { VcpuFd, VmFd } from "../../kvm/kvm.js";
+import { KvmRun } from "../../kvm/run.js";
+import * as libc from "../../sys/libc.js";
+import { PORT } from "../arch/x86_64/layout.js";
+import { AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN } from "../devices/legacy/acpi-pm/acpi-pm.js";
+import { I8042 } from "../devices/legacy/i8042/i8042.js";
+import { Serial } from "../devices/legacy/serial/serial.js";
+import { PioBus } from "../devices/pio-bus.js";
+import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./control.js";
+import { formatRegisterDump } from "./dump.js";
+
+const init = workerData as VcpuWorkerInit;
+const port = parentPort;
+if (port === null) throw new Error("vCPU worker started outside a worker thread");
+
+const ctrl = new Int32Array(init.control);
+const stats = new Float64Array(init.stats, init.vcpuId * STAT_SLOTS * 8, STAT_SLOTS);
+const vm = new VmFd(init.vmFd);
+const vcpu = new VcpuFd(init.vcpuFd, init.vcpuId);
+
+libc.installKickHandler();
+const runMap = libc.mmap(init.runSize, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, init.vcpuFd, 0);
+const run = new KvmRun(libc.view(runMap.pointer, init.runSize));
+
+function request(code: VmRequestCode): void {
+  Atomics.compareExchange(ctrl, CTRL.REQUEST, VmRequest.NONE, code);
+}
+
+const bus = new PioBus();
+bus.register(PORT.COM1, 8, new Serial(
+  init.serial,
+  () => {
+    // ISA interrupts are edge-triggered on the IOAPIC: a pulse is one interrupt.
+    vm.irqLine(init.com1Gsi, 1);
+    vm.irqLine(init.com1Gsi, 0);
+  },
+  (bytes) => libc.writeAll(init.consoleFd, bytes),
+));
+bus.register(PORT.I8042_DATA, 5, new I8042(() => request(VmRequest.RESET)));
+bus.register(ACPI_PM_BASE, ACPI_PM_LEN, new AcpiPm((r) => request(r === "poweroff" ? VmRequest.POWEROFF : VmRequest.RESET)));
+
+function post(m: VcpuMessage): void {
+  port!.postMessage(m);
+}
+
+function dump(): string {
+  try {
+    return formatRegisterDump(vcpu.getRegs(), vcpu.getSregs());
+  } catch (e) {
+    return `(registers unavailable: ${(e as Error).message})`;
+  }
+}
+
+function handleIo(out: boolean, size: number, ioPort: number, count: number, dataOffset: number): void {
+  const bytes = run.bytes;
+  const dv = run.dv;
+  // `count` > 1 for string instructions (rep outsb/insb): consecutive items in the data area.
+  const n = Math.min(count, 4096);
+  for (let i = 0; i < n; i++) {
+    const off = dataOffset + i * size;
+    if (off + size > bytes.length) return;
+    if (out) {
+      const v = size === 1 ? dv.getUint8(off) : size === 2 ? dv.getUint16(off, true) : dv.getUint32(off, true);
+      bus.write(ioPort, size, v);
+    } else {
+      const v = bus.read(ioPort, size);
+      if (size === 1) dv.setUint8(off, v);
+      else if (size === 2) dv.setUint16(off, v, true);
+      else dv.setUint32(off, v >>> 0, true);
+    }
+  }
+}
+
+function loop(): { request: VmRequestCode; reason: string; dump?: string } {
+  for (;;) {
+    const req = Atomics.load(ctrl, CTRL.REQUEST) as VmRequestCode;
+    if (req !== VmRequest.NONE) return { request: req, reason: "requested" };
+    if (Atomics.load(ctrl, CTRL.PAUSE) === 1) {
+      Atomics.add(ctrl, CTRL.PAUSED, 1);
+      Atomics.notify(ctrl, CTRL.PAUSED);
+      while (Atomics.load(ctrl, CTRL.PAUSE) === 1 && Atomics.load(ctrl, CTRL.REQUEST) === VmRequest.NONE) {
+        Atomics.wait(ctrl, CTRL.PAUSE, 1, 1000);
+      }
+      Atomics.sub(ctrl, CTRL.PAUSED, 1);
+      Atomics.notify(ctrl, CTRL.PAUSED);
+      continue;
+    }
+    const r = libc.ioctlRaw(init.vcpuFd, KVM.RUN, 0);
+    if (r < 0) {
+      if (r === -libc.EINTR || r === -libc.EAGAIN) {
+        // A kick: clear immediate_exit first, then re-read the control words above.
+        run.immediateExit = 0;
+        stats[EXIT.INTR]!++;
+        continue;
+      }
+      return { request: VmRequest.CRASH, reason: `KVM_RUN failed: ${libc.errnoName(-r)}`, dump: dump() };
+    }
+    const reason = run.exitReason;
+    stats[reason < STAT_SLOTS - 1 ? reason : STAT_SLOTS - 1]!++;
+    const exit = run.decode();
+    switch (exit.kind) {
+      case "io":
+        handleIo(exit.out, exit.size, exit.port, exit.count, exit.dataOffset);
+        break;
+      case "mmio":
+        // No MMIO device model yet: reads see all ones, writes are dropped (an empty bus).
+        if (!exit.write) run.mmioData().fill(0xff);
+        break;
+      case "hlt":
+      case "intr":
+        break;
+      case "shutdown":
+        return { request: VmRequest.CRASH, reason: "triple fault (KVM_EXIT_SHUTDOWN)", dump: dump() };
+      case "system_event":
+        if (exit.type === SYSTEM_EVENT.SHUTDOWN) return { request: VmRequest.POWEROFF, reason: "system event: shutdown" };
+        if (exit.type === SYSTEM_EVENT.RESET) return { request: VmRequest.RESET, reason: "system event: reset" };
+        return { request: VmRequest.CRASH, reason: `system event ${exit.type}`, dump: dump() };
+      case "internal_error":
+        return {
+          request: VmRequest.CRASH,
+          reason: `KVM internal error, suberror ${exit.suberror} [${exit.data.map((d) => "0x" + d.toString(16)).join(" ")}]`,
+          dump: dump(),
+        };
+      case "fail_entry":
+        return { request: VmRequest.CRASH, reason: `VM entry failed, reason 0x${exit.reason.toString(16)}`, dump: dump() };
+      case "other":
+        return { request: VmRequest.CRASH, reason: `unexpected exit ${EXIT_NAMES[exit.reason] ?? exit.reason}`, dump: dump() };
+    }
+  }
+}
+
+post({ type: "ready", vcpuId: init.vcpuId, thread: libc.pthreadSelf() });
+const result = loop();
+request(result.request);
+post({ type: "exit", vcpuId: init.vcpuId, ...result });
+libc.munmap(runMap);

@@ -1,0 +1,353 @@
+/**
+ * One virtual machine: guest memory, the in-kernel interrupt controllers and
+ * PIT, platform tables, the loaded kernel, and one worker_thread per vCPU.
+ *
+ * Order matters and follows what KVM documents: the irqchip must exist before
+ * vCPUs are created (KVM API §4.24), CPUID before the first KVM_RUN, and
+ * everything the guest can see is validated and written before any vCPU runs.
+ */
+import { Worker } from "node:worker_threads";
+import { fileURLToPath } from "node:url";
+import { TypevisorError } from "../errors.js";
+import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
+import { EXIT_NAMES } from "../kvm/ioctls.js";
+import { decodeSregs, encodeBootFpu, type KvmRegs } from "../kvm/structs.js";
+import * as libc from "../sys/libc.js";
+import { writeAcpiTables } from "./arch/x86_64/acpi/index.js";
+import { loadKernel, type BootCpuState, type BootPlan } from "./arch/x86_64/boot/index.js";
+import { filterCpuid } from "./arch/x86_64/cpuid.js";
+import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, ramRanges } from "./arch/x86_64/layout.js";
+import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
+import { GuestMemory, type MemoryRegionSpec } from "./memory/guest-memory.js";
+import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
+import { bootMsrs } from "./arch/x86_64/msrs.js";
+import { setLint } from "./arch/x86_64/lapic.js";
+
+export const MIN_MEMORY_MIB = 64;
+/** One ArrayBuffer view must cover guest RAM for now (V8 caps a view at 4 GiB). */
+export const MAX_MEMORY_MIB = 4096;
+
+export type BootSource =
+  | { kind: "linux"; kernel: Uint8Array; initrd?: Uint8Array; cmdline: string }
+  /** A tiny test guest: `setup` writes code and returns the boot CPU state. */
+  | { kind: "custom"; setup: (mem: GuestMemory) => BootCpuState };
+
+export interface VmConfig {
+  cpus: number;
+  memoryMiB: number;
+  boot: BootSource;
+  /** Where the serial console's output goes (fd). */
+  consoleFd: number;
+}
+
+export type VmExitResult =
+  | { kind: "poweroff" }
+  | { kind: "reset" }
+  | { kind: "stopped" }
+  | { kind: "crash"; reason: string; dump?: string };
+
+export interface VcpuStats {
+  id: number;
+  exits: Record<string, number>;
+}
+
+export interface VmStats {
+  state: VmState;
+  uptimeMs: number;
+  memoryBytes: number;
+  cpus: number;
+  vcpus: VcpuStats[];
+  totalExits: number;
+}
+
+export type VmState = "created" | "running" | "paused" | "stopped";
+
+/** Where the compiled worker lives; under vitest this module runs from src/ as TS, so point at dist/. */
+function workerUrl(): URL {
+  const here = fileURLToPath(import.meta.url);
+  if (here.endsWith(".ts")) {
+    return new URL(`file://${here.replace(/\/src\/vmm\/vm\.ts$/, "/dist/vmm/vcpu/worker.js")}`);
+  }
+  return new URL("./vcpu/worker.js", import.meta.url);
+}
+
+export function validateConfig(cfg: Pick<VmConfig, "cpus" | "memoryMiB">, maxVcpus = 254): void {
+  if (!Number.isInteger(cfg.cpus) || cfg.cpus < 1) {
+    throw new TypevisorError("INVALID_CPUS", `--cpus must be a whole number of at least 1 (got ${cfg.cpus})`);
+  }
+  // xAPIC IDs are 8 bits and 0xff is broadcast (SDM vol. 3 §10.4.6).
+  const max = Math.min(maxVcpus, 254);
+  if (cfg.cpus > max) throw new TypevisorError("INVALID_CPUS", `--cpus ${cfg.cpus} exceeds the maximum of ${max} on this host`);
+  if (!Number.isInteger(cfg.memoryMiB) || cfg.memoryMiB < MIN_MEMORY_MIB) {
+    throw new TypevisorError("INVALID_MEMORY", `--memory must be at least ${MIN_MEMORY_MIB} MiB (got ${cfg.memoryMiB})`);
+  }
+  if (cfg.memoryMiB > MAX_MEMORY_MIB) {
+    throw new TypevisorError("INVALID_MEMORY", `--memory ${cfg.memoryMiB} MiB exceeds the supported maximum of ${MAX_MEMORY_MIB} MiB`);
+  }
+}
+
+export class Vm {
+  readonly memory: GuestMemory;
+  readonly plan: BootPlan | undefined;
+  private readonly kvm: Kvm;
+  private readonly vm: VmFd;
+  private readonly vcpus: VcpuFd[] = [];
+  private readonly runMaps: { map: libc.Mapping; run: Uint8Array }[] = [];
+  private readonly mem: libc.Mapping;
+  private readonly control = new SharedArrayBuffer(CTRL.SLOTS * 4);
+  private readonly ctrl = new Int32Array(this.control);
+  private readonly stats: SharedArrayBuffer;
+  private readonly serialShared = createSerialShared();
+  readonly serial: Serial;
+  private workers: Worker[] = [];
+  private threads: bigint[] = [];
+  private startedAt = 0;
+  private state: VmState = "created";
+  private destroyed = false;
+  private pendingInput: Uint8Array[] = [];
+  private inputTimer: NodeJS.Timeout | undefined;
+
+  constructor(readonly config: VmConfig) {
+    validateConfig(config);
+    this.kvm = new Kvm();
+    try {
+      validateConfig(config, this.kvm.maxVcpus());
+      const memBytes = config.memoryMiB * 1024 * 1024;
+      this.vm = this.kvm.createVm();
+      this.vm.setTssAddr(KVM_TSS_ADDR);
+      this.vm.setIdentityMapAddr(KVM_IDENTITY_MAP_ADDR);
+      this.vm.createIrqchip();
+      this.vm.createPit2();
+
+      // Private anonymous memory, reserved lazily (MAP_NORESERVE): a 2 GiB guest that
+      // touches 100 MiB costs 100 MiB. Not inherited by forks (MADV_DONTFORK).
+      this.mem = libc.mmap(memBytes, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE);
+      libc.madvise(this.mem, libc.MADV_DONTFORK);
+      const specs: MemoryRegionSpec[] = [];
+      let hostOffset = 0;
+      for (const r of ramRanges(memBytes)) {
+        specs.push({ guestPhysAddr: r.start, size: r.size, hostOffset });
+        hostOffset += r.size;
+      }
+      this.memory = new GuestMemory(libc.view(this.mem.pointer, memBytes), specs);
+      specs.forEach((s, slot) => this.vm.setUserMemoryRegion(slot, s.guestPhysAddr, s.size, this.mem.address + BigInt(s.hostOffset)));
+
+      const vmFd = this.vm;
+      this.serial = new Serial(this.serialShared, () => {
+        vmFd.irqLine(IRQ.COM1, 1);
+        vmFd.irqLine(IRQ.COM1, 0);
+      }, (b) => libc.writeAll(config.consoleFd, b));
+
+      let boot: BootCpuState;
+      if (config.boot.kind === "linux") {
+        const { rsdpAddr } = writeAcpiTables(this.memory, { cpus: config.cpus });
+        const plan = loadKernel(this.memory, {
+          kernel: config.boot.kernel,
+          ...(config.boot.initrd !== undefined ? { initrd: config.boot.initrd } : {}),
+          cmdline: config.boot.cmdline,
+          memBytes,
+          rsdpAddr,
+        });
+        this.plan = plan;
+        boot = plan.cpu;
+      } else {
+        this.plan = undefined;
+        boot = config.boot.setup(this.memory);
+      }
+
+      this.stats = new SharedArrayBuffer(config.cpus * STAT_SLOTS * 8);
+      const supported = this.kvm.supportedCpuid();
+      const runSize = this.kvm.vcpuMmapSize();
+      for (let id = 0; id < config.cpus; id++) {
+        const vcpu = this.vm.createVcpu(id);
+        this.vcpus.push(vcpu);
+        vcpu.setCpuid(filterCpuid(supported, { vcpuId: id, cpus: config.cpus }));
+        vcpu.setMsrs(bootMsrs());
+        vcpu.setFpu(encodeBootFpu());
+        setLint(vcpu);
+        const map = libc.mmap(runSize, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, vcpu.fd, 0);
+        this.runMaps.push({ map, run: new Uint8Array(libc.view(map.pointer, runSize)) });
+      }
+      // Only the boot CPU gets an entry state; APs wait in KVM for INIT/SIPI from the guest.
+      this.setBootState(this.vcpus[0]!, boot);
+    } catch (e) {
+      this.releaseKvm();
+      throw e;
+    }
+  }
+
+  private setBootState(vcpu: VcpuFd, boot: BootCpuState): void {
+    const regs: KvmRegs = {
+      rax: 0n, rbx: BigInt(boot.regs.rbx), rcx: 0n, rdx: 0n, rsi: BigInt(boot.regs.rsi), rdi: 0n,
+      rsp: BigInt(boot.regs.rsp), rbp: BigInt(boot.regs.rbp),
+      r8: 0n, r9: 0n, r10: 0n, r11: 0n, r12: 0n, r13: 0n, r14: 0n, r15: 0n,
+      rip: BigInt(boot.regs.rip), rflags: BigInt(boot.regs.rflags),
+    };
+    const cur = decodeSregs(vcpu.getSregsRaw());
+    vcpu.setSregs({ ...cur, ...boot.sregs });
+    vcpu.setRegs(regs);
+  }
+
+  /** Runs the vCPUs; resolves when the guest powers off, resets, crashes, or stop() is called. */
+  run(): Promise<VmExitResult> {
+    if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
+    this.state = "running";
+    this.startedAt = Date.now();
+    libc.installKickHandler();
+    return new Promise((resolve) => {
+      let first: { request: VmRequestCode; reason: string; dump?: string } | undefined;
+      let exited = 0;
+      let failed: Error | undefined;
+      this.threads = new Array<bigint>(this.vcpus.length).fill(0n);
+      this.workers = this.vcpus.map((vcpu) => {
+        const init: VcpuWorkerInit = {
+          vcpuId: vcpu.id, vcpuFd: vcpu.fd, vmFd: this.vm.fd, runSize: this.runMaps[vcpu.id]!.run.length,
+          control: this.control, stats: this.stats, serial: this.serialShared,
+          consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1,
+        };
+        const w = new Worker(workerUrl(), { workerData: init });
+        w.on("message", (m: VcpuMessage) => {
+          if (m.type === "ready") {
+            this.threads[m.vcpuId] = m.thread;
+          } else {
+            // The first vCPU to stop decides why; the others are kicked out of KVM_RUN.
+            if (first === undefined && m.request !== VmRequest.NONE) first = m;
+            Atomics.compareExchange(this.ctrl, CTRL.REQUEST, VmRequest.NONE, m.request);
+            this.kickAll();
+          }
+        });
+        w.on("error", (e) => {
+          failed ??= e;
+          Atomics.compareExchange(this.ctrl, CTRL.REQUEST, VmRequest.NONE, VmRequest.CRASH);
+          this.kickAll();
+        });
+        w.on("exit", () => {
+          exited++;
+          if (exited < this.workers.length) return;
+          this.state = "stopped";
+          const req = Atomics.load(this.ctrl, CTRL.REQUEST);
+          if (failed !== undefined) resolve({ kind: "crash", reason: `vCPU thread failed: ${failed.message}` });
+          else if (req === VmRequest.POWEROFF) resolve({ kind: "poweroff" });
+          else if (req === VmRequest.RESET) resolve({ kind: "reset" });
+          else if (req === VmRequest.STOP) resolve({ kind: "stopped" });
+          else resolve({ kind: "crash", reason: first?.reason ?? "vCPU stopped", ...(first?.dump !== undefined ? { dump: first.dump } : {}) });
+        });
+        return w;
+      });
+    });
+  }
+
+  /** Make every vCPU leave KVM_RUN promptly (KVM API §4.10, immediate_exit; kvm-lab.md). */
+  private kickAll(): void {
+    this.runMaps.forEach(({ run }, i) => {
+      run[1] = 1; // kvm_run.immediate_exit: catches a kick that lands just before KVM_RUN
+      const t = this.threads[i];
+      if (t !== undefined && t !== 0n) {
+        try {
+          libc.pthreadKill(t, libc.SIG_VCPU_KICK);
+        } catch {
+          // thread already gone
+        }
+      }
+    });
+  }
+
+  async pause(): Promise<void> {
+    if (this.state !== "running") throw new TypevisorError("VM_STATE", `cannot pause a VM that is ${this.state}`);
+    Atomics.store(this.ctrl, CTRL.PAUSE, 1);
+    this.kickAll();
+    const deadline = Date.now() + 5000;
+    while (Atomics.load(this.ctrl, CTRL.PAUSED) < this.vcpus.length) {
+      if (Atomics.load(this.ctrl, CTRL.REQUEST) !== VmRequest.NONE) break;
+      if (Date.now() > deadline) throw new TypevisorError("PAUSE_TIMEOUT", "vCPUs did not stop within 5 s");
+      await new Promise((r) => setTimeout(r, 1));
+      this.kickAll();
+    }
+    this.state = "paused";
+  }
+
+  resume(): void {
+    if (this.state !== "paused") throw new TypevisorError("VM_STATE", `cannot resume a VM that is ${this.state}`);
+    Atomics.store(this.ctrl, CTRL.PAUSE, 0);
+    Atomics.notify(this.ctrl, CTRL.PAUSE);
+    this.state = "running";
+  }
+
+  /** Stop the vCPUs (host-initiated); run() then resolves with "stopped". */
+  stop(): void {
+    Atomics.compareExchange(this.ctrl, CTRL.REQUEST, VmRequest.NONE, VmRequest.STOP);
+    Atomics.store(this.ctrl, CTRL.PAUSE, 0);
+    Atomics.notify(this.ctrl, CTRL.PAUSE);
+    this.kickAll();
+  }
+
+  /** Console input; what the UART FIFO cannot take yet is retried shortly. */
+  sendInput(bytes: Uint8Array): void {
+    this.pendingInput.push(bytes);
+    this.flushInput();
+  }
+
+  private flushInput(): void {
+    while (this.pendingInput.length > 0) {
+      const head = this.pendingInput[0]!;
+      const n = this.serial.receive(head);
+      if (n === head.length) this.pendingInput.shift();
+      else {
+        this.pendingInput[0] = head.subarray(n);
+        this.inputTimer ??= setTimeout(() => {
+          this.inputTimer = undefined;
+          this.flushInput();
+        }, 5);
+        return;
+      }
+    }
+  }
+
+  getStats(): VmStats {
+    const f = new Float64Array(this.stats);
+    let total = 0;
+    const vcpus = this.vcpus.map((v) => {
+      const exits: Record<string, number> = {};
+      for (let r = 0; r < STAT_SLOTS; r++) {
+        const n = f[v.id * STAT_SLOTS + r]!;
+        if (n > 0) {
+          exits[r === STAT_SLOTS - 1 ? "other" : (EXIT_NAMES[r] ?? `exit_${r}`)] = n;
+          total += n;
+        }
+      }
+      return { id: v.id, exits };
+    });
+    return {
+      state: this.state,
+      uptimeMs: this.startedAt === 0 ? 0 : Date.now() - this.startedAt,
+      memoryBytes: this.memory.size,
+      cpus: this.vcpus.length,
+      vcpus,
+      totalExits: total,
+    };
+  }
+
+  get vmState(): VmState {
+    return this.state;
+  }
+
+  private releaseKvm(): void {
+    for (const { map } of this.runMaps) libc.munmap(map);
+    this.runMaps.length = 0;
+    for (const v of this.vcpus) v.close();
+    this.vcpus.length = 0;
+    // Fields may be unset when the constructor failed part-way.
+    const self = this as unknown as { vm?: VmFd; mem?: libc.Mapping; kvm?: Kvm };
+    self.vm?.close();
+    if (self.mem !== undefined) libc.munmap(self.mem);
+    self.kvm?.close();
+  }
+
+  /** Release KVM fds and guest memory. Call after run() resolved. */
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
+    this.releaseKvm();
+  }
+}

@@ -1,0 +1,46 @@
+/**
+ * Tiny purpose-built guests, assembled here as machine code, for fast tests of
+ * the run loop on any KVM (including this project's PVM hosts, where stock
+ * kernels cannot boot). They start in 64-bit mode with the same GDT and
+ * identity page tables the Linux 64-bit entry uses.
+ */
+import { linux64CpuState, writeBootGdt, writeIdentityPageTables } from "../../src/vmm/arch/x86_64/boot/cpu-state.js";
+import { ZERO_PAGE_ADDR } from "../../src/vmm/arch/x86_64/layout.js";
+import type { GuestMemory } from "../../src/vmm/memory/guest-memory.js";
+import type { BootSource } from "../../src/vmm/vm.js";
+
+export const CODE_ADDR = 0x100000;
+
+const movDx = (port: number) => [0x66, 0xba, port & 0xff, port >> 8];
+const movAl = (v: number) => [0xb0, v & 0xff];
+const OUT_DX_AL = 0xee;
+const HLT = 0xf4;
+const JMP_SELF = [0xeb, 0xfe];
+
+/** Print `text` on COM1, one `out` per byte. */
+export function print(text: string): number[] {
+  const code = movDx(0x3f8);
+  for (const b of Buffer.from(text)) code.push(...movAl(b), OUT_DX_AL);
+  return code;
+}
+
+/** ACPI sleep control: SLP_TYP=5 | SLP_EN, as Linux's poweroff writes it. */
+export const POWEROFF = [...movDx(0x600), ...movAl((5 << 2) | 0x20), OUT_DX_AL, HLT, ...JMP_SELF];
+/** ACPI reset register write. */
+export const RESET = [...movDx(0x602), ...movAl(0x01), OUT_DX_AL, HLT, ...JMP_SELF];
+/** Forever: out 0x80, al; jmp back. A busy guest that exits continuously. */
+export const SPIN_OUT = [0xe6, 0x80, 0xeb, 0xfc];
+/** ud2 with an empty IDT: #UD -> #DF -> triple fault. */
+export const TRIPLE_FAULT = [0x0f, 0x0b];
+
+export function tinyGuest(code: number[]): BootSource {
+  return {
+    kind: "custom",
+    setup: (mem: GuestMemory) => {
+      writeBootGdt(mem, true);
+      writeIdentityPageTables(mem);
+      mem.write(CODE_ADDR, Uint8Array.from(code));
+      return linux64CpuState(CODE_ADDR, ZERO_PAGE_ADDR);
+    },
+  };
+}
