@@ -13,7 +13,7 @@ import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
 import { EXIT_NAMES } from "../kvm/ioctls.js";
 import { decodeSregs, encodeBootFpu, type KvmRegs } from "../kvm/structs.js";
 import * as libc from "../sys/libc.js";
-import { writeAcpiTables } from "./arch/x86_64/acpi/index.js";
+import { writeAcpiTables } from "./arch/x86_64/acpi/tables.js";
 import { loadKernel, type BootCpuState, type BootPlan } from "./arch/x86_64/boot/index.js";
 import { filterCpuid } from "./arch/x86_64/cpuid.js";
 import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, ramRanges } from "./arch/x86_64/layout.js";

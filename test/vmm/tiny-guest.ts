@@ -4,7 +4,8 @@
  * kernels cannot boot). They start in 64-bit mode with the same GDT and
  * identity page tables the Linux 64-bit entry uses.
  */
-import { linux64CpuState, writeBootGdt, writeIdentityPageTables } from "../../src/vmm/arch/x86_64/boot/cpu-state.js";
+import { bootGdtWrites, identityPageTableWrites, linux64CpuState } from "../../src/vmm/arch/x86_64/boot/cpu-state.js";
+import { applyWrites } from "../../src/vmm/arch/x86_64/boot/placement.js";
 import { ZERO_PAGE_ADDR } from "../../src/vmm/arch/x86_64/layout.js";
 import type { GuestMemory } from "../../src/vmm/memory/guest-memory.js";
 import type { BootSource } from "../../src/vmm/vm.js";
@@ -37,8 +38,7 @@ export function tinyGuest(code: number[]): BootSource {
   return {
     kind: "custom",
     setup: (mem: GuestMemory) => {
-      writeBootGdt(mem, true);
-      writeIdentityPageTables(mem);
+      applyWrites(mem, [...bootGdtWrites(true), ...identityPageTableWrites()]);
       mem.write(CODE_ADDR, Uint8Array.from(code));
       return linux64CpuState(CODE_ADDR, ZERO_PAGE_ADDR);
     },
