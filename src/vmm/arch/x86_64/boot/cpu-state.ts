@@ -10,7 +10,8 @@
  *   PE among the writeable bits, cr4 = 0, flat 32-bit cs/ds/es, tr a 32-bit TSS
  *   with base 0 and limit 0x67, eflags IF/TF/VM clear, %ebx = hvm_start_info.
  */
-import type { MemWrite } from "./placement.js";
+import type { GuestMemory } from "../../../memory/guest-memory.js";
+import { applyWrites, type MemWrite } from "./placement.js";
 import { BOOT_GDT_ADDR, BOOT_IDT_ADDR, BOOT_STACK_POINTER, PD_ADDR, PDPT_ADDR, PML4_ADDR } from "../layout.js";
 
 /** KVM's struct kvm_segment, field for field (KVM API §4.13 KVM_GET_SREGS). */
@@ -168,6 +169,16 @@ export function identityPageTableWrites(): MemWrite[] {
   ];
 }
 
+/** Write the boot GDT (and the empty IDT) into guest memory: for custom guests that skip loadKernel. */
+export function writeBootGdt(mem: GuestMemory, long: boolean): void {
+  applyWrites(mem, bootGdtWrites(long));
+}
+
+/** Write the identity page tables into guest memory: for custom guests that skip loadKernel. */
+export function writeIdentityPageTables(mem: GuestMemory): void {
+  applyWrites(mem, identityPageTableWrites());
+}
+
 function sregsFor(long: boolean): BootCpuState["sregs"] {
   const code = flat(BOOT_CS, TYPE_CODE_XR_ACCESSED, long);
   const data = flat(BOOT_DS, TYPE_DATA_RW_ACCESSED, long);
@@ -182,7 +193,8 @@ function sregsFor(long: boolean): BootCpuState["sregs"] {
     ldt: noLdt(),
     gdt: { base: BOOT_GDT_ADDR, limit: BOOT_GDT_ENTRIES * 8 - 1 },
     idt: { base: BOOT_IDT_ADDR, limit: 0 },
-    cr0: long ? CR0_PE | CR0_ET | CR0_PG : CR0_PE | CR0_ET,
+    // `>>> 0`: JS bitwise results are signed 32-bit, and PG is bit 31.
+    cr0: (long ? CR0_PE | CR0_ET | CR0_PG : CR0_PE | CR0_ET) >>> 0,
     cr3: long ? PML4_ADDR : 0,
     cr4: long ? CR4_PAE : 0,
     efer: long ? EFER_LME | EFER_LMA : 0,
