@@ -138,9 +138,11 @@ export function buildFadt(dsdtAddr: number): Uint8Array {
   // flag: Linux tries the FADT reset register first (reboot=acpi is the x86
   // default) and its keyboard-controller fallback (0xFE to port 0x64) ignores it.
   // LEGACY_DEVICES stays clear: no ISA devices beyond what the DSDT lists.
-  // MSI is supported (virtio-pci uses MSI-X) and there is a CMOS RTC-less
-  // platform only if the VMM says so, so those bits stay clear as well.
-  t.u16(109, IAPC_BOOT_ARCH.VGA_NOT_PRESENT);
+  // MSI is supported (virtio-pci uses MSI-X), so that bit stays clear.
+  // CMOS RTC Not Present: the VMM emulates no MC146818; without this bit Linux
+  // registers rtc_cmos anyway (arch/x86/kernel/rtc.c add_rtc_cmos) and its probe
+  // of the absent chip cost ~3 s of a lab boot. Wall-clock time comes from kvmclock.
+  t.u16(109, IAPC_BOOT_ARCH.VGA_NOT_PRESENT | IAPC_BOOT_ARCH.CMOS_RTC_NOT_PRESENT);
   // Flags: hardware-reduced ACPI; reset register supported; power and sleep
   // buttons are not fixed-feature buttons (there are no PM1 blocks to hold them).
   t.u32(112, FADT_FLAGS.HW_REDUCED_ACPI | FADT_FLAGS.RESET_REG_SUP | FADT_FLAGS.PWR_BUTTON | FADT_FLAGS.SLP_BUTTON);
