@@ -12,12 +12,14 @@ const VERSION = "0.1.0";
 
 /** Re-run this very command inside the KVM lab (hosts whose KVM cannot boot stock kernels). */
 async function runInLabAgain(): Promise<number> {
-  const { runInLab } = await import("../lab/runner.js");
+  const { runInLab } = await import("../lab/lab.js");
   process.stderr.write(
     "typevisor: running inside the KVM lab (a real KVM host under QEMU's emulator): everything is emulated, so it is slow. " +
       "Press Ctrl-A x to quit.\n",
   );
-  return runInLab([process.execPath, process.argv[1] ?? "typevisor", ...process.argv.slice(2), "--no-lab"], { interactive: true });
+  const out = process.stdout;
+  const tty = out.isTTY === true ? { columns: out.columns, rows: out.rows } : undefined;
+  return runInLab([process.execPath, process.argv[1] ?? "typevisor", ...process.argv.slice(2), "--no-lab"], tty !== undefined ? { tty } : {});
 }
 
 export function buildProgram(): Command {
