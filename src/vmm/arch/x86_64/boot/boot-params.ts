@@ -59,6 +59,9 @@ export function buildBootParams(image: Uint8Array, hdr: SetupHeader, input: Boot
   // boot.rst code32_start: a loader that puts a relocatable kernel elsewhere sets it to the load address.
   dv.setUint32(OFF.CODE32_START, input.kernelLoadAddr >>> 0, true);
 
+  // setup_data (0x250/8) is a loader-written list head (boot.rst, "write (special)"); we pass none,
+  // so an image that ships a nonzero value must not send the kernel chasing it.
+  dv.setBigUint64(OFF.SETUP_DATA, 0n, true);
   split32(dv, OFF.CMD_LINE_PTR, BP.EXT_CMD_LINE_PTR, input.cmdlineAddr);
   if (input.initrd !== undefined) {
     split32(dv, OFF.RAMDISK_IMAGE, BP.EXT_RAMDISK_IMAGE, input.initrd.addr);

@@ -39,6 +39,7 @@ export const OFF = {
   CMDLINE_SIZE: 0x238,
   PAYLOAD_OFFSET: 0x248,
   PAYLOAD_LENGTH: 0x24c,
+  SETUP_DATA: 0x250,
   PREF_ADDRESS: 0x258,
   INIT_SIZE: 0x260,
 } as const;

@@ -87,6 +87,7 @@ const LOADER_WRITTEN = [
   [0x218, 8],
   [0x224, 2],
   [0x228, 4],
+  [0x250, 8],
 ] as const;
 function loaderWritten(off: number): boolean {
   return LOADER_WRITTEN.some(([o, n]) => off >= o && off < o + n);
@@ -106,6 +107,7 @@ function checkBzImageLoad(mem: GuestMemory, image: Uint8Array, plan: BootPlan, o
   expect(zp[0x211]).toBe(image[0x211]! | 0x80); // LOADED_HIGH kept, CAN_USE_HEAP set
   expect(dv.getUint16(0x224, true)).toBeGreaterThan(0); // heap_end_ptr
   expect(dv.getUint16(0x1fa, true)).toBe(0xffff);
+  expect(dv.getBigUint64(0x250, true)).toBe(0n); // setup_data: none
 
   // Kernel at a kernel_alignment-aligned address >= pref_address, entry at +0x200, whole init_size inside RAM.
   const load = plan.layout!.kernel.addr;
@@ -192,6 +194,7 @@ describe("loadKernel: bzImage, synthetic", () => {
   it("realigns a pref_address that is not kernel_alignment-aligned, and works without an initrd", () => {
     const mem = new RecordingMemory(memBytes);
     const image = fakeBzImage({ prefAddress: 0x1100000n, kernelAlignment: 0x200000 });
+    new DataView(image.buffer).setBigUint64(0x250, 0x1234n, true); // a setup_data pointer the image should not carry
     const plan = loadKernel(mem, { kernel: image, cmdline: "", memBytes, rsdpAddr: RSDP });
     expect(plan.layout!.kernel.addr).toBe(0x1200000);
     checkBzImageLoad(mem, image, plan, { cmdline: "", memBytes });

@@ -162,6 +162,9 @@ describe("extractVmlinux errors", () => {
     const gz = concat(new Uint8Array([0x1f, 0x8b, 8, 0]), new Uint8Array(60));
     expect(() => extractVmlinux(fakeBzImage({ payload: gz }))).toThrow(/gzip/);
     expect(() => extractVmlinux(fakeBzImage())).toThrow(/payload_length is 0/);
+    // A size trailer no LZ4 data of this length could produce is refused before allocating.
+    const boast = concat(MAGIC, le32(2), new Uint8Array([0x10, 0x41]), le32(400 << 20));
+    expect(() => extractVmlinux(fakeBzImage({ payload: boast }))).toThrow(/from 14 compressed/);
   });
 });
 

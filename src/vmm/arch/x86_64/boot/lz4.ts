@@ -152,6 +152,9 @@ export function extractVmlinux(bzImage: Uint8Array): Uint8Array {
   }
   const expectedSize = u32(payload, payload.length - 4);
   if (expectedSize > VMLINUX_MAX) throw kernelInvalid(`payload claims ${expectedSize} uncompressed bytes, beyond the ${VMLINUX_MAX}-byte limit`);
+  // LZ4 cannot expand more than ~255:1 (one extra length byte per 255 output bytes), so a
+  // bigger claim is a lie; checking it first keeps a tiny hostile image from making us allocate.
+  if (expectedSize > payload.length * 256) throw kernelInvalid(`payload claims ${expectedSize} uncompressed bytes from ${payload.length} compressed ones`);
   const vmlinux = decompressLz4Legacy(payload.subarray(0, payload.length - 4), { expectedSize });
   if (vmlinux.length < 4 || vmlinux[0] !== 0x7f || vmlinux[1] !== 0x45 || vmlinux[2] !== 0x4c || vmlinux[3] !== 0x46) {
     throw kernelInvalid("decompressed payload is not an ELF file");
