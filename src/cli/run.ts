@@ -10,6 +10,7 @@ import { Option, type Command } from "commander";
 import { TypevisorError } from "../errors.js";
 import { imagePaths, loadImage } from "../images/image.js";
 import { kvmHostKind } from "../kvm/kvm.js";
+import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { startControlServer } from "../vmm/api/server.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
 
@@ -88,6 +89,8 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
   const memoryMiB = parseIntArg("--memory", o.memory);
   validateConfig({ cpus, memoryMiB });
   const boot = await resolveBoot(o);
+  // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
+  validateKernel({ ...boot, memBytes: memoryMiB * 1024 * 1024 });
 
   const kind = kvmHostKind();
   if (kind !== "hardware") {

@@ -6,7 +6,7 @@
  */
 import { Buffer } from "node:buffer";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
-import { CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY_START, MMIO_HOLE_START, PVH_INFO_ADDR, ZERO_PAGE_ADDR, ramRanges } from "../layout.js";
+import { ACPI_START, CMDLINE_ADDR, CMDLINE_MAX, HIGH_MEMORY_START, MMIO_HOLE_START, PVH_INFO_ADDR, ZERO_PAGE_ADDR, ramRanges } from "../layout.js";
 import { buildBootParams, encodeCmdline } from "./boot-params.js";
 import { parseBzImage } from "./bzimage.js";
 import { bootGdtWrites, identityPageTableWrites, linux64CpuState, pvhCpuState, type BootCpuState } from "./cpu-state.js";
@@ -58,18 +58,31 @@ export function detectKernelFormat(kernel: Uint8Array): KernelFormat {
   throw kernelInvalid(`neither a bzImage (no "HdrS" at 0x202) nor an ELF vmlinux (${kernel.length} bytes)`);
 }
 
-/** Validates everything first (no guest memory is written if the image is bad), then loads. */
-export function loadKernel(mem: GuestMemory, opts: LoadKernelOptions): BootPlan {
+function planKernel(opts: LoadKernelOptions): { plan: BootPlan; writes: MemWrite[] } {
   if (!Number.isSafeInteger(opts.rsdpAddr) || opts.rsdpAddr < 0) throw bootError("KERNEL_INVALID", `RSDP address ${opts.rsdpAddr} is invalid`);
   const e820 = e820Map(opts.memBytes);
+  const format = detectKernelFormat(opts.kernel);
+  const initrd = opts.initrd !== undefined && opts.initrd.length > 0 ? opts.initrd : undefined;
+  return format === "bzimage" ? planBzImage(opts, initrd, e820) : planPvh(opts, initrd, e820);
+}
+
+/**
+ * Every check loadKernel makes (format, header, placement of kernel and initrd
+ * in `memBytes` of RAM, command line) without guest memory: lets a caller
+ * reject bad input before it creates a VM, or before it hands the command to the lab.
+ */
+export function validateKernel(opts: Omit<LoadKernelOptions, "rsdpAddr">): BootPlan {
+  return planKernel({ ...opts, rsdpAddr: ACPI_START }).plan;
+}
+
+/** Validates everything first (no guest memory is written if the image is bad), then loads. */
+export function loadKernel(mem: GuestMemory, opts: LoadKernelOptions): BootPlan {
   for (const r of ramRanges(opts.memBytes)) {
     if (!mem.contains(r.start, r.size)) {
       throw bootError("MEMORY_TOO_SMALL", `guest memory does not back RAM [${hex(r.start)}, +${hex(r.size)}) of the ${opts.memBytes}-byte map`);
     }
   }
-  const format = detectKernelFormat(opts.kernel);
-  const initrd = opts.initrd !== undefined && opts.initrd.length > 0 ? opts.initrd : undefined;
-  const { plan, writes } = format === "bzimage" ? planBzImage(opts, initrd, e820) : planPvh(opts, initrd, e820);
+  const { plan, writes } = planKernel(opts);
   applyWrites(mem, writes);
   return plan;
 }

@@ -1,0 +1,101 @@
+/**
+ * bench/boot: time from process start to the guest's first userspace line,
+ * typevisor against QEMU (`-M microvm -accel kvm`), same kernel and initramfs,
+ * alternating, N runs each, inside one lab run. Also the VMM's resident memory
+ * beyond the guest's own pages (total RSS minus the RSS of the guest-RAM
+ * mapping, from /proc/PID/smaps) for both.
+ *
+ * Run: npm run bench:boot        (boots the lab itself when the host KVM is PVM)
+ */
+import { readFileSync } from "node:fs";
+import { USERSPACE_UP_LINE, runScriptArg } from "../src/images/guest-init.js";
+import { imagePaths } from "../src/images/image.js";
+import { kvmHostKind } from "../src/kvm/kvm.js";
+import { ConsoleProcess } from "../test/helpers/console-process.js";
+
+const RUNS = Number(process.env["BENCH_RUNS"] ?? 5);
+const MEMORY_MIB = 256;
+const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
+const MARK = "bench-measure-now";
+
+interface Sample {
+  bootMs: number;
+  overheadKiB: number;
+  rssKiB: number;
+  guestKiB: number;
+}
+
+/** RSS of the whole process, and of the mapping(s) that hold guest RAM (the anonymous ones at least as big as it). */
+function memory(pid: number): { rssKiB: number; guestKiB: number } {
+  const smaps = readFileSync(`/proc/${pid}/smaps`, "utf8").split("\n");
+  let rss = 0;
+  let guest = 0;
+  let size = 0;
+  let anon = false;
+  for (const line of smaps) {
+    const head = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ (\d+)\s*(.*)$/.exec(line);
+    if (head !== null) {
+      size = (parseInt(head[2]!, 16) - parseInt(head[1]!, 16)) / 1024;
+      anon = head[4] === "0" && (head[5] ?? "").trim() === "";
+      continue;
+    }
+    const m = /^Rss:\s+(\d+) kB/.exec(line);
+    if (m !== null) {
+      const kib = Number(m[1]);
+      rss += kib;
+      if (anon && size >= MEMORY_MIB * 1024) guest += kib;
+    }
+  }
+  return { rssKiB: rss, guestKiB: guest };
+}
+
+async function once(cmd: string, args: string[]): Promise<Sample> {
+  const p = new ConsoleProcess(cmd, args);
+  try {
+    await p.waitFor(new RegExp(USERSPACE_UP_LINE), 0, 300_000);
+    const bootMs = performance.now() - p.t0;
+    await p.waitFor(new RegExp(MARK), 0, 300_000);
+    const mem = memory(p.child.pid!);
+    const code = await p.exited;
+    if (code !== 0) throw new Error(`${cmd} exited ${code}:\n${p.output.slice(-2000)}`);
+    return { bootMs, rssKiB: mem.rssKiB, guestKiB: mem.guestKiB, overheadKiB: mem.rssKiB - mem.guestKiB };
+  } finally {
+    p.kill();
+  }
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+async function main(): Promise<void> {
+  const img = imagePaths("minimal");
+  const script = runScriptArg(`echo ${MARK}; sleep 2`);
+  const cmdline = `console=ttyS0 panic=-1 ${script}`;
+  const ours = [process.execPath, BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(MEMORY_MIB), "--cmdline", cmdline];
+  const qemu = [
+    "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", String(MEMORY_MIB),
+    "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
+    "-kernel", img.kernel, "-initrd", img.initrd, "-append", cmdline,
+  ];
+  const results: { typevisor: Sample[]; qemu: Sample[] } = { typevisor: [], qemu: [] };
+  console.log(`bench/boot: ${RUNS} runs each, alternating; guest ${MEMORY_MIB} MiB, 1 vCPU, kernel ${img.kernel}`);
+  for (let i = 0; i < RUNS; i++) {
+    const a = await once(ours[0]!, ours.slice(1));
+    results.typevisor.push(a);
+    const b = await once("qemu-system-x86_64", qemu);
+    results.qemu.push(b);
+    console.log(`run ${i + 1}: typevisor ${a.bootMs.toFixed(0)} ms (+${(a.overheadKiB / 1024).toFixed(1)} MiB)  qemu ${b.bootMs.toFixed(0)} ms (+${(b.overheadKiB / 1024).toFixed(1)} MiB)`);
+  }
+  const t = median(results.typevisor.map((s) => s.bootMs));
+  const q = median(results.qemu.map((s) => s.bootMs));
+  const tm = median(results.typevisor.map((s) => s.overheadKiB)) / 1024;
+  const qm = median(results.qemu.map((s) => s.overheadKiB)) / 1024;
+  console.log(`boot to userspace (median): typevisor ${t.toFixed(0)} ms, qemu microvm ${q.toFixed(0)} ms, ratio ${(t / q).toFixed(2)}`);
+  console.log(`VMM memory beyond guest pages (median RSS): typevisor ${tm.toFixed(1)} MiB, qemu ${qm.toFixed(1)} MiB, ratio ${(tm / qm).toFixed(2)}`);
+  console.log(JSON.stringify({ bench: "boot", date: new Date().toISOString(), where: kvmHostKind() === "hardware" ? "lab (nested KVM under TCG)" : "unknown", runs: RUNS, results }));
+}
+
+await main();

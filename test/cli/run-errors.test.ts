@@ -1,0 +1,52 @@
+/**
+ * `typevisor run` with bad input: one clear line, a non-zero exit, and no VM
+ * (nor lab) started. Runs the real CLI from dist/.
+ */
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { fakeBzImage } from "../../src/vmm/arch/x86_64/boot/test-fixtures.js";
+
+const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
+const dir = mkdtempSync(join(tmpdir(), "tv-cli-"));
+const kernel = join(dir, "bzImage");
+writeFileSync(kernel, fakeBzImage());
+
+function run(args: string[]) {
+  const r = spawnSync(process.execPath, [BIN, "run", ...args], { encoding: "utf8", timeout: 20_000 });
+  const lines = r.stderr.trim().split("\n");
+  return { status: r.status, first: lines[0] ?? "", stderr: r.stderr };
+}
+
+describe("typevisor run rejects bad input with one line", () => {
+  it.each([
+    ["a missing kernel", ["--kernel", join(dir, "nope")], /error\[FILE_NOT_FOUND\]: kernel .*nope: no such file/],
+    ["a truncated kernel", ["--kernel", "TRUNC"], /error\[KERNEL_INVALID\]/],
+    ["a file that is no kernel", ["--kernel", "JUNK"], /error\[KERNEL_INVALID\]: neither a bzImage/],
+    ["an initrd larger than memory", ["--kernel", kernel, "--initrd", "BIG", "--memory", "64"], /error\[INITRD_TOO_LARGE\]/],
+    ["--cpus 0", ["--kernel", kernel, "--cpus", "0"], /error\[INVALID_CPUS\]: --cpus must be a whole number of at least 1/],
+    ["--memory too small", ["--kernel", kernel, "--memory", "8"], /error\[INVALID_MEMORY\]: --memory must be at least 64 MiB/],
+    ["--memory not a number", ["--kernel", kernel, "--memory", "lots"], /error\[INVALID_ARGUMENT\]: --memory must be a whole number/],
+    ["nothing to boot", [], /error\[INVALID_ARGUMENT\]: nothing to boot/],
+  ])("%s", (_name, args, expected) => {
+    const files: Record<string, () => Uint8Array> = {
+      TRUNC: () => fakeBzImage().subarray(0, 0x300),
+      JUNK: () => new Uint8Array(8192).fill(0x41),
+      BIG: () => new Uint8Array(80 * 1024 * 1024),
+    };
+    const real = args.map((a) => {
+      const make = files[a];
+      if (make === undefined) return a;
+      const p = join(dir, a);
+      writeFileSync(p, make());
+      return p;
+    });
+    const r = run(real);
+    expect(r.status, r.stderr).toBe(2);
+    expect(r.first).toMatch(/^typevisor: error\[/);
+    expect(r.first).toMatch(expected);
+    expect(r.stderr).not.toMatch(/\n\s+at /); // no stack trace
+  });
+});
