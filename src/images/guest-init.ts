@@ -22,7 +22,7 @@ export const GUEST_INIT = `#!/bin/sh
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
+grep -q " /dev " /proc/mounts || mount -t devtmpfs devtmpfs /dev
 if [ -e /etc/typevisor/rootfs ]; then echo "${ROOTFS_UP_LINE}"; else echo "${USERSPACE_UP_LINE}"; fi
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
@@ -75,7 +75,7 @@ exec /bin/busybox init
 
 /** busybox init's table: a login shell on the console (cttyhack gives it a controlling tty). */
 export const GUEST_INITTAB = `::sysinit:/bin/hostname typevisor
-::respawn:-/bin/cttyhack /bin/sh
+::respawn:/bin/cttyhack /bin/sh -l
 ::ctrlaltdel:/bin/reboot
 ::shutdown:/bin/sync
 `;

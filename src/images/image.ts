@@ -48,7 +48,7 @@ export const MINIMAL_MODULES = [
 ];
 
 export const ROOTFS_SIZE_MIB = 48;
-export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1";
+export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet";
 
 export interface ImagePaths {
   dir: string;

@@ -242,7 +242,9 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
     await pruneLogs(logs, 20);
     throw outcome.error;
   }
-  // keep logs of failed lab runs only
-  if ((await stat(logPath)).isFile()) await rm(logPath, { force: true });
+  // keep logs of failed lab runs only, unless asked to keep them all
+  if (env["TYPEVISOR_LAB_KEEP_LOG"] === "1") say(`console log: ${logPath}`);
+  else if ((await stat(logPath)).isFile()) await rm(logPath, { force: true });
+  await pruneLogs(logs, 20);
   return outcome.code;
 }
