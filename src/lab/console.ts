@@ -20,6 +20,8 @@ export class ConsoleFilter {
   readonly prefix: string;
   phase: LabPhase = "boot";
   private held = "";
+  /** The init's echo ends the start marker line with a newline that is not command output. */
+  private dropNewline = false;
 
   constructor(nonce: string) {
     if (!/^[A-Za-z0-9]+$/.test(nonce)) throw new Error(`bad lab nonce ${nonce}`);
@@ -33,6 +35,16 @@ export class ConsoleFilter {
     let output = "";
     const events: ConsoleEvent[] = [];
     while (text.length > 0 && this.phase !== "done") {
+      if (this.dropNewline) {
+        if (text === "\r") {
+          this.held = text; // wait for the next chunk to tell "\r\n" from output starting with "\r"
+          return { output, events };
+        }
+        if (text.startsWith("\r\n")) text = text.slice(2);
+        else if (text.startsWith("\n")) text = text.slice(1);
+        this.dropNewline = false;
+        continue;
+      }
       const at = text.indexOf(this.prefix);
       if (at < 0) {
         // keep back a tail that could be the start of a marker split across chunks
@@ -60,9 +72,7 @@ export class ConsoleFilter {
       events.push(ev);
       if (ev.kind === "start") {
         this.phase = "running";
-        // the init's echo ends the marker line; it is not command output
-        if (text.startsWith("\r\n")) text = text.slice(2);
-        else if (text.startsWith("\n")) text = text.slice(1);
+        this.dropNewline = true;
       } else {
         this.phase = "done";
       }

@@ -35,13 +35,14 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-nonce=x spec="" tty=none
+nonce=x spec="" tty=none stdin=null
 set -f
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     tvlab.nonce=*) nonce="\${arg#tvlab.nonce=}" ;;
     tvlab.spec=*) spec="\${arg#tvlab.spec=}" ;;
     tvlab.tty=*) tty="\${arg#tvlab.tty=}" ;;
+    tvlab.stdin=*) stdin="\${arg#tvlab.stdin=}" ;;
   esac
 done
 set +f
@@ -75,18 +76,27 @@ cp /spec.sh /newroot/run/typevisor-lab.sh
 grep -qw svm /proc/cpuinfo || fail "the lab CPU has no svm flag: QEMU did not emulate AMD-V"
 [ -d /sys/module/kvm_amd ] || fail "kvm_amd is not loaded in the lab"
 hostname typevisor-lab
-# raw newlines on the console: the host terminal adds its own carriage returns
-stty -onlcr < /dev/console
 set -o pipefail
+# raw newlines on the console: the host adds carriage returns where it needs them (a terminal
+# does, even in Node's raw mode, which keeps ONLCR)
+stty -onlcr < /dev/console
 echo "@@TVLAB:$nonce:start@@"
 if [ "$tty" = none ]; then
   # the host's stdout is no terminal: give the command a pipe so it does not draw for one
   chroot /newroot /bin/sh /run/typevisor-lab.sh < /dev/null 2>&1 | cat
   code=$?
 else
-  stty cols "\${tty%x*}" rows "\${tty#*x}" < /dev/console
-  chroot /newroot /bin/sh /run/typevisor-lab.sh < /dev/null
-  code=$?
+  case "$tty" in 0x*|*x0) ;; *) stty cols "\${tty%x*}" rows "\${tty#*x}" < /dev/console ;; esac
+  # the console node inside the chroot, so that ttyname() in the command finds it
+  if [ "$stdin" = console ]; then
+    # interactive: the host forwards its raw terminal; the command owns the console as its
+    # controlling tty, so ^C reaches it
+    setsid -c chroot /newroot /bin/sh /run/typevisor-lab.sh < /newroot/dev/console > /newroot/dev/console 2>&1
+    code=$?
+  else
+    chroot /newroot /bin/sh /run/typevisor-lab.sh < /dev/null > /newroot/dev/console 2>&1
+    code=$?
+  fi
 fi
 echo "@@TVLAB:$nonce:exit:$code@@"
 poweroff -f

@@ -82,6 +82,12 @@ export interface LabOptions {
   progress?: Progress;
   /** Terminal size to give the command (`COLSxROWS`), or undefined for a pipe (no tty). */
   tty?: { columns: number; rows: number };
+  /**
+   * Forward this process's stdin (raw) to the command, which then owns the lab console as its
+   * controlling terminal. Default: when `tty` is given and stdin is a terminal. QEMU's -nographic
+   * keys stay active: Ctrl-A x quits the lab (the run then resolves with 130).
+   */
+  interactive?: boolean;
   /** Called when the command starts, with the ms since QEMU was spawned. */
   onStart?: (bootMs: number) => void;
 }
@@ -158,6 +164,7 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
   const log: WriteStream = createWriteStream(logPath);
 
   const tty = opts.tty === undefined ? "none" : `${opts.tty.columns}x${opts.tty.rows}`;
+  const interactive = opts.tty !== undefined && (opts.interactive ?? process.stdin.isTTY === true);
   const append = [
     "console=ttyS0",
     "panic=-1",
@@ -166,6 +173,7 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
     `tvlab.nonce=${nonce}`,
     `tvlab.spec=${Buffer.from(specPath).toString("base64")}`,
     `tvlab.tty=${tty}`,
+    `tvlab.stdin=${interactive ? "console" : "null"}`,
   ].join(" ");
   say(`booting the lab: ${k.package}, ${memoryMiB} MiB, ${cpus} CPU${cpus > 1 ? "s" : ""}`);
   const t0 = performance.now();
@@ -173,8 +181,15 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
   const filter = new ConsoleFilter(nonce);
   const out = opts.output ?? process.stdout;
 
+  let rawSet = false;
   const cleanup = (): void => {
     rmSync(specPath, { force: true });
+    if (rawSet) {
+      process.stdin.unpipe(child.stdin);
+      process.stdin.setRawMode(false);
+      process.stdin.pause();
+      rawSet = false;
+    }
   };
   const onSignal = (sig: NodeJS.Signals): void => {
     child.kill("SIGKILL");
@@ -185,17 +200,19 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
   process.once("SIGTERM", onSignal);
 
   let qemuStderr = "";
+  // set when the run is decided; console bytes still in flight after that are dropped
+  let decided = false;
   child.stderr.on("data", (d: Buffer) => {
+    if (decided) return;
     qemuStderr += d.toString("utf8");
     log.write(d);
   });
 
   type Outcome = { code: number } | { error: TypevisorError };
   const outcome = await new Promise<Outcome>((resolve) => {
-    let settled = false;
     const finish = (o: Outcome): void => {
-      if (settled) return;
-      settled = true;
+      if (decided) return;
+      decided = true;
       clearTimeout(bootTimer);
       clearTimeout(runTimer);
       // nothing in the lab persists (read-only host root, tmpfs overlay): no need to wait for its poweroff
@@ -210,11 +227,17 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
     const runTimer = setTimeout(() => finish({ error: failure("LAB_TIMEOUT", `the lab run exceeded TYPEVISOR_LAB_TIMEOUT=${timeoutSec} s`) }), timeoutSec * 1000);
 
     child.stdout.on("data", (d: Buffer) => {
+      if (decided) return;
       log.write(d);
       const { output, events } = filter.push(d.toString("latin1"));
       if (output !== "") out.write(Buffer.from(output, "latin1"));
       for (const ev of events) {
         if (ev.kind === "start") {
+          if (interactive && process.stdin.isTTY === true) {
+            process.stdin.setRawMode(true);
+            rawSet = true;
+            process.stdin.pipe(child.stdin);
+          }
           const ms = performance.now() - t0;
           say(`lab up in ${(ms / 1000).toFixed(1)} s; running: ${argv.join(" ")}`);
           opts.onStart?.(ms);
@@ -230,7 +253,10 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
       const how = signal !== null ? `signal ${signal}` : `status ${code}`;
       const why = qemuStderr.trim().split("\n").slice(-2).join(" | ");
       if (filter.phase === "boot") finish({ error: failure("LAB_BOOT_FAILED", `the lab exited (${how}) before the command started${why ? `: ${why}` : ""}`) });
-      else finish({ error: failure("LAB_CRASHED", `the lab exited (${how}) while the command was running${why ? `: ${why}` : ""}`) });
+      else if (interactive && code === 0) {
+        say("the lab was quit from the keyboard");
+        finish({ code: 130 });
+      } else finish({ error: failure("LAB_CRASHED", `the lab exited (${how}) while the command was running${why ? `: ${why}` : ""}`) });
     });
   });
 
