@@ -111,7 +111,7 @@ describe("minimal image under QEMU -accel kvm (lab)", () => {
     at = await g.waitFor(/typevisor:\/[^\n]*# /, at);
     const promptAt = g.seconds();
     g.type("echo hello-$((6*7))\n");
-    at = await g.waitFor(/\nhello-42\r?\n/, at);
+    await g.waitFor(/\nhello-42\r?\n/, at);
     g.type("poweroff\n");
     const code = await Promise.race([g.exited, new Promise<string>((r) => setTimeout(() => r("still running"), 60_000))]);
     expect(code).toBe(0);
