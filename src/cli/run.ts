@@ -147,6 +147,7 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
         server = await startControlServer(o.apiSocket, {
           info: () => ({ state: current?.vmState, cpus, memoryMiB, cmdline: boot.cmdline, boots, pid: process.pid }),
           stats: () => current?.getStats(),
+          registers: () => current?.registers(),
           pause: async () => current?.pause(),
           resume: () => current?.resume(),
           stop: () => {

@@ -20,6 +20,8 @@ import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, ramRanges } from "./arch/x86_
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
 import { GuestMemory, type MemoryRegionSpec } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
+import { formatRegisterDump } from "./vcpu/dump.js";
+import { writeResetVector } from "./arch/x86_64/reset-vector.js";
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 
@@ -141,6 +143,7 @@ export class Vm {
       let boot: BootCpuState;
       if (config.boot.kind === "linux") {
         const { rsdpAddr } = writeAcpiTables(this.memory, { cpus: config.cpus });
+        writeResetVector(this.memory);
         const plan = loadKernel(this.memory, {
           kernel: config.boot.kernel,
           ...(config.boot.initrd !== undefined ? { initrd: config.boot.initrd } : {}),
@@ -325,6 +328,12 @@ export class Vm {
       vcpus,
       totalExits: total,
     };
+  }
+
+  /** Register dumps of every vCPU; only while paused (KVM_GET_REGS on a running vCPU would wait for it). */
+  registers(): { id: number; dump: string }[] {
+    if (this.state !== "paused") throw new TypevisorError("VM_STATE", `registers can be read only while paused (the VM is ${this.state})`);
+    return this.vcpus.map((v) => ({ id: v.id, dump: formatRegisterDump(v.getRegs(), v.getSregs()) }));
   }
 
   get vmState(): VmState {

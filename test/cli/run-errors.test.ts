@@ -24,7 +24,7 @@ describe("typevisor run rejects bad input with one line", () => {
   it.each([
     ["a missing kernel", ["--kernel", join(dir, "nope")], /error\[FILE_NOT_FOUND\]: kernel .*nope: no such file/],
     ["a truncated kernel", ["--kernel", "TRUNC"], /error\[KERNEL_INVALID\]/],
-    ["a file that is no kernel", ["--kernel", "JUNK"], /error\[KERNEL_INVALID\]: neither a bzImage/],
+    ["a file that is no kernel", ["--kernel", "JUNK"], /error\[KERNEL_INVALID\]: invalid kernel image: neither a bzImage/],
     ["an initrd larger than memory", ["--kernel", kernel, "--initrd", "BIG", "--memory", "64"], /error\[INITRD_TOO_LARGE\]/],
     ["--cpus 0", ["--kernel", kernel, "--cpus", "0"], /error\[INVALID_CPUS\]: --cpus must be a whole number of at least 1/],
     ["--memory too small", ["--kernel", kernel, "--memory", "8"], /error\[INVALID_MEMORY\]: --memory must be at least 64 MiB/],

@@ -11,7 +11,6 @@ export class ConsoleProcess {
   readonly child: ChildProcessWithoutNullStreams;
   readonly t0 = performance.now();
   private waiters: (() => void)[] = [];
-  /** performance.now() when each awaited pattern first matched, for timing. */
 
   constructor(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env) {
     this.child = spawn(cmd, args, { stdio: ["pipe", "pipe", "pipe"], env });
@@ -34,7 +33,7 @@ export class ConsoleProcess {
   }
 
   /** Wait until `re` matches the output after offset `from`; returns the offset just past the match. */
-  waitFor(re: RegExp, from = 0, timeoutMs = 240_000): Promise<number> {
+  waitFor(re: RegExp, from = 0, timeoutMs = 120_000): Promise<number> {
     const find = (): number | undefined => {
       const m = new RegExp(re.source, re.flags.replace("g", "")).exec(this.output.slice(from));
       return m === null ? undefined : from + m.index + m[0].length;

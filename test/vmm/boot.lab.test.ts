@@ -15,7 +15,8 @@ import { extractVmlinux } from "../../src/vmm/arch/x86_64/boot/index.js";
 import { ConsoleProcess } from "../helpers/console-process.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
-const PROMPT = /typevisor:[^\n]*# $/m;
+/** The busybox shell prompt on the console (it may be followed by a cursor-position query). */
+const PROMPT = /# (?:\x1b\[6n)?$/;
 const img = imagePaths("minimal");
 const running: ConsoleProcess[] = [];
 afterEach(() => {

@@ -8,6 +8,7 @@
  *   POST /pause    park every vCPU (interrupts KVM_RUN)
  *   POST /resume
  *   POST /stop     stop the VM; the VMM process then exits
+ *   GET  /registers  every vCPU's registers (only while paused)
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { existsSync, unlinkSync } from "node:fs";
@@ -16,6 +17,7 @@ import { TypevisorError, isTypevisorError } from "../../errors.js";
 export interface ControlTarget {
   info(): unknown;
   stats(): unknown;
+  registers(): unknown;
   pause(): Promise<void>;
   resume(): void;
   stop(): void;
@@ -47,6 +49,8 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
           return send(res, 200, target.info());
         case "GET /stats":
           return send(res, 200, target.stats());
+        case "GET /registers":
+          return send(res, 200, target.registers());
         case "POST /pause":
           await target.pause();
           return send(res, 200, { ok: true });

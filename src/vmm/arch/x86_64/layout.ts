@@ -31,7 +31,9 @@ export const EBDA_START = 0x9fc00;
 export const LEGACY_AREA_START = 0xa0000;
 /** ACPI tables live here (RSDP first, 16-byte aligned), inside the reserved BIOS area. */
 export const ACPI_START = 0xe0000;
-export const ACPI_END = 0x100000;
+/** The real-mode reset vector F000:FFF0 (SDM vol. 3 §9.1.4); the last 16 bytes below 1 MiB are not ACPI's. */
+export const RESET_VECTOR_ADDR = 0xffff0;
+export const ACPI_END = RESET_VECTOR_ADDR;
 /** Where protected-mode kernel code is loaded (bzImage), 1 MiB per the boot protocol. */
 export const HIGH_MEMORY_START = 0x100000;
 
