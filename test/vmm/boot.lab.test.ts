@@ -16,6 +16,7 @@ import { ConsoleProcess } from "../helpers/console-process.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 /** The busybox shell prompt on the console (it may be followed by a cursor-position query). */
+// eslint-disable-next-line no-control-regex -- ash follows its prompt with ESC[6n (cursor position query)
 const PROMPT = /# (?:\x1b\[6n)?$/;
 const img = imagePaths("minimal");
 const running: ConsoleProcess[] = [];
@@ -98,7 +99,7 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
     p.type("reboot\n");
     at = await p.waitFor(/guest reset; restarting the VM/, at);
     at = await p.waitFor(new RegExp(USERSPACE_UP_LINE), at);
-    at = await p.waitFor(PROMPT, at);
+    await p.waitFor(PROMPT, at);
     p.type("poweroff\n");
     expect(await p.exited).toBe(0);
   });
@@ -106,7 +107,7 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
   it("pause and resume through the API socket leave the guest working", async () => {
     const sock = join(mkdtempSync(join(tmpdir(), "tv-api-")), "vm.sock");
     const p = tv(["--image", "minimal", "--cpus", "2", "--memory", "256", "--api-socket", sock]);
-    let at = await p.waitFor(PROMPT);
+    const at = await p.waitFor(PROMPT);
     expect((await api(sock, "POST", "/pause")).status).toBe(200);
     expect(JSON.parse((await api(sock, "GET", "/vm")).body).state).toBe("paused");
     const before = JSON.parse((await api(sock, "GET", "/stats")).body).totalExits as number;
@@ -116,7 +117,7 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
     expect((await api(sock, "POST", "/pause")).status).toBe(409);
     expect((await api(sock, "POST", "/resume")).status).toBe(200);
     p.type("echo ok-$((40+2))\n");
-    at = await p.waitFor(/ok-42/, at);
+    await p.waitFor(/ok-42/, at);
     const stats = JSON.parse((await api(sock, "GET", "/stats")).body);
     expect(stats.vcpus).toHaveLength(2);
     expect(stats.vcpus[0].exits.io).toBeGreaterThan(0);
