@@ -18,9 +18,10 @@ export type KvmHostKind = "none" | "pvm" | "hardware";
  * What backs /dev/kvm here. PVM (software nested virtualization) cannot boot
  * stock kernels (kvm-lab.md), so callers warn and offer the lab instead.
  */
-export function kvmHostKind(): KvmHostKind {
-  if (!existsSync("/dev/kvm")) return "none";
-  if (existsSync("/sys/module/kvm_pvm")) return "pvm";
+export function kvmHostKind(root = "/"): KvmHostKind {
+  const at = (rel: string): string => (root.endsWith("/") ? root : `${root}/`) + rel;
+  if (!existsSync(at("dev/kvm"))) return "none";
+  if (existsSync(at("sys/module/kvm_pvm"))) return "pvm";
   return "hardware";
 }
 

@@ -4,19 +4,14 @@
  * unable to boot stock kernels: see docs/lab.md); code that needs hardware-like KVM re-runs itself
  * in the lab when hostKvmKind() is "pvm".
  */
-import { existsSync } from "node:fs";
+import { kvmHostKind, type KvmHostKind } from "../kvm/kvm.js";
 
-export type KvmKind = "none" | "pvm" | "hardware";
+export type KvmKind = KvmHostKind;
+/** The lab's name for kvm/kvm.ts kvmHostKind (one implementation). */
+export const hostKvmKind = kvmHostKind;
 
 /** Set by the lab for the command it runs. */
 export const IN_LAB_ENV = "TYPEVISOR_IN_LAB";
-
-export function hostKvmKind(root = "/"): KvmKind {
-  const p = (rel: string): string => (root.endsWith("/") ? root : `${root}/`) + rel;
-  if (!existsSync(p("dev/kvm"))) return "none";
-  if (existsSync(p("sys/module/kvm_pvm"))) return "pvm";
-  return "hardware";
-}
 
 export function isInLab(env: Record<string, string | undefined> = process.env): boolean {
   return env[IN_LAB_ENV] === "1";
