@@ -1,0 +1,60 @@
+import type { GuestMemory } from "../../memory/guest-memory.js";
+
+/** Device types (virtio 1.2 §5). */
+export const VIRTIO_ID = { NET: 1, BLOCK: 2, CONSOLE: 3, RNG: 4, BALLOON: 5, VSOCK: 19 } as const;
+
+/** Feature bits common to all devices (virtio 1.2 §6). */
+export const VIRTIO_F = { INDIRECT_DESC: 28, EVENT_IDX: 29, VERSION_1: 32, ACCESS_PLATFORM: 33, RING_PACKED: 34 } as const;
+
+/** Where the driver placed one queue (plain data; what a snapshot saves). */
+export interface QueueConfig {
+  size: number;
+  descAddr: number;
+  driverAddr: number;
+  deviceAddr: number;
+}
+
+/** What the transport gives a device when the driver sets DRIVER_OK. */
+export interface ActivateContext {
+  mem: GuestMemory;
+  /** Index = queue number; only enabled queues are present (others have size 0). */
+  queues: QueueConfig[];
+  /** Negotiated features. */
+  features: bigint;
+  /** Raise the used-buffer interrupt for queue `q` (the transport maps it to the MSI-X vector). */
+  interruptQueue(q: number): void;
+  /** Raise the configuration-change interrupt. */
+  interruptConfig(): void;
+  /** The device found the driver broke the rules: the transport sets DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2) and notifies. */
+  needsReset(reason: string): void;
+}
+
+export interface VirtioDevice {
+  readonly deviceType: number;
+  /** Maximum size of each queue; its length is the number of queues. */
+  readonly queueMaxSizes: readonly number[];
+  /** Features the device offers (include VIRTIO_F.VERSION_1). */
+  readonly features: bigint;
+  /** Device-specific configuration space (virtio 1.2 §4.1.4.6): read `size` (1,2,4,8) bytes at `offset`; out of range reads 0. */
+  readConfig(offset: number, size: number): bigint;
+  writeConfig(offset: number, size: number, value: bigint): void;
+  /** Length of the config space in bytes. */
+  readonly configSize: number;
+  activate(ctx: ActivateContext): void;
+  /** The driver notified queue `q` (available buffers). Process what is there; never throw. */
+  notify(q: number): void;
+  /** Device reset by the driver (status 0): drop queue state, keep backing resources. */
+  reset(): void;
+  /** Plain serializable state for snapshots. */
+  save(): unknown;
+}
+
+/** `1n << BigInt(bit)`: a feature bit as a mask. */
+export function featureBit(bit: number): bigint {
+  return 1n << BigInt(bit);
+}
+
+/** True when `bit` is set in `features`. */
+export function hasFeature(features: bigint, bit: number): boolean {
+  return (features & featureBit(bit)) !== 0n;
+}
