@@ -36,7 +36,7 @@ function memory(pid: number): { rssKiB: number; guestKiB: number } {
     const head = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ (\d+)\s*(.*)$/.exec(line);
     if (head !== null) {
       size = (parseInt(head[2]!, 16) - parseInt(head[1]!, 16)) / 1024;
-      anon = head[4] === "0" && (head[5] ?? "").trim() === "";
+      anon = head[3] === "0" && (head[4] ?? "").trim() === "";
       continue;
     }
     const m = /^Rss:\s+(\d+) kB/.exec(line);

@@ -3,7 +3,11 @@
  * Errors are TypevisorErrors, printed by the main CLI.
  */
 import type { Command } from "commander";
-import { buildImage, imagesDir, listImages, removeImage, type ImageManifest } from "../images/image.js";
+import { imagesDir } from "../images/dirs.js";
+import type { ImageManifest } from "../images/image.js";
+
+/** Loaded on use: the image builder pulls in zod and friends, which `typevisor run` should not pay for at start-up. */
+const images = () => import("../images/image.js");
 
 function mib(bytes: number): string {
   return `${(bytes / 1048576).toFixed(1)}M`;
@@ -37,6 +41,7 @@ export function registerImageCommands(program: Command): void {
     .option("--force", "rebuild even if the image exists")
     .action(async (name: string, o: { force?: boolean }) => {
       const t0 = performance.now();
+      const { buildImage } = await images();
       const m = await buildImage(name, { force: o.force === true, progress: (msg) => process.stderr.write(`typevisor: ${msg}\n`) });
       process.stdout.write(`${m.name}: kernel ${m.kernel.release}, ${Object.keys(m.files).join(", ")} (${((performance.now() - t0) / 1000).toFixed(1)} s)\n`);
     });
@@ -46,10 +51,10 @@ export function registerImageCommands(program: Command): void {
     .description(`list images`)
     .option("--json", "print the manifests as JSON")
     .action(async (o: { json?: boolean }) => {
-      const images = await listImages();
-      if (o.json === true) process.stdout.write(`${JSON.stringify(images, null, 2)}\n`);
-      else if (images.length === 0) process.stdout.write(`no images in ${imagesDir()} (build one: typevisor image build minimal)\n`);
-      else process.stdout.write(formatImageTable(images));
+      const list = await (await images()).listImages();
+      if (o.json === true) process.stdout.write(`${JSON.stringify(list, null, 2)}\n`);
+      else if (list.length === 0) process.stdout.write(`no images in ${imagesDir()} (build one: typevisor image build minimal)\n`);
+      else process.stdout.write(formatImageTable(list));
     });
 
   image
@@ -57,7 +62,7 @@ export function registerImageCommands(program: Command): void {
     .description("remove an image")
     .argument("<name>", "image name")
     .action(async (name: string) => {
-      await removeImage(name);
+      await (await images()).removeImage(name);
       process.stdout.write(`removed image ${name}\n`);
     });
 }

@@ -4,11 +4,11 @@
  * 1 when it crashes, 2 for bad input. A guest reboot restarts the VM unless
  * --no-reboot.
  */
-import { readFileSync, statSync } from "node:fs";
+import { existsSync, readFileSync, statSync } from "node:fs";
 import type { Server } from "node:http";
 import { Option, type Command } from "commander";
 import { TypevisorError } from "../errors.js";
-import { imagePaths, loadImage } from "../images/image.js";
+import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { startControlServer } from "../vmm/api/server.js";
@@ -65,8 +65,12 @@ export async function resolveBoot(o: RunOptions): Promise<ResolvedBoot> {
   let kernelPath: string;
   let initrdPath = o.initrd;
   if (o.image !== undefined) {
-    await loadImage(o.image);
     const p = imagePaths(o.image);
+    if (!existsSync(p.kernel)) {
+      throw new TypevisorError("IMAGE_NOT_FOUND", `no image named ${o.image} (${p.dir} has no kernel)`, {
+        hint: `build it: typevisor image build ${o.image === "minimal" ? "minimal" : "minimal (the one recipe so far)"}`,
+      });
+    }
     kernelPath = p.kernel;
     initrdPath ??= p.initrd;
   } else if (o.kernel !== undefined) {

@@ -7,6 +7,7 @@
  */
 import { homedir } from "node:os";
 import { join, resolve } from "node:path";
+import { TypevisorError } from "../errors.js";
 
 type Env = Record<string, string | undefined>;
 
@@ -27,3 +28,35 @@ export function dataHome(env: Env = process.env): string {
   const xdg = nonEmpty(env["XDG_DATA_HOME"]);
   return xdg !== undefined ? join(resolve(xdg), "typevisor") : join(homedir(), ".local", "share", "typevisor");
 }
+
+// Paths of an image, kept here (no zod, no manifest parsing) so `typevisor run` starts fast.
+export interface ImagePaths {
+  dir: string;
+  kernel: string;
+  initrd: string;
+  rootfs: string;
+  manifest: string;
+}
+
+export function validateImageName(name: string): void {
+  if (!/^[a-z0-9][a-z0-9._-]{0,62}$/.test(name)) {
+    throw new TypevisorError("IMAGE_BAD_NAME", `bad image name ${JSON.stringify(name)}: use lower-case letters, digits, '.', '_' and '-'`);
+  }
+}
+
+export function imagesDir(home = dataHome()): string {
+  return join(home, "images");
+}
+
+export function imagePaths(name: string, home = dataHome()): ImagePaths {
+  validateImageName(name);
+  const dir = join(imagesDir(home), name);
+  return {
+    dir,
+    kernel: join(dir, "vmlinuz"),
+    initrd: join(dir, "initrd.img"),
+    rootfs: join(dir, "rootfs.ext4"),
+    manifest: join(dir, "image.json"),
+  };
+}
+

@@ -11,13 +11,13 @@ import { promisify } from "node:util";
 import { TypevisorError } from "../errors.js";
 import { writeNewc, withParents, type CpioEntry } from "./cpio.js";
 import { fetchPackage, kernelImage, kernelRelease, KERNEL_PACKAGE, removeDeadTemps, tempName, type Progress } from "./debian.js";
-import { dataHome } from "./dirs.js";
+import { dataHome, imagePaths, imagesDir } from "./dirs.js";
 import { GUEST_INIT, GUEST_INITTAB, GUEST_PROFILE } from "./guest-init.js";
 import { busyboxApplets, busyboxEntries, busyboxPath, moduleEntries, skeletonEntries } from "./initramfs.js";
 import { indexModules, resolveLoadOrder } from "./kmod.js";
 import { fileInfo, parseManifest, type ImageManifest } from "./manifest.js";
 
-export { dataHome } from "./dirs.js";
+export { dataHome, imagePaths, imagesDir, validateImageName, type ImagePaths } from "./dirs.js";
 export type { ImageManifest } from "./manifest.js";
 
 const run = promisify(execFile);
@@ -49,36 +49,6 @@ export const MINIMAL_MODULES = [
 
 export const ROOTFS_SIZE_MIB = 48;
 export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet";
-
-export interface ImagePaths {
-  dir: string;
-  kernel: string;
-  initrd: string;
-  rootfs: string;
-  manifest: string;
-}
-
-export function validateImageName(name: string): void {
-  if (!/^[a-z0-9][a-z0-9._-]{0,62}$/.test(name)) {
-    throw new TypevisorError("IMAGE_BAD_NAME", `bad image name ${JSON.stringify(name)}: use lower-case letters, digits, '.', '_' and '-'`);
-  }
-}
-
-export function imagesDir(home = dataHome()): string {
-  return join(home, "images");
-}
-
-export function imagePaths(name: string, home = dataHome()): ImagePaths {
-  validateImageName(name);
-  const dir = join(imagesDir(home), name);
-  return {
-    dir,
-    kernel: join(dir, "vmlinuz"),
-    initrd: join(dir, "initrd.img"),
-    rootfs: join(dir, "rootfs.ext4"),
-    manifest: join(dir, "image.json"),
-  };
-}
 
 export async function loadImage(name: string, home = dataHome()): Promise<ImageManifest> {
   const p = imagePaths(name, home);
