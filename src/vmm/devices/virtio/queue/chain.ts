@@ -1,0 +1,53 @@
+import type { GuestMemory } from "../../../memory/guest-memory.js";
+import type { GuestBuf } from "./split-queue.js";
+
+/*
+ * Helpers for devices over the buffers of a popped chain. The buffers were bounds-checked when
+ * the chain was popped, so the views below are in guest RAM; they are live (mem.slice), so
+ * file and crypto calls read and write guest memory with no copy.
+ */
+
+/** Total bytes of `bufs`. */
+export function bufsLength(bufs: readonly GuestBuf[]): number {
+  let n = 0;
+  for (const b of bufs) n += b.len;
+  return n;
+}
+
+/**
+ * Live views covering bytes [offset, offset + len) of the concatenation of `bufs`, clipped to
+ * what the buffers hold.
+ */
+export function chainSlices(mem: GuestMemory, bufs: readonly GuestBuf[], offset: number, len: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  let skip = Math.max(0, offset);
+  let left = Math.max(0, len);
+  for (const b of bufs) {
+    if (left === 0) break;
+    if (skip >= b.len) {
+      skip -= b.len;
+      continue;
+    }
+    const n = Math.min(b.len - skip, left);
+    out.push(mem.slice(b.addr + skip, n));
+    left -= n;
+    skip = 0;
+  }
+  return out;
+}
+
+/** Copy up to `maxLen` bytes of the buffers, starting at `offset`, into a new Buffer. */
+export function readChain(mem: GuestMemory, bufs: readonly GuestBuf[], offset: number, maxLen: number): Buffer {
+  const views = chainSlices(mem, bufs, offset, maxLen);
+  return Buffer.concat(views);
+}
+
+/** Copy `data` into the buffers starting at `offset`; returns the bytes written (clipped to the buffers). */
+export function writeChain(mem: GuestMemory, bufs: readonly GuestBuf[], data: Uint8Array, offset = 0): number {
+  let done = 0;
+  for (const v of chainSlices(mem, bufs, offset, data.length)) {
+    v.set(data.subarray(done, done + v.length));
+    done += v.length;
+  }
+  return done;
+}
