@@ -11,6 +11,7 @@ import { TypevisorError } from "../errors.js";
 import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
+import { parseDiskSpec, type DeviceSpecs } from "../vmm/device-specs.js";
 import { startControlServer } from "../vmm/api/server.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
 
@@ -27,6 +28,8 @@ export interface RunOptions {
   reboot: boolean;
   apiSocket?: string;
   lab: boolean;
+  disk: string[];
+  rng: boolean;
 }
 
 /** Ctrl-A x quits, as in QEMU's -nographic console. */
@@ -92,6 +95,7 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
   const cpus = parseIntArg("--cpus", o.cpus);
   const memoryMiB = parseIntArg("--memory", o.memory);
   validateConfig({ cpus, memoryMiB });
+  const devices: DeviceSpecs = { disks: o.disk.map(parseDiskSpec), rng: o.rng };
   const boot = await resolveBoot(o);
   // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
   validateKernel({ ...boot, memBytes: memoryMiB * 1024 * 1024 });
@@ -143,7 +147,7 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
   try {
     for (let boots = 1; ; boots++) {
       const vm = new Vm({
-        cpus, memoryMiB, consoleFd: 1,
+        cpus, memoryMiB, consoleFd: 1, devices,
         boot: { kind: "linux", kernel: boot.kernel, ...(boot.initrd !== undefined ? { initrd: boot.initrd } : {}), cmdline: boot.cmdline },
       });
       current = vm;
@@ -160,8 +164,12 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
           },
         });
       }
-      const result: VmExitResult = await vm.run();
-      vm.destroy();
+      let result: VmExitResult;
+      try {
+        result = await vm.run();
+      } finally {
+        vm.destroy();
+      }
       if (result.kind === "reset" && o.reboot && !stopRequested) {
         log(`typevisor: guest reset; restarting the VM (boot ${boots + 1})`);
         continue;
@@ -201,6 +209,8 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--cpus <n>", "number of vCPUs", "1")
     .option("--memory <MiB>", "guest memory in MiB", "256")
     .option("--no-reboot", "exit when the guest reboots instead of restarting it")
+    .option("--disk <spec>", "virtio-blk disk: PATH[,readonly=on][,serial=ID] (repeatable; the first is /dev/vda)", (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option("--rng", "virtio-rng entropy device fed from the host's getrandom", false)
     .option("--api-socket <path>", "serve the control API (pause, resume, stop, stats) on this unix socket")
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
     .action(async (opts: RunOptions, cmd: Command) => {

@@ -125,6 +125,31 @@ export class VmFd {
     libc.ioctl(this.fd, KVM.IRQ_LINE, b, "KVM_IRQ_LINE");
   }
 
+  /** Inject one MSI (KVM API §4.71 KVM_SIGNAL_MSI). Returns false if the guest has it masked/blocked. */
+  signalMsi(address: bigint, data: number): boolean {
+    const b = new Uint8Array(SIZEOF.kvm_msi);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, Number(address & 0xffff_ffffn), true);
+    dv.setUint32(4, Number(address >> 32n), true);
+    dv.setUint32(8, data >>> 0, true);
+    return libc.ioctl(this.fd, KVM.SIGNAL_MSI, b, "KVM_SIGNAL_MSI") > 0;
+  }
+
+  /**
+   * Let a guest write to `addr` (MMIO, `len` bytes, any value) signal `eventfd`
+   * inside KVM without an exit to userspace (KVM API §4.59 KVM_IOEVENTFD).
+   */
+  ioeventfd(addr: number, len: number, eventfd: number, deassign = false): void {
+    const b = new Uint8Array(SIZEOF.kvm_ioeventfd);
+    const dv = new DataView(b.buffer);
+    dv.setBigUint64(0, 0n, true); // datamatch (unused)
+    dv.setBigUint64(8, BigInt(addr), true);
+    dv.setUint32(16, len, true);
+    dv.setInt32(20, eventfd, true);
+    dv.setUint32(24, deassign ? 1 << 2 : 0, true); // KVM_IOEVENTFD_FLAG_DEASSIGN
+    libc.ioctl(this.fd, KVM.IOEVENTFD, b, "KVM_IOEVENTFD");
+  }
+
   createVcpu(id: number): VcpuFd {
     const fd = libc.ioctlValue(this.fd, KVM.CREATE_VCPU, id, "KVM_CREATE_VCPU");
     return new VcpuFd(fd, id);

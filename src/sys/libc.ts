@@ -179,6 +179,42 @@ export function eventfd(initval = 0, flags = EFD_CLOEXEC | EFD_NONBLOCK): number
   return check("eventfd", eventfdFn(initval, flags) as number);
 }
 
+const eventfdBuf = new Uint8Array(8);
+/** Add 1 to an eventfd's counter (wakes its poller). */
+export function eventfdSignal(fd: number): void {
+  new DataView(eventfdBuf.buffer).setBigUint64(0, 1n, true);
+  writeRaw(fd, eventfdBuf);
+}
+
+/** Read and reset a non-blocking eventfd; returns the count (0 if it was not signalled). */
+export function eventfdDrain(fd: number): number {
+  const b = new Uint8Array(8);
+  const r = readRaw(fd, b);
+  return r === 8 ? Number(new DataView(b.buffer).getBigUint64(0, true)) : 0;
+}
+
+export const POLLIN = 0x1;
+
+/**
+ * poll(2) on `fds` for readability; returns the indices that are readable.
+ * Blocks the calling thread (use only on device worker threads).
+ */
+export function pollIn(fds: readonly number[], timeoutMs: number): number[] {
+  const buf = new Uint8Array(8 * fds.length);
+  const dv = new DataView(buf.buffer);
+  fds.forEach((fd, i) => {
+    dv.setInt32(i * 8, fd, true);
+    dv.setInt16(i * 8 + 4, POLLIN, true);
+  });
+  const n = pollFn(buf, fds.length, timeoutMs) as number;
+  if (n <= 0) return [];
+  const ready: number[] = [];
+  fds.forEach((_, i) => {
+    if (dv.getInt16(i * 8 + 6, true) !== 0) ready.push(i);
+  });
+  return ready;
+}
+
 export function pthreadSelf(): bigint {
   return BigInt(pthreadSelfFn() as number | bigint);
 }

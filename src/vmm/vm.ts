@@ -22,6 +22,9 @@ import { GuestMemory, type MemoryRegionSpec } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
 import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
+import type { DeviceSpecs } from "./device-specs.js";
+import { createMailbox } from "./devices/platform/mailbox.js";
+import type { DeviceThreadInit, DeviceThreadMessage } from "./devices/platform/device-thread-init.js";
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 
@@ -40,6 +43,8 @@ export interface VmConfig {
   boot: BootSource;
   /** Where the serial console's output goes (fd). */
   consoleFd: number;
+  /** virtio devices on PCI (served by the device thread). */
+  devices?: DeviceSpecs;
 }
 
 export type VmExitResult =
@@ -64,13 +69,14 @@ export interface VmStats {
 
 export type VmState = "created" | "running" | "paused" | "stopped";
 
-/** Where the compiled worker lives; under vitest this module runs from src/ as TS, so point at dist/. */
-function workerUrl(): URL {
+/**
+ * Where a compiled worker entry lives (`rel` from src/vmm/, e.g. "vcpu/worker.js").
+ * Under vitest this module runs from src/ as TypeScript, so point at dist/.
+ */
+function workerUrl(rel: string): URL {
   const here = fileURLToPath(import.meta.url);
-  if (here.endsWith(".ts")) {
-    return new URL(`file://${here.replace(/\/src\/vmm\/vm\.ts$/, "/dist/vmm/vcpu/worker.js")}`);
-  }
-  return new URL("./vcpu/worker.js", import.meta.url);
+  if (here.endsWith(".ts")) return new URL(`file://${here.replace(/\/src\/vmm\/vm\.ts$/, `/dist/vmm/${rel}`)}`);
+  return new URL(`./${rel}`, import.meta.url);
 }
 
 export function validateConfig(cfg: Pick<VmConfig, "cpus" | "memoryMiB">, maxVcpus = 254): void {
@@ -102,6 +108,7 @@ export class Vm {
   private readonly serialShared = createSerialShared();
   readonly serial: Serial;
   private workers: Worker[] = [];
+  private deviceThread: { worker: Worker; eventfd: number; control: Int32Array } | undefined;
   private threads: bigint[] = [];
   private startedAt = 0;
   private state: VmState = "created";
@@ -191,13 +198,64 @@ export class Vm {
     vcpu.setRegs(regs);
   }
 
+  /**
+   * Start the device thread (when there are devices) and wait until its back
+   * ends are open, so a bad disk fails before any vCPU runs.
+   */
+  private async startDevices(): Promise<VcpuWorkerInit["platform"]> {
+    const devices = this.config.devices;
+    if (devices === undefined || (devices.disks.length === 0 && !devices.rng)) return undefined;
+    const eventfd = libc.eventfd();
+    const mailbox = createMailbox(this.vcpus.length);
+    const control = new SharedArrayBuffer(4);
+    const init: DeviceThreadInit = {
+      vmFd: this.vm.fd,
+      memory: { address: this.mem.address, length: this.mem.length, layout: this.memory.layout },
+      mailbox, eventfd, vcpus: this.vcpus.length, devices, control,
+    };
+    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init });
+    this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
+    await new Promise<void>((resolve, reject) => {
+      w.on("message", (m: DeviceThreadMessage) => {
+        if (m.type === "ready") resolve();
+        else if (m.type === "error") reject(new TypevisorError(m.code, m.message));
+        else process.stderr.write(`typevisor: ${m.message}\n`);
+      });
+      w.on("error", (e) => reject(new TypevisorError("DEVICE_THREAD", `device thread failed: ${e.message}`)));
+      w.on("exit", () => reject(new TypevisorError("DEVICE_THREAD", "device thread exited during start-up")));
+    });
+    return { mailbox, eventfd };
+  }
+
+  /** Stop the device thread after the vCPUs: it flushes and closes the back ends. */
+  private async stopDevices(): Promise<void> {
+    const d = this.deviceThread;
+    if (d === undefined) return;
+    this.deviceThread = undefined;
+    Atomics.store(d.control, 0, 1);
+    libc.eventfdSignal(d.eventfd);
+    await new Promise<void>((resolve) => {
+      if (d.worker.threadId === -1) resolve();
+      else d.worker.once("exit", () => resolve());
+    });
+    libc.close(d.eventfd);
+  }
+
   /** Runs the vCPUs; resolves when the guest powers off, resets, crashes, or stop() is called. */
-  run(): Promise<VmExitResult> {
+  async run(): Promise<VmExitResult> {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
     this.state = "running";
-    this.startedAt = Date.now();
     libc.installKickHandler();
-    return new Promise((resolve) => {
+    let platform: VcpuWorkerInit["platform"];
+    try {
+      platform = await this.startDevices();
+    } catch (e) {
+      this.state = "stopped";
+      await this.stopDevices();
+      throw e;
+    }
+    this.startedAt = Date.now();
+    const result = await new Promise<VmExitResult>((resolve) => {
       let first: { request: VmRequestCode; reason: string; dump?: string } | undefined;
       let exited = 0;
       let failed: Error | undefined;
@@ -207,8 +265,9 @@ export class Vm {
           vcpuId: vcpu.id, vcpuFd: vcpu.fd, vmFd: this.vm.fd, runSize: this.runMaps[vcpu.id]!.run.length,
           control: this.control, stats: this.stats, serial: this.serialShared,
           consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1,
+          ...(platform !== undefined ? { platform } : {}),
         };
-        const w = new Worker(workerUrl(), { workerData: init });
+        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init });
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
             this.threads[m.vcpuId] = m.thread;
@@ -238,6 +297,8 @@ export class Vm {
         return w;
       });
     });
+    await this.stopDevices();
+    return result;
   }
 
   /** Make every vCPU leave KVM_RUN promptly (KVM API §4.10, immediate_exit; kvm-lab.md). */

@@ -29,6 +29,8 @@ export interface VcpuWorkerInit {
   serial: SharedArrayBuffer;
   consoleFd: number;
   com1Gsi: number;
+  /** The device thread's mailbox, when the VM has PCI devices. */
+  platform?: { mailbox: SharedArrayBuffer; eventfd: number };
 }
 
 export type VcpuMessage =

@@ -12,11 +12,12 @@ import { EXIT, EXIT_NAMES, KVM, SYSTEM_EVENT } from "../../kvm/ioctls.js";
 import { VcpuFd, VmFd } from "../../kvm/kvm.js";
 import { KvmRun } from "../../kvm/run.js";
 import * as libc from "../../sys/libc.js";
-import { PORT } from "../arch/x86_64/layout.js";
+import { MMIO_HOLE_START, PCI_ECAM_SIZE, PCI_ECAM_START, PORT } from "../arch/x86_64/layout.js";
 import { AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN } from "../devices/legacy/acpi-pm/acpi-pm.js";
 import { I8042 } from "../devices/legacy/i8042/i8042.js";
 import { Serial } from "../devices/legacy/serial/serial.js";
-import { PioBus } from "../devices/pio-bus.js";
+import { MailboxClient, Op } from "../devices/platform/mailbox.js";
+import { PioBus, type PioDevice } from "../devices/pio-bus.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./control.js";
 import { formatRegisterDump } from "./dump.js";
 
@@ -49,6 +50,38 @@ bus.register(PORT.COM1, 8, new Serial(
 ));
 bus.register(PORT.I8042_DATA, 5, new I8042(() => request(VmRequest.RESET)));
 bus.register(ACPI_PM_BASE, ACPI_PM_LEN, new AcpiPm((r) => request(r === "poweroff" ? VmRequest.POWEROFF : VmRequest.RESET)));
+
+// PCI lives on the device thread: configuration ports and the MMIO window are forwarded there.
+const platform = init.platform !== undefined ? new MailboxClient(init.platform.mailbox, init.vcpuId, init.platform.eventfd) : undefined;
+if (platform !== undefined) {
+  const pciConfig: PioDevice = {
+    read: (offset, size) => Number(platform.call(Op.PIO_READ, PORT.PCI_CONFIG_ADDRESS + offset, size, 0n)),
+    write: (offset, size, value) => void platform.call(Op.PIO_WRITE, PORT.PCI_CONFIG_ADDRESS + offset, size, BigInt(value >>> 0)),
+  };
+  bus.register(PORT.PCI_CONFIG_ADDRESS, 8, pciConfig);
+}
+const PCI_MMIO_END = PCI_ECAM_START + PCI_ECAM_SIZE;
+
+function handleMmio(addr: number, len: number, write: boolean): void {
+  const data = run.mmioData();
+  const size = Math.min(len, 8);
+  if (platform === undefined || addr < MMIO_HOLE_START || addr + size > PCI_MMIO_END) {
+    // Nothing decodes this address: reads see all ones, writes are dropped (an empty bus).
+    if (!write) data.fill(0xff);
+    return;
+  }
+  if (write) {
+    let v = 0n;
+    for (let i = size - 1; i >= 0; i--) v = (v << 8n) | BigInt(data[i]!);
+    platform.call(Op.MMIO_WRITE, addr, size, v);
+  } else {
+    let v = platform.call(Op.MMIO_READ, addr, size, 0n);
+    for (let i = 0; i < size; i++) {
+      data[i] = Number(v & 0xffn);
+      v >>= 8n;
+    }
+  }
+}
 
 function post(m: VcpuMessage): void {
   port!.postMessage(m);
@@ -114,8 +147,7 @@ function loop(): { request: VmRequestCode; reason: string; dump?: string } {
         handleIo(exit.out, exit.size, exit.port, exit.count, exit.dataOffset);
         break;
       case "mmio":
-        // No MMIO device model yet: reads see all ones, writes are dropped (an empty bus).
-        if (!exit.write) run.mmioData().fill(0xff);
+        handleMmio(exit.addr, exit.len, exit.write);
         break;
       case "hlt":
       case "intr":

@@ -1,0 +1,66 @@
+/**
+ * Device specifications as plain data, and the parsers for their
+ * command-line form. Validated fully before a VM is created.
+ */
+import { statSync } from "node:fs";
+import { TypevisorError } from "../errors.js";
+
+export interface DiskSpec {
+  path: string;
+  readonly: boolean;
+  /** Reported to the guest by VIRTIO_BLK_T_GET_ID (at most 20 bytes, virtio 1.2 §5.2.6). */
+  serial?: string;
+}
+
+export interface DeviceSpecs {
+  disks: DiskSpec[];
+  rng: boolean;
+}
+
+const bad = (msg: string) => new TypevisorError("INVALID_DEVICE", msg);
+
+function parseOptions(spec: string, flag: string): { head: string; opts: Map<string, string> } {
+  const [head = "", ...rest] = spec.split(",");
+  const opts = new Map<string, string>();
+  for (const kv of rest) {
+    const eq = kv.indexOf("=");
+    if (eq <= 0) throw bad(`${flag} ${spec}: expected key=value, got "${kv}"`);
+    const k = kv.slice(0, eq);
+    if (opts.has(k)) throw bad(`${flag} ${spec}: "${k}" given twice`);
+    opts.set(k, kv.slice(eq + 1));
+  }
+  return { head, opts };
+}
+
+function onOff(v: string, what: string): boolean {
+  if (v === "on" || v === "true") return true;
+  if (v === "off" || v === "false") return false;
+  throw bad(`${what} must be on or off (got "${v}")`);
+}
+
+/** `PATH[,readonly=on][,serial=ID]` */
+export function parseDiskSpec(spec: string): DiskSpec {
+  const { head: path, opts } = parseOptions(spec, "--disk");
+  if (path === "") throw bad("--disk needs a path: --disk PATH[,readonly=on][,serial=ID]");
+  const disk: DiskSpec = { path, readonly: false };
+  for (const [k, v] of opts) {
+    if (k === "readonly") disk.readonly = onOff(v, "readonly");
+    else if (k === "serial") {
+      if (!/^[\x20-\x7e]{1,20}$/.test(v)) throw bad(`--disk serial must be 1-20 printable ASCII characters (got "${v}")`);
+      disk.serial = v;
+    } else throw bad(`--disk: unknown option "${k}" (known: readonly, serial)`);
+  }
+  let size: number;
+  try {
+    const st = statSync(path);
+    if (!st.isFile() && !st.isBlockDevice()) throw bad(`--disk ${path}: not a regular file or block device`);
+    size = st.size;
+  } catch (e) {
+    if (e instanceof TypevisorError) throw e;
+    throw new TypevisorError("FILE_NOT_FOUND", `--disk ${path}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`);
+  }
+  if (size % 512 !== 0) {
+    throw new TypevisorError("DISK_SIZE", `--disk ${path}: size ${size} is not a multiple of 512 bytes (virtio-blk counts 512-byte sectors)`);
+  }
+  return disk;
+}
