@@ -1,0 +1,323 @@
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { GuestMemory } from "../../../memory/guest-memory.js";
+import { bufsLength, chainSlices, readChain, writeChain } from "./chain.js";
+import type { DescriptorChain, SplitQueueOptions } from "./split-queue.js";
+import { QueueError, SplitQueue, VIRTQ_DESC_F } from "./split-queue.js";
+import { TestDriver } from "./test-driver.js";
+
+const MEM = 64 * 1024;
+const DATA = 0x4000;
+const { NEXT, WRITE, INDIRECT } = VIRTQ_DESC_F;
+
+function mkMem(n = MEM): GuestMemory {
+  return new GuestMemory(new ArrayBuffer(n), [{ guestPhysAddr: 0, size: n, hostOffset: 0 }]);
+}
+
+function setup(size = 8, opts: Partial<SplitQueueOptions> = {}) {
+  const mem = mkMem();
+  const drv = new TestDriver(mem, size, 0);
+  const q = new SplitQueue(mem, drv.config, { eventIdx: false, indirect: false, ...opts });
+  return { mem, drv, q };
+}
+
+function expectChain(r: DescriptorChain | undefined | QueueError): DescriptorChain {
+  if (r === undefined || r instanceof QueueError) throw new Error(`expected a chain, got ${r === undefined ? "nothing" : r.code}`);
+  return r;
+}
+
+function expectError(r: DescriptorChain | undefined | QueueError, code: string): void {
+  expect(r).toBeInstanceOf(QueueError);
+  expect((r as QueueError).code).toBe(code);
+}
+
+describe("SplitQueue config", () => {
+  it("refuses sizes that are not powers of two, misaligned rings and rings outside RAM", () => {
+    const mem = mkMem();
+    const ok = { size: 8, descAddr: 0, driverAddr: 0x100, deviceAddr: 0x200 };
+    expect(SplitQueue.check(mem, ok)).toBeUndefined();
+    for (const bad of [
+      { ...ok, size: 6 },
+      { ...ok, size: 0 },
+      { ...ok, size: 65536 },
+      { ...ok, descAddr: 8 },
+      { ...ok, driverAddr: 0x101 },
+      { ...ok, deviceAddr: 0x202 },
+      { ...ok, deviceAddr: MEM - 8 },
+      { ...ok, descAddr: MEM - 16 },
+    ]) {
+      expect(SplitQueue.check(mem, bad)?.code).toBe("VIRTQ_CONFIG");
+      expect(() => new SplitQueue(mem, bad, { eventIdx: false, indirect: false })).toThrow(QueueError);
+    }
+  });
+});
+
+describe("SplitQueue.pop", () => {
+  it("returns nothing on an empty ring, then a chain split into readable and writable parts", () => {
+    const { drv, q } = setup();
+    expect(q.pop()).toBeUndefined();
+    const head = drv.addChain([
+      { addr: DATA, len: 16 },
+      { addr: DATA + 0x100, len: 100 },
+      { addr: DATA + 0x200, len: 0, write: true },
+      { addr: DATA + 0x300, len: 513, write: true },
+    ]);
+    drv.publish(head);
+    const c = expectChain(q.pop());
+    expect(c).toEqual({
+      head,
+      readable: [
+        { addr: DATA, len: 16 },
+        { addr: DATA + 0x100, len: 100 },
+      ],
+      writable: [{ addr: DATA + 0x300, len: 513 }],
+      totalRead: 116,
+      totalWrite: 513,
+    });
+    expect(q.pop()).toBeUndefined();
+  });
+
+  it("follows the avail idx across the 16-bit wrap", () => {
+    const { mem, drv } = setup(4);
+    const q = SplitQueue.restore(mem, { config: drv.config, nextAvail: 0xfffe, nextUsed: 0xfffe }, { eventIdx: false, indirect: false });
+    drv.setAvailIdx(0xfffe);
+    const heads: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      const h = drv.addChain([{ addr: DATA + i * 16, len: 8, write: true }]);
+      // TestDriver writes the ring slot from its own idx, which we moved to 0xfffe.
+      drv.publish(h);
+      heads.push(h);
+    }
+    expect(mem.readU16(drv.config.driverAddr + 2)).toBe(2);
+    for (const h of heads) {
+      const c = expectChain(q.pop());
+      expect(c.head).toBe(h);
+      q.pushUsed(c.head, 8);
+    }
+    expect(q.pop()).toBeUndefined();
+    expect(drv.usedIdx).toBe(2);
+    expect(q.save()).toEqual({ config: drv.config, nextAvail: 2, nextUsed: 2 });
+  });
+
+  it("rejects a driver claiming more new entries than the queue holds, and stays broken", () => {
+    const { drv, q } = setup(8);
+    drv.setAvailIdx(9);
+    expectError(q.pop(), "VIRTQ_AVAIL_IDX");
+    drv.setAvailIdx(1);
+    expectError(q.pop(), "VIRTQ_AVAIL_IDX");
+    expect(q.broken?.code).toBe("VIRTQ_AVAIL_IDX");
+    expect(q.armNotification()).toBe(false);
+  });
+
+  it("accepts exactly `size` new entries", () => {
+    const { drv, q } = setup(4);
+    for (let i = 0; i < 4; i++) drv.publish(drv.addChain([{ addr: DATA, len: 1 }]));
+    for (let i = 0; i < 4; i++) expectChain(q.pop());
+    expect(q.pop()).toBeUndefined();
+  });
+
+  it.each([
+    ["head outside the table", (d: TestDriver) => d.publish(9), "VIRTQ_HEAD"],
+    ["next outside the table", (d: TestDriver) => (d.writeDesc(0, 0, DATA, 8, NEXT, 8), d.publish(0)), "VIRTQ_NEXT"],
+    ["a loop", (d: TestDriver) => (d.writeDesc(0, 0, DATA, 8, NEXT, 1), d.writeDesc(0, 1, DATA, 8, NEXT, 0), d.publish(0)), "VIRTQ_LOOP"],
+    ["a self loop", (d: TestDriver) => (d.writeDesc(0, 3, DATA, 8, NEXT | WRITE, 3), d.publish(3)), "VIRTQ_LOOP"],
+    ["readable after writable", (d: TestDriver) => d.publish(d.addChain([{ addr: DATA, len: 8, write: true }, { addr: DATA, len: 8 }])), "VIRTQ_ORDER"],
+    ["readable after an empty writable", (d: TestDriver) => d.publish(d.addChain([{ addr: DATA, len: 0, write: true }, { addr: DATA, len: 8 }])), "VIRTQ_ORDER"],
+    ["a buffer past the end of RAM", (d: TestDriver) => d.publish(d.addChain([{ addr: MEM - 4, len: 8 }])), "VIRTQ_BUFFER"],
+    ["a 64-bit address", (d: TestDriver) => (d.writeDesc(0, 0, 0xffff_ffff_ffff_f000n, 8, 0, 0), d.publish(0)), "VIRTQ_BUFFER"],
+    ["INDIRECT without the feature", (d: TestDriver) => d.publish(d.addIndirectChain([{ addr: DATA, len: 8 }], 0x2000)), "VIRTQ_INDIRECT"],
+  ])("rejects %s", (_name, build, code) => {
+    const { drv, q } = setup(8);
+    build(drv);
+    expectError(q.pop(), code);
+    expect(q.broken?.code).toBe(code);
+  });
+
+  it("refuses a chain longer than 2^32 bytes in total (§2.7.5)", () => {
+    // 65 aliases of one 64 MiB backing: each descriptor can be 64 MiB and still lie in RAM.
+    const region = 64 << 20;
+    const backing = new ArrayBuffer(region);
+    const regions = Array.from({ length: 66 }, (_, i) => ({ guestPhysAddr: i * region, size: region, hostOffset: 0 }));
+    const mem = new GuestMemory(backing, regions);
+    const drv = new TestDriver(mem, 128, 0);
+    const q = new SplitQueue(mem, drv.config, { eventIdx: false, indirect: false });
+    const bufs = Array.from({ length: 65 }, (_, i) => ({ addr: (i + 1) * region, len: region, write: true }));
+    drv.publish(drv.addChain(bufs));
+    expectError(q.pop(), "VIRTQ_LENGTH");
+  });
+});
+
+describe("indirect descriptors (§2.7.5.3)", () => {
+  const TABLE = 0x2000;
+
+  it("walks a table, ignoring WRITE on the referring descriptor", () => {
+    const { drv, q } = setup(8, { indirect: true });
+    const head = drv.addIndirectChain(
+      [
+        { addr: DATA, len: 16 },
+        { addr: DATA + 16, len: 32, write: true },
+      ],
+      TABLE,
+    );
+    drv.writeDesc(drv.config.descAddr, head, TABLE, 32, INDIRECT | WRITE, 0);
+    drv.publish(head);
+    const c = expectChain(q.pop());
+    expect(c.readable).toEqual([{ addr: DATA, len: 16 }]);
+    expect(c.writable).toEqual([{ addr: DATA + 16, len: 32 }]);
+  });
+
+  it("accepts direct descriptors followed by one indirect descriptor", () => {
+    const { drv, q } = setup(8, { indirect: true });
+    drv.writeDesc(TABLE, 0, DATA + 64, 4, WRITE, 0);
+    drv.writeDesc(0, 0, DATA, 16, NEXT, 1);
+    drv.writeDesc(0, 1, TABLE, 16, INDIRECT, 0);
+    drv.publish(0);
+    const c = expectChain(q.pop());
+    expect(c.totalRead).toBe(16);
+    expect(c.writable).toEqual([{ addr: DATA + 64, len: 4 }]);
+  });
+
+  it("lets an indirect table be longer than the queue", () => {
+    const { drv, q } = setup(2, { indirect: true });
+    const bufs = Array.from({ length: 20 }, (_, i) => ({ addr: DATA + i * 8, len: 8, write: true }));
+    drv.publish(drv.addIndirectChain(bufs, TABLE));
+    expect(expectChain(q.pop()).totalWrite).toBe(160);
+  });
+
+  it.each([
+    ["nested", (d: TestDriver) => (d.writeDesc(TABLE, 0, TABLE, 16, INDIRECT, 0), d.writeDesc(0, 0, TABLE, 16, INDIRECT, 0))],
+    ["NEXT with INDIRECT", (d: TestDriver) => (d.writeDesc(TABLE, 0, DATA, 8, 0, 0), d.writeDesc(0, 0, TABLE, 16, INDIRECT | NEXT, 1))],
+    ["length not a multiple of 16", (d: TestDriver) => d.writeDesc(0, 0, TABLE, 24, INDIRECT, 0)],
+    ["zero length", (d: TestDriver) => d.writeDesc(0, 0, TABLE, 0, INDIRECT, 0)],
+    ["table outside RAM", (d: TestDriver) => d.writeDesc(0, 0, MEM - 16, 32, INDIRECT, 0)],
+    ["loop inside the table", (d: TestDriver) => (d.writeDesc(TABLE, 0, DATA, 8, NEXT, 1), d.writeDesc(TABLE, 1, DATA, 8, NEXT, 0), d.writeDesc(0, 0, TABLE, 32, INDIRECT, 0))],
+    ["next past the table end", (d: TestDriver) => (d.writeDesc(TABLE, 0, DATA, 8, NEXT, 2), d.writeDesc(TABLE, 2, DATA, 8, 0, 0), d.writeDesc(0, 0, TABLE, 32, INDIRECT, 0))],
+  ])("rejects %s", (_name, build) => {
+    const { drv, q } = setup(8, { indirect: true });
+    build(drv);
+    drv.publish(0);
+    const r = q.pop();
+    expect(r).toBeInstanceOf(QueueError);
+  });
+});
+
+describe("used ring and notifications", () => {
+  it("writes the element then the idx; len is clamped to u32", () => {
+    const { drv, q } = setup(4);
+    q.pushUsed(3, 77);
+    q.pushUsed(1, 2 ** 40);
+    expect(drv.takeUsed()).toEqual([
+      { id: 3, len: 77 },
+      { id: 1, len: 0xffffffff },
+    ]);
+  });
+
+  it("without EVENT_IDX honours VIRTQ_AVAIL_F_NO_INTERRUPT", () => {
+    const { drv, q } = setup(4);
+    expect(q.needsInterrupt()).toBe(false); // nothing used yet
+    q.pushUsed(0, 1);
+    expect(q.needsInterrupt()).toBe(true);
+    expect(q.needsInterrupt()).toBe(false); // already signalled
+    drv.setAvailFlags(1);
+    q.pushUsed(1, 1);
+    expect(q.needsInterrupt()).toBe(false);
+  });
+
+  it("with EVENT_IDX interrupts only when used idx crosses used_event (§2.7.10)", () => {
+    const { drv, q } = setup(8, { eventIdx: true });
+    drv.setAvailFlags(1); // must be ignored with EVENT_IDX
+    drv.setUsedEvent(0);
+    q.pushUsed(0, 1); // idx 0 -> 1 crosses used_event 0
+    expect(q.needsInterrupt()).toBe(true);
+    q.pushUsed(1, 1);
+    expect(q.needsInterrupt()).toBe(false);
+    drv.setUsedEvent(3); // wants one when entry 3 is written
+    q.pushUsed(2, 1);
+    expect(q.needsInterrupt()).toBe(false);
+    q.pushUsed(3, 1);
+    q.pushUsed(4, 1);
+    expect(q.needsInterrupt()).toBe(true); // batch 2..5 covers entry 3
+  });
+
+  it("armNotification publishes avail_event and reports late arrivals", () => {
+    const { drv, q } = setup(8, { eventIdx: true });
+    drv.publish(drv.addChain([{ addr: DATA, len: 1 }]));
+    expectChain(q.pop());
+    expect(q.armNotification()).toBe(false);
+    expect(drv.availEvent).toBe(1);
+    drv.publish(drv.addChain([{ addr: DATA, len: 1 }]));
+    expect(q.armNotification()).toBe(true);
+  });
+
+  it("save/restore keeps the cursors", () => {
+    const { mem, drv, q } = setup(8);
+    for (let i = 0; i < 3; i++) drv.publish(drv.addChain([{ addr: DATA, len: 1, write: true }]));
+    q.pushUsed(expectChain(q.pop()).head, 1);
+    const st = JSON.parse(JSON.stringify(q.save())) as ReturnType<SplitQueue["save"]>;
+    const q2 = SplitQueue.restore(mem, st, { eventIdx: false, indirect: false });
+    expect(expectChain(q2.pop()).head).toBe(1);
+    q2.pushUsed(1, 1);
+    expect(drv.takeUsed().map((u) => u.id)).toEqual([0, 1]);
+  });
+});
+
+describe("chain helpers", () => {
+  it("read, write and slice across buffers with offsets and clipping", () => {
+    const mem = mkMem();
+    const bufs = [
+      { addr: 0x100, len: 3 },
+      { addr: 0x200, len: 5 },
+    ];
+    expect(bufsLength(bufs)).toBe(8);
+    expect(writeChain(mem, bufs, Uint8Array.of(1, 2, 3, 4, 5, 6, 7, 8, 9, 10), 1)).toBe(7);
+    expect([...mem.read(0x100, 3)]).toEqual([0, 1, 2]);
+    expect([...mem.read(0x200, 5)]).toEqual([3, 4, 5, 6, 7]);
+    expect([...readChain(mem, bufs, 2, 4)]).toEqual([2, 3, 4, 5]);
+    expect([...readChain(mem, bufs, 7, 100)]).toEqual([7]);
+    expect(readChain(mem, bufs, 9, 4).length).toBe(0);
+    const views = chainSlices(mem, bufs, 2, 2);
+    expect(views.map((v) => v.length)).toEqual([1, 1]);
+    views[1]![0] = 99; // live view
+    expect(mem.readU8(0x200)).toBe(99);
+  });
+});
+
+describe("pop on random descriptor tables (property)", () => {
+  it("never throws; every chain lies in RAM, is ordered and adds up", () => {
+    const size = 8;
+    const desc = fc.record({
+      addr: fc.oneof(fc.integer({ min: 0, max: MEM + 64 }), fc.bigInt({ min: 0n, max: (1n << 64n) - 1n })),
+      len: fc.oneof(fc.integer({ min: 0, max: 64 }), fc.constantFrom(16, 32, 48, 0xffffffff, MEM)),
+      flags: fc.oneof(fc.integer({ min: 0, max: 7 }), fc.integer({ min: 0, max: 0xffff })),
+      next: fc.integer({ min: 0, max: size + 2 }),
+    });
+    fc.assert(
+      fc.property(
+        fc.array(desc, { minLength: size, maxLength: size }),
+        fc.array(fc.integer({ min: 0, max: size + 1 }), { minLength: size, maxLength: size }),
+        fc.integer({ min: 0, max: 0xffff }),
+        fc.boolean(),
+        (descs, ring, availIdx, indirect) => {
+          const mem = mkMem();
+          const drv = new TestDriver(mem, size, 0);
+          descs.forEach((d, i) => drv.writeDesc(0, i, BigInt(d.addr), d.len, d.flags, d.next));
+          // Also scatter descriptors where indirect tables may point.
+          descs.forEach((d, i) => drv.writeDesc(0x400, i, BigInt(d.addr), d.len, d.flags, (d.next + 1) % 12));
+          ring.forEach((h, i) => mem.writeU16(drv.config.driverAddr + 4 + 2 * i, h));
+          drv.setAvailIdx(availIdx);
+          const q = new SplitQueue(mem, drv.config, { eventIdx: false, indirect });
+          for (let i = 0; i < size + 2; i++) {
+            const r = q.pop();
+            if (r === undefined || r instanceof QueueError) break;
+            expect(r.head).toBeLessThan(size);
+            for (const b of [...r.readable, ...r.writable]) expect(mem.contains(b.addr, b.len)).toBe(true);
+            expect(bufsLength(r.readable)).toBe(r.totalRead);
+            expect(bufsLength(r.writable)).toBe(r.totalWrite);
+            expect(r.totalRead + r.totalWrite).toBeLessThanOrEqual(2 ** 32);
+          }
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
+});
