@@ -19,6 +19,8 @@ const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const MARK = "bench-measure-now";
 
 interface Sample {
+  /** Process start to the kernel's first console line: the VMM's own start-up cost. */
+  firstLineMs: number;
   bootMs: number;
   overheadKiB: number;
   rssKiB: number;
@@ -52,13 +54,15 @@ function memory(pid: number): { rssKiB: number; guestKiB: number } {
 async function once(cmd: string, args: string[]): Promise<Sample> {
   const p = new ConsoleProcess(cmd, args);
   try {
+    await p.waitFor(/Linux version/, 0, 300_000);
+    const firstLineMs = performance.now() - p.t0;
     await p.waitFor(new RegExp(USERSPACE_UP_LINE), 0, 300_000);
     const bootMs = performance.now() - p.t0;
     await p.waitFor(new RegExp(MARK), 0, 300_000);
     const mem = memory(p.child.pid!);
     const code = await p.exited;
     if (code !== 0) throw new Error(`${cmd} exited ${code}:\n${p.output.slice(-2000)}`);
-    return { bootMs, rssKiB: mem.rssKiB, guestKiB: mem.guestKiB, overheadKiB: mem.rssKiB - mem.guestKiB };
+    return { firstLineMs, bootMs, rssKiB: mem.rssKiB, guestKiB: mem.guestKiB, overheadKiB: mem.rssKiB - mem.guestKiB };
   } finally {
     p.kill();
   }
@@ -87,12 +91,16 @@ async function main(): Promise<void> {
     results.typevisor.push(a);
     const b = await once("qemu-system-x86_64", qemu);
     results.qemu.push(b);
-    console.log(`run ${i + 1}: typevisor ${a.bootMs.toFixed(0)} ms (+${(a.overheadKiB / 1024).toFixed(1)} MiB)  qemu ${b.bootMs.toFixed(0)} ms (+${(b.overheadKiB / 1024).toFixed(1)} MiB)`);
+    const fmt = (x: Sample) => `${x.bootMs.toFixed(0)} ms (first line ${x.firstLineMs.toFixed(0)} ms, +${(x.overheadKiB / 1024).toFixed(1)} MiB)`;
+    console.log(`run ${i + 1}: typevisor ${fmt(a)}  qemu ${fmt(b)}`);
   }
   const t = median(results.typevisor.map((s) => s.bootMs));
   const q = median(results.qemu.map((s) => s.bootMs));
   const tm = median(results.typevisor.map((s) => s.overheadKiB)) / 1024;
   const qm = median(results.qemu.map((s) => s.overheadKiB)) / 1024;
+  const tf = median(results.typevisor.map((s) => s.firstLineMs));
+  const qf = median(results.qemu.map((s) => s.firstLineMs));
+  console.log(`process start to the kernel's first line (median): typevisor ${tf.toFixed(0)} ms, qemu ${qf.toFixed(0)} ms`);
   console.log(`boot to userspace (median): typevisor ${t.toFixed(0)} ms, qemu microvm ${q.toFixed(0)} ms, ratio ${(t / q).toFixed(2)}`);
   console.log(`VMM memory beyond guest pages (median RSS): typevisor ${tm.toFixed(1)} MiB, qemu ${qm.toFixed(1)} MiB, ratio ${(tm / qm).toFixed(2)}`);
   console.log(JSON.stringify({ bench: "boot", date: new Date().toISOString(), where: kvmHostKind() === "hardware" ? "lab (nested KVM under TCG)" : "unknown", runs: RUNS, results }));
