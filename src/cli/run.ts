@@ -96,9 +96,10 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
   const memoryMiB = parseIntArg("--memory", o.memory);
   validateConfig({ cpus, memoryMiB });
   const devices: DeviceSpecs = { disks: o.disk.map(parseDiskSpec), rng: o.rng };
-  const boot = await resolveBoot(o);
+  let firstBoot: ResolvedBoot | undefined = await resolveBoot(o);
   // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
-  validateKernel({ ...boot, memBytes: memoryMiB * 1024 * 1024 });
+  validateKernel({ ...firstBoot, memBytes: memoryMiB * 1024 * 1024 });
+  const cmdline = firstBoot.cmdline;
 
   const kind = kvmHostKind();
   if (kind !== "hardware") {
@@ -148,12 +149,14 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
     for (let boots = 1; ; boots++) {
       const vm = new Vm({
         cpus, memoryMiB, consoleFd: 1, devices,
-        boot: { kind: "linux", kernel: boot.kernel, ...(boot.initrd !== undefined ? { initrd: boot.initrd } : {}), cmdline: boot.cmdline },
+        // The files are read again for each boot rather than held in the heap for the VM's lifetime.
+        boot: { kind: "linux", ...(firstBoot ?? (await resolveBoot(o))) },
       });
       current = vm;
+      firstBoot = undefined;
       if (o.apiSocket !== undefined && server === undefined) {
         server = await startControlServer(o.apiSocket, {
-          info: () => ({ state: current?.vmState, cpus, memoryMiB, cmdline: boot.cmdline, boots, pid: process.pid }),
+          info: () => ({ state: current?.vmState, cpus, memoryMiB, cmdline, boots, pid: process.pid }),
           stats: () => current?.getStats(),
           registers: () => current?.registers(),
           pause: async () => current?.pause(),

@@ -116,7 +116,12 @@ export class Vm {
   private pendingInput: Uint8Array[] = [];
   private inputTimer: NodeJS.Timeout | undefined;
 
-  constructor(readonly config: VmConfig) {
+  /** The configuration minus the boot payload (kernel and initrd are not kept once loaded). */
+  readonly config: Omit<VmConfig, "boot">;
+
+  constructor(config: VmConfig) {
+    const { boot: _payload, ...rest } = config;
+    this.config = rest;
     validateConfig(config);
     this.kvm = new Kvm();
     try {
