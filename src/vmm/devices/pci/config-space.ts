@@ -266,7 +266,7 @@ export class PciConfigSpace {
     const spec = this.barSpecs.find((b) => b.index === index);
     if (spec === undefined) return undefined;
     const off = PCI_REG.BAR0 + 4 * index;
-    const lo = this.getU32(off) & 0xffff_fff0;
+    const lo = (this.getU32(off) & 0xffff_fff0) >>> 0;
     const hi = spec.is64 ? this.getU32(off + 4) : 0;
     return hi * 2 ** 32 + lo;
   }
