@@ -1,0 +1,352 @@
+import { createHash, randomBytes } from "node:crypto";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import fc from "fast-check";
+import { afterAll, beforeEach, describe, expect, it } from "vitest";
+import { isTypevisorError } from "../../../../errors.js";
+import type { GuestMemory } from "../../../memory/guest-memory.js";
+import { featureBit, hasFeature, VIRTIO_F } from "../device.js";
+import { TestDriver } from "../queue/test-driver.js";
+import type { DriverBuf } from "../queue/test-driver.js";
+import { fuzzCase, harness, runFuzzCase } from "../queue/test-fuzz.js";
+import type { Harness } from "../queue/test-fuzz.js";
+import { BlockDevice, BLOCK_CONFIG_SIZE, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tv-blk-"));
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+let n = 0;
+const SECTORS = 64;
+
+function image(bytes = SECTORS * 512): { file: string; content: Buffer } {
+  const file = path.join(dir, `disk${n++}.img`);
+  const content = randomBytes(bytes);
+  fs.writeFileSync(file, content);
+  return { file, content };
+}
+const sha = (file: string): string => createHash("sha256").update(fs.readFileSync(file)).digest("hex");
+
+const HDR = 0x8000;
+const DATA = 0x9000;
+const STATUS = 0xf000;
+const ALL = featureBit(VIRTIO_F.VERSION_1) | featureBit(VIRTIO_F.INDIRECT_DESC) | featureBit(VIRTIO_F.EVENT_IDX) | (0xffffn << 0n);
+
+function writeHeader(mem: GuestMemory, type: number, sector: bigint, at = HDR): void {
+  mem.writeU32(at, type);
+  mem.writeU32(at + 4, 0);
+  mem.writeU64(at + 8, sector);
+}
+
+interface Rig {
+  dev: BlockDevice;
+  h: Harness;
+  drv: TestDriver;
+  mem: GuestMemory;
+  /** Submit one request and return [status, used len]. */
+  submit(type: number, sector: bigint, data: DriverBuf[], opts?: { status?: boolean }): [number, number];
+}
+
+function rig(dev: BlockDevice, features = ALL): Rig {
+  const { h, drv } = harness(dev, features, (m) => new TestDriver(m, 16, 0));
+  dev.activate(h.ctx);
+  const mem = h.mem;
+  return {
+    dev,
+    h,
+    drv,
+    mem,
+    submit(type, sector, data, opts = {}) {
+      writeHeader(mem, type, sector);
+      mem.writeU8(STATUS, 0xee);
+      const bufs: DriverBuf[] = [{ addr: HDR, len: 16 }, ...data];
+      if (opts.status !== false) bufs.push({ addr: STATUS, len: 1, write: true });
+      drv.publish(drv.addChain(bufs));
+      dev.notify(0);
+      const used = drv.takeUsed();
+      if (used.length === 0) return [-1, -1];
+      expect(used).toHaveLength(1);
+      return [mem.readU8(STATUS), used[0]!.len];
+    },
+  };
+}
+
+describe("BlockDevice construction and config", () => {
+  it("refuses images whose size is not a multiple of 512 (DISK_SIZE)", () => {
+    const { file } = image(1000);
+    let err: unknown;
+    try {
+      new BlockDevice({ path: file, readonly: true });
+    } catch (e) {
+      err = e;
+    }
+    expect(isTypevisorError(err) && err.code).toBe("DISK_SIZE");
+  });
+
+  it("refuses a directory, a missing file, a long serial, both path and fd", () => {
+    const code = (f: () => unknown): string | false => {
+      try {
+        f();
+        return false;
+      } catch (e) {
+        return isTypevisorError(e) && e.code;
+      }
+    };
+    expect(code(() => new BlockDevice({ path: dir, readonly: true }))).toBe("DISK_TYPE");
+    expect(code(() => new BlockDevice({ path: path.join(dir, "nope"), readonly: true }))).toBe("DISK_OPEN");
+    expect(code(() => new BlockDevice({ path: image().file, readonly: true, serial: "x".repeat(21) }))).toBe("DISK_SERIAL");
+    expect(code(() => new BlockDevice({ path: image().file, fd: 0, readonly: true }))).toBe("DISK_OPTIONS");
+  });
+
+  it("offers RO without DISCARD/WRITE_ZEROES on a read-only disk; config has capacity, seg_max, blk_size", () => {
+    const ro = new BlockDevice({ path: image().file, readonly: true });
+    const rw = new BlockDevice({ path: image().file, readonly: false });
+    expect(hasFeature(ro.features, VIRTIO_BLK_F.RO)).toBe(true);
+    expect(hasFeature(ro.features, VIRTIO_BLK_F.DISCARD)).toBe(false);
+    expect(hasFeature(rw.features, VIRTIO_BLK_F.RO)).toBe(false);
+    for (const b of [VIRTIO_BLK_F.DISCARD, VIRTIO_BLK_F.WRITE_ZEROES, VIRTIO_BLK_F.FLUSH, VIRTIO_BLK_F.BLK_SIZE, VIRTIO_BLK_F.SEG_MAX]) {
+      expect(hasFeature(rw.features, b)).toBe(true);
+    }
+    expect(hasFeature(rw.features, VIRTIO_F.VERSION_1)).toBe(true);
+    expect(rw.configSize).toBe(BLOCK_CONFIG_SIZE);
+    expect(rw.readConfig(0, 8)).toBe(BigInt(SECTORS));
+    expect(rw.readConfig(0, 4)).toBe(BigInt(SECTORS));
+    expect(rw.readConfig(12, 4)).toBe(254n);
+    expect(rw.readConfig(20, 4)).toBe(512n);
+    expect(rw.readConfig(52, 4)).toBe(1n); // max_write_zeroes_seg
+    expect(ro.readConfig(36, 4)).toBe(0n); // no discard limits without DISCARD
+    expect(rw.readConfig(BLOCK_CONFIG_SIZE - 2, 4)).toBe(0n);
+    expect(rw.readConfig(0, 3)).toBe(0n);
+    rw.writeConfig(0, 8, 5n);
+    expect(rw.readConfig(0, 8)).toBe(BigInt(SECTORS));
+    ro.close();
+    rw.close();
+  });
+});
+
+describe("BlockDevice requests", () => {
+  let img: { file: string; content: Buffer };
+  beforeEach(() => {
+    img = image();
+  });
+
+  it("reads sectors into split buffers byte for byte (IN), and raises the interrupt", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: true }));
+    const [st, len] = r.submit(VIRTIO_BLK_T.IN, 5n, [
+      { addr: DATA, len: 512, write: true },
+      { addr: DATA + 0x1000, len: 1024, write: true },
+    ]);
+    expect(st).toBe(VIRTIO_BLK_S.OK);
+    expect(len).toBe(1537);
+    expect(Buffer.from(r.mem.read(DATA, 512))).toEqual(img.content.subarray(5 * 512, 6 * 512));
+    expect(Buffer.from(r.mem.read(DATA + 0x1000, 1024))).toEqual(img.content.subarray(6 * 512, 8 * 512));
+    expect(r.h.interrupts).toEqual([0]);
+  });
+
+  it("writes sectors (OUT) to the file, and FLUSH succeeds", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: false }));
+    const data = randomBytes(1024);
+    r.mem.write(DATA, data.subarray(0, 100));
+    r.mem.write(DATA + 0x800, data.subarray(100));
+    const [st, len] = r.submit(VIRTIO_BLK_T.OUT, 62n, [
+      { addr: DATA, len: 100 },
+      { addr: DATA + 0x800, len: 924 },
+    ]);
+    expect([st, len]).toEqual([VIRTIO_BLK_S.OK, 1]);
+    const expected = Buffer.from(img.content);
+    data.copy(expected, 62 * 512);
+    expect(fs.readFileSync(img.file)).toEqual(expected);
+    expect(r.submit(VIRTIO_BLK_T.FLUSH, 0n, [])).toEqual([VIRTIO_BLK_S.OK, 1]);
+  });
+
+  it("fails writes to a read-only disk with IOERR and leaves the file alone", () => {
+    const before = sha(img.file);
+    const r = rig(new BlockDevice({ path: img.file, readonly: true }));
+    r.mem.fill(DATA, 512, 0x55);
+    expect(r.submit(VIRTIO_BLK_T.OUT, 0n, [{ addr: DATA, len: 512 }])[0]).toBe(VIRTIO_BLK_S.IOERR);
+    expect(r.submit(VIRTIO_BLK_T.WRITE_ZEROES, 0n, [{ addr: DATA, len: 16 }])[0]).toBe(VIRTIO_BLK_S.IOERR);
+    expect(sha(img.file)).toBe(before);
+  });
+
+  it("answers IOERR for out-of-range sectors and unaligned lengths, UNSUPP for unknown types", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: false }));
+    const w = (len: number): DriverBuf[] => [{ addr: DATA, len, write: true }];
+    expect(r.submit(VIRTIO_BLK_T.IN, BigInt(SECTORS - 1), w(1024))[0]).toBe(VIRTIO_BLK_S.IOERR);
+    expect(r.submit(VIRTIO_BLK_T.IN, BigInt(SECTORS - 1), w(512))[0]).toBe(VIRTIO_BLK_S.OK);
+    expect(r.submit(VIRTIO_BLK_T.IN, (1n << 64n) - 1n, w(512))[0]).toBe(VIRTIO_BLK_S.IOERR);
+    expect(r.submit(VIRTIO_BLK_T.IN, 0n, w(100))[0]).toBe(VIRTIO_BLK_S.IOERR);
+    expect(r.submit(VIRTIO_BLK_T.OUT, 1n << 55n, [{ addr: DATA, len: 512 }])[0]).toBe(VIRTIO_BLK_S.IOERR);
+    expect(r.submit(VIRTIO_BLK_T.OUT, 0n, [{ addr: DATA, len: 511 }])[0]).toBe(VIRTIO_BLK_S.IOERR);
+    expect(r.submit(99, 0n, w(512))).toEqual([VIRTIO_BLK_S.UNSUPP, 1]);
+    expect(r.submit(VIRTIO_BLK_T.GET_ID, 0n, w(20))[0]).toBe(VIRTIO_BLK_S.UNSUPP); // no serial configured
+    expect(fs.readFileSync(img.file)).toEqual(img.content);
+    expect(r.h.resets).toEqual([]);
+  });
+
+  it("GET_ID returns the serial padded to 20 bytes", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: true, serial: "tv-disk-1" }));
+    r.mem.fill(DATA, 32, 0xaa);
+    expect(r.submit(VIRTIO_BLK_T.GET_ID, 0n, [{ addr: DATA, len: 20, write: true }])[0]).toBe(VIRTIO_BLK_S.OK);
+    const id = Buffer.alloc(20);
+    id.write("tv-disk-1");
+    expect(Buffer.from(r.mem.read(DATA, 21))).toEqual(Buffer.concat([id, Buffer.of(0xaa)]));
+  });
+
+  it("WRITE_ZEROES zeroes the range; DISCARD validates and keeps data; flags per §5.2.6.2", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: false }));
+    const seg = (sector: bigint, count: number, flags: number, at = DATA): void => {
+      r.mem.writeU64(at, sector);
+      r.mem.writeU32(at + 8, count);
+      r.mem.writeU32(at + 12, flags);
+    };
+    seg(10n, 3, 1);
+    expect(r.submit(VIRTIO_BLK_T.WRITE_ZEROES, 0n, [{ addr: DATA, len: 16 }])[0]).toBe(VIRTIO_BLK_S.OK);
+    const expected = Buffer.from(img.content);
+    expected.fill(0, 10 * 512, 13 * 512);
+    expect(fs.readFileSync(img.file)).toEqual(expected);
+
+    seg(0n, 2, 0);
+    expect(r.submit(VIRTIO_BLK_T.DISCARD, 0n, [{ addr: DATA, len: 16 }])[0]).toBe(VIRTIO_BLK_S.OK);
+    seg(0n, 2, 1); // unmap on discard
+    expect(r.submit(VIRTIO_BLK_T.DISCARD, 0n, [{ addr: DATA, len: 16 }])[0]).toBe(VIRTIO_BLK_S.UNSUPP);
+    seg(0n, 2, 4); // unknown flag
+    expect(r.submit(VIRTIO_BLK_T.WRITE_ZEROES, 0n, [{ addr: DATA, len: 16 }])[0]).toBe(VIRTIO_BLK_S.UNSUPP);
+    seg(BigInt(SECTORS - 1), 2, 0); // past the end
+    expect(r.submit(VIRTIO_BLK_T.WRITE_ZEROES, 0n, [{ addr: DATA, len: 16 }])[0]).toBe(VIRTIO_BLK_S.IOERR);
+    seg(0n, 1, 0);
+    seg(4n, 1, 0, DATA + 16); // two segments, max_write_zeroes_seg is 1
+    expect(r.submit(VIRTIO_BLK_T.WRITE_ZEROES, 0n, [{ addr: DATA, len: 32 }])[0]).toBe(VIRTIO_BLK_S.IOERR);
+    expect(r.submit(VIRTIO_BLK_T.DISCARD, 0n, [{ addr: DATA, len: 24 }])[0]).toBe(VIRTIO_BLK_S.IOERR);
+    expect(fs.readFileSync(img.file)).toEqual(expected);
+  });
+
+  it("without negotiated FLUSH, writes still land (writethrough)", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: false }), featureBit(VIRTIO_F.VERSION_1));
+    r.mem.fill(DATA, 512, 7);
+    expect(r.submit(VIRTIO_BLK_T.OUT, 0n, [{ addr: DATA, len: 512 }])[0]).toBe(VIRTIO_BLK_S.OK);
+    expect(fs.readFileSync(img.file).subarray(0, 512)).toEqual(Buffer.alloc(512, 7));
+  });
+
+  it("serves a request in an indirect table", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: true }));
+    writeHeader(r.mem, VIRTIO_BLK_T.IN, 2n);
+    const head = r.drv.addIndirectChain(
+      [
+        { addr: HDR, len: 16 },
+        { addr: DATA, len: 512, write: true },
+        { addr: STATUS, len: 1, write: true },
+      ],
+      0x7000,
+    );
+    r.drv.publish(head);
+    r.dev.notify(0);
+    expect(r.drv.takeUsed()).toEqual([{ id: head, len: 513 }]);
+    expect(Buffer.from(r.mem.read(DATA, 512))).toEqual(img.content.subarray(1024, 1536));
+  });
+
+  it("asks for reset on a request with no status byte or a short header, and stops that queue", () => {
+    for (const bad of ["status", "header"] as const) {
+      const r = rig(new BlockDevice({ path: img.file, readonly: true }));
+      if (bad === "status") {
+        expect(r.submit(VIRTIO_BLK_T.IN, 0n, [{ addr: DATA, len: 512 }], { status: false })).toEqual([-1, -1]);
+      } else {
+        r.drv.publish(r.drv.addChain([{ addr: HDR, len: 8 }, { addr: STATUS, len: 1, write: true }]));
+        r.dev.notify(0);
+      }
+      expect(r.h.resets).toHaveLength(1);
+      expect(r.submit(VIRTIO_BLK_T.IN, 0n, [{ addr: DATA, len: 512, write: true }])).toEqual([-1, -1]);
+      expect(r.h.resets).toHaveLength(1);
+      // After the driver resets the device, it works again.
+      r.dev.reset();
+      r.mem.fill(0, TestDriver.footprint(16));
+      const drv = new TestDriver(r.mem, 16, 0);
+      r.dev.activate(r.h.ctx);
+      writeHeader(r.mem, VIRTIO_BLK_T.IN, 1n);
+      drv.publish(drv.addChain([{ addr: HDR, len: 16 }, { addr: DATA, len: 512, write: true }, { addr: STATUS, len: 1, write: true }]));
+      r.dev.notify(0);
+      expect(drv.takeUsed()).toHaveLength(1);
+      expect(r.mem.readU8(STATUS)).toBe(VIRTIO_BLK_S.OK);
+    }
+  });
+
+  it("EVENT_IDX: no interrupt until used_event is reached", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: true }));
+    r.drv.setUsedEvent(1);
+    r.submit(VIRTIO_BLK_T.IN, 0n, [{ addr: DATA, len: 512, write: true }]);
+    expect(r.h.interrupts).toEqual([]);
+    r.submit(VIRTIO_BLK_T.IN, 0n, [{ addr: DATA, len: 512, write: true }]);
+    expect(r.h.interrupts).toEqual([0]);
+    expect(r.drv.availEvent).toBe(2);
+  });
+
+  it("save/restore continues where the queue was", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: true }));
+    r.submit(VIRTIO_BLK_T.IN, 0n, [{ addr: DATA, len: 512, write: true }]);
+    const state = JSON.parse(JSON.stringify(r.dev.save())) as ReturnType<BlockDevice["save"]>;
+    expect(state.queues[0]).toMatchObject({ nextAvail: 1, nextUsed: 1 });
+    const dev2 = new BlockDevice({ path: img.file, readonly: true });
+    dev2.restore(r.h.ctx, state);
+    writeHeader(r.mem, VIRTIO_BLK_T.IN, 3n);
+    r.drv.publish(r.drv.addChain([{ addr: HDR, len: 16 }, { addr: DATA, len: 512, write: true }, { addr: STATUS, len: 1, write: true }]));
+    dev2.notify(0);
+    expect(r.drv.takeUsed()).toHaveLength(1);
+    expect(Buffer.from(r.mem.read(DATA, 512))).toEqual(img.content.subarray(3 * 512, 4 * 512));
+  });
+});
+
+describe("BlockDevice on adversarial rings (property)", () => {
+  const types = Object.values(VIRTIO_BLK_T);
+  const goodRead =
+    (file: string) =>
+    (mem: GuestMemory, drv: TestDriver): { head: number; check: (len: number) => void } => {
+      const at = 0x3000;
+      mem.writeU32(at, VIRTIO_BLK_T.IN);
+      mem.writeU64(at + 8, 3n);
+      mem.writeU8(at + 0x600, 0xee);
+      const head = drv.addChain([
+        { addr: at, len: 16 },
+        { addr: at + 0x200, len: 1024, write: true },
+        { addr: at + 0x600, len: 1, write: true },
+      ]);
+      return {
+        head,
+        check: (len) => {
+          expect(len).toBe(1025);
+          expect(mem.readU8(at + 0x600)).toBe(VIRTIO_BLK_S.OK);
+          expect(Buffer.from(mem.read(at + 0x200, 1024))).toEqual(fs.readFileSync(file).subarray(1536, 2560));
+        },
+      };
+    };
+
+  it("read-only disk: never throws, writes only where allowed, never modifies the file", () => {
+    const { file } = image();
+    const hash = sha(file);
+    fc.assert(
+      fc.property(fuzzCase(types), (c) => {
+        const dev = new BlockDevice({ path: file, readonly: true, serial: "fuzz" });
+        try {
+          runFuzzCase(dev, c, goodRead(file));
+        } finally {
+          dev.close();
+        }
+        expect(sha(file)).toBe(hash);
+      }),
+      { numRuns: 200 },
+    );
+  });
+
+  it("read-write disk: never throws, writes only where allowed, still serves reads", () => {
+    const { file } = image();
+    fc.assert(
+      fc.property(fuzzCase(types), (c) => {
+        const dev = new BlockDevice({ path: file, readonly: false });
+        try {
+          runFuzzCase(dev, c, goodRead(file));
+        } finally {
+          dev.close();
+        }
+        expect(fs.statSync(file).size).toBe(SECTORS * 512);
+      }),
+      { numRuns: 200 },
+    );
+  });
+});
