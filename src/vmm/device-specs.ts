@@ -17,6 +17,10 @@ export interface DeviceSpecs {
   rng: boolean;
 }
 
+export function hasDevices(d: DeviceSpecs | undefined): d is DeviceSpecs {
+  return d !== undefined && (d.disks.length > 0 || d.rng);
+}
+
 const bad = (msg: string) => new TypevisorError("INVALID_DEVICE", msg);
 
 function parseOptions(spec: string, flag: string): { head: string; opts: Map<string, string> } {

@@ -16,13 +16,14 @@ import * as libc from "../sys/libc.js";
 import { writeAcpiTables } from "./arch/x86_64/acpi/tables.js";
 import { loadKernel, type BootCpuState, type BootPlan } from "./arch/x86_64/boot/index.js";
 import { filterCpuid } from "./arch/x86_64/cpuid.js";
-import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, ramRanges } from "./arch/x86_64/layout.js";
+import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_START, ramRanges } from "./arch/x86_64/layout.js";
+import { pciHostBridgeAml } from "./devices/pci/acpi.js";
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
 import { GuestMemory, type MemoryRegionSpec } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
 import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
-import type { DeviceSpecs } from "./device-specs.js";
+import { hasDevices, type DeviceSpecs } from "./device-specs.js";
 import { createMailbox } from "./devices/platform/mailbox.js";
 import type { DeviceThreadInit, DeviceThreadMessage } from "./devices/platform/device-thread-init.js";
 import { bootMsrs } from "./arch/x86_64/msrs.js";
@@ -154,7 +155,12 @@ export class Vm {
 
       let boot: BootCpuState;
       if (config.boot.kind === "linux") {
-        const { rsdpAddr } = writeAcpiTables(this.memory, { cpus: config.cpus });
+        const pci = hasDevices(config.devices);
+        const { rsdpAddr } = writeAcpiTables(this.memory, {
+          cpus: config.cpus,
+          // The PCI host bridge and its ECAM exist only when there are devices to put on it.
+          ...(pci ? { pciEcam: { base: PCI_ECAM_START, segment: 0, startBus: 0, endBus: 0 }, sbDevices: [pciHostBridgeAml()] } : {}),
+        });
         writeResetVector(this.memory);
         const plan = loadKernel(this.memory, {
           kernel: config.boot.kernel,
@@ -209,7 +215,7 @@ export class Vm {
    */
   private async startDevices(): Promise<VcpuWorkerInit["platform"]> {
     const devices = this.config.devices;
-    if (devices === undefined || (devices.disks.length === 0 && !devices.rng)) return undefined;
+    if (devices === undefined || !hasDevices(devices)) return undefined;
     const eventfd = libc.eventfd();
     const mailbox = createMailbox(this.vcpus.length);
     const control = new SharedArrayBuffer(4);

@@ -30,6 +30,8 @@ export interface AcpiOptions {
   cpus: number;
   /** Write an MCFG and reserve the ECAM range as a motherboard resource (PNP0C02). */
   pciEcam?: PciEcam;
+  /** More device objects for the \_SB scope, already AML-encoded (e.g. the PCI host bridge). */
+  sbDevices?: readonly Uint8Array[];
 }
 
 export interface AcpiTableInfo {
@@ -297,6 +299,7 @@ export function dsdtBody(opts: AcpiOptions): Uint8Array {
       ]),
     );
   }
+  sb.push(...(opts.sbDevices ?? []));
   terms.push(aml.scope("\\_SB_", sb));
   return aml.concat(terms);
 }

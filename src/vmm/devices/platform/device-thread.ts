@@ -1,0 +1,151 @@
+/**
+ * The device thread: owns the PCI bus, the virtio-pci transports and the
+ * device back ends (disk I/O, entropy), off every vCPU thread and off the main
+ * thread. It sleeps in poll(2) on one eventfd for vCPU mailbox requests (PCI
+ * configuration and BAR register accesses) plus one ioeventfd per virtqueue,
+ * so a guest's queue kick costs the vCPU no exit to userspace at all
+ * (KVM API §4.59 KVM_IOEVENTFD); completions are signalled with KVM_SIGNAL_MSI.
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import { isTypevisorError } from "../../../errors.js";
+import { VmFd } from "../../../kvm/kvm.js";
+import * as libc from "../../../sys/libc.js";
+import { PORT } from "../../arch/x86_64/layout.js";
+import { GuestMemory } from "../../memory/guest-memory.js";
+import { PciBus, type BarDecode } from "../pci/bus.js";
+import { BlockDevice } from "../virtio/block/block.js";
+import type { VirtioDevice } from "../virtio/device.js";
+import { VirtioPciDevice } from "../virtio/pci/transport.js";
+import { RngDevice } from "../virtio/rng/rng.js";
+import type { DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
+import { MailboxServer, Op, type OpCode } from "./mailbox.js";
+
+const init = workerData as DeviceThreadInit;
+const port = parentPort;
+if (port === null) throw new Error("device thread started outside a worker thread");
+const post = (m: DeviceThreadMessage): void => port.postMessage(m);
+
+const vm = new VmFd(init.vmFd);
+const stop = new Int32Array(init.control);
+const mem = new GuestMemory(libc.view(libc.pointerAt(init.memory.address), init.memory.length), init.memory.layout);
+const mailbox = new MailboxServer(init.mailbox, init.vcpus);
+
+interface Plugged {
+  name: string;
+  transport: VirtioPciDevice;
+  slot: number;
+  /** One ioeventfd per queue, registered while the notify BAR decodes. */
+  kicks: { queue: number; fd: number; addr: number | undefined }[];
+}
+
+const bus = new PciBus();
+const plugged: Plugged[] = [];
+
+function plug(name: string, device: VirtioDevice): void {
+  const transport = new VirtioPciDevice({
+    device,
+    mem,
+    deliverMsi: (address, data) => {
+      try {
+        vm.signalMsi(address, data);
+      } catch {
+        // The guest can program nonsense MSI addresses; KVM refuses them and the interrupt is lost, as on hardware.
+      }
+    },
+  });
+  const slot = bus.addDevice(transport);
+  const kicks = device.queueMaxSizes.map((_, queue) => ({ queue, fd: libc.eventfd(), addr: undefined as number | undefined }));
+  plugged.push({ name, transport, slot, kicks });
+}
+
+/** Move each queue's ioeventfd to wherever the guest placed the notify BAR (or drop it while it does not decode). */
+function routeKicks(): void {
+  for (const p of plugged) {
+    for (const k of p.kicks) {
+      const n = p.transport.notifyAddress(k.queue);
+      const base = n === undefined ? undefined : bus.barAddress(p.slot, n.bar);
+      const addr = n === undefined || base === undefined ? undefined : base + n.offset;
+      if (addr === k.addr) continue;
+      if (k.addr !== undefined) vm.ioeventfd(k.addr, 0, k.fd, true);
+      k.addr = undefined;
+      if (addr !== undefined) {
+        // len 0: match any write size at that address (KVM API §4.59).
+        vm.ioeventfd(addr, 0, k.fd);
+        k.addr = addr;
+      }
+    }
+  }
+}
+
+function kick(p: Plugged, queue: number): void {
+  const n = p.transport.notifyAddress(queue);
+  if (n === undefined) return;
+  // The same path a notify-register write takes when it arrives as an MMIO exit.
+  p.transport.barWrite(n.bar, n.offset, Uint8Array.of(queue & 0xff, queue >> 8));
+}
+
+const ones = (size: number): bigint => (1n << BigInt(size * 8)) - 1n;
+
+function handle(op: OpCode, addr: number, size: number, data: bigint): bigint {
+  switch (op) {
+    case Op.PIO_READ:
+      return BigInt(bus.pio.read(addr - PORT.PCI_CONFIG_ADDRESS, size) >>> 0);
+    case Op.PIO_WRITE:
+      bus.pio.write(addr - PORT.PCI_CONFIG_ADDRESS, size, Number(data & 0xffff_ffffn));
+      return 0n;
+    case Op.MMIO_READ: {
+      const buf = new Uint8Array(size);
+      if (!bus.handleMmio(addr, buf, false)) return ones(size);
+      let v = 0n;
+      for (let i = size - 1; i >= 0; i--) v = (v << 8n) | BigInt(buf[i]!);
+      return v;
+    }
+    case Op.MMIO_WRITE: {
+      const buf = new Uint8Array(size);
+      let v = data;
+      for (let i = 0; i < size; i++) {
+        buf[i] = Number(v & 0xffn);
+        v >>= 8n;
+      }
+      bus.handleMmio(addr, buf, true);
+      return 0n;
+    }
+  }
+  return 0n;
+}
+
+try {
+  init.devices.disks.forEach((d, i) => {
+    plug(`virtio-blk ${d.path}${d.readonly ? " (read-only)" : ""}`, new BlockDevice({ path: d.path, readonly: d.readonly, ...(d.serial !== undefined ? { serial: d.serial } : {}) }));
+    void i;
+  });
+  if (init.devices.rng) plug("virtio-rng", new RngDevice());
+  bus.onDecodeChange((_changes: BarDecode[]) => routeKicks());
+  routeKicks();
+} catch (e) {
+  post(isTypevisorError(e) ? { type: "error", code: e.code, message: e.message } : { type: "error", code: "DEVICE_SETUP", message: (e as Error).message });
+  process.exit(1);
+}
+post({ type: "ready", devices: plugged.map((p) => `${p.name} at 00:${p.slot.toString(16).padStart(2, "0")}.0`) });
+
+const fds = [init.eventfd, ...plugged.flatMap((p) => p.kicks.map((k) => k.fd))];
+const owners = plugged.flatMap((p) => p.kicks.map((k) => ({ p, queue: k.queue })));
+while (Atomics.load(stop, 0) === 0) {
+  const ready = libc.pollIn(fds, 1000);
+  for (const i of ready) {
+    libc.eventfdDrain(fds[i]!);
+    if (i === 0) {
+      mailbox.serve({ handle });
+      continue;
+    }
+    const o = owners[i - 1]!;
+    kick(o.p, o.queue);
+  }
+}
+for (const p of plugged) {
+  for (const k of p.kicks) {
+    if (k.addr !== undefined) vm.ioeventfd(k.addr, 0, k.fd, true);
+    libc.close(k.fd);
+  }
+  p.transport.device.reset();
+}
