@@ -9,6 +9,7 @@
  * the function nor the vector is masked; otherwise the vector's pending bit is
  * set and the message goes out as soon as it is unmasked (§6.8.2.9, §6.8.2.10).
  */
+import { TypevisorError } from "../../../errors.js";
 import type { PciConfigSpace } from "./config-space.js";
 
 export const PCI_CAP_ID_MSIX = 0x11;
@@ -70,7 +71,7 @@ export class Msix {
 
   constructor(opts: MsixOptions) {
     if (!Number.isInteger(opts.vectors) || opts.vectors < 1 || opts.vectors > MSIX_MAX_VECTORS) {
-      throw new RangeError(`MSI-X vector count ${opts.vectors} is not 1..${MSIX_MAX_VECTORS}`);
+      throw new TypevisorError("PCI_MSIX_VECTORS", `MSI-X vector count ${opts.vectors} is not 1..${MSIX_MAX_VECTORS}`);
     }
     this.vectors = opts.vectors;
     this.table = new Uint32Array(opts.vectors * 4);

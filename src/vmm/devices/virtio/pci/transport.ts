@@ -18,6 +18,7 @@
  * Everything the guest writes is hostile: accesses of the wrong size, offset or
  * value are ignored (writes) or read as zero; nothing here throws on guest input.
  */
+import { TypevisorError } from "../../../../errors.js";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
 import { PciConfigSpace, type PciBarSpec } from "../../pci/config-space.js";
 import { PCI_CLASS, leRead, leWrite, type PciDevice } from "../../pci/device.js";
@@ -136,7 +137,7 @@ export class VirtioPciDevice implements PciDevice {
   private epoch = 0;
 
   /**
-   * @throws TypevisorError (from PciConfigSpace) or RangeError for a device this
+   * @throws TypevisorError VIRTIO_PCI_UNSUPPORTED (or a PCI_* code) for a device this
    * transport cannot present (more than 1024 queues, config space over 4 KiB): VMM configuration bugs.
    */
   constructor(opts: VirtioPciOptions) {
@@ -144,10 +145,10 @@ export class VirtioPciDevice implements PciDevice {
     this.device = dev;
     this.mem = opts.mem;
     this.numQueues = dev.queueMaxSizes.length;
-    if (this.numQueues * NOTIFY_OFF_MULTIPLIER > REGION.SIZE) throw new RangeError(`virtio-pci supports at most ${REGION.SIZE / NOTIFY_OFF_MULTIPLIER} queues`);
-    if (dev.configSize > REGION.SIZE) throw new RangeError(`virtio device config of ${dev.configSize} bytes exceeds ${REGION.SIZE}`);
+    if (this.numQueues * NOTIFY_OFF_MULTIPLIER > REGION.SIZE) throw new TypevisorError("VIRTIO_PCI_UNSUPPORTED", `virtio-pci supports at most ${REGION.SIZE / NOTIFY_OFF_MULTIPLIER} queues`);
+    if (dev.configSize > REGION.SIZE) throw new TypevisorError("VIRTIO_PCI_UNSUPPORTED", `virtio device config of ${dev.configSize} bytes exceeds ${REGION.SIZE}`);
     for (const m of dev.queueMaxSizes) {
-      if (!Number.isInteger(m) || m < 1 || m > MAX_QUEUE_SIZE) throw new RangeError(`virtio queue maximum ${m} is not 1..${MAX_QUEUE_SIZE}`);
+      if (!Number.isInteger(m) || m < 1 || m > MAX_QUEUE_SIZE) throw new TypevisorError("VIRTIO_PCI_UNSUPPORTED", `virtio queue maximum ${m} is not 1..${MAX_QUEUE_SIZE}`);
     }
     this.offeredFeatures = (dev.features | bit(VIRTIO_F.VERSION_1)) & ~TRANSPORT_UNSUPPORTED_FEATURES & 0xffff_ffff_ffff_ffffn;
 
