@@ -128,18 +128,37 @@ try {
 }
 post({ type: "ready", devices: plugged.map((p) => `${p.name} at 00:${p.slot.toString(16).padStart(2, "0")}.0`) });
 
-const fds = [init.eventfd, ...plugged.flatMap((p) => p.kicks.map((k) => k.fd))];
-const owners = plugged.flatMap((p) => p.kicks.map((k) => ({ p, queue: k.queue })));
+// What each polled fd means: the mailbox/stop eventfd, a queue's ioeventfd, or a back end's own fd (e.g. TAP).
+type Source = { kind: "mailbox" } | { kind: "kick"; p: Plugged; queue: number } | { kind: "backend"; p: Plugged; fd: number };
+const fixedSources: Source[] = [{ kind: "mailbox" }];
+const fixedFds = [init.eventfd];
+for (const p of plugged) {
+  for (const k of p.kicks) {
+    fixedSources.push({ kind: "kick", p, queue: k.queue });
+    fixedFds.push(k.fd);
+  }
+}
 while (Atomics.load(stop, 0) === 0) {
-  const ready = libc.pollIn(fds, 1000);
-  for (const i of ready) {
-    libc.eventfdDrain(fds[i]!);
-    if (i === 0) {
-      mailbox.serve({ handle });
-      continue;
+  // Back-end fds are asked for anew each time: a device without guest buffers offers none.
+  const sources = [...fixedSources];
+  const fds = [...fixedFds];
+  for (const p of plugged) {
+    for (const fd of p.transport.device.backendFds ?? []) {
+      sources.push({ kind: "backend", p, fd });
+      fds.push(fd);
     }
-    const o = owners[i - 1]!;
-    kick(o.p, o.queue);
+  }
+  for (const i of libc.pollIn(fds, 1000)) {
+    const src = sources[i]!;
+    if (src.kind === "mailbox") {
+      libc.eventfdDrain(fds[i]!);
+      mailbox.serve({ handle });
+    } else if (src.kind === "kick") {
+      libc.eventfdDrain(fds[i]!);
+      kick(src.p, src.queue);
+    } else {
+      src.p.transport.device.onBackendReadable?.(src.fd);
+    }
   }
 }
 for (const p of plugged) {

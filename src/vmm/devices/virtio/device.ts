@@ -47,6 +47,14 @@ export interface VirtioDevice {
   reset(): void;
   /** Plain serializable state for snapshots. */
   save(): unknown;
+  /**
+   * Host fds the device thread should poll for readability right now (e.g. a
+   * TAP fd). Read before every poll: return none while the device cannot take
+   * input (no guest buffers), or a level-triggered poll would spin.
+   */
+  readonly backendFds?: readonly number[];
+  /** Called on the device thread when one of backendFds is readable. Never throws. */
+  onBackendReadable?(fd: number): void;
 }
 
 /** `1n << BigInt(bit)`: a feature bit as a mask. */
