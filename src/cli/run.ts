@@ -11,7 +11,7 @@ import { TypevisorError } from "../errors.js";
 import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
-import { parseDiskSpec, type DeviceSpecs } from "../vmm/device-specs.js";
+import { parseDiskSpec, parseNetSpec, type DeviceSpecs } from "../vmm/device-specs.js";
 import { startControlServer } from "../vmm/api/server.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
 
@@ -29,6 +29,7 @@ export interface RunOptions {
   apiSocket?: string;
   lab: boolean;
   disk: string[];
+  net: string[];
   rng: boolean;
 }
 
@@ -95,7 +96,7 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
   const cpus = parseIntArg("--cpus", o.cpus);
   const memoryMiB = parseIntArg("--memory", o.memory);
   validateConfig({ cpus, memoryMiB });
-  const devices: DeviceSpecs = { disks: o.disk.map(parseDiskSpec), rng: o.rng };
+  const devices: DeviceSpecs = { disks: o.disk.map(parseDiskSpec), nets: o.net.map(parseNetSpec), rng: o.rng };
   let firstBoot: ResolvedBoot | undefined = await resolveBoot(o);
   // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
   validateKernel({ ...firstBoot, memBytes: memoryMiB * 1024 * 1024 });
@@ -213,6 +214,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--memory <MiB>", "guest memory in MiB", "256")
     .option("--no-reboot", "exit when the guest reboots instead of restarting it")
     .option("--disk <spec>", "virtio-blk disk: PATH[,readonly=on][,serial=ID] (repeatable; the first is /dev/vda)", (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option("--net <spec>", "virtio-net on a TAP device: tap=NAME[,mac=MAC] (repeatable; the TAP is created if absent and we may)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--rng", "virtio-rng entropy device fed from the host's getrandom", false)
     .option("--api-socket <path>", "serve the control API (pause, resume, stop, stats) on this unix socket")
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))

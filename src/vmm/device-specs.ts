@@ -4,6 +4,8 @@
  */
 import { statSync } from "node:fs";
 import { TypevisorError } from "../errors.js";
+import { tapNameProblem } from "../sys/tap.js";
+import { parseMac } from "./devices/virtio/net/mac.js";
 
 export interface DiskSpec {
   path: string;
@@ -12,19 +14,29 @@ export interface DiskSpec {
   serial?: string;
 }
 
+export interface NetSpec {
+  /** TAP interface name (created if absent and we may). */
+  tap: string;
+  /** "02:xx:..." ; generated stably from the TAP name when absent. */
+  mac?: string;
+}
+
 export interface DeviceSpecs {
   disks: DiskSpec[];
+  nets: NetSpec[];
   rng: boolean;
 }
 
 export function hasDevices(d: DeviceSpecs | undefined): d is DeviceSpecs {
-  return d !== undefined && (d.disks.length > 0 || d.rng);
+  return d !== undefined && (d.disks.length > 0 || d.nets.length > 0 || d.rng);
 }
 
 const bad = (msg: string) => new TypevisorError("INVALID_DEVICE", msg);
 
-function parseOptions(spec: string, flag: string): { head: string; opts: Map<string, string> } {
-  const [head = "", ...rest] = spec.split(",");
+function parseOptions(spec: string, flag: string, headIsOption = false): { head: string; opts: Map<string, string> } {
+  const parts = spec.split(",");
+  const head = headIsOption ? "" : (parts.shift() ?? "");
+  const rest = parts;
   const opts = new Map<string, string>();
   for (const kv of rest) {
     const eq = kv.indexOf("=");
@@ -67,4 +79,22 @@ export function parseDiskSpec(spec: string): DiskSpec {
     throw new TypevisorError("DISK_SIZE", `--disk ${path}: size ${size} is not a multiple of 512 bytes (virtio-blk counts 512-byte sectors)`);
   }
   return disk;
+}
+
+/** `tap=NAME[,mac=MAC]` */
+export function parseNetSpec(spec: string): NetSpec {
+  const { opts } = parseOptions(spec, "--net", true);
+  const tap = opts.get("tap");
+  if (tap === undefined) throw bad("--net needs tap=NAME: --net tap=NAME[,mac=MAC]");
+  const problem = tapNameProblem(tap);
+  if (problem !== undefined) throw bad(`--net tap=${tap}: ${problem}`);
+  const net: NetSpec = { tap };
+  for (const [k, v] of opts) {
+    if (k === "tap") continue;
+    if (k === "mac") {
+      parseMac(v); // throws NET_MAC with the reason
+      net.mac = v;
+    } else throw bad(`--net: unknown option "${k}" (known: tap, mac)`);
+  }
+  return net;
 }

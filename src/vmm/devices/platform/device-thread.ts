@@ -17,6 +17,9 @@ import { BlockDevice } from "../virtio/block/block.js";
 import type { VirtioDevice } from "../virtio/device.js";
 import { VirtioPciDevice } from "../virtio/pci/transport.js";
 import { RngDevice } from "../virtio/rng/rng.js";
+import { formatMac, macFromIdentity, parseMac } from "../virtio/net/mac.js";
+import { NetDevice } from "../virtio/net/net.js";
+import { openTap, setLinkUp } from "../../../sys/tap.js";
 import type { DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
 
@@ -39,6 +42,7 @@ interface Plugged {
 }
 
 const bus = new PciBus();
+const taps: number[] = [];
 const plugged: Plugged[] = [];
 
 function plug(name: string, device: VirtioDevice): void {
@@ -119,6 +123,14 @@ try {
     plug(`virtio-blk ${d.path}${d.readonly ? " (read-only)" : ""}`, new BlockDevice({ path: d.path, readonly: d.readonly, ...(d.serial !== undefined ? { serial: d.serial } : {}) }));
     void i;
   });
+  init.devices.nets.forEach((n, i) => {
+    const tap = openTap(n.tap);
+    taps.push(tap.fd);
+    // A TAP we just created starts down and would drop what the guest sends.
+    if (tap.created) setLinkUp(tap.name);
+    const mac = n.mac !== undefined ? parseMac(n.mac) : macFromIdentity(`${tap.name}/net${i}`);
+    plug(`virtio-net ${tap.name} ${formatMac(mac)}`, new NetDevice({ tapFd: tap.fd, mac }));
+  });
   if (init.devices.rng) plug("virtio-rng", new RngDevice());
   bus.onDecodeChange((_changes: BarDecode[]) => routeKicks());
   routeKicks();
@@ -139,11 +151,13 @@ for (const p of plugged) {
   }
 }
 while (Atomics.load(stop, 0) === 0) {
-  // Back-end fds are asked for anew each time: a device without guest buffers offers none.
+  // Back-end fds are asked for anew each pass: a device without guest buffers wants none.
   const sources = [...fixedSources];
   const fds = [...fixedFds];
   for (const p of plugged) {
-    for (const fd of p.transport.device.backendFds ?? []) {
+    const dev = p.transport.device;
+    for (const fd of dev.backendFds ?? []) {
+      if (dev.backendWanted?.(fd) === false) continue;
       sources.push({ kind: "backend", p, fd });
       fds.push(fd);
     }
@@ -168,3 +182,4 @@ for (const p of plugged) {
   }
   p.transport.device.reset();
 }
+for (const fd of taps) libc.close(fd);

@@ -48,11 +48,13 @@ export interface VirtioDevice {
   /** Plain serializable state for snapshots. */
   save(): unknown;
   /**
-   * Host fds the device thread should poll for readability right now (e.g. a
-   * TAP fd). Read before every poll: return none while the device cannot take
-   * input (no guest buffers), or a level-triggered poll would spin.
+   * Host fds the device thread polls for readability (e.g. a TAP fd), each
+   * only while backendWanted(fd) is not false: poll is level-triggered, so an
+   * fd whose data the device cannot take yet would make it spin.
    */
   readonly backendFds?: readonly number[];
+  /** False while the device cannot take input from `fd` (no guest buffers): the device thread leaves it out of poll. */
+  backendWanted?(fd: number): boolean;
   /** Called on the device thread when one of backendFds is readable. Never throws. */
   onBackendReadable?(fd: number): void;
 }
