@@ -160,6 +160,7 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
           info: () => ({ state: current?.vmState, cpus, memoryMiB, cmdline, boots, pid: process.pid }),
           stats: () => current?.getStats(),
           registers: () => current?.registers(),
+          devices: async () => ((current?.devices.length ?? 0) > 0 ? current?.deviceCommand("devices") : []),
           pause: async () => current?.pause(),
           resume: () => current?.resume(),
           stop: () => {

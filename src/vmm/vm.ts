@@ -25,7 +25,7 @@ import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
 import { hasDevices, type DeviceSpecs } from "./device-specs.js";
 import { createMailbox } from "./devices/platform/mailbox.js";
-import type { DeviceThreadInit, DeviceThreadMessage } from "./devices/platform/device-thread-init.js";
+import type { DeviceCommand, DeviceThreadInit, DeviceThreadMessage } from "./devices/platform/device-thread-init.js";
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 
@@ -110,6 +110,9 @@ export class Vm {
   readonly serial: Serial;
   private workers: Worker[] = [];
   private deviceThread: { worker: Worker; eventfd: number; control: Int32Array } | undefined;
+  private deviceNames: string[] = [];
+  private commandSeq = 0;
+  private readonly pendingCommands = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private threads: bigint[] = [];
   private startedAt = 0;
   private state: VmState = "created";
@@ -228,9 +231,16 @@ export class Vm {
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
     await new Promise<void>((resolve, reject) => {
       w.on("message", (m: DeviceThreadMessage) => {
-        if (m.type === "ready") resolve();
-        else if (m.type === "error") reject(new TypevisorError(m.code, m.message));
-        else process.stderr.write(`typevisor: ${m.message}\n`);
+        if (m.type === "ready") {
+          this.deviceNames = m.devices;
+          resolve();
+        } else if (m.type === "error") reject(new TypevisorError(m.code, m.message));
+        else if (m.type === "reply") {
+          const waiter = this.pendingCommands.get(m.id);
+          this.pendingCommands.delete(m.id);
+          if (m.ok) waiter?.resolve(m.result);
+          else waiter?.reject(new TypevisorError(m.code, m.message));
+        } else process.stderr.write(`typevisor: ${m.message}\n`);
       });
       w.on("error", (e) => reject(new TypevisorError("DEVICE_THREAD", `device thread failed: ${e.message}`)));
       w.on("exit", () => reject(new TypevisorError("DEVICE_THREAD", "device thread exited during start-up")));
@@ -238,11 +248,31 @@ export class Vm {
     return { mailbox, eventfd };
   }
 
+  /** Ask the device thread to run `command` (it wakes from poll through its eventfd). */
+  deviceCommand(command: string, args?: unknown): Promise<unknown> {
+    const d = this.deviceThread;
+    if (d === undefined) return Promise.reject(new TypevisorError("NO_DEVICES", "this VM has no devices"));
+    const id = ++this.commandSeq;
+    const msg: DeviceCommand = { type: "command", id, command, ...(args !== undefined ? { args } : {}) };
+    return new Promise((resolve, reject) => {
+      this.pendingCommands.set(id, { resolve, reject });
+      d.worker.postMessage(msg);
+      libc.eventfdSignal(d.eventfd);
+    });
+  }
+
+  /** Devices on the PCI bus, as the device thread named them at start-up. */
+  get devices(): readonly string[] {
+    return this.deviceNames;
+  }
+
   /** Stop the device thread after the vCPUs: it flushes and closes the back ends. */
   private async stopDevices(): Promise<void> {
     const d = this.deviceThread;
     if (d === undefined) return;
     this.deviceThread = undefined;
+    for (const w of this.pendingCommands.values()) w.reject(new TypevisorError("VM_STATE", "the VM stopped"));
+    this.pendingCommands.clear();
     Atomics.store(d.control, 0, 1);
     libc.eventfdSignal(d.eventfd);
     await new Promise<void>((resolve) => {

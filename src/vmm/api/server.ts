@@ -9,6 +9,7 @@
  *   POST /resume
  *   POST /stop     stop the VM; the VMM process then exits
  *   GET  /registers  every vCPU's registers (only while paused)
+ *   GET  /devices  PCI devices and their virtio status
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { existsSync, unlinkSync } from "node:fs";
@@ -18,6 +19,7 @@ export interface ControlTarget {
   info(): unknown;
   stats(): unknown;
   registers(): unknown;
+  devices(): Promise<unknown>;
   pause(): Promise<void>;
   resume(): void;
   stop(): void;
@@ -49,6 +51,8 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
           return send(res, 200, target.info());
         case "GET /stats":
           return send(res, 200, target.stats());
+        case "GET /devices":
+          return send(res, 200, await target.devices());
         case "GET /registers":
           return send(res, 200, target.registers());
         case "POST /pause":

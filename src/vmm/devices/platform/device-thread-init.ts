@@ -19,7 +19,18 @@ export interface DeviceThreadInit {
   control: SharedArrayBuffer;
 }
 
+/** A request from the VMM main thread (posted, then the eventfd is signalled so poll wakes up). */
+export interface DeviceCommand {
+  type: "command";
+  id: number;
+  /** "stats" (every device's counters), or a device-specific verb such as "balloon.setTarget". */
+  command: string;
+  args?: unknown;
+}
+
 export type DeviceThreadMessage =
   | { type: "ready"; devices: string[] }
+  | { type: "reply"; id: number; ok: true; result: unknown }
+  | { type: "reply"; id: number; ok: false; code: string; message: string }
   | { type: "error"; code: string; message: string }
   | { type: "warning"; message: string };

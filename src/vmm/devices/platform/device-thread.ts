@@ -6,8 +6,8 @@
  * so a guest's queue kick costs the vCPU no exit to userspace at all
  * (KVM API §4.59 KVM_IOEVENTFD); completions are signalled with KVM_SIGNAL_MSI.
  */
-import { parentPort, workerData } from "node:worker_threads";
-import { isTypevisorError } from "../../../errors.js";
+import { parentPort, receiveMessageOnPort, workerData } from "node:worker_threads";
+import { isTypevisorError, TypevisorError } from "../../../errors.js";
 import { VmFd } from "../../../kvm/kvm.js";
 import * as libc from "../../../sys/libc.js";
 import { PORT } from "../../arch/x86_64/layout.js";
@@ -20,7 +20,7 @@ import { RngDevice } from "../virtio/rng/rng.js";
 import { formatMac, macFromIdentity, parseMac } from "../virtio/net/mac.js";
 import { NetDevice } from "../virtio/net/net.js";
 import { openTap, setLinkUp } from "../../../sys/tap.js";
-import type { DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
+import type { DeviceCommand, DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
 
 const init = workerData as DeviceThreadInit;
@@ -140,6 +140,31 @@ try {
 }
 post({ type: "ready", devices: plugged.map((p) => `${p.name} at 00:${p.slot.toString(16).padStart(2, "0")}.0`) });
 
+/** Host-side verbs, keyed by command name; each returns plain data. */
+const commands = new Map<string, (args: unknown) => unknown>();
+commands.set("devices", () =>
+  plugged.map((p) => ({
+    name: p.name,
+    slot: p.slot,
+    status: p.transport.deviceStatus,
+    needsReset: p.transport.needsResetReason ?? null,
+  })),
+);
+
+/** Serve commands the main thread posted (its messages queue up while this thread sleeps in poll). */
+function serveCommands(): void {
+  for (let m = receiveMessageOnPort(port!); m !== undefined; m = receiveMessageOnPort(port!)) {
+    const c = m.message as DeviceCommand;
+    const fn = commands.get(c.command);
+    try {
+      if (fn === undefined) throw new TypevisorError("UNKNOWN_COMMAND", `no device command ${c.command}`);
+      post({ type: "reply", id: c.id, ok: true, result: fn(c.args) });
+    } catch (e) {
+      post(isTypevisorError(e) ? { type: "reply", id: c.id, ok: false, code: e.code, message: e.message } : { type: "reply", id: c.id, ok: false, code: "DEVICE_COMMAND", message: (e as Error).message });
+    }
+  }
+}
+
 // What each polled fd means: the mailbox/stop eventfd, a queue's ioeventfd, or a back end's own fd (e.g. TAP).
 type Source = { kind: "mailbox" } | { kind: "kick"; p: Plugged; queue: number } | { kind: "backend"; p: Plugged; fd: number };
 const fixedSources: Source[] = [{ kind: "mailbox" }];
@@ -167,6 +192,7 @@ while (Atomics.load(stop, 0) === 0) {
     if (src.kind === "mailbox") {
       libc.eventfdDrain(fds[i]!);
       mailbox.serve({ handle });
+      serveCommands();
     } else if (src.kind === "kick") {
       libc.eventfdDrain(fds[i]!);
       kick(src.p, src.queue);
