@@ -1,0 +1,111 @@
+/**
+ * bench/net: TCP throughput between guest and host over virtio-net on a TAP,
+ * typevisor against QEMU (`-M q35 -accel kvm`, virtio-net-pci, tap netdev
+ * without vhost — we have no vhost either), same guest, inside one lab run.
+ * Guest side: busybox nc; host side: Node's TCP server on the TAP's address,
+ * which times guest->host itself; host->guest is timed in the guest.
+ *
+ * Run: npm run bench:net
+ */
+import { execFileSync } from "node:child_process";
+import { createServer, type Server } from "node:net";
+import { runScriptArg } from "../src/images/guest-init.js";
+import { imagePaths } from "../src/images/image.js";
+import { ConsoleProcess } from "../test/helpers/console-process.js";
+
+const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
+const MIB = 32;
+const BYTES = MIB * 1024 * 1024;
+const TAP = "tvbench0";
+const HOST = "169.254.20.1";
+const GUEST = "169.254.20.2";
+const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
+
+interface Result {
+  toHostMBs: number;
+  toGuestMBs: number;
+}
+
+let upload: { start: number; end: number; bytes: number } = { start: 0, end: 0, bytes: 0 };
+const payload = Buffer.alloc(BYTES, 0x5a);
+
+function servers(): Promise<Server[]> {
+  const send = createServer((s) => s.end(payload));
+  const recv = createServer((s) => {
+    upload = { start: performance.now(), end: 0, bytes: 0 };
+    s.on("data", (d: Buffer) => {
+      upload.bytes += d.length;
+      if (upload.bytes >= BYTES) {
+        upload.end = performance.now();
+        s.end();
+      }
+    });
+  });
+  return Promise.all([send, recv].map((srv, i) => new Promise<Server>((r) => srv.listen(6000 + i, HOST, () => r(srv)))));
+}
+
+const SCRIPT = [
+  `ip addr add ${GUEST}/24 dev eth0`,
+  "ip link set eth0 up",
+  `ping -c 1 -W 5 ${HOST} >/dev/null`,
+  `busybox time nc ${HOST} 6000 2>&1 >/dev/null | grep real | sed 's/^/D: /'`,
+  `dd if=/dev/zero bs=1M count=${MIB} 2>/dev/null | nc ${HOST} 6001`,
+].join("; ");
+
+async function once(cmd: string, args: string[]): Promise<Result> {
+  const p = new ConsoleProcess(cmd, args);
+  try {
+    await p.waitFor(/typevisor-guest: exit/, 0, 600_000);
+    const m = /D: real\s+(\d+)m ([\d.]+)s/.exec(p.output);
+    if (m === null || upload.end === 0) throw new Error(`incomplete run:\n${p.output.slice(-1500)}`);
+    const down = Number(m[1]) * 60 + Number(m[2]);
+    return { toGuestMBs: BYTES / down / 1e6, toHostMBs: BYTES / ((upload.end - upload.start) / 1000) / 1e6 };
+  } finally {
+    p.kill();
+  }
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+async function main(): Promise<void> {
+  const img = imagePaths("minimal");
+  execFileSync("ip", ["tuntap", "add", "dev", TAP, "mode", "tap"]);
+  execFileSync("ip", ["addr", "add", `${HOST}/24`, "dev", TAP]);
+  execFileSync("ip", ["link", "set", TAP, "up"]);
+  const srv = await servers();
+  const cmdline = `console=ttyS0 panic=-1 quiet ${runScriptArg(SCRIPT)}`;
+  const ours = [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--net", `tap=${TAP}`, "--cmdline", cmdline];
+  const qemu = [
+    "-M", "q35", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512",
+    "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
+    "-kernel", img.kernel, "-initrd", img.initrd, "-append", cmdline,
+    "-netdev", `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`, "-device", "virtio-net-pci,netdev=n0",
+  ];
+  const res: { typevisor: Result[]; qemu: Result[] } = { typevisor: [], qemu: [] };
+  console.log(`bench/net: ${RUNS} runs each, alternating; ${MIB} MiB each way over TCP, guest 512 MiB, 1 vCPU`);
+  try {
+    for (let i = 0; i < RUNS; i++) {
+      const a = await once(process.execPath, ours);
+      res.typevisor.push(a);
+      const b = await once("qemu-system-x86_64", qemu);
+      res.qemu.push(b);
+      const f = (x: Result) => `guest->host ${x.toHostMBs.toFixed(1)} MB/s, host->guest ${x.toGuestMBs.toFixed(1)} MB/s`;
+      console.log(`run ${i + 1}: typevisor ${f(a)} | qemu ${f(b)}`);
+    }
+  } finally {
+    for (const s of srv) s.close();
+    execFileSync("ip", ["link", "del", TAP]);
+  }
+  for (const [k, label] of [["toHostMBs", "TCP guest->host (MB/s)"], ["toGuestMBs", "TCP host->guest (MB/s)"]] as const) {
+    const t = median(res.typevisor.map((r) => r[k]));
+    const q = median(res.qemu.map((r) => r[k]));
+    console.log(`${label}: typevisor ${t.toFixed(1)}, qemu ${q.toFixed(1)}, ratio ${(t / q).toFixed(2)}`);
+  }
+  console.log(JSON.stringify({ bench: "net", date: new Date().toISOString(), runs: RUNS, results: res }));
+}
+
+await main();
