@@ -13,9 +13,9 @@ import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { parseDiskSpec, parseNetSpec, type DeviceSpecs } from "../vmm/device-specs.js";
 import { startControlServer } from "../vmm/api/server.js";
+import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
 
-export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1";
 
 export interface RunOptions {
   image?: string;

@@ -9,6 +9,7 @@ import { chmod, copyFile, mkdir, readdir, readFile, rename, rm, symlink, writeFi
 import { basename, dirname, join } from "node:path";
 import { promisify } from "node:util";
 import { TypevisorError } from "../errors.js";
+import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
 import { writeNewc, withParents, type CpioEntry } from "./cpio.js";
 import { fetchPackage, kernelImage, kernelRelease, KERNEL_PACKAGE, removeDeadTemps, tempName, type Progress } from "./debian.js";
 import { dataHome, imagePaths, imagesDir } from "./dirs.js";
@@ -48,7 +49,6 @@ export const MINIMAL_MODULES = [
 ];
 
 export const ROOTFS_SIZE_MIB = 48;
-export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet";
 
 export async function loadImage(name: string, home = dataHome()): Promise<ImageManifest> {
   const p = imagePaths(name, home);
@@ -181,7 +181,7 @@ export async function buildImage(name: string, opts: BuildOptions = {}): Promise
       name,
       recipe: name,
       kernel: { package: kernel.name, version: kernel.version, release },
-      cmdline: DEFAULT_CMDLINE,
+      cmdline: DEFAULT_CMDLINE, // what `typevisor run --image` boots it with
       files: {
         vmlinuz: await fileInfo(join(tmp, "vmlinuz")),
         "initrd.img": await fileInfo(join(tmp, "initrd.img")),
