@@ -10,7 +10,7 @@ import type { DriverBuf } from "../queue/test-driver.js";
 import { TestDriver } from "../queue/test-driver.js";
 import type { FuzzCase } from "../queue/test-fuzz.js";
 import { DATA_AREA, FUZZ_MEM, fuzzCase, INDIRECT_AREA, QSIZE } from "../queue/test-fuzz.js";
-import { NET_CONFIG_SIZE, NetDevice, RXQ, TXQ, VIRTIO_NET_F, VNET_HDR_LEN } from "./net.js";
+import { MAX_FRAME, NET_CONFIG_SIZE, NetDevice, RXQ, TXQ, VIRTIO_NET_F, VNET_HDR_LEN } from "./net.js";
 
 /*
  * The TAP is played by one end of an AF_UNIX datagram socketpair: like a TAP fd it is
@@ -107,15 +107,16 @@ function postRx(r: Rig, n: number, len: number, at = DATA): number[] {
 }
 
 describe("NetDevice identity and config", () => {
-  it("is device type 1 with rx+tx queues, MAC/STATUS/MRG_RXBUF/VERSION_1 and no offloads", () => {
+  it("is device type 1 with rx+tx queues, MAC/STATUS/MRG_RXBUF/VERSION_1 and checksum/TSO offloads", () => {
     const dev = new NetDevice({ tapFd: 0, mac: MAC });
     expect(dev.deviceType).toBe(VIRTIO_ID.NET);
     expect(dev.queueMaxSizes).toEqual([256, 256]);
     expect(dev.backendFds).toEqual([0]);
-    for (const b of [VIRTIO_F.VERSION_1, VIRTIO_NET_F.MAC, VIRTIO_NET_F.STATUS, VIRTIO_NET_F.MRG_RXBUF, VIRTIO_F.EVENT_IDX, VIRTIO_F.INDIRECT_DESC]) {
+    for (const b of [VIRTIO_F.VERSION_1, VIRTIO_NET_F.MAC, VIRTIO_NET_F.STATUS, VIRTIO_NET_F.MRG_RXBUF, VIRTIO_F.EVENT_IDX, VIRTIO_F.INDIRECT_DESC,
+      VIRTIO_NET_F.CSUM, VIRTIO_NET_F.GUEST_CSUM, VIRTIO_NET_F.HOST_TSO4, VIRTIO_NET_F.GUEST_TSO4, VIRTIO_NET_F.HOST_TSO6, VIRTIO_NET_F.GUEST_TSO6]) {
       expect(hasFeature(dev.features, b)).toBe(true);
     }
-    for (const b of [VIRTIO_NET_F.CSUM, VIRTIO_NET_F.GUEST_CSUM, VIRTIO_NET_F.HOST_TSO4, VIRTIO_NET_F.GUEST_TSO4, VIRTIO_NET_F.CTRL_VQ, VIRTIO_NET_F.MQ, VIRTIO_NET_F.MTU]) {
+    for (const b of [VIRTIO_NET_F.HOST_UFO, VIRTIO_NET_F.GUEST_UFO, VIRTIO_NET_F.HOST_ECN, VIRTIO_NET_F.CTRL_VQ, VIRTIO_NET_F.MQ, VIRTIO_NET_F.MTU]) {
       expect(hasFeature(dev.features, b)).toBe(false);
     }
     expect(dev.configSize).toBe(NET_CONFIG_SIZE);
@@ -166,7 +167,7 @@ describe("NetDevice transmit", () => {
     const r = rig();
     const bad: DriverBuf[][] = [
       [{ addr: DATA, len: VNET_HDR_LEN - 1 }],
-      [{ addr: DATA, len: 0x10000 }, { addr: DATA + 0x10000, len: VNET_HDR_LEN + 1 }],
+      [{ addr: DATA, len: 0x10000 }, { addr: DATA + 0x10000, len: MAX_FRAME - 0x10000 + VNET_HDR_LEN + 1 }],
       [{ addr: DATA + 0x30000, len: 100 }], // NEEDS_CSUM set below
       [{ addr: DATA + 0x31000, len: 100 }], // gso_type TCPV4 set below
       [{ addr: DATA + 0x32000, len: 100, write: true }], // nothing readable
@@ -186,6 +187,27 @@ describe("NetDevice transmit", () => {
     expect(drain(r.host).map((p) => p.length)).toEqual([200]);
     expect(r.resets).toEqual([]);
     expect(r.dev.stats()).toMatchObject({ txPackets: 1, txDropped: 5 });
+  });
+
+  it("passes checksum/TSO headers through once CSUM and HOST_TSO4 are negotiated, and still drops ECN/UFO", () => {
+    const r = rig(ALL | featureBit(VIRTIO_NET_F.CSUM) | featureBit(VIRTIO_NET_F.HOST_TSO4));
+    const hdrAt = (addr: number, flags: number, gso: number) => {
+      r.mem.fill(addr, 200, 0);
+      r.mem.writeU8(addr, flags);
+      r.mem.writeU8(addr + 1, gso);
+      const h = r.tx.addChain([{ addr, len: 200 }]);
+      r.tx.publish(h);
+      return h;
+    };
+    hdrAt(DATA, 1, 1); // NEEDS_CSUM + GSO_TCPV4: negotiated
+    hdrAt(DATA + 0x1000, 1, 0x81); // TCPV4 | ECN: not offered
+    hdrAt(DATA + 0x2000, 1, 3); // UDP (UFO): not offered
+    hdrAt(DATA + 0x3000, 1, 4); // TCPV6 without HOST_TSO6
+    r.dev.notify(TXQ);
+    const sent = drain(r.host);
+    expect(sent.map((p) => p.length)).toEqual([200]);
+    expect([sent[0]![0], sent[0]![1]]).toEqual([1, 1]);
+    expect(r.dev.stats()).toMatchObject({ txPackets: 1, txDropped: 3 });
   });
 
   it("copies into one buffer when a chain has more pieces than writev takes", () => {

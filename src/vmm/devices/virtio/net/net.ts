@@ -1,6 +1,6 @@
 import { TypevisorError } from "../../../../errors.js";
 import { EAGAIN, EINTR, readRaw } from "../../../../sys/libc.js";
-import { IOV_MAX, VNET_HDR_LEN, writevRaw } from "../../../../sys/tap.js";
+import { IOV_MAX, setTapOffload, TUN_F, VNET_HDR_LEN, writevRaw } from "../../../../sys/tap.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { chainSlices, readChain, writeChain } from "../queue/chain.js";
@@ -35,6 +35,30 @@ export const VIRTIO_NET_S_LINK_UP = 1;
 /** virtio_net_hdr flags and gso types (virtio 1.2 §5.1.6). */
 export const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
 export const VIRTIO_NET_HDR_GSO_NONE = 0;
+export const VIRTIO_NET_HDR_F_DATA_VALID = 2;
+export const VIRTIO_NET_HDR_GSO_TCPV4 = 1;
+export const VIRTIO_NET_HDR_GSO_TCPV6 = 4;
+export const VIRTIO_NET_HDR_GSO_ECN = 0x80;
+
+const OFFLOAD_FEATURES = [
+  VIRTIO_NET_F.CSUM, VIRTIO_NET_F.GUEST_CSUM,
+  VIRTIO_NET_F.HOST_TSO4, VIRTIO_NET_F.HOST_TSO6, VIRTIO_NET_F.GUEST_TSO4, VIRTIO_NET_F.GUEST_TSO6,
+] as const;
+
+/** Whether a virtio_net_hdr's flags and gso_type use only what was negotiated (§5.1.6.2.1, §5.1.6.4.1). */
+function headerAllowed(flags: number, gso: number, f: bigint, dir: "tx" | "rx"): boolean {
+  const csum = hasFeature(f, dir === "tx" ? VIRTIO_NET_F.CSUM : VIRTIO_NET_F.GUEST_CSUM);
+  const okFlags = dir === "tx" ? VIRTIO_NET_HDR_F_NEEDS_CSUM : VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID;
+  if ((flags & ~okFlags) !== 0 || (flags !== 0 && !csum)) return false;
+  const type = gso & ~VIRTIO_NET_HDR_GSO_ECN;
+  if ((gso & VIRTIO_NET_HDR_GSO_ECN) !== 0) return false; // ECN offloads are not offered
+  if (type === VIRTIO_NET_HDR_GSO_NONE) return true;
+  // Segmentation also needs the checksum offload (the spec makes TSO depend on CSUM).
+  if (!csum) return false;
+  if (type === VIRTIO_NET_HDR_GSO_TCPV4) return hasFeature(f, dir === "tx" ? VIRTIO_NET_F.HOST_TSO4 : VIRTIO_NET_F.GUEST_TSO4);
+  if (type === VIRTIO_NET_HDR_GSO_TCPV6) return hasFeature(f, dir === "tx" ? VIRTIO_NET_F.HOST_TSO6 : VIRTIO_NET_F.GUEST_TSO6);
+  return false;
+}
 export { VNET_HDR_LEN };
 
 /** Queue indices (virtio 1.2 §5.1.2): receiveq1, transmitq1; no control queue, no multiqueue. */
@@ -47,8 +71,8 @@ export const TXQ = 1;
  */
 export const NET_CONFIG_SIZE = 12;
 
-/** Largest Ethernet frame either way: 64 KiB (no GSO is negotiated, so this is generous). */
-export const MAX_FRAME = 65536;
+/** Largest frame either way: 64 KiB, the most a TSO frame (IP total length) can be. */
+export const MAX_FRAME = 65536 + 32; // + Ethernet/VLAN header slack beyond the 64 KiB IP packet
 /** Packets moved host -> guest per onBackendReadable call, so one busy TAP cannot starve the device thread. */
 const RX_BATCH = 256;
 
@@ -142,6 +166,10 @@ export class NetDevice implements VirtioDevice {
 
     let f = featureBit(VIRTIO_F.VERSION_1) | featureBit(VIRTIO_F.INDIRECT_DESC) | featureBit(VIRTIO_F.EVENT_IDX);
     f |= featureBit(VIRTIO_NET_F.MAC) | featureBit(VIRTIO_NET_F.STATUS) | featureBit(VIRTIO_NET_F.MRG_RXBUF);
+    // Checksum and TCP segmentation offloads both ways: the TAP speaks the same virtio_net_hdr
+    // (Documentation/networking/tuntap.rst, IFF_VNET_HDR), so headers pass through and a 64 KiB
+    // TSO frame costs one trip instead of ~45 MTU-sized ones (virtio 1.2 §5.1.6.2, §5.1.6.4).
+    for (const bit of OFFLOAD_FEATURES) f |= featureBit(bit);
     if (opts.mtu !== undefined) f |= featureBit(VIRTIO_NET_F.MTU);
     this.features = f;
 
@@ -176,6 +204,15 @@ export class NetDevice implements VirtioDevice {
     this.dropStash();
     this.ctx = ctx;
     this.mrg = hasFeature(ctx.features, VIRTIO_NET_F.MRG_RXBUF);
+    // Tell the TAP which offloaded frames the guest accepts (TUNSETOFFLOAD takes the reader's view).
+    const f = ctx.features;
+    let tun = 0;
+    if (hasFeature(f, VIRTIO_NET_F.GUEST_CSUM)) {
+      tun |= TUN_F.CSUM;
+      if (hasFeature(f, VIRTIO_NET_F.GUEST_TSO4)) tun |= TUN_F.TSO4;
+      if (hasFeature(f, VIRTIO_NET_F.GUEST_TSO6)) tun |= TUN_F.TSO6;
+    }
+    setTapOffload(this.tapFd, tun);
     this.queues = activateQueues(ctx, this.queueMaxSizes, saved);
   }
 
@@ -210,6 +247,7 @@ export class NetDevice implements VirtioDevice {
 
   reset(): void {
     this.dropStash();
+    if (this.ctx !== undefined) setTapOffload(this.tapFd, 0);
     this.ctx = undefined;
     this.queues = [];
     this.mrg = false;
@@ -261,9 +299,9 @@ export class NetDevice implements VirtioDevice {
     }
     const hdr = this.txHdr;
     hdr.set(readChain(ctx.mem, chain.readable, 0, VNET_HDR_LEN));
-    // §5.1.6.2.1: NEEDS_CSUM only with VIRTIO_NET_F_CSUM, gso_type NONE without HOST_TSO*/UFO;
-    // we offer neither, so anything else would hand the host stack offload work we never agreed to.
-    if (hdr[0] !== 0 || hdr[1] !== VIRTIO_NET_HDR_GSO_NONE) {
+    // §5.1.6.2.1: NEEDS_CSUM only with CSUM, a gso_type only with its HOST_TSO*; anything else would
+    // hand the host stack offload work we never agreed to. The TAP re-validates the header too.
+    if (!headerAllowed(hdr[0]!, hdr[1]!, ctx.features, "tx")) {
       this.counters.txDropped++;
       return 0;
     }
@@ -350,13 +388,12 @@ export class NetDevice implements VirtioDevice {
   private place(ctx: ActivateContext, q: SplitQueue): Placed {
     const need = this.stashLen;
     const buf = this.rxBuf;
-    // We negotiate no receive offloads, so the guest gets a plain header: no NEEDS_CSUM/DATA_VALID
-    // without GUEST_CSUM, no GSO without GUEST_TSO* (§5.1.6.4.1). A GSO frame cannot be delivered.
-    if (buf[1] !== VIRTIO_NET_HDR_GSO_NONE) {
+    // The TAP produces only the offloads set with TUNSETOFFLOAD, i.e. what the guest negotiated;
+    // check anyway (§5.1.6.4.1) and pass the header through. num_buffers is ours to fill.
+    if (!headerAllowed(buf[0]!, buf[1]!, ctx.features, "rx")) {
       this.counters.rxDropped++;
       return "dropped";
     }
-    buf.fill(0, 0, 10);
 
     if (!this.mrg) {
       // One chain per frame; §5.1.6.4: num_buffers MUST be 1 without MRG_RXBUF.
