@@ -11,7 +11,7 @@ import { TypevisorError } from "../errors.js";
 import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
-import { parseDiskSpec, parseNetSpec, type DeviceSpecs } from "../vmm/device-specs.js";
+import { parseBalloonSpec, parseDiskSpec, parseNetSpec, type DeviceSpecs } from "../vmm/device-specs.js";
 import { startControlServer } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
@@ -31,6 +31,7 @@ export interface RunOptions {
   disk: string[];
   net: string[];
   rng: boolean;
+  balloon?: string | boolean;
 }
 
 /** Ctrl-A x quits, as in QEMU's -nographic console. */
@@ -96,7 +97,12 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
   const cpus = parseIntArg("--cpus", o.cpus);
   const memoryMiB = parseIntArg("--memory", o.memory);
   validateConfig({ cpus, memoryMiB });
-  const devices: DeviceSpecs = { disks: o.disk.map(parseDiskSpec), nets: o.net.map(parseNetSpec), rng: o.rng };
+  const devices: DeviceSpecs = {
+    disks: o.disk.map(parseDiskSpec),
+    nets: o.net.map(parseNetSpec),
+    rng: o.rng,
+    ...(o.balloon !== undefined ? { balloon: parseBalloonSpec(o.balloon === true ? "" : String(o.balloon)) } : {}),
+  };
   let firstBoot: ResolvedBoot | undefined = await resolveBoot(o);
   // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
   validateKernel({ ...firstBoot, memBytes: memoryMiB * 1024 * 1024 });
@@ -160,6 +166,12 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
           info: () => ({ state: current?.vmState, cpus, memoryMiB, cmdline, boots, pid: process.pid }),
           stats: () => current?.getStats(),
           registers: () => current?.registers(),
+          balloon: async (method, body) => {
+            if (current === undefined) throw new TypevisorError("VM_STATE", "no VM");
+            if (method === "PUT") return current.deviceCommand("balloon.setTarget", body);
+            if (method === "POST") return current.deviceCommand("balloon.requestStats");
+            return current.deviceCommand("balloon.stats");
+          },
           devices: async () => ((current?.devices.length ?? 0) > 0 ? current?.deviceCommand("devices") : []),
           pause: async () => current?.pause(),
           resume: () => current?.resume(),
@@ -217,6 +229,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--disk <spec>", "virtio-blk disk: PATH[,readonly=on][,serial=ID] (repeatable; the first is /dev/vda)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--net <spec>", "virtio-net on a TAP device: tap=NAME[,mac=MAC] (repeatable; the TAP is created if absent and we may)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--rng", "virtio-rng entropy device fed from the host's getrandom", false)
+    .option("--balloon [spec]", "virtio-balloon with statistics: [stats=SECONDS][,deflate-on-oom=on]; the API socket sets its size")
     .option("--api-socket <path>", "serve the control API (pause, resume, stop, stats) on this unix socket")
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
     .action(async (opts: RunOptions, cmd: Command) => {

@@ -21,14 +21,21 @@ export interface NetSpec {
   mac?: string;
 }
 
+export interface BalloonSpec {
+  /** Ask the guest for fresh statistics this often (0 = only on request). */
+  statsPollSeconds: number;
+  deflateOnOom: boolean;
+}
+
 export interface DeviceSpecs {
   disks: DiskSpec[];
   nets: NetSpec[];
   rng: boolean;
+  balloon?: BalloonSpec;
 }
 
 export function hasDevices(d: DeviceSpecs | undefined): d is DeviceSpecs {
-  return d !== undefined && (d.disks.length > 0 || d.nets.length > 0 || d.rng);
+  return d !== undefined && (d.disks.length > 0 || d.nets.length > 0 || d.rng || d.balloon !== undefined);
 }
 
 const bad = (msg: string) => new TypevisorError("INVALID_DEVICE", msg);
@@ -97,4 +104,19 @@ export function parseNetSpec(spec: string): NetSpec {
     } else throw bad(`--net: unknown option "${k}" (known: tap, mac)`);
   }
   return net;
+}
+
+/** `[stats=SECONDS][,deflate-on-oom=on|off]` (an empty spec takes the defaults: no polling, off). */
+export function parseBalloonSpec(spec: string): BalloonSpec {
+  const balloon: BalloonSpec = { statsPollSeconds: 0, deflateOnOom: false };
+  if (spec === "") return balloon;
+  const { opts } = parseOptions(spec, "--balloon", true);
+  for (const [k, v] of opts) {
+    if (k === "stats") {
+      if (!/^\d{1,5}$/.test(v)) throw bad(`--balloon stats must be a whole number of seconds (got "${v}")`);
+      balloon.statsPollSeconds = Number(v);
+    } else if (k === "deflate-on-oom") balloon.deflateOnOom = onOff(v, "deflate-on-oom");
+    else throw bad(`--balloon: unknown option "${k}" (known: stats, deflate-on-oom)`);
+  }
+  return balloon;
 }

@@ -10,6 +10,9 @@
  *   POST /stop     stop the VM; the VMM process then exits
  *   GET  /registers  every vCPU's registers (only while paused)
  *   GET  /devices  PCI devices and their virtio status
+ *   GET  /balloon  balloon size (target/actual pages) and guest memory statistics
+ *   PUT  /balloon  {"targetMiB": N}: inflate/deflate the balloon to N MiB (memory taken from the guest)
+ *   POST /balloon/stats  ask the guest to refresh its statistics
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { existsSync, unlinkSync } from "node:fs";
@@ -20,6 +23,8 @@ export interface ControlTarget {
   stats(): unknown;
   registers(): unknown;
   devices(): Promise<unknown>;
+  /** GET: size and statistics; PUT {targetMiB}: set the balloon's size; POST: ask the guest for fresh statistics. */
+  balloon(method: "GET" | "PUT" | "POST", body?: unknown): Promise<unknown>;
   pause(): Promise<void>;
   resume(): void;
   stop(): void;
@@ -36,6 +41,31 @@ function problem(res: ServerResponse, status: number, code: string, detail: stri
 }
 
 const STATE_ERRORS = new Set(["VM_STATE"]);
+/** Errors that mean the request itself was wrong (400), not the VM's state. */
+const INPUT_ERRORS = new Set(["BALLOON_TARGET", "INVALID_REQUEST", "NO_BALLOON", "NO_DEVICES"]);
+const MAX_BODY = 4096;
+
+/** A small JSON body (bounded: this socket is a control API, not an upload endpoint). */
+function readJson(req: IncomingMessage): Promise<unknown> {
+  return new Promise((resolve, reject) => {
+    let text = "";
+    req.setEncoding("utf8");
+    req.on("data", (d: string) => {
+      text += d;
+      if (text.length > MAX_BODY) {
+        reject(new TypevisorError("INVALID_REQUEST", `request body over ${MAX_BODY} bytes`));
+        req.destroy();
+      }
+    });
+    req.on("end", () => {
+      try {
+        resolve(text === "" ? undefined : JSON.parse(text));
+      } catch {
+        reject(new TypevisorError("INVALID_REQUEST", "request body is not valid JSON"));
+      }
+    });
+  });
+}
 
 export function startControlServer(socketPath: string, target: ControlTarget): Promise<Server> {
   if (existsSync(socketPath)) {
@@ -44,13 +74,24 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
   }
   const server = createServer((req: IncomingMessage, res: ServerResponse) => {
     const route = `${req.method ?? ""} ${(req.url ?? "").split("?")[0]}`;
-    req.resume();
     const handle = async (): Promise<void> => {
       switch (route) {
         case "GET /vm":
           return send(res, 200, target.info());
         case "GET /stats":
           return send(res, 200, target.stats());
+        case "GET /balloon":
+          return send(res, 200, await target.balloon("GET"));
+        case "PUT /balloon": {
+          const body = await readJson(req);
+          const mib = (body as { targetMiB?: unknown } | undefined)?.targetMiB;
+          if (typeof mib !== "number" || !Number.isInteger(mib) || mib < 0) {
+            return problem(res, 400, "INVALID_REQUEST", 'body must be {"targetMiB": <whole number of MiB >= 0>}');
+          }
+          return send(res, 200, await target.balloon("PUT", { pages: mib * 256 }));
+        }
+        case "POST /balloon/stats":
+          return send(res, 200, await target.balloon("POST"));
         case "GET /devices":
           return send(res, 200, await target.devices());
         case "GET /registers":
@@ -69,7 +110,7 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
       }
     };
     handle().catch((e: unknown) => {
-      if (isTypevisorError(e)) problem(res, STATE_ERRORS.has(e.code) ? 409 : 500, e.code, e.message);
+      if (isTypevisorError(e)) problem(res, STATE_ERRORS.has(e.code) ? 409 : INPUT_ERRORS.has(e.code) ? 400 : 500, e.code, e.message);
       else problem(res, 500, "INTERNAL", "internal error");
     });
   });

@@ -17,6 +17,8 @@ import { BlockDevice } from "../virtio/block/block.js";
 import type { VirtioDevice } from "../virtio/device.js";
 import { VirtioPciDevice } from "../virtio/pci/transport.js";
 import { RngDevice } from "../virtio/rng/rng.js";
+import { BALLOON_PAGE_SIZE, BalloonDevice } from "../virtio/balloon/balloon.js";
+import { makeDiscard } from "../virtio/balloon/discard.js";
 import { formatMac, macFromIdentity, parseMac } from "../virtio/net/mac.js";
 import { NetDevice } from "../virtio/net/net.js";
 import { openTap, setLinkUp } from "../../../sys/tap.js";
@@ -43,6 +45,7 @@ interface Plugged {
 
 const bus = new PciBus();
 const taps: number[] = [];
+let balloon: BalloonDevice | undefined;
 const plugged: Plugged[] = [];
 
 function plug(name: string, device: VirtioDevice): void {
@@ -132,6 +135,15 @@ try {
     plug(`virtio-net ${tap.name} ${formatMac(mac)}`, new NetDevice({ tapFd: tap.fd, mac }));
   });
   if (init.devices.rng) plug("virtio-rng", new RngDevice());
+  if (init.devices.balloon !== undefined) {
+    balloon = new BalloonDevice({
+      discard: makeDiscard(init.memory.address, init.memory.layout),
+      maxPages: Math.floor(mem.size / BALLOON_PAGE_SIZE),
+      statsPollSeconds: init.devices.balloon.statsPollSeconds,
+      deflateOnOom: init.devices.balloon.deflateOnOom,
+    });
+    plug("virtio-balloon", balloon);
+  }
   bus.onDecodeChange((_changes: BarDecode[]) => routeKicks());
   routeKicks();
 } catch (e) {
@@ -150,6 +162,23 @@ commands.set("devices", () =>
     needsReset: p.transport.needsResetReason ?? null,
   })),
 );
+
+function theBalloon(): BalloonDevice {
+  if (balloon === undefined) throw new TypevisorError("NO_BALLOON", "this VM has no balloon (start it with --balloon)");
+  return balloon;
+}
+const balloonState = () => {
+  const b = theBalloon();
+  return { targetPages: b.targetPages(), actualPages: b.actualPages(), ...b.stats(), counters: b.counters() };
+};
+commands.set("balloon.setTarget", (args) => {
+  const pages = (args as { pages?: unknown } | undefined)?.pages;
+  if (typeof pages !== "number") throw new TypevisorError("INVALID_REQUEST", "balloon.setTarget needs {pages}");
+  theBalloon().setTarget(pages);
+  return balloonState();
+});
+commands.set("balloon.requestStats", () => ({ requested: theBalloon().requestStats() }));
+commands.set("balloon.stats", balloonState);
 
 /** Serve commands the main thread posted (its messages queue up while this thread sleeps in poll). */
 function serveCommands(): void {
@@ -187,7 +216,9 @@ while (Atomics.load(stop, 0) === 0) {
       fds.push(fd);
     }
   }
-  for (const i of libc.pollIn(fds, 1000)) {
+  const ready = libc.pollIn(fds, 1000);
+  balloon?.tick();
+  for (const i of ready) {
     const src = sources[i]!;
     if (src.kind === "mailbox") {
       libc.eventfdDrain(fds[i]!);

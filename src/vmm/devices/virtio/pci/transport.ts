@@ -470,7 +470,14 @@ export class VirtioPciDevice implements PciDevice {
       this.device.activate(ctx);
     } catch (e) {
       this.setNeedsReset(`device activation failed: ${e instanceof Error ? e.message : String(e)}`);
+      return;
     }
+    // A driver may post buffers and kick before DRIVER_OK (Linux's virtio_balloon primes its stats
+    // queue in init_vqs, before virtio_device_ready); those kicks found no active device. Look at
+    // every enabled queue once now, so nothing posted early waits for a kick that never comes.
+    this.queues.forEach((q, i) => {
+      if (q.enabled) this.notify(i);
+    });
   }
 
   /** Why the enabled queues cannot be used, or undefined when they can (virtio 1.2 §2.7, §2.8, §4.1.4.3.2). */
