@@ -5,13 +5,15 @@
  * --no-reboot.
  */
 import { existsSync, readFileSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import type { Server } from "node:http";
 import { Option, type Command } from "commander";
 import { TypevisorError } from "../errors.js";
 import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
-import { parseBalloonSpec, parseDiskSpec, parseNetSpec, type DeviceSpecs } from "../vmm/device-specs.js";
+import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type DeviceSpecs } from "../vmm/device-specs.js";
 import { startControlServer } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
@@ -32,10 +34,16 @@ export interface RunOptions {
   net: string[];
   rng: boolean;
   balloon?: string | boolean;
+  vsock?: string;
 }
 
 /** Ctrl-A x quits, as in QEMU's -nographic console. */
 const ESCAPE = 0x01;
+
+function defaultVsockPath(): string {
+  const dir = process.env["XDG_RUNTIME_DIR"] !== undefined && process.env["XDG_RUNTIME_DIR"] !== "" ? process.env["XDG_RUNTIME_DIR"] : tmpdir();
+  return join(dir, `typevisor-vsock-${process.pid}.sock`);
+}
 
 function parseIntArg(name: string, v: string): number {
   if (!/^\d+$/.test(v.trim())) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be a whole number (got "${v}")`);
@@ -102,6 +110,7 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
     nets: o.net.map(parseNetSpec),
     rng: o.rng,
     ...(o.balloon !== undefined ? { balloon: parseBalloonSpec(o.balloon === true ? "" : String(o.balloon)) } : {}),
+    ...(o.vsock !== undefined ? { vsock: parseVsockSpec(o.vsock, defaultVsockPath()) } : {}),
   };
   let firstBoot: ResolvedBoot | undefined = await resolveBoot(o);
   // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
@@ -229,6 +238,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--disk <spec>", "virtio-blk disk: PATH[,readonly=on][,serial=ID] (repeatable; the first is /dev/vda)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--net <spec>", "virtio-net on a TAP device: tap=NAME[,mac=MAC] (repeatable; the TAP is created if absent and we may)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--rng", "virtio-rng entropy device fed from the host's getrandom", false)
+    .option("--vsock <spec>", "virtio-vsock: cid=N[,uds=PATH]; host programs connect to PATH and send \"CONNECT <port>\\n\", guest connections to host port P reach PATH_P")
     .option("--balloon [spec]", "virtio-balloon with statistics: [stats=SECONDS][,deflate-on-oom=on]; the API socket sets its size")
     .option("--api-socket <path>", "serve the control API (pause, resume, stop, stats) on this unix socket")
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))

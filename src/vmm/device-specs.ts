@@ -5,6 +5,7 @@
 import { statSync } from "node:fs";
 import { TypevisorError } from "../errors.js";
 import { tapNameProblem } from "../sys/tap.js";
+import { unixPathProblem } from "../sys/unix-socket.js";
 import { parseMac } from "./devices/virtio/net/mac.js";
 
 export interface DiskSpec {
@@ -27,15 +28,23 @@ export interface BalloonSpec {
   deflateOnOom: boolean;
 }
 
+export interface VsockSpec {
+  /** The guest's context ID (3..0xfffffffe; 0-2 are reserved, virtio 1.2 §5.10.4). */
+  cid: number;
+  /** Host unix socket: host programs connect here ("CONNECT <port>\n"); guest connections reach `${uds}_<port>`. */
+  uds: string;
+}
+
 export interface DeviceSpecs {
   disks: DiskSpec[];
   nets: NetSpec[];
   rng: boolean;
   balloon?: BalloonSpec;
+  vsock?: VsockSpec;
 }
 
 export function hasDevices(d: DeviceSpecs | undefined): d is DeviceSpecs {
-  return d !== undefined && (d.disks.length > 0 || d.nets.length > 0 || d.rng || d.balloon !== undefined);
+  return d !== undefined && (d.disks.length > 0 || d.nets.length > 0 || d.rng || d.balloon !== undefined || d.vsock !== undefined);
 }
 
 const bad = (msg: string) => new TypevisorError("INVALID_DEVICE", msg);
@@ -119,4 +128,19 @@ export function parseBalloonSpec(spec: string): BalloonSpec {
     else throw bad(`--balloon: unknown option "${k}" (known: stats, deflate-on-oom)`);
   }
   return balloon;
+}
+
+/** `cid=N[,uds=PATH]`; the default socket is `$XDG_RUNTIME_DIR/typevisor-vsock-<pid>.sock` or under /tmp. */
+export function parseVsockSpec(spec: string, defaultUds: string): VsockSpec {
+  const { opts } = parseOptions(spec, "--vsock", true);
+  const cidText = opts.get("cid");
+  if (cidText === undefined) throw bad("--vsock needs cid=N: --vsock cid=N[,uds=PATH]");
+  if (!/^\d{1,10}$/.test(cidText) || Number(cidText) < 3 || Number(cidText) > 0xffff_fffe) {
+    throw bad(`--vsock cid must be 3..4294967294 (0-2 are reserved for the hypervisor and host; got "${cidText}")`);
+  }
+  const uds = opts.get("uds") ?? defaultUds;
+  const problem = unixPathProblem(uds);
+  if (problem !== undefined) throw bad(`--vsock uds=${uds}: ${problem}`);
+  for (const k of opts.keys()) if (k !== "cid" && k !== "uds") throw bad(`--vsock: unknown option "${k}" (known: cid, uds)`);
+  return { cid: Number(cidText), uds };
 }

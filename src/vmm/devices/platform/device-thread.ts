@@ -19,6 +19,7 @@ import { VirtioPciDevice } from "../virtio/pci/transport.js";
 import { RngDevice } from "../virtio/rng/rng.js";
 import { BALLOON_PAGE_SIZE, BalloonDevice } from "../virtio/balloon/balloon.js";
 import { makeDiscard } from "../virtio/balloon/discard.js";
+import { VsockDevice } from "../virtio/vsock/vsock.js";
 import { formatMac, macFromIdentity, parseMac } from "../virtio/net/mac.js";
 import { NetDevice } from "../virtio/net/net.js";
 import { openTap, setLinkUp } from "../../../sys/tap.js";
@@ -46,6 +47,7 @@ interface Plugged {
 const bus = new PciBus();
 const taps: number[] = [];
 let balloon: BalloonDevice | undefined;
+let vsock: VsockDevice | undefined;
 const plugged: Plugged[] = [];
 
 function plug(name: string, device: VirtioDevice): void {
@@ -135,6 +137,10 @@ try {
     plug(`virtio-net ${tap.name} ${formatMac(mac)}`, new NetDevice({ tapFd: tap.fd, mac }));
   });
   if (init.devices.rng) plug("virtio-rng", new RngDevice());
+  if (init.devices.vsock !== undefined) {
+    vsock = new VsockDevice({ guestCid: init.devices.vsock.cid, udsPath: init.devices.vsock.uds });
+    plug(`virtio-vsock cid=${init.devices.vsock.cid} ${init.devices.vsock.uds}`, vsock);
+  }
   if (init.devices.balloon !== undefined) {
     balloon = new BalloonDevice({
       discard: makeDiscard(init.memory.address, init.memory.layout),
@@ -240,3 +246,5 @@ for (const p of plugged) {
   p.transport.device.reset();
 }
 for (const fd of taps) libc.close(fd);
+// Closes the listener and removes its socket file.
+vsock?.close();
