@@ -12,6 +12,7 @@ import { USERSPACE_UP_LINE, runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { kvmHostKind } from "../src/kvm/kvm.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
+import { compare } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 5);
 const MEMORY_MIB = 256;
@@ -68,12 +69,6 @@ async function once(cmd: string, args: string[]): Promise<Sample> {
   }
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
-
 async function main(): Promise<void> {
   const img = imagePaths("minimal");
   const script = runScriptArg(`echo ${MARK}; sleep 2`);
@@ -94,15 +89,10 @@ async function main(): Promise<void> {
     const fmt = (x: Sample) => `${x.bootMs.toFixed(0)} ms (first line ${x.firstLineMs.toFixed(0)} ms, +${(x.overheadKiB / 1024).toFixed(1)} MiB)`;
     console.log(`run ${i + 1}: typevisor ${fmt(a)}  qemu ${fmt(b)}`);
   }
-  const t = median(results.typevisor.map((s) => s.bootMs));
-  const q = median(results.qemu.map((s) => s.bootMs));
-  const tm = median(results.typevisor.map((s) => s.overheadKiB)) / 1024;
-  const qm = median(results.qemu.map((s) => s.overheadKiB)) / 1024;
-  const tf = median(results.typevisor.map((s) => s.firstLineMs));
-  const qf = median(results.qemu.map((s) => s.firstLineMs));
-  console.log(`process start to the kernel's first line (median): typevisor ${tf.toFixed(0)} ms, qemu ${qf.toFixed(0)} ms`);
-  console.log(`boot to userspace (median): typevisor ${t.toFixed(0)} ms, qemu microvm ${q.toFixed(0)} ms, ratio ${(t / q).toFixed(2)}`);
-  console.log(`VMM memory beyond guest pages (median RSS): typevisor ${tm.toFixed(1)} MiB, qemu ${qm.toFixed(1)} MiB, ratio ${(tm / qm).toFixed(2)}`);
+  const series = (f: (s: Sample) => number) => [results.typevisor.map(f), results.qemu.map(f)] as const;
+  console.log(compare("process start to the kernel's first line, median (ms)", ...series((s) => s.firstLineMs), 0));
+  console.log(compare("boot to userspace, median (ms)", ...series((s) => s.bootMs), 0));
+  console.log(compare("VMM memory beyond guest pages, median RSS (MiB)", ...series((s) => s.overheadKiB / 1024)));
   console.log(JSON.stringify({ bench: "boot", date: new Date().toISOString(), where: kvmHostKind() === "hardware" ? "lab (nested KVM under TCG)" : "unknown", runs: RUNS, results }));
 }
 

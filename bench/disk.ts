@@ -14,6 +14,7 @@ import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
+import { compare } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const DISK_MIB = 256;
@@ -53,12 +54,6 @@ async function once(cmd: string, args: string[]): Promise<Result> {
   }
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
-
 async function main(): Promise<void> {
   const img = imagePaths("minimal");
   const dir = mkdtempSync(join(process.env["TMPDIR"] ?? "/tmp", "tv-bench-disk-"));
@@ -85,9 +80,7 @@ async function main(): Promise<void> {
     console.log(`run ${i + 1}: typevisor ${f(a)} | qemu ${f(b)}`);
   }
   for (const [k, label] of [["writeMBs", "seq write 1 MiB (MB/s)"], ["readMBs", "seq read 1 MiB (MB/s)"], ["iops", "4 KiB read QD1 (IOPS)"]] as const) {
-    const t = median(res.typevisor.map((r) => r[k]));
-    const q = median(res.qemu.map((r) => r[k]));
-    console.log(`${label}: typevisor ${t.toFixed(1)}, qemu ${q.toFixed(1)}, ratio ${(t / q).toFixed(2)}`);
+    console.log(compare(label, res.typevisor.map((r) => r[k]), res.qemu.map((r) => r[k])));
   }
   console.log(JSON.stringify({ bench: "disk", date: new Date().toISOString(), runs: RUNS, results: res }));
   rmSync(dir, { recursive: true, force: true });

@@ -12,6 +12,7 @@ import { createServer, type Server } from "node:net";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
+import { compare } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const MIB = 32;
@@ -65,12 +66,6 @@ async function once(cmd: string, args: string[]): Promise<Result> {
   }
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
-
 async function main(): Promise<void> {
   const img = imagePaths("minimal");
   execFileSync("ip", ["tuntap", "add", "dev", TAP, "mode", "tap"]);
@@ -101,9 +96,7 @@ async function main(): Promise<void> {
     execFileSync("ip", ["link", "del", TAP]);
   }
   for (const [k, label] of [["toHostMBs", "TCP guest->host (MB/s)"], ["toGuestMBs", "TCP host->guest (MB/s)"]] as const) {
-    const t = median(res.typevisor.map((r) => r[k]));
-    const q = median(res.qemu.map((r) => r[k]));
-    console.log(`${label}: typevisor ${t.toFixed(1)}, qemu ${q.toFixed(1)}, ratio ${(t / q).toFixed(2)}`);
+    console.log(compare(label, res.typevisor.map((r) => r[k]), res.qemu.map((r) => r[k])));
   }
   console.log(JSON.stringify({ bench: "net", date: new Date().toISOString(), runs: RUNS, results: res }));
 }

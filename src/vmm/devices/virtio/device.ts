@@ -59,6 +59,18 @@ export interface VirtioDevice {
   onBackendReadable?(fd: number): void;
 }
 
+/**
+ * A little-endian read of `size` (1, 2, 4, 8) bytes at `offset` of a device's
+ * config space held as bytes (virtio 1.2 §4.1.4.6); anything out of range or
+ * oddly sized reads 0 rather than throwing.
+ */
+export function readConfigBytes(config: Uint8Array, offset: number, size: number): bigint {
+  if (![1, 2, 4, 8].includes(size) || !Number.isInteger(offset) || offset < 0 || offset + size > config.length) return 0n;
+  let v = 0n;
+  for (let i = size - 1; i >= 0; i--) v = (v << 8n) | BigInt(config[offset + i] ?? 0);
+  return v;
+}
+
 /** `1n << BigInt(bit)`: a feature bit as a mask. */
 export function featureBit(bit: number): bigint {
   return 1n << BigInt(bit);

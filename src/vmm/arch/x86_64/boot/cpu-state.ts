@@ -12,22 +12,11 @@
  */
 import type { GuestMemory } from "../../../memory/guest-memory.js";
 import { applyWrites, type MemWrite } from "./placement.js";
+import type { KvmSegment } from "../../../../kvm/structs.js";
 import { BOOT_GDT_ADDR, BOOT_IDT_ADDR, BOOT_STACK_POINTER, PD_ADDR, PDPT_ADDR, PML4_ADDR } from "../layout.js";
 
-/** KVM's struct kvm_segment, field for field (KVM API §4.13 KVM_GET_SREGS). */
-export interface Segment {
-  base: number;
-  limit: number;
-  selector: number;
-  type: number;
-  present: number;
-  dpl: number;
-  db: number;
-  s: number;
-  l: number;
-  g: number;
-  avl: number;
-}
+/** KVM's struct kvm_segment, field for field (KVM API §4.13 KVM_GET_SREGS): one definition, in kvm/. */
+export type Segment = KvmSegment;
 
 export interface BootCpuState {
   regs: { rip: number; rsp: number; rbp: number; rsi: number; rbx: number; rflags: number };

@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
-import { featureBit, hasFeature, VIRTIO_F, VIRTIO_ID } from "../device.js";
+import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { chainSlices, readChain, writeChain } from "../queue/chain.js";
 import type { ChainResult } from "../queue/runner.js";
 import { activateQueues, serviceQueue } from "../queue/runner.js";
@@ -192,10 +192,7 @@ export class BlockDevice implements VirtioDevice {
   }
 
   readConfig(offset: number, size: number): bigint {
-    if (![1, 2, 4, 8].includes(size) || !Number.isInteger(offset) || offset < 0 || offset + size > BLOCK_CONFIG_SIZE) return 0n;
-    let v = 0n;
-    for (let i = size - 1; i >= 0; i--) v = (v << 8n) | BigInt(this.config[offset + i] ?? 0);
-    return v;
+    return readConfigBytes(this.config, offset, size);
   }
 
   /** Nothing is writable: `writeback` exists only with VIRTIO_BLK_F_CONFIG_WCE, which we do not offer. */

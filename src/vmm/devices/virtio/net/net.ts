@@ -2,7 +2,7 @@ import { TypevisorError } from "../../../../errors.js";
 import { EAGAIN, EINTR, readRaw } from "../../../../sys/libc.js";
 import { IOV_MAX, setTapOffload, TUN_F, VNET_HDR_LEN, writevRaw } from "../../../../sys/tap.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
-import { featureBit, hasFeature, VIRTIO_F, VIRTIO_ID } from "../device.js";
+import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { chainSlices, readChain, writeChain } from "../queue/chain.js";
 import { activateQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
@@ -182,10 +182,7 @@ export class NetDevice implements VirtioDevice {
   }
 
   readConfig(offset: number, size: number): bigint {
-    if (![1, 2, 4, 8].includes(size) || !Number.isInteger(offset) || offset < 0 || offset + size > NET_CONFIG_SIZE) return 0n;
-    let v = 0n;
-    for (let i = size - 1; i >= 0; i--) v = (v << 8n) | BigInt(this.config[offset + i] ?? 0);
-    return v;
+    return readConfigBytes(this.config, offset, size);
   }
 
   /** Read-only for a modern driver: mac is writable only by legacy drivers (virtio 1.2 §5.1.4.2). */
