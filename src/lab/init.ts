@@ -69,7 +69,8 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o mode=0620,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
+# /tmp is NOT replaced: the host's /tmp shows through the overlay (a checkout cloned under /tmp, as a CI
+# runner may do, must be visible), and writes land in the overlay's tmpfs like everywhere else.
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 cp /spec.sh /newroot/run/typevisor-lab.sh
 [ -c /dev/kvm ] || fail "no /dev/kvm in the lab: the kvm modules did not load"

@@ -152,10 +152,10 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
     throw new TypevisorError("LAB_QEMU_MISSING", `${QEMU} is not installed (not found on PATH)`, { hint: "install it: apt-get install qemu-system-x86" });
   }
   const k = await prepareLab({ cache, progress: say });
-  // the lab mounts fresh tmpfs on these: host files there are invisible to the command
+  // the lab mounts fresh tmpfs on /run and /dev/shm: host files there are invisible to the command
   const cwd = opts.cwd ?? process.cwd();
   for (const [what, path] of [["cwd", cwd], ["TYPEVISOR_HOME", env["TYPEVISOR_HOME"]], ["TYPEVISOR_CACHE", env["TYPEVISOR_CACHE"]]] as const) {
-    if (path !== undefined && /^\/(tmp|run|dev\/shm)(\/|$)/.test(path)) say(`warning: ${what} ${path} is under a directory the lab replaces with an empty tmpfs`);
+    if (path !== undefined && /^\/(run|dev\/shm)(\/|$)/.test(path)) say(`warning: ${what} ${path} is under a directory the lab replaces with an empty tmpfs`);
   }
 
   const nonce = randomBytes(8).toString("hex");
