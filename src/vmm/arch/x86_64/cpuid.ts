@@ -15,17 +15,10 @@
  * significant-index flag and expects the VMM to describe its topology).
  */
 import { TypevisorError } from "../../../errors.js";
+import type { KvmCpuidEntry } from "../../../kvm/structs.js";
 
-/** One CPUID entry, field for field struct kvm_cpuid_entry2 (KVM API §4.46), as plain data. */
-export interface CpuidEntry {
-  function: number;
-  index: number;
-  flags: number;
-  eax: number;
-  ebx: number;
-  ecx: number;
-  edx: number;
-}
+/** One CPUID entry, field for field struct kvm_cpuid_entry2 (KVM API §4.46): defined once, in kvm/. */
+export type CpuidEntry = KvmCpuidEntry;
 
 /** kvm_cpuid_entry2.flags: the subleaf (ECX input) selects the entry. */
 export const KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1;
