@@ -240,7 +240,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--rng", "virtio-rng entropy device fed from the host's getrandom", false)
     .option("--vsock <spec>", "virtio-vsock: cid=N[,uds=PATH]; host programs connect to PATH and send \"CONNECT <port>\\n\", guest connections to host port P reach PATH_P")
     .option("--balloon [spec]", "virtio-balloon with statistics: [stats=SECONDS][,deflate-on-oom=on]; the API socket sets its size")
-    .option("--api-socket <path>", "serve the control API (pause, resume, stop, stats) on this unix socket")
+    .option("--api-socket <path>", "serve the control API on this unix socket (pause, resume, stop, stats, devices, balloon, registers; docs/vmm.md)")
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
     .action(async (opts: RunOptions, cmd: Command) => {
       const code = await runCommand(opts, (l) => process.stderr.write(l + "\n"));
