@@ -30,6 +30,14 @@ import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 
 export const MIN_MEMORY_MIB = 64;
+
+/**
+ * vCPU and device threads allocate only small, short-lived objects (one exit
+ * decode, one request): a small young generation keeps each thread's resident
+ * heap to a few MiB instead of V8's default semi-spaces, which are sized for
+ * allocation-heavy programs.
+ */
+const WORKER_LIMITS = { maxYoungGenerationSizeMb: 4 } as const;
 /** One ArrayBuffer view must cover guest RAM for now (V8 caps a view at 4 GiB). */
 export const MAX_MEMORY_MIB = 4096;
 
@@ -111,6 +119,7 @@ export class Vm {
   private workers: Worker[] = [];
   private deviceThread: { worker: Worker; eventfd: number; control: Int32Array } | undefined;
   private deviceNames: string[] = [];
+  private deviceFailure: string | undefined;
   private commandSeq = 0;
   private readonly pendingCommands = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private threads: bigint[] = [];
@@ -227,7 +236,7 @@ export class Vm {
       memory: { address: this.mem.address, length: this.mem.length, layout: this.memory.layout },
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control,
     };
-    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init });
+    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init, resourceLimits: WORKER_LIMITS });
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
     await new Promise<void>((resolve, reject) => {
       w.on("message", (m: DeviceThreadMessage) => {
@@ -243,7 +252,16 @@ export class Vm {
         } else process.stderr.write(`typevisor: ${m.message}\n`);
       });
       w.on("error", (e) => reject(new TypevisorError("DEVICE_THREAD", `device thread failed: ${e.message}`)));
-      w.on("exit", () => reject(new TypevisorError("DEVICE_THREAD", "device thread exited during start-up")));
+      w.on("exit", () => {
+        reject(new TypevisorError("DEVICE_THREAD", "device thread exited during start-up"));
+        // Dying while the guest runs (not stopped by stopDevices) leaves every device dead: stop the VM
+        // as crashed rather than let vCPUs time out on each access.
+        if (this.deviceThread?.worker === w) {
+          this.deviceFailure = "the device thread exited unexpectedly";
+          Atomics.compareExchange(this.ctrl, CTRL.REQUEST, VmRequest.NONE, VmRequest.CRASH);
+          this.kickAll();
+        }
+      });
     });
     return { mailbox, eventfd };
   }
@@ -308,7 +326,7 @@ export class Vm {
           consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1,
           ...(platform !== undefined ? { platform } : {}),
         };
-        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init });
+        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init, resourceLimits: WORKER_LIMITS });
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
             this.threads[m.vcpuId] = m.thread;
@@ -333,7 +351,7 @@ export class Vm {
           else if (req === VmRequest.POWEROFF) resolve({ kind: "poweroff" });
           else if (req === VmRequest.RESET) resolve({ kind: "reset" });
           else if (req === VmRequest.STOP) resolve({ kind: "stopped" });
-          else resolve({ kind: "crash", reason: first?.reason ?? "vCPU stopped", ...(first?.dump !== undefined ? { dump: first.dump } : {}) });
+          else resolve({ kind: "crash", reason: this.deviceFailure ?? first?.reason ?? "vCPU stopped", ...(first?.dump !== undefined ? { dump: first.dump } : {}) });
         });
         return w;
       });
