@@ -30,14 +30,6 @@ import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 
 export const MIN_MEMORY_MIB = 64;
-
-/**
- * vCPU and device threads allocate only small, short-lived objects (one exit
- * decode, one request): a small young generation keeps each thread's resident
- * heap to a few MiB instead of V8's default semi-spaces, which are sized for
- * allocation-heavy programs.
- */
-const WORKER_LIMITS = { maxYoungGenerationSizeMb: 4 } as const;
 /** One ArrayBuffer view must cover guest RAM for now (V8 caps a view at 4 GiB). */
 export const MAX_MEMORY_MIB = 4096;
 
@@ -236,7 +228,7 @@ export class Vm {
       memory: { address: this.mem.address, length: this.mem.length, layout: this.memory.layout },
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control,
     };
-    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init, resourceLimits: WORKER_LIMITS });
+    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init });
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
     await new Promise<void>((resolve, reject) => {
       w.on("message", (m: DeviceThreadMessage) => {
@@ -326,7 +318,7 @@ export class Vm {
           consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1,
           ...(platform !== undefined ? { platform } : {}),
         };
-        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init, resourceLimits: WORKER_LIMITS });
+        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init });
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
             this.threads[m.vcpuId] = m.thread;
