@@ -161,6 +161,8 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
 
+  // Say where host programs reach the guest's vsock before anything boots (the console is the guest's after that).
+  if (devices.vsock !== undefined) log(`typevisor: vsock cid=${devices.vsock.cid}: connect to ${devices.vsock.uds} ("CONNECT <port>\n"); guest connections to port P reach ${devices.vsock.uds}_P`);
   try {
     for (let boots = 1; ; boots++) {
       const vm = new Vm({
@@ -172,7 +174,7 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
       firstBoot = undefined;
       if (o.apiSocket !== undefined && server === undefined) {
         server = await startControlServer(o.apiSocket, {
-          info: () => ({ state: current?.vmState, cpus, memoryMiB, cmdline, boots, pid: process.pid }),
+          info: () => ({ state: current?.vmState, cpus, memoryMiB, cmdline, boots, pid: process.pid, devices: current?.devices ?? [] }),
           stats: () => current?.getStats(),
           registers: () => current?.registers(),
           balloon: async (method, body) => {
