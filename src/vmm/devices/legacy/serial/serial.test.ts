@@ -37,6 +37,17 @@ describe("16550A serial", () => {
     expect(uart.read(5, 1) & 1).toBe(0);
   });
 
+  it("pulses its interrupt while holding the state lock, so concurrent pulses cannot merge into one edge", () => {
+    const sab = createSerialShared();
+    const lockWord = new Int32Array(sab);
+    const held: boolean[] = [];
+    const uart = new Serial(sab, () => held.push(Atomics.load(lockWord, 0) !== 0), () => {});
+    uart.write(1, 1, 0x03); // ERBFI | ETBEI: THRE pulse
+    uart.write(0, 1, 0x41); // THR: another THRE pulse
+    uart.receive(Buffer.from("x")); // input: RDA pulse
+    expect(held).toEqual([true, true, true]);
+  });
+
   it("bounds the receive FIFO and reports how much it took", () => {
     const { uart } = make();
     expect(uart.receive(new Uint8Array(100))).toBe(64);

@@ -105,11 +105,13 @@ export class Serial implements PioDevice {
   }
 
   write(offset: number, _size: number, value: number): void {
-    let irq = false;
+    // The interrupt pulse is sent while holding the lock: two threads pulsing the same edge-triggered
+    // line concurrently (a vCPU after THR, the main thread after input) could otherwise interleave as
+    // 1,1,0,0 -- a single edge -- and an input byte that arrived after the guest's handler had already
+    // read IIR would wait for an interrupt that never comes.
     this.lock.with(() => {
-      irq = this.writeLocked(offset, value & 0xff);
+      if (this.writeLocked(offset, value & 0xff)) this.raiseIrq();
     });
-    if (irq) this.raiseIrq();
   }
 
   /**
@@ -118,7 +120,6 @@ export class Serial implements PioDevice {
    */
   receive(bytes: Uint8Array): number {
     let accepted = 0;
-    let irq = false;
     this.lock.with(() => {
       const s = this.s;
       for (const b of bytes) {
@@ -126,9 +127,9 @@ export class Serial implements PioDevice {
         this.pushRx(b);
         accepted++;
       }
-      irq = accepted > 0 && (s[S.IER]! & IER_ERBFI) !== 0;
+      // Under the lock, like write(): one whole pulse per event.
+      if (accepted > 0 && (s[S.IER]! & IER_ERBFI) !== 0) this.raiseIrq();
     });
-    if (irq) this.raiseIrq();
     return accepted;
   }
 
