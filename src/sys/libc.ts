@@ -23,6 +23,10 @@ const madviseFn = libc.func("int madvise(void *addr, size_t len, int advice)");
 const writeFn = libc.func("long write(int fd, const void *buf, size_t n)");
 const readFn = libc.func("long read(int fd, void *buf, size_t n)");
 const pollFn = libc.func("int poll(void *fds, unsigned long nfds, int timeout)");
+// struct iovec (x86_64): void *iov_base @0, size_t iov_len @8.
+// Anonymous type: a named one would clash when the module is evaluated twice in one isolate (vitest).
+const iovecT = koffi.struct({ base: "void *", len: "size_t" });
+const writevFn = libc.func("writev", "long", ["int", koffi.pointer(iovecT), "int"]);
 const eventfdFn = libc.func("int eventfd(unsigned int initval, int flags)");
 const pthreadSelfFn = libc.func("unsigned long pthread_self()");
 const pthreadKillFn = libc.func("int pthread_kill(unsigned long thread, int sig)");
@@ -149,6 +153,20 @@ export function writeRaw(fd: number, buf: Uint8Array): number {
 /** read(2); returns bytes read or -errno. */
 export function readRaw(fd: number, buf: Uint8Array): number {
   const r = readFn(fd, buf, buf.length) as number;
+  return r < 0 ? -koffi.errno() : r;
+}
+
+/** Linux UIO_MAXIOV: readv/writev refuse more iovecs with EINVAL. */
+export const IOV_MAX = 1024;
+
+/**
+ * writev(2) of `views`; returns the bytes written or -errno. At most IOV_MAX
+ * views (else -EINVAL, as the kernel would say). On a TAP one call is one frame.
+ */
+export function writevRaw(fd: number, views: readonly Uint8Array[]): number {
+  if (views.length > IOV_MAX) return -22;
+  const iov = views.map((v) => ({ base: v, len: v.length }));
+  const r = writevFn(fd, iov, iov.length) as number;
   return r < 0 ? -koffi.errno() : r;
 }
 

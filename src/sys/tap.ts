@@ -8,10 +8,6 @@ import * as libc from "./libc.js";
  * few socket/iovec calls a network back end needs, through koffi. Loaded per thread like libc.ts.
  */
 const c = koffi.load("libc.so.6");
-// struct iovec (x86_64): void *iov_base @0, size_t iov_len @8.
-// Anonymous type: a named one would clash when the module is evaluated twice in one isolate (vitest).
-const iovecT = koffi.struct({ base: "void *", len: "size_t" });
-const writevFn = c.func("writev", "long", ["int", koffi.pointer(iovecT), "int"]);
 const socketFn = c.func("int socket(int domain, int type, int protocol)");
 
 /** ioctl request numbers, as the kernel's _IOC macro builds them (asm-generic/ioctl.h). */
@@ -48,8 +44,8 @@ const IFREQ_SIZE = 40;
 export const VNET_HDR_LEN = 12;
 
 const O_NONBLOCK = 0x800;
-/** Linux UIO_MAXIOV: writev refuses more iovecs with EINVAL. */
-export const IOV_MAX = 1024;
+/** writev and IOV_MAX live in libc.ts; re-exported for the TAP's callers. */
+export { IOV_MAX, writevRaw } from "./libc.js";
 
 export interface TapHandle {
   fd: number;
@@ -176,14 +172,3 @@ export function setLinkUp(name: string): void {
   }
 }
 
-/**
- * writev(2) of `views` as one packet; returns the bytes written or -errno. On a TAP one call is
- * one frame (tuntap.rst), so the views must together be exactly vnet header + frame.
- * At most IOV_MAX views (else -EINVAL, as the kernel would say).
- */
-export function writevRaw(fd: number, views: readonly Uint8Array[]): number {
-  if (views.length > IOV_MAX) return -22;
-  const iov = views.map((v) => ({ base: v, len: v.length }));
-  const r = writevFn(fd, iov, iov.length) as number;
-  return r < 0 ? -libc.errno() : r;
-}

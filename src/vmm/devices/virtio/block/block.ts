@@ -1,5 +1,6 @@
 import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
+import { IOV_MAX } from "../../../../sys/libc.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { chainSlices, readChain, writeChain } from "../queue/chain.js";
@@ -29,8 +30,6 @@ export const VIRTIO_BLK_T = { IN: 0, OUT: 1, FLUSH: 4, GET_ID: 8, GET_LIFETIME: 
 export const VIRTIO_BLK_S = { OK: 0, IOERR: 1, UNSUPP: 2 } as const;
 
 export const SECTOR_SIZE = 512;
-/** Most iovecs one preadv/pwritev takes (Linux UIO_MAXIOV). */
-const IOV_MAX = 1024;
 /** struct virtio_blk_req header: le32 type, le32 reserved, le64 sector (virtio 1.2 §5.2.6). */
 const HEADER_SIZE = 16;
 /** struct virtio_blk_discard_write_zeroes: le64 sector, le32 num_sectors, le32 flags. */
