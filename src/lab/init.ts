@@ -1,8 +1,9 @@
 /**
  * /init of the lab initramfs (busybox sh), following docs/lab.md: load virtio/9p/overlay/kvm
- * modules, mount the host root read-only over 9p with a tmpfs overlay on top, chroot into it,
- * check that /dev/kvm is real KVM (kvm_amd, svm), run the spec, report its exit code with a marker
- * (see console.ts) and power off. Parameters come on the kernel command line as tvlab.* words.
+ * modules, mount the host root read-only over 9p with a tmpfs overlay on top (cgroup2 on its
+ * /sys/fs/cgroup), chroot into it, check that /dev/kvm is real KVM (kvm_amd, svm), run the spec,
+ * report its exit code with a marker (see console.ts) and power off. Parameters come on the kernel
+ * command line as tvlab.* words.
  */
 
 /** Modules the lab loads, dependencies resolved from the modules themselves; `?` = only if present. */
@@ -65,6 +66,9 @@ cp "/newroot$specpath" /spec.sh || fail "cannot read the run spec $specpath thro
 for d in proc sys dev tmp run; do mkdir -p "/newroot/$d"; done
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
+# cgroup v2 for the control plane's per-VM limits (Documentation/admin-guide/cgroup-v2.rst): nothing
+# mounts a v1 hierarchy in here, so every controller (cpu, memory, ...) is free for the v2 tree
+mount -t cgroup2 none /newroot/sys/fs/cgroup || echo "typevisor-lab: cannot mount cgroup2"
 mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o mode=0620,ptmxmode=0666 devpts /newroot/dev/pts
