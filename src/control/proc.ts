@@ -1,0 +1,97 @@
+/**
+ * What the control plane learns about a VMM process from /proc (proc(5)): is it still the process
+ * we started, its command line, and what it costs the host. Every reader answers `undefined` for a
+ * process that does not exist (or vanished while being read): a VMM can exit at any moment.
+ */
+import { readFileSync } from "node:fs";
+
+/**
+ * USER_HZ, the unit of the tick counts in /proc/PID/stat (proc(5): "measured in clock ticks
+ * (divide by sysconf(_SC_CLK_TCK))"). Linux fixes USER_HZ at 100 for user space on every
+ * architecture we run on, whatever the kernel's internal HZ, so no `getconf CLK_TCK` round trip.
+ */
+export const CLK_TCK = 100;
+
+function readProc(pid: number, file: string): string | undefined {
+  // pids come from the inventory: anything but a positive integer names no process
+  if (!Number.isSafeInteger(pid) || pid <= 0) return undefined;
+  try {
+    return readFileSync(`/proc/${pid}/${file}`, "utf8");
+  } catch {
+    // ENOENT (no such process), ESRCH (it exited while we read): both mean "not there"
+    return undefined;
+  }
+}
+
+/**
+ * The fields of a /proc/PID/stat line, numbered as in proc(5) (1 = pid, 2 = comm, 3 = state, ...),
+ * so `fields[22]` is starttime. comm (field 2) is in parentheses and may itself hold spaces and
+ * parentheses ("(a) b)"), so the fields after it are split from the LAST ')'.
+ */
+export function parseStatFields(line: string): string[] | undefined {
+  const open = line.indexOf("(");
+  const close = line.lastIndexOf(")");
+  if (open < 0 || close < open) return undefined;
+  const rest = line.slice(close + 1).trim().split(/\s+/);
+  // index 0 unused, so that indices match proc(5)'s 1-based field numbers
+  return ["", line.slice(0, open).trim(), line.slice(open + 1, close), ...rest];
+}
+
+function statFields(pid: number): string[] | undefined {
+  const text = readProc(pid, "stat");
+  return text === undefined ? undefined : parseStatFields(text);
+}
+
+/**
+ * Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot. With the pid it
+ * identifies a process for the life of the host (a pid alone is reused once the process exits).
+ */
+export function processStartTime(pid: number): string | undefined {
+  const f = statFields(pid);
+  const start = f?.[22];
+  return start !== undefined && /^\d+$/.test(start) ? start : undefined;
+}
+
+/**
+ * The process exists, has not exited (a zombie, state Z, or dead, X, waits only to be reaped), and,
+ * when `startTime` is given, is the same process that had it: not a newer one that got the pid.
+ */
+export function processAlive(pid: number, startTime?: string): boolean {
+  const f = statFields(pid);
+  if (f === undefined) return false;
+  const state = f[3];
+  if (state === undefined || state === "Z" || state === "X" || state === "x") return false;
+  return startTime === undefined || f[22] === startTime;
+}
+
+/** argv of the process (/proc/PID/cmdline, NUL-separated); [] for a zombie or kernel thread. */
+export function processCmdline(pid: number): string[] | undefined {
+  const text = readProc(pid, "cmdline");
+  if (text === undefined) return undefined;
+  const args = text.split("\0");
+  if (args[args.length - 1] === "") args.pop();
+  return args;
+}
+
+export interface ProcessUsage {
+  /** User plus system CPU time consumed so far (proc(5) stat fields 14 utime and 15 stime). */
+  cpuSeconds: number;
+  /** Resident set size (VmRSS in /proc/PID/status); 0 for a process with no memory (kernel thread). */
+  rssBytes: number;
+}
+
+/** VmRSS from /proc/PID/status text, in bytes (the kernel reports kB, meaning KiB). */
+export function parseVmRss(status: string): number {
+  const m = /^VmRSS:\s+(\d+)\s*kB$/m.exec(status);
+  return m === null ? 0 : Number(m[1]) * 1024;
+}
+
+export function processUsage(pid: number): ProcessUsage | undefined {
+  const f = statFields(pid);
+  const status = readProc(pid, "status");
+  if (f === undefined || status === undefined) return undefined;
+  const utime = Number(f[14]);
+  const stime = Number(f[15]);
+  if (!Number.isFinite(utime) || !Number.isFinite(stime)) return undefined;
+  return { cpuSeconds: (utime + stime) / CLK_TCK, rssBytes: parseVmRss(status) };
+}
