@@ -1,12 +1,14 @@
 /**
- * `typevisor run`: one VM in this process, its serial console on the terminal.
- * Exit status: 0 when the guest powers off (or is stopped through the API),
- * 1 when it crashes, 2 for bad input. A guest reboot restarts the VM unless
- * --no-reboot.
+ * `typevisor run`: one VM in this process, its serial console on the terminal
+ * or, headless (--console-log / --console-socket), on a rotating log file and
+ * a unix socket, as a supervisor that spawns one VMM process per VM needs.
+ * Exit status: 0 when the guest powers off (or is stopped through the API or
+ * SIGTERM), 1 when it crashes, 2 for bad input. A guest reboot restarts the
+ * VM unless --no-reboot. --exit-file records how the process ended.
  */
-import { existsSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import type { Server } from "node:http";
 import { Option, type Command } from "commander";
 import { TypevisorError } from "../errors.js";
@@ -17,6 +19,8 @@ import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type Dev
 import { startControlServer } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
+import { ConsolePipe } from "../vmm/console/console-pipe.js";
+import { parseSize } from "../vmm/console/size.js";
 
 
 export interface RunOptions {
@@ -35,6 +39,54 @@ export interface RunOptions {
   rng: boolean;
   balloon?: string | boolean;
   vsock?: string;
+  /** The VM's identity for a supervisor (GET /vm `id`, visible in the process's command line). */
+  id?: string;
+  consoleLog?: string;
+  /** Rotation size of --console-log (default 1M). */
+  consoleLogSize?: string;
+  consoleSocket?: string;
+  exitFile?: string;
+  /** Run on a PVM /dev/kvm instead of refusing or re-running in the lab (purpose-built guests boot there). */
+  forceKvm?: boolean;
+}
+
+/** How the VMM process ended, as --exit-file records it. */
+export type RunResult = "poweroff" | "stopped" | "reset" | "crash" | "error";
+
+export interface ExitRecord {
+  code: number;
+  result: RunResult;
+  reason?: string;
+  /** ISO 8601 time of the exit. */
+  at: string;
+}
+
+/** VM ids: DNS-label-like, so they are safe in file names, socket paths and process listings. */
+export const VM_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+export function parseVmId(v: string): string {
+  if (!VM_ID_PATTERN.test(v)) {
+    throw new TypevisorError("INVALID_ARGUMENT", `--id must be 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit (got "${v}")`);
+  }
+  return v;
+}
+
+export const DEFAULT_CONSOLE_LOG_SIZE = "1M";
+
+/**
+ * Write `record` to `path` atomically (a temporary file in the same directory,
+ * then rename(2)): a supervisor polling for the file never reads half of it.
+ */
+export function writeExitFile(path: string, record: ExitRecord): void {
+  const tmp = `${path}.tmp-${process.pid}`;
+  writeFileSync(tmp, JSON.stringify(record) + "\n", { mode: 0o640 });
+  renameSync(tmp, path);
+}
+
+/** The exit status main() gives a thrown error (kept in step with cli/main.ts). */
+function exitCodeFor(e: unknown): number {
+  if (e instanceof TypevisorError) return e.code === "SYSCALL_FAILED" || e.code.startsWith("KVM") ? 1 : 2;
+  return 70;
 }
 
 /** Ctrl-A x quits, as in QEMU's -nographic console. */
@@ -101,10 +153,52 @@ export async function resolveBoot(o: RunOptions): Promise<ResolvedBoot> {
   };
 }
 
+/**
+ * Run the VM (or return -1: re-run in the lab). With --exit-file, every way out
+ * of here except -1 leaves a record, written before returning or rethrowing.
+ */
 export async function runCommand(o: RunOptions, log: (line: string) => void): Promise<number> {
+  const exitFile = o.exitFile;
+  if (exitFile !== undefined) {
+    // A record left by an earlier run of the same VM must not be mistaken for this run's.
+    try {
+      unlinkSync(exitFile);
+    } catch {
+      // none
+    }
+  }
+  const record = (code: number, result: RunResult, reason?: string): void => {
+    if (exitFile === undefined) return;
+    try {
+      writeExitFile(exitFile, { code, result, ...(reason !== undefined ? { reason } : {}), at: new Date().toISOString() });
+    } catch (e) {
+      log(`typevisor: cannot write --exit-file ${exitFile}: ${(e as Error).message}`);
+    }
+  };
+  let outcome: { code: number; result: RunResult; reason?: string } | -1;
+  try {
+    outcome = await runVm(o, log);
+  } catch (e) {
+    record(exitCodeFor(e), "error", e instanceof Error ? e.message : String(e));
+    throw e;
+  }
+  if (outcome === -1) return -1;
+  record(outcome.code, outcome.result, outcome.reason);
+  return outcome.code;
+}
+
+async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code: number; result: RunResult; reason?: string } | -1> {
   const cpus = parseIntArg("--cpus", o.cpus);
   const memoryMiB = parseIntArg("--memory", o.memory);
   validateConfig({ cpus, memoryMiB });
+  const id = o.id !== undefined ? parseVmId(o.id) : undefined;
+  if (o.consoleLogSize !== undefined && o.consoleLog === undefined) {
+    throw new TypevisorError("INVALID_ARGUMENT", "--console-log-size needs --console-log PATH");
+  }
+  const logSize = parseSize("--console-log-size", o.consoleLogSize ?? DEFAULT_CONSOLE_LOG_SIZE);
+  for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", o.consoleSocket], ["--exit-file", o.exitFile]] as const) {
+    if (path !== undefined && !existsSync(dirname(path))) throw new TypevisorError("INVALID_ARGUMENT", `${flag} ${path}: directory ${dirname(path)} does not exist`);
+  }
   const devices: DeviceSpecs = {
     disks: o.disk.map(parseDiskSpec),
     nets: o.net.map(parseNetSpec),
@@ -118,19 +212,34 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
   const cmdline = firstBoot.cmdline;
 
   const kind = kvmHostKind();
-  if (kind !== "hardware") {
+  if (kind === "none" && o.forceKvm === true) {
+    throw new TypevisorError("KVM_UNSUITABLE", "this host has no /dev/kvm (--force-kvm needs one)");
+  }
+  // PVM runs purpose-built guests (kvm-lab.md); --force-kvm is for those (tests, the control plane's tiny VMs).
+  if (kind !== "hardware" && !(kind === "pvm" && o.forceKvm === true)) {
     const why = kind === "pvm"
       ? "this host's /dev/kvm is PVM (software nested virtualization), which cannot boot stock Linux kernels"
       : "this host has no /dev/kvm";
-    if (!o.lab) throw new TypevisorError("KVM_UNSUITABLE", why, { hint: "drop --no-lab to run inside the KVM lab, or use a host with hardware virtualization" });
+    if (!o.lab) throw new TypevisorError("KVM_UNSUITABLE", why, { hint: "drop --no-lab to run inside the KVM lab, use --force-kvm for a purpose-built guest, or use a host with hardware virtualization" });
     return -1; // the caller re-runs this command inside the lab
   }
 
-  const stdin = process.stdin;
-  const tty = stdin.isTTY === true;
   let current: Vm | undefined;
   let server: Server | undefined;
   let stopRequested = false;
+  // Headless: the console is a pipe fanned out to the log and socket; the terminal stays out of it.
+  const headless = o.consoleLog !== undefined || o.consoleSocket !== undefined;
+  const consolePipe = headless
+    ? await ConsolePipe.open({
+      ...(o.consoleLog !== undefined ? { log: { path: o.consoleLog, maxBytes: logSize } } : {}),
+      ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket } } : {}),
+      onInput: (b) => current?.sendInput(b),
+    })
+    : undefined;
+  const consoleFd = consolePipe?.writeFd ?? 1;
+
+  const stdin = process.stdin;
+  const tty = !headless && stdin.isTTY === true;
   let escape = false;
   const onInput = (chunk: Buffer): void => {
     if (tty) {
@@ -152,8 +261,10 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
       current?.sendInput(chunk);
     }
   };
-  if (tty) stdin.setRawMode(true);
-  stdin.on("data", onInput);
+  if (!headless) {
+    if (tty) stdin.setRawMode(true);
+    stdin.on("data", onInput);
+  }
   const onSignal = (): void => {
     stopRequested = true;
     current?.stop();
@@ -161,21 +272,28 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
 
+  if (kind === "pvm") log("typevisor: --force-kvm: running on this host's PVM /dev/kvm (purpose-built guests only; stock kernels fail)");
   // Say where host programs reach the guest's vsock before anything boots (the console is the guest's after that).
   if (devices.vsock !== undefined) log(`typevisor: vsock cid=${devices.vsock.cid}: connect to ${devices.vsock.uds} ("CONNECT <port>\n"); guest connections to port P reach ${devices.vsock.uds}_P`);
   try {
     for (let boots = 1; ; boots++) {
       const vm = new Vm({
-        cpus, memoryMiB, consoleFd: 1, devices,
+        cpus, memoryMiB, consoleFd, devices,
         // The files are read again for each boot rather than held in the heap for the VM's lifetime.
         boot: { kind: "linux", ...(firstBoot ?? (await resolveBoot(o))) },
       });
       current = vm;
       firstBoot = undefined;
+      // A stop (signal or API) that arrived while this VM was being built: it runs no guest code.
+      if (stopRequested) vm.stop();
       if (o.apiSocket !== undefined && server === undefined) {
         server = await startControlServer(o.apiSocket, {
-          info: () => ({ state: current?.vmState, cpus, memoryMiB, cmdline, boots, pid: process.pid, devices: current?.devices ?? [] }),
-          stats: () => current?.getStats(),
+          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots, pid: process.pid, devices: current?.devices ?? [] }),
+          stats: async () => {
+            const vmNow = current;
+            if (vmNow === undefined) return undefined;
+            return { ...vmNow.getStats(), io: await vmNow.ioStats() };
+          },
           registers: () => current?.registers(),
           balloon: async (method, body) => {
             if (current === undefined) throw new TypevisorError("VM_STATE", "no VM");
@@ -189,6 +307,10 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
           stop: () => {
             stopRequested = true;
             current?.stop();
+          },
+          reboot: () => {
+            if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
+            current.reset();
           },
         });
       }
@@ -204,31 +326,37 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
       }
       switch (result.kind) {
         case "poweroff":
+          return { code: 0, result: "poweroff" };
         case "stopped":
-          return 0;
+          return { code: 0, result: "stopped" };
         case "reset":
+          if (stopRequested) return { code: 0, result: "stopped" };
           log("typevisor: guest reset (--no-reboot): exiting");
-          return 0;
+          return { code: 0, result: "reset" };
         case "crash":
           log(`typevisor: guest crashed: ${result.reason}`);
           if (result.dump !== undefined) log(result.dump);
-          return 1;
+          return { code: 1, result: "crash", reason: result.reason };
       }
     }
   } finally {
-    stdin.off("data", onInput);
-    if (tty) stdin.setRawMode(false);
-    stdin.pause();
+    if (!headless) {
+      stdin.off("data", onInput);
+      if (tty) stdin.setRawMode(false);
+      stdin.pause();
+    }
     process.off("SIGTERM", onSignal);
     process.off("SIGINT", onSignal);
     server?.close();
+    // Everything the guest printed reaches the log and the socket clients before the process exits.
+    await consolePipe?.close();
   }
 }
 
 export function registerRunCommand(program: Command, onLab: (argv: string[]) => Promise<number>): void {
   program
     .command("run")
-    .description("boot one VM with the typevisor VMM, its serial console on this terminal (Ctrl-A x quits)")
+    .description("boot one VM with the typevisor VMM, its serial console on this terminal (Ctrl-A x quits) or, with --console-log/--console-socket, headless")
     .option("--image <name>", "boot an image built with `typevisor image build`")
     .option("--kernel <path>", "kernel to boot: bzImage, or an ELF vmlinux with a PVH entry note")
     .option("--initrd <path>", "initramfs to load with the kernel")
@@ -242,7 +370,13 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--rng", "virtio-rng entropy device fed from the host's getrandom", false)
     .option("--vsock <spec>", "virtio-vsock: cid=N[,uds=PATH]; host programs connect to PATH and send \"CONNECT <port>\\n\", guest connections to host port P reach PATH_P")
     .option("--balloon [spec]", "virtio-balloon with statistics: [stats=SECONDS][,deflate-on-oom=on]; the API socket sets its size")
-    .option("--api-socket <path>", "serve the control API on this unix socket (pause, resume, stop, stats, devices, balloon, registers; docs/vmm.md)")
+    .option("--api-socket <path>", "serve the control API on this unix socket (pause, resume, stop, reboot, stats, devices, balloon, registers; docs/vmm.md)")
+    .option("--id <id>", "the VM's identity ([a-z0-9][a-z0-9-]{0,62}): GET /vm reports it, and it shows in the process's command line")
+    .option("--console-log <path>", "append the guest's serial output to this file (headless: the terminal is not the console)")
+    .option("--console-log-size <size>", `rotate --console-log when it would exceed SIZE (bytes or K/M/G; default ${DEFAULT_CONSOLE_LOG_SIZE}): PATH becomes PATH.1`)
+    .option("--console-socket <path>", "serve the serial console on this unix socket: clients get output from when they connect, what they send is typed into the guest (headless)")
+    .option("--exit-file <path>", 'on exit, write {"code","result":"poweroff|stopped|reset|crash|error","reason"?,"at"} here atomically')
+    .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
     .action(async (opts: RunOptions, cmd: Command) => {
       const code = await runCommand(opts, (l) => process.stderr.write(l + "\n"));

@@ -33,6 +33,7 @@ const pthreadKillFn = libc.func("int pthread_kill(unsigned long thread, int sig)
 const sigactionFn = libc.func("int sigaction(int sig, const void *act, void *oldact)");
 const dlsymFn = libc.func("uintptr_t dlsym(uintptr_t handle, const char *name)");
 const getpidFn = libc.func("int getpid()");
+const pipe2Fn = libc.func("int pipe2(void *fds, int flags)");
 const gettidFn = libc.func("int gettid()");
 // memmove(dst, dst, 0) returns dst: the one portable way to turn an address
 // received from another thread into a koffi pointer we can view.
@@ -271,4 +272,15 @@ export function installKickHandler(): void {
   new DataView(act.buffer).setBigUint64(0, BigInt(handler), true);
   check("sigaction", sigactionFn(SIG_VCPU_KICK, act, null) as number);
   kickInstalled = true;
+}
+
+/**
+ * pipe2(2) with O_CLOEXEC: [read end, write end]. The VMM's console pipe: vCPU
+ * threads write guest serial output into it with write(2) (blocking, so a full
+ * pipe slows the guest instead of losing bytes) while the main thread reads it.
+ */
+export function pipe2(flags = O_CLOEXEC): [number, number] {
+  const fds = new Int32Array(2);
+  check("pipe2", pipe2Fn(fds, flags) as number);
+  return [fds[0]!, fds[1]!];
 }

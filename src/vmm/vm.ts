@@ -70,6 +70,31 @@ export interface VmStats {
 
 export type VmState = "created" | "running" | "paused" | "stopped";
 
+/** Disk and network traffic summed over the VM's virtio devices (counted by the back ends). */
+export interface IoTotals {
+  diskReadBytes: number;
+  diskWriteBytes: number;
+  diskReadOps: number;
+  diskWriteOps: number;
+  netRxBytes: number;
+  netTxBytes: number;
+  netRxPackets: number;
+  netTxPackets: number;
+}
+
+export interface IoStats extends IoTotals {
+  disks: { name: string; readBytes: number; writeBytes: number; readOps: number; writeOps: number }[];
+  nets: { name: string; rxBytes: number; txBytes: number; rxPackets: number; txPackets: number; rxDropped: number; txDropped: number }[];
+}
+
+/** Counters of a VM without devices (nothing to ask the device thread). */
+export function emptyIoStats(): IoStats {
+  return {
+    diskReadBytes: 0, diskWriteBytes: 0, diskReadOps: 0, diskWriteOps: 0,
+    netRxBytes: 0, netTxBytes: 0, netRxPackets: 0, netTxPackets: 0, disks: [], nets: [],
+  };
+}
+
 /**
  * Where a compiled worker entry lives (`rel` from src/vmm/, e.g. "vcpu/worker.js").
  * Under vitest this module runs from src/ as TypeScript, so point at dist/.
@@ -394,6 +419,25 @@ export class Vm {
     Atomics.store(this.ctrl, CTRL.PAUSE, 0);
     Atomics.notify(this.ctrl, CTRL.PAUSE);
     this.kickAll();
+  }
+
+  /**
+   * Host-initiated reboot: the vCPUs stop as if the guest had written the ACPI
+   * reset register, so run() resolves with "reset" and the caller's reboot
+   * policy (restart or exit) applies unchanged.
+   */
+  reset(): void {
+    if (this.state !== "running" && this.state !== "paused") throw new TypevisorError("VM_STATE", `cannot reboot a VM that is ${this.state}`);
+    Atomics.compareExchange(this.ctrl, CTRL.REQUEST, VmRequest.NONE, VmRequest.RESET);
+    Atomics.store(this.ctrl, CTRL.PAUSE, 0);
+    Atomics.notify(this.ctrl, CTRL.PAUSE);
+    this.kickAll();
+  }
+
+  /** Disk and network counters from the device thread's back ends (zeros without devices). */
+  async ioStats(): Promise<IoStats> {
+    if (this.deviceThread === undefined) return emptyIoStats();
+    return (await this.deviceCommand("io")) as IoStats;
   }
 
   /** Console input; what the UART FIFO cannot take yet is retried shortly. */

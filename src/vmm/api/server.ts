@@ -4,10 +4,11 @@
  * Errors are problem+json (RFC 9457) with a code; never a stack trace.
  *
  *   GET  /vm       state and configuration
- *   GET  /stats    vCPU exits by reason, uptime, memory
+ *   GET  /stats    vCPU exits by reason, uptime, memory, disk/network I/O counters
  *   POST /pause    park every vCPU (interrupts KVM_RUN)
  *   POST /resume
  *   POST /stop     stop the VM; the VMM process then exits
+ *   POST /reboot   reset the guest as its own reboot would (restarted, or exit with --no-reboot)
  *   GET  /registers  every vCPU's registers (only while paused)
  *   GET  /devices  PCI devices and their virtio status
  *   GET  /balloon  balloon size (target/actual pages) and guest memory statistics
@@ -20,7 +21,8 @@ import { TypevisorError, isTypevisorError } from "../../errors.js";
 
 export interface ControlTarget {
   info(): unknown;
-  stats(): unknown;
+  /** May need the device thread (I/O counters), hence asynchronous. */
+  stats(): Promise<unknown>;
   registers(): unknown;
   devices(): Promise<unknown>;
   /** GET: size and statistics; PUT {targetMiB}: set the balloon's size; POST: ask the guest for fresh statistics. */
@@ -28,6 +30,8 @@ export interface ControlTarget {
   pause(): Promise<void>;
   resume(): void;
   stop(): void;
+  /** Host-initiated reset (VM_STATE when there is no running VM). */
+  reboot(): void;
 }
 
 function send(res: ServerResponse, status: number, body: unknown, type = "application/json"): void {
@@ -79,7 +83,7 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
         case "GET /vm":
           return send(res, 200, target.info());
         case "GET /stats":
-          return send(res, 200, target.stats());
+          return send(res, 200, await target.stats());
         case "GET /balloon":
           return send(res, 200, await target.balloon("GET"));
         case "PUT /balloon": {
@@ -105,8 +109,12 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
         case "POST /stop":
           target.stop();
           return send(res, 202, { ok: true });
+        case "POST /reboot":
+          // 202: the reset happens asynchronously (the VM is rebuilt, or the process exits with --no-reboot).
+          target.reboot();
+          return send(res, 202, { ok: true });
         default:
-          return problem(res, 404, "NOT_FOUND", `no route ${route}; try GET /vm, GET /stats, POST /pause, POST /resume, POST /stop`);
+          return problem(res, 404, "NOT_FOUND", `no route ${route}; try GET /vm, GET /stats, POST /pause, POST /resume, POST /stop, POST /reboot`);
       }
     };
     handle().catch((e: unknown) => {

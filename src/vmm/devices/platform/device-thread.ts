@@ -49,6 +49,9 @@ const taps: number[] = [];
 let balloon: BalloonDevice | undefined;
 let vsock: VsockDevice | undefined;
 const plugged: Plugged[] = [];
+/** Back ends whose traffic GET /stats reports ("io" command). */
+const disks: { name: string; dev: BlockDevice }[] = [];
+const nics: { name: string; dev: NetDevice }[] = [];
 
 function plug(name: string, device: VirtioDevice): void {
   const transport = new VirtioPciDevice({
@@ -125,7 +128,10 @@ function handle(op: OpCode, addr: number, size: number, data: bigint): bigint {
 
 try {
   init.devices.disks.forEach((d, i) => {
-    plug(`virtio-blk ${d.path}${d.readonly ? " (read-only)" : ""}`, new BlockDevice({ path: d.path, readonly: d.readonly, ...(d.serial !== undefined ? { serial: d.serial } : {}) }));
+    const dev = new BlockDevice({ path: d.path, readonly: d.readonly, ...(d.serial !== undefined ? { serial: d.serial } : {}) });
+    const name = `virtio-blk ${d.path}${d.readonly ? " (read-only)" : ""}`;
+    plug(name, dev);
+    disks.push({ name, dev });
     void i;
   });
   init.devices.nets.forEach((n, i) => {
@@ -134,7 +140,10 @@ try {
     // A TAP we just created starts down and would drop what the guest sends.
     if (tap.created) setLinkUp(tap.name);
     const mac = n.mac !== undefined ? parseMac(n.mac) : macFromIdentity(`${tap.name}/net${i}`);
-    plug(`virtio-net ${tap.name} ${formatMac(mac)}`, new NetDevice({ tapFd: tap.fd, mac }));
+    const dev = new NetDevice({ tapFd: tap.fd, mac });
+    const name = `virtio-net ${tap.name} ${formatMac(mac)}`;
+    plug(name, dev);
+    nics.push({ name, dev });
   });
   if (init.devices.rng) plug("virtio-rng", new RngDevice());
   if (init.devices.vsock !== undefined) {
@@ -168,6 +177,25 @@ commands.set("devices", () =>
     needsReset: p.transport.needsResetReason ?? null,
   })),
 );
+
+/** Disk and network counters: totals over devices plus one entry per device (GET /stats "io"). */
+commands.set("io", () => {
+  const perDisk = disks.map(({ name, dev }) => ({ name, ...dev.stats() }));
+  const perNic = nics.map(({ name, dev }) => ({ name, ...dev.stats() }));
+  const sum = <T>(xs: T[], f: (x: T) => number): number => xs.reduce((n, x) => n + f(x), 0);
+  return {
+    diskReadBytes: sum(perDisk, (d) => d.readBytes),
+    diskWriteBytes: sum(perDisk, (d) => d.writeBytes),
+    diskReadOps: sum(perDisk, (d) => d.readOps),
+    diskWriteOps: sum(perDisk, (d) => d.writeOps),
+    netRxBytes: sum(perNic, (n) => n.rxBytes),
+    netTxBytes: sum(perNic, (n) => n.txBytes),
+    netRxPackets: sum(perNic, (n) => n.rxPackets),
+    netTxPackets: sum(perNic, (n) => n.txPackets),
+    disks: perDisk,
+    nets: perNic,
+  };
+});
 
 function theBalloon(): BalloonDevice {
   if (balloon === undefined) throw new TypevisorError("NO_BALLOON", "this VM has no balloon (start it with --balloon)");

@@ -94,6 +94,14 @@ export interface BlockDeviceState {
  * bytes, so write_zeroes_may_unmap is 0. Node has no fallocate; PUNCH_HOLE/ZERO_RANGE via koffi
  * would make both cheap later.
  */
+/** I/O counters of one disk (for the control API's GET /stats). */
+export interface BlockStats {
+  readBytes: number;
+  writeBytes: number;
+  readOps: number;
+  writeOps: number;
+}
+
 export class BlockDevice implements VirtioDevice {
   readonly deviceType = VIRTIO_ID.BLOCK;
   readonly queueMaxSizes: readonly number[];
@@ -110,6 +118,8 @@ export class BlockDevice implements VirtioDevice {
   private queues: (SplitQueue | undefined)[] = [];
   /** FLUSH offered but not negotiated: every write must be stable before completion (§5.2.6.2). */
   private writeThrough = true;
+  /** Completed data requests (IN/OUT with status OK) and their payload bytes, since construction. */
+  private readonly counters: BlockStats = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
 
   /** @throws TypevisorError DISK_OPEN, DISK_TYPE, DISK_SIZE, DISK_SERIAL, DISK_OPTIONS */
   constructor(opts: BlockDeviceOptions) {
@@ -262,6 +272,11 @@ export class BlockDevice implements VirtioDevice {
     return sector * BigInt(SECTOR_SIZE) + BigInt(bytes) <= BigInt(this.capacityBytes);
   }
 
+  /** Completed read/write requests and bytes since construction. */
+  stats(): BlockStats {
+    return { ...this.counters };
+  }
+
   private execute(ctx: ActivateContext, chain: DescriptorChain, type: number, sector: bigint): number {
     const { IOERR, OK, UNSUPP } = VIRTIO_BLK_S;
     switch (type) {
@@ -269,6 +284,8 @@ export class BlockDevice implements VirtioDevice {
         const len = chain.totalWrite - 1;
         if (len % SECTOR_SIZE !== 0 || !this.inRange(sector, len)) return IOERR;
         this.transfer("read", chainSlices(ctx.mem, chain.writable, 0, len), Number(sector) * SECTOR_SIZE);
+        this.counters.readOps++;
+        this.counters.readBytes += len;
         return OK;
       }
       case VIRTIO_BLK_T.OUT: {
@@ -278,6 +295,8 @@ export class BlockDevice implements VirtioDevice {
         if (len % SECTOR_SIZE !== 0 || !this.inRange(sector, len)) return IOERR;
         this.transfer("write", chainSlices(ctx.mem, chain.readable, HEADER_SIZE, len), Number(sector) * SECTOR_SIZE);
         this.stabilize();
+        this.counters.writeOps++;
+        this.counters.writeBytes += len;
         return OK;
       }
       case VIRTIO_BLK_T.FLUSH:
