@@ -12,6 +12,7 @@ const SRC = resolve(new URL("../src", import.meta.url).pathname);
 /** Lower number = lower layer. */
 const LAYER: Record<string, number> = {
   "errors.ts": 0,
+  "index.ts": 8,
   sys: 1,
   kvm: 2,
   vmm: 3,

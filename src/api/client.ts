@@ -1,0 +1,201 @@
+/**
+ * A typed client for the daemon's API, over its unix socket (default) or TCP.
+ * Exported by the package: `import { TypevisorClient } from "typevisor"`.
+ * Errors from the daemon arrive as ApiError with the problem's code, status
+ * and message.
+ */
+import { request, type IncomingMessage, type RequestOptions } from "node:http";
+import type { Duplex } from "node:stream";
+import type { EventRecord, VmInfo, VmSpecInput } from "../control/spec.js";
+import { TypevisorError } from "../errors.js";
+import type { HostReport, VmStats } from "./schemas.js";
+
+export class ApiError extends TypevisorError {
+  constructor(readonly status: number, code: string, message: string, hint?: string) {
+    super(code, message, hint !== undefined ? { hint } : undefined);
+    this.name = "ApiError";
+  }
+}
+
+export type ClientTarget = { socketPath: string } | { host: string; port: number };
+
+export interface Health {
+  ok: boolean;
+  version: string;
+  pid: number;
+}
+
+export class TypevisorClient {
+  constructor(readonly target: ClientTarget, private readonly timeoutMs = 120_000) {}
+
+  private options(method: string, path: string, headers: Record<string, string | number> = {}): RequestOptions {
+    return {
+      ...("socketPath" in this.target ? { socketPath: this.target.socketPath } : { host: this.target.host, port: this.target.port }),
+      method,
+      path,
+      headers,
+    };
+  }
+
+  private unreachable(e: Error): TypevisorError {
+    const where = "socketPath" in this.target ? this.target.socketPath : `${this.target.host}:${this.target.port}`;
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === "ENOENT" || code === "ECONNREFUSED") {
+      return new TypevisorError("DAEMON_UNREACHABLE", `no typevisor daemon answers at ${where}`, { hint: "start one: typevisor daemon (or give --socket)" });
+    }
+    return new TypevisorError("DAEMON_UNREACHABLE", `the daemon at ${where}: ${e.message}`);
+  }
+
+  /** Send a request; resolve with the response stream once headers arrive (errors already turned into ApiError). */
+  private open(method: string, path: string, body?: unknown): Promise<IncomingMessage> {
+    return new Promise((resolve, reject) => {
+      const text = body === undefined ? undefined : JSON.stringify(body);
+      const req = request(this.options(method, path, text !== undefined ? { "content-type": "application/json", "content-length": Buffer.byteLength(text) } : {}), (res) => {
+        const status = res.statusCode ?? 0;
+        if (status < 400) return resolve(res);
+        let data = "";
+        res.setEncoding("utf8");
+        res.on("data", (d: string) => (data += d));
+        res.on("end", () => {
+          let p: { code?: string; detail?: string; hint?: string } = {};
+          try {
+            p = JSON.parse(data) as typeof p;
+          } catch {
+            /* not problem+json: use the status */
+          }
+          reject(new ApiError(status, p.code ?? `HTTP_${status}`, p.detail ?? `HTTP ${status}`, p.hint));
+        });
+      });
+      req.setTimeout(this.timeoutMs, () => req.destroy(new Error(`no answer in ${this.timeoutMs / 1000} s`)));
+      req.on("error", (e) => reject(e instanceof TypevisorError ? e : this.unreachable(e)));
+      req.end(text);
+    });
+  }
+
+  private async json<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const res = await this.open(method, path, body);
+    const chunks: Buffer[] = [];
+    for await (const c of res) chunks.push(c as Buffer);
+    const text = Buffer.concat(chunks).toString("utf8");
+    return (text === "" ? undefined : JSON.parse(text)) as T;
+  }
+
+  private async bytes(path: string): Promise<Buffer> {
+    const res = await this.open("GET", path);
+    const chunks: Buffer[] = [];
+    for await (const c of res) chunks.push(c as Buffer);
+    return Buffer.concat(chunks);
+  }
+
+  health(): Promise<Health> {
+    return this.json("GET", "/v1/health");
+  }
+  host(): Promise<HostReport> {
+    return this.json("GET", "/v1/host");
+  }
+  async listVms(): Promise<VmInfo[]> {
+    return (await this.json<{ vms: VmInfo[] }>("GET", "/v1/vms")).vms;
+  }
+  getVm(name: string): Promise<VmInfo> {
+    return this.json("GET", `/v1/vms/${encodeURIComponent(name)}`);
+  }
+  createVm(spec: VmSpecInput, opts: { start?: boolean } = {}): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms${opts.start === true ? "?start=true" : ""}`, spec);
+  }
+  startVm(name: string): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(name)}/start`);
+  }
+  stopVm(name: string, opts: { force?: boolean; timeoutSeconds?: number } = {}): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(name)}/stop`, opts);
+  }
+  pauseVm(name: string): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(name)}/pause`);
+  }
+  resumeVm(name: string): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(name)}/resume`);
+  }
+  rebootVm(name: string): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(name)}/reboot`);
+  }
+  async removeVm(name: string, opts: { force?: boolean } = {}): Promise<void> {
+    await this.json("DELETE", `/v1/vms/${encodeURIComponent(name)}${opts.force === true ? "?force=true" : ""}`);
+  }
+  vmStats(name: string): Promise<VmStats> {
+    return this.json("GET", `/v1/vms/${encodeURIComponent(name)}/stats`);
+  }
+  /** The captured console (the last `tail` bytes). */
+  console(name: string, opts: { tail?: number } = {}): Promise<Buffer> {
+    return this.bytes(`/v1/vms/${encodeURIComponent(name)}/console${opts.tail !== undefined ? `?tail=${opts.tail}` : ""}`);
+  }
+  /** The console as a stream that goes on with new output until destroyed. */
+  followConsole(name: string, opts: { tail?: number } = {}): Promise<IncomingMessage> {
+    return this.open("GET", `/v1/vms/${encodeURIComponent(name)}/console?follow=true${opts.tail !== undefined ? `&tail=${opts.tail}` : ""}`);
+  }
+  /** The interactive serial console: a duplex byte stream to the guest's UART. */
+  attachConsole(name: string): Promise<Duplex> {
+    return new Promise((resolve, reject) => {
+      const req = request(this.options("GET", `/v1/vms/${encodeURIComponent(name)}/console/attach`, { connection: "Upgrade", upgrade: "tcp" }));
+      req.on("upgrade", (_res, socket, head) => {
+        if (head.length > 0) socket.unshift(head);
+        resolve(socket);
+      });
+      req.on("response", (res) => {
+        let data = "";
+        res.setEncoding("utf8");
+        res.on("data", (d: string) => (data += d));
+        res.on("end", () => {
+          let p: { code?: string; detail?: string } = {};
+          try {
+            p = JSON.parse(data) as typeof p;
+          } catch {
+            /* keep the status */
+          }
+          reject(new ApiError(res.statusCode ?? 0, p.code ?? "HTTP", p.detail ?? `HTTP ${res.statusCode}`));
+        });
+      });
+      req.on("error", (e) => reject(this.unreachable(e)));
+      req.end();
+    });
+  }
+  async events(opts: { after?: number; vm?: string; limit?: number } = {}): Promise<EventRecord[]> {
+    const q = new URLSearchParams();
+    if (opts.after !== undefined) q.set("after", String(opts.after));
+    if (opts.vm !== undefined) q.set("vm", opts.vm);
+    if (opts.limit !== undefined) q.set("limit", String(opts.limit));
+    const qs = q.toString();
+    return (await this.json<{ events: EventRecord[] }>("GET", `/v1/events${qs !== "" ? `?${qs}` : ""}`)).events;
+  }
+  /** Server-sent events, parsed; iterate with `for await`, `return()` ends the stream. */
+  async *followEvents(opts: { after?: number; vm?: string } = {}): AsyncGenerator<EventRecord> {
+    const q = new URLSearchParams({ follow: "true" });
+    if (opts.after !== undefined) q.set("after", String(opts.after));
+    if (opts.vm !== undefined) q.set("vm", opts.vm);
+    const res = await this.open("GET", `/v1/events?${q.toString()}`);
+    let buf = "";
+    try {
+      res.setEncoding("utf8");
+      for await (const chunk of res) {
+        buf += chunk as string;
+        let i: number;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          const data = block
+            .split("\n")
+            .filter((l) => l.startsWith("data: "))
+            .map((l) => l.slice(6))
+            .join("\n");
+          if (data !== "") yield JSON.parse(data) as EventRecord;
+        }
+      }
+    } finally {
+      res.destroy();
+    }
+  }
+  async metrics(): Promise<string> {
+    return (await this.bytes("/metrics")).toString("utf8");
+  }
+  openapi(): Promise<Record<string, unknown>> {
+    return this.json("GET", "/openapi.json");
+  }
+}

@@ -1,0 +1,93 @@
+/**
+ * A VM's serial console over the API: the captured log (the VMM writes it,
+ * rotated to console.log.1), followed like `tail -F`, and the interactive
+ * attach, which splices the client's connection to the VMM's console socket.
+ */
+import { closeSync, fstatSync, openSync, readSync, statSync } from "node:fs";
+import type { Writable } from "node:stream";
+
+/** The last `tail` bytes of the console (the rotated file first), or all of it. */
+export function readConsole(log: string, tail?: number): Buffer {
+  const parts: Buffer[] = [];
+  for (const f of [`${log}.1`, log]) {
+    try {
+      const fd = openSync(f, "r");
+      try {
+        const size = fstatSync(fd).size;
+        const buf = Buffer.alloc(size);
+        let off = 0;
+        while (off < size) {
+          const n = readSync(fd, buf, off, size - off, off);
+          if (n === 0) break;
+          off += n;
+        }
+        parts.push(buf.subarray(0, off));
+      } finally {
+        closeSync(fd);
+      }
+    } catch {
+      /* absent: nothing captured yet, or never rotated */
+    }
+  }
+  const all = Buffer.concat(parts);
+  return tail === undefined || tail >= all.length ? all : all.subarray(all.length - tail);
+}
+
+/**
+ * Follow the console log from its current end: new bytes are written to
+ * `out` as the VMM appends them, across rotations (the old file is drained
+ * before the new one is opened). Returns a function that stops following.
+ */
+export function followConsole(log: string, out: Writable, intervalMs = 200): () => void {
+  let fd: number | undefined;
+  let ino = -1;
+  let pos = 0;
+  const open = (fromEnd: boolean): void => {
+    try {
+      fd = openSync(log, "r");
+      const st = fstatSync(fd);
+      ino = st.ino;
+      pos = fromEnd ? st.size : 0;
+    } catch {
+      fd = undefined;
+    }
+  };
+  const drain = (): void => {
+    if (fd === undefined) return;
+    const buf = Buffer.alloc(65536);
+    for (;;) {
+      const n = readSync(fd, buf, 0, buf.length, pos);
+      if (n <= 0) break;
+      pos += n;
+      out.write(Buffer.from(buf.subarray(0, n)));
+    }
+  };
+  open(true);
+  const timer = setInterval(() => {
+    try {
+      if (fd === undefined) {
+        open(false);
+      } else {
+        drain();
+        let now: number | undefined;
+        try {
+          now = statSync(log).ino;
+        } catch {
+          now = undefined;
+        }
+        if (now !== ino) {
+          closeSync(fd);
+          open(false);
+        }
+      }
+      drain();
+    } catch {
+      /* the VM was removed meanwhile: the next tick retries, the caller stops us */
+    }
+  }, intervalMs);
+  return () => {
+    clearInterval(timer);
+    if (fd !== undefined) closeSync(fd);
+    fd = undefined;
+  };
+}

@@ -1,0 +1,193 @@
+/**
+ * The REST API as one table: each route names its parameter, query and body
+ * schemas (zod), which both validate the request and generate /openapi.json
+ * (openapi.ts). Handlers only translate HTTP to VmManager calls.
+ */
+import type { FastifyReply, FastifyRequest } from "fastify";
+import type { z } from "zod";
+import type { VmManager } from "../control/manager.js";
+import { TypevisorError } from "../errors.js";
+import { followConsole, readConsole } from "./console.js";
+import * as S from "./schemas.js";
+
+export interface RouteContext<P, Q, B> {
+  params: P;
+  query: Q;
+  body: B;
+  manager: VmManager;
+  request: FastifyRequest;
+  reply: FastifyReply;
+}
+
+export interface ResponseDoc {
+  description: string;
+  schema?: z.ZodType;
+  contentType?: string;
+}
+
+export interface Route {
+  method: "GET" | "POST" | "PUT" | "DELETE";
+  url: string;
+  operationId: string;
+  summary: string;
+  description?: string;
+  params?: z.ZodType;
+  query?: z.ZodType;
+  body?: z.ZodType;
+  responses: Record<number, ResponseDoc>;
+  /** What the handler returns is sent as JSON with the first 2xx status, unless it took over the reply. */
+  handler: (ctx: RouteContext<any, any, any>) => Promise<unknown>; // eslint-disable-line @typescript-eslint/no-explicit-any -- each route's own schemas type its context; the table holds them all
+}
+
+function route<P extends z.ZodType | undefined, Q extends z.ZodType | undefined, B extends z.ZodType | undefined>(
+  r: Omit<Route, "handler" | "params" | "query" | "body"> & {
+    params?: P;
+    query?: Q;
+    body?: B;
+    handler: (ctx: RouteContext<P extends z.ZodType ? z.output<P> : undefined, Q extends z.ZodType ? z.output<Q> : undefined, B extends z.ZodType ? z.output<B> : undefined>) => Promise<unknown>;
+  },
+): Route {
+  return r as Route;
+}
+
+const vmDoc = { 200: { description: "the VM", schema: S.vmInfo } };
+
+export const VERSION = "0.1.0";
+
+export const ROUTES: Route[] = [
+  route({
+    method: "GET", url: "/v1/health", operationId: "health", summary: "Is the daemon up",
+    responses: { 200: { description: "up", schema: S.health } },
+    handler: async () => ({ ok: true, version: VERSION, pid: process.pid }),
+  }),
+  route({
+    method: "GET", url: "/v1/host", operationId: "getHost", summary: "Host capacity, budget (with overcommit), allocation and use",
+    responses: { 200: { description: "per resource", schema: S.hostReport } },
+    handler: async ({ manager }) => manager.host(),
+  }),
+  route({
+    method: "GET", url: "/v1/vms", operationId: "listVms", summary: "Every VM on this host",
+    responses: { 200: { description: "VMs by name", schema: S.vmList } },
+    handler: async ({ manager }) => ({ vms: manager.list() }),
+  }),
+  route({
+    method: "POST", url: "/v1/vms", operationId: "createVm", summary: "Create a VM (its disk from an image); ?start=true starts it too",
+    query: S.createQuery, body: S.vmSpec,
+    responses: { 201: { description: "created", schema: S.vmInfo } },
+    handler: async ({ manager, body, query }) => {
+      const vm = await manager.create(body);
+      return query.start === true ? manager.start(vm.name) : vm;
+    },
+  }),
+  route({
+    method: "GET", url: "/v1/vms/:name", operationId: "getVm", summary: "One VM", params: S.nameParams,
+    responses: vmDoc,
+    handler: async ({ manager, params }) => manager.get(params.name),
+  }),
+  route({
+    method: "DELETE", url: "/v1/vms/:name", operationId: "removeVm", summary: "Remove a stopped VM and its disks (?force=true stops it first)",
+    params: S.nameParams, query: S.removeQuery,
+    responses: { 204: { description: "removed" } },
+    handler: async ({ manager, params, query, reply }) => {
+      await manager.remove(params.name, { force: query.force === true });
+      await reply.code(204).send();
+      return reply;
+    },
+  }),
+  ...(["start", "pause", "resume", "reboot"] as const).map((action) =>
+    route({
+      method: "POST", url: `/v1/vms/:name/${action}`, operationId: `${action}Vm`, summary: `${action[0]!.toUpperCase()}${action.slice(1)} a VM`,
+      params: S.nameParams,
+      responses: vmDoc,
+      handler: async ({ manager, params }) => manager[action](params.name),
+    }),
+  ),
+  route({
+    method: "POST", url: "/v1/vms/:name/stop", operationId: "stopVm", summary: "Stop a VM (the VMM stops its vCPUs and exits; force or timeout: SIGKILL)",
+    params: S.nameParams, body: S.stopBody.optional(),
+    responses: vmDoc,
+    handler: async ({ manager, params, body }) =>
+      manager.stop(params.name, { force: body?.force === true, ...(body?.timeoutSeconds !== undefined ? { timeoutMs: body.timeoutSeconds * 1000 } : {}) }),
+  }),
+  route({
+    method: "GET", url: "/v1/vms/:name/stats", operationId: "vmStats", summary: "The VM's latest usage sample (CPU, memory, disk and network)",
+    params: S.nameParams,
+    responses: { 200: { description: "usage; absent when the VM has no VMM", schema: S.vmStats } },
+    handler: async ({ manager, params }) => {
+      const vm = manager.get(params.name);
+      const usage = manager.stats(params.name);
+      return { name: vm.name, state: vm.state, ...(usage !== undefined ? { usage } : {}) };
+    },
+  }),
+  route({
+    method: "GET", url: "/v1/vms/:name/console", operationId: "vmConsole",
+    summary: "The VM's serial console output (captured log); ?follow=true streams new output",
+    description: "Interactive console: GET /v1/vms/{name}/console/attach with `Connection: Upgrade` and `Upgrade: tcp`; after `101 Switching Protocols` the connection carries the raw serial bytes both ways.",
+    params: S.nameParams, query: S.consoleQuery,
+    responses: { 200: { description: "bytes as the guest wrote them", contentType: "application/octet-stream" } },
+    handler: async ({ manager, params, query, reply, request }) => {
+      const c = manager.consolePaths(params.name);
+      const head = readConsole(c.log, query.tail);
+      if (query.follow !== true) {
+        await reply.type("application/octet-stream").send(head);
+        return reply;
+      }
+      reply.hijack();
+      const res = reply.raw;
+      res.writeHead(200, { "content-type": "application/octet-stream", "cache-control": "no-store" });
+      res.write(head);
+      const stop = followConsole(c.log, res);
+      const end = (): void => {
+        stop();
+        manager.off("event", onEvent);
+      };
+      // The stream ends when the VM is removed; a stopped VM's log can still grow when it is started again.
+      const onEvent = (e: { type: string; vm?: string }): void => {
+        if (e.vm === params.name && e.type === "vm.removed") {
+          end();
+          res.end();
+        }
+      };
+      manager.on("event", onEvent);
+      request.raw.on("close", end);
+      return reply;
+    },
+  }),
+  route({
+    method: "GET", url: "/v1/events", operationId: "events", summary: "Lifecycle and error events; ?follow=true streams them as server-sent events",
+    query: S.eventsQuery,
+    responses: { 200: { description: "events, oldest first", schema: S.eventList } },
+    handler: async ({ manager, query, reply, request }) => {
+      const opts = { ...(query.after !== undefined ? { afterSeq: query.after } : {}), ...(query.vm !== undefined ? { vm: query.vm } : {}), ...(query.limit !== undefined ? { limit: query.limit } : {}) };
+      if (query.follow !== true) return { events: manager.events(opts) };
+      reply.hijack();
+      const res = reply.raw;
+      res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive" });
+      // SSE (HTML Living Standard §9.2): `id` lets a client resume with ?after=<last id>.
+      const send = (e: { seq: number; vm?: string }): void => {
+        if (query.vm !== undefined && e.vm !== query.vm) return;
+        res.write(`id: ${e.seq}\nevent: vm-event\ndata: ${JSON.stringify(e)}\n\n`);
+      };
+      let last = query.after ?? 0;
+      const backlog = query.after !== undefined ? manager.events(opts) : [];
+      for (const e of backlog) {
+        send(e);
+        last = e.seq;
+      }
+      const onEvent = (e: { seq: number; vm?: string }): void => {
+        if (e.seq > last) send(e);
+      };
+      manager.on("event", onEvent);
+      const keepAlive = setInterval(() => res.write(": keep-alive\n\n"), 15_000);
+      request.raw.on("close", () => {
+        clearInterval(keepAlive);
+        manager.off("event", onEvent);
+      });
+      return reply;
+    },
+  }),
+];
+
+export function notFound(method: string, url: string): TypevisorError {
+  return new TypevisorError("NOT_FOUND", `no route ${method} ${url.split("?")[0] ?? url}`, { hint: "GET /openapi.json lists the API" });
+}

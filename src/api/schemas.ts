@@ -1,0 +1,61 @@
+/**
+ * The API's request and response shapes. Requests are validated with these
+ * schemas and /openapi.json is generated from the same objects.
+ */
+import { z } from "zod";
+import { eventRecord, vmInfo, vmName, vmSpec, vmUsage, VM_STATES } from "../control/spec.js";
+
+export { eventRecord, vmInfo, vmName, vmSpec, vmUsage };
+
+export const nameParams = z.object({ name: vmName }).strict();
+
+const boolString = z.enum(["true", "false", "1", "0"]).transform((v) => v === "true" || v === "1");
+
+export const createQuery = z.object({ start: boolString.optional() }).strict();
+export const removeQuery = z.object({ force: boolString.optional() }).strict();
+export const stopBody = z
+  .object({
+    force: z.boolean().default(false).describe("SIGKILL the VMM at once"),
+    timeoutSeconds: z.number().positive().max(3600).optional().describe("then SIGKILL (default: the daemon's stop timeout)"),
+  })
+  .strict();
+export const consoleQuery = z
+  .object({
+    tail: z.coerce.number().int().min(0).max(64 * 2 ** 20).optional().describe("only the last N bytes"),
+    follow: boolString.optional().describe("keep the response open and stream new output"),
+  })
+  .strict();
+export const eventsQuery = z
+  .object({
+    after: z.coerce.number().int().min(0).optional().describe("events with a sequence number above this"),
+    vm: vmName.optional(),
+    limit: z.coerce.number().int().min(1).max(10000).optional(),
+    follow: boolString.optional().describe("stream as server-sent events (text/event-stream)"),
+  })
+  .strict();
+
+export const vmList = z.object({ vms: z.array(vmInfo) });
+export const eventList = z.object({ events: z.array(eventRecord) });
+export const vmStats = z.object({ name: z.string(), state: z.enum(VM_STATES), usage: vmUsage.optional() });
+
+const resourceLine = z.object({ capacity: z.number(), budget: z.number(), allocated: z.number(), used: z.number(), free: z.number() });
+export const hostReport = z.object({
+  cpu: resourceLine.describe("CPUs"),
+  memory: resourceLine.describe("bytes"),
+  disk: resourceLine.describe("bytes, in the daemon's home"),
+  overcommit: z.object({ cpu: z.number(), memory: z.number(), disk: z.number(), reservedMemoryBytes: z.number() }),
+  cgroups: z.object({ available: z.boolean(), mount: z.string().optional(), controllers: z.array(z.string()), reason: z.string().optional() }),
+  vms: z.record(z.string(), z.number()),
+});
+export const problemSchema = z.object({
+  type: z.string(),
+  title: z.string(),
+  status: z.number().int(),
+  code: z.string(),
+  detail: z.string(),
+  hint: z.string().optional(),
+});
+export const health = z.object({ ok: z.boolean(), version: z.string(), pid: z.number().int() });
+
+export type HostReport = z.infer<typeof hostReport>;
+export type VmStats = z.infer<typeof vmStats>;

@@ -1,0 +1,166 @@
+/**
+ * The daemon's HTTP API (fastify): REST over a unix socket (owner-only, so
+ * the file mode is the access control) and optionally TCP on loopback. Every
+ * request is validated with the route's zod schemas; every error leaves as
+ * problem+json.
+ */
+import { chmodSync, existsSync, unlinkSync } from "node:fs";
+import { createServer, type IncomingMessage, type Server } from "node:http";
+import { connect, type Socket } from "node:net";
+import type { Duplex } from "node:stream";
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from "fastify";
+import type { Logger } from "pino";
+import { z } from "zod";
+import type { VmManager } from "../control/manager.js";
+import { isActive } from "../control/state.js";
+import { TypevisorError } from "../errors.js";
+import { createMetrics } from "./metrics.js";
+import { openApiDocument } from "./openapi.js";
+import { problem, toProblem, type Problem } from "./problem.js";
+import { ROUTES, notFound } from "./routes.js";
+import { vmName } from "./schemas.js";
+
+const BODY_LIMIT = 64 * 1024;
+
+function parse<T>(s: z.ZodType<T> | undefined, value: unknown, where: string): T {
+  if (s === undefined) return undefined as T;
+  const r = s.safeParse(value);
+  if (r.success) return r.data;
+  const detail = r.error.issues.map((i) => `${where}${i.path.length > 0 ? "." + i.path.join(".") : ""}: ${i.message}`).join("; ");
+  throw new TypevisorError("INVALID_REQUEST", detail);
+}
+
+export function buildApi(manager: VmManager, logger: Logger): FastifyInstance {
+  const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT, disableRequestLogging: true, return503OnClosing: false });
+  const sendProblem = (reply: import("fastify").FastifyReply, p: Problem): unknown => reply.code(p.status).type("application/problem+json").send(p);
+
+  app.setErrorHandler((err, request, reply) => {
+    const p = toProblem(err);
+    if (p.status >= 500) request.log.error({ err, url: request.url }, "request failed");
+    return sendProblem(reply, p);
+  });
+  app.setNotFoundHandler((request, reply) => sendProblem(reply, toProblem(notFound(request.method, request.url))));
+
+  for (const r of ROUTES) {
+    const okStatus = Number(Object.keys(r.responses).find((s) => s.startsWith("2")) ?? 200);
+    app.route({
+      method: r.method,
+      url: r.url,
+      handler: async (request, reply) => {
+        const params = parse(r.params, request.params, "path");
+        const query = parse(r.query, r.query !== undefined ? request.query : {}, "query");
+        // A route without a body schema takes none; JSON `null`/absent both mean "no body".
+        const body = parse(r.body, request.body ?? undefined, "body");
+        if (r.query === undefined && Object.keys(request.query as object).length > 0) {
+          throw new TypevisorError("INVALID_REQUEST", `query: ${r.method} ${r.url} takes no query parameters`);
+        }
+        const out = await r.handler({ params, query, body, manager, request, reply });
+        if (out === reply) return reply;
+        return reply.code(okStatus).send(out);
+      },
+    });
+  }
+
+  const doc = openApiDocument();
+  app.get("/openapi.json", async () => doc);
+  const metrics = createMetrics(manager);
+  app.get("/metrics", async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
+  return app;
+}
+
+/**
+ * GET /v1/vms/NAME/console/attach with `Upgrade: tcp`: after 101 the
+ * connection is spliced to the VMM's console socket (the way Docker's attach
+ * hijacks its connection). Many clients may attach at once.
+ */
+function attachHandler(manager: VmManager): (req: IncomingMessage, socket: Duplex, head: Buffer) => void {
+  const fail = (socket: Duplex, p: Problem): void => {
+    const body = JSON.stringify(p);
+    socket.end(`HTTP/1.1 ${p.status} ${p.code}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+  };
+  return (req, socket, head) => {
+    const m = /^\/v1\/vms\/([^/?]+)\/console\/attach(?:\?.*)?$/.exec(req.url ?? "");
+    if (req.method !== "GET" || m === null) return fail(socket, toProblem(notFound(req.method ?? "", req.url ?? "")));
+    const name = decodeURIComponent(m[1]!);
+    if (!vmName.safeParse(name).success) return fail(socket, problem(400, "INVALID_REQUEST", "path.name: not a VM name"));
+    let paths: ReturnType<VmManager["consolePaths"]>;
+    try {
+      paths = manager.consolePaths(name);
+    } catch (e) {
+      return fail(socket, toProblem(e));
+    }
+    if (!isActive(paths.state)) return fail(socket, problem(409, "VM_STATE", `VM ${name} is ${paths.state}: its console is live only while it runs`));
+    const vmm: Socket = connect(paths.socket);
+    vmm.once("error", (e) => fail(socket, problem(502, "VMM_UNREACHABLE", `console socket: ${e.message}`)));
+    vmm.once("connect", () => {
+      vmm.removeAllListeners("error");
+      socket.write("HTTP/1.1 101 Switching Protocols\r\nupgrade: tcp\r\nconnection: Upgrade\r\n\r\n");
+      if (head.length > 0) vmm.write(head);
+      socket.pipe(vmm);
+      vmm.pipe(socket);
+      const close = (): void => {
+        socket.destroy();
+        vmm.destroy();
+      };
+      socket.on("error", close);
+      vmm.on("error", close);
+      socket.on("close", close);
+      vmm.on("close", close);
+    });
+  };
+}
+
+export interface Listeners {
+  socketPath: string;
+  tcp?: { host: string; port: number };
+}
+
+export interface RunningApi {
+  close(): Promise<void>;
+  tcpAddress?: { host: string; port: number };
+}
+
+export async function startApi(manager: VmManager, logger: Logger, l: Listeners): Promise<RunningApi> {
+  const app = buildApi(manager, logger);
+  await app.ready();
+  const servers: Server[] = [];
+  const onUpgrade = attachHandler(manager);
+  const listen = (srv: Server, target: string | { host: string; port: number }): Promise<void> =>
+    new Promise((resolve, reject) => {
+      srv.once("error", reject);
+      const done = (): void => {
+        srv.off("error", reject);
+        resolve();
+      };
+      if (typeof target === "string") srv.listen(target, done);
+      else srv.listen(target.port, target.host, done);
+    });
+
+  if (existsSync(l.socketPath)) unlinkSync(l.socketPath); // the caller checked no daemon answers there
+  const unix = createServer((req, res) => app.routing(req, res));
+  unix.on("upgrade", onUpgrade);
+  await listen(unix, l.socketPath);
+  // Whoever can open the socket controls every VM: owner only.
+  chmodSync(l.socketPath, 0o600);
+  servers.push(unix);
+  let tcpAddress: RunningApi["tcpAddress"];
+  if (l.tcp !== undefined) {
+    const tcp = createServer((req, res) => app.routing(req, res));
+    tcp.on("upgrade", onUpgrade);
+    await listen(tcp, l.tcp);
+    const a = tcp.address();
+    if (a !== null && typeof a === "object") tcpAddress = { host: a.address, port: a.port };
+    servers.push(tcp);
+  }
+  return {
+    ...(tcpAddress !== undefined ? { tcpAddress } : {}),
+    async close() {
+      for (const s of servers) {
+        s.closeAllConnections();
+        await new Promise<void>((r) => s.close(() => r()));
+      }
+      await app.close();
+      if (existsSync(l.socketPath)) unlinkSync(l.socketPath);
+    },
+  };
+}

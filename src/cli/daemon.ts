@@ -1,0 +1,132 @@
+/**
+ * `typevisor daemon`: the control plane in the foreground (systemd-friendly:
+ * logs JSON lines to stdout, exits cleanly on SIGTERM/SIGINT). VMs keep
+ * running when it stops unless --stop-vms-on-exit; a new daemon re-attaches
+ * to them.
+ */
+import { mkdirSync } from "node:fs";
+import { Option, type Command } from "commander";
+import { pino } from "pino";
+import { TypevisorError } from "../errors.js";
+import { TypevisorClient } from "../api/client.js";
+import { startApi } from "../api/server.js";
+import { VmManager } from "../control/manager.js";
+import { checkSocketPaths, homePaths } from "../control/paths.js";
+import { parsePolicy, parseSize } from "../control/resources.js";
+import { dataHome } from "../images/dirs.js";
+import { kvmHostKind } from "../kvm/kvm.js";
+
+interface DaemonOptions {
+  home?: string;
+  socket?: string;
+  listen?: string;
+  cpuOvercommit: string;
+  memoryOvercommit: string;
+  diskOvercommit: string;
+  reservedMemory: string;
+  consoleLogSize: string;
+  stopTimeout: string;
+  startTimeout: string;
+  usageInterval: string;
+  stopVmsOnExit: boolean;
+  forceKvm: boolean;
+  logLevel: string;
+}
+
+function seconds(name: string, v: string): number {
+  const n = Number(v);
+  if (!Number.isFinite(n) || n <= 0 || n > 86400) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be a number of seconds between 0 and 86400 (got "${v}")`);
+  return n * 1000;
+}
+
+/** `HOST:PORT`; only loopback unless the user insists, since the API has no authentication yet. */
+function parseListen(v: string): { host: string; port: number } {
+  const m = /^(\[[0-9a-fA-F:]+\]|[^:]+):(\d{1,5})$/.exec(v);
+  const port = m !== null ? Number(m[2]) : NaN;
+  if (m === null || port > 65535) throw new TypevisorError("INVALID_ARGUMENT", `--listen takes HOST:PORT, e.g. 127.0.0.1:8420 (got "${v}")`);
+  const host = m[1]!.replace(/^\[|\]$/g, "");
+  if (!["127.0.0.1", "::1", "localhost"].includes(host)) {
+    throw new TypevisorError("INVALID_ARGUMENT", `--listen ${v}: the API has no authentication yet, so it listens on loopback only (127.0.0.1, ::1)`);
+  }
+  return { host, port };
+}
+
+export async function daemonCommand(o: DaemonOptions): Promise<number> {
+  const home = o.home ?? dataHome();
+  const policy = parsePolicy({ cpu: o.cpuOvercommit, memory: o.memoryOvercommit, disk: o.diskOvercommit }, o.reservedMemory);
+  const consoleLogSize = parseSize(o.consoleLogSize);
+  const tcp = o.listen !== undefined ? parseListen(o.listen) : undefined;
+  const config = {
+    stopTimeoutMs: seconds("--stop-timeout", o.stopTimeout),
+    startTimeoutMs: seconds("--start-timeout", o.startTimeout),
+    usageIntervalMs: seconds("--usage-interval", o.usageInterval),
+  };
+  mkdirSync(home, { recursive: true, mode: 0o700 });
+  checkSocketPaths(home);
+  const socketPath = o.socket ?? homePaths(home).socket;
+
+  // One daemon per home: a live one answering on the socket wins.
+  try {
+    const h = await new TypevisorClient({ socketPath }, 2000).health();
+    throw new TypevisorError("DAEMON_RUNNING", `a typevisor daemon (pid ${h.pid}) already serves ${socketPath}`);
+  } catch (e) {
+    if (e instanceof TypevisorError && e.code === "DAEMON_RUNNING") throw e;
+  }
+
+  const logger = pino({ level: o.logLevel, base: { pid: process.pid } });
+  const kind = kvmHostKind();
+  if (kind !== "hardware" && !o.forceKvm) {
+    logger.warn({ kvm: kind }, "this host's KVM cannot boot stock kernels: starting a VM will be refused (run the daemon inside the lab, or --force-kvm for purpose-built guests)");
+  }
+  const manager = new VmManager({
+    home,
+    policy,
+    forceKvm: o.forceKvm,
+    consoleLogSize,
+    logger,
+    ...config,
+  });
+  await manager.reattach();
+  manager.startUsageCollection();
+  const api = await startApi(manager, logger, { socketPath, ...(tcp !== undefined ? { tcp } : {}) });
+  manager.daemonEvent("daemon.started", `daemon started (pid ${process.pid})`, { socket: socketPath, ...(api.tcpAddress !== undefined ? { tcp: `${api.tcpAddress.host}:${api.tcpAddress.port}` } : {}) });
+  logger.info({ socket: socketPath, tcp: api.tcpAddress, home, cgroups: manager.cgroups }, "typevisor daemon ready");
+
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string): void => {
+      logger.info({ signal: sig }, "shutting down");
+      resolve();
+    };
+    process.once("SIGTERM", () => stop("SIGTERM"));
+    process.once("SIGINT", () => stop("SIGINT"));
+  });
+  manager.daemonEvent("daemon.stopping", `daemon stopping${o.stopVmsOnExit ? " (stopping VMs)" : " (VMs keep running)"}`);
+  await api.close();
+  await manager.close({ stopVms: o.stopVmsOnExit });
+  logger.info("stopped");
+  logger.flush();
+  return 0;
+}
+
+export function registerDaemonCommand(program: Command): void {
+  program
+    .command("daemon")
+    .description("run the control plane in the foreground: VM inventory (SQLite), one VMM process per VM, the REST API on a unix socket")
+    .option("--home <dir>", "state directory: inventory, VM disks, consoles, sockets (default: $TYPEVISOR_HOME or ~/.local/share/typevisor)")
+    .option("--socket <path>", "API unix socket (default: HOME/typevisor.sock)")
+    .option("--listen <host:port>", "also serve the API over TCP on loopback")
+    .option("--cpu-overcommit <ratio>", "vCPUs allowed per host CPU", "4")
+    .option("--memory-overcommit <ratio>", "guest memory allowed per byte of host memory", "1")
+    .option("--disk-overcommit <ratio>", "VM disk bytes allowed per byte of the home's filesystem", "1")
+    .option("--reserved-memory <size>", "host memory kept for the host and the daemon", "256M")
+    .option("--console-log-size <size>", "rotate a VM's console log past this size", "1M")
+    .option("--start-timeout <seconds>", "a VMM must answer on its API socket within this", "60")
+    .option("--stop-timeout <seconds>", "then a stopping VMM is killed", "30")
+    .option("--usage-interval <seconds>", "how often per-VM usage is sampled", "5")
+    .option("--stop-vms-on-exit", "stop every VM when the daemon exits (default: they keep running)", false)
+    .option("--force-kvm", "start VMMs on a /dev/kvm that cannot boot stock kernels (PVM: purpose-built test guests only)", false)
+    .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error"]).default("info"))
+    .action(async (opts: DaemonOptions) => {
+      process.exitCode = await daemonCommand(opts);
+    });
+}

@@ -1,0 +1,659 @@
+/**
+ * The VM manager: the daemon's core. It owns the inventory (Store), turns
+ * user actions into state-machine transitions (state.ts), starts one VMM
+ * process per VM through the native engine, watches those processes, applies
+ * resource policy (resources.ts) and cgroup limits (cgroups.ts), collects
+ * usage, and records every lifecycle change as an event.
+ *
+ * Concurrency: every action and every process exit for one VM runs through
+ * that VM's queue, so two requests never interleave halfway.
+ */
+import { EventEmitter } from "node:events";
+import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, unlinkSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import type { ChildProcess } from "node:child_process";
+import type { Logger } from "pino";
+import { z } from "zod";
+import { TypevisorError } from "../errors.js";
+import { imagePaths } from "../images/dirs.js";
+import { spawnVmm, type VmmLaunch } from "../engine/native.js";
+import { VmmClient } from "../engine/vmm-client.js";
+import { kvmHostKind } from "../kvm/kvm.js";
+import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
+import { VmCgroup, detectCgroupV2, type CgroupSupport } from "./cgroups.js";
+import { blankDisk, diskFromImage } from "./disks.js";
+import { homePaths, vmPaths } from "./paths.js";
+import { processAlive, processStartTime, processUsage } from "./proc.js";
+import { checkAllocation, discoverHost, hostUsed, parseSize, report, type Allocation, type CpuSample, type OvercommitPolicy, type ResourceReport } from "./resources.js";
+import { vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
+import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
+import { Store, type VmRow } from "./store.js";
+
+export interface ManagerConfig {
+  home: string;
+  /** Where `image` names resolve (typevisor image build). */
+  imagesHome?: string;
+  policy: OvercommitPolicy;
+  forceKvm: boolean;
+  consoleLogSize: number;
+  startTimeoutMs: number;
+  stopTimeoutMs: number;
+  usageIntervalMs: number;
+  logger: Logger;
+  /** Extra memory the cgroup allows beyond guest RAM: the VMM's own (Node, workers, buffers). */
+  vmmOverheadBytes?: number;
+}
+
+/** Biggest disk we will create: far past any host here, well short of a typo's 10^18. */
+const MAX_DISK_BYTES = 64 * 2 ** 40;
+const RESTART_WINDOW_MS = 10 * 60_000;
+const RESTART_MAX = 5;
+
+interface Live {
+  pid: number;
+  child?: ChildProcess;
+  /** Resolved when the process has exited and its exit is recorded. */
+  exited: Promise<void>;
+  markExited: () => void;
+  dead: boolean;
+  /** For VMMs this daemon did not start (re-attached after a restart): liveness polling. */
+  poll?: NodeJS.Timeout;
+  cgroup?: VmCgroup;
+  prevCpu?: { at: number; cpuSeconds: number };
+}
+
+function zodMessage(e: z.ZodError): string {
+  return e.issues.map((i) => `${i.path.length > 0 ? i.path.join(".") : "spec"}: ${i.message}`).join("; ");
+}
+
+export function parseVmSpec(input: unknown): VmSpec {
+  const r = vmSpec.safeParse(input);
+  if (!r.success) throw new TypevisorError("INVALID_REQUEST", zodMessage(r.error));
+  return r.data;
+}
+
+export class VmManager extends EventEmitter {
+  readonly store: Store;
+  readonly cgroups: CgroupSupport;
+  private readonly live = new Map<string, Live>();
+  private readonly queues = new Map<string, Promise<unknown>>();
+  private readonly usage = new Map<string, VmUsage>();
+  private readonly restartTimes = new Map<string, number[]>();
+  private usageTimer: NodeJS.Timeout | undefined;
+  private hostCpu: CpuSample | undefined;
+  private hostCpuUsed = 0;
+  private closing = false;
+  private readonly log: Logger;
+
+  constructor(readonly config: ManagerConfig) {
+    super();
+    this.setMaxListeners(0);
+    const hp = homePaths(config.home);
+    mkdirSync(hp.vms, { recursive: true, mode: 0o700 });
+    mkdirSync(hp.run, { recursive: true, mode: 0o700 });
+    this.store = new Store(hp.db);
+    this.cgroups = detectCgroupV2();
+    this.log = config.logger;
+  }
+
+  // ---- queries ------------------------------------------------------------
+
+  list(): VmInfo[] {
+    return this.store.listVms().map((r) => this.info(r));
+  }
+
+  get(name: string): VmInfo {
+    return this.info(this.row(name));
+  }
+
+  private row(name: string): VmRow {
+    const r = this.store.getVm(name);
+    if (r === undefined) throw new TypevisorError("VM_NOT_FOUND", `no VM named ${name}`, { hint: "typevisor vm ls lists them" });
+    return r;
+  }
+
+  private info(r: VmRow): VmInfo {
+    const p = vmPaths(this.config.home, r.id);
+    return {
+      id: r.id,
+      name: r.name,
+      state: r.state,
+      spec: r.spec as unknown as Record<string, unknown>,
+      createdAt: r.createdAt,
+      updatedAt: r.updatedAt,
+      ...(r.runtime !== undefined ? { pid: r.runtime.pid, startedAt: r.runtime.startedAt } : {}),
+      disks: r.disks,
+      consoleLog: p.consoleLog,
+      apiSocket: p.apiSocket,
+      ...(r.lastExit !== undefined ? { lastExit: r.lastExit } : {}),
+      restarts: r.restarts,
+      ...(r.runtime?.cgroup !== undefined ? { cgroup: r.runtime.cgroup } : {}),
+    };
+  }
+
+  /** The latest usage sample of a running VM. */
+  stats(name: string): VmUsage | undefined {
+    const r = this.row(name);
+    return this.usage.get(r.id);
+  }
+
+  allUsage(): { vm: VmInfo; usage: VmUsage | undefined }[] {
+    return this.store.listVms().map((r) => ({ vm: this.info(r), usage: this.usage.get(r.id) }));
+  }
+
+  consolePaths(name: string): { log: string; socket: string; state: VmState } {
+    const r = this.row(name);
+    const p = vmPaths(this.config.home, r.id);
+    return { log: p.consoleLog, socket: p.consoleSocket, state: r.state };
+  }
+
+  events(opts: { afterSeq?: number; vm?: string; limit?: number }): EventRecord[] {
+    return this.store.events(opts);
+  }
+
+  host(): ResourceReport & { cgroups: CgroupSupport; vms: Record<VmState, number> } {
+    const host = discoverHost(this.config.home);
+    // Memory and disk are read now; CPU is the average over the last usage interval.
+    const { used } = hostUsed(this.config.home);
+    const vms: Record<VmState, number> = { defined: 0, starting: 0, running: 0, paused: 0, stopping: 0, stopped: 0, crashed: 0 };
+    for (const r of this.store.listVms()) vms[r.state]++;
+    return { ...report(host, this.config.policy, this.allocated(), { ...used, cpus: this.hostCpuUsed }), cgroups: this.cgroups, vms };
+  }
+
+  /** CPU and memory of VMs that hold a VMM; disk of every VM. */
+  private allocated(except?: string): Allocation {
+    const a: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: 0 };
+    for (const r of this.store.listVms()) {
+      if (r.name === except) continue;
+      for (const d of r.disks) a.diskBytes += d.sizeBytes;
+      if (isActive(r.state)) {
+        a.cpus += r.spec.cpus;
+        a.memoryBytes += r.spec.memoryMiB * 2 ** 20;
+      }
+    }
+    return a;
+  }
+
+  // ---- per-VM serialisation --------------------------------------------
+
+  private serial<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.queues.get(name) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    const tail = next.catch(() => undefined);
+    this.queues.set(name, tail);
+    void tail.then(() => {
+      if (this.queues.get(name) === tail) this.queues.delete(name);
+    });
+    return next;
+  }
+
+  private event(type: string, vm: string | undefined, message: string, data?: Record<string, unknown>): void {
+    const e = this.store.addEvent({ type, ...(vm !== undefined ? { vm } : {}), message, ...(data !== undefined ? { data } : {}) });
+    this.log.info({ event: type, vm, ...data }, message);
+    this.emit("event", e);
+  }
+
+  private setState(name: string, to: VmState, extra: Parameters<Store["updateVm"]>[1] = {}): VmRow {
+    const cur = this.row(name);
+    if (cur.state !== to) assertTransition(cur.state, to);
+    return this.store.updateVm(name, { ...extra, state: to });
+  }
+
+  // ---- create / remove --------------------------------------------------
+
+  async create(input: unknown): Promise<VmInfo> {
+    const spec = parseVmSpec(input);
+    return this.serial(spec.name, async () => {
+      if (this.store.getVm(spec.name) !== undefined) throw new TypevisorError("VM_EXISTS", `a VM named ${spec.name} already exists`);
+      const host = discoverHost(this.config.home);
+      const diskBytes = spec.diskSize === undefined ? undefined : typeof spec.diskSize === "number" ? spec.diskSize : parseSize(spec.diskSize);
+      if (diskBytes !== undefined && diskBytes > MAX_DISK_BYTES) {
+        throw new TypevisorError("INVALID_REQUEST", `diskSize: ${diskBytes} bytes is more than the ${MAX_DISK_BYTES / 2 ** 40} TiB a VM disk may have`);
+      }
+      // Everything is checked before anything is created.
+      let boot: { kernel: string; initrd?: string; rootfs?: string };
+      if (spec.image !== undefined) {
+        const ip = imagePaths(spec.image, this.config.imagesHome);
+        if (!existsSync(ip.kernel) || !existsSync(ip.rootfs)) {
+          throw new TypevisorError("IMAGE_NOT_FOUND", `no image named ${spec.image}`, { hint: `build it: typevisor image build ${spec.image}` });
+        }
+        boot = { kernel: ip.kernel, ...(existsSync(ip.initrd) ? { initrd: ip.initrd } : {}), rootfs: ip.rootfs };
+      } else {
+        boot = { kernel: spec.kernel!, ...(spec.initrd !== undefined ? { initrd: spec.initrd } : {}) };
+        for (const f of [boot.kernel, boot.initrd]) {
+          if (f !== undefined && !(existsSync(f) && statSync(f).isFile())) throw new TypevisorError("FILE_NOT_FOUND", `${f}: no such file on the daemon's host`);
+        }
+      }
+      const rootfsBytes = boot.rootfs !== undefined ? statSync(boot.rootfs).size : 0;
+      const newDisk = boot.rootfs !== undefined ? Math.max(diskBytes ?? 0, rootfsBytes) : (diskBytes ?? 0);
+      checkAllocation(host, this.config.policy, this.allocated(), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: newDisk }, { disk: true });
+      // A VM bigger than the whole budget could never start: say so now.
+      checkAllocation(host, this.config.policy, { cpus: 0, memoryBytes: 0, diskBytes: 0 }, { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: 0 }, { cpu: true, memory: true });
+      if (rootfsBytes > host.diskFreeBytes) {
+        throw new TypevisorError("INSUFFICIENT_RESOURCES", `not enough free disk in ${this.config.home}: the image's root filesystem needs ${rootfsBytes} bytes, ${host.diskFreeBytes} free`);
+      }
+
+      const id = randomBytes(6).toString("hex");
+      const p = vmPaths(this.config.home, id);
+      const staging = `${p.dir}.creating`;
+      mkdirSync(staging, { recursive: true, mode: 0o700 });
+      try {
+        // The VM owns copies of its kernel and initrd: rebuilding or removing the image later does not change it.
+        copyFileSync(boot.kernel, `${staging}/vmlinuz`);
+        if (boot.initrd !== undefined) copyFileSync(boot.initrd, `${staging}/initrd.img`);
+        const disks: VmRow["disks"] = [];
+        if (boot.rootfs !== undefined) {
+          const size = await diskFromImage(boot.rootfs, `${staging}/disk0.raw`, diskBytes);
+          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, image: spec.image! });
+        } else if (diskBytes !== undefined) {
+          const size = blankDisk(`${staging}/disk0.raw`, diskBytes);
+          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size });
+        }
+        renameSync(staging, p.dir);
+        const now = new Date().toISOString();
+        try {
+          this.store.insertVm({ id, name: spec.name, spec, state: "defined", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
+        } catch (e) {
+          rmSync(p.dir, { recursive: true, force: true });
+          throw e;
+        }
+      } catch (e) {
+        rmSync(staging, { recursive: true, force: true });
+        throw e;
+      }
+      this.event("vm.created", spec.name, `VM ${spec.name} created`, { id, cpus: spec.cpus, memoryMiB: spec.memoryMiB });
+      return this.get(spec.name);
+    });
+  }
+
+  async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
+    const r = this.row(name);
+    if (opts.force === true && isActive(r.state)) await this.stop(name, { force: true });
+    await this.serial(name, async () => {
+      const cur = this.row(name);
+      assertAction(name, cur.state, "remove");
+      this.store.deleteVm(name);
+      rmSync(cur.dir, { recursive: true, force: true });
+      this.usage.delete(cur.id);
+      this.event("vm.removed", name, `VM ${name} removed`);
+    });
+  }
+
+  // ---- start ------------------------------------------------------------
+
+  start(name: string): Promise<VmInfo> {
+    return this.serial(name, () => this.startLocked(name, false));
+  }
+
+  private async startLocked(name: string, restart: boolean): Promise<VmInfo> {
+    const r = this.row(name);
+    assertAction(name, r.state, "start");
+    if (!this.config.forceKvm) {
+      const kind = kvmHostKind();
+      if (kind !== "hardware") {
+        throw new TypevisorError("KVM_UNSUITABLE", kind === "pvm" ? "this host's /dev/kvm is PVM (software nested virtualization), which cannot boot stock kernels" : "this host has no /dev/kvm", {
+          hint: "run the daemon on a KVM host (here: inside the lab, npm run lab -- typevisor daemon), or start it with --force-kvm for purpose-built guests",
+        });
+      }
+    }
+    const host = discoverHost(this.config.home);
+    checkAllocation(host, this.config.policy, this.allocated(name), { cpus: r.spec.cpus, memoryBytes: r.spec.memoryMiB * 2 ** 20, diskBytes: 0 }, { cpu: true, memory: true });
+    const p = vmPaths(this.config.home, r.id);
+    for (const f of [p.exitFile, p.apiSocket, p.consoleSocket]) if (existsSync(f)) unlinkSync(f);
+
+    const spec = r.spec;
+    const base = spec.cmdline ?? (spec.image !== undefined ? `${DEFAULT_CMDLINE} root=/dev/vda` : DEFAULT_CMDLINE);
+    const launch: VmmLaunch = {
+      id: r.id,
+      kernel: `${r.dir}/vmlinuz`,
+      ...(existsSync(`${r.dir}/initrd.img`) ? { initrd: `${r.dir}/initrd.img` } : {}),
+      cmdline: spec.append !== undefined ? `${base} ${spec.append}` : base,
+      cpus: spec.cpus,
+      memoryMiB: spec.memoryMiB,
+      disks: r.disks.map((d, i) => ({ path: d.path, serial: `${r.name}-${i}`.slice(0, 20) })),
+      nets: spec.nets,
+      rng: spec.rng,
+      balloon: spec.balloon,
+      apiSocket: p.apiSocket,
+      consoleLog: p.consoleLog,
+      consoleLogSize: this.config.consoleLogSize,
+      consoleSocket: p.consoleSocket,
+      exitFile: p.exitFile,
+      vmmLog: p.vmmLog,
+      forceKvm: this.config.forceKvm,
+    };
+    this.setState(name, "starting");
+    this.event(restart ? "vm.restarting" : "vm.starting", name, restart ? `VM ${name} restarting after a crash` : `VM ${name} starting`);
+
+    let cgroup: VmCgroup | undefined;
+    if (this.cgroups.available) {
+      try {
+        cgroup = VmCgroup.create(this.cgroups, `vm-${r.id}`, {
+          cpuMaxCpus: spec.cpus,
+          memoryMaxBytes: spec.memoryMiB * 2 ** 20 + (this.config.vmmOverheadBytes ?? 384 * 2 ** 20),
+          ...(spec.cpuWeight !== undefined ? { cpuWeight: spec.cpuWeight } : {}),
+        });
+      } catch (e) {
+        this.failStart(name, `cgroup: ${(e as Error).message}`);
+        throw e;
+      }
+    }
+
+    const child = spawnVmm(launch);
+    const pid = child.pid;
+    if (pid === undefined) {
+      cgroup?.remove();
+      const why = await new Promise<string>((res) => child.once("error", (e) => res(e.message)));
+      this.failStart(name, `cannot start the VMM process: ${why}`);
+      throw new TypevisorError("VMM_SPAWN", `cannot start the VMM process: ${why}`);
+    }
+    try {
+      cgroup?.addProcess(pid);
+    } catch (e) {
+      this.log.warn({ vm: name, err: (e as Error).message }, "could not move the VMM into its cgroup");
+    }
+    const live = this.track(name, r.id, pid, child, cgroup);
+    this.store.updateVm(name, {
+      runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}) },
+    });
+    try {
+      await new VmmClient(p.apiSocket).waitReady(Date.now() + this.config.startTimeoutMs, () => !live.dead);
+    } catch (e) {
+      // Dead already: the exit handler records why. Alive but mute: end it.
+      if (!live.dead) {
+        try {
+          process.kill(pid, "SIGKILL");
+        } catch {
+          /* gone meanwhile */
+        }
+      }
+      await live.exited;
+      const why = this.row(name).lastExit?.reason ?? (e as Error).message;
+      throw new TypevisorError("VM_START_FAILED", `VM ${name} did not start: ${why}`, { hint: `its VMM log: ${p.vmmLog}` });
+    }
+    if (this.row(name).state !== "starting") return this.get(name); // stopped/crashed meanwhile
+    this.setState(name, "running");
+    this.event("vm.running", name, `VM ${name} running (pid ${pid})`, { pid });
+    return this.get(name);
+  }
+
+  private failStart(name: string, reason: string): void {
+    this.setState(name, "crashed", { runtime: null, lastExit: { result: "error", code: null, signal: null, reason, at: new Date().toISOString() } });
+    this.event("vm.crashed", name, `VM ${name} failed to start: ${reason}`, { reason });
+  }
+
+  /** Watch a VMM process: our child (exit event) or, after a daemon restart, any process (polling). */
+  private track(name: string, id: string, pid: number, child: ChildProcess | undefined, cgroup: VmCgroup | undefined): Live {
+    let markExited!: () => void;
+    const exited = new Promise<void>((res) => (markExited = res));
+    const live: Live = { pid, exited, markExited, dead: false, ...(child !== undefined ? { child } : {}), ...(cgroup !== undefined ? { cgroup } : {}) };
+    this.live.set(id, live);
+    const onExit = (code: number | null, signal: string | null): void => {
+      if (live.dead) return;
+      live.dead = true;
+      if (live.poll !== undefined) clearInterval(live.poll);
+      void this.serial(name, async () => this.recordExit(name, id, live, code, signal)).finally(() => live.markExited());
+    };
+    if (child !== undefined) {
+      child.once("exit", (code, signal) => onExit(code, signal));
+    } else {
+      const startTime = processStartTime(pid);
+      live.poll = setInterval(() => {
+        if (!processAlive(pid, startTime)) onExit(null, null);
+      }, 500);
+    }
+    return live;
+  }
+
+  private readExitFile(id: string): { code?: number; result?: string; reason?: string } | undefined {
+    const f = vmPaths(this.config.home, id).exitFile;
+    try {
+      return JSON.parse(readFileSync(f, "utf8")) as { code?: number; result?: string; reason?: string };
+    } catch {
+      return undefined;
+    }
+  }
+
+  private async recordExit(name: string, id: string, live: Live, code: number | null, signal: string | null): Promise<void> {
+    this.live.delete(id);
+    this.usage.delete(id);
+    try {
+      live.cgroup?.remove();
+    } catch (e) {
+      this.log.warn({ vm: name, err: (e as Error).message }, "cgroup not removed");
+    }
+    const cur = this.store.getVm(name);
+    if (cur === undefined || cur.id !== id || cur.runtime?.pid !== live.pid) return; // removed, or a newer VMM
+    const file = this.readExitFile(id);
+    const clean = file !== undefined && (file.result === "poweroff" || file.result === "stopped" || file.result === "reset") && (file.code ?? code) === 0;
+    const asked = cur.state === "stopping";
+    const exit: VmExit = {
+      result: file?.result !== undefined ? (file.result as VmExit["result"]) : "killed",
+      code: file?.code ?? code,
+      signal,
+      ...(file?.reason !== undefined ? { reason: file.reason } : file === undefined ? { reason: signal !== null ? `the VMM process was killed by ${signal}` : "the VMM process died without saying why (killed?)" } : {}),
+      at: new Date().toISOString(),
+    };
+    if (asked || clean) {
+      this.setState(name, "stopped", { runtime: null, lastExit: exit });
+      this.event("vm.stopped", name, asked ? `VM ${name} stopped` : `VM ${name} stopped: the guest powered off`, { result: exit.result });
+      return;
+    }
+    this.setState(name, "crashed", { runtime: null, lastExit: exit });
+    this.event("vm.crashed", name, `VM ${name} crashed: ${exit.reason ?? exit.result}`, { result: exit.result, code: exit.code, signal });
+    if (cur.spec.restart === "on-crash" && !this.closing) this.scheduleRestart(name);
+  }
+
+  private scheduleRestart(name: string): void {
+    const now = Date.now();
+    const times = (this.restartTimes.get(name) ?? []).filter((t) => now - t < RESTART_WINDOW_MS);
+    if (times.length >= RESTART_MAX) {
+      this.event("vm.restart-gave-up", name, `VM ${name} crashed ${times.length} times in ${RESTART_WINDOW_MS / 60000} minutes: not restarting it again`);
+      return;
+    }
+    times.push(now);
+    this.restartTimes.set(name, times);
+    const delay = 500 * 2 ** (times.length - 1);
+    setTimeout(() => {
+      if (this.closing) return;
+      void this.serial(name, async () => {
+        const r = this.store.getVm(name);
+        if (r?.state !== "crashed") return;
+        this.store.updateVm(name, { restarts: r.restarts + 1 });
+        await this.startLocked(name, true);
+      }).catch((e: unknown) => this.log.error({ vm: name, err: (e as Error).message }, "automatic restart failed"));
+    }, delay).unref();
+  }
+
+  // ---- running-VM actions ----------------------------------------------
+
+  private client(r: VmRow): VmmClient {
+    return new VmmClient(vmPaths(this.config.home, r.id).apiSocket);
+  }
+
+  private simple(name: string, action: VmAction, call: (c: VmmClient) => Promise<void>, to: VmState, type: string, message: string): Promise<VmInfo> {
+    return this.serial(name, async () => {
+      const r = this.row(name);
+      assertAction(name, r.state, action);
+      await call(this.client(r));
+      this.setState(name, to);
+      this.event(type, name, message);
+      return this.get(name);
+    });
+  }
+
+  pause(name: string): Promise<VmInfo> {
+    return this.simple(name, "pause", (c) => c.pause(), "paused", "vm.paused", `VM ${name} paused`);
+  }
+
+  resume(name: string): Promise<VmInfo> {
+    return this.simple(name, "resume", (c) => c.resume(), "running", "vm.resumed", `VM ${name} resumed`);
+  }
+
+  reboot(name: string): Promise<VmInfo> {
+    return this.simple(name, "reboot", (c) => c.reboot(), "running", "vm.rebooted", `VM ${name} rebooted`);
+  }
+
+  /**
+   * Stop: ask the VMM to stop (it ends its vCPUs and exits; the guest is not
+   * asked, like pulling the plug after its writes reached the disk file);
+   * after `timeoutMs`, or at once with `force`, SIGKILL.
+   */
+  async stop(name: string, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<VmInfo> {
+    let wait: Promise<void> | undefined;
+    let pid = 0;
+    await this.serial(name, async () => {
+      const r = this.row(name);
+      assertAction(name, r.state, opts.force === true ? "kill" : "stop");
+      const live = this.live.get(r.id);
+      if (r.state !== "stopping") this.setState(name, "stopping");
+      this.event("vm.stopping", name, `VM ${name} stopping${opts.force === true ? " (forced)" : ""}`);
+      if (live === undefined) {
+        // No process known (it died while nothing watched): record it as stopped.
+        this.setState(name, "stopped", { runtime: null });
+        this.event("vm.stopped", name, `VM ${name} stopped`);
+        return;
+      }
+      pid = live.pid;
+      wait = live.exited;
+      if (opts.force === true) {
+        kill(pid);
+      } else {
+        try {
+          await this.client(r).stop();
+        } catch (e) {
+          this.log.warn({ vm: name, err: (e as Error).message }, "stop through the VMM API failed; killing it");
+          kill(pid);
+        }
+      }
+    });
+    if (wait !== undefined) {
+      const timeout = opts.timeoutMs ?? this.config.stopTimeoutMs;
+      const t = setTimeout(() => kill(pid), timeout);
+      await wait;
+      clearTimeout(t);
+    }
+    return this.get(name);
+  }
+
+  // ---- daemon start and stop -------------------------------------------
+
+  /**
+   * After a daemon (re)start: every VM the inventory says has a VMM is
+   * checked against reality. A live VMM with the same pid start time and a
+   * responding API socket is re-attached; a dead one is recorded as stopped or
+   * crashed from its exit file. Nothing is started or killed here.
+   */
+  async reattach(): Promise<void> {
+    for (const r of this.store.listVms()) {
+      if (!isActive(r.state)) continue;
+      const rt = r.runtime;
+      const alive = rt !== undefined && processAlive(rt.pid, rt.pidStartTime === "" ? undefined : rt.pidStartTime);
+      if (rt === undefined || !alive) {
+        const fake: Live = { pid: rt?.pid ?? -1, exited: Promise.resolve(), markExited: () => undefined, dead: true };
+        if (rt === undefined) this.store.updateVm(r.name, { runtime: { pid: -1, pidStartTime: "", startedAt: "" } });
+        const cg = rt?.cgroup !== undefined ? VmCgroup.open(this.cgroups, `vm-${r.id}`) : undefined;
+        if (cg !== undefined) fake.cgroup = cg;
+        await this.serial(r.name, () => this.recordExit(r.name, r.id, fake, null, null));
+        continue;
+      }
+      const cg = rt.cgroup !== undefined && this.cgroups.available ? VmCgroup.open(this.cgroups, `vm-${r.id}`) : undefined;
+      this.track(r.name, r.id, rt.pid, undefined, cg);
+      let vmmState: string | undefined;
+      try {
+        vmmState = (await this.client(r).info()).state;
+      } catch (e) {
+        this.log.warn({ vm: r.name, err: (e as Error).message }, "re-attached VMM does not answer on its API socket");
+      }
+      const want: VmState | undefined = vmmState === "paused" ? "paused" : vmmState === "running" ? "running" : undefined;
+      if (want !== undefined && want !== r.state && (r.state === "running" || r.state === "paused" || r.state === "starting")) this.setState(r.name, want);
+      this.event("vm.reattached", r.name, `VM ${r.name} re-attached (pid ${rt.pid}, ${this.row(r.name).state})`, { pid: rt.pid });
+    }
+  }
+
+  startUsageCollection(): void {
+    const tick = (): void => {
+      void this.collectUsage().catch((e: unknown) => this.log.warn({ err: (e as Error).message }, "usage collection failed"));
+    };
+    tick();
+    this.usageTimer = setInterval(tick, this.config.usageIntervalMs);
+    this.usageTimer.unref();
+  }
+
+  private async collectUsage(): Promise<void> {
+    const { used, sample } = hostUsed(this.config.home, this.hostCpu);
+    if (this.hostCpu !== undefined) this.hostCpuUsed = used.cpus;
+    this.hostCpu = sample;
+    for (const r of this.store.listVms()) {
+      const live = this.live.get(r.id);
+      if (live === undefined || live.dead || !isActive(r.state)) continue;
+      const pu = processUsage(live.pid);
+      if (pu === undefined) continue;
+      let memoryBytes = pu.rssBytes;
+      if (live.cgroup !== undefined) {
+        try {
+          memoryBytes = live.cgroup.usage().memoryBytes;
+        } catch {
+          /* cgroup gone: fall back to RSS */
+        }
+      }
+      const now = Date.now();
+      const cpuPercent = live.prevCpu !== undefined && now > live.prevCpu.at ? ((pu.cpuSeconds - live.prevCpu.cpuSeconds) / ((now - live.prevCpu.at) / 1000)) * 100 : 0;
+      live.prevCpu = { at: now, cpuSeconds: pu.cpuSeconds };
+      let io: { diskReadBytes?: number; diskWriteBytes?: number; netRxBytes?: number; netTxBytes?: number } = {};
+      let uptimeMs = 0;
+      if (r.state === "running" || r.state === "paused") {
+        try {
+          const s = await this.client(r).stats();
+          io = s.io ?? {};
+          uptimeMs = s.uptimeMs ?? 0;
+        } catch {
+          /* a busy or stopping VMM: keep the process figures */
+        }
+      }
+      this.usage.set(r.id, {
+        at: new Date(now).toISOString(),
+        cpuSeconds: pu.cpuSeconds,
+        cpuPercent: Math.max(0, Math.round(cpuPercent * 10) / 10),
+        memoryBytes,
+        diskReadBytes: io.diskReadBytes ?? 0,
+        diskWriteBytes: io.diskWriteBytes ?? 0,
+        netRxBytes: io.netRxBytes ?? 0,
+        netTxBytes: io.netTxBytes ?? 0,
+        uptimeMs,
+      });
+    }
+  }
+
+  /** Daemon shutdown: VMs keep running unless `stopVms`. */
+  async close(opts: { stopVms?: boolean } = {}): Promise<void> {
+    this.closing = true;
+    if (this.usageTimer !== undefined) clearInterval(this.usageTimer);
+    if (opts.stopVms === true) {
+      await Promise.all(
+        this.store
+          .listVms()
+          .filter((r) => r.state === "running" || r.state === "paused" || r.state === "starting")
+          .map((r) => this.stop(r.name).catch((e: unknown) => this.log.error({ vm: r.name, err: (e as Error).message }, "stop at shutdown failed"))),
+      );
+    }
+    for (const l of this.live.values()) {
+      if (l.poll !== undefined) clearInterval(l.poll);
+      l.child?.removeAllListeners("exit");
+    }
+    this.live.clear();
+    this.store.close();
+  }
+
+  daemonEvent(type: string, message: string, data?: Record<string, unknown>): void {
+    this.event(type, undefined, message, data);
+  }
+}
+
+function kill(pid: number): void {
+  try {
+    process.kill(pid, "SIGKILL");
+  } catch {
+    /* already gone */
+  }
+}

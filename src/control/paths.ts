@@ -1,0 +1,48 @@
+/**
+ * Where the daemon keeps things under its home directory:
+ *   typevisor.db            the inventory (SQLite)
+ *   typevisor.sock          the API socket
+ *   vms/<id>/               one VM: its disks, kernel and initrd copies, console logs, VMM log, exit file
+ *   run/<id>.{api,con}      the VMM's control and console sockets (short paths: sun_path is 108 bytes, unix(7))
+ */
+import { join } from "node:path";
+import { TypevisorError } from "../errors.js";
+
+export interface VmPaths {
+  dir: string;
+  apiSocket: string;
+  consoleSocket: string;
+  consoleLog: string;
+  vmmLog: string;
+  exitFile: string;
+}
+
+const SUN_PATH_MAX = 107;
+
+export function homePaths(home: string): { db: string; socket: string; vms: string; run: string } {
+  return { db: join(home, "typevisor.db"), socket: join(home, "typevisor.sock"), vms: join(home, "vms"), run: join(home, "run") };
+}
+
+export function vmPaths(home: string, id: string): VmPaths {
+  const h = homePaths(home);
+  const p = {
+    dir: join(h.vms, id),
+    apiSocket: join(h.run, `${id}.api`),
+    consoleSocket: join(h.run, `${id}.con`),
+    consoleLog: join(h.vms, id, "console.log"),
+    vmmLog: join(h.vms, id, "vmm.log"),
+    exitFile: join(h.vms, id, "exit.json"),
+  };
+  return p;
+}
+
+/** Fail at daemon start, not at the first VM, when socket paths would not fit in sun_path. */
+export function checkSocketPaths(home: string): void {
+  const longest = vmPaths(home, "x".repeat(12)).apiSocket;
+  const h = homePaths(home);
+  for (const p of [longest, h.socket]) {
+    if (Buffer.byteLength(p) > SUN_PATH_MAX) {
+      throw new TypevisorError("HOME_PATH_TOO_LONG", `${p} is longer than a unix socket path may be (${SUN_PATH_MAX} bytes)`, { hint: "use a shorter --home" });
+    }
+  }
+}

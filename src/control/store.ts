@@ -1,0 +1,216 @@
+/**
+ * The inventory: VMs, their disks and the event log in one SQLite file
+ * (better-sqlite3, synchronous: every write is a committed transaction when
+ * the call returns, so a daemon killed with SIGKILL loses nothing it said it
+ * did). The schema is versioned with PRAGMA user_version; WAL mode lets
+ * readers (the CLI's `--db` inspection, backups) run beside the daemon.
+ */
+import Database from "better-sqlite3";
+import { TypevisorError } from "../errors.js";
+import type { EventRecord, VmExit, VmSpec, VmState } from "./spec.js";
+
+export const SCHEMA_VERSION = 1;
+
+export interface DiskRow {
+  path: string;
+  sizeBytes: number;
+  image?: string;
+}
+
+/** What the daemon needs to find a running VMM again after a restart. */
+export interface VmRuntime {
+  pid: number;
+  /** /proc/PID/stat starttime: guards against a recycled pid. */
+  pidStartTime: string;
+  startedAt: string;
+  cgroup?: string;
+}
+
+export interface VmRow {
+  id: string;
+  name: string;
+  spec: VmSpec;
+  state: VmState;
+  createdAt: string;
+  updatedAt: string;
+  dir: string;
+  disks: DiskRow[];
+  runtime?: VmRuntime;
+  lastExit?: VmExit;
+  restarts: number;
+}
+
+interface RawVm {
+  id: string;
+  name: string;
+  spec: string;
+  state: string;
+  created_at: string;
+  updated_at: string;
+  dir: string;
+  disks: string;
+  runtime: string | null;
+  last_exit: string | null;
+  restarts: number;
+}
+
+interface RawEvent {
+  seq: number;
+  at: string;
+  type: string;
+  vm: string | null;
+  message: string;
+  data: string | null;
+}
+
+const MIGRATIONS: Record<number, string> = {
+  1: `
+    CREATE TABLE vms (
+      id TEXT PRIMARY KEY,
+      name TEXT NOT NULL UNIQUE,
+      spec TEXT NOT NULL,
+      state TEXT NOT NULL,
+      created_at TEXT NOT NULL,
+      updated_at TEXT NOT NULL,
+      dir TEXT NOT NULL,
+      disks TEXT NOT NULL,
+      runtime TEXT,
+      last_exit TEXT,
+      restarts INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE events (
+      seq INTEGER PRIMARY KEY AUTOINCREMENT,
+      at TEXT NOT NULL,
+      type TEXT NOT NULL,
+      vm TEXT,
+      message TEXT NOT NULL,
+      data TEXT
+    );
+    CREATE INDEX events_vm ON events(vm, seq);
+  `,
+};
+
+function rowOf(r: RawVm): VmRow {
+  return {
+    id: r.id,
+    name: r.name,
+    spec: JSON.parse(r.spec) as VmSpec,
+    state: r.state as VmState,
+    createdAt: r.created_at,
+    updatedAt: r.updated_at,
+    dir: r.dir,
+    disks: JSON.parse(r.disks) as DiskRow[],
+    ...(r.runtime !== null ? { runtime: JSON.parse(r.runtime) as VmRuntime } : {}),
+    ...(r.last_exit !== null ? { lastExit: JSON.parse(r.last_exit) as VmExit } : {}),
+    restarts: r.restarts,
+  };
+}
+
+function eventOf(r: RawEvent): EventRecord {
+  return {
+    seq: r.seq,
+    at: r.at,
+    type: r.type,
+    ...(r.vm !== null ? { vm: r.vm } : {}),
+    message: r.message,
+    ...(r.data !== null ? { data: JSON.parse(r.data) as Record<string, unknown> } : {}),
+  };
+}
+
+export class Store {
+  private readonly db: Database.Database;
+
+  constructor(readonly path: string) {
+    try {
+      this.db = new Database(path);
+    } catch (e) {
+      throw new TypevisorError("STORE", `cannot open the inventory ${path}: ${(e as Error).message}`, { cause: e });
+    }
+    this.db.pragma("journal_mode = WAL");
+    // FULL: a committed transaction survives power loss, not just a process crash.
+    this.db.pragma("synchronous = FULL");
+    this.db.pragma("busy_timeout = 5000");
+    this.migrate();
+  }
+
+  private migrate(): void {
+    const current = this.db.pragma("user_version", { simple: true }) as number;
+    if (current > SCHEMA_VERSION) {
+      throw new TypevisorError("STORE_VERSION", `the inventory ${this.path} has schema version ${current}, newer than this typevisor understands (${SCHEMA_VERSION})`, {
+        hint: "run a newer typevisor, or point --home at another directory",
+      });
+    }
+    for (let v = current + 1; v <= SCHEMA_VERSION; v++) {
+      const sql = MIGRATIONS[v];
+      if (sql === undefined) throw new TypevisorError("STORE_VERSION", `no migration to schema version ${v}`);
+      this.db.transaction(() => {
+        this.db.exec(sql);
+        this.db.pragma(`user_version = ${v}`);
+      })();
+    }
+  }
+
+  close(): void {
+    this.db.close();
+  }
+
+  listVms(): VmRow[] {
+    return (this.db.prepare("SELECT * FROM vms ORDER BY name").all() as RawVm[]).map(rowOf);
+  }
+
+  getVm(name: string): VmRow | undefined {
+    const r = this.db.prepare("SELECT * FROM vms WHERE name = ?").get(name) as RawVm | undefined;
+    return r === undefined ? undefined : rowOf(r);
+  }
+
+  insertVm(row: VmRow): void {
+    try {
+      this.db
+        .prepare(
+          `INSERT INTO vms (id, name, spec, state, created_at, updated_at, dir, disks, runtime, last_exit, restarts)
+           VALUES (@id, @name, @spec, @state, @createdAt, @updatedAt, @dir, @disks, NULL, NULL, 0)`,
+        )
+        .run({ ...row, spec: JSON.stringify(row.spec), disks: JSON.stringify(row.disks) });
+    } catch (e) {
+      if ((e as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE") throw new TypevisorError("VM_EXISTS", `a VM named ${row.name} already exists`);
+      throw e;
+    }
+  }
+
+  /** Update the mutable fields of a VM; `runtime: null` clears it. */
+  updateVm(name: string, patch: { state?: VmState; runtime?: VmRuntime | null; lastExit?: VmExit; restarts?: number }): VmRow {
+    const cur = this.getVm(name);
+    if (cur === undefined) throw new TypevisorError("VM_NOT_FOUND", `no VM named ${name}`);
+    const state = patch.state ?? cur.state;
+    const runtime = patch.runtime === null ? null : JSON.stringify(patch.runtime ?? cur.runtime ?? null);
+    const lastExit = patch.lastExit !== undefined ? JSON.stringify(patch.lastExit) : cur.lastExit !== undefined ? JSON.stringify(cur.lastExit) : null;
+    const updatedAt = new Date().toISOString();
+    this.db
+      .prepare("UPDATE vms SET state = ?, runtime = ?, last_exit = ?, restarts = ?, updated_at = ? WHERE name = ?")
+      .run(state, runtime === "null" ? null : runtime, lastExit, patch.restarts ?? cur.restarts, updatedAt, name);
+    return this.getVm(name)!;
+  }
+
+  deleteVm(name: string): void {
+    this.db.prepare("DELETE FROM vms WHERE name = ?").run(name);
+  }
+
+  addEvent(e: Omit<EventRecord, "seq" | "at">): EventRecord {
+    const at = new Date().toISOString();
+    const info = this.db
+      .prepare("INSERT INTO events (at, type, vm, message, data) VALUES (?, ?, ?, ?, ?)")
+      .run(at, e.type, e.vm ?? null, e.message, e.data !== undefined ? JSON.stringify(e.data) : null);
+    return { seq: Number(info.lastInsertRowid), at, ...e };
+  }
+
+  /** Events after `afterSeq`, oldest first, at most `limit`. */
+  events(opts: { afterSeq?: number; vm?: string; limit?: number } = {}): EventRecord[] {
+    const limit = Math.min(opts.limit ?? 1000, 10000);
+    const rows = (
+      opts.vm !== undefined
+        ? this.db.prepare("SELECT * FROM events WHERE seq > ? AND vm = ? ORDER BY seq DESC LIMIT ?").all(opts.afterSeq ?? 0, opts.vm, limit)
+        : this.db.prepare("SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?").all(opts.afterSeq ?? 0, limit)
+    ) as RawEvent[];
+    return rows.reverse().map(eventOf);
+  }
+}

@@ -1,0 +1,79 @@
+/**
+ * The native engine: how the control plane drives a typevisor VMM. A VM is one
+ * `typevisor run` process (Firecracker's and Cloud Hypervisor's process
+ * model): started detached in its own session, so a daemon that dies or
+ * restarts leaves it running; its serial console goes to a rotated log file
+ * and a console socket, its control API to a unix socket, and how it ended
+ * to an exit file (the daemon may not be its parent when it exits).
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { closeSync, openSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+
+export interface VmmLaunch {
+  id: string;
+  kernel: string;
+  initrd?: string;
+  cmdline: string;
+  cpus: number;
+  memoryMiB: number;
+  disks: { path: string; readonly?: boolean; serial?: string }[];
+  nets: { tap: string; mac?: string }[];
+  rng: boolean;
+  balloon: boolean;
+  apiSocket: string;
+  consoleLog: string;
+  consoleLogSize: number;
+  consoleSocket: string;
+  exitFile: string;
+  /** The VMM's own stderr (its messages, not the guest's). */
+  vmmLog: string;
+  /** Run on a PVM /dev/kvm (purpose-built guests only). */
+  forceKvm: boolean;
+}
+
+/** bin/typevisor.js of this installation (dist/engine/native.js → ../../bin). */
+export const TYPEVISOR_BIN = fileURLToPath(new URL("../../bin/typevisor.js", import.meta.url));
+
+export function vmmArgs(l: VmmLaunch): string[] {
+  const args = [
+    "run", "--no-lab", "--id", l.id,
+    "--kernel", l.kernel,
+    ...(l.initrd !== undefined ? ["--initrd", l.initrd] : []),
+    "--cmdline", l.cmdline,
+    "--cpus", String(l.cpus),
+    "--memory", String(l.memoryMiB),
+    "--api-socket", l.apiSocket,
+    "--console-log", l.consoleLog,
+    "--console-log-size", String(l.consoleLogSize),
+    "--console-socket", l.consoleSocket,
+    "--exit-file", l.exitFile,
+  ];
+  for (const d of l.disks) {
+    args.push("--disk", [d.path, ...(d.readonly === true ? ["readonly=on"] : []), ...(d.serial !== undefined ? [`serial=${d.serial}`] : [])].join(","));
+  }
+  for (const n of l.nets) args.push("--net", `tap=${n.tap}${n.mac !== undefined ? `,mac=${n.mac}` : ""}`);
+  if (l.rng) args.push("--rng");
+  if (l.balloon) args.push("--balloon");
+  if (l.forceKvm) args.push("--force-kvm");
+  return args;
+}
+
+/**
+ * Start the VMM. Detached (setsid) with no inherited descriptors but its log:
+ * a SIGKILL of the daemon, or a Ctrl-C in the daemon's terminal, never reaches it.
+ */
+export function spawnVmm(l: VmmLaunch): ChildProcess {
+  const log = openSync(l.vmmLog, "a");
+  try {
+    const child = spawn(process.execPath, [TYPEVISOR_BIN, ...vmmArgs(l)], {
+      detached: true,
+      stdio: ["ignore", log, log],
+      env: { ...process.env, TYPEVISOR_VM_ID: l.id },
+    });
+    child.unref();
+    return child;
+  } finally {
+    closeSync(log);
+  }
+}

@@ -1,0 +1,294 @@
+/**
+ * The daemon's API against a real daemon and real VMM processes: tiny
+ * purpose-built guests on this host's /dev/kvm (PVM runs them; stock kernels
+ * are proven in the lab, test/control/daemon.lab.test.ts).
+ */
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { request } from "node:http";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ApiError } from "../../src/api/client.js";
+import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+
+const hasKvm = existsSync("/dev/kvm");
+const built = existsSync(new URL("../../dist/cli/main.js", import.meta.url));
+if (hasKvm && !built) throw new Error("run `npm run build` first: the daemon and VMM run from dist/");
+
+/** A raw request, to send what the typed client never would. */
+function raw(socketPath: string, method: string, path: string, body?: string, headers: Record<string, string> = {}): Promise<{ status: number; type: string; json: Record<string, unknown> }> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath, method, path, headers: { ...(body !== undefined ? { "content-type": "application/json" } : {}), ...headers } }, (res) => {
+      let data = "";
+      res.on("data", (d: Buffer) => (data += d.toString()));
+      res.on("end", () => {
+        let json: Record<string, unknown> = {};
+        try {
+          json = JSON.parse(data) as Record<string, unknown>;
+        } catch {
+          /* not JSON */
+        }
+        resolve({ status: res.statusCode ?? 0, type: String(res.headers["content-type"] ?? ""), json });
+      });
+    });
+    req.on("error", reject);
+    req.end(body);
+  });
+}
+
+/** Pids of VMM processes whose API socket lies under `home`. */
+function vmmProcesses(home: string): number[] {
+  return readdirSync("/proc")
+    .filter((p) => /^\d+$/.test(p))
+    .filter((p) => {
+      try {
+        return readFileSync(`/proc/${p}/cmdline`, "utf8").includes(`\0--api-socket\0${home}/`);
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
+}
+
+async function code(p: Promise<unknown>): Promise<string> {
+  try {
+    await p;
+  } catch (e) {
+    if (e instanceof ApiError) return `${e.status} ${e.code}`;
+    throw e;
+  }
+  return "ok";
+}
+
+describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () => {
+  let d: TestDaemon;
+  let kernel: string;
+  let imagesHome: string;
+  const spec = (name: string, extra: Record<string, unknown> = {}) => ({ name, kernel, memoryMiB: 64, rng: false, ...extra });
+
+  beforeAll(async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tvk-"));
+    kernel = join(dir, "tiny.bin");
+    writeTinyKernel(kernel);
+    // An image whose root filesystem is junk: growing it fails after the VM's directory exists.
+    imagesHome = join(dir, "data");
+    mkdirSync(join(imagesHome, "images", "broken"), { recursive: true });
+    writeTinyKernel(join(imagesHome, "images", "broken", "vmlinuz"));
+    writeFileSync(join(imagesHome, "images", "broken", "rootfs.ext4"), Buffer.alloc(65536, 0x5a));
+    d = await startDaemon({ args: ["--force-kvm"], env: { TYPEVISOR_HOME: imagesHome } });
+  }, 30_000);
+
+  afterAll(async () => {
+    if (d === undefined) return;
+    for (const vm of await d.client.listVms().catch(() => [])) {
+      if (vm.pid !== undefined) {
+        try {
+          process.kill(vm.pid, "SIGKILL");
+        } catch {
+          /* gone */
+        }
+      }
+    }
+    await d.stop();
+  });
+
+  it("serves an OpenAPI 3.1 document generated from the request schemas", async () => {
+    const doc = await d.client.openapi();
+    expect(doc["openapi"]).toBe("3.1.0");
+    const paths = doc["paths"] as Record<string, Record<string, { requestBody?: { content: Record<string, { schema: { properties?: Record<string, unknown>; additionalProperties?: boolean } }> } }>>;
+    expect(Object.keys(paths)).toEqual(expect.arrayContaining(["/v1/vms", "/v1/vms/{name}", "/v1/vms/{name}/stop", "/v1/host", "/v1/events", "/metrics"]));
+    const create = paths["/v1/vms"]!["post"]!.requestBody!.content["application/json"]!.schema;
+    expect(Object.keys(create.properties ?? {})).toEqual(expect.arrayContaining(["name", "image", "cpus", "memoryMiB", "diskSize", "restart"]));
+    expect(create.additionalProperties).toBe(false);
+  });
+
+  it("answers bad requests with 4xx problem+json, never 5xx, and creates nothing", async () => {
+    const cases: [string, string, string | undefined, number][] = [
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel, cpus: "two" }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel, colour: "blue" }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "../etc", kernel }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a/b", kernel }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel, memoryMiB: 1e12 }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel, diskSize: "999999T" }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel, diskSize: -5 }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel: "relative/path" }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel: "/no/such/kernel" }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", image: "nope" }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a" }), 400],
+      ["POST", "/v1/vms", "{not json", 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel, cmdline: "x".repeat(70_000) }), 413],
+      ["POST", "/v1/vms", JSON.stringify([1, 2]), 400],
+      ["POST", "/v1/vms?start=maybe", JSON.stringify({ name: "a", kernel }), 400],
+      ["GET", "/v1/vms/nope", undefined, 404],
+      ["GET", "/v1/vms/..%2Fx", undefined, 400],
+      ["POST", "/v1/vms/nope/start", undefined, 404],
+      ["POST", "/v1/vms/nope/stop", JSON.stringify({ force: "yes" }), 400],
+      ["GET", "/v1/nothing", undefined, 404],
+      ["GET", "/v1/events?after=-1", undefined, 400],
+      ["GET", "/v1/vms?x=1", undefined, 400],
+    ];
+    for (const [method, path, body, status] of cases) {
+      const r = await raw(d.socket, method, path, body);
+      expect({ method, path, status: r.status }).toEqual({ method, path, status });
+      expect(r.type).toContain("application/problem+json");
+      expect(typeof r.json["code"]).toBe("string");
+      expect(String(r.json["detail"]).length).toBeGreaterThan(5);
+    }
+    // A CPU request past the budget (host CPUs × the default overcommit 4) says what is free.
+    const cpus = (await d.client.host()).cpu.budget + 1;
+    const r = await raw(d.socket, "POST", "/v1/vms", JSON.stringify({ name: "big", kernel, cpus }));
+    expect(r.status).toBe(409);
+    expect(r.json["code"]).toBe("INSUFFICIENT_RESOURCES");
+    expect(String(r.json["detail"])).toMatch(/free/);
+    // Failing halfway (the image's junk root filesystem cannot be grown) leaves nothing behind.
+    const broken = await raw(d.socket, "POST", "/v1/vms", JSON.stringify({ name: "broken", image: "broken", diskSize: "1M" }));
+    expect(broken.status).toBe(422);
+    expect(await d.client.listVms()).toEqual([]);
+    expect(readdirSync(join(d.home, "vms"))).toEqual([]);
+  });
+
+  it("runs a VM through its lifecycle: create, start, console, pause, resume, reboot, stop, start, remove", async () => {
+    const c = d.client;
+    const created = await c.createVm(spec("life", { diskSize: "8M" }));
+    expect(created.state).toBe("defined");
+    expect(created.disks[0]!.sizeBytes).toBe(8 * 2 ** 20);
+    expect(await code(c.createVm(spec("life")))).toBe("409 VM_EXISTS");
+    expect(await code(c.pauseVm("life"))).toBe("409 VM_STATE");
+
+    const running = await c.startVm("life");
+    expect(running.state).toBe("running");
+    expect(running.pid).toBeGreaterThan(0);
+    await until("banner", async () => (await c.console("life")).toString().includes(TINY_KERNEL_BANNER) || undefined);
+
+    // Interactive console: typed bytes reach the guest's UART and its echo comes back.
+    const con = await c.attachConsole("life");
+    let seen = "";
+    con.on("data", (b: Buffer) => (seen += b.toString()));
+    con.write("ping-42");
+    await until("echo", () => seen.includes("ping-42") || undefined);
+    con.destroy();
+
+    expect((await c.pauseVm("life")).state).toBe("paused");
+    expect(await code(c.pauseVm("life"))).toBe("409 VM_STATE");
+    expect((await c.resumeVm("life")).state).toBe("running");
+    await c.rebootVm("life");
+    await until("second banner", async () => (await c.console("life")).toString().split(TINY_KERNEL_BANNER).length >= 3 || undefined);
+
+    const stats = await until("usage sample", async () => (await c.vmStats("life")).usage);
+    expect(stats.memoryBytes).toBeGreaterThan(0);
+    expect(stats.cpuSeconds).toBeGreaterThan(0);
+    const metrics = await c.metrics();
+    expect(metrics).toMatch(/typevisor_vm_state\{vm="life",state="running"\} 1/);
+    expect(metrics).toMatch(/typevisor_vm_memory_bytes\{vm="life"\} \d+/);
+    expect(metrics).toMatch(/typevisor_host_resource\{resource="memory",kind="capacity"\} \d+/);
+
+    expect(await code(c.removeVm("life"))).toBe("409 VM_STATE");
+    const stopped = await c.stopVm("life");
+    expect(stopped.state).toBe("stopped");
+    expect(stopped.lastExit?.result).toBe("stopped");
+    expect((await c.startVm("life")).state).toBe("running");
+    await c.removeVm("life", { force: true });
+    expect(await code(c.getVm("life"))).toBe("404 VM_NOT_FOUND");
+    expect(readdirSync(join(d.home, "vms"))).toEqual([]);
+
+    const types = (await c.events({ vm: "life" })).map((e) => e.type);
+    expect(types).toEqual(expect.arrayContaining(["vm.created", "vm.starting", "vm.running", "vm.paused", "vm.resumed", "vm.rebooted", "vm.stopping", "vm.stopped", "vm.removed"]));
+  }, 60_000);
+
+  it("records a guest power-off as stopped and a guest crash as crashed", async () => {
+    const c = d.client;
+    await c.createVm(spec("off"), { start: true });
+    await until("banner", async () => (await c.console("off")).toString().includes(TINY_KERNEL_BANNER) || undefined);
+    const con = await c.attachConsole("off");
+    con.write(Buffer.of(TINY_KERNEL_KEYS.POWEROFF));
+    await until("stopped", async () => (await c.getVm("off")).state === "stopped" || undefined);
+    con.destroy();
+    expect((await c.getVm("off")).lastExit?.result).toBe("poweroff");
+
+    await c.startVm("off");
+    await until("banner again", async () => (await c.console("off")).toString().split(TINY_KERNEL_BANNER).length >= 3 || undefined);
+    const con2 = await c.attachConsole("off");
+    con2.write(Buffer.of(TINY_KERNEL_KEYS.CRASH));
+    await until("crashed", async () => (await c.getVm("off")).state === "crashed" || undefined);
+    con2.destroy();
+    expect((await c.getVm("off")).lastExit?.result).toBe("crash");
+    await c.removeVm("off");
+  }, 40_000);
+
+  it("isolates VMs: SIGKILL of one VMM marks only that VM crashed; on-crash restarts it", async () => {
+    const c = d.client;
+    await c.createVm(spec("iso-a"), { start: true });
+    await c.createVm(spec("iso-b"), { start: true });
+    await c.createVm(spec("iso-r", { restart: "on-crash" }), { start: true });
+    const a = await c.getVm("iso-a");
+    const b = await c.getVm("iso-b");
+    const follow = c.followEvents({ after: (await c.events()).at(-1)?.seq ?? 0 });
+    process.kill(a.pid!, "SIGKILL");
+    const crashed = await until("crash event", async () => {
+      const { value } = await follow.next();
+      return value?.type === "vm.crashed" && value.vm === "iso-a" ? value : undefined;
+    });
+    await follow.return(undefined);
+    expect(crashed.message).toMatch(/SIGKILL/);
+    expect((await c.getVm("iso-a")).state).toBe("crashed");
+    const bAfter = await c.getVm("iso-b");
+    expect(bAfter.state).toBe("running");
+    expect(bAfter.pid).toBe(b.pid);
+    process.kill(b.pid!, 0); // still alive: throws if not
+
+    const r = await c.getVm("iso-r");
+    process.kill(r.pid!, "SIGKILL");
+    const restarted = await until("automatic restart", async () => {
+      const v = await c.getVm("iso-r");
+      return v.state === "running" && v.pid !== r.pid ? v : undefined;
+    });
+    expect(restarted.restarts).toBe(1);
+    for (const n of ["iso-a", "iso-b", "iso-r"]) await c.removeVm(n, { force: true });
+  }, 60_000);
+
+  it("re-attaches running VMs after the daemon is killed with SIGKILL, without losing or duplicating any", async () => {
+    await d.client.createVm(spec("keep-1"), { start: true });
+    await d.client.createVm(spec("keep-2"), { start: true });
+    await d.client.pauseVm("keep-2");
+    await d.client.createVm(spec("gone"), { start: true });
+    await d.client.createVm(spec("idle"));
+    const before = await d.client.listVms();
+    await d.stop("SIGKILL");
+    // While no daemon watches, one VMM dies.
+    process.kill(before.find((v) => v.name === "gone")!.pid!, "SIGKILL");
+    await until("gone dead", () => {
+      try {
+        process.kill(before.find((v) => v.name === "gone")!.pid!, 0);
+        return undefined;
+      } catch {
+        return true;
+      }
+    });
+    d = await startDaemon({ home: d.home, args: ["--force-kvm"], env: { TYPEVISOR_HOME: imagesHome } });
+    const after = await d.client.listVms();
+    expect(after.map((v) => v.name)).toEqual(before.map((v) => v.name));
+    const by = Object.fromEntries(after.map((v) => [v.name, v]));
+    expect(by["keep-1"]!.state).toBe("running");
+    expect(by["keep-1"]!.pid).toBe(before.find((v) => v.name === "keep-1")!.pid);
+    expect(by["keep-2"]!.state).toBe("paused");
+    expect(by["gone"]!.state).toBe("crashed");
+    expect(by["idle"]!.state).toBe("defined");
+    const types = (await d.client.events()).map((e) => `${e.type}:${e.vm ?? ""}`);
+    expect(types).toEqual(expect.arrayContaining(["vm.reattached:keep-1", "vm.reattached:keep-2", "vm.crashed:gone"]));
+    // The re-attached VMs are fully managed: console, resume and stop work, and a VMM exit is noticed.
+    const con = await d.client.attachConsole("keep-1");
+    let seen = "";
+    con.on("data", (b: Buffer) => (seen += b.toString()));
+    con.write("again");
+    await until("echo after re-attach", () => seen.includes("again") || undefined);
+    con.destroy();
+    expect((await d.client.resumeVm("keep-2")).state).toBe("running");
+    expect((await d.client.stopVm("keep-2")).state).toBe("stopped");
+    process.kill(by["keep-1"]!.pid!, "SIGKILL");
+    await until("crash of a re-attached VM noticed", async () => (await d.client.getVm("keep-1")).state === "crashed" || undefined);
+    for (const v of after) await d.client.removeVm(v.name, { force: true });
+    // No VMM processes of this daemon are left.
+    await until("no VMM processes left", () => vmmProcesses(d.home).length === 0 || undefined, 5000);
+  }, 90_000);
+});

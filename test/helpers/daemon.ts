@@ -1,0 +1,75 @@
+/**
+ * A real typevisor daemon for tests: `node bin/typevisor.js daemon` in its own
+ * home directory, reached through the exported TypevisorClient.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { TypevisorClient } from "../../src/api/client.js";
+
+export const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
+
+export interface TestDaemon {
+  home: string;
+  socket: string;
+  client: TypevisorClient;
+  proc: ChildProcess;
+  log: () => string;
+  /** SIGTERM (default) or SIGKILL, and wait for the exit. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+export async function startDaemon(opts: { home?: string; args?: string[]; env?: Record<string, string> } = {}): Promise<TestDaemon> {
+  const home = opts.home ?? mkdtempSync(join(tmpdir(), "tvd-"));
+  const socket = join(home, "typevisor.sock");
+  let out = "";
+  const proc = spawn(process.execPath, [BIN, "daemon", "--home", home, "--usage-interval", "1", ...(opts.args ?? [])], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...opts.env },
+  });
+  proc.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+  proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
+  const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
+  const client = new TypevisorClient({ socketPath: socket });
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`daemon exited ${proc.exitCode}: ${out}`);
+    if (existsSync(socket)) {
+      try {
+        await client.health();
+        break;
+      } catch {
+        /* not yet */
+      }
+    }
+    if (Date.now() > deadline) throw new Error(`daemon did not come up: ${out}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    home,
+    socket,
+    client,
+    proc,
+    log: () => out,
+    async stop(signal: NodeJS.Signals = "SIGTERM") {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      return exited;
+    },
+  };
+}
+
+export async function until<T>(what: string, fn: () => Promise<T | undefined> | T | undefined, timeoutMs = 15_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v !== undefined && v !== false) return v;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last !== undefined ? `: ${String(last)}` : ""}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
