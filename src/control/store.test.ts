@@ -1,0 +1,49 @@
+import Database from "better-sqlite3";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { parseVmSpec } from "./manager.js";
+import { SCHEMA_VERSION, Store, type VmRow } from "./store.js";
+
+function row(name: string): VmRow {
+  const now = new Date().toISOString();
+  return { id: `id-${name}`, name, spec: parseVmSpec({ name, kernel: "/k" }), state: "defined", createdAt: now, updatedAt: now, dir: `/x/${name}`, disks: [{ path: "/x/d", sizeBytes: 512 }], restarts: 0 };
+}
+
+describe("inventory (a real SQLite file)", () => {
+  it("keeps VMs and events across reopening, with versioned schema", () => {
+    const path = join(mkdtempSync(join(tmpdir(), "tvs-")), "t.db");
+    const s = new Store(path);
+    s.insertVm(row("a"));
+    s.insertVm(row("b"));
+    expect(() => s.insertVm(row("a"))).toThrow(/already exists/);
+    s.updateVm("a", { state: "starting", runtime: { pid: 42, pidStartTime: "7", startedAt: "t" } });
+    s.updateVm("a", { state: "running" });
+    s.addEvent({ type: "vm.created", vm: "a", message: "m", data: { k: 1 } });
+    s.addEvent({ type: "daemon.started", message: "d" });
+    s.close();
+
+    const again = new Store(path);
+    expect(again.listVms().map((v) => [v.name, v.state, v.runtime?.pid])).toEqual([["a", "running", 42], ["b", "defined", undefined]]);
+    expect(again.getVm("a")!.spec.cpus).toBe(1);
+    again.updateVm("a", { state: "stopped", runtime: null, lastExit: { result: "poweroff", code: 0, signal: null, at: "t" } });
+    expect(again.getVm("a")!.runtime).toBeUndefined();
+    expect(again.getVm("a")!.lastExit?.result).toBe("poweroff");
+    const ev = again.events();
+    expect(ev.map((e) => e.type)).toEqual(["vm.created", "daemon.started"]);
+    expect(ev[0]!.data).toEqual({ k: 1 });
+    expect(again.events({ afterSeq: ev[0]!.seq }).map((e) => e.type)).toEqual(["daemon.started"]);
+    expect(again.events({ vm: "a" }).length).toBe(1);
+    again.deleteVm("b");
+    expect(again.listVms().length).toBe(1);
+    again.close();
+
+    const db = new Database(path);
+    expect(db.pragma("user_version", { simple: true })).toBe(SCHEMA_VERSION);
+    expect(db.pragma("journal_mode", { simple: true })).toBe("wal");
+    db.pragma(`user_version = ${SCHEMA_VERSION + 1}`);
+    db.close();
+    expect(() => new Store(path)).toThrow(/newer than this typevisor understands/);
+  });
+});
