@@ -8,7 +8,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { TypevisorClient } from "../../src/api/client.js";
 
-export const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
+/** bin/typevisor.js, found upwards from here (this file also runs compiled from dist-bench/test/helpers). */
+function findBin(): string {
+  for (let up = "../../"; up.length < 16; up += "../") {
+    const p = new URL(`${up}bin/typevisor.js`, import.meta.url).pathname;
+    if (existsSync(p)) return p;
+  }
+  throw new Error("bin/typevisor.js not found above " + import.meta.url);
+}
+export const BIN = findBin();
 
 export interface TestDaemon {
   home: string;

@@ -1,0 +1,135 @@
+/**
+ * Lab test (real KVM): the control plane with real Debian guests. Three VMs
+ * from the minimal image are created and started through the CLI and reach
+ * userspace; pause/resume, a stop/start cycle, the interactive console,
+ * cgroup v2 limits, SIGKILL of one VMM (only that VM crashes), and SIGKILL
+ * of the daemon followed by a restart that re-attaches the running VMs.
+ */
+import { spawn, spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { ROOTFS_UP_LINE } from "../../src/images/guest-init.js";
+import type { VmInfo } from "../../src/control/spec.js";
+import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+
+const home = mkdtempSync(join(tmpdir(), "tvlab-"));
+let d: TestDaemon | undefined;
+
+function cli(args: string[], input?: string): { code: number | null; out: string; err: string } {
+  const r = spawnSync(process.execPath, [BIN, ...args, "--home", home], { input: input ?? "", encoding: "utf8", timeout: 300_000 });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+function ok(args: string[]): string {
+  const r = cli(args);
+  if (r.code !== 0) throw new Error(`typevisor ${args.join(" ")} exited ${r.code}: ${r.err}`);
+  return r.out;
+}
+
+function show(name: string): VmInfo {
+  return JSON.parse(ok(["vm", "show", name, "--json"])) as VmInfo;
+}
+
+function upCount(name: string): number {
+  return ok(["vm", "logs", name]).split(ROOTFS_UP_LINE).length - 1;
+}
+
+/** Type into the guest's serial console through `vm console` and return what came back. */
+function consoleRun(name: string, line: string, expect: RegExp, timeoutMs = 60_000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [BIN, "vm", "console", name, "--home", home], { stdio: ["pipe", "pipe", "pipe"] });
+    let out = "";
+    const t = setTimeout(() => {
+      p.kill();
+      reject(new Error(`no ${expect} on ${name}'s console: ${out}`));
+    }, timeoutMs);
+    p.stdout.on("data", (b: Buffer) => {
+      out += b.toString();
+      if (expect.test(out)) {
+        clearTimeout(t);
+        p.kill();
+        resolve(out);
+      }
+    });
+    p.stdin.write(`${line}\n`);
+  });
+}
+
+afterAll(async () => {
+  if (d === undefined) return;
+  for (const v of (await d.client.listVms().catch(() => [])) as VmInfo[]) if (v.pid !== undefined) spawnSync("kill", ["-9", String(v.pid)]);
+  await d.stop();
+});
+
+describe("the daemon with Debian guests under real KVM", () => {
+  it("runs three VMs from the minimal image through the CLI, isolates them, and survives its own SIGKILL", async () => {
+    d = await startDaemon({ home, args: ["--usage-interval", "2"] });
+    const host = JSON.parse(ok(["host", "--json"])) as { cgroups: { available: boolean }; memory: { capacity: number } };
+    expect(host.cgroups.available).toBe(true);
+    expect(host.memory.capacity).toBeGreaterThan(2 ** 30);
+
+    const names = ["lab-1", "lab-2", "lab-3"];
+    for (const n of names) ok(["vm", "create", n, "--image", "minimal", "--cpus", "1", "--memory", "256", "--disk-size", "128M", "--start"]);
+    const ls = JSON.parse(ok(["vm", "ls", "--json"])) as VmInfo[] | { vms: VmInfo[] };
+    const list = Array.isArray(ls) ? ls : ls.vms;
+    expect(list.map((v) => [v.name, v.state])).toEqual(names.map((n) => [n, "running"]));
+    for (const n of names) await until(`${n} userspace`, () => upCount(n) >= 1 || undefined, 240_000);
+
+    // Each VM's disk is its own copy, grown to the requested size; the guest's root is on it.
+    const one = show("lab-1");
+    expect(one.disks[0]!.sizeBytes).toBe(128 * 2 ** 20);
+    await consoleRun("lab-1", "echo root=$(awk '$2==\"/\"{print $1}' /proc/mounts | tail -n 1)-$((6*7))", /root=\/dev\/vda-42/);
+
+    // cgroup v2: the VMM is in its own group with memory.max = guest memory + VMM allowance.
+    expect(one.cgroup).toBeDefined();
+    expect(readFileSync(join(one.cgroup!, "cgroup.procs"), "utf8").split("\n")).toContain(String(one.pid));
+    expect(Number(readFileSync(join(one.cgroup!, "memory.max"), "utf8"))).toBeGreaterThan(256 * 2 ** 20);
+    expect(readFileSync(join(one.cgroup!, "cpu.max"), "utf8").trim()).toBe("100000 100000");
+
+    // Pause and resume; the guest answers afterwards.
+    expect(ok(["vm", "pause", "lab-2"])).toMatch(/paused/);
+    expect(show("lab-2").state).toBe("paused");
+    expect(ok(["vm", "resume", "lab-2"])).toMatch(/running/);
+    await consoleRun("lab-2", "echo resumed-$((40+2))", /resumed-42/);
+
+    // A stop/start cycle boots the guest again from its own disk.
+    ok(["vm", "stop", "lab-3"]);
+    expect(show("lab-3").state).toBe("stopped");
+    expect(existsSync(one.cgroup!.replace(one.id, show("lab-3").id))).toBe(false);
+    ok(["vm", "start", "lab-3"]);
+    await until("lab-3 userspace again", () => upCount("lab-3") >= 2 || undefined, 240_000);
+
+    // Usage arrives for running VMs.
+    const stats = await until("stats", () => (JSON.parse(ok(["vm", "stats", "lab-1", "--json"])) as { usage?: { memoryBytes: number; cpuSeconds: number } }).usage);
+    expect(stats.memoryBytes).toBeGreaterThan(64 * 2 ** 20);
+
+    // SIGKILL one VMM: that VM is crashed (with an event), the others keep running untouched.
+    const victim = show("lab-3");
+    const pids = Object.fromEntries(names.map((n) => [n, show(n).pid]));
+    process.kill(victim.pid!, "SIGKILL");
+    await until("lab-3 crashed", () => show("lab-3").state === "crashed" || undefined, 30_000);
+    const events = ok(["events", "--json", "--vm", "lab-3"]).trim().split("\n").map((l) => JSON.parse(l) as { type: string; message: string });
+    expect(events.some((e) => e.type === "vm.crashed" && /SIGKILL/.test(e.message))).toBe(true);
+    for (const n of ["lab-1", "lab-2"]) expect(show(n)).toMatchObject({ state: "running", pid: pids[n] });
+    await consoleRun("lab-1", "echo still-$((6*7))", /still-42/);
+
+    // SIGKILL the daemon; a new one re-attaches: same VMs, same pids, same states, consoles work.
+    await d.stop("SIGKILL");
+    for (const n of ["lab-1", "lab-2"]) process.kill(pids[n]!, 0); // the VMMs outlive the daemon
+    d = await startDaemon({ home, args: ["--usage-interval", "2"] });
+    const after = (JSON.parse(ok(["vm", "ls", "--json"])) as VmInfo[] | { vms: VmInfo[] });
+    const again = Array.isArray(after) ? after : after.vms;
+    expect(again.map((v) => [v.name, v.state, v.pid])).toEqual([
+      ["lab-1", "running", pids["lab-1"]],
+      ["lab-2", "running", pids["lab-2"]],
+      ["lab-3", "crashed", undefined],
+    ]);
+    await consoleRun("lab-2", "echo reattached-$((6*7))", /reattached-42/);
+    ok(["vm", "stop", "lab-1"]);
+    expect(show("lab-1").state).toBe("stopped");
+    for (const n of names) ok(["vm", "rm", n, "--force"]);
+    expect(JSON.parse(ok(["vm", "ls", "--json"]))).toSatisfy((v: unknown) => (Array.isArray(v) ? v : (v as { vms: unknown[] }).vms).length === 0);
+  }, 900_000);
+});
