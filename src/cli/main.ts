@@ -1,12 +1,18 @@
 /**
  * The `typevisor` command line. Every expected failure is a TypevisorError,
- * printed as one line `typevisor: error[CODE]: message` (plus a hint), exit 2
- * for usage/input errors; never a stack trace for anything a user can cause.
+ * printed as one line `typevisor: error[CODE]: message` (plus a hint), with an
+ * exit code that says what kind of failure it was (the table is in vm.ts: 2 for
+ * usage/input errors); never a stack trace for anything a user can cause.
  */
 import { Command, CommanderError } from "commander";
-import { isTypevisorError } from "../errors.js";
+import { ApiError } from "../api/client.js";
+import { isTypevisorError, type TypevisorError } from "../errors.js";
+import { registerDaemonCommand } from "./daemon.js";
+import { registerEventsCommand } from "./events.js";
+import { registerHostCommand } from "./host.js";
 import { registerImageCommands } from "./image.js";
 import { registerRunCommand } from "./run.js";
+import { EXIT, registerVmCommands } from "./vm.js";
 
 const VERSION = "0.1.0";
 
@@ -32,7 +38,31 @@ export function buildProgram(): Command {
     .exitOverride();
   registerRunCommand(program, runInLabAgain);
   registerImageCommands(program);
+  registerDaemonCommand(program);
+  registerVmCommands(program);
+  registerHostCommand(program);
+  registerEventsCommand(program);
   return program;
+}
+
+/**
+ * The exit code for an error (the table is in vm.ts): well-known codes first, then
+ * the HTTP status of an error from the daemon, then local errors (a failing
+ * syscall or KVM is a run-time failure, anything else bad input).
+ */
+export function exitCodeFor(e: TypevisorError): number {
+  const c = e.code;
+  if (c === "DAEMON_UNREACHABLE") return EXIT.UNREACHABLE;
+  if (c === "VM_NOT_FOUND") return EXIT.NOT_FOUND;
+  if (c === "VM_STATE" || c === "VM_EXISTS" || c === "INSUFFICIENT_RESOURCES") return EXIT.CONFLICT;
+  if (c === "VM_START_FAILED" || c.startsWith("VMM")) return EXIT.FAILED;
+  if (e instanceof ApiError) {
+    if (e.status === 404) return EXIT.NOT_FOUND;
+    if (e.status === 409) return EXIT.CONFLICT;
+    if (e.status >= 500 || e.status < 400) return EXIT.FAILED;
+    return EXIT.BAD_INPUT;
+  }
+  return c === "SYSCALL_FAILED" || c.startsWith("KVM") ? EXIT.FAILED : EXIT.BAD_INPUT;
 }
 
 export async function main(argv: string[]): Promise<number> {
@@ -47,7 +77,7 @@ export async function main(argv: string[]): Promise<number> {
     if (isTypevisorError(e)) {
       process.stderr.write(`typevisor: error[${e.code}]: ${e.message}\n`);
       if (e.hint !== undefined) process.stderr.write(`  hint: ${e.hint}\n`);
-      return e.code === "SYSCALL_FAILED" || e.code.startsWith("KVM") ? 1 : 2;
+      return exitCodeFor(e);
     }
     process.stderr.write(`typevisor: internal error: ${(e as Error).message ?? String(e)}\n`);
     if (process.env.TYPEVISOR_DEBUG) process.stderr.write(`${(e as Error).stack ?? ""}\n`);
