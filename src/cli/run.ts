@@ -275,8 +275,11 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   if (kind === "pvm") log("typevisor: --force-kvm: running on this host's PVM /dev/kvm (purpose-built guests only; stock kernels fail)");
   // Say where host programs reach the guest's vsock before anything boots (the console is the guest's after that).
   if (devices.vsock !== undefined) log(`typevisor: vsock cid=${devices.vsock.cid}: connect to ${devices.vsock.uds} ("CONNECT <port>\n"); guest connections to port P reach ${devices.vsock.uds}_P`);
+  // Outside the loop: the API server is created on the first boot and must report later ones.
+  let bootCount = 0;
   try {
     for (let boots = 1; ; boots++) {
+      bootCount = boots;
       const vm = new Vm({
         cpus, memoryMiB, consoleFd, devices,
         // The files are read again for each boot rather than held in the heap for the VM's lifetime.
@@ -288,7 +291,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       if (stopRequested) vm.stop();
       if (o.apiSocket !== undefined && server === undefined) {
         server = await startControlServer(o.apiSocket, {
-          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots, pid: process.pid, devices: current?.devices ?? [] }),
+          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [] }),
           stats: async () => {
             const vmNow = current;
             if (vmNow === undefined) return undefined;

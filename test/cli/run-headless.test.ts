@@ -1,0 +1,160 @@
+/**
+ * `typevisor run` as a supervisor starts it: headless (stdin /dev/null, output
+ * to files), the tiny test kernel on this host's /dev/kvm (--force-kvm), its
+ * console on a rotating log and a unix socket, the control API, and an exit
+ * file. Runs the real CLI from dist/.
+ */
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, statSync } from "node:fs";
+import { request } from "node:http";
+import { connect, type Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
+
+const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
+const hasKvm = existsSync("/dev/kvm");
+const dir = mkdtempSync(join(tmpdir(), "tv-headless-"));
+const kernel = join(dir, "tiny.bzImage");
+writeTinyKernel(kernel);
+
+async function until(what: string, cond: () => boolean, ms = 15_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+function start(run: string, extra: string[] = []): { child: ChildProcess; exited: Promise<number | null>; stderr: () => string; files: { log: string; sock: string; api: string; exit: string } } {
+  const d = mkdtempSync(join(dir, `${run}-`));
+  const files = { log: join(d, "c.log"), sock: join(d, "c.sock"), api: join(d, "api.sock"), exit: join(d, "exit.json") };
+  const child = spawn(process.execPath, [
+    BIN, "run", "--kernel", kernel, "--memory", "64", "--force-kvm", "--no-lab", "--id", run,
+    "--console-log", files.log, "--console-log-size", "4K", "--console-socket", files.sock,
+    "--api-socket", files.api, "--exit-file", files.exit, ...extra,
+  ], { stdio: ["ignore", "pipe", "pipe"] });
+  let err = "";
+  child.stderr!.on("data", (b: Buffer) => (err += b.toString()));
+  child.stdout!.on("data", (b: Buffer) => (err += `[stdout] ${b.toString()}`));
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  return { child, exited, stderr: () => err, files };
+}
+
+function api(socketPath: string, method: string, path: string): Promise<{ status: number; body: unknown }> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath, method, path }, (res) => {
+      let text = "";
+      res.setEncoding("utf8");
+      res.on("data", (d: string) => (text += d));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, body: text === "" ? undefined : JSON.parse(text) }));
+    });
+    req.on("error", reject);
+    req.end();
+  });
+}
+
+/** A console socket client that collects everything it receives. */
+async function consoleClient(path: string): Promise<{ sock: Socket; text: () => string }> {
+  const sock = connect(path);
+  let got = "";
+  sock.on("data", (d: Buffer) => (got += d.toString("latin1")));
+  await new Promise<void>((resolve, reject) => {
+    sock.once("connect", () => resolve());
+    sock.once("error", reject);
+  });
+  return { sock, text: () => got };
+}
+
+const readIf = (p: string): string => (existsSync(p) ? readFileSync(p, "utf8") : "");
+
+describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", () => {
+  it("logs, rotates, serves the console socket and the API, reboots, and records a power-off", async () => {
+    const vm = start("t1");
+    const f = vm.files;
+    try {
+      await until("the banner in the console log", () => readIf(f.log).includes(TINY_KERNEL_BANNER));
+      expect(vm.stderr()).not.toContain("[stdout]"); // the terminal is not the console
+      const c = await consoleClient(f.sock);
+      c.sock.write("hello over the socket\n");
+      await until("the echo", () => c.text().includes("hello over the socket\n"));
+
+      const info = await api(f.api, "GET", "/vm");
+      expect(info.status).toBe(200);
+      expect(info.body).toMatchObject({ id: "t1", state: "running" });
+      const stats = await api(f.api, "GET", "/stats");
+      expect(stats.status).toBe(200);
+      expect((stats.body as { io: Record<string, unknown> }).io).toMatchObject({
+        diskReadBytes: 0, diskWriteBytes: 0, diskReadOps: 0, diskWriteOps: 0, netRxBytes: 0, netTxBytes: 0, netRxPackets: 0, netTxPackets: 0,
+      });
+
+      // More than 4K of echo: the log rotates and neither generation exceeds 4K.
+      const line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopq\n";
+      const lines = 80; // 5120 bytes
+      for (let i = 0; i < lines; i++) c.sock.write(line);
+      await until("all echoes", () => c.text().split(line).length - 1 >= lines, 30_000);
+      await until("rotation", () => existsSync(`${f.log}.1`));
+      expect(statSync(f.log).size).toBeLessThanOrEqual(4096);
+      expect(statSync(`${f.log}.1`).size).toBeLessThanOrEqual(4096);
+
+      const before = c.text().length;
+      const rb = await api(f.api, "POST", "/reboot");
+      expect(rb.status).toBe(202);
+      await until("the banner after POST /reboot", () => c.text().slice(before).includes(TINY_KERNEL_BANNER));
+      expect((await api(f.api, "GET", "/vm")).body).toMatchObject({ id: "t1", boots: 2 });
+
+      c.sock.write(Uint8Array.of(TINY_KERNEL_KEYS.POWEROFF));
+      expect(await vm.exited, vm.stderr()).toBe(0);
+      const rec = JSON.parse(readFileSync(f.exit, "utf8")) as Record<string, unknown>;
+      expect(rec).toMatchObject({ code: 0, result: "poweroff" });
+      expect(new Date(rec["at"] as string).getTime()).toBeGreaterThan(Date.now() - 60_000);
+      expect(existsSync(f.sock)).toBe(false);
+      expect(existsSync(f.api)).toBe(false); // net.Server removes its socket file on close
+    } finally {
+      if (vm.child.exitCode === null) vm.child.kill("SIGKILL");
+    }
+  }, 90_000);
+
+  it("records result stopped when killed with SIGTERM", async () => {
+    const vm = start("t2");
+    try {
+      await until("the banner", () => readIf(vm.files.log).includes(TINY_KERNEL_BANNER));
+      vm.child.kill("SIGTERM");
+      expect(await vm.exited, vm.stderr()).toBe(0);
+      expect(JSON.parse(readFileSync(vm.files.exit, "utf8"))).toMatchObject({ code: 0, result: "stopped" });
+    } finally {
+      if (vm.child.exitCode === null) vm.child.kill("SIGKILL");
+    }
+  }, 30_000);
+
+  it("records a guest crash (exit 1)", async () => {
+    const vm = start("t3");
+    try {
+      await until("the banner", () => readIf(vm.files.log).includes(TINY_KERNEL_BANNER));
+      const c = await consoleClient(vm.files.sock);
+      c.sock.write(Uint8Array.of(TINY_KERNEL_KEYS.CRASH));
+      expect(await vm.exited, vm.stderr()).toBe(1);
+      expect(JSON.parse(readFileSync(vm.files.exit, "utf8"))).toMatchObject({ code: 1, result: "crash" });
+    } finally {
+      if (vm.child.exitCode === null) vm.child.kill("SIGKILL");
+    }
+  }, 30_000);
+});
+
+describe("typevisor run rejects bad headless options with one line", () => {
+  it.each([
+    ["--console-log-size 1Q", ["--console-log", join(dir, "x.log"), "--console-log-size", "1Q"], /error\[INVALID_ARGUMENT\]: --console-log-size is not a size \(got "1Q"\)/],
+    ["--id a/b", ["--id", "a/b"], /error\[INVALID_ARGUMENT\]: --id must be/],
+    ["--console-log-size without --console-log", ["--console-log-size", "4K"], /needs --console-log/],
+  ])("%s", (_name, args, expected) => {
+    const exitFile = join(dir, `exit-${Math.random().toString(36).slice(2)}.json`);
+    const r = spawnSync(process.execPath, [BIN, "run", "--kernel", kernel, "--force-kvm", "--no-lab", "--exit-file", exitFile, ...args], { encoding: "utf8", timeout: 20_000 });
+    expect(r.status, r.stderr).toBe(2);
+    const lines = r.stderr.trim().split("\n");
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(expected);
+    // A supervisor learns of it from the exit file too.
+    expect(JSON.parse(readFileSync(exitFile, "utf8"))).toMatchObject({ code: 2, result: "error" });
+  });
+});
