@@ -81,7 +81,8 @@ describe("per-VM cgroup (cgroup v2 in the lab)", () => {
   });
 
   it("takes a process, and will not be removed while it lives", async () => {
-    const c = spawn("sh", ["-c", "sleep 30"], { stdio: "ignore" });
+    // sleep itself, not `sh -c`: a shell may fork it before the move and leave an orphan behind.
+    const c = spawn("sleep", ["30"], { stdio: "ignore" });
     const pid = started(c);
     cg!.addProcess(pid);
     expect(cg!.processes()).toEqual([pid]);
