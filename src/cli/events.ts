@@ -46,7 +46,6 @@ export function registerEventsCommand(program: Command): void {
         process.stdout.write((json ? "" : eventHeader()) + events.map((e) => formatEvent(e, json)).join(""));
         return;
       }
-      if (!json) process.stdout.write(eventHeader());
       // No request timeout (the daemon's keep-alives come every 15 s, but an idle hour is normal).
       const stream = connect(o, { timeoutMs: 0 }).followEvents(opts);
       // A pending `next()` cannot be cancelled from outside the generator, so
@@ -58,8 +57,18 @@ export function registerEventsCommand(program: Command): void {
       process.stdout.on("error", (e: NodeJS.ErrnoException) => {
         if (e.code === "EPIPE") end();
       });
-      for await (const e of stream) process.stdout.write(formatEvent(e, json));
-      // The stream only ends from the daemon's side: it stopped, so a follower should know.
+      try {
+        // The header comes with the first event: a refused request (a bad --vm) then prints only its error.
+        let first = !json;
+        for await (const e of stream) {
+          process.stdout.write((first ? eventHeader() : "") + formatEvent(e, json));
+          first = false;
+        }
+      } catch (e) {
+        if (e instanceof TypevisorError) throw e; // refused up front (bad --vm, no daemon)
+        // "aborted": the connection dropped mid-stream.
+      }
+      // The stream only ends from the daemon's side: it stopped, so a follower (a script) should know.
       throw new TypevisorError("DAEMON_UNREACHABLE", "the daemon closed the event stream (it stopped?)");
     });
 }

@@ -98,7 +98,9 @@ export async function withProgress<T>(label: string, fn: () => Promise<T>, strea
   const t0 = performance.now();
   let i = 0;
   const draw = (): void => {
-    stream.write(`\r${frames[i++ % frames.length] ?? ""} ${label}… ${formatDuration(performance.now() - t0)}\x1b[K`);
+    // Tenths of a second while it is short: a ticking "0.3s" reads as progress, "300ms" as noise.
+    const ms = performance.now() - t0;
+    stream.write(`\r${frames[i++ % frames.length] ?? ""} ${label}… ${ms < 60_000 ? `${(ms / 1000).toFixed(1)}s` : formatDuration(ms)}\x1b[K`);
   };
   draw();
   const timer = setInterval(draw, 100);
