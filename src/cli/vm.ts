@@ -389,7 +389,9 @@ export function registerVmCommands(program: Command): void {
         await followLogs(connect(o, { timeoutMs: 0 }), name, tail);
         return;
       }
-      process.stdout.write(await connect(o).console(name, tail !== undefined ? { tail } : {}));
+      const bytes = await connect(o).console(name, tail !== undefined ? { tail } : {});
+      quietOnEpipe(() => undefined); // `vm logs NAME | head`: the rest is not wanted
+      process.stdout.write(bytes);
     });
 
   clientCommand(vm, "console", "the VM's serial console, interactive (Ctrl-] detaches)")
