@@ -47,7 +47,7 @@ export class TypevisorClient {
   }
 
   /** Send a request; resolve with the response stream once headers arrive (errors already turned into ApiError). */
-  private open(method: string, path: string, body?: unknown): Promise<IncomingMessage> {
+  private open(method: string, path: string, body?: unknown, opts: { stream?: boolean } = {}): Promise<IncomingMessage> {
     return new Promise((resolve, reject) => {
       const text = body === undefined ? undefined : JSON.stringify(body);
       const req = request(this.options(method, path, text !== undefined ? { "content-type": "application/json", "content-length": Buffer.byteLength(text) } : {}), (res) => {
@@ -66,7 +66,8 @@ export class TypevisorClient {
           reject(new ApiError(status, p.code ?? `HTTP_${status}`, p.detail ?? `HTTP ${status}`, p.hint));
         });
       });
-      req.setTimeout(this.timeoutMs, () => req.destroy(new Error(`no answer in ${this.timeoutMs / 1000} s`)));
+      // A stream (console or events follow) may be quiet for hours: only requests that expect an answer time out.
+      if (opts.stream !== true) req.setTimeout(this.timeoutMs, () => req.destroy(new Error(`no answer in ${this.timeoutMs / 1000} s`)));
       req.on("error", (e) => reject(e instanceof TypevisorError ? e : this.unreachable(e)));
       req.end(text);
     });
@@ -129,7 +130,7 @@ export class TypevisorClient {
   }
   /** The console as a stream that goes on with new output until destroyed. */
   followConsole(name: string, opts: { tail?: number } = {}): Promise<IncomingMessage> {
-    return this.open("GET", `/v1/vms/${encodeURIComponent(name)}/console?follow=true${opts.tail !== undefined ? `&tail=${opts.tail}` : ""}`);
+    return this.open("GET", `/v1/vms/${encodeURIComponent(name)}/console?follow=true${opts.tail !== undefined ? `&tail=${opts.tail}` : ""}`, undefined, { stream: true });
   }
   /** The interactive serial console: a duplex byte stream to the guest's UART. */
   attachConsole(name: string): Promise<Duplex> {
@@ -170,7 +171,7 @@ export class TypevisorClient {
     const q = new URLSearchParams({ follow: "true" });
     if (opts.after !== undefined) q.set("after", String(opts.after));
     if (opts.vm !== undefined) q.set("vm", opts.vm);
-    const res = await this.open("GET", `/v1/events?${q.toString()}`);
+    const res = await this.open("GET", `/v1/events?${q.toString()}`, undefined, { stream: true });
     let buf = "";
     try {
       res.setEncoding("utf8");

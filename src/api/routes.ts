@@ -19,6 +19,12 @@ export interface RouteContext<P, Q, B> {
   reply: FastifyReply;
 }
 
+/**
+ * What a handler returns when it has answered itself (204, bytes, a stream).
+ * Not the Reply: a Reply is thenable, so awaiting it would not give it back.
+ */
+export const HANDLED = Symbol("handled");
+
 export interface ResponseDoc {
   description: string;
   schema?: z.ZodType;
@@ -90,8 +96,8 @@ export const ROUTES: Route[] = [
     responses: { 204: { description: "removed" } },
     handler: async ({ manager, params, query, reply }) => {
       await manager.remove(params.name, { force: query.force === true });
-      await reply.code(204).send();
-      return reply;
+      void reply.code(204).send();
+      return HANDLED;
     },
   }),
   ...(["start", "pause", "resume", "reboot"] as const).map((action) =>
@@ -129,12 +135,13 @@ export const ROUTES: Route[] = [
       const c = manager.consolePaths(params.name);
       const head = readConsole(c.log, query.tail);
       if (query.follow !== true) {
-        await reply.type("application/octet-stream").send(head);
-        return reply;
+        void reply.type("application/octet-stream").send(head);
+        return HANDLED;
       }
       reply.hijack();
       const res = reply.raw;
       res.writeHead(200, { "content-type": "application/octet-stream", "cache-control": "no-store" });
+      res.flushHeaders();
       res.write(head);
       const stop = followConsole(c.log, res);
       const end = (): void => {
@@ -150,7 +157,7 @@ export const ROUTES: Route[] = [
       };
       manager.on("event", onEvent);
       request.raw.on("close", end);
-      return reply;
+      return HANDLED;
     },
   }),
   route({
@@ -163,6 +170,8 @@ export const ROUTES: Route[] = [
       reply.hijack();
       const res = reply.raw;
       res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive" });
+      // Headers now, so a client knows it is subscribed before the first event.
+      res.flushHeaders();
       // SSE (HTML Living Standard §9.2): `id` lets a client resume with ?after=<last id>.
       const send = (e: { seq: number; vm?: string }): void => {
         if (query.vm !== undefined && e.vm !== query.vm) return;
@@ -183,7 +192,7 @@ export const ROUTES: Route[] = [
         clearInterval(keepAlive);
         manager.off("event", onEvent);
       });
-      return reply;
+      return HANDLED;
     },
   }),
 ];

@@ -17,7 +17,7 @@ import { TypevisorError } from "../errors.js";
 import { createMetrics } from "./metrics.js";
 import { openApiDocument } from "./openapi.js";
 import { problem, toProblem, type Problem } from "./problem.js";
-import { ROUTES, notFound } from "./routes.js";
+import { HANDLED, ROUTES, notFound } from "./routes.js";
 import { vmName } from "./schemas.js";
 
 const BODY_LIMIT = 64 * 1024;
@@ -55,7 +55,7 @@ export function buildApi(manager: VmManager, logger: Logger): FastifyInstance {
           throw new TypevisorError("INVALID_REQUEST", `query: ${r.method} ${r.url} takes no query parameters`);
         }
         const out = await r.handler({ params, query, body, manager, request, reply });
-        if (out === reply) return reply;
+        if (out === HANDLED) return reply;
         return reply.code(okStatus).send(out);
       },
     });

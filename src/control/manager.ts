@@ -55,6 +55,8 @@ interface Live {
   /** Resolved when the process has exited and its exit is recorded. */
   exited: Promise<void>;
   markExited: () => void;
+  /** Resolved as soon as the process is seen dead (before its exit is recorded through the VM's queue). */
+  died: Promise<{ code: number | null; signal: string | null }>;
   dead: boolean;
   /** For VMMs this daemon did not start (re-attached after a restart): liveness polling. */
   poll?: NodeJS.Timeout;
@@ -367,7 +369,9 @@ export class VmManager extends EventEmitter {
           /* gone meanwhile */
         }
       }
-      await live.exited;
+      // We hold this VM's queue, so record the exit here: the exit handler queued behind us then finds nothing to do.
+      const { code, signal } = await live.died;
+      await this.recordExit(name, r.id, live, code, signal);
       const why = this.row(name).lastExit?.reason ?? (e as Error).message;
       throw new TypevisorError("VM_START_FAILED", `VM ${name} did not start: ${why}`, { hint: `its VMM log: ${p.vmmLog}` });
     }
@@ -386,11 +390,14 @@ export class VmManager extends EventEmitter {
   private track(name: string, id: string, pid: number, child: ChildProcess | undefined, cgroup: VmCgroup | undefined): Live {
     let markExited!: () => void;
     const exited = new Promise<void>((res) => (markExited = res));
-    const live: Live = { pid, exited, markExited, dead: false, ...(child !== undefined ? { child } : {}), ...(cgroup !== undefined ? { cgroup } : {}) };
+    let markDied!: (v: { code: number | null; signal: string | null }) => void;
+    const died = new Promise<{ code: number | null; signal: string | null }>((res) => (markDied = res));
+    const live: Live = { pid, exited, markExited, died, dead: false, ...(child !== undefined ? { child } : {}), ...(cgroup !== undefined ? { cgroup } : {}) };
     this.live.set(id, live);
     const onExit = (code: number | null, signal: string | null): void => {
       if (live.dead) return;
       live.dead = true;
+      markDied({ code, signal });
       if (live.poll !== undefined) clearInterval(live.poll);
       void this.serial(name, async () => this.recordExit(name, id, live, code, signal)).finally(() => live.markExited());
     };
@@ -550,7 +557,7 @@ export class VmManager extends EventEmitter {
       const rt = r.runtime;
       const alive = rt !== undefined && processAlive(rt.pid, rt.pidStartTime === "" ? undefined : rt.pidStartTime);
       if (rt === undefined || !alive) {
-        const fake: Live = { pid: rt?.pid ?? -1, exited: Promise.resolve(), markExited: () => undefined, dead: true };
+        const fake: Live = { pid: rt?.pid ?? -1, exited: Promise.resolve(), markExited: () => undefined, died: Promise.resolve({ code: null, signal: null }), dead: true };
         if (rt === undefined) this.store.updateVm(r.name, { runtime: { pid: -1, pidStartTime: "", startedAt: "" } });
         const cg = rt?.cgroup !== undefined ? VmCgroup.open(this.cgroups, `vm-${r.id}`) : undefined;
         if (cg !== undefined) fake.cgroup = cg;

@@ -5,6 +5,7 @@
  * an unknown field is an error, not silently ignored.
  */
 import { z } from "zod";
+import { MAX_MEMORY_MIB, MIN_MEMORY_MIB } from "../vmm/defaults.js";
 
 /** Names become file and cgroup names: no path characters, no leading dash. */
 export const NAME_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
@@ -38,7 +39,8 @@ export const vmSpec = z
     cmdline: z.string().max(2048).optional().describe("kernel command line, replacing the default"),
     append: z.string().max(2048).optional().describe("text appended to the default kernel command line"),
     cpus: z.number().int().min(1).max(64).default(1),
-    memoryMiB: z.number().int().min(16).max(1024 * 1024).default(256),
+    // The VMM's own limits (vmm/vm.ts), so a spec that validates here can start.
+    memoryMiB: z.number().int().min(MIN_MEMORY_MIB).max(MAX_MEMORY_MIB).default(256),
     diskSize: sizeField.optional().describe("size of the VM's disk (grown to this size from the image's root filesystem, or blank)"),
     nets: z.array(netSpec).max(8).default([]),
     rng: z.boolean().default(true),

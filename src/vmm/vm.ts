@@ -29,9 +29,8 @@ import type { DeviceCommand, DeviceThreadInit, DeviceThreadMessage } from "./dev
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 
-export const MIN_MEMORY_MIB = 64;
-/** One ArrayBuffer view must cover guest RAM for now (V8 caps a view at 4 GiB). */
-export const MAX_MEMORY_MIB = 4096;
+import { MAX_MEMORY_MIB, MIN_MEMORY_MIB } from "./defaults.js";
+export { MAX_MEMORY_MIB, MIN_MEMORY_MIB };
 
 export type BootSource =
   | { kind: "linux"; kernel: Uint8Array; initrd?: Uint8Array; cmdline: string }

@@ -216,6 +216,21 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     await c.removeVm("off");
   }, 40_000);
 
+  it("records a VMM that dies while starting as crashed, with its reason, and stays manageable", async () => {
+    const c = d.client;
+    const junk = join(mkdtempSync(join(tmpdir(), "tvj-")), "junk");
+    writeFileSync(junk, Buffer.alloc(4096, 0x90));
+    await c.createVm({ name: "junk", kernel: junk, memoryMiB: 64 });
+    const err = await c.startVm("junk").catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ApiError);
+    expect((err as ApiError).code).toBe("VM_START_FAILED");
+    expect((err as ApiError).message).toMatch(/kernel/i);
+    const vm = await c.getVm("junk");
+    expect(vm.state).toBe("crashed");
+    expect(vm.lastExit?.result).toBe("error");
+    await c.removeVm("junk");
+  }, 30_000);
+
   it("isolates VMs: SIGKILL of one VMM marks only that VM crashed; on-crash restarts it", async () => {
     const c = d.client;
     await c.createVm(spec("iso-a"), { start: true });

@@ -28,12 +28,14 @@ function ok(args: string[]): string {
   return r.out;
 }
 
-function show(name: string): VmInfo {
-  return JSON.parse(ok(["vm", "show", name, "--json"])) as VmInfo;
+// Actions go through the CLI; polling and inspection through the typed client (each CLI run costs
+// seconds of Node start-up under the lab's emulator).
+async function show(name: string): Promise<VmInfo> {
+  return d!.client.getVm(name);
 }
 
-function upCount(name: string): number {
-  return ok(["vm", "logs", name]).split(ROOTFS_UP_LINE).length - 1;
+async function upCount(name: string): Promise<number> {
+  return (await d!.client.console(name)).toString().split(ROOTFS_UP_LINE).length - 1;
 }
 
 /** Type into the guest's serial console through `vm console` and return what came back. */
@@ -75,10 +77,10 @@ describe("the daemon with Debian guests under real KVM", () => {
     const ls = JSON.parse(ok(["vm", "ls", "--json"])) as VmInfo[] | { vms: VmInfo[] };
     const list = Array.isArray(ls) ? ls : ls.vms;
     expect(list.map((v) => [v.name, v.state])).toEqual(names.map((n) => [n, "running"]));
-    for (const n of names) await until(`${n} userspace`, () => upCount(n) >= 1 || undefined, 240_000);
+    for (const n of names) await until(`${n} userspace`, async () => (await upCount(n)) >= 1 || undefined, 240_000);
 
     // Each VM's disk is its own copy, grown to the requested size; the guest's root is on it.
-    const one = show("lab-1");
+    const one = await show("lab-1");
     expect(one.disks[0]!.sizeBytes).toBe(128 * 2 ** 20);
     await consoleRun("lab-1", "echo root=$(awk '$2==\"/\"{print $1}' /proc/mounts | tail -n 1)-$((6*7))", /root=\/dev\/vda-42/);
 
@@ -90,29 +92,30 @@ describe("the daemon with Debian guests under real KVM", () => {
 
     // Pause and resume; the guest answers afterwards.
     expect(ok(["vm", "pause", "lab-2"])).toMatch(/paused/);
-    expect(show("lab-2").state).toBe("paused");
+    expect((await show("lab-2")).state).toBe("paused");
     expect(ok(["vm", "resume", "lab-2"])).toMatch(/running/);
     await consoleRun("lab-2", "echo resumed-$((40+2))", /resumed-42/);
 
     // A stop/start cycle boots the guest again from its own disk.
     ok(["vm", "stop", "lab-3"]);
-    expect(show("lab-3").state).toBe("stopped");
-    expect(existsSync(one.cgroup!.replace(one.id, show("lab-3").id))).toBe(false);
+    expect((await show("lab-3")).state).toBe("stopped");
+    expect(existsSync(one.cgroup!.replace(one.id, (await show("lab-3")).id))).toBe(false);
     ok(["vm", "start", "lab-3"]);
-    await until("lab-3 userspace again", () => upCount("lab-3") >= 2 || undefined, 240_000);
+    await until("lab-3 userspace again", async () => (await upCount("lab-3")) >= 2 || undefined, 240_000);
 
     // Usage arrives for running VMs.
     const stats = await until("stats", () => (JSON.parse(ok(["vm", "stats", "lab-1", "--json"])) as { usage?: { memoryBytes: number; cpuSeconds: number } }).usage);
     expect(stats.memoryBytes).toBeGreaterThan(64 * 2 ** 20);
 
     // SIGKILL one VMM: that VM is crashed (with an event), the others keep running untouched.
-    const victim = show("lab-3");
-    const pids = Object.fromEntries(names.map((n) => [n, show(n).pid]));
+    const victim = await show("lab-3");
+    const pids: Record<string, number | undefined> = {};
+    for (const n of names) pids[n] = (await show(n)).pid;
     process.kill(victim.pid!, "SIGKILL");
-    await until("lab-3 crashed", () => show("lab-3").state === "crashed" || undefined, 30_000);
+    await until("lab-3 crashed", async () => (await show("lab-3")).state === "crashed" || undefined, 30_000);
     const events = ok(["events", "--json", "--vm", "lab-3"]).trim().split("\n").map((l) => JSON.parse(l) as { type: string; message: string });
     expect(events.some((e) => e.type === "vm.crashed" && /SIGKILL/.test(e.message))).toBe(true);
-    for (const n of ["lab-1", "lab-2"]) expect(show(n)).toMatchObject({ state: "running", pid: pids[n] });
+    for (const n of ["lab-1", "lab-2"]) expect(await show(n)).toMatchObject({ state: "running", pid: pids[n] });
     await consoleRun("lab-1", "echo still-$((6*7))", /still-42/);
 
     // SIGKILL the daemon; a new one re-attaches: same VMs, same pids, same states, consoles work.
@@ -128,7 +131,7 @@ describe("the daemon with Debian guests under real KVM", () => {
     ]);
     await consoleRun("lab-2", "echo reattached-$((6*7))", /reattached-42/);
     ok(["vm", "stop", "lab-1"]);
-    expect(show("lab-1").state).toBe("stopped");
+    expect((await show("lab-1")).state).toBe("stopped");
     for (const n of names) ok(["vm", "rm", n, "--force"]);
     expect(JSON.parse(ok(["vm", "ls", "--json"]))).toSatisfy((v: unknown) => (Array.isArray(v) ? v : (v as { vms: unknown[] }).vms).length === 0);
   }, 900_000);
