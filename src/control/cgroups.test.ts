@@ -5,8 +5,8 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { TypevisorError } from "../errors.js";
 import { detectCgroupV2, parseFlatKeyed, parseMountinfo, VmCgroup, type CgroupSupport } from "./cgroups.js";
+import { thrown } from "../../test/helpers/thrown.js";
 
 let dir: string;
 beforeEach(() => {
@@ -14,15 +14,6 @@ beforeEach(() => {
 });
 afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
-function thrown(f: () => void): TypevisorError {
-  try {
-    f();
-  } catch (e) {
-    if (e instanceof TypevisorError) return e;
-    throw e;
-  }
-  throw new Error("did not throw");
-}
 
 const line = (id: number, mountPoint: string, fsType: string, superOpts: string): string =>
   `${id} 1 0:${id} / ${mountPoint} rw,relatime shared:${id} - ${fsType} ${fsType} ${superOpts}`;

@@ -2,6 +2,7 @@ import { tmpdir } from "node:os";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { TypevisorError } from "../errors.js";
+import { thrown } from "../../test/helpers/thrown.js";
 import {
   budget,
   busyCpus,
@@ -27,15 +28,6 @@ const HOST: HostCapacity = { cpus: 8, memoryBytes: 16 * GiB, diskBytes: 100 * Gi
 const NONE: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: 0 };
 const ALL = { cpu: true, memory: true, disk: true };
 
-function thrown(f: () => void): TypevisorError {
-  try {
-    f();
-  } catch (e) {
-    if (e instanceof TypevisorError) return e;
-    throw e;
-  }
-  throw new Error("did not throw");
-}
 
 describe("formatBytes", () => {
   it.each([
