@@ -7,12 +7,7 @@
 import { Command, CommanderError } from "commander";
 import { ApiError } from "../api/client.js";
 import { isTypevisorError, type TypevisorError } from "../errors.js";
-import { registerDaemonCommand } from "./daemon.js";
-import { registerEventsCommand } from "./events.js";
-import { registerHostCommand } from "./host.js";
-import { registerImageCommands } from "./image.js";
-import { registerRunCommand } from "./run.js";
-import { EXIT, registerVmCommands } from "./vm.js";
+import { EXIT } from "./vm.js";
 
 const VERSION = "0.1.0";
 
@@ -28,7 +23,17 @@ async function runInLabAgain(): Promise<number> {
   return runInLab([process.execPath, process.argv[1] ?? "typevisor", ...process.argv.slice(2), "--no-lab"], tty !== undefined ? { tty } : {});
 }
 
-export function buildProgram(): Command {
+const COMMANDS = ["run", "image", "daemon", "vm", "host", "events"] as const;
+
+/**
+ * The program with the commands `argv` needs. Only the command being run is
+ * loaded: every VMM is a `typevisor run` process, and loading the daemon's
+ * modules (fastify, SQLite, prom-client) there would cost each VM start time
+ * and memory (seconds under the lab's emulator). Help loads them all.
+ */
+export async function buildProgram(argv: string[] = process.argv): Promise<Command> {
+  const first = argv.slice(2).find((a) => !a.startsWith("-"));
+  const want = (c: (typeof COMMANDS)[number]): boolean => first === c || !(COMMANDS as readonly string[]).includes(first ?? "");
   const program = new Command();
   program
     .name("typevisor")
@@ -36,12 +41,12 @@ export function buildProgram(): Command {
     .version(VERSION)
     .showHelpAfterError("(run with --help for usage)")
     .exitOverride();
-  registerRunCommand(program, runInLabAgain);
-  registerImageCommands(program);
-  registerDaemonCommand(program);
-  registerVmCommands(program);
-  registerHostCommand(program);
-  registerEventsCommand(program);
+  if (want("run")) (await import("./run.js")).registerRunCommand(program, runInLabAgain);
+  if (want("image")) (await import("./image.js")).registerImageCommands(program);
+  if (want("daemon")) (await import("./daemon.js")).registerDaemonCommand(program);
+  if (want("vm")) (await import("./vm.js")).registerVmCommands(program);
+  if (want("host")) (await import("./host.js")).registerHostCommand(program);
+  if (want("events")) (await import("./events.js")).registerEventsCommand(program);
   return program;
 }
 
@@ -66,7 +71,7 @@ export function exitCodeFor(e: TypevisorError): number {
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const program = buildProgram();
+  const program = await buildProgram(argv);
   try {
     await program.parseAsync(argv);
     return typeof process.exitCode === "number" ? process.exitCode : 0;
