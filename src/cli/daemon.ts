@@ -101,6 +101,8 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     process.once("SIGINT", () => stop("SIGINT"));
   });
   manager.daemonEvent("daemon.stopping", `daemon stopping${o.stopVmsOnExit ? " (stopping VMs)" : " (VMs keep running)"}`);
+  // Let event-stream followers receive that event before their connections close.
+  await new Promise((r) => setTimeout(r, 100));
   await api.close();
   await manager.close({ stopVms: o.stopVmsOnExit });
   logger.info("stopped");
