@@ -47,8 +47,8 @@ interface Sample {
   userspaceMs: number;
 }
 
-async function ours(): Promise<{ samples: Sample[]; daemonKiB: number; vmmKiB: number[] }> {
-  const d = await startDaemon({ home: mkdtempSync(join(tmpdir(), "tvbench-")), args: ["--usage-interval", "5"] });
+async function ours(cgroups: boolean): Promise<{ samples: Sample[]; daemonKiB: number; vmmKiB: number[] }> {
+  const d = await startDaemon({ home: mkdtempSync(join(tmpdir(), "tvbench-")), args: ["--usage-interval", "5", ...(cgroups ? [] : ["--no-cgroups"])] });
   try {
     const samples: Sample[] = [];
     const vmm: number[] = [];
@@ -127,17 +127,20 @@ async function qemu(): Promise<{ samples: Sample[]; vmmKiB: number[] }> {
 
 async function main(): Promise<void> {
   console.log(`bench/control: ${N} VMs one after another (each left running), minimal image, ${MEMORY_MIB} MiB, 1 vCPU; typevisor through the daemon API, QEMU by hand`);
-  const a = await ours();
+  const a = await ours(true);
   const b = await qemu();
+  // The same without per-VM cgroups: what the limits (cpu.max, memory.max) cost.
+  const c = await ours(false);
   for (let i = 0; i < N; i++) {
     const s = (x: Sample | undefined) => `ready ${x?.readyMs.toFixed(0)} ms, rootfs up ${x?.userspaceMs.toFixed(0)} ms`;
     console.log(`VM ${i + 1}: typevisor ${s(a.samples[i])} | qemu ${s(b.samples[i])}`);
   }
   console.log(compare("create+start to VMM control socket ready, median (ms)", a.samples.map((s) => s.readyMs), b.samples.map((s) => s.readyMs), 0));
   console.log(compare("create+start to guest root filesystem up, median (ms)", a.samples.map((s) => s.userspaceMs), b.samples.map((s) => s.userspaceMs), 0));
+  console.log(compare("without cgroups: create+start to guest root filesystem up, median (ms)", c.samples.map((s) => s.userspaceMs), b.samples.map((s) => s.userspaceMs), 0));
   console.log(compare("resident memory of one VMM process, median (MiB)", a.vmmKiB.map((k) => k / 1024), b.vmmKiB.map((k) => k / 1024)));
   console.log(`daemon resident memory with ${N} VMs: ${(a.daemonKiB / 1024).toFixed(1)} MiB (QEMU has no daemon; median VMM ${(median(a.vmmKiB) / 1024).toFixed(1)} MiB)`);
-  console.log(JSON.stringify({ bench: "control", date: new Date().toISOString(), where: kvmHostKind() === "hardware" ? "lab (nested KVM under TCG)" : "unknown", vms: N, typevisor: a, qemu: b }));
+  console.log(JSON.stringify({ bench: "control", date: new Date().toISOString(), where: kvmHostKind() === "hardware" ? "lab (nested KVM under TCG)" : "unknown", vms: N, typevisor: a, qemu: b, typevisorNoCgroups: c }));
 }
 
 await main();

@@ -30,6 +30,7 @@ interface DaemonOptions {
   usageInterval: string;
   stopVmsOnExit: boolean;
   forceKvm: boolean;
+  cgroups: boolean;
   logLevel: string;
 }
 
@@ -82,6 +83,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     home,
     policy,
     forceKvm: o.forceKvm,
+    noCgroups: !o.cgroups,
     consoleLogSize,
     logger,
     ...config,
@@ -126,6 +128,7 @@ export function registerDaemonCommand(program: Command): void {
     .option("--stop-timeout <seconds>", "then a stopping VMM is killed", "30")
     .option("--usage-interval <seconds>", "how often per-VM usage is sampled", "5")
     .option("--stop-vms-on-exit", "stop every VM when the daemon exits (default: they keep running)", false)
+    .option("--no-cgroups", "do not put VMMs in per-VM cgroups (no CPU or memory limits) even where cgroup v2 is available")
     .option("--force-kvm", "start VMMs on a /dev/kvm that cannot boot stock kernels (PVM: purpose-built test guests only)", false)
     .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error"]).default("info"))
     .action(async (opts: DaemonOptions) => {

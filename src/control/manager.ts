@@ -40,6 +40,8 @@ export interface ManagerConfig {
   stopTimeoutMs: number;
   usageIntervalMs: number;
   logger: Logger;
+  /** Do not use cgroups even where cgroup v2 is there. */
+  noCgroups?: boolean;
   /** Extra memory the cgroup allows beyond guest RAM: the VMM's own (Node, workers, buffers). */
   vmmOverheadBytes?: number;
 }
@@ -94,7 +96,7 @@ export class VmManager extends EventEmitter {
     mkdirSync(hp.vms, { recursive: true, mode: 0o700 });
     mkdirSync(hp.run, { recursive: true, mode: 0o700 });
     this.store = new Store(hp.db);
-    this.cgroups = detectCgroupV2();
+    this.cgroups = config.noCgroups === true ? { available: false, controllers: [], reason: "turned off (--no-cgroups)" } : detectCgroupV2();
     this.log = config.logger;
   }
 
