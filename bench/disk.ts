@@ -5,10 +5,14 @@
  * In the guest: busybox dd with O_DIRECT — sequential write and read in 1 MiB
  * blocks, and 4 KiB reads at queue depth 1 (busybox has no random-I/O tool, so
  * this is sequential small-block IOPS; fio would be the next step).
+ * The image is written full of zeros first: on a sparse tmpfs file the first VMM to write would
+ * also pay for allocating every page and the second would not. Each phase also reports the CPU
+ * time of every thread of the VMM process (guest time counts in its vCPU thread): in the lab
+ * there is one CPU, so whatever a VMM spends per request comes straight out of throughput.
  *
  * Run: npm run bench:disk
  */
-import { closeSync, ftruncateSync, openSync, rmSync } from "node:fs";
+import { closeSync, openSync, readdirSync, readFileSync, rmSync, writeSync } from "node:fs";
 import { mkdtempSync } from "node:fs";
 import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
@@ -26,15 +30,52 @@ interface Result {
   writeMBs: number;
   readMBs: number;
   iops: number;
+  /** Per phase (write, read, 4k): CPU seconds by thread name, threads of one name summed. */
+  cpu: Record<string, number>[];
 }
 
 // busybox dd prints no rate, so each run is timed with busybox's time applet ("real\t0m 1.23s").
 const timed = (tag: string, cmd: string) => `busybox time ${cmd} 2>&1 | grep real | sed 's/^/${tag}: /'`;
+// MARKn lines bound the phases for the per-thread CPU samples; the sleeps let the samples land.
+const mark = (n: number) => `echo MARK${n}; sleep 1`;
 const SCRIPT = [
+  mark(0),
   timed("W", `dd if=/dev/zero of=/dev/vda bs=1M count=${SEQ_MIB} oflag=direct`),
+  mark(1),
   timed("R", `dd if=/dev/vda of=/dev/null bs=1M count=${SEQ_MIB} iflag=direct`),
+  mark(2),
   timed("I", `dd if=/dev/vda of=/dev/null bs=4k count=${IOPS_COUNT} iflag=direct`),
+  mark(3),
 ].join("; ");
+
+const TICK = 100; // USER_HZ: /proc stat times are in 1/100 s on Linux
+
+/** utime+stime in ticks of every thread of `pid`, keyed "name#tid" (proc(5) /proc/PID/task/TID/stat). */
+function threadTicks(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      const st = readFileSync(`/proc/${pid}/task/${tid}/stat`, "utf8");
+      const name = st.slice(st.indexOf("(") + 1, st.lastIndexOf(")"));
+      const f = st.slice(st.lastIndexOf(")") + 2).split(" ");
+      out.set(`${name}#${tid}`, Number(f[11]) + Number(f[12]));
+    } catch {
+      // a thread that ended between readdir and read
+    }
+  }
+  return out;
+}
+
+/** CPU seconds per thread name between two samples. */
+function cpuDelta(a: Map<string, number>, b: Map<string, number>): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [k, v] of b) {
+    const name = k.slice(0, k.lastIndexOf("#"));
+    const d = (v - (a.get(k) ?? 0)) / TICK;
+    if (d > 0) out[name] = (out[name] ?? 0) + d;
+  }
+  return out;
+}
 
 /** Seconds from "TAG: real\tXm Y.YYs". */
 function seconds(out: string, tag: string): number {
@@ -46,9 +87,18 @@ function seconds(out: string, tag: string): number {
 async function once(cmd: string, args: string[]): Promise<Result> {
   const p = new ConsoleProcess(cmd, args);
   try {
-    await p.waitFor(/typevisor-guest: exit/, 0, 600_000);
+    const pid = p.child.pid;
+    if (pid === undefined) throw new Error(`${cmd} did not start`);
+    const samples: Map<string, number>[] = [];
+    let at = 0;
+    for (let n = 0; n < 4; n++) {
+      at = await p.waitFor(new RegExp(`MARK${n}\\r?\\n`), at, 600_000);
+      samples.push(threadTicks(pid));
+    }
+    await p.waitFor(/typevisor-guest: exit/, at, 600_000);
     const bytes = SEQ_MIB * 1024 * 1024;
-    return { writeMBs: bytes / seconds(p.output, "W") / 1e6, readMBs: bytes / seconds(p.output, "R") / 1e6, iops: IOPS_COUNT / seconds(p.output, "I") };
+    const cpu = [0, 1, 2].map((i) => cpuDelta(samples[i]!, samples[i + 1]!));
+    return { writeMBs: bytes / seconds(p.output, "W") / 1e6, readMBs: bytes / seconds(p.output, "R") / 1e6, iops: IOPS_COUNT / seconds(p.output, "I"), cpu };
   } finally {
     p.kill();
   }
@@ -59,7 +109,8 @@ async function main(): Promise<void> {
   const dir = mkdtempSync(join(process.env["TMPDIR"] ?? "/tmp", "tv-bench-disk-"));
   const disk = join(dir, "disk.raw");
   const fd = openSync(disk, "w");
-  ftruncateSync(fd, DISK_MIB * 1024 * 1024);
+  const zeros = Buffer.alloc(1024 * 1024);
+  for (let i = 0; i < DISK_MIB; i++) writeSync(fd, zeros);
   closeSync(fd);
   const cmdline = `console=ttyS0 panic=-1 quiet ${runScriptArg(SCRIPT)}`;
   const ours = [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--disk", disk, "--cmdline", cmdline];
@@ -78,6 +129,10 @@ async function main(): Promise<void> {
     res.qemu.push(b);
     const f = (x: Result) => `write ${x.writeMBs.toFixed(1)} MB/s, read ${x.readMBs.toFixed(1)} MB/s, 4k ${x.iops.toFixed(0)} IOPS`;
     console.log(`run ${i + 1}: typevisor ${f(a)} | qemu ${f(b)}`);
+    const c = (x: Result) =>
+      ["write", "read", "4k"].map((ph, j) => `${ph}: ${Object.entries(x.cpu[j]!).sort((u, v) => v[1] - u[1]).map(([t, sec]) => `${t} ${sec.toFixed(2)}`).join(", ")}`).join(" | ");
+    console.log(`  cpu s (phase incl. 1 s sleep) typevisor ${c(a)}`);
+    console.log(`  cpu s (phase incl. 1 s sleep) qemu ${c(b)}`);
   }
   for (const [k, label] of [["writeMBs", "seq write 1 MiB (MB/s)"], ["readMBs", "seq read 1 MiB (MB/s)"], ["iops", "4 KiB read QD1 (IOPS)"]] as const) {
     console.log(compare(label, res.typevisor.map((r) => r[k]), res.qemu.map((r) => r[k])));
