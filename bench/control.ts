@@ -23,7 +23,8 @@ import { compare, median } from "./lib.js";
 
 const N = Number(process.env["TYPEVISOR_BENCH_VMS"] ?? 3);
 const MEMORY_MIB = 256;
-const CMDLINE = "console=ttyS0 panic=-1 root=/dev/vda";
+/** What the daemon boots an image VM with: the image's own command line, root on the first disk. */
+const CMDLINE = `${(JSON.parse(readFileSync(imagePaths("minimal").manifest, "utf8")) as { cmdline: string }).cmdline} root=/dev/vda`;
 
 function rssKiB(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));

@@ -9,13 +9,14 @@
  * that VM's queue, so two requests never interleave halfway.
  */
 import { EventEmitter } from "node:events";
-import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, unlinkSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import type { ChildProcess } from "node:child_process";
 import type { Logger } from "pino";
 import { z } from "zod";
 import { TypevisorError } from "../errors.js";
 import { imagePaths } from "../images/dirs.js";
+import { parseManifest } from "../images/manifest.js";
 import { spawnVmm, type VmmLaunch } from "../engine/native.js";
 import { VmmClient } from "../engine/vmm-client.js";
 import { kvmHostKind } from "../kvm/kvm.js";
@@ -215,13 +216,15 @@ export class VmManager extends EventEmitter {
         throw new TypevisorError("INVALID_REQUEST", `diskSize: ${diskBytes} bytes is more than the ${MAX_DISK_BYTES / 2 ** 40} TiB a VM disk may have`);
       }
       // Everything is checked before anything is created.
-      let boot: { kernel: string; initrd?: string; rootfs?: string };
+      let boot: { kernel: string; initrd?: string; rootfs?: string; cmdline?: string };
       if (spec.image !== undefined) {
         const ip = imagePaths(spec.image, this.config.imagesHome);
         if (!existsSync(ip.kernel) || !existsSync(ip.rootfs)) {
           throw new TypevisorError("IMAGE_NOT_FOUND", `no image named ${spec.image}`, { hint: `build it: typevisor image build ${spec.image}` });
         }
-        boot = { kernel: ip.kernel, ...(existsSync(ip.initrd) ? { initrd: ip.initrd } : {}), rootfs: ip.rootfs };
+        // The image says how its kernel wants to boot (e.g. `quiet`); a manifest-less image gets the default.
+        const cmdline = existsSync(ip.manifest) ? parseManifest(readFileSync(ip.manifest, "utf8"), ip.manifest).cmdline : undefined;
+        boot = { kernel: ip.kernel, ...(existsSync(ip.initrd) ? { initrd: ip.initrd } : {}), rootfs: ip.rootfs, ...(cmdline !== undefined ? { cmdline } : {}) };
       } else {
         boot = { kernel: spec.kernel!, ...(spec.initrd !== undefined ? { initrd: spec.initrd } : {}) };
         for (const f of [boot.kernel, boot.initrd]) {
@@ -245,6 +248,7 @@ export class VmManager extends EventEmitter {
         // The VM owns copies of its kernel and initrd: rebuilding or removing the image later does not change it.
         copyFileSync(boot.kernel, `${staging}/vmlinuz`);
         if (boot.initrd !== undefined) copyFileSync(boot.initrd, `${staging}/initrd.img`);
+        if (boot.cmdline !== undefined) writeFileSync(`${staging}/cmdline`, boot.cmdline);
         const disks: VmRow["disks"] = [];
         if (boot.rootfs !== undefined) {
           const size = await diskFromImage(boot.rootfs, `${staging}/disk0.raw`, diskBytes);
@@ -306,7 +310,8 @@ export class VmManager extends EventEmitter {
     for (const f of [p.exitFile, p.apiSocket, p.consoleSocket]) if (existsSync(f)) unlinkSync(f);
 
     const spec = r.spec;
-    const base = spec.cmdline ?? (spec.image !== undefined ? `${DEFAULT_CMDLINE} root=/dev/vda` : DEFAULT_CMDLINE);
+    const imageCmdline = existsSync(`${r.dir}/cmdline`) ? readFileSync(`${r.dir}/cmdline`, "utf8").trim() : DEFAULT_CMDLINE;
+    const base = spec.cmdline ?? (spec.image !== undefined ? `${imageCmdline} root=/dev/vda` : DEFAULT_CMDLINE);
     const launch: VmmLaunch = {
       id: r.id,
       kernel: `${r.dir}/vmlinuz`,
