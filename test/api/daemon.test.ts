@@ -7,6 +7,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, writeFil
 import { request } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ApiError } from "../../src/api/client.js";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
@@ -147,6 +148,30 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     expect(await d.client.listVms()).toEqual([]);
     expect(readdirSync(join(d.home, "vms"))).toEqual([]);
   });
+
+  it("never answers 5xx to random request bodies (fast-check)", async () => {
+    const field = fc.oneof(
+      fc.jsonValue(),
+      fc.string(),
+      fc.integer(),
+      fc.double(),
+      fc.constantFrom("", "..", "/", "a/b", "x".repeat(200), "2G", "-1", "1e400", kernel, "/no/such", "minimal", "on-crash"),
+    );
+    const body = fc.record(
+      { name: field, kernel: field, image: field, cpus: field, memoryMiB: field, diskSize: field, nets: field, restart: field, rng: field, cmdline: field, extra: field },
+      { requiredKeys: [] },
+    );
+    await fc.assert(
+      fc.asyncProperty(fc.oneof(body, fc.jsonValue()), fc.constantFrom("POST /v1/vms", "POST /v1/vms/x/stop", "GET /v1/vms/x"), async (b, route) => {
+        const [method, path] = route.split(" ") as [string, string];
+        const r = await raw(d.socket, method, path, method === "GET" ? undefined : JSON.stringify(b));
+        expect(r.status).toBeLessThan(500);
+        if (r.status >= 400) expect(r.type).toContain("application/problem+json");
+        if (r.status === 201) await d.client.removeVm(String(r.json["name"]), { force: true });
+      }),
+      { numRuns: 300 },
+    );
+  }, 60_000);
 
   it("runs a VM through its lifecycle: create, start, console, pause, resume, reboot, stop, start, remove", async () => {
     const c = d.client;
