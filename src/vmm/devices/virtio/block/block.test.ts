@@ -142,6 +142,66 @@ describe("BlockDevice requests", () => {
     expect(r.h.interrupts).toEqual([0]);
   });
 
+  it("takes a header split over several buffers and a status at the end of a shared writable buffer", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: true }));
+    writeHeader(r.mem, VIRTIO_BLK_T.IN, 7n);
+    // header as 5 + 11 bytes in two places; data and status share one writable buffer.
+    r.mem.write(DATA + 0x3000, r.mem.read(HDR + 5, 11));
+    r.mem.writeU8(DATA + 0x2000 + 512, 0xee);
+    r.drv.publish(r.drv.addChain([{ addr: HDR, len: 5 }, { addr: DATA + 0x3000, len: 11 }, { addr: DATA + 0x2000, len: 513, write: true }]));
+    r.dev.notify(0);
+    expect(r.drv.takeUsed()).toEqual([{ id: 0, len: 513 }]);
+    expect(r.mem.readU8(DATA + 0x2000 + 512)).toBe(VIRTIO_BLK_S.OK);
+    expect(Buffer.from(r.mem.read(DATA + 0x2000, 512))).toEqual(img.content.subarray(7 * 512, 8 * 512));
+  });
+
+  it("range check on 64-bit sectors matches exact arithmetic (property), and refuses without touching data", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: false }));
+    const edge = fc.constantFrom(0n, BigInt(SECTORS - 2), BigInt(SECTORS - 1), BigInt(SECTORS), 2n ** 53n - 1n, 2n ** 53n, 2n ** 53n + 1n, 2n ** 55n, 2n ** 64n - 1n);
+    fc.assert(
+      fc.property(fc.oneof(edge, fc.bigInt({ min: 0n, max: 2n ** 64n - 1n })), fc.integer({ min: 1, max: 3 }), fc.boolean(), (sector, sectors, write) => {
+        const before = fs.readFileSync(img.file);
+        r.mem.fill(DATA, 512 * sectors, 0x5a);
+        const [st] = r.submit(write ? VIRTIO_BLK_T.OUT : VIRTIO_BLK_T.IN, sector, [{ addr: DATA, len: 512 * sectors, write: !write }]);
+        const ok = sector * 512n + BigInt(512 * sectors) <= BigInt(SECTORS * 512);
+        expect(st).toBe(ok ? VIRTIO_BLK_S.OK : VIRTIO_BLK_S.IOERR);
+        if (!ok) {
+          expect(fs.readFileSync(img.file)).toEqual(before);
+          expect(r.mem.read(DATA, 512 * sectors).every((b) => b === 0x5a)).toBe(true);
+        }
+      }),
+      { numRuns: 200 },
+    );
+  });
+
+  it("reads a request of more than IOV_MAX buffers in full (batched preadv)", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: true }));
+    writeHeader(r.mem, VIRTIO_BLK_T.IN, 3n);
+    const n = 1056; // 1056 x 16 bytes = 33 sectors, over IOV_MAX (1024) buffers
+    const bufs: DriverBuf[] = [{ addr: HDR, len: 16 }];
+    for (let i = 0; i < n; i++) bufs.push({ addr: DATA + 16 * i, len: 16, write: true });
+    bufs.push({ addr: STATUS, len: 1, write: true });
+    r.drv.publish(r.drv.addIndirectChain(bufs, 0x1000));
+    r.dev.notify(0);
+    expect(r.drv.takeUsed()).toEqual([{ id: 0, len: 16 * n + 1 }]);
+    expect(r.mem.readU8(STATUS)).toBe(VIRTIO_BLK_S.OK);
+    expect(Buffer.from(r.mem.read(DATA, 16 * n))).toEqual(img.content.subarray(3 * 512, 36 * 512));
+  });
+
+  it("answers IOERR when the file was truncated under the device (short read resumed, then EOF)", () => {
+    const r = rig(new BlockDevice({ path: img.file, readonly: false }));
+    fs.truncateSync(img.file, 3 * 512 + 100);
+    const [st] = r.submit(VIRTIO_BLK_T.IN, 2n, [
+      { addr: DATA, len: 512, write: true },
+      { addr: DATA + 0x1000, len: 512, write: true },
+      { addr: DATA + 0x2000, len: 512, write: true },
+    ]);
+    expect(st).toBe(VIRTIO_BLK_S.IOERR);
+    // What could be read arrived where it belongs before the device gave up.
+    expect(Buffer.from(r.mem.read(DATA, 512))).toEqual(img.content.subarray(2 * 512, 3 * 512));
+    expect(Buffer.from(r.mem.read(DATA + 0x1000, 100))).toEqual(img.content.subarray(3 * 512, 3 * 512 + 100));
+  });
+
   it("writes sectors (OUT) to the file, and FLUSH succeeds", () => {
     const r = rig(new BlockDevice({ path: img.file, readonly: false }));
     const data = randomBytes(1024);

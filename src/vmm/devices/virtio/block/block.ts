@@ -250,9 +250,7 @@ export class BlockDevice implements VirtioDevice {
     // not an I/O failure: the queue stops and the device asks for reset (§2.1.2).
     if (chain.totalRead < HEADER_SIZE) return new QueueError("VIRTIO_BLK_HEADER", `request ${chain.head} has ${chain.totalRead} readable bytes, less than the 16-byte header`);
     if (chain.totalWrite < 1) return new QueueError("VIRTIO_BLK_STATUS", `request ${chain.head} has no writable status byte`);
-    const hdr = readChain(ctx.mem, chain.readable, 0, HEADER_SIZE);
-    const type = hdr.readUInt32LE(0);
-    const sector = hdr.readBigUInt64LE(8);
+    const { type, sector } = this.header(ctx, chain);
     let status: number;
     let used = 1;
     try {
@@ -262,10 +260,32 @@ export class BlockDevice implements VirtioDevice {
       // Host I/O failed (EIO, ENOSPC, file truncated under us): this request fails, the VM goes on.
       status = VIRTIO_BLK_S.IOERR;
     }
-    writeChain(ctx.mem, chain.writable, Uint8Array.of(status), chain.totalWrite - 1);
+    // The status is the chain's last writable byte (§5.2.6): the end of its last non-empty
+    // writable buffer (empty ones are not kept), bounds-checked when the chain was popped.
+    const last = chain.writable[chain.writable.length - 1]!;
+    ctx.mem.writeU8(last.addr + last.len - 1, status);
     // len counts bytes written from the first writable byte (§2.7.8); for non-IN requests we
     // report just the status byte, the convention Linux, QEMU and Firecracker share.
     return used;
+  }
+
+  /**
+   * Request type and sector (§5.2.6 header). Read in place when the first buffer holds the
+   * whole header (every driver we know), else gathered; the sector is a Number, exact below
+   * 2^53 and, above it, far past any disk (inRangeNum then refuses it), so no BigInt per request.
+   */
+  private header(ctx: ActivateContext, chain: DescriptorChain): { type: number; sector: number } {
+    const first = chain.readable[0]!;
+    if (first.len >= HEADER_SIZE) {
+      return { type: ctx.mem.readU32(first.addr), sector: ctx.mem.readU32(first.addr + 12) * 2 ** 32 + ctx.mem.readU32(first.addr + 8) };
+    }
+    const hdr = readChain(ctx.mem, chain.readable, 0, HEADER_SIZE);
+    return { type: hdr.readUInt32LE(0), sector: hdr.readUInt32LE(12) * 2 ** 32 + hdr.readUInt32LE(8) };
+  }
+
+  /** [sector, +bytes) inside the disk; sector is a Number (see header()), bytes < 2^32. */
+  private inRangeNum(sector: number, bytes: number): boolean {
+    return sector * SECTOR_SIZE + bytes <= this.capacityBytes;
   }
 
   private inRange(sector: bigint, bytes: number): boolean {
@@ -277,13 +297,13 @@ export class BlockDevice implements VirtioDevice {
     return { ...this.counters };
   }
 
-  private execute(ctx: ActivateContext, chain: DescriptorChain, type: number, sector: bigint): number {
+  private execute(ctx: ActivateContext, chain: DescriptorChain, type: number, sector: number): number {
     const { IOERR, OK, UNSUPP } = VIRTIO_BLK_S;
     switch (type) {
       case VIRTIO_BLK_T.IN: {
         const len = chain.totalWrite - 1;
-        if (len % SECTOR_SIZE !== 0 || !this.inRange(sector, len)) return IOERR;
-        this.transfer("read", chainSlices(ctx.mem, chain.writable, 0, len), Number(sector) * SECTOR_SIZE);
+        if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
+        this.transfer("read", chainSlices(ctx.mem, chain.writable, 0, len), sector * SECTOR_SIZE);
         this.counters.readOps++;
         this.counters.readBytes += len;
         return OK;
@@ -292,8 +312,8 @@ export class BlockDevice implements VirtioDevice {
         // §5.2.6.2: with RO offered, writes fail with IOERR and write nothing.
         if (this.readonly) return IOERR;
         const len = chain.totalRead - HEADER_SIZE;
-        if (len % SECTOR_SIZE !== 0 || !this.inRange(sector, len)) return IOERR;
-        this.transfer("write", chainSlices(ctx.mem, chain.readable, HEADER_SIZE, len), Number(sector) * SECTOR_SIZE);
+        if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
+        this.transfer("write", chainSlices(ctx.mem, chain.readable, HEADER_SIZE, len), sector * SECTOR_SIZE);
         this.stabilize();
         this.counters.writeOps++;
         this.counters.writeBytes += len;
@@ -364,8 +384,31 @@ export class BlockDevice implements VirtioDevice {
    * batches of IOV_MAX, resuming after short transfers.
    */
   private transfer(dir: "read" | "write", views: Uint8Array[], pos: number): void {
+    if (views.length <= IOV_MAX) {
+      // The common case, one call with the views as they are (no batch arrays): regular
+      // files transfer in full unless at EOF or on error, so the loop below rarely runs.
+      let total = 0;
+      for (const v of views) total += v.length;
+      const n = dir === "read" ? fs.readvSync(this.fd, views, pos) : fs.writevSync(this.fd, views, pos);
+      if (n === total) return;
+      if (n === 0) throw new TypevisorError("DISK_SHORT_READ", `disk ended at byte ${pos}`);
+      this.transferRest(dir, views, pos, n);
+      return;
+    }
+    this.transferRest(dir, views, pos, 0);
+  }
+
+  /** The general case of transfer(): `done` bytes already moved, IOV_MAX buffers per call. */
+  private transferRest(dir: "read" | "write", views: Uint8Array[], pos: number, done: number): void {
     let i = 0;
     let first = views[0];
+    // Skip what an earlier call moved.
+    pos += done;
+    while (first !== undefined && done >= first.length) {
+      done -= first.length;
+      first = views[++i];
+    }
+    if (first !== undefined && done > 0) first = first.subarray(done);
     while (i < views.length && first !== undefined) {
       const batch = [first, ...views.slice(i + 1, i + IOV_MAX)];
       let n = dir === "read" ? fs.readvSync(this.fd, batch, pos) : fs.writevSync(this.fd, batch, pos);
