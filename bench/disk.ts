@@ -38,7 +38,12 @@ interface Result {
 const timed = (tag: string, cmd: string) => `busybox time ${cmd} 2>&1 | grep real | sed 's/^/${tag}: /'`;
 // MARKn lines bound the phases for the per-thread CPU samples; the sleeps let the samples land.
 const mark = (n: number) => `echo MARK${n}; sleep 1`;
+// Untimed warm-up, the same for both VMMs: our VMM's JavaScript is compiled by V8 while the first
+// requests run (in the lab, with one CPU, that took about as much CPU as the device thread's own
+// work in a 1 s phase); without it the first phase measures JIT warm-up, not throughput.
+const WARMUP = `dd if=/dev/zero of=/dev/vda bs=1M count=16 oflag=direct 2>/dev/null; dd if=/dev/vda of=/dev/null bs=1M count=16 iflag=direct 2>/dev/null; dd if=/dev/vda of=/dev/null bs=4k count=1024 iflag=direct 2>/dev/null`;
 const SCRIPT = [
+  WARMUP,
   mark(0),
   timed("W", `dd if=/dev/zero of=/dev/vda bs=1M count=${SEQ_MIB} oflag=direct`),
   mark(1),
