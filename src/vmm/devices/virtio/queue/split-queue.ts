@@ -17,6 +17,13 @@ export const MAX_INDIRECT_ENTRIES = 32768;
 /** virtio 1.2 §2.7.5: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total". */
 const MAX_CHAIN_BYTES = 2 ** 32;
 const DESC_SIZE = 16;
+/** 2^53 / 2^32: a descriptor address whose high word reaches this is not a safe integer. */
+const HI_LIMIT = 2 ** 21;
+
+/** "0x..." of a 64-bit value given as two 32-bit halves (for messages). */
+function hex64(hi: number, lo: number): string {
+  return `0x${hi === 0 ? lo.toString(16) : hi.toString(16) + lo.toString(16).padStart(8, "0")}`;
+}
 
 /** One guest buffer of a chain: guest-physical address and length, already bounds-checked. */
 export interface GuestBuf {
@@ -92,6 +99,16 @@ export class SplitQueue {
   /** Used idx at the last needsInterrupt() decision (virtio 1.2 §2.7.10 "old" index). */
   private signalledUsed = 0;
   private failure: QueueError | undefined;
+  /*
+   * Live views of the three ring areas, made once: check() proved each lies inside one guest RAM
+   * region, and the guest cannot move them without a reset (virtio 1.2 §4.1.4.3.2: queue
+   * addresses are written before the queue is enabled), which rebuilds the queue. Going through
+   * GuestMemory per field would search the regions four times per descriptor; here every access
+   * is a DataView read at an offset bounded by the queue size (indices are taken mod size).
+   */
+  private readonly desc: DataView;
+  private readonly avail: DataView;
+  private readonly used: DataView;
 
   /** @throws QueueError (code VIRTQ_CONFIG) when the driver placed the queue badly. */
   constructor(mem: GuestMemory, config: QueueConfig, opts: SplitQueueOptions) {
@@ -100,6 +117,13 @@ export class SplitQueue {
     this.mem = mem;
     this.config = { ...config };
     this.opts = { ...opts };
+    const view = (gpa: number, len: number): DataView => {
+      const b = mem.slice(gpa, len);
+      return new DataView(b.buffer, b.byteOffset, b.byteLength);
+    };
+    this.desc = view(config.descAddr, DESC_SIZE * config.size);
+    this.avail = view(config.driverAddr, 6 + 2 * config.size);
+    this.used = view(config.deviceAddr, 6 + 8 * config.size);
   }
 
   /** Why `config` cannot be used as a split queue in `mem`, or undefined when it can. */
@@ -136,17 +160,12 @@ export class SplitQueue {
     return this.failure;
   }
 
-  private get availIdxAddr(): number {
-    return this.config.driverAddr + 2;
+  // Offsets inside the ring views (virtio 1.2 §2.7.6, §2.7.8: flags, idx, ring[size], event).
+  private get usedEventOffset(): number {
+    return 4 + 2 * this.config.size;
   }
-  private get usedEventAddr(): number {
-    return this.config.driverAddr + 4 + 2 * this.config.size;
-  }
-  private get usedIdxAddr(): number {
-    return this.config.deviceAddr + 2;
-  }
-  private get availEventAddr(): number {
-    return this.config.deviceAddr + 4 + 8 * this.config.size;
+  private get availEventOffset(): number {
+    return 4 + 8 * this.config.size;
   }
 
   private fail(code: string, message: string): QueueError {
@@ -163,7 +182,7 @@ export class SplitQueue {
   /** Available entries not yet popped, or a QueueError when the driver's idx is impossible. */
   pending(): number | QueueError {
     if (this.failure !== undefined) return this.failure;
-    const availIdx = this.mem.readU16(this.availIdxAddr);
+    const availIdx = this.avail.getUint16(2, true);
     const n = (availIdx - this.nextAvail) & 0xffff;
     // The driver can only have `size` buffers outstanding; more means a corrupt idx
     // (virtio 1.2 §2.7.6: idx only grows, by the number of heads it placed).
@@ -183,7 +202,7 @@ export class SplitQueue {
     if (typeof n !== "number") return n;
     if (n === 0) return undefined;
     const size = this.config.size;
-    const head = this.mem.readU16(this.config.driverAddr + 4 + 2 * (this.nextAvail % size));
+    const head = this.avail.getUint16(4 + 2 * (this.nextAvail % size), true);
     this.nextAvail = (this.nextAvail + 1) & 0xffff;
     if (head >= size) return this.fail("VIRTQ_HEAD", `chain head ${head} is outside the queue of size ${size}`);
     return this.walk(head);
@@ -196,7 +215,7 @@ export class SplitQueue {
     const writable: GuestBuf[] = [];
     let totalRead = 0;
     let totalWrite = 0;
-    let table = this.config.descAddr;
+    let table = this.desc;
     let tableLen = this.config.size;
     let indirect = false;
     let idx = head;
@@ -208,11 +227,16 @@ export class SplitQueue {
       }
       // A chain longer than its table must revisit an entry: that is a loop (§2.7.5.2).
       if (++count > tableLen) return this.fail("VIRTQ_LOOP", `descriptor chain from head ${head} loops or exceeds ${tableLen} entries`);
-      const d = table + DESC_SIZE * idx;
-      const addr64 = mem.readU64(d);
-      const len = mem.readU32(d + 8);
-      const flags = mem.readU16(d + 12);
-      const next = mem.readU16(d + 14);
+      // struct virtq_desc (§2.7.5): le64 addr, le32 len, le16 flags, le16 next. The address is
+      // read as two halves into a Number (no BigInt per descriptor): exact up to 2^53, and an
+      // address with any of the top 11 bits set is refused below as outside guest RAM.
+      const d = DESC_SIZE * idx;
+      const addrLo = table.getUint32(d, true);
+      const addrHi = table.getUint32(d + 4, true);
+      const len = table.getUint32(d + 8, true);
+      const flags = table.getUint16(d + 12, true);
+      const next = table.getUint16(d + 14, true);
+      const addr = addrHi < HI_LIMIT ? addrHi * 2 ** 32 + addrLo : -1;
 
       if ((flags & VIRTQ_DESC_F.INDIRECT) !== 0) {
         // §2.7.5.3.1: only when negotiated, never nested, never with NEXT; the device
@@ -222,11 +246,12 @@ export class SplitQueue {
         if ((flags & VIRTQ_DESC_F.NEXT) !== 0) return this.fail("VIRTQ_INDIRECT", "indirect descriptor with NEXT set");
         if (len === 0 || len % DESC_SIZE !== 0) return this.fail("VIRTQ_INDIRECT", `indirect table length ${len} is not a non-zero multiple of 16`);
         if (len / DESC_SIZE > MAX_INDIRECT_ENTRIES) return this.fail("VIRTQ_INDIRECT", `indirect table of ${len / DESC_SIZE} entries exceeds ${MAX_INDIRECT_ENTRIES}`);
-        const taddr = Number(addr64);
-        if (addr64 > BigInt(Number.MAX_SAFE_INTEGER) || !mem.contains(taddr, len)) {
-          return this.fail("VIRTQ_BUFFER", `indirect table at 0x${addr64.toString(16)} (${len} bytes) is outside guest RAM`);
+        if (addr < 0 || !mem.contains(addr, len)) {
+          return this.fail("VIRTQ_BUFFER", `indirect table at ${hex64(addrHi, addrLo)} (${len} bytes) is outside guest RAM`);
         }
-        table = taddr;
+        // A view of the table for this chain only: the driver may reuse the memory afterwards.
+        const t = mem.slice(addr, len);
+        table = new DataView(t.buffer, t.byteOffset, t.byteLength);
         tableLen = len / DESC_SIZE;
         indirect = true;
         idx = 0;
@@ -234,10 +259,9 @@ export class SplitQueue {
         continue;
       }
 
-      if (addr64 > BigInt(Number.MAX_SAFE_INTEGER) || !mem.contains(Number(addr64), len)) {
-        return this.fail("VIRTQ_BUFFER", `buffer at 0x${addr64.toString(16)} (${len} bytes) is outside guest RAM`);
+      if (addr < 0 || !mem.contains(addr, len)) {
+        return this.fail("VIRTQ_BUFFER", `buffer at ${hex64(addrHi, addrLo)} (${len} bytes) is outside guest RAM`);
       }
-      const addr = Number(addr64);
       if ((flags & VIRTQ_DESC_F.WRITE) !== 0) {
         totalWrite += len;
         sawWritable = true;
@@ -263,11 +287,11 @@ export class SplitQueue {
    */
   pushUsed(head: number, lenWritten: number): void {
     const size = this.config.size;
-    const slot = this.config.deviceAddr + 4 + 8 * (this.nextUsed % size);
-    this.mem.writeU32(slot, head >>> 0);
-    this.mem.writeU32(slot + 4, Math.min(Math.max(0, Math.floor(lenWritten)), 0xffffffff));
+    const slot = 4 + 8 * (this.nextUsed % size);
+    this.used.setUint32(slot, head >>> 0, true);
+    this.used.setUint32(slot + 4, Math.min(Math.max(0, Math.floor(lenWritten)), 0xffffffff), true);
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
-    this.mem.writeU16(this.usedIdxAddr, this.nextUsed);
+    this.used.setUint16(2, this.nextUsed, true);
   }
 
   /**
@@ -284,10 +308,10 @@ export class SplitQueue {
     // or we could miss the driver re-enabling interrupts in between (store->load order).
     fullFence();
     if (this.opts.eventIdx) {
-      const usedEvent = this.mem.readU16(this.usedEventAddr);
+      const usedEvent = this.avail.getUint16(this.usedEventOffset, true);
       return ((now - usedEvent - 1) & 0xffff) < ((now - old) & 0xffff);
     }
-    return (this.mem.readU16(this.config.driverAddr) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+    return (this.avail.getUint16(0, true) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
   }
 
   /**
@@ -301,7 +325,7 @@ export class SplitQueue {
   armNotification(): boolean {
     if (this.failure !== undefined) return false;
     if (!this.opts.eventIdx) return false;
-    this.mem.writeU16(this.availEventAddr, this.nextAvail);
+    this.used.setUint16(this.availEventOffset, this.nextAvail, true);
     fullFence();
     const n = this.pending();
     return typeof n === "number" && n > 0;
