@@ -81,6 +81,9 @@ export class Kvm {
 }
 
 export class VmFd {
+  private readonly msiBuf = new Uint8Array(SIZEOF.kvm_msi);
+  private readonly msiView = new DataView(this.msiBuf.buffer);
+
   constructor(readonly fd: number) {}
 
   setUserMemoryRegion(slot: number, guestPhysAddr: number, size: number, userspaceAddr: bigint, flags = 0): void {
@@ -127,8 +130,9 @@ export class VmFd {
 
   /** Inject one MSI (KVM API §4.71 KVM_SIGNAL_MSI). Returns false if the guest has it masked/blocked. */
   signalMsi(address: bigint, data: number): boolean {
-    const b = new Uint8Array(SIZEOF.kvm_msi);
-    const dv = new DataView(b.buffer);
+    // One struct per VmFd, reused: this runs once per completion batch on the device thread.
+    const b = this.msiBuf;
+    const dv = this.msiView;
     dv.setUint32(0, Number(address & 0xffff_ffffn), true);
     dv.setUint32(4, Number(address >> 32n), true);
     dv.setUint32(8, data >>> 0, true);

@@ -35,6 +35,8 @@ const dlsymFn = libc.func("uintptr_t dlsym(uintptr_t handle, const char *name)")
 const getpidFn = libc.func("int getpid()");
 const pipe2Fn = libc.func("int pipe2(void *fds, int flags)");
 const gettidFn = libc.func("int gettid()");
+// Thread names show in /proc/PID/task/TID/comm, so per-thread CPU can be told apart (Node names every thread "node").
+const pthreadSetnameFn = libc.func("int pthread_setname_np(unsigned long thread, const char *name)");
 // memmove(dst, dst, 0) returns dst: the one portable way to turn an address
 // received from another thread into a koffi pointer we can view.
 const pointerAtFn = libc.func("void *memmove(uintptr_t dst, uintptr_t src, size_t n)");
@@ -212,6 +214,12 @@ export function eventfdDrain(fd: number): number {
   return r === 8 ? Number(new DataView(b.buffer).getBigUint64(0, true)) : 0;
 }
 
+const clearBuf = new Uint8Array(8);
+/** Reset a non-blocking eventfd's counter, discarding the count (no allocation: hot device loops). */
+export function eventfdClear(fd: number): void {
+  readFn(fd, clearBuf, 8);
+}
+
 export const POLLIN = 0x1;
 
 /**
@@ -232,6 +240,51 @@ export function pollIn(fds: readonly number[], timeoutMs: number): number[] {
     if (dv.getInt16(i * 8 + 6, true) !== 0) ready.push(i);
   });
   return ready;
+}
+
+/**
+ * A reusable poll(2) set for readability: the pollfd array is built once per fd list (set())
+ * and each wait() only clears revents and calls poll, so a device loop allocates nothing per pass.
+ */
+export class PollSet {
+  private buf = new Uint8Array(0);
+  private dv = new DataView(this.buf.buffer);
+  private count = 0;
+  /** Indices of the readable fds after the last wait(); the first `ready` entries are valid. */
+  readonly readyIdx: number[] = [];
+  ready = 0;
+
+  set(fds: readonly number[]): void {
+    if (this.buf.length < 8 * fds.length) {
+      this.buf = new Uint8Array(8 * fds.length);
+      this.dv = new DataView(this.buf.buffer);
+    }
+    for (let i = 0; i < fds.length; i++) {
+      this.dv.setInt32(i * 8, fds[i]!, true);
+      this.dv.setInt16(i * 8 + 4, POLLIN, true);
+    }
+    this.count = fds.length;
+  }
+
+  /** Wait up to `timeoutMs`; returns how many fds are readable (indices in readyIdx[0, ready)). */
+  wait(timeoutMs: number): number {
+    const dv = this.dv;
+    for (let i = 0; i < this.count; i++) dv.setInt16(i * 8 + 6, 0, true);
+    const n = pollFn(this.buf, this.count, timeoutMs) as number;
+    let k = 0;
+    if (n > 0) {
+      for (let i = 0; i < this.count; i++) {
+        if (dv.getInt16(i * 8 + 6, true) !== 0) this.readyIdx[k++] = i;
+      }
+    }
+    this.ready = k;
+    return k;
+  }
+}
+
+/** Name a thread (at most 15 bytes, pthread_setname_np(3)); best effort, for diagnostics. */
+export function pthreadSetName(thread: bigint, name: string): void {
+  pthreadSetnameFn(thread, name.slice(0, 15));
 }
 
 export function pthreadSelf(): bigint {

@@ -346,6 +346,8 @@ export class Vm {
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
             this.threads[m.vcpuId] = m.thread;
+            // Named for per-thread CPU accounting (/proc/PID/task/TID/comm; Node names every thread "node").
+            libc.pthreadSetName(m.thread, `tv-vcpu${m.vcpuId}`);
           } else {
             // The first vCPU to stop decides why; the others are kicked out of KVM_RUN.
             if (first === undefined && m.request !== VmRequest.NONE) first = m;

@@ -165,6 +165,8 @@ try {
   post(isTypevisorError(e) ? { type: "error", code: e.code, message: e.message } : { type: "error", code: "DEVICE_SETUP", message: (e as Error).message });
   process.exit(1);
 }
+// Named so per-thread CPU (/proc/PID/task/TID/comm) tells this thread from V8's and the vCPUs'.
+libc.pthreadSetName(libc.pthreadSelf(), "tv-devices");
 post({ type: "ready", devices: plugged.map((p) => `${p.name} at 00:${p.slot.toString(16).padStart(2, "0")}.0`) });
 
 /** Host-side verbs, keyed by command name; each returns plain data. */
@@ -238,28 +240,61 @@ for (const p of plugged) {
     fixedFds.push(k.fd);
   }
 }
-while (Atomics.load(stop, 0) === 0) {
-  // Back-end fds are asked for anew each pass: a device without guest buffers wants none.
-  const sources = [...fixedSources];
-  const fds = [...fixedFds];
+// The poll set is rebuilt only when the back-end fds a device wants change (a TAP is dropped
+// while the guest has no receive buffers, and taken back after its next rx kick), not on
+// every pass: per completed request this loop now costs one poll(2), one eventfd read and the
+// back end's own work, with no arrays made. Rebuilding is cheap but the common pass (a queue
+// kick with no change) is what a 1 MiB disk request or a TCP segment pays each time.
+const sources: Source[] = [];
+const fds: number[] = [];
+const pollSet = new libc.PollSet();
+/** The back-end fds in the current poll set, in order, to compare with what devices want now. */
+const polledBackends: number[] = [];
+function wantedBackendsChanged(): boolean {
+  let n = 0;
+  for (const p of plugged) {
+    const dev = p.transport.device;
+    const bfds = dev.backendFds;
+    if (bfds === undefined) continue;
+    for (const fd of bfds) {
+      if (dev.backendWanted?.(fd) === false) continue;
+      if (polledBackends[n++] !== fd) return true;
+    }
+  }
+  return n !== polledBackends.length;
+}
+function rebuildPollSet(): void {
+  sources.length = 0;
+  fds.length = 0;
+  polledBackends.length = 0;
+  sources.push(...fixedSources);
+  fds.push(...fixedFds);
   for (const p of plugged) {
     const dev = p.transport.device;
     for (const fd of dev.backendFds ?? []) {
       if (dev.backendWanted?.(fd) === false) continue;
       sources.push({ kind: "backend", p, fd });
       fds.push(fd);
+      polledBackends.push(fd);
     }
   }
-  const ready = libc.pollIn(fds, 1000);
+  pollSet.set(fds);
+}
+rebuildPollSet();
+while (Atomics.load(stop, 0) === 0) {
+  // Back-end fds are polled only while their device wants them: a device without guest buffers wants none.
+  if (wantedBackendsChanged()) rebuildPollSet();
+  const ready = pollSet.wait(1000);
   balloon?.tick();
-  for (const i of ready) {
+  for (let r = 0; r < ready; r++) {
+    const i = pollSet.readyIdx[r]!;
     const src = sources[i]!;
     if (src.kind === "mailbox") {
-      libc.eventfdDrain(fds[i]!);
+      libc.eventfdClear(fds[i]!);
       mailbox.serve({ handle });
       serveCommands();
     } else if (src.kind === "kick") {
-      libc.eventfdDrain(fds[i]!);
+      libc.eventfdClear(fds[i]!);
       kick(src.p, src.queue);
     } else {
       src.p.transport.device.onBackendReadable?.(src.fd);
