@@ -12,7 +12,8 @@
  *
  * Run: npm run bench:disk
  */
-import { closeSync, openSync, readdirSync, readFileSync, rmSync, writeSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, rmSync, writeSync } from "node:fs";
 import { mkdtempSync } from "node:fs";
 import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
@@ -32,6 +33,52 @@ interface Result {
   iops: number;
   /** Per phase (write, read, 4k): CPU seconds by thread name, threads of one name summed. */
   cpu: Record<string, number>[];
+  /** Per phase: KVM's own counters for the VM (debugfs), when debugfs is there. */
+  kvm: Record<string, number>[];
+}
+
+/*
+ * KVM keeps per-VM statistics in debugfs (/sys/kernel/debug/kvm/PID-FD/, one file per counter,
+ * summed over vCPUs; Documentation/virt/kvm/api.rst "binary stats" lists the same counters):
+ * exits handled inside KVM never reach the VMM, so these show what GET /stats cannot, e.g. how
+ * often the vCPU halted and whether halt polling spun (halt_poll_*), for both VMMs alike.
+ */
+const KVM_DEBUGFS = "/sys/kernel/debug/kvm";
+const KVM_KEYS = [
+  "exits", "halt_exits", "halt_wakeup", "halt_attempted_poll", "halt_successful_poll", "halt_poll_success_ns",
+  "halt_poll_fail_ns", "halt_wait_ns", "irq_injections", "irq_exits", "io_exits", "mmio_exits", "signal_exits",
+  "irq_window_exits", "request_irq_exits", "host_state_reload", "fpu_reload",
+];
+
+function mountDebugfs(): boolean {
+  if (existsSync(KVM_DEBUGFS)) return true;
+  try {
+    execFileSync("mount", ["-t", "debugfs", "none", "/sys/kernel/debug"], { stdio: "ignore" });
+  } catch {
+    // not root or no debugfs: the counters are left out
+  }
+  return existsSync(KVM_DEBUGFS);
+}
+
+/** KVM_KEYS of every VM of `pid`, summed (a VMM has one). */
+function kvmCounters(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  let dirs: string[] = [];
+  try {
+    dirs = readdirSync(KVM_DEBUGFS).filter((d) => d.startsWith(`${pid}-`));
+  } catch {
+    return out;
+  }
+  for (const d of dirs) {
+    for (const k of KVM_KEYS) {
+      try {
+        out.set(k, (out.get(k) ?? 0) + Number(readFileSync(`${KVM_DEBUGFS}/${d}/${k}`, "utf8").trim()));
+      } catch {
+        // a counter this kernel does not have
+      }
+    }
+  }
+  return out;
 }
 
 // busybox dd prints no rate, so each run is timed with busybox's time applet ("real\t0m 1.23s").
@@ -95,15 +142,18 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     const pid = p.child.pid;
     if (pid === undefined) throw new Error(`${cmd} did not start`);
     const samples: Map<string, number>[] = [];
+    const kvm: Map<string, number>[] = [];
     let at = 0;
     for (let n = 0; n < 4; n++) {
       at = await p.waitFor(new RegExp(`MARK${n}\\r?\\n`), at, 600_000);
       samples.push(threadTicks(pid));
+      kvm.push(kvmCounters(pid));
     }
     await p.waitFor(/typevisor-guest: exit/, at, 600_000);
     const bytes = SEQ_MIB * 1024 * 1024;
     const cpu = [0, 1, 2].map((i) => cpuDelta(samples[i]!, samples[i + 1]!));
-    return { writeMBs: bytes / seconds(p.output, "W") / 1e6, readMBs: bytes / seconds(p.output, "R") / 1e6, iops: IOPS_COUNT / seconds(p.output, "I"), cpu };
+    const kvmDelta = [0, 1, 2].map((i) => Object.fromEntries([...kvm[i + 1]!].map(([k, v]) => [k, v - (kvm[i]!.get(k) ?? 0)])));
+    return { writeMBs: bytes / seconds(p.output, "W") / 1e6, readMBs: bytes / seconds(p.output, "R") / 1e6, iops: IOPS_COUNT / seconds(p.output, "I"), cpu, kvm: kvmDelta };
   } finally {
     p.kill();
   }
@@ -126,6 +176,7 @@ async function main(): Promise<void> {
     "-drive", `file=${disk},if=none,id=d0,format=raw`, "-device", "virtio-blk-pci,drive=d0",
   ];
   const res: { typevisor: Result[]; qemu: Result[] } = { typevisor: [], qemu: [] };
+  if (!mountDebugfs()) console.log("bench/disk: no KVM debugfs here, KVM counters left out");
   console.log(`bench/disk: ${RUNS} runs each, alternating; ${DISK_MIB} MiB raw image on the lab's tmpfs, guest 512 MiB, 1 vCPU`);
   for (let i = 0; i < RUNS; i++) {
     const a = await once(process.execPath, ours);
@@ -138,6 +189,11 @@ async function main(): Promise<void> {
       ["write", "read", "4k"].map((ph, j) => `${ph}: ${Object.entries(x.cpu[j]!).sort((u, v) => v[1] - u[1]).map(([t, sec]) => `${t} ${sec.toFixed(2)}`).join(", ")}`).join(" | ");
     console.log(`  cpu s (phase incl. 1 s sleep) typevisor ${c(a)}`);
     console.log(`  cpu s (phase incl. 1 s sleep) qemu ${c(b)}`);
+    const k = (x: Result) => ["write", "read", "4k"].map((ph, j) => `${ph}: ${Object.entries(x.kvm[j]!).map(([n, v]) => `${n} ${v}`).join(", ")}`).join(" | ");
+    if (Object.keys(a.kvm[0]!).length > 0) {
+      console.log(`  kvm counters typevisor ${k(a)}`);
+      console.log(`  kvm counters qemu ${k(b)}`);
+    }
   }
   for (const [k, label] of [["writeMBs", "seq write 1 MiB (MB/s)"], ["readMBs", "seq read 1 MiB (MB/s)"], ["iops", "4 KiB read QD1 (IOPS)"]] as const) {
     console.log(compare(label, res.typevisor.map((r) => r[k]), res.qemu.map((r) => r[k])));
