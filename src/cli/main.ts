@@ -5,9 +5,10 @@
  * usage/input errors); never a stack trace for anything a user can cause.
  */
 import { Command, CommanderError } from "commander";
-import { ApiError } from "../api/client.js";
-import { isTypevisorError, type TypevisorError } from "../errors.js";
-import { EXIT } from "./vm.js";
+import { isTypevisorError } from "../errors.js";
+import { EXIT_INTERNAL, exitCodeFor } from "./exit-codes.js";
+
+export { exitCodeFor };
 
 const VERSION = "0.1.0";
 
@@ -50,26 +51,6 @@ export async function buildProgram(argv: string[] = process.argv): Promise<Comma
   return program;
 }
 
-/**
- * The exit code for an error (the table is in vm.ts): well-known codes first, then
- * the HTTP status of an error from the daemon, then local errors (a failing
- * syscall or KVM is a run-time failure, anything else bad input).
- */
-export function exitCodeFor(e: TypevisorError): number {
-  const c = e.code;
-  if (c === "DAEMON_UNREACHABLE") return EXIT.UNREACHABLE;
-  if (c === "VM_NOT_FOUND") return EXIT.NOT_FOUND;
-  if (c === "VM_STATE" || c === "VM_EXISTS" || c === "INSUFFICIENT_RESOURCES") return EXIT.CONFLICT;
-  if (c === "VM_START_FAILED" || c.startsWith("VMM")) return EXIT.FAILED;
-  if (e instanceof ApiError) {
-    if (e.status === 404) return EXIT.NOT_FOUND;
-    if (e.status === 409) return EXIT.CONFLICT;
-    if (e.status >= 500 || e.status < 400) return EXIT.FAILED;
-    return EXIT.BAD_INPUT;
-  }
-  return c === "SYSCALL_FAILED" || c.startsWith("KVM") ? EXIT.FAILED : EXIT.BAD_INPUT;
-}
-
 export async function main(argv: string[]): Promise<number> {
   const program = await buildProgram(argv);
   try {
@@ -86,6 +67,6 @@ export async function main(argv: string[]): Promise<number> {
     }
     process.stderr.write(`typevisor: internal error: ${(e as Error).message ?? String(e)}\n`);
     if (process.env.TYPEVISOR_DEBUG) process.stderr.write(`${(e as Error).stack ?? ""}\n`);
-    return 70;
+    return EXIT_INTERNAL;
   }
 }

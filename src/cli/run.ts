@@ -12,6 +12,7 @@ import { dirname, join } from "node:path";
 import type { Server } from "node:http";
 import { Option, type Command } from "commander";
 import { TypevisorError } from "../errors.js";
+import { exitCodeFor } from "./exit-codes.js";
 import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
@@ -83,11 +84,6 @@ export function writeExitFile(path: string, record: ExitRecord): void {
   renameSync(tmp, path);
 }
 
-/** The exit status main() gives a thrown error (kept in step with cli/main.ts). */
-function exitCodeFor(e: unknown): number {
-  if (e instanceof TypevisorError) return e.code === "SYSCALL_FAILED" || e.code.startsWith("KVM") ? 1 : 2;
-  return 70;
-}
 
 /** Ctrl-A x quits, as in QEMU's -nographic console. */
 const ESCAPE = 0x01;

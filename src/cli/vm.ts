@@ -11,7 +11,7 @@
  *   3  not found (VM_NOT_FOUND, 404)
  *   4  conflict with the VM's state or the host's resources (VM_STATE, VM_EXISTS, INSUFFICIENT_RESOURCES, 409)
  *   5  the daemon is unreachable (DAEMON_UNREACHABLE)
- * main.ts maps errors to these (exitCodeFor).
+ * exit-codes.ts maps errors to these (exitCodeFor).
  */
 import { resolve } from "node:path";
 import type { Duplex } from "node:stream";
@@ -23,7 +23,6 @@ import { TypevisorError } from "../errors.js";
 import { addConnectionOptions, connect, type ConnectionOptions } from "./connect.js";
 import { formatBytes, formatDuration, formatTime, renderFields, renderTable, toJson, withProgress } from "./format.js";
 
-export const EXIT = { OK: 0, FAILED: 1, BAD_INPUT: 2, NOT_FOUND: 3, CONFLICT: 4, UNREACHABLE: 5 } as const;
 
 /** The exit-code table in every client command's --help (one text, so they cannot drift apart). */
 export const EXIT_CODES_HELP = `
