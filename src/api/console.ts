@@ -3,7 +3,7 @@
  * rotated to console.log.1), followed like `tail -F`, and the interactive
  * attach, which splices the client's connection to the VMM's console socket.
  */
-import { closeSync, fstatSync, openSync, readSync, statSync } from "node:fs";
+import { closeSync, fstatSync, openSync, readFileSync, readSync, statSync } from "node:fs";
 import type { Writable } from "node:stream";
 
 /** The last `tail` bytes of the console (the rotated file first), or all of it. */
@@ -11,20 +11,7 @@ export function readConsole(log: string, tail?: number): Buffer {
   const parts: Buffer[] = [];
   for (const f of [`${log}.1`, log]) {
     try {
-      const fd = openSync(f, "r");
-      try {
-        const size = fstatSync(fd).size;
-        const buf = Buffer.alloc(size);
-        let off = 0;
-        while (off < size) {
-          const n = readSync(fd, buf, off, size - off, off);
-          if (n === 0) break;
-          off += n;
-        }
-        parts.push(buf.subarray(0, off));
-      } finally {
-        closeSync(fd);
-      }
+      parts.push(readFileSync(f));
     } catch {
       /* absent: nothing captured yet, or never rotated */
     }
