@@ -1,7 +1,6 @@
 import { lstatSync } from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
-import { close as closeFd, EAGAIN, EINTR, readRaw, writeRaw } from "../../../../sys/libc.js";
-import { writevRaw } from "../../../../sys/libc.js";
+import { close as closeFd, EAGAIN, EINTR, readRaw, writeRaw, writevRaw } from "../../../../sys/libc.js";
 import {
   ECONNREFUSED,
   EPOLL_CTL_ADD,
