@@ -19,7 +19,7 @@ import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
-import { compare } from "./lib.js";
+import { compare, nodePerfArgs, perfAttach } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const DISK_MIB = 256;
@@ -144,16 +144,25 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     const samples: Map<string, number>[] = [];
     const kvm: Map<string, number>[] = [];
     let at = 0;
+    let stopPerf: (() => () => Promise<void>) | undefined;
+    let perfReport: (() => Promise<void>) | undefined;
     for (let n = 0; n < 4; n++) {
       at = await p.waitFor(new RegExp(`MARK${n}\\r?\\n`), at, 600_000);
       samples.push(threadTicks(pid));
       kvm.push(kvmCounters(pid));
+      // BENCH_PERF: the sequential phases (write and read) only.
+      if (n === 0) stopPerf = perfAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} write+read`);
+      if (n === 2) perfReport = stopPerf?.();
     }
+    await perfReport?.();
     await p.waitFor(/typevisor-guest: exit/, at, 600_000);
     const bytes = SEQ_MIB * 1024 * 1024;
     const cpu = [0, 1, 2].map((i) => cpuDelta(samples[i]!, samples[i + 1]!));
     const kvmDelta = [0, 1, 2].map((i) => Object.fromEntries([...kvm[i + 1]!].map(([k, v]) => [k, v - (kvm[i]!.get(k) ?? 0)])));
     return { writeMBs: bytes / seconds(p.output, "W") / 1e6, readMBs: bytes / seconds(p.output, "R") / 1e6, iops: IOPS_COUNT / seconds(p.output, "I"), cpu, kvm: kvmDelta };
+  } catch (e) {
+    console.log(`bench/disk: ${cmd} failed; its output ends:\n${p.output.slice(-3000)}`);
+    throw e;
   } finally {
     p.kill();
   }
@@ -168,7 +177,7 @@ async function main(): Promise<void> {
   for (let i = 0; i < DISK_MIB; i++) writeSync(fd, zeros);
   closeSync(fd);
   const cmdline = `console=ttyS0 panic=-1 quiet ${runScriptArg(SCRIPT)}`;
-  const ours = [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--disk", disk, "--cmdline", cmdline];
+  const ours = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--disk", disk, "--cmdline", cmdline];
   const qemu = [
     "-M", "q35", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512",
     "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",

@@ -1,3 +1,5 @@
+import { spawn, spawnSync } from "node:child_process";
+
 /** Shared pieces of the benchmarks: summary statistics and the report line. */
 
 export function median(xs: readonly number[]): number {
@@ -11,4 +13,43 @@ export function compare(label: string, ours: readonly number[], qemu: readonly n
   const t = median(ours);
   const q = median(qemu);
   return `${label}: typevisor ${t.toFixed(digits)}, qemu ${q.toFixed(digits)}, ratio ${(t / q).toFixed(2)}`;
+}
+
+/**
+ * BENCH_PERF=1: sample a VMM process with Linux perf (software cpu-clock event: the lab's emulated
+ * CPU has no PMU) between two points of a benchmark and print where its CPU went, by thread,
+ * shared object and symbol. JavaScript frames get names when node runs with --perf-basic-prof
+ * (V8 writes /tmp/perf-PID.map); see `nodePerfArgs`. The V8 profiler cannot be used instead: its
+ * SIGPROF interrupts KVM ioctls (KVM_CREATE_VM fails with EINTR).
+ */
+export const PERF = process.env["BENCH_PERF"] === "1";
+
+/** Extra node flags for a VMM under BENCH_PERF. */
+export const nodePerfArgs = (): string[] => (PERF ? ["--perf-basic-prof"] : []);
+
+/**
+ * Start `perf record` on `pid`; the returned function stops it (without waiting: the benchmark goes
+ * on) and returns the function that prints the report under `label` (slow: run it after the measurements).
+ */
+export function perfAttach(pid: number, label: string): () => () => Promise<void> {
+  if (!PERF) return () => async () => undefined;
+  const out = `/tmp/bench-perf-${pid}.data`;
+  const rec = spawn("perf", ["record", "-q", "--no-buildid", "-e", "cpu-clock", "-F", "997", "-g", "--per-thread", "-p", String(pid), "-o", out], { stdio: "ignore" });
+  const done = new Promise((r) => rec.once("exit", r));
+  return () => {
+    rec.kill("SIGINT");
+    return async () => {
+      await done;
+      report(out, label);
+    };
+  };
+}
+
+function report(out: string, label: string): void {
+  for (const [sort, limit] of [["comm,dso", "0.5"], ["comm,dso,sym", "0.3"]] as const) {
+    const rep = spawnSync("perf", ["report", "-i", out, "--stdio", "--no-children", "--sort", sort, "--percent-limit", limit, "-g", "none"], { encoding: "utf8" });
+    // Keep the sample count from the header: percentages of two reports compare only through it.
+    const lines = (rep.stdout ?? "").split("\n").filter((l) => (l.trim() !== "" && !l.startsWith("#")) || l.startsWith("# Samples"));
+    console.log(`perf ${label} (${sort}):\n${lines.join("\n")}${rep.stderr ? `\n${rep.stderr.slice(0, 500)}` : ""}`);
+  }
 }

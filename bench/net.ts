@@ -12,7 +12,7 @@ import { createServer, type Server } from "node:net";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
-import { compare } from "./lib.js";
+import { compare, nodePerfArgs, perfAttach } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const MIB = 32;
@@ -49,14 +49,24 @@ const SCRIPT = [
   `ip addr add ${GUEST}/24 dev eth0`,
   "ip link set eth0 up",
   `ping -c 1 -W 5 ${HOST} >/dev/null`,
+  // MARKs bound host->guest for BENCH_PERF.
+  "echo MARK0",
   `busybox time nc ${HOST} 6000 2>&1 >/dev/null | grep real | sed 's/^/D: /'`,
+  "echo MARK1",
   `dd if=/dev/zero bs=1M count=${MIB} 2>/dev/null | nc ${HOST} 6001`,
 ].join("; ");
 
 async function once(cmd: string, args: string[]): Promise<Result> {
   const p = new ConsoleProcess(cmd, args);
   try {
+    const pid = p.child.pid;
+    if (pid === undefined) throw new Error(`${cmd} did not start`);
+    const at = await p.waitFor(/MARK0\r?\n/, 0, 600_000);
+    const stopPerf = perfAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} host->guest`);
+    await p.waitFor(/MARK1\r?\n/, at, 600_000);
+    const report = stopPerf();
     await p.waitFor(/typevisor-guest: exit/, 0, 600_000);
+    await report();
     const m = /D: real\s+(\d+)m ([\d.]+)s/.exec(p.output);
     if (m === null || upload.end === 0) throw new Error(`incomplete run:\n${p.output.slice(-1500)}`);
     const down = Number(m[1]) * 60 + Number(m[2]);
@@ -73,7 +83,7 @@ async function main(): Promise<void> {
   execFileSync("ip", ["link", "set", TAP, "up"]);
   const srv = await servers();
   const cmdline = `console=ttyS0 panic=-1 quiet ${runScriptArg(SCRIPT)}`;
-  const ours = [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--net", `tap=${TAP}`, "--cmdline", cmdline];
+  const ours = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--net", `tap=${TAP}`, "--cmdline", cmdline];
   const qemu = [
     "-M", "q35", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512",
     "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",

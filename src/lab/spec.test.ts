@@ -27,10 +27,10 @@ describe("specScript", () => {
   it("recreates cwd and env, marks the lab, and execs the command with its exit code", () => {
     const dir = realpathSync(mkdtempSync(join(tmpdir(), "tv spec '")));
     try {
-      const env = passedEnv({ PATH: "/usr/bin:/bin", TYPEVISOR_X: "it's", CI: "1", SECRET_TOKEN: "no", npm_config_x: "no" });
-      const script = specScript(["sh", "-c", 'echo "$PWD|$TYPEVISOR_X|$CI|$TYPEVISOR_IN_LAB|${SECRET_TOKEN-unset}"; exit 9'], dir, env);
+      const env = passedEnv({ PATH: "/usr/bin:/bin", TYPEVISOR_X: "it's", BENCH_RUNS: "2", CI: "1", SECRET_TOKEN: "no", npm_config_x: "no" });
+      const script = specScript(["sh", "-c", 'echo "$PWD|$TYPEVISOR_X|$BENCH_RUNS|$CI|$TYPEVISOR_IN_LAB|${SECRET_TOKEN-unset}"; exit 9'], dir, env);
       const r = sh(script);
-      expect(r.out).toBe(`${dir}|it's|1|1|unset\n`);
+      expect(r.out).toBe(`${dir}|it's|2|1|1|unset\n`);
       expect(r.status).toBe(9);
     } finally {
       rmSync(dir, { recursive: true, force: true });

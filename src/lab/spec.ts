@@ -6,7 +6,7 @@
  */
 import { IN_LAB_ENV } from "./kvm-kind.js";
 
-/** Exact names passed into the lab; plus every TYPEVISOR_* and CI* variable and LC_*. */
+/** Exact names passed into the lab; plus every TYPEVISOR_*, BENCH_* (benchmark knobs) and CI* variable and LC_*. */
 const PASS_EXACT = new Set([
   "PATH",
   "HOME",
@@ -31,7 +31,7 @@ export function passedEnv(env: Record<string, string | undefined>): Record<strin
   const out: Record<string, string> = {};
   for (const [k, v] of Object.entries(env)) {
     if (v === undefined || !/^[A-Za-z_][A-Za-z0-9_]*$/.test(k)) continue;
-    if (PASS_EXACT.has(k) || k.startsWith("TYPEVISOR_") || k === "CI" || k.startsWith("CI_") || k.startsWith("LC_")) out[k] = v;
+    if (PASS_EXACT.has(k) || k.startsWith("TYPEVISOR_") || k.startsWith("BENCH_") || k === "CI" || k.startsWith("CI_") || k.startsWith("LC_")) out[k] = v;
   }
   out[IN_LAB_ENV] = "1";
   return out;

@@ -1,4 +1,5 @@
 import { TypevisorError } from "../../errors.js";
+import { addressOf } from "../../sys/iov.js";
 
 /**
  * Guest-physical memory: the only way the VMM reads or writes guest RAM.
@@ -28,10 +29,14 @@ export interface MemoryRegionSpec {
 interface Region extends MemoryRegionSpec {
   bytes: Uint8Array;
   view: DataView;
+  /** Host virtual address of the region's first byte (for iovecs handed to the kernel). */
+  host: number;
 }
 
 export class GuestMemory {
   private readonly regions: Region[];
+  /** regions[0] (the lowest; guest RAM below the PCI hole holds almost every buffer). */
+  private readonly first: Region;
 
   /**
    * @param backing the host mapping (e.g. a koffi.view over an mmap); regions index into it.
@@ -44,8 +49,11 @@ export class GuestMemory {
           throw new TypevisorError("GUEST_MEMORY_LAYOUT", `region at 0x${s.guestPhysAddr.toString(16)} does not fit its backing`);
         }
         const bytes = new Uint8Array(backing, s.hostOffset, s.size);
-        return { ...s, bytes, view: new DataView(backing, s.hostOffset, s.size) };
+        return { ...s, bytes, view: new DataView(backing, s.hostOffset, s.size), host: addressOf(bytes) };
       });
+    const first = this.regions[0];
+    if (first === undefined) throw new TypevisorError("GUEST_MEMORY_LAYOUT", "guest memory has no regions");
+    this.first = first;
     for (let i = 1; i < this.regions.length; i++) {
       const prev = this.regions[i - 1]!;
       const cur = this.regions[i]!;
@@ -89,6 +97,31 @@ export class GuestMemory {
     const r = this.region(gpa, len);
     const off = gpa - r.guestPhysAddr;
     return r.bytes.subarray(off, off + len);
+  }
+
+  /**
+   * Host virtual address of [gpa, gpa+len), checked like slice(): for iovecs the kernel fills or
+   * reads (preadv/pwritev), where a view per buffer would cost more than the I/O's bookkeeping.
+   * Valid while the VM's memory is mapped.
+   */
+  hostAddress(gpa: number, len: number): number {
+    const a = this.tryHostAddress(gpa, len);
+    if (a < 0) throw new GuestMemoryError(gpa, len);
+    return a;
+  }
+
+  /**
+   * hostAddress() without the throw: -1 when [gpa, gpa+len) is not inside one region (exactly
+   * when contains() is false). The descriptor walk calls this for every buffer of every request,
+   * so the common case, the first region, is tested before the general search.
+   */
+  tryHostAddress(gpa: number, len: number): number {
+    const r0 = this.first;
+    if (gpa >= r0.guestPhysAddr && len >= 0 && gpa + len <= r0.guestPhysAddr + r0.size && Number.isSafeInteger(gpa) && Number.isSafeInteger(len)) {
+      return r0.host + (gpa - r0.guestPhysAddr);
+    }
+    const r = this.find(gpa, len);
+    return r === undefined ? -1 : r.host + (gpa - r.guestPhysAddr);
   }
 
   read(gpa: number, len: number): Uint8Array {

@@ -1,12 +1,13 @@
 import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
-import { IOV_MAX } from "../../../../sys/libc.js";
+import { addressOf, IoVec } from "../../../../sys/iov.js";
+import { EINTR, errnoName } from "../../../../sys/libc.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
-import { chainSlices, readChain, writeChain } from "../queue/chain.js";
+import { readChain, writeChain } from "../queue/chain.js";
 import type { ChainResult } from "../queue/runner.js";
 import { activateQueues, serviceQueue } from "../queue/runner.js";
-import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
+import type { DescriptorChain, GuestBuf, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
 
 /** virtio-blk feature bits (virtio 1.2 §5.2.3). */
@@ -59,6 +60,7 @@ const MAX_DISCARD_SEG = 32;
 const MAX_WRITE_ZEROES_SECTORS = 1 << 16; // 32 MiB per segment: we really write the zeroes
 const MAX_WRITE_ZEROES_SEG = 1;
 const ZERO_CHUNK = new Uint8Array(64 * 1024);
+const ZERO_CHUNK_ADDRESS = addressOf(ZERO_CHUNK);
 
 export interface BlockDeviceOptions {
   /** Disk image to open (read-write unless `readonly`); the device owns and closes the fd. */
@@ -119,6 +121,8 @@ export class BlockDevice implements VirtioDevice {
   /** FLUSH offered but not negotiated: every write must be stable before completion (§5.2.6.2). */
   private writeThrough = true;
   /** Completed data requests (IN/OUT with status OK) and their payload bytes, since construction. */
+  /** The iovec array of the request in flight (one request at a time, on the device thread). */
+  private readonly iov = new IoVec();
   private readonly counters: BlockStats = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
 
   /** @throws TypevisorError DISK_OPEN, DISK_TYPE, DISK_SIZE, DISK_SERIAL, DISK_OPTIONS */
@@ -303,7 +307,7 @@ export class BlockDevice implements VirtioDevice {
       case VIRTIO_BLK_T.IN: {
         const len = chain.totalWrite - 1;
         if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
-        this.transfer("read", chainSlices(ctx.mem, chain.writable, 0, len), sector * SECTOR_SIZE);
+        this.transfer("read", chain.writable, 0, len, sector * SECTOR_SIZE);
         this.counters.readOps++;
         this.counters.readBytes += len;
         return OK;
@@ -313,7 +317,7 @@ export class BlockDevice implements VirtioDevice {
         if (this.readonly) return IOERR;
         const len = chain.totalRead - HEADER_SIZE;
         if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
-        this.transfer("write", chainSlices(ctx.mem, chain.readable, HEADER_SIZE, len), sector * SECTOR_SIZE);
+        this.transfer("write", chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE);
         this.stabilize();
         this.counters.writeOps++;
         this.counters.writeBytes += len;
@@ -364,7 +368,9 @@ export class BlockDevice implements VirtioDevice {
       let left = s.sectors * SECTOR_SIZE;
       while (left > 0) {
         const n = Math.min(left, ZERO_CHUNK.length);
-        this.transfer("write", [ZERO_CHUNK.subarray(0, n)], pos);
+        this.iov.clear();
+        this.iov.push(ZERO_CHUNK_ADDRESS, n);
+        this.run("write", pos);
         pos += n;
         left -= n;
       }
@@ -379,52 +385,50 @@ export class BlockDevice implements VirtioDevice {
   }
 
   /**
-   * One preadv/pwritev per request over every guest buffer of the chain (a
-   * 1 MiB request is ~256 page-sized buffers: one syscall, not 256), in
-   * batches of IOV_MAX, resuming after short transfers.
+   * One preadv/pwritev per request over the guest buffers themselves (a 1 MiB request is ~256
+   * page-sized buffers: one syscall, not 256, and no view or object per page), IOV_MAX pieces
+   * per call: bytes [skip, skip + len) of `bufs` to or from the disk at byte `pos`. The buffers'
+   * host addresses come from the descriptor walk, which bounds-checked each buffer whole; we only
+   * ever address inside them. Buffers that follow each other in host memory become one piece.
    */
-  private transfer(dir: "read" | "write", views: Uint8Array[], pos: number): void {
-    if (views.length <= IOV_MAX) {
-      // The common case, one call with the views as they are (no batch arrays): regular
-      // files transfer in full unless at EOF or on error, so the loop below rarely runs.
-      let total = 0;
-      for (const v of views) total += v.length;
-      const n = dir === "read" ? fs.readvSync(this.fd, views, pos) : fs.writevSync(this.fd, views, pos);
-      if (n === total) return;
-      if (n === 0) throw new TypevisorError("DISK_SHORT_READ", `disk ended at byte ${pos}`);
-      this.transferRest(dir, views, pos, n);
-      return;
+  private transfer(dir: "read" | "write", bufs: readonly GuestBuf[], skip: number, len: number, pos: number): void {
+    const iov = this.iov;
+    iov.clear();
+    let left = len;
+    for (const b of bufs) {
+      if (left === 0) break;
+      if (skip >= b.len) {
+        skip -= b.len;
+        continue;
+      }
+      const n = Math.min(b.len - skip, left);
+      const host = b.host + skip;
+      if (!iov.extend(host, n) && !iov.push(host, n)) {
+        pos = this.run(dir, pos);
+        iov.push(host, n);
+      }
+      left -= n;
+      skip = 0;
     }
-    this.transferRest(dir, views, pos, 0);
+    this.run(dir, pos);
   }
 
-  /** The general case of transfer(): `done` bytes already moved, IOV_MAX buffers per call. */
-  private transferRest(dir: "read" | "write", views: Uint8Array[], pos: number, done: number): void {
-    let i = 0;
-    let first = views[0];
-    // Skip what an earlier call moved.
-    pos += done;
-    while (first !== undefined && done >= first.length) {
-      done -= first.length;
-      first = views[++i];
-    }
-    if (first !== undefined && done > 0) first = first.subarray(done);
-    while (i < views.length && first !== undefined) {
-      const batch = [first, ...views.slice(i + 1, i + IOV_MAX)];
-      let n = dir === "read" ? fs.readvSync(this.fd, batch, pos) : fs.writevSync(this.fd, batch, pos);
+  /**
+   * Move everything in this.iov to or from the disk at `pos`, resuming after short transfers
+   * (regular files only stop short at end of file or on a signal); returns the position after it.
+   * @throws TypevisorError on an I/O error or an end of file the request did not expect.
+   */
+  private run(dir: "read" | "write", pos: number): number {
+    const iov = this.iov;
+    while (iov.bytes > 0) {
+      const n = dir === "read" ? iov.preadv(this.fd, pos) : iov.pwritev(this.fd, pos);
+      if (n === -EINTR) continue;
+      if (n < 0) throw new TypevisorError("DISK_IO", `${dir === "read" ? "preadv" : "pwritev"} at byte ${pos}: ${errnoName(-n)}`);
       if (n === 0) throw new TypevisorError("DISK_SHORT_READ", `disk ended at byte ${pos}`);
       pos += n;
-      // Skip what was transferred; a partly done buffer continues from its remainder.
-      for (const v of batch) {
-        if (n >= v.length) {
-          n -= v.length;
-          i++;
-          first = views[i];
-        } else {
-          first = v.subarray(n);
-          break;
-        }
-      }
+      iov.advance(n);
     }
+    iov.clear();
+    return pos;
   }
 }

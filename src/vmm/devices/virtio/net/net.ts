@@ -1,9 +1,10 @@
 import { TypevisorError } from "../../../../errors.js";
 import { EAGAIN, EINTR, readRaw } from "../../../../sys/libc.js";
-import { IOV_MAX, setTapOffload, TUN_F, VNET_HDR_LEN, writevRaw } from "../../../../sys/tap.js";
+import { addressOf, IoVec } from "../../../../sys/iov.js";
+import { setTapOffload, TUN_F, VNET_HDR_LEN } from "../../../../sys/tap.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
-import { chainSlices, readChain, writeChain } from "../queue/chain.js";
+import { readChain, writeChain } from "../queue/chain.js";
 import { activateQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
@@ -73,6 +74,12 @@ export const NET_CONFIG_SIZE = 12;
 
 /** Largest frame either way: 64 KiB, the most a TSO frame (IP total length) can be. */
 export const MAX_FRAME = 65536 + 32; // + Ethernet/VLAN header slack beyond the 64 KiB IP packet
+/**
+ * Receive buffers the direct path wants in hand: the largest frame a TAP hands over, with its
+ * header, plus one byte, so a frame that was cut shows as longer than any legal frame whether the
+ * fd reports the full length (a TAP) or the bytes it stored (a datagram socket in tests).
+ */
+const RX_DIRECT_NEED = VNET_HDR_LEN + MAX_FRAME + 1;
 /** Packets moved host -> guest per onBackendReadable call, so one busy TAP cannot starve the device thread. */
 const RX_BATCH = 256;
 
@@ -113,10 +120,12 @@ type Placed = "done" | "dropped" | "wait" | "broken";
  * preceded by the 12-byte struct virtio_net_hdr, which the TAP speaks natively (IFF_VNET_HDR,
  * TUNSETVNETHDRSZ 12), so headers pass through and no offloads are offered yet.
  *
- * TX gathers the chain's readable views with writev (guest memory goes to the kernel without a
- * copy; only the header is copied, so what we validate is what the TAP sees). RX reads one frame
- * into a host buffer (its length is unknown until read) and copies it into one chain, or into
- * several with MRG_RXBUF.
+ * TX gathers the chain's readable buffers with writev (guest memory goes to the kernel without a
+ * copy; only the header is copied, so what we validate is what the TAP sees). RX reads each frame
+ * with one readv straight into the guest's receive buffers when the chains in hand can hold the
+ * largest frame (the usual case with MRG_RXBUF, or "big packets" chains); otherwise it reads
+ * into a host buffer (a frame's length is unknown until read) and copies it into one chain, or
+ * into several with MRG_RXBUF.
  *
  * Back-pressure: when the guest has no receive buffers the frame waits in a one-frame stash,
  * backendWanted() turns false so the device thread stops polling the TAP (poll is
@@ -142,7 +151,11 @@ export class NetDevice implements VirtioDevice {
   /** rx chains popped for the stashed frame but not yet used (popped in avail order). */
   private held: DescriptorChain[] = [];
   private heldBytes = 0;
-  private readonly txHdr = new Uint8Array(VNET_HDR_LEN);
+  /** Transmit header copy; over an explicit ArrayBuffer so it never moves (its address goes in an iovec). */
+  private readonly txHdr = new Uint8Array(new ArrayBuffer(64), 0, VNET_HDR_LEN);
+  private readonly txHdrAddress = addressOf(this.txHdr);
+  private readonly txIov = new IoVec();
+  private readonly rxIov = new IoVec();
   /** Fallback when a chain has more pieces than writev takes. */
   private txBuf: Uint8Array | undefined;
   private readonly counters: NetStats = { rxPackets: 0, rxBytes: 0, rxDropped: 0, txPackets: 0, txBytes: 0, txDropped: 0 };
@@ -305,19 +318,37 @@ export class NetDevice implements VirtioDevice {
     // num_buffers is unused on transmit (§5.1.6.2); the TAP ignores bytes 10-11 anyway.
     hdr[10] = 0;
     hdr[11] = 0;
-    const frame = chainSlices(ctx.mem, chain.readable, VNET_HDR_LEN, len - VNET_HDR_LEN);
+    // Our header copy, then the frame's bytes where they lie in guest memory (host addresses
+    // from the descriptor walk, which bounds-checked every buffer).
+    const iov = this.txIov;
+    iov.clear();
+    iov.push(this.txHdrAddress, VNET_HDR_LEN);
+    let skip = VNET_HDR_LEN;
+    let fits = true;
+    for (const b of chain.readable) {
+      if (skip >= b.len) {
+        skip -= b.len;
+        continue;
+      }
+      const at = b.host + skip;
+      const n = b.len - skip;
+      skip = 0;
+      if (!iov.extend(at, n) && !iov.push(at, n)) {
+        fits = false;
+        break;
+      }
+    }
     let r: number;
-    if (frame.length + 1 <= IOV_MAX) {
-      r = writevRaw(this.tapFd, [hdr, ...frame]);
+    if (fits) {
+      r = iov.writev(this.tapFd);
     } else {
+      // More pieces than writev takes (IOV_MAX): gather into one host buffer.
       const buf = (this.txBuf ??= new Uint8Array(VNET_HDR_LEN + MAX_FRAME));
       buf.set(hdr);
-      let off = VNET_HDR_LEN;
-      for (const v of frame) {
-        buf.set(v, off);
-        off += v.length;
-      }
-      r = writevRaw(this.tapFd, [buf.subarray(0, off)]);
+      buf.set(readChain(ctx.mem, chain.readable, VNET_HDR_LEN, len - VNET_HDR_LEN), VNET_HDR_LEN);
+      iov.clear();
+      iov.push(addressOf(buf), len);
+      r = iov.writev(this.tapFd);
     }
     if (r === len) {
       this.counters.txPackets++;
@@ -338,6 +369,14 @@ export class NetDevice implements VirtioDevice {
       for (let packets = 0; ; ) {
         if (this.stashLen === 0) {
           if (packets >= RX_BATCH) break;
+          const d = this.receiveDirect(ctx, q);
+          if (d === "done") {
+            packets++;
+            continue;
+          }
+          if (d === "dropped") continue;
+          if (d === "empty" || d === "broken") break;
+          // "fallback": not enough receive buffers in hand for any frame; read into rxBuf.
           const n = readRaw(this.tapFd, this.rxBuf);
           if (n === -EINTR) continue;
           if (n === -EAGAIN || n <= 0) break;
@@ -365,6 +404,76 @@ export class NetDevice implements VirtioDevice {
         // needsInterrupt reads validated ring addresses; nothing sensible to do if that fails.
       }
     }
+  }
+
+  /**
+   * Read the next frame straight into the guest's receive buffers: one readv over every chain in
+   * hand, no host copy. Only when those chains hold the largest frame a TAP can hand over, since
+   * a frame's length is unknown until it is read; a TAP read reports a frame's full length even
+   * when the buffers cut it short (tun_put_user returns it), so a cut frame is seen and dropped.
+   * The chains the frame filled go back to the driver in order, with num_buffers (§5.1.6.4: 1
+   * without MRG_RXBUF, else how many) written into the first one's header; the rest stay held
+   * for the next frame. "fallback": the ring does not hold that much (or, without MRG_RXBUF,
+   * the chain is too small for every frame), so the caller reads into rxBuf; "empty": the TAP
+   * has no frame.
+   */
+  private receiveDirect(ctx: ActivateContext, q: SplitQueue): "done" | "dropped" | "empty" | "fallback" | "broken" {
+    while (this.heldBytes < RX_DIRECT_NEED) {
+      // Without MRG_RXBUF a frame goes into exactly one chain.
+      if (!this.mrg && this.held.length > 0) return "fallback";
+      if (this.held.length >= q.config.size) return "fallback";
+      const c = this.popRx(ctx, q);
+      if (c === "broken") return "broken";
+      if (c === "wait") return "fallback";
+      if (c.totalWrite < VNET_HDR_LEN) {
+        // As in place(): a buffer that cannot hold the header goes back empty (§5.1.6.3.1).
+        q.pushUsed(c.head, 0);
+        continue;
+      }
+      this.held.push(c);
+      this.heldBytes += c.totalWrite;
+    }
+    const iov = this.rxIov;
+    iov.clear();
+    fill: for (const c of this.held) {
+      for (const b of c.writable) {
+        if (!iov.extend(b.host, b.len) && !iov.push(b.host, b.len)) break fill;
+      }
+    }
+    if (iov.bytes < RX_DIRECT_NEED) return "fallback";
+    let n = iov.readv(this.tapFd);
+    while (n === -EINTR) n = iov.readv(this.tapFd);
+    // EAGAIN: nothing queued. Other errors (EIO while the TAP is down) also end this round.
+    if (n <= 0) return "empty";
+    const hdr = readChain(ctx.mem, this.held[0]!.writable, 0, 2);
+    if (n < VNET_HDR_LEN || n > Math.min(iov.bytes, VNET_HDR_LEN + MAX_FRAME) || !headerAllowed(hdr[0]!, hdr[1]!, ctx.features, "rx")) {
+      // Short, cut or with offloads the guest did not negotiate (§5.1.6.4.1): the chains stay held.
+      this.counters.rxDropped++;
+      return "dropped";
+    }
+    this.complete(ctx, q, n);
+    return "done";
+  }
+
+  /**
+   * Hand back the held chains that a `len`-byte frame, already in them, fills (virtio 1.2
+   * §5.1.6.4): num_buffers into the first one's header (so 1 without MRG_RXBUF), then one used
+   * element per chain, in order; chains past the frame stay held. Needs heldBytes >= len.
+   */
+  private complete(ctx: ActivateContext, q: SplitQueue, len: number): void {
+    let count = 0;
+    for (let filled = 0; filled < len; ) filled += this.held[count++]!.totalWrite;
+    writeChain(ctx.mem, this.held[0]!.writable, Uint8Array.of(count & 0xff, count >>> 8), 10);
+    let off = 0;
+    for (let i = 0; i < count; i++) {
+      const c = this.held[i]!;
+      const k = Math.min(c.totalWrite, len - off);
+      q.pushUsed(c.head, k);
+      off += k;
+      this.heldBytes -= c.totalWrite;
+    }
+    this.held.splice(0, count);
+    this.delivered(len);
   }
 
   /** Next rx chain, arming the notification when the ring is empty (virtio 1.2 §2.7.10). */
@@ -398,8 +507,12 @@ export class NetDevice implements VirtioDevice {
         const c = this.popRx(ctx, q);
         if (typeof c === "string") return c;
         // A chain that cannot even hold the header would be kept forever below; hand it back empty.
-        if (c.totalWrite < VNET_HDR_LEN) q.pushUsed(c.head, 0);
-        else this.held = [c];
+        if (c.totalWrite < VNET_HDR_LEN) {
+          q.pushUsed(c.head, 0);
+        } else {
+          this.held = [c];
+          this.heldBytes = c.totalWrite;
+        }
       }
       const chain = this.held[0]!;
       if (chain.totalWrite < need) {
@@ -408,12 +521,8 @@ export class NetDevice implements VirtioDevice {
         this.counters.rxDropped++;
         return "dropped";
       }
-      buf[10] = 1;
-      buf[11] = 0;
       writeChain(ctx.mem, chain.writable, buf.subarray(0, need));
-      q.pushUsed(chain.head, need);
-      this.held = [];
-      this.delivered(need);
+      this.complete(ctx, q, need);
       return "done";
     }
 
@@ -435,19 +544,14 @@ export class NetDevice implements VirtioDevice {
       this.held.push(c);
       this.heldBytes += c.totalWrite;
     }
-    const count = this.held.length;
-    buf[10] = count & 0xff;
-    buf[11] = count >>> 8;
-    let off = 0;
-    for (const chain of this.held) {
+    // The direct path may hold more chains than this frame needs: fill only as many as it takes.
+    for (let i = 0, off = 0; off < need; i++) {
+      const chain = this.held[i]!;
       const n = Math.min(chain.totalWrite, need - off);
       writeChain(ctx.mem, chain.writable, buf.subarray(off, off + n));
-      q.pushUsed(chain.head, n);
       off += n;
     }
-    this.held = [];
-    this.heldBytes = 0;
-    this.delivered(need);
+    this.complete(ctx, q, need);
     return "done";
   }
 

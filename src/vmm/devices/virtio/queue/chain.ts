@@ -1,6 +1,9 @@
 import type { GuestMemory } from "../../../memory/guest-memory.js";
 import type { GuestBuf } from "./split-queue.js";
 
+/** What these helpers use of a buffer: where it is in guest memory. */
+type GuestRange = Pick<GuestBuf, "addr" | "len">;
+
 /*
  * Helpers for devices over the buffers of a popped chain. The buffers were bounds-checked when
  * the chain was popped, so the views below are in guest RAM; they are live (mem.slice), so
@@ -8,7 +11,7 @@ import type { GuestBuf } from "./split-queue.js";
  */
 
 /** Total bytes of `bufs`. */
-export function bufsLength(bufs: readonly GuestBuf[]): number {
+export function bufsLength(bufs: readonly GuestRange[]): number {
   let n = 0;
   for (const b of bufs) n += b.len;
   return n;
@@ -18,7 +21,7 @@ export function bufsLength(bufs: readonly GuestBuf[]): number {
  * Live views covering bytes [offset, offset + len) of the concatenation of `bufs`, clipped to
  * what the buffers hold.
  */
-export function chainSlices(mem: GuestMemory, bufs: readonly GuestBuf[], offset: number, len: number): Uint8Array[] {
+export function chainSlices(mem: GuestMemory, bufs: readonly GuestRange[], offset: number, len: number): Uint8Array[] {
   const out: Uint8Array[] = [];
   let skip = Math.max(0, offset);
   let left = Math.max(0, len);
@@ -37,13 +40,13 @@ export function chainSlices(mem: GuestMemory, bufs: readonly GuestBuf[], offset:
 }
 
 /** Copy up to `maxLen` bytes of the buffers, starting at `offset`, into a new Buffer. */
-export function readChain(mem: GuestMemory, bufs: readonly GuestBuf[], offset: number, maxLen: number): Buffer {
+export function readChain(mem: GuestMemory, bufs: readonly GuestRange[], offset: number, maxLen: number): Buffer {
   const views = chainSlices(mem, bufs, offset, maxLen);
   return Buffer.concat(views);
 }
 
 /** Copy `data` into the buffers starting at `offset`; returns the bytes written (clipped to the buffers). */
-export function writeChain(mem: GuestMemory, bufs: readonly GuestBuf[], data: Uint8Array, offset = 0): number {
+export function writeChain(mem: GuestMemory, bufs: readonly GuestRange[], data: Uint8Array, offset = 0): number {
   let done = 0;
   for (const v of chainSlices(mem, bufs, offset, data.length)) {
     v.set(data.subarray(done, done + v.length));

@@ -29,6 +29,8 @@ function hex64(hi: number, lo: number): string {
 export interface GuestBuf {
   addr: number;
   len: number;
+  /** Host virtual address of `addr` (GuestMemory.hostAddress), for iovecs handed to the kernel. */
+  host: number;
 }
 
 /** A validated descriptor chain (virtio 1.2 §2.7.5): readable buffers first, then writable ones. */
@@ -259,19 +261,21 @@ export class SplitQueue {
         continue;
       }
 
-      if (addr < 0 || !mem.contains(addr, len)) {
+      // One region lookup per buffer, which also gives the host address block I/O needs.
+      const host = addr < 0 ? -1 : mem.tryHostAddress(addr, len);
+      if (host < 0) {
         return this.fail("VIRTQ_BUFFER", `buffer at ${hex64(addrHi, addrLo)} (${len} bytes) is outside guest RAM`);
       }
       if ((flags & VIRTQ_DESC_F.WRITE) !== 0) {
         totalWrite += len;
         sawWritable = true;
         // Zero-length buffers carry nothing; keeping them out spares every consumer the case.
-        if (len > 0) writable.push({ addr, len });
+        if (len > 0) writable.push({ addr, len, host });
       } else {
         // §2.7.4.2 / §2.7.5: device-readable descriptors come before device-writable ones.
         if (sawWritable) return this.fail("VIRTQ_ORDER", `readable descriptor after a writable one in chain ${head}`);
         totalRead += len;
-        if (len > 0) readable.push({ addr, len });
+        if (len > 0) readable.push({ addr, len, host });
       }
       if (totalRead + totalWrite > MAX_CHAIN_BYTES) return this.fail("VIRTQ_LENGTH", `descriptor chain ${head} is longer than 2^32 bytes`);
       if ((flags & VIRTQ_DESC_F.NEXT) === 0) break;

@@ -1,0 +1,125 @@
+import koffi from "koffi";
+
+/**
+ * Scatter-gather I/O on raw host addresses: one preadv/pwritev/readv/writev (readv(2)) over an iovec array
+ * built in place, with no JavaScript object per buffer. A device moving a 1 MiB request of 256
+ * guest pages through Node's fs.readvSync made a typed-array view per page and Node validated and
+ * converted each one; here a page costs two 32-bit stores. Callers pass addresses they have
+ * bounds-checked (GuestMemory.hostAddress): the kernel writes wherever an iovec points.
+ *
+ * Loaded once per thread, like libc.ts (koffi handles are per isolate).
+ */
+const libc = koffi.load("libc.so.6");
+const preadvFn = libc.func("long preadv(int fd, void *iov, int iovcnt, int64_t offset)");
+const pwritevFn = libc.func("long pwritev(int fd, void *iov, int iovcnt, int64_t offset)");
+const readvFn = libc.func("long readv(int fd, void *iov, int iovcnt)");
+const writevFn = libc.func("long writev(int fd, void *iov, int iovcnt)");
+// memmove(p, p, 0) returns p: the address of a typed array's bytes (koffi passes them by pointer).
+const addressFn = libc.func("uintptr_t memmove(void *dst, void *src, size_t n)");
+
+/** Linux UIO_MAXIOV: preadv/pwritev refuse more iovecs with EINVAL. */
+export const IOV_MAX = 1024;
+/** sizeof(struct iovec) on x86-64: void *iov_base @0, size_t iov_len @8. */
+const IOVEC_SIZE = 16;
+const TWO_32 = 2 ** 32;
+/** Largest entry extend() builds: iov_len is 64-bit, but one entry of 1 GiB is plenty and keeps lengths in 32 bits. */
+const MAX_PIECE = 2 ** 30;
+
+/**
+ * Host address of the first byte of `view`. Valid while the view's buffer lives and is not
+ * detached: ArrayBuffer backing stores larger than a few dozen bytes live outside V8's moving
+ * heap, and mmapped ones (koffi.view) never move.
+ */
+export function addressOf(view: Uint8Array): number {
+  const a = addressFn(view, view, 0) as number | bigint;
+  return Number(a);
+}
+
+/** A reusable iovec array of up to IOV_MAX entries. */
+export class IoVec {
+  /** The struct iovec array as the kernel reads it (larger than 64 bytes: off V8's heap, never moves). */
+  private readonly raw = new Uint8Array(IOVEC_SIZE * IOV_MAX);
+  private readonly words = new Uint32Array(this.raw.buffer);
+  /** Entries in use. */
+  count = 0;
+  /** Sum of their lengths. */
+  bytes = 0;
+
+  clear(): void {
+    this.count = 0;
+    this.bytes = 0;
+  }
+
+  /** Append [addr, addr + len); false when the array is full (IOV_MAX entries). */
+  push(addr: number, len: number): boolean {
+    if (this.count === IOV_MAX) return false;
+    const w = this.count * 4;
+    this.words[w] = addr % TWO_32;
+    this.words[w + 1] = Math.floor(addr / TWO_32);
+    this.words[w + 2] = len;
+    this.words[w + 3] = 0;
+    this.count++;
+    this.bytes += len;
+    return true;
+  }
+
+  /**
+   * Grow the last entry by `len` when [addr, addr + len) starts where it ends (guest pages that
+   * are contiguous in host memory); false when it does not, or the entry would pass 1 GiB.
+   */
+  extend(addr: number, len: number): boolean {
+    if (this.count === 0) return false;
+    const w = (this.count - 1) * 4;
+    const last = this.words[w]! + this.words[w + 1]! * TWO_32;
+    const lastLen = this.words[w + 2]!;
+    if (last + lastLen !== addr || lastLen + len > MAX_PIECE) return false;
+    this.words[w + 2] = lastLen + len;
+    this.bytes += len;
+    return true;
+  }
+
+  /** Drop the first `n` bytes (after a short transfer): whole entries go, a partly done one shrinks. */
+  advance(n: number): void {
+    let skip = 0;
+    while (skip < this.count && n >= this.words[skip * 4 + 2]!) {
+      n -= this.words[skip * 4 + 2]!;
+      this.bytes -= this.words[skip * 4 + 2]!;
+      skip++;
+    }
+    if (skip > 0) {
+      this.words.copyWithin(0, skip * 4, this.count * 4);
+      this.count -= skip;
+    }
+    if (n > 0 && this.count > 0) {
+      const addr = this.words[0]! + this.words[1]! * TWO_32 + n;
+      this.words[0] = addr % TWO_32;
+      this.words[1] = Math.floor(addr / TWO_32);
+      this.words[2] = this.words[2]! - n;
+      this.bytes -= n;
+    }
+  }
+
+  /** preadv(2) at `offset`; bytes read or -errno. */
+  preadv(fd: number, offset: number): number {
+    const r = preadvFn(fd, this.raw, this.count, offset) as number;
+    return r < 0 ? -koffi.errno() : r;
+  }
+
+  /** readv(2) (a TAP: one frame per call); bytes read or -errno. */
+  readv(fd: number): number {
+    const r = readvFn(fd, this.raw, this.count) as number;
+    return r < 0 ? -koffi.errno() : r;
+  }
+
+  /** writev(2) (a TAP: one frame per call); bytes written or -errno. */
+  writev(fd: number): number {
+    const r = writevFn(fd, this.raw, this.count) as number;
+    return r < 0 ? -koffi.errno() : r;
+  }
+
+  /** pwritev(2) at `offset`; bytes written or -errno. */
+  pwritev(fd: number, offset: number): number {
+    const r = pwritevFn(fd, this.raw, this.count, offset) as number;
+    return r < 0 ? -koffi.errno() : r;
+  }
+}

@@ -1,0 +1,43 @@
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { isTypevisorError } from "../../errors.js";
+import { addressOf } from "../../sys/iov.js";
+import { GuestMemory } from "./guest-memory.js";
+
+// Two regions with a hole between them, packed back to back in one backing (like RAM below and above the 32-bit PCI hole).
+const backing = new ArrayBuffer(0x6000);
+const mem = new GuestMemory(backing, [
+  { guestPhysAddr: 0x10000, size: 0x2000, hostOffset: 0x4000 },
+  { guestPhysAddr: 0, size: 0x4000, hostOffset: 0 },
+]);
+const base = addressOf(new Uint8Array(backing));
+
+describe("GuestMemory.hostAddress", () => {
+  it("maps a range to where its bytes live in the backing, or refuses it exactly like slice()", () => {
+    fc.assert(
+      fc.property(fc.integer({ min: -2, max: 0x13000 }), fc.integer({ min: 0, max: 0x5000 }), (gpa, len) => {
+        let sliceOk = true;
+        try {
+          mem.slice(gpa, len);
+        } catch (e) {
+          expect(isTypevisorError(e) && e.code === "GUEST_MEMORY_OUT_OF_RANGE").toBe(true);
+          sliceOk = false;
+        }
+        if (!sliceOk) {
+          expect(() => mem.hostAddress(gpa, len)).toThrow(/outside guest RAM/);
+          return;
+        }
+        const expected = gpa >= 0x10000 ? base + 0x4000 + (gpa - 0x10000) : base + gpa;
+        expect(mem.hostAddress(gpa, len)).toBe(expected);
+        if (len > 0) expect(addressOf(mem.slice(gpa, len))).toBe(expected);
+      }),
+      { numRuns: 500 },
+    );
+  });
+
+  it("refuses a range straddling the hole and non-integer or unsafe addresses", () => {
+    expect(() => mem.hostAddress(0x3fff, 2)).toThrow(/outside guest RAM/);
+    expect(() => mem.hostAddress(0.5, 1)).toThrow(/outside guest RAM/);
+    expect(() => mem.hostAddress(2 ** 53, 1)).toThrow(/outside guest RAM/);
+  });
+});
