@@ -1,4 +1,5 @@
 import koffi from "koffi";
+import { IOV_MAX } from "./libc.js";
 
 /**
  * Scatter-gather I/O on raw host addresses: one preadv/pwritev/readv/writev (readv(2)) over an iovec array
@@ -17,8 +18,7 @@ const writevFn = libc.func("long writev(int fd, void *iov, int iovcnt)");
 // memmove(p, p, 0) returns p: the address of a typed array's bytes (koffi passes them by pointer).
 const addressFn = libc.func("uintptr_t memmove(void *dst, void *src, size_t n)");
 
-/** Linux UIO_MAXIOV: preadv/pwritev refuse more iovecs with EINVAL. */
-export const IOV_MAX = 1024;
+export { IOV_MAX };
 /** sizeof(struct iovec) on x86-64: void *iov_base @0, size_t iov_len @8. */
 const IOVEC_SIZE = 16;
 const TWO_32 = 2 ** 32;

@@ -44,8 +44,6 @@ const IFREQ_SIZE = 40;
 export const VNET_HDR_LEN = 12;
 
 const O_NONBLOCK = 0x800;
-/** writev and IOV_MAX live in libc.ts; re-exported for the TAP's callers. */
-export { IOV_MAX, writevRaw } from "./libc.js";
 
 export interface TapHandle {
   fd: number;
