@@ -35,7 +35,14 @@ export function perfAttach(pid: number, label: string): () => () => Promise<void
   if (!PERF) return () => async () => undefined;
   const out = `/tmp/bench-perf-${pid}.data`;
   const rec = spawn("perf", ["record", "-q", "--no-buildid", "-e", "cpu-clock", "-F", "997", "-g", "--per-thread", "-p", String(pid), "-o", out], { stdio: "ignore" });
-  const done = new Promise((r) => rec.once("exit", r));
+  const done = new Promise((r) => {
+    rec.once("exit", r);
+    // No perf binary (apt-get install linux-perf): say so, and let the benchmark go on.
+    rec.once("error", (e) => {
+      console.log(`bench: perf could not start: ${e.message}`);
+      r(undefined);
+    });
+  });
   return () => {
     rec.kill("SIGINT");
     return async () => {
