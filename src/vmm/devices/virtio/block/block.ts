@@ -4,7 +4,7 @@ import { addressOf, IoVec } from "../../../../sys/iov.js";
 import { EINTR, errnoName } from "../../../../sys/libc.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
-import { readChain, writeChain } from "../queue/chain.js";
+import { gatherHost, readChain, writeChain } from "../queue/chain.js";
 import type { ChainResult } from "../queue/runner.js";
 import { activateQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, GuestBuf, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
@@ -392,24 +392,11 @@ export class BlockDevice implements VirtioDevice {
    * ever address inside them. Buffers that follow each other in host memory become one piece.
    */
   private transfer(dir: "read" | "write", bufs: readonly GuestBuf[], skip: number, len: number, pos: number): void {
-    const iov = this.iov;
-    iov.clear();
-    let left = len;
-    for (const b of bufs) {
-      if (left === 0) break;
-      if (skip >= b.len) {
-        skip -= b.len;
-        continue;
-      }
-      const n = Math.min(b.len - skip, left);
-      const host = b.host + skip;
-      if (!iov.extend(host, n) && !iov.push(host, n)) {
-        pos = this.run(dir, pos);
-        iov.push(host, n);
-      }
-      left -= n;
-      skip = 0;
-    }
+    this.iov.clear();
+    gatherHost(this.iov, bufs, skip, len, () => {
+      pos = this.run(dir, pos);
+      return true;
+    });
     this.run(dir, pos);
   }
 

@@ -4,7 +4,7 @@ import { addressOf, IoVec } from "../../../../sys/iov.js";
 import { setTapOffload, TUN_F, VNET_HDR_LEN } from "../../../../sys/tap.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
-import { readChain, writeChain } from "../queue/chain.js";
+import { gatherHost, readChain, writeChain } from "../queue/chain.js";
 import { activateQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
@@ -323,23 +323,8 @@ export class NetDevice implements VirtioDevice {
     const iov = this.txIov;
     iov.clear();
     iov.push(this.txHdrAddress, VNET_HDR_LEN);
-    let skip = VNET_HDR_LEN;
-    let fits = true;
-    for (const b of chain.readable) {
-      if (skip >= b.len) {
-        skip -= b.len;
-        continue;
-      }
-      const at = b.host + skip;
-      const n = b.len - skip;
-      skip = 0;
-      if (!iov.extend(at, n) && !iov.push(at, n)) {
-        fits = false;
-        break;
-      }
-    }
     let r: number;
-    if (fits) {
+    if (gatherHost(iov, chain.readable, VNET_HDR_LEN, len - VNET_HDR_LEN)) {
       r = iov.writev(this.tapFd);
     } else {
       // More pieces than writev takes (IOV_MAX): gather into one host buffer.
@@ -435,10 +420,8 @@ export class NetDevice implements VirtioDevice {
     }
     const iov = this.rxIov;
     iov.clear();
-    fill: for (const c of this.held) {
-      for (const b of c.writable) {
-        if (!iov.extend(b.host, b.len) && !iov.push(b.host, b.len)) break fill;
-      }
+    for (const c of this.held) {
+      if (!gatherHost(iov, c.writable, 0, c.totalWrite)) break;
     }
     if (iov.bytes < RX_DIRECT_NEED) return "fallback";
     let n = iov.readv(this.tapFd);

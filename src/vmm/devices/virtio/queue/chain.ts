@@ -1,3 +1,4 @@
+import type { IoVec } from "../../../../sys/iov.js";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
 import type { GuestBuf } from "./split-queue.js";
 
@@ -53,4 +54,31 @@ export function writeChain(mem: GuestMemory, bufs: readonly GuestRange[], data: 
     done += v.length;
   }
   return done;
+}
+
+/**
+ * Append bytes [offset, offset + len) of `bufs` to `iov` as host addresses (from the walk that
+ * bounds-checked each buffer whole), merging pieces adjacent in host memory. When `iov` is full,
+ * `full()` runs: it empties it (does the I/O gathered so far) and returns true to go on, or is
+ * absent and the gathering stops. Returns whether every byte was appended.
+ */
+export function gatherHost(iov: IoVec, bufs: readonly GuestBuf[], offset: number, len: number, full?: () => boolean): boolean {
+  let skip = Math.max(0, offset);
+  let left = Math.max(0, len);
+  for (const b of bufs) {
+    if (left === 0) break;
+    if (skip >= b.len) {
+      skip -= b.len;
+      continue;
+    }
+    const n = Math.min(b.len - skip, left);
+    const host = b.host + skip;
+    if (!iov.extend(host, n) && !iov.push(host, n)) {
+      if (full === undefined || !full()) return false;
+      iov.push(host, n);
+    }
+    left -= n;
+    skip = 0;
+  }
+  return true;
 }
