@@ -6,7 +6,7 @@ import { IOV_MAX } from "./libc.js";
  * built in place, with no JavaScript object per buffer. A device moving a 1 MiB request of 256
  * guest pages through Node's fs.readvSync made a typed-array view per page and Node validated and
  * converted each one; here a page costs two 32-bit stores. Callers pass addresses they have
- * bounds-checked (GuestMemory.hostAddress): the kernel writes wherever an iovec points.
+ * bounds-checked (GuestMemory.tryHostAddress): the kernel writes wherever an iovec points.
  *
  * Loaded once per thread, like libc.ts (koffi handles are per isolate).
  */

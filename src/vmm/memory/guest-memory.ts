@@ -100,20 +100,11 @@ export class GuestMemory {
   }
 
   /**
-   * Host virtual address of [gpa, gpa+len), checked like slice(): for iovecs the kernel fills or
-   * reads (preadv/pwritev), where a view per buffer would cost more than the I/O's bookkeeping.
-   * Valid while the VM's memory is mapped.
-   */
-  hostAddress(gpa: number, len: number): number {
-    const a = this.tryHostAddress(gpa, len);
-    if (a < 0) throw new GuestMemoryError(gpa, len);
-    return a;
-  }
-
-  /**
-   * hostAddress() without the throw: -1 when [gpa, gpa+len) is not inside one region (exactly
-   * when contains() is false). The descriptor walk calls this for every buffer of every request,
-   * so the common case, the first region, is tested before the general search.
+   * Host virtual address of [gpa, gpa+len), or -1 when the range is not inside one region
+   * (exactly when contains() is false): for iovecs the kernel fills or reads (preadv/pwritev),
+   * where a view per buffer would cost more than the I/O's bookkeeping. Valid while the VM's
+   * memory is mapped. The descriptor walk calls this for every buffer of every request, so the
+   * common case, the first region, is tested before the general search.
    */
   tryHostAddress(gpa: number, len: number): number {
     const r0 = this.first;

@@ -67,10 +67,10 @@ describe("SplitQueue.pop", () => {
     expect(c).toEqual({
       head,
       readable: [
-        { addr: DATA, len: 16, host: mem.hostAddress(DATA, 16) },
-        { addr: DATA + 0x100, len: 100, host: mem.hostAddress(DATA + 0x100, 100) },
+        { addr: DATA, len: 16, host: mem.tryHostAddress(DATA, 16) },
+        { addr: DATA + 0x100, len: 100, host: mem.tryHostAddress(DATA + 0x100, 100) },
       ],
-      writable: [{ addr: DATA + 0x300, len: 513, host: mem.hostAddress(DATA + 0x300, 513) }],
+      writable: [{ addr: DATA + 0x300, len: 513, host: mem.tryHostAddress(DATA + 0x300, 513) }],
       totalRead: 116,
       totalWrite: 513,
     });
@@ -162,8 +162,8 @@ describe("indirect descriptors (§2.7.5.3)", () => {
     drv.writeDesc(drv.config.descAddr, head, TABLE, 32, INDIRECT | WRITE, 0);
     drv.publish(head);
     const c = expectChain(q.pop());
-    expect(c.readable).toEqual([{ addr: DATA, len: 16, host: mem.hostAddress(DATA, 16) }]);
-    expect(c.writable).toEqual([{ addr: DATA + 16, len: 32, host: mem.hostAddress(DATA + 16, 32) }]);
+    expect(c.readable).toEqual([{ addr: DATA, len: 16, host: mem.tryHostAddress(DATA, 16) }]);
+    expect(c.writable).toEqual([{ addr: DATA + 16, len: 32, host: mem.tryHostAddress(DATA + 16, 32) }]);
   });
 
   it("accepts direct descriptors followed by one indirect descriptor", () => {
@@ -174,7 +174,7 @@ describe("indirect descriptors (§2.7.5.3)", () => {
     drv.publish(0);
     const c = expectChain(q.pop());
     expect(c.totalRead).toBe(16);
-    expect(c.writable).toEqual([{ addr: DATA + 64, len: 4, host: mem.hostAddress(DATA + 64, 4) }]);
+    expect(c.writable).toEqual([{ addr: DATA + 64, len: 4, host: mem.tryHostAddress(DATA + 64, 4) }]);
   });
 
   it("lets an indirect table be longer than the queue", () => {
@@ -362,7 +362,7 @@ describe("descriptor addresses as two 32-bit halves (property)", () => {
         if (inRam(a, len)) {
           const c = expectChain(r);
           expect(c.totalWrite).toBe(len);
-          if (len > 0) expect(c.writable).toEqual([{ addr: Number(a), len, host: mem.hostAddress(Number(a), len) }]);
+          if (len > 0) expect(c.writable).toEqual([{ addr: Number(a), len, host: mem.tryHostAddress(Number(a), len) }]);
         } else {
           expectError(r, "VIRTQ_BUFFER");
           expect((r as QueueError).message).toContain(`0x${a.toString(16)} `);

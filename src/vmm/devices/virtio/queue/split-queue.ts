@@ -29,7 +29,7 @@ function hex64(hi: number, lo: number): string {
 export interface GuestBuf {
   addr: number;
   len: number;
-  /** Host virtual address of `addr` (GuestMemory.hostAddress), for iovecs handed to the kernel. */
+  /** Host virtual address of `addr` (GuestMemory.tryHostAddress), for iovecs handed to the kernel. */
   host: number;
 }
 
