@@ -82,6 +82,7 @@ export const CAP = {
   IRQFD: 32,
   IOEVENTFD: 36,
   MAX_VCPUS: 66,
+  TSC_DEADLINE_TIMER: 72,
   IMMEDIATE_EXIT: 136,
 } as const;
 

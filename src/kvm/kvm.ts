@@ -129,12 +129,12 @@ export class VmFd {
   }
 
   /** Inject one MSI (KVM API §4.71 KVM_SIGNAL_MSI). Returns false if the guest has it masked/blocked. */
-  signalMsi(address: bigint, data: number): boolean {
+  signalMsi(addressLo: number, addressHi: number, data: number): boolean {
     // One struct per VmFd, reused: this runs once per completion batch on the device thread.
     const b = this.msiBuf;
     const dv = this.msiView;
-    dv.setUint32(0, Number(address & 0xffff_ffffn), true);
-    dv.setUint32(4, Number(address >> 32n), true);
+    dv.setUint32(0, addressLo >>> 0, true);
+    dv.setUint32(4, addressHi >>> 0, true);
     dv.setUint32(8, data >>> 0, true);
     return libc.ioctl(this.fd, KVM.SIGNAL_MSI, b, "KVM_SIGNAL_MSI") > 0;
   }

@@ -51,6 +51,7 @@ export const MAP_ANONYMOUS = 0x20;
 export const MAP_NORESERVE = 0x4000;
 export const MADV_DONTFORK = 10;
 export const MADV_MERGEABLE = 12;
+export const MADV_HUGEPAGE = 14;
 export const EFD_CLOEXEC = 0x80000;
 export const EFD_NONBLOCK = 0x800;
 
@@ -127,6 +128,22 @@ export function mmap(length: number, prot: number, flags: number, fd = -1, offse
   // MAP_FAILED is (void *)-1.
   if (address === 0xffff_ffff_ffff_ffffn || address === 0n) throw new SysError("mmap", koffi.errno());
   return { pointer: p, address, length };
+}
+
+/**
+ * An anonymous mapping whose start is a multiple of `align` (a power of two): map `align` bytes
+ * more, then unmap the unaligned head and the tail. For guest RAM, 2 MiB alignment lets the
+ * kernel back it with transparent huge pages and KVM map them 2 MiB at a time, which it can only
+ * do where guest-physical and host-virtual addresses agree modulo 2 MiB.
+ */
+export function mmapAligned(length: number, align: number, prot: number, flags: number): Mapping {
+  const raw = mmap(length + align, prot, flags);
+  const a = BigInt(align);
+  const start = (raw.address + a - 1n) & ~(a - 1n);
+  const head = Number(start - raw.address);
+  if (head > 0) check("munmap", munmapFn(raw.pointer, head) as number);
+  if (align - head > 0) check("munmap", munmapFn(pointerAt(start + BigInt(length)), align - head) as number);
+  return { pointer: pointerAt(start), address: start, length };
 }
 
 export function munmap(m: Mapping): void {

@@ -41,3 +41,27 @@ describe("GuestMemory.tryHostAddress", () => {
     expect(mem.tryHostAddress(2 ** 53, 1)).toBe(-1);
   });
 });
+
+describe("GuestMemory.dataView", () => {
+  it("sees the same bytes as slice() over the same range, and refuses what slice() refuses", () => {
+    fc.assert(
+      fc.property(fc.integer({ min: -2, max: 0x13000 }), fc.integer({ min: 0, max: 0x5000 }), (gpa, len) => {
+        let s: Uint8Array | undefined;
+        try {
+          s = mem.slice(gpa, len);
+        } catch {
+          expect(() => mem.dataView(gpa, len)).toThrow(/outside guest RAM/);
+          return;
+        }
+        const v = mem.dataView(gpa, len);
+        expect(v.byteLength).toBe(len);
+        if (len > 0) {
+          s[len - 1] = (s[len - 1]! + 1) & 0xff;
+          expect(v.getUint8(len - 1)).toBe(s[len - 1]);
+          expect(addressOf(new Uint8Array(v.buffer, v.byteOffset, len))).toBe(addressOf(s));
+        }
+      }),
+      { numRuns: 300 },
+    );
+  });
+});

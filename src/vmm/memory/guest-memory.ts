@@ -99,6 +99,12 @@ export class GuestMemory {
     return r.bytes.subarray(off, off + len);
   }
 
+  /** A live DataView (no copy) of [gpa, gpa+len), for little-endian structures read in place. */
+  dataView(gpa: number, len: number): DataView {
+    const r = this.region(gpa, len);
+    return new DataView(r.view.buffer, r.view.byteOffset + (gpa - r.guestPhysAddr), len);
+  }
+
   /**
    * Host virtual address of [gpa, gpa+len), or -1 when the range is not inside one region
    * (exactly when contains() is false): for iovecs the kernel fills or reads (preadv/pwritev),

@@ -103,6 +103,17 @@ describe("filterCpuid on a real KVM list (AMD, PVM host)", () => {
     );
   });
 
+  it("offers TSC-deadline (leaf 1 ECX[24]) only when the caller says KVM emulates it, and changes nothing else", () => {
+    // Real KVM leaves the bit out of KVM_GET_SUPPORTED_CPUID (the lab's 6.1 kernel does); this PVM list has it.
+    const kvmList = AMD_PVM.map((e) => (e.function === 1 ? { ...e, ecx: (e.ecx & ~(1 << 24)) >>> 0 } : e));
+    const off = filterCpuid(kvmList, { vcpuId: 0, cpus: 1 });
+    const on = filterCpuid(kvmList, { vcpuId: 0, cpus: 1, tscDeadline: true });
+    expect((get(on, 1).ecx >>> 24) & 1).toBe(1);
+    expect((get(off, 1).ecx >>> 24) & 1).toBe(0);
+    expect({ ...get(on, 1), ecx: (get(on, 1).ecx & ~(1 << 24)) >>> 0 }).toEqual(get(off, 1));
+    expect(on.filter((e) => e.function !== 1)).toEqual(off.filter((e) => e.function !== 1));
+  });
+
   it("keeps the KVM paravirtual leaves, sets the hypervisor bit, masks PM and PMU leaves", () => {
     const out = filterCpuid(AMD_PVM, { vcpuId: 0, cpus: 2 });
     const sig = get(out, 0x40000000);
@@ -113,7 +124,7 @@ describe("filterCpuid on a real KVM list (AMD, PVM host)", () => {
     expect(text.toString("latin1")).toBe("KVMKVMKVM\0\0\0");
     expect(get(out, 0x40000001)).toEqual(get(AMD_PVM, 0x40000001));
     expect(get(out, 1).ecx >>> 31).toBe(1);
-    // x2APIC and TSC-deadline exactly as KVM reported them.
+    // x2APIC and TSC-deadline exactly as KVM reported them when the caller adds nothing.
     expect(get(out, 1).ecx & ((1 << 21) | (1 << 24))).toBe(get(AMD_PVM, 1).ecx & ((1 << 21) | (1 << 24)));
     expect(get(out, 6)).toMatchObject({ eax: 4, ebx: 0, ecx: 0, edx: 0 });
     expect(get(out, 0xa)).toMatchObject({ eax: 0, ebx: 0, ecx: 0, edx: 0 });

@@ -67,7 +67,7 @@ function extendedTopology(fn: number, flags: number, vcpuId: number, cpus: numbe
  * a VM of `cpus` vCPUs. Pure: the input is not modified.
  * @throws TypevisorError CPUID_TOPOLOGY when cpus or vcpuId is out of range.
  */
-export function filterCpuid(supported: readonly CpuidEntry[], opts: { vcpuId: number; cpus: number }): CpuidEntry[] {
+export function filterCpuid(supported: readonly CpuidEntry[], opts: { vcpuId: number; cpus: number; tscDeadline?: boolean }): CpuidEntry[] {
   const { vcpuId, cpus } = opts;
   if (!Number.isInteger(cpus) || cpus < 1 || cpus > CPUID_MAX_CPUS) {
     throw new TypevisorError("CPUID_TOPOLOGY", `CPUID topology supports 1 to ${CPUID_MAX_CPUS} vCPUs, got ${cpus}`);
@@ -90,8 +90,13 @@ export function filterCpuid(supported: readonly CpuidEntry[], opts: { vcpuId: nu
         // EBX[15:8] CLFLUSH line size and [7:0] brand index stay as KVM reports.
         e.ebx = ((e.ebx & 0xffff) | (cpus << 16) | (vcpuId << 24)) >>> 0;
         // ECX[31]: running under a hypervisor (the guest then looks at 0x40000000).
-        // TSC-deadline (ECX[24]) and x2APIC (ECX[21]) are left as KVM reports them.
+        // x2APIC (ECX[21]) is left as KVM reports it. TSC-deadline (ECX[24]) is not in KVM's
+        // list: its LAPIC emulates the mode when it is in the kernel, and the VMM says so
+        // (KVM API, KVM_CAP_TSC_DEADLINE_TIMER). Without it Linux programs the one-shot
+        // TMICT count instead, a slower MSR exit than the deadline MSR, which KVM handles
+        // on its exit fast path.
         e.ecx = (e.ecx | bit(31)) >>> 0;
+        if (opts.tscDeadline === true) e.ecx = (e.ecx | bit(24)) >>> 0;
         // EDX[28] HTT: "max APIC IDs field is valid"; 0 means one logical processor per package.
         e.edx = cpus > 1 ? (e.edx | bit(28)) >>> 0 : (e.edx & ~bit(28)) >>> 0;
         break;

@@ -9,7 +9,7 @@ const FMASK = 0x4000;
 function setup(vectors = 4): { msix: Msix; cfg: PciConfigSpace; cap: number; sent: [bigint, number][]; updates: (number | undefined)[] } {
   const sent: [bigint, number][] = [];
   const updates: (number | undefined)[] = [];
-  const msix = new Msix({ vectors, deliver: (a, d) => sent.push([a, d]), onUpdate: (v) => updates.push(v) });
+  const msix = new Msix({ vectors, deliver: (lo, hi, d) => void sent.push([(BigInt(hi) << 32n) | BigInt(lo), d]), onUpdate: (v) => updates.push(v) });
   const cfg = new PciConfigSpace({ vendorId: 1, deviceId: 2, classCode: 0, revisionId: 0 });
   const cap = msix.attach(cfg, { tableBar: 1, tableOffset: 0, pbaBar: 1, pbaOffset: 0x800 });
   return { msix, cfg, cap, sent, updates };

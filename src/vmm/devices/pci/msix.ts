@@ -35,8 +35,8 @@ export type MsixFireResult = "delivered" | "pending" | "disabled" | "invalid";
 export interface MsixOptions {
   /** Number of table entries, 1..2048. */
   vectors: number;
-  /** Send one MSI: a 64-bit address and a 32-bit data word. */
-  deliver(address: bigint, data: number): void;
+  /** Send one MSI: the 64-bit address as two 32-bit halves, and the 32-bit data word. */
+  deliver(addressLo: number, addressHi: number, data: number): void;
   /** Something the routing depends on changed: an entry (its index) or Message Control (undefined). */
   onUpdate?(vector: number | undefined): void;
 }
@@ -64,7 +64,7 @@ export class Msix {
   private readonly pending: Uint8Array;
   private enabledBit = false;
   private functionMaskBit = false;
-  private readonly deliver: (address: bigint, data: number) => void;
+  private readonly deliver: (addressLo: number, addressHi: number, data: number) => void;
   private readonly onUpdate: ((vector: number | undefined) => void) | undefined;
   /** The capability once attached, so reset() clears Message Control there too. */
   private cap: { config: PciConfigSpace; offset: number } | undefined;
@@ -177,9 +177,10 @@ export class Msix {
     return Number.isInteger(vector) && vector >= 0 && vector < this.vectors;
   }
 
+  /** Straight from the table words: this runs once per interrupt, so no entry object and no BigInt. */
   private send(vector: number): void {
-    const e = this.entry(vector)!;
-    this.deliver(e.address, e.data);
+    const i = vector * 4;
+    this.deliver(this.table[i]!, this.table[i + 1]!, this.table[i + 2]!);
   }
 
   private flushPending(vector: number): void {

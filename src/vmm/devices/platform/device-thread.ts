@@ -57,9 +57,9 @@ function plug(name: string, device: VirtioDevice): void {
   const transport = new VirtioPciDevice({
     device,
     mem,
-    deliverMsi: (address, data) => {
+    deliverMsi: (addressLo, addressHi, data) => {
       try {
-        vm.signalMsi(address, data);
+        vm.signalMsi(addressLo, addressHi, data);
       } catch {
         // The guest can program nonsense MSI addresses; KVM refuses them and the interrupt is lost, as on hardware.
       }
@@ -87,13 +87,6 @@ function routeKicks(): void {
       }
     }
   }
-}
-
-function kick(p: Plugged, queue: number): void {
-  const n = p.transport.notifyAddress(queue);
-  if (n === undefined) return;
-  // The same path a notify-register write takes when it arrives as an MMIO exit.
-  p.transport.barWrite(n.bar, n.offset, Uint8Array.of(queue & 0xff, queue >> 8));
 }
 
 const ones = (size: number): bigint => (1n << BigInt(size * 8)) - 1n;
@@ -295,7 +288,7 @@ while (Atomics.load(stop, 0) === 0) {
       serveCommands();
     } else if (src.kind === "kick") {
       libc.eventfdClear(fds[i]!);
-      kick(src.p, src.queue);
+      src.p.transport.queueNotify(src.queue);
     } else {
       src.p.transport.device.onBackendReadable?.(src.fd);
     }

@@ -64,7 +64,7 @@ class Driver {
 
   constructor(dev = new FakeDevice()) {
     this.dev = dev;
-    this.pci = new VirtioPciDevice({ device: dev, mem: this.mem, deliverMsi: (a, d) => this.sent.push([a, d]) });
+    this.pci = new VirtioPciDevice({ device: dev, mem: this.mem, deliverMsi: (lo, hi, d) => this.sent.push([(BigInt(hi) << 32n) | BigInt(lo), d]) });
     this.slot = this.bus.addDevice(this.pci);
     // pci_find_capability / virtio_pci_find_capability: walk the list.
     let p = this.cfgRead(PCI_REG.CAPABILITIES_POINTER, 1);
@@ -249,6 +249,10 @@ describe("common configuration state machine (virtio 1.2 §3.1.1, §4.1.4.3)", (
     d.write(VIRTIO_PCI_CAP.NOTIFY_CFG, 4, 2, 1);
     d.write(VIRTIO_PCI_CAP.NOTIFY_CFG, 0, 2, 0);
     expect(d.dev.notified).toEqual([0, 1, 1, 0]);
+    // An ioeventfd kick (queueNotify) is the same as the register write; out-of-range queues do nothing.
+    d.pci.queueNotify(1);
+    for (const q of [2, -1, 0.5, 65536]) d.pci.queueNotify(q);
+    expect(d.dev.notified).toEqual([0, 1, 1, 0, 1]);
     ctx.interruptQueue(1);
     ctx.interruptConfig();
     expect(d.sent).toEqual([
@@ -341,6 +345,7 @@ describe("common configuration state machine (virtio 1.2 §3.1.1, §4.1.4.3)", (
     expect(d.sent).toEqual([[0xfee0_0000n, 0x40]]);
     // Kicks are ignored until reset; a reset recovers.
     d.write(VIRTIO_PCI_CAP.NOTIFY_CFG, 0, 2, 0);
+    d.pci.queueNotify(0);
     expect(d.dev.notified).toEqual([]);
     d.setCommon(COMMON.DEVICE_STATUS, 1, 0);
     expect(d.status()).toBe(0);

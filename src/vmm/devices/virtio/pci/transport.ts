@@ -57,8 +57,8 @@ export const MAX_QUEUE_SIZE = 32768;
 export interface VirtioPciOptions {
   device: VirtioDevice;
   mem: GuestMemory;
-  /** Send one MSI (the VMM maps it to KVM_SIGNAL_MSI). */
-  deliverMsi(address: bigint, data: number): void;
+  /** Send one MSI, its 64-bit address as two 32-bit halves (the VMM maps it to KVM_SIGNAL_MSI). */
+  deliverMsi(addressLo: number, addressHi: number, data: number): void;
   /** An MSI-X entry (its index) or Message Control (undefined) changed: irqfd routes may need updating. */
   onMsixUpdate?(vector: number | undefined): void;
   /** MSI-X table size; default one per queue plus one for configuration changes (what Linux asks for first). */
@@ -239,6 +239,14 @@ export class VirtioPciDevice implements PciDevice {
   notifyAddress(queue: number): { bar: number; offset: number } | undefined {
     if (!Number.isInteger(queue) || queue < 0 || queue >= this.numQueues) return undefined;
     return { bar: VIRTIO_BAR, offset: REGION.NOTIFY + queue * NOTIFY_OFF_MULTIPLIER };
+  }
+
+  /**
+   * The driver kicked `queue` through its ioeventfd: the same as a write to that queue's notify
+   * register (§4.1.4.4), without decoding a BAR access per kick.
+   */
+  queueNotify(queue: number): void {
+    if (Number.isInteger(queue) && queue >= 0 && queue < this.numQueues) this.notify(queue);
   }
 
   get deviceStatus(): number {

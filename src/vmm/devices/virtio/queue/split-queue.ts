@@ -119,13 +119,9 @@ export class SplitQueue {
     this.mem = mem;
     this.config = { ...config };
     this.opts = { ...opts };
-    const view = (gpa: number, len: number): DataView => {
-      const b = mem.slice(gpa, len);
-      return new DataView(b.buffer, b.byteOffset, b.byteLength);
-    };
-    this.desc = view(config.descAddr, DESC_SIZE * config.size);
-    this.avail = view(config.driverAddr, 6 + 2 * config.size);
-    this.used = view(config.deviceAddr, 6 + 8 * config.size);
+    this.desc = mem.dataView(config.descAddr, DESC_SIZE * config.size);
+    this.avail = mem.dataView(config.driverAddr, 6 + 2 * config.size);
+    this.used = mem.dataView(config.deviceAddr, 6 + 8 * config.size);
   }
 
   /** Why `config` cannot be used as a split queue in `mem`, or undefined when it can. */
@@ -252,8 +248,7 @@ export class SplitQueue {
           return this.fail("VIRTQ_BUFFER", `indirect table at ${hex64(addrHi, addrLo)} (${len} bytes) is outside guest RAM`);
         }
         // A view of the table for this chain only: the driver may reuse the memory afterwards.
-        const t = mem.slice(addr, len);
-        table = new DataView(t.buffer, t.byteOffset, t.byteLength);
+        table = mem.dataView(addr, len);
         tableLen = len / DESC_SIZE;
         indirect = true;
         idx = 0;
