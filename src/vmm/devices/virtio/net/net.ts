@@ -428,14 +428,22 @@ export class NetDevice implements VirtioDevice {
     while (n === -EINTR) n = iov.readv(this.tapFd);
     // EAGAIN: nothing queued. Other errors (EIO while the TAP is down) also end this round.
     if (n <= 0) return "empty";
-    const hdr = readChain(ctx.mem, this.held[0]!.writable, 0, 2);
-    if (n < VNET_HDR_LEN || n > Math.min(iov.bytes, VNET_HDR_LEN + MAX_FRAME) || !headerAllowed(hdr[0]!, hdr[1]!, ctx.features, "rx")) {
+    if (n < VNET_HDR_LEN || n > Math.min(iov.bytes, VNET_HDR_LEN + MAX_FRAME) || !this.rxHeaderAllowed(ctx, this.held[0]!)) {
       // Short, cut or with offloads the guest did not negotiate (§5.1.6.4.1): the chains stay held.
       this.counters.rxDropped++;
       return "dropped";
     }
     this.complete(ctx, q, n);
     return "done";
+  }
+
+  /** The TAP's header flags and gso_type (§5.1.6) as it wrote them into `chain`: offloads the guest agreed to? */
+  private rxHeaderAllowed(ctx: ActivateContext, chain: DescriptorChain): boolean {
+    const b = chain.writable[0]!;
+    // In place when the first buffer holds both bytes (every driver we know posts whole headers).
+    if (b.len >= 2) return headerAllowed(ctx.mem.readU8(b.addr), ctx.mem.readU8(b.addr + 1), ctx.features, "rx");
+    const h = readChain(ctx.mem, chain.writable, 0, 2);
+    return headerAllowed(h[0]!, h[1]!, ctx.features, "rx");
   }
 
   /**
@@ -446,7 +454,10 @@ export class NetDevice implements VirtioDevice {
   private complete(ctx: ActivateContext, q: SplitQueue, len: number): void {
     let count = 0;
     for (let filled = 0; filled < len; ) filled += this.held[count++]!.totalWrite;
-    writeChain(ctx.mem, this.held[0]!.writable, Uint8Array.of(count & 0xff, count >>> 8), 10);
+    // num_buffers, le16 at offset 10 of the header: in place when the first buffer holds it.
+    const first = this.held[0]!.writable[0]!;
+    if (first.len >= VNET_HDR_LEN) ctx.mem.writeU16(first.addr + 10, count);
+    else writeChain(ctx.mem, this.held[0]!.writable, Uint8Array.of(count & 0xff, count >>> 8), 10);
     let off = 0;
     for (let i = 0; i < count; i++) {
       const c = this.held[i]!;
