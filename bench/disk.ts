@@ -22,8 +22,9 @@ import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { compare, nodePerfArgs, perfAttach } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
-const DISK_MIB = 256;
-const SEQ_MIB = 128;
+const DISK_MIB = 512;
+// busybox time reports 10 ms steps: 512 MiB at ~600 MB/s takes ~0.9 s, so one step is ~1% (128 MiB made it ~5%).
+const SEQ_MIB = 512;
 const IOPS_COUNT = 8192;
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 
@@ -85,18 +86,26 @@ function kvmCounters(pid: number): Map<string, number> {
 const timed = (tag: string, cmd: string) => `busybox time ${cmd} 2>&1 | grep real | sed 's/^/${tag}: /'`;
 // MARKn lines bound the phases for the per-thread CPU samples; the sleeps let the samples land.
 const mark = (n: number) => `echo MARK${n}; sleep 1`;
-// Untimed warm-up, the same for both VMMs: our VMM's JavaScript is compiled by V8 while the first
-// requests run (in the lab, with one CPU, that took about as much CPU as the device thread's own
-// work in a 1 s phase); without it the first phase measures JIT warm-up, not throughput.
-const WARMUP = `dd if=/dev/zero of=/dev/vda bs=1M count=16 oflag=direct 2>/dev/null; dd if=/dev/vda of=/dev/null bs=1M count=16 iflag=direct 2>/dev/null; dd if=/dev/vda of=/dev/null bs=4k count=1024 iflag=direct 2>/dev/null`;
+const WRITE = `dd if=/dev/zero of=/dev/vda bs=1M count=${SEQ_MIB} oflag=direct`;
+const READ = `dd if=/dev/vda of=/dev/null bs=1M count=${SEQ_MIB} iflag=direct`;
+const SMALL = `dd if=/dev/vda of=/dev/null bs=4k count=${IOPS_COUNT} iflag=direct`;
+/*
+ * Untimed warm-up, the same for both VMMs: the three phases once, then measured. QEMU is compiled
+ * ahead of time; our device path is compiled by V8 while it runs, and under the lab's emulated CPU
+ * each optimizing compile costs a large share of a 0.3 s phase. With a shorter warm-up (16 MiB
+ * each way and 1024 small reads) the measured phases still paid for compiles and deoptimizations
+ * (V8's threads took up to a third of a phase's CPU, and any change to the code moved which phase
+ * paid); after one full round our figures are what a VM that has been running a while gets.
+ */
+const WARMUP = [WRITE, READ, SMALL].map((c) => `${c} 2>/dev/null`).join("; ");
 const SCRIPT = [
   WARMUP,
   mark(0),
-  timed("W", `dd if=/dev/zero of=/dev/vda bs=1M count=${SEQ_MIB} oflag=direct`),
+  timed("W", WRITE),
   mark(1),
-  timed("R", `dd if=/dev/vda of=/dev/null bs=1M count=${SEQ_MIB} iflag=direct`),
+  timed("R", READ),
   mark(2),
-  timed("I", `dd if=/dev/vda of=/dev/null bs=4k count=${IOPS_COUNT} iflag=direct`),
+  timed("I", SMALL),
   mark(3),
 ].join("; ");
 
@@ -179,7 +188,8 @@ async function main(): Promise<void> {
   const cmdline = `console=ttyS0 panic=-1 quiet ${runScriptArg(SCRIPT)}`;
   const ours = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--disk", disk, "--cmdline", cmdline];
   const qemu = [
-    "-M", "q35", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512",
+    // debug-threads names QEMU's threads (vCPU, I/O workers), so its CPU splits by thread as ours does.
+    "-name", "debug-threads=on", "-M", "q35", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512",
     "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
     "-kernel", img.kernel, "-initrd", img.initrd, "-append", cmdline,
     "-drive", `file=${disk},if=none,id=d0,format=raw`, "-device", "virtio-blk-pci,drive=d0",

@@ -37,7 +37,9 @@ async function runScript(args: string[], script: string): Promise<{ code: number
   return { code, out: p.output };
 }
 
-const CPU_SCRIPT = 'echo "cpus=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online)"; grep MemTotal /proc/meminfo';
+// tscdl: CPUs that report the TSC-deadline timer (the VMM adds the bit when KVM emulates the mode).
+const CPU_SCRIPT =
+  'echo "cpus=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online) tscdl=$(grep -c tsc_deadline_timer /proc/cpuinfo)"; grep MemTotal /proc/meminfo';
 
 function memTotalKiB(out: string): number {
   return Number(/MemTotal:\s+(\d+) kB/.exec(out)?.[1] ?? NaN);
@@ -60,7 +62,7 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
   it("cloud kernel (bzImage, 64-bit entry), 1 vCPU, 256 MiB: userspace, script, poweroff exits 0", async () => {
     const { code, out } = await runScript(["--image", "minimal", "--cpus", "1", "--memory", "256"], CPU_SCRIPT);
     expect(out).toContain(USERSPACE_UP_LINE);
-    expect(out).toContain("cpus=1 online=0");
+    expect(out).toContain("cpus=1 online=0 tscdl=1");
     expect(parseGuestExit(out)).toBe(0);
     expect(memTotalKiB(out)).toBeGreaterThan(200 * 1024);
     expect(memTotalKiB(out)).toBeLessThan(256 * 1024);
@@ -69,7 +71,7 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
 
   it("2 vCPUs and 2048 MiB: the guest sees both CPUs online and all its memory", async () => {
     const { code, out } = await runScript(["--image", "minimal", "--cpus", "2", "--memory", "2048"], CPU_SCRIPT);
-    expect(out).toContain("cpus=2 online=0-1");
+    expect(out).toContain("cpus=2 online=0-1 tscdl=2");
     expect(memTotalKiB(out)).toBeGreaterThan(1900 * 1024);
     expect(code).toBe(0);
   });
