@@ -92,9 +92,8 @@ export function filterCpuid(supported: readonly CpuidEntry[], opts: { vcpuId: nu
         // ECX[31]: running under a hypervisor (the guest then looks at 0x40000000).
         // x2APIC (ECX[21]) is left as KVM reports it. TSC-deadline (ECX[24]) is not in KVM's
         // list: its LAPIC emulates the mode when it is in the kernel, and the VMM says so
-        // (KVM API, KVM_CAP_TSC_DEADLINE_TIMER). Without it Linux programs the one-shot
-        // TMICT count instead, a slower MSR exit than the deadline MSR, which KVM handles
-        // on its exit fast path.
+        // (KVM API, KVM_CAP_TSC_DEADLINE_TIMER), as QEMU does. Without it Linux programs its
+        // LAPIC timer through the one-shot initial-count register instead.
         e.ecx = (e.ecx | bit(31)) >>> 0;
         if (opts.tscDeadline === true) e.ecx = (e.ecx | bit(24)) >>> 0;
         // EDX[28] HTT: "max APIC IDs field is valid"; 0 means one logical processor per package.
