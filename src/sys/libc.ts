@@ -142,7 +142,8 @@ export function mmapAligned(length: number, align: number, prot: number, flags: 
   const start = (raw.address + a - 1n) & ~(a - 1n);
   const head = Number(start - raw.address);
   if (head > 0) check("munmap", munmapFn(raw.pointer, head) as number);
-  if (align - head > 0) check("munmap", munmapFn(pointerAt(start + BigInt(length)), align - head) as number);
+  // head < align, so a tail of align - head bytes is always left over past the aligned range.
+  check("munmap", munmapFn(pointerAt(start + BigInt(length)), align - head) as number);
   return { pointer: pointerAt(start), address: start, length };
 }
 
