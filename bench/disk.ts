@@ -19,7 +19,7 @@ import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
-import { compare, nodePerfArgs, perfAttach } from "./lib.js";
+import { compare, cpuDelta, formatCpu, nodePerfArgs, perfAttach, threadTicks } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const DISK_MIB = 512;
@@ -109,35 +109,6 @@ const SCRIPT = [
   mark(3),
 ].join("; ");
 
-const TICK = 100; // USER_HZ: /proc stat times are in 1/100 s on Linux
-
-/** utime+stime in ticks of every thread of `pid`, keyed "name#tid" (proc(5) /proc/PID/task/TID/stat). */
-function threadTicks(pid: number): Map<string, number> {
-  const out = new Map<string, number>();
-  for (const tid of readdirSync(`/proc/${pid}/task`)) {
-    try {
-      const st = readFileSync(`/proc/${pid}/task/${tid}/stat`, "utf8");
-      const name = st.slice(st.indexOf("(") + 1, st.lastIndexOf(")"));
-      const f = st.slice(st.lastIndexOf(")") + 2).split(" ");
-      out.set(`${name}#${tid}`, Number(f[11]) + Number(f[12]));
-    } catch {
-      // a thread that ended between readdir and read
-    }
-  }
-  return out;
-}
-
-/** CPU seconds per thread name between two samples. */
-function cpuDelta(a: Map<string, number>, b: Map<string, number>): Record<string, number> {
-  const out: Record<string, number> = {};
-  for (const [k, v] of b) {
-    const name = k.slice(0, k.lastIndexOf("#"));
-    const d = (v - (a.get(k) ?? 0)) / TICK;
-    if (d > 0) out[name] = (out[name] ?? 0) + d;
-  }
-  return out;
-}
-
 /** Seconds from "TAG: real\tXm Y.YYs". */
 function seconds(out: string, tag: string): number {
   const m = new RegExp(`${tag}: real\\s+(\\d+)m ([\\d.]+)s`).exec(out);
@@ -205,7 +176,7 @@ async function main(): Promise<void> {
     const f = (x: Result) => `write ${x.writeMBs.toFixed(1)} MB/s, read ${x.readMBs.toFixed(1)} MB/s, 4k ${x.iops.toFixed(0)} IOPS`;
     console.log(`run ${i + 1}: typevisor ${f(a)} | qemu ${f(b)}`);
     const c = (x: Result) =>
-      ["write", "read", "4k"].map((ph, j) => `${ph}: ${Object.entries(x.cpu[j]!).sort((u, v) => v[1] - u[1]).map(([t, sec]) => `${t} ${sec.toFixed(2)}`).join(", ")}`).join(" | ");
+      ["write", "read", "4k"].map((ph, j) => `${ph}: ${formatCpu(x.cpu[j]!)}`).join(" | ");
     console.log(`  cpu s (phase incl. 1 s sleep) typevisor ${c(a)}`);
     console.log(`  cpu s (phase incl. 1 s sleep) qemu ${c(b)}`);
     const k = (x: Result) => ["write", "read", "4k"].map((ph, j) => `${ph}: ${Object.entries(x.kvm[j]!).map(([n, v]) => `${n} ${v}`).join(", ")}`).join(" | ");

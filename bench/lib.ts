@@ -1,4 +1,5 @@
 import { spawn, spawnSync } from "node:child_process";
+import { readdirSync, readFileSync } from "node:fs";
 
 /** Shared pieces of the benchmarks: summary statistics and the report line. */
 
@@ -13,6 +14,43 @@ export function compare(label: string, ours: readonly number[], qemu: readonly n
   const t = median(ours);
   const q = median(qemu);
   return `${label}: typevisor ${t.toFixed(digits)}, qemu ${q.toFixed(digits)}, ratio ${(t / q).toFixed(2)}`;
+}
+
+const TICK = 100; // USER_HZ: /proc stat times are in 1/100 s on Linux
+
+/** utime+stime in ticks of every thread of `pid`, keyed "name#tid" (proc(5) /proc/PID/task/TID/stat). */
+export function threadTicks(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      const st = readFileSync(`/proc/${pid}/task/${tid}/stat`, "utf8");
+      const name = st.slice(st.indexOf("(") + 1, st.lastIndexOf(")"));
+      const f = st.slice(st.lastIndexOf(")") + 2).split(" ");
+      out.set(`${name}#${tid}`, Number(f[11]) + Number(f[12]));
+    } catch {
+      // a thread that ended between readdir and read
+    }
+  }
+  return out;
+}
+
+/** CPU seconds per thread name between two samples. */
+export function cpuDelta(a: Map<string, number>, b: Map<string, number>): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [k, v] of b) {
+    const name = k.slice(0, k.lastIndexOf("#"));
+    const d = (v - (a.get(k) ?? 0)) / TICK;
+    if (d > 0) out[name] = (out[name] ?? 0) + d;
+  }
+  return out;
+}
+
+/** "name 0.12, other 0.03", busiest thread first. */
+export function formatCpu(cpu: Record<string, number>): string {
+  return Object.entries(cpu)
+    .sort((u, v) => v[1] - u[1])
+    .map(([t, sec]) => `${t} ${sec.toFixed(2)}`)
+    .join(", ");
 }
 
 /**

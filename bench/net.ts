@@ -12,7 +12,7 @@ import { createServer, type Server } from "node:net";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
-import { compare, nodePerfArgs, perfAttach } from "./lib.js";
+import { compare, cpuDelta, formatCpu, nodePerfArgs, perfAttach, threadTicks } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const MIB = 32;
@@ -25,6 +25,10 @@ const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 interface Result {
   toHostMBs: number;
   toGuestMBs: number;
+  /** CPU seconds by thread name over host->guest (MARK0..MARK1, incl. a 2 s pause). */
+  cpu: Record<string, number>;
+  /** CPU seconds of this process (the host's TCP sender) over the same span. */
+  senderCpu: number;
 }
 
 let upload: { start: number; end: number; bytes: number } = { start: 0, end: 0, bytes: 0 };
@@ -67,15 +71,20 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     const pid = p.child.pid;
     if (pid === undefined) throw new Error(`${cmd} did not start`);
     const at = await p.waitFor(/MARK0\r?\n/, 0, 600_000);
+    const before = threadTicks(pid);
+    const sender = process.cpuUsage();
     const stopPerf = perfAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} host->guest`);
     await p.waitFor(/MARK1\r?\n/, at, 600_000);
+    const cpu = cpuDelta(before, threadTicks(pid));
+    const used = process.cpuUsage(sender);
+    const senderCpu = (used.user + used.system) / 1e6;
     const report = stopPerf();
     await p.waitFor(/typevisor-guest: exit/, 0, 600_000);
     await report();
     const m = /D: real\s+(\d+)m ([\d.]+)s/.exec(p.output);
     if (m === null || upload.end === 0) throw new Error(`incomplete run:\n${p.output.slice(-1500)}`);
     const down = Number(m[1]) * 60 + Number(m[2]);
-    return { toGuestMBs: BYTES / down / 1e6, toHostMBs: BYTES / ((upload.end - upload.start) / 1000) / 1e6 };
+    return { toGuestMBs: BYTES / down / 1e6, toHostMBs: BYTES / ((upload.end - upload.start) / 1000) / 1e6, cpu, senderCpu };
   } finally {
     p.kill();
   }
@@ -105,6 +114,9 @@ async function main(): Promise<void> {
       res.qemu.push(b);
       const f = (x: Result) => `guest->host ${x.toHostMBs.toFixed(1)} MB/s, host->guest ${x.toGuestMBs.toFixed(1)} MB/s`;
       console.log(`run ${i + 1}: typevisor ${f(a)} | qemu ${f(b)}`);
+      // The host's TCP sender (this process) shares the lab's one CPU with both.
+      const c = (x: Result) => `${formatCpu(x.cpu)}; sender ${x.senderCpu.toFixed(2)}`;
+      console.log(`  cpu s (host->guest incl. 2 s pause) typevisor ${c(a)} | qemu ${c(b)}`);
     }
   } finally {
     for (const s of srv) s.close();

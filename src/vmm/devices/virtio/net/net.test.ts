@@ -163,6 +163,30 @@ describe("NetDevice transmit", () => {
     expect(r.dev.stats()).toMatchObject({ txPackets: 1, txBytes: 1000, txDropped: 0 });
   });
 
+  it("gathers a header split over descriptors the same as one read in place", () => {
+    const r = rig();
+    const f = frame(200, 2);
+    // flags 0 and gso_type 0 (no offload), then hdr_len..csum_offset bytes the TAP gets as given.
+    const hdr = Uint8Array.of(0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9);
+    for (const cut of [12, 5, 1]) {
+      r.mem.write(DATA, hdr.subarray(0, cut));
+      r.mem.write(DATA + 0x1000, hdr.subarray(cut));
+      r.mem.write(DATA + 0x1000 + (12 - cut), f);
+      const head = r.tx.addChain(cut === 12 ? [{ addr: DATA, len: 12 }, { addr: DATA + 0x1000, len: 200 }] : [
+        { addr: DATA, len: cut },
+        { addr: DATA + 0x1000, len: 12 - cut + 200 },
+      ]);
+      r.tx.publish(head);
+      r.dev.notify(TXQ);
+      const got = drain(r.host);
+      expect(got).toHaveLength(1);
+      // num_buffers (bytes 10-11) is zeroed on transmit; the rest of the header passes through.
+      expect([...got[0]!.subarray(0, VNET_HDR_LEN)]).toEqual([...hdr.subarray(0, 10), 0, 0]);
+      expect(Buffer.from(got[0]!.subarray(VNET_HDR_LEN)).equals(Buffer.from(f))).toBe(true);
+    }
+    expect(r.dev.stats()).toMatchObject({ txPackets: 3, txDropped: 0 });
+  });
+
   it("drops chains shorter than the header, longer than 64 KiB + header, or with offloads we never offered", () => {
     const r = rig();
     const bad: DriverBuf[][] = [

@@ -308,7 +308,9 @@ export class NetDevice implements VirtioDevice {
       return 0;
     }
     const hdr = this.txHdr;
-    hdr.set(readChain(ctx.mem, chain.readable, 0, VNET_HDR_LEN));
+    // The header in place when the first buffer holds it (Linux puts it there), else gathered.
+    const first = chain.readable[0]!;
+    hdr.set(first.len >= VNET_HDR_LEN ? ctx.mem.slice(first.addr, VNET_HDR_LEN) : readChain(ctx.mem, chain.readable, 0, VNET_HDR_LEN));
     // §5.1.6.2.1: NEEDS_CSUM only with CSUM, a gso_type only with its HOST_TSO*; anything else would
     // hand the host stack offload work we never agreed to. The TAP re-validates the header too.
     if (!headerAllowed(hdr[0]!, hdr[1]!, ctx.features, "tx")) {
