@@ -48,12 +48,6 @@ const HUGE_PAGE = 2 * 1024 * 1024;
  * to 0.15 s (docs/benchmarks.md). Process-wide, and set before the device and vCPU workers exist.
  */
 const V8_INTERRUPT_BUDGET = 16384;
-let v8Tuned = false;
-function tuneV8(): void {
-  if (v8Tuned) return;
-  setFlagsFromString(`--interrupt-budget=${V8_INTERRUPT_BUDGET}`);
-  v8Tuned = true;
-}
 
 export type BootSource =
   | { kind: "linux"; kernel: Uint8Array; initrd?: Uint8Array; cmdline: string }
@@ -353,7 +347,8 @@ export class Vm {
   async run(): Promise<VmExitResult> {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
     this.state = "running";
-    tuneV8();
+    // Idempotent, so a rebooted VM in the same process sets it again harmlessly.
+    setFlagsFromString(`--interrupt-budget=${V8_INTERRUPT_BUDGET}`);
     libc.installKickHandler();
     let platform: VcpuWorkerInit["platform"];
     try {
