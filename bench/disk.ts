@@ -12,14 +12,13 @@
  *
  * Run: npm run bench:disk
  */
-import { execFileSync } from "node:child_process";
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, rmSync, writeSync } from "node:fs";
+import { closeSync, openSync, rmSync, writeSync } from "node:fs";
 import { mkdtempSync } from "node:fs";
 import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
-import { compare, cpuDelta, formatCpu, nodePerfArgs, perfAttach, threadTicks } from "./lib.js";
+import { compare, counterDelta, cpuDelta, formatCpu, kvmCounters, mountDebugfs, nodePerfArgs, perfAttach, threadTicks } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const DISK_MIB = 512;
@@ -36,50 +35,6 @@ interface Result {
   cpu: Record<string, number>[];
   /** Per phase: KVM's own counters for the VM (debugfs), when debugfs is there. */
   kvm: Record<string, number>[];
-}
-
-/*
- * KVM keeps per-VM statistics in debugfs (/sys/kernel/debug/kvm/PID-FD/, one file per counter,
- * summed over vCPUs; Documentation/virt/kvm/api.rst "binary stats" lists the same counters):
- * exits handled inside KVM never reach the VMM, so these show what GET /stats cannot, e.g. how
- * often the vCPU halted and whether halt polling spun (halt_poll_*), for both VMMs alike.
- */
-const KVM_DEBUGFS = "/sys/kernel/debug/kvm";
-const KVM_KEYS = [
-  "exits", "halt_exits", "halt_wakeup", "halt_attempted_poll", "halt_successful_poll", "halt_poll_success_ns",
-  "halt_poll_fail_ns", "halt_wait_ns", "irq_injections", "irq_exits", "io_exits", "mmio_exits", "signal_exits",
-  "irq_window_exits", "request_irq_exits", "host_state_reload", "fpu_reload",
-];
-
-function mountDebugfs(): boolean {
-  if (existsSync(KVM_DEBUGFS)) return true;
-  try {
-    execFileSync("mount", ["-t", "debugfs", "none", "/sys/kernel/debug"], { stdio: "ignore" });
-  } catch {
-    // not root or no debugfs: the counters are left out
-  }
-  return existsSync(KVM_DEBUGFS);
-}
-
-/** KVM_KEYS of every VM of `pid`, summed (a VMM has one). */
-function kvmCounters(pid: number): Map<string, number> {
-  const out = new Map<string, number>();
-  let dirs: string[] = [];
-  try {
-    dirs = readdirSync(KVM_DEBUGFS).filter((d) => d.startsWith(`${pid}-`));
-  } catch {
-    return out;
-  }
-  for (const d of dirs) {
-    for (const k of KVM_KEYS) {
-      try {
-        out.set(k, (out.get(k) ?? 0) + Number(readFileSync(`${KVM_DEBUGFS}/${d}/${k}`, "utf8").trim()));
-      } catch {
-        // a counter this kernel does not have
-      }
-    }
-  }
-  return out;
 }
 
 // busybox dd prints no rate, so each run is timed with busybox's time applet ("real\t0m 1.23s").
@@ -138,7 +93,7 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     await p.waitFor(/typevisor-guest: exit/, at, 600_000);
     const bytes = SEQ_MIB * 1024 * 1024;
     const cpu = [0, 1, 2].map((i) => cpuDelta(samples[i]!, samples[i + 1]!));
-    const kvmDelta = [0, 1, 2].map((i) => Object.fromEntries([...kvm[i + 1]!].map(([k, v]) => [k, v - (kvm[i]!.get(k) ?? 0)])));
+    const kvmDelta = [0, 1, 2].map((i) => counterDelta(kvm[i]!, kvm[i + 1]!));
     return { writeMBs: bytes / seconds(p.output, "W") / 1e6, readMBs: bytes / seconds(p.output, "R") / 1e6, iops: IOPS_COUNT / seconds(p.output, "I"), cpu, kvm: kvmDelta };
   } catch (e) {
     console.log(`bench/disk: ${cmd} failed; its output ends:\n${p.output.slice(-3000)}`);

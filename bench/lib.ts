@@ -1,5 +1,5 @@
-import { spawn, spawnSync } from "node:child_process";
-import { readdirSync, readFileSync } from "node:fs";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 
 /** Shared pieces of the benchmarks: summary statistics and the report line. */
 
@@ -51,6 +51,55 @@ export function formatCpu(cpu: Record<string, number>): string {
     .sort((u, v) => v[1] - u[1])
     .map(([t, sec]) => `${t} ${sec.toFixed(2)}`)
     .join(", ");
+}
+
+/*
+ * KVM keeps per-VM statistics in debugfs (/sys/kernel/debug/kvm/PID-FD/, one file per counter,
+ * summed over vCPUs; Documentation/virt/kvm/api.rst "binary stats" lists the same counters):
+ * exits handled inside KVM never reach the VMM, so these show what GET /stats cannot, e.g. how
+ * often the vCPU halted and whether halt polling spun (halt_poll_*), for both VMMs alike.
+ */
+const KVM_DEBUGFS = "/sys/kernel/debug/kvm";
+const KVM_KEYS = [
+  "exits", "halt_exits", "halt_wakeup", "halt_attempted_poll", "halt_successful_poll", "halt_poll_success_ns",
+  "halt_poll_fail_ns", "halt_wait_ns", "irq_injections", "irq_exits", "io_exits", "mmio_exits", "signal_exits",
+  "irq_window_exits", "request_irq_exits", "host_state_reload", "fpu_reload",
+];
+
+export function mountDebugfs(): boolean {
+  if (existsSync(KVM_DEBUGFS)) return true;
+  try {
+    execFileSync("mount", ["-t", "debugfs", "none", "/sys/kernel/debug"], { stdio: "ignore" });
+  } catch {
+    // not root or no debugfs: the counters are left out
+  }
+  return existsSync(KVM_DEBUGFS);
+}
+
+/** KVM_KEYS of every VM of `pid`, summed (a VMM has one). */
+export function kvmCounters(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  let dirs: string[] = [];
+  try {
+    dirs = readdirSync(KVM_DEBUGFS).filter((d) => d.startsWith(`${pid}-`));
+  } catch {
+    return out;
+  }
+  for (const d of dirs) {
+    for (const k of KVM_KEYS) {
+      try {
+        out.set(k, (out.get(k) ?? 0) + Number(readFileSync(`${KVM_DEBUGFS}/${d}/${k}`, "utf8").trim()));
+      } catch {
+        // a counter this kernel does not have
+      }
+    }
+  }
+  return out;
+}
+
+/** Per-counter difference b - a. */
+export function counterDelta(a: Map<string, number>, b: Map<string, number>): Record<string, number> {
+  return Object.fromEntries([...b].map(([k, v]) => [k, v - (a.get(k) ?? 0)]));
 }
 
 /**

@@ -8,11 +8,12 @@
  * Run: npm run bench:net
  */
 import { execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
-import { compare, cpuDelta, formatCpu, nodePerfArgs, perfAttach, threadTicks } from "./lib.js";
+import { compare, counterDelta, cpuDelta, formatCpu, kvmCounters, mountDebugfs, nodePerfArgs, perfAttach, threadTicks } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const MIB = 32;
@@ -29,6 +30,23 @@ interface Result {
   cpu: Record<string, number>;
   /** CPU seconds of this process (the host's TCP sender) over the same span. */
   senderCpu: number;
+  /** Same span: the TAP's own counters (its tx is what the guest received), KVM's, and the guest's interrupts per virtio vector. */
+  tap: Record<string, number>;
+  kvm: Record<string, number>;
+  irqs: Record<string, number>;
+}
+
+/** The host TAP's statistics (tx_* = frames handed to the VMM's reader, i.e. to the guest). */
+const TAP_KEYS = ["tx_packets", "tx_bytes", "tx_dropped", "rx_packets", "rx_bytes"];
+function tapCounters(): Map<string, number> {
+  return new Map(TAP_KEYS.map((k) => [k, Number(readFileSync(`/sys/class/net/${TAP}/statistics/${k}`, "utf8").trim())]));
+}
+
+/** The guest's /proc/interrupts virtio lines printed as "TAG count ... name" (1 vCPU): count by vector name. */
+function guestIrqs(out: string, tag: string): Map<string, number> {
+  const m = new Map<string, number>();
+  for (const line of out.matchAll(new RegExp(`^${tag} +\\d+: +(\\d+) .* (\\S+)\\r?$`, "gm"))) m.set(line[2]!, Number(line[1]));
+  return m;
 }
 
 let upload: { start: number; end: number; bytes: number } = { start: 0, end: 0, bytes: 0 };
@@ -59,8 +77,11 @@ const SCRIPT = [
   // not enough to reach steady state in the lab (ours measured 36-37 MB/s after one, 43 after three).
   ...Array.from({ length: 3 }, () => `nc ${HOST} 6000 >/dev/null`),
   // MARKs bound host->guest for BENCH_PERF (perf takes a moment to attach: the sleep is untimed).
+  // The guest's interrupt counts around the measured download (virtio vectors only).
+  "grep virtio /proc/interrupts | sed 's/^/IRQ0 /'",
   "echo MARK0; sleep 2",
   `busybox time nc ${HOST} 6000 2>&1 >/dev/null | grep real | sed 's/^/D: /'`,
+  "grep virtio /proc/interrupts | sed 's/^/IRQ1 /'",
   "echo MARK1",
   `dd if=/dev/zero bs=1M count=${MIB} 2>/dev/null | nc ${HOST} 6001`,
 ].join("; ");
@@ -72,11 +93,15 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     if (pid === undefined) throw new Error(`${cmd} did not start`);
     const at = await p.waitFor(/MARK0\r?\n/, 0, 600_000);
     const before = threadTicks(pid);
+    const tap0 = tapCounters();
+    const kvm0 = kvmCounters(pid);
     const sender = process.cpuUsage();
     const stopPerf = perfAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} host->guest`);
     await p.waitFor(/MARK1\r?\n/, at, 600_000);
     const cpu = cpuDelta(before, threadTicks(pid));
     const used = process.cpuUsage(sender);
+    const tap = counterDelta(tap0, tapCounters());
+    const kvm = counterDelta(kvm0, kvmCounters(pid));
     const senderCpu = (used.user + used.system) / 1e6;
     const report = stopPerf();
     await p.waitFor(/typevisor-guest: exit/, 0, 600_000);
@@ -84,7 +109,8 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     const m = /D: real\s+(\d+)m ([\d.]+)s/.exec(p.output);
     if (m === null || upload.end === 0) throw new Error(`incomplete run:\n${p.output.slice(-1500)}`);
     const down = Number(m[1]) * 60 + Number(m[2]);
-    return { toGuestMBs: BYTES / down / 1e6, toHostMBs: BYTES / ((upload.end - upload.start) / 1000) / 1e6, cpu, senderCpu };
+    const irqs = counterDelta(guestIrqs(p.output, "IRQ0"), guestIrqs(p.output, "IRQ1"));
+    return { toGuestMBs: BYTES / down / 1e6, toHostMBs: BYTES / ((upload.end - upload.start) / 1000) / 1e6, cpu, senderCpu, tap, kvm, irqs };
   } finally {
     p.kill();
   }
@@ -96,6 +122,7 @@ async function main(): Promise<void> {
   execFileSync("ip", ["addr", "add", `${HOST}/24`, "dev", TAP]);
   execFileSync("ip", ["link", "set", TAP, "up"]);
   const srv = await servers();
+  if (!mountDebugfs()) console.log("bench/net: no KVM debugfs here, KVM counters left out");
   const cmdline = `console=ttyS0 panic=-1 quiet ${runScriptArg(SCRIPT)}`;
   const ours = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--net", `tap=${TAP}`, "--cmdline", cmdline];
   const qemu = [
@@ -117,6 +144,10 @@ async function main(): Promise<void> {
       // The host's TCP sender (this process) shares the lab's one CPU with both.
       const c = (x: Result) => `${formatCpu(x.cpu)}; sender ${x.senderCpu.toFixed(2)}`;
       console.log(`  cpu s (host->guest incl. 2 s pause) typevisor ${c(a)} | qemu ${c(b)}`);
+      // Frames and interrupts per measured download: what a slow run does more of.
+      const e = (x: Result) => [x.tap, x.irqs, x.kvm].map((o) => Object.entries(o).filter(([, v]) => v !== 0).map(([n, v]) => `${n} ${v}`).join(", ")).join(" | ");
+      console.log(`  tap | guest irqs | kvm (host->guest) typevisor ${e(a)}`);
+      console.log(`  tap | guest irqs | kvm (host->guest) qemu ${e(b)}`);
     }
   } finally {
     for (const s of srv) s.close();

@@ -35,24 +35,44 @@ export function addressOf(view: Uint8Array): number {
   return Number(a);
 }
 
-/** A reusable iovec array of up to IOV_MAX entries. */
+/** A reusable iovec array of up to `capacity` (default IOV_MAX) entries. */
 export class IoVec {
   /** The struct iovec array as the kernel reads it (larger than 64 bytes: off V8's heap, never moves). */
-  private readonly raw = new Uint8Array(IOVEC_SIZE * IOV_MAX);
-  private readonly words = new Uint32Array(this.raw.buffer);
+  private readonly raw: Uint8Array;
+  private readonly words: Uint32Array;
+  readonly capacity: number;
   /** Entries in use. */
   count = 0;
   /** Sum of their lengths. */
   bytes = 0;
+
+  /**
+   * `storage`: where the array lives, e.g. a slice of a SharedArrayBuffer another thread submits
+   * from (16 bytes per entry, 4-byte aligned); by default a private buffer of IOV_MAX entries.
+   */
+  constructor(storage?: Uint8Array) {
+    this.raw = storage ?? new Uint8Array(IOVEC_SIZE * IOV_MAX);
+    if (this.raw.byteOffset % 4 !== 0 || this.raw.byteLength % IOVEC_SIZE !== 0) throw new RangeError("iovec storage must be 4-byte aligned whole entries");
+    this.words = new Uint32Array(this.raw.buffer, this.raw.byteOffset, this.raw.byteLength / 4);
+    this.capacity = Math.min(IOV_MAX, this.raw.byteLength / IOVEC_SIZE);
+  }
+
+  /** Take the first `count` entries another thread wrote into this storage as ours (bytes summed). */
+  adopt(count: number): void {
+    this.count = Math.min(count, this.capacity);
+    let bytes = 0;
+    for (let i = 0; i < this.count; i++) bytes += this.words[i * 4 + 2]!;
+    this.bytes = bytes;
+  }
 
   clear(): void {
     this.count = 0;
     this.bytes = 0;
   }
 
-  /** Append [addr, addr + len); false when the array is full (IOV_MAX entries). */
+  /** Append [addr, addr + len); false when the array is full (`capacity` entries). */
   push(addr: number, len: number): boolean {
-    if (this.count === IOV_MAX) return false;
+    if (this.count === this.capacity) return false;
     const w = this.count * 4;
     this.words[w] = addr % TWO_32;
     this.words[w + 1] = Math.floor(addr / TWO_32);

@@ -57,6 +57,7 @@ export const EFD_NONBLOCK = 0x800;
 
 export const EINTR = 4;
 export const EAGAIN = 11;
+export const EIO = 5;
 
 /** An opaque native pointer (koffi external). */
 export type Pointer = unknown;

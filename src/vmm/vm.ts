@@ -8,7 +8,7 @@
  */
 import { setFlagsFromString } from "node:v8";
 import { Worker } from "node:worker_threads";
-import { fileURLToPath } from "node:url";
+import { workerUrl } from "./worker-url.js";
 import { TypevisorError } from "../errors.js";
 import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
 import { CAP, EXIT_NAMES } from "../kvm/ioctls.js";
@@ -109,16 +109,6 @@ export function emptyIoStats(): IoStats {
     diskReadBytes: 0, diskWriteBytes: 0, diskReadOps: 0, diskWriteOps: 0,
     netRxBytes: 0, netTxBytes: 0, netRxPackets: 0, netTxPackets: 0, disks: [], nets: [],
   };
-}
-
-/**
- * Where a compiled worker entry lives (`rel` from src/vmm/, e.g. "vcpu/worker.js").
- * Under vitest this module runs from src/ as TypeScript, so point at dist/.
- */
-function workerUrl(rel: string): URL {
-  const here = fileURLToPath(import.meta.url);
-  if (here.endsWith(".ts")) return new URL(`file://${here.replace(/\/src\/vmm\/vm\.ts$/, `/dist/vmm/${rel}`)}`);
-  return new URL(`./${rel}`, import.meta.url);
 }
 
 export function validateConfig(cfg: Pick<VmConfig, "cpus" | "memoryMiB">, maxVcpus = 254): void {

@@ -121,11 +121,11 @@ function handle(op: OpCode, addr: number, size: number, data: bigint): bigint {
 
 try {
   init.devices.disks.forEach((d, i) => {
-    const dev = new BlockDevice({ path: d.path, readonly: d.readonly, ...(d.serial !== undefined ? { serial: d.serial } : {}) });
+    // Each disk's file I/O runs on its own thread (tv-blkN), so a slow disk stalls only itself.
+    const dev = new BlockDevice({ path: d.path, readonly: d.readonly, ioThread: `tv-blk${i}`, ...(d.serial !== undefined ? { serial: d.serial } : {}) });
     const name = `virtio-blk ${d.path}${d.readonly ? " (read-only)" : ""}`;
     plug(name, dev);
     disks.push({ name, dev });
-    void i;
   });
   init.devices.nets.forEach((n, i) => {
     const tap = openTap(n.tap);
@@ -301,6 +301,8 @@ for (const p of plugged) {
   }
   p.transport.device.reset();
 }
+// In-flight disk I/O finishes before guest memory goes away; the I/O threads stop.
+for (const { dev } of disks) dev.close();
 for (const fd of taps) libc.close(fd);
 // Closes the listener and removes its socket file.
 vsock?.close();

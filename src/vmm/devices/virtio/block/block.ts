@@ -1,14 +1,17 @@
 import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
-import { addressOf, IoVec } from "../../../../sys/iov.js";
-import { EINTR, errnoName } from "../../../../sys/libc.js";
+import { IoVec } from "../../../../sys/iov.js";
+import { errnoName } from "../../../../sys/libc.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { gatherHost, readChain, writeChain } from "../queue/chain.js";
 import type { ChainResult } from "../queue/runner.js";
-import { activateQueues, serviceQueue } from "../queue/runner.js";
+import { activateQueues, DEFERRED, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, GuestBuf, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
+import { syncData, transferAll, writeZeroes } from "./file-io.js";
+import { IO_OP } from "./io-ring.js";
+import { BlockIoThread } from "./io-thread.js";
 
 /** virtio-blk feature bits (virtio 1.2 §5.2.3). */
 export const VIRTIO_BLK_F = {
@@ -59,8 +62,6 @@ const MAX_DISCARD_SECTORS = 1 << 22; // 2 GiB per segment: discard is a no-op (s
 const MAX_DISCARD_SEG = 32;
 const MAX_WRITE_ZEROES_SECTORS = 1 << 16; // 32 MiB per segment: we really write the zeroes
 const MAX_WRITE_ZEROES_SEG = 1;
-const ZERO_CHUNK = new Uint8Array(64 * 1024);
-const ZERO_CHUNK_ADDRESS = addressOf(ZERO_CHUNK);
 
 export interface BlockDeviceOptions {
   /** Disk image to open (read-write unless `readonly`); the device owns and closes the fd. */
@@ -76,6 +77,24 @@ export interface BlockDeviceOptions {
   writeZeroes?: boolean;
   /** Queue size the device allows (power of 2). Default 256. */
   queueSize?: number;
+  /**
+   * Run reads, writes, flushes and write-zeroes on an I/O thread of this name (io-worker.ts)
+   * instead of the calling thread, which then only walks rings: the VMM's device thread does,
+   * so no disk wait stalls the other devices. Without it every request completes inside notify().
+   */
+  ioThread?: string;
+}
+
+/** A request on the I/O thread: what to answer when it is done. */
+interface Pending {
+  head: number;
+  /** Guest address of the status byte. */
+  status: number;
+  /** Used length on success (IN: the whole writable part; else the status byte). */
+  used: number;
+  /** For the counters: 1 read, 2 write, 0 neither. */
+  kind: 0 | 1 | 2;
+  bytes: number;
 }
 
 /** What a snapshot keeps of the block device (its backing file is re-opened by the caller). */
@@ -88,8 +107,8 @@ export interface BlockDeviceState {
 }
 
 /**
- * virtio-blk (virtio 1.2 §5.2) over a host file, with synchronous node:fs I/O straight into and
- * out of guest memory views (no copy).
+ * virtio-blk (virtio 1.2 §5.2) over a host file: preadv/pwritev straight into and out of guest
+ * memory (no copy), on the disk's own I/O thread when `ioThread` is given, else in notify().
  *
  * Choices: DISCARD is accepted and validated but does nothing (§5.2.6.2 lets the device "MAY
  * deallocate"; reads after discard are undefined for the driver). WRITE_ZEROES writes zero
@@ -120,9 +139,13 @@ export class BlockDevice implements VirtioDevice {
   private queues: (SplitQueue | undefined)[] = [];
   /** FLUSH offered but not negotiated: every write must be stable before completion (§5.2.6.2). */
   private writeThrough = true;
-  /** Completed data requests (IN/OUT with status OK) and their payload bytes, since construction. */
-  /** The iovec array of the request in flight (one request at a time, on the device thread). */
+  /** The iovec array of a request done on this thread (one at a time). */
   private readonly iov = new IoVec();
+  private readonly io: BlockIoThread | undefined;
+  /** Requests on the I/O thread, by slot. */
+  private readonly pending: (Pending | undefined)[] = [];
+  /** Poll this (the I/O thread's completion eventfd) and call onBackendReadable. */
+  readonly backendFds: readonly number[];
   private readonly counters: BlockStats = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
 
   /** @throws TypevisorError DISK_OPEN, DISK_TYPE, DISK_SIZE, DISK_SERIAL, DISK_OPTIONS */
@@ -197,11 +220,33 @@ export class BlockDevice implements VirtioDevice {
       c.writeUInt8(0, CFG.writeZeroesMayUnmap);
     }
     this.config = c;
+    try {
+      this.io = opts.ioThread !== undefined ? new BlockIoThread(fd, opts.ioThread) : undefined;
+    } catch (e) {
+      if (owns) fs.closeSync(fd);
+      throw new TypevisorError("DISK_IO_THREAD", `cannot start the I/O thread of disk ${opts.path ?? `fd ${fd}`}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+    }
+    this.backendFds = this.io !== undefined ? [this.io.eventfd] : [];
   }
 
-  /** Close the backing file if the device opened it. */
+  /** Finish in-flight I/O, stop the I/O thread and close the backing file if the device opened it. */
   close(): void {
+    this.io?.close();
+    this.pending.length = 0;
     if (this.ownsFd) fs.closeSync(this.fd);
+  }
+
+  /** Requests on the I/O thread not yet answered. */
+  get inFlight(): number {
+    return this.io?.inFlight ?? 0;
+  }
+
+  /** The I/O thread finished requests: answer them, then take what waited for a free slot. */
+  onBackendReadable(fd: number): void {
+    const io = this.io;
+    if (io === undefined || fd !== io.eventfd) return;
+    io.reap((slot, result) => this.finish(slot, result));
+    this.notify(0);
   }
 
   readConfig(offset: number, size: number): bigint {
@@ -230,16 +275,46 @@ export class BlockDevice implements VirtioDevice {
   notify(q: number): void {
     const ctx = this.ctx;
     if (ctx === undefined) return;
-    serviceQueue(ctx, q, this.queues[q], (chain) => this.handle(ctx, chain));
+    serviceQueue(ctx, q, this.queues[q], (chain) => this.handle(ctx, chain), this.canTake);
+  }
+
+  /** Whether a request can be popped now: always without an I/O thread, else while a slot is free. */
+  private readonly canTake = (): boolean => this.io === undefined || !this.io.full;
+
+  /**
+   * Answer a request the I/O thread did (virtio 1.2 §5.2.6): status byte, then the used
+   * element. The queue's interrupt is the caller's (onBackendReadable's notify).
+   */
+  private finish(slot: number, result: number): void {
+    const p = this.pending[slot];
+    this.pending[slot] = undefined;
+    const ctx = this.ctx;
+    const q = this.queues[0];
+    if (p === undefined || ctx === undefined || q === undefined || q.broken !== undefined) return;
+    const ok = result === 0;
+    ctx.mem.writeU8(p.status, ok ? VIRTIO_BLK_S.OK : VIRTIO_BLK_S.IOERR);
+    if (ok && p.kind === 1) {
+      this.counters.readOps++;
+      this.counters.readBytes += p.bytes;
+    } else if (ok && p.kind === 2) {
+      this.counters.writeOps++;
+      this.counters.writeBytes += p.bytes;
+    }
+    q.pushUsed(p.head, ok ? p.used : 1);
   }
 
   reset(): void {
+    // The guest's buffers must not change under I/O once the driver thinks the device is reset.
+    this.io?.drain(() => {});
+    this.pending.length = 0;
     this.ctx = undefined;
     this.queues = [];
     this.writeThrough = true;
   }
 
   save(): BlockDeviceState {
+    // In-flight requests are completed into the used ring first, so the cursors saved are final.
+    this.io?.drain((slot, result) => this.finish(slot, result));
     return {
       version: 1,
       features: (this.ctx?.features ?? 0n).toString(16),
@@ -255,18 +330,19 @@ export class BlockDevice implements VirtioDevice {
     if (chain.totalRead < HEADER_SIZE) return new QueueError("VIRTIO_BLK_HEADER", `request ${chain.head} has ${chain.totalRead} readable bytes, less than the 16-byte header`);
     if (chain.totalWrite < 1) return new QueueError("VIRTIO_BLK_STATUS", `request ${chain.head} has no writable status byte`);
     const { type, sector } = this.header(ctx, chain);
+    // The status is the chain's last writable byte (§5.2.6): the end of its last non-empty
+    // writable buffer (empty ones are not kept), bounds-checked when the chain was popped.
+    const last = chain.writable[chain.writable.length - 1]!;
     let status: number;
     let used = 1;
     try {
-      status = this.execute(ctx, chain, type, sector);
+      status = this.execute(ctx, chain, type, sector, last.addr + last.len - 1);
+      if (status === DEFERRED) return DEFERRED;
       if (type === VIRTIO_BLK_T.IN && status === VIRTIO_BLK_S.OK) used = chain.totalWrite;
     } catch {
       // Host I/O failed (EIO, ENOSPC, file truncated under us): this request fails, the VM goes on.
       status = VIRTIO_BLK_S.IOERR;
     }
-    // The status is the chain's last writable byte (§5.2.6): the end of its last non-empty
-    // writable buffer (empty ones are not kept), bounds-checked when the chain was popped.
-    const last = chain.writable[chain.writable.length - 1]!;
     ctx.mem.writeU8(last.addr + last.len - 1, status);
     // len counts bytes written from the first writable byte (§2.7.8); for non-IN requests we
     // report just the status byte, the convention Linux, QEMU and Firecracker share.
@@ -301,12 +377,28 @@ export class BlockDevice implements VirtioDevice {
     return { ...this.counters };
   }
 
-  private execute(ctx: ActivateContext, chain: DescriptorChain, type: number, sector: number): number {
+  /**
+   * Hand a validated request to the I/O thread, if there is one and its buffers fit a slot's
+   * iovec array (seg_max pieces do; a driver that sends more is served here, in pieces).
+   */
+  private offload(op: number, bufs: readonly GuestBuf[] | undefined, skip: number, len: number, pos: number, p: Pending): boolean {
+    const io = this.io;
+    if (io === undefined || io.full) return false;
+    if (bufs !== undefined && !gatherHost(io.nextIov(), bufs, skip, len)) return false;
+    const slot = io.submit(op, pos, len, this.writeThrough && op !== IO_OP.READ && op !== IO_OP.FLUSH);
+    this.pending[slot] = p;
+    return true;
+  }
+
+  /** The request's status, or DEFERRED when the I/O thread took it (finish() answers it). */
+  private execute(ctx: ActivateContext, chain: DescriptorChain, type: number, sector: number, status: number): number {
     const { IOERR, OK, UNSUPP } = VIRTIO_BLK_S;
+    const head = chain.head;
     switch (type) {
       case VIRTIO_BLK_T.IN: {
         const len = chain.totalWrite - 1;
         if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
+        if (this.offload(IO_OP.READ, chain.writable, 0, len, sector * SECTOR_SIZE, { head, status, used: chain.totalWrite, kind: 1, bytes: len })) return DEFERRED;
         this.transfer("read", chain.writable, 0, len, sector * SECTOR_SIZE);
         this.counters.readOps++;
         this.counters.readBytes += len;
@@ -317,6 +409,7 @@ export class BlockDevice implements VirtioDevice {
         if (this.readonly) return IOERR;
         const len = chain.totalRead - HEADER_SIZE;
         if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
+        if (this.offload(IO_OP.WRITE, chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE, { head, status, used: 1, kind: 2, bytes: len })) return DEFERRED;
         this.transfer("write", chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE);
         this.stabilize();
         this.counters.writeOps++;
@@ -324,8 +417,10 @@ export class BlockDevice implements VirtioDevice {
         return OK;
       }
       case VIRTIO_BLK_T.FLUSH:
-        if (!this.readonly) fs.fdatasyncSync(this.fd);
-        return OK;
+        if (this.readonly) return OK;
+        // On the I/O thread, after every write submitted before it (one thread, in order).
+        if (this.offload(IO_OP.FLUSH, undefined, 0, 0, 0, { head, status, used: 1, kind: 0, bytes: 0 })) return DEFERRED;
+        return this.check(syncData(this.fd));
       case VIRTIO_BLK_T.GET_ID: {
         if (this.serial === undefined) return UNSUPP;
         const id = new Uint8Array(BLK_ID_BYTES);
@@ -335,14 +430,14 @@ export class BlockDevice implements VirtioDevice {
       }
       case VIRTIO_BLK_T.DISCARD:
       case VIRTIO_BLK_T.WRITE_ZEROES:
-        return this.discardOrZero(ctx, chain, type);
+        return this.discardOrZero(ctx, chain, type, status);
       default:
         return UNSUPP;
     }
   }
 
   /** DISCARD and WRITE_ZEROES (virtio 1.2 §5.2.6): validate every segment before acting on any. */
-  private discardOrZero(ctx: ActivateContext, chain: DescriptorChain, type: number): number {
+  private discardOrZero(ctx: ActivateContext, chain: DescriptorChain, type: number, status: number): number {
     const { IOERR, OK, UNSUPP } = VIRTIO_BLK_S;
     const zero = type === VIRTIO_BLK_T.WRITE_ZEROES;
     if (!hasFeature(this.features, zero ? VIRTIO_BLK_F.WRITE_ZEROES : VIRTIO_BLK_F.DISCARD)) return this.readonly ? IOERR : UNSUPP;
@@ -363,25 +458,23 @@ export class BlockDevice implements VirtioDevice {
       segs.push({ sector, sectors });
     }
     if (!zero) return OK;
-    for (const s of segs) {
-      let pos = Number(s.sector) * SECTOR_SIZE;
-      let left = s.sectors * SECTOR_SIZE;
-      while (left > 0) {
-        const n = Math.min(left, ZERO_CHUNK.length);
-        this.iov.clear();
-        this.iov.push(ZERO_CHUNK_ADDRESS, n);
-        this.run("write", pos);
-        pos += n;
-        left -= n;
-      }
-    }
+    // One segment (MAX_WRITE_ZEROES_SEG): on the I/O thread when there is one.
+    const one = segs.length === 1 ? segs[0]! : undefined;
+    if (one !== undefined && this.offload(IO_OP.WRITE_ZEROES, undefined, 0, one.sectors * SECTOR_SIZE, Number(one.sector) * SECTOR_SIZE, { head: chain.head, status, used: 1, kind: 0, bytes: 0 })) return DEFERRED;
+    for (const s of segs) this.check(writeZeroes(this.fd, this.iov, Number(s.sector) * SECTOR_SIZE, s.sectors * SECTOR_SIZE));
     this.stabilize();
     return OK;
   }
 
   /** Without negotiated FLUSH the driver assumes writethrough: make the write stable now (§5.2.6.2). */
   private stabilize(): void {
-    if (this.writeThrough) fs.fdatasyncSync(this.fd);
+    if (this.writeThrough) this.check(syncData(this.fd));
+  }
+
+  /** OK for 0; a failed host operation (-errno) throws, which fails this request with IOERR (handle()). */
+  private check(result: number): number {
+    if (result < 0) throw new TypevisorError("DISK_IO", `disk I/O failed: ${errnoName(-result)}`);
+    return VIRTIO_BLK_S.OK;
   }
 
   /**
@@ -390,32 +483,17 @@ export class BlockDevice implements VirtioDevice {
    * per call: bytes [skip, skip + len) of `bufs` to or from the disk at byte `pos`. The buffers'
    * host addresses come from the descriptor walk, which bounds-checked each buffer whole; we only
    * ever address inside them. Buffers that follow each other in host memory become one piece.
-   */
-  private transfer(dir: "read" | "write", bufs: readonly GuestBuf[], skip: number, len: number, pos: number): void {
-    this.iov.clear();
-    gatherHost(this.iov, bufs, skip, len, () => {
-      pos = this.run(dir, pos);
-      return true;
-    });
-    this.run(dir, pos);
-  }
-
-  /**
-   * Move everything in this.iov to or from the disk at `pos`, resuming after short transfers
-   * (regular files only stop short at end of file or on a signal); returns the position after it.
    * @throws TypevisorError on an I/O error or an end of file the request did not expect.
    */
-  private run(dir: "read" | "write", pos: number): number {
-    const iov = this.iov;
-    while (iov.bytes > 0) {
-      const n = dir === "read" ? iov.preadv(this.fd, pos) : iov.pwritev(this.fd, pos);
-      if (n === -EINTR) continue;
-      if (n < 0) throw new TypevisorError("DISK_IO", `${dir === "read" ? "preadv" : "pwritev"} at byte ${pos}: ${errnoName(-n)}`);
-      if (n === 0) throw new TypevisorError("DISK_SHORT_READ", `disk ended at byte ${pos}`);
-      pos += n;
-      iov.advance(n);
-    }
-    iov.clear();
-    return pos;
+  private transfer(dir: "read" | "write", bufs: readonly GuestBuf[], skip: number, len: number, pos: number): void {
+    const write = dir === "write";
+    this.iov.clear();
+    gatherHost(this.iov, bufs, skip, len, () => {
+      const bytes = this.iov.bytes;
+      this.check(transferAll(this.fd, this.iov, write, pos));
+      pos += bytes;
+      return true;
+    });
+    this.check(transferAll(this.fd, this.iov, write, pos));
   }
 }

@@ -10,8 +10,13 @@ import { QueueError, SplitQueue } from "./split-queue.js";
  * well-formed requests that fail (I/O error, bad sector) are answered in-band by the device.
  */
 
-/** What a handler returns: bytes written into the chain's writable part, or a driver error. */
+/**
+ * What a handler returns: bytes written into the chain's writable part, a driver error, or
+ * DEFERRED: the handler keeps the chain and pushes it to the used ring itself when its I/O is
+ * done (then raises the interrupt if needsInterrupt says so).
+ */
 export type ChainResult = number | QueueError;
+export const DEFERRED = -1;
 
 /**
  * Build the device's queues from the transport's configs (and saved cursors when restoring).
@@ -39,12 +44,15 @@ export function activateQueues(ctx: ActivateContext, maxSizes: readonly number[]
 /**
  * Pop and handle every available chain of queue `q`, push the results and raise the interrupt
  * if the driver wants one. Never throws: anything unexpected becomes a needsReset.
+ * `canTake`: false stops popping (a device with all its I/O slots busy), leaving the rest in
+ * the ring, without asking for a notification: the device calls again when a slot frees.
  */
-export function serviceQueue(ctx: ActivateContext, q: number, queue: SplitQueue | undefined, handle: (chain: DescriptorChain) => ChainResult): void {
+export function serviceQueue(ctx: ActivateContext, q: number, queue: SplitQueue | undefined, handle: (chain: DescriptorChain) => ChainResult, canTake?: () => boolean): void {
   if (queue === undefined || queue.broken !== undefined) return;
   try {
     do {
       for (;;) {
+        if (canTake !== undefined && !canTake()) return;
         const chain = queue.pop();
         if (chain === undefined) break;
         if (chain instanceof QueueError) {
@@ -57,7 +65,7 @@ export function serviceQueue(ctx: ActivateContext, q: number, queue: SplitQueue 
           ctx.needsReset(`queue ${q}: ${r.message}`);
           return;
         }
-        queue.pushUsed(chain.head, Math.min(r, chain.totalWrite));
+        if (r !== DEFERRED) queue.pushUsed(chain.head, Math.min(r, chain.totalWrite));
       }
     } while (queue.armNotification());
   } catch (e) {

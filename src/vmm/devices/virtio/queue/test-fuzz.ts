@@ -139,8 +139,14 @@ export function harness(device: VirtioDevice, features: bigint, build: (mem: Gue
 /** A well-formed request a device must still serve: builds it, and checks its completion. */
 export type GoodRequest = (mem: GuestMemory, drv: TestDriver) => { head: number; check: (usedLen: number) => void };
 
-/** Run one adversarial case against a fresh `device` and assert the common invariants. */
-export function runFuzzCase(device: VirtioDevice, c: FuzzCase, good: GoodRequest): void {
+/**
+ * Run one adversarial case against a fresh `device` and assert the common invariants.
+ * `settle`: for a device that completes requests later (on an I/O thread), wait until it has
+ * answered everything it took; called after every notify.
+ */
+export function runFuzzCase(device: VirtioDevice, c: FuzzCase, good: GoodRequest, settle?: () => void): void {
+  const inOrder = settle === undefined;
+  settle ??= () => {};
   let features = featureBit(VIRTIO_F.VERSION_1);
   if (c.eventIdx) features |= featureBit(VIRTIO_F.EVENT_IDX);
   if (c.indirectFeature) features |= featureBit(VIRTIO_F.INDIRECT_DESC);
@@ -163,24 +169,44 @@ export function runFuzzCase(device: VirtioDevice, c: FuzzCase, good: GoodRequest
   const before = new GuestMemory(mem.read(0, FUZZ_MEM).buffer, [{ guestPhysAddr: 0, size: FUZZ_MEM, hostOffset: 0 }]);
   expect(() => {
     device.notify(0);
+    settle();
     device.notify(0);
+    settle();
     device.notify(7); // no such queue
   }).not.toThrow();
 
-  // Replay the chains on the memory as it was: the device must have completed them in order.
+  // Replay the chains on the memory as it was: a device that completes as it goes must have
+  // completed the first ones the reference pops, in order. One that completes later (settle
+  // given) may answer in any order (virtio 1.2 §2.7.8), and drops what was in flight when the
+  // queue broke (as QEMU does), so its used elements are matched by head to distinct chains
+  // among all the reference pops before an error.
   const ref = new SplitQueue(before, drv.config, { eventIdx: c.eventIdx, indirect: c.indirectFeature });
   const usedRing = { addr: drv.config.deviceAddr, len: 6 + 8 * QSIZE };
   const allowed: { addr: number; len: number }[] = [usedRing];
   const completed: { u: { id: number; len: number }; chain: DescriptorChain }[] = [];
   let rejected: string | undefined;
-  for (const u of drv.takeUsed()) {
+  const usedElems = drv.takeUsed();
+  const chains: DescriptorChain[] = [];
+  for (let i = 0; inOrder ? i < usedElems.length : usedElems.length > 0; i++) {
+    if (!inOrder && i >= QSIZE) break;
     const chain = ref.pop();
     if (chain === undefined || chain instanceof QueueError) {
-      rejected = String(chain?.code);
+      if (inOrder) rejected = String(chain?.code);
       break;
     }
+    chains.push(chain);
+    // Data of a request in flight when the queue broke has landed although it is never answered.
+    if (!inOrder) allowed.push(...chain.writable);
+  }
+  for (const u of usedElems) {
+    const i = inOrder ? 0 : chains.findIndex((ch) => ch.head === u.id);
+    const chain = chains.splice(Math.max(i, 0), 1)[0];
+    if (chain === undefined) {
+      rejected ??= "no chain for a used element";
+      continue;
+    }
     completed.push({ u, chain });
-    allowed.push(...chain.writable);
+    if (inOrder) allowed.push(...chain.writable);
   }
   // A driver may hand the device its own used ring as a writable buffer; then a later request's
   // data can overwrite an earlier used element, as the driver asked. Only compare the elements
@@ -215,6 +241,7 @@ export function runFuzzCase(device: VirtioDevice, c: FuzzCase, good: GoodRequest
   const { head, check } = good(mem, d2);
   d2.publish(head);
   device.notify(0);
+  settle();
   expect(h.resets.length).toBe(resetsBefore);
   const used = d2.takeUsed();
   expect(used.map((u) => u.id)).toEqual([head]);

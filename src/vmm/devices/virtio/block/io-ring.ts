@@ -1,0 +1,40 @@
+import { IoVec } from "../../../../sys/iov.js";
+
+/**
+ * The shared memory between a disk's device thread side (io-thread.ts) and its I/O thread
+ * (io-worker.ts): a FIFO of SLOTS request slots in one SharedArrayBuffer, indexed by two
+ * running counters. The submitter fills a slot (operation, position, iovecs of host addresses
+ * into guest memory) and then bumps SUBMITTED; the I/O thread does the requests in order,
+ * stores each result and bumps COMPLETED. The counters are Atomics (sequentially consistent),
+ * so the plain slot stores before a bump are visible to whoever reads the bumped value.
+ */
+export const SLOTS = 32; // requests in flight per disk: a power of 2
+export const SLOT_IOV = 256; // iovec entries per slot: seg_max (queue size - 2) pieces fit at 256
+const CTL_BYTES = 16;
+const META_FIELDS = 8; // float64s per slot: one cache line
+const IOVEC_BYTES = 16;
+
+/** Control words (Int32). */
+export const CTL = { SUBMITTED: 0, COMPLETED: 1, STOP: 2 } as const;
+/** Slot fields (Float64). */
+export const META = { OP: 0, POS: 1, LEN: 2, IOVCNT: 3, SYNC: 4, RESULT: 5 } as const;
+/** Operations. */
+export const IO_OP = { READ: 1, WRITE: 2, FLUSH: 3, WRITE_ZEROES: 4 } as const;
+
+export interface IoRing {
+  readonly sab: SharedArrayBuffer;
+  readonly ctl: Int32Array;
+  readonly meta: Float64Array;
+  /** Each slot's iovec array, over the shared memory. */
+  readonly iovs: IoVec[];
+}
+
+export function ioRing(sab = new SharedArrayBuffer(CTL_BYTES + SLOTS * META_FIELDS * 8 + SLOTS * SLOT_IOV * IOVEC_BYTES)): IoRing {
+  const iovBase = CTL_BYTES + SLOTS * META_FIELDS * 8;
+  const iovs: IoVec[] = [];
+  for (let s = 0; s < SLOTS; s++) iovs.push(new IoVec(new Uint8Array(sab, iovBase + s * SLOT_IOV * IOVEC_BYTES, SLOT_IOV * IOVEC_BYTES)));
+  return { sab, ctl: new Int32Array(sab, 0, 4), meta: new Float64Array(sab, CTL_BYTES, SLOTS * META_FIELDS), iovs };
+}
+
+/** Index of `field` of slot `slot` in IoRing.meta. */
+export const metaAt = (slot: number, field: number): number => slot * META_FIELDS + field;
