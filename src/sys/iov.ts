@@ -13,12 +13,15 @@ import { IOV_MAX } from "./libc.js";
 const libc = koffi.load("libc.so.6");
 const preadvFn = libc.func("long preadv(int fd, void *iov, int iovcnt, int64_t offset)");
 const pwritevFn = libc.func("long pwritev(int fd, void *iov, int iovcnt, int64_t offset)");
+const preadv2Fn = libc.func("long preadv2(int fd, void *iov, int iovcnt, int64_t offset, int flags)");
 const readvFn = libc.func("long readv(int fd, void *iov, int iovcnt)");
 const writevFn = libc.func("long writev(int fd, void *iov, int iovcnt)");
 // memmove(p, p, 0) returns p: the address of a typed array's bytes (koffi passes them by pointer).
 const addressFn = libc.func("uintptr_t memmove(void *dst, void *src, size_t n)");
 
 export { IOV_MAX };
+/** preadv2 flag: fail with EAGAIN instead of waiting for the disk (data not in the page cache). */
+export const RWF_NOWAIT = 0x8;
 /** sizeof(struct iovec) on x86-64: void *iov_base @0, size_t iov_len @8. */
 const IOVEC_SIZE = 16;
 const TWO_32 = 2 ** 32;
@@ -122,6 +125,12 @@ export class IoVec {
   /** preadv(2) at `offset`; bytes read or -errno. */
   preadv(fd: number, offset: number): number {
     const r = preadvFn(fd, this.raw, this.count, offset) as number;
+    return r < 0 ? -koffi.errno() : r;
+  }
+
+  /** preadv2(2) at `offset` with RWF_* `flags` (e.g. RWF_NOWAIT); bytes read or -errno. */
+  preadv2(fd: number, offset: number, flags: number): number {
+    const r = preadv2Fn(fd, this.raw, this.count, offset, flags) as number;
     return r < 0 ? -koffi.errno() : r;
   }
 

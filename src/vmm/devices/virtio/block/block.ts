@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
-import { IoVec } from "../../../../sys/iov.js";
-import { errnoName } from "../../../../sys/libc.js";
+import { IoVec, RWF_NOWAIT } from "../../../../sys/iov.js";
+import { EINTR, errnoName } from "../../../../sys/libc.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { gatherHost, readChain, writeChain } from "../queue/chain.js";
@@ -57,6 +57,23 @@ const CFG = {
   writeZeroesMayUnmap: 56,
 } as const;
 
+/** statfs(2) f_type of the filesystems whose files live in memory (linux/magic.h). */
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+function inMemoryFs(path: string): boolean {
+  try {
+    const t = fs.statfsSync(path).type;
+    return t === TMPFS_MAGIC || t === RAMFS_MAGIC;
+  } catch {
+    return false;
+  }
+}
+
+const EINVAL = 22;
+const EOPNOTSUPP = 95;
+/** readCached: more pieces than one preadv2 takes; not an errno the kernel returns. */
+const EAGAIN_FALLBACK = 1_000_000;
+
 /** Limits we announce, so one request cannot pin the main thread for long. */
 const MAX_DISCARD_SECTORS = 1 << 22; // 2 GiB per segment: discard is a no-op (see below)
 const MAX_DISCARD_SEG = 32;
@@ -83,6 +100,12 @@ export interface BlockDeviceOptions {
    * so no disk wait stalls the other devices. Without it every request completes inside notify().
    */
   ioThread?: string;
+  /**
+   * With `ioThread`: send every read there. By default a read is first tried on the calling
+   * thread without waiting (from the page cache, or any read of a file on tmpfs/ramfs), and only
+   * one that would wait for storage goes to the I/O thread.
+   */
+  readsOnIoThread?: boolean;
 }
 
 /** A request on the I/O thread: what to answer when it is done. */
@@ -147,6 +170,12 @@ export class BlockDevice implements VirtioDevice {
   /** Poll this (the I/O thread's completion eventfd) and call onBackendReadable. */
   readonly backendFds: readonly number[];
   private readonly counters: BlockStats = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
+  /**
+   * How reads are done with an I/O thread: "nowait" tries the page cache here first (readCached),
+   * "here" does them all on this thread (a file in memory: tmpfs/ramfs have no disk to wait for
+   * and refuse RWF_NOWAIT), "thread" sends them all to the I/O thread.
+   */
+  private reads: "nowait" | "here" | "thread" = "nowait";
 
   /** @throws TypevisorError DISK_OPEN, DISK_TYPE, DISK_SIZE, DISK_SERIAL, DISK_OPTIONS */
   constructor(opts: BlockDeviceOptions) {
@@ -227,6 +256,8 @@ export class BlockDevice implements VirtioDevice {
       throw new TypevisorError("DISK_IO_THREAD", `cannot start the I/O thread of disk ${opts.path ?? `fd ${fd}`}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
     }
     this.backendFds = this.io !== undefined ? [this.io.eventfd] : [];
+    if (opts.readsOnIoThread === true) this.reads = "thread";
+    else if (opts.path !== undefined && inMemoryFs(opts.path)) this.reads = "here";
   }
 
   /** Finish in-flight I/O, stop the I/O thread and close the backing file if the device opened it. */
@@ -314,7 +345,11 @@ export class BlockDevice implements VirtioDevice {
 
   save(): BlockDeviceState {
     // In-flight requests are completed into the used ring first, so the cursors saved are final.
-    this.io?.drain((slot, result) => this.finish(slot, result));
+    if (this.io !== undefined && this.io.inFlight > 0) {
+      this.io.drain((slot, result) => this.finish(slot, result));
+      const q = this.queues[0];
+      if (this.ctx !== undefined && q !== undefined && q.broken === undefined && q.needsInterrupt()) this.ctx.interruptQueue(0);
+    }
     return {
       version: 1,
       features: (this.ctx?.features ?? 0n).toString(16),
@@ -378,6 +413,27 @@ export class BlockDevice implements VirtioDevice {
   }
 
   /**
+   * With an I/O thread, first try a read here without waiting for the disk (preadv2 RWF_NOWAIT:
+   * EAGAIN unless every byte is in the page cache), the way io_uring tries a request inline
+   * before it hands it to a worker: a cached read then costs no trip to the I/O thread and back,
+   * and only reads that would wait for the storage go there. True when all `len` bytes were read.
+   * A short read, EAGAIN or an error leaves the request to the I/O thread (a repeated read into
+   * the same buffers is harmless: the guest sees them only on completion), and a file that
+   * does not take RWF_NOWAIT (EOPNOTSUPP/EINVAL) is not asked again.
+   */
+  private readCached(bufs: readonly GuestBuf[], len: number, pos: number): boolean {
+    if (this.io === undefined || this.reads !== "nowait") return false;
+    const iov = this.iov;
+    iov.clear();
+    let n = gatherHost(iov, bufs, 0, len) ? iov.preadv2(this.fd, pos, RWF_NOWAIT) : -EAGAIN_FALLBACK;
+    while (n === -EINTR) n = iov.preadv2(this.fd, pos, RWF_NOWAIT);
+    iov.clear();
+    if (n === len) return true;
+    if (n === -EOPNOTSUPP || n === -EINVAL) this.reads = "thread";
+    return false;
+  }
+
+  /**
    * Hand a validated request to the I/O thread, if there is one and its buffers fit a slot's
    * iovec array (seg_max pieces do; a driver that sends more is served here, in pieces).
    */
@@ -398,8 +454,10 @@ export class BlockDevice implements VirtioDevice {
       case VIRTIO_BLK_T.IN: {
         const len = chain.totalWrite - 1;
         if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
-        if (this.offload(IO_OP.READ, chain.writable, 0, len, sector * SECTOR_SIZE, { head, status, used: chain.totalWrite, kind: 1, bytes: len })) return DEFERRED;
-        this.transfer("read", chain.writable, 0, len, sector * SECTOR_SIZE);
+        if (!this.readCached(chain.writable, len, sector * SECTOR_SIZE)) {
+          if (this.reads !== "here" && this.offload(IO_OP.READ, chain.writable, 0, len, sector * SECTOR_SIZE, { head, status, used: chain.totalWrite, kind: 1, bytes: len })) return DEFERRED;
+          this.transfer("read", chain.writable, 0, len, sector * SECTOR_SIZE);
+        }
         this.counters.readOps++;
         this.counters.readBytes += len;
         return OK;

@@ -78,7 +78,7 @@ function rig(dev: BlockDevice) {
 describe("virtio-blk on an I/O thread", () => {
   it("reads and writes through the I/O thread: data, used lengths, counters and interrupts as on the device thread", () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test" });
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true });
     try {
       const r = rig(dev);
       expect(dev.backendFds).toHaveLength(1);
@@ -105,7 +105,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it(`takes ${SLOTS + 9} requests published at once: ${SLOTS} in flight, the rest wait in the ring and all complete in order of submission`, () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test" });
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true });
     try {
       const r = rig(dev);
       const count = SLOTS + 9;
@@ -130,7 +130,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it("WRITE_ZEROES runs on the I/O thread; GET_ID, DISCARD and bad requests are answered at once", () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, serial: "abc", ioThread: "tv-blk-test" });
+    const dev = new BlockDevice({ path: img.file, readonly: false, serial: "abc", ioThread: "tv-blk-test", readsOnIoThread: true });
     try {
       const r = rig(dev);
       const seg = r.area(0) + 0x10;
@@ -155,7 +155,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it(`a request of more pieces than a slot holds (${SLOT_IOV}) is served on the device thread, in full`, () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: true, ioThread: "tv-blk-test" });
+    const dev = new BlockDevice({ path: img.file, readonly: true, ioThread: "tv-blk-test", readsOnIoThread: true });
     try {
       const r = rig(dev);
       const pieces = SLOT_IOV + 64;
@@ -176,9 +176,61 @@ describe("virtio-blk on an I/O thread", () => {
     }
   });
 
-  it("a host I/O failure on the I/O thread fails that request with IOERR and the disk goes on", () => {
+  it("a read whose data is in the page cache is answered at once on the calling thread; the rest go to the I/O thread", () => {
     const img = image();
     const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test" });
+    try {
+      const r = rig(dev);
+      fs.readFileSync(img.file); // in the page cache (the file was just written anyway)
+      r.mem.writeU32(r.area(0), VIRTIO_BLK_T.IN);
+      r.mem.writeU64(r.area(0) + 8, 40n);
+      r.mem.writeU32(r.area(1), VIRTIO_BLK_T.OUT);
+      r.mem.writeU64(r.area(1) + 8, 41n);
+      r.drv.publish(r.drv.addChain([{ addr: r.area(0), len: 16 }, { addr: r.area(0) + 0x10, len: 512, write: true }, { addr: r.area(0) + 0x3ff, len: 1, write: true }]));
+      r.drv.publish(r.drv.addChain([{ addr: r.area(1), len: 16 }, { addr: r.area(1) + 0x10, len: 512 }, { addr: r.area(1) + 0x3ff, len: 1, write: true }]));
+      dev.notify(0);
+      // The read is done (the used ring has it before any completion was reaped); the write is on the I/O thread.
+      expect(dev.inFlight).toBe(1);
+      expect(r.drv.takeUsed()).toEqual([{ id: 0, len: 513 }]);
+      expect(Buffer.from(r.mem.read(r.area(0) + 0x10, 512)).equals(img.content.subarray(40 * 512, 41 * 512))).toBe(true);
+      settle(dev);
+      expect(r.drv.takeUsed()).toEqual([{ id: 3, len: 1 }]);
+      expect(dev.stats()).toEqual({ readBytes: 512, writeBytes: 512, readOps: 1, writeOps: 1 });
+    } finally {
+      dev.close();
+    }
+  });
+
+  it.runIf(fs.existsSync("/dev/shm") && fs.statfsSync("/dev/shm").type === 0x01021994)("a disk on tmpfs (/dev/shm) has every read done at once; writes still go to the I/O thread", () => {
+    const file = path.join(fs.mkdtempSync("/dev/shm/tv-blkio-"), "disk.img");
+    const content = randomBytes(64 * 512);
+    fs.writeFileSync(file, content);
+    const dev = new BlockDevice({ path: file, readonly: false, ioThread: "tv-blk-test" });
+    try {
+      const r = rig(dev);
+      const { status } = r.run([
+        { type: VIRTIO_BLK_T.IN, sector: 5n, data: [{ addr: r.area(0) + 0x10, len: 512, write: true }] },
+        { type: VIRTIO_BLK_T.OUT, sector: 6n, data: [{ addr: r.area(0) + 0x10, len: 512 }] },
+      ]);
+      expect(status).toEqual([VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK]);
+      expect(fs.readFileSync(file).subarray(6 * 512, 7 * 512).equals(content.subarray(5 * 512, 6 * 512))).toBe(true);
+      // Here the read never waited on the I/O thread: published alone, it is answered inside notify().
+      r.mem.writeU32(r.area(1), VIRTIO_BLK_T.IN);
+      r.mem.writeU64(r.area(1) + 8, 6n);
+      r.drv.publish(r.drv.addChain([{ addr: r.area(1), len: 16 }, { addr: r.area(1) + 0x10, len: 512, write: true }, { addr: r.area(1) + 0x3ff, len: 1, write: true }]));
+      dev.notify(0);
+      expect(dev.inFlight).toBe(0);
+      expect(r.drv.takeUsed()).toHaveLength(1);
+      expect(Buffer.from(r.mem.read(r.area(1) + 0x10, 512)).equals(content.subarray(5 * 512, 6 * 512))).toBe(true);
+    } finally {
+      dev.close();
+      fs.rmSync(path.dirname(file), { recursive: true, force: true });
+    }
+  });
+
+  it("a host I/O failure on the I/O thread fails that request with IOERR and the disk goes on", () => {
+    const img = image();
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true });
     try {
       const r = rig(dev);
       fs.truncateSync(img.file, 100 * 512); // shrunk under the device: reads past it hit end of file
@@ -196,7 +248,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it("reset waits for requests in flight and answers none of them afterwards", () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test" });
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true });
     try {
       const r = rig(dev);
       const reqs = Array.from({ length: 8 }, (_, i) => r.drv.addChain([{ addr: r.area(i), len: 16 }, { addr: r.area(i) + 0x10, len: 512, write: true }, { addr: r.area(i) + 0x3ff, len: 1, write: true }]));
@@ -213,6 +265,31 @@ describe("virtio-blk on an I/O thread", () => {
       expect(r.drv.takeUsed()).toEqual([]);
       dev.onBackendReadable(dev.backendFds[0]!); // a late eventfd wake-up after reset: nothing to answer
       expect(r.drv.takeUsed()).toEqual([]);
+    } finally {
+      dev.close();
+    }
+  });
+});
+
+describe("virtio-blk on an I/O thread: snapshot", () => {
+  it("save() answers the requests in flight first, so the saved cursors cover them, and raises the interrupt", () => {
+    const img = image();
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true });
+    try {
+      const r = rig(dev);
+      for (let i = 0; i < 8; i++) {
+        r.mem.writeU32(r.area(i), VIRTIO_BLK_T.IN);
+        r.mem.writeU64(r.area(i) + 8, BigInt(i));
+        r.drv.publish(r.drv.addChain([{ addr: r.area(i), len: 16 }, { addr: r.area(i) + 0x10, len: 512, write: true }, { addr: r.area(i) + 0x3ff, len: 1, write: true }]));
+      }
+      dev.notify(0);
+      const irqs = r.h.interrupts.length;
+      const st = dev.save();
+      expect(dev.inFlight).toBe(0);
+      expect(st.queues[0]).toMatchObject({ nextAvail: 8, nextUsed: 8 });
+      expect(r.drv.takeUsed()).toHaveLength(8);
+      expect(r.h.interrupts.length).toBeGreaterThan(irqs);
+      for (let i = 0; i < 8; i++) expect(r.mem.readU8(r.area(i) + 0x3ff)).toBe(VIRTIO_BLK_S.OK);
     } finally {
       dev.close();
     }
@@ -244,7 +321,7 @@ describe("virtio-blk on an I/O thread, adversarial rings (property)", () => {
     const { file } = image();
     fc.assert(
       fc.property(fuzzCase(types), (c) => {
-        const dev = new BlockDevice({ path: file, readonly: false, ioThread: "tv-blk-fuzz" });
+        const dev = new BlockDevice({ path: file, readonly: false, ioThread: "tv-blk-fuzz", readsOnIoThread: true });
         try {
           runFuzzCase(dev, c, goodRead(file), () => settle(dev));
         } finally {
@@ -261,7 +338,7 @@ describe("virtio-blk on an I/O thread, adversarial rings (property)", () => {
     const hash = sha(file);
     fc.assert(
       fc.property(fuzzCase(types), (c) => {
-        const dev = new BlockDevice({ path: file, readonly: true, ioThread: "tv-blk-fuzz" });
+        const dev = new BlockDevice({ path: file, readonly: true, ioThread: "tv-blk-fuzz", readsOnIoThread: true });
         try {
           runFuzzCase(dev, c, goodRead(file), () => settle(dev));
         } finally {
