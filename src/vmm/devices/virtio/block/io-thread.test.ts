@@ -329,7 +329,7 @@ describe("virtio-blk on an I/O thread, adversarial rings (property)", () => {
         }
         expect(fs.statSync(file).size).toBe(SECTORS * 512);
       }),
-      { numRuns: 40 },
+      { numRuns: 100 },
     );
   });
 
@@ -346,7 +346,7 @@ describe("virtio-blk on an I/O thread, adversarial rings (property)", () => {
         }
         expect(sha(file)).toBe(hash);
       }),
-      { numRuns: 40 },
+      { numRuns: 100 },
     );
   });
 });

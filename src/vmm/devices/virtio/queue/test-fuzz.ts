@@ -187,8 +187,7 @@ export function runFuzzCase(device: VirtioDevice, c: FuzzCase, good: GoodRequest
   let rejected: string | undefined;
   const usedElems = drv.takeUsed();
   const chains: DescriptorChain[] = [];
-  for (let i = 0; inOrder ? i < usedElems.length : usedElems.length > 0; i++) {
-    if (!inOrder && i >= QSIZE) break;
+  for (let i = 0; i < (inOrder ? usedElems.length : QSIZE); i++) {
     const chain = ref.pop();
     if (chain === undefined || chain instanceof QueueError) {
       if (inOrder) rejected = String(chain?.code);
