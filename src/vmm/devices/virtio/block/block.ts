@@ -98,12 +98,19 @@ export interface BlockDeviceOptions {
    * Run reads, writes, flushes and write-zeroes on an I/O thread of this name (io-worker.ts)
    * instead of the calling thread, which then only walks rings: the VMM's device thread does,
    * so no disk wait stalls the other devices. Without it every request completes inside notify().
+   * A file on tmpfs/ramfs gets no I/O thread (see inMemoryFiles).
    */
   ioThread?: string;
   /**
-   * With `ioThread`: send every read there. By default a read is first tried on the calling
-   * thread without waiting (from the page cache, or any read of a file on tmpfs/ramfs), and only
-   * one that would wait for storage goes to the I/O thread.
+   * Whether a file on tmpfs/ramfs is served on the calling thread even with `ioThread`: its
+   * requests never wait for a disk (its pages are memory; fdatasync has nothing to do), so a trip
+   * to another thread would only add latency (and a thread). Default true; tests turn it off.
+   */
+  inMemoryFilesInline?: boolean;
+  /**
+   * With an I/O thread: send every read there. By default a read is first tried on the calling
+   * thread without waiting (from the page cache, readCached), and only one that would wait for
+   * storage goes to the I/O thread.
    */
   readsOnIoThread?: boolean;
 }
@@ -170,12 +177,8 @@ export class BlockDevice implements VirtioDevice {
   /** Poll this (the I/O thread's completion eventfd) and call onBackendReadable. */
   readonly backendFds: readonly number[];
   private readonly counters: BlockStats = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
-  /**
-   * How reads are done with an I/O thread: "nowait" tries the page cache here first (readCached),
-   * "here" does them all on this thread (a file in memory: tmpfs/ramfs have no disk to wait for
-   * and refuse RWF_NOWAIT), "thread" sends them all to the I/O thread.
-   */
-  private reads: "nowait" | "here" | "thread" = "nowait";
+  /** With an I/O thread: whether reads are first tried from the page cache here (readCached). */
+  private nowaitReads = true;
 
   /** @throws TypevisorError DISK_OPEN, DISK_TYPE, DISK_SIZE, DISK_SERIAL, DISK_OPTIONS */
   constructor(opts: BlockDeviceOptions) {
@@ -249,15 +252,15 @@ export class BlockDevice implements VirtioDevice {
       c.writeUInt8(0, CFG.writeZeroesMayUnmap);
     }
     this.config = c;
+    const inMemory = (opts.inMemoryFilesInline ?? true) && opts.path !== undefined && inMemoryFs(opts.path);
     try {
-      this.io = opts.ioThread !== undefined ? new BlockIoThread(fd, opts.ioThread) : undefined;
+      this.io = opts.ioThread !== undefined && !inMemory ? new BlockIoThread(fd, opts.ioThread) : undefined;
     } catch (e) {
       if (owns) fs.closeSync(fd);
       throw new TypevisorError("DISK_IO_THREAD", `cannot start the I/O thread of disk ${opts.path ?? `fd ${fd}`}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
     }
     this.backendFds = this.io !== undefined ? [this.io.eventfd] : [];
-    if (opts.readsOnIoThread === true) this.reads = "thread";
-    else if (opts.path !== undefined && inMemoryFs(opts.path)) this.reads = "here";
+    this.nowaitReads = opts.readsOnIoThread !== true;
   }
 
   /** Finish in-flight I/O, stop the I/O thread and close the backing file if the device opened it. */
@@ -422,14 +425,14 @@ export class BlockDevice implements VirtioDevice {
    * does not take RWF_NOWAIT (EOPNOTSUPP/EINVAL) is not asked again.
    */
   private readCached(bufs: readonly GuestBuf[], len: number, pos: number): boolean {
-    if (this.io === undefined || this.reads !== "nowait") return false;
+    if (this.io === undefined || !this.nowaitReads) return false;
     const iov = this.iov;
     iov.clear();
     let n = gatherHost(iov, bufs, 0, len) ? iov.preadv2(this.fd, pos, RWF_NOWAIT) : -EAGAIN_FALLBACK;
     while (n === -EINTR) n = iov.preadv2(this.fd, pos, RWF_NOWAIT);
     iov.clear();
     if (n === len) return true;
-    if (n === -EOPNOTSUPP || n === -EINVAL) this.reads = "thread";
+    if (n === -EOPNOTSUPP || n === -EINVAL) this.nowaitReads = false;
     return false;
   }
 
@@ -455,7 +458,7 @@ export class BlockDevice implements VirtioDevice {
         const len = chain.totalWrite - 1;
         if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
         if (!this.readCached(chain.writable, len, sector * SECTOR_SIZE)) {
-          if (this.reads !== "here" && this.offload(IO_OP.READ, chain.writable, 0, len, sector * SECTOR_SIZE, { head, status, used: chain.totalWrite, kind: 1, bytes: len })) return DEFERRED;
+          if (this.offload(IO_OP.READ, chain.writable, 0, len, sector * SECTOR_SIZE, { head, status, used: chain.totalWrite, kind: 1, bytes: len })) return DEFERRED;
           this.transfer("read", chain.writable, 0, len, sector * SECTOR_SIZE);
         }
         this.counters.readOps++;
