@@ -25,10 +25,11 @@ const SOCK_CLOEXEC = 0x80000;
 const opened: number[] = [];
 afterAll(() => opened.forEach((fd) => libc.close(fd)));
 
-function fakeTap(): { dev: number; host: number } {
+/** `scope`: where the pair is recorded to be closed (the file's afterAll, or one property case's closeCaseTaps). */
+function fakeTap(scope: number[] = opened): { dev: number; host: number } {
   const sv = [0, 0];
   if ((socketpairFn(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) as number) !== 0) throw new Error("socketpair failed");
-  opened.push(sv[0]!, sv[1]!);
+  scope.push(sv[0]!, sv[1]!);
   return { dev: sv[0]!, host: sv[1]! };
 }
 
@@ -509,8 +510,14 @@ function layCase(mem: GuestMemory, drv: TestDriver, c: FuzzCase): void {
   drv.setAvailIdx(c.availIdx);
 }
 
+/** The fake TAPs of the property case running now: closed after it, as a property makes hundreds. */
+const caseFds: number[] = [];
+function closeCaseTaps(): void {
+  for (const fd of caseFds.splice(0)) libc.close(fd);
+}
+
 function fuzzRig(c: FuzzCase, q: number, mrg: boolean) {
-  const tap = fakeTap();
+  const tap = fakeTap(caseFds);
   const dev = new NetDevice({ tapFd: tap.dev, mac: MAC, queueSize: QSIZE });
   const mem = new GuestMemory(new ArrayBuffer(FUZZ_MEM), [{ guestPhysAddr: 0, size: FUZZ_MEM, hostOffset: 0 }]);
   const drv = new TestDriver(mem, QSIZE, 0);
@@ -565,12 +572,21 @@ describe("NetDevice on hostile rings (property)", () => {
           dev.notify(7);
           dev.onBackendReadable(tap.dev + 1000);
         }).not.toThrow();
-        const allowed = [{ addr: drv.config.deviceAddr, len: 6 + 8 * QSIZE + 2 }];
-        for (const u of drv.takeUsed()) {
-          const ch = chains.get(u.id);
-          if (ch === undefined) throw new Error(`device completed head ${u.id}, which the reference never accepted`);
-          expect(u.len).toBeLessThanOrEqual(ch.totalWrite);
-          allowed.push(...ch.writable);
+        const usedRing = { addr: drv.config.deviceAddr, len: 6 + 8 * QSIZE + 2 };
+        const allowed = [usedRing];
+        // A driver may post its own used ring as a receive buffer: then frame bytes land on the
+        // used elements, as it asked, and they cannot be checked; only where the device wrote can.
+        const overlapsUsed = [...chains.values()].some((ch) => ch.writable.some((b) => b.addr < usedRing.addr + usedRing.len && usedRing.addr < b.addr + b.len));
+        if (overlapsUsed) {
+          for (const ch of chains.values()) allowed.push(...ch.writable);
+          drv.takeUsed();
+        } else {
+          for (const u of drv.takeUsed()) {
+            const ch = chains.get(u.id);
+            if (ch === undefined) throw new Error(`device completed head ${u.id}, which the reference never accepted`);
+            expect(u.len).toBeLessThanOrEqual(ch.totalWrite);
+            allowed.push(...ch.writable);
+          }
         }
         checkWrites(mem, before, allowed);
 
@@ -587,7 +603,7 @@ describe("NetDevice on hostile rings (property)", () => {
         dev.onBackendReadable(tap.dev);
         expect(d2.takeUsed()).toEqual([{ id: h, len: VNET_HDR_LEN + 1500 }]);
         expect(Buffer.from(mem.read(0x3000 + VNET_HDR_LEN, 1500)).equals(Buffer.from(f))).toBe(true);
-      }),
+      }).afterEach(closeCaseTaps),
       { numRuns: 300 },
     );
   });
@@ -617,7 +633,7 @@ describe("NetDevice on hostile rings (property)", () => {
           expect(p[0]).toBe(0);
           expect(p[1]).toBe(0);
         }
-      }),
+      }).afterEach(closeCaseTaps),
       { numRuns: 300 },
     );
   });
