@@ -10,6 +10,7 @@ import { featureBit, hasFeature, VIRTIO_F } from "../device.js";
 import { TestDriver } from "../queue/test-driver.js";
 import type { DriverBuf } from "../queue/test-driver.js";
 import { fuzzCase, harness, runFuzzCase } from "../queue/test-fuzz.js";
+import { goodRead } from "./test-requests.js";
 import type { Harness } from "../queue/test-fuzz.js";
 import { BlockDevice, BLOCK_CONFIG_SIZE, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
 
@@ -367,28 +368,6 @@ describe("BlockDevice requests", () => {
 
 describe("BlockDevice on adversarial rings (property)", () => {
   const types = Object.values(VIRTIO_BLK_T);
-  const goodRead =
-    (file: string) =>
-    (mem: GuestMemory, drv: TestDriver): { head: number; check: (len: number) => void } => {
-      const at = 0x3000;
-      mem.writeU32(at, VIRTIO_BLK_T.IN);
-      mem.writeU64(at + 8, 3n);
-      mem.writeU8(at + 0x600, 0xee);
-      const head = drv.addChain([
-        { addr: at, len: 16 },
-        { addr: at + 0x200, len: 1024, write: true },
-        { addr: at + 0x600, len: 1, write: true },
-      ]);
-      return {
-        head,
-        check: (len) => {
-          expect(len).toBe(1025);
-          expect(mem.readU8(at + 0x600)).toBe(VIRTIO_BLK_S.OK);
-          expect(Buffer.from(mem.read(at + 0x200, 1024))).toEqual(fs.readFileSync(file).subarray(1536, 2560));
-        },
-      };
-    };
-
   it("read-only disk: never throws, writes only where allowed, never modifies the file", () => {
     const { file } = image();
     const hash = sha(file);

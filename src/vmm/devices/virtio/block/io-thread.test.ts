@@ -5,10 +5,10 @@ import * as path from "node:path";
 import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
 import { pollIn } from "../../../../sys/libc.js";
-import type { GuestMemory } from "../../../memory/guest-memory.js";
 import { featureBit, VIRTIO_F } from "../device.js";
 import { TestDriver, type DriverBuf } from "../queue/test-driver.js";
 import { fuzzCase, harness, runFuzzCase } from "../queue/test-fuzz.js";
+import { goodRead } from "./test-requests.js";
 import { BlockDevice, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
 import { SLOTS, SLOT_IOV } from "./io-ring.js";
 
@@ -293,24 +293,6 @@ describe("virtio-blk on an I/O thread: snapshot", () => {
 
 describe("virtio-blk on an I/O thread, adversarial rings (property)", () => {
   const types = Object.values(VIRTIO_BLK_T);
-  const goodRead =
-    (file: string) =>
-    (mem: GuestMemory, drv: TestDriver): { head: number; check: (len: number) => void } => {
-      const at = 0x3000;
-      mem.writeU32(at, VIRTIO_BLK_T.IN);
-      mem.writeU64(at + 8, 3n);
-      mem.writeU8(at + 0x600, 0xee);
-      const head = drv.addChain([{ addr: at, len: 16 }, { addr: at + 0x200, len: 1024, write: true }, { addr: at + 0x600, len: 1, write: true }]);
-      return {
-        head,
-        check: (len) => {
-          expect(len).toBe(1025);
-          expect(mem.readU8(at + 0x600)).toBe(VIRTIO_BLK_S.OK);
-          expect(Buffer.from(mem.read(at + 0x200, 1024))).toEqual(fs.readFileSync(file).subarray(1536, 2560));
-        },
-      };
-    };
-
   // Fewer runs than the device-thread property: each case starts a thread.
   it("read-write disk: never throws, writes only where allowed, still serves reads", () => {
     const { file } = image();
