@@ -71,8 +71,6 @@ function inMemoryFs(path: string): boolean {
 
 const EINVAL = 22;
 const EOPNOTSUPP = 95;
-/** readCached: more pieces than one preadv2 takes; not an errno the kernel returns. */
-const EAGAIN_FALLBACK = 1_000_000;
 
 /** Limits we announce, so one request cannot pin the main thread for long. */
 const MAX_DISCARD_SECTORS = 1 << 22; // 2 GiB per segment: discard is a no-op (see below)
@@ -98,7 +96,7 @@ export interface BlockDeviceOptions {
    * Run reads, writes, flushes and write-zeroes on an I/O thread of this name (io-worker.ts)
    * instead of the calling thread, which then only walks rings: the VMM's device thread does,
    * so no disk wait stalls the other devices. Without it every request completes inside notify().
-   * A file on tmpfs/ramfs gets no I/O thread (see inMemoryFiles).
+   * A file on tmpfs/ramfs gets no I/O thread (see inMemoryFilesInline).
    */
   ioThread?: string;
   /**
@@ -428,7 +426,12 @@ export class BlockDevice implements VirtioDevice {
     if (this.io === undefined || !this.nowaitReads) return false;
     const iov = this.iov;
     iov.clear();
-    let n = gatherHost(iov, bufs, 0, len) ? iov.preadv2(this.fd, pos, RWF_NOWAIT) : -EAGAIN_FALLBACK;
+    if (!gatherHost(iov, bufs, 0, len)) {
+      // More pieces than one preadv2 takes: not worth several tries; the I/O thread has it.
+      iov.clear();
+      return false;
+    }
+    let n = iov.preadv2(this.fd, pos, RWF_NOWAIT);
     while (n === -EINTR) n = iov.preadv2(this.fd, pos, RWF_NOWAIT);
     iov.clear();
     if (n === len) return true;

@@ -5,9 +5,6 @@ import { workerUrl } from "../../../worker-url.js";
 import { CTL, META, metaAt, SLOTS, ioRing, type IoRing } from "./io-ring.js";
 import type { IoWorkerInit } from "./io-worker.js";
 
-/** How long a drain waits for the disk before saying so (the wait itself goes on). */
-const DRAIN_REPORT_MS = 10_000;
-
 /**
  * The device thread's handle on a disk's I/O thread (io-worker.ts): submit requests into free
  * slots, reap completions when `eventfd` is readable (the device thread polls it with the
@@ -29,7 +26,12 @@ export class BlockIoThread {
     this.eventfd = libc.eventfd();
     const init: IoWorkerInit = { sab: this.ring.sab, fd, eventfd: this.eventfd, name };
     // The thread waits in Atomics.wait, never in its event loop: unref'd, it keeps no process alive.
-    this.worker = new Worker(workerUrl("devices/virtio/block/io-worker.js"), { workerData: init });
+    try {
+      this.worker = new Worker(workerUrl("devices/virtio/block/io-worker.js"), { workerData: init });
+    } catch (e) {
+      libc.close(this.eventfd);
+      throw e;
+    }
     this.worker.unref();
   }
 
@@ -79,15 +81,12 @@ export class BlockIoThread {
    * Wait until every submitted request is done, then reap them all. Used where the guest's
    * memory or rings must not change under the I/O any more: device reset, snapshot, shutdown.
    */
-  drain(done: (slot: number, result: number) => void, onSlow?: () => void): void {
-    let waited = 0;
+  drain(done: (slot: number, result: number) => void): void {
     for (;;) {
       const c = Atomics.load(this.ring.ctl, CTL.COMPLETED);
       if (c === this.submitted) break;
-      if (Atomics.wait(this.ring.ctl, CTL.COMPLETED, c, 1000) === "timed-out") {
-        waited += 1000;
-        if (waited === DRAIN_REPORT_MS) onSlow?.();
-      }
+      // As long as the disk takes: a reset must not return while I/O still lands in guest memory.
+      Atomics.wait(this.ring.ctl, CTL.COMPLETED, c);
     }
     this.reap(done);
   }
