@@ -1,5 +1,6 @@
 import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { CLK_TCK, parseStatFields } from "../src/control/proc.js";
 
 /** Shared pieces of the benchmarks: summary statistics and the report line. */
 
@@ -16,17 +17,15 @@ export function compare(label: string, ours: readonly number[], qemu: readonly n
   return `${label}: typevisor ${t.toFixed(digits)}, qemu ${q.toFixed(digits)}, ratio ${(t / q).toFixed(2)}`;
 }
 
-const TICK = 100; // USER_HZ: /proc stat times are in 1/100 s on Linux
 
 /** utime+stime in ticks of every thread of `pid`, keyed "name#tid" (proc(5) /proc/PID/task/TID/stat). */
 export function threadTicks(pid: number): Map<string, number> {
   const out = new Map<string, number>();
   for (const tid of readdirSync(`/proc/${pid}/task`)) {
     try {
-      const st = readFileSync(`/proc/${pid}/task/${tid}/stat`, "utf8");
-      const name = st.slice(st.indexOf("(") + 1, st.lastIndexOf(")"));
-      const f = st.slice(st.lastIndexOf(")") + 2).split(" ");
-      out.set(`${name}#${tid}`, Number(f[11]) + Number(f[12]));
+      const f = parseStatFields(readFileSync(`/proc/${pid}/task/${tid}/stat`, "utf8"));
+      // proc(5): 2 comm, 14 utime, 15 stime
+      if (f !== undefined) out.set(`${f[2]}#${tid}`, Number(f[14]) + Number(f[15]));
     } catch {
       // a thread that ended between readdir and read
     }
@@ -39,7 +38,7 @@ export function cpuDelta(a: Map<string, number>, b: Map<string, number>): Record
   const out: Record<string, number> = {};
   for (const [k, v] of b) {
     const name = k.slice(0, k.lastIndexOf("#"));
-    const d = (v - (a.get(k) ?? 0)) / TICK;
+    const d = (v - (a.get(k) ?? 0)) / CLK_TCK;
     if (d > 0) out[name] = (out[name] ?? 0) + d;
   }
   return out;

@@ -58,6 +58,8 @@ export const EFD_NONBLOCK = 0x800;
 export const EINTR = 4;
 export const EAGAIN = 11;
 export const EIO = 5;
+export const EINVAL = 22;
+export const EOPNOTSUPP = 95;
 
 /** An opaque native pointer (koffi external). */
 export type Pointer = unknown;

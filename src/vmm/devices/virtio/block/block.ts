@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
 import { IoVec, RWF_NOWAIT } from "../../../../sys/iov.js";
-import { EINTR, errnoName } from "../../../../sys/libc.js";
+import { EINTR, EINVAL, EOPNOTSUPP, errnoName } from "../../../../sys/libc.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { gatherHost, readChain, writeChain } from "../queue/chain.js";
@@ -69,8 +69,6 @@ function inMemoryFs(path: string): boolean {
   }
 }
 
-const EINVAL = 22;
-const EOPNOTSUPP = 95;
 
 /** Limits we announce, so one request cannot pin the main thread for long. */
 const MAX_DISCARD_SECTORS = 1 << 22; // 2 GiB per segment: discard is a no-op (see below)
@@ -325,14 +323,19 @@ export class BlockDevice implements VirtioDevice {
     if (p === undefined || ctx === undefined || q === undefined || q.broken !== undefined) return;
     const ok = result === 0;
     ctx.mem.writeU8(p.status, ok ? VIRTIO_BLK_S.OK : VIRTIO_BLK_S.IOERR);
-    if (ok && p.kind === 1) {
-      this.counters.readOps++;
-      this.counters.readBytes += p.bytes;
-    } else if (ok && p.kind === 2) {
-      this.counters.writeOps++;
-      this.counters.writeBytes += p.bytes;
-    }
+    if (ok) this.countDone(p.kind, p.bytes);
     q.pushUsed(p.head, ok ? p.used : 1);
+  }
+
+  /** A read or write completed with status OK: the GET /stats counters. */
+  private countDone(kind: Pending["kind"], bytes: number): void {
+    if (kind === 1) {
+      this.counters.readOps++;
+      this.counters.readBytes += bytes;
+    } else if (kind === 2) {
+      this.counters.writeOps++;
+      this.counters.writeBytes += bytes;
+    }
   }
 
   reset(): void {
@@ -464,8 +467,7 @@ export class BlockDevice implements VirtioDevice {
           if (this.offload(IO_OP.READ, chain.writable, 0, len, sector * SECTOR_SIZE, { head, status, used: chain.totalWrite, kind: 1, bytes: len })) return DEFERRED;
           this.transfer("read", chain.writable, 0, len, sector * SECTOR_SIZE);
         }
-        this.counters.readOps++;
-        this.counters.readBytes += len;
+        this.countDone(1, len);
         return OK;
       }
       case VIRTIO_BLK_T.OUT: {
@@ -476,8 +478,7 @@ export class BlockDevice implements VirtioDevice {
         if (this.offload(IO_OP.WRITE, chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE, { head, status, used: 1, kind: 2, bytes: len })) return DEFERRED;
         this.transfer("write", chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE);
         this.stabilize();
-        this.counters.writeOps++;
-        this.counters.writeBytes += len;
+        this.countDone(2, len);
         return OK;
       }
       case VIRTIO_BLK_T.FLUSH:

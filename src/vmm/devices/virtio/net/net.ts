@@ -4,7 +4,7 @@ import { addressOf, IoVec } from "../../../../sys/iov.js";
 import { setTapOffload, TUN_F, VNET_HDR_LEN } from "../../../../sys/tap.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
-import { gatherHost, readChain, writeChain } from "../queue/chain.js";
+import { chainHead, gatherHost, readChain, writeChain } from "../queue/chain.js";
 import { activateQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
@@ -308,9 +308,8 @@ export class NetDevice implements VirtioDevice {
       return 0;
     }
     const hdr = this.txHdr;
-    // The header in place when the first buffer holds it (Linux puts it there), else gathered.
-    const first = chain.readable[0]!;
-    hdr.set(first.len >= VNET_HDR_LEN ? ctx.mem.slice(first.addr, VNET_HDR_LEN) : readChain(ctx.mem, chain.readable, 0, VNET_HDR_LEN));
+    // Copied (in place when the first buffer holds it), so what we validate is what the TAP gets.
+    hdr.set(chainHead(ctx.mem, chain.readable, VNET_HDR_LEN));
     // §5.1.6.2.1: NEEDS_CSUM only with CSUM, a gso_type only with its HOST_TSO*; anything else would
     // hand the host stack offload work we never agreed to. The TAP re-validates the header too.
     if (!headerAllowed(hdr[0]!, hdr[1]!, ctx.features, "tx")) {
@@ -441,10 +440,7 @@ export class NetDevice implements VirtioDevice {
 
   /** The TAP's header flags and gso_type (§5.1.6) as it wrote them into `chain`: offloads the guest agreed to? */
   private rxHeaderAllowed(ctx: ActivateContext, chain: DescriptorChain): boolean {
-    const b = chain.writable[0]!;
-    // In place when the first buffer holds both bytes (every driver we know posts whole headers).
-    if (b.len >= 2) return headerAllowed(ctx.mem.readU8(b.addr), ctx.mem.readU8(b.addr + 1), ctx.features, "rx");
-    const h = readChain(ctx.mem, chain.writable, 0, 2);
+    const h = chainHead(ctx.mem, chain.writable, 2);
     return headerAllowed(h[0]!, h[1]!, ctx.features, "rx");
   }
 

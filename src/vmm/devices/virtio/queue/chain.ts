@@ -46,6 +46,16 @@ export function readChain(mem: GuestMemory, bufs: readonly GuestRange[], offset:
   return Buffer.concat(views);
 }
 
+/**
+ * The first `len` bytes of the buffers (fewer if they hold fewer): a view of guest memory, no
+ * copy, when the first buffer holds them all (drivers put a header there), else gathered into a
+ * new Buffer. A view reads what the guest has there now: copy it before validating what you pass on.
+ */
+export function chainHead(mem: GuestMemory, bufs: readonly GuestRange[], len: number): Uint8Array {
+  const first = bufs[0];
+  return first !== undefined && first.len >= len ? mem.slice(first.addr, len) : readChain(mem, bufs, 0, len);
+}
+
 /** Copy `data` into the buffers starting at `offset`; returns the bytes written (clipped to the buffers). */
 export function writeChain(mem: GuestMemory, bufs: readonly GuestRange[], data: Uint8Array, offset = 0): number {
   let done = 0;
