@@ -18,7 +18,7 @@ import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
-import { compare, counterDelta, cpuDelta, formatCpu, kvmCounters, mountDebugfs, nodePerfArgs, perfAttach, threadTicks } from "./lib.js";
+import { compare, counterDelta, cpuDelta, formatCpu, kvmCounters, mountDebugfs, nodePerfArgs, perfAttach, schedAttach, threadTicks } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const DISK_MIB = 512;
@@ -81,6 +81,8 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     let at = 0;
     let stopPerf: (() => () => Promise<void>) | undefined;
     let perfReport: (() => Promise<void>) | undefined;
+    let stopSched: (() => () => Promise<void>) | undefined;
+    let schedReport: (() => Promise<void>) | undefined;
     for (let n = 0; n < 4; n++) {
       at = await p.waitFor(new RegExp(`MARK${n}\\r?\\n`), at, 600_000);
       samples.push(threadTicks(pid));
@@ -88,8 +90,12 @@ async function once(cmd: string, args: string[]): Promise<Result> {
       // BENCH_PERF: the sequential phases (write and read) only.
       if (n === 0) stopPerf = perfAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} write+read`);
       if (n === 2) perfReport = stopPerf?.();
+      // BENCH_SCHED: the read phase only.
+      if (n === 1) stopSched = schedAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} read`);
+      if (n === 2) schedReport = stopSched?.();
     }
     await perfReport?.();
+    await schedReport?.();
     await p.waitFor(/typevisor-guest: exit/, at, 600_000);
     const bytes = SEQ_MIB * 1024 * 1024;
     const cpu = [0, 1, 2].map((i) => cpuDelta(samples[i]!, samples[i + 1]!));

@@ -146,3 +146,44 @@ function report(out: string, label: string): void {
     console.log(`perf ${label} (${sort}):\n${lines.join("\n")}${rep.stderr ? `\n${rep.stderr.slice(0, 500)}` : ""}`);
   }
 }
+
+/**
+ * BENCH_SCHED=1: record the scheduler's switches and wake-ups and KVM's exits and MSIs system-wide
+ * between two points of a benchmark (Linux perf tracepoints), then print how often each thread of
+ * `pid` left the CPU blocked (S/D: a vCPU that halted) against preempted (R), and a window of the
+ * raw sequence from the middle, so the hand-offs of one request can be read off.
+ */
+export const SCHED = process.env["BENCH_SCHED"] === "1";
+
+export function schedAttach(pid: number, label: string): () => () => Promise<void> {
+  if (!SCHED) return () => async () => undefined;
+  const out = `/tmp/bench-sched-${pid}.data`;
+  const events = ["sched:sched_switch", "sched:sched_wakeup", "kvm:kvm_exit", "kvm:kvm_msi_set_irq"];
+  const rec = spawn("perf", ["record", "-q", "--no-buildid", ...events.flatMap((e) => ["-e", e]), "-a", "-o", out], { stdio: "ignore" });
+  const done = new Promise((r) => {
+    rec.once("exit", r);
+    rec.once("error", (e) => {
+      console.log(`bench: perf could not start: ${e.message}`);
+      r(undefined);
+    });
+  });
+  return () => {
+    rec.kill("SIGINT");
+    return async () => {
+      await done;
+      const s = spawnSync("perf", ["script", "-i", out, "-F", "comm,tid,time,event,trace"], { encoding: "utf8", maxBuffer: 1 << 28 });
+      const lines = (s.stdout ?? "").split("\n").filter((l) => l.trim() !== "");
+      const switches = new Map<string, number>();
+      for (const l of lines) {
+        const m = /prev_comm=(\S+) prev_pid=(\d+) prev_prio=\d+ prev_state=(\S+)/.exec(l);
+        if (m === null) continue;
+        const key = `${m[1]}/${m[2]} ${m[3]}`;
+        switches.set(key, (switches.get(key) ?? 0) + 1);
+      }
+      const top = [...switches].sort((a, b) => b[1] - a[1]).slice(0, 20);
+      console.log(`sched ${label}: ${lines.length} events; switches away by thread and state: ${top.map(([k, v]) => `${k} ${v}`).join(", ")}`);
+      const mid = Math.floor(lines.length / 2);
+      console.log(lines.slice(mid, mid + 80).join("\n"));
+    };
+  };
+}

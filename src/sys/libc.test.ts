@@ -1,3 +1,4 @@
+import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import * as libc from "./libc.js";
@@ -31,5 +32,34 @@ describe("mmapAligned", () => {
       }
       expect(mapsOverlapping(m.address, m.address + BigInt(length))).toEqual([]);
     }
+  });
+});
+
+/** Field 19 of /proc/PID/stat (nice); the command name in field 2 may hold spaces, so split after its ")". */
+function procNice(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
+}
+
+describe("threadNice / setThreadNice", () => {
+  it("read and raise another task's nice value, as the kernel reports it", async () => {
+    const child = spawn("sleep", ["30"], { stdio: "ignore" });
+    try {
+      const pid = child.pid!;
+      const before = libc.threadNice(pid);
+      expect(before).toBe(procNice(pid));
+      const target = Math.min(19, before + 4);
+      libc.setThreadNice(pid, target);
+      expect(libc.threadNice(pid)).toBe(target);
+      expect(procNice(pid)).toBe(target);
+    } finally {
+      child.kill();
+    }
+  });
+
+  it("fail with the errno for a thread that does not exist", () => {
+    // pid_max is at most 2^22 (proc(5)), so this id names nothing.
+    expect(() => libc.threadNice(0x7fff_fff0)).toThrow(/ESRCH/);
+    expect(() => libc.setThreadNice(0x7fff_fff0, 5)).toThrow(/ESRCH/);
   });
 });

@@ -35,6 +35,10 @@ const dlsymFn = libc.func("uintptr_t dlsym(uintptr_t handle, const char *name)")
 const getpidFn = libc.func("int getpid()");
 const pipe2Fn = libc.func("int pipe2(void *fds, int flags)");
 const gettidFn = libc.func("int gettid()");
+// PRIO_PROCESS with a thread id names that one thread on Linux (setpriority(2), NOTES: "a thread's nice value").
+const getpriorityFn = libc.func("int getpriority(int which, unsigned int who)");
+const setpriorityFn = libc.func("int setpriority(int which, unsigned int who, int prio)");
+const PRIO_PROCESS = 0;
 // Thread names show in /proc/PID/task/TID/comm, so per-thread CPU can be told apart (Node names every thread "node").
 const pthreadSetnameFn = libc.func("int pthread_setname_np(unsigned long thread, const char *name)");
 // memmove(dst, dst, 0) returns dst: the one portable way to turn an address
@@ -75,7 +79,7 @@ export class SysError extends TypevisorError {
 }
 
 const ERRNO_NAMES: Record<number, string> = {
-  1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
+  1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
   14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 22: "EINVAL", 24: "EMFILE", 25: "ENOTTY",
   28: "ENOSPC", 38: "ENOSYS", 95: "EOPNOTSUPP",
 };
@@ -323,6 +327,19 @@ export function getpid(): number {
 
 export function gettid(): number {
   return gettidFn() as number;
+}
+
+/** A thread's nice value, -20..19 (getpriority may legitimately return -1: errno tells). */
+export function threadNice(tid: number): number {
+  koffi.errno(0);
+  const r = getpriorityFn(PRIO_PROCESS, tid) as number;
+  if (r === -1 && koffi.errno() !== 0) throw new SysError("getpriority", koffi.errno());
+  return r;
+}
+
+/** Set a thread's nice value (raising it needs no privilege; lowering it needs CAP_SYS_NICE or RLIMIT_NICE). */
+export function setThreadNice(tid: number, nice: number): void {
+  if ((setpriorityFn(PRIO_PROCESS, tid, nice) as number) !== 0) throw new SysError("setpriority", koffi.errno());
 }
 
 /** SIGRTMIN+1 under glibc (which reserves 32 and 33 for itself). */

@@ -30,7 +30,7 @@ import type { DeviceCommand, DeviceThreadInit, DeviceThreadMessage } from "./dev
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 
-import { MAX_MEMORY_MIB, MIN_MEMORY_MIB } from "./defaults.js";
+import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MIN_MEMORY_MIB } from "./defaults.js";
 
 export { MAX_MEMORY_MIB, MIN_MEMORY_MIB };
 
@@ -62,6 +62,8 @@ export interface VmConfig {
   consoleFd: number;
   /** virtio devices on PCI (served by the device thread). */
   devices?: DeviceSpecs;
+  /** Nice offset of the vCPU threads over the VMM's other threads, 0..MAX_NICE (default DEFAULT_VCPU_NICE). */
+  vcpuNice?: number;
 }
 
 export type VmExitResult =
@@ -73,6 +75,9 @@ export type VmExitResult =
 export interface VcpuStats {
   id: number;
   exits: Record<string, number>;
+  /** The vCPU thread's nice value once it started (`niceError`: why the offset could not be applied). */
+  nice?: number;
+  niceError?: string;
 }
 
 export interface VmStats {
@@ -111,7 +116,10 @@ export function emptyIoStats(): IoStats {
   };
 }
 
-export function validateConfig(cfg: Pick<VmConfig, "cpus" | "memoryMiB">, maxVcpus = 254): void {
+export function validateConfig(cfg: Pick<VmConfig, "cpus" | "memoryMiB" | "vcpuNice">, maxVcpus = 254): void {
+  if (cfg.vcpuNice !== undefined && (!Number.isInteger(cfg.vcpuNice) || cfg.vcpuNice < 0 || cfg.vcpuNice > MAX_NICE)) {
+    throw new TypevisorError("INVALID_ARGUMENT", `--vcpu-nice must be a whole number from 0 to ${MAX_NICE} (got ${cfg.vcpuNice})`);
+  }
   if (!Number.isInteger(cfg.cpus) || cfg.cpus < 1) {
     throw new TypevisorError("INVALID_CPUS", `--cpus must be a whole number of at least 1 (got ${cfg.cpus})`);
   }
@@ -146,6 +154,7 @@ export class Vm {
   private commandSeq = 0;
   private readonly pendingCommands = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private threads: bigint[] = [];
+  private readonly nice: { nice: number; niceError?: string }[] = [];
   private startedAt = 0;
   private state: VmState = "created";
   private destroyed = false;
@@ -358,13 +367,14 @@ export class Vm {
         const init: VcpuWorkerInit = {
           vcpuId: vcpu.id, vcpuFd: vcpu.fd, vmFd: this.vm.fd, runSize: this.runMaps[vcpu.id]!.run.length,
           control: this.control, stats: this.stats, serial: this.serialShared,
-          consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1,
+          consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1, niceOffset: this.config.vcpuNice ?? DEFAULT_VCPU_NICE,
           ...(platform !== undefined ? { platform } : {}),
         };
         const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init });
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
             this.threads[m.vcpuId] = m.thread;
+            this.nice[m.vcpuId] = m.niceError !== undefined ? { nice: m.nice, niceError: m.niceError } : { nice: m.nice };
             // Named for per-thread CPU accounting (/proc/PID/task/TID/comm; Node names every thread "node").
             libc.pthreadSetName(m.thread, `tv-vcpu${m.vcpuId}`);
           } else {
@@ -494,7 +504,7 @@ export class Vm {
           total += n;
         }
       }
-      return { id: v.id, exits };
+      return { id: v.id, exits, ...this.nice[v.id] };
     });
     return {
       state: this.state,

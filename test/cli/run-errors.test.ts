@@ -29,6 +29,8 @@ describe("typevisor run rejects bad input with one line", () => {
     ["--cpus 0", ["--kernel", kernel, "--cpus", "0"], /error\[INVALID_CPUS\]: --cpus must be a whole number of at least 1/],
     ["--memory too small", ["--kernel", kernel, "--memory", "8"], /error\[INVALID_MEMORY\]: --memory must be at least 64 MiB/],
     ["--memory not a number", ["--kernel", kernel, "--memory", "lots"], /error\[INVALID_ARGUMENT\]: --memory must be a whole number/],
+    ["--vcpu-nice beyond 19", ["--kernel", kernel, "--vcpu-nice", "20"], /error\[INVALID_ARGUMENT\]: --vcpu-nice must be a whole number from 0 to 19 \(got 20\)/],
+    ["--vcpu-nice negative", ["--kernel", kernel, "--vcpu-nice", "-1"], /error\[INVALID_ARGUMENT\]: --vcpu-nice must be a whole number/],
     ["nothing to boot", [], /error\[INVALID_ARGUMENT\]: nothing to boot/],
   ])("%s", (_name, args, expected) => {
     const files: Record<string, () => Uint8Array> = {

@@ -3,7 +3,7 @@
  * loader and the Vm class, on any /dev/kvm (PVM included): banner, echo of
  * serial input through its UART interrupt, and the three command keys.
  */
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync } from "node:fs";
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
@@ -29,8 +29,17 @@ async function until(what: string, cond: () => boolean, ms = 10_000): Promise<vo
   }
 }
 
-function boot(consoleFd: number): Vm {
-  return new Vm({ cpus: 1, memoryMiB: 64, consoleFd, boot: { kind: "linux", kernel: tinyKernelImage(), cmdline: "" } });
+function boot(consoleFd: number, vcpuNice?: number): Vm {
+  return new Vm({ cpus: 1, memoryMiB: 64, consoleFd, boot: { kind: "linux", kernel: tinyKernelImage(), cmdline: "" }, ...(vcpuNice !== undefined ? { vcpuNice } : {}) });
+}
+
+/** Nice value (field 19 of stat) of this process's threads named `comm`, and of the calling thread. */
+function threadNices(comm: string): { named: number[]; self: number } {
+  const nice = (stat: string) => Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
+  const named = readdirSync("/proc/self/task")
+    .filter((t) => readFileSync(`/proc/self/task/${t}/comm`, "utf8").trim() === comm)
+    .map((t) => nice(readFileSync(`/proc/self/task/${t}/stat`, "utf8")));
+  return { named, self: nice(readFileSync("/proc/thread-self/stat", "utf8")) };
 }
 
 describe("tiny kernel image", () => {
@@ -61,6 +70,25 @@ describe.skipIf(!hasKvm)("tiny kernel on /dev/kvm", () => {
     con.close();
     // Interrupt-driven: a handful of exits per byte, no polling loop.
     expect(exits).toBeLessThan(500);
+  });
+
+  it("runs its vCPU thread nicer than the thread that started it by the configured offset", async () => {
+    for (const [offset, expected] of [[undefined, 3], [0, 0], [5, 5]] as const) {
+      const con = consoleFile();
+      const vm = boot(con.fd, offset);
+      const done = vm.run();
+      await until("banner", () => con.read() === TINY_KERNEL_BANNER);
+      const { named, self } = threadNices("tv-vcpu0");
+      const stats = vm.getStats().vcpus[0]!;
+      vm.sendInput(Uint8Array.of(TINY_KERNEL_KEYS.POWEROFF));
+      expect(await done).toEqual({ kind: "poweroff" });
+      vm.destroy();
+      con.close();
+      const want = Math.min(19, self + expected);
+      expect(named).toEqual([want]);
+      expect(stats.nice).toBe(want);
+      expect(stats.niceError).toBeUndefined();
+    }
   });
 
   it("resets on Ctrl-R", async () => {

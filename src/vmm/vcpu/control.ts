@@ -31,8 +31,11 @@ export interface VcpuWorkerInit {
   com1Gsi: number;
   /** The device thread's mailbox, when the VM has PCI devices. */
   platform?: { mailbox: SharedArrayBuffer; eventfd: number };
+  /** Added to the thread's inherited nice value (defaults.ts DEFAULT_VCPU_NICE says why). */
+  niceOffset: number;
 }
 
 export type VcpuMessage =
-  | { type: "ready"; vcpuId: number; thread: bigint }
+  /** `nice`: the thread's nice value once set; `niceError`: why it could not be (the vCPU runs on regardless). */
+  | { type: "ready"; vcpuId: number; thread: bigint; nice: number; niceError?: string }
   | { type: "exit"; vcpuId: number; request: VmRequestCode; reason: string; dump?: string };

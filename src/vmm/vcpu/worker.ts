@@ -12,6 +12,7 @@ import { EXIT, EXIT_NAMES, KVM, SYSTEM_EVENT } from "../../kvm/ioctls.js";
 import { VcpuFd, VmFd } from "../../kvm/kvm.js";
 import { KvmRun } from "../../kvm/run.js";
 import * as libc from "../../sys/libc.js";
+import { MAX_NICE } from "../defaults.js";
 import { MMIO_HOLE_START, PCI_ECAM_SIZE, PCI_ECAM_START, PORT } from "../arch/x86_64/layout.js";
 import { AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN } from "../devices/legacy/acpi-pm/acpi-pm.js";
 import { I8042 } from "../devices/legacy/i8042/i8042.js";
@@ -172,7 +173,21 @@ function loop(): { request: VmRequestCode; reason: string; dump?: string } {
   }
 }
 
-post({ type: "ready", vcpuId: init.vcpuId, thread: libc.pthreadSelf() });
+/** Nicer than the VMM's other threads by init.niceOffset (defaults.ts DEFAULT_VCPU_NICE says why). */
+function applyNice(): { nice: number; niceError?: string } {
+  const tid = libc.gettid();
+  const inherited = libc.threadNice(tid);
+  const nice = Math.min(MAX_NICE, inherited + init.niceOffset);
+  if (nice === inherited) return { nice };
+  try {
+    libc.setThreadNice(tid, nice);
+    return { nice };
+  } catch (e) {
+    return { nice: inherited, niceError: (e as Error).message };
+  }
+}
+
+post({ type: "ready", vcpuId: init.vcpuId, thread: libc.pthreadSelf(), ...applyNice() });
 const result = loop();
 request(result.request);
 post({ type: "exit", vcpuId: init.vcpuId, ...result });
