@@ -175,7 +175,7 @@ export function schedAttach(pid: number, label: string): () => () => Promise<voi
       const lines = (s.stdout ?? "").split("\n").filter((l) => l.trim() !== "");
       const switches = new Map<string, number>();
       for (const l of lines) {
-        const m = /prev_comm=(\S+) prev_pid=(\d+) prev_prio=\d+ prev_state=(\S+)/.exec(l);
+        const m = /prev_comm=(.+?) prev_pid=(\d+) prev_prio=\d+ prev_state=(\S+)/.exec(l);
         if (m === null) continue;
         const key = `${m[1]}/${m[2]} ${m[3]}`;
         switches.set(key, (switches.get(key) ?? 0) + 1);

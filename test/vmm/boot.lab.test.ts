@@ -5,7 +5,7 @@
 import { spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { request } from "node:http";
-import { tmpdir } from "node:os";
+import { getPriority, tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { cacheDir } from "../../src/images/dirs.js";
@@ -108,7 +108,7 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
 
   it("pause and resume through the API socket leave the guest working", async () => {
     const sock = join(mkdtempSync(join(tmpdir(), "tv-api-")), "vm.sock");
-    const p = tv(["--image", "minimal", "--cpus", "2", "--memory", "256", "--api-socket", sock]);
+    const p = tv(["--image", "minimal", "--cpus", "2", "--memory", "256", "--vcpu-nice", "5", "--api-socket", sock]);
     const at = await p.waitFor(PROMPT);
     expect((await api(sock, "POST", "/pause")).status).toBe(200);
     expect(JSON.parse((await api(sock, "GET", "/vm")).body).state).toBe("paused");
@@ -123,6 +123,8 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
     const stats = JSON.parse((await api(sock, "GET", "/stats")).body);
     expect(stats.vcpus).toHaveLength(2);
     expect(stats.vcpus[0].exits.io).toBeGreaterThan(0);
+    // --vcpu-nice 5 over the nice value the VMM inherited from this process.
+    expect(stats.vcpus.map((v: { nice: number }) => v.nice)).toEqual([0, 1].map(() => Math.min(19, getPriority() + 5)));
     p.type("poweroff\n");
     expect(await p.exited).toBe(0);
   });
