@@ -12,7 +12,9 @@ import { TypevisorClient } from "../api/client.js";
 import { startApi } from "../api/server.js";
 import { VmManager } from "../control/manager.js";
 import { checkSocketPaths, homePaths } from "../control/paths.js";
-import { parsePolicy, parseSize } from "../control/resources.js";
+import { parsePolicy } from "../control/resources.js";
+import { parseSize } from "../size.js";
+import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { dataHome } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 
@@ -55,7 +57,7 @@ function parseListen(v: string): { host: string; port: number } {
 export async function daemonCommand(o: DaemonOptions): Promise<number> {
   const home = o.home ?? dataHome();
   const policy = parsePolicy({ cpu: o.cpuOvercommit, memory: o.memoryOvercommit, disk: o.diskOvercommit }, o.reservedMemory);
-  const consoleLogSize = parseSize(o.consoleLogSize);
+  const consoleLogSize = parseSize(o.consoleLogSize, { what: "--console-log-size", ...LOG_SIZE_LIMITS });
   const tcp = o.listen !== undefined ? parseListen(o.listen) : undefined;
   const config = {
     stopTimeoutMs: seconds("--stop-timeout", o.stopTimeout),

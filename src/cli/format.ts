@@ -4,7 +4,7 @@
  * through formatBytes (control/resources.ts) so the CLI and the daemon's
  * messages write sizes the same way.
  */
-import { formatBytes } from "../control/resources.js";
+import { formatBytes } from "../size.js";
 
 export { formatBytes };
 

@@ -21,7 +21,8 @@ import { startControlServer } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE } from "../vmm/defaults.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
 import { ConsolePipe } from "../vmm/console/console-pipe.js";
-import { parseSize } from "../vmm/console/size.js";
+import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
+import { parseSize } from "../size.js";
 
 
 export interface RunOptions {
@@ -194,7 +195,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   if (o.consoleLogSize !== undefined && o.consoleLog === undefined) {
     throw new TypevisorError("INVALID_ARGUMENT", "--console-log-size needs --console-log PATH");
   }
-  const logSize = parseSize("--console-log-size", o.consoleLogSize ?? DEFAULT_CONSOLE_LOG_SIZE);
+  const logSize = parseSize(o.consoleLogSize ?? DEFAULT_CONSOLE_LOG_SIZE, { what: "--console-log-size", ...LOG_SIZE_LIMITS });
   for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", o.consoleSocket], ["--exit-file", o.exitFile]] as const) {
     if (path !== undefined && !existsSync(dirname(path))) throw new TypevisorError("INVALID_ARGUMENT", `${flag} ${path}: directory ${dirname(path)} does not exist`);
   }

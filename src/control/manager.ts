@@ -25,7 +25,8 @@ import { VmCgroup, detectCgroupV2, type CgroupSupport } from "./cgroups.js";
 import { blankDisk, diskFromImage } from "./disks.js";
 import { homePaths, vmPaths } from "./paths.js";
 import { processAlive, processStartTime, processUsage } from "./proc.js";
-import { checkAllocation, discoverHost, hostUsed, parseSize, report, type Allocation, type CpuSample, type OvercommitPolicy, type ResourceReport } from "./resources.js";
+import { checkAllocation, discoverHost, hostUsed, report, type Allocation, type CpuSample, type OvercommitPolicy, type ResourceReport } from "./resources.js";
+import { parseSize } from "../size.js";
 import { vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
 import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
 import { Store, type VmRow } from "./store.js";
@@ -431,13 +432,25 @@ export class VmManager extends EventEmitter {
   private async recordExit(name: string, id: string, live: Live, code: number | null, signal: string | null): Promise<void> {
     this.live.delete(id);
     this.usage.delete(id);
+    this.removeCgroup(name, live.cgroup);
+    this.recordEnd(name, id, live.pid, code, signal);
+  }
+
+  private removeCgroup(name: string, cg: VmCgroup | undefined): void {
     try {
-      live.cgroup?.remove();
+      cg?.remove();
     } catch (e) {
       this.log.warn({ vm: name, err: (e as Error).message }, "cgroup not removed");
     }
+  }
+
+  /**
+   * How a VMM ended, into the inventory (state, last exit, event, restart), if the VM's recorded
+   * runtime is still the one that ended: `pid`, or none recorded when `pid` is undefined.
+   */
+  private recordEnd(name: string, id: string, pid: number | undefined, code: number | null, signal: string | null): void {
     const cur = this.store.getVm(name);
-    if (cur === undefined || cur.id !== id || cur.runtime?.pid !== live.pid) return; // removed, or a newer VMM
+    if (cur === undefined || cur.id !== id || cur.runtime?.pid !== pid) return; // removed, or a newer VMM
     const file = this.readExitFile(id);
     const clean = file !== undefined && (file.result === "poweroff" || file.result === "stopped" || file.result === "reset") && (file.code ?? code) === 0;
     const asked = cur.state === "stopping";
@@ -564,11 +577,9 @@ export class VmManager extends EventEmitter {
       const rt = r.runtime;
       const alive = rt !== undefined && processAlive(rt.pid, rt.pidStartTime === "" ? undefined : rt.pidStartTime);
       if (rt === undefined || !alive) {
-        const fake: Live = { pid: rt?.pid ?? -1, exited: Promise.resolve(), markExited: () => undefined, died: Promise.resolve({ code: null, signal: null }), dead: true };
-        if (rt === undefined) this.store.updateVm(r.name, { runtime: { pid: -1, pidStartTime: "", startedAt: "" } });
-        const cg = rt?.cgroup !== undefined ? VmCgroup.open(this.cgroups, `vm-${r.id}`) : undefined;
-        if (cg !== undefined) fake.cgroup = cg;
-        await this.serial(r.name, () => this.recordExit(r.name, r.id, fake, null, null));
+        // Nothing to track: remove what the dead VMM left behind and record how it ended.
+        if (rt?.cgroup !== undefined) this.removeCgroup(r.name, VmCgroup.open(this.cgroups, `vm-${r.id}`));
+        await this.serial(r.name, async () => this.recordEnd(r.name, r.id, rt?.pid, null, null));
         continue;
       }
       const cg = rt.cgroup !== undefined && this.cgroups.available ? VmCgroup.open(this.cgroups, `vm-${r.id}`) : undefined;

@@ -9,96 +9,21 @@ import {
   checkAllocation,
   DEFAULT_POLICY,
   discoverHost,
-  formatBytes,
-  GiB,
   hostUsed,
-  MAX_SIZE,
-  MiB,
   parseMeminfo,
   parsePolicy,
   parseProcStat,
-  parseSize,
   report,
   type Allocation,
   type HostCapacity,
   type OvercommitPolicy,
 } from "./resources.js";
+import { GiB, MiB } from "../size.js";
 
 const HOST: HostCapacity = { cpus: 8, memoryBytes: 16 * GiB, diskBytes: 100 * GiB, diskFreeBytes: 60 * GiB };
 const NONE: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: 0 };
 const ALL = { cpu: true, memory: true, disk: true };
 
-
-describe("formatBytes", () => {
-  it.each([
-    [0, "0 B"],
-    [12, "12 B"],
-    [1023, "1023 B"],
-    [4096, "4.0 KiB"],
-    [512 * MiB, "512 MiB"],
-    [1.5 * GiB, "1.5 GiB"],
-    [23.4 * GiB, "23.4 GiB"],
-    [1024 * MiB - 1, "1.0 GiB"],
-    [MAX_SIZE, "1.0 PiB"],
-    [-2 * MiB, "-2.0 MiB"],
-  ])("%d -> %s", (n, s) => expect(formatBytes(n)).toBe(s));
-});
-
-describe("parseSize", () => {
-  it.each([
-    ["1024", 1024],
-    ["2G", 2 * GiB],
-    ["512M", 512 * MiB],
-    ["1.5G", 1.5 * GiB],
-    ["10K", 10240],
-    ["2GiB", 2 * GiB],
-    ["2gb", 2 * GiB],
-    [" 4 KiB ", 4096],
-    ["12B", 12],
-    ["1P", MAX_SIZE],
-    ["0", 0],
-  ])("%s -> %d", (s, n) => expect(parseSize(s)).toBe(n));
-
-  it.each(["", "abc", "G", "1.2.3", "-1G", "-5", "1e9", "2X", "1.5", "2 GiBs", "1.1P", "99999T", "0x10"])("rejects %j", (s) => {
-    const e = thrown(() => parseSize(s));
-    expect(e.code).toBe("INVALID_ARGUMENT");
-    expect(e.message).toContain(JSON.stringify(s));
-    expect(e.hint).toBeTruthy();
-  });
-
-  it("says why: negative, absurd", () => {
-    expect(thrown(() => parseSize("-1G")).message).toMatch(/negative/);
-    expect(thrown(() => parseSize("2P")).message).toMatch(/larger than 1\.0 PiB/);
-  });
-
-  it("reads back what formatBytes writes, to its precision (property)", () => {
-    fc.assert(
-      fc.property(fc.integer({ min: 0, max: MAX_SIZE }), (n) => {
-        const back = parseSize(formatBytes(n));
-        // one decimal of a unit >= 1: at most 5 % off (rounding), whole numbers above 100 even less
-        expect(Math.abs(back - n)).toBeLessThanOrEqual(Math.max(1, n * 0.05));
-      }),
-    );
-  });
-
-  it("round-trips whole numbers of each unit exactly (property)", () => {
-    const unit = fc.constantFrom(["", 1], ["K", 1024], ["M", MiB], ["G", GiB], ["T", 1024 * GiB], ["KiB", 1024], ["GB", GiB]) as fc.Arbitrary<[string, number]>;
-    fc.assert(
-      fc.property(fc.integer({ min: 0, max: 1024 }), unit, (k, [suffix, mult]) => {
-        expect(parseSize(`${k}${suffix}`)).toBe(k * mult);
-      }),
-    );
-  });
-
-  it("rejects strings that are not a size (property)", () => {
-    const junk = fc.string().filter((s) => !/^\s*(\d+(\.\d+)?|\.\d+)\s*([kmgtp](i?b)?|b)?\s*$/i.test(s));
-    fc.assert(
-      fc.property(junk, (s) => {
-        expect(thrown(() => parseSize(s)).code).toBe("INVALID_ARGUMENT");
-      }),
-    );
-  });
-});
 
 describe("parsePolicy", () => {
   it("defaults, numbers and numeric strings", () => {

@@ -8,6 +8,7 @@
 import { readFileSync, statfsSync } from "node:fs";
 import { availableParallelism, totalmem } from "node:os";
 import { TypevisorError } from "../errors.js";
+import { formatBytes, MiB, parseSize } from "../size.js";
 
 export interface HostCapacity {
   cpus: number;
@@ -50,10 +51,6 @@ export interface OvercommitPolicy {
   reservedMemoryBytes: number;
 }
 
-export const MiB = 1024 * 1024;
-export const GiB = 1024 * MiB;
-/** The largest size parseSize accepts: beyond it a number is a typo, not a machine. */
-export const MAX_SIZE = 1024 * 1024 * GiB;
 
 /**
  * vCPUs mostly wait (on I/O, on the guest's idle loop), so 4 per CPU is a common, safe default;
@@ -256,41 +253,3 @@ export function hostUsed(dataDir: string, prev?: CpuSample): { used: { cpus: num
   };
 }
 
-const UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"] as const;
-
-/** "12 B", "4.0 KiB", "512 MiB", "1.5 GiB": one decimal below 100 of a unit, whole numbers above. */
-export function formatBytes(n: number): string {
-  if (!Number.isFinite(n)) return String(n);
-  if (n < 0) return `-${formatBytes(-n)}`;
-  let i = 0;
-  let v = n;
-  // move up while the value would print as 1024 or more of the current unit
-  while (i < UNITS.length - 1 && v >= 1023.5) {
-    v /= 1024;
-    i++;
-  }
-  if (i === 0) return `${Math.round(v)} B`;
-  return `${v >= 99.95 ? Math.round(v) : v.toFixed(1)} ${UNITS[i]}`;
-}
-
-const MULTIPLIER: Record<string, number> = { "": 1, b: 1, k: 1024, m: MiB, g: GiB, t: 1024 * GiB, p: MAX_SIZE };
-
-/**
- * Bytes from "2G", "512M", "1.5G", "10K", "2GiB", "4 KiB" or a plain "1024". Suffixes are powers
- * of 1024 whether written K, KB or KiB (as QEMU and the VM spec read them). Case-insensitive.
- */
-export function parseSize(s: string): number {
-  const bad = (why: string): TypevisorError =>
-    new TypevisorError("INVALID_ARGUMENT", `invalid size ${JSON.stringify(s)}: ${why}`, { hint: 'write a number of bytes or a number with K, M, G, T or P (powers of 1024): "512M", "2G", "1.5G"' });
-  const text = String(s).trim();
-  if (text.startsWith("-")) throw bad("a size cannot be negative");
-  const m = /^(\d+(?:\.\d+)?|\.\d+)\s*(?:([kmgtp])(?:i?b)?|(b))?$/i.exec(text);
-  if (m === null) throw bad("not a number with an optional unit");
-  const unit = (m[2] ?? m[3] ?? "").toLowerCase();
-  const mult = MULTIPLIER[unit]!;
-  const value = Number(m[1]);
-  if (mult === 1 && !Number.isInteger(value)) throw bad("a byte count must be whole");
-  const bytes = Math.round(value * mult);
-  if (bytes > MAX_SIZE) throw bad(`larger than ${formatBytes(MAX_SIZE)}`);
-  return bytes;
-}

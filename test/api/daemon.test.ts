@@ -10,6 +10,8 @@ import { join } from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ApiError } from "../../src/api/client.js";
+import { homePaths } from "../../src/control/paths.js";
+import { Store } from "../../src/control/store.js";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
 
@@ -293,8 +295,13 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     await d.client.pauseVm("keep-2");
     await d.client.createVm(spec("gone"), { start: true });
     await d.client.createVm(spec("idle"));
+    await d.client.createVm(spec("half"));
     const before = await d.client.listVms();
     await d.stop("SIGKILL");
+    // A daemon killed between "starting" and the VMM's spawn leaves an active VM with no runtime.
+    const store = new Store(homePaths(d.home).db);
+    store.updateVm("half", { state: "starting", runtime: null });
+    store.close();
     // While no daemon watches, one VMM dies.
     process.kill(before.find((v) => v.name === "gone")!.pid!, "SIGKILL");
     await until("gone dead", () => {
@@ -314,8 +321,10 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     expect(by["keep-2"]!.state).toBe("paused");
     expect(by["gone"]!.state).toBe("crashed");
     expect(by["idle"]!.state).toBe("defined");
+    expect(by["half"]!.state).toBe("crashed");
+    expect(by["half"]!.lastExit?.reason).toMatch(/died without saying why/);
     const types = (await d.client.events()).map((e) => `${e.type}:${e.vm ?? ""}`);
-    expect(types).toEqual(expect.arrayContaining(["vm.reattached:keep-1", "vm.reattached:keep-2", "vm.crashed:gone"]));
+    expect(types).toEqual(expect.arrayContaining(["vm.reattached:keep-1", "vm.reattached:keep-2", "vm.crashed:gone", "vm.crashed:half"]));
     // The re-attached VMs are fully managed: console, resume and stop work, and a VMM exit is noticed.
     const con = await d.client.attachConsole("keep-1");
     let seen = "";

@@ -144,7 +144,7 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
 
 describe("typevisor run rejects bad headless options with one line", () => {
   it.each([
-    ["--console-log-size 1Q", ["--console-log", join(dir, "x.log"), "--console-log-size", "1Q"], /error\[INVALID_ARGUMENT\]: --console-log-size is not a size \(got "1Q"\)/],
+    ["--console-log-size 1Q", ["--console-log", join(dir, "x.log"), "--console-log-size", "1Q"], /error\[INVALID_ARGUMENT\]: --console-log-size: invalid size "1Q": not a number with an optional unit/],
     ["--id a/b", ["--id", "a/b"], /error\[INVALID_ARGUMENT\]: --id must be/],
     ["--console-log-size without --console-log", ["--console-log-size", "4K"], /needs --console-log/],
   ])("%s", (_name, args, expected) => {

@@ -1,8 +1,7 @@
 /**
- * The headless console's pure parts: --console-log-size parsing and the
- * rotation plan (no file ever exceeds the limit, no byte is lost or reordered,
- * rotation happens only when a write would not fit), then the real file
- * rotation on a temporary directory.
+ * The headless console's pure parts: the rotation plan (no file ever exceeds
+ * the limit, no byte is lost or reordered, rotation happens only when a write
+ * would not fit), then the real file rotation on a temporary directory.
  */
 import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -10,23 +9,6 @@ import { join } from "node:path";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { planAppend, RotatingLog } from "./rotating-log.js";
-import { parseSize } from "./size.js";
-
-describe("parseSize", () => {
-  it.each([
-    ["4096", 4096], ["4K", 4096], ["4k", 4096], ["1M", 1 << 20], ["2G", 2 * 1024 ** 3], ["512KiB", 512 * 1024], ["64kb", 65536], [" 1M ", 1 << 20],
-  ])("%s", (text, bytes) => expect(parseSize("--console-log-size", text)).toBe(bytes));
-
-  it.each(["1Q", "", "K", "-1K", "1.5M", "0", "1000", "1T", "99999999999999999G", "1 M B"])("rejects %j with one clear message", (text) => {
-    expect(() => parseSize("--console-log-size", text)).toThrow(/^--console-log-size .*\(got ".*"\)/);
-  });
-
-  it("round-trips every whole number of K, M and G in range", () => {
-    fc.assert(fc.property(fc.integer({ min: 1, max: 1023 }), fc.constantFrom(["K", 1024], ["M", 1024 ** 2], ["G", 1024 ** 3]), (n, [s, m]) => {
-      expect(parseSize("--x", `${n}${s as string}`)).toBe(n * (m as number));
-    }));
-  });
-});
 
 describe("planAppend", () => {
   /** Replay a plan: the sizes of every generation written (the last is the live file). */

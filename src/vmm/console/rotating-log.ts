@@ -9,6 +9,10 @@ import { closeSync, fstatSync, openSync, renameSync, writeSync } from "node:fs";
 import { TypevisorError } from "../../errors.js";
 
 /** One piece of a write: `length` bytes, after rotating the file first when `rotateBefore`. */
+/** Console log rotation sizes (`--console-log-size`): below the minimum a log would rotate on
+ * nearly every line; the maximum keeps byte counts well inside a Number. */
+export const LOG_SIZE_LIMITS = { min: 1024, max: 1024 ** 4 } as const;
+
 export interface LogPiece {
   rotateBefore: boolean;
   length: number;
