@@ -12,6 +12,8 @@ const SRC = resolve(new URL("../src", import.meta.url).pathname);
 /** Lower number = lower layer. */
 const LAYER: Record<string, number> = {
   "errors.ts": 0,
+  // Plain value parsing/formatting, free of I/O: usable from every layer, like errors.ts.
+  "size.ts": 0,
   "index.ts": 8,
   sys: 1,
   kvm: 2,

@@ -4,10 +4,11 @@
  * Errors from the daemon arrive as ApiError with the problem's code, status
  * and message.
  */
-import { request, type IncomingMessage, type RequestOptions } from "node:http";
+import { request, type IncomingMessage } from "node:http";
 import type { Duplex } from "node:stream";
 import type { EventRecord, VmInfo, VmSpecInput } from "../control/spec.js";
 import { TypevisorError } from "../errors.js";
+import { HttpTimeoutError, httpRequest, parseProblem, readBody, type HttpRequestOptions } from "../sys/http-request.js";
 import type { HostReport, VmStats } from "./schemas.js";
 
 export class ApiError extends TypevisorError {
@@ -28,7 +29,7 @@ export interface Health {
 export class TypevisorClient {
   constructor(readonly target: ClientTarget, private readonly timeoutMs = 120_000) {}
 
-  private options(method: string, path: string, headers: Record<string, string | number> = {}): RequestOptions {
+  private options(method: string, path: string, headers: Record<string, string | number> = {}): HttpRequestOptions {
     return {
       ...("socketPath" in this.target ? { socketPath: this.target.socketPath } : { host: this.target.host, port: this.target.port }),
       method,
@@ -46,46 +47,44 @@ export class TypevisorClient {
     return new TypevisorError("DAEMON_UNREACHABLE", `the daemon at ${where}: ${e.message}`);
   }
 
-  /** Send a request; resolve with the response stream once headers arrive (errors already turned into ApiError). */
-  private open(method: string, path: string, body?: unknown, opts: { stream?: boolean } = {}): Promise<IncomingMessage> {
-    return new Promise((resolve, reject) => {
-      const text = body === undefined ? undefined : JSON.stringify(body);
-      const req = request(this.options(method, path, text !== undefined ? { "content-type": "application/json", "content-length": Buffer.byteLength(text) } : {}), (res) => {
-        const status = res.statusCode ?? 0;
-        if (status < 400) return resolve(res);
-        let data = "";
-        res.setEncoding("utf8");
-        res.on("data", (d: string) => (data += d));
-        res.on("end", () => {
-          let p: { code?: string; detail?: string; hint?: string } = {};
-          try {
-            p = JSON.parse(data) as typeof p;
-          } catch {
-            /* not problem+json: use the status */
-          }
-          reject(new ApiError(status, p.code ?? `HTTP_${status}`, p.detail ?? `HTTP ${status}`, p.hint));
-        });
-      });
-      // A stream (console or events follow) may be quiet for hours: only requests that expect an answer time out.
-      if (opts.stream !== true) req.setTimeout(this.timeoutMs, () => req.destroy(new Error(`no answer in ${this.timeoutMs / 1000} s`)));
-      req.on("error", (e) => reject(e instanceof TypevisorError ? e : this.unreachable(e)));
-      req.end(text);
+  private problem(status: number, body: Buffer): ApiError {
+    const p = parseProblem(body);
+    return new ApiError(status, p.code ?? `HTTP_${status}`, p.detail ?? `HTTP ${status}`, p.hint);
+  }
+
+  /** A whole answer; a status >= 400 becomes ApiError. */
+  private async answer(method: string, path: string, body?: unknown): Promise<Buffer> {
+    // .catch, not try: a body JSON cannot encode (a caller's spec) throws from httpRequest itself and stays a plain error.
+    const res = await httpRequest(this.options(method, path), body, this.timeoutMs).catch((e: unknown) => {
+      throw this.unreachable(e instanceof HttpTimeoutError ? new Error(`no answer in ${this.timeoutMs / 1000} s`) : (e as Error));
     });
+    if (res.status >= 400) throw this.problem(res.status, res.body);
+    return res.body;
   }
 
   private async json<T>(method: string, path: string, body?: unknown): Promise<T> {
-    const res = await this.open(method, path, body);
-    const chunks: Buffer[] = [];
-    for await (const c of res) chunks.push(c as Buffer);
-    const text = Buffer.concat(chunks).toString("utf8");
+    const text = (await this.answer(method, path, body)).toString("utf8");
     return (text === "" ? undefined : JSON.parse(text)) as T;
   }
 
-  private async bytes(path: string): Promise<Buffer> {
-    const res = await this.open("GET", path);
-    const chunks: Buffer[] = [];
-    for await (const c of res) chunks.push(c as Buffer);
-    return Buffer.concat(chunks);
+  private bytes(path: string): Promise<Buffer> {
+    return this.answer("GET", path);
+  }
+
+  /**
+   * A streamed GET (console or events follow): resolve with the live response once headers arrive.
+   * It may stay quiet for hours, so unlike answer() it has no timeout.
+   */
+  private open(path: string): Promise<IncomingMessage> {
+    return new Promise((resolve, reject) => {
+      const req = request(this.options("GET", path), (res) => {
+        const status = res.statusCode ?? 0;
+        if (status < 400) return resolve(res);
+        readBody(res).then((b) => reject(this.problem(status, b)), (e: Error) => reject(this.unreachable(e)));
+      });
+      req.on("error", (e) => reject(this.unreachable(e)));
+      req.end();
+    });
   }
 
   health(): Promise<Health> {
@@ -130,7 +129,7 @@ export class TypevisorClient {
   }
   /** The console as a stream that goes on with new output until destroyed. */
   followConsole(name: string, opts: { tail?: number } = {}): Promise<IncomingMessage> {
-    return this.open("GET", `/v1/vms/${encodeURIComponent(name)}/console?follow=true${opts.tail !== undefined ? `&tail=${opts.tail}` : ""}`, undefined, { stream: true });
+    return this.open(`/v1/vms/${encodeURIComponent(name)}/console?follow=true${opts.tail !== undefined ? `&tail=${opts.tail}` : ""}`);
   }
   /** The interactive serial console: a duplex byte stream to the guest's UART. */
   attachConsole(name: string): Promise<Duplex> {
@@ -140,19 +139,9 @@ export class TypevisorClient {
         if (head.length > 0) socket.unshift(head);
         resolve(socket);
       });
+      // Not upgraded: the daemon answered with a problem instead.
       req.on("response", (res) => {
-        let data = "";
-        res.setEncoding("utf8");
-        res.on("data", (d: string) => (data += d));
-        res.on("end", () => {
-          let p: { code?: string; detail?: string } = {};
-          try {
-            p = JSON.parse(data) as typeof p;
-          } catch {
-            /* keep the status */
-          }
-          reject(new ApiError(res.statusCode ?? 0, p.code ?? "HTTP", p.detail ?? `HTTP ${res.statusCode}`));
-        });
+        readBody(res).then((b) => reject(this.problem(res.statusCode ?? 0, b)), (e: Error) => reject(this.unreachable(e)));
       });
       req.on("error", (e) => reject(this.unreachable(e)));
       req.end();
@@ -171,7 +160,7 @@ export class TypevisorClient {
     const q = new URLSearchParams({ follow: "true" });
     if (opts.after !== undefined) q.set("after", String(opts.after));
     if (opts.vm !== undefined) q.set("vm", opts.vm);
-    const res = await this.open("GET", `/v1/events?${q.toString()}`, undefined, { stream: true });
+    const res = await this.open(`/v1/events?${q.toString()}`);
     let buf = "";
     try {
       res.setEncoding("utf8");

@@ -3,48 +3,31 @@
  * with JSON bodies on a unix socket. Every call has a deadline: a VMM that
  * hangs must not hang the daemon.
  */
-import { request } from "node:http";
 import { TypevisorError } from "../errors.js";
+import { HttpTimeoutError, httpRequest, parseProblem } from "../sys/http-request.js";
 
 export class VmmClient {
   constructor(readonly socketPath: string, private readonly timeoutMs = 10_000) {}
 
-  call<T = unknown>(method: string, path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<T> {
-    return new Promise((resolve, reject) => {
-      const text = body === undefined ? undefined : JSON.stringify(body);
-      const req = request(
-        {
-          socketPath: this.socketPath,
-          method,
-          path,
-          headers: text !== undefined ? { "content-type": "application/json", "content-length": Buffer.byteLength(text) } : {},
-          timeout: timeoutMs,
-        },
-        (res) => {
-          let data = "";
-          res.setEncoding("utf8");
-          res.on("data", (d: string) => (data += d));
-          res.on("end", () => {
-            let parsed: unknown;
-            try {
-              parsed = data === "" ? undefined : JSON.parse(data);
-            } catch {
-              reject(new TypevisorError("VMM_API", `VMM ${method} ${path}: answer is not JSON`));
-              return;
-            }
-            if ((res.statusCode ?? 500) >= 400) {
-              const p = parsed as { code?: string; detail?: string } | undefined;
-              reject(new TypevisorError(p?.code ?? "VMM_API", `VMM ${method} ${path}: ${p?.detail ?? `HTTP ${res.statusCode}`}`));
-              return;
-            }
-            resolve(parsed as T);
-          });
-        },
-      );
-      req.on("timeout", () => req.destroy(new TypevisorError("VMM_TIMEOUT", `VMM ${method} ${path}: no answer in ${timeoutMs} ms`)));
-      req.on("error", (e) => reject(e instanceof TypevisorError ? e : new TypevisorError("VMM_UNREACHABLE", `VMM ${method} ${path}: ${e.message}`, { cause: e })));
-      req.end(text);
+  async call<T = unknown>(method: string, path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<T> {
+    const where = `VMM ${method} ${path}`;
+    // .catch, not try: a body JSON cannot encode throws from httpRequest itself and stays a plain error.
+    const res = await httpRequest({ socketPath: this.socketPath, method, path }, body, timeoutMs).catch((e: unknown) => {
+      if (e instanceof HttpTimeoutError) throw new TypevisorError("VMM_TIMEOUT", `${where}: no answer in ${timeoutMs} ms`);
+      throw new TypevisorError("VMM_UNREACHABLE", `${where}: ${(e as Error).message}`, { cause: e });
     });
+    const text = res.body.toString("utf8");
+    let parsed: unknown;
+    try {
+      parsed = text === "" ? undefined : JSON.parse(text);
+    } catch {
+      throw new TypevisorError("VMM_API", `${where}: answer is not JSON`);
+    }
+    if (res.status >= 400) {
+      const p = parseProblem(text);
+      throw new TypevisorError(p.code ?? "VMM_API", `${where}: ${p.detail ?? `HTTP ${res.status}`}`);
+    }
+    return parsed as T;
   }
 
   info(): Promise<{ id?: string; state?: string; pid: number; boots?: number }> {
