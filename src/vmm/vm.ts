@@ -104,7 +104,7 @@ export interface IoTotals {
 }
 
 export interface IoStats extends IoTotals {
-  disks: { name: string; readBytes: number; writeBytes: number; readOps: number; writeOps: number }[];
+  disks: { name: string; readBytes: number; writeBytes: number; readOps: number; writeOps: number; ioThread: "none" | "running" | "failed" }[];
   nets: { name: string; rxBytes: number; txBytes: number; rxPackets: number; txPackets: number; rxDropped: number; txDropped: number }[];
 }
 

@@ -274,11 +274,18 @@ function rebuildPollSet(): void {
   pollSet.set(fds);
 }
 rebuildPollSet();
+/** When the disks were last asked to check on their I/O threads (BlockDevice.tick). */
+let lastTick = performance.now();
 while (Atomics.load(stop, 0) === 0) {
   // Back-end fds are polled only while their device wants them: a device without guest buffers wants none.
   if (wantedBackendsChanged()) rebuildPollSet();
   const ready = pollSet.wait(1000);
   balloon?.tick();
+  const now = performance.now();
+  if (now - lastTick >= 1000) {
+    lastTick = now;
+    for (const { dev } of disks) dev.tick();
+  }
   for (let r = 0; r < ready; r++) {
     const i = pollSet.readyIdx[r]!;
     const src = sources[i]!;

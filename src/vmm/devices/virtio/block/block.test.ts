@@ -222,13 +222,13 @@ describe("BlockDevice requests", () => {
   it("counts completed reads and writes (ops and payload bytes) for GET /stats, not failed ones", () => {
     const dev = new BlockDevice({ path: img.file, readonly: false });
     const r = rig(dev);
-    expect(dev.stats()).toEqual({ readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 });
+    expect(dev.stats()).toEqual({ readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0, ioThread: "none" });
     r.submit(VIRTIO_BLK_T.IN, 0n, [{ addr: DATA, len: 1024, write: true }]);
     r.submit(VIRTIO_BLK_T.OUT, 2n, [{ addr: DATA, len: 512 }]);
     r.submit(VIRTIO_BLK_T.OUT, 3n, [{ addr: DATA, len: 1536 }]);
     r.submit(VIRTIO_BLK_T.FLUSH, 0n, []);
     expect(r.submit(VIRTIO_BLK_T.IN, BigInt(SECTORS), [{ addr: DATA, len: 512, write: true }])[0]).toBe(VIRTIO_BLK_S.IOERR);
-    expect(dev.stats()).toEqual({ readBytes: 1024, writeBytes: 2048, readOps: 1, writeOps: 2 });
+    expect(dev.stats()).toEqual({ readBytes: 1024, writeBytes: 2048, readOps: 1, writeOps: 2, ioThread: "none" });
   });
 
   it("fails writes to a read-only disk with IOERR and leaves the file alone", () => {

@@ -147,6 +147,8 @@ export interface BlockStats {
   writeBytes: number;
   readOps: number;
   writeOps: number;
+  /** The disk's I/O thread: "none" (served on the device thread), "running", or "failed" (gone; served on the device thread since). */
+  ioThread: "none" | "running" | "failed";
 }
 
 export class BlockDevice implements VirtioDevice {
@@ -167,12 +169,13 @@ export class BlockDevice implements VirtioDevice {
   private writeThrough = true;
   /** The iovec array of a request done on this thread (one at a time). */
   private readonly iov = new IoVec();
-  private readonly io: BlockIoThread | undefined;
+  private io: BlockIoThread | undefined;
   /** Requests on the I/O thread, by slot. */
   private readonly pending: (Pending | undefined)[] = [];
   /** Poll this (the I/O thread's completion eventfd) and call onBackendReadable. */
-  readonly backendFds: readonly number[];
-  private readonly counters: BlockStats = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
+  backendFds: readonly number[];
+  private readonly counters: Omit<BlockStats, "ioThread"> = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
+  private ioThreadFailed = false;
   /** With an I/O thread: whether reads are first tried from the page cache here (readCached). */
   private nowaitReads = true;
 
@@ -269,6 +272,23 @@ export class BlockDevice implements VirtioDevice {
   /** Requests on the I/O thread not yet answered. */
   get inFlight(): number {
     return this.io?.inFlight ?? 0;
+  }
+
+  /**
+   * About once a second (the device thread's loop): a disk whose I/O thread is gone while
+   * requests wait on it gets them answered with IOERR and goes on without it, on the device
+   * thread, rather than leaving the guest waiting forever.
+   */
+  tick(): void {
+    const io = this.io;
+    if (io === undefined || io.inFlight === 0 || io.alive()) return;
+    io.abandon((slot, result) => this.finish(slot, result));
+    io.close();
+    this.io = undefined;
+    this.backendFds = [];
+    this.ioThreadFailed = true;
+    // Raises the interrupt for the answers, and serves here what waited in the ring for a slot.
+    this.notify(0);
   }
 
   /** The I/O thread finished requests: answer them, then take what waited for a free slot. */
@@ -413,7 +433,7 @@ export class BlockDevice implements VirtioDevice {
 
   /** Completed read/write requests and bytes since construction. */
   stats(): BlockStats {
-    return { ...this.counters };
+    return { ...this.counters, ioThread: this.io !== undefined ? "running" : this.ioThreadFailed ? "failed" : "none" };
   }
 
   /**

@@ -14,8 +14,8 @@ const CTL_BYTES = 16;
 const META_FIELDS = 8; // float64s per slot: one cache line
 const IOVEC_BYTES = 16;
 
-/** Control words (Int32). */
-export const CTL = { SUBMITTED: 0, COMPLETED: 1, STOP: 2 } as const;
+/** Control words (Int32). TID: the I/O thread's kernel thread id, stored when it starts (liveness). */
+export const CTL = { SUBMITTED: 0, COMPLETED: 1, STOP: 2, TID: 3 } as const;
 /** Slot fields (Float64). */
 export const META = { OP: 0, POS: 1, LEN: 2, IOVCNT: 3, SYNC: 4, RESULT: 5 } as const;
 /** Operations. */

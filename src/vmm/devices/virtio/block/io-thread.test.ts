@@ -10,7 +10,7 @@ import { TestDriver, type DriverBuf } from "../queue/test-driver.js";
 import { fuzzCase, harness, runFuzzCase } from "../queue/test-fuzz.js";
 import { goodRead } from "./test-requests.js";
 import { BlockDevice, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
-import { SLOTS, SLOT_IOV } from "./io-ring.js";
+import { CTL, SLOTS, SLOT_IOV } from "./io-ring.js";
 
 /*
  * virtio-blk with its file I/O on a real I/O thread (io-worker.ts, from dist/: `npm run build`
@@ -95,7 +95,7 @@ describe("virtio-blk on an I/O thread", () => {
       expect(used.map((u) => u.len).sort((x, y) => x - y)).toEqual([1, 1, 2049]);
       expect(Buffer.concat([r.mem.read(a0 + 0x10, 512), r.mem.read(0xc000, 1536)]).equals(img.content.subarray(8 * 512, 12 * 512))).toBe(true);
       expect(fs.readFileSync(img.file).subarray(100 * 512, 102 * 512).every((b) => b === 0x5a)).toBe(true);
-      expect(dev.stats()).toEqual({ readBytes: 2048, writeBytes: 1024, readOps: 1, writeOps: 1 });
+      expect(dev.stats()).toEqual({ readBytes: 2048, writeBytes: 1024, readOps: 1, writeOps: 1, ioThread: "running" });
       expect(r.h.interrupts.length).toBeGreaterThan(0);
       expect(r.h.resets).toEqual([]);
     } finally {
@@ -195,7 +195,7 @@ describe("virtio-blk on an I/O thread", () => {
       expect(Buffer.from(r.mem.read(r.area(0) + 0x10, 512)).equals(img.content.subarray(40 * 512, 41 * 512))).toBe(true);
       settle(dev);
       expect(r.drv.takeUsed()).toEqual([{ id: 3, len: 1 }]);
-      expect(dev.stats()).toEqual({ readBytes: 512, writeBytes: 512, readOps: 1, writeOps: 1 });
+      expect(dev.stats()).toEqual({ readBytes: 512, writeBytes: 512, readOps: 1, writeOps: 1, ioThread: "running" });
     } finally {
       dev.close();
     }
@@ -208,6 +208,7 @@ describe("virtio-blk on an I/O thread", () => {
     const dev = new BlockDevice({ path: file, readonly: false, ioThread: "tv-blk-test" });
     try {
       expect(dev.backendFds).toEqual([]);
+      expect(dev.stats().ioThread).toBe("none");
       const r = rig(dev);
       const { status, used } = r.run([
         { type: VIRTIO_BLK_T.IN, sector: 5n, data: [{ addr: r.area(0) + 0x10, len: 512, write: true }] },
@@ -259,6 +260,84 @@ describe("virtio-blk on an I/O thread", () => {
       for (let i = 0; i < 8; i++) expect(Buffer.from(r.mem.read(r.area(i) + 0x10, 512)).equals(img.content.subarray(i * 4 * 512, (i * 4 + 1) * 512))).toBe(true);
       expect(r.drv.takeUsed()).toEqual([]);
       dev.onBackendReadable(dev.backendFds[0]!); // a late eventfd wake-up after reset: nothing to answer
+      expect(r.drv.takeUsed()).toEqual([]);
+    } finally {
+      dev.close();
+    }
+  });
+});
+
+describe("virtio-blk whose I/O thread is gone", () => {
+  /** A device whose I/O thread has started (stored its tid) and then ended, as a crashed worker would. */
+  async function deadThread(file: string): Promise<BlockDevice> {
+    const dev = new BlockDevice({ path: file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    // Private handles reached the way TypeScript allows for tests: the device has no "kill" API.
+    const io = dev["io"]!;
+    for (let waited = 0; Atomics.load(io["ring"].ctl, CTL.TID) === 0; waited += 10) {
+      if (waited > 10_000) throw new Error("I/O thread did not start in 10 s");
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    expect(io.alive()).toBe(true);
+    await io["worker"].terminate();
+    expect(io.alive()).toBe(false);
+    return dev;
+  }
+
+  it("tick() answers the requests stuck on it with IOERR, and the disk goes on without it", async () => {
+    const img = image();
+    const dev = await deadThread(img.file);
+    try {
+      const r = rig(dev);
+      const fd = dev.backendFds[0]!;
+      for (let i = 0; i < 3; i++) {
+        r.mem.writeU32(r.area(i), VIRTIO_BLK_T.IN);
+        r.mem.writeU64(r.area(i) + 8, BigInt(i));
+        r.mem.writeU8(r.area(i) + 0x3ff, 0xee);
+        r.drv.publish(r.drv.addChain([{ addr: r.area(i), len: 16 }, { addr: r.area(i) + 0x10, len: 512, write: true }, { addr: r.area(i) + 0x3ff, len: 1, write: true }]));
+      }
+      dev.notify(0);
+      expect(dev.inFlight).toBe(3);
+      expect(pollIn([fd], 200)).toEqual([]); // nobody will complete them
+      const irqs = r.h.interrupts.length;
+      dev.tick();
+      expect(dev.inFlight).toBe(0);
+      expect(dev.backendFds).toEqual([]);
+      expect(dev.stats().ioThread).toBe("failed");
+      expect([0, 1, 2].map((i) => r.mem.readU8(r.area(i) + 0x3ff))).toEqual([VIRTIO_BLK_S.IOERR, VIRTIO_BLK_S.IOERR, VIRTIO_BLK_S.IOERR]);
+      expect(r.drv.takeUsed()).toEqual([{ id: 0, len: 1 }, { id: 3, len: 1 }, { id: 6, len: 1 }]);
+      expect(r.h.interrupts.length).toBeGreaterThan(irqs);
+      // Served on the calling thread from now on, at once.
+      const { status } = r.run([{ type: VIRTIO_BLK_T.IN, sector: 7n, data: [{ addr: r.area(0) + 0x10, len: 512, write: true }] }]);
+      expect(status).toEqual([VIRTIO_BLK_S.OK]);
+      expect(Buffer.from(r.mem.read(r.area(0) + 0x10, 512)).equals(img.content.subarray(7 * 512, 8 * 512))).toBe(true);
+      expect(r.h.resets).toEqual([]);
+    } finally {
+      dev.close();
+    }
+  });
+
+  it("tick() leaves a live thread alone, and reset does not wait forever on a dead one", async () => {
+    const img = image();
+    const live = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    try {
+      const r = rig(live);
+      live.tick();
+      expect(r.run([{ type: VIRTIO_BLK_T.IN, sector: 1n, data: [{ addr: r.area(0) + 0x10, len: 512, write: true }] }]).status).toEqual([VIRTIO_BLK_S.OK]);
+      expect(live.stats().ioThread).toBe("running");
+    } finally {
+      live.close();
+    }
+    const dev = await deadThread(img.file);
+    try {
+      const r = rig(dev);
+      r.mem.writeU32(r.area(0), VIRTIO_BLK_T.IN);
+      r.drv.publish(r.drv.addChain([{ addr: r.area(0), len: 16 }, { addr: r.area(0) + 0x10, len: 512, write: true }, { addr: r.area(0) + 0x3ff, len: 1, write: true }]));
+      dev.notify(0);
+      expect(dev.inFlight).toBe(1);
+      const t0 = Date.now();
+      dev.reset(); // one liveness wait (1 s), then it gives up on the thread
+      expect(Date.now() - t0).toBeLessThan(5000);
+      expect(dev.inFlight).toBe(0);
       expect(r.drv.takeUsed()).toEqual([]);
     } finally {
       dev.close();

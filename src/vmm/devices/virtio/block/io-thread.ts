@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs";
 import { Worker } from "node:worker_threads";
 import type { IoVec } from "../../../../sys/iov.js";
 import * as libc from "../../../../sys/libc.js";
@@ -5,11 +6,22 @@ import { workerUrl } from "../../../worker-url.js";
 import { CTL, META, metaAt, SLOTS, ioRing, type IoRing } from "./io-ring.js";
 import type { IoWorkerInit } from "./io-worker.js";
 
+/** How long drain() waits for a completion before it asks whether the thread is still there. */
+const LIVENESS_MS = 1000;
+/** How long a thread that has not yet stored its tid counts as starting. */
+const START_GRACE_MS = 30_000;
+
 /**
  * The device thread's handle on a disk's I/O thread (io-worker.ts): submit requests into free
  * slots, reap completions when `eventfd` is readable (the device thread polls it with the
  * queue kicks), drain before a reset or a snapshot. Up to SLOTS requests are in flight; the
  * device leaves further ones in the available ring until a slot frees (back-pressure).
+ *
+ * The device thread never returns to its event loop, so it would not hear of the worker's end
+ * ("exit" event): whether the thread is still there is asked of the kernel instead
+ * (/proc/self/task/TID, proc(5)), by the device about once a second while requests are in
+ * flight, and by drain() whenever a wait times out. A thread that is gone has its requests
+ * answered with EIO (abandon) and is not used again.
  */
 export class BlockIoThread {
   /** Readable when requests completed (one count per completion). */
@@ -19,9 +31,12 @@ export class BlockIoThread {
   private submitted = 0;
   private reaped = 0;
   private closed = false;
+  /** Set by abandon(): the thread is gone and its in-flight requests were answered. */
+  private gone = false;
+  private readonly startedAt = performance.now();
 
   /** `fd`: the disk image, owned by the caller and open until after close(). */
-  constructor(fd: number, name: string) {
+  constructor(fd: number, private readonly name: string) {
     this.ring = ioRing();
     this.eventfd = libc.eventfd();
     const init: IoWorkerInit = { sab: this.ring.sab, fd, eventfd: this.eventfd, name };
@@ -83,12 +98,49 @@ export class BlockIoThread {
    */
   drain(done: (slot: number, result: number) => void): void {
     for (;;) {
+      if (this.gone) return;
       const c = Atomics.load(this.ring.ctl, CTL.COMPLETED);
       if (c === this.submitted) break;
-      // As long as the disk takes: a reset must not return while I/O still lands in guest memory.
-      Atomics.wait(this.ring.ctl, CTL.COMPLETED, c);
+      // As long as the disk takes (a reset must not return while I/O still lands in guest
+      // memory), but not for a thread that is no longer there.
+      if (Atomics.wait(this.ring.ctl, CTL.COMPLETED, c, LIVENESS_MS) === "timed-out" && !this.alive()) {
+        this.abandon(done);
+        return;
+      }
     }
     this.reap(done);
+  }
+
+  /**
+   * Whether the thread still exists: its tid names a task of this process with its name (a tid
+   * is reused only after the thread is gone). Before it has stored its tid, a thread counts as
+   * starting for START_GRACE_MS (a worker's start takes seconds under an emulated CPU).
+   */
+  alive(): boolean {
+    if (this.gone) return false;
+    const tid = Atomics.load(this.ring.ctl, CTL.TID);
+    if (tid === 0) return performance.now() - this.startedAt < START_GRACE_MS;
+    try {
+      // comm holds at most 15 bytes of the name (pthread_setname_np(3)).
+      return readFileSync(`/proc/self/task/${tid}/comm`, "utf8").trim() === this.name.slice(0, 15);
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * The thread is gone: reap what it finished, answer the rest with -EIO in submission order,
+   * and never use it again (whatever it had started on those buffers ended with it).
+   */
+  abandon(done: (slot: number, result: number) => void): void {
+    if (this.gone) return;
+    this.reap(done);
+    while (this.reaped !== this.submitted) {
+      const slot = this.reaped & (SLOTS - 1);
+      this.reaped = (this.reaped + 1) | 0;
+      done(slot, -libc.EIO);
+    }
+    this.gone = true;
   }
 
   /** Drain (results dropped), stop the thread and close the eventfd. */

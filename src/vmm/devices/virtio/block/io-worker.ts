@@ -25,6 +25,8 @@ const init = workerData as IoWorkerInit;
 const ring = ioRing(init.sab);
 const { ctl, meta } = ring;
 libc.pthreadSetName(libc.pthreadSelf(), init.name);
+// Named first, then the tid: the device thread's liveness check finds /proc/self/task/TID/comm = name.
+Atomics.store(ctl, CTL.TID, libc.gettid());
 
 function execute(slot: number): number {
   const op = meta[metaAt(slot, META.OP)]!;
