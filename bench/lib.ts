@@ -119,8 +119,17 @@ export const nodePerfArgs = (): string[] => (PERF ? ["--perf-basic-prof"] : []);
  */
 export function perfAttach(pid: number, label: string): () => () => Promise<void> {
   if (!PERF) return () => async () => undefined;
-  const out = `/tmp/bench-perf-${pid}.data`;
-  const rec = spawn("perf", ["record", "-q", "--no-buildid", "-e", "cpu-clock", "-F", "997", "-g", "--per-thread", "-p", String(pid), "-o", out], { stdio: "ignore" });
+  const args = ["-e", "cpu-clock", "-F", "997", "-g", "--per-thread", "-p", String(pid)];
+  return perfRecord(args, `/tmp/bench-perf-${pid}.data`, (out) => report(out, label));
+}
+
+/**
+ * `perf record -q --no-buildid ARGS -o out` in the background; the returned function stops it
+ * (SIGINT, without waiting) and returns the function that waits for perf to write `out` and then
+ * runs `summarize` on it.
+ */
+function perfRecord(args: string[], out: string, summarize: (out: string) => void): () => () => Promise<void> {
+  const rec = spawn("perf", ["record", "-q", "--no-buildid", ...args, "-o", out], { stdio: "ignore" });
   const done = new Promise((r) => {
     rec.once("exit", r);
     // No perf binary (apt-get install linux-perf): say so, and let the benchmark go on.
@@ -133,7 +142,7 @@ export function perfAttach(pid: number, label: string): () => () => Promise<void
     rec.kill("SIGINT");
     return async () => {
       await done;
-      report(out, label);
+      summarize(out);
     };
   };
 }
@@ -157,33 +166,22 @@ export const SCHED = process.env["BENCH_SCHED"] === "1";
 
 export function schedAttach(pid: number, label: string): () => () => Promise<void> {
   if (!SCHED) return () => async () => undefined;
-  const out = `/tmp/bench-sched-${pid}.data`;
   const events = ["sched:sched_switch", "sched:sched_wakeup", "kvm:kvm_exit", "kvm:kvm_msi_set_irq"];
-  const rec = spawn("perf", ["record", "-q", "--no-buildid", ...events.flatMap((e) => ["-e", e]), "-a", "-o", out], { stdio: "ignore" });
-  const done = new Promise((r) => {
-    rec.once("exit", r);
-    rec.once("error", (e) => {
-      console.log(`bench: perf could not start: ${e.message}`);
-      r(undefined);
-    });
-  });
-  return () => {
-    rec.kill("SIGINT");
-    return async () => {
-      await done;
-      const s = spawnSync("perf", ["script", "-i", out, "-F", "comm,tid,time,event,trace"], { encoding: "utf8", maxBuffer: 1 << 28 });
-      const lines = (s.stdout ?? "").split("\n").filter((l) => l.trim() !== "");
-      const switches = new Map<string, number>();
-      for (const l of lines) {
-        const m = /prev_comm=(.+?) prev_pid=(\d+) prev_prio=\d+ prev_state=(\S+)/.exec(l);
-        if (m === null) continue;
-        const key = `${m[1]}/${m[2]} ${m[3]}`;
-        switches.set(key, (switches.get(key) ?? 0) + 1);
-      }
-      const top = [...switches].sort((a, b) => b[1] - a[1]).slice(0, 20);
-      console.log(`sched ${label}: ${lines.length} events; switches away by thread and state: ${top.map(([k, v]) => `${k} ${v}`).join(", ")}`);
-      const mid = Math.floor(lines.length / 2);
-      console.log(lines.slice(mid, mid + 80).join("\n"));
-    };
-  };
+  return perfRecord([...events.flatMap((e) => ["-e", e]), "-a"], `/tmp/bench-sched-${pid}.data`, (out) => schedReport(out, label));
+}
+
+function schedReport(out: string, label: string): void {
+  const s = spawnSync("perf", ["script", "-i", out, "-F", "comm,tid,time,event,trace"], { encoding: "utf8", maxBuffer: 1 << 28 });
+  const lines = (s.stdout ?? "").split("\n").filter((l) => l.trim() !== "");
+  const switches = new Map<string, number>();
+  for (const l of lines) {
+    const m = /prev_comm=(.+?) prev_pid=(\d+) prev_prio=\d+ prev_state=(\S+)/.exec(l);
+    if (m === null) continue;
+    const key = `${m[1]}/${m[2]} ${m[3]}`;
+    switches.set(key, (switches.get(key) ?? 0) + 1);
+  }
+  const top = [...switches].sort((a, b) => b[1] - a[1]).slice(0, 20);
+  console.log(`sched ${label}: ${lines.length} events; switches away by thread and state: ${top.map(([k, v]) => `${k} ${v}`).join(", ")}`);
+  const mid = Math.floor(lines.length / 2);
+  console.log(lines.slice(mid, mid + 80).join("\n"));
 }
