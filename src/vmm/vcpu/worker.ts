@@ -176,13 +176,14 @@ function loop(): { request: VmRequestCode; reason: string; dump?: string } {
 /** Nicer than the VMM's other threads by init.niceOffset (defaults.ts DEFAULT_VCPU_NICE says why). */
 function applyNice(): { nice: number; niceError?: string } {
   const tid = libc.gettid();
-  const inherited = libc.threadNice(tid);
-  const nice = Math.min(MAX_NICE, inherited + init.niceOffset);
-  if (nice === inherited) return { nice };
+  let inherited = 0;
   try {
-    libc.setThreadNice(tid, nice);
+    inherited = libc.threadNice(tid);
+    const nice = Math.min(MAX_NICE, inherited + init.niceOffset);
+    if (nice !== inherited) libc.setThreadNice(tid, nice);
     return { nice };
   } catch (e) {
+    // Only a seccomp filter or the like refuses this; the vCPU runs on at the weight it has.
     return { nice: inherited, niceError: (e as Error).message };
   }
 }
