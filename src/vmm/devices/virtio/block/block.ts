@@ -282,13 +282,20 @@ export class BlockDevice implements VirtioDevice {
   tick(): void {
     const io = this.io;
     if (io === undefined || io.inFlight === 0 || io.alive()) return;
+    this.dropIoThread();
+    // Raises the interrupt for the answers, and serves here what waited in the ring for a slot.
+    this.notify(0);
+  }
+
+  /** The I/O thread is gone: answer what is stuck on it (IOERR) and serve everything here from now on. */
+  private dropIoThread(): void {
+    const io = this.io;
+    if (io === undefined) return;
     io.abandon((slot, result) => this.finish(slot, result));
     io.close();
     this.io = undefined;
     this.backendFds = [];
     this.ioThreadFailed = true;
-    // Raises the interrupt for the answers, and serves here what waited in the ring for a slot.
-    this.notify(0);
   }
 
   /** The I/O thread finished requests: answer them, then take what waited for a free slot. */
@@ -361,6 +368,8 @@ export class BlockDevice implements VirtioDevice {
   reset(): void {
     // The guest's buffers must not change under I/O once the driver thinks the device is reset.
     this.io?.drain(() => {});
+    // A drain that found the thread gone: serve here from now on.
+    if (this.io?.gone === true) this.dropIoThread();
     this.pending.length = 0;
     this.ctx = undefined;
     this.queues = [];
@@ -371,6 +380,7 @@ export class BlockDevice implements VirtioDevice {
     // In-flight requests are completed into the used ring first, so the cursors saved are final.
     if (this.io !== undefined && this.io.inFlight > 0) {
       this.io.drain((slot, result) => this.finish(slot, result));
+      if (this.io.gone) this.dropIoThread();
       const q = this.queues[0];
       if (this.ctx !== undefined && q !== undefined && q.broken === undefined && q.needsInterrupt()) this.ctx.interruptQueue(0);
     }

@@ -316,7 +316,7 @@ describe("virtio-blk whose I/O thread is gone", () => {
     }
   });
 
-  it("tick() leaves a live thread alone, and reset does not wait forever on a dead one", async () => {
+  it("tick() leaves a live thread alone; reset does not wait forever on a dead one, and the disk goes on without it", async () => {
     const img = image();
     const live = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
     try {
@@ -339,6 +339,12 @@ describe("virtio-blk whose I/O thread is gone", () => {
       expect(Date.now() - t0).toBeLessThan(5000);
       expect(dev.inFlight).toBe(0);
       expect(r.drv.takeUsed()).toEqual([]);
+      expect(dev.stats().ioThread).toBe("failed");
+      expect(dev.backendFds).toEqual([]);
+      // The driver sets the device up again: requests are served on the calling thread.
+      const again = rig(dev);
+      expect(again.run([{ type: VIRTIO_BLK_T.IN, sector: 9n, data: [{ addr: again.area(0) + 0x10, len: 512, write: true }] }]).status).toEqual([VIRTIO_BLK_S.OK]);
+      expect(Buffer.from(again.mem.read(again.area(0) + 0x10, 512)).equals(img.content.subarray(9 * 512, 10 * 512))).toBe(true);
     } finally {
       dev.close();
     }

@@ -32,7 +32,7 @@ export class BlockIoThread {
   private reaped = 0;
   private closed = false;
   /** Set by abandon(): the thread is gone and its in-flight requests were answered. */
-  private gone = false;
+  private gone_ = false;
   private readonly startedAt = performance.now();
 
   /** `fd`: the disk image, owned by the caller and open until after close(). */
@@ -98,7 +98,7 @@ export class BlockIoThread {
    */
   drain(done: (slot: number, result: number) => void): void {
     for (;;) {
-      if (this.gone) return;
+      if (this.gone_) return;
       const c = Atomics.load(this.ring.ctl, CTL.COMPLETED);
       if (c === this.submitted) break;
       // As long as the disk takes (a reset must not return while I/O still lands in guest
@@ -111,13 +111,18 @@ export class BlockIoThread {
     this.reap(done);
   }
 
+  /** Whether abandon() has run: the thread is not to be used again. */
+  get gone(): boolean {
+    return this.gone_;
+  }
+
   /**
    * Whether the thread still exists: its tid names a task of this process with its name (a tid
    * is reused only after the thread is gone). Before it has stored its tid, a thread counts as
    * starting for START_GRACE_MS (a worker's start takes seconds under an emulated CPU).
    */
   alive(): boolean {
-    if (this.gone) return false;
+    if (this.gone_) return false;
     const tid = Atomics.load(this.ring.ctl, CTL.TID);
     if (tid === 0) return performance.now() - this.startedAt < START_GRACE_MS;
     try {
@@ -133,14 +138,15 @@ export class BlockIoThread {
    * and never use it again (whatever it had started on those buffers ended with it).
    */
   abandon(done: (slot: number, result: number) => void): void {
-    if (this.gone) return;
+    // Once only: afterwards `reaped` is past COMPLETED, which reap() must never see.
+    if (this.gone_) return;
     this.reap(done);
     while (this.reaped !== this.submitted) {
       const slot = this.reaped & (SLOTS - 1);
       this.reaped = (this.reaped + 1) | 0;
       done(slot, -libc.EIO);
     }
-    this.gone = true;
+    this.gone_ = true;
   }
 
   /** Drain (results dropped), stop the thread and close the eventfd. */
