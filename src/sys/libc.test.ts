@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
+import { parseStatFields } from "../control/proc.js";
 import * as libc from "./libc.js";
 
 /** The mappings of this process that overlap [start, end), from /proc/self/maps. */
@@ -35,11 +36,8 @@ describe("mmapAligned", () => {
   });
 });
 
-/** Field 19 of /proc/PID/stat (nice); the command name in field 2 may hold spaces, so split after its ")". */
-function procNice(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
-}
+/** Field 19 of /proc/PID/stat: the nice value (proc(5)). */
+const procNice = (pid: number): number => Number(parseStatFields(readFileSync(`/proc/${pid}/stat`, "utf8"))![19]);
 
 describe("threadNice / setThreadNice", () => {
   it("read and raise another task's nice value, as the kernel reports it", async () => {

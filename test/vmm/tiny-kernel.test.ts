@@ -7,6 +7,7 @@ import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import { parseStatFields } from "../../src/control/proc.js";
 import { parseBzImage, validateKernel } from "../../src/vmm/arch/x86_64/boot/index.js";
 import { Vm } from "../../src/vmm/vm.js";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, tinyKernelImage } from "../helpers/tiny-kernel.js";
@@ -35,7 +36,7 @@ function boot(consoleFd: number, vcpuNice?: number): Vm {
 
 /** Nice value (field 19 of stat) of this process's threads named `comm`, and of the calling thread. */
 function threadNices(comm: string): { named: number[]; self: number } {
-  const nice = (stat: string) => Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
+  const nice = (stat: string) => Number(parseStatFields(stat)![19]);
   const named = readdirSync("/proc/self/task")
     .filter((t) => readFileSync(`/proc/self/task/${t}/comm`, "utf8").trim() === comm)
     .map((t) => nice(readFileSync(`/proc/self/task/${t}/stat`, "utf8")));

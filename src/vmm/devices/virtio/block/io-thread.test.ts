@@ -29,6 +29,10 @@ function image(): { file: string; content: Buffer } {
 }
 const sha = (file: string): string => createHash("sha256").update(fs.readFileSync(file)).digest("hex");
 
+/** A device on `file` whose every read and write goes through its own I/O thread. */
+const onThread = (file: string, readonly = false): BlockDevice =>
+  new BlockDevice({ path: file, readonly, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+
 /** Reap completions until the device has answered everything it handed its I/O thread. */
 function settle(dev: BlockDevice): void {
   const fd = dev.backendFds[0]!;
@@ -78,7 +82,7 @@ function rig(dev: BlockDevice) {
 describe("virtio-blk on an I/O thread", () => {
   it("reads and writes through the I/O thread: data, used lengths, counters and interrupts as on the device thread", () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    const dev = onThread(img.file);
     try {
       const r = rig(dev);
       expect(dev.backendFds).toHaveLength(1);
@@ -105,7 +109,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it(`takes ${SLOTS + 9} requests published at once: ${SLOTS} in flight, the rest wait in the ring and all complete in order of submission`, () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    const dev = onThread(img.file);
     try {
       const r = rig(dev);
       const count = SLOTS + 9;
@@ -155,7 +159,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it(`a request of more pieces than a slot holds (${SLOT_IOV}) is served on the device thread, in full`, () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: true, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    const dev = onThread(img.file, true);
     try {
       const r = rig(dev);
       const pieces = SLOT_IOV + 64;
@@ -226,7 +230,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it("a host I/O failure on the I/O thread fails that request with IOERR and the disk goes on", () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    const dev = onThread(img.file);
     try {
       const r = rig(dev);
       fs.truncateSync(img.file, 100 * 512); // shrunk under the device: reads past it hit end of file
@@ -244,7 +248,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it("reset waits for requests in flight and answers none of them afterwards", () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    const dev = onThread(img.file);
     try {
       const r = rig(dev);
       const reqs = Array.from({ length: 8 }, (_, i) => r.drv.addChain([{ addr: r.area(i), len: 16 }, { addr: r.area(i) + 0x10, len: 512, write: true }, { addr: r.area(i) + 0x3ff, len: 1, write: true }]));
@@ -270,7 +274,7 @@ describe("virtio-blk on an I/O thread", () => {
 describe("virtio-blk whose I/O thread is gone", () => {
   /** A device whose I/O thread has started (stored its tid) and then ended, as a crashed worker would. */
   async function deadThread(file: string): Promise<BlockDevice> {
-    const dev = new BlockDevice({ path: file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    const dev = onThread(file);
     // Private handles reached the way TypeScript allows for tests: the device has no "kill" API.
     const io = dev["io"]!;
     for (let waited = 0; Atomics.load(io["ring"].ctl, CTL.TID) === 0; waited += 10) {
@@ -318,7 +322,7 @@ describe("virtio-blk whose I/O thread is gone", () => {
 
   it("tick() leaves a live thread alone; reset does not wait forever on a dead one, and the disk goes on without it", async () => {
     const img = image();
-    const live = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    const live = onThread(img.file);
     try {
       const r = rig(live);
       live.tick();
@@ -354,7 +358,7 @@ describe("virtio-blk whose I/O thread is gone", () => {
 describe("virtio-blk on an I/O thread: snapshot", () => {
   it("save() answers the requests in flight first, so the saved cursors cover them, and raises the interrupt", () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    const dev = onThread(img.file);
     try {
       const r = rig(dev);
       for (let i = 0; i < 8; i++) {
@@ -378,17 +382,21 @@ describe("virtio-blk on an I/O thread: snapshot", () => {
 
 describe("virtio-blk on an I/O thread, adversarial rings (property)", () => {
   const types = Object.values(VIRTIO_BLK_T);
+  /** One hostile-ring case against a fresh device with its own I/O thread on `file`. */
+  const fuzzOnThread = (file: string, readonly: boolean, c: Parameters<typeof runFuzzCase>[1]): void => {
+    const dev = onThread(file, readonly);
+    try {
+      runFuzzCase(dev, c, goodRead(file), () => settle(dev));
+    } finally {
+      dev.close();
+    }
+  };
   // Fewer runs than the device-thread property: each case starts a thread.
   it("read-write disk: never throws, writes only where allowed, still serves reads", () => {
     const { file } = image();
     fc.assert(
       fc.property(fuzzCase(types), (c) => {
-        const dev = new BlockDevice({ path: file, readonly: false, ioThread: "tv-blk-fuzz", readsOnIoThread: true, inMemoryFilesInline: false });
-        try {
-          runFuzzCase(dev, c, goodRead(file), () => settle(dev));
-        } finally {
-          dev.close();
-        }
+        fuzzOnThread(file, false, c);
         expect(fs.statSync(file).size).toBe(SECTORS * 512);
       }),
       { numRuns: 100 },
@@ -400,12 +408,7 @@ describe("virtio-blk on an I/O thread, adversarial rings (property)", () => {
     const hash = sha(file);
     fc.assert(
       fc.property(fuzzCase(types), (c) => {
-        const dev = new BlockDevice({ path: file, readonly: true, ioThread: "tv-blk-fuzz", readsOnIoThread: true, inMemoryFilesInline: false });
-        try {
-          runFuzzCase(dev, c, goodRead(file), () => settle(dev));
-        } finally {
-          dev.close();
-        }
+        fuzzOnThread(file, true, c);
         expect(sha(file)).toBe(hash);
       }),
       { numRuns: 100 },
