@@ -4,13 +4,10 @@
  * process that does not exist (or vanished while being read): a VMM can exit at any moment.
  */
 import { readFileSync } from "node:fs";
+import { CLK_TCK, parseStatFields } from "../sys/proc-stat.js";
 
-/**
- * USER_HZ, the unit of the tick counts in /proc/PID/stat (proc(5): "measured in clock ticks
- * (divide by sysconf(_SC_CLK_TCK))"). Linux fixes USER_HZ at 100 for user space on every
- * architecture we run on, whatever the kernel's internal HZ, so no `getconf CLK_TCK` round trip.
- */
-export const CLK_TCK = 100;
+// Re-exported: the control plane and its tests read /proc through this module.
+export { CLK_TCK, parseStatFields };
 
 function readProc(pid: number, file: string): string | undefined {
   // pids come from the inventory: anything but a positive integer names no process
@@ -21,20 +18,6 @@ function readProc(pid: number, file: string): string | undefined {
     // ENOENT (no such process), ESRCH (it exited while we read): both mean "not there"
     return undefined;
   }
-}
-
-/**
- * The fields of a /proc/PID/stat line, numbered as in proc(5) (1 = pid, 2 = comm, 3 = state, ...),
- * so `fields[22]` is starttime. comm (field 2) is in parentheses and may itself hold spaces and
- * parentheses ("(a) b)"), so the fields after it are split from the LAST ')'.
- */
-export function parseStatFields(line: string): string[] | undefined {
-  const open = line.indexOf("(");
-  const close = line.lastIndexOf(")");
-  if (open < 0 || close < open) return undefined;
-  const rest = line.slice(close + 1).trim().split(/\s+/);
-  // index 0 unused, so that indices match proc(5)'s 1-based field numbers
-  return ["", line.slice(0, open).trim(), line.slice(open + 1, close), ...rest];
 }
 
 function statFields(pid: number): string[] | undefined {

@@ -4,6 +4,11 @@
  * /sys/fs/cgroup), chroot into it, check that /dev/kvm is real KVM (kvm_amd, svm), run the spec,
  * report its exit code with a marker (see console.ts) and power off. Parameters come on the kernel
  * command line as tvlab.* words.
+ *
+ * Three serial ports: ttyS0 carries the command (its output, markers, an interactive terminal);
+ * ttyS1 is the kernel's console (its messages go to a log file on the host, apart from the
+ * command's output); the third, on its own IRQ, is the agent's: a shell loop that answers "dump"
+ * with the lab's timers, interrupts and threads (agent.ts), for the host's silence watchdog.
  */
 
 /** Modules the lab loads, dependencies resolved from the modules themselves; `?` = only if present. */
@@ -36,12 +41,15 @@ export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-nonce=x spec="" tty=none stdin=null
+# the kernel console is ttyS1 (the host's kernel log); the command and the markers use ttyS0
+exec </dev/null >/dev/ttyS0 2>&1
+nonce=x spec="" agent="" tty=none stdin=null
 set -f
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     tvlab.nonce=*) nonce="\${arg#tvlab.nonce=}" ;;
     tvlab.spec=*) spec="\${arg#tvlab.spec=}" ;;
+    tvlab.agent=*) agent="\${arg#tvlab.agent=}" ;;
     tvlab.tty=*) tty="\${arg#tvlab.tty=}" ;;
     tvlab.stdin=*) stdin="\${arg#tvlab.stdin=}" ;;
   esac
@@ -77,6 +85,18 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 # runner may do, must be visible), and writes land in the overlay's tmpfs like everywhere else.
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 cp /spec.sh /newroot/run/typevisor-lab.sh
+if [ -n "$agent" ] && cp "/newroot$(echo "$agent" | base64 -d)" /agent.sh; then
+  # answers "dump" on its own port; it runs outside the chroot, beside the command, until poweroff
+  (
+    exec 3<>/dev/ttyS2 || exit 0
+    stty raw -echo <&3
+    while read -r req <&3; do
+      [ "$req" = dump ] || continue
+      sh /agent.sh >&3 2>&1
+      echo "@@TVLAB:$nonce:agent-end@@" >&3
+    done
+  ) &
+fi
 [ -c /dev/kvm ] || fail "no /dev/kvm in the lab: the kvm modules did not load"
 grep -qw svm /proc/cpuinfo || fail "the lab CPU has no svm flag: QEMU did not emulate AMD-V"
 [ -d /sys/module/kvm_amd ] || fail "kvm_amd is not loaded in the lab"
@@ -84,22 +104,22 @@ hostname typevisor-lab
 set -o pipefail
 # raw newlines on the console: the host adds carriage returns where it needs them (a terminal
 # does, even in Node's raw mode, which keeps ONLCR)
-stty -onlcr < /dev/console
+stty -onlcr < /dev/ttyS0
 echo "@@TVLAB:$nonce:start@@"
 if [ "$tty" = none ]; then
   # the host's stdout is no terminal: give the command a pipe so it does not draw for one
   chroot /newroot /bin/sh /run/typevisor-lab.sh < /dev/null 2>&1 | cat
   code=$?
 else
-  case "$tty" in 0x*|*x0) ;; *) stty cols "\${tty%x*}" rows "\${tty#*x}" < /dev/console ;; esac
-  # the console node inside the chroot, so that ttyname() in the command finds it
+  case "$tty" in 0x*|*x0) ;; *) stty cols "\${tty%x*}" rows "\${tty#*x}" < /dev/ttyS0 ;; esac
+  # the terminal's node inside the chroot, so that ttyname() in the command finds it
   if [ "$stdin" = console ]; then
-    # interactive: the host forwards its raw terminal; the command owns the console as its
+    # interactive: the host forwards its raw terminal; the command owns ttyS0 as its
     # controlling tty, so ^C reaches it
-    setsid -c chroot /newroot /bin/sh /run/typevisor-lab.sh < /newroot/dev/console > /newroot/dev/console 2>&1
+    setsid -c chroot /newroot /bin/sh /run/typevisor-lab.sh < /newroot/dev/ttyS0 > /newroot/dev/ttyS0 2>&1
     code=$?
   else
-    chroot /newroot /bin/sh /run/typevisor-lab.sh < /dev/null > /newroot/dev/console 2>&1
+    chroot /newroot /bin/sh /run/typevisor-lab.sh < /dev/null > /newroot/dev/ttyS0 2>&1
     code=$?
   fi
 fi

@@ -1,10 +1,11 @@
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Writable } from "node:stream";
 import { describe, expect, it } from "vitest";
 import { parseLabArgs } from "./cli.js";
 import { hostKvmKind, isInLab } from "./kvm-kind.js";
-import { labQemuArgs, runInLab } from "./lab.js";
+import { findOnPath, labQemuArgs, QEMU, runInLab } from "./lab.js";
 
 describe("hostKvmKind", () => {
   it("tells none, pvm and hardware apart from /dev/kvm and /sys/module/kvm_pvm", () => {
@@ -34,11 +35,20 @@ describe("lab command line", () => {
   });
 
   it("QEMU gets the kvm-lab recipe: q35, TCG, EPYC, no NIC, host root read-only over virtfs", () => {
-    const a = labQemuArgs({ kernel: "/k", initrd: "/i", release: "r", package: "p" }, { memoryMiB: 512, cpus: 1, append: "x" }).join(" ");
+    const a = labQemuArgs({ kernel: "/k", initrd: "/i", release: "r", package: "p" }, {
+      memoryMiB: 512,
+      cpus: 1,
+      append: "x",
+      ports: { kernelLog: "/l/k,1.log", agentSocket: "/s/agent", qmpSocket: "/s/qmp" },
+    }).join(" ");
     expect(a).toContain("-M q35 -accel tcg");
     expect(a).toContain("-cpu EPYC -smp 1 -m 512");
     expect(a).toContain("-nic none");
     expect(a).toMatch(/-virtfs local,path=\/,mount_tag=hostroot,security_model=none,readonly=on/);
+    // the command's terminal, the kernel log (a comma in a path doubled, as QemuOpts wants), the agent, QMP
+    expect(a).toContain("-serial mon:stdio -chardev file,id=tvklog,path=/l/k,,1.log -serial chardev:tvklog");
+    expect(a).toContain("-chardev socket,id=tvagent,path=/s/agent,server=on,wait=off -device isa-serial,chardev=tvagent,iobase=0x3e8,irq=5");
+    expect(a).toContain("-qmp unix:/s/qmp,server=on,wait=off");
   });
 });
 
@@ -56,4 +66,44 @@ describe("runInLab errors", () => {
     await expect(runInLab([])).rejects.toMatchObject({ code: "LAB_NO_COMMAND" });
     await expect(runInLab(["true"], { env: { ...process.env, TYPEVISOR_LAB_MEMORY: "lots" } })).rejects.toMatchObject({ code: "LAB_BAD_ENV" });
   });
+});
+
+// A real lab boot (about a minute): QEMU and the Debian kernel the lab uses, from the host's packages.
+describe.runIf(findOnPath(QEMU) !== undefined)("the silence watchdog, in a real lab", () => {
+  it("diagnoses a command that goes silent and fails it with LAB_SILENT, the kernel's messages kept apart", async () => {
+    let output = "";
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        output += chunk.toString("utf8");
+        cb();
+      },
+    });
+    const err = await runInLab(["sh", "-c", "echo before-the-silence; sleep 1000; echo never"], { output: sink, silenceSec: 10, env: process.env }).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toMatchObject({ code: "LAB_SILENT", message: expect.stringContaining("went silent") });
+    const message = (err as Error).message;
+    const console = /lab console log: (\S+);/.exec(message)?.[1];
+    const kernel = /lab kernel log: (\S+)$/.exec(message)?.[1];
+    expect(console).toBeDefined();
+    expect(kernel).toBeDefined();
+    // the command's output is its own: no kernel messages in it
+    expect(output).toBe("before-the-silence\n");
+    const log = readFileSync(console!, "utf8");
+    // QEMU's threads with their system calls, the lab CPU's APIC timer, the lab's timers and threads
+    expect(log).toMatch(/CPU 0\/TCG .*futex|CPU 0\/TCG .* R /);
+    expect(log).toMatch(/ppoll\(.*timeout \d+\.\d+ s/);
+    expect(log).toContain("== (qemu) info lapic");
+    expect(log).toMatch(/LVTT\s+0x[0-9a-f]+/);
+    expect(log).toContain("== /proc/timer_list");
+    expect(log).toMatch(/hrtimer_nanosleep\s+clock_nanosleep/);
+    const klog = readFileSync(kernel!, "utf8");
+    expect(klog).toContain("Linux version");
+    // SysRq pressed on the lab's keyboard through QMP reached its kernel
+    expect(klog).toContain("sysrq: Show Blocked State");
+    expect(klog).toContain("sysrq: Show backtrace of all active CPUs");
+    rmSync(console!, { force: true });
+    rmSync(kernel!, { force: true });
+  }, 240_000);
 });

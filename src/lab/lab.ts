@@ -5,8 +5,9 @@
  */
 import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { createWriteStream, existsSync, rmSync, type WriteStream } from "node:fs";
+import { createWriteStream, existsSync, mkdtempSync, rmSync, type WriteStream } from "node:fs";
 import { mkdir, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
 import type { Writable } from "node:stream";
 import { TypevisorError } from "../errors.js";
@@ -15,7 +16,9 @@ import { fetchPackage, kernelImage, kernelRelease, KERNEL_PACKAGE, tempName, typ
 import { cacheDir } from "../images/dirs.js";
 import { busyboxEntries, busyboxPath, moduleEntries, skeletonEntries } from "../images/initramfs.js";
 import { indexModules, resolveLoadOrder } from "../images/kmod.js";
+import { agentScript } from "./agent.js";
 import { ConsoleFilter } from "./console.js";
+import { agentReport, qemuThreadsReport, qmpReport } from "./diagnose.js";
 import { LAB_INIT, LAB_MODULES } from "./init.js";
 import { passedEnv, specScript } from "./spec.js";
 
@@ -73,6 +76,11 @@ export interface LabOptions {
   timeoutSec?: number;
   /** Limit from QEMU start to command start, seconds (default 180). */
   bootTimeoutSec?: number;
+  /**
+   * Fail with LAB_SILENT, after collecting a diagnosis into the log, when a non-interactive command
+   * prints nothing for this many seconds (default $TYPEVISOR_LAB_SILENCE or 300; 0: never).
+   */
+  silenceSec?: number;
   cwd?: string;
   env?: Env;
   cache?: string;
@@ -109,8 +117,22 @@ export function findOnPath(cmd: string, env: Env = process.env): string | undefi
   return undefined;
 }
 
-export function labQemuArgs(k: LabKernel, o: { memoryMiB: number; cpus: number; append: string }): string[] {
+/** A value inside a QEMU option list (`-chardev socket,path=...`): commas are doubled (QEMU's QemuOpts). */
+const optValue = (v: string): string => v.replaceAll(",", ",,");
+
+export interface LabPorts {
+  /** The kernel's console (ttyS1) goes to this file. */
+  kernelLog: string;
+  /** The lab agent's serial port (ttyS2), a unix socket QEMU listens on. */
+  agentSocket: string;
+  /** QMP, a unix socket QEMU listens on. */
+  qmpSocket: string;
+}
+
+export function labQemuArgs(k: LabKernel, o: { memoryMiB: number; cpus: number; append: string; ports: LabPorts }): string[] {
   return [
+    // thread names ("CPU 0/TCG") in /proc, for the watchdog's report of QEMU's own threads
+    "-name", "typevisor-lab,debug-threads=on",
     "-M", "q35",
     // a bigger translation cache than QEMU's default means fewer flushes while node runs
     "-accel", "tcg,tb-size=1024",
@@ -120,6 +142,16 @@ export function labQemuArgs(k: LabKernel, o: { memoryMiB: number; cpus: number; 
     "-nographic",
     "-no-reboot",
     "-nic", "none",
+    // ttyS0: the command's terminal, muxed with QEMU's monitor (Ctrl-A x quits)
+    "-serial", "mon:stdio",
+    // ttyS1: the kernel's console, to a file of its own
+    "-chardev", `file,id=tvklog,path=${optValue(o.ports.kernelLog)}`,
+    "-serial", "chardev:tvklog",
+    // the agent's port: on IRQ 5, not the ISA default 4, which QEMU would share with ttyS0 by
+    // overwriting one line's level with the other's (an ISA IRQ is one qemu_irq, not a wired OR)
+    "-chardev", `socket,id=tvagent,path=${optValue(o.ports.agentSocket)},server=on,wait=off`,
+    "-device", "isa-serial,chardev=tvagent,iobase=0x3e8,irq=5",
+    "-qmp", `unix:${optValue(o.ports.qmpSocket)},server=on,wait=off`,
     "-kernel", k.kernel,
     "-initrd", k.initrd,
     "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -127,9 +159,18 @@ export function labQemuArgs(k: LabKernel, o: { memoryMiB: number; cpus: number; 
   ];
 }
 
+const KERNEL_LOG = ".kernel.log";
+
+/** Keep the newest `keep` runs' logs (a run has a console log and a kernel log). */
 async function pruneLogs(dir: string, keep: number): Promise<void> {
-  const logs = (await readdir(dir)).filter((f) => f.endsWith(".log")).sort();
-  for (const f of logs.slice(0, Math.max(0, logs.length - keep))) await rm(join(dir, f), { force: true });
+  const files = await readdir(dir);
+  const runs = files.filter((f) => f.endsWith(".log") && !f.endsWith(KERNEL_LOG)).sort();
+  const kept = new Set(runs.slice(Math.max(0, runs.length - keep)).map((f) => f.slice(0, -".log".length)));
+  for (const f of files) {
+    if (!f.endsWith(".log")) continue;
+    const base = f.endsWith(KERNEL_LOG) ? f.slice(0, -KERNEL_LOG.length) : f.slice(0, -".log".length);
+    if (!kept.has(base)) await rm(join(dir, f), { force: true });
+  }
 }
 
 /**
@@ -144,6 +185,7 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
   const cpus = opts.cpus ?? envInt(env, "TYPEVISOR_LAB_CPUS", 1, 1, 64);
   const timeoutSec = opts.timeoutSec ?? envInt(env, "TYPEVISOR_LAB_TIMEOUT", 3600, 1, 7 * 86400);
   const bootTimeoutSec = Math.min(opts.bootTimeoutSec ?? 180, timeoutSec);
+  const silenceSec = opts.silenceSec ?? envInt(env, "TYPEVISOR_LAB_SILENCE", 300, 0, 7 * 86400);
   const cache = opts.cache ?? cacheDir(env);
   const say = opts.progress ?? (() => undefined);
 
@@ -165,30 +207,44 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
   await mkdir(logs, { recursive: true });
   const specPath = join(runs, `${nonce}.sh`);
   await writeFile(specPath, specScript(argv, cwd, passedEnv(env)));
-  const logPath = join(logs, `lab-${new Date().toISOString().replaceAll(":", "-")}-${nonce}.log`);
+  const agentPath = join(runs, `${nonce}.agent.sh`);
+  await writeFile(agentPath, agentScript(process.execPath));
+  const logBase = join(logs, `lab-${new Date().toISOString().replaceAll(":", "-")}-${nonce}`);
+  const logPath = `${logBase}.log`;
+  const kernelLogPath = `${logBase}${KERNEL_LOG}`;
   const log: WriteStream = createWriteStream(logPath);
+  // sockets in a short private directory: a unix socket path has 107 bytes at most (unix(7))
+  const sockDir = mkdtempSync(join(tmpdir(), "tvlab-"));
+  const ports: LabPorts = { kernelLog: kernelLogPath, agentSocket: join(sockDir, "agent"), qmpSocket: join(sockDir, "qmp") };
 
   const tty = opts.tty === undefined ? "none" : `${opts.tty.columns}x${opts.tty.rows}`;
   const interactive = opts.tty !== undefined && (opts.interactive ?? process.stdin.isTTY === true);
   const append = [
-    "console=ttyS0",
+    // the kernel's messages, all of them, on ttyS1 (the kernel log file), not in the command's output
+    "console=ttyS1",
+    "loglevel=7",
     "panic=-1",
-    "quiet",
-    "loglevel=3",
+    // SysRq from the watchdog (every function), and the hung-task detector's reports
+    "sysctl.kernel.sysrq=1",
+    "sysctl.kernel.hung_task_timeout_secs=60",
+    "sysctl.kernel.hung_task_warnings=-1",
     `tvlab.nonce=${nonce}`,
     `tvlab.spec=${Buffer.from(specPath).toString("base64")}`,
+    `tvlab.agent=${Buffer.from(agentPath).toString("base64")}`,
     `tvlab.tty=${tty}`,
     `tvlab.stdin=${interactive ? "console" : "null"}`,
   ].join(" ");
   say(`booting the lab: ${k.package}, ${memoryMiB} MiB, ${cpus} CPU${cpus > 1 ? "s" : ""}`);
   const t0 = performance.now();
-  const child = spawn(qemu, labQemuArgs(k, { memoryMiB, cpus, append }), { stdio: ["pipe", "pipe", "pipe"] });
+  const child = spawn(qemu, labQemuArgs(k, { memoryMiB, cpus, append, ports }), { stdio: ["pipe", "pipe", "pipe"] });
   const filter = new ConsoleFilter(nonce);
   const out = opts.output ?? process.stdout;
 
   let rawSet = false;
   const cleanup = (): void => {
     rmSync(specPath, { force: true });
+    rmSync(agentPath, { force: true });
+    rmSync(sockDir, { recursive: true, force: true });
     if (rawSet) {
       process.stdin.unpipe(child.stdin);
       process.stdin.setRawMode(false);
@@ -214,26 +270,55 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
   });
 
   type Outcome = { code: number } | { error: TypevisorError };
+  /** When the command last printed, and the longest it has been silent so far (ms). */
+  let lastOutput = performance.now();
+  let longestSilence = 0;
+  let diagnosing = false;
   const outcome = await new Promise<Outcome>((resolve) => {
     const finish = (o: Outcome): void => {
       if (decided) return;
       decided = true;
       clearTimeout(bootTimer);
       clearTimeout(runTimer);
+      clearInterval(silenceTimer);
       // nothing in the lab persists (read-only host root, tmpfs overlay): no need to wait for its poweroff
       child.kill("SIGKILL");
       resolve(o);
     };
     const failure = (code: string, message: string): TypevisorError =>
-      new TypevisorError(code, `${message}; lab console log: ${logPath}`, { hint: "read the log; TYPEVISOR_LAB_MEMORY, TYPEVISOR_LAB_CPUS and TYPEVISOR_LAB_TIMEOUT size the lab" });
+      new TypevisorError(code, `${message}; lab console log: ${logPath}; lab kernel log: ${kernelLogPath}`, {
+        hint: "read the logs; TYPEVISOR_LAB_MEMORY, TYPEVISOR_LAB_CPUS, TYPEVISOR_LAB_TIMEOUT and TYPEVISOR_LAB_SILENCE size the lab",
+      });
     const bootTimer = setTimeout(() => {
       if (filter.phase === "boot") finish({ error: failure("LAB_BOOT_FAILED", `the lab did not start the command within ${bootTimeoutSec} s`) });
     }, bootTimeoutSec * 1000);
     const runTimer = setTimeout(() => finish({ error: failure("LAB_TIMEOUT", `the lab run exceeded TYPEVISOR_LAB_TIMEOUT=${timeoutSec} s`) }), timeoutSec * 1000);
+    // The silence watchdog: an interactive command may sit at a prompt for ever, any other one
+    // that prints nothing for silenceSec is taken as stalled, diagnosed (diagnose.ts) and failed.
+    const silenceTimer = setInterval(() => {
+      if (filter.phase !== "running" || diagnosing) return;
+      const quiet = performance.now() - lastOutput;
+      if (silenceSec === 0 || interactive || quiet < silenceSec * 1000) return;
+      diagnosing = true;
+      say(`the command printed nothing for ${Math.round(quiet / 1000)} s: collecting a diagnosis of the lab into ${logPath}`);
+      void diagnoseSilence(child.pid, ports, nonce, (text) => {
+        if (!decided) log.write(text);
+      }).then((summary) => {
+        finish({
+          error: failure(
+            "LAB_SILENT",
+            `the command went silent: it printed nothing for ${Math.round(quiet / 1000)} s (TYPEVISOR_LAB_SILENCE=${silenceSec}); ${summary}; the diagnosis (QEMU threads, lab CPU and APIC state, lab timers, every thread, each VMM's report) is in the console log and SysRq dumps in the kernel log`,
+          ),
+        });
+      });
+    }, Math.min(5000, Math.max(1000, silenceSec * 250)));
 
     child.stdout.on("data", (d: Buffer) => {
       if (decided) return;
       log.write(d);
+      const now = performance.now();
+      if (filter.phase === "running") longestSilence = Math.max(longestSilence, now - lastOutput);
+      lastOutput = now;
       const { output, events } = filter.push(d.toString("latin1"));
       if (output !== "") out.write(Buffer.from(output, "latin1"));
       for (const ev of events) {
@@ -244,6 +329,7 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
             process.stdin.pipe(child.stdin);
           }
           const ms = performance.now() - t0;
+          lastOutput = performance.now();
           say(`lab up in ${(ms / 1000).toFixed(1)} s; running: ${argv.join(" ")}`);
           opts.onStart?.(ms);
         } else if (ev.kind === "exit") {
@@ -273,9 +359,36 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
     await pruneLogs(logs, 20);
     throw outcome.error;
   }
+  say(`the command exited with ${outcome.code} after ${((performance.now() - t0) / 1000).toFixed(0)} s; its longest silence: ${(longestSilence / 1000).toFixed(0)} s`);
   // keep logs of failed lab runs only, unless asked to keep them all
-  if (env["TYPEVISOR_LAB_KEEP_LOG"] === "1") say(`console log: ${logPath}`);
-  else if ((await stat(logPath)).isFile()) await rm(logPath, { force: true });
+  if (env["TYPEVISOR_LAB_KEEP_LOG"] === "1") say(`console log: ${logPath}; kernel log: ${kernelLogPath}`);
+  else {
+    if ((await stat(logPath)).isFile()) await rm(logPath, { force: true });
+    await rm(kernelLogPath, { force: true });
+  }
   await pruneLogs(logs, 20);
   return outcome.code;
+}
+
+/**
+ * Collect what the lab can tell about a stall (diagnose.ts) into the log, step by step; resolve
+ * with a one-line summary for the error.
+ */
+async function diagnoseSilence(qemuPid: number | undefined, ports: LabPorts, nonce: string, write: (text: string) => void): Promise<string> {
+  const section = (title: string, body: string): void => write(`\n\n==== typevisor-lab watchdog: ${title} ====\n${body}\n`);
+  const notes: string[] = [];
+  if (qemuPid !== undefined) {
+    const threads = qemuThreadsReport(qemuPid);
+    section("QEMU's threads on the host", threads);
+    const hours = /timeout \d+\.\d+ s \(([\d.]+) h/.exec(threads);
+    if (hours !== null) notes.push(`QEMU's main loop waits ${hours[1]} h for its next timer (the emulated host has no timer due)`);
+  }
+  const qmp = await qmpReport(ports.qmpSocket);
+  section("QMP: lab CPUs, local APIC, PIC; SysRq l, w, t", qmp);
+  const agent = await agentReport(ports.agentSocket, `@@TVLAB:${nonce}:agent-end@@`, 60_000);
+  section("lab agent: timers, interrupts, every process and thread, VMM reports", agent);
+  if (/did not finish|closed its port|lab agent:/.test(agent)) notes.push("the lab agent did not answer in full");
+  // QEMU's threads again: whether the SysRq keys and the agent woke the lab up
+  if (qemuPid !== undefined) section("QEMU's threads on the host, after the diagnosis", qemuThreadsReport(qemuPid));
+  return notes.length > 0 ? notes.join("; ") : "see the diagnosis";
 }
