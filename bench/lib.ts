@@ -1,4 +1,5 @@
 import { execFileSync, spawn, spawnSync } from "node:child_process";
+import { SYNC_TIMEOUT_MS } from "../test/helpers/sync-timeout.js";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { CLK_TCK, parseStatFields } from "../src/control/proc.js";
 
@@ -68,7 +69,7 @@ const KVM_KEYS = [
 export function mountDebugfs(): boolean {
   if (existsSync(KVM_DEBUGFS)) return true;
   try {
-    execFileSync("mount", ["-t", "debugfs", "none", "/sys/kernel/debug"], { stdio: "ignore" });
+    execFileSync("mount", ["-t", "debugfs", "none", "/sys/kernel/debug"], { stdio: "ignore", timeout: SYNC_TIMEOUT_MS });
   } catch {
     // not root or no debugfs: the counters are left out
   }
@@ -149,7 +150,7 @@ function perfRecord(args: string[], out: string, summarize: (out: string) => voi
 
 function report(out: string, label: string): void {
   for (const [sort, limit] of [["comm,dso", "0.5"], ["comm,dso,sym", "0.3"]] as const) {
-    const rep = spawnSync("perf", ["report", "-i", out, "--stdio", "--no-children", "--sort", sort, "--percent-limit", limit, "-g", "none"], { encoding: "utf8" });
+    const rep = spawnSync("perf", ["report", "-i", out, "--stdio", "--no-children", "--sort", sort, "--percent-limit", limit, "-g", "none"], { encoding: "utf8", timeout: SYNC_TIMEOUT_MS });
     // Keep the sample count from the header: percentages of two reports compare only through it.
     const lines = (rep.stdout ?? "").split("\n").filter((l) => (l.trim() !== "" && !l.startsWith("#")) || l.startsWith("# Samples"));
     console.log(`perf ${label} (${sort}):\n${lines.join("\n")}${rep.stderr ? `\n${rep.stderr.slice(0, 500)}` : ""}`);
@@ -171,7 +172,7 @@ export function schedAttach(pid: number, label: string): () => () => Promise<voi
 }
 
 function schedReport(out: string, label: string): void {
-  const s = spawnSync("perf", ["script", "-i", out, "-F", "comm,tid,time,event,trace"], { encoding: "utf8", maxBuffer: 1 << 28 });
+  const s = spawnSync("perf", ["script", "-i", out, "-F", "comm,tid,time,event,trace"], { encoding: "utf8", maxBuffer: 1 << 28, timeout: SYNC_TIMEOUT_MS });
   const lines = (s.stdout ?? "").split("\n").filter((l) => l.trim() !== "");
   const switches = new Map<string, number>();
   for (const l of lines) {

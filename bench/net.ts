@@ -8,6 +8,7 @@
  * Run: npm run bench:net
  */
 import { execFileSync } from "node:child_process";
+import { SYNC_TIMEOUT_MS } from "../test/helpers/sync-timeout.js";
 import { readFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { runScriptArg } from "../src/images/guest-init.js";
@@ -118,9 +119,9 @@ async function once(cmd: string, args: string[]): Promise<Result> {
 
 async function main(): Promise<void> {
   const img = imagePaths("minimal");
-  execFileSync("ip", ["tuntap", "add", "dev", TAP, "mode", "tap"]);
-  execFileSync("ip", ["addr", "add", `${HOST}/24`, "dev", TAP]);
-  execFileSync("ip", ["link", "set", TAP, "up"]);
+  execFileSync("ip", ["tuntap", "add", "dev", TAP, "mode", "tap"], { timeout: SYNC_TIMEOUT_MS });
+  execFileSync("ip", ["addr", "add", `${HOST}/24`, "dev", TAP], { timeout: SYNC_TIMEOUT_MS });
+  execFileSync("ip", ["link", "set", TAP, "up"], { timeout: SYNC_TIMEOUT_MS });
   const srv = await servers();
   if (!mountDebugfs()) console.log("bench/net: no KVM debugfs here, KVM counters left out");
   const cmdline = `console=ttyS0 panic=-1 quiet ${runScriptArg(SCRIPT)}`;
@@ -151,7 +152,7 @@ async function main(): Promise<void> {
     }
   } finally {
     for (const s of srv) s.close();
-    execFileSync("ip", ["link", "del", TAP]);
+    execFileSync("ip", ["link", "del", TAP], { timeout: SYNC_TIMEOUT_MS });
   }
   for (const [k, label] of [["toHostMBs", "TCP guest->host (MB/s)"], ["toGuestMBs", "TCP host->guest (MB/s)"]] as const) {
     console.log(compare(label, res.typevisor.map((r) => r[k]), res.qemu.map((r) => r[k])));

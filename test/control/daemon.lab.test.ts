@@ -6,6 +6,7 @@
  * of the daemon followed by a restart that re-attaches the running VMs.
  */
 import { spawn, spawnSync } from "node:child_process";
+import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
 import { existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -61,7 +62,7 @@ function consoleRun(name: string, line: string, expect: RegExp, timeoutMs = 60_0
 
 afterAll(async () => {
   if (d === undefined) return;
-  for (const v of (await d.client.listVms().catch(() => [])) as VmInfo[]) if (v.pid !== undefined) spawnSync("kill", ["-9", String(v.pid)]);
+  for (const v of (await d.client.listVms().catch(() => [])) as VmInfo[]) if (v.pid !== undefined) spawnSync("kill", ["-9", String(v.pid)], { timeout: SYNC_TIMEOUT_MS });
   await d.stop();
 });
 

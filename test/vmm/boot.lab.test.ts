@@ -3,6 +3,7 @@
  * Images are built on the host before the lab starts (`npm run test:lab`).
  */
 import { spawnSync } from "node:child_process";
+import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { request } from "node:http";
 import { getPriority, tmpdir } from "node:os";
@@ -133,7 +134,7 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
     const dir = mkdtempSync(join(tmpdir(), "tv-bad-"));
     const bad = join(dir, "truncated");
     writeFileSync(bad, readFileSync(img.kernel).subarray(0, 4096));
-    const r = spawnSync(process.execPath, [BIN, "run", "--no-lab", "--kernel", bad], { encoding: "utf8" });
+    const r = spawnSync(process.execPath, [BIN, "run", "--no-lab", "--kernel", bad], { encoding: "utf8", timeout: SYNC_TIMEOUT_MS });
     expect(r.status).toBe(2);
     expect(r.stderr.trim().split("\n")[0]).toMatch(/^typevisor: error\[KERNEL_INVALID\]/);
   });

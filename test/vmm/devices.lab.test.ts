@@ -4,6 +4,7 @@
  * with e2fsprogs' debugfs (a reader nobody here wrote).
  */
 import { execFileSync } from "node:child_process";
+import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
 import { createHash } from "node:crypto";
 import { copyFileSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -55,9 +56,9 @@ describe("virtio devices over PCI under real KVM", () => {
 
     // The host reads the file out of the ext4 image with debugfs.
     const out = join(dir, "data.bin");
-    execFileSync("debugfs", ["-R", `dump /data.bin ${out}`, disk], { stdio: "ignore" });
+    execFileSync("debugfs", ["-R", `dump /data.bin ${out}`, disk], { stdio: "ignore", timeout: SYNC_TIMEOUT_MS });
     expect(sha256(readFileSync(out))).toBe(sum);
-    expect(execFileSync("e2fsck", ["-fn", disk], { encoding: "utf8" })).toMatch(/clean|files/);
+    expect(execFileSync("e2fsck", ["-fn", disk], { encoding: "utf8", timeout: SYNC_TIMEOUT_MS })).toMatch(/clean|files/);
 
     const again = await boot(["--disk", disk], 'echo "sum=$(sha256sum /data.bin | cut -d" " -f1)"', "root=/dev/vda");
     expect(again.out).toContain(`sum=${sum}`);

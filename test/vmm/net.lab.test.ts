@@ -4,6 +4,7 @@
  * uses busybox ping and nc.
  */
 import { execFileSync } from "node:child_process";
+import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
 import { createHash, randomBytes } from "node:crypto";
 import { createServer, type Server } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -23,9 +24,9 @@ describe("virtio-net on a TAP under real KVM", () => {
   const servers: Server[] = [];
 
   beforeAll(async () => {
-    execFileSync("ip", ["tuntap", "add", "dev", TAP, "mode", "tap"]);
-    execFileSync("ip", ["addr", "add", `${HOST}/24`, "dev", TAP]);
-    execFileSync("ip", ["link", "set", TAP, "up"]);
+    execFileSync("ip", ["tuntap", "add", "dev", TAP, "mode", "tap"], { timeout: SYNC_TIMEOUT_MS });
+    execFileSync("ip", ["addr", "add", `${HOST}/24`, "dev", TAP], { timeout: SYNC_TIMEOUT_MS });
+    execFileSync("ip", ["link", "set", TAP, "up"], { timeout: SYNC_TIMEOUT_MS });
     // 5000: send toGuest then close. 5001: collect what the guest sends.
     servers.push(createServer((s) => s.end(toGuest)));
     // The guest's busybox nc does not close on end of input, so the host closes once it has it all.
@@ -42,7 +43,7 @@ describe("virtio-net on a TAP under real KVM", () => {
 
   afterAll(() => {
     for (const s of servers) s.close();
-    execFileSync("ip", ["link", "del", TAP]);
+    execFileSync("ip", ["link", "del", TAP], { timeout: SYNC_TIMEOUT_MS });
   });
 
   it("the guest pings the host and moves tens of MiB each way over TCP, checksums intact", async () => {

@@ -4,6 +4,7 @@
  * here with the host's gcc and added to the initramfs as a second cpio archive).
  */
 import { execFileSync } from "node:child_process";
+import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
 import { createHash, randomBytes } from "node:crypto";
 import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { connect, createServer } from "node:net";
@@ -22,8 +23,8 @@ const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 function initrdWithTool(dir: string): string {
   const root = join(dir, "root");
   mkdirSync(join(root, "bin"), { recursive: true });
-  execFileSync("gcc", ["-static", "-O2", "-o", join(root, "bin", "vsock-tool"), TOOL_C]);
-  const extra = execFileSync("sh", ["-c", "find bin | cpio -o -H newc --quiet"], { cwd: root });
+  execFileSync("gcc", ["-static", "-O2", "-o", join(root, "bin", "vsock-tool"), TOOL_C], { timeout: SYNC_TIMEOUT_MS });
+  const extra = execFileSync("sh", ["-c", "find bin | cpio -o -H newc --quiet"], { cwd: root, timeout: SYNC_TIMEOUT_MS });
   const out = join(dir, "initrd-vsock.img");
   writeFileSync(out, Buffer.concat([readFileSync(imagePaths("minimal").initrd), extra]));
   return out;
