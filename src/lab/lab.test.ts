@@ -65,6 +65,8 @@ describe("runInLab errors", () => {
   it("refuses an empty command and bad sizing knobs", async () => {
     await expect(runInLab([])).rejects.toMatchObject({ code: "LAB_NO_COMMAND" });
     await expect(runInLab(["true"], { env: { ...process.env, TYPEVISOR_LAB_MEMORY: "lots" } })).rejects.toMatchObject({ code: "LAB_BAD_ENV" });
+    await expect(runInLab(["true"], { env: { ...process.env, TYPEVISOR_LAB_SILENCE: "-1" } })).rejects.toMatchObject({ code: "LAB_BAD_ENV" });
+    await expect(runInLab(["true"], { env: { ...process.env, TYPEVISOR_LAB_APPEND: "x".repeat(1025) } })).rejects.toMatchObject({ code: "LAB_BAD_ENV" });
   });
 });
 

@@ -186,6 +186,9 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
   const timeoutSec = opts.timeoutSec ?? envInt(env, "TYPEVISOR_LAB_TIMEOUT", 3600, 1, 7 * 86400);
   const bootTimeoutSec = Math.min(opts.bootTimeoutSec ?? 180, timeoutSec);
   const silenceSec = opts.silenceSec ?? envInt(env, "TYPEVISOR_LAB_SILENCE", 300, 0, 7 * 86400);
+  const extraAppend = (env["TYPEVISOR_LAB_APPEND"] ?? "").split(/\s+/).filter((w) => w !== "");
+  // x86's COMMAND_LINE_SIZE is 2048 bytes; the lab's own words take about 600 of them
+  if (extraAppend.join(" ").length > 1024) throw new TypevisorError("LAB_BAD_ENV", "TYPEVISOR_LAB_APPEND is over 1024 bytes (the lab kernel's command line holds 2048)");
   const cache = opts.cache ?? cacheDir(env);
   const say = opts.progress ?? (() => undefined);
 
@@ -228,6 +231,8 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
     "sysctl.kernel.sysrq=1",
     "sysctl.kernel.hung_task_timeout_secs=60",
     "sysctl.kernel.hung_task_warnings=-1",
+    // extra lab kernel parameters, for experiments with the lab kernel itself (docs/lab.md)
+    ...extraAppend,
     `tvlab.nonce=${nonce}`,
     `tvlab.spec=${Buffer.from(specPath).toString("base64")}`,
     `tvlab.agent=${Buffer.from(agentPath).toString("base64")}`,
