@@ -79,9 +79,18 @@ function attachHandler(manager: VmManager): (req: IncomingMessage, socket: Duple
     socket.end(`HTTP/1.1 ${p.status} ${p.code}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
   };
   return (req, socket, head) => {
+    // A client may reset the connection at any point, even before our answer: without a listener
+    // that 'error' would be thrown from the socket and end the daemon.
+    socket.on("error", () => socket.destroy());
     const m = /^\/v1\/vms\/([^/?]+)\/console\/attach(?:\?.*)?$/.exec(req.url ?? "");
     if (req.method !== "GET" || m === null) return fail(socket, toProblem(notFound(req.method ?? "", req.url ?? "")));
-    const name = decodeURIComponent(m[1]!);
+    let name: string;
+    try {
+      name = decodeURIComponent(m[1]!);
+    } catch {
+      // URIError: a malformed percent-encoding ("%E0%A4%A")
+      return fail(socket, problem(400, "INVALID_REQUEST", "path.name: malformed percent-encoding"));
+    }
     if (!vmName.safeParse(name).success) return fail(socket, problem(400, "INVALID_REQUEST", "path.name: not a VM name"));
     let paths: ReturnType<VmManager["consolePaths"]>;
     try {

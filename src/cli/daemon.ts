@@ -4,7 +4,7 @@
  * running when it stops unless --stop-vms-on-exit; a new daemon re-attaches
  * to them.
  */
-import { mkdirSync } from "node:fs";
+import { chmodSync, mkdirSync } from "node:fs";
 import { Option, type Command } from "commander";
 import { pino } from "pino";
 import { TypevisorError } from "../errors.js";
@@ -64,7 +64,12 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     startTimeoutMs: seconds("--start-timeout", o.startTimeout),
     usageIntervalMs: seconds("--usage-interval", o.usageInterval),
   };
+  // Everything the daemon makes (inventory, sockets, VM directories, logs) and every VMM it starts
+  // is for its owner alone: umask first, so no file is ever created looser and narrowed later.
+  process.umask(0o077);
   mkdirSync(home, { recursive: true, mode: 0o700 });
+  // a home that already existed keeps its mode through mkdir: narrow it at every start
+  chmodSync(home, 0o700);
   checkSocketPaths(home);
   const socketPath = o.socket ?? homePaths(home).socket;
 
