@@ -66,6 +66,10 @@ afterAll(async () => {
   await d.stop();
 });
 
+/** A progress line: the lab's silence watchdog (docs/lab.md) sees a long test is alive, a reader where it is. */
+const t0 = performance.now();
+const step = (what: string): void => console.log(`daemon.lab: ${what} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+
 describe("the daemon with Debian guests under real KVM", () => {
   it("runs three VMs from the minimal image through the CLI, isolates them, and survives its own SIGKILL", async () => {
     d = await startDaemon({ home, args: ["--usage-interval", "2"] });
@@ -74,12 +78,14 @@ describe("the daemon with Debian guests under real KVM", () => {
     expect(host.memory.capacity).toBeGreaterThan(2 ** 30);
 
     const names = ["lab-1", "lab-2", "lab-3"];
+    step("daemon up; creating three VMs");
     for (const n of names) ok(["vm", "create", n, "--image", "minimal", "--cpus", "1", "--memory", "256", "--disk-size", "128M", "--start"]);
     const ls = JSON.parse(ok(["vm", "ls", "--json"])) as VmInfo[] | { vms: VmInfo[] };
     const list = Array.isArray(ls) ? ls : ls.vms;
     expect(list.map((v) => [v.name, v.state])).toEqual(names.map((n) => [n, "running"]));
     for (const n of names) await until(`${n} userspace`, async () => (await upCount(n)) >= 1 || undefined, 240_000);
 
+    step("three guests in userspace");
     // Each VM's disk is its own copy, grown to the requested size; the guest's root is on it.
     const one = await show("lab-1");
     expect(one.disks[0]!.sizeBytes).toBe(128 * 2 ** 20);
@@ -91,12 +97,14 @@ describe("the daemon with Debian guests under real KVM", () => {
     expect(Number(readFileSync(join(one.cgroup!, "memory.max"), "utf8"))).toBeGreaterThan(256 * 2 ** 20);
     expect(readFileSync(join(one.cgroup!, "cpu.max"), "utf8").trim()).toBe("100000 100000");
 
+    step("pause and resume");
     // Pause and resume; the guest answers afterwards.
     expect(ok(["vm", "pause", "lab-2"])).toMatch(/paused/);
     expect((await show("lab-2")).state).toBe("paused");
     expect(ok(["vm", "resume", "lab-2"])).toMatch(/running/);
     await consoleRun("lab-2", "echo resumed-$((40+2))", /resumed-42/);
 
+    step("stop and start lab-3");
     // A stop/start cycle boots the guest again from its own disk.
     ok(["vm", "stop", "lab-3"]);
     expect((await show("lab-3")).state).toBe("stopped");
@@ -108,6 +116,7 @@ describe("the daemon with Debian guests under real KVM", () => {
     const stats = await until("stats", () => (JSON.parse(ok(["vm", "stats", "lab-1", "--json"])) as { usage?: { memoryBytes: number; cpuSeconds: number } }).usage);
     expect(stats.memoryBytes).toBeGreaterThan(64 * 2 ** 20);
 
+    step("SIGKILL of one VMM");
     // SIGKILL one VMM: that VM is crashed (with an event), the others keep running untouched.
     const victim = await show("lab-3");
     const pids: Record<string, number | undefined> = {};
@@ -119,6 +128,7 @@ describe("the daemon with Debian guests under real KVM", () => {
     for (const n of ["lab-1", "lab-2"]) expect(await show(n)).toMatchObject({ state: "running", pid: pids[n] });
     await consoleRun("lab-1", "echo still-$((6*7))", /still-42/);
 
+    step("SIGKILL of the daemon, and a new one");
     // SIGKILL the daemon; a new one re-attaches: same VMs, same pids, same states, consoles work.
     await d.stop("SIGKILL");
     for (const n of ["lab-1", "lab-2"]) process.kill(pids[n]!, 0); // the VMMs outlive the daemon

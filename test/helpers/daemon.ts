@@ -28,6 +28,12 @@ export interface TestDaemon {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
+/**
+ * How long a daemon may take to answer its first health request. In the lab everything runs under
+ * emulation on one CPU, beside the guests a test already started: node alone takes seconds there.
+ */
+const START_TIMEOUT_MS = process.env["TYPEVISOR_IN_LAB"] === "1" ? 120_000 : 20_000;
+
 export async function startDaemon(opts: { home?: string; args?: string[]; env?: Record<string, string> } = {}): Promise<TestDaemon> {
   const home = opts.home ?? mkdtempSync(join(tmpdir(), "tvd-"));
   const socket = join(home, "typevisor.sock");
@@ -40,7 +46,7 @@ export async function startDaemon(opts: { home?: string; args?: string[]; env?: 
   proc.stderr!.on("data", (d: Buffer) => (out += d.toString()));
   const exited = new Promise<number | null>((r) => proc.once("exit", (code) => r(code)));
   const client = new TypevisorClient({ socketPath: socket });
-  const deadline = Date.now() + 20_000;
+  const deadline = Date.now() + START_TIMEOUT_MS;
   for (;;) {
     if (proc.exitCode !== null) throw new Error(`daemon exited ${proc.exitCode}: ${out}`);
     if (existsSync(socket)) {
@@ -51,7 +57,7 @@ export async function startDaemon(opts: { home?: string; args?: string[]; env?: 
         /* not yet */
       }
     }
-    if (Date.now() > deadline) throw new Error(`daemon did not come up: ${out}`);
+    if (Date.now() > deadline) throw new Error(`daemon did not come up within ${START_TIMEOUT_MS / 1000} s: ${out}`);
     await new Promise((r) => setTimeout(r, 50));
   }
   return {
