@@ -10,6 +10,7 @@ import type { EventRecord } from "../control/spec.js";
 import { TypevisorError } from "../errors.js";
 import { connect, type ConnectionOptions } from "./connect.js";
 import { formatTime } from "./format.js";
+import { escapeControls } from "./terminal-safe.js";
 import { clientCommand, parseWhole } from "./vm.js";
 
 const TYPE_WIDTH = 16; // "daemon.stopping" and every vm.* type fit
@@ -21,7 +22,8 @@ export function eventHeader(): string {
 
 export function formatEvent(e: EventRecord, json: boolean): string {
   if (json) return `${JSON.stringify(e)}\n`;
-  return `${formatTime(e.at).padEnd(20)}  ${e.type.padEnd(TYPE_WIDTH)}  ${(e.vm ?? "-").padEnd(VM_WIDTH)}  ${e.message}\n`;
+  // a message can carry what a VMM or guest said (a crash reason): no control sequences to a terminal
+  return `${formatTime(e.at).padEnd(20)}  ${e.type.padEnd(TYPE_WIDTH)}  ${(e.vm ?? "-").padEnd(VM_WIDTH)}  ${escapeControls(e.message)}\n`;
 }
 
 interface EventsOptions extends ConnectionOptions {

@@ -22,6 +22,7 @@ import { isActive } from "../control/state.js";
 import { TypevisorError } from "../errors.js";
 import { addConnectionOptions, connect, type ConnectionOptions } from "./connect.js";
 import { formatBytes, formatDuration, formatTime, renderFields, renderTable, toJson, withProgress } from "./format.js";
+import { TerminalSafeStream } from "./terminal-safe.js";
 
 
 /** The exit-code table in every client command's --help (one text, so they cannot drift apart). */
@@ -227,7 +228,7 @@ function quietOnEpipe(onGone: () => void): void {
   });
 }
 
-async function followLogs(client: TypevisorClient, name: string, tail: number | undefined): Promise<void> {
+async function followLogs(client: TypevisorClient, name: string, tail: number | undefined, raw: boolean): Promise<void> {
   const res = await client.followConsole(name, tail !== undefined ? { tail } : {});
   let stopped = false;
   const stop = (): void => {
@@ -236,9 +237,10 @@ async function followLogs(client: TypevisorClient, name: string, tail: number | 
   };
   const release = untilInterrupted(stop);
   quietOnEpipe(stop);
+  const safe = new TerminalSafeStream();
   try {
     for await (const chunk of res) {
-      if (!process.stdout.write(chunk as Buffer)) await new Promise((r) => process.stdout.once("drain", r));
+      if (!process.stdout.write(raw ? (chunk as Buffer) : safe.push(chunk as Buffer))) await new Promise((r) => process.stdout.once("drain", r));
     }
   } catch (e) {
     // Destroyed by Ctrl-C or a closed stdout: a normal end. Anything else is the daemon going away.
@@ -381,16 +383,23 @@ export function registerVmCommands(program: Command): void {
     .argument("<name>", "VM name")
     .option("-f, --follow", "keep printing new output until Ctrl-C")
     .option("--tail <bytes>", "only the last BYTES bytes")
-    .action(async (name: string, o: ConnectionOptions & { follow?: boolean; tail?: string }) => {
+    .option("--raw", "the guest's bytes as they are, escape sequences included (default: control characters shown as \\xNN)")
+    .action(async (name: string, o: ConnectionOptions & { follow?: boolean; tail?: string; raw?: boolean }) => {
       const tail = o.tail !== undefined ? parseWhole("--tail", o.tail, "bytes") : undefined;
+      const raw = o.raw === true;
       if (o.follow === true) {
         // No request timeout: a quiet guest may print nothing for hours.
-        await followLogs(connect(o, { timeoutMs: 0 }), name, tail);
+        await followLogs(connect(o, { timeoutMs: 0 }), name, tail, raw);
         return;
       }
       const bytes = await connect(o).console(name, tail !== undefined ? { tail } : {});
       quietOnEpipe(() => undefined); // `vm logs NAME | head`: the rest is not wanted
-      process.stdout.write(bytes);
+      // what a guest printed is hostile to a terminal (terminal-safe.ts)
+      if (raw) process.stdout.write(bytes);
+      else {
+        const safe = new TerminalSafeStream();
+        process.stdout.write(safe.push(bytes) + safe.end());
+      }
     });
 
   clientCommand(vm, "console", "the VM's serial console, interactive (Ctrl-] detaches)")

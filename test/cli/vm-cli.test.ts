@@ -137,6 +137,21 @@ describe.skipIf(!hasKvm)("typevisor vm/host/events against a real daemon", () =>
     expect(c.stdout).toContain("hello"); // the guest echoes serial input
   });
 
+  it("vm logs shows what the guest printed with its escape sequences made visible, unless --raw", async () => {
+    // the tiny guest echoes what it is sent: it prints an ESC sequence of our choosing (no BEL:
+    // 0x07 is its crash key), an OSC title change ended by ST and a colour
+    const c = await tv(["vm", "console", "vm1"], { input: "\x1b]0;pwned\x1b\\\x1b[31mred" });
+    expect(c.status, c.stderr).toBe(0);
+    const safe = await until("the echo in vm logs", async () => {
+      const r = await tv(["vm", "logs", "vm1"]);
+      return r.stdout.includes("red") ? r.stdout : undefined;
+    });
+    expect(safe).toContain("\\x1b]0;pwned\\x1b\\\\x1b[31mred");
+    expect(safe).not.toContain("\x1b");
+    const raw = await tv(["vm", "logs", "vm1", "--raw"]);
+    expect(raw.stdout).toContain("\x1b]0;pwned\x1b\\\x1b[31mred");
+  });
+
   it("reports usage after a sample or two, and the host's resources", async () => {
     const mem = await until("a usage sample", async () => {
       const r = await tv(["vm", "stats", "vm1", "--json"]);
