@@ -60,6 +60,15 @@ export function vmmArgs(l: VmmLaunch): string[] {
 }
 
 /**
+ * The VMM's whole environment: it reads none of the daemon's (every path it needs comes as a flag),
+ * and whatever the daemon was given (tokens, credentials, NODE_OPTIONS) stays out of a process
+ * that a guest may one day take over.
+ */
+export function vmmEnv(id: string, env: NodeJS.ProcessEnv = process.env): Record<string, string> {
+  return { PATH: env["PATH"] ?? "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", TYPEVISOR_VM_ID: id };
+}
+
+/**
  * Start the VMM. Detached (setsid) with no inherited descriptors but its log:
  * a SIGKILL of the daemon, or a Ctrl-C in the daemon's terminal, never reaches it.
  */
@@ -69,7 +78,7 @@ export function spawnVmm(l: VmmLaunch): ChildProcess {
     const child = spawn(process.execPath, [TYPEVISOR_BIN, ...vmmArgs(l)], {
       detached: true,
       stdio: ["ignore", log, log],
-      env: { ...process.env, TYPEVISOR_VM_ID: l.id },
+      env: vmmEnv(l.id),
     });
     child.unref();
     return child;

@@ -79,7 +79,8 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     mkdirSync(join(imagesHome, "images", "broken"), { recursive: true });
     writeTinyKernel(join(imagesHome, "images", "broken", "vmlinuz"));
     writeFileSync(join(imagesHome, "images", "broken", "rootfs.ext4"), Buffer.alloc(65536, 0x5a));
-    d = await startDaemon({ args: ["--force-kvm"], env: { TYPEVISOR_HOME: imagesHome } });
+    // a secret in the daemon's environment that no VMM should inherit
+    d = await startDaemon({ args: ["--force-kvm"], env: { TYPEVISOR_HOME: imagesHome, TV_TEST_SECRET: "hunter2" } });
   }, 30_000);
 
   afterAll(async () => {
@@ -187,6 +188,9 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     expect(running.state).toBe("running");
     expect(running.pid).toBeGreaterThan(0);
     await until("banner", async () => (await c.console("life")).toString().includes(TINY_KERNEL_BANNER) || undefined);
+    // The VMM gets only the environment it needs, not the daemon's (tokens, credentials, NODE_OPTIONS).
+    const environ = readFileSync(`/proc/${running.pid}/environ`, "utf8").split("\0").filter((kv) => kv !== "");
+    expect(environ.map((kv) => kv.split("=")[0]).sort()).toEqual(["PATH", "TYPEVISOR_VM_ID"]);
 
     // Interactive console: typed bytes reach the guest's UART and its echo comes back.
     const con = await c.attachConsole("life");
