@@ -4,7 +4,13 @@
  * hangs must not hang the daemon.
  */
 import { TypevisorError } from "../errors.js";
-import { HttpTimeoutError, httpRequest, parseProblem } from "../sys/http-request.js";
+import { HttpTimeoutError, HttpTooLargeError, httpRequest, parseProblem } from "../sys/http-request.js";
+
+/**
+ * The largest answer the daemon reads from a VMM: its biggest (GET /stats of a VM with many
+ * devices, GET /threads) is a few tens of KiB; a VMM that a guest took over may send without end.
+ */
+export const MAX_VMM_ANSWER = 1 << 20;
 
 export class VmmClient {
   constructor(readonly socketPath: string, private readonly timeoutMs = 10_000) {}
@@ -12,8 +18,9 @@ export class VmmClient {
   async call<T = unknown>(method: string, path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<T> {
     const where = `VMM ${method} ${path}`;
     // .catch, not try: a body JSON cannot encode throws from httpRequest itself and stays a plain error.
-    const res = await httpRequest({ socketPath: this.socketPath, method, path }, body, timeoutMs).catch((e: unknown) => {
+    const res = await httpRequest({ socketPath: this.socketPath, method, path }, body, timeoutMs, MAX_VMM_ANSWER).catch((e: unknown) => {
       if (e instanceof HttpTimeoutError) throw new TypevisorError("VMM_TIMEOUT", `${where}: no answer in ${timeoutMs} ms`);
+      if (e instanceof HttpTooLargeError) throw new TypevisorError("VMM_API", `${where}: answer over ${MAX_VMM_ANSWER} bytes`);
       throw new TypevisorError("VMM_UNREACHABLE", `${where}: ${(e as Error).message}`, { cause: e });
     });
     const text = res.body.toString("utf8");

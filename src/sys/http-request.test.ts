@@ -4,7 +4,7 @@ import { createServer, type IncomingMessage, type ServerResponse } from "node:ht
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { HttpTimeoutError, httpRequest, parseProblem, readBody } from "./http-request.js";
+import { HttpTimeoutError, HttpTooLargeError, httpRequest, parseProblem, readBody } from "./http-request.js";
 
 const dir = mkdtempSync(join(tmpdir(), "tv-http-"));
 const socketPath = join(dir, "api.sock");
@@ -33,6 +33,18 @@ async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> 
       res.write('{"a":', () => res.socket?.destroy());
       return;
     case "/hang": // never answers
+      return;
+    case "/flood": // an answer that does not stop: 64 KiB chunks for as long as the client reads
+      res.writeHead(200, { "content-type": "application/json" });
+      {
+        const chunk = Buffer.alloc(65536, 0x20);
+        const more = (): void => {
+          while (!res.destroyed && res.write(chunk));
+          if (!res.destroyed) res.once("drain", more);
+        };
+        res.on("close", () => res.removeAllListeners("drain"));
+        more();
+      }
       return;
   }
   res.writeHead(404).end();
@@ -109,5 +121,16 @@ describe("parseProblem", () => {
   });
   it("gives {} for anything else", () => {
     for (const s of ["", "null", "[]", '"text"', "42", "{not json"]) expect(parseProblem(s)).toEqual({});
+  });
+});
+
+describe("an answer that does not stop", () => {
+  it("is cut at maxBytes with HttpTooLargeError, not read into memory without end", async () => {
+    const e = await httpRequest({ socketPath, path: "/flood" }, undefined, 5000, 1 << 20).then(
+      () => undefined,
+      (err: unknown) => err,
+    );
+    expect(e).toBeInstanceOf(HttpTooLargeError);
+    expect((e as HttpTooLargeError).maxBytes).toBe(1 << 20);
   });
 });

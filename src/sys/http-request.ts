@@ -20,6 +20,14 @@ export class HttpTimeoutError extends Error {
   }
 }
 
+/** The answer's body passed `maxBytes`; the request has been destroyed. */
+export class HttpTooLargeError extends Error {
+  constructor(readonly maxBytes: number) {
+    super(`answer over ${maxBytes} bytes`);
+    this.name = "HttpTooLargeError";
+  }
+}
+
 /** node:http's options, with headers as an object so a JSON body's headers can be added. */
 export type HttpRequestOptions = Omit<RequestOptions, "headers" | "timeout"> & { headers?: OutgoingHttpHeaders };
 
@@ -30,12 +38,15 @@ export type HttpRequestOptions = Omit<RequestOptions, "headers" | "timeout"> & {
  * A body JSON.stringify refuses throws synchronously, before anything is sent: that is the
  * caller's bug, not a transport failure, and a caller that maps failures with `.catch` keeps it apart.
  */
-export function httpRequest(options: HttpRequestOptions, body?: unknown, timeoutMs?: number): Promise<HttpAnswer> {
+export function httpRequest(options: HttpRequestOptions, body?: unknown, timeoutMs?: number, maxBytes?: number): Promise<HttpAnswer> {
   const text = body === undefined ? undefined : JSON.stringify(body);
   const headers = text === undefined ? options.headers : { ...options.headers, "content-type": "application/json", "content-length": Buffer.byteLength(text) };
   return new Promise((resolve, reject) => {
     const req = request({ ...options, headers }, (res) => {
-      readBody(res).then((b) => resolve({ status: res.statusCode ?? 0, body: b }), reject);
+      readBody(res, maxBytes).then((b) => resolve({ status: res.statusCode ?? 0, body: b }), (e: unknown) => {
+        req.destroy();
+        reject(e);
+      });
     });
     if (timeoutMs !== undefined) req.setTimeout(timeoutMs, () => req.destroy(new HttpTimeoutError(timeoutMs)));
     req.on("error", reject);
@@ -43,11 +54,24 @@ export function httpRequest(options: HttpRequestOptions, body?: unknown, timeout
   });
 }
 
-/** The rest of a response's body. Rejects if the connection drops before its end (node emits no "end" then). */
-export function readBody(res: IncomingMessage): Promise<Buffer> {
+/**
+ * The rest of a response's body. Rejects if the connection drops before its end (node emits no
+ * "end" then), or with HttpTooLargeError once more than `maxBytes` arrived (a peer that does not
+ * stop must not grow this process without bound).
+ */
+export function readBody(res: IncomingMessage, maxBytes = Infinity): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
-    res.on("data", (c: Buffer) => chunks.push(c));
+    let size = 0;
+    res.on("data", (c: Buffer) => {
+      size += c.length;
+      if (size > maxBytes) {
+        chunks.length = 0;
+        res.destroy(new HttpTooLargeError(maxBytes));
+        return;
+      }
+      chunks.push(c);
+    });
     res.on("end", () => resolve(Buffer.concat(chunks)));
     res.on("error", reject);
   });
