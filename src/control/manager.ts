@@ -9,8 +9,9 @@
  * that VM's queue, so two requests never interleave halfway.
  */
 import { EventEmitter } from "node:events";
-import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
+import { join } from "node:path";
 import type { ChildProcess } from "node:child_process";
 import type { Logger } from "pino";
 import { z } from "zod";
@@ -283,6 +284,7 @@ export class VmManager extends EventEmitter {
       assertAction(name, cur.state, "remove");
       this.store.deleteVm(name);
       rmSync(cur.dir, { recursive: true, force: true });
+      this.removeSockets(cur.id);
       this.usage.delete(cur.id);
       this.event("vm.removed", name, `VM ${name} removed`);
     });
@@ -436,6 +438,36 @@ export class VmManager extends EventEmitter {
     this.recordEnd(name, id, live.pid, code, signal);
   }
 
+  /** The VMM's control and console sockets (run/<id>.api, run/<id>.con). */
+  private removeSockets(id: string): void {
+    const p = vmPaths(this.config.home, id);
+    for (const f of [p.apiSocket, p.consoleSocket]) rmSync(f, { force: true });
+  }
+
+  /**
+   * What a daemon killed halfway left behind, removed at start with an event each: a VM directory
+   * still being created (`<id>.creating`), one the inventory does not know (killed between its
+   * rename and its row), sockets in run/ of VMs that are gone or no longer run.
+   */
+  private sweepOrphans(): void {
+    const hp = homePaths(this.config.home);
+    const rows = this.store.listVms();
+    const known = new Set(rows.map((r) => r.id));
+    const running = new Set(rows.filter((r) => isActive(r.state) && r.runtime !== undefined).map((r) => r.id));
+    const gone = (what: string, path: string): void => {
+      rmSync(path, { recursive: true, force: true });
+      this.daemonEvent("daemon.cleanup", `removed ${what} ${path}`, { path });
+    };
+    for (const f of readdirSync(hp.vms)) {
+      if (f.endsWith(".creating")) gone("a half-made VM directory (a create was interrupted)", join(hp.vms, f));
+      else if (!known.has(f)) gone("a VM directory the inventory does not know", join(hp.vms, f));
+    }
+    for (const f of readdirSync(hp.run)) {
+      const id = f.replace(/\.(api|con)$/, "");
+      if (!running.has(id)) gone("a socket of a VMM that no longer runs", join(hp.run, f));
+    }
+  }
+
   private removeCgroup(name: string, cg: VmCgroup | undefined): void {
     try {
       cg?.remove();
@@ -451,6 +483,8 @@ export class VmManager extends EventEmitter {
   private recordEnd(name: string, id: string, pid: number | undefined, code: number | null, signal: string | null): void {
     const cur = this.store.getVm(name);
     if (cur === undefined || cur.id !== id || cur.runtime?.pid !== pid) return; // removed, or a newer VMM
+    // a VMM killed outright could not remove its own sockets
+    this.removeSockets(id);
     const file = this.readExitFile(id);
     const clean = file !== undefined && (file.result === "poweroff" || file.result === "stopped" || file.result === "reset") && (file.code ?? code) === 0;
     const asked = cur.state === "stopping";
@@ -594,6 +628,7 @@ export class VmManager extends EventEmitter {
       if (want !== undefined && want !== r.state && (r.state === "running" || r.state === "paused" || r.state === "starting")) this.setState(r.name, want);
       this.event("vm.reattached", r.name, `VM ${r.name} re-attached (pid ${rt.pid}, ${this.row(r.name).state})`, { pid: rt.pid });
     }
+    this.sweepOrphans();
   }
 
   startUsageCollection(): void {

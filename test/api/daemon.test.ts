@@ -278,6 +278,8 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     await follow.return(undefined);
     expect(crashed.message).toMatch(/SIGKILL/);
     expect((await c.getVm("iso-a")).state).toBe("crashed");
+    // a VMM killed outright leaves its sockets; the daemon removes them
+    for (const ext of ["api", "con"]) expect(existsSync(join(d.home, "run", `${a.id}.${ext}`)), ext).toBe(false);
     const bAfter = await c.getVm("iso-b");
     expect(bAfter.state).toBe("running");
     expect(bAfter.pid).toBe(b.pid);
@@ -291,6 +293,7 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     });
     expect(restarted.restarts).toBe(1);
     for (const n of ["iso-a", "iso-b", "iso-r"]) await c.removeVm(n, { force: true });
+    for (const v of [a, b, restarted]) for (const ext of ["api", "con"]) expect(existsSync(join(d.home, "run", `${v.id}.${ext}`))).toBe(false);
   }, 60_000);
 
   it("re-attaches running VMs after the daemon is killed with SIGKILL, without losing or duplicating any", async () => {

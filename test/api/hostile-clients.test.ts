@@ -2,7 +2,7 @@
  * Clients that misbehave on purpose, against a real daemon: nothing they send or do at any stage
  * may make it exit (issue: "a single HTTP request can make the daemon exit").
  */
-import { chmodSync, mkdtempSync, statSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, statSync, writeFileSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -65,6 +65,29 @@ describe("the data directory", () => {
     try {
       expect(statSync(home).mode & 0o777).toBe(0o700);
       expect(statSync(d.socket).mode & 0o077).toBe(0);
+    } finally {
+      await d.stop();
+    }
+  });
+});
+
+describe("a daemon killed halfway", () => {
+  it("leaves nothing half-made after the next start: staging and unknown VM directories and stale sockets go, with events", async () => {
+    const home = mkdtempSync(join(tmpdir(), "tvd-orphans-"));
+    // what a SIGKILL at the wrong moment leaves: a create's staging directory with a big disk in it,
+    // a VM directory renamed into place but never recorded, sockets of a VMM that is gone
+    mkdirSync(join(home, "vms", "0123456789ab.creating"), { recursive: true });
+    writeFileSync(join(home, "vms", "0123456789ab.creating", "disk0.raw"), Buffer.alloc(1 << 20));
+    mkdirSync(join(home, "vms", "ba9876543210"), { recursive: true });
+    mkdirSync(join(home, "run"), { recursive: true });
+    writeFileSync(join(home, "run", "ba9876543210.api"), "");
+    writeFileSync(join(home, "run", "ba9876543210.con"), "");
+    const d = await startDaemon({ home });
+    try {
+      for (const p of ["vms/0123456789ab.creating", "vms/ba9876543210", "run/ba9876543210.api", "run/ba9876543210.con"]) expect(existsSync(join(home, p)), p).toBe(false);
+      const cleanups = (await d.client.events()).filter((e) => e.type === "daemon.cleanup");
+      expect(cleanups.map((e) => e.message).join("\n")).toMatch(/half-made VM directory .*0123456789ab\.creating/);
+      expect(cleanups).toHaveLength(4);
     } finally {
       await d.stop();
     }
