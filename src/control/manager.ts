@@ -91,6 +91,8 @@ export class VmManager extends EventEmitter {
   private hostCpuUsed = 0;
   private closing = false;
   private readonly log: Logger;
+  /** Resources of creates between their admission and their inventory row (allocated() counts them). */
+  private readonly reservations = new Set<Allocation>();
 
   constructor(readonly config: ManagerConfig) {
     super();
@@ -170,6 +172,12 @@ export class VmManager extends EventEmitter {
   /** CPU and memory of VMs that hold a VMM; disk of every VM. */
   private allocated(except?: string): Allocation {
     const a: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: 0 };
+    // creates admitted but not yet in the inventory hold their share too
+    for (const r of this.reservations) {
+      a.cpus += r.cpus;
+      a.memoryBytes += r.memoryBytes;
+      a.diskBytes += r.diskBytes;
+    }
     for (const r of this.store.listVms()) {
       if (r.name === except) continue;
       for (const d of r.disks) a.diskBytes += d.sizeBytes;
@@ -242,37 +250,46 @@ export class VmManager extends EventEmitter {
         throw new TypevisorError("INSUFFICIENT_RESOURCES", `not enough free disk in ${this.config.home}: the image's root filesystem needs ${rootfsBytes} bytes, ${host.diskFreeBytes} free`);
       }
 
-      const id = randomBytes(6).toString("hex");
-      const p = vmPaths(this.config.home, id);
-      const staging = `${p.dir}.creating`;
-      mkdirSync(staging, { recursive: true, mode: 0o700 });
+      // Admitted: the disk is reserved now, in the same turn of the event loop as the check, so a
+      // create of another name that runs while this one copies and grows its disk sees it.
+      const reservation: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: newDisk };
+      this.reservations.add(reservation);
       try {
-        // The VM owns copies of its kernel and initrd: rebuilding or removing the image later does not change it.
-        copyFileSync(boot.kernel, `${staging}/vmlinuz`);
-        if (boot.initrd !== undefined) copyFileSync(boot.initrd, `${staging}/initrd.img`);
-        if (boot.cmdline !== undefined) writeFileSync(`${staging}/cmdline`, boot.cmdline);
-        const disks: VmRow["disks"] = [];
-        if (boot.rootfs !== undefined) {
-          const size = await diskFromImage(boot.rootfs, `${staging}/disk0.raw`, diskBytes);
-          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, image: spec.image! });
-        } else if (diskBytes !== undefined) {
-          const size = blankDisk(`${staging}/disk0.raw`, diskBytes);
-          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size });
-        }
-        renameSync(staging, p.dir);
-        const now = new Date().toISOString();
+        const id = randomBytes(6).toString("hex");
+        const p = vmPaths(this.config.home, id);
+        const staging = `${p.dir}.creating`;
+        mkdirSync(staging, { recursive: true, mode: 0o700 });
         try {
-          this.store.insertVm({ id, name: spec.name, spec, state: "defined", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
+          // The VM owns copies of its kernel and initrd: rebuilding or removing the image later does not change it.
+          copyFileSync(boot.kernel, `${staging}/vmlinuz`);
+          if (boot.initrd !== undefined) copyFileSync(boot.initrd, `${staging}/initrd.img`);
+          if (boot.cmdline !== undefined) writeFileSync(`${staging}/cmdline`, boot.cmdline);
+          const disks: VmRow["disks"] = [];
+          if (boot.rootfs !== undefined) {
+            const size = await diskFromImage(boot.rootfs, `${staging}/disk0.raw`, diskBytes);
+            disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, image: spec.image! });
+          } else if (diskBytes !== undefined) {
+            const size = blankDisk(`${staging}/disk0.raw`, diskBytes);
+            disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size });
+          }
+          renameSync(staging, p.dir);
+          const now = new Date().toISOString();
+          try {
+            this.store.insertVm({ id, name: spec.name, spec, state: "defined", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
+          } catch (e) {
+            rmSync(p.dir, { recursive: true, force: true });
+            throw e;
+          }
         } catch (e) {
-          rmSync(p.dir, { recursive: true, force: true });
+          rmSync(staging, { recursive: true, force: true });
           throw e;
         }
-      } catch (e) {
-        rmSync(staging, { recursive: true, force: true });
-        throw e;
+        this.event("vm.created", spec.name, `VM ${spec.name} created`, { id, cpus: spec.cpus, memoryMiB: spec.memoryMiB });
+        return this.get(spec.name);
+      } finally {
+        // the inventory row (or nothing, on failure) holds it from here
+        this.reservations.delete(reservation);
       }
-      this.event("vm.created", spec.name, `VM ${spec.name} created`, { id, cpus: spec.cpus, memoryMiB: spec.memoryMiB });
-      return this.get(spec.name);
     });
   }
 

@@ -2,7 +2,8 @@
  * Clients that misbehave on purpose, against a real daemon: nothing they send or do at any stage
  * may make it exit (issue: "a single HTTP request can make the daemon exit").
  */
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, statSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, statfsSync, statSync, writeFileSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -92,4 +93,35 @@ describe("a daemon killed halfway", () => {
       await d.stop();
     }
   });
+});
+
+describe("concurrent creates", () => {
+  it("never allocate past the disk budget together, however they interleave", async () => {
+    // An image with a real ext4 root: growing each VM's copy awaits e2fsck and resize2fs, so
+    // creates of different names overlap between their admission and their inventory row.
+    const dataHome = mkdtempSync(join(tmpdir(), "tvd-img-"));
+    const img = join(dataHome, "images", "small");
+    mkdirSync(img, { recursive: true });
+    writeFileSync(join(img, "vmlinuz"), Buffer.alloc(4096));
+    execFileSync("mkfs.ext4", ["-q", "-F", join(img, "rootfs.ext4"), "8M"], { timeout: 60_000 });
+    const home = mkdtempSync(join(tmpdir(), "tvd-budget-"));
+    const fs = statfsSync(home);
+    const total = fs.blocks * fs.bsize;
+    const perVm = 64 * 2 ** 20;
+    // a budget of three and a half VMs' disks
+    const ratio = (3.5 * perVm) / total;
+    const d = await startDaemon({ home, args: ["--disk-overcommit", ratio.toPrecision(6)], env: { TYPEVISOR_HOME: dataHome } });
+    try {
+      const results = await Promise.allSettled(
+        Array.from({ length: 8 }, (_, i) => d.client.createVm({ name: `race-${i}`, image: "small", memoryMiB: 64, diskSize: perVm })),
+      );
+      const made = results.filter((r) => r.status === "fulfilled").length;
+      expect(made).toBe(3);
+      for (const r of results) if (r.status === "rejected") expect(String(r.reason)).toMatch(/not enough disk/);
+      const vms = await d.client.listVms();
+      expect(vms.reduce((n, v) => n + v.disks.reduce((m, x) => m + x.sizeBytes, 0), 0)).toBeLessThanOrEqual(Math.floor(total * Number(ratio.toPrecision(6))));
+    } finally {
+      await d.stop();
+    }
+  }, 120_000);
 });
