@@ -4,7 +4,7 @@
  * running when it stops unless --stop-vms-on-exit; a new daemon re-attaches
  * to them.
  */
-import { chmodSync, mkdirSync } from "node:fs";
+import { chmodSync, mkdirSync, realpathSync, statSync } from "node:fs";
 import { Option, type Command } from "commander";
 import { pino } from "pino";
 import { TypevisorError } from "../errors.js";
@@ -34,6 +34,20 @@ interface DaemonOptions {
   forceKvm: boolean;
   cgroups: boolean;
   logLevel: string;
+  allowFiles: string[];
+}
+
+/** --allow-files directories as real paths (symlinks resolved once, at start); each must exist. */
+function allowedDirs(dirs: string[]): string[] {
+  return dirs.map((d) => {
+    try {
+      const real = realpathSync(d);
+      if (!statSync(real).isDirectory()) throw new Error("not a directory");
+      return real;
+    } catch (e) {
+      throw new TypevisorError("INVALID_ARGUMENT", `--allow-files ${d}: ${(e as Error).message}`);
+    }
+  });
 }
 
 function seconds(name: string, v: string): number {
@@ -88,6 +102,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   }
   const manager = new VmManager({
     home,
+    allowedDirs: allowedDirs(o.allowFiles),
     policy,
     forceKvm: o.forceKvm,
     noCgroups: !o.cgroups,
@@ -136,6 +151,12 @@ export function registerDaemonCommand(program: Command): void {
     .option("--usage-interval <seconds>", "how often per-VM usage is sampled", "5")
     .option("--stop-vms-on-exit", "stop every VM when the daemon exits (default: they keep running)", false)
     .option("--no-cgroups", "do not put VMMs in per-VM cgroups (no CPU or memory limits) even where cgroup v2 is available")
+    .option(
+      "--allow-files <dir>",
+      "VM specs may name kernels and initrds under this directory (repeatable; by default only images boot: a spec naming any other host file is refused)",
+      (v: string, prev: string[]) => [...prev, v],
+      [] as string[],
+    )
     .option("--force-kvm", "start VMMs on a /dev/kvm that cannot boot stock kernels (PVM: purpose-built test guests only)", false)
     .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error"]).default("info"))
     .action(async (opts: DaemonOptions) => {

@@ -9,9 +9,9 @@
  * that VM's queue, so two requests never interleave halfway.
  */
 import { EventEmitter } from "node:events";
-import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
-import { join } from "node:path";
+import { join, sep } from "node:path";
 import type { ChildProcess } from "node:child_process";
 import type { Logger } from "pino";
 import { z } from "zod";
@@ -47,6 +47,8 @@ export interface ManagerConfig {
   noCgroups?: boolean;
   /** Extra memory the cgroup allows beyond guest RAM: the VMM's own (Node, workers, buffers). */
   vmmOverheadBytes?: number;
+  /** Real paths of the directories a spec's kernel and initrd may come from (--allow-files); none by default. */
+  allowedDirs?: string[];
 }
 
 /** Biggest disk we will create: far past any host here, well short of a typo's 10^18. */
@@ -236,10 +238,7 @@ export class VmManager extends EventEmitter {
         const cmdline = existsSync(ip.manifest) ? parseManifest(readFileSync(ip.manifest, "utf8"), ip.manifest).cmdline : undefined;
         boot = { kernel: ip.kernel, ...(existsSync(ip.initrd) ? { initrd: ip.initrd } : {}), rootfs: ip.rootfs, ...(cmdline !== undefined ? { cmdline } : {}) };
       } else {
-        boot = { kernel: spec.kernel!, ...(spec.initrd !== undefined ? { initrd: spec.initrd } : {}) };
-        for (const f of [boot.kernel, boot.initrd]) {
-          if (f !== undefined && !(existsSync(f) && statSync(f).isFile())) throw new TypevisorError("FILE_NOT_FOUND", `${f}: no such file on the daemon's host`);
-        }
+        boot = { kernel: this.allowedFile(spec.kernel!), ...(spec.initrd !== undefined ? { initrd: this.allowedFile(spec.initrd) } : {}) };
       }
       const rootfsBytes = boot.rootfs !== undefined ? statSync(boot.rootfs).size : 0;
       const newDisk = boot.rootfs !== undefined ? Math.max(diskBytes ?? 0, rootfsBytes) : (diskBytes ?? 0);
@@ -453,6 +452,29 @@ export class VmManager extends EventEmitter {
     this.usage.delete(id);
     this.removeCgroup(name, live.cgroup);
     this.recordEnd(name, id, live.pid, code, signal);
+  }
+
+  /**
+   * A host file a spec names (kernel, initrd), as its real path, if it is a regular file under an
+   * --allow-files directory. The daemon runs as root and copies what it is given into a VM whose
+   * guest can print it: any other path is refused, with the same answer whether it exists or not
+   * (the answer must not tell what is on the host). Symlinks are resolved before the check.
+   */
+  private allowedFile(f: string): string {
+    const refuse = (): TypevisorError =>
+      new TypevisorError("PATH_NOT_ALLOWED", `${f} is not a file this daemon may read for a VM`, {
+        hint: "boot an image (image build, --image), or start the daemon with --allow-files DIR for kernels under DIR",
+      });
+    let real: string;
+    try {
+      real = realpathSync(f);
+    } catch {
+      throw refuse();
+    }
+    const dirs = this.config.allowedDirs ?? [];
+    if (!dirs.some((d) => real.startsWith(d.endsWith(sep) ? d : d + sep))) throw refuse();
+    if (!statSync(real).isFile()) throw refuse();
+    return real;
   }
 
   /** The VMM's control and console sockets (run/<id>.api, run/<id>.con). */

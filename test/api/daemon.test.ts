@@ -3,10 +3,10 @@
  * purpose-built guests on this host's /dev/kvm (PVM runs them; stock kernels
  * are proven in the lab, test/control/daemon.lab.test.ts).
  */
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { request } from "node:http";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ApiError } from "../../src/api/client.js";
@@ -80,7 +80,7 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     writeTinyKernel(join(imagesHome, "images", "broken", "vmlinuz"));
     writeFileSync(join(imagesHome, "images", "broken", "rootfs.ext4"), Buffer.alloc(65536, 0x5a));
     // a secret in the daemon's environment that no VMM should inherit
-    d = await startDaemon({ args: ["--force-kvm"], env: { TYPEVISOR_HOME: imagesHome, TV_TEST_SECRET: "hunter2" } });
+    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir], env: { TYPEVISOR_HOME: imagesHome, TV_TEST_SECRET: "hunter2" } });
   }, 30_000);
 
   afterAll(async () => {
@@ -117,7 +117,7 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
       ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel, diskSize: "999999T" }), 400],
       ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel, diskSize: -5 }), 400],
       ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel: "relative/path" }), 400],
-      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel: "/no/such/kernel" }), 400],
+      ["POST", "/v1/vms", JSON.stringify({ name: "a", kernel: "/no/such/kernel" }), 403],
       ["POST", "/v1/vms", JSON.stringify({ name: "a", image: "nope" }), 400],
       ["POST", "/v1/vms", JSON.stringify({ name: "a" }), 400],
       ["POST", "/v1/vms", "{not json", 400],
@@ -175,6 +175,23 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
       { numRuns: 300 },
     );
   }, 60_000);
+
+  it("boots only kernels under --allow-files: any other host path is refused the same way whether it exists or not", async () => {
+    const outside = mkdtempSync(join(tmpdir(), "tv-outside-"));
+    writeTinyKernel(join(outside, "real-kernel"));
+    // a symlink inside the allowed directory that points out of it
+    symlinkSync("/etc/passwd", join(dirname(kernel), "escape"));
+    const answers: string[] = [];
+    for (const k of ["/etc/shadow", "/etc/passwd", join(outside, "real-kernel"), "/nonexistent/kernel", join(dirname(kernel), "escape"), join(dirname(kernel), "missing")]) {
+      const r = await raw(d.socket, "POST", "/v1/vms", JSON.stringify(spec(`p${answers.length}`, { kernel: k })));
+      expect(r.status, k).toBe(403);
+      expect(r.json["code"]).toBe("PATH_NOT_ALLOWED");
+      answers.push(String(r.json["detail"]).replace(k, "PATH"));
+    }
+    // one answer for all: nothing to learn about what exists on the host
+    expect(new Set(answers).size).toBe(1);
+    expect((await d.client.listVms()).filter((v) => /^p\d$/.test(v.name))).toEqual([]);
+  });
 
   it("runs a VM through its lifecycle: create, start, console, pause, resume, reboot, stop, start, remove", async () => {
     const c = d.client;
@@ -249,7 +266,7 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
 
   it("records a VMM that dies while starting as crashed, with its reason, and stays manageable", async () => {
     const c = d.client;
-    const junk = join(mkdtempSync(join(tmpdir(), "tvj-")), "junk");
+    const junk = join(dirname(kernel), "junk");
     writeFileSync(junk, Buffer.alloc(4096, 0x90));
     await c.createVm({ name: "junk", kernel: junk, memoryMiB: 64 });
     const err = await c.startVm("junk").catch((e: unknown) => e);
@@ -319,7 +336,7 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
         return true;
       }
     });
-    d = await startDaemon({ home: d.home, args: ["--force-kvm"], env: { TYPEVISOR_HOME: imagesHome } });
+    d = await startDaemon({ home: d.home, args: ["--force-kvm", "--allow-files", dirname(kernel)], env: { TYPEVISOR_HOME: imagesHome } });
     const after = await d.client.listVms();
     expect(after.map((v) => v.name)).toEqual(before.map((v) => v.name));
     const by = Object.fromEntries(after.map((v) => [v.name, v]));

@@ -73,7 +73,7 @@ describe.skipIf(!hasKvm)("typevisor vm/host/events against a real daemon", () =>
       if (b.status !== 0) throw new Error(`npm run build failed:\n${b.stdout}${b.stderr}`);
     }
     writeTinyKernel(join(dir, "tiny.bzImage"));
-    daemon = spawn(process.execPath, [BIN, "daemon", "--home", home, "--force-kvm", "--usage-interval", "1", "--log-level", "warn"], { stdio: ["ignore", "pipe", "pipe"] });
+    daemon = spawn(process.execPath, [BIN, "daemon", "--home", home, "--force-kvm", "--allow-files", dir, "--usage-interval", "1", "--log-level", "warn"], { stdio: ["ignore", "pipe", "pipe"] });
     daemon.stdout!.on("data", (b: Buffer) => (daemonLog += b.toString()));
     daemon.stderr!.on("data", (b: Buffer) => (daemonLog += b.toString()));
     await until("the daemon's socket", async () => (existsSync(join(home, "typevisor.sock")) ? true : undefined));
