@@ -21,6 +21,13 @@ export function readConsole(log: string, tail?: number): Buffer {
 }
 
 /**
+ * How much a follower's connection may hold unsent before the follower is made to wait: the log
+ * file is the buffer, so a client that does not read costs the daemon this much memory at most
+ * (it lags, and past a rotation it misses what rotated away, as `tail -F` would).
+ */
+export const FOLLOW_HIGH_WATER = 256 * 1024;
+
+/**
  * Follow the console log from its current end: new bytes are written to
  * `out` as the VMM appends them, across rotations (the old file is drained
  * before the new one is opened). Returns a function that stops following.
@@ -42,7 +49,8 @@ export function followConsole(log: string, out: Writable, intervalMs = 200): () 
   const drain = (): void => {
     if (fd === undefined) return;
     const buf = Buffer.alloc(65536);
-    for (;;) {
+    // what the client has not taken yet stays in the file, not in this process
+    while (out.writableLength < FOLLOW_HIGH_WATER) {
       const n = readSync(fd, buf, 0, buf.length, pos);
       if (n <= 0) break;
       pos += n;
@@ -62,7 +70,8 @@ export function followConsole(log: string, out: Writable, intervalMs = 200): () 
         } catch {
           now = undefined;
         }
-        if (now !== ino) {
+        // rotated: move on only once the old file is drained (a slow client may still be reading it)
+        if (now !== ino && out.writableLength < FOLLOW_HIGH_WATER) {
           closeSync(fd);
           open(false);
         }

@@ -175,6 +175,12 @@ export const ROUTES: Route[] = [
       // SSE (HTML Living Standard §9.2): `id` lets a client resume with ?after=<last id>.
       const send = (e: { seq: number; vm?: string }): void => {
         if (query.vm !== undefined && e.vm !== query.vm) return;
+        // A client that does not keep up is cut off, not buffered for without end: the events stay
+        // in the inventory, and it resumes with ?after=<the last id it got>.
+        if (res.writableLength > EVENT_STREAM_HIGH_WATER) {
+          res.destroy();
+          return;
+        }
         res.write(`id: ${e.seq}\nevent: vm-event\ndata: ${JSON.stringify(e)}\n\n`);
       };
       let last = query.after ?? 0;
@@ -196,6 +202,9 @@ export const ROUTES: Route[] = [
     },
   }),
 ];
+
+/** Unsent bytes an event-stream follower may leave in the daemon before it is disconnected. */
+export const EVENT_STREAM_HIGH_WATER = 1 << 20;
 
 export function notFound(method: string, url: string): TypevisorError {
   return new TypevisorError("NOT_FOUND", `no route ${method} ${url.split("?")[0] ?? url}`, { hint: "GET /openapi.json lists the API" });
