@@ -57,7 +57,9 @@ describe.skipIf(!hasKvm)("vCPU run loop (tiny guests on /dev/kvm)", () => {
     const con = consoleFile();
     const vm = new Vm({ cpus: 2, memoryMiB: 64, consoleFd: con.fd, boot: tinyGuest(SPIN_OUT) });
     const done = vm.run();
-    await new Promise((r) => setTimeout(r, 300));
+    // Until the vCPUs run (a worker's start takes more than 300 ms on a loaded host), not a fixed delay.
+    const end = Date.now() + 20_000;
+    while (vm.getStats().totalExits <= 100 && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
     await vm.pause();
     const a = vm.getStats().totalExits;
     await new Promise((r) => setTimeout(r, 200));
