@@ -300,11 +300,18 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
           registers: () => current?.registers(),
           balloon: async (method, body) => {
             if (current === undefined) throw new TypevisorError("VM_STATE", "no VM");
-            if (method === "PUT") return current.deviceCommand("balloon.setTarget", body);
-            if (method === "POST") return current.deviceCommand("balloon.requestStats");
-            return current.deviceCommand("balloon.stats");
+            if (method === "PUT") {
+              if (body === undefined) throw new TypevisorError("INVALID_REQUEST", "PUT /balloon needs a target");
+              return current.deviceCommand({ command: "balloon.setTarget", args: body });
+            }
+            if (method === "POST") return current.deviceCommand({ command: "balloon.requestStats" });
+            return current.deviceCommand({ command: "balloon.stats" });
           },
-          devices: async () => ((current?.devices.length ?? 0) > 0 ? current?.deviceCommand("devices") : []),
+          devices: async () => ((current?.devices.length ?? 0) > 0 ? current?.deviceCommand({ command: "devices" }) : []),
+          threads: async () => {
+            if (current === undefined) throw new TypevisorError("VM_STATE", "no VM");
+            return current.threads();
+          },
           pause: async () => current?.pause(),
           resume: () => current?.resume(),
           stop: () => {
@@ -374,7 +381,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--rng", "virtio-rng entropy device fed from the host's getrandom", false)
     .option("--vsock <spec>", "virtio-vsock: cid=N[,uds=PATH]; host programs connect to PATH and send \"CONNECT <port>\\n\", guest connections to host port P reach PATH_P")
     .option("--balloon [spec]", "virtio-balloon with statistics: [stats=SECONDS][,deflate-on-oom=on]; the API socket sets its size")
-    .option("--api-socket <path>", "serve the control API on this unix socket (pause, resume, stop, reboot, stats, devices, balloon, registers; docs/vmm.md)")
+    .option("--api-socket <path>", "serve the control API on this unix socket (pause, resume, stop, reboot, stats, devices, balloon, registers, threads; docs/vmm.md)")
     .option("--id <id>", "the VM's identity ([a-z0-9][a-z0-9-]{0,62}): GET /vm reports it, and it shows in the process's command line")
     .option("--console-log <path>", "append the guest's serial output to this file (headless: the terminal is not the console)")
     .option("--console-log-size <size>", `rotate --console-log when it would exceed SIZE (bytes or K/M/G; default ${DEFAULT_CONSOLE_LOG_SIZE}): PATH becomes PATH.1`)

@@ -26,13 +26,22 @@ import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
 import { hasDevices, type DeviceSpecs } from "./device-specs.js";
 import { createMailbox } from "./devices/platform/mailbox.js";
-import type { DeviceCommand, DeviceThreadInit, DeviceThreadMessage } from "./devices/platform/device-thread-init.js";
+import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage, DeviceThreadReport, IoStats } from "./devices/platform/device-thread-init.js";
+import { ioRing, ioRingStatus, type IoRing } from "./devices/virtio/block/io-ring.js";
+import { boardRow, clockMs, createBoard, deviceRow, PhaseWatch, readRow, SAMPLE_MS, type BoardRow } from "./threads/board.js";
+import { kernelThreads, type KernelThread } from "./threads/kernel.js";
+import { deviceThreadPhase, ioThreadReport, vcpuReport, type DeviceThreadThreadsReport, type IoThreadReport, type ThreadsReport, type VcpuThreadReport } from "./threads/report.js";
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 
 import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MIN_MEMORY_MIB } from "./defaults.js";
 
 export { MAX_MEMORY_MIB, MIN_MEMORY_MIB };
+export type { IoStats, IoTotals } from "./devices/platform/device-thread-init.js";
+export type { ThreadsReport } from "./threads/report.js";
+
+/** How long GET /threads waits for the device thread's own answer (and for /proc) before reporting without it. */
+export const THREADS_ANSWER_MS = 1000;
 
 /** x86-64 huge page: guest RAM is aligned to it (see where it is mapped). */
 const HUGE_PAGE = 2 * 1024 * 1024;
@@ -64,6 +73,8 @@ export interface VmConfig {
   devices?: DeviceSpecs;
   /** Nice offset of the vCPU threads over the VMM's other threads, 0..MAX_NICE (default DEFAULT_VCPU_NICE). */
   vcpuNice?: number;
+  /** Let deviceCommand send the device thread's debug.* commands (tests of a device thread that does not answer). */
+  debugDeviceCommands?: boolean;
 }
 
 export type VmExitResult =
@@ -91,23 +102,6 @@ export interface VmStats {
 
 export type VmState = "created" | "running" | "paused" | "stopped";
 
-/** Disk and network traffic summed over the VM's virtio devices (counted by the back ends). */
-export interface IoTotals {
-  diskReadBytes: number;
-  diskWriteBytes: number;
-  diskReadOps: number;
-  diskWriteOps: number;
-  netRxBytes: number;
-  netTxBytes: number;
-  netRxPackets: number;
-  netTxPackets: number;
-}
-
-export interface IoStats extends IoTotals {
-  disks: { name: string; readBytes: number; writeBytes: number; readOps: number; writeOps: number; ioThread: "none" | "running" | "failed" }[];
-  nets: { name: string; rxBytes: number; txBytes: number; rxPackets: number; txPackets: number; rxDropped: number; txDropped: number }[];
-}
-
 /** Counters of a VM without devices (nothing to ask the device thread). */
 export function emptyIoStats(): IoStats {
   return {
@@ -134,6 +128,13 @@ export function validateConfig(cfg: Pick<VmConfig, "cpus" | "memoryMiB" | "vcpuN
   }
 }
 
+/** The device thread's answer to "threads", or why there is none (no `report`: it did not answer in time). */
+interface DeviceAnswer {
+  report?: DeviceThreadReport;
+  error?: string;
+  ms: number;
+}
+
 export class Vm {
   readonly memory: GuestMemory;
   readonly plan: BootPlan | undefined;
@@ -150,10 +151,21 @@ export class Vm {
   private workers: Worker[] = [];
   private deviceThread: { worker: Worker; eventfd: number; control: Int32Array } | undefined;
   private deviceNames: string[] = [];
+  /** Each disk and its I/O thread's shared ring (read here for GET /threads, whatever the device thread is doing). */
+  private diskThreads: { name: string; ioThread: { name: string; ring: IoRing } | null }[] = [];
   private deviceFailure: string | undefined;
   private commandSeq = 0;
   private readonly pendingCommands = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
-  private threads: bigint[] = [];
+  /** Where every thread is (threads/board.ts): one row per vCPU, then the device thread's. */
+  private readonly board: SharedArrayBuffer;
+  private readonly boardRows: BoardRow[];
+  /** Times the phases nobody stamps (vCPU run/exit, I/O requests), from observations every SAMPLE_MS. */
+  private readonly watch = new PhaseWatch();
+  private sampler: NodeJS.Timeout | undefined;
+  /** The device thread's "threads" answer still awaited: a stuck thread gets one request, not one per GET. */
+  private threadsAnswer: Promise<DeviceThreadReport> | undefined;
+  /** Each vCPU thread's pthread_t (kicks, names). */
+  private pthreads: bigint[] = [];
   private readonly nice: { nice: number; niceError?: string }[] = [];
   private startedAt = 0;
   private state: VmState = "created";
@@ -229,6 +241,8 @@ export class Vm {
       }
 
       this.stats = new SharedArrayBuffer(config.cpus * STAT_SLOTS * 8);
+      this.board = createBoard(config.cpus);
+      this.boardRows = Array.from({ length: config.cpus + 1 }, (_, r) => boardRow(this.board, r));
       const supported = this.kvm.supportedCpuid();
       // The LAPIC is in the kernel (KVM_CREATE_IRQCHIP), so its TSC-deadline mode is KVM's to offer.
       const tscDeadline = this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
@@ -276,7 +290,8 @@ export class Vm {
     const init: DeviceThreadInit = {
       vmFd: this.vm.fd,
       memory: { address: this.mem.address, length: this.mem.length, layout: this.memory.layout },
-      mailbox, eventfd, vcpus: this.vcpus.length, devices, control,
+      mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
+      ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
     };
     const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init });
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
@@ -284,6 +299,7 @@ export class Vm {
       w.on("message", (m: DeviceThreadMessage) => {
         if (m.type === "ready") {
           this.deviceNames = m.devices;
+          this.diskThreads = m.disks.map((d) => ({ name: d.name, ioThread: d.ioThread === null ? null : { name: d.ioThread.name, ring: ioRing(d.ioThread.ring) } }));
           resolve();
         } else if (m.type === "error") reject(new TypevisorError(m.code, m.message));
         else if (m.type === "reply") {
@@ -308,14 +324,18 @@ export class Vm {
     return { mailbox, eventfd };
   }
 
-  /** Ask the device thread to run `command` (it wakes from poll through its eventfd). */
-  deviceCommand(command: string, args?: unknown): Promise<unknown> {
+  /** Ask the device thread to run `request` (it wakes from poll through its eventfd). */
+  deviceCommand<R extends DeviceRequest>(request: R): Promise<DeviceReplies[R["command"]]> {
     const d = this.deviceThread;
     if (d === undefined) return Promise.reject(new TypevisorError("NO_DEVICES", "this VM has no devices"));
+    if (request.command.startsWith("debug.") && this.config.debugDeviceCommands !== true) {
+      return Promise.reject(new TypevisorError("INVALID_REQUEST", `${request.command} needs debugDeviceCommands`));
+    }
     const id = ++this.commandSeq;
-    const msg: DeviceCommand = { type: "command", id, command, ...(args !== undefined ? { args } : {}) };
-    return new Promise((resolve, reject) => {
-      this.pendingCommands.set(id, { resolve, reject });
+    const msg: DeviceCommand = { ...request, type: "command", id };
+    return new Promise<DeviceReplies[R["command"]]>((resolve, reject) => {
+      // The reply carrying this id answers this request: its result has the request's reply type.
+      this.pendingCommands.set(id, { resolve: resolve as (v: unknown) => void, reject });
       d.worker.postMessage(msg);
       libc.eventfdSignal(d.eventfd);
     });
@@ -358,22 +378,25 @@ export class Vm {
       throw e;
     }
     this.startedAt = Date.now();
+    // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
+    this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
+    this.sampler.unref();
     const result = await new Promise<VmExitResult>((resolve) => {
       let first: { request: VmRequestCode; reason: string; dump?: string } | undefined;
       let exited = 0;
       let failed: Error | undefined;
-      this.threads = new Array<bigint>(this.vcpus.length).fill(0n);
+      this.pthreads = new Array<bigint>(this.vcpus.length).fill(0n);
       this.workers = this.vcpus.map((vcpu) => {
         const init: VcpuWorkerInit = {
           vcpuId: vcpu.id, vcpuFd: vcpu.fd, vmFd: this.vm.fd, runSize: this.runMaps[vcpu.id]!.run.length,
           control: this.control, stats: this.stats, serial: this.serialShared,
-          consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1, niceOffset: this.config.vcpuNice ?? DEFAULT_VCPU_NICE,
+          consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1, niceOffset: this.config.vcpuNice ?? DEFAULT_VCPU_NICE, board: this.board,
           ...(platform !== undefined ? { platform } : {}),
         };
         const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init });
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
-            this.threads[m.vcpuId] = m.thread;
+            this.pthreads[m.vcpuId] = m.thread;
             this.nice[m.vcpuId] = m.niceError !== undefined ? { nice: m.nice, niceError: m.niceError } : { nice: m.nice };
             // Named for per-thread CPU accounting (/proc/PID/task/TID/comm; Node names every thread "node").
             libc.pthreadSetName(m.thread, `tv-vcpu${m.vcpuId}`);
@@ -404,14 +427,20 @@ export class Vm {
       });
     });
     await this.stopDevices();
+    this.stopSampler();
     return result;
+  }
+
+  private stopSampler(): void {
+    if (this.sampler !== undefined) clearInterval(this.sampler);
+    this.sampler = undefined;
   }
 
   /** Make every vCPU leave KVM_RUN promptly (KVM API §4.10, immediate_exit; kvm-lab.md). */
   private kickAll(): void {
     this.runMaps.forEach(({ run }, i) => {
       run[1] = 1; // kvm_run.immediate_exit: catches a kick that lands just before KVM_RUN
-      const t = this.threads[i];
+      const t = this.pthreads[i];
       if (t !== undefined && t !== 0n) {
         try {
           libc.pthreadKill(t, libc.SIG_VCPU_KICK);
@@ -467,7 +496,103 @@ export class Vm {
   /** Disk and network counters from the device thread's back ends (zeros without devices). */
   async ioStats(): Promise<IoStats> {
     if (this.deviceThread === undefined) return emptyIoStats();
-    return (await this.deviceCommand("io")) as IoStats;
+    return this.deviceCommand({ command: "io" });
+  }
+
+  /** Exits of vCPU `id` so far, every reason (its row of the stats buffer). */
+  private exitsOf(id: number): number {
+    const f = new Float64Array(this.stats, id * STAT_SLOTS * 8, STAT_SLOTS);
+    let n = 0;
+    for (let r = 0; r < STAT_SLOTS; r++) n += f[r]!;
+    return n;
+  }
+
+  private vcpuReports(now: number): VcpuThreadReport[] {
+    return this.vcpus.map((v) => vcpuReport(v.id, readRow(this.boardRows[v.id]!), this.exitsOf(v.id), now, this.watch));
+  }
+
+  private ioThreadReports(now: number, kernel: readonly KernelThread[] | null, fromDevices: DeviceThreadReport | undefined): IoThreadReport[] {
+    return this.diskThreads.map((d, i) => {
+      const t = d.ioThread;
+      const status = t === null ? undefined : ioRingStatus(t.ring);
+      // comm holds at most 15 bytes of the name (pthread_setname_np(3)); without /proc, trust it is there.
+      const alive = t === null || status === undefined ? false : kernel === null || kernel.some((k) => k.tid === status.tid && k.comm === t.name.slice(0, 15));
+      return ioThreadReport(i, d.name, t === null || status === undefined ? undefined : { name: t.name, status, alive }, fromDevices?.disks[i], now, this.watch);
+    });
+  }
+
+  /** One observation of the unstamped phases (the sampler's tick). */
+  private observeThreads(): void {
+    const now = clockMs();
+    this.vcpuReports(now);
+    this.ioThreadReports(now, null, undefined);
+  }
+
+  /** The device thread's own report, or why there is none, waited for at most `ms` (a timer: this thread never blocks). */
+  private askDeviceThread(ms: number): Promise<DeviceAnswer> {
+    const start = clockMs();
+    const pending = (this.threadsAnswer ??= this.deviceCommand({ command: "threads" }).finally(() => {
+      this.threadsAnswer = undefined;
+    }));
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => resolve({ ms: clockMs() - start }), ms);
+      pending.then(
+        (report) => {
+          clearTimeout(timer);
+          resolve({ report, ms: clockMs() - start });
+        },
+        (e: unknown) => {
+          clearTimeout(timer);
+          resolve({ error: e instanceof Error ? e.message : String(e), ms: clockMs() - start });
+        },
+      );
+    });
+  }
+
+  /**
+   * Where every VMM thread is (GET /threads): vCPUs and the device thread from the board, the
+   * device thread's own report of every device and queue when it answers within `answerMs`,
+   * each disk's I/O thread from its ring, and the kernel's view of every thread. Never blocks:
+   * at most `answerMs` of waiting, on timers.
+   */
+  async threads(answerMs = THREADS_ANSWER_MS): Promise<ThreadsReport> {
+    // A VM with devices whose thread is not running (not started yet, or stopped) still shows its row.
+    let asked: Promise<DeviceAnswer> | undefined;
+    if (this.deviceThread !== undefined) asked = this.askDeviceThread(answerMs);
+    else if (hasDevices(this.config.devices)) asked = Promise.resolve({ error: `the device thread is not running (the VM is ${this.state})`, ms: 0 });
+    const kernel = new Promise<KernelThread[] | null>((resolve) => {
+      const timer = setTimeout(() => resolve(null), answerMs);
+      kernelThreads().then(
+        (k) => {
+          clearTimeout(timer);
+          resolve(k);
+        },
+        () => {
+          clearTimeout(timer);
+          resolve(null);
+        },
+      );
+    });
+    const [answer, threads] = await Promise.all([asked, kernel]);
+    const now = clockMs();
+    let devices: DeviceThreadThreadsReport | null = null;
+    if (answer !== undefined) {
+      devices = {
+        ...deviceThreadPhase(readRow(this.boardRows[deviceRow(this.vcpus.length)]!), this.deviceNames, now),
+        answering: answer.report !== undefined,
+        answerMs: Math.round(answer.ms),
+        ...(answer.error !== undefined ? { error: answer.error } : {}),
+        pci: answer.report?.devices ?? null,
+      };
+    }
+    return {
+      at: new Date().toISOString(),
+      state: this.state,
+      vcpus: this.vcpuReports(now),
+      devices,
+      ioThreads: this.ioThreadReports(now, threads, answer?.report),
+      kernel: threads,
+    };
   }
 
   /** Console input; what the UART FIFO cannot take yet is retried shortly. */
@@ -543,6 +668,7 @@ export class Vm {
     if (this.destroyed) return;
     this.destroyed = true;
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
+    this.stopSampler();
     this.releaseKvm();
   }
 }

@@ -116,6 +116,33 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
     }
   }, 90_000);
 
+  it("serves GET /threads: the idle vCPU in KVM_RUN, its exits growing with console input, the device thread and the kernel's threads", async () => {
+    const vm = start("t4", ["--rng"]);
+    try {
+      await until("the banner", () => readIf(vm.files.log).includes(TINY_KERNEL_BANNER));
+      type Threads = { vcpus: { tid: number; phase: string; phaseMs: number; exits: number }[]; devices: { tid: number; answering: boolean; pci: { name: string }[] }; kernel: { tid: number; comm: string }[] };
+      const a = await api(vm.files.api, "GET", "/threads");
+      expect(a.status).toBe(200);
+      const before = a.body as Threads;
+      // The tiny guest idles in `hlt`, which KVM serves in the kernel: the vCPU sits in KVM_RUN.
+      expect(before.vcpus[0]).toMatchObject({ phase: "run" });
+      expect(before.devices).toMatchObject({ answering: true, pci: [{ name: "virtio-rng" }] });
+      const comms = new Map(before.kernel.map((t) => [t.comm, t.tid]));
+      expect(comms.get("tv-vcpu0")).toBe(before.vcpus[0]!.tid);
+      expect(comms.get("tv-devices")).toBe(before.devices.tid);
+      const c = await consoleClient(vm.files.sock);
+      c.sock.write("threads\n");
+      await until("the echo", () => c.text().includes("threads\n"));
+      const after = (await api(vm.files.api, "GET", "/threads")).body as Threads;
+      expect(after.vcpus[0]!.exits).toBeGreaterThan(before.vcpus[0]!.exits);
+      c.sock.destroy();
+      vm.child.kill("SIGTERM");
+      expect(await vm.exited, vm.stderr()).toBe(0);
+    } finally {
+      if (vm.child.exitCode === null) vm.child.kill("SIGKILL");
+    }
+  }, 30_000);
+
   it("records result stopped when killed with SIGTERM", async () => {
     const vm = start("t2");
     try {

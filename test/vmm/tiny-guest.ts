@@ -31,6 +31,11 @@ export const POWEROFF = [...movDx(0x600), ...movAl((5 << 2) | 0x20), OUT_DX_AL, 
 export const RESET = [...movDx(0x602), ...movAl(0x01), OUT_DX_AL, HLT, ...JMP_SELF];
 /** Forever: out 0x80, al; jmp back. A busy guest that exits continuously. */
 export const SPIN_OUT = [0xe6, 0x80, 0xeb, 0xfc];
+/**
+ * Forever: mov dx, 0xcfc; in eax, dx; jmp back. Each read of the PCI configuration data port is
+ * an io exit the vCPU forwards to the device thread through the mailbox (a VM with devices).
+ */
+export const PCI_SPIN = [...movDx(0xcfc), 0xed, 0xeb, 0xfd];
 /** ud2 with an empty IDT: #UD -> #DF -> triple fault. */
 export const TRIPLE_FAULT = [0x0f, 0x0b];
 

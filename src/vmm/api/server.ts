@@ -14,6 +14,17 @@
  *   GET  /balloon  balloon size (target/actual pages) and guest memory statistics
  *   PUT  /balloon  {"targetMiB": N}: inflate/deflate the balloon to N MiB (memory taken from the guest)
  *   POST /balloon/stats  ask the guest to refresh its statistics
+ *   GET  /threads  where every VMM thread is, without stopping the VM (docs/vmm.md "GET /threads"):
+ *                  vcpus[] {id, tid, phase starting|run|exit|paused|finished, phaseMs, exits,
+ *                  exit {reason, address, write, size, mailbox}}; devices {tid, phase poll|mailbox|
+ *                  notify|backend|command|tick|..., phaseMs, passes, device, queue, answering,
+ *                  answerMs, pci[] (each device's status, ISR, MSI-X, and per queue its registers,
+ *                  the device's cursor and the ring indices in guest memory)} or null without
+ *                  devices; ioThreads[] {disk, name, tid, state none|starting|running|failed, busy,
+ *                  inFlight, current, phaseMs, completed}; kernel[] {tid, comm, state, wchan, syscall,
+ *                  cpuSeconds}.
+ *                  Waits at most about 1 s for the device thread (answering: false if it does not
+ *                  answer) and never blocks this thread.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { existsSync, unlinkSync } from "node:fs";
@@ -25,8 +36,13 @@ export interface ControlTarget {
   stats(): Promise<unknown>;
   registers(): unknown;
   devices(): Promise<unknown>;
-  /** GET: size and statistics; PUT {targetMiB}: set the balloon's size; POST: ask the guest for fresh statistics. */
-  balloon(method: "GET" | "PUT" | "POST", body?: unknown): Promise<unknown>;
+  /** GET: size and statistics; PUT {pages}: set the balloon's size; POST: ask the guest for fresh statistics. */
+  balloon(method: "GET" | "PUT" | "POST", body?: { pages: number }): Promise<unknown>;
+  /**
+   * Where every VMM thread is (Vm.threads: ThreadsReport). Must never block the main thread:
+   * it waits for the device thread's answer on a timer (about 1 s) and reports without it.
+   */
+  threads(): Promise<unknown>;
   pause(): Promise<void>;
   resume(): void;
   stop(): void;
@@ -100,6 +116,8 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
           return send(res, 200, await target.devices());
         case "GET /registers":
           return send(res, 200, target.registers());
+        case "GET /threads":
+          return send(res, 200, await target.threads());
         case "POST /pause":
           await target.pause();
           return send(res, 200, { ok: true });
@@ -114,7 +132,7 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
           target.reboot();
           return send(res, 202, { ok: true });
         default:
-          return problem(res, 404, "NOT_FOUND", `no route ${route}; try GET /vm, GET /stats, POST /pause, POST /resume, POST /stop, POST /reboot`);
+          return problem(res, 404, "NOT_FOUND", `no route ${route}; try GET /vm, GET /stats, GET /threads, POST /pause, POST /resume, POST /stop, POST /reboot`);
       }
     };
     handle().catch((e: unknown) => {

@@ -33,6 +33,8 @@ export interface VcpuWorkerInit {
   platform?: { mailbox: SharedArrayBuffer; eventfd: number };
   /** Added to the thread's inherited nice value (defaults.ts DEFAULT_VCPU_NICE says why). */
   niceOffset: number;
+  /** The thread board (threads/board.ts): this vCPU publishes its phase in row `vcpuId`. */
+  board: SharedArrayBuffer;
 }
 
 export type VcpuMessage =

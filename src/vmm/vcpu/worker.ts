@@ -10,15 +10,16 @@
 import { parentPort, workerData } from "node:worker_threads";
 import { EXIT, EXIT_NAMES, KVM, SYSTEM_EVENT } from "../../kvm/ioctls.js";
 import { VcpuFd, VmFd } from "../../kvm/kvm.js";
-import { KvmRun } from "../../kvm/run.js";
+import { KvmRun, type VmExit } from "../../kvm/run.js";
 import * as libc from "../../sys/libc.js";
 import { MAX_NICE } from "../defaults.js";
 import { MMIO_HOLE_START, PCI_ECAM_SIZE, PCI_ECAM_START, PORT } from "../arch/x86_64/layout.js";
 import { AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN } from "../devices/legacy/acpi-pm/acpi-pm.js";
 import { I8042 } from "../devices/legacy/i8042/i8042.js";
 import { Serial } from "../devices/legacy/serial/serial.js";
-import { MailboxClient, Op } from "../devices/platform/mailbox.js";
+import { MailboxClient, Op, type OpCode } from "../devices/platform/mailbox.js";
 import { PioBus, type PioDevice } from "../devices/pio-bus.js";
+import { boardRow, enterStamped, PHASE, SLOT, vcpuWord, WORD, withMailbox, withPhase } from "../threads/board.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./control.js";
 import { formatRegisterDump } from "./dump.js";
 
@@ -34,6 +35,17 @@ const vcpu = new VcpuFd(init.vcpuFd, init.vcpuId);
 libc.installKickHandler();
 const runMap = libc.mmap(init.runSize, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, init.vcpuFd, 0);
 const run = new KvmRun(libc.view(runMap.pointer, init.runSize));
+
+/*
+ * Where this vCPU is, for GET /threads (threads/board.ts). The hot path: before KVM_RUN one
+ * store (`run`), after it one (`exit` with the reason) plus the address for io/mmio. No clock,
+ * no allocation, no system call per exit.
+ */
+const row = boardRow(init.board, init.vcpuId);
+const state = row.i32;
+const where = row.f64;
+/** The last state word stored: `run` keeps the details of the exit handled before it. */
+let word = vcpuWord(PHASE.run);
 
 function request(code: VmRequestCode): void {
   Atomics.compareExchange(ctrl, CTRL.REQUEST, VmRequest.NONE, code);
@@ -56,12 +68,20 @@ bus.register(ACPI_PM_BASE, ACPI_PM_LEN, new AcpiPm((r) => request(r === "powerof
 const platform = init.platform !== undefined ? new MailboxClient(init.platform.mailbox, init.vcpuId, init.platform.eventfd) : undefined;
 if (platform !== undefined) {
   const pciConfig: PioDevice = {
-    read: (offset, size) => Number(platform.call(Op.PIO_READ, PORT.PCI_CONFIG_ADDRESS + offset, size, 0n)),
-    write: (offset, size, value) => void platform.call(Op.PIO_WRITE, PORT.PCI_CONFIG_ADDRESS + offset, size, BigInt(value >>> 0)),
+    read: (offset, size) => Number(callDevices(Op.PIO_READ, PORT.PCI_CONFIG_ADDRESS + offset, size, 0n)),
+    write: (offset, size, value) => void callDevices(Op.PIO_WRITE, PORT.PCI_CONFIG_ADDRESS + offset, size, BigInt(value >>> 0)),
   };
   bus.register(PORT.PCI_CONFIG_ADDRESS, 8, pciConfig);
 }
 const PCI_MMIO_END = PCI_ECAM_START + PCI_ECAM_SIZE;
+
+/** One access on the device thread, the board saying meanwhile that this exit waits for it. */
+function callDevices(op: OpCode, addr: number, size: number, data: bigint): bigint {
+  state[WORD.STATE] = withMailbox(word);
+  const v = platform!.call(op, addr, size, data);
+  state[WORD.STATE] = word;
+  return v;
+}
 
 function handleMmio(addr: number, len: number, write: boolean): void {
   const data = run.mmioData();
@@ -74,9 +94,9 @@ function handleMmio(addr: number, len: number, write: boolean): void {
   if (write) {
     let v = 0n;
     for (let i = size - 1; i >= 0; i--) v = (v << 8n) | BigInt(data[i]!);
-    platform.call(Op.MMIO_WRITE, addr, size, v);
+    callDevices(Op.MMIO_WRITE, addr, size, v);
   } else {
-    let v = platform.call(Op.MMIO_READ, addr, size, 0n);
+    let v = callDevices(Op.MMIO_READ, addr, size, 0n);
     for (let i = 0; i < size; i++) {
       data[i] = Number(v & 0xffn);
       v >>= 8n;
@@ -116,11 +136,36 @@ function handleIo(out: boolean, size: number, ioPort: number, count: number, dat
   }
 }
 
-function loop(): { request: VmRequestCode; reason: string; dump?: string } {
+type LoopEnd = { request: VmRequestCode; reason: string; dump?: string };
+
+/** Why an exit that the loop does not serve ends the run. */
+function ending(exit: Exclude<VmExit, { kind: "io" | "mmio" | "hlt" | "intr" }>): LoopEnd {
+  switch (exit.kind) {
+    case "shutdown":
+      return { request: VmRequest.CRASH, reason: "triple fault (KVM_EXIT_SHUTDOWN)", dump: dump() };
+    case "system_event":
+      if (exit.type === SYSTEM_EVENT.SHUTDOWN) return { request: VmRequest.POWEROFF, reason: "system event: shutdown" };
+      if (exit.type === SYSTEM_EVENT.RESET) return { request: VmRequest.RESET, reason: "system event: reset" };
+      return { request: VmRequest.CRASH, reason: `system event ${exit.type}`, dump: dump() };
+    case "internal_error":
+      return {
+        request: VmRequest.CRASH,
+        reason: `KVM internal error, suberror ${exit.suberror} [${exit.data.map((d) => "0x" + d.toString(16)).join(" ")}]`,
+        dump: dump(),
+      };
+    case "fail_entry":
+      return { request: VmRequest.CRASH, reason: `VM entry failed, reason 0x${exit.reason.toString(16)}`, dump: dump() };
+    case "other":
+      return { request: VmRequest.CRASH, reason: `unexpected exit ${EXIT_NAMES[exit.reason] ?? exit.reason}`, dump: dump() };
+  }
+}
+
+function loop(): LoopEnd {
   for (;;) {
     const req = Atomics.load(ctrl, CTRL.REQUEST) as VmRequestCode;
     if (req !== VmRequest.NONE) return { request: req, reason: "requested" };
     if (Atomics.load(ctrl, CTRL.PAUSE) === 1) {
+      enterStamped(row, withPhase(word, PHASE.paused));
       Atomics.add(ctrl, CTRL.PAUSED, 1);
       Atomics.notify(ctrl, CTRL.PAUSED);
       while (Atomics.load(ctrl, CTRL.PAUSE) === 1 && Atomics.load(ctrl, CTRL.REQUEST) === VmRequest.NONE) {
@@ -130,10 +175,13 @@ function loop(): { request: VmRequestCode; reason: string; dump?: string } {
       Atomics.notify(ctrl, CTRL.PAUSED);
       continue;
     }
+    state[WORD.STATE] = withPhase(word, PHASE.run);
     const r = libc.ioctlRaw(init.vcpuFd, KVM.RUN, 0);
     if (r < 0) {
       if (r === -libc.EINTR || r === -libc.EAGAIN) {
         // A kick: clear immediate_exit first, then re-read the control words above.
+        word = vcpuWord(PHASE.exit, EXIT.INTR);
+        state[WORD.STATE] = word;
         run.immediateExit = 0;
         stats[EXIT.INTR]!++;
         continue;
@@ -145,30 +193,26 @@ function loop(): { request: VmRequestCode; reason: string; dump?: string } {
     const exit = run.decode();
     switch (exit.kind) {
       case "io":
+        where[SLOT.ADDR] = exit.port;
+        word = vcpuWord(PHASE.exit, reason, exit.out, exit.size);
+        state[WORD.STATE] = word;
         handleIo(exit.out, exit.size, exit.port, exit.count, exit.dataOffset);
         break;
       case "mmio":
+        where[SLOT.ADDR] = exit.addr;
+        word = vcpuWord(PHASE.exit, reason, exit.write, exit.len);
+        state[WORD.STATE] = word;
         handleMmio(exit.addr, exit.len, exit.write);
         break;
       case "hlt":
       case "intr":
+        word = vcpuWord(PHASE.exit, reason);
+        state[WORD.STATE] = word;
         break;
-      case "shutdown":
-        return { request: VmRequest.CRASH, reason: "triple fault (KVM_EXIT_SHUTDOWN)", dump: dump() };
-      case "system_event":
-        if (exit.type === SYSTEM_EVENT.SHUTDOWN) return { request: VmRequest.POWEROFF, reason: "system event: shutdown" };
-        if (exit.type === SYSTEM_EVENT.RESET) return { request: VmRequest.RESET, reason: "system event: reset" };
-        return { request: VmRequest.CRASH, reason: `system event ${exit.type}`, dump: dump() };
-      case "internal_error":
-        return {
-          request: VmRequest.CRASH,
-          reason: `KVM internal error, suberror ${exit.suberror} [${exit.data.map((d) => "0x" + d.toString(16)).join(" ")}]`,
-          dump: dump(),
-        };
-      case "fail_entry":
-        return { request: VmRequest.CRASH, reason: `VM entry failed, reason 0x${exit.reason.toString(16)}`, dump: dump() };
-      case "other":
-        return { request: VmRequest.CRASH, reason: `unexpected exit ${EXIT_NAMES[exit.reason] ?? exit.reason}`, dump: dump() };
+      default:
+        // An exit that ends the run: the board keeps it as the finished vCPU's last exit.
+        word = vcpuWord(PHASE.exit, reason);
+        return ending(exit);
     }
   }
 }
@@ -188,8 +232,11 @@ function applyNice(): { nice: number; niceError?: string } {
   }
 }
 
+Atomics.store(row.i32, WORD.TID, libc.gettid());
 post({ type: "ready", vcpuId: init.vcpuId, thread: libc.pthreadSelf(), ...applyNice() });
 const result = loop();
+// The last exit stays in the word (a crash's triple fault, a power-off's port write).
+enterStamped(row, withPhase(word, PHASE.finished));
 request(result.request);
 post({ type: "exit", vcpuId: init.vcpuId, ...result });
 libc.munmap(runMap);

@@ -1,10 +1,15 @@
 /**
- * What the VMM hands its device thread, and what the thread says back. The
- * device thread owns the PCI bus, the virtio transports and device back ends;
- * it sees guest memory through its own view of the same mapping.
+ * What the VMM hands its device thread, and what the two say to each other. The device thread
+ * owns the PCI bus, the virtio transports and device back ends; it sees guest memory through
+ * its own view of the same mapping. Commands and their answers are one typed union each side
+ * shares (DeviceRequest, DeviceReplies).
  */
 import type { DeviceSpecs } from "../../device-specs.js";
 import type { MemoryRegionSpec } from "../../memory/guest-memory.js";
+import type { BalloonCounters, BalloonStats } from "../virtio/balloon/balloon.js";
+import type { BlockStats } from "../virtio/block/block.js";
+import type { NetStats } from "../virtio/net/net.js";
+import type { VirtioPciInspect } from "../virtio/pci/transport.js";
 
 export interface DeviceThreadInit {
   vmFd: number;
@@ -17,20 +22,85 @@ export interface DeviceThreadInit {
   devices: DeviceSpecs;
   /** Int32 slot 0: 1 = stop. */
   control: SharedArrayBuffer;
+  /** The thread board (threads/board.ts); this thread publishes its phase in row `deviceRow(vcpus)`. */
+  board: SharedArrayBuffer;
+  /** Accept the debug.* commands (tests of a device thread that does not answer). */
+  debugCommands?: boolean;
 }
 
+/** Disk and network traffic summed over the VM's virtio devices (counted by the back ends). */
+export interface IoTotals {
+  diskReadBytes: number;
+  diskWriteBytes: number;
+  diskReadOps: number;
+  diskWriteOps: number;
+  netRxBytes: number;
+  netTxBytes: number;
+  netRxPackets: number;
+  netTxPackets: number;
+}
+
+export interface IoStats extends IoTotals {
+  disks: ({ name: string } & BlockStats)[];
+  nets: ({ name: string } & NetStats)[];
+}
+
+/** A device on the PCI bus as GET /devices shows it. */
+export interface PciDeviceSummary {
+  name: string;
+  slot: number;
+  status: number;
+  needsReset: string | null;
+}
+
+export interface BalloonReport extends BalloonStats {
+  targetPages: number;
+  actualPages: number;
+  counters: BalloonCounters;
+}
+
+/** The device thread's own answer for GET /threads: every device's transport and queues, and each disk's I/O thread as it sees it. */
+export interface DeviceThreadReport {
+  devices: ({ name: string; slot: number } & VirtioPciInspect)[];
+  disks: { name: string; ioThread: BlockStats["ioThread"]; inFlight: number }[];
+}
+
+/** What the main thread can ask of the device thread. */
+export type DeviceRequest =
+  | { command: "devices" }
+  | { command: "io" }
+  | { command: "threads" }
+  | { command: "balloon.setTarget"; args: { pages: number } }
+  | { command: "balloon.requestStats" }
+  | { command: "balloon.stats" }
+  /** Block the device thread for `ms` (only with DeviceThreadInit.debugCommands): a stuck device thread, for tests. */
+  | { command: "debug.stall"; args: { ms: number } };
+
+/** The answer to each request. */
+export interface DeviceReplies {
+  devices: PciDeviceSummary[];
+  io: IoStats;
+  threads: DeviceThreadReport;
+  "balloon.setTarget": BalloonReport;
+  "balloon.requestStats": { requested: boolean };
+  "balloon.stats": BalloonReport;
+  "debug.stall": { stalledMs: number };
+}
+
+export type DeviceCommandName = DeviceRequest["command"];
+
 /** A request from the VMM main thread (posted, then the eventfd is signalled so poll wakes up). */
-export interface DeviceCommand {
-  type: "command";
-  id: number;
-  /** "stats" (every device's counters), or a device-specific verb such as "balloon.setTarget". */
-  command: string;
-  args?: unknown;
+export type DeviceCommand = DeviceRequest & { type: "command"; id: number };
+
+/** A disk as the device thread reports it at start-up: its I/O thread's shared ring, if it has one. */
+export interface DiskThreadInfo {
+  name: string;
+  ioThread: { name: string; ring: SharedArrayBuffer } | null;
 }
 
 export type DeviceThreadMessage =
-  | { type: "ready"; devices: string[] }
-  | { type: "reply"; id: number; ok: true; result: unknown }
+  | { type: "ready"; devices: string[]; disks: DiskThreadInfo[] }
+  | { type: "reply"; id: number; ok: true; result: DeviceReplies[DeviceCommandName] }
   | { type: "reply"; id: number; ok: false; code: string; message: string }
   | { type: "error"; code: string; message: string }
   | { type: "warning"; message: string };

@@ -23,13 +23,17 @@ import { VsockDevice } from "../virtio/vsock/vsock.js";
 import { formatMac, macFromIdentity, parseMac } from "../virtio/net/mac.js";
 import { NetDevice } from "../virtio/net/net.js";
 import { openTap, setLinkUp } from "../../../sys/tap.js";
-import type { DeviceCommand, DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
+import { boardRow, clockMs, deviceRow, deviceWord, enterStamped, PHASE, SLOT, WORD } from "../../threads/board.js";
+import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
 
 const init = workerData as DeviceThreadInit;
 const port = parentPort;
 if (port === null) throw new Error("device thread started outside a worker thread");
 const post = (m: DeviceThreadMessage): void => port.postMessage(m);
+// Where this thread is, for GET /threads (threads/board.ts): "starting" (set by the VMM) until the loop runs.
+const row = boardRow(init.board, deviceRow(init.vcpus));
+Atomics.store(row.i32, WORD.TID, libc.gettid());
 
 const vm = new VmFd(init.vmFd);
 const stop = new Int32Array(init.control);
@@ -38,6 +42,8 @@ const mailbox = new MailboxServer(init.mailbox, init.vcpus);
 
 interface Plugged {
   name: string;
+  /** Index on the bus in plug order (what the thread board's state word names). */
+  index: number;
   transport: VirtioPciDevice;
   slot: number;
   /** One ioeventfd per queue, registered while the notify BAR decodes. */
@@ -67,7 +73,7 @@ function plug(name: string, device: VirtioDevice): void {
   });
   const slot = bus.addDevice(transport);
   const kicks = device.queueMaxSizes.map((_, queue) => ({ queue, fd: libc.eventfd(), addr: undefined as number | undefined }));
-  plugged.push({ name, transport, slot, kicks });
+  plugged.push({ name, index: plugged.length, transport, slot, kicks });
 }
 
 /** Move each queue's ioeventfd to wherever the guest placed the notify BAR (or drop it while it does not decode). */
@@ -160,21 +166,15 @@ try {
 }
 // Named so per-thread CPU (/proc/PID/task/TID/comm) tells this thread from V8's and the vCPUs'.
 libc.pthreadSetName(libc.pthreadSelf(), "tv-devices");
-post({ type: "ready", devices: plugged.map((p) => `${p.name} at 00:${p.slot.toString(16).padStart(2, "0")}.0`) });
-
-/** Host-side verbs, keyed by command name; each returns plain data. */
-const commands = new Map<string, (args: unknown) => unknown>();
-commands.set("devices", () =>
-  plugged.map((p) => ({
-    name: p.name,
-    slot: p.slot,
-    status: p.transport.deviceStatus,
-    needsReset: p.transport.needsResetReason ?? null,
-  })),
-);
+post({
+  type: "ready",
+  devices: plugged.map((p) => `${p.name} at 00:${p.slot.toString(16).padStart(2, "0")}.0`),
+  // The main thread reads each I/O thread's ring itself (GET /threads), so it sees a disk's I/O even while this thread is stuck.
+  disks: disks.map(({ name, dev }) => ({ name, ioThread: dev.ioThreadRing ?? null })),
+});
 
 /** Disk and network counters: totals over devices plus one entry per device (GET /stats "io"). */
-commands.set("io", () => {
+function ioStats(): DeviceReplies["io"] {
   const perDisk = disks.map(({ name, dev }) => ({ name, ...dev.stats() }));
   const perNic = nics.map(({ name, dev }) => ({ name, ...dev.stats() }));
   const sum = <T>(xs: T[], f: (x: T) => number): number => xs.reduce((n, x) => n + f(x), 0);
@@ -190,33 +190,65 @@ commands.set("io", () => {
     disks: perDisk,
     nets: perNic,
   };
-});
+}
 
 function theBalloon(): BalloonDevice {
   if (balloon === undefined) throw new TypevisorError("NO_BALLOON", "this VM has no balloon (start it with --balloon)");
   return balloon;
 }
-const balloonState = () => {
+function balloonState(): DeviceReplies["balloon.stats"] {
   const b = theBalloon();
   return { targetPages: b.targetPages(), actualPages: b.actualPages(), ...b.stats(), counters: b.counters() };
-};
-commands.set("balloon.setTarget", (args) => {
-  const pages = (args as { pages?: unknown } | undefined)?.pages;
-  if (typeof pages !== "number") throw new TypevisorError("INVALID_REQUEST", "balloon.setTarget needs {pages}");
-  theBalloon().setTarget(pages);
-  return balloonState();
-});
-commands.set("balloon.requestStats", () => ({ requested: theBalloon().requestStats() }));
-commands.set("balloon.stats", balloonState);
+}
+
+/** Where every device and queue stands, and each disk's I/O thread as this thread sees it (GET /threads). */
+function threadsReport(): DeviceReplies["threads"] {
+  return {
+    devices: plugged.map((p) => ({ name: p.name, slot: p.slot, ...p.transport.inspect() })),
+    disks: disks.map(({ name, dev }) => ({ name, ioThread: dev.stats().ioThread, inFlight: dev.inFlight })),
+  };
+}
+
+const stallWord = new Int32Array(new SharedArrayBuffer(4));
+
+/** Host-side verbs; each returns plain data (DeviceReplies). */
+function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
+  switch (c.command) {
+    case "devices":
+      return plugged.map((p) => ({ name: p.name, slot: p.slot, status: p.transport.deviceStatus, needsReset: p.transport.needsResetReason ?? null }));
+    case "io":
+      return ioStats();
+    case "threads":
+      return threadsReport();
+    case "balloon.setTarget":
+      if (typeof c.args.pages !== "number") throw new TypevisorError("INVALID_REQUEST", "balloon.setTarget needs {pages}");
+      theBalloon().setTarget(c.args.pages);
+      return balloonState();
+    case "balloon.requestStats":
+      return { requested: theBalloon().requestStats() };
+    case "balloon.stats":
+      return balloonState();
+    case "debug.stall": {
+      if (init.debugCommands !== true) throw new TypevisorError("UNKNOWN_COMMAND", "debug commands are off");
+      const start = clockMs();
+      // Really blocked, as a thread stuck in a system call would be: no poll, no mailbox, no commands.
+      Atomics.wait(stallWord, 0, 0, c.args.ms);
+      return { stalledMs: clockMs() - start };
+    }
+    default: {
+      const unknown: never = c;
+      throw new TypevisorError("UNKNOWN_COMMAND", `no device command ${(unknown as { command: string }).command}`);
+    }
+  }
+}
 
 /** Serve commands the main thread posted (its messages queue up while this thread sleeps in poll). */
 function serveCommands(): void {
   for (let m = receiveMessageOnPort(port!); m !== undefined; m = receiveMessageOnPort(port!)) {
     const c = m.message as DeviceCommand;
-    const fn = commands.get(c.command);
+    row.i32[WORD.STATE] = deviceWord(PHASE.command);
     try {
-      if (fn === undefined) throw new TypevisorError("UNKNOWN_COMMAND", `no device command ${c.command}`);
-      post({ type: "reply", id: c.id, ok: true, result: fn(c.args) });
+      post({ type: "reply", id: c.id, ok: true, result: runCommand(c) });
     } catch (e) {
       post(isTypevisorError(e) ? { type: "reply", id: c.id, ok: false, code: e.code, message: e.message } : { type: "reply", id: c.id, ok: false, code: "DEVICE_COMMAND", message: (e as Error).message });
     }
@@ -275,32 +307,46 @@ function rebuildPollSet(): void {
 }
 rebuildPollSet();
 /** When the disks were last asked to check on their I/O threads (BlockDevice.tick). */
-let lastTick = performance.now();
+let lastTick = clockMs();
+/** Passes through the loop (the board's SEQ: a reader sees this thread move). */
+let passes = 0;
+const POLL_WORD = deviceWord(PHASE.poll);
 while (Atomics.load(stop, 0) === 0) {
   // Back-end fds are polled only while their device wants them: a device without guest buffers wants none.
   if (wantedBackendsChanged()) rebuildPollSet();
+  // poll is not stamped: its time counts from the last wake-up (serving took microseconds), so a
+  // pass still reads the clock once, after poll, as it did before the board.
+  row.i32[WORD.STATE] = POLL_WORD;
   const ready = pollSet.wait(1000);
+  const now = clockMs();
+  // What this pass serves is stamped with its wake-up.
+  row.f64[SLOT.SINCE] = now;
+  row.i32[WORD.SEQ] = ++passes;
   balloon?.tick();
-  const now = performance.now();
   if (now - lastTick >= 1000) {
     lastTick = now;
+    row.i32[WORD.STATE] = deviceWord(PHASE.tick);
     for (const { dev } of disks) dev.tick();
   }
   for (let r = 0; r < ready; r++) {
     const i = pollSet.readyIdx[r]!;
     const src = sources[i]!;
     if (src.kind === "mailbox") {
+      row.i32[WORD.STATE] = deviceWord(PHASE.mailbox);
       libc.eventfdClear(fds[i]!);
       mailbox.serve({ handle });
       serveCommands();
     } else if (src.kind === "kick") {
+      row.i32[WORD.STATE] = deviceWord(PHASE.notify, src.p.index, src.queue);
       libc.eventfdClear(fds[i]!);
       src.p.transport.queueNotify(src.queue);
     } else {
+      row.i32[WORD.STATE] = deviceWord(PHASE.backend, src.p.index);
       src.p.transport.device.onBackendReadable?.(src.fd);
     }
   }
 }
+enterStamped(row, deviceWord(PHASE.stopping));
 for (const p of plugged) {
   for (const k of p.kicks) {
     if (k.addr !== undefined) vm.ioeventfd(k.addr, 0, k.fd, true);
@@ -313,3 +359,4 @@ for (const { dev } of disks) dev.close();
 for (const fd of taps) libc.close(fd);
 // Closes the listener and removes its socket file.
 vsock?.close();
+enterStamped(row, deviceWord(PHASE.finished));

@@ -14,6 +14,48 @@ export interface QueueConfig {
   deviceAddr: number;
 }
 
+/**
+ * Where one queue stands, for a report of a stalled VM (GET /threads): the device's cursors and
+ * the indices and suppression fields as they are in guest memory now. Reading it changes nothing.
+ */
+export interface QueueInspect {
+  /** The device's next available index: the next entry it will pop. */
+  nextAvail: number;
+  /** The driver's avail idx in guest memory: `availIdx - nextAvail` entries wait for the device. */
+  availIdx: number;
+  /** Available entries not yet taken (mod 2^16; over `size` means a corrupt idx). */
+  waiting: number;
+  /** The used idx in guest memory (the device's own `nextUsed` unless the guest wrote over it). */
+  usedIdx: number;
+  nextUsed: number;
+  /** The used idx when the device last decided whether to interrupt (needsInterrupt). */
+  signalledUsed: number;
+  /** VIRTIO_F_EVENT_IDX negotiated: the event fields below count, the flags do not. */
+  eventIdx: boolean;
+  /** The driver's avail flags: bit 0 asks for no used-buffer interrupts (without EVENT_IDX). */
+  availFlags: number;
+  /** EVENT_IDX: the driver wants an interrupt once the used idx passes this. */
+  usedEvent: number | null;
+  /** EVENT_IDX: the device wants a kick once the avail idx passes this. */
+  availEvent: number | null;
+  /**
+   * Whether the driver has asked for no interrupt for the next used buffer: without EVENT_IDX,
+   * its NO_INTERRUPT flag; with it, used_event lies behind the used idx already pushed (the next
+   * push would not cross it unless the driver moves it).
+   */
+  interruptsSuppressed: boolean;
+  /** The sticky error once the driver broke the rules, else null. */
+  broken: string | null;
+}
+
+/** What a device tells of itself for GET /threads (plain data). */
+export interface VirtioDeviceInspect {
+  /** Index = queue number; null for a queue the device has not built (not enabled, or not activated). */
+  queues: (QueueInspect | null)[];
+  /** Requests taken from the rings and not answered yet (a disk's requests on its I/O thread). */
+  inFlight?: number;
+}
+
 /** What the transport gives a device when the driver sets DRIVER_OK. */
 export interface ActivateContext {
   mem: GuestMemory;
@@ -57,6 +99,8 @@ export interface VirtioDevice {
   backendWanted?(fd: number): boolean;
   /** Called on the device thread when one of backendFds is readable. Never throws. */
   onBackendReadable?(fd: number): void;
+  /** Where the device's queues stand (GET /threads); reads, changes nothing. */
+  inspect?(): VirtioDeviceInspect;
 }
 
 /**

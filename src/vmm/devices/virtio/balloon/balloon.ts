@@ -1,9 +1,9 @@
 import { TypevisorError } from "../../../../errors.js";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
-import type { ActivateContext, VirtioDevice } from "../device.js";
+import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, hasFeature, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { readChain } from "../queue/chain.js";
-import { activateQueues, serviceQueue } from "../queue/runner.js";
+import { activateQueues, inspectQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
 
@@ -302,6 +302,11 @@ export class BalloonDevice implements VirtioDevice {
     if (q === INFLATEQ) serviceQueue(ctx, q, this.queues[q], (chain) => this.inflate(ctx.mem, chain));
     else if (q === DEFLATEQ) serviceQueue(ctx, q, this.queues[q], (chain) => this.deflate(chain));
     else if (q === STATSQ) this.receiveStats(ctx);
+  }
+
+  /** Where the queues stand (GET /threads). */
+  inspect(): VirtioDeviceInspect {
+    return { queues: inspectQueues(this.queues, this.queueMaxSizes.length) };
   }
 
   reset(): void {

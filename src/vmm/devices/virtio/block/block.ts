@@ -2,11 +2,11 @@ import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
 import { IoVec, RWF_NOWAIT } from "../../../../sys/iov.js";
 import { EINTR, EINVAL, EOPNOTSUPP, errnoName } from "../../../../sys/libc.js";
-import type { ActivateContext, VirtioDevice } from "../device.js";
+import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { gatherHost, readChain, writeChain } from "../queue/chain.js";
 import type { ChainResult } from "../queue/runner.js";
-import { activateQueues, DEFERRED, serviceQueue } from "../queue/runner.js";
+import { activateQueues, DEFERRED, inspectQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, GuestBuf, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
 import { syncData, transferAll, writeZeroes } from "./file-io.js";
@@ -170,6 +170,7 @@ export class BlockDevice implements VirtioDevice {
   /** The iovec array of a request done on this thread (one at a time). */
   private readonly iov = new IoVec();
   private io: BlockIoThread | undefined;
+  private readonly ioThreadName: string | undefined;
   /** Requests on the I/O thread, by slot. */
   private readonly pending: (Pending | undefined)[] = [];
   /** Poll this (the I/O thread's completion eventfd) and call onBackendReadable. */
@@ -258,6 +259,7 @@ export class BlockDevice implements VirtioDevice {
       if (owns) fs.closeSync(fd);
       throw new TypevisorError("DISK_IO_THREAD", `cannot start the I/O thread of disk ${opts.path ?? `fd ${fd}`}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
     }
+    this.ioThreadName = this.io !== undefined ? opts.ioThread : undefined;
     this.backendFds = this.io !== undefined ? [this.io.eventfd] : [];
     this.nowaitReads = opts.readsOnIoThread !== true;
   }
@@ -267,6 +269,11 @@ export class BlockDevice implements VirtioDevice {
     this.io?.close();
     this.pending.length = 0;
     if (this.ownsFd) fs.closeSync(this.fd);
+  }
+
+  /** The I/O thread's name and shared ring, while it has one (GET /threads reads the ring from the main thread). */
+  get ioThreadRing(): { name: string; ring: SharedArrayBuffer } | undefined {
+    return this.io === undefined || this.ioThreadName === undefined ? undefined : { name: this.ioThreadName, ring: this.io.sharedRing };
   }
 
   /** Requests on the I/O thread not yet answered. */
@@ -363,6 +370,11 @@ export class BlockDevice implements VirtioDevice {
       this.counters.writeOps++;
       this.counters.writeBytes += bytes;
     }
+  }
+
+  /** Where the queue stands, and how many requests wait on the I/O thread (GET /threads). */
+  inspect(): VirtioDeviceInspect {
+    return { queues: inspectQueues(this.queues, this.queueMaxSizes.length), inFlight: this.inFlight };
   }
 
   reset(): void {

@@ -38,3 +38,29 @@ export function ioRing(sab = new SharedArrayBuffer(CTL_BYTES + SLOTS * META_FIEL
 
 /** Index of `field` of slot `slot` in IoRing.meta. */
 export const metaAt = (slot: number, field: number): number => slot * META_FIELDS + field;
+
+const OP_NAMES: Record<number, string> = { [IO_OP.READ]: "read", [IO_OP.WRITE]: "write", [IO_OP.FLUSH]: "flush", [IO_OP.WRITE_ZEROES]: "write-zeroes" };
+
+/** What a ring shows of its I/O thread, read from any thread without asking either side (GET /threads). */
+export interface IoRingStatus {
+  /** The I/O thread's kernel thread id; 0 until it has started. */
+  tid: number;
+  /** Requests handed to the thread, and done by it, since it started (running counters, mod 2^32). */
+  submitted: number;
+  completed: number;
+  /** The request the thread works on now (the oldest not completed), or null when it is idle. */
+  current: { op: string; pos: number; len: number } | null;
+  stopping: boolean;
+}
+
+export function ioRingStatus(ring: IoRing): IoRingStatus {
+  const submitted = Atomics.load(ring.ctl, CTL.SUBMITTED);
+  const completed = Atomics.load(ring.ctl, CTL.COMPLETED);
+  let current: IoRingStatus["current"] = null;
+  if (submitted !== completed) {
+    const slot = completed & (SLOTS - 1);
+    const op = ring.meta[metaAt(slot, META.OP)]!;
+    current = { op: OP_NAMES[op] ?? `op ${op}`, pos: ring.meta[metaAt(slot, META.POS)]!, len: ring.meta[metaAt(slot, META.LEN)]! };
+  }
+  return { tid: Atomics.load(ring.ctl, CTL.TID), submitted, completed, current, stopping: Atomics.load(ring.ctl, CTL.STOP) !== 0 };
+}

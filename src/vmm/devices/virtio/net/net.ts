@@ -2,10 +2,10 @@ import { TypevisorError } from "../../../../errors.js";
 import { EAGAIN, EINTR, readRaw } from "../../../../sys/libc.js";
 import { addressOf, IoVec } from "../../../../sys/iov.js";
 import { setTapOffload, TUN_F, VNET_HDR_LEN } from "../../../../sys/tap.js";
-import type { ActivateContext, VirtioDevice } from "../device.js";
+import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { chainHead, gatherHost, readChain, writeChain } from "../queue/chain.js";
-import { activateQueues, serviceQueue } from "../queue/runner.js";
+import { activateQueues, inspectQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
 import { formatMac } from "./mac.js";
@@ -253,6 +253,11 @@ export class NetDevice implements VirtioDevice {
       return;
     }
     this.receive();
+  }
+
+  /** Where the queues stand (GET /threads). */
+  inspect(): VirtioDeviceInspect {
+    return { queues: inspectQueues(this.queues, this.queueMaxSizes.length) };
   }
 
   reset(): void {

@@ -6,6 +6,7 @@ import { PciBus } from "../../pci/bus.js";
 import { PCI_REG } from "../../pci/config-space.js";
 import { VIRTIO_F, VIRTIO_ID, featureBit, type ActivateContext, type VirtioDevice } from "../device.js";
 import { COMMON, VIRTIO_MSI_NO_VECTOR, VIRTIO_PCI_CAP, VIRTIO_STATUS as S } from "./caps.js";
+import { RngDevice } from "../rng/rng.js";
 import { MSIX_BAR, VIRTIO_BAR, VirtioPciDevice } from "./transport.js";
 
 const MEM_SIZE = 1 << 20;
@@ -548,5 +549,53 @@ describe("hostile guests (fast-check)", () => {
     w(COMMON.DEVICE_STATUS, 1, 4);
     expect(d.dev.activations).toHaveLength(1);
     expect(d.dev.activations[0]!.queues[0]).toEqual({ size: 16, descAddr: 0, driverAddr: 0, deviceAddr: 0 });
+  });
+});
+
+describe("inspect (GET /threads)", () => {
+  it("shows status bits, ISR, vectors (masked, pending) and each queue's registers, and changes nothing", () => {
+    const d = new Driver();
+    expect(d.pci.inspect()).toMatchObject({ status: 0, statusBits: [], needsReset: null, isr: 0, configVector: null, msix: { enabled: false } });
+    d.negotiate();
+    d.setCommon(COMMON.CONFIG_MSIX_VECTOR, 2, 0);
+    d.setupQueue(0, 128, 0x10000, 1);
+    d.setCommon(COMMON.QUEUE_ENABLE, 2, 1);
+    d.addStatus(S.DRIVER_OK);
+    // The guest masks vector 1 (vector control, table entry 1): the queue's interrupt waits in the PBA.
+    const mask = new Uint8Array(4);
+    mask[0] = 1;
+    d.bus.handleMmio(d.barBase(MSIX_BAR) + 16 + 12, mask, true);
+    const ctx = d.dev.activations[0]!;
+    ctx.interruptQueue(0);
+    ctx.interruptConfig();
+    const seen = d.pci.inspect();
+    expect(seen).toMatchObject({
+      status: S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK,
+      statusBits: ["ACKNOWLEDGE", "DRIVER", "DRIVER_OK", "FEATURES_OK"],
+      needsReset: null,
+      isr: 2,
+      msix: { enabled: true, functionMasked: false },
+      configVector: { vector: 0, masked: false, pending: false },
+    });
+    expect(BigInt(seen.features)).toBe(d.deviceFeatures());
+    // FakeDevice has no inspect(): the transport's registers only.
+    expect(seen.queues).toEqual([
+      { index: 0, enabled: true, size: 128, vector: { vector: 1, masked: true, pending: true }, active: false },
+      { index: 1, enabled: false, size: 128, vector: null, active: false },
+    ]);
+    // Nothing was cleared or delivered by looking: the guest's own ISR read still sees it.
+    expect(d.pci.inspect().isr).toBe(2);
+    expect(d.read(VIRTIO_PCI_CAP.ISR_CFG, 0, 1)).toBe(2);
+    expect(d.sent).toEqual([[0xfee0_0000n, 0x40]]);
+  });
+
+  it("adds the device's own view of each queue it built", () => {
+    // A real device with inspect(); the Driver reads only the transport (its FakeDevice fields go unused here).
+    const d = new Driver(new RngDevice() as unknown as FakeDevice);
+    d.negotiate();
+    d.setupQueue(0, 64, 0x10000, 1);
+    d.setCommon(COMMON.QUEUE_ENABLE, 2, 1);
+    d.addStatus(S.DRIVER_OK);
+    expect(d.pci.inspect().queues[0]).toMatchObject({ index: 0, enabled: true, size: 64, active: true, nextAvail: 0, availIdx: 0, waiting: 0, usedIdx: 0, broken: null });
   });
 });

@@ -23,7 +23,7 @@ import type { GuestMemory } from "../../../memory/guest-memory.js";
 import { PciConfigSpace, type PciBarSpec } from "../../pci/config-space.js";
 import { PCI_CLASS, leRead, leWrite, type PciDevice } from "../../pci/device.js";
 import { Msix, type MsixState } from "../../pci/msix.js";
-import { VIRTIO_F, VIRTIO_ID, type ActivateContext, type QueueConfig, type VirtioDevice } from "../device.js";
+import { VIRTIO_F, VIRTIO_ID, type ActivateContext, type QueueConfig, type QueueInspect, type VirtioDevice } from "../device.js";
 import {
   COMMON,
   PCI_CAP_ID_VNDR,
@@ -89,6 +89,33 @@ export interface VirtioPciState {
   queues: { size: number; msixVector: number; enabled: boolean; desc: string; driver: string; device: string }[];
   msix: MsixState;
   config: number[];
+}
+
+/** An MSI-X vector as GET /threads shows it: whether the guest masked it and whether a message waits on the mask. */
+export interface VectorInspect {
+  vector: number;
+  masked: boolean;
+  pending: boolean;
+}
+
+/** One queue of a VirtioPciInspect: the transport's registers, then (`active`) the device's ring state. */
+export type QueueRegistersInspect = { index: number; enabled: boolean; size: number; vector: VectorInspect | null } & ({ active: false } | ({ active: true } & QueueInspect));
+
+/** Where a virtio-pci device stands, for a report of a stalled VM (GET /threads). */
+export interface VirtioPciInspect {
+  /** Device status register and its bits by name (virtio 1.2 §2.1). */
+  status: number;
+  statusBits: string[];
+  needsReset: string | null;
+  /** ISR status (read-to-clear by the guest): bit 0 queue, bit 1 configuration (§4.1.4.5). */
+  isr: number;
+  /** Negotiated features (hex). */
+  features: string;
+  msix: { enabled: boolean; functionMasked: boolean };
+  configVector: VectorInspect | null;
+  /** Requests the device took and has not answered (a disk's requests on its I/O thread), when it says. */
+  inFlight?: number;
+  queues: QueueRegistersInspect[];
 }
 
 const S = VIRTIO_STATUS;
@@ -247,6 +274,27 @@ export class VirtioPciDevice implements PciDevice {
    */
   queueNotify(queue: number): void {
     if (Number.isInteger(queue) && queue >= 0 && queue < this.numQueues) this.notify(queue);
+  }
+
+  /** Where the device stands (VirtioPciInspect). Reads only: the ISR is not cleared, nothing is delivered. */
+  inspect(): VirtioPciInspect {
+    const vector = (v: number): VectorInspect | null => (v === VIRTIO_MSI_NO_VECTOR ? null : { vector: v, masked: this.msix.entry(v)?.masked ?? true, pending: this.msix.isPending(v) });
+    const dev = this.device.inspect?.();
+    return {
+      status: this.status,
+      statusBits: (Object.keys(S) as (keyof typeof S)[]).filter((k) => (this.status & S[k]) !== 0),
+      needsReset: this.needsResetReason ?? null,
+      isr: this.isr,
+      features: `0x${this.driverFeatures.toString(16)}`,
+      msix: { enabled: this.msix.enabled, functionMasked: this.msix.functionMasked },
+      configVector: vector(this.configMsixVector),
+      ...(dev?.inFlight !== undefined ? { inFlight: dev.inFlight } : {}),
+      queues: this.queues.map((q, index) => {
+        const ring = dev?.queues[index] ?? null;
+        const regs = { index, enabled: q.enabled, size: q.size, vector: vector(q.msixVector) };
+        return ring === null ? { ...regs, active: false as const } : { ...regs, active: true as const, ...ring };
+      }),
+    };
   }
 
   get deviceStatus(): number {

@@ -1,4 +1,4 @@
-import type { ActivateContext } from "../device.js";
+import type { ActivateContext, QueueInspect } from "../device.js";
 import { hasFeature, VIRTIO_F } from "../device.js";
 import type { DescriptorChain, SplitQueueState } from "./split-queue.js";
 import { QueueError, SplitQueue } from "./split-queue.js";
@@ -79,4 +79,11 @@ export function serviceQueue(ctx: ActivateContext, q: number, queue: SplitQueue 
       // needsInterrupt reads validated ring addresses; nothing sensible to do if that fails.
     }
   }
+}
+
+/** Each of `count` queues' QueueInspect, null where the device has not built that queue (GET /threads). */
+export function inspectQueues(queues: readonly (SplitQueue | undefined)[], count: number): (QueueInspect | null)[] {
+  const out: (QueueInspect | null)[] = [];
+  for (let i = 0; i < count; i++) out.push(queues[i]?.inspect() ?? null);
+  return out;
 }

@@ -261,6 +261,44 @@ describe("used ring and notifications", () => {
   });
 });
 
+describe("inspect (GET /threads)", () => {
+  it("shows the device's cursors and the rings as they are in guest memory, changing nothing", () => {
+    const { drv, q } = setup(8);
+    for (let i = 0; i < 3; i++) drv.publish(drv.addChain([{ addr: DATA + 16 * i, len: 16, write: true }]));
+    const c = expectChain(q.pop());
+    q.pushUsed(c.head, 16);
+    expect(q.inspect()).toEqual({
+      nextAvail: 1, availIdx: 3, waiting: 2, usedIdx: 1, nextUsed: 1, signalledUsed: 0,
+      eventIdx: false, availFlags: 0, usedEvent: null, availEvent: null, interruptsSuppressed: false, broken: null,
+    });
+    // Reading it twice pops nothing and decides no interrupt.
+    expect(q.inspect().waiting).toBe(2);
+    expect(q.needsInterrupt()).toBe(true);
+    expect(q.inspect().signalledUsed).toBe(1);
+    drv.setAvailFlags(1);
+    expect(q.inspect()).toMatchObject({ availFlags: 1, interruptsSuppressed: true });
+    // A corrupt idx shows as it is; the error once the device has met it.
+    drv.setAvailIdx(200);
+    expect(q.inspect()).toMatchObject({ availIdx: 200, waiting: 199, broken: null });
+    q.pop();
+    expect(q.inspect().broken).toMatch(/available idx 200/);
+  });
+
+  it("with EVENT_IDX: used_event decides whether the next used buffer interrupts, avail_event what the device asked for", () => {
+    const { drv, q } = setup(8, { eventIdx: true });
+    drv.publish(drv.addChain([{ addr: DATA, len: 16, write: true }]));
+    const c = expectChain(q.pop());
+    q.armNotification();
+    drv.setUsedEvent(0);
+    expect(q.inspect()).toMatchObject({ eventIdx: true, usedEvent: 0, availEvent: 1, interruptsSuppressed: false });
+    q.pushUsed(c.head, 16);
+    // used_event 0 is behind the used idx 1: the driver is not waiting for the next one (it polls, or has not caught up).
+    expect(q.inspect()).toMatchObject({ usedIdx: 1, usedEvent: 0, interruptsSuppressed: true });
+    drv.setUsedEvent(1);
+    expect(q.inspect().interruptsSuppressed).toBe(false);
+  });
+});
+
 describe("chain helpers", () => {
   it("read, write and slice across buffers with offsets and clipping", () => {
     const mem = mkMem();

@@ -1,6 +1,6 @@
 import { TypevisorError } from "../../../../errors.js";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
-import type { QueueConfig } from "../device.js";
+import type { QueueConfig, QueueInspect } from "../device.js";
 
 /** Descriptor flags (virtio 1.2 §2.7.5). */
 export const VIRTQ_DESC_F = { NEXT: 1, WRITE: 2, INDIRECT: 4 } as const;
@@ -151,6 +151,30 @@ export class SplitQueue {
 
   save(): SplitQueueState {
     return { config: { ...this.config }, nextAvail: this.nextAvail, nextUsed: this.nextUsed };
+  }
+
+  /** Where the queue stands (QueueInspect); reads guest memory, changes nothing. */
+  inspect(): QueueInspect {
+    const availIdx = this.avail.getUint16(2, true);
+    const availFlags = this.avail.getUint16(0, true);
+    const eventIdx = this.opts.eventIdx;
+    const usedEvent = eventIdx ? this.avail.getUint16(this.usedEventOffset, true) : null;
+    return {
+      nextAvail: this.nextAvail,
+      availIdx,
+      waiting: (availIdx - this.nextAvail) & 0xffff,
+      usedIdx: this.used.getUint16(2, true),
+      nextUsed: this.nextUsed,
+      signalledUsed: this.signalledUsed,
+      eventIdx,
+      availFlags,
+      usedEvent,
+      availEvent: eventIdx ? this.used.getUint16(this.availEventOffset, true) : null,
+      // With EVENT_IDX the next push (used idx nextUsed + 1) interrupts iff it crosses used_event,
+      // i.e. used_event == nextUsed (§2.7.10 vring_need_event with old = nextUsed).
+      interruptsSuppressed: usedEvent !== null ? usedEvent !== this.nextUsed : (availFlags & VIRTQ_AVAIL_F_NO_INTERRUPT) !== 0,
+      broken: this.failure?.message ?? null,
+    };
   }
 
   /** The sticky error, once the driver broke the rules. */

@@ -1,9 +1,9 @@
 import { randomFillSync } from "node:crypto";
 import { TypevisorError } from "../../../../errors.js";
-import type { ActivateContext, VirtioDevice } from "../device.js";
+import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { chainSlices } from "../queue/chain.js";
-import { activateQueues, serviceQueue } from "../queue/runner.js";
+import { activateQueues, inspectQueues, serviceQueue } from "../queue/runner.js";
 import type { SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 
 export interface RngDeviceOptions {
@@ -83,6 +83,11 @@ export class RngDevice implements VirtioDevice {
       }
       return n;
     });
+  }
+
+  /** Where the queues stand (GET /threads). */
+  inspect(): VirtioDeviceInspect {
+    return { queues: inspectQueues(this.queues, this.queueMaxSizes.length) };
   }
 
   reset(): void {

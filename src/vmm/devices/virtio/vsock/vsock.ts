@@ -18,10 +18,10 @@ import {
   unlinkPath,
   UNIX_PATH_MAX,
 } from "../../../../sys/unix-socket.js";
-import type { ActivateContext, VirtioDevice } from "../device.js";
+import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { chainSlices, readChain, writeChain } from "../queue/chain.js";
-import { activateQueues, serviceQueue } from "../queue/runner.js";
+import { activateQueues, inspectQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
 import type { VsockHeader } from "./packet.js";
@@ -340,6 +340,11 @@ export class VsockDevice implements VirtioDevice {
   }
 
   /** Device reset: every connection is closed (the guest's sockets are gone); the listener stays. */
+  /** Where the queues stand (GET /threads). */
+  inspect(): VirtioDeviceInspect {
+    return { queues: inspectQueues(this.queues, this.queueMaxSizes.length) };
+  }
+
   reset(): void {
     this.closeAll(false);
     this.ctx = undefined;
