@@ -10,7 +10,7 @@ import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
 import { existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it, onTestFailed } from "vitest";
 import { ROOTFS_UP_LINE } from "../../src/images/guest-init.js";
 import type { VmInfo } from "../../src/control/spec.js";
 import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
@@ -72,6 +72,10 @@ const step = (what: string): void => console.log(`daemon.lab: ${what} (${((perfo
 
 describe("the daemon with Debian guests under real KVM", () => {
   it("runs three VMs from the minimal image through the CLI, isolates them, and survives its own SIGKILL", async () => {
+    // what the daemon said, when something fails: a daemon that died or stopped answering tells why there
+    onTestFailed(() => {
+      if (d !== undefined) console.log(`daemon.lab: the daemon's log (exit ${d.proc.exitCode ?? "none"}, signal ${d.proc.signalCode ?? "none"}):\n${d.log().slice(-8000)}`);
+    });
     d = await startDaemon({ home, args: ["--usage-interval", "2"] });
     const host = JSON.parse(ok(["host", "--json"])) as { cgroups: { available: boolean }; memory: { capacity: number } };
     expect(host.cgroups.available).toBe(true);
