@@ -122,7 +122,9 @@ async function main(): Promise<void> {
   for (let i = 0; i < DISK_MIB; i++) writeSync(fd, zeros);
   closeSync(fd);
   const cmdline = `console=ttyS0 panic=-1 quiet ${runScriptArg(SCRIPT)}`;
-  const ours = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--disk", disk, "--cmdline", cmdline];
+  const ours = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--disk", disk, "--cmdline", cmdline,
+    // a control socket, so a lab watchdog that finds this run stalled gets the VMM's GET /threads (docs/lab.md)
+    "--api-socket", join(dir, "vmm.sock")];
   const qemu = [
     // debug-threads names QEMU's threads (vCPU, I/O workers), so its CPU splits by thread as ours does.
     "-name", "debug-threads=on", "-M", "q35", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512",

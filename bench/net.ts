@@ -125,7 +125,9 @@ async function main(): Promise<void> {
   const srv = await servers();
   if (!mountDebugfs()) console.log("bench/net: no KVM debugfs here, KVM counters left out");
   const cmdline = `console=ttyS0 panic=-1 quiet ${runScriptArg(SCRIPT)}`;
-  const ours = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--net", `tap=${TAP}`, "--cmdline", cmdline];
+  const ours = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--net", `tap=${TAP}`, "--cmdline", cmdline,
+    // a control socket, so a lab watchdog that finds this run stalled gets the VMM's GET /threads (docs/lab.md)
+    "--api-socket", `/tmp/tv-bench-net-${process.pid}.sock`];
   const qemu = [
     "-name", "debug-threads=on", "-M", "q35", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512",
     "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
