@@ -2,10 +2,15 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
+import { execFileSync } from "node:child_process";
+import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import { parseLabArgs } from "./cli.js";
 import { hostKvmKind, isInLab } from "./kvm-kind.js";
 import { findOnPath, labQemuArgs, QEMU, runInLab } from "./lab.js";
+import { shQuote } from "./spec.js";
+
+const BIN = fileURLToPath(new URL("../../bin/typevisor.js", import.meta.url));
 
 describe("hostKvmKind", () => {
   it("tells none, pvm and hardware apart from /dev/kvm and /sys/module/kvm_pvm", () => {
@@ -80,7 +85,10 @@ describe.runIf(findOnPath(QEMU) !== undefined)("the silence watchdog, in a real 
         cb();
       },
     });
-    const err = await runInLab(["sh", "-c", "echo before-the-silence; sleep 1000; echo never"], { output: sink, silenceSec: 10, env: process.env }).then(
+    // a real typevisor VMM (headless, a control socket) runs in the lab while the command is silent
+    execFileSync(process.execPath, [BIN, "image", "build", "minimal"], { stdio: "ignore", timeout: 300_000 });
+    const vmm = `${shQuote(process.execPath)} ${shQuote(BIN)} run --no-lab --image minimal --memory 256 --rng --api-socket /tmp/tvw.sock --console-log /tmp/tvw.log`;
+    const err = await runInLab(["sh", "-c", `echo before-the-silence; ${vmm} & sleep 1000; echo never`], { output: sink, silenceSec: 45, env: process.env }).then(
       () => undefined,
       (e: unknown) => e,
     );
@@ -95,11 +103,17 @@ describe.runIf(findOnPath(QEMU) !== undefined)("the silence watchdog, in a real 
     const log = readFileSync(console!, "utf8");
     // QEMU's threads with their system calls, the lab CPU's APIC timer, the lab's timers and threads
     expect(log).toMatch(/CPU 0\/TCG .*futex|CPU 0\/TCG .* R /);
-    expect(log).toMatch(/ppoll\(.*timeout \d+\.\d+ s/);
+    // QEMU's main loop: running, or in ppoll with the timeout read from its memory
+    expect(log).toMatch(/qemu-system-x86 +[RS] .*(running|ppoll\(.*timeout \d+\.\d+ s)/);
     expect(log).toContain("== (qemu) info lapic");
     expect(log).toMatch(/LVTT\s+0x[0-9a-f]+/);
     expect(log).toContain("== /proc/timer_list");
     expect(log).toMatch(/hrtimer_nanosleep\s+clock_nanosleep/);
+    // the VMM found by its --api-socket, and its own report of its threads
+    expect(log).toMatch(/== VMM pid \d+: GET \/threads on \/tmp\/tvw\.sock/);
+    expect(log).toMatch(/"vcpus": \[/);
+    expect(log).toMatch(/"phase": "(run|exit|paused)"/);
+    expect(log).toMatch(/"comm": "tv-devices"/);
     const klog = readFileSync(kernel!, "utf8");
     expect(klog).toContain("Linux version");
     // SysRq pressed on the lab's keyboard through QMP reached its kernel
@@ -107,5 +121,5 @@ describe.runIf(findOnPath(QEMU) !== undefined)("the silence watchdog, in a real 
     expect(klog).toContain("sysrq: Show backtrace of all active CPUs");
     rmSync(console!, { force: true });
     rmSync(kernel!, { force: true });
-  }, 240_000);
+  }, 420_000);
 });
