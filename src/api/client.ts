@@ -35,6 +35,8 @@ export class TypevisorClient {
       method,
       path,
       headers,
+      // one connection per request: see sys/http-request.ts for the keep-alive race this avoids
+      agent: false,
     };
   }
 

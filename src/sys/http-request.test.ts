@@ -1,3 +1,4 @@
+import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { once } from "node:events";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
@@ -133,4 +134,34 @@ describe("an answer that does not stop", () => {
     expect(e).toBeInstanceOf(HttpTooLargeError);
     expect((e as HttpTooLargeError).maxBytes).toBe(1 << 20);
   });
+});
+
+describe("a request after the caller's event loop was busy past the server's keep-alive timeout", () => {
+  it("does not reuse a connection the server already closed (EPIPE on a unix socket)", async () => {
+    // Two plain node processes (the race does not show inside vitest's worker): a server that drops
+    // idle connections after 2 s, and a client, the built module, that blocks its event loop for
+    // 3 s between requests, as spawnSync of a slow command does.
+    const path = join(dir, "ka.sock");
+    const server = spawn(process.execPath, ["-e", `
+      const s = require("node:http").createServer((q, r) => { r.writeHead(200, { "content-type": "application/json" }); r.end("{}"); });
+      s.keepAliveTimeout = 2000;
+      s.listen(${JSON.stringify(path)}, () => console.log("up"));`], { stdio: ["ignore", "pipe", "inherit"] });
+    try {
+      await once(server.stdout, "data");
+      const built = new URL("../../dist/sys/http-request.js", import.meta.url).href;
+      const client = spawn(process.execPath, ["--input-type=module", "-e", `
+        const { httpRequest } = await import(${JSON.stringify(built)});
+        for (let i = 0; i < 3; i++) {
+          try { console.log("status", (await httpRequest({ socketPath: ${JSON.stringify(path)}, path: "/" })).status); }
+          catch (e) { console.log("error", e.code); }
+          Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 3000);
+        }`], { stdio: ["ignore", "pipe", "inherit"] });
+      let out = "";
+      client.stdout.on("data", (d: Buffer) => (out += d.toString()));
+      await once(client, "exit");
+      expect(out.trim().split("\n")).toEqual(["status 200", "status 200", "status 200"]);
+    } finally {
+      server.kill();
+    }
+  }, 30_000);
 });

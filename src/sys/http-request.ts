@@ -42,7 +42,13 @@ export function httpRequest(options: HttpRequestOptions, body?: unknown, timeout
   const text = body === undefined ? undefined : JSON.stringify(body);
   const headers = text === undefined ? options.headers : { ...options.headers, "content-type": "application/json", "content-length": Buffer.byteLength(text) };
   return new Promise((resolve, reject) => {
-    const req = request({ ...options, headers }, (res) => {
+    // A connection of its own (agent: false), not one kept alive from an earlier request: since
+    // Node 19 the global agent keeps connections, a server drops an idle one after its keep-alive
+    // timeout (5 s for node:http), and a caller whose event loop was busy past that (a synchronous
+    // child process, a long computation) has not yet seen the close, so it writes the next request
+    // into a dead socket: EPIPE on a unix socket (seen in the daemon lab test after spawnSync of a
+    // slow `vm stop`). Over a unix socket a new connection costs tens of microseconds.
+    const req = request({ agent: false, ...options, headers }, (res) => {
       readBody(res, maxBytes).then((b) => resolve({ status: res.statusCode ?? 0, body: b }), (e: unknown) => {
         req.destroy();
         reject(e);
