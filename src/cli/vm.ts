@@ -285,8 +285,9 @@ export async function attachConsole(socket: Duplex, name: string, detachKey: num
       finish(`detached from ${name}'s console`);
     };
     const onEnd = (): void => {
-      // Output the guest produces in answer to the last input arrives a moment later.
-      grace = setTimeout(() => finish(undefined), 300);
+      // Output the guest produces in answer to the last input arrives a moment later: through the
+      // daemon and the VMM, on a loaded host, 300 ms was sometimes too short for even an echo.
+      grace = setTimeout(() => finish(undefined), CONSOLE_PIPE_GRACE_MS);
     };
     socket.on("data", (b: Buffer) => process.stdout.write(b));
     socket.on("close", () => finish(tty ? `${name}'s console closed (the VM stopped or the daemon went away)` : undefined));
@@ -297,6 +298,9 @@ export async function attachConsole(socket: Duplex, name: string, detachKey: num
     stdin.resume();
   });
 }
+
+/** After a piped stdin ends, how long `vm console` waits for the guest's answer before it exits. */
+const CONSOLE_PIPE_GRACE_MS = 1000;
 
 export function registerVmCommands(program: Command): void {
   const vm = program.command("vm").description("create, run and inspect VMs through the typevisor daemon").addHelpText("after", EXIT_CODES_HELP);
