@@ -27,10 +27,13 @@ async function until(what: string, cond: () => boolean, ms = 15_000): Promise<vo
   }
 }
 
-function start(run: string, extra: string[] = []): { child: ChildProcess; exited: Promise<number | null>; stderr: () => string; files: { log: string; sock: string; api: string; exit: string } } {
+function start(run: string, extra: string[] = [], umask?: string): { child: ChildProcess; exited: Promise<number | null>; stderr: () => string; files: { log: string; sock: string; api: string; exit: string } } {
   const d = mkdtempSync(join(dir, `${run}-`));
   const files = { log: join(d, "c.log"), sock: join(d, "c.sock"), api: join(d, "api.sock"), exit: join(d, "exit.json") };
-  const child = spawn(process.execPath, [
+  // with `umask`, through a shell that sets it first, as a caller's login shell would
+  const [cmd, pre] = umask === undefined ? [process.execPath, []] : ["sh", ["-c", `umask ${umask} && exec "$@"`, "sh", process.execPath]];
+  const child = spawn(cmd, [
+    ...pre,
     BIN, "run", "--kernel", kernel, "--memory", "64", "--force-kvm", "--no-lab", "--id", run,
     "--console-log", files.log, "--console-log-size", "4K", "--console-socket", files.sock,
     "--api-socket", files.api, "--exit-file", files.exit, ...extra,
@@ -70,6 +73,17 @@ async function consoleClient(path: string): Promise<{ sock: Socket; text: () => 
 const readIf = (p: string): string => (existsSync(p) ? readFileSync(p, "utf8") : "");
 
 describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", () => {
+  it("makes its control and console sockets owner-only even under umask 000", async () => {
+    const vm = start("um", [], "000");
+    try {
+      await until("both sockets", () => existsSync(vm.files.api) && existsSync(vm.files.sock));
+      for (const p of [vm.files.api, vm.files.sock]) expect(statSync(p).mode & 0o777, p).toBe(0o600);
+    } finally {
+      vm.child.kill("SIGKILL");
+      await vm.exited;
+    }
+  });
+
   it("logs, rotates, serves the console socket and the API, reboots, and records a power-off", async () => {
     const vm = start("t1");
     const f = vm.files;

@@ -28,6 +28,7 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { existsSync, unlinkSync } from "node:fs";
+import { listenOwnerOnly } from "../../sys/owner-only-socket.js";
 import { TypevisorError, isTypevisorError } from "../../errors.js";
 
 export interface ControlTarget {
@@ -140,8 +141,11 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
       else problem(res, 500, "INTERNAL", "internal error");
     });
   });
-  return new Promise((resolve, reject) => {
-    server.once("error", (e) => reject(new TypevisorError("API_SOCKET", `cannot listen on ${socketPath}: ${e.message}`)));
-    server.listen(socketPath, () => resolve(server));
-  });
+  // owner-only whatever the caller's umask: a client can stop the VM
+  return listenOwnerOnly(server, socketPath).then(
+    () => server,
+    (e: unknown) => {
+      throw new TypevisorError("API_SOCKET", `cannot listen on ${socketPath}: ${(e as Error).message}`);
+    },
+  );
 }

@@ -6,6 +6,7 @@
  */
 import { createServer, type Server, type Socket } from "node:net";
 import { lstatSync, unlinkSync } from "node:fs";
+import { listenOwnerOnly } from "../../sys/owner-only-socket.js";
 import { TypevisorError } from "../../errors.js";
 
 /**
@@ -30,9 +31,9 @@ export class ConsoleSocket {
       c.on("error", () => c.destroy());
       c.on("close", () => cs.clients.delete(c));
     });
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", (e) => reject(new TypevisorError("CONSOLE_SOCKET", `cannot listen on --console-socket ${path}: ${e.message}`)));
-      server.listen(path, () => resolve());
+    // owner-only whatever the caller's umask: a client can type into the guest's console
+    await listenOwnerOnly(server, path).catch((e: unknown) => {
+      throw new TypevisorError("CONSOLE_SOCKET", `cannot listen on --console-socket ${path}: ${(e as Error).message}`);
     });
     cs.server = server;
     return cs;
