@@ -149,7 +149,8 @@ export function formatVmTable(vms: readonly VmInfo[], now = Date.now()): string 
       const s = specOf(vm);
       return [
         vm.name,
-        vm.state,
+        // the watchdog's word: the VMM does not answer (docs/control-plane.md)
+        vm.unresponsive !== undefined ? `${vm.state}, unresponsive` : vm.state,
         s.cpus,
         s.memoryMiB !== undefined ? formatBytes(s.memoryMiB * 2 ** 20) : undefined,
         vm.disks.length > 0 ? formatBytes(vm.disks.reduce((a, d) => a + d.sizeBytes, 0)) : undefined,
@@ -174,6 +175,7 @@ export function formatVmDetails(vm: VmInfo, now = Date.now()): string {
     ["name", vm.name],
     ["id", vm.id],
     ["state", vm.state],
+    ["unresponsive", vm.unresponsive !== undefined ? `since ${formatTime(vm.unresponsive.since)} (its VMM does not answer)` : undefined],
     ["pid", isActive(vm.state) ? vm.pid : undefined],
     ["started", vm.startedAt !== undefined ? formatTime(vm.startedAt) : undefined],
     ["uptime", uptime(vm, now)],

@@ -69,7 +69,15 @@ interface Live {
   poll?: NodeJS.Timeout;
   cgroup?: VmCgroup;
   prevCpu?: { at: number; cpuSeconds: number };
+  /** Since when its control API has not answered (the watchdog); undefined while it answers. */
+  unresponsiveSince?: string;
+  /** A health check of this VMM is under way (one at a time per VMM). */
+  checking?: boolean;
 }
+
+/** How often the watchdog asks each running VMM, and how long an answer may take. */
+const HEALTH_INTERVAL_MS = 2000;
+const HEALTH_TIMEOUT_MS = 3000;
 
 function zodMessage(e: z.ZodError): string {
   return e.issues.map((i) => `${i.path.length > 0 ? i.path.join(".") : "spec"}: ${i.message}`).join("; ");
@@ -89,6 +97,7 @@ export class VmManager extends EventEmitter {
   private readonly usage = new Map<string, VmUsage>();
   private readonly restartTimes = new Map<string, number[]>();
   private usageTimer: NodeJS.Timeout | undefined;
+  private healthTimer: NodeJS.Timeout | undefined;
   private hostCpu: CpuSample | undefined;
   private hostCpuUsed = 0;
   private closing = false;
@@ -139,6 +148,7 @@ export class VmManager extends EventEmitter {
       ...(r.lastExit !== undefined ? { lastExit: r.lastExit } : {}),
       restarts: r.restarts,
       ...(r.runtime?.cgroup !== undefined ? { cgroup: r.runtime.cgroup } : {}),
+      ...(this.live.get(r.id)?.unresponsiveSince !== undefined ? { unresponsive: { since: this.live.get(r.id)!.unresponsiveSince! } } : {}),
     };
   }
 
@@ -670,7 +680,42 @@ export class VmManager extends EventEmitter {
     this.sweepOrphans();
   }
 
+  /**
+   * The watchdog: every HEALTH_INTERVAL_MS each running or paused VMM is asked GET /vm, all at
+   * once and each on its own deadline, so one that hangs slows no other. No answer within
+   * HEALTH_TIMEOUT_MS marks it unresponsive (vm.unresponsive, VmInfo.unresponsive); the next
+   * answer clears it (vm.responsive). A VMM that died is the exit path's business, not this one's.
+   */
+  private startWatchdog(): void {
+    this.healthTimer = setInterval(() => {
+      for (const r of this.store.listVms()) {
+        const live = this.live.get(r.id);
+        if (live === undefined || live.dead || live.checking === true || (r.state !== "running" && r.state !== "paused")) continue;
+        live.checking = true;
+        void this.client(r)
+          .call("GET", "/vm", undefined, HEALTH_TIMEOUT_MS)
+          .then(
+            () => {
+              if (live.unresponsiveSince === undefined) return;
+              live.unresponsiveSince = undefined;
+              this.event("vm.responsive", r.name, `VM ${r.name}'s VMM answers again`, { pid: live.pid });
+            },
+            (e: unknown) => {
+              if (live.dead || live.unresponsiveSince !== undefined || !processAlive(live.pid)) return;
+              live.unresponsiveSince = new Date().toISOString();
+              this.event("vm.unresponsive", r.name, `VM ${r.name}'s VMM (pid ${live.pid}) does not answer on its control socket: ${(e as Error).message}`, { pid: live.pid });
+            },
+          )
+          .finally(() => {
+            live.checking = false;
+          });
+      }
+    }, HEALTH_INTERVAL_MS);
+    this.healthTimer.unref();
+  }
+
   startUsageCollection(): void {
+    this.startWatchdog();
     const tick = (): void => {
       void this.collectUsage().catch((e: unknown) => this.log.warn({ err: (e as Error).message }, "usage collection failed"));
     };
@@ -701,7 +746,8 @@ export class VmManager extends EventEmitter {
       live.prevCpu = { at: now, cpuSeconds: pu.cpuSeconds };
       let io: { diskReadBytes?: number; diskWriteBytes?: number; netRxBytes?: number; netTxBytes?: number } = {};
       let uptimeMs = 0;
-      if (r.state === "running" || r.state === "paused") {
+      // an unresponsive VMM is the watchdog's: asking it here would hold up every VM after it
+      if ((r.state === "running" || r.state === "paused") && live.unresponsiveSince === undefined) {
         try {
           const s = await this.client(r).stats();
           io = s.io ?? {};
@@ -728,6 +774,7 @@ export class VmManager extends EventEmitter {
   async close(opts: { stopVms?: boolean } = {}): Promise<void> {
     this.closing = true;
     if (this.usageTimer !== undefined) clearInterval(this.usageTimer);
+    if (this.healthTimer !== undefined) clearInterval(this.healthTimer);
     if (opts.stopVms === true) {
       await Promise.all(
         this.store

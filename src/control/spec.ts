@@ -91,6 +91,10 @@ export const vmInfo = z.object({
   lastExit: vmExit.optional(),
   restarts: z.number().int(),
   cgroup: z.string().optional(),
+  unresponsive: z
+    .object({ since: z.string() })
+    .optional()
+    .describe("present while the VMM's control API does not answer within a few seconds (a hung or stopped VMM); its state is what it was before"),
 });
 export type VmInfo = z.infer<typeof vmInfo>;
 

@@ -279,6 +279,32 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     await c.removeVm("junk");
   }, 30_000);
 
+  it("marks a VMM that stops answering unresponsive (event, VmInfo), without slowing the others, and clears it when it answers again", async () => {
+    const c = d.client;
+    await c.createVm(spec("hang-a"), { start: true });
+    await c.createVm(spec("hang-b"), { start: true });
+    const a = await c.getVm("hang-a");
+    const after = (await c.events()).at(-1)?.seq ?? 0;
+    process.kill(a.pid!, "SIGSTOP"); // a VMM stuck as a whole: its API cannot answer
+    try {
+      const stuck = await until("hang-a unresponsive", async () => {
+        const v = await c.getVm("hang-a");
+        return v.unresponsive !== undefined ? v : undefined;
+      }, 20_000);
+      expect(stuck.state).toBe("running");
+      expect((await c.events({ after })).some((e) => e.type === "vm.unresponsive" && e.vm === "hang-a")).toBe(true);
+      // the daemon and the other VM answer at once meanwhile
+      const t0 = performance.now();
+      expect((await c.getVm("hang-b")).unresponsive).toBeUndefined();
+      expect(performance.now() - t0).toBeLessThan(1000);
+    } finally {
+      process.kill(a.pid!, "SIGCONT");
+    }
+    await until("hang-a answers again", async () => ((await c.getVm("hang-a")).unresponsive === undefined ? true : undefined), 20_000);
+    expect((await c.events({ after })).some((e) => e.type === "vm.responsive" && e.vm === "hang-a")).toBe(true);
+    for (const n of ["hang-a", "hang-b"]) await c.removeVm(n, { force: true });
+  }, 60_000);
+
   it("isolates VMs: SIGKILL of one VMM marks only that VM crashed; on-crash restarts it", async () => {
     const c = d.client;
     await c.createVm(spec("iso-a"), { start: true });
