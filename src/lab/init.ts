@@ -123,6 +123,8 @@ else
     code=$?
   fi
 fi
-echo "@@TVLAB:$nonce:exit:$code@@"
+# a fresh open of ttyS0: an interactive command's session hung its terminal up when it ended, and
+# every descriptor opened on it before (this shell's stdout too) now fails with EIO
+echo "@@TVLAB:$nonce:exit:$code@@" > /dev/ttyS0
 poweroff -f
 `;

@@ -76,6 +76,22 @@ describe("runInLab errors", () => {
 });
 
 // A real lab boot (about a minute): QEMU and the Debian kernel the lab uses, from the host's packages.
+describe.runIf(findOnPath(QEMU) !== undefined)("an interactive command, in a real lab", () => {
+  it("gives its exit code back after its session hung its terminal up (the exit marker goes out on a fresh open)", async () => {
+    let output = "";
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, cb) {
+        output += chunk.toString("utf8");
+        cb();
+      },
+    });
+    // interactive: the command owns ttyS0 as its controlling terminal (setsid -c), as `npm start` does
+    const code = await runInLab(["sh", "-c", "tty; exit 7"], { output: sink, tty: { columns: 80, rows: 24 }, interactive: true, env: process.env });
+    expect(output).toContain("/dev/ttyS0");
+    expect(code).toBe(7);
+  }, 180_000);
+});
+
 describe.runIf(findOnPath(QEMU) !== undefined)("the silence watchdog, in a real lab", () => {
   it("diagnoses a command that goes silent and fails it with LAB_SILENT, the kernel's messages kept apart", async () => {
     let output = "";
