@@ -134,6 +134,7 @@ export class VmManager extends EventEmitter {
 
   private info(r: VmRow): VmInfo {
     const p = vmPaths(this.config.home, r.id);
+    const since = this.live.get(r.id)?.unresponsiveSince;
     return {
       id: r.id,
       name: r.name,
@@ -148,7 +149,7 @@ export class VmManager extends EventEmitter {
       ...(r.lastExit !== undefined ? { lastExit: r.lastExit } : {}),
       restarts: r.restarts,
       ...(r.runtime?.cgroup !== undefined ? { cgroup: r.runtime.cgroup } : {}),
-      ...(this.live.get(r.id)?.unresponsiveSince !== undefined ? { unresponsive: { since: this.live.get(r.id)!.unresponsiveSince! } } : {}),
+      ...(since !== undefined ? { unresponsive: { since } } : {}),
     };
   }
 

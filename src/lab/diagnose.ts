@@ -16,7 +16,7 @@ import { closeSync, openSync, readSync } from "node:fs";
 import { connect } from "node:net";
 import { threadStates } from "../sys/proc-stat.js";
 import { QmpClient } from "./qmp.js";
-import { syscallText } from "./threads-report.js";
+import { threadLine } from "./threads-report.js";
 
 const PPOLL = 271;
 
@@ -40,7 +40,7 @@ function ppollTimeout(pid: number, addr: bigint): string {
 export function qemuThreadsReport(pid: number): string {
   const lines = [`QEMU pid ${pid}, threads on the host:`];
   for (const t of threadStates(pid)) {
-    let line = `  ${String(t.tid).padStart(7)} ${t.comm.padEnd(16)} ${t.state} cpu ${t.cpuSeconds.toFixed(2)}s ${t.wchan.padEnd(20)} ${syscallText(t.syscall)}`;
+    let line = threadLine(t);
     if (typeof t.syscall === "object" && t.syscall.nr === PPOLL) line += ` ${ppollTimeout(pid, t.syscall.args[2] ?? 0n)}`;
     lines.push(line);
   }

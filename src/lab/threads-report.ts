@@ -7,7 +7,7 @@
  * it here. Run inside the lab by its agent (`node dist/lab/threads-report.js`), and usable alone.
  */
 import { readdirSync } from "node:fs";
-import { threadStates, type ThreadSyscall } from "../sys/proc-stat.js";
+import { threadStates, type ThreadState, type ThreadSyscall } from "../sys/proc-stat.js";
 import { httpRequest } from "../sys/http-request.js";
 import { processCmdline } from "../control/proc.js";
 
@@ -25,14 +25,15 @@ export function syscallText(s: ThreadSyscall | undefined): string {
   return `${name}(${s.args.slice(0, 3).map((a) => "0x" + a.toString(16)).join(", ")}, ...)`;
 }
 
+/** One thread as a report line: tid, name, state, CPU time, wait channel, system call. */
+export function threadLine(t: ThreadState): string {
+  return `  ${String(t.tid).padStart(7)} ${t.comm.padEnd(16)} ${t.state} cpu ${t.cpuSeconds.toFixed(2)}s ${t.wchan.padEnd(24)} ${syscallText(t.syscall)}`;
+}
+
 /** One process, one thread a line. */
 export function processReport(pid: number): string {
   const argv = processCmdline(pid) ?? [];
-  const lines = [`pid ${pid}: ${argv.join(" ").slice(0, 300) || "[kernel thread]"}`];
-  for (const t of threadStates(pid)) {
-    lines.push(`  ${String(t.tid).padStart(7)} ${t.comm.padEnd(16)} ${t.state} cpu ${t.cpuSeconds.toFixed(2)}s ${t.wchan.padEnd(24)} ${syscallText(t.syscall)}`);
-  }
-  return lines.join("\n");
+  return [`pid ${pid}: ${argv.join(" ").slice(0, 300) || "[kernel thread]"}`, ...threadStates(pid).map(threadLine)].join("\n");
 }
 
 /** `--api-socket PATH` of a typevisor VMM's argv (`typevisor run` by hand or from the daemon). */
