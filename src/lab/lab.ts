@@ -78,7 +78,7 @@ export interface LabOptions {
   bootTimeoutSec?: number;
   /**
    * Fail with LAB_SILENT, after collecting a diagnosis into the log, when a non-interactive command
-   * prints nothing for this many seconds (default $TYPEVISOR_LAB_SILENCE or 300; 0: never).
+   * prints nothing for this many seconds (default $TYPEVISOR_LAB_SILENCE or 600; 0: never).
    */
   silenceSec?: number;
   cwd?: string;
@@ -185,7 +185,8 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
   const cpus = opts.cpus ?? envInt(env, "TYPEVISOR_LAB_CPUS", 1, 1, 64);
   const timeoutSec = opts.timeoutSec ?? envInt(env, "TYPEVISOR_LAB_TIMEOUT", 3600, 1, 7 * 86400);
   const bootTimeoutSec = Math.min(opts.bootTimeoutSec ?? 180, timeoutSec);
-  const silenceSec = opts.silenceSec ?? envInt(env, "TYPEVISOR_LAB_SILENCE", 300, 0, 7 * 86400);
+  // 600 s: the lab group's longest legitimate silence was 244-298 s on a project machine
+  const silenceSec = opts.silenceSec ?? envInt(env, "TYPEVISOR_LAB_SILENCE", 600, 0, 7 * 86400);
   const extraAppend = (env["TYPEVISOR_LAB_APPEND"] ?? "").split(/\s+/).filter((w) => w !== "");
   // x86's COMMAND_LINE_SIZE is 2048 bytes; the lab's own words take about 600 of them
   if (extraAppend.join(" ").length > 1024) throw new TypevisorError("LAB_BAD_ENV", "TYPEVISOR_LAB_APPEND is over 1024 bytes (the lab kernel's command line holds 2048)");

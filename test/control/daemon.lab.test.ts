@@ -88,7 +88,10 @@ describe("the daemon with Debian guests under real KVM", () => {
     const list = Array.isArray(ls) ? ls : ls.vms;
     expect(list.map((v) => [v.name, v.state])).toEqual(names.map((n) => [n, "running"]));
     // three guests boot at once on the lab's one emulated CPU: 347 s once on a loaded machine
-    for (const n of names) await until(`${n} userspace`, async () => (await upCount(n)) >= 1 || undefined, 480_000);
+    for (const n of names) {
+      await until(`${n} userspace`, async () => (await upCount(n)) >= 1 || undefined, 480_000);
+      step(`${n} in userspace`);
+    }
 
     step("three guests in userspace");
     // Each VM's disk is its own copy, grown to the requested size; the guest's root is on it.
