@@ -76,31 +76,31 @@ describe("runInLab errors", () => {
 });
 
 // A real lab boot (about a minute): QEMU and the Debian kernel the lab uses, from the host's packages.
+/** A stream that keeps what the lab's command printed. */
+function collector(): { sink: Writable; text: () => string } {
+  let output = "";
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      output += chunk.toString("utf8");
+      cb();
+    },
+  });
+  return { sink, text: () => output };
+}
+
 describe.runIf(findOnPath(QEMU) !== undefined)("an interactive command, in a real lab", () => {
   it("gives its exit code back after its session hung its terminal up (the exit marker goes out on a fresh open)", async () => {
-    let output = "";
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        output += chunk.toString("utf8");
-        cb();
-      },
-    });
+    const { sink, text } = collector();
     // interactive: the command owns ttyS0 as its controlling terminal (setsid -c), as `npm start` does
     const code = await runInLab(["sh", "-c", "tty; exit 7"], { output: sink, tty: { columns: 80, rows: 24 }, interactive: true, env: process.env });
-    expect(output).toContain("/dev/ttyS0");
+    expect(text()).toContain("/dev/ttyS0");
     expect(code).toBe(7);
   }, 180_000);
 });
 
 describe.runIf(findOnPath(QEMU) !== undefined)("the silence watchdog, in a real lab", () => {
   it("diagnoses a command that goes silent and fails it with LAB_SILENT, the kernel's messages kept apart", async () => {
-    let output = "";
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, cb) {
-        output += chunk.toString("utf8");
-        cb();
-      },
-    });
+    const { sink, text } = collector();
     // a real typevisor VMM (headless, a control socket) runs in the lab while the command is silent
     execFileSync(process.execPath, [BIN, "image", "build", "minimal"], { stdio: "ignore", timeout: 300_000 });
     const vmm = `${shQuote(process.execPath)} ${shQuote(BIN)} run --no-lab --image minimal --memory 256 --rng --api-socket /tmp/tvw.sock --console-log /tmp/tvw.log`;
@@ -115,7 +115,7 @@ describe.runIf(findOnPath(QEMU) !== undefined)("the silence watchdog, in a real 
     expect(console).toBeDefined();
     expect(kernel).toBeDefined();
     // the command's output is its own: no kernel messages in it
-    expect(output).toBe("before-the-silence\n");
+    expect(text()).toBe("before-the-silence\n");
     const log = readFileSync(console!, "utf8");
     // QEMU's threads with their system calls, the lab CPU's APIC timer, the lab's timers and threads
     expect(log).toMatch(/CPU 0\/TCG .*futex|CPU 0\/TCG .* R /);
