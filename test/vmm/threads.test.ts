@@ -38,6 +38,22 @@ function get<T>(socketPath: string, path: string): Promise<{ status: number; bod
 }
 
 /** The control API in front of `vm`, as `typevisor run --api-socket` serves it. */
+/** A running Vm (console to /dev/null) behind a real control server, torn down by the test's cleanups. */
+async function runServed(config: (consoleFd: number) => ConstructorParameters<typeof Vm>[0], name: string): Promise<{ vm: Vm; sock: string }> {
+  const con = openSync("/dev/null", "w");
+  const vm = new Vm(config(con));
+  const done = vm.run();
+  const { sock, server } = await serve(vm, name);
+  cleanups.push(async () => {
+    server.close();
+    vm.stop();
+    await done;
+    vm.destroy();
+    closeSync(con);
+  });
+  return { vm, sock };
+}
+
 async function serve(vm: Vm, name: string): Promise<{ sock: string; server: Server }> {
   const sock = join(dir, `${name}.sock`);
   const server = await startControlServer(sock, {
@@ -64,17 +80,7 @@ afterEach(async () => {
 async function deviceVm(name: string, cpus = 1): Promise<{ vm: Vm; sock: string; disk: string }> {
   const disk = join(dir, `${name}.img`);
   writeFileSync(disk, Buffer.alloc(1 << 20));
-  const con = openSync("/dev/null", "w");
-  const vm = new Vm({ cpus, memoryMiB: 64, consoleFd: con, boot: tinyGuest(PCI_SPIN), devices: { disks: [{ path: disk, readonly: false }], nets: [], rng: true }, debugDeviceCommands: true });
-  const done = vm.run();
-  const { sock, server } = await serve(vm, name);
-  cleanups.push(async () => {
-    server.close();
-    vm.stop();
-    await done;
-    vm.destroy();
-    closeSync(con);
-  });
+  const { vm, sock } = await runServed((con) => ({ cpus, memoryMiB: 64, consoleFd: con, boot: tinyGuest(PCI_SPIN), devices: { disks: [{ path: disk, readonly: false }], nets: [], rng: true }, debugDeviceCommands: true }), name);
   // Wait until the vCPU is exiting (its worker loads, then the device thread answers each read).
   const end = Date.now() + 20_000;
   while (vm.getStats().totalExits < 100) {
@@ -183,17 +189,7 @@ describe.skipIf(!hasKvm)("GET /threads (tiny guests on /dev/kvm)", () => {
   }, 60_000);
 
   it("without devices: no device thread, a vCPU exiting on the vCPU thread", async () => {
-    const con = openSync("/dev/null", "w");
-    const vm = new Vm({ cpus: 1, memoryMiB: 64, consoleFd: con, boot: tinyGuest(SPIN_OUT) });
-    const done = vm.run();
-    const { sock, server } = await serve(vm, "plain");
-    cleanups.push(async () => {
-      server.close();
-      vm.stop();
-      await done;
-      vm.destroy();
-      closeSync(con);
-    });
+    const { vm, sock } = await runServed((con) => ({ cpus: 1, memoryMiB: 64, consoleFd: con, boot: tinyGuest(SPIN_OUT) }), "plain");
     while (vm.getStats().totalExits < 100) await sleep(20);
     const r = await get<ThreadsReport>(sock, "/threads");
     expect(r.body.devices).toBeNull();
