@@ -72,4 +72,36 @@ describe("IoVec", () => {
     iov.push(addressOf(new Uint8Array(4096)), 16);
     expect(iov.preadv(-1, 0)).toBe(-9); // EBADF
   });
+
+  it("sliceInto, copyIn, copyOut and fillZero act on exactly the bytes of the range they are given", () => {
+    fc.assert(
+      fc.property(pieces, fc.nat(), fc.nat(), (ps, a, b) => {
+        const arena = new Uint8Array(64 * 1024).fill(0xee);
+        const base = addressOf(arena);
+        const iov = new IoVec();
+        for (const p of ps) iov.push(base + p.off, p.len);
+        const total = iov.bytes;
+        const skip = a % (total + 1);
+        const len = b % (total - skip + 1);
+        const part = new IoVec();
+        expect(iov.sliceInto(part, skip, len)).toBe(true);
+        expect(part.bytes).toBe(len);
+        // A model of the array as one flat run of its bytes' arena offsets.
+        const flat: number[] = [];
+        for (const p of ps) for (let i = 0; i < p.len; i++) flat.push(p.off + i);
+        const src = Uint8Array.from({ length: len }, (_, i) => (i * 13 + 1) & 0xff || 1);
+        part.copyIn(src);
+        for (let i = 0; i < len; i++) expect(arena[flat[skip + i]!]).toBe(src[i]);
+        const out = new Uint8Array(len);
+        iov.copyOut(out, skip);
+        expect(Buffer.from(out).equals(Buffer.from(src))).toBe(true);
+        part.fillZero();
+        let touched = 0;
+        for (let i = 0; i < arena.length; i++) if (arena[i] !== 0xee) touched++;
+        for (let i = 0; i < len; i++) expect(arena[flat[skip + i]!]).toBe(0);
+        expect(touched).toBe(len);
+      }),
+      { numRuns: 150 },
+    );
+  });
 });

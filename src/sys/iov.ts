@@ -18,6 +18,11 @@ const readvFn = libc.func("long readv(int fd, void *iov, int iovcnt)");
 const writevFn = libc.func("long writev(int fd, void *iov, int iovcnt)");
 // memmove(p, p, 0) returns p: the address of a typed array's bytes (koffi passes them by pointer).
 const addressFn = libc.func("uintptr_t memmove(void *dst, void *src, size_t n)");
+// The same two functions with a raw host address on one side (guest memory an iovec names): an
+// address is passed as an integer, which the x86-64 ABI hands over exactly as a pointer.
+const copyToAddressFn = libc.func("uintptr_t memmove(uintptr_t dst, void *src, size_t n)");
+const copyFromAddressFn = libc.func("uintptr_t memmove(void *dst, uintptr_t src, size_t n)");
+const fillAddressFn = libc.func("uintptr_t memset(uintptr_t dst, int c, size_t n)");
 
 export { IOV_MAX };
 /** preadv2 flag: fail with EAGAIN instead of waiting for the disk (data not in the page cache). */
@@ -120,6 +125,77 @@ export class IoVec {
       this.words[2] = this.words[2]! - n;
       this.bytes -= n;
     }
+  }
+
+  /** Host address of entry `i` (< count). */
+  addressAt(i: number): number {
+    return this.words[i * 4]! + this.words[i * 4 + 1]! * TWO_32;
+  }
+
+  /** Length of entry `i` (< count). */
+  lengthAt(i: number): number {
+    return this.words[i * 4 + 2]!;
+  }
+
+  /**
+   * Append to `dst` the pieces that cover bytes [skip, skip + len) of this array (a request cut
+   * at cluster boundaries). False when `dst` fills up or this array holds fewer bytes.
+   */
+  sliceInto(dst: IoVec, skip: number, len: number): boolean {
+    for (let i = 0; i < this.count && len > 0; i++) {
+      const l = this.lengthAt(i);
+      if (skip >= l) {
+        skip -= l;
+        continue;
+      }
+      const n = Math.min(l - skip, len);
+      const a = this.addressAt(i) + skip;
+      if (!dst.extend(a, n) && !dst.push(a, n)) return false;
+      len -= n;
+      skip = 0;
+    }
+    return len === 0;
+  }
+
+  /**
+   * Copy `src` into the memory the entries describe, in order, from byte `skip` of the array on
+   * (as many bytes as both hold). The addresses are the caller's, bounds-checked when it built
+   * the array (see the class comment); `src` is read within its own length.
+   */
+  copyIn(src: Uint8Array, skip = 0): void {
+    let done = 0;
+    for (let i = 0; i < this.count && done < src.length; i++) {
+      const l = this.lengthAt(i);
+      if (skip >= l) {
+        skip -= l;
+        continue;
+      }
+      const n = Math.min(l - skip, src.length - done);
+      copyToAddressFn(this.addressAt(i) + skip, src.subarray(done, done + n), n);
+      done += n;
+      skip = 0;
+    }
+  }
+
+  /** Copy the described memory, from byte `skip` on, into `dst` (as many bytes as both hold). */
+  copyOut(dst: Uint8Array, skip = 0): void {
+    let done = 0;
+    for (let i = 0; i < this.count && done < dst.length; i++) {
+      const l = this.lengthAt(i);
+      if (skip >= l) {
+        skip -= l;
+        continue;
+      }
+      const n = Math.min(l - skip, dst.length - done);
+      copyFromAddressFn(dst.subarray(done, done + n), this.addressAt(i) + skip, n);
+      done += n;
+      skip = 0;
+    }
+  }
+
+  /** Zero every byte the entries describe (a read of a hole or a zero cluster). */
+  fillZero(): void {
+    for (let i = 0; i < this.count; i++) fillAddressFn(this.addressAt(i), 0, this.lengthAt(i));
   }
 
   /** preadv(2) at `offset`; bytes read or -errno. */

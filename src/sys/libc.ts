@@ -35,6 +35,11 @@ const dlsymFn = libc.func("uintptr_t dlsym(uintptr_t handle, const char *name)")
 const getpidFn = libc.func("int getpid()");
 const pipe2Fn = libc.func("int pipe2(void *fds, int flags)");
 const gettidFn = libc.func("int gettid()");
+const preadFn = libc.func("long pread(int fd, void *buf, size_t n, int64_t off)");
+const pwriteFn = libc.func("long pwrite(int fd, const void *buf, size_t n, int64_t off)");
+const fallocateFn = libc.func("int fallocate(int fd, int mode, int64_t off, int64_t len)");
+const ftruncateFn = libc.func("int ftruncate(int fd, int64_t len)");
+const fdatasyncFn = libc.func("int fdatasync(int fd)");
 // PRIO_PROCESS with a thread id names that one thread on Linux (setpriority(2), NOTES: "a thread's nice value").
 const getpriorityFn = libc.func("int getpriority(int which, unsigned int who)");
 const setpriorityFn = libc.func("int setpriority(int which, unsigned int who, int prio)");
@@ -64,6 +69,10 @@ export const EAGAIN = 11;
 export const EIO = 5;
 export const EINVAL = 22;
 export const EOPNOTSUPP = 95;
+export const ENOSPC = 28;
+/** fallocate(2) modes. */
+export const FALLOC_FL_KEEP_SIZE = 0x1;
+export const FALLOC_FL_PUNCH_HOLE = 0x2;
 
 /** An opaque native pointer (koffi external). */
 export type Pointer = unknown;
@@ -374,4 +383,57 @@ export function pipe2(flags = O_CLOEXEC): [number, number] {
   const fds = new Int32Array(2);
   check("pipe2", pipe2Fn(fds, flags) as number);
   return [fds[0]!, fds[1]!];
+}
+
+/**
+ * pread(2)/pwrite(2) of all of `buf` at `off`, resuming after short transfers and EINTR; 0, or
+ * -errno (a read that meets the end of the file first is -EIO). The kernel reads or writes
+ * within `buf`'s own length, which stays alive for the call.
+ */
+export function preadFull(fd: number, buf: Uint8Array, off: number): number {
+  let done = 0;
+  while (done < buf.length) {
+    const n = preadFn(fd, buf.subarray(done), buf.length - done, off + done) as number;
+    if (n < 0) {
+      const e = koffi.errno();
+      if (e === EINTR) continue;
+      return -e;
+    }
+    if (n === 0) return -EIO;
+    done += n;
+  }
+  return 0;
+}
+
+export function pwriteFull(fd: number, buf: Uint8Array, off: number): number {
+  let done = 0;
+  while (done < buf.length) {
+    const n = pwriteFn(fd, buf.subarray(done), buf.length - done, off + done) as number;
+    if (n < 0) {
+      const e = koffi.errno();
+      if (e === EINTR) continue;
+      return -e;
+    }
+    done += n;
+  }
+  return 0;
+}
+
+/** fallocate(2); 0 or -errno. */
+export function fallocate(fd: number, mode: number, off: number, len: number): number {
+  return (fallocateFn(fd, mode, off, len) as number) < 0 ? -koffi.errno() : 0;
+}
+
+/** ftruncate(2); 0 or -errno. */
+export function ftruncate(fd: number, len: number): number {
+  return (ftruncateFn(fd, len) as number) < 0 ? -koffi.errno() : 0;
+}
+
+/** fdatasync(2), retried on EINTR; 0 or -errno. */
+export function fdatasync(fd: number): number {
+  for (;;) {
+    if ((fdatasyncFn(fd) as number) === 0) return 0;
+    const e = koffi.errno();
+    if (e !== EINTR) return -e;
+  }
 }

@@ -1,0 +1,536 @@
+/**
+ * A qcow2 image as a DiskBackend (QEMU's docs/interop/qcow2.txt; sections cited as §Name):
+ * version 3 read and write, version 2 read; any cluster size from 512 B to 2 MiB; refcounts of
+ * any width; backing files; zero clusters; compressed (deflate) clusters read; discard and
+ * write-zeroes that deallocate whole clusters. Runs on one thread (the disk's I/O thread).
+ *
+ * Ordering (what makes a VMM killed at any moment leave at most leaked clusters): a write to an
+ * unallocated cluster allocates a new one at the end of the file (its refcount set in a dirty
+ * refcount block), writes the data there, and points the L2 entry at it in the cached table
+ * only. flushMetadata() then writes refcount blocks, syncs, writes the L2 tables, syncs, writes
+ * the L1 entries that changed, syncs, and only then applies the frees of clusters the tables
+ * stopped pointing at (refcounts.ts). Everything since the last guest flush may be lost, as
+ * with QEMU's default writeback cache; nothing flushed is.
+ *
+ * The file is hostile: every table offset is checked at open (aligned, inside the file, not on
+ * top of other metadata); a data cluster that points into metadata or past the end fails its
+ * request with EIO instead of being written; sizes come from the header only after its caps.
+ */
+import { fstatSync } from "node:fs";
+import { constants as zlibConstants, inflateRawSync } from "node:zlib";
+import { addressOf, IoVec } from "../../../sys/iov.js";
+import { EIO, fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ftruncate } from "../../../sys/libc.js";
+import { transferAll } from "../../devices/virtio/block/file-io.js";
+import type { DiskBackend } from "../backend.js";
+import { compressedRange, DiskFormatError, entryOffset, INCOMPAT, L2, parseHeader, standardReservedBits, writeEntry, type Qcow2Header } from "./format.js";
+import { errnoOf, IoFailure, MetaIo } from "./io.js";
+import { L2Cache, type L2Table } from "./l2-cache.js";
+import { Refcounts } from "./refcounts.js";
+
+const EROFS = 30;
+/** Bytes of L2 tables kept in memory: 8 MiB maps 64 GiB of disk at 64 KiB clusters. */
+const L2_CACHE_BYTES = 8 * 1024 * 1024;
+/** How much of the file's start the header is read from (extensions and backing name live in cluster 0). */
+const HEADER_READ = 64 * 1024;
+
+const enum Kind {
+  Unallocated,
+  Zero,
+  Data,
+  Compressed,
+}
+
+/** A cluster's mapping: its kind, and for Data the host offset and whether it may be written in place. */
+interface Mapping {
+  kind: Kind;
+  host: number;
+  inPlace: boolean;
+  hi: number;
+  lo: number;
+}
+
+export interface Qcow2OpenOptions {
+  readonly: boolean;
+  /** The image unallocated clusters read from (already open, read-only). */
+  backing?: DiskBackend;
+  /** For messages. */
+  path: string;
+}
+
+export class Qcow2Backend implements DiskBackend {
+  readonly format = "qcow2";
+  readonly capacity: number;
+  readonly header: Qcow2Header;
+  private readonly io: MetaIo;
+  private readonly cluster: number;
+  private readonly l2Entries: number;
+  private readonly l1: Buffer;
+  private readonly l1Dirty = new Set<number>();
+  private readonly l2: L2Cache;
+  private readonly refs: Refcounts | undefined;
+  /** Clusters (by index) that hold metadata: never written as data. */
+  private readonly metadata = new Set<number>();
+  private fileSize: number;
+  /** Host ranges the tables stopped pointing at, freed once those tables are on disk. */
+  private pendingFrees: { off: number; bytes: number }[] = [];
+  private readonly backing: DiskBackend | undefined;
+  private readonly sub = new IoVec();
+  /** One cluster of scratch for copy-on-write and decompression; off V8's heap, never moves. */
+  private readonly bounce: Buffer;
+  private readonly bounceAddress: number;
+  private readonly zeros: Buffer;
+  private readonly zerosAddress: number;
+  private readonly readonly: boolean;
+  private closed = false;
+
+  /** @throws DiskFormatError for a file we cannot or will not open; TypevisorError DISK_IO when it cannot be read. */
+  constructor(private readonly fd: number, opts: Qcow2OpenOptions) {
+    this.io = new MetaIo(fd);
+    this.fileSize = fstatSync(fd).size;
+    const first = Buffer.alloc(Math.min(HEADER_READ, this.fileSize));
+    try {
+      this.io.read(first, 0, "the header");
+    } catch (e) {
+      throw new DiskFormatError(`cannot read the qcow2 header of ${opts.path}: ${(e as Error).message}`);
+    }
+    const h = parseHeader(first, this.fileSize);
+    this.header = h;
+    this.readonly = opts.readonly;
+    this.cluster = 2 ** h.clusterBits;
+    this.l2Entries = this.cluster / 8;
+    this.capacity = h.size;
+    this.backing = opts.backing;
+    if (h.backingFile !== undefined && opts.backing === undefined) throw new DiskFormatError(`${opts.path} has a backing file (${h.backingFile}) that was not opened`);
+
+    if (!opts.readonly) {
+      const hint = "open it read-only, or repair it: qemu-img check -r all IMAGE";
+      if (h.version === 2) throw new DiskFormatError(`${opts.path} is qcow2 version 2, which typevisor opens read-only`, "upgrade it: qemu-img amend -o compat=1.1 IMAGE");
+      if ((h.incompatible & (1n << BigInt(INCOMPAT.DIRTY))) !== 0n) throw new DiskFormatError(`${opts.path} is marked dirty (its refcounts may be wrong)`, hint);
+      if ((h.incompatible & (1n << BigInt(INCOMPAT.CORRUPT))) !== 0n) throw new DiskFormatError(`${opts.path} is marked corrupt`, hint);
+      if (h.nbSnapshots > 0) throw new DiskFormatError(`${opts.path} has ${h.nbSnapshots} internal snapshots, which typevisor does not write`, "open it read-only, or remove them: qemu-img snapshot -d NAME IMAGE");
+    }
+
+    const cl = (off: number) => Math.floor(off / this.cluster);
+    this.metadata.add(0);
+    const l1Clusters = Math.ceil((h.l1Size * 8) / this.cluster);
+    for (let i = 0; i < l1Clusters; i++) this.claim(cl(h.l1TableOffset) + i, "the L1 table");
+    for (let i = 0; i < h.refcountTableClusters; i++) this.claim(cl(h.refcountTableOffset) + i, "the refcount table");
+
+    this.l1 = Buffer.alloc(h.l1Size * 8);
+    this.io.read(this.l1, h.l1TableOffset, "the L1 table");
+    if (!opts.readonly) {
+      this.refs = new Refcounts(this.io, { clusterBits: h.clusterBits, refcountOrder: h.refcountOrder, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters }, this.fileSize);
+      for (const b of this.refs.blockOffsets(this.fileSize)) this.claim(cl(b), "a refcount block");
+      this.refs.onMetadata = (off, n) => {
+        for (let i = 0; i < n; i++) this.metadata.add(cl(off) + i);
+      };
+    }
+    // L2 tables: aligned, inside the file, each once, on no other metadata (§Cluster mapping).
+    for (let i = 0; i < h.l1Size; i++) {
+      const hi = this.l1.readUInt32BE(i * 8);
+      const lo = this.l1.readUInt32BE(i * 8 + 4);
+      const off = entryOffset(hi, lo);
+      if ((lo & 0x1ff) !== 0 || (hi & 0x7f00_0000) !== 0) throw new DiskFormatError(`qcow2 L1 entry ${i} has reserved bits set`);
+      if (off === 0) continue;
+      if (off % this.cluster !== 0 || off + this.cluster > this.fileSize) throw new DiskFormatError(`qcow2 L1 entry ${i} points at ${off}, not a cluster inside the file`);
+      this.claim(cl(off), `L2 table ${i}`);
+    }
+    this.l2 = new L2Cache(Math.max(16, Math.floor(L2_CACHE_BYTES / this.cluster)));
+    this.bounce = Buffer.alloc(this.cluster);
+    this.bounceAddress = addressOf(this.bounce);
+    this.zeros = Buffer.alloc(this.cluster);
+    this.zerosAddress = addressOf(this.zeros);
+
+    // §Header autoclear_features: a writer that does not maintain them (bitmaps) clears them first.
+    if (!opts.readonly && h.autoclear !== 0n) {
+      const b = Buffer.alloc(8);
+      this.io.write(b, 88, "the header's autoclear features");
+      this.io.sync();
+    }
+  }
+
+  /** Mark cluster `c` as metadata, refusing an overlap with metadata seen before (the header included). */
+  private claim(c: number, what: string): void {
+    if (this.metadata.has(c)) throw new DiskFormatError(`qcow2 ${what} overlaps other metadata (cluster ${c})`);
+    this.metadata.add(c);
+  }
+
+  // ---- mapping ----
+
+  private loadL2(off: number): L2Table {
+    const t = this.l2.get(off);
+    if (t !== undefined) return t;
+    if (this.l2.needsFlush()) this.flushMetadata();
+    const buf = Buffer.alloc(this.cluster);
+    this.io.read(buf, off, "an L2 table");
+    const table = { buf, dirty: false };
+    this.l2.put(off, table);
+    return table;
+  }
+
+  /** The L2 table for guest cluster `gc`, or undefined when its L1 entry is empty. */
+  private tableFor(gc: number): L2Table | undefined {
+    const l1i = Math.floor(gc / this.l2Entries);
+    const off = entryOffset(this.l1.readUInt32BE(l1i * 8), this.l1.readUInt32BE(l1i * 8 + 4));
+    return off === 0 ? undefined : this.loadL2(off);
+  }
+
+  /** The L2 table for `gc`, made (zeroed, dirty, L1 entry dirty) when there is none. */
+  private tableForWrite(gc: number): L2Table {
+    const t = this.tableFor(gc);
+    if (t !== undefined) return t;
+    if (this.l2.needsFlush()) this.flushMetadata();
+    const l1i = Math.floor(gc / this.l2Entries);
+    const off = this.refs!.alloc();
+    this.metadata.add(off / this.cluster);
+    const table = { buf: Buffer.alloc(this.cluster), dirty: true };
+    // A fresh table past the old end of the file: it must be written even if nothing else is.
+    this.l2.put(off, table);
+    writeEntry(this.l1, l1i * 8, off, L2.COPIED_HI);
+    this.l1Dirty.add(l1i);
+    return table;
+  }
+
+  private map(gc: number): Mapping {
+    const t = this.tableFor(gc);
+    if (t === undefined) return { kind: Kind.Unallocated, host: 0, inPlace: false, hi: 0, lo: 0 };
+    const at = (gc % this.l2Entries) * 8;
+    return this.classify(t.buf.readUInt32BE(at), t.buf.readUInt32BE(at + 4), gc);
+  }
+
+  /** An L2 entry's meaning (§Cluster mapping); an invalid one is an IoFailure (EIO) for the request. */
+  private classify(hi: number, lo: number, gc: number): Mapping {
+    if ((hi & L2.COMPRESSED_HI) !== 0) return { kind: Kind.Compressed, host: 0, inPlace: false, hi, lo };
+    if (standardReservedBits(hi, lo)) throw new IoFailure(-EIO, `L2 entry of guest cluster ${gc} has reserved bits set`);
+    if (this.header.version === 3 && (lo & L2.ZERO_LO) !== 0) return { kind: Kind.Zero, host: 0, inPlace: false, hi, lo };
+    const host = entryOffset(hi, lo);
+    if (host === 0) {
+      // Offset 0 with bit 63 set means "host cluster 0" only with an external data file (refused at open).
+      if ((hi & L2.COPIED_HI) !== 0) throw new IoFailure(-EIO, `L2 entry of guest cluster ${gc} points at the header`);
+      return { kind: Kind.Unallocated, host: 0, inPlace: false, hi, lo };
+    }
+    if (host % this.cluster !== 0) throw new IoFailure(-EIO, `L2 entry of guest cluster ${gc} is not cluster-aligned`);
+    const c = host / this.cluster;
+    // Never data on metadata or past the file (a crafted table must not turn a guest write into a
+    // header write, or grow the file to a size of its choosing). A last cluster may end past it.
+    if (this.metadata.has(c) || host >= this.fileSize) throw new IoFailure(-EIO, `guest cluster ${gc} maps to host ${host}, which is metadata or past the end`);
+    return { kind: Kind.Data, host, inPlace: (hi & L2.COPIED_HI) !== 0, hi, lo };
+  }
+
+  // ---- reads ----
+
+  readv(iov: IoVec, pos: number): number {
+    try {
+      this.read(iov, 0, iov.bytes, pos);
+      return 0;
+    } catch (e) {
+      return errnoOf(e);
+    }
+  }
+
+  /** Bytes [skip, skip + len) of `iov` from guest offset `pos`, merging runs of contiguous data clusters. */
+  private read(iov: IoVec, skip: number, len: number, pos: number): void {
+    let done = 0;
+    while (done < len) {
+      const p = pos + done;
+      const gc = Math.floor(p / this.cluster);
+      const m = this.map(gc);
+      let n = Math.min(this.cluster - (p % this.cluster), len - done);
+      if (m.kind === Kind.Data) {
+        // Extend over the following clusters while they are data right after this one on the host.
+        while (done + n < len) {
+          const next = this.map(gc + Math.ceil((p % this.cluster + n) / this.cluster));
+          if (next.kind !== Kind.Data || next.host !== m.host + (p % this.cluster) + n) break;
+          n += Math.min(this.cluster, len - done - n);
+        }
+        this.readData(iov, skip + done, n, m.host + (p % this.cluster));
+      } else if (m.kind === Kind.Zero) {
+        this.slice(iov, skip + done, n);
+        this.sub.fillZero();
+      } else if (m.kind === Kind.Unallocated) {
+        this.readBacking(iov, skip + done, n, p);
+      } else {
+        this.decompress(m, gc);
+        this.slice(iov, skip + done, n);
+        this.sub.copyIn(this.bounce.subarray(p % this.cluster, (p % this.cluster) + n));
+      }
+      done += n;
+    }
+  }
+
+  /** Host bytes [host, host + len) into `iov`; what lies past the end of the file reads as zeros (a last cluster QEMU wrote short). */
+  private readData(iov: IoVec, skip: number, len: number, host: number): void {
+    const inside = Math.max(0, Math.min(len, this.fileSize - host));
+    if (inside > 0) {
+      this.slice(iov, skip, inside);
+      this.check(transferAll(this.fd, this.sub, false, host), "reading data");
+    }
+    if (inside < len) {
+      this.slice(iov, skip + inside, len - inside);
+      this.sub.fillZero();
+    }
+  }
+
+  private slice(iov: IoVec, skip: number, len: number): void {
+    this.sub.clear();
+    if (!iov.sliceInto(this.sub, skip, len)) throw new IoFailure(-EIO, "request has too many pieces");
+  }
+
+  /** Unallocated: the backing file's bytes where it has them, zeros past its end or without one. */
+  private readBacking(iov: IoVec, skip: number, len: number, pos: number): void {
+    const inside = this.backing === undefined ? 0 : Math.max(0, Math.min(len, this.backing.capacity - pos));
+    if (inside > 0) {
+      this.slice(iov, skip, inside);
+      this.check(this.backing!.readv(this.sub, pos), "reading the backing file");
+    }
+    if (inside < len) {
+      this.slice(iov, skip + inside, len - inside);
+      this.sub.fillZero();
+    }
+  }
+
+  /** A compressed cluster (§Compressed Clusters Descriptor) inflated into the bounce buffer. */
+  private decompress(m: Mapping, gc: number): void {
+    const { offset, bytes } = compressedRange(m.hi, m.lo, this.header.clusterBits);
+    if (offset >= this.fileSize || bytes > 2 * this.cluster + 512 || offset < this.cluster) throw new IoFailure(-EIO, `compressed guest cluster ${gc} lies outside the file`);
+    const raw = Buffer.alloc(Math.min(bytes, this.fileSize - offset));
+    this.io.read(raw, offset, "a compressed cluster");
+    let out: Buffer;
+    try {
+      // Raw deflate (no zlib header), stopping at one cluster; trailing bytes belong to the next.
+      out = inflateRawSync(raw, { finishFlush: zlibConstants.Z_SYNC_FLUSH, maxOutputLength: this.cluster });
+    } catch {
+      throw new IoFailure(-EIO, `compressed guest cluster ${gc} does not inflate`);
+    }
+    if (out.length !== this.cluster) throw new IoFailure(-EIO, `compressed guest cluster ${gc} inflates to ${out.length} bytes, not ${this.cluster}`);
+    out.copy(this.bounce);
+  }
+
+  /** The whole old content of guest cluster `gc` (as mapped by `m`) into the bounce buffer; false when it is all zeros. */
+  private oldContent(m: Mapping, gc: number): boolean {
+    const start = gc * this.cluster;
+    switch (m.kind) {
+      case Kind.Zero:
+        return false;
+      case Kind.Compressed:
+        this.decompress(m, gc);
+        return true;
+      case Kind.Data: {
+        this.bounce.fill(0);
+        this.io.read(this.bounce.subarray(0, Math.min(this.cluster, this.fileSize - m.host)), m.host, "a cluster to copy");
+        return true;
+      }
+      default: {
+        const inside = this.backing === undefined ? 0 : Math.max(0, Math.min(this.cluster, this.backing.capacity - start));
+        if (inside === 0) return false;
+        this.bounce.fill(0, inside);
+        const v = new IoVec();
+        v.push(this.bounceAddress, inside);
+        this.check(this.backing!.readv(v, start), "reading the backing file");
+        return true;
+      }
+    }
+  }
+
+  // ---- writes ----
+
+  writev(iov: IoVec, pos: number): number {
+    if (this.readonly) return -EROFS;
+    try {
+      this.write(iov, 0, iov.bytes, pos);
+      return 0;
+    } catch (e) {
+      return errnoOf(e);
+    } finally {
+      this.coverAllocations();
+    }
+  }
+
+  /** The file reaches past every cluster handed out (fresh clusters read as zeros, never as a short read). */
+  private coverAllocations(): void {
+    const end = this.refs?.nextFree ?? 0;
+    if (end > this.fileSize) {
+      if (ftruncate(this.fd, end) === 0) this.fileSize = end;
+    }
+  }
+
+  private write(iov: IoVec, skip: number, len: number, pos: number): void {
+    let done = 0;
+    // A run of whole new clusters that lie one after another on the host: one pwritev.
+    let run: { host: number; skip: number; len: number } | undefined;
+    const flushRun = () => {
+      if (run === undefined) return;
+      this.slice(iov, run.skip, run.len);
+      this.check(transferAll(this.fd, this.sub, true, run.host), "writing data");
+      run = undefined;
+    };
+    while (done < len) {
+      // Loading a table may flush metadata first: the run's data must be on the host before
+      // any L2 entry that points at it is.
+      if (this.l2.needsFlush()) flushRun();
+      const p = pos + done;
+      const gc = Math.floor(p / this.cluster);
+      const inOff = p % this.cluster;
+      const m = this.map(gc);
+      let n = Math.min(this.cluster - inOff, len - done);
+      if (m.kind === Kind.Data && m.inPlace) {
+        flushRun();
+        while (done + n < len) {
+          const next = this.map(gc + Math.ceil((inOff + n) / this.cluster));
+          if (next.kind !== Kind.Data || !next.inPlace || next.host !== m.host + inOff + n) break;
+          n += Math.min(this.cluster, len - done - n);
+        }
+        this.slice(iov, skip + done, n);
+        this.check(transferAll(this.fd, this.sub, true, m.host + inOff), "writing data");
+        this.fileSize = Math.max(this.fileSize, m.host + inOff + n);
+        done += n;
+        continue;
+      }
+      // Copy on write into a new cluster (§Cluster mapping: unallocated, zero, compressed, or shared).
+      const table = this.tableForWrite(gc);
+      const host = this.refs!.alloc();
+      if (n === this.cluster) {
+        if (run !== undefined && run.host + run.len === host) run.len += n;
+        else {
+          flushRun();
+          run = { host, skip: skip + done, len: n };
+        }
+      } else {
+        flushRun();
+        const hasOld = this.oldContent(m, gc);
+        this.sub.clear();
+        // A fresh cluster past the old end of the file reads as zeros: zero head and tail need no write.
+        if (hasOld && inOff > 0) this.sub.push(this.bounceAddress, inOff);
+        const at = hasOld ? host : host + inOff;
+        if (!iov.sliceInto(this.sub, skip + done, n)) throw new IoFailure(-EIO, "request has too many pieces");
+        if (hasOld && inOff + n < this.cluster) this.sub.push(this.bounceAddress + inOff + n, this.cluster - inOff - n);
+        this.check(transferAll(this.fd, this.sub, true, at), "writing data");
+      }
+      this.setEntry(table, gc, host, L2.COPIED_HI, 0, m);
+      done += n;
+    }
+    flushRun();
+  }
+
+  /** Point guest cluster `gc` somewhere new (in the cached table) and queue the free of what it pointed at. */
+  private setEntry(table: L2Table, gc: number, host: number, hi: number, lo: number, old: Mapping): void {
+    writeEntry(table.buf, (gc % this.l2Entries) * 8, host, hi, lo);
+    this.l2.markDirty(table);
+    if (old.kind === Kind.Data) this.pendingFrees.push({ off: old.host, bytes: this.cluster });
+    else if (old.kind === Kind.Compressed) {
+      const r = compressedRange(old.hi, old.lo, this.header.clusterBits);
+      this.pendingFrees.push({ off: r.offset, bytes: r.bytes });
+    }
+  }
+
+  writeZeroes(pos: number, len: number): number {
+    return this.deallocate(pos, len, true);
+  }
+
+  discard(pos: number, len: number): number {
+    return this.deallocate(pos, len, false);
+  }
+
+  /**
+   * Whole clusters become zero clusters (with a backing file: reads must not fall through to it)
+   * or unallocated (without one: they read as zeros anyway), their old clusters freed after the
+   * next metadata flush. Write-zeroes also zeroes the partial clusters at either end; discard
+   * leaves them (virtio 1.2 §5.2.6.2: what a discarded range reads is unspecified).
+   */
+  private deallocate(pos: number, len: number, zero: boolean): number {
+    if (this.readonly) return -EROFS;
+    try {
+      let done = 0;
+      while (done < len) {
+        const p = pos + done;
+        const gc = Math.floor(p / this.cluster);
+        const n = Math.min(this.cluster - (p % this.cluster), len - done);
+        if (n < this.cluster) {
+          if (zero) {
+            const v = new IoVec();
+            v.push(this.zerosAddress, n);
+            this.write(v, 0, n, p);
+          }
+        } else {
+          const m = this.map(gc);
+          const needZeroFlag = this.backing !== undefined && p < this.backing.capacity;
+          if (m.kind === Kind.Zero || (m.kind === Kind.Unallocated && !needZeroFlag)) {
+            done += n;
+            continue;
+          }
+          const table = this.tableForWrite(gc);
+          this.setEntry(table, gc, 0, 0, needZeroFlag ? L2.ZERO_LO : 0, m);
+        }
+        done += n;
+      }
+      return 0;
+    } catch (e) {
+      return errnoOf(e);
+    } finally {
+      this.coverAllocations();
+    }
+  }
+
+  // ---- flush ----
+
+  private get metadataDirty(): boolean {
+    return this.l1Dirty.size > 0 || this.l2.dirty || (this.refs?.dirty ?? false) || this.pendingFrees.length > 0;
+  }
+
+  /** Refcounts, sync, L2 tables, sync, L1 entries, sync, then the frees (see the file comment). */
+  private flushMetadata(): void {
+    const refs = this.refs;
+    if (refs === undefined) return;
+    refs.writeDirty();
+    this.io.sync();
+    const tables = this.l2.dirtyTables();
+    for (const [off, t] of tables) {
+      this.io.write(t.buf, off, "an L2 table");
+      this.l2.markClean(t);
+    }
+    if (this.l1Dirty.size > 0) {
+      // A new L2 table is on disk before the L1 entry that makes it live.
+      if (tables.length > 0) this.io.sync();
+      for (const i of this.l1Dirty) this.io.write(this.l1.subarray(i * 8, i * 8 + 8), this.header.l1TableOffset + i * 8, "an L1 entry");
+      this.l1Dirty.clear();
+    }
+    this.io.sync();
+    const frees = this.pendingFrees;
+    this.pendingFrees = [];
+    for (const f of frees) {
+      for (const c of refs.release(f.off, f.bytes)) {
+        // Give the space back (the cluster is never handed out again in this session).
+        fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, c, this.cluster);
+      }
+    }
+  }
+
+  flush(): number {
+    if (this.readonly) return 0;
+    try {
+      if (this.metadataDirty) this.flushMetadata();
+      else this.io.sync();
+      return 0;
+    } catch (e) {
+      return errnoOf(e);
+    }
+  }
+
+  /** Write back and sync everything (the frees included), then drop the caches. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.readonly || this.refs === undefined) return;
+    try {
+      this.flushMetadata();
+      this.refs.writeDirty();
+      this.io.sync();
+    } catch {
+      // Nothing to tell: the image keeps what its last flush wrote (at most leaked clusters).
+    }
+  }
+
+  private check(r: number, what: string): void {
+    if (r < 0) throw new IoFailure(r, what);
+  }
+}
