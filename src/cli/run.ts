@@ -376,7 +376,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--memory <MiB>", "guest memory in MiB", "256")
     .option("--vcpu-nice <n>", `run the vCPU threads this much nicer than the VMM's device threads, 0-${MAX_NICE} (default ${DEFAULT_VCPU_NICE}): where they share a CPU, a guest's I/O request then runs at once instead of after the guest idles (docs/vmm.md)`)
     .option("--no-reboot", "exit when the guest reboots instead of restarting it")
-    .option("--disk <spec>", "virtio-blk disk: PATH[,readonly=on][,serial=ID] (repeatable; the first is /dev/vda)", (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option("--disk <spec>", "virtio-blk disk: PATH[,format=raw|qcow2][,readonly=on][,serial=ID] (repeatable; the first is /dev/vda; a qcow2 file needs format=qcow2)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--net <spec>", "virtio-net on a TAP device: tap=NAME[,mac=MAC] (repeatable; the TAP is created if absent and we may)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--rng", "virtio-rng entropy device fed from the host's getrandom", false)
     .option("--vsock <spec>", "virtio-vsock: cid=N[,uds=PATH]; host programs connect to PATH and send \"CONNECT <port>\\n\", guest connections to host port P reach PATH_P")

@@ -3,6 +3,7 @@
  * command-line form. Validated fully before a VM is created.
  */
 import { statSync } from "node:fs";
+import type { DiskFormat } from "./disk/backend.js";
 import { TypevisorError } from "../errors.js";
 import { tapNameProblem } from "../sys/tap.js";
 import { unixPathProblem } from "../sys/unix-socket.js";
@@ -11,6 +12,8 @@ import { parseMac } from "./devices/virtio/net/mac.js";
 export interface DiskSpec {
   path: string;
   readonly: boolean;
+  /** Undefined: raw, and a file with the qcow2 magic is refused (the format is never guessed: vmm/disk/open.ts). */
+  format?: DiskFormat;
   /** Reported to the guest by VIRTIO_BLK_T_GET_ID (at most 20 bytes, virtio 1.2 §5.2.6). */
   serial?: string;
 }
@@ -70,17 +73,20 @@ function onOff(v: string, what: string): boolean {
   throw bad(`${what} must be on or off (got "${v}")`);
 }
 
-/** `PATH[,readonly=on][,serial=ID]` */
+/** `PATH[,format=raw|qcow2][,readonly=on][,serial=ID]` */
 export function parseDiskSpec(spec: string): DiskSpec {
   const { head: path, opts } = parseOptions(spec, "--disk");
-  if (path === "") throw bad("--disk needs a path: --disk PATH[,readonly=on][,serial=ID]");
+  if (path === "") throw bad("--disk needs a path: --disk PATH[,format=raw|qcow2][,readonly=on][,serial=ID]");
   const disk: DiskSpec = { path, readonly: false };
   for (const [k, v] of opts) {
     if (k === "readonly") disk.readonly = onOff(v, "readonly");
-    else if (k === "serial") {
+    else if (k === "format") {
+      if (v !== "raw" && v !== "qcow2") throw bad(`--disk format must be raw or qcow2 (got "${v}")`);
+      disk.format = v;
+    } else if (k === "serial") {
       if (!/^[\x20-\x7e]{1,20}$/.test(v)) throw bad(`--disk serial must be 1-20 printable ASCII characters (got "${v}")`);
       disk.serial = v;
-    } else throw bad(`--disk: unknown option "${k}" (known: readonly, serial)`);
+    } else throw bad(`--disk: unknown option "${k}" (known: format, readonly, serial)`);
   }
   let size: number;
   try {
@@ -91,7 +97,8 @@ export function parseDiskSpec(spec: string): DiskSpec {
     if (e instanceof TypevisorError) throw e;
     throw new TypevisorError("FILE_NOT_FOUND", `--disk ${path}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`);
   }
-  if (size % 512 !== 0) {
+  // A qcow2 image's virtual size is its header's (checked when the VMM opens it), not the file's.
+  if (disk.format !== "qcow2" && size % 512 !== 0) {
     throw new TypevisorError("DISK_SIZE", `--disk ${path}: size ${size} is not a multiple of 512 bytes (virtio-blk counts 512-byte sectors)`);
   }
   return disk;

@@ -67,7 +67,7 @@ function openLevel(path: string, format: DiskFormat | undefined, readonly: boole
   }
   fds.push(fd);
   const st = fstatSync(fd);
-  if (!st.isFile()) throw new TypevisorError(top ? "DISK_OPEN" : "DISK_CHAIN", `${path} is not a regular file`);
+  if (!st.isFile()) throw new TypevisorError(top ? "DISK_TYPE" : "DISK_CHAIN", `disk image ${path} is not a regular file`);
   const id = `${st.dev}:${st.ino}`;
   if (seen.has(id)) throw new TypevisorError("DISK_CHAIN", `backing chain loops back to ${path}`);
   seen.add(id);

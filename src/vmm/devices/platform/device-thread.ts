@@ -128,8 +128,14 @@ function handle(op: OpCode, addr: number, size: number, data: bigint): bigint {
 try {
   init.devices.disks.forEach((d, i) => {
     // Each disk's file I/O runs on its own thread (tv-blkN), so a slow disk stalls only itself.
-    const dev = new BlockDevice({ path: d.path, readonly: d.readonly, ioThread: `tv-blk${i}`, ...(d.serial !== undefined ? { serial: d.serial } : {}) });
-    const name = `virtio-blk ${d.path}${d.readonly ? " (read-only)" : ""}`;
+    const dev = new BlockDevice({
+      path: d.path,
+      readonly: d.readonly,
+      ioThread: `tv-blk${i}`,
+      ...(d.format !== undefined ? { format: d.format } : {}),
+      ...(d.serial !== undefined ? { serial: d.serial } : {}),
+    });
+    const name = `virtio-blk ${d.path}${d.format === "qcow2" ? " (qcow2)" : ""}${d.readonly ? " (read-only)" : ""}`;
     plug(name, dev);
     disks.push({ name, dev });
   });

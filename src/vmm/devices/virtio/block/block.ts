@@ -9,6 +9,9 @@ import type { ChainResult } from "../queue/runner.js";
 import { activateQueues, DEFERRED, inspectQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, GuestBuf, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
+import type { DiskBackend, DiskFormat, DiskInit } from "../../../disk/backend.js";
+import { backendFromInit, openDisk, type OpenDisk } from "../../../disk/open.js";
+import type { Qcow2Backend } from "../../../disk/qcow2/image.js";
 import { syncData, transferAll, writeZeroes } from "./file-io.js";
 import { IO_OP } from "./io-ring.js";
 import { BlockIoThread } from "./io-thread.js";
@@ -77,10 +80,15 @@ const MAX_WRITE_ZEROES_SECTORS = 1 << 16; // 32 MiB per segment: we really write
 const MAX_WRITE_ZEROES_SEG = 1;
 
 export interface BlockDeviceOptions {
-  /** Disk image to open (read-write unless `readonly`); the device owns and closes the fd. */
+  /** Disk image to open (read-write unless `readonly`), with its backing chain; the device owns and closes the fds. */
   path?: string;
-  /** An fd already open (the caller keeps ownership). */
+  /** An fd of a raw image already open (the caller keeps ownership). */
   fd?: number;
+  /**
+   * The image's format. Undefined: raw, and a file that starts with the qcow2 magic is refused
+   * (never guessed: see disk/open.ts).
+   */
+  format?: DiskFormat;
   readonly: boolean;
   /** GET_ID answer, up to 20 ASCII bytes. */
   serial?: string;
@@ -159,7 +167,13 @@ export class BlockDevice implements VirtioDevice {
   /** Disk size in bytes (a multiple of 512). */
   readonly capacityBytes: number;
   private readonly fd: number;
-  private readonly ownsFd: boolean;
+  /** The image and its chain as opened from `path` (closed by close()); undefined for a caller's fd. */
+  private readonly opened: OpenDisk | undefined;
+  private readonly diskInit: DiskInit;
+  /** A raw image is served through the fd directly (page-cache reads here, preadv/pwritev); any other format through `backend`. */
+  private readonly raw: boolean;
+  /** The qcow2 backend on this thread: when there is no I/O thread, or after it failed. Never while the I/O thread owns the image. */
+  private backend: DiskBackend | undefined;
   private readonly readonly: boolean;
   private readonly serial: Uint8Array | undefined;
   private readonly config: Buffer;
@@ -198,31 +212,42 @@ export class BlockDevice implements VirtioDevice {
     }
     let fd: number;
     if (opts.path !== undefined) {
-      try {
-        fd = fs.openSync(opts.path, opts.readonly ? "r" : "r+");
-      } catch (e) {
-        throw new TypevisorError("DISK_OPEN", `cannot open disk image ${opts.path}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
-      }
+      this.opened = openDisk(opts.path, { readonly: opts.readonly, ...(opts.format !== undefined ? { format: opts.format } : {}) });
+      this.diskInit = this.opened.init;
+      fd = this.diskInit.fd;
     } else {
+      if (opts.format !== undefined && opts.format !== "raw") throw new TypevisorError("DISK_OPTIONS", "a disk given as an fd must be raw");
       fd = opts.fd!;
+      this.opened = undefined;
+      this.diskInit = { format: "raw", fd, path: `fd ${fd}`, readonly: opts.readonly };
     }
-    const owns = opts.path !== undefined;
+    this.raw = this.diskInit.format === "raw";
+    let clusterBytes = SECTOR_SIZE;
     try {
-      const st = fs.fstatSync(fd);
       const name = opts.path ?? `fd ${fd}`;
-      if (!st.isFile()) throw new TypevisorError("DISK_TYPE", `disk image ${name} is not a regular file`);
-      if (st.size % SECTOR_SIZE !== 0) {
-        throw new TypevisorError("DISK_SIZE", `disk image ${name} is ${st.size} bytes, not a multiple of ${SECTOR_SIZE}`, {
-          hint: "resize it to whole sectors, e.g. truncate -s %512 IMAGE",
-        });
+      if (this.raw) {
+        const st = fs.fstatSync(fd);
+        if (!st.isFile()) throw new TypevisorError("DISK_TYPE", `disk image ${name} is not a regular file`);
+        if (st.size % SECTOR_SIZE !== 0) {
+          throw new TypevisorError("DISK_SIZE", `disk image ${name} is ${st.size} bytes, not a multiple of ${SECTOR_SIZE}`, {
+            hint: "resize it to whole sectors, e.g. truncate -s %512 IMAGE",
+          });
+        }
+        this.capacityBytes = st.size;
+      } else {
+        // Built here once to validate the image and learn its size; the I/O thread, when there is
+        // one, builds its own (the tables are one thread's only) and this one is closed below.
+        const b = backendFromInit(this.diskInit);
+        this.backend = b;
+        this.capacityBytes = b.capacity;
+        clusterBytes = 2 ** (b as Qcow2Backend).header.clusterBits;
       }
-      this.capacityBytes = st.size;
     } catch (e) {
-      if (owns) fs.closeSync(fd);
+      this.backend?.close();
+      this.opened?.close();
       throw e;
     }
     this.fd = fd;
-    this.ownsFd = owns;
     this.readonly = opts.readonly;
     this.serial = serial;
     this.queueMaxSizes = [queueSize];
@@ -243,20 +268,28 @@ export class BlockDevice implements VirtioDevice {
     c.writeUInt32LE(SECTOR_SIZE, CFG.blkSize);
     if (discard) {
       c.writeUInt32LE(MAX_DISCARD_SECTORS, CFG.maxDiscardSectors);
-      c.writeUInt32LE(MAX_DISCARD_SEG, CFG.maxDiscardSeg);
-      c.writeUInt32LE(1, CFG.discardSectorAlignment);
+      // qcow2 frees whole clusters, one range per request (one I/O thread slot): Linux then
+      // sends cluster-aligned single ranges (discard_sector_alignment is its granularity).
+      c.writeUInt32LE(this.raw ? MAX_DISCARD_SEG : 1, CFG.maxDiscardSeg);
+      c.writeUInt32LE(this.raw ? 1 : clusterBytes / SECTOR_SIZE, CFG.discardSectorAlignment);
     }
     if (writeZeroes) {
       c.writeUInt32LE(MAX_WRITE_ZEROES_SECTORS, CFG.maxWriteZeroesSectors);
       c.writeUInt32LE(MAX_WRITE_ZEROES_SEG, CFG.maxWriteZeroesSeg);
-      c.writeUInt8(0, CFG.writeZeroesMayUnmap);
+      // qcow2 turns whole zeroed clusters into zero clusters (deallocated); raw writes the bytes.
+      c.writeUInt8(this.raw ? 0 : 1, CFG.writeZeroesMayUnmap);
     }
     this.config = c;
     const inMemory = (opts.inMemoryFilesInline ?? true) && opts.path !== undefined && inMemoryFs(opts.path);
     try {
-      this.io = opts.ioThread !== undefined && !inMemory ? new BlockIoThread(fd, opts.ioThread) : undefined;
+      if (opts.ioThread !== undefined && !inMemory) {
+        // The I/O thread owns the image from here: no second backend may act on its tables.
+        this.backend?.close();
+        this.backend = undefined;
+        this.io = new BlockIoThread(this.diskInit, opts.ioThread);
+      }
     } catch (e) {
-      if (owns) fs.closeSync(fd);
+      this.opened?.close();
       throw new TypevisorError("DISK_IO_THREAD", `cannot start the I/O thread of disk ${opts.path ?? `fd ${fd}`}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
     }
     this.ioThreadName = this.io !== undefined ? opts.ioThread : undefined;
@@ -268,7 +301,9 @@ export class BlockDevice implements VirtioDevice {
   close(): void {
     this.io?.close();
     this.pending.length = 0;
-    if (this.ownsFd) fs.closeSync(this.fd);
+    this.backend?.close();
+    this.backend = undefined;
+    this.opened?.close();
   }
 
   /** The I/O thread's name and shared ring, while it has one (GET /threads reads the ring from the main thread). */
@@ -303,6 +338,14 @@ export class BlockDevice implements VirtioDevice {
     this.io = undefined;
     this.backendFds = [];
     this.ioThreadFailed = true;
+    if (!this.raw) {
+      // The thread's cached tables went with it: the file holds what its last flush wrote.
+      try {
+        this.backend = backendFromInit(this.diskInit);
+      } catch {
+        this.backend = undefined; // requests fail with IOERR (inline())
+      }
+    }
   }
 
   /** The I/O thread finished requests: answer them, then take what waited for a free slot. */
@@ -468,7 +511,7 @@ export class BlockDevice implements VirtioDevice {
    * does not take RWF_NOWAIT (EOPNOTSUPP/EINVAL) is not asked again.
    */
   private readCached(bufs: readonly GuestBuf[], len: number, pos: number): boolean {
-    if (this.io === undefined || !this.nowaitReads) return false;
+    if (this.io === undefined || !this.nowaitReads || !this.raw) return false;
     const iov = this.iov;
     iov.clear();
     if (!gatherHost(iov, bufs, 0, len)) {
@@ -527,7 +570,7 @@ export class BlockDevice implements VirtioDevice {
         if (this.readonly) return OK;
         // On the I/O thread, after every write submitted before it (one thread, in order).
         if (this.offload(IO_OP.FLUSH, undefined, 0, 0, 0, { head, status, used: 1, kind: 0, bytes: 0 })) return DEFERRED;
-        return this.check(syncData(this.fd));
+        return this.check(this.syncInline());
       case VIRTIO_BLK_T.GET_ID: {
         if (this.serial === undefined) return UNSUPP;
         const id = new Uint8Array(BLK_ID_BYTES);
@@ -564,18 +607,36 @@ export class BlockDevice implements VirtioDevice {
       if (sectors > maxSectors || !this.inRange(sector, sectors * SECTOR_SIZE)) return IOERR;
       segs.push({ sector, sectors });
     }
-    if (!zero) return OK;
-    // One segment (MAX_WRITE_ZEROES_SEG): on the I/O thread when there is one.
+    // A raw file keeps discarded blocks (see the class comment); qcow2 frees the clusters.
+    if (!zero && this.raw) return OK;
+    // One segment (MAX_WRITE_ZEROES_SEG, and qcow2's max_discard_seg): on the I/O thread when there is one.
     const one = segs.length === 1 ? segs[0]! : undefined;
-    if (one !== undefined && this.offload(IO_OP.WRITE_ZEROES, undefined, 0, one.sectors * SECTOR_SIZE, Number(one.sector) * SECTOR_SIZE, { head: chain.head, status, used: 1, kind: 0, bytes: 0 })) return DEFERRED;
-    for (const s of segs) this.check(writeZeroes(this.fd, this.iov, Number(s.sector) * SECTOR_SIZE, s.sectors * SECTOR_SIZE));
+    const op = zero ? IO_OP.WRITE_ZEROES : IO_OP.DISCARD;
+    if (one !== undefined && this.offload(op, undefined, 0, one.sectors * SECTOR_SIZE, Number(one.sector) * SECTOR_SIZE, { head: chain.head, status, used: 1, kind: 0, bytes: 0 })) return DEFERRED;
+    for (const s of segs) {
+      const pos = Number(s.sector) * SECTOR_SIZE;
+      const len = s.sectors * SECTOR_SIZE;
+      if (this.raw) this.check(writeZeroes(this.fd, this.iov, pos, len));
+      else this.check(zero ? this.inline().writeZeroes(pos, len) : this.inline().discard(pos, len));
+    }
     this.stabilize();
     return OK;
   }
 
   /** Without negotiated FLUSH the driver assumes writethrough: make the write stable now (§5.2.6.2). */
   private stabilize(): void {
-    if (this.writeThrough) this.check(syncData(this.fd));
+    if (this.writeThrough) this.check(this.syncInline());
+  }
+
+  /** flush on this thread: fdatasync for raw, the backend's ordered metadata flush for qcow2. */
+  private syncInline(): number {
+    return this.raw ? syncData(this.fd) : this.inline().flush();
+  }
+
+  /** The backend on this thread (qcow2 without an I/O thread); a request without one fails. */
+  private inline(): DiskBackend {
+    if (this.backend === undefined) throw new TypevisorError("DISK_IO", "disk backend unavailable");
+    return this.backend;
   }
 
   /** OK for 0; a failed host operation (-errno) throws, which fails this request with IOERR (handle()). */
@@ -594,6 +655,16 @@ export class BlockDevice implements VirtioDevice {
    */
   private transfer(dir: "read" | "write", bufs: readonly GuestBuf[], skip: number, len: number, pos: number): void {
     const write = dir === "write";
+    if (!this.raw) {
+      // Through the image's own mapping, in one call: a request past IOV_MAX pieces is refused.
+      this.iov.clear();
+      if (!gatherHost(this.iov, bufs, skip, len)) throw new TypevisorError("DISK_IO", "request has more pieces than one call takes");
+      const b = this.inline();
+      const r = write ? b.writev(this.iov, pos) : b.readv(this.iov, pos);
+      this.iov.clear();
+      this.check(r);
+      return;
+    }
     this.iov.clear();
     gatherHost(this.iov, bufs, skip, len, () => {
       const bytes = this.iov.bytes;

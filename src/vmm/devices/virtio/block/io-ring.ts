@@ -10,16 +10,20 @@ import { IoVec } from "../../../../sys/iov.js";
  */
 export const SLOTS = 32; // requests in flight per disk: a power of 2
 export const SLOT_IOV = 256; // iovec entries per slot: seg_max (queue size - 2) pieces fit at 256
-const CTL_BYTES = 16;
+const CTL_BYTES = 32;
 const META_FIELDS = 8; // float64s per slot: one cache line
 const IOVEC_BYTES = 16;
 
-/** Control words (Int32). TID: the I/O thread's kernel thread id, stored when it starts (liveness). */
-export const CTL = { SUBMITTED: 0, COMPLETED: 1, STOP: 2, TID: 3 } as const;
+/**
+ * Control words (Int32). TID: the I/O thread's kernel thread id, stored when it starts (liveness).
+ * CLOSED: set once the thread has closed its disk backend after STOP (a qcow2 image writes its
+ * cached metadata back then), so the owner knows it may end the thread.
+ */
+export const CTL = { SUBMITTED: 0, COMPLETED: 1, STOP: 2, TID: 3, CLOSED: 4 } as const;
 /** Slot fields (Float64). */
 export const META = { OP: 0, POS: 1, LEN: 2, IOVCNT: 3, SYNC: 4, RESULT: 5 } as const;
 /** Operations. */
-export const IO_OP = { READ: 1, WRITE: 2, FLUSH: 3, WRITE_ZEROES: 4 } as const;
+export const IO_OP = { READ: 1, WRITE: 2, FLUSH: 3, WRITE_ZEROES: 4, DISCARD: 5 } as const;
 
 export interface IoRing {
   readonly sab: SharedArrayBuffer;
@@ -33,13 +37,13 @@ export function ioRing(sab = new SharedArrayBuffer(CTL_BYTES + SLOTS * META_FIEL
   const iovBase = CTL_BYTES + SLOTS * META_FIELDS * 8;
   const iovs: IoVec[] = [];
   for (let s = 0; s < SLOTS; s++) iovs.push(new IoVec(new Uint8Array(sab, iovBase + s * SLOT_IOV * IOVEC_BYTES, SLOT_IOV * IOVEC_BYTES)));
-  return { sab, ctl: new Int32Array(sab, 0, 4), meta: new Float64Array(sab, CTL_BYTES, SLOTS * META_FIELDS), iovs };
+  return { sab, ctl: new Int32Array(sab, 0, CTL_BYTES / 4), meta: new Float64Array(sab, CTL_BYTES, SLOTS * META_FIELDS), iovs };
 }
 
 /** Index of `field` of slot `slot` in IoRing.meta. */
 export const metaAt = (slot: number, field: number): number => slot * META_FIELDS + field;
 
-const OP_NAMES: Record<number, string> = { [IO_OP.READ]: "read", [IO_OP.WRITE]: "write", [IO_OP.FLUSH]: "flush", [IO_OP.WRITE_ZEROES]: "write-zeroes" };
+const OP_NAMES: Record<number, string> = { [IO_OP.READ]: "read", [IO_OP.WRITE]: "write", [IO_OP.FLUSH]: "flush", [IO_OP.WRITE_ZEROES]: "write-zeroes", [IO_OP.DISCARD]: "discard" };
 
 /** What a ring shows of its I/O thread, read from any thread without asking either side (GET /threads). */
 export interface IoRingStatus {

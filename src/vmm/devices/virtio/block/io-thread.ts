@@ -4,12 +4,15 @@ import type { IoVec } from "../../../../sys/iov.js";
 import * as libc from "../../../../sys/libc.js";
 import { workerUrl } from "../../../worker-url.js";
 import { CTL, META, metaAt, SLOTS, ioRing, type IoRing } from "./io-ring.js";
+import type { DiskInit } from "../../../disk/backend.js";
 import type { IoWorkerInit } from "./io-worker.js";
 
 /** How long drain() waits for a completion before it asks whether the thread is still there. */
 const LIVENESS_MS = 1000;
 /** How long a thread that has not yet stored its tid counts as starting. */
 const START_GRACE_MS = 30_000;
+/** How long close() lets the thread write back its backend's cache (a qcow2 image's tables: a few syncs). */
+const CLOSE_MS = 30_000;
 
 /**
  * The device thread's handle on a disk's I/O thread (io-worker.ts): submit requests into free
@@ -35,11 +38,11 @@ export class BlockIoThread {
   private gone_ = false;
   private readonly startedAt = performance.now();
 
-  /** `fd`: the disk image, owned by the caller and open until after close(). */
-  constructor(fd: number, private readonly name: string) {
+  /** `disk`: the image and its chain, open; owned by the caller and open until after close(). */
+  constructor(disk: DiskInit, private readonly name: string) {
     this.ring = ioRing();
     this.eventfd = libc.eventfd();
-    const init: IoWorkerInit = { sab: this.ring.sab, fd, eventfd: this.eventfd, name };
+    const init: IoWorkerInit = { sab: this.ring.sab, disk, eventfd: this.eventfd, name };
     // The thread waits in Atomics.wait, never in its event loop: unref'd, it keeps no process alive.
     try {
       this.worker = new Worker(workerUrl("devices/virtio/block/io-worker.js"), { workerData: init });
@@ -154,13 +157,18 @@ export class BlockIoThread {
     this.gone_ = true;
   }
 
-  /** Drain (results dropped), stop the thread and close the eventfd. */
+  /** Drain (results dropped), stop the thread once it has closed its backend, and close the eventfd. */
   close(): void {
     if (this.closed) return;
     this.drain(() => {});
     this.closed = true;
     Atomics.store(this.ring.ctl, CTL.STOP, 1);
     Atomics.notify(this.ring.ctl, CTL.SUBMITTED);
+    // Its cached metadata must reach the file before the thread goes (or the fds close).
+    const deadline = performance.now() + CLOSE_MS;
+    while (!this.gone_ && Atomics.load(this.ring.ctl, CTL.CLOSED) === 0 && performance.now() < deadline) {
+      if (Atomics.wait(this.ring.ctl, CTL.CLOSED, 0, LIVENESS_MS) === "timed-out" && !this.alive()) break;
+    }
     void this.worker.terminate();
     libc.close(this.eventfd);
   }

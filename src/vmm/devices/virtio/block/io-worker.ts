@@ -1,5 +1,5 @@
 /**
- * A disk's I/O thread (one per virtio-blk device): does the file I/O of the requests the
+ * A disk's I/O thread (one per virtio-blk device): does the disk I/O of the requests the
  * device thread submits through an io-ring, in order, and signals an eventfd per completion,
  * so the device thread never waits on the disk (a guest's flush can take as long as the
  * storage needs while the other devices go on) and the work of a request is split the way
@@ -8,13 +8,17 @@
  */
 import { workerData } from "node:worker_threads";
 import * as libc from "../../../../sys/libc.js";
-import { syncData, transferAll, writeZeroes } from "./file-io.js";
+import type { DiskBackend, DiskInit } from "../../../disk/backend.js";
+import { backendFromInit } from "../../../disk/open.js";
 import { CTL, IO_OP, META, metaAt, SLOTS, ioRing } from "./io-ring.js";
 
 export interface IoWorkerInit {
   sab: SharedArrayBuffer;
-  /** The disk image (the device owns it; it outlives this thread). */
-  fd: number;
+  /**
+   * The disk image and its chain, open (the device owns the fds; they outlive this thread). The
+   * backend built from it lives here only: a qcow2 image's tables are this thread's alone.
+   */
+  disk: DiskInit;
   /** Signalled once per completed request. */
   eventfd: number;
   /** Thread name, e.g. tv-blk0 (at most 15 bytes). */
@@ -27,8 +31,17 @@ const { ctl, meta } = ring;
 libc.pthreadSetName(libc.pthreadSelf(), init.name);
 // Named first, then the tid: the device thread's liveness check finds /proc/self/task/TID/comm = name.
 Atomics.store(ctl, CTL.TID, libc.gettid());
+// The device built it once already (validated, capacity known), so this does not fail but for a
+// file changed in between; then every request fails with EIO, which the guest sees.
+let disk: DiskBackend | undefined;
+try {
+  disk = backendFromInit(init.disk);
+} catch {
+  disk = undefined;
+}
 
 function execute(slot: number): number {
+  if (disk === undefined) return -libc.EIO;
   const op = meta[metaAt(slot, META.OP)]!;
   const pos = meta[metaAt(slot, META.POS)]!;
   let r: number;
@@ -37,19 +50,23 @@ function execute(slot: number): number {
     case IO_OP.WRITE: {
       const iov = ring.iovs[slot]!;
       iov.adopt(meta[metaAt(slot, META.IOVCNT)]!);
-      r = transferAll(init.fd, iov, op === IO_OP.WRITE, pos);
+      r = op === IO_OP.WRITE ? disk.writev(iov, pos) : disk.readv(iov, pos);
+      iov.clear();
       break;
     }
     case IO_OP.WRITE_ZEROES:
-      r = writeZeroes(init.fd, ring.iovs[slot]!, pos, meta[metaAt(slot, META.LEN)]!);
+      r = disk.writeZeroes(pos, meta[metaAt(slot, META.LEN)]!);
+      break;
+    case IO_OP.DISCARD:
+      r = disk.discard(pos, meta[metaAt(slot, META.LEN)]!);
       break;
     case IO_OP.FLUSH:
-      return syncData(init.fd);
+      return disk.flush();
     default:
       return -libc.EIO;
   }
   // Writethrough (FLUSH not negotiated): stable before it completes (virtio 1.2 §5.2.6.2).
-  if (r === 0 && meta[metaAt(slot, META.SYNC)] === 1) r = syncData(init.fd);
+  if (r === 0 && meta[metaAt(slot, META.SYNC)] === 1) r = disk.flush();
   return r;
 }
 
@@ -75,4 +92,11 @@ for (;;) {
   // A device thread draining (reset, shutdown) waits on COMPLETED; otherwise it polls the eventfd.
   Atomics.notify(ctl, CTL.COMPLETED);
   libc.eventfdSignal(init.eventfd);
+}
+// STOP: write back what the backend caches (a qcow2 image's tables), then say so.
+try {
+  disk?.close();
+} finally {
+  Atomics.store(ctl, CTL.CLOSED, 1);
+  Atomics.notify(ctl, CTL.CLOSED);
 }
