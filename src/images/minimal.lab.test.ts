@@ -8,6 +8,7 @@ import { afterEach, beforeAll, describe, expect, it } from "vitest";
 import { hostKvmKind } from "../lab/kvm-kind.js";
 import { EXIT_LINE_PREFIX, parseGuestExit, ROOTFS_UP_LINE, runScriptArg, USERSPACE_UP_LINE } from "./guest-init.js";
 import { imagePaths, loadImage } from "./image.js";
+import { microvm } from "../../test/helpers/qemu-microvm.js";
 
 const WAIT_MS = 150_000;
 
@@ -67,25 +68,6 @@ class SerialGuest {
   kill(): void {
     this.child.kill("SIGKILL");
   }
-}
-
-function microvm(kernel: string, initrd: string, append: string, extra: string[] = []): string[] {
-  return [
-    "-M", "microvm",
-    "-accel", "kvm",
-    "-cpu", "host",
-    "-m", "256",
-    "-smp", "1",
-    "-nodefaults",
-    "-no-user-config",
-    "-display", "none",
-    "-serial", "stdio",
-    "-no-reboot",
-    "-kernel", kernel,
-    "-initrd", initrd,
-    "-append", append,
-    ...extra,
-  ];
 }
 
 describe("minimal image under QEMU -accel kvm (lab)", () => {

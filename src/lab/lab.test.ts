@@ -72,7 +72,7 @@ describe("runInLab errors", () => {
     await expect(runInLab(["true"], { env: { ...process.env, TYPEVISOR_LAB_MEMORY: "lots" } })).rejects.toMatchObject({ code: "LAB_BAD_ENV" });
     await expect(runInLab(["true"], { env: { ...process.env, TYPEVISOR_LAB_SILENCE: "-1" } })).rejects.toMatchObject({ code: "LAB_BAD_ENV" });
     await expect(runInLab(["true"], { env: { ...process.env, TYPEVISOR_LAB_APPEND: "x".repeat(1025) } })).rejects.toMatchObject({ code: "LAB_BAD_ENV" });
-    await expect(runInLab(["true"], { env: { ...process.env, TYPEVISOR_LAB_IDLE: "mwait" } })).rejects.toMatchObject({ code: "LAB_BAD_ENV" });
+    await expect(runInLab(["true"], { env: { ...process.env, TYPEVISOR_LAB_HEARTBEAT_MS: "-5" } })).rejects.toMatchObject({ code: "LAB_BAD_ENV" });
   });
 });
 

@@ -19,6 +19,7 @@ import { indexModules, resolveLoadOrder } from "../images/kmod.js";
 import { agentScript } from "./agent.js";
 import { ConsoleFilter } from "./console.js";
 import { agentReport, qemuThreadsReport, qmpReport } from "./diagnose.js";
+import { startHeartbeat } from "./heartbeat.js";
 import { LAB_INIT, LAB_MODULES } from "./init.js";
 import { passedEnv, specScript } from "./spec.js";
 
@@ -188,11 +189,8 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
   // 600 s: the lab group's longest legitimate silence was 244-298 s on a project machine
   const silenceSec = opts.silenceSec ?? envInt(env, "TYPEVISOR_LAB_SILENCE", 600, 0, 7 * 86400);
   const extraAppend = (env["TYPEVISOR_LAB_APPEND"] ?? "").split(/\s+/).filter((w) => w !== "");
-  // How the lab CPU idles: "poll" (default) never halts it. QEMU 7.2's TCG can leave a halted
-  // CPU asleep with its local APIC timer interrupt pending (docs/lab.md, "The stall"): a lab CPU
-  // that never halts never waits for that wake-up. "halt" is the kernel's usual idle, for comparison.
-  const idle = env["TYPEVISOR_LAB_IDLE"] ?? "poll";
-  if (idle !== "poll" && idle !== "halt") throw new TypevisorError("LAB_BAD_ENV", `TYPEVISOR_LAB_IDLE must be poll or halt (got "${idle}")`);
+  // The interrupt heartbeat's period (heartbeat.ts; docs/lab.md, "The stall"); 0 turns it off.
+  const heartbeatMs = envInt(env, "TYPEVISOR_LAB_HEARTBEAT_MS", 1000, 0, 3_600_000);
   // x86's COMMAND_LINE_SIZE is 2048 bytes; the lab's own words take about 600 of them
   if (extraAppend.join(" ").length > 1024) throw new TypevisorError("LAB_BAD_ENV", "TYPEVISOR_LAB_APPEND is over 1024 bytes (the lab kernel's command line holds 2048)");
   const cache = opts.cache ?? cacheDir(env);
@@ -237,7 +235,6 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
     "sysctl.kernel.sysrq=1",
     "sysctl.kernel.hung_task_timeout_secs=60",
     "sysctl.kernel.hung_task_warnings=-1",
-    ...(idle === "poll" ? ["idle=poll"] : []),
     // extra lab kernel parameters, for experiments with the lab kernel itself (docs/lab.md)
     ...extraAppend,
     `tvlab.nonce=${nonce}`,
@@ -293,6 +290,7 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
       clearTimeout(bootTimer);
       clearTimeout(runTimer);
       clearInterval(silenceTimer);
+      stopHeartbeat();
       // nothing in the lab persists (read-only host root, tmpfs overlay): no need to wait for its poweroff
       child.kill("SIGKILL");
       resolve(o);
@@ -307,6 +305,7 @@ export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<n
     const runTimer = setTimeout(() => finish({ error: failure("LAB_TIMEOUT", `the lab run exceeded TYPEVISOR_LAB_TIMEOUT=${timeoutSec} s`) }), timeoutSec * 1000);
     // The silence watchdog: an interactive command may sit at a prompt for ever, any other one
     // that prints nothing for silenceSec is taken as stalled, diagnosed (diagnose.ts) and failed.
+    const stopHeartbeat = heartbeatMs > 0 ? startHeartbeat(ports.agentSocket, heartbeatMs, () => diagnosing || decided) : () => {};
     const silenceTimer = setInterval(() => {
       if (filter.phase !== "running" || diagnosing) return;
       const quiet = performance.now() - lastOutput;

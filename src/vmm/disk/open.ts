@@ -77,7 +77,8 @@ function openLevel(path: string, format: DiskFormat | undefined, readonly: boole
   if (format !== undefined) fmt = format;
   else if (!top) fmt = magic ? "qcow2" : "raw";
   else if (magic) {
-    throw new DiskFormatError(`${path} starts with the qcow2 magic but no format was given`, "say which it is: format=qcow2 (or format=raw for a raw disk whose guest wrote that header)");
+    // The advice is in the message too: errors from the device thread reach the user without hints.
+    throw new DiskFormatError(`${path} starts with the qcow2 magic but no format was given: add format=qcow2`, "say which it is: format=qcow2 (or format=raw for a raw disk whose guest wrote that header)");
   } else fmt = "raw";
   if (fmt === "raw") return { format: "raw", fd, path, readonly };
   if (!magic) throw new DiskFormatError(`${path} is not a qcow2 image (no QFI\\xfb magic)`);
