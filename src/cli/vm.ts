@@ -95,6 +95,7 @@ interface CreateOptions extends ConnectionOptions {
   cpus?: string;
   memory?: string;
   diskSize?: string;
+  diskFormat?: string;
   net?: string[];
   rng: boolean;
   balloon?: boolean;
@@ -102,6 +103,18 @@ interface CreateOptions extends ConnectionOptions {
   restart?: "no" | "on-crash";
   start?: boolean;
   json?: boolean;
+}
+
+/** `vm show`'s line for a disk: path, format, virtual size, bytes on the host, image, backing chain. */
+export function diskLine(d: VmInfo["disks"][number]): string {
+  const from = d.image !== undefined ? `  from image ${d.image}` : "";
+  const backing = d.backing !== undefined ? `\n    backing: ${d.backing} (raw, read-only)` : "";
+  return `  ${d.path}  ${d.format}  ${formatBytes(d.sizeBytes)} virtual, ${formatBytes(d.allocatedBytes)} allocated${from}${backing}\n`;
+}
+
+function parseDiskFormat(v: string): "qcow2" | "raw" {
+  if (v !== "qcow2" && v !== "raw") throw new TypevisorError("INVALID_ARGUMENT", `--disk-format must be qcow2 or raw (got "${v}")`);
+  return v;
 }
 
 /** The spec to send: only what the user gave, so the daemon's defaults stay the defaults. */
@@ -117,6 +130,7 @@ export function specFromOptions(name: string, o: CreateOptions, cwd = process.cw
     ...(o.cpus !== undefined ? { cpus: parseWhole("--cpus", o.cpus) } : {}),
     ...(o.memory !== undefined ? { memoryMiB: parseWhole("--memory", o.memory, "MiB") } : {}),
     ...(o.diskSize !== undefined ? { diskSize: o.diskSize } : {}),
+    ...(o.diskFormat !== undefined ? { diskFormat: parseDiskFormat(o.diskFormat) } : {}),
     ...(o.net !== undefined ? { nets: o.net.map(parseNet) } : {}),
     ...(o.rng === false ? { rng: false } : {}),
     ...(o.balloon === true ? { balloon: true } : {}),
@@ -197,7 +211,7 @@ export function formatVmDetails(vm: VmInfo, now = Date.now()): string {
   out += "spec:\n";
   out += renderFields(Object.entries(spec).filter(([k]) => k !== "name").map(([k, v]) => [`  ${k}`, specValue(v)] as const));
   out += "disks:\n";
-  out += vm.disks.length === 0 ? "  none\n" : vm.disks.map((d) => `  ${d.path}  ${formatBytes(d.sizeBytes)}${d.image !== undefined ? `  (from image ${d.image})` : ""}\n`).join("");
+  out += vm.disks.length === 0 ? "  none\n" : vm.disks.map(diskLine).join("");
   return out;
 }
 
@@ -317,6 +331,7 @@ export function registerVmCommands(program: Command): void {
     .option("--cpus <n>", "vCPUs (default 1)")
     .option("--memory <MiB>", "guest memory in MiB (default 256)")
     .option("--disk-size <size>", 'size of the VM\'s disk, e.g. "2G" (grown from the image, or blank)')
+    .option("--disk-format <format>", "qcow2 (default): a thin overlay on a shared base of the image, instant and small; raw: a full copy")
     .option("--net <tap=NAME[,mac=MAC]>", "a virtio-net device on a host TAP (repeatable)", (v: string, prev: string[] | undefined) => [...(prev ?? []), v])
     .option("--no-rng", "no virtio-rng device")
     .option("--balloon", "a virtio-balloon device")

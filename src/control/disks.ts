@@ -46,3 +46,12 @@ export function blankDisk(dest: string, sizeBytes: number): number {
   truncateSync(dest, size);
   return size;
 }
+
+/** Bytes a file takes on the host now (its allocated blocks; 0 when it is gone). */
+export function allocatedBytes(path: string): number {
+  try {
+    return statSync(path).blocks * 512;
+  } catch {
+    return 0;
+  }
+}

@@ -23,7 +23,9 @@ import { VmmClient } from "../engine/vmm-client.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
 import { VmCgroup, detectCgroupV2, type CgroupSupport } from "./cgroups.js";
-import { blankDisk, diskFromImage } from "./disks.js";
+import { createQcow2 } from "../vmm/disk/qcow2/create.js";
+import { ensureBase, leftoverBaseFiles, removeUnusedBases } from "./bases.js";
+import { allocatedBytes, blankDisk, diskFromImage, roundUpToSector } from "./disks.js";
 import { homePaths, vmPaths } from "./paths.js";
 import { processAlive, processStartTime, processUsage } from "./proc.js";
 import { checkAllocation, discoverHost, hostUsed, report, type Allocation, type CpuSample, type OvercommitPolicy, type ResourceReport } from "./resources.js";
@@ -143,7 +145,7 @@ export class VmManager extends EventEmitter {
       createdAt: r.createdAt,
       updatedAt: r.updatedAt,
       ...(r.runtime !== undefined ? { pid: r.runtime.pid, startedAt: r.runtime.startedAt } : {}),
-      disks: r.disks,
+      disks: r.disks.map((d) => ({ ...d, format: d.format ?? "raw", allocatedBytes: allocatedBytes(d.path) })),
       consoleLog: p.consoleLog,
       apiSocket: p.apiSocket,
       ...(r.lastExit !== undefined ? { lastExit: r.lastExit } : {}),
@@ -239,7 +241,7 @@ export class VmManager extends EventEmitter {
         throw new TypevisorError("INVALID_REQUEST", `diskSize: ${diskBytes} bytes is more than the ${MAX_DISK_BYTES / 2 ** 40} TiB a VM disk may have`);
       }
       // Everything is checked before anything is created.
-      let boot: { kernel: string; initrd?: string; rootfs?: string; cmdline?: string };
+      let boot: { kernel: string; initrd?: string; rootfs?: string; rootfsSha256?: string; cmdline?: string };
       if (spec.image !== undefined) {
         const ip = imagePaths(spec.image, this.config.imagesHome);
         if (!existsSync(ip.kernel) || !existsSync(ip.rootfs)) {
@@ -247,7 +249,9 @@ export class VmManager extends EventEmitter {
         }
         // The image says how its kernel wants to boot (e.g. `quiet`); a manifest-less image gets the default.
         const cmdline = existsSync(ip.manifest) ? parseManifest(readFileSync(ip.manifest, "utf8"), ip.manifest).cmdline : undefined;
-        boot = { kernel: ip.kernel, ...(existsSync(ip.initrd) ? { initrd: ip.initrd } : {}), rootfs: ip.rootfs, ...(cmdline !== undefined ? { cmdline } : {}) };
+        const manifest = existsSync(ip.manifest) ? parseManifest(readFileSync(ip.manifest, "utf8"), ip.manifest) : undefined;
+        const rootfsSha256 = manifest?.files["rootfs.ext4"]?.sha256;
+        boot = { kernel: ip.kernel, ...(existsSync(ip.initrd) ? { initrd: ip.initrd } : {}), rootfs: ip.rootfs, ...(rootfsSha256 !== undefined ? { rootfsSha256 } : {}), ...(cmdline !== undefined ? { cmdline } : {}) };
       } else {
         boot = { kernel: this.allowedFile(spec.kernel!), ...(spec.initrd !== undefined ? { initrd: this.allowedFile(spec.initrd) } : {}) };
       }
@@ -275,12 +279,23 @@ export class VmManager extends EventEmitter {
           if (boot.initrd !== undefined) copyFileSync(boot.initrd, `${staging}/initrd.img`);
           if (boot.cmdline !== undefined) writeFileSync(`${staging}/cmdline`, boot.cmdline);
           const disks: VmRow["disks"] = [];
-          if (boot.rootfs !== undefined) {
+          if (boot.rootfs !== undefined && spec.diskFormat === "raw") {
             const size = await diskFromImage(boot.rootfs, `${staging}/disk0.raw`, diskBytes);
-            disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, image: spec.image! });
-          } else if (diskBytes !== undefined) {
+            disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, image: spec.image!, format: "raw" });
+          } else if (boot.rootfs !== undefined) {
+            // A linked clone: a qcow2 overlay on the image's base, whose filesystem already fills the size.
+            const size = diskBytes === undefined ? rootfsBytes : roundUpToSector(diskBytes);
+            if (size < rootfsBytes) throw new TypevisorError("DISK_SIZE", `disk size ${size} bytes is smaller than the image's root filesystem (${rootfsBytes} bytes)`);
+            const base = await ensureBase(this.config.home, boot.rootfs, boot.rootfsSha256, size);
+            createQcow2(`${staging}/disk0.qcow2`, { size, backing: { file: base, format: "raw" } });
+            disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, image: spec.image!, format: "qcow2", backing: base });
+          } else if (diskBytes !== undefined && spec.diskFormat === "raw") {
             const size = blankDisk(`${staging}/disk0.raw`, diskBytes);
-            disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size });
+            disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, format: "raw" });
+          } else if (diskBytes !== undefined) {
+            const size = roundUpToSector(diskBytes);
+            createQcow2(`${staging}/disk0.qcow2`, { size });
+            disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, format: "qcow2" });
           }
           renameSync(staging, p.dir);
           const now = new Date().toISOString();
@@ -314,7 +329,18 @@ export class VmManager extends EventEmitter {
       this.removeSockets(cur.id);
       this.usage.delete(cur.id);
       this.event("vm.removed", name, `VM ${name} removed`);
+      this.removeUnusedBases();
     });
+  }
+
+  /**
+   * Bases no VM stands on any more go (bases.ts). Not while a create is under way: it may have
+   * made or found a base that no inventory row names yet (each create holds a reservation).
+   */
+  private removeUnusedBases(): void {
+    if (this.reservations.size > 0) return;
+    const inUse = new Set(this.store.listVms().flatMap((r) => r.disks.flatMap((d) => (d.backing !== undefined ? [d.backing] : []))));
+    for (const p of removeUnusedBases(this.config.home, inUse)) this.daemonEvent("daemon.cleanup", `removed base image ${p}: no VM uses it`, { path: p });
   }
 
   // ---- start ------------------------------------------------------------
@@ -349,7 +375,7 @@ export class VmManager extends EventEmitter {
       cmdline: spec.append !== undefined ? `${base} ${spec.append}` : base,
       cpus: spec.cpus,
       memoryMiB: spec.memoryMiB,
-      disks: r.disks.map((d, i) => ({ path: d.path, serial: `${r.name}-${i}`.slice(0, 20) })),
+      disks: r.disks.map((d, i) => ({ path: d.path, format: d.format ?? "raw", serial: `${r.name}-${i}`.slice(0, 20) })),
       nets: spec.nets,
       rng: spec.rng,
       balloon: spec.balloon,
@@ -516,6 +542,8 @@ export class VmManager extends EventEmitter {
       const id = f.replace(/\.(api|con)$/, "");
       if (!running.has(id)) gone("a socket of a VMM that no longer runs", join(hp.run, f));
     }
+    for (const f of leftoverBaseFiles(this.config.home)) gone("a half-made base image (a create was interrupted)", f);
+    this.removeUnusedBases();
   }
 
   private removeCgroup(name: string, cg: VmCgroup | undefined): void {

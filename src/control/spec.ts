@@ -42,6 +42,10 @@ export const vmSpec = z
     // The VMM's own limits (vmm/vm.ts), so a spec that validates here can start.
     memoryMiB: z.number().int().min(MIN_MEMORY_MIB).max(MAX_MEMORY_MIB).default(256),
     diskSize: sizeField.optional().describe("size of the VM's disk (grown to this size from the image's root filesystem, or blank)"),
+    diskFormat: z
+      .enum(["qcow2", "raw"])
+      .default("qcow2")
+      .describe("qcow2: a thin overlay on a shared read-only base of the image (instant, small whatever the size); raw: a full copy"),
     nets: z.array(netSpec).max(8).default([]),
     rng: z.boolean().default(true),
     balloon: z.boolean().default(false),
@@ -72,8 +76,11 @@ export type VmExit = z.infer<typeof vmExit>;
 
 export const diskInfo = z.object({
   path: z.string(),
-  sizeBytes: z.number(),
+  sizeBytes: z.number().describe("the size the guest sees (a qcow2 disk's virtual size)"),
   image: z.string().optional(),
+  format: z.enum(["raw", "qcow2"]),
+  allocatedBytes: z.number().describe("bytes the disk's file takes on the host now"),
+  backing: z.string().optional().describe("a qcow2 overlay's backing file (its base)"),
 });
 
 export const vmInfo = z.object({

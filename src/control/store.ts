@@ -13,8 +13,13 @@ export const SCHEMA_VERSION = 1;
 
 export interface DiskRow {
   path: string;
+  /** The size the guest sees (for qcow2, the virtual size). */
   sizeBytes: number;
   image?: string;
+  /** Absent in rows made before qcow2: raw. */
+  format?: "raw" | "qcow2";
+  /** A qcow2 overlay's backing file (a base, bases.ts). */
+  backing?: string;
 }
 
 /** What the daemon needs to find a running VMM again after a restart. */

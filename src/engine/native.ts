@@ -17,7 +17,7 @@ export interface VmmLaunch {
   cmdline: string;
   cpus: number;
   memoryMiB: number;
-  disks: { path: string; readonly?: boolean; serial?: string }[];
+  disks: { path: string; format: "raw" | "qcow2"; readonly?: boolean; serial?: string }[];
   nets: { tap: string; mac?: string }[];
   rng: boolean;
   balloon: boolean;
@@ -50,7 +50,8 @@ export function vmmArgs(l: VmmLaunch): string[] {
     "--exit-file", l.exitFile,
   ];
   for (const d of l.disks) {
-    args.push("--disk", [d.path, ...(d.readonly === true ? ["readonly=on"] : []), ...(d.serial !== undefined ? [`serial=${d.serial}`] : [])].join(","));
+    // The format always said: the VMM never guesses it (vmm/disk/open.ts).
+    args.push("--disk", [d.path, `format=${d.format}`, ...(d.readonly === true ? ["readonly=on"] : []), ...(d.serial !== undefined ? [`serial=${d.serial}`] : [])].join(","));
   }
   for (const n of l.nets) args.push("--net", `tap=${n.tap}${n.mac !== undefined ? `,mac=${n.mac}` : ""}`);
   if (l.rng) args.push("--rng");

@@ -3,6 +3,7 @@
  * purpose-built guests on this host's /dev/kvm (PVM runs them; stock kernels
  * are proven in the lab, test/control/daemon.lab.test.ts).
  */
+import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { request } from "node:http";
 import { tmpdir } from "node:os";
@@ -14,6 +15,7 @@ import { homePaths } from "../../src/control/paths.js";
 import { Store } from "../../src/control/store.js";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { qemuCheck } from "../../src/vmm/disk/test-disk.js";
 
 const hasKvm = existsSync("/dev/kvm");
 const built = existsSync(new URL("../../dist/cli/main.js", import.meta.url));
@@ -79,6 +81,10 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     mkdirSync(join(imagesHome, "images", "broken"), { recursive: true });
     writeTinyKernel(join(imagesHome, "images", "broken", "vmlinuz"));
     writeFileSync(join(imagesHome, "images", "broken", "rootfs.ext4"), Buffer.alloc(65536, 0x5a));
+    // A real (small) ext4 root filesystem, for disks made from an image.
+    mkdirSync(join(imagesHome, "images", "small"), { recursive: true });
+    writeTinyKernel(join(imagesHome, "images", "small", "vmlinuz"));
+    execFileSync("mkfs.ext4", ["-q", "-F", join(imagesHome, "images", "small", "rootfs.ext4"), "8M"], { timeout: 60_000 });
     // a secret in the daemon's environment that no VMM should inherit
     d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir], env: { TYPEVISOR_HOME: imagesHome, TV_TEST_SECRET: "hunter2" } });
   }, 30_000);
@@ -150,6 +156,32 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     expect(broken.status).toBe(422);
     expect(await d.client.listVms()).toEqual([]);
     expect(readdirSync(join(d.home, "vms"))).toEqual([]);
+  });
+
+  it("disks from an image are qcow2 linked clones on one shared read-only base, which goes with the last VM on it; raw on request", async () => {
+    const big = await d.client.createVm({ name: "clone-a", image: "small", diskSize: "20G", memoryMiB: 64 });
+    const disk = big.disks[0]!;
+    expect(disk).toMatchObject({ format: "qcow2", sizeBytes: 20 * 2 ** 30, image: "small" });
+    // Instant and small whatever the size: the overlay holds metadata only.
+    expect(disk.allocatedBytes).toBeLessThan(2 ** 20);
+    expect(disk.backing).toMatch(new RegExp(`^${d.home}/bases/[0-9a-f]{16}-${20 * 2 ** 30}\\.raw$`));
+    expect(qemuCheck(disk.path).status).toBe(0);
+    const info = JSON.parse(execFileSync("qemu-img", ["info", "--output=json", disk.path], { encoding: "utf8" })) as Record<string, unknown>;
+    expect(info).toMatchObject({ "virtual-size": 20 * 2 ** 30, "backing-filename": disk.backing, "backing-filename-format": "raw" });
+    // The base's filesystem fills the disk: grown once, for every VM of that image and size.
+    const sb = execFileSync("dumpe2fs", ["-h", disk.backing!], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] });
+    const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+)`, "m").exec(sb)?.[1]);
+    expect(field("Block count") * field("Block size")).toBe(20 * 2 ** 30);
+    const twin = await d.client.createVm({ name: "clone-b", image: "small", diskSize: "20G", memoryMiB: 64 });
+    expect(twin.disks[0]!.backing).toBe(disk.backing);
+    const copy = await d.client.createVm({ name: "copy", image: "small", diskFormat: "raw", memoryMiB: 64 });
+    expect(copy.disks[0]).toMatchObject({ format: "raw", sizeBytes: 8 * 2 ** 20 });
+    expect(copy.disks[0]!.backing).toBeUndefined();
+    await d.client.removeVm("clone-a");
+    expect(existsSync(disk.backing!)).toBe(true);
+    await d.client.removeVm("clone-b");
+    expect(existsSync(disk.backing!)).toBe(false);
+    await d.client.removeVm("copy");
   });
 
   it("never answers 5xx to random request bodies (fast-check)", async () => {

@@ -1,0 +1,67 @@
+/**
+ * Base images: the read-only root filesystems VM disks are thin qcow2 overlays on (linked
+ * clones). A base is the daemon's own copy of an image's rootfs (a reflink where the filesystem
+ * offers one), named by the rootfs's content and the size its filesystem was grown to:
+ * `<home>/bases/<sha256 prefix>[-<bytes>].raw`. Rebuilding or removing the image never changes a
+ * base a VM stands on, VMs of the same image and size share one, and a base goes when the last
+ * VM on it is removed. Made under a temporary name and renamed into place whole, so a daemon
+ * killed midway leaves only a `*.tmp` that the start-up sweep removes.
+ */
+import { randomBytes } from "node:crypto";
+import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { fileInfo } from "../images/manifest.js";
+import { diskFromImage } from "./disks.js";
+
+export function basesDir(home: string): string {
+  return join(home, "bases");
+}
+
+/**
+ * The base for `rootfs` with its filesystem grown to `sizeBytes` (at least the rootfs's size),
+ * made if missing. `sha256`: the rootfs's, from the image manifest (hashed here when absent).
+ * @throws TypevisorError from diskFromImage (DISK_RESIZE, MISSING_TOOL)
+ */
+export async function ensureBase(home: string, rootfs: string, sha256: string | undefined, sizeBytes: number): Promise<string> {
+  const rootfsBytes = statSync(rootfs).size;
+  const sha = sha256 ?? (await fileInfo(rootfs)).sha256;
+  const grown = sizeBytes > rootfsBytes;
+  const path = join(basesDir(home), `${sha.slice(0, 16)}${grown ? `-${sizeBytes}` : ""}.raw`);
+  if (existsSync(path)) return path;
+  mkdirSync(basesDir(home), { recursive: true, mode: 0o700 });
+  const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
+  try {
+    await diskFromImage(rootfs, tmp, grown ? sizeBytes : undefined);
+    // Read-only from here: overlays depend on every byte of it staying as it is.
+    chmodSync(tmp, 0o444);
+    // Another create may have made the same base meanwhile: keep the one overlays may already use.
+    if (existsSync(path)) rmSync(tmp, { force: true });
+    else renameSync(tmp, path);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    throw e;
+  }
+  return path;
+}
+
+/** Remove the bases no disk in `inUse` stands on; returns the paths removed. */
+export function removeUnusedBases(home: string, inUse: ReadonlySet<string>): string[] {
+  const dir = basesDir(home);
+  if (!existsSync(dir)) return [];
+  const removed: string[] = [];
+  for (const f of readdirSync(dir)) {
+    const p = join(dir, f);
+    if (f.endsWith(".raw") && !inUse.has(p)) {
+      rmSync(p, { force: true });
+      removed.push(p);
+    }
+  }
+  return removed;
+}
+
+/** Half-made bases (`*.tmp`) a killed daemon left behind. */
+export function leftoverBaseFiles(home: string): string[] {
+  const dir = basesDir(home);
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir).filter((f) => f.endsWith(".tmp")).map((f) => join(dir, f));
+}
