@@ -6,7 +6,8 @@
  * (virtio-blk counts 512-byte sectors: virtio 1.2 §5.2.4).
  */
 import { execFile } from "node:child_process";
-import { constants, copyFileSync, statSync, truncateSync, writeFileSync } from "node:fs";
+import { constants, statSync, truncateSync, writeFileSync } from "node:fs";
+import { copyFile } from "node:fs/promises";
 import { promisify } from "node:util";
 import { TypevisorError } from "../errors.js";
 
@@ -24,7 +25,8 @@ export async function diskFromImage(rootfs: string, dest: string, sizeBytes: num
   if (size < base) {
     throw new TypevisorError("DISK_SIZE", `disk size ${size} bytes is smaller than the image's root filesystem (${base} bytes)`);
   }
-  copyFileSync(rootfs, dest, constants.COPYFILE_FICLONE);
+  // Off the event loop (libuv's thread pool): a large copy must not stall every other request.
+  await copyFile(rootfs, dest, constants.COPYFILE_FICLONE);
   if (size > base) {
     truncateSync(dest, size);
     try {

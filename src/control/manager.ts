@@ -9,7 +9,8 @@
  * that VM's queue, so two requests never interleave halfway.
  */
 import { EventEmitter } from "node:events";
-import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { copyFile } from "node:fs/promises";
+import { existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join, sep } from "node:path";
 import type { ChildProcess } from "node:child_process";
@@ -275,8 +276,9 @@ export class VmManager extends EventEmitter {
         mkdirSync(staging, { recursive: true, mode: 0o700 });
         try {
           // The VM owns copies of its kernel and initrd: rebuilding or removing the image later does not change it.
-          copyFileSync(boot.kernel, `${staging}/vmlinuz`);
-          if (boot.initrd !== undefined) copyFileSync(boot.initrd, `${staging}/initrd.img`);
+          // Off the event loop: an initrd can be hundreds of MiB, and other requests must go on meanwhile.
+          await copyFile(boot.kernel, `${staging}/vmlinuz`);
+          if (boot.initrd !== undefined) await copyFile(boot.initrd, `${staging}/initrd.img`);
           if (boot.cmdline !== undefined) writeFileSync(`${staging}/cmdline`, boot.cmdline);
           const disks: VmRow["disks"] = [];
           if (boot.rootfs !== undefined && spec.diskFormat === "raw") {
