@@ -245,9 +245,12 @@ export class Qcow2Backend implements DiskBackend {
         }
         this.readData(iov, skip + done, n, m.host + (p % this.cluster));
       } else if (m.kind === Kind.Zero) {
+        while (done + n < len && this.map(gc + Math.ceil((p % this.cluster + n) / this.cluster)).kind === Kind.Zero) n += Math.min(this.cluster, len - done - n);
         this.slice(iov, skip + done, n);
         this.sub.fillZero();
       } else if (m.kind === Kind.Unallocated) {
+        // One backing-file read for a run of unallocated clusters (a sequential read of a fresh overlay).
+        while (done + n < len && this.map(gc + Math.ceil((p % this.cluster + n) / this.cluster)).kind === Kind.Unallocated) n += Math.min(this.cluster, len - done - n);
         this.readBacking(iov, skip + done, n, p);
       } else {
         this.decompress(m, gc);

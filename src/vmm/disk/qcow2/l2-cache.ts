@@ -15,8 +15,17 @@ export class L2Cache {
 
   constructor(readonly capacity: number) {}
 
+  /** The table asked for last: a request's clusters mostly share one table, so most lookups stop here. */
+  private lastOffset = -1;
+  private last: L2Table | undefined;
+
   get(offset: number): L2Table | undefined {
+    if (offset === this.lastOffset) return this.last;
     const t = this.tables.get(offset);
+    if (t !== undefined) {
+      this.lastOffset = offset;
+      this.last = t;
+    }
     if (t !== undefined) {
       this.tables.delete(offset);
       this.tables.set(offset, t);
@@ -35,6 +44,10 @@ export class L2Cache {
       for (const [at, old] of this.tables) {
         if (!old.dirty) {
           this.tables.delete(at);
+          if (at === this.lastOffset) {
+            this.lastOffset = -1;
+            this.last = undefined;
+          }
           break;
         }
       }
