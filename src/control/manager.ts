@@ -321,6 +321,17 @@ export class VmManager extends EventEmitter {
   }
 
   async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
+    const q = this.store.quarantinedRow(name);
+    if (q !== undefined) {
+      // Nothing in it can be trusted but its name and directory: drop both (a VMM it may have had
+      // runs on until it exits; its sockets are swept at the next start).
+      await this.serial(name, async () => {
+        this.store.deleteVm(name);
+        if (q.dir.startsWith(homePaths(this.config.home).vms + sep)) rmSync(q.dir, { recursive: true, force: true });
+        this.event("vm.removed", name, `VM ${name} removed (its inventory row could not be read)`);
+      });
+      return;
+    }
     const r = this.row(name);
     if (opts.force === true && isActive(r.state)) await this.stop(name, { force: true });
     await this.serial(name, async () => {
@@ -530,7 +541,10 @@ export class VmManager extends EventEmitter {
   private sweepOrphans(): void {
     const hp = homePaths(this.config.home);
     const rows = this.store.listVms();
-    const known = new Set(rows.map((r) => r.id));
+    // A quarantined row's directory is kept: it may be all that is left of that VM.
+    const quarantined = this.store.quarantined();
+    for (const q of quarantined) this.daemonEvent("daemon.quarantine", `VM ${q.name}: its inventory row cannot be read (${q.reason}); left alone (vm rm removes it)`, { vm: q.name, id: q.id, reason: q.reason });
+    const known = new Set([...rows.map((r) => r.id), ...quarantined.map((q) => q.id)]);
     const running = new Set(rows.filter((r) => isActive(r.state) && r.runtime !== undefined).map((r) => r.id));
     const gone = (what: string, path: string): void => {
       rmSync(path, { recursive: true, force: true });

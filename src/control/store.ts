@@ -7,7 +7,7 @@
  */
 import Database from "better-sqlite3";
 import { TypevisorError } from "../errors.js";
-import type { EventRecord, VmExit, VmSpec, VmState } from "./spec.js";
+import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmState } from "./spec.js";
 
 export const SCHEMA_VERSION = 1;
 
@@ -95,6 +95,26 @@ const MIGRATIONS: Record<number, string> = {
   `,
 };
 
+/** A row this daemon cannot read (hand-edited, or from a newer version): kept, never acted on. */
+export interface QuarantinedRow {
+  id: string;
+  name: string;
+  dir: string;
+  reason: string;
+}
+
+/** The row's fields, checked: a malformed one must not stop the daemon or be acted on as if it were sound. @throws Error */
+function checkedRowOf(r: RawVm): VmRow {
+  const row = rowOf(r);
+  if (!(VM_STATES as readonly string[]).includes(row.state)) throw new Error(`unknown state "${row.state}"`);
+  const spec = vmSpec.safeParse(row.spec);
+  if (!spec.success) throw new Error(`spec: ${spec.error.issues[0]?.message ?? "invalid"}`);
+  if (!Array.isArray(row.disks) || !row.disks.every((d) => typeof d?.path === "string" && typeof d.sizeBytes === "number")) throw new Error("disks: not a list of {path, sizeBytes}");
+  if (row.runtime !== undefined && (typeof row.runtime !== "object" || row.runtime === null || typeof row.runtime.pid !== "number")) throw new Error("runtime: no pid");
+  if (typeof row.dir !== "string" || row.dir === "") throw new Error("no directory");
+  return row;
+}
+
 function rowOf(r: RawVm): VmRow {
   return {
     id: r.id,
@@ -159,13 +179,45 @@ export class Store {
     this.db.close();
   }
 
+  /** Every readable VM; rows that cannot be read are left out (quarantined() lists them). */
   listVms(): VmRow[] {
-    return (this.db.prepare("SELECT * FROM vms ORDER BY name").all() as RawVm[]).map(rowOf);
+    return (this.db.prepare("SELECT * FROM vms ORDER BY name").all() as RawVm[]).flatMap((r) => {
+      try {
+        return [checkedRowOf(r)];
+      } catch {
+        return [];
+      }
+    });
   }
 
+  /** The rows that cannot be read, with why. */
+  quarantined(): QuarantinedRow[] {
+    return (this.db.prepare("SELECT * FROM vms ORDER BY name").all() as RawVm[]).flatMap((r) => {
+      try {
+        checkedRowOf(r);
+        return [];
+      } catch (e) {
+        return [{ id: r.id, name: r.name, dir: r.dir, reason: (e as Error).message }];
+      }
+    });
+  }
+
+  /** @throws TypevisorError VM_QUARANTINED for a row that cannot be read (only removing it is possible). */
   getVm(name: string): VmRow | undefined {
     const r = this.db.prepare("SELECT * FROM vms WHERE name = ?").get(name) as RawVm | undefined;
-    return r === undefined ? undefined : rowOf(r);
+    if (r === undefined) return undefined;
+    try {
+      return checkedRowOf(r);
+    } catch (e) {
+      throw new TypevisorError("VM_QUARANTINED", `the inventory row of VM ${name} cannot be read (${(e as Error).message}); the daemon leaves it alone`, {
+        hint: `typevisor vm rm ${name} removes it and its directory`,
+      });
+    }
+  }
+
+  /** The quarantined row named `name`, if it is one. */
+  quarantinedRow(name: string): QuarantinedRow | undefined {
+    return this.quarantined().find((q) => q.name === name);
   }
 
   insertVm(row: VmRow): void {
