@@ -10,7 +10,7 @@
  */
 import { EventEmitter } from "node:events";
 import { copyFile } from "node:fs/promises";
-import { existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, constants, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join, sep } from "node:path";
 import type { ChildProcess } from "node:child_process";
@@ -234,90 +234,101 @@ export class VmManager extends EventEmitter {
 
   async create(input: unknown): Promise<VmInfo> {
     const spec = parseVmSpec(input);
+    // The files allowedFile() opened for this create: copied from, then closed whatever happens.
+    const opened: number[] = [];
     return this.serial(spec.name, async () => {
-      if (this.store.getVm(spec.name) !== undefined) throw new TypevisorError("VM_EXISTS", `a VM named ${spec.name} already exists`);
-      const host = discoverHost(this.config.home);
-      const diskBytes = spec.diskSize === undefined ? undefined : typeof spec.diskSize === "number" ? spec.diskSize : parseSize(spec.diskSize);
-      if (diskBytes !== undefined && diskBytes > MAX_DISK_BYTES) {
-        throw new TypevisorError("INVALID_REQUEST", `diskSize: ${diskBytes} bytes is more than the ${MAX_DISK_BYTES / 2 ** 40} TiB a VM disk may have`);
-      }
-      // Everything is checked before anything is created.
-      let boot: { kernel: string; initrd?: string; rootfs?: string; rootfsSha256?: string; cmdline?: string };
-      if (spec.image !== undefined) {
-        const ip = imagePaths(spec.image, this.config.imagesHome);
-        if (!existsSync(ip.kernel) || !existsSync(ip.rootfs)) {
-          throw new TypevisorError("IMAGE_NOT_FOUND", `no image named ${spec.image}`, { hint: `build it: typevisor image build ${spec.image}` });
-        }
-        // The image says how its kernel wants to boot (e.g. `quiet`); a manifest-less image gets the default.
-        const cmdline = existsSync(ip.manifest) ? parseManifest(readFileSync(ip.manifest, "utf8"), ip.manifest).cmdline : undefined;
-        const manifest = existsSync(ip.manifest) ? parseManifest(readFileSync(ip.manifest, "utf8"), ip.manifest) : undefined;
-        const rootfsSha256 = manifest?.files["rootfs.ext4"]?.sha256;
-        boot = { kernel: ip.kernel, ...(existsSync(ip.initrd) ? { initrd: ip.initrd } : {}), rootfs: ip.rootfs, ...(rootfsSha256 !== undefined ? { rootfsSha256 } : {}), ...(cmdline !== undefined ? { cmdline } : {}) };
-      } else {
-        boot = { kernel: this.allowedFile(spec.kernel!), ...(spec.initrd !== undefined ? { initrd: this.allowedFile(spec.initrd) } : {}) };
-      }
-      const rootfsBytes = boot.rootfs !== undefined ? statSync(boot.rootfs).size : 0;
-      const newDisk = boot.rootfs !== undefined ? Math.max(diskBytes ?? 0, rootfsBytes) : (diskBytes ?? 0);
-      checkAllocation(host, this.config.policy, this.allocated(), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: newDisk }, { disk: true });
-      // A VM bigger than the whole budget could never start: say so now.
-      checkAllocation(host, this.config.policy, { cpus: 0, memoryBytes: 0, diskBytes: 0 }, { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: 0 }, { cpu: true, memory: true });
-      if (rootfsBytes > host.diskFreeBytes) {
-        throw new TypevisorError("INSUFFICIENT_RESOURCES", `not enough free disk in ${this.config.home}: the image's root filesystem needs ${rootfsBytes} bytes, ${host.diskFreeBytes} free`);
-      }
-
-      // Admitted: the disk is reserved now, in the same turn of the event loop as the check, so a
-      // create of another name that runs while this one copies and grows its disk sees it.
-      const reservation: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: newDisk };
-      this.reservations.add(reservation);
       try {
-        const id = randomBytes(6).toString("hex");
-        const p = vmPaths(this.config.home, id);
-        const staging = `${p.dir}.creating`;
-        mkdirSync(staging, { recursive: true, mode: 0o700 });
-        try {
-          // The VM owns copies of its kernel and initrd: rebuilding or removing the image later does not change it.
-          // Off the event loop: an initrd can be hundreds of MiB, and other requests must go on meanwhile.
-          await copyFile(boot.kernel, `${staging}/vmlinuz`);
-          if (boot.initrd !== undefined) await copyFile(boot.initrd, `${staging}/initrd.img`);
-          if (boot.cmdline !== undefined) writeFileSync(`${staging}/cmdline`, boot.cmdline);
-          const disks: VmRow["disks"] = [];
-          if (boot.rootfs !== undefined && spec.diskFormat === "raw") {
-            const size = await diskFromImage(boot.rootfs, `${staging}/disk0.raw`, diskBytes);
-            disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, image: spec.image!, format: "raw" });
-          } else if (boot.rootfs !== undefined) {
-            // A linked clone: a qcow2 overlay on the image's base, whose filesystem already fills the size.
-            const size = diskBytes === undefined ? rootfsBytes : roundUpToSector(diskBytes);
-            if (size < rootfsBytes) throw new TypevisorError("DISK_SIZE", `disk size ${size} bytes is smaller than the image's root filesystem (${rootfsBytes} bytes)`);
-            const base = await ensureBase(this.config.home, boot.rootfs, boot.rootfsSha256, size);
-            createQcow2(`${staging}/disk0.qcow2`, { size, backing: { file: base, format: "raw" } });
-            disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, image: spec.image!, format: "qcow2", backing: base });
-          } else if (diskBytes !== undefined && spec.diskFormat === "raw") {
-            const size = blankDisk(`${staging}/disk0.raw`, diskBytes);
-            disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, format: "raw" });
-          } else if (diskBytes !== undefined) {
-            const size = roundUpToSector(diskBytes);
-            createQcow2(`${staging}/disk0.qcow2`, { size });
-            disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, format: "qcow2" });
-          }
-          renameSync(staging, p.dir);
-          const now = new Date().toISOString();
-          try {
-            this.store.insertVm({ id, name: spec.name, spec, state: "defined", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
-          } catch (e) {
-            rmSync(p.dir, { recursive: true, force: true });
-            throw e;
-          }
-        } catch (e) {
-          rmSync(staging, { recursive: true, force: true });
-          throw e;
-        }
-        this.event("vm.created", spec.name, `VM ${spec.name} created`, { id, cpus: spec.cpus, memoryMiB: spec.memoryMiB });
-        return this.get(spec.name);
+        return await this.createLocked(spec, opened);
       } finally {
-        // the inventory row (or nothing, on failure) holds it from here
-        this.reservations.delete(reservation);
+        for (const fd of opened.splice(0)) closeSync(fd);
       }
     });
+  }
+
+  /** create() under the name's lock: check everything, reserve, assemble in staging, rename, insert. */
+  private async createLocked(spec: VmSpec, opened: number[]): Promise<VmInfo> {
+    if (this.store.getVm(spec.name) !== undefined) throw new TypevisorError("VM_EXISTS", `a VM named ${spec.name} already exists`);
+    const host = discoverHost(this.config.home);
+    const diskBytes = spec.diskSize === undefined ? undefined : typeof spec.diskSize === "number" ? spec.diskSize : parseSize(spec.diskSize);
+    if (diskBytes !== undefined && diskBytes > MAX_DISK_BYTES) {
+      throw new TypevisorError("INVALID_REQUEST", `diskSize: ${diskBytes} bytes is more than the ${MAX_DISK_BYTES / 2 ** 40} TiB a VM disk may have`);
+    }
+    // Everything is checked before anything is created.
+    let boot: { kernel: string; initrd?: string; rootfs?: string; rootfsSha256?: string; cmdline?: string };
+    if (spec.image !== undefined) {
+      const ip = imagePaths(spec.image, this.config.imagesHome);
+      if (!existsSync(ip.kernel) || !existsSync(ip.rootfs)) {
+        throw new TypevisorError("IMAGE_NOT_FOUND", `no image named ${spec.image}`, { hint: `build it: typevisor image build ${spec.image}` });
+      }
+      // The image says how its kernel wants to boot (e.g. `quiet`); a manifest-less image gets the default.
+      const cmdline = existsSync(ip.manifest) ? parseManifest(readFileSync(ip.manifest, "utf8"), ip.manifest).cmdline : undefined;
+      const manifest = existsSync(ip.manifest) ? parseManifest(readFileSync(ip.manifest, "utf8"), ip.manifest) : undefined;
+      const rootfsSha256 = manifest?.files["rootfs.ext4"]?.sha256;
+      boot = { kernel: ip.kernel, ...(existsSync(ip.initrd) ? { initrd: ip.initrd } : {}), rootfs: ip.rootfs, ...(rootfsSha256 !== undefined ? { rootfsSha256 } : {}), ...(cmdline !== undefined ? { cmdline } : {}) };
+    } else {
+      boot = { kernel: this.allowedFile(spec.kernel!, opened), ...(spec.initrd !== undefined ? { initrd: this.allowedFile(spec.initrd, opened) } : {}) };
+    }
+    const rootfsBytes = boot.rootfs !== undefined ? statSync(boot.rootfs).size : 0;
+    const newDisk = boot.rootfs !== undefined ? Math.max(diskBytes ?? 0, rootfsBytes) : (diskBytes ?? 0);
+    checkAllocation(host, this.config.policy, this.allocated(), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: newDisk }, { disk: true });
+    // A VM bigger than the whole budget could never start: say so now.
+    checkAllocation(host, this.config.policy, { cpus: 0, memoryBytes: 0, diskBytes: 0 }, { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: 0 }, { cpu: true, memory: true });
+    if (rootfsBytes > host.diskFreeBytes) {
+      throw new TypevisorError("INSUFFICIENT_RESOURCES", `not enough free disk in ${this.config.home}: the image's root filesystem needs ${rootfsBytes} bytes, ${host.diskFreeBytes} free`);
+    }
+
+    // Admitted: the disk is reserved now, in the same turn of the event loop as the check, so a
+    // create of another name that runs while this one copies and grows its disk sees it.
+    const reservation: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: newDisk };
+    this.reservations.add(reservation);
+    try {
+      const id = randomBytes(6).toString("hex");
+      const p = vmPaths(this.config.home, id);
+      const staging = `${p.dir}.creating`;
+      mkdirSync(staging, { recursive: true, mode: 0o700 });
+      try {
+        // The VM owns copies of its kernel and initrd: rebuilding or removing the image later does not change it.
+        // Off the event loop: an initrd can be hundreds of MiB, and other requests must go on meanwhile.
+        await copyFile(boot.kernel, `${staging}/vmlinuz`);
+        if (boot.initrd !== undefined) await copyFile(boot.initrd, `${staging}/initrd.img`);
+        if (boot.cmdline !== undefined) writeFileSync(`${staging}/cmdline`, boot.cmdline);
+        const disks: VmRow["disks"] = [];
+        if (boot.rootfs !== undefined && spec.diskFormat === "raw") {
+          const size = await diskFromImage(boot.rootfs, `${staging}/disk0.raw`, diskBytes);
+          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, image: spec.image!, format: "raw" });
+        } else if (boot.rootfs !== undefined) {
+          // A linked clone: a qcow2 overlay on the image's base, whose filesystem already fills the size.
+          const size = diskBytes === undefined ? rootfsBytes : roundUpToSector(diskBytes);
+          if (size < rootfsBytes) throw new TypevisorError("DISK_SIZE", `disk size ${size} bytes is smaller than the image's root filesystem (${rootfsBytes} bytes)`);
+          const base = await ensureBase(this.config.home, boot.rootfs, boot.rootfsSha256, size);
+          createQcow2(`${staging}/disk0.qcow2`, { size, backing: { file: base, format: "raw" } });
+          disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, image: spec.image!, format: "qcow2", backing: base });
+        } else if (diskBytes !== undefined && spec.diskFormat === "raw") {
+          const size = blankDisk(`${staging}/disk0.raw`, diskBytes);
+          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, format: "raw" });
+        } else if (diskBytes !== undefined) {
+          const size = roundUpToSector(diskBytes);
+          createQcow2(`${staging}/disk0.qcow2`, { size });
+          disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, format: "qcow2" });
+        }
+        renameSync(staging, p.dir);
+        const now = new Date().toISOString();
+        try {
+          this.store.insertVm({ id, name: spec.name, spec, state: "defined", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
+        } catch (e) {
+          rmSync(p.dir, { recursive: true, force: true });
+          throw e;
+        }
+      } catch (e) {
+        rmSync(staging, { recursive: true, force: true });
+        throw e;
+      }
+      this.event("vm.created", spec.name, `VM ${spec.name} created`, { id, cpus: spec.cpus, memoryMiB: spec.memoryMiB });
+      return this.get(spec.name);
+    } finally {
+      // the inventory row (or nothing, on failure) holds it from here
+      this.reservations.delete(reservation);
+    }
   }
 
   async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
@@ -510,22 +521,42 @@ export class VmManager extends EventEmitter {
    * guest can print it: any other path is refused, with the same answer whether it exists or not
    * (the answer must not tell what is on the host). Symlinks are resolved before the check.
    */
-  private allowedFile(f: string): string {
+  private allowedFile(f: string, fds: number[]): string {
     const refuse = (): TypevisorError =>
       new TypevisorError("PATH_NOT_ALLOWED", `${f} is not a file this daemon may read for a VM`, {
         hint: "boot an image (image build, --image), or start the daemon with --allow-files DIR for kernels under DIR",
       });
+    const dirs = this.config.allowedDirs ?? [];
+    const allowed = (p: string) => dirs.some((d) => p.startsWith(d.endsWith(sep) ? d : d + sep));
     let real: string;
     try {
       real = realpathSync(f);
     } catch {
       throw refuse();
     }
-    const dirs = this.config.allowedDirs ?? [];
-    if (!dirs.some((d) => real.startsWith(d.endsWith(sep) ? d : d + sep))) throw refuse();
-    if (!statSync(real).isFile()) throw refuse();
-    return real;
+    if (!allowed(real)) throw refuse();
+    // Opened once, and the file opened is what is checked and copied: a path swapped for a symlink
+    // between the check and the copy (a race a local user could run) cannot lead anywhere else.
+    // O_NOFOLLOW refuses a last component turned symlink; /proc/self/fd/N names the opened file
+    // itself, so the directories above cannot be swapped either. O_NONBLOCK: a FIFO must not hang us.
+    let fd: number;
+    try {
+      fd = openSync(real, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+    } catch {
+      throw refuse();
+    }
+    fds.push(fd);
+    const opened = `/proc/self/fd/${fd}`;
+    let ok = false;
+    try {
+      ok = fstatSync(fd).isFile() && allowed(readlinkSync(opened));
+    } catch {
+      ok = false;
+    }
+    if (!ok) throw refuse();
+    return opened;
   }
+
 
   /** The VMM's control and console sockets (run/<id>.api, run/<id>.con). */
   private removeSockets(id: string): void {

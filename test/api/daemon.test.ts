@@ -213,8 +213,10 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     writeTinyKernel(join(outside, "real-kernel"));
     // a symlink inside the allowed directory that points out of it
     symlinkSync("/etc/passwd", join(dirname(kernel), "escape"));
+    // a FIFO inside it: refused at once (opened without blocking), not a daemon waiting for a writer
+    execFileSync("mkfifo", [join(dirname(kernel), "fifo")]);
     const answers: string[] = [];
-    for (const k of ["/etc/shadow", "/etc/passwd", join(outside, "real-kernel"), "/nonexistent/kernel", join(dirname(kernel), "escape"), join(dirname(kernel), "missing")]) {
+    for (const k of ["/etc/shadow", "/etc/passwd", join(outside, "real-kernel"), "/nonexistent/kernel", join(dirname(kernel), "escape"), join(dirname(kernel), "missing"), join(dirname(kernel), "fifo")]) {
       const r = await raw(d.socket, "POST", "/v1/vms", JSON.stringify(spec(`p${answers.length}`, { kernel: k })));
       expect(r.status, k).toBe(403);
       expect(r.json["code"]).toBe("PATH_NOT_ALLOWED");
