@@ -161,4 +161,25 @@ describe("per-VM cgroup (cgroup v2 in the lab)", () => {
     cg!.remove(); // already gone: no error
     cg = undefined;
   });
+
+  it("removeLeftovers removes empty VM cgroups not kept, and leaves kept and busy ones", async () => {
+    const s = detectCgroupV2();
+    const limits = { cpuWeight: 100 };
+    const gone = VmCgroup.create(s, `vm-gone${process.pid}`, limits);
+    const kept = VmCgroup.create(s, `vm-kept${process.pid}`, limits);
+    const busy = VmCgroup.create(s, `vm-busy${process.pid}`, limits);
+    const child = spawn("sleep", ["30"], { stdio: "ignore" });
+    children.push(child);
+    busy.addProcess(child.pid!);
+    const removed = VmCgroup.removeLeftovers(s, new Set([kept.name]));
+    expect(removed).toContain(gone.path);
+    expect(removed).not.toContain(kept.path);
+    expect(removed).not.toContain(busy.path);
+    expect(VmCgroup.list(s)).toEqual(expect.arrayContaining([kept.name, busy.name]));
+    expect(VmCgroup.list(s)).not.toContain(gone.name);
+    child.kill("SIGKILL");
+    await waitFor(() => !busy.populated(), "the busy cgroup to empty");
+    busy.remove();
+    kept.remove();
+  });
 });

@@ -297,6 +297,30 @@ export class VmCgroup {
     };
   }
 
+  /**
+   * VM cgroups (<mount>/typevisor/vm-*) that a daemon killed before it could remove them left
+   * behind: those not named in `keep` and holding no process are removed; their paths returned.
+   * One with processes is left (another daemon's VMM, or one still exiting).
+   */
+  static removeLeftovers(support: CgroupSupport, keep: ReadonlySet<string>): string[] {
+    if (!support.available) return [];
+    const parent = join(mountOf(support), PARENT);
+    if (!existsSync(parent)) return [];
+    const removed: string[] = [];
+    for (const name of readdirSync(parent)) {
+      if (!name.startsWith("vm-") || keep.has(name)) continue;
+      const cg = new VmCgroup(name, join(parent, name));
+      try {
+        if (!statSync(cg.path).isDirectory() || cg.processes().length > 0) continue;
+        cg.remove();
+        removed.push(cg.path);
+      } catch {
+        // busy or gone meanwhile: the next start tries again
+      }
+    }
+    return removed;
+  }
+
   /** Remove the cgroup; it must hold no processes. Removing one already gone is not an error. */
   remove(): void {
     try {

@@ -590,6 +590,9 @@ export class VmManager extends EventEmitter {
       if (!running.has(id)) gone("a socket of a VMM that no longer runs", join(hp.run, f));
     }
     for (const f of leftoverBaseFiles(this.config.home)) gone("a half-made base image (a create was interrupted)", f);
+    for (const cg of VmCgroup.removeLeftovers(this.cgroups, new Set([...running].map((id) => `vm-${id}`)))) {
+      this.daemonEvent("daemon.cleanup", `removed the cgroup ${cg} of a VMM that no longer runs`, { path: cg });
+    }
     this.removeUnusedBases();
   }
 
