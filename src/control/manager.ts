@@ -359,10 +359,12 @@ export class VmManager extends EventEmitter {
 
   /**
    * Bases no VM stands on any more go (bases.ts). Not while a create is under way: it may have
-   * made or found a base that no inventory row names yet (each create holds a reservation).
+   * made or found a base that no inventory row names yet (each create holds a reservation); nor
+   * while a quarantined row's disks cannot be read.
    */
   private removeUnusedBases(): void {
-    if (this.reservations.size > 0) return;
+    // A quarantined row may stand on any base: keep them all while one is there.
+    if (this.reservations.size > 0 || this.store.quarantined().length > 0) return;
     const inUse = new Set(this.store.listVms().flatMap((r) => r.disks.flatMap((d) => (d.backing !== undefined ? [d.backing] : []))));
     for (const p of removeUnusedBases(this.config.home, inUse)) this.daemonEvent("daemon.cleanup", `removed base image ${p}: no VM uses it`, { path: p });
   }
