@@ -75,6 +75,9 @@ export class Qcow2Backend implements DiskBackend {
   private pendingFrees: { off: number; bytes: number }[] = [];
   private readonly backing: DiskBackend | undefined;
   private readonly sub = new IoVec();
+  /** One-piece iovecs over the bounce and zero buffers (made once: an IoVec's default storage is 16 KiB). */
+  private readonly bounceIov = new IoVec(new Uint8Array(256));
+  private readonly zerosIov = new IoVec(new Uint8Array(256));
   /** One cluster of scratch for copy-on-write and decompression; off V8's heap, never moves. */
   private readonly bounce: Buffer;
   private readonly bounceAddress: number;
@@ -327,7 +330,8 @@ export class Qcow2Backend implements DiskBackend {
         const inside = this.backing === undefined ? 0 : Math.max(0, Math.min(this.cluster, this.backing.capacity - start));
         if (inside === 0) return false;
         this.bounce.fill(0, inside);
-        const v = new IoVec();
+        const v = this.bounceIov;
+        v.clear();
         v.push(this.bounceAddress, inside);
         this.check(this.backing!.readv(v, start), "reading the backing file");
         return true;
@@ -450,7 +454,8 @@ export class Qcow2Backend implements DiskBackend {
         const n = Math.min(this.cluster - (p % this.cluster), len - done);
         if (n < this.cluster) {
           if (zero) {
-            const v = new IoVec();
+            const v = this.zerosIov;
+            v.clear();
             v.push(this.zerosAddress, n);
             this.write(v, 0, n, p);
           }
