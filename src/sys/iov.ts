@@ -163,31 +163,26 @@ export class IoVec {
    * the array (see the class comment); `src` is read within its own length.
    */
   copyIn(src: Uint8Array, skip = 0): void {
-    let done = 0;
-    for (let i = 0; i < this.count && done < src.length; i++) {
-      const l = this.lengthAt(i);
-      if (skip >= l) {
-        skip -= l;
-        continue;
-      }
-      const n = Math.min(l - skip, src.length - done);
-      copyToAddressFn(this.addressAt(i) + skip, src.subarray(done, done + n), n);
-      done += n;
-      skip = 0;
-    }
+    this.copy(src, skip, true);
   }
 
   /** Copy the described memory, from byte `skip` on, into `dst` (as many bytes as both hold). */
   copyOut(dst: Uint8Array, skip = 0): void {
+    this.copy(dst, skip, false);
+  }
+
+  private copy(buf: Uint8Array, skip: number, toMemory: boolean): void {
     let done = 0;
-    for (let i = 0; i < this.count && done < dst.length; i++) {
+    for (let i = 0; i < this.count && done < buf.length; i++) {
       const l = this.lengthAt(i);
       if (skip >= l) {
         skip -= l;
         continue;
       }
-      const n = Math.min(l - skip, dst.length - done);
-      copyFromAddressFn(dst.subarray(done, done + n), this.addressAt(i) + skip, n);
+      const n = Math.min(l - skip, buf.length - done);
+      const part = buf.subarray(done, done + n);
+      if (toMemory) copyToAddressFn(this.addressAt(i) + skip, part, n);
+      else copyFromAddressFn(part, this.addressAt(i) + skip, n);
       done += n;
       skip = 0;
     }

@@ -391,29 +391,23 @@ export function pipe2(flags = O_CLOEXEC): [number, number] {
  * within `buf`'s own length, which stays alive for the call.
  */
 export function preadFull(fd: number, buf: Uint8Array, off: number): number {
+  return transferFull(fd, buf, off, false);
+}
+
+export function pwriteFull(fd: number, buf: Uint8Array, off: number): number {
+  return transferFull(fd, buf, off, true);
+}
+
+function transferFull(fd: number, buf: Uint8Array, off: number, write: boolean): number {
   let done = 0;
   while (done < buf.length) {
-    const n = preadFn(fd, buf.subarray(done), buf.length - done, off + done) as number;
+    const n = (write ? pwriteFn : preadFn)(fd, buf.subarray(done), buf.length - done, off + done) as number;
     if (n < 0) {
       const e = koffi.errno();
       if (e === EINTR) continue;
       return -e;
     }
     if (n === 0) return -EIO;
-    done += n;
-  }
-  return 0;
-}
-
-export function pwriteFull(fd: number, buf: Uint8Array, off: number): number {
-  let done = 0;
-  while (done < buf.length) {
-    const n = pwriteFn(fd, buf.subarray(done), buf.length - done, off + done) as number;
-    if (n < 0) {
-      const e = koffi.errno();
-      if (e === EINTR) continue;
-      return -e;
-    }
     done += n;
   }
   return 0;
