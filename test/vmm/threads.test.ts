@@ -108,7 +108,10 @@ describe.skipIf(!hasKvm)("GET /threads (tiny guests on /dev/kvm)", () => {
     expect(v0b!.tid).toBeGreaterThan(0);
     // vCPU 1 is an AP waiting for INIT/SIPI inside KVM_RUN: no exits, and its time in run grows.
     expect(v1b).toMatchObject({ phase: "run", exits: 0, exit: null });
-    expect(v1b!.phaseMs).toBeGreaterThanOrEqual(v1a!.phaseMs + 300);
+    // At least 300 of the 600 ms slept (not "a + 300": a CI run on a loaded 2-core machine saw
+    // a = 322, b = 472, the AP's KVM_RUN entered anew in between, still without an exit).
+    expect(v1a!.phase).toBe("run");
+    expect(v1b!.phaseMs).toBeGreaterThanOrEqual(300);
 
     // The device thread answers with every device and queue (the tiny guest drives none: all off).
     const dev = b.body.devices!;
