@@ -25,8 +25,6 @@ export class L2Cache {
     if (t !== undefined) {
       this.lastOffset = offset;
       this.last = t;
-    }
-    if (t !== undefined) {
       this.tables.delete(offset);
       this.tables.set(offset, t);
     }
