@@ -7,7 +7,7 @@
  * (qcow2.txt §Header extensions 0xe2792aca); when an older image has none it is probed, as QEMU
  * does, which is safe there: a backing file is opened read-only.
  */
-import { closeSync, fstatSync, openSync, readSync } from "node:fs";
+import { closeSync, fstatSync, openSync, readSync, statSync } from "node:fs";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { TypevisorError } from "../../errors.js";
 import type { DiskBackend, DiskFormat, DiskInit } from "./backend.js";
@@ -59,19 +59,34 @@ export function openDisk(path: string, opts: OpenDiskOptions): OpenDisk {
 function openLevel(path: string, format: DiskFormat | undefined, readonly: boolean, top: boolean, fds: number[], seen: Set<string>, depth: number): DiskInit {
   if (depth > MAX_CHAIN_DEPTH) throw new TypevisorError("DISK_CHAIN", `backing chain of more than ${MAX_CHAIN_DEPTH} images`);
   let fd: number;
+  const what = top ? "disk image" : "backing file";
+  const cannot = (verb: string, e: unknown) =>
+    new TypevisorError(top ? "DISK_OPEN" : "DISK_CHAIN", `cannot ${verb} ${what} ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, { cause: e });
+  const notFile = () => new TypevisorError(top ? "DISK_TYPE" : "DISK_CHAIN", `${what} ${path} is not a regular file`);
   try {
+    // Looked at before it is opened, not only after: a backing name is the image's choice, and
+    // opening a FIFO blocks until a writer comes (the VMM hung at open) and opening a device
+    // can act by itself (a watchdog starts, a tape rewinds). The fstat below still decides.
+    if (!statSync(path).isFile()) throw notFile();
     fd = openSync(path, readonly ? "r" : "r+");
   } catch (e) {
-    const what = top ? "disk image" : "backing file";
-    throw new TypevisorError(top ? "DISK_OPEN" : "DISK_CHAIN", `cannot open ${what} ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, { cause: e });
+    if (e instanceof TypevisorError) throw e;
+    throw cannot("open", e);
   }
   fds.push(fd);
   const st = fstatSync(fd);
-  if (!st.isFile()) throw new TypevisorError(top ? "DISK_TYPE" : "DISK_CHAIN", `disk image ${path} is not a regular file`);
+  if (!st.isFile()) throw notFile();
   const id = `${st.dev}:${st.ino}`;
   if (seen.has(id)) throw new TypevisorError("DISK_CHAIN", `backing chain loops back to ${path}`);
   seen.add(id);
-  const start = readStart(fd, 64 * 1024);
+  let start: Buffer;
+  try {
+    start = readStart(fd, 64 * 1024);
+  } catch (e) {
+    // A regular file that fails its first read (a backing name of /proc/self/mem did: EIO) is an
+    // open failure like any other, not a raw fs Error out of openDisk.
+    throw cannot("read", e);
+  }
   const magic = hasQcow2Magic(start);
   let fmt: DiskFormat;
   if (format !== undefined) fmt = format;

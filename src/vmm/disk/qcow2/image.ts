@@ -55,6 +55,8 @@ export interface Qcow2OpenOptions {
   backing?: DiskBackend;
   /** For messages. */
   path: string;
+  /** L2 tables the cache holds (default: 8 MiB of them, at least 16); tests make it small to force eviction. */
+  l2CacheTables?: number;
 }
 
 export class Qcow2Backend implements DiskBackend {
@@ -67,10 +69,14 @@ export class Qcow2Backend implements DiskBackend {
   private readonly l1: Buffer;
   private readonly l1Dirty = new Set<number>();
   private readonly l2: L2Cache;
+  /** L2 tables this session made or wrote: their entries past the file's original end are our allocations (refusePastEnd). */
+  private readonly ownTables = new Set<number>();
   private readonly refs: Refcounts | undefined;
   /** Clusters (by index) that hold metadata: never written as data. */
   private readonly metadata = new Set<number>();
   private fileSize: number;
+  /** The file's size when it was opened: compressed data (which we never write) lies below it. */
+  private readonly openSize: number;
   /** Host ranges the tables stopped pointing at, freed once those tables are on disk. */
   private pendingFrees: { off: number; bytes: number }[] = [];
   private readonly backing: DiskBackend | undefined;
@@ -90,6 +96,7 @@ export class Qcow2Backend implements DiskBackend {
   constructor(private readonly fd: number, opts: Qcow2OpenOptions) {
     this.io = new MetaIo(fd);
     this.fileSize = fstatSync(fd).size;
+    this.openSize = this.fileSize;
     const first = Buffer.alloc(Math.min(HEADER_READ, this.fileSize));
     try {
       this.io.read(first, 0, "the header");
@@ -138,7 +145,7 @@ export class Qcow2Backend implements DiskBackend {
       if (off % this.cluster !== 0 || off + this.cluster > this.fileSize) throw new DiskFormatError(`qcow2 L1 entry ${i} points at ${off}, not a cluster inside the file`);
       this.claim(cl(off), `L2 table ${i}`);
     }
-    this.l2 = new L2Cache(Math.max(16, Math.floor(L2_CACHE_BYTES / this.cluster)));
+    this.l2 = new L2Cache(opts.l2CacheTables !== undefined ? Math.max(1, opts.l2CacheTables) : Math.max(16, Math.floor(L2_CACHE_BYTES / this.cluster)));
     this.bounce = Buffer.alloc(this.cluster);
     this.bounceAddress = addressOf(this.bounce);
     this.zeros = Buffer.alloc(this.cluster);
@@ -166,9 +173,26 @@ export class Qcow2Backend implements DiskBackend {
     if (this.l2.needsFlush()) this.flushMetadata();
     const buf = Buffer.alloc(this.cluster);
     this.io.read(buf, off, "an L2 table");
+    if (this.refs !== undefined && !this.ownTables.has(off)) this.refusePastEnd(buf, off);
     const table = { buf, dirty: false };
     this.l2.put(off, table);
     return table;
+  }
+
+  /**
+   * A table this session has not written may not point at or past the file's end at open: that
+   * is where our allocations go, so such an entry (refused only while the file was shorter)
+   * later aliased a cluster we handed to another guest cluster or table entry, and freeing it
+   * through the crafted entry dropped a live cluster's refcount to 0 and punched it out. The
+   * whole table is refused (EIO for every request it maps); a valid image never has one.
+   */
+  private refusePastEnd(buf: Buffer, off: number): void {
+    for (let at = 0; at < buf.length; at += 8) {
+      const hi = buf.readUInt32BE(at);
+      if ((hi & L2.COMPRESSED_HI) === 0 && entryOffset(hi, buf.readUInt32BE(at + 4)) >= this.openSize) {
+        throw new IoFailure(-EIO, `L2 table at ${off} entry ${at / 8} points past the end of the file`);
+      }
+    }
   }
 
   /** The L2 table for guest cluster `gc`, or undefined when its L1 entry is empty. */
@@ -187,6 +211,7 @@ export class Qcow2Backend implements DiskBackend {
     const off = this.refs!.alloc();
     this.metadata.add(off / this.cluster);
     const table = { buf: Buffer.alloc(this.cluster), dirty: true };
+    this.ownTables.add(off);
     // A fresh table past the old end of the file: it must be written even if nothing else is.
     this.l2.put(off, table);
     writeEntry(this.l1, l1i * 8, off, L2.COPIED_HI);
@@ -203,7 +228,21 @@ export class Qcow2Backend implements DiskBackend {
 
   /** An L2 entry's meaning (§Cluster mapping); an invalid one is an IoFailure (EIO) for the request. */
   private classify(hi: number, lo: number, gc: number): Mapping {
-    if ((hi & L2.COMPRESSED_HI) !== 0) return { kind: Kind.Compressed, host: 0, inPlace: false, hi, lo };
+    if ((hi & L2.COMPRESSED_HI) !== 0) {
+      // Checked here, not only when inflating: overwriting or discarding the cluster frees these
+      // bytes without reading them, and a descriptor aimed at the header, at other metadata or past
+      // the end (at clusters allocated later) dropped that cluster's refcount to 0 and punched a
+      // hole in it: a crafted entry plus a guest discard wiped the header. Compressed data lies
+      // after the header, inside the file as opened, on no metadata (qcow2.txt §Compressed Clusters
+      // Descriptor; QEMU allocates it in clusters of its own).
+      const r = compressedRange(hi, lo, this.header.clusterBits);
+      const first = Math.floor(r.offset / this.cluster);
+      const last = Math.floor((r.offset + r.bytes - 1) / this.cluster);
+      let bad = r.offset < this.cluster || r.offset >= this.openSize || last >= Math.ceil(this.openSize / this.cluster) || r.bytes > 2 * this.cluster + 512;
+      for (let c = first; !bad && c <= last; c++) bad = this.metadata.has(c);
+      if (bad) throw new IoFailure(-EIO, `compressed guest cluster ${gc} lies outside the file's data`);
+      return { kind: Kind.Compressed, host: 0, inPlace: false, hi, lo };
+    }
     if (standardReservedBits(hi, lo)) throw new IoFailure(-EIO, `L2 entry of guest cluster ${gc} has reserved bits set`);
     if (this.header.version === 3 && (lo & L2.ZERO_LO) !== 0) return { kind: Kind.Zero, host: 0, inPlace: false, hi, lo };
     const host = entryOffset(hi, lo);
@@ -495,6 +534,7 @@ export class Qcow2Backend implements DiskBackend {
     for (const [off, t] of tables) {
       this.io.write(t.buf, off, "an L2 table");
       this.l2.markClean(t);
+      this.ownTables.add(off);
     }
     if (this.l1Dirty.size > 0) {
       // A new L2 table is on disk before the L1 entry that makes it live.

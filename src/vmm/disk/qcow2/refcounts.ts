@@ -130,11 +130,19 @@ export class Refcounts {
     b.dirty = true;
   }
 
+  /** Set the count of an existing-block cluster to exactly 1. */
+  private setOne(off: number): void {
+    const b = this.block(off);
+    if (b === undefined) throw new Error("refcount block missing for an allocation");
+    const i = this.index(off);
+    if (getRefcount(b.buf, i, this.order) === 1) return;
+    setRefcount(b.buf, i, this.order, 1);
+    b.dirty = true;
+  }
+
   /**
    * One free cluster, its refcount set to 1 (in a dirty block: on disk before the caller's
-   * tables, see the file comment). Skips clusters past the end of the file that something
-   * already counts (a file that was extended oddly); makes refcount blocks and grows the
-   * table as needed.
+   * tables, see the file comment); makes refcount blocks and grows the table as needed.
    */
   alloc(): number {
     for (;;) {
@@ -162,8 +170,11 @@ export class Refcounts {
         this.onMetadata(off, 1);
         continue;
       }
-      if (this.get(off) !== 0) continue;
-      this.add(off, 1);
+      // Not `skip it when its count is not 0`: nothing can point at or past the end of the file
+      // at open (tables and data there are refused) and nothing we made lies at or past
+      // nextFree, so a count there is a leftover or a crafted one. Skipping such clusters let a
+      // refcount block full of 0xff push the allocator (and the file's size) 2 GiB out per block.
+      this.setOne(off);
       return off;
     }
   }
@@ -223,7 +234,7 @@ export class Refcounts {
       const r = Math.floor(off / this.cluster / this.perBlock);
       const nb = newBlocks.get(r);
       if (nb !== undefined) setRefcount(nb, this.index(off), this.order, 1);
-      else this.add(off, 1);
+      else this.setOne(off); // past nextFree: an old count there is stale (see alloc)
     }
     for (const [r, buf] of newBlocks) this.io.write(buf, entryOffset(table.readUInt32BE(r * 8), table.readUInt32BE(r * 8 + 4)), "a new refcount block");
     this.writeDirty();
