@@ -15,14 +15,14 @@
  * written into the child's script), and data from `pattern(len, pos, index + 1)`, so the parent
  * rebuilds what the disk must hold from the child's last "FLUSHED n" line alone.
  */
-import { spawn, spawnSync } from "node:child_process";
+import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
 import { backendFromInit, openDisk } from "../open.js";
-import { io, pattern, qemuImg, readAll } from "../test-disk.js";
+import { io, pattern, qemuCheck, qemuImg, readAll } from "../test-disk.js";
 import { createQcow2 } from "./create.js";
 
 const MiB = 1024 * 1024;
@@ -34,22 +34,6 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 const distOpen = new URL("../../../../dist/vmm/disk/open.js", import.meta.url);
 const distTestDisk = new URL("../../../../dist/vmm/disk/test-disk.js", import.meta.url);
 const distMetaIo = new URL("../../../../dist/vmm/disk/qcow2/io.js", import.meta.url);
-
-/**
- * `qemu-img check`: exit status (0 clean, 2 corrupt, 3 leaks only, 1 could not check) and report.
- * Not test-disk.ts's qemuCheck: qemu-img prints a stderr line per leaked cluster, and with 512 B
- * clusters tens of thousands of them overflow execFileSync's buffer (status null, no report).
- */
-function qemuCheck(path: string): { status: number | null; report: { "check-errors"?: number; leaks?: number; corruptions?: number } } {
-  const r = spawnSync("qemu-img", ["check", "--output=json", "-f", "qcow2", path], { encoding: "utf8", timeout: 120_000, stdio: ["ignore", "pipe", "ignore"], maxBuffer: 64 * 1024 * 1024 });
-  let report = {};
-  try {
-    report = JSON.parse(r.stdout || "{}") as object;
-  } catch {
-    // the status says it
-  }
-  return { status: r.status, report };
-}
 
 interface CrashOp {
   kind: "write" | "zero" | "discard" | "flush";

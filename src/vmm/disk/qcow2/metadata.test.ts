@@ -5,14 +5,13 @@
  * on disk must be consistent for `qemu-img check` at every request boundary and at every
  * metadata flush, and read back (ours and QEMU's) as written.
  */
-import { spawnSync } from "node:child_process";
 import { closeSync, copyFileSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, describe, expect, it, vi } from "vitest";
 import type { DiskBackend } from "../backend.js";
 import { RawBackend } from "../raw.js";
-import { io, pattern, qemuImg, readAll } from "../test-disk.js";
+import { io, pattern, qemuCheck, qemuImg, qemuRaw, readAll } from "../test-disk.js";
 import { createQcow2 } from "./create.js";
 import { Qcow2Backend } from "./image.js";
 import { L2Cache } from "./l2-cache.js";
@@ -26,30 +25,6 @@ afterEach(() => {
 });
 let n = 0;
 const file = (name: string) => join(dir, `${n++}-${name}`);
-
-/**
- * `qemu-img check`: exit status (0 clean, 2 corrupt, 3 leaks only, 1 could not check) and report.
- * Not test-disk.ts's qemuCheck: qemu-img prints a stderr line per leaked cluster, and with 512 B
- * clusters tens of thousands of them overflow execFileSync's buffer (status null, no report).
- */
-function qemuCheck(path: string): { status: number | null; report: { "check-errors"?: number; leaks?: number; corruptions?: number } } {
-  const r = spawnSync("qemu-img", ["check", "--output=json", "-f", "qcow2", path], { encoding: "utf8", timeout: 120_000, stdio: ["ignore", "pipe", "ignore"], maxBuffer: 64 * 1024 * 1024 });
-  let report = {};
-  try {
-    report = JSON.parse(r.stdout || "{}") as object;
-  } catch {
-    // the status says it
-  }
-  return { status: r.status, report };
-}
-
-function qemuRaw(path: string): Buffer {
-  const out = file("raw");
-  qemuImg(["convert", "-f", "qcow2", "-O", "raw", path, out]);
-  const b = readFileSync(out);
-  rmSync(out);
-  return b;
-}
 
 /** The backend's private parts this file looks at. */
 interface Insides {
@@ -210,7 +185,7 @@ describe("an L2 cache too small for the working set", () => {
       closeSync(baseFd);
       const check = qemuCheck(img);
       expect(check.status, JSON.stringify(check.report)).toBe(0);
-      expect(qemuRaw(img).equals(model)).toBe(true);
+      expect(qemuRaw(img, file("raw")).equals(model)).toBe(true);
       console.log(`L2 cache of ${tables}: ${flushes} metadata flushes, each a consistent image`);
     });
   }
@@ -261,7 +236,7 @@ describe("the refcount table grows", () => {
       const check = qemuCheck(img);
       expect(check.report, JSON.stringify(check.report)).toMatchObject({ "check-errors": 0 });
       expect(check.status, JSON.stringify(check.report)).toBe(0);
-      expect(qemuRaw(img).equals(model)).toBe(true);
+      expect(qemuRaw(img, file("raw")).equals(model)).toBe(true);
       const info = JSON.parse(qemuImg(["info", "--output=json", img])) as { "format-specific": { data: { "refcount-bits": number } } };
       expect(info["format-specific"].data["refcount-bits"]).toBe(2 ** refcountOrder);
       // Reopened, it goes on growing from where it is.
@@ -271,7 +246,7 @@ describe("the refcount table grows", () => {
       more.copy(model, 21 * MiB);
       r.close();
       expect(qemuCheck(img).status).toBe(0);
-      expect(qemuRaw(img).equals(model)).toBe(true);
+      expect(qemuRaw(img, file("raw")).equals(model)).toBe(true);
       console.log(`refcount table (${2 ** refcountOrder}-bit): ${tables.map((t) => `${t.clusters} cluster(s) at ${t.offset}`).join(" -> ")}`);
     }, 60_000);
   }

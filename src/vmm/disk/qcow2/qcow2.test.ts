@@ -10,7 +10,7 @@ import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
 import type { DiskBackend } from "../backend.js";
 import { backendFromInit, openDisk, type OpenDisk } from "../open.js";
-import { io, pattern, qemuCheck, qemuImg, readAll } from "../test-disk.js";
+import { io, pattern, qemuCheck, qemuImg, qemuRaw, readAll } from "../test-disk.js";
 import { createQcow2 } from "./create.js";
 
 const dir = mkdtempSync(join(tmpdir(), "tv-qcow2-"));
@@ -29,15 +29,6 @@ function open(path: string, readonly: boolean, format: "qcow2" | "raw" = "qcow2"
       disk.close();
     },
   };
-}
-
-/** What QEMU reads from an image: `qemu-img convert -O raw`. */
-function qemuRaw(path: string): Buffer {
-  const out = file("raw");
-  qemuImg(["convert", "-f", "qcow2", "-O", "raw", path, out]);
-  const b = readFileSync(out);
-  rmSync(out);
-  return b;
 }
 
 const MiB = 1024 * 1024;
@@ -75,7 +66,7 @@ describe("qcow2 images QEMU made read as QEMU reads them", () => {
     const img = file("overlay.qcow2");
     qemuImg(["create", "-f", "qcow2", "-b", raw, "-F", "raw", img]);
     execQemuIo(img, ["write -P 0x5a 1M 64k", "write -z 2M 128k", "write -P 0x11 7M 4k"]);
-    const expected = qemuRaw(img);
+    const expected = qemuRaw(img, file("raw"));
     const { b, done } = open(img, true);
     try {
       expect(readAll(b, 0, content.length).equals(expected)).toBe(true);
@@ -164,7 +155,7 @@ describe("qcow2 images we write pass qemu-img check and read back in QEMU", () =
             const check = qemuCheck(img);
             expect(check.report, JSON.stringify(check.report)).toMatchObject({ "check-errors": 0 });
             expect(check.status).toBe(0);
-            expect(qemuRaw(img).equals(model)).toBe(true);
+            expect(qemuRaw(img, file("raw")).equals(model)).toBe(true);
             rmSync(img);
           },
         ),
