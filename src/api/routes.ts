@@ -184,10 +184,12 @@ export const ROUTES: Route[] = [
         res.write(`id: ${e.seq}\nevent: vm-event\ndata: ${JSON.stringify(e)}\n\n`);
       };
       let last = query.after ?? 0;
-      const backlog = query.after !== undefined ? manager.events(opts) : [];
-      for (const e of backlog) {
-        send(e);
-        last = e.seq;
+      // The whole backlog, page by page (one page holds at most `limit`), unless the client is cut off meanwhile.
+      for (let page = query.after !== undefined ? manager.events(opts) : []; page.length > 0 && !res.destroyed; page = manager.events({ ...opts, afterSeq: last })) {
+        for (const e of page) {
+          send(e);
+          last = e.seq;
+        }
       }
       const onEvent = (e: { seq: number; vm?: string }): void => {
         if (e.seq > last) send(e);

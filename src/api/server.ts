@@ -92,6 +92,8 @@ function attachHandler(manager: VmManager): (req: IncomingMessage, socket: Duple
       return fail(socket, problem(400, "INVALID_REQUEST", "path.name: malformed percent-encoding"));
     }
     if (!vmName.safeParse(name).success) return fail(socket, problem(400, "INVALID_REQUEST", "path.name: not a VM name"));
+    // Only the raw-TCP upgrade is spoken here (RFC 9110 §7.8): a WebSocket or h2c client gets a clear 400, not a byte stream it cannot frame.
+    if ((req.headers.upgrade ?? "").toLowerCase() !== "tcp") return fail(socket, problem(400, "INVALID_REQUEST", "console attach takes `Upgrade: tcp`"));
     let paths: ReturnType<VmManager["consolePaths"]>;
     try {
       paths = manager.consolePaths(name);
@@ -100,7 +102,10 @@ function attachHandler(manager: VmManager): (req: IncomingMessage, socket: Duple
     }
     if (!isActive(paths.state)) return fail(socket, problem(409, "VM_STATE", `VM ${name} is ${paths.state}: its console is live only while it runs`));
     const vmm: Socket = connect(paths.socket);
-    vmm.once("error", (e) => fail(socket, problem(502, "VMM_UNREACHABLE", `console socket: ${e.message}`)));
+    // No socket (yet, or any more) while the VMM starts or stops is the VM's state, not a failure: 409, as for a stopped VM.
+    vmm.once("error", (e: NodeJS.ErrnoException) =>
+      fail(socket, e.code === "ENOENT" || e.code === "ECONNREFUSED" ? problem(409, "VM_STATE", `VM ${name}: its console is not available (the VMM is starting or stopping)`) : problem(502, "VMM_UNREACHABLE", `console socket: ${e.message}`)),
+    );
     vmm.once("connect", () => {
       vmm.removeAllListeners("error");
       socket.write("HTTP/1.1 101 Switching Protocols\r\nupgrade: tcp\r\nconnection: Upgrade\r\n\r\n");

@@ -17,6 +17,7 @@ import { parseSize } from "../size.js";
 import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { dataHome } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
+import { installLastResort } from "./last-resort.js";
 
 interface DaemonOptions {
   home?: string;
@@ -96,6 +97,9 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   }
 
   const logger = pino({ level: o.logLevel, base: { pid: process.pid } });
+  // Installed before the manager exists (its construction can fault too); faults become events once it does.
+  const events: { manager?: VmManager } = {};
+  const lastResort = installLastResort(logger, (kind, message) => events.manager?.daemonEvent("daemon.fault", `the daemon caught an ${kind} and kept serving: ${message}`, { kind }));
   const kind = kvmHostKind();
   if (kind !== "hardware" && !o.forceKvm) {
     logger.warn({ kvm: kind }, "this host's KVM cannot boot stock kernels: starting a VM will be refused (run the daemon inside the lab, or --force-kvm for purpose-built guests)");
@@ -110,6 +114,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     logger,
     ...config,
   });
+  events.manager = manager;
   await manager.reattach();
   manager.startUsageCollection();
   const api = await startApi(manager, logger, { socketPath, ...(tcp !== undefined ? { tcp } : {}) });
@@ -129,7 +134,8 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   await new Promise((r) => setTimeout(r, 100));
   await api.close();
   await manager.close({ stopVms: o.stopVmsOnExit });
-  logger.info("stopped");
+  lastResort.uninstall();
+  logger.info({ faults: lastResort.faults() }, "stopped");
   logger.flush();
   return 0;
 }

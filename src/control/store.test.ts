@@ -46,4 +46,17 @@ describe("inventory (a real SQLite file)", () => {
     db.close();
     expect(() => new Store(path)).toThrow(/newer than this typevisor understands/);
   });
+
+  it("pages events forward without gaps: after a seq, the first `limit`; without one, the latest", () => {
+    const s = new Store(join(mkdtempSync(join(tmpdir(), "tvs-")), "t.db"));
+    for (let i = 0; i < 10; i++) s.addEvent({ type: "vm.created", vm: i % 2 === 0 ? "a" : "b", message: `e${i}` });
+    const seqs = (o: Parameters<Store["events"]>[0]): number[] => s.events(o).map((e) => e.seq);
+    expect(seqs({ limit: 3 })).toEqual([8, 9, 10]);
+    expect(seqs({ afterSeq: 1, limit: 3 })).toEqual([2, 3, 4]);
+    expect(seqs({ afterSeq: 1, vm: "a", limit: 2 })).toEqual([3, 5]);
+    const paged: number[] = [];
+    for (let page = seqs({ afterSeq: 0, limit: 4 }); page.length > 0; page = seqs({ afterSeq: paged.at(-1)!, limit: 4 })) paged.push(...page);
+    expect(paged).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    s.close();
+  });
 });

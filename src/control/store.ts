@@ -260,14 +260,18 @@ export class Store {
     return { seq: Number(info.lastInsertRowid), at, ...e };
   }
 
-  /** Events after `afterSeq`, oldest first, at most `limit`. */
+  /**
+   * Events oldest first, at most `limit`: with `afterSeq`, the first ones after it (so a client
+   * paging forward with the last seq it got misses none); without, the latest ones.
+   */
   events(opts: { afterSeq?: number; vm?: string; limit?: number } = {}): EventRecord[] {
     const limit = Math.min(opts.limit ?? 1000, 10000);
+    const order = opts.afterSeq !== undefined ? "ASC" : "DESC";
     const rows = (
       opts.vm !== undefined
-        ? this.db.prepare("SELECT * FROM events WHERE seq > ? AND vm = ? ORDER BY seq DESC LIMIT ?").all(opts.afterSeq ?? 0, opts.vm, limit)
-        : this.db.prepare("SELECT * FROM events WHERE seq > ? ORDER BY seq DESC LIMIT ?").all(opts.afterSeq ?? 0, limit)
+        ? this.db.prepare(`SELECT * FROM events WHERE seq > ? AND vm = ? ORDER BY seq ${order} LIMIT ?`).all(opts.afterSeq ?? 0, opts.vm, limit)
+        : this.db.prepare(`SELECT * FROM events WHERE seq > ? ORDER BY seq ${order} LIMIT ?`).all(opts.afterSeq ?? 0, limit)
     ) as RawEvent[];
-    return rows.reverse().map(eventOf);
+    return (order === "DESC" ? rows.reverse() : rows).map(eventOf);
   }
 }
