@@ -28,7 +28,7 @@ import { createQcow2 } from "../vmm/disk/qcow2/create.js";
 import { ensureBase, leftoverBaseFiles, removeUnusedBases } from "./bases.js";
 import { allocatedBytes, blankDisk, diskFromImage, roundUpToSector } from "./disks.js";
 import { homePaths, vmPaths } from "./paths.js";
-import { processAlive, processStartTime, processUsage } from "./proc.js";
+import { processAlive, processesWith, processStartTime, processUsage } from "./proc.js";
 import { checkAllocation, discoverHost, hostUsed, report, type Allocation, type CpuSample, type OvercommitPolicy, type ResourceReport } from "./resources.js";
 import { parseSize } from "../size.js";
 import { vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
@@ -733,32 +733,86 @@ export class VmManager extends EventEmitter {
    * After a daemon (re)start: every VM the inventory says has a VMM is
    * checked against reality. A live VMM with the same pid start time and a
    * responding API socket is re-attached; a dead one is recorded as stopped or
-   * crashed from its exit file. Nothing is started or killed here.
+   * crashed from its exit file. Nothing is started here; a start or stop the
+   * previous daemon was killed in the middle of is finished (finishStart, finishStop).
    */
   async reattach(): Promise<void> {
-    for (const r of this.store.listVms()) {
-      if (!isActive(r.state)) continue;
-      const rt = r.runtime;
-      const alive = rt !== undefined && processAlive(rt.pid, rt.pidStartTime === "" ? undefined : rt.pidStartTime);
-      if (rt === undefined || !alive) {
-        // Nothing to track: remove what the dead VMM left behind and record how it ended.
-        if (rt?.cgroup !== undefined) this.removeCgroup(r.name, VmCgroup.open(this.cgroups, `vm-${r.id}`));
-        await this.serial(r.name, async () => this.recordEnd(r.name, r.id, rt?.pid, null, null));
-        continue;
-      }
-      const cg = rt.cgroup !== undefined && this.cgroups.available ? VmCgroup.open(this.cgroups, `vm-${r.id}`) : undefined;
-      this.track(r.name, r.id, rt.pid, undefined, cg);
-      let vmmState: string | undefined;
-      try {
-        vmmState = (await this.client(r).info()).state;
-      } catch (e) {
-        this.log.warn({ vm: r.name, err: (e as Error).message }, "re-attached VMM does not answer on its API socket");
-      }
-      const want: VmState | undefined = vmmState === "paused" ? "paused" : vmmState === "running" ? "running" : undefined;
-      if (want !== undefined && want !== r.state && (r.state === "running" || r.state === "paused" || r.state === "starting")) this.setState(r.name, want);
-      this.event("vm.reattached", r.name, `VM ${r.name} re-attached (pid ${rt.pid}, ${this.row(r.name).state})`, { pid: rt.pid });
-    }
+    // All at once: each VMM is asked its state with a 10 s deadline, and VMMs still coming up (or
+    // busy on a loaded host) asked one after the other kept the API down for 10 s each
+    // (fault-injection test: past 20 s with two or three).
+    await Promise.all(this.store.listVms().filter((r) => isActive(r.state)).map((r) => this.reattachOne(r)));
     this.sweepOrphans();
+  }
+
+  /** reattach() for one VM the inventory says has a VMM. */
+  private async reattachOne(r: VmRow): Promise<void> {
+    const rt = r.runtime;
+    const alive = rt !== undefined && processAlive(rt.pid, rt.pidStartTime === "" ? undefined : rt.pidStartTime);
+    if (rt === undefined || !alive) {
+      // A daemon killed between spawnVmm and recording its pid leaves a VMM no row names: it
+      // would run on as an orphan (fault-injection test), holding memory outside every budget,
+      // beside a VM recorded as crashed. The start never completed: end it, then record that.
+      for (const pid of processesWith(vmPaths(this.config.home, r.id).apiSocket, "TYPEVISOR_VM_ID", r.id)) {
+        if (pid === rt?.pid) continue;
+        this.log.warn({ vm: r.name, pid }, "killing a VMM the previous daemon started but never recorded");
+        kill(pid);
+        for (let i = 0; i < 100 && processAlive(pid); i++) await new Promise((res) => setTimeout(res, 20));
+      }
+      // Nothing to track: remove what the dead VMM left behind and record how it ended.
+      if (rt?.cgroup !== undefined) this.removeCgroup(r.name, VmCgroup.open(this.cgroups, `vm-${r.id}`));
+      await this.serial(r.name, async () => this.recordEnd(r.name, r.id, rt?.pid, null, null));
+      return;
+    }
+    const cg = rt.cgroup !== undefined && this.cgroups.available ? VmCgroup.open(this.cgroups, `vm-${r.id}`) : undefined;
+    const live = this.track(r.name, r.id, rt.pid, undefined, cg);
+    let vmmState: string | undefined;
+    try {
+      vmmState = (await this.client(r).info()).state;
+    } catch (e) {
+      this.log.warn({ vm: r.name, err: (e as Error).message }, "re-attached VMM does not answer on its API socket");
+    }
+    const want: VmState | undefined = vmmState === "paused" ? "paused" : vmmState === "running" ? "running" : undefined;
+    if (want !== undefined && want !== r.state && (r.state === "running" || r.state === "paused" || r.state === "starting")) this.setState(r.name, want);
+    this.event("vm.reattached", r.name, `VM ${r.name} re-attached (pid ${rt.pid}, ${this.row(r.name).state})`, { pid: rt.pid });
+    // The request that had this VM starting or stopping died with the previous daemon (a SIGKILL
+    // while its VMM came up, or between "stopping" and the stop reaching the VMM), and nothing
+    // else would move it on: its VMM would run, and hold its CPUs and memory, in a state only a
+    // forced stop leaves (fault-injection test). Finish what was asked, in the VM's queue.
+    const now = this.row(r.name).state;
+    if (now === "starting") void this.serial(r.name, () => this.finishStart(r.name, r.id, live)).catch((e: unknown) => this.log.error({ vm: r.name, err: (e as Error).message }, "finishing an interrupted start failed"));
+    if (now === "stopping") this.finishStop(r.name, r.id, live);
+  }
+
+  /** The rest of startLocked for a re-attached VMM still coming up: running once its API answers; ended if it never does. */
+  private async finishStart(name: string, id: string, live: Live): Promise<void> {
+    try {
+      await new VmmClient(vmPaths(this.config.home, id).apiSocket).waitReady(Date.now() + this.config.startTimeoutMs, () => !live.dead);
+    } catch {
+      // Dead already: its exit is recorded behind us in the queue. Alive but mute: end it, as a start would.
+      if (!live.dead) kill(live.pid);
+      return;
+    }
+    const r = this.store.getVm(name);
+    if (r?.id !== id || r.state !== "starting" || live.dead) return;
+    this.setState(name, "running");
+    this.event("vm.running", name, `VM ${name} running (pid ${live.pid}, its start finished after a daemon restart)`, { pid: live.pid });
+  }
+
+  /** The rest of stop() for a re-attached VMM: ask it again (a second ask is harmless), SIGKILL after the stop timeout. */
+  private finishStop(name: string, id: string, live: Live): void {
+    void this.serial(name, async () => {
+      try {
+        await new VmmClient(vmPaths(this.config.home, id).apiSocket).stop();
+      } catch (e) {
+        this.log.warn({ vm: name, err: (e as Error).message }, "stop through the VMM API failed; killing it");
+        kill(live.pid);
+      }
+    }).then(() => {
+      // Its exit is recorded by the poll (track), as "stopped": the VM is in stopping.
+      const t = setTimeout(() => kill(live.pid), this.config.stopTimeoutMs);
+      t.unref();
+      void live.died.then(() => clearTimeout(t));
+    });
   }
 
   /**

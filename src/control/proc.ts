@@ -3,7 +3,7 @@
  * we started, its command line, and what it costs the host. Every reader answers `undefined` for a
  * process that does not exist (or vanished while being read): a VMM can exit at any moment.
  */
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { CLK_TCK, parseStatFields } from "../sys/proc-stat.js";
 
 // Re-exported: the control plane and its tests read /proc through this module.
@@ -77,4 +77,21 @@ export function processUsage(pid: number): ProcessUsage | undefined {
   const stime = Number(f[15]);
   if (!Number.isFinite(utime) || !Number.isFinite(stime)) return undefined;
   return { cpuSeconds: (utime + stime) / CLK_TCK, rssBytes: parseVmRss(status) };
+}
+
+/**
+ * Live processes whose argv contains `arg` and whose environment has `key=value`: a VMM the
+ * daemon spawned but had no time to record (killed between the spawn and the inventory write) is
+ * found by its TYPEVISOR_VM_ID and its control socket path, which only it has.
+ */
+export function processesWith(arg: string, key: string, value: string): number[] {
+  const out: number[] = [];
+  for (const p of readdirSync("/proc")) {
+    if (!/^\d+$/.test(p)) continue;
+    const pid = Number(p);
+    if (pid === process.pid || !(processCmdline(pid) ?? []).includes(arg)) continue;
+    if (!(readProc(pid, "environ") ?? "").split("\0").includes(`${key}=${value}`)) continue;
+    if (processAlive(pid)) out.push(pid);
+  }
+  return out;
 }
