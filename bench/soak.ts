@@ -39,6 +39,7 @@ import { ApiError, TypevisorClient } from "../src/api/client.js";
 import { processUsage } from "../src/control/proc.js";
 import { MIN_MEMORY_MIB } from "../src/vmm/defaults.js";
 import { startDaemon, type TestDaemon } from "../test/helpers/daemon.js";
+import { vmmProcesses } from "../test/helpers/vmm-processes.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../test/helpers/tiny-kernel.js";
 
 function knob(name: string, fallback: number): number {
@@ -154,20 +155,6 @@ function mainThreadSched(pid: number): { runNs: number; waitNs: number } {
 
 function fdCount(pid: number): number {
   return readdirSync(`/proc/${pid}/fd`).length;
-}
-
-/** Pids of VMM processes whose API socket lies under `home` (as test/api/daemon.test.ts finds them). */
-function vmmProcesses(home: string): number[] {
-  return readdirSync("/proc")
-    .filter((p) => /^\d+$/.test(p))
-    .filter((p) => {
-      try {
-        return readFileSync(`/proc/${p}/cmdline`, "utf8").includes(`\0--api-socket\0${home}/`);
-      } catch {
-        return false;
-      }
-    })
-    .map(Number);
 }
 
 interface ProcSample {

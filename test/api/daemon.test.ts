@@ -15,6 +15,7 @@ import { homePaths } from "../../src/control/paths.js";
 import { Store } from "../../src/control/store.js";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { vmmProcesses } from "../helpers/vmm-processes.js";
 import { qemuCheck } from "../../src/vmm/disk/test-disk.js";
 
 const hasKvm = existsSync("/dev/kvm");
@@ -40,20 +41,6 @@ function raw(socketPath: string, method: string, path: string, body?: string, he
     req.on("error", reject);
     req.end(body);
   });
-}
-
-/** Pids of VMM processes whose API socket lies under `home`. */
-function vmmProcesses(home: string): number[] {
-  return readdirSync("/proc")
-    .filter((p) => /^\d+$/.test(p))
-    .filter((p) => {
-      try {
-        return readFileSync(`/proc/${p}/cmdline`, "utf8").includes(`\0--api-socket\0${home}/`);
-      } catch {
-        return false;
-      }
-    })
-    .map(Number);
 }
 
 async function code(p: Promise<unknown>): Promise<string> {

@@ -16,6 +16,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync }
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { prng } from "../helpers/prng.js";
 import { ApiError, type TypevisorClient } from "../../src/api/client.js";
 import { basesDir } from "../../src/control/bases.js";
 import { homePaths } from "../../src/control/paths.js";
@@ -37,18 +38,6 @@ const ROUNDS = Number(process.env["TYPEVISOR_FAULT_ROUNDS"] ?? 12);
 /** TYPEVISOR_FAULT_VERBOSE=1: each round's script, outcomes and settling time on stdout. */
 const VERBOSE = process.env["TYPEVISOR_FAULT_VERBOSE"] === "1";
 const NAMES = ["fi-a", "fi-b", "fi-c", "fi-d", "fi-e"];
-
-/** mulberry32: a small seeded PRNG, uniform in [0, 1). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 

@@ -16,6 +16,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { prng } from "../helpers/prng.js";
 import { ROUTES } from "../../src/api/routes.js";
 import { writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { startDaemon, type TestDaemon } from "../helpers/daemon.js";
@@ -27,18 +28,6 @@ const SEED = Number(process.env["TYPEVISOR_FUZZ_SEED"] ?? Date.now() % 2 ** 31);
 const PARALLEL = 16;
 /** An exchange the daemon leaves open (a stream, an upgrade, a body it still waits for) is ended by the client after this. */
 const EXCHANGE_MS = 400;
-
-/** mulberry32: a small seeded PRNG, so a run can be replayed from its seed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Every route the daemon serves: the REST table, and the ones outside it. */
 const TABLE: { method: string; url: string }[] = [
