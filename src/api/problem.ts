@@ -29,6 +29,8 @@ const STATUS: Record<string, number> = {
   VM_QUARANTINED: 409,
   VM_STATE: 409,
   INSUFFICIENT_RESOURCES: 409,
+  // RFC 4918 §11.5: the server cannot store what the request needs
+  DISK_FULL: 507,
   KVM_UNSUITABLE: 409,
   BODY_TOO_LARGE: 413,
   UNSUPPORTED_MEDIA_TYPE: 415,

@@ -73,7 +73,7 @@ export function buildApi(manager: VmManager, logger: Logger): FastifyInstance {
  * connection is spliced to the VMM's console socket (the way Docker's attach
  * hijacks its connection). Many clients may attach at once.
  */
-function attachHandler(manager: VmManager): (req: IncomingMessage, socket: Duplex, head: Buffer) => void {
+function attachHandler(manager: VmManager, attached: Set<Duplex>): (req: IncomingMessage, socket: Duplex, head: Buffer) => void {
   const fail = (socket: Duplex, p: Problem): void => {
     const body = JSON.stringify(p);
     socket.end(`HTTP/1.1 ${p.status} ${p.code}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
@@ -108,6 +108,10 @@ function attachHandler(manager: VmManager): (req: IncomingMessage, socket: Duple
     );
     vmm.once("connect", () => {
       vmm.removeAllListeners("error");
+      // Upgraded connections are the server's no more (closeAllConnections skips them), yet
+      // server.close() waits for them: the daemon's close ends them itself.
+      attached.add(socket);
+      socket.once("close", () => attached.delete(socket));
       socket.write("HTTP/1.1 101 Switching Protocols\r\nupgrade: tcp\r\nconnection: Upgrade\r\n\r\n");
       if (head.length > 0) vmm.write(head);
       socket.pipe(vmm);
@@ -138,7 +142,8 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners)
   const app = buildApi(manager, logger);
   await app.ready();
   const servers: Server[] = [];
-  const onUpgrade = attachHandler(manager);
+  const attached = new Set<Duplex>();
+  const onUpgrade = attachHandler(manager, attached);
   const listen = (srv: Server, target: string | { host: string; port: number }): Promise<void> =>
     new Promise((resolve, reject) => {
       srv.once("error", reject);
@@ -169,6 +174,7 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners)
   return {
     ...(tcpAddress !== undefined ? { tcpAddress } : {}),
     async close() {
+      for (const c of attached) c.destroy();
       for (const s of servers) {
         s.closeAllConnections();
         await new Promise<void>((r) => s.close(() => r()));

@@ -229,9 +229,16 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   let stopRequested = false;
   // Headless: the console is a pipe fanned out to the log and socket; the terminal stays out of it.
   const headless = o.consoleLog !== undefined || o.consoleSocket !== undefined;
+  if (headless) {
+    // A supervised VMM's stdout is a log file on the data disk: a full disk must not kill the VM
+    // (Node throws an unhandled 'error' for a failed stdout write; stderr's are ignored already).
+    process.stdout.on("error", () => undefined);
+  }
   const consolePipe = headless
     ? await ConsolePipe.open({
-      ...(o.consoleLog !== undefined ? { log: { path: o.consoleLog, maxBytes: logSize } } : {}),
+      ...(o.consoleLog !== undefined
+        ? { log: { path: o.consoleLog, maxBytes: logSize, onDrop: (code: string) => log(`typevisor: console log ${o.consoleLog}: ${code}: dropping guest output until it can be written (the log notes how much)`) } }
+        : {}),
       ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket } } : {}),
       onInput: (b) => current?.sendInput(b),
     })
@@ -291,7 +298,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       if (stopRequested) vm.stop();
       if (o.apiSocket !== undefined && server === undefined) {
         server = await startControlServer(o.apiSocket, {
-          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [] }),
+          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
           stats: async () => {
             const vmNow = current;
             if (vmNow === undefined) return undefined;

@@ -197,7 +197,7 @@ export function formatVmDetails(vm: VmInfo, now = Date.now()): string {
     ["cpus", s.cpus],
     ["memory", s.memoryMiB !== undefined ? formatBytes(s.memoryMiB * 2 ** 20) : undefined],
     ["restarts", vm.restarts],
-    ["console log", vm.consoleLog],
+    ["console log", vm.consoleDroppedBytes !== undefined ? `${vm.consoleLog} (${formatBytes(vm.consoleDroppedBytes)} of output dropped: its disk was full)` : vm.consoleLog],
     ["api socket", vm.apiSocket],
     ["cgroup", vm.cgroup],
     [

@@ -5,7 +5,8 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { detectCgroupV2, parseFlatKeyed, parseMountinfo, VmCgroup, type CgroupSupport } from "./cgroups.js";
+import { detectCgroupV2, parseFlatKeyed, VmCgroup, type CgroupSupport } from "./cgroups.js";
+import { parseMountinfo } from "../sys/mounts.js";
 import { thrown } from "../../test/helpers/thrown.js";
 
 let dir: string;
@@ -14,19 +15,8 @@ beforeEach(() => {
 });
 afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
-
 const line = (id: number, mountPoint: string, fsType: string, superOpts: string): string =>
   `${id} 1 0:${id} / ${mountPoint} rw,relatime shared:${id} - ${fsType} ${fsType} ${superOpts}`;
-
-describe("parseMountinfo", () => {
-  it("finds fstype after the optional fields and unescapes octal in paths", () => {
-    const m = parseMountinfo(`36 35 98:0 /mnt1 /mnt\\040two rw,noatime master:1 shared:2 - ext3 /dev/root rw,errors=continue\n${line(41, "/sys/fs/cgroup", "cgroup2", "rw,nsdelegate")}\n`);
-    expect(m).toEqual([
-      { mountPoint: "/mnt two", fsType: "ext3", superOptions: ["rw", "errors=continue"] },
-      { mountPoint: "/sys/fs/cgroup", fsType: "cgroup2", superOptions: ["rw", "nsdelegate"] },
-    ]);
-  });
-});
 
 describe("detectCgroupV2", () => {
   it("on this host agrees with /proc/self/mountinfo", () => {

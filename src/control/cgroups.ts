@@ -7,6 +7,7 @@
 import { accessSync, constants, existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { TypevisorError } from "../errors.js";
+import { parseMountinfo } from "../sys/mounts.js";
 
 export interface CgroupSupport {
   available: boolean;
@@ -23,34 +24,6 @@ export const REQUIRED_CONTROLLERS = ["cpu", "memory"] as const;
 /** The folder under the mount that holds every VM's cgroup. */
 export const PARENT = "typevisor";
 const NAME = /^[a-z0-9-]{1,64}$/;
-
-export interface MountEntry {
-  mountPoint: string;
-  fsType: string;
-  superOptions: string[];
-}
-
-/** mountinfo escapes space, tab, newline and backslash in paths as octal (\040, \011, \012, \134). */
-function unescapeMount(s: string): string {
-  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
-}
-
-/**
- * /proc/PID/mountinfo (proc(5)): "id parent major:minor root mount-point options [optional...] -
- * fstype source super-options"; the optional fields vary in number, so fstype is found after "-".
- */
-export function parseMountinfo(text: string): MountEntry[] {
-  const out: MountEntry[] = [];
-  for (const line of text.split("\n")) {
-    const f = line.split(" ");
-    const dash = f.indexOf("-", 6);
-    const mountPoint = f[4];
-    const fsType = f[dash + 1];
-    if (dash < 0 || mountPoint === undefined || fsType === undefined) continue;
-    out.push({ mountPoint: unescapeMount(mountPoint), fsType, superOptions: (f[dash + 3] ?? "").split(",") });
-  }
-  return out;
-}
 
 function readControllers(mount: string): string[] | undefined {
   try {

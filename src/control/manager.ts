@@ -25,6 +25,7 @@ import { kvmHostKind } from "../kvm/kvm.js";
 import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
 import { VmCgroup, detectCgroupV2, type CgroupSupport } from "./cgroups.js";
 import { createQcow2 } from "../vmm/disk/qcow2/create.js";
+import { diskFullError } from "./disk-full.js";
 import { ensureBase, leftoverBaseFiles, removeUnusedBases } from "./bases.js";
 import { allocatedBytes, blankDisk, diskFromImage, roundUpToSector } from "./disks.js";
 import { homePaths, vmPaths } from "./paths.js";
@@ -76,6 +77,8 @@ interface Live {
   unresponsiveSince?: string;
   /** A health check of this VMM is under way (one at a time per VMM). */
   checking?: boolean;
+  /** Guest console output the VMM reported dropped (its console log's disk full), from the watchdog. */
+  consoleDroppedBytes?: number;
 }
 
 /** How often the watchdog asks each running VMM, and how long an answer may take. */
@@ -104,6 +107,8 @@ export class VmManager extends EventEmitter {
   private hostCpu: CpuSample | undefined;
   private hostCpuUsed = 0;
   private closing = false;
+  /** Events the inventory could not take since the last one it did (a full disk): reported once it can. */
+  private eventsLost = 0;
   private readonly log: Logger;
   /** Resources of creates between their admission and their inventory row (allocated() counts them). */
   private readonly reservations = new Set<Allocation>();
@@ -137,7 +142,8 @@ export class VmManager extends EventEmitter {
 
   private info(r: VmRow): VmInfo {
     const p = vmPaths(this.config.home, r.id);
-    const since = this.live.get(r.id)?.unresponsiveSince;
+    const live = this.live.get(r.id);
+    const since = live?.unresponsiveSince;
     return {
       id: r.id,
       name: r.name,
@@ -153,6 +159,7 @@ export class VmManager extends EventEmitter {
       restarts: r.restarts,
       ...(r.runtime?.cgroup !== undefined ? { cgroup: r.runtime.cgroup } : {}),
       ...(since !== undefined ? { unresponsive: { since } } : {}),
+      ...(live?.consoleDroppedBytes !== undefined ? { consoleDroppedBytes: live.consoleDroppedBytes } : {}),
     };
   }
 
@@ -209,7 +216,11 @@ export class VmManager extends EventEmitter {
 
   private serial<T>(name: string, fn: () => Promise<T>): Promise<T> {
     const prev = this.queues.get(name) ?? Promise.resolve();
-    const next = prev.then(fn, fn);
+    // Every operation goes through here: a full disk met anywhere in one is said as such (DISK_FULL, 507).
+    const run = (): Promise<T> => fn().catch((e: unknown) => {
+      throw diskFullError(e, homePaths(this.config.home).db);
+    });
+    const next = prev.then(run, run);
     const tail = next.catch(() => undefined);
     this.queues.set(name, tail);
     void tail.then(() => {
@@ -219,9 +230,23 @@ export class VmManager extends EventEmitter {
   }
 
   private event(type: string, vm: string | undefined, message: string, data?: Record<string, unknown>): void {
-    const e = this.store.addEvent({ type, ...(vm !== undefined ? { vm } : {}), message, ...(data !== undefined ? { data } : {}) });
+    let e: EventRecord;
+    try {
+      e = this.store.addEvent({ type, ...(vm !== undefined ? { vm } : {}), message, ...(data !== undefined ? { data } : {}) });
+    } catch (err) {
+      // An event that cannot be recorded (the inventory's disk is full) must not fail the
+      // operation that emits it, which has already happened: the daemon's log keeps it.
+      this.eventsLost++;
+      this.log.error({ event: type, vm, ...data, err: (diskFullError(err, homePaths(this.config.home).db) as Error).message }, `event not recorded: ${message}`);
+      return;
+    }
     this.log.info({ event: type, vm, ...data }, message);
     this.emit("event", e);
+    if (this.eventsLost > 0) {
+      const lost = this.eventsLost;
+      this.eventsLost = 0;
+      this.daemonEvent("daemon.events-lost", `${lost} event(s) could not be recorded in the inventory (see the daemon's log)`, { lost });
+    }
   }
 
   private setState(name: string, to: VmState, extra: Parameters<Store["updateVm"]>[1] = {}): VmRow {
@@ -666,8 +691,16 @@ export class VmManager extends EventEmitter {
     return this.serial(name, async () => {
       const r = this.row(name);
       assertAction(name, r.state, action);
-      await call(this.client(r));
-      this.setState(name, to);
+      // The inventory first: a write that fails (its disk full) leaves the VMM as it was, and a
+      // VMM that refuses puts the row back. A daemon killed in between is reconciled at re-attach,
+      // which takes the VMM's own state.
+      if (to !== r.state) this.setState(name, to);
+      try {
+        await call(this.client(r));
+      } catch (e) {
+        if (to !== r.state) this.store.updateVm(name, { state: r.state });
+        throw e;
+      }
       this.event(type, name, message);
       return this.get(name);
     });
@@ -830,7 +863,8 @@ export class VmManager extends EventEmitter {
         void this.client(r)
           .call("GET", "/vm", undefined, HEALTH_TIMEOUT_MS)
           .then(
-            () => {
+            (answer) => {
+              this.noteConsoleDrops(r.name, live, answer);
               if (live.unresponsiveSince === undefined) return;
               live.unresponsiveSince = undefined;
               this.event("vm.responsive", r.name, `VM ${r.name}'s VMM answers again`, { pid: live.pid });
@@ -847,6 +881,15 @@ export class VmManager extends EventEmitter {
       }
     }, HEALTH_INTERVAL_MS);
     this.healthTimer.unref();
+  }
+
+  /** The VMM says (GET /vm consoleDroppedBytes) how much guest output its console log could not take. */
+  private noteConsoleDrops(name: string, live: Live, answer: unknown): void {
+    const n = (answer as { consoleDroppedBytes?: unknown } | undefined)?.consoleDroppedBytes;
+    if (typeof n !== "number" || !Number.isSafeInteger(n) || n <= (live.consoleDroppedBytes ?? 0)) return;
+    // One event when dropping starts, not one per check while the disk stays full.
+    if (live.consoleDroppedBytes === undefined) this.event("vm.console-dropped", name, `VM ${name}'s console log cannot be written (its disk is full): guest output is being dropped`, { pid: live.pid });
+    live.consoleDroppedBytes = n;
   }
 
   startUsageCollection(): void {

@@ -102,6 +102,11 @@ export const vmInfo = z.object({
     .object({ since: z.string() })
     .optional()
     .describe("present while the VMM's control API does not answer within a few seconds (a hung or stopped VMM); its state is what it was before"),
+  consoleDroppedBytes: z
+    .number()
+    .int()
+    .optional()
+    .describe("guest console output the VMM could not write to the console log (its disk full) since it started; absent when none"),
 });
 export type VmInfo = z.infer<typeof vmInfo>;
 

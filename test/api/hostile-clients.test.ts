@@ -9,6 +9,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startDaemon, type TestDaemon } from "../helpers/daemon.js";
+import { writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { vmmProcesses } from "../helpers/vmm-processes.js";
 
 /** Send raw bytes on a fresh connection; resolve with what came back until the peer closed (or `waitMs`). */
 function rawExchange(socketPath: string, bytes: string, opts: { closeAfterWrite?: boolean; waitMs?: number } = {}): Promise<string> {
@@ -124,4 +126,24 @@ describe("concurrent creates", () => {
       await d.stop();
     }
   }, 120_000);
+});
+
+describe.skipIf(!existsSync("/dev/kvm"))("a console client that stays attached", () => {
+  it("does not hold the daemon up when it is told to stop", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tvd-attach-"));
+    const kernel = join(dir, "tiny.bin");
+    writeTinyKernel(kernel);
+    const d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
+    try {
+      await d.client.createVm({ name: "held", kernel, memoryMiB: 64, rng: false }, { start: true });
+      const attached = await d.client.attachConsole("held");
+      attached.on("error", () => undefined);
+      const exit = await Promise.race([d.stop("SIGTERM"), new Promise((r) => setTimeout(() => r("still running 15 s after SIGTERM"), 15_000))]);
+      expect(exit, d.log().slice(-2000)).toBe(0);
+      attached.destroy();
+    } finally {
+      await d.stop("SIGKILL");
+      for (const pid of vmmProcesses(d.home)) process.kill(pid, "SIGKILL");
+    }
+  }, 60_000);
 });

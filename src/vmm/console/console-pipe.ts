@@ -11,7 +11,8 @@ import { RotatingLog } from "./rotating-log.js";
 import { ConsoleSocket } from "./socket.js";
 
 export interface ConsolePipeOptions {
-  log?: { path: string; maxBytes: number };
+  /** onDrop: the log's disk refused a write; output is being dropped (RotatingLog). */
+  log?: { path: string; maxBytes: number; onDrop?: (code: string) => void };
   socket?: { path: string };
   /** Bytes a socket client typed, for the guest's UART. */
   onInput: (bytes: Uint8Array) => void;
@@ -45,7 +46,7 @@ export class ConsolePipe {
   }
 
   static async open(o: ConsolePipeOptions): Promise<ConsolePipe> {
-    const log = o.log !== undefined ? new RotatingLog(o.log.path, o.log.maxBytes) : undefined;
+    const log = o.log !== undefined ? new RotatingLog(o.log.path, o.log.maxBytes, o.log.onDrop) : undefined;
     let socket: ConsoleSocket | undefined;
     try {
       socket = o.socket !== undefined ? await ConsoleSocket.listen(o.socket.path, o.onInput) : undefined;
@@ -54,6 +55,11 @@ export class ConsolePipe {
       throw e;
     }
     return new ConsolePipe(libc.pipe2(), log, socket);
+  }
+
+  /** Guest output the log could not take (0 without a log). */
+  get droppedBytes(): number {
+    return this.log?.droppedBytes ?? 0;
   }
 
   /**

@@ -3,7 +3,8 @@
  * the limit, no byte is lost or reordered, rotation happens only when a write
  * would not fit), then the real file rotation on a temporary directory.
  */
-import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import fc from "fast-check";
@@ -69,5 +70,44 @@ describe("RotatingLog", () => {
     log.close();
     expect(statSync(path).size).toBeLessThanOrEqual(1024);
     expect(statSync(`${path}.1`).size).toBe(1024);
+  });
+
+  it("drops what a full disk refuses, says so once (onDrop) and goes on: /dev/full", () => {
+    const codes: string[] = [];
+    const log = new RotatingLog("/dev/full", 1 << 20, (c) => codes.push(c));
+    log.write(Buffer.alloc(100, 0x61));
+    log.write(Buffer.alloc(50, 0x61));
+    log.close();
+    expect(log.droppedBytes).toBe(150);
+    expect(codes).toEqual(["ENOSPC"]);
+  });
+
+  // A real full file system: a tmpfs of 64 KiB (mounting needs root; CI runs as root).
+  it.skipIf(process.getuid?.() !== 0)("on a file system that fills and is freed: what fitted is kept, the rest is counted, and a note comes before the next output", () => {
+    const dir = mkdtempSync(join(tmpdir(), "tv-full-"));
+    execFileSync("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", dir]);
+    try {
+      const path = join(dir, "c.log");
+      const codes: string[] = [];
+      const log = new RotatingLog(path, 1 << 20, (c) => codes.push(c));
+      log.write(Buffer.from("before\n"));
+      // fill what is left: 64 KiB less the log's one page
+      writeFileSync(join(dir, "filler"), Buffer.alloc(60 * 1024));
+      log.write(Buffer.alloc(8192, 0x62)); // the log's page has room for 4089 of these
+      log.write(Buffer.alloc(100, 0x63));
+      expect(codes).toEqual(["ENOSPC"]);
+      const kept = statSync(path).size;
+      expect(kept).toBe(4096);
+      expect(log.droppedBytes).toBe(8192 + 100 - (4096 - 7));
+      rmSync(join(dir, "filler"));
+      log.write(Buffer.from("after\n"));
+      log.close();
+      const text = readFileSync(path, "latin1");
+      expect(text.slice(kept)).toBe(`\r\n[typevisor: ${log.droppedBytes} bytes of console output dropped: the log could not be written]\r\nafter\n`);
+      expect(text.slice(0, kept)).toBe("before\n" + "b".repeat(4089));
+    } finally {
+      execFileSync("umount", [dir]);
+      rmSync(dir, { recursive: true });
+    }
   });
 });

@@ -43,10 +43,18 @@ export function planAppend(size: number, length: number, max: number): LogPiece[
 }
 
 export class RotatingLog {
-  private fd: number;
+  /** Undefined after a rotation whose fresh file could not be made: the next write tries again. */
+  private fd: number | undefined;
   private size: number;
+  /** Bytes lost since the last write that reached the file; said in the log once writing works again. */
+  private pendingDrop = 0;
+  private dropped = 0;
 
-  constructor(readonly path: string, readonly maxBytes: number) {
+  /**
+   * @param onDrop called when output starts being lost (the first failed write after a good one),
+   *   with the error's code, so the VMM can say so where someone will read it.
+   */
+  constructor(readonly path: string, readonly maxBytes: number, private readonly onDrop?: (code: string) => void) {
     try {
       // Append: a supervisor restarting the VM keeps the earlier console in the same file.
       this.fd = openSync(path, "a", 0o640);
@@ -56,30 +64,73 @@ export class RotatingLog {
     }
   }
 
+  /** Console bytes that never reached the file (its disk full, its quota used up, an I/O error). */
+  get droppedBytes(): number {
+    return this.dropped;
+  }
+
+  /**
+   * Append, rotating as needed. A write that fails (ENOSPC above all: the log shares a disk with
+   * VM disks and the inventory) drops what is left of these bytes instead of throwing into the
+   * console's reader, so the guest and the VMM go on; the next write that works first notes how
+   * much was lost.
+   */
   write(bytes: Uint8Array): void {
+    if (this.pendingDrop > 0) {
+      const note = new TextEncoder().encode(`\r\n[typevisor: ${this.pendingDrop} bytes of console output dropped: the log could not be written]\r\n`);
+      // A note that does not fit whole is not written at all (a cut note would only confuse).
+      if (this.append(note) < note.length) {
+        this.lose(bytes.length);
+        return;
+      }
+      this.pendingDrop = 0;
+    }
+    this.lose(bytes.length - this.append(bytes));
+  }
+
+  private lose(n: number): void {
+    this.pendingDrop += n;
+    this.dropped += n;
+  }
+
+  /** How many of `bytes` reached the file, in order: all of them unless a write failed. */
+  private append(bytes: Uint8Array): number {
     let off = 0;
-    for (const p of planAppend(this.size, bytes.length, this.maxBytes)) {
-      if (p.rotateBefore) this.rotate();
-      writeAll(this.fd, bytes.subarray(off, off + p.length));
-      off += p.length;
-      this.size += p.length;
+    try {
+      for (const p of planAppend(this.size, bytes.length, this.maxBytes)) {
+        if (p.rotateBefore) this.rotate();
+        this.fd ??= this.open();
+        const end = off + p.length;
+        while (off < end) {
+          const n = writeSync(this.fd, bytes, off, end - off);
+          off += n;
+          this.size += n;
+        }
+      }
+      return off;
+    } catch (e) {
+      if (this.pendingDrop === 0) this.onDrop?.((e as NodeJS.ErrnoException).code ?? "EIO");
+      return off;
     }
   }
 
+  private open(): number {
+    const fd = openSync(this.path, "a", 0o640);
+    this.size = fstatSync(fd).size;
+    return fd;
+  }
+
   private rotate(): void {
-    closeSync(this.fd);
+    if (this.fd !== undefined) closeSync(this.fd);
+    this.fd = undefined;
     // rename(2) replaces PATH.1 atomically: a reader sees the old or the new generation, never none.
     renameSync(this.path, `${this.path}.1`);
-    this.fd = openSync(this.path, "a", 0o640);
     this.size = 0;
+    this.fd = this.open();
   }
 
   close(): void {
-    closeSync(this.fd);
+    if (this.fd !== undefined) closeSync(this.fd);
+    this.fd = undefined;
   }
-}
-
-function writeAll(fd: number, b: Uint8Array): void {
-  let off = 0;
-  while (off < b.length) off += writeSync(fd, b, off, b.length - off);
 }
