@@ -17,6 +17,12 @@ export interface RouteContext<P, Q, B> {
   manager: VmManager;
   request: FastifyRequest;
   reply: FastifyReply;
+  limits: StreamLimits;
+}
+
+export interface StreamLimits {
+  /** A stream client that takes nothing for this long is disconnected (`--stream-stall-timeout`). */
+  streamStallMs: number;
 }
 
 /**
@@ -164,7 +170,7 @@ export const ROUTES: Route[] = [
     method: "GET", url: "/v1/events", operationId: "events", summary: "Lifecycle and error events; ?follow=true streams them as server-sent events",
     query: S.eventsQuery,
     responses: { 200: { description: "events, oldest first", schema: S.eventList } },
-    handler: async ({ manager, query, reply, request }) => {
+    handler: async ({ manager, query, reply, limits }) => {
       const opts = { ...(query.after !== undefined ? { afterSeq: query.after } : {}), ...(query.vm !== undefined ? { vm: query.vm } : {}), ...(query.limit !== undefined ? { limit: query.limit } : {}) };
       if (query.follow !== true) return { events: manager.events(opts) };
       reply.hijack();
@@ -173,37 +179,63 @@ export const ROUTES: Route[] = [
       // Headers now, so a client knows it is subscribed before the first event.
       res.flushHeaders();
       // SSE (HTML Living Standard §9.2): `id` lets a client resume with ?after=<last id>.
-      const send = (e: { seq: number; vm?: string }): void => {
-        if (query.vm !== undefined && e.vm !== query.vm) return;
-        // A client that does not keep up is cut off, not buffered for without end: the events stay
-        // in the inventory, and it resumes with ?after=<the last id it got>.
-        if (res.writableLength > EVENT_STREAM_HIGH_WATER) {
-          res.destroy();
-          return;
+      const frame = (e: { seq: number }): string => `id: ${e.seq}\nevent: vm-event\ndata: ${JSON.stringify(e)}\n\n`;
+      void (async () => {
+        let last = query.after ?? 0;
+        // The backlog, page by page, at the pace the client takes it: a write the socket does not
+        // take at once waits for 'drain' (the response corks writes within one tick, so writing a
+        // whole backlog in one go would only pile it up here). A client that takes nothing for
+        // streamStallMs is cut off; it resumes with ?after=<the last id it got>.
+        if (query.after !== undefined) {
+          for (let page = manager.events(opts); page.length > 0; page = manager.events({ ...opts, afterSeq: last })) {
+            for (const e of page) {
+              last = e.seq;
+              if (!res.write(frame(e)) && !(await drained(res, limits.streamStallMs))) return;
+            }
+          }
         }
-        res.write(`id: ${e.seq}\nevent: vm-event\ndata: ${JSON.stringify(e)}\n\n`);
-      };
-      let last = query.after ?? 0;
-      // The whole backlog, page by page (one page holds at most `limit`), unless the client is cut off meanwhile.
-      for (let page = query.after !== undefined ? manager.events(opts) : []; page.length > 0 && !res.destroyed; page = manager.events({ ...opts, afterSeq: last })) {
-        for (const e of page) {
-          send(e);
+        if (res.destroyed) return;
+        // Live events from here (the last page came up empty in this same tick: nothing falls in between).
+        const onEvent = (e: { seq: number; vm?: string }): void => {
+          if (e.seq <= last || (query.vm !== undefined && e.vm !== query.vm)) return;
+          // A client that does not keep up is cut off, not buffered for without end: the events
+          // stay in the inventory for it to resume from.
+          if (res.writableLength > EVENT_STREAM_HIGH_WATER) {
+            res.destroy();
+            return;
+          }
           last = e.seq;
-        }
-      }
-      const onEvent = (e: { seq: number; vm?: string }): void => {
-        if (e.seq > last) send(e);
-      };
-      manager.on("event", onEvent);
-      const keepAlive = setInterval(() => res.write(": keep-alive\n\n"), 15_000);
-      request.raw.on("close", () => {
-        clearInterval(keepAlive);
-        manager.off("event", onEvent);
-      });
+          res.write(frame(e));
+        };
+        manager.on("event", onEvent);
+        const keepAlive = setInterval(() => res.write(": keep-alive\n\n"), 15_000);
+        res.once("close", () => {
+          clearInterval(keepAlive);
+          manager.off("event", onEvent);
+        });
+      })().catch(() => res.destroy());
       return HANDLED;
     },
   }),
 ];
+
+/** True once `res` has taken what it holds ('drain'); false, and `res` destroyed, if it closed or stalled for `stallMs`. */
+function drained(res: import("node:http").ServerResponse, stallMs: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const done = (ok: boolean): void => {
+      clearTimeout(timer);
+      res.off("drain", onDrain);
+      res.off("close", onClose);
+      if (!ok) res.destroy();
+      resolve(ok);
+    };
+    const onDrain = (): void => done(true);
+    const onClose = (): void => done(false);
+    const timer = setTimeout(() => done(false), stallMs);
+    res.once("drain", onDrain);
+    res.once("close", onClose);
+  });
+}
 
 /** Unsent bytes an event-stream follower may leave in the daemon before it is disconnected. */
 export const EVENT_STREAM_HIGH_WATER = 1 << 20;

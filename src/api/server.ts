@@ -17,7 +17,7 @@ import { TypevisorError } from "../errors.js";
 import { createMetrics } from "./metrics.js";
 import { openApiDocument } from "./openapi.js";
 import { problem, toProblem, type Problem } from "./problem.js";
-import { HANDLED, ROUTES, notFound } from "./routes.js";
+import { HANDLED, ROUTES, notFound, type StreamLimits } from "./routes.js";
 import { vmName } from "./schemas.js";
 
 const BODY_LIMIT = 64 * 1024;
@@ -30,7 +30,7 @@ function parse<T>(s: z.ZodType<T> | undefined, value: unknown, where: string): T
   throw new TypevisorError("INVALID_REQUEST", detail);
 }
 
-export function buildApi(manager: VmManager, logger: Logger): FastifyInstance {
+export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimits = DEFAULT_STREAM_LIMITS): FastifyInstance {
   const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT, disableRequestLogging: true, return503OnClosing: false });
   const sendProblem = (reply: import("fastify").FastifyReply, p: Problem): unknown => reply.code(p.status).type("application/problem+json").send(p);
 
@@ -54,7 +54,7 @@ export function buildApi(manager: VmManager, logger: Logger): FastifyInstance {
         if (r.query === undefined && Object.keys(request.query as object).length > 0) {
           throw new TypevisorError("INVALID_REQUEST", `query: ${r.method} ${r.url} takes no query parameters`);
         }
-        const out = await r.handler({ params, query, body, manager, request, reply });
+        const out = await r.handler({ params, query, body, manager, request, reply, limits });
         if (out === HANDLED) return reply;
         return reply.code(okStatus).send(out);
       },
@@ -133,13 +133,15 @@ export interface Listeners {
   tcp?: { host: string; port: number };
 }
 
+export const DEFAULT_STREAM_LIMITS: StreamLimits = { streamStallMs: 30_000 };
+
 export interface RunningApi {
   close(): Promise<void>;
   tcpAddress?: { host: string; port: number };
 }
 
-export async function startApi(manager: VmManager, logger: Logger, l: Listeners): Promise<RunningApi> {
-  const app = buildApi(manager, logger);
+export async function startApi(manager: VmManager, logger: Logger, l: Listeners, limits: StreamLimits = DEFAULT_STREAM_LIMITS): Promise<RunningApi> {
+  const app = buildApi(manager, logger, limits);
   await app.ready();
   const servers: Server[] = [];
   const attached = new Set<Duplex>();

@@ -31,6 +31,7 @@ interface DaemonOptions {
   stopTimeout: string;
   startTimeout: string;
   usageInterval: string;
+  streamStallTimeout: string;
   stopVmsOnExit: boolean;
   forceKvm: boolean;
   cgroups: boolean;
@@ -74,6 +75,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   const policy = parsePolicy({ cpu: o.cpuOvercommit, memory: o.memoryOvercommit, disk: o.diskOvercommit }, o.reservedMemory);
   const consoleLogSize = parseSize(o.consoleLogSize, { what: "--console-log-size", ...LOG_SIZE_LIMITS });
   const tcp = o.listen !== undefined ? parseListen(o.listen) : undefined;
+  const streamStallMs = seconds("--stream-stall-timeout", o.streamStallTimeout);
   const config = {
     stopTimeoutMs: seconds("--stop-timeout", o.stopTimeout),
     startTimeoutMs: seconds("--start-timeout", o.startTimeout),
@@ -117,7 +119,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   events.manager = manager;
   await manager.reattach();
   manager.startUsageCollection();
-  const api = await startApi(manager, logger, { socketPath, ...(tcp !== undefined ? { tcp } : {}) });
+  const api = await startApi(manager, logger, { socketPath, ...(tcp !== undefined ? { tcp } : {}) }, { streamStallMs });
   manager.daemonEvent("daemon.started", `daemon started (pid ${process.pid})`, { socket: socketPath, ...(api.tcpAddress !== undefined ? { tcp: `${api.tcpAddress.host}:${api.tcpAddress.port}` } : {}) });
   logger.info({ socket: socketPath, tcp: api.tcpAddress, home, cgroups: manager.cgroups }, "typevisor daemon ready");
 
@@ -155,6 +157,7 @@ export function registerDaemonCommand(program: Command): void {
     .option("--start-timeout <seconds>", "a VMM must answer on its API socket within this", "60")
     .option("--stop-timeout <seconds>", "then a stopping VMM is killed", "30")
     .option("--usage-interval <seconds>", "how often per-VM usage is sampled", "5")
+    .option("--stream-stall-timeout <seconds>", "an event-stream client that takes nothing for this long is disconnected (it resumes with ?after=)", "30")
     .option("--stop-vms-on-exit", "stop every VM when the daemon exits (default: they keep running)", false)
     .option("--no-cgroups", "do not put VMMs in per-VM cgroups (no CPU or memory limits) even where cgroup v2 is available")
     .option(
