@@ -9,6 +9,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { fileInfo } from "../images/manifest.js";
 import { diskFromImage } from "./disks.js";
@@ -44,19 +45,26 @@ export async function ensureBase(home: string, rootfs: string, sha256: string | 
   return path;
 }
 
-/** Remove the bases no disk in `inUse` stands on; returns the paths removed. */
-export function removeUnusedBases(home: string, inUse: ReadonlySet<string>): string[] {
+/**
+ * Remove the bases no disk in `inUse` stands on; returns the paths removed. Each is renamed out of
+ * the way at once (a create that runs meanwhile cannot find it and stand on it), then deleted off
+ * the event loop (unlinking gigabytes takes a while); a daemon killed between the two leaves a
+ * `*.tmp` for the start-up sweep.
+ */
+export async function removeUnusedBases(home: string, inUse: ReadonlySet<string>): Promise<string[]> {
   const dir = basesDir(home);
   if (!existsSync(dir)) return [];
-  const removed: string[] = [];
+  const doomed: [string, string][] = [];
   for (const f of readdirSync(dir)) {
     const p = join(dir, f);
     if (f.endsWith(".raw") && !inUse.has(p)) {
-      rmSync(p, { force: true });
-      removed.push(p);
+      const trash = `${p}.${randomBytes(4).toString("hex")}.tmp`;
+      renameSync(p, trash);
+      doomed.push([p, trash]);
     }
   }
-  return removed;
+  await Promise.all(doomed.map(([, trash]) => rm(trash, { force: true })));
+  return doomed.map(([p]) => p);
 }
 
 /** Half-made bases (`*.tmp`) a killed daemon left behind. */

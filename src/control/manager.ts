@@ -9,7 +9,7 @@
  * that VM's queue, so two requests never interleave halfway.
  */
 import { EventEmitter } from "node:events";
-import { copyFile } from "node:fs/promises";
+import { copyFile, rm } from "node:fs/promises";
 import { closeSync, constants, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join, sep } from "node:path";
@@ -345,7 +345,7 @@ export class VmManager extends EventEmitter {
           throw e;
         }
       } catch (e) {
-        rmSync(staging, { recursive: true, force: true });
+        await rm(staging, { recursive: true, force: true });
         throw e;
       }
       this.event("vm.created", spec.name, `VM ${spec.name} created`, { id, cpus: spec.cpus, memoryMiB: spec.memoryMiB });
@@ -374,11 +374,13 @@ export class VmManager extends EventEmitter {
       const cur = this.row(name);
       assertAction(name, cur.state, "remove");
       this.store.deleteVm(name);
-      rmSync(cur.dir, { recursive: true, force: true });
       this.removeSockets(cur.id);
       this.usage.delete(cur.id);
+      // Off the event loop: a VM's directory may hold gigabytes (an interrupted rm leaves a
+      // directory no row names, which the start-up sweep removes).
+      await rm(cur.dir, { recursive: true, force: true });
       this.event("vm.removed", name, `VM ${name} removed`);
-      this.removeUnusedBases();
+      await this.removeUnusedBases();
     });
   }
 
@@ -387,11 +389,11 @@ export class VmManager extends EventEmitter {
    * made or found a base that no inventory row names yet (each create holds a reservation); nor
    * while a quarantined row's disks cannot be read.
    */
-  private removeUnusedBases(): void {
+  private async removeUnusedBases(): Promise<void> {
     // A quarantined row may stand on any base: keep them all while one is there.
     if (this.reservations.size > 0 || this.store.quarantined().length > 0) return;
     const inUse = new Set(this.store.listVms().flatMap((r) => r.disks.flatMap((d) => (d.backing !== undefined ? [d.backing] : []))));
-    for (const p of removeUnusedBases(this.config.home, inUse)) this.daemonEvent("daemon.cleanup", `removed base image ${p}: no VM uses it`, { path: p });
+    for (const p of await removeUnusedBases(this.config.home, inUse)) this.daemonEvent("daemon.cleanup", `removed base image ${p}: no VM uses it`, { path: p });
   }
 
   // ---- start ------------------------------------------------------------
@@ -596,7 +598,7 @@ export class VmManager extends EventEmitter {
    * still being created (`<id>.creating`), one the inventory does not know (killed between its
    * rename and its row), sockets in run/ of VMs that are gone or no longer run.
    */
-  private sweepOrphans(): void {
+  private async sweepOrphans(): Promise<void> {
     const hp = homePaths(this.config.home);
     const rows = this.store.listVms();
     // A quarantined row's directory is kept: it may be all that is left of that VM.
@@ -620,7 +622,7 @@ export class VmManager extends EventEmitter {
     for (const cg of VmCgroup.removeLeftovers(this.cgroups, new Set([...running].map((id) => `vm-${id}`)))) {
       this.daemonEvent("daemon.cleanup", `removed the cgroup ${cg} of a VMM that no longer runs`, { path: cg });
     }
-    this.removeUnusedBases();
+    await this.removeUnusedBases();
   }
 
   private removeCgroup(name: string, cg: VmCgroup | undefined): void {
@@ -774,7 +776,7 @@ export class VmManager extends EventEmitter {
     // busy on a loaded host) asked one after the other kept the API down for 10 s each
     // (fault-injection test: past 20 s with two or three).
     await Promise.all(this.store.listVms().filter((r) => isActive(r.state)).map((r) => this.reattachOne(r)));
-    this.sweepOrphans();
+    await this.sweepOrphans();
   }
 
   /** reattach() for one VM the inventory says has a VMM. */
