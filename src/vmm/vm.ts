@@ -20,7 +20,7 @@ import { filterCpuid } from "./arch/x86_64/cpuid.js";
 import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_START, ramRanges } from "./arch/x86_64/layout.js";
 import { pciHostBridgeAml } from "./devices/pci/acpi.js";
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
-import { GuestMemory, type MemoryRegionSpec } from "./memory/guest-memory.js";
+import { GuestMemory, type HostRegion } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
 import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
@@ -142,7 +142,8 @@ export class Vm {
   private readonly vm: VmFd;
   private readonly vcpus: VcpuFd[] = [];
   private readonly runMaps: { map: libc.Mapping; run: Uint8Array }[] = [];
-  private readonly mem: libc.Mapping;
+  /** One host mapping per guest RAM region (ramRanges order). */
+  private readonly mems: libc.Mapping[] = [];
   private readonly control = new SharedArrayBuffer(CTRL.SLOTS * 4);
   private readonly ctrl = new Int32Array(this.control);
   private readonly stats: SharedArrayBuffer;
@@ -190,26 +191,32 @@ export class Vm {
       this.vm.createIrqchip();
       this.vm.createPit2();
 
-      // Private anonymous memory, reserved lazily (MAP_NORESERVE): a 2 GiB guest that
-      // touches 100 MiB costs 100 MiB. Not inherited by forks (MADV_DONTFORK). 2 MiB-aligned and
-      // marked for transparent huge pages, as QEMU and Cloud Hypervisor do with guest RAM: KVM
-      // then maps it 2 MiB at a time (fewer nested-paging walks and TLB entries for the guest),
-      // and the kernel compacts memory to find huge pages where it would otherwise settle for 4 KiB.
-      this.mem = libc.mmapAligned(memBytes, HUGE_PAGE, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE);
-      libc.madvise(this.mem, libc.MADV_DONTFORK);
-      try {
-        libc.madvise(this.mem, libc.MADV_HUGEPAGE);
-      } catch {
-        // EINVAL: a kernel without transparent huge pages; 4 KiB pages work, only slower.
-      }
-      const specs: MemoryRegionSpec[] = [];
-      let hostOffset = 0;
+      // One mapping and one KVM memory slot per RAM region (below the MMIO hole, above 4 GiB;
+      // layout.ts), so no region's size depends on another's and a region is contiguous in host
+      // memory (one host address serves an iovec anywhere in it). Each is private anonymous
+      // memory, reserved lazily (MAP_NORESERVE): a 12 GiB guest that touches 100 MiB costs
+      // 100 MiB. Not inherited by forks (MADV_DONTFORK). 2 MiB-aligned and marked for
+      // transparent huge pages, as QEMU and Cloud Hypervisor do with guest RAM: every region
+      // starts at a 2 MiB-aligned guest address, so guest-physical and host addresses agree
+      // modulo 2 MiB and KVM maps the region 2 MiB at a time (fewer nested-paging walks and TLB
+      // entries), and the kernel compacts memory to find huge pages where it would otherwise
+      // settle for 4 KiB.
+      const hostRegions: HostRegion[] = [];
       for (const r of ramRanges(memBytes)) {
-        specs.push({ guestPhysAddr: r.start, size: r.size, hostOffset });
-        hostOffset += r.size;
+        const map = libc.mmapAligned(r.size, HUGE_PAGE, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE);
+        this.mems.push(map);
+        libc.madvise(map, libc.MADV_DONTFORK);
+        try {
+          libc.madvise(map, libc.MADV_HUGEPAGE);
+        } catch {
+          // EINVAL: a kernel without transparent huge pages; 4 KiB pages work, only slower.
+        }
+        hostRegions.push({ guestPhysAddr: r.start, size: r.size, hostAddress: Number(map.address) });
       }
-      this.memory = new GuestMemory(libc.view(this.mem.pointer, memBytes), specs);
-      specs.forEach((s, slot) => this.vm.setUserMemoryRegion(slot, s.guestPhysAddr, s.size, this.mem.address + BigInt(s.hostOffset)));
+      // Safe to hand to the kernel: each slot is exactly one mapping made above, kept mapped
+      // until releaseKvm() closes the VM fd (which drops the slots) before unmapping it.
+      hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
+      this.memory = GuestMemory.mapped(hostRegions);
 
       const vmFd = this.vm;
       this.serial = new Serial(this.serialShared, () => {
@@ -289,7 +296,7 @@ export class Vm {
     const control = new SharedArrayBuffer(4);
     const init: DeviceThreadInit = {
       vmFd: this.vm.fd,
-      memory: { address: this.mem.address, length: this.mem.length, layout: this.memory.layout },
+      memory: this.memory.hostRegions,
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
       ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
     };
@@ -657,9 +664,10 @@ export class Vm {
     for (const v of this.vcpus) v.close();
     this.vcpus.length = 0;
     // Fields may be unset when the constructor failed part-way.
-    const self = this as unknown as { vm?: VmFd; mem?: libc.Mapping; kvm?: Kvm };
+    const self = this as unknown as { vm?: VmFd; kvm?: Kvm };
     self.vm?.close();
-    if (self.mem !== undefined) libc.munmap(self.mem);
+    for (const m of this.mems) libc.munmap(m);
+    this.mems.length = 0;
     self.kvm?.close();
   }
 

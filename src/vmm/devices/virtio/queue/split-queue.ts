@@ -137,6 +137,12 @@ export class SplitQueue {
     if (!mem.contains(c.descAddr, DESC_SIZE * c.size)) return bad("descriptor table is outside guest RAM");
     if (!mem.contains(c.driverAddr, 6 + 2 * c.size)) return bad("available ring is outside guest RAM");
     if (!mem.contains(c.deviceAddr, 6 + 8 * c.size)) return bad("used ring is outside guest RAM");
+    // Each area is read in place through one view. With the VMM's view geometry (2 MiB of
+    // overlap, guest-memory.ts) every area of a legal queue (at most 512 KiB) is one view
+    // wherever it lies; only a geometry with less overlap than that can refuse here.
+    for (const [what, addr, len] of [["descriptor table", c.descAddr, DESC_SIZE * c.size], ["available ring", c.driverAddr, 6 + 2 * c.size], ["used ring", c.deviceAddr, 6 + 8 * c.size]] as const) {
+      if (mem.trySlice(addr, len) === undefined) return bad(`${what} crosses two host views of guest memory`);
+    }
     return undefined;
   }
 
@@ -272,7 +278,10 @@ export class SplitQueue {
           return this.fail("VIRTQ_BUFFER", `indirect table at ${hex64(addrHi, addrLo)} (${len} bytes) is outside guest RAM`);
         }
         // A view of the table for this chain only: the driver may reuse the memory afterwards.
-        table = mem.dataView(addr, len);
+        // At most 512 KiB, so one view with the VMM's geometry (see check()).
+        const t = mem.trySlice(addr, len);
+        if (t === undefined) return this.fail("VIRTQ_BUFFER", `indirect table at ${hex64(addrHi, addrLo)} (${len} bytes) crosses two host views of guest memory`);
+        table = new DataView(t.buffer, t.byteOffset, len);
         tableLen = len / DESC_SIZE;
         indirect = true;
         idx = 0;
