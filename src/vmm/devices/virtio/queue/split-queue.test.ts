@@ -270,7 +270,7 @@ describe("inspect (GET /threads)", () => {
     q.pushUsed(c.head, 16);
     expect(q.inspect()).toEqual({
       nextAvail: 1, availIdx: 3, waiting: 2, usedIdx: 1, nextUsed: 1, signalledUsed: 0,
-      eventIdx: false, availFlags: 0, usedEvent: null, availEvent: null, interruptsSuppressed: false, broken: null,
+      eventIdx: false, availFlags: 0, usedEvent: null, availEvent: null, interruptsSuppressed: false, broken: null, highBuffers: 0,
     });
     // Reading it twice pops nothing and decides no interrupt.
     expect(q.inspect().waiting).toBe(2);
@@ -457,6 +457,7 @@ describe("chains across regions and host views (property)", () => {
           return;
         }
         const c = expectChain(r);
+        expect(q.inspect().highBuffers).toBe(bufs.filter((b) => b.len > 0 && b.addr >= HIGH).length);
         const model = new Uint8Array(backing).slice();
         const concat = (list: typeof bufs) => Buffer.concat(list.map((b) => model.subarray(hostOf(b.addr), hostOf(b.addr) + b.len)));
         const readable = bufs.filter((b) => !b.write);
