@@ -22,7 +22,7 @@ import { parseManifest } from "../images/manifest.js";
 import { spawnVmm, type VmmLaunch } from "../engine/native.js";
 import { VmmClient } from "../engine/vmm-client.js";
 import { kvmHostKind } from "../kvm/kvm.js";
-import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
+import { DEFAULT_CMDLINE, vmmOverheadBytes } from "../vmm/defaults.js";
 import { VmCgroup, detectCgroupV2, type CgroupSupport } from "./cgroups.js";
 import { createQcow2 } from "../vmm/disk/qcow2/create.js";
 import { diskFullError } from "./disk-full.js";
@@ -49,7 +49,7 @@ export interface ManagerConfig {
   logger: Logger;
   /** Do not use cgroups even where cgroup v2 is there. */
   noCgroups?: boolean;
-  /** Extra memory the cgroup allows beyond guest RAM: the VMM's own (Node, workers, buffers). */
+  /** The base of what the cgroup allows beyond guest RAM (Node, device thread, buffers); per-vCPU and page-table shares are added (vmm/defaults.ts vmmOverheadBytes). */
   vmmOverheadBytes?: number;
   /** Real paths of the directories a spec's kernel and initrd may come from (--allow-files); none by default. */
   allowedDirs?: string[];
@@ -428,6 +428,7 @@ export class VmManager extends EventEmitter {
       cmdline: spec.append !== undefined ? `${base} ${spec.append}` : base,
       cpus: spec.cpus,
       memoryMiB: spec.memoryMiB,
+      memoryOvercommit: this.config.policy.memory,
       disks: r.disks.map((d, i) => ({ path: d.path, format: d.format ?? "raw", serial: `${r.name}-${i}`.slice(0, 20) })),
       nets: spec.nets,
       rng: spec.rng,
@@ -448,7 +449,8 @@ export class VmManager extends EventEmitter {
       try {
         cgroup = VmCgroup.create(this.cgroups, `vm-${r.id}`, {
           cpuMaxCpus: spec.cpus,
-          memoryMaxBytes: spec.memoryMiB * 2 ** 20 + (this.config.vmmOverheadBytes ?? 384 * 2 ** 20),
+          // Guest RAM plus what the VMM itself needs for this many vCPUs and this much RAM (defaults.ts).
+          memoryMaxBytes: spec.memoryMiB * 2 ** 20 + vmmOverheadBytes(spec.cpus, spec.memoryMiB * 2 ** 20, this.config.vmmOverheadBytes),
           ...(spec.cpuWeight !== undefined ? { cpuWeight: spec.cpuWeight } : {}),
         });
       } catch (e) {

@@ -5,7 +5,7 @@
  * an unknown field is an error, not silently ignored.
  */
 import { z } from "zod";
-import { MAX_MEMORY_MIB, MIN_MEMORY_MIB } from "../vmm/defaults.js";
+import { MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
 
 /** Names become file and cgroup names: no path characters, no leading dash. */
 export const NAME_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
@@ -38,8 +38,9 @@ export const vmSpec = z
     initrd: absolutePath.optional(),
     cmdline: z.string().max(2048).optional().describe("kernel command line, replacing the default"),
     append: z.string().max(2048).optional().describe("text appended to the default kernel command line"),
-    cpus: z.number().int().min(1).max(64).default(1),
-    // The VMM's own limits (vmm/vm.ts), so a spec that validates here can start.
+    // The VMM's own limits (vmm/defaults.ts); the host's (KVM_CAP_MAX_VCPUS, physical memory ×
+    // overcommit) are checked at admission and by the VMM, each with its own message.
+    cpus: z.number().int().min(1).max(MAX_VCPUS).default(1),
     memoryMiB: z.number().int().min(MIN_MEMORY_MIB).max(MAX_MEMORY_MIB).default(256),
     diskSize: sizeField.optional().describe("size of the VM's disk (grown to this size from the image's root filesystem, or blank)"),
     diskFormat: z

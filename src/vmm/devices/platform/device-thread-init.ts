@@ -5,7 +5,7 @@
  * shares (DeviceRequest, DeviceReplies).
  */
 import type { DeviceSpecs } from "../../device-specs.js";
-import type { MemoryRegionSpec } from "../../memory/guest-memory.js";
+import type { HostRegion } from "../../memory/guest-memory.js";
 import type { BalloonCounters, BalloonStats } from "../virtio/balloon/balloon.js";
 import type { BlockStats } from "../virtio/block/block.js";
 import type { NetStats } from "../virtio/net/net.js";
@@ -13,7 +13,8 @@ import type { VirtioPciInspect } from "../virtio/pci/transport.js";
 
 export interface DeviceThreadInit {
   vmFd: number;
-  memory: { address: bigint; length: number; layout: MemoryRegionSpec[] };
+  /** Guest RAM: each region's host mapping (the VMM keeps them mapped while this thread runs). */
+  memory: HostRegion[];
   /** vCPU -> device thread synchronous accesses (mailbox.ts). */
   mailbox: SharedArrayBuffer;
   /** Signalled by vCPUs (mailbox requests) and by the VMM (stop). */

@@ -37,7 +37,7 @@ Atomics.store(row.i32, WORD.TID, libc.gettid());
 
 const vm = new VmFd(init.vmFd);
 const stop = new Int32Array(init.control);
-const mem = new GuestMemory(libc.view(libc.pointerAt(init.memory.address), init.memory.length), init.memory.layout);
+const mem = GuestMemory.mapped(init.memory);
 const mailbox = new MailboxServer(init.mailbox, init.vcpus);
 
 interface Plugged {
@@ -157,7 +157,7 @@ try {
   }
   if (init.devices.balloon !== undefined) {
     balloon = new BalloonDevice({
-      discard: makeDiscard(init.memory.address, init.memory.layout),
+      discard: makeDiscard(init.memory),
       maxPages: Math.floor(mem.size / BALLOON_PAGE_SIZE),
       statsPollSeconds: init.devices.balloon.statsPollSeconds,
       deflateOnOom: init.devices.balloon.deflateOnOom,
