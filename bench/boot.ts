@@ -10,12 +10,11 @@
  * Run: npm run bench:boot        (boots the lab itself when the host KVM is PVM)
  *      BENCH_MEMORY=256,12288    guest sizes in MiB (the lab has 16 GiB)
  */
-import { readFileSync } from "node:fs";
 import { USERSPACE_UP_LINE, runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { kvmHostKind } from "../src/kvm/kvm.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
-import { compare, median } from "./lib.js";
+import { compare, median, processMemory } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 5);
 const MEMORY_MIBS = (process.env["BENCH_MEMORY"] ?? "256,12288").split(",").map((v) => Number(v.trim()));
@@ -33,36 +32,6 @@ interface Sample {
   pteKiB: number;
 }
 
-/**
- * RSS of the whole process, and of the mapping(s) that hold guest RAM: the anonymous ones at least
- * as big as guest RAM's smallest part (QEMU: one mapping of it all; typevisor: one per region, the
- * one below the MMIO hole at most 3 GiB, unless the kernel merged them), and VmPTE.
- */
-function memory(pid: number, memoryMiB: number): { rssKiB: number; guestKiB: number; pteKiB: number } {
-  const threshold = Math.min(memoryMiB, 3 * 1024) * 1024;
-  const smaps = readFileSync(`/proc/${pid}/smaps`, "utf8").split("\n");
-  let rss = 0;
-  let guest = 0;
-  let size = 0;
-  let anon = false;
-  for (const line of smaps) {
-    const head = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ (\d+)\s*(.*)$/.exec(line);
-    if (head !== null) {
-      size = (parseInt(head[2]!, 16) - parseInt(head[1]!, 16)) / 1024;
-      anon = head[3] === "0" && (head[4] ?? "").trim() === "";
-      continue;
-    }
-    const m = /^Rss:\s+(\d+) kB/.exec(line);
-    if (m !== null) {
-      const kib = Number(m[1]);
-      rss += kib;
-      if (anon && size >= threshold) guest += kib;
-    }
-  }
-  const pte = /^VmPTE:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
-  return { rssKiB: rss, guestKiB: guest, pteKiB: Number(pte?.[1] ?? 0) };
-}
-
 async function once(cmd: string, args: string[], memoryMiB: number): Promise<Sample> {
   const p = new ConsoleProcess(cmd, args);
   try {
@@ -71,10 +40,10 @@ async function once(cmd: string, args: string[], memoryMiB: number): Promise<Sam
     await p.waitFor(new RegExp(USERSPACE_UP_LINE), 0, 300_000);
     const bootMs = performance.now() - p.t0;
     await p.waitFor(new RegExp(MARK), 0, 300_000);
-    const mem = memory(p.child.pid!, memoryMiB);
+    const mem = processMemory(p.child.pid!, memoryMiB);
     const code = await p.exited;
     if (code !== 0) throw new Error(`${cmd} exited ${code}:\n${p.output.slice(-2000)}`);
-    return { firstLineMs, bootMs, rssKiB: mem.rssKiB, guestKiB: mem.guestKiB, pteKiB: mem.pteKiB, overheadKiB: mem.rssKiB - mem.guestKiB };
+    return { firstLineMs, bootMs, rssKiB: mem.rssKiB, guestKiB: mem.guestRssKiB, pteKiB: mem.pteKiB, overheadKiB: mem.rssKiB - mem.guestRssKiB };
   } finally {
     p.kill();
   }
