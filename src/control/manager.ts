@@ -76,6 +76,22 @@ interface Live {
   unresponsiveSince?: string;
   /** A health check of this VMM is under way (one at a time per VMM). */
   checking?: boolean;
+  /** Why the VMM paused the VM by itself (a full disk), until it is resumed. */
+  pauseReason?: VmmPauseReason;
+}
+
+/** GET /vm of a VMM as far as the daemon reads it (vmm/vm.ts PauseReason; every field untrusted). */
+interface VmmPauseReason {
+  kind?: string;
+  errno?: string;
+  disk?: string;
+  filesystem?: { mountPoint?: string; type?: string; freeBytes?: number; sizeBytes?: number };
+  message: string;
+  at?: string;
+}
+interface VmmInfo {
+  state?: string;
+  pauseReason?: VmmPauseReason | null;
 }
 
 /** How often the watchdog asks each running VMM, and how long an answer may take. */
@@ -138,6 +154,7 @@ export class VmManager extends EventEmitter {
   private info(r: VmRow): VmInfo {
     const p = vmPaths(this.config.home, r.id);
     const since = this.live.get(r.id)?.unresponsiveSince;
+    const pause = this.live.get(r.id)?.pauseReason;
     return {
       id: r.id,
       name: r.name,
@@ -153,6 +170,7 @@ export class VmManager extends EventEmitter {
       restarts: r.restarts,
       ...(r.runtime?.cgroup !== undefined ? { cgroup: r.runtime.cgroup } : {}),
       ...(since !== undefined ? { unresponsive: { since } } : {}),
+      ...(r.state === "paused" && pause !== undefined ? { pauseReason: { kind: pause.kind ?? "disk-full", message: pause.message, ...(pause.disk !== undefined ? { disk: pause.disk } : {}), ...(pause.filesystem?.mountPoint !== undefined ? { filesystem: pause.filesystem.mountPoint } : {}) } } : {}),
     };
   }
 
@@ -678,7 +696,11 @@ export class VmManager extends EventEmitter {
   }
 
   resume(name: string): Promise<VmInfo> {
-    return this.simple(name, "resume", (c) => c.resume(), "running", "vm.resumed", `VM ${name} resumed`);
+    return this.simple(name, "resume", async (c) => {
+      await c.resume();
+      const live = this.live.get(this.row(name).id);
+      if (live !== undefined) live.pauseReason = undefined;
+    }, "running", "vm.resumed", `VM ${name} resumed`);
   }
 
   reboot(name: string): Promise<VmInfo> {
@@ -828,9 +850,10 @@ export class VmManager extends EventEmitter {
         if (live === undefined || live.dead || live.checking === true || (r.state !== "running" && r.state !== "paused")) continue;
         live.checking = true;
         void this.client(r)
-          .call("GET", "/vm", undefined, HEALTH_TIMEOUT_MS)
+          .call<VmmInfo>("GET", "/vm", undefined, HEALTH_TIMEOUT_MS)
           .then(
-            () => {
+            (answer) => {
+              this.notePause(r.name, r.id, live, answer);
               if (live.unresponsiveSince === undefined) return;
               live.unresponsiveSince = undefined;
               this.event("vm.responsive", r.name, `VM ${r.name}'s VMM answers again`, { pid: live.pid });
@@ -847,6 +870,26 @@ export class VmManager extends EventEmitter {
       }
     }, HEALTH_INTERVAL_MS);
     this.healthTimer.unref();
+  }
+
+  /**
+   * The VMM paused the VM by itself (a disk's filesystem is full: its write is held, not failed;
+   * vmm/vm.ts PauseReason): record the VM as paused with a vm.paused event that says why and
+   * names the filesystem; `vm resume` runs the held writes again once space is freed.
+   */
+  private notePause(name: string, id: string, live: Live, answer: VmmInfo | undefined): void {
+    const reason = answer?.pauseReason;
+    if (answer?.state !== "paused" || reason === undefined || reason === null || typeof reason.message !== "string") return;
+    if (live.pauseReason?.at === reason.at) return;
+    void this.serial(name, async () => {
+      const cur = this.store.getVm(name);
+      if (cur?.id !== id || cur.state !== "running" || live.dead || live.pauseReason?.at === reason.at) return;
+      live.pauseReason = reason;
+      this.setState(name, "paused");
+      this.event("vm.paused", name, `VM ${name} paused by its VMM: ${reason.message}`, {
+        reason: reason.kind ?? "disk-full", errno: reason.errno, disk: reason.disk, filesystem: reason.filesystem?.mountPoint, fsType: reason.filesystem?.type, freeBytes: reason.filesystem?.freeBytes,
+      });
+    }).catch((e: unknown) => this.log.warn({ vm: name, err: (e as Error).message }, "recording a pause for a full disk failed"));
   }
 
   startUsageCollection(): void {

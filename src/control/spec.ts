@@ -102,6 +102,10 @@ export const vmInfo = z.object({
     .object({ since: z.string() })
     .optional()
     .describe("present while the VMM's control API does not answer within a few seconds (a hung or stopped VMM); its state is what it was before"),
+  pauseReason: z
+    .object({ kind: z.string(), message: z.string(), disk: z.string().optional(), filesystem: z.string().optional() })
+    .optional()
+    .describe("present while the VMM paused the VM by itself: kind disk-full (a disk's filesystem is full; its writes wait, resume once space is freed)"),
 });
 export type VmInfo = z.infer<typeof vmInfo>;
 
@@ -121,7 +125,7 @@ export type VmUsage = z.infer<typeof vmUsage>;
 export const eventRecord = z.object({
   seq: z.number().int(),
   at: z.string(),
-  type: z.string().describe("vm.created, vm.starting, vm.running, vm.paused, vm.resumed, vm.stopping, vm.stopped, vm.crashed, vm.rebooted, vm.removed, vm.restarting, vm.reattached, daemon.started, daemon.stopping"),
+  type: z.string().describe("vm.created, vm.starting, vm.running, vm.paused (data.reason disk-full when the VMM paused it because a disk's filesystem is full), vm.resumed, vm.stopping, vm.stopped, vm.crashed, vm.rebooted, vm.removed, vm.restarting, vm.reattached, daemon.started, daemon.stopping"),
   vm: z.string().optional(),
   message: z.string(),
   data: z.record(z.string(), z.unknown()).optional(),

@@ -73,6 +73,8 @@ export type DeviceRequest =
   | { command: "balloon.setTarget"; args: { pages: number } }
   | { command: "balloon.requestStats" }
   | { command: "balloon.stats" }
+  /** Space was freed: every disk stopped by a full filesystem runs its held requests again (BlockDevice.retryHeld). */
+  | { command: "disks.retry" }
   /** Block the device thread for `ms` (only with DeviceThreadInit.debugCommands): a stuck device thread, for tests. */
   | { command: "debug.stall"; args: { ms: number } };
 
@@ -84,6 +86,7 @@ export interface DeviceReplies {
   "balloon.setTarget": BalloonReport;
   "balloon.requestStats": { requested: boolean };
   "balloon.stats": BalloonReport;
+  "disks.retry": { held: number };
   "debug.stall": { stalledMs: number };
 }
 
@@ -103,4 +106,6 @@ export type DeviceThreadMessage =
   | { type: "reply"; id: number; ok: true; result: DeviceReplies[DeviceCommandName] }
   | { type: "reply"; id: number; ok: false; code: string; message: string }
   | { type: "error"; code: string; message: string }
+  /** A disk stopped because its host filesystem is full (BlockDeviceOptions.onNoSpace): the VMM pauses the vCPUs. */
+  | { type: "no-space"; disk: number; path: string; errno: string; op: string }
   | { type: "warning"; message: string };
