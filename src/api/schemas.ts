@@ -3,9 +3,13 @@
  * schemas and /openapi.json is generated from the same objects.
  */
 import { z } from "zod";
+import { poolInfo, poolName, poolSpec } from "../control/pools.js";
 import { eventRecord, vmInfo, vmName, vmSpec, vmUsage, VM_STATES } from "../control/spec.js";
 
-export { eventRecord, vmInfo, vmName, vmSpec, vmUsage };
+export { eventRecord, poolInfo, poolSpec, vmInfo, vmName, vmSpec, vmUsage };
+
+export const poolParams = z.object({ name: poolName }).strict();
+export const poolList = z.object({ pools: z.array(poolInfo) });
 
 export const nameParams = z.object({ name: vmName }).strict();
 

@@ -96,6 +96,7 @@ interface CreateOptions extends ConnectionOptions {
   memory?: string;
   diskSize?: string;
   diskFormat?: string;
+  pool?: string;
   net?: string[];
   rng: boolean;
   balloon?: boolean;
@@ -109,7 +110,8 @@ interface CreateOptions extends ConnectionOptions {
 export function diskLine(d: VmInfo["disks"][number]): string {
   const from = d.image !== undefined ? `  from image ${d.image}` : "";
   const backing = d.backing !== undefined ? `\n    backing: ${d.backing} (raw, read-only)` : "";
-  return `  ${d.path}  ${d.format}  ${formatBytes(d.sizeBytes)} virtual, ${formatBytes(d.allocatedBytes)} allocated${from}${backing}\n`;
+  const pool = d.pool !== undefined ? `  pool ${d.pool}` : "";
+  return `  ${d.path}  ${d.format}  ${formatBytes(d.sizeBytes)} virtual, ${formatBytes(d.allocatedBytes)} allocated${pool}${from}${backing}\n`;
 }
 
 function parseDiskFormat(v: string): "qcow2" | "raw" {
@@ -131,6 +133,7 @@ export function specFromOptions(name: string, o: CreateOptions, cwd = process.cw
     ...(o.memory !== undefined ? { memoryMiB: parseWhole("--memory", o.memory, "MiB") } : {}),
     ...(o.diskSize !== undefined ? { diskSize: o.diskSize } : {}),
     ...(o.diskFormat !== undefined ? { diskFormat: parseDiskFormat(o.diskFormat) } : {}),
+    ...(o.pool !== undefined ? { pool: o.pool } : {}),
     ...(o.net !== undefined ? { nets: o.net.map(parseNet) } : {}),
     ...(o.rng === false ? { rng: false } : {}),
     ...(o.balloon === true ? { balloon: true } : {}),
@@ -190,6 +193,7 @@ export function formatVmDetails(vm: VmInfo, now = Date.now()): string {
     ["id", vm.id],
     ["state", vm.state],
     ["unresponsive", vm.unresponsive !== undefined ? `since ${formatTime(vm.unresponsive.since)} (its VMM does not answer)` : undefined],
+    ["paused by", vm.pauseReason !== undefined ? `${vm.pauseReason.kind}: ${vm.pauseReason.message}` : undefined],
     ["pid", isActive(vm.state) ? vm.pid : undefined],
     ["started", vm.startedAt !== undefined ? formatTime(vm.startedAt) : undefined],
     ["uptime", uptime(vm, now)],
@@ -332,6 +336,7 @@ export function registerVmCommands(program: Command): void {
     .option("--memory <MiB>", "guest memory in MiB (default 256)")
     .option("--disk-size <size>", 'size of the VM\'s disk, e.g. "2G" (grown from the image, or blank)')
     .option("--disk-format <format>", "qcow2 (default): a thin overlay on a shared base of the image, instant and small; raw: a full copy")
+    .option("--pool <name>", "the storage pool the disk goes in (default: default, the daemon's data directory; typevisor pool ls)")
     .option("--net <tap=NAME[,mac=MAC]>", "a virtio-net device on a host TAP (repeatable)", (v: string, prev: string[] | undefined) => [...(prev ?? []), v])
     .option("--no-rng", "no virtio-rng device")
     .option("--balloon", "a virtio-balloon device")

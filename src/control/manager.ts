@@ -17,7 +17,7 @@ import type { ChildProcess } from "node:child_process";
 import type { Logger } from "pino";
 import { z } from "zod";
 import { TypevisorError } from "../errors.js";
-import { imagePaths } from "../images/dirs.js";
+import { imagePaths, imagesDir } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
 import { spawnVmm, type VmmLaunch } from "../engine/native.js";
 import { VmmClient } from "../engine/vmm-client.js";
@@ -34,6 +34,7 @@ import { parseSize } from "../size.js";
 import { vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
 import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
 import { Store, type VmRow } from "./store.js";
+import { checkPoolPath, checkPoolQuota, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
 export interface ManagerConfig {
   home: string;
@@ -123,6 +124,8 @@ export class VmManager extends EventEmitter {
   private readonly log: Logger;
   /** Resources of creates between their admission and their inventory row (allocated() counts them). */
   private readonly reservations = new Set<Allocation>();
+  /** Virtual disk bytes of creates and disk adds between their admission and their inventory row, by pool (poolAllocated() counts them). */
+  private readonly poolReservations = new Set<{ pool: string; bytes: number }>();
 
   constructor(readonly config: ManagerConfig) {
     super();
@@ -131,6 +134,7 @@ export class VmManager extends EventEmitter {
     mkdirSync(hp.vms, { recursive: true, mode: 0o700 });
     mkdirSync(hp.run, { recursive: true, mode: 0o700 });
     this.store = new Store(hp.db);
+    this.ensureDefaultPool(hp.vms);
     this.cgroups = config.noCgroups === true ? { available: false, controllers: [], reason: "turned off (--no-cgroups)" } : detectCgroupV2();
     this.log = config.logger;
   }
@@ -163,7 +167,7 @@ export class VmManager extends EventEmitter {
       createdAt: r.createdAt,
       updatedAt: r.updatedAt,
       ...(r.runtime !== undefined ? { pid: r.runtime.pid, startedAt: r.runtime.startedAt } : {}),
-      disks: r.disks.map((d) => ({ ...d, format: d.format ?? "raw", allocatedBytes: allocatedBytes(d.path) })),
+      disks: r.disks.map((d) => ({ ...d, format: d.format ?? "raw", pool: d.pool ?? DEFAULT_POOL, allocatedBytes: allocatedBytes(d.path) })),
       consoleLog: p.consoleLog,
       apiSocket: p.apiSocket,
       ...(r.lastExit !== undefined ? { lastExit: r.lastExit } : {}),
@@ -214,7 +218,8 @@ export class VmManager extends EventEmitter {
     }
     for (const r of this.store.listVms()) {
       if (r.name === except) continue;
-      for (const d of r.disks) a.diskBytes += d.sizeBytes;
+      // The host's disk budget is the home's filesystem: disks in other pools are on theirs (pools.ts).
+      for (const d of r.disks) if ((d.pool ?? DEFAULT_POOL) === DEFAULT_POOL) a.diskBytes += d.sizeBytes;
       if (isActive(r.state)) {
         a.cpus += r.spec.cpus;
         a.memoryBytes += r.spec.memoryMiB * 2 ** 20;
@@ -288,7 +293,9 @@ export class VmManager extends EventEmitter {
     }
     const rootfsBytes = boot.rootfs !== undefined ? statSync(boot.rootfs).size : 0;
     const newDisk = boot.rootfs !== undefined ? Math.max(diskBytes ?? 0, rootfsBytes) : (diskBytes ?? 0);
-    checkAllocation(host, this.config.policy, this.allocated(), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: newDisk }, { disk: true });
+    const pool = this.poolRow(spec.pool);
+    const inDefault = pool.name === DEFAULT_POOL;
+    checkAllocation(host, this.config.policy, this.allocated(), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: inDefault ? newDisk : 0 }, { disk: true });
     // A VM bigger than the whole budget could never start: say so now.
     checkAllocation(host, this.config.policy, { cpus: 0, memoryBytes: 0, diskBytes: 0 }, { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: 0 }, { cpu: true, memory: true });
     if (rootfsBytes > host.diskFreeBytes) {
@@ -297,8 +304,14 @@ export class VmManager extends EventEmitter {
 
     // Admitted: the disk is reserved now, in the same turn of the event loop as the check, so a
     // create of another name that runs while this one copies and grows its disk sees it.
-    const reservation: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: newDisk };
+    const reservation: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: inDefault ? newDisk : 0 };
+    // The pool's quota: checked and reserved in the same synchronous step, as the budget above.
+    const poolReservation = { pool: pool.name, bytes: newDisk };
+    if (newDisk > 0) checkPoolQuota(pool, this.poolAllocated(pool.name), newDisk);
     this.reservations.add(reservation);
+    this.poolReservations.add(poolReservation);
+    // A disk in another pool is made there under a temporary name and renamed with the VM's directory.
+    const outside: { tmp: string; path: string }[] = [];
     try {
       const id = randomBytes(6).toString("hex");
       const p = vmPaths(this.config.home, id);
@@ -311,25 +324,37 @@ export class VmManager extends EventEmitter {
         if (boot.initrd !== undefined) await copyFile(boot.initrd, `${staging}/initrd.img`);
         if (boot.cmdline !== undefined) writeFileSync(`${staging}/cmdline`, boot.cmdline);
         const disks: VmRow["disks"] = [];
+        // Where disk 0 is made, and where it will be: the VM's directory (the default pool), or the pool's.
+        const where = (format: "raw" | "qcow2"): { dest: string; path: string; pool?: string } => {
+          if (inDefault) return { dest: `${staging}/disk0.${format}`, path: `${p.dir}/disk0.${format}` };
+          const path = poolDiskPath(pool, id, 0, format);
+          outside.push({ tmp: `${path}.creating`, path });
+          return { dest: `${path}.creating`, path, pool: pool.name };
+        };
         if (boot.rootfs !== undefined && spec.diskFormat === "raw") {
-          const size = await diskFromImage(boot.rootfs, `${staging}/disk0.raw`, diskBytes);
-          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, image: spec.image!, format: "raw" });
+          const w = where("raw");
+          const size = await diskFromImage(boot.rootfs, w.dest, diskBytes);
+          disks.push({ path: w.path, sizeBytes: size, image: spec.image!, format: "raw", ...(w.pool !== undefined ? { pool: w.pool } : {}) });
         } else if (boot.rootfs !== undefined) {
           // A linked clone: a qcow2 overlay on the image's base, whose filesystem already fills the size.
           const size = diskBytes === undefined ? rootfsBytes : roundUpToSector(diskBytes);
           if (size < rootfsBytes) throw new TypevisorError("DISK_SIZE", `disk size ${size} bytes is smaller than the image's root filesystem (${rootfsBytes} bytes)`);
           const base = await ensureBase(this.config.home, boot.rootfs, boot.rootfsSha256, size);
-          createQcow2(`${staging}/disk0.qcow2`, { size, backing: { file: base, format: "raw" } });
-          disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, image: spec.image!, format: "qcow2", backing: base });
+          const w = where("qcow2");
+          createQcow2(w.dest, { size, backing: { file: base, format: "raw" } });
+          disks.push({ path: w.path, sizeBytes: size, image: spec.image!, format: "qcow2", backing: base, ...(w.pool !== undefined ? { pool: w.pool } : {}) });
         } else if (diskBytes !== undefined && spec.diskFormat === "raw") {
-          const size = blankDisk(`${staging}/disk0.raw`, diskBytes);
-          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, format: "raw" });
+          const w = where("raw");
+          const size = blankDisk(w.dest, diskBytes);
+          disks.push({ path: w.path, sizeBytes: size, format: "raw", ...(w.pool !== undefined ? { pool: w.pool } : {}) });
         } else if (diskBytes !== undefined) {
+          const w = where("qcow2");
           const size = roundUpToSector(diskBytes);
-          createQcow2(`${staging}/disk0.qcow2`, { size });
-          disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, format: "qcow2" });
+          createQcow2(w.dest, { size });
+          disks.push({ path: w.path, sizeBytes: size, format: "qcow2", ...(w.pool !== undefined ? { pool: w.pool } : {}) });
         }
         renameSync(staging, p.dir);
+        for (const o of outside) renameSync(o.tmp, o.path);
         const now = new Date().toISOString();
         try {
           this.store.insertVm({ id, name: spec.name, spec, state: "defined", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
@@ -339,6 +364,7 @@ export class VmManager extends EventEmitter {
         }
       } catch (e) {
         rmSync(staging, { recursive: true, force: true });
+        for (const o of outside) for (const f of [o.tmp, o.path]) rmSync(f, { force: true });
         throw e;
       }
       this.event("vm.created", spec.name, `VM ${spec.name} created`, { id, cpus: spec.cpus, memoryMiB: spec.memoryMiB });
@@ -346,6 +372,7 @@ export class VmManager extends EventEmitter {
     } finally {
       // the inventory row (or nothing, on failure) holds it from here
       this.reservations.delete(reservation);
+      this.poolReservations.delete(poolReservation);
     }
   }
 
@@ -368,6 +395,8 @@ export class VmManager extends EventEmitter {
       assertAction(name, cur.state, "remove");
       this.store.deleteVm(name);
       rmSync(cur.dir, { recursive: true, force: true });
+      // Disks in other pools live outside the VM's directory.
+      for (const d of cur.disks) if ((d.pool ?? DEFAULT_POOL) !== DEFAULT_POOL) rmSync(d.path, { force: true });
       this.removeSockets(cur.id);
       this.usage.delete(cur.id);
       this.event("vm.removed", name, `VM ${name} removed`);
@@ -385,6 +414,77 @@ export class VmManager extends EventEmitter {
     if (this.reservations.size > 0 || this.store.quarantined().length > 0) return;
     const inUse = new Set(this.store.listVms().flatMap((r) => r.disks.flatMap((d) => (d.backing !== undefined ? [d.backing] : []))));
     for (const p of removeUnusedBases(this.config.home, inUse)) this.daemonEvent("daemon.cleanup", `removed base image ${p}: no VM uses it`, { path: p });
+  }
+
+  // ---- storage pools (pools.ts) --------------------------------------------
+
+  /** The default pool is the home's vms/ directory: made (or moved with the home) at every start. */
+  private ensureDefaultPool(vmsDir: string): void {
+    const path = realpathSync(vmsDir);
+    const cur = this.store.getPool(DEFAULT_POOL);
+    if (cur?.path === path) return;
+    if (cur !== undefined) this.store.deletePool(DEFAULT_POOL);
+    this.store.insertPool({ name: DEFAULT_POOL, path, quotaBytes: null, createdAt: new Date().toISOString() });
+  }
+
+  private poolRow(name: string): PoolRow {
+    const p = this.store.getPool(name);
+    if (p === undefined) throw new TypevisorError("POOL_NOT_FOUND", `no storage pool named ${name}`, { hint: "typevisor pool ls lists them" });
+    return p;
+  }
+
+  /** Every VM disk with its VM's name (pool accounting). */
+  private poolDisks(): PoolDisk[] {
+    return this.store.listVms().flatMap((r) => r.disks.map((d) => ({ vm: r.name, path: d.path, sizeBytes: d.sizeBytes, ...(d.pool !== undefined ? { pool: d.pool } : {}) })));
+  }
+
+  /** Virtual disk bytes given in `pool`: its disks and the admitted creates and adds not yet recorded. */
+  private poolAllocated(pool: string): number {
+    let n = 0;
+    for (const r of this.poolReservations) if (r.pool === pool) n += r.bytes;
+    for (const d of this.poolDisks()) if ((d.pool ?? DEFAULT_POOL) === pool) n += d.sizeBytes;
+    return n;
+  }
+
+  private poolReserved(pool: string): number {
+    let n = 0;
+    for (const r of this.poolReservations) if (r.pool === pool) n += r.bytes;
+    return n;
+  }
+
+  listPools(): PoolInfo[] {
+    const disks = this.poolDisks();
+    return this.store.listPools().map((p) => poolReport(p, disks, this.poolReserved(p.name)));
+  }
+
+  getPool(name: string): PoolInfo {
+    return poolReport(this.poolRow(name), this.poolDisks(), this.poolReserved(name));
+  }
+
+  /** A new pool on an existing directory (checked: pools.ts checkPoolPath). */
+  createPool(input: unknown): PoolInfo {
+    const r = poolSpec.safeParse(input);
+    if (!r.success) throw new TypevisorError("INVALID_REQUEST", zodMessage(r.error));
+    const spec = r.data;
+    const quotaBytes = quotaOf(spec);
+    if (this.store.getPool(spec.name) !== undefined) throw new TypevisorError("POOL_EXISTS", `a pool named ${spec.name} already exists`);
+    const reserved = [this.config.home, imagesDir(this.config.imagesHome)];
+    const path = checkPoolPath(spec.path, reserved, this.store.listPools());
+    this.store.insertPool({ name: spec.name, path, quotaBytes, createdAt: new Date().toISOString() });
+    this.daemonEvent("pool.created", `storage pool ${spec.name} created at ${path}${quotaBytes !== null ? ` with a quota of ${quotaBytes} bytes` : ""}`, { pool: spec.name, path, quotaBytes });
+    return this.getPool(spec.name);
+  }
+
+  /** Forget a pool (its directory and files stay); refused while any disk is in it. */
+  removePool(name: string): void {
+    const p = this.poolRow(name);
+    if (name === DEFAULT_POOL) throw new TypevisorError("POOL_IN_USE", "the default pool is the daemon's own and cannot be removed");
+    const vms = [...new Set(this.poolDisks().filter((d) => d.pool === name).map((d) => d.vm))].sort();
+    if (vms.length > 0 || this.poolReserved(name) > 0) {
+      throw new TypevisorError("POOL_IN_USE", `pool ${name} has disks of ${vms.length > 0 ? `VM${vms.length > 1 ? "s" : ""} ${vms.join(", ")}` : "a VM being created"}`, { hint: "remove those VMs or their disks first" });
+    }
+    this.store.deletePool(name);
+    this.daemonEvent("pool.removed", `storage pool ${name} removed (${p.path} left as it is)`, { pool: name, path: p.path });
   }
 
   // ---- start ------------------------------------------------------------
@@ -610,6 +710,13 @@ export class VmManager extends EventEmitter {
       if (!running.has(id)) gone("a socket of a VMM that no longer runs", join(hp.run, f));
     }
     for (const f of leftoverBaseFiles(this.config.home)) gone("a half-made base image (a create was interrupted)", f);
+    // Disks in other pools whose create was interrupted, or whose VM the inventory does not know.
+    if (quarantined.length === 0) {
+      for (const pool of this.store.listPools()) {
+        if (pool.name === DEFAULT_POOL) continue;
+        for (const f of sweepPool(pool, known)) this.daemonEvent("daemon.cleanup", `removed ${f} from pool ${pool.name}: no VM has it (a create or disk add was interrupted)`, { path: f, pool: pool.name });
+      }
+    }
     for (const cg of VmCgroup.removeLeftovers(this.cgroups, new Set([...running].map((id) => `vm-${id}`)))) {
       this.daemonEvent("daemon.cleanup", `removed the cgroup ${cg} of a VMM that no longer runs`, { path: cg });
     }

@@ -46,6 +46,8 @@ export const vmSpec = z
       .enum(["qcow2", "raw"])
       .default("qcow2")
       .describe("qcow2: a thin overlay on a shared read-only base of the image (instant, small whatever the size); raw: a full copy"),
+    pool: z.string().regex(NAME_PATTERN, "a pool name is 1-63 lower-case letters, digits and '-'").default("default")
+      .describe("the storage pool the VM's disk goes in (typevisor pool ls)"),
     nets: z.array(netSpec).max(8).default([]),
     rng: z.boolean().default(true),
     balloon: z.boolean().default(false),
@@ -81,6 +83,7 @@ export const diskInfo = z.object({
   format: z.enum(["raw", "qcow2"]),
   allocatedBytes: z.number().describe("bytes the disk's file takes on the host now"),
   backing: z.string().optional().describe("a qcow2 overlay's backing file (its base)"),
+  pool: z.string().describe("the storage pool it is in"),
 });
 
 export const vmInfo = z.object({
