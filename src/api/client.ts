@@ -185,6 +185,14 @@ export class TypevisorClient {
       res.destroy();
     }
   }
+  /** A blank disk more for a stopped VM (size, pool, format). */
+  addDisk(name: string, disk: { size: string | number; pool?: string; format?: "qcow2" | "raw" }): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(name)}/disks`, disk);
+  }
+  /** Remove disk `disk` (disk<N> or N) of a stopped VM, with its file. */
+  removeDisk(name: string, disk: string): Promise<VmInfo> {
+    return this.json("DELETE", `/v1/vms/${encodeURIComponent(name)}/disks/${encodeURIComponent(disk)}`);
+  }
   async listPools(): Promise<PoolInfo[]> {
     return (await this.json<{ pools: PoolInfo[] }>("GET", "/v1/pools")).pools;
   }

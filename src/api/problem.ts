@@ -26,6 +26,7 @@ const STATUS: Record<string, number> = {
   NOT_FOUND: 404,
   VM_NOT_FOUND: 404,
   POOL_NOT_FOUND: 404,
+  DISK_NOT_FOUND: 404,
   POOL_EXISTS: 409,
   POOL_IN_USE: 409,
   POOL_PATH: 400,

@@ -161,6 +161,18 @@ export const ROUTES: Route[] = [
     },
   }),
   route({
+    method: "POST", url: "/v1/vms/:name/disks", operationId: "addDisk", summary: "Add a blank disk to a VM without a VMM (defined, stopped, crashed): the next virtio-blk device at its next start",
+    params: S.nameParams, body: S.diskAddSpec,
+    responses: { 201: { description: "the VM with its new disk", schema: S.vmInfo } },
+    handler: async ({ manager, params, body }) => manager.addDisk(params.name, body),
+  }),
+  route({
+    method: "DELETE", url: "/v1/vms/:name/disks/:disk", operationId: "removeDisk", summary: "Remove a disk (disk<N>, not disk0) and its file from a VM without a VMM",
+    params: S.diskParams,
+    responses: vmDoc,
+    handler: async ({ manager, params }) => manager.removeDisk(params.name, params.disk),
+  }),
+  route({
     method: "GET", url: "/v1/pools", operationId: "listPools", summary: "Storage pools: capacity, quota, virtual size allocated, bytes used, overcommit",
     responses: { 200: { description: "pools by name", schema: S.poolList } },
     handler: async ({ manager }) => ({ pools: manager.listPools() }),

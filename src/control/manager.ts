@@ -31,9 +31,9 @@ import { homePaths, vmPaths } from "./paths.js";
 import { processAlive, processesWith, processStartTime, processUsage } from "./proc.js";
 import { checkAllocation, discoverHost, hostUsed, report, type Allocation, type CpuSample, type OvercommitPolicy, type ResourceReport } from "./resources.js";
 import { parseSize } from "../size.js";
-import { vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
+import { diskAddSpec, vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
 import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
-import { Store, type VmRow } from "./store.js";
+import { Store, type DiskRow, type VmRow } from "./store.js";
 import { checkPoolPath, checkPoolQuota, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
 export interface ManagerConfig {
@@ -58,6 +58,14 @@ export interface ManagerConfig {
 /** Biggest disk we will create: far past any host here, well short of a typo's 10^18. */
 const MAX_DISK_BYTES = 64 * 2 ** 40;
 const RESTART_WINDOW_MS = 10 * 60_000;
+/** Disks a VM may have: one PCI slot each, beside its other devices (31 slots). */
+const MAX_DISKS = 16;
+
+/** N of a disk file named disk<N>.<fmt> or <id>-disk<N>.<fmt> (-1 for anything else). */
+function diskIndex(path: string): number {
+  const m = /disk(\d+)\.(?:raw|qcow2)$/.exec(path);
+  return m === null ? -1 : Number(m[1]);
+}
 const RESTART_MAX = 5;
 
 interface Live {
@@ -167,7 +175,7 @@ export class VmManager extends EventEmitter {
       createdAt: r.createdAt,
       updatedAt: r.updatedAt,
       ...(r.runtime !== undefined ? { pid: r.runtime.pid, startedAt: r.runtime.startedAt } : {}),
-      disks: r.disks.map((d) => ({ ...d, format: d.format ?? "raw", pool: d.pool ?? DEFAULT_POOL, allocatedBytes: allocatedBytes(d.path) })),
+      disks: r.disks.map((d) => ({ ...d, name: `disk${diskIndex(d.path)}`, format: d.format ?? "raw", pool: d.pool ?? DEFAULT_POOL, allocatedBytes: allocatedBytes(d.path) })),
       consoleLog: p.consoleLog,
       apiSocket: p.apiSocket,
       ...(r.lastExit !== undefined ? { lastExit: r.lastExit } : {}),
@@ -485,6 +493,71 @@ export class VmManager extends EventEmitter {
     }
     this.store.deletePool(name);
     this.daemonEvent("pool.removed", `storage pool ${name} removed (${p.path} left as it is)`, { pool: name, path: p.path });
+  }
+
+  // ---- extra disks (vm disk add|rm) ---------------------------------------
+
+  /**
+   * A blank disk more for a VM without a VMM: qcow2 (thin) or raw (sparse), in a pool (its quota
+   * checked and reserved in one step, as at create); the VMM gets it as the next virtio-blk
+   * device at the next start. Named disk<N>, N the lowest index no disk of the VM has.
+   */
+  addDisk(name: string, input: unknown): Promise<VmInfo> {
+    const r = diskAddSpec.safeParse(input);
+    if (!r.success) return Promise.reject(new TypevisorError("INVALID_REQUEST", zodMessage(r.error)));
+    const spec = r.data;
+    return this.serial(name, async () => {
+      const vm = this.row(name);
+      assertAction(name, vm.state, "change disks of");
+      const bytes = roundUpToSector(typeof spec.size === "number" ? spec.size : parseSize(spec.size));
+      if (bytes > MAX_DISK_BYTES) throw new TypevisorError("INVALID_REQUEST", `size: ${bytes} bytes is more than the ${MAX_DISK_BYTES / 2 ** 40} TiB a VM disk may have`);
+      if (vm.disks.length >= MAX_DISKS) throw new TypevisorError("INVALID_REQUEST", `VM ${name} has ${vm.disks.length} disks, the most a VM may have`);
+      const pool = this.poolRow(spec.pool);
+      const inDefault = pool.name === DEFAULT_POOL;
+      if (inDefault) checkAllocation(discoverHost(this.config.home), this.config.policy, this.allocated(), { cpus: 0, memoryBytes: 0, diskBytes: bytes }, { disk: true });
+      checkPoolQuota(pool, this.poolAllocated(pool.name), bytes);
+      const reservation = { pool: pool.name, bytes };
+      this.poolReservations.add(reservation);
+      try {
+        const used = new Set(vm.disks.map((d) => diskIndex(d.path)));
+        let index = 1;
+        while (used.has(index)) index++;
+        const path = inDefault ? join(vm.dir, `disk${index}.${spec.format}`) : poolDiskPath(pool, vm.id, index, spec.format);
+        const tmp = `${path}.creating`;
+        try {
+          if (spec.format === "qcow2") createQcow2(tmp, { size: bytes });
+          else blankDisk(tmp, bytes);
+          renameSync(tmp, path);
+          const disk: DiskRow = { path, sizeBytes: bytes, format: spec.format, ...(inDefault ? {} : { pool: pool.name }) };
+          this.store.setDisks(name, [...vm.disks, disk]);
+        } catch (e) {
+          rmSync(tmp, { force: true });
+          rmSync(path, { force: true });
+          throw e;
+        }
+        this.event("vm.disk-added", name, `VM ${name}: disk${index} added (${spec.format}, ${bytes} bytes, pool ${pool.name})`, { disk: `disk${index}`, path, sizeBytes: bytes, format: spec.format, pool: pool.name });
+      } finally {
+        this.poolReservations.delete(reservation);
+      }
+      return this.get(name);
+    });
+  }
+
+  /** Remove disk `disk` (disk<N> or N) of a VM without a VMM, with its file; not disk0, which it boots from. */
+  removeDisk(name: string, disk: string): Promise<VmInfo> {
+    return this.serial(name, async () => {
+      const vm = this.row(name);
+      assertAction(name, vm.state, "change disks of");
+      const m = /^(?:disk)?(\d{1,3})$/.exec(disk);
+      const index = m === null ? -1 : Number(m[1]);
+      const d = vm.disks.find((x) => diskIndex(x.path) === index);
+      if (d === undefined) throw new TypevisorError("DISK_NOT_FOUND", `VM ${name} has no disk ${disk}`, { hint: `its disks: ${vm.disks.map((x) => `disk${diskIndex(x.path)}`).join(", ") || "none"} (typevisor vm show ${name})` });
+      if (index === 0) throw new TypevisorError("VM_STATE", `disk0 is the disk VM ${name} boots from; it goes with the VM (typevisor vm rm ${name})`);
+      this.store.setDisks(name, vm.disks.filter((x) => x !== d));
+      rmSync(d.path, { force: true });
+      this.event("vm.disk-removed", name, `VM ${name}: disk${index} removed (${d.path})`, { disk: `disk${index}`, path: d.path, pool: d.pool ?? DEFAULT_POOL });
+      return this.get(name);
+    });
   }
 
   // ---- start ------------------------------------------------------------

@@ -59,6 +59,15 @@ export const vmSpec = z
   .refine((s) => s.image !== undefined || s.kernel !== undefined, { message: "give an image or a kernel to boot" })
   .refine((s) => !(s.cmdline !== undefined && s.append !== undefined), { message: "give either cmdline (replaces) or append (adds), not both" });
 
+/** What `vm disk add` takes. */
+export const diskAddSpec = z
+  .object({
+    size: sizeField.describe("the disk's size (virtual size for qcow2)"),
+    pool: z.string().regex(NAME_PATTERN, "a pool name is 1-63 lower-case letters, digits and '-'").default("default").describe("the storage pool it goes in"),
+    format: z.enum(["qcow2", "raw"]).default("qcow2").describe("qcow2: thin; raw: a sparse file"),
+  })
+  .strict();
+
 /** What a client sends. */
 export type VmSpecInput = z.input<typeof vmSpec>;
 /** With defaults filled in: what the inventory stores. */
@@ -77,6 +86,7 @@ export const vmExit = z.object({
 export type VmExit = z.infer<typeof vmExit>;
 
 export const diskInfo = z.object({
+  name: z.string().describe("disk0 (the one the VM boots from), disk1, ...: what vm disk rm takes"),
   path: z.string(),
   sizeBytes: z.number().describe("the size the guest sees (a qcow2 disk's virtual size)"),
   image: z.string().optional(),

@@ -519,10 +519,22 @@ export class Vm {
     const reason = this.pauseReason_;
     const told = (): void => this.config.onPaused?.(reason);
     if (this.state !== "running") return told();
-    this.pause().then(told, (e: unknown) => {
-      process.stderr.write(`typevisor: pausing for a full disk failed: ${(e as Error).message}\n`);
-      told();
-    });
+    void this.pauseForDisk(reason).then(told);
+  }
+
+  /** pause(), tried again while the vCPUs are slow to stop (a loaded host) and the reason still stands. */
+  private async pauseForDisk(reason: PauseReason): Promise<void> {
+    for (let tries = 1; ; tries++) {
+      try {
+        await this.pause();
+        return;
+      } catch (e) {
+        if (this.pauseReason_ !== reason || this.state !== "running" || tries >= 12) {
+          process.stderr.write(`typevisor: pausing for a full disk failed: ${(e as Error).message}\n`);
+          return;
+        }
+      }
+    }
   }
 
   /** Stop the vCPUs (host-initiated); run() then resolves with "stopped". */

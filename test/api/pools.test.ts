@@ -126,6 +126,50 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     expect(existsSync(a)).toBe(true);
   }, 60_000);
 
+  it("vm disk add|rm: extra disks in pools (quota checked), only while stopped, handed to the VMM as virtio-blk devices the guest writes", async () => {
+    const a2 = join(dir, "a2");
+    mkdirSync(a2);
+    await d.client.createPool({ name: "a2", path: a2, quota: "3M" });
+    const vm = await d.client.createVm({ name: "dd", kernel, memoryMiB: 64, rng: false, diskSize: "1M" });
+    expect(vm.disks.map((x) => x.name)).toEqual(["disk0"]);
+    let info = await d.client.addDisk("dd", { size: "2M", pool: "a2", format: "raw" });
+    expect(info.disks[1]).toMatchObject({ name: "disk1", pool: "a2", format: "raw", sizeBytes: 2 * MiB, path: join(a2, `${vm.id}-disk1.raw`) });
+    expect(await message(d.client.addDisk("dd", { size: "2M", pool: "a2" }))).toContain("not enough space in pool a2: asked 2.0 MiB, 1.0 MiB free of its 3.0 MiB quota");
+    info = await d.client.addDisk("dd", { size: "1M" });
+    expect(info.disks[2]).toMatchObject({ name: "disk2", pool: "default", format: "qcow2", sizeBytes: MiB, path: join(d.home, "vms", vm.id, "disk2.qcow2") });
+    expect(await code(d.client.addDisk("dd", { size: "1M", format: "vmdk" as "raw" }))).toBe("400 INVALID_REQUEST");
+    expect(await code(d.client.addDisk("nope", { size: "1M" }))).toBe("404 VM_NOT_FOUND");
+    expect((await d.client.getPool("a2")).allocatedBytes).toBe(2 * MiB);
+
+    await d.client.startVm("dd");
+    expect(await code(d.client.addDisk("dd", { size: "1M" }))).toBe("409 VM_STATE");
+    expect(await code(d.client.removeDisk("dd", "disk1"))).toBe("409 VM_STATE");
+    await until("the guest to write its disks and power off", async () => ((await d.client.getVm("dd")).state === "stopped" ? true : undefined), 60_000);
+    const log = (await d.client.console("dd")).toString();
+    expect(log).toContain("tv-disk: wrote 3 disks");
+    expect(log).not.toContain("I/O error");
+    for (const disk of info.disks) {
+      const bytes = disk.format === "qcow2" ? qemuRaw(disk.path, join(dir, `${disk.name}.raw`)) : readFileSync(disk.path);
+      expect(bytes.length).toBe(disk.sizeBytes);
+      expect(checkDiskPattern(bytes)).toBeUndefined();
+      if (disk.format === "qcow2") expect(qemuCheck(disk.path).status).toBe(0);
+    }
+
+    expect(await code(d.client.removeDisk("dd", "disk0"))).toBe("409 VM_STATE");
+    expect(await code(d.client.removeDisk("dd", "disk9"))).toBe("404 DISK_NOT_FOUND");
+    expect(await code(d.client.removeDisk("dd", "../x"))).toBe("400 INVALID_REQUEST");
+    info = await d.client.removeDisk("dd", "1");
+    expect(info.disks.map((x) => x.name)).toEqual(["disk0", "disk2"]);
+    expect(existsSync(join(a2, `${vm.id}-disk1.raw`))).toBe(false);
+    expect((await d.client.getPool("a2")).allocatedBytes).toBe(0);
+    // The free index is taken again.
+    info = await d.client.addDisk("dd", { size: "1M", pool: "a2" });
+    expect(info.disks.map((x) => x.name)).toEqual(["disk0", "disk2", "disk1"]);
+    await d.client.removeVm("dd");
+    expect(existsSync(info.disks[2]!.path)).toBe(false);
+    await d.client.removePool("a2");
+  }, 120_000);
+
   it("a pool whose filesystem fills up pauses the VM with an event naming it; resume after freeing space finishes every write", async () => {
     await d.client.createPool({ name: "full", path: mnt });
     const ballast = join(mnt, "ballast");
