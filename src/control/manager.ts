@@ -25,7 +25,8 @@ import { kvmHostKind } from "../kvm/kvm.js";
 import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
 import { VmCgroup, detectCgroupV2, type CgroupSupport } from "./cgroups.js";
 import { createQcow2 } from "../vmm/disk/qcow2/create.js";
-import { ensureBase, leftoverBaseFiles, removeUnusedBases } from "./bases.js";
+import { ensureBase, ensureDiskImageBase, leftoverBaseFiles, removeUnusedBases } from "./bases.js";
+import { loadDiskImage, type DiskImageManifest } from "../images/import.js";
 import { allocatedBytes, blankDisk, diskFromImage, roundUpToSector } from "./disks.js";
 import { homePaths, vmPaths } from "./paths.js";
 import { processAlive, processesWith, processStartTime, processUsage } from "./proc.js";
@@ -285,8 +286,16 @@ export class VmManager extends EventEmitter {
       throw new TypevisorError("INVALID_REQUEST", `diskSize: ${diskBytes} bytes is more than the ${MAX_DISK_BYTES / 2 ** 40} TiB a VM disk may have`);
     }
     // Everything is checked before anything is created.
-    let boot: { kernel: string; initrd?: string; rootfs?: string; rootfsSha256?: string; cmdline?: string };
-    if (spec.image !== undefined) {
+    let boot: { kernel: string; initrd?: string; rootfs?: string; rootfsSha256?: string; cmdline?: string; diskImage?: DiskImageManifest & { path: string } };
+    const diskImage = spec.image !== undefined ? loadDiskImage(spec.image, this.config.imagesHome) : undefined;
+    if (diskImage !== undefined) {
+      // An imported disk image (image import): a disk, no kernel of its own.
+      if (spec.kernel === undefined) throw new TypevisorError("INVALID_REQUEST", `image ${spec.image!} is an imported disk image without a kernel: give kernel (and initrd) to boot it`);
+      if (spec.diskFormat === "raw") throw new TypevisorError("INVALID_REQUEST", `image ${spec.image!} is an imported disk image: its VMs are linked clones (diskFormat qcow2)`);
+      boot = { kernel: this.allowedFile(spec.kernel, opened), ...(spec.initrd !== undefined ? { initrd: this.allowedFile(spec.initrd, opened) } : {}), diskImage };
+    } else if (spec.image !== undefined && spec.kernel !== undefined) {
+      throw new TypevisorError("INVALID_REQUEST", "give either image or kernel, not both (only an imported disk image takes a kernel)");
+    } else if (spec.image !== undefined) {
       const ip = imagePaths(spec.image, this.config.imagesHome);
       if (!existsSync(ip.kernel) || !existsSync(ip.rootfs)) {
         throw new TypevisorError("IMAGE_NOT_FOUND", `no image named ${spec.image}`, { hint: `build it: typevisor image build ${spec.image}` });
@@ -299,8 +308,8 @@ export class VmManager extends EventEmitter {
     } else {
       boot = { kernel: this.allowedFile(spec.kernel!, opened), ...(spec.initrd !== undefined ? { initrd: this.allowedFile(spec.initrd, opened) } : {}) };
     }
-    const rootfsBytes = boot.rootfs !== undefined ? statSync(boot.rootfs).size : 0;
-    const newDisk = boot.rootfs !== undefined ? Math.max(diskBytes ?? 0, rootfsBytes) : (diskBytes ?? 0);
+    const rootfsBytes = boot.rootfs !== undefined ? statSync(boot.rootfs).size : (boot.diskImage?.virtualSize ?? 0);
+    const newDisk = boot.rootfs !== undefined || boot.diskImage !== undefined ? Math.max(diskBytes ?? 0, rootfsBytes) : (diskBytes ?? 0);
     const pool = this.poolRow(spec.pool);
     const inDefault = pool.name === DEFAULT_POOL;
     checkAllocation(host, this.config.policy, this.allocated(), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: inDefault ? newDisk : 0 }, { disk: true });
@@ -339,7 +348,15 @@ export class VmManager extends EventEmitter {
           outside.push({ tmp: `${path}.creating`, path });
           return { dest: `${path}.creating`, path, pool: pool.name };
         };
-        if (boot.rootfs !== undefined && spec.diskFormat === "raw") {
+        if (boot.diskImage !== undefined) {
+          // A linked clone of an imported disk image: an overlay on the daemon's read-only copy of it.
+          const img = boot.diskImage;
+          const size = roundUpToSector(Math.max(diskBytes ?? 0, img.virtualSize));
+          const base = await ensureDiskImageBase(this.config.home, img.path, img.file.sha256, img.format);
+          const w = where("qcow2");
+          createQcow2(w.dest, { size, backing: { file: base, format: img.format } });
+          disks.push({ path: w.path, sizeBytes: size, image: spec.image!, format: "qcow2", backing: base, ...(w.pool !== undefined ? { pool: w.pool } : {}) });
+        } else if (boot.rootfs !== undefined && spec.diskFormat === "raw") {
           const w = where("raw");
           const size = await diskFromImage(boot.rootfs, w.dest, diskBytes);
           disks.push({ path: w.path, sizeBytes: size, image: spec.image!, format: "raw", ...(w.pool !== undefined ? { pool: w.pool } : {}) });
@@ -584,7 +601,9 @@ export class VmManager extends EventEmitter {
 
     const spec = r.spec;
     const imageCmdline = existsSync(`${r.dir}/cmdline`) ? readFileSync(`${r.dir}/cmdline`, "utf8").trim() : DEFAULT_CMDLINE;
-    const base = spec.cmdline ?? (spec.image !== undefined ? `${imageCmdline} root=/dev/vda` : DEFAULT_CMDLINE);
+    // An imported disk image has no command line of its own, nor a known root (a partition, often): the spec says (append root=...).
+    const fromDiskImage = spec.image !== undefined && spec.kernel !== undefined;
+    const base = spec.cmdline ?? (spec.image !== undefined && !fromDiskImage ? `${imageCmdline} root=/dev/vda` : DEFAULT_CMDLINE);
     const launch: VmmLaunch = {
       id: r.id,
       kernel: `${r.dir}/vmlinuz`,

@@ -34,7 +34,7 @@ export const vmSpec = z
     name: vmName,
     image: z.string().regex(/^[a-z0-9][a-z0-9._-]{0,62}$/, "an image name is lower-case letters, digits, '.', '_' and '-'").optional()
       .describe("boot this image (typevisor image ls); its root filesystem becomes the VM's own disk"),
-    kernel: absolutePath.optional().describe("boot this kernel instead of an image's (host path)"),
+    kernel: absolutePath.optional().describe("boot this kernel instead of an image's (host path); with an imported disk image (image import), the kernel it boots"),
     initrd: absolutePath.optional(),
     cmdline: z.string().max(2048).optional().describe("kernel command line, replacing the default"),
     append: z.string().max(2048).optional().describe("text appended to the default kernel command line"),
@@ -55,7 +55,6 @@ export const vmSpec = z
     restart: z.enum(["no", "on-crash"]).default("no").describe("restart the VM when its VMM process dies unexpectedly"),
   })
   .strict()
-  .refine((s) => !(s.image !== undefined && s.kernel !== undefined), { message: "give either image or kernel, not both" })
   .refine((s) => s.image !== undefined || s.kernel !== undefined, { message: "give an image or a kernel to boot" })
   .refine((s) => !(s.cmdline !== undefined && s.append !== undefined), { message: "give either cmdline (replaces) or append (adds), not both" });
 

@@ -6,7 +6,8 @@
  * event naming the filesystem; `vm resume` after freeing space finishes every write, and the
  * qcow2 disk is clean for `qemu-img check`. Needs root (mount).
  */
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -14,7 +15,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ApiError } from "../../src/api/client.js";
 import { qemuCheck, qemuRaw } from "../../src/vmm/disk/test-disk.js";
 import { checkDiskPattern, DISK_GUEST_DONE, writeDiskGuest } from "../helpers/disk-guest.js";
-import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { pattern, qemuImg } from "../../src/vmm/disk/test-disk.js";
 
 const hasKvm = existsSync("/dev/kvm");
 const MiB = 1024 * 1024;
@@ -43,6 +45,11 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
   let dir: string;
   let kernel: string;
   let mnt: string;
+  /** Where the daemon and the CLI find images (TYPEVISOR_HOME). */
+  let dataHome: string;
+
+  /** The real CLI from dist/, with this test's image store. */
+  const tv = (args: string[]) => spawnSync(process.execPath, [BIN, ...args], { encoding: "utf8", env: { ...process.env, TYPEVISOR_HOME: dataHome }, timeout: 60_000 });
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), "tvpool-"));
@@ -51,7 +58,9 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     mnt = join(dir, "full");
     mkdirSync(mnt);
     execFileSync("mount", ["-t", "tmpfs", "-o", "size=12m,mode=0700", "tvpool-full", mnt]);
-    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
+    dataHome = join(dir, "data");
+    mkdirSync(dataHome);
+    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir], env: { TYPEVISOR_HOME: dataHome } });
   }, 60_000);
 
   afterAll(async () => {
@@ -168,6 +177,57 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     await d.client.removeVm("dd");
     expect(existsSync(info.disks[2]!.path)).toBe(false);
     await d.client.removePool("a2");
+  }, 120_000);
+
+  it("image import: a qcow2 image becomes a base VMs are linked clones of; image rm refuses while they are, naming them", async () => {
+    const src = join(dir, "cloud.raw");
+    writeFileSync(src, pattern(2 * MiB, 0, 21));
+    const q = join(dir, "cloud.qcow2");
+    qemuImg(["convert", "-f", "raw", "-O", "qcow2", src, q]);
+    const imp = tv(["image", "import", "cloud", q]);
+    expect(imp.stderr).toContain("as qcow2 (detected");
+    expect(imp.stdout).toMatch(/^cloud: qcow2, 2\.0M virtual/);
+    expect(imp.status).toBe(0);
+    expect(tv(["image", "ls"]).stdout).toMatch(/DISK IMAGE\s+FORMAT[\s\S]*cloud\s+qcow2\s+2\.0M/);
+    const stored = join(dataHome, "images", "cloud", "disk.qcow2");
+    const sha = createHash("sha256").update(readFileSync(stored)).digest("hex");
+    // A disk image has no kernel: one must be given.
+    expect(await code(d.client.createVm({ name: "clone", image: "cloud", memoryMiB: 64, rng: false }))).toBe("400 INVALID_REQUEST");
+    const vm = await d.client.createVm({ name: "clone", image: "cloud", kernel, memoryMiB: 64, rng: false, diskSize: "3M" });
+    const disk = vm.disks[0]!;
+    expect(disk).toMatchObject({ image: "cloud", format: "qcow2", sizeBytes: 3 * MiB, backing: join(d.home, "bases", `${sha.slice(0, 16)}-img.qcow2`) });
+    expect(disk.allocatedBytes).toBeLessThan(MiB);
+    // Before the guest writes, the clone reads as the image (and zeros past it).
+    const before = qemuRaw(disk.path, join(dir, "clone0.raw"));
+    expect(before.subarray(0, 2 * MiB).equals(pattern(2 * MiB, 0, 21))).toBe(true);
+
+    const rm = tv(["image", "rm", "cloud", "--home", d.home]);
+    expect(rm.status).toBe(4);
+    expect(rm.stderr).toContain("error[IMAGE_IN_USE]: image cloud has linked clones: VM clone (qcow2 overlays on its base)");
+    expect(existsSync(stored)).toBe(true);
+
+    await d.client.startVm("clone");
+    await until("the guest to write its disk and power off", async () => ((await d.client.getVm("clone")).state === "stopped" ? true : undefined), 60_000);
+    expect((await d.client.console("clone")).toString()).toContain(DISK_GUEST_DONE);
+    expect(qemuCheck(disk.path)).toMatchObject({ status: 0 });
+    expect(checkDiskPattern(qemuRaw(disk.path, join(dir, "clone1.raw")))).toBeUndefined();
+    // Neither the base nor the stored image changed.
+    expect(createHash("sha256").update(readFileSync(disk.backing!)).digest("hex")).toBe(sha);
+    expect(createHash("sha256").update(readFileSync(stored)).digest("hex")).toBe(sha);
+
+    // With the daemon down, the inventory itself says so.
+    await d.stop();
+    const offline = tv(["image", "rm", "cloud", "--home", d.home]);
+    expect(offline.stderr).toContain("error[IMAGE_IN_USE]");
+    expect(offline.status).toBe(4);
+    d = await startDaemon({ home: d.home, args: ["--force-kvm", "--allow-files", dir], env: { TYPEVISOR_HOME: dataHome } });
+    const forced = tv(["image", "rm", "cloud", "--force", "--home", d.home]);
+    expect(forced.status).toBe(0);
+    expect(existsSync(stored)).toBe(false);
+    expect(existsSync(disk.backing!)).toBe(true);
+    await d.client.removeVm("clone");
+    // The last clone took its base with it.
+    expect(existsSync(disk.backing!)).toBe(false);
   }, 120_000);
 
   it("a pool whose filesystem fills up pauses the VM with an event naming it; resume after freeing space finishes every write", async () => {

@@ -267,6 +267,26 @@ export class Qcow2Backend implements DiskBackend {
     return { kind: Kind.Data, host, inPlace: (hi & L2.COPIED_HI) !== 0, hi, lo };
   }
 
+  /**
+   * Check every L2 table and entry now, as a request would (classify): an image brought from
+   * elsewhere (`image import`) is refused at once for a crafted table rather than failing a
+   * guest's read later. Reads metadata only.
+   * @throws IoFailure (an L2 table or entry the backend would refuse)
+   */
+  verify(): void {
+    for (let i = 0; i < this.header.l1Size; i++) {
+      const off = entryOffset(this.l1.readUInt32BE(i * 8), this.l1.readUInt32BE(i * 8 + 4));
+      if (off === 0) continue;
+      const t = this.loadL2(off);
+      this.refusePastEnd(t.buf, off);
+      for (let j = 0; j < this.l2Entries; j++) {
+        const gc = i * this.l2Entries + j;
+        if (gc * this.cluster >= this.capacity) break;
+        this.classify(t.buf.readUInt32BE(j * 8), t.buf.readUInt32BE(j * 8 + 4), gc);
+      }
+    }
+  }
+
   // ---- reads ----
 
   readv(iov: IoVec, pos: number): number {
