@@ -1082,7 +1082,10 @@ export class VmManager extends EventEmitter {
     if (live.pauseReason?.at === reason.at) return;
     void this.serial(name, async () => {
       const cur = this.store.getVm(name);
-      if (cur?.id !== id || cur.state !== "running" || live.dead || live.pauseReason?.at === reason.at) return;
+      if (cur?.id !== id || live.dead || live.pauseReason?.at === reason.at) return;
+      // Already paused (by the user, or recorded before a daemon restart): shown, no second event.
+      if (cur.state === "paused") live.pauseReason = reason;
+      if (cur.state !== "running") return;
       live.pauseReason = reason;
       this.setState(name, "paused");
       this.event("vm.paused", name, `VM ${name} paused by its VMM: ${reason.message}`, {
