@@ -35,7 +35,7 @@ import { parseSize } from "../size.js";
 import { diskAddSpec, vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
 import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
 import { Store, type DiskRow, type VmRow } from "./store.js";
-import { checkPoolPath, checkPoolQuota, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
+import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
 export interface ManagerConfig {
   home: string;
@@ -495,7 +495,13 @@ export class VmManager extends EventEmitter {
     if (this.store.getPool(spec.name) !== undefined) throw new TypevisorError("POOL_EXISTS", `a pool named ${spec.name} already exists`);
     const reserved = [this.config.home, imagesDir(this.config.imagesHome)];
     const path = checkPoolPath(spec.path, reserved, this.store.listPools());
-    this.store.insertPool({ name: spec.name, path, quotaBytes, createdAt: new Date().toISOString() });
+    claimPool(path, this.config.home);
+    try {
+      this.store.insertPool({ name: spec.name, path, quotaBytes, createdAt: new Date().toISOString() });
+    } catch (e) {
+      releasePool(path);
+      throw e;
+    }
     this.daemonEvent("pool.created", `storage pool ${spec.name} created at ${path}${quotaBytes !== null ? ` with a quota of ${quotaBytes} bytes` : ""}`, { pool: spec.name, path, quotaBytes });
     return this.getPool(spec.name);
   }
@@ -509,6 +515,7 @@ export class VmManager extends EventEmitter {
       throw new TypevisorError("POOL_IN_USE", `pool ${name} has disks of ${vms.length > 0 ? `VM${vms.length > 1 ? "s" : ""} ${vms.join(", ")}` : "a VM being created"}`, { hint: "remove those VMs or their disks first" });
     }
     this.store.deletePool(name);
+    releasePool(p.path);
     this.daemonEvent("pool.removed", `storage pool ${name} removed (${p.path} left as it is)`, { pool: name, path: p.path });
   }
 
@@ -806,7 +813,7 @@ export class VmManager extends EventEmitter {
     if (quarantined.length === 0) {
       for (const pool of this.store.listPools()) {
         if (pool.name === DEFAULT_POOL) continue;
-        for (const f of sweepPool(pool, known)) this.daemonEvent("daemon.cleanup", `removed ${f} from pool ${pool.name}: no VM has it (a create or disk add was interrupted)`, { path: f, pool: pool.name });
+        for (const f of sweepPool(pool, known, this.config.home)) this.daemonEvent("daemon.cleanup", `removed ${f} from pool ${pool.name}: no VM has it (a create or disk add was interrupted)`, { path: f, pool: pool.name });
       }
     }
     for (const cg of VmCgroup.removeLeftovers(this.cgroups, new Set([...running].map((id) => `vm-${id}`)))) {

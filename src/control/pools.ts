@@ -16,7 +16,7 @@
  * existing directory, is stored as its real path (symlinks resolved), and may not be inside,
  * above, or the same as another pool or the daemon's own directories.
  */
-import { readdirSync, realpathSync, rmSync, statfsSync, statSync } from "node:fs";
+import { readdirSync, readFileSync, realpathSync, rmSync, statfsSync, statSync, writeFileSync } from "node:fs";
 import { join, normalize, sep } from "node:path";
 import { z } from "zod";
 import { TypevisorError } from "../errors.js";
@@ -161,9 +161,39 @@ export function poolDiskPath(pool: PoolRow, id: string, index: number, format: "
   return join(pool.path, `${id}-disk${index}.${format}`);
 }
 
+/**
+ * A pool's directory holds `.typevisor-pool` naming the daemon home that owns it: two daemons
+ * (two homes) must not share one pool, or one's start-up sweep would take the other's disks for
+ * leftovers. Written at pool create, removed at pool rm.
+ */
+const MARKER = ".typevisor-pool";
+
+/** The home that owns pool directory `dir`, if one does. */
+export function poolOwner(dir: string): string | undefined {
+  try {
+    const v = JSON.parse(readFileSync(join(dir, MARKER), "utf8")) as { home?: unknown };
+    return typeof v.home === "string" ? v.home : "an unreadable owner";
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "ENOENT" ? undefined : "an unreadable owner";
+  }
+}
+
+/** Claim `dir` for the daemon at `home` (refused when another daemon's). @throws TypevisorError POOL_PATH */
+export function claimPool(dir: string, home: string): void {
+  const owner = poolOwner(dir);
+  if (owner !== undefined && owner !== home) throw new TypevisorError("POOL_PATH", `${dir} is a pool of another typevisor daemon (${owner}): two daemons must not share a pool`, { hint: `if that daemon is gone, remove ${join(dir, MARKER)}` });
+  writeFileSync(join(dir, MARKER), `${JSON.stringify({ home })}\n`, { mode: 0o600 });
+}
+
+export function releasePool(dir: string): void {
+  rmSync(join(dir, MARKER), { force: true });
+}
+
 /** Files in a pool that look like ours (`<12 hex>-disk<N>.<fmt>[.creating]`) but belong to no VM in `known` (ids); removed, returned. */
-export function sweepPool(pool: PoolRow, known: ReadonlySet<string>): string[] {
+export function sweepPool(pool: PoolRow, known: ReadonlySet<string>, home: string): string[] {
   const out: string[] = [];
+  // Only a pool this daemon owns: another's files are not ours to judge.
+  if (poolOwner(pool.path) !== home) return out;
   let names: string[];
   try {
     names = readdirSync(pool.path);
