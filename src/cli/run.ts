@@ -298,6 +298,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       bootCount = boots;
       const vm = new Vm({
         cpus, memoryMiB, consoleFd, devices, vcpuNice, memoryOvercommit,
+        onPaused: (r) => log(`typevisor: ${r.message}`),
         // The files are read again for each boot rather than held in the heap for the VM's lifetime.
         boot: { kind: "linux", ...(firstBoot ?? (await resolveBoot(o))) },
       });
@@ -307,7 +308,8 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       if (stopRequested) vm.stop();
       if (o.apiSocket !== undefined && server === undefined) {
         server = await startControlServer(o.apiSocket, {
-          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
+          // pauseReason: set while the VMM paused the VM by itself (a disk's filesystem is full).
+          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
           stats: async () => {
             const vmNow = current;
             if (vmNow === undefined) return undefined;

@@ -8,8 +8,8 @@
  * killed midway leaves only a `*.tmp` that the start-up sweep removes.
  */
 import { randomBytes } from "node:crypto";
-import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
-import { rm } from "node:fs/promises";
+import { chmodSync, constants, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { copyFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { fileInfo } from "../images/manifest.js";
 import { diskFromImage } from "./disks.js";
@@ -46,6 +46,28 @@ export async function ensureBase(home: string, rootfs: string, sha256: string | 
 }
 
 /**
+ * The base for an imported disk image (images/NAME/disk.<fmt>, image import): a read-only copy of
+ * it as it is (a partitioned disk: nothing to grow), `<sha256 prefix>-img.<format>`, made if
+ * missing, off the event loop.
+ */
+export async function ensureDiskImageBase(home: string, file: string, sha256: string, format: "raw" | "qcow2"): Promise<string> {
+  const path = join(basesDir(home), `${sha256.slice(0, 16)}-img.${format}`);
+  if (existsSync(path)) return path;
+  mkdirSync(basesDir(home), { recursive: true, mode: 0o700 });
+  const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
+  try {
+    await copyFile(file, tmp, constants.COPYFILE_FICLONE);
+    chmodSync(tmp, 0o444);
+    if (existsSync(path)) rmSync(tmp, { force: true });
+    else renameSync(tmp, path);
+  } catch (e) {
+    rmSync(tmp, { force: true });
+    throw e;
+  }
+  return path;
+}
+
+/**
  * Remove the bases no disk in `inUse` stands on; returns the paths removed. Each is renamed out of
  * the way at once (a create that runs meanwhile cannot find it and stand on it), then deleted off
  * the event loop (unlinking gigabytes takes a while); a daemon killed between the two leaves a
@@ -57,7 +79,7 @@ export async function removeUnusedBases(home: string, inUse: ReadonlySet<string>
   const doomed: [string, string][] = [];
   for (const f of readdirSync(dir)) {
     const p = join(dir, f);
-    if (f.endsWith(".raw") && !inUse.has(p)) {
+    if ((f.endsWith(".raw") || f.endsWith(".qcow2")) && !inUse.has(p)) {
       const trash = `${p}.${randomBytes(4).toString("hex")}.tmp`;
       renameSync(p, trash);
       doomed.push([p, trash]);

@@ -35,6 +35,7 @@ import { kernelThreads, type KernelThread } from "./threads/kernel.js";
 import { deviceThreadPhase, ioThreadReport, vcpuReport, type DeviceThreadThreadsReport, type IoThreadReport, type ThreadsReport, type VcpuThreadReport } from "./threads/report.js";
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
+import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
 
 import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "./defaults.js";
 import { XAPIC_MAX_CPUS } from "./arch/x86_64/acpi/tables.js";
@@ -80,6 +81,8 @@ export interface VmConfig {
   memoryOvercommit?: number;
   /** Let deviceCommand send the device thread's debug.* commands (tests of a device thread that does not answer). */
   debugDeviceCommands?: boolean;
+  /** Told when the VMM pauses the VM by itself (a full disk), after the vCPUs stopped (or failed to). */
+  onPaused?: (reason: PauseReason) => void;
 }
 
 export type VmExitResult =
@@ -106,6 +109,23 @@ export interface VmStats {
 }
 
 export type VmState = "created" | "running" | "paused" | "stopped";
+
+/**
+ * Why the VMM paused the VM by itself: a disk's host filesystem is full (ENOSPC; EDQUOT over a
+ * quota). The write that failed is held, not failed (QEMU's werror=enospc): resume() runs it
+ * again once space is freed, and pauses again if there is still none.
+ */
+export interface PauseReason {
+  kind: "disk-full";
+  errno: string;
+  /** The request that could not be done (write, flush, write-zeroes). */
+  op: string;
+  /** The disk's image file. */
+  disk: string;
+  filesystem: FilesystemInfo;
+  message: string;
+  at: string;
+}
 
 /** Counters of a VM without devices (nothing to ask the device thread). */
 export function emptyIoStats(): IoStats {
@@ -222,6 +242,8 @@ export class Vm {
   private state: VmState = "created";
   private destroyed = false;
   private pendingInput: Uint8Array[] = [];
+  /** Set while the VM is paused because a disk's filesystem is full; cleared by resume(). */
+  private pauseReason_: PauseReason | undefined;
   private inputTimer: NodeJS.Timeout | undefined;
 
   /** The configuration minus the boot payload (kernel and initrd are not kept once loaded). */
@@ -372,7 +394,8 @@ export class Vm {
           this.pendingCommands.delete(m.id);
           if (m.ok) waiter?.resolve(m.result);
           else waiter?.reject(new TypevisorError(m.code, m.message));
-        } else process.stderr.write(`typevisor: ${m.message}\n`);
+        } else if (m.type === "no-space") this.onNoSpace(m);
+        else process.stderr.write(`typevisor: ${m.message}\n`);
       });
       w.on("error", (e) => reject(new TypevisorError("DEVICE_THREAD", `device thread failed: ${e.message}`)));
       w.on("exit", () => {
@@ -532,9 +555,50 @@ export class Vm {
 
   resume(): void {
     if (this.state !== "paused") throw new TypevisorError("VM_STATE", `cannot resume a VM that is ${this.state}`);
+    const heldForSpace = this.pauseReason_ !== undefined;
+    this.pauseReason_ = undefined;
     Atomics.store(this.ctrl, CTRL.PAUSE, 0);
     Atomics.notify(this.ctrl, CTRL.PAUSE);
     this.state = "running";
+    // The writes a full disk held run again now; one that still finds no space pauses the VM again.
+    if (heldForSpace && this.deviceThread !== undefined) {
+      this.deviceCommand({ command: "disks.retry" }).catch((e: unknown) => process.stderr.write(`typevisor: retrying the held disk requests failed: ${(e as Error).message}\n`));
+    }
+  }
+
+  /** Why the VMM paused the VM by itself, while it is paused for that. */
+  get pauseReason(): PauseReason | undefined {
+    return this.pauseReason_;
+  }
+
+  /**
+   * A disk's host filesystem is full: its request is held (not failed) on the device thread and
+   * the disk takes no more; stop the vCPUs too, as QEMU's werror=enospc does, so the guest
+   * waits instead of seeing I/O errors, and say why (GET /vm pauseReason, onPaused).
+   */
+  private onNoSpace(m: { path: string; errno: string; op: string }): void {
+    const fs = filesystemOf(m.path);
+    const message = `disk ${m.path}: the filesystem ${fs.mountPoint} (${fs.type}) is full (${m.errno} on a ${m.op}; ${formatBytes(fs.freeBytes)} free of ${formatBytes(fs.sizeBytes)}): the VM is paused; free space there and resume it`;
+    this.pauseReason_ = { kind: "disk-full", errno: m.errno, op: m.op, disk: m.path, filesystem: fs, message, at: new Date().toISOString() };
+    const reason = this.pauseReason_;
+    const told = (): void => this.config.onPaused?.(reason);
+    if (this.state !== "running") return told();
+    void this.pauseForDisk(reason).then(told);
+  }
+
+  /** pause(), tried again while the vCPUs are slow to stop (a loaded host) and the reason still stands. */
+  private async pauseForDisk(reason: PauseReason): Promise<void> {
+    for (let tries = 1; ; tries++) {
+      try {
+        await this.pause();
+        return;
+      } catch (e) {
+        if (this.pauseReason_ !== reason || this.state !== "running" || tries >= 12) {
+          process.stderr.write(`typevisor: pausing for a full disk failed: ${(e as Error).message}\n`);
+          return;
+        }
+      }
+    }
   }
 
   /** Stop the vCPUs (host-initiated); run() then resolves with "stopped". */

@@ -74,6 +74,8 @@ export type DeviceRequest =
   | { command: "balloon.setTarget"; args: { pages: number } }
   | { command: "balloon.requestStats" }
   | { command: "balloon.stats" }
+  /** Space was freed: every disk stopped by a full filesystem runs its held requests again (BlockDevice.retryHeld). */
+  | { command: "disks.retry" }
   /** Block the device thread for `ms` (only with DeviceThreadInit.debugCommands): a stuck device thread, for tests. */
   | { command: "debug.stall"; args: { ms: number } };
 
@@ -85,6 +87,7 @@ export interface DeviceReplies {
   "balloon.setTarget": BalloonReport;
   "balloon.requestStats": { requested: boolean };
   "balloon.stats": BalloonReport;
+  "disks.retry": { held: number };
   "debug.stall": { stalledMs: number };
 }
 
@@ -104,4 +107,6 @@ export type DeviceThreadMessage =
   | { type: "reply"; id: number; ok: true; result: DeviceReplies[DeviceCommandName] }
   | { type: "reply"; id: number; ok: false; code: string; message: string }
   | { type: "error"; code: string; message: string }
+  /** A disk stopped because its host filesystem is full (BlockDeviceOptions.onNoSpace): the VMM pauses the vCPUs. */
+  | { type: "no-space"; disk: number; path: string; errno: string; op: string }
   | { type: "warning"; message: string };

@@ -132,6 +132,8 @@ try {
       path: d.path,
       readonly: d.readonly,
       ioThread: `tv-blk${i}`,
+      // A full host filesystem pauses the VM (QEMU's werror=enospc) instead of failing the guest's write.
+      onNoSpace: (info) => post({ type: "no-space", disk: i, ...info }),
       ...(d.format !== undefined ? { format: d.format } : {}),
       ...(d.serial !== undefined ? { serial: d.serial } : {}),
     });
@@ -234,6 +236,9 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
       return { requested: theBalloon().requestStats() };
     case "balloon.stats":
       return balloonState();
+    case "disks.retry":
+      for (const { dev } of disks) dev.retryHeld();
+      return { held: disks.reduce((n, { dev }) => n + dev.heldRequests, 0) };
     case "debug.stall": {
       if (init.debugCommands !== true) throw new TypevisorError("UNKNOWN_COMMAND", "debug commands are off");
       const start = clockMs();
