@@ -84,8 +84,10 @@ interface Region {
   end: number;
   /** Host virtual address of the region's first byte. */
   host: number;
-  /** views[i] starts at region offset i x step. */
-  views: View[];
+  /** How many views cover the region. */
+  viewCount: number;
+  /** View i (made on first use) starts at region offset i x step. */
+  view: (i: number) => View;
 }
 
 function layoutError(message: string): TypevisorError {
@@ -98,14 +100,25 @@ function checkGeometry(g: ViewGeometry): void {
   }
 }
 
-/** Views over [0, size) of a region, each made by `make(offset, length)`. */
-function cutViews(size: number, g: ViewGeometry, make: (offset: number, length: number) => Uint8Array): View[] {
-  const views: View[] = [];
-  for (let off = 0; off < size; off += g.step) {
-    const bytes = make(off, Math.min(g.step + g.overlap, size - off));
-    views.push({ bytes, dv: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength) });
-  }
-  return views;
+/**
+ * The views over [0, size) of a region, made on first use by `make(offset, length)`. Lazily,
+ * because V8 counts every byte an ArrayBuffer views as external memory and answers each new
+ * 2 GiB with a full "external memory pressure" garbage collection (seen with --trace-gc): made
+ * all at once, a 12 GiB guest cost 7 of them before it booted; made on demand, the views of RAM
+ * the VMM never touches (most of a big guest's, until its devices use it) cost nothing.
+ */
+function lazyViews(size: number, g: ViewGeometry, make: (offset: number, length: number) => Uint8Array): (i: number) => View {
+  const views: (View | undefined)[] = new Array<View | undefined>(Math.ceil(size / g.step)).fill(undefined);
+  return (i: number): View => {
+    let v = views[i];
+    if (v === undefined) {
+      const off = i * g.step;
+      const bytes = make(off, Math.min(g.step + g.overlap, size - off));
+      v = { bytes, dv: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength) };
+      views[i] = v;
+    }
+    return v;
+  };
 }
 
 /** Scratch for typed accesses that cross a view boundary (only with an overlap under 8 bytes: tests). */
@@ -117,6 +130,7 @@ export class GuestMemory {
   /** regions[0] (the lowest; guest RAM below the PCI hole holds almost every buffer). */
   private readonly first: Region;
   private readonly step: number;
+  private readonly overlap: number;
 
   /**
    * Regions inside one backing buffer (e.g. an ArrayBuffer in tests); each region's views are
@@ -128,27 +142,31 @@ export class GuestMemory {
   constructor(backing: ArrayBuffer | SharedArrayBuffer | null, specs: readonly (MemoryRegionSpec | HostRegion)[], geometry: ViewGeometry = DEFAULT_VIEW_GEOMETRY) {
     checkGeometry(geometry);
     this.step = geometry.step;
+    this.overlap = geometry.overlap;
     this.regions = [...specs]
       .sort((a, b) => a.guestPhysAddr - b.guestPhysAddr)
       .map((s) => {
         if (!Number.isSafeInteger(s.guestPhysAddr) || !Number.isSafeInteger(s.size) || s.guestPhysAddr < 0 || s.size <= 0 || !Number.isSafeInteger(s.guestPhysAddr + s.size)) {
           throw layoutError(`region at 0x${s.guestPhysAddr.toString(16)} of ${s.size} bytes is malformed`);
         }
-        let views: View[];
+        let view: (i: number) => View;
+        let host: number;
         if (backing !== null) {
           const { hostOffset } = s as MemoryRegionSpec;
           if (!Number.isSafeInteger(hostOffset) || hostOffset < 0 || hostOffset + s.size > backing.byteLength) {
             throw layoutError(`region at 0x${s.guestPhysAddr.toString(16)} does not fit its backing`);
           }
-          views = cutViews(s.size, geometry, (off, len) => new Uint8Array(backing, hostOffset + off, len));
+          view = lazyViews(s.size, geometry, (off, len) => new Uint8Array(backing, hostOffset + off, len));
+          host = addressOf(view(0).bytes);
         } else {
           const { hostAddress } = s as HostRegion;
           if (!Number.isSafeInteger(hostAddress) || hostAddress <= 0) throw layoutError(`region at 0x${s.guestPhysAddr.toString(16)} has no host address`);
           // Each view is koffi.view over [hostAddress + off, + len): inside the region's mapping,
           // which the caller keeps mapped for as long as this GuestMemory is used (mapped()).
-          views = cutViews(s.size, geometry, (off, len) => new Uint8Array(libc.view(libc.pointerAt(BigInt(hostAddress + off)), len)));
+          view = lazyViews(s.size, geometry, (off, len) => new Uint8Array(libc.view(libc.pointerAt(BigInt(hostAddress + off)), len)));
+          host = hostAddress;
         }
-        return { guestPhysAddr: s.guestPhysAddr, size: s.size, end: s.guestPhysAddr + s.size, host: addressOf(views[0]!.bytes), views };
+        return { guestPhysAddr: s.guestPhysAddr, size: s.size, end: s.guestPhysAddr + s.size, host, viewCount: Math.ceil(s.size / geometry.step), view };
       });
     const first = this.regions[0];
     if (first === undefined) throw layoutError("guest memory has no regions");
@@ -174,7 +192,7 @@ export class GuestMemory {
 
   /** How many views cover guest RAM (tests and the docs' arithmetic). */
   get viewCount(): number {
-    return this.regions.reduce((n, r) => n + r.views.length, 0);
+    return this.regions.reduce((n, r) => n + r.viewCount, 0);
   }
 
   /** Total bytes of guest RAM. */
@@ -203,14 +221,15 @@ export class GuestMemory {
 
   /** Index of the view that starts at or below region offset `off` (the last one for off = size). */
   private viewIndex(r: Region, off: number): number {
-    return Math.min(Math.floor(off / this.step), r.views.length - 1);
+    return Math.min(Math.floor(off / this.step), r.viewCount - 1);
   }
 
   /** The one view holding region offset [off, off+len), or undefined when the range crosses a view boundary. */
   private viewFor(r: Region, off: number, len: number): View | undefined {
     const i = this.viewIndex(r, off);
-    const v = r.views[i]!;
-    return off - i * this.step + len <= v.bytes.length ? v : undefined;
+    // The view's length without making it: step + overlap, clipped to the region.
+    const length = Math.min(this.step + this.overlap, r.size - i * this.step);
+    return off - i * this.step + len <= length ? r.view(i) : undefined;
   }
 
   /**
@@ -224,7 +243,7 @@ export class GuestMemory {
     const out: Uint8Array[] = [];
     do {
       const i = this.viewIndex(r, off);
-      const v = r.views[i]!;
+      const v = r.view(i);
       const at = off - i * this.step;
       const n = Math.min(end - off, v.bytes.length - at);
       out.push(v.bytes.subarray(at, at + n));
