@@ -264,7 +264,7 @@ describe.skipIf(!hasKvm)("typevisor vm/host/events against a real daemon", () =>
     expect(big.stderr).toMatch(/error\[INSUFFICIENT_RESOURCES\]: not enough space in pool cli-p: asked 20\.0 MiB, 12\.0 MiB free of its 16\.0 MiB quota/);
     const add = await tv(["vm", "disk", "add", "vm-p", "--size", "4M", "--pool", "cli-p", "--format", "raw"]);
     expect(add.status, add.stderr).toBe(0);
-    expect(add.stdout).toMatch(/^vm-p: disk1 added\n  disk1  \S+-disk1\.raw  raw  4\.0 MiB virtual, .* allocated  pool cli-p\n$/);
+    expect(add.stdout).toMatch(/^vm-p: disk1 added\n {2}disk1 {2}\S+-disk1\.raw {2}raw {2}4\.0 MiB virtual, .* allocated {2}pool cli-p\n$/);
     expect((await tv(["vm", "disk", "add", "vm-p", "--size", "1M", "--format", "vmdk"])).status).toBe(2);
     expect((await tv(["vm", "show", "vm-p"])).stdout).toMatch(/^ {2}disk0 .*-disk0\.qcow2 {2}qcow2 {2}4\.0 MiB virtual, .* pool cli-p$/m);
     const show = await tv(["pool", "show", "cli-p"]);
