@@ -63,12 +63,13 @@ const RESTART_WINDOW_MS = 10 * 60_000;
 /** Disks a VM may have: one PCI slot each, beside its other devices (31 slots). */
 const MAX_DISKS = 16;
 
+const RESTART_MAX = 5;
+
 /** N of a disk file named disk<N>.<fmt> or <id>-disk<N>.<fmt> (-1 for anything else). */
 function diskIndex(path: string): number {
   const m = /disk(\d+)\.(?:raw|qcow2)$/.exec(path);
   return m === null ? -1 : Number(m[1]);
 }
-const RESTART_MAX = 5;
 
 interface Live {
   pid: number;
@@ -341,8 +342,10 @@ export class VmManager extends EventEmitter {
     checkAllocation(host, this.config.policy, this.allocated(), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: inDefault ? newDisk : 0 }, { disk: true });
     // A VM bigger than the whole budget could never start: say so now.
     checkAllocation(host, this.config.policy, { cpus: 0, memoryBytes: 0, diskBytes: 0 }, { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: 0 }, { cpu: true, memory: true });
-    if (rootfsBytes > host.diskFreeBytes) {
-      throw new TypevisorError("INSUFFICIENT_RESOURCES", `not enough free disk in ${this.config.home}: the image's root filesystem needs ${rootfsBytes} bytes, ${host.diskFreeBytes} free`);
+    // What the base copy takes in the home: the root filesystem, or an imported image's file (not its virtual size).
+    const copyBytes = boot.diskImage !== undefined ? boot.diskImage.file.size : rootfsBytes;
+    if (copyBytes > host.diskFreeBytes) {
+      throw new TypevisorError("INSUFFICIENT_RESOURCES", `not enough free disk in ${this.config.home}: the image's ${boot.diskImage !== undefined ? "disk" : "root filesystem"} needs ${copyBytes} bytes, ${host.diskFreeBytes} free`);
     }
 
     // Admitted: the disk is reserved now, in the same turn of the event loop as the check, so a

@@ -131,7 +131,8 @@ export async function importImage(name: string, file: string, opts: ImportOption
     opts.progress?.(`importing ${file} as ${format}${opts.format === undefined ? " (detected; give --format to say)" : ""}`);
     await mkdir(tmp, { recursive: true, mode: 0o755 });
     const stored = join(tmp, `disk.${format}`);
-    await copyFile(`/proc/self/fd/${fd}`, stored);
+    // A reflink where the filesystem offers one (instant, shared blocks until written).
+    await copyFile(`/proc/self/fd/${fd}`, stored, constants.COPYFILE_FICLONE);
     const virtualSize = checkImportedImage(stored, format, file);
     const info = await fileInfo(stored);
     const manifest: DiskImageManifest = { schema: 1, name, kind: "disk", format, virtualSize, file: { name: `disk.${format}`, ...info }, source: file, imported: new Date().toISOString() };
