@@ -10,7 +10,7 @@
 import { randomBytes } from "node:crypto";
 import { chmodSync, constants, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
 import { copyFile, rm } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { fileInfo } from "../images/manifest.js";
 import { diskFromImage } from "./disks.js";
 
@@ -28,21 +28,7 @@ export async function ensureBase(home: string, rootfs: string, sha256: string | 
   const sha = sha256 ?? (await fileInfo(rootfs)).sha256;
   const grown = sizeBytes > rootfsBytes;
   const path = join(basesDir(home), `${sha.slice(0, 16)}${grown ? `-${sizeBytes}` : ""}.raw`);
-  if (existsSync(path)) return path;
-  mkdirSync(basesDir(home), { recursive: true, mode: 0o700 });
-  const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
-  try {
-    await diskFromImage(rootfs, tmp, grown ? sizeBytes : undefined);
-    // Read-only from here: overlays depend on every byte of it staying as it is.
-    chmodSync(tmp, 0o444);
-    // Another create may have made the same base meanwhile: keep the one overlays may already use.
-    if (existsSync(path)) rmSync(tmp, { force: true });
-    else renameSync(tmp, path);
-  } catch (e) {
-    rmSync(tmp, { force: true });
-    throw e;
-  }
-  return path;
+  return makeBase(path, (tmp) => diskFromImage(rootfs, tmp, grown ? sizeBytes : undefined));
 }
 
 /**
@@ -52,12 +38,19 @@ export async function ensureBase(home: string, rootfs: string, sha256: string | 
  */
 export async function ensureDiskImageBase(home: string, file: string, sha256: string, format: "raw" | "qcow2"): Promise<string> {
   const path = join(basesDir(home), `${sha256.slice(0, 16)}-img.${format}`);
+  return makeBase(path, (tmp) => copyFile(file, tmp, constants.COPYFILE_FICLONE));
+}
+
+/** `path`, made if missing by `fill` under a temporary name, then read-only and renamed into place whole. */
+async function makeBase(path: string, fill: (tmp: string) => Promise<unknown>): Promise<string> {
   if (existsSync(path)) return path;
-  mkdirSync(basesDir(home), { recursive: true, mode: 0o700 });
+  mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
   const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
   try {
-    await copyFile(file, tmp, constants.COPYFILE_FICLONE);
+    await fill(tmp);
+    // Read-only from here: overlays depend on every byte of it staying as it is.
     chmodSync(tmp, 0o444);
+    // Another create may have made the same base meanwhile: keep the one overlays may already use.
     if (existsSync(path)) rmSync(tmp, { force: true });
     else renameSync(tmp, path);
   } catch (e) {
