@@ -10,10 +10,9 @@
  * The guest touches about 2.5 GiB of its 12 GiB (the lab allocates lazily).
  */
 import { execFileSync } from "node:child_process";
-import { createHash, randomBytes } from "node:crypto";
+import { createHash } from "node:crypto";
 import { copyFileSync, mkdtempSync, readFileSync } from "node:fs";
 import { request } from "node:http";
-import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -21,6 +20,7 @@ import { parseGuestExit, runScriptArg } from "../../src/images/guest-init.js";
 import { imagePaths } from "../../src/images/image.js";
 import { ConsoleProcess } from "../helpers/console-process.js";
 import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
+import { tapPeer, type TapPeer } from "../helpers/tap-peer.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const TAP = "tvbig0";
@@ -63,31 +63,13 @@ interface ThreadsQueues {
 }
 
 describe("a big VM under real KVM: 12 GiB, 16 vCPUs", () => {
-  const toGuest = randomBytes(NET_MIB * 1024 * 1024);
-  let fromGuest = Buffer.alloc(0);
-  const servers: Server[] = [];
+  let peer: TapPeer;
   const dir = mkdtempSync(join(tmpdir(), "tv-big-"));
 
   beforeAll(async () => {
-    execFileSync("ip", ["tuntap", "add", "dev", TAP, "mode", "tap"], { timeout: SYNC_TIMEOUT_MS });
-    execFileSync("ip", ["addr", "add", `${HOST}/24`, "dev", TAP], { timeout: SYNC_TIMEOUT_MS });
-    execFileSync("ip", ["link", "set", TAP, "up"], { timeout: SYNC_TIMEOUT_MS });
-    servers.push(createServer((s) => s.end(toGuest)));
-    servers.push(
-      createServer((s) =>
-        s.on("data", (d: Buffer) => {
-          fromGuest = Buffer.concat([fromGuest, d]);
-          if (fromGuest.length >= NET_MIB * 1024 * 1024) s.end();
-        }),
-      ),
-    );
-    await Promise.all(servers.map((s, i) => new Promise<void>((r) => s.listen(5100 + i, HOST, r))));
+    peer = await tapPeer(TAP, HOST, 5100, NET_MIB * 1024 * 1024);
   });
-
-  afterAll(() => {
-    for (const s of servers) s.close();
-    execFileSync("ip", ["link", "del", TAP], { timeout: SYNC_TIMEOUT_MS });
-  });
+  afterAll(() => peer.close());
 
   it("the pattern's size and md5 are what the guest's commands produce (seq prints one integer a line, busybox and coreutils alike)", () => {
     const chunk = Array.from({ length: 120000 }, (_, i) => `${i + 1}\n`).join("");
@@ -166,10 +148,10 @@ describe("a big VM under real KVM: 12 GiB, 16 vCPUs", () => {
       expect(blk?.queues[0]?.highBuffers).toBeGreaterThan(0);
       expect(net?.queues[0]?.highBuffers).toBeGreaterThan(0); // receive
       expect(net?.queues[1]?.highBuffers).toBeGreaterThan(0); // transmit
-      expect(out).toContain(`in=${sha256(toGuest)}`);
+      expect(out).toContain(`in=${sha256(peer.toGuest)}`);
       const sent = /out=([0-9a-f]{64})/.exec(out)?.[1];
-      expect(fromGuest.length).toBe(NET_MIB * 1024 * 1024);
-      expect(sha256(fromGuest)).toBe(sent);
+      expect(peer.fromGuest().length).toBe(NET_MIB * 1024 * 1024);
+      expect(sha256(peer.fromGuest())).toBe(sent);
       expect(parseGuestExit(out)).toBe(0);
       expect(code).toBe(0);
       // The host reads the guest's file out of the ext4 image.
