@@ -14,6 +14,7 @@ import { ApiError } from "../../src/api/client.js";
 import { homePaths } from "../../src/control/paths.js";
 import { Store } from "../../src/control/store.js";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { outcome } from "../helpers/thrown.js";
 import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
 import { vmmProcesses } from "../helpers/vmm-processes.js";
 import { qemuCheck } from "../../src/vmm/disk/test-disk.js";
@@ -41,16 +42,6 @@ function raw(socketPath: string, method: string, path: string, body?: string, he
     req.on("error", reject);
     req.end(body);
   });
-}
-
-async function code(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof ApiError) return `${e.status} ${e.code}`;
-    throw e;
-  }
-  return "ok";
 }
 
 describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () => {
@@ -219,8 +210,8 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     const created = await c.createVm(spec("life", { diskSize: "8M" }));
     expect(created.state).toBe("defined");
     expect(created.disks[0]!.sizeBytes).toBe(8 * 2 ** 20);
-    expect(await code(c.createVm(spec("life")))).toBe("409 VM_EXISTS");
-    expect(await code(c.pauseVm("life"))).toBe("409 VM_STATE");
+    expect(await outcome(c.createVm(spec("life")))).toBe("409 VM_EXISTS");
+    expect(await outcome(c.pauseVm("life"))).toBe("409 VM_STATE");
 
     const running = await c.startVm("life");
     expect(running.state).toBe("running");
@@ -239,7 +230,7 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     con.destroy();
 
     expect((await c.pauseVm("life")).state).toBe("paused");
-    expect(await code(c.pauseVm("life"))).toBe("409 VM_STATE");
+    expect(await outcome(c.pauseVm("life"))).toBe("409 VM_STATE");
     expect((await c.resumeVm("life")).state).toBe("running");
     await c.rebootVm("life");
     await until("second banner", async () => (await c.console("life")).toString().split(TINY_KERNEL_BANNER).length >= 3 || undefined);
@@ -252,13 +243,13 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     expect(metrics).toMatch(/typevisor_vm_memory_bytes\{vm="life"\} \d+/);
     expect(metrics).toMatch(/typevisor_host_resource\{resource="memory",kind="capacity"\} \d+/);
 
-    expect(await code(c.removeVm("life"))).toBe("409 VM_STATE");
+    expect(await outcome(c.removeVm("life"))).toBe("409 VM_STATE");
     const stopped = await c.stopVm("life");
     expect(stopped.state).toBe("stopped");
     expect(stopped.lastExit?.result).toBe("stopped");
     expect((await c.startVm("life")).state).toBe("running");
     await c.removeVm("life", { force: true });
-    expect(await code(c.getVm("life"))).toBe("404 VM_NOT_FOUND");
+    expect(await outcome(c.getVm("life"))).toBe("404 VM_NOT_FOUND");
     expect(readdirSync(join(d.home, "vms"))).toEqual([]);
 
     const types = (await c.events({ vm: "life" })).map((e) => e.type);

@@ -12,24 +12,14 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, 
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ApiError } from "../../src/api/client.js";
 import { qemuCheck, qemuRaw } from "../../src/vmm/disk/test-disk.js";
 import { checkDiskPattern, DISK_GUEST_DONE, writeDiskGuest } from "../helpers/disk-guest.js";
+import { outcome } from "../helpers/thrown.js";
 import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
 import { pattern, qemuImg } from "../../src/vmm/disk/test-disk.js";
 
 const hasKvm = existsSync("/dev/kvm");
 const MiB = 1024 * 1024;
-
-async function code(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    if (e instanceof ApiError) return `${e.status} ${e.code}`;
-    throw e;
-  }
-  return "ok";
-}
 
 async function message(p: Promise<unknown>): Promise<string> {
   try {
@@ -82,36 +72,36 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     expect(pools[0]!.capacityBytes).toBeGreaterThan(0);
     const a = join(dir, "a");
     mkdirSync(join(a, "inner"), { recursive: true });
-    expect(await code(d.client.createPool({ name: "rel", path: "pools/a" }))).toBe("400 INVALID_REQUEST");
-    expect(await code(d.client.createPool({ name: "dots", path: `${a}/../a` }))).toBe("400 INVALID_REQUEST");
-    expect(await code(d.client.createPool({ name: "gone", path: join(dir, "nope") }))).toBe("400 POOL_PATH");
-    expect(await code(d.client.createPool({ name: "file", path: kernel }))).toBe("400 POOL_PATH");
-    expect(await code(d.client.createPool({ name: "home", path: join(d.home, "bases") }))).toBe("400 POOL_PATH");
-    expect(await code(d.client.createPool({ name: "dots-home", path: `${d.home}/..` }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(d.client.createPool({ name: "rel", path: "pools/a" }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(d.client.createPool({ name: "dots", path: `${a}/../a` }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(d.client.createPool({ name: "gone", path: join(dir, "nope") }))).toBe("400 POOL_PATH");
+    expect(await outcome(d.client.createPool({ name: "file", path: kernel }))).toBe("400 POOL_PATH");
+    expect(await outcome(d.client.createPool({ name: "home", path: join(d.home, "bases") }))).toBe("400 POOL_PATH");
+    expect(await outcome(d.client.createPool({ name: "dots-home", path: `${d.home}/..` }))).toBe("400 INVALID_REQUEST");
     expect(await message(d.client.createPool({ name: "above-home", path: dirname(d.home) }))).toContain("overlaps the daemon's own directory");
-    expect(await code(d.client.createPool({ name: "root", path: "/" }))).toBe("400 POOL_PATH");
-    expect(await code(d.client.createPool({ name: "Bad_Name", path: a }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(d.client.createPool({ name: "root", path: "/" }))).toBe("400 POOL_PATH");
+    expect(await outcome(d.client.createPool({ name: "Bad_Name", path: a }))).toBe("400 INVALID_REQUEST");
     const p = await d.client.createPool({ name: "a", path: a, quota: "10M" });
     expect(p).toMatchObject({ name: "a", path: a, quotaBytes: 10 * MiB, allocatedBytes: 0, availableBytes: 10 * MiB, disks: 0 });
     mkdirSync(join(dir, "b"));
-    expect(await code(d.client.createPool({ name: "a", path: join(dir, "b") }))).toBe("409 POOL_EXISTS");
-    expect(await code(d.client.createPool({ name: "inner", path: join(a, "inner") }))).toBe("400 POOL_PATH");
-    expect(await code(d.client.createPool({ name: "outer", path: dir }))).toBe("400 POOL_PATH");
+    expect(await outcome(d.client.createPool({ name: "a", path: join(dir, "b") }))).toBe("409 POOL_EXISTS");
+    expect(await outcome(d.client.createPool({ name: "inner", path: join(a, "inner") }))).toBe("400 POOL_PATH");
+    expect(await outcome(d.client.createPool({ name: "outer", path: dir }))).toBe("400 POOL_PATH");
     // A symlink to a pool's directory is that directory.
     symlinkSync(a, join(dir, "link"));
     expect(await message(d.client.createPool({ name: "link", path: join(dir, "link") }))).toContain(`overlaps pool a (${a})`);
-    expect(await code(d.client.getPool("nope"))).toBe("404 POOL_NOT_FOUND");
-    expect(await code(d.client.removePool("default"))).toBe("409 POOL_IN_USE");
+    expect(await outcome(d.client.getPool("nope"))).toBe("404 POOL_NOT_FOUND");
+    expect(await outcome(d.client.removePool("default"))).toBe("409 POOL_IN_USE");
   });
 
   it("puts a VM's disk in its pool, refuses a disk past the quota saying what is free, even to creates side by side", async () => {
     const a = join(dir, "a");
     const spec = (name: string, diskSize: string) => ({ name, kernel, memoryMiB: 64, rng: false, diskSize, pool: "a" });
-    expect(await code(d.client.createVm({ ...spec("p-none", "1M"), pool: "nope" }))).toBe("404 POOL_NOT_FOUND");
+    expect(await outcome(d.client.createVm({ ...spec("p-none", "1M"), pool: "nope" }))).toBe("404 POOL_NOT_FOUND");
     const msg = await message(d.client.createVm(spec("p-big", "11M")));
     expect(msg).toContain("not enough space in pool a: asked 11.0 MiB, 10.0 MiB free of its 10.0 MiB quota");
     // Five creates of 4 MiB at once against 10 MiB: exactly two fit.
-    const results = await Promise.all([1, 2, 3, 4, 5].map((i) => code(d.client.createVm(spec(`p-${i}`, "4M")))));
+    const results = await Promise.all([1, 2, 3, 4, 5].map((i) => outcome(d.client.createVm(spec(`p-${i}`, "4M")))));
     expect(results.filter((r) => r === "ok").length).toBe(2);
     expect(results.filter((r) => r === "409 INSUFFICIENT_RESOURCES").length).toBe(3);
     const made = (await d.client.listVms()).filter((v) => v.name.startsWith("p-"));
@@ -131,7 +121,7 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     expect(await message(d.client.removePool("a"))).toContain(`pool a has disks of VMs ${made.map((v) => v.name).sort().join(", ")}`);
     for (const vm of made) await d.client.removeVm(vm.name);
     for (const vm of made) expect(existsSync(vm.disks[0]!.path)).toBe(false);
-    expect(await code(d.client.removePool("a"))).toBe("ok");
+    expect(await outcome(d.client.removePool("a"))).toBe("ok");
     expect(existsSync(a)).toBe(true);
   }, 60_000);
 
@@ -146,13 +136,13 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     expect(await message(d.client.addDisk("dd", { size: "2M", pool: "a2" }))).toContain("not enough space in pool a2: asked 2.0 MiB, 1.0 MiB free of its 3.0 MiB quota");
     info = await d.client.addDisk("dd", { size: "1M" });
     expect(info.disks[2]).toMatchObject({ name: "disk2", pool: "default", format: "qcow2", sizeBytes: MiB, path: join(d.home, "vms", vm.id, "disk2.qcow2") });
-    expect(await code(d.client.addDisk("dd", { size: "1M", format: "vmdk" as "raw" }))).toBe("400 INVALID_REQUEST");
-    expect(await code(d.client.addDisk("nope", { size: "1M" }))).toBe("404 VM_NOT_FOUND");
+    expect(await outcome(d.client.addDisk("dd", { size: "1M", format: "vmdk" as "raw" }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(d.client.addDisk("nope", { size: "1M" }))).toBe("404 VM_NOT_FOUND");
     expect((await d.client.getPool("a2")).allocatedBytes).toBe(2 * MiB);
 
     await d.client.startVm("dd");
-    expect(await code(d.client.addDisk("dd", { size: "1M" }))).toBe("409 VM_STATE");
-    expect(await code(d.client.removeDisk("dd", "disk1"))).toBe("409 VM_STATE");
+    expect(await outcome(d.client.addDisk("dd", { size: "1M" }))).toBe("409 VM_STATE");
+    expect(await outcome(d.client.removeDisk("dd", "disk1"))).toBe("409 VM_STATE");
     await until("the guest to write its disks and power off", async () => ((await d.client.getVm("dd")).state === "stopped" ? true : undefined), 60_000);
     const log = (await d.client.console("dd")).toString();
     expect(log).toContain("tv-disk: wrote 3 disks");
@@ -164,9 +154,9 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
       if (disk.format === "qcow2") expect(qemuCheck(disk.path).status).toBe(0);
     }
 
-    expect(await code(d.client.removeDisk("dd", "disk0"))).toBe("409 VM_STATE");
-    expect(await code(d.client.removeDisk("dd", "disk9"))).toBe("404 DISK_NOT_FOUND");
-    expect(await code(d.client.removeDisk("dd", "../x"))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(d.client.removeDisk("dd", "disk0"))).toBe("409 VM_STATE");
+    expect(await outcome(d.client.removeDisk("dd", "disk9"))).toBe("404 DISK_NOT_FOUND");
+    expect(await outcome(d.client.removeDisk("dd", "../x"))).toBe("400 INVALID_REQUEST");
     info = await d.client.removeDisk("dd", "1");
     expect(info.disks.map((x) => x.name)).toEqual(["disk0", "disk2"]);
     expect(existsSync(join(a2, `${vm.id}-disk1.raw`))).toBe(false);
@@ -192,7 +182,7 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     const stored = join(dataHome, "images", "cloud", "disk.qcow2");
     const sha = createHash("sha256").update(readFileSync(stored)).digest("hex");
     // A disk image has no kernel: one must be given.
-    expect(await code(d.client.createVm({ name: "clone", image: "cloud", memoryMiB: 64, rng: false }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(d.client.createVm({ name: "clone", image: "cloud", memoryMiB: 64, rng: false }))).toBe("400 INVALID_REQUEST");
     const vm = await d.client.createVm({ name: "clone", image: "cloud", kernel, memoryMiB: 64, rng: false, diskSize: "3M" });
     const disk = vm.disks[0]!;
     expect(disk).toMatchObject({ image: "cloud", format: "qcow2", sizeBytes: 3 * MiB, backing: join(d.home, "bases", `${sha.slice(0, 16)}-img.qcow2`) });
