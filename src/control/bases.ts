@@ -8,11 +8,10 @@
  * killed midway leaves only a `*.tmp` that the start-up sweep removes.
  */
 import { randomBytes } from "node:crypto";
-import { chmodSync, constants, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
-import { copyFile } from "node:fs/promises";
+import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { fileInfo } from "../images/manifest.js";
-import { diskFromImage } from "./disks.js";
+import { diskFromImage, sparseCopy } from "./disks.js";
 
 export function basesDir(home: string): string {
   return join(home, "bases");
@@ -56,7 +55,7 @@ export async function ensureDiskImageBase(home: string, file: string, sha256: st
   mkdirSync(basesDir(home), { recursive: true, mode: 0o700 });
   const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
   try {
-    await copyFile(file, tmp, constants.COPYFILE_FICLONE);
+    await sparseCopy(file, tmp);
     chmodSync(tmp, 0o444);
     if (existsSync(path)) rmSync(tmp, { force: true });
     else renameSync(tmp, path);
