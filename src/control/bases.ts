@@ -8,11 +8,11 @@
  * killed midway leaves only a `*.tmp` that the start-up sweep removes.
  */
 import { randomBytes } from "node:crypto";
-import { chmodSync, constants, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
-import { copyFile, rm } from "node:fs/promises";
+import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { rm } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fileInfo } from "../images/manifest.js";
-import { diskFromImage } from "./disks.js";
+import { diskFromImage, sparseCopy } from "./disks.js";
 
 export function basesDir(home: string): string {
   return join(home, "bases");
@@ -38,7 +38,7 @@ export async function ensureBase(home: string, rootfs: string, sha256: string | 
  */
 export async function ensureDiskImageBase(home: string, file: string, sha256: string, format: "raw" | "qcow2"): Promise<string> {
   const path = join(basesDir(home), `${sha256.slice(0, 16)}-img.${format}`);
-  return makeBase(path, (tmp) => copyFile(file, tmp, constants.COPYFILE_FICLONE));
+  return makeBase(path, (tmp) => sparseCopy(file, tmp));
 }
 
 /** `path`, made if missing by `fill` under a temporary name, then read-only and renamed into place whole. */

@@ -6,10 +6,12 @@
  * (virtio-blk counts 512-byte sectors: virtio 1.2 §5.2.4).
  */
 import { execFile } from "node:child_process";
-import { constants, statSync, truncateSync, writeFileSync } from "node:fs";
-import { copyFile } from "node:fs/promises";
+import { statSync, truncateSync, writeFileSync } from "node:fs";
 import { promisify } from "node:util";
 import { TypevisorError } from "../errors.js";
+import { sparseCopy } from "../sys/sparse-copy.js";
+
+export { sparseCopy };
 
 const run = promisify(execFile);
 
@@ -25,8 +27,8 @@ export async function diskFromImage(rootfs: string, dest: string, sizeBytes: num
   if (size < base) {
     throw new TypevisorError("DISK_SIZE", `disk size ${size} bytes is smaller than the image's root filesystem (${base} bytes)`);
   }
-  // Off the event loop (libuv's thread pool): a large copy must not stall every other request.
-  await copyFile(rootfs, dest, constants.COPYFILE_FICLONE);
+  // Off the event loop: a large copy must not stall every other request.
+  await sparseCopy(rootfs, dest);
   if (size > base) {
     truncateSync(dest, size);
     try {

@@ -10,14 +10,15 @@
  * change while it is read): a qcow2 image with a backing file is refused (its name would point
  * at a file on this host), and every header field, table and L2 entry is checked by our own
  * reader (vmm/disk/qcow2: the checks a VM's requests get, made now for all of it). The copy runs
- * off the event loop (libuv's pool: fs.promises.copyFile). Raw images must be whole sectors.
+ * off the event loop and thin (sys/sparse-copy.ts). Raw images must be whole sectors.
  */
 import { closeSync, constants, existsSync, fstatSync, openSync, readdirSync, readFileSync, readSync } from "node:fs";
-import { copyFile, mkdir, rename, rm, writeFile } from "node:fs/promises";
+import { mkdir, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 import { z } from "zod";
 import { TypevisorError } from "../errors.js";
+import { sparseCopy } from "../sys/sparse-copy.js";
 import { Qcow2Backend } from "../vmm/disk/qcow2/image.js";
 import { DiskFormatError, parseHeader, QCOW2_MAGIC } from "../vmm/disk/qcow2/format.js";
 import { IoFailure } from "../vmm/disk/qcow2/io.js";
@@ -131,8 +132,9 @@ export async function importImage(name: string, file: string, opts: ImportOption
     opts.progress?.(`importing ${file} as ${format}${opts.format === undefined ? " (detected; give --format to say)" : ""}`);
     await mkdir(tmp, { recursive: true, mode: 0o755 });
     const stored = join(tmp, `disk.${format}`);
-    // A reflink where the filesystem offers one (instant, shared blocks until written).
-    await copyFile(`/proc/self/fd/${fd}`, stored, constants.COPYFILE_FICLONE);
+    // Thin (a reflink, or only the blocks with data), in a child process: off the event loop. The
+    // child reads the file this process opened, through this process's fd.
+    await sparseCopy(`/proc/${process.pid}/fd/${fd}`, stored);
     const virtualSize = checkImportedImage(stored, format, file);
     const info = await fileInfo(stored);
     const manifest: DiskImageManifest = { schema: 1, name, kind: "disk", format, virtualSize, file: { name: `disk.${format}`, ...info }, source: file, imported: new Date().toISOString() };
