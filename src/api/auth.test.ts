@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { AuthThrottle, bearerToken, FREE_FAILURES, MAX_LOCKOUT_MS } from "./auth.js";
+import { AnonymousCounter, AuthThrottle, bearerToken, FREE_FAILURES, MAX_LOCKOUT_MS } from "./auth.js";
 
 describe("failed-authentication throttle", () => {
   it("locks an address out for growing times after the free failures, and forgives a success", () => {
@@ -38,5 +38,18 @@ describe("Authorization header", () => {
     expect(bearerToken("Bearer abc")).toBe("abc");
     expect(bearerToken("bearer   tvt_x-y_z")).toBe("tvt_x-y_z");
     for (const bad of ["", "Bearer", "Bearer ", "Basic Og==", "Bearer a b", "Bearer \u00ff", "Bearerabc", "Bearer a,b"]) expect(bearerToken(bad), bad).toBeUndefined();
+  });
+});
+
+describe("requests without credentials", () => {
+  it("are recorded once a minute per address, the next record counting those in between", () => {
+    let now = 0;
+    const c = new AnonymousCounter(() => now);
+    expect(c.note("a")).toEqual({ record: true, since: 0 });
+    for (let i = 1; i <= 5; i++) expect(c.note("a")).toEqual({ record: false, since: i });
+    expect(c.note("b")).toEqual({ record: true, since: 0 });
+    now += 60_000;
+    expect(c.note("a")).toEqual({ record: true, since: 5 });
+    expect(c.note("a")).toEqual({ record: false, since: 1 });
   });
 });

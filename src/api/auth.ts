@@ -77,10 +77,33 @@ export class AuthThrottle {
   }
 }
 
+/** Counts requests without credentials per address, so that at most one a minute is recorded each. */
+export class AnonymousCounter {
+  private readonly seen = new Map<string, { last: number; since: number }>();
+
+  constructor(private readonly now: () => number = Date.now, private readonly everyMs = 60_000) {}
+
+  /** Whether to record this one, and how many went unrecorded since the last recorded one. */
+  note(from: string): { record: boolean; since: number } {
+    const t = this.now();
+    const s = this.seen.get(from);
+    if (s !== undefined && t - s.last < this.everyMs) {
+      s.since++;
+      return { record: false, since: s.since };
+    }
+    this.seen.delete(from);
+    this.seen.set(from, { last: t, since: 0 });
+    if (this.seen.size > MAX_TRACKED) this.seen.delete(this.seen.keys().next().value!);
+    return { record: true, since: s?.since ?? 0 };
+  }
+}
+
 export interface Gate {
   identities: Identities;
   audit: AuditLog;
   throttle: AuthThrottle;
+  /** Requests without credentials, recorded at most once a minute per address. */
+  anonymous?: AnonymousCounter;
   /** The socket group's gid, when the unix socket is open to a group. */
   socketGid?: number;
   /** The daemon's own uid: its owner is admin on the socket like root. */
@@ -161,7 +184,10 @@ export function authenticate(g: Gate, req: IncomingMessage, peer: PeerCred | und
     }
     return { user: u.name, role: u.role, ...(u.vms !== undefined ? { vms: u.vms } : {}), from };
   }
-  audit(g, { peer: from, action, result: "refused", detail: "no credentials" });
+  // One entry per address a minute at most: requests without credentials cost a client nothing, and
+  // an fsync'd row each would let anyone on the network fill the disk and the log.
+  const n = g.anonymous?.note(from);
+  if (n === undefined || n.record) audit(g, { peer: from, action, result: "refused", detail: `no credentials${n !== undefined && n.since > 0 ? ` (and ${n.since} more from ${from} in the minute before, not recorded one by one)` : ""}` });
   throw unauthenticated("authentication required");
 }
 

@@ -21,7 +21,7 @@ import type { VmManager } from "../control/manager.js";
 import { isActive } from "../control/state.js";
 import { TypevisorError } from "../errors.js";
 import { peerCred, socketFd, type PeerCred } from "../sys/peercred.js";
-import { authenticate, authorize, AuthThrottle, wwwAuthenticate, type Gate, type Guard } from "./auth.js";
+import { AnonymousCounter, authenticate, authorize, AuthThrottle, wwwAuthenticate, type Gate, type Guard } from "./auth.js";
 import { createMetrics } from "./metrics.js";
 import { openApiDocument } from "./openapi.js";
 import { problem, toProblem, type Problem } from "./problem.js";
@@ -90,6 +90,7 @@ function gateOf(sec: ApiSecurity, throttle: AuthThrottle): Gate {
     identities: sec.identities,
     audit: sec.audit,
     throttle,
+    anonymous: new AnonymousCounter(),
     ownUid: process.getuid?.() ?? 0,
     ...(sec.socketGid !== undefined ? { socketGid: sec.socketGid } : {}),
     ...(sec.userName !== undefined ? { userName: sec.userName } : {}),
