@@ -231,7 +231,12 @@ function intersect(a: readonly string[] | undefined, b: readonly string[] | unde
 /** Why a presented token is refused (for the audit log; the client only hears "invalid token"). */
 export type TokenRefusal = "malformed" | "unknown" | "wrong secret" | "revoked" | "expired" | "user removed";
 
+/** A token's last use is written at most this often: every request writing (and fsyncing) a row would cost more than the answer. */
+const LAST_USED_EVERY_MS = 60_000;
+
 export class Identities {
+  private readonly lastUsedWritten = new Map<string, number>();
+
   constructor(private readonly store: Store) {}
 
   private get db(): Store["db"] {
@@ -324,6 +329,7 @@ export class Identities {
   }
 
   revokeToken(id: string): TokenRow {
+    this.lastUsedWritten.delete(id);
     const t = this.token(id);
     if (t.revokedAt === undefined) this.db.prepare("UPDATE tokens SET revoked_at = ? WHERE id = ?").run(new Date().toISOString(), id);
     return this.token(id);
@@ -342,7 +348,10 @@ export class Identities {
     if (Date.parse(r.expires_at) <= now) return { refused: "expired", tokenId: p.id };
     const u = this.getUser(r.user);
     if (u === undefined) return { refused: "user removed", tokenId: p.id };
-    this.db.prepare("UPDATE tokens SET last_used_at = ? WHERE id = ?").run(new Date(now).toISOString(), p.id);
+    if (now - (this.lastUsedWritten.get(p.id) ?? -Infinity) >= LAST_USED_EVERY_MS) {
+      this.db.prepare("UPDATE tokens SET last_used_at = ? WHERE id = ?").run(new Date(now).toISOString(), p.id);
+      this.lastUsedWritten.set(p.id, now);
+    }
     // What the user may do now bounds the token: a user demoted or narrowed since takes its tokens along.
     const vms = intersect(u.vms, r.vms !== null ? (JSON.parse(r.vms) as string[]) : undefined);
     return { user: u.name, role: minRole(u.role, r.role as Role), ...(vms !== undefined ? { vms } : {}), tokenId: p.id, from };
