@@ -19,6 +19,49 @@ export function compare(label: string, ours: readonly number[], qemu: readonly n
 }
 
 
+export interface ProcessMemory {
+  rssKiB: number;
+  pssKiB: number;
+  /** Unique set size: private clean + private dirty pages. */
+  ussKiB: number;
+  /** The same three over the mapping(s) holding guest RAM: the guest's pages, not the VMM's. */
+  guestRssKiB: number;
+  guestPssKiB: number;
+  guestUssKiB: number;
+  /** The process's page tables (VmPTE): they map guest RAM too, so they grow with it. */
+  pteKiB: number;
+  threads: number;
+}
+
+/**
+ * A VMM's memory from /proc/PID/smaps (proc(5)), split into the guest's RAM and the rest. Guest
+ * RAM is the anonymous mappings at least as big as its smallest part (QEMU: one mapping of it all;
+ * typevisor: one per region, the one below the MMIO hole at most 3 GiB, unless the kernel merged
+ * them).
+ */
+export function processMemory(pid: number, memoryMiB: number): ProcessMemory {
+  const threshold = Math.min(memoryMiB, 3 * 1024) * 1024;
+  const out = { rssKiB: 0, pssKiB: 0, ussKiB: 0, guestRssKiB: 0, guestPssKiB: 0, guestUssKiB: 0 };
+  let guest = false;
+  for (const line of readFileSync(`/proc/${pid}/smaps`, "utf8").split("\n")) {
+    const head = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ (\d+)\s*(.*)$/.exec(line);
+    if (head !== null) {
+      const sizeKiB = (parseInt(head[2]!, 16) - parseInt(head[1]!, 16)) / 1024;
+      guest = head[3] === "0" && (head[4] ?? "").trim() === "" && sizeKiB >= threshold;
+      continue;
+    }
+    const m = /^(Rss|Pss|Private_Clean|Private_Dirty):\s+(\d+) kB/.exec(line);
+    if (m === null) continue;
+    const kib = Number(m[2]);
+    const key = m[1] === "Rss" ? "rssKiB" : m[1] === "Pss" ? "pssKiB" : "ussKiB";
+    out[key] += kib;
+    if (guest) out[key === "rssKiB" ? "guestRssKiB" : key === "pssKiB" ? "guestPssKiB" : "guestUssKiB"] += kib;
+  }
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  const field = (name: string): number => Number(new RegExp(`^${name}:\\s+(\\d+)`, "m").exec(status)?.[1] ?? 0);
+  return { ...out, pteKiB: field("VmPTE"), threads: field("Threads") };
+}
+
 /** utime+stime in ticks of every thread of `pid`, keyed "name#tid" (proc(5) /proc/PID/task/TID/stat). */
 export function threadTicks(pid: number): Map<string, number> {
   const out = new Map<string, number>();

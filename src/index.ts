@@ -4,5 +4,6 @@
  */
 export { ApiError, TypevisorClient, type ClientTarget, type Health } from "./api/client.js";
 export type { HostReport, VmStats } from "./api/schemas.js";
+export type { PoolInfo, PoolSpecInput } from "./control/pools.js";
 export type { EventRecord, VmExit, VmInfo, VmSpec, VmSpecInput, VmState, VmUsage } from "./control/spec.js";
 export { TypevisorError } from "./errors.js";

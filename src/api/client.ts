@@ -15,6 +15,7 @@ import { connect as tlsConnect, type TLSSocket } from "node:tls";
 import type { EventRecord, VmInfo, VmSpecInput } from "../control/spec.js";
 import { TypevisorError } from "../errors.js";
 import { HttpTimeoutError, httpRequest, parseProblem, readBody, type HttpRequestOptions } from "../sys/http-request.js";
+import type { PoolInfo, PoolSpecInput } from "../control/pools.js";
 import type { HostReport, VmStats } from "./schemas.js";
 import type { AuditEntry, VerifyResult } from "../control/audit.js";
 import type { Role, TokenRow, UserRow } from "../control/identity.js";
@@ -254,6 +255,26 @@ export class TypevisorClient {
     } finally {
       res.destroy();
     }
+  }
+  /** A blank disk more for a stopped VM (size, pool, format). */
+  addDisk(name: string, disk: { size: string | number; pool?: string; format?: "qcow2" | "raw" }): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(name)}/disks`, disk);
+  }
+  /** Remove disk `disk` (disk<N> or N) of a stopped VM, with its file. */
+  removeDisk(name: string, disk: string): Promise<VmInfo> {
+    return this.json("DELETE", `/v1/vms/${encodeURIComponent(name)}/disks/${encodeURIComponent(disk)}`);
+  }
+  async listPools(): Promise<PoolInfo[]> {
+    return (await this.json<{ pools: PoolInfo[] }>("GET", "/v1/pools")).pools;
+  }
+  getPool(name: string): Promise<PoolInfo> {
+    return this.json("GET", `/v1/pools/${encodeURIComponent(name)}`);
+  }
+  createPool(spec: PoolSpecInput): Promise<PoolInfo> {
+    return this.json("POST", "/v1/pools", spec);
+  }
+  async removePool(name: string): Promise<void> {
+    await this.json("DELETE", `/v1/pools/${encodeURIComponent(name)}`);
   }
   async metrics(): Promise<string> {
     return (await this.bytes("/metrics")).toString("utf8");

@@ -185,6 +185,44 @@ export const ROUTES: Route[] = [
     },
   }),
   route({
+    method: "POST", url: "/v1/vms/:name/disks", operationId: "addDisk", summary: "Add a blank disk to a VM without a VMM (defined, stopped, crashed): the next virtio-blk device at its next start",
+    params: S.nameParams, body: S.diskAddSpec, permission: "vm:create", target: "path",
+    responses: { 201: { description: "the VM with its new disk", schema: S.vmInfo } },
+    handler: async ({ manager, params, body }) => manager.addDisk(params.name, body),
+  }),
+  route({
+    method: "DELETE", url: "/v1/vms/:name/disks/:disk", operationId: "removeDisk", summary: "Remove a disk (disk<N>, not disk0) and its file from a VM without a VMM",
+    params: S.diskParams, permission: "vm:delete", target: "path",
+    responses: vmDoc,
+    handler: async ({ manager, params }) => manager.removeDisk(params.name, params.disk),
+  }),
+  route({
+    method: "GET", url: "/v1/pools", operationId: "listPools", summary: "Storage pools: capacity, quota, virtual size allocated, bytes used, overcommit", permission: "host:read",
+    responses: { 200: { description: "pools by name", schema: S.poolList } },
+    handler: async ({ manager }) => ({ pools: manager.listPools() }),
+  }),
+  route({
+    method: "POST", url: "/v1/pools", operationId: "createPool", summary: "Create a storage pool on an existing directory (absolute; not inside another pool or the daemon's own directories)",
+    body: S.poolSpec, permission: "pools:admin",
+    responses: { 201: { description: "created", schema: S.poolInfo } },
+    handler: async ({ manager, body }) => manager.createPool(body),
+  }),
+  route({
+    method: "GET", url: "/v1/pools/:name", operationId: "getPool", summary: "One storage pool", params: S.poolParams, permission: "host:read",
+    responses: { 200: { description: "the pool", schema: S.poolInfo } },
+    handler: async ({ manager, params }) => manager.getPool(params.name),
+  }),
+  route({
+    method: "DELETE", url: "/v1/pools/:name", operationId: "removePool", summary: "Forget a storage pool (its directory stays); refused while any disk is in it",
+    params: S.poolParams, permission: "pools:admin",
+    responses: { 204: { description: "removed" } },
+    handler: async ({ manager, params, reply }) => {
+      manager.removePool(params.name);
+      void reply.code(204).send();
+      return HANDLED;
+    },
+  }),
+  route({
     method: "GET", url: "/v1/events", operationId: "events", summary: "Lifecycle and error events; ?follow=true streams them as server-sent events",
     query: S.eventsQuery, permission: "vm:read", target: "query",
     responses: { 200: { description: "events, oldest first", schema: S.eventList } },

@@ -3,9 +3,14 @@
  * schemas and /openapi.json is generated from the same objects.
  */
 import { z } from "zod";
-import { eventRecord, vmInfo, vmName, vmSpec, vmUsage, VM_STATES } from "../control/spec.js";
+import { poolInfo, poolName, poolSpec } from "../control/pools.js";
+import { diskAddSpec, eventRecord, vmInfo, vmName, vmSpec, vmUsage, VM_STATES } from "../control/spec.js";
 
-export { eventRecord, vmInfo, vmName, vmSpec, vmUsage };
+export { diskAddSpec, eventRecord, poolInfo, poolSpec, vmInfo, vmName, vmSpec, vmUsage };
+
+export const diskParams = z.object({ name: vmName, disk: z.string().regex(/^(disk)?\d{1,3}$/, "a disk is disk<N> or N (vm show lists them)") }).strict();
+export const poolParams = z.object({ name: poolName }).strict();
+export const poolList = z.object({ pools: z.array(poolInfo) });
 
 export const nameParams = z.object({ name: vmName }).strict();
 

@@ -22,7 +22,7 @@ export function exitCodeFor(e: unknown): number {
   if (c === "DAEMON_UNREACHABLE") return EXIT.UNREACHABLE;
   if (c === "UNAUTHENTICATED" || c === "FORBIDDEN" || c === "TOO_MANY_ATTEMPTS" || c === "TLS_FINGERPRINT") return EXIT.DENIED;
   if (c === "VM_NOT_FOUND") return EXIT.NOT_FOUND;
-  if (c === "VM_STATE" || c === "VM_EXISTS" || c === "INSUFFICIENT_RESOURCES") return EXIT.CONFLICT;
+  if (c === "VM_STATE" || c === "VM_EXISTS" || c === "INSUFFICIENT_RESOURCES" || c === "IMAGE_IN_USE" || c === "IMAGE_EXISTS") return EXIT.CONFLICT;
   if (c === "VM_START_FAILED" || c.startsWith("VMM")) return EXIT.FAILED;
   if (e instanceof ApiError) {
     if (e.status === 404) return EXIT.NOT_FOUND;

@@ -24,7 +24,7 @@ async function runInLabAgain(): Promise<number> {
   return runInLab([process.execPath, process.argv[1] ?? "typevisor", ...process.argv.slice(2), "--no-lab"], tty !== undefined ? { tty } : {});
 }
 
-const COMMANDS = ["run", "image", "daemon", "vm", "host", "events", "user", "token", "audit"] as const;
+const COMMANDS = ["run", "image", "daemon", "vm", "pool", "host", "events", "user", "token", "audit"] as const;
 
 /**
  * The program with the commands `argv` needs. Only the command being run is
@@ -46,6 +46,7 @@ export async function buildProgram(argv: string[] = process.argv): Promise<Comma
   if (want("image")) (await import("./image.js")).registerImageCommands(program);
   if (want("daemon")) (await import("./daemon.js")).registerDaemonCommand(program);
   if (want("vm")) (await import("./vm.js")).registerVmCommands(program);
+  if (want("pool")) (await import("./pool.js")).registerPoolCommands(program);
   if (want("host")) (await import("./host.js")).registerHostCommand(program);
   if (want("events")) (await import("./events.js")).registerEventsCommand(program);
   if (want("user")) (await import("./security.js")).registerUserCommands(program);

@@ -18,7 +18,7 @@ import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type DeviceSpecs } from "../vmm/device-specs.js";
 import { startControlServer } from "../vmm/api/server.js";
-import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE } from "../vmm/defaults.js";
+import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
 import { ConsolePipe } from "../vmm/console/console-pipe.js";
 import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
@@ -35,6 +35,8 @@ export interface RunOptions {
   memory: string;
   /** Nice offset of the vCPU threads (default DEFAULT_VCPU_NICE). */
   vcpuNice?: string;
+  /** Guest memory allowed per byte of host memory (default 1). */
+  memoryOvercommit?: string;
   reboot: boolean;
   apiSocket?: string;
   lab: boolean;
@@ -98,6 +100,12 @@ function defaultVsockPath(): string {
 
 function parseIntArg(name: string, v: string): number {
   if (!/^\d+$/.test(v.trim())) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be a whole number (got "${v}")`);
+  return Number(v);
+}
+
+/** A positive decimal ratio such as 1, 1.5 or 0.25 (validateConfig bounds it). */
+function parseRatioArg(name: string, v: string): number {
+  if (!/^\d+(\.\d+)?$/.test(v.trim())) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be a positive number such as 1 or 1.5 (got "${v}")`);
   return Number(v);
 }
 
@@ -190,7 +198,8 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   const cpus = parseIntArg("--cpus", o.cpus);
   const memoryMiB = parseIntArg("--memory", o.memory);
   const vcpuNice = o.vcpuNice !== undefined ? parseIntArg("--vcpu-nice", o.vcpuNice) : DEFAULT_VCPU_NICE;
-  validateConfig({ cpus, memoryMiB, vcpuNice });
+  const memoryOvercommit = o.memoryOvercommit !== undefined ? parseRatioArg("--memory-overcommit", o.memoryOvercommit) : 1;
+  validateConfig({ cpus, memoryMiB, vcpuNice, memoryOvercommit });
   const id = o.id !== undefined ? parseVmId(o.id) : undefined;
   if (o.consoleLogSize !== undefined && o.consoleLog === undefined) {
     throw new TypevisorError("INVALID_ARGUMENT", "--console-log-size needs --console-log PATH");
@@ -288,7 +297,8 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
     for (let boots = 1; ; boots++) {
       bootCount = boots;
       const vm = new Vm({
-        cpus, memoryMiB, consoleFd, devices, vcpuNice,
+        cpus, memoryMiB, consoleFd, devices, vcpuNice, memoryOvercommit,
+        onPaused: (r) => log(`typevisor: ${r.message}`),
         // The files are read again for each boot rather than held in the heap for the VM's lifetime.
         boot: { kind: "linux", ...(firstBoot ?? (await resolveBoot(o))) },
       });
@@ -298,7 +308,8 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       if (stopRequested) vm.stop();
       if (o.apiSocket !== undefined && server === undefined) {
         server = await startControlServer(o.apiSocket, {
-          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
+          // pauseReason: set while the VMM paused the VM by itself (a disk's filesystem is full).
+          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
           stats: async () => {
             const vmNow = current;
             if (vmNow === undefined) return undefined;
@@ -379,8 +390,9 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--initrd <path>", "initramfs to load with the kernel")
     .option("--cmdline <str>", `kernel command line, replacing the default "${DEFAULT_CMDLINE}"`)
     .option("--append <str>", "text appended to the default kernel command line")
-    .option("--cpus <n>", "number of vCPUs", "1")
-    .option("--memory <MiB>", "guest memory in MiB", "256")
+    .option("--cpus <n>", `number of vCPUs, 1 to the host's KVM limit (KVM_CAP_MAX_VCPUS, at most ${MAX_VCPUS})`, "1")
+    .option("--memory <MiB>", `guest memory in MiB, ${MIN_MEMORY_MIB} to what the host can back (physical memory × --memory-overcommit)`, "256")
+    .option("--memory-overcommit <ratio>", "guest memory allowed per byte of the host's physical memory (default 1; the daemon passes its policy's)")
     .option("--vcpu-nice <n>", `run the vCPU threads this much nicer than the VMM's device threads, 0-${MAX_NICE} (default ${DEFAULT_VCPU_NICE}): where they share a CPU, a guest's I/O request then runs at once instead of after the guest idles (docs/vmm.md)`)
     .option("--no-reboot", "exit when the guest reboots instead of restarting it")
     .option("--disk <spec>", "virtio-blk disk: PATH[,format=raw|qcow2][,readonly=on][,serial=ID] (repeatable; the first is /dev/vda; a qcow2 file needs format=qcow2)", (v: string, acc: string[]) => [...acc, v], [] as string[])

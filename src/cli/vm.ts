@@ -98,6 +98,7 @@ interface CreateOptions extends ConnectionOptions {
   memory?: string;
   diskSize?: string;
   diskFormat?: string;
+  pool?: string;
   net?: string[];
   rng: boolean;
   balloon?: boolean;
@@ -111,11 +112,12 @@ interface CreateOptions extends ConnectionOptions {
 export function diskLine(d: VmInfo["disks"][number]): string {
   const from = d.image !== undefined ? `  from image ${d.image}` : "";
   const backing = d.backing !== undefined ? `\n    backing: ${d.backing} (raw, read-only)` : "";
-  return `  ${d.path}  ${d.format}  ${formatBytes(d.sizeBytes)} virtual, ${formatBytes(d.allocatedBytes)} allocated${from}${backing}\n`;
+  const pool = d.pool !== undefined ? `  pool ${d.pool}` : "";
+  return `  ${d.name !== undefined ? `${d.name}  ` : ""}${d.path}  ${d.format}  ${formatBytes(d.sizeBytes)} virtual, ${formatBytes(d.allocatedBytes)} allocated${pool}${from}${backing}\n`;
 }
 
-function parseDiskFormat(v: string): "qcow2" | "raw" {
-  if (v !== "qcow2" && v !== "raw") throw new TypevisorError("INVALID_ARGUMENT", `--disk-format must be qcow2 or raw (got "${v}")`);
+function parseDiskFormat(v: string, flag = "--disk-format"): "qcow2" | "raw" {
+  if (v !== "qcow2" && v !== "raw") throw new TypevisorError("INVALID_ARGUMENT", `${flag} must be qcow2 or raw (got "${v}")`);
   return v;
 }
 
@@ -133,6 +135,7 @@ export function specFromOptions(name: string, o: CreateOptions, cwd = process.cw
     ...(o.memory !== undefined ? { memoryMiB: parseWhole("--memory", o.memory, "MiB") } : {}),
     ...(o.diskSize !== undefined ? { diskSize: o.diskSize } : {}),
     ...(o.diskFormat !== undefined ? { diskFormat: parseDiskFormat(o.diskFormat) } : {}),
+    ...(o.pool !== undefined ? { pool: o.pool } : {}),
     ...(o.net !== undefined ? { nets: o.net.map(parseNet) } : {}),
     ...(o.rng === false ? { rng: false } : {}),
     ...(o.balloon === true ? { balloon: true } : {}),
@@ -192,6 +195,7 @@ export function formatVmDetails(vm: VmInfo, now = Date.now()): string {
     ["id", vm.id],
     ["state", vm.state],
     ["unresponsive", vm.unresponsive !== undefined ? `since ${formatTime(vm.unresponsive.since)} (its VMM does not answer)` : undefined],
+    ["paused by", vm.pauseReason !== undefined ? `${vm.pauseReason.kind}: ${vm.pauseReason.message}` : undefined],
     ["pid", isActive(vm.state) ? vm.pid : undefined],
     ["started", vm.startedAt !== undefined ? formatTime(vm.startedAt) : undefined],
     ["uptime", uptime(vm, now)],
@@ -334,6 +338,7 @@ export function registerVmCommands(program: Command): void {
     .option("--memory <MiB>", "guest memory in MiB (default 256)")
     .option("--disk-size <size>", 'size of the VM\'s disk, e.g. "2G" (grown from the image, or blank)')
     .option("--disk-format <format>", "qcow2 (default): a thin overlay on a shared base of the image, instant and small; raw: a full copy")
+    .option("--pool <name>", "the storage pool the disk goes in (default: default, the daemon's data directory; typevisor pool ls)")
     .option("--net <tap=NAME[,mac=MAC]>", "a virtio-net device on a host TAP (repeatable)", (v: string, prev: string[] | undefined) => [...(prev ?? []), v])
     .option("--no-rng", "no virtio-rng device")
     .option("--balloon", "a virtio-balloon device")
@@ -400,6 +405,27 @@ export function registerVmCommands(program: Command): void {
     .action(async (name: string, o: ConnectionOptions & { force?: boolean }) => {
       await connect(o).removeVm(name, { force: o.force === true });
       print(`${name}: removed\n`);
+    });
+
+  const disk = vm.command("disk").description("add and remove a VM's extra disks (while it is stopped)").addHelpText("after", EXIT_CODES_HELP);
+  clientCommand(disk, "add", "add a blank disk to a stopped VM: the next virtio-blk device (/dev/vdb, ...) at its next start")
+    .argument("<vm>", "VM name")
+    .requiredOption("--size <size>", 'the disk\'s size, e.g. "10G" (virtual size for qcow2)')
+    .option("--pool <name>", "the storage pool it goes in (default: default)")
+    .option("--format <format>", "qcow2 (default, thin) or raw (a sparse file)")
+    .option("--json", "print the VM as JSON")
+    .action(async (name: string, o: ConnectionOptions & { size: string; pool?: string; format?: string; json?: boolean }) => {
+      const info = await connect(o).addDisk(name, { size: o.size, ...(o.pool !== undefined ? { pool: o.pool } : {}), ...(o.format !== undefined ? { format: parseDiskFormat(o.format, "--format") } : {}) });
+      const added = info.disks.at(-1);
+      print(o.json === true ? toJson(info) : `${name}: ${added?.name ?? "disk"} added\n${added !== undefined ? diskLine(added) : ""}`);
+    });
+  clientCommand(disk, "rm", "remove a disk (disk1, disk2, ...; vm show lists them) and its file from a stopped VM")
+    .argument("<vm>", "VM name")
+    .argument("<disk>", "disk<N> or N (not disk0, the disk the VM boots from)")
+    .option("--json", "print the VM as JSON")
+    .action(async (name: string, d: string, o: ConnectionOptions & { json?: boolean }) => {
+      const info = await connect(o).removeDisk(name, d);
+      print(o.json === true ? toJson(info) : `${name}: ${d.startsWith("disk") ? d : `disk${d}`} removed\n`);
     });
 
   clientCommand(vm, "logs", "the VM's serial console output, as captured by the daemon")

@@ -8,9 +8,9 @@
  * killed midway leaves only a `*.tmp` that the start-up sweep removes.
  */
 import { randomBytes } from "node:crypto";
-import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
-import { rm } from "node:fs/promises";
-import { join } from "node:path";
+import { chmodSync, constants, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { copyFile, rm } from "node:fs/promises";
+import { dirname, join } from "node:path";
 import { fileInfo } from "../images/manifest.js";
 import { diskFromImage } from "./disks.js";
 
@@ -28,11 +28,26 @@ export async function ensureBase(home: string, rootfs: string, sha256: string | 
   const sha = sha256 ?? (await fileInfo(rootfs)).sha256;
   const grown = sizeBytes > rootfsBytes;
   const path = join(basesDir(home), `${sha.slice(0, 16)}${grown ? `-${sizeBytes}` : ""}.raw`);
+  return makeBase(path, (tmp) => diskFromImage(rootfs, tmp, grown ? sizeBytes : undefined));
+}
+
+/**
+ * The base for an imported disk image (images/NAME/disk.<fmt>, image import): a read-only copy of
+ * it as it is (a partitioned disk: nothing to grow), `<sha256 prefix>-img.<format>`, made if
+ * missing, off the event loop.
+ */
+export async function ensureDiskImageBase(home: string, file: string, sha256: string, format: "raw" | "qcow2"): Promise<string> {
+  const path = join(basesDir(home), `${sha256.slice(0, 16)}-img.${format}`);
+  return makeBase(path, (tmp) => copyFile(file, tmp, constants.COPYFILE_FICLONE));
+}
+
+/** `path`, made if missing by `fill` under a temporary name, then read-only and renamed into place whole. */
+async function makeBase(path: string, fill: (tmp: string) => Promise<unknown>): Promise<string> {
   if (existsSync(path)) return path;
-  mkdirSync(basesDir(home), { recursive: true, mode: 0o700 });
+  mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
   const tmp = `${path}.${randomBytes(4).toString("hex")}.tmp`;
   try {
-    await diskFromImage(rootfs, tmp, grown ? sizeBytes : undefined);
+    await fill(tmp);
     // Read-only from here: overlays depend on every byte of it staying as it is.
     chmodSync(tmp, 0o444);
     // Another create may have made the same base meanwhile: keep the one overlays may already use.
@@ -57,7 +72,7 @@ export async function removeUnusedBases(home: string, inUse: ReadonlySet<string>
   const doomed: [string, string][] = [];
   for (const f of readdirSync(dir)) {
     const p = join(dir, f);
-    if (f.endsWith(".raw") && !inUse.has(p)) {
+    if ((f.endsWith(".raw") || f.endsWith(".qcow2")) && !inUse.has(p)) {
       const trash = `${p}.${randomBytes(4).toString("hex")}.tmp`;
       renameSync(p, trash);
       doomed.push([p, trash]);

@@ -35,6 +35,7 @@ export const PERMISSIONS = [
   "vm:delete",
   "tokens:own", // create, list and revoke one's own tokens (within one's own rights)
   "users:admin", // users, and other users' tokens
+  "pools:admin", // create and remove storage pools (host directories)
   "audit:read",
 ] as const;
 export type Permission = (typeof PERMISSIONS)[number];

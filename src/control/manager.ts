@@ -17,24 +17,26 @@ import type { ChildProcess } from "node:child_process";
 import type { Logger } from "pino";
 import { z } from "zod";
 import { TypevisorError } from "../errors.js";
-import { imagePaths } from "../images/dirs.js";
+import { imagePaths, imagesDir } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
 import { spawnVmm, type VmmLaunch } from "../engine/native.js";
 import { VmmClient } from "../engine/vmm-client.js";
 import { kvmHostKind } from "../kvm/kvm.js";
-import { DEFAULT_CMDLINE } from "../vmm/defaults.js";
+import { DEFAULT_CMDLINE, vmmOverheadBytes } from "../vmm/defaults.js";
 import { VmCgroup, detectCgroupV2, type CgroupSupport } from "./cgroups.js";
 import { createQcow2 } from "../vmm/disk/qcow2/create.js";
 import { diskFullError } from "./disk-full.js";
-import { ensureBase, leftoverBaseFiles, removeUnusedBases } from "./bases.js";
+import { ensureBase, ensureDiskImageBase, leftoverBaseFiles, removeUnusedBases } from "./bases.js";
+import { loadDiskImage, type DiskImageManifest } from "../images/import.js";
 import { allocatedBytes, blankDisk, diskFromImage, roundUpToSector } from "./disks.js";
 import { homePaths, vmPaths } from "./paths.js";
 import { processAlive, processesWith, processStartTime, processUsage } from "./proc.js";
 import { checkAllocation, discoverHost, hostUsed, report, type Allocation, type CpuSample, type OvercommitPolicy, type ResourceReport } from "./resources.js";
 import { parseSize } from "../size.js";
-import { vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
+import { diskAddSpec, vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
 import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
-import { Store, type VmRow } from "./store.js";
+import { Store, type DiskRow, type VmRow } from "./store.js";
+import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
 export interface ManagerConfig {
   home: string;
@@ -49,7 +51,7 @@ export interface ManagerConfig {
   logger: Logger;
   /** Do not use cgroups even where cgroup v2 is there. */
   noCgroups?: boolean;
-  /** Extra memory the cgroup allows beyond guest RAM: the VMM's own (Node, workers, buffers). */
+  /** The base of what the cgroup allows beyond guest RAM (Node, device thread, buffers); per-vCPU and page-table shares are added (vmm/defaults.ts vmmOverheadBytes). */
   vmmOverheadBytes?: number;
   /** Real paths of the directories a spec's kernel and initrd may come from (--allow-files); none by default. */
   allowedDirs?: string[];
@@ -58,7 +60,16 @@ export interface ManagerConfig {
 /** Biggest disk we will create: far past any host here, well short of a typo's 10^18. */
 const MAX_DISK_BYTES = 64 * 2 ** 40;
 const RESTART_WINDOW_MS = 10 * 60_000;
+/** Disks a VM may have: one PCI slot each, beside its other devices (31 slots). */
+const MAX_DISKS = 16;
+
 const RESTART_MAX = 5;
+
+/** N of a disk file named disk<N>.<fmt> or <id>-disk<N>.<fmt> (-1 for anything else). */
+function diskIndex(path: string): number {
+  const m = /disk(\d+)\.(?:raw|qcow2)$/.exec(path);
+  return m === null ? -1 : Number(m[1]);
+}
 
 interface Live {
   pid: number;
@@ -79,6 +90,23 @@ interface Live {
   checking?: boolean;
   /** Guest console output the VMM reported dropped (its console log's disk full), from the watchdog. */
   consoleDroppedBytes?: number;
+  /** Why the VMM paused the VM by itself (a full disk), until it is resumed. */
+  pauseReason?: VmmPauseReason;
+}
+
+/** GET /vm of a VMM as far as the daemon reads it (vmm/vm.ts PauseReason; every field untrusted). */
+interface VmmPauseReason {
+  kind?: string;
+  errno?: string;
+  disk?: string;
+  filesystem?: { mountPoint?: string; type?: string; freeBytes?: number; sizeBytes?: number };
+  message: string;
+  at?: string;
+}
+interface VmmInfo {
+  state?: string;
+  pauseReason?: VmmPauseReason | null;
+  consoleDroppedBytes?: unknown;
 }
 
 /** How often the watchdog asks each running VMM, and how long an answer may take. */
@@ -112,6 +140,8 @@ export class VmManager extends EventEmitter {
   private readonly log: Logger;
   /** Resources of creates between their admission and their inventory row (allocated() counts them). */
   private readonly reservations = new Set<Allocation>();
+  /** Virtual disk bytes of creates and disk adds between their admission and their inventory row, by pool (poolAllocated() counts them). */
+  private readonly poolReservations = new Set<{ pool: string; bytes: number }>();
 
   constructor(readonly config: ManagerConfig) {
     super();
@@ -120,6 +150,7 @@ export class VmManager extends EventEmitter {
     mkdirSync(hp.vms, { recursive: true, mode: 0o700 });
     mkdirSync(hp.run, { recursive: true, mode: 0o700 });
     this.store = new Store(hp.db);
+    this.ensureDefaultPool(hp.vms);
     this.cgroups = config.noCgroups === true ? { available: false, controllers: [], reason: "turned off (--no-cgroups)" } : detectCgroupV2();
     this.log = config.logger;
   }
@@ -144,6 +175,7 @@ export class VmManager extends EventEmitter {
     const p = vmPaths(this.config.home, r.id);
     const live = this.live.get(r.id);
     const since = live?.unresponsiveSince;
+    const pause = live?.pauseReason;
     return {
       id: r.id,
       name: r.name,
@@ -152,7 +184,7 @@ export class VmManager extends EventEmitter {
       createdAt: r.createdAt,
       updatedAt: r.updatedAt,
       ...(r.runtime !== undefined ? { pid: r.runtime.pid, startedAt: r.runtime.startedAt } : {}),
-      disks: r.disks.map((d) => ({ ...d, format: d.format ?? "raw", allocatedBytes: allocatedBytes(d.path) })),
+      disks: r.disks.map((d) => ({ ...d, name: `disk${diskIndex(d.path)}`, format: d.format ?? "raw", pool: d.pool ?? DEFAULT_POOL, allocatedBytes: allocatedBytes(d.path) })),
       consoleLog: p.consoleLog,
       apiSocket: p.apiSocket,
       ...(r.lastExit !== undefined ? { lastExit: r.lastExit } : {}),
@@ -160,6 +192,7 @@ export class VmManager extends EventEmitter {
       ...(r.runtime?.cgroup !== undefined ? { cgroup: r.runtime.cgroup } : {}),
       ...(since !== undefined ? { unresponsive: { since } } : {}),
       ...(live?.consoleDroppedBytes !== undefined ? { consoleDroppedBytes: live.consoleDroppedBytes } : {}),
+      ...(r.state === "paused" && pause !== undefined ? { pauseReason: { kind: pause.kind ?? "disk-full", message: pause.message, ...(pause.disk !== undefined ? { disk: pause.disk } : {}), ...(pause.filesystem?.mountPoint !== undefined ? { filesystem: pause.filesystem.mountPoint } : {}) } } : {}),
     };
   }
 
@@ -203,7 +236,8 @@ export class VmManager extends EventEmitter {
     }
     for (const r of this.store.listVms()) {
       if (r.name === except) continue;
-      for (const d of r.disks) a.diskBytes += d.sizeBytes;
+      // The host's disk budget is the home's filesystem: disks in other pools are on theirs (pools.ts).
+      for (const d of r.disks) if ((d.pool ?? DEFAULT_POOL) === DEFAULT_POOL) a.diskBytes += d.sizeBytes;
       if (isActive(r.state)) {
         a.cpus += r.spec.cpus;
         a.memoryBytes += r.spec.memoryMiB * 2 ** 20;
@@ -279,8 +313,16 @@ export class VmManager extends EventEmitter {
       throw new TypevisorError("INVALID_REQUEST", `diskSize: ${diskBytes} bytes is more than the ${MAX_DISK_BYTES / 2 ** 40} TiB a VM disk may have`);
     }
     // Everything is checked before anything is created.
-    let boot: { kernel: string; initrd?: string; rootfs?: string; rootfsSha256?: string; cmdline?: string };
-    if (spec.image !== undefined) {
+    let boot: { kernel: string; initrd?: string; rootfs?: string; rootfsSha256?: string; cmdline?: string; diskImage?: DiskImageManifest & { path: string } };
+    const diskImage = spec.image !== undefined ? loadDiskImage(spec.image, this.config.imagesHome) : undefined;
+    if (diskImage !== undefined) {
+      // An imported disk image (image import): a disk, no kernel of its own.
+      if (spec.kernel === undefined) throw new TypevisorError("INVALID_REQUEST", `image ${spec.image!} is an imported disk image without a kernel: give kernel (and initrd) to boot it`);
+      if (spec.diskFormat === "raw") throw new TypevisorError("INVALID_REQUEST", `image ${spec.image!} is an imported disk image: its VMs are linked clones (diskFormat qcow2)`);
+      boot = { kernel: this.allowedFile(spec.kernel, opened), ...(spec.initrd !== undefined ? { initrd: this.allowedFile(spec.initrd, opened) } : {}), diskImage };
+    } else if (spec.image !== undefined && spec.kernel !== undefined) {
+      throw new TypevisorError("INVALID_REQUEST", "give either image or kernel, not both (only an imported disk image takes a kernel)");
+    } else if (spec.image !== undefined) {
       const ip = imagePaths(spec.image, this.config.imagesHome);
       if (!existsSync(ip.kernel) || !existsSync(ip.rootfs)) {
         throw new TypevisorError("IMAGE_NOT_FOUND", `no image named ${spec.image}`, { hint: `build it: typevisor image build ${spec.image}` });
@@ -293,19 +335,29 @@ export class VmManager extends EventEmitter {
     } else {
       boot = { kernel: this.allowedFile(spec.kernel!, opened), ...(spec.initrd !== undefined ? { initrd: this.allowedFile(spec.initrd, opened) } : {}) };
     }
-    const rootfsBytes = boot.rootfs !== undefined ? statSync(boot.rootfs).size : 0;
-    const newDisk = boot.rootfs !== undefined ? Math.max(diskBytes ?? 0, rootfsBytes) : (diskBytes ?? 0);
-    checkAllocation(host, this.config.policy, this.allocated(), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: newDisk }, { disk: true });
+    const rootfsBytes = boot.rootfs !== undefined ? statSync(boot.rootfs).size : (boot.diskImage?.virtualSize ?? 0);
+    const newDisk = boot.rootfs !== undefined || boot.diskImage !== undefined ? Math.max(diskBytes ?? 0, rootfsBytes) : (diskBytes ?? 0);
+    const pool = this.poolRow(spec.pool);
+    const inDefault = pool.name === DEFAULT_POOL;
+    checkAllocation(host, this.config.policy, this.allocated(), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: inDefault ? newDisk : 0 }, { disk: true });
     // A VM bigger than the whole budget could never start: say so now.
     checkAllocation(host, this.config.policy, { cpus: 0, memoryBytes: 0, diskBytes: 0 }, { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: 0 }, { cpu: true, memory: true });
-    if (rootfsBytes > host.diskFreeBytes) {
-      throw new TypevisorError("INSUFFICIENT_RESOURCES", `not enough free disk in ${this.config.home}: the image's root filesystem needs ${rootfsBytes} bytes, ${host.diskFreeBytes} free`);
+    // What the base copy takes in the home: the root filesystem, or an imported image's file (not its virtual size).
+    const copyBytes = boot.diskImage !== undefined ? boot.diskImage.file.size : rootfsBytes;
+    if (copyBytes > host.diskFreeBytes) {
+      throw new TypevisorError("INSUFFICIENT_RESOURCES", `not enough free disk in ${this.config.home}: the image's ${boot.diskImage !== undefined ? "disk" : "root filesystem"} needs ${copyBytes} bytes, ${host.diskFreeBytes} free`);
     }
 
     // Admitted: the disk is reserved now, in the same turn of the event loop as the check, so a
     // create of another name that runs while this one copies and grows its disk sees it.
-    const reservation: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: newDisk };
+    const reservation: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: inDefault ? newDisk : 0 };
+    // The pool's quota: checked and reserved in the same synchronous step, as the budget above.
+    const poolReservation = { pool: pool.name, bytes: newDisk };
+    if (newDisk > 0) checkPoolQuota(pool, this.poolAllocated(pool.name), newDisk);
     this.reservations.add(reservation);
+    this.poolReservations.add(poolReservation);
+    // A disk in another pool is made there under a temporary name and renamed with the VM's directory.
+    const outside: { tmp: string; path: string }[] = [];
     try {
       const id = randomBytes(6).toString("hex");
       const p = vmPaths(this.config.home, id);
@@ -318,25 +370,45 @@ export class VmManager extends EventEmitter {
         if (boot.initrd !== undefined) await copyFile(boot.initrd, `${staging}/initrd.img`);
         if (boot.cmdline !== undefined) writeFileSync(`${staging}/cmdline`, boot.cmdline);
         const disks: VmRow["disks"] = [];
-        if (boot.rootfs !== undefined && spec.diskFormat === "raw") {
-          const size = await diskFromImage(boot.rootfs, `${staging}/disk0.raw`, diskBytes);
-          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, image: spec.image!, format: "raw" });
+        // Where disk 0 is made, and where it will be: the VM's directory (the default pool), or the pool's.
+        const where = (format: "raw" | "qcow2"): { dest: string; path: string; pool?: string } => {
+          if (inDefault) return { dest: `${staging}/disk0.${format}`, path: `${p.dir}/disk0.${format}` };
+          const path = poolDiskPath(pool, id, 0, format);
+          outside.push({ tmp: `${path}.creating`, path });
+          return { dest: `${path}.creating`, path, pool: pool.name };
+        };
+        if (boot.diskImage !== undefined) {
+          // A linked clone of an imported disk image: an overlay on the daemon's read-only copy of it.
+          const img = boot.diskImage;
+          const size = roundUpToSector(Math.max(diskBytes ?? 0, img.virtualSize));
+          const base = await ensureDiskImageBase(this.config.home, img.path, img.file.sha256, img.format);
+          const w = where("qcow2");
+          createQcow2(w.dest, { size, backing: { file: base, format: img.format } });
+          disks.push({ path: w.path, sizeBytes: size, image: spec.image!, format: "qcow2", backing: base, ...(w.pool !== undefined ? { pool: w.pool } : {}) });
+        } else if (boot.rootfs !== undefined && spec.diskFormat === "raw") {
+          const w = where("raw");
+          const size = await diskFromImage(boot.rootfs, w.dest, diskBytes);
+          disks.push({ path: w.path, sizeBytes: size, image: spec.image!, format: "raw", ...(w.pool !== undefined ? { pool: w.pool } : {}) });
         } else if (boot.rootfs !== undefined) {
           // A linked clone: a qcow2 overlay on the image's base, whose filesystem already fills the size.
           const size = diskBytes === undefined ? rootfsBytes : roundUpToSector(diskBytes);
           if (size < rootfsBytes) throw new TypevisorError("DISK_SIZE", `disk size ${size} bytes is smaller than the image's root filesystem (${rootfsBytes} bytes)`);
           const base = await ensureBase(this.config.home, boot.rootfs, boot.rootfsSha256, size);
-          createQcow2(`${staging}/disk0.qcow2`, { size, backing: { file: base, format: "raw" } });
-          disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, image: spec.image!, format: "qcow2", backing: base });
+          const w = where("qcow2");
+          createQcow2(w.dest, { size, backing: { file: base, format: "raw" } });
+          disks.push({ path: w.path, sizeBytes: size, image: spec.image!, format: "qcow2", backing: base, ...(w.pool !== undefined ? { pool: w.pool } : {}) });
         } else if (diskBytes !== undefined && spec.diskFormat === "raw") {
-          const size = blankDisk(`${staging}/disk0.raw`, diskBytes);
-          disks.push({ path: `${p.dir}/disk0.raw`, sizeBytes: size, format: "raw" });
+          const w = where("raw");
+          const size = blankDisk(w.dest, diskBytes);
+          disks.push({ path: w.path, sizeBytes: size, format: "raw", ...(w.pool !== undefined ? { pool: w.pool } : {}) });
         } else if (diskBytes !== undefined) {
+          const w = where("qcow2");
           const size = roundUpToSector(diskBytes);
-          createQcow2(`${staging}/disk0.qcow2`, { size });
-          disks.push({ path: `${p.dir}/disk0.qcow2`, sizeBytes: size, format: "qcow2" });
+          createQcow2(w.dest, { size });
+          disks.push({ path: w.path, sizeBytes: size, format: "qcow2", ...(w.pool !== undefined ? { pool: w.pool } : {}) });
         }
         renameSync(staging, p.dir);
+        for (const o of outside) renameSync(o.tmp, o.path);
         const now = new Date().toISOString();
         try {
           this.store.insertVm({ id, name: spec.name, spec, state: "defined", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
@@ -346,6 +418,7 @@ export class VmManager extends EventEmitter {
         }
       } catch (e) {
         await rm(staging, { recursive: true, force: true });
+        for (const o of outside) for (const f of [o.tmp, o.path]) rmSync(f, { force: true });
         throw e;
       }
       this.event("vm.created", spec.name, `VM ${spec.name} created`, { id, cpus: spec.cpus, memoryMiB: spec.memoryMiB });
@@ -353,6 +426,7 @@ export class VmManager extends EventEmitter {
     } finally {
       // the inventory row (or nothing, on failure) holds it from here
       this.reservations.delete(reservation);
+      this.poolReservations.delete(poolReservation);
     }
   }
 
@@ -376,9 +450,10 @@ export class VmManager extends EventEmitter {
       this.store.deleteVm(name);
       this.removeSockets(cur.id);
       this.usage.delete(cur.id);
-      // Off the event loop: a VM's directory may hold gigabytes (an interrupted rm leaves a
-      // directory no row names, which the start-up sweep removes).
+      // Off the event loop: a VM's directory and its disks in other pools may hold gigabytes (an
+      // interrupted rm leaves files no row names, which the start-up sweep removes).
       await rm(cur.dir, { recursive: true, force: true });
+      await Promise.all(cur.disks.filter((d) => (d.pool ?? DEFAULT_POOL) !== DEFAULT_POOL).map((d) => rm(d.path, { force: true })));
       this.event("vm.removed", name, `VM ${name} removed`);
       await this.removeUnusedBases();
     });
@@ -394,6 +469,149 @@ export class VmManager extends EventEmitter {
     if (this.reservations.size > 0 || this.store.quarantined().length > 0) return;
     const inUse = new Set(this.store.listVms().flatMap((r) => r.disks.flatMap((d) => (d.backing !== undefined ? [d.backing] : []))));
     for (const p of await removeUnusedBases(this.config.home, inUse)) this.daemonEvent("daemon.cleanup", `removed base image ${p}: no VM uses it`, { path: p });
+  }
+
+  // ---- storage pools (pools.ts) --------------------------------------------
+
+  /** The default pool is the home's vms/ directory: made (or moved with the home) at every start. */
+  private ensureDefaultPool(vmsDir: string): void {
+    const path = realpathSync(vmsDir);
+    const cur = this.store.getPool(DEFAULT_POOL);
+    if (cur?.path === path) return;
+    if (cur !== undefined) this.store.deletePool(DEFAULT_POOL);
+    this.store.insertPool({ name: DEFAULT_POOL, path, quotaBytes: null, createdAt: new Date().toISOString() });
+  }
+
+  private poolRow(name: string): PoolRow {
+    const p = this.store.getPool(name);
+    if (p === undefined) throw new TypevisorError("POOL_NOT_FOUND", `no storage pool named ${name}`, { hint: "typevisor pool ls lists them" });
+    return p;
+  }
+
+  /** Every VM disk with its VM's name (pool accounting). */
+  private poolDisks(): PoolDisk[] {
+    return this.store.listVms().flatMap((r) => r.disks.map((d) => ({ vm: r.name, path: d.path, sizeBytes: d.sizeBytes, ...(d.pool !== undefined ? { pool: d.pool } : {}) })));
+  }
+
+  /** Virtual disk bytes given in `pool`: its disks and the admitted creates and adds not yet recorded. */
+  private poolAllocated(pool: string): number {
+    let n = 0;
+    for (const r of this.poolReservations) if (r.pool === pool) n += r.bytes;
+    for (const d of this.poolDisks()) if ((d.pool ?? DEFAULT_POOL) === pool) n += d.sizeBytes;
+    return n;
+  }
+
+  private poolReserved(pool: string): number {
+    let n = 0;
+    for (const r of this.poolReservations) if (r.pool === pool) n += r.bytes;
+    return n;
+  }
+
+  listPools(): PoolInfo[] {
+    const disks = this.poolDisks();
+    return this.store.listPools().map((p) => poolReport(p, disks, this.poolReserved(p.name)));
+  }
+
+  getPool(name: string): PoolInfo {
+    return poolReport(this.poolRow(name), this.poolDisks(), this.poolReserved(name));
+  }
+
+  /** A new pool on an existing directory (checked: pools.ts checkPoolPath). */
+  createPool(input: unknown): PoolInfo {
+    const r = poolSpec.safeParse(input);
+    if (!r.success) throw new TypevisorError("INVALID_REQUEST", zodMessage(r.error));
+    const spec = r.data;
+    const quotaBytes = quotaOf(spec);
+    if (this.store.getPool(spec.name) !== undefined) throw new TypevisorError("POOL_EXISTS", `a pool named ${spec.name} already exists`);
+    const reserved = [this.config.home, imagesDir(this.config.imagesHome)];
+    const path = checkPoolPath(spec.path, reserved, this.store.listPools());
+    claimPool(path, this.config.home);
+    try {
+      this.store.insertPool({ name: spec.name, path, quotaBytes, createdAt: new Date().toISOString() });
+    } catch (e) {
+      releasePool(path);
+      throw e;
+    }
+    this.daemonEvent("pool.created", `storage pool ${spec.name} created at ${path}${quotaBytes !== null ? ` with a quota of ${quotaBytes} bytes` : ""}`, { pool: spec.name, path, quotaBytes });
+    return this.getPool(spec.name);
+  }
+
+  /** Forget a pool (its directory and files stay); refused while any disk is in it. */
+  removePool(name: string): void {
+    const p = this.poolRow(name);
+    if (name === DEFAULT_POOL) throw new TypevisorError("POOL_IN_USE", "the default pool is the daemon's own and cannot be removed");
+    const vms = [...new Set(this.poolDisks().filter((d) => d.pool === name).map((d) => d.vm))].sort();
+    if (vms.length > 0 || this.poolReserved(name) > 0) {
+      throw new TypevisorError("POOL_IN_USE", `pool ${name} has disks of ${vms.length > 0 ? `VM${vms.length > 1 ? "s" : ""} ${vms.join(", ")}` : "a VM being created"}`, { hint: "remove those VMs or their disks first" });
+    }
+    this.store.deletePool(name);
+    releasePool(p.path);
+    this.daemonEvent("pool.removed", `storage pool ${name} removed (${p.path} left as it is)`, { pool: name, path: p.path });
+  }
+
+  // ---- extra disks (vm disk add|rm) ---------------------------------------
+
+  /**
+   * A blank disk more for a VM without a VMM: qcow2 (thin) or raw (sparse), in a pool (its quota
+   * checked and reserved in one step, as at create); the VMM gets it as the next virtio-blk
+   * device at the next start. Named disk<N>, N the lowest index no disk of the VM has.
+   */
+  addDisk(name: string, input: unknown): Promise<VmInfo> {
+    const r = diskAddSpec.safeParse(input);
+    if (!r.success) return Promise.reject(new TypevisorError("INVALID_REQUEST", zodMessage(r.error)));
+    const spec = r.data;
+    return this.serial(name, async () => {
+      const vm = this.row(name);
+      assertAction(name, vm.state, "change disks of");
+      const bytes = roundUpToSector(typeof spec.size === "number" ? spec.size : parseSize(spec.size));
+      if (bytes > MAX_DISK_BYTES) throw new TypevisorError("INVALID_REQUEST", `size: ${bytes} bytes is more than the ${MAX_DISK_BYTES / 2 ** 40} TiB a VM disk may have`);
+      if (vm.disks.length >= MAX_DISKS) throw new TypevisorError("INVALID_REQUEST", `VM ${name} has ${vm.disks.length} disks, the most a VM may have`);
+      const pool = this.poolRow(spec.pool);
+      const inDefault = pool.name === DEFAULT_POOL;
+      if (inDefault) checkAllocation(discoverHost(this.config.home), this.config.policy, this.allocated(), { cpus: 0, memoryBytes: 0, diskBytes: bytes }, { disk: true });
+      checkPoolQuota(pool, this.poolAllocated(pool.name), bytes);
+      const reservation = { pool: pool.name, bytes };
+      this.poolReservations.add(reservation);
+      try {
+        const used = new Set(vm.disks.map((d) => diskIndex(d.path)));
+        let index = 1;
+        while (used.has(index)) index++;
+        const path = inDefault ? join(vm.dir, `disk${index}.${spec.format}`) : poolDiskPath(pool, vm.id, index, spec.format);
+        const tmp = `${path}.creating`;
+        try {
+          if (spec.format === "qcow2") createQcow2(tmp, { size: bytes });
+          else blankDisk(tmp, bytes);
+          renameSync(tmp, path);
+          const disk: DiskRow = { path, sizeBytes: bytes, format: spec.format, ...(inDefault ? {} : { pool: pool.name }) };
+          this.store.setDisks(name, [...vm.disks, disk]);
+        } catch (e) {
+          rmSync(tmp, { force: true });
+          rmSync(path, { force: true });
+          throw e;
+        }
+        this.event("vm.disk-added", name, `VM ${name}: disk${index} added (${spec.format}, ${bytes} bytes, pool ${pool.name})`, { disk: `disk${index}`, path, sizeBytes: bytes, format: spec.format, pool: pool.name });
+      } finally {
+        this.poolReservations.delete(reservation);
+      }
+      return this.get(name);
+    });
+  }
+
+  /** Remove disk `disk` (disk<N> or N) of a VM without a VMM, with its file; not disk0, which it boots from. */
+  removeDisk(name: string, disk: string): Promise<VmInfo> {
+    return this.serial(name, async () => {
+      const vm = this.row(name);
+      assertAction(name, vm.state, "change disks of");
+      const m = /^(?:disk)?(\d{1,3})$/.exec(disk);
+      const index = m === null ? -1 : Number(m[1]);
+      const d = vm.disks.find((x) => diskIndex(x.path) === index);
+      if (d === undefined) throw new TypevisorError("DISK_NOT_FOUND", `VM ${name} has no disk ${disk}`, { hint: `its disks: ${vm.disks.map((x) => `disk${diskIndex(x.path)}`).join(", ") || "none"} (typevisor vm show ${name})` });
+      if (index === 0) throw new TypevisorError("VM_STATE", `disk0 is the disk VM ${name} boots from; it goes with the VM (typevisor vm rm ${name})`);
+      this.store.setDisks(name, vm.disks.filter((x) => x !== d));
+      rmSync(d.path, { force: true });
+      this.event("vm.disk-removed", name, `VM ${name}: disk${index} removed (${d.path})`, { disk: `disk${index}`, path: d.path, pool: d.pool ?? DEFAULT_POOL });
+      return this.get(name);
+    });
   }
 
   // ---- start ------------------------------------------------------------
@@ -420,7 +638,9 @@ export class VmManager extends EventEmitter {
 
     const spec = r.spec;
     const imageCmdline = existsSync(`${r.dir}/cmdline`) ? readFileSync(`${r.dir}/cmdline`, "utf8").trim() : DEFAULT_CMDLINE;
-    const base = spec.cmdline ?? (spec.image !== undefined ? `${imageCmdline} root=/dev/vda` : DEFAULT_CMDLINE);
+    // An imported disk image has no command line of its own, nor a known root (a partition, often): the spec says (append root=...).
+    const fromDiskImage = spec.image !== undefined && spec.kernel !== undefined;
+    const base = spec.cmdline ?? (spec.image !== undefined && !fromDiskImage ? `${imageCmdline} root=/dev/vda` : DEFAULT_CMDLINE);
     const launch: VmmLaunch = {
       id: r.id,
       kernel: `${r.dir}/vmlinuz`,
@@ -428,6 +648,7 @@ export class VmManager extends EventEmitter {
       cmdline: spec.append !== undefined ? `${base} ${spec.append}` : base,
       cpus: spec.cpus,
       memoryMiB: spec.memoryMiB,
+      memoryOvercommit: this.config.policy.memory,
       disks: r.disks.map((d, i) => ({ path: d.path, format: d.format ?? "raw", serial: `${r.name}-${i}`.slice(0, 20) })),
       nets: spec.nets,
       rng: spec.rng,
@@ -448,7 +669,8 @@ export class VmManager extends EventEmitter {
       try {
         cgroup = VmCgroup.create(this.cgroups, `vm-${r.id}`, {
           cpuMaxCpus: spec.cpus,
-          memoryMaxBytes: spec.memoryMiB * 2 ** 20 + (this.config.vmmOverheadBytes ?? 384 * 2 ** 20),
+          // Guest RAM plus what the VMM itself needs for this many vCPUs and this much RAM (defaults.ts).
+          memoryMaxBytes: spec.memoryMiB * 2 ** 20 + vmmOverheadBytes(spec.cpus, spec.memoryMiB * 2 ** 20, this.config.vmmOverheadBytes),
           ...(spec.cpuWeight !== undefined ? { cpuWeight: spec.cpuWeight } : {}),
         });
       } catch (e) {
@@ -619,6 +841,13 @@ export class VmManager extends EventEmitter {
       if (!running.has(id)) gone("a socket of a VMM that no longer runs", join(hp.run, f));
     }
     for (const f of leftoverBaseFiles(this.config.home)) gone("a half-made base image (a create was interrupted)", f);
+    // Disks in other pools whose create was interrupted, or whose VM the inventory does not know.
+    if (quarantined.length === 0) {
+      for (const pool of this.store.listPools()) {
+        if (pool.name === DEFAULT_POOL) continue;
+        for (const f of sweepPool(pool, known, this.config.home)) this.daemonEvent("daemon.cleanup", `removed ${f} from pool ${pool.name}: no VM has it (a create or disk add was interrupted)`, { path: f, pool: pool.name });
+      }
+    }
     for (const cg of VmCgroup.removeLeftovers(this.cgroups, new Set([...running].map((id) => `vm-${id}`)))) {
       this.daemonEvent("daemon.cleanup", `removed the cgroup ${cg} of a VMM that no longer runs`, { path: cg });
     }
@@ -713,7 +942,11 @@ export class VmManager extends EventEmitter {
   }
 
   resume(name: string): Promise<VmInfo> {
-    return this.simple(name, "resume", (c) => c.resume(), "running", "vm.resumed", `VM ${name} resumed`);
+    return this.simple(name, "resume", async (c) => {
+      await c.resume();
+      const live = this.live.get(this.row(name).id);
+      if (live !== undefined) live.pauseReason = undefined;
+    }, "running", "vm.resumed", `VM ${name} resumed`);
   }
 
   reboot(name: string): Promise<VmInfo> {
@@ -863,10 +1096,11 @@ export class VmManager extends EventEmitter {
         if (live === undefined || live.dead || live.checking === true || (r.state !== "running" && r.state !== "paused")) continue;
         live.checking = true;
         void this.client(r)
-          .call("GET", "/vm", undefined, HEALTH_TIMEOUT_MS)
+          .call<VmmInfo>("GET", "/vm", undefined, HEALTH_TIMEOUT_MS)
           .then(
             (answer) => {
               this.noteConsoleDrops(r.name, live, answer);
+              this.notePause(r.name, r.id, live, answer);
               if (live.unresponsiveSince === undefined) return;
               live.unresponsiveSince = undefined;
               this.event("vm.responsive", r.name, `VM ${r.name}'s VMM answers again`, { pid: live.pid });
@@ -886,12 +1120,37 @@ export class VmManager extends EventEmitter {
   }
 
   /** The VMM says (GET /vm consoleDroppedBytes) how much guest output its console log could not take. */
-  private noteConsoleDrops(name: string, live: Live, answer: unknown): void {
-    const n = (answer as { consoleDroppedBytes?: unknown } | undefined)?.consoleDroppedBytes;
+  private noteConsoleDrops(name: string, live: Live, answer: VmmInfo | undefined): void {
+    const n = answer?.consoleDroppedBytes;
     if (typeof n !== "number" || !Number.isSafeInteger(n) || n <= (live.consoleDroppedBytes ?? 0)) return;
     // One event when dropping starts, not one per check while the disk stays full.
     if (live.consoleDroppedBytes === undefined) this.event("vm.console-dropped", name, `VM ${name}'s console log cannot be written (its disk is full): guest output is being dropped`, { pid: live.pid });
     live.consoleDroppedBytes = n;
+  }
+
+  /**
+   * The VMM paused the VM by itself (a disk's filesystem is full: its write is held, not failed;
+   * vmm/vm.ts PauseReason): record the VM as paused with a vm.paused event that says why and
+   * names the filesystem; `vm resume` runs the held writes again once space is freed.
+   */
+  private notePause(name: string, id: string, live: Live, answer: VmmInfo | undefined): void {
+    const reason = answer?.pauseReason;
+    if (answer?.state !== "paused" || reason === undefined || reason === null || typeof reason.message !== "string") return;
+    if (live.pauseReason?.at === reason.at) return;
+    void this.serial(name, async () => {
+      const cur = this.store.getVm(name);
+      if (cur?.id !== id || live.dead || live.pauseReason?.at === reason.at) return;
+      // Already paused (by the user, or recorded before a daemon restart): shown, no second event.
+      if (cur.state === "paused") live.pauseReason = reason;
+      if (cur.state !== "running") return;
+      // Remembered only once recorded: an inventory on the same full disk refuses the write, and
+      // the next check tries again (until then the VM cannot be resumed through the daemon).
+      this.setState(name, "paused");
+      live.pauseReason = reason;
+      this.event("vm.paused", name, `VM ${name} paused by its VMM: ${reason.message}`, {
+        reason: reason.kind ?? "disk-full", errno: reason.errno, disk: reason.disk, filesystem: reason.filesystem?.mountPoint, fsType: reason.filesystem?.type, freeBytes: reason.filesystem?.freeBytes,
+      });
+    }).catch((e: unknown) => this.log.warn({ vm: name, err: (e as Error).message }, "recording a pause for a full disk failed"));
   }
 
   startUsageCollection(): void {

@@ -69,6 +69,14 @@ describe("budget, checkAllocation and report", () => {
     expect(e.hint).toBeTruthy();
   });
 
+  it("says when a VM is larger than the host can back at all, whatever else runs", () => {
+    const host: HostCapacity = { cpus: 2, memoryBytes: 24 * GiB, diskBytes: 100 * GiB, diskFreeBytes: 0 };
+    const e = thrown(() => checkAllocation(host, policy, NONE, { cpus: 1, memoryBytes: 32 * GiB, diskBytes: 0 }, ALL));
+    expect(e.message).toBe("not enough memory: asked 32.0 GiB, more than this host can back at all: 23.8 GiB budget (24.0 GiB host × overcommit 1.0 − 256 MiB reserved)");
+    // Twice the overcommit: 32 GiB fits.
+    expect(() => checkAllocation(host, { ...policy, memory: 2 }, NONE, { cpus: 1, memoryBytes: 32 * GiB, diskBytes: 0 }, ALL)).not.toThrow();
+  });
+
   it("names every resource short, and only those asked about", () => {
     const allocated: Allocation = { cpus: 31, memoryBytes: 15 * GiB, diskBytes: 99 * GiB };
     const req: Allocation = { cpus: 2, memoryBytes: 2 * GiB, diskBytes: 20 * GiB };

@@ -143,9 +143,12 @@ export function checkAllocation(
   }
   if (what.memory === true && allocated.memoryBytes + request.memoryBytes > b.memoryBytes) {
     const free = Math.max(0, b.memoryBytes - allocated.memoryBytes);
+    const how = `(${formatBytes(host.memoryBytes)} host × overcommit ${ratioText(policy.memory)} − ${formatBytes(policy.reservedMemoryBytes)} reserved)`;
+    // Larger than the whole budget: no amount of stopping other VMs helps, so say that.
     short.push(
-      `not enough memory: asked ${formatBytes(request.memoryBytes)}, ${formatBytes(free)} free of ${formatBytes(b.memoryBytes)} budget ` +
-        `(${formatBytes(host.memoryBytes)} host × overcommit ${ratioText(policy.memory)} − ${formatBytes(policy.reservedMemoryBytes)} reserved)`,
+      request.memoryBytes > b.memoryBytes
+        ? `not enough memory: asked ${formatBytes(request.memoryBytes)}, more than this host can back at all: ${formatBytes(b.memoryBytes)} budget ${how}`
+        : `not enough memory: asked ${formatBytes(request.memoryBytes)}, ${formatBytes(free)} free of ${formatBytes(b.memoryBytes)} budget ${how}`,
     );
   }
   if (what.disk === true && allocated.diskBytes + request.diskBytes > b.diskBytes) {

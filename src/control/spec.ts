@@ -5,7 +5,7 @@
  * an unknown field is an error, not silently ignored.
  */
 import { z } from "zod";
-import { MAX_MEMORY_MIB, MIN_MEMORY_MIB } from "../vmm/defaults.js";
+import { MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
 
 /** Names become file and cgroup names: no path characters, no leading dash. */
 export const NAME_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
@@ -34,18 +34,21 @@ export const vmSpec = z
     name: vmName,
     image: z.string().regex(/^[a-z0-9][a-z0-9._-]{0,62}$/, "an image name is lower-case letters, digits, '.', '_' and '-'").optional()
       .describe("boot this image (typevisor image ls); its root filesystem becomes the VM's own disk"),
-    kernel: absolutePath.optional().describe("boot this kernel instead of an image's (host path)"),
+    kernel: absolutePath.optional().describe("boot this kernel instead of an image's (host path); with an imported disk image (image import), the kernel it boots"),
     initrd: absolutePath.optional(),
     cmdline: z.string().max(2048).optional().describe("kernel command line, replacing the default"),
     append: z.string().max(2048).optional().describe("text appended to the default kernel command line"),
-    cpus: z.number().int().min(1).max(64).default(1),
-    // The VMM's own limits (vmm/vm.ts), so a spec that validates here can start.
+    // The VMM's own limits (vmm/defaults.ts); the host's (KVM_CAP_MAX_VCPUS, physical memory ×
+    // overcommit) are checked at admission and by the VMM, each with its own message.
+    cpus: z.number().int().min(1).max(MAX_VCPUS).default(1),
     memoryMiB: z.number().int().min(MIN_MEMORY_MIB).max(MAX_MEMORY_MIB).default(256),
     diskSize: sizeField.optional().describe("size of the VM's disk (grown to this size from the image's root filesystem, or blank)"),
     diskFormat: z
       .enum(["qcow2", "raw"])
       .default("qcow2")
       .describe("qcow2: a thin overlay on a shared read-only base of the image (instant, small whatever the size); raw: a full copy"),
+    pool: z.string().regex(NAME_PATTERN, "a pool name is 1-63 lower-case letters, digits and '-'").default("default")
+      .describe("the storage pool the VM's disk goes in (typevisor pool ls)"),
     nets: z.array(netSpec).max(8).default([]),
     rng: z.boolean().default(true),
     balloon: z.boolean().default(false),
@@ -53,9 +56,17 @@ export const vmSpec = z
     restart: z.enum(["no", "on-crash"]).default("no").describe("restart the VM when its VMM process dies unexpectedly"),
   })
   .strict()
-  .refine((s) => !(s.image !== undefined && s.kernel !== undefined), { message: "give either image or kernel, not both" })
   .refine((s) => s.image !== undefined || s.kernel !== undefined, { message: "give an image or a kernel to boot" })
   .refine((s) => !(s.cmdline !== undefined && s.append !== undefined), { message: "give either cmdline (replaces) or append (adds), not both" });
+
+/** What `vm disk add` takes. */
+export const diskAddSpec = z
+  .object({
+    size: sizeField.describe("the disk's size (virtual size for qcow2)"),
+    pool: z.string().regex(NAME_PATTERN, "a pool name is 1-63 lower-case letters, digits and '-'").default("default").describe("the storage pool it goes in"),
+    format: z.enum(["qcow2", "raw"]).default("qcow2").describe("qcow2: thin; raw: a sparse file"),
+  })
+  .strict();
 
 /** What a client sends. */
 export type VmSpecInput = z.input<typeof vmSpec>;
@@ -75,12 +86,14 @@ export const vmExit = z.object({
 export type VmExit = z.infer<typeof vmExit>;
 
 export const diskInfo = z.object({
+  name: z.string().describe("disk0 (the one the VM boots from), disk1, ...: what vm disk rm takes"),
   path: z.string(),
   sizeBytes: z.number().describe("the size the guest sees (a qcow2 disk's virtual size)"),
   image: z.string().optional(),
   format: z.enum(["raw", "qcow2"]),
   allocatedBytes: z.number().describe("bytes the disk's file takes on the host now"),
   backing: z.string().optional().describe("a qcow2 overlay's backing file (its base)"),
+  pool: z.string().describe("the storage pool it is in"),
 });
 
 export const vmInfo = z.object({
@@ -107,6 +120,10 @@ export const vmInfo = z.object({
     .int()
     .optional()
     .describe("guest console output the VMM could not write to the console log (its disk full) since it started; absent when none"),
+  pauseReason: z
+    .object({ kind: z.string(), message: z.string(), disk: z.string().optional(), filesystem: z.string().optional() })
+    .optional()
+    .describe("present while the VMM paused the VM by itself: kind disk-full (a disk's filesystem is full; its writes wait, resume once space is freed)"),
 });
 export type VmInfo = z.infer<typeof vmInfo>;
 
@@ -126,7 +143,7 @@ export type VmUsage = z.infer<typeof vmUsage>;
 export const eventRecord = z.object({
   seq: z.number().int(),
   at: z.string(),
-  type: z.string().describe("vm.created, vm.starting, vm.running, vm.paused, vm.resumed, vm.stopping, vm.stopped, vm.crashed, vm.rebooted, vm.removed, vm.restarting, vm.reattached, daemon.started, daemon.stopping"),
+  type: z.string().describe("vm.created, vm.starting, vm.running, vm.paused (data.reason disk-full when the VMM paused it because a disk's filesystem is full), vm.resumed, vm.stopping, vm.stopped, vm.crashed, vm.rebooted, vm.removed, vm.restarting, vm.reattached, daemon.started, daemon.stopping"),
   vm: z.string().optional(),
   message: z.string(),
   data: z.record(z.string(), z.unknown()).optional(),

@@ -13,7 +13,7 @@
 import { TypevisorError } from "../errors.js";
 import type { VmState } from "./spec.js";
 
-export type VmAction = "start" | "stop" | "kill" | "pause" | "resume" | "reboot" | "remove";
+export type VmAction = "start" | "stop" | "kill" | "pause" | "resume" | "reboot" | "remove" | "change disks of";
 
 const ALLOWED: Record<VmAction, readonly VmState[]> = {
   start: ["defined", "stopped", "crashed"],
@@ -24,6 +24,8 @@ const ALLOWED: Record<VmAction, readonly VmState[]> = {
   resume: ["paused"],
   reboot: ["running"],
   remove: ["defined", "stopped", "crashed"],
+  // vm disk add|rm: the VMM opens its disks at start, so only while there is none.
+  "change disks of": ["defined", "stopped", "crashed"],
 };
 
 const TRANSITIONS: Record<VmState, readonly VmState[]> = {
@@ -51,6 +53,7 @@ export function assertAction(name: string, state: VmState, action: VmAction): vo
 
 function hintFor(action: VmAction, state: VmState, name: string): string | undefined {
   if (action === "remove" && (state === "running" || state === "paused" || state === "starting")) return `stop it first (typevisor vm stop ${name}) or remove with --force`;
+  if (action === "change disks of") return `stop it first (typevisor vm stop ${name})`;
   if (action === "start" && (state === "running" || state === "paused")) return "it is already started";
   if (action === "stop" && state === "stopping") return `force it: typevisor vm stop --force ${name}`;
   return undefined;

@@ -47,6 +47,33 @@ describe("inventory (a real SQLite file)", () => {
     expect(() => new Store(path)).toThrow(/newer than this typevisor understands/);
   });
 
+  it("migrates a version-1 inventory to the current version (2: pools, 3: users, tokens, audit) in place, its VMs and events kept", () => {
+    const path = join(mkdtempSync(join(tmpdir(), "tvs-")), "t.db");
+    // Version 1 as an earlier typevisor made it.
+    const db = new Database(path);
+    db.exec(`CREATE TABLE vms (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL,
+      updated_at TEXT NOT NULL, dir TEXT NOT NULL, disks TEXT NOT NULL, runtime TEXT, last_exit TEXT, restarts INTEGER NOT NULL DEFAULT 0);
+      CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, type TEXT NOT NULL, vm TEXT, message TEXT NOT NULL, data TEXT);`);
+    db.prepare("INSERT INTO vms VALUES ('id-old', 'old', ?, 'stopped', 't', 't', '/x/old', ?, NULL, NULL, 0)").run(JSON.stringify({ name: "old", kernel: "/k", cpus: 1, memoryMiB: 64 }), JSON.stringify([{ path: "/x/old/disk0.raw", sizeBytes: 512 }]));
+    db.prepare("INSERT INTO events (at, type, message) VALUES ('t', 'daemon.started', 'd')").run();
+    db.pragma("user_version = 1");
+    db.close();
+    const s = new Store(path);
+    expect(s.listVms().map((v) => [v.name, v.state, v.spec.pool, v.disks[0]!.pool])).toEqual([["old", "stopped", undefined, undefined]]);
+    expect(s.events().map((e) => e.type)).toEqual(["daemon.started"]);
+    expect(s.listPools()).toEqual([]);
+    s.insertPool({ name: "p", path: "/srv/p", quotaBytes: 1024, createdAt: "t" });
+    expect(() => s.insertPool({ name: "q", path: "/srv/p", quotaBytes: null, createdAt: "t" })).toThrow(expect.objectContaining({ code: "POOL_EXISTS" }));
+    expect(s.getPool("p")).toEqual({ name: "p", path: "/srv/p", quotaBytes: 1024, createdAt: "t" });
+    s.close();
+    const after = new Database(path);
+    expect(after.pragma("user_version", { simple: true })).toBe(SCHEMA_VERSION);
+    expect(SCHEMA_VERSION).toBe(3);
+    const tables = (after.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all() as { name: string }[]).map((t) => t.name);
+    for (const t of ["audit", "pools", "tokens", "users"]) expect(tables).toContain(t);
+    after.close();
+  });
+
   it("pages events forward without gaps: after a seq, the first `limit`; without one, the latest", () => {
     const s = new Store(join(mkdtempSync(join(tmpdir(), "tvs-")), "t.db"));
     for (let i = 0; i < 10; i++) s.addEvent({ type: "vm.created", vm: i % 2 === 0 ? "a" : "b", message: `e${i}` });

@@ -7,6 +7,7 @@
  */
 import Database from "better-sqlite3";
 import { TypevisorError } from "../errors.js";
+import type { PoolRow } from "./pools.js";
 import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmState } from "./spec.js";
 
 export const SCHEMA_VERSION = 3;
@@ -20,6 +21,8 @@ export interface DiskRow {
   format?: "raw" | "qcow2";
   /** A qcow2 overlay's backing file (a base, bases.ts). */
   backing?: string;
+  /** The storage pool it is in (pools.ts); absent: the default pool (the VM's own directory). */
+  pool?: string;
 }
 
 /** What the daemon needs to find a running VMM again after a restart. */
@@ -93,8 +96,15 @@ const MIGRATIONS: Record<number, string> = {
     );
     CREATE INDEX events_vm ON events(vm, seq);
   `,
-  // Reserved for storage pools (the pools branch's schema v2); nothing here yet.
-  2: ``,
+  // Storage pools (pools.ts); a disk names its pool in the VM's disks JSON.
+  2: `
+    CREATE TABLE pools (
+      name TEXT PRIMARY KEY,
+      path TEXT NOT NULL UNIQUE,
+      quota_bytes INTEGER,
+      created_at TEXT NOT NULL
+    );
+  `,
   // Identities and the audit log (identity.ts, audit.ts, docs/security.md). Tokens are kept as the
   // SHA-256 of their secret, passwords as scrypt hashes; the audit log is append-only (the
   // triggers) and hash-chained (each row carries the hash of the one before).
@@ -169,6 +179,17 @@ function rowOf(r: RawVm): VmRow {
     ...(r.last_exit !== null ? { lastExit: JSON.parse(r.last_exit) as VmExit } : {}),
     restarts: r.restarts,
   };
+}
+
+interface RawPool {
+  name: string;
+  path: string;
+  quota_bytes: number | null;
+  created_at: string;
+}
+
+function poolOf(r: RawPool): PoolRow {
+  return { name: r.name, path: r.path, quotaBytes: r.quota_bytes, createdAt: r.created_at };
 }
 
 function eventOf(r: RawEvent): EventRecord {
@@ -291,6 +312,35 @@ export class Store {
 
   deleteVm(name: string): void {
     this.db.prepare("DELETE FROM vms WHERE name = ?").run(name);
+  }
+
+  listPools(): PoolRow[] {
+    return (this.db.prepare("SELECT * FROM pools ORDER BY name").all() as RawPool[]).map(poolOf);
+  }
+
+  getPool(name: string): PoolRow | undefined {
+    const r = this.db.prepare("SELECT * FROM pools WHERE name = ?").get(name) as RawPool | undefined;
+    return r === undefined ? undefined : poolOf(r);
+  }
+
+  insertPool(p: PoolRow): void {
+    try {
+      this.db.prepare("INSERT INTO pools (name, path, quota_bytes, created_at) VALUES (?, ?, ?, ?)").run(p.name, p.path, p.quotaBytes, p.createdAt);
+    } catch (e) {
+      if ((e as { code?: string }).code === "SQLITE_CONSTRAINT_PRIMARYKEY" || (e as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE") {
+        throw new TypevisorError("POOL_EXISTS", `a pool named ${p.name} or at ${p.path} already exists`);
+      }
+      throw e;
+    }
+  }
+
+  deletePool(name: string): void {
+    this.db.prepare("DELETE FROM pools WHERE name = ?").run(name);
+  }
+
+  /** Replace a VM's disk list (vm disk add/rm). */
+  setDisks(name: string, disks: DiskRow[]): void {
+    this.db.prepare("UPDATE vms SET disks = ?, updated_at = ? WHERE name = ?").run(JSON.stringify(disks), new Date().toISOString(), name);
   }
 
   addEvent(e: Omit<EventRecord, "seq" | "at">): EventRecord {

@@ -17,6 +17,8 @@ export interface VmmLaunch {
   cmdline: string;
   cpus: number;
   memoryMiB: number;
+  /** The daemon's memory overcommit ratio: the VMM refuses more guest memory than host memory × this. */
+  memoryOvercommit?: number;
   disks: { path: string; format: "raw" | "qcow2"; readonly?: boolean; serial?: string }[];
   nets: { tap: string; mac?: string }[];
   rng: boolean;
@@ -43,6 +45,7 @@ export function vmmArgs(l: VmmLaunch): string[] {
     "--cmdline", l.cmdline,
     "--cpus", String(l.cpus),
     "--memory", String(l.memoryMiB),
+    ...(l.memoryOvercommit !== undefined ? ["--memory-overcommit", String(l.memoryOvercommit)] : []),
     "--api-socket", l.apiSocket,
     "--console-log", l.consoleLog,
     "--console-log-size", String(l.consoleLogSize),

@@ -36,6 +36,8 @@ export const SIZEOF = {
   kvm_msi: 32,
   kvm_dirty_log: 16,
   kvm_clock_data: 48,
+  /** struct kvm_enable_cap: cap, flags, args[4], pad[64]. */
+  kvm_enable_cap: 104,
 } as const;
 
 export const KVM = {
@@ -55,6 +57,7 @@ export const KVM = {
   CREATE_PIT2: iow(0x77, SIZEOF.kvm_pit_config),
   IOEVENTFD: iow(0x79, SIZEOF.kvm_ioeventfd),
   SIGNAL_MSI: iow(0xa5, SIZEOF.kvm_msi),
+  ENABLE_CAP: iow(0xa3, SIZEOF.kvm_enable_cap),
   RUN: io(0x80),
   GET_REGS: ior(0x81, SIZEOF.kvm_regs),
   SET_REGS: iow(0x82, SIZEOF.kvm_regs),
@@ -83,7 +86,16 @@ export const CAP = {
   IOEVENTFD: 36,
   MAX_VCPUS: 66,
   TSC_DEADLINE_TIMER: 72,
+  X2APIC_API: 129,
   IMMEDIATE_EXIT: 136,
+} as const;
+
+/** KVM_CAP_X2APIC_API flags (KVM API §7.7). */
+export const X2APIC_API = {
+  /** MSI routes and LAPIC state carry 32-bit x2APIC IDs. */
+  USE_32BIT_IDS: 1 << 0,
+  /** In x2APIC mode, destination 0xff is APIC ID 255, not broadcast. */
+  DISABLE_BROADCAST_QUIRK: 1 << 1,
 } as const;
 
 /** The only API version KVM has ever had (KVM API §4.1). */

@@ -97,6 +97,19 @@ export class VmFd {
     libc.ioctl(this.fd, KVM.SET_USER_MEMORY_REGION, b, "KVM_SET_USER_MEMORY_REGION");
   }
 
+  /**
+   * KVM_ENABLE_CAP on the VM (KVM API §4.37): `args` go into args[0..3]. The struct is built
+   * here and only read by the kernel during the call.
+   */
+  enableCap(cap: number, args: readonly number[] = []): void {
+    if (args.length > 4) throw new TypevisorError("KVM_ENABLE_CAP", "KVM_ENABLE_CAP takes at most 4 arguments");
+    const b = new Uint8Array(SIZEOF.kvm_enable_cap);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, cap, true);
+    args.forEach((a, i) => dv.setBigUint64(8 + 8 * i, BigInt(a), true));
+    libc.ioctl(this.fd, KVM.ENABLE_CAP, b, "KVM_ENABLE_CAP");
+  }
+
   setTssAddr(addr: number): void {
     libc.ioctlValue(this.fd, KVM.SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR");
   }

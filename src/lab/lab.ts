@@ -69,7 +69,7 @@ export async function prepareLab(opts: { cache?: string; progress?: Progress } =
 }
 
 export interface LabOptions {
-  /** Lab RAM in MiB (default $TYPEVISOR_LAB_MEMORY or 6144: nested guests up to 2 GiB plus node). */
+  /** Lab RAM in MiB (default $TYPEVISOR_LAB_MEMORY or 16384: the 12 GiB guest of big-vm.lab.test.ts and the bench plus node; QEMU allocates it lazily, so only what guests touch costs host memory). */
   memoryMiB?: number;
   /** Lab vCPUs (default $TYPEVISOR_LAB_CPUS or 1: kvm-lab.md saw a panic with 2). */
   cpus?: number;
@@ -182,7 +182,7 @@ async function pruneLogs(dir: string, keep: number): Promise<void> {
 export async function runInLab(argv: string[], opts: LabOptions = {}): Promise<number> {
   const env = opts.env ?? process.env;
   if (argv.length === 0 || argv[0] === "") throw new TypevisorError("LAB_NO_COMMAND", "no command given to run in the lab", { hint: "npm run lab -- <command> [args...]" });
-  const memoryMiB = opts.memoryMiB ?? envInt(env, "TYPEVISOR_LAB_MEMORY", 6144, 256, 1 << 20);
+  const memoryMiB = opts.memoryMiB ?? envInt(env, "TYPEVISOR_LAB_MEMORY", 16384, 256, 1 << 20);
   const cpus = opts.cpus ?? envInt(env, "TYPEVISOR_LAB_CPUS", 1, 1, 64);
   const timeoutSec = opts.timeoutSec ?? envInt(env, "TYPEVISOR_LAB_TIMEOUT", 3600, 1, 7 * 86400);
   const bootTimeoutSec = Math.min(opts.bootTimeoutSec ?? 180, timeoutSec);

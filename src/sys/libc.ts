@@ -70,6 +70,8 @@ export const EIO = 5;
 export const EINVAL = 22;
 export const EOPNOTSUPP = 95;
 export const ENOSPC = 28;
+/** Disk quota exceeded (errno(3)): a full filesystem, as far as a writer can tell. */
+export const EDQUOT = 122;
 /** fallocate(2) modes. */
 export const FALLOC_FL_KEEP_SIZE = 0x1;
 export const FALLOC_FL_PUNCH_HOLE = 0x2;
@@ -90,7 +92,7 @@ export class SysError extends TypevisorError {
 const ERRNO_NAMES: Record<number, string> = {
   1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 9: "EBADF", 11: "EAGAIN", 12: "ENOMEM", 13: "EACCES",
   14: "EFAULT", 16: "EBUSY", 17: "EEXIST", 19: "ENODEV", 22: "EINVAL", 24: "EMFILE", 25: "ENOTTY",
-  28: "ENOSPC", 38: "ENOSYS", 95: "EOPNOTSUPP",
+  28: "ENOSPC", 38: "ENOSYS", 95: "EOPNOTSUPP", 122: "EDQUOT",
 };
 
 export function errnoName(errno: number): string {

@@ -3,8 +3,35 @@ export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1";
 
 /** Guest memory limits (kept here, free of KVM imports, so the control plane's schemas can share them). */
 export const MIN_MEMORY_MIB = 64;
-/** One ArrayBuffer view must cover guest RAM for now (V8 caps a view at 4 GiB). */
-export const MAX_MEMORY_MIB = 4096;
+/**
+ * The largest guest memory any VMM accepts: 4 TiB, the guest-physical space of a CPU with 43 or
+ * more address bits once the 1 GiB MMIO hole is skipped. The host bounds it further, each checked
+ * with its own message: its physical memory times the memory overcommit allowed
+ * (`--memory-overcommit`, the daemon's policy), and the guest's physical address width (CPUID
+ * 0x80000008 EAX[7:0] as KVM offers it). Guest RAM is seen through views of at most 4 GiB each
+ * (memory/guest-memory.ts), so no JavaScript limit applies.
+ */
+export const MAX_MEMORY_MIB = 4 * 1024 * 1024;
+
+/**
+ * The most vCPUs any VMM accepts: 4096, the largest KVM_MAX_VCPUS an x86 kernel can be built with
+ * (CONFIG_KVM_MAX_NR_VCPUS). The host's own KVM_CAP_MAX_VCPUS (1024 on Debian 12's kernel) is
+ * checked when the VM is created. Past 254 vCPUs the guest needs x2APIC: the MADT lists those
+ * CPUs as Local x2APIC structures and the VMM turns on KVM's 32-bit x2APIC IDs (vm.ts).
+ */
+export const MAX_VCPUS = 4096;
+
+/**
+ * Host memory a VMM process needs besides guest RAM, as a cgroup's memory.max must allow it:
+ * the base (Node, the main thread, the device thread and its I/O threads: `baseBytes`), about
+ * 16 MiB per vCPU (each vCPU thread is a worker with its own V8 isolate; measured 10-12 MiB of
+ * RSS each on a project machine), and the page tables of guest RAM, which the kernel charges to
+ * the cgroup: KVM's (EPT/NPT) and the VMM process's own over the same mappings, each at most 8
+ * bytes per 4 KiB page (1/512 of guest RAM) when no huge page could be used.
+ */
+export function vmmOverheadBytes(cpus: number, memoryBytes: number, baseBytes = 384 * 1024 * 1024): number {
+  return baseBytes + cpus * 16 * 1024 * 1024 + 2 * Math.ceil(memoryBytes / 512);
+}
 
 /**
  * How much nicer than the VMM's other threads its vCPU threads run (setpriority(2) on each vCPU

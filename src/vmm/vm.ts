@@ -6,12 +6,14 @@
  * vCPUs are created (KVM API §4.24), CPUID before the first KVM_RUN, and
  * everything the guest can see is validated and written before any vCPU runs.
  */
+import { totalmem } from "node:os";
 import { setFlagsFromString } from "node:v8";
 import { Worker } from "node:worker_threads";
 import { workerUrl } from "./worker-url.js";
 import { TypevisorError } from "../errors.js";
+import { formatBytes } from "../size.js";
 import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
-import { CAP, EXIT_NAMES } from "../kvm/ioctls.js";
+import { CAP, EXIT_NAMES, X2APIC_API } from "../kvm/ioctls.js";
 import { decodeSregs, encodeBootFpu, type KvmRegs } from "../kvm/structs.js";
 import * as libc from "../sys/libc.js";
 import { writeAcpiTables } from "./arch/x86_64/acpi/tables.js";
@@ -20,7 +22,7 @@ import { filterCpuid } from "./arch/x86_64/cpuid.js";
 import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_START, ramRanges } from "./arch/x86_64/layout.js";
 import { pciHostBridgeAml } from "./devices/pci/acpi.js";
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
-import { GuestMemory, type MemoryRegionSpec } from "./memory/guest-memory.js";
+import { GuestMemory, type HostRegion } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
 import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
@@ -33,10 +35,12 @@ import { kernelThreads, type KernelThread } from "./threads/kernel.js";
 import { deviceThreadPhase, ioThreadReport, vcpuReport, type DeviceThreadThreadsReport, type IoThreadReport, type ThreadsReport, type VcpuThreadReport } from "./threads/report.js";
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
+import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
 
-import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MIN_MEMORY_MIB } from "./defaults.js";
+import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "./defaults.js";
+import { XAPIC_MAX_CPUS } from "./arch/x86_64/acpi/tables.js";
 
-export { MAX_MEMORY_MIB, MIN_MEMORY_MIB };
+export { MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB };
 export type { IoStats, IoTotals } from "./devices/platform/device-thread-init.js";
 export type { ThreadsReport } from "./threads/report.js";
 
@@ -73,8 +77,12 @@ export interface VmConfig {
   devices?: DeviceSpecs;
   /** Nice offset of the vCPU threads over the VMM's other threads, 0..MAX_NICE (default DEFAULT_VCPU_NICE). */
   vcpuNice?: number;
+  /** Guest memory allowed per byte of host memory (checkHostMemory; default 1). */
+  memoryOvercommit?: number;
   /** Let deviceCommand send the device thread's debug.* commands (tests of a device thread that does not answer). */
   debugDeviceCommands?: boolean;
+  /** Told when the VMM pauses the VM by itself (a full disk), after the vCPUs stopped (or failed to). */
+  onPaused?: (reason: PauseReason) => void;
 }
 
 export type VmExitResult =
@@ -102,6 +110,23 @@ export interface VmStats {
 
 export type VmState = "created" | "running" | "paused" | "stopped";
 
+/**
+ * Why the VMM paused the VM by itself: a disk's host filesystem is full (ENOSPC; EDQUOT over a
+ * quota). The write that failed is held, not failed (QEMU's werror=enospc): resume() runs it
+ * again once space is freed, and pauses again if there is still none.
+ */
+export interface PauseReason {
+  kind: "disk-full";
+  errno: string;
+  /** The request that could not be done (write, flush, write-zeroes). */
+  op: string;
+  /** The disk's image file. */
+  disk: string;
+  filesystem: FilesystemInfo;
+  message: string;
+  at: string;
+}
+
 /** Counters of a VM without devices (nothing to ask the device thread). */
 export function emptyIoStats(): IoStats {
   return {
@@ -110,22 +135,67 @@ export function emptyIoStats(): IoStats {
   };
 }
 
-export function validateConfig(cfg: Pick<VmConfig, "cpus" | "memoryMiB" | "vcpuNice">, maxVcpus = 254): void {
+export function validateConfig(cfg: Pick<VmConfig, "cpus" | "memoryMiB" | "vcpuNice" | "memoryOvercommit">, maxVcpus = MAX_VCPUS): void {
   if (cfg.vcpuNice !== undefined && (!Number.isInteger(cfg.vcpuNice) || cfg.vcpuNice < 0 || cfg.vcpuNice > MAX_NICE)) {
     throw new TypevisorError("INVALID_ARGUMENT", `--vcpu-nice must be a whole number from 0 to ${MAX_NICE} (got ${cfg.vcpuNice})`);
+  }
+  if (cfg.memoryOvercommit !== undefined && (!Number.isFinite(cfg.memoryOvercommit) || cfg.memoryOvercommit <= 0 || cfg.memoryOvercommit > MAX_MEMORY_OVERCOMMIT)) {
+    throw new TypevisorError("INVALID_ARGUMENT", `--memory-overcommit must be a number above 0 and at most ${MAX_MEMORY_OVERCOMMIT} (got ${cfg.memoryOvercommit})`);
   }
   if (!Number.isInteger(cfg.cpus) || cfg.cpus < 1) {
     throw new TypevisorError("INVALID_CPUS", `--cpus must be a whole number of at least 1 (got ${cfg.cpus})`);
   }
-  // xAPIC IDs are 8 bits and 0xff is broadcast (SDM vol. 3 §10.4.6).
-  const max = Math.min(maxVcpus, 254);
-  if (cfg.cpus > max) throw new TypevisorError("INVALID_CPUS", `--cpus ${cfg.cpus} exceeds the maximum of ${max} on this host`);
+  const max = Math.min(maxVcpus, MAX_VCPUS);
+  if (cfg.cpus > max) {
+    throw new TypevisorError("INVALID_CPUS", `--cpus ${cfg.cpus} exceeds the maximum of ${max} ${max < MAX_VCPUS ? "this host's KVM allows (KVM_CAP_MAX_VCPUS)" : "vCPUs"}`);
+  }
   if (!Number.isInteger(cfg.memoryMiB) || cfg.memoryMiB < MIN_MEMORY_MIB) {
     throw new TypevisorError("INVALID_MEMORY", `--memory must be at least ${MIN_MEMORY_MIB} MiB (got ${cfg.memoryMiB})`);
   }
   if (cfg.memoryMiB > MAX_MEMORY_MIB) {
     throw new TypevisorError("INVALID_MEMORY", `--memory ${cfg.memoryMiB} MiB exceeds the supported maximum of ${MAX_MEMORY_MIB} MiB`);
   }
+}
+
+/** The largest --memory-overcommit (the daemon's policy allows the same). */
+export const MAX_MEMORY_OVERCOMMIT = 64;
+
+/**
+ * Whether this host can back `memoryMiB` of guest RAM: at most its physical memory times the
+ * overcommit allowed (1 unless told: a guest that touches all its RAM must not send the host
+ * into its OOM killer), and RAM must end inside the guest-physical address space KVM offers
+ * (`physBits`, CPUID 0x80000008 EAX[7:0]; KVM cannot map a slot past it). Guest RAM is mapped
+ * lazily (MAP_NORESERVE), so nothing else would stop an impossible size before the guest ran
+ * into it.
+ * @throws TypevisorError INVALID_MEMORY with both figures
+ */
+export function checkHostMemory(memoryMiB: number, host: { memoryBytes: number; overcommit?: number; physBits?: number }): void {
+  const ratio = host.overcommit ?? 1;
+  const limit = Math.floor(host.memoryBytes * ratio);
+  const bytes = memoryMiB * 1024 * 1024;
+  if (bytes > limit) {
+    throw new TypevisorError(
+      "INVALID_MEMORY",
+      `--memory ${memoryMiB} MiB is more than this host can back: ${formatBytes(host.memoryBytes)} of physical memory × overcommit ${ratio} = ${formatBytes(limit)}`,
+      { hint: "ask for less memory, or allow more overcommit (--memory-overcommit, the daemon's --memory-overcommit)" },
+    );
+  }
+  if (host.physBits !== undefined && host.physBits > 0) {
+    const end = Math.max(...ramRanges(bytes).map((r) => r.start + r.size));
+    if (end > 2 ** host.physBits) {
+      throw new TypevisorError(
+        "INVALID_MEMORY",
+        `--memory ${memoryMiB} MiB would put guest RAM up to 0x${end.toString(16)}, past the ${host.physBits}-bit guest-physical address space this host's KVM offers`,
+      );
+    }
+  }
+}
+
+/** The guest-physical address width KVM offers (CPUID 0x80000008 EAX[7:0]), or undefined when it does not say. */
+function guestPhysBits(supported: readonly { function: number; eax: number }[]): number | undefined {
+  const leaf = supported.find((e) => e.function === 0x80000008);
+  const bits = leaf === undefined ? 0 : leaf.eax & 0xff;
+  return bits > 0 ? bits : undefined;
 }
 
 /** The device thread's answer to "threads", or why there is none (no `report`: it did not answer in time). */
@@ -142,7 +212,8 @@ export class Vm {
   private readonly vm: VmFd;
   private readonly vcpus: VcpuFd[] = [];
   private readonly runMaps: { map: libc.Mapping; run: Uint8Array }[] = [];
-  private readonly mem: libc.Mapping;
+  /** One host mapping per guest RAM region (ramRanges order). */
+  private readonly mems: libc.Mapping[] = [];
   private readonly control = new SharedArrayBuffer(CTRL.SLOTS * 4);
   private readonly ctrl = new Int32Array(this.control);
   private readonly stats: SharedArrayBuffer;
@@ -171,6 +242,8 @@ export class Vm {
   private state: VmState = "created";
   private destroyed = false;
   private pendingInput: Uint8Array[] = [];
+  /** Set while the VM is paused because a disk's filesystem is full; cleared by resume(). */
+  private pauseReason_: PauseReason | undefined;
   private inputTimer: NodeJS.Timeout | undefined;
 
   /** The configuration minus the boot payload (kernel and initrd are not kept once loaded). */
@@ -183,33 +256,48 @@ export class Vm {
     this.kvm = new Kvm();
     try {
       validateConfig(config, this.kvm.maxVcpus());
+      const supported = this.kvm.supportedCpuid();
+      checkHostMemory(config.memoryMiB, { memoryBytes: totalmem(), overcommit: config.memoryOvercommit ?? 1, physBits: guestPhysBits(supported) });
       const memBytes = config.memoryMiB * 1024 * 1024;
       this.vm = this.kvm.createVm();
       this.vm.setTssAddr(KVM_TSS_ADDR);
       this.vm.setIdentityMapAddr(KVM_IDENTITY_MAP_ADDR);
       this.vm.createIrqchip();
+      if (config.cpus > XAPIC_MAX_CPUS) {
+        // Past 254 vCPUs APIC IDs no longer fit xAPIC's 8 bits: the guest runs its LAPICs in
+        // x2APIC mode, and KVM must take 32-bit APIC IDs in MSI routes and LAPIC state
+        // (KVM API §7.7 KVM_CAP_X2APIC_API), without the broadcast quirk that reads ID 0xff as
+        // broadcast in x2APIC mode. QEMU does the same past 255.
+        this.vm.enableCap(CAP.X2APIC_API, [X2APIC_API.USE_32BIT_IDS | X2APIC_API.DISABLE_BROADCAST_QUIRK]);
+      }
       this.vm.createPit2();
 
-      // Private anonymous memory, reserved lazily (MAP_NORESERVE): a 2 GiB guest that
-      // touches 100 MiB costs 100 MiB. Not inherited by forks (MADV_DONTFORK). 2 MiB-aligned and
-      // marked for transparent huge pages, as QEMU and Cloud Hypervisor do with guest RAM: KVM
-      // then maps it 2 MiB at a time (fewer nested-paging walks and TLB entries for the guest),
-      // and the kernel compacts memory to find huge pages where it would otherwise settle for 4 KiB.
-      this.mem = libc.mmapAligned(memBytes, HUGE_PAGE, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE);
-      libc.madvise(this.mem, libc.MADV_DONTFORK);
-      try {
-        libc.madvise(this.mem, libc.MADV_HUGEPAGE);
-      } catch {
-        // EINVAL: a kernel without transparent huge pages; 4 KiB pages work, only slower.
-      }
-      const specs: MemoryRegionSpec[] = [];
-      let hostOffset = 0;
+      // One mapping and one KVM memory slot per RAM region (below the MMIO hole, above 4 GiB;
+      // layout.ts), so no region's size depends on another's and a region is contiguous in host
+      // memory (one host address serves an iovec anywhere in it). Each is private anonymous
+      // memory, reserved lazily (MAP_NORESERVE): a 12 GiB guest that touches 100 MiB costs
+      // 100 MiB. Not inherited by forks (MADV_DONTFORK). 2 MiB-aligned and marked for
+      // transparent huge pages, as QEMU and Cloud Hypervisor do with guest RAM: every region
+      // starts at a 2 MiB-aligned guest address, so guest-physical and host addresses agree
+      // modulo 2 MiB and KVM maps the region 2 MiB at a time (fewer nested-paging walks and TLB
+      // entries), and the kernel compacts memory to find huge pages where it would otherwise
+      // settle for 4 KiB.
+      const hostRegions: HostRegion[] = [];
       for (const r of ramRanges(memBytes)) {
-        specs.push({ guestPhysAddr: r.start, size: r.size, hostOffset });
-        hostOffset += r.size;
+        const map = libc.mmapAligned(r.size, HUGE_PAGE, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE);
+        this.mems.push(map);
+        libc.madvise(map, libc.MADV_DONTFORK);
+        try {
+          libc.madvise(map, libc.MADV_HUGEPAGE);
+        } catch {
+          // EINVAL: a kernel without transparent huge pages; 4 KiB pages work, only slower.
+        }
+        hostRegions.push({ guestPhysAddr: r.start, size: r.size, hostAddress: Number(map.address) });
       }
-      this.memory = new GuestMemory(libc.view(this.mem.pointer, memBytes), specs);
-      specs.forEach((s, slot) => this.vm.setUserMemoryRegion(slot, s.guestPhysAddr, s.size, this.mem.address + BigInt(s.hostOffset)));
+      // Safe to hand to the kernel: each slot is exactly one mapping made above, kept mapped
+      // until releaseKvm() closes the VM fd (which drops the slots) before unmapping it.
+      hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
+      this.memory = GuestMemory.mapped(hostRegions);
 
       const vmFd = this.vm;
       this.serial = new Serial(this.serialShared, () => {
@@ -243,7 +331,6 @@ export class Vm {
       this.stats = new SharedArrayBuffer(config.cpus * STAT_SLOTS * 8);
       this.board = createBoard(config.cpus);
       this.boardRows = Array.from({ length: config.cpus + 1 }, (_, r) => boardRow(this.board, r));
-      const supported = this.kvm.supportedCpuid();
       // The LAPIC is in the kernel (KVM_CREATE_IRQCHIP), so its TSC-deadline mode is KVM's to offer.
       const tscDeadline = this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
       const runSize = this.kvm.vcpuMmapSize();
@@ -289,7 +376,7 @@ export class Vm {
     const control = new SharedArrayBuffer(4);
     const init: DeviceThreadInit = {
       vmFd: this.vm.fd,
-      memory: { address: this.mem.address, length: this.mem.length, layout: this.memory.layout },
+      memory: this.memory.hostRegions,
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
       ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
     };
@@ -307,7 +394,8 @@ export class Vm {
           this.pendingCommands.delete(m.id);
           if (m.ok) waiter?.resolve(m.result);
           else waiter?.reject(new TypevisorError(m.code, m.message));
-        } else process.stderr.write(`typevisor: ${m.message}\n`);
+        } else if (m.type === "no-space") this.onNoSpace(m);
+        else process.stderr.write(`typevisor: ${m.message}\n`);
       });
       w.on("error", (e) => reject(new TypevisorError("DEVICE_THREAD", `device thread failed: ${e.message}`)));
       w.on("exit", () => {
@@ -467,9 +555,50 @@ export class Vm {
 
   resume(): void {
     if (this.state !== "paused") throw new TypevisorError("VM_STATE", `cannot resume a VM that is ${this.state}`);
+    const heldForSpace = this.pauseReason_ !== undefined;
+    this.pauseReason_ = undefined;
     Atomics.store(this.ctrl, CTRL.PAUSE, 0);
     Atomics.notify(this.ctrl, CTRL.PAUSE);
     this.state = "running";
+    // The writes a full disk held run again now; one that still finds no space pauses the VM again.
+    if (heldForSpace && this.deviceThread !== undefined) {
+      this.deviceCommand({ command: "disks.retry" }).catch((e: unknown) => process.stderr.write(`typevisor: retrying the held disk requests failed: ${(e as Error).message}\n`));
+    }
+  }
+
+  /** Why the VMM paused the VM by itself, while it is paused for that. */
+  get pauseReason(): PauseReason | undefined {
+    return this.pauseReason_;
+  }
+
+  /**
+   * A disk's host filesystem is full: its request is held (not failed) on the device thread and
+   * the disk takes no more; stop the vCPUs too, as QEMU's werror=enospc does, so the guest
+   * waits instead of seeing I/O errors, and say why (GET /vm pauseReason, onPaused).
+   */
+  private onNoSpace(m: { path: string; errno: string; op: string }): void {
+    const fs = filesystemOf(m.path);
+    const message = `disk ${m.path}: the filesystem ${fs.mountPoint} (${fs.type}) is full (${m.errno} on a ${m.op}; ${formatBytes(fs.freeBytes)} free of ${formatBytes(fs.sizeBytes)}): the VM is paused; free space there and resume it`;
+    this.pauseReason_ = { kind: "disk-full", errno: m.errno, op: m.op, disk: m.path, filesystem: fs, message, at: new Date().toISOString() };
+    const reason = this.pauseReason_;
+    const told = (): void => this.config.onPaused?.(reason);
+    if (this.state !== "running") return told();
+    void this.pauseForDisk(reason).then(told);
+  }
+
+  /** pause(), tried again while the vCPUs are slow to stop (a loaded host) and the reason still stands. */
+  private async pauseForDisk(reason: PauseReason): Promise<void> {
+    for (let tries = 1; ; tries++) {
+      try {
+        await this.pause();
+        return;
+      } catch (e) {
+        if (this.pauseReason_ !== reason || this.state !== "running" || tries >= 12) {
+          process.stderr.write(`typevisor: pausing for a full disk failed: ${(e as Error).message}\n`);
+          return;
+        }
+      }
+    }
   }
 
   /** Stop the vCPUs (host-initiated); run() then resolves with "stopped". */
@@ -657,9 +786,10 @@ export class Vm {
     for (const v of this.vcpus) v.close();
     this.vcpus.length = 0;
     // Fields may be unset when the constructor failed part-way.
-    const self = this as unknown as { vm?: VmFd; mem?: libc.Mapping; kvm?: Kvm };
+    const self = this as unknown as { vm?: VmFd; kvm?: Kvm };
     self.vm?.close();
-    if (self.mem !== undefined) libc.munmap(self.mem);
+    for (const m of this.mems) libc.munmap(m);
+    this.mems.length = 0;
     self.kvm?.close();
   }
 

@@ -83,7 +83,7 @@ async function status(p: Promise<unknown>): Promise<string> {
 }
 
 function pathOf(url: string): string {
-  return url.replace(":name", "vm-a").replace(":user", "alice").replace(":id", "0123456789ab");
+  return url.replace(":name", "vm-a").replace(":user", "alice").replace(":id", "0123456789ab").replace(":disk", "disk1");
 }
 
 describe("the route table", () => {

@@ -77,9 +77,11 @@ async function vmmReport(home: string, ids: ReadonlySet<string>): Promise<string
   return lines.join("\n");
 }
 
-// Opt-in until its one known failure is understood: seed 486385414 failed once inside the full unit
-// suite (2026-12-02) after passing alone 4 times; TYPEVISOR_FAULT=1 runs it.
-describe.skipIf(!hasKvm || process.env["TYPEVISOR_FAULT"] !== "1")("a daemon killed with SIGKILL at random moments", () => {
+// In the suite again since 2026-12-04: seed 486385414, which failed once in a full unit run on
+// 2026-12-02 (its discrepancy was not kept), passed 4 times replayed, and 4 random seeds passed,
+// one of them inside a full unit run beside three labs (load 7 on 2 CPUs). A failure prints its
+// seed and script: replay with TYPEVISOR_FAULT_SEED. TYPEVISOR_FAULT=0 leaves it out.
+describe.skipIf(!hasKvm || process.env["TYPEVISOR_FAULT"] === "0")("a daemon killed with SIGKILL at random moments", () => {
   const dir = mkdtempSync(join(tmpdir(), "tvf-"));
   const kernel = join(dir, "tiny.bin");
   const imagesHome = join(dir, "data");

@@ -64,7 +64,7 @@ describe("vm ls table", () => {
   const base = { id: "abc", createdAt: "2024-01-01T00:00:00.000Z", updatedAt: "2024-01-01T00:00:00.000Z", consoleLog: "/c", apiSocket: "/a", restarts: 0 };
   it("shows size, pid and uptime only for a VM with a VMM", () => {
     const vms: VmInfo[] = [
-      { ...base, name: "web", state: "running", spec: { cpus: 2, memoryMiB: 512 }, pid: 1234, startedAt: "2024-01-01T00:00:00.000Z", disks: [{ path: "/d", sizeBytes: 2 * 2 ** 30, format: "qcow2", allocatedBytes: 2 ** 20 }] },
+      { ...base, name: "web", state: "running", spec: { cpus: 2, memoryMiB: 512 }, pid: 1234, startedAt: "2024-01-01T00:00:00.000Z", disks: [{ name: "disk0", path: "/d", sizeBytes: 2 * 2 ** 30, format: "qcow2", pool: "default", allocatedBytes: 2 ** 20 }] },
       { ...base, name: "db", state: "stopped", spec: { cpus: 1, memoryMiB: 64 }, pid: 99, startedAt: "2023-01-01T00:00:00.000Z", disks: [] },
     ];
     const out = formatVmTable(vms, Date.parse("2024-01-01T00:03:12.000Z")).split("\n");

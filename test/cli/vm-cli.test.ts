@@ -5,7 +5,7 @@
  * user or a script would: output, --json and exit codes.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -245,6 +245,40 @@ describe.skipIf(!hasKvm)("typevisor vm/host/events against a real daemon", () =>
     }
     const ls = await tv(["vm", "ls", "--json"]);
     expect(JSON.parse(ls.stdout)).toEqual({ vms: [] }); // nothing half-created
+  });
+
+  it("pool create|ls|show|rm and vm disk add|rm: output and exit codes", async () => {
+    const pdir = join(dir, "pool");
+    mkdirSync(pdir);
+    const c = await tv(["pool", "create", "cli-p", "--path", pdir, "--quota", "16M"]);
+    expect(c.status, c.stderr).toBe(0);
+    expect(c.stdout).toBe(`pool cli-p created at ${pdir}\n`);
+    expect((await tv(["pool", "create", "bad", "--path", "relative/dir"])).status).toBe(2);
+    const ls = await tv(["pool", "ls"]);
+    expect(ls.stdout.split("\n")[0]).toMatch(/^NAME\s+PATH\s+CAPACITY\s+QUOTA\s+ALLOCATED\s+USED\s+AVAILABLE\s+OVERCOMMIT\s+DISKS$/);
+    expect(ls.stdout).toMatch(/^cli-p\s+\S+\s+.*16\.0 MiB\s+0 B\s+.*16\.0 MiB\s+0x\s+0$/m);
+    expect(ls.stdout).toMatch(/^default\s/m);
+    expect((await tv(["vm", "create", "vm-p", "--kernel", "tiny.bzImage", "--memory", "64", "--disk-size", "4M", "--pool", "cli-p"])).status).toBe(0);
+    const big = await tv(["vm", "disk", "add", "vm-p", "--size", "20M", "--pool", "cli-p"]);
+    expect(big.status).toBe(4);
+    expect(big.stderr).toMatch(/error\[INSUFFICIENT_RESOURCES\]: not enough space in pool cli-p: asked 20\.0 MiB, 12\.0 MiB free of its 16\.0 MiB quota/);
+    const add = await tv(["vm", "disk", "add", "vm-p", "--size", "4M", "--pool", "cli-p", "--format", "raw"]);
+    expect(add.status, add.stderr).toBe(0);
+    expect(add.stdout).toMatch(/^vm-p: disk1 added\n {2}disk1 {2}\S+-disk1\.raw {2}raw {2}4\.0 MiB virtual, .* allocated {2}pool cli-p\n$/);
+    expect((await tv(["vm", "disk", "add", "vm-p", "--size", "1M", "--format", "vmdk"])).status).toBe(2);
+    expect((await tv(["vm", "show", "vm-p"])).stdout).toMatch(/^ {2}disk0 .*-disk0\.qcow2 {2}qcow2 {2}4\.0 MiB virtual, .* pool cli-p$/m);
+    const show = await tv(["pool", "show", "cli-p"]);
+    expect(show.stdout).toMatch(/^allocated:\s+8\.0 MiB \(virtual size of its disks\)$/m);
+    expect(show.stdout).toMatch(/^vms:\s+vm-p$/m);
+    const busy = await tv(["pool", "rm", "cli-p"]);
+    expect(busy.status).toBe(4);
+    expect(busy.stderr).toMatch(/error\[POOL_IN_USE\]: pool cli-p has disks of VM vm-p/);
+    expect((await tv(["vm", "disk", "rm", "vm-p", "disk7"])).status).toBe(3);
+    const rm = await tv(["vm", "disk", "rm", "vm-p", "disk1"]);
+    expect(rm.stdout).toBe("vm-p: disk1 removed\n");
+    expect((await tv(["vm", "rm", "vm-p"])).status).toBe(0);
+    expect((await tv(["pool", "rm", "cli-p"])).stdout).toBe("pool cli-p removed\n");
+    expect((await tv(["pool", "show", "cli-p"])).status).toBe(3);
   });
 
   it("exits 5 when no daemon answers", async () => {

@@ -1,7 +1,8 @@
 /**
  * Lab test (real KVM): the control plane with real Debian guests. Three VMs
  * from the minimal image are created and started through the CLI and reach
- * userspace; pause/resume, a stop/start cycle, the interactive console,
+ * userspace; pause/resume, a stop/start cycle (with an extra disk in a small pool that the guest
+ * fills: the VM pauses and resume finishes the write), the interactive console,
  * cgroup v2 limits, SIGKILL of one VMM (only that VM crashes), and SIGKILL
  * of the daemon followed by a restart that re-attaches the running VMs.
  */
@@ -112,13 +113,33 @@ describe("the daemon with Debian guests under real KVM", () => {
     expect(ok(["vm", "resume", "lab-2"])).toMatch(/running/);
     await consoleRun("lab-2", "echo resumed-$((40+2))", /resumed-42/);
 
-    step("stop and start lab-3");
+    step("stop and start lab-3, with an extra disk in a pool on a small tmpfs");
     // A stop/start cycle boots the guest again from its own disk.
     ok(["vm", "stop", "lab-3"]);
     expect((await show("lab-3")).state).toBe("stopped");
     expect(existsSync(one.cgroup!.replace(one.id, (await show("lab-3")).id))).toBe(false);
+    // An extra disk (vm disk add) in a pool whose filesystem is 8 MiB: the guest sees /dev/vdb.
+    // Not under the daemon's home: a pool may not overlap the daemon's own directories.
+    const small = mkdtempSync(join(tmpdir(), "tvlab-pool-"));
+    spawnSync("mount", ["-t", "tmpfs", "-o", "size=8m", "tvlab-small", small], { timeout: SYNC_TIMEOUT_MS });
+    ok(["pool", "create", "small", "--path", small]);
+    ok(["vm", "disk", "add", "lab-3", "--size", "16M", "--pool", "small"]);
     ok(["vm", "start", "lab-3"]);
     await until("lab-3 userspace again", async () => (await upCount("lab-3")) >= 2 || undefined, 240_000);
+    await consoleRun("lab-3", "echo vdb=$(cat /sys/block/vdb/size)", /vdb=32768/);
+    step("lab-3 fills its pool");
+    // Writing 12 MiB to it fills the pool: the VM pauses (not an I/O error in the guest), with an
+    // event naming the filesystem; once the filesystem is grown, resume finishes the write.
+    const since = (await d.client.events({ limit: 1 })).at(-1)?.seq ?? 0;
+    // (What the console echoes of the command must not match: the results are computed.)
+    const dd = consoleRun("lab-3", "dd if=/dev/zero of=/dev/vdb bs=1M count=12 conv=fsync 2>/dev/null && echo dd-ok-$((6*7)) || echo dd-fail-$((6*6))", /dd-ok-42|dd-fail-36/, 600_000);
+    const paused = await until("lab-3 paused for its full pool", async () => (await d!.client.events({ after: since, vm: "lab-3" })).find((e) => e.type === "vm.paused"), 300_000);
+    expect(paused.data).toMatchObject({ reason: "disk-full", filesystem: small, fsType: "tmpfs" });
+    expect((await show("lab-3")).state).toBe("paused");
+    spawnSync("mount", ["-o", "remount,size=64m", small], { timeout: SYNC_TIMEOUT_MS });
+    ok(["vm", "resume", "lab-3"]);
+    expect(await dd).toMatch(/dd-ok-42/);
+    spawnSync("umount", ["-l", small], { timeout: SYNC_TIMEOUT_MS });
 
     // Usage arrives for running VMs.
     const stats = await until("stats", () => (JSON.parse(ok(["vm", "stats", "lab-1", "--json"])) as { usage?: { memoryBytes: number; cpuSeconds: number } }).usage);

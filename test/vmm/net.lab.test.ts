@@ -3,13 +3,11 @@
  * Linux network stack: an address on the TAP, Node's TCP server; the guest
  * uses busybox ping and nc.
  */
-import { execFileSync } from "node:child_process";
-import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
-import { createHash, randomBytes } from "node:crypto";
-import { createServer, type Server } from "node:net";
+import { createHash } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { parseGuestExit, runScriptArg } from "../../src/images/guest-init.js";
 import { ConsoleProcess } from "../helpers/console-process.js";
+import { tapPeer, type TapPeer } from "../helpers/tap-peer.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const TAP = "tvtest0";
@@ -19,32 +17,11 @@ const MIB = 24;
 const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 
 describe("virtio-net on a TAP under real KVM", () => {
-  const toGuest = randomBytes(MIB * 1024 * 1024);
-  let fromGuest = Buffer.alloc(0);
-  const servers: Server[] = [];
-
+  let peer: TapPeer;
   beforeAll(async () => {
-    execFileSync("ip", ["tuntap", "add", "dev", TAP, "mode", "tap"], { timeout: SYNC_TIMEOUT_MS });
-    execFileSync("ip", ["addr", "add", `${HOST}/24`, "dev", TAP], { timeout: SYNC_TIMEOUT_MS });
-    execFileSync("ip", ["link", "set", TAP, "up"], { timeout: SYNC_TIMEOUT_MS });
-    // 5000: send toGuest then close. 5001: collect what the guest sends.
-    servers.push(createServer((s) => s.end(toGuest)));
-    // The guest's busybox nc does not close on end of input, so the host closes once it has it all.
-    servers.push(
-      createServer((s) =>
-        s.on("data", (d: Buffer) => {
-          fromGuest = Buffer.concat([fromGuest, d]);
-          if (fromGuest.length >= MIB * 1024 * 1024) s.end();
-        }),
-      ),
-    );
-    await Promise.all(servers.map((s, i) => new Promise<void>((r) => s.listen(5000 + i, HOST, r))));
+    peer = await tapPeer(TAP, HOST, 5000, MIB * 1024 * 1024);
   });
-
-  afterAll(() => {
-    for (const s of servers) s.close();
-    execFileSync("ip", ["link", "del", TAP], { timeout: SYNC_TIMEOUT_MS });
-  });
+  afterAll(() => peer.close());
 
   it("the guest pings the host and moves tens of MiB each way over TCP, checksums intact", async () => {
     const script = [
@@ -64,11 +41,11 @@ describe("virtio-net on a TAP under real KVM", () => {
     const code = await p.exited;
     const out = p.output;
     expect(out).toContain("ping=ok");
-    expect(out).toContain(`in=${sha256(toGuest)} size=${toGuest.length}`);
+    expect(out).toContain(`in=${sha256(peer.toGuest)} size=${peer.toGuest.length}`);
     const sent = /out=([0-9a-f]{64})/.exec(out)?.[1];
     expect(sent).toBeDefined();
-    expect(fromGuest.length).toBe(MIB * 1024 * 1024);
-    expect(sha256(fromGuest)).toBe(sent);
+    expect(peer.fromGuest().length).toBe(MIB * 1024 * 1024);
+    expect(sha256(peer.fromGuest())).toBe(sent);
     expect(parseGuestExit(out)).toBe(0);
     expect(code).toBe(0);
   });

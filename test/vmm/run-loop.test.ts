@@ -4,11 +4,11 @@
  * kicking vCPUs out of KVM_RUN. Runs wherever /dev/kvm exists (PVM included).
  */
 import { existsSync, mkdtempSync, readFileSync, openSync, closeSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { Vm } from "../../src/vmm/vm.js";
-import { POWEROFF, RESET, SPIN_OUT, TRIPLE_FAULT, print, tinyGuest } from "./tiny-guest.js";
+import { MAX_VCPUS, Vm } from "../../src/vmm/vm.js";
+import { POWEROFF, RESET, SPIN_OUT, TRIPLE_FAULT, loadRax, movRaxImm, print, storeRax, tinyGuest, tinyGuestHigh } from "./tiny-guest.js";
 
 const hasKvm = existsSync("/dev/kvm");
 const built = existsSync(new URL("../../dist/vmm/vcpu/worker.js", import.meta.url));
@@ -73,6 +73,39 @@ describe.skipIf(!hasKvm)("vCPU run loop (tiny guests on /dev/kvm)", () => {
     expect(await done).toEqual({ kind: "stopped" });
     vm.destroy();
     con.close();
+  });
+
+  it("runs a guest with 8 GiB: the guest and the VMM see the same bytes below and above 4 GiB, across the VMM's 2 GiB views", async () => {
+    const GiB = 2 ** 30;
+    const con = consoleFile();
+    // Low RAM [0, 3 GiB), high RAM [4 GiB, 9 GiB): the high region's views start at 4, 6 and 8 GiB.
+    const spots = [4 * GiB, 6 * GiB - 4, 6 * GiB + 2 * 2 ** 20 - 4, 8 * GiB - 8, 7 * GiB - 8];
+    const code: number[] = [];
+    spots.forEach((a, i) => code.push(...movRaxImm(0x1122334455667700n + BigInt(i)), ...storeRax(a)));
+    // Copy a value the VMM put at 7 GiB + 8 down to low RAM, and one from low RAM up to the last qword.
+    code.push(...loadRax(7 * GiB + 8), ...storeRax(0x200000), ...loadRax(0x200008), ...storeRax(9 * GiB - 8));
+    code.push(...print("done\n"), ...POWEROFF);
+    const vm = new Vm({ cpus: 1, memoryMiB: 8192, consoleFd: con.fd, boot: tinyGuestHigh(code, 5) });
+    try {
+      expect(vm.memory.hostRegions.map((r) => [r.guestPhysAddr, r.size])).toEqual([[0, 3 * GiB], [4 * GiB, 5 * GiB]]);
+      vm.memory.writeU64(7 * GiB + 8, 0xfeedfacecafebeefn);
+      vm.memory.writeU64(0x200008, 0x0badc0ffee0ddf00n);
+      expect(await vm.run()).toEqual({ kind: "poweroff" });
+      expect(con.read()).toBe("done\n");
+      spots.forEach((a, i) => expect(vm.memory.readU64(a)).toBe(0x1122334455667700n + BigInt(i)));
+      expect(vm.memory.readU64(0x200000)).toBe(0xfeedfacecafebeefn);
+      expect(vm.memory.readU64(9 * GiB - 8)).toBe(0x0badc0ffee0ddf00n);
+    } finally {
+      vm.destroy();
+      con.close();
+    }
+  });
+
+  it("refuses more memory than the host can back, and CPUs past KVM's limit, before a VM exists", () => {
+    const hostMiB = Math.floor(totalmem() / 2 ** 20);
+    expect(() => new Vm({ cpus: 1, memoryMiB: hostMiB + 1024, consoleFd: 1, boot: tinyGuest(POWEROFF) })).toThrow(/more than this host can back/);
+    expect(() => new Vm({ cpus: 1, memoryMiB: hostMiB + 1024, memoryOvercommit: 0.5, consoleFd: 1, boot: tinyGuest(POWEROFF) })).toThrow(/× overcommit 0.5/);
+    expect(() => new Vm({ cpus: MAX_VCPUS + 1, memoryMiB: 64, consoleFd: 1, boot: tinyGuest(POWEROFF) })).toThrow(/--cpus 4097 exceeds/);
   });
 
   it("rejects bad configuration before touching KVM", () => {

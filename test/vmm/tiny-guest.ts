@@ -6,7 +6,7 @@
  */
 import { bootGdtWrites, identityPageTableWrites, linux64CpuState } from "../../src/vmm/arch/x86_64/boot/cpu-state.js";
 import { applyWrites } from "../../src/vmm/arch/x86_64/boot/placement.js";
-import { ZERO_PAGE_ADDR } from "../../src/vmm/arch/x86_64/layout.js";
+import { PDPT_ADDR, ZERO_PAGE_ADDR } from "../../src/vmm/arch/x86_64/layout.js";
 import type { GuestMemory } from "../../src/vmm/memory/guest-memory.js";
 import type { BootSource } from "../../src/vmm/vm.js";
 
@@ -44,6 +44,40 @@ export function tinyGuest(code: number[]): BootSource {
     kind: "custom",
     setup: (mem: GuestMemory) => {
       applyWrites(mem, [...bootGdtWrites(true), ...identityPageTableWrites()]);
+      mem.write(CODE_ADDR, Uint8Array.from(code));
+      return linux64CpuState(CODE_ADDR, ZERO_PAGE_ADDR);
+    },
+  };
+}
+
+/** movabs rax, imm64 */
+export const movRaxImm = (v: bigint): number[] => [0x48, 0xb8, ...u64(v)];
+/** movabs [addr64], rax */
+export const storeRax = (addr: number): number[] => [0x48, 0xa3, ...u64(BigInt(addr))];
+/** movabs rax, [addr64] */
+export const loadRax = (addr: number): number[] => [0x48, 0xa1, ...u64(BigInt(addr))];
+
+function u64(v: bigint): number[] {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(BigInt.asUintN(64, v));
+  return [...b];
+}
+
+/**
+ * A tiny guest whose page tables also identity-map guest-physical [4 GiB, 4 GiB + highGiB GiB)
+ * (2 MiB pages, PDs placed at 0x30000), so its code can reach RAM above the MMIO hole.
+ */
+export function tinyGuestHigh(code: number[], highGiB: number): BootSource {
+  const PD_HIGH = 0x30000;
+  return {
+    kind: "custom",
+    setup: (mem: GuestMemory) => {
+      applyWrites(mem, [...bootGdtWrites(true), ...identityPageTableWrites()]);
+      for (let i = 0; i < highGiB; i++) {
+        const pd = PD_HIGH + i * 0x1000;
+        mem.writeU64(PDPT_ADDR + (4 + i) * 8, BigInt(pd) | 3n); // present | writable
+        for (let j = 0; j < 512; j++) mem.writeU64(pd + j * 8, BigInt((4 + i) * 2 ** 30 + j * 2 ** 21) | 0x83n); // present | writable | 2 MiB
+      }
       mem.write(CODE_ADDR, Uint8Array.from(code));
       return linux64CpuState(CODE_ADDR, ZERO_PAGE_ADDR);
     },

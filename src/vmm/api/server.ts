@@ -3,7 +3,9 @@
  * Firecracker/Cloud Hypervisor convention, so `curl --unix-socket` works).
  * Errors are problem+json (RFC 9457) with a code; never a stack trace.
  *
- *   GET  /vm       state and configuration
+ *   GET  /vm       state and configuration; pauseReason {kind "disk-full", errno, op, disk,
+ *                  filesystem {mountPoint, type, source, sizeBytes, freeBytes}, message, at} while
+ *                  the VMM paused the VM because a disk's filesystem is full (null otherwise)
  *   GET  /stats    vCPU exits by reason, uptime, memory, disk/network I/O counters
  *   POST /pause    park every vCPU (interrupts KVM_RUN)
  *   POST /resume

@@ -67,21 +67,23 @@ describe("filterCpuid on a real KVM list (AMD, PVM host)", () => {
   it("every vCPU gets its own APIC ID in leaves 1, 0xB and 0x8000001E, one package of N cores", () => {
     fc.assert(
       fc.property(
-        fc.integer({ min: 1, max: CPUID_MAX_CPUS }).chain((cpus) => fc.tuple(fc.constant(cpus), fc.integer({ min: 0, max: cpus - 1 }))),
+        fc.oneof(fc.integer({ min: 1, max: 300 }), fc.integer({ min: 1, max: CPUID_MAX_CPUS }), fc.constantFrom(254, 255, 256, 257, CPUID_MAX_CPUS))
+          .chain((cpus) => fc.tuple(fc.constant(cpus), fc.oneof(fc.integer({ min: 0, max: cpus - 1 }), fc.constant(cpus - 1)))),
         ([cpus, vcpuId]) => {
           const out = filterCpuid(AMD_PVM, { vcpuId, cpus });
           const l1 = get(out, 1);
-          expect(l1.ebx >>> 24).toBe(vcpuId);
-          expect((l1.ebx >>> 16) & 0xff).toBe(cpus);
+          // 8-bit fields: the ID's low byte, the count saturating at 255 (the x2APIC ID is in 0xB).
+          expect(l1.ebx >>> 24).toBe(vcpuId & 0xff);
+          expect((l1.ebx >>> 16) & 0xff).toBe(Math.min(cpus, 255));
           expect((l1.edx >>> 28) & 1).toBe(cpus > 1 ? 1 : 0);
           const topo = linuxTopology(out, 0xb);
           expect(topo).toEqual({ x2apicId: vcpuId, coreShift: Math.ceil(Math.log2(cpus)), package: 0, cores: cpus });
           for (const e of out.filter((x) => x.function === 0xb)) expect(e.edx).toBe(vcpuId);
           expect(get(out, 0x8000001e).eax).toBe(vcpuId);
-          expect(get(out, 0x8000001e).ebx & 0xff).toBe(vcpuId);
-          // AMD: NC = cores - 1, ApicIdSize = core-ID bits.
+          expect(get(out, 0x8000001e).ebx & 0xff).toBe(vcpuId & 0xff);
+          // AMD: NC = cores - 1 (saturating), ApicIdSize = core-ID bits.
           const l88 = get(out, 0x80000008);
-          expect(l88.ecx & 0xff).toBe(cpus - 1);
+          expect(l88.ecx & 0xff).toBe(Math.min(cpus - 1, 255));
           expect((l88.ecx >>> 12) & 0xf).toBe(Math.ceil(Math.log2(cpus)));
           expect(l88.eax).toBe(get(AMD_PVM, 0x80000008).eax);
         },

@@ -16,6 +16,7 @@
  */
 import { TypevisorError } from "../../../errors.js";
 import type { KvmCpuidEntry } from "../../../kvm/structs.js";
+import { MAX_VCPUS } from "../../defaults.js";
 
 /** One CPUID entry, field for field struct kvm_cpuid_entry2 (KVM API §4.46): defined once, in kvm/. */
 export type CpuidEntry = KvmCpuidEntry;
@@ -23,8 +24,8 @@ export type CpuidEntry = KvmCpuidEntry;
 /** kvm_cpuid_entry2.flags: the subleaf (ECX input) selects the entry. */
 export const KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1;
 
-/** Matches acpi/tables.ts MAX_CPUS: xAPIC IDs are 8 bits, 0xFF is broadcast. */
-export const CPUID_MAX_CPUS = 254;
+/** Matches acpi/tables.ts MAX_CPUS; past 254 the 8-bit fields saturate and leaf 0xB/0x1F carry the 32-bit x2APIC IDs. */
+export const CPUID_MAX_CPUS = MAX_VCPUS;
 
 const bit = (n: number): number => (1 << n) >>> 0;
 
@@ -88,7 +89,9 @@ export function filterCpuid(supported: readonly CpuidEntry[], opts: { vcpuId: nu
         // IDs in the package (software rounds it up to a power of two, SDM vol. 2A
         // CPUID leaf 01H, so `cpus` yields the same 2^shift IDs as leaf 0xB);
         // EBX[15:8] CLFLUSH line size and [7:0] brand index stay as KVM reports.
-        e.ebx = ((e.ebx & 0xffff) | (cpus << 16) | (vcpuId << 24)) >>> 0;
+        // Both are 8 bits: past 255 the count saturates and the ID is its low byte (the x2APIC
+        // ID is in leaf 0xB/0x1F EDX, which Linux reads whenever the leaf is there).
+        e.ebx = ((e.ebx & 0xffff) | (Math.min(cpus, 255) << 16) | ((vcpuId & 0xff) << 24)) >>> 0;
         // ECX[31]: running under a hypervisor (the guest then looks at 0x40000000).
         // x2APIC (ECX[21]) is left as KVM reports it. TSC-deadline (ECX[24]) is not in KVM's
         // list: its LAPIC emulates the mode when it is in the kernel, and the VMM says so
@@ -145,7 +148,9 @@ export function filterCpuid(supported: readonly CpuidEntry[], opts: { vcpuId: nu
       case 0x80000008:
         // AMD ECX[15:12] ApicIdSize = core-ID bits in the APIC ID, ECX[7:0] NC = cores
         // - 1 (AMD APM vol. 3, CPUID Fn8000_0008 ECX). EAX (address sizes) kept. Reserved on Intel.
-        if (amd) e.ecx = ((e.ecx & ~0xf0ff) | (shift << 12) | (cpus - 1)) >>> 0;
+        // NC is 8 bits and saturates past 256 cores; ApicIdSize (4 bits, at most 12 here) still
+        // says how many APIC-ID bits number them.
+        if (amd) e.ecx = ((e.ecx & ~0xf0ff) | (shift << 12) | Math.min(cpus - 1, 255)) >>> 0;
         break;
       case 0x8000001d:
         // AMD cache topology (Fn8000_001D EAX[25:14] NumSharingCache - 1): L1/L2

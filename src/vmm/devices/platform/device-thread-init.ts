@@ -5,7 +5,7 @@
  * shares (DeviceRequest, DeviceReplies).
  */
 import type { DeviceSpecs } from "../../device-specs.js";
-import type { MemoryRegionSpec } from "../../memory/guest-memory.js";
+import type { HostRegion } from "../../memory/guest-memory.js";
 import type { BalloonCounters, BalloonStats } from "../virtio/balloon/balloon.js";
 import type { BlockStats } from "../virtio/block/block.js";
 import type { NetStats } from "../virtio/net/net.js";
@@ -13,7 +13,8 @@ import type { VirtioPciInspect } from "../virtio/pci/transport.js";
 
 export interface DeviceThreadInit {
   vmFd: number;
-  memory: { address: bigint; length: number; layout: MemoryRegionSpec[] };
+  /** Guest RAM: each region's host mapping (the VMM keeps them mapped while this thread runs). */
+  memory: HostRegion[];
   /** vCPU -> device thread synchronous accesses (mailbox.ts). */
   mailbox: SharedArrayBuffer;
   /** Signalled by vCPUs (mailbox requests) and by the VMM (stop). */
@@ -73,6 +74,8 @@ export type DeviceRequest =
   | { command: "balloon.setTarget"; args: { pages: number } }
   | { command: "balloon.requestStats" }
   | { command: "balloon.stats" }
+  /** Space was freed: every disk stopped by a full filesystem runs its held requests again (BlockDevice.retryHeld). */
+  | { command: "disks.retry" }
   /** Block the device thread for `ms` (only with DeviceThreadInit.debugCommands): a stuck device thread, for tests. */
   | { command: "debug.stall"; args: { ms: number } };
 
@@ -84,6 +87,7 @@ export interface DeviceReplies {
   "balloon.setTarget": BalloonReport;
   "balloon.requestStats": { requested: boolean };
   "balloon.stats": BalloonReport;
+  "disks.retry": { held: number };
   "debug.stall": { stalledMs: number };
 }
 
@@ -103,4 +107,6 @@ export type DeviceThreadMessage =
   | { type: "reply"; id: number; ok: true; result: DeviceReplies[DeviceCommandName] }
   | { type: "reply"; id: number; ok: false; code: string; message: string }
   | { type: "error"; code: string; message: string }
+  /** A disk stopped because its host filesystem is full (BlockDeviceOptions.onNoSpace): the VMM pauses the vCPUs. */
+  | { type: "no-space"; disk: number; path: string; errno: string; op: string }
   | { type: "warning"; message: string };

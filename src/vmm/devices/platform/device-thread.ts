@@ -37,7 +37,7 @@ Atomics.store(row.i32, WORD.TID, libc.gettid());
 
 const vm = new VmFd(init.vmFd);
 const stop = new Int32Array(init.control);
-const mem = new GuestMemory(libc.view(libc.pointerAt(init.memory.address), init.memory.length), init.memory.layout);
+const mem = GuestMemory.mapped(init.memory);
 const mailbox = new MailboxServer(init.mailbox, init.vcpus);
 
 interface Plugged {
@@ -132,6 +132,8 @@ try {
       path: d.path,
       readonly: d.readonly,
       ioThread: `tv-blk${i}`,
+      // A full host filesystem pauses the VM (QEMU's werror=enospc) instead of failing the guest's write.
+      onNoSpace: (info) => post({ type: "no-space", disk: i, ...info }),
       ...(d.format !== undefined ? { format: d.format } : {}),
       ...(d.serial !== undefined ? { serial: d.serial } : {}),
     });
@@ -157,7 +159,7 @@ try {
   }
   if (init.devices.balloon !== undefined) {
     balloon = new BalloonDevice({
-      discard: makeDiscard(init.memory.address, init.memory.layout),
+      discard: makeDiscard(init.memory),
       maxPages: Math.floor(mem.size / BALLOON_PAGE_SIZE),
       statsPollSeconds: init.devices.balloon.statsPollSeconds,
       deflateOnOom: init.devices.balloon.deflateOnOom,
@@ -234,6 +236,9 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
       return { requested: theBalloon().requestStats() };
     case "balloon.stats":
       return balloonState();
+    case "disks.retry":
+      for (const { dev } of disks) dev.retryHeld();
+      return { held: disks.reduce((n, { dev }) => n + dev.heldRequests, 0) };
     case "debug.stall": {
       if (init.debugCommands !== true) throw new TypevisorError("UNKNOWN_COMMAND", "debug commands are off");
       const start = clockMs();

@@ -46,6 +46,12 @@ export interface QueueInspect {
   interruptsSuppressed: boolean;
   /** The sticky error once the driver broke the rules, else null. */
   broken: string | null;
+  /**
+   * Buffers the device took from this queue (non-empty, since the queue was built) that lie at or
+   * above 4 GiB: where a guest with more memory than the 32-bit space puts them (Linux allocates
+   * from ZONE_NORMAL, above 4 GiB, first). Shows that I/O reaches guest RAM above the MMIO hole.
+   */
+  highBuffers: number;
 }
 
 /** What a device tells of itself for GET /threads (plain data). */

@@ -40,6 +40,14 @@ const enum Kind {
   Compressed,
 }
 
+/** An L2 entry as it was before a write changed it (write(): undone if the data write fails). */
+interface Undo {
+  table: L2Table;
+  at: number;
+  hi: number;
+  lo: number;
+}
+
 /** A cluster's mapping: its kind, and for Data the host offset and whether it may be written in place. */
 interface Mapping {
   kind: Kind;
@@ -259,6 +267,26 @@ export class Qcow2Backend implements DiskBackend {
     return { kind: Kind.Data, host, inPlace: (hi & L2.COPIED_HI) !== 0, hi, lo };
   }
 
+  /**
+   * Check every L2 table and entry now, as a request would (classify): an image brought from
+   * elsewhere (`image import`) is refused at once for a crafted table rather than failing a
+   * guest's read later. Reads metadata only.
+   * @throws IoFailure (an L2 table or entry the backend would refuse)
+   */
+  verify(): void {
+    for (let i = 0; i < this.header.l1Size; i++) {
+      const off = entryOffset(this.l1.readUInt32BE(i * 8), this.l1.readUInt32BE(i * 8 + 4));
+      if (off === 0) continue;
+      const t = this.loadL2(off);
+      this.refusePastEnd(t.buf, off);
+      for (let j = 0; j < this.l2Entries; j++) {
+        const gc = i * this.l2Entries + j;
+        if (gc * this.cluster >= this.capacity) break;
+        this.classify(t.buf.readUInt32BE(j * 8), t.buf.readUInt32BE(j * 8 + 4), gc);
+      }
+    }
+  }
+
   // ---- reads ----
 
   readv(iov: IoVec, pos: number): number {
@@ -402,60 +430,115 @@ export class Qcow2Backend implements DiskBackend {
 
   private write(iov: IoVec, skip: number, len: number, pos: number): void {
     let done = 0;
-    // A run of whole new clusters that lie one after another on the host: one pwritev.
-    let run: { host: number; skip: number; len: number } | undefined;
+    // A run of whole new clusters that lie one after another on the host: one pwritev. Their L2
+    // entries are set when they are allocated (tables being dirty then stay in the cache), and
+    // undone when the data cannot be written (ENOSPC): the entries must never point at clusters
+    // that do not hold the data, and the guest will write this request again (a disk-full pause).
+    let run: { host: number; skip: number; len: number; undo: Undo[]; frees: number } | undefined;
     const flushRun = () => {
       if (run === undefined) return;
-      this.slice(iov, run.skip, run.len);
-      this.check(transferAll(this.fd, this.sub, true, run.host), "writing data");
+      const r = run;
       run = undefined;
+      this.slice(iov, r.skip, r.len);
+      const res = transferAll(this.fd, this.sub, true, r.host);
+      if (res < 0) {
+        this.undo(r.undo, r.frees, r.host, r.len);
+        throw new IoFailure(res, "writing data");
+      }
     };
-    while (done < len) {
-      // Loading a table may flush metadata first: the run's data must be on the host before
-      // any L2 entry that points at it is.
-      if (this.l2.needsFlush()) flushRun();
-      const p = pos + done;
-      const gc = Math.floor(p / this.cluster);
-      const inOff = p % this.cluster;
-      const m = this.map(gc);
-      let n = Math.min(this.cluster - inOff, len - done);
-      if (m.kind === Kind.Data && m.inPlace) {
-        flushRun();
-        while (done + n < len) {
-          const next = this.map(gc + Math.ceil((inOff + n) / this.cluster));
-          if (next.kind !== Kind.Data || !next.inPlace || next.host !== m.host + inOff + n) break;
-          n += Math.min(this.cluster, len - done - n);
-        }
-        this.slice(iov, skip + done, n);
-        this.check(transferAll(this.fd, this.sub, true, m.host + inOff), "writing data");
-        this.fileSize = Math.max(this.fileSize, m.host + inOff + n);
-        done += n;
-        continue;
-      }
-      // Copy on write into a new cluster (§Cluster mapping: unallocated, zero, compressed, or shared).
-      const table = this.tableForWrite(gc);
-      const host = this.refs!.alloc();
-      if (n === this.cluster) {
-        if (run !== undefined && run.host + run.len === host) run.len += n;
-        else {
+    try {
+      while (done < len) {
+        // Loading a table may flush metadata first: the run's data must be on the host before
+        // any L2 entry that points at it is.
+        if (this.l2.needsFlush()) flushRun();
+        const p = pos + done;
+        const gc = Math.floor(p / this.cluster);
+        const inOff = p % this.cluster;
+        const m = this.map(gc);
+        let n = Math.min(this.cluster - inOff, len - done);
+        if (m.kind === Kind.Data && m.inPlace) {
           flushRun();
-          run = { host, skip: skip + done, len: n };
+          while (done + n < len) {
+            const next = this.map(gc + Math.ceil((inOff + n) / this.cluster));
+            if (next.kind !== Kind.Data || !next.inPlace || next.host !== m.host + inOff + n) break;
+            n += Math.min(this.cluster, len - done - n);
+          }
+          this.slice(iov, skip + done, n);
+          this.check(transferAll(this.fd, this.sub, true, m.host + inOff), "writing data");
+          this.fileSize = Math.max(this.fileSize, m.host + inOff + n);
+          done += n;
+          continue;
         }
-      } else {
-        flushRun();
-        const hasOld = this.oldContent(m, gc);
-        this.sub.clear();
-        // A fresh cluster past the old end of the file reads as zeros: zero head and tail need no write.
-        if (hasOld && inOff > 0) this.sub.push(this.bounceAddress, inOff);
-        const at = hasOld ? host : host + inOff;
-        if (!iov.sliceInto(this.sub, skip + done, n)) throw new IoFailure(-EIO, "request has too many pieces");
-        if (hasOld && inOff + n < this.cluster) this.sub.push(this.bounceAddress + inOff + n, this.cluster - inOff - n);
-        this.check(transferAll(this.fd, this.sub, true, at), "writing data");
+        // Copy on write into a new cluster (§Cluster mapping: unallocated, zero, compressed, or shared).
+        if (n !== this.cluster) flushRun();
+        const table = this.tableForWrite(gc);
+        const host = this.refs!.alloc();
+        if (n === this.cluster) {
+          if (run === undefined || run.host + run.len !== host) {
+            try {
+              flushRun();
+            } catch (e) {
+              this.undo([], this.pendingFrees.length, host, this.cluster);
+              throw e;
+            }
+            run = { host, skip: skip + done, len: 0, undo: [], frees: this.pendingFrees.length };
+          }
+          run.len += n;
+          run.undo.push(this.entryUndo(table, gc));
+        } else {
+          let written = false;
+          try {
+            const hasOld = this.oldContent(m, gc);
+            this.sub.clear();
+            // A fresh cluster past the old end of the file reads as zeros: zero head and tail need no write.
+            if (hasOld && inOff > 0) this.sub.push(this.bounceAddress, inOff);
+            const at = hasOld ? host : host + inOff;
+            if (!iov.sliceInto(this.sub, skip + done, n)) throw new IoFailure(-EIO, "request has too many pieces");
+            if (hasOld && inOff + n < this.cluster) this.sub.push(this.bounceAddress + inOff + n, this.cluster - inOff - n);
+            this.check(transferAll(this.fd, this.sub, true, at), "writing data");
+            written = true;
+          } finally {
+            // Nothing points at the new cluster yet: give it back rather than leak it.
+            if (!written) this.undo([], this.pendingFrees.length, host, this.cluster);
+          }
+        }
+        this.setEntry(table, gc, host, L2.COPIED_HI, 0, m);
+        done += n;
       }
-      this.setEntry(table, gc, host, L2.COPIED_HI, 0, m);
-      done += n;
+  flushRun();
+    } catch (e) {
+      // Anything that fails with a run pending (an allocation, a hostile entry): its entries go back.
+      const r = run as typeof run | undefined;
+      run = undefined;
+      if (r !== undefined) this.undo(r.undo, r.frees, r.host, r.len);
+      throw e;
     }
-    flushRun();
+  }
+
+  /** What guest cluster `gc`'s L2 entry holds now, to put back if the write that changes it fails. */
+  private entryUndo(table: L2Table, gc: number): Undo {
+    const at = (gc % this.l2Entries) * 8;
+    return { table, at, hi: table.buf.readUInt32BE(at), lo: table.buf.readUInt32BE(at + 4) };
+  }
+
+  /**
+   * A data write failed (ENOSPC, EIO): the entries that were to point at the new clusters get
+   * their old values back, the frees queued with them are dropped (the old clusters stay in
+   * use), and the new clusters' refcounts go back to 0 with their space punched out. Nothing on
+   * disk points at them (the tables reach the disk only at a flush, after the data), so this
+   * breaks no ordering rule; the allocator never hands them out again this session.
+   */
+  private undo(entries: readonly Undo[], frees: number, host: number, bytes: number): void {
+    for (const u of entries) {
+      u.table.buf.writeUInt32BE(u.hi, u.at);
+      u.table.buf.writeUInt32BE(u.lo, u.at + 4);
+    }
+    this.pendingFrees.length = Math.min(this.pendingFrees.length, frees);
+    try {
+      for (const c of this.refs!.release(host, bytes)) fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, c, this.cluster);
+    } catch {
+      // A refcount block that cannot be read: the clusters stay counted (leaked, not lost).
+    }
   }
 
   /** Point guest cluster `gc` somewhere new (in the cached table) and queue the free of what it pointed at. */

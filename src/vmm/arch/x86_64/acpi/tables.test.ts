@@ -52,21 +52,38 @@ describe("buildAcpiTables", () => {
     expect(buildAcpiTables({ cpus: 1 }).tables.map((t) => t.signature)).toEqual(["RSDP", "XSDT", "FACP", "APIC", "DSDT"]);
   });
 
-  it("any vCPU count 1..MAX_CPUS gives valid checksums, one LAPIC per vCPU, and fits", () => {
+  it("any vCPU count 1..MAX_CPUS gives valid checksums, one LAPIC (ID < 255) or x2APIC (ID >= 255) per vCPU, and fits", () => {
     fc.assert(
-      fc.property(fc.integer({ min: 1, max: MAX_CPUS }), fc.boolean(), (cpus, ecam) => {
+      fc.property(fc.oneof(fc.integer({ min: 1, max: 300 }), fc.integer({ min: 1, max: MAX_CPUS }), fc.constantFrom(254, 255, 256, MAX_CPUS)), fc.boolean(), (cpus, ecam) => {
         const opts: AcpiOptions = ecam ? { cpus, pciEcam: ECAM } : { cpus };
         const r = buildAcpiTables(opts);
         checkStructure(r);
         const madt = tableBytes(r, "APIC");
+        const dv = new DataView(madt.buffer, madt.byteOffset, madt.length);
         const ids: number[] = [];
-        for (let off = 44; off < madt.length; off += madt[off + 1]!) {
+        let x2apicNmi = 0;
+        let off = 44;
+        for (; off < madt.length; off += madt[off + 1]!) {
           if (madt[off] === 0) {
+            expect(madt[off + 1]).toBe(8);
             expect(madt[off + 4]! & 1).toBe(1);
+            expect(madt[off + 3]).toBeLessThan(255);
             ids.push(madt[off + 3]!);
+          } else if (madt[off] === 9) {
+            expect(madt[off + 1]).toBe(16);
+            expect(dv.getUint32(off + 8, true) & 1).toBe(1);
+            expect(dv.getUint32(off + 4, true)).toBeGreaterThanOrEqual(255);
+            expect(dv.getUint32(off + 12, true)).toBe(dv.getUint32(off + 4, true)); // UID = ID
+            ids.push(dv.getUint32(off + 4, true));
+          } else if (madt[off] === 10) {
+            x2apicNmi++;
+            expect(dv.getUint32(off + 4, true)).toBe(0xffffffff);
+            expect(madt[off + 8]).toBe(1); // LINT1
           }
         }
+        expect(off).toBe(madt.length); // the entries tile the table exactly
         expect(ids).toEqual([...Array(cpus).keys()]);
+        expect(x2apicNmi).toBe(cpus > 255 ? 1 : 0);
       }),
       { numRuns: 60 },
     );
@@ -221,9 +238,20 @@ describe.skipIf(!haveIasl)("ACPICA iasl -d (acpica-tools)", () => {
   });
 
   it("a 254-vCPU MADT disassembles cleanly", () => {
-    const big = buildAcpiTables({ cpus: MAX_CPUS });
+    const big = buildAcpiTables({ cpus: 254 });
     const { log, dsl } = disassemble(big, "APIC", "big");
     noErrors(log + dsl);
-    expect(dsl.match(/\[Processor Local APIC\]/g)?.length).toBe(MAX_CPUS);
+    expect(dsl.match(/\[Processor Local APIC\]/g)?.length).toBe(254);
+    expect(dsl).not.toMatch(/x2APIC/);
+  });
+
+  it("a MAX_CPUS-vCPU MADT disassembles cleanly: 255 local APICs, the rest local x2APICs, one x2APIC NMI", () => {
+    const big = buildAcpiTables({ cpus: MAX_CPUS, pciEcam: ECAM });
+    const { log, dsl } = disassemble(big, "APIC", "huge");
+    noErrors(log + dsl);
+    expect(dsl.match(/\[Processor Local APIC\]/g)?.length).toBe(255);
+    expect(dsl.match(/\[Processor Local x2APIC\]/g)?.length).toBe(MAX_CPUS - 255);
+    expect(dsl.match(/\[Local x2APIC NMI\]/g)?.length).toBe(1);
+    expect(dsl).toMatch(/Processor x2Apic ID : 00000FFF/);
   });
 });

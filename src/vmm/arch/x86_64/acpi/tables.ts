@@ -13,6 +13,7 @@
 import { TypevisorError } from "../../../../errors.js";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
 import { ACPI_END, ACPI_RESET_VALUE, ACPI_START, IOAPIC_ADDR, IRQ, LAPIC_ADDR, PORT } from "../layout.js";
+import { MAX_VCPUS } from "../../../defaults.js";
 import * as aml from "./aml.js";
 import { OEM_ID, SDT_HEADER_LENGTH, SdtBuilder, checksumByte, ioPortGas8, writeAscii } from "./sdt.js";
 
@@ -48,12 +49,13 @@ export interface AcpiBlob {
 }
 
 /**
- * At most 254 vCPUs: xAPIC IDs are 8 bits and 0xFF is the broadcast ID (Intel
- * SDM vol. 3A §11.6.2.1), and the Processor Local APIC structure holds an 8-bit
- * ID; one more ID is kept free so CPUID leaf 1 EBX[23:16] (8 bits) can still
- * count the package's logical processors (cpuid.ts).
+ * Up to MAX_VCPUS (vmm/defaults.ts). vCPUs 0..254 are Processor Local APIC structures (an 8-bit
+ * ID; 0xFF is the xAPIC broadcast ID, Intel SDM vol. 3A §11.6.2.1); from APIC ID 255 on they are
+ * Processor Local x2APIC structures, as ACPI 6.5 §5.2.12.12 requires for IDs of 255 and above.
  */
-export const MAX_CPUS = 254;
+export const MAX_CPUS = MAX_VCPUS;
+/** The most vCPUs a guest gets without x2APIC: 254, so CPUID leaf 1's 8-bit count and every APIC ID stay in xAPIC's range. */
+export const XAPIC_MAX_CPUS = 254;
 
 /** SLP_TYP the DSDT's \_S5_ announces; see buildDsdt. */
 export const S5_SLP_TYP = 5;
@@ -169,7 +171,7 @@ export function buildFadt(dsdtAddr: number): Uint8Array {
 // ---------------------------------------------------------------------------
 // MADT (ACPI 6.5 §5.2.12)
 
-export const MADT_TYPE = { LOCAL_APIC: 0, IO_APIC: 1, INTERRUPT_SOURCE_OVERRIDE: 2, LOCAL_APIC_NMI: 4 } as const;
+export const MADT_TYPE = { LOCAL_APIC: 0, IO_APIC: 1, INTERRUPT_SOURCE_OVERRIDE: 2, LOCAL_APIC_NMI: 4, LOCAL_X2APIC: 9, LOCAL_X2APIC_NMI: 10 } as const;
 
 /**
  * The IOAPIC's MADT ID. 0, which is also what KVM's in-kernel IOAPIC ID register
@@ -182,8 +184,10 @@ export const MADT_TYPE = { LOCAL_APIC: 0, IO_APIC: 1, INTERRUPT_SOURCE_OVERRIDE:
 export const IOAPIC_ID = 0;
 
 export function buildMadt(cpus: number): Uint8Array {
-  const entriesLength = 8 * cpus + 12 + 6;
-  // Revision 5, as Cloud Hypervisor emits; only structures defined since ACPI 1.0/2.0 are used.
+  const xapic = Math.min(cpus, XAPIC_MAX_CPUS + 1);
+  const x2apic = cpus - xapic;
+  const entriesLength = 8 * xapic + 16 * x2apic + 12 + 6 + (x2apic > 0 ? 12 : 0);
+  // Revision 5, as Cloud Hypervisor emits; only structures defined since ACPI 1.0/4.0 are used.
   const t = new SdtBuilder("APIC", 44 + entriesLength, 5, "TVSRMADT");
   t.u32(36, LAPIC_ADDR);
   // PCAT_COMPAT: set, because KVM_CREATE_IRQCHIP really instantiates the dual
@@ -191,7 +195,7 @@ export function buildMadt(cpus: number): Uint8Array {
   // masked when it switches to APIC mode (ACPI 6.5 Table 5.20).
   t.u32(40, 1);
   let off = 44;
-  for (let cpu = 0; cpu < cpus; cpu++) {
+  for (let cpu = 0; cpu < xapic; cpu++) {
     // Processor Local APIC (ACPI 6.5 §5.2.12.2): UID = APIC ID = vCPU index; Enabled.
     // Online Capable (bit 1) must be zero when Enabled is set.
     t.u8(off, MADT_TYPE.LOCAL_APIC);
@@ -200,6 +204,16 @@ export function buildMadt(cpus: number): Uint8Array {
     t.u8(off + 3, cpu);
     t.u32(off + 4, 1);
     off += 8;
+  }
+  for (let cpu = xapic; cpu < cpus; cpu++) {
+    // Processor Local x2APIC (ACPI 6.5 §5.2.12.12): 2 reserved bytes, the 32-bit x2APIC ID
+    // (= vCPU index, what KVM gives vCPU n and CPUID leaf 0xB reports), flags Enabled, UID.
+    t.u8(off, MADT_TYPE.LOCAL_X2APIC);
+    t.u8(off + 1, 16);
+    t.u32(off + 4, cpu);
+    t.u32(off + 8, 1);
+    t.u32(off + 12, cpu);
+    off += 16;
   }
   // I/O APIC (ACPI 6.5 §5.2.12.3): 24 pins from GSI 0.
   t.u8(off, MADT_TYPE.IO_APIC);
@@ -223,6 +237,16 @@ export function buildMadt(cpus: number): Uint8Array {
   t.u8(off + 2, 0xff);
   t.u16(off + 3, 0x0005);
   t.u8(off + 5, 1);
+  off += 6;
+  if (x2apic > 0) {
+    // Local x2APIC NMI (ACPI 6.5 §5.2.12.13) for the processors declared as x2APIC: UID
+    // 0xFFFFFFFF = all of them, LINT1, same flags.
+    t.u8(off, MADT_TYPE.LOCAL_X2APIC_NMI);
+    t.u8(off + 1, 12);
+    t.u16(off + 2, 0x0005);
+    t.u32(off + 4, 0xffffffff);
+    t.u8(off + 8, 1);
+  }
   return t.finish();
 }
 

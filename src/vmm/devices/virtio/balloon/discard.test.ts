@@ -1,8 +1,7 @@
 import { readFileSync } from "node:fs";
 import { afterAll, describe, expect, it } from "vitest";
 import * as libc from "../../../../sys/libc.js";
-import type { MemoryRegionSpec } from "../../../memory/guest-memory.js";
-import { GuestMemory } from "../../../memory/guest-memory.js";
+import { GuestMemory, type HostRegion } from "../../../memory/guest-memory.js";
 import { featureBit, VIRTIO_F } from "../device.js";
 import { TestDriver } from "../queue/test-driver.js";
 import { BalloonDevice, INFLATEQ, VIRTIO_BALLOON_F } from "./balloon.js";
@@ -15,9 +14,10 @@ import { HOST_PAGE_SIZE, makeDiscard } from "./discard.js";
 const MiB = 1 << 20;
 const LEN = 8 * MiB;
 const HIGH = 0x1_0000_0000;
-const LAYOUT: MemoryRegionSpec[] = [
-  { guestPhysAddr: 0, size: 4 * MiB, hostOffset: 0 },
-  { guestPhysAddr: HIGH, size: 4 * MiB, hostOffset: 4 * MiB },
+/** The two guest regions over the two halves of one test mapping (the VMM maps each region on its own). */
+const layout = (m: libc.Mapping): HostRegion[] => [
+  { guestPhysAddr: 0, size: 4 * MiB, hostAddress: Number(m.address) },
+  { guestPhysAddr: HIGH, size: 4 * MiB, hostAddress: Number(m.address) + 4 * MiB },
 ];
 const maps: libc.Mapping[] = [];
 afterAll(() => maps.forEach((m) => libc.munmap(m)));
@@ -58,7 +58,7 @@ const codeOf = (fn: () => void): string => {
 describe("makeDiscard", () => {
   it("zeroes the discarded guest range and drops it from RSS, nothing outside it", () => {
     const { m, bytes } = anonMapping();
-    const discard = makeDiscard(m.address, LAYOUT);
+    const discard = makeDiscard(layout(m));
     const before = rssKiB(m.address);
     expect(before).toBeGreaterThanOrEqual(LEN / 1024 - 64);
 
@@ -79,7 +79,7 @@ describe("makeDiscard", () => {
 
   it("drops only whole host pages inside the range and refuses ranges outside the layout", () => {
     const { m, bytes } = anonMapping();
-    const discard = makeDiscard(m.address, LAYOUT);
+    const discard = makeDiscard(layout(m));
     discard(0x300800, 0x1000); // no whole page inside
     expect(bytes.subarray(0x300800, 0x301800).every((b) => b === 0xab)).toBe(true);
     discard(0x300800, 0x2000); // exactly page 0x301000
@@ -96,15 +96,16 @@ describe("makeDiscard", () => {
     expect(codeOf(() => discard(0.5, 4096))).toBe("BALLOON_DISCARD_RANGE");
     expect(bytes.subarray(4 * MiB - 4096, 4 * MiB + 4096).every((b) => b === 0xab)).toBe(true);
 
-    expect(codeOf(() => makeDiscard(m.address + 1n, LAYOUT))).toBe("BALLOON_DISCARD_RANGE");
-    expect(codeOf(() => makeDiscard(m.address, [{ guestPhysAddr: 0, size: 0, hostOffset: 0 }]))).toBe("BALLOON_DISCARD_RANGE");
+    expect(codeOf(() => makeDiscard([{ guestPhysAddr: 0, size: MiB, hostAddress: Number(m.address) + 1 }]))).toBe("BALLOON_DISCARD_RANGE");
+    expect(codeOf(() => makeDiscard([{ guestPhysAddr: 0, size: MiB, hostAddress: 0 }]))).toBe("BALLOON_DISCARD_RANGE");
+    expect(codeOf(() => makeDiscard([{ guestPhysAddr: 0, size: 0, hostAddress: Number(m.address) }]))).toBe("BALLOON_DISCARD_RANGE");
     expect(HOST_PAGE_SIZE).toBeGreaterThanOrEqual(4096);
   });
 
   it("end to end: the balloon inflating guest pages frees them on the host", () => {
     const { m, bytes } = anonMapping();
-    const mem = new GuestMemory(libc.view(m.pointer, LEN), LAYOUT);
-    const dev = new BalloonDevice({ discard: makeDiscard(m.address, LAYOUT), maxPages: LEN / 4096 });
+    const mem = GuestMemory.mapped(layout(m));
+    const dev = new BalloonDevice({ discard: makeDiscard(layout(m)), maxPages: LEN / 4096 });
     mem.fill(0, TestDriver.footprint(8)); // queue area
     const drv = new TestDriver(mem, 8, 0);
     const ctx = {

@@ -1,12 +1,12 @@
 import koffi from "koffi";
 import { TypevisorError } from "../../../../errors.js";
 import { SysError } from "../../../../sys/libc.js";
-import type { MemoryRegionSpec } from "../../../memory/guest-memory.js";
+import type { HostRegion } from "../../../memory/guest-memory.js";
 import type { DiscardFn } from "./balloon.js";
 
 /*
- * Giving ballooned guest pages back to the host. Guest RAM is one private anonymous mapping
- * (docs/vmm.md), so madvise(MADV_DONTNEED) frees the pages at once and the next access,
+ * Giving ballooned guest pages back to the host. Each guest RAM region is one private anonymous
+ * mapping (docs/vmm.md), so madvise(MADV_DONTNEED) frees the pages at once and the next access,
  * by the guest (KVM drops its stage-2 mappings through MMU notifiers) or by us, faults in
  * fresh zero pages, as madvise(2) documents for private anonymous mappings. The one place outside
  * GuestMemory that touches the host mapping by address: it never reads or writes it.
@@ -25,22 +25,22 @@ export const HOST_PAGE_SIZE: number = Number(sysconfFn(SC_PAGESIZE) as number | 
 
 /**
  * A discard function for the balloon: drops the host pages behind guest range [gpa, gpa+len).
- * `hostBase` is the address of the guest memory mapping (the device thread's
- * init.memory.address) and `layout` its regions (init.memory.layout).
+ * `regions` are guest RAM's regions and their host mappings (the device thread's init.memory).
  *
  * The range must lie inside one region (else BALLOON_DISCARD_RANGE); it is shrunk inwards to
  * whole host pages, so bytes outside it are never dropped. madvise failure throws SysError.
  * @throws TypevisorError BALLOON_DISCARD_RANGE when the layout itself is unusable
  */
-export function makeDiscard(hostBase: bigint, layout: readonly MemoryRegionSpec[]): DiscardFn {
-  if (hostBase <= 0n || hostBase % BigInt(HOST_PAGE_SIZE) !== 0n) {
-    throw new TypevisorError("BALLOON_DISCARD_RANGE", `guest memory base 0x${hostBase.toString(16)} is not a page-aligned host address`);
-  }
+export function makeDiscard(layout: readonly HostRegion[]): DiscardFn {
   const regions = layout.map((r) => {
-    if (![r.guestPhysAddr, r.size, r.hostOffset].every((v) => Number.isSafeInteger(v) && v >= 0) || r.size === 0) {
+    if (![r.guestPhysAddr, r.size, r.hostAddress].every((v) => Number.isSafeInteger(v) && v >= 0) || r.size === 0) {
       throw new TypevisorError("BALLOON_DISCARD_RANGE", `guest memory region at 0x${r.guestPhysAddr.toString(16)} is malformed`);
     }
-    return { guestPhysAddr: r.guestPhysAddr, size: r.size, hostOffset: r.hostOffset };
+    // Each region is its own mapping; madvise needs page-aligned host addresses.
+    if (r.hostAddress === 0 || r.hostAddress % HOST_PAGE_SIZE !== 0) {
+      throw new TypevisorError("BALLOON_DISCARD_RANGE", `guest memory region at 0x${r.guestPhysAddr.toString(16)} has host address 0x${r.hostAddress.toString(16)}, not a page-aligned mapping`);
+    }
+    return { guestPhysAddr: r.guestPhysAddr, size: r.size, hostAddress: r.hostAddress };
   });
   const page = BigInt(HOST_PAGE_SIZE);
   return (gpa: number, len: number): void => {
@@ -52,7 +52,7 @@ export function makeDiscard(hostBase: bigint, layout: readonly MemoryRegionSpec[
     if (r === undefined) {
       throw new TypevisorError("BALLOON_DISCARD_RANGE", `discard of ${len} bytes at 0x${gpa.toString(16)} is outside guest RAM`);
     }
-    const host = hostBase + BigInt(r.hostOffset + (gpa - r.guestPhysAddr));
+    const host = BigInt(r.hostAddress + (gpa - r.guestPhysAddr));
     const start = ((host + page - 1n) / page) * page;
     const end = ((host + BigInt(len)) / page) * page;
     if (end <= start) return;

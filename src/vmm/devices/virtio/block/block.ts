@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
 import { IoVec, RWF_NOWAIT } from "../../../../sys/iov.js";
-import { EINTR, EINVAL, EOPNOTSUPP, errnoName } from "../../../../sys/libc.js";
+import { EDQUOT, EINTR, EINVAL, ENOSPC, EOPNOTSUPP, errnoName } from "../../../../sys/libc.js";
 import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { gatherHost, readChain, writeChain } from "../queue/chain.js";
@@ -33,6 +33,8 @@ export const VIRTIO_BLK_F = {
 
 /** Request types (virtio 1.2 §5.2.6). */
 export const VIRTIO_BLK_T = { IN: 0, OUT: 1, FLUSH: 4, GET_ID: 8, GET_LIFETIME: 10, DISCARD: 11, WRITE_ZEROES: 13, SECURE_ERASE: 14 } as const;
+/** Names of request types for messages. */
+const OP_NAMES: Record<number, string> = { 0: "read", 1: "write", 4: "flush", 8: "get-id", 11: "discard", 13: "write-zeroes" };
 /** Request status (virtio 1.2 §5.2.6). */
 export const VIRTIO_BLK_S = { OK: 0, IOERR: 1, UNSUPP: 2 } as const;
 
@@ -117,6 +119,35 @@ export interface BlockDeviceOptions {
    * storage goes to the I/O thread.
    */
   readsOnIoThread?: boolean;
+  /**
+   * Called (on this device's thread) when a request failed because the host filesystem is full
+   * (ENOSPC, or EDQUOT: over a quota): the request is held, not completed, and the device takes
+   * no new ones until retryHeld(), as QEMU's werror=enospc does; the caller stops the vCPUs.
+   * Once per stop: not again until retryHeld() ran. Without it such a request fails with IOERR.
+   */
+  onNoSpace?: (info: NoSpaceInfo) => void;
+}
+
+/** Why a disk stopped taking requests: its host file could not grow (NoSpace handling, BlockDeviceOptions.onNoSpace). */
+export interface NoSpaceInfo {
+  /** "ENOSPC" or "EDQUOT". */
+  errno: string;
+  /** The request that failed: read, write, flush, write-zeroes, discard. */
+  op: string;
+  /** The image path as opened. */
+  path: string;
+}
+
+/** A failure that means "the host filesystem is full", which pauses instead of failing the request. */
+export function isNoSpace(result: number): boolean {
+  return result === -ENOSPC || result === -EDQUOT;
+}
+
+/** A host operation that failed, with its -errno (so handle() can tell a full disk from an I/O error). */
+class DiskIoError extends TypevisorError {
+  constructor(readonly errno: number) {
+    super("DISK_IO", `disk I/O failed: ${errnoName(-errno)}`);
+  }
 }
 
 /** A request on the I/O thread: what to answer when it is done. */
@@ -129,6 +160,18 @@ interface Pending {
   /** For the counters: 1 read, 2 write, 0 neither. */
   kind: 0 | 1 | 2;
   bytes: number;
+  /** The request itself, to run again after a full disk (held). */
+  chain: DescriptorChain;
+  type: number;
+  sector: number;
+}
+
+/** A request a full host filesystem stopped: done again by retryHeld(), never completed before. */
+interface Held {
+  chain: DescriptorChain;
+  type: number;
+  sector: number;
+  status: number;
 }
 
 /** What a snapshot keeps of the block device (its backing file is re-opened by the caller). */
@@ -193,6 +236,11 @@ export class BlockDevice implements VirtioDevice {
   private ioThreadFailed = false;
   /** With an I/O thread: whether reads are first tried from the page cache here (readCached). */
   private nowaitReads = true;
+  /** Requests a full host filesystem stopped, in the order they failed (holdOnNoSpace). */
+  private readonly held: Held[] = [];
+  /** onNoSpace was called and retryHeld has not run since. */
+  private stoppedOnNoSpace = false;
+  private readonly onNoSpace: ((info: NoSpaceInfo) => void) | undefined;
 
   /** @throws TypevisorError DISK_OPEN, DISK_TYPE, DISK_SIZE, DISK_SERIAL, DISK_OPTIONS */
   constructor(opts: BlockDeviceOptions) {
@@ -295,6 +343,7 @@ export class BlockDevice implements VirtioDevice {
     this.ioThreadName = this.io !== undefined ? opts.ioThread : undefined;
     this.backendFds = this.io !== undefined ? [this.io.eventfd] : [];
     this.nowaitReads = opts.readsOnIoThread !== true;
+    this.onNoSpace = opts.onNoSpace;
   }
 
   /** Finish in-flight I/O, stop the I/O thread and close the backing file if the device opened it. */
@@ -353,6 +402,7 @@ export class BlockDevice implements VirtioDevice {
     const io = this.io;
     if (io === undefined || fd !== io.eventfd) return;
     io.reap((slot, result) => this.finish(slot, result));
+    if (this.held.length > 0 && !this.stoppedOnNoSpace) this.drainHeld();
     this.notify(0);
   }
 
@@ -386,7 +436,56 @@ export class BlockDevice implements VirtioDevice {
   }
 
   /** Whether a request can be popped now: always without an I/O thread, else while a slot is free. */
-  private readonly canTake = (): boolean => this.io === undefined || !this.io.full;
+  private readonly canTake = (): boolean => this.held.length === 0 && (this.io === undefined || !this.io.full);
+
+  /**
+   * A request failed because the host filesystem is full: keep it (not completed: the guest
+   * must not see a write done that is not on disk, nor an error for one that will succeed once
+   * space is freed) and say so once. False (answer it as usual) for any other result, on a
+   * read-only disk, and without an onNoSpace listener.
+   */
+  private holdOnNoSpace(result: number, type: number, chain: DescriptorChain, sector: number, status: number): boolean {
+    if (!isNoSpace(result) || this.readonly || this.onNoSpace === undefined) return false;
+    this.held.push({ chain, type, sector, status });
+    if (!this.stoppedOnNoSpace) {
+      this.stoppedOnNoSpace = true;
+      this.onNoSpace({ errno: errnoName(-result), op: OP_NAMES[type] ?? `type ${type}`, path: this.diskInit.path });
+    }
+    return true;
+  }
+
+  /** Requests held for space, not yet done again. */
+  get heldRequests(): number {
+    return this.held.length;
+  }
+
+  /**
+   * Space was freed (the VM is resumed): run the held requests again, in the order they failed,
+   * then take what waited in the ring. A request that fails for space again is held again and
+   * stops the disk again (onNoSpace), with the ones after it kept, in order.
+   */
+  retryHeld(): void {
+    this.stoppedOnNoSpace = false;
+    this.drainHeld();
+    this.notify(0);
+  }
+
+  /**
+   * Run held requests again while the disk is not stopped and the I/O thread has a free slot
+   * (a qcow2 image lives on the I/O thread: a request must not fall back to this thread); the
+   * rest go when slots free up (onBackendReadable). A request held again goes last: requests in
+   * flight together have no order the driver may rely on (virtio 1.2 §2.7.8: used buffers need not follow the available order).
+   */
+  private drainHeld(): void {
+    const ctx = this.ctx;
+    const q = this.queues[0];
+    if (ctx === undefined || q === undefined || q.broken !== undefined) return;
+    while (this.held.length > 0 && !this.stoppedOnNoSpace && (this.io === undefined || !this.io.full)) {
+      const h = this.held.shift()!;
+      const used = this.run(ctx, h.chain, h.type, h.sector, h.status);
+      if (used !== DEFERRED) q.pushUsed(h.chain.head, Math.min(used, h.chain.totalWrite));
+    }
+  }
 
   /**
    * Answer a request the I/O thread did (virtio 1.2 §5.2.6): status byte, then the used
@@ -398,6 +497,7 @@ export class BlockDevice implements VirtioDevice {
     const ctx = this.ctx;
     const q = this.queues[0];
     if (p === undefined || ctx === undefined || q === undefined || q.broken !== undefined) return;
+    if (this.holdOnNoSpace(result, p.type, p.chain, p.sector, p.status)) return;
     const ok = result === 0;
     ctx.mem.writeU8(p.status, ok ? VIRTIO_BLK_S.OK : VIRTIO_BLK_S.IOERR);
     if (ok) this.countDone(p.kind, p.bytes);
@@ -426,12 +526,17 @@ export class BlockDevice implements VirtioDevice {
     // A drain that found the thread gone: serve here from now on.
     if (this.io?.gone === true) this.dropIoThread();
     this.pending.length = 0;
+    // The driver took its buffers back: held requests are never answered (nor were they done).
+    this.held.length = 0;
+    this.stoppedOnNoSpace = false;
     this.ctx = undefined;
     this.queues = [];
     this.writeThrough = true;
   }
 
   save(): BlockDeviceState {
+    // A held request was taken from the ring and not answered: the saved cursors cannot say so.
+    if (this.held.length > 0) throw new TypevisorError("DISK_HELD", `disk ${this.diskInit.path} has ${this.held.length} requests waiting for space on its filesystem; free space and resume first`);
     // In-flight requests are completed into the used ring first, so the cursors saved are final.
     if (this.io !== undefined && this.io.inFlight > 0) {
       this.io.drain((slot, result) => this.finish(slot, result));
@@ -457,17 +562,25 @@ export class BlockDevice implements VirtioDevice {
     // The status is the chain's last writable byte (§5.2.6): the end of its last non-empty
     // writable buffer (empty ones are not kept), bounds-checked when the chain was popped.
     const last = chain.writable[chain.writable.length - 1]!;
+    return this.run(ctx, chain, type, sector, last.addr + last.len - 1);
+  }
+
+  /** Execute a parsed request and write its status: the used length, or DEFERRED (on the I/O thread, or held for space). */
+  private run(ctx: ActivateContext, chain: DescriptorChain, type: number, sector: number, statusAddr: number): number {
     let status: number;
     let used = 1;
     try {
-      status = this.execute(ctx, chain, type, sector, last.addr + last.len - 1);
+      status = this.execute(ctx, chain, type, sector, statusAddr);
       if (status === DEFERRED) return DEFERRED;
       if (type === VIRTIO_BLK_T.IN && status === VIRTIO_BLK_S.OK) used = chain.totalWrite;
-    } catch {
-      // Host I/O failed (EIO, ENOSPC, file truncated under us): this request fails, the VM goes on.
+    } catch (e) {
+      // The host filesystem is full: held, not answered (holdOnNoSpace).
+      if (e instanceof DiskIoError && this.holdOnNoSpace(e.errno, type, chain, sector, statusAddr)) return DEFERRED;
+      // Host I/O failed (EIO, file truncated under us): this request fails, the VM goes on.
       status = VIRTIO_BLK_S.IOERR;
     }
-    ctx.mem.writeU8(last.addr + last.len - 1, status);
+    const last = statusAddr;
+    ctx.mem.writeU8(last, status);
     // len counts bytes written from the first writable byte (§2.7.8); for non-IN requests we
     // report just the status byte, the convention Linux, QEMU and Firecracker share.
     return used;
@@ -549,7 +662,7 @@ export class BlockDevice implements VirtioDevice {
         const len = chain.totalWrite - 1;
         if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
         if (!this.readCached(chain.writable, len, sector * SECTOR_SIZE)) {
-          if (this.offload(IO_OP.READ, chain.writable, 0, len, sector * SECTOR_SIZE, { head, status, used: chain.totalWrite, kind: 1, bytes: len })) return DEFERRED;
+          if (this.offload(IO_OP.READ, chain.writable, 0, len, sector * SECTOR_SIZE, { head, status, used: chain.totalWrite, kind: 1, bytes: len, chain, type, sector })) return DEFERRED;
           this.transfer("read", chain.writable, 0, len, sector * SECTOR_SIZE);
         }
         this.countDone(1, len);
@@ -560,7 +673,7 @@ export class BlockDevice implements VirtioDevice {
         if (this.readonly) return IOERR;
         const len = chain.totalRead - HEADER_SIZE;
         if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
-        if (this.offload(IO_OP.WRITE, chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE, { head, status, used: 1, kind: 2, bytes: len })) return DEFERRED;
+        if (this.offload(IO_OP.WRITE, chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE, { head, status, used: 1, kind: 2, bytes: len, chain, type, sector })) return DEFERRED;
         this.transfer("write", chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE);
         this.stabilize();
         this.countDone(2, len);
@@ -569,7 +682,7 @@ export class BlockDevice implements VirtioDevice {
       case VIRTIO_BLK_T.FLUSH:
         if (this.readonly) return OK;
         // On the I/O thread, after every write submitted before it (one thread, in order).
-        if (this.offload(IO_OP.FLUSH, undefined, 0, 0, 0, { head, status, used: 1, kind: 0, bytes: 0 })) return DEFERRED;
+        if (this.offload(IO_OP.FLUSH, undefined, 0, 0, 0, { head, status, used: 1, kind: 0, bytes: 0, chain, type, sector })) return DEFERRED;
         return this.check(this.syncInline());
       case VIRTIO_BLK_T.GET_ID: {
         if (this.serial === undefined) return UNSUPP;
@@ -612,7 +725,7 @@ export class BlockDevice implements VirtioDevice {
     // One segment (MAX_WRITE_ZEROES_SEG, and qcow2's max_discard_seg): on the I/O thread when there is one.
     const one = segs.length === 1 ? segs[0]! : undefined;
     const op = zero ? IO_OP.WRITE_ZEROES : IO_OP.DISCARD;
-    if (one !== undefined && this.offload(op, undefined, 0, one.sectors * SECTOR_SIZE, Number(one.sector) * SECTOR_SIZE, { head: chain.head, status, used: 1, kind: 0, bytes: 0 })) return DEFERRED;
+    if (one !== undefined && this.offload(op, undefined, 0, one.sectors * SECTOR_SIZE, Number(one.sector) * SECTOR_SIZE, { head: chain.head, status, used: 1, kind: 0, bytes: 0, chain, type, sector: Number(one.sector) })) return DEFERRED;
     for (const s of segs) {
       const pos = Number(s.sector) * SECTOR_SIZE;
       const len = s.sectors * SECTOR_SIZE;
@@ -641,7 +754,7 @@ export class BlockDevice implements VirtioDevice {
 
   /** OK for 0; a failed host operation (-errno) throws, which fails this request with IOERR (handle()). */
   private check(result: number): number {
-    if (result < 0) throw new TypevisorError("DISK_IO", `disk I/O failed: ${errnoName(-result)}`);
+    if (result < 0) throw new DiskIoError(result);
     return VIRTIO_BLK_S.OK;
   }
 

@@ -7,8 +7,10 @@ type GuestRange = Pick<GuestBuf, "addr" | "len">;
 
 /*
  * Helpers for devices over the buffers of a popped chain. The buffers were bounds-checked when
- * the chain was popped, so the views below are in guest RAM; they are live (mem.slice), so
- * file and crypto calls read and write guest memory with no copy.
+ * the chain was popped, so the views below are in guest RAM; they are live (mem.slices), so
+ * file and crypto calls read and write guest memory with no copy. A buffer lies in one RAM
+ * region but may cross a boundary between two of the region's host views (guest-memory.ts):
+ * it is then taken as two views, which every helper here accepts.
  */
 
 /** Total bytes of `bufs`. */
@@ -20,7 +22,7 @@ export function bufsLength(bufs: readonly GuestRange[]): number {
 
 /**
  * Live views covering bytes [offset, offset + len) of the concatenation of `bufs`, clipped to
- * what the buffers hold.
+ * what the buffers hold (a buffer crossing two host views gives two).
  */
 export function chainSlices(mem: GuestMemory, bufs: readonly GuestRange[], offset: number, len: number): Uint8Array[] {
   const out: Uint8Array[] = [];
@@ -33,7 +35,7 @@ export function chainSlices(mem: GuestMemory, bufs: readonly GuestRange[], offse
       continue;
     }
     const n = Math.min(b.len - skip, left);
-    out.push(mem.slice(b.addr + skip, n));
+    for (const v of mem.slices(b.addr + skip, n)) out.push(v);
     left -= n;
     skip = 0;
   }
@@ -53,7 +55,8 @@ export function readChain(mem: GuestMemory, bufs: readonly GuestRange[], offset:
  */
 export function chainHead(mem: GuestMemory, bufs: readonly GuestRange[], len: number): Uint8Array {
   const first = bufs[0];
-  return first !== undefined && first.len >= len ? mem.slice(first.addr, len) : readChain(mem, bufs, 0, len);
+  const view = first !== undefined && first.len >= len ? mem.trySlice(first.addr, len) : undefined;
+  return view ?? readChain(mem, bufs, 0, len);
 }
 
 /** Copy `data` into the buffers starting at `offset`; returns the bytes written (clipped to the buffers). */

@@ -1,7 +1,8 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { GuestMemory } from "../../../memory/guest-memory.js";
-import { bufsLength, chainSlices, readChain, writeChain } from "./chain.js";
+import { addressOf, IoVec } from "../../../../sys/iov.js";
+import { bufsLength, chainSlices, gatherHost, readChain, writeChain } from "./chain.js";
 import type { DescriptorChain, SplitQueueOptions } from "./split-queue.js";
 import { QueueError, SplitQueue, VIRTQ_DESC_F } from "./split-queue.js";
 import { TestDriver } from "./test-driver.js";
@@ -269,7 +270,7 @@ describe("inspect (GET /threads)", () => {
     q.pushUsed(c.head, 16);
     expect(q.inspect()).toEqual({
       nextAvail: 1, availIdx: 3, waiting: 2, usedIdx: 1, nextUsed: 1, signalledUsed: 0,
-      eventIdx: false, availFlags: 0, usedEvent: null, availEvent: null, interruptsSuppressed: false, broken: null,
+      eventIdx: false, availFlags: 0, usedEvent: null, availEvent: null, interruptsSuppressed: false, broken: null, highBuffers: 0,
     });
     // Reading it twice pops nothing and decides no interrupt.
     expect(q.inspect().waiting).toBe(2);
@@ -408,5 +409,91 @@ describe("descriptor addresses as two 32-bit halves (property)", () => {
       }),
       { numRuns: 1000 },
     );
+  });
+});
+
+describe("chains across regions and host views (property)", () => {
+  it("buffers anywhere in RAM, across view boundaries, low and above 4 GiB: read, written and gathered as iovecs exactly", () => {
+    // Low RAM [0, 8 KiB) holds the queue; high RAM [4 GiB, 4 GiB + 8 KiB). Views of 512 bytes
+    // overlapping by 64 (the VMM's are 2 GiB and 2 MiB): every boundary within reach of a buffer.
+    const LOW = 8192;
+    const HIGH = 2 ** 32;
+    const geometry = { step: 512, overlap: 64 };
+    const backing = new ArrayBuffer(2 * LOW);
+    const base = addressOf(new Uint8Array(backing));
+    const hostOf = (gpa: number) => (gpa >= HIGH ? LOW + gpa - HIGH : gpa);
+    const boundary = fc.oneof(
+      ...[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16].map((k) => fc.integer({ min: -3, max: 3 }).map((d) => k * 512 + d)),
+      ...[0, 1, 2, 3].map((k) => fc.integer({ min: -3, max: 3 }).map((d) => k * 512 + 64 + d)),
+    );
+    const buf = fc.record({
+      high: fc.boolean(),
+      at: fc.oneof(boundary, fc.integer({ min: 0, max: LOW })),
+      len: fc.oneof(fc.integer({ min: 0, max: 40 }), fc.integer({ min: 500, max: 1600 }), fc.constant(LOW)),
+      write: fc.boolean(),
+    });
+    fc.assert(
+      fc.property(fc.array(buf, { minLength: 1, maxLength: 6 }), fc.integer({ min: 0, max: 255 }), (raw, seed) => {
+        new Uint8Array(backing).fill(0);
+        const mem = new GuestMemory(backing, [
+          { guestPhysAddr: 0, size: LOW, hostOffset: 0 },
+          { guestPhysAddr: HIGH, size: LOW, hostOffset: LOW },
+        ], geometry);
+        const drv = new TestDriver(mem, 8, 0x100);
+        const q = new SplitQueue(mem, drv.config, { eventIdx: false, indirect: false });
+        // Readable first (§2.7.4.2); the queue's own area [0x100, 0x400) is left alone.
+        const bufs = [...raw.filter((b) => !b.write), ...raw.filter((b) => b.write)].map((b) => ({
+          addr: (b.high ? HIGH : 0) + Math.max(0x400, Math.min(b.at, LOW)),
+          len: b.len,
+          write: b.write,
+        }));
+        for (let i = 0; i < 2 * LOW; i++) new Uint8Array(backing)[i] = (i * 11 + seed) & 0xff;
+        new Uint8Array(backing).fill(0, 0x100, 0x400);
+        drv.publish(drv.addChain(bufs));
+        const inRam = (b: { addr: number; len: number }) => (b.addr >= HIGH ? b.addr + b.len <= HIGH + LOW : b.addr + b.len <= LOW);
+        const r = q.pop();
+        if (!bufs.every(inRam)) {
+          expectError(r, "VIRTQ_BUFFER");
+          return;
+        }
+        const c = expectChain(r);
+        expect(q.inspect().highBuffers).toBe(bufs.filter((b) => b.len > 0 && b.addr >= HIGH).length);
+        const model = new Uint8Array(backing).slice();
+        const concat = (list: typeof bufs) => Buffer.concat(list.map((b) => model.subarray(hostOf(b.addr), hostOf(b.addr) + b.len)));
+        const readable = bufs.filter((b) => !b.write);
+        const writable = bufs.filter((b) => b.write);
+        // Reading: the bytes the driver put there, in chain order, whatever views a buffer crosses.
+        expect(Buffer.from(readChain(mem, c.readable, 0, c.totalRead)).equals(concat(readable))).toBe(true);
+        expect(Buffer.concat(chainSlices(mem, c.readable, 0, c.totalRead)).equals(concat(readable))).toBe(true);
+        // iovecs: one host range per buffer, exactly where its bytes live.
+        const iov = new IoVec();
+        expect(gatherHost(iov, c.writable, 0, c.totalWrite)).toBe(true);
+        let expectedBytes = 0;
+        for (const b of c.writable) {
+          expect(b.host).toBe(base + hostOf(b.addr));
+          expectedBytes += b.len;
+        }
+        expect(iov.bytes).toBe(expectedBytes);
+        // Writing: exactly the writable buffers change, nothing else.
+        const data = Uint8Array.from({ length: c.totalWrite }, (_, i) => (i * 7 + seed + 1) & 0xff);
+        expect(writeChain(mem, c.writable, data)).toBe(c.totalWrite);
+        const after = new Uint8Array(backing);
+        const expected = model.slice();
+        let at = 0;
+        for (const b of writable.filter((w) => w.len > 0)) {
+          expected.set(data.subarray(at, at + b.len), hostOf(b.addr));
+          at += b.len;
+        }
+        expect(Buffer.from(after).equals(Buffer.from(expected))).toBe(true);
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it("refuses a queue whose rings would need two views, instead of throwing (a geometry with less overlap than a ring)", () => {
+    const mem = new GuestMemory(new ArrayBuffer(MEM), [{ guestPhysAddr: 0, size: MEM, hostOffset: 0 }], { step: 4096, overlap: 16 });
+    const drv = new TestDriver(mem, 8, 4096 - 64);
+    expect(() => new SplitQueue(mem, drv.config, { eventIdx: false, indirect: false })).toThrow(/crosses two host views/);
+    expect(SplitQueue.check(mem, new TestDriver(mem, 8, 0).config)).toBeUndefined();
   });
 });

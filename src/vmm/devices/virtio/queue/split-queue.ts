@@ -17,6 +17,8 @@ export const MAX_INDIRECT_ENTRIES = 32768;
 /** virtio 1.2 §2.7.5: "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total". */
 const MAX_CHAIN_BYTES = 2 ** 32;
 const DESC_SIZE = 16;
+/** The 32-bit boundary: buffers above it count in inspect().highBuffers. */
+const FOUR_GIB = 2 ** 32;
 /** 2^53 / 2^32: a descriptor address whose high word reaches this is not a safe integer. */
 const HI_LIMIT = 2 ** 21;
 
@@ -100,6 +102,8 @@ export class SplitQueue {
   private nextUsed = 0;
   /** Used idx at the last needsInterrupt() decision (virtio 1.2 §2.7.10 "old" index). */
   private signalledUsed = 0;
+  /** Non-empty buffers popped at or above 4 GiB (inspect(): GET /threads). */
+  private highBuffers = 0;
   private failure: QueueError | undefined;
   /*
    * Live views of the three ring areas, made once: check() proved each lies inside one guest RAM
@@ -137,6 +141,12 @@ export class SplitQueue {
     if (!mem.contains(c.descAddr, DESC_SIZE * c.size)) return bad("descriptor table is outside guest RAM");
     if (!mem.contains(c.driverAddr, 6 + 2 * c.size)) return bad("available ring is outside guest RAM");
     if (!mem.contains(c.deviceAddr, 6 + 8 * c.size)) return bad("used ring is outside guest RAM");
+    // Each area is read in place through one view. With the VMM's view geometry (2 MiB of
+    // overlap, guest-memory.ts) every area of a legal queue (at most 512 KiB) is one view
+    // wherever it lies; only a geometry with less overlap than that can refuse here.
+    for (const [what, addr, len] of [["descriptor table", c.descAddr, DESC_SIZE * c.size], ["available ring", c.driverAddr, 6 + 2 * c.size], ["used ring", c.deviceAddr, 6 + 8 * c.size]] as const) {
+      if (mem.trySlice(addr, len) === undefined) return bad(`${what} crosses two host views of guest memory`);
+    }
     return undefined;
   }
 
@@ -174,6 +184,7 @@ export class SplitQueue {
       // i.e. used_event == nextUsed (§2.7.10 vring_need_event with old = nextUsed).
       interruptsSuppressed: usedEvent !== null ? usedEvent !== this.nextUsed : (availFlags & VIRTQ_AVAIL_F_NO_INTERRUPT) !== 0,
       broken: this.failure?.message ?? null,
+      highBuffers: this.highBuffers,
     };
   }
 
@@ -272,7 +283,10 @@ export class SplitQueue {
           return this.fail("VIRTQ_BUFFER", `indirect table at ${hex64(addrHi, addrLo)} (${len} bytes) is outside guest RAM`);
         }
         // A view of the table for this chain only: the driver may reuse the memory afterwards.
-        table = mem.dataView(addr, len);
+        // At most 512 KiB, so one view with the VMM's geometry (see check()).
+        const t = mem.trySlice(addr, len);
+        if (t === undefined) return this.fail("VIRTQ_BUFFER", `indirect table at ${hex64(addrHi, addrLo)} (${len} bytes) crosses two host views of guest memory`);
+        table = new DataView(t.buffer, t.byteOffset, len);
         tableLen = len / DESC_SIZE;
         indirect = true;
         idx = 0;
@@ -289,12 +303,18 @@ export class SplitQueue {
         totalWrite += len;
         sawWritable = true;
         // Zero-length buffers carry nothing; keeping them out spares every consumer the case.
-        if (len > 0) writable.push({ addr, len, host });
+        if (len > 0) {
+          writable.push({ addr, len, host });
+          if (addr >= FOUR_GIB) this.highBuffers++;
+        }
       } else {
         // §2.7.4.2 / §2.7.5: device-readable descriptors come before device-writable ones.
         if (sawWritable) return this.fail("VIRTQ_ORDER", `readable descriptor after a writable one in chain ${head}`);
         totalRead += len;
-        if (len > 0) readable.push({ addr, len, host });
+        if (len > 0) {
+          readable.push({ addr, len, host });
+          if (addr >= FOUR_GIB) this.highBuffers++;
+        }
       }
       if (totalRead + totalWrite > MAX_CHAIN_BYTES) return this.fail("VIRTQ_LENGTH", `descriptor chain ${head} is longer than 2^32 bytes`);
       if ((flags & VIRTQ_DESC_F.NEXT) === 0) break;

@@ -1,0 +1,97 @@
+/**
+ * The disk-writing test guest (test/fixtures/disk-writer.c): compiled with gcc for a bare x86-64
+ * (freestanding, no SSE, no red zone), linked at 16 MiB, flattened with objcopy and wrapped in a
+ * Linux boot protocol 2.15 header (Documentation/arch/x86/boot.rst) that our loader takes like
+ * any bzImage: not relocatable, pref_address 16 MiB, XLF_KERNEL_64 (entry at +0x200 in long
+ * mode). `typevisor run --kernel FILE --disk ... --force-kvm` boots it on this host's PVM KVM.
+ *
+ * What it writes: sector s of the disk holds 128 little-endian u32 words, word k being
+ * s * 2654435761 + k * 40503 + 12345 (mod 2^32) (checkDiskPattern).
+ */
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+const SOURCE = new URL("../fixtures/disk-writer.c", import.meta.url).pathname;
+const LOAD = 0x1000000;
+/** Code, data, bss (rings, a 64 KiB buffer, the stack): well inside this. */
+const INIT_SIZE = 0x100000;
+const SETUP_SECTS = 1;
+
+export const DISK_GUEST_DONE = "tv-disk: done\n";
+
+const LINKER_SCRIPT = `
+ENTRY(start64)
+SECTIONS {
+  . = ${LOAD};
+  .head : { BYTE(0xf4) BYTE(0xeb) BYTE(0xfd) . = 0x200; *(.entry) }
+  .text : { *(.text*) }
+  .rodata : { *(.rodata*) }
+  .data : { *(.data*) }
+  .bss : { *(.bss*) *(COMMON) }
+  /DISCARD/ : { *(.comment) *(.note*) *(.eh_frame*) }
+}
+`;
+
+/** Build the guest as a bzImage at `path`. Needs gcc and binutils (the tests' packages). */
+export function writeDiskGuest(path: string): void {
+  const d = mkdtempSync(join(tmpdir(), "tv-diskguest-"));
+  try {
+    writeFileSync(join(d, "link.ld"), LINKER_SCRIPT);
+    execFileSync("gcc", [
+      "-O2", "-ffreestanding", "-fno-pie", "-no-pie", "-nostdlib", "-static", "-mno-red-zone", "-mgeneral-regs-only",
+      "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-mcmodel=small", "-Wl,--build-id=none",
+      "-T", join(d, "link.ld"), "-o", join(d, "guest.elf"), SOURCE,
+    ], { stdio: ["ignore", "pipe", "pipe"], timeout: 60_000 });
+    execFileSync("objcopy", ["-O", "binary", "-j", ".head", "-j", ".text", "-j", ".rodata", "-j", ".data", join(d, "guest.elf"), join(d, "guest.bin")], { timeout: 60_000 });
+    const pm = readFileSync(join(d, "guest.bin"));
+    writeFileSync(path, bzImage(pm));
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+}
+
+/** Boot sector + one setup sector with the header, then the protected-mode code (boot.rst "The Real-Mode Kernel Header"). */
+function bzImage(code: Uint8Array): Uint8Array {
+  const pmSize = Math.ceil(code.length / 16) * 16;
+  if (pmSize > INIT_SIZE / 2) throw new Error(`disk guest is ${pmSize} bytes, past its init_size budget`);
+  const setupBytes = (SETUP_SECTS + 1) * 512;
+  const img = new Uint8Array(setupBytes + pmSize);
+  const dv = new DataView(img.buffer);
+  img[0x1f1] = SETUP_SECTS;
+  dv.setUint32(0x1f4, pmSize / 16, true); // syssize
+  dv.setUint16(0x1fe, 0xaa55, true); // boot_flag
+  img[0x200] = 0xeb; // jmp over the header
+  img[0x201] = 0x6a;
+  dv.setUint32(0x202, 0x53726448, true); // "HdrS"
+  dv.setUint16(0x206, 0x020f, true); // protocol 2.15
+  dv.setUint16(0x20e, 0x300 - 0x200, true); // kernel_version string at 0x300
+  img.set(new TextEncoder().encode("tv-disk-writer (typevisor test guest)\0"), 0x300);
+  img[0x211] = 0x01; // loadflags: LOADED_HIGH
+  dv.setUint32(0x214, LOAD, true); // code32_start
+  dv.setUint32(0x22c, 0x7fffffff, true); // initrd_addr_max
+  dv.setUint32(0x230, 0x200000, true); // kernel_alignment
+  img[0x234] = 0; // not relocatable: loaded at pref_address
+  dv.setUint16(0x236, 0x01, true); // xloadflags: XLF_KERNEL_64
+  dv.setUint32(0x238, 255, true); // cmdline_size
+  dv.setBigUint64(0x258, BigInt(LOAD), true); // pref_address
+  dv.setUint32(0x260, INIT_SIZE, true); // init_size
+  img.set(code, setupBytes);
+  return img;
+}
+
+/**
+ * Where `disk` (the guest's view, raw bytes) differs from what the guest writes, as a message;
+ * undefined when every sector holds its pattern.
+ */
+export function checkDiskPattern(disk: Buffer): string | undefined {
+  const words = new Uint32Array(disk.buffer, disk.byteOffset, Math.floor(disk.length / 4));
+  for (let s = 0; s < disk.length / 512; s++) {
+    const base = (Math.imul(s, 2654435761) + 12345) >>> 0;
+    for (let k = 0; k < 128; k++) {
+      if (words[s * 128 + k] !== ((base + Math.imul(k, 40503)) >>> 0)) return `sector ${s} word ${k} is ${words[s * 128 + k]}, not ${(base + Math.imul(k, 40503)) >>> 0}`;
+    }
+  }
+  return undefined;
+}
