@@ -1,16 +1,25 @@
 /**
- * A typed client for the daemon's API, over its unix socket (default) or TCP.
+ * A typed client for the daemon's API, over its unix socket (default) or HTTPS.
  * Exported by the package: `import { TypevisorClient } from "typevisor"`.
  * Errors from the daemon arrive as ApiError with the problem's code, status
  * and message.
+ *
+ * Over HTTPS the server is checked before anything is sent: against a pinned
+ * certificate fingerprint (`fingerprint`, what `typevisor host` shows), a CA
+ * (`ca`), or the system's CAs. A bearer token (`token`) goes in every request.
  */
 import { request, type IncomingMessage } from "node:http";
+import { isIP } from "node:net";
 import type { Duplex } from "node:stream";
+import { connect as tlsConnect, type TLSSocket } from "node:tls";
 import type { EventRecord, VmInfo, VmSpecInput } from "../control/spec.js";
 import { TypevisorError } from "../errors.js";
 import { HttpTimeoutError, httpRequest, parseProblem, readBody, type HttpRequestOptions } from "../sys/http-request.js";
 import type { PoolInfo, PoolSpecInput } from "../control/pools.js";
 import type { HostReport, VmStats } from "./schemas.js";
+import type { AuditEntry, VerifyResult } from "../control/audit.js";
+import type { Role, TokenRow, UserRow } from "../control/identity.js";
+import { normalizeFingerprint } from "../control/tls.js";
 
 export class ApiError extends TypevisorError {
   constructor(readonly status: number, code: string, message: string, hint?: string) {
@@ -19,7 +28,26 @@ export class ApiError extends TypevisorError {
   }
 }
 
-export type ClientTarget = { socketPath: string } | { host: string; port: number };
+export type ClientTarget =
+  | { socketPath: string }
+  | {
+      host: string;
+      port: number;
+      /** The server certificate's SHA-256 fingerprint (hex, colons optional): pinned, no CA needed. */
+      fingerprint?: string;
+      /** PEM CA certificate(s) the server's certificate must chain to (else the system's CAs). */
+      ca?: string;
+    };
+
+export interface ClientOptions {
+  /** How long a request may stay silent (ms). */
+  timeoutMs?: number;
+  /** A bearer token (`typevisor token create`). */
+  token?: string;
+}
+
+export type UserInfo = Omit<UserRow, "vms"> & { scopes?: string[]; mfa: boolean; tokens: number };
+export type TokenInfo = Omit<TokenRow, "vms"> & { scopes?: string[] };
 
 export interface Health {
   ok: boolean;
@@ -28,17 +56,58 @@ export interface Health {
 }
 
 export class TypevisorClient {
-  constructor(readonly target: ClientTarget, private readonly timeoutMs = 120_000) {}
+  private readonly timeoutMs: number;
+  private readonly token: string | undefined;
 
-  private options(method: string, path: string, headers: Record<string, string | number> = {}): HttpRequestOptions {
-    return {
-      ...("socketPath" in this.target ? { socketPath: this.target.socketPath } : { host: this.target.host, port: this.target.port }),
-      method,
-      path,
-      headers,
+  constructor(readonly target: ClientTarget, options: number | ClientOptions = {}) {
+    const o = typeof options === "number" ? { timeoutMs: options } : options;
+    this.timeoutMs = o.timeoutMs ?? 120_000;
+    this.token = o.token;
+  }
+
+  /** A TLS connection whose server has been checked; only then does a request (and its token) go out. */
+  private secure(t: { host: string; port: number; fingerprint?: string; ca?: string }): Promise<TLSSocket> {
+    const pin = t.fingerprint !== undefined ? normalizeFingerprint(t.fingerprint) : undefined;
+    if (t.fingerprint !== undefined && pin === undefined) return Promise.reject(new TypevisorError("INVALID_ARGUMENT", `a fingerprint is 32 bytes of hex, as typevisor host shows it (got "${t.fingerprint}")`));
+    return new Promise((resolve, reject) => {
+      const s = tlsConnect({
+        host: t.host,
+        port: t.port,
+        ...(isIP(t.host) === 0 ? { servername: t.host } : {}),
+        // pinned: the fingerprint below is the whole check (a self-signed certificate has no CA to chain to)
+        ...(pin !== undefined ? { rejectUnauthorized: false } : t.ca !== undefined ? { ca: t.ca } : {}),
+        ALPNProtocols: ["http/1.1"],
+      });
+      const timer = this.timeoutMs > 0 ? setTimeout(() => s.destroy(new Error(`no TLS handshake in ${this.timeoutMs / 1000} s`)), this.timeoutMs) : undefined;
+      s.once("secureConnect", () => {
+        clearTimeout(timer);
+        s.removeAllListeners("error");
+        const got = s.getPeerCertificate().fingerprint256;
+        if (pin !== undefined && got !== pin) {
+          s.destroy();
+          reject(new TypevisorError("TLS_FINGERPRINT", `the server at ${t.host}:${t.port} presented a certificate with fingerprint ${got}, not the pinned ${pin}`, { hint: "check `typevisor host` on the daemon's machine; a changed certificate may mean someone is in between" }));
+          return;
+        }
+        resolve(s);
+      });
+      s.once("error", (e) => {
+        clearTimeout(timer);
+        reject(e);
+      });
+    });
+  }
+
+  private async options(method: string, path: string, headers: Record<string, string | number> = {}): Promise<HttpRequestOptions> {
+    const h = { ...headers, ...(this.token !== undefined ? { authorization: `Bearer ${this.token}` } : {}) };
+    if ("socketPath" in this.target) {
       // one connection per request: see sys/http-request.ts for the keep-alive race this avoids
-      agent: false,
-    };
+      return { socketPath: this.target.socketPath, method, path, headers: h, agent: false };
+    }
+    const sock = await this.secure(this.target).catch((e: unknown) => {
+      throw e instanceof TypevisorError ? e : this.unreachable(e as Error);
+    });
+    // no agent: the request goes over this checked connection
+    return { host: this.target.host, port: this.target.port, method, path, headers: h, agent: undefined, createConnection: () => sock };
   }
 
   private unreachable(e: Error): TypevisorError {
@@ -58,7 +127,7 @@ export class TypevisorClient {
   /** A whole answer; a status >= 400 becomes ApiError. */
   private async answer(method: string, path: string, body?: unknown): Promise<Buffer> {
     // .catch, not try: a body JSON cannot encode (a caller's spec) throws from httpRequest itself and stays a plain error.
-    const res = await httpRequest(this.options(method, path), body, this.timeoutMs).catch((e: unknown) => {
+    const res = await httpRequest(await this.options(method, path), body, this.timeoutMs).catch((e: unknown) => {
       throw this.unreachable(e instanceof HttpTimeoutError ? new Error(`no answer in ${this.timeoutMs / 1000} s`) : (e as Error));
     });
     if (res.status >= 400) throw this.problem(res.status, res.body);
@@ -78,9 +147,10 @@ export class TypevisorClient {
    * A streamed GET (console or events follow): resolve with the live response once headers arrive.
    * It may stay quiet for hours, so unlike answer() it has no timeout.
    */
-  private open(path: string): Promise<IncomingMessage> {
+  private async open(path: string): Promise<IncomingMessage> {
+    const options = await this.options("GET", path);
     return new Promise((resolve, reject) => {
-      const req = request(this.options("GET", path), (res) => {
+      const req = request(options, (res) => {
         const status = res.statusCode ?? 0;
         if (status < 400) return resolve(res);
         readBody(res).then((b) => reject(this.problem(status, b)), (e: Error) => reject(this.unreachable(e)));
@@ -135,9 +205,10 @@ export class TypevisorClient {
     return this.open(`/v1/vms/${encodeURIComponent(name)}/console?follow=true${opts.tail !== undefined ? `&tail=${opts.tail}` : ""}`);
   }
   /** The interactive serial console: a duplex byte stream to the guest's UART. */
-  attachConsole(name: string): Promise<Duplex> {
+  async attachConsole(name: string): Promise<Duplex> {
+    const options = await this.options("GET", `/v1/vms/${encodeURIComponent(name)}/console/attach`, { connection: "Upgrade", upgrade: "tcp" });
     return new Promise((resolve, reject) => {
-      const req = request(this.options("GET", `/v1/vms/${encodeURIComponent(name)}/console/attach`, { connection: "Upgrade", upgrade: "tcp" }));
+      const req = request(options);
       req.on("upgrade", (_res, socket, head) => {
         if (head.length > 0) socket.unshift(head);
         resolve(socket);
@@ -210,5 +281,41 @@ export class TypevisorClient {
   }
   openapi(): Promise<Record<string, unknown>> {
     return this.json("GET", "/openapi.json");
+  }
+
+  // ---- users, tokens, audit (docs/security.md) ----
+  async listUsers(): Promise<UserInfo[]> {
+    return (await this.json<{ users: UserInfo[] }>("GET", "/v1/users")).users;
+  }
+  addUser(u: { name: string; role: Role; scopes?: string[]; password?: string }): Promise<UserInfo> {
+    return this.json("POST", "/v1/users", u);
+  }
+  getUser(name: string): Promise<UserInfo & { tokenList: TokenInfo[] }> {
+    return this.json("GET", `/v1/users/${encodeURIComponent(name)}`);
+  }
+  async removeUser(name: string): Promise<void> {
+    await this.json("DELETE", `/v1/users/${encodeURIComponent(name)}`);
+  }
+  async setPassword(name: string, password: string): Promise<void> {
+    await this.json("PUT", `/v1/users/${encodeURIComponent(name)}/password`, { password });
+  }
+  /** The answer's `token` is the secret, shown this once. */
+  createToken(t: { user: string; role?: Role; scopes?: string[]; expires?: string }): Promise<TokenInfo & { token: string }> {
+    return this.json("POST", "/v1/tokens", t);
+  }
+  async listTokens(opts: { user?: string } = {}): Promise<TokenInfo[]> {
+    return (await this.json<{ tokens: TokenInfo[] }>("GET", `/v1/tokens${opts.user !== undefined ? `?user=${encodeURIComponent(opts.user)}` : ""}`)).tokens;
+  }
+  revokeToken(id: string): Promise<TokenInfo> {
+    return this.json("DELETE", `/v1/tokens/${encodeURIComponent(id)}`);
+  }
+  async audit(q: { since?: string; user?: string; vm?: string; after?: number; limit?: number } = {}): Promise<AuditEntry[]> {
+    const p = new URLSearchParams();
+    for (const [k, v] of Object.entries(q)) if (v !== undefined) p.set(k, String(v));
+    const qs = p.toString();
+    return (await this.json<{ entries: AuditEntry[] }>("GET", `/v1/audit${qs !== "" ? `?${qs}` : ""}`)).entries;
+  }
+  verifyAudit(): Promise<VerifyResult> {
+    return this.json("GET", "/v1/audit/verify");
   }
 }

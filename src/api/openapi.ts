@@ -5,7 +5,8 @@
  */
 import { z } from "zod";
 import { problemSchema } from "./schemas.js";
-import { ROUTES, VERSION, type Route } from "./routes.js";
+import { VERSION, type Route } from "./routes.js";
+import { API_ROUTES } from "./table.js";
 
 type Json = Record<string, unknown>;
 
@@ -40,7 +41,8 @@ function operation(r: Route): Json {
   return {
     operationId: r.operationId,
     summary: r.summary,
-    ...(r.description !== undefined ? { description: r.description } : {}),
+    description: `${r.description !== undefined ? `${r.description}\n\n` : ""}Needs the permission \`${r.permission}\`${r.target !== undefined ? " (within the caller's VM scope)" : ""}${r.hostWide === true ? "; not for callers scoped to VMs" : ""}.`,
+    "x-permission": r.permission,
     parameters: [...parameters(r.params, "path"), ...parameters(r.query, "query")],
     ...(r.body !== undefined ? { requestBody: { required: !r.body.safeParse(undefined).success, content: { "application/json": { schema: schema(r.body, "input") } } } } : {}),
     responses,
@@ -49,17 +51,19 @@ function operation(r: Route): Json {
 
 export function openApiDocument(): Json {
   const paths: Record<string, Json> = {};
-  for (const r of ROUTES) {
+  for (const r of API_ROUTES) {
     const path = r.url.replace(/:([a-zA-Z]+)/g, "{$1}");
     (paths[path] ??= {})[r.method.toLowerCase()] = operation(r);
   }
   paths["/metrics"] = {
-    get: { operationId: "metrics", summary: "Prometheus metrics (host and per VM)", responses: { 200: { description: "text exposition format", content: { "text/plain": {} } } } },
+    get: { operationId: "metrics", summary: "Prometheus metrics (host and per VM)", description: "Needs the permission `metrics:read`; not for callers scoped to VMs.", "x-permission": "metrics:read", responses: { 200: { description: "text exposition format", content: { "text/plain": {} } } } },
   };
   return {
     openapi: "3.1.0",
     info: { title: "typevisor", version: VERSION, description: "The typevisor daemon's API: VMs on one host, their lifecycle, consoles, resources, events and metrics." },
     paths,
-    components: { schemas: { Problem: schema(problemSchema, "output") } },
+    // Every operation: a bearer token (RFC 6750), or on the unix socket the peer's uid (SO_PEERCRED; docs/security.md).
+    security: [{ bearer: [] }],
+    components: { schemas: { Problem: schema(problemSchema, "output") }, securitySchemes: { bearer: { type: "http", scheme: "bearer", description: "typevisor token create; the unix socket also maps its peer's uid" } } },
   };
 }

@@ -5,6 +5,8 @@
  */
 import type { FastifyReply, FastifyRequest } from "fastify";
 import type { z } from "zod";
+import type { AuditLog } from "../control/audit.js";
+import { inScope, type Identities, type Permission, type Principal } from "../control/identity.js";
 import type { VmManager } from "../control/manager.js";
 import { TypevisorError } from "../errors.js";
 import { followConsole, readConsole } from "./console.js";
@@ -18,6 +20,16 @@ export interface RouteContext<P, Q, B> {
   request: FastifyRequest;
   reply: FastifyReply;
   limits: StreamLimits;
+  /** Who asked (auth.ts), and the daemon's identities and audit log. */
+  auth: ApiAuth;
+}
+
+export interface ApiAuth {
+  principal: Principal;
+  identities: Identities;
+  audit: AuditLog;
+  /** The HTTPS listener's certificate (SHA-256, colon-separated hex), when there is one. */
+  tlsFingerprint?: string;
 }
 
 export interface StreamLimits {
@@ -47,11 +59,17 @@ export interface Route {
   query?: z.ZodType;
   body?: z.ZodType;
   responses: Record<number, ResponseDoc>;
+  /** The permission a caller needs (control/identity.ts): the one gate (auth.ts) checks it before the handler runs. */
+  permission: Permission;
+  /** Where the VM it acts on is named, for callers scoped to VMs (auth.ts Guard). */
+  target?: "path" | "body" | "query";
+  /** Shows every VM: refused to callers scoped to VMs. */
+  hostWide?: boolean;
   /** What the handler returns is sent as JSON with the first 2xx status, unless it took over the reply. */
   handler: (ctx: RouteContext<any, any, any>) => Promise<unknown>; // eslint-disable-line @typescript-eslint/no-explicit-any -- each route's own schemas type its context; the table holds them all
 }
 
-function route<P extends z.ZodType | undefined, Q extends z.ZodType | undefined, B extends z.ZodType | undefined>(
+export function route<P extends z.ZodType | undefined, Q extends z.ZodType | undefined, B extends z.ZodType | undefined>(
   r: Omit<Route, "handler" | "params" | "query" | "body"> & {
     params?: P;
     query?: Q;
@@ -68,23 +86,23 @@ export const VERSION = "0.1.0";
 
 export const ROUTES: Route[] = [
   route({
-    method: "GET", url: "/v1/health", operationId: "health", summary: "Is the daemon up",
+    method: "GET", url: "/v1/health", operationId: "health", summary: "Is the daemon up", permission: "host:read",
     responses: { 200: { description: "up", schema: S.health } },
     handler: async () => ({ ok: true, version: VERSION, pid: process.pid }),
   }),
   route({
-    method: "GET", url: "/v1/host", operationId: "getHost", summary: "Host capacity, budget (with overcommit), allocation and use",
+    method: "GET", url: "/v1/host", operationId: "getHost", summary: "Host capacity, budget (with overcommit), allocation and use", permission: "host:read",
     responses: { 200: { description: "per resource", schema: S.hostReport } },
-    handler: async ({ manager }) => manager.host(),
+    handler: async ({ manager, auth }) => ({ ...manager.host(), ...(auth.tlsFingerprint !== undefined ? { tls: { fingerprint: auth.tlsFingerprint } } : {}) }),
   }),
   route({
-    method: "GET", url: "/v1/vms", operationId: "listVms", summary: "Every VM on this host",
+    method: "GET", url: "/v1/vms", operationId: "listVms", summary: "Every VM on this host (a caller scoped to VMs: those)", permission: "vm:read",
     responses: { 200: { description: "VMs by name", schema: S.vmList } },
-    handler: async ({ manager }) => ({ vms: manager.list() }),
+    handler: async ({ manager, auth }) => ({ vms: manager.list().filter((v) => inScope(auth.principal, v.name)) }),
   }),
   route({
     method: "POST", url: "/v1/vms", operationId: "createVm", summary: "Create a VM (its disk from an image); ?start=true starts it too",
-    query: S.createQuery, body: S.vmSpec,
+    query: S.createQuery, body: S.vmSpec, permission: "vm:create", target: "body",
     responses: { 201: { description: "created", schema: S.vmInfo } },
     handler: async ({ manager, body, query }) => {
       const vm = await manager.create(body);
@@ -92,13 +110,13 @@ export const ROUTES: Route[] = [
     },
   }),
   route({
-    method: "GET", url: "/v1/vms/:name", operationId: "getVm", summary: "One VM", params: S.nameParams,
+    method: "GET", url: "/v1/vms/:name", operationId: "getVm", summary: "One VM", params: S.nameParams, permission: "vm:read", target: "path",
     responses: vmDoc,
     handler: async ({ manager, params }) => manager.get(params.name),
   }),
   route({
     method: "DELETE", url: "/v1/vms/:name", operationId: "removeVm", summary: "Remove a stopped VM and its disks (?force=true stops it first)",
-    params: S.nameParams, query: S.removeQuery,
+    params: S.nameParams, query: S.removeQuery, permission: "vm:delete", target: "path",
     responses: { 204: { description: "removed" } },
     handler: async ({ manager, params, query, reply }) => {
       await manager.remove(params.name, { force: query.force === true });
@@ -109,21 +127,21 @@ export const ROUTES: Route[] = [
   ...(["start", "pause", "resume", "reboot"] as const).map((action) =>
     route({
       method: "POST", url: `/v1/vms/:name/${action}`, operationId: `${action}Vm`, summary: `${action[0]!.toUpperCase()}${action.slice(1)} a VM`,
-      params: S.nameParams,
+      params: S.nameParams, permission: "vm:lifecycle", target: "path",
       responses: vmDoc,
       handler: async ({ manager, params }) => manager[action](params.name),
     }),
   ),
   route({
     method: "POST", url: "/v1/vms/:name/stop", operationId: "stopVm", summary: "Stop a VM (the VMM stops its vCPUs and exits; force or timeout: SIGKILL)",
-    params: S.nameParams, body: S.stopBody.optional(),
+    params: S.nameParams, body: S.stopBody.optional(), permission: "vm:lifecycle", target: "path",
     responses: vmDoc,
     handler: async ({ manager, params, body }) =>
       manager.stop(params.name, { force: body?.force === true, ...(body?.timeoutSeconds !== undefined ? { timeoutMs: body.timeoutSeconds * 1000 } : {}) }),
   }),
   route({
     method: "GET", url: "/v1/vms/:name/stats", operationId: "vmStats", summary: "The VM's latest usage sample (CPU, memory, disk and network)",
-    params: S.nameParams,
+    params: S.nameParams, permission: "vm:read", target: "path",
     responses: { 200: { description: "usage; absent when the VM has no VMM", schema: S.vmStats } },
     handler: async ({ manager, params }) => {
       const vm = manager.get(params.name);
@@ -135,7 +153,7 @@ export const ROUTES: Route[] = [
     method: "GET", url: "/v1/vms/:name/console", operationId: "vmConsole",
     summary: "The VM's serial console output (captured log); ?follow=true streams new output",
     description: "Interactive console: GET /v1/vms/{name}/console/attach with `Connection: Upgrade` and `Upgrade: tcp`; after `101 Switching Protocols` the connection carries the raw serial bytes both ways.",
-    params: S.nameParams, query: S.consoleQuery,
+    params: S.nameParams, query: S.consoleQuery, permission: "vm:console", target: "path",
     responses: { 200: { description: "bytes as the guest wrote them", contentType: "application/octet-stream" } },
     handler: async ({ manager, params, query, reply, request }) => {
       const c = manager.consolePaths(params.name);
@@ -168,35 +186,35 @@ export const ROUTES: Route[] = [
   }),
   route({
     method: "POST", url: "/v1/vms/:name/disks", operationId: "addDisk", summary: "Add a blank disk to a VM without a VMM (defined, stopped, crashed): the next virtio-blk device at its next start",
-    params: S.nameParams, body: S.diskAddSpec,
+    params: S.nameParams, body: S.diskAddSpec, permission: "vm:create", target: "path",
     responses: { 201: { description: "the VM with its new disk", schema: S.vmInfo } },
     handler: async ({ manager, params, body }) => manager.addDisk(params.name, body),
   }),
   route({
     method: "DELETE", url: "/v1/vms/:name/disks/:disk", operationId: "removeDisk", summary: "Remove a disk (disk<N>, not disk0) and its file from a VM without a VMM",
-    params: S.diskParams,
+    params: S.diskParams, permission: "vm:delete", target: "path",
     responses: vmDoc,
     handler: async ({ manager, params }) => manager.removeDisk(params.name, params.disk),
   }),
   route({
-    method: "GET", url: "/v1/pools", operationId: "listPools", summary: "Storage pools: capacity, quota, virtual size allocated, bytes used, overcommit",
+    method: "GET", url: "/v1/pools", operationId: "listPools", summary: "Storage pools: capacity, quota, virtual size allocated, bytes used, overcommit", permission: "host:read",
     responses: { 200: { description: "pools by name", schema: S.poolList } },
     handler: async ({ manager }) => ({ pools: manager.listPools() }),
   }),
   route({
     method: "POST", url: "/v1/pools", operationId: "createPool", summary: "Create a storage pool on an existing directory (absolute; not inside another pool or the daemon's own directories)",
-    body: S.poolSpec,
+    body: S.poolSpec, permission: "pools:admin",
     responses: { 201: { description: "created", schema: S.poolInfo } },
     handler: async ({ manager, body }) => manager.createPool(body),
   }),
   route({
-    method: "GET", url: "/v1/pools/:name", operationId: "getPool", summary: "One storage pool", params: S.poolParams,
+    method: "GET", url: "/v1/pools/:name", operationId: "getPool", summary: "One storage pool", params: S.poolParams, permission: "host:read",
     responses: { 200: { description: "the pool", schema: S.poolInfo } },
     handler: async ({ manager, params }) => manager.getPool(params.name),
   }),
   route({
     method: "DELETE", url: "/v1/pools/:name", operationId: "removePool", summary: "Forget a storage pool (its directory stays); refused while any disk is in it",
-    params: S.poolParams,
+    params: S.poolParams, permission: "pools:admin",
     responses: { 204: { description: "removed" } },
     handler: async ({ manager, params, reply }) => {
       manager.removePool(params.name);
@@ -206,7 +224,7 @@ export const ROUTES: Route[] = [
   }),
   route({
     method: "GET", url: "/v1/events", operationId: "events", summary: "Lifecycle and error events; ?follow=true streams them as server-sent events",
-    query: S.eventsQuery,
+    query: S.eventsQuery, permission: "vm:read", target: "query",
     responses: { 200: { description: "events, oldest first", schema: S.eventList } },
     handler: async ({ manager, query, reply, limits }) => {
       const opts = { ...(query.after !== undefined ? { afterSeq: query.after } : {}), ...(query.vm !== undefined ? { vm: query.vm } : {}), ...(query.limit !== undefined ? { limit: query.limit } : {}) };

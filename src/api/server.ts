@@ -1,23 +1,32 @@
 /**
- * The daemon's HTTP API (fastify): REST over a unix socket (owner-only, so
- * the file mode is the access control) and optionally TCP on loopback. Every
- * request is validated with the route's zod schemas; every error leaves as
- * problem+json.
+ * The daemon's HTTP API (fastify): REST over a unix socket (root and the
+ * socket group only) and optionally HTTPS over TCP. Every request, whatever
+ * it asks for (the route table, /openapi.json, /metrics, an unknown path, the
+ * console-attach upgrade), passes one gate first: authenticate, authorize with
+ * the permission the route declares, then the handler (auth.ts,
+ * docs/security.md). Every request is validated with the route's zod schemas;
+ * every error leaves as problem+json.
  */
-import { chmodSync, existsSync, unlinkSync } from "node:fs";
+import { chmodSync, chownSync, existsSync, unlinkSync } from "node:fs";
 import { createServer, type IncomingMessage, type Server } from "node:http";
+import { createServer as createHttpsServer } from "node:https";
 import { connect, type Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from "fastify";
 import type { Logger } from "pino";
 import { z } from "zod";
+import type { AuditLog } from "../control/audit.js";
+import type { Identities, Principal } from "../control/identity.js";
 import type { VmManager } from "../control/manager.js";
 import { isActive } from "../control/state.js";
 import { TypevisorError } from "../errors.js";
+import { peerCred, socketFd, type PeerCred } from "../sys/peercred.js";
+import { AnonymousCounter, authenticate, authorize, AuthThrottle, wwwAuthenticate, type Gate, type Guard } from "./auth.js";
 import { createMetrics } from "./metrics.js";
 import { openApiDocument } from "./openapi.js";
 import { problem, toProblem, type Problem } from "./problem.js";
-import { HANDLED, ROUTES, notFound, type StreamLimits } from "./routes.js";
+import { HANDLED, notFound, type StreamLimits } from "./routes.js";
+import { API_ROUTES } from "./table.js";
 import { vmName } from "./schemas.js";
 
 const BODY_LIMIT = 64 * 1024;
@@ -30,23 +39,143 @@ function parse<T>(s: z.ZodType<T> | undefined, value: unknown, where: string): T
   throw new TypevisorError("INVALID_REQUEST", detail);
 }
 
-export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimits = DEFAULT_STREAM_LIMITS): FastifyInstance {
+/** The daemon's identities and audit log, and who may reach the socket. */
+export interface ApiSecurity {
+  identities: Identities;
+  audit: AuditLog;
+  /** The unix socket's group (`--socket-group`), when it exists: its members may connect. */
+  socketGid?: number;
+  /** HTTPS for the TCP listener: PEM certificate and key, and the certificate's SHA-256 fingerprint. */
+  tls?: { cert: string; key: string; fingerprint: string };
+  throttle?: AuthThrottle;
+  /** uid → login name (default: /etc/passwd). */
+  userName?: (uid: number) => string | undefined;
+}
+
+/** The routes served outside the REST table, with what they need: the same gate guards them. */
+export const SERVER_GUARDS = {
+  openapi: { method: "GET", url: "/openapi.json", permission: "host:read" },
+  metrics: { method: "GET", url: "/metrics", permission: "metrics:read", hostWide: true },
+  attach: { method: "GET", url: "/v1/vms/:name/console/attach", permission: "vm:console-input", target: "path" },
+} as const satisfies Record<string, Guard>;
+
+/** Every route the daemon serves, each with its permission: what the gate checks and the tests walk. */
+export function allGuards(): Guard[] {
+  return [...API_ROUTES, ...Object.values(SERVER_GUARDS)];
+}
+
+/** SO_PEERCRED of each unix-socket connection, read once when it is accepted. */
+export type Peers = WeakMap<object, PeerCred>;
+
+declare module "fastify" {
+  interface FastifyRequest {
+    principal?: Principal;
+  }
+}
+
+/** The VM a request names, where the route says it is (Guard.target). */
+function targetOf(t: Guard["target"], params: unknown, query: unknown, body: unknown): { name: string | undefined } | undefined {
+  const field = (o: unknown, k: string): string | undefined => {
+    const v = (o as Record<string, unknown> | undefined)?.[k];
+    return typeof v === "string" ? v : undefined;
+  };
+  if (t === "path") return { name: field(params, "name") };
+  if (t === "body") return { name: field(body, "name") };
+  if (t === "query") return { name: field(query, "vm") };
+  return undefined;
+}
+
+function gateOf(sec: ApiSecurity, throttle: AuthThrottle): Gate {
+  return {
+    identities: sec.identities,
+    audit: sec.audit,
+    throttle,
+    anonymous: new AnonymousCounter(),
+    ownUid: process.getuid?.() ?? 0,
+    ...(sec.socketGid !== undefined ? { socketGid: sec.socketGid } : {}),
+    ...(sec.userName !== undefined ? { userName: sec.userName } : {}),
+  };
+}
+
+/** Headers a refusal carries: WWW-Authenticate on 401 (RFC 9110 §11.6.1), Retry-After on 429 (RFC 6585 §4). */
+function refusalHeaders(e: unknown): Record<string, string> {
+  const h: Record<string, string> = {};
+  const www = wwwAuthenticate(e);
+  if (www !== undefined) h["www-authenticate"] = www;
+  else if ((e as { code?: string } | undefined)?.code === "UNAUTHENTICATED") h["www-authenticate"] = 'Bearer realm="typevisor"';
+  const retry = (e as { retryAfter?: number } | undefined)?.retryAfter;
+  if (retry !== undefined) h["retry-after"] = String(retry);
+  return h;
+}
+
+const READ_METHODS = new Set(["GET", "HEAD", "OPTIONS"]);
+
+export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimits, sec: ApiSecurity, peers: Peers, gate: Gate = gateOf(sec, sec.throttle ?? new AuthThrottle())): FastifyInstance {
   const app = Fastify({ loggerInstance: logger as FastifyBaseLogger, bodyLimit: BODY_LIMIT, disableRequestLogging: true, return503OnClosing: false });
   const sendProblem = (reply: import("fastify").FastifyReply, p: Problem): unknown => reply.code(p.status).type("application/problem+json").send(p);
+  /** Requests the gate refused: it audited them already. */
+  const refused = new WeakSet<object>();
 
   app.setErrorHandler((err, request, reply) => {
     const p = toProblem(err);
     if (p.status >= 500) request.log.error({ err, url: request.url }, "request failed");
+    void reply.headers(refusalHeaders(err));
     return sendProblem(reply, p);
   });
   app.setNotFoundHandler((request, reply) => sendProblem(reply, toProblem(notFound(request.method, request.url))));
 
-  for (const r of ROUTES) {
+  // The gate's first half, for every request fastify receives (unknown paths too): who is asking.
+  app.addHook("onRequest", async (request) => {
+    try {
+      request.principal = authenticate(gate, request.raw, peers.get(request.raw.socket));
+    } catch (e) {
+      refused.add(request.raw);
+      throw e;
+    }
+  });
+  // Every mutating request, whatever its outcome, in the audit log (refusals were recorded at the gate).
+  app.addHook("onResponse", async (request, reply) => {
+    const p = request.principal;
+    if (READ_METHODS.has(request.method) || p === undefined || refused.has(request.raw)) return;
+    const params = request.params as Record<string, unknown> | undefined;
+    const body = request.body as Record<string, unknown> | undefined;
+    // names only: never a body (a password, a spec), never a token
+    const target = [params?.["name"], params?.["user"], params?.["id"], body?.["name"], body?.["user"]].find((v): v is string => typeof v === "string");
+    try {
+      sec.audit.record({
+        user: p.user,
+        ...(p.tokenId !== undefined ? { token: p.tokenId } : {}),
+        peer: p.from,
+        action: `${request.method} ${request.routeOptions.url ?? request.url.split("?")[0]!.slice(0, 200)}`,
+        ...(target !== undefined ? { target: target.slice(0, 200) } : {}),
+        result: String(reply.statusCode),
+      });
+    } catch (e) {
+      request.log.error({ err: e }, "the audit log could not be written");
+    }
+  });
+
+  /** The gate's second half: the route's permission (and the caller's VM scope), then the handler. */
+  const guard = (request: import("fastify").FastifyRequest, g: Guard, target?: { name: string | undefined }): Principal => {
+    const p = request.principal;
+    if (p === undefined) throw new TypevisorError("UNAUTHENTICATED", "authentication required"); // unreachable: onRequest set it or refused
+    try {
+      authorize(gate, p, g, target);
+    } catch (e) {
+      refused.add(request.raw);
+      throw e;
+    }
+    return p;
+  };
+
+  for (const r of API_ROUTES) {
     const okStatus = Number(Object.keys(r.responses).find((s) => s.startsWith("2")) ?? 200);
     app.route({
       method: r.method,
       url: r.url,
       handler: async (request, reply) => {
+        // the permission before anything of the request is looked at
+        const principal = guard(request, r);
         const params = parse(r.params, request.params, "path");
         const query = parse(r.query, r.query !== undefined ? request.query : {}, "query");
         // A route without a body schema takes none; JSON `null`/absent both mean "no body".
@@ -54,7 +183,10 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
         if (r.query === undefined && Object.keys(request.query as object).length > 0) {
           throw new TypevisorError("INVALID_REQUEST", `query: ${r.method} ${r.url} takes no query parameters`);
         }
-        const out = await r.handler({ params, query, body, manager, request, reply, limits });
+        // then the VM it names against the caller's scope
+        if (r.target !== undefined) guard(request, r, targetOf(r.target, params, query, body));
+        const auth = { principal, identities: sec.identities, audit: sec.audit, ...(sec.tls !== undefined ? { tlsFingerprint: sec.tls.fingerprint } : {}) };
+        const out = await r.handler({ params, query, body, manager, request, reply, limits, auth });
         if (out === HANDLED) return reply;
         return reply.code(okStatus).send(out);
       },
@@ -62,9 +194,15 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
   }
 
   const doc = openApiDocument();
-  app.get("/openapi.json", async () => doc);
+  app.get(SERVER_GUARDS.openapi.url, async (request) => {
+    guard(request, SERVER_GUARDS.openapi);
+    return doc;
+  });
   const metrics = createMetrics(manager);
-  app.get("/metrics", async (_req, reply) => reply.type(metrics.contentType).send(await metrics.metrics()));
+  app.get(SERVER_GUARDS.metrics.url, async (request, reply) => {
+    guard(request, SERVER_GUARDS.metrics);
+    return reply.type(metrics.contentType).send(await metrics.metrics());
+  });
   return app;
 }
 
@@ -73,25 +211,53 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
  * connection is spliced to the VMM's console socket (the way Docker's attach
  * hijacks its connection). Many clients may attach at once.
  */
-function attachHandler(manager: VmManager, attached: Set<Duplex>): (req: IncomingMessage, socket: Duplex, head: Buffer) => void {
-  const fail = (socket: Duplex, p: Problem): void => {
+function attachHandler(manager: VmManager, attached: Set<Duplex>, gate: Gate, peers: Peers): (req: IncomingMessage, socket: Duplex, head: Buffer) => void {
+  const send = (socket: Duplex, p: Problem, headers: Record<string, string> = {}): void => {
     const body = JSON.stringify(p);
-    socket.end(`HTTP/1.1 ${p.status} ${p.code}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+    const extra = Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join("");
+    socket.end(`HTTP/1.1 ${p.status} ${p.code}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n${extra}connection: close\r\n\r\n${body}`);
   };
   return (req, socket, head) => {
     // A client may reset the connection at any point, even before our answer: without a listener
     // that 'error' would be thrown from the socket and end the daemon.
     socket.on("error", () => socket.destroy());
+    // The same gate as every other request, before anything else is looked at.
+    let principal: Principal;
+    try {
+      principal = authenticate(gate, req, peers.get(socket));
+      authorize(gate, principal, SERVER_GUARDS.attach);
+    } catch (e) {
+      return send(socket, toProblem(e), refusalHeaders(e));
+    }
+    let name = "";
+    const record = (result: string, detail?: string): void => {
+      try {
+        gate.audit.record({ user: principal.user, ...(principal.tokenId !== undefined ? { token: principal.tokenId } : {}), peer: principal.from, action: "console.attach", ...(name !== "" ? { target: name } : {}), result, ...(detail !== undefined ? { detail } : {}) });
+      } catch {
+        /* a full disk: the attach's own outcome stands */
+      }
+    };
+    const fail = (socket: Duplex, p: Problem): void => {
+      record(String(p.status), p.code);
+      send(socket, p);
+    };
     const m = /^\/v1\/vms\/([^/?]+)\/console\/attach(?:\?.*)?$/.exec(req.url ?? "");
     if (req.method !== "GET" || m === null) return fail(socket, toProblem(notFound(req.method ?? "", req.url ?? "")));
-    let name: string;
     try {
       name = decodeURIComponent(m[1]!);
     } catch {
       // URIError: a malformed percent-encoding ("%E0%A4%A")
       return fail(socket, problem(400, "INVALID_REQUEST", "path.name: malformed percent-encoding"));
     }
-    if (!vmName.safeParse(name).success) return fail(socket, problem(400, "INVALID_REQUEST", "path.name: not a VM name"));
+    if (!vmName.safeParse(name).success) {
+      name = "";
+      return fail(socket, problem(400, "INVALID_REQUEST", "path.name: not a VM name"));
+    }
+    try {
+      authorize(gate, principal, SERVER_GUARDS.attach, { name });
+    } catch (e) {
+      return send(socket, toProblem(e)); // audited by the gate
+    }
     // Only the raw-TCP upgrade is spoken here (RFC 9110 §7.8): a WebSocket or h2c client gets a clear 400, not a byte stream it cannot frame.
     if ((req.headers.upgrade ?? "").toLowerCase() !== "tcp") return fail(socket, problem(400, "INVALID_REQUEST", "console attach takes `Upgrade: tcp`"));
     let paths: ReturnType<VmManager["consolePaths"]>;
@@ -112,6 +278,7 @@ function attachHandler(manager: VmManager, attached: Set<Duplex>): (req: Incomin
       // server.close() waits for them: the daemon's close ends them itself.
       attached.add(socket);
       socket.once("close", () => attached.delete(socket));
+      record("ok");
       socket.write("HTTP/1.1 101 Switching Protocols\r\nupgrade: tcp\r\nconnection: Upgrade\r\n\r\n");
       if (head.length > 0) vmm.write(head);
       socket.pipe(vmm);
@@ -130,6 +297,7 @@ function attachHandler(manager: VmManager, attached: Set<Duplex>): (req: Incomin
 
 export interface Listeners {
   socketPath: string;
+  /** HTTPS (ApiSecurity.tls is required with it). */
   tcp?: { host: string; port: number };
 }
 
@@ -140,12 +308,14 @@ export interface RunningApi {
   tcpAddress?: { host: string; port: number };
 }
 
-export async function startApi(manager: VmManager, logger: Logger, l: Listeners, limits: StreamLimits = DEFAULT_STREAM_LIMITS): Promise<RunningApi> {
-  const app = buildApi(manager, logger, limits);
+export async function startApi(manager: VmManager, logger: Logger, l: Listeners, sec: ApiSecurity, limits: StreamLimits = DEFAULT_STREAM_LIMITS): Promise<RunningApi> {
+  const peers: Peers = new WeakMap();
+  const gate = gateOf(sec, sec.throttle ?? new AuthThrottle());
+  const app = buildApi(manager, logger, limits, sec, peers, gate);
   await app.ready();
   const servers: Server[] = [];
   const attached = new Set<Duplex>();
-  const onUpgrade = attachHandler(manager, attached);
+  const onUpgrade = attachHandler(manager, attached, gate, peers);
   const listen = (srv: Server, target: string | { host: string; port: number }): Promise<void> =>
     new Promise((resolve, reject) => {
       srv.once("error", reject);
@@ -159,14 +329,31 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
 
   if (existsSync(l.socketPath)) unlinkSync(l.socketPath); // the caller checked no daemon answers there
   const unix = createServer((req, res) => app.routing(req, res));
+  // Who connected, as the kernel saw it at connect(2): read once per connection, before any request on it.
+  unix.on("connection", (s: Socket) => {
+    const fd = socketFd(s);
+    try {
+      if (fd !== undefined) peers.set(s, peerCred(fd));
+    } catch (e) {
+      logger.warn({ err: e }, "SO_PEERCRED failed: the connection is treated as unauthenticated");
+    }
+  });
   unix.on("upgrade", onUpgrade);
+  // Bound under the daemon's umask 077 (srwx------): nobody else can connect before the mode below.
   await listen(unix, l.socketPath);
-  // Whoever can open the socket controls every VM: owner only.
-  chmodSync(l.socketPath, 0o600);
+  if (sec.socketGid !== undefined) {
+    // root and the socket group: each member is then mapped to its inventory user (auth.ts)
+    chownSync(l.socketPath, process.getuid?.() ?? 0, sec.socketGid);
+    chmodSync(l.socketPath, 0o660);
+  } else {
+    chmodSync(l.socketPath, 0o600);
+  }
   servers.push(unix);
   let tcpAddress: RunningApi["tcpAddress"];
   if (l.tcp !== undefined) {
-    const tcp = createServer((req, res) => app.routing(req, res));
+    // HTTPS only: bearer tokens must never cross a network in the clear.
+    if (sec.tls === undefined) throw new TypevisorError("INVALID_ARGUMENT", "a TCP listener needs TLS (a certificate and key)");
+    const tcp = createHttpsServer({ cert: sec.tls.cert, key: sec.tls.key, minVersion: "TLSv1.2" }, (req, res) => app.routing(req, res)) as unknown as Server;
     tcp.on("upgrade", onUpgrade);
     await listen(tcp, l.tcp);
     const a = tcp.address();

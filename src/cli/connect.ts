@@ -5,7 +5,13 @@
  *   --socket PATH      the API's unix socket
  *   --home DIR         the daemon's home (`typevisor daemon --home DIR` serves DIR/typevisor.sock)
  *   $TYPEVISOR_SOCKET  then <data home>/typevisor.sock, the daemon's default
+ * and, to prove who is asking and whom it talks to (docs/security.md):
+ *   --token-file FILE  or $TYPEVISOR_TOKEN: a bearer token (never a command-line argument: ps shows those)
+ *   --fingerprint FP   or $TYPEVISOR_FINGERPRINT: the daemon's HTTPS certificate, pinned
+ *   --ca FILE          or $TYPEVISOR_CA: a CA the daemon's certificate chains to
+ * On the unix socket the daemon knows the caller's uid, so no token is needed there.
  */
+import { readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Command } from "commander";
 import { TypevisorClient, type ClientTarget } from "../api/client.js";
@@ -17,6 +23,9 @@ export interface ConnectionOptions {
   socket?: string;
   home?: string;
   host?: string;
+  tokenFile?: string;
+  fingerprint?: string;
+  ca?: string;
 }
 
 type Env = Record<string, string | undefined>;
@@ -26,7 +35,24 @@ export function addConnectionOptions(cmd: Command): Command {
   return cmd
     .option("--socket <path>", "the daemon's API socket (default: $TYPEVISOR_SOCKET, else DATA_HOME/typevisor.sock)")
     .option("--home <dir>", "the daemon's home directory (as given to `typevisor daemon --home`): use its socket")
-    .option("--host <host:port>", "the daemon's API over TCP (`typevisor daemon --listen`)");
+    .option("--host <host:port>", "the daemon's API over HTTPS (`typevisor daemon --listen`)")
+    .option("--token-file <file>", "a bearer token for the daemon (default: $TYPEVISOR_TOKEN)")
+    .option("--fingerprint <sha256>", "pin the daemon's HTTPS certificate (typevisor host shows it; default: $TYPEVISOR_FINGERPRINT)")
+    .option("--ca <file>", "a CA certificate the daemon's HTTPS certificate chains to (default: $TYPEVISOR_CA, else the system's)");
+}
+
+function readSmall(flag: string, path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch (e) {
+    throw new TypevisorError("INVALID_ARGUMENT", `${flag} ${path}: ${(e as Error).message}`);
+  }
+}
+
+/** The token to send, if any: --token-file, else $TYPEVISOR_TOKEN. */
+export function resolveToken(o: ConnectionOptions, env: Env = process.env): string | undefined {
+  const t = o.tokenFile !== undefined ? readSmall("--token-file", o.tokenFile).trim() : env["TYPEVISOR_TOKEN"]?.trim();
+  return t !== undefined && t !== "" ? t : undefined;
 }
 
 function parseHostPort(v: string): { host: string; port: number } {
@@ -42,7 +68,15 @@ function parseHostPort(v: string): { host: string; port: number } {
 export function resolveTarget(o: ConnectionOptions, env: Env = process.env): ClientTarget {
   const given = [o.host !== undefined && "--host", o.socket !== undefined && "--socket", o.home !== undefined && "--home"].filter((x): x is string => x !== false);
   if (given.length > 1) throw new TypevisorError("INVALID_ARGUMENT", `give one of ${given.join(", ")}: they all say where the daemon is`);
-  if (o.host !== undefined) return parseHostPort(o.host);
+  if (o.host !== undefined) {
+    const fingerprint = o.fingerprint ?? env["TYPEVISOR_FINGERPRINT"];
+    const caFile = o.ca ?? env["TYPEVISOR_CA"];
+    return {
+      ...parseHostPort(o.host),
+      ...(fingerprint !== undefined && fingerprint !== "" ? { fingerprint } : {}),
+      ...(caFile !== undefined && caFile !== "" ? { ca: readSmall("--ca", caFile) } : {}),
+    };
+  }
   if (o.socket !== undefined) return { socketPath: resolve(o.socket) };
   if (o.home !== undefined) return { socketPath: homePaths(resolve(o.home)).socket };
   const fromEnv = env["TYPEVISOR_SOCKET"];
@@ -55,5 +89,7 @@ export function resolveTarget(o: ConnectionOptions, env: Env = process.env): Cli
  * streams that follow (console, events), which may legitimately be idle for hours.
  */
 export function connect(o: ConnectionOptions, opts: { timeoutMs?: number; env?: Env } = {}): TypevisorClient {
-  return new TypevisorClient(resolveTarget(o, opts.env ?? process.env), opts.timeoutMs ?? 120_000);
+  const env = opts.env ?? process.env;
+  const token = resolveToken(o, env);
+  return new TypevisorClient(resolveTarget(o, env), { timeoutMs: opts.timeoutMs ?? 120_000, ...(token !== undefined ? { token } : {}) });
 }

@@ -10,7 +10,11 @@ import { pino } from "pino";
 import { TypevisorError } from "../errors.js";
 import { TypevisorClient } from "../api/client.js";
 import { startApi } from "../api/server.js";
+import { AuditLog } from "../control/audit.js";
+import { Identities } from "../control/identity.js";
 import { VmManager } from "../control/manager.js";
+import { ensureSelfSigned, loadTls, type TlsMaterial } from "../control/tls.js";
+import { groupId } from "../sys/peercred.js";
 import { checkSocketPaths, homePaths } from "../control/paths.js";
 import { parsePolicy } from "../control/resources.js";
 import { parseSize } from "../size.js";
@@ -23,6 +27,9 @@ interface DaemonOptions {
   home?: string;
   socket?: string;
   listen?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  socketGroup: string;
   cpuOvercommit: string;
   memoryOvercommit: string;
   diskOvercommit: string;
@@ -58,16 +65,15 @@ function seconds(name: string, v: string): number {
   return n * 1000;
 }
 
-/** `HOST:PORT`; only loopback unless the user insists, since the API has no authentication yet. */
+/**
+ * `HOST:PORT`, any address: the TCP listener is HTTPS only and every request is authenticated
+ * (docs/security.md), so it may face a network.
+ */
 function parseListen(v: string): { host: string; port: number } {
   const m = /^(\[[0-9a-fA-F:]+\]|[^:]+):(\d{1,5})$/.exec(v);
   const port = m !== null ? Number(m[2]) : NaN;
-  if (m === null || port > 65535) throw new TypevisorError("INVALID_ARGUMENT", `--listen takes HOST:PORT, e.g. 127.0.0.1:8420 (got "${v}")`);
-  const host = m[1]!.replace(/^\[|\]$/g, "");
-  if (!["127.0.0.1", "::1", "localhost"].includes(host)) {
-    throw new TypevisorError("INVALID_ARGUMENT", `--listen ${v}: the API has no authentication yet, so it listens on loopback only (127.0.0.1, ::1)`);
-  }
-  return { host, port };
+  if (m === null || port > 65535) throw new TypevisorError("INVALID_ARGUMENT", `--listen takes HOST:PORT, e.g. 0.0.0.0:8420 (got "${v}")`);
+  return { host: m[1]!.replace(/^\[|\]$/g, ""), port };
 }
 
 export async function daemonCommand(o: DaemonOptions): Promise<number> {
@@ -119,7 +125,20 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   events.manager = manager;
   await manager.reattach();
   manager.startUsageCollection();
-  const api = await startApi(manager, logger, { socketPath, ...(tcp !== undefined ? { tcp } : {}) }, { streamStallMs });
+  if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) throw new TypevisorError("INVALID_ARGUMENT", "give both --tls-cert and --tls-key, or neither (a certificate is then made in HOME/tls)");
+  let tls: TlsMaterial | undefined;
+  if (tcp !== undefined) {
+    tls = o.tlsCert !== undefined && o.tlsKey !== undefined ? loadTls(o.tlsCert, o.tlsKey) : await ensureSelfSigned(home, tcp.host);
+    logger.info({ certificate: tls.certPath, fingerprint: tls.fingerprint, generated: tls.generated }, `HTTPS certificate SHA-256 fingerprint ${tls.fingerprint} (clients: --fingerprint or TYPEVISOR_FINGERPRINT)`);
+  }
+  const socketGid = groupId(o.socketGroup);
+  const security = {
+    identities: new Identities(manager.store),
+    audit: new AuditLog(manager.store, homePaths(home).auditHead),
+    ...(socketGid !== undefined ? { socketGid } : {}),
+    ...(tls !== undefined ? { tls } : {}),
+  };
+  const api = await startApi(manager, logger, { socketPath, ...(tcp !== undefined ? { tcp } : {}) }, security, { streamStallMs });
   manager.daemonEvent("daemon.started", `daemon started (pid ${process.pid})`, { socket: socketPath, ...(api.tcpAddress !== undefined ? { tcp: `${api.tcpAddress.host}:${api.tcpAddress.port}` } : {}) });
   logger.info({ socket: socketPath, tcp: api.tcpAddress, home, cgroups: manager.cgroups }, "typevisor daemon ready");
 
@@ -148,7 +167,10 @@ export function registerDaemonCommand(program: Command): void {
     .description("run the control plane in the foreground: VM inventory (SQLite), one VMM process per VM, the REST API on a unix socket")
     .option("--home <dir>", "state directory: inventory, VM disks, consoles, sockets (default: $TYPEVISOR_HOME or ~/.local/share/typevisor)")
     .option("--socket <path>", "API unix socket (default: HOME/typevisor.sock)")
-    .option("--listen <host:port>", "also serve the API over TCP on loopback")
+    .option("--listen <host:port>", "also serve the API over HTTPS on this address (any address: every request is authenticated; bearer tokens)")
+    .option("--tls-cert <file>", "the HTTPS certificate (PEM; default: one made on first start in HOME/tls, its fingerprint printed)")
+    .option("--tls-key <file>", "the HTTPS certificate's private key (PEM)")
+    .option("--socket-group <group>", "members of this group may connect to the unix socket (mode 0660), each as the inventory user of its login name; absent group: root only (0600)", "typevisor")
     .option("--cpu-overcommit <ratio>", "vCPUs allowed per host CPU", "4")
     .option("--memory-overcommit <ratio>", "guest memory allowed per byte of host memory", "1")
     .option("--disk-overcommit <ratio>", "VM disk bytes allowed per byte of the home's filesystem", "1")

@@ -7,7 +7,7 @@
 import { ApiError } from "../api/client.js";
 import { isTypevisorError } from "../errors.js";
 
-export const EXIT = { OK: 0, FAILED: 1, BAD_INPUT: 2, NOT_FOUND: 3, CONFLICT: 4, UNREACHABLE: 5 } as const;
+export const EXIT = { OK: 0, FAILED: 1, BAD_INPUT: 2, NOT_FOUND: 3, CONFLICT: 4, UNREACHABLE: 5, DENIED: 6 } as const;
 /** Not a TypevisorError: a bug, not something a user caused (EX_SOFTWARE, sysexits.h). */
 export const EXIT_INTERNAL = 70;
 
@@ -20,6 +20,7 @@ export function exitCodeFor(e: unknown): number {
   if (!isTypevisorError(e)) return EXIT_INTERNAL;
   const c = e.code;
   if (c === "DAEMON_UNREACHABLE") return EXIT.UNREACHABLE;
+  if (c === "UNAUTHENTICATED" || c === "FORBIDDEN" || c === "TOO_MANY_ATTEMPTS" || c === "TLS_FINGERPRINT") return EXIT.DENIED;
   if (c === "VM_NOT_FOUND") return EXIT.NOT_FOUND;
   if (c === "VM_STATE" || c === "VM_EXISTS" || c === "INSUFFICIENT_RESOURCES" || c === "IMAGE_IN_USE" || c === "IMAGE_EXISTS") return EXIT.CONFLICT;
   if (c === "VM_START_FAILED" || c.startsWith("VMM")) return EXIT.FAILED;

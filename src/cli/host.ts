@@ -31,6 +31,7 @@ export function formatHostReport(h: HostReport): string {
   const states = [...VM_STATES.filter((s) => s in h.vms), ...Object.keys(h.vms).filter((s) => !(VM_STATES as readonly string[]).includes(s))];
   const counts = states.map((s) => [s, h.vms[s] ?? 0] as const).filter(([, n]) => n > 0);
   const total = counts.reduce((a, [, n]) => a + n, 0);
+  if (h.tls !== undefined) out += `https:      certificate SHA-256 ${h.tls.fingerprint}\n`;
   out += `vms:        ${total === 0 ? "none" : `${total} (${counts.map(([s, n]) => `${n} ${s}`).join(", ")})`}\n`;
   return out;
 }

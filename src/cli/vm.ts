@@ -11,6 +11,7 @@
  *   3  not found (VM_NOT_FOUND, 404)
  *   4  conflict with the VM's state or the host's resources (VM_STATE, VM_EXISTS, INSUFFICIENT_RESOURCES, 409)
  *   5  the daemon is unreachable (DAEMON_UNREACHABLE)
+ *   6  not allowed (UNAUTHENTICATED 401, FORBIDDEN 403, TOO_MANY_ATTEMPTS 429, TLS_FINGERPRINT)
  * exit-codes.ts maps errors to these (exitCodeFor).
  */
 import { resolve } from "node:path";
@@ -33,7 +34,8 @@ Exit codes:
   2  bad input (invalid name, number, size or flag; other 4xx)
   3  not found (VM_NOT_FOUND)
   4  conflict with the VM's state or the host's resources (VM_STATE, VM_EXISTS, INSUFFICIENT_RESOURCES)
-  5  the daemon is unreachable (DAEMON_UNREACHABLE)`;
+  5  the daemon is unreachable (DAEMON_UNREACHABLE)
+  6  not allowed: no or bad credentials, a missing permission, locked out, or a certificate not the pinned one`;
 
 /** A client subcommand: connection options and the exit-code help. */
 export function clientCommand(parent: Command, name: string, description: string): Command {

@@ -47,7 +47,7 @@ describe("inventory (a real SQLite file)", () => {
     expect(() => new Store(path)).toThrow(/newer than this typevisor understands/);
   });
 
-  it("migrates a version-1 inventory to version 2 (pools) in place, its VMs and events kept", () => {
+  it("migrates a version-1 inventory to the current version (2: pools, 3: users, tokens, audit) in place, its VMs and events kept", () => {
     const path = join(mkdtempSync(join(tmpdir(), "tvs-")), "t.db");
     // Version 1 as an earlier typevisor made it.
     const db = new Database(path);
@@ -67,7 +67,10 @@ describe("inventory (a real SQLite file)", () => {
     expect(s.getPool("p")).toEqual({ name: "p", path: "/srv/p", quotaBytes: 1024, createdAt: "t" });
     s.close();
     const after = new Database(path);
-    expect(after.pragma("user_version", { simple: true })).toBe(2);
+    expect(after.pragma("user_version", { simple: true })).toBe(SCHEMA_VERSION);
+    expect(SCHEMA_VERSION).toBe(3);
+    const tables = (after.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all() as { name: string }[]).map((t) => t.name);
+    for (const t of ["audit", "pools", "tokens", "users"]) expect(tables).toContain(t);
     after.close();
   });
 

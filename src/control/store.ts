@@ -10,7 +10,7 @@ import { TypevisorError } from "../errors.js";
 import type { PoolRow } from "./pools.js";
 import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmState } from "./spec.js";
 
-export const SCHEMA_VERSION = 2;
+export const SCHEMA_VERSION = 3;
 
 export interface DiskRow {
   path: string;
@@ -105,6 +105,44 @@ const MIGRATIONS: Record<number, string> = {
       created_at TEXT NOT NULL
     );
   `,
+  // Identities and the audit log (identity.ts, audit.ts, docs/security.md). Tokens are kept as the
+  // SHA-256 of their secret, passwords as scrypt hashes; the audit log is append-only (the
+  // triggers) and hash-chained (each row carries the hash of the one before).
+  3: `
+    CREATE TABLE users (
+      name TEXT PRIMARY KEY,
+      role TEXT NOT NULL,
+      vms TEXT,
+      password TEXT,
+      created_at TEXT NOT NULL
+    );
+    CREATE TABLE tokens (
+      id TEXT PRIMARY KEY,
+      user TEXT NOT NULL REFERENCES users(name),
+      role TEXT NOT NULL,
+      vms TEXT,
+      hash TEXT NOT NULL,
+      created_at TEXT NOT NULL,
+      expires_at TEXT NOT NULL,
+      last_used_at TEXT,
+      revoked_at TEXT
+    );
+    CREATE TABLE audit (
+      seq INTEGER PRIMARY KEY,
+      at TEXT NOT NULL,
+      user TEXT,
+      token TEXT,
+      peer TEXT NOT NULL,
+      action TEXT NOT NULL,
+      target TEXT,
+      result TEXT NOT NULL,
+      detail TEXT,
+      prev TEXT NOT NULL,
+      hash TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+  `,
 };
 
 /** A row this daemon cannot read (hand-edited, or from a newer version): kept, never acted on. */
@@ -166,7 +204,8 @@ function eventOf(r: RawEvent): EventRecord {
 }
 
 export class Store {
-  private readonly db: Database.Database;
+  /** The connection, for the inventory's other tables (identity.ts, audit.ts); schema changes stay in MIGRATIONS. */
+  readonly db: Database.Database;
 
   constructor(readonly path: string) {
     try {

@@ -17,7 +17,7 @@ import { join } from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { prng } from "../helpers/prng.js";
-import { ROUTES } from "../../src/api/routes.js";
+import { API_ROUTES } from "../../src/api/table.js";
 import { writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { startDaemon, type TestDaemon } from "../helpers/daemon.js";
 
@@ -31,7 +31,7 @@ const EXCHANGE_MS = 400;
 
 /** Every route the daemon serves: the REST table, and the ones outside it. */
 const TABLE: { method: string; url: string }[] = [
-  ...ROUTES.map((r) => ({ method: r.method, url: r.url })),
+  ...API_ROUTES.map((r) => ({ method: r.method, url: r.url })),
   { method: "GET", url: "/openapi.json" },
   { method: "GET", url: "/metrics" },
   { method: "GET", url: "/v1/vms/:name/console/attach" },
@@ -115,6 +115,17 @@ function request(g: ReturnType<typeof gen>, close: boolean): Buffer {
   if (r.url.endsWith("/attach") || g.chance(0.03)) headers.push("Connection: Upgrade", `Upgrade: ${g.pick(["tcp", "tcp", "h2c", "websocket", "TCP", ""])}`);
   else if (close) headers.push("Connection: close");
   if (g.chance(0.05)) headers.push(g.pick(["Expect: 100-continue", "X-Big: " + "b".repeat(20_000), "Bad Header: x", "X-\u00ff: \u00ff", "Accept: */*", "Cookie: " + "c=1; ".repeat(200), "X-Forwarded-For: 1.2.3.4", "Authorization: Basic Og=="]));
+  // the gate's parsing: a credential on the socket is checked even for root (401, then 429 once locked out)
+  if (g.chance(0.08)) {
+    headers.push(`Authorization: ${g.pick([
+      () => "Bearer",
+      () => `Bearer tvt_${g.bytes(6).toString("hex")}_${g.bytes(32).toString("base64url")}`,
+      () => `Bearer ${"A".repeat(Math.floor(g.rnd() * 15_000))}`,
+      () => `bearer ${g.bytes(20).toString("base64")}`,
+      () => g.bytes(Math.floor(g.rnd() * 60)).toString("latin1").replace(/[\r\n]/g, ""),
+      () => `Bearer tvt_${"0".repeat(12)}_${"x".repeat(43)}, Bearer y`,
+    ])()}`);
+  }
   const version = g.chance(0.97) ? "HTTP/1.1" : g.pick(["HTTP/1.0", "HTTP/2.0", "HTTP/9.9", "HTP/1.1", ""]);
   return Buffer.concat([Buffer.from(`${method} ${g.path(r.url)} ${version}\r\n${headers.join("\r\n")}\r\n\r\n`, "latin1"), payload]);
 }

@@ -6,7 +6,7 @@
 import { Validator } from "@seriousme/openapi-schema-validator";
 import { describe, expect, it } from "vitest";
 import { openApiDocument } from "../../src/api/openapi.js";
-import { ROUTES } from "../../src/api/routes.js";
+import { API_ROUTES } from "../../src/api/table.js";
 
 describe("OpenAPI document", () => {
   it("is a valid OpenAPI 3.1 document", async () => {
@@ -24,6 +24,6 @@ describe("OpenAPI document", () => {
     const doc = openApiDocument() as { paths: Record<string, Record<string, { operationId: string }>> };
     const ops = Object.values(doc.paths).flatMap((p) => Object.values(p).map((o) => o.operationId));
     expect(new Set(ops).size).toBe(ops.length);
-    expect(ops.length).toBe(ROUTES.length + 1); // + /metrics
+    expect(ops.length).toBe(API_ROUTES.length + 1); // + /metrics
   });
 });

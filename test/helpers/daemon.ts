@@ -34,11 +34,11 @@ export interface TestDaemon {
  */
 const START_TIMEOUT_MS = process.env["TYPEVISOR_IN_LAB"] === "1" ? 120_000 : 20_000;
 
-export async function startDaemon(opts: { home?: string; args?: string[]; env?: Record<string, string> } = {}): Promise<TestDaemon> {
+export async function startDaemon(opts: { home?: string; socket?: string; args?: string[]; env?: Record<string, string> } = {}): Promise<TestDaemon> {
   const home = opts.home ?? mkdtempSync(join(tmpdir(), "tvd-"));
-  const socket = join(home, "typevisor.sock");
+  const socket = opts.socket ?? join(home, "typevisor.sock");
   let out = "";
-  const proc = spawn(process.execPath, [BIN, "daemon", "--home", home, "--usage-interval", "1", ...(opts.args ?? [])], {
+  const proc = spawn(process.execPath, [BIN, "daemon", "--home", home, "--usage-interval", "1", ...(opts.socket !== undefined ? ["--socket", opts.socket] : []), ...(opts.args ?? [])], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, ...opts.env },
   });

@@ -1,0 +1,75 @@
+import Database from "better-sqlite3";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { hashPassword, Identities, parseDuration, parseToken, verifyPassword } from "./identity.js";
+import { Store } from "./store.js";
+
+function fresh(): { ids: Identities; path: string } {
+  const path = join(mkdtempSync(join(tmpdir(), "tvi-")), "t.db");
+  return { ids: new Identities(new Store(path)), path };
+}
+
+describe("passwords (scrypt)", () => {
+  it("verifies the right password only, with the parameters stored beside the hash", async () => {
+    const h = await hashPassword("correct horse");
+    expect(h).toMatch(/^scrypt\$32768\$8\$1\$[A-Za-z0-9+/=]{24}\$[A-Za-z0-9+/=]{44}$/);
+    expect(await verifyPassword("correct horse", h)).toBe(true);
+    expect(await verifyPassword("correct horsf", h)).toBe(false);
+    expect(await verifyPassword("correct horse", "md5$x")).toBe(false);
+    // two hashes of one password differ (salt)
+    expect(await hashPassword("correct horse")).not.toBe(h);
+    await expect(hashPassword("short")).rejects.toThrow(/at least 8/);
+  });
+});
+
+describe("users and tokens (a real SQLite file)", () => {
+  it("stores a token only as the hash of its secret, and checks every refusal", () => {
+    const { ids, path } = fresh();
+    return (async () => {
+      await ids.addUser({ name: "alice", role: "operator", scopes: ["vm:a", "vm:b"] });
+      const t = ids.createToken({ user: "alice", expiresInMs: 60_000 });
+      expect(t.token).toMatch(/^tvt_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$/);
+      expect(t.vms).toEqual(["a", "b"]); // a scoped user's token is scoped the same by default
+      const raw = new Database(path).prepare("SELECT * FROM tokens").all() as Record<string, unknown>[];
+      expect(JSON.stringify(raw)).not.toContain(t.token.slice(17));
+      expect(raw[0]!["hash"]).toBe(parseToken(t.token)!.hash);
+
+      expect(ids.authenticateToken(t.token, "x")).toMatchObject({ user: "alice", role: "operator", vms: ["a", "b"], tokenId: t.id });
+      expect(ids.authenticateToken("tvt_000000000000_" + "A".repeat(43), "x")).toEqual({ refused: "unknown", tokenId: "000000000000" });
+      expect(ids.authenticateToken(`${t.token.slice(0, -1)}${t.token.endsWith("A") ? "B" : "A"}`, "x")).toMatchObject({ refused: "wrong secret" });
+      expect(ids.authenticateToken("x".repeat(100000), "x")).toEqual({ refused: "malformed" });
+      expect(ids.authenticateToken(t.token, "x", Date.now() + 61_000)).toMatchObject({ refused: "expired" });
+      ids.revokeToken(t.id);
+      expect(ids.authenticateToken(t.token, "x")).toMatchObject({ refused: "revoked" });
+    })();
+  });
+
+  it("bounds a token by its user's role and scope now, not only at creation", async () => {
+    const { ids } = fresh();
+    await ids.addUser({ name: "bob", role: "viewer" });
+    expect(() => ids.createToken({ user: "bob", role: "operator", expiresInMs: 60_000 })).toThrow(/at most the role viewer/);
+    const t = ids.createToken({ user: "bob", scopes: ["vm:a"], expiresInMs: 60_000 });
+    expect(ids.authenticateToken(t.token, "x")).toMatchObject({ role: "viewer", vms: ["a"] });
+    ids.removeUser("bob");
+    expect(ids.authenticateToken(t.token, "x")).toMatchObject({ refused: "unknown" });
+  });
+
+  it("keeps the last admin, and refuses scoped admins and root", async () => {
+    const { ids } = fresh();
+    await ids.addUser({ name: "a1", role: "admin" });
+    expect(() => ids.removeUser("a1")).toThrow(/last admin/);
+    await ids.addUser({ name: "a2", role: "admin" });
+    ids.removeUser("a1");
+    expect(ids.listUsers().map((u) => u.name)).toEqual(["a2"]);
+    await expect(ids.addUser({ name: "a3", role: "admin", scopes: ["vm:x"] })).rejects.toThrow(/cannot be scoped/);
+    await expect(ids.addUser({ name: "root", role: "viewer" })).rejects.toThrow(/superuser/);
+  });
+
+  it("parses lifetimes", () => {
+    expect(parseDuration("30d")).toBe(30 * 86_400_000);
+    expect(parseDuration("90m")).toBe(90 * 60_000);
+    for (const bad of ["", "0m", "30", "1y", "-1d", "99999d", "1e3d"]) expect(() => parseDuration(bad), bad).toThrow();
+  });
+});
