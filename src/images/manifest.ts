@@ -2,11 +2,13 @@
  * image.json: what an image is made of and where it came from. Versioned (schema) so later code
  * can read images built by earlier versions; parsed with zod because the file is user-editable.
  */
-import { createHash } from "node:crypto";
-import { createReadStream } from "node:fs";
+import { execFile } from "node:child_process";
 import { stat } from "node:fs/promises";
+import { promisify } from "node:util";
 import { z } from "zod";
 import { TypevisorError } from "../errors.js";
+
+const run = promisify(execFile);
 
 const FileInfo = z.object({ size: z.number().int().nonnegative(), sha256: z.string().regex(/^[0-9a-f]{64}$/) });
 const Source = z.object({ package: z.string(), version: z.string(), file: z.string() });
@@ -46,8 +48,22 @@ export function parseManifest(text: string, where: string): ImageManifest {
   return r.data;
 }
 
+/**
+ * Size and SHA-256 of a file. Hashing a root filesystem or an imported disk is seconds of CPU, so
+ * it runs in a child process (coreutils' sha256sum), off the caller's event loop: the daemon keeps
+ * answering meanwhile.
+ */
 export async function fileInfo(path: string): Promise<ImageFileInfo> {
-  const hash = createHash("sha256");
-  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
-  return { size: (await stat(path)).size, sha256: hash.digest("hex") };
+  let stdout: string;
+  try {
+    ({ stdout } = await run("sha256sum", ["--", path], { timeout: 600_000 }));
+  } catch (e) {
+    const err = e as { stderr?: string; message: string; code?: string };
+    if (err.code === "ENOENT") throw new TypevisorError("MISSING_TOOL", "hashing a file needs sha256sum (coreutils)");
+    throw new TypevisorError("FILE_READ", `cannot hash ${path}: ${(err.stderr ?? err.message).trim().split("\n").pop() ?? ""}`);
+  }
+  // "HASH  NAME", with a leading backslash when the name had to be escaped (a newline or backslash in it)
+  const sha256 = /^\\?([0-9a-f]{64}) /.exec(stdout)?.[1];
+  if (sha256 === undefined) throw new TypevisorError("FILE_READ", `sha256sum gave no hash for ${path}`);
+  return { size: (await stat(path)).size, sha256 };
 }

@@ -17,6 +17,11 @@ export async function sparseCopy(src: string, dest: string): Promise<void> {
   } catch (e) {
     const err = e as { stderr?: string; message: string; code?: string };
     if (err.code === "ENOENT") throw new TypevisorError("MISSING_TOOL", "copying a disk needs cp (coreutils)");
+    // A full destination is said as the errno it is, so callers report the full file system
+    // (control/disk-full.ts) instead of a failed copy.
+    const stderr = err.stderr ?? "";
+    const errno = /No space left on device/.test(stderr) ? "ENOSPC" : /Disk quota exceeded/.test(stderr) ? "EDQUOT" : undefined;
+    if (errno !== undefined) throw Object.assign(new Error(`cannot copy ${src} to ${dest}: ${errno}`), { code: errno, path: dest });
     throw new TypevisorError("DISK_COPY", `cannot copy ${src}: ${(err.stderr ?? err.message).trim().split("\n").pop() ?? ""}`);
   }
 }

@@ -5,7 +5,7 @@
  * file fills to the last block; mounting it needs root (CI runs as root).
  */
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, rmSync, statfsSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statfsSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -73,9 +73,14 @@ describe.skipIf(!hasKvm || !built || !root)("a full data disk under a real daemo
     mounted = true;
     writeTinyKernel(kernel);
     writeFileSync(initrd, Buffer.alloc(2 << 20, 1));
+    // an image whose root filesystem the daemon copies (a raw disk) or makes a base of (qcow2)
+    const img = join(dir, "data", "images", "small");
+    mkdirSync(img, { recursive: true });
+    writeTinyKernel(join(img, "vmlinuz"));
+    execFileSync("mkfs.ext4", ["-q", "-F", join(img, "rootfs.ext4"), "4M"], { timeout: 60_000 });
     const home = join(mnt, "home");
     const args = ["--force-kvm", "--allow-files", dir];
-    d = await startDaemon({ home, args });
+    d = await startDaemon({ home, args, env: { TYPEVISOR_HOME: join(dir, "data") } });
     const c = d.client;
     await c.createVm({ name: "a", kernel, memoryMiB: 64, rng: false });
     await c.startVm("a");
@@ -95,6 +100,15 @@ describe.skipIf(!hasKvm || !built || !root)("a full data disk under a real daemo
       const e = await refusal(p());
       expect([what, e.status, e.code], e.message).toEqual([what, 507, "DISK_FULL"]);
       expect(e.message).toContain(`no space left on ${mnt} (tmpfs`);
+    }
+    // A copy of a known size is refused before it starts, saying how much is free.
+    for (const [what, p] of [
+      ["create (raw disk from an image)", () => c.createVm({ name: "e", image: "small", diskFormat: "raw", memoryMiB: 64, rng: false })],
+      ["create (the image's base)", () => c.createVm({ name: "f", image: "small", memoryMiB: 64, rng: false })],
+    ] as const) {
+      const e = await refusal(p());
+      expect([what, e.status, e.code], e.message).toEqual([what, 409, "INSUFFICIENT_RESOURCES"]);
+      expect(e.message).toMatch(/not enough free disk in .*: the image's root filesystem needs \d+ bytes, 0 free/);
     }
     // a refused pause left the VMM running, as the inventory says
     expect((await new VmmClient((await c.getVm("a")).apiSocket).info()).state).toBe("running");
@@ -133,7 +147,7 @@ describe.skipIf(!hasKvm || !built || !root)("a full data disk under a real daemo
     const filler = fill(mnt);
     const stopped = await Promise.race([d!.stop("SIGTERM"), new Promise((r) => setTimeout(() => r("still running after 20 s"), 20_000))]);
     expect(stopped, d!.log().slice(-3000)).toBe(0);
-    d = await startDaemon({ home: join(mnt, "home"), args: ["--force-kvm", "--allow-files", dir] });
+    d = await startDaemon({ home: join(mnt, "home"), args: ["--force-kvm", "--allow-files", dir], env: { TYPEVISOR_HOME: join(dir, "data") } });
     expect((await d.client.listVms()).map((v) => v.name).sort()).toEqual(["a", "b"]);
     rmSync(filler);
     // started while full: its start-up events could not be recorded, and that is said once it can be

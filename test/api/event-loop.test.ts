@@ -66,8 +66,9 @@ describe("a daemon making and removing large disks", () => {
     console.log(`health during ${(workMs / 1000).toFixed(1)} s of disk work: ${latencies.length} requests, p50 ${p50.toFixed(1)} ms, max ${max.toFixed(1)} ms; over 50 ms: ${slow.join(", ") || "none"}`);
     expect(latencies.length).toBeGreaterThan(20);
     expect(p50).toBeLessThan(100);
-    // The worst single answer: generous for a loaded 2-CPU machine, far below the seconds a
-    // synchronous 768 MiB copy or hash would hold the loop.
-    expect(max).toBeLessThan(400);
+    // The worst single answer: far below the seconds a synchronous 768 MiB copy or hash holds the
+    // loop, yet above what CPU starvation alone gives on a 2-CPU machine running the rest of the
+    // suite beside it (up to 1.3 s seen with four labs running too; 60-330 ms with the unit suite).
+    expect(max).toBeLessThan(1000);
   }, 180_000);
 });
