@@ -125,6 +125,7 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     expect(p).toMatchObject({ allocatedBytes: 8 * MiB, availableBytes: 2 * MiB, disks: 2, vms: made.map((v) => v.name).sort() });
     expect(p.usedBytes).toBeGreaterThan(0);
     expect(p.overcommit).toBe(0.8);
+    expect(await d.client.metrics()).toContain('typevisor_pool_bytes{pool="a",kind="allocated"} 8388608');
     // The default pool (and the home's disk budget) do not count them.
     expect((await d.client.getPool("default")).allocatedBytes).toBe(0);
     // A pool with disks stays.
