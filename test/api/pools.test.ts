@@ -244,6 +244,12 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     const shown = await d.client.getVm("filler");
     expect(shown.state).toBe("paused");
     expect(shown.pauseReason).toMatchObject({ kind: "disk-full", disk, filesystem: mnt });
+    // A daemon killed meanwhile finds the VM paused and why (no second event).
+    await d.stop("SIGKILL");
+    d = await startDaemon({ home: d.home, args: ["--force-kvm", "--allow-files", dir], env: { TYPEVISOR_HOME: dataHome } });
+    const again = await until("the pause reason after a daemon restart", async () => (await d.client.getVm("filler")).pauseReason, 20_000);
+    expect(again).toMatchObject({ kind: "disk-full", disk, filesystem: mnt });
+    expect((await d.client.events({ after, vm: "filler" })).filter((e) => e.type === "vm.paused").length).toBe(1);
     const log1 = (await d.client.console("filler")).toString();
     expect(log1).not.toContain(DISK_GUEST_DONE);
     expect(log1).not.toContain("I/O error");
