@@ -69,5 +69,18 @@ export function createMetrics(manager: VmManager): Registry {
       }
     },
   });
+  new Gauge({
+    name: "typevisor_pool_bytes",
+    help: "Storage pools, bytes by kind: capacity (the filesystem), free (on it), quota (absent without one), allocated (virtual size of its disks), used (what their files take), available (quota or capacity minus allocated)",
+    labelNames: ["pool", "kind"] as const,
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const p of manager.listPools()) {
+        const kinds: [string, number | null][] = [["capacity", p.capacityBytes], ["free", p.freeBytes], ["quota", p.quotaBytes], ["allocated", p.allocatedBytes], ["used", p.usedBytes], ["available", p.availableBytes]];
+        for (const [kind, v] of kinds) if (v !== null) this.set({ pool: p.name, kind }, v);
+      }
+    },
+  });
   return registry;
 }

@@ -330,7 +330,7 @@ export function registerVmCommands(program: Command): void {
   clientCommand(vm, "create", "create a VM (its disk from an image, or a kernel to boot); --start starts it too")
     .argument("<name>", "VM name: 1-63 lower-case letters, digits and '-'")
     .option("--image <name>", "boot this image (typevisor image ls); its root filesystem becomes the VM's disk")
-    .option("--kernel <path>", "boot this kernel instead of an image's")
+    .option("--kernel <path>", "boot this kernel instead of an image's (with an imported disk image, image import: the kernel it boots)")
     .option("--initrd <path>", "initial ramdisk for --kernel")
     .option("--cmdline <text>", "kernel command line, replacing the default")
     .option("--append <text>", "text appended to the default kernel command line")

@@ -1134,8 +1134,23 @@ export class VmManager extends EventEmitter {
    * names the filesystem; `vm resume` runs the held writes again once space is freed.
    */
   private notePause(name: string, id: string, live: Live, answer: VmmInfo | undefined): void {
-    const reason = answer?.pauseReason;
-    if (answer?.state !== "paused" || reason === undefined || reason === null || typeof reason.message !== "string") return;
+    const said = answer?.pauseReason;
+    if (answer?.state !== "paused" || said === undefined || said === null || typeof said.message !== "string") return;
+    // A VMM's answer is untrusted (its guest may have taken it over): only short strings and numbers go into the inventory.
+    const str = (v: unknown, max = 512): string | undefined => (typeof v === "string" ? v.slice(0, max) : undefined);
+    const fs = typeof said.filesystem === "object" && said.filesystem !== null ? said.filesystem : {};
+    const reason: VmmPauseReason = {
+      message: said.message.slice(0, 2048),
+      ...(str(said.kind, 32) !== undefined ? { kind: str(said.kind, 32)! } : {}),
+      ...(str(said.errno, 32) !== undefined ? { errno: str(said.errno, 32)! } : {}),
+      ...(str(said.disk) !== undefined ? { disk: str(said.disk)! } : {}),
+      ...(str(said.at, 64) !== undefined ? { at: str(said.at, 64)! } : {}),
+      filesystem: {
+        ...(str(fs.mountPoint) !== undefined ? { mountPoint: str(fs.mountPoint)! } : {}),
+        ...(str(fs.type, 64) !== undefined ? { type: str(fs.type, 64)! } : {}),
+        ...(typeof fs.freeBytes === "number" ? { freeBytes: fs.freeBytes } : {}),
+      },
+    };
     if (live.pauseReason?.at === reason.at) return;
     void this.serial(name, async () => {
       const cur = this.store.getVm(name);

@@ -10,10 +10,10 @@
  * TYPEVISOR_FUZZ_SEED replays a run: a failure prints its seed and the requests
  * that were answered 5xx).
  */
-import { existsSync, mkdtempSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { prng } from "../helpers/prng.js";
@@ -65,7 +65,7 @@ function gen(seed: number, kernel: string): Gen & { name: () => string; body: ()
       () => pick(["%", "%z", "%zz", "%E0%A4%A", "%00", "%2e%2e", "..", ".", "%2F", "a%2fb", "%C0%AF", "%ff%fe", "x".repeat(70), "x".repeat(5000), "\u00e9", "a b", "~", "%25"]),
     ])();
   const path = (url: string): string => {
-    let p = url.replace(":name", () => name());
+    let p = url.replace(":name", () => name()).replace(":disk", () => pick(["disk1", "1", "disk0", "disk99", "../x", "%2e%2e", "disk-1", "x".repeat(300)]));
     if (chance(0.05)) p = p.replace(/\//g, () => pick(["/", "//", "/./", "/../"]));
     if (chance(0.03)) p += pick(["/", "/x", "/..", "%00", "#frag", "/console/attach/x"]);
     if (chance(0.02)) p = pick(["*", "", "http://x/v1/health", "v1/health", "/" + "a/".repeat(500), "/\u00ff"]);
@@ -82,6 +82,9 @@ function gen(seed: number, kernel: string): Gen & { name: () => string; body: ()
       () => Buffer.from(JSON.stringify(json()) ?? "null"),
       () => Buffer.from(JSON.stringify({ name: chance(0.5) ? `fz-${Math.floor(rnd() * 20)}` : json(), kernel: chance(0.7) ? kernel : json(), memoryMiB: pick([16, 64, 64, -1, 1e12, "64", null]), rng: false, ...(chance(0.3) ? { cpus: json() } : {}), ...(chance(0.2) ? { extra: json() } : {}) })),
       () => Buffer.from(JSON.stringify({ force: json(), timeoutSeconds: pick([0, 1, -1, 1e9, "x", null]) })),
+      // pools and extra disks: paths inside the test's own directory only (a pool writes its marker there)
+      () => Buffer.from(JSON.stringify({ name: chance(0.7) ? pick(["fz-p", "fz-q", "default"]) : json(), path: pick([`${dirname(kernel)}/pool`, "relative", "/", `${dirname(kernel)}/../x`, json()]), ...(chance(0.5) ? { quota: pick(["1M", "0", -1, "1e400", 1e18, json()]) } : {}) })),
+      () => Buffer.from(JSON.stringify({ size: pick(["1M", "0", -1, "64T", "1e400", 512, json()]), ...(chance(0.5) ? { pool: pick(["default", "fz-p", "nope", json()]) } : {}), ...(chance(0.5) ? { format: pick(["qcow2", "raw", "vmdk", json()]) } : {}) })),
       () => bytes(Math.floor(rnd() * 200)),
       () => Buffer.from('{"name":'),
       () => Buffer.from('{"__proto__":{"x":1},"constructor":{"prototype":{}}}'),
@@ -223,6 +226,8 @@ describe.skipIf(!hasKvm)(`a fuzzer over every route (seed ${SEED})`, () => {
     const dir = mkdtempSync(join(tmpdir(), "tvfz-"));
     kernel = join(dir, "tiny.bin");
     writeTinyKernel(kernel);
+    // A directory pool creates may name (the fuzzer's bodies point there, never elsewhere on the host).
+    mkdirSync(join(dir, "pool"));
     d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
     // VMs for the fuzzer to find: stopped ones, and one running, so that actions reach real VMMs
     for (const name of ["fz-a", "fz-b"]) await d.client.createVm({ name, kernel, memoryMiB: 64, rng: false });

@@ -115,6 +115,7 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     expect(p).toMatchObject({ allocatedBytes: 8 * MiB, availableBytes: 2 * MiB, disks: 2, vms: made.map((v) => v.name).sort() });
     expect(p.usedBytes).toBeGreaterThan(0);
     expect(p.overcommit).toBe(0.8);
+    expect(await d.client.metrics()).toContain('typevisor_pool_bytes{pool="a",kind="allocated"} 8388608');
     // The default pool (and the home's disk budget) do not count them.
     expect((await d.client.getPool("default")).allocatedBytes).toBe(0);
     // A pool with disks stays.
@@ -233,6 +234,12 @@ describe.skipIf(!hasKvm)("storage pools (real daemon, real VMMs)", () => {
     const shown = await d.client.getVm("filler");
     expect(shown.state).toBe("paused");
     expect(shown.pauseReason).toMatchObject({ kind: "disk-full", disk, filesystem: mnt });
+    // A daemon killed meanwhile finds the VM paused and why (no second event).
+    await d.stop("SIGKILL");
+    d = await startDaemon({ home: d.home, args: ["--force-kvm", "--allow-files", dir], env: { TYPEVISOR_HOME: dataHome } });
+    const again = await until("the pause reason after a daemon restart", async () => (await d.client.getVm("filler")).pauseReason, 20_000);
+    expect(again).toMatchObject({ kind: "disk-full", disk, filesystem: mnt });
+    expect((await d.client.events({ after, vm: "filler" })).filter((e) => e.type === "vm.paused").length).toBe(1);
     const log1 = (await d.client.console("filler")).toString();
     expect(log1).not.toContain(DISK_GUEST_DONE);
     expect(log1).not.toContain("I/O error");

@@ -535,8 +535,6 @@ export class BlockDevice implements VirtioDevice {
   }
 
   save(): BlockDeviceState {
-    // A held request was taken from the ring and not answered: the saved cursors cannot say so.
-    if (this.held.length > 0) throw new TypevisorError("DISK_HELD", `disk ${this.diskInit.path} has ${this.held.length} requests waiting for space on its filesystem; free space and resume first`);
     // In-flight requests are completed into the used ring first, so the cursors saved are final.
     if (this.io !== undefined && this.io.inFlight > 0) {
       this.io.drain((slot, result) => this.finish(slot, result));
@@ -544,6 +542,9 @@ export class BlockDevice implements VirtioDevice {
       const q = this.queues[0];
       if (this.ctx !== undefined && q !== undefined && q.broken === undefined && q.needsInterrupt()) this.ctx.interruptQueue(0);
     }
+    // A held request (after the drain: one may have just failed for space) was taken from the
+    // ring and not answered: the saved cursors cannot say so.
+    if (this.held.length > 0) throw new TypevisorError("DISK_HELD", `disk ${this.diskInit.path} has ${this.held.length} requests waiting for space on its filesystem; free space and resume first`);
     return {
       version: 1,
       features: (this.ctx?.features ?? 0n).toString(16),

@@ -130,6 +130,8 @@ for (const format of ["raw", "qcow2"] as const) {
           expect(heldAt).toBeGreaterThan(0);
           expect(stops).toEqual([{ errno: "ENOSPC", op: "write", path: img }]);
           expect(dev.heldRequests).toBe(1);
+          // A snapshot cannot say a request is taken and unanswered: refused until it is done.
+          expect(() => dev.save()).toThrow(expect.objectContaining({ code: "DISK_HELD" }));
           // Stopped: a read published now waits in the ring.
           expect(r.read(0)).toBe(0xee);
           expect(r.drv.takeUsed()).toEqual([]);
