@@ -86,4 +86,17 @@ describe("inventory (a real SQLite file)", () => {
     expect(paged).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     s.close();
   });
+
+  it("keeps the newest events only: a busy host's inventory does not grow without end", () => {
+    const s = new Store(join(mkdtempSync(join(tmpdir(), "tvs-")), "t.db"), 100);
+    for (let i = 0; i < 700; i++) s.addEvent({ type: "vm.created", vm: "a", message: `e${i}` });
+    const count = (s.db.prepare("SELECT count(*) AS n FROM events").get() as { n: number }).n;
+    // pruned every 256 events to the newest 100
+    expect(count).toBeGreaterThanOrEqual(100);
+    expect(count).toBeLessThanOrEqual(100 + 256);
+    const all = s.events({ afterSeq: 0, limit: 10000 }).map((e) => e.seq);
+    expect(all.at(-1)).toBe(700);
+    expect(all).toEqual(Array.from({ length: all.length }, (_, i) => 701 - all.length + i));
+    s.close();
+  });
 });

@@ -10,6 +10,10 @@ import { TypevisorError } from "../errors.js";
 import type { PoolRow } from "./pools.js";
 import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmState } from "./spec.js";
 
+/** Events kept by default: about 12,000 VM lifecycles (create, start, stop, remove, ...). */
+export const DEFAULT_KEEP_EVENTS = 100_000;
+const PRUNE_EVERY = 256;
+
 export const SCHEMA_VERSION = 3;
 
 export interface DiskRow {
@@ -207,7 +211,14 @@ export class Store {
   /** The connection, for the inventory's other tables (identity.ts, audit.ts); schema changes stay in MIGRATIONS. */
   readonly db: Database.Database;
 
-  constructor(readonly path: string) {
+  /**
+   * @param keepEvents the events table keeps the newest this many (older ones go as new ones come),
+   *   so a host that creates and removes VMs all day does not grow its inventory without end.
+   */
+  constructor(
+    readonly path: string,
+    private readonly keepEvents = DEFAULT_KEEP_EVENTS,
+  ) {
     try {
       this.db = new Database(path);
     } catch (e) {
@@ -348,7 +359,10 @@ export class Store {
     const info = this.db
       .prepare("INSERT INTO events (at, type, vm, message, data) VALUES (?, ?, ?, ?, ?)")
       .run(at, e.type, e.vm ?? null, e.message, e.data !== undefined ? JSON.stringify(e.data) : null);
-    return { seq: Number(info.lastInsertRowid), at, ...e };
+    const seq = Number(info.lastInsertRowid);
+    // Checked every PRUNE_EVERY events, not on each: the table holds at most keepEvents + PRUNE_EVERY.
+    if (seq % PRUNE_EVERY === 0) this.db.prepare("DELETE FROM events WHERE seq <= ?").run(seq - this.keepEvents);
+    return { seq, at, ...e };
   }
 
   /**
