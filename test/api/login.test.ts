@@ -10,7 +10,7 @@ import { join } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { base32Decode, totp } from "../../src/control/totp.js";
-import { startDaemon, type TestDaemon } from "../helpers/daemon.js";
+import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
 import { prng } from "../helpers/prng.js";
 
 const isRoot = process.getuid?.() === 0;
@@ -48,9 +48,9 @@ function https(port: number, method: string, path: string, opts: { token?: strin
   });
 }
 
-function tcpPort(d: TestDaemon): number {
-  const m = /"tcp":\{"host":"[^"]+","port":(\d+)\}/.exec(d.log());
-  if (m === null) throw new Error(`no tcp address in the log: ${d.log()}`);
+/** The HTTPS listener's port, from the daemon's ready line (which may come just after the socket answers). */
+async function tcpPort(d: TestDaemon): Promise<number> {
+  const m = await until("the daemon's tcp address in its log", () => /"tcp":\{"host":"[^"]+","port":(\d+)\}/.exec(d.log()) ?? undefined);
   return Number(m[1]);
 }
 
@@ -64,7 +64,7 @@ describe.skipIf(!isRoot)("interactive login with MFA, against a real daemon", ()
 
   beforeAll(async () => {
     d = await startDaemon({ args: ["--listen", "127.0.0.1:0"] });
-    port = tcpPort(d);
+    port = await tcpPort(d);
     await d.client.addUser({ name: "ops", role: "operator", password: PW, scopes: ["vm:web"] });
     await d.client.addUser({ name: "boss", role: "admin", password: PW });
     await d.client.addUser({ name: "nopw", role: "viewer" });
@@ -87,6 +87,10 @@ describe.skipIf(!isRoot)("interactive login with MFA, against a real daemon", ()
     // its role holds: no users:admin
     expect((await https(port, "GET", "/v1/users", { token: s.token })).status).toBe(403);
     expect((await d.client.listUsers()).find((u) => u.name === "ops")?.mfa).toBe(false);
+    // the one operation the OpenAPI document lets go without a token
+    const doc = (await d.client.openapi()) as { paths: Record<string, Record<string, { security?: unknown[] }>> };
+    const open = Object.entries(doc.paths).flatMap(([p, ops]) => Object.entries(ops).filter(([, o]) => o.security !== undefined).map(([m, o]) => `${m} ${p} ${JSON.stringify(o.security)}`));
+    expect(open).toEqual(["post /v1/login []"]);
   });
 
   it("refuses an admin's password login without MFA, saying how to enable it", async () => {
