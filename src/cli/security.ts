@@ -54,8 +54,8 @@ function tokenState(t: TokenInfo, now = Date.now()): string {
 
 export function formatTokens(tokens: readonly TokenInfo[]): string {
   return renderTable(
-    ["ID", "USER", "ROLE", "SCOPES", "EXPIRES", "LAST USED", "STATE"],
-    tokens.map((t) => [t.id, t.user, t.role, t.scopes?.join(",") ?? "all VMs", formatTime(t.expiresAt), t.lastUsedAt !== undefined ? formatTime(t.lastUsedAt) : "never", tokenState(t)]),
+    ["ID", "KIND", "USER", "ROLE", "SCOPES", "EXPIRES", "LAST USED", "STATE"],
+    tokens.map((t) => [t.id, t.session === true ? "session" : "api", t.user, t.role, t.scopes?.join(",") ?? "all VMs", formatTime(t.expiresAt), t.lastUsedAt !== undefined ? formatTime(t.lastUsedAt) : "never", tokenState(t)]),
   );
 }
 

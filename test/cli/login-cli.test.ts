@@ -96,6 +96,7 @@ describe.skipIf(!isRoot)("typevisor login with MFA over HTTPS", () => {
     // the session is revoked on the daemon, not only forgotten here
     const tokens = await d.client.listTokens({ user: "ann" });
     expect(tokens.filter((t) => t.session === true).every((t) => t.revokedAt !== undefined)).toBe(true);
+    expect((await tv(["token", "ls", "--user", "ann"], { socket: true })).stdout).toMatch(/\n[0-9a-f]{12}\s+session\s+ann\s+admin\s+.*revoked/);
     expect((await tv(["user", "ls"])).status).toBe(6);
 
     expect(await tv(["user", "mfa", "disable", "ann"], { socket: true })).toMatchObject({ status: 0, stdout: "ann: MFA off\n" });
