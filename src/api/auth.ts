@@ -34,6 +34,8 @@ export interface Guard {
   target?: "path" | "body" | "query";
   /** Reveals every VM (metrics): refused to callers scoped to VMs. */
   hostWide?: boolean;
+  /** Needs no credentials (login: its handler checks the password itself). */
+  public?: true;
 }
 
 export const FREE_FAILURES = 3;

@@ -309,6 +309,20 @@ export class TypevisorClient {
   revokeToken(id: string): Promise<TokenInfo> {
     return this.json("DELETE", `/v1/tokens/${encodeURIComponent(id)}`);
   }
+  /** A session token (in `token`), for an interactive login (login-routes.ts). */
+  login(l: { user: string; password: string; totp?: string; recoveryCode?: string }): Promise<TokenInfo & { token: string }> {
+    return this.json("POST", "/v1/login", l);
+  }
+  /** Revoke the token this client sends. */
+  async logout(): Promise<void> {
+    await this.json("POST", "/v1/logout");
+  }
+  enableMfa(user: string): Promise<{ user: string; uri: string; secret: string; recoveryCodes: string[] }> {
+    return this.json("POST", `/v1/users/${encodeURIComponent(user)}/mfa`);
+  }
+  async disableMfa(user: string): Promise<void> {
+    await this.json("DELETE", `/v1/users/${encodeURIComponent(user)}/mfa`);
+  }
   async audit(q: { since?: string; user?: string; vm?: string; after?: number; limit?: number } = {}): Promise<AuditEntry[]> {
     const p = new URLSearchParams();
     for (const [k, v] of Object.entries(q)) if (v !== undefined) p.set(k, String(v));

@@ -41,8 +41,9 @@ function operation(r: Route): Json {
   return {
     operationId: r.operationId,
     summary: r.summary,
-    description: `${r.description !== undefined ? `${r.description}\n\n` : ""}Needs the permission \`${r.permission}\`${r.target !== undefined ? " (within the caller's VM scope)" : ""}${r.hostWide === true ? "; not for callers scoped to VMs" : ""}.`,
-    "x-permission": r.permission,
+    description: `${r.description !== undefined ? `${r.description}\n\n` : ""}${r.public === true ? "Needs no credentials" : `Needs the permission \`${r.permission}\``}${r.target !== undefined ? " (within the caller's VM scope)" : ""}${r.hostWide === true ? "; not for callers scoped to VMs" : ""}.`,
+    // OpenAPI 3.1 §4.8.10: an empty list lifts the document's security requirement (login is how a token is obtained)
+    ...(r.public === true ? { security: [] } : { "x-permission": r.permission }),
     parameters: [...parameters(r.params, "path"), ...parameters(r.query, "query")],
     ...(r.body !== undefined ? { requestBody: { required: !r.body.safeParse(undefined).success, content: { "application/json": { schema: schema(r.body, "input") } } } } : {}),
     responses,

@@ -65,6 +65,8 @@ export interface Route {
   target?: "path" | "body" | "query";
   /** Shows every VM: refused to callers scoped to VMs. */
   hostWide?: boolean;
+  /** Reachable without credentials (POST /v1/login only): the gate lets it through, the handler authenticates. */
+  public?: true;
   /** What the handler returns is sent as JSON with the first 2xx status, unless it took over the reply. */
   handler: (ctx: RouteContext<any, any, any>) => Promise<unknown>; // eslint-disable-line @typescript-eslint/no-explicit-any -- each route's own schemas type its context; the table holds them all
 }

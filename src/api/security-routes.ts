@@ -51,6 +51,7 @@ export const tokenInfo = z.object({
   expiresAt: z.string(),
   lastUsedAt: z.string().optional(),
   revokedAt: z.string().optional(),
+  session: z.literal(true).optional().describe("made by POST /v1/login"),
 });
 export const createdToken = tokenInfo.extend({ token: z.string().describe("the bearer token: shown this once, stored only as a hash") });
 export const auditEntry = z.object({
@@ -85,12 +86,12 @@ export const SECURITY_ROUTES: Route[] = [
   route({
     method: "GET", url: "/v1/users", operationId: "listUsers", summary: "Users: role, scopes, whether a password is set, tokens", permission: "users:admin",
     responses: { 200: { description: "users by name", schema: z.object({ users: z.array(userInfo) }) } },
-    handler: async ({ auth }) => ({ users: auth.identities.listUsers().map((u): UserInfo => ({ ...scoped(u), mfa: false, tokens: auth.identities.listTokens(u.name).filter((t) => t.revokedAt === undefined).length })) }),
+    handler: async ({ auth }) => ({ users: auth.identities.listUsers().map((u): UserInfo => ({ ...scoped(u), tokens: auth.identities.listTokens(u.name).filter((t) => t.revokedAt === undefined).length })) }),
   }),
   route({
     method: "POST", url: "/v1/users", operationId: "addUser", summary: "Add a user", permission: "users:admin", body: userSpec,
     responses: { 201: { description: "added", schema: userInfo } },
-    handler: async ({ auth, body }) => ({ ...scoped(await auth.identities.addUser(body)), mfa: false, tokens: 0 }),
+    handler: async ({ auth, body }) => ({ ...scoped(await auth.identities.addUser(body)), tokens: 0 }),
   }),
   route({
     method: "GET", url: "/v1/users/:user", operationId: "getUser", summary: "One user and its tokens", permission: "users:admin", params: userParams,
@@ -98,7 +99,7 @@ export const SECURITY_ROUTES: Route[] = [
     handler: async ({ auth, params }) => {
       const u = auth.identities.user(params.user);
       const tokens = auth.identities.listTokens(u.name).map((t): TokenInfo => scoped(t));
-      return { ...scoped(u), mfa: false, tokens: tokens.filter((t) => t.revokedAt === undefined).length, tokenList: tokens };
+      return { ...scoped(u), tokens: tokens.filter((t) => t.revokedAt === undefined).length, tokenList: tokens };
     },
   }),
   route({

@@ -125,7 +125,10 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
   app.setNotFoundHandler((request, reply) => sendProblem(reply, toProblem(notFound(request.method, request.url))));
 
   // The gate's first half, for every request fastify receives (unknown paths too): who is asking.
+  const open = new Set(API_ROUTES.filter((r) => r.public === true).map((r) => `${r.method} ${r.url}`));
   app.addHook("onRequest", async (request) => {
+    // POST /v1/login only: it is how credentials are obtained, so its handler checks them (login-routes.ts)
+    if (open.has(`${request.method} ${request.routeOptions.url ?? ""}`)) return;
     try {
       request.principal = authenticate(gate, request.raw, peers.get(request.raw.socket));
     } catch (e) {
@@ -175,7 +178,7 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
       url: r.url,
       handler: async (request, reply) => {
         // the permission before anything of the request is looked at
-        const principal = guard(request, r);
+        const principal = r.public === true ? { user: "-", role: "viewer" as const, from: request.raw.socket.remoteAddress ?? "unix socket" } : guard(request, r);
         const params = parse(r.params, request.params, "path");
         const query = parse(r.query, r.query !== undefined ? request.query : {}, "query");
         // A route without a body schema takes none; JSON `null`/absent both mean "no body".

@@ -6,13 +6,15 @@
  *   --home DIR         the daemon's home (`typevisor daemon --home DIR` serves DIR/typevisor.sock)
  *   $TYPEVISOR_SOCKET  then <data home>/typevisor.sock, the daemon's default
  * and, to prove who is asking and whom it talks to (docs/security.md):
- *   --token-file FILE  or $TYPEVISOR_TOKEN: a bearer token (never a command-line argument: ps shows those)
+ *   --token-file FILE  or $TYPEVISOR_TOKEN: a bearer token (never a command-line argument: ps shows those);
+ *                      else, with --host, the session `typevisor login` saved for that host
  *   --fingerprint FP   or $TYPEVISOR_FINGERPRINT: the daemon's HTTPS certificate, pinned
  *   --ca FILE          or $TYPEVISOR_CA: a CA the daemon's certificate chains to
  * On the unix socket the daemon knows the caller's uid, so no token is needed there.
  */
-import { readFileSync } from "node:fs";
-import { join, resolve } from "node:path";
+import { chmodSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { homedir } from "node:os";
+import { dirname, join, resolve } from "node:path";
 import type { Command } from "commander";
 import { TypevisorClient, type ClientTarget } from "../api/client.js";
 import { homePaths } from "../control/paths.js";
@@ -49,10 +51,57 @@ function readSmall(flag: string, path: string): string {
   }
 }
 
-/** The token to send, if any: --token-file, else $TYPEVISOR_TOKEN. */
+/**
+ * Where `typevisor login` keeps its sessions: $XDG_CONFIG_HOME/typevisor/sessions.json, else
+ * ~/.config/typevisor/sessions.json (XDG Base Directory spec), mode 0600 in a 0700 directory.
+ * One session per daemon address: a session is sent only to the daemon that issued it.
+ */
+export function sessionFile(env: Env = process.env): string {
+  const xdg = env["XDG_CONFIG_HOME"];
+  return join(xdg !== undefined && xdg !== "" ? resolve(xdg) : join(homedir(), ".config"), "typevisor", "sessions.json");
+}
+
+export interface SavedSession {
+  token: string;
+  user: string;
+  expiresAt: string;
+}
+
+export function readSessions(env: Env = process.env): Record<string, SavedSession> {
+  try {
+    const v = JSON.parse(readFileSync(sessionFile(env), "utf8")) as unknown;
+    return typeof v === "object" && v !== null && !Array.isArray(v) ? (v as Record<string, SavedSession>) : {};
+  } catch {
+    return {}; // none yet, or unreadable: no session
+  }
+}
+
+/** Save (or with `s` undefined, forget) the session for `host`. */
+export function saveSession(host: string, s: SavedSession | undefined, env: Env = process.env): string {
+  const file = sessionFile(env);
+  const all = readSessions(env);
+  if (s === undefined) delete all[host];
+  else all[host] = s;
+  mkdirSync(dirname(file), { recursive: true, mode: 0o700 });
+  writeFileSync(file, `${JSON.stringify(all, null, 2)}\n`, { mode: 0o600 });
+  chmodSync(file, 0o600); // an existing file keeps its mode through writeFileSync
+  return file;
+}
+
+/** The key a session is saved under: the --host given, normalized. */
+export function sessionKey(o: ConnectionOptions): string | undefined {
+  if (o.host === undefined) return undefined;
+  const { host, port } = parseHostPort(o.host);
+  return `${host.includes(":") ? `[${host}]` : host}:${port}`;
+}
+
+/** The token to send, if any: --token-file, else $TYPEVISOR_TOKEN, else (with --host) the saved session for that host. */
 export function resolveToken(o: ConnectionOptions, env: Env = process.env): string | undefined {
   const t = o.tokenFile !== undefined ? readSmall("--token-file", o.tokenFile).trim() : env["TYPEVISOR_TOKEN"]?.trim();
-  return t !== undefined && t !== "" ? t : undefined;
+  if (t !== undefined && t !== "") return t;
+  const key = sessionKey(o);
+  const saved = key !== undefined ? readSessions(env)[key] : undefined;
+  return typeof saved?.token === "string" && saved.token !== "" ? saved.token : undefined;
 }
 
 function parseHostPort(v: string): { host: string; port: number } {

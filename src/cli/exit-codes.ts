@@ -20,7 +20,7 @@ export function exitCodeFor(e: unknown): number {
   if (!isTypevisorError(e)) return EXIT_INTERNAL;
   const c = e.code;
   if (c === "DAEMON_UNREACHABLE") return EXIT.UNREACHABLE;
-  if (c === "UNAUTHENTICATED" || c === "FORBIDDEN" || c === "TOO_MANY_ATTEMPTS" || c === "TLS_FINGERPRINT") return EXIT.DENIED;
+  if (c === "UNAUTHENTICATED" || c === "FORBIDDEN" || c === "TOO_MANY_ATTEMPTS" || c === "MFA_REQUIRED" || c === "TLS_FINGERPRINT") return EXIT.DENIED;
   if (c === "VM_NOT_FOUND") return EXIT.NOT_FOUND;
   if (c === "VM_STATE" || c === "VM_EXISTS" || c === "INSUFFICIENT_RESOURCES" || c === "IMAGE_IN_USE" || c === "IMAGE_EXISTS") return EXIT.CONFLICT;
   if (c === "VM_START_FAILED" || c.startsWith("VMM")) return EXIT.FAILED;

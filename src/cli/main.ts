@@ -24,7 +24,7 @@ async function runInLabAgain(): Promise<number> {
   return runInLab([process.execPath, process.argv[1] ?? "typevisor", ...process.argv.slice(2), "--no-lab"], tty !== undefined ? { tty } : {});
 }
 
-const COMMANDS = ["run", "image", "daemon", "vm", "pool", "host", "events", "user", "token", "audit"] as const;
+const COMMANDS = ["run", "image", "daemon", "vm", "pool", "host", "events", "user", "token", "audit", "login", "logout"] as const;
 
 /**
  * The program with the commands `argv` needs. Only the command being run is
@@ -52,6 +52,7 @@ export async function buildProgram(argv: string[] = process.argv): Promise<Comma
   if (want("user")) (await import("./security.js")).registerUserCommands(program);
   if (want("token")) (await import("./security.js")).registerTokenCommands(program);
   if (want("audit")) (await import("./security.js")).registerAuditCommands(program);
+  if (want("login") || want("logout")) (await import("./security.js")).registerLoginCommands(program);
   return program;
 }
 

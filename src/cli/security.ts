@@ -4,10 +4,13 @@
  */
 import type { Command } from "commander";
 import type { TokenInfo, UserInfo } from "../api/client.js";
+
 import type { AuditEntry } from "../control/audit.js";
 import { ROLES, type Role } from "../control/identity.js";
 import { TypevisorError } from "../errors.js";
-import { connect, type ConnectionOptions } from "./connect.js";
+import { userInfo } from "node:os";
+import { ApiError, TypevisorClient } from "../api/client.js";
+import { connect, resolveTarget, saveSession, sessionKey, type ConnectionOptions } from "./connect.js";
 import { formatTime, renderFields, renderTable, toJson } from "./format.js";
 import { escapeControls } from "./terminal-safe.js";
 import { clientCommand, EXIT_CODES_HELP } from "./vm.js";
@@ -51,8 +54,8 @@ function tokenState(t: TokenInfo, now = Date.now()): string {
 
 export function formatTokens(tokens: readonly TokenInfo[]): string {
   return renderTable(
-    ["ID", "USER", "ROLE", "SCOPES", "EXPIRES", "LAST USED", "STATE"],
-    tokens.map((t) => [t.id, t.user, t.role, t.scopes?.join(",") ?? "all VMs", formatTime(t.expiresAt), t.lastUsedAt !== undefined ? formatTime(t.lastUsedAt) : "never", tokenState(t)]),
+    ["ID", "KIND", "USER", "ROLE", "SCOPES", "EXPIRES", "LAST USED", "STATE"],
+    tokens.map((t) => [t.id, t.session === true ? "session" : "api", t.user, t.role, t.scopes?.join(",") ?? "all VMs", formatTime(t.expiresAt), t.lastUsedAt !== undefined ? formatTime(t.lastUsedAt) : "never", tokenState(t)]),
   );
 }
 
@@ -99,6 +102,22 @@ export function registerUserCommands(program: Command): void {
       await connect(o).removeUser(name);
       print(`${name}: removed\n`);
     });
+  const mfa = user.command("mfa").description("multi-factor login (TOTP, RFC 6238): an admin's password login needs it").addHelpText("after", EXIT_CODES_HELP);
+  clientCommand(mfa, "enable", "turn on TOTP for a user: prints the otpauth:// URI for an authenticator app and 10 one-time recovery codes (shown only now)")
+    .argument("<name>", "user name")
+    .option("--json", "print the answer as JSON (the secret included)")
+    .action(async (name: string, o: ConnectionOptions & { json?: boolean }) => {
+      const m = await connect(o).enableMfa(name);
+      if (o.json === true) return print(toJson(m));
+      process.stderr.write(`MFA on for ${m.user}. Add this to an authenticator app (or type the secret in); it and the recovery codes are shown only now:\n`);
+      print(`${m.uri}\nsecret: ${m.secret}\nrecovery codes (each works once, instead of a TOTP code):\n${m.recoveryCodes.map((c) => `  ${c}\n`).join("")}`);
+    });
+  clientCommand(mfa, "disable", "turn off TOTP for a user (its recovery codes go too)")
+    .argument("<name>", "user name")
+    .action(async (name: string, o: ConnectionOptions) => {
+      await connect(o).disableMfa(name);
+      print(`${name}: MFA off\n`);
+    });
   clientCommand(user, "passwd", "set a user's password (read from stdin)")
     .argument("<name>", "user name")
     .option("--password-stdin", "read the password from stdin (the only way: it never appears on a command line)")
@@ -106,6 +125,84 @@ export function registerUserCommands(program: Command): void {
       const password = await passwordFromStdin();
       await connect(o).setPassword(name, password);
       print(`${name}: password set\n`);
+    });
+}
+
+/** One line from the terminal, not echoed (a password, a code). */
+async function prompt(question: string, hidden: boolean): Promise<string> {
+  const input = process.stdin;
+  if (input.isTTY !== true) throw new TypevisorError("INVALID_ARGUMENT", `no terminal to ask for ${question.replace(/:\s*$/, "")}: use --password-stdin (and --totp CODE)`);
+  process.stderr.write(question);
+  input.setRawMode(hidden);
+  input.resume();
+  input.setEncoding("utf8");
+  try {
+    return await new Promise<string>((resolve, reject) => {
+      let line = "";
+      const onData = (chunk: string): void => {
+        for (const c of chunk) {
+          if (c === "\r" || c === "\n") {
+            input.off("data", onData);
+            process.stderr.write("\n");
+            return resolve(line);
+          }
+          if (c === "\u0003") {
+            input.off("data", onData);
+            process.stderr.write("\n");
+            return reject(new TypevisorError("INVALID_ARGUMENT", "interrupted"));
+          }
+          if (c === "\u007f" || c === "\b") line = line.slice(0, -1);
+          else if (line.length < 4096) line += c;
+        }
+      };
+      input.on("data", onData);
+    });
+  } finally {
+    if (hidden) input.setRawMode(false);
+    input.pause();
+  }
+}
+
+function hostOnly(o: ConnectionOptions, what: string): string {
+  const key = sessionKey(o);
+  if (key === undefined) throw new TypevisorError("INVALID_ARGUMENT", `${what} is for a daemon over HTTPS: give --host HOST:PORT (on the unix socket the daemon knows you by your uid)`);
+  return key;
+}
+
+export function registerLoginCommands(program: Command): void {
+  clientCommand(program, "login", "log in to a daemon over HTTPS with a password (and a TOTP code): saves a 12 h session for that host")
+    .option("--user <name>", "the typevisor user (default: your login name)")
+    .option("--password-stdin", "read the password from stdin (else it is asked on the terminal)")
+    .option("--totp <code>", "the authenticator's current 6-digit code (asked on the terminal when needed)")
+    .option("--recovery-code <code>", "a recovery code instead of --totp (each works once)")
+    .addHelpText("after", "\nThe session is saved (mode 0600) in $XDG_CONFIG_HOME/typevisor/sessions.json (else ~/.config/...), for that --host\nonly; later commands with the same --host use it unless --token-file or $TYPEVISOR_TOKEN is given.\nAn admin's password login needs MFA: typevisor user mfa enable NAME (as root on the unix socket).\n")
+    .action(async (o: ConnectionOptions & { user?: string; passwordStdin?: boolean; totp?: string; recoveryCode?: string }) => {
+      const key = hostOnly(o, "login");
+      const user = o.user ?? userInfo().username;
+      const password = o.passwordStdin === true ? await passwordFromStdin() : await prompt(`password for ${user}: `, true);
+      // no token: a login is what gets one
+      const client = new TypevisorClient(resolveTarget(o), { timeoutMs: 120_000 });
+      const ask = { user, password, ...(o.totp !== undefined ? { totp: o.totp } : {}), ...(o.recoveryCode !== undefined ? { recoveryCode: o.recoveryCode } : {}) };
+      let s;
+      try {
+        s = await client.login(ask);
+      } catch (e) {
+        // the password was right and a code is wanted: ask for it, when there is a terminal to ask on
+        if (!(e instanceof ApiError && e.status === 401 && /MFA on/.test(e.message) && o.totp === undefined && o.recoveryCode === undefined && process.stdin.isTTY === true)) throw e;
+        s = await client.login({ ...ask, totp: (await prompt("TOTP code: ", false)).trim() });
+      }
+      const file = saveSession(key, { token: s.token, user: s.user, expiresAt: s.expiresAt });
+      print(`logged in to ${key} as ${s.user} (${s.role}) until ${formatTime(s.expiresAt)}; session saved in ${file}\n`);
+    });
+  clientCommand(program, "logout", "end the session saved for --host (revoked on the daemon, removed here)")
+    .action(async (o: ConnectionOptions) => {
+      const key = hostOnly(o, "logout");
+      try {
+        await connect(o).logout();
+      } finally {
+        saveSession(key, undefined);
+      }
+      print(`logged out of ${key}\n`);
     });
 }
 

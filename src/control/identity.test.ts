@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { hashPassword, Identities, parseDuration, parseToken, verifyPassword } from "./identity.js";
 import { Store } from "./store.js";
+import { base32Decode, totp } from "./totp.js";
 
 function fresh(): { ids: Identities; path: string } {
   const path = join(mkdtempSync(join(tmpdir(), "tvi-")), "t.db");
@@ -72,4 +73,51 @@ describe("users and tokens (a real SQLite file)", () => {
     expect(parseDuration("90m")).toBe(90 * 60_000);
     for (const bad of ["", "0m", "30", "1y", "-1d", "99999d", "1e3d"]) expect(() => parseDuration(bad), bad).toThrow();
   });
+});
+
+describe("password login with MFA (a real SQLite file)", () => {
+  it("checks password, then TOTP or a recovery code; refuses replays, reuse and an admin without MFA", async () => {
+    const { ids, path } = fresh();
+    await ids.addUser({ name: "ann", role: "admin", password: "ann password" });
+    await ids.addUser({ name: "op", role: "operator", password: "op password" });
+    await ids.addUser({ name: "np", role: "viewer" });
+    expect(await ids.checkLogin({ user: "op", password: "op password" })).toMatchObject({ user: { name: "op" }, factor: "password" });
+    expect(await ids.checkLogin({ user: "op", password: "op passwore" })).toEqual({ refused: "wrong password" });
+    expect(await ids.checkLogin({ user: "ghost", password: "op password" })).toEqual({ refused: "unknown user" });
+    expect(await ids.checkLogin({ user: "np", password: "anything at all" })).toEqual({ refused: "no password set" });
+    expect(await ids.checkLogin({ user: "ann", password: "ann password" })).toEqual({ refused: "admin without MFA" });
+
+    const m = ids.enableMfa("ann");
+    expect(ids.getUser("ann")!.mfa).toBe(true);
+    expect(ids.recoveryLeft("ann")).toBe(10);
+    const secret = base32Decode(m.secret);
+    const raw = JSON.stringify(new Database(path).prepare("SELECT * FROM users WHERE name = 'ann'").get());
+    for (const c of m.recoveryCodes) expect(raw).not.toContain(c.replace(/-/g, ""));
+
+    const t = 1_800_000_000_000;
+    expect(await ids.checkLogin({ user: "ann", password: "ann password" }, t)).toEqual({ refused: "MFA code missing" });
+    // a good code with a wrong password leaves the code unused
+    expect(await ids.checkLogin({ user: "ann", password: "ann passwore", totp: totp(secret, t) }, t)).toEqual({ refused: "wrong password" });
+    // two logins racing with one code: one wins
+    const both = await Promise.all([ids.checkLogin({ user: "ann", password: "ann password", totp: totp(secret, t) }, t), ids.checkLogin({ user: "ann", password: "ann password", totp: totp(secret, t) }, t)]);
+    expect(both.filter((r) => "factor" in r)).toHaveLength(1);
+    expect(both.filter((r) => "refused" in r)).toEqual([{ refused: "wrong or replayed TOTP code" }]);
+    // the previous step's code is older than the one used: refused too; the next one is fine
+    expect(await ids.checkLogin({ user: "ann", password: "ann password", totp: totp(secret, t - 30_000) }, t)).toEqual({ refused: "wrong or replayed TOTP code" });
+    expect(await ids.checkLogin({ user: "ann", password: "ann password", totp: totp(secret, t + 30_000) }, t)).toMatchObject({ factor: "totp" });
+
+    const code = m.recoveryCodes[0]!;
+    expect(await ids.checkLogin({ user: "ann", password: "ann password", recoveryCode: ` ${code.replace(/-/g, "").toUpperCase()} ` }, t)).toMatchObject({ factor: "recovery code" });
+    expect(await ids.checkLogin({ user: "ann", password: "ann password", recoveryCode: code }, t)).toEqual({ refused: "wrong or used recovery code" });
+    expect(ids.recoveryLeft("ann")).toBe(9);
+
+    expect(() => ids.enableMfa("ann")).toThrow(expect.objectContaining({ code: "MFA_ENABLED" }));
+    ids.disableMfa("ann");
+    expect(ids.getUser("ann")!.mfa).toBe(false);
+    expect(() => ids.disableMfa("ann")).toThrow(expect.objectContaining({ code: "MFA_NOT_ENABLED" }));
+    // a session is a token of its own kind
+    const s = ids.createToken({ user: "op", expiresInMs: 60_000, session: true });
+    expect(ids.token(s.id).session).toBe(true);
+    expect(ids.token(ids.createToken({ user: "op", expiresInMs: 60_000 }).id).session).toBeUndefined();
+  }, 60_000);
 });

@@ -16,6 +16,7 @@ import { z } from "zod";
 import { TypevisorError } from "../errors.js";
 import { NAME_PATTERN } from "./spec.js";
 import type { Store } from "./store.js";
+import { base32Encode, newTotpSecret, otpauthUri, verifyTotp } from "./totp.js";
 
 export const ROLES = ["viewer", "operator", "admin"] as const;
 export type Role = (typeof ROLES)[number];
@@ -159,6 +160,29 @@ export function parseDuration(v: string): number {
   return ms;
 }
 
+// ---- multi-factor login ---------------------------------------------------------
+
+export const RECOVERY_CODES = 10;
+
+/** 80 random bits as four groups of four base32 characters, lower case: xxxx-xxxx-xxxx-xxxx. */
+function newRecoveryCode(): string {
+  return base32Encode(randomBytes(10)).toLowerCase().match(/.{4}/g)!.join("-");
+}
+
+/**
+ * SHA-256 of a recovery code, dashes, spaces and case aside. 80 random bits each: like tokens,
+ * too many to guess, so a fast hash is enough.
+ */
+function recoveryHash(code: string): string {
+  return sha256(code.toLowerCase().replace(/[\s-]/g, "").slice(0, 64));
+}
+
+/** A valid scrypt hash of nothing anyone types: an unknown user's login costs what a known one's does. */
+const DUMMY_HASH = `scrypt$${2 ** 15}$8$1$${Buffer.alloc(16).toString("base64")}$${Buffer.alloc(32).toString("base64")}`;
+
+/** Why a login is refused (for the audit log). */
+export type LoginRefusal = "unknown user" | "no password set" | "wrong password" | "admin without MFA" | "MFA code missing" | "wrong or replayed TOTP code" | "wrong or used recovery code";
+
 // ---- the inventory's users and tokens ------------------------------------------
 
 export interface UserRow {
@@ -167,6 +191,8 @@ export interface UserRow {
   /** VM names; undefined: every VM. */
   vms?: string[];
   hasPassword: boolean;
+  /** TOTP enabled (user mfa enable). */
+  mfa: boolean;
   createdAt: string;
 }
 
@@ -179,6 +205,8 @@ export interface TokenRow {
   expiresAt: string;
   lastUsedAt?: string;
   revokedAt?: string;
+  /** Made by an interactive login (POST /v1/login), not `token create`. */
+  session?: true;
 }
 
 interface RawUser {
@@ -187,6 +215,9 @@ interface RawUser {
   vms: string | null;
   password: string | null;
   created_at: string;
+  totp_secret: string | null;
+  totp_last_step: number | null;
+  recovery: string | null;
 }
 interface RawToken {
   id: string;
@@ -198,10 +229,11 @@ interface RawToken {
   expires_at: string;
   last_used_at: string | null;
   revoked_at: string | null;
+  kind: string;
 }
 
 function userOf(r: RawUser): UserRow {
-  return { name: r.name, role: r.role as Role, ...(r.vms !== null ? { vms: JSON.parse(r.vms) as string[] } : {}), hasPassword: r.password !== null, createdAt: r.created_at };
+  return { name: r.name, role: r.role as Role, ...(r.vms !== null ? { vms: JSON.parse(r.vms) as string[] } : {}), hasPassword: r.password !== null, mfa: r.totp_secret !== null, createdAt: r.created_at };
 }
 function tokenOf(r: RawToken): TokenRow {
   return {
@@ -213,6 +245,7 @@ function tokenOf(r: RawToken): TokenRow {
     expiresAt: r.expires_at,
     ...(r.last_used_at !== null ? { lastUsedAt: r.last_used_at } : {}),
     ...(r.revoked_at !== null ? { revokedAt: r.revoked_at } : {}),
+    ...(r.kind === "session" ? { session: true as const } : {}),
   };
 }
 
@@ -296,7 +329,7 @@ export class Identities {
    * A new token for `user`: its role at most the user's, its scopes within the user's (and
    * within `limit`'s, the creator's own rights, when a non-admin makes a token for itself).
    */
-  createToken(t: { user: string; role?: Role; scopes?: string[]; expiresInMs: number }, limit?: Principal): TokenRow & { token: string } {
+  createToken(t: { user: string; role?: Role; scopes?: string[]; expiresInMs: number; session?: boolean }, limit?: Principal): TokenRow & { token: string } {
     const u = this.user(t.user);
     const role = t.role ?? u.role;
     const cap = limit !== undefined ? minRole(u.role, limit.role) : u.role;
@@ -312,8 +345,8 @@ export class Identities {
     const now = new Date();
     const expiresAt = new Date(now.getTime() + t.expiresInMs).toISOString();
     this.db
-      .prepare("INSERT INTO tokens (id, user, role, vms, hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
-      .run(id, t.user, role, asked !== undefined ? JSON.stringify(asked) : null, hash, now.toISOString(), expiresAt);
+      .prepare("INSERT INTO tokens (id, user, role, vms, hash, created_at, expires_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+      .run(id, t.user, role, asked !== undefined ? JSON.stringify(asked) : null, hash, now.toISOString(), expiresAt, t.session === true ? "session" : "api");
     return { ...this.token(id), token };
   }
 
@@ -356,5 +389,83 @@ export class Identities {
     // What the user may do now bounds the token: a user demoted or narrowed since takes its tokens along.
     const vms = intersect(u.vms, r.vms !== null ? (JSON.parse(r.vms) as string[]) : undefined);
     return { user: u.name, role: minRole(u.role, r.role as Role), ...(vms !== undefined ? { vms } : {}), tokenId: p.id, from };
+  }
+
+  // ---- multi-factor login (docs/security.md) ----------------------------------
+
+  /**
+   * Turn TOTP on for `name`: a new secret (shown once, as the otpauth:// URI) and RECOVERY_CODES
+   * one-time recovery codes (shown once, stored as SHA-256 each).
+   * @throws TypevisorError MFA_ENABLED when it is on already (disable it first: a new secret must be a decision)
+   */
+  enableMfa(name: string): { uri: string; secret: string; recoveryCodes: string[] } {
+    const u = this.user(name);
+    if (u.mfa) throw new TypevisorError("MFA_ENABLED", `${name} has MFA on already`, { hint: `to enroll a new authenticator: typevisor user mfa disable ${name}, then enable` });
+    const secret = newTotpSecret();
+    const codes = Array.from({ length: RECOVERY_CODES }, newRecoveryCode);
+    this.db.prepare("UPDATE users SET totp_secret = ?, totp_last_step = NULL, recovery = ? WHERE name = ?").run(secret.toString("hex"), JSON.stringify(codes.map(recoveryHash)), name);
+    return { uri: otpauthUri(secret, name), secret: base32Encode(secret), recoveryCodes: codes };
+  }
+
+  /** @throws TypevisorError MFA_NOT_ENABLED */
+  disableMfa(name: string): void {
+    const u = this.user(name);
+    if (!u.mfa) throw new TypevisorError("MFA_NOT_ENABLED", `${name} has no MFA to disable`);
+    this.db.prepare("UPDATE users SET totp_secret = NULL, totp_last_step = NULL, recovery = NULL WHERE name = ?").run(name);
+  }
+
+  /** Unused recovery codes of `name`. */
+  recoveryLeft(name: string): number {
+    const r = this.db.prepare("SELECT recovery FROM users WHERE name = ?").get(name) as { recovery: string | null } | undefined;
+    return r?.recovery != null ? (JSON.parse(r.recovery) as string[]).length : 0;
+  }
+
+  /**
+   * Check a password login. Every refusal is one of a few reasons (for the audit log; the client
+   * hears one message for all but MFA_REQUIRED). An unknown user costs the same scrypt as a known
+   * one, so the answer's timing does not tell which names exist. The TOTP step accepted is stored
+   * in the same transaction that checks it, so two concurrent requests cannot both use one code.
+   */
+  async checkLogin(l: { user: string; password: string; totp?: string; recoveryCode?: string }, now = Date.now()): Promise<{ user: UserRow; factor: "password" | "totp" | "recovery code" } | { refused: LoginRefusal }> {
+    const raw = this.db.prepare("SELECT * FROM users WHERE name = ?").get(l.user) as RawUser | undefined;
+    const passwordOk = await verifyPassword(l.password, raw?.password ?? DUMMY_HASH);
+    if (raw === undefined) return { refused: "unknown user" };
+    if (raw.password === null) return { refused: "no password set" };
+    if (!passwordOk) return { refused: "wrong password" };
+    const u = userOf(raw);
+    if (raw.totp_secret === null) {
+      // Few administrators, each with a second factor: an admin's password alone opens nothing.
+      if (u.role === "admin") return { refused: "admin without MFA" };
+      return { user: u, factor: "password" };
+    }
+    if (l.totp !== undefined) {
+      const secret = Buffer.from(raw.totp_secret, "hex");
+      const ok = this.db.transaction(() => {
+        const cur = this.db.prepare("SELECT totp_last_step FROM users WHERE name = ?").get(l.user) as { totp_last_step: number | null };
+        const step = verifyTotp(secret, l.totp!, now, cur.totp_last_step ?? undefined);
+        if (step === undefined) return false;
+        this.db.prepare("UPDATE users SET totp_last_step = ? WHERE name = ?").run(step, l.user);
+        return true;
+      })();
+      return ok ? { user: u, factor: "totp" } : { refused: "wrong or replayed TOTP code" };
+    }
+    if (l.recoveryCode !== undefined) {
+      const h = recoveryHash(l.recoveryCode);
+      const ok = this.db.transaction(() => {
+        const cur = this.db.prepare("SELECT recovery FROM users WHERE name = ?").get(l.user) as { recovery: string | null };
+        const left = cur.recovery !== null ? (JSON.parse(cur.recovery) as string[]) : [];
+        // all compared (constant time each): which one matched does not show in the timing
+        let hit = -1;
+        left.forEach((c, i) => {
+          if (timingSafeEqual(Buffer.from(c, "hex"), Buffer.from(h, "hex")) && hit < 0) hit = i;
+        });
+        if (hit < 0) return false;
+        left.splice(hit, 1);
+        this.db.prepare("UPDATE users SET recovery = ? WHERE name = ?").run(JSON.stringify(left), l.user);
+        return true;
+      })();
+      return ok ? { user: u, factor: "recovery code" } : { refused: "wrong or used recovery code" };
+    }
+    return { refused: "MFA code missing" };
   }
 }

@@ -14,7 +14,7 @@ import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmS
 export const DEFAULT_KEEP_EVENTS = 100_000;
 const PRUNE_EVERY = 256;
 
-export const SCHEMA_VERSION = 3;
+export const SCHEMA_VERSION = 4;
 
 export interface DiskRow {
   path: string;
@@ -146,6 +146,15 @@ const MIGRATIONS: Record<number, string> = {
     );
     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+  `,
+  // Multi-factor login (identity.ts, totp.ts): a user's TOTP secret, the last time step accepted
+  // (a replayed code is refused), its unused recovery codes (SHA-256 each, JSON); sessions are
+  // tokens of kind 'session' (made by POST /v1/login, revoked by logout).
+  4: `
+    ALTER TABLE users ADD COLUMN totp_secret TEXT;
+    ALTER TABLE users ADD COLUMN totp_last_step INTEGER;
+    ALTER TABLE users ADD COLUMN recovery TEXT;
+    ALTER TABLE tokens ADD COLUMN kind TEXT NOT NULL DEFAULT 'api';
   `,
 };
 

@@ -93,7 +93,7 @@ describe.skipIf(!isRoot)("typevisor user/token/audit and HTTPS", () => {
     expect(denied.stderr).toContain("users:admin");
     // its own tokens it may list and revoke
     const ls = await tv(["token", "ls", ...over, "--fingerprint", fp!], { home: false, env: { TYPEVISOR_TOKEN: token } });
-    expect(ls.stdout).toMatch(/\n[0-9a-f]{12}\s+opal\s+operator\s+all VMs\s+.*active\n/);
+    expect(ls.stdout).toMatch(/\n[0-9a-f]{12}\s+api\s+opal\s+operator\s+all VMs\s+.*active\n/);
     const id = token.slice(4, 16);
     expect(await tv(["token", "revoke", id])).toMatchObject({ status: 0, stdout: `${id}: revoked\n` });
     expect((await tv(["vm", "ls", ...over, "--fingerprint", fp!], { home: false, env: { TYPEVISOR_TOKEN: token } })).status).toBe(6);
