@@ -10,7 +10,7 @@ import { TypevisorError } from "../errors.js";
 import type { PoolRow } from "./pools.js";
 import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmState } from "./spec.js";
 
-export const SCHEMA_VERSION = 3;
+export const SCHEMA_VERSION = 5;
 
 export interface DiskRow {
   path: string;
@@ -142,6 +142,33 @@ const MIGRATIONS: Record<number, string> = {
     );
     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+  `,
+  // Reserved for the MFA work (merged separately).
+  4: "",
+  // Metrics history (history.ts): per scope (host, or a VM's id) and resolution, each bucket's sums
+  // and counts (the average is sum/count); alert rules (alerts.ts).
+  5: `
+    CREATE TABLE metrics (
+      scope TEXT NOT NULL,
+      step INTEGER NOT NULL,
+      bucket INTEGER NOT NULL,
+      n INTEGER NOT NULL,
+      cpu REAL NOT NULL,
+      mem REAL NOT NULL,
+      n_io INTEGER NOT NULL,
+      disk_r REAL NOT NULL,
+      disk_w REAL NOT NULL,
+      net_rx REAL NOT NULL,
+      net_tx REAL NOT NULL,
+      state TEXT,
+      PRIMARY KEY (scope, step, bucket)
+    ) WITHOUT ROWID;
+    CREATE INDEX metrics_age ON metrics(step, bucket);
+    CREATE TABLE alert_rules (
+      name TEXT PRIMARY KEY,
+      spec TEXT NOT NULL,
+      created_at TEXT NOT NULL
+    );
   `,
 };
 
