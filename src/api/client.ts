@@ -16,7 +16,7 @@ import type { EventRecord, VmInfo, VmSpecInput } from "../control/spec.js";
 import { TypevisorError } from "../errors.js";
 import { HttpTimeoutError, httpRequest, parseProblem, readBody, type HttpRequestOptions } from "../sys/http-request.js";
 import type { PoolInfo, PoolSpecInput } from "../control/pools.js";
-import type { HostReport, VmStats } from "./schemas.js";
+import type { HostReport, MetricsHistoryReport, VmStats } from "./schemas.js";
 import type { AuditEntry, VerifyResult } from "../control/audit.js";
 import type { Role, TokenRow, UserRow } from "../control/identity.js";
 import { normalizeFingerprint } from "../control/tls.js";
@@ -195,6 +195,16 @@ export class TypevisorClient {
   }
   vmStats(name: string): Promise<VmStats> {
     return this.json("GET", `/v1/vms/${encodeURIComponent(name)}/stats`);
+  }
+  /** Usage history of a VM, or of the host without `vm` (GET /v1/metrics/history). */
+  metricsHistory(opts: { vm?: string; from?: Date; to?: Date; step?: number } = {}): Promise<MetricsHistoryReport> {
+    const q = new URLSearchParams();
+    if (opts.vm !== undefined) q.set("vm", opts.vm);
+    if (opts.from !== undefined) q.set("from", opts.from.toISOString());
+    if (opts.to !== undefined) q.set("to", opts.to.toISOString());
+    if (opts.step !== undefined) q.set("step", String(opts.step));
+    const qs = q.toString();
+    return this.json("GET", `/v1/metrics/history${qs !== "" ? `?${qs}` : ""}`);
   }
   /** The captured console (the last `tail` bytes). */
   console(name: string, opts: { tail?: number } = {}): Promise<Buffer> {

@@ -1,0 +1,100 @@
+/**
+ * Metrics history against a real daemon (sampling every second) and a real VMM running the tiny
+ * guest: GET /v1/metrics/history for a VM and the host, its bounds, and the CLI's --history.
+ */
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Store } from "../../src/control/store.js";
+import { homePaths } from "../../src/control/paths.js";
+import { writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { outcome } from "../helpers/thrown.js";
+import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+
+const hasKvm = existsSync("/dev/kvm");
+
+describe.skipIf(!hasKvm)("metrics history (real daemon, tiny guest)", () => {
+  let d: TestDaemon;
+  let dir: string;
+  let kernel: string;
+  const tv = (args: string[]) => spawnSync(process.execPath, [BIN, ...args, "--socket", d.socket], { encoding: "utf8", timeout: 60_000 });
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "tvhist-"));
+    kernel = join(dir, "tiny.bin");
+    writeTinyKernel(kernel);
+    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
+  }, 30_000);
+
+  afterAll(async () => {
+    if (d !== undefined) {
+      for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
+      await d.stop();
+    }
+    rmSync(dir, { recursive: true, force: true });
+  }, 60_000);
+
+  it("records a running VM's usage and state, and the host's, and serves them", async () => {
+    const c = d.client;
+    await c.createVm({ name: "h1", kernel, memoryMiB: 64, rng: false });
+    const vm = await c.startVm("h1");
+    const running = await until(
+      "a 10 s bucket with usage",
+      async () => (await c.metricsHistory({ vm: "h1", step: 10 })).points.find((p) => p.samples > 0 && p.state === "running"),
+      30_000,
+    );
+    expect(running.memoryBytes).toBeGreaterThan(0);
+    expect(running.cpuPercent).toBeGreaterThanOrEqual(0);
+    // the same samples in the 5 min and 1 h buckets
+    expect((await c.metricsHistory({ vm: "h1", step: 300 })).points.at(-1)!.samples).toBeGreaterThan(0);
+    expect((await c.metricsHistory({ vm: "h1", step: 3600 })).points.at(-1)!.samples).toBeGreaterThan(0);
+    const host = await c.metricsHistory();
+    expect(host.vm).toBeUndefined();
+    expect(host.step).toBe(10);
+    const hp = host.points.at(-1)!;
+    expect(hp.memoryBytes).toBeGreaterThan(0);
+    expect(hp.cpuPercent).toBeGreaterThanOrEqual(0);
+    expect(hp.cpuPercent).toBeLessThanOrEqual(100);
+    expect(hp.diskReadBps).toBeGreaterThanOrEqual(0);
+
+    // the VMM killed: the history shows the crash
+    process.kill(vm.pid!, "SIGKILL");
+    await until("crashed in the history", async () => (await c.metricsHistory({ vm: "h1", step: 10 })).points.find((p) => p.state === "crashed"), 30_000);
+
+    // the CLI prints a table of it
+    const out = tv(["vm", "stats", "h1", "--history", "5m"]);
+    expect(out.stderr).toBe("");
+    expect(out.status).toBe(0);
+    expect(out.stdout).toMatch(/^VM h1: \d+ point\(s\) of 10 s from /);
+    expect(out.stdout).toMatch(/TIME\s+STATE\s+CPU\s+MEMORY\s+DISK READ\s+DISK WRITE\s+NET RX\s+NET TX/);
+    expect(out.stdout).toMatch(/ (running|crashed) +\d+\.\d%/);
+    const hostOut = tv(["host", "--history", "2h", "--json"]);
+    expect(hostOut.status).toBe(0);
+    expect((JSON.parse(hostOut.stdout) as { step: number }).step).toBe(10);
+    expect(tv(["host", "--history", "soon"]).status).not.toBe(0);
+
+    // removing the VM removes its history
+    const id = (await c.getVm("h1")).id;
+    await c.removeVm("h1");
+    expect(await outcome(c.metricsHistory({ vm: "h1" }))).toBe("404 VM_NOT_FOUND");
+    const s = new Store(homePaths(d.home).db);
+    try {
+      expect((s.db.prepare("SELECT count(*) AS n FROM metrics WHERE scope = ?").get(id) as { n: number }).n).toBe(0);
+    } finally {
+      s.close();
+    }
+  }, 90_000);
+
+  it("refuses bad ranges and steps, and answers in at most 2000 points", async () => {
+    const c = d.client;
+    const now = Date.now();
+    expect(await outcome(c.metricsHistory({ step: 60 }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(c.metricsHistory({ from: new Date(now - 86_400_000), step: 10 }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(c.metricsHistory({ from: new Date(now), to: new Date(now - 1000) }))).toBe("400 INVALID_REQUEST");
+    const year = await c.metricsHistory({ from: new Date(now - 365 * 86_400_000) });
+    expect(year.step).toBe(3600);
+    expect(year.points.length).toBeLessThanOrEqual(2000);
+  });
+});
