@@ -17,6 +17,8 @@ import { TypevisorError } from "../errors.js";
 import { HttpTimeoutError, httpRequest, parseProblem, readBody, type HttpRequestOptions } from "../sys/http-request.js";
 import type { PoolInfo, PoolSpecInput } from "../control/pools.js";
 import type { HostReport, MetricsHistoryReport, VmStats } from "./schemas.js";
+import type { AlertRuleInfo, FiringAlertInfo } from "./alert-routes.js";
+import type { alertRuleSpec } from "../control/alerts.js";
 import type { AuditEntry, VerifyResult } from "../control/audit.js";
 import type { Role, TokenRow, UserRow } from "../control/identity.js";
 import { normalizeFingerprint } from "../control/tls.js";
@@ -205,6 +207,19 @@ export class TypevisorClient {
     if (opts.step !== undefined) q.set("step", String(opts.step));
     const qs = q.toString();
     return this.json("GET", `/v1/metrics/history${qs !== "" ? `?${qs}` : ""}`);
+  }
+  /** The alerts firing now. */
+  async alerts(): Promise<FiringAlertInfo[]> {
+    return (await this.json<{ alerts: FiringAlertInfo[] }>("GET", "/v1/alerts")).alerts;
+  }
+  async alertRules(): Promise<AlertRuleInfo[]> {
+    return (await this.json<{ rules: AlertRuleInfo[] }>("GET", "/v1/alerts/rules")).rules;
+  }
+  addAlertRule(spec: import("zod").input<typeof alertRuleSpec>): Promise<AlertRuleInfo> {
+    return this.json("POST", "/v1/alerts/rules", spec);
+  }
+  async removeAlertRule(name: string): Promise<void> {
+    await this.json("DELETE", `/v1/alerts/rules/${encodeURIComponent(name)}`);
   }
   /** The captured console (the last `tail` bytes). */
   console(name: string, opts: { tail?: number } = {}): Promise<Buffer> {

@@ -36,6 +36,7 @@ import { parseSize } from "../size.js";
 import { diskAddSpec, vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
 import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
 import { Store, type DiskRow, type VmRow } from "./store.js";
+import { AlertEngine, AlertRules, type AlertChange, type AlertRule, type AlertRuleSpec, type FiringAlert, type Observation } from "./alerts.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
@@ -133,6 +134,9 @@ export class VmManager extends EventEmitter {
   /** Usage history (history.ts), fed by collectUsage. */
   readonly history: MetricsHistory;
   private readonly rates = new RateTracker();
+  /** Alert rules (the inventory's) and their evaluation (alerts.ts). */
+  private readonly alertRules: AlertRules;
+  private readonly alerts = new AlertEngine();
   private readonly restartTimes = new Map<string, number[]>();
   private usageTimer: NodeJS.Timeout | undefined;
   private healthTimer: NodeJS.Timeout | undefined;
@@ -155,6 +159,7 @@ export class VmManager extends EventEmitter {
     mkdirSync(hp.run, { recursive: true, mode: 0o700 });
     this.store = new Store(hp.db);
     this.history = new MetricsHistory(this.store.db);
+    this.alertRules = new AlertRules(this.store.db);
     this.ensureDefaultPool(hp.vms);
     this.cgroups = config.noCgroups === true ? { available: false, controllers: [], reason: "turned off (--no-cgroups)" } : detectCgroupV2();
     this.log = config.logger;
@@ -281,6 +286,10 @@ export class VmManager extends EventEmitter {
     }
     this.log.info({ event: type, vm, ...data }, message);
     this.emit("event", e);
+    // a crash is an alert at once, not at the next usage sample (it may be restarted by then)
+    if (vm !== undefined && (type === "vm.crashed" || type === "vm.restarting")) {
+      this.alertEvents(this.alerts.fireNow({ rule: "vm-crashed", subject: `vm:${vm}`, vm, severity: "critical", message: type === "vm.crashed" ? `VM ${vm} crashed` : `VM ${vm} crashed and is being restarted` }));
+    }
     if (this.eventsLost > 0) {
       const lost = this.eventsLost;
       this.eventsLost = 0;
@@ -1270,6 +1279,51 @@ export class VmManager extends EventEmitter {
       // a full disk must not stop sampling (the live figures and the watchdog go on)
       this.log.warn({ err: (e as Error).message }, "metrics history not recorded");
     }
+    const byId = new Map(samples.map((x) => [x.scope, x.sample]));
+    const obs: Observation = {
+      host: { memoryBytes: used.memoryBytes, memoryTotalBytes: discoverHost(this.config.home).memoryBytes },
+      vms: this.store.listVms().map((r) => {
+        const live = this.live.get(r.id);
+        const sample = byId.get(r.id);
+        return {
+          name: r.name,
+          state: r.state,
+          ...(sample !== undefined ? { sample } : {}),
+          unresponsive: live?.unresponsiveSince !== undefined && !live.dead,
+          pausedDiskFull: r.state === "paused" && live?.pauseReason !== undefined && (live.pauseReason.kind ?? "disk-full") === "disk-full",
+        };
+      }),
+      pools: this.listPools().map((p) => ({ name: p.name, capacityBytes: p.capacityBytes, freeBytes: p.freeBytes })),
+    };
+    this.alertEvents(this.alerts.evaluate(obs, this.alertRules.list()));
+  }
+
+  private alertEvents(changes: AlertChange[]): void {
+    for (const c of changes) {
+      const a = c.alert;
+      this.event(`alert.${c.kind}`, a.vm, `${a.severity} alert ${a.rule}${a.vm === undefined ? ` (${a.subject})` : ""}: ${a.message}`, { ...a });
+    }
+  }
+
+  /** The alerts firing now. */
+  firingAlerts(): FiringAlert[] {
+    return this.alerts.current();
+  }
+
+  listAlertRules(): AlertRule[] {
+    return this.alertRules.list();
+  }
+
+  addAlertRule(spec: AlertRuleSpec): AlertRule {
+    if (spec.vm !== undefined) this.row(spec.vm);
+    const r = this.alertRules.add(spec);
+    this.daemonEvent("alert.rule-added", `alert rule ${r.name} added: ${r.metric} above ${r.above}${r.forSeconds > 0 ? ` for ${r.forSeconds} s` : ""} (${r.severity})${r.vm !== undefined ? ` on VM ${r.vm}` : ""}`, { rule: r.name });
+    return r;
+  }
+
+  removeAlertRule(name: string): void {
+    this.alertRules.remove(name);
+    this.daemonEvent("alert.rule-removed", `alert rule ${name} removed`, { rule: name });
   }
 
   /**
