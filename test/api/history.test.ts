@@ -87,6 +87,40 @@ describe.skipIf(!hasKvm)("metrics history (real daemon, tiny guest)", () => {
     }
   }, 90_000);
 
+  it("fires and resolves alerts as events: a user rule on a VM's memory, a crash at once", async () => {
+    const c = d.client;
+    const from = (await c.events({ limit: 1 })).at(-1)?.seq ?? 0;
+    expect(await outcome(c.addAlertRule({ name: "vm-crashed", metric: "cpu", above: 1 }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(c.addAlertRule({ name: "x", metric: "cpu", above: 1, vm: "nosuch" }))).toBe("404 VM_NOT_FOUND");
+    await c.createVm({ name: "h2", kernel, memoryMiB: 64, rng: false });
+    const vm = await c.startVm("h2");
+    const add = tv(["alert", "rule", "add", "big", "--metric", "memory", "--above", "1K", "--for", "2s", "--severity", "critical", "--vm", "h2"]);
+    expect(add.stderr).toBe("");
+    expect(add.stdout).toBe("alert rule big added\n");
+    expect(tv(["alert", "rule", "add", "big", "--metric", "memory", "--above", "1K"]).status).not.toBe(0);
+    const ls = tv(["alert", "rule", "ls"]).stdout;
+    expect(ls).toMatch(/vm-crashed\s+critical/);
+    expect(ls).toMatch(/big\s+critical\s+memory above 1024 for 2s\s+h2/);
+    const fired = await until("alert.firing", async () => (await c.events({ after: from })).find((e) => e.type === "alert.firing" && e.data?.["rule"] === "big"), 30_000);
+    expect(fired.vm).toBe("h2");
+    // (filtered to the VM: a loaded test host may have its own host-memory or pool-disk alert)
+    expect((await c.alerts()).filter((a) => a.vm === "h2").map((a) => `${a.rule} ${a.subject} ${a.severity}`)).toEqual(["big vm:h2 critical"]);
+    const out = tv(["alerts"]).stdout;
+    expect(out).toMatch(/critical\s+big\s+vm:h2\s+VM h2: memory \d+ bytes above 1024 bytes for 2 s/);
+
+    // the VMM killed: vm-crashed fires at once (the event, not the next sample), and the memory
+    // rule resolves (no VMM: nothing is above anything)
+    process.kill(vm.pid!, "SIGKILL");
+    await until("vm-crashed", async () => (await c.alerts()).find((a) => a.rule === "vm-crashed" && a.vm === "h2"), 10_000);
+    await until("big resolved", async () => (await c.events({ after: from })).find((e) => e.type === "alert.resolved" && e.data?.["rule"] === "big"), 30_000);
+    // removed: its alerts resolve
+    await c.removeVm("h2");
+    await until("vm-crashed resolved", async () => (await c.events({ after: from })).find((e) => e.type === "alert.resolved" && e.data?.["rule"] === "vm-crashed" && e.vm === "h2"), 30_000);
+    expect((await c.alerts()).filter((a) => a.vm === "h2")).toEqual([]);
+    expect(tv(["alert", "rule", "rm", "big"]).stdout).toBe("alert rule big removed\n");
+    expect(await outcome(c.removeAlertRule("big"))).toBe("404 ALERT_RULE_NOT_FOUND");
+  }, 90_000);
+
   it("refuses bad ranges and steps, and answers in at most 2000 points", async () => {
     const c = d.client;
     const now = Date.now();
