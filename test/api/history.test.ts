@@ -2,7 +2,7 @@
  * Metrics history against a real daemon (sampling every second) and a real VMM running the tiny
  * guest: GET /v1/metrics/history for a VM and the host, its bounds, and the CLI's --history.
  */
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -94,6 +94,12 @@ describe.skipIf(!hasKvm)("metrics history (real daemon, tiny guest)", () => {
     expect(await outcome(c.addAlertRule({ name: "x", metric: "cpu", above: 1, vm: "nosuch" }))).toBe("404 VM_NOT_FOUND");
     await c.createVm({ name: "h2", kernel, memoryMiB: 64, rng: false });
     const vm = await c.startVm("h2");
+    // a follower started before the rule: it prints what is firing now, then each change
+    const follow = spawn(process.execPath, [BIN, "alerts", "-f", "--socket", d.socket], { stdio: ["ignore", "pipe", "pipe"] });
+    let followed = "";
+    follow.stdout.on("data", (b: Buffer) => (followed += b.toString()));
+    // once it has listed (no alerts, or a table), it follows from the event before its listing
+    await until("the follower's listing", () => (followed.startsWith("no alerts firing\n") || followed.startsWith("SINCE") ? true : undefined), 20_000);
     const add = tv(["alert", "rule", "add", "big", "--metric", "memory", "--above", "1K", "--for", "2s", "--severity", "critical", "--vm", "h2"]);
     expect(add.stderr).toBe("");
     expect(add.stdout).toBe("alert rule big added\n");
@@ -105,6 +111,9 @@ describe.skipIf(!hasKvm)("metrics history (real daemon, tiny guest)", () => {
     expect(fired.vm).toBe("h2");
     // (filtered to the VM: a loaded test host may have its own host-memory or pool-disk alert)
     expect((await c.alerts()).filter((a) => a.vm === "h2").map((a) => `${a.rule} ${a.subject} ${a.severity}`)).toEqual(["big vm:h2 critical"]);
+    const line = await until("FIRING on alerts -f", () => followed.split("\n").find((l) => / FIRING +critical alert big: VM h2: memory/.test(l)), 20_000);
+    expect(line).toMatch(/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ  FIRING  /);
+    follow.kill("SIGTERM");
     const out = tv(["alerts"]).stdout;
     expect(out).toMatch(/critical\s+big\s+vm:h2\s+VM h2: memory \d+ bytes above 1024 bytes for 2 s/);
 
