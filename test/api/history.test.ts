@@ -112,7 +112,7 @@ describe.skipIf(!hasKvm)("metrics history (real daemon, tiny guest)", () => {
     // (filtered to the VM: a loaded test host may have its own host-memory or pool-disk alert)
     expect((await c.alerts()).filter((a) => a.vm === "h2").map((a) => `${a.rule} ${a.subject} ${a.severity}`)).toEqual(["big vm:h2 critical"]);
     const line = await until("FIRING on alerts -f", () => followed.split("\n").find((l) => / FIRING +critical alert big: VM h2: memory/.test(l)), 20_000);
-    expect(line).toMatch(/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ  FIRING  /);
+    expect(line).toMatch(/^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ {2}FIRING {2}/);
     follow.kill("SIGTERM");
     const out = tv(["alerts"]).stdout;
     expect(out).toMatch(/critical\s+big\s+vm:h2\s+VM h2: memory \d+ bytes above 1024 bytes for 2 s/);
