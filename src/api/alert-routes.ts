@@ -30,6 +30,21 @@ export const alertRuleInfo = z.object({
   createdAt: z.string().optional(),
 });
 export const alertRuleList = z.object({ rules: z.array(alertRuleInfo) });
+export const webhookList = z.object({
+  webhooks: z.array(
+    z.object({
+      url: z.string(),
+      delivered: z.number().int(),
+      failedAttempts: z.number().int(),
+      givenUp: z.number().int(),
+      dropped: z.number().int(),
+      queued: z.number().int(),
+      lastSuccessAt: z.string().optional(),
+      lastError: z.object({ at: z.string(), message: z.string() }).optional(),
+    }),
+  ),
+});
+export type WebhookInfo = z.infer<typeof webhookList>["webhooks"][number];
 export const alertRuleParams = z.object({ rule: alertRuleName }).strict();
 export type FiringAlertInfo = z.infer<typeof firingAlert>;
 export type AlertRuleInfo = z.infer<typeof alertRuleInfo>;
@@ -40,6 +55,12 @@ export const ALERT_ROUTES: Route[] = [
     permission: "metrics:read", hostWide: true,
     responses: { 200: { description: "oldest first", schema: alertList } },
     handler: async ({ manager }) => ({ alerts: manager.firingAlerts() }),
+  }),
+  route({
+    method: "GET", url: "/v1/alerts/webhooks", operationId: "alertWebhooks", summary: "The daemon's alert webhooks (--alert-webhook): deliveries, failed attempts, events given up on, the last error",
+    permission: "metrics:read", hostWide: true,
+    responses: { 200: { description: "per URL (without its query)", schema: webhookList } },
+    handler: async ({ manager }) => ({ webhooks: manager.webhookStatus() }),
   }),
   route({
     method: "GET", url: "/v1/alerts/rules", operationId: "listAlertRules", summary: "Alert rules: the built-in ones, then the users'",

@@ -17,7 +17,7 @@ import { TypevisorError } from "../errors.js";
 import { HttpTimeoutError, httpRequest, parseProblem, readBody, type HttpRequestOptions } from "../sys/http-request.js";
 import type { PoolInfo, PoolSpecInput } from "../control/pools.js";
 import type { HostReport, MetricsHistoryReport, VmStats } from "./schemas.js";
-import type { AlertRuleInfo, FiringAlertInfo } from "./alert-routes.js";
+import type { AlertRuleInfo, FiringAlertInfo, WebhookInfo } from "./alert-routes.js";
 import type { alertRuleSpec } from "../control/alerts.js";
 import type { AuditEntry, VerifyResult } from "../control/audit.js";
 import type { Role, TokenRow, UserRow } from "../control/identity.js";
@@ -211,6 +211,9 @@ export class TypevisorClient {
   /** The alerts firing now. */
   async alerts(): Promise<FiringAlertInfo[]> {
     return (await this.json<{ alerts: FiringAlertInfo[] }>("GET", "/v1/alerts")).alerts;
+  }
+  async alertWebhooks(): Promise<WebhookInfo[]> {
+    return (await this.json<{ webhooks: WebhookInfo[] }>("GET", "/v1/alerts/webhooks")).webhooks;
   }
   async alertRules(): Promise<AlertRuleInfo[]> {
     return (await this.json<{ rules: AlertRuleInfo[] }>("GET", "/v1/alerts/rules")).rules;

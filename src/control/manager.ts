@@ -37,6 +37,7 @@ import { diskAddSpec, vmSpec, type EventRecord, type VmExit, type VmInfo, type V
 import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
 import { Store, type DiskRow, type VmRow } from "./store.js";
 import { AlertEngine, AlertRules, type AlertChange, type AlertRule, type AlertRuleSpec, type FiringAlert, type Observation } from "./alerts.js";
+import { Webhooks, type WebhookStatus } from "./webhooks.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
@@ -57,6 +58,10 @@ export interface ManagerConfig {
   vmmOverheadBytes?: number;
   /** Real paths of the directories a spec's kernel and initrd may come from (--allow-files); none by default. */
   allowedDirs?: string[];
+  /** URLs each alert.firing and alert.resolved event is POSTed to (webhooks.ts). */
+  alertWebhooks?: string[];
+  /** The first retry's delay; each next one doubles (default 1 s). */
+  webhookRetryBaseMs?: number;
 }
 
 /** Biggest disk we will create: far past any host here, well short of a typo's 10^18. */
@@ -137,6 +142,7 @@ export class VmManager extends EventEmitter {
   /** Alert rules (the inventory's) and their evaluation (alerts.ts). */
   private readonly alertRules: AlertRules;
   private readonly alerts = new AlertEngine();
+  private readonly webhooks: Webhooks;
   private readonly restartTimes = new Map<string, number[]>();
   private usageTimer: NodeJS.Timeout | undefined;
   private healthTimer: NodeJS.Timeout | undefined;
@@ -160,6 +166,12 @@ export class VmManager extends EventEmitter {
     this.store = new Store(hp.db);
     this.history = new MetricsHistory(this.store.db);
     this.alertRules = new AlertRules(this.store.db);
+    this.webhooks = new Webhooks(config.alertWebhooks ?? [], {
+      baseDelayMs: config.webhookRetryBaseMs ?? 1000,
+      attempts: 5,
+      onGiveUp: (url, e, message) =>
+        this.daemonEvent("alert.webhook-failed", `webhook ${url} did not take event ${e.seq} (${e.type}) after 5 attempts: ${message}`, { url, seq: e.seq, error: message }),
+    });
     this.ensureDefaultPool(hp.vms);
     this.cgroups = config.noCgroups === true ? { available: false, controllers: [], reason: "turned off (--no-cgroups)" } : detectCgroupV2();
     this.log = config.logger;
@@ -286,6 +298,7 @@ export class VmManager extends EventEmitter {
     }
     this.log.info({ event: type, vm, ...data }, message);
     this.emit("event", e);
+    if (type === "alert.firing" || type === "alert.resolved") this.webhooks.deliver(e);
     // a crash is an alert at once, not at the next usage sample (it may be restarted by then)
     if (vm !== undefined && (type === "vm.crashed" || type === "vm.restarting")) {
       this.alertEvents(this.alerts.fireNow({ rule: "vm-crashed", subject: `vm:${vm}`, vm, severity: "critical", message: type === "vm.crashed" ? `VM ${vm} crashed` : `VM ${vm} crashed and is being restarted` }));
@@ -1305,6 +1318,11 @@ export class VmManager extends EventEmitter {
     }
   }
 
+  /** What each alert webhook did last. */
+  webhookStatus(): WebhookStatus[] {
+    return this.webhooks.status();
+  }
+
   /** The alerts firing now. */
   firingAlerts(): FiringAlert[] {
     return this.alerts.current();
@@ -1341,6 +1359,7 @@ export class VmManager extends EventEmitter {
     this.closing = true;
     if (this.usageTimer !== undefined) clearInterval(this.usageTimer);
     if (this.healthTimer !== undefined) clearInterval(this.healthTimer);
+    this.webhooks.close();
     if (opts.stopVms === true) {
       await Promise.all(
         this.store
