@@ -4,6 +4,8 @@
  */
 import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { createServer, type Server } from "node:http";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -19,13 +21,28 @@ describe.skipIf(!hasKvm)("metrics history (real daemon, tiny guest)", () => {
   let d: TestDaemon;
   let dir: string;
   let kernel: string;
+  /** A real webhook receiver: the first POST is answered 500 (the daemon retries), the rest 204. */
+  let hook: Server;
+  const hooked: { type: string; vm?: string; data?: Record<string, unknown> }[] = [];
+  let hookAnswers = 0;
   const tv = (args: string[]) => spawnSync(process.execPath, [BIN, ...args, "--socket", d.socket], { encoding: "utf8", timeout: 60_000 });
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), "tvhist-"));
     kernel = join(dir, "tiny.bin");
     writeTinyKernel(kernel);
-    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
+    hook = createServer((req, res) => {
+      let b = "";
+      req.on("data", (x: Buffer) => (b += x.toString()));
+      req.on("end", () => {
+        res.statusCode = hookAnswers++ === 0 ? 500 : 204;
+        if (res.statusCode === 204) hooked.push(JSON.parse(b) as (typeof hooked)[number]);
+        res.end();
+      });
+    });
+    await new Promise<void>((r) => hook.listen(0, "127.0.0.1", r));
+    const hookUrl = `http://127.0.0.1:${(hook.address() as AddressInfo).port}/alerts?key=secret`;
+    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir, "--alert-webhook", hookUrl] });
   }, 30_000);
 
   afterAll(async () => {
@@ -33,6 +50,7 @@ describe.skipIf(!hasKvm)("metrics history (real daemon, tiny guest)", () => {
       for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
       await d.stop();
     }
+    hook?.close();
     rmSync(dir, { recursive: true, force: true });
   }, 60_000);
 
@@ -127,6 +145,18 @@ describe.skipIf(!hasKvm)("metrics history (real daemon, tiny guest)", () => {
     await until("vm-crashed resolved", async () => (await c.events({ after: from })).find((e) => e.type === "alert.resolved" && e.data?.["rule"] === "vm-crashed" && e.vm === "h2"), 30_000);
     expect((await c.alerts()).filter((a) => a.vm === "h2")).toEqual([]);
     expect(tv(["alert", "rule", "rm", "big"]).stdout).toBe("alert rule big removed\n");
+
+    // the webhook got them, in order, the first after a retry; its status says so
+    await until("webhook deliveries", () => (hooked.filter((e) => e.vm === "h2").length >= 4 ? true : undefined), 30_000);
+    expect(hooked.filter((e) => e.vm === "h2").map((e) => `${e.type} ${String(e.data?.["rule"])}`)).toEqual([
+      "alert.firing big",
+      "alert.firing vm-crashed",
+      "alert.resolved big",
+      "alert.resolved vm-crashed",
+    ]);
+    const [ws] = await c.alertWebhooks();
+    expect(ws).toMatchObject({ url: expect.stringMatching(/^http:\/\/127\.0\.0\.1:\d+\/alerts$/), failedAttempts: 1, givenUp: 0, lastError: { message: "HTTP 500" } });
+    expect(ws!.delivered).toBeGreaterThanOrEqual(4);
     expect(await outcome(c.removeAlertRule("big"))).toBe("404 ALERT_RULE_NOT_FOUND");
   }, 90_000);
 
