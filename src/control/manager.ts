@@ -10,7 +10,7 @@
  */
 import { EventEmitter } from "node:events";
 import { copyFile, rm } from "node:fs/promises";
-import { closeSync, constants, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, constants, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statfsSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join, sep } from "node:path";
 import type { ChildProcess } from "node:child_process";
@@ -1306,7 +1306,15 @@ export class VmManager extends EventEmitter {
           pausedDiskFull: r.state === "paused" && live?.pauseReason !== undefined && (live.pauseReason.kind ?? "disk-full") === "disk-full",
         };
       }),
-      pools: this.listPools().map((p) => ({ name: p.name, capacityBytes: p.capacityBytes, freeBytes: p.freeBytes })),
+      // statfs only (listPools() would also stat every disk file, each sample)
+      pools: this.store.listPools().flatMap((p) => {
+        try {
+          const st = statfsSync(p.path);
+          return [{ name: p.name, capacityBytes: st.blocks * st.bsize, freeBytes: st.bavail * st.bsize }];
+        } catch {
+          return []; // the directory is gone: pool ls shows it
+        }
+      }),
     };
     this.alertEvents(this.alerts.evaluate(obs, this.alertRules.list()));
   }
