@@ -16,7 +16,9 @@ import type { EventRecord, VmInfo, VmSpecInput } from "../control/spec.js";
 import { TypevisorError } from "../errors.js";
 import { HttpTimeoutError, httpRequest, parseProblem, readBody, type HttpRequestOptions } from "../sys/http-request.js";
 import type { PoolInfo, PoolSpecInput } from "../control/pools.js";
-import type { HostReport, VmStats } from "./schemas.js";
+import type { HostReport, MetricsHistoryReport, VmStats } from "./schemas.js";
+import type { AlertRuleInfo, FiringAlertInfo, WebhookInfo } from "./alert-routes.js";
+import type { alertRuleSpec } from "../control/alerts.js";
 import type { AuditEntry, VerifyResult } from "../control/audit.js";
 import type { Role, TokenRow, UserRow } from "../control/identity.js";
 import { normalizeFingerprint } from "../control/tls.js";
@@ -195,6 +197,32 @@ export class TypevisorClient {
   }
   vmStats(name: string): Promise<VmStats> {
     return this.json("GET", `/v1/vms/${encodeURIComponent(name)}/stats`);
+  }
+  /** Usage history of a VM, or of the host without `vm` (GET /v1/metrics/history). */
+  metricsHistory(opts: { vm?: string; from?: Date; to?: Date; step?: number } = {}): Promise<MetricsHistoryReport> {
+    const q = new URLSearchParams();
+    if (opts.vm !== undefined) q.set("vm", opts.vm);
+    if (opts.from !== undefined) q.set("from", opts.from.toISOString());
+    if (opts.to !== undefined) q.set("to", opts.to.toISOString());
+    if (opts.step !== undefined) q.set("step", String(opts.step));
+    const qs = q.toString();
+    return this.json("GET", `/v1/metrics/history${qs !== "" ? `?${qs}` : ""}`);
+  }
+  /** The alerts firing now. */
+  async alerts(): Promise<FiringAlertInfo[]> {
+    return (await this.json<{ alerts: FiringAlertInfo[] }>("GET", "/v1/alerts")).alerts;
+  }
+  async alertWebhooks(): Promise<WebhookInfo[]> {
+    return (await this.json<{ webhooks: WebhookInfo[] }>("GET", "/v1/alerts/webhooks")).webhooks;
+  }
+  async alertRules(): Promise<AlertRuleInfo[]> {
+    return (await this.json<{ rules: AlertRuleInfo[] }>("GET", "/v1/alerts/rules")).rules;
+  }
+  addAlertRule(spec: import("zod").input<typeof alertRuleSpec>): Promise<AlertRuleInfo> {
+    return this.json("POST", "/v1/alerts/rules", spec);
+  }
+  async removeAlertRule(name: string): Promise<void> {
+    await this.json("DELETE", `/v1/alerts/rules/${encodeURIComponent(name)}`);
   }
   /** The captured console (the last `tail` bytes). */
   console(name: string, opts: { tail?: number } = {}): Promise<Buffer> {

@@ -152,6 +152,13 @@ export const ROUTES: Route[] = [
     },
   }),
   route({
+    method: "GET", url: "/v1/metrics/history", operationId: "metricsHistory",
+    summary: "Usage history of a VM (?vm=NAME) or of the host: averages per 10 s (kept a day), 5 min (30 days) or 1 h (a year)",
+    query: S.metricsHistoryQuery, permission: "vm:read", target: "query",
+    responses: { 200: { description: "the buckets in the range, oldest first (at most 2000)", schema: S.metricsHistory } },
+    handler: async ({ manager, query }) => manager.metricsHistory(query),
+  }),
+  route({
     method: "GET", url: "/v1/vms/:name/console", operationId: "vmConsole",
     summary: "The VM's serial console output (captured log); ?follow=true streams new output",
     description: "Interactive console: GET /v1/vms/{name}/console/attach with `Connection: Upgrade` and `Upgrade: tcp`; after `101 Switching Protocols` the connection carries the raw serial bytes both ways.",

@@ -65,3 +65,30 @@ export const health = z.object({ ok: z.boolean(), version: z.string(), pid: z.nu
 
 export type HostReport = z.infer<typeof hostReport>;
 export type VmStats = z.infer<typeof vmStats>;
+
+const isoTime = z
+  .string()
+  .max(40)
+  .refine((s) => !Number.isNaN(Date.parse(s)), "an ISO 8601 time")
+  .transform((s) => Date.parse(s));
+export const metricsHistoryQuery = z
+  .object({
+    vm: vmName.optional().describe("the VM; absent: the host"),
+    from: isoTime.optional().describe("ISO 8601; default: an hour before `to`"),
+    to: isoTime.optional().describe("ISO 8601; default: now"),
+    step: z.coerce.number().int().optional().describe("10, 300 or 3600 seconds; absent: the finest that holds `from` in at most 2000 points"),
+  })
+  .strict();
+export const historyPoint = z.object({
+  t: z.string().describe("the bucket's start"),
+  samples: z.number().int().describe("usage samples averaged in the bucket (0: only the state is known)"),
+  cpuPercent: z.number().optional().describe("VM: of one CPU (200 = two busy vCPUs); host: of all its CPUs"),
+  memoryBytes: z.number().optional(),
+  diskReadBps: z.number().optional().describe("bytes per second; host: the VMs' sum"),
+  diskWriteBps: z.number().optional(),
+  netRxBps: z.number().optional(),
+  netTxBps: z.number().optional(),
+  state: z.string().optional().describe("the VM's last state in the bucket"),
+});
+export const metricsHistory = z.object({ vm: z.string().optional(), step: z.number().int(), from: z.string(), to: z.string(), points: z.array(historyPoint) });
+export type MetricsHistoryReport = z.infer<typeof metricsHistory>;

@@ -44,6 +44,7 @@ interface DaemonOptions {
   cgroups: boolean;
   logLevel: string;
   allowFiles: string[];
+  alertWebhook: string[];
 }
 
 /** --allow-files directories as real paths (symlinks resolved once, at start); each must exist. */
@@ -57,6 +58,17 @@ function allowedDirs(dirs: string[]): string[] {
       throw new TypevisorError("INVALID_ARGUMENT", `--allow-files ${d}: ${(e as Error).message}`);
     }
   });
+}
+
+function checkWebhookUrl(v: string): string {
+  let u: URL | undefined;
+  try {
+    u = new URL(v);
+  } catch {
+    /* below */
+  }
+  if (u === undefined || (u.protocol !== "http:" && u.protocol !== "https:")) throw new TypevisorError("INVALID_ARGUMENT", `--alert-webhook takes an http:// or https:// URL (got "${v}")`);
+  return u.toString();
 }
 
 function seconds(name: string, v: string): number {
@@ -115,6 +127,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   const manager = new VmManager({
     home,
     allowedDirs: allowedDirs(o.allowFiles),
+    alertWebhooks: o.alertWebhook.map(checkWebhookUrl),
     policy,
     forceKvm: o.forceKvm,
     noCgroups: !o.cgroups,
@@ -185,6 +198,12 @@ export function registerDaemonCommand(program: Command): void {
     .option(
       "--allow-files <dir>",
       "VM specs may name kernels and initrds under this directory (repeatable; by default only images boot: a spec naming any other host file is refused)",
+      (v: string, prev: string[]) => [...prev, v],
+      [] as string[],
+    )
+    .option(
+      "--alert-webhook <url>",
+      "POST each alert.firing and alert.resolved event as JSON to this http(s) URL, retried with backoff (repeatable; GET /v1/alerts/webhooks shows how they fare)",
       (v: string, prev: string[]) => [...prev, v],
       [] as string[],
     )

@@ -8,6 +8,7 @@ import type { HostReport } from "../api/schemas.js";
 import { VM_STATES } from "../control/spec.js";
 import { connect, type ConnectionOptions } from "./connect.js";
 import { formatBytes, formatNumber, renderTable, toJson } from "./format.js";
+import { formatHistory, parseHistoryRange, parseStep } from "./history.js";
 import { clientCommand } from "./vm.js";
 
 function ratio(r: number): string {
@@ -38,8 +39,17 @@ export function formatHostReport(h: HostReport): string {
 
 export function registerHostCommand(program: Command): void {
   clientCommand(program, "host", "host resources: capacity, budget under the overcommit policy, allocated to VMs, used, free")
+    .option("--history <range>", "the host's usage over the last RANGE (90s, 15m, 1h, 7d, 1y): averages per 10 s, 5 min or 1 h")
+    .option("--step <seconds>", "with --history: 10, 300 or 3600 (default: chosen from the range)")
     .option("--json", "print the API's JSON")
-    .action(async (o: ConnectionOptions & { json?: boolean }) => {
+    .action(async (o: ConnectionOptions & { json?: boolean; history?: string; step?: string }) => {
+      if (o.history !== undefined || o.step !== undefined) {
+        const range = parseHistoryRange("--history", o.history ?? "1h");
+        const to = new Date();
+        const hist = await connect(o).metricsHistory({ from: new Date(to.getTime() - range), to, ...(o.step !== undefined ? { step: parseStep("--step", o.step) } : {}) });
+        process.stdout.write(o.json === true ? toJson(hist) : formatHistory(hist));
+        return;
+      }
       const h = await connect(o).host();
       process.stdout.write(o.json === true ? toJson(h) : formatHostReport(h));
     });

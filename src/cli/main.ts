@@ -24,7 +24,7 @@ async function runInLabAgain(): Promise<number> {
   return runInLab([process.execPath, process.argv[1] ?? "typevisor", ...process.argv.slice(2), "--no-lab"], tty !== undefined ? { tty } : {});
 }
 
-const COMMANDS = ["run", "image", "daemon", "vm", "pool", "host", "events", "user", "token", "audit", "login", "logout"] as const;
+const COMMANDS = ["run", "image", "daemon", "vm", "pool", "host", "events", "alerts", "alert", "user", "token", "audit", "login", "logout"] as const;
 
 /**
  * The program with the commands `argv` needs. Only the command being run is
@@ -49,6 +49,7 @@ export async function buildProgram(argv: string[] = process.argv): Promise<Comma
   if (want("pool")) (await import("./pool.js")).registerPoolCommands(program);
   if (want("host")) (await import("./host.js")).registerHostCommand(program);
   if (want("events")) (await import("./events.js")).registerEventsCommand(program);
+  if (want("alerts") || want("alert")) (await import("./alerts.js")).registerAlertCommands(program);
   if (want("user")) (await import("./security.js")).registerUserCommands(program);
   if (want("token")) (await import("./security.js")).registerTokenCommands(program);
   if (want("audit")) (await import("./security.js")).registerAuditCommands(program);

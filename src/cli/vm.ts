@@ -23,6 +23,7 @@ import { isActive } from "../control/state.js";
 import { TypevisorError } from "../errors.js";
 import { addConnectionOptions, connect, type ConnectionOptions } from "./connect.js";
 import { formatBytes, formatDuration, formatTime, renderFields, renderTable, toJson, withProgress } from "./format.js";
+import { formatHistory, parseHistoryRange, parseStep } from "./history.js";
 import { TerminalSafeStream } from "./terminal-safe.js";
 
 
@@ -460,10 +461,18 @@ export function registerVmCommands(program: Command): void {
       await attachConsole(socket, name, key, `Ctrl-${String.fromCharCode(key + 0x40)}`);
     });
 
-  clientCommand(vm, "stats", "the VM's latest usage sample: CPU, memory, disk and network I/O, uptime")
+  clientCommand(vm, "stats", "the VM's latest usage sample: CPU, memory, disk and network I/O, uptime; --history: its usage over time")
     .argument("<name>", "VM name")
+    .option("--history <range>", "the history of the last RANGE (90s, 15m, 1h, 7d, 1y): averages per 10 s, 5 min or 1 h")
+    .option("--step <seconds>", "with --history: 10, 300 or 3600 (default: chosen from the range)")
     .option("--json", "print the API's JSON")
-    .action(async (name: string, o: ConnectionOptions & { json?: boolean }) => {
+    .action(async (name: string, o: ConnectionOptions & { json?: boolean; history?: string; step?: string }) => {
+      if (o.history !== undefined || o.step !== undefined) {
+        const range = parseHistoryRange("--history", o.history ?? "1h");
+        const to = new Date();
+        const h = await connect(o).metricsHistory({ vm: name, from: new Date(to.getTime() - range), to, ...(o.step !== undefined ? { step: parseStep("--step", o.step) } : {}) });
+        return print(o.json === true ? toJson(h) : formatHistory(h));
+      }
       const s = await connect(o).vmStats(name);
       if (o.json === true) return print(toJson(s));
       const u = s.usage;

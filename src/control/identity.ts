@@ -37,6 +37,7 @@ export const PERMISSIONS = [
   "tokens:own", // create, list and revoke one's own tokens (within one's own rights)
   "users:admin", // users, and other users' tokens
   "pools:admin", // create and remove storage pools (host directories)
+  "alerts:admin", // add and remove alert rules
   "audit:read",
 ] as const;
 export type Permission = (typeof PERMISSIONS)[number];

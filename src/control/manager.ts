@@ -10,7 +10,7 @@
  */
 import { EventEmitter } from "node:events";
 import { copyFile, rm } from "node:fs/promises";
-import { closeSync, constants, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { closeSync, constants, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statfsSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
 import { join, sep } from "node:path";
 import type { ChildProcess } from "node:child_process";
@@ -36,6 +36,9 @@ import { parseSize } from "../size.js";
 import { diskAddSpec, vmSpec, type EventRecord, type VmExit, type VmInfo, type VmSpec, type VmState, type VmUsage } from "./spec.js";
 import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
 import { Store, type DiskRow, type VmRow } from "./store.js";
+import { AlertEngine, AlertRules, type AlertChange, type AlertRule, type AlertRuleSpec, type FiringAlert, type Observation } from "./alerts.js";
+import { Webhooks, type WebhookStatus } from "./webhooks.js";
+import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
 export interface ManagerConfig {
@@ -55,6 +58,10 @@ export interface ManagerConfig {
   vmmOverheadBytes?: number;
   /** Real paths of the directories a spec's kernel and initrd may come from (--allow-files); none by default. */
   allowedDirs?: string[];
+  /** URLs each alert.firing and alert.resolved event is POSTed to (webhooks.ts). */
+  alertWebhooks?: string[];
+  /** The first retry's delay; each next one doubles (default 1 s). */
+  webhookRetryBaseMs?: number;
 }
 
 /** Biggest disk we will create: far past any host here, well short of a typo's 10^18. */
@@ -129,6 +136,13 @@ export class VmManager extends EventEmitter {
   private readonly live = new Map<string, Live>();
   private readonly queues = new Map<string, Promise<unknown>>();
   private readonly usage = new Map<string, VmUsage>();
+  /** Usage history (history.ts), fed by collectUsage. */
+  readonly history: MetricsHistory;
+  private readonly rates = new RateTracker();
+  /** Alert rules (the inventory's) and their evaluation (alerts.ts). */
+  private readonly alertRules: AlertRules;
+  private readonly alerts = new AlertEngine();
+  private readonly webhooks: Webhooks;
   private readonly restartTimes = new Map<string, number[]>();
   private usageTimer: NodeJS.Timeout | undefined;
   private healthTimer: NodeJS.Timeout | undefined;
@@ -150,6 +164,14 @@ export class VmManager extends EventEmitter {
     mkdirSync(hp.vms, { recursive: true, mode: 0o700 });
     mkdirSync(hp.run, { recursive: true, mode: 0o700 });
     this.store = new Store(hp.db);
+    this.history = new MetricsHistory(this.store.db);
+    this.alertRules = new AlertRules(this.store.db);
+    this.webhooks = new Webhooks(config.alertWebhooks ?? [], {
+      baseDelayMs: config.webhookRetryBaseMs ?? 1000,
+      attempts: 5,
+      onGiveUp: (url, e, message) =>
+        this.daemonEvent("alert.webhook-failed", `webhook ${url} did not take event ${e.seq} (${e.type}) after 5 attempts: ${message}`, { url, seq: e.seq, error: message }),
+    });
     this.ensureDefaultPool(hp.vms);
     this.cgroups = config.noCgroups === true ? { available: false, controllers: [], reason: "turned off (--no-cgroups)" } : detectCgroupV2();
     this.log = config.logger;
@@ -276,6 +298,11 @@ export class VmManager extends EventEmitter {
     }
     this.log.info({ event: type, vm, ...data }, message);
     this.emit("event", e);
+    if (type === "alert.firing" || type === "alert.resolved") this.webhooks.deliver(e);
+    // a crash is an alert at once, not at the next usage sample (it may be restarted by then)
+    if (vm !== undefined && (type === "vm.crashed" || type === "vm.restarting")) {
+      this.alertEvents(this.alerts.fireNow({ rule: "vm-crashed", subject: `vm:${vm}`, vm, severity: "critical", message: type === "vm.crashed" ? `VM ${vm} crashed` : `VM ${vm} crashed and is being restarted` }));
+    }
     if (this.eventsLost > 0) {
       const lost = this.eventsLost;
       this.eventsLost = 0;
@@ -450,6 +477,8 @@ export class VmManager extends EventEmitter {
       this.store.deleteVm(name);
       this.removeSockets(cur.id);
       this.usage.delete(cur.id);
+      this.history.forget(cur.id);
+      this.rates.forget(`${cur.id}:`);
       // Off the event loop: a VM's directory and its disks in other pools may hold gigabytes (an
       // interrupted rm leaves files no row names, which the start-up sweep removes).
       await rm(cur.dir, { recursive: true, force: true });
@@ -1180,10 +1209,16 @@ export class VmManager extends EventEmitter {
 
   private async collectUsage(): Promise<void> {
     const { used, sample } = hostUsed(this.config.home, this.hostCpu);
+    const firstHostSample = this.hostCpu === undefined;
     if (this.hostCpu !== undefined) this.hostCpuUsed = used.cpus;
     this.hostCpu = sample;
+    const samples: { scope: string; sample: MetricSample }[] = [];
+    const hostIo = { diskReadBps: 0, diskWriteBps: 0, netRxBps: 0, netTxBps: 0 };
     for (const r of this.store.listVms()) {
       const live = this.live.get(r.id);
+      // every VM's state goes into its history; usage only with a VMM
+      const vmSample: MetricSample = { state: r.state };
+      samples.push({ scope: r.id, sample: vmSample });
       if (live === undefined || live.dead || !isActive(r.state)) continue;
       const pu = processUsage(live.pid);
       if (pu === undefined) continue;
@@ -1196,18 +1231,42 @@ export class VmManager extends EventEmitter {
         }
       }
       const now = Date.now();
+      const cpuKnown = live.prevCpu !== undefined && now > live.prevCpu.at;
       const cpuPercent = live.prevCpu !== undefined && now > live.prevCpu.at ? ((pu.cpuSeconds - live.prevCpu.cpuSeconds) / ((now - live.prevCpu.at) / 1000)) * 100 : 0;
       live.prevCpu = { at: now, cpuSeconds: pu.cpuSeconds };
       let io: { diskReadBytes?: number; diskWriteBytes?: number; netRxBytes?: number; netTxBytes?: number } = {};
       let uptimeMs = 0;
+      let ioRead = false;
       // an unresponsive VMM is the watchdog's: asking it here would hold up every VM after it
       if ((r.state === "running" || r.state === "paused") && live.unresponsiveSince === undefined) {
         try {
           const s = await this.client(r).stats();
           io = s.io ?? {};
           uptimeMs = s.uptimeMs ?? 0;
+          ioRead = s.io !== undefined;
         } catch {
           /* a busy or stopping VMM: keep the process figures */
+        }
+      }
+      // the first sample of a VMM has no CPU interval yet: it would average a 0 into its bucket
+      if (cpuKnown) {
+        vmSample.cpuPercent = Math.max(0, cpuPercent);
+        vmSample.memoryBytes = memoryBytes;
+      }
+      if (ioRead) {
+        // Keyed by the VMM's pid too: a new VMM's counters start from 0 (RateTracker also takes a
+        // counter going backwards as a reset). No rate when they could not be read: a missing
+        // reading is not a drop to 0.
+        const key = `${r.id}:${live.pid}:`;
+        const rate = (f: string, v: number | undefined): number | undefined => (v === undefined ? undefined : this.rates.rate(key + f, v, now));
+        const rates = [rate("dr", io.diskReadBytes), rate("dw", io.diskWriteBytes), rate("rx", io.netRxBytes), rate("tx", io.netTxBytes)];
+        if (rates.every((x) => x !== undefined)) {
+          const [dr, dw, rx, tx] = rates as number[];
+          vmSample.io = { diskReadBps: dr!, diskWriteBps: dw!, netRxBps: rx!, netTxBps: tx! };
+          hostIo.diskReadBps += dr!;
+          hostIo.diskWriteBps += dw!;
+          hostIo.netRxBps += rx!;
+          hostIo.netTxBps += tx!;
         }
       }
       this.usage.set(r.id, {
@@ -1222,6 +1281,85 @@ export class VmManager extends EventEmitter {
         uptimeMs,
       });
     }
+    if (!firstHostSample) {
+      // The host: CPU busy over the interval as a share of all its CPUs, memory in use, and the
+      // VMs' I/O summed (what the guests did, not the host's own devices).
+      samples.push({ scope: HOST_SCOPE, sample: { cpuPercent: sample.cpus > 0 ? (used.cpus / sample.cpus) * 100 : 0, memoryBytes: used.memoryBytes, io: hostIo } });
+    }
+    try {
+      this.history.record(samples);
+    } catch (e) {
+      // a full disk must not stop sampling (the live figures and the watchdog go on)
+      this.log.warn({ err: (e as Error).message }, "metrics history not recorded");
+    }
+    const byId = new Map(samples.map((x) => [x.scope, x.sample]));
+    const obs: Observation = {
+      host: { memoryBytes: used.memoryBytes, memoryTotalBytes: discoverHost(this.config.home).memoryBytes },
+      vms: this.store.listVms().map((r) => {
+        const live = this.live.get(r.id);
+        const sample = byId.get(r.id);
+        return {
+          name: r.name,
+          state: r.state,
+          ...(sample !== undefined ? { sample } : {}),
+          unresponsive: live?.unresponsiveSince !== undefined && !live.dead,
+          pausedDiskFull: r.state === "paused" && live?.pauseReason !== undefined && (live.pauseReason.kind ?? "disk-full") === "disk-full",
+        };
+      }),
+      // statfs only (listPools() would also stat every disk file, each sample)
+      pools: this.store.listPools().flatMap((p) => {
+        try {
+          const st = statfsSync(p.path);
+          return [{ name: p.name, capacityBytes: st.blocks * st.bsize, freeBytes: st.bavail * st.bsize }];
+        } catch {
+          return []; // the directory is gone: pool ls shows it
+        }
+      }),
+    };
+    this.alertEvents(this.alerts.evaluate(obs, this.alertRules.list()));
+  }
+
+  private alertEvents(changes: AlertChange[]): void {
+    for (const c of changes) {
+      const a = c.alert;
+      this.event(`alert.${c.kind}`, a.vm, `${a.severity} alert ${a.rule}${a.vm === undefined ? ` (${a.subject})` : ""}: ${a.message}`, { ...a });
+    }
+  }
+
+  /** What each alert webhook did last. */
+  webhookStatus(): WebhookStatus[] {
+    return this.webhooks.status();
+  }
+
+  /** The alerts firing now. */
+  firingAlerts(): FiringAlert[] {
+    return this.alerts.current();
+  }
+
+  listAlertRules(): AlertRule[] {
+    return this.alertRules.list();
+  }
+
+  addAlertRule(spec: AlertRuleSpec): AlertRule {
+    if (spec.vm !== undefined) this.row(spec.vm);
+    const r = this.alertRules.add(spec);
+    this.daemonEvent("alert.rule-added", `alert rule ${r.name} added: ${r.metric} above ${r.above}${r.forSeconds > 0 ? ` for ${r.forSeconds} s` : ""} (${r.severity})${r.vm !== undefined ? ` on VM ${r.vm}` : ""}`, { rule: r.name });
+    return r;
+  }
+
+  removeAlertRule(name: string): void {
+    this.alertRules.remove(name);
+    this.daemonEvent("alert.rule-removed", `alert rule ${name} removed`, { rule: name });
+  }
+
+  /**
+   * Usage history of a VM (by name) or, without one, of the host (history.ts).
+   * @throws TypevisorError VM_NOT_FOUND, INVALID_REQUEST
+   */
+  metricsHistory(opts: { vm?: string; from?: number; to?: number; step?: number }): { vm?: string; step: number; from: string; to: string; points: HistoryPoint[] } {
+    const scope = opts.vm !== undefined ? this.row(opts.vm).id : HOST_SCOPE;
+    const q = this.history.query(scope, { ...(opts.from !== undefined ? { from: opts.from } : {}), ...(opts.to !== undefined ? { to: opts.to } : {}), ...(opts.step !== undefined ? { step: opts.step } : {}) });
+    return { ...(opts.vm !== undefined ? { vm: opts.vm } : {}), ...q };
   }
 
   /** Daemon shutdown: VMs keep running unless `stopVms`. */
@@ -1229,6 +1367,7 @@ export class VmManager extends EventEmitter {
     this.closing = true;
     if (this.usageTimer !== undefined) clearInterval(this.usageTimer);
     if (this.healthTimer !== undefined) clearInterval(this.healthTimer);
+    this.webhooks.close();
     if (opts.stopVms === true) {
       await Promise.all(
         this.store

@@ -14,7 +14,7 @@ import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmS
 export const DEFAULT_KEEP_EVENTS = 100_000;
 const PRUNE_EVERY = 256;
 
-export const SCHEMA_VERSION = 4;
+export const SCHEMA_VERSION = 5;
 
 export interface DiskRow {
   path: string;
@@ -155,6 +155,31 @@ const MIGRATIONS: Record<number, string> = {
     ALTER TABLE users ADD COLUMN totp_last_step INTEGER;
     ALTER TABLE users ADD COLUMN recovery TEXT;
     ALTER TABLE tokens ADD COLUMN kind TEXT NOT NULL DEFAULT 'api';
+  `,
+  // Metrics history (history.ts): per scope (host, or a VM's id) and resolution, each bucket's sums
+  // and counts (the average is sum/count); alert rules (alerts.ts).
+  5: `
+    CREATE TABLE metrics (
+      scope TEXT NOT NULL,
+      step INTEGER NOT NULL,
+      bucket INTEGER NOT NULL,
+      n INTEGER NOT NULL,
+      cpu REAL NOT NULL,
+      mem REAL NOT NULL,
+      n_io INTEGER NOT NULL,
+      disk_r REAL NOT NULL,
+      disk_w REAL NOT NULL,
+      net_rx REAL NOT NULL,
+      net_tx REAL NOT NULL,
+      state TEXT,
+      PRIMARY KEY (scope, step, bucket)
+    ) WITHOUT ROWID;
+    CREATE INDEX metrics_age ON metrics(step, bucket);
+    CREATE TABLE alert_rules (
+      name TEXT PRIMARY KEY,
+      spec TEXT NOT NULL,
+      created_at TEXT NOT NULL
+    );
   `,
 };
 
