@@ -20,7 +20,7 @@ import { FREE_FAILURES } from "../../src/api/auth.js";
 import { allGuards } from "../../src/api/server.js";
 import { API_ROUTES } from "../../src/api/table.js";
 import { PERMISSIONS } from "../../src/control/identity.js";
-import { startDaemon, type TestDaemon } from "../helpers/daemon.js";
+import { startDaemon, tcpPort, type TestDaemon } from "../helpers/daemon.js";
 import { prng } from "../helpers/prng.js";
 import { writeTinyKernel } from "../helpers/tiny-kernel.js";
 
@@ -65,13 +65,6 @@ function https(port: number, method: string, path: string, opts: { token?: strin
   });
 }
 
-/** The port of the daemon's HTTPS listener, from its ready line. */
-function tcpPort(d: TestDaemon): number {
-  const m = /"tcp":\{"host":"[^"]+","port":(\d+)\}/.exec(d.log());
-  if (m === null) throw new Error(`no tcp address in the log: ${d.log()}`);
-  return Number(m[1]);
-}
-
 async function status(p: Promise<unknown>): Promise<string> {
   try {
     await p;
@@ -107,7 +100,7 @@ describe.skipIf(!hasKvm || !isRoot)("the gate, against a real daemon", () => {
     kernel = join(dir, "tiny.bin");
     writeTinyKernel(kernel);
     d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir, "--listen", "127.0.0.1:0"] });
-    port = tcpPort(d);
+    port = await tcpPort(d);
     // root on the unix socket is admin: it sets up users and VMs
     await d.client.createVm({ name: "vm-a", kernel, memoryMiB: 64, rng: false }, { start: true });
     await d.client.createVm({ name: "vm-b", kernel, memoryMiB: 64, rng: false });
@@ -348,7 +341,7 @@ describe.skipIf(!isRoot)("failed authentication, rate-limited and fuzzed", () =>
 
   beforeAll(async () => {
     d = await startDaemon({ args: ["--listen", "127.0.0.1:0"] });
-    port = tcpPort(d);
+    port = await tcpPort(d);
     await d.client.addUser({ name: "ops", role: "operator" });
     good = (await d.client.createToken({ user: "ops" })).token;
   }, 30_000);

@@ -10,7 +10,7 @@ import { join } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { base32Decode, totp } from "../../src/control/totp.js";
-import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { startDaemon, tcpPort, type TestDaemon } from "../helpers/daemon.js";
 import { prng } from "../helpers/prng.js";
 
 const isRoot = process.getuid?.() === 0;
@@ -46,12 +46,6 @@ function https(port: number, method: string, path: string, opts: { token?: strin
     req.on("error", reject);
     req.end(text);
   });
-}
-
-/** The HTTPS listener's port, from the daemon's ready line (which may come just after the socket answers). */
-async function tcpPort(d: TestDaemon): Promise<number> {
-  const m = await until("the daemon's tcp address in its log", () => /"tcp":\{"host":"[^"]+","port":(\d+)\}/.exec(d.log()) ?? undefined);
-  return Number(m[1]);
 }
 
 const PW = "correct horse battery";

@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { base32Decode, totp } from "../../src/control/totp.js";
-import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { startDaemon, tcpPort, type TestDaemon } from "../helpers/daemon.js";
 
 const ROOT = new URL("../..", import.meta.url).pathname;
 const BIN = join(ROOT, "bin/typevisor.js");
@@ -47,9 +47,7 @@ describe.skipIf(!isRoot)("typevisor login with MFA over HTTPS", () => {
 
   beforeAll(async () => {
     d = await startDaemon({ args: ["--listen", "127.0.0.1:0"] });
-    // the ready line may come just after the socket answers
-    const m = await until("the daemon's tcp address in its log", () => /"tcp":\{"host":"[^"]+","port":(\d+)\}/.exec(d.log()) ?? undefined);
-    host = `127.0.0.1:${m![1]}`;
+    host = `127.0.0.1:${await tcpPort(d)}`;
     fp = (await d.client.host()).tls!.fingerprint;
   }, 30_000);
 

@@ -7,7 +7,7 @@ import { spawn } from "node:child_process";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { startDaemon, type TestDaemon } from "../helpers/daemon.js";
+import { startDaemon, tcpPort, type TestDaemon } from "../helpers/daemon.js";
 
 const ROOT = new URL("../..", import.meta.url).pathname;
 const BIN = join(ROOT, "bin/typevisor.js");
@@ -40,8 +40,7 @@ describe.skipIf(!isRoot)("typevisor user/token/audit and HTTPS", () => {
 
   beforeAll(async () => {
     d = await startDaemon({ args: ["--listen", "127.0.0.1:0"] });
-    const m = /"tcp":\{"host":"[^"]+","port":(\d+)\}/.exec(d.log());
-    port = Number(m![1]);
+    port = await tcpPort(d);
   }, 30_000);
 
   afterAll(async () => {

@@ -87,3 +87,9 @@ export async function until<T>(what: string, fn: () => Promise<T | undefined> | 
     await new Promise((r) => setTimeout(r, 100));
   }
 }
+
+/** The port of a daemon's HTTPS listener (`--listen HOST:0`), from its ready line, which may come just after the socket answers. */
+export async function tcpPort(d: TestDaemon): Promise<number> {
+  const m = await until("the daemon's tcp address in its log", () => /"tcp":\{"host":"[^"]+","port":(\d+)\}/.exec(d.log()) ?? undefined);
+  return Number(m[1]);
+}
