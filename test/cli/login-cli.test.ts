@@ -3,23 +3,16 @@
  * real daemon over HTTPS (fingerprint pinned), as root on the unix socket for the setup. The TOTP
  * code is computed here from the secret the CLI printed.
  */
-import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { base32Decode, totp } from "../../src/control/totp.js";
+import { runCli, type Run } from "../helpers/cli.js";
 import { startDaemon, tcpPort, type TestDaemon } from "../helpers/daemon.js";
 
-const ROOT = new URL("../..", import.meta.url).pathname;
-const BIN = join(ROOT, "bin/typevisor.js");
 const isRoot = process.getuid?.() === 0;
 
-interface Run {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
 
 describe.skipIf(!isRoot)("typevisor login with MFA over HTTPS", () => {
   let d: TestDaemon;
@@ -29,19 +22,10 @@ describe.skipIf(!isRoot)("typevisor login with MFA over HTTPS", () => {
 
   /** The CLI; over HTTPS unless `socket` (then as root on the daemon's unix socket). */
   function tv(args: string[], opts: { input?: string; env?: Record<string, string>; socket?: boolean } = {}): Promise<Run> {
-    return new Promise((resolve, reject) => {
-      const env: Record<string, string | undefined> = { ...process.env, XDG_CONFIG_HOME: config, TYPEVISOR_FINGERPRINT: fp, ...opts.env };
-      delete env["TYPEVISOR_SOCKET"];
-      if (opts.env?.["TYPEVISOR_TOKEN"] === undefined) delete env["TYPEVISOR_TOKEN"];
-      const where = opts.socket === true ? ["--home", d.home] : ["--host", host];
-      const child = spawn(process.execPath, [BIN, ...args, ...where], { env, stdio: ["pipe", "pipe", "pipe"] });
-      let stdout = "";
-      let stderr = "";
-      child.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
-      child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
-      child.on("error", reject);
-      child.on("close", (status) => resolve({ status, stdout, stderr }));
-      child.stdin.end(opts.input ?? "");
+    const where = opts.socket === true ? ["--home", d.home] : ["--host", host];
+    return runCli([...args, ...where], {
+      env: { XDG_CONFIG_HOME: config, TYPEVISOR_FINGERPRINT: fp, TYPEVISOR_TOKEN: undefined, ...opts.env },
+      ...(opts.input !== undefined ? { input: opts.input } : {}),
     });
   }
 

@@ -3,39 +3,21 @@
  * listener and its generated certificate, the real CLI from dist/ as root on the unix socket (admin)
  * and as a token holder over HTTPS with the fingerprint pinned.
  */
-import { spawn } from "node:child_process";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { runCli, type Run } from "../helpers/cli.js";
 import { startDaemon, tcpPort, type TestDaemon } from "../helpers/daemon.js";
 
-const ROOT = new URL("../..", import.meta.url).pathname;
-const BIN = join(ROOT, "bin/typevisor.js");
 const isRoot = process.getuid?.() === 0;
 
-interface Run {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
 
 describe.skipIf(!isRoot)("typevisor user/token/audit and HTTPS", () => {
   let d: TestDaemon;
   let port: number;
 
   function tv(args: string[], opts: { input?: string; env?: Record<string, string>; home?: boolean } = {}): Promise<Run> {
-    return new Promise((resolve, reject) => {
-      const env: Record<string, string | undefined> = { ...process.env, ...opts.env };
-      delete env["TYPEVISOR_SOCKET"];
-      const child = spawn(process.execPath, [BIN, ...args, ...(opts.home === false ? [] : ["--home", d.home])], { env, stdio: ["pipe", "pipe", "pipe"] });
-      let stdout = "";
-      let stderr = "";
-      child.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
-      child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
-      child.on("error", reject);
-      child.on("close", (status) => resolve({ status, stdout, stderr }));
-      child.stdin.end(opts.input ?? "");
-    });
+    return runCli([...args, ...(opts.home === false ? [] : ["--home", d.home])], { ...(opts.env !== undefined ? { env: opts.env } : {}), ...(opts.input !== undefined ? { input: opts.input } : {}) });
   }
 
   beforeAll(async () => {

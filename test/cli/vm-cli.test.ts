@@ -9,17 +9,12 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync } fro
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { runCli, type Run } from "../helpers/cli.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 
 const ROOT = new URL("../..", import.meta.url).pathname;
 const BIN = join(ROOT, "bin/typevisor.js");
 const hasKvm = existsSync("/dev/kvm");
-
-interface Run {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
 
 /** Newest modification time under a directory, sources only. */
 function newest(dir: string): number {
@@ -41,18 +36,7 @@ describe.skipIf(!hasKvm)("typevisor vm/host/events against a real daemon", () =>
 
   /** Run the CLI; `input` becomes its stdin (a pipe, so not a terminal). */
   function tv(args: string[], opts: { input?: string; connection?: boolean } = {}): Promise<Run> {
-    return new Promise((resolve, reject) => {
-      const env = { ...process.env };
-      delete env["TYPEVISOR_SOCKET"];
-      const child = spawn(process.execPath, [BIN, ...args, ...(opts.connection === false ? [] : ["--home", home])], { cwd: dir, env, stdio: ["pipe", "pipe", "pipe"] });
-      let stdout = "";
-      let stderr = "";
-      child.stdout.on("data", (b: Buffer) => (stdout += b.toString("latin1")));
-      child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
-      child.on("error", reject);
-      child.on("close", (status) => resolve({ status, stdout, stderr }));
-      child.stdin.end(opts.input ?? "");
-    });
+    return runCli([...args, ...(opts.connection === false ? [] : ["--home", home])], { cwd: dir, stdoutEncoding: "latin1", ...(opts.input !== undefined ? { input: opts.input } : {}) });
   }
 
   async function until<T>(what: string, probe: () => Promise<T | undefined>, ms = 10_000): Promise<T> {
