@@ -6,12 +6,12 @@
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, statSync } from "node:fs";
-import { request } from "node:http";
 import { connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { unixApi } from "../helpers/unix-api.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const hasKvm = existsSync("/dev/kvm");
@@ -45,18 +45,6 @@ function start(run: string, extra: string[] = [], umask?: string): { child: Chil
   return { child, exited, stderr: () => err, files };
 }
 
-function api(socketPath: string, method: string, path: string): Promise<{ status: number; body: unknown }> {
-  return new Promise((resolve, reject) => {
-    const req = request({ socketPath, method, path }, (res) => {
-      let text = "";
-      res.setEncoding("utf8");
-      res.on("data", (d: string) => (text += d));
-      res.on("end", () => resolve({ status: res.statusCode ?? 0, body: text === "" ? undefined : JSON.parse(text) }));
-    });
-    req.on("error", reject);
-    req.end();
-  });
-}
 
 /** A console socket client that collects everything it receives. */
 async function consoleClient(path: string): Promise<{ sock: Socket; text: () => string }> {
@@ -94,10 +82,10 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
       c.sock.write("hello over the socket\n");
       await until("the echo", () => c.text().includes("hello over the socket\n"));
 
-      const info = await api(f.api, "GET", "/vm");
+      const info = await unixApi(f.api, "GET", "/vm");
       expect(info.status).toBe(200);
       expect(info.body).toMatchObject({ id: "t1", state: "running" });
-      const stats = await api(f.api, "GET", "/stats");
+      const stats = await unixApi(f.api, "GET", "/stats");
       expect(stats.status).toBe(200);
       expect((stats.body as { io: Record<string, unknown> }).io).toMatchObject({
         diskReadBytes: 0, diskWriteBytes: 0, diskReadOps: 0, diskWriteOps: 0, netRxBytes: 0, netTxBytes: 0, netRxPackets: 0, netTxPackets: 0,
@@ -113,10 +101,10 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
       expect(statSync(`${f.log}.1`).size).toBeLessThanOrEqual(4096);
 
       const before = c.text().length;
-      const rb = await api(f.api, "POST", "/reboot");
+      const rb = await unixApi(f.api, "POST", "/reboot");
       expect(rb.status).toBe(202);
       await until("the banner after POST /reboot", () => c.text().slice(before).includes(TINY_KERNEL_BANNER));
-      expect((await api(f.api, "GET", "/vm")).body).toMatchObject({ id: "t1", boots: 2 });
+      expect((await unixApi(f.api, "GET", "/vm")).body).toMatchObject({ id: "t1", boots: 2 });
 
       c.sock.write(Uint8Array.of(TINY_KERNEL_KEYS.POWEROFF));
       expect(await vm.exited, vm.stderr()).toBe(0);
@@ -135,7 +123,7 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
     try {
       await until("the banner", () => readIf(vm.files.log).includes(TINY_KERNEL_BANNER));
       type Threads = { vcpus: { tid: number; phase: string; phaseMs: number; exits: number }[]; devices: { tid: number; answering: boolean; pci: { name: string }[] }; kernel: { tid: number; comm: string }[] };
-      const a = await api(vm.files.api, "GET", "/threads");
+      const a = await unixApi(vm.files.api, "GET", "/threads");
       expect(a.status).toBe(200);
       const before = a.body as Threads;
       // The tiny guest idles in `hlt`, which KVM serves in the kernel: the vCPU sits in KVM_RUN.
@@ -147,7 +135,7 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
       const c = await consoleClient(vm.files.sock);
       c.sock.write("threads\n");
       await until("the echo", () => c.text().includes("threads\n"));
-      const after = (await api(vm.files.api, "GET", "/threads")).body as Threads;
+      const after = (await unixApi(vm.files.api, "GET", "/threads")).body as Threads;
       expect(after.vcpus[0]!.exits).toBeGreaterThan(before.vcpus[0]!.exits);
       c.sock.destroy();
       vm.child.kill("SIGTERM");

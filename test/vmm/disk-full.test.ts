@@ -8,13 +8,13 @@
  */
 import { execFileSync, spawn } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
-import { request } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createQcow2 } from "../../src/vmm/disk/qcow2/create.js";
 import { qemuCheck, qemuRaw } from "../../src/vmm/disk/test-disk.js";
 import { checkDiskPattern, DISK_GUEST_DONE, writeDiskGuest } from "../helpers/disk-guest.js";
+import { unixApi } from "../helpers/unix-api.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const dir = mkdtempSync(join(tmpdir(), "tv-diskfull-"));
@@ -35,18 +35,6 @@ afterAll(() => {
   }
 });
 
-function api(socketPath: string, method: string, path: string): Promise<{ status: number; body: any }> { // eslint-disable-line @typescript-eslint/no-explicit-any -- test reads fields of a JSON answer
-  return new Promise((resolve, reject) => {
-    const req = request({ socketPath, method, path }, (res) => {
-      let text = "";
-      res.setEncoding("utf8");
-      res.on("data", (d: string) => (text += d));
-      res.on("end", () => resolve({ status: res.statusCode ?? 0, body: text === "" ? undefined : JSON.parse(text) }));
-    });
-    req.on("error", reject);
-    req.end();
-  });
-}
 
 async function until<T>(what: string, get: () => T | undefined | Promise<T | undefined>, ms = 60_000): Promise<T> {
   const end = Date.now() + ms;
@@ -81,7 +69,7 @@ for (const format of ["qcow2", "raw"] as const) {
       try {
         const info = await until("the VMM to pause for the full disk", async () => {
           if (!existsSync(files.api)) return undefined;
-          const r = await api(files.api, "GET", "/vm").catch(() => undefined);
+          const r = await unixApi(files.api, "GET", "/vm").catch(() => undefined);
           return r?.body?.state === "paused" ? r.body : undefined;
         });
         expect(info.pauseReason).toMatchObject({ kind: "disk-full", errno: "ENOSPC", op: "write", disk: img, filesystem: { mountPoint: mnt, type: "tmpfs" } });
@@ -95,7 +83,7 @@ for (const format of ["qcow2", "raw"] as const) {
         expect(readFileSync(files.log, "utf8")).toBe(console1);
 
         rmSync(ballast);
-        expect((await api(files.api, "POST", "/resume")).status).toBe(200);
+        expect((await unixApi(files.api, "POST", "/resume")).status).toBe(200);
         expect(await exited).toBe(0);
         const out = readFileSync(files.log, "utf8");
         expect(out).toContain(DISK_GUEST_DONE);

@@ -3,12 +3,12 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { pollIn } from "../../../../sys/libc.js";
 import { createQcow2 } from "../../../disk/qcow2/create.js";
 import { pattern, qemuCheck, qemuRaw } from "../../../disk/test-disk.js";
 import { featureBit, VIRTIO_F } from "../device.js";
 import { TestDriver, type DriverBuf } from "../queue/test-driver.js";
 import { harness } from "../queue/test-fuzz.js";
+import { settle } from "./test-block.js";
 import { BlockDevice, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T, type NoSpaceInfo } from "./block.js";
 
 /*
@@ -37,15 +37,6 @@ afterAll(() => {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
-
-function settle(dev: BlockDevice): void {
-  const fd = dev.backendFds[0];
-  if (fd === undefined) return;
-  for (let waited = 0; dev.inFlight > 0; ) {
-    if (pollIn([fd], 100).length === 0 && (waited += 100) > 10_000) throw new Error("I/O thread did not complete in 10 s");
-    dev.onBackendReadable(fd);
-  }
-}
 
 /** Write requests with data at 0x2000 (32 KiB in 4 KiB pieces), header 0x1000, status 0xf000; a read at 0xe000 with header 0x1100, status 0xf001. */
 function rig(dev: BlockDevice) {

@@ -2,12 +2,12 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { pollIn } from "../../../../sys/libc.js";
 import { createQcow2 } from "../../../disk/qcow2/create.js";
 import { pattern, qemuCheck, qemuImg } from "../../../disk/test-disk.js";
 import { featureBit, hasFeature, VIRTIO_F } from "../device.js";
 import { TestDriver, type DriverBuf } from "../queue/test-driver.js";
 import { harness } from "../queue/test-fuzz.js";
+import { settle } from "./test-block.js";
 import { BlockDevice, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
 
 /*
@@ -27,15 +27,6 @@ function overlay(): { img: string; base: Buffer } {
   const img = path.join(dir, `ov${n++}.qcow2`);
   createQcow2(img, { size: 4 * MiB, backing: { file: path.basename(basePath), format: "raw" } });
   return { img, base };
-}
-
-function settle(dev: BlockDevice): void {
-  const fd = dev.backendFds[0];
-  if (fd === undefined) return;
-  for (let waited = 0; dev.inFlight > 0; ) {
-    if (pollIn([fd], 100).length === 0 && (waited += 100) > 10_000) throw new Error("I/O thread did not complete in 10 s");
-    dev.onBackendReadable(fd);
-  }
 }
 
 /** One request at a time: header at 0x1000, data from 0x2000 (up to 48 KiB in 4 KiB pieces), status at 0xf000. */
