@@ -12,12 +12,12 @@ import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { bzImage } from "./tiny-kernel.js";
 
 const SOURCE = new URL("../fixtures/disk-writer.c", import.meta.url).pathname;
 const LOAD = 0x1000000;
 /** Code, data, bss (rings, a 64 KiB buffer, the stack): well inside this. */
 const INIT_SIZE = 0x100000;
-const SETUP_SECTS = 1;
 
 export const DISK_GUEST_DONE = "tv-disk: done\n";
 
@@ -46,39 +46,17 @@ export function writeDiskGuest(path: string): void {
     ], { stdio: ["ignore", "pipe", "pipe"], timeout: 60_000 });
     execFileSync("objcopy", ["-O", "binary", "-j", ".head", "-j", ".text", "-j", ".rodata", "-j", ".data", join(d, "guest.elf"), join(d, "guest.bin")], { timeout: 60_000 });
     const pm = readFileSync(join(d, "guest.bin"));
-    writeFileSync(path, bzImage(pm));
+    writeFileSync(path, diskGuestImage(pm));
   } finally {
     rmSync(d, { recursive: true, force: true });
   }
 }
 
-/** Boot sector + one setup sector with the header, then the protected-mode code (boot.rst "The Real-Mode Kernel Header"). */
-function bzImage(code: Uint8Array): Uint8Array {
+/** The guest as a bzImage, loaded at LOAD (its code is linked there, not position-independent). */
+function diskGuestImage(code: Uint8Array): Uint8Array {
   const pmSize = Math.ceil(code.length / 16) * 16;
   if (pmSize > INIT_SIZE / 2) throw new Error(`disk guest is ${pmSize} bytes, past its init_size budget`);
-  const setupBytes = (SETUP_SECTS + 1) * 512;
-  const img = new Uint8Array(setupBytes + pmSize);
-  const dv = new DataView(img.buffer);
-  img[0x1f1] = SETUP_SECTS;
-  dv.setUint32(0x1f4, pmSize / 16, true); // syssize
-  dv.setUint16(0x1fe, 0xaa55, true); // boot_flag
-  img[0x200] = 0xeb; // jmp over the header
-  img[0x201] = 0x6a;
-  dv.setUint32(0x202, 0x53726448, true); // "HdrS"
-  dv.setUint16(0x206, 0x020f, true); // protocol 2.15
-  dv.setUint16(0x20e, 0x300 - 0x200, true); // kernel_version string at 0x300
-  img.set(new TextEncoder().encode("tv-disk-writer (typevisor test guest)\0"), 0x300);
-  img[0x211] = 0x01; // loadflags: LOADED_HIGH
-  dv.setUint32(0x214, LOAD, true); // code32_start
-  dv.setUint32(0x22c, 0x7fffffff, true); // initrd_addr_max
-  dv.setUint32(0x230, 0x200000, true); // kernel_alignment
-  img[0x234] = 0; // not relocatable: loaded at pref_address
-  dv.setUint16(0x236, 0x01, true); // xloadflags: XLF_KERNEL_64
-  dv.setUint32(0x238, 255, true); // cmdline_size
-  dv.setBigUint64(0x258, BigInt(LOAD), true); // pref_address
-  dv.setUint32(0x260, INIT_SIZE, true); // init_size
-  img.set(code, setupBytes);
-  return img;
+  return bzImage(code, { version: "tv-disk-writer (typevisor test guest)", initSize: INIT_SIZE, loadAt: LOAD });
 }
 
 /**

@@ -184,9 +184,18 @@ function protectedModeCode(): Uint8Array {
  * boot-protocol loader read are set), then the protected-mode code.
  */
 export function tinyKernelImage(): Uint8Array {
-  const pm = protectedModeCode();
+  return bzImage(protectedModeCode(), { version: KERNEL_VERSION, initSize: INIT_SIZE });
+}
+
+/**
+ * A boot protocol 2.15 bzImage around 64-bit protected-mode `code` (entered at +0x200 with
+ * XLF_KERNEL_64), for purpose-built test guests. `loadAt`: code that is not position-independent
+ * and must run at that address (loaded there, not relocatable); without it, relocatable (4 KiB
+ * alignment), preferably at 16 MiB.
+ */
+export function bzImage(code: Uint8Array, o: { version: string; initSize: number; loadAt?: number }): Uint8Array {
   // syssize counts 16-byte paragraphs; pad the code to a whole one.
-  const pmSize = Math.ceil(pm.length / 16) * 16;
+  const pmSize = Math.ceil(code.length / 16) * 16;
   const setupBytes = (SETUP_SECTS + 1) * 512;
   const img = new Uint8Array(setupBytes + pmSize);
   const dv = new DataView(img.buffer);
@@ -198,18 +207,20 @@ export function tinyKernelImage(): Uint8Array {
   dv.setUint32(0x202, 0x53726448, true); // "HdrS"
   dv.setUint16(0x206, 0x020f, true); // protocol 2.15
   dv.setUint16(0x20e, 0x300 - 0x200, true); // kernel_version: string at 0x300 in the setup sector
-  img.set(new TextEncoder().encode(KERNEL_VERSION + "\0"), 0x300);
+  img.set(new TextEncoder().encode(o.version + "\0"), 0x300);
   img[0x211] = 0x01; // loadflags: LOADED_HIGH (protected-mode code at 1 MiB or above)
-  dv.setUint32(0x214, 0x100000, true); // code32_start
+  dv.setUint32(0x214, o.loadAt ?? 0x100000, true); // code32_start
   dv.setUint32(0x22c, 0x7fffffff, true); // initrd_addr_max
   dv.setUint32(0x230, 0x200000, true); // kernel_alignment: 2 MiB
-  img[0x234] = 1; // relocatable_kernel: the code is position-independent
-  img[0x235] = 12; // min_alignment: 4 KiB (log2)
+  if (o.loadAt === undefined) {
+    img[0x234] = 1; // relocatable_kernel: the code is position-independent
+    img[0x235] = 12; // min_alignment: 4 KiB (log2)
+  }
   dv.setUint16(0x236, 0x01, true); // xloadflags: XLF_KERNEL_64 (64-bit entry at +0x200)
   dv.setUint32(0x238, 255, true); // cmdline_size
-  dv.setBigUint64(0x258, 0x1000000n, true); // pref_address: 16 MiB
-  dv.setUint32(0x260, INIT_SIZE, true); // init_size
-  img.set(pm, setupBytes);
+  dv.setBigUint64(0x258, BigInt(o.loadAt ?? 0x1000000), true); // pref_address: 16 MiB unless told
+  dv.setUint32(0x260, o.initSize, true); // init_size
+  img.set(code, setupBytes);
   return img;
 }
 
