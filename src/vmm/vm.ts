@@ -13,7 +13,7 @@ import { workerUrl } from "./worker-url.js";
 import { TypevisorError } from "../errors.js";
 import { formatBytes } from "../size.js";
 import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
-import { CAP, EXIT_NAMES, X2APIC_API } from "../kvm/ioctls.js";
+import { CAP, EXIT_NAMES, KVM_MEM_LOG_DIRTY_PAGES, X2APIC_API } from "../kvm/ioctls.js";
 import { decodeSregs, encodeBootFpu, type KvmCpuidEntry, type KvmRegs } from "../kvm/structs.js";
 import * as libc from "../sys/libc.js";
 import { writeAcpiTables } from "./arch/x86_64/acpi/tables.js";
@@ -271,6 +271,8 @@ export class Vm {
   private restoredDevices: unknown;
   /** The run state a restored guest was saved in. */
   private restoredRunState: "running" | "paused" | undefined;
+  /** While guest writes are logged (live migration): one bitmap per RAM slot, a bit per page. */
+  private dirtyMaps: libc.Mapping[] | undefined;
   /** Built for a state that applyState() has not put in place yet (a restore or an incoming migration). */
   private awaitingState: boolean;
   /** Each vCPU's CPUID table as set (KVM_SET_CPUID2), for snapshots. */
@@ -949,6 +951,41 @@ export class Vm {
     }
   }
 
+  /**
+   * Start logging the guest's writes to RAM (KVM_MEM_LOG_DIRTY_PAGES on every slot, KVM API
+   * §4.35): takeDirtyLog() then says which pages changed since the last call. Writes made by the
+   * VMM's own threads (the devices) are not in KVM's log.
+   */
+  startDirtyLog(): void {
+    if (this.dirtyMaps !== undefined) return;
+    const regions = this.memory.hostRegions;
+    this.dirtyMaps = regions.map((r) => libc.mmap(Math.ceil(r.size / 4096 / 64) * 8, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS));
+    regions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress), KVM_MEM_LOG_DIRTY_PAGES));
+  }
+
+  /** Each slot's pages written since the last call (or startDirtyLog), one bit per 4 KiB page; views valid until the next call. */
+  takeDirtyLog(): Uint8Array[] {
+    const maps = this.dirtyMaps;
+    if (maps === undefined) throw new TypevisorError("VM_STATE", "dirty logging is off");
+    return maps.map((m, slot) => {
+      this.vm.getDirtyLog(slot, m);
+      return new Uint8Array(libc.view(m.pointer, m.length));
+    });
+  }
+
+  stopDirtyLog(): void {
+    const maps = this.dirtyMaps;
+    if (maps === undefined) return;
+    this.dirtyMaps = undefined;
+    this.memory.hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
+    for (const m of maps) libc.munmap(m);
+  }
+
+  /** Where each RAM region's pages came from when the VM was restored (snapshot/memory.ts RegionSource). */
+  get memoryRegionSources(): readonly (RegionSource | undefined)[] {
+    return this.memorySources;
+  }
+
   private releaseKvm(): void {
     for (const { map } of this.runMaps) libc.munmap(map);
     this.runMaps.length = 0;
@@ -957,6 +994,8 @@ export class Vm {
     // Fields may be unset when the constructor failed part-way.
     const self = this as unknown as { vm?: VmFd; kvm?: Kvm };
     self.vm?.close();
+    for (const m of this.dirtyMaps ?? []) libc.munmap(m);
+    this.dirtyMaps = undefined;
     for (const m of this.mems) libc.munmap(m);
     this.mems.length = 0;
     self.kvm?.close();
