@@ -17,7 +17,6 @@ import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type DeviceSpecs } from "../vmm/device-specs.js";
-import { startControlServer } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
 import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
 import { ConsolePipe } from "../vmm/console/console-pipe.js";
@@ -307,6 +306,8 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       // A stop (signal or API) that arrived while this VM was being built: it runs no guest code.
       if (stopRequested) vm.stop();
       if (o.apiSocket !== undefined && server === undefined) {
+        // Loaded only here: a VMM without a control socket never loads the HTTP server (issue 19).
+        const { startControlServer } = await import("../vmm/api/server.js");
         server = await startControlServer(o.apiSocket, {
           // pauseReason: set while the VMM paused the VM by itself (a disk's filesystem is full).
           info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
