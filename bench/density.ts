@@ -98,6 +98,8 @@ async function round(who: "typevisor" | "qemu", count: number): Promise<Round> {
       firstLines.push(performance.now() - p.t0);
       await p.waitFor(new RegExp(USERSPACE_UP_LINE), 0, 300_000);
       await p.waitFor(new RegExp(MARK), 0, 300_000);
+      // A line per VM: the lab stops a command that stays silent for 10 minutes, and a round of 30 takes longer.
+      console.log(`  ${who} ${i + 1}/${count} up: first line after ${(firstLines[i]! / 1000).toFixed(1)} s, userspace after ${((performance.now() - p.t0) / 1000).toFixed(1)} s`);
     }
     await new Promise((r) => setTimeout(r, SETTLE_MS));
     const after = memAvailableKiB();
