@@ -17,7 +17,7 @@ import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type DeviceSpecs } from "../vmm/device-specs.js";
-import { startControlServer, type ControlTarget, type SwitchableTarget } from "../vmm/api/server.js";
+import type { ControlTarget, SwitchableTarget } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
 import { validateConfig, type Vm, type VmExitResult } from "../vmm/vm.js";
 import { bootVm, readBootPayload, restoreVm, type BootPayload, type MachineConfig, type RestoreOverrides } from "../vmm/builder.js";
@@ -368,7 +368,11 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
           // A standby VMM: its socket now answers for this VM.
           o.attach.target.current = target;
           o.attach.onBuilt();
-        } else server = await startControlServer(o.apiSocket, target);
+        } else {
+          // Loaded only here: a VMM without a control socket never loads the HTTP server (issue 19).
+          const { startControlServer } = await import("../vmm/api/server.js");
+          server = await startControlServer(o.apiSocket, target);
+        }
       }
       let result: VmExitResult;
       try {

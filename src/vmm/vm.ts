@@ -10,6 +10,7 @@ import { totalmem } from "node:os";
 import { setFlagsFromString } from "node:v8";
 import { Worker } from "node:worker_threads";
 import { workerUrl } from "./worker-url.js";
+import { VMM_WORKER_LIMITS } from "./isolates.js";
 import { TypevisorError } from "../errors.js";
 import { formatBytes } from "../size.js";
 import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
@@ -495,7 +496,7 @@ export class Vm {
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
       ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
     };
-    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init });
+    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
     await new Promise<void>((resolve, reject) => {
       w.on("message", (m: DeviceThreadMessage) => {
@@ -605,7 +606,7 @@ export class Vm {
           consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1, niceOffset: this.config.vcpuNice ?? DEFAULT_VCPU_NICE, board: this.board,
           ...(platform !== undefined ? { platform } : {}),
         };
-        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init });
+        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
             this.pthreads[m.vcpuId] = m.thread;
