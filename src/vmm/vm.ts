@@ -272,6 +272,7 @@ export class Vm {
   private restoredDevices: unknown;
   /** The run state a restored guest was saved in. */
   private restoredRunState: "running" | "paused" | undefined;
+  private devicesStarted: Promise<VcpuWorkerInit["platform"]> | undefined;
   /** While guest writes are logged (live migration): one bitmap per RAM slot, a bit per page. */
   private dirtyMaps: libc.Mapping[] | undefined;
   /** Built for a state that applyState() has not put in place yet (a restore or an incoming migration). */
@@ -484,6 +485,16 @@ export class Vm {
    * Start the device thread (when there are devices) and wait until its back
    * ends are open, so a bad disk fails before any vCPU runs.
    */
+  /**
+   * Start the device thread now rather than in run(): its back ends are open and its state in
+   * place when this resolves (an incoming migration says READY only then). run() uses it.
+   */
+  prepareDevices(): Promise<VcpuWorkerInit["platform"]> {
+    if (this.awaitingState) return Promise.reject(new TypevisorError("VM_STATE", "this VM waits for its state (applyState) first"));
+    this.devicesStarted ??= this.startDevices();
+    return this.devicesStarted;
+  }
+
   private async startDevices(): Promise<VcpuWorkerInit["platform"]> {
     const devices = this.config.devices;
     if (devices === undefined || !hasDevices(devices)) return undefined;
@@ -571,7 +582,7 @@ export class Vm {
    * `paused`: the vCPUs start parked (resume() lets them go); a restored VM starts paused when
    * it was saved paused, unless `paused` is false.
    */
-  async run(opts: { paused?: boolean } = {}): Promise<VmExitResult> {
+  async run(opts: { paused?: boolean; onStarted?: () => void } = {}): Promise<VmExitResult> {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
     if (this.awaitingState) throw new TypevisorError("VM_STATE", "this VM waits for its state (applyState) before it can run");
     const startPaused = opts.paused ?? this.restoredRunState === "paused";
@@ -582,7 +593,7 @@ export class Vm {
     libc.installKickHandler();
     let platform: VcpuWorkerInit["platform"];
     try {
-      platform = await this.startDevices();
+      platform = await this.prepareDevices();
     } catch (e) {
       this.state = "stopped";
       await this.stopDevices();
@@ -594,6 +605,8 @@ export class Vm {
     // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
     this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
     this.sampler.unref();
+    // The vCPU workers are created just below, synchronously: tell the caller on the next turn.
+    if (opts.onStarted !== undefined) setImmediate(opts.onStarted);
     const result = await new Promise<VmExitResult>((resolve) => {
       let first: { request: VmRequestCode; reason: string; dump?: string } | undefined;
       let exited = 0;

@@ -76,9 +76,12 @@ export function zerosPayload(gpa: number, pages: number): Buffer {
 
 /** Write `parts` and wait until the socket has taken them (backpressure: never buffer a whole VM in memory). */
 export async function send(sock: Socket, parts: Uint8Array[]): Promise<void> {
+  // A socket closed earlier fires no more events: waiting for 'drain' or 'close' would never end.
+  if (sock.destroyed || !sock.writable) throw new TypevisorError("MIGRATION_PEER", "the connection is closed");
   let ok = true;
   for (const p of parts) ok = sock.write(p);
   if (!ok) {
+    if (sock.destroyed) throw new TypevisorError("MIGRATION_PEER", "the connection closed while sending");
     await new Promise<void>((resolve, reject) => {
       const onDrain = (): void => {
         sock.off("close", onClose);
