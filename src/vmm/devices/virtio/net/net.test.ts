@@ -1,5 +1,4 @@
 import fc from "fast-check";
-import koffi from "koffi";
 import { afterAll, describe, expect, it } from "vitest";
 import * as libc from "../../../../sys/libc.js";
 import { GuestMemory } from "../../../memory/guest-memory.js";
@@ -10,28 +9,13 @@ import type { DriverBuf } from "../queue/test-driver.js";
 import { TestDriver } from "../queue/test-driver.js";
 import type { FuzzCase } from "../queue/test-fuzz.js";
 import { DATA_AREA, FUZZ_MEM, fuzzCase, INDIRECT_AREA, QSIZE } from "../queue/test-fuzz.js";
+import { fakeTap as makeFakeTap } from "./test-tap.js";
 import { MAX_FRAME, NET_CONFIG_SIZE, NetDevice, RXQ, TXQ, VIRTIO_NET_F, VNET_HDR_LEN } from "./net.js";
 
-/*
- * The TAP is played by one end of an AF_UNIX datagram socketpair: like a TAP fd it is
- * non-blocking and keeps packet boundaries (one read = one packet, one writev = one packet).
- */
-const c = koffi.load("libc.so.6");
-const socketpairFn = c.func("int socketpair(int domain, int type, int protocol, _Out_ int *sv)");
-const AF_UNIX = 1;
-const SOCK_DGRAM = 2;
-const SOCK_NONBLOCK = 0x800;
-const SOCK_CLOEXEC = 0x80000;
 const opened: number[] = [];
 afterAll(() => opened.forEach((fd) => libc.close(fd)));
-
 /** `scope`: where the pair is recorded to be closed (the file's afterAll, or one property case's closeCaseTaps). */
-function fakeTap(scope: number[] = opened): { dev: number; host: number } {
-  const sv = [0, 0];
-  if ((socketpairFn(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) as number) !== 0) throw new Error("socketpair failed");
-  scope.push(sv[0]!, sv[1]!);
-  return { dev: sv[0]!, host: sv[1]! };
-}
+const fakeTap = (scope: number[] = opened): { dev: number; host: number } => makeFakeTap(scope);
 
 /** Everything the host side of the fake TAP has received, one Buffer per packet. */
 function drain(fd: number): Buffer[] {
