@@ -1,6 +1,9 @@
 import { expect } from "vitest";
 import { PCI_ECAM_START } from "../../../arch/x86_64/layout.js";
 import type { PciBus } from "../../pci/bus.js";
+
+/** Where the driver's MMIO accesses go: a PciBus, or anything that serves them the same way (a device thread's mailbox). */
+export type MmioTarget = Pick<PciBus, "handleMmio">;
 import { PCI_REG } from "../../pci/config-space.js";
 import type { QueueConfig } from "../device.js";
 import { COMMON, VIRTIO_PCI_CAP, VIRTIO_STATUS as S } from "./caps.js";
@@ -23,12 +26,13 @@ export class PciDriver {
   msixCap = 0;
 
   constructor(
-    readonly bus: PciBus,
+    readonly bus: MmioTarget,
     readonly slot: number,
   ) {
     // pci_find_capability / virtio_pci_find_capability: walk the list.
     let p = this.cfgRead(PCI_REG.CAPABILITIES_POINTER, 1);
-    while (p !== 0) {
+    // An absent function reads all ones: 0xff is no capability, and the walk is bounded either way.
+    for (let n = 0; p !== 0 && p !== 0xff && n < 48; n++) {
       const id = this.cfgRead(p, 1);
       if (id === 0x11) this.msixCap = p;
       if (id === 0x09) {
