@@ -38,6 +38,12 @@ export interface DeviceThreadInit {
    * every vCPU's LAPIC are restored: restoring raises interrupts (snapshot.ts restoreDevices).
    */
   restore?: DevicesState;
+  /**
+   * A DirtyLog's buffer (memory/guest-memory.ts): when given, every guest page this thread's
+   * devices write is marked in it (the VMM's half of live migration's dirty tracking; KVM's log has
+   * the vCPUs' half). Absent: no tracking, no cost.
+   */
+  dirtyLog?: SharedArrayBuffer;
 }
 
 /** Disk and network traffic summed over the VM's virtio devices (counted by the back ends). */

@@ -11,7 +11,7 @@ import { isTypevisorError, TypevisorError } from "../../../errors.js";
 import { VmFd } from "../../../kvm/kvm.js";
 import * as libc from "../../../sys/libc.js";
 import { PORT } from "../../arch/x86_64/layout.js";
-import { GuestMemory } from "../../memory/guest-memory.js";
+import { DirtyLog, GuestMemory } from "../../memory/guest-memory.js";
 import { PciBus, type BarDecode } from "../pci/bus.js";
 import { BlockDevice } from "../virtio/block/block.js";
 import type { VirtioDevice } from "../virtio/device.js";
@@ -39,6 +39,7 @@ Atomics.store(row.i32, WORD.TID, libc.gettid());
 const vm = new VmFd(init.vmFd);
 const stop = new Int32Array(init.control);
 const mem = GuestMemory.mapped(init.memory);
+if (init.dirtyLog !== undefined) mem.dirtyLog = new DirtyLog(init.dirtyLog);
 const mailbox = new MailboxServer(init.mailbox, init.vcpus);
 
 interface Plugged {
