@@ -23,13 +23,13 @@ import { filterCpuid } from "./arch/x86_64/cpuid.js";
 import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_START, ramRanges } from "./arch/x86_64/layout.js";
 import { pciHostBridgeAml } from "./devices/pci/acpi.js";
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
-import { GuestMemory, type HostRegion } from "./memory/guest-memory.js";
+import { DirtyLog, GuestMemory, type HostRegion } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
 import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
 import { hasDevices, type DeviceSpecs } from "./device-specs.js";
 import { createMailbox } from "./devices/platform/mailbox.js";
-import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage, DeviceThreadReport, IoStats } from "./devices/platform/device-thread-init.js";
+import type { DeviceCommand, DeviceReplies, DeviceRequest, DevicesState, DeviceThreadInit, DeviceThreadMessage, DeviceThreadReport, IoStats } from "./devices/platform/device-thread-init.js";
 import { ioRing, ioRingStatus, type IoRing } from "./devices/virtio/block/io-ring.js";
 import { boardRow, clockMs, createBoard, deviceRow, PhaseWatch, readRow, SAMPLE_MS, type BoardRow } from "./threads/board.js";
 import { kernelThreads, type KernelThread } from "./threads/kernel.js";
@@ -273,6 +273,8 @@ export class Vm {
   /** The run state a restored guest was saved in. */
   private restoredRunState: "running" | "paused" | undefined;
   private devicesStarted: Promise<VcpuWorkerInit["platform"]> | undefined;
+  /** The pages the device thread writes, while dirty logging is on. */
+  private deviceDirty: DirtyLog | undefined;
   /** While guest writes are logged (live migration): one bitmap per RAM slot, a bit per page. */
   private dirtyMaps: libc.Mapping[] | undefined;
   /** Built for a state that applyState() has not put in place yet (a restore or an incoming migration). */
@@ -457,7 +459,7 @@ export class Vm {
    */
   async captureState(config: SnapshotConfig, runState: "running" | "paused"): Promise<Omit<SnapshotState, "memory">> {
     if (this.state !== "paused") throw new TypevisorError("VM_STATE", `the VM must be paused to capture its state (it is ${this.state})`);
-    const devices = this.deviceThread !== undefined ? await this.deviceCommand({ command: "snapshot" } as unknown as DeviceRequest) : null;
+    const devices = this.deviceThread !== undefined ? await this.deviceCommand({ command: "snapshot" }) : null;
     const msrs = msrsToSave(this.kvm);
     const caps = cpuCaps(this.kvm);
     return {
@@ -506,6 +508,8 @@ export class Vm {
       memory: this.memory.hostRegions,
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
       ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
+      // Checked again by the device thread (parseDevicesState) before anything is built from it.
+      ...(this.restoredDevices !== undefined && this.restoredDevices !== null ? { restore: this.restoredDevices as DevicesState } : {}),
     };
     const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
@@ -586,7 +590,8 @@ export class Vm {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
     if (this.awaitingState) throw new TypevisorError("VM_STATE", "this VM waits for its state (applyState) before it can run");
     const startPaused = opts.paused ?? this.restoredRunState === "paused";
-    this.state = "running";
+    // Paused from the start: the vCPUs park at their first look at the control words.
+    this.state = startPaused ? "paused" : "running";
     if (startPaused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
     // Idempotent, so a rebooted VM in the same process sets it again harmlessly.
     setFlagsFromString(`--interrupt-budget=${V8_INTERRUPT_BUDGET}`);
@@ -600,8 +605,6 @@ export class Vm {
       throw e;
     }
     this.startedAt = Date.now();
-    // The vCPUs park at their first look at the control words; pause()'s callers see "paused" at once.
-    if (startPaused && this.state === "running") this.state = "paused";
     // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
     this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
     this.sampler.unref();
@@ -970,27 +973,47 @@ export class Vm {
    * §4.35): takeDirtyLog() then says which pages changed since the last call. Writes made by the
    * VMM's own threads (the devices) are not in KVM's log.
    */
-  startDirtyLog(): void {
+  async startDirtyLog(): Promise<void> {
     if (this.dirtyMaps !== undefined) return;
     const regions = this.memory.hostRegions;
     this.dirtyMaps = regions.map((r) => libc.mmap(Math.ceil(r.size / 4096 / 64) * 8, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS));
     regions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress), KVM_MEM_LOG_DIRTY_PAGES));
+    // The devices' own writes (used rings, received frames, disk reads) never reach KVM's log: the device thread marks them here.
+    if (this.deviceThread !== undefined) {
+      const end = Math.max(...regions.map((r) => r.guestPhysAddr + r.size));
+      this.deviceDirty = DirtyLog.create(end);
+      await this.deviceCommand({ command: "dirtyLog", args: { buffer: this.deviceDirty.shared } });
+    }
   }
 
   /** Each slot's pages written since the last call (or startDirtyLog), one bit per 4 KiB page; views valid until the next call. */
   takeDirtyLog(): Uint8Array[] {
     const maps = this.dirtyMaps;
     if (maps === undefined) throw new TypevisorError("VM_STATE", "dirty logging is off");
-    return maps.map((m, slot) => {
+    const regions = this.memory.hostRegions;
+    const out = maps.map((m, slot) => {
       this.vm.getDirtyLog(slot, m);
       return new Uint8Array(libc.view(m.pointer, m.length));
     });
+    // Fold in what the devices wrote (guest-physical page numbers) as bits of each slot.
+    for (const page of this.deviceDirty?.take() ?? []) {
+      const gpa = page * 4096;
+      const slot = regions.findIndex((r) => gpa >= r.guestPhysAddr && gpa < r.guestPhysAddr + r.size);
+      if (slot < 0) continue;
+      const p = (gpa - regions[slot]!.guestPhysAddr) / 4096;
+      out[slot]![p >> 3]! |= 1 << (p & 7);
+    }
+    return out;
   }
 
   stopDirtyLog(): void {
     const maps = this.dirtyMaps;
     if (maps === undefined) return;
     this.dirtyMaps = undefined;
+    if (this.deviceDirty !== undefined && this.deviceThread !== undefined) {
+      this.deviceCommand({ command: "dirtyLog", args: { buffer: null } }).catch(() => undefined);
+    }
+    this.deviceDirty = undefined;
     this.memory.hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
     for (const m of maps) libc.munmap(m);
   }

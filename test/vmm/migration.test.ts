@@ -58,7 +58,7 @@ async function consoleClient(path: string): Promise<{ sock: Socket; text: () => 
 
 /** A source VM running the tiny guest, its console answering. */
 async function source(name: string): Promise<{ vm: Vmm; con: { sock: Socket; text: () => string } }> {
-  const vm = start(name, ["--kernel", kernel, "--memory", "64", "--cpus", "2"]);
+  const vm = start(name, ["--kernel", kernel, "--memory", "64", "--cpus", "2", "--rng"]);
   const con = await consoleClient(vm.sock);
   await until("the banner", () => con.text().includes(TINY_KERNEL_BANNER));
   return { vm, con };

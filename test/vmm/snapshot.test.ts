@@ -74,7 +74,8 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
   const snap = join(dir, "snap1");
 
   it("saves a running guest, which runs on; a new VMM restored from it continues the guest without booting", async () => {
-    const a = start("a", ["--kernel", kernel, "--memory", "64", "--cpus", "2"]);
+    // With a device, so the device thread's state goes through the snapshot too.
+    const a = start("a", ["--kernel", kernel, "--memory", "64", "--cpus", "2", "--rng"]);
     try {
       await until("the banner", () => readIf(a.log).includes(TINY_KERNEL_BANNER));
       const c = await consoleClient(a.sock);

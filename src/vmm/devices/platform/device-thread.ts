@@ -256,6 +256,10 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
     case "snapshot":
       quiesce();
       return saveDevices(plugged, bus);
+    case "dirtyLog":
+      // Set between requests (commands run on this thread between passes), so no write is half-marked.
+      mem.dirtyLog = c.args.buffer === null ? undefined : new DirtyLog(c.args.buffer);
+      return { on: mem.dirtyLog !== undefined };
     case "disks.retry":
       for (const { dev } of disks) dev.retryHeld();
       return { held: disks.reduce((n, { dev }) => n + dev.heldRequests, 0) };
