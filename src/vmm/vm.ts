@@ -21,6 +21,7 @@ import { loadKernel, type BootCpuState, type BootPlan } from "./arch/x86_64/boot
 import { filterCpuid } from "./arch/x86_64/cpuid.js";
 import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_START, ramRanges } from "./arch/x86_64/layout.js";
 import { pciHostBridgeAml } from "./devices/pci/acpi.js";
+import { newGeneration, writeGenerationId } from "./devices/legacy/vmgenid/vmgenid.js";
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
 import { GuestMemory, type HostRegion } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
@@ -365,6 +366,7 @@ export class Vm {
           ...(pci ? { pciEcam: { base: PCI_ECAM_START, segment: 0, startBus: 0, endBus: 0 }, sbDevices: [pciHostBridgeAml()] } : {}),
         });
         writeResetVector(this.memory);
+        writeGenerationId(this.memory);
         const plan = loadKernel(this.memory, {
           kernel: config.boot.kernel,
           ...(config.boot.initrd !== undefined ? { initrd: config.boot.initrd } : {}),
@@ -405,6 +407,9 @@ export class Vm {
       if (snap !== undefined) {
         restoreVmKvm(this.vm, this.kvm, snap.state.vm!, snap.keepClock === true);
         this.serial.restore(snap.state.platform!.serial);
+        // A restored VM is a new machine to the guest: new generation ID, GED interrupt pending
+        // before any vCPU runs (IOAPIC and LAPICs are back by now), so clones reseed their RNG.
+        newGeneration(this.memory, this.vm);
         // Before the first KVM_RUN: the guest's watchdogs see a host pause, not a hung CPU.
         for (const v of this.vcpus) markClockPaused(v);
         this.restoredDevices = snap.state.devices;
