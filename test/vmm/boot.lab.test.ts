@@ -4,16 +4,16 @@
  */
 import { spawnSync } from "node:child_process";
 import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { request } from "node:http";
 import { getPriority, tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { cacheDir } from "../../src/images/dirs.js";
 import { parseGuestExit, runScriptArg, USERSPACE_UP_LINE } from "../../src/images/guest-init.js";
 import { imagePaths } from "../../src/images/image.js";
 import { extractVmlinux } from "../../src/vmm/arch/x86_64/boot/index.js";
 import { ConsoleProcess } from "../helpers/console-process.js";
+import { genericKernel } from "../helpers/generic-kernel.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 /** The busybox shell prompt on the console (it may be followed by a cursor-position query). */
@@ -44,19 +44,6 @@ const CPU_SCRIPT =
 
 function memTotalKiB(out: string): number {
   return Number(/MemTotal:\s+(\d+) kB/.exec(out)?.[1] ?? NaN);
-}
-
-/** The generic (non-cloud) Debian kernel the lab itself boots, from the package cache. */
-function genericKernel(): string | undefined {
-  const extract = join(cacheDir(), "extract");
-  if (!existsSync(extract)) return undefined;
-  for (const d of readdirSync(extract)) {
-    if (!/^linux-image-[\d.]+-\d+-amd64_/.test(d)) continue;
-    const boot = join(extract, d, "boot");
-    const k = readdirSync(boot).find((f) => f.startsWith("vmlinuz-"));
-    if (k !== undefined) return join(boot, k);
-  }
-  return undefined;
 }
 
 describe("typevisor run boots Debian kernels under real KVM", () => {
