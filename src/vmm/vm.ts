@@ -22,6 +22,7 @@ import { loadKernel, type BootCpuState, type BootPlan } from "./arch/x86_64/boot
 import { filterCpuid } from "./arch/x86_64/cpuid.js";
 import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_START, ramRanges } from "./arch/x86_64/layout.js";
 import { pciHostBridgeAml } from "./devices/pci/acpi.js";
+import { newGeneration, writeGenerationId } from "./devices/legacy/vmgenid/vmgenid.js";
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
 import { DirtyLog, GuestMemory, type HostRegion } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
@@ -373,6 +374,7 @@ export class Vm {
           ...(pci ? { pciEcam: { base: PCI_ECAM_START, segment: 0, startBus: 0, endBus: 0 }, sbDevices: [pciHostBridgeAml()] } : {}),
         });
         writeResetVector(this.memory);
+        writeGenerationId(this.memory);
         const plan = loadKernel(this.memory, {
           kernel: config.boot.kernel,
           ...(config.boot.initrd !== undefined ? { initrd: config.boot.initrd } : {}),
@@ -409,7 +411,8 @@ export class Vm {
         this.runMaps.push({ map, run: new Uint8Array(libc.view(map.pointer, runSize)) });
       }
       if (snap !== undefined) {
-        this.applyState(snap.state, { what: snap.what, ...(snap.keepClock !== undefined ? { keepClock: snap.keepClock } : {}) });
+        // A restored snapshot is a new machine to the guest (a live migration is not: same VM, moved).
+        this.applyState(snap.state, { what: snap.what, newMachine: true, ...(snap.keepClock !== undefined ? { keepClock: snap.keepClock } : {}) });
       } else if (!this.awaitingState) {
         // Only the boot CPU gets an entry state; APs wait in KVM for INIT/SIPI from the guest.
         this.setBootState(this.vcpus[0]!, boot!);
@@ -432,7 +435,7 @@ export class Vm {
    * the devices when the device thread starts), once, before run(). Guest memory must hold the
    * same moment's contents already. The order is the one KVM needs (snapshot/cpu.ts).
    */
-  applyState(state: SnapshotState, opts: { what: string; keepClock?: boolean }): void {
+  applyState(state: SnapshotState, opts: { what: string; keepClock?: boolean; newMachine?: boolean }): void {
     if (!this.awaitingState || this.state !== "created") throw new TypevisorError("VM_STATE", "state can be applied once, to a VM built for it, before it runs");
     if (state.vm === null || state.platform === null || state.vcpus.length !== this.vcpus.length) throw new TypevisorError("SNAPSHOT_INVALID", `${opts.what}: no vCPU state to restore`);
     if (state.config.cpus !== this.config.cpus || state.config.memoryMiB !== this.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${opts.what}: saved with ${state.config.cpus} vCPUs and ${state.config.memoryMiB} MiB`);
@@ -446,6 +449,10 @@ export class Vm {
     }
     restoreVmKvm(this.vm, this.kvm, state.vm, opts.keepClock === true);
     this.serial.restore(state.platform.serial);
+    // A new machine (a restored snapshot, maybe one of many clones): new generation ID and its GED
+    // interrupt pending before any vCPU runs (IOAPIC and LAPICs are back by now), so the guest
+    // reseeds its RNG (vmgenid.ts).
+    if (opts.newMachine === true) newGeneration(this.memory, this.vm);
     // Before the first KVM_RUN: the guest's watchdogs see a host pause, not a hung CPU.
     for (const v of this.vcpus) markClockPaused(v);
     this.restoredDevices = state.devices;
