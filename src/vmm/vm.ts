@@ -40,7 +40,7 @@ import { setLint } from "./arch/x86_64/lapic.js";
 import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
 import { mkdirSync, readdirSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { cpuCaps, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
+import { cpuCaps, elapsedSinceSave, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
 import { mapMemoryFile, writeMemoryFile, type RegionSource } from "./snapshot/memory.js";
 import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
 
@@ -441,9 +441,10 @@ export class Vm {
     if (state.config.cpus !== this.config.cpus || state.config.memoryMiB !== this.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${opts.what}: saved with ${state.config.cpus} vCPUs and ${state.config.memoryMiB} MiB`);
     this.checkCpu(state, opts.what, this.kvm.supportedCpuid(), this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0);
     this.awaitingState = false;
+    const advance = opts.keepClock === true ? 0n : elapsedSinceSave(state.vm);
     for (const vcpu of this.vcpus) {
       const saved = state.vcpus[vcpu.id]!;
-      const refused = restoreVcpu(vcpu, saved);
+      const refused = restoreVcpu(vcpu, saved, advance);
       this.cpuids[vcpu.id] = saved.cpuid;
       if (refused.length > 0) this.restoreWarnings.push(`vCPU ${vcpu.id}: KVM did not take back MSR ${refused.map((i) => `0x${i.toString(16)}`).join(", ")}`);
     }
