@@ -23,6 +23,7 @@ import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
 import { ConsolePipe } from "../vmm/console/console-pipe.js";
 import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { parseSize } from "../size.js";
+import { sandboxProbe } from "../vmm/sandbox-probe.js";
 
 
 export interface RunOptions {
@@ -54,6 +55,12 @@ export interface RunOptions {
   exitFile?: string;
   /** Run on a PVM /dev/kvm instead of refusing or re-running in the lab (purpose-built guests boot there). */
   forceKvm?: boolean;
+  /** The API socket, already bound at --api-socket and listening, inherited as this fd (the daemon's sandbox). */
+  apiSocketFd?: string;
+  /** The console socket, the same way. */
+  consoleSocketFd?: string;
+  /** Test hook of the daemon's sandbox: paths to try to open and denied system calls to try, reported on stderr. */
+  sandboxProbe?: string;
 }
 
 /** How the VMM process ended, as --exit-file records it. */
@@ -96,6 +103,14 @@ const ESCAPE = 0x01;
 function defaultVsockPath(): string {
   const dir = process.env["XDG_RUNTIME_DIR"] !== undefined && process.env["XDG_RUNTIME_DIR"] !== "" ? process.env["XDG_RUNTIME_DIR"] : tmpdir();
   return join(dir, `typevisor-vsock-${process.pid}.sock`);
+}
+
+/** A descriptor inherited from the supervisor; it needs the socket's path too (messages, GET /vm). */
+function parseFdArg(name: string, v: string, path: string | undefined): number {
+  const fd = parseIntArg(name, v);
+  if (fd < 3) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be 3 or more (0-2 are stdio)`);
+  if (path === undefined) throw new TypevisorError("INVALID_ARGUMENT", `${name} needs the socket's path too (${name.replace("-fd", "")} PATH)`);
+  return fd;
 }
 
 function parseIntArg(name: string, v: string): number {
@@ -205,7 +220,11 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
     throw new TypevisorError("INVALID_ARGUMENT", "--console-log-size needs --console-log PATH");
   }
   const logSize = parseSize(o.consoleLogSize ?? DEFAULT_CONSOLE_LOG_SIZE, { what: "--console-log-size", ...LOG_SIZE_LIMITS });
-  for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", o.consoleSocket], ["--exit-file", o.exitFile]] as const) {
+  const apiSocketFd = o.apiSocketFd !== undefined ? parseFdArg("--api-socket-fd", o.apiSocketFd, o.apiSocket) : undefined;
+  const consoleSocketFd = o.consoleSocketFd !== undefined ? parseFdArg("--console-socket-fd", o.consoleSocketFd, o.consoleSocket) : undefined;
+  if (o.sandboxProbe !== undefined) log(`typevisor: sandbox probe ${JSON.stringify(sandboxProbe(o.sandboxProbe.split(",").filter((x) => x !== "")))}`);
+  // A socket handed over as a descriptor is bound already: its directory need not be in our view.
+  for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", consoleSocketFd === undefined ? o.consoleSocket : undefined], ["--exit-file", o.exitFile]] as const) {
     if (path !== undefined && !existsSync(dirname(path))) throw new TypevisorError("INVALID_ARGUMENT", `${flag} ${path}: directory ${dirname(path)} does not exist`);
   }
   const devices: DeviceSpecs = {
@@ -248,7 +267,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       ...(o.consoleLog !== undefined
         ? { log: { path: o.consoleLog, maxBytes: logSize, onDrop: (code: string) => log(`typevisor: console log ${o.consoleLog}: ${code}: dropping guest output until it can be written (the log notes how much)`) } }
         : {}),
-      ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket } } : {}),
+      ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket, ...(consoleSocketFd !== undefined ? { fd: consoleSocketFd } : {}) } } : {}),
       onInput: (b) => current?.sendInput(b),
     })
     : undefined;
@@ -340,7 +359,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
             if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
             current.reset();
           },
-        });
+        }, apiSocketFd);
       }
       let result: VmExitResult;
       try {
@@ -406,6 +425,9 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--console-log-size <size>", `rotate --console-log when it would exceed SIZE (bytes or K/M/G; default ${DEFAULT_CONSOLE_LOG_SIZE}): PATH becomes PATH.1`)
     .option("--console-socket <path>", "serve the serial console on this unix socket: clients get output from when they connect, what they send is typed into the guest (headless)")
     .option("--exit-file <path>", 'on exit, write {"code","result":"poweroff|stopped|reset|crash|error","reason"?,"at"} here atomically')
+    .addOption(new Option("--api-socket-fd <n>", "the --api-socket, already bound and listening, inherited as this descriptor (the daemon's sandbox binds it: the VMM cannot)").hideHelp())
+    .addOption(new Option("--console-socket-fd <n>", "the --console-socket, the same way").hideHelp())
+    .addOption(new Option("--sandbox-probe <paths>", "test hook: try to open these paths (comma-separated) and a few denied system calls, and report on stderr").hideHelp())
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
     .action(async (opts: RunOptions, cmd: Command) => {
