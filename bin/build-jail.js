@@ -5,9 +5,10 @@
 // a daemon run as root then refuses to start unless given --no-sandbox (docs/security.md).
 import { spawnSync } from "node:child_process";
 import { mkdirSync } from "node:fs";
+import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
+const root = join(dirname(fileURLToPath(import.meta.url)), "..") + "/";
 mkdirSync(`${root}dist`, { recursive: true });
 const args = ["-O2", "-Wall", "-Wextra", "-Werror", "-static", "-o", `${root}dist/typevisor-jail`, `${root}src/control/sandbox/typevisor-jail.c`];
 const r = spawnSync(process.env["CC"] ?? "gcc", args, { stdio: "inherit" });

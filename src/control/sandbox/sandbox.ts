@@ -18,7 +18,7 @@ import type Database from "better-sqlite3";
 import { TypevisorError } from "../../errors.js";
 import { TYPEVISOR_BIN, vmmArgs, vmmEnv, type VmmLaunch } from "../../engine/native.js";
 import { filterBytes, vmmFilter } from "../../sys/seccomp.js";
-import { openTap } from "../../sys/tap.js";
+import { openTap, setLinkUp } from "../../sys/tap.js";
 import { unixListen } from "../../sys/unix-socket.js";
 import { openDisk } from "../../vmm/disk/open.js";
 import type { DiskInit } from "../../vmm/disk/backend.js";
@@ -178,11 +178,12 @@ export async function spawnSandboxed(l: VmmLaunch, s: { uid: number; root: strin
     fds.push(con);
     // Bound by root under umask: narrowed to the daemon alone (the run directory is 0700 too).
     for (const p of [l.apiSocket, l.consoleSocket]) chmodSync(p, 0o600);
-    const taps = l.nets.map((n) => {
+    for (const n of l.nets) {
       const t = openTap(n.tap);
       fds.push(t.fd);
-      return t.fd;
-    });
+      // A TAP made just now starts down; the VMM, without CAP_NET_ADMIN, could not bring it up.
+      if (t.created) setLinkUp(t.name);
+    }
     const slot = (i: number): number => 4 + i; // the child's fd numbers: stdio index = fd
     const vmm = [
       ...vmmArgs({ ...l, nets: [] }),
