@@ -258,9 +258,11 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   // Headless: the console is a pipe fanned out to the log and socket; the terminal stays out of it.
   const headless = o.consoleLog !== undefined || o.consoleSocket !== undefined;
   if (headless) {
-    // A supervised VMM's stdout is a log file on the data disk: a full disk must not kill the VM
-    // (Node throws an unhandled 'error' for a failed stdout write; stderr's are ignored already).
+    // A supervised VMM's stdout and stderr are a log file on the data disk: a full disk must not
+    // kill the VM (Node throws an unhandled 'error' for a failed write to either, when the file is
+    // a SyncWriteStream: a first line into an empty log on a full tmpfs needs a page it cannot get).
     process.stdout.on("error", () => undefined);
+    process.stderr.on("error", () => undefined);
   }
   const consolePipe = headless
     ? await ConsolePipe.open({

@@ -21,6 +21,7 @@ import { imagePaths, imagesDir } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
 import { spawnVmm, type VmmLaunch } from "../engine/native.js";
 import { readRegularNoFollow } from "../sys/untrusted-file.js";
+import { filesystemOf } from "../sys/mounts.js";
 import { allocateUid, spawnSandboxed, type SandboxOptions } from "./sandbox/sandbox.js";
 import { basesDir } from "./bases.js";
 import { VmmClient } from "../engine/vmm-client.js";
@@ -1206,6 +1207,14 @@ export class VmManager extends EventEmitter {
         ...(typeof fs.freeBytes === "number" ? { freeBytes: fs.freeBytes } : {}),
       },
     };
+    // A sandboxed VMM sees each disk as a mount of its own (a bind of that one file): the file
+    // system is named as the host sees it, for a disk the inventory says is this VM's.
+    const hostFs = this.config.sandbox !== undefined && reason.disk !== undefined && this.store.getVm(name)?.disks.some((d) => d.path === reason.disk) === true ? filesystemOf(reason.disk) : undefined;
+    if (hostFs !== undefined) {
+      const seen = reason.filesystem?.mountPoint;
+      if (seen !== undefined) reason.message = reason.message.split(`the filesystem ${seen} (`).join(`the filesystem ${hostFs.mountPoint} (`);
+      reason.filesystem = { ...reason.filesystem, mountPoint: hostFs.mountPoint };
+    }
     if (live.pauseReason?.at === reason.at) return;
     void this.serial(name, async () => {
       const cur = this.store.getVm(name);
