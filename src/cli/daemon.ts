@@ -94,17 +94,16 @@ function parseListen(v: string): { host: string; port: number } {
 }
 
 /**
- * The VMM sandbox's settings: on unless --no-sandbox. Building it needs root (namespaces, mounts,
- * another uid), so a daemon run by another user must say --no-sandbox: VMMs are not left
- * unconfined without the operator having said so.
+ * The VMM sandbox's settings: on as root unless --no-sandbox. Building it needs root (namespaces,
+ * mounts, another uid): a daemon run by another user (development) runs its VMMs as that user,
+ * unconfined, and says so in its log. As root, a missing helper is an error, not a quiet fallback.
  */
-function sandboxOptions(o: DaemonOptions): SandboxOptions | undefined {
+function sandboxOptions(o: DaemonOptions, warn: (msg: string) => void): SandboxOptions | undefined {
   const range = parseUidRange(o.sandboxUids);
   if (!o.sandbox) return undefined;
   if (!canSandbox()) {
-    throw new TypevisorError("SANDBOX", "the VMM sandbox needs the daemon to run as root (it gives each VMM its own uid, namespaces and seccomp filter)", {
-      hint: "run the daemon as root, or start it with --no-sandbox (VMMs then run as this user, unconfined: for development)",
-    });
+    warn("not running as root: VMMs run as this user without the sandbox (own uid, namespaces, seccomp); run the daemon as root for it");
+    return undefined;
   }
   if (!existsSync(JAIL_BIN)) {
     throw new TypevisorError("SANDBOX", `the VMM sandbox helper ${JAIL_BIN} is not built`, { hint: "install gcc and libc6-dev, then npm run build; or start the daemon with --no-sandbox" });
@@ -148,8 +147,8 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   if (kind !== "hardware" && !o.forceKvm) {
     logger.warn({ kvm: kind }, "this host's KVM cannot boot stock kernels: starting a VM will be refused (run the daemon inside the lab, or --force-kvm for purpose-built guests)");
   }
-  const sandbox = sandboxOptions(o);
-  logger.info({ sandbox: sandbox === undefined ? "off" : { uids: `${sandbox.uidBase}-${sandbox.uidBase + sandbox.uidCount - 1}` } }, sandbox === undefined ? "VMMs run without a sandbox (--no-sandbox)" : "each VMM runs in its sandbox");
+  const sandbox = sandboxOptions(o, (msg) => logger.warn(msg));
+  logger.info({ sandbox: sandbox === undefined ? "off" : { uids: `${sandbox.uidBase}-${sandbox.uidBase + sandbox.uidCount - 1}` } }, sandbox === undefined ? "VMMs run without a sandbox" : "each VMM runs in its sandbox");
   const manager = new VmManager({
     home,
     ...(sandbox !== undefined ? { sandbox } : {}),
@@ -221,7 +220,7 @@ export function registerDaemonCommand(program: Command): void {
     .option("--usage-interval <seconds>", "how often per-VM usage is sampled", "5")
     .option("--stream-stall-timeout <seconds>", "an event-stream client that takes nothing for this long is disconnected (it resumes with ?after=)", "30")
     .option("--stop-vms-on-exit", "stop every VM when the daemon exits (default: they keep running)", false)
-    .option("--no-sandbox", "run VMMs as the daemon's own children, unconfined: no per-VM uid, namespaces, seccomp filter (the default, as root: each VMM in its sandbox; docs/security.md)")
+    .option("--no-sandbox", "run VMMs as the daemon's own children, unconfined: no per-VM uid, namespaces, seccomp filter (the default as root: each VMM in its sandbox, docs/security.md; as another user the sandbox cannot be built and is off)")
     .option("--sandbox-uids <range>", "the uids (and gids) sandboxed VMMs get, one per VM: FIRST-LAST or FIRST:COUNT", `${DEFAULT_UID_RANGE.base}:${DEFAULT_UID_RANGE.count}`)
     .addOption(new Option("--sandbox-probe <paths>", "test hook: each VMM tries to open these paths and a few denied system calls and logs what happened").hideHelp())
     .option("--no-cgroups", "do not put VMMs in per-VM cgroups (no CPU or memory limits) even where cgroup v2 is available")
