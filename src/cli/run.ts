@@ -24,6 +24,7 @@ import { ConsolePipe } from "../vmm/console/console-pipe.js";
 import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { parseSize } from "../size.js";
 import { sandboxProbe } from "../vmm/sandbox-probe.js";
+import { installFilter, noExecFilter } from "../sys/seccomp.js";
 
 
 export interface RunOptions {
@@ -61,6 +62,8 @@ export interface RunOptions {
   consoleSocketFd?: string;
   /** Test hook of the daemon's sandbox: paths to try to open and denied system calls to try, reported on stderr. */
   sandboxProbe?: string;
+  /** Install a seccomp filter refusing execve/execveat on every thread (the daemon's sandbox). */
+  seccompNoExec?: boolean;
 }
 
 /** How the VMM process ended, as --exit-file records it. */
@@ -222,6 +225,8 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   const logSize = parseSize(o.consoleLogSize ?? DEFAULT_CONSOLE_LOG_SIZE, { what: "--console-log-size", ...LOG_SIZE_LIMITS });
   const apiSocketFd = o.apiSocketFd !== undefined ? parseFdArg("--api-socket-fd", o.apiSocketFd, o.apiSocket) : undefined;
   const consoleSocketFd = o.consoleSocketFd !== undefined ? parseFdArg("--console-socket-fd", o.consoleSocketFd, o.consoleSocket) : undefined;
+  // Before anything reads guest-controlled input: from here on this process cannot exec.
+  if (o.seccompNoExec === true) installFilter(noExecFilter());
   if (o.sandboxProbe !== undefined) log(`typevisor: sandbox probe ${JSON.stringify(sandboxProbe(o.sandboxProbe.split(",").filter((x) => x !== "")))}`);
   // A socket handed over as a descriptor is bound already: its directory need not be in our view.
   for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", consoleSocketFd === undefined ? o.consoleSocket : undefined], ["--exit-file", o.exitFile]] as const) {
@@ -429,6 +434,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--exit-file <path>", 'on exit, write {"code","result":"poweroff|stopped|reset|crash|error","reason"?,"at"} here atomically')
     .addOption(new Option("--api-socket-fd <n>", "the --api-socket, already bound and listening, inherited as this descriptor (the daemon's sandbox binds it: the VMM cannot)").hideHelp())
     .addOption(new Option("--console-socket-fd <n>", "the --console-socket, the same way").hideHelp())
+    .addOption(new Option("--seccomp-no-exec", "refuse execve and execveat from here on, on every thread (seccomp; the daemon's sandbox passes it)").hideHelp())
     .addOption(new Option("--sandbox-probe <paths>", "test hook: try to open these paths (comma-separated) and a few denied system calls, and report on stderr").hideHelp())
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))

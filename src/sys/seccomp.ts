@@ -12,6 +12,8 @@
  * other numbers, and would slip past a list of x86_64 numbers, so it kills the process.
  */
 
+import koffi from "koffi";
+
 /** linux/audit.h: AUDIT_ARCH_X86_64 = EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE. */
 export const AUDIT_ARCH_X86_64 = 0xc000003e;
 /** x32 system calls are x86_64 numbers with this bit set (arch/x86/include/uapi/asm/unistd.h). */
@@ -156,4 +158,53 @@ export function evaluate(prog: readonly BpfInsn[], call: { nr: number; arch?: nu
     }
   }
   throw new Error("filter ran off its end");
+}
+
+const NR_EXECVE = 59;
+const NR_EXECVEAT = 322;
+
+/**
+ * A second filter, installed by the VMM itself once it runs (run --seccomp-no-exec, which the
+ * daemon's sandbox passes): execve and execveat refused with EPERM. The first filter must allow
+ * them, since the helper execs node under it; once node runs, a VMM never execs anything, and a
+ * VMM taken over then cannot start another program either. Filters stack: the strictest answer
+ * of all installed filters wins (seccomp(2), "multiple filters").
+ */
+export function noExecFilter(): BpfInsn[] {
+  return [
+    { code: BPF_LD_W_ABS, jt: 0, jf: 0, k: OFF_ARCH },
+    { code: BPF_JMP_JEQ_K, jt: 1, jf: 0, k: AUDIT_ARCH_X86_64 },
+    { code: BPF_RET_K, jt: 0, jf: 0, k: SECCOMP_RET.KILL_PROCESS },
+    { code: BPF_LD_W_ABS, jt: 0, jf: 0, k: OFF_NR },
+    { code: BPF_JMP_JEQ_K, jt: 2, jf: 0, k: NR_EXECVE },
+    { code: BPF_JMP_JEQ_K, jt: 1, jf: 0, k: NR_EXECVEAT },
+    { code: BPF_RET_K, jt: 0, jf: 0, k: SECCOMP_RET.ALLOW },
+    { code: BPF_RET_K, jt: 0, jf: 0, k: SECCOMP_RET.ERRNO | EPERM },
+  ];
+}
+
+const SECCOMP_SET_MODE_FILTER = 1;
+const SECCOMP_FILTER_FLAG_TSYNC = 1;
+const NR_SECCOMP = 317;
+let seccompFn: ((nr: number, op: number, flags: number, prog: { len: number; filter: Uint8Array }) => number) | undefined;
+
+/**
+ * Install `prog` on every thread of this process (SECCOMP_FILTER_FLAG_TSYNC: Node already runs
+ * V8's and libuv's threads; threads started later inherit it from the thread that starts them).
+ * Needs no_new_privs (or CAP_SYS_ADMIN), which the sandbox set.
+ * @throws Error with the errno when the kernel refuses it
+ */
+export function installFilter(prog: readonly BpfInsn[]): void {
+  if (seccompFn === undefined) {
+    // Loaded on first use: most processes that import this module never install anything.
+    const k = koffi;
+    // struct sock_fprog (x86_64): unsigned short len @0, struct sock_filter *filter @8.
+    const fprogT = k.struct({ len: "uint16", filter: "void *" });
+    const fn = k.load("libc.so.6").func("syscall", "long", ["long", "uint", "uint", k.pointer(fprogT)]);
+    seccompFn = (nr, op, flags, p) => fn(nr, op, flags, p) as number;
+  }
+  const bytes = filterBytes(prog);
+  // Safe: the kernel copies the program during the call (seccomp_prepare_filter) and keeps no pointer to `bytes`.
+  const r = seccompFn(NR_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, { len: prog.length, filter: bytes });
+  if (r !== 0) throw new Error(`seccomp(SECCOMP_SET_MODE_FILTER, TSYNC): ${r < 0 ? `errno ${koffi.errno()}` : `thread ${r} could not be synchronized`}`);
 }

@@ -26,6 +26,8 @@ export interface SandboxProbe {
 
 const CLONE_NEWUSER = 0x10000000;
 /** keyctl(KEYCTL_GET_KEYRING_ID = 0, KEY_SPEC_SESSION_KEYRING = -3, create = 0). */
+/** execve(NULL, ...) and execveat(-1, "", ...): EFAULT/EBADF when allowed (nothing runs), EPERM when refused. */
+const EXEC_CALLS: Record<string, [number, readonly number[]]> = { execve: [59, [0, 0, 0, 0, 0]], execveat: [322, [-1, 0, 0, 0, 0]] };
 const CALLS: Record<string, readonly number[]> = {
   mount: [0, 0, 0, 0, 0],
   unshare: [CLONE_NEWUSER, 0, 0, 0, 0],
@@ -46,8 +48,7 @@ export function sandboxProbe(paths: readonly string[]): SandboxProbe {
     }
   }
   const syscalls: Record<string, string> = {};
-  for (const [name, args] of Object.entries(CALLS)) {
-    const nr = DENIED_SYSCALLS[name]!;
+  for (const [name, [nr, args]] of [...Object.entries(CALLS).map(([n, a]) => [n, [DENIED_SYSCALLS[n]!, a]] as const), ...Object.entries(EXEC_CALLS)]) {
     // Safe: every argument is a number or a null pointer; no call is handed memory.
     const r = syscallFn(nr, ...args) as number;
     syscalls[name] = r < 0 ? libc.errnoName(libc.errno()) : "ok";

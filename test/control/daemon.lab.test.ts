@@ -10,7 +10,7 @@
  */
 import { spawn, spawnSync } from "node:child_process";
 import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
-import { existsSync, mkdtempSync, readFileSync, readlinkSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it, onTestFailed } from "vitest";
@@ -85,6 +85,11 @@ describe("the daemon with Debian guests under real KVM", () => {
     // what the daemon said, when something fails: a daemon that died or stopped answering tells why there
     onTestFailed(() => {
       if (d !== undefined) console.log(`daemon.lab: the daemon's log (exit ${d.proc.exitCode ?? "none"}, signal ${d.proc.signalCode ?? "none"}):\n${d.log().slice(-8000)}`);
+      // and each VMM's own (its stderr: why it ended, or what it was doing)
+      for (const id of existsSync(join(home, "vms")) ? readdirSync(join(home, "vms")) : []) {
+        const f = join(home, "vms", id, "vmm.log");
+        if (existsSync(f)) console.log(`daemon.lab: ${f}:\n${readFileSync(f, "utf8").slice(-3000)}`);
+      }
     });
     d = await startDaemon({ home, args: ["--usage-interval", "2"] });
     const host = JSON.parse(ok(["host", "--json"])) as { cgroups: { available: boolean }; memory: { capacity: number } };

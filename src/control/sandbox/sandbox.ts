@@ -189,6 +189,7 @@ export async function spawnSandboxed(l: VmmLaunch, s: { uid: number; root: strin
       ...vmmArgs({ ...l, nets: [] }),
       "--api-socket-fd", String(slot(0)),
       "--console-socket-fd", String(slot(1)),
+      "--seccomp-no-exec",
       ...l.nets.flatMap((n, i) => ["--net", `tap=${n.tap},fd=${slot(2 + i)}${n.mac !== undefined ? `,mac=${n.mac}` : ""}`]),
       ...(s.probe !== undefined && s.probe.length > 0 ? ["--sandbox-probe", s.probe.join(",")] : []),
     ];
