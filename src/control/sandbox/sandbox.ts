@@ -152,7 +152,8 @@ export async function spawnSandboxed(l: VmmLaunch, s: { uid: number; root: strin
     binds.push(d.readonly === true ? top : `${top}:rw`);
     for (const b of backing) {
       if (!own.has(b) && !s.allowedBacking(b)) throw new TypevisorError("SANDBOX", `disk ${d.path} has the backing file ${b}, which is neither a base image nor one of this VM's disks`);
-      if (!own.has(b)) binds.push(b);
+      // once, however many of its disks share it: a second bind would find the first one's read-only file
+      if (!own.has(b) && !binds.includes(b)) binds.push(b);
     }
   }
   const sys = systemBinds();
