@@ -13,10 +13,11 @@
  *    and polling `query-migrate` until "completed" over QMP, timed from `stop` (the bandwidth
  *    limit, 128 MiB/s by default, is lifted first, as libvirt does for `virsh save`);
  *  - restore to running: process start to the restored guest answering a line typed on its
- *    console (one probe line every PROBE_MS from the start, since neither VMM says on the console
- *    when the guest runs again): ours `run --restore DIR`, QEMU `-incoming "exec:cat FILE"` and
- *    `cont` over QMP once the incoming migration is done (the source was stopped, so QEMU leaves
- *    the restored guest paused). Both read a file the source just wrote (in the page cache).
+ *    console (one probe line every PROBE_MS from when the VM is built, since neither VMM says on
+ *    the console when the guest runs again): ours `run --restore DIR` (built: its API socket is
+ *    up, which it serves once the VM is restored), QEMU `-incoming "exec:cat FILE"` and `cont`
+ *    over QMP once the incoming migration is done (built: `cont` sent; the source was stopped, so
+ *    QEMU leaves the restored guest paused). Both read a file the source just wrote (page cache).
  * Also each VMM's resident memory right after the restored guest answered: ours maps the
  * memory file and loads pages on demand, QEMU reads the whole stream into guest RAM.
  *
@@ -39,8 +40,13 @@ const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const MEMORY_MIBS = (process.env["BENCH_MEMORY"] ?? "256,2048").split(",").map((v) => Number(v.trim()));
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const QEMU = "qemu-system-x86_64";
-/** How often a probe line is typed while waiting for a guest to answer. */
-const PROBE_MS = 50;
+/**
+ * How often a probe line is typed while waiting for a guest to answer. Each probe costs the guest
+ * its echo and the VMM its delivery (ours: 16 bytes, the UART FIFO, per 5 ms timer), so probes
+ * start only once the VM is built: a backlog typed from process start took a loaded lab 25-35 s
+ * to drain before the first answer could get out.
+ */
+const PROBE_MS = 100;
 /** Limits for a lab under load (boots there took 12-40 s). */
 const BOOT_MS = 600_000;
 const STEP_MS = 300_000;
@@ -169,10 +175,9 @@ async function ours(memoryMiB: number, cmdline: string, work: string): Promise<S
   const api2 = join(work, "api2.sock");
   const q = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--restore", snap, "--api-socket", api2]);
   try {
-    const answered = answerMs(q, 0);
     await until("the restored VMM's API socket", () => existsSync(api2) || q.child.exitCode !== null);
     const restoreBuiltMs = performance.now() - q.t0;
-    const restoreMs = await answered;
+    const restoreMs = await answerMs(q, 0);
     const restoreRssKiB = processMemory(q.child.pid!, memoryMiB).rssKiB;
     return { coldMs, snapshotMs, snapshotWallMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB };
   } finally {
@@ -228,7 +233,6 @@ async function qemu(memoryMiB: number, cmdline: string, work: string): Promise<S
   const dstQmp = join(work, "dst.qmp");
   const q = new ConsoleProcess(QEMU, args(dstQmp, ["-incoming", `exec:cat ${file}`]));
   try {
-    const answered = answerMs(q, 0);
     const m = await qmpOpen(dstQmp, q);
     let restoreBuiltMs: number;
     try {
@@ -250,7 +254,7 @@ async function qemu(memoryMiB: number, cmdline: string, work: string): Promise<S
     } finally {
       m.close();
     }
-    const restoreMs = await answered;
+    const restoreMs = await answerMs(q, 0);
     const restoreRssKiB = processMemory(q.child.pid!, memoryMiB).rssKiB;
     return { coldMs, snapshotMs, snapshotWallMs: snapshotMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB };
   } finally {
