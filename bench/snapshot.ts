@@ -54,6 +54,12 @@ const UP = "snapbench-up";
 const READY = "snapbench-ready";
 /** A chunk of random data is written this many MiB at a time (its copies make the fill). */
 const CHUNK_MIB = 4;
+/** BENCH_SHOW_CONSOLE=1: print what each restored guest wrote on its console, to see what it did before it answered. */
+const SHOW_CONSOLE = process.env["BENCH_SHOW_CONSOLE"] === "1";
+
+function showConsole(who: string, p: ConsoleProcess): void {
+  if (SHOW_CONSOLE) console.log(`${who} restored console (${p.output.length} bytes): ${JSON.stringify(p.output.slice(-4000))}`);
+}
 
 const fillMiB = (memoryMiB: number): number => {
   const env = process.env["BENCH_FILL_MIB"];
@@ -179,6 +185,7 @@ async function ours(memoryMiB: number, cmdline: string, work: string): Promise<S
     const restoreBuiltMs = performance.now() - q.t0;
     const restoreMs = await answerMs(q, 0);
     const restoreRssKiB = processMemory(q.child.pid!, memoryMiB).rssKiB;
+    showConsole("typevisor", q);
     return { coldMs, snapshotMs, snapshotWallMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB };
   } finally {
     q.kill();
@@ -256,6 +263,7 @@ async function qemu(memoryMiB: number, cmdline: string, work: string): Promise<S
     }
     const restoreMs = await answerMs(q, 0);
     const restoreRssKiB = processMemory(q.child.pid!, memoryMiB).rssKiB;
+    showConsole("qemu", q);
     return { coldMs, snapshotMs, snapshotWallMs: snapshotMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB };
   } finally {
     q.kill();
