@@ -13,12 +13,13 @@
  *    and polling `query-migrate` until "completed" over QMP, timed from `stop` (the bandwidth
  *    limit, 128 MiB/s by default, is lifted first, as libvirt does for `virsh save`);
  *  - restore to running: process start to the restored guest answering a line typed on its
- *    console (one probe line every PROBE_MS from when the VM is built, since neither VMM says on
- *    the console when the guest runs again): ours `run --restore DIR` (built: its API socket is
+ *    console (a probe line typed when the VM is built, again every PROBE_RETRY_MS, since neither
+ *    VMM says on the console when the guest runs again): ours `run --restore DIR` (built: its API socket is
  *    up, which it serves once the VM is restored), QEMU `-incoming "exec:cat FILE"` and `cont`
  *    over QMP once the incoming migration is done (built: `cont` sent; the source was stopped, so
  *    QEMU leaves the restored guest paused). Both read a file the source just wrote (page cache).
- * Also each VMM's resident memory right after the restored guest answered: ours maps the
+ * Also KVM's stage-2 page faults (debugfs pf_fixed) from the VM built to the answer, and each
+ * VMM's resident memory right after the restored guest answered: ours maps the
  * memory file and loads pages on demand, QEMU reads the whole stream into guest RAM.
  *
  * Run: npm run bench:snapshot     (boots the lab itself when the host KVM is PVM)
@@ -34,19 +35,20 @@ import { QmpClient } from "../src/lab/qmp.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { microvm } from "../test/helpers/qemu-microvm.js";
 import { unixApi } from "../test/helpers/unix-api.js";
-import { compare, median, processMemory } from "./lib.js";
+import { compare, counterDelta, kvmCounters, median, mountDebugfs, processMemory } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const MEMORY_MIBS = (process.env["BENCH_MEMORY"] ?? "256,2048").split(",").map((v) => Number(v.trim()));
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const QEMU = "qemu-system-x86_64";
 /**
- * How often a probe line is typed while waiting for a guest to answer. Each probe costs the guest
- * its echo and the VMM its delivery (ours: 16 bytes, the UART FIFO, per 5 ms timer), so probes
- * start only once the VM is built: a backlog typed from process start took a loaded lab 25-35 s
- * to drain before the first answer could get out.
+ * A probe line is typed again after this long without an answer. One line is enough once the VM
+ * is built (both VMMs hold typed input until the guest's UART takes it); typing more meanwhile
+ * costs the guest an echo of each and skews the figure: ours handles each UART access in
+ * JavaScript, and probes every 100 ms (this benchmark's first version) left a restored guest
+ * echoing 45-58 of them before it answered.
  */
-const PROBE_MS = 100;
+const PROBE_RETRY_MS = 2000;
 /** Limits for a lab under load (boots there took 12-40 s). */
 const BOOT_MS = 600_000;
 const STEP_MS = 300_000;
@@ -56,6 +58,9 @@ const READY = "snapbench-ready";
 const CHUNK_MIB = 4;
 /** BENCH_SHOW_CONSOLE=1: print what each restored guest wrote on its console, to see what it did before it answered. */
 const SHOW_CONSOLE = process.env["BENCH_SHOW_CONSOLE"] === "1";
+
+/** BENCH_KEEP_CLOCK=1: restore ours with --keep-clock (the guest clock not moved to now), to see what moving it costs. */
+const KEEP_CLOCK = process.env["BENCH_KEEP_CLOCK"] === "1";
 
 function showConsole(who: string, p: ConsoleProcess): void {
   if (SHOW_CONSOLE) console.log(`${who} restored console (${p.output.length} bytes): ${JSON.stringify(p.output.slice(-4000))}`);
@@ -86,7 +91,7 @@ function guestScript(fill: number): string {
 }
 
 /**
- * Type a new probe line every PROBE_MS from `from` until the guest answers one; the time from
+ * Type a probe line, again every PROBE_RETRY_MS, until the guest answers one; the time from
  * process start to the answer (ms).
  */
 async function answerMs(p: ConsoleProcess, from: number): Promise<number> {
@@ -96,7 +101,7 @@ async function answerMs(p: ConsoleProcess, from: number): Promise<number> {
     if (!answered) p.type(`p${n++}\n`);
   };
   probe();
-  const timer = setInterval(probe, PROBE_MS);
+  const timer = setInterval(probe, PROBE_RETRY_MS);
   try {
     await p.waitFor(/ans-p\d+/, from, STEP_MS);
     return performance.now() - p.t0;
@@ -139,6 +144,8 @@ interface Sample {
   restoreBuiltMs: number;
   /** Resident memory of the restored VMM right after that answer (KiB). */
   restoreRssKiB: number;
+  /** KVM's counters for the restored VM from built to the answer (debugfs; empty where it is not mounted). */
+  restoreKvm: Record<string, number>;
 }
 
 /** Allocated bytes of a file or of every file in a directory (st_blocks, so holes do not count). */
@@ -179,14 +186,16 @@ async function ours(memoryMiB: number, cmdline: string, work: string): Promise<S
   }
   const fileBytes = allocated(snap);
   const api2 = join(work, "api2.sock");
-  const q = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--restore", snap, "--api-socket", api2]);
+  const q = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--restore", snap, "--api-socket", api2, ...(KEEP_CLOCK ? ["--keep-clock"] : [])]);
   try {
     await until("the restored VMM's API socket", () => existsSync(api2) || q.child.exitCode !== null);
     const restoreBuiltMs = performance.now() - q.t0;
+    const k0 = kvmCounters(q.child.pid!);
     const restoreMs = await answerMs(q, 0);
+    const restoreKvm = counterDelta(k0, kvmCounters(q.child.pid!));
     const restoreRssKiB = processMemory(q.child.pid!, memoryMiB).rssKiB;
     showConsole("typevisor", q);
-    return { coldMs, snapshotMs, snapshotWallMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB };
+    return { coldMs, snapshotMs, snapshotWallMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB, restoreKvm };
   } finally {
     q.kill();
     await q.exited;
@@ -261,10 +270,12 @@ async function qemu(memoryMiB: number, cmdline: string, work: string): Promise<S
     } finally {
       m.close();
     }
+    const k0 = kvmCounters(q.child.pid!);
     const restoreMs = await answerMs(q, 0);
+    const restoreKvm = counterDelta(k0, kvmCounters(q.child.pid!));
     const restoreRssKiB = processMemory(q.child.pid!, memoryMiB).rssKiB;
     showConsole("qemu", q);
-    return { coldMs, snapshotMs, snapshotWallMs: snapshotMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB };
+    return { coldMs, snapshotMs, snapshotWallMs: snapshotMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB, restoreKvm };
   } finally {
     q.kill();
     await q.exited;
@@ -278,7 +289,7 @@ async function size(memoryMiB: number): Promise<{ memoryMiB: number; fillMiB: nu
   const results = { memoryMiB, fillMiB: fill, typevisor: [] as Sample[], qemu: [] as Sample[] };
   console.log(`bench/snapshot: ${RUNS} runs each, alternating; guest ${memoryMiB} MiB with ${fill} MiB of tmpfs data, 1 vCPU, no devices, kernel ${img.kernel}`);
   const fmt = (s: Sample): string =>
-    `cold ${s.coldMs.toFixed(0)} ms, snapshot ${s.snapshotMs.toFixed(0)} ms (wall ${s.snapshotWallMs.toFixed(0)} ms, ${(s.fileBytes / 2 ** 20).toFixed(0)} MiB), restore ${s.restoreMs.toFixed(0)} ms (built ${s.restoreBuiltMs.toFixed(0)} ms, RSS ${(s.restoreRssKiB / 1024).toFixed(0)} MiB)`;
+    `cold ${s.coldMs.toFixed(0)} ms, snapshot ${s.snapshotMs.toFixed(0)} ms (wall ${s.snapshotWallMs.toFixed(0)} ms, ${(s.fileBytes / 2 ** 20).toFixed(0)} MiB), restore ${s.restoreMs.toFixed(0)} ms (built ${s.restoreBuiltMs.toFixed(0)} ms, RSS ${(s.restoreRssKiB / 1024).toFixed(0)} MiB, from built to answer: ${s.restoreKvm["pf_fixed"] ?? "?"} stage-2 faults, ${s.restoreKvm["exits"] ?? "?"} exits)`;
   for (let i = 0; i < RUNS; i++) {
     // QEMU first: each run still alternates the two, one right after the other.
     for (const who of ["qemu", "typevisor"] as const) {
@@ -299,6 +310,9 @@ async function size(memoryMiB: number): Promise<{ memoryMiB: number; fillMiB: nu
   console.log(compare(`${tag} snapshot size on disk, median (MiB)`, ...series((s) => s.fileBytes / 2 ** 20)));
   console.log(compare(`${tag} restore: process start to the guest answering, median (ms)`, ...series((s) => s.restoreMs), 0));
   console.log(compare(`${tag} restore: process start to the VM built (ours: API socket up; QEMU: incoming done), median (ms)`, ...series((s) => s.restoreBuiltMs), 0));
+  if (results.typevisor.every((s) => s.restoreKvm["pf_fixed"] !== undefined)) {
+    console.log(compare(`${tag} restore: stage-2 page faults from built to the answer, median`, ...series((s) => s.restoreKvm["pf_fixed"] ?? 0), 0));
+  }
   console.log(compare(`${tag} resident memory right after the restored guest answered, median (MiB)`, ...series((s) => s.restoreRssKiB / 1024)));
   console.log(compare(`${tag} cold boot: process start to the guest answering, median (ms)`, ...series((s) => s.coldMs), 0));
   const r = median(results.typevisor.map((s) => s.restoreMs)) / median(results.qemu.map((s) => s.restoreMs));
@@ -307,6 +321,7 @@ async function size(memoryMiB: number): Promise<{ memoryMiB: number; fillMiB: nu
 }
 
 async function main(): Promise<void> {
+  mountDebugfs();
   const all = [];
   for (const m of MEMORY_MIBS) all.push(await size(m));
   if (all.length > 1) {
