@@ -12,6 +12,7 @@ import { TypevisorClient } from "../api/client.js";
 import { startApi } from "../api/server.js";
 import { AuditLog } from "../control/audit.js";
 import { Identities } from "../control/identity.js";
+import { DaemonLogFile } from "../control/logs.js";
 import { VmManager } from "../control/manager.js";
 import { ensureSelfSigned, loadTls, type TlsMaterial } from "../control/tls.js";
 import { groupId } from "../sys/peercred.js";
@@ -43,6 +44,7 @@ interface DaemonOptions {
   forceKvm: boolean;
   cgroups: boolean;
   logLevel: string;
+  logSize: string;
   allowFiles: string[];
   alertWebhook: string[];
 }
@@ -92,6 +94,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   const home = o.home ?? dataHome();
   const policy = parsePolicy({ cpu: o.cpuOvercommit, memory: o.memoryOvercommit, disk: o.diskOvercommit }, o.reservedMemory);
   const consoleLogSize = parseSize(o.consoleLogSize, { what: "--console-log-size", ...LOG_SIZE_LIMITS });
+  const logSize = parseSize(o.logSize, { what: "--log-size", ...LOG_SIZE_LIMITS });
   const tcp = o.listen !== undefined ? parseListen(o.listen) : undefined;
   const streamStallMs = seconds("--stream-stall-timeout", o.streamStallTimeout);
   const config = {
@@ -116,7 +119,15 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     if (e instanceof TypevisorError && e.code === "DAEMON_RUNNING") throw e;
   }
 
-  const logger = pino({ level: o.logLevel, base: { pid: process.pid } });
+  // stdout for systemd's journal, and HOME/daemon.log (rotated) for GET /v1/logs and `typevisor logs` (logs.ts)
+  const logFile = new DaemonLogFile(homePaths(home).daemonLog, logSize);
+  const logger = pino(
+    { level: o.logLevel, base: { pid: process.pid } },
+    pino.multistream([
+      { level: o.logLevel as "info", stream: process.stdout },
+      { level: o.logLevel as "info", stream: logFile },
+    ]),
+  );
   // Installed before the manager exists (its construction can fault too); faults become events once it does.
   const events: { manager?: VmManager } = {};
   const lastResort = installLastResort(logger, (kind, message) => events.manager?.daemonEvent("daemon.fault", `the daemon caught an ${kind} and kept serving: ${message}`, { kind }));
@@ -171,6 +182,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   lastResort.uninstall();
   logger.info({ faults: lastResort.faults() }, "stopped");
   logger.flush();
+  logFile.close();
   return 0;
 }
 
@@ -208,6 +220,7 @@ export function registerDaemonCommand(program: Command): void {
       [] as string[],
     )
     .option("--force-kvm", "start VMMs on a /dev/kvm that cannot boot stock kernels (PVM: purpose-built test guests only)", false)
+    .option("--log-size <size>", "rotate the daemon's own log (HOME/daemon.log, read by `typevisor logs`) past this size; one older generation is kept", "10M")
     .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error"]).default("info"))
     .action(async (opts: DaemonOptions) => {
       process.exitCode = await daemonCommand(opts);

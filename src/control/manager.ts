@@ -228,6 +228,12 @@ export class VmManager extends EventEmitter {
     return this.store.listVms().map((r) => ({ vm: this.info(r), usage: this.usage.get(r.id) }));
   }
 
+  /** The daemon's own log and, for a VM, its VMM's log (GET /v1/logs, logs.ts). */
+  logPaths(name?: string): { daemon: string; vmm?: string } {
+    const daemon = homePaths(this.config.home).daemonLog;
+    return name === undefined ? { daemon } : { daemon, vmm: vmPaths(this.config.home, this.row(name).id).vmmLog };
+  }
+
   consolePaths(name: string): { log: string; socket: string; state: VmState } {
     const r = this.row(name);
     const p = vmPaths(this.config.home, r.id);

@@ -1,0 +1,98 @@
+/**
+ * The daemon's logs against a real daemon and a real VMM running the tiny guest: GET /v1/logs
+ * (search and follow), the VMM's log beside the daemon's, what a hostile query gets, and the CLI.
+ */
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { LogLine } from "../../src/control/logs.js";
+import { homePaths } from "../../src/control/paths.js";
+import { runCli } from "../helpers/cli.js";
+import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { outcome } from "../helpers/thrown.js";
+import { writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { unixApi } from "../helpers/unix-api.js";
+
+const hasKvm = existsSync("/dev/kvm");
+
+describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
+  let d: TestDaemon;
+  let dir: string;
+  let kernel: string;
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "tvlogs-"));
+    kernel = join(dir, "tiny.bin");
+    writeTinyKernel(kernel);
+    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
+  }, 30_000);
+
+  afterAll(async () => {
+    if (d !== undefined) {
+      for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
+      await d.stop();
+    }
+    rmSync(dir, { recursive: true, force: true });
+  }, 60_000);
+
+  it("keeps the daemon's log in its home and serves a VM's lines with its VMM's log; follow streams new ones", async () => {
+    const c = d.client;
+    expect(existsSync(homePaths(d.home).daemonLog)).toBe(true);
+    expect((await c.logs()).some((l) => l.source === "daemon" && /daemon started/.test(l.msg))).toBe(true);
+
+    await c.createVm({ name: "lg1", kernel, memoryMiB: 64, rng: false });
+    await c.createVm({ name: "lg2", kernel, memoryMiB: 64, rng: false });
+    await c.startVm("lg1");
+    const mine = await until("lg1's lines", async () => {
+      const ls = await c.logs({ vm: "lg1" });
+      return ls.some((l) => l.source === "vmm") && ls.some((l) => /started|running/.test(l.msg)) ? ls : undefined;
+    });
+    expect(mine.every((l) => l.vm === "lg1")).toBe(true);
+    // the VMM's own output (it says it runs on a PVM /dev/kvm under --force-kvm), untimed
+    expect(mine.find((l) => l.source === "vmm")).toMatchObject({ time: null, vm: "lg1" });
+    expect((await c.logs({ vm: "lg2" })).some((l) => l.msg.includes("lg1"))).toBe(false);
+    expect((await c.logs({ contains: "LG2" })).length).toBeGreaterThan(0);
+    expect((await c.logs({ level: "error" })).every((l) => l.level === "error" || l.level === "fatal")).toBe(true);
+    expect((await c.logs({ since: new Date(Date.now() + 60_000) })).length).toBe(0);
+    expect((await c.logs({ limit: 2 })).length).toBe(2);
+
+    // follow: the backlog first, then a line written after the stream opened, within seconds
+    const got: LogLine[] = [];
+    const stream = c.followLogs({ vm: "lg1", limit: 1 });
+    const reading = (async () => {
+      for await (const l of stream) {
+        got.push(l);
+        if (/paused/.test(l.msg)) break;
+      }
+    })();
+    await until("the backlog", () => (got.length >= 1 ? true : undefined));
+    await c.pauseVm("lg1");
+    await until("the pause, followed", () => (got.some((l) => /paused/.test(l.msg)) ? true : undefined), 10_000);
+    await reading;
+    expect(got.every((l) => l.vm === "lg1")).toBe(true);
+  }, 60_000);
+
+  it("refuses hostile queries", async () => {
+    const api = (method: string, path: string) => unixApi(d.socket, method, path);
+    expect((await api("GET", "/v1/logs?contains=" + "x".repeat(201))).status).toBe(400);
+    expect((await api("GET", "/v1/logs?vm=../etc")).status).toBe(400);
+    expect((await api("GET", "/v1/logs?limit=0")).status).toBe(400);
+    expect((await api("GET", "/v1/logs?level=loud")).status).toBe(400);
+    expect((await api("GET", "/v1/logs?since=yesterday")).status).toBe(400);
+    expect((await api("GET", "/v1/logs?grep=(a%2B)%2B%24")).status).toBe(400); // no patterns: the daemon runs none
+    expect(await outcome(d.client.logs({ vm: "nope" }))).toBe("404 VM_NOT_FOUND");
+  });
+
+  it("typevisor logs: a table, --grep, --json, and a bad pattern is a usage error", async () => {
+    const table = await runCli(["logs", "--socket", d.socket, "--vm", "lg1", "--grep", "start(ing|ed)"]);
+    expect(table.status).toBe(0);
+    expect(table.stdout).toMatch(/info\s+daemon\s+lg1\s+VM lg1 start/);
+    expect(table.stdout).not.toMatch(/paused/);
+    const json = await runCli(["logs", "--socket", d.socket, "--json", "-n", "3"]);
+    expect(json.stdout.trim().split("\n").map((l) => (JSON.parse(l) as LogLine).source)).toHaveLength(3);
+    const bad = await runCli(["logs", "--socket", d.socket, "--grep", "("]);
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toMatch(/--grep/);
+  });
+});
