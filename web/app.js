@@ -1,0 +1,570 @@
+// typevisor's web console (docs/web.md): a single page over the daemon's own REST API.
+// The session is an HttpOnly cookie (POST /v1/login?cookie=true); every request that changes
+// something carries X-Requested-With: typevisor (the daemon's CSRF check). Text from the daemon
+// (VM names, event messages, log lines) is only ever set as textContent, never parsed as HTML.
+"use strict";
+
+const ACTIONS = ["start", "stop", "pause", "resume", "reboot"];
+/** Which actions make sense in which state (the daemon decides; this only avoids offering nonsense). */
+const OFFERED = {
+  defined: ["start"], stopped: ["start"], crashed: ["start"], running: ["pause", "reboot", "stop"], paused: ["resume", "stop"], starting: ["stop"], stopping: [],
+};
+const RANGES = { "15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800 };
+
+const app = {
+  me: undefined,
+  vms: new Map(),
+  alerts: [],
+  events: [],
+  lastSeq: 0,
+  source: undefined,
+  /** What the current page set up (timers, charts, the console): undone when the page changes. */
+  cleanups: [],
+  range: "1h",
+};
+
+// ---- DOM helpers -----------------------------------------------------------------------------------
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs ?? {})) {
+    if (v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) if (c !== undefined && c !== null && c !== false) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+
+function bytes(n) {
+  if (n === undefined || n === null) return "-";
+  const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i === 0 ? 0 : 1)} ${u[i]}`;
+}
+
+function when(iso) {
+  return iso ? new Date(iso).toLocaleString() : "-";
+}
+
+function can(p) {
+  return app.me !== undefined && app.me.permissions.includes(p);
+}
+
+// ---- the API ----------------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { "x-requested-with": "typevisor", accept: "application/json" };
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const r = await fetch(path, { method, headers, credentials: "same-origin", ...(body !== undefined ? { body: JSON.stringify(body) } : {}) });
+  const text = await r.text();
+  let data;
+  try {
+    data = text !== "" ? JSON.parse(text) : undefined;
+  } catch {
+    data = undefined;
+  }
+  if (!r.ok) {
+    if (r.status === 401 && !path.startsWith("/v1/login")) {
+      app.me = undefined;
+      showLogin();
+    }
+    throw new ApiError(r.status, data?.code ?? "HTTP", data?.detail ?? `${r.status} ${r.statusText}`);
+  }
+  return data;
+}
+
+// ---- page plumbing -----------------------------------------------------------------------------------
+
+function cleanup() {
+  for (const f of app.cleanups.splice(0)) {
+    try {
+      f();
+    } catch {
+      /* already gone */
+    }
+  }
+}
+
+function every(ms, f) {
+  const t = setInterval(f, ms);
+  app.cleanups.push(() => clearInterval(t));
+}
+
+function show(...nodes) {
+  const main = document.getElementById("main");
+  main.replaceChildren(...nodes);
+}
+
+function flash(message) {
+  const el = document.getElementById("flash");
+  if (el) el.textContent = message;
+}
+
+// ---- login -------------------------------------------------------------------------------------------
+
+function showLogin(message) {
+  cleanup();
+  if (app.source) app.source.close();
+  app.source = undefined;
+  document.getElementById("nav").hidden = true;
+  const err = h("p", { class: "error", role: "alert", id: "login-error" }, message ?? "");
+  const form = h(
+    "form",
+    { class: "login card", id: "login", onsubmit: (e) => void login(e, form, err) },
+    h("h1", {}, "Log in"),
+    h("label", { for: "user" }, "User"),
+    h("input", { id: "user", name: "user", autocomplete: "username", required: true, autofocus: true }),
+    h("label", { for: "password" }, "Password"),
+    h("input", { id: "password", name: "password", type: "password", autocomplete: "current-password", required: true }),
+    h("label", { for: "totp" }, "Authenticator code (if MFA is on)"),
+    h("input", { id: "totp", name: "totp", inputmode: "numeric", autocomplete: "one-time-code", pattern: "[0-9]{6}", maxlength: 6 }),
+    h("p", {}, h("button", { class: "primary", type: "submit" }, "Log in")),
+    err,
+  );
+  show(form);
+  form.querySelector("#user").focus();
+}
+
+async function login(e, form, err) {
+  e.preventDefault();
+  const body = { user: form.user.value, password: form.password.value };
+  if (form.totp.value !== "") body.totp = form.totp.value;
+  err.textContent = "";
+  try {
+    await api("POST", "/v1/login?cookie=true", body);
+    await boot();
+  } catch (x) {
+    err.textContent = x.message;
+  }
+}
+
+async function logout() {
+  try {
+    await api("POST", "/v1/logout");
+  } catch {
+    /* the session may be gone already */
+  }
+  app.me = undefined;
+  showLogin("Logged out.");
+}
+
+// ---- live events --------------------------------------------------------------------------------------
+
+function listen() {
+  if (app.source) return;
+  // SSE (GET /v1/events?follow=true), resumed after the last event seen; the cookie authenticates it
+  const es = new EventSource(`/v1/events?follow=true&after=${app.lastSeq}`);
+  app.source = es;
+  es.addEventListener("vm-event", (m) => {
+    const e = JSON.parse(m.data);
+    app.lastSeq = Math.max(app.lastSeq, e.seq);
+    app.events.push(e);
+    if (app.events.length > 200) app.events.shift();
+    void onEvent(e);
+  });
+  es.onerror = () => {
+    // the browser retries by itself; if the session ended, the next API call shows the login
+  };
+}
+
+async function onEvent(e) {
+  if (e.vm !== undefined) {
+    try {
+      const vm = await api("GET", `/v1/vms/${encodeURIComponent(e.vm)}`);
+      app.vms.set(vm.name, vm);
+    } catch (x) {
+      if (x.status === 404) app.vms.delete(e.vm);
+    }
+  }
+  if (e.type.startsWith("alert.")) await loadAlerts();
+  for (const f of app.onEvent ?? []) f(e);
+}
+
+async function loadVms() {
+  const { vms } = await api("GET", "/v1/vms");
+  app.vms = new Map(vms.map((v) => [v.name, v]));
+}
+
+async function loadAlerts() {
+  try {
+    app.alerts = (await api("GET", "/v1/alerts")).alerts;
+  } catch {
+    app.alerts = [];
+  }
+}
+
+// ---- actions -----------------------------------------------------------------------------------------
+
+function actionButtons(vm) {
+  if (!can("vm:lifecycle")) return [];
+  const offered = OFFERED[vm.state] ?? [];
+  return offered.filter((a) => ACTIONS.includes(a)).map((a) =>
+    h("button", { type: "button", class: a === "stop" ? "danger" : "", "data-action": a, "aria-label": `${a} ${vm.name}`, onclick: () => void act(vm.name, a) }, a),
+  );
+}
+
+async function act(name, action) {
+  // destructive ones are confirmed: a stop ends what the guest is doing
+  if ((action === "stop" || action === "reboot") && !confirm(`${action} VM ${name}?`)) return;
+  try {
+    const vm = await api("POST", `/v1/vms/${encodeURIComponent(name)}/${action}`);
+    app.vms.set(vm.name, vm);
+    flash(`${name}: ${action} done (${vm.state})`);
+  } catch (x) {
+    flash(`${name}: ${action} failed: ${x.message}`);
+  }
+  render();
+}
+
+// ---- charts ------------------------------------------------------------------------------------------
+
+/** A uPlot chart of some history figures; returns a function that feeds it new history. */
+function chart(container, title, series, format) {
+  const width = () => Math.max(260, container.clientWidth - 4);
+  const opts = {
+    title,
+    width: width(),
+    height: 170,
+    series: [{}, ...series.map((s, i) => ({ label: s.label, stroke: ["#2459c7", "#16794c", "#a15c00", "#b42318"][i], width: 1.5, value: (_u, v) => (v === null ? "-" : format(v)) }))],
+    axes: [{}, { size: 70, values: (_u, ticks) => ticks.map(format) }],
+    legend: { live: true },
+  };
+  const plot = new uPlot(opts, [[], ...series.map(() => [])], container);
+  const onResize = () => plot.setSize({ width: width(), height: 170 });
+  window.addEventListener("resize", onResize);
+  app.cleanups.push(() => {
+    window.removeEventListener("resize", onResize);
+    plot.destroy();
+  });
+  return (points) => {
+    const xs = points.map((p) => Date.parse(p.t) / 1000);
+    plot.setData([xs, ...series.map((s) => points.map((p) => (p[s.key] === undefined ? null : p[s.key])))]);
+    container.dataset.points = String(points.filter((p) => p.samples > 0).length);
+  };
+}
+
+async function history(vm) {
+  const from = new Date(Date.now() - RANGES[app.range] * 1000).toISOString();
+  const q = new URLSearchParams({ from });
+  if (vm !== undefined) q.set("vm", vm);
+  return (await api("GET", `/v1/metrics/history?${q}`)).points;
+}
+
+function rangeSelect(onChange) {
+  const sel = h("select", { id: "range", "aria-label": "time range", onchange: () => {
+    app.range = sel.value;
+    onChange();
+  } }, Object.keys(RANGES).map((r) => h("option", { value: r, selected: r === app.range }, r)));
+  return h("label", { class: "row" }, "Range ", sel);
+}
+
+const pct = (v) => `${v.toFixed(0)}%`;
+const rate = (v) => `${bytes(v)}/s`;
+
+// ---- the dashboard ------------------------------------------------------------------------------------
+
+function dashboard() {
+  const scoped = app.me.scopes !== undefined;
+  const hostCard = h("div", { class: "card", id: "host" }, h("h2", {}, "Host"), h("p", { class: "muted" }, "…"));
+  const vmTable = h("div", { class: "card", id: "vms" });
+  const alertsCard = h("div", { class: "card", id: "alerts" });
+  const eventsCard = h("div", { class: "card", id: "events" });
+  const cpuEl = h("div", { class: "chart", id: "host-cpu" });
+  const memEl = h("div", { class: "chart", id: "host-mem" });
+  const charts = scoped ? [] : [h("div", { class: "card" }, cpuEl), h("div", { class: "card" }, memEl)];
+  show(h("h1", {}, "Dashboard"), h("p", { id: "flash", role: "status", class: "muted" }), h("div", { class: "grid" }, hostCard, alertsCard), scoped ? "" : rangeSelect(() => void refreshCharts()), h("div", { class: "grid" }, ...charts), vmTable, h("div", { class: "grid" }, eventsCard));
+
+  const feedCpu = scoped ? undefined : chart(cpuEl, "Host CPU", [{ key: "cpuPercent", label: "CPU" }], pct);
+  const feedMem = scoped ? undefined : chart(memEl, "VM memory (sum)", [{ key: "memoryBytes", label: "memory" }], bytes);
+  const refreshCharts = async () => {
+    if (scoped) return;
+    const pts = await history();
+    feedCpu(pts);
+    feedMem(pts);
+  };
+
+  const drawHost = async () => {
+    if (scoped) {
+      hostCard.replaceChildren(h("h2", {}, "Host"), h("p", { class: "muted" }, `Scoped to ${app.me.scopes.join(", ") || "no VMs"}`));
+      return;
+    }
+    const host = await api("GET", "/v1/host");
+    const gauge = (label, r, fmt) => [h("dt", {}, label), h("dd", {}, h("meter", { min: 0, max: r.budget || 1, value: r.allocated, title: `${fmt(r.allocated)} of ${fmt(r.budget)}` }), ` ${fmt(r.allocated)} allocated of ${fmt(r.budget)}; ${fmt(r.used)} used`)];
+    const byState = Object.entries(host.vms).map(([s, n]) => `${n} ${s}`).join(", ") || "none";
+    hostCard.replaceChildren(h("h2", {}, "Host"), h("dl", { class: "kv" }, ...gauge("CPU", host.cpu, (n) => `${n}`), ...gauge("Memory", host.memory, bytes), ...gauge("Disk", host.disk, bytes), h("dt", {}, "VMs"), h("dd", { id: "vm-states" }, byState)));
+  };
+
+  const drawVms = async () => {
+    const stats = new Map();
+    await Promise.all(
+      [...app.vms.values()].filter((v) => v.state === "running" || v.state === "paused").map(async (v) => {
+        try {
+          stats.set(v.name, (await api("GET", `/v1/vms/${encodeURIComponent(v.name)}/stats`)).usage);
+        } catch {
+          /* gone meanwhile */
+        }
+      }),
+    );
+    const rows = [...app.vms.values()].sort((a, b) => a.name.localeCompare(b.name)).map((v) => {
+      const u = stats.get(v.name);
+      return h(
+        "tr",
+        { "data-vm": v.name },
+        h("td", {}, h("a", { href: `#/vm/${encodeURIComponent(v.name)}` }, v.name)),
+        h("td", {}, h("span", { class: `state ${v.state}`, "data-state": v.state }, v.state)),
+        h("td", { class: "opt" }, `${v.spec.cpus ?? "-"}`),
+        h("td", { class: "opt" }, bytes((v.spec.memoryMiB ?? 0) * 1048576)),
+        h("td", {}, u ? pct(u.cpuPercent) : "-"),
+        h("td", {}, u ? bytes(u.memoryBytes) : "-"),
+        h("td", {}, ...actionButtons(v)),
+      );
+    });
+    vmTable.replaceChildren(
+      h("h2", {}, "Virtual machines"),
+      rows.length === 0
+        ? h("p", { class: "muted" }, "No VMs yet (typevisor vm create).")
+        : h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "State"), h("th", { class: "opt" }, "vCPUs"), h("th", { class: "opt" }, "Memory"), h("th", {}, "CPU"), h("th", {}, "RSS"), h("th", {}, "Actions"))), h("tbody", {}, rows))),
+    );
+  };
+
+  const drawAlerts = () => {
+    alertsCard.replaceChildren(
+      h("h2", {}, `Active alerts (${app.alerts.length})`),
+      app.alerts.length === 0 ? h("p", { class: "muted" }, "None firing.") : h("ul", { class: "events" }, app.alerts.map((a) => h("li", { class: "alert" }, `${a.severity ?? ""} ${a.rule}${a.vm ? ` (${a.vm})` : ""}: ${a.message ?? ""}`))),
+    );
+  };
+
+  const drawEvents = () => {
+    const recent = app.events.slice(-30).reverse();
+    eventsCard.replaceChildren(h("h2", {}, "Recent events"), h("ul", { class: "events", id: "event-list" }, recent.map((e) => h("li", {}, h("span", { class: "muted" }, new Date(e.at).toLocaleTimeString()), ` ${e.type} `, e.vm ? h("strong", {}, e.vm) : "", ` ${e.message}`))));
+  };
+
+  app.onEvent = [
+    () => {
+      drawEvents();
+      drawAlerts();
+      void drawVms();
+      void drawHost();
+    },
+  ];
+  app.cleanups.push(() => (app.onEvent = []));
+  drawAlerts();
+  drawEvents();
+  void drawHost();
+  void drawVms();
+  void refreshCharts();
+  every(5000, () => {
+    void drawVms();
+    void refreshCharts();
+  });
+}
+
+// ---- one VM ------------------------------------------------------------------------------------------
+
+function vmPage(name) {
+  const vm = app.vms.get(name);
+  if (vm === undefined) {
+    show(h("h1", {}, "Not found"), h("p", {}, `No VM named ${name}.`), h("a", { href: "#/" }, "Back"));
+    return;
+  }
+  const summary = h("div", { class: "card", id: "summary" });
+  const actions = h("div", { class: "row", id: "actions" });
+  const termEl = h("div", { class: "term", id: "console", tabindex: "-1" });
+  const consoleNote = h("p", { class: "muted", id: "console-note" });
+  const figures = [
+    ["cpu", "CPU", [{ key: "cpuPercent", label: "CPU" }], pct],
+    ["mem", "Memory", [{ key: "memoryBytes", label: "RSS" }], bytes],
+    ["disk", "Disk", [{ key: "diskReadBps", label: "read" }, { key: "diskWriteBps", label: "write" }], rate],
+    ["net", "Network", [{ key: "netRxBps", label: "rx" }, { key: "netTxBps", label: "tx" }], rate],
+  ];
+  const chartEls = figures.map(([id]) => h("div", { class: "chart", id: `chart-${id}` }));
+  const eventsEl = h("ul", { class: "events", id: "vm-events" });
+  show(
+    h("p", {}, h("a", { href: "#/" }, "← Dashboard")),
+    h("h1", {}, `VM ${name}`),
+    h("p", { id: "flash", role: "status", class: "muted" }),
+    actions,
+    h("div", { class: "grid" }, summary, h("div", { class: "card" }, h("h2", {}, "Events"), eventsEl)),
+    h("div", { class: "card" }, h("h2", {}, "Serial console"), consoleNote, termEl),
+    rangeSelect(() => void refreshCharts()),
+    h("div", { class: "grid" }, chartEls.map((el) => h("div", { class: "card" }, el))),
+  );
+  const feeds = figures.map(([, title, series, fmt], i) => chart(chartEls[i], title, series, fmt));
+  const refreshCharts = async () => {
+    const pts = await history(name);
+    for (const f of feeds) f(pts);
+  };
+
+  const draw = () => {
+    const v = app.vms.get(name);
+    if (v === undefined) {
+      summary.replaceChildren(h("p", {}, "This VM was removed."));
+      actions.replaceChildren();
+      return;
+    }
+    actions.replaceChildren(...actionButtons(v));
+    summary.replaceChildren(
+      h("h2", {}, "Summary"),
+      h(
+        "dl",
+        { class: "kv" },
+        h("dt", {}, "State"), h("dd", {}, h("span", { class: `state ${v.state}`, id: "vm-state", "data-state": v.state }, v.state)),
+        h("dt", {}, "vCPUs"), h("dd", {}, `${v.spec.cpus ?? "-"}`),
+        h("dt", {}, "Memory"), h("dd", {}, bytes((v.spec.memoryMiB ?? 0) * 1048576)),
+        h("dt", {}, "Disks"), h("dd", {}, v.disks.map((d) => `${d.name ?? ""} ${bytes(d.sizeBytes)}`).join(", ") || "none"),
+        h("dt", {}, "Started"), h("dd", {}, when(v.startedAt)),
+        h("dt", {}, "Created"), h("dd", {}, when(v.createdAt)),
+      ),
+    );
+    eventsEl.replaceChildren(...app.events.filter((e) => e.vm === name).slice(-30).reverse().map((e) => h("li", {}, h("span", { class: "muted" }, new Date(e.at).toLocaleTimeString()), ` ${e.type}: ${e.message}`)));
+  };
+
+  // the console: xterm.js over the console WebSocket, after the captured output's tail
+  let ws;
+  const term = new Terminal({ convertEol: false, cursorBlink: true, fontSize: 13, scrollback: 5000 });
+  const fit = new FitAddon.FitAddon();
+  term.loadAddon(fit);
+  term.open(termEl);
+  const refit = () => {
+    try {
+      fit.fit();
+    } catch {
+      /* not laid out yet */
+    }
+  };
+  refit();
+  window.addEventListener("resize", refit);
+  app.cleanups.push(() => {
+    window.removeEventListener("resize", refit);
+    if (ws) ws.close();
+    term.dispose();
+  });
+  const typing = can("vm:console-input");
+  term.onData((d) => {
+    if (typing && ws && ws.readyState === WebSocket.OPEN) ws.send(new TextEncoder().encode(d));
+  });
+  const connect = async () => {
+    const v = app.vms.get(name);
+    if (!can("vm:console")) {
+      consoleNote.textContent = "You may not see this VM's console.";
+      return;
+    }
+    if (ws && ws.readyState <= WebSocket.OPEN) return;
+    if (v === undefined || !["running", "paused", "starting"].includes(v.state)) {
+      consoleNote.textContent = `The console is live while the VM runs (it is ${v?.state ?? "gone"}).`;
+      return;
+    }
+    try {
+      const r = await fetch(`/v1/vms/${encodeURIComponent(name)}/console?tail=16384`, { credentials: "same-origin" });
+      if (r.ok) term.write(new Uint8Array(await r.arrayBuffer()));
+    } catch {
+      /* only the backlog is missing */
+    }
+    ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/vms/${encodeURIComponent(name)}/console/ws`);
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => {
+      consoleNote.textContent = typing ? "Connected: type here." : "Connected, read-only (your role cannot type into consoles).";
+      consoleNote.dataset.connected = "true";
+      term.focus();
+    };
+    ws.onmessage = (m) => term.write(new Uint8Array(m.data));
+    ws.onclose = () => {
+      consoleNote.textContent = "The console is closed.";
+      consoleNote.dataset.connected = "false";
+    };
+  };
+
+  app.onEvent = [
+    (e) => {
+      if (e.vm !== name) return;
+      draw();
+      void connect();
+    },
+  ];
+  app.cleanups.push(() => (app.onEvent = []));
+  draw();
+  void connect();
+  void refreshCharts();
+  every(5000, () => void refreshCharts());
+}
+
+// ---- logs --------------------------------------------------------------------------------------------
+
+function logsPage() {
+  const out = h("pre", { class: "logs", id: "log-lines" });
+  const vmSel = h("select", { id: "log-vm", "aria-label": "VM" }, h("option", { value: "" }, app.me.scopes ? "(pick a VM)" : "all"), [...app.vms.keys()].sort().map((n) => h("option", { value: n }, n)));
+  const text = h("input", { id: "log-contains", placeholder: "contains…", "aria-label": "contains" });
+  const level = h("select", { id: "log-level", "aria-label": "level" }, ["", "debug", "info", "warn", "error"].map((l) => h("option", { value: l }, l || "any level")));
+  const load = async () => {
+    const q = new URLSearchParams({ limit: "500" });
+    if (vmSel.value) q.set("vm", vmSel.value);
+    if (text.value) q.set("contains", text.value);
+    if (level.value) q.set("level", level.value);
+    try {
+      const { lines } = await api("GET", `/v1/logs?${q}`);
+      out.textContent = lines.map((l) => `${l.time ?? "-"} ${l.level.padEnd(5)} ${l.source.padEnd(6)} ${(l.vm ?? "-").padEnd(12)} ${l.msg}${l.fields ? " " + JSON.stringify(l.fields) : ""}`).join("\n") || "(no lines)";
+      out.scrollTop = out.scrollHeight;
+    } catch (x) {
+      out.textContent = x.message;
+    }
+  };
+  const form = h("form", { class: "row", onsubmit: (e) => {
+    e.preventDefault();
+    void load();
+  } }, vmSel, text, level, h("button", { type: "submit", class: "primary" }, "Search"));
+  show(h("h1", {}, "Logs"), form, out);
+  void load();
+  every(5000, () => void load());
+}
+
+// ---- routing -----------------------------------------------------------------------------------------
+
+function render() {
+  if (app.me === undefined) return;
+  cleanup();
+  const hash = location.hash || "#/";
+  const m = /^#\/vm\/(.+)$/.exec(hash);
+  if (m) vmPage(decodeURIComponent(m[1]));
+  else if (hash === "#/logs") logsPage();
+  else dashboard();
+}
+
+async function boot() {
+  try {
+    app.me = await api("GET", "/v1/session");
+  } catch (x) {
+    if (x.status !== 401) showLogin(x.message);
+    return;
+  }
+  document.getElementById("nav").hidden = false;
+  document.getElementById("who").textContent = `${app.me.user} (${app.me.role})`;
+  await loadVms();
+  await loadAlerts();
+  try {
+    const { events } = await api("GET", `/v1/events?limit=50${app.me.scopes?.length === 1 ? `&vm=${encodeURIComponent(app.me.scopes[0])}` : ""}`);
+    app.events = events;
+    app.lastSeq = events.reduce((a, e) => Math.max(a, e.seq), 0);
+  } catch {
+    app.events = [];
+  }
+  if (app.me.scopes === undefined) listen();
+  render();
+}
+
+window.addEventListener("hashchange", render);
+document.getElementById("logout").addEventListener("click", () => void logout());
+void boot();
