@@ -241,6 +241,8 @@ function chart(container, title, series, format) {
     height: 170,
     series: [{}, ...series.map((s, i) => ({ label: s.label, stroke: ["#2459c7", "#16794c", "#a15c00", "#b42318"][i], width: 1.5, value: (_u, v) => (v === null ? "-" : format(v)) }))],
     axes: [{}, { size: 70, values: (_u, ticks) => ticks.map(format) }],
+    // the chosen range, whatever the points cover (one point alone would make uPlot guess a range of years)
+    scales: { x: { time: true, range: () => [Math.floor(Date.now() / 1000) - RANGES[app.range], Math.ceil(Date.now() / 1000)] }, y: { range: (_u, _min, max) => [0, max > 0 ? max * 1.1 : 1] } },
     legend: { live: true },
   };
   const plot = new uPlot(opts, [[], ...series.map(() => [])], container);
@@ -289,7 +291,7 @@ function dashboard() {
   show(h("h1", {}, "Dashboard"), h("p", { id: "flash", role: "status", class: "muted" }), h("div", { class: "grid" }, hostCard, alertsCard), scoped ? "" : rangeSelect(() => void refreshCharts()), h("div", { class: "grid" }, ...charts), vmTable, h("div", { class: "grid" }, eventsCard));
 
   const feedCpu = scoped ? undefined : chart(cpuEl, "Host CPU", [{ key: "cpuPercent", label: "CPU" }], pct);
-  const feedMem = scoped ? undefined : chart(memEl, "VM memory (sum)", [{ key: "memoryBytes", label: "memory" }], bytes);
+  const feedMem = scoped ? undefined : chart(memEl, "Host memory in use", [{ key: "memoryBytes", label: "memory" }], bytes);
   const refreshCharts = async () => {
     if (scoped) return;
     const pts = await history();
@@ -435,7 +437,9 @@ function vmPage(name) {
 
   // the console: xterm.js over the console WebSocket, after the captured output's tail
   let ws;
-  const term = new Terminal({ convertEol: false, cursorBlink: true, fontSize: 13, scrollback: 5000 });
+  let connecting = false;
+  // convertEol: a guest that ends lines with a bare LF (the test guest; many boot loaders) is still readable
+  const term = new Terminal({ convertEol: true, cursorBlink: true, fontSize: 13, scrollback: 5000 });
   const fit = new FitAddon.FitAddon();
   term.loadAddon(fit);
   term.open(termEl);
@@ -463,11 +467,12 @@ function vmPage(name) {
       consoleNote.textContent = "You may not see this VM's console.";
       return;
     }
-    if (ws && ws.readyState <= WebSocket.OPEN) return;
+    if (connecting || (ws && ws.readyState <= WebSocket.OPEN)) return;
     if (v === undefined || !["running", "paused", "starting"].includes(v.state)) {
       consoleNote.textContent = `The console is live while the VM runs (it is ${v?.state ?? "gone"}).`;
       return;
     }
+    connecting = true;
     try {
       const r = await fetch(`/v1/vms/${encodeURIComponent(name)}/console?tail=16384`, { credentials: "same-origin" });
       if (r.ok) term.write(new Uint8Array(await r.arrayBuffer()));
@@ -475,6 +480,7 @@ function vmPage(name) {
       /* only the backlog is missing */
     }
     ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/vms/${encodeURIComponent(name)}/console/ws`);
+    connecting = false;
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
       consoleNote.textContent = typing ? "Connected: type here." : "Connected, read-only (your role cannot type into consoles).";

@@ -121,7 +121,7 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await page.fill("#password", PW);
     await page.click("#login button[type=submit]");
     // no code: refused, and the page says why
-    await expect.poll(() => page.textContent("#login-error")).toMatch(/MFA|code/);
+    await expect.poll(() => page.textContent("#login-error"), { timeout: 10_000 }).toMatch(/MFA|code/);
     await login(page, "boss", totp(adminSecret, Date.now()));
     const [cookie] = await ctx.cookies();
     expect(cookie).toMatchObject({ name: "tv_session", httpOnly: true, secure: true, sameSite: "Strict" });
@@ -142,6 +142,11 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await page.click("#console");
     await page.keyboard.type("hello-from-chromium");
     await expect.poll(() => page.textContent("#console .xterm-rows"), { timeout: 10_000 }).toContain("hello-from-chromium");
+    // echoed once: one console connection per page, and the guest's banner from the captured backlog
+    await new Promise((r) => setTimeout(r, 500));
+    const screen = (await page.textContent("#console .xterm-rows")) ?? "";
+    expect(screen.split("hello-from-chromium").length - 1).toBe(1);
+    expect(screen).toContain("tiny-guest: up");
     page.on("dialog", (dlg) => void dlg.accept());
     await page.click('#actions button[data-action="pause"]');
     await page.waitForSelector('#vm-state[data-state="paused"]');
@@ -150,7 +155,7 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await page.waitForFunction('Number(document.querySelector("#chart-cpu")?.dataset.points ?? 0) > 0', undefined, { timeout: 30_000 });
     await shot(page, "vm");
     await page.click('a[href="#/logs"]');
-    await expect.poll(() => page.textContent("#log-lines")).toMatch(/VM web1 paused/);
+    await expect.poll(() => page.textContent("#log-lines"), { timeout: 10_000 }).toMatch(/VM web1 paused/);
     await shot(page, "logs");
     await ctx.close();
   }, 60_000);
