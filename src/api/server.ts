@@ -205,7 +205,7 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
     guard(request, SERVER_GUARDS.openapi);
     return doc;
   });
-  const metrics = createMetrics(manager);
+  const metrics = createMetrics(manager, sec.audit);
   app.get(SERVER_GUARDS.metrics.url, async (request, reply) => {
     guard(request, SERVER_GUARDS.metrics);
     return reply.type(metrics.contentType).send(await metrics.metrics());

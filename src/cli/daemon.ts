@@ -162,6 +162,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     ...(socketGid !== undefined ? { socketGid } : {}),
     ...(tls !== undefined ? { tls } : {}),
   };
+  manager.watchAudit(security.audit);
   const api = await startApi(manager, logger, { socketPath, ...(tcp !== undefined ? { tcp } : {}) }, security, { streamStallMs });
   manager.daemonEvent("daemon.started", `daemon started (pid ${process.pid})`, { socket: socketPath, ...(api.tcpAddress !== undefined ? { tcp: `${api.tcpAddress.host}:${api.tcpAddress.port}` } : {}) });
   logger.info({ socket: socketPath, tcp: api.tcpAddress, home, cgroups: manager.cgroups }, "typevisor daemon ready");
