@@ -33,7 +33,8 @@ function h(tag, attrs, ...children) {
     else if (k === "class") el.className = v;
     else el.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const c of children.flat()) if (c !== undefined && c !== null && c !== false) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  // Element.prototype.append, not el.append: a form's named fields shadow its methods (the VM spec has a field "append")
+  for (const c of children.flat()) if (c !== undefined && c !== null && c !== false) Element.prototype.append.call(el, c instanceof Node ? c : document.createTextNode(String(c)));
   return el;
 }
 
@@ -230,6 +231,17 @@ async function act(name, action) {
   render();
 }
 
+async function remove(name) {
+  if (!confirm(`Delete VM ${name} and its disks? This cannot be undone.`)) return;
+  try {
+    await api("DELETE", `/v1/vms/${encodeURIComponent(name)}?force=true`);
+    app.vms.delete(name);
+    location.hash = "#/";
+  } catch (x) {
+    flash(`${name}: delete failed: ${x.message}`);
+  }
+}
+
 // ---- charts ------------------------------------------------------------------------------------------
 
 /** A uPlot chart of some history figures; returns a function that feeds it new history. */
@@ -418,7 +430,10 @@ function vmPage(name) {
       actions.replaceChildren();
       return;
     }
-    actions.replaceChildren(...actionButtons(v));
+    actions.replaceChildren(
+      ...actionButtons(v),
+      can("vm:delete") ? h("button", { type: "button", class: "danger", "data-action": "delete", onclick: () => void remove(name) }, "delete") : "",
+    );
     summary.replaceChildren(
       h("h2", {}, "Summary"),
       h(
@@ -508,6 +523,94 @@ function vmPage(name) {
   every(5000, () => void refreshCharts());
 }
 
+// ---- create a VM ----------------------------------------------------------------------------------
+
+/** The API's own schema for a VM spec (GET /openapi.json): the form is built and checked from it. */
+async function vmSpecSchema() {
+  if (app.specSchema === undefined) {
+    const doc = await api("GET", "/openapi.json");
+    app.specSchema = doc.paths["/v1/vms"].post.requestBody.content["application/json"].schema;
+  }
+  return app.specSchema;
+}
+
+/** A pattern the browser can use as an input's pattern attribute (compiled with the v flag), or undefined. */
+function htmlPattern(p) {
+  if (typeof p !== "string") return undefined;
+  // the API's patterns are JavaScript regexes; the v flag also wants a literal "-" at a class's end escaped
+  const inner = p.replace(/^\^/, "").replace(/\$$/, "").replace(/([^\\])-\]/g, "$1\\-]");
+  try {
+    new RegExp(`^(?:${inner})$`, "v");
+    return inner;
+  } catch {
+    return undefined; // the daemon checks it anyway
+  }
+}
+
+/** One form field for a property of the schema; undefined for what a form does not edit (lists of NICs). */
+function field(key, prop, required) {
+  const id = `f-${key}`;
+  const label = h("label", { for: id }, key, required ? " *" : "", prop.description ? h("span", { class: "muted" }, ` — ${prop.description}`) : "");
+  let input;
+  const alt = Array.isArray(prop.anyOf) ? prop.anyOf.find((a) => a.type === "string") : undefined;
+  if (Array.isArray(prop.enum)) {
+    input = h("select", { id, name: key }, prop.enum.map((v) => h("option", { value: v, selected: v === prop.default }, v)));
+  } else if (prop.type === "boolean") {
+    input = h("input", { id, name: key, type: "checkbox", checked: prop.default === true });
+    input.dataset.kind = "boolean";
+    return h("div", { class: "row" }, input, h("label", { for: id }, key, prop.description ? h("span", { class: "muted" }, ` — ${prop.description}`) : ""));
+  } else if (prop.type === "integer") {
+    input = h("input", { id, name: key, type: "number", step: 1, min: prop.minimum, max: prop.maximum, placeholder: prop.default !== undefined ? String(prop.default) : undefined, required });
+  } else if (prop.type === "string" || alt !== undefined) {
+    const sp = alt ?? prop;
+    input = h("input", { id, name: key, pattern: htmlPattern(sp.pattern), maxlength: sp.maxLength, placeholder: prop.default !== undefined ? String(prop.default) : undefined, required, autocomplete: "off" });
+  } else {
+    return undefined;
+  }
+  input.dataset.kind = prop.type === "integer" ? "integer" : prop.type === "boolean" ? "boolean" : "string";
+  return h("div", {}, label, input);
+}
+
+async function createPage() {
+  if (!can("vm:create")) {
+    show(h("h1", {}, "Create a VM"), h("p", {}, "Your role cannot create VMs."));
+    return;
+  }
+  const schema = await vmSpecSchema();
+  const required = new Set(schema.required ?? []);
+  const fields = Object.entries(schema.properties).map(([k, p]) => field(k, p, required.has(k))).filter((f) => f !== undefined);
+  const err = h("p", { class: "error", role: "alert", id: "create-error" });
+  const start = h("input", { id: "f-start", type: "checkbox", checked: true });
+  const form = h(
+    "form",
+    { class: "card", id: "create", onsubmit: (e) => void submit(e) },
+    h("div", { class: "form-grid" }, ...fields),
+    h("div", { class: "row" }, start, h("label", { for: "f-start" }, "start it now")),
+    h("p", {}, h("button", { type: "submit", class: "primary" }, "Create")),
+    err,
+  );
+  const submit = async (e) => {
+    e.preventDefault();
+    err.textContent = "";
+    const body = {};
+    for (const el of Element.prototype.querySelectorAll.call(form, "[name]")) {
+      if (el.dataset.kind === "boolean") body[el.name] = el.checked;
+      else if (el.value === "") continue;
+      else body[el.name] = el.dataset.kind === "integer" ? Number(el.value) : el.value;
+    }
+    try {
+      const vm = await api("POST", `/v1/vms${start.checked ? "?start=true" : ""}`, body);
+      app.vms.set(vm.name, vm);
+      location.hash = `#/vm/${encodeURIComponent(vm.name)}`;
+    } catch (x) {
+      // the daemon checks the same schema (and what a form cannot: images, files, resources)
+      err.textContent = x.message;
+    }
+  };
+  show(h("h1", {}, "Create a VM"), h("p", { class: "muted" }, "The fields and their limits are the API's own (GET /openapi.json); the daemon checks them again."), form);
+  Element.prototype.querySelector.call(form, "input").focus();
+}
+
 // ---- logs --------------------------------------------------------------------------------------------
 
 function logsPage() {
@@ -546,6 +649,7 @@ function render() {
   const m = /^#\/vm\/(.+)$/.exec(hash);
   if (m) vmPage(decodeURIComponent(m[1]));
   else if (hash === "#/logs") logsPage();
+  else if (hash === "#/create") void createPage().catch((x) => show(h("p", { class: "error" }, x.message)));
   else dashboard();
 }
 
@@ -558,6 +662,7 @@ async function boot() {
   }
   document.getElementById("nav").hidden = false;
   document.getElementById("who").textContent = `${app.me.user} (${app.me.role})`;
+  document.getElementById("nav-create").hidden = !can("vm:create");
   await loadVms();
   await loadAlerts();
   try {
