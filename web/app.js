@@ -523,15 +523,12 @@ function vmPage(name) {
   every(5000, () => void refreshCharts());
 }
 
-// ---- create a VM ----------------------------------------------------------------------------------
+// ---- forms from the API's own schemas ------------------------------------------------------------------
 
-/** The API's own schema for a VM spec (GET /openapi.json): the form is built and checked from it. */
-async function vmSpecSchema() {
-  if (app.specSchema === undefined) {
-    const doc = await api("GET", "/openapi.json");
-    app.specSchema = doc.paths["/v1/vms"].post.requestBody.content["application/json"].schema;
-  }
-  return app.specSchema;
+/** A request body's JSON Schema from the API's OpenAPI document (GET /openapi.json, fetched once). */
+async function bodySchema(path, method) {
+  if (app.openapi === undefined) app.openapi = await api("GET", "/openapi.json");
+  return app.openapi.paths[path][method].requestBody.content["application/json"].schema;
 }
 
 /** A pattern the browser can use as an input's pattern attribute (compiled with the v flag), or undefined. */
@@ -548,9 +545,9 @@ function htmlPattern(p) {
 }
 
 /** One form field for a property of the schema; undefined for what a form does not edit (lists of NICs). */
-function field(key, prop, required) {
-  const id = `f-${key}`;
-  const label = h("label", { for: id }, key, required ? " *" : "", prop.description ? h("span", { class: "muted" }, ` — ${prop.description}`) : "");
+function field(prefix, key, prop, required) {
+  const id = `${prefix}-${key}`;
+  const about = prop.description ? h("span", { class: "muted" }, ` — ${prop.description}`) : "";
   let input;
   const alt = Array.isArray(prop.anyOf) ? prop.anyOf.find((a) => a.type === "string") : undefined;
   if (Array.isArray(prop.enum)) {
@@ -558,37 +555,29 @@ function field(key, prop, required) {
   } else if (prop.type === "boolean") {
     input = h("input", { id, name: key, type: "checkbox", checked: prop.default === true });
     input.dataset.kind = "boolean";
-    return h("div", { class: "row" }, input, h("label", { for: id }, key, prop.description ? h("span", { class: "muted" }, ` — ${prop.description}`) : ""));
-  } else if (prop.type === "integer") {
-    input = h("input", { id, name: key, type: "number", step: 1, min: prop.minimum, max: prop.maximum, placeholder: prop.default !== undefined ? String(prop.default) : undefined, required });
+    return h("div", { class: "row" }, input, h("label", { for: id }, key, about));
+  } else if (prop.type === "integer" || prop.type === "number") {
+    input = h("input", { id, name: key, type: "number", step: prop.type === "integer" ? 1 : "any", min: prop.minimum, max: prop.maximum, placeholder: prop.default !== undefined ? String(prop.default) : undefined, required });
+    input.dataset.kind = "number";
   } else if (prop.type === "string" || alt !== undefined) {
     const sp = alt ?? prop;
     input = h("input", { id, name: key, pattern: htmlPattern(sp.pattern), maxlength: sp.maxLength, placeholder: prop.default !== undefined ? String(prop.default) : undefined, required, autocomplete: "off" });
   } else {
     return undefined;
   }
-  input.dataset.kind = prop.type === "integer" ? "integer" : prop.type === "boolean" ? "boolean" : "string";
-  return h("div", {}, label, input);
+  return h("div", {}, h("label", { for: id }, key, required ? " *" : "", about), input);
 }
 
-async function createPage() {
-  if (!can("vm:create")) {
-    show(h("h1", {}, "Create a VM"), h("p", {}, "Your role cannot create VMs."));
-    return;
-  }
-  const schema = await vmSpecSchema();
+/**
+ * A form for a request body, built from its schema: the browser refuses what the schema refuses
+ * before anything is sent; the daemon checks it again (and what a form cannot: images, files,
+ * resources), and its problem's detail is shown under the form.
+ */
+function schemaForm(schema, o) {
   const required = new Set(schema.required ?? []);
-  const fields = Object.entries(schema.properties).map(([k, p]) => field(k, p, required.has(k))).filter((f) => f !== undefined);
-  const err = h("p", { class: "error", role: "alert", id: "create-error" });
-  const start = h("input", { id: "f-start", type: "checkbox", checked: true });
-  const form = h(
-    "form",
-    { class: "card", id: "create", onsubmit: (e) => void submit(e) },
-    h("div", { class: "form-grid" }, ...fields),
-    h("div", { class: "row" }, start, h("label", { for: "f-start" }, "start it now")),
-    h("p", {}, h("button", { type: "submit", class: "primary" }, "Create")),
-    err,
-  );
+  const fields = Object.entries(schema.properties).map(([k, p]) => field(o.prefix, k, p, required.has(k))).filter((f) => f !== undefined);
+  const err = h("p", { class: "error", role: "alert", id: `${o.id}-error` });
+  const form = h("form", { class: "card", id: o.id, onsubmit: (e) => void submit(e) }, h("div", { class: "form-grid" }, ...fields), ...(o.extra ?? []), h("p", {}, h("button", { type: "submit", class: "primary" }, o.submit)), err);
   const submit = async (e) => {
     e.preventDefault();
     err.textContent = "";
@@ -596,19 +585,111 @@ async function createPage() {
     for (const el of Element.prototype.querySelectorAll.call(form, "[name]")) {
       if (el.dataset.kind === "boolean") body[el.name] = el.checked;
       else if (el.value === "") continue;
-      else body[el.name] = el.dataset.kind === "integer" ? Number(el.value) : el.value;
+      else body[el.name] = el.dataset.kind === "number" ? Number(el.value) : el.value;
     }
     try {
-      const vm = await api("POST", `/v1/vms${start.checked ? "?start=true" : ""}`, body);
-      app.vms.set(vm.name, vm);
-      location.hash = `#/vm/${encodeURIComponent(vm.name)}`;
+      await o.send(body);
     } catch (x) {
-      // the daemon checks the same schema (and what a form cannot: images, files, resources)
       err.textContent = x.message;
     }
   };
+  return form;
+}
+
+async function createPage() {
+  if (!can("vm:create")) {
+    show(h("h1", {}, "Create a VM"), h("p", {}, "Your role cannot create VMs."));
+    return;
+  }
+  const start = h("input", { id: "f-start", type: "checkbox", checked: true });
+  const form = schemaForm(await bodySchema("/v1/vms", "post"), {
+    id: "create",
+    prefix: "f",
+    submit: "Create",
+    extra: [h("div", { class: "row" }, start, h("label", { for: "f-start" }, "start it now"))],
+    send: async (body) => {
+      const vm = await api("POST", `/v1/vms${start.checked ? "?start=true" : ""}`, body);
+      app.vms.set(vm.name, vm);
+      location.hash = `#/vm/${encodeURIComponent(vm.name)}`;
+    },
+  });
   show(h("h1", {}, "Create a VM"), h("p", { class: "muted" }, "The fields and their limits are the API's own (GET /openapi.json); the daemon checks them again."), form);
   Element.prototype.querySelector.call(form, "input").focus();
+}
+
+// ---- events and alerts ------------------------------------------------------------------------------
+
+function eventItem(e) {
+  return h("li", { "data-type": e.type }, h("span", { class: "muted" }, when(e.at)), ` ${e.type} `, e.vm ? h("a", { href: `#/vm/${encodeURIComponent(e.vm)}` }, e.vm) : "", ` ${e.message}`);
+}
+
+function eventsPage() {
+  const list = h("ul", { class: "events tall", id: "all-events" });
+  const vmSel = h("select", { id: "events-vm", "aria-label": "VM", onchange: () => void load() }, h("option", { value: "" }, "every VM"), [...app.vms.keys()].sort().map((n) => h("option", { value: n }, n)));
+  const text = h("input", { id: "events-filter", placeholder: "type or text…", "aria-label": "filter", oninput: () => draw() });
+  let events = [];
+  const draw = () => {
+    const t = text.value.toLowerCase();
+    list.replaceChildren(...events.filter((e) => t === "" || `${e.type} ${e.message}`.toLowerCase().includes(t)).slice(-500).reverse().map(eventItem));
+  };
+  const load = async () => {
+    const q = new URLSearchParams({ limit: "500" });
+    if (vmSel.value) q.set("vm", vmSel.value);
+    events = (await api("GET", `/v1/events?${q}`)).events;
+    draw();
+  };
+  show(h("h1", {}, "Events"), h("div", { class: "row" }, vmSel, text), list);
+  app.onEvent = [
+    (e) => {
+      if (vmSel.value !== "" && e.vm !== vmSel.value) return;
+      events.push(e);
+      draw();
+    },
+  ];
+  app.cleanups.push(() => (app.onEvent = []));
+  void load();
+}
+
+async function alertsPage() {
+  const firing = h("div", { class: "card", id: "firing" });
+  const rules = h("div", { class: "card", id: "rules" });
+  const admin = can("alerts:admin");
+  const drawFiring = () => {
+    firing.replaceChildren(
+      h("h2", {}, `Firing now (${app.alerts.length})`),
+      app.alerts.length === 0
+        ? h("p", { class: "muted" }, "None.")
+        : h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, ["Severity", "Rule", "Subject", "Since", "Message"].map((c) => h("th", {}, c)))), h("tbody", {}, app.alerts.map((a) => h("tr", { "data-rule": a.rule }, h("td", { class: "alert" }, a.severity), h("td", {}, a.rule), h("td", {}, a.subject), h("td", {}, when(a.since)), h("td", {}, a.message)))))),
+    );
+  };
+  const drawRules = async () => {
+    const list = (await api("GET", "/v1/alerts/rules")).rules;
+    rules.replaceChildren(
+      h("h2", {}, "Rules"),
+      h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, ["Name", "Severity", "Condition", ""].map((c) => h("th", {}, c)))), h("tbody", {}, list.map((r) =>
+        h("tr", { "data-rule": r.name }, h("td", {}, r.name), h("td", {}, r.severity), h("td", {}, r.builtin ? (r.description ?? "built-in") : `${r.metric} above ${r.above}${r.forSeconds ? ` for ${r.forSeconds} s` : ""}${r.vm ? ` on ${r.vm}` : " on every VM"}`),
+          h("td", {}, admin && !r.builtin ? h("button", { type: "button", class: "danger", "aria-label": `remove rule ${r.name}`, onclick: async () => {
+            if (!confirm(`Remove alert rule ${r.name}?`)) return;
+            await api("DELETE", `/v1/alerts/rules/${encodeURIComponent(r.name)}`);
+            await drawRules();
+          } }, "remove") : "")))))),
+    );
+  };
+  const add = admin
+    ? schemaForm(await bodySchema("/v1/alerts/rules", "post"), { id: "add-rule", prefix: "r", submit: "Add rule", send: async (body) => {
+      await api("POST", "/v1/alerts/rules", body);
+      await drawRules();
+    } })
+    : "";
+  show(h("h1", {}, "Alerts"), firing, rules, admin ? h("h2", {}, "Add a rule") : "", add);
+  app.onEvent = [
+    (e) => {
+      if (e.type.startsWith("alert.")) drawFiring();
+    },
+  ];
+  app.cleanups.push(() => (app.onEvent = []));
+  drawFiring();
+  await drawRules();
 }
 
 // ---- logs --------------------------------------------------------------------------------------------
@@ -649,6 +730,8 @@ function render() {
   const m = /^#\/vm\/(.+)$/.exec(hash);
   if (m) vmPage(decodeURIComponent(m[1]));
   else if (hash === "#/logs") logsPage();
+  else if (hash === "#/events") eventsPage();
+  else if (hash === "#/alerts") void alertsPage().catch((x) => show(h("p", { class: "error" }, x.message)));
   else if (hash === "#/create") void createPage().catch((x) => show(h("p", { class: "error" }, x.message)));
   else dashboard();
 }

@@ -178,6 +178,22 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await page.click('a[href="#/logs"]');
     await expect.poll(() => page.textContent("#log-lines"), { timeout: 10_000 }).toMatch(/VM web1 paused/);
     await shot(page, "logs");
+    // the events page, filtered as one types; the alerts page: an admin adds a rule from the form (the API's schema) and removes it
+    await page.click('a[href="#/events"]');
+    await page.fill("#events-filter", "paused");
+    await expect.poll(() => page.$$eval("#all-events li", (lis) => lis.map((l) => l.getAttribute("data-type"))), { timeout: 10_000 }).toEqual(["vm.paused"]);
+    await page.click('a[href="#/alerts"]');
+    await page.waitForSelector('#rules tr[data-rule="vm-crashed"]');
+    await page.fill("#r-name", "busy");
+    await page.selectOption("#r-metric", "cpu");
+    await page.fill("#r-above", "1000");
+    await page.fill("#r-vm", "web1");
+    await page.click("#add-rule button[type=submit]");
+    await page.waitForSelector('#rules tr[data-rule="busy"]');
+    expect((await d.client.alertRules()).find((r) => r.name === "busy")).toMatchObject({ metric: "cpu", above: 1000, vm: "web1" });
+    await shot(page, "alerts");
+    await page.click('#rules tr[data-rule="busy"] button');
+    await expect.poll(async () => (await d.client.alertRules()).some((r) => r.name === "busy")).toBe(false);
     await ctx.close();
   }, 60_000);
 
@@ -233,6 +249,11 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await page.waitForSelector('tr[data-vm="web1"] [data-state="running"]');
     expect(await page.$$('button[data-action]')).toHaveLength(0);
     expect(await page.isHidden("#nav-create")).toBe(true);
+    // the alerts page: no rule form for a viewer
+    await page.click('a[href="#/alerts"]');
+    await page.waitForSelector('#rules tr[data-rule="vm-crashed"]');
+    expect(await page.$("#add-rule")).toBeNull();
+    await page.click('a[href="#/"]');
     const forced = await page.evaluate(async () => (await fetch("/v1/vms/web1/pause", { method: "POST", headers: { "x-requested-with": "typevisor" } })).status);
     expect(forced).toBe(403);
     // without the header a cookie request that changes something is refused before anything else
