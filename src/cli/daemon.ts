@@ -13,6 +13,7 @@ import { startApi } from "../api/server.js";
 import { AuditLog } from "../control/audit.js";
 import { Identities } from "../control/identity.js";
 import { DaemonLogFile } from "../control/logs.js";
+import { parseSyslogTarget, SyslogForwarder } from "../control/syslog.js";
 import { VmManager } from "../control/manager.js";
 import { ensureSelfSigned, loadTls, type TlsMaterial } from "../control/tls.js";
 import { groupId } from "../sys/peercred.js";
@@ -45,6 +46,7 @@ interface DaemonOptions {
   cgroups: boolean;
   logLevel: string;
   logSize: string;
+  logSyslog: string[];
   allowFiles: string[];
   alertWebhook: string[];
 }
@@ -121,11 +123,14 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
 
   // stdout for systemd's journal, and HOME/daemon.log (rotated) for GET /v1/logs and `typevisor logs` (logs.ts)
   const logFile = new DaemonLogFile(homePaths(home).daemonLog, logSize);
+  // and to syslog receivers (RFC 5424 over UDP or TCP), where --log-syslog names them
+  const syslog = o.logSyslog.map((v) => new SyslogForwarder(parseSyslogTarget(v)));
   const logger = pino(
     { level: o.logLevel, base: { pid: process.pid } },
     pino.multistream([
       { level: o.logLevel as "info", stream: process.stdout },
       { level: o.logLevel as "info", stream: logFile },
+      ...syslog.map((stream) => ({ level: o.logLevel as "info", stream })),
     ]),
   );
   // Installed before the manager exists (its construction can fault too); faults become events once it does.
@@ -184,6 +189,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   logger.info({ faults: lastResort.faults() }, "stopped");
   logger.flush();
   logFile.close();
+  for (const s of syslog) s.close();
   return 0;
 }
 
@@ -222,6 +228,12 @@ export function registerDaemonCommand(program: Command): void {
     )
     .option("--force-kvm", "start VMMs on a /dev/kvm that cannot boot stock kernels (PVM: purpose-built test guests only)", false)
     .option("--log-size <size>", "rotate the daemon's own log (HOME/daemon.log, read by `typevisor logs`) past this size; one older generation is kept", "10M")
+    .option(
+      "--log-syslog <url>",
+      "also send the daemon's log to syslog, RFC 5424 messages over udp://HOST[:PORT] or tcp://HOST[:PORT] (port 514 by default; repeatable)",
+      (v: string, prev: string[]) => [...prev, v],
+      [] as string[],
+    )
     .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error"]).default("info"))
     .action(async (opts: DaemonOptions) => {
       process.exitCode = await daemonCommand(opts);

@@ -1,8 +1,11 @@
 /**
  * The daemon's logs against a real daemon and a real VMM running the tiny guest: GET /v1/logs
- * (search and follow), the VMM's log beside the daemon's, what a hostile query gets, and the CLI.
+ * (search and follow), the VMM's log beside the daemon's, what a hostile query gets, the CLI, and
+ * forwarding to a syslog receiver (RFC 5424 over UDP).
  */
+import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -20,12 +23,17 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
   let d: TestDaemon;
   let dir: string;
   let kernel: string;
+  let syslog: UdpSocket;
+  const datagrams: string[] = [];
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), "tvlogs-"));
     kernel = join(dir, "tiny.bin");
     writeTinyKernel(kernel);
-    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
+    syslog = createSocket("udp4");
+    syslog.on("message", (b) => datagrams.push(b.toString("utf8")));
+    await new Promise<void>((r) => syslog.bind(0, "127.0.0.1", r));
+    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir, "--log-syslog", `udp://127.0.0.1:${(syslog.address() as AddressInfo).port}`] });
   }, 30_000);
 
   afterAll(async () => {
@@ -33,6 +41,7 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
       for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
       await d.stop();
     }
+    syslog?.close();
     rmSync(dir, { recursive: true, force: true });
   }, 60_000);
 
@@ -73,6 +82,13 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
     expect(got.every((l) => l.vm === "lg1")).toBe(true);
   }, 60_000);
 
+  it("forwards the daemon's log to syslog as RFC 5424 messages, a VM's events with its name in the structured data", async () => {
+    await until("the daemon's start and lg1's events at the receiver", () => (datagrams.some((m) => /daemon started/.test(m)) && datagrams.some((m) => /vm="lg1"/.test(m)) ? true : undefined));
+    const started = datagrams.find((m) => /daemon started/.test(m))!;
+    expect(started).toMatch(/^<30>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \S+ typevisor \d+ daemon\.started \[typevisor@32473 event="daemon\.started"\] daemon started/);
+    expect(datagrams.find((m) => / vm\.paused /.test(m))).toMatch(/\[typevisor@32473 vm="lg1" event="vm\.paused"\] VM lg1 paused/);
+  });
+
   it("refuses hostile queries", async () => {
     const api = (method: string, path: string) => unixApi(d.socket, method, path);
     expect((await api("GET", "/v1/logs?contains=" + "x".repeat(201))).status).toBe(400);
@@ -94,5 +110,7 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
     const bad = await runCli(["logs", "--socket", d.socket, "--grep", "("]);
     expect(bad.status).toBe(2);
     expect(bad.stderr).toMatch(/--grep/);
+    const badSyslog = await runCli(["daemon", "--home", dir, "--log-syslog", "http://x"]);
+    expect([badSyslog.status, badSyslog.stderr]).toEqual([2, expect.stringMatching(/--log-syslog takes udp:\/\/HOST/)]);
   });
 });
