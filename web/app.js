@@ -16,6 +16,8 @@ const app = {
   vms: new Map(),
   alerts: [],
   events: [],
+  /** Per VM: recent CPU percent samples for the VM list's sparklines. */
+  sparks: new Map(),
   lastSeq: 0,
   source: undefined,
   /** What the current page set up (timers, charts, the console): undone when the page changes. */
@@ -289,6 +291,53 @@ function rangeSelect(onChange) {
 const pct = (v) => `${v.toFixed(0)}%`;
 const rate = (v) => `${bytes(v)}/s`;
 
+// ---- sparklines ---------------------------------------------------------------------------------------
+
+const SPARK_POINTS = 90; // 15 minutes of 10 s history buckets
+
+/** A VM's recent CPU for its sparkline: seeded once from the history, then fed by each stats poll. */
+async function sparkOf(name) {
+  let s = app.sparks.get(name);
+  if (s === undefined) {
+    s = [];
+    app.sparks.set(name, s);
+    try {
+      const from = new Date(Date.now() - 15 * 60_000).toISOString();
+      const pts = (await api("GET", `/v1/metrics/history?vm=${encodeURIComponent(name)}&from=${from}&step=10`)).points;
+      s.push(...pts.filter((p) => p.cpuPercent !== undefined).map((p) => p.cpuPercent));
+    } catch {
+      /* no history: the polls fill it */
+    }
+  }
+  return s;
+}
+
+/** A small inline SVG line of `values` (CPU percent), scaled to its own maximum (at least 100%). */
+function sparkline(values) {
+  const NS = "http://www.w3.org/2000/svg";
+  const w = 90;
+  const hgt = 20;
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("viewBox", `0 0 ${w} ${hgt}`);
+  svg.setAttribute("width", String(w));
+  svg.setAttribute("height", String(hgt));
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("role", "img");
+  const last = values.slice(-SPARK_POINTS);
+  svg.setAttribute("aria-label", last.length > 0 ? `CPU over the last minutes, now ${last[last.length - 1].toFixed(0)}%` : "no CPU samples yet");
+  svg.dataset.points = String(last.length);
+  if (last.length > 1) {
+    const max = Math.max(100, ...last);
+    const line = document.createElementNS(NS, "polyline");
+    line.setAttribute("points", last.map((v, i) => `${((i / (SPARK_POINTS - 1)) * w).toFixed(1)},${(hgt - 1 - (v / max) * (hgt - 2)).toFixed(1)}`).join(" "));
+    line.setAttribute("fill", "none");
+    line.setAttribute("stroke", "#2459c7");
+    line.setAttribute("stroke-width", "1.5");
+    svg.append(line);
+  }
+  return svg;
+}
+
 // ---- the dashboard ------------------------------------------------------------------------------------
 
 function dashboard() {
@@ -327,7 +376,14 @@ function dashboard() {
     await Promise.all(
       [...app.vms.values()].filter((v) => v.state === "running" || v.state === "paused").map(async (v) => {
         try {
-          stats.set(v.name, (await api("GET", `/v1/vms/${encodeURIComponent(v.name)}/stats`)).usage);
+          const spark = await sparkOf(v.name);
+          const u = (await api("GET", `/v1/vms/${encodeURIComponent(v.name)}/stats`)).usage;
+          stats.set(v.name, u);
+          if (u !== undefined && u.at !== spark.at) {
+            spark.push(u.cpuPercent);
+            spark.at = u.at;
+            if (spark.length > SPARK_POINTS) spark.splice(0, spark.length - SPARK_POINTS);
+          }
         } catch {
           /* gone meanwhile */
         }
@@ -342,7 +398,7 @@ function dashboard() {
         h("td", {}, h("span", { class: `state ${v.state}`, "data-state": v.state }, v.state)),
         h("td", { class: "opt" }, `${v.spec.cpus ?? "-"}`),
         h("td", { class: "opt" }, bytes((v.spec.memoryMiB ?? 0) * 1048576)),
-        h("td", {}, u ? pct(u.cpuPercent) : "-"),
+        h("td", { class: "cpu" }, app.sparks.has(v.name) ? sparkline(app.sparks.get(v.name)) : "", " ", u ? pct(u.cpuPercent) : "-"),
         h("td", {}, u ? bytes(u.memoryBytes) : "-"),
         h("td", {}, ...actionButtons(v)),
       );

@@ -150,6 +150,8 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     expect(await page.evaluate(() => (globalThis as unknown as { document: { cookie: string } }).document.cookie)).toBe("");
     await page.waitForSelector('tr[data-vm="web1"] [data-state="running"]');
     await expect.poll(async () => Number((await page.getAttribute("#host-cpu", "data-points")) ?? 0), { timeout: 30_000 }).toBeGreaterThan(0);
+    // the VM list's CPU sparkline: history, then each poll
+    await expect.poll(async () => Number((await page.getAttribute('tr[data-vm="web1"] svg.spark', "data-points")) ?? 0), { timeout: 30_000 }).toBeGreaterThan(1);
     expect(await page.$$eval('tr[data-vm="web1"] button[data-action]', (bs) => bs.map((b) => b.textContent))).toEqual(["pause", "reboot", "stop"]);
     await shot(page, "dashboard");
     await ctx.close();
