@@ -14,6 +14,7 @@ import { AuditLog } from "../control/audit.js";
 import { Identities } from "../control/identity.js";
 import { DaemonLogFile } from "../control/logs.js";
 import { parseSyslogTarget, SyslogForwarder } from "../control/syslog.js";
+import { OtlpForwarder, parseOtlpUrl } from "../control/otlp.js";
 import { VmManager } from "../control/manager.js";
 import { ensureSelfSigned, loadTls, type TlsMaterial } from "../control/tls.js";
 import { groupId } from "../sys/peercred.js";
@@ -47,6 +48,7 @@ interface DaemonOptions {
   logLevel: string;
   logSize: string;
   logSyslog: string[];
+  logOtlp?: string;
   allowFiles: string[];
   alertWebhook: string[];
 }
@@ -125,12 +127,15 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   const logFile = new DaemonLogFile(homePaths(home).daemonLog, logSize);
   // and to syslog receivers (RFC 5424 over UDP or TCP), where --log-syslog names them
   const syslog = o.logSyslog.map((v) => new SyslogForwarder(parseSyslogTarget(v)));
+  // and to an OpenTelemetry collector (OTLP/HTTP, JSON), where --log-otlp names one
+  const otlp = o.logOtlp !== undefined ? new OtlpForwarder(parseOtlpUrl(o.logOtlp)) : undefined;
   const logger = pino(
     { level: o.logLevel, base: { pid: process.pid } },
     pino.multistream([
       { level: o.logLevel as "info", stream: process.stdout },
       { level: o.logLevel as "info", stream: logFile },
       ...syslog.map((stream) => ({ level: o.logLevel as "info", stream })),
+      ...(otlp !== undefined ? [{ level: o.logLevel as "info", stream: otlp }] : []),
     ]),
   );
   // Installed before the manager exists (its construction can fault too); faults become events once it does.
@@ -190,6 +195,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   logger.flush();
   logFile.close();
   for (const s of syslog) s.close();
+  await otlp?.close();
   return 0;
 }
 
@@ -234,6 +240,7 @@ export function registerDaemonCommand(program: Command): void {
       (v: string, prev: string[]) => [...prev, v],
       [] as string[],
     )
+    .option("--log-otlp <url>", "also send the daemon's log to an OpenTelemetry collector: OTLP/HTTP JSON, POSTed to this URL (e.g. http://localhost:4318/v1/logs) in batches, retried")
     .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error"]).default("info"))
     .action(async (opts: DaemonOptions) => {
       process.exitCode = await daemonCommand(opts);

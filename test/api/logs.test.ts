@@ -1,10 +1,11 @@
 /**
  * The daemon's logs against a real daemon and a real VMM running the tiny guest: GET /v1/logs
  * (search and follow), the VMM's log beside the daemon's, what a hostile query gets, the CLI, and
- * forwarding to a syslog receiver (RFC 5424 over UDP).
+ * forwarding to a syslog receiver (RFC 5424 over UDP) and an OpenTelemetry collector (OTLP/HTTP).
  */
 import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -25,6 +26,9 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
   let kernel: string;
   let syslog: UdpSocket;
   const datagrams: string[] = [];
+  let collector: Server;
+  /** LogRecords the collector received: body and attributes as plain strings. */
+  const otlp: { body: string; attrs: Record<string, string> }[] = [];
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), "tvlogs-"));
@@ -33,7 +37,19 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
     syslog = createSocket("udp4");
     syslog.on("message", (b) => datagrams.push(b.toString("utf8")));
     await new Promise<void>((r) => syslog.bind(0, "127.0.0.1", r));
-    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir, "--log-syslog", `udp://127.0.0.1:${(syslog.address() as AddressInfo).port}`] });
+    collector = createServer((req, res) => {
+      let b = "";
+      req.on("data", (x: Buffer) => (b += x.toString()));
+      req.on("end", () => {
+        const body = JSON.parse(b) as { resourceLogs: { scopeLogs: { logRecords: { body: { stringValue: string }; attributes: { key: string; value: { stringValue?: string } }[] }[] }[] }[] };
+        for (const r of body.resourceLogs[0]!.scopeLogs[0]!.logRecords) otlp.push({ body: r.body.stringValue, attrs: Object.fromEntries(r.attributes.map((a) => [a.key, a.value.stringValue ?? ""])) });
+        res.end();
+      });
+    });
+    await new Promise<void>((r) => collector.listen(0, "127.0.0.1", r));
+    d = await startDaemon({
+      args: ["--force-kvm", "--allow-files", dir, "--log-syslog", `udp://127.0.0.1:${(syslog.address() as AddressInfo).port}`, "--log-otlp", `http://127.0.0.1:${(collector.address() as AddressInfo).port}/v1/logs`],
+    });
   }, 30_000);
 
   afterAll(async () => {
@@ -42,6 +58,7 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
       await d.stop();
     }
     syslog?.close();
+    collector?.close();
     rmSync(dir, { recursive: true, force: true });
   }, 60_000);
 
@@ -87,6 +104,12 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
     const started = datagrams.find((m) => /daemon started/.test(m))!;
     expect(started).toMatch(/^<30>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \S+ typevisor \d+ daemon\.started \[typevisor@32473 event="daemon\.started"\] daemon started/);
     expect(datagrams.find((m) => / vm\.paused /.test(m))).toMatch(/\[typevisor@32473 vm="lg1" event="vm\.paused"\] VM lg1 paused/);
+  });
+
+  it("forwards the daemon's log to an OpenTelemetry collector, a VM's events with their vm and event attributes", async () => {
+    await until("lg1's pause at the collector", () => otlp.find((r) => r.attrs["event"] === "vm.paused"), 15_000);
+    expect(otlp.find((r) => r.attrs["event"] === "vm.paused")).toEqual({ body: "VM lg1 paused", attrs: expect.objectContaining({ vm: "lg1", event: "vm.paused" }) });
+    expect(otlp.some((r) => /daemon started/.test(r.body))).toBe(true);
   });
 
   it("refuses hostile queries", async () => {
