@@ -22,7 +22,7 @@ import type { alertRuleSpec } from "../control/alerts.js";
 import type { AuditEntry, VerifyResult } from "../control/audit.js";
 import type { Role, TokenRow, UserRow } from "../control/identity.js";
 import { normalizeFingerprint } from "../control/tls.js";
-import type { LogLevel, LogLine } from "../control/logs.js";
+import type { LogLevel, LogLine, LogSource } from "../control/logs.js";
 
 export class ApiError extends TypevisorError {
   constructor(readonly status: number, code: string, message: string, hint?: string) {
@@ -55,6 +55,7 @@ export interface LogsOptions {
   contains?: string;
   level?: LogLevel;
   limit?: number;
+  sources?: LogSource[];
 }
 
 function logsQueryString(o: LogsOptions & { follow?: boolean }): string {
@@ -64,6 +65,7 @@ function logsQueryString(o: LogsOptions & { follow?: boolean }): string {
   if (o.contains !== undefined) q.set("contains", o.contains);
   if (o.level !== undefined) q.set("level", o.level);
   if (o.limit !== undefined) q.set("limit", String(o.limit));
+  if (o.sources !== undefined) q.set("source", o.sources.join(","));
   if (o.follow === true) q.set("follow", "true");
   const s = q.toString();
   return s !== "" ? `?${s}` : "";

@@ -6,7 +6,7 @@
  */
 import { Writable } from "node:stream";
 import { z } from "zod";
-import { LOG_LEVELS, LineSplitter, matches, parseDaemonLine, readLogs, vmmLine, type LogLine, type LogQuery } from "../control/logs.js";
+import { DEFAULT_SOURCES, LOG_LEVELS, LOG_SOURCES, LineSplitter, matches, parseDaemonLine, readLogs, vmmLine, type LogLine, type LogQuery, type LogSource } from "../control/logs.js";
 import { followConsole } from "./console.js";
 import { HANDLED, route, type Route } from "./routes.js";
 import { boolString, isoTime, vmName } from "./schemas.js";
@@ -17,6 +17,19 @@ export const logsQuery = z
     since: isoTime.optional().describe("ISO 8601: lines written at or after this"),
     contains: z.string().min(1).max(200).optional().describe("case-insensitive substring of the message or its fields"),
     level: z.enum(LOG_LEVELS).optional().describe("this level and above"),
+    source: z
+      .string()
+      .max(40)
+      .transform((v, ctx) => {
+        const parts = v.split(",");
+        if (!parts.every((p): p is LogSource => (LOG_SOURCES as readonly string[]).includes(p))) {
+          ctx.addIssue({ code: "custom", message: `comma-separated, of ${LOG_SOURCES.join(", ")}` });
+          return z.NEVER;
+        }
+        return [...new Set(parts)];
+      })
+      .optional()
+      .describe(`which logs, comma-separated: ${LOG_SOURCES.join(", ")} (default ${DEFAULT_SOURCES.join(",")}; vmm and console need vm)`),
     limit: z.coerce.number().int().min(1).max(10_000).optional().describe("the latest N lines (default 1000; with follow: of the backlog, default 100)"),
     follow: boolString.optional().describe("stream: the backlog, then new lines as JSON lines (application/x-ndjson)"),
   })
@@ -25,7 +38,7 @@ export const logsQuery = z
 export const logLine = z.object({
   time: z.string().nullable().describe("ISO 8601; null for a VMM log line read back (the VMM writes no timestamps)"),
   level: z.enum(LOG_LEVELS),
-  source: z.enum(["daemon", "vmm"]),
+  source: z.enum(LOG_SOURCES),
   vm: z.string().optional(),
   msg: z.string(),
   fields: z.record(z.string(), z.unknown()).optional().describe("the line's structured data (event, err, ...)"),
@@ -39,7 +52,7 @@ export const LOG_ROUTES: Route[] = [
   route({
     method: "GET", url: "/v1/logs", operationId: "logs",
     summary: "The daemon's log (and with ?vm=NAME that VM's lines and its VMM's log), searched; ?follow=true streams JSON lines",
-    description: "Lines are the daemon's structured log (pino) and, for a named VM, its VMM process's output. `contains` is a plain substring, never a pattern. A caller scoped to VMs must name one of its VMs.",
+    description: "Lines are the daemon's structured log (pino) and, for a named VM, its VMM process's output and (source=console) its serial console. `contains` is a plain substring, never a pattern. A caller scoped to VMs must name one of its VMs.",
     query: logsQuery, permission: "vm:read", target: "query",
     responses: { 200: { description: "lines, oldest first (follow: application/x-ndjson, one line object per line)", schema: logList } },
     handler: async ({ manager, query, reply, request }) => {
@@ -50,12 +63,13 @@ export const LOG_ROUTES: Route[] = [
         ...(query.contains !== undefined ? { contains: query.contains } : {}),
         ...(query.level !== undefined ? { level: query.level } : {}),
       };
-      if (query.follow !== true) return { lines: readLogs(paths, { ...filter, limit: query.limit ?? 1000 }) };
+      const sources: readonly LogSource[] = query.source ?? DEFAULT_SOURCES;
+      if (query.follow !== true) return { lines: readLogs(paths, { ...filter, sources, limit: query.limit ?? 1000 }) };
       reply.hijack();
       const res = reply.raw;
       res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
       res.flushHeaders();
-      for (const l of readLogs(paths, { ...filter, limit: query.limit ?? 100 })) res.write(`${JSON.stringify(l)}\n`);
+      for (const l of readLogs(paths, { ...filter, sources, limit: query.limit ?? 100 })) res.write(`${JSON.stringify(l)}\n`);
       const send = (l: LogLine): void => {
         if (!matches(l, filter)) return;
         // The files are the buffer: a client that does not keep up is cut off, not buffered for.
@@ -74,14 +88,18 @@ export const LOG_ROUTES: Route[] = [
           },
         });
       };
-      const stops = [
-        followConsole(paths.daemon, sink((text) => {
+      const stops: (() => void)[] = [];
+      if (sources.includes("daemon")) {
+        stops.push(followConsole(paths.daemon, sink((text) => {
           const l = parseDaemonLine(text);
           if (l !== undefined) send(l);
-        })),
-      ];
+        })));
+      }
       const vm = query.vm;
-      if (paths.vmm !== undefined && vm !== undefined) stops.push(followConsole(paths.vmm, sink((text) => send(vmmLine(text, vm, new Date().toISOString())))));
+      for (const source of ["vmm", "console"] as const) {
+        const path = paths[source];
+        if (path !== undefined && vm !== undefined && sources.includes(source)) stops.push(followConsole(path, sink((text) => send(vmmLine(text, vm, new Date().toISOString(), source)))));
+      }
       // A quiet log for an hour is normal: an empty line now and then keeps proxies from closing the stream.
       const keepAlive = setInterval(() => res.write("\n"), 15_000);
       const end = (): void => {

@@ -1,6 +1,6 @@
 /**
- * `typevisor logs [-f] [--vm NAME] [--since 1h] [--grep RE]`: the daemon's own log and a VM's VMM
- * log (GET /v1/logs, docs/control-plane.md "Logs"). For people, one line each: TIME LEVEL SOURCE VM
+ * `typevisor logs [-f] [--vm NAME] [--since 1h] [--grep RE] [--source daemon,vmm,console]`: the
+ * daemon's own log and a VM's VMM log (and its console, when asked) (GET /v1/logs, docs/control-plane.md "Logs"). For people, one line each: TIME LEVEL SOURCE VM
  * MESSAGE; for scripts, `--json`: the API's line objects, one per line (NDJSON).
  *
  * --grep is a regular expression run here, on the lines the daemon sent: the daemon itself only
@@ -9,7 +9,7 @@
  */
 import type { Command } from "commander";
 import type { LogLine } from "../control/logs.js";
-import { LOG_LEVELS, type LogLevel } from "../control/logs.js";
+import { LOG_LEVELS, LOG_SOURCES, type LogLevel, type LogSource } from "../control/logs.js";
 import { TypevisorError } from "../errors.js";
 import { connect, type ConnectionOptions } from "./connect.js";
 import { formatTime } from "./format.js";
@@ -21,7 +21,7 @@ export function formatLogLine(l: LogLine, json: boolean): string {
   if (json) return `${JSON.stringify(l)}\n`;
   const data = l.fields !== undefined ? ` ${JSON.stringify(l.fields)}` : "";
   // a line can carry what a VMM or a guest said: no control sequences to a terminal
-  return `${(l.time !== null ? formatTime(l.time) : "-").padEnd(20)}  ${l.level.padEnd(5)}  ${l.source.padEnd(6)}  ${(l.vm ?? "-").padEnd(12)}  ${escapeControls(l.msg + data)}\n`;
+  return `${(l.time !== null ? formatTime(l.time) : "-").padEnd(20)}  ${l.level.padEnd(5)}  ${l.source.padEnd(7)}  ${(l.vm ?? "-").padEnd(12)}  ${escapeControls(l.msg + data)}\n`;
 }
 
 interface LogsOptions extends ConnectionOptions {
@@ -32,6 +32,7 @@ interface LogsOptions extends ConnectionOptions {
   contains?: string;
   level?: string;
   limit?: string;
+  source?: string;
   json?: boolean;
 }
 
@@ -52,17 +53,21 @@ export function registerLogsCommand(program: Command): void {
     .option("--grep <re>", "only lines matching this regular expression (case-insensitive; message and fields)")
     .option("--contains <text>", "only lines containing this text (case-insensitive; filtered by the daemon)")
     .option("--level <level>", `only lines at this level or above: ${LOG_LEVELS.join(", ")}`)
+    .option("--source <list>", `which logs, comma-separated: ${LOG_SOURCES.join(", ")} (default daemon,vmm; vmm and console need --vm)`)
     .option("-n, --limit <n>", "the latest N lines (default 1000; with -f, 100 before the new ones)")
     .option("--json", "one JSON object per line (NDJSON)")
     .action(async (o: LogsOptions) => {
       const re = grepOf(o.grep);
       if (o.level !== undefined && !(LOG_LEVELS as readonly string[]).includes(o.level)) throw new TypevisorError("INVALID_ARGUMENT", `--level is one of ${LOG_LEVELS.join(", ")} (got "${o.level}")`);
+      const sources = o.source?.split(",");
+      if (sources !== undefined && !sources.every((x) => (LOG_SOURCES as readonly string[]).includes(x))) throw new TypevisorError("INVALID_ARGUMENT", `--source is a comma-separated list of ${LOG_SOURCES.join(", ")} (got "${o.source!}")`);
       const opts = {
         ...(o.vm !== undefined ? { vm: o.vm } : {}),
         ...(o.since !== undefined ? { since: new Date(Date.now() - parseHistoryRange("--since", o.since)) } : {}),
         ...(o.contains !== undefined ? { contains: o.contains } : {}),
         ...(o.level !== undefined ? { level: o.level as LogLevel } : {}),
         ...(o.limit !== undefined ? { limit: parseWhole("--limit", o.limit) } : {}),
+        ...(sources !== undefined ? { sources: sources as LogSource[] } : {}),
       };
       const json = o.json === true;
       const keep = (l: LogLine): boolean => re === undefined || re.test(l.fields !== undefined ? `${l.msg} ${JSON.stringify(l.fields)}` : l.msg);

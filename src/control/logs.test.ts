@@ -65,6 +65,12 @@ describe("daemon log", () => {
       ["vmm", true, "typevisor: vcpu 0 exited"],
       ["vmm", true, "\x1b[2Jweird"],
     ]);
+    writeFileSync(join(d, "console.log"), "guest says hi\r\n");
+    const paths = { daemon: join(d, "daemon.log"), vmm: join(d, "vmm.log"), console: join(d, "console.log") };
+    // the console only when asked; vmm and console only for a named VM
+    expect(readLogs(paths, { vm: "a", limit: 100 }).some((l) => l.source === "console")).toBe(false);
+    expect(readLogs(paths, { vm: "a", limit: 100, sources: ["console"] }).map((l) => [l.source, l.msg])).toEqual([["console", "guest says hi"]]);
+    expect(readLogs(paths, { limit: 100, sources: ["console", "vmm"] })).toEqual([]);
   });
 
   it("cuts runaway lines and parses nothing it should not", () => {

@@ -8,6 +8,8 @@
  *   (manager.ts logs each one with its `vm`), so a VM's lines are the daemon's lines naming it.
  * - Each VM's VMM log (vms/ID/vmm.log): what its VMM process wrote to stdout and stderr, plain text
  *   without timestamps; shown for a named VM (`?vm=NAME`).
+ * - Each VM's serial console log (vms/ID/console.log, rotated by its VMM): what the guest wrote, also
+ *   without timestamps; searched for a named VM when asked (`source` includes `console`).
  *
  * Every line is untrusted text (a VMM's output can carry what a guest made it say): it is parsed
  * defensively, cut to MAX_LINE characters, and never interpreted further.
@@ -16,13 +18,17 @@ import { readFileSync } from "node:fs";
 import { RotatingLog } from "../vmm/console/rotating-log.js";
 
 export const LOG_LEVELS = ["trace", "debug", "info", "warn", "error", "fatal"] as const;
+export const LOG_SOURCES = ["daemon", "vmm", "console"] as const;
+export type LogSource = (typeof LOG_SOURCES)[number];
+/** What a query reads when it names no source: the daemon's log and the VMM's (a console can be megabytes of a guest's chatter). */
+export const DEFAULT_SOURCES: readonly LogSource[] = ["daemon", "vmm"];
 export type LogLevel = (typeof LOG_LEVELS)[number];
 
 export interface LogLine {
   /** ISO 8601; null for a VMM log line read back from its file (the VMM writes no timestamps). */
   time: string | null;
   level: LogLevel;
-  source: "daemon" | "vmm";
+  source: LogSource;
   vm?: string;
   msg: string;
   /** The line's other fields (the daemon's structured data: event, err, pid, ...). */
@@ -39,6 +45,8 @@ export interface LogQuery {
   level?: LogLevel;
   /** The latest this many. */
   limit: number;
+  /** Which logs (default DEFAULT_SOURCES); vmm and console only for a named VM. */
+  sources?: readonly LogSource[];
 }
 
 /** A line longer than this is cut: a runaway line cannot make one answer huge. */
@@ -69,8 +77,9 @@ export function parseDaemonLine(text: string): LogLine | undefined {
   return line;
 }
 
-export function vmmLine(text: string, vm: string, time: string | null): LogLine {
-  return { time, level: "info", source: "vmm", vm, msg: text.slice(0, MAX_LINE) };
+export function vmmLine(text: string, vm: string, time: string | null, source: "vmm" | "console" = "vmm"): LogLine {
+  // a guest's serial lines end in CR LF: the CR is no part of the text
+  return { time, level: "info", source, vm, msg: text.replace(/\r+$/, "").slice(0, MAX_LINE) };
 }
 
 function readLines(path: string): string[] {
@@ -102,15 +111,20 @@ export function matches(l: LogLine, q: Omit<LogQuery, "limit">): boolean {
  * The latest `q.limit` lines that match, oldest first: the daemon's lines, then (for a named VM)
  * its VMM log's, which have no time to be merged by.
  */
-export function readLogs(paths: { daemon: string; vmm?: string }, q: LogQuery): LogLine[] {
+export function readLogs(paths: { daemon: string; vmm?: string; console?: string }, q: LogQuery): LogLine[] {
+  const sources = q.sources ?? DEFAULT_SOURCES;
   const out: LogLine[] = [];
-  for (const text of readLines(paths.daemon)) {
-    const l = parseDaemonLine(text);
-    if (l !== undefined && matches(l, q)) out.push(l);
+  if (sources.includes("daemon")) {
+    for (const text of readLines(paths.daemon)) {
+      const l = parseDaemonLine(text);
+      if (l !== undefined && matches(l, q)) out.push(l);
+    }
   }
-  if (paths.vmm !== undefined && q.vm !== undefined) {
-    for (const text of readLines(paths.vmm)) {
-      const l = vmmLine(text, q.vm, null);
+  for (const source of ["vmm", "console"] as const) {
+    const path = paths[source];
+    if (path === undefined || q.vm === undefined || !sources.includes(source)) continue;
+    for (const text of readLines(path)) {
+      const l = vmmLine(text, q.vm, null, source);
       if (matches(l, q)) out.push(l);
     }
   }

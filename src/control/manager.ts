@@ -230,10 +230,12 @@ export class VmManager extends EventEmitter {
     return this.store.listVms().map((r) => ({ vm: this.info(r), usage: this.usage.get(r.id) }));
   }
 
-  /** The daemon's own log and, for a VM, its VMM's log (GET /v1/logs, logs.ts). */
-  logPaths(name?: string): { daemon: string; vmm?: string } {
+  /** The daemon's own log and, for a VM, its VMM's log and console log (GET /v1/logs, logs.ts). */
+  logPaths(name?: string): { daemon: string; vmm?: string; console?: string } {
     const daemon = homePaths(this.config.home).daemonLog;
-    return name === undefined ? { daemon } : { daemon, vmm: vmPaths(this.config.home, this.row(name).id).vmmLog };
+    if (name === undefined) return { daemon };
+    const p = vmPaths(this.config.home, this.row(name).id);
+    return { daemon, vmm: p.vmmLog, console: p.consoleLog };
   }
 
   consolePaths(name: string): { log: string; socket: string; state: VmState } {

@@ -78,6 +78,13 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
     // the VMM's own output (it says it runs on a PVM /dev/kvm under --force-kvm), untimed
     expect(mine.find((l) => l.source === "vmm")).toMatchObject({ time: null, vm: "lg1" });
     expect((await c.logs({ vm: "lg2" })).some((l) => l.msg.includes("lg1"))).toBe(false);
+    // the guest's console, when asked: what the tiny guest printed, untimed, without its CR
+    expect(mine.some((l) => l.source === "console")).toBe(false);
+    const consoleLines = await until("lg1's console", async () => {
+      const ls = await c.logs({ vm: "lg1", sources: ["console"] });
+      return ls.some((l) => l.msg === "tiny-guest: up") ? ls : undefined;
+    });
+    expect(consoleLines.every((l) => l.source === "console" && l.time === null)).toBe(true);
     expect((await c.logs({ contains: "LG2" })).length).toBeGreaterThan(0);
     expect((await c.logs({ level: "error" })).every((l) => l.level === "error" || l.level === "fatal")).toBe(true);
     expect((await c.logs({ since: new Date(Date.now() + 60_000) })).length).toBe(0);
@@ -119,6 +126,7 @@ describe.skipIf(!hasKvm)("logs (real daemon, tiny guest)", () => {
     expect((await api("GET", "/v1/logs?limit=0")).status).toBe(400);
     expect((await api("GET", "/v1/logs?level=loud")).status).toBe(400);
     expect((await api("GET", "/v1/logs?since=yesterday")).status).toBe(400);
+    expect((await api("GET", "/v1/logs?vm=lg1&source=console,secrets")).status).toBe(400);
     expect((await api("GET", "/v1/logs?grep=(a%2B)%2B%24")).status).toBe(400); // no patterns: the daemon runs none
     expect(await outcome(d.client.logs({ vm: "nope" }))).toBe("404 VM_NOT_FOUND");
   });
