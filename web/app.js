@@ -755,11 +755,14 @@ function logsPage() {
   const vmSel = h("select", { id: "log-vm", "aria-label": "VM" }, h("option", { value: "" }, app.me.scopes ? "(pick a VM)" : "all"), [...app.vms.keys()].sort().map((n) => h("option", { value: n }, n)));
   const text = h("input", { id: "log-contains", placeholder: "contains…", "aria-label": "contains" });
   const level = h("select", { id: "log-level", "aria-label": "level" }, ["", "debug", "info", "warn", "error"].map((l) => h("option", { value: l }, l || "any level")));
+  // a VM's VMM and console logs are the VM's: the choice means something once a VM is picked
+  const source = h("select", { id: "log-source", "aria-label": "logs" }, [["daemon,vmm", "daemon and VMM"], ["console", "serial console"], ["daemon,vmm,console", "all"]].map(([v, t]) => h("option", { value: v }, t)));
   const load = async () => {
     const q = new URLSearchParams({ limit: "500" });
     if (vmSel.value) q.set("vm", vmSel.value);
     if (text.value) q.set("contains", text.value);
     if (level.value) q.set("level", level.value);
+    if (vmSel.value && source.value !== "daemon,vmm") q.set("source", source.value);
     try {
       const { lines } = await api("GET", `/v1/logs?${q}`);
       out.textContent = lines.map((l) => `${l.time ?? "-"} ${l.level.padEnd(5)} ${l.source.padEnd(6)} ${(l.vm ?? "-").padEnd(12)} ${l.msg}${l.fields ? " " + JSON.stringify(l.fields) : ""}`).join("\n") || "(no lines)";
@@ -771,7 +774,7 @@ function logsPage() {
   const form = h("form", { class: "row", onsubmit: (e) => {
     e.preventDefault();
     void load();
-  } }, vmSel, text, level, h("button", { type: "submit", class: "primary" }, "Search"));
+  } }, vmSel, source, text, level, h("button", { type: "submit", class: "primary" }, "Search"));
   show(h("h1", {}, "Logs"), form, out);
   void load();
   every(5000, () => void load());

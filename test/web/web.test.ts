@@ -179,6 +179,12 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await shot(page, "vm");
     await page.click('a[href="#/logs"]');
     await expect.poll(() => page.textContent("#log-lines"), { timeout: 10_000 }).toMatch(/VM web1 paused/);
+    // the guest's serial console, searched from the logs page
+    await page.selectOption("#log-vm", "web1");
+    await page.selectOption("#log-source", "console");
+    await page.fill("#log-contains", "hello-from");
+    await page.click('#main form button[type="submit"]');
+    await expect.poll(() => page.textContent("#log-lines"), { timeout: 10_000 }).toMatch(/console\s+web1\s+.*hello-from-chromium/);
     await shot(page, "logs");
     // the events page, filtered as one types; the alerts page: an admin adds a rule from the form (the API's schema) and removes it
     await page.click('a[href="#/events"]');
@@ -286,7 +292,21 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
   it("at phone width the dashboard fits, and the page logged no errors", async () => {
     const { ctx, page } = await newPage();
     await page.setViewportSize({ width: 390, height: 844 });
-    await login(page, "eve");
+    // keyboard only: the login form takes focus, Tab moves through it, Enter submits
+    await page.goto(`${base}/`);
+    await page.waitForSelector("#login");
+    await page.keyboard.type("eve");
+    await page.keyboard.press("Tab");
+    await page.keyboard.type(PW);
+    await page.keyboard.press("Enter");
+    await page.waitForSelector("#nav:not([hidden])");
+    // and the dashboard's links and buttons are reachable with Tab
+    const focused: string[] = [];
+    for (let i = 0; i < 12; i++) {
+      await page.keyboard.press("Tab");
+      focused.push(await page.evaluate(() => (globalThis as unknown as { document: { activeElement: { tagName: string; textContent: string } | null } }).document.activeElement?.textContent ?? ""));
+    }
+    expect(focused).toEqual(expect.arrayContaining(["Dashboard", "Events", "Log out", "web1"]));
     await page.waitForSelector('tr[data-vm="web1"]');
     const overflow = await page.evaluate(() => {
       const e = (globalThis as unknown as { document: { documentElement: { scrollWidth: number; clientWidth: number } } }).document.documentElement;
