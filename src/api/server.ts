@@ -129,11 +129,26 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
   const open = new Set(([...API_ROUTES, ...Object.values(WEB_GUARDS)] as Guard[]).filter((r) => r.public === true).map((r) => `${r.method} ${r.url}`));
   app.addHook("onRequest", async (request) => {
     // POST /v1/login (its handler checks the credentials: login-routes.ts) and the web console's files (web.ts)
-    if (open.has(`${request.method} ${request.routeOptions.url ?? ""}`)) return;
+    // (HEAD is GET without the body: fastify answers it from the GET route)
+    if (open.has(`${request.method === "HEAD" ? "GET" : request.method} ${request.routeOptions.url ?? ""}`)) return;
     try {
-      // the web console's session cookie stands for a bearer token; what it changes needs the CSRF header (web.ts)
-      if (cookieToBearer(request.raw) && !READ_METHODS.has(request.method)) checkCsrf(request.raw);
+      // the web console's session cookie stands for a bearer token (web.ts)
+      const viaCookie = cookieToBearer(request.raw);
       request.principal = authenticate(gate, request.raw, peers.get(request.raw.socket));
+      // and what a cookie-authenticated request changes needs the CSRF header: refused (and audited) before anything is looked at
+      if (viaCookie && !READ_METHODS.has(request.method)) {
+        try {
+          checkCsrf(request.raw);
+        } catch (e) {
+          const p = request.principal;
+          try {
+            sec.audit.record({ user: p.user, ...(p.tokenId !== undefined ? { token: p.tokenId } : {}), peer: p.from, action: `${request.method} ${request.routeOptions.url ?? request.url.split("?")[0]!.slice(0, 200)}`, result: "refused", detail: "session cookie without the CSRF header (a cross-site request?)" });
+          } catch {
+            /* the refusal stands */
+          }
+          throw e;
+        }
+      }
     } catch (e) {
       refused.add(request.raw);
       throw e;

@@ -111,6 +111,7 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     const again = await https(port, "GET", "/ui/vendor/xterm.js", { "if-none-match": String((await https(port, "GET", "/ui/vendor/xterm.js")).headers.etag) });
     expect(again.status).toBe(304);
     expect((await https(port, "GET", "/")).headers.location).toBe("/ui/");
+    expect((await https(port, "HEAD", "/ui/app.js")).status).toBe(200);
     expect((await https(port, "GET", "/ui/../package.json")).status).toBe(404);
     expect((await https(port, "GET", "/ui/vendor/..%2f..%2fpackage.json")).status).toBe(404);
     expect((await https(port, "GET", "/v1/vms")).status).toBe(401);
@@ -267,6 +268,7 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     // without the header a cookie request that changes something is refused before anything else
     const noCsrf = await page.evaluate(async () => (await fetch("/v1/logout", { method: "POST" })).status);
     expect(noCsrf).toBe(403);
+    expect((await d.client.audit({ user: "eve" })).find((e) => e.result === "refused" && /CSRF/.test(e.detail ?? ""))).toMatchObject({ action: "POST /v1/logout" });
     await page.click('a[href="#/vm/web1"]');
     await page.waitForSelector('#console-note[data-connected="true"]');
     expect(await page.textContent("#console-note")).toMatch(/read-only/);
