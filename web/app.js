@@ -368,7 +368,7 @@ function dashboard() {
     const host = await api("GET", "/v1/host");
     const gauge = (label, r, fmt) => [h("dt", {}, label), h("dd", {}, h("meter", { min: 0, max: r.budget || 1, value: r.allocated, title: `${fmt(r.allocated)} of ${fmt(r.budget)}` }), ` ${fmt(r.allocated)} allocated of ${fmt(r.budget)}; ${fmt(r.used)} used`)];
     const byState = Object.entries(host.vms).map(([s, n]) => `${n} ${s}`).join(", ") || "none";
-    hostCard.replaceChildren(h("h2", {}, "Host"), h("dl", { class: "kv" }, ...gauge("CPU", host.cpu, (n) => `${n}`), ...gauge("Memory", host.memory, bytes), ...gauge("Disk", host.disk, bytes), h("dt", {}, "VMs"), h("dd", { id: "vm-states" }, byState)));
+    hostCard.replaceChildren(h("h2", {}, "Host"), h("dl", { class: "kv" }, ...gauge("CPU", host.cpu, (n) => (Number.isInteger(n) ? `${n}` : n.toFixed(1))), ...gauge("Memory", host.memory, bytes), ...gauge("Disk", host.disk, bytes), h("dt", {}, "VMs"), h("dd", { id: "vm-states" }, byState)));
   };
 
   const drawVms = async () => {

@@ -180,13 +180,13 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await shot(page, "vm");
     await page.click('a[href="#/logs"]');
     await expect.poll(() => page.textContent("#log-lines"), { timeout: 10_000 }).toMatch(/VM web1 paused/);
+    await shot(page, "logs");
     // the guest's serial console, searched from the logs page
     await page.selectOption("#log-vm", "web1");
     await page.selectOption("#log-source", "console");
     await page.fill("#log-contains", "hello-from");
     await page.click('#main form button[type="submit"]');
     await expect.poll(() => page.textContent("#log-lines"), { timeout: 10_000 }).toMatch(/console\s+web1\s+.*hello-from-chromium/);
-    await shot(page, "logs");
     // the events page, filtered as one types; the alerts page: an admin adds a rule from the form (the API's schema) and removes it
     await page.click('a[href="#/events"]');
     await page.fill("#events-filter", "paused");
