@@ -46,7 +46,7 @@ function grepOf(v: string | undefined): RegExp | undefined {
 }
 
 export function registerLogsCommand(program: Command): void {
-  clientCommand(program, "logs", "the daemon's log (VM events, errors, requests refused) and with --vm that VM's lines and its VMM's log; -f follows")
+  clientCommand(program, "logs", "the daemon's log (VM events, errors, requests refused); with --vm that VM's lines and its VMM's log (--source console: its serial console); -f follows")
     .option("-f, --follow", "keep printing new lines until Ctrl-C")
     .option("--vm <name>", "only this VM's lines, and its VMM's log")
     .option("--since <range>", "only lines from this far back: 90s, 15m, 1h, 7d")
