@@ -6,9 +6,9 @@
  * SIGTERM), 1 when it crashes, 2 for bad input. A guest reboot restarts the
  * VM unless --no-reboot. --exit-file records how the process ended.
  */
-import { existsSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { existsSync, renameSync, unlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import type { Server } from "node:http";
 import { Option, type Command } from "commander";
 import { TypevisorError } from "../errors.js";
@@ -17,12 +17,15 @@ import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type DeviceSpecs } from "../vmm/device-specs.js";
-import { startControlServer } from "../vmm/api/server.js";
+import type { ControlTarget, SwitchableTarget } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
-import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
+import { validateConfig, type Vm, type VmExitResult } from "../vmm/vm.js";
+import { bootVm, readBootPayload, restoreVm, type BootPayload, type MachineConfig, type RestoreOverrides } from "../vmm/builder.js";
 import { ConsolePipe } from "../vmm/console/console-pipe.js";
 import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { parseSize } from "../size.js";
+import { sandboxProbe } from "../vmm/sandbox-probe.js";
+import { installFilter, noExecFilter } from "../sys/seccomp.js";
 
 
 export interface RunOptions {
@@ -54,10 +57,30 @@ export interface RunOptions {
   exitFile?: string;
   /** Run on a PVM /dev/kvm instead of refusing or re-running in the lab (purpose-built guests boot there). */
   forceKvm?: boolean;
+  /** Start from this snapshot directory instead of booting. */
+  restore?: string;
+  /** Leave the vCPUs parked once the VM is built (POST /resume starts them). */
+  paused?: boolean;
+  /** A restore keeps the guest clock where it was saved instead of moving it to now. */
+  keepClock?: boolean;
+  /** Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of booting. */
+  incoming?: string;
+  /** Wait on --api-socket for PUT /restore instead of booting (standby.ts). */
+  standby?: boolean;
+  /** Not flags: a standby VMM's API server, which this run answers on instead of opening its own, and who to tell once the VM is built. */
+  attach?: { target: SwitchableTarget; onBuilt: () => void };
+  /** The API socket, already bound at --api-socket and listening, inherited as this fd (the daemon's sandbox). */
+  apiSocketFd?: string;
+  /** The console socket, the same way. */
+  consoleSocketFd?: string;
+  /** Test hook of the daemon's sandbox: paths to try to open and denied system calls to try, reported on stderr. */
+  sandboxProbe?: string;
+  /** Install a seccomp filter refusing execve/execveat on every thread (the daemon's sandbox). */
+  seccompNoExec?: boolean;
 }
 
 /** How the VMM process ended, as --exit-file records it. */
-export type RunResult = "poweroff" | "stopped" | "reset" | "crash" | "error";
+export type RunResult = "poweroff" | "stopped" | "reset" | "crash" | "error" | "migrated";
 
 export interface ExitRecord {
   code: number;
@@ -98,6 +121,14 @@ function defaultVsockPath(): string {
   return join(dir, `typevisor-vsock-${process.pid}.sock`);
 }
 
+/** A descriptor inherited from the supervisor; it needs the socket's path too (messages, GET /vm). */
+function parseFdArg(name: string, v: string, path: string | undefined): number {
+  const fd = parseIntArg(name, v);
+  if (fd < 3) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be 3 or more (0-2 are stdio)`);
+  if (path === undefined) throw new TypevisorError("INVALID_ARGUMENT", `${name} needs the socket's path too (${name.replace("-fd", "")} PATH)`);
+  return fd;
+}
+
 function parseIntArg(name: string, v: string): number {
   if (!/^\d+$/.test(v.trim())) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be a whole number (got "${v}")`);
   return Number(v);
@@ -109,25 +140,8 @@ function parseRatioArg(name: string, v: string): number {
   return Number(v);
 }
 
-function readInput(path: string, what: string): Uint8Array {
-  try {
-    const st = statSync(path);
-    if (!st.isFile()) throw new TypevisorError("INVALID_ARGUMENT", `${what} ${path} is not a regular file`);
-    return readFileSync(path);
-  } catch (e) {
-    if (e instanceof TypevisorError) throw e;
-    const code = (e as NodeJS.ErrnoException).code;
-    throw new TypevisorError("FILE_NOT_FOUND", `${what} ${path}: ${code === "ENOENT" ? "no such file" : (e as Error).message}`);
-  }
-}
-
-export interface ResolvedBoot {
-  kernel: Uint8Array;
-  initrd?: Uint8Array;
-  cmdline: string;
-}
-
-export async function resolveBoot(o: RunOptions): Promise<ResolvedBoot> {
+/** The kernel, initrd and command line to boot, by path (read by the builder). */
+export function resolveBootPaths(o: RunOptions): NonNullable<MachineConfig["boot"]> {
   if (o.image !== undefined && o.kernel !== undefined) {
     throw new TypevisorError("INVALID_ARGUMENT", "give either --image or --kernel, not both");
   }
@@ -148,16 +162,12 @@ export async function resolveBoot(o: RunOptions): Promise<ResolvedBoot> {
   } else if (o.kernel !== undefined) {
     kernelPath = o.kernel;
   } else {
-    throw new TypevisorError("INVALID_ARGUMENT", "nothing to boot: give --image NAME or --kernel PATH", {
+    throw new TypevisorError("INVALID_ARGUMENT", "nothing to boot: give --image NAME or --kernel PATH (or --restore DIR)", {
       hint: "typevisor image build minimal && typevisor run --image minimal",
     });
   }
   const cmdline = o.cmdline ?? (o.append !== undefined ? `${DEFAULT_CMDLINE} ${o.append}` : DEFAULT_CMDLINE);
-  return {
-    kernel: readInput(kernelPath, "kernel"),
-    ...(initrdPath !== undefined ? { initrd: readInput(initrdPath, "initrd") } : {}),
-    cmdline,
-  };
+  return { kernel: resolve(kernelPath), ...(initrdPath !== undefined ? { initrd: resolve(initrdPath) } : {}), cmdline };
 }
 
 /**
@@ -195,17 +205,23 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
 }
 
 async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code: number; result: RunResult; reason?: string } | -1> {
-  const cpus = parseIntArg("--cpus", o.cpus);
-  const memoryMiB = parseIntArg("--memory", o.memory);
-  const vcpuNice = o.vcpuNice !== undefined ? parseIntArg("--vcpu-nice", o.vcpuNice) : DEFAULT_VCPU_NICE;
-  const memoryOvercommit = o.memoryOvercommit !== undefined ? parseRatioArg("--memory-overcommit", o.memoryOvercommit) : 1;
-  validateConfig({ cpus, memoryMiB, vcpuNice, memoryOvercommit });
+  if (o.restore !== undefined && o.incoming !== undefined) throw new TypevisorError("INVALID_ARGUMENT", "give either --restore or --incoming, not both");
+  // A restore and an incoming migration both take the machine from elsewhere: only back ends are given here.
+  const restoring = o.restore !== undefined || o.incoming !== undefined;
+  const vcpuNice = o.vcpuNice !== undefined ? parseIntArg("--vcpu-nice", o.vcpuNice) : undefined;
+  const memoryOvercommit = o.memoryOvercommit !== undefined ? parseRatioArg("--memory-overcommit", o.memoryOvercommit) : undefined;
   const id = o.id !== undefined ? parseVmId(o.id) : undefined;
   if (o.consoleLogSize !== undefined && o.consoleLog === undefined) {
     throw new TypevisorError("INVALID_ARGUMENT", "--console-log-size needs --console-log PATH");
   }
   const logSize = parseSize(o.consoleLogSize ?? DEFAULT_CONSOLE_LOG_SIZE, { what: "--console-log-size", ...LOG_SIZE_LIMITS });
-  for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", o.consoleSocket], ["--exit-file", o.exitFile]] as const) {
+  const apiSocketFd = o.apiSocketFd !== undefined ? parseFdArg("--api-socket-fd", o.apiSocketFd, o.apiSocket) : undefined;
+  const consoleSocketFd = o.consoleSocketFd !== undefined ? parseFdArg("--console-socket-fd", o.consoleSocketFd, o.consoleSocket) : undefined;
+  // Before anything reads guest-controlled input: from here on this process cannot exec.
+  if (o.seccompNoExec === true) installFilter(noExecFilter());
+  if (o.sandboxProbe !== undefined) log(`typevisor: sandbox probe ${JSON.stringify(sandboxProbe(o.sandboxProbe.split(",").filter((x) => x !== "")))}`);
+  // A socket handed over as a descriptor is bound already: its directory need not be in our view.
+  for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", consoleSocketFd === undefined ? o.consoleSocket : undefined], ["--exit-file", o.exitFile]] as const) {
     if (path !== undefined && !existsSync(dirname(path))) throw new TypevisorError("INVALID_ARGUMENT", `${flag} ${path}: directory ${dirname(path)} does not exist`);
   }
   const devices: DeviceSpecs = {
@@ -215,10 +231,34 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
     ...(o.balloon !== undefined ? { balloon: parseBalloonSpec(o.balloon === true ? "" : String(o.balloon)) } : {}),
     ...(o.vsock !== undefined ? { vsock: parseVsockSpec(o.vsock, defaultVsockPath()) } : {}),
   };
-  let firstBoot: ResolvedBoot | undefined = await resolveBoot(o);
-  // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
-  validateKernel({ ...firstBoot, memBytes: memoryMiB * 1024 * 1024 });
-  const cmdline = firstBoot.cmdline;
+  let config: MachineConfig;
+  let firstBoot: BootPayload | undefined;
+  let overrides: RestoreOverrides | undefined;
+  if (restoring) {
+    // The snapshot says what the machine is; only back ends (and how its threads run) may change.
+    for (const [flag, given] of [["--image", o.image], ["--kernel", o.kernel], ["--initrd", o.initrd], ["--cmdline", o.cmdline], ["--append", o.append], ["--balloon", o.balloon]] as const) {
+      if (given !== undefined) throw new TypevisorError("INVALID_ARGUMENT", `${flag} cannot be combined with ${o.restore !== undefined ? "--restore" : "--incoming"}: the VM comes as it was`);
+    }
+    if (o.rng) throw new TypevisorError("INVALID_ARGUMENT", `--rng cannot be combined with ${o.restore !== undefined ? "--restore" : "--incoming"}: the VM comes with its devices`);
+    overrides = {
+      disks: devices.disks, nets: devices.nets,
+      ...(devices.vsock !== undefined ? { vsock: devices.vsock } : {}),
+      ...(vcpuNice !== undefined ? { vcpuNice } : {}),
+      ...(memoryOvercommit !== undefined ? { memoryOvercommit } : {}),
+    };
+    config = { cpus: 0, memoryMiB: 0, devices }; // replaced by the snapshot's once read (restoreVm)
+  } else {
+    const cpus = parseIntArg("--cpus", o.cpus);
+    const memoryMiB = parseIntArg("--memory", o.memory);
+    validateConfig({ cpus, memoryMiB, vcpuNice: vcpuNice ?? DEFAULT_VCPU_NICE, memoryOvercommit: memoryOvercommit ?? 1 });
+    config = {
+      cpus, memoryMiB, devices, boot: resolveBootPaths(o),
+      vcpuNice: vcpuNice ?? DEFAULT_VCPU_NICE, memoryOvercommit: memoryOvercommit ?? 1,
+    };
+    firstBoot = readBootPayload(config);
+    // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
+    validateKernel({ ...firstBoot, cmdline: config.boot!.cmdline, memBytes: memoryMiB * 1024 * 1024 });
+  }
 
   const kind = kvmHostKind();
   if (kind === "none" && o.forceKvm === true) {
@@ -235,20 +275,25 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
 
   let current: Vm | undefined;
   let server: Server | undefined;
+  let served = false;
+  let migration: import("../vmm/migration/source.js").OutgoingMigration | undefined;
+  let migrated = false;
   let stopRequested = false;
   // Headless: the console is a pipe fanned out to the log and socket; the terminal stays out of it.
   const headless = o.consoleLog !== undefined || o.consoleSocket !== undefined;
   if (headless) {
-    // A supervised VMM's stdout is a log file on the data disk: a full disk must not kill the VM
-    // (Node throws an unhandled 'error' for a failed stdout write; stderr's are ignored already).
+    // A supervised VMM's stdout and stderr are a log file on the data disk: a full disk must not
+    // kill the VM (Node throws an unhandled 'error' for a failed write to either, when the file is
+    // a SyncWriteStream: a first line into an empty log on a full tmpfs needs a page it cannot get).
     process.stdout.on("error", () => undefined);
+    process.stderr.on("error", () => undefined);
   }
   const consolePipe = headless
     ? await ConsolePipe.open({
       ...(o.consoleLog !== undefined
         ? { log: { path: o.consoleLog, maxBytes: logSize, onDrop: (code: string) => log(`typevisor: console log ${o.consoleLog}: ${code}: dropping guest output until it can be written (the log notes how much)`) } }
         : {}),
-      ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket } } : {}),
+      ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket, ...(consoleSocketFd !== undefined ? { fd: consoleSocketFd } : {}) } } : {}),
       onInput: (b) => current?.sendInput(b),
     })
     : undefined;
@@ -290,26 +335,40 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
 
   if (kind === "pvm") log("typevisor: --force-kvm: running on this host's PVM /dev/kvm (purpose-built guests only; stock kernels fail)");
   // Say where host programs reach the guest's vsock before anything boots (the console is the guest's after that).
-  if (devices.vsock !== undefined) log(`typevisor: vsock cid=${devices.vsock.cid}: connect to ${devices.vsock.uds} ("CONNECT <port>\n"); guest connections to port P reach ${devices.vsock.uds}_P`);
+  if (devices.vsock !== undefined && !restoring) log(`typevisor: vsock cid=${devices.vsock.cid}: connect to ${devices.vsock.uds} ("CONNECT <port>\n"); guest connections to port P reach ${devices.vsock.uds}_P`);
   // Outside the loop: the API server is created on the first boot and must report later ones.
   let bootCount = 0;
   try {
     for (let boots = 1; ; boots++) {
       bootCount = boots;
-      const vm = new Vm({
-        cpus, memoryMiB, consoleFd, devices, vcpuNice, memoryOvercommit,
-        onPaused: (r) => log(`typevisor: ${r.message}`),
+      const host = { consoleFd, onPaused: (r: { message: string }) => log(`typevisor: ${r.message}`) };
+      let vm: Vm;
+      let onStarted: (() => void) | undefined;
+      if (boots === 1 && o.incoming !== undefined) {
+        const { receiveMigration } = await import("../vmm/migration/destination.js");
+        const incoming = await receiveMigration(o.incoming, overrides ?? {}, host, log);
+        vm = incoming.vm;
+        config = incoming.config;
+        onStarted = incoming.running;
+        log("typevisor: migration received; the VM runs here now");
+      } else if (boots === 1 && o.restore !== undefined) {
+        const restored = restoreVm(o.restore, overrides ?? {}, host, { keepClock: o.keepClock === true });
+        vm = restored.vm;
+        config = restored.config;
+        for (const w of vm.restoreWarnings) log(`typevisor: restore: ${w}`);
+      } else {
         // The files are read again for each boot rather than held in the heap for the VM's lifetime.
-        boot: { kind: "linux", ...(firstBoot ?? (await resolveBoot(o))) },
-      });
+        vm = bootVm(config, host, firstBoot);
+      }
       current = vm;
       firstBoot = undefined;
       // A stop (signal or API) that arrived while this VM was being built: it runs no guest code.
       if (stopRequested) vm.stop();
-      if (o.apiSocket !== undefined && server === undefined) {
-        server = await startControlServer(o.apiSocket, {
+      if (o.apiSocket !== undefined && server === undefined && !served) {
+        served = true;
+        const target: ControlTarget = {
           // pauseReason: set while the VMM paused the VM by itself (a disk's filesystem is full).
-          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
+          info: () => ({ id: id ?? null, state: current?.vmState, cpus: config.cpus, memoryMiB: config.memoryMiB, cmdline: config.boot?.cmdline ?? null, restoredFrom: o.restore ?? null, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
           stats: async () => {
             const vmNow = current;
             if (vmNow === undefined) return undefined;
@@ -331,6 +390,37 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
             return current.threads();
           },
           pause: async () => current?.pause(),
+          migrate: async (method, body) => {
+            if (method === "GET") {
+              if (migration === undefined) throw new TypevisorError("NOT_FOUND", "no migration has been started");
+              return migration.progress;
+            }
+            if (method === "DELETE") {
+              if (migration === undefined || !migration.cancel()) throw new TypevisorError("VM_STATE", "no migration that can still be cancelled");
+              return migration.progress;
+            }
+            if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
+            if (migration !== undefined && ["connecting", "precopy", "stopped", "committed"].includes(migration.progress.phase)) throw new TypevisorError("VM_STATE", "a migration is already under way");
+            const { OutgoingMigration, parseEndpoint } = await import("../vmm/migration/source.js");
+            const req = body as { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number };
+            parseEndpoint(req.to);
+            const m = new OutgoingMigration(current, config, req);
+            migration = m;
+            void m.done.then((p) => {
+              if (p.phase === "completed") {
+                // The guest runs at the destination now: this VMM ends.
+                log(`typevisor: migrated to ${req.to} (downtime ${p.downtimeMs ?? "?"} ms, ${p.bytesSent} bytes in ${p.round} rounds)`);
+                migrated = true;
+                stopRequested = true;
+                current?.stop();
+              } else log(`typevisor: migration to ${req.to} ${p.phase}: ${p.error ?? ""}`);
+            });
+            return m.progress;
+          },
+          snapshot: async (req) => {
+            if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
+            return current.snapshot(resolve(req.path), { config, ...(req.memory !== undefined ? { memory: req.memory } : {}) });
+          },
           resume: () => current?.resume(),
           stop: () => {
             stopRequested = true;
@@ -340,11 +430,20 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
             if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
             current.reset();
           },
-        });
+        };
+        if (o.attach !== undefined) {
+          // A standby VMM: its socket now answers for this VM.
+          o.attach.target.current = target;
+          o.attach.onBuilt();
+        } else {
+          // Loaded only here: a VMM without a control socket never loads the HTTP server (issue 19).
+          const { startControlServer } = await import("../vmm/api/server.js");
+          server = await startControlServer(o.apiSocket, target, apiSocketFd);
+        }
       }
       let result: VmExitResult;
       try {
-        result = await vm.run();
+        result = await vm.run({ ...(boots === 1 && o.paused === true ? { paused: true } : {}), ...(onStarted !== undefined ? { onStarted } : {}) });
       } finally {
         vm.destroy();
       }
@@ -356,7 +455,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
         case "poweroff":
           return { code: 0, result: "poweroff" };
         case "stopped":
-          return { code: 0, result: "stopped" };
+          return { code: 0, result: migrated ? "migrated" : "stopped" };
         case "reset":
           if (stopRequested) return { code: 0, result: "stopped" };
           log("typevisor: guest reset (--no-reboot): exiting");
@@ -386,6 +485,9 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .command("run")
     .description("boot one VM with the typevisor VMM, its serial console on this terminal (Ctrl-A x quits) or, with --console-log/--console-socket, headless")
     .option("--image <name>", "boot an image built with `typevisor image build`")
+    .option("--restore <dir>", "start from a snapshot (POST /snapshot on the API socket) instead of booting: the guest continues where it was; --disk/--net/--vsock replace its back ends in order (a clone's own disk, TAP, MAC, CID)")
+    .option("--paused", "leave the vCPUs stopped once the VM is built (POST /resume on the API socket starts them)", false)
+    .option("--keep-clock", "with --restore: keep the guest's clock where it was saved instead of moving it to now", false)
     .option("--kernel <path>", "kernel to boot: bzImage, or an ELF vmlinux with a PVH entry note")
     .option("--initrd <path>", "initramfs to load with the kernel")
     .option("--cmdline <str>", `kernel command line, replacing the default "${DEFAULT_CMDLINE}"`)
@@ -406,10 +508,17 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--console-log-size <size>", `rotate --console-log when it would exceed SIZE (bytes or K/M/G; default ${DEFAULT_CONSOLE_LOG_SIZE}): PATH becomes PATH.1`)
     .option("--console-socket <path>", "serve the serial console on this unix socket: clients get output from when they connect, what they send is typed into the guest (headless)")
     .option("--exit-file <path>", 'on exit, write {"code","result":"poweroff|stopped|reset|crash|error","reason"?,"at"} here atomically')
+    .addOption(new Option("--api-socket-fd <n>", "the --api-socket, already bound and listening, inherited as this descriptor (the daemon's sandbox binds it: the VMM cannot)").hideHelp())
+    .addOption(new Option("--console-socket-fd <n>", "the --console-socket, the same way").hideHelp())
+    .addOption(new Option("--seccomp-no-exec", "refuse execve and execveat from here on, on every thread (seccomp; the daemon's sandbox passes it)").hideHelp())
+    .addOption(new Option("--sandbox-probe <paths>", "test hook: try to open these paths (comma-separated) and a few denied system calls, and report on stderr").hideHelp())
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
+    .option("--incoming <endpoint>", "wait for one live migration on tcp:ADDR:PORT or unix:PATH and run the VM it brings (--disk/--net/--vsock give this host's back ends, in order); the source sends it with POST /migrate")
+    .option("--standby", "start a VMM ahead of need: wait on --api-socket for PUT /restore {\"snapshot\": DIR, ...} and become that VM (docs/snapshots.md)", false)
     .action(async (opts: RunOptions, cmd: Command) => {
-      const code = await runCommand(opts, (l) => process.stderr.write(l + "\n"));
+      const log = (l: string): void => void process.stderr.write(l + "\n");
+      const code = opts.standby === true ? await (await import("./standby.js")).standbyCommand(opts, log) : await runCommand(opts, log);
       if (code === -1) {
         process.exitCode = await onLab(cmd.parent?.args ?? []);
       } else {

@@ -20,6 +20,10 @@ import { TypevisorError } from "../errors.js";
 import { imagePaths, imagesDir } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
 import { spawnVmm, type VmmLaunch } from "../engine/native.js";
+import { readRegularNoFollow } from "../sys/untrusted-file.js";
+import { filesystemOf } from "../sys/mounts.js";
+import { allocateUid, spawnSandboxed, type SandboxOptions } from "./sandbox/sandbox.js";
+import { basesDir } from "./bases.js";
 import { VmmClient } from "../engine/vmm-client.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { DEFAULT_CMDLINE, vmmOverheadBytes } from "../vmm/defaults.js";
@@ -53,6 +57,8 @@ export interface ManagerConfig {
   stopTimeoutMs: number;
   usageIntervalMs: number;
   logger: Logger;
+  /** Run each VMM in its sandbox (sandbox/sandbox.ts); undefined: as the daemon's own child, unconfined. */
+  sandbox?: SandboxOptions;
   /** Do not use cgroups even where cgroup v2 is there. */
   noCgroups?: boolean;
   /** The base of what the cgroup allows beyond guest RAM (Node, device thread, buffers); per-vCPU and page-table shares are added (vmm/defaults.ts vmmOverheadBytes). */
@@ -718,8 +724,28 @@ export class VmManager extends EventEmitter {
       }
     }
 
-    const child = spawnVmm(launch);
-    const pid = child.pid;
+    let child: ChildProcess;
+    let pid: number | undefined;
+    const sb = this.config.sandbox;
+    if (sb !== undefined) {
+      try {
+        const bases = basesDir(this.config.home) + sep;
+        const s = await spawnSandboxed(launch, {
+          uid: allocateUid(this.store.db, r.id, sb.uidBase, sb.uidCount), root: p.jailRoot, outDir: p.outDir,
+          ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sb.probe !== undefined ? { probe: sb.probe } : {}),
+          allowedBacking: (f) => f.startsWith(bases),
+        });
+        child = s.child;
+        pid = s.pid;
+      } catch (e) {
+        cgroup?.remove();
+        this.failStart(name, `sandbox: ${(e as Error).message}`);
+        throw e;
+      }
+    } else {
+      child = spawnVmm(launch);
+      pid = child.pid;
+    }
     if (pid === undefined) {
       cgroup?.remove();
       const why = await new Promise<string>((res) => child.once("error", (e) => res(e.message)));
@@ -792,7 +818,8 @@ export class VmManager extends EventEmitter {
   private readExitFile(id: string): { code?: number; result?: string; reason?: string } | undefined {
     const f = vmPaths(this.config.home, id).exitFile;
     try {
-      return JSON.parse(readFileSync(f, "utf8")) as { code?: number; result?: string; reason?: string };
+      // The VMM's own output (a sandboxed VMM owns its directory): no symlink or FIFO is followed.
+      return JSON.parse(readRegularNoFollow(f, 64 * 1024).toString("utf8")) as { code?: number; result?: string; reason?: string };
     } catch {
       return undefined;
     }
@@ -911,7 +938,7 @@ export class VmManager extends EventEmitter {
     // a VMM killed outright could not remove its own sockets
     this.removeSockets(id);
     const file = this.readExitFile(id);
-    const clean = file !== undefined && (file.result === "poweroff" || file.result === "stopped" || file.result === "reset") && (file.code ?? code) === 0;
+    const clean = file !== undefined && (file.result === "poweroff" || file.result === "stopped" || file.result === "reset" || file.result === "migrated") && (file.code ?? code) === 0;
     const asked = cur.state === "stopping";
     const exit: VmExit = {
       result: file?.result !== undefined ? (file.result as VmExit["result"]) : "killed",
@@ -1190,6 +1217,14 @@ export class VmManager extends EventEmitter {
         ...(typeof fs.freeBytes === "number" ? { freeBytes: fs.freeBytes } : {}),
       },
     };
+    // A sandboxed VMM sees each disk as a mount of its own (a bind of that one file): the file
+    // system is named as the host sees it, for a disk the inventory says is this VM's.
+    const hostFs = this.config.sandbox !== undefined && reason.disk !== undefined && this.store.getVm(name)?.disks.some((d) => d.path === reason.disk) === true ? filesystemOf(reason.disk) : undefined;
+    if (hostFs !== undefined) {
+      const seen = reason.filesystem?.mountPoint;
+      if (seen !== undefined) reason.message = reason.message.split(`the filesystem ${seen} (`).join(`the filesystem ${hostFs.mountPoint} (`);
+      reason.filesystem = { ...reason.filesystem, mountPoint: hostFs.mountPoint };
+    }
     if (live.pauseReason?.at === reason.at) return;
     void this.serial(name, async () => {
       const cur = this.store.getVm(name);

@@ -14,7 +14,7 @@ import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmS
 export const DEFAULT_KEEP_EVENTS = 100_000;
 const PRUNE_EVERY = 256;
 
-export const SCHEMA_VERSION = 5;
+export const SCHEMA_VERSION = 6;
 
 export interface DiskRow {
   path: string;
@@ -179,6 +179,13 @@ const MIGRATIONS: Record<number, string> = {
       name TEXT PRIMARY KEY,
       spec TEXT NOT NULL,
       created_at TEXT NOT NULL
+    );
+  `,
+  // The VMM sandbox (sandbox/sandbox.ts): the uid (and gid) each VM's VMM runs as, unique.
+  6: `
+    CREATE TABLE sandbox_ids (
+      vm_id TEXT PRIMARY KEY,
+      uid INTEGER NOT NULL UNIQUE
     );
   `,
 };

@@ -10,25 +10,27 @@ import { totalmem } from "node:os";
 import { setFlagsFromString } from "node:v8";
 import { Worker } from "node:worker_threads";
 import { workerUrl } from "./worker-url.js";
+import { VMM_WORKER_LIMITS } from "./isolates.js";
 import { TypevisorError } from "../errors.js";
 import { formatBytes } from "../size.js";
 import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
-import { CAP, EXIT_NAMES, X2APIC_API } from "../kvm/ioctls.js";
-import { decodeSregs, encodeBootFpu, type KvmRegs } from "../kvm/structs.js";
+import { CAP, EXIT_NAMES, KVM_MEM_LOG_DIRTY_PAGES, X2APIC_API } from "../kvm/ioctls.js";
+import { decodeSregs, encodeBootFpu, type KvmCpuidEntry, type KvmRegs } from "../kvm/structs.js";
 import * as libc from "../sys/libc.js";
 import { writeAcpiTables } from "./arch/x86_64/acpi/tables.js";
 import { loadKernel, type BootCpuState, type BootPlan } from "./arch/x86_64/boot/index.js";
 import { filterCpuid } from "./arch/x86_64/cpuid.js";
 import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_START, ramRanges } from "./arch/x86_64/layout.js";
 import { pciHostBridgeAml } from "./devices/pci/acpi.js";
+import { newGeneration, writeGenerationId } from "./devices/legacy/vmgenid/vmgenid.js";
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
-import { GuestMemory, type HostRegion } from "./memory/guest-memory.js";
+import { DirtyLog, GuestMemory, type HostRegion } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
 import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
 import { hasDevices, type DeviceSpecs } from "./device-specs.js";
 import { createMailbox } from "./devices/platform/mailbox.js";
-import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage, DeviceThreadReport, IoStats } from "./devices/platform/device-thread-init.js";
+import type { DeviceCommand, DeviceReplies, DeviceRequest, DevicesState, DeviceThreadInit, DeviceThreadMessage, DeviceThreadReport, IoStats } from "./devices/platform/device-thread-init.js";
 import { ioRing, ioRingStatus, type IoRing } from "./devices/virtio/block/io-ring.js";
 import { boardRow, clockMs, createBoard, deviceRow, PhaseWatch, readRow, SAMPLE_MS, type BoardRow } from "./threads/board.js";
 import { kernelThreads, type KernelThread } from "./threads/kernel.js";
@@ -36,6 +38,11 @@ import { deviceThreadPhase, ioThreadReport, vcpuReport, type DeviceThreadThreads
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
+import { mkdirSync, readdirSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { cpuCaps, elapsedSinceSave, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
+import { mapMemoryFile, writeMemoryFile, type RegionSource } from "./snapshot/memory.js";
+import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
 
 import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "./defaults.js";
 import { XAPIC_MAX_CPUS } from "./arch/x86_64/acpi/tables.js";
@@ -65,7 +72,19 @@ const V8_INTERRUPT_BUDGET = 16384;
 export type BootSource =
   | { kind: "linux"; kernel: Uint8Array; initrd?: Uint8Array; cmdline: string }
   /** A tiny test guest: `setup` writes code and returns the boot CPU state. */
-  | { kind: "custom"; setup: (mem: GuestMemory) => BootCpuState };
+  | { kind: "custom"; setup: (mem: GuestMemory) => BootCpuState }
+  /**
+   * A snapshot: guest memory mapped from `memoryFd` (the VM keeps it open and closes it), every
+   * vCPU and the platform as saved. `state` was validated by decodeState; `what` names the
+   * snapshot in errors. `keepClock`: the guest clock continues from the saved time instead of
+   * being moved to now.
+   */
+  | { kind: "snapshot"; state: SnapshotState; memoryFd: number; what: string; keepClock?: boolean }
+  /**
+   * A VM arriving by live migration: memory starts empty (zero) and is filled by the caller,
+   * then applyState() puts the vCPUs and devices in place before run().
+   */
+  | { kind: "incoming" };
 
 export interface VmConfig {
   cpus: number;
@@ -245,6 +264,24 @@ export class Vm {
   /** Set while the VM is paused because a disk's filesystem is full; cleared by resume(). */
   private pauseReason_: PauseReason | undefined;
   private inputTimer: NodeJS.Timeout | undefined;
+  /** A restored VM's memory file (each region a private mapping of it), kept open for the VM's life. */
+  private memoryFd: number | undefined;
+  private memorySources: (RegionSource | undefined)[] = [];
+  /** What a restore found KVM would not take back (MSR indices), for the caller to report. */
+  readonly restoreWarnings: string[] = [];
+  /** Saved device state to hand the device thread (a restore). */
+  private restoredDevices: unknown;
+  /** The run state a restored guest was saved in. */
+  private restoredRunState: "running" | "paused" | undefined;
+  private devicesStarted: Promise<VcpuWorkerInit["platform"]> | undefined;
+  /** The pages the device thread writes, while dirty logging is on. */
+  private deviceDirty: DirtyLog | undefined;
+  /** While guest writes are logged (live migration): one bitmap per RAM slot, a bit per page. */
+  private dirtyMaps: libc.Mapping[] | undefined;
+  /** Built for a state that applyState() has not put in place yet (a restore or an incoming migration). */
+  private awaitingState: boolean;
+  /** Each vCPU's CPUID table as set (KVM_SET_CPUID2), for snapshots. */
+  private readonly cpuids: KvmCpuidEntry[][] = [];
 
   /** The configuration minus the boot payload (kernel and initrd are not kept once loaded). */
   readonly config: Omit<VmConfig, "boot">;
@@ -253,10 +290,20 @@ export class Vm {
     const { boot: _payload, ...rest } = config;
     this.config = rest;
     validateConfig(config);
+    const snap = config.boot.kind === "snapshot" ? config.boot : undefined;
+    if (snap !== undefined) {
+      // The VM is built with the saved machine's shape; anything else would not match its state.
+      if (snap.state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${snap.what}: a snapshot without memory (disk-only) cannot be restored by the VMM`);
+      if (config.cpus !== snap.state.config.cpus || config.memoryMiB !== snap.state.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${snap.what}: saved with ${snap.state.config.cpus} vCPUs and ${snap.state.config.memoryMiB} MiB`);
+      this.memoryFd = snap.memoryFd;
+    }
     this.kvm = new Kvm();
     try {
       validateConfig(config, this.kvm.maxVcpus());
       const supported = this.kvm.supportedCpuid();
+      const tscDeadline = this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
+      // Refuse before anything is built when the guest may use a CPU feature this host cannot offer.
+      if (snap !== undefined) this.checkCpu(snap.state, snap.what, supported, tscDeadline);
       checkHostMemory(config.memoryMiB, { memoryBytes: totalmem(), overcommit: config.memoryOvercommit ?? 1, physBits: guestPhysBits(supported) });
       const memBytes = config.memoryMiB * 1024 * 1024;
       this.vm = this.kvm.createVm();
@@ -294,6 +341,15 @@ export class Vm {
         }
         hostRegions.push({ guestPhysAddr: r.start, size: r.size, hostAddress: Number(map.address) });
       }
+      if (snap !== undefined && snap.state.memory !== null) {
+        const layout = snap.state.memory;
+        if (layout.regions.some((r, i) => r.guestPhysAddr !== hostRegions[i]?.guestPhysAddr || r.size !== hostRegions[i]?.size) || layout.regions.length !== hostRegions.length) {
+          throw new TypevisorError("SNAPSHOT_INVALID", `${snap.what}: its memory regions do not match a ${config.memoryMiB} MiB VM's`);
+        }
+        mapMemoryFile(snap.memoryFd, layout, this.mems, snap.what);
+        for (const m of this.mems) libc.madvise(m, libc.MADV_DONTFORK);
+        this.memorySources = layout.regions.map((r) => ({ fd: snap.memoryFd, offset: r.fileOffset }));
+      }
       // Safe to hand to the kernel: each slot is exactly one mapping made above, kept mapped
       // until releaseKvm() closes the VM fd (which drops the slots) before unmapping it.
       hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
@@ -305,8 +361,12 @@ export class Vm {
         vmFd.irqLine(IRQ.COM1, 0);
       }, (b) => libc.writeAll(config.consoleFd, b));
 
-      let boot: BootCpuState;
-      if (config.boot.kind === "linux") {
+      let boot: BootCpuState | undefined;
+      this.awaitingState = config.boot.kind === "snapshot" || config.boot.kind === "incoming";
+      if (this.awaitingState) {
+        // Memory already holds the tables, the kernel and everything the guest did since.
+        this.plan = undefined;
+      } else if (config.boot.kind === "linux") {
         const pci = hasDevices(config.devices);
         const { rsdpAddr } = writeAcpiTables(this.memory, {
           cpus: config.cpus,
@@ -314,6 +374,7 @@ export class Vm {
           ...(pci ? { pciEcam: { base: PCI_ECAM_START, segment: 0, startBus: 0, endBus: 0 }, sbDevices: [pciHostBridgeAml()] } : {}),
         });
         writeResetVector(this.memory);
+        writeGenerationId(this.memory);
         const plan = loadKernel(this.memory, {
           kernel: config.boot.kernel,
           ...(config.boot.initrd !== undefined ? { initrd: config.boot.initrd } : {}),
@@ -323,33 +384,99 @@ export class Vm {
         });
         this.plan = plan;
         boot = plan.cpu;
-      } else {
+      } else if (config.boot.kind === "custom") {
         this.plan = undefined;
         boot = config.boot.setup(this.memory);
+      } else {
+        this.plan = undefined;
       }
 
       this.stats = new SharedArrayBuffer(config.cpus * STAT_SLOTS * 8);
       this.board = createBoard(config.cpus);
       this.boardRows = Array.from({ length: config.cpus + 1 }, (_, r) => boardRow(this.board, r));
       // The LAPIC is in the kernel (KVM_CREATE_IRQCHIP), so its TSC-deadline mode is KVM's to offer.
-      const tscDeadline = this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
       const runSize = this.kvm.vcpuMmapSize();
       for (let id = 0; id < config.cpus; id++) {
         const vcpu = this.vm.createVcpu(id);
         this.vcpus.push(vcpu);
-        vcpu.setCpuid(filterCpuid(supported, { vcpuId: id, cpus: config.cpus, tscDeadline }));
-        vcpu.setMsrs(bootMsrs());
-        vcpu.setFpu(encodeBootFpu());
-        setLint(vcpu);
+        if (!this.awaitingState) {
+          const cpuid = filterCpuid(supported, { vcpuId: id, cpus: config.cpus, tscDeadline });
+          vcpu.setCpuid(cpuid);
+          this.cpuids.push(cpuid);
+          vcpu.setMsrs(bootMsrs());
+          vcpu.setFpu(encodeBootFpu());
+          setLint(vcpu);
+        }
         const map = libc.mmap(runSize, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, vcpu.fd, 0);
         this.runMaps.push({ map, run: new Uint8Array(libc.view(map.pointer, runSize)) });
       }
-      // Only the boot CPU gets an entry state; APs wait in KVM for INIT/SIPI from the guest.
-      this.setBootState(this.vcpus[0]!, boot);
+      if (snap !== undefined) {
+        // A restored snapshot is a new machine to the guest (a live migration is not: same VM, moved).
+        this.applyState(snap.state, { what: snap.what, newMachine: true, ...(snap.keepClock !== undefined ? { keepClock: snap.keepClock } : {}) });
+      } else if (!this.awaitingState) {
+        // Only the boot CPU gets an entry state; APs wait in KVM for INIT/SIPI from the guest.
+        this.setBootState(this.vcpus[0]!, boot!);
+      }
     } catch (e) {
       this.releaseKvm();
       throw e;
     }
+  }
+
+  private checkCpu(state: SnapshotState, what: string, supported: KvmCpuidEntry[], tscDeadline: boolean): void {
+    const missing = new Set(state.vcpus.flatMap((v) => missingCpuFeatures(v.cpuid, filterCpuid(supported, { vcpuId: v.id, cpus: state.config.cpus, tscDeadline }))));
+    if (missing.size > 0) {
+      throw new TypevisorError("SNAPSHOT_CPU", `${what} was taken on a CPU with features this host's KVM does not offer: ${[...missing].slice(0, 8).join(", ")}${missing.size > 8 ? ` and ${missing.size - 8} more` : ""}`, { hint: "restore it on a host with the same CPU model (or a newer one)" });
+    }
+  }
+
+  /**
+   * Put a saved or migrated VM's state in place (vCPUs, interrupt controllers, PIT, clock, UART;
+   * the devices when the device thread starts), once, before run(). Guest memory must hold the
+   * same moment's contents already. The order is the one KVM needs (snapshot/cpu.ts).
+   */
+  applyState(state: SnapshotState, opts: { what: string; keepClock?: boolean; newMachine?: boolean }): void {
+    if (!this.awaitingState || this.state !== "created") throw new TypevisorError("VM_STATE", "state can be applied once, to a VM built for it, before it runs");
+    if (state.vm === null || state.platform === null || state.vcpus.length !== this.vcpus.length) throw new TypevisorError("SNAPSHOT_INVALID", `${opts.what}: no vCPU state to restore`);
+    if (state.config.cpus !== this.config.cpus || state.config.memoryMiB !== this.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${opts.what}: saved with ${state.config.cpus} vCPUs and ${state.config.memoryMiB} MiB`);
+    this.checkCpu(state, opts.what, this.kvm.supportedCpuid(), this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0);
+    this.awaitingState = false;
+    const advance = opts.keepClock === true ? 0n : elapsedSinceSave(state.vm);
+    for (const vcpu of this.vcpus) {
+      const saved = state.vcpus[vcpu.id]!;
+      const refused = restoreVcpu(vcpu, saved, advance);
+      this.cpuids[vcpu.id] = saved.cpuid;
+      if (refused.length > 0) this.restoreWarnings.push(`vCPU ${vcpu.id}: KVM did not take back MSR ${refused.map((i) => `0x${i.toString(16)}`).join(", ")}`);
+    }
+    restoreVmKvm(this.vm, this.kvm, state.vm, opts.keepClock === true);
+    this.serial.restore(state.platform.serial);
+    // A new machine (a restored snapshot, maybe one of many clones): new generation ID and its GED
+    // interrupt pending before any vCPU runs (IOAPIC and LAPICs are back by now), so the guest
+    // reseeds its RNG (vmgenid.ts).
+    if (opts.newMachine === true) newGeneration(this.memory, this.vm);
+    // Before the first KVM_RUN: the guest's watchdogs see a host pause, not a hung CPU.
+    for (const v of this.vcpus) markClockPaused(v);
+    this.restoredDevices = state.devices;
+    this.restoredRunState = state.runState;
+  }
+
+  /**
+   * Everything but memory, as a snapshot holds it: every vCPU, the VM's in-kernel devices, the
+   * UART and the device thread's state (in-flight disk requests completed first). Only while
+   * paused: KVM's getters would wait for a running vCPU.
+   */
+  async captureState(config: SnapshotConfig, runState: "running" | "paused"): Promise<Omit<SnapshotState, "memory">> {
+    if (this.state !== "paused") throw new TypevisorError("VM_STATE", `the VM must be paused to capture its state (it is ${this.state})`);
+    const devices = this.deviceThread !== undefined ? await this.deviceCommand({ command: "snapshot" }) : null;
+    const msrs = msrsToSave(this.kvm);
+    const caps = cpuCaps(this.kvm);
+    return {
+      version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState, config,
+      vcpus: this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id]!)),
+      vm: saveVmKvm(this.vm),
+      platform: { serial: this.serial.save() },
+      devices,
+    };
   }
 
   private setBootState(vcpu: VcpuFd, boot: BootCpuState): void {
@@ -368,6 +495,16 @@ export class Vm {
    * Start the device thread (when there are devices) and wait until its back
    * ends are open, so a bad disk fails before any vCPU runs.
    */
+  /**
+   * Start the device thread now rather than in run(): its back ends are open and its state in
+   * place when this resolves (an incoming migration says READY only then). run() uses it.
+   */
+  prepareDevices(): Promise<VcpuWorkerInit["platform"]> {
+    if (this.awaitingState) return Promise.reject(new TypevisorError("VM_STATE", "this VM waits for its state (applyState) first"));
+    this.devicesStarted ??= this.startDevices();
+    return this.devicesStarted;
+  }
+
   private async startDevices(): Promise<VcpuWorkerInit["platform"]> {
     const devices = this.config.devices;
     if (devices === undefined || !hasDevices(devices)) return undefined;
@@ -379,8 +516,10 @@ export class Vm {
       memory: this.memory.hostRegions,
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
       ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
+      // Checked again by the device thread (parseDevicesState) before anything is built from it.
+      ...(this.restoredDevices !== undefined && this.restoredDevices !== null ? { restore: this.restoredDevices as DevicesState } : {}),
     };
-    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init });
+    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
     await new Promise<void>((resolve, reject) => {
       w.on("message", (m: DeviceThreadMessage) => {
@@ -450,16 +589,24 @@ export class Vm {
     libc.close(d.eventfd);
   }
 
-  /** Runs the vCPUs; resolves when the guest powers off, resets, crashes, or stop() is called. */
-  async run(): Promise<VmExitResult> {
+  /**
+   * Runs the vCPUs; resolves when the guest powers off, resets, crashes, or stop() is called.
+   * `paused`: the vCPUs start parked (resume() lets them go); a restored VM starts paused when
+   * it was saved paused, unless `paused` is false.
+   */
+  async run(opts: { paused?: boolean; onStarted?: () => void } = {}): Promise<VmExitResult> {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
-    this.state = "running";
+    if (this.awaitingState) throw new TypevisorError("VM_STATE", "this VM waits for its state (applyState) before it can run");
+    const startPaused = opts.paused ?? this.restoredRunState === "paused";
+    // Paused from the start: the vCPUs park at their first look at the control words.
+    this.state = startPaused ? "paused" : "running";
+    if (startPaused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
     // Idempotent, so a rebooted VM in the same process sets it again harmlessly.
     setFlagsFromString(`--interrupt-budget=${V8_INTERRUPT_BUDGET}`);
     libc.installKickHandler();
     let platform: VcpuWorkerInit["platform"];
     try {
-      platform = await this.startDevices();
+      platform = await this.prepareDevices();
     } catch (e) {
       this.state = "stopped";
       await this.stopDevices();
@@ -469,6 +616,8 @@ export class Vm {
     // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
     this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
     this.sampler.unref();
+    // The vCPU workers are created just below, synchronously: tell the caller on the next turn.
+    if (opts.onStarted !== undefined) setImmediate(opts.onStarted);
     const result = await new Promise<VmExitResult>((resolve) => {
       let first: { request: VmRequestCode; reason: string; dump?: string } | undefined;
       let exited = 0;
@@ -481,7 +630,7 @@ export class Vm {
           consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1, niceOffset: this.config.vcpuNice ?? DEFAULT_VCPU_NICE, board: this.board,
           ...(platform !== undefined ? { platform } : {}),
         };
-        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init });
+        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
             this.pthreads[m.vcpuId] = m.thread;
@@ -780,6 +929,108 @@ export class Vm {
     return this.state;
   }
 
+  /**
+   * Save the whole VM into `dir` (which must not exist; its parent must): state.json (every vCPU,
+   * the interrupt controllers, PIT, clock, serial port and devices), config.json, and with
+   * `memory` (the default) guest memory as a sparse file. A running VM is paused meanwhile
+   * and runs again afterwards. The directory appears whole or not at all: everything is
+   * written under a temporary name, synced, then renamed.
+   */
+  async snapshot(dir: string, opts: { memory?: boolean; config: SnapshotConfig }): Promise<{ path: string; ms: number; memoryBytes: number; dataBytes: number }> {
+    if (this.state !== "running" && this.state !== "paused") throw new TypevisorError("VM_STATE", `cannot snapshot a VM that is ${this.state}`);
+    if (this.pauseReason_ !== undefined) throw new TypevisorError("VM_STATE", "the VM is paused for a full disk: free space and resume it first");
+    const started = performance.now();
+    const wasRunning = this.state === "running";
+    const tmp = join(dirname(dir), `.${dir.split("/").pop() ?? "snapshot"}.tmp-${process.pid}`);
+    try {
+      readdirSync(dir);
+      throw new TypevisorError("SNAPSHOT_EXISTS", `${dir} already exists`);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+    }
+    mkdirSync(tmp, { mode: 0o700 });
+    if (wasRunning) await this.pause();
+    try {
+      const runState = wasRunning ? "running" : "paused";
+      let state: SnapshotState;
+      let dataBytes = 0;
+      if (opts.memory !== false) {
+        const captured = await this.captureState(opts.config, runState);
+        const written = writeMemoryFile(join(tmp, SNAPSHOT_FILES.memory), this.memory.hostRegions, this.memorySources);
+        dataBytes = written.dataBytes;
+        state = { ...captured, memory: written.layout };
+      } else {
+        state = { version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState, config: opts.config, memory: null, vcpus: [], vm: null, platform: null, devices: null };
+      }
+      const memory = state.memory;
+      writeSynced(join(tmp, SNAPSHOT_FILES.state), encodeState(state));
+      writeSynced(join(tmp, SNAPSHOT_FILES.config), Buffer.from(JSON.stringify(opts.config, null, 2) + "\n"));
+      renameSync(tmp, dir);
+      syncDir(dirname(dir));
+      return { path: dir, ms: Math.round(performance.now() - started), memoryBytes: memory?.bytes ?? 0, dataBytes };
+    } catch (e) {
+      rmSync(tmp, { recursive: true, force: true });
+      throw e;
+    } finally {
+      if (wasRunning && this.state === "paused") this.resume();
+    }
+  }
+
+  /**
+   * Start logging the guest's writes to RAM (KVM_MEM_LOG_DIRTY_PAGES on every slot, KVM API
+   * §4.35): takeDirtyLog() then says which pages changed since the last call. Writes made by the
+   * VMM's own threads (the devices) are not in KVM's log.
+   */
+  async startDirtyLog(): Promise<void> {
+    if (this.dirtyMaps !== undefined) return;
+    const regions = this.memory.hostRegions;
+    this.dirtyMaps = regions.map((r) => libc.mmap(Math.ceil(r.size / 4096 / 64) * 8, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS));
+    regions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress), KVM_MEM_LOG_DIRTY_PAGES));
+    // The devices' own writes (used rings, received frames, disk reads) never reach KVM's log: the device thread marks them here.
+    if (this.deviceThread !== undefined) {
+      const end = Math.max(...regions.map((r) => r.guestPhysAddr + r.size));
+      this.deviceDirty = DirtyLog.create(end);
+      await this.deviceCommand({ command: "dirtyLog", args: { buffer: this.deviceDirty.shared } });
+    }
+  }
+
+  /** Each slot's pages written since the last call (or startDirtyLog), one bit per 4 KiB page; views valid until the next call. */
+  takeDirtyLog(): Uint8Array[] {
+    const maps = this.dirtyMaps;
+    if (maps === undefined) throw new TypevisorError("VM_STATE", "dirty logging is off");
+    const regions = this.memory.hostRegions;
+    const out = maps.map((m, slot) => {
+      this.vm.getDirtyLog(slot, m);
+      return new Uint8Array(libc.view(m.pointer, m.length));
+    });
+    // Fold in what the devices wrote (guest-physical page numbers) as bits of each slot.
+    for (const page of this.deviceDirty?.take() ?? []) {
+      const gpa = page * 4096;
+      const slot = regions.findIndex((r) => gpa >= r.guestPhysAddr && gpa < r.guestPhysAddr + r.size);
+      if (slot < 0) continue;
+      const p = (gpa - regions[slot]!.guestPhysAddr) / 4096;
+      out[slot]![p >> 3]! |= 1 << (p & 7);
+    }
+    return out;
+  }
+
+  stopDirtyLog(): void {
+    const maps = this.dirtyMaps;
+    if (maps === undefined) return;
+    this.dirtyMaps = undefined;
+    if (this.deviceDirty !== undefined && this.deviceThread !== undefined) {
+      this.deviceCommand({ command: "dirtyLog", args: { buffer: null } }).catch(() => undefined);
+    }
+    this.deviceDirty = undefined;
+    this.memory.hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
+    for (const m of maps) libc.munmap(m);
+  }
+
+  /** Where each RAM region's pages came from when the VM was restored (snapshot/memory.ts RegionSource). */
+  get memoryRegionSources(): readonly (RegionSource | undefined)[] {
+    return this.memorySources;
+  }
+
   private releaseKvm(): void {
     for (const { map } of this.runMaps) libc.munmap(map);
     this.runMaps.length = 0;
@@ -788,6 +1039,8 @@ export class Vm {
     // Fields may be unset when the constructor failed part-way.
     const self = this as unknown as { vm?: VmFd; kvm?: Kvm };
     self.vm?.close();
+    for (const m of this.dirtyMaps ?? []) libc.munmap(m);
+    this.dirtyMaps = undefined;
     for (const m of this.mems) libc.munmap(m);
     this.mems.length = 0;
     self.kvm?.close();
@@ -800,5 +1053,27 @@ export class Vm {
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
     this.stopSampler();
     this.releaseKvm();
+    // Only now: a constructor that failed leaves the memory file to whoever opened it.
+    if (this.memoryFd !== undefined) closeSync(this.memoryFd);
+    this.memoryFd = undefined;
   }
+}
+
+function writeSynced(path: string, data: Uint8Array): void {
+  writeFileSync(path, data, { mode: 0o600, flag: "wx" });
+  syncPath(path);
+}
+
+function syncPath(path: string): void {
+  const fd = openSync(path, "r");
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** fsync a directory, so a rename in it survives a crash. */
+function syncDir(path: string): void {
+  syncPath(path);
 }

@@ -8,6 +8,18 @@
  *                  the VMM paused the VM because a disk's filesystem is full (null otherwise)
  *   GET  /stats    vCPU exits by reason, uptime, memory, disk/network I/O counters
  *   POST /pause    park every vCPU (interrupts KVM_RUN)
+ *   POST /snapshot {"path": DIR, "memory"?: bool}  save the whole VM into DIR (must not exist):
+ *                  state.json, config.json and (unless memory is false) the memory file; a
+ *                  running VM is paused meanwhile and runs on afterwards. 200 {path, ms,
+ *                  memoryBytes, dataBytes}; `typevisor run --restore DIR` starts from it
+ *   POST /migrate  {"to": "tcp:HOST:PORT"|"unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?}:
+ *                  live-migrate the VM to a VMM started with `run --incoming`; 202 with progress.
+ *                  GET /migrate: progress {phase, round, bytesSent, dirtyBytes, bandwidth,
+ *                  expectedDowntimeMs, downtimeMs?, error?}; DELETE /migrate cancels (the VM runs on)
+ *   PUT  /restore  (a standby VMM only, `run --standby`) {"snapshot": DIR, "id"?, "consoleLog"?,
+ *                  "consoleSocket"?, "exitFile"?, "disks"?: [SPEC], "nets"?: [SPEC], "vsock"?: SPEC,
+ *                  "paused"?: bool, "keepClock"?: bool}: become the VM saved in DIR, on this same
+ *                  socket; answers 200 once the VM is built (its errors as for `run --restore`)
  *   POST /resume
  *   POST /stop     stop the VM; the VMM process then exits
  *   POST /reboot   reset the guest as its own reboot would (restarted, or exit with --no-reboot)
@@ -30,7 +42,7 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { existsSync, unlinkSync } from "node:fs";
-import { listenOwnerOnly } from "../../sys/owner-only-socket.js";
+import { listenOnFd, listenOwnerOnly } from "../../sys/owner-only-socket.js";
 import { TypevisorError, isTypevisorError } from "../../errors.js";
 
 export interface ControlTarget {
@@ -47,10 +59,43 @@ export interface ControlTarget {
    */
   threads(): Promise<unknown>;
   pause(): Promise<void>;
+  /** POST: start a live migration (body checked here); GET: its progress; DELETE: cancel it. */
+  migrate?(method: "POST" | "GET" | "DELETE", body?: { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number }): Promise<unknown>;
+  /** Save the VM into `path` (Vm.snapshot). */
+  snapshot(req: { path: string; memory?: boolean }): Promise<unknown>;
   resume(): void;
   stop(): void;
   /** Host-initiated reset (VM_STATE when there is no running VM). */
   reboot(): void;
+  /** Only a standby VMM (`run --standby`): become the VM in a snapshot; answers once it is built. */
+  restore?(body: unknown): Promise<unknown>;
+}
+
+/**
+ * A target that can be swapped while the server keeps listening: a standby VMM answers on its
+ * socket as "standby" and then, on the same socket, as the VM it became.
+ */
+export class SwitchableTarget implements ControlTarget {
+  constructor(public current: ControlTarget) {}
+  info(): unknown { return this.current.info(); }
+  stats(): Promise<unknown> { return this.current.stats(); }
+  registers(): unknown { return this.current.registers(); }
+  devices(): Promise<unknown> { return this.current.devices(); }
+  balloon(method: "GET" | "PUT" | "POST", body?: { pages: number }): Promise<unknown> { return this.current.balloon(method, body); }
+  threads(): Promise<unknown> { return this.current.threads(); }
+  pause(): Promise<void> { return this.current.pause(); }
+  snapshot(req: { path: string; memory?: boolean }): Promise<unknown> { return this.current.snapshot(req); }
+  migrate(method: "POST" | "GET" | "DELETE", body?: { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number }): Promise<unknown> {
+    if (this.current.migrate === undefined) return Promise.reject(new TypevisorError("VM_STATE", "this VMM has no VM to migrate"));
+    return this.current.migrate(method, body);
+  }
+  resume(): void { this.current.resume(); }
+  stop(): void { this.current.stop(); }
+  reboot(): void { this.current.reboot(); }
+  restore(body: unknown): Promise<unknown> {
+    if (this.current.restore === undefined) return Promise.reject(new TypevisorError("VM_STATE", "this VMM already runs a VM: PUT /restore is for a standby VMM"));
+    return this.current.restore(body);
+  }
 }
 
 function send(res: ServerResponse, status: number, body: unknown, type = "application/json"): void {
@@ -63,10 +108,14 @@ function problem(res: ServerResponse, status: number, code: string, detail: stri
   send(res, status, { type: `urn:typevisor:error:${code}`, title: code, status, code, detail }, "application/problem+json");
 }
 
-const STATE_ERRORS = new Set(["VM_STATE"]);
+const STATE_ERRORS = new Set(["VM_STATE", "SNAPSHOT_EXISTS", "DISK_HELD"]);
+const NOT_FOUND_ERRORS = new Set(["NOT_FOUND"]);
 /** Errors that mean the request itself was wrong (400), not the VM's state. */
-const INPUT_ERRORS = new Set(["BALLOON_TARGET", "INVALID_REQUEST", "NO_BALLOON", "NO_DEVICES"]);
-const MAX_BODY = 4096;
+const INPUT_ERRORS = new Set([
+  "BALLOON_TARGET", "INVALID_REQUEST", "NO_BALLOON", "NO_DEVICES", "INVALID_ARGUMENT", "INVALID_DEVICE",
+  "SNAPSHOT_INVALID", "SNAPSHOT_NOT_FOUND", "SNAPSHOT_MISMATCH", "SNAPSHOT_CPU",
+]);
+const MAX_BODY = 16384;
 
 /** A small JSON body (bounded: this socket is a control API, not an upload endpoint). */
 function readJson(req: IncomingMessage): Promise<unknown> {
@@ -90,8 +139,8 @@ function readJson(req: IncomingMessage): Promise<unknown> {
   });
 }
 
-export function startControlServer(socketPath: string, target: ControlTarget): Promise<Server> {
-  if (existsSync(socketPath)) {
+export function startControlServer(socketPath: string, target: ControlTarget, listenFd?: number): Promise<Server> {
+  if (listenFd === undefined && existsSync(socketPath)) {
     // A stale socket from a dead VMM would make listen() fail with EADDRINUSE.
     unlinkSync(socketPath);
   }
@@ -124,6 +173,31 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
         case "POST /pause":
           await target.pause();
           return send(res, 200, { ok: true });
+        case "POST /snapshot": {
+          const body = (await readJson(req)) as { path?: unknown; memory?: unknown } | undefined;
+          const path = body?.path;
+          if (typeof path !== "string" || path === "" || path.length > 4096 || path.includes("\0") || (body?.memory !== undefined && typeof body.memory !== "boolean")) {
+            return problem(res, 400, "INVALID_REQUEST", 'body must be {"path": "<directory to create>", "memory"?: true|false}');
+          }
+          return send(res, 200, await target.snapshot({ path, ...(typeof body?.memory === "boolean" ? { memory: body.memory } : {}) }));
+        }
+        case "POST /migrate":
+        case "GET /migrate":
+        case "DELETE /migrate": {
+          if (target.migrate === undefined) return problem(res, 409, "VM_STATE", "this VMM has no VM to migrate");
+          const method = req.method as "POST" | "GET" | "DELETE";
+          if (method !== "POST") return send(res, 200, await target.migrate(method));
+          const body = (await readJson(req)) as Record<string, unknown> | undefined;
+          const num = (k: string, max: number): boolean => body?.[k] === undefined || (typeof body[k] === "number" && Number.isInteger(body[k]) && (body[k] as number) > 0 && (body[k] as number) <= max);
+          if (typeof body?.["to"] !== "string" || body["to"].length > 4096 || !num("maxDowntimeMs", 3_600_000) || !num("maxRounds", 1000) || !num("timeoutMs", 86_400_000)) {
+            return problem(res, 400, "INVALID_REQUEST", 'body must be {"to": "tcp:HOST:PORT" | "unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?}');
+          }
+          return send(res, 202, await target.migrate("POST", body as { to: string }));
+        }
+        case "PUT /restore": {
+          if (target.restore === undefined) return problem(res, 409, "VM_STATE", "this VMM is not a standby VMM");
+          return send(res, 200, await target.restore(await readJson(req)));
+        }
         case "POST /resume":
           target.resume();
           return send(res, 200, { ok: true });
@@ -139,12 +213,13 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
       }
     };
     handle().catch((e: unknown) => {
-      if (isTypevisorError(e)) problem(res, STATE_ERRORS.has(e.code) ? 409 : INPUT_ERRORS.has(e.code) ? 400 : 500, e.code, e.message);
+      if (isTypevisorError(e)) problem(res, STATE_ERRORS.has(e.code) ? 409 : INPUT_ERRORS.has(e.code) ? 400 : NOT_FOUND_ERRORS.has(e.code) ? 404 : e.code === "DISK_FULL" ? 507 : 500, e.code, e.message);
       else problem(res, 500, "INTERNAL", "internal error");
     });
   });
-  // owner-only whatever the caller's umask: a client can stop the VM
-  return listenOwnerOnly(server, socketPath).then(
+  // owner-only whatever the caller's umask: a client can stop the VM. Or a socket the supervisor
+  // bound at socketPath (0600, its own) and handed over: a sandboxed VMM cannot bind there.
+  return (listenFd !== undefined ? listenOnFd(server, listenFd) : listenOwnerOnly(server, socketPath)).then(
     () => server,
     (e: unknown) => {
       throw new TypevisorError("API_SOCKET", `cannot listen on ${socketPath}: ${(e as Error).message}`);
