@@ -15,6 +15,16 @@ export default tseslint.config(
     },
   },
   {
+    // the web console's page script (docs/web.md): a browser script, not a module; its globals are the browser's and the vendored libraries'
+    files: ["web/**/*.js"],
+    languageOptions: {
+      sourceType: "script",
+      globals: Object.fromEntries(
+        ["window", "document", "location", "fetch", "console", "setInterval", "clearInterval", "setTimeout", "clearTimeout", "confirm", "EventSource", "WebSocket", "TextEncoder", "URLSearchParams", "Node", "Element", "uPlot", "Terminal", "FitAddon"].map((g) => [g, "readonly"]),
+      ),
+    },
+  },
+  {
     files: ["bin/**/*.js"],
     languageOptions: { globals: { process: "readonly", console: "readonly" } },
   },

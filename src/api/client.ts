@@ -22,6 +22,7 @@ import type { alertRuleSpec } from "../control/alerts.js";
 import type { AuditEntry, VerifyResult } from "../control/audit.js";
 import type { Role, TokenRow, UserRow } from "../control/identity.js";
 import { normalizeFingerprint } from "../control/tls.js";
+import type { LogLevel, LogLine, LogSource } from "../control/logs.js";
 import { ApiError } from "./api-error.js";
 
 export { ApiError };
@@ -42,6 +43,28 @@ export interface ClientOptions {
   timeoutMs?: number;
   /** A bearer token (`typevisor token create`). */
   token?: string;
+}
+
+export interface LogsOptions {
+  vm?: string;
+  since?: Date;
+  contains?: string;
+  level?: LogLevel;
+  limit?: number;
+  sources?: LogSource[];
+}
+
+function logsQueryString(o: LogsOptions & { follow?: boolean }): string {
+  const q = new URLSearchParams();
+  if (o.vm !== undefined) q.set("vm", o.vm);
+  if (o.since !== undefined) q.set("since", o.since.toISOString());
+  if (o.contains !== undefined) q.set("contains", o.contains);
+  if (o.level !== undefined) q.set("level", o.level);
+  if (o.limit !== undefined) q.set("limit", String(o.limit));
+  if (o.sources !== undefined) q.set("source", o.sources.join(","));
+  if (o.follow === true) q.set("follow", "true");
+  const s = q.toString();
+  return s !== "" ? `?${s}` : "";
 }
 
 export type UserInfo = Omit<UserRow, "vms"> & { scopes?: string[]; mfa: boolean; tokens: number };
@@ -274,6 +297,30 @@ export class TypevisorClient {
             .map((l) => l.slice(6))
             .join("\n");
           if (data !== "") yield JSON.parse(data) as EventRecord;
+        }
+      }
+    } finally {
+      res.destroy();
+    }
+  }
+  /** The daemon's log (and a VM's VMM log), searched: GET /v1/logs. */
+  async logs(opts: LogsOptions = {}): Promise<LogLine[]> {
+    return (await this.json<{ lines: LogLine[] }>("GET", `/v1/logs${logsQueryString(opts)}`)).lines;
+  }
+  /** The matching backlog, then new lines as they are written; iterate with `for await`. */
+  async *followLogs(opts: LogsOptions = {}): AsyncGenerator<LogLine> {
+    const res = await this.open(`/v1/logs${logsQueryString({ ...opts, follow: true })}`);
+    let buf = "";
+    try {
+      res.setEncoding("utf8");
+      for await (const chunk of res) {
+        buf += chunk as string;
+        let i: number;
+        while ((i = buf.indexOf("\n")) >= 0) {
+          const line = buf.slice(0, i);
+          buf = buf.slice(i + 1);
+          // empty lines are the daemon's keep-alives
+          if (line.trim() !== "") yield JSON.parse(line) as LogLine;
         }
       }
     } finally {

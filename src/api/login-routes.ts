@@ -17,11 +17,13 @@
  */
 import { z } from "zod";
 import type { AuditInput, AuditLog } from "../control/audit.js";
-import { MAX_PASSWORD, scopesOf, userName, type Identities } from "../control/identity.js";
+import { can, MAX_PASSWORD, PERMISSIONS, scopesOf, userName, type Identities } from "../control/identity.js";
 import { TypevisorError } from "../errors.js";
 import { AuthThrottle } from "./auth.js";
 import { HANDLED, route, type Route } from "./routes.js";
+import { boolString } from "./schemas.js";
 import { tokenInfo, userParams } from "./security-routes.js";
+import { checkCsrf, clearedCookie, SESSION_COOKIE, sessionCookie } from "./web.js";
 
 export const SESSION_HOURS = 12;
 
@@ -35,7 +37,15 @@ export const loginBody = z
   .strict()
   .refine((b) => b.totp === undefined || b.recoveryCode === undefined, "give totp or recoveryCode, not both");
 
-export const session = tokenInfo.extend({ token: z.string().describe("the session's bearer token: shown this once, stored only as a hash") });
+export const session = tokenInfo.extend({ token: z.string().optional().describe("the session's bearer token: shown this once, stored only as a hash (with ?cookie=true: in the cookie instead)") });
+export const loginQuery = z.object({ cookie: boolString.optional().describe(`the web console's login: the token goes in an HttpOnly, SameSite=Strict cookie (${SESSION_COOKIE}), not in the answer`) }).strict();
+export const whoami = z.object({
+  user: z.string(),
+  role: z.string(),
+  scopes: z.array(z.string()).optional().describe("the VMs this caller is limited to"),
+  permissions: z.array(z.enum(PERMISSIONS)).describe("what this caller may do (the web console offers only these)"),
+  tokenId: z.string().optional(),
+});
 export const mfaEnabled = z.object({
   user: z.string(),
   uri: z.string().describe("otpauth://totp/typevisor:USER?secret=...: for an authenticator app (as text or a QR code)"),
@@ -73,10 +83,12 @@ function badLogin(message: string): TypevisorError {
 
 export const LOGIN_ROUTES: Route[] = [
   route({
-    method: "POST", url: "/v1/login", operationId: "login", summary: "Log in with a password (and a TOTP or recovery code): an expiring session token", permission: "tokens:own", public: true, body: loginBody,
+    method: "POST", url: "/v1/login", operationId: "login", summary: "Log in with a password (and a TOTP or recovery code): an expiring session token", permission: "tokens:own", public: true, body: loginBody, query: loginQuery,
     description: `No credentials needed. An admin, and any user with MFA on, must give \`totp\` or \`recoveryCode\`. The session lasts ${SESSION_HOURS} h; POST /v1/logout ends it. Failed logins are rate-limited per user and per address (429 with Retry-After).`,
     responses: { 201: { description: "logged in", schema: session } },
-    handler: async ({ auth, body, request, manager }) => {
+    handler: async ({ auth, body, query, request, reply, manager }) => {
+      // a login form posted from another site must not log this browser in (login CSRF): the same header check as the cookie's other requests
+      if (query.cookie === true) checkCsrf(request.raw);
       const from = request.raw.socket.remoteAddress ?? "unix socket";
       const { byUser, byAddress } = throttlesOf(auth.identities);
       const userKey = `user ${body.user}`;
@@ -112,19 +124,30 @@ export const LOGIN_ROUTES: Route[] = [
       const u = got.user;
       const t = auth.identities.createToken({ user: u.name, scopes: scopesOf(u.vms), expiresInMs: SESSION_HOURS * 3_600_000, session: true });
       record(auth.audit, { ...base, token: t.id, result: "ok", detail: `session for ${SESSION_HOURS} h (${got.factor})` });
-      const { vms, ...rest } = t;
-      return { ...rest, ...(vms !== undefined ? { scopes: scopesOf(vms) } : {}) };
+      const { vms, token, ...rest } = t;
+      if (query.cookie === true) void reply.header("set-cookie", sessionCookie(request.raw, token, SESSION_HOURS * 3600));
+      return { ...rest, ...(query.cookie === true ? {} : { token }), ...(vms !== undefined ? { scopes: scopesOf(vms) } : {}) };
     },
   }),
   route({
     method: "POST", url: "/v1/logout", operationId: "logout", summary: "Revoke the token this request carries (a session, or an API token)", permission: "tokens:own",
     responses: { 204: { description: "revoked" } },
-    handler: async ({ auth, reply }) => {
+    handler: async ({ auth, reply, request }) => {
       const id = auth.principal.tokenId;
       if (id === undefined) throw new TypevisorError("INVALID_REQUEST", "this request carries no token to log out of (the unix socket's uid is no session)");
       auth.identities.revokeToken(id);
+      // the web console's cookie goes with it
+      if (request.headers.cookie?.includes(`${SESSION_COOKIE}=`) === true) void reply.header("set-cookie", clearedCookie(request.raw));
       void reply.code(204).send();
       return HANDLED;
+    },
+  }),
+  route({
+    method: "GET", url: "/v1/session", operationId: "whoami", summary: "Who this request is authenticated as: user, role, VM scope and permissions", permission: "tokens:own",
+    responses: { 200: { description: "the caller", schema: whoami } },
+    handler: async ({ auth }) => {
+      const p = auth.principal;
+      return { user: p.user, role: p.role, ...(p.vms !== undefined ? { scopes: scopesOf(p.vms) } : {}), permissions: PERMISSIONS.filter((x) => can(p, x)), ...(p.tokenId !== undefined ? { tokenId: p.tokenId } : {}) };
     },
   }),
   route({

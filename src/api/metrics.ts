@@ -5,10 +5,11 @@
  * scrape time from the manager, so nothing here holds state of its own.
  */
 import { Gauge, Registry, collectDefaultMetrics } from "prom-client";
+import type { AuditLog } from "../control/audit.js";
 import type { VmManager } from "../control/manager.js";
 import { VM_STATES } from "../control/spec.js";
 
-export function createMetrics(manager: VmManager): Registry {
+export function createMetrics(manager: VmManager, audit?: AuditLog): Registry {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: "typevisor_daemon_" });
 
@@ -80,6 +81,33 @@ export function createMetrics(manager: VmManager): Registry {
         const kinds: [string, number | null][] = [["capacity", p.capacityBytes], ["free", p.freeBytes], ["quota", p.quotaBytes], ["allocated", p.allocatedBytes], ["used", p.usedBytes], ["available", p.availableBytes]];
         for (const [kind, v] of kinds) if (v !== null) this.set({ pool: p.name, kind }, v);
       }
+    },
+  });
+  if (audit !== undefined) {
+    new Gauge({
+      name: "typevisor_audit_write_failures",
+      help: "Audit log entries that could not be written since the daemon started (a full disk, an I/O error); the built-in alert audit-write fires meanwhile",
+      registers: [registry],
+      collect() {
+        this.set(audit.failures);
+      },
+    });
+  }
+  new Gauge({
+    name: "typevisor_alerts_firing",
+    help: "Alerts firing now, by rule and severity",
+    labelNames: ["rule", "severity"] as const,
+    registers: [registry],
+    collect() {
+      this.reset();
+      const n = new Map<string, { rule: string; severity: string; count: number }>();
+      for (const a of manager.firingAlerts()) {
+        const k = `${a.rule}|${a.severity}`;
+        const cur = n.get(k) ?? { rule: a.rule, severity: a.severity, count: 0 };
+        cur.count++;
+        n.set(k, cur);
+      }
+      for (const { rule, severity, count } of n.values()) this.set({ rule, severity }, count);
     },
   });
   return registry;

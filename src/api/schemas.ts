@@ -14,7 +14,7 @@ export const poolList = z.object({ pools: z.array(poolInfo) });
 
 export const nameParams = z.object({ name: vmName }).strict();
 
-const boolString = z.enum(["true", "false", "1", "0"]).transform((v) => v === "true" || v === "1");
+export const boolString = z.enum(["true", "false", "1", "0"]).transform((v) => v === "true" || v === "1");
 
 export const createQuery = z.object({ start: boolString.optional() }).strict();
 export const removeQuery = z.object({ force: boolString.optional() }).strict();
@@ -66,7 +66,7 @@ export const health = z.object({ ok: z.boolean(), version: z.string(), pid: z.nu
 export type HostReport = z.infer<typeof hostReport>;
 export type VmStats = z.infer<typeof vmStats>;
 
-const isoTime = z
+export const isoTime = z
   .string()
   .max(40)
   .refine((s) => !Number.isNaN(Date.parse(s)), "an ISO 8601 time")

@@ -28,6 +28,7 @@ import { problem, toProblem, type Problem } from "./problem.js";
 import { HANDLED, notFound, type StreamLimits } from "./routes.js";
 import { API_ROUTES } from "./table.js";
 import { vmName } from "./schemas.js";
+import { checkCsrf, consoleWebSocket, cookieToBearer, registerWebAssets, WEB_GUARDS } from "./web.js";
 
 const BODY_LIMIT = 64 * 1024;
 
@@ -61,7 +62,7 @@ export const SERVER_GUARDS = {
 
 /** Every route the daemon serves, each with its permission: what the gate checks and the tests walk. */
 export function allGuards(): Guard[] {
-  return [...API_ROUTES, ...Object.values(SERVER_GUARDS)];
+  return [...API_ROUTES, ...Object.values(SERVER_GUARDS), ...Object.values(WEB_GUARDS)];
 }
 
 /** SO_PEERCRED of each unix-socket connection, read once when it is accepted. */
@@ -125,12 +126,29 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
   app.setNotFoundHandler((request, reply) => sendProblem(reply, toProblem(notFound(request.method, request.url))));
 
   // The gate's first half, for every request fastify receives (unknown paths too): who is asking.
-  const open = new Set(API_ROUTES.filter((r) => r.public === true).map((r) => `${r.method} ${r.url}`));
+  const open = new Set(([...API_ROUTES, ...Object.values(WEB_GUARDS)] as Guard[]).filter((r) => r.public === true).map((r) => `${r.method} ${r.url}`));
   app.addHook("onRequest", async (request) => {
-    // POST /v1/login only: it is how credentials are obtained, so its handler checks them (login-routes.ts)
-    if (open.has(`${request.method} ${request.routeOptions.url ?? ""}`)) return;
+    // POST /v1/login (its handler checks the credentials: login-routes.ts) and the web console's files (web.ts)
+    // (HEAD is GET without the body: fastify answers it from the GET route)
+    if (open.has(`${request.method === "HEAD" ? "GET" : request.method} ${request.routeOptions.url ?? ""}`)) return;
     try {
+      // the web console's session cookie stands for a bearer token (web.ts)
+      const viaCookie = cookieToBearer(request.raw);
       request.principal = authenticate(gate, request.raw, peers.get(request.raw.socket));
+      // and what a cookie-authenticated request changes needs the CSRF header: refused (and audited) before anything is looked at
+      if (viaCookie && !READ_METHODS.has(request.method)) {
+        try {
+          checkCsrf(request.raw);
+        } catch (e) {
+          const p = request.principal;
+          try {
+            sec.audit.record({ user: p.user, ...(p.tokenId !== undefined ? { token: p.tokenId } : {}), peer: p.from, action: `${request.method} ${request.routeOptions.url ?? request.url.split("?")[0]!.slice(0, 200)}`, result: "refused", detail: "session cookie without the CSRF header (a cross-site request?)" });
+          } catch {
+            /* the refusal stands */
+          }
+          throw e;
+        }
+      }
     } catch (e) {
       refused.add(request.raw);
       throw e;
@@ -196,12 +214,13 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
     });
   }
 
+  registerWebAssets(app);
   const doc = openApiDocument();
   app.get(SERVER_GUARDS.openapi.url, async (request) => {
     guard(request, SERVER_GUARDS.openapi);
     return doc;
   });
-  const metrics = createMetrics(manager);
+  const metrics = createMetrics(manager, sec.audit);
   app.get(SERVER_GUARDS.metrics.url, async (request, reply) => {
     guard(request, SERVER_GUARDS.metrics);
     return reply.type(metrics.contentType).send(await metrics.metrics());
@@ -318,7 +337,11 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
   await app.ready();
   const servers: Server[] = [];
   const attached = new Set<Duplex>();
-  const onUpgrade = attachHandler(manager, attached, gate, peers);
+  const attach = attachHandler(manager, attached, gate, peers);
+  const consoleWs = consoleWebSocket(manager, gate, (s) => peers.get(s), attached);
+  const onUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
+    if (!consoleWs.handle(req, socket, head)) attach(req, socket, head);
+  };
   const listen = (srv: Server, target: string | { host: string; port: number }): Promise<void> =>
     new Promise((resolve, reject) => {
       srv.once("error", reject);
@@ -367,6 +390,7 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
     ...(tcpAddress !== undefined ? { tcpAddress } : {}),
     async close() {
       for (const c of attached) c.destroy();
+      consoleWs.close();
       for (const s of servers) {
         s.closeAllConnections();
         await new Promise<void>((r) => s.close(() => r()));

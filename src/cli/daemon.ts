@@ -12,6 +12,9 @@ import { TypevisorClient } from "../api/client.js";
 import { startApi } from "../api/server.js";
 import { AuditLog } from "../control/audit.js";
 import { Identities } from "../control/identity.js";
+import { DaemonLogFile } from "../control/logs.js";
+import { parseSyslogTarget, SyslogForwarder } from "../control/syslog.js";
+import { OtlpForwarder, parseOtlpUrl } from "../control/otlp.js";
 import { VmManager } from "../control/manager.js";
 import { canSandbox, DEFAULT_UID_RANGE, JAIL_BIN, parseUidRange, type SandboxOptions } from "../control/sandbox/sandbox.js";
 import { ensureSelfSigned, loadTls, type TlsMaterial } from "../control/tls.js";
@@ -48,6 +51,9 @@ interface DaemonOptions {
   sandboxUids: string;
   sandboxProbe?: string;
   logLevel: string;
+  logSize: string;
+  logSyslog: string[];
+  logOtlp?: string;
   allowFiles: string[];
   alertWebhook: string[];
 }
@@ -115,6 +121,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   const home = o.home ?? dataHome();
   const policy = parsePolicy({ cpu: o.cpuOvercommit, memory: o.memoryOvercommit, disk: o.diskOvercommit }, o.reservedMemory);
   const consoleLogSize = parseSize(o.consoleLogSize, { what: "--console-log-size", ...LOG_SIZE_LIMITS });
+  const logSize = parseSize(o.logSize, { what: "--log-size", ...LOG_SIZE_LIMITS });
   const tcp = o.listen !== undefined ? parseListen(o.listen) : undefined;
   const streamStallMs = seconds("--stream-stall-timeout", o.streamStallTimeout);
   const config = {
@@ -139,7 +146,21 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     if (e instanceof TypevisorError && e.code === "DAEMON_RUNNING") throw e;
   }
 
-  const logger = pino({ level: o.logLevel, base: { pid: process.pid } });
+  // stdout for systemd's journal, and HOME/daemon.log (rotated) for GET /v1/logs and `typevisor logs` (logs.ts)
+  const logFile = new DaemonLogFile(homePaths(home).daemonLog, logSize);
+  // and to syslog receivers (RFC 5424 over UDP or TCP), where --log-syslog names them
+  const syslog = o.logSyslog.map((v) => new SyslogForwarder(parseSyslogTarget(v)));
+  // and to an OpenTelemetry collector (OTLP/HTTP, JSON), where --log-otlp names one
+  const otlp = o.logOtlp !== undefined ? new OtlpForwarder(parseOtlpUrl(o.logOtlp)) : undefined;
+  const logger = pino(
+    { level: o.logLevel, base: { pid: process.pid } },
+    pino.multistream([
+      { level: o.logLevel as "info", stream: process.stdout },
+      { level: o.logLevel as "info", stream: logFile },
+      ...syslog.map((stream) => ({ level: o.logLevel as "info", stream })),
+      ...(otlp !== undefined ? [{ level: o.logLevel as "info", stream: otlp }] : []),
+    ]),
+  );
   // Installed before the manager exists (its construction can fault too); faults become events once it does.
   const events: { manager?: VmManager } = {};
   const lastResort = installLastResort(logger, (kind, message) => events.manager?.daemonEvent("daemon.fault", `the daemon caught an ${kind} and kept serving: ${message}`, { kind }));
@@ -177,6 +198,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     ...(socketGid !== undefined ? { socketGid } : {}),
     ...(tls !== undefined ? { tls } : {}),
   };
+  manager.watchAudit(security.audit);
   const api = await startApi(manager, logger, { socketPath, ...(tcp !== undefined ? { tcp } : {}) }, security, { streamStallMs });
   manager.daemonEvent("daemon.started", `daemon started (pid ${process.pid})`, { socket: socketPath, ...(api.tcpAddress !== undefined ? { tcp: `${api.tcpAddress.host}:${api.tcpAddress.port}` } : {}) });
   logger.info({ socket: socketPath, tcp: api.tcpAddress, home, cgroups: manager.cgroups }, "typevisor daemon ready");
@@ -197,6 +219,9 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   lastResort.uninstall();
   logger.info({ faults: lastResort.faults() }, "stopped");
   logger.flush();
+  logFile.close();
+  for (const s of syslog) s.close();
+  await otlp?.close();
   return 0;
 }
 
@@ -237,6 +262,14 @@ export function registerDaemonCommand(program: Command): void {
       [] as string[],
     )
     .option("--force-kvm", "start VMMs on a /dev/kvm that cannot boot stock kernels (PVM: purpose-built test guests only)", false)
+    .option("--log-size <size>", "rotate the daemon's own log (HOME/daemon.log, read by `typevisor logs`) past this size; one older generation is kept", "10M")
+    .option(
+      "--log-syslog <url>",
+      "also send the daemon's log to syslog, RFC 5424 messages over udp://HOST[:PORT] or tcp://HOST[:PORT] (port 514 by default; repeatable)",
+      (v: string, prev: string[]) => [...prev, v],
+      [] as string[],
+    )
+    .option("--log-otlp <url>", "also send the daemon's log to an OpenTelemetry collector: OTLP/HTTP JSON, POSTed to this URL (e.g. http://localhost:4318/v1/logs) in batches, retried")
     .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error"]).default("info"))
     .action(async (opts: DaemonOptions) => {
       process.exitCode = await daemonCommand(opts);

@@ -24,7 +24,7 @@ async function runInLabAgain(): Promise<number> {
   return runInLab([process.execPath, process.argv[1] ?? "typevisor", ...process.argv.slice(2), "--no-lab"], tty !== undefined ? { tty } : {});
 }
 
-const COMMANDS = ["run", "image", "daemon", "vm", "pool", "host", "events", "alerts", "alert", "user", "token", "audit", "login", "logout"] as const;
+const COMMANDS = ["run", "image", "daemon", "vm", "pool", "host", "events", "alerts", "alert", "user", "token", "audit", "login", "logout", "logs"] as const;
 
 /**
  * The program with the commands `argv` needs. Only the command being run is
@@ -53,6 +53,7 @@ export async function buildProgram(argv: string[] = process.argv): Promise<Comma
   if (want("user")) (await import("./security.js")).registerUserCommands(program);
   if (want("token")) (await import("./security.js")).registerTokenCommands(program);
   if (want("audit")) (await import("./security.js")).registerAuditCommands(program);
+  if (want("logs")) (await import("./logs.js")).registerLogsCommand(program);
   if (want("login") || want("logout")) (await import("./security.js")).registerLoginCommands(program);
   return program;
 }

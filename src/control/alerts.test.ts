@@ -16,6 +16,17 @@ const running = (name: string, cpuPercent: number | undefined, extra: Partial<Ob
 const rule = (over: Partial<AlertRule> = {}): AlertRule => ({ ...alertRuleSpec.parse({ name: "hot", metric: "cpu", above: 80, forSeconds: 120, severity: "critical" }), createdAt: "t", ...over });
 
 describe("alert rules", () => {
+  it("fires audit-write while the audit log cannot be written, and resolves it once an entry is written", () => {
+    const e = new AlertEngine();
+    expect(e.evaluate(obs([], { audit: { failing: false, failures: 0 } }), [])).toEqual([]);
+    expect(e.evaluate(obs([], { audit: { failing: true, failures: 3 } }), [])).toEqual([{ kind: "firing", alert: expect.objectContaining({ rule: "audit-write", subject: "audit", severity: "critical", value: 3 }) }]);
+    expect(e.evaluate(obs([], { audit: { failing: true, failures: 4 } }), [])).toEqual([]);
+    expect(e.evaluate(obs([], { audit: { failing: false, failures: 4 } }), [])).toEqual([{ kind: "resolved", alert: expect.objectContaining({ rule: "audit-write" }) }]);
+    // fired at once from the first failure (fireNow), then kept by the samples while it lasts
+    expect(e.fireNow({ rule: "audit-write", subject: "audit", severity: "critical", message: "x" })).toHaveLength(1);
+    expect(e.evaluate(obs([], { audit: { failing: true, failures: 5 } }), [])).toEqual([]);
+  });
+
   it("fires only after the metric stayed above the threshold for the rule's time, and resolves when it drops", () => {
     const clock = { ms: 0 };
     const e = new AlertEngine(() => clock.ms);

@@ -30,6 +30,7 @@ export const BUILTIN_RULES = [
   { name: "host-memory", severity: "warning", description: `the host's memory in use above ${HOST_MEMORY_THRESHOLD * 100}%` },
   { name: "pool-disk", severity: "warning", description: `a storage pool's filesystem above ${POOL_DISK_THRESHOLD * 100}% full` },
   { name: "vm-paused-disk-full", severity: "critical", description: "a VM paused because a disk's filesystem is full" },
+  { name: "audit-write", severity: "critical", description: "the audit log cannot be written (resolved by the next entry written)" },
 ] as const satisfies readonly { name: string; severity: Severity; description: string }[];
 
 const BUILTIN_NAMES = new Set<string>(BUILTIN_RULES.map((r) => r.name));
@@ -69,6 +70,8 @@ export interface Observation {
   host: { memoryBytes: number; memoryTotalBytes: number };
   vms: { name: string; state: string; sample?: MetricSample; unresponsive: boolean; pausedDiskFull: boolean }[];
   pools: { name: string; capacityBytes: number; freeBytes: number }[];
+  /** The audit log's state, where the daemon has one (audit.ts). */
+  audit?: { failing: boolean; failures: number };
 }
 
 export interface AlertChange {
@@ -146,6 +149,9 @@ export class AlertEngine {
         rule: "pool-disk", subject: `pool:${p.name}`, severity: "warning", forMs: 0, active: share > POOL_DISK_THRESHOLD,
         message: `storage pool ${p.name}'s filesystem is ${(share * 100).toFixed(0)}% full (above ${POOL_DISK_THRESHOLD * 100}%)`, value: share * 100, threshold: POOL_DISK_THRESHOLD * 100,
       });
+    }
+    if (obs.audit !== undefined) {
+      conds.push({ rule: "audit-write", subject: "audit", severity: "critical", forMs: 0, active: obs.audit.failing, message: `the audit log cannot be written (${obs.audit.failures} entries lost since the daemon started)`, value: obs.audit.failures });
     }
     for (const v of obs.vms) {
       const subject = `vm:${v.name}`;

@@ -1,5 +1,5 @@
 import Database from "better-sqlite3";
-import { mkdtempSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
@@ -17,6 +17,26 @@ function logOf(n: number): { log: AuditLog; db: Database.Database; path: string 
 }
 
 describe("the audit log (a real SQLite file)", () => {
+  it("counts the entries it cannot write and tells its listeners once per outage", () => {
+    const dir = mkdtempSync(join(tmpdir(), "tva-"));
+    const head = join(dir, "audit.head");
+    mkdirSync(head); // the head cannot be written: EISDIR, as an I/O error would
+    const log = new AuditLog(new Store(join(dir, "t.db")), head);
+    const told: string[] = [];
+    log.onFailure((e) => told.push((e as NodeJS.ErrnoException).code ?? e.message));
+    const entry = { user: "u", peer: "uid 0", action: "POST /v1/vms", result: "201" };
+    expect(() => log.record(entry)).toThrow();
+    expect(() => log.record(entry)).toThrow();
+    expect([log.failures, log.failing, told]).toEqual([2, true, ["EISDIR"]]);
+    rmdirSync(head);
+    log.record(entry);
+    expect(log.failing).toBe(false);
+    rmSync(head);
+    mkdirSync(head);
+    expect(() => log.record(entry)).toThrow();
+    expect([log.failures, told]).toEqual([3, ["EISDIR", "EISDIR"]]);
+  });
+
   it("chains every entry to the one before and verifies intact", () => {
     const { log } = logOf(5);
     const all = log.list();

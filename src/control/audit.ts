@@ -91,9 +91,46 @@ export interface VerifyResult {
 }
 
 export class AuditLog {
+  /** Entries that could not be written since the daemon started (a full disk, an I/O error). */
+  failures = 0;
+  /** The last write failed and none has succeeded since: the built-in `audit-write` alert fires. */
+  failing = false;
+  private readonly failureListeners: ((err: Error) => void)[] = [];
+
   constructor(private readonly store: Store, private readonly headFile?: string) {}
 
+  /** Called when writing starts failing (the first failure after a success), with the error. */
+  onFailure(listener: (err: Error) => void): void {
+    this.failureListeners.push(listener);
+  }
+
+  /**
+   * Append an entry. Throws when it cannot be written; callers go on (a refusal stands, an action
+   * that happened is not undone), so the failure is counted here and said once per outage to the
+   * onFailure listeners: the daemon turns it into an alert and a metric (docs/security.md).
+   */
   record(e: AuditInput): AuditEntry {
+    try {
+      const entry = this.append(e);
+      this.failing = false;
+      return entry;
+    } catch (err) {
+      this.failures++;
+      if (!this.failing) {
+        this.failing = true;
+        for (const l of this.failureListeners) {
+          try {
+            l(err as Error);
+          } catch {
+            /* a listener's failure is not the audit log's */
+          }
+        }
+      }
+      throw err;
+    }
+  }
+
+  private append(e: AuditInput): AuditEntry {
     const db = this.store.db;
     // one transaction: the previous hash and the new row cannot interleave with another append
     const entry = db.transaction(() => {

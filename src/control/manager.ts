@@ -41,6 +41,7 @@ import { diskAddSpec, vmSpec, type EventRecord, type VmExit, type VmInfo, type V
 import { assertAction, assertTransition, isActive, type VmAction } from "./state.js";
 import { Store, type DiskRow, type VmRow } from "./store.js";
 import { AlertEngine, AlertRules, type AlertChange, type AlertRule, type AlertRuleSpec, type FiringAlert, type Observation } from "./alerts.js";
+import type { AuditLog } from "./audit.js";
 import { Webhooks, type WebhookStatus } from "./webhooks.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
@@ -151,6 +152,7 @@ export class VmManager extends EventEmitter {
   private readonly webhooks: Webhooks;
   private readonly restartTimes = new Map<string, number[]>();
   private usageTimer: NodeJS.Timeout | undefined;
+  private audit: AuditLog | undefined;
   private healthTimer: NodeJS.Timeout | undefined;
   private hostCpu: CpuSample | undefined;
   private hostCpuUsed = 0;
@@ -232,6 +234,14 @@ export class VmManager extends EventEmitter {
 
   allUsage(): { vm: VmInfo; usage: VmUsage | undefined }[] {
     return this.store.listVms().map((r) => ({ vm: this.info(r), usage: this.usage.get(r.id) }));
+  }
+
+  /** The daemon's own log and, for a VM, its VMM's log and console log (GET /v1/logs, logs.ts). */
+  logPaths(name?: string): { daemon: string; vmm?: string; console?: string } {
+    const daemon = homePaths(this.config.home).daemonLog;
+    if (name === undefined) return { daemon };
+    const p = vmPaths(this.config.home, this.row(name).id);
+    return { daemon, vmm: p.vmmLog, console: p.consoleLog };
   }
 
   consolePaths(name: string): { log: string; socket: string; state: VmState } {
@@ -1351,7 +1361,17 @@ export class VmManager extends EventEmitter {
         }
       }),
     };
+    if (this.audit !== undefined) obs.audit = { failing: this.audit.failing, failures: this.audit.failures };
     this.alertEvents(this.alerts.evaluate(obs, this.alertRules.list()));
+  }
+
+  /** The built-in `audit-write` alert watches this audit log: fired at its first failed write, resolved by the next sample after one succeeds. */
+  watchAudit(audit: AuditLog): void {
+    this.audit = audit;
+    audit.onFailure((err) => {
+      this.log.error({ err: err.message }, "the audit log cannot be written");
+      this.alertEvents(this.alerts.fireNow({ rule: "audit-write", subject: "audit", severity: "critical", message: `the audit log cannot be written: ${err.message}` }));
+    });
   }
 
   private alertEvents(changes: AlertChange[]): void {

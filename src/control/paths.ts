@@ -3,6 +3,7 @@
  *   typevisor.db            the inventory (SQLite)
  *   typevisor.sock          the API socket
  *   audit.head              the audit log's last entry (seq and hash): a cut at its end shows (audit.ts)
+ *   daemon.log{,.1}         the daemon's own log (pino JSON lines), rotated by size (logs.ts)
  *   tls/                    the HTTPS certificate the daemon made (tls.ts)
  *   vms/<id>/               one VM: its disks, kernel and initrd copies, VMM log (the daemon's; its VMM cannot write here)
  *   vms/<id>/out/           what the VMM writes: console logs, exit file (a sandboxed VMM's uid owns it: untrusted)
@@ -25,8 +26,8 @@ export interface VmPaths {
 
 const SUN_PATH_MAX = 107;
 
-export function homePaths(home: string): { db: string; socket: string; vms: string; run: string; auditHead: string } {
-  return { db: join(home, "typevisor.db"), socket: join(home, "typevisor.sock"), vms: join(home, "vms"), run: join(home, "run"), auditHead: join(home, "audit.head") };
+export function homePaths(home: string): { db: string; socket: string; vms: string; run: string; auditHead: string; daemonLog: string } {
+  return { db: join(home, "typevisor.db"), socket: join(home, "typevisor.sock"), vms: join(home, "vms"), run: join(home, "run"), auditHead: join(home, "audit.head"), daemonLog: join(home, "daemon.log") };
 }
 
 export function vmPaths(home: string, id: string): VmPaths {

@@ -82,7 +82,7 @@ function pathOf(url: string): string {
 describe("the route table", () => {
   it("declares a known permission on every route, the ones outside the table included", () => {
     const guards = allGuards();
-    expect(guards.length).toBe(API_ROUTES.length + 3);
+    expect(guards.length).toBe(API_ROUTES.length + 3 + 3); // /openapi.json, /metrics, the attach; the web console's files, its root and console WebSocket
     for (const g of guards) expect(PERMISSIONS, `${g.method} ${g.url}`).toContain(g.permission);
     // a route acting on a named VM says where the name is, so the gate can check the caller's scope
     for (const g of guards) if (g.url.startsWith("/v1/vms/:name")) expect(g.target, `${g.method} ${g.url}`).toBe("path");
@@ -120,16 +120,17 @@ describe.skipIf(!hasKvm || !isRoot)("the gate, against a real daemon", () => {
   it("answers 401 with WWW-Authenticate: Bearer on every route without credentials, streams and console attach included", async () => {
     const tried: string[] = [];
     for (const g of allGuards()) {
-      // the one route without credentials: how they are obtained (test/api/login.test.ts)
+      // without credentials: how they are obtained (test/api/login.test.ts), and the web console's files, which hold no data (test/web)
       if (g.public === true) {
-        expect(`${g.method} ${g.url}`).toBe("POST /v1/login");
-        expect((await https(port, g.method, g.url)).status).toBe(400);
+        expect(["POST /v1/login", "GET /ui/*", "GET /"]).toContain(`${g.method} ${g.url}`);
+        if (g.url === "/v1/login") expect((await https(port, g.method, g.url)).status).toBe(400);
         continue;
       }
       const path = pathOf(g.url);
       const variants = g.url === "/v1/events" ? [path, `${path}?follow=true`] : g.url.endsWith("/console") ? [path, `${path}?follow=true`] : [path];
       for (const p of variants) {
-        const a = await https(port, g.method, p, g.url.endsWith("/attach") ? { headers: { connection: "Upgrade", upgrade: "tcp" } } : {});
+        const upgrade: Record<string, string> | undefined = g.url.endsWith("/attach") ? { connection: "Upgrade", upgrade: "tcp" } : g.url.endsWith("/console/ws") ? { connection: "Upgrade", upgrade: "websocket", "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==" } : undefined;
+        const a = await https(port, g.method, p, upgrade !== undefined ? { headers: upgrade } : {});
         expect(a.status, `${g.method} ${p}`).toBe(401);
         expect(a.headers["www-authenticate"], `${g.method} ${p}`).toMatch(/^Bearer realm="typevisor"/);
         expect(a.headers["content-type"], `${g.method} ${p}`).toMatch(/application\/problem\+json/);
