@@ -46,6 +46,10 @@ const STATUS: Record<string, number> = {
   VM_EXISTS: 409,
   VM_QUARANTINED: 409,
   VM_STATE: 409,
+  SNAPSHOT_NOT_FOUND: 404,
+  SNAPSHOT_EXISTS: 409,
+  SNAPSHOT_MISMATCH: 409,
+  SNAPSHOT_CHAIN: 409,
   INSUFFICIENT_RESOURCES: 409,
   // RFC 4918 §11.5: the server cannot store what the request needs
   DISK_FULL: 507,

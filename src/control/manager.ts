@@ -39,6 +39,7 @@ import { Store, type DiskRow, type VmRow } from "./store.js";
 import { AlertEngine, AlertRules, type AlertChange, type AlertRule, type AlertRuleSpec, type FiringAlert, type Observation } from "./alerts.js";
 import { Webhooks, type WebhookStatus } from "./webhooks.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
+import { Snapshots, chainOf } from "./snapshots.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
 export interface ManagerConfig {
@@ -99,6 +100,8 @@ interface Live {
   consoleDroppedBytes?: number;
   /** Why the VMM paused the VM by itself (a full disk), until it is resumed. */
   pauseReason?: VmmPauseReason;
+  /** Stopped by a snapshot or rollback (snapshots.ts endVmm): its exit is that operation's, not a stop or a crash. */
+  handedOver?: boolean;
 }
 
 /** GET /vm of a VMM as far as the daemon reads it (vmm/vm.ts PauseReason; every field untrusted). */
@@ -156,6 +159,8 @@ export class VmManager extends EventEmitter {
   private readonly reservations = new Set<Allocation>();
   /** Virtual disk bytes of creates and disk adds between their admission and their inventory row, by pool (poolAllocated() counts them). */
   private readonly poolReservations = new Set<{ pool: string; bytes: number }>();
+  /** Snapshots, rollback and clones (snapshots.ts). */
+  readonly snapshots: Snapshots;
 
   constructor(readonly config: ManagerConfig) {
     super();
@@ -175,6 +180,26 @@ export class VmManager extends EventEmitter {
     this.ensureDefaultPool(hp.vms);
     this.cgroups = config.noCgroups === true ? { available: false, controllers: [], reason: "turned off (--no-cgroups)" } : detectCgroupV2();
     this.log = config.logger;
+    this.snapshots = new Snapshots({
+      home: config.home,
+      log: config.logger,
+      store: this.store,
+      serial: (name, fn) => this.serial(name, fn),
+      row: (name) => this.row(name),
+      get: (name) => this.get(name),
+      event: (type, vm, message, data) => this.event(type, vm, message, data),
+      endVmm: (name) => this.endVmm(name),
+      startVmm: (name, restore) => this.startLocked(name, false, restore),
+      resume: (name) => this.resume(name),
+      reserveDisk: (bytes) => {
+        checkAllocation(discoverHost(this.config.home), this.config.policy, this.allocated(), { cpus: 0, memoryBytes: 0, diskBytes: bytes }, { disk: true });
+        const reservation: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: bytes };
+        this.reservations.add(reservation);
+        return () => this.reservations.delete(reservation);
+      },
+      insertVm: (row) => this.store.insertVm(row),
+      removeUnusedBases: () => this.removeUnusedBases(),
+    });
   }
 
   // ---- queries ------------------------------------------------------------
@@ -475,6 +500,7 @@ export class VmManager extends EventEmitter {
       const cur = this.row(name);
       assertAction(name, cur.state, "remove");
       this.store.deleteVm(name);
+      this.snapshots.forgetVm(cur.id);
       this.removeSockets(cur.id);
       this.usage.delete(cur.id);
       this.history.forget(cur.id);
@@ -496,7 +522,9 @@ export class VmManager extends EventEmitter {
   private async removeUnusedBases(): Promise<void> {
     // A quarantined row may stand on any base: keep them all while one is there.
     if (this.reservations.size > 0 || this.store.quarantined().length > 0) return;
-    const inUse = new Set(this.store.listVms().flatMap((r) => r.disks.flatMap((d) => (d.backing !== undefined ? [d.backing] : []))));
+    // Snapshot layers and what they stand on go first; a base under any kept layer stays.
+    await this.snapshots.gc();
+    const inUse = new Set([...this.store.listVms().flatMap((r) => r.disks.flatMap((d) => chainOf(d))), ...this.snapshots.referencedFiles()]);
     for (const p of await removeUnusedBases(this.config.home, inUse)) this.daemonEvent("daemon.cleanup", `removed base image ${p}: no VM uses it`, { path: p });
   }
 
@@ -649,7 +677,8 @@ export class VmManager extends EventEmitter {
     return this.serial(name, () => this.startLocked(name, false));
   }
 
-  private async startLocked(name: string, restart: boolean): Promise<VmInfo> {
+  /** `restore`: from a saved state (snapshots.ts), running or paused as it was saved, instead of booting. */
+  private async startLocked(name: string, restart: boolean, restore?: { dir: string; paused: boolean }): Promise<VmInfo> {
     const r = this.row(name);
     assertAction(name, r.state, "start");
     if (!this.config.forceKvm) {
@@ -689,9 +718,10 @@ export class VmManager extends EventEmitter {
       exitFile: p.exitFile,
       vmmLog: p.vmmLog,
       forceKvm: this.config.forceKvm,
+      ...(restore !== undefined ? { restore } : {}),
     };
     this.setState(name, "starting");
-    this.event(restart ? "vm.restarting" : "vm.starting", name, restart ? `VM ${name} restarting after a crash` : `VM ${name} starting`);
+    this.event(restart ? "vm.restarting" : "vm.starting", name, restart ? `VM ${name} restarting after a crash` : restore !== undefined ? `VM ${name} starting from a saved state` : `VM ${name} starting`, restore !== undefined ? { restore: restore.dir } : undefined);
 
     let cgroup: VmCgroup | undefined;
     if (this.cgroups.available) {
@@ -743,9 +773,45 @@ export class VmManager extends EventEmitter {
       throw new TypevisorError("VM_START_FAILED", `VM ${name} did not start: ${why}`, { hint: `its VMM log: ${p.vmmLog}` });
     }
     if (this.row(name).state !== "starting") return this.get(name); // stopped/crashed meanwhile
+    if (restore?.paused === true) {
+      this.setState(name, "paused");
+      this.event("vm.paused", name, `VM ${name} restored paused (pid ${pid})`, { pid });
+      return this.get(name);
+    }
     this.setState(name, "running");
     this.event("vm.running", name, `VM ${name} running (pid ${pid})`, { pid });
     return this.get(name);
+  }
+
+  /**
+   * End the VM's VMM for a snapshot or rollback (snapshots.ts), in the VM's queue: asked to stop
+   * (its writes reach the disk files), SIGKILL after the stop timeout. Its exit is recorded as
+   * neither a stop nor a crash: the VM is left stopped, with no events, for the operation to
+   * start again.
+   */
+  private async endVmm(name: string): Promise<void> {
+    const r = this.row(name);
+    const live = this.live.get(r.id);
+    if (live !== undefined && !live.dead) {
+      live.handedOver = true;
+      try {
+        await this.client(r).stop();
+      } catch (e) {
+        this.log.warn({ vm: name, err: (e as Error).message }, "stop through the VMM API failed; killing it");
+        kill(live.pid);
+      }
+      const t = setTimeout(() => kill(live.pid), this.config.stopTimeoutMs);
+      await live.died;
+      clearTimeout(t);
+    }
+    if (live !== undefined) {
+      if (this.live.get(r.id) === live) this.live.delete(r.id);
+      this.removeCgroup(name, live.cgroup);
+    }
+    this.usage.delete(r.id);
+    this.removeSockets(r.id);
+    // running/paused → stopped, no VMM: what startLocked starts from.
+    this.store.updateVm(name, { state: "stopped", runtime: null });
   }
 
   private failStart(name: string, reason: string): void {
@@ -766,6 +832,8 @@ export class VmManager extends EventEmitter {
       live.dead = true;
       markDied({ code, signal });
       if (live.poll !== undefined) clearInterval(live.poll);
+      // endVmm() records this exit itself
+      if (live.handedOver === true) return live.markExited();
       void this.serial(name, async () => this.recordExit(name, id, live, code, signal)).finally(() => live.markExited());
     };
     if (child !== undefined) {
@@ -1037,7 +1105,10 @@ export class VmManager extends EventEmitter {
     // All at once: each VMM is asked its state with a 10 s deadline, and VMMs still coming up (or
     // busy on a loaded host) asked one after the other kept the API down for 10 s each
     // (fault-injection test: past 20 s with two or three).
+    // Snapshots and rollbacks a killed daemon left halfway: their files first, their VMMs once re-attached.
+    const followUps = this.snapshots.recoverFiles();
     await Promise.all(this.store.listVms().filter((r) => isActive(r.state)).map((r) => this.reattachOne(r)));
+    await this.snapshots.finishRecovery(followUps);
     await this.sweepOrphans();
   }
 

@@ -1,0 +1,249 @@
+/**
+ * Snapshots, rollback, clones and their crash safety against a real daemon, real qcow2 files
+ * and real VMM processes (tiny guests on this host's /dev/kvm): data written into a VM's disk
+ * with QEMU's own qemu-io is there after a rollback to the snapshot it was in, and gone after a
+ * rollback to one before it; every file the daemon made passes `qemu-img check`; removing
+ * snapshots and VMs frees exactly the layers nothing stands on; a daemon SIGKILLed at each step
+ * of a snapshot or rollback (TYPEVISOR_CRASH_AT) leaves, after its restart, the VM as before or
+ * the operation finished, with no file the inventory does not name. The memory path (a running
+ * guest saved and restored) is the lab's (test/control/snapshots.lab.test.ts).
+ */
+import { execFileSync, spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { TypevisorClient } from "../../src/api/client.js";
+import { qemuCheck } from "../../src/vmm/disk/test-disk.js";
+import { BIN, startDaemon, type TestDaemon } from "../helpers/daemon.js";
+import { outcome } from "../helpers/thrown.js";
+import { writeTinyKernel } from "../helpers/tiny-kernel.js";
+
+const hasKvm = existsSync("/dev/kvm");
+const hasQemu = spawnSync("qemu-io", ["--version"]).status === 0;
+
+/** qemu-io on a VM's disk (stopped): write `byte` over the first 64 KiB, or check it reads back. */
+function qio(path: string, op: "write" | "read", byte: number): boolean {
+  const r = spawnSync("qemu-io", ["-f", "qcow2", "-c", `${op} -P ${byte} 0 64k`, path], { encoding: "utf8", timeout: 60_000 });
+  return r.status === 0 && !/Pattern verification failed|error/i.test(r.stdout + r.stderr);
+}
+
+/** Every qcow2 file under `dirs`, checked by qemu-img: corruptions and leaks both fail. */
+function checkAll(dirs: string[]): number {
+  let n = 0;
+  for (const dir of dirs) {
+    if (!existsSync(dir)) continue;
+    for (const f of readdirSync(dir, { recursive: true }) as string[]) {
+      if (!f.endsWith(".qcow2")) continue;
+      const c = qemuCheck(join(dir, f));
+      expect(c.status, `${f}: ${JSON.stringify(c.report)}`).toBe(0);
+      n++;
+    }
+  }
+  return n;
+}
+
+function layers(home: string): string[] {
+  const d = join(home, "layers");
+  return existsSync(d) ? readdirSync(d).sort() : [];
+}
+
+describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemon, real qcow2)", () => {
+  let d: TestDaemon;
+  let dir: string;
+  let kernel: string;
+  const spec = (name: string, extra: Record<string, unknown> = {}) => ({ name, kernel, memoryMiB: 64, rng: false, diskSize: "64M", ...extra });
+  const disk0 = async (c: TypevisorClient, vm: string) => (await c.getVm(vm)).disks[0]!;
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "tvsnap-"));
+    kernel = join(dir, "tiny.bin");
+    writeTinyKernel(kernel);
+    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
+  }, 60_000);
+
+  afterAll(async () => {
+    if (d !== undefined) {
+      for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
+      await d.stop();
+    }
+    rmSync(dir, { recursive: true, force: true });
+  }, 60_000);
+
+  it("takes disk snapshots of a stopped VM, rolls back to any of them, and keeps a tree", async () => {
+    const c = d.client;
+    await c.createVm(spec("s1"));
+    const top = (await disk0(c, "s1")).path;
+    expect(qio(top, "write", 0x11)).toBe(true);
+
+    const one = await c.createSnapshot("s1", { name: "one", description: "before the upgrade" });
+    expect(one).toMatchObject({ name: "one", vm: "s1", memory: false, vmState: "stopped", current: true, description: "before the upgrade" });
+    expect(one.parent).toBeUndefined();
+    // The VM goes on on a new empty overlay under the same name; the old top is a read-only layer.
+    const after = await disk0(c, "s1");
+    expect(after.path).toBe(top);
+    expect(after.backing).toBe(one.disks[0]!.layer);
+    expect(statSync(one.disks[0]!.layer).mode & 0o777).toBe(0o444);
+    expect(qio(top, "read", 0x11)).toBe(true);
+    expect(qio(top, "write", 0x22)).toBe(true);
+
+    const two = await c.createSnapshot("s1", { name: "two" });
+    expect(two.parent).toBe("one");
+    expect(qio(top, "write", 0x33)).toBe(true);
+
+    const vm = await c.rollbackSnapshot("s1", "one");
+    expect(vm.state).toBe("defined");
+    expect(qio(top, "read", 0x11)).toBe(true);
+    await c.rollbackSnapshot("s1", "two");
+    expect(qio(top, "read", 0x22)).toBe(true);
+    await c.rollbackSnapshot("s1", "one");
+    // A snapshot taken after a rollback branches from the snapshot rolled back to.
+    const three = await c.createSnapshot("s1", { name: "three" });
+    expect(three.parent).toBe("one");
+    const list = await c.listSnapshots("s1");
+    expect(list.map((s) => [s.name, s.parent ?? null, s.current])).toEqual([["one", null, false], ["two", "one", false], ["three", "one", true]]);
+    // qemu-img sees the same chain the inventory does.
+    const chain = JSON.parse(execFileSync("qemu-img", ["info", "--output=json", "--backing-chain", top], { encoding: "utf8" })) as { filename: string }[];
+    expect(chain.map((x) => x.filename)).toEqual([top, three.disks[0]!.layer, one.disks[0]!.layer]);
+    expect(checkAll([d.home])).toBeGreaterThanOrEqual(4);
+
+    // The CLI draws the tree.
+    const ls = spawnSync(process.execPath, [BIN, "vm", "snapshot", "ls", "s1", "--socket", d.socket], { encoding: "utf8", timeout: 30_000 });
+    expect(ls.status, ls.stderr).toBe(0);
+    expect(ls.stdout).toMatch(/^one\s.*\n├─ two\s.*\n└─ three \*\s/m);
+
+    // rm: "two" stands on nothing else: its layer goes; "one" has a child and the VM on it: kept.
+    await c.removeSnapshot("s1", "two");
+    expect(layers(d.home)).toEqual([one.disks[0]!.layer, three.disks[0]!.layer].map((p) => p.split("/").pop()).sort());
+    await c.removeSnapshot("s1", "one");
+    expect((await c.listSnapshots("s1")).map((s) => [s.name, s.parent ?? null])).toEqual([["three", null]]);
+    expect(layers(d.home)).toHaveLength(2); // the VM's disk still stands on both
+    expect(qio(top, "read", 0x11)).toBe(true);
+    await c.removeVm("s1");
+    expect(layers(d.home)).toEqual([]);
+  }, 120_000);
+
+  it("refuses what it cannot do with a clear answer", async () => {
+    const c = d.client;
+    await c.createVm(spec("s2"));
+    expect(await outcome(c.createSnapshot("nope", { name: "a" }))).toBe("404 VM_NOT_FOUND");
+    expect(await outcome(c.createSnapshot("s2", { name: "Bad Name" }))).toBe("400 INVALID_REQUEST");
+    expect(await outcome(c.createSnapshot("s2", { name: "a", memory: true }))).toBe("409 VM_STATE");
+    expect(await outcome(c.createSnapshot("s2", { name: "a", colour: "blue" } as never))).toBe("400 INVALID_REQUEST");
+    await c.createSnapshot("s2", { name: "a" });
+    expect(await outcome(c.createSnapshot("s2", { name: "a" }))).toBe("409 SNAPSHOT_EXISTS");
+    expect(await outcome(c.rollbackSnapshot("s2", "zz"))).toBe("404 SNAPSHOT_NOT_FOUND");
+    expect(await outcome(c.removeSnapshot("s2", "zz"))).toBe("404 SNAPSHOT_NOT_FOUND");
+    // A disk added since: rolling back would have to drop it.
+    await c.addDisk("s2", { size: "8M" });
+    expect(await outcome(c.rollbackSnapshot("s2", "a"))).toBe("409 SNAPSHOT_MISMATCH");
+    expect(await outcome(c.cloneVm("s2", { name: "s2" }))).toBe("409 VM_EXISTS");
+    expect(await outcome(c.cloneVm("s2", { name: "x", snapshot: "zz" }))).toBe("404 SNAPSHOT_NOT_FOUND");
+    await c.removeVm("s2");
+    expect(layers(d.home)).toEqual([]);
+  }, 60_000);
+
+  it("clones: linked (an overlay on the snapshot's layer) and full (a flat copy), each a VM of its own that starts", async () => {
+    const c = d.client;
+    await c.createVm(spec("src"));
+    const top = (await disk0(c, "src")).path;
+    expect(qio(top, "write", 0x44)).toBe(true);
+    await c.createSnapshot("src", { name: "gold" });
+    expect(qio(top, "write", 0x55)).toBe(true);
+
+    const linked = await c.cloneVm("src", { name: "lc", snapshot: "gold", start: true });
+    expect(linked.state).toBe("running");
+    const lgold = (await c.getSnapshot("src", "gold")).disks[0]!.layer;
+    expect(linked.disks[0]!.backing).toBe(lgold);
+    const full = await c.cloneVm("src", { name: "fc", snapshot: "gold", full: true });
+    expect(full.state).toBe("defined");
+    expect(full.disks[0]!.backing).toBeUndefined();
+    // Without --snapshot: one is taken now (clone-NEW), with what the disk holds now.
+    const now = await c.cloneVm("src", { name: "nc" });
+    expect((await c.listSnapshots("src")).map((s) => s.name)).toEqual(["gold", "clone-nc"]);
+    await c.stopVm("lc");
+    expect(qio(linked.disks[0]!.path, "read", 0x44)).toBe(true);
+    expect(qio(full.disks[0]!.path, "read", 0x44)).toBe(true);
+    expect(qio(now.disks[0]!.path, "read", 0x55)).toBe(true);
+    expect(checkAll([d.home])).toBeGreaterThanOrEqual(6);
+    const ev = await c.events({ vm: "lc" });
+    expect(ev.map((e) => e.type)).toContain("vm.cloned");
+
+    // The source goes with its snapshots; the layers its clones stand on stay until they go too.
+    await c.removeVm("src");
+    expect(existsSync(lgold)).toBe(true);
+    expect(qio(linked.disks[0]!.path, "read", 0x44)).toBe(true);
+    await c.startVm("lc");
+    await c.removeVm("lc", { force: true });
+    await c.removeVm("nc");
+    expect(existsSync(lgold)).toBe(false);
+    await c.removeVm("fc");
+    expect(layers(d.home)).toEqual([]);
+  }, 120_000);
+
+  describe("a daemon killed in the middle", () => {
+    /** Run `op` on a daemon that dies at `step`, restart it on the same home; the new daemon. */
+    async function killedAt(step: string, op: (c: TypevisorClient) => Promise<unknown>): Promise<TestDaemon> {
+      await d.stop();
+      const dying = await startDaemon({ home: d.home, args: ["--force-kvm", "--allow-files", dir], env: { TYPEVISOR_CRASH_AT: step } });
+      await op(dying.client).then(
+        () => expect.fail(`the daemon did not die at ${step}`),
+        () => undefined,
+      );
+      await dying.stop("SIGKILL");
+      d = await startDaemon({ home: d.home, args: ["--force-kvm", "--allow-files", dir] });
+      return d;
+    }
+
+    /** Files in the VM's directory and the layers directory, temporary ones included. */
+    const files = (vmDir: string): string[] => [...readdirSync(vmDir).filter((f) => f.includes("disk")).sort(), ...layers(d.home)];
+
+    it.each(["snapshot:planned", "snapshot:frozen"])("before its commit (%s): the snapshot undone, the disk as it was", async (step) => {
+      const name = `k-${step.split(":")[1]!}`;
+      await d.client.createVm(spec(name));
+      expect(qio((await disk0(d.client, name)).path, "write", 0x66)).toBe(true);
+      const before = await disk0(d.client, name);
+      const vmDir = (await d.client.getVm(name)).disks[0]!.path.replace(/\/disk0\.qcow2$/, "");
+      const filesBefore = files(vmDir);
+      await killedAt(step, (c) => c.createSnapshot(name, { name: "x" }));
+      expect(await d.client.listSnapshots(name)).toEqual([]);
+      expect(await disk0(d.client, name)).toEqual(before);
+      expect(files(vmDir)).toEqual(filesBefore);
+      expect(statSync(before.path).mode & 0o777).toBe(0o600);
+      expect(qio(before.path, "read", 0x66)).toBe(true);
+      expect(checkAll([d.home])).toBeGreaterThan(0);
+      // and it can be taken again
+      await d.client.createSnapshot(name, { name: "x" });
+      await d.client.removeVm(name);
+    }, 120_000);
+
+    it("after its commit: the snapshot kept", async () => {
+      await d.client.createVm(spec("k-commit"));
+      await killedAt("snapshot:committed", (c) => c.createSnapshot("k-commit", { name: "x" }));
+      const s = await d.client.listSnapshots("k-commit");
+      expect(s.map((x) => [x.name, x.current])).toEqual([["x", true]]);
+      expect(checkAll([d.home])).toBeGreaterThan(0);
+      await d.client.removeVm("k-commit");
+    }, 120_000);
+
+    it.each([
+      ["rollback:planned", 0x22],
+      ["rollback:swapped", 0x22],
+      ["rollback:committed", 0x11],
+    ])("a rollback (%s) of a stopped VM: undone, or finished once committed", async (step, expected) => {
+      const name = `r-${step.split(":")[1]!}`;
+      await d.client.createVm(spec(name));
+      const top = (await disk0(d.client, name)).path;
+      expect(qio(top, "write", 0x11)).toBe(true);
+      await d.client.createSnapshot(name, { name: "a" });
+      expect(qio(top, "write", 0x22)).toBe(true);
+      const vmDir = top.replace(/\/disk0\.qcow2$/, "");
+      await killedAt(step, (c) => c.rollbackSnapshot(name, "a"));
+      expect(qio(top, "read", expected)).toBe(true);
+      expect(files(vmDir).filter((f) => f.endsWith(".tmp") || f.endsWith(".old"))).toEqual([]);
+      expect(checkAll([d.home])).toBeGreaterThan(0);
+      await d.client.removeVm(name);
+      expect(layers(d.home)).toEqual([]);
+    }, 120_000);
+  });
+});
