@@ -462,7 +462,10 @@ export class Snapshots {
     try {
       if (plan.vmState !== "stopped") {
         const dir = plan.memory ? this.stateDir(plan.snapId) : plan.saveDir!;
-        await this.host.startVmm(plan.vm, { dir, paused: plan.vmState === "paused" });
+        await this.host.startVmm(plan.vm, { dir, paused: plan.vmState === "paused" }).catch((e: unknown) => {
+          // The snapshot is there; say so with the failure (the VM is left crashed, its disks on the new overlays).
+          throw new TypevisorError("VM_START_FAILED", `snapshot ${plan.name} was taken, but VM ${plan.vm} did not start again from it: ${(e as Error).message}`, { hint: `typevisor vm start ${plan.vm} boots it; vm snapshot rollback ${plan.vm} ${plan.name} tries the restore again` });
+        });
       }
     } finally {
       if (!plan.memory && plan.saveDir !== undefined) await rm(plan.saveDir, { recursive: true, force: true });
@@ -608,10 +611,67 @@ export class Snapshots {
         this.db.prepare("UPDATE snapshots SET parent = ? WHERE parent = ?").run(s.parent ?? null, s.id);
         this.db.prepare("DELETE FROM snapshots WHERE id = ?").run(s.id);
       })();
+      // A layer one file stands on is merged into that file, when no VMM reads it (then freed by gc).
+      let merged = 0;
+      for (const l of s.disks) if (await this.merge(vm, l)) merged++;
       const freed = await this.gc();
-      this.host.event("vm.snapshot-removed", vm.name, `VM ${vm.name}: snapshot ${name} removed${freed.length > 0 ? ` (${freed.length} file(s) freed)` : " (its disk layers stay: the VM or other snapshots stand on them)"}`, { snapshot: name, id: s.id, freed });
+      const kept = s.disks.length - freed.filter((f) => s.disks.some((l) => l.layer === f)).length;
+      this.host.event(
+        "vm.snapshot-removed", vm.name,
+        `VM ${vm.name}: snapshot ${name} removed${merged > 0 ? ` (${merged} layer(s) merged into the one above)` : ""}${kept > 0 ? ` (${kept} layer(s) kept: more than one disk or snapshot, or a running VM, stands on them)` : ""}`,
+        { snapshot: name, id: s.id, freed, merged },
+      );
       await this.host.removeUnusedBases();
     });
+  }
+
+  /**
+   * Merge layer `l` (of a snapshot being removed) into the one file that stands on it, so it can
+   * be freed: `qemu-img rebase` (safe mode) copies into that file what it read through `l`, then
+   * points it at what is below `l`. Only when exactly one file stands on it, no plan or clone under
+   * way names it, and no VMM reads either (a VM's writable top only of this VM, stopped: we hold
+   * its queue). A daemon killed during the rebase leaves the file's content as it was (each copied
+   * cluster holds what it read through `l`, which is kept: the inventory still names it).
+   */
+  private async merge(vm: VmRow, l: SnapshotLayer): Promise<boolean> {
+    const vms = this.host.store.listVms();
+    const deps: { path: string; top?: VmRow }[] = [];
+    for (const r of vms) for (const d of r.disks) if (chainOf(d)[0] === l.layer) deps.push({ path: d.path, top: r });
+    for (const x of this.allRows()) for (const d of x.disks) if (d.chain[0] === l.layer) deps.push({ path: d.layer });
+    if (deps.length !== 1) return false;
+    const dep = deps[0]!;
+    if (dep.top !== undefined && (dep.top.id !== vm.id || isActive(dep.top.state))) return false;
+    if (vms.some((r) => isActive(r.state) && r.disks.some((d) => [d.path, ...chainOf(d)].includes(l.layer)))) return false;
+    if ([...this.pins.values()].some((f) => f.includes(l.layer)) || this.ops().length > 0) return false;
+    const below = l.chain[0];
+    try {
+      const fmt = below === undefined ? undefined : ((JSON.parse((await run("qemu-img", ["info", "--output=json", "-f", l.format, l.layer], { timeout: 60_000 })).stdout) as { "backing-filename-format"?: string })["backing-filename-format"] ?? "raw");
+      if (dep.top === undefined) chmodSync(dep.path, 0o600);
+      try {
+        await run("qemu-img", ["rebase", "-f", "qcow2", ...(below === undefined ? ["-b", ""] : ["-b", below, "-F", fmt!]), dep.path], { timeout: 3_600_000 });
+      } finally {
+        if (dep.top === undefined) chmodSync(dep.path, 0o444);
+      }
+    } catch (e) {
+      this.host.log.warn({ vm: vm.name, layer: l.layer, err: (e as { stderr?: string; message: string }).stderr ?? (e as Error).message }, "merging a removed snapshot's layer failed: it is kept");
+      return false;
+    }
+    // Nothing names the layer any more: every chain that had it goes on below it.
+    this.db.transaction(() => {
+      for (const r of vms) {
+        if (!r.disks.some((d) => chainOf(d).includes(l.layer))) continue;
+        this.host.store.setDisks(r.name, r.disks.map((d) => {
+          const chain = chainOf(d).filter((f) => f !== l.layer);
+          const { backing: _b, chain: _c, ...rest } = d;
+          return { ...rest, ...(chain[0] !== undefined ? { backing: chain[0], chain } : {}) };
+        }));
+      }
+      for (const x of this.allRows()) {
+        if (!x.disks.some((d) => d.chain.includes(l.layer))) continue;
+        this.db.prepare("UPDATE snapshots SET disks = ? WHERE id = ?").run(JSON.stringify(x.disks.map((d) => ({ ...d, chain: d.chain.filter((f) => f !== l.layer) }))), x.id);
+      }
+    })();
+    return true;
   }
 
   /** A VM removed: its snapshots go with it (their layers stay while a clone stands on them). */

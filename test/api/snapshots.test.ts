@@ -115,10 +115,14 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     // rm: "two" stands on nothing else: its layer goes; "one" has a child and the VM on it: kept.
     await c.removeSnapshot("s1", "two");
     expect(layers(d.home)).toEqual([one.disks[0]!.layer, three.disks[0]!.layer].map((p) => p.split("/").pop()).sort());
+    // "one" has one file on it ("three"'s layer): merged into it (qemu-img rebase), then freed.
     await c.removeSnapshot("s1", "one");
     expect((await c.listSnapshots("s1")).map((s) => [s.name, s.parent ?? null])).toEqual([["three", null]]);
-    expect(layers(d.home)).toHaveLength(2); // the VM's disk still stands on both
+    expect(layers(d.home)).toEqual([three.disks[0]!.layer.split("/").pop()]);
+    expect(statSync(three.disks[0]!.layer).mode & 0o777).toBe(0o444);
     expect(qio(top, "read", 0x11)).toBe(true);
+    expect((await disk0(c, "s1")).backing).toBe(three.disks[0]!.layer);
+    expect(checkAll([d.home])).toBe(2);
     await c.removeVm("s1");
     expect(layers(d.home)).toEqual([]);
   }, 120_000);
