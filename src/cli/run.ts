@@ -6,9 +6,9 @@
  * SIGTERM), 1 when it crashes, 2 for bad input. A guest reboot restarts the
  * VM unless --no-reboot. --exit-file records how the process ended.
  */
-import { existsSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from "node:fs";
+import { existsSync, renameSync, unlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import type { Server } from "node:http";
 import { Option, type Command } from "commander";
 import { TypevisorError } from "../errors.js";
@@ -19,7 +19,8 @@ import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type DeviceSpecs } from "../vmm/device-specs.js";
 import { startControlServer } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
-import { Vm, validateConfig, type VmExitResult } from "../vmm/vm.js";
+import { validateConfig, type Vm, type VmExitResult } from "../vmm/vm.js";
+import { bootVm, readBootPayload, restoreVm, type BootPayload, type MachineConfig, type RestoreOverrides } from "../vmm/builder.js";
 import { ConsolePipe } from "../vmm/console/console-pipe.js";
 import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { parseSize } from "../size.js";
@@ -54,6 +55,12 @@ export interface RunOptions {
   exitFile?: string;
   /** Run on a PVM /dev/kvm instead of refusing or re-running in the lab (purpose-built guests boot there). */
   forceKvm?: boolean;
+  /** Start from this snapshot directory instead of booting. */
+  restore?: string;
+  /** Leave the vCPUs parked once the VM is built (POST /resume starts them). */
+  paused?: boolean;
+  /** A restore keeps the guest clock where it was saved instead of moving it to now. */
+  keepClock?: boolean;
 }
 
 /** How the VMM process ended, as --exit-file records it. */
@@ -109,25 +116,8 @@ function parseRatioArg(name: string, v: string): number {
   return Number(v);
 }
 
-function readInput(path: string, what: string): Uint8Array {
-  try {
-    const st = statSync(path);
-    if (!st.isFile()) throw new TypevisorError("INVALID_ARGUMENT", `${what} ${path} is not a regular file`);
-    return readFileSync(path);
-  } catch (e) {
-    if (e instanceof TypevisorError) throw e;
-    const code = (e as NodeJS.ErrnoException).code;
-    throw new TypevisorError("FILE_NOT_FOUND", `${what} ${path}: ${code === "ENOENT" ? "no such file" : (e as Error).message}`);
-  }
-}
-
-export interface ResolvedBoot {
-  kernel: Uint8Array;
-  initrd?: Uint8Array;
-  cmdline: string;
-}
-
-export async function resolveBoot(o: RunOptions): Promise<ResolvedBoot> {
+/** The kernel, initrd and command line to boot, by path (read by the builder). */
+export function resolveBootPaths(o: RunOptions): NonNullable<MachineConfig["boot"]> {
   if (o.image !== undefined && o.kernel !== undefined) {
     throw new TypevisorError("INVALID_ARGUMENT", "give either --image or --kernel, not both");
   }
@@ -148,16 +138,12 @@ export async function resolveBoot(o: RunOptions): Promise<ResolvedBoot> {
   } else if (o.kernel !== undefined) {
     kernelPath = o.kernel;
   } else {
-    throw new TypevisorError("INVALID_ARGUMENT", "nothing to boot: give --image NAME or --kernel PATH", {
+    throw new TypevisorError("INVALID_ARGUMENT", "nothing to boot: give --image NAME or --kernel PATH (or --restore DIR)", {
       hint: "typevisor image build minimal && typevisor run --image minimal",
     });
   }
   const cmdline = o.cmdline ?? (o.append !== undefined ? `${DEFAULT_CMDLINE} ${o.append}` : DEFAULT_CMDLINE);
-  return {
-    kernel: readInput(kernelPath, "kernel"),
-    ...(initrdPath !== undefined ? { initrd: readInput(initrdPath, "initrd") } : {}),
-    cmdline,
-  };
+  return { kernel: resolve(kernelPath), ...(initrdPath !== undefined ? { initrd: resolve(initrdPath) } : {}), cmdline };
 }
 
 /**
@@ -195,11 +181,9 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
 }
 
 async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code: number; result: RunResult; reason?: string } | -1> {
-  const cpus = parseIntArg("--cpus", o.cpus);
-  const memoryMiB = parseIntArg("--memory", o.memory);
-  const vcpuNice = o.vcpuNice !== undefined ? parseIntArg("--vcpu-nice", o.vcpuNice) : DEFAULT_VCPU_NICE;
-  const memoryOvercommit = o.memoryOvercommit !== undefined ? parseRatioArg("--memory-overcommit", o.memoryOvercommit) : 1;
-  validateConfig({ cpus, memoryMiB, vcpuNice, memoryOvercommit });
+  const restoring = o.restore !== undefined;
+  const vcpuNice = o.vcpuNice !== undefined ? parseIntArg("--vcpu-nice", o.vcpuNice) : undefined;
+  const memoryOvercommit = o.memoryOvercommit !== undefined ? parseRatioArg("--memory-overcommit", o.memoryOvercommit) : undefined;
   const id = o.id !== undefined ? parseVmId(o.id) : undefined;
   if (o.consoleLogSize !== undefined && o.consoleLog === undefined) {
     throw new TypevisorError("INVALID_ARGUMENT", "--console-log-size needs --console-log PATH");
@@ -215,10 +199,34 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
     ...(o.balloon !== undefined ? { balloon: parseBalloonSpec(o.balloon === true ? "" : String(o.balloon)) } : {}),
     ...(o.vsock !== undefined ? { vsock: parseVsockSpec(o.vsock, defaultVsockPath()) } : {}),
   };
-  let firstBoot: ResolvedBoot | undefined = await resolveBoot(o);
-  // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
-  validateKernel({ ...firstBoot, memBytes: memoryMiB * 1024 * 1024 });
-  const cmdline = firstBoot.cmdline;
+  let config: MachineConfig;
+  let firstBoot: BootPayload | undefined;
+  let overrides: RestoreOverrides | undefined;
+  if (restoring) {
+    // The snapshot says what the machine is; only back ends (and how its threads run) may change.
+    for (const [flag, given] of [["--image", o.image], ["--kernel", o.kernel], ["--initrd", o.initrd], ["--cmdline", o.cmdline], ["--append", o.append], ["--balloon", o.balloon]] as const) {
+      if (given !== undefined) throw new TypevisorError("INVALID_ARGUMENT", `${flag} cannot be combined with --restore: the snapshot holds the VM as it was`);
+    }
+    if (o.rng) throw new TypevisorError("INVALID_ARGUMENT", "--rng cannot be combined with --restore: the snapshot holds the VM's devices");
+    overrides = {
+      disks: devices.disks, nets: devices.nets,
+      ...(devices.vsock !== undefined ? { vsock: devices.vsock } : {}),
+      ...(vcpuNice !== undefined ? { vcpuNice } : {}),
+      ...(memoryOvercommit !== undefined ? { memoryOvercommit } : {}),
+    };
+    config = { cpus: 0, memoryMiB: 0, devices }; // replaced by the snapshot's once read (restoreVm)
+  } else {
+    const cpus = parseIntArg("--cpus", o.cpus);
+    const memoryMiB = parseIntArg("--memory", o.memory);
+    validateConfig({ cpus, memoryMiB, vcpuNice: vcpuNice ?? DEFAULT_VCPU_NICE, memoryOvercommit: memoryOvercommit ?? 1 });
+    config = {
+      cpus, memoryMiB, devices, boot: resolveBootPaths(o),
+      vcpuNice: vcpuNice ?? DEFAULT_VCPU_NICE, memoryOvercommit: memoryOvercommit ?? 1,
+    };
+    firstBoot = readBootPayload(config);
+    // Reject a bad kernel, initrd or command line here, before a VM exists or the lab boots.
+    validateKernel({ ...firstBoot, cmdline: config.boot!.cmdline, memBytes: memoryMiB * 1024 * 1024 });
+  }
 
   const kind = kvmHostKind();
   if (kind === "none" && o.forceKvm === true) {
@@ -290,18 +298,23 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
 
   if (kind === "pvm") log("typevisor: --force-kvm: running on this host's PVM /dev/kvm (purpose-built guests only; stock kernels fail)");
   // Say where host programs reach the guest's vsock before anything boots (the console is the guest's after that).
-  if (devices.vsock !== undefined) log(`typevisor: vsock cid=${devices.vsock.cid}: connect to ${devices.vsock.uds} ("CONNECT <port>\n"); guest connections to port P reach ${devices.vsock.uds}_P`);
+  if (devices.vsock !== undefined && !restoring) log(`typevisor: vsock cid=${devices.vsock.cid}: connect to ${devices.vsock.uds} ("CONNECT <port>\n"); guest connections to port P reach ${devices.vsock.uds}_P`);
   // Outside the loop: the API server is created on the first boot and must report later ones.
   let bootCount = 0;
   try {
     for (let boots = 1; ; boots++) {
       bootCount = boots;
-      const vm = new Vm({
-        cpus, memoryMiB, consoleFd, devices, vcpuNice, memoryOvercommit,
-        onPaused: (r) => log(`typevisor: ${r.message}`),
+      const host = { consoleFd, onPaused: (r: { message: string }) => log(`typevisor: ${r.message}`) };
+      let vm: Vm;
+      if (boots === 1 && o.restore !== undefined) {
+        const restored = restoreVm(o.restore, overrides ?? {}, host, { keepClock: o.keepClock === true });
+        vm = restored.vm;
+        config = restored.config;
+        for (const w of vm.restoreWarnings) log(`typevisor: restore: ${w}`);
+      } else {
         // The files are read again for each boot rather than held in the heap for the VM's lifetime.
-        boot: { kind: "linux", ...(firstBoot ?? (await resolveBoot(o))) },
-      });
+        vm = bootVm(config, host, firstBoot);
+      }
       current = vm;
       firstBoot = undefined;
       // A stop (signal or API) that arrived while this VM was being built: it runs no guest code.
@@ -309,7 +322,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       if (o.apiSocket !== undefined && server === undefined) {
         server = await startControlServer(o.apiSocket, {
           // pauseReason: set while the VMM paused the VM by itself (a disk's filesystem is full).
-          info: () => ({ id: id ?? null, state: current?.vmState, cpus, memoryMiB, cmdline, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
+          info: () => ({ id: id ?? null, state: current?.vmState, cpus: config.cpus, memoryMiB: config.memoryMiB, cmdline: config.boot?.cmdline ?? null, restoredFrom: o.restore ?? null, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
           stats: async () => {
             const vmNow = current;
             if (vmNow === undefined) return undefined;
@@ -331,6 +344,10 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
             return current.threads();
           },
           pause: async () => current?.pause(),
+          snapshot: async (req) => {
+            if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
+            return current.snapshot(resolve(req.path), { config, ...(req.memory !== undefined ? { memory: req.memory } : {}) });
+          },
           resume: () => current?.resume(),
           stop: () => {
             stopRequested = true;
@@ -344,7 +361,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       }
       let result: VmExitResult;
       try {
-        result = await vm.run();
+        result = await vm.run(boots === 1 && o.paused === true ? { paused: true } : {});
       } finally {
         vm.destroy();
       }
@@ -386,6 +403,9 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .command("run")
     .description("boot one VM with the typevisor VMM, its serial console on this terminal (Ctrl-A x quits) or, with --console-log/--console-socket, headless")
     .option("--image <name>", "boot an image built with `typevisor image build`")
+    .option("--restore <dir>", "start from a snapshot (POST /snapshot on the API socket) instead of booting: the guest continues where it was; --disk/--net/--vsock replace its back ends in order (a clone's own disk, TAP, MAC, CID)")
+    .option("--paused", "leave the vCPUs stopped once the VM is built (POST /resume on the API socket starts them)", false)
+    .option("--keep-clock", "with --restore: keep the guest's clock where it was saved instead of moving it to now", false)
     .option("--kernel <path>", "kernel to boot: bzImage, or an ELF vmlinux with a PVH entry note")
     .option("--initrd <path>", "initramfs to load with the kernel")
     .option("--cmdline <str>", `kernel command line, replacing the default "${DEFAULT_CMDLINE}"`)

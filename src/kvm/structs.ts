@@ -149,6 +149,17 @@ export function encodeMsrs(entries: readonly MsrEntry[]): Uint8Array {
   return b;
 }
 
+/** The entries of a struct kvm_msrs the kernel filled (its nmsrs says how many it read). */
+export function decodeMsrs(b: Uint8Array, count: number): MsrEntry[] {
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  const out: MsrEntry[] = [];
+  for (let i = 0; i < count; i++) {
+    const off = SIZEOF.kvm_msrs + i * SIZEOF.kvm_msr_entry;
+    out.push({ index: dv.getUint32(off, true), data: dv.getBigUint64(off + 8, true) });
+  }
+  return out;
+}
+
 export interface KvmCpuidEntry {
   function: number;
   index: number;

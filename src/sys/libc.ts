@@ -19,6 +19,9 @@ const openFn = libc.func("int open(const char *path, int flags, int mode)");
 const closeFn = libc.func("int close(int fd)");
 const mmapFn = libc.func("void *mmap(void *addr, size_t len, int prot, int flags, int fd, long off)");
 const munmapFn = libc.func("int munmap(void *addr, size_t len)");
+// The address as an integer: MAP_FIXED places a mapping over a range this process already reserved.
+const mmapAtFn = libc.func("void *mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, long off)");
+const lseekFn = libc.func("int64_t lseek(int fd, int64_t off, int whence)");
 const madviseFn = libc.func("int madvise(void *addr, size_t len, int advice)");
 const writeFn = libc.func("long write(int fd, const void *buf, size_t n)");
 const readFn = libc.func("long read(int fd, void *buf, size_t n)");
@@ -58,6 +61,10 @@ export const MAP_SHARED = 0x01;
 export const MAP_PRIVATE = 0x02;
 export const MAP_ANONYMOUS = 0x20;
 export const MAP_NORESERVE = 0x4000;
+export const MAP_FIXED = 0x10;
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+export const ENXIO = 6;
 export const MADV_DONTFORK = 10;
 export const MADV_MERGEABLE = 12;
 export const MADV_HUGEPAGE = 14;
@@ -163,6 +170,25 @@ export function mmapAligned(length: number, align: number, prot: number, flags: 
   // head < align, so a tail of align - head bytes is always left over past the aligned range.
   check("munmap", munmapFn(pointerAt(start + BigInt(length)), align - head) as number);
   return { pointer: pointerAt(start), address: start, length };
+}
+
+/**
+ * mmap(2) of `fd` at exactly `address` (MAP_FIXED), replacing what was mapped there. Only for a
+ * range the caller reserved itself (mmapAligned): MAP_FIXED over anything else would silently
+ * unmap memory someone else owns.
+ */
+export function mmapFixed(address: bigint, length: number, prot: number, flags: number, fd: number, offset: number): Mapping {
+  const p = mmapAtFn(address, length, prot, flags | MAP_FIXED, fd, offset);
+  const got = koffi.address(p) as bigint;
+  if (got === 0xffff_ffff_ffff_ffffn) throw new SysError("mmap", koffi.errno());
+  if (got !== address) throw new TypevisorError("MMAP", `mmap placed a fixed mapping at 0x${got.toString(16)}, not 0x${address.toString(16)}`);
+  return { pointer: p, address, length };
+}
+
+/** lseek(2); the new offset, or -errno (SEEK_DATA past the last data: -ENXIO). */
+export function lseek(fd: number, off: number, whence: number): number {
+  const r = Number(lseekFn(fd, off, whence) as bigint | number);
+  return r < 0 ? -koffi.errno() : r;
 }
 
 export function munmap(m: Mapping): void {

@@ -14,7 +14,7 @@ import { TypevisorError } from "../errors.js";
 import { formatBytes } from "../size.js";
 import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
 import { CAP, EXIT_NAMES, X2APIC_API } from "../kvm/ioctls.js";
-import { decodeSregs, encodeBootFpu, type KvmRegs } from "../kvm/structs.js";
+import { decodeSregs, encodeBootFpu, type KvmCpuidEntry, type KvmRegs } from "../kvm/structs.js";
 import * as libc from "../sys/libc.js";
 import { writeAcpiTables } from "./arch/x86_64/acpi/tables.js";
 import { loadKernel, type BootCpuState, type BootPlan } from "./arch/x86_64/boot/index.js";
@@ -36,6 +36,11 @@ import { deviceThreadPhase, ioThreadReport, vcpuReport, type DeviceThreadThreads
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
+import { mkdirSync, readdirSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { cpuCaps, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
+import { mapMemoryFile, writeMemoryFile, type RegionSource } from "./snapshot/memory.js";
+import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
 
 import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "./defaults.js";
 import { XAPIC_MAX_CPUS } from "./arch/x86_64/acpi/tables.js";
@@ -65,7 +70,14 @@ const V8_INTERRUPT_BUDGET = 16384;
 export type BootSource =
   | { kind: "linux"; kernel: Uint8Array; initrd?: Uint8Array; cmdline: string }
   /** A tiny test guest: `setup` writes code and returns the boot CPU state. */
-  | { kind: "custom"; setup: (mem: GuestMemory) => BootCpuState };
+  | { kind: "custom"; setup: (mem: GuestMemory) => BootCpuState }
+  /**
+   * A snapshot: guest memory mapped from `memoryFd` (the VM keeps it open and closes it), every
+   * vCPU and the platform as saved. `state` was validated by decodeState; `what` names the
+   * snapshot in errors. `keepClock`: the guest clock continues from the saved time instead of
+   * being moved to now.
+   */
+  | { kind: "snapshot"; state: SnapshotState; memoryFd: number; what: string; keepClock?: boolean };
 
 export interface VmConfig {
   cpus: number;
@@ -245,6 +257,17 @@ export class Vm {
   /** Set while the VM is paused because a disk's filesystem is full; cleared by resume(). */
   private pauseReason_: PauseReason | undefined;
   private inputTimer: NodeJS.Timeout | undefined;
+  /** A restored VM's memory file (each region a private mapping of it), kept open for the VM's life. */
+  private memoryFd: number | undefined;
+  private memorySources: (RegionSource | undefined)[] = [];
+  /** What a restore found KVM would not take back (MSR indices), for the caller to report. */
+  readonly restoreWarnings: string[] = [];
+  /** Saved device state to hand the device thread (a restore). */
+  private restoredDevices: unknown;
+  /** The run state a restored guest was saved in. */
+  private readonly restoredRunState: "running" | "paused" | undefined;
+  /** Each vCPU's CPUID table as set (KVM_SET_CPUID2), for snapshots. */
+  private readonly cpuids: KvmCpuidEntry[][] = [];
 
   /** The configuration minus the boot payload (kernel and initrd are not kept once loaded). */
   readonly config: Omit<VmConfig, "boot">;
@@ -253,10 +276,26 @@ export class Vm {
     const { boot: _payload, ...rest } = config;
     this.config = rest;
     validateConfig(config);
+    const snap = config.boot.kind === "snapshot" ? config.boot : undefined;
+    if (snap !== undefined) {
+      // The VM is built with the saved machine's shape; anything else would not match its state.
+      if (snap.state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${snap.what}: a snapshot without memory (disk-only) cannot be restored by the VMM`);
+      if (config.cpus !== snap.state.config.cpus || config.memoryMiB !== snap.state.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${snap.what}: saved with ${snap.state.config.cpus} vCPUs and ${snap.state.config.memoryMiB} MiB`);
+      this.memoryFd = snap.memoryFd;
+      this.restoredRunState = snap.state.runState;
+    } else this.restoredRunState = undefined;
     this.kvm = new Kvm();
     try {
       validateConfig(config, this.kvm.maxVcpus());
       const supported = this.kvm.supportedCpuid();
+      const tscDeadline = this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
+      if (snap !== undefined) {
+        // Refuse before anything runs when the guest may use a CPU feature this host cannot offer.
+        const missing = new Set(snap.state.vcpus.flatMap((v) => missingCpuFeatures(v.cpuid, filterCpuid(supported, { vcpuId: v.id, cpus: config.cpus, tscDeadline }))));
+        if (missing.size > 0) {
+          throw new TypevisorError("SNAPSHOT_CPU", `${snap.what} was taken on a CPU with features this host's KVM does not offer: ${[...missing].slice(0, 8).join(", ")}${missing.size > 8 ? ` and ${missing.size - 8} more` : ""}`, { hint: "restore it on a host with the same CPU model (or a newer one)" });
+        }
+      }
       checkHostMemory(config.memoryMiB, { memoryBytes: totalmem(), overcommit: config.memoryOvercommit ?? 1, physBits: guestPhysBits(supported) });
       const memBytes = config.memoryMiB * 1024 * 1024;
       this.vm = this.kvm.createVm();
@@ -294,6 +333,15 @@ export class Vm {
         }
         hostRegions.push({ guestPhysAddr: r.start, size: r.size, hostAddress: Number(map.address) });
       }
+      if (snap !== undefined && snap.state.memory !== null) {
+        const layout = snap.state.memory;
+        if (layout.regions.some((r, i) => r.guestPhysAddr !== hostRegions[i]?.guestPhysAddr || r.size !== hostRegions[i]?.size) || layout.regions.length !== hostRegions.length) {
+          throw new TypevisorError("SNAPSHOT_INVALID", `${snap.what}: its memory regions do not match a ${config.memoryMiB} MiB VM's`);
+        }
+        mapMemoryFile(snap.memoryFd, layout, this.mems, snap.what);
+        for (const m of this.mems) libc.madvise(m, libc.MADV_DONTFORK);
+        this.memorySources = layout.regions.map((r) => ({ fd: snap.memoryFd, offset: r.fileOffset }));
+      }
       // Safe to hand to the kernel: each slot is exactly one mapping made above, kept mapped
       // until releaseKvm() closes the VM fd (which drops the slots) before unmapping it.
       hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
@@ -305,8 +353,11 @@ export class Vm {
         vmFd.irqLine(IRQ.COM1, 0);
       }, (b) => libc.writeAll(config.consoleFd, b));
 
-      let boot: BootCpuState;
-      if (config.boot.kind === "linux") {
+      let boot: BootCpuState | undefined;
+      if (config.boot.kind === "snapshot") {
+        // Memory already holds the tables, the kernel and everything the guest did since.
+        this.plan = undefined;
+      } else if (config.boot.kind === "linux") {
         const pci = hasDevices(config.devices);
         const { rsdpAddr } = writeAcpiTables(this.memory, {
           cpus: config.cpus,
@@ -332,20 +383,35 @@ export class Vm {
       this.board = createBoard(config.cpus);
       this.boardRows = Array.from({ length: config.cpus + 1 }, (_, r) => boardRow(this.board, r));
       // The LAPIC is in the kernel (KVM_CREATE_IRQCHIP), so its TSC-deadline mode is KVM's to offer.
-      const tscDeadline = this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
       const runSize = this.kvm.vcpuMmapSize();
       for (let id = 0; id < config.cpus; id++) {
         const vcpu = this.vm.createVcpu(id);
         this.vcpus.push(vcpu);
-        vcpu.setCpuid(filterCpuid(supported, { vcpuId: id, cpus: config.cpus, tscDeadline }));
-        vcpu.setMsrs(bootMsrs());
-        vcpu.setFpu(encodeBootFpu());
-        setLint(vcpu);
+        if (snap !== undefined) {
+          const refused = restoreVcpu(vcpu, snap.state.vcpus[id]!);
+          this.cpuids.push(snap.state.vcpus[id]!.cpuid);
+          if (refused.length > 0) this.restoreWarnings.push(`vCPU ${id}: KVM did not take back MSR ${refused.map((i) => `0x${i.toString(16)}`).join(", ")}`);
+        } else {
+          const cpuid = filterCpuid(supported, { vcpuId: id, cpus: config.cpus, tscDeadline });
+          vcpu.setCpuid(cpuid);
+          this.cpuids.push(cpuid);
+          vcpu.setMsrs(bootMsrs());
+          vcpu.setFpu(encodeBootFpu());
+          setLint(vcpu);
+        }
         const map = libc.mmap(runSize, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, vcpu.fd, 0);
         this.runMaps.push({ map, run: new Uint8Array(libc.view(map.pointer, runSize)) });
       }
-      // Only the boot CPU gets an entry state; APs wait in KVM for INIT/SIPI from the guest.
-      this.setBootState(this.vcpus[0]!, boot);
+      if (snap !== undefined) {
+        restoreVmKvm(this.vm, this.kvm, snap.state.vm!, snap.keepClock === true);
+        this.serial.restore(snap.state.platform!.serial);
+        // Before the first KVM_RUN: the guest's watchdogs see a host pause, not a hung CPU.
+        for (const v of this.vcpus) markClockPaused(v);
+        this.restoredDevices = snap.state.devices;
+      } else {
+        // Only the boot CPU gets an entry state; APs wait in KVM for INIT/SIPI from the guest.
+        this.setBootState(this.vcpus[0]!, boot!);
+      }
     } catch (e) {
       this.releaseKvm();
       throw e;
@@ -450,10 +516,16 @@ export class Vm {
     libc.close(d.eventfd);
   }
 
-  /** Runs the vCPUs; resolves when the guest powers off, resets, crashes, or stop() is called. */
-  async run(): Promise<VmExitResult> {
+  /**
+   * Runs the vCPUs; resolves when the guest powers off, resets, crashes, or stop() is called.
+   * `paused`: the vCPUs start parked (resume() lets them go); a restored VM starts paused when
+   * it was saved paused, unless `paused` is false.
+   */
+  async run(opts: { paused?: boolean } = {}): Promise<VmExitResult> {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
+    const startPaused = opts.paused ?? this.restoredRunState === "paused";
     this.state = "running";
+    if (startPaused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
     // Idempotent, so a rebooted VM in the same process sets it again harmlessly.
     setFlagsFromString(`--interrupt-budget=${V8_INTERRUPT_BUDGET}`);
     libc.installKickHandler();
@@ -466,6 +538,8 @@ export class Vm {
       throw e;
     }
     this.startedAt = Date.now();
+    // The vCPUs park at their first look at the control words; pause()'s callers see "paused" at once.
+    if (startPaused && this.state === "running") this.state = "paused";
     // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
     this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
     this.sampler.unref();
@@ -780,6 +854,64 @@ export class Vm {
     return this.state;
   }
 
+  /**
+   * Save the whole VM into `dir` (which must not exist; its parent must): state.json (every vCPU,
+   * the interrupt controllers, PIT, clock, serial port and devices), config.json, and with
+   * `memory` (the default) guest memory as a sparse file. A running VM is paused meanwhile
+   * and runs again afterwards. The directory appears whole or not at all: everything is
+   * written under a temporary name, synced, then renamed.
+   */
+  async snapshot(dir: string, opts: { memory?: boolean; config: SnapshotConfig }): Promise<{ path: string; ms: number; memoryBytes: number; dataBytes: number }> {
+    if (this.state !== "running" && this.state !== "paused") throw new TypevisorError("VM_STATE", `cannot snapshot a VM that is ${this.state}`);
+    if (this.pauseReason_ !== undefined) throw new TypevisorError("VM_STATE", "the VM is paused for a full disk: free space and resume it first");
+    const started = performance.now();
+    const wasRunning = this.state === "running";
+    const tmp = join(dirname(dir), `.${dir.split("/").pop() ?? "snapshot"}.tmp-${process.pid}`);
+    try {
+      readdirSync(dir);
+      throw new TypevisorError("SNAPSHOT_EXISTS", `${dir} already exists`);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+    }
+    mkdirSync(tmp, { mode: 0o700 });
+    if (wasRunning) await this.pause();
+    try {
+      const withMemory = opts.memory !== false;
+      let devices: unknown = null;
+      // In-flight disk requests complete into the used rings before the devices' state is taken.
+      if (withMemory && this.deviceThread !== undefined) devices = await this.deviceCommand({ command: "snapshot" } as unknown as DeviceRequest);
+      let memory: SnapshotState["memory"] = null;
+      let dataBytes = 0;
+      let vcpus: SnapshotState["vcpus"] = [];
+      let vm: SnapshotState["vm"] = null;
+      let platform: SnapshotState["platform"] = null;
+      if (withMemory) {
+        const msrs = msrsToSave(this.kvm);
+        const caps = cpuCaps(this.kvm);
+        vcpus = this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id]!));
+        vm = saveVmKvm(this.vm);
+        platform = { serial: this.serial.save() };
+        const written = writeMemoryFile(join(tmp, SNAPSHOT_FILES.memory), this.memory.hostRegions, this.memorySources);
+        memory = written.layout;
+        dataBytes = written.dataBytes;
+      }
+      const state: SnapshotState = {
+        version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState: wasRunning ? "running" : "paused",
+        config: opts.config, memory, vcpus, vm, platform, devices,
+      };
+      writeSynced(join(tmp, SNAPSHOT_FILES.state), encodeState(state));
+      writeSynced(join(tmp, SNAPSHOT_FILES.config), Buffer.from(JSON.stringify(opts.config, null, 2) + "\n"));
+      renameSync(tmp, dir);
+      syncDir(dirname(dir));
+      return { path: dir, ms: Math.round(performance.now() - started), memoryBytes: memory?.bytes ?? 0, dataBytes };
+    } catch (e) {
+      rmSync(tmp, { recursive: true, force: true });
+      throw e;
+    } finally {
+      if (wasRunning && this.state === "paused") this.resume();
+    }
+  }
+
   private releaseKvm(): void {
     for (const { map } of this.runMaps) libc.munmap(map);
     this.runMaps.length = 0;
@@ -800,5 +932,27 @@ export class Vm {
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
     this.stopSampler();
     this.releaseKvm();
+    // Only now: a constructor that failed leaves the memory file to whoever opened it.
+    if (this.memoryFd !== undefined) closeSync(this.memoryFd);
+    this.memoryFd = undefined;
   }
+}
+
+function writeSynced(path: string, data: Uint8Array): void {
+  writeFileSync(path, data, { mode: 0o600, flag: "wx" });
+  syncPath(path);
+}
+
+function syncPath(path: string): void {
+  const fd = openSync(path, "r");
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** fsync a directory, so a rename in it survives a crash. */
+function syncDir(path: string): void {
+  syncPath(path);
 }

@@ -64,6 +64,7 @@ async function serve(vm: Vm, name: string): Promise<{ sock: string; server: Serv
     balloon: () => Promise.reject(new Error("no balloon")),
     threads: () => vm.threads(),
     pause: () => vm.pause(),
+    snapshot: () => Promise.reject(new Error("no snapshots here")),
     resume: () => vm.resume(),
     stop: () => vm.stop(),
     reboot: () => vm.reset(),

@@ -8,6 +8,10 @@
  *                  the VMM paused the VM because a disk's filesystem is full (null otherwise)
  *   GET  /stats    vCPU exits by reason, uptime, memory, disk/network I/O counters
  *   POST /pause    park every vCPU (interrupts KVM_RUN)
+ *   POST /snapshot {"path": DIR, "memory"?: bool}  save the whole VM into DIR (must not exist):
+ *                  state.json, config.json and (unless memory is false) the memory file; a
+ *                  running VM is paused meanwhile and runs on afterwards. 200 {path, ms,
+ *                  memoryBytes, dataBytes}; `typevisor run --restore DIR` starts from it
  *   POST /resume
  *   POST /stop     stop the VM; the VMM process then exits
  *   POST /reboot   reset the guest as its own reboot would (restarted, or exit with --no-reboot)
@@ -47,6 +51,8 @@ export interface ControlTarget {
    */
   threads(): Promise<unknown>;
   pause(): Promise<void>;
+  /** Save the VM into `path` (Vm.snapshot). */
+  snapshot(req: { path: string; memory?: boolean }): Promise<unknown>;
   resume(): void;
   stop(): void;
   /** Host-initiated reset (VM_STATE when there is no running VM). */
@@ -63,7 +69,7 @@ function problem(res: ServerResponse, status: number, code: string, detail: stri
   send(res, status, { type: `urn:typevisor:error:${code}`, title: code, status, code, detail }, "application/problem+json");
 }
 
-const STATE_ERRORS = new Set(["VM_STATE"]);
+const STATE_ERRORS = new Set(["VM_STATE", "SNAPSHOT_EXISTS", "DISK_HELD"]);
 /** Errors that mean the request itself was wrong (400), not the VM's state. */
 const INPUT_ERRORS = new Set(["BALLOON_TARGET", "INVALID_REQUEST", "NO_BALLOON", "NO_DEVICES"]);
 const MAX_BODY = 4096;
@@ -124,6 +130,14 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
         case "POST /pause":
           await target.pause();
           return send(res, 200, { ok: true });
+        case "POST /snapshot": {
+          const body = (await readJson(req)) as { path?: unknown; memory?: unknown } | undefined;
+          const path = body?.path;
+          if (typeof path !== "string" || path === "" || path.length > 4096 || path.includes("\0") || (body?.memory !== undefined && typeof body.memory !== "boolean")) {
+            return problem(res, 400, "INVALID_REQUEST", 'body must be {"path": "<directory to create>", "memory"?: true|false}');
+          }
+          return send(res, 200, await target.snapshot({ path, ...(typeof body?.memory === "boolean" ? { memory: body.memory } : {}) }));
+        }
         case "POST /resume":
           target.resume();
           return send(res, 200, { ok: true });
@@ -139,7 +153,7 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
       }
     };
     handle().catch((e: unknown) => {
-      if (isTypevisorError(e)) problem(res, STATE_ERRORS.has(e.code) ? 409 : INPUT_ERRORS.has(e.code) ? 400 : 500, e.code, e.message);
+      if (isTypevisorError(e)) problem(res, STATE_ERRORS.has(e.code) ? 409 : INPUT_ERRORS.has(e.code) ? 400 : e.code === "DISK_FULL" ? 507 : 500, e.code, e.message);
       else problem(res, 500, "INTERNAL", "internal error");
     });
   });

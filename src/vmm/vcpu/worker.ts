@@ -136,6 +136,19 @@ function handleIo(out: boolean, size: number, ioPort: number, count: number, dat
   }
 }
 
+/**
+ * Finish the port or MMIO access the last exit left half-done before parking: KVM completes it
+ * (writes a read's data into the guest register, moves RIP past the instruction) only on the
+ * next KVM_RUN, and keeps that pending step in no state userspace can read, so a snapshot taken
+ * before it would lose it (KVM API §5 "kvm_run", immediate_exit). With immediate_exit set,
+ * KVM_RUN completes it and returns EINTR without running guest code.
+ */
+function completePending(): void {
+  run.immediateExit = 1;
+  libc.ioctlRaw(init.vcpuFd, KVM.RUN, 0);
+  run.immediateExit = 0;
+}
+
 type LoopEnd = { request: VmRequestCode; reason: string; dump?: string };
 
 /** Why an exit that the loop does not serve ends the run. */
@@ -165,6 +178,7 @@ function loop(): LoopEnd {
     const req = Atomics.load(ctrl, CTRL.REQUEST) as VmRequestCode;
     if (req !== VmRequest.NONE) return { request: req, reason: "requested" };
     if (Atomics.load(ctrl, CTRL.PAUSE) === 1) {
+      completePending();
       enterStamped(row, withPhase(word, PHASE.paused));
       Atomics.add(ctrl, CTRL.PAUSED, 1);
       Atomics.notify(ctrl, CTRL.PAUSED);

@@ -1,0 +1,142 @@
+/**
+ * Where a VM is assembled: the one place that turns a machine description into a running Vm,
+ * with two entries, a cold boot (`bootVm`) and a snapshot (`restoreVm`). `typevisor run`, a
+ * guest's reboot and a restore all come through here; the CLI only parses flags into a
+ * MachineConfig.
+ */
+import { closeSync, openSync, readFileSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { TypevisorError } from "../errors.js";
+import type { DeviceSpecs } from "./device-specs.js";
+import { decodeState, MAX_STATE_BYTES, SNAPSHOT_FILES, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
+import { Vm, type PauseReason } from "./vm.js";
+
+/** A VM's whole description as plain data (what a snapshot's config.json holds). */
+export type MachineConfig = SnapshotConfig;
+
+/** What the host side provides, whichever way the VM is made. */
+export interface VmHost {
+  consoleFd: number;
+  onPaused?: (reason: PauseReason) => void;
+}
+
+/** Kernel and initrd already read (the first boot reads them once to validate them). */
+export interface BootPayload {
+  kernel: Uint8Array;
+  initrd?: Uint8Array;
+}
+
+function readInput(path: string, what: string): Uint8Array {
+  try {
+    const st = statSync(path);
+    if (!st.isFile()) throw new TypevisorError("INVALID_ARGUMENT", `${what} ${path} is not a regular file`);
+    return readFileSync(path);
+  } catch (e) {
+    if (e instanceof TypevisorError) throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new TypevisorError("FILE_NOT_FOUND", `${what} ${path}: ${code === "ENOENT" ? "no such file" : (e as Error).message}`);
+  }
+}
+
+/** The kernel and initrd of `config.boot`, read now. */
+export function readBootPayload(config: MachineConfig): BootPayload {
+  if (config.boot === undefined) throw new TypevisorError("INVALID_ARGUMENT", "this VM has no kernel to boot (it was restored from a snapshot that names none)");
+  return {
+    kernel: readInput(config.boot.kernel, "kernel"),
+    ...(config.boot.initrd !== undefined ? { initrd: readInput(config.boot.initrd, "initrd") } : {}),
+  };
+}
+
+/** A VM that boots `config.boot`'s kernel (read now unless `payload` has it). */
+export function bootVm(config: MachineConfig, host: VmHost, payload?: BootPayload): Vm {
+  const p = payload ?? readBootPayload(config);
+  return new Vm({
+    ...shape(config), ...host,
+    boot: { kind: "linux", kernel: p.kernel, ...(p.initrd !== undefined ? { initrd: p.initrd } : {}), cmdline: config.boot!.cmdline },
+  });
+}
+
+function shape(config: MachineConfig): { cpus: number; memoryMiB: number; devices: DeviceSpecs; vcpuNice?: number; memoryOvercommit?: number } {
+  return {
+    cpus: config.cpus, memoryMiB: config.memoryMiB, devices: config.devices,
+    ...(config.vcpuNice !== undefined ? { vcpuNice: config.vcpuNice } : {}),
+    ...(config.memoryOvercommit !== undefined ? { memoryOvercommit: config.memoryOvercommit } : {}),
+  };
+}
+
+/** Back ends a restore puts in place of the snapshot's (a clone's own disk, TAP, MAC, CID); each list replaces the saved one in order. */
+export interface RestoreOverrides {
+  disks?: DeviceSpecs["disks"];
+  nets?: DeviceSpecs["nets"];
+  vsock?: DeviceSpecs["vsock"];
+  vcpuNice?: number;
+  memoryOvercommit?: number;
+}
+
+/** A snapshot directory's state, read and validated (nothing built yet). */
+export function readSnapshot(dir: string): SnapshotState {
+  const path = join(dir, SNAPSHOT_FILES.state);
+  let bytes: Buffer;
+  try {
+    const st = statSync(path);
+    if (!st.isFile()) throw new TypevisorError("SNAPSHOT_INVALID", `${path} is not a regular file`);
+    if (st.size > MAX_STATE_BYTES) throw new TypevisorError("SNAPSHOT_INVALID", `${path}: ${st.size} bytes, more than a state file can be`);
+    bytes = readFileSync(path);
+  } catch (e) {
+    if (e instanceof TypevisorError) throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new TypevisorError("SNAPSHOT_NOT_FOUND", `${dir}: ${code === "ENOENT" ? "not a snapshot (no state.json)" : (e as Error).message}`);
+  }
+  return decodeState(bytes, path);
+}
+
+/** The saved configuration with `o`'s back ends in place of the saved ones (same count and kinds). */
+export function applyOverrides(saved: MachineConfig, o: RestoreOverrides): MachineConfig {
+  const devices = { ...saved.devices };
+  if (o.disks !== undefined && o.disks.length > 0) {
+    if (o.disks.length !== saved.devices.disks.length) throw new TypevisorError("SNAPSHOT_MISMATCH", `the snapshot has ${saved.devices.disks.length} disks; --disk was given ${o.disks.length} times`);
+    devices.disks = o.disks;
+  }
+  if (o.nets !== undefined && o.nets.length > 0) {
+    if (o.nets.length !== saved.devices.nets.length) throw new TypevisorError("SNAPSHOT_MISMATCH", `the snapshot has ${saved.devices.nets.length} network devices; --net was given ${o.nets.length} times`);
+    devices.nets = o.nets;
+  }
+  if (o.vsock !== undefined) {
+    if (saved.devices.vsock === undefined) throw new TypevisorError("SNAPSHOT_MISMATCH", "the snapshot has no vsock device");
+    devices.vsock = o.vsock;
+  }
+  return {
+    ...saved, devices,
+    ...(o.vcpuNice !== undefined ? { vcpuNice: o.vcpuNice } : {}),
+    ...(o.memoryOvercommit !== undefined ? { memoryOvercommit: o.memoryOvercommit } : {}),
+  };
+}
+
+/**
+ * A VM restored from the snapshot in `dir`: its memory mapped from the snapshot's file (loaded
+ * as the guest touches it), every vCPU and device as saved. Bad input (a damaged or foreign
+ * snapshot, a CPU that lacks what the guest used) fails here, before any vCPU runs.
+ */
+export function restoreVm(dir: string, overrides: RestoreOverrides, host: VmHost, opts: { keepClock?: boolean } = {}): { vm: Vm; config: MachineConfig; state: SnapshotState } {
+  const state = readSnapshot(dir);
+  if (state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${dir}: a snapshot without memory (disk-only) cannot be restored into a running VM; boot its disk instead`);
+  const config = applyOverrides(state.config, overrides);
+  const memPath = join(dir, SNAPSHOT_FILES.memory);
+  let fd: number;
+  try {
+    fd = openSync(memPath, "r");
+  } catch (e) {
+    throw new TypevisorError("SNAPSHOT_INVALID", `${memPath}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "missing" : (e as Error).message}`);
+  }
+  try {
+    const vm = new Vm({
+      ...shape(config), ...host,
+      boot: { kind: "snapshot", state, memoryFd: fd, what: dir, ...(opts.keepClock === true ? { keepClock: true } : {}) },
+    });
+    return { vm, config, state };
+  } catch (e) {
+    // The Vm owns the fd only once built.
+    closeSync(fd);
+    throw e;
+  }
+}
