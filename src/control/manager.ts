@@ -773,6 +773,12 @@ export class VmManager extends EventEmitter {
       throw new TypevisorError("VM_START_FAILED", `VM ${name} did not start: ${why}`, { hint: `its VMM log: ${p.vmmLog}` });
     }
     if (this.row(name).state !== "starting") return this.get(name); // stopped/crashed meanwhile
+    if (restore !== undefined && !restore.paused) {
+      // A state saved paused (the daemon pauses a VM before saving it: snapshots.ts) comes back
+      // paused; this restore asks for it running.
+      const c = new VmmClient(p.apiSocket);
+      if ((await c.info()).state === "paused") await c.resume();
+    }
     if (restore?.paused === true) {
       this.setState(name, "paused");
       this.event("vm.paused", name, `VM ${name} restored paused (pid ${pid})`, { pid });

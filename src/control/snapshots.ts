@@ -84,7 +84,7 @@ export const snapshotInfo = z.object({
   memory: z.boolean().describe("a saved memory and device state goes with it: rollback and clones find the VM running"),
   vmState: z.enum(["running", "paused", "stopped"]).describe("the VM's state when it was taken"),
   sizeBytes: z.number().describe("bytes its disk layers and saved state take on the host"),
-  current: z.boolean().describe("the VM's disks stand on it now (taken last, or rolled back to)"),
+  current: z.boolean().describe("the VM stands on it now: taken last, or rolled back to (the next snapshot's parent)"),
   disks: z.array(z.object({ name: z.string(), layer: z.string(), format: z.enum(["raw", "qcow2"]), sizeBytes: z.number(), allocatedBytes: z.number() })),
 });
 export const snapshotList = z.object({ snapshots: z.array(snapshotInfo) });
@@ -175,7 +175,11 @@ interface SnapshotPlan {
   parent?: string;
   memory: boolean;
   vmState: SavedState;
-  /** Where the VMM saves: the snapshot's state (memory) or a state only for the VMM's restart (disk-only). */
+  /**
+   * Where the VMM saves (`snapshots/<op>.op/state`, in a directory of the plan's own, where the
+   * VMM also makes its temporary one): the snapshot's state (memory), or a state only for the
+   * VMM's restart (disk-only).
+   */
   saveDir?: string;
   phase: "begun" | "saved" | "committed" | "reverted";
   swaps: DiskSwap[];
@@ -303,10 +307,15 @@ export class Snapshots {
     this.db.prepare("DELETE FROM snapshot_ops WHERE id = ?").run(id);
   }
 
-  /** The VM's snapshot its disks stand on now (disk 0's top is an overlay on its layer). */
+  /** The snapshot the VM stands on now: taken last, or rolled back to (the next one's parent). */
   private currentOf(vm: VmRow, rows: SnapshotRow[]): SnapshotRow | undefined {
-    const below = vm.disks[0] !== undefined ? chainOf(vm.disks[0])[0] : undefined;
-    return below === undefined ? undefined : rows.find((s) => s.disks[0]?.layer === below);
+    const head = this.db.prepare("SELECT snapshot_id FROM snapshot_heads WHERE vm_id = ?").get(vm.id) as { snapshot_id: string } | undefined;
+    return head === undefined ? undefined : rows.find((s) => s.id === head.snapshot_id);
+  }
+
+  private setHead(vmId: string, snapId: string | undefined): void {
+    if (snapId === undefined) this.db.prepare("DELETE FROM snapshot_heads WHERE vm_id = ?").run(vmId);
+    else this.db.prepare("INSERT INTO snapshot_heads (vm_id, snapshot_id) VALUES (?, ?) ON CONFLICT(vm_id) DO UPDATE SET snapshot_id = excluded.snapshot_id").run(vmId, snapId);
   }
 
   private info(vm: VmRow, s: SnapshotRow, rows: SnapshotRow[], current: SnapshotRow | undefined): SnapshotInfo {
@@ -354,7 +363,7 @@ export class Snapshots {
       for (const w of plan.swaps) for (const f of [w.top, w.newTop, w.tmp, w.backing, ...w.chain, w.layer, w.trash]) if (f !== undefined) keep.add(f);
       if (plan.kind === "snapshot") {
         keep.add(this.stateDir(plan.snapId));
-        if (plan.saveDir !== undefined) keep.add(plan.saveDir);
+        if (plan.saveDir !== undefined) keep.add(dirname(plan.saveDir));
       }
       if (plan.kind === "rollback" && plan.restore !== undefined) keep.add(plan.restore.dir);
     }
@@ -392,7 +401,7 @@ export class Snapshots {
       ...(spec.description !== undefined ? { description: spec.description } : {}),
       ...(parent !== undefined ? { parent: parent.id } : {}),
       memory, vmState,
-      ...(hasVmm ? { saveDir: memory ? `${this.stateDir(snapId)}.tmp` : join(this.statesDir(), `${opId}.resume`) } : {}),
+      ...(hasVmm ? { saveDir: join(this.statesDir(), `${opId}.op`, "state") } : {}),
       phase: "begun",
       swaps: vm.disks.map((d) => {
         const index = diskIndexOf(d.path);
@@ -413,7 +422,7 @@ export class Snapshots {
     let vmmEnded = false;
     try {
       if (hasVmm) {
-        mkdirSync(this.statesDir(), { recursive: true, mode: 0o700 });
+        mkdirSync(dirname(plan.saveDir!), { recursive: true, mode: 0o700 });
         const client = new VmmClient(vmPaths(this.host.home, vm.id).apiSocket);
         // Paused before the save and kept so until the VMM is gone: nothing the guest does after
         // the saved moment may reach the disk that is frozen with it.
@@ -445,6 +454,7 @@ export class Snapshots {
           .prepare("INSERT INTO snapshots (id, vm_id, name, parent, created_at, description, memory, vm_state, size_bytes, disks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
           .run(snapId, vm.id, spec.name, parent?.id ?? null, new Date().toISOString(), spec.description ?? null, memory ? 1 : 0, vmState, size, JSON.stringify(layers));
         this.host.store.setDisks(vm.name, disks);
+        this.setHead(vm.id, snapId);
         this.saveOp(opId, plan);
       })();
       crashPoint("snapshot:committed");
@@ -468,7 +478,7 @@ export class Snapshots {
         });
       }
     } finally {
-      if (!plan.memory && plan.saveDir !== undefined) await rm(plan.saveDir, { recursive: true, force: true });
+      if (plan.saveDir !== undefined) await rm(dirname(plan.saveDir), { recursive: true, force: true });
       this.deleteOp(opId);
     }
   }
@@ -487,7 +497,7 @@ export class Snapshots {
     } catch (e) {
       this.host.log.error({ vm: plan.vm, err: (e as Error).message }, "the VMM did not come back after a failed snapshot");
     } finally {
-      if (plan.saveDir !== undefined) rmSync(plan.saveDir, { recursive: true, force: true });
+      if (plan.saveDir !== undefined) rmSync(dirname(plan.saveDir), { recursive: true, force: true });
       this.deleteOp(opId);
     }
   }
@@ -582,6 +592,7 @@ export class Snapshots {
     plan.phase = "committed";
     this.db.transaction(() => {
       this.host.store.setDisks(vm.name, disks);
+      this.setHead(vm.id, plan.snapId);
       this.saveOp(opId, plan);
     })();
     crashPoint("rollback:committed");
@@ -610,6 +621,8 @@ export class Snapshots {
       this.db.transaction(() => {
         this.db.prepare("UPDATE snapshots SET parent = ? WHERE parent = ?").run(s.parent ?? null, s.id);
         this.db.prepare("DELETE FROM snapshots WHERE id = ?").run(s.id);
+        // The VM stood on it: it now stands on what it was taken on.
+        if (this.currentOf(vm, [s])?.id === s.id) this.setHead(vm.id, s.parent);
       })();
       // A layer one file stands on is merged into that file, when no VMM reads it (then freed by gc).
       let merged = 0;
@@ -678,6 +691,7 @@ export class Snapshots {
   forgetVm(vmId: string): void {
     this.db.transaction(() => {
       this.db.prepare("DELETE FROM snapshots WHERE vm_id = ?").run(vmId);
+      this.db.prepare("DELETE FROM snapshot_heads WHERE vm_id = ?").run(vmId);
       this.db.prepare("DELETE FROM snapshot_ops WHERE vm_id = ?").run(vmId);
     })();
   }

@@ -70,7 +70,7 @@ describe("inventory (a real SQLite file)", () => {
     expect(after.pragma("user_version", { simple: true })).toBe(SCHEMA_VERSION);
     expect(SCHEMA_VERSION).toBe(6);
     const tables = (after.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all() as { name: string }[]).map((t) => t.name);
-    for (const t of ["alert_rules", "audit", "metrics", "pools", "snapshot_ops", "snapshots", "tokens", "users"]) expect(tables).toContain(t);
+    for (const t of ["alert_rules", "audit", "metrics", "pools", "snapshot_heads", "snapshot_ops", "snapshots", "tokens", "users"]) expect(tables).toContain(t);
     after.close();
   });
 

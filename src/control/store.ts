@@ -184,7 +184,8 @@ const MIGRATIONS: Record<number, string> = {
     );
   `,
   // Snapshots (snapshots.ts, docs/snapshots.md): each VM's snapshots with their frozen disk layers
-  // (JSON) and whether a saved memory state goes with them; snapshot_ops holds the plan of a
+  // (JSON) and whether a saved memory state goes with them; snapshot_heads the one each VM stands on
+  // (taken last or rolled back to: the next one's parent); snapshot_ops holds the plan of a
   // snapshot, rollback or clone under way, written before any file is touched, so a daemon
   // killed midway finishes or undoes it at its next start.
   6: `
@@ -200,6 +201,10 @@ const MIGRATIONS: Record<number, string> = {
       size_bytes INTEGER NOT NULL,
       disks TEXT NOT NULL,
       UNIQUE (vm_id, name)
+    );
+    CREATE TABLE snapshot_heads (
+      vm_id TEXT PRIMARY KEY,
+      snapshot_id TEXT NOT NULL
     );
     CREATE TABLE snapshot_ops (
       id TEXT PRIMARY KEY,

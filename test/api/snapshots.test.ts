@@ -15,9 +15,9 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { TypevisorClient } from "../../src/api/client.js";
 import { qemuCheck } from "../../src/vmm/disk/test-disk.js";
-import { BIN, startDaemon, type TestDaemon } from "../helpers/daemon.js";
+import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
 import { outcome } from "../helpers/thrown.js";
-import { writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 
 const hasKvm = existsSync("/dev/kvm");
 const hasQemu = spawnSync("qemu-io", ["--version"]).status === 0;
@@ -184,6 +184,75 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     await c.removeVm("fc");
     expect(layers(d.home)).toEqual([]);
   }, 120_000);
+
+  /** Type into a VM's serial console through the daemon; resolves once the tiny guest echoes it back. */
+  async function echoes(c: TypevisorClient, vm: string, text: string): Promise<void> {
+    const con = await c.attachConsole(vm);
+    let seen = "";
+    con.on("data", (b: Buffer) => (seen += b.toString()));
+    con.write(text);
+    try {
+      await until(`${vm} echoing ${text}`, () => seen.includes(text) || undefined);
+    } finally {
+      con.destroy();
+    }
+  }
+  const banners = async (c: TypevisorClient, vm: string) => (await c.console(vm)).toString().split(TINY_KERNEL_BANNER).length - 1;
+
+  // Without disks: the VMM saves a VM with virtio devices once the device thread can (issue 15).
+  it("snapshots a running VM with its memory: it goes on without a boot; rollback and a clone run from the saved moment", async () => {
+    const c = d.client;
+    const first = await c.createVm(spec("run1", { diskSize: undefined }), { start: true });
+    await until("banner", async () => (await banners(c, "run1")) >= 1 || undefined);
+    await echoes(c, "run1", "before-1");
+    const boots = await banners(c, "run1");
+
+    const s = await c.createSnapshot("run1", { name: "m1" });
+    expect(s).toMatchObject({ memory: true, vmState: "running", current: true });
+    expect(s.sizeBytes).toBeGreaterThan(0);
+    expect(existsSync(join(d.home, "snapshots", s.id, "state.json"))).toBe(true);
+    const after = await c.getVm("run1");
+    // A new VMM, restored on the new overlay: the guest answers, and did not boot again.
+    expect(after.state).toBe("running");
+    expect(after.pid).not.toBe(first.pid);
+    await echoes(c, "run1", "after-2");
+    expect(await banners(c, "run1")).toBe(boots);
+
+    // Disk-only of a running VM: it runs on, its saved state for the restart thrown away.
+    const dOnly = await c.createSnapshot("run1", { name: "d1", memory: false });
+    expect(dOnly).toMatchObject({ memory: false, vmState: "running", parent: "m1" });
+    expect((await c.getVm("run1")).state).toBe("running");
+    expect(readdirSync(join(d.home, "snapshots"))).toEqual([s.id]);
+    await echoes(c, "run1", "after-3");
+
+    // A paused VM is saved paused, and comes back paused.
+    await c.pauseVm("run1");
+    const p = await c.createSnapshot("run1", { name: "p1" });
+    expect(p).toMatchObject({ memory: true, vmState: "paused" });
+    expect((await c.getVm("run1")).state).toBe("paused");
+    await c.resumeVm("run1");
+
+    // Rollback to the memory snapshot, from a stopped VM: running again, from the saved moment.
+    await c.stopVm("run1");
+    const back = await c.rollbackSnapshot("run1", "m1");
+    expect(back.state).toBe("running");
+    await echoes(c, "run1", "rolled-4");
+    expect(await banners(c, "run1")).toBe(boots);
+    expect((await c.rollbackSnapshot("run1", "p1")).state).toBe("paused");
+    // Rollback to the disk-only one boots.
+    expect((await c.rollbackSnapshot("run1", "d1")).state).toBe("running");
+    await until("a new boot", async () => (await banners(c, "run1")) > boots || undefined);
+
+    // A clone of the memory snapshot runs at once, without a boot of its own.
+    const clone = await c.cloneVm("run1", { name: "run1-c", snapshot: "m1" });
+    expect(clone.state).toBe("running");
+    await echoes(c, "run1-c", "clone-5");
+    expect(await banners(c, "run1-c")).toBe(0);
+    expect((await c.events({ vm: "run1" })).map((e) => e.type)).toEqual(expect.arrayContaining(["vm.snapshot-created", "vm.rolled-back"]));
+    await c.removeVm("run1-c", { force: true });
+    await c.removeVm("run1", { force: true });
+    expect(existsSync(join(d.home, "snapshots")) ? readdirSync(join(d.home, "snapshots")) : []).toEqual([]);
+  }, 180_000);
 
   describe("a daemon killed in the middle", () => {
     /** Run `op` on a daemon that dies at `step`, restart it on the same home; the new daemon. */
