@@ -290,6 +290,37 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       await d.client.removeVm(name);
     }, 120_000);
 
+    it.each([
+      ["snapshot:saved", false],
+      ["snapshot:vmm-ended", false],
+      ["snapshot:committed", true],
+    ] as const)("a snapshot of a running VM (%s): the VM runs on from the saved moment, without a boot", async (step, kept) => {
+      const name = `m-${step.split(":")[1]!}`;
+      await d.client.createVm(spec(name, { diskSize: undefined }), { start: true });
+      await until("banner", async () => (await banners(d.client, name)) >= 1 || undefined);
+      await echoes(d.client, name, "one");
+      await killedAt(step, (c) => c.createSnapshot(name, { name: "x" }));
+      // Re-attached (its VMM was paused for the save: resumed), or started from the state saved for it.
+      await until(`${name} running again`, async () => (await d.client.getVm(name)).state === "running" || undefined, 30_000);
+      await echoes(d.client, name, "two");
+      expect(await banners(d.client, name)).toBe(1);
+      expect((await d.client.listSnapshots(name)).map((x) => x.name)).toEqual(kept ? ["x"] : []);
+      await until("the plan's files gone", () => readdirSync(join(d.home, "snapshots")).filter((f) => f.endsWith(".op")).length === 0 || undefined);
+      await d.client.removeVm(name, { force: true });
+    }, 120_000);
+
+    it("a rollback of a running VM whose VMM was already stopped: finished", async () => {
+      await d.client.createVm(spec("m-rb", { diskSize: undefined }), { start: true });
+      await until("banner", async () => (await banners(d.client, "m-rb")) >= 1 || undefined);
+      await d.client.createSnapshot("m-rb", { name: "x" });
+      await killedAt("rollback:vmm-ended", (c) => c.rollbackSnapshot("m-rb", "x"));
+      await until("m-rb running again", async () => (await d.client.getVm("m-rb")).state === "running" || undefined, 30_000);
+      await echoes(d.client, "m-rb", "back");
+      expect(await banners(d.client, "m-rb")).toBe(1);
+      expect((await d.client.events({ vm: "m-rb" })).map((e) => e.type)).toContain("vm.rolled-back");
+      await d.client.removeVm("m-rb", { force: true });
+    }, 120_000);
+
     it("after its commit: the snapshot kept", async () => {
       await d.client.createVm(spec("k-commit"));
       await killedAt("snapshot:committed", (c) => c.createSnapshot("k-commit", { name: "x" }));
