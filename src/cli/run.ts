@@ -17,7 +17,7 @@ import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type DeviceSpecs } from "../vmm/device-specs.js";
-import { startControlServer } from "../vmm/api/server.js";
+import { startControlServer, type ControlTarget, type SwitchableTarget } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
 import { validateConfig, type Vm, type VmExitResult } from "../vmm/vm.js";
 import { bootVm, readBootPayload, restoreVm, type BootPayload, type MachineConfig, type RestoreOverrides } from "../vmm/builder.js";
@@ -61,6 +61,10 @@ export interface RunOptions {
   paused?: boolean;
   /** A restore keeps the guest clock where it was saved instead of moving it to now. */
   keepClock?: boolean;
+  /** Wait on --api-socket for PUT /restore instead of booting (standby.ts). */
+  standby?: boolean;
+  /** Not flags: a standby VMM's API server, which this run answers on instead of opening its own, and who to tell once the VM is built. */
+  attach?: { target: SwitchableTarget; onBuilt: () => void };
 }
 
 /** How the VMM process ended, as --exit-file records it. */
@@ -243,6 +247,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
 
   let current: Vm | undefined;
   let server: Server | undefined;
+  let served = false;
   let stopRequested = false;
   // Headless: the console is a pipe fanned out to the log and socket; the terminal stays out of it.
   const headless = o.consoleLog !== undefined || o.consoleSocket !== undefined;
@@ -319,8 +324,9 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       firstBoot = undefined;
       // A stop (signal or API) that arrived while this VM was being built: it runs no guest code.
       if (stopRequested) vm.stop();
-      if (o.apiSocket !== undefined && server === undefined) {
-        server = await startControlServer(o.apiSocket, {
+      if (o.apiSocket !== undefined && server === undefined && !served) {
+        served = true;
+        const target: ControlTarget = {
           // pauseReason: set while the VMM paused the VM by itself (a disk's filesystem is full).
           info: () => ({ id: id ?? null, state: current?.vmState, cpus: config.cpus, memoryMiB: config.memoryMiB, cmdline: config.boot?.cmdline ?? null, restoredFrom: o.restore ?? null, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
           stats: async () => {
@@ -357,7 +363,12 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
             if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
             current.reset();
           },
-        });
+        };
+        if (o.attach !== undefined) {
+          // A standby VMM: its socket now answers for this VM.
+          o.attach.target.current = target;
+          o.attach.onBuilt();
+        } else server = await startControlServer(o.apiSocket, target);
       }
       let result: VmExitResult;
       try {
@@ -428,8 +439,10 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--exit-file <path>", 'on exit, write {"code","result":"poweroff|stopped|reset|crash|error","reason"?,"at"} here atomically')
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
+    .option("--standby", "start a VMM ahead of need: wait on --api-socket for PUT /restore {\"snapshot\": DIR, ...} and become that VM (docs/snapshots.md)", false)
     .action(async (opts: RunOptions, cmd: Command) => {
-      const code = await runCommand(opts, (l) => process.stderr.write(l + "\n"));
+      const log = (l: string): void => void process.stderr.write(l + "\n");
+      const code = opts.standby === true ? await (await import("./standby.js")).standbyCommand(opts, log) : await runCommand(opts, log);
       if (code === -1) {
         process.exitCode = await onLab(cmd.parent?.args ?? []);
       } else {

@@ -77,7 +77,12 @@ export type BootSource =
    * snapshot in errors. `keepClock`: the guest clock continues from the saved time instead of
    * being moved to now.
    */
-  | { kind: "snapshot"; state: SnapshotState; memoryFd: number; what: string; keepClock?: boolean };
+  | { kind: "snapshot"; state: SnapshotState; memoryFd: number; what: string; keepClock?: boolean }
+  /**
+   * A VM arriving by live migration: memory starts empty (zero) and is filled by the caller,
+   * then applyState() puts the vCPUs and devices in place before run().
+   */
+  | { kind: "incoming" };
 
 export interface VmConfig {
   cpus: number;
@@ -265,7 +270,9 @@ export class Vm {
   /** Saved device state to hand the device thread (a restore). */
   private restoredDevices: unknown;
   /** The run state a restored guest was saved in. */
-  private readonly restoredRunState: "running" | "paused" | undefined;
+  private restoredRunState: "running" | "paused" | undefined;
+  /** Built for a state that applyState() has not put in place yet (a restore or an incoming migration). */
+  private awaitingState: boolean;
   /** Each vCPU's CPUID table as set (KVM_SET_CPUID2), for snapshots. */
   private readonly cpuids: KvmCpuidEntry[][] = [];
 
@@ -282,20 +289,14 @@ export class Vm {
       if (snap.state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${snap.what}: a snapshot without memory (disk-only) cannot be restored by the VMM`);
       if (config.cpus !== snap.state.config.cpus || config.memoryMiB !== snap.state.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${snap.what}: saved with ${snap.state.config.cpus} vCPUs and ${snap.state.config.memoryMiB} MiB`);
       this.memoryFd = snap.memoryFd;
-      this.restoredRunState = snap.state.runState;
-    } else this.restoredRunState = undefined;
+    }
     this.kvm = new Kvm();
     try {
       validateConfig(config, this.kvm.maxVcpus());
       const supported = this.kvm.supportedCpuid();
       const tscDeadline = this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
-      if (snap !== undefined) {
-        // Refuse before anything runs when the guest may use a CPU feature this host cannot offer.
-        const missing = new Set(snap.state.vcpus.flatMap((v) => missingCpuFeatures(v.cpuid, filterCpuid(supported, { vcpuId: v.id, cpus: config.cpus, tscDeadline }))));
-        if (missing.size > 0) {
-          throw new TypevisorError("SNAPSHOT_CPU", `${snap.what} was taken on a CPU with features this host's KVM does not offer: ${[...missing].slice(0, 8).join(", ")}${missing.size > 8 ? ` and ${missing.size - 8} more` : ""}`, { hint: "restore it on a host with the same CPU model (or a newer one)" });
-        }
-      }
+      // Refuse before anything is built when the guest may use a CPU feature this host cannot offer.
+      if (snap !== undefined) this.checkCpu(snap.state, snap.what, supported, tscDeadline);
       checkHostMemory(config.memoryMiB, { memoryBytes: totalmem(), overcommit: config.memoryOvercommit ?? 1, physBits: guestPhysBits(supported) });
       const memBytes = config.memoryMiB * 1024 * 1024;
       this.vm = this.kvm.createVm();
@@ -354,7 +355,8 @@ export class Vm {
       }, (b) => libc.writeAll(config.consoleFd, b));
 
       let boot: BootCpuState | undefined;
-      if (config.boot.kind === "snapshot") {
+      this.awaitingState = config.boot.kind === "snapshot" || config.boot.kind === "incoming";
+      if (this.awaitingState) {
         // Memory already holds the tables, the kernel and everything the guest did since.
         this.plan = undefined;
       } else if (config.boot.kind === "linux") {
@@ -374,9 +376,11 @@ export class Vm {
         });
         this.plan = plan;
         boot = plan.cpu;
-      } else {
+      } else if (config.boot.kind === "custom") {
         this.plan = undefined;
         boot = config.boot.setup(this.memory);
+      } else {
+        this.plan = undefined;
       }
 
       this.stats = new SharedArrayBuffer(config.cpus * STAT_SLOTS * 8);
@@ -387,11 +391,7 @@ export class Vm {
       for (let id = 0; id < config.cpus; id++) {
         const vcpu = this.vm.createVcpu(id);
         this.vcpus.push(vcpu);
-        if (snap !== undefined) {
-          const refused = restoreVcpu(vcpu, snap.state.vcpus[id]!);
-          this.cpuids.push(snap.state.vcpus[id]!.cpuid);
-          if (refused.length > 0) this.restoreWarnings.push(`vCPU ${id}: KVM did not take back MSR ${refused.map((i) => `0x${i.toString(16)}`).join(", ")}`);
-        } else {
+        if (!this.awaitingState) {
           const cpuid = filterCpuid(supported, { vcpuId: id, cpus: config.cpus, tscDeadline });
           vcpu.setCpuid(cpuid);
           this.cpuids.push(cpuid);
@@ -403,12 +403,8 @@ export class Vm {
         this.runMaps.push({ map, run: new Uint8Array(libc.view(map.pointer, runSize)) });
       }
       if (snap !== undefined) {
-        restoreVmKvm(this.vm, this.kvm, snap.state.vm!, snap.keepClock === true);
-        this.serial.restore(snap.state.platform!.serial);
-        // Before the first KVM_RUN: the guest's watchdogs see a host pause, not a hung CPU.
-        for (const v of this.vcpus) markClockPaused(v);
-        this.restoredDevices = snap.state.devices;
-      } else {
+        this.applyState(snap.state, { what: snap.what, ...(snap.keepClock !== undefined ? { keepClock: snap.keepClock } : {}) });
+      } else if (!this.awaitingState) {
         // Only the boot CPU gets an entry state; APs wait in KVM for INIT/SIPI from the guest.
         this.setBootState(this.vcpus[0]!, boot!);
       }
@@ -416,6 +412,57 @@ export class Vm {
       this.releaseKvm();
       throw e;
     }
+  }
+
+  private checkCpu(state: SnapshotState, what: string, supported: KvmCpuidEntry[], tscDeadline: boolean): void {
+    const missing = new Set(state.vcpus.flatMap((v) => missingCpuFeatures(v.cpuid, filterCpuid(supported, { vcpuId: v.id, cpus: state.config.cpus, tscDeadline }))));
+    if (missing.size > 0) {
+      throw new TypevisorError("SNAPSHOT_CPU", `${what} was taken on a CPU with features this host's KVM does not offer: ${[...missing].slice(0, 8).join(", ")}${missing.size > 8 ? ` and ${missing.size - 8} more` : ""}`, { hint: "restore it on a host with the same CPU model (or a newer one)" });
+    }
+  }
+
+  /**
+   * Put a saved or migrated VM's state in place (vCPUs, interrupt controllers, PIT, clock, UART;
+   * the devices when the device thread starts), once, before run(). Guest memory must hold the
+   * same moment's contents already. The order is the one KVM needs (snapshot/cpu.ts).
+   */
+  applyState(state: SnapshotState, opts: { what: string; keepClock?: boolean }): void {
+    if (!this.awaitingState || this.state !== "created") throw new TypevisorError("VM_STATE", "state can be applied once, to a VM built for it, before it runs");
+    if (state.vm === null || state.platform === null || state.vcpus.length !== this.vcpus.length) throw new TypevisorError("SNAPSHOT_INVALID", `${opts.what}: no vCPU state to restore`);
+    if (state.config.cpus !== this.config.cpus || state.config.memoryMiB !== this.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${opts.what}: saved with ${state.config.cpus} vCPUs and ${state.config.memoryMiB} MiB`);
+    this.checkCpu(state, opts.what, this.kvm.supportedCpuid(), this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0);
+    this.awaitingState = false;
+    for (const vcpu of this.vcpus) {
+      const saved = state.vcpus[vcpu.id]!;
+      const refused = restoreVcpu(vcpu, saved);
+      this.cpuids[vcpu.id] = saved.cpuid;
+      if (refused.length > 0) this.restoreWarnings.push(`vCPU ${vcpu.id}: KVM did not take back MSR ${refused.map((i) => `0x${i.toString(16)}`).join(", ")}`);
+    }
+    restoreVmKvm(this.vm, this.kvm, state.vm, opts.keepClock === true);
+    this.serial.restore(state.platform.serial);
+    // Before the first KVM_RUN: the guest's watchdogs see a host pause, not a hung CPU.
+    for (const v of this.vcpus) markClockPaused(v);
+    this.restoredDevices = state.devices;
+    this.restoredRunState = state.runState;
+  }
+
+  /**
+   * Everything but memory, as a snapshot holds it: every vCPU, the VM's in-kernel devices, the
+   * UART and the device thread's state (in-flight disk requests completed first). Only while
+   * paused: KVM's getters would wait for a running vCPU.
+   */
+  async captureState(config: SnapshotConfig, runState: "running" | "paused"): Promise<Omit<SnapshotState, "memory">> {
+    if (this.state !== "paused") throw new TypevisorError("VM_STATE", `the VM must be paused to capture its state (it is ${this.state})`);
+    const devices = this.deviceThread !== undefined ? await this.deviceCommand({ command: "snapshot" } as unknown as DeviceRequest) : null;
+    const msrs = msrsToSave(this.kvm);
+    const caps = cpuCaps(this.kvm);
+    return {
+      version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState, config,
+      vcpus: this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id]!)),
+      vm: saveVmKvm(this.vm),
+      platform: { serial: this.serial.save() },
+      devices,
+    };
   }
 
   private setBootState(vcpu: VcpuFd, boot: BootCpuState): void {
@@ -523,6 +570,7 @@ export class Vm {
    */
   async run(opts: { paused?: boolean } = {}): Promise<VmExitResult> {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
+    if (this.awaitingState) throw new TypevisorError("VM_STATE", "this VM waits for its state (applyState) before it can run");
     const startPaused = opts.paused ?? this.restoredRunState === "paused";
     this.state = "running";
     if (startPaused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
@@ -876,29 +924,18 @@ export class Vm {
     mkdirSync(tmp, { mode: 0o700 });
     if (wasRunning) await this.pause();
     try {
-      const withMemory = opts.memory !== false;
-      let devices: unknown = null;
-      // In-flight disk requests complete into the used rings before the devices' state is taken.
-      if (withMemory && this.deviceThread !== undefined) devices = await this.deviceCommand({ command: "snapshot" } as unknown as DeviceRequest);
-      let memory: SnapshotState["memory"] = null;
+      const runState = wasRunning ? "running" : "paused";
+      let state: SnapshotState;
       let dataBytes = 0;
-      let vcpus: SnapshotState["vcpus"] = [];
-      let vm: SnapshotState["vm"] = null;
-      let platform: SnapshotState["platform"] = null;
-      if (withMemory) {
-        const msrs = msrsToSave(this.kvm);
-        const caps = cpuCaps(this.kvm);
-        vcpus = this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id]!));
-        vm = saveVmKvm(this.vm);
-        platform = { serial: this.serial.save() };
+      if (opts.memory !== false) {
+        const captured = await this.captureState(opts.config, runState);
         const written = writeMemoryFile(join(tmp, SNAPSHOT_FILES.memory), this.memory.hostRegions, this.memorySources);
-        memory = written.layout;
         dataBytes = written.dataBytes;
+        state = { ...captured, memory: written.layout };
+      } else {
+        state = { version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState, config: opts.config, memory: null, vcpus: [], vm: null, platform: null, devices: null };
       }
-      const state: SnapshotState = {
-        version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState: wasRunning ? "running" : "paused",
-        config: opts.config, memory, vcpus, vm, platform, devices,
-      };
+      const memory = state.memory;
       writeSynced(join(tmp, SNAPSHOT_FILES.state), encodeState(state));
       writeSynced(join(tmp, SNAPSHOT_FILES.config), Buffer.from(JSON.stringify(opts.config, null, 2) + "\n"));
       renameSync(tmp, dir);

@@ -152,6 +152,53 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     }
   }, 60_000);
 
+  it("a standby VMM becomes the snapshot's VM on PUT /restore, on the same socket", async () => {
+    const d = mkdtempSync(join(dir, "standby-"));
+    const api = join(d, "api.sock");
+    const sock = join(d, "c.sock");
+    const child = spawn(process.execPath, [BIN, "run", "--standby", "--force-kvm", "--no-lab", "--api-socket", api], { stdio: ["ignore", "pipe", "pipe"] });
+    let err = "";
+    child.stderr.on("data", (b: Buffer) => (err += b.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+    try {
+      await until("the standby socket", () => existsSync(api));
+      expect((await unixApi(api, "GET", "/vm")).body.state).toBe("standby");
+      expect((await unixApi(api, "POST", "/pause")).status).toBe(409);
+      expect((await unixApi(api, "PUT", "/restore", { snapshot: snap, bogus: 1 })).status).toBe(400);
+      const r = await unixApi(api, "PUT", "/restore", { snapshot: snap, consoleSocket: sock, id: "from-standby" });
+      expect(r.status, `${JSON.stringify(r.body)} ${err}`).toBe(200);
+      const vm = (await unixApi(api, "GET", "/vm")).body;
+      expect(vm.state).toBe("running");
+      expect(vm.id).toBe("from-standby");
+      const c = await consoleClient(sock);
+      c.sock.write("standby");
+      await until("the echo", () => c.text().includes("standby"));
+      // Only once: the VMM is a VM now.
+      expect((await unixApi(api, "PUT", "/restore", { snapshot: snap })).status).toBe(409);
+      c.sock.destroy();
+      expect((await unixApi(api, "POST", "/stop")).status).toBe(202);
+      expect(await exited).toBe(0);
+    } finally {
+      child.kill("SIGKILL");
+    }
+  }, 60_000);
+
+  it("a standby VMM answers a bad snapshot with the error and exits 2", async () => {
+    const d = mkdtempSync(join(dir, "standby-bad-"));
+    const api = join(d, "api.sock");
+    const child = spawn(process.execPath, [BIN, "run", "--standby", "--force-kvm", "--no-lab", "--api-socket", api], { stdio: ["ignore", "pipe", "pipe"] });
+    const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+    try {
+      await until("the standby socket", () => existsSync(api));
+      const r = await unixApi(api, "PUT", "/restore", { snapshot: join(dir, "nowhere") });
+      expect(r.status).toBe(400);
+      expect(r.body.code).toBe("SNAPSHOT_NOT_FOUND");
+      expect(await exited).toBe(2);
+    } finally {
+      child.kill("SIGKILL");
+    }
+  }, 60_000);
+
   function damaged(name: string, change: (d: string) => void): string {
     const d = join(dir, name);
     cpSync(snap, d, { recursive: true });

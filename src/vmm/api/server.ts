@@ -12,6 +12,10 @@
  *                  state.json, config.json and (unless memory is false) the memory file; a
  *                  running VM is paused meanwhile and runs on afterwards. 200 {path, ms,
  *                  memoryBytes, dataBytes}; `typevisor run --restore DIR` starts from it
+ *   PUT  /restore  (a standby VMM only, `run --standby`) {"snapshot": DIR, "id"?, "consoleLog"?,
+ *                  "consoleSocket"?, "exitFile"?, "disks"?: [SPEC], "nets"?: [SPEC], "vsock"?: SPEC,
+ *                  "paused"?: bool, "keepClock"?: bool}: become the VM saved in DIR, on this same
+ *                  socket; answers 200 once the VM is built (its errors as for `run --restore`)
  *   POST /resume
  *   POST /stop     stop the VM; the VMM process then exits
  *   POST /reboot   reset the guest as its own reboot would (restarted, or exit with --no-reboot)
@@ -57,6 +61,31 @@ export interface ControlTarget {
   stop(): void;
   /** Host-initiated reset (VM_STATE when there is no running VM). */
   reboot(): void;
+  /** Only a standby VMM (`run --standby`): become the VM in a snapshot; answers once it is built. */
+  restore?(body: unknown): Promise<unknown>;
+}
+
+/**
+ * A target that can be swapped while the server keeps listening: a standby VMM answers on its
+ * socket as "standby" and then, on the same socket, as the VM it became.
+ */
+export class SwitchableTarget implements ControlTarget {
+  constructor(public current: ControlTarget) {}
+  info(): unknown { return this.current.info(); }
+  stats(): Promise<unknown> { return this.current.stats(); }
+  registers(): unknown { return this.current.registers(); }
+  devices(): Promise<unknown> { return this.current.devices(); }
+  balloon(method: "GET" | "PUT" | "POST", body?: { pages: number }): Promise<unknown> { return this.current.balloon(method, body); }
+  threads(): Promise<unknown> { return this.current.threads(); }
+  pause(): Promise<void> { return this.current.pause(); }
+  snapshot(req: { path: string; memory?: boolean }): Promise<unknown> { return this.current.snapshot(req); }
+  resume(): void { this.current.resume(); }
+  stop(): void { this.current.stop(); }
+  reboot(): void { this.current.reboot(); }
+  restore(body: unknown): Promise<unknown> {
+    if (this.current.restore === undefined) return Promise.reject(new TypevisorError("VM_STATE", "this VMM already runs a VM: PUT /restore is for a standby VMM"));
+    return this.current.restore(body);
+  }
 }
 
 function send(res: ServerResponse, status: number, body: unknown, type = "application/json"): void {
@@ -71,8 +100,11 @@ function problem(res: ServerResponse, status: number, code: string, detail: stri
 
 const STATE_ERRORS = new Set(["VM_STATE", "SNAPSHOT_EXISTS", "DISK_HELD"]);
 /** Errors that mean the request itself was wrong (400), not the VM's state. */
-const INPUT_ERRORS = new Set(["BALLOON_TARGET", "INVALID_REQUEST", "NO_BALLOON", "NO_DEVICES"]);
-const MAX_BODY = 4096;
+const INPUT_ERRORS = new Set([
+  "BALLOON_TARGET", "INVALID_REQUEST", "NO_BALLOON", "NO_DEVICES", "INVALID_ARGUMENT", "INVALID_DEVICE",
+  "SNAPSHOT_INVALID", "SNAPSHOT_NOT_FOUND", "SNAPSHOT_MISMATCH", "SNAPSHOT_CPU",
+]);
+const MAX_BODY = 16384;
 
 /** A small JSON body (bounded: this socket is a control API, not an upload endpoint). */
 function readJson(req: IncomingMessage): Promise<unknown> {
@@ -137,6 +169,10 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
             return problem(res, 400, "INVALID_REQUEST", 'body must be {"path": "<directory to create>", "memory"?: true|false}');
           }
           return send(res, 200, await target.snapshot({ path, ...(typeof body?.memory === "boolean" ? { memory: body.memory } : {}) }));
+        }
+        case "PUT /restore": {
+          if (target.restore === undefined) return problem(res, 409, "VM_STATE", "this VMM is not a standby VMM");
+          return send(res, 200, await target.restore(await readJson(req)));
         }
         case "POST /resume":
           target.resume();

@@ -1,0 +1,108 @@
+/**
+ * `typevisor run --standby --api-socket S`: a VMM process started ahead of need. Node, the
+ * VMM's modules and KVM access are ready; it waits on S for `PUT /restore {"snapshot": DIR,
+ * ...}` and then becomes that VM exactly as `run --restore DIR` would, answering on the same
+ * socket. A supervisor keeps a few of these so that creating a VM from a snapshot does not wait
+ * for a process to start (docs/snapshots.md "Standby VMMs").
+ */
+import { z } from "zod";
+import { TypevisorError } from "../errors.js";
+import { startControlServer, SwitchableTarget, type ControlTarget } from "../vmm/api/server.js";
+import { Kvm, kvmHostKind } from "../kvm/kvm.js";
+import { runCommand, type RunOptions } from "./run.js";
+
+const pathString = z.string().min(1).max(4096).refine((s) => !s.includes("\0"), "no NUL bytes");
+
+/** PUT /restore's body: the snapshot and this VM's own back ends and files. */
+export const RestoreRequestSchema = z.strictObject({
+  snapshot: pathString,
+  id: z.string().max(63).optional(),
+  consoleLog: pathString.optional(),
+  consoleLogSize: z.string().max(16).optional(),
+  consoleSocket: pathString.optional(),
+  exitFile: pathString.optional(),
+  disks: z.array(z.string().max(4096)).max(64).optional(),
+  nets: z.array(z.string().max(128)).max(64).optional(),
+  vsock: z.string().max(4096).optional(),
+  paused: z.boolean().optional(),
+  keepClock: z.boolean().optional(),
+});
+
+const notYet = (): never => {
+  throw new TypevisorError("VM_STATE", "this VMM is on standby: it has no VM until PUT /restore");
+};
+
+export async function standbyCommand(o: RunOptions, log: (line: string) => void): Promise<number> {
+  if (o.apiSocket === undefined) throw new TypevisorError("INVALID_ARGUMENT", "--standby needs --api-socket (where PUT /restore arrives)");
+  for (const [flag, given] of [["--image", o.image], ["--kernel", o.kernel], ["--restore", o.restore], ["--console-log", o.consoleLog], ["--console-socket", o.consoleSocket], ["--exit-file", o.exitFile], ["--vsock", o.vsock]] as const) {
+    if (given !== undefined) throw new TypevisorError("INVALID_ARGUMENT", `${flag} cannot be combined with --standby: PUT /restore says what the VM is`);
+  }
+  if (o.disk.length > 0 || o.net.length > 0) throw new TypevisorError("INVALID_ARGUMENT", "--disk/--net cannot be combined with --standby: PUT /restore names the back ends");
+  // Checked now, so a host without usable KVM fails at standby, not at the restore.
+  const kind = kvmHostKind();
+  if (kind !== "hardware" && !(kind === "pvm" && o.forceKvm === true)) {
+    throw new TypevisorError("KVM_UNSUITABLE", kind === "pvm" ? "this host's /dev/kvm is PVM: --standby runs only where a restored guest can (or with --force-kvm for purpose-built guests)" : "this host has no /dev/kvm");
+  }
+  new Kvm().close();
+  let chosen: ((r: { opts: RunOptions; built: () => void; failed: (e: unknown) => void }) => void) | undefined;
+  const request = new Promise<{ opts: RunOptions; built: () => void; failed: (e: unknown) => void }>((resolve) => (chosen = resolve));
+  const standby: ControlTarget = {
+    info: () => ({ state: "standby", pid: process.pid }),
+    stats: async () => notYet(),
+    registers: notYet,
+    devices: async () => notYet(),
+    balloon: async () => notYet(),
+    threads: async () => notYet(),
+    pause: async () => notYet(),
+    snapshot: async () => notYet(),
+    resume: notYet,
+    stop: () => {
+      process.exitCode = 0;
+      server.close();
+      chosen = undefined;
+      process.exit(0);
+    },
+    reboot: notYet,
+    restore: (body: unknown) => {
+      const r = RestoreRequestSchema.safeParse(body);
+      if (!r.success) {
+        const first = r.error.issues[0];
+        return Promise.reject(new TypevisorError("INVALID_REQUEST", `PUT /restore: ${first?.path.join(".") || "body"}: ${first?.message ?? "invalid"}`));
+      }
+      const take = chosen;
+      if (take === undefined) return Promise.reject(new TypevisorError("VM_STATE", "a restore is already under way"));
+      chosen = undefined;
+      const b = r.data;
+      const opts: RunOptions = {
+        ...o, standby: false, restore: b.snapshot, disk: b.disks ?? [], net: b.nets ?? [],
+        ...(b.id !== undefined ? { id: b.id } : {}),
+        ...(b.consoleLog !== undefined ? { consoleLog: b.consoleLog } : {}),
+        ...(b.consoleLogSize !== undefined ? { consoleLogSize: b.consoleLogSize } : {}),
+        ...(b.consoleSocket !== undefined ? { consoleSocket: b.consoleSocket } : {}),
+        ...(b.exitFile !== undefined ? { exitFile: b.exitFile } : {}),
+        ...(b.vsock !== undefined ? { vsock: b.vsock } : {}),
+        paused: b.paused === true, keepClock: b.keepClock === true,
+      };
+      return new Promise((resolve, reject) => take({ opts, built: () => resolve({ ok: true, pid: process.pid }), failed: reject }));
+    },
+  };
+  const target = new SwitchableTarget(standby);
+  const server = await startControlServer(o.apiSocket, target);
+  log(`typevisor: on standby at ${o.apiSocket} (PUT /restore)`);
+  const onSignal = (): void => process.exit(0);
+  process.once("SIGTERM", onSignal);
+  process.once("SIGINT", onSignal);
+  const req = await request;
+  process.off("SIGTERM", onSignal);
+  process.off("SIGINT", onSignal);
+  try {
+    return await runCommand({ ...req.opts, attach: { target, onBuilt: req.built } }, log);
+  } catch (e) {
+    req.failed(e);
+    // Answered on the socket; the process ends as a failed restore would.
+    await new Promise((r) => setTimeout(r, 50));
+    throw e;
+  } finally {
+    server.close();
+  }
+}
