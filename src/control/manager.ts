@@ -19,7 +19,7 @@ import { z } from "zod";
 import { TypevisorError } from "../errors.js";
 import { imagePaths, imagesDir } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
-import { spawnVmm, type VmmLaunch } from "../engine/native.js";
+import { diskArg, netArg, spawnVmm, type VmmLaunch } from "../engine/native.js";
 import { VmmClient } from "../engine/vmm-client.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { DEFAULT_CMDLINE, vmmOverheadBytes } from "../vmm/defaults.js";
@@ -40,6 +40,7 @@ import { AlertEngine, AlertRules, type AlertChange, type AlertRule, type AlertRu
 import { Webhooks, type WebhookStatus } from "./webhooks.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
 import { Snapshots, chainOf } from "./snapshots.js";
+import { StandbyPool } from "./standby.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
 export interface ManagerConfig {
@@ -63,6 +64,8 @@ export interface ManagerConfig {
   alertWebhooks?: string[];
   /** The first retry's delay; each next one doubles (default 1 s). */
   webhookRetryBaseMs?: number;
+  /** Standby VMMs kept ready for restores (standby.ts); default 1 where KVM is hardware, else 0. */
+  standbyVmms?: number;
 }
 
 /** Biggest disk we will create: far past any host here, well short of a typo's 10^18. */
@@ -161,6 +164,8 @@ export class VmManager extends EventEmitter {
   private readonly poolReservations = new Set<{ pool: string; bytes: number }>();
   /** Snapshots, rollback and clones (snapshots.ts). */
   readonly snapshots: Snapshots;
+  /** VMMs started ahead of need, which restores take (standby.ts); none kept when its size is 0. */
+  readonly standby: StandbyPool;
 
   constructor(readonly config: ManagerConfig) {
     super();
@@ -200,6 +205,8 @@ export class VmManager extends EventEmitter {
       insertVm: (row) => this.store.insertVm(row),
       removeUnusedBases: () => this.removeUnusedBases(),
     });
+    const standbys = config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0);
+    this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger });
   }
 
   // ---- queries ------------------------------------------------------------
@@ -263,13 +270,13 @@ export class VmManager extends EventEmitter {
     return this.store.events(opts);
   }
 
-  host(): ResourceReport & { cgroups: CgroupSupport; vms: Record<VmState, number> } {
+  host(): ResourceReport & { cgroups: CgroupSupport; vms: Record<VmState, number>; standbyVmms: { size: number; ready: number } } {
     const host = discoverHost(this.config.home);
     // Memory and disk are read now; CPU is the average over the last usage interval.
     const { used } = hostUsed(this.config.home);
     const vms: Record<VmState, number> = { defined: 0, starting: 0, running: 0, paused: 0, stopping: 0, stopped: 0, crashed: 0 };
     for (const r of this.store.listVms()) vms[r.state]++;
-    return { ...report(host, this.config.policy, this.allocated(), { ...used, cpus: this.hostCpuUsed }), cgroups: this.cgroups, vms };
+    return { ...report(host, this.config.policy, this.allocated(), { ...used, cpus: this.hostCpuUsed }), cgroups: this.cgroups, vms, standbyVmms: { size: this.standby.size, ready: this.standby.ready() } };
   }
 
   /** CPU and memory of VMs that hold a VMM; disk of every VM. */
@@ -738,7 +745,9 @@ export class VmManager extends EventEmitter {
       }
     }
 
-    const child = spawnVmm(launch);
+    // A restore takes a standby VMM when one is ready (no process start to wait for).
+    const adopted = restore !== undefined ? await this.fromStandby(launch, cgroup) : undefined;
+    const child = adopted?.child ?? spawnVmm(launch);
     const pid = child.pid;
     if (pid === undefined) {
       cgroup?.remove();
@@ -755,6 +764,8 @@ export class VmManager extends EventEmitter {
     this.store.updateVm(name, {
       runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}) },
     });
+    // Recorded: the VM's now (until here the pool's pid file had it, for a daemon killed meanwhile).
+    if (adopted !== undefined) rmSync(adopted.pidFile, { force: true });
     try {
       await new VmmClient(p.apiSocket).waitReady(Date.now() + this.config.startTimeoutMs, () => !live.dead);
     } catch (e) {
@@ -787,6 +798,34 @@ export class VmManager extends EventEmitter {
     this.setState(name, "running");
     this.event("vm.running", name, `VM ${name} running (pid ${pid})`, { pid });
     return this.get(name);
+  }
+
+  /**
+   * A restore through a standby VMM (standby.ts): `PUT /restore` with what `run --restore` would
+   * be given, then its socket and log renamed into the VM's places (a listening unix socket keeps
+   * working under its new name: connect(2) finds it by path). Undefined when none is ready, or
+   * the restore failed there (that standby is ended, and the caller spawns as usual, which says why).
+   */
+  private async fromStandby(l: VmmLaunch, cgroup: VmCgroup | undefined): Promise<{ child: ChildProcess; pidFile: string } | undefined> {
+    const sb = l.restore !== undefined ? this.standby.take() : undefined;
+    if (sb === undefined || l.restore === undefined) return undefined;
+    try {
+      // Before the restore: guest memory it touches is charged to the VM's cgroup, not the daemon's.
+      cgroup?.addProcess(sb.pid);
+      await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
+        snapshot: l.restore.dir, id: l.id, consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
+        disks: l.disks.map(diskArg), nets: l.nets.map(netArg), paused: l.restore.paused,
+      });
+      renameSync(sb.socket, l.apiSocket);
+      if (existsSync(l.vmmLog)) renameSync(l.vmmLog, `${l.vmmLog}.1`);
+      renameSync(sb.log, l.vmmLog);
+      return { child: sb.child, pidFile: sb.pidFile };
+    } catch (e) {
+      this.log.warn({ vm: l.id, err: (e as Error).message }, "a restore through a standby VMM failed; starting a VMM for it");
+      kill(sb.pid);
+      for (const f of [sb.socket, sb.log, sb.pidFile]) rmSync(f, { force: true });
+      return undefined;
+    }
   }
 
   /**
@@ -1116,6 +1155,9 @@ export class VmManager extends EventEmitter {
     await Promise.all(this.store.listVms().filter((r) => isActive(r.state)).map((r) => this.reattachOne(r)));
     await this.snapshots.finishRecovery(followUps);
     await this.sweepOrphans();
+    // A previous daemon's standbys end (and one it was handing a VM when killed); new ones start.
+    const recorded = new Set(this.store.listVms().flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));
+    for (const p of this.standby.start(recorded)) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
   }
 
   /** reattach() for one VM the inventory says has a VMM. */
@@ -1442,6 +1484,7 @@ export class VmManager extends EventEmitter {
   /** Daemon shutdown: VMs keep running unless `stopVms`. */
   async close(opts: { stopVms?: boolean } = {}): Promise<void> {
     this.closing = true;
+    this.standby.close();
     if (this.usageTimer !== undefined) clearInterval(this.usageTimer);
     if (this.healthTimer !== undefined) clearInterval(this.healthTimer);
     this.webhooks.close();

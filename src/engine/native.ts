@@ -66,21 +66,25 @@ export function vmmArgs(l: VmmLaunch): string[] {
   return args;
 }
 
+/** A --disk value (also PUT /restore's `disks` entries). The format always said: the VMM never guesses it (vmm/disk/open.ts). */
+export function diskArg(d: VmmLaunch["disks"][number]): string {
+  return [d.path, `format=${d.format}`, ...(d.readonly === true ? ["readonly=on"] : []), ...(d.serial !== undefined ? [`serial=${d.serial}`] : [])].join(",");
+}
+
+/** A --net value (also PUT /restore's `nets` entries). */
+export function netArg(n: VmmLaunch["nets"][number]): string {
+  return `tap=${n.tap}${n.mac !== undefined ? `,mac=${n.mac}` : ""}`;
+}
+
 /** --disk and --net flags, the same for a boot and a restore (where they replace the snapshot's back ends in order). */
 function backEndArgs(l: VmmLaunch): string[] {
-  const args: string[] = [];
-  for (const d of l.disks) {
-    // The format always said: the VMM never guesses it (vmm/disk/open.ts).
-    args.push("--disk", [d.path, `format=${d.format}`, ...(d.readonly === true ? ["readonly=on"] : []), ...(d.serial !== undefined ? [`serial=${d.serial}`] : [])].join(","));
-  }
-  for (const n of l.nets) args.push("--net", `tap=${n.tap}${n.mac !== undefined ? `,mac=${n.mac}` : ""}`);
-  return args;
+  return [...l.disks.flatMap((d) => ["--disk", diskArg(d)]), ...l.nets.flatMap((n) => ["--net", netArg(n)])];
 }
 
 /**
  * `run --restore DIR`: the machine (CPUs, memory, devices, kernel) is the snapshot's; this VM's
- * sockets, logs and back ends are given. The one place a restore is launched: a pool of
- * pre-started VMMs waiting for `PUT /restore` (issue 15, "instant create") would take over here.
+ * sockets, logs and back ends are given. (With a standby VMM ready, the daemon sends the same as
+ * `PUT /restore` instead: control/standby.ts.)
  */
 function restoreArgs(l: VmmLaunch, r: { dir: string; paused: boolean }): string[] {
   return [

@@ -9,7 +9,7 @@
  * guest saved and restored) is the lab's (test/control/snapshots.lab.test.ts).
  */
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -252,6 +252,61 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     await c.removeVm("run1-c", { force: true });
     await c.removeVm("run1", { force: true });
     expect(existsSync(join(d.home, "snapshots")) ? readdirSync(join(d.home, "snapshots")) : []).toEqual([]);
+  }, 180_000);
+
+  it("restores through a standby VMM when one is ready (--standby-vmms): no process start to wait for", async () => {
+    const sd = await startDaemon({ args: ["--force-kvm", "--allow-files", dir, "--standby-vmms", "1"] });
+    try {
+      const c = sd.client;
+      const waiting = async (): Promise<number[]> => {
+        const f = readdirSync(join(sd.home, "standby")).filter((x) => x.endsWith(".pid"));
+        return f.map((x) => Number(readFileSync(join(sd.home, "standby", x), "utf8").split(" ")[0]));
+      };
+      const ready = async (): Promise<number> => {
+        await until("a standby VMM ready", async () => (await c.host()).standbyVmms.ready === 1 || undefined, 30_000);
+        const pids = await waiting();
+        expect(pids).toHaveLength(1);
+        return pids[0]!;
+      };
+      await c.createVm(spec("sb1", { diskSize: undefined }), { start: true });
+      await until("banner", async () => (await banners(c, "sb1")) >= 1 || undefined);
+      let standby = await ready();
+      await c.createSnapshot("sb1", { name: "m" });
+      // The VM's new VMM is the standby that was waiting; another one waits behind it.
+      let vm = await c.getVm("sb1");
+      expect(vm.pid).toBe(standby);
+      expect(readFileSync(join(sd.home, "vms", vm.id, "vmm.log"), "utf8")).toContain("on standby at");
+      await echoes(c, "sb1", "from-standby");
+      standby = await ready();
+      expect(standby).not.toBe(vm.pid);
+      const clone = await c.cloneVm("sb1", { name: "sb1-c", snapshot: "m" });
+      expect(clone.pid).toBe(standby);
+      await echoes(c, "sb1-c", "clone-standby");
+      expect(await banners(c, "sb1-c")).toBe(0);
+      // A daemon killed leaves its standbys: the next one ends them, and keeps its VMs.
+      standby = await ready();
+      vm = await c.getVm("sb1");
+      await sd.stop("SIGKILL");
+      process.kill(standby, 0);
+      const again = await startDaemon({ home: sd.home, args: ["--force-kvm", "--allow-files", dir, "--standby-vmms", "0"] });
+      try {
+        await until("the old standby ended", () => {
+          try {
+            process.kill(standby, 0);
+            return undefined;
+          } catch {
+            return true;
+          }
+        });
+        expect((await again.client.getVm("sb1")).pid).toBe(vm.pid);
+        expect(readdirSync(join(sd.home, "standby"))).toEqual([]);
+        for (const v of await again.client.listVms()) await again.client.removeVm(v.name, { force: true });
+      } finally {
+        await again.stop();
+      }
+    } finally {
+      await sd.stop();
+    }
   }, 180_000);
 
   describe("a daemon killed in the middle", () => {
