@@ -204,6 +204,7 @@ export class VmManager extends EventEmitter {
       },
       insertVm: (row) => this.store.insertVm(row),
       removeUnusedBases: () => this.removeUnusedBases(),
+      snapshotWithMemory: () => this.standby.want(),
     });
     const standbys = config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0);
     this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger });
@@ -1157,7 +1158,7 @@ export class VmManager extends EventEmitter {
     await this.sweepOrphans();
     // A previous daemon's standbys end (and one it was handing a VM when killed); new ones start.
     const recorded = new Set(this.store.listVms().flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));
-    for (const p of this.standby.start(recorded)) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
+    for (const p of this.standby.start(recorded, this.snapshots.anyWithMemory())) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
   }
 
   /** reattach() for one VM the inventory says has a VMM. */

@@ -216,6 +216,8 @@ export interface SnapshotHost {
   reserveDisk(diskBytes: number): () => void;
   /** A new VM row made by a clone. */
   insertVm(row: VmRow): void;
+  /** A memory snapshot exists now: restores will come (the standby pool fills: standby.ts). */
+  snapshotWithMemory(): void;
   /** Bases no VM disk or snapshot stands on any more go (manager.ts, bases.ts). */
   removeUnusedBases(): Promise<void>;
 }
@@ -337,6 +339,11 @@ export class Snapshots {
   }
 
   // ---- queries ----
+
+  /** Whether any VM has a snapshot with memory (something a standby VMM could restore). */
+  anyWithMemory(): boolean {
+    return this.db.prepare("SELECT 1 FROM snapshots WHERE memory = 1 LIMIT 1").get() !== undefined;
+  }
 
   list(vmName: string): SnapshotInfo[] {
     const vm = this.host.row(vmName);
@@ -463,6 +470,7 @@ export class Snapshots {
       throw e;
     }
     this.host.event("vm.snapshot-created", vm.name, `VM ${vm.name}: snapshot ${spec.name} taken (${memory ? "disks and memory" : "disks only"})`, { snapshot: spec.name, id: snapId, memory });
+    if (memory) this.host.snapshotWithMemory();
     await this.restartAfterSnapshot(opId, plan);
     return this.get(vm.name, spec.name);
   }

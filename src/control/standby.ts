@@ -5,6 +5,7 @@
  * a saved state (a rollback, a clone of a memory snapshot, the restart after a snapshot) takes one
  * instead of starting a process: the standby becomes that VM, its socket and log are renamed into
  * the VM's places, and a new standby is started behind it. Every other start spawns as before.
+ * The pool is filled once the inventory has a memory snapshot (want()), not before.
  *
  * Files live in `<home>/standby/`: `<k>.api` (socket), `<k>.log` (its stderr), `<k>.pid` (pid and
  * start time). A daemon killed leaves its standbys waiting: the next one ends them at start
@@ -42,6 +43,8 @@ export class StandbyPool {
   private readonly slots = new Map<string, Slot>();
   private closed = false;
   private started = false;
+  /** Kept filled only once a memory snapshot exists: a daemon that never restores pays for none. */
+  private wanted = false;
   readonly dir: string;
 
   constructor(private readonly opts: { home: string; size: number; forceKvm: boolean; log: Logger }) {
@@ -61,7 +64,8 @@ export class StandbyPool {
    * End what a previous daemon left (its standbys, and a VMM it was handing a VM when killed,
    * unless the inventory recorded it as that VM's: `known`), then fill the pool.
    */
-  start(known: ReadonlySet<number> = new Set()): string[] {
+  start(known: ReadonlySet<number> = new Set(), wanted = false): string[] {
+    this.wanted = wanted;
     const ended: string[] = [];
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     for (const f of readdirSync(this.dir)) {
@@ -84,7 +88,7 @@ export class StandbyPool {
 
   private fill(): void {
     // Only once start() has swept what a previous daemon left.
-    while (this.started && !this.closed && this.slots.size < this.opts.size) this.spawnOne();
+    while (this.started && this.wanted && !this.closed && this.slots.size < this.opts.size) this.spawnOne();
   }
 
   private spawnOne(): void {
@@ -128,6 +132,12 @@ export class StandbyPool {
         child.kill("SIGKILL");
       },
     );
+  }
+
+  /** There is something to restore (a memory snapshot): keep the pool filled from now on. */
+  want(): void {
+    this.wanted = true;
+    this.fill();
   }
 
   /** A ready standby, out of the pool (a new one is started behind it), or undefined. */

@@ -270,8 +270,12 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       };
       await c.createVm(spec("sb1", { diskSize: undefined }), { start: true });
       await until("banner", async () => (await banners(c, "sb1")) >= 1 || undefined);
-      let standby = await ready();
+      // Nothing to restore yet: no standby is kept.
+      expect((await c.host()).standbyVmms).toEqual({ size: 1, ready: 0 });
+      expect(await waiting()).toEqual([]);
       await c.createSnapshot("sb1", { name: "m" });
+      let standby = await ready();
+      await c.rollbackSnapshot("sb1", "m");
       // The VM's new VMM is the standby that was waiting; another one waits behind it.
       let vm = await c.getVm("sb1");
       expect(vm.pid).toBe(standby);
