@@ -15,6 +15,7 @@ import { imagePaths } from "../src/images/image.js";
 import { kvmHostKind } from "../src/kvm/kvm.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { compare, median, processMemory } from "./lib.js";
+import { VMM_NODE_FLAGS } from "../src/vmm/isolates.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 5);
 const MEMORY_MIBS = (process.env["BENCH_MEMORY"] ?? "256,12288").split(",").map((v) => Number(v.trim()));
@@ -53,7 +54,8 @@ async function size(memoryMiB: number): Promise<{ memoryMiB: number; typevisor: 
   const img = imagePaths("minimal");
   const script = runScriptArg(`echo ${MARK}; sleep 2`);
   const cmdline = `console=ttyS0 panic=-1 ${script}`;
-  const ours = [process.execPath, BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(memoryMiB), "--cmdline", cmdline];
+  // With the node options the daemon starts every VMM with (engine/native.ts).
+  const ours = [process.execPath, ...VMM_NODE_FLAGS, BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(memoryMiB), "--cmdline", cmdline];
   const qemu = [
     "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", String(memoryMiB),
     "-nographic", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",

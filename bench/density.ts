@@ -23,6 +23,7 @@ import { kvmHostKind } from "../src/kvm/kvm.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { SYNC_TIMEOUT_MS } from "../test/helpers/sync-timeout.js";
 import { compare, median, processMemory, type ProcessMemory } from "./lib.js";
+import { VMM_NODE_FLAGS } from "../src/vmm/isolates.js";
 
 const COUNTS = (process.env["BENCH_DENSITY"] ?? "1,10,30").split(",").map((v) => Number(v.trim()));
 const MEMORY_MIB = 256;
@@ -69,7 +70,8 @@ function commandFor(who: "typevisor" | "qemu", i: number): [string, string[]] {
   const img = imagePaths("minimal");
   const cmdline = `console=ttyS0 panic=-1 ${runScriptArg(`echo ${MARK}; sleep 100000`)}`;
   if (who === "typevisor") {
-    return [process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(MEMORY_MIB), "--cmdline", cmdline,
+    // With the node options the daemon starts every VMM with (engine/native.ts).
+    return [process.execPath, [...VMM_NODE_FLAGS, BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(MEMORY_MIB), "--cmdline", cmdline,
       "--disk", `${img.rootfs},readonly=on`, "--net", `tap=${tap(i)}`, "--rng"]];
   }
   return ["qemu-system-x86_64", [
@@ -96,6 +98,8 @@ async function round(who: "typevisor" | "qemu", count: number): Promise<Round> {
       firstLines.push(performance.now() - p.t0);
       await p.waitFor(new RegExp(USERSPACE_UP_LINE), 0, 300_000);
       await p.waitFor(new RegExp(MARK), 0, 300_000);
+      // A line per VM: the lab stops a command that stays silent for 10 minutes, and a round of 30 takes longer.
+      console.log(`  ${who} ${i + 1}/${count} up: first line after ${(firstLines[i]! / 1000).toFixed(1)} s, userspace after ${((performance.now() - p.t0) / 1000).toFixed(1)} s`);
     }
     await new Promise((r) => setTimeout(r, SETTLE_MS));
     const after = memAvailableKiB();
@@ -122,6 +126,7 @@ async function main(): Promise<void> {
       console.log(compare(`[${count} VMs] VMM RSS beyond guest pages, median (MiB)`, ...mib((s) => s.rssKiB - s.guestRssKiB)));
       console.log(compare(`[${count} VMs] VMM PSS beyond guest pages, median (MiB)`, ...mib((s) => s.pssKiB - s.guestPssKiB)));
       console.log(compare(`[${count} VMs] VMM USS beyond guest pages, median (MiB)`, ...mib((s) => s.ussKiB - s.guestUssKiB)));
+      console.log(compare(`[${count} VMs] of which in file-backed mappings (text, libraries), median (MiB)`, ...mib((s) => s.fileUssKiB)));
       console.log(compare(`[${count} VMs] guest pages touched, median (MiB)`, ...mib((s) => s.guestRssKiB)));
       console.log(compare(`[${count} VMs] host memory per VM (MemAvailable drop / N, MiB)`, [ours.hostPerVmKiB / 1024], [qemu.hostPerVmKiB / 1024]));
       console.log(compare(`[${count} VMs] process start to the kernel's first line, median (ms)`, ours.samples.map((s) => s.firstLineMs), qemu.samples.map((s) => s.firstLineMs), 0));

@@ -13,8 +13,9 @@
  * BENCH_DISK_FORMAT=qcow2 measures qcow2 instead: each run of each VMM gets a fresh overlay
  * (made by our createQcow2, which QEMU opens as well) on a 1 GiB raw base. The warm-up uses the
  * disk's second half; then, on the first half, sequential reads come from the backing file (no
- * cluster allocated yet), sequential writes allocate every cluster, and 4 KiB reads hit the
- * clusters just allocated (a fully allocated qcow2).
+ * cluster allocated yet), sequential writes allocate every cluster, 4 KiB reads hit the clusters
+ * just allocated, and then the same half, now fully allocated, is read and written again in 1 MiB
+ * blocks (no allocation, no backing file: the qcow2 steady state).
  *
  * Run: npm run bench:disk  (BENCH_DISK_FORMAT=qcow2 npm run bench:disk)
  */
@@ -35,18 +36,22 @@ const SEQ_MIB = 512;
 const IOPS_COUNT = 8192;
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 
+/** The phases a script can time, by the tag its `timed` line prints. */
+type Phase = "write" | "read" | "4k" | "writeAlloc" | "readAlloc";
+/** Phase → the busybox-time tag in the guest's output. */
+const TAGS: Record<Phase, string> = { write: "W", read: "R", "4k": "I", writeAlloc: "AW", readAlloc: "AR" };
+
 interface Result {
-  writeMBs: number;
-  readMBs: number;
-  iops: number;
-  /** Per phase (write, read, 4k): CPU seconds by thread name, threads of one name summed. */
+  /** MB/s for the sequential phases, IOPS for "4k". */
+  rate: Partial<Record<Phase, number>>;
+  /** Per phase (in REPORT order): CPU seconds by thread name, threads of one name summed. */
   cpu: Record<string, number>[];
-  /** Per phase: KVM's own counters for the VM (debugfs), when debugfs is there. */
+  /** Per phase (in REPORT order): KVM's own counters for the VM (debugfs), when debugfs is there. */
   kvm: Record<string, number>[];
 }
 
 // busybox dd prints no rate, so each run is timed with busybox's time applet ("real\t0m 1.23s").
-const timed = (tag: string, cmd: string) => `busybox time ${cmd} 2>&1 | grep real | sed 's/^/${tag}: /'`;
+const timed = (phase: Phase, cmd: string) => `busybox time ${cmd} 2>&1 | grep real | sed 's/^/${TAGS[phase]}: /'`;
 // MARKn lines bound the phases for the per-thread CPU samples; the sleeps let the samples land.
 const mark = (n: number) => `echo MARK${n}; sleep 1`;
 const WRITE = `dd if=/dev/zero of=/dev/vda bs=1M count=${SEQ_MIB} oflag=direct`;
@@ -63,15 +68,22 @@ const SMALL = `dd if=/dev/vda of=/dev/null bs=4k count=${IOPS_COUNT} iflag=direc
 const WARMUP = [WRITE, READ, SMALL].map((c) => `${c} 2>/dev/null`).join("; ");
 /** qcow2: warm up on the second half (its own clusters), measure reads from the backing file first. */
 const WARMUP_QCOW2 = [`${WRITE} seek=${SEQ_MIB}`, `${READ} skip=${SEQ_MIB}`, `${SMALL} skip=${(SEQ_MIB * 256).toString()}`].map((c) => `${c} 2>/dev/null`).join("; ");
-const SCRIPT = QCOW2
-  ? [WARMUP_QCOW2, mark(0), timed("R", READ), mark(1), timed("W", WRITE), mark(2), timed("I", SMALL), mark(3)].join("; ")
-  : [WARMUP, mark(0), timed("W", WRITE), mark(1), timed("R", READ), mark(2), timed("I", SMALL), mark(3)].join("; ");
-/** The phases in the order the script runs them (their CPU samples follow it). */
-const PHASES = QCOW2 ? ["read", "write", "4k"] : ["write", "read", "4k"];
+/**
+ * The timed phases in the order the script runs them. qcow2: reads from the backing file, the
+ * allocating write, 4 KiB reads of what it allocated, then 1 MiB read and write of the same
+ * (now fully allocated) half.
+ */
+const RUN: readonly (readonly [Phase, string])[] = QCOW2
+  ? [["read", READ], ["write", WRITE], ["4k", SMALL], ["readAlloc", READ], ["writeAlloc", WRITE]]
+  : [["write", WRITE], ["read", READ], ["4k", SMALL]];
+const SCRIPT = [QCOW2 ? WARMUP_QCOW2 : WARMUP, mark(0), ...RUN.flatMap(([ph, cmd], i) => [timed(ph, cmd), mark(i + 1)])].join("; ");
+/** The order phases are reported in, whatever order the script ran them in. */
+const REPORT: readonly Phase[] = (["write", "read", "4k", "writeAlloc", "readAlloc"] as const).filter((ph) => RUN.some(([p]) => p === ph));
 
 /** Seconds from "TAG: real\tXm Y.YYs". */
 function seconds(out: string, tag: string): number {
-  const m = new RegExp(`${tag}: real\\s+(\\d+)m ([\\d.]+)s`).exec(out);
+  // The lookbehind keeps "W" from matching "AW".
+  const m = new RegExp(`(?<![A-Z])${tag}: real\\s+(\\d+)m ([\\d.]+)s`).exec(out);
   if (m === null) throw new Error(`no ${tag} timing in guest output:\n${out.slice(-1500)}`);
   return Number(m[1]) * 60 + Number(m[2]);
 }
@@ -88,26 +100,28 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     let perfReport: (() => Promise<void>) | undefined;
     let stopSched: (() => () => Promise<void>) | undefined;
     let schedReport: (() => Promise<void>) | undefined;
-    for (let n = 0; n < 4; n++) {
+    for (let n = 0; n <= RUN.length; n++) {
       at = await p.waitFor(new RegExp(`MARK${n}\\r?\\n`), at, 600_000);
       samples.push(threadTicks(pid));
       kvm.push(kvmCounters(pid));
-      // BENCH_PERF: the sequential phases (write and read) only.
-      if (n === 0) stopPerf = perfAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} write+read`);
+      // BENCH_PERF: the first two phases only.
+      if (n === 0) stopPerf = perfAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} ${RUN[0]![0]}+${RUN[1]![0]}`);
       if (n === 2) perfReport = stopPerf?.();
-      // BENCH_SCHED: the read phase only.
-      if (n === 1) stopSched = schedAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} read`);
+      // BENCH_SCHED: the second phase only.
+      if (n === 1) stopSched = schedAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} ${RUN[1]![0]}`);
       if (n === 2) schedReport = stopSched?.();
     }
     await perfReport?.();
     await schedReport?.();
     await p.waitFor(/typevisor-guest: exit/, at, 600_000);
     const bytes = SEQ_MIB * 1024 * 1024;
-    // Reordered to write, read, 4k whatever order the script ran them in.
-    const order = PHASES.map((_, i) => i).sort((a, b) => ["write", "read", "4k"].indexOf(PHASES[a]!) - ["write", "read", "4k"].indexOf(PHASES[b]!));
-    const cpu = order.map((i) => cpuDelta(samples[i]!, samples[i + 1]!));
-    const kvmDelta = order.map((i) => counterDelta(kvm[i]!, kvm[i + 1]!));
-    return { writeMBs: bytes / seconds(p.output, "W") / 1e6, readMBs: bytes / seconds(p.output, "R") / 1e6, iops: IOPS_COUNT / seconds(p.output, "I"), cpu, kvm: kvmDelta };
+    const rate: Partial<Record<Phase, number>> = {};
+    for (const [ph] of RUN) rate[ph] = (ph === "4k" ? IOPS_COUNT : bytes / 1e6) / seconds(p.output, TAGS[ph]);
+    // Phase i of the script lies between MARKi and MARKi+1.
+    const index = REPORT.map((ph) => RUN.findIndex(([p]) => p === ph));
+    const cpu = index.map((i) => cpuDelta(samples[i]!, samples[i + 1]!));
+    const kvmDelta = index.map((i) => counterDelta(kvm[i]!, kvm[i + 1]!));
+    return { rate, cpu, kvm: kvmDelta };
   } catch (e) {
     console.log(`bench/disk: ${cmd} failed; its output ends:\n${p.output.slice(-3000)}`);
     throw e;
@@ -158,23 +172,28 @@ async function main(): Promise<void> {
     fresh();
     const b = await once("qemu-system-x86_64", qemu);
     res.qemu.push(b);
-    const f = (x: Result) => `write ${x.writeMBs.toFixed(1)} MB/s, read ${x.readMBs.toFixed(1)} MB/s, 4k ${x.iops.toFixed(0)} IOPS`;
+    const f = (x: Result) => REPORT.map((ph) => `${ph} ${(x.rate[ph] ?? 0).toFixed(ph === "4k" ? 0 : 1)} ${ph === "4k" ? "IOPS" : "MB/s"}`).join(", ");
     console.log(`run ${i + 1}: typevisor ${f(a)} | qemu ${f(b)}`);
-    const c = (x: Result) =>
-      ["write", "read", "4k"].map((ph, j) => `${ph}: ${formatCpu(x.cpu[j]!)}`).join(" | ");
+    const c = (x: Result) => REPORT.map((ph, j) => `${ph}: ${formatCpu(x.cpu[j]!)}`).join(" | ");
     console.log(`  cpu s (phase incl. 1 s sleep) typevisor ${c(a)}`);
     console.log(`  cpu s (phase incl. 1 s sleep) qemu ${c(b)}`);
-    const k = (x: Result) => ["write", "read", "4k"].map((ph, j) => `${ph}: ${Object.entries(x.kvm[j]!).map(([n, v]) => `${n} ${v}`).join(", ")}`).join(" | ");
+    const k = (x: Result) => REPORT.map((ph, j) => `${ph}: ${Object.entries(x.kvm[j]!).map(([n, v]) => `${n} ${v}`).join(", ")}`).join(" | ");
     if (Object.keys(a.kvm[0]!).length > 0) {
       console.log(`  kvm counters typevisor ${k(a)}`);
       console.log(`  kvm counters qemu ${k(b)}`);
     }
   }
-  const labels = QCOW2
-    ? ([["writeMBs", "seq write 1 MiB, allocating (MB/s)"], ["readMBs", "seq read 1 MiB, from the backing file (MB/s)"], ["iops", "4 KiB read QD1, allocated (IOPS)"]] as const)
-    : ([["writeMBs", "seq write 1 MiB (MB/s)"], ["readMBs", "seq read 1 MiB (MB/s)"], ["iops", "4 KiB read QD1 (IOPS)"]] as const);
-  for (const [k, label] of labels) {
-    console.log(compare(label, res.typevisor.map((r) => r[k]), res.qemu.map((r) => r[k])));
+  const labels: Record<Phase, string> = QCOW2
+    ? {
+        write: "seq write 1 MiB, allocating (MB/s)",
+        read: "seq read 1 MiB, from the backing file (MB/s)",
+        "4k": "4 KiB read QD1, allocated (IOPS)",
+        writeAlloc: "seq write 1 MiB, fully allocated (MB/s)",
+        readAlloc: "seq read 1 MiB, fully allocated (MB/s)",
+      }
+    : { write: "seq write 1 MiB (MB/s)", read: "seq read 1 MiB (MB/s)", "4k": "4 KiB read QD1 (IOPS)", writeAlloc: "", readAlloc: "" };
+  for (const ph of REPORT) {
+    console.log(compare(labels[ph], res.typevisor.map((r) => r.rate[ph] ?? 0), res.qemu.map((r) => r.rate[ph] ?? 0)));
   }
   console.log(JSON.stringify({ bench: "disk", format, date: new Date().toISOString(), runs: RUNS, results: res }));
   rmSync(dir, { recursive: true, force: true });

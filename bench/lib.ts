@@ -28,6 +28,12 @@ export interface ProcessMemory {
   guestRssKiB: number;
   guestPssKiB: number;
   guestUssKiB: number;
+  /**
+   * The part of ussKiB in file-backed mappings (program text, libraries, read-only data): pages no
+   * other process has mapped yet, so it shrinks as more processes of the same program run; the
+   * rest of ussKiB (heaps, stacks, anonymous memory) is each process's own whatever runs beside it.
+   */
+  fileUssKiB: number;
   /** The process's page tables (VmPTE): they map guest RAM too, so they grow with it. */
   pteKiB: number;
   threads: number;
@@ -41,13 +47,16 @@ export interface ProcessMemory {
  */
 export function processMemory(pid: number, memoryMiB: number): ProcessMemory {
   const threshold = Math.min(memoryMiB, 3 * 1024) * 1024;
-  const out = { rssKiB: 0, pssKiB: 0, ussKiB: 0, guestRssKiB: 0, guestPssKiB: 0, guestUssKiB: 0 };
+  const out = { rssKiB: 0, pssKiB: 0, ussKiB: 0, guestRssKiB: 0, guestPssKiB: 0, guestUssKiB: 0, fileUssKiB: 0 };
   let guest = false;
+  let file = false;
   for (const line of readFileSync(`/proc/${pid}/smaps`, "utf8").split("\n")) {
     const head = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ (\d+)\s*(.*)$/.exec(line);
     if (head !== null) {
       const sizeKiB = (parseInt(head[2]!, 16) - parseInt(head[1]!, 16)) / 1024;
       guest = head[3] === "0" && (head[4] ?? "").trim() === "" && sizeKiB >= threshold;
+      // A path names a file; no name or a [pseudo] name (heap, stack, vdso) is anonymous.
+      file = (head[4] ?? "").trim().startsWith("/");
       continue;
     }
     const m = /^(Rss|Pss|Private_Clean|Private_Dirty):\s+(\d+) kB/.exec(line);
@@ -55,6 +64,7 @@ export function processMemory(pid: number, memoryMiB: number): ProcessMemory {
     const kib = Number(m[2]);
     const key = m[1] === "Rss" ? "rssKiB" : m[1] === "Pss" ? "pssKiB" : "ussKiB";
     out[key] += kib;
+    if (file && key === "ussKiB") out.fileUssKiB += kib;
     if (guest) out[key === "rssKiB" ? "guestRssKiB" : key === "pssKiB" ? "guestPssKiB" : "guestUssKiB"] += kib;
   }
   const status = readFileSync(`/proc/${pid}/status`, "utf8");

@@ -23,13 +23,9 @@ import type { AuditEntry, VerifyResult } from "../control/audit.js";
 import type { Role, TokenRow, UserRow } from "../control/identity.js";
 import { normalizeFingerprint } from "../control/tls.js";
 import type { CloneInput, SnapshotCreateInput, SnapshotInfo } from "../control/snapshots.js";
+import { ApiError } from "./api-error.js";
 
-export class ApiError extends TypevisorError {
-  constructor(readonly status: number, code: string, message: string, hint?: string) {
-    super(code, message, hint !== undefined ? { hint } : undefined);
-    this.name = "ApiError";
-  }
-}
+export { ApiError };
 
 export type ClientTarget =
   | { socketPath: string }

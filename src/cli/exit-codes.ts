@@ -4,7 +4,7 @@
  * main() and by `run`'s --exit-file, so the file records the status the
  * process really exits with.
  */
-import { ApiError } from "../api/client.js";
+import { ApiError } from "../api/api-error.js";
 import { isTypevisorError } from "../errors.js";
 
 export const EXIT = { OK: 0, FAILED: 1, BAD_INPUT: 2, NOT_FOUND: 3, CONFLICT: 4, UNREACHABLE: 5, DENIED: 6 } as const;

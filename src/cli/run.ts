@@ -17,7 +17,7 @@ import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { validateKernel } from "../vmm/arch/x86_64/boot/index.js";
 import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type DeviceSpecs } from "../vmm/device-specs.js";
-import { startControlServer, type ControlTarget, type SwitchableTarget } from "../vmm/api/server.js";
+import type { ControlTarget, SwitchableTarget } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
 import { validateConfig, type Vm, type VmExitResult } from "../vmm/vm.js";
 import { bootVm, readBootPayload, restoreVm, type BootPayload, type MachineConfig, type RestoreOverrides } from "../vmm/builder.js";
@@ -61,6 +61,8 @@ export interface RunOptions {
   paused?: boolean;
   /** A restore keeps the guest clock where it was saved instead of moving it to now. */
   keepClock?: boolean;
+  /** Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of booting. */
+  incoming?: string;
   /** Wait on --api-socket for PUT /restore instead of booting (standby.ts). */
   standby?: boolean;
   /** Not flags: a standby VMM's API server, which this run answers on instead of opening its own, and who to tell once the VM is built. */
@@ -68,7 +70,7 @@ export interface RunOptions {
 }
 
 /** How the VMM process ended, as --exit-file records it. */
-export type RunResult = "poweroff" | "stopped" | "reset" | "crash" | "error";
+export type RunResult = "poweroff" | "stopped" | "reset" | "crash" | "error" | "migrated";
 
 export interface ExitRecord {
   code: number;
@@ -185,7 +187,9 @@ export async function runCommand(o: RunOptions, log: (line: string) => void): Pr
 }
 
 async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code: number; result: RunResult; reason?: string } | -1> {
-  const restoring = o.restore !== undefined;
+  if (o.restore !== undefined && o.incoming !== undefined) throw new TypevisorError("INVALID_ARGUMENT", "give either --restore or --incoming, not both");
+  // A restore and an incoming migration both take the machine from elsewhere: only back ends are given here.
+  const restoring = o.restore !== undefined || o.incoming !== undefined;
   const vcpuNice = o.vcpuNice !== undefined ? parseIntArg("--vcpu-nice", o.vcpuNice) : undefined;
   const memoryOvercommit = o.memoryOvercommit !== undefined ? parseRatioArg("--memory-overcommit", o.memoryOvercommit) : undefined;
   const id = o.id !== undefined ? parseVmId(o.id) : undefined;
@@ -209,9 +213,9 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   if (restoring) {
     // The snapshot says what the machine is; only back ends (and how its threads run) may change.
     for (const [flag, given] of [["--image", o.image], ["--kernel", o.kernel], ["--initrd", o.initrd], ["--cmdline", o.cmdline], ["--append", o.append], ["--balloon", o.balloon]] as const) {
-      if (given !== undefined) throw new TypevisorError("INVALID_ARGUMENT", `${flag} cannot be combined with --restore: the snapshot holds the VM as it was`);
+      if (given !== undefined) throw new TypevisorError("INVALID_ARGUMENT", `${flag} cannot be combined with ${o.restore !== undefined ? "--restore" : "--incoming"}: the VM comes as it was`);
     }
-    if (o.rng) throw new TypevisorError("INVALID_ARGUMENT", "--rng cannot be combined with --restore: the snapshot holds the VM's devices");
+    if (o.rng) throw new TypevisorError("INVALID_ARGUMENT", `--rng cannot be combined with ${o.restore !== undefined ? "--restore" : "--incoming"}: the VM comes with its devices`);
     overrides = {
       disks: devices.disks, nets: devices.nets,
       ...(devices.vsock !== undefined ? { vsock: devices.vsock } : {}),
@@ -248,6 +252,8 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   let current: Vm | undefined;
   let server: Server | undefined;
   let served = false;
+  let migration: import("../vmm/migration/source.js").OutgoingMigration | undefined;
+  let migrated = false;
   let stopRequested = false;
   // Headless: the console is a pipe fanned out to the log and socket; the terminal stays out of it.
   const headless = o.consoleLog !== undefined || o.consoleSocket !== undefined;
@@ -311,7 +317,15 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       bootCount = boots;
       const host = { consoleFd, onPaused: (r: { message: string }) => log(`typevisor: ${r.message}`) };
       let vm: Vm;
-      if (boots === 1 && o.restore !== undefined) {
+      let onStarted: (() => void) | undefined;
+      if (boots === 1 && o.incoming !== undefined) {
+        const { receiveMigration } = await import("../vmm/migration/destination.js");
+        const incoming = await receiveMigration(o.incoming, overrides ?? {}, host, log);
+        vm = incoming.vm;
+        config = incoming.config;
+        onStarted = incoming.running;
+        log("typevisor: migration received; the VM runs here now");
+      } else if (boots === 1 && o.restore !== undefined) {
         const restored = restoreVm(o.restore, overrides ?? {}, host, { keepClock: o.keepClock === true });
         vm = restored.vm;
         config = restored.config;
@@ -350,6 +364,33 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
             return current.threads();
           },
           pause: async () => current?.pause(),
+          migrate: async (method, body) => {
+            if (method === "GET") {
+              if (migration === undefined) throw new TypevisorError("NOT_FOUND", "no migration has been started");
+              return migration.progress;
+            }
+            if (method === "DELETE") {
+              if (migration === undefined || !migration.cancel()) throw new TypevisorError("VM_STATE", "no migration that can still be cancelled");
+              return migration.progress;
+            }
+            if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
+            if (migration !== undefined && ["connecting", "precopy", "stopped", "committed"].includes(migration.progress.phase)) throw new TypevisorError("VM_STATE", "a migration is already under way");
+            const { OutgoingMigration, parseEndpoint } = await import("../vmm/migration/source.js");
+            const req = body as { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number };
+            parseEndpoint(req.to);
+            const m = new OutgoingMigration(current, config, req);
+            migration = m;
+            void m.done.then((p) => {
+              if (p.phase === "completed") {
+                // The guest runs at the destination now: this VMM ends.
+                log(`typevisor: migrated to ${req.to} (downtime ${p.downtimeMs ?? "?"} ms, ${p.bytesSent} bytes in ${p.round} rounds)`);
+                migrated = true;
+                stopRequested = true;
+                current?.stop();
+              } else log(`typevisor: migration to ${req.to} ${p.phase}: ${p.error ?? ""}`);
+            });
+            return m.progress;
+          },
           snapshot: async (req) => {
             if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
             return current.snapshot(resolve(req.path), { config, ...(req.memory !== undefined ? { memory: req.memory } : {}) });
@@ -368,11 +409,15 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
           // A standby VMM: its socket now answers for this VM.
           o.attach.target.current = target;
           o.attach.onBuilt();
-        } else server = await startControlServer(o.apiSocket, target);
+        } else {
+          // Loaded only here: a VMM without a control socket never loads the HTTP server (issue 19).
+          const { startControlServer } = await import("../vmm/api/server.js");
+          server = await startControlServer(o.apiSocket, target);
+        }
       }
       let result: VmExitResult;
       try {
-        result = await vm.run(boots === 1 && o.paused === true ? { paused: true } : {});
+        result = await vm.run({ ...(boots === 1 && o.paused === true ? { paused: true } : {}), ...(onStarted !== undefined ? { onStarted } : {}) });
       } finally {
         vm.destroy();
       }
@@ -384,7 +429,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
         case "poweroff":
           return { code: 0, result: "poweroff" };
         case "stopped":
-          return { code: 0, result: "stopped" };
+          return { code: 0, result: migrated ? "migrated" : "stopped" };
         case "reset":
           if (stopRequested) return { code: 0, result: "stopped" };
           log("typevisor: guest reset (--no-reboot): exiting");
@@ -439,6 +484,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--exit-file <path>", 'on exit, write {"code","result":"poweroff|stopped|reset|crash|error","reason"?,"at"} here atomically')
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
+    .option("--incoming <endpoint>", "wait for one live migration on tcp:ADDR:PORT or unix:PATH and run the VM it brings (--disk/--net/--vsock give this host's back ends, in order); the source sends it with POST /migrate")
     .option("--standby", "start a VMM ahead of need: wait on --api-socket for PUT /restore {\"snapshot\": DIR, ...} and become that VM (docs/snapshots.md)", false)
     .action(async (opts: RunOptions, cmd: Command) => {
       const log = (l: string): void => void process.stderr.write(l + "\n");

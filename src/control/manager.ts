@@ -1015,7 +1015,7 @@ export class VmManager extends EventEmitter {
     // a VMM killed outright could not remove its own sockets
     this.removeSockets(id);
     const file = this.readExitFile(id);
-    const clean = file !== undefined && (file.result === "poweroff" || file.result === "stopped" || file.result === "reset") && (file.code ?? code) === 0;
+    const clean = file !== undefined && (file.result === "poweroff" || file.result === "stopped" || file.result === "reset" || file.result === "migrated") && (file.code ?? code) === 0;
     const asked = cur.state === "stopping";
     const exit: VmExit = {
       result: file?.result !== undefined ? (file.result as VmExit["result"]) : "killed",

@@ -77,7 +77,7 @@ export const VM_STATES = ["defined", "starting", "running", "paused", "stopping"
 export type VmState = (typeof VM_STATES)[number];
 
 export const vmExit = z.object({
-  result: z.enum(["poweroff", "stopped", "reset", "crash", "error", "killed"]),
+  result: z.enum(["poweroff", "stopped", "reset", "crash", "error", "killed", "migrated"]),
   code: z.number().int().nullable(),
   signal: z.string().nullable(),
   reason: z.string().optional(),

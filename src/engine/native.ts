@@ -9,6 +9,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { closeSync, openSync } from "node:fs";
 import { fileURLToPath } from "node:url";
+import { VMM_NODE_FLAGS } from "../vmm/isolates.js";
 
 export interface VmmLaunch {
   id: string;
@@ -117,7 +118,7 @@ export function vmmEnv(id: string, env: NodeJS.ProcessEnv = process.env): Record
 export function spawnVmm(l: VmmLaunch): ChildProcess {
   const log = openSync(l.vmmLog, "a");
   try {
-    const child = spawn(process.execPath, [TYPEVISOR_BIN, ...vmmArgs(l)], {
+    const child = spawn(process.execPath, [...VMM_NODE_FLAGS, TYPEVISOR_BIN, ...vmmArgs(l)], {
       detached: true,
       stdio: ["ignore", log, log],
       env: vmmEnv(l.id),

@@ -172,6 +172,8 @@ export const EXIT_NAMES: Record<number, string> = Object.fromEntries(
 export const SYSTEM_EVENT = { SHUTDOWN: 1, RESET: 2, CRASH: 3 } as const;
 
 export const KVM_PIT_SPEAKER_DUMMY = 1;
+/** kvm_userspace_memory_region.flags: log the guest's writes to the slot (KVM API §4.35). */
+export const KVM_MEM_LOG_DIRTY_PAGES = 1;
 
 /** struct kvm_clock_data flags (KVM API §4.55 KVM_GET_CLOCK). */
 export const KVM_CLOCK = { TSC_STABLE: 2, REALTIME: 4, HOST_TSC: 8 } as const;

@@ -236,6 +236,19 @@ export class VmFd {
     return b;
   }
 
+  /**
+   * Fetch and clear slot `slot`'s dirty-page bitmap (KVM API §4.8 KVM_GET_DIRTY_LOG; the slot
+   * must have KVM_MEM_LOG_DIRTY_PAGES). Safe: `bitmap` is a mapping of at least one bit per page
+   * of the slot, rounded up to 64 bits, owned by the caller for the call.
+   */
+  getDirtyLog(slot: number, bitmap: libc.Mapping): void {
+    const b = new Uint8Array(SIZEOF.kvm_dirty_log);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, slot, true);
+    dv.setBigUint64(8, bitmap.address, true);
+    libc.ioctl(this.fd, KVM.GET_DIRTY_LOG, b, "KVM_GET_DIRTY_LOG");
+  }
+
   createVcpu(id: number): VcpuFd {
     const fd = libc.ioctlValue(this.fd, KVM.CREATE_VCPU, id, "KVM_CREATE_VCPU");
     return new VcpuFd(fd, id);

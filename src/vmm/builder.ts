@@ -64,6 +64,11 @@ function shape(config: MachineConfig): { cpus: number; memoryMiB: number; device
   };
 }
 
+/** A VM for an incoming live migration: memory empty, state to come (Vm.applyState). */
+export function incomingVm(config: MachineConfig, host: VmHost): Vm {
+  return new Vm({ ...shape(config), ...host, boot: { kind: "incoming" } });
+}
+
 /** Back ends a restore puts in place of the snapshot's (a clone's own disk, TAP, MAC, CID); each list replaces the saved one in order. */
 export interface RestoreOverrides {
   disks?: DeviceSpecs["disks"];

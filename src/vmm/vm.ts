@@ -10,10 +10,11 @@ import { totalmem } from "node:os";
 import { setFlagsFromString } from "node:v8";
 import { Worker } from "node:worker_threads";
 import { workerUrl } from "./worker-url.js";
+import { VMM_WORKER_LIMITS } from "./isolates.js";
 import { TypevisorError } from "../errors.js";
 import { formatBytes } from "../size.js";
 import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
-import { CAP, EXIT_NAMES, X2APIC_API } from "../kvm/ioctls.js";
+import { CAP, EXIT_NAMES, KVM_MEM_LOG_DIRTY_PAGES, X2APIC_API } from "../kvm/ioctls.js";
 import { decodeSregs, encodeBootFpu, type KvmCpuidEntry, type KvmRegs } from "../kvm/structs.js";
 import * as libc from "../sys/libc.js";
 import { writeAcpiTables } from "./arch/x86_64/acpi/tables.js";
@@ -271,6 +272,9 @@ export class Vm {
   private restoredDevices: unknown;
   /** The run state a restored guest was saved in. */
   private restoredRunState: "running" | "paused" | undefined;
+  private devicesStarted: Promise<VcpuWorkerInit["platform"]> | undefined;
+  /** While guest writes are logged (live migration): one bitmap per RAM slot, a bit per page. */
+  private dirtyMaps: libc.Mapping[] | undefined;
   /** Built for a state that applyState() has not put in place yet (a restore or an incoming migration). */
   private awaitingState: boolean;
   /** Each vCPU's CPUID table as set (KVM_SET_CPUID2), for snapshots. */
@@ -481,6 +485,16 @@ export class Vm {
    * Start the device thread (when there are devices) and wait until its back
    * ends are open, so a bad disk fails before any vCPU runs.
    */
+  /**
+   * Start the device thread now rather than in run(): its back ends are open and its state in
+   * place when this resolves (an incoming migration says READY only then). run() uses it.
+   */
+  prepareDevices(): Promise<VcpuWorkerInit["platform"]> {
+    if (this.awaitingState) return Promise.reject(new TypevisorError("VM_STATE", "this VM waits for its state (applyState) first"));
+    this.devicesStarted ??= this.startDevices();
+    return this.devicesStarted;
+  }
+
   private async startDevices(): Promise<VcpuWorkerInit["platform"]> {
     const devices = this.config.devices;
     if (devices === undefined || !hasDevices(devices)) return undefined;
@@ -493,7 +507,7 @@ export class Vm {
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
       ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
     };
-    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init });
+    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
     await new Promise<void>((resolve, reject) => {
       w.on("message", (m: DeviceThreadMessage) => {
@@ -568,7 +582,7 @@ export class Vm {
    * `paused`: the vCPUs start parked (resume() lets them go); a restored VM starts paused when
    * it was saved paused, unless `paused` is false.
    */
-  async run(opts: { paused?: boolean } = {}): Promise<VmExitResult> {
+  async run(opts: { paused?: boolean; onStarted?: () => void } = {}): Promise<VmExitResult> {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
     if (this.awaitingState) throw new TypevisorError("VM_STATE", "this VM waits for its state (applyState) before it can run");
     const startPaused = opts.paused ?? this.restoredRunState === "paused";
@@ -579,7 +593,7 @@ export class Vm {
     libc.installKickHandler();
     let platform: VcpuWorkerInit["platform"];
     try {
-      platform = await this.startDevices();
+      platform = await this.prepareDevices();
     } catch (e) {
       this.state = "stopped";
       await this.stopDevices();
@@ -591,6 +605,8 @@ export class Vm {
     // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
     this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
     this.sampler.unref();
+    // The vCPU workers are created just below, synchronously: tell the caller on the next turn.
+    if (opts.onStarted !== undefined) setImmediate(opts.onStarted);
     const result = await new Promise<VmExitResult>((resolve) => {
       let first: { request: VmRequestCode; reason: string; dump?: string } | undefined;
       let exited = 0;
@@ -603,7 +619,7 @@ export class Vm {
           consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1, niceOffset: this.config.vcpuNice ?? DEFAULT_VCPU_NICE, board: this.board,
           ...(platform !== undefined ? { platform } : {}),
         };
-        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init });
+        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
             this.pthreads[m.vcpuId] = m.thread;
@@ -949,6 +965,41 @@ export class Vm {
     }
   }
 
+  /**
+   * Start logging the guest's writes to RAM (KVM_MEM_LOG_DIRTY_PAGES on every slot, KVM API
+   * §4.35): takeDirtyLog() then says which pages changed since the last call. Writes made by the
+   * VMM's own threads (the devices) are not in KVM's log.
+   */
+  startDirtyLog(): void {
+    if (this.dirtyMaps !== undefined) return;
+    const regions = this.memory.hostRegions;
+    this.dirtyMaps = regions.map((r) => libc.mmap(Math.ceil(r.size / 4096 / 64) * 8, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS));
+    regions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress), KVM_MEM_LOG_DIRTY_PAGES));
+  }
+
+  /** Each slot's pages written since the last call (or startDirtyLog), one bit per 4 KiB page; views valid until the next call. */
+  takeDirtyLog(): Uint8Array[] {
+    const maps = this.dirtyMaps;
+    if (maps === undefined) throw new TypevisorError("VM_STATE", "dirty logging is off");
+    return maps.map((m, slot) => {
+      this.vm.getDirtyLog(slot, m);
+      return new Uint8Array(libc.view(m.pointer, m.length));
+    });
+  }
+
+  stopDirtyLog(): void {
+    const maps = this.dirtyMaps;
+    if (maps === undefined) return;
+    this.dirtyMaps = undefined;
+    this.memory.hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
+    for (const m of maps) libc.munmap(m);
+  }
+
+  /** Where each RAM region's pages came from when the VM was restored (snapshot/memory.ts RegionSource). */
+  get memoryRegionSources(): readonly (RegionSource | undefined)[] {
+    return this.memorySources;
+  }
+
   private releaseKvm(): void {
     for (const { map } of this.runMaps) libc.munmap(map);
     this.runMaps.length = 0;
@@ -957,6 +1008,8 @@ export class Vm {
     // Fields may be unset when the constructor failed part-way.
     const self = this as unknown as { vm?: VmFd; kvm?: Kvm };
     self.vm?.close();
+    for (const m of this.dirtyMaps ?? []) libc.munmap(m);
+    this.dirtyMaps = undefined;
     for (const m of this.mems) libc.munmap(m);
     this.mems.length = 0;
     self.kvm?.close();

@@ -12,6 +12,10 @@
  *                  state.json, config.json and (unless memory is false) the memory file; a
  *                  running VM is paused meanwhile and runs on afterwards. 200 {path, ms,
  *                  memoryBytes, dataBytes}; `typevisor run --restore DIR` starts from it
+ *   POST /migrate  {"to": "tcp:HOST:PORT"|"unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?}:
+ *                  live-migrate the VM to a VMM started with `run --incoming`; 202 with progress.
+ *                  GET /migrate: progress {phase, round, bytesSent, dirtyBytes, bandwidth,
+ *                  expectedDowntimeMs, downtimeMs?, error?}; DELETE /migrate cancels (the VM runs on)
  *   PUT  /restore  (a standby VMM only, `run --standby`) {"snapshot": DIR, "id"?, "consoleLog"?,
  *                  "consoleSocket"?, "exitFile"?, "disks"?: [SPEC], "nets"?: [SPEC], "vsock"?: SPEC,
  *                  "paused"?: bool, "keepClock"?: bool}: become the VM saved in DIR, on this same
@@ -55,6 +59,8 @@ export interface ControlTarget {
    */
   threads(): Promise<unknown>;
   pause(): Promise<void>;
+  /** POST: start a live migration (body checked here); GET: its progress; DELETE: cancel it. */
+  migrate?(method: "POST" | "GET" | "DELETE", body?: { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number }): Promise<unknown>;
   /** Save the VM into `path` (Vm.snapshot). */
   snapshot(req: { path: string; memory?: boolean }): Promise<unknown>;
   resume(): void;
@@ -79,6 +85,10 @@ export class SwitchableTarget implements ControlTarget {
   threads(): Promise<unknown> { return this.current.threads(); }
   pause(): Promise<void> { return this.current.pause(); }
   snapshot(req: { path: string; memory?: boolean }): Promise<unknown> { return this.current.snapshot(req); }
+  migrate(method: "POST" | "GET" | "DELETE", body?: { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number }): Promise<unknown> {
+    if (this.current.migrate === undefined) return Promise.reject(new TypevisorError("VM_STATE", "this VMM has no VM to migrate"));
+    return this.current.migrate(method, body);
+  }
   resume(): void { this.current.resume(); }
   stop(): void { this.current.stop(); }
   reboot(): void { this.current.reboot(); }
@@ -99,6 +109,7 @@ function problem(res: ServerResponse, status: number, code: string, detail: stri
 }
 
 const STATE_ERRORS = new Set(["VM_STATE", "SNAPSHOT_EXISTS", "DISK_HELD"]);
+const NOT_FOUND_ERRORS = new Set(["NOT_FOUND"]);
 /** Errors that mean the request itself was wrong (400), not the VM's state. */
 const INPUT_ERRORS = new Set([
   "BALLOON_TARGET", "INVALID_REQUEST", "NO_BALLOON", "NO_DEVICES", "INVALID_ARGUMENT", "INVALID_DEVICE",
@@ -170,6 +181,19 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
           }
           return send(res, 200, await target.snapshot({ path, ...(typeof body?.memory === "boolean" ? { memory: body.memory } : {}) }));
         }
+        case "POST /migrate":
+        case "GET /migrate":
+        case "DELETE /migrate": {
+          if (target.migrate === undefined) return problem(res, 409, "VM_STATE", "this VMM has no VM to migrate");
+          const method = req.method as "POST" | "GET" | "DELETE";
+          if (method !== "POST") return send(res, 200, await target.migrate(method));
+          const body = (await readJson(req)) as Record<string, unknown> | undefined;
+          const num = (k: string, max: number): boolean => body?.[k] === undefined || (typeof body[k] === "number" && Number.isInteger(body[k]) && (body[k] as number) > 0 && (body[k] as number) <= max);
+          if (typeof body?.["to"] !== "string" || body["to"].length > 4096 || !num("maxDowntimeMs", 3_600_000) || !num("maxRounds", 1000) || !num("timeoutMs", 86_400_000)) {
+            return problem(res, 400, "INVALID_REQUEST", 'body must be {"to": "tcp:HOST:PORT" | "unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?}');
+          }
+          return send(res, 202, await target.migrate("POST", body as { to: string }));
+        }
         case "PUT /restore": {
           if (target.restore === undefined) return problem(res, 409, "VM_STATE", "this VMM is not a standby VMM");
           return send(res, 200, await target.restore(await readJson(req)));
@@ -189,7 +213,7 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
       }
     };
     handle().catch((e: unknown) => {
-      if (isTypevisorError(e)) problem(res, STATE_ERRORS.has(e.code) ? 409 : INPUT_ERRORS.has(e.code) ? 400 : e.code === "DISK_FULL" ? 507 : 500, e.code, e.message);
+      if (isTypevisorError(e)) problem(res, STATE_ERRORS.has(e.code) ? 409 : INPUT_ERRORS.has(e.code) ? 400 : NOT_FOUND_ERRORS.has(e.code) ? 404 : e.code === "DISK_FULL" ? 507 : 500, e.code, e.message);
       else problem(res, 500, "INTERNAL", "internal error");
     });
   });

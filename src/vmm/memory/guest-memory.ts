@@ -121,11 +121,68 @@ function lazyViews(size: number, g: ViewGeometry, make: (offset: number, length:
   };
 }
 
+/** The unit of dirty tracking: x86's base page. */
+export const DIRTY_PAGE_SIZE = 4096;
+
+/**
+ * Which guest pages the VMM itself wrote (devices: data into a chain's writable buffers, used
+ * rings, status bytes), one bit per 4 KiB page of guest-physical space in a SharedArrayBuffer, so
+ * the device thread marks and another thread (live migration, later) takes the set. KVM's own
+ * dirty log (KVM_GET_DIRTY_LOG) sees only what vCPUs write; this is the other half.
+ *
+ * Where marks come from (GuestMemory.dirtyLog): every GuestMemory write method, and the split
+ * virtqueue at each used element (SplitQueue.pushUsed marks the used ring entry and index and the
+ * chain's writable buffers, which covers the writes devices make through host addresses:
+ * preadv/readv by the kernel, the I/O threads), and avail_event (armNotification). A chain's
+ * buffers are marked when it is returned, after its data is written, so a copy pass that cleared
+ * the bit before the write cannot miss it.
+ */
+export class DirtyLog {
+  readonly words: Int32Array;
+
+  /** @param shared one bit per page, as made by DirtyLog.create (the same buffer on every thread) */
+  constructor(readonly shared: SharedArrayBuffer) {
+    this.words = new Int32Array(shared);
+  }
+
+  /** A log for guest-physical [0, end): ceil(end / 4 KiB) bits. */
+  static create(end: number): DirtyLog {
+    return new DirtyLog(new SharedArrayBuffer(Math.ceil(Math.ceil(end / DIRTY_PAGE_SIZE) / 32) * 4));
+  }
+
+  /** Mark the pages of [gpa, gpa+len) (len 0 marks nothing; pages past the log are ignored). */
+  mark(gpa: number, len: number): void {
+    if (len <= 0) return;
+    const last = Math.min(Math.floor((gpa + len - 1) / DIRTY_PAGE_SIZE), this.words.length * 32 - 1);
+    for (let p = Math.floor(gpa / DIRTY_PAGE_SIZE); p <= last; p++) Atomics.or(this.words, p >>> 5, 1 << (p & 31));
+  }
+
+  isDirty(page: number): boolean {
+    return page >= 0 && page < this.words.length * 32 && (Atomics.load(this.words, page >>> 5) & (1 << (page & 31))) !== 0;
+  }
+
+  /** The dirty page numbers, ascending, clearing them (a word at a time, atomically: a mark made meanwhile is kept for the next call). */
+  take(): number[] {
+    const out: number[] = [];
+    for (let w = 0; w < this.words.length; w++) {
+      if (this.words[w] === 0) continue;
+      const bits = Atomics.exchange(this.words, w, 0);
+      for (let b = 0; b < 32; b++) if ((bits & (1 << b)) !== 0) out.push(w * 32 + b);
+    }
+    return out;
+  }
+}
+
 /** Scratch for typed accesses that cross a view boundary (only with an overlap under 8 bytes: tests). */
 const scratch = new DataView(new ArrayBuffer(8));
 const scratchBytes = new Uint8Array(scratch.buffer);
 
 export class GuestMemory {
+  /**
+   * When set, every write through this object, and every used buffer of the split queues built
+   * on it, marks its pages (DirtyLog). Undefined (the default) costs one property test per write.
+   */
+  dirtyLog: DirtyLog | undefined;
   private readonly regions: Region[];
   /** regions[0] (the lowest; guest RAM below the PCI hole holds almost every buffer). */
   private readonly first: Region;
@@ -311,6 +368,7 @@ export class GuestMemory {
   }
 
   write(gpa: number, data: Uint8Array): void {
+    this.dirtyLog?.mark(gpa, data.length);
     let at = 0;
     for (const p of this.slices(gpa, data.length)) {
       p.set(data.subarray(at, at + p.length));
@@ -319,6 +377,7 @@ export class GuestMemory {
   }
 
   fill(gpa: number, len: number, value = 0): void {
+    this.dirtyLog?.mark(gpa, len);
     for (const p of this.slices(gpa, len)) p.fill(value);
   }
 
@@ -356,6 +415,7 @@ export class GuestMemory {
     return a !== undefined ? a.dv.getBigUint64(a.off, true) : this.toScratch(gpa, 8).getBigUint64(0, true);
   }
   writeU8(gpa: number, v: number): void {
+    this.dirtyLog?.mark(gpa, 1);
     const a = this.at(gpa, 1);
     if (a !== undefined) a.dv.setUint8(a.off, v);
     else {
@@ -364,6 +424,7 @@ export class GuestMemory {
     }
   }
   writeU16(gpa: number, v: number): void {
+    this.dirtyLog?.mark(gpa, 2);
     const a = this.at(gpa, 2);
     if (a !== undefined) a.dv.setUint16(a.off, v, true);
     else {
@@ -372,6 +433,7 @@ export class GuestMemory {
     }
   }
   writeU32(gpa: number, v: number): void {
+    this.dirtyLog?.mark(gpa, 4);
     const a = this.at(gpa, 4);
     if (a !== undefined) a.dv.setUint32(a.off, v, true);
     else {
@@ -380,6 +442,7 @@ export class GuestMemory {
     }
   }
   writeU64(gpa: number, v: bigint): void {
+    this.dirtyLog?.mark(gpa, 8);
     const a = this.at(gpa, 8);
     if (a !== undefined) a.dv.setBigUint64(a.off, v, true);
     else {

@@ -73,6 +73,20 @@ const ZERO = new Uint8Array(PAGE);
 
 function writeRegion(fd: number, pagemap: number, r: HostRegion, fileOffset: number, source: RegionSource | undefined): number {
   let written = 0;
+  forEachDataRun(pagemap, r, source, (offset, bytes) => {
+    check(libc.pwriteFull(fd, bytes, fileOffset + offset), "writing guest memory");
+    written += bytes.length;
+  });
+  return written;
+}
+
+/**
+ * Call `run(offset, bytes)` for every run of non-zero pages of region `r` (offset from the
+ * region's start; `bytes` a view of guest memory, valid during the call), skipping what
+ * pagemap shows was never touched (and, for a private file mapping, what its file has no data
+ * for). `pagemap` is an open /proc/self/pagemap.
+ */
+export function forEachDataRun(pagemap: number, r: HostRegion, source: RegionSource | undefined, run: (offset: number, bytes: Uint8Array) => void): void {
   const entries = new BigUint64Array(CHUNK_PAGES);
   const entryBytes = new Uint8Array(entries.buffer);
   const pages = r.size / PAGE;
@@ -87,22 +101,24 @@ function writeRegion(fd: number, pagemap: number, r: HostRegion, fileOffset: num
     let runStart = -1;
     const flush = (end: number): void => {
       if (runStart < 0) return;
-      const bytes = mem.subarray(runStart * PAGE, end * PAGE);
-      check(libc.pwriteFull(fd, bytes, fileOffset + (first + runStart) * PAGE), "writing guest memory");
-      written += bytes.length;
+      run((first + runStart) * PAGE, mem.subarray(runStart * PAGE, end * PAGE));
       runStart = -1;
     };
     for (let p = 0; p < n; p++) {
       const e = entries[p]!;
       const maybe = (e & (PRESENT | SWAPPED)) !== 0n || (fromFile !== undefined && inRanges(fromFile, p * PAGE));
-      const nonZero = maybe && Buffer.compare(mem.subarray(p * PAGE, (p + 1) * PAGE), ZERO) !== 0;
+      const nonZero = maybe && !isZeroPage(mem, p * PAGE);
       if (nonZero) {
         if (runStart < 0) runStart = p;
       } else flush(p);
     }
     flush(n);
   }
-  return written;
+}
+
+/** Whether the page at `off` of `mem` is all zeros (a native compare with a zero page). */
+export function isZeroPage(mem: Uint8Array, off: number): boolean {
+  return Buffer.compare(mem.subarray(off, off + PAGE), ZERO) === 0;
 }
 
 /** The data ranges (not holes) of `fd` within [off, off+len), relative to `off`. */

@@ -49,6 +49,14 @@ export interface BarDecode {
   size: number;
 }
 
+/** The bus's own state for snapshots (plain JSON). */
+export interface PciBusState {
+  /** The 0xCF8 latch (PCI Local Bus 3.0 §3.2.2.3.2). */
+  configAddress: number;
+  /** The host bridge's 4 KiB configuration space, base64. */
+  hostBridge: string;
+}
+
 interface Decoded {
   slot: number;
   bar: number;
@@ -115,6 +123,24 @@ export class PciBus {
     this.slots[s] = dev;
     this.rebuildDecode();
     return s;
+  }
+
+  /** What the bus itself holds for a snapshot: the mechanism #1 address latch and the host bridge's configuration space. */
+  save(): PciBusState {
+    return { configAddress: this.configAddress, hostBridge: Buffer.from(this.hostBridge.config.snapshot()).toString("base64") };
+  }
+
+  /**
+   * Put back a save(), after the devices' own configuration spaces were restored: the latch
+   * (through the mask a guest write goes through), the host bridge's guest-writable bits, then
+   * BAR decode is rebuilt from what the configuration spaces now say, so decode-change listeners
+   * (the ioeventfd routes) follow the BARs as the guest had programmed them.
+   * @throws TypevisorError SNAPSHOT_INVALID for a host bridge image of the wrong size
+   */
+  restore(state: PciBusState): void {
+    this.hostBridge.config.restoreWritable(Buffer.from(state.hostBridge, "base64"));
+    this.configAddress = (state.configAddress & CONFIG_ADDRESS_MASK) >>> 0;
+    this.rebuildDecode();
   }
 
   device(slot: number): PciDevice | undefined {

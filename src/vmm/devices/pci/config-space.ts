@@ -310,6 +310,23 @@ export class PciConfigSpace {
   snapshot(): Uint8Array {
     return this.bytes.slice();
   }
+
+  /**
+   * Put back a snapshot() taken of a function built the same way: only the guest-writable bits
+   * (the write mask: BAR addresses, command, cache line size, interrupt line, capability fields
+   * such as MSI-X Message Control) are taken from `saved`; identity, read-only and
+   * write-one-to-clear bits stay as this function was built. So a snapshot can set nothing a
+   * guest could not have set with its own configuration writes. No hooks run: the owner restores
+   * what the hooks maintain (MSI-X, BAR decode) from its own state.
+   * @throws TypevisorError SNAPSHOT_INVALID when `saved` is not PCI_CONFIG_SIZE bytes
+   */
+  restoreWritable(saved: Uint8Array): void {
+    if (saved.length !== PCI_CONFIG_SIZE) throw pciError("SNAPSHOT_INVALID", `PCI configuration space of ${saved.length} bytes, not ${PCI_CONFIG_SIZE}`);
+    for (let o = 0; o < PCI_CONFIG_SIZE; o++) {
+      const m = this.wmask[o]!;
+      if (m !== 0) this.bytes[o] = (this.bytes[o]! & ~m) | (saved[o]! & m);
+    }
+  }
 }
 
 function validAccess(offset: number, size: number): boolean {

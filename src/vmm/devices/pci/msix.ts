@@ -234,6 +234,35 @@ export class Msix {
   /** The PBA is read-only (§6.8.2.10). */
   pbaWrite(): void {}
 
+  /**
+   * Put back a save() of a table of the same size, as the guest left it: entries (through the
+   * same masks as tableWrite: address bits 1:0 zero, vector control keeps only Mask), pending
+   * bits, and Enable / Function Mask (also in Message Control, so config reads agree). Nothing
+   * is delivered here: a vector pending in the snapshot goes out when the guest unmasks it, as
+   * it would have (§6.8.2.9).
+   * @throws TypevisorError SNAPSHOT_INVALID when the sizes differ from this table's
+   */
+  restore(state: MsixState): void {
+    if (state.table.length !== this.vectors * 4 || state.pending.length !== this.vectors) {
+      throw new TypevisorError("SNAPSHOT_INVALID", `MSI-X state has ${state.table.length / 4} entries and ${state.pending.length} pending bits; this function has ${this.vectors} vectors`);
+    }
+    for (let dw = 0; dw < state.table.length; dw++) {
+      let v = state.table[dw]! >>> 0;
+      if ((dw & 3) === 0) v &= ~3;
+      if ((dw & 3) === 3) v &= VECTOR_MASKED;
+      this.table[dw] = v >>> 0;
+    }
+    for (let v = 0; v < this.vectors; v++) this.pending[v] = state.pending[v] === 1 ? 1 : 0;
+    this.enabledBit = state.enabled;
+    this.functionMaskBit = state.functionMasked;
+    if (this.cap !== undefined) {
+      const { config, offset } = this.cap;
+      const ctrl = config.getU16(offset + 2) & ~(CTRL_ENABLE | CTRL_FUNCTION_MASK);
+      config.setU16(offset + 2, ctrl | (state.enabled ? CTRL_ENABLE : 0) | (state.functionMasked ? CTRL_FUNCTION_MASK : 0));
+    }
+    this.onUpdate?.(undefined);
+  }
+
   save(): MsixState {
     return {
       enabled: this.enabledBit,

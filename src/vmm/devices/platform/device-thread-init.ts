@@ -10,6 +10,9 @@ import type { BalloonCounters, BalloonStats } from "../virtio/balloon/balloon.js
 import type { BlockStats } from "../virtio/block/block.js";
 import type { NetStats } from "../virtio/net/net.js";
 import type { VirtioPciInspect } from "../virtio/pci/transport.js";
+import type { DevicesState } from "./snapshot.js";
+
+export type { DevicesState } from "./snapshot.js";
 
 export interface DeviceThreadInit {
   vmFd: number;
@@ -27,6 +30,20 @@ export interface DeviceThreadInit {
   board: SharedArrayBuffer;
   /** Accept the debug.* commands (tests of a device thread that does not answer). */
   debugCommands?: boolean;
+  /**
+   * Restore from a snapshot: the devices are built from `devices` as always (back ends, MAC, CID
+   * from there), then this state (checked again with parseDevicesState) is put back before
+   * "ready"; a snapshot of other devices is an "error" message with code SNAPSHOT_MISMATCH, a
+   * state that does not fit them SNAPSHOT_INVALID. Start the thread only after the irqchip and
+   * every vCPU's LAPIC are restored: restoring raises interrupts (snapshot.ts restoreDevices).
+   */
+  restore?: DevicesState;
+  /**
+   * A DirtyLog's buffer (memory/guest-memory.ts): when given, every guest page this thread's
+   * devices write is marked in it (the VMM's half of live migration's dirty tracking; KVM's log has
+   * the vCPUs' half). Absent: no tracking, no cost.
+   */
+  dirtyLog?: SharedArrayBuffer;
 }
 
 /** Disk and network traffic summed over the VM's virtio devices (counted by the back ends). */
@@ -76,6 +93,12 @@ export type DeviceRequest =
   | { command: "balloon.stats" }
   /** Space was freed: every disk stopped by a full filesystem runs its held requests again (BlockDevice.retryHeld). */
   | { command: "disks.retry" }
+  /**
+   * Quiesce and save every device (snapshot.ts saveDevices); only while every vCPU is paused.
+   * Kicks already signalled are served, disk requests in flight are completed into the used
+   * rings; the devices keep working afterwards (the VM may resume).
+   */
+  | { command: "snapshot" }
   /** Block the device thread for `ms` (only with DeviceThreadInit.debugCommands): a stuck device thread, for tests. */
   | { command: "debug.stall"; args: { ms: number } };
 
@@ -88,6 +111,7 @@ export interface DeviceReplies {
   "balloon.requestStats": { requested: boolean };
   "balloon.stats": BalloonReport;
   "disks.retry": { held: number };
+  snapshot: DevicesState;
   "debug.stall": { stalledMs: number };
 }
 

@@ -11,7 +11,7 @@ import { isTypevisorError, TypevisorError } from "../../../errors.js";
 import { VmFd } from "../../../kvm/kvm.js";
 import * as libc from "../../../sys/libc.js";
 import { PORT } from "../../arch/x86_64/layout.js";
-import { GuestMemory } from "../../memory/guest-memory.js";
+import { DirtyLog, GuestMemory } from "../../memory/guest-memory.js";
 import { PciBus, type BarDecode } from "../pci/bus.js";
 import { BlockDevice } from "../virtio/block/block.js";
 import type { VirtioDevice } from "../virtio/device.js";
@@ -26,6 +26,7 @@ import { openTap, setLinkUp } from "../../../sys/tap.js";
 import { boardRow, clockMs, deviceRow, deviceWord, enterStamped, PHASE, SLOT, WORD } from "../../threads/board.js";
 import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
+import { parseDevicesState, restoreDevices, saveDevices, type DeviceKind } from "./snapshot.js";
 
 const init = workerData as DeviceThreadInit;
 const port = parentPort;
@@ -38,10 +39,12 @@ Atomics.store(row.i32, WORD.TID, libc.gettid());
 const vm = new VmFd(init.vmFd);
 const stop = new Int32Array(init.control);
 const mem = GuestMemory.mapped(init.memory);
+if (init.dirtyLog !== undefined) mem.dirtyLog = new DirtyLog(init.dirtyLog);
 const mailbox = new MailboxServer(init.mailbox, init.vcpus);
 
 interface Plugged {
   name: string;
+  kind: DeviceKind;
   /** Index on the bus in plug order (what the thread board's state word names). */
   index: number;
   transport: VirtioPciDevice;
@@ -59,7 +62,7 @@ const plugged: Plugged[] = [];
 const disks: { name: string; dev: BlockDevice }[] = [];
 const nics: { name: string; dev: NetDevice }[] = [];
 
-function plug(name: string, device: VirtioDevice): void {
+function plug(name: string, kind: DeviceKind, device: VirtioDevice): void {
   const transport = new VirtioPciDevice({
     device,
     mem,
@@ -73,7 +76,7 @@ function plug(name: string, device: VirtioDevice): void {
   });
   const slot = bus.addDevice(transport);
   const kicks = device.queueMaxSizes.map((_, queue) => ({ queue, fd: libc.eventfd(), addr: undefined as number | undefined }));
-  plugged.push({ name, index: plugged.length, transport, slot, kicks });
+  plugged.push({ name, kind, index: plugged.length, transport, slot, kicks });
 }
 
 /** Move each queue's ioeventfd to wherever the guest placed the notify BAR (or drop it while it does not decode). */
@@ -138,7 +141,7 @@ try {
       ...(d.serial !== undefined ? { serial: d.serial } : {}),
     });
     const name = `virtio-blk ${d.path}${d.format === "qcow2" ? " (qcow2)" : ""}${d.readonly ? " (read-only)" : ""}`;
-    plug(name, dev);
+    plug(name, "block", dev);
     disks.push({ name, dev });
   });
   init.devices.nets.forEach((n, i) => {
@@ -149,13 +152,13 @@ try {
     const mac = n.mac !== undefined ? parseMac(n.mac) : macFromIdentity(`${tap.name}/net${i}`);
     const dev = new NetDevice({ tapFd: tap.fd, mac });
     const name = `virtio-net ${tap.name} ${formatMac(mac)}`;
-    plug(name, dev);
+    plug(name, "net", dev);
     nics.push({ name, dev });
   });
-  if (init.devices.rng) plug("virtio-rng", new RngDevice());
+  if (init.devices.rng) plug("virtio-rng", "rng", new RngDevice());
   if (init.devices.vsock !== undefined) {
     vsock = new VsockDevice({ guestCid: init.devices.vsock.cid, udsPath: init.devices.vsock.uds });
-    plug(`virtio-vsock cid=${init.devices.vsock.cid} ${init.devices.vsock.uds}`, vsock);
+    plug(`virtio-vsock cid=${init.devices.vsock.cid} ${init.devices.vsock.uds}`, "vsock", vsock);
   }
   if (init.devices.balloon !== undefined) {
     balloon = new BalloonDevice({
@@ -164,9 +167,11 @@ try {
       statsPollSeconds: init.devices.balloon.statsPollSeconds,
       deflateOnOom: init.devices.balloon.deflateOnOom,
     });
-    plug("virtio-balloon", balloon);
+    plug("virtio-balloon", "balloon", balloon);
   }
   bus.onDecodeChange((_changes: BarDecode[]) => routeKicks());
+  // Checked again here (the main thread parsed it too): this thread trusts no state it did not check.
+  if (init.restore !== undefined) restoreDevices(plugged, bus, parseDevicesState(init.restore));
   routeKicks();
 } catch (e) {
   post(isTypevisorError(e) ? { type: "error", code: e.code, message: e.message } : { type: "error", code: "DEVICE_SETUP", message: (e as Error).message });
@@ -219,6 +224,18 @@ function threadsReport(): DeviceReplies["threads"] {
 
 const stallWord = new Int32Array(new SharedArrayBuffer(4));
 
+/**
+ * Before a snapshot (vCPUs paused): serve every queue kick already signalled on its ioeventfd, so
+ * what the guest published and notified before it stopped is taken now rather than found by
+ * the restore's look at every queue; disks then complete what is in flight in their save().
+ */
+function quiesce(): void {
+  mailbox.serve({ handle });
+  for (const p of plugged) {
+    for (const k of p.kicks) if (libc.eventfdDrain(k.fd) > 0) p.transport.queueNotify(k.queue);
+  }
+}
+
 /** Host-side verbs; each returns plain data (DeviceReplies). */
 function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
   switch (c.command) {
@@ -236,6 +253,9 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
       return { requested: theBalloon().requestStats() };
     case "balloon.stats":
       return balloonState();
+    case "snapshot":
+      quiesce();
+      return saveDevices(plugged, bus);
     case "disks.retry":
       for (const { dev } of disks) dev.retryHeld();
       return { held: disks.reduce((n, { dev }) => n + dev.heldRequests, 0) };

@@ -137,7 +137,8 @@ export class BalloonDevice implements VirtioDevice {
   readonly configSize = BALLOON_CONFIG_SIZE;
 
   private readonly discard: DiscardFn;
-  private readonly maxPages: number;
+  /** Guest RAM in 4 KiB pages: the largest target (and, in a snapshot, num_pages) accepted. */
+  readonly maxPages: number;
   private readonly pollMs: number;
   private readonly now: () => number;
 

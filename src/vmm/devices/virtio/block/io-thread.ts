@@ -3,6 +3,7 @@ import { Worker } from "node:worker_threads";
 import type { IoVec } from "../../../../sys/iov.js";
 import * as libc from "../../../../sys/libc.js";
 import { workerUrl } from "../../../worker-url.js";
+import { VMM_WORKER_LIMITS } from "../../../isolates.js";
 import { CTL, META, metaAt, SLOTS, ioRing, type IoRing } from "./io-ring.js";
 import type { DiskInit } from "../../../disk/backend.js";
 import type { IoWorkerInit } from "./io-worker.js";
@@ -45,7 +46,7 @@ export class BlockIoThread {
     const init: IoWorkerInit = { sab: this.ring.sab, disk, eventfd: this.eventfd, name };
     // The thread waits in Atomics.wait, never in its event loop: unref'd, it keeps no process alive.
     try {
-      this.worker = new Worker(workerUrl("devices/virtio/block/io-worker.js"), { workerData: init });
+      this.worker = new Worker(workerUrl("devices/virtio/block/io-worker.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
     } catch (e) {
       libc.close(this.eventfd);
       throw e;

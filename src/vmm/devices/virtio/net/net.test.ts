@@ -1,5 +1,4 @@
 import fc from "fast-check";
-import koffi from "koffi";
 import { afterAll, describe, expect, it } from "vitest";
 import * as libc from "../../../../sys/libc.js";
 import { GuestMemory } from "../../../memory/guest-memory.js";
@@ -10,28 +9,13 @@ import type { DriverBuf } from "../queue/test-driver.js";
 import { TestDriver } from "../queue/test-driver.js";
 import type { FuzzCase } from "../queue/test-fuzz.js";
 import { DATA_AREA, FUZZ_MEM, fuzzCase, INDIRECT_AREA, QSIZE } from "../queue/test-fuzz.js";
+import { fakeTap as makeFakeTap } from "./test-tap.js";
 import { MAX_FRAME, NET_CONFIG_SIZE, NetDevice, RXQ, TXQ, VIRTIO_NET_F, VNET_HDR_LEN } from "./net.js";
 
-/*
- * The TAP is played by one end of an AF_UNIX datagram socketpair: like a TAP fd it is
- * non-blocking and keeps packet boundaries (one read = one packet, one writev = one packet).
- */
-const c = koffi.load("libc.so.6");
-const socketpairFn = c.func("int socketpair(int domain, int type, int protocol, _Out_ int *sv)");
-const AF_UNIX = 1;
-const SOCK_DGRAM = 2;
-const SOCK_NONBLOCK = 0x800;
-const SOCK_CLOEXEC = 0x80000;
 const opened: number[] = [];
 afterAll(() => opened.forEach((fd) => libc.close(fd)));
-
 /** `scope`: where the pair is recorded to be closed (the file's afterAll, or one property case's closeCaseTaps). */
-function fakeTap(scope: number[] = opened): { dev: number; host: number } {
-  const sv = [0, 0];
-  if ((socketpairFn(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) as number) !== 0) throw new Error("socketpair failed");
-  scope.push(sv[0]!, sv[1]!);
-  return { dev: sv[0]!, host: sv[1]! };
-}
+const fakeTap = (scope: number[] = opened): { dev: number; host: number } => makeFakeTap(scope);
 
 /** Everything the host side of the fake TAP has received, one Buffer per packet. */
 function drain(fd: number): Buffer[] {
@@ -108,16 +92,17 @@ function postRx(r: Rig, n: number, len: number, at = DATA): number[] {
 }
 
 describe("NetDevice identity and config", () => {
-  it("is device type 1 with rx+tx queues, MAC/STATUS/MRG_RXBUF/VERSION_1 and checksum/TSO offloads", () => {
+  it("is device type 1 with rx+tx+control queues, MAC/STATUS/MRG_RXBUF/VERSION_1, checksum/TSO offloads and GUEST_ANNOUNCE", () => {
     const dev = new NetDevice({ tapFd: 0, mac: MAC });
     expect(dev.deviceType).toBe(VIRTIO_ID.NET);
-    expect(dev.queueMaxSizes).toEqual([256, 256]);
+    expect(dev.queueMaxSizes).toEqual([256, 256, 64]);
     expect(dev.backendFds).toEqual([0]);
     for (const b of [VIRTIO_F.VERSION_1, VIRTIO_NET_F.MAC, VIRTIO_NET_F.STATUS, VIRTIO_NET_F.MRG_RXBUF, VIRTIO_F.EVENT_IDX, VIRTIO_F.INDIRECT_DESC,
-      VIRTIO_NET_F.CSUM, VIRTIO_NET_F.GUEST_CSUM, VIRTIO_NET_F.HOST_TSO4, VIRTIO_NET_F.GUEST_TSO4, VIRTIO_NET_F.HOST_TSO6, VIRTIO_NET_F.GUEST_TSO6]) {
+      VIRTIO_NET_F.CSUM, VIRTIO_NET_F.GUEST_CSUM, VIRTIO_NET_F.HOST_TSO4, VIRTIO_NET_F.GUEST_TSO4, VIRTIO_NET_F.HOST_TSO6, VIRTIO_NET_F.GUEST_TSO6,
+      VIRTIO_NET_F.CTRL_VQ, VIRTIO_NET_F.GUEST_ANNOUNCE]) {
       expect(hasFeature(dev.features, b)).toBe(true);
     }
-    for (const b of [VIRTIO_NET_F.HOST_UFO, VIRTIO_NET_F.GUEST_UFO, VIRTIO_NET_F.HOST_ECN, VIRTIO_NET_F.CTRL_VQ, VIRTIO_NET_F.MQ, VIRTIO_NET_F.MTU]) {
+    for (const b of [VIRTIO_NET_F.HOST_UFO, VIRTIO_NET_F.GUEST_UFO, VIRTIO_NET_F.HOST_ECN, VIRTIO_NET_F.MQ, VIRTIO_NET_F.MTU]) {
       expect(hasFeature(dev.features, b)).toBe(false);
     }
     expect(dev.configSize).toBe(NET_CONFIG_SIZE);
@@ -329,21 +314,63 @@ describe("NetDevice receive", () => {
     }
   });
 
-  it("save() rewinds rx over chains held for a waiting frame; restore() re-offers them", () => {
+  it("save() rewinds rx over chains held for a waiting frame and keeps the frame; restore() delivers it first", () => {
     const r = rig();
     postRx(r, 2, 1000);
-    hostSend(r.host, frame(3000, 1));
+    const waiting = frame(3000, 1);
+    hostSend(r.host, waiting);
     r.dev.onBackendReadable(r.dev.backendFds[0]!);
     const st = r.dev.save();
-    expect(st).toMatchObject({ version: 1, activated: true, queues: [{ nextAvail: 0, nextUsed: 0 }, { nextAvail: 0, nextUsed: 0 }] });
+    // The rig's driver set up no control queue (queue 2).
+    expect(st).toMatchObject({ version: 1, activated: true, queues: [{ nextAvail: 0, nextUsed: 0 }, { nextAvail: 0, nextUsed: 0 }, null] });
+    expect(Buffer.from(st.stash!, "base64").length).toBe(VNET_HDR_LEN + 3000);
     const dev2 = new NetDevice({ tapFd: r.dev.backendFds[0]!, mac: MAC });
     dev2.restore(r.ctx, JSON.parse(JSON.stringify(st)) as typeof st);
     hostSend(r.host, frame(500, 2));
-    postRx(r, 2, 1000, DATA + 0x20000);
+    postRx(r, 3, 1000, DATA + 0x20000);
     dev2.notify(RXQ);
-    // The 3000-byte frame was in the old device's stash (lost with it, as in-flight packets are);
-    // the restored device sees the two first chains again and fills one with the new frame.
-    expect(r.rx.takeUsed()).toEqual([{ id: 0, len: 512 }]);
+    // The 3000-byte frame read before the snapshot goes first, over the two re-offered chains and
+    // two new ones (MRG_RXBUF: 3012 bytes with its header), then the new frame.
+    const used = r.rx.takeUsed();
+    expect(used).toEqual([{ id: 0, len: 1000 }, { id: 1, len: 1000 }, { id: 2, len: 1000 }, { id: 3, len: 12 }, { id: 4, len: 512 }]);
+    expect(Buffer.from(r.mem.read(DATA + VNET_HDR_LEN, 1000 - VNET_HDR_LEN))).toEqual(Buffer.from(waiting.subarray(0, 1000 - VNET_HDR_LEN)));
+  });
+
+  it("restore() asks the guest to announce itself when GUEST_ANNOUNCE was negotiated; ANNOUNCE_ACK on the control queue clears it (§5.1.6.5.4)", () => {
+    const r = rig();
+    const st = JSON.parse(JSON.stringify(r.dev.save())) as ReturnType<NetDevice["save"]>;
+    const ctrl = new TestDriver(r.mem, 16, 0x8000);
+    let configInterrupts = 0;
+    const restoreWith = (features: bigint): NetDevice => {
+      const dev = new NetDevice({ tapFd: r.dev.backendFds[0]!, mac: Uint8Array.of(0x02, 0, 0, 0, 0, 0x99) });
+      dev.restore({ ...r.ctx, queues: [r.rx.config, r.tx.config, ctrl.config], features: features & dev.features, interruptConfig: () => configInterrupts++ }, st);
+      return dev;
+    };
+    // Without GUEST_ANNOUNCE the driver would not know the bit: nothing is asked.
+    const plain = restoreWith(ALL);
+    expect(configInterrupts).toBe(0);
+    expect(plain.readConfig(6, 2)).toBe(1n);
+    const dev = restoreWith(ALL | featureBit(VIRTIO_NET_F.CTRL_VQ) | featureBit(VIRTIO_NET_F.GUEST_ANNOUNCE));
+    expect(configInterrupts).toBe(1);
+    expect(dev.readConfig(6, 2)).toBe(3n); // LINK_UP | ANNOUNCE
+    expect(dev.announcing).toBe(true);
+    // The clone's MAC is the one it was built with, not the snapshot's.
+    expect(dev.readConfig(5, 1)).toBe(0x99n);
+    // An unknown command is refused (VIRTIO_NET_ERR) and changes nothing; ANNOUNCE_ACK clears the bit.
+    const cmd = (cls: number, c: number, at: number): number => {
+      r.mem.write(at, Uint8Array.of(cls, c));
+      r.mem.writeU8(at + 0x10, 0xee);
+      const h = ctrl.addChain([{ addr: at, len: 2 }, { addr: at + 0x10, len: 1, write: true }]);
+      ctrl.publish(h);
+      dev.notify(2);
+      return r.mem.readU8(at + 0x10);
+    };
+    expect(cmd(0, 0, DATA + 0x30000)).toBe(1);
+    expect(dev.announcing).toBe(true);
+    expect(cmd(3, 0, DATA + 0x30100)).toBe(0);
+    expect(dev.announcing).toBe(false);
+    expect(dev.readConfig(6, 2)).toBe(1n);
+    expect(ctrl.takeUsed()).toEqual([{ id: 0, len: 1 }, { id: 2, len: 1 }]);
   });
 
   it("reads frames straight into the guest's buffers when they hold a 64 KiB frame; a cut or refused frame is dropped and its chains reused", () => {

@@ -5,7 +5,7 @@ import { setTapOffload, TUN_F, VNET_HDR_LEN } from "../../../../sys/tap.js";
 import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { chainHead, gatherHost, readChain, writeChain } from "../queue/chain.js";
-import { activateQueues, inspectQueues, serviceQueue } from "../queue/runner.js";
+import { activateQueues, inspectQueues, serviceQueue, type ChainResult } from "../queue/runner.js";
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
 import { formatMac } from "./mac.js";
@@ -28,11 +28,19 @@ export const VIRTIO_NET_F = {
   MRG_RXBUF: 15,
   STATUS: 16,
   CTRL_VQ: 17,
+  GUEST_ANNOUNCE: 21,
   MQ: 22,
 } as const;
 
 /** Config status bits (virtio 1.2 §5.1.4). */
 export const VIRTIO_NET_S_LINK_UP = 1;
+/** The device asks the driver to announce itself (gratuitous ARP / unsolicited NA): virtio 1.2 §5.1.6.5.4. */
+export const VIRTIO_NET_S_ANNOUNCE = 2;
+/** Control queue classes and commands we serve (virtio 1.2 §5.1.6.5.4), and the ack values (§5.1.6.5). */
+export const VIRTIO_NET_CTRL_ANNOUNCE = 3;
+export const VIRTIO_NET_CTRL_ANNOUNCE_ACK = 0;
+export const VIRTIO_NET_OK = 0;
+export const VIRTIO_NET_ERR = 1;
 /** virtio_net_hdr flags and gso types (virtio 1.2 §5.1.6). */
 export const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
 export const VIRTIO_NET_HDR_GSO_NONE = 0;
@@ -62,9 +70,12 @@ function headerAllowed(flags: number, gso: number, f: bigint, dir: "tx" | "rx"):
 }
 export { VNET_HDR_LEN };
 
-/** Queue indices (virtio 1.2 §5.1.2): receiveq1, transmitq1; no control queue, no multiqueue. */
+/** Queue indices (virtio 1.2 §5.1.2): receiveq1, transmitq1, controlq (no multiqueue, so it is queue 2). */
 export const RXQ = 0;
 export const TXQ = 1;
+export const CTRLQ = 2;
+/** The control queue carries a few tiny commands (Linux sizes it as the device allows and uses one at a time). */
+const CTRLQ_SIZE = 64;
 
 /**
  * Config space through mtu (virtio 1.2 §5.1.4): mac[6] @0, le16 status @6,
@@ -100,6 +111,11 @@ export interface NetDeviceState {
   activated: boolean;
   /** rx cursor rewound over chains we had popped but not used, so they are offered again. */
   queues: (SplitQueueState | null)[];
+  /**
+   * A frame already read from the TAP that waited for receive buffers (vnet header + frame,
+   * base64), so a snapshot does not lose it: restore puts it back and delivers it first.
+   */
+  stash?: string;
 }
 
 export interface NetStats {
@@ -175,10 +191,14 @@ export class NetDevice implements VirtioDevice {
     this.tapFd = opts.tapFd;
     this.backendFds = [opts.tapFd];
     this.mac = Uint8Array.from(opts.mac);
-    this.queueMaxSizes = [size, size];
+    this.queueMaxSizes = [size, size, CTRLQ_SIZE];
 
     let f = featureBit(VIRTIO_F.VERSION_1) | featureBit(VIRTIO_F.INDIRECT_DESC) | featureBit(VIRTIO_F.EVENT_IDX);
     f |= featureBit(VIRTIO_NET_F.MAC) | featureBit(VIRTIO_NET_F.STATUS) | featureBit(VIRTIO_NET_F.MRG_RXBUF);
+    // GUEST_ANNOUNCE (which needs CTRL_VQ and STATUS, virtio 1.2 §5.1.3.1): after a restore, in
+    // particular in a clone with its own MAC, the device asks the guest to announce itself so
+    // switches and neighbours learn where it is now (§5.1.6.5.4).
+    f |= featureBit(VIRTIO_NET_F.CTRL_VQ) | featureBit(VIRTIO_NET_F.GUEST_ANNOUNCE);
     // Checksum and TCP segmentation offloads both ways: the TAP speaks the same virtio_net_hdr
     // (Documentation/networking/tuntap.rst, IFF_VNET_HDR), so headers pass through and a 64 KiB
     // TSO frame costs one trip instead of ~45 MTU-sized ones (virtio 1.2 §5.1.6.2, §5.1.6.4).
@@ -205,9 +225,40 @@ export class NetDevice implements VirtioDevice {
     this.start(ctx);
   }
 
+  /**
+   * Resume from a snapshot: queues from their cursors, the frame that waited for buffers (if
+   * any) back in hand, and, when the driver negotiated VIRTIO_NET_F_GUEST_ANNOUNCE, a request to
+   * announce itself (VIRTIO_NET_S_ANNOUNCE and a configuration interrupt, §5.1.6.5.4): the
+   * machine may now be elsewhere on the network, or a clone with this device's (new) MAC, which
+   * the config space already holds since it comes from this device's options, not the snapshot.
+   */
   restore(ctx: ActivateContext, state: NetDeviceState): void {
     if (state.version !== 1) throw new TypevisorError("SNAPSHOT_VERSION", `virtio-net state version ${String(state.version)} is not supported`);
-    if (state.activated) this.start(ctx, state.queues);
+    if (!state.activated) return;
+    this.start(ctx, state.queues);
+    if (state.stash !== undefined) {
+      const frame = Buffer.from(state.stash, "base64");
+      if (frame.length < VNET_HDR_LEN || frame.length > VNET_HDR_LEN + MAX_FRAME) throw new TypevisorError("SNAPSHOT_INVALID", `virtio-net saved frame of ${frame.length} bytes is not ${VNET_HDR_LEN}..${VNET_HDR_LEN + MAX_FRAME}`);
+      this.rxBuf.set(frame);
+      this.stashLen = frame.length;
+    }
+    if (hasFeature(ctx.features, VIRTIO_NET_F.GUEST_ANNOUNCE)) {
+      this.setStatus(this.status() | VIRTIO_NET_S_ANNOUNCE);
+      ctx.interruptConfig();
+    }
+  }
+
+  /** The config space status field (le16 at 6, §5.1.4). */
+  private status(): number {
+    return this.config.readUInt16LE(6);
+  }
+  private setStatus(v: number): void {
+    this.config.writeUInt16LE(v & 0xffff, 6);
+  }
+
+  /** Whether the device is waiting for the driver's VIRTIO_NET_CTRL_ANNOUNCE_ACK. */
+  get announcing(): boolean {
+    return (this.status() & VIRTIO_NET_S_ANNOUNCE) !== 0;
   }
 
   private start(ctx: ActivateContext, saved?: readonly (SplitQueueState | null)[]): void {
@@ -231,6 +282,7 @@ export class NetDevice implements VirtioDevice {
     if (ctx === undefined) return;
     if (q === TXQ) serviceQueue(ctx, TXQ, this.queues[TXQ], (chain) => this.transmit(ctx, chain));
     else if (q === RXQ) this.receive();
+    else if (q === CTRLQ && hasFeature(ctx.features, VIRTIO_NET_F.CTRL_VQ)) serviceQueue(ctx, CTRLQ, this.queues[CTRLQ], (chain) => this.control(ctx, chain));
   }
 
   /**
@@ -263,6 +315,7 @@ export class NetDevice implements VirtioDevice {
   reset(): void {
     this.dropStash();
     if (this.ctx !== undefined) setTapOffload(this.tapFd, 0);
+    this.setStatus(this.status() & ~VIRTIO_NET_S_ANNOUNCE);
     this.ctx = undefined;
     this.queues = [];
     this.mrg = false;
@@ -280,7 +333,29 @@ export class NetDevice implements VirtioDevice {
         if (st !== null && i === RXQ && held > 0) st.nextAvail = (st.nextAvail - held) & 0xffff;
         return st;
       }),
+      ...(this.stashLen > 0 ? { stash: Buffer.from(this.rxBuf.subarray(0, this.stashLen)).toString("base64") } : {}),
     };
+  }
+
+  /**
+   * One control command (virtio 1.2 §5.1.6.5): class and command bytes (and data) readable, the
+   * one-byte ack writable. Only VIRTIO_NET_CTRL_ANNOUNCE_ACK is served (the other classes need
+   * features we do not offer: CTRL_RX, CTRL_VLAN, MQ, CTRL_MAC_ADDR, CTRL_GUEST_OFFLOADS); the
+   * rest are answered VIRTIO_NET_ERR, as the spec has the device do for what it does not support.
+   */
+  private control(ctx: ActivateContext, chain: DescriptorChain): ChainResult {
+    if (chain.totalWrite < 1) return new QueueError("VIRTIO_NET_CTRL", `control command ${chain.head} has no writable ack byte`);
+    let ack = VIRTIO_NET_ERR;
+    if (chain.totalRead >= 2) {
+      const [cls, cmd] = readChain(ctx.mem, chain.readable, 0, 2);
+      if (cls === VIRTIO_NET_CTRL_ANNOUNCE && cmd === VIRTIO_NET_CTRL_ANNOUNCE_ACK && hasFeature(ctx.features, VIRTIO_NET_F.GUEST_ANNOUNCE)) {
+        // §5.1.6.5.4: the device MUST clear VIRTIO_NET_S_ANNOUNCE when it receives the ack.
+        this.setStatus(this.status() & ~VIRTIO_NET_S_ANNOUNCE);
+        ack = VIRTIO_NET_OK;
+      }
+    }
+    writeChain(ctx.mem, chain.writable, Uint8Array.of(ack));
+    return 1;
   }
 
   /** Packet and byte counters since construction. */

@@ -20,7 +20,7 @@
  */
 import { TypevisorError } from "../../../../errors.js";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
-import { PciConfigSpace, type PciBarSpec } from "../../pci/config-space.js";
+import { PCI_CONFIG_SIZE, PCI_REG, PCI_STATUS, PciConfigSpace, type PciBarSpec } from "../../pci/config-space.js";
 import { PCI_CLASS, leRead, leWrite, type PciDevice } from "../../pci/device.js";
 import { Msix, type MsixState } from "../../pci/msix.js";
 import { VIRTIO_F, VIRTIO_ID, type ActivateContext, type QueueConfig, type QueueInspect, type VirtioDevice } from "../device.js";
@@ -88,7 +88,8 @@ export interface VirtioPciState {
   isr: number;
   queues: { size: number; msixVector: number; enabled: boolean; desc: string; driver: string; device: string }[];
   msix: MsixState;
-  config: number[];
+  /** The 4 KiB PCI configuration space, base64 (restore takes only its guest-writable bits back). */
+  config: string;
 }
 
 /** An MSI-X vector as GET /threads shows it: whether the guest masked it and whether a message waits on the mask. */
@@ -498,17 +499,37 @@ export class VirtioPciDevice implements PciDevice {
       this.setNeedsReset("DRIVER_OK without FEATURES_OK");
       return;
     }
-    const problem = this.queueProblem();
+    const problem = queueProblem(this.queues, this.driverFeatures, this.device.queueMaxSizes, this.mem);
     if (problem !== undefined) {
       this.setNeedsReset(problem);
       return;
     }
+    try {
+      this.device.activate(this.activateContext());
+    } catch (e) {
+      this.setNeedsReset(`device activation failed: ${e instanceof Error ? e.message : String(e)}`);
+      return;
+    }
+    // A driver may post buffers and kick before DRIVER_OK (Linux's virtio_balloon primes its stats
+    // queue in init_vqs, before virtio_device_ready); those kicks found no active device. Look at
+    // every enabled queue once now, so nothing posted early waits for a kick that never comes.
+    this.notifyEnabled();
+  }
+
+  private notifyEnabled(): void {
+    this.queues.forEach((q, i) => {
+      if (q.enabled) this.notify(i);
+    });
+  }
+
+  /** What the device gets at DRIVER_OK (or restore): the queues as configured, callbacks that die with this activation. */
+  private activateContext(): ActivateContext {
     const epoch = this.epoch;
     const live = (): boolean => epoch === this.epoch;
     const queues: QueueConfig[] = this.queues.map((q) =>
       q.enabled ? { size: q.size, descAddr: Number(q.desc), driverAddr: Number(q.driver), deviceAddr: Number(q.device) } : { size: 0, descAddr: 0, driverAddr: 0, deviceAddr: 0 },
     );
-    const ctx: ActivateContext = {
+    return {
       mem: this.mem,
       queues,
       features: this.driverFeatures,
@@ -522,49 +543,6 @@ export class VirtioPciDevice implements PciDevice {
         if (live()) this.setNeedsReset(reason);
       },
     };
-    try {
-      this.device.activate(ctx);
-    } catch (e) {
-      this.setNeedsReset(`device activation failed: ${e instanceof Error ? e.message : String(e)}`);
-      return;
-    }
-    // A driver may post buffers and kick before DRIVER_OK (Linux's virtio_balloon primes its stats
-    // queue in init_vqs, before virtio_device_ready); those kicks found no active device. Look at
-    // every enabled queue once now, so nothing posted early waits for a kick that never comes.
-    this.queues.forEach((q, i) => {
-      if (q.enabled) this.notify(i);
-    });
-  }
-
-  /** Why the enabled queues cannot be used, or undefined when they can (virtio 1.2 §2.7, §2.8, §4.1.4.3.2). */
-  private queueProblem(): string | undefined {
-    const packed = (this.driverFeatures & bit(VIRTIO_F.RING_PACKED)) !== 0n;
-    for (let i = 0; i < this.queues.length; i++) {
-      const q = this.queues[i]!;
-      if (!q.enabled) continue;
-      const max = this.device.queueMaxSizes[i]!;
-      if (q.size < 1 || q.size > max) return `queue ${i}: size ${q.size} is not 1..${max}`;
-      // Split rings are a power of two in size; packed rings need not be (§2.7 vs §2.8).
-      if (!packed && !isPow2(q.size)) return `queue ${i}: split ring size ${q.size} is not a power of two`;
-      const areas: [string, bigint, number, number][] = packed
-        ? [
-            ["descriptor ring", q.desc, 16, 16 * q.size],
-            ["driver event suppression", q.driver, 4, 4],
-            ["device event suppression", q.device, 4, 4],
-          ]
-        : [
-            ["descriptor table", q.desc, 16, 16 * q.size],
-            ["available ring", q.driver, 2, 6 + 2 * q.size],
-            ["used ring", q.device, 4, 6 + 8 * q.size],
-          ];
-      for (const [name, addr, align, len] of areas) {
-        if (addr % BigInt(align) !== 0n) return `queue ${i}: ${name} at 0x${addr.toString(16)} is not ${align}-byte aligned`;
-        if (addr > BigInt(Number.MAX_SAFE_INTEGER) || !this.mem.contains(Number(addr), len)) {
-          return `queue ${i}: ${name} at 0x${addr.toString(16)} (+${len}) is outside guest RAM`;
-        }
-      }
-    }
-    return undefined;
   }
 
   private setNeedsReset(reason: string): void {
@@ -667,7 +645,111 @@ export class VirtioPciDevice implements PciDevice {
       isr: this.isr,
       queues: this.queues.map((q) => ({ size: q.size, msixVector: q.msixVector, enabled: q.enabled, desc: hex(q.desc), driver: hex(q.driver), device: hex(q.device) })),
       msix: this.msix.save(),
-      config: [...this.config.snapshot()],
+      config: Buffer.from(this.config.snapshot()).toString("base64"),
     };
   }
+
+  /**
+   * Why `state` cannot be put back into this transport, or undefined when it can. Everything a
+   * guest could not have brought about itself is refused: a queue count or MSI-X table of
+   * another device, vectors past the table, features not offered, DRIVER_OK without
+   * FEATURES_OK, and (for a live device) enabled queues that are not legal rings inside guest
+   * RAM. Changes nothing.
+   */
+  restoreProblem(state: VirtioPciState): string | undefined {
+    if (state.queues.length !== this.numQueues) return `${state.queues.length} queues saved, the device has ${this.numQueues}`;
+    if (state.msix.table.length !== this.msix.vectors * 4 || state.msix.pending.length !== this.msix.vectors) return `an MSI-X table of ${Math.floor(state.msix.table.length / 4)} vectors saved, the device has ${this.msix.vectors}`;
+    const vectorOk = (v: number): boolean => v === VIRTIO_MSI_NO_VECTOR || (v >= 0 && v < this.msix.vectors);
+    if (!vectorOk(state.configMsixVector)) return `config MSI-X vector ${state.configMsixVector} is not in the table of ${this.msix.vectors}`;
+    for (const [i, q] of state.queues.entries()) {
+      if (!vectorOk(q.msixVector)) return `queue ${i}: MSI-X vector ${q.msixVector} is not in the table of ${this.msix.vectors}`;
+    }
+    const config = Buffer.from(state.config, "base64");
+    if (config.length !== PCI_CONFIG_SIZE) return `PCI configuration space of ${config.length} bytes, not ${PCI_CONFIG_SIZE}`;
+    const features = BigInt(state.driverFeatures);
+    if ((state.status & S.FEATURES_OK) !== 0 && ((features & ~this.offeredFeatures) !== 0n || (features & bit(VIRTIO_F.VERSION_1)) === 0n)) {
+      return `features 0x${features.toString(16)} were not offered (0x${this.offeredFeatures.toString(16)})`;
+    }
+    if (live(state.status)) {
+      if ((state.status & S.FEATURES_OK) === 0) return "DRIVER_OK without FEATURES_OK";
+      const problem = queueProblem(toRegs(state), features, this.device.queueMaxSizes, this.mem);
+      if (problem !== undefined) return problem;
+    }
+    return undefined;
+  }
+
+  /**
+   * Put back a save() (virtio 1.2 §2.1 status, §4.1.4.3 common configuration, PCI configuration
+   * space and MSI-X), replacing whatever this transport held: the guest-writable bits of
+   * configuration space (BAR addresses, command register: the bus's decode is the caller's to
+   * refresh), the MSI-X table and pending bits, the transport registers and every queue's.
+   * A device that was live (DRIVER_OK and not DEVICE_NEEDS_RESET) is handed to
+   * `restoreDevice(ctx)` instead of activate(), with the same context activate() would get;
+   * then every enabled queue is looked at once, as after DRIVER_OK, so buffers the driver
+   * published while its kick was in flight at the snapshot are not left waiting.
+   * @throws TypevisorError SNAPSHOT_INVALID (restoreProblem), or whatever restoreDevice throws
+   */
+  restore(state: VirtioPciState, restoreDevice: (ctx: ActivateContext) => void): void {
+    const problem = this.restoreProblem(state);
+    if (problem !== undefined) throw new TypevisorError("SNAPSHOT_INVALID", `virtio-pci state: ${problem}`);
+    const config = Buffer.from(state.config, "base64");
+    // A fresh device (and epoch) first: nothing of what this transport did before survives.
+    this.resetState();
+    this.config.restoreWritable(config);
+    this.config.setInterruptStatus((config.readUInt16LE(PCI_REG.STATUS) & PCI_STATUS.INTERRUPT) !== 0);
+    this.msix.restore(state.msix);
+    this.status = state.status & 0xff;
+    this.deviceFeatureSelect = state.deviceFeatureSelect >>> 0;
+    this.driverFeatureSelect = state.driverFeatureSelect >>> 0;
+    this.driverFeatures = BigInt(state.driverFeatures);
+    this.configMsixVector = state.configMsixVector;
+    this.configGeneration = state.configGeneration & 0xff;
+    this.queueSelect = state.queueSelect & 0xffff;
+    this.isr = state.isr & (VIRTIO_ISR.QUEUE | VIRTIO_ISR.CONFIG);
+    this.queues = toRegs(state);
+    if ((this.status & S.DEVICE_NEEDS_RESET) !== 0) this.needsResetReason = "the device needed a reset when the snapshot was taken";
+    if (!live(this.status)) return;
+    restoreDevice(this.activateContext());
+    this.notifyEnabled();
+  }
+}
+
+/** DRIVER_OK without DEVICE_NEEDS_RESET: the device was activated and still serves its queues. */
+function live(status: number): boolean {
+  return (status & (S.DRIVER_OK | S.DEVICE_NEEDS_RESET)) === S.DRIVER_OK;
+}
+
+function toRegs(state: VirtioPciState): QueueState[] {
+  return state.queues.map((q) => ({ size: q.size, msixVector: q.msixVector, enabled: q.enabled, desc: BigInt(q.desc), driver: BigInt(q.driver), device: BigInt(q.device) }));
+}
+
+/** Why the enabled queues cannot be used, or undefined when they can (virtio 1.2 §2.7, §2.8, §4.1.4.3.2). */
+function queueProblem(queueRegs: readonly QueueState[], driverFeatures: bigint, maxSizes: readonly number[], mem: GuestMemory): string | undefined {
+  const packed = (driverFeatures & bit(VIRTIO_F.RING_PACKED)) !== 0n;
+  for (let i = 0; i < queueRegs.length; i++) {
+    const q = queueRegs[i]!;
+    if (!q.enabled) continue;
+    const max = maxSizes[i]!;
+    if (q.size < 1 || q.size > max) return `queue ${i}: size ${q.size} is not 1..${max}`;
+    // Split rings are a power of two in size; packed rings need not be (§2.7 vs §2.8).
+    if (!packed && !isPow2(q.size)) return `queue ${i}: split ring size ${q.size} is not a power of two`;
+    const areas: [string, bigint, number, number][] = packed
+      ? [
+          ["descriptor ring", q.desc, 16, 16 * q.size],
+          ["driver event suppression", q.driver, 4, 4],
+          ["device event suppression", q.device, 4, 4],
+        ]
+      : [
+          ["descriptor table", q.desc, 16, 16 * q.size],
+          ["available ring", q.driver, 2, 6 + 2 * q.size],
+          ["used ring", q.device, 4, 6 + 8 * q.size],
+        ];
+    for (const [name, addr, align, len] of areas) {
+      if (addr % BigInt(align) !== 0n) return `queue ${i}: ${name} at 0x${addr.toString(16)} is not ${align}-byte aligned`;
+      if (addr > BigInt(Number.MAX_SAFE_INTEGER) || !mem.contains(Number(addr), len)) {
+        return `queue ${i}: ${name} at 0x${addr.toString(16)} (+${len}) is outside guest RAM`;
+      }
+    }
+  }
+  return undefined;
 }

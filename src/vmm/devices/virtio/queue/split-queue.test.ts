@@ -1,6 +1,6 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { GuestMemory } from "../../../memory/guest-memory.js";
+import { DIRTY_PAGE_SIZE, DirtyLog, GuestMemory } from "../../../memory/guest-memory.js";
 import { addressOf, IoVec } from "../../../../sys/iov.js";
 import { bufsLength, chainSlices, gatherHost, readChain, writeChain } from "./chain.js";
 import type { DescriptorChain, SplitQueueOptions } from "./split-queue.js";
@@ -495,5 +495,57 @@ describe("chains across regions and host views (property)", () => {
     const drv = new TestDriver(mem, 8, 4096 - 64);
     expect(() => new SplitQueue(mem, drv.config, { eventIdx: false, indirect: false })).toThrow(/crosses two host views/);
     expect(SplitQueue.check(mem, new TestDriver(mem, 8, 0).config)).toBeUndefined();
+  });
+});
+
+describe("dirty tracking (GuestMemory.dirtyLog)", () => {
+  const page = (a: number): number => Math.floor(a / DIRTY_PAGE_SIZE);
+
+  it("off by default: nothing is marked; on: a returned chain marks its writable buffers and the used ring, not its readable ones", () => {
+    const { mem, drv, q } = setup(8, { indirect: true });
+    // A chain taken before the log is on (a disk request in flight when migration starts) is marked when it is returned.
+    const early = drv.addChain([{ addr: 0x5000, len: 16 }, { addr: 0x6000, len: 8192, write: true }]);
+    drv.publish(early);
+    const c1 = expectChain(q.pop());
+    const log = DirtyLog.create(MEM);
+    mem.dirtyLog = log;
+    expect(log.take()).toEqual([]);
+    q.pushUsed(c1.head, 8192);
+    expect(log.take()).toEqual([page(drv.config.deviceAddr), page(0x6000), page(0x7000)].sort((a, b) => a - b));
+    // Indirect: the table's writable entries count, the table itself (read-only to the device) does not.
+    const head = drv.addIndirectChain([{ addr: 0x8000, len: 4 }, { addr: 0x9000, len: 1, write: true }], 0xa000);
+    drv.publish(head);
+    const c2 = expectChain(q.pop());
+    // (The test's driver writes through the same GuestMemory: forget its marks before each look.)
+    log.take();
+    // A driver that rewrites a chain before it is used (against §2.7.13) gets its own pages marked, and the queue is not poisoned by the second look.
+    drv.writeDesc(drv.config.descAddr, head, 0xffff_0000, 16, INDIRECT, 0);
+    log.take();
+    q.pushUsed(c2.head, 1);
+    expect(q.broken).toBeUndefined();
+    expect(log.take()).toEqual([page(drv.config.deviceAddr)]);
+    drv.writeDesc(drv.config.descAddr, head, 0xa000, 32, INDIRECT, 0);
+    log.take();
+    q.pushUsed(c2.head, 1);
+    expect(log.take()).toEqual([page(drv.config.deviceAddr), page(0x9000)].sort((a, b) => a - b));
+    // Writes through GuestMemory mark too; with the log off again, nothing does.
+    mem.writeU8(0xc000, 1);
+    mem.write(0xd000 - 2, new Uint8Array(4));
+    expect(log.take()).toEqual([page(0xc000), page(0xd000)]);
+    mem.dirtyLog = undefined;
+    mem.writeU32(0xe000, 1);
+    q.pushUsed(c1.head, 1);
+    expect(log.take()).toEqual([]);
+  });
+
+  it("DirtyLog: marks every page a range touches, ignores pages past its end, take() clears", () => {
+    const log = DirtyLog.create(10 * DIRTY_PAGE_SIZE);
+    log.mark(DIRTY_PAGE_SIZE - 1, 2);
+    log.mark(9 * DIRTY_PAGE_SIZE, 1 << 20);
+    log.mark(3 * DIRTY_PAGE_SIZE, 0);
+    expect(log.isDirty(0)).toBe(true);
+    expect(log.isDirty(3)).toBe(false);
+    expect(log.take()).toEqual([0, 1, 9, ...Array.from({ length: 22 }, (_, i) => 10 + i)]);
+    expect(log.take()).toEqual([]);
   });
 });

@@ -1,5 +1,5 @@
 import { TypevisorError } from "../../../../errors.js";
-import type { GuestMemory } from "../../../memory/guest-memory.js";
+import type { DirtyLog, GuestMemory } from "../../../memory/guest-memory.js";
 import type { QueueConfig, QueueInspect } from "../device.js";
 
 /** Descriptor flags (virtio 1.2 §2.7.5). */
@@ -335,6 +335,28 @@ export class SplitQueue {
     this.used.setUint32(slot + 4, Math.min(Math.max(0, Math.floor(lenWritten)), 0xffffffff), true);
     this.nextUsed = (this.nextUsed + 1) & 0xffff;
     this.used.setUint16(2, this.nextUsed, true);
+    const log = this.mem.dirtyLog;
+    if (log !== undefined) this.logUsed(log, head, slot);
+  }
+
+  /**
+   * Dirty tracking (GuestMemory.dirtyLog): the used element and idx just written, and the
+   * writable buffers of the chain returned, found by walking it again (the driver may not touch
+   * a chain until it is used, §2.7.13; one it changed anyway marks its own pages, or none). The
+   * walk's side effects (the sticky failure, the >4 GiB count) are undone: this only reads.
+   */
+  private logUsed(log: DirtyLog, head: number, slot: number): void {
+    const base = this.config.deviceAddr;
+    log.mark(base + 2, 2);
+    log.mark(base + slot, 8);
+    if (head >= this.config.size) return;
+    const failure = this.failure;
+    const high = this.highBuffers;
+    const chain = this.walk(head);
+    this.failure = failure;
+    this.highBuffers = high;
+    if (chain instanceof QueueError) return;
+    for (const b of chain.writable) log.mark(b.addr, b.len);
   }
 
   /**
@@ -369,6 +391,7 @@ export class SplitQueue {
     if (this.failure !== undefined) return false;
     if (!this.opts.eventIdx) return false;
     this.used.setUint16(this.availEventOffset, this.nextAvail, true);
+    this.mem.dirtyLog?.mark(this.config.deviceAddr + this.availEventOffset, 2);
     fullFence();
     const n = this.pending();
     return typeof n === "number" && n > 0;

@@ -1,0 +1,253 @@
+/**
+ * The device thread's part of a VM snapshot: the PCI bus, and for every virtio device its
+ * virtio-pci transport (PCI configuration space, MSI-X table and PBA, common configuration and
+ * queue registers) and its device state (queue cursors and what the device keeps of its own).
+ *
+ * A snapshot file is hostile input. parseDevicesState checks its shape with a schema (every
+ * number's range, every array's and string's length) before anything is built from it;
+ * restoreDevices then checks it against the devices built from this VMM's DeviceSpecs (same
+ * kinds in the same slots, queue counts, MSI-X table sizes, features the device offers, queue
+ * rings inside guest RAM) before it changes any of them. What survives both checks is only state
+ * a guest could have brought about itself with its own register writes, so a crafted snapshot
+ * can confuse nothing but that guest.
+ *
+ * Back ends are not in the snapshot: disk paths, TAP names, the MAC, the vsock CID and socket
+ * come from the DeviceSpecs given at restore, so a clone can get its own.
+ */
+import { z } from "zod";
+import { TypevisorError } from "../../../errors.js";
+import { MSIX_MAX_VECTORS } from "../pci/msix.js";
+import { PCI_SLOTS, type PciBus, type PciBusState } from "../pci/bus.js";
+import { PCI_CONFIG_SIZE } from "../pci/config-space.js";
+import { BalloonDevice, type BalloonDeviceState } from "../virtio/balloon/balloon.js";
+import { BlockDevice, type BlockDeviceState } from "../virtio/block/block.js";
+import type { ActivateContext } from "../virtio/device.js";
+import { MAX_FRAME, NetDevice, VNET_HDR_LEN, type NetDeviceState } from "../virtio/net/net.js";
+import { VIRTIO_STATUS } from "../virtio/pci/caps.js";
+import { MAX_QUEUE_SIZE, type VirtioPciDevice, type VirtioPciState } from "../virtio/pci/transport.js";
+import type { SplitQueueState } from "../virtio/queue/split-queue.js";
+import { RngDevice, type RngDeviceState } from "../virtio/rng/rng.js";
+import { VsockDevice, type VsockDeviceState } from "../virtio/vsock/vsock.js";
+
+export type DeviceKind = "block" | "net" | "rng" | "vsock" | "balloon";
+
+/** One device of a DevicesState, its `device` typed by `kind`. */
+export type DeviceSnapshot = { name: string; slot: number; transport: VirtioPciState } & (
+  | { kind: "block"; device: BlockDeviceState }
+  | { kind: "net"; device: NetDeviceState }
+  | { kind: "rng"; device: RngDeviceState }
+  | { kind: "vsock"; device: VsockDeviceState }
+  | { kind: "balloon"; device: BalloonDeviceState }
+);
+
+/**
+ * Everything the device thread owns, as plain JSON (64-bit values as hex strings, byte images as
+ * base64): what the "snapshot" command answers and DeviceThreadInit.restore takes back.
+ */
+export interface DevicesState {
+  version: 1;
+  bus: PciBusState;
+  /** In plug order (the order DeviceSpecs lists them: disks, nets, rng, vsock, balloon). */
+  devices: DeviceSnapshot[];
+}
+
+/** A device as the device thread plugged it: what saveDevices and restoreDevices work on. */
+export interface PluggedDevice {
+  name: string;
+  kind: DeviceKind;
+  slot: number;
+  transport: VirtioPciDevice;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schemas. Every bound is the architectural one (or what the device model can hold), so a state
+// this VMM saved always passes, and nothing unbounded gets through.
+
+const int = (min: number, max: number) => z.number().int().min(min).max(max);
+const u8 = int(0, 0xff);
+const u16 = int(0, 0xffff);
+const u32 = int(0, 0xffff_ffff);
+/** A guest-physical address or any other 64-bit register, as "0x..." (exact: never a JS number). */
+const hex64 = z.string().regex(/^0x[0-9a-f]{1,16}$/, "is not a 64-bit hex value (0x...)");
+/** Device states write features as bare hex. */
+const hexFeatures = z.string().regex(/^[0-9a-f]{1,16}$/, "is not a 64-bit hex value");
+/** Base64 of at most `max` bytes (the exact length is checked where the bytes are used). */
+const base64 = (max: number) =>
+  z
+    .string()
+    .max(Math.ceil(max / 3) * 4)
+    .regex(/^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/, "is not base64");
+/** A guest-physical address held as a Number by the device models: exact below 2^53. */
+const gpa = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
+
+/** virtio-pci supports at most 1024 queues (one notify address each in a 4 KiB page, transport.ts). */
+const MAX_QUEUES = 1024;
+
+const msixSchema = z.strictObject({
+  enabled: z.boolean(),
+  functionMasked: z.boolean(),
+  table: z.array(u32).max(MSIX_MAX_VECTORS * 4),
+  pending: z.array(int(0, 1)).max(MSIX_MAX_VECTORS),
+});
+
+const transportSchema = z.strictObject({
+  status: u8,
+  deviceFeatureSelect: u32,
+  driverFeatureSelect: u32,
+  driverFeatures: hex64,
+  configMsixVector: u16,
+  configGeneration: u8,
+  queueSelect: u16,
+  isr: int(0, 3),
+  queues: z.array(z.strictObject({ size: u16, msixVector: u16, enabled: z.boolean(), desc: hex64, driver: hex64, device: hex64 })).max(MAX_QUEUES),
+  msix: msixSchema,
+  config: base64(PCI_CONFIG_SIZE),
+}) satisfies z.ZodType<VirtioPciState>;
+
+const queueStateSchema = z.strictObject({
+  config: z.strictObject({ size: int(1, MAX_QUEUE_SIZE), descAddr: gpa, driverAddr: gpa, deviceAddr: gpa }),
+  nextAvail: u16,
+  nextUsed: u16,
+}) satisfies z.ZodType<SplitQueueState>;
+
+/** Every device here has at most 3 queues; 8 leaves room without leaving it unbounded. */
+const queuesSchema = z.array(queueStateSchema.nullable()).max(8);
+const common = { version: z.literal(1), features: hexFeatures, activated: z.boolean(), queues: queuesSchema };
+
+const blockSchema = z.strictObject(common) satisfies z.ZodType<BlockDeviceState>;
+const rngSchema = z.strictObject(common) satisfies z.ZodType<RngDeviceState>;
+const netSchema = z.strictObject({ ...common, stash: base64(VNET_HDR_LEN + MAX_FRAME).optional() }) satisfies z.ZodType<NetDeviceState>;
+const vsockSchema = z.strictObject({ ...common, guestCid: u32, udsPath: z.string().max(4096), openConnections: int(0, 1 << 20) }) satisfies z.ZodType<VsockDeviceState>;
+const balloonSchema = z.strictObject({
+  ...common,
+  numPages: u32,
+  actual: u32,
+  stats: z.strictObject({
+    updatedAt: z.number().min(0).max(Number.MAX_SAFE_INTEGER),
+    values: z.record(z.string().max(64), z.number().finite()).refine((v) => Object.keys(v).length <= 64, "has more than 64 statistics"),
+  }),
+}) satisfies z.ZodType<BalloonDeviceState>;
+
+const entry = { name: z.string().max(4096), slot: int(1, PCI_SLOTS - 1), transport: transportSchema };
+
+const devicesStateSchema = z.strictObject({
+  version: z.literal(1),
+  bus: z.strictObject({ configAddress: u32, hostBridge: base64(PCI_CONFIG_SIZE) }),
+  devices: z
+    .array(
+      z.discriminatedUnion("kind", [
+        z.strictObject({ ...entry, kind: z.literal("block"), device: blockSchema }),
+        z.strictObject({ ...entry, kind: z.literal("net"), device: netSchema }),
+        z.strictObject({ ...entry, kind: z.literal("rng"), device: rngSchema }),
+        z.strictObject({ ...entry, kind: z.literal("vsock"), device: vsockSchema }),
+        z.strictObject({ ...entry, kind: z.literal("balloon"), device: balloonSchema }),
+      ]),
+    )
+    .max(PCI_SLOTS - 1),
+}) satisfies z.ZodType<DevicesState>;
+
+/**
+ * Check that `x` (decoded JSON from a snapshot) is a DevicesState: shape, ranges, lengths.
+ * @throws TypevisorError SNAPSHOT_INVALID naming the first field that is wrong
+ */
+export function parseDevicesState(x: unknown): DevicesState {
+  const r = devicesStateSchema.safeParse(x);
+  if (!r.success) {
+    const first = r.error.issues[0];
+    const where = first === undefined || first.path.length === 0 ? "" : ` at ${first.path.map(String).join(".")}`;
+    throw new TypevisorError("SNAPSHOT_INVALID", `the snapshot's device state is invalid${where}: ${first?.message ?? "does not match the schema"}`);
+  }
+  return r.data as DevicesState;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Save and restore.
+
+/**
+ * Every device's state, then the bus's. Each device saves before its transport: a disk answers
+ * its requests in flight first (BlockDevice.save), which can raise an MSI-X vector or set its
+ * pending bit, and the transport's state must include that. The caller quiesces first (vCPUs
+ * paused, queue kicks served).
+ * @throws TypevisorError DISK_HELD when a disk holds requests for space (BlockDevice.save)
+ */
+export function saveDevices(plugged: readonly PluggedDevice[], bus: PciBus): DevicesState {
+  const devices = plugged.map((p): DeviceSnapshot => {
+    const base = { name: p.name, slot: p.slot };
+    const dev = p.transport.device;
+    if (p.kind === "block" && dev instanceof BlockDevice) return { ...base, kind: "block", device: dev.save(), transport: p.transport.save() };
+    if (p.kind === "net" && dev instanceof NetDevice) return { ...base, kind: "net", device: dev.save(), transport: p.transport.save() };
+    if (p.kind === "rng" && dev instanceof RngDevice) return { ...base, kind: "rng", device: dev.save(), transport: p.transport.save() };
+    if (p.kind === "vsock" && dev instanceof VsockDevice) return { ...base, kind: "vsock", device: dev.save(), transport: p.transport.save() };
+    if (p.kind === "balloon" && dev instanceof BalloonDevice) return { ...base, kind: "balloon", device: dev.save(), transport: p.transport.save() };
+    throw new TypevisorError("SNAPSHOT_DEVICE", `device ${p.name} is not a ${p.kind} device`);
+  });
+  return { version: 1, bus: bus.save(), devices };
+}
+
+const live = (status: number): boolean => (status & (VIRTIO_STATUS.DRIVER_OK | VIRTIO_STATUS.DEVICE_NEEDS_RESET)) === VIRTIO_STATUS.DRIVER_OK;
+
+/** Why `s` does not fit the device `p` (already known to be of the same kind and slot), or undefined. */
+function deviceProblem(p: PluggedDevice, s: DeviceSnapshot): string | undefined {
+  const t = p.transport.restoreProblem(s.transport);
+  if (t !== undefined) return t;
+  const dev = p.transport.device;
+  const d = s.device;
+  if (d.queues.length > dev.queueMaxSizes.length) return `${d.queues.length} device queues saved, the device has ${dev.queueMaxSizes.length}`;
+  if (live(s.transport.status)) {
+    // The driver set DRIVER_OK and the device served it: the device must have been activated.
+    if (!d.activated) return "the transport is live (DRIVER_OK) but the device was not activated";
+    for (const [i, q] of d.queues.entries()) {
+      if (q === null) continue;
+      // The device's queue must be the one the transport registers describe (what restore hands it).
+      const r = s.transport.queues[i]!;
+      if (!r.enabled || q.config.size !== r.size || BigInt(q.config.descAddr) !== BigInt(r.desc) || BigInt(q.config.driverAddr) !== BigInt(r.driver) || BigInt(q.config.deviceAddr) !== BigInt(r.device)) {
+        return `queue ${i}: the device's ring does not match the transport's queue registers`;
+      }
+    }
+  }
+  if (s.kind === "balloon" && dev instanceof BalloonDevice && s.device.numPages > dev.maxPages) return `balloon target ${s.device.numPages} pages exceeds guest RAM (${dev.maxPages} pages)`;
+  if (s.kind === "net" && s.device.stash !== undefined && Buffer.from(s.device.stash, "base64").length < VNET_HDR_LEN) return "the saved receive frame is shorter than its virtio_net_hdr";
+  return undefined;
+}
+
+/** Hand `s.device` to the device's own restore (its kind was checked against the plugged device). */
+function restoreDevice(p: PluggedDevice, s: DeviceSnapshot, ctx: ActivateContext): void {
+  const dev = p.transport.device;
+  if (s.kind === "block" && dev instanceof BlockDevice) dev.restore(ctx, s.device);
+  else if (s.kind === "net" && dev instanceof NetDevice) dev.restore(ctx, s.device);
+  else if (s.kind === "rng" && dev instanceof RngDevice) dev.restore(ctx, s.device);
+  else if (s.kind === "vsock" && dev instanceof VsockDevice) dev.restore(ctx, s.device);
+  else if (s.kind === "balloon" && dev instanceof BalloonDevice) dev.restore(ctx, s.device);
+  else throw new TypevisorError("SNAPSHOT_MISMATCH", `device ${p.name} is not a ${s.kind} device`);
+}
+
+/**
+ * Put `state` (from parseDevicesState) back into the devices built from this VMM's specs, on
+ * `bus`. First everything is checked (SNAPSHOT_MISMATCH: not the same devices in the same
+ * slots; SNAPSHOT_INVALID: a state that does not fit its device), then each transport is
+ * restored, handing live devices their state instead of activating them, and last the bus,
+ * whose decode rebuild moves the BARs (and with them, through its listeners, the ioeventfds)
+ * to where the guest had programmed them.
+ *
+ * Restoring can raise interrupts (virtio-net's announce request, vsock's TRANSPORT_RESET event,
+ * queues with work already published): the interrupt controller and every vCPU's LAPIC must be
+ * restored before this runs, or the messages are lost.
+ */
+export function restoreDevices(plugged: readonly PluggedDevice[], bus: PciBus, state: DevicesState): void {
+  const mismatch = (m: string): TypevisorError =>
+    new TypevisorError("SNAPSHOT_MISMATCH", `the snapshot's devices do not match this VM's: ${m}`, { hint: "restore with the same kinds and number of disks, NICs, rng, vsock and balloon as the snapshotted VM" });
+  const want = state.devices.map((d) => `${d.kind}@${d.slot}`).join(", ");
+  const have = plugged.map((p) => `${p.kind}@${p.slot}`).join(", ");
+  if (want !== have) throw mismatch(`snapshot has [${want}], this VM has [${have}]`);
+  const bridge = Buffer.from(state.bus.hostBridge, "base64").length;
+  if (bridge !== PCI_CONFIG_SIZE) throw new TypevisorError("SNAPSHOT_INVALID", `the snapshot's host bridge configuration space is ${bridge} bytes, not ${PCI_CONFIG_SIZE}`);
+  state.devices.forEach((s, i) => {
+    const problem = deviceProblem(plugged[i]!, s);
+    if (problem !== undefined) throw new TypevisorError("SNAPSHOT_INVALID", `the snapshot's state for ${plugged[i]!.name} (slot ${s.slot}) is invalid: ${problem}`);
+  });
+  state.devices.forEach((s, i) => {
+    const p = plugged[i]!;
+    p.transport.restore(s.transport, (ctx) => restoreDevice(p, s, ctx));
+  });
+  bus.restore(state.bus);
+}

@@ -1,0 +1,181 @@
+/**
+ * The live-migration stream: frames over one TCP or unix-socket connection.
+ *
+ *   frame = type u32 LE | length u32 LE | payload (length bytes, at most MAX_FRAME)
+ *
+ * Source to destination, in order: HELLO (JSON: version, the machine's configuration, its RAM
+ * regions), then any number of PAGES (u64 guest-physical address, then whole 4 KiB pages) and
+ * ZEROS (u64 address, u32 page count: pages that became zero), then STATE (a snapshot state file,
+ * checksummed and schema-checked as one: snapshot/state.ts), then DONE. The destination answers
+ * READY once the whole state is in place (or ERROR with a message); the source then commits and
+ * sends GO; the destination runs the VM and answers RUNNING.
+ *
+ * Everything a destination reads is hostile: every length is capped before anything is
+ * allocated, every page range is checked against the VM's RAM regions, frames out of order are
+ * refused, and any violation ends the migration with MIGRATION_STREAM and no VM.
+ */
+import type { Socket } from "node:net";
+import { z } from "zod";
+import { TypevisorError } from "../../errors.js";
+import { SnapshotConfigSchema, type SnapshotConfig } from "../snapshot/state.js";
+
+export const MIGRATION_VERSION = 1;
+export const PAGE = 4096;
+/** 2 MiB of pages and their header: the largest frame either side accepts (the state is sent in pieces). */
+export const MAX_FRAME = 2 * 1024 * 1024 + 64;
+/** A snapshot state file may be up to this large (MAX_STATE_BYTES is the file cap; a stream VM is smaller). */
+export const MAX_STATE_STREAM = 64 * 1024 * 1024;
+
+export const FRAME = {
+  HELLO: 1, PAGES: 2, ZEROS: 3, STATE: 4, DONE: 5,
+  READY: 16, GO: 17, RUNNING: 18, ERROR: 19,
+} as const;
+export type FrameType = (typeof FRAME)[keyof typeof FRAME];
+const NAMES = Object.fromEntries(Object.entries(FRAME).map(([k, v]) => [v, k])) as Record<number, string>;
+
+export const HelloSchema = z.strictObject({
+  magic: z.literal("typevisor-migration"),
+  version: z.number().int(),
+  config: SnapshotConfigSchema,
+  regions: z.array(z.strictObject({ guestPhysAddr: z.number().int().min(0), size: z.number().int().min(PAGE) })).min(1).max(8),
+});
+export type Hello = z.infer<typeof HelloSchema>;
+
+export function hello(config: SnapshotConfig, regions: { guestPhysAddr: number; size: number }[]): Hello {
+  return { magic: "typevisor-migration", version: MIGRATION_VERSION, config, regions };
+}
+
+export const streamError = (detail: string): TypevisorError => new TypevisorError("MIGRATION_STREAM", `migration stream: ${detail}`);
+
+/** One frame's bytes: header and payload parts, written with one writev-like call by the socket. */
+export function frame(type: FrameType, ...parts: Uint8Array[]): Uint8Array[] {
+  const length = parts.reduce((n, p) => n + p.length, 0);
+  if (length > MAX_FRAME) throw new TypevisorError("MIGRATION", `a ${NAMES[type]} frame of ${length} bytes is over the ${MAX_FRAME}-byte limit`);
+  const h = Buffer.alloc(8);
+  h.writeUInt32LE(type, 0);
+  h.writeUInt32LE(length, 4);
+  return [h, ...parts];
+}
+
+export function jsonFrame(type: FrameType, value: unknown): Uint8Array[] {
+  return frame(type, Buffer.from(JSON.stringify(value)));
+}
+
+export function pagesHeader(gpa: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(BigInt(gpa), 0);
+  return b;
+}
+
+export function zerosPayload(gpa: number, pages: number): Buffer {
+  const b = Buffer.alloc(12);
+  b.writeBigUInt64LE(BigInt(gpa), 0);
+  b.writeUInt32LE(pages, 8);
+  return b;
+}
+
+/** Write `parts` and wait until the socket has taken them (backpressure: never buffer a whole VM in memory). */
+export async function send(sock: Socket, parts: Uint8Array[]): Promise<void> {
+  // A socket closed earlier fires no more events: waiting for 'drain' or 'close' would never end.
+  if (sock.destroyed || !sock.writable) throw new TypevisorError("MIGRATION_PEER", "the connection is closed");
+  let ok = true;
+  for (const p of parts) ok = sock.write(p);
+  if (!ok) {
+    if (sock.destroyed) throw new TypevisorError("MIGRATION_PEER", "the connection closed while sending");
+    await new Promise<void>((resolve, reject) => {
+      const onDrain = (): void => {
+        sock.off("close", onClose);
+        resolve();
+      };
+      const onClose = (): void => {
+        sock.off("drain", onDrain);
+        reject(new TypevisorError("MIGRATION_PEER", "the connection closed while sending"));
+      };
+      sock.once("drain", onDrain);
+      sock.once("close", onClose);
+    });
+  }
+}
+
+export interface Frame {
+  type: number;
+  payload: Buffer;
+}
+
+/**
+ * Frames from a socket, one at a time, with every length checked before anything is buffered
+ * for it. `next()` rejects when the peer closes or sends garbage.
+ */
+export class FrameReader {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  private waiter: (() => void) | undefined;
+  private ended: Error | undefined;
+
+  constructor(private readonly sock: Socket) {
+    sock.on("data", (d: Buffer) => {
+      this.chunks.push(d);
+      this.buffered += d.length;
+      // Do not read more than one frame ahead: the peer waits until we have taken this one.
+      if (this.buffered > 2 * MAX_FRAME) sock.pause();
+      this.wake();
+    });
+    const end = (why: string) => (): void => {
+      this.ended ??= new TypevisorError("MIGRATION_PEER", why);
+      this.wake();
+    };
+    sock.on("end", end("the peer closed the connection"));
+    sock.on("close", end("the connection closed"));
+    sock.on("error", (e: Error) => {
+      this.ended ??= new TypevisorError("MIGRATION_PEER", `connection failed: ${e.message}`);
+      this.wake();
+    });
+  }
+
+  private wake(): void {
+    const w = this.waiter;
+    this.waiter = undefined;
+    w?.();
+  }
+
+  private take(n: number): Buffer {
+    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
+    const out = all.subarray(0, n);
+    const rest = all.subarray(n);
+    this.chunks = rest.length > 0 ? [rest] : [];
+    this.buffered = rest.length;
+    if (this.buffered <= MAX_FRAME) this.sock.resume();
+    return out;
+  }
+
+  private async need(n: number): Promise<void> {
+    while (this.buffered < n) {
+      if (this.ended !== undefined) throw this.ended;
+      await new Promise<void>((resolve) => (this.waiter = resolve));
+    }
+  }
+
+  async next(): Promise<Frame> {
+    await this.need(8);
+    const h = this.take(8);
+    const type = h.readUInt32LE(0);
+    const length = h.readUInt32LE(4);
+    if (NAMES[type] === undefined) throw streamError(`unknown frame type ${type}`);
+    if (length > MAX_FRAME) throw streamError(`a ${NAMES[type]} frame claims ${length} bytes, over the ${MAX_FRAME}-byte limit`);
+    await this.need(length);
+    // A copy: the payload outlives the chunk it came in.
+    return { type, payload: Buffer.from(this.take(length)) };
+  }
+
+  /** The next frame, which must be `type` (an ERROR frame from the peer becomes its message). */
+  async expect(type: FrameType): Promise<Buffer> {
+    const f = await this.next();
+    if (f.type === FRAME.ERROR && type !== FRAME.ERROR) throw new TypevisorError("MIGRATION_PEER", `the peer failed: ${f.payload.toString("utf8").slice(0, 2000)}`);
+    if (f.type !== type) throw streamError(`expected ${NAMES[type]}, got ${NAMES[f.type]}`);
+    return f.payload;
+  }
+}
+
+export function frameName(type: number): string {
+  return NAMES[type] ?? String(type);
+}

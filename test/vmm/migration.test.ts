@@ -1,0 +1,194 @@
+/**
+ * Live migration between two VMM processes on this host, with the tiny test kernel on the host's
+ * /dev/kvm (--force-kvm): the guest answers on the destination's console after the move and the
+ * source ends with result "migrated"; every way a migration can fail before the switch-over
+ * leaves the source VM running; a hostile stream gets one clear error and no VM at the
+ * destination. (A Debian guest under real KVM: migration.lab.test.ts.)
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { connect, createServer, type Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { unixApi } from "../helpers/unix-api.js";
+import { FRAME, frame, hello, pagesHeader } from "../../src/vmm/migration/protocol.js";
+
+const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
+const hasKvm = existsSync("/dev/kvm");
+const dir = mkdtempSync(join(tmpdir(), "tv-mig-"));
+const kernel = join(dir, "tiny.bzImage");
+writeTinyKernel(kernel);
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+async function until(what: string, cond: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+interface Vmm { child: ChildProcess; exited: Promise<number | null>; stderr: () => string; api: string; sock: string; exit: string }
+
+function start(name: string, args: string[]): Vmm {
+  const d = mkdtempSync(join(dir, `${name}-`));
+  const api = join(d, "api.sock");
+  const sock = join(d, "c.sock");
+  const exit = join(d, "exit.json");
+  const child = spawn(process.execPath, [BIN, "run", "--force-kvm", "--no-lab", "--api-socket", api, "--console-socket", sock, "--exit-file", exit, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  let err = "";
+  child.stderr!.on("data", (b: Buffer) => (err += b.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  return { child, exited, stderr: () => err, api, sock, exit };
+}
+
+async function consoleClient(path: string): Promise<{ sock: Socket; text: () => string }> {
+  await until(`console socket ${path}`, () => existsSync(path));
+  const sock = connect(path);
+  let got = "";
+  sock.on("data", (d: Buffer) => (got += d.toString("latin1")));
+  await new Promise<void>((resolve, reject) => {
+    sock.once("connect", () => resolve());
+    sock.once("error", reject);
+  });
+  return { sock, text: () => got };
+}
+
+/** A source VM running the tiny guest, its console answering. */
+async function source(name: string): Promise<{ vm: Vmm; con: { sock: Socket; text: () => string } }> {
+  const vm = start(name, ["--kernel", kernel, "--memory", "64", "--cpus", "2"]);
+  const con = await consoleClient(vm.sock);
+  await until("the banner", () => con.text().includes(TINY_KERNEL_BANNER));
+  return { vm, con };
+}
+
+async function stillAnswers(con: { sock: Socket; text: () => string }, word: string): Promise<void> {
+  con.sock.write(word);
+  await until(`the echo of ${word}`, () => con.text().includes(word));
+}
+
+const kill = async (v: Vmm): Promise<void> => {
+  v.child.kill("SIGKILL");
+  await v.exited;
+};
+
+describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
+  it.each(["unix", "tcp"] as const)("moves a running guest over %s: it answers at the destination, the source ends as migrated", async (kind) => {
+    const src = await source(`src-${kind}`);
+    const endpoint = kind === "unix" ? `unix:${join(dir, `mig-${kind}.sock`)}` : `tcp:127.0.0.1:${47000 + Math.floor(Math.random() * 1000)}`;
+    const dst = start(`dst-${kind}`, ["--incoming", endpoint]);
+    try {
+      await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      await stillAnswers(src.con, "before");
+      const r = await unixApi(src.vm.api, "POST", "/migrate", { to: endpoint });
+      expect(r.status, JSON.stringify(r.body)).toBe(202);
+      expect(await src.vm.exited, src.vm.stderr()).toBe(0);
+      expect(JSON.parse(readFileSync(src.vm.exit, "utf8")).result).toBe("migrated");
+      expect(src.vm.stderr()).toMatch(/migrated to .* \(downtime \d+ ms/);
+      const con = await consoleClient(dst.sock);
+      await stillAnswers(con, "after-move");
+      expect(con.text()).not.toContain(TINY_KERNEL_BANNER);
+      const vm = (await unixApi(dst.api, "GET", "/vm")).body;
+      expect(vm.state).toBe("running");
+      expect(vm.cpus).toBe(2);
+      con.sock.destroy();
+    } finally {
+      await kill(src.vm);
+      await kill(dst);
+    }
+  }, 60_000);
+
+  it("keeps the VM running at the source when the destination dies mid-stream", async () => {
+    const src = await source("src-die");
+    const path = join(dir, "die.sock");
+    // A destination that takes a little of the stream and then vanishes.
+    const server = createServer((s) => {
+      let n = 0;
+      s.on("data", (d: Buffer) => {
+        n += d.length;
+        if (n > 10_000) s.destroy();
+      });
+    });
+    await new Promise<void>((r) => server.listen(path, r));
+    try {
+      expect((await unixApi(src.vm.api, "POST", "/migrate", { to: `unix:${path}` })).status).toBe(202);
+      let last: unknown;
+      await until("the migration to fail", async () => {
+        last = (await unixApi(src.vm.api, "GET", "/migrate")).body;
+        return (last as { phase: string }).phase === "failed";
+      }).catch((e: Error) => {
+        throw new Error(`${e.message}: ${JSON.stringify(last)} ${src.vm.stderr()}`);
+      });
+      expect((await unixApi(src.vm.api, "GET", "/vm")).body.state).toBe("running");
+      await stillAnswers(src.con, "still-here");
+    } finally {
+      server.close();
+      await kill(src.vm);
+    }
+  }, 60_000);
+
+  it("keeps the VM running when the destination refuses the state, and after a cancel", async () => {
+    const src = await source("src-refuse");
+    const path = join(dir, "refuse.sock");
+    // Reads everything, then answers ERROR where READY belongs.
+    const server = createServer((s) => {
+      let buf = Buffer.alloc(0);
+      s.on("data", (d: Buffer) => {
+        buf = Buffer.concat([buf, d]);
+        // DONE is the 8-byte header {5, 0}: answer once it has arrived.
+        if (buf.length >= 8 && buf.subarray(buf.length - 8).equals(Buffer.from([5, 0, 0, 0, 0, 0, 0, 0]))) s.write(Buffer.concat(frame(FRAME.ERROR, Buffer.from("no room here"))));
+      });
+    });
+    await new Promise<void>((r) => server.listen(path, r));
+    const stall = join(dir, "stall.sock");
+    // Accepts and never reads: the source blocks on a full socket until cancelled.
+    const stalled = createServer((s) => s.pause());
+    await new Promise<void>((r) => stalled.listen(stall, r));
+    try {
+      expect((await unixApi(src.vm.api, "POST", "/migrate", { to: `unix:${path}` })).status).toBe(202);
+      await until("the refusal", async () => (await unixApi(src.vm.api, "GET", "/migrate")).body.phase === "failed");
+      expect((await unixApi(src.vm.api, "GET", "/migrate")).body.error).toContain("no room here");
+      await stillAnswers(src.con, "after-refusal");
+
+      expect((await unixApi(src.vm.api, "POST", "/migrate", { to: `unix:${stall}` })).status).toBe(202);
+      await until("the pre-copy", async () => (await unixApi(src.vm.api, "GET", "/migrate")).body.phase === "precopy");
+      expect((await unixApi(src.vm.api, "DELETE", "/migrate")).status).toBe(200);
+      await until("the cancel", async () => (await unixApi(src.vm.api, "GET", "/migrate")).body.phase === "cancelled");
+      await stillAnswers(src.con, "after-cancel");
+      expect((await unixApi(src.vm.api, "POST", "/migrate", { to: "ftp:nowhere" })).status).toBe(400);
+    } finally {
+      server.close();
+      stalled.close();
+      await kill(src.vm);
+    }
+  }, 60_000);
+
+  const helloFrame = (): Uint8Array[] => {
+    const regions = [{ guestPhysAddr: 0, size: 64 * 1024 * 1024 }];
+    return frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello({ cpus: 1, memoryMiB: 64, devices: { disks: [], nets: [], rng: false } }, regions))));
+  };
+  it.each([
+    ["garbage", [Buffer.from("GET / HTTP/1.1\r\n\r\n")], /unknown frame type|MIGRATION_STREAM/],
+    ["an oversized frame", [Buffer.from([2, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])], /over the \d+-byte limit/],
+    ["pages outside RAM", [...helloFrame(), ...frame(FRAME.PAGES, pagesHeader(0x1_0000_0000), Buffer.alloc(4096, 1))], /outside guest RAM/],
+    ["a truncated stream", [...helloFrame(), ...frame(FRAME.STATE, Buffer.from("typevisor-snapshot 1 bytes=5 sha256=00\n{}")), ...frame(FRAME.DONE)], /SNAPSHOT_INVALID|bad header|checksum/],
+    ["HELLO with another machine's regions", [...frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello({ cpus: 1, memoryMiB: 64, devices: { disks: [], nets: [], rng: false } }, [{ guestPhysAddr: 0, size: 4096 }]))))], /do not match/],
+  ] as const)("a destination sent %s ends with one clear error and no VM", async (_name, bytes, message) => {
+    const path = join(dir, `hostile-${Math.random().toString(36).slice(2)}.sock`);
+    const dst = start("dst-hostile", ["--incoming", `unix:${path}`]);
+    await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+    const s = connect(path);
+    s.on("error", () => undefined);
+    for (const b of bytes) s.write(b);
+    try {
+      expect(await dst.exited, dst.stderr()).toBe(2);
+      expect(dst.stderr()).toMatch(message);
+      expect(JSON.parse(readFileSync(dst.exit, "utf8")).result).toBe("error");
+    } finally {
+      s.destroy();
+      await kill(dst);
+    }
+  }, 30_000);
+});
