@@ -789,7 +789,10 @@ export class VmManager extends EventEmitter {
       // A state saved paused (the daemon pauses a VM before saving it: snapshots.ts) comes back
       // paused; this restore asks for it running.
       const c = new VmmClient(p.apiSocket);
-      if ((await c.info()).state === "paused") await c.resume();
+      // Its API answers a moment before its vCPUs are set going ("created").
+      let state = (await c.info()).state;
+      for (const end = Date.now() + this.config.startTimeoutMs; state === "created" && Date.now() < end; state = (await c.info()).state) await new Promise((res) => setTimeout(res, 20));
+      if (state === "paused") await c.resume();
     }
     if (restore?.paused === true) {
       this.setState(name, "paused");

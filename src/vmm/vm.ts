@@ -586,7 +586,9 @@ export class Vm {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
     if (this.awaitingState) throw new TypevisorError("VM_STATE", "this VM waits for its state (applyState) before it can run");
     const startPaused = opts.paused ?? this.restoredRunState === "paused";
-    this.state = "running";
+    // Paused from here, not only once the devices are up: GET /vm must not say "running" of a VM
+    // about to come up paused (a supervisor that resumes what it sees paused would miss it).
+    this.state = startPaused ? "paused" : "running";
     if (startPaused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
     // Idempotent, so a rebooted VM in the same process sets it again harmlessly.
     setFlagsFromString(`--interrupt-budget=${V8_INTERRUPT_BUDGET}`);
@@ -600,8 +602,7 @@ export class Vm {
       throw e;
     }
     this.startedAt = Date.now();
-    // The vCPUs park at their first look at the control words; pause()'s callers see "paused" at once.
-    if (startPaused && this.state === "running") this.state = "paused";
+    // The vCPUs park at their first look at the control words (or run, if resumed meanwhile).
     // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
     this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
     this.sampler.unref();
