@@ -23,8 +23,8 @@ const hasKvm = existsSync("/dev/kvm");
 const hasQemu = spawnSync("qemu-io", ["--version"]).status === 0;
 
 /** qemu-io on a VM's disk (stopped): write `byte` over the first 64 KiB, or check it reads back. */
-function qio(path: string, op: "write" | "read", byte: number): boolean {
-  const r = spawnSync("qemu-io", ["-f", "qcow2", "-c", `${op} -P ${byte} 0 64k`, path], { encoding: "utf8", timeout: 60_000 });
+function qio(path: string, op: "write" | "read", byte: number, format = "qcow2"): boolean {
+  const r = spawnSync("qemu-io", ["-f", format, "-c", `${op} -P ${byte} 0 64k`, path], { encoding: "utf8", timeout: 60_000 });
   return r.status === 0 && !/Pattern verification failed|error/i.test(r.stdout + r.stderr);
 }
 
@@ -126,6 +126,37 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     await c.removeVm("s1");
     expect(layers(d.home)).toEqual([]);
   }, 120_000);
+
+  it("freezes a raw disk and a disk in another pool where they are (layers in the pool's own layers/)", async () => {
+    const c = d.client;
+    const poolDir = join(dir, "pool1");
+    execFileSync("mkdir", ["-p", poolDir]);
+    await c.createPool({ name: "p1", path: poolDir });
+    await c.createVm(spec("mixed", { diskFormat: "raw", diskSize: "16M" }));
+    await c.addDisk("mixed", { size: "16M", pool: "p1" });
+    const [raw, pooled] = (await c.getVm("mixed")).disks;
+    expect(raw!.format).toBe("raw");
+    expect(qio(raw!.path, "write", 0x71, "raw")).toBe(true);
+    expect(qio(pooled!.path, "write", 0x72)).toBe(true);
+    const s = await c.createSnapshot("mixed", { name: "s" });
+    const [l0, l1] = s.disks;
+    expect(l0!.layer).toBe(join(d.home, "layers", `${s.id}-disk0.raw`));
+    expect(l1!.layer).toBe(join(poolDir, "layers", `${s.id}-disk1.qcow2`));
+    const [top0, top1] = (await c.getVm("mixed")).disks;
+    // The raw disk goes on as a qcow2 overlay on its frozen self.
+    expect(top0).toMatchObject({ path: raw!.path.replace(/\.raw$/, ".qcow2"), format: "qcow2", backing: l0!.layer });
+    expect(top1).toMatchObject({ path: pooled!.path, format: "qcow2", backing: l1!.layer, pool: "p1" });
+    expect(qio(top0!.path, "write", 0x73)).toBe(true);
+    expect(qio(top1!.path, "write", 0x74)).toBe(true);
+    await c.rollbackSnapshot("mixed", "s");
+    expect(qio(top0!.path, "read", 0x71)).toBe(true);
+    expect(qio(top1!.path, "read", 0x72)).toBe(true);
+    expect(checkAll([d.home, poolDir])).toBeGreaterThanOrEqual(3);
+    await c.removeVm("mixed");
+    expect(readdirSync(join(poolDir, "layers"))).toEqual([]);
+    expect(layers(d.home)).toEqual([]);
+    await c.removePool("p1");
+  }, 60_000);
 
   it("refuses what it cannot do with a clear answer", async () => {
     const c = d.client;
