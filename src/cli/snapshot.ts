@@ -1,7 +1,7 @@
 /**
  * `typevisor vm snapshot create|ls|show|rollback|rm` and `typevisor vm clone` over the daemon's
  * API (docs/snapshots.md). `ls` draws the snapshots as a tree: each under the one the VM stood on
- * when it was taken, `*` marking the one its disks stand on now.
+ * when it was taken, `*` marking the one it stands on now.
  */
 import type { Command } from "commander";
 import type { SnapshotInfo } from "../control/snapshots.js";
@@ -9,7 +9,7 @@ import type { VmInfo } from "../control/spec.js";
 import { connect, type ConnectionOptions } from "./connect.js";
 import { formatBytes, formatTime, renderFields, renderTable, toJson, withProgress } from "./format.js";
 import { escapeControls } from "./terminal-safe.js";
-import { clientCommand, parseNet } from "./vm.js";
+import { clientCommand, EXIT_CODES_HELP, parseNet } from "./vm.js";
 
 /** The snapshots as a tree (parents before children, siblings oldest first), one row each. */
 export function formatSnapshotTree(snapshots: readonly SnapshotInfo[]): string {
@@ -63,7 +63,7 @@ function print(text: string): void {
 }
 
 export function registerSnapshotCommands(vm: Command): void {
-  const snap = vm.command("snapshot").description("snapshots of a VM: its disks and, while it runs, its memory; rollback to one (docs/snapshots.md)");
+  const snap = vm.command("snapshot").description("snapshots of a VM: its disks and, while it runs, its memory; rollback to one (docs/snapshots.md)").addHelpText("after", EXIT_CODES_HELP);
 
   clientCommand(snap, "create", "take a snapshot: the disks (frozen, the VM goes on on new overlays) and, if the VM runs, its memory (a short pause while its VMM restarts)")
     .argument("<vm>", "VM name")
@@ -78,7 +78,7 @@ export function registerSnapshotCommands(vm: Command): void {
       print(o.json === true ? toJson(s) : `${vmName}: snapshot ${s.name} taken (${s.memory ? "disks and memory" : "disks only"}, ${formatBytes(s.sizeBytes)})\n`);
     });
 
-  clientCommand(snap, "ls", "a VM's snapshots as a tree: parent, date, memory or not, size (* = the one its disks stand on now)")
+  clientCommand(snap, "ls", "a VM's snapshots as a tree: parent, date, memory or not, size (* = the one the VM stands on now: taken last or rolled back to)")
     .argument("<vm>", "VM name")
     .option("--json", "print the API's JSON")
     .action(async (vmName: string, o: ConnectionOptions & { json?: boolean }) => {

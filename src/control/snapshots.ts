@@ -568,13 +568,13 @@ export class Snapshots {
     };
     this.saveOp(opId, plan);
     crashPoint("rollback:planned");
-    if (hadVmm) {
-      await this.host.endVmm(vm.name);
-      plan.phase = "vmm-ended";
-      this.saveOp(opId, plan);
-      crashPoint("rollback:vmm-ended");
-    }
     try {
+      if (hadVmm) {
+        await this.host.endVmm(vm.name);
+        plan.phase = "vmm-ended";
+        this.saveOp(opId, plan);
+        crashPoint("rollback:vmm-ended");
+      }
       this.commitRollback(opId, plan, vm);
     } catch (e) {
       // Undone if its VMM still runs; with the VMM gone there is nothing to go back to (the
