@@ -448,6 +448,7 @@ export class Snapshots {
         crashPoint("snapshot:frozen");
       }
       if (memory) renameSync(plan.saveDir!, this.stateDir(snapId));
+      crashPoint("snapshot:state-taken");
       const disks = vm.disks.map((d, i) => ({ ...d, path: plan.swaps[i]!.newTop, format: "qcow2" as const, backing: plan.swaps[i]!.layer!, chain: [plan.swaps[i]!.layer!, ...chainOf(d)] }));
       const layers: SnapshotLayer[] = vm.disks.map((d, i) => ({
         index: plan.swaps[i]!.index, layer: plan.swaps[i]!.layer!, format: d.format ?? "raw", sizeBytes: d.sizeBytes, chain: chainOf(d),
@@ -494,7 +495,7 @@ export class Snapshots {
   /** A snapshot that failed before its commit: everything back as it was, the VMM too. */
   private async undoSnapshot(opId: string, plan: SnapshotPlan, vmmEnded: boolean): Promise<void> {
     for (const w of plan.swaps) this.unswap(w);
-    rmSync(this.stateDir(plan.snapId), { recursive: true, force: true });
+    this.unrenameState(plan);
     try {
       if (vmmEnded && plan.saveDir !== undefined && existsSync(join(plan.saveDir, "state.json"))) {
         await this.host.startVmm(plan.vm, { dir: plan.saveDir, paused: plan.vmState === "paused" });
@@ -508,6 +509,13 @@ export class Snapshots {
       if (plan.saveDir !== undefined) rmSync(dirname(plan.saveDir), { recursive: true, force: true });
       this.deleteOp(opId);
     }
+  }
+
+  /** The saved state back where the VMM saved it, if the snapshot had already taken it as its own (then none is left there). */
+  private unrenameState(plan: SnapshotPlan): void {
+    const taken = this.stateDir(plan.snapId);
+    if (plan.saveDir !== undefined && !existsSync(plan.saveDir) && existsSync(taken)) renameSync(taken, plan.saveDir);
+    rmSync(taken, { recursive: true, force: true });
   }
 
   /**
@@ -845,7 +853,6 @@ export class Snapshots {
   }
 
   private recoverSnapshot(id: string, plan: SnapshotPlan): FollowUp {
-    const saved = plan.saveDir !== undefined && existsSync(join(plan.saveDir, "state.json"));
     if (plan.phase === "committed") {
       // Complete: only the VMM's restart was left.
       const dir = plan.memory ? this.stateDir(plan.snapId) : plan.saveDir;
@@ -854,12 +861,13 @@ export class Snapshots {
     }
     if (plan.phase !== "reverted") {
       for (const w of plan.swaps) this.unswap(w);
-      rmSync(this.stateDir(plan.snapId), { recursive: true, force: true });
+      this.unrenameState(plan);
       plan.phase = "reverted";
       this.saveOp(id, plan);
       this.host.event("vm.snapshot-failed", plan.vm, `VM ${plan.vm}: snapshot ${plan.name} was interrupted by a daemon restart and undone`, { snapshot: plan.name });
     }
     // Its VMM, if the snapshot had stopped it, comes back from the state saved for it on the disks it had.
+    const saved = plan.saveDir !== undefined && existsSync(join(plan.saveDir, "state.json"));
     return { opId: id, vm: plan.vm, vmId: plan.vmId, resume: plan.vmState === "running", ...(plan.vmState !== "stopped" && saved ? { start: { dir: plan.saveDir!, paused: plan.vmState === "paused" } } : {}) };
   }
 

@@ -385,6 +385,7 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     it.each([
       ["snapshot:saved", false],
       ["snapshot:vmm-ended", false],
+      ["snapshot:state-taken", false],
       ["snapshot:committed", true],
     ] as const)("a snapshot of a running VM (%s): the VM runs on from the saved moment, without a boot", async (step, kept) => {
       const name = `m-${step.split(":")[1]!}`;
