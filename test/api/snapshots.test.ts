@@ -13,8 +13,9 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } 
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { TypevisorClient } from "../../src/api/client.js";
-import { qemuCheck } from "../../src/vmm/disk/test-disk.js";
+import { TypevisorClient } from "../../src/api/client.js";
+import { qemuCheck, qemuRaw } from "../../src/vmm/disk/test-disk.js";
+import { checkDiskPattern, DISK_GUEST_DONE, writeDiskGuest } from "../helpers/disk-guest.js";
 import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
 import { outcome } from "../helpers/thrown.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
@@ -41,6 +42,12 @@ function checkAll(dirs: string[]): number {
     }
   }
   return n;
+}
+
+/** Bytes of data a qcow2 file holds (not counting its backing chain). */
+function allocated(path: string): number {
+  const map = JSON.parse(execFileSync("qemu-img", ["map", "--output=json", "-f", "qcow2", path], { encoding: "utf8", maxBuffer: 64 * 2 ** 20 })) as { length: number; data: boolean; depth: number }[];
+  return map.filter((m) => m.data && m.depth === 0).reduce((a, m) => a + m.length, 0);
 }
 
 function layers(home: string): string[] {
@@ -174,6 +181,18 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     expect(await outcome(c.rollbackSnapshot("s2", "a"))).toBe("409 SNAPSHOT_MISMATCH");
     expect(await outcome(c.cloneVm("s2", { name: "s2" }))).toBe("409 VM_EXISTS");
     expect(await outcome(c.cloneVm("s2", { name: "x", snapshot: "zz" }))).toBe("404 SNAPSHOT_NOT_FOUND");
+    // A caller scoped to s2: its snapshots yes, another VM's no (404, as for a VM that is not
+    // there), and a clone only under a name in its scope.
+    await c.createVm(spec("other"));
+    await c.addUser({ name: "carol", role: "operator", scopes: ["vm:s2", "vm:s2-mine"] });
+    const carol = new TypevisorClient({ socketPath: d.socket }, { token: (await c.createToken({ user: "carol" })).token });
+    expect((await carol.listSnapshots("s2")).map((x) => x.name)).toEqual(["a"]);
+    expect(await outcome(carol.listSnapshots("other"))).toBe("404 VM_NOT_FOUND");
+    expect(await outcome(carol.createSnapshot("other", { name: "b" }))).toBe("404 VM_NOT_FOUND");
+    expect(await outcome(carol.cloneVm("s2", { name: "stolen", snapshot: "a" }))).toBe("403 FORBIDDEN");
+    expect((await carol.cloneVm("s2", { name: "s2-mine", snapshot: "a" })).name).toBe("s2-mine");
+    await c.removeVm("s2-mine");
+    await c.removeVm("other");
     await c.removeVm("s2");
     expect(layers(d.home)).toEqual([]);
   }, 60_000);
@@ -286,6 +305,33 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     expect(existsSync(join(d.home, "snapshots")) ? readdirSync(join(d.home, "snapshots")) : []).toEqual([]);
     expect(layers(d.home)).toEqual([]);
   }, 180_000);
+
+  // Known VMM bug (not the daemon's: the same with `run --restore` and the very same disk): a
+  // virtio-blk guest restored mid-write makes no progress. `it.fails` until the VMM is fixed;
+  // then this must become `it`.
+  it.fails("a guest writing its disk through virtio-blk when snapshotted goes on on the new overlay and finishes: every sector right", async () => {
+    const c = d.client;
+    const writer = join(dir, "disk-writer.bzImage");
+    if (!existsSync(writer)) writeDiskGuest(writer);
+    await c.createVm({ name: "dw", kernel: writer, memoryMiB: 64, rng: false, diskSize: "16M" }, { start: true });
+    try {
+      await until("the guest writing", async () => /tv-disk: \d+ MiB/.test((await c.console("dw")).toString()) || undefined, 30_000);
+      const s = await c.createSnapshot("dw", { name: "mid" });
+      expect(s.vmState).toBe("running");
+      await until("the guest to finish and power off", async () => ((await c.getVm("dw")).state === "stopped" ? true : undefined), 60_000);
+      const log = (await c.console("dw")).toString();
+      expect(log).toContain(DISK_GUEST_DONE);
+      const top = (await c.getVm("dw")).disks[0]!;
+      expect(top.backing).toBe(s.disks[0]!.layer);
+      // Part of what it wrote is in the frozen layer, the rest in the overlay: together, all of it.
+      expect(allocated(s.disks[0]!.layer)).toBeGreaterThan(0);
+      expect(allocated(top.path)).toBeGreaterThan(0);
+      expect(checkDiskPattern(qemuRaw(top.path, join(dir, "dw.raw")))).toBeUndefined();
+      expect(checkAll([d.home])).toBeGreaterThanOrEqual(2);
+    } finally {
+      await c.removeVm("dw", { force: true });
+    }
+  }, 120_000);
 
   it("restores through a standby VMM when one is ready (--standby-vmms): no process start to wait for", async () => {
     const sd = await startDaemon({ args: ["--force-kvm", "--allow-files", dir, "--standby-vmms", "1"] });
