@@ -3,15 +3,25 @@
  * rotated to console.log.1), followed like `tail -F`, and the interactive
  * attach, which splices the client's connection to the VMM's console socket.
  */
-import { closeSync, fstatSync, openSync, readFileSync, readSync, statSync } from "node:fs";
+import { closeSync, fstatSync, lstatSync, readSync } from "node:fs";
 import type { Writable } from "node:stream";
+import { openRegularNoFollow, readRegularNoFollow } from "../sys/untrusted-file.js";
 
-/** The last `tail` bytes of the console (the rotated file first), or all of it. */
+/**
+ * Most of one console file the daemon reads (the VMM rotates at --console-log-size, 1 MiB by
+ * default; a VMM that ignores that, a sandboxed one taken over, must not make the daemon read gigabytes).
+ */
+const CONSOLE_READ_MAX = 64 * 2 ** 20;
+
+/**
+ * The last `tail` bytes of the console (the rotated file first), or all of it. The files are the
+ * VMM's (a sandboxed VMM owns their directory): a symlink or a FIFO put there is not followed.
+ */
 export function readConsole(log: string, tail?: number): Buffer {
   const parts: Buffer[] = [];
   for (const f of [`${log}.1`, log]) {
     try {
-      parts.push(readFileSync(f));
+      parts.push(readRegularNoFollow(f, CONSOLE_READ_MAX));
     } catch {
       /* absent: nothing captured yet, or never rotated */
     }
@@ -38,7 +48,7 @@ export function followConsole(log: string, out: Writable, intervalMs = 200): () 
   let pos = 0;
   const open = (fromEnd: boolean): void => {
     try {
-      fd = openSync(log, "r");
+      fd = openRegularNoFollow(log);
       const st = fstatSync(fd);
       ino = st.ino;
       pos = fromEnd ? st.size : 0;
@@ -66,7 +76,7 @@ export function followConsole(log: string, out: Writable, intervalMs = 200): () 
         drain();
         let now: number | undefined;
         try {
-          now = statSync(log).ino;
+          now = lstatSync(log).ino;
         } catch {
           now = undefined;
         }

@@ -50,6 +50,7 @@ const STATUS: Record<string, number> = {
   SNAPSHOT_EXISTS: 409,
   SNAPSHOT_MISMATCH: 409,
   SNAPSHOT_CHAIN: 409,
+  SANDBOX_UNSUPPORTED: 409,
   INSUFFICIENT_RESOURCES: 409,
   // RFC 4918 §11.5: the server cannot store what the request needs
   DISK_FULL: 507,

@@ -4,7 +4,7 @@
  * running when it stops unless --stop-vms-on-exit; a new daemon re-attaches
  * to them.
  */
-import { chmodSync, mkdirSync, realpathSync, statSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, realpathSync, statSync } from "node:fs";
 import { Option, type Command } from "commander";
 import { pino } from "pino";
 import { TypevisorError } from "../errors.js";
@@ -13,6 +13,7 @@ import { startApi } from "../api/server.js";
 import { AuditLog } from "../control/audit.js";
 import { Identities } from "../control/identity.js";
 import { VmManager } from "../control/manager.js";
+import { canSandbox, DEFAULT_UID_RANGE, JAIL_BIN, parseUidRange, type SandboxOptions } from "../control/sandbox/sandbox.js";
 import { ensureSelfSigned, loadTls, type TlsMaterial } from "../control/tls.js";
 import { groupId } from "../sys/peercred.js";
 import { checkSocketPaths, homePaths } from "../control/paths.js";
@@ -43,6 +44,10 @@ interface DaemonOptions {
   forceKvm: boolean;
   standbyVmms?: string;
   cgroups: boolean;
+  /** false with --no-sandbox. */
+  sandbox: boolean;
+  sandboxUids: string;
+  sandboxProbe?: string;
   logLevel: string;
   allowFiles: string[];
   alertWebhook: string[];
@@ -96,6 +101,24 @@ function parseListen(v: string): { host: string; port: number } {
   return { host: m[1]!.replace(/^\[|\]$/g, ""), port };
 }
 
+/**
+ * The VMM sandbox's settings: on as root unless --no-sandbox. Building it needs root (namespaces,
+ * mounts, another uid): a daemon run by another user (development) runs its VMMs as that user,
+ * unconfined, and says so in its log. As root, a missing helper is an error, not a quiet fallback.
+ */
+function sandboxOptions(o: DaemonOptions, warn: (msg: string) => void): SandboxOptions | undefined {
+  const range = parseUidRange(o.sandboxUids);
+  if (!o.sandbox) return undefined;
+  if (!canSandbox()) {
+    warn("not running as root: VMMs run as this user without the sandbox (own uid, namespaces, seccomp); run the daemon as root for it");
+    return undefined;
+  }
+  if (!existsSync(JAIL_BIN)) {
+    throw new TypevisorError("SANDBOX", `the VMM sandbox helper ${JAIL_BIN} is not built`, { hint: "install gcc and libc6-dev, then npm run build; or start the daemon with --no-sandbox" });
+  }
+  return { uidBase: range.base, uidCount: range.count, ...(o.sandboxProbe !== undefined ? { probe: o.sandboxProbe.split(",").filter((x) => x !== "") } : {}) };
+}
+
 export async function daemonCommand(o: DaemonOptions): Promise<number> {
   const home = o.home ?? dataHome();
   const policy = parsePolicy({ cpu: o.cpuOvercommit, memory: o.memoryOvercommit, disk: o.diskOvercommit }, o.reservedMemory);
@@ -132,8 +155,11 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   if (kind !== "hardware" && !o.forceKvm) {
     logger.warn({ kvm: kind }, "this host's KVM cannot boot stock kernels: starting a VM will be refused (run the daemon inside the lab, or --force-kvm for purpose-built guests)");
   }
+  const sandbox = sandboxOptions(o, (msg) => logger.warn(msg));
+  logger.info({ sandbox: sandbox === undefined ? "off" : { uids: `${sandbox.uidBase}-${sandbox.uidBase + sandbox.uidCount - 1}` } }, sandbox === undefined ? "VMMs run without a sandbox" : "each VMM runs in its sandbox");
   const manager = new VmManager({
     home,
+    ...(sandbox !== undefined ? { sandbox } : {}),
     allowedDirs: allowedDirs(o.allowFiles),
     alertWebhooks: o.alertWebhook.map(checkWebhookUrl),
     policy,
@@ -203,6 +229,9 @@ export function registerDaemonCommand(program: Command): void {
     .option("--usage-interval <seconds>", "how often per-VM usage is sampled", "5")
     .option("--stream-stall-timeout <seconds>", "an event-stream client that takes nothing for this long is disconnected (it resumes with ?after=)", "30")
     .option("--stop-vms-on-exit", "stop every VM when the daemon exits (default: they keep running)", false)
+    .option("--no-sandbox", "run VMMs as the daemon's own children, unconfined: no per-VM uid, namespaces, seccomp filter (the default as root: each VMM in its sandbox, docs/security.md; as another user the sandbox cannot be built and is off)")
+    .option("--sandbox-uids <range>", "the uids (and gids) sandboxed VMMs get, one per VM: FIRST-LAST or FIRST:COUNT", `${DEFAULT_UID_RANGE.base}:${DEFAULT_UID_RANGE.count}`)
+    .addOption(new Option("--sandbox-probe <paths>", "test hook: each VMM tries to open these paths and a few denied system calls and logs what happened").hideHelp())
     .option("--no-cgroups", "do not put VMMs in per-VM cgroups (no CPU or memory limits) even where cgroup v2 is available")
     .option(
       "--allow-files <dir>",

@@ -24,6 +24,8 @@ import { bootVm, readBootPayload, restoreVm, type BootPayload, type MachineConfi
 import { ConsolePipe } from "../vmm/console/console-pipe.js";
 import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { parseSize } from "../size.js";
+import { sandboxProbe } from "../vmm/sandbox-probe.js";
+import { installFilter, noExecFilter } from "../sys/seccomp.js";
 
 
 export interface RunOptions {
@@ -67,6 +69,14 @@ export interface RunOptions {
   standby?: boolean;
   /** Not flags: a standby VMM's API server, which this run answers on instead of opening its own, and who to tell once the VM is built. */
   attach?: { target: SwitchableTarget; onBuilt: () => void };
+  /** The API socket, already bound at --api-socket and listening, inherited as this fd (the daemon's sandbox). */
+  apiSocketFd?: string;
+  /** The console socket, the same way. */
+  consoleSocketFd?: string;
+  /** Test hook of the daemon's sandbox: paths to try to open and denied system calls to try, reported on stderr. */
+  sandboxProbe?: string;
+  /** Install a seccomp filter refusing execve/execveat on every thread (the daemon's sandbox). */
+  seccompNoExec?: boolean;
 }
 
 /** How the VMM process ended, as --exit-file records it. */
@@ -109,6 +119,14 @@ const ESCAPE = 0x01;
 function defaultVsockPath(): string {
   const dir = process.env["XDG_RUNTIME_DIR"] !== undefined && process.env["XDG_RUNTIME_DIR"] !== "" ? process.env["XDG_RUNTIME_DIR"] : tmpdir();
   return join(dir, `typevisor-vsock-${process.pid}.sock`);
+}
+
+/** A descriptor inherited from the supervisor; it needs the socket's path too (messages, GET /vm). */
+function parseFdArg(name: string, v: string, path: string | undefined): number {
+  const fd = parseIntArg(name, v);
+  if (fd < 3) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be 3 or more (0-2 are stdio)`);
+  if (path === undefined) throw new TypevisorError("INVALID_ARGUMENT", `${name} needs the socket's path too (${name.replace("-fd", "")} PATH)`);
+  return fd;
 }
 
 function parseIntArg(name: string, v: string): number {
@@ -197,7 +215,13 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
     throw new TypevisorError("INVALID_ARGUMENT", "--console-log-size needs --console-log PATH");
   }
   const logSize = parseSize(o.consoleLogSize ?? DEFAULT_CONSOLE_LOG_SIZE, { what: "--console-log-size", ...LOG_SIZE_LIMITS });
-  for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", o.consoleSocket], ["--exit-file", o.exitFile]] as const) {
+  const apiSocketFd = o.apiSocketFd !== undefined ? parseFdArg("--api-socket-fd", o.apiSocketFd, o.apiSocket) : undefined;
+  const consoleSocketFd = o.consoleSocketFd !== undefined ? parseFdArg("--console-socket-fd", o.consoleSocketFd, o.consoleSocket) : undefined;
+  // Before anything reads guest-controlled input: from here on this process cannot exec.
+  if (o.seccompNoExec === true) installFilter(noExecFilter());
+  if (o.sandboxProbe !== undefined) log(`typevisor: sandbox probe ${JSON.stringify(sandboxProbe(o.sandboxProbe.split(",").filter((x) => x !== "")))}`);
+  // A socket handed over as a descriptor is bound already: its directory need not be in our view.
+  for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", consoleSocketFd === undefined ? o.consoleSocket : undefined], ["--exit-file", o.exitFile]] as const) {
     if (path !== undefined && !existsSync(dirname(path))) throw new TypevisorError("INVALID_ARGUMENT", `${flag} ${path}: directory ${dirname(path)} does not exist`);
   }
   const devices: DeviceSpecs = {
@@ -258,16 +282,18 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   // Headless: the console is a pipe fanned out to the log and socket; the terminal stays out of it.
   const headless = o.consoleLog !== undefined || o.consoleSocket !== undefined;
   if (headless) {
-    // A supervised VMM's stdout is a log file on the data disk: a full disk must not kill the VM
-    // (Node throws an unhandled 'error' for a failed stdout write; stderr's are ignored already).
+    // A supervised VMM's stdout and stderr are a log file on the data disk: a full disk must not
+    // kill the VM (Node throws an unhandled 'error' for a failed write to either, when the file is
+    // a SyncWriteStream: a first line into an empty log on a full tmpfs needs a page it cannot get).
     process.stdout.on("error", () => undefined);
+    process.stderr.on("error", () => undefined);
   }
   const consolePipe = headless
     ? await ConsolePipe.open({
       ...(o.consoleLog !== undefined
         ? { log: { path: o.consoleLog, maxBytes: logSize, onDrop: (code: string) => log(`typevisor: console log ${o.consoleLog}: ${code}: dropping guest output until it can be written (the log notes how much)`) } }
         : {}),
-      ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket } } : {}),
+      ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket, ...(consoleSocketFd !== undefined ? { fd: consoleSocketFd } : {}) } } : {}),
       onInput: (b) => current?.sendInput(b),
     })
     : undefined;
@@ -412,7 +438,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
         } else {
           // Loaded only here: a VMM without a control socket never loads the HTTP server (issue 19).
           const { startControlServer } = await import("../vmm/api/server.js");
-          server = await startControlServer(o.apiSocket, target);
+          server = await startControlServer(o.apiSocket, target, apiSocketFd);
         }
       }
       let result: VmExitResult;
@@ -482,6 +508,10 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--console-log-size <size>", `rotate --console-log when it would exceed SIZE (bytes or K/M/G; default ${DEFAULT_CONSOLE_LOG_SIZE}): PATH becomes PATH.1`)
     .option("--console-socket <path>", "serve the serial console on this unix socket: clients get output from when they connect, what they send is typed into the guest (headless)")
     .option("--exit-file <path>", 'on exit, write {"code","result":"poweroff|stopped|reset|crash|error","reason"?,"at"} here atomically')
+    .addOption(new Option("--api-socket-fd <n>", "the --api-socket, already bound and listening, inherited as this descriptor (the daemon's sandbox binds it: the VMM cannot)").hideHelp())
+    .addOption(new Option("--console-socket-fd <n>", "the --console-socket, the same way").hideHelp())
+    .addOption(new Option("--seccomp-no-exec", "refuse execve and execveat from here on, on every thread (seccomp; the daemon's sandbox passes it)").hideHelp())
+    .addOption(new Option("--sandbox-probe <paths>", "test hook: try to open these paths (comma-separated) and a few denied system calls, and report on stderr").hideHelp())
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
     .option("--incoming <endpoint>", "wait for one live migration on tcp:ADDR:PORT or unix:PATH and run the VM it brings (--disk/--net/--vsock give this host's back ends, in order); the source sends it with POST /migrate")

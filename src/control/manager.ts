@@ -20,6 +20,10 @@ import { TypevisorError } from "../errors.js";
 import { imagePaths, imagesDir } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
 import { diskArg, netArg, spawnVmm, type VmmLaunch } from "../engine/native.js";
+import { readRegularNoFollow } from "../sys/untrusted-file.js";
+import { filesystemOf } from "../sys/mounts.js";
+import { allocateUid, spawnSandboxed, type SandboxOptions } from "./sandbox/sandbox.js";
+import { basesDir } from "./bases.js";
 import { VmmClient } from "../engine/vmm-client.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { DEFAULT_CMDLINE, vmmOverheadBytes } from "../vmm/defaults.js";
@@ -54,6 +58,8 @@ export interface ManagerConfig {
   stopTimeoutMs: number;
   usageIntervalMs: number;
   logger: Logger;
+  /** Run each VMM in its sandbox (sandbox/sandbox.ts); undefined: as the daemon's own child, unconfined. */
+  sandbox?: SandboxOptions;
   /** Do not use cgroups even where cgroup v2 is there. */
   noCgroups?: boolean;
   /** The base of what the cgroup allows beyond guest RAM (Node, device thread, buffers); per-vCPU and page-table shares are added (vmm/defaults.ts vmmOverheadBytes). */
@@ -205,8 +211,10 @@ export class VmManager extends EventEmitter {
       insertVm: (row) => this.store.insertVm(row),
       removeUnusedBases: () => this.removeUnusedBases(),
       snapshotWithMemory: () => this.standby.want(),
+      sandboxed: config.sandbox !== undefined,
     });
-    const standbys = config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0);
+    // None under the sandbox: a standby is not jailed, and would become a VM's VMM.
+    const standbys = config.sandbox !== undefined ? 0 : (config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0));
     this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger });
   }
 
@@ -746,10 +754,33 @@ export class VmManager extends EventEmitter {
       }
     }
 
-    // A restore takes a standby VMM when one is ready (no process start to wait for).
-    const adopted = restore !== undefined ? await this.fromStandby(launch, cgroup) : undefined;
-    const child = adopted?.child ?? spawnVmm(launch);
-    const pid = child.pid;
+    let child: ChildProcess;
+    let pid: number | undefined;
+    const sb = this.config.sandbox;
+    // A restore takes a standby VMM when one is ready (no process start to wait for); never under the sandbox (standbys are not jailed).
+    const adopted = restore !== undefined && sb === undefined ? await this.fromStandby(launch, cgroup) : undefined;
+    if (adopted !== undefined) {
+      child = adopted.child;
+      pid = child.pid;
+    } else if (sb !== undefined) {
+      try {
+        const bases = basesDir(this.config.home) + sep;
+        const s = await spawnSandboxed(launch, {
+          uid: allocateUid(this.store.db, r.id, sb.uidBase, sb.uidCount), root: p.jailRoot, outDir: p.outDir,
+          ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sb.probe !== undefined ? { probe: sb.probe } : {}),
+          allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f),
+        });
+        child = s.child;
+        pid = s.pid;
+      } catch (e) {
+        cgroup?.remove();
+        this.failStart(name, `sandbox: ${(e as Error).message}`);
+        throw e;
+      }
+    } else {
+      child = spawnVmm(launch);
+      pid = child.pid;
+    }
     if (pid === undefined) {
       cgroup?.remove();
       const why = await new Promise<string>((res) => child.once("error", (e) => res(e.message)));
@@ -899,7 +930,8 @@ export class VmManager extends EventEmitter {
   private readExitFile(id: string): { code?: number; result?: string; reason?: string } | undefined {
     const f = vmPaths(this.config.home, id).exitFile;
     try {
-      return JSON.parse(readFileSync(f, "utf8")) as { code?: number; result?: string; reason?: string };
+      // The VMM's own output (a sandboxed VMM owns its directory): no symlink or FIFO is followed.
+      return JSON.parse(readRegularNoFollow(f, 64 * 1024).toString("utf8")) as { code?: number; result?: string; reason?: string };
     } catch {
       return undefined;
     }
@@ -1303,6 +1335,14 @@ export class VmManager extends EventEmitter {
         ...(typeof fs.freeBytes === "number" ? { freeBytes: fs.freeBytes } : {}),
       },
     };
+    // A sandboxed VMM sees each disk as a mount of its own (a bind of that one file): the file
+    // system is named as the host sees it, for a disk the inventory says is this VM's.
+    const hostFs = this.config.sandbox !== undefined && reason.disk !== undefined && this.store.getVm(name)?.disks.some((d) => d.path === reason.disk) === true ? filesystemOf(reason.disk) : undefined;
+    if (hostFs !== undefined) {
+      const seen = reason.filesystem?.mountPoint;
+      if (seen !== undefined) reason.message = reason.message.split(`the filesystem ${seen} (`).join(`the filesystem ${hostFs.mountPoint} (`);
+      reason.filesystem = { ...reason.filesystem, mountPoint: hostFs.mountPoint };
+    }
     if (live.pauseReason?.at === reason.at) return;
     void this.serial(name, async () => {
       const cur = this.store.getVm(name);

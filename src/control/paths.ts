@@ -4,7 +4,9 @@
  *   typevisor.sock          the API socket
  *   audit.head              the audit log's last entry (seq and hash): a cut at its end shows (audit.ts)
  *   tls/                    the HTTPS certificate the daemon made (tls.ts)
- *   vms/<id>/               one VM: its disks, kernel and initrd copies, console logs, VMM log, exit file
+ *   vms/<id>/               one VM: its disks, kernel and initrd copies, VMM log (the daemon's; its VMM cannot write here)
+ *   vms/<id>/out/           what the VMM writes: console logs, exit file (a sandboxed VMM's uid owns it: untrusted)
+ *   vms/<id>/root/          where the sandboxed VMM's root is mounted, in its own mount namespace (empty on the host)
  *   run/<id>.{api,con}      the VMM's control and console sockets (short paths: sun_path is 108 bytes, unix(7))
  */
 import { join } from "node:path";
@@ -17,6 +19,8 @@ export interface VmPaths {
   consoleLog: string;
   vmmLog: string;
   exitFile: string;
+  outDir: string;
+  jailRoot: string;
 }
 
 const SUN_PATH_MAX = 107;
@@ -31,9 +35,11 @@ export function vmPaths(home: string, id: string): VmPaths {
     dir: join(h.vms, id),
     apiSocket: join(h.run, `${id}.api`),
     consoleSocket: join(h.run, `${id}.con`),
-    consoleLog: join(h.vms, id, "console.log"),
+    consoleLog: join(h.vms, id, "out", "console.log"),
     vmmLog: join(h.vms, id, "vmm.log"),
-    exitFile: join(h.vms, id, "exit.json"),
+    exitFile: join(h.vms, id, "out", "exit.json"),
+    outDir: join(h.vms, id, "out"),
+    jailRoot: join(h.vms, id, "root"),
   };
   return p;
 }

@@ -216,6 +216,8 @@ export interface SnapshotHost {
   reserveDisk(diskBytes: number): () => void;
   /** A new VM row made by a clone. */
   insertVm(row: VmRow): void;
+  /** VMMs run in the sandbox (sandbox/sandbox.ts): they cannot save into or restore from the daemon's snapshots/ yet. */
+  sandboxed: boolean;
   /** A memory snapshot exists now: restores will come (the standby pool fills: standby.ts). */
   snapshotWithMemory(): void;
   /** Bases no VM disk or snapshot stands on any more go (manager.ts, bases.ts). */
@@ -340,6 +342,21 @@ export class Snapshots {
 
   // ---- queries ----
 
+  /** A frozen layer of a snapshot (a backing file a sandboxed VMM may be given, as a base). */
+  isLayer(path: string): boolean {
+    const dirs = [join(this.host.home, "layers"), ...this.host.store.listPools().filter((p) => p.name !== DEFAULT_POOL).map((p) => join(p.path, "layers"))];
+    return dirs.some((d) => path.startsWith(d + "/")) && !path.slice(path.lastIndexOf("/") + 1).includes("..");
+  }
+
+  /** Saving or restoring a VMM's state needs the VMM outside the sandbox, for now. */
+  private assertUnsandboxed(what: string): void {
+    if (this.host.sandboxed) {
+      throw new TypevisorError("SANDBOX_UNSUPPORTED", `${what} needs a VMM to save or restore a state, which a sandboxed VMM cannot yet (docs/snapshots.md)`, {
+        hint: "stop the VM first for a disk-only snapshot, or run the daemon with --no-sandbox",
+      });
+    }
+  }
+
   /** Whether any VM has a snapshot with memory (something a standby VMM could restore). */
   anyWithMemory(): boolean {
     return this.db.prepare("SELECT 1 FROM snapshots WHERE memory = 1 LIMIT 1").get() !== undefined;
@@ -393,6 +410,7 @@ export class Snapshots {
     const hasVmm = vm.state === "running" || vm.state === "paused";
     if (spec.memory === true && !hasVmm) throw new TypevisorError("VM_STATE", `VM ${vm.name} is ${vm.state}: it has no memory to save`, { hint: "take a disk-only snapshot (--no-memory), or start it first" });
     const memory = spec.memory ?? hasVmm;
+    if (hasVmm) this.assertUnsandboxed(`a snapshot of the running VM ${vm.name}`);
     const rows = this.rows(vm.id);
     if (rows.some((s) => s.name === spec.name)) throw new TypevisorError("SNAPSHOT_EXISTS", `VM ${vm.name} already has a snapshot named ${spec.name}`);
     const deepest = Math.max(0, ...vm.disks.map((d) => chainOf(d).length));
@@ -560,6 +578,7 @@ export class Snapshots {
     if (have !== had) {
       throw new TypevisorError("SNAPSHOT_MISMATCH", `snapshot ${name} has disks ${had || "none"}, VM ${vm.name} has ${have || "none"} now`, { hint: "add or remove disks to match (vm disk add|rm) first" });
     }
+    if (s.memory) this.assertUnsandboxed(`a rollback to the memory snapshot ${name}`);
     if (s.memory && !existsSync(join(this.stateDir(s.id), "state.json"))) throw new TypevisorError("SNAPSHOT_BROKEN", `snapshot ${name}'s saved state is missing (${this.stateDir(s.id)})`);
     const opId = randomBytes(6).toString("hex");
     const hadVmm = isActive(vm.state);
@@ -761,6 +780,7 @@ export class Snapshots {
       return row;
     });
     try {
+      if (s.memory) this.assertUnsandboxed(`a clone of the memory snapshot ${snapName}`);
       const nets = spec.nets ?? [];
       if (s.memory && nets.length !== srcNets.length) {
         throw new TypevisorError("INVALID_REQUEST", `snapshot ${snapName} has ${srcNets.length} NIC(s) running: its clone needs as many (--net), not ${nets.length}`);

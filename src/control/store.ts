@@ -14,7 +14,7 @@ import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmS
 export const DEFAULT_KEEP_EVENTS = 100_000;
 const PRUNE_EVERY = 256;
 
-export const SCHEMA_VERSION = 6;
+export const SCHEMA_VERSION = 7;
 
 export interface DiskRow {
   path: string;
@@ -183,12 +183,19 @@ const MIGRATIONS: Record<number, string> = {
       created_at TEXT NOT NULL
     );
   `,
+  // The VMM sandbox (sandbox/sandbox.ts): the uid (and gid) each VM's VMM runs as, unique.
+  6: `
+    CREATE TABLE sandbox_ids (
+      vm_id TEXT PRIMARY KEY,
+      uid INTEGER NOT NULL UNIQUE
+    );
+  `,
   // Snapshots (snapshots.ts, docs/snapshots.md): each VM's snapshots with their frozen disk layers
   // (JSON) and whether a saved memory state goes with them; snapshot_heads the one each VM stands on
   // (taken last or rolled back to: the next one's parent); snapshot_ops holds the plan of a
   // snapshot, rollback or clone under way, written before any file is touched, so a daemon
   // killed midway finishes or undoes it at its next start.
-  6: `
+  7: `
     CREATE TABLE snapshots (
       id TEXT PRIMARY KEY,
       vm_id TEXT NOT NULL,

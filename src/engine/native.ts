@@ -7,7 +7,8 @@
  * to an exit file (the daemon may not be its parent when it exits).
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, openSync } from "node:fs";
+import { closeSync, mkdirSync, openSync } from "node:fs";
+import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { VMM_NODE_FLAGS } from "../vmm/isolates.js";
 
@@ -116,6 +117,7 @@ export function vmmEnv(id: string, env: NodeJS.ProcessEnv = process.env): Record
  * a SIGKILL of the daemon, or a Ctrl-C in the daemon's terminal, never reaches it.
  */
 export function spawnVmm(l: VmmLaunch): ChildProcess {
+  for (const f of [l.consoleLog, l.exitFile]) mkdirSync(dirname(f), { recursive: true, mode: 0o700 });
   const log = openSync(l.vmmLog, "a");
   try {
     const child = spawn(process.execPath, [...VMM_NODE_FLAGS, TYPEVISOR_BIN, ...vmmArgs(l)], {

@@ -13,6 +13,20 @@ import { dirname, join } from "node:path";
 /** sun_path holds 108 bytes with its NUL (unix(7)). */
 const SUN_PATH_MAX = 107;
 
+/**
+ * Listen on a socket that is already bound and listening, inherited as descriptor `fd` (its
+ * path and mode are its creator's business: the daemon binds a sandboxed VMM's sockets).
+ */
+export async function listenOnFd(server: Server, fd: number): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen({ fd }, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+}
+
 export async function listenOwnerOnly(server: Server, path: string): Promise<void> {
   const dir = mkdtempSync(join(dirname(path), ".tvs-"));
   const tmp = join(dir, "s");

@@ -128,6 +128,33 @@ export function openTap(name: string, opts: { vnetHdr?: boolean } = {}): TapHand
   }
 }
 
+const fcntlFn = c.func("int fcntl(int fd, int cmd, int arg)");
+/** fcntl.h F_DUPFD_CLOEXEC. */
+const F_DUPFD_CLOEXEC = 1030;
+
+/**
+ * A TAP a supervisor opened with openTap and handed over as descriptor `fd` (the sandboxed VMM
+ * cannot open one: it has no CAP_NET_ADMIN and its own, empty network namespace). Duplicated, so
+ * each boot of the VM closes its own copy and a reboot finds `fd` still open.
+ * @throws TypevisorError TAP_OPEN when `fd` is not an attached TAP
+ */
+export function adoptTap(fd: number, name: string): TapHandle {
+  const dup = fcntlFn(fd, F_DUPFD_CLOEXEC, 3) as number;
+  if (dup < 0) throw tapError(name, `descriptor ${fd}: ${libc.errnoName(libc.errno())}`);
+  try {
+    const ifr = new Uint8Array(IFREQ_SIZE);
+    libc.ioctl(dup, TUNGETIFF, ifr, "TUNGETIFF");
+    const flags = new DataView(ifr.buffer).getUint16(16, true);
+    if ((flags & IFF_TAP) === 0) throw tapError(name, `descriptor ${fd} is not a TAP`);
+    const end = ifr.indexOf(0);
+    return { fd: dup, name: Buffer.from(ifr.subarray(0, end < 0 || end > IFNAMSIZ - 1 ? IFNAMSIZ - 1 : end)).toString("utf8"), created: false };
+  } catch (e) {
+    libc.close(dup);
+    if (e instanceof TypevisorError && e.code === "TAP_OPEN") throw e;
+    throw tapError(name, `descriptor ${fd}: ${e instanceof Error ? e.message : String(e)}`, undefined, e);
+  }
+}
+
 /** Set the offloads the TAP may use towards us (TUN_F bits); on failure -errno, else 0. */
 export function setTapOffload(fd: number, flags: number): number {
   try {

@@ -23,6 +23,8 @@ export interface NetSpec {
   tap: string;
   /** "02:xx:..." ; generated stably from the TAP name when absent. */
   mac?: string;
+  /** The TAP already open as this descriptor (a sandboxed VMM, sys/tap.ts adoptTap), instead of opening it by name. */
+  fd?: number;
 }
 
 export interface BalloonSpec {
@@ -104,7 +106,7 @@ export function parseDiskSpec(spec: string): DiskSpec {
   return disk;
 }
 
-/** `tap=NAME[,mac=MAC]` */
+/** `tap=NAME[,mac=MAC][,fd=N]` */
 export function parseNetSpec(spec: string): NetSpec {
   const { opts } = parseOptions(spec, "--net", true);
   const tap = opts.get("tap");
@@ -117,7 +119,11 @@ export function parseNetSpec(spec: string): NetSpec {
     if (k === "mac") {
       parseMac(v); // throws NET_MAC with the reason
       net.mac = v;
-    } else throw bad(`--net: unknown option "${k}" (known: tap, mac)`);
+    } else if (k === "fd") {
+      // 0-2 are stdio; an fd is inherited from the process that started us (the daemon's sandbox).
+      if (!/^\d{1,5}$/.test(v) || Number(v) < 3) throw bad(`--net fd must be a descriptor number from 3 (got "${v}")`);
+      net.fd = Number(v);
+    } else throw bad(`--net: unknown option "${k}" (known: tap, mac, fd)`);
   }
   return net;
 }

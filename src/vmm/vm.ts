@@ -22,14 +22,15 @@ import { loadKernel, type BootCpuState, type BootPlan } from "./arch/x86_64/boot
 import { filterCpuid } from "./arch/x86_64/cpuid.js";
 import { IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PCI_ECAM_START, ramRanges } from "./arch/x86_64/layout.js";
 import { pciHostBridgeAml } from "./devices/pci/acpi.js";
+import { newGeneration, writeGenerationId } from "./devices/legacy/vmgenid/vmgenid.js";
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
-import { GuestMemory, type HostRegion } from "./memory/guest-memory.js";
+import { DirtyLog, GuestMemory, type HostRegion } from "./memory/guest-memory.js";
 import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
 import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
 import { hasDevices, type DeviceSpecs } from "./device-specs.js";
 import { createMailbox } from "./devices/platform/mailbox.js";
-import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage, DeviceThreadReport, IoStats } from "./devices/platform/device-thread-init.js";
+import type { DeviceCommand, DeviceReplies, DeviceRequest, DevicesState, DeviceThreadInit, DeviceThreadMessage, DeviceThreadReport, IoStats } from "./devices/platform/device-thread-init.js";
 import { ioRing, ioRingStatus, type IoRing } from "./devices/virtio/block/io-ring.js";
 import { boardRow, clockMs, createBoard, deviceRow, PhaseWatch, readRow, SAMPLE_MS, type BoardRow } from "./threads/board.js";
 import { kernelThreads, type KernelThread } from "./threads/kernel.js";
@@ -39,7 +40,7 @@ import { setLint } from "./arch/x86_64/lapic.js";
 import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
 import { mkdirSync, readdirSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { cpuCaps, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
+import { cpuCaps, elapsedSinceSave, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
 import { mapMemoryFile, writeMemoryFile, type RegionSource } from "./snapshot/memory.js";
 import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
 
@@ -273,6 +274,8 @@ export class Vm {
   /** The run state a restored guest was saved in. */
   private restoredRunState: "running" | "paused" | undefined;
   private devicesStarted: Promise<VcpuWorkerInit["platform"]> | undefined;
+  /** The pages the device thread writes, while dirty logging is on. */
+  private deviceDirty: DirtyLog | undefined;
   /** While guest writes are logged (live migration): one bitmap per RAM slot, a bit per page. */
   private dirtyMaps: libc.Mapping[] | undefined;
   /** Built for a state that applyState() has not put in place yet (a restore or an incoming migration). */
@@ -371,6 +374,7 @@ export class Vm {
           ...(pci ? { pciEcam: { base: PCI_ECAM_START, segment: 0, startBus: 0, endBus: 0 }, sbDevices: [pciHostBridgeAml()] } : {}),
         });
         writeResetVector(this.memory);
+        writeGenerationId(this.memory);
         const plan = loadKernel(this.memory, {
           kernel: config.boot.kernel,
           ...(config.boot.initrd !== undefined ? { initrd: config.boot.initrd } : {}),
@@ -407,7 +411,8 @@ export class Vm {
         this.runMaps.push({ map, run: new Uint8Array(libc.view(map.pointer, runSize)) });
       }
       if (snap !== undefined) {
-        this.applyState(snap.state, { what: snap.what, ...(snap.keepClock !== undefined ? { keepClock: snap.keepClock } : {}) });
+        // A restored snapshot is a new machine to the guest (a live migration is not: same VM, moved).
+        this.applyState(snap.state, { what: snap.what, newMachine: true, ...(snap.keepClock !== undefined ? { keepClock: snap.keepClock } : {}) });
       } else if (!this.awaitingState) {
         // Only the boot CPU gets an entry state; APs wait in KVM for INIT/SIPI from the guest.
         this.setBootState(this.vcpus[0]!, boot!);
@@ -430,20 +435,25 @@ export class Vm {
    * the devices when the device thread starts), once, before run(). Guest memory must hold the
    * same moment's contents already. The order is the one KVM needs (snapshot/cpu.ts).
    */
-  applyState(state: SnapshotState, opts: { what: string; keepClock?: boolean }): void {
+  applyState(state: SnapshotState, opts: { what: string; keepClock?: boolean; newMachine?: boolean }): void {
     if (!this.awaitingState || this.state !== "created") throw new TypevisorError("VM_STATE", "state can be applied once, to a VM built for it, before it runs");
     if (state.vm === null || state.platform === null || state.vcpus.length !== this.vcpus.length) throw new TypevisorError("SNAPSHOT_INVALID", `${opts.what}: no vCPU state to restore`);
     if (state.config.cpus !== this.config.cpus || state.config.memoryMiB !== this.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${opts.what}: saved with ${state.config.cpus} vCPUs and ${state.config.memoryMiB} MiB`);
     this.checkCpu(state, opts.what, this.kvm.supportedCpuid(), this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0);
     this.awaitingState = false;
+    const advance = opts.keepClock === true ? 0n : elapsedSinceSave(state.vm);
     for (const vcpu of this.vcpus) {
       const saved = state.vcpus[vcpu.id]!;
-      const refused = restoreVcpu(vcpu, saved);
+      const refused = restoreVcpu(vcpu, saved, advance);
       this.cpuids[vcpu.id] = saved.cpuid;
       if (refused.length > 0) this.restoreWarnings.push(`vCPU ${vcpu.id}: KVM did not take back MSR ${refused.map((i) => `0x${i.toString(16)}`).join(", ")}`);
     }
     restoreVmKvm(this.vm, this.kvm, state.vm, opts.keepClock === true);
     this.serial.restore(state.platform.serial);
+    // A new machine (a restored snapshot, maybe one of many clones): new generation ID and its GED
+    // interrupt pending before any vCPU runs (IOAPIC and LAPICs are back by now), so the guest
+    // reseeds its RNG (vmgenid.ts).
+    if (opts.newMachine === true) newGeneration(this.memory, this.vm);
     // Before the first KVM_RUN: the guest's watchdogs see a host pause, not a hung CPU.
     for (const v of this.vcpus) markClockPaused(v);
     this.restoredDevices = state.devices;
@@ -457,7 +467,7 @@ export class Vm {
    */
   async captureState(config: SnapshotConfig, runState: "running" | "paused"): Promise<Omit<SnapshotState, "memory">> {
     if (this.state !== "paused") throw new TypevisorError("VM_STATE", `the VM must be paused to capture its state (it is ${this.state})`);
-    const devices = this.deviceThread !== undefined ? await this.deviceCommand({ command: "snapshot" } as unknown as DeviceRequest) : null;
+    const devices = this.deviceThread !== undefined ? await this.deviceCommand({ command: "snapshot" }) : null;
     const msrs = msrsToSave(this.kvm);
     const caps = cpuCaps(this.kvm);
     return {
@@ -506,6 +516,8 @@ export class Vm {
       memory: this.memory.hostRegions,
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
       ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
+      // Checked again by the device thread (parseDevicesState) before anything is built from it.
+      ...(this.restoredDevices !== undefined && this.restoredDevices !== null ? { restore: this.restoredDevices as DevicesState } : {}),
     };
     const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
@@ -586,8 +598,7 @@ export class Vm {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
     if (this.awaitingState) throw new TypevisorError("VM_STATE", "this VM waits for its state (applyState) before it can run");
     const startPaused = opts.paused ?? this.restoredRunState === "paused";
-    // Paused from here, not only once the devices are up: GET /vm must not say "running" of a VM
-    // about to come up paused (a supervisor that resumes what it sees paused would miss it).
+    // Paused from the start: the vCPUs park at their first look at the control words.
     this.state = startPaused ? "paused" : "running";
     if (startPaused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
     // Idempotent, so a rebooted VM in the same process sets it again harmlessly.
@@ -602,7 +613,6 @@ export class Vm {
       throw e;
     }
     this.startedAt = Date.now();
-    // The vCPUs park at their first look at the control words (or run, if resumed meanwhile).
     // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
     this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
     this.sampler.unref();
@@ -971,27 +981,47 @@ export class Vm {
    * §4.35): takeDirtyLog() then says which pages changed since the last call. Writes made by the
    * VMM's own threads (the devices) are not in KVM's log.
    */
-  startDirtyLog(): void {
+  async startDirtyLog(): Promise<void> {
     if (this.dirtyMaps !== undefined) return;
     const regions = this.memory.hostRegions;
     this.dirtyMaps = regions.map((r) => libc.mmap(Math.ceil(r.size / 4096 / 64) * 8, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS));
     regions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress), KVM_MEM_LOG_DIRTY_PAGES));
+    // The devices' own writes (used rings, received frames, disk reads) never reach KVM's log: the device thread marks them here.
+    if (this.deviceThread !== undefined) {
+      const end = Math.max(...regions.map((r) => r.guestPhysAddr + r.size));
+      this.deviceDirty = DirtyLog.create(end);
+      await this.deviceCommand({ command: "dirtyLog", args: { buffer: this.deviceDirty.shared } });
+    }
   }
 
   /** Each slot's pages written since the last call (or startDirtyLog), one bit per 4 KiB page; views valid until the next call. */
   takeDirtyLog(): Uint8Array[] {
     const maps = this.dirtyMaps;
     if (maps === undefined) throw new TypevisorError("VM_STATE", "dirty logging is off");
-    return maps.map((m, slot) => {
+    const regions = this.memory.hostRegions;
+    const out = maps.map((m, slot) => {
       this.vm.getDirtyLog(slot, m);
       return new Uint8Array(libc.view(m.pointer, m.length));
     });
+    // Fold in what the devices wrote (guest-physical page numbers) as bits of each slot.
+    for (const page of this.deviceDirty?.take() ?? []) {
+      const gpa = page * 4096;
+      const slot = regions.findIndex((r) => gpa >= r.guestPhysAddr && gpa < r.guestPhysAddr + r.size);
+      if (slot < 0) continue;
+      const p = (gpa - regions[slot]!.guestPhysAddr) / 4096;
+      out[slot]![p >> 3]! |= 1 << (p & 7);
+    }
+    return out;
   }
 
   stopDirtyLog(): void {
     const maps = this.dirtyMaps;
     if (maps === undefined) return;
     this.dirtyMaps = undefined;
+    if (this.deviceDirty !== undefined && this.deviceThread !== undefined) {
+      this.deviceCommand({ command: "dirtyLog", args: { buffer: null } }).catch(() => undefined);
+    }
+    this.deviceDirty = undefined;
     this.memory.hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
     for (const m of maps) libc.munmap(m);
   }

@@ -66,7 +66,7 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     dir = mkdtempSync(join(tmpdir(), "tvsnap-"));
     kernel = join(dir, "tiny.bin");
     writeTinyKernel(kernel);
-    d = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
+    d = await startDaemon({ args: ["--force-kvm", "--no-sandbox", "--allow-files", dir] });
   }, 60_000);
 
   afterAll(async () => {
@@ -164,6 +164,26 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     expect(layers(d.home)).toEqual([]);
     await c.removePool("p1");
   }, 60_000);
+
+  it("under the VMM sandbox (root): disk snapshots and linked clones run (layers are backing files a jailed VMM is given); a running VM's state is refused, saying why", async () => {
+    const sd = await startDaemon({ args: ["--force-kvm", "--allow-files", dir] });
+    try {
+      const c = sd.client;
+      await c.createVm(spec("jailed"));
+      expect(qio((await disk0(c, "jailed")).path, "write", 0x5a)).toBe(true);
+      await c.createSnapshot("jailed", { name: "d" });
+      const clone = await c.cloneVm("jailed", { name: "jailed-c", snapshot: "d", start: true });
+      expect(clone.state).toBe("running");
+      await until("banner", async () => (await banners(c, "jailed-c")) >= 1 || undefined);
+      expect(await outcome(c.createSnapshot("jailed-c", { name: "m" }))).toBe("409 SANDBOX_UNSUPPORTED");
+      expect((await c.getVm("jailed-c")).state).toBe("running");
+      expect((await c.host()).standbyVmms.size).toBe(0);
+      await c.removeVm("jailed-c", { force: true });
+      await c.removeVm("jailed");
+    } finally {
+      await sd.stop();
+    }
+  }, 120_000);
 
   it("refuses what it cannot do with a clear answer", async () => {
     const c = d.client;
@@ -334,7 +354,7 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
   }, 120_000);
 
   it("restores through a standby VMM when one is ready (--standby-vmms): no process start to wait for", async () => {
-    const sd = await startDaemon({ args: ["--force-kvm", "--allow-files", dir, "--standby-vmms", "1"] });
+    const sd = await startDaemon({ args: ["--force-kvm", "--no-sandbox", "--allow-files", dir, "--standby-vmms", "1"] });
     try {
       const c = sd.client;
       const waiting = async (): Promise<number[]> => {
@@ -371,7 +391,7 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       vm = await c.getVm("sb1");
       await sd.stop("SIGKILL");
       process.kill(standby, 0);
-      const again = await startDaemon({ home: sd.home, args: ["--force-kvm", "--allow-files", dir, "--standby-vmms", "0"] });
+      const again = await startDaemon({ home: sd.home, args: ["--force-kvm", "--no-sandbox", "--allow-files", dir, "--standby-vmms", "0"] });
       try {
         await until("the old standby ended", () => {
           try {
@@ -396,13 +416,13 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     /** Run `op` on a daemon that dies at `step`, restart it on the same home; the new daemon. */
     async function killedAt(step: string, op: (c: TypevisorClient) => Promise<unknown>): Promise<TestDaemon> {
       await d.stop();
-      const dying = await startDaemon({ home: d.home, args: ["--force-kvm", "--allow-files", dir], env: { TYPEVISOR_CRASH_AT: step } });
+      const dying = await startDaemon({ home: d.home, args: ["--force-kvm", "--no-sandbox", "--allow-files", dir], env: { TYPEVISOR_CRASH_AT: step } });
       await op(dying.client).then(
         () => expect.fail(`the daemon did not die at ${step}`),
         () => undefined,
       );
       await dying.stop("SIGKILL");
-      d = await startDaemon({ home: d.home, args: ["--force-kvm", "--allow-files", dir] });
+      d = await startDaemon({ home: d.home, args: ["--force-kvm", "--no-sandbox", "--allow-files", dir] });
       return d;
     }
 

@@ -3,20 +3,24 @@
  * from the minimal image are created and started through the CLI and reach
  * userspace; pause/resume, a stop/start cycle (with an extra disk in a small pool that the guest
  * fills: the VM pauses and resume finishes the write), the interactive console,
- * cgroup v2 limits, SIGKILL of one VMM (only that VM crashes), SIGKILL
- * of the daemon followed by a restart that re-attaches the running VMs, and a memory snapshot of
- * a re-attached VM: a rollback loses a file written after it and keeps its RAM, and a linked
- * clone of it runs at once.
+ * cgroup v2 limits, SIGKILL of one VMM (only that VM crashes), and SIGKILL
+ * of the daemon followed by a restart that re-attaches the running VMs. The daemon runs as root, so
+ * every VMM runs in its sandbox (docs/security.md): checked on these VMMs, and lab-2's network
+ * (a TAP the daemon hands over) carries a ping and a TCP transfer from the host. Then a memory snapshot of
+ * a re-attached VM: a rollback loses a file written after it and keeps its RAM, and a linked clone
+ * of it runs at once.
  */
 import { spawn, spawnSync } from "node:child_process";
 import { SYNC_TIMEOUT_MS } from "../helpers/sync-timeout.js";
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it, onTestFailed } from "vitest";
 import { ROOTFS_UP_LINE } from "../../src/images/guest-init.js";
 import type { VmInfo } from "../../src/control/spec.js";
 import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { tapPeer, type TapPeer } from "../helpers/tap-peer.js";
+import { createHash } from "node:crypto";
 
 const home = mkdtempSync(join(tmpdir(), "tvlab-"));
 let d: TestDaemon | undefined;
@@ -63,7 +67,12 @@ function consoleRun(name: string, line: string, expect: RegExp, timeoutMs = 60_0
   });
 }
 
+let peer: TapPeer | undefined;
+const TAP = "tvlabd0";
+const HOST = "169.254.11.1";
+
 afterAll(async () => {
+  peer?.close();
   if (d === undefined) return;
   for (const v of (await d.client.listVms().catch(() => [])) as VmInfo[]) if (v.pid !== undefined) spawnSync("kill", ["-9", String(v.pid)], { timeout: SYNC_TIMEOUT_MS });
   await d.stop();
@@ -78,6 +87,11 @@ describe("the daemon with Debian guests under real KVM", () => {
     // what the daemon said, when something fails: a daemon that died or stopped answering tells why there
     onTestFailed(() => {
       if (d !== undefined) console.log(`daemon.lab: the daemon's log (exit ${d.proc.exitCode ?? "none"}, signal ${d.proc.signalCode ?? "none"}):\n${d.log().slice(-8000)}`);
+      // and each VMM's own (its stderr: why it ended, or what it was doing)
+      for (const id of existsSync(join(home, "vms")) ? readdirSync(join(home, "vms")) : []) {
+        const f = join(home, "vms", id, "vmm.log");
+        if (existsSync(f)) console.log(`daemon.lab: ${f}:\n${readFileSync(f, "utf8").slice(-3000)}`);
+      }
     });
     d = await startDaemon({ home, args: ["--usage-interval", "2"] });
     const host = JSON.parse(ok(["host", "--json"])) as { cgroups: { available: boolean }; memory: { capacity: number } };
@@ -86,7 +100,9 @@ describe("the daemon with Debian guests under real KVM", () => {
 
     const names = ["lab-1", "lab-2", "lab-3"];
     step("daemon up; creating three VMs");
-    for (const n of names) ok(["vm", "create", n, "--image", "minimal", "--cpus", "1", "--memory", "256", "--disk-size", "128M", "--start"]);
+    // lab-2 gets a NIC on a TAP the host side of which is ready (address, a TCP server)
+    peer = await tapPeer(TAP, HOST, 5100, 1 << 20);
+    for (const n of names) ok(["vm", "create", n, "--image", "minimal", "--cpus", "1", "--memory", "256", "--disk-size", "128M", ...(n === "lab-2" ? ["--net", `tap=${TAP}`] : []), "--start"]);
     const ls = JSON.parse(ok(["vm", "ls", "--json"])) as VmInfo[] | { vms: VmInfo[] };
     const list = Array.isArray(ls) ? ls : ls.vms;
     expect(list.map((v) => [v.name, v.state])).toEqual(names.map((n) => [n, "running"]));
@@ -107,6 +123,26 @@ describe("the daemon with Debian guests under real KVM", () => {
     expect(readFileSync(join(one.cgroup!, "cgroup.procs"), "utf8").split("\n")).toContain(String(one.pid));
     expect(Number(readFileSync(join(one.cgroup!, "memory.max"), "utf8"))).toBeGreaterThan(256 * 2 ** 20);
     expect(readFileSync(join(one.cgroup!, "cpu.max"), "utf8").trim()).toBe("100000 100000");
+
+    step("the sandbox of each VMM");
+    // Each VMM: its own uid, no capabilities, no_new_privs, seccomp, its own namespaces (docs/security.md).
+    const uids = new Set<string>();
+    for (const n of names) {
+      const pid = (await show(n)).pid!;
+      const st = readFileSync(`/proc/${pid}/status`, "utf8");
+      const field = (k: string): string => new RegExp(`^${k}:\\s*(.*)$`, "m").exec(st)?.[1]?.trim() ?? "";
+      const uid = field("Uid").split(/\s+/)[0]!;
+      expect(Number(uid), n).toBeGreaterThan(0);
+      uids.add(uid);
+      expect([field("CapEff"), field("CapPrm"), field("CapBnd"), field("NoNewPrivs"), field("Seccomp")], n).toEqual(["0000000000000000", "0000000000000000", "0000000000000000", "1", "2"]);
+      for (const ns of ["mnt", "pid", "net"]) expect(readlinkSync(`/proc/${pid}/ns/${ns}`), `${n} ${ns}`).not.toBe(readlinkSync(`/proc/self/ns/${ns}`));
+      expect(existsSync(`/proc/${pid}/root/etc/shadow`), n).toBe(false);
+    }
+    expect(uids.size).toBe(3);
+    step("lab-2's network through the TAP the daemon handed over");
+    const net = await consoleRun("lab-2", `ip addr add 169.254.11.2/24 dev eth0; ip link set eth0 up; ping -c 2 -W 5 ${HOST} >/dev/null && echo ping=ok-$((6*7)); echo "in=$(nc ${HOST} 5100 | sha256sum | cut -c1-16)-$((6*7))"`, /in=[0-9a-f]{16}-42/, 300_000);
+    expect(net).toMatch(/ping=ok-42/);
+    expect(net).toContain(`in=${createHash("sha256").update(peer.toGuest).digest("hex").slice(0, 16)}-42`);
 
     step("pause and resume");
     // Pause and resume; the guest answers afterwards.

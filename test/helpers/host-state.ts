@@ -46,6 +46,9 @@ export function vmmProcesses(home: string, ids: ReadonlySet<string> = new Set())
     if (!/^\d+$/.test(pid) || Number(pid) === process.pid) continue;
     const cmdline = readProc(pid, "cmdline");
     if (cmdline === undefined || cmdline === "") continue;
+    // The sandbox helper that waits for a sandboxed VMM (docs/security.md) carries its command line
+    // and environment: it is not a second VMM, and it exits with the one it waits for.
+    if (cmdline.split("\0")[0]!.endsWith("/typevisor-jail")) continue;
     const env = (readProc(pid, "environ") ?? "").split("\0");
     const id = env.find((kv) => kv.startsWith("TYPEVISOR_VM_ID="))?.slice("TYPEVISOR_VM_ID=".length);
     if (!cmdline.includes(marker) && (id === undefined || !ids.has(id))) continue;

@@ -14,6 +14,17 @@ import { afterAll, describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { unixApi } from "../helpers/unix-api.js";
 import { cpSync, rmSync } from "node:fs";
+import { VMGENID_ADDR, VMGENID_SIZE } from "../../src/vmm/arch/x86_64/layout.js";
+import { decodeState, SNAPSHOT_FILES } from "../../src/vmm/snapshot/state.js";
+
+/** The VM generation ID as a snapshot saved it: guest memory at VMGENID_ADDR, read from the memory file. */
+function savedGenerationId(snapDir: string): string {
+  const state = decodeState(readFileSync(join(snapDir, SNAPSHOT_FILES.state)), snapDir);
+  const r = state.memory!.regions.find((x) => x.guestPhysAddr <= VMGENID_ADDR && VMGENID_ADDR + VMGENID_SIZE <= x.guestPhysAddr + x.size)!;
+  const mem = readFileSync(join(snapDir, SNAPSHOT_FILES.memory));
+  const at = r.fileOffset + VMGENID_ADDR - r.guestPhysAddr;
+  return mem.subarray(at, at + VMGENID_SIZE).toString("hex");
+}
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const hasKvm = existsSync("/dev/kvm");
@@ -74,7 +85,8 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
   const snap = join(dir, "snap1");
 
   it("saves a running guest, which runs on; a new VMM restored from it continues the guest without booting", async () => {
-    const a = start("a", ["--kernel", kernel, "--memory", "64", "--cpus", "2"]);
+    // With a device, so the device thread's state goes through the snapshot too.
+    const a = start("a", ["--kernel", kernel, "--memory", "64", "--cpus", "2", "--rng"]);
     try {
       await until("the banner", () => readIf(a.log).includes(TINY_KERNEL_BANNER));
       const c = await consoleClient(a.sock);
@@ -114,7 +126,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     }
   }, 90_000);
 
-  it("can be snapshotted again after a restore (pages still in the old memory file are carried over)", async () => {
+  it("can be snapshotted again after a restore (pages still in the old memory file are carried over); the restore was a new VM generation", async () => {
     const b = start("b2", ["--restore", snap]);
     const snap2 = join(dir, "snap2");
     try {
@@ -124,6 +136,11 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     } finally {
       await kill(b);
     }
+    // The cold boot wrote a random generation ID; the restore wrote another (devices/legacy/vmgenid).
+    const [first, second] = [savedGenerationId(snap), savedGenerationId(snap2)];
+    expect(first).not.toBe("0".repeat(2 * VMGENID_SIZE));
+    expect(second).not.toBe("0".repeat(2 * VMGENID_SIZE));
+    expect(second).not.toBe(first);
     const c3 = start("c3", ["--restore", snap2]);
     try {
       const c = await consoleClient(c3.sock);

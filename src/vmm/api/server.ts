@@ -42,7 +42,7 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { existsSync, unlinkSync } from "node:fs";
-import { listenOwnerOnly } from "../../sys/owner-only-socket.js";
+import { listenOnFd, listenOwnerOnly } from "../../sys/owner-only-socket.js";
 import { TypevisorError, isTypevisorError } from "../../errors.js";
 
 export interface ControlTarget {
@@ -139,8 +139,8 @@ function readJson(req: IncomingMessage): Promise<unknown> {
   });
 }
 
-export function startControlServer(socketPath: string, target: ControlTarget): Promise<Server> {
-  if (existsSync(socketPath)) {
+export function startControlServer(socketPath: string, target: ControlTarget, listenFd?: number): Promise<Server> {
+  if (listenFd === undefined && existsSync(socketPath)) {
     // A stale socket from a dead VMM would make listen() fail with EADDRINUSE.
     unlinkSync(socketPath);
   }
@@ -217,8 +217,9 @@ export function startControlServer(socketPath: string, target: ControlTarget): P
       else problem(res, 500, "INTERNAL", "internal error");
     });
   });
-  // owner-only whatever the caller's umask: a client can stop the VM
-  return listenOwnerOnly(server, socketPath).then(
+  // owner-only whatever the caller's umask: a client can stop the VM. Or a socket the supervisor
+  // bound at socketPath (0600, its own) and handed over: a sandboxed VMM cannot bind there.
+  return (listenFd !== undefined ? listenOnFd(server, listenFd) : listenOwnerOnly(server, socketPath)).then(
     () => server,
     (e: unknown) => {
       throw new TypevisorError("API_SOCKET", `cannot listen on ${socketPath}: ${(e as Error).message}`);

@@ -13,7 +13,8 @@ import { ConsoleSocket } from "./socket.js";
 export interface ConsolePipeOptions {
   /** onDrop: the log's disk refused a write; output is being dropped (RotatingLog). */
   log?: { path: string; maxBytes: number; onDrop?: (code: string) => void };
-  socket?: { path: string };
+  /** fd: a listening socket already bound at path, inherited (a sandboxed VMM). */
+  socket?: { path: string; fd?: number };
   /** Bytes a socket client typed, for the guest's UART. */
   onInput: (bytes: Uint8Array) => void;
 }
@@ -49,7 +50,7 @@ export class ConsolePipe {
     const log = o.log !== undefined ? new RotatingLog(o.log.path, o.log.maxBytes, o.log.onDrop) : undefined;
     let socket: ConsoleSocket | undefined;
     try {
-      socket = o.socket !== undefined ? await ConsoleSocket.listen(o.socket.path, o.onInput) : undefined;
+      socket = o.socket !== undefined ? await ConsoleSocket.listen(o.socket.path, o.onInput, o.socket.fd) : undefined;
     } catch (e) {
       log?.close();
       throw e;

@@ -6,7 +6,7 @@
  */
 import { createServer, type Server, type Socket } from "node:net";
 import { lstatSync, unlinkSync } from "node:fs";
-import { listenOwnerOnly } from "../../sys/owner-only-socket.js";
+import { listenOnFd, listenOwnerOnly } from "../../sys/owner-only-socket.js";
 import { TypevisorError } from "../../errors.js";
 
 /**
@@ -22,8 +22,8 @@ export class ConsoleSocket {
   private constructor(readonly path: string) {}
 
   /** Listen on `path`, replacing a stale socket file (a dead VMM's) but never another kind of file. */
-  static async listen(path: string, onInput: (bytes: Uint8Array) => void): Promise<ConsoleSocket> {
-    removeStaleSocket(path, "--console-socket");
+  static async listen(path: string, onInput: (bytes: Uint8Array) => void, listenFd?: number): Promise<ConsoleSocket> {
+    if (listenFd === undefined) removeStaleSocket(path, "--console-socket");
     const cs = new ConsoleSocket(path);
     const server = createServer((c) => {
       cs.clients.add(c);
@@ -32,7 +32,7 @@ export class ConsoleSocket {
       c.on("close", () => cs.clients.delete(c));
     });
     // owner-only whatever the caller's umask: a client can type into the guest's console
-    await listenOwnerOnly(server, path).catch((e: unknown) => {
+    await (listenFd !== undefined ? listenOnFd(server, listenFd) : listenOwnerOnly(server, path)).catch((e: unknown) => {
       throw new TypevisorError("CONSOLE_SOCKET", `cannot listen on --console-socket ${path}: ${(e as Error).message}`);
     });
     cs.server = server;

@@ -98,7 +98,7 @@ export class OutgoingMigration {
       const reader = new FrameReader(sock);
       const regions = vm.memory.hostRegions;
       await send(sock, jsonFrame(FRAME.HELLO, hello(this.config, regions.map((r) => ({ guestPhysAddr: r.guestPhysAddr, size: r.size })))));
-      vm.startDirtyLog();
+      await vm.startDirtyLog();
       // Anything written from here on is in the log: round 0 may send a page that changes again; the next round resends it.
       vm.takeDirtyLog();
       this.progress.phase = "precopy";

@@ -78,7 +78,7 @@ export function saveVcpu(vcpu: VcpuFd, msrs: readonly number[], caps: CpuCaps, c
  * Put `s` back into a vCPU made for it. Returns the MSRs KVM would not take (the rest are set):
  * the caller says so rather than failing a restore over a model-specific register.
  */
-export function restoreVcpu(vcpu: VcpuFd, s: VcpuState): number[] {
+export function restoreVcpu(vcpu: VcpuFd, s: VcpuState, advanceNs = 0n): number[] {
   vcpu.setCpuid(s.cpuid);
   if (s.tscKhz !== null) {
     const here = safe(() => vcpu.getTscKhz());
@@ -93,7 +93,12 @@ export function restoreVcpu(vcpu: VcpuFd, s: VcpuState): number[] {
   if (s.xcrs !== null) vcpu.setXcrs(fromB64(s.xcrs));
   vcpu.setDebugregs(fromB64(s.debugregs));
   vcpu.setLapic(fromB64(s.lapic));
-  const refused = setMsrsEach(vcpu, s.msrs.map((m) => ({ index: m.index, data: BigInt(m.data) })));
+  // The guest's TSC moves on by the time the VM was away, as its wall clock does: a guest whose
+  // clocksource is the TSC (Linux prefers it over kvm-clock when the TSC is invariant) would
+  // otherwise run behind by that much. Every vCPU gets the same advance, so their TSCs stay in step.
+  const khz = BigInt(s.tscKhz ?? safe(() => vcpu.getTscKhz()) ?? 0);
+  const ticks = advanceNs > 0n ? (advanceNs * khz) / 1_000_000n : 0n;
+  const refused = setMsrsEach(vcpu, s.msrs.map((m) => ({ index: m.index, data: m.index === MSR_IA32_TSC ? BigInt(m.data) + ticks : BigInt(m.data) })));
   vcpu.setVcpuEvents(fromB64(s.events));
   return refused;
 }
@@ -163,6 +168,12 @@ export function restoreVmKvm(vm: VmFd, kvm: Kvm, s: VmKvmState, keepClock: boole
     ov.setBigUint64(0, dv.getBigUint64(0, true) + (elapsed > 0n ? elapsed : 0n), true);
   }
   vm.setClock(out);
+}
+
+/** Nanoseconds of wall time since the state was saved (0 if the host's clock says it lies in the future). */
+export function elapsedSinceSave(s: VmKvmState): bigint {
+  const d = wallNs() - BigInt(s.savedAtNs);
+  return d > 0n ? d : 0n;
 }
 
 function wallNs(): bigint {

@@ -29,6 +29,15 @@ export const CMDLINE_MAX = 0x10000;
 export const EBDA_START = 0x9fc00;
 /** Reserved legacy area (VGA, option ROMs, BIOS) up to 1 MiB. */
 export const LEGACY_AREA_START = 0xa0000;
+/**
+ * The 16-byte Virtual Machine Generation ID (Microsoft "Virtual Machine Generation ID"
+ * specification; devices/legacy/vmgenid): the last 16 bytes below the ACPI tables, inside
+ * the legacy area e820 reserves, so the guest never allocates it as RAM. Not 2 KiB aligned on
+ * purpose: Linux probes 0xc8000-0xdffff for option ROMs at every 2 KiB (arch/x86/kernel/probe_roms.c),
+ * and a random ID starting with 0x55 0xAA must not look like one. 8-byte aligned, within one page.
+ */
+export const VMGENID_ADDR = 0xdfff0;
+export const VMGENID_SIZE = 16;
 /** ACPI tables live here (RSDP first, 16-byte aligned), inside the reserved BIOS area. */
 export const ACPI_START = 0xe0000;
 /** The real-mode reset vector F000:FFF0 (SDM vol. 3 §9.1.4); the last 16 bytes below 1 MiB are not ACPI's. */
@@ -80,8 +89,13 @@ export const PORT = {
 /** Value the guest writes to PORT.ACPI_RESET to reset (FADT RESET_VALUE). */
 export const ACPI_RESET_VALUE = 0x1;
 
-/** ISA IRQ lines (= IOAPIC GSIs with KVM's default routing). */
-export const IRQ = { COM1: 4, COM2: 3, ACPI_SCI: 9 } as const;
+/**
+ * ISA IRQ lines (= IOAPIC GSIs with KVM's default routing). GED is the ACPI Generic Event
+ * Device's edge-triggered line (devices/legacy/vmgenid): 5, the first ISA line no PC device
+ * claims here (0 PIT, 1 keyboard, 2 cascade, 3/4 serial, 8 RTC, 9 SCI, 12 mouse, 14/15 IDE);
+ * Firecracker picks the same first free legacy GSI.
+ */
+export const IRQ = { COM1: 4, COM2: 3, GED: 5, ACPI_SCI: 9 } as const;
 
 export interface RamRange {
   start: number;

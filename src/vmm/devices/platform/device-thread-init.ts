@@ -93,6 +93,8 @@ export type DeviceRequest =
   | { command: "balloon.stats" }
   /** Space was freed: every disk stopped by a full filesystem runs its held requests again (BlockDevice.retryHeld). */
   | { command: "disks.retry" }
+  /** Start (a DirtyLog's buffer) or stop (null) marking the pages the devices write: live migration. */
+  | { command: "dirtyLog"; args: { buffer: SharedArrayBuffer | null } }
   /**
    * Quiesce and save every device (snapshot.ts saveDevices); only while every vCPU is paused.
    * Kicks already signalled are served, disk requests in flight are completed into the used
@@ -111,6 +113,7 @@ export interface DeviceReplies {
   "balloon.requestStats": { requested: boolean };
   "balloon.stats": BalloonReport;
   "disks.retry": { held: number };
+  dirtyLog: { on: boolean };
   snapshot: DevicesState;
   "debug.stall": { stalledMs: number };
 }

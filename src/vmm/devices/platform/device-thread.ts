@@ -22,7 +22,7 @@ import { makeDiscard } from "../virtio/balloon/discard.js";
 import { VsockDevice } from "../virtio/vsock/vsock.js";
 import { formatMac, macFromIdentity, parseMac } from "../virtio/net/mac.js";
 import { NetDevice } from "../virtio/net/net.js";
-import { openTap, setLinkUp } from "../../../sys/tap.js";
+import { adoptTap, openTap, setLinkUp } from "../../../sys/tap.js";
 import { boardRow, clockMs, deviceRow, deviceWord, enterStamped, PHASE, SLOT, WORD } from "../../threads/board.js";
 import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
@@ -145,7 +145,7 @@ try {
     disks.push({ name, dev });
   });
   init.devices.nets.forEach((n, i) => {
-    const tap = openTap(n.tap);
+    const tap = n.fd !== undefined ? adoptTap(n.fd, n.tap) : openTap(n.tap);
     taps.push(tap.fd);
     // A TAP we just created starts down and would drop what the guest sends.
     if (tap.created) setLinkUp(tap.name);
@@ -256,6 +256,10 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
     case "snapshot":
       quiesce();
       return saveDevices(plugged, bus);
+    case "dirtyLog":
+      // Set between requests (commands run on this thread between passes), so no write is half-marked.
+      mem.dirtyLog = c.args.buffer === null ? undefined : new DirtyLog(c.args.buffer);
+      return { on: mem.dirtyLog !== undefined };
     case "disks.retry":
       for (const { dev } of disks) dev.retryHeld();
       return { held: disks.reduce((n, { dev }) => n + dev.heldRequests, 0) };

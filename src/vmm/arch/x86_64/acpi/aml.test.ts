@@ -71,4 +71,28 @@ describe("AML encoder", () => {
     const rt = aml.resourceTemplate([aml.irqNoFlags([4])]);
     expect([...rt.slice(-2)]).toEqual([0x79, 0x00]);
   });
+
+  it("methods, If/LEqual/Notify and ArgN encode as ACPI 6.5 §20.2.5 describes", () => {
+    // Method(_EVT, 1) { If (Arg0 == 5) { Notify(\_SB_.VGEN, 0x80) } }
+    const body = aml.ifThen(aml.lEqual(aml.arg(0), aml.integer(5)), [aml.notify("\\_SB_.VGEN", 0x80)]);
+    const notify = [0x86, 0x5c, 0x2e, ...Buffer.from("_SB_VGEN"), 0x0a, 0x80];
+    const ifBody = [0x93, 0x68, 0x0a, 0x05, ...notify];
+    expect([...body]).toEqual([0xa0, ifBody.length + 1, ...ifBody]);
+    const m = aml.method("_EVT", [body], { args: 1 });
+    expect([...m]).toEqual([0x14, 4 + 1 + body.length + 1, ...Buffer.from("_EVT"), 0x01, ...body]);
+    expect([...aml.methodReturning("_STA", aml.integer(0x0f), { serialized: true })]).toEqual([0x14, 0x09, ...Buffer.from("_STA"), 0x08, 0xa4, 0x0a, 0x0f]);
+    expect([...aml.arg(6)]).toEqual([0x6e]);
+    expect(() => aml.arg(7)).toThrow(/Arg7/);
+    expect(() => aml.notify("\\_SB_.VGEN", 0x100)).toThrow(/Notify value/);
+    expect(() => aml.method("_EVT", [], { args: 8 })).toThrow(/0-7 arguments/);
+  });
+
+  it("Extended Interrupt Descriptor: consumer, edge/level, polarity, sharing, GSIs as DWords", () => {
+    expect([...aml.extendedInterrupt({ edge: true, activeLow: false, shared: false }, [5])]).toEqual([0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0, 0, 0]);
+    expect([...aml.extendedInterrupt({ edge: false, activeLow: true, shared: true }, [16, 0x1_0000])]).toEqual([
+      0x89, 0x0a, 0x00, 0x0d, 0x02, 0x10, 0, 0, 0, 0, 0, 0x01, 0,
+    ]);
+    expect(() => aml.extendedInterrupt({ edge: true, activeLow: false, shared: false }, [])).toThrow(/1-255/);
+    expect(() => aml.extendedInterrupt({ edge: true, activeLow: false, shared: false }, [-1])).toThrow(/out of range/);
+  });
 });

@@ -4,8 +4,9 @@
  * Every function returns the encoded bytes of one AML term, so terms compose by
  * nesting calls: `scope("\\_SB_", [device("COM1", [name("_HID", eisaId("PNP0501"))])])`.
  * Only what a VMM's DSDT needs is here (named objects, packages, buffers, integers,
- * strings, scopes, devices, methods returning a constant, and the resource
- * descriptors for legacy devices and a PCI host bridge); anything malformed (bad
+ * strings, scopes, devices, methods with a small statement vocabulary: Return, If,
+ * LEqual, Notify, ArgN; and the resource descriptors for legacy devices, a PCI
+ * host bridge and a Generic Event Device's interrupt); anything malformed (bad
  * name segment, value out of range) throws `AML_ENCODING` rather than emitting AML
  * the guest's interpreter would reject.
  */
@@ -25,6 +26,8 @@ const OP = {
   Buffer: 0x11,
   Package: 0x12,
   Method: 0x14,
+  /** Arg0..Arg6 are 0x68..0x6E (ACPI 6.5 §20.2.6.1). */
+  Arg0: 0x68,
   DualNamePrefix: 0x2e,
   MultiNamePrefix: 0x2f,
   ExtOpPrefix: 0x5b,
@@ -32,6 +35,9 @@ const OP = {
   Device: 0x82,
   RootChar: 0x5c,
   ParentPrefixChar: 0x5e,
+  Notify: 0x86,
+  LEqual: 0x93,
+  If: 0xa0,
   Return: 0xa4,
   Ones: 0xff,
 } as const;
@@ -205,16 +211,59 @@ export function device(path: string, terms: readonly Uint8Array[]): Uint8Array {
   return concat([Uint8Array.of(OP.ExtOpPrefix, OP.Device), pkgLength(body.length), body]);
 }
 
+export interface MethodOptions {
+  /** ArgCount, 0-7 (MethodFlags bits 0-2). */
+  args?: number;
+  /** SerializeFlag (MethodFlags bit 3). */
+  serialized?: boolean;
+}
+
 /**
- * DefMethod (ACPI 6.5 §20.2.5.2) whose body is `Return(value)`: enough for
- * constant _STA/_ADR style methods. MethodFlags: ArgCount bits 0-2, SerializeFlag bit 3.
+ * DefMethod (ACPI 6.5 §20.2.5.2): MethodOp PkgLength NameString MethodFlags TermList.
+ * MethodFlags: ArgCount bits 0-2, SerializeFlag bit 3, SyncLevel bits 7-4 left 0.
  */
-export function methodReturning(path: string, value: Uint8Array, opts: { args?: number; serialized?: boolean } = {}): Uint8Array {
+export function method(path: string, terms: readonly Uint8Array[], opts: MethodOptions = {}): Uint8Array {
   const args = opts.args ?? 0;
   if (!Number.isInteger(args) || args < 0 || args > 7) throw amlError("AML methods take 0-7 arguments");
   const flags = args | (opts.serialized === true ? 0x08 : 0);
-  const body = concat([nameString(path), Uint8Array.of(flags, OP.Return), value]);
+  const body = concat([nameString(path), Uint8Array.of(flags), ...terms]);
   return concat([Uint8Array.of(OP.Method), pkgLength(body.length), body]);
+}
+
+/** A method whose body is `Return(value)`: enough for constant _STA/_ADR style methods. */
+export function methodReturning(path: string, value: Uint8Array, opts: MethodOptions = {}): Uint8Array {
+  return method(path, [returnValue(value)], opts);
+}
+
+/** DefReturn (ACPI 6.5 §20.2.5.3): ReturnOp ArgObject. */
+export function returnValue(value: Uint8Array): Uint8Array {
+  return concat([Uint8Array.of(OP.Return), value]);
+}
+
+/** ArgN (ACPI 6.5 §20.2.6.1): the method's N-th argument, N = 0..6. */
+export function arg(n: number): Uint8Array {
+  if (!Number.isInteger(n) || n < 0 || n > 6) throw amlError(`AML has Arg0 to Arg6, not Arg${n}`);
+  return Uint8Array.of(OP.Arg0 + n);
+}
+
+/** DefLEqual (ACPI 6.5 §20.2.5.4): LEqualOp Operand Operand. */
+export function lEqual(a: Uint8Array, b: Uint8Array): Uint8Array {
+  return concat([Uint8Array.of(OP.LEqual), a, b]);
+}
+
+/** DefIfElse without Else (ACPI 6.5 §20.2.5.3): IfOp PkgLength Predicate TermList. */
+export function ifThen(predicate: Uint8Array, terms: readonly Uint8Array[]): Uint8Array {
+  const body = concat([predicate, ...terms]);
+  return concat([Uint8Array.of(OP.If), pkgLength(body.length), body]);
+}
+
+/**
+ * DefNotify (ACPI 6.5 §20.2.5.3): NotifyOp NotifyObject NotifyValue, with the
+ * object named by path (a SuperName) and the value an integer (§5.6.6 lists the values).
+ */
+export function notify(path: string, value: number): Uint8Array {
+  checkRange("Notify value", value, 0xff);
+  return concat([Uint8Array.of(OP.Notify), nameString(path), integer(value)]);
 }
 
 // ---------------------------------------------------------------------------
@@ -258,6 +307,25 @@ export function irqNoFlags(irqs: readonly number[]): Uint8Array {
     mask |= 1 << irq;
   }
   return Uint8Array.from([0x22, ...u16le(mask)]);
+}
+
+/** Interrupt triggering and polarity of an Extended Interrupt Descriptor (ACPI 6.5 Table 6.47). */
+export interface InterruptMode {
+  edge: boolean;
+  activeLow: boolean;
+  shared: boolean;
+}
+
+/**
+ * Extended Interrupt Descriptor (ACPI 6.5 §6.4.3.6): `Interrupt(ResourceConsumer, ...){gsi, ...}`
+ * naming GSIs directly (no ResourceSource). Flags byte: bit 0 consumer, bit 1 edge,
+ * bit 2 active-low, bit 3 shared; then the count and one DWord per interrupt.
+ */
+export function extendedInterrupt(mode: InterruptMode, gsis: readonly number[]): Uint8Array {
+  if (gsis.length === 0 || gsis.length > 255) throw amlError("an Extended Interrupt Descriptor lists 1-255 interrupts");
+  for (const g of gsis) checkRange("interrupt number", g, 0xffff_ffff);
+  const flags = 0x01 | (mode.edge ? 0x02 : 0) | (mode.activeLow ? 0x04 : 0) | (mode.shared ? 0x08 : 0);
+  return Uint8Array.from([0x89, ...u16le(2 + 4 * gsis.length), flags, gsis.length, ...gsis.flatMap(u32le)]);
 }
 
 /** 32-bit Fixed Memory Range Descriptor (ACPI 6.5 §6.4.3.4). */

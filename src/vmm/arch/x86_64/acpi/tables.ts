@@ -2,7 +2,8 @@
  * The guest's ACPI tables: hardware-reduced ACPI (ACPI 6.5 §4.1), as Cloud
  * Hypervisor and Firecracker present it, so stock Linux finds every CPU, the
  * IOAPIC and LAPICs (MADT), powers off through the sleep control register
- * (FADT + DSDT \_S5_) and reboots through the reset register.
+ * (FADT + DSDT \_S5_), reboots through the reset register, and learns of a new
+ * VM generation (DSDT VGEN and GED_ devices) after a snapshot restore.
  *
  * Layout from `baseAddr` (ACPI_START, where Linux also scans for the RSDP per
  * ACPI 6.5 §5.2.5.1), each piece 16-byte aligned:
@@ -15,6 +16,7 @@ import type { GuestMemory } from "../../../memory/guest-memory.js";
 import { ACPI_END, ACPI_RESET_VALUE, ACPI_START, IOAPIC_ADDR, IRQ, LAPIC_ADDR, PORT } from "../layout.js";
 import { MAX_VCPUS } from "../../../defaults.js";
 import * as aml from "./aml.js";
+import { gedAml, vmgenidAml } from "../../../devices/legacy/vmgenid/vmgenid.js";
 import { OEM_ID, SDT_HEADER_LENGTH, SdtBuilder, checksumByte, ioPortGas8, writeAscii } from "./sdt.js";
 
 /** PCI Express ECAM window announced in the MCFG (PCI Firmware 3.3 §4.1.2). */
@@ -323,6 +325,9 @@ export function dsdtBody(opts: AcpiOptions): Uint8Array {
       ]),
     );
   }
+  // Every VM has a Virtual Machine Generation ID and the Generic Event Device that announces
+  // a new one after a restore (devices/legacy/vmgenid; the ID lives at VMGENID_ADDR).
+  sb.push(vmgenidAml(), gedAml());
   sb.push(...(opts.sbDevices ?? []));
   terms.push(aml.scope("\\_SB_", sb));
   return aml.concat(terms);
