@@ -12,7 +12,7 @@ import { EventEmitter } from "node:events";
 import { copyFile, rm } from "node:fs/promises";
 import { closeSync, constants, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statfsSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
-import { join, sep } from "node:path";
+import { dirname, join, sep } from "node:path";
 import type { ChildProcess } from "node:child_process";
 import type { Logger } from "pino";
 import { z } from "zod";
@@ -845,6 +845,8 @@ export class VmManager extends EventEmitter {
     const sb = l.restore !== undefined ? this.standby.take() : undefined;
     if (sb === undefined || l.restore === undefined) return undefined;
     try {
+      // Where its files go (a new VM's output directory may not be there yet).
+      for (const f of [l.consoleLog, l.exitFile, l.vmmLog]) mkdirSync(dirname(f), { recursive: true, mode: 0o700 });
       // Before the restore: guest memory it touches is charged to the VM's cgroup, not the daemon's.
       cgroup?.addProcess(sb.pid);
       await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
