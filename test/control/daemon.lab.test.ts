@@ -206,7 +206,6 @@ describe("the daemon with Debian guests under real KVM", () => {
       ["lab-3", "crashed", undefined],
     ]);
     await consoleRun("lab-2", "echo reattached-$((6*7))", /reattached-42/);
-
     ok(["vm", "stop", "lab-1"]);
     expect((await show("lab-1")).state).toBe("stopped");
     for (const n of names) ok(["vm", "rm", n, "--force"]);
