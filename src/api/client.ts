@@ -23,6 +23,7 @@ import type { AuditEntry, VerifyResult } from "../control/audit.js";
 import type { Role, TokenRow, UserRow } from "../control/identity.js";
 import { normalizeFingerprint } from "../control/tls.js";
 import type { LogLevel, LogLine, LogSource } from "../control/logs.js";
+import type { CloneInput, SnapshotCreateInput, SnapshotInfo } from "../control/snapshots.js";
 import { ApiError } from "./api-error.js";
 
 export { ApiError };
@@ -213,6 +214,26 @@ export class TypevisorClient {
   }
   async removeVm(name: string, opts: { force?: boolean } = {}): Promise<void> {
     await this.json("DELETE", `/v1/vms/${encodeURIComponent(name)}${opts.force === true ? "?force=true" : ""}`);
+  }
+  /** A VM's snapshots, oldest first (docs/snapshots.md). */
+  async listSnapshots(vm: string): Promise<SnapshotInfo[]> {
+    return (await this.json<{ snapshots: SnapshotInfo[] }>("GET", `/v1/vms/${encodeURIComponent(vm)}/snapshots`)).snapshots;
+  }
+  getSnapshot(vm: string, name: string): Promise<SnapshotInfo> {
+    return this.json("GET", `/v1/vms/${encodeURIComponent(vm)}/snapshots/${encodeURIComponent(name)}`);
+  }
+  createSnapshot(vm: string, spec: SnapshotCreateInput): Promise<SnapshotInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(vm)}/snapshots`, spec);
+  }
+  rollbackSnapshot(vm: string, name: string): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(vm)}/snapshots/${encodeURIComponent(name)}/rollback`);
+  }
+  async removeSnapshot(vm: string, name: string): Promise<void> {
+    await this.json("DELETE", `/v1/vms/${encodeURIComponent(vm)}/snapshots/${encodeURIComponent(name)}`);
+  }
+  /** A new VM from a snapshot of `vm` (linked, or `full`). */
+  cloneVm(vm: string, spec: CloneInput): Promise<VmInfo> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(vm)}/clone`, spec);
   }
   vmStats(name: string): Promise<VmStats> {
     return this.json("GET", `/v1/vms/${encodeURIComponent(name)}/stats`);

@@ -45,6 +45,7 @@ interface DaemonOptions {
   streamStallTimeout: string;
   stopVmsOnExit: boolean;
   forceKvm: boolean;
+  standbyVmms?: string;
   cgroups: boolean;
   /** false with --no-sandbox. */
   sandbox: boolean;
@@ -80,6 +81,13 @@ function checkWebhookUrl(v: string): string {
   }
   if (u === undefined || (u.protocol !== "http:" && u.protocol !== "https:")) throw new TypevisorError("INVALID_ARGUMENT", `--alert-webhook takes an http:// or https:// URL (got "${v}")`);
   return u.toString();
+}
+
+/** --standby-vmms: 0..16 (each is a Node process of its own: docs/snapshots.md says what one costs). */
+function standbyCount(v: string): number {
+  const n = /^\d{1,2}$/.test(v.trim()) ? Number(v) : NaN;
+  if (!(n >= 0 && n <= 16)) throw new TypevisorError("INVALID_ARGUMENT", `--standby-vmms must be a whole number from 0 to 16 (got "${v}")`);
+  return n;
 }
 
 function seconds(name: string, v: string): number {
@@ -180,6 +188,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     noCgroups: !o.cgroups,
     consoleLogSize,
     logger,
+    ...(o.standbyVmms !== undefined ? { standbyVmms: standbyCount(o.standbyVmms) } : {}),
     ...config,
   });
   events.manager = manager;
@@ -270,6 +279,7 @@ export function registerDaemonCommand(program: Command): void {
       [] as string[],
     )
     .option("--log-otlp <url>", "also send the daemon's log to an OpenTelemetry collector: OTLP/HTTP JSON, POSTed to this URL (e.g. http://localhost:4318/v1/logs) in batches, retried")
+    .option("--standby-vmms <n>", "VMM processes kept started and waiting, so a VM restored from a snapshot (rollback, clone) does not wait for one to start (default: 1 where KVM is hardware, else 0; docs/snapshots.md)")
     .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error"]).default("info"))
     .action(async (opts: DaemonOptions) => {
       process.exitCode = await daemonCommand(opts);

@@ -24,6 +24,7 @@ import { TypevisorError } from "../errors.js";
 import { addConnectionOptions, connect, type ConnectionOptions } from "./connect.js";
 import { formatBytes, formatDuration, formatTime, renderFields, renderTable, toJson, withProgress } from "./format.js";
 import { formatHistory, parseHistoryRange, parseStep } from "./history.js";
+import { registerSnapshotCommands } from "./snapshot.js";
 import { TerminalSafeStream } from "./terminal-safe.js";
 
 
@@ -428,6 +429,8 @@ export function registerVmCommands(program: Command): void {
       const info = await connect(o).removeDisk(name, d);
       print(o.json === true ? toJson(info) : `${name}: ${d.startsWith("disk") ? d : `disk${d}`} removed\n`);
     });
+
+  registerSnapshotCommands(vm);
 
   clientCommand(vm, "logs", "the VM's serial console output, as captured by the daemon")
     .argument("<name>", "VM name")

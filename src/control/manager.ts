@@ -12,14 +12,14 @@ import { EventEmitter } from "node:events";
 import { copyFile, rm } from "node:fs/promises";
 import { closeSync, constants, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statfsSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
-import { join, sep } from "node:path";
+import { dirname, join, sep } from "node:path";
 import type { ChildProcess } from "node:child_process";
 import type { Logger } from "pino";
 import { z } from "zod";
 import { TypevisorError } from "../errors.js";
 import { imagePaths, imagesDir } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
-import { spawnVmm, type VmmLaunch } from "../engine/native.js";
+import { diskArg, netArg, spawnVmm, type VmmLaunch } from "../engine/native.js";
 import { readRegularNoFollow } from "../sys/untrusted-file.js";
 import { filesystemOf } from "../sys/mounts.js";
 import { allocateUid, spawnSandboxed, type SandboxOptions } from "./sandbox/sandbox.js";
@@ -44,6 +44,8 @@ import { AlertEngine, AlertRules, type AlertChange, type AlertRule, type AlertRu
 import type { AuditLog } from "./audit.js";
 import { Webhooks, type WebhookStatus } from "./webhooks.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
+import { Snapshots, chainOf } from "./snapshots.js";
+import { StandbyPool } from "./standby.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
 export interface ManagerConfig {
@@ -69,6 +71,8 @@ export interface ManagerConfig {
   alertWebhooks?: string[];
   /** The first retry's delay; each next one doubles (default 1 s). */
   webhookRetryBaseMs?: number;
+  /** Standby VMMs kept ready for restores (standby.ts); default 1 where KVM is hardware, else 0. */
+  standbyVmms?: number;
 }
 
 /** Biggest disk we will create: far past any host here, well short of a typo's 10^18. */
@@ -106,6 +110,8 @@ interface Live {
   consoleDroppedBytes?: number;
   /** Why the VMM paused the VM by itself (a full disk), until it is resumed. */
   pauseReason?: VmmPauseReason;
+  /** Stopped by a snapshot or rollback (snapshots.ts endVmm): its exit is that operation's, not a stop or a crash. */
+  handedOver?: boolean;
 }
 
 /** GET /vm of a VMM as far as the daemon reads it (vmm/vm.ts PauseReason; every field untrusted). */
@@ -164,6 +170,10 @@ export class VmManager extends EventEmitter {
   private readonly reservations = new Set<Allocation>();
   /** Virtual disk bytes of creates and disk adds between their admission and their inventory row, by pool (poolAllocated() counts them). */
   private readonly poolReservations = new Set<{ pool: string; bytes: number }>();
+  /** Snapshots, rollback and clones (snapshots.ts). */
+  readonly snapshots: Snapshots;
+  /** VMMs started ahead of need, which restores take (standby.ts); none kept when its size is 0. */
+  readonly standby: StandbyPool;
 
   constructor(readonly config: ManagerConfig) {
     super();
@@ -183,6 +193,31 @@ export class VmManager extends EventEmitter {
     this.ensureDefaultPool(hp.vms);
     this.cgroups = config.noCgroups === true ? { available: false, controllers: [], reason: "turned off (--no-cgroups)" } : detectCgroupV2();
     this.log = config.logger;
+    this.snapshots = new Snapshots({
+      home: config.home,
+      log: config.logger,
+      store: this.store,
+      serial: (name, fn) => this.serial(name, fn),
+      row: (name) => this.row(name),
+      get: (name) => this.get(name),
+      event: (type, vm, message, data) => this.event(type, vm, message, data),
+      endVmm: (name) => this.endVmm(name),
+      startVmm: (name, restore) => this.startLocked(name, false, restore),
+      resume: (name) => this.resume(name),
+      reserveDisk: (bytes) => {
+        checkAllocation(discoverHost(this.config.home), this.config.policy, this.allocated(), { cpus: 0, memoryBytes: 0, diskBytes: bytes }, { disk: true });
+        const reservation: Allocation = { cpus: 0, memoryBytes: 0, diskBytes: bytes };
+        this.reservations.add(reservation);
+        return () => this.reservations.delete(reservation);
+      },
+      insertVm: (row) => this.store.insertVm(row),
+      removeUnusedBases: () => this.removeUnusedBases(),
+      snapshotWithMemory: () => this.standby.want(),
+      sandboxed: config.sandbox !== undefined,
+    });
+    // None under the sandbox: a standby is not jailed, and would become a VM's VMM.
+    const standbys = config.sandbox !== undefined ? 0 : (config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0));
+    this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger });
   }
 
   // ---- queries ------------------------------------------------------------
@@ -254,13 +289,13 @@ export class VmManager extends EventEmitter {
     return this.store.events(opts);
   }
 
-  host(): ResourceReport & { cgroups: CgroupSupport; vms: Record<VmState, number> } {
+  host(): ResourceReport & { cgroups: CgroupSupport; vms: Record<VmState, number>; standbyVmms: { size: number; ready: number } } {
     const host = discoverHost(this.config.home);
     // Memory and disk are read now; CPU is the average over the last usage interval.
     const { used } = hostUsed(this.config.home);
     const vms: Record<VmState, number> = { defined: 0, starting: 0, running: 0, paused: 0, stopping: 0, stopped: 0, crashed: 0 };
     for (const r of this.store.listVms()) vms[r.state]++;
-    return { ...report(host, this.config.policy, this.allocated(), { ...used, cpus: this.hostCpuUsed }), cgroups: this.cgroups, vms };
+    return { ...report(host, this.config.policy, this.allocated(), { ...used, cpus: this.hostCpuUsed }), cgroups: this.cgroups, vms, standbyVmms: { size: this.standby.size, ready: this.standby.ready() } };
   }
 
   /** CPU and memory of VMs that hold a VMM; disk of every VM. */
@@ -491,6 +526,7 @@ export class VmManager extends EventEmitter {
       const cur = this.row(name);
       assertAction(name, cur.state, "remove");
       this.store.deleteVm(name);
+      this.snapshots.forgetVm(cur.id);
       this.removeSockets(cur.id);
       this.usage.delete(cur.id);
       this.history.forget(cur.id);
@@ -512,7 +548,9 @@ export class VmManager extends EventEmitter {
   private async removeUnusedBases(): Promise<void> {
     // A quarantined row may stand on any base: keep them all while one is there.
     if (this.reservations.size > 0 || this.store.quarantined().length > 0) return;
-    const inUse = new Set(this.store.listVms().flatMap((r) => r.disks.flatMap((d) => (d.backing !== undefined ? [d.backing] : []))));
+    // Snapshot layers and what they stand on go first; a base under any kept layer stays.
+    await this.snapshots.gc();
+    const inUse = new Set([...this.store.listVms().flatMap((r) => r.disks.flatMap((d) => chainOf(d))), ...this.snapshots.referencedFiles()]);
     for (const p of await removeUnusedBases(this.config.home, inUse)) this.daemonEvent("daemon.cleanup", `removed base image ${p}: no VM uses it`, { path: p });
   }
 
@@ -665,7 +703,8 @@ export class VmManager extends EventEmitter {
     return this.serial(name, () => this.startLocked(name, false));
   }
 
-  private async startLocked(name: string, restart: boolean): Promise<VmInfo> {
+  /** `restore`: from a saved state (snapshots.ts), running or paused as it was saved, instead of booting. */
+  private async startLocked(name: string, restart: boolean, restore?: { dir: string; paused: boolean }): Promise<VmInfo> {
     const r = this.row(name);
     assertAction(name, r.state, "start");
     if (!this.config.forceKvm) {
@@ -705,9 +744,10 @@ export class VmManager extends EventEmitter {
       exitFile: p.exitFile,
       vmmLog: p.vmmLog,
       forceKvm: this.config.forceKvm,
+      ...(restore !== undefined ? { restore } : {}),
     };
     this.setState(name, "starting");
-    this.event(restart ? "vm.restarting" : "vm.starting", name, restart ? `VM ${name} restarting after a crash` : `VM ${name} starting`);
+    this.event(restart ? "vm.restarting" : "vm.starting", name, restart ? `VM ${name} restarting after a crash` : restore !== undefined ? `VM ${name} starting from a saved state` : `VM ${name} starting`, restore !== undefined ? { restore: restore.dir } : undefined);
 
     let cgroup: VmCgroup | undefined;
     if (this.cgroups.available) {
@@ -727,13 +767,18 @@ export class VmManager extends EventEmitter {
     let child: ChildProcess;
     let pid: number | undefined;
     const sb = this.config.sandbox;
-    if (sb !== undefined) {
+    // A restore takes a standby VMM when one is ready (no process start to wait for); never under the sandbox (standbys are not jailed).
+    const adopted = restore !== undefined && sb === undefined ? await this.fromStandby(launch, cgroup) : undefined;
+    if (adopted !== undefined) {
+      child = adopted.child;
+      pid = child.pid;
+    } else if (sb !== undefined) {
       try {
         const bases = basesDir(this.config.home) + sep;
         const s = await spawnSandboxed(launch, {
           uid: allocateUid(this.store.db, r.id, sb.uidBase, sb.uidCount), root: p.jailRoot, outDir: p.outDir,
           ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sb.probe !== undefined ? { probe: sb.probe } : {}),
-          allowedBacking: (f) => f.startsWith(bases),
+          allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f),
         });
         child = s.child;
         pid = s.pid;
@@ -761,6 +806,8 @@ export class VmManager extends EventEmitter {
     this.store.updateVm(name, {
       runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}) },
     });
+    // Recorded: the VM's now (until here the pool's pid file had it, for a daemon killed meanwhile).
+    if (adopted !== undefined) rmSync(adopted.pidFile, { force: true });
     try {
       await new VmmClient(p.apiSocket).waitReady(Date.now() + this.config.startTimeoutMs, () => !live.dead);
     } catch (e) {
@@ -779,9 +826,84 @@ export class VmManager extends EventEmitter {
       throw new TypevisorError("VM_START_FAILED", `VM ${name} did not start: ${why}`, { hint: `its VMM log: ${p.vmmLog}` });
     }
     if (this.row(name).state !== "starting") return this.get(name); // stopped/crashed meanwhile
+    if (restore !== undefined && !restore.paused) {
+      // A state saved paused (the daemon pauses a VM before saving it: snapshots.ts) comes back
+      // paused; this restore asks for it running.
+      const c = new VmmClient(p.apiSocket);
+      // Its API answers a moment before its vCPUs are set going ("created").
+      let state = (await c.info()).state;
+      for (const end = Date.now() + this.config.startTimeoutMs; state === "created" && Date.now() < end; state = (await c.info()).state) await new Promise((res) => setTimeout(res, 20));
+      if (state === "paused") await c.resume();
+    }
+    if (restore?.paused === true) {
+      this.setState(name, "paused");
+      this.event("vm.paused", name, `VM ${name} restored paused (pid ${pid})`, { pid });
+      return this.get(name);
+    }
     this.setState(name, "running");
     this.event("vm.running", name, `VM ${name} running (pid ${pid})`, { pid });
     return this.get(name);
+  }
+
+  /**
+   * A restore through a standby VMM (standby.ts): `PUT /restore` with what `run --restore` would
+   * be given, then its socket and log renamed into the VM's places (a listening unix socket keeps
+   * working under its new name: connect(2) finds it by path). Undefined when none is ready, or
+   * the restore failed there (that standby is ended, and the caller spawns as usual, which says why).
+   */
+  private async fromStandby(l: VmmLaunch, cgroup: VmCgroup | undefined): Promise<{ child: ChildProcess; pidFile: string } | undefined> {
+    const sb = l.restore !== undefined ? this.standby.take() : undefined;
+    if (sb === undefined || l.restore === undefined) return undefined;
+    try {
+      // Where its files go (a new VM's output directory may not be there yet).
+      for (const f of [l.consoleLog, l.exitFile, l.vmmLog]) mkdirSync(dirname(f), { recursive: true, mode: 0o700 });
+      // Before the restore: guest memory it touches is charged to the VM's cgroup, not the daemon's.
+      cgroup?.addProcess(sb.pid);
+      await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
+        snapshot: l.restore.dir, id: l.id, consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
+        disks: l.disks.map(diskArg), nets: l.nets.map(netArg), paused: l.restore.paused,
+      });
+      renameSync(sb.socket, l.apiSocket);
+      if (existsSync(l.vmmLog)) renameSync(l.vmmLog, `${l.vmmLog}.1`);
+      renameSync(sb.log, l.vmmLog);
+      return { child: sb.child, pidFile: sb.pidFile };
+    } catch (e) {
+      this.log.warn({ vm: l.id, err: (e as Error).message }, "a restore through a standby VMM failed; starting a VMM for it");
+      kill(sb.pid);
+      for (const f of [sb.socket, sb.log, sb.pidFile]) rmSync(f, { force: true });
+      return undefined;
+    }
+  }
+
+  /**
+   * End the VM's VMM for a snapshot or rollback (snapshots.ts), in the VM's queue: asked to stop
+   * (its writes reach the disk files), SIGKILL after the stop timeout. Its exit is recorded as
+   * neither a stop nor a crash: the VM is left stopped, with no events, for the operation to
+   * start again.
+   */
+  private async endVmm(name: string): Promise<void> {
+    const r = this.row(name);
+    const live = this.live.get(r.id);
+    if (live !== undefined && !live.dead) {
+      live.handedOver = true;
+      try {
+        await this.client(r).stop();
+      } catch (e) {
+        this.log.warn({ vm: name, err: (e as Error).message }, "stop through the VMM API failed; killing it");
+        kill(live.pid);
+      }
+      const t = setTimeout(() => kill(live.pid), this.config.stopTimeoutMs);
+      await live.died;
+      clearTimeout(t);
+    }
+    if (live !== undefined) {
+      if (this.live.get(r.id) === live) this.live.delete(r.id);
+      this.removeCgroup(name, live.cgroup);
+    }
+    this.usage.delete(r.id);
+    this.removeSockets(r.id);
+    // running/paused → stopped, no VMM: what startLocked starts from.
+    this.store.updateVm(name, { state: "stopped", runtime: null });
   }
 
   private failStart(name: string, reason: string): void {
@@ -802,6 +924,8 @@ export class VmManager extends EventEmitter {
       live.dead = true;
       markDied({ code, signal });
       if (live.poll !== undefined) clearInterval(live.poll);
+      // endVmm() records this exit itself
+      if (live.handedOver === true) return live.markExited();
       void this.serial(name, async () => this.recordExit(name, id, live, code, signal)).finally(() => live.markExited());
     };
     if (child !== undefined) {
@@ -1074,8 +1198,14 @@ export class VmManager extends EventEmitter {
     // All at once: each VMM is asked its state with a 10 s deadline, and VMMs still coming up (or
     // busy on a loaded host) asked one after the other kept the API down for 10 s each
     // (fault-injection test: past 20 s with two or three).
+    // Snapshots and rollbacks a killed daemon left halfway: their files first, their VMMs once re-attached.
+    const followUps = this.snapshots.recoverFiles();
     await Promise.all(this.store.listVms().filter((r) => isActive(r.state)).map((r) => this.reattachOne(r)));
+    await this.snapshots.finishRecovery(followUps);
     await this.sweepOrphans();
+    // A previous daemon's standbys end (and one it was handing a VM when killed); new ones start.
+    const recorded = new Set(this.store.listVms().flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));
+    for (const p of this.standby.start(recorded, this.snapshots.anyWithMemory())) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
   }
 
   /** reattach() for one VM the inventory says has a VMM. */
@@ -1420,6 +1550,7 @@ export class VmManager extends EventEmitter {
   /** Daemon shutdown: VMs keep running unless `stopVms`. */
   async close(opts: { stopVms?: boolean } = {}): Promise<void> {
     this.closing = true;
+    this.standby.close();
     if (this.usageTimer !== undefined) clearInterval(this.usageTimer);
     if (this.healthTimer !== undefined) clearInterval(this.healthTimer);
     this.webhooks.close();

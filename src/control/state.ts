@@ -30,7 +30,8 @@ const ALLOWED: Record<VmAction, readonly VmState[]> = {
 
 const TRANSITIONS: Record<VmState, readonly VmState[]> = {
   defined: ["starting"],
-  starting: ["running", "stopping", "stopped", "crashed"],
+  // paused: a VMM that restored a saved state paused (snapshots.ts)
+  starting: ["running", "paused", "stopping", "stopped", "crashed"],
   running: ["paused", "stopping", "stopped", "crashed", "running"],
   paused: ["running", "stopping", "stopped", "crashed"],
   stopping: ["stopped", "crashed"],

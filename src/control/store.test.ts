@@ -68,9 +68,9 @@ describe("inventory (a real SQLite file)", () => {
     s.close();
     const after = new Database(path);
     expect(after.pragma("user_version", { simple: true })).toBe(SCHEMA_VERSION);
-    expect(SCHEMA_VERSION).toBe(6);
+    expect(SCHEMA_VERSION).toBe(7);
     const tables = (after.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all() as { name: string }[]).map((t) => t.name);
-    for (const t of ["alert_rules", "audit", "metrics", "pools", "tokens", "users"]) expect(tables).toContain(t);
+    for (const t of ["alert_rules", "audit", "metrics", "pools", "snapshot_heads", "snapshot_ops", "snapshots", "tokens", "users"]) expect(tables).toContain(t);
     after.close();
   });
 

@@ -14,7 +14,7 @@ import { VM_STATES, vmSpec, type EventRecord, type VmExit, type VmSpec, type VmS
 export const DEFAULT_KEEP_EVENTS = 100_000;
 const PRUNE_EVERY = 256;
 
-export const SCHEMA_VERSION = 6;
+export const SCHEMA_VERSION = 7;
 
 export interface DiskRow {
   path: string;
@@ -27,6 +27,8 @@ export interface DiskRow {
   backing?: string;
   /** The storage pool it is in (pools.ts); absent: the default pool (the VM's own directory). */
   pool?: string;
+  /** Every file below this one, nearest first (snapshot layers, then a base: snapshots.ts); absent: `backing` alone. */
+  chain?: string[];
 }
 
 /** What the daemon needs to find a running VMM again after a restart. */
@@ -186,6 +188,36 @@ const MIGRATIONS: Record<number, string> = {
     CREATE TABLE sandbox_ids (
       vm_id TEXT PRIMARY KEY,
       uid INTEGER NOT NULL UNIQUE
+    );
+  `,
+  // Snapshots (snapshots.ts, docs/snapshots.md): each VM's snapshots with their frozen disk layers
+  // (JSON) and whether a saved memory state goes with them; snapshot_heads the one each VM stands on
+  // (taken last or rolled back to: the next one's parent); snapshot_ops holds the plan of a
+  // snapshot, rollback or clone under way, written before any file is touched, so a daemon
+  // killed midway finishes or undoes it at its next start.
+  7: `
+    CREATE TABLE snapshots (
+      id TEXT PRIMARY KEY,
+      vm_id TEXT NOT NULL,
+      name TEXT NOT NULL,
+      parent TEXT,
+      created_at TEXT NOT NULL,
+      description TEXT,
+      memory INTEGER NOT NULL,
+      vm_state TEXT NOT NULL,
+      size_bytes INTEGER NOT NULL,
+      disks TEXT NOT NULL,
+      UNIQUE (vm_id, name)
+    );
+    CREATE TABLE snapshot_heads (
+      vm_id TEXT PRIMARY KEY,
+      snapshot_id TEXT NOT NULL
+    );
+    CREATE TABLE snapshot_ops (
+      id TEXT PRIMARY KEY,
+      vm_id TEXT NOT NULL,
+      plan TEXT NOT NULL,
+      started_at TEXT NOT NULL
     );
   `,
 };

@@ -34,12 +34,19 @@ export interface VmmLaunch {
   vmmLog: string;
   /** Run on a PVM /dev/kvm (purpose-built guests only). */
   forceKvm: boolean;
+  /**
+   * Start from a saved state (`run --restore DIR`, docs/snapshots.md) instead of booting: the
+   * kernel, command line, CPUs and memory come from the snapshot; the disks and NICs given here
+   * replace its back ends in order. `paused`: the VM stays paused after the restore.
+   */
+  restore?: { dir: string; paused: boolean };
 }
 
 /** bin/typevisor.js of this installation (dist/engine/native.js → ../../bin). */
 export const TYPEVISOR_BIN = fileURLToPath(new URL("../../bin/typevisor.js", import.meta.url));
 
 export function vmmArgs(l: VmmLaunch): string[] {
+  if (l.restore !== undefined) return restoreArgs(l, l.restore);
   const args = [
     "run", "--no-lab", "--id", l.id,
     "--kernel", l.kernel,
@@ -54,15 +61,46 @@ export function vmmArgs(l: VmmLaunch): string[] {
     "--console-socket", l.consoleSocket,
     "--exit-file", l.exitFile,
   ];
-  for (const d of l.disks) {
-    // The format always said: the VMM never guesses it (vmm/disk/open.ts).
-    args.push("--disk", [d.path, `format=${d.format}`, ...(d.readonly === true ? ["readonly=on"] : []), ...(d.serial !== undefined ? [`serial=${d.serial}`] : [])].join(","));
-  }
-  for (const n of l.nets) args.push("--net", `tap=${n.tap}${n.mac !== undefined ? `,mac=${n.mac}` : ""}`);
+  args.push(...backEndArgs(l));
   if (l.rng) args.push("--rng");
   if (l.balloon) args.push("--balloon");
   if (l.forceKvm) args.push("--force-kvm");
   return args;
+}
+
+/** A --disk value (also PUT /restore's `disks` entries). The format always said: the VMM never guesses it (vmm/disk/open.ts). */
+export function diskArg(d: VmmLaunch["disks"][number]): string {
+  return [d.path, `format=${d.format}`, ...(d.readonly === true ? ["readonly=on"] : []), ...(d.serial !== undefined ? [`serial=${d.serial}`] : [])].join(",");
+}
+
+/** A --net value (also PUT /restore's `nets` entries). */
+export function netArg(n: VmmLaunch["nets"][number]): string {
+  return `tap=${n.tap}${n.mac !== undefined ? `,mac=${n.mac}` : ""}`;
+}
+
+/** --disk and --net flags, the same for a boot and a restore (where they replace the snapshot's back ends in order). */
+function backEndArgs(l: VmmLaunch): string[] {
+  return [...l.disks.flatMap((d) => ["--disk", diskArg(d)]), ...l.nets.flatMap((n) => ["--net", netArg(n)])];
+}
+
+/**
+ * `run --restore DIR`: the machine (CPUs, memory, devices, kernel) is the snapshot's; this VM's
+ * sockets, logs and back ends are given. (With a standby VMM ready, the daemon sends the same as
+ * `PUT /restore` instead: control/standby.ts.)
+ */
+function restoreArgs(l: VmmLaunch, r: { dir: string; paused: boolean }): string[] {
+  return [
+    "run", "--no-lab", "--id", l.id,
+    "--restore", r.dir,
+    "--api-socket", l.apiSocket,
+    "--console-log", l.consoleLog,
+    "--console-log-size", String(l.consoleLogSize),
+    "--console-socket", l.consoleSocket,
+    "--exit-file", l.exitFile,
+    ...backEndArgs(l),
+    ...(r.paused ? ["--paused"] : []),
+    ...(l.forceKvm ? ["--force-kvm"] : []),
+  ];
 }
 
 /**
