@@ -38,7 +38,7 @@ import { deviceThreadPhase, ioThreadReport, vcpuReport, type DeviceThreadThreads
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
-import { mkdirSync, readdirSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
+import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { cpuCaps, elapsedSinceSave, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
 import { mapMemoryFile, writeMemoryFile, type RegionSource } from "./snapshot/memory.js";
@@ -942,15 +942,14 @@ export class Vm {
     const started = performance.now();
     const wasRunning = this.state === "running";
     const tmp = join(dirname(dir), `.${dir.split("/").pop() ?? "snapshot"}.tmp-${process.pid}`);
+    if (existsSync(dir)) throw new TypevisorError("SNAPSHOT_EXISTS", `${dir} already exists`);
     try {
-      readdirSync(dir);
-      throw new TypevisorError("SNAPSHOT_EXISTS", `${dir} already exists`);
+      mkdirSync(tmp, { mode: 0o700 });
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== "ENOENT") throw e;
+      throw new TypevisorError((e as NodeJS.ErrnoException).code === "ENOSPC" ? "DISK_FULL" : "INVALID_REQUEST", `cannot create ${dir}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message} (its directory ${dirname(dir)} must exist and be writable)`);
     }
-    mkdirSync(tmp, { mode: 0o700 });
-    if (wasRunning) await this.pause();
     try {
+      if (wasRunning) await this.pause();
       const runState = wasRunning ? "running" : "paused";
       let state: SnapshotState;
       let dataBytes = 0;
@@ -1044,6 +1043,18 @@ export class Vm {
     for (const m of this.mems) libc.munmap(m);
     this.mems.length = 0;
     self.kvm?.close();
+  }
+
+  /**
+   * Give up a VM that never ran: stop its device thread if prepareDevices() started it (the
+   * thread uses guest memory, and would keep the process alive), then release everything.
+   */
+  async discard(): Promise<void> {
+    if (this.state !== "created") throw new TypevisorError("VM_STATE", `discard() is for a VM that never ran (this one is ${this.state})`);
+    this.state = "stopped";
+    await this.devicesStarted?.catch(() => undefined);
+    await this.stopDevices();
+    this.destroy();
   }
 
   /** Release KVM fds and guest memory. Call after run() resolved. */

@@ -166,6 +166,41 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     }
   }, 60_000);
 
+  it("a destination whose source vanishes after READY ends with an error, not a VM and not a hang", async () => {
+    // A real state to send: a snapshot of the tiny guest (with a device, so the destination's device thread starts before READY).
+    const src = await source("src-for-state");
+    const snap = join(dir, "state-snap");
+    try {
+      expect((await unixApi(src.vm.api, "POST", "/snapshot", { path: snap })).status).toBe(200);
+    } finally {
+      await kill(src.vm);
+    }
+    const stateFile = readFileSync(join(snap, "state.json"));
+    const config = JSON.parse(stateFile.subarray(stateFile.indexOf(0x0a) + 1).toString("utf8")).config;
+    const path = join(dir, "vanish.sock");
+    const dst = start("dst-vanish", ["--incoming", `unix:${path}`]);
+    await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+    const s = connect(path);
+    let got = Buffer.alloc(0);
+    s.on("data", (d: Buffer) => {
+      got = Buffer.concat([got, d]);
+      // READY is the 8-byte header {16, 0}: vanish instead of sending GO.
+      if (got.length >= 8 && got.readUInt32LE(0) === FRAME.READY) s.destroy();
+    });
+    s.on("error", () => undefined);
+    for (const b of frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello(config, [{ guestPhysAddr: 0, size: 64 * 1024 * 1024 }]))))) s.write(b);
+    for (const b of frame(FRAME.STATE, stateFile)) s.write(b);
+    for (const b of frame(FRAME.DONE)) s.write(b);
+    try {
+      expect(await dst.exited, dst.stderr()).toBe(2);
+      expect(got.readUInt32LE(0)).toBe(FRAME.READY);
+      expect(dst.stderr()).toMatch(/MIGRATION_PEER|closed/);
+    } finally {
+      s.destroy();
+      await kill(dst);
+    }
+  }, 60_000);
+
   const helloFrame = (): Uint8Array[] => {
     const regions = [{ guestPhysAddr: 0, size: 64 * 1024 * 1024 }];
     return frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello({ cpus: 1, memoryMiB: 64, devices: { disks: [], nets: [], rng: false } }, regions))));

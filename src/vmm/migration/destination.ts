@@ -110,7 +110,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       // the connection is gone
     }
     sock.destroy();
-    vm?.destroy();
+    await vm?.discard();
     throw e;
   }
 }
