@@ -106,10 +106,11 @@ describe("snapshot and restore of a running guest under real KVM", () => {
       const guestNow = Number(/guest_now=(\d+)/.exec(out)?.[1]);
       const skewAfter = guestNow - hostNow;
       console.log(`snapshot-lab: guest clock ${/clocksource=(\S+)/.exec(a.output)?.[1] ?? "?"}; skew before the snapshot ${skewBefore} s, after the restore ${skewAfter} s (gap ${GAP_MS / 1000} s)`);
-      // The restore moved the clock on by the time away: without it the guest would lag by the
-      // whole gap (it did: 64 s, before the TSC was advanced too). What the lab's drift adds over
-      // the same time is allowed for (docs/snapshots.md).
-      expect(skewAfter - skewBefore, `guest ${guestNow} host ${hostNow}`).toBeGreaterThan(-GAP_MS / 2000);
+      // The restore moved the clock on by the time away: without that the guest lags by the whole
+      // gap and more (64 s, before the TSC was advanced too). In the lab the guest still lags
+      // 16-17 s after a restore 60 s later, not understood yet (docs/snapshots.md), so the bound
+      // here is what tells "moved on" from "not moved", not the few seconds hardware should give.
+      expect(Math.abs(skewAfter), `guest ${guestNow} host ${hostNow}`).toBeLessThanOrEqual(40);
       expect(out).toContain("pinned=0:0");
       expect(out).toContain("pinned=1:1");
       expect(out).toContain("written=0");
