@@ -60,8 +60,9 @@ describe("snapshot and restore of a running guest under real KVM", () => {
       // The guest's clock against the host's before the snapshot: the lab's nested, emulated CPU
       // makes a guest's own timekeeping drift by itself, which the restore must not be blamed for.
       a.type('echo "guest_then=$(date +%s)"\n');
-      at = await a.waitFor(/guest_then=\d+/, at, 300_000);
-      skewBefore = Number(/guest_then=(\d+)/.exec(a.output)?.[1]) - Math.floor(Date.now() / 1000);
+      // Up to the line's end: the console's output can arrive split inside the number.
+      at = await a.waitFor(/guest_then=\d+\r?\n/, at, 300_000);
+      skewBefore = Number(/guest_then=(\d+)\r?\n/.exec(a.output)?.[1]) - Math.floor(Date.now() / 1000);
       at = await a.waitFor(/typevisor-test: done/, at, 300_000);
       // Some disk writes in flight while the snapshot is taken.
       a.type("dd if=/dev/urandom of=/before bs=1M count=4 2>/dev/null; sync; cat /run/t/count\n");
@@ -85,7 +86,7 @@ describe("snapshot and restore of a running guest under real KVM", () => {
     try {
       // The clock first, alone, read against the host's the moment it appears (what follows is slow on the lab's emulated CPU).
       b.type('echo "guest_now=$(date +%s)"\n');
-      await b.waitFor(/guest_now=\d+/, 0, 300_000);
+      await b.waitFor(/guest_now=\d+\r?\n/, 0, 300_000);
       const hostNow = Math.floor(Date.now() / 1000);
       const check = [
         'echo "count=$(cat /run/t/count)"',
