@@ -2,7 +2,7 @@
  * Lab test (real KVM): snapshot and restore of a Debian-kernel guest with 2 vCPUs, root on
  * virtio-blk. The guest keeps state only in RAM (a counting process, a tmpfs file of random
  * bytes with a known checksum); the VMM is snapshotted while it runs, killed, and a new VMM
- * restored from the snapshot a minute later must continue that guest: the count goes on from
+ * restored from the snapshot two minutes later must continue that guest: the count goes on from
  * where it was (no new boot: the same boot id and uptime going on), the checksum matches, both
  * vCPUs run, the guest's clock is right, the disk takes writes and is clean (`e2fsck -fn`)
  * once the restored guest powers off, and the kernel logs no soft lockup.
@@ -20,7 +20,7 @@ import { unixApi } from "../helpers/unix-api.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 /** How long the snapshot sits on disk before the restore: the guest clock must catch up this much. */
-const GAP_MS = 60_000;
+const GAP_MS = 120_000;
 
 /** A console command loop: each line typed is run, its output framed by markers. */
 const SCRIPT = [
@@ -108,10 +108,10 @@ describe("snapshot and restore of a running guest under real KVM", () => {
       const skewAfter = guestNow - hostNow;
       console.log(`snapshot-lab: guest clock ${/clocksource=(\S+)/.exec(a.output)?.[1] ?? "?"}; skew before the snapshot ${skewBefore} s, after the restore ${skewAfter} s (gap ${GAP_MS / 1000} s)`);
       // The restore moved the clock on by the time away: without that the guest lags by the whole
-      // gap and more (64 s, before the TSC was advanced too). In the lab the guest still lags
-      // 16-17 s after a restore 60 s later, not understood yet (docs/snapshots.md), so the bound
-      // here is what tells "moved on" from "not moved", not the few seconds hardware should give.
-      expect(Math.abs(skewAfter), `guest ${guestNow} host ${hostNow}`).toBeLessThanOrEqual(40);
+      // gap and more (64 s after a 60 s gap, before the TSC was advanced too). In the lab the guest
+      // still lags 16-25 s after a 60 s gap, not understood yet (docs/snapshots.md), so the bound
+      // is half the gap: it tells "moved on" from "not moved", not the few seconds hardware should give.
+      expect(Math.abs(skewAfter), `guest ${guestNow} host ${hostNow}`).toBeLessThanOrEqual(GAP_MS / 2000);
       expect(out).toContain("pinned=0:0");
       expect(out).toContain("pinned=1:1");
       expect(out).toContain("written=0");
