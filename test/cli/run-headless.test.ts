@@ -6,12 +6,12 @@
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, statSync } from "node:fs";
-import { connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { unixApi } from "../helpers/unix-api.js";
+import { consoleClient } from "../helpers/console-client.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const hasKvm = existsSync("/dev/kvm");
@@ -46,17 +46,6 @@ function start(run: string, extra: string[] = [], umask?: string): { child: Chil
 }
 
 
-/** A console socket client that collects everything it receives. */
-async function consoleClient(path: string): Promise<{ sock: Socket; text: () => string }> {
-  const sock = connect(path);
-  let got = "";
-  sock.on("data", (d: Buffer) => (got += d.toString("latin1")));
-  await new Promise<void>((resolve, reject) => {
-    sock.once("connect", () => resolve());
-    sock.once("error", reject);
-  });
-  return { sock, text: () => got };
-}
 
 const readIf = (p: string): string => (existsSync(p) ? readFileSync(p, "utf8") : "");
 

@@ -7,12 +7,13 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { connect, createServer, type Socket } from "node:net";
+import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { unixApi } from "../helpers/unix-api.js";
+import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { FRAME, frame, hello, pagesHeader } from "../../src/vmm/migration/protocol.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
@@ -44,27 +45,21 @@ function start(name: string, args: string[]): Vmm {
   return { child, exited, stderr: () => err, api, sock, exit };
 }
 
-async function consoleClient(path: string): Promise<{ sock: Socket; text: () => string }> {
+/** The console client once the VMM has made its socket. */
+async function consoleClient(path: string): Promise<ConsoleClient> {
   await until(`console socket ${path}`, () => existsSync(path));
-  const sock = connect(path);
-  let got = "";
-  sock.on("data", (d: Buffer) => (got += d.toString("latin1")));
-  await new Promise<void>((resolve, reject) => {
-    sock.once("connect", () => resolve());
-    sock.once("error", reject);
-  });
-  return { sock, text: () => got };
+  return connectConsole(path);
 }
 
 /** A source VM running the tiny guest, its console answering. */
-async function source(name: string): Promise<{ vm: Vmm; con: { sock: Socket; text: () => string } }> {
+async function source(name: string): Promise<{ vm: Vmm; con: ConsoleClient }> {
   const vm = start(name, ["--kernel", kernel, "--memory", "64", "--cpus", "2", "--rng"]);
   const con = await consoleClient(vm.sock);
   await until("the banner", () => con.text().includes(TINY_KERNEL_BANNER));
   return { vm, con };
 }
 
-async function stillAnswers(con: { sock: Socket; text: () => string }, word: string): Promise<void> {
+async function stillAnswers(con: ConsoleClient, word: string): Promise<void> {
   con.sock.write(word);
   await until(`the echo of ${word}`, () => con.text().includes(word));
 }

@@ -7,12 +7,12 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, writeFileSync, truncateSync, statSync } from "node:fs";
-import { connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { unixApi } from "../helpers/unix-api.js";
+import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { cpSync, rmSync } from "node:fs";
 import { VMGENID_ADDR, VMGENID_SIZE } from "../../src/vmm/arch/x86_64/layout.js";
 import { decodeState, SNAPSHOT_FILES } from "../../src/vmm/snapshot/state.js";
@@ -62,16 +62,10 @@ function start(name: string, args: string[]): Vmm {
   return { child, exited, stderr: () => err, api, sock, log };
 }
 
-async function consoleClient(path: string): Promise<{ sock: Socket; text: () => string }> {
+/** The console client once the VMM has made its socket. */
+async function consoleClient(path: string): Promise<ConsoleClient> {
   await until(`console socket ${path}`, () => existsSync(path));
-  const sock = connect(path);
-  let got = "";
-  sock.on("data", (d: Buffer) => (got += d.toString("latin1")));
-  await new Promise<void>((resolve, reject) => {
-    sock.once("connect", () => resolve());
-    sock.once("error", reject);
-  });
-  return { sock, text: () => got };
+  return connectConsole(path);
 }
 
 const readIf = (p: string): string => (existsSync(p) ? readFileSync(p, "latin1") : "");
