@@ -12,9 +12,14 @@ export const hasChromium = existsSync(CHROMIUM);
 /**
  * Headless, as root: --no-sandbox (Chromium refuses to run its sandbox as root), no GPU, and no
  * /dev/shm for its shared memory (a small /dev/shm, as in containers and the lab, crashes tabs).
+ * In the lab, V8 without its JIT (`--jitless`): the lab's CPU is QEMU's emulator (TCG), which
+ * translates guest code into host code and must throw translations away whenever code pages are
+ * written, which is what a JIT does all the time; interpreted, the page's scripts ran in 15 s
+ * there instead of 69 s (docs/lab.md "A browser in the lab").
  */
 export function launchChromium(): Promise<Browser> {
-  return chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"] });
+  const lab = process.env["TYPEVISOR_IN_LAB"] === "1" ? ["--js-flags=--jitless"] : [];
+  return chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", ...lab] });
 }
 
 /**
