@@ -20,7 +20,7 @@ export default tseslint.config(
     languageOptions: {
       sourceType: "script",
       globals: Object.fromEntries(
-        ["window", "document", "location", "fetch", "console", "setInterval", "clearInterval", "setTimeout", "clearTimeout", "confirm", "EventSource", "WebSocket", "TextEncoder", "URLSearchParams", "Node", "Element", "uPlot", "Terminal", "FitAddon"].map((g) => [g, "readonly"]),
+        ["window", "document", "location", "fetch", "console", "setInterval", "clearInterval", "setTimeout", "clearTimeout", "confirm", "prompt", "EventSource", "WebSocket", "TextEncoder", "URLSearchParams", "Node", "Element", "uPlot", "Terminal", "FitAddon"].map((g) => [g, "readonly"]),
       ),
     },
   },

@@ -62,11 +62,18 @@ function can(p) {
 // ---- the API ----------------------------------------------------------------------------------------
 
 class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, hint) {
     super(message);
     this.status = status;
     this.code = code;
+    this.hint = hint;
   }
+}
+
+/** An API error as the page shows it: the daemon's words, its hint, and the status and code (docs/control-plane.md, problems). */
+function problemText(x) {
+  if (!(x instanceof ApiError)) return String(x?.message ?? x);
+  return `${x.message}${x.hint ? ` (${x.hint})` : ""} [${x.status} ${x.code}]`;
 }
 
 async function api(method, path, body) {
@@ -85,7 +92,7 @@ async function api(method, path, body) {
       app.me = undefined;
       showLogin();
     }
-    throw new ApiError(r.status, data?.code ?? "HTTP", data?.detail ?? `${r.status} ${r.statusText}`);
+    throw new ApiError(r.status, data?.code ?? "HTTP", data?.detail ?? `${r.status} ${r.statusText}`, typeof data?.hint === "string" ? data.hint : undefined);
   }
   return data;
 }
@@ -228,7 +235,7 @@ async function act(name, action) {
     app.vms.set(vm.name, vm);
     flash(`${name}: ${action} done (${vm.state})`);
   } catch (x) {
-    flash(`${name}: ${action} failed: ${x.message}`);
+    flash(`${name}: ${action} failed: ${problemText(x)}`);
   }
   render();
 }
@@ -240,7 +247,7 @@ async function remove(name) {
     app.vms.delete(name);
     location.hash = "#/";
   } catch (x) {
-    flash(`${name}: delete failed: ${x.message}`);
+    flash(`${name}: delete failed: ${problemText(x)}`);
   }
 }
 
@@ -463,12 +470,13 @@ function vmPage(name) {
   ];
   const chartEls = figures.map(([id]) => h("div", { class: "chart", id: `chart-${id}` }));
   const eventsEl = h("ul", { class: "events", id: "vm-events" });
+  const snaps = snapshotsCard(name);
   show(
     h("p", {}, h("a", { href: "#/" }, "← Dashboard")),
     h("h1", {}, `VM ${name}`),
     h("p", { id: "flash", role: "status", class: "muted" }),
     actions,
-    h("div", { class: "grid" }, summary, h("div", { class: "card" }, h("h2", {}, "Events"), eventsEl)),
+    h("div", { class: "grid" }, summary, snaps.card, h("div", { class: "card" }, h("h2", {}, "Events"), eventsEl)),
     h("div", { class: "card" }, h("h2", {}, "Serial console"), consoleNote, termEl),
     rangeSelect(() => void refreshCharts()),
     h("div", { class: "grid" }, chartEls.map((el) => h("div", { class: "card" }, el))),
@@ -570,6 +578,8 @@ function vmPage(name) {
       if (e.vm !== name) return;
       draw();
       void connect();
+      // a snapshot, rollback or clone by anyone (the CLI, another browser) shows at once
+      void snaps.reload();
     },
   ];
   app.cleanups.push(() => (app.onEvent = []));
@@ -577,6 +587,143 @@ function vmPage(name) {
   void connect();
   void refreshCharts();
   every(5000, () => void refreshCharts());
+}
+
+// ---- a VM's snapshots (docs/snapshots.md) --------------------------------------------------------------
+
+/**
+ * The snapshots card of a VM's page: the snapshots as a tree (each under the one the VM stood on
+ * when it was taken), with their date, size and whether memory was saved; for the roles that may,
+ * a form to take one (built from the API's schema) and per snapshot rollback, clone and delete
+ * (rollback and delete confirmed). Returns the card and a function that reads the list again
+ * (called on each of the VM's events, so other users' snapshots show without a reload).
+ */
+function snapshotsCard(name) {
+  const card = h("div", { class: "card", id: "snapshots" });
+  const tree = h("div", { id: "snap-tree" }, h("p", { class: "muted" }, "…"));
+  const err = h("p", { class: "error", role: "alert", id: "snap-error" });
+  const formSlot = h("div", {});
+  card.append(h("h2", {}, "Snapshots"), tree, err, formSlot);
+  const vmPath = `/v1/vms/${encodeURIComponent(name)}`;
+  let loading;
+
+  const load = async () => {
+    try {
+      const { snapshots } = await api("GET", `${vmPath}/snapshots`);
+      draw(snapshots);
+    } catch (x) {
+      if (x.status !== 404) err.textContent = `Cannot list the snapshots: ${problemText(x)}`;
+    }
+  };
+  // one read at a time: a burst of events (a snapshot pauses, saves and resumes the VM) reads once more at most
+  let again = false;
+  const reload = () => {
+    if (loading !== undefined) {
+      again = true;
+      return loading;
+    }
+    loading = (async () => {
+      do {
+        again = false;
+        await load();
+      } while (again);
+    })().finally(() => (loading = undefined));
+    return loading;
+  };
+
+  /** Run an action; its failure is shown as the daemon's problem (status, code, detail, hint). */
+  const run = async (what, f) => {
+    err.textContent = "";
+    try {
+      const done = await f();
+      if (done !== undefined) flash(done);
+    } catch (x) {
+      err.textContent = `${what} failed: ${problemText(x)}`;
+    }
+    await reload();
+  };
+
+  const buttons = (s) => {
+    const out = [];
+    if (can("vm:lifecycle")) {
+      out.push(h("button", { type: "button", "data-snap-action": "rollback", "aria-label": `roll ${name} back to snapshot ${s.name}`, onclick: () => {
+        const lost = s.memory ? "its disks and its running state since then are replaced by the snapshot's" : "its disks are replaced by the snapshot's (and a running guest is restarted)";
+        if (!confirm(`Roll VM ${name} back to snapshot ${s.name}? ${lost}; what it did since is lost.`)) return;
+        void run(`rollback to ${s.name}`, async () => {
+          const vm = await api("POST", `${vmPath}/snapshots/${encodeURIComponent(s.name)}/rollback`);
+          app.vms.set(vm.name, vm);
+          return `${name}: rolled back to ${s.name} (${vm.state})`;
+        });
+      } }, "rollback"));
+    }
+    if (can("vm:create")) {
+      out.push(h("button", { type: "button", "data-snap-action": "clone", "aria-label": `clone ${name} from snapshot ${s.name}`, onclick: () => {
+        const to = prompt(`Name of the new VM, a linked clone of ${name} as in snapshot ${s.name}${s.memory ? " (it starts running from the saved state)" : ""}:`, `${name}-${s.name}`.slice(0, 63));
+        if (to === null || to === "") return;
+        void run(`clone of ${s.name}`, async () => {
+          const vm = await api("POST", `${vmPath}/clone`, { name: to, snapshot: s.name });
+          app.vms.set(vm.name, vm);
+          return `${vm.name}: cloned from ${name}'s snapshot ${s.name} (${vm.state})`;
+        });
+      } }, "clone"));
+    }
+    if (can("vm:delete")) {
+      out.push(h("button", { type: "button", class: "danger", "data-snap-action": "delete", "aria-label": `delete snapshot ${s.name} of ${name}`, onclick: () => {
+        if (!confirm(`Delete snapshot ${s.name} of VM ${name}? Its children stay, under its parent.`)) return;
+        void run(`delete of ${s.name}`, async () => {
+          await api("DELETE", `${vmPath}/snapshots/${encodeURIComponent(s.name)}`);
+          return `${name}: snapshot ${s.name} deleted`;
+        });
+      } }, "delete"));
+    }
+    return out;
+  };
+
+  const draw = (list) => {
+    // the tree: children under their parent, oldest first (the API's order); a parent gone hangs them at the root
+    const names = new Set(list.map((s) => s.name));
+    const kids = new Map();
+    for (const s of list) {
+      const p = s.parent !== undefined && names.has(s.parent) ? s.parent : "";
+      if (!kids.has(p)) kids.set(p, []);
+      kids.get(p).push(s);
+    }
+    const item = (s) =>
+      h(
+        "li",
+        { "data-snapshot": s.name, "data-current": s.current ? "true" : "false", "data-memory": s.memory ? "true" : "false" },
+        h("div", { class: "snap" },
+          h("strong", {}, s.name), " ",
+          s.current ? h("span", { class: "state running", title: "the VM stands on this snapshot: the next one's parent" }, "current") : "",
+          h("span", { class: "muted" }, ` ${when(s.createdAt)} · ${bytes(s.sizeBytes)} · ${s.memory ? "disks and memory" : "disks only"} · taken ${s.vmState}`),
+          s.description ? h("div", { class: "muted" }, s.description) : "",
+        ),
+        h("div", { class: "row" }, ...buttons(s)),
+        kids.has(s.name) ? h("ul", { class: "tree" }, kids.get(s.name).map(item)) : "",
+      );
+    tree.replaceChildren(list.length === 0 ? h("p", { class: "muted" }, "No snapshots.") : h("ul", { class: "tree root" }, (kids.get("") ?? []).map(item)));
+  };
+
+  if (can("vm:lifecycle")) {
+    void bodySchema("/v1/vms/{name}/snapshots", "post")
+      .then((schema) => {
+        const form = schemaForm(schema, {
+          id: "take-snapshot",
+          prefix: "s",
+          submit: "Take snapshot",
+          send: async (body) => {
+            const s = await api("POST", `${vmPath}/snapshots`, body);
+            flash(`${name}: snapshot ${s.name} taken (${s.memory ? "disks and memory" : "disks only"})`);
+            Element.prototype.querySelector.call(form, "#s-name").value = "";
+            await reload();
+          },
+        });
+        formSlot.replaceChildren(h("h2", {}, "Take a snapshot"), form);
+      })
+      .catch((x) => (err.textContent = problemText(x)));
+  }
+  void reload();
+  return { card, reload };
 }
 
 // ---- forms from the API's own schemas ------------------------------------------------------------------
@@ -646,7 +793,7 @@ function schemaForm(schema, o) {
     try {
       await o.send(body);
     } catch (x) {
-      err.textContent = x.message;
+      err.textContent = problemText(x);
     }
   };
   return form;

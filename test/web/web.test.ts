@@ -13,15 +13,15 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { request as httpsRequest } from "node:https";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { chromium, type Browser, type BrowserContext, type Page } from "playwright-core";
+import type { Browser, BrowserContext, Page } from "playwright-core";
 import { WebSocket } from "ws";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { base32Decode, totp } from "../../src/control/totp.js";
+import { hasChromium, launchChromium, loginPage, newPage as browserPage } from "../helpers/browser.js";
 import { startDaemon, tcpPort, until, type TestDaemon } from "../helpers/daemon.js";
 import { writeTinyKernel } from "../helpers/tiny-kernel.js";
 
-const CHROMIUM = process.env["CHROMIUM"] ?? "/usr/bin/chromium";
-const ready = existsSync("/dev/kvm") && existsSync(CHROMIUM) && process.getuid?.() === 0;
+const ready = existsSync("/dev/kvm") && hasChromium && process.getuid?.() === 0;
 const SHOTS = process.env["TYPEVISOR_SCREENSHOTS"] === "1" ? new URL("../../docs/web/", import.meta.url).pathname : undefined;
 const PW = "correct horse battery";
 
@@ -48,26 +48,10 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
   let kernel: string;
   const errors: string[] = [];
 
-  async function newPage(): Promise<{ ctx: BrowserContext; page: Page }> {
-    const ctx = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 800 } });
-    const page = await ctx.newPage();
-    page.on("console", (m) => {
-      // a 4xx the test provokes on purpose (a refused action, a spec the daemon rejects) is logged by
-      // the browser itself as a failed resource: the page handles it, it is no page error
-      if (m.type() === "error" && !/status of 4\d\d/.test(m.text())) errors.push(m.text());
-    });
-    page.on("pageerror", (e) => errors.push(String(e)));
-    return { ctx, page };
-  }
-
-  async function login(page: Page, user: string, code?: string): Promise<void> {
-    await page.goto(`${base}/`);
-    await page.fill("#user", user);
-    await page.fill("#password", PW);
-    if (code !== undefined) await page.fill("#totp", code);
-    await page.click("#login button[type=submit]");
-    await page.waitForSelector("#nav:not([hidden])");
-  }
+  // a 4xx the test provokes on purpose (a refused action, a spec the daemon rejects) is logged by
+  // the browser itself as a failed resource: the page handles it, it is no page error (helpers/browser.ts)
+  const newPage = (): Promise<{ ctx: BrowserContext; page: Page }> => browserPage(browser, errors);
+  const login = (page: Page, user: string, code?: string): Promise<void> => loginPage(page, base, user, PW, code);
 
   async function shot(page: Page, name: string): Promise<void> {
     if (SHOTS === undefined) return;
@@ -89,7 +73,7 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await d.client.addUser({ name: "eve", role: "viewer", password: PW });
     await d.client.createVm({ name: "web1", kernel, memoryMiB: 64, rng: false });
     await d.client.startVm("web1");
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"] });
+    browser = await launchChromium();
   }, 60_000);
 
   afterAll(async () => {
@@ -236,6 +220,72 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await ctx.close();
   }, 60_000);
 
+  it("snapshots on the VM page: an operator takes a disk snapshot from the form, sees the tree live, rolls back (confirmed), clones and deletes; the daemon's refusals shown", async () => {
+    // a stopped VM with a disk: a disk snapshot needs no VMM (a running VM's would, and this daemon sandboxes its VMMs)
+    await d.client.createVm({ name: "snap1", kernel, memoryMiB: 64, rng: false, diskSize: "16M" });
+    const { ctx, page } = await newPage();
+    await login(page, "ops");
+    await page.click('a[href="#/vm/snap1"]');
+    await page.waitForSelector("#take-snapshot");
+    expect(await page.textContent("#snap-tree")).toMatch(/No snapshots/);
+    // the form is the API's schema: a name it refuses does not leave the page
+    await page.fill("#s-name", "Bad Name");
+    expect(await page.$eval("#take-snapshot", (f) => (f as unknown as { checkValidity(): boolean }).checkValidity())).toBe(false);
+    // what only the daemon can judge comes back as its problem, status and code: memory of a VM with no VMM
+    await page.fill("#s-name", "a");
+    await page.check("#s-memory");
+    await page.click("#take-snapshot button[type=submit]");
+    await expect.poll(() => page.textContent("#take-snapshot-error"), { timeout: 10_000 }).toMatch(/\[409 VM_STATE\]/);
+    // a disk snapshot: in the tree, current, disks only, with its date and size
+    await page.uncheck("#s-memory");
+    await page.click("#take-snapshot button[type=submit]");
+    await page.waitForSelector('#snapshots li[data-snapshot="a"][data-current="true"][data-memory="false"]');
+    expect(await page.textContent('#snapshots li[data-snapshot="a"] .snap')).toMatch(/current .*\d.* · \d+(\.\d)? (B|KiB|MiB) · disks only · taken stopped/);
+    expect(await page.inputValue("#s-name")).toBe("");
+    // one taken elsewhere (the API, as the CLI would) shows without a reload, as a's child
+    await d.client.createSnapshot("snap1", { name: "b" });
+    await page.waitForSelector('#snapshots li[data-snapshot="a"] > ul li[data-snapshot="b"][data-current="true"]');
+    expect(await page.getAttribute('#snapshots li[data-snapshot="a"]', "data-current")).toBe("false");
+
+    // rollback asks first: dismissed, nothing happens; confirmed, the VM stands on a again
+    const dialogs: string[] = [];
+    let confirmIt = false;
+    page.on("dialog", (dlg) => {
+      dialogs.push(dlg.message());
+      if (dlg.type() === "prompt") void dlg.accept("snap1-c");
+      else void (confirmIt ? dlg.accept() : dlg.dismiss());
+    });
+    const on = (snap: string, action: string): string => `#snapshots li[data-snapshot="${snap}"] > .row button[data-snap-action="${action}"]`;
+    await page.click(on("a", "rollback"));
+    await expect.poll(() => dialogs.length).toBe(1);
+    expect(dialogs[0]).toMatch(/Roll VM snap1 back to snapshot a\?/);
+    await new Promise((r) => setTimeout(r, 500));
+    expect((await d.client.listSnapshots("snap1")).find((x) => x.current)?.name).toBe("b");
+    confirmIt = true;
+    await page.click(on("a", "rollback"));
+    await page.waitForSelector('#snapshots li[data-snapshot="a"][data-current="true"]');
+    expect((await d.client.listSnapshots("snap1")).find((x) => x.current)?.name).toBe("a");
+    expect(await page.textContent("#flash")).toMatch(/rolled back to a/);
+    await shot(page, "snapshots");
+
+    // a clone of a, named in the page's prompt
+    await page.click(on("a", "clone"));
+    await until("the clone", async () => (await d.client.listVms()).some((v) => v.name === "snap1-c") || undefined);
+    await expect.poll(() => page.textContent("#flash")).toMatch(/snap1-c: cloned from snap1's snapshot a/);
+    // deleting a (confirmed): its child b hangs from the root now
+    const asked = dialogs.length;
+    await page.click(on("a", "delete"));
+    await page.waitForSelector('#snapshots li[data-snapshot="a"]', { state: "detached" });
+    expect(dialogs[asked]).toMatch(/Delete snapshot a of VM snap1\?/);
+    await page.waitForSelector('#snap-tree > ul > li[data-snapshot="b"]');
+    expect((await d.client.listSnapshots("snap1")).map((x) => x.name)).toEqual(["b"]);
+    // an action the daemon refuses: the clone's name is taken
+    await page.click(on("b", "clone"));
+    await expect.poll(() => page.textContent("#snap-error"), { timeout: 10_000 }).toMatch(/clone of b failed: .*\[409 VM_EXISTS\]/);
+    await d.client.removeVm("snap1-c", { force: true });
+    await ctx.close();
+  }, 60_000);
+
   it("a VMM killed: the dashboard shows the crash and its alert within 5 seconds, without a reload", async () => {
     const { ctx, page } = await newPage();
     await login(page, "ops");
@@ -273,6 +323,25 @@ describe.skipIf(!ready)("web console in Chromium (real daemon over HTTPS, tiny g
     await page.waitForSelector('#console-note[data-connected="true"]');
     expect(await page.textContent("#console-note")).toMatch(/read-only/);
     expect(await page.$$("#actions button")).toHaveLength(0);
+    // snapshots: listed, with no action and no form; forced, every snapshot action is refused
+    await page.click('a[href="#/"]');
+    await page.click('a[href="#/vm/snap1"]');
+    await page.waitForSelector('#snapshots li[data-snapshot="b"]');
+    expect(await page.$$("#snapshots button")).toHaveLength(0);
+    expect(await page.$("#take-snapshot")).toBeNull();
+    const forcedSnaps = await page.evaluate(async () => {
+      const req = async (method: string, path: string, body?: unknown): Promise<number> =>
+        (await fetch(path, { method, headers: { "x-requested-with": "typevisor", ...(body !== undefined ? { "content-type": "application/json" } : {}) }, ...(body !== undefined ? { body: JSON.stringify(body) } : {}) })).status;
+      return [
+        await req("POST", "/v1/vms/snap1/snapshots", { name: "mine" }),
+        await req("POST", "/v1/vms/snap1/snapshots/b/rollback"),
+        await req("DELETE", "/v1/vms/snap1/snapshots/b"),
+        await req("POST", "/v1/vms/snap1/clone", { name: "mine", snapshot: "b" }),
+      ];
+    });
+    expect(forcedSnaps).toEqual([403, 403, 403, 403]);
+    expect((await d.client.listSnapshots("snap1")).map((x) => x.name)).toEqual(["b"]);
+    await d.client.removeVm("snap1", { force: true });
 
     // the console WebSocket from another origin, with the viewer's cookie: refused
     const [cookie] = await ctx.cookies();
