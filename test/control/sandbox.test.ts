@@ -11,6 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { runCli } from "../helpers/cli.js";
 import { writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { JAIL_BIN, DEFAULT_UID_RANGE } from "../../src/control/sandbox/sandbox.js";
 import { vmPaths } from "../../src/control/paths.js";
@@ -73,6 +74,11 @@ describe.skipIf(!ready)("the VMM sandbox (root, tiny guests, real VMMs)", () => 
     expect(uidA).toBeGreaterThanOrEqual(DEFAULT_UID_RANGE.base);
     expect(uidA).toBeLessThan(DEFAULT_UID_RANGE.base + DEFAULT_UID_RANGE.count);
     expect(Number(sb["Uid"]!.split(/\s+/)[0])).not.toBe(uidA);
+    // vm show and the API's VM object say which uid each VMM runs as
+    expect(a.sandbox).toEqual({ uid: uidA });
+    expect((await d.client.getVm("b")).sandbox?.uid).toBe(Number(sb["Uid"]!.split(/\s+/)[0]));
+    const shown = await runCli(["vm", "show", "a", "--socket", d.socket]).then((r) => r.stdout);
+    expect(shown).toMatch(new RegExp(`^sandbox:?\\s+uid ${uidA} \\(gid ${uidA}\\)`, "m"));
     for (const s of [sa, sb]) {
       for (const k of ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]) expect(s[k], k).toBe("0000000000000000");
       expect(s["NoNewPrivs"]).toBe("1");
