@@ -192,6 +192,7 @@ function prepare(o: RunOptions, uid: number, root: string): Handover {
     "--root", root,
     "--hostname", `vm-${o.id ?? "run"}`.slice(0, 64),
     "--pid-fd", "3",
+    "--die-with-parent", "1",
     ...Object.entries(VMM_RLIMITS).flatMap(([k, val]) => ["--rlimit", `${k}=${val}`]),
     "--dev", "/dev/kvm",
     ...[...dirs].flatMap((d) => ["--bind", `${d}:rw`]),

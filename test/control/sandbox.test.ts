@@ -19,7 +19,7 @@ import { vmPaths } from "../../src/control/paths.js";
 const root = process.getuid?.() === 0;
 const ready = existsSync("/dev/kvm") && root && existsSync(JAIL_BIN);
 
-function status(pid: number): Record<string, string> {
+function status(pid: number | string): Record<string, string> {
   const out: Record<string, string> = {};
   for (const line of readFileSync(`/proc/${pid}/status`, "utf8").split("\n")) {
     const m = /^([A-Za-z_]+):\s*(.*)$/.exec(line);
@@ -83,8 +83,16 @@ describe.skipIf(!ready)("the VMM sandbox (root, tiny guests, real VMMs)", () => 
       for (const k of ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]) expect(s[k], k).toBe("0000000000000000");
       expect(s["NoNewPrivs"]).toBe("1");
       expect(s["Seccomp"]).toBe("2"); // SECCOMP_MODE_FILTER
+      // the allowlist, the quiet clone3 filter and the no-exec filter; a vCPU thread adds its own (below)
+      expect(s["Seccomp_filters"]).toBe("3");
       // PID 1 of its own PID namespace (NSpid: the host's pid, then the namespace's)
       expect(s["NSpid"]!.split(/\s+/).at(-1)).toBe("1");
+    }
+    await until("a's vCPU thread", () => (readdirSync(`/proc/${a.pid!}/task`).some((t) => readFileSync(`/proc/${a.pid!}/task/${t}/comm`, "utf8").startsWith("tv-vcpu")) ? true : undefined));
+    for (const t of readdirSync(`/proc/${a.pid!}/task`)) {
+      const ts = status(`${a.pid!}/task/${t}`);
+      if (ts["Name"]!.startsWith("kvm-")) continue; // KVM's kernel worker, a copy of the vCPU thread that made it
+      expect(ts["Seccomp_filters"], ts["Name"]).toBe(ts["Name"]!.startsWith("tv-vcpu") ? "4" : "3");
     }
     for (const ns of ["mnt", "pid", "net", "ipc", "uts"]) {
       expect(readlinkSync(`/proc/${a.pid!}/ns/${ns}`), ns).not.toBe(readlinkSync(`/proc/self/ns/${ns}`));

@@ -77,6 +77,7 @@ static struct { int resource; rlim_t value; } limits[16];
 static int nlimits;
 static const char *root, *cgroup, *hostname, *seccomp_hex, *seccomp_quiet_hex;
 static long uid = -1, gid = -1;
+static int die_with_parent;
 static int pid_fd = -1;
 static volatile pid_t child;
 
@@ -316,6 +317,7 @@ int main(int argc, char **argv) {
     else if (strcmp(a, "--root") == 0) check_path(root = v);
     else if (strcmp(a, "--cgroup") == 0) check_path(cgroup = v);
     else if (strcmp(a, "--hostname") == 0) hostname = v;
+    else if (strcmp(a, "--die-with-parent") == 0) die_with_parent = strcmp(v, "1") == 0;
     else if (strcmp(a, "--seccomp") == 0) seccomp_hex = v;
     else if (strcmp(a, "--seccomp-quiet") == 0) seccomp_quiet_hex = v;
     else if (strcmp(a, "--pid-fd") == 0) pid_fd = (int)number(v, 65535);
@@ -359,6 +361,10 @@ int main(int argc, char **argv) {
   if (root == NULL || seccomp_hex == NULL) die("--root and --seccomp must be given");
   if (geteuid() != 0) die("must run as root (the daemon starts it)");
 
+  /* `run --sandbox` by hand: the VMM must not outlive the command that started it (as without
+   * --sandbox), so this waiter dies with it, and the VMM with this waiter (PDEATHSIG below). The
+   * daemon does not ask for it: its VMMs outlive a daemon restart. */
+  if (die_with_parent && prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) die("PR_SET_PDEATHSIG");
   /* The daemon's umask is 077: the jail's directories must be traversable by the VM's uid. */
   umask(022);
   if (cgroup != NULL) {
