@@ -194,13 +194,15 @@ function argIn(arg: number, values: readonly number[], errno = EPERM): ArgCheck 
 function ioctlCheck(others: readonly number[]): ArgCheck {
   return () => {
     const n = others.length;
+    // KVM's first: KVM_RUN is the call a vCPU makes all day.
     return [
       insn(BPF_LD_W_ABS, argLo(1)),
-      ...others.map((v, i) => insn(BPF_JMP_JEQ_K, v >>> 0, n + 1 - i, 0)),
       insn(BPF_ALU_AND_K, 0xff00), // the type byte of asm-generic/ioctl.h's encoding
-      insn(BPF_JMP_JEQ_K, KVMIO << 8, 0, 1),
-      insn(BPF_RET_K, ALLOW),
+      insn(BPF_JMP_JEQ_K, KVMIO << 8, n + 2, 0), // → allow
+      insn(BPF_LD_W_ABS, argLo(1)),
+      ...others.map((v, i) => insn(BPF_JMP_JEQ_K, v >>> 0, n - i, 0)),
       insn(BPF_RET_K, refuse(EPERM)),
+      insn(BPF_RET_K, ALLOW),
     ];
   };
 }
