@@ -14,6 +14,7 @@
  * marked `NOT ALLOWED`.
  */
 import { readFileSync } from "node:fs";
+import { URL } from "node:url";
 
 const args = process.argv.slice(2);
 const json = args.includes("--json");
@@ -78,7 +79,8 @@ for (const f of files) {
     let body = m[2];
     if (body.startsWith("execve(")) {
       // An execve often shows as "<unfinished ...>" then "<... execve resumed>) = 0".
-      const run = /typevisor\.js", "run"/.test(body);
+      // Not `run --sandbox`'s own process: root, unconfined, the supervisor of the jailed VMM (whose own execve has no --sandbox).
+      const run = /typevisor\.js", "run"/.test(body) && !/"--sandbox"/.test(body);
       if (body.endsWith("<unfinished ...>")) execs.set(tid, run);
       else if (/ = 0$/.test(body)) {
         if (run) vmm.add(tid);
