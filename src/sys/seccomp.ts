@@ -82,7 +82,9 @@ export const VMM_SYSCALLS: Readonly<Record<string, number>> = { ...MEASURED_VMM_
  * KVM_IRQ_LINE for the serial port's interrupt, writes to the console and to eventfds, futexes of
  * Atomics.wait and postMessage, its isolate's garbage collector, and the worker's teardown), and
  * reviewed additions: the clock and sleep fallbacks, restart_syscall, what abort() needs (a V8
- * fatal error on this thread must still end the process as an abort), brk and mremap (malloc).
+ * fatal error on this thread must still end the process as an abort), brk and mremap (malloc),
+ * pkey_mprotect (V8 protects its code pages with a memory protection key where the CPU has them,
+ * and this thread's isolate allocates its own).
  */
 export const MEASURED_VCPU_SYSCALLS: Readonly<Record<string, number>> = {
   close: 3, epoll_pwait: 281, exit: 60, futex: 202, getpid: 39, ioctl: 16, madvise: 28, mmap: 9,
@@ -91,7 +93,7 @@ export const MEASURED_VCPU_SYSCALLS: Readonly<Record<string, number>> = {
 export const REVIEWED_VCPU_SYSCALLS: Readonly<Record<string, number>> = {
   brk: 12, clock_gettime: 228, clock_nanosleep: 230, epoll_wait: 232, exit_group: 231, gettid: 186,
   gettimeofday: 96, mremap: 25, nanosleep: 35, restart_syscall: 219, rt_sigaction: 13, sched_yield: 24,
-  sigaltstack: 131, tgkill: 234,
+  sigaltstack: 131, tgkill: 234, pkey_mprotect: 329,
 };
 export const VCPU_SYSCALLS: Readonly<Record<string, number>> = { ...MEASURED_VCPU_SYSCALLS, ...REVIEWED_VCPU_SYSCALLS };
 
