@@ -89,8 +89,7 @@ function handOver(h: Handover, path: string, uid: number, readOnly: boolean): vo
 }
 
 /** Everything the sandboxed VMM is given, and its command line; sockets and TAPs opened here. */
-function prepare(o: RunOptions, uid: number, root: string): Handover {
-  const h: Handover = { jail: [], vmm: [], fds: [], chowned: [] };
+function prepare(h: Handover, o: RunOptions, uid: number, root: string): void {
   const dirs = new Set<string>();
   const files: string[] = [];
   const slot = (i: number): number => 4 + i;
@@ -204,7 +203,6 @@ function prepare(o: RunOptions, uid: number, root: string): Handover {
     ...h.fds.flatMap((_, i) => ["--keep-fd", String(slot(i))]),
     "--seccomp", filterBytes(vmmFilter()).toString("hex"), "--seccomp-quiet", filterBytes(clone3Filter()).toString("hex"),
   );
-  return h;
 }
 
 /**
@@ -217,9 +215,10 @@ export async function runSandboxed(o: RunOptions, log: (line: string) => void): 
   if (problem !== undefined) throw new TypevisorError("SANDBOX", problem);
   const uid = chooseSandboxUid(o.sandboxUid);
   const root = mkdtempSync(join(tmpdir(), "typevisor-jail-"));
-  let h: Handover | undefined;
+  // Filled as things are opened and handed over, so a failure half-way closes and gives back what was done.
+  const h: Handover = { jail: [], vmm: [], fds: [], chowned: [] };
   try {
-    h = prepare(o, uid, root);
+    prepare(h, o, uid, root);
     const child = spawn(JAIL_BIN, [...h.jail, "--", realpathSync(process.execPath), ...VMM_NODE_FLAGS, TYPEVISOR_BIN, "run", ...h.vmm], {
       stdio: ["inherit", "inherit", "inherit", "pipe", ...h.fds],
       // The VMM's environment: nothing of this shell's (tokens, credentials) but PATH and the terminal's type.
@@ -242,9 +241,9 @@ export async function runSandboxed(o: RunOptions, log: (line: string) => void): 
     for (const s of ["SIGTERM", "SIGINT", "SIGHUP"] as const) process.off(s, forward);
     return code;
   } finally {
-    for (const fd of h?.fds ?? []) closeSync(fd);
+    for (const fd of h.fds) closeSync(fd);
     // The files go back to who had them; a file the VMM removed (a rotated log) has nothing to give back.
-    for (const c of h?.chowned ?? []) {
+    for (const c of h.chowned) {
       try {
         chownSync(c.path, c.uid, c.gid);
       } catch {

@@ -61,6 +61,13 @@ describe("typevisor run --sandbox: refusals", () => {
         const r = run(["--sandbox", "--kernel", k, "--force-kvm", "--no-lab"], { uid: 65534 });
         expect(await r.exited).not.toBe(0);
         expect(r.stderr()).toMatch(/run --sandbox needs root/);
+        // a directory others share is not given to the VMM whole; what was handed over by then is given back
+        const disk = join(d, "disk.img");
+        writeFileSync(disk, Buffer.alloc(65536), { mode: 0o600 });
+        const r3 = await runCli(["run", "--sandbox", "--kernel", k, "--disk", disk, "--console-log", join("/tmp", `tvrsb-${process.pid}.log`), "--force-kvm", "--no-lab"]);
+        expect(r3.status).not.toBe(0);
+        expect(r3.stderr).toMatch(/the whole of \/tmp, a directory others share/);
+        expect(statSync(disk).uid).toBe(0);
       }
       const r2 = await runCli(["run", "--sandbox-uid", "1900000000", "--kernel", k, "--force-kvm", "--no-lab"]);
       expect(r2.status).not.toBe(0);
