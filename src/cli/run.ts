@@ -77,6 +77,14 @@ export interface RunOptions {
   sandboxProbe?: string;
   /** Install a seccomp filter refusing execve/execveat on every thread (the daemon's sandbox). */
   seccompNoExec?: boolean;
+  /** Each vCPU thread installs its own narrower seccomp filter before its first KVM_RUN (the sandbox). */
+  seccompVcpu?: boolean;
+  /** Run this VMM in the daemon's sandbox (run-sandbox.ts; root only). */
+  sandbox?: boolean;
+  /** With --sandbox: the VMM's uid and gid (default: a free one of the daemon's default range). */
+  sandboxUid?: string;
+  /** With --sandbox: more directories the VMM may read and write (where POST /snapshot may write). */
+  sandboxBind?: string[];
 }
 
 /** How the VMM process ended, as --exit-file records it. */
@@ -341,7 +349,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   try {
     for (let boots = 1; ; boots++) {
       bootCount = boots;
-      const host = { consoleFd, onPaused: (r: { message: string }) => log(`typevisor: ${r.message}`) };
+      const host = { consoleFd, onPaused: (r: { message: string }) => log(`typevisor: ${r.message}`), ...(o.seccompVcpu === true ? { vcpuSeccomp: true } : {}) };
       let vm: Vm;
       let onStarted: (() => void) | undefined;
       if (boots === 1 && o.incoming !== undefined) {
@@ -516,14 +524,21 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .addOption(new Option("--api-socket-fd <n>", "the --api-socket, already bound and listening, inherited as this descriptor (the daemon's sandbox binds it: the VMM cannot)").hideHelp())
     .addOption(new Option("--console-socket-fd <n>", "the --console-socket, the same way").hideHelp())
     .addOption(new Option("--seccomp-no-exec", "refuse execve and execveat from here on, on every thread (seccomp; the daemon's sandbox passes it)").hideHelp())
+    .addOption(new Option("--seccomp-vcpu", "each vCPU thread narrows itself with its own seccomp filter before it runs the guest (the sandbox passes it)").hideHelp())
     .addOption(new Option("--sandbox-probe <paths>", "test hook: try to open these paths (comma-separated) and a few denied system calls, and report on stderr").hideHelp())
+    .option("--sandbox", "run the VMM in the sandbox the daemon gives its VMMs (root only): its own uid, no capabilities, its own namespaces and root, the seccomp allowlist (docs/security.md)", false)
+    .option("--sandbox-uid <uid>", "with --sandbox: the VMM's uid and gid (default: the highest free one of 1900000000-1900065535)")
+    .option("--sandbox-bind <dir>", "with --sandbox: a directory the VMM may also read and write, e.g. where POST /snapshot writes (repeatable; the directories of --console-log, --exit-file, --vsock's socket and --incoming unix: are given already)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
     .option("--incoming <endpoint>", "wait for one live migration on tcp:ADDR:PORT or unix:PATH and run the VM it brings (--disk/--net/--vsock give this host's back ends, in order); the source sends it with POST /migrate")
     .option("--standby", "start a VMM ahead of need: wait on --api-socket for PUT /restore {\"snapshot\": DIR, ...} and become that VM (docs/snapshots.md)", false)
     .action(async (opts: RunOptions, cmd: Command) => {
       const log = (l: string): void => void process.stderr.write(l + "\n");
-      const code = opts.standby === true ? await (await import("./standby.js")).standbyCommand(opts, log) : await runCommand(opts, log);
+      if (opts.sandbox !== true && (opts.sandboxUid !== undefined || (opts.sandboxBind ?? []).length > 0)) throw new TypevisorError("INVALID_ARGUMENT", "--sandbox-uid and --sandbox-bind need --sandbox");
+      const code = opts.sandbox === true
+        ? await (await import("./run-sandbox.js")).runSandboxed(opts, log)
+        : opts.standby === true ? await (await import("./standby.js")).standbyCommand(opts, log) : await runCommand(opts, log);
       if (code === -1) {
         process.exitCode = await onLab(cmd.parent?.args ?? []);
       } else {

@@ -208,6 +208,7 @@ export function formatVmDetails(vm: VmInfo, now = Date.now()): string {
     ["console log", vm.consoleDroppedBytes !== undefined ? `${vm.consoleLog} (${formatBytes(vm.consoleDroppedBytes)} of output dropped: its disk was full)` : vm.consoleLog],
     ["api socket", vm.apiSocket],
     ["cgroup", vm.cgroup],
+    ["sandbox", vm.sandbox !== undefined ? `uid ${vm.sandbox.uid} (gid ${vm.sandbox.uid}), own namespaces, seccomp` : undefined],
     [
       "last exit",
       exit !== undefined

@@ -255,6 +255,7 @@ export class VmManager extends EventEmitter {
       ...(r.lastExit !== undefined ? { lastExit: r.lastExit } : {}),
       restarts: r.restarts,
       ...(r.runtime?.cgroup !== undefined ? { cgroup: r.runtime.cgroup } : {}),
+      ...(r.runtime?.sandboxUid !== undefined && isActive(r.state) ? { sandbox: { uid: r.runtime.sandboxUid } } : {}),
       ...(since !== undefined ? { unresponsive: { since } } : {}),
       ...(live?.consoleDroppedBytes !== undefined ? { consoleDroppedBytes: live.consoleDroppedBytes } : {}),
       ...(r.state === "paused" && pause !== undefined ? { pauseReason: { kind: pause.kind ?? "disk-full", message: pause.message, ...(pause.disk !== undefined ? { disk: pause.disk } : {}), ...(pause.filesystem?.mountPoint !== undefined ? { filesystem: pause.filesystem.mountPoint } : {}) } } : {}),
@@ -766,6 +767,7 @@ export class VmManager extends EventEmitter {
 
     let child: ChildProcess;
     let pid: number | undefined;
+    let sandboxUid: number | undefined;
     const sb = this.config.sandbox;
     // A restore takes a standby VMM when one is ready (no process start to wait for); never under the sandbox (standbys are not jailed).
     const adopted = restore !== undefined && sb === undefined ? await this.fromStandby(launch, cgroup) : undefined;
@@ -782,6 +784,7 @@ export class VmManager extends EventEmitter {
         });
         child = s.child;
         pid = s.pid;
+        sandboxUid = s.uid;
       } catch (e) {
         cgroup?.remove();
         this.failStart(name, `sandbox: ${(e as Error).message}`);
@@ -804,7 +807,7 @@ export class VmManager extends EventEmitter {
     }
     const live = this.track(name, r.id, pid, child, cgroup);
     this.store.updateVm(name, {
-      runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}) },
+      runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sandboxUid !== undefined ? { sandboxUid } : {}) },
     });
     // Recorded: the VM's now (until here the pool's pid file had it, for a daemon killed meanwhile).
     if (adopted !== undefined) rmSync(adopted.pidFile, { force: true });

@@ -111,6 +111,10 @@ export const vmInfo = z.object({
   lastExit: vmExit.optional(),
   restarts: z.number().int(),
   cgroup: z.string().optional(),
+  sandbox: z
+    .object({ uid: z.number().int().describe("the VMM's own uid, also its gid (from the daemon's --sandbox-uids range)") })
+    .optional()
+    .describe("present while the VMM runs in its sandbox (docs/security.md, \"The VMM sandbox\")"),
   unresponsive: z
     .object({ since: z.string() })
     .optional()

@@ -38,6 +38,8 @@ export interface VmRuntime {
   pidStartTime: string;
   startedAt: string;
   cgroup?: string;
+  /** The uid and gid the VMM runs as in its sandbox (sandbox/sandbox.ts); absent when not jailed. */
+  sandboxUid?: number;
 }
 
 export interface VmRow {

@@ -19,6 +19,8 @@ export type MachineConfig = SnapshotConfig;
 export interface VmHost {
   consoleFd: number;
   onPaused?: (reason: PauseReason) => void;
+  /** Each vCPU thread installs its own seccomp filter (sys/seccomp.ts vcpuFilter) before it runs the guest. */
+  vcpuSeccomp?: boolean;
 }
 
 /** Kernel and initrd already read (the first boot reads them once to validate them). */

@@ -122,6 +122,8 @@ export interface VmConfig {
   debugDeviceCommands?: boolean;
   /** Told when the VMM pauses the VM by itself (a full disk), after the vCPUs stopped (or failed to). */
   onPaused?: (reason: PauseReason) => void;
+  /** Each vCPU thread narrows itself with its own seccomp filter before its first KVM_RUN (the sandbox). */
+  vcpuSeccomp?: boolean;
 }
 
 export type VmExitResult =
@@ -659,6 +661,7 @@ export class Vm {
           control: this.control, stats: this.stats, serial: this.serialShared,
           consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1, niceOffset: this.config.vcpuNice ?? DEFAULT_VCPU_NICE, board: this.board,
           ...(platform !== undefined ? { platform } : {}),
+          ...(this.config.vcpuSeccomp === true ? { seccomp: true } : {}),
         };
         const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
         w.on("message", (m: VcpuMessage) => {

@@ -121,6 +121,9 @@ describe.skipIf(!isRoot)("interactive login with MFA, against a real daemon", ()
     expect((await https(port, "GET", "/v1/users", { token })).status).toBe(200);
     const replay = await https(port, "POST", "/v1/login", { body: { user: "boss", password: PW, totp: code }, from: "127.0.3.2" });
     expect(replay.status).toBe(401);
+    // a wrong code with the right password: one from ten minutes on, outside the accepted window (the step and one either side)
+    const far = totp(adminSecret, Date.now() + 10 * 60_000);
+    expect((await https(port, "POST", "/v1/login", { body: { user: "boss", password: PW, totp: far }, from: "127.0.3.4" })).status).toBe(401);
     // a wrong password with a good code is refused too
     const next = totp(adminSecret, Date.now() + 30_000);
     expect((await https(port, "POST", "/v1/login", { body: { user: "boss", password: "wrong password!", totp: next }, from: "127.0.3.3" })).status).toBe(401);

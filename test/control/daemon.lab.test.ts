@@ -23,6 +23,8 @@ import { createHash } from "node:crypto";
 const home = mkdtempSync(join(tmpdir(), "tvlab-"));
 let d: TestDaemon | undefined;
 
+const LAB_START_TIMEOUT = ["--start-timeout", "300"];
+
 function cli(args: string[], input?: string): { code: number | null; out: string; err: string } {
   const r = spawnSync(process.execPath, [BIN, ...args, "--home", home], { input: input ?? "", encoding: "utf8", timeout: 300_000 });
   return { code: r.status, out: r.stdout, err: r.stderr };
@@ -91,7 +93,10 @@ describe("the daemon with Debian guests under real KVM", () => {
         if (existsSync(f)) console.log(`daemon.lab: ${f}:\n${readFileSync(f, "utf8").slice(-3000)}`);
       }
     });
-    d = await startDaemon({ home, args: ["--usage-interval", "2"] });
+    // A VMM must answer within --start-timeout (60 s by default): the third VMM starts on the lab's
+    // one emulated CPU while two Debian guests boot, which took more than 60 s on a loaded machine
+    // (2026-12-05: load average 10 on 2 cores; lab-2 or lab-3 killed at 60 s, in two runs).
+    d = await startDaemon({ home, args: ["--usage-interval", "2", ...LAB_START_TIMEOUT] });
     const host = JSON.parse(ok(["host", "--json"])) as { cgroups: { available: boolean }; memory: { capacity: number } };
     expect(host.cgroups.available).toBe(true);
     expect(host.memory.capacity).toBeGreaterThan(2 ** 30);
@@ -100,7 +105,10 @@ describe("the daemon with Debian guests under real KVM", () => {
     step("daemon up; creating three VMs");
     // lab-2 gets a NIC on a TAP the host side of which is ready (address, a TCP server)
     peer = await tapPeer(TAP, HOST, 5100, 1 << 20);
-    for (const n of names) ok(["vm", "create", n, "--image", "minimal", "--cpus", "1", "--memory", "256", "--disk-size", "128M", ...(n === "lab-2" ? ["--net", `tap=${TAP}`] : []), "--start"]);
+    for (const n of names) {
+      ok(["vm", "create", n, "--image", "minimal", "--cpus", "1", "--memory", "256", "--disk-size", "128M", ...(n === "lab-2" ? ["--net", `tap=${TAP}`] : []), "--start"]);
+      step(`${n} started`);
+    }
     const ls = JSON.parse(ok(["vm", "ls", "--json"])) as VmInfo[] | { vms: VmInfo[] };
     const list = Array.isArray(ls) ? ls : ls.vms;
     expect(list.map((v) => [v.name, v.state])).toEqual(names.map((n) => [n, "running"]));
@@ -132,7 +140,8 @@ describe("the daemon with Debian guests under real KVM", () => {
       const uid = field("Uid").split(/\s+/)[0]!;
       expect(Number(uid), n).toBeGreaterThan(0);
       uids.add(uid);
-      expect([field("CapEff"), field("CapPrm"), field("CapBnd"), field("NoNewPrivs"), field("Seccomp")], n).toEqual(["0000000000000000", "0000000000000000", "0000000000000000", "1", "2"]);
+      // Seccomp_filters: the allowlist, the quiet clone3 filter, the no-exec filter (docs/security.md, "seccomp")
+      expect([field("CapEff"), field("CapPrm"), field("CapBnd"), field("NoNewPrivs"), field("Seccomp"), field("Seccomp_filters")], n).toEqual(["0000000000000000", "0000000000000000", "0000000000000000", "1", "2", "3"]);
       for (const ns of ["mnt", "pid", "net"]) expect(readlinkSync(`/proc/${pid}/ns/${ns}`), `${n} ${ns}`).not.toBe(readlinkSync(`/proc/self/ns/${ns}`));
       expect(existsSync(`/proc/${pid}/root/etc/shadow`), n).toBe(false);
     }
@@ -197,7 +206,7 @@ describe("the daemon with Debian guests under real KVM", () => {
     // SIGKILL the daemon; a new one re-attaches: same VMs, same pids, same states, consoles work.
     await d.stop("SIGKILL");
     for (const n of ["lab-1", "lab-2"]) process.kill(pids[n]!, 0); // the VMMs outlive the daemon
-    d = await startDaemon({ home, args: ["--usage-interval", "2"] });
+    d = await startDaemon({ home, args: ["--usage-interval", "2", ...LAB_START_TIMEOUT] });
     const after = (JSON.parse(ok(["vm", "ls", "--json"])) as VmInfo[] | { vms: VmInfo[] });
     const again = Array.isArray(after) ? after : after.vms;
     expect(again.map((v) => [v.name, v.state, v.pid])).toEqual([

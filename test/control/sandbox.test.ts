@@ -11,6 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { runCli } from "../helpers/cli.js";
 import { writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { JAIL_BIN, DEFAULT_UID_RANGE } from "../../src/control/sandbox/sandbox.js";
 import { vmPaths } from "../../src/control/paths.js";
@@ -18,7 +19,7 @@ import { vmPaths } from "../../src/control/paths.js";
 const root = process.getuid?.() === 0;
 const ready = existsSync("/dev/kvm") && root && existsSync(JAIL_BIN);
 
-function status(pid: number): Record<string, string> {
+function status(pid: number | string): Record<string, string> {
   const out: Record<string, string> = {};
   for (const line of readFileSync(`/proc/${pid}/status`, "utf8").split("\n")) {
     const m = /^([A-Za-z_]+):\s*(.*)$/.exec(line);
@@ -73,12 +74,25 @@ describe.skipIf(!ready)("the VMM sandbox (root, tiny guests, real VMMs)", () => 
     expect(uidA).toBeGreaterThanOrEqual(DEFAULT_UID_RANGE.base);
     expect(uidA).toBeLessThan(DEFAULT_UID_RANGE.base + DEFAULT_UID_RANGE.count);
     expect(Number(sb["Uid"]!.split(/\s+/)[0])).not.toBe(uidA);
+    // vm show and the API's VM object say which uid each VMM runs as
+    expect(a.sandbox).toEqual({ uid: uidA });
+    expect((await d.client.getVm("b")).sandbox?.uid).toBe(Number(sb["Uid"]!.split(/\s+/)[0]));
+    const shown = await runCli(["vm", "show", "a", "--socket", d.socket]).then((r) => r.stdout);
+    expect(shown).toMatch(new RegExp(`^sandbox:?\\s+uid ${uidA} \\(gid ${uidA}\\)`, "m"));
     for (const s of [sa, sb]) {
       for (const k of ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]) expect(s[k], k).toBe("0000000000000000");
       expect(s["NoNewPrivs"]).toBe("1");
       expect(s["Seccomp"]).toBe("2"); // SECCOMP_MODE_FILTER
+      // the allowlist, the quiet clone3 filter and the no-exec filter; a vCPU thread adds its own (below)
+      expect(s["Seccomp_filters"]).toBe("3");
       // PID 1 of its own PID namespace (NSpid: the host's pid, then the namespace's)
       expect(s["NSpid"]!.split(/\s+/).at(-1)).toBe("1");
+    }
+    await until("a's vCPU thread", () => (readdirSync(`/proc/${a.pid!}/task`).some((t) => readFileSync(`/proc/${a.pid!}/task/${t}/comm`, "utf8").startsWith("tv-vcpu")) ? true : undefined));
+    for (const t of readdirSync(`/proc/${a.pid!}/task`)) {
+      const ts = status(`${a.pid!}/task/${t}`);
+      if (ts["Name"]!.startsWith("kvm-")) continue; // KVM's kernel worker, a copy of the vCPU thread that made it
+      expect(ts["Seccomp_filters"], ts["Name"]).toBe(ts["Name"]!.startsWith("tv-vcpu") ? "4" : "3");
     }
     for (const ns of ["mnt", "pid", "net", "ipc", "uts"]) {
       expect(readlinkSync(`/proc/${a.pid!}/ns/${ns}`), ns).not.toBe(readlinkSync(`/proc/self/ns/${ns}`));

@@ -17,7 +17,7 @@ import { dirname, join } from "node:path";
 import type Database from "better-sqlite3";
 import { TypevisorError } from "../../errors.js";
 import { TYPEVISOR_BIN, vmmArgs, vmmEnv, type VmmLaunch } from "../../engine/native.js";
-import { filterBytes, vmmFilter } from "../../sys/seccomp.js";
+import { clone3Filter, filterBytes, vmmFilter } from "../../sys/seccomp.js";
 import { openTap, setLinkUp } from "../../sys/tap.js";
 import { unixListen } from "../../sys/unix-socket.js";
 import { openDisk } from "../../vmm/disk/open.js";
@@ -84,7 +84,7 @@ function chainFiles(init: DiskInit): string[] {
  * The directories and symlinks of the host's / that Node and the libraries it loads need, read-only:
  * /usr, and /bin, /lib, /lib64... as they are here (symlinks into /usr on a merged-/usr system).
  */
-function systemBinds(): { binds: string[]; symlinks: string[] } {
+export function systemBinds(): { binds: string[]; symlinks: string[] } {
   const binds = ["/usr:exec"];
   const symlinks: string[] = [];
   for (const d of ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]) {
@@ -190,7 +190,7 @@ export async function spawnSandboxed(l: VmmLaunch, s: { uid: number; root: strin
       ...vmmArgs({ ...l, nets: [] }),
       "--api-socket-fd", String(slot(0)),
       "--console-socket-fd", String(slot(1)),
-      "--seccomp-no-exec",
+      "--seccomp-no-exec", "--seccomp-vcpu",
       ...l.nets.flatMap((n, i) => ["--net", `tap=${n.tap},fd=${slot(2 + i)}${n.mac !== undefined ? `,mac=${n.mac}` : ""}`]),
       ...(s.probe !== undefined && s.probe.length > 0 ? ["--sandbox-probe", s.probe.join(",")] : []),
     ];
@@ -205,7 +205,7 @@ export async function spawnSandboxed(l: VmmLaunch, s: { uid: number; root: strin
       ...binds.flatMap((b) => ["--bind", b]),
       ...sys.symlinks.flatMap((x) => ["--symlink", x]),
       ...fds.map((_, i) => ["--keep-fd", String(slot(i))]).flat(),
-      "--seccomp", filterBytes(vmmFilter()).toString("hex"),
+      "--seccomp", filterBytes(vmmFilter()).toString("hex"), "--seccomp-quiet", filterBytes(clone3Filter()).toString("hex"),
       "--", realpathSync(process.execPath), TYPEVISOR_BIN, ...vmm,
     ];
     const log = openSync(l.vmmLog, "a");

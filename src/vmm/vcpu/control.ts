@@ -35,6 +35,8 @@ export interface VcpuWorkerInit {
   niceOffset: number;
   /** The thread board (threads/board.ts): this vCPU publishes its phase in row `vcpuId`. */
   board: SharedArrayBuffer;
+  /** Install this thread's own seccomp filter (sys/seccomp.ts vcpuFilter) before the first KVM_RUN. */
+  seccomp?: boolean;
 }
 
 export type VcpuMessage =

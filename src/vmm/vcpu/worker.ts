@@ -12,6 +12,7 @@ import { EXIT, EXIT_NAMES, KVM, SYSTEM_EVENT } from "../../kvm/ioctls.js";
 import { VcpuFd, VmFd } from "../../kvm/kvm.js";
 import { KvmRun, type VmExit } from "../../kvm/run.js";
 import * as libc from "../../sys/libc.js";
+import { installFilter, vcpuFilter } from "../../sys/seccomp.js";
 import { MAX_NICE } from "../defaults.js";
 import { MMIO_HOLE_START, PCI_ECAM_SIZE, PCI_ECAM_START, PORT } from "../arch/x86_64/layout.js";
 import { AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN } from "../devices/legacy/acpi-pm/acpi-pm.js";
@@ -248,6 +249,9 @@ function applyNice(): { nice: number; niceError?: string } {
 
 Atomics.store(row.i32, WORD.TID, libc.gettid());
 post({ type: "ready", vcpuId: init.vcpuId, thread: libc.pthreadSelf(), ...applyNice() });
+// From here this thread only runs the guest: narrow it to what that takes (docs/security.md,
+// "seccomp"). Without TSYNC the filter binds this thread alone; the process's filter still applies.
+if (init.seccomp === true) installFilter(vcpuFilter(), { allThreads: false });
 const result = loop();
 // The last exit stays in the word (a crash's triple fault, a power-off's port write).
 enterStamped(row, withPhase(word, PHASE.finished));
