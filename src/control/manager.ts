@@ -865,7 +865,7 @@ export class VmManager extends EventEmitter {
       // Before the restore: guest memory it touches is charged to the VM's cgroup, not the daemon's.
       cgroup?.addProcess(sb.pid);
       await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
-        snapshot: l.restore.dir, id: l.id, consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
+        snapshot: l.restore.dir, id: l.id, kernel: l.kernel, ...(l.initrd !== undefined ? { initrd: l.initrd } : {}), consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
         disks: l.disks.map(diskArg), nets: l.nets.map(netArg), paused: l.restore.paused,
       });
       renameSync(sb.socket, l.apiSocket);

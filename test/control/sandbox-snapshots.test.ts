@@ -4,7 +4,7 @@
  * /dev/kvm: a jailed VMM saves into its own output directory and the daemon takes the result
  * into its snapshots/ tree (root's, read-only); a VMM that restores a snapshot is given that
  * snapshot's group and its directory bound read-only, and sees no other snapshot; two clones of
- * one snapshot run at once as two uids; a daemon killed between the save and the move finishes
+ * one snapshot run at once as two uids, and one rebooted boots its own kernel copy; a daemon killed between the save and the move finishes
  * the move at its next start and the guest runs on from the saved moment.
  */
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
@@ -136,6 +136,12 @@ describe.skipIf(!ready)("memory snapshots, rollback and clones under the VMM san
     expect(existsSync(`/proc/${c1.pid!}/root${join(d.home, "snapshots", s1.id)}/memory`)).toBe(true);
     expect(existsSync(`/proc/${c1.pid!}/root${join(d.home, "snapshots", s2.id)}`)).toBe(false);
     expect(existsSync(`/proc/${c1.pid!}/root${back.disks[0]!.path}`)).toBe(false);
+    // A guest reboot in a clone boots the clone's own kernel copy (the snapshot names its source's,
+    // which is not in the clone's view): the tiny guest comes up again, and the VM runs on.
+    await c.rebootVm("c1");
+    await until("c1's guest booted again", async () => (await banners(c, "c1")) >= 1 || undefined);
+    expect((await c.getVm("c1")).state).toBe("running");
+    expect((await c.getVm("c1")).pid).toBe(c1.pid);
     await c.removeVm("c1", { force: true });
     await c.removeVm("c2", { force: true });
   }, 120_000);

@@ -88,7 +88,7 @@ describe("snapshots, rollback and ten clones through the sandboxed daemon, with 
     // The minimal image's root filesystem as a disk image the VMs are linked clones of.
     await importImage(IMAGE, imagePaths("minimal").rootfs, { format: "raw" });
     // A jailed VMM's start (Node under the lab's emulated CPU, beside running guests) takes 15-60 s here.
-    d = await startDaemon({ home, args: ["--usage-interval", "5", "--allow-files", dir, "--start-timeout", "600"] });
+    d = await startDaemon({ home, args: ["--usage-interval", "5", "--allow-files", dir, "--start-timeout", "600", "--cpu-overcommit", "16"] });
     const host = await d.client.host();
     step(`daemon up (sandboxed: running as root), ${mib(host.memory.capacity / 1024)} of memory`);
 
