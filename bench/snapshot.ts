@@ -22,8 +22,12 @@
  * VMM's resident memory right after the restored guest answered: ours maps the
  * memory file and loads pages on demand, QEMU reads the whole stream into guest RAM.
  *
+ * Then (first, in the same lab run) the daemon's instant create: a VM cloned from a memory
+ * snapshot against a cold create and boot, with a standby VMM and under the sandbox
+ * (bench/instant-create.ts).
+ *
  * Run: npm run bench:snapshot     (boots the lab itself when the host KVM is PVM)
- *      BENCH_RUNS=3 BENCH_MEMORY=256,2048
+ *      BENCH_RUNS=3 BENCH_MEMORY=256,2048 BENCH_ONLY=daemon|vmm
  */
 import { existsSync, mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -35,6 +39,7 @@ import { QmpClient } from "../src/lab/qmp.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { microvm } from "../test/helpers/qemu-microvm.js";
 import { unixApi } from "../test/helpers/unix-api.js";
+import { instantCreate } from "./instant-create.js";
 import { compare, counterDelta, kvmCounters, median, mountDebugfs, processMemory } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
@@ -362,6 +367,13 @@ async function size(memoryMiB: number): Promise<{ memoryMiB: number; fillMiB: nu
 }
 
 async function main(): Promise<void> {
+  // BENCH_ONLY=daemon: only the daemon's instant create (bench/instant-create.ts); =vmm: only the VMM's figures.
+  const only = process.env["BENCH_ONLY"];
+  const daemon = only !== "vmm" ? await instantCreate(RUNS) : undefined;
+  if (only === "daemon") {
+    console.log(JSON.stringify({ bench: "snapshot", part: "daemon", date: new Date().toISOString(), where: kvmHostKind() === "hardware" ? "lab (nested KVM under TCG)" : "unknown", runs: RUNS, daemon }));
+    return;
+  }
   mountDebugfs();
   const all = [];
   for (const m of MEMORY_MIBS) all.push(await size(m));
@@ -374,7 +386,7 @@ async function main(): Promise<void> {
       console.log(`${who}: restore time ${first.memoryMiB} MiB -> ${last.memoryMiB} MiB: ${g.toFixed(2)}x${goal}`);
     }
   }
-  console.log(JSON.stringify({ bench: "snapshot", date: new Date().toISOString(), where: kvmHostKind() === "hardware" ? "lab (nested KVM under TCG)" : "unknown", runs: RUNS, results: all }));
+  console.log(JSON.stringify({ bench: "snapshot", date: new Date().toISOString(), where: kvmHostKind() === "hardware" ? "lab (nested KVM under TCG)" : "unknown", runs: RUNS, results: all, daemon }));
 }
 
 await main();

@@ -244,13 +244,17 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   let overrides: RestoreOverrides | undefined;
   if (restoring) {
     // The snapshot says what the machine is; only back ends (and how its threads run) may change.
-    for (const [flag, given] of [["--image", o.image], ["--kernel", o.kernel], ["--initrd", o.initrd], ["--cmdline", o.cmdline], ["--append", o.append], ["--balloon", o.balloon]] as const) {
+    for (const [flag, given] of [["--image", o.image], ["--cmdline", o.cmdline], ["--append", o.append], ["--balloon", o.balloon]] as const) {
       if (given !== undefined) throw new TypevisorError("INVALID_ARGUMENT", `${flag} cannot be combined with ${o.restore !== undefined ? "--restore" : "--incoming"}: the VM comes as it was`);
     }
+    // --kernel/--initrd here name what a guest reboot boots, in place of the snapshot's paths
+    // (a clone's own copies: its source's may be gone, or outside its sandbox).
+    if (o.initrd !== undefined && o.kernel === undefined) throw new TypevisorError("INVALID_ARGUMENT", `--initrd with ${o.restore !== undefined ? "--restore" : "--incoming"} needs --kernel (the pair a reboot boots)`);
     if (o.rng) throw new TypevisorError("INVALID_ARGUMENT", `--rng cannot be combined with ${o.restore !== undefined ? "--restore" : "--incoming"}: the VM comes with its devices`);
     overrides = {
       disks: devices.disks, nets: devices.nets,
       ...(devices.vsock !== undefined ? { vsock: devices.vsock } : {}),
+      ...(o.kernel !== undefined ? { rebootKernel: { kernel: o.kernel, ...(o.initrd !== undefined ? { initrd: o.initrd } : {}) } } : {}),
       ...(vcpuNice !== undefined ? { vcpuNice } : {}),
       ...(memoryOvercommit !== undefined ? { memoryOvercommit } : {}),
     };
@@ -501,8 +505,8 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--restore <dir>", "start from a snapshot (POST /snapshot on the API socket) instead of booting: the guest continues where it was; --disk/--net/--vsock replace its back ends in order (a clone's own disk, TAP, MAC, CID)")
     .option("--paused", "leave the vCPUs stopped once the VM is built (POST /resume on the API socket starts them)", false)
     .option("--keep-clock", "with --restore: keep the guest's clock where it was saved instead of moving it to now", false)
-    .option("--kernel <path>", "kernel to boot: bzImage, or an ELF vmlinux with a PVH entry note")
-    .option("--initrd <path>", "initramfs to load with the kernel")
+    .option("--kernel <path>", "kernel to boot: bzImage, or an ELF vmlinux with a PVH entry note (with --restore: the kernel a guest reboot boots, in place of the snapshot's)")
+    .option("--initrd <path>", "initramfs to load with the kernel (with --restore: with --kernel, the pair a guest reboot boots)")
     .option("--cmdline <str>", `kernel command line, replacing the default "${DEFAULT_CMDLINE}"`)
     .option("--append <str>", "text appended to the default kernel command line")
     .option("--cpus <n>", `number of vCPUs, 1 to the host's KVM limit (KVM_CAP_MAX_VCPUS, at most ${MAX_VCPUS})`, "1")

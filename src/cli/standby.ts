@@ -24,6 +24,9 @@ export const RestoreRequestSchema = z.strictObject({
   disks: z.array(z.string().max(4096)).max(64).optional(),
   nets: z.array(z.string().max(128)).max(64).optional(),
   vsock: z.string().max(4096).optional(),
+  /** What a guest reboot boots, in place of the snapshot's (run --restore --kernel/--initrd). */
+  kernel: pathString.optional(),
+  initrd: pathString.optional(),
   paused: z.boolean().optional(),
   keepClock: z.boolean().optional(),
 });
@@ -81,6 +84,8 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
         ...(b.consoleSocket !== undefined ? { consoleSocket: b.consoleSocket } : {}),
         ...(b.exitFile !== undefined ? { exitFile: b.exitFile } : {}),
         ...(b.vsock !== undefined ? { vsock: b.vsock } : {}),
+        ...(b.kernel !== undefined ? { kernel: b.kernel } : {}),
+        ...(b.initrd !== undefined ? { initrd: b.initrd } : {}),
         paused: b.paused === true, keepClock: b.keepClock === true,
       };
       return new Promise((resolve, reject) => take({ opts, built: () => resolve({ ok: true, pid: process.pid }), failed: reject }));

@@ -213,9 +213,11 @@ export class VmManager extends EventEmitter {
       insertVm: (row) => this.store.insertVm(row),
       removeUnusedBases: () => this.removeUnusedBases(),
       snapshotWithMemory: () => this.standby.want(),
-      sandboxed: config.sandbox !== undefined,
+      ...(config.sandbox !== undefined ? { sandboxId: (owner: string) => allocateUid(this.store.db, owner, config.sandbox!.uidBase, config.sandbox!.uidCount) } : {}),
     });
-    // None under the sandbox: a standby is not jailed, and would become a VM's VMM.
+    // None under the sandbox: a jail is built for one VM (its uid, the files bound into its root,
+    // its TAPs and sockets handed over as descriptors at exec), so a restore there starts a jailed
+    // VMM for the VM instead (docs/snapshots.md "Under the VMM sandbox").
     const standbys = config.sandbox !== undefined ? 0 : (config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0));
     this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger });
   }
@@ -777,8 +779,11 @@ export class VmManager extends EventEmitter {
     } else if (sb !== undefined) {
       try {
         const bases = basesDir(this.config.home) + sep;
+        // A restore: the saved state readable by one group, which this VMM is given (jailed-state.ts).
+        const restoreGroup = restore !== undefined ? this.snapshots.shareForRestore(restore.dir, r.id) : undefined;
         const s = await spawnSandboxed(launch, {
           uid: allocateUid(this.store.db, r.id, sb.uidBase, sb.uidCount), root: p.jailRoot, outDir: p.outDir,
+          ...(restoreGroup !== undefined ? { restoreGroup } : {}),
           ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sb.probe !== undefined ? { probe: sb.probe } : {}),
           allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f),
         });
@@ -863,7 +868,7 @@ export class VmManager extends EventEmitter {
       // Before the restore: guest memory it touches is charged to the VM's cgroup, not the daemon's.
       cgroup?.addProcess(sb.pid);
       await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
-        snapshot: l.restore.dir, id: l.id, consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
+        snapshot: l.restore.dir, id: l.id, kernel: l.kernel, ...(l.initrd !== undefined ? { initrd: l.initrd } : {}), consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
         disks: l.disks.map(diskArg), nets: l.nets.map(netArg), paused: l.restore.paused,
       });
       renameSync(sb.socket, l.apiSocket);

@@ -31,7 +31,7 @@
  */
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { chmodSync, existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, renameSync, rmSync, statSync } from "node:fs";
 import { copyFile, rm } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { promisify } from "node:util";
@@ -42,6 +42,8 @@ import { VmmClient } from "../engine/vmm-client.js";
 import { createQcow2 } from "../vmm/disk/qcow2/create.js";
 import { MAX_CHAIN_DEPTH } from "../vmm/disk/open.js";
 import { allocatedBytes } from "./disks.js";
+import { adoptJailSave, prepareJailSave, removeJailSave, shareWithGroup } from "./jailed-state.js";
+import { snapshotOwner } from "./sandbox/sandbox.js";
 import { vmPaths } from "./paths.js";
 import { DEFAULT_POOL } from "./pools.js";
 import { NAME_PATTERN, netSpec, vmName, type VmInfo, type VmSpec } from "./spec.js";
@@ -181,6 +183,8 @@ interface SnapshotPlan {
    * VMM's restart (disk-only).
    */
   saveDir?: string;
+  /** Under the sandbox: where the jailed VMM saves (`vms/<id>/out/<op>.op/state`), as uid `uid`; moved to saveDir once it has ended. */
+  jail?: { save: string; uid: number };
   phase: "begun" | "saved" | "committed" | "reverted";
   swaps: DiskSwap[];
 }
@@ -216,8 +220,11 @@ export interface SnapshotHost {
   reserveDisk(diskBytes: number): () => void;
   /** A new VM row made by a clone. */
   insertVm(row: VmRow): void;
-  /** VMMs run in the sandbox (sandbox/sandbox.ts): they cannot save into or restore from the daemon's snapshots/ yet. */
-  sandboxed: boolean;
+  /**
+   * Set when VMMs run in the sandbox (sandbox/sandbox.ts): the uid of a VM's VMM, or the group of
+   * a memory snapshot (`snapshotOwner(id)`), from the sandbox's range (jailed-state.ts).
+   */
+  sandboxId?: (owner: string) => number;
   /** A memory snapshot exists now: restores will come (the standby pool fills: standby.ts). */
   snapshotWithMemory(): void;
   /** Bases no VM disk or snapshot stands on any more go (manager.ts, bases.ts). */
@@ -254,6 +261,8 @@ interface FollowUp {
   resume: boolean;
   /** Start its VMM if it has none: from this saved state, or booting (`dir` undefined). */
   start?: { dir?: string; paused: boolean };
+  /** A snapshot plan of a jailed VMM: its save, moved before a start from it (if that VMM has ended), and its out/<op>.op removed. */
+  plan?: SnapshotPlan;
 }
 
 export class Snapshots {
@@ -348,13 +357,34 @@ export class Snapshots {
     return dirs.some((d) => path.startsWith(d + "/")) && !path.slice(path.lastIndexOf("/") + 1).includes("..");
   }
 
-  /** Saving or restoring a VMM's state needs the VMM outside the sandbox, for now. */
-  private assertUnsandboxed(what: string): void {
-    if (this.host.sandboxed) {
-      throw new TypevisorError("SANDBOX_UNSUPPORTED", `${what} needs a VMM to save or restore a state, which a sandboxed VMM cannot yet (docs/snapshots.md)`, {
-        hint: "stop the VM first for a disk-only snapshot, or run the daemon with --no-sandbox",
-      });
+  /**
+   * Under the sandbox, before a VMM restores the state in `dir` for VM `vmId`: the group that may
+   * read it (a memory snapshot's own group, or the VM's gid for a state saved only to restart it),
+   * given the directory (jailed-state.ts shareWithGroup). Undefined without the sandbox.
+   */
+  shareForRestore(dir: string, vmId: string): number | undefined {
+    const id = this.host.sandboxId;
+    if (id === undefined) return undefined;
+    const snap = this.allRows().find((s) => s.memory && this.stateDir(s.id) === dir);
+    const gid = id(snap !== undefined ? snapshotOwner(snap.id) : vmId);
+    shareWithGroup(dir, gid);
+    return gid;
+  }
+
+  /** A jailed VMM's save (plan.jail) moved into the daemon's plan directory, once that VMM has ended; idempotent. */
+  private adoptSave(plan: SnapshotPlan): void {
+    if (plan.jail === undefined || plan.saveDir === undefined || existsSync(plan.saveDir)) return;
+    try {
+      lstatSync(plan.jail.save);
+    } catch {
+      return; // nothing saved there
     }
+    adoptJailSave(plan.jail.save, plan.saveDir, plan.jail.uid);
+  }
+
+  /** The jailed VMM's `out/<op>.op`, removed as its uid (jailed-state.ts). */
+  private async dropJailSave(plan: SnapshotPlan): Promise<void> {
+    if (plan.jail !== undefined) await removeJailSave(dirname(plan.jail.save), plan.jail.uid);
   }
 
   /** Whether any VM has a snapshot with memory (something a standby VMM could restore). */
@@ -410,7 +440,6 @@ export class Snapshots {
     const hasVmm = vm.state === "running" || vm.state === "paused";
     if (spec.memory === true && !hasVmm) throw new TypevisorError("VM_STATE", `VM ${vm.name} is ${vm.state}: it has no memory to save`, { hint: "take a disk-only snapshot (--no-memory), or start it first" });
     const memory = spec.memory ?? hasVmm;
-    if (hasVmm) this.assertUnsandboxed(`a snapshot of the running VM ${vm.name}`);
     const rows = this.rows(vm.id);
     if (rows.some((s) => s.name === spec.name)) throw new TypevisorError("SNAPSHOT_EXISTS", `VM ${vm.name} already has a snapshot named ${spec.name}`);
     const deepest = Math.max(0, ...vm.disks.map((d) => chainOf(d).length));
@@ -427,6 +456,8 @@ export class Snapshots {
       ...(parent !== undefined ? { parent: parent.id } : {}),
       memory, vmState,
       ...(hasVmm ? { saveDir: join(this.statesDir(), `${opId}.op`, "state") } : {}),
+      // A jailed VMM writes only its own output directory: it saves there, the daemon moves it (jailed-state.ts).
+      ...(hasVmm && this.host.sandboxId !== undefined ? { jail: { save: join(vmPaths(this.host.home, vm.id).outDir, `${opId}.op`, "state"), uid: this.host.sandboxId(vm.id) } } : {}),
       phase: "begun",
       swaps: vm.disks.map((d) => {
         const index = diskIndexOf(d.path);
@@ -448,17 +479,20 @@ export class Snapshots {
     try {
       if (hasVmm) {
         mkdirSync(dirname(plan.saveDir!), { recursive: true, mode: 0o700 });
+        if (plan.jail !== undefined) prepareJailSave(dirname(plan.jail.save), plan.jail.uid);
         const client = new VmmClient(vmPaths(this.host.home, vm.id).apiSocket);
         // Paused before the save and kept so until the VMM is gone: nothing the guest does after
         // the saved moment may reach the disk that is frozen with it.
         if (vm.state === "running") await client.pause();
-        await client.call("POST", "/snapshot", { path: plan.saveDir, memory: true }, SAVE_TIMEOUT_MS);
+        await client.call("POST", "/snapshot", { path: plan.jail?.save ?? plan.saveDir, memory: true }, SAVE_TIMEOUT_MS);
         plan.phase = "saved";
         this.saveOp(opId, plan);
         crashPoint("snapshot:saved");
         await this.host.endVmm(vm.name);
         vmmEnded = true;
         crashPoint("snapshot:vmm-ended");
+        // Its VMM gone, nothing of its uid runs: what it saved is checked and becomes the daemon's.
+        this.adoptSave(plan);
       }
       for (const w of plan.swaps) {
         mkdirSync(dirname(w.layer!), { recursive: true, mode: 0o700 });
@@ -506,6 +540,7 @@ export class Snapshots {
       }
     } finally {
       if (plan.saveDir !== undefined) await rm(dirname(plan.saveDir), { recursive: true, force: true });
+      await this.dropJailSave(plan);
       this.deleteOp(opId);
     }
   }
@@ -515,6 +550,7 @@ export class Snapshots {
     for (const w of plan.swaps) this.unswap(w);
     this.unrenameState(plan);
     try {
+      if (vmmEnded) this.adoptSave(plan);
       if (vmmEnded && plan.saveDir !== undefined && existsSync(join(plan.saveDir, "state.json"))) {
         await this.host.startVmm(plan.vm, { dir: plan.saveDir, paused: plan.vmState === "paused" });
       } else if (!vmmEnded && plan.vmState === "running" && this.host.row(plan.vm).state === "running") {
@@ -525,6 +561,7 @@ export class Snapshots {
       this.host.log.error({ vm: plan.vm, err: (e as Error).message }, "the VMM did not come back after a failed snapshot");
     } finally {
       if (plan.saveDir !== undefined) rmSync(dirname(plan.saveDir), { recursive: true, force: true });
+      await this.dropJailSave(plan);
       this.deleteOp(opId);
     }
   }
@@ -578,7 +615,6 @@ export class Snapshots {
     if (have !== had) {
       throw new TypevisorError("SNAPSHOT_MISMATCH", `snapshot ${name} has disks ${had || "none"}, VM ${vm.name} has ${have || "none"} now`, { hint: "add or remove disks to match (vm disk add|rm) first" });
     }
-    if (s.memory) this.assertUnsandboxed(`a rollback to the memory snapshot ${name}`);
     if (s.memory && !existsSync(join(this.stateDir(s.id), "state.json"))) throw new TypevisorError("SNAPSHOT_BROKEN", `snapshot ${name}'s saved state is missing (${this.stateDir(s.id)})`);
     const opId = randomBytes(6).toString("hex");
     const hadVmm = isActive(vm.state);
@@ -780,7 +816,6 @@ export class Snapshots {
       return row;
     });
     try {
-      if (s.memory) this.assertUnsandboxed(`a clone of the memory snapshot ${snapName}`);
       const nets = spec.nets ?? [];
       if (s.memory && nets.length !== srcNets.length) {
         throw new TypevisorError("INVALID_REQUEST", `snapshot ${snapName} has ${srcNets.length} NIC(s) running: its clone needs as many (--net), not ${nets.length}`);
@@ -877,7 +912,7 @@ export class Snapshots {
       // Complete: only the VMM's restart was left.
       const dir = plan.memory ? this.stateDir(plan.snapId) : plan.saveDir;
       this.host.event("vm.snapshot-created", plan.vm, `VM ${plan.vm}: snapshot ${plan.name} completed after a daemon restart`, { snapshot: plan.name, id: plan.snapId });
-      return { opId: id, vm: plan.vm, vmId: plan.vmId, resume: false, ...(plan.vmState !== "stopped" && dir !== undefined ? { start: { dir, paused: plan.vmState === "paused" } } : {}) };
+      return { opId: id, vm: plan.vm, vmId: plan.vmId, resume: false, ...(plan.vmState !== "stopped" && dir !== undefined ? { start: { dir, paused: plan.vmState === "paused" } } : {}), ...(plan.jail !== undefined ? { plan } : {}) };
     }
     if (plan.phase !== "reverted") {
       for (const w of plan.swaps) this.unswap(w);
@@ -886,9 +921,14 @@ export class Snapshots {
       this.saveOp(id, plan);
       this.host.event("vm.snapshot-failed", plan.vm, `VM ${plan.vm}: snapshot ${plan.name} was interrupted by a daemon restart and undone`, { snapshot: plan.name });
     }
-    // Its VMM, if the snapshot had stopped it, comes back from the state saved for it on the disks it had.
-    const saved = plan.saveDir !== undefined && existsSync(join(plan.saveDir, "state.json"));
-    return { opId: id, vm: plan.vm, vmId: plan.vmId, resume: plan.vmState === "running", ...(plan.vmState !== "stopped" && saved ? { start: { dir: plan.saveDir!, paused: plan.vmState === "paused" } } : {}) };
+    // Its VMM, if the snapshot had stopped it, comes back from the state saved for it on the disks it
+    // had (a jailed VMM's save is moved in finishRecovery, once it is known that VMM has ended).
+    const saved = plan.saveDir !== undefined && (existsSync(join(plan.saveDir, "state.json")) || plan.jail !== undefined);
+    return {
+      opId: id, vm: plan.vm, vmId: plan.vmId, resume: plan.vmState === "running",
+      ...(plan.vmState !== "stopped" && saved ? { start: { dir: plan.saveDir!, paused: plan.vmState === "paused" } } : {}),
+      ...(plan.jail !== undefined ? { plan } : {}),
+    };
   }
 
   private recoverRollback(id: string, plan: RollbackPlan, vm: VmRow): FollowUp {
@@ -917,11 +957,14 @@ export class Snapshots {
           if (f.resume && vm.state === "paused") await this.host.resume(vm.name);
         } else if (f.start !== undefined && (vm.state === "stopped" || vm.state === "crashed" || vm.state === "defined")) {
           const { dir, paused } = f.start;
-          await this.host.serial(vm.name, () => this.host.startVmm(vm.name, dir !== undefined ? { dir, paused } : undefined));
+          // Not re-attached: its VMM has ended, and what it saved may be moved now.
+          if (f.plan !== undefined && f.plan.phase !== "committed") this.adoptSave(f.plan);
+          if (dir === undefined || existsSync(join(dir, "state.json"))) await this.host.serial(vm.name, () => this.host.startVmm(vm.name, dir !== undefined ? { dir, paused } : undefined));
         }
       } catch (e) {
         this.host.log.error({ vm: f.vm, err: (e as Error).message }, "restarting a VM after an interrupted snapshot or rollback failed");
       } finally {
+        if (f.plan !== undefined) await this.dropJailSave(f.plan);
         this.deleteOp(f.opId);
       }
     }

@@ -92,6 +92,9 @@ function restoreArgs(l: VmmLaunch, r: { dir: string; paused: boolean }): string[
   return [
     "run", "--no-lab", "--id", l.id,
     "--restore", r.dir,
+    // What a guest reboot boots: this VM's own copies, not the paths in the snapshot (its source's).
+    "--kernel", l.kernel,
+    ...(l.initrd !== undefined ? ["--initrd", l.initrd] : []),
     "--api-socket", l.apiSocket,
     "--console-log", l.consoleLog,
     "--console-log-size", String(l.consoleLogSize),

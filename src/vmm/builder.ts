@@ -77,6 +77,8 @@ export interface RestoreOverrides {
   disks?: DeviceSpecs["disks"];
   nets?: DeviceSpecs["nets"];
   vsock?: DeviceSpecs["vsock"];
+  /** What a guest reboot boots (the same command line), in place of the snapshot's kernel and initrd paths: a clone's own copies. */
+  rebootKernel?: { kernel: string; initrd?: string };
   vcpuNice?: number;
   memoryOvercommit?: number;
 }
@@ -116,8 +118,10 @@ export function applyOverrides(saved: MachineConfig, o: RestoreOverrides): Machi
     if (saved.devices.vsock === undefined) throw new TypevisorError("SNAPSHOT_MISMATCH", "the snapshot has no vsock device");
     devices.vsock = o.vsock;
   }
+  const rk = o.rebootKernel;
   return {
     ...saved, devices,
+    ...(rk !== undefined ? { boot: { cmdline: saved.boot?.cmdline ?? "", kernel: rk.kernel, ...(rk.initrd !== undefined ? { initrd: rk.initrd } : {}) } } : {}),
     ...(o.vcpuNice !== undefined ? { vcpuNice: o.vcpuNice } : {}),
     ...(o.memoryOvercommit !== undefined ? { memoryOvercommit: o.memoryOvercommit } : {}),
   };

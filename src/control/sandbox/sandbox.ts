@@ -52,14 +52,19 @@ export function parseUidRange(v: string): { base: number; count: number } {
   return { base, count };
 }
 
+/** The sandbox_ids owner of a memory snapshot's group (snapshotGroup). */
+export const snapshotOwner = (snapId: string): string => `snapshot:${snapId}`;
+
 /**
  * The uid (also used as gid) of VM `vmId`: the one it had, else the lowest free one in the range.
- * Recorded in the inventory's sandbox_ids table; rows of VMs that are gone are freed here.
+ * Recorded in the inventory's sandbox_ids table; rows of VMs and snapshots that are gone are freed
+ * here. A memory snapshot's group (`snapshotOwner(id)`) comes from the same range and table, so it
+ * is never a VM's uid or gid.
  * @throws TypevisorError SANDBOX_UIDS when the range is used up
  */
 export function allocateUid(db: Database.Database, vmId: string, base: number, count: number): number {
   return db.transaction(() => {
-    db.prepare("DELETE FROM sandbox_ids WHERE vm_id NOT IN (SELECT id FROM vms)").run();
+    db.prepare("DELETE FROM sandbox_ids WHERE vm_id NOT IN (SELECT id FROM vms) AND vm_id NOT IN (SELECT 'snapshot:' || id FROM snapshots)").run();
     const had = db.prepare("SELECT uid FROM sandbox_ids WHERE vm_id = ?").get(vmId) as { uid: number } | undefined;
     if (had !== undefined && had.uid >= base && had.uid < base + count) return had.uid;
     if (had !== undefined) db.prepare("DELETE FROM sandbox_ids WHERE vm_id = ?").run(vmId);
@@ -120,7 +125,14 @@ export interface SandboxedVmm {
  * exit file), owned by its uid. Resolves once the helper reported the VMM's pid.
  * @throws TypevisorError SANDBOX (the helper missing, a disk chain outside what the VM may use), TAP_OPEN, UNIX_SOCKET
  */
-export async function spawnSandboxed(l: VmmLaunch, s: { uid: number; root: string; outDir: string; cgroup?: string; probe?: string[]; allowedBacking: (path: string) => boolean }): Promise<SandboxedVmm> {
+export async function spawnSandboxed(
+  l: VmmLaunch,
+  s: {
+    uid: number; root: string; outDir: string; cgroup?: string; probe?: string[]; allowedBacking: (path: string) => boolean;
+    /** A restore: the saved state's directory (bound read-only) and the group that may read it (shareWithGroup). */
+    restoreGroup?: number;
+  },
+): Promise<SandboxedVmm> {
   if (!existsSync(JAIL_BIN)) {
     throw new TypevisorError("SANDBOX", `the VMM sandbox helper ${JAIL_BIN} is not built`, { hint: "install gcc and libc6-dev and run npm run build, or start the daemon with --no-sandbox" });
   }
@@ -156,6 +168,8 @@ export async function spawnSandboxed(l: VmmLaunch, s: { uid: number; root: strin
       if (!own.has(b) && !binds.includes(b)) binds.push(b);
     }
   }
+  // A restore reads the saved state in place (its memory mapped MAP_PRIVATE: clones share its pages).
+  if (l.restore !== undefined) binds.push(l.restore.dir);
   const sys = systemBinds();
   binds.push(...sys.binds);
 
@@ -196,6 +210,7 @@ export async function spawnSandboxed(l: VmmLaunch, s: { uid: number; root: strin
     ];
     const args = [
       "--uid", String(uid), "--gid", String(gid),
+      ...(s.restoreGroup !== undefined ? ["--group", String(s.restoreGroup)] : []),
       "--root", s.root,
       "--hostname", `vm-${l.id}`.slice(0, 64),
       "--pid-fd", "3",

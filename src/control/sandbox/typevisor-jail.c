@@ -19,7 +19,8 @@
  *      a small /tmp, then pivot_root(2) into it and detach the old root: nothing else of the
  *      host's filesystem is reachable;
  *   5. set the resource limits, close every descriptor but 0-2 and --keep-fd, empty the capability
- *      bounding set and the inheritable set, setgroups(0), setresgid, setresuid to the VM's ids
+ *      bounding set and the inheritable set, setgroups (none, or the --group ids: a snapshot's
+ *      group, so the VMM that restores it can read its files), setresgid, setresuid to the VM's ids
  *      (which clears the permitted and effective sets, capabilities(7) "Effect of user ID changes
  *      on capabilities"), PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG (the VMM dies with its waiter), and
  *      install the seccomp filters given in hex (built by src/sys/seccomp.ts), last, since they
@@ -78,6 +79,8 @@ static int nlimits;
 static const char *root, *cgroup, *hostname, *seccomp_hex, *seccomp_quiet_hex;
 static long uid = -1, gid = -1;
 static int die_with_parent;
+static gid_t groups[16]; /* supplementary groups: a snapshot's group, for the VMM that restores it (sandbox.ts) */
+static int ngroups;
 static int pid_fd = -1;
 static volatile pid_t child;
 
@@ -216,7 +219,7 @@ static void drop_capabilities(void) {
   for (int i = 0; i < 2; i++) d[i].inheritable = 0;
   if (syscall(SYS_capset, &h, d) != 0) die("capset");
   if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 && errno != EINVAL) die("PR_CAP_AMBIENT_CLEAR_ALL");
-  if (setgroups(0, NULL) != 0) die("setgroups");
+  if (setgroups((size_t)ngroups, ngroups > 0 ? groups : NULL) != 0) die("setgroups");
   if (setresgid((gid_t)gid, (gid_t)gid, (gid_t)gid) != 0) die("setresgid %ld", gid);
   if (setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) != 0) die("setresuid %ld", uid);
   /* A return to root must be impossible now; check rather than trust. */
@@ -321,7 +324,11 @@ int main(int argc, char **argv) {
     else if (strcmp(a, "--seccomp") == 0) seccomp_hex = v;
     else if (strcmp(a, "--seccomp-quiet") == 0) seccomp_quiet_hex = v;
     else if (strcmp(a, "--pid-fd") == 0) pid_fd = (int)number(v, 65535);
-    else if (strcmp(a, "--keep-fd") == 0 && nkeep < MAX_ITEMS) keep[nkeep++] = (int)number(v, 65535);
+    else if (strcmp(a, "--group") == 0 && ngroups < 16) {
+      groups[ngroups] = (gid_t)number(v, 0xfffffffeL);
+      if (groups[ngroups] == 0) die("--group 0 (root's group) is refused");
+      ngroups++;
+    } else if (strcmp(a, "--keep-fd") == 0 && nkeep < MAX_ITEMS) keep[nkeep++] = (int)number(v, 65535);
     else if (strcmp(a, "--dev") == 0 && ndevs < MAX_ITEMS) check_path(devs[ndevs++] = v);
     else if (strcmp(a, "--symlink") == 0 && nsymlinks < MAX_ITEMS) {
       const char *eq = strchr(v, '=');

@@ -1,0 +1,93 @@
+/**
+ * bench/snapshot, daemon part (issue 15 "instant create"): a VM created through the daemon from a
+ * template (a clone of a memory snapshot: it restores, no boot) against a cold create and boot of
+ * the same guest, each timed from the API request to the guest answering a line typed on its
+ * console (through the daemon's console stream). The template is the minimal image, 256 MiB, 1
+ * vCPU, booted once and snapshotted with memory. Three series, alternating:
+ *   - cold: `POST /v1/vms {image: minimal, start}`, to the answer;
+ *   - clone, standby pool: the same daemon run with `--no-sandbox --standby-vmms 1` (a VMM already
+ *     started takes the restore; docs/snapshots.md "Instant starts"), the pool refilled between runs;
+ *   - clone, sandboxed: a daemon run as root with its default VMM sandbox, where no standbys are
+ *     kept (docs/snapshots.md "Under the VMM sandbox"): a jailed VMM starts for each restore.
+ * Goal (issue 15): instant create at most 0.1x a cold create+boot.
+ *
+ * Run alone: BENCH_ONLY=daemon npm run bench:snapshot     (BENCH_RUNS: runs per series)
+ */
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { TypevisorClient } from "../src/api/client.js";
+import { startDaemon, until, type TestDaemon } from "../test/helpers/daemon.js";
+import { median } from "./lib.js";
+
+const PROBE_RETRY_MS = 2000;
+const ANSWER_MS = 600_000;
+
+/** Type a probe on the VM's console until the guest answers (the shell may not be up yet); ms from `t0`. */
+async function answered(c: TypevisorClient, vm: string, t0: number): Promise<number> {
+  const con = await c.attachConsole(vm);
+  let out = "";
+  con.on("data", (b: Buffer) => (out += b.toString("latin1")));
+  let n = 0;
+  // The marker is computed by the shell: the echo of the typed line never matches.
+  const probe = (): void => void con.write(`echo ans-$((${n++}+1000))\n`);
+  probe();
+  const timer = setInterval(probe, PROBE_RETRY_MS);
+  try {
+    await until(`${vm} answering`, () => (/ans-1\d{3}/.test(out) ? true : undefined), ANSWER_MS);
+    return performance.now() - t0;
+  } finally {
+    clearInterval(timer);
+    con.destroy();
+  }
+}
+
+const spec = (name: string) => ({ name, image: "minimal", cpus: 1, memoryMiB: 256, rng: false });
+
+async function template(d: TestDaemon): Promise<void> {
+  await d.client.createVm(spec("tpl"), { start: true });
+  await answered(d.client, "tpl", performance.now());
+  await d.client.createSnapshot("tpl", { name: "gold" });
+}
+
+export async function instantCreate(runs: number): Promise<{ coldMs: number[]; standbyMs: number[]; sandboxedMs: number[] }> {
+  const homes = [mkdtempSync(join(tmpdir(), "bench-ic-a-")), mkdtempSync(join(tmpdir(), "bench-ic-b-"))];
+  const pooled = await startDaemon({ home: homes[0]!, args: ["--no-sandbox", "--standby-vmms", "1"] });
+  const jailed = await startDaemon({ home: homes[1]!, args: [] });
+  const out = { coldMs: [] as number[], standbyMs: [] as number[], sandboxedMs: [] as number[] };
+  try {
+    await template(pooled);
+    await template(jailed);
+    console.log("bench/instant-create: templates booted and snapshotted (with memory)");
+    for (let i = 0; i < runs; i++) {
+      let t0 = performance.now();
+      await pooled.client.createVm(spec(`cold${i}`), { start: true });
+      out.coldMs.push(await answered(pooled.client, `cold${i}`, t0));
+      await pooled.client.removeVm(`cold${i}`, { force: true });
+
+      await until("a standby VMM ready", async () => ((await pooled.client.host()).standbyVmms.ready >= 1 ? true : undefined), ANSWER_MS);
+      t0 = performance.now();
+      await pooled.client.cloneVm("tpl", { name: `c${i}`, snapshot: "gold" });
+      out.standbyMs.push(await answered(pooled.client, `c${i}`, t0));
+      await pooled.client.removeVm(`c${i}`, { force: true });
+
+      t0 = performance.now();
+      await jailed.client.cloneVm("tpl", { name: `c${i}`, snapshot: "gold" });
+      out.sandboxedMs.push(await answered(jailed.client, `c${i}`, t0));
+      await jailed.client.removeVm(`c${i}`, { force: true });
+      console.log(`run ${i + 1}: cold create+boot ${out.coldMs[i]!.toFixed(0)} ms, clone with a standby VMM ${out.standbyMs[i]!.toFixed(0)} ms, clone sandboxed (no standby) ${out.sandboxedMs[i]!.toFixed(0)} ms`);
+    }
+    const cold = median(out.coldMs);
+    for (const [label, xs] of [["with a standby VMM (--no-sandbox)", out.standbyMs], ["sandboxed, no standby", out.sandboxedMs]] as const) {
+      const r = median(xs) / cold;
+      console.log(`daemon: create from a template ${label}: median ${median(xs).toFixed(0)} ms vs cold create+boot ${cold.toFixed(0)} ms: ${r.toFixed(3)}x (goal at most 0.1x: ${r <= 0.1 ? "met" : "not met"})`);
+    }
+    return out;
+  } finally {
+    for (const d of [pooled, jailed]) {
+      for (const v of await d.client.listVms().catch(() => [])) await d.client.removeVm(v.name, { force: true }).catch(() => undefined);
+      await d.stop();
+    }
+    for (const h of homes) rmSync(h, { recursive: true, force: true });
+  }
+}
