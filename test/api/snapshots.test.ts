@@ -331,7 +331,9 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     if (!existsSync(writer)) writeDiskGuest(writer);
     await c.createVm({ name: "dw", kernel: writer, memoryMiB: 64, rng: false, diskSize: "16M" }, { start: true });
     try {
-      await until("the guest writing", async () => /tv-disk: \d+ MiB/.test((await c.console("dw")).toString()) || undefined, 30_000);
+      await until("the guest writing", async () => /tv-disk: \d+ MiB/.test((await c.console("dw")).toString()) || undefined, 60_000).catch(async (e: unknown) => {
+        throw new Error(`${String(e)}; console: ${JSON.stringify((await c.console("dw")).toString().slice(-800))}; vm: ${JSON.stringify(await c.getVm("dw"))}`);
+      });
       const s = await c.createSnapshot("dw", { name: "mid" });
       expect(s.vmState).toBe("running");
       await until("the guest to finish and power off", async () => ((await c.getVm("dw")).state === "stopped" ? true : undefined), 60_000);
@@ -347,7 +349,7 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     } finally {
       await c.removeVm("dw", { force: true });
     }
-  }, 120_000);
+  }, 180_000);
 
   it("restores through a standby VMM when one is ready (--standby-vmms): no process start to wait for", async () => {
     const sd = await startDaemon({ args: ["--force-kvm", "--no-sandbox", "--allow-files", dir, "--standby-vmms", "1"] });
