@@ -127,8 +127,9 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
   it("keeps the VM running when the destination refuses the state, and after a cancel", async () => {
     const src = await source("src-refuse");
     const path = join(dir, "refuse.sock");
-    // Reads everything, then answers ERROR where READY belongs.
+    // Says it is prepared, reads everything, then answers ERROR where READY belongs.
     const server = createServer((s) => {
+      s.write(Buffer.concat(frame(FRAME.PREPARED)));
       let buf = Buffer.alloc(0);
       s.on("data", (d: Buffer) => {
         buf = Buffer.concat([buf, d]);
@@ -179,8 +180,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     let got = Buffer.alloc(0);
     s.on("data", (d: Buffer) => {
       got = Buffer.concat([got, d]);
-      // READY is the 8-byte header {16, 0}: vanish instead of sending GO.
-      if (got.length >= 8 && got.readUInt32LE(0) === FRAME.READY) s.destroy();
+      // PREPARED {20, 0} comes first, then READY {16, 0}: vanish instead of sending GO.
+      if (got.length >= 16 && got.readUInt32LE(8) === FRAME.READY) s.destroy();
     });
     s.on("error", () => undefined);
     for (const b of frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello(config, [{ guestPhysAddr: 0, size: 64 * 1024 * 1024 }]))))) s.write(b);
@@ -188,7 +189,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     for (const b of frame(FRAME.DONE)) s.write(b);
     try {
       expect(await dst.exited, dst.stderr()).toBe(2);
-      expect(got.readUInt32LE(0)).toBe(FRAME.READY);
+      expect(got.readUInt32LE(0)).toBe(FRAME.PREPARED);
+      expect(got.readUInt32LE(8)).toBe(FRAME.READY);
       expect(dst.stderr()).toMatch(/MIGRATION_PEER|closed/);
     } finally {
       s.destroy();

@@ -12,8 +12,8 @@ import { ramRanges } from "../arch/x86_64/layout.js";
 import { applyOverrides, incomingVm, type MachineConfig, type RestoreOverrides, type VmHost } from "../builder.js";
 import { decodeState } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
-import { FRAME, FrameReader, frame, HelloSchema, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
-import { parseEndpoint } from "./source.js";
+import { FRAME, FrameReader, frame, HelloSchema, jsonFrame, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
+import { parseEndpoint, type DestinationTimes } from "./source.js";
 
 export interface Incoming {
   vm: Vm;
@@ -43,6 +43,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
   sock.setNoDelay(true);
   const reader = new FrameReader(sock);
   let vm: Vm | undefined;
+  let prestartError: Error | undefined;
   try {
     let raw: unknown;
     try {
@@ -60,8 +61,22 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       throw streamError(`HELLO: RAM regions do not match a ${config.memoryMiB} MiB VM`);
     }
     vm = incomingVm(config, host);
+    // The device thread and the vCPU threads start now, while the memory streams in, rather than
+    // inside the guest's pause (the lab measured seconds for their start-up there).
+    // PREPARED tells the source it may pause the guest now; a failure ends the stream at once.
+    const prestarted = vm.prestart().then(
+      () => send(sock, frame(FRAME.PREPARED)),
+      (e: unknown) => {
+        prestartError = e as Error;
+        sock.destroy();
+        throw e;
+      },
+    );
+    prestarted.catch(() => undefined);
     const mem = vm.memory;
     const stateParts: Buffer[] = [];
+    let doneAt = 0;
+    const at = (): number => Math.round((performance.now() - doneAt) * 10) / 10;
     let stateBytes = 0;
     for (;;) {
       const f = await reader.next();
@@ -82,6 +97,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
         if (stateBytes > MAX_STATE_STREAM) throw streamError(`the state is over ${MAX_STATE_STREAM} bytes`);
         stateParts.push(f.payload);
       } else if (f.type === FRAME.DONE) {
+        doneAt = performance.now();
         break;
       } else if (f.type === FRAME.ERROR) {
         throw new TypevisorError("MIGRATION_PEER", `the source failed: ${f.payload.toString("utf8").slice(0, 2000)}`);
@@ -89,21 +105,32 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     }
     const state = decodeState(Buffer.concat(stateParts), "the migration stream's state");
     if (state.config.cpus !== config.cpus || state.config.memoryMiB !== config.memoryMiB) throw streamError("the state describes another machine than HELLO");
+    const times: Partial<DestinationTimes> = { stateDecoded: at() };
+    // The threads must be up (parked) before the vCPU state goes in: they never ran, nothing is pending.
+    await prestarted;
+    times.threadsReady = at();
     vm.applyState(state, { what: "the migrated VM" });
+    times.stateApplied = at();
     for (const w of vm.restoreWarnings) log(`typevisor: migration: ${w}`);
     // Back ends open and device state in place before READY: after GO nothing may fail here.
-    await vm.prepareDevices();
+    await vm.restoreDevices();
+    times.devicesRestored = at();
     await send(sock, frame(FRAME.READY));
+    times.readySent = at();
     await reader.expect(FRAME.GO);
+    times.goReceived = at();
     const built = vm;
     return {
       vm: built,
       config,
       running: () => {
-        void send(sock, frame(FRAME.RUNNING)).finally(() => sock.end()).catch(() => undefined);
+        times.resumed = at();
+        void send(sock, jsonFrame(FRAME.RUNNING, times)).finally(() => sock.end()).catch(() => undefined);
       },
     };
-  } catch (e) {
+  } catch (caught) {
+    // The threads' start-up failing cut the stream: that failure is the one to tell.
+    const e = prestartError ?? caught;
     try {
       sock.write(Buffer.concat(frame(FRAME.ERROR, Buffer.from((e as Error).message.slice(0, 4000)))));
     } catch {

@@ -223,6 +223,8 @@ function threadsReport(): DeviceReplies["threads"] {
 }
 
 const stallWord = new Int32Array(new SharedArrayBuffer(4));
+/** Whether the deferred state (DeviceThreadInit.deferRestore) was put in place by "restore". */
+let restored = false;
 
 /**
  * Before a snapshot (vCPUs paused): serve every queue kick already signalled on its ioeventfd, so
@@ -260,6 +262,13 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
       // Set between requests (commands run on this thread between passes), so no write is half-marked.
       mem.dirtyLog = c.args.buffer === null ? undefined : new DirtyLog(c.args.buffer);
       return { on: mem.dirtyLog !== undefined };
+    case "restore":
+      if (init.deferRestore !== true || restored) throw new TypevisorError("VM_STATE", "this device thread's state was put in place already");
+      // Checked here as the init's restore is: this thread trusts no state it did not check.
+      restoreDevices(plugged, bus, parseDevicesState(c.args.state));
+      restored = true;
+      routeKicks();
+      return { restored: true };
     case "disks.retry":
       for (const { dev } of disks) dev.retryHeld();
       return { held: disks.reduce((n, { dev }) => n + dev.heldRequests, 0) };
