@@ -472,13 +472,15 @@ export class Vm {
    * paused: KVM's getters would wait for a running vCPU.
    */
   async captureState(config: SnapshotConfig, runState: "running" | "paused"): Promise<Omit<SnapshotState, "memory">> {
-    if (this.state !== "paused") throw new TypevisorError("VM_STATE", `the VM must be paused to capture its state (it is ${this.state})`);
+    // A prestart()ed VM's threads are parked too: its (never run) state can be read, as a sample.
+    if (this.state !== "paused" && !(this.state === "created" && this.vcpuThreads !== undefined)) throw new TypevisorError("VM_STATE", `the VM must be paused to capture its state (it is ${this.state})`);
     const devices = this.deviceThread !== undefined ? await this.deviceCommand({ command: "snapshot" }) : null;
     const msrs = msrsToSave(this.kvm);
     const caps = cpuCaps(this.kvm);
     return {
       version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState, config,
-      vcpus: this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id]!)),
+      // A prestarted VM's vCPUs have no CPUID yet (the incoming state brings it): the host's, for a sample.
+      vcpus: this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id] ?? this.kvm.supportedCpuid())),
       vm: saveVmKvm(this.vm),
       platform: { serial: this.serial.save() },
       devices,

@@ -172,6 +172,9 @@ try {
   bus.onDecodeChange((_changes: BarDecode[]) => routeKicks());
   // Checked again here (the main thread parsed it too): this thread trusts no state it did not check.
   if (init.restore !== undefined) restoreDevices(plugged, bus, parseDevicesState(init.restore));
+  // The state's checker is slow the first time (schema set-up: ~100 ms on a loaded host, far more
+  // in the lab) and fast afterwards: run it now on these devices' own state, off the guest's pause.
+  if (init.deferRestore === true) parseDevicesState(saveDevices(plugged, bus));
   routeKicks();
 } catch (e) {
   post(isTypevisorError(e) ? { type: "error", code: e.code, message: e.message } : { type: "error", code: "DEVICE_SETUP", message: (e as Error).message });
