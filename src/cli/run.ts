@@ -414,7 +414,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
             if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
             if (migration !== undefined && ["connecting", "precopy", "stopped", "committed"].includes(migration.progress.phase)) throw new TypevisorError("VM_STATE", "a migration is already under way");
             const { OutgoingMigration, parseEndpoint } = await import("../vmm/migration/source.js");
-            const req = body as { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number };
+            const req = body as import("../vmm/migration/source.js").MigrateRequest;
             parseEndpoint(req.to);
             const m = new OutgoingMigration(current, config, req);
             migration = m;
@@ -422,6 +422,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
               if (p.phase === "completed") {
                 // The guest runs at the destination now: this VMM ends.
                 log(`typevisor: migrated to ${req.to} (downtime ${p.downtimeMs ?? "?"} ms, ${p.bytesSent} bytes in ${p.round} rounds)`);
+                if (p.switchover !== undefined) log(`typevisor: migration switch-over (ms from pause): ${switchoverLine(p.switchover)}`);
                 migrated = true;
                 stopRequested = true;
                 current?.stop();
@@ -549,4 +550,11 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
         process.exitCode = code;
       }
     });
+}
+
+/** The switch-over's steps on one line (docs/migration.md "Downtime"). */
+function switchoverLine(s: import("../vmm/migration/source.js").SwitchoverTimes): string {
+  const d = s.destination;
+  return `vcpus stopped ${s.vcpusStopped}, last round ${s.lastRoundSent} (${s.lastRoundBytes} B), state captured ${s.stateCaptured}, state sent ${s.stateSent} (${s.stateBytes} B), READY ${s.ready}, GO ${s.goSent}, RUNNING ${s.running}` +
+    (d !== undefined ? `; destination (ms from DONE): state decoded ${d.stateDecoded}, threads up ${d.threadsReady}, applied ${d.stateApplied}, devices restored ${d.devicesRestored}, READY sent ${d.readySent}, GO ${d.goReceived}, resumed ${d.resumed}` : "");
 }

@@ -25,7 +25,7 @@ import { pciHostBridgeAml } from "./devices/pci/acpi.js";
 import { newGeneration, writeGenerationId } from "./devices/legacy/vmgenid/vmgenid.js";
 import { Serial, createSerialShared } from "./devices/legacy/serial/serial.js";
 import { DirtyLog, GuestMemory, type HostRegion } from "./memory/guest-memory.js";
-import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
+import { CTRL, STAT_SLOTS, THROTTLE_SLICE_MS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./vcpu/control.js";
 import { formatRegisterDump } from "./vcpu/dump.js";
 import { writeResetVector } from "./arch/x86_64/reset-vector.js";
 import { hasDevices, type DeviceSpecs } from "./device-specs.js";
@@ -257,6 +257,8 @@ export class Vm {
   private readonly mems: libc.Mapping[] = [];
   private readonly control = new SharedArrayBuffer(CTRL.SLOTS * 4);
   private readonly ctrl = new Int32Array(this.control);
+  /** Kicks the vCPUs every throttle slice while auto-converge throttles them (setThrottle). */
+  private throttleTimer: ReturnType<typeof setInterval> | undefined;
   private readonly stats: SharedArrayBuffer;
   private readonly serialShared = createSerialShared();
   readonly serial: Serial;
@@ -296,6 +298,10 @@ export class Vm {
   /** The run state a restored guest was saved in. */
   private restoredRunState: "running" | "paused" | undefined;
   private devicesStarted: Promise<VcpuWorkerInit["platform"]> | undefined;
+  /** The vCPU workers once created (by run(), or earlier by prestart()). */
+  private vcpuThreads: { ready: Promise<void>; exited: Promise<VmExitResult> } | undefined;
+  /** prestart(): the device thread starts without the devices' state; restoreDevices() sends it later. */
+  private deferDeviceState = false;
   /** The pages the device thread writes, while dirty logging is on. */
   private deviceDirty: DirtyLog | undefined;
   /** While guest writes are logged: KVM's bitmap per RAM slot, a bit per page. */
@@ -498,13 +504,15 @@ export class Vm {
    * paused: KVM's getters would wait for a running vCPU.
    */
   async captureState(config: SnapshotConfig, runState: "running" | "paused"): Promise<Omit<SnapshotState, "memory">> {
-    if (this.state !== "paused") throw new TypevisorError("VM_STATE", `the VM must be paused to capture its state (it is ${this.state})`);
+    // A prestart()ed VM's threads are parked too: its (never run) state can be read, as a sample.
+    if (this.state !== "paused" && !(this.state === "created" && this.vcpuThreads !== undefined)) throw new TypevisorError("VM_STATE", `the VM must be paused to capture its state (it is ${this.state})`);
     const devices = this.deviceThread !== undefined ? await this.deviceCommand({ command: "snapshot" }) : null;
     const msrs = msrsToSave(this.kvm);
     const caps = cpuCaps(this.kvm);
     return {
       version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState, config,
-      vcpus: this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id]!)),
+      // A prestarted VM's vCPUs have no CPUID yet (the incoming state brings it): the host's, for a sample.
+      vcpus: this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id] ?? this.kvm.supportedCpuid())),
       vm: saveVmKvm(this.vm),
       platform: { serial: this.serial.save() },
       devices,
@@ -549,7 +557,7 @@ export class Vm {
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
       ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
       // Checked again by the device thread (parseDevicesState) before anything is built from it.
-      ...(this.restoredDevices !== undefined && this.restoredDevices !== null ? { restore: this.restoredDevices as DevicesState } : {}),
+      ...(this.deferDeviceState ? { deferRestore: true } : this.restoredDevices !== undefined && this.restoredDevices !== null ? { restore: this.restoredDevices as DevicesState } : {}),
     };
     const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
@@ -632,10 +640,6 @@ export class Vm {
     const startPaused = opts.paused ?? this.restoredRunState === "paused";
     // Paused from the start: the vCPUs park at their first look at the control words.
     this.state = startPaused ? "paused" : "running";
-    if (startPaused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
-    // Idempotent, so a rebooted VM in the same process sets it again harmlessly.
-    setFlagsFromString(`--interrupt-budget=${V8_INTERRUPT_BUDGET}`);
-    libc.installKickHandler();
     let platform: VcpuWorkerInit["platform"];
     try {
       platform = await this.prepareDevices();
@@ -648,11 +652,60 @@ export class Vm {
     // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
     this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
     this.sampler.unref();
-    // The vCPU workers are created just below, synchronously: tell the caller on the next turn.
+    let exited: Promise<VmExitResult>;
+    if (this.vcpuThreads !== undefined) {
+      // Started parked by prestart() (an incoming migration): let them go.
+      exited = this.vcpuThreads.exited;
+      if (!startPaused) {
+        Atomics.store(this.ctrl, CTRL.PAUSE, 0);
+        Atomics.notify(this.ctrl, CTRL.PAUSE);
+      }
+    } else exited = this.spawnVcpus(startPaused, platform).exited;
+    // The vCPU workers exist by now (created synchronously): tell the caller on the next turn.
     if (opts.onStarted !== undefined) setImmediate(opts.onStarted);
-    const result = await new Promise<VmExitResult>((resolve) => {
+    const result = await exited;
+    await this.stopDevices();
+    this.stopSampler();
+    return result;
+  }
+
+  /**
+   * An incoming migration, while its memory streams in: start the device thread (devices built,
+   * back ends open, state left for restoreDevices()) and the vCPU threads, parked, so neither
+   * thread start-up is part of the guest's pause. Nothing runs guest code until run().
+   */
+  async prestart(): Promise<void> {
+    if (!this.awaitingState || this.state !== "created" || this.vcpuThreads !== undefined) throw new TypevisorError("VM_STATE", "prestart() is for a VM built for an incoming state, once");
+    this.deferDeviceState = true;
+    this.devicesStarted = this.startDevices();
+    const platform = await this.devicesStarted;
+    await this.spawnVcpus(true, platform).ready;
+  }
+
+  /** After applyState(), on a prestart()ed VM: the device thread puts the devices' state back. */
+  async restoreDevices(): Promise<void> {
+    if (this.awaitingState || !this.deferDeviceState) throw new TypevisorError("VM_STATE", "restoreDevices() is for a prestarted VM whose state was applied");
+    if (this.deviceThread !== undefined && this.restoredDevices !== undefined && this.restoredDevices !== null) {
+      await this.deviceCommand({ command: "restore", args: { state: this.restoredDevices } });
+    }
+  }
+
+  /** Create the vCPU workers (parked when `paused`); `ready` once each runs its loop, `exited` once all ended. */
+  private spawnVcpus(paused: boolean, platform: VcpuWorkerInit["platform"]): { ready: Promise<void>; exited: Promise<VmExitResult> } {
+    if (paused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
+    // Idempotent, so a rebooted VM in the same process sets it again harmlessly.
+    setFlagsFromString(`--interrupt-budget=${V8_INTERRUPT_BUDGET}`);
+    libc.installKickHandler();
+    let readyCount = 0;
+    let onReady: () => void = () => undefined;
+    let onFail: (e: Error) => void = () => undefined;
+    const ready = new Promise<void>((resolve, reject) => {
+      onReady = resolve;
+      onFail = reject;
+    });
+    const exited = new Promise<VmExitResult>((resolve) => {
       let first: { request: VmRequestCode; reason: string; dump?: string } | undefined;
-      let exited = 0;
+      let exitedCount = 0;
       let failed: Error | undefined;
       this.pthreads = new Array<bigint>(this.vcpus.length).fill(0n);
       this.workers = this.vcpus.map((vcpu) => {
@@ -670,6 +723,7 @@ export class Vm {
             this.nice[m.vcpuId] = m.niceError !== undefined ? { nice: m.nice, niceError: m.niceError } : { nice: m.nice };
             // Named for per-thread CPU accounting (/proc/PID/task/TID/comm; Node names every thread "node").
             libc.pthreadSetName(m.thread, `tv-vcpu${m.vcpuId}`);
+            if (++readyCount === this.vcpus.length) onReady();
           } else {
             // The first vCPU to stop decides why; the others are kicked out of KVM_RUN.
             if (first === undefined && m.request !== VmRequest.NONE) first = m;
@@ -679,12 +733,14 @@ export class Vm {
         });
         w.on("error", (e) => {
           failed ??= e;
+          onFail(new TypevisorError("VCPU_THREAD", `vCPU thread failed: ${e.message}`));
           Atomics.compareExchange(this.ctrl, CTRL.REQUEST, VmRequest.NONE, VmRequest.CRASH);
           this.kickAll();
         });
         w.on("exit", () => {
-          exited++;
-          if (exited < this.workers.length) return;
+          exitedCount++;
+          onFail(new TypevisorError("VCPU_THREAD", "a vCPU thread exited during start-up"));
+          if (exitedCount < this.workers.length) return;
           this.state = "stopped";
           const req = Atomics.load(this.ctrl, CTRL.REQUEST);
           if (failed !== undefined) resolve({ kind: "crash", reason: `vCPU thread failed: ${failed.message}` });
@@ -696,9 +752,10 @@ export class Vm {
         return w;
       });
     });
-    await this.stopDevices();
-    this.stopSampler();
-    return result;
+    // Rejections after readiness (a later exit) are nobody's concern here: `exited` reports them.
+    ready.catch(() => undefined);
+    this.vcpuThreads = { ready, exited };
+    return this.vcpuThreads;
   }
 
   private stopSampler(): void {
@@ -706,8 +763,35 @@ export class Vm {
     this.sampler = undefined;
   }
 
+  /**
+   * Auto-converge for a live migration (vcpu/control.ts CTRL.THROTTLE): keep every vCPU out of
+   * the guest `percent`% of the time (0 ends it). The vCPUs are kicked out of KVM_RUN every
+   * slice while throttled, since a guest that never exits would never see the throttle.
+   */
+  setThrottle(percent: number): void {
+    const pct = Math.max(0, Math.min(99, Math.round(percent)));
+    if (Atomics.load(this.ctrl, CTRL.THROTTLE) === pct) return;
+    Atomics.store(this.ctrl, CTRL.THROTTLE, pct);
+    Atomics.notify(this.ctrl, CTRL.THROTTLE);
+    if (pct === 0) {
+      if (this.throttleTimer !== undefined) clearInterval(this.throttleTimer);
+      this.throttleTimer = undefined;
+    } else if (this.throttleTimer === undefined) {
+      // Not waking the sleepers: that would cut their throttle slice short.
+      this.throttleTimer = setInterval(() => this.kickAll(false), THROTTLE_SLICE_MS);
+      this.throttleTimer.unref();
+    }
+  }
+
+  /** The auto-converge throttle now (0..99). */
+  get throttle(): number {
+    return Atomics.load(this.ctrl, CTRL.THROTTLE);
+  }
+
   /** Make every vCPU leave KVM_RUN promptly (KVM API §4.10, immediate_exit; kvm-lab.md). */
-  private kickAll(): void {
+  private kickAll(wakeThrottled = true): void {
+    // A vCPU sleeping off a throttle slice looks at the control words again now (pause, stop).
+    if (wakeThrottled) Atomics.notify(this.ctrl, CTRL.THROTTLE);
     this.runMaps.forEach(({ run }, i) => {
       run[1] = 1; // kvm_run.immediate_exit: catches a kick that lands just before KVM_RUN
       const t = this.pthreads[i];
@@ -1168,6 +1252,12 @@ export class Vm {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `discard() is for a VM that never ran (this one is ${this.state})`);
     this.state = "stopped";
     await this.devicesStarted?.catch(() => undefined);
+    // prestart()ed vCPU threads, parked: they leave at the stop request without running guest code.
+    const threads = this.vcpuThreads;
+    if (threads !== undefined) {
+      this.stop();
+      await threads.exited;
+    }
     await this.stopDevices();
     this.destroy();
   }
@@ -1177,6 +1267,8 @@ export class Vm {
     if (this.destroyed) return;
     this.destroyed = true;
     if (this.inputTimer !== undefined) clearTimeout(this.inputTimer);
+    if (this.throttleTimer !== undefined) clearInterval(this.throttleTimer);
+    this.throttleTimer = undefined;
     this.stopSampler();
     this.releaseKvm();
     // Only now: a constructor that failed leaves the memory file to whoever opened it.

@@ -36,27 +36,40 @@ SECTIONS {
 
 /** Build the guest as a bzImage at `path`. Needs gcc and binutils (the tests' packages). */
 export function writeDiskGuest(path: string): void {
-  const d = mkdtempSync(join(tmpdir(), "tv-diskguest-"));
+  writeCGuest(SOURCE, path, "tv-disk-writer (typevisor test guest)");
+}
+
+/** What test/fixtures/mem-dirtier.c prints once it runs; then "tv-dirty: pass N" every 16 passes over its 64 MiB. */
+export const MEM_DIRTIER_UP = "tv-dirty: up\n";
+
+/** The guest that dirties 64 MiB as fast as it can (test/fixtures/mem-dirtier.c; the VM needs 96 MiB or more). */
+export function writeMemDirtier(path: string): void {
+  writeCGuest(new URL("../fixtures/mem-dirtier.c", import.meta.url).pathname, path, "tv-mem-dirtier (typevisor test guest)");
+}
+
+/** Build a freestanding C test guest (entry `start64` in section .entry) as a bzImage at `path`. */
+export function writeCGuest(source: string, path: string, version: string): void {
+  const d = mkdtempSync(join(tmpdir(), "tv-cguest-"));
   try {
     writeFileSync(join(d, "link.ld"), LINKER_SCRIPT);
     execFileSync("gcc", [
       "-O2", "-ffreestanding", "-fno-pie", "-no-pie", "-nostdlib", "-static", "-mno-red-zone", "-mgeneral-regs-only",
       "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-mcmodel=small", "-Wl,--build-id=none",
-      "-T", join(d, "link.ld"), "-o", join(d, "guest.elf"), SOURCE,
+      "-T", join(d, "link.ld"), "-o", join(d, "guest.elf"), source,
     ], { stdio: ["ignore", "pipe", "pipe"], timeout: 60_000 });
     execFileSync("objcopy", ["-O", "binary", "-j", ".head", "-j", ".text", "-j", ".rodata", "-j", ".data", join(d, "guest.elf"), join(d, "guest.bin")], { timeout: 60_000 });
     const pm = readFileSync(join(d, "guest.bin"));
-    writeFileSync(path, diskGuestImage(pm));
+    writeFileSync(path, cGuestImage(pm, version));
   } finally {
     rmSync(d, { recursive: true, force: true });
   }
 }
 
 /** The guest as a bzImage, loaded at LOAD (its code is linked there, not position-independent). */
-function diskGuestImage(code: Uint8Array): Uint8Array {
+function cGuestImage(code: Uint8Array, version: string): Uint8Array {
   const pmSize = Math.ceil(code.length / 16) * 16;
-  if (pmSize > INIT_SIZE / 2) throw new Error(`disk guest is ${pmSize} bytes, past its init_size budget`);
-  return bzImage(code, { version: "tv-disk-writer (typevisor test guest)", initSize: INIT_SIZE, loadAt: LOAD });
+  if (pmSize > INIT_SIZE / 2) throw new Error(`test guest is ${pmSize} bytes, past its init_size budget`);
+  return bzImage(code, { version, initSize: INIT_SIZE, loadAt: LOAD });
 }
 
 /**

@@ -71,6 +71,7 @@ describe("live migration of a running guest between two network namespaces under
       const moved = /migrated to .* \(downtime (\d+) ms, (\d+) bytes in (\d+) rounds\)/.exec(a.output);
       expect(moved, a.output.slice(-2000)).not.toBeNull();
       console.log(`migration-lab: downtime ${moved?.[1]} ms, ${moved?.[2]} bytes in ${moved?.[3]} rounds`);
+      console.log(`migration-lab: ${/migration switch-over.*/.exec(a.output)?.[0] ?? "no switch-over line"}`);
       const ticksA = [...a.output.matchAll(/tick=(\d+)/g)].map((m) => Number(m[1]));
       const lastA = Math.max(...ticksA);
       // The destination goes on counting from where the source stopped.

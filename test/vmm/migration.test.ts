@@ -12,6 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { MEM_DIRTIER_UP, writeMemDirtier } from "../helpers/disk-guest.js";
 import { unixApi } from "../helpers/unix-api.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { FRAME, frame, hello, pagesHeader } from "../../src/vmm/migration/protocol.js";
@@ -21,6 +22,8 @@ const hasKvm = existsSync("/dev/kvm");
 const dir = mkdtempSync(join(tmpdir(), "tv-mig-"));
 const kernel = join(dir, "tiny.bzImage");
 writeTinyKernel(kernel);
+const dirtier = join(dir, "dirtier.bzImage");
+writeMemDirtier(dirtier);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 async function until(what: string, cond: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
@@ -127,8 +130,9 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
   it("keeps the VM running when the destination refuses the state, and after a cancel", async () => {
     const src = await source("src-refuse");
     const path = join(dir, "refuse.sock");
-    // Reads everything, then answers ERROR where READY belongs.
+    // Says it is prepared, reads everything, then answers ERROR where READY belongs.
     const server = createServer((s) => {
+      s.write(Buffer.concat(frame(FRAME.PREPARED)));
       let buf = Buffer.alloc(0);
       s.on("data", (d: Buffer) => {
         buf = Buffer.concat([buf, d]);
@@ -179,8 +183,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     let got = Buffer.alloc(0);
     s.on("data", (d: Buffer) => {
       got = Buffer.concat([got, d]);
-      // READY is the 8-byte header {16, 0}: vanish instead of sending GO.
-      if (got.length >= 8 && got.readUInt32LE(0) === FRAME.READY) s.destroy();
+      // PREPARED {20, 0} comes first, then READY {16, 0}: vanish instead of sending GO.
+      if (got.length >= 16 && got.readUInt32LE(8) === FRAME.READY) s.destroy();
     });
     s.on("error", () => undefined);
     for (const b of frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello(config, [{ guestPhysAddr: 0, size: 64 * 1024 * 1024 }]))))) s.write(b);
@@ -188,13 +192,53 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     for (const b of frame(FRAME.DONE)) s.write(b);
     try {
       expect(await dst.exited, dst.stderr()).toBe(2);
-      expect(got.readUInt32LE(0)).toBe(FRAME.READY);
+      expect(got.readUInt32LE(0)).toBe(FRAME.PREPARED);
+      expect(got.readUInt32LE(8)).toBe(FRAME.READY);
       expect(dst.stderr()).toMatch(/MIGRATION_PEER|closed/);
     } finally {
       s.destroy();
       await kill(dst);
     }
   }, 60_000);
+
+  /** The memory-dirtying guest's passes, as its console printed them so far. */
+  const passes = (text: string): number[] => [...text.matchAll(/tv-dirty: pass (\d+)/g)].map((m) => Number(m[1]));
+
+  it("throttles a guest that dirties memory faster than the link takes it (auto-converge) until it converges; every page arrives", async () => {
+    const src = start("src-dirty", ["--kernel", dirtier, "--memory", "128", "--cpus", "1"]);
+    const con = await consoleClient(src.sock);
+    const endpoint = `unix:${join(dir, "dirty.sock")}`;
+    const dst = start("dst-dirty", ["--incoming", endpoint]);
+    try {
+      await until("the dirtier", () => con.text().includes(MEM_DIRTIER_UP) && passes(con.text()).length > 0);
+      await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      // 64 MiB rewritten every pass, a link of 48 MiB/s: without a throttle no round ever gets small enough.
+      const r = await unixApi(src.api, "POST", "/migrate", { to: endpoint, maxBandwidth: 48 * 1024 * 1024, maxDowntimeMs: 200 });
+      expect(r.status, JSON.stringify(r.body)).toBe(202);
+      let throttle = 0;
+      let last: unknown;
+      for (;;) {
+        const p = await unixApi(src.api, "GET", "/migrate").catch(() => undefined);
+        if (p === undefined) break; // the source has gone: migrated
+        last = p.body;
+        throttle = Math.max(throttle, (p.body as { throttlePercent: number }).throttlePercent);
+        if (["completed", "failed", "cancelled"].includes((p.body as { phase: string }).phase)) break;
+        await new Promise((res) => setTimeout(res, 100));
+      }
+      console.log(JSON.stringify(last));
+      expect(await src.exited, src.stderr()).toBe(0);
+      expect(throttle).toBeGreaterThan(0);
+      const lastPass = Math.max(...passes(con.text()));
+      const con2 = await consoleClient(dst.sock);
+      await until("the dirtier to go on at the destination", () => passes(con2.text()).some((n) => n > lastPass), 60_000);
+      expect(con2.text()).not.toContain("MISMATCH");
+      con2.sock.destroy();
+    } finally {
+      con.sock.destroy();
+      await kill(src);
+      await kill(dst);
+    }
+  }, 180_000);
 
   const helloFrame = (): Uint8Array[] => {
     const regions = [{ guestPhysAddr: 0, size: 64 * 1024 * 1024 }];

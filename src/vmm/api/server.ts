@@ -14,10 +14,13 @@
  *                  {path, ms, memoryBytes, dataBytes}; `typevisor run --restore DIR` starts from it.
  *                  track: count the pages written from now on; base: an incremental snapshot of
  *                  only the pages written since DIR0, the tracked snapshot (docs/snapshots.md)
- *   POST /migrate  {"to": "tcp:HOST:PORT"|"unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?}:
+ *   POST /migrate  {"to": "tcp:HOST:PORT"|"unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?,
+ *                  "maxBandwidth"? (bytes/s), "autoConverge"? (default true), "disks"? "shared"|"copy"}:
  *                  live-migrate the VM to a VMM started with `run --incoming`; 202 with progress.
- *                  GET /migrate: progress {phase, round, bytesSent, dirtyBytes, bandwidth,
- *                  expectedDowntimeMs, downtimeMs?, error?}; DELETE /migrate cancels (the VM runs on)
+ *                  GET /migrate: progress {phase, round, bytesSent, dirtyBytes, bytesRemaining,
+ *                  bandwidth, dirtyRate, expectedDowntimeMs, throttlePercent, downtimeMs?,
+ *                  switchover? (where the pause went), disks?, error?}; DELETE /migrate cancels
+ *                  (the VM runs on)
  *   PUT  /restore  (a standby VMM only, `run --standby`) {"snapshot": DIR, "id"?, "consoleLog"?,
  *                  "consoleSocket"?, "exitFile"?, "disks"?: [SPEC], "nets"?: [SPEC], "vsock"?: SPEC,
  *                  "paused"?: bool, "keepClock"?: bool}: become the VM saved in DIR, on this same
@@ -53,6 +56,17 @@ const dirString = z.string().min(1).max(4096).refine((v) => !v.includes("\0"), "
 export const SnapshotRequestSchema = z.strictObject({ path: dirString, memory: z.boolean().optional(), base: dirString.optional(), track: z.boolean().optional() });
 export type SnapshotRequest = z.infer<typeof SnapshotRequestSchema>;
 
+/** POST /migrate's body, as checked here (migration/source.ts MigrateRequest uses it as is). */
+export interface MigrateBody {
+  to: string;
+  maxDowntimeMs?: number;
+  maxRounds?: number;
+  timeoutMs?: number;
+  maxBandwidth?: number;
+  autoConverge?: boolean;
+  disks?: "shared" | "copy";
+}
+
 export interface ControlTarget {
   info(): unknown;
   /** May need the device thread (I/O counters), hence asynchronous. */
@@ -68,7 +82,7 @@ export interface ControlTarget {
   threads(): Promise<unknown>;
   pause(): Promise<void>;
   /** POST: start a live migration (body checked here); GET: its progress; DELETE: cancel it. */
-  migrate?(method: "POST" | "GET" | "DELETE", body?: { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number }): Promise<unknown>;
+  migrate?(method: "POST" | "GET" | "DELETE", body?: MigrateBody): Promise<unknown>;
   /** Save the VM into `path` (Vm.snapshot). */
   snapshot(req: SnapshotRequest): Promise<unknown>;
   resume(): void;
@@ -93,7 +107,7 @@ export class SwitchableTarget implements ControlTarget {
   threads(): Promise<unknown> { return this.current.threads(); }
   pause(): Promise<void> { return this.current.pause(); }
   snapshot(req: SnapshotRequest): Promise<unknown> { return this.current.snapshot(req); }
-  migrate(method: "POST" | "GET" | "DELETE", body?: { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number }): Promise<unknown> {
+  migrate(method: "POST" | "GET" | "DELETE", body?: MigrateBody): Promise<unknown> {
     if (this.current.migrate === undefined) return Promise.reject(new TypevisorError("VM_STATE", "this VMM has no VM to migrate"));
     return this.current.migrate(method, body);
   }
@@ -194,10 +208,12 @@ export function startControlServer(socketPath: string, target: ControlTarget, li
           if (method !== "POST") return send(res, 200, await target.migrate(method));
           const body = (await readJson(req)) as Record<string, unknown> | undefined;
           const num = (k: string, max: number): boolean => body?.[k] === undefined || (typeof body[k] === "number" && Number.isInteger(body[k]) && (body[k] as number) > 0 && (body[k] as number) <= max);
-          if (typeof body?.["to"] !== "string" || body["to"].length > 4096 || !num("maxDowntimeMs", 3_600_000) || !num("maxRounds", 1000) || !num("timeoutMs", 86_400_000)) {
-            return problem(res, 400, "INVALID_REQUEST", 'body must be {"to": "tcp:HOST:PORT" | "unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?}');
+          if (typeof body?.["to"] !== "string" || body["to"].length > 4096 || !num("maxDowntimeMs", 3_600_000) || !num("maxRounds", 1000) || !num("timeoutMs", 86_400_000) ||
+            !num("maxBandwidth", 2 ** 40) || (body["autoConverge"] !== undefined && typeof body["autoConverge"] !== "boolean") ||
+            (body["disks"] !== undefined && body["disks"] !== "shared" && body["disks"] !== "copy")) {
+            return problem(res, 400, "INVALID_REQUEST", 'body must be {"to": "tcp:HOST:PORT" | "unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?, "maxBandwidth"? (bytes/s), "autoConverge"?: bool, "disks"?: "shared" | "copy"}');
           }
-          return send(res, 202, await target.migrate("POST", body as { to: string }));
+          return send(res, 202, await target.migrate("POST", body as unknown as MigrateBody));
         }
         case "PUT /restore": {
           if (target.restore === undefined) return problem(res, 409, "VM_STATE", "this VMM is not a standby VMM");

@@ -6,9 +6,11 @@
  * Source to destination, in order: HELLO (JSON: version, the machine's configuration, its RAM
  * regions), then any number of PAGES (u64 guest-physical address, then whole 4 KiB pages) and
  * ZEROS (u64 address, u32 page count: pages that became zero), then STATE (a snapshot state file,
- * checksummed and schema-checked as one: snapshot/state.ts), then DONE. The destination answers
+ * checksummed and schema-checked as one: snapshot/state.ts), then DONE. Meanwhile the
+ * destination says PREPARED once its device and vCPU threads are up (the source switches over
+ * only after it, so their start-up is never part of the guest's pause). The destination answers
  * READY once the whole state is in place (or ERROR with a message); the source then commits and
- * sends GO; the destination runs the VM and answers RUNNING.
+ * sends GO; the destination runs the VM and answers RUNNING (JSON: its timings, reported only).
  *
  * Everything a destination reads is hostile: every length is capped before anything is
  * allocated, every page range is checked against the VM's RAM regions, frames out of order are
@@ -19,7 +21,8 @@ import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
 import { SnapshotConfigSchema, type SnapshotConfig } from "../snapshot/state.js";
 
-export const MIGRATION_VERSION = 1;
+/** 2: PREPARED, RUNNING's timings. */
+export const MIGRATION_VERSION = 2;
 export const PAGE = 4096;
 /** 2 MiB of pages and their header: the largest frame either side accepts (the state is sent in pieces). */
 export const MAX_FRAME = 2 * 1024 * 1024 + 64;
@@ -28,7 +31,7 @@ export const MAX_STATE_STREAM = 64 * 1024 * 1024;
 
 export const FRAME = {
   HELLO: 1, PAGES: 2, ZEROS: 3, STATE: 4, DONE: 5,
-  READY: 16, GO: 17, RUNNING: 18, ERROR: 19,
+  READY: 16, GO: 17, RUNNING: 18, ERROR: 19, PREPARED: 20,
 } as const;
 export type FrameType = (typeof FRAME)[keyof typeof FRAME];
 const NAMES = Object.fromEntries(Object.entries(FRAME).map(([k, v]) => [v, k])) as Record<number, string>;
@@ -74,13 +77,18 @@ export function zerosPayload(gpa: number, pages: number): Buffer {
   return b;
 }
 
+/** Bytes the sender lets the socket queue before it waits for them to drain. */
+const SEND_QUEUE = 4 * 1024 * 1024;
+
 /** Write `parts` and wait until the socket has taken them (backpressure: never buffer a whole VM in memory). */
 export async function send(sock: Socket, parts: Uint8Array[]): Promise<void> {
   // A socket closed earlier fires no more events: waiting for 'drain' or 'close' would never end.
   if (sock.destroyed || !sock.writable) throw new TypevisorError("MIGRATION_PEER", "the connection is closed");
-  let ok = true;
-  for (const p of parts) ok = sock.write(p);
-  if (!ok) {
+  for (const p of parts) sock.write(p);
+  // Wait only once a few MiB are queued, not at the socket's 16 KiB high-water mark: scattered
+  // dirty pages are one small frame each, and a wait per frame (an event-loop turn, a syscall
+  // each) was most of the time the last round took while the guest was paused.
+  if (sock.writableLength > SEND_QUEUE) {
     if (sock.destroyed) throw new TypevisorError("MIGRATION_PEER", "the connection closed while sending");
     await new Promise<void>((resolve, reject) => {
       const onDrain = (): void => {

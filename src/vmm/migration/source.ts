@@ -13,6 +13,7 @@
  */
 import { closeSync, openSync } from "node:fs";
 import { connect, type Socket } from "node:net";
+import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
 import { forEachDataRun, isZeroPage } from "../snapshot/memory.js";
 import { encodeState, type SnapshotConfig } from "../snapshot/state.js";
@@ -25,35 +26,97 @@ export interface MigrateRequest {
   to: string;
   /** Pause-to-resume target: the last round is sent when it fits this at the measured bandwidth. */
   maxDowntimeMs?: number;
-  /** Give up pre-copy rounds after this many and send the rest paused. */
+  /** Switch over after this many rounds whatever is left (no limit by default: auto-converge and the timeout decide). */
   maxRounds?: number;
   /** The whole migration must finish within this (else it is cancelled and the VM runs on here). */
   timeoutMs?: number;
+  /** Send at most this many bytes per second (memory and disks); unlimited by default. */
+  maxBandwidth?: number;
+  /** Throttle vCPUs that dirty memory faster than it can be sent (default true). */
+  autoConverge?: boolean;
+  /** "shared" (default): both VMMs open the same disk files; "copy": the disks' contents go in the stream too. */
+  disks?: "shared" | "copy";
 }
 
 export type MigrationPhase = "connecting" | "precopy" | "stopped" | "committed" | "completed" | "failed" | "cancelled";
+
+/**
+ * Where the switch-over's time went, in ms from the pause request (source clock), and the
+ * destination's own steps in ms from its receipt of DONE (its clock; it sends them in RUNNING).
+ */
+export interface SwitchoverTimes {
+  /** Every vCPU out of KVM_RUN and parked. */
+  vcpusStopped: number;
+  /** The last dirty pages sent (lastRoundBytes of them). */
+  lastRoundSent: number;
+  lastRoundBytes: number;
+  /** vCPU, interrupt-controller, clock and device state read (the device thread's reply included). */
+  stateCaptured: number;
+  /** The state encoded and handed to the socket, and DONE after it (stateBytes of it). */
+  stateSent: number;
+  stateBytes: number;
+  /** The destination's READY arrived (it applied the state and readied its devices). */
+  ready: number;
+  /** GO handed to the socket: from here the guest is the destination's. */
+  goSent: number;
+  /** The destination's RUNNING arrived: its vCPUs run. */
+  running: number;
+  destination?: DestinationTimes;
+}
+
+/** The destination's steps, ms after DONE arrived there. */
+export interface DestinationTimes {
+  stateDecoded: number;
+  /** The device and vCPU threads, started when HELLO came, are up (a wait only when the stream was shorter than their start-up). */
+  threadsReady: number;
+  stateApplied: number;
+  devicesRestored: number;
+  readySent: number;
+  goReceived: number;
+  resumed: number;
+}
 
 export interface MigrationProgress {
   phase: MigrationPhase;
   round: number;
   bytesSent: number;
-  /** Bytes found dirty in the last round. */
+  /** Bytes found dirty at the start of the current round. */
   dirtyBytes: number;
+  /** Bytes of the current round not sent yet (round 0: RAM not scanned yet, an upper bound). */
+  bytesRemaining: number;
   /** Bytes per second measured over the pre-copy so far. */
   bandwidth: number;
+  /** Bytes per second the guest dirtied during the last round. */
+  dirtyRate: number;
   /** Expected pause at the measured bandwidth for what is dirty now. */
   expectedDowntimeMs: number;
+  /** Share of time the vCPUs are kept out of the guest by auto-converge (0 when not throttled). */
+  throttlePercent: number;
   /** The VM's pause, from pause to the destination's RUNNING (set once known). */
   downtimeMs?: number;
+  /** Where the pause went (set once the switch-over ended). */
+  switchover?: SwitchoverTimes;
+  /** Disk copy ("disks": "copy"): bytes sent and the disks' dirty bytes left. */
+  disks?: { bytesSent: number; dirtyBytes: number };
   error?: string;
   startedAt: string;
 }
 
 const DEFAULT_DOWNTIME_MS = 300;
-const DEFAULT_ROUNDS = 30;
 const DEFAULT_TIMEOUT_MS = 600_000;
 /** Pages per PAGES frame. */
 const BATCH_PAGES = (MAX_FRAME - 64) / PAGE;
+/**
+ * Auto-converge, with the figures QEMU's cpu-throttle uses (migration parameters
+ * cpu-throttle-initial 20, cpu-throttle-increment 10, max-cpu-throttle 99,
+ * throttle-trigger-threshold 50): when a round dirtied more than half of what the round before
+ * it sent, twice, the vCPUs are kept out of the guest for 20% of the time, then 10% more each
+ * time it happens again, up to 99%.
+ */
+const THROTTLE_INITIAL = 20;
+const THROTTLE_STEP = 10;
+const THROTTLE_MAX = 99;
+const THROTTLE_TRIGGER = 0.5;
 
 export function parseEndpoint(spec: string): { path: string } | { host: string; port: number } {
   if (spec.startsWith("unix:") && spec.length > 5) return { path: spec.slice(5) };
@@ -62,10 +125,19 @@ export function parseEndpoint(spec: string): { path: string } | { host: string; 
   throw new TypevisorError("INVALID_REQUEST", `migration endpoint "${spec}": give tcp:HOST:PORT or unix:PATH`);
 }
 
+const DestinationTimesSchema = z.strictObject({
+  stateDecoded: z.number().finite(), threadsReady: z.number().finite(), stateApplied: z.number().finite(), devicesRestored: z.number().finite(),
+  readySent: z.number().finite(), goReceived: z.number().finite(), resumed: z.number().finite(),
+});
+
 export class OutgoingMigration {
-  readonly progress: MigrationProgress = { phase: "connecting", round: 0, bytesSent: 0, dirtyBytes: 0, bandwidth: 0, expectedDowntimeMs: 0, startedAt: new Date().toISOString() };
+  readonly progress: MigrationProgress = { phase: "connecting", round: 0, bytesSent: 0, dirtyBytes: 0, bytesRemaining: 0, bandwidth: 0, dirtyRate: 0, expectedDowntimeMs: 0, throttlePercent: 0, startedAt: new Date().toISOString() };
   private sock: Socket | undefined;
   private cancelled = false;
+  private wake: (() => void) | undefined;
+  /** Pacing (maxBandwidth): bytes sent since `paceStart`. */
+  private paceStart = 0;
+  private paceBytes = 0;
   /** Resolves when the migration ended: completed (the caller then ends this VMM) or not (the VM runs on here). */
   readonly done: Promise<MigrationProgress>;
 
@@ -78,11 +150,37 @@ export class OutgoingMigration {
     if (this.progress.phase === "committed" || this.progress.phase === "completed") return false;
     this.cancelled = true;
     this.sock?.destroy();
+    this.wake?.();
     return true;
   }
 
   private check(): void {
     if (this.cancelled) throw new TypevisorError("MIGRATION_CANCELLED", "cancelled");
+  }
+
+  /** Wait until `bytes` more may go at maxBandwidth (a token bucket that does not save up idle time). */
+  private async pace(bytes: number): Promise<void> {
+    this.progress.bytesSent += bytes;
+    const limit = this.req.maxBandwidth;
+    if (limit === undefined) return;
+    const now = performance.now();
+    this.paceBytes += bytes;
+    const due = this.paceStart + (this.paceBytes * 1000) / limit;
+    if (due > now) {
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, due - now);
+        this.wake = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
+      this.wake = undefined;
+      this.check();
+    } else if (now - due > 100) {
+      // Behind by more than a moment (the socket was slower than the limit): start over from now, no burst.
+      this.paceStart = now;
+      this.paceBytes = 0;
+    }
   }
 
   private async run(): Promise<MigrationProgress> {
@@ -98,50 +196,99 @@ export class OutgoingMigration {
       const reader = new FrameReader(sock);
       const regions = vm.memory.hostRegions;
       await send(sock, jsonFrame(FRAME.HELLO, hello(this.config, regions.map((r) => ({ guestPhysAddr: r.guestPhysAddr, size: r.size })))));
+      // The destination's threads start when HELLO arrives; the guest is paused only once they are up.
+      const prepared = reader.expect(FRAME.PREPARED);
+      prepared.catch(() => undefined);
       await vm.startDirtyLog();
       // Anything written from here on is in the log: round 0 may send a page that changes again; the next round resends it.
       vm.takeDirtyLog();
       this.progress.phase = "precopy";
       const t0 = performance.now();
+      this.paceStart = t0;
+      this.progress.bytesRemaining = regions.reduce((n, r) => n + r.size, 0);
       await this.sendAll(sock);
+      // Usually long arrived (round 0 takes longer than a thread start); a tiny guest may wait here.
+      await prepared;
       const maxDowntime = this.req.maxDowntimeMs ?? DEFAULT_DOWNTIME_MS;
+      let roundStart = t0;
+      /** bytesSent when the round before this one began (round 0's start: nothing). */
+      let roundStartBytes = 0;
+      let highDirty = 0;
       for (let round = 1; ; round++) {
         this.check();
         this.progress.round = round;
         // A copy: the next takeDirtyLog() reuses the same bitmaps.
         const dirty = vm.takeDirtyLog().map((b) => Uint8Array.from(b));
+        const now = performance.now();
         const pages = countBits(dirty);
-        this.progress.dirtyBytes = pages * PAGE;
-        const secs = (performance.now() - t0) / 1000;
+        const dirtyBytes = pages * PAGE;
+        this.progress.dirtyBytes = dirtyBytes;
+        this.progress.bytesRemaining = dirtyBytes;
+        this.progress.dirtyRate = now > roundStart ? Math.round((dirtyBytes * 1000) / (now - roundStart)) : 0;
+        const secs = (now - t0) / 1000;
         this.progress.bandwidth = secs > 0 ? Math.round(this.progress.bytesSent / secs) : 0;
-        this.progress.expectedDowntimeMs = this.progress.bandwidth > 0 ? Math.round((pages * PAGE * 1000) / this.progress.bandwidth) : 0;
-        if (this.progress.expectedDowntimeMs <= maxDowntime || round >= (this.req.maxRounds ?? DEFAULT_ROUNDS)) {
+        this.progress.expectedDowntimeMs = this.progress.bandwidth > 0 ? Math.round((dirtyBytes * 1000) / this.progress.bandwidth) : 0;
+        if (this.progress.expectedDowntimeMs <= maxDowntime || (this.req.maxRounds !== undefined && round >= this.req.maxRounds)) {
+          const s: SwitchoverTimes = { vcpusStopped: 0, lastRoundSent: 0, lastRoundBytes: 0, stateCaptured: 0, stateSent: 0, stateBytes: 0, ready: 0, goSent: 0, running: 0 };
+          const stoppedAt = performance.now();
+          const at = (): number => Math.round((performance.now() - stoppedAt) * 10) / 10;
           // Stop the guest, then send what it wrote since the bitmap above was taken, and that bitmap's pages too.
           if (wasRunning) await vm.pause();
           paused = true;
+          vm.setThrottle(0);
+          this.progress.throttlePercent = 0;
           this.progress.phase = "stopped";
-          const stoppedAt = performance.now();
+          s.vcpusStopped = at();
           const last = vm.takeDirtyLog();
+          const before = this.progress.bytesSent;
           await this.sendDirty(sock, mergeBitmaps(dirty, last));
+          s.lastRoundBytes = this.progress.bytesSent - before;
+          s.lastRoundSent = at();
           const state = await vm.captureState(this.config, wasRunning ? "running" : "paused");
+          s.stateCaptured = at();
           const bytes = encodeState({ ...state, memory: { file: "memory", bytes: regions.reduce((n, r) => n + r.size, 0), regions: layoutOf(regions) } });
           for (let off = 0; off < bytes.length; off += MAX_FRAME - 64) await send(sock, frame(FRAME.STATE, bytes.subarray(off, Math.min(bytes.length, off + MAX_FRAME - 64))));
           await send(sock, frame(FRAME.DONE));
+          s.stateBytes = bytes.length;
+          s.stateSent = at();
+          this.progress.bytesRemaining = 0;
           await reader.expect(FRAME.READY);
+          s.ready = at();
           this.check();
           // The point of no return: from here the guest runs there or nowhere.
           this.progress.phase = "committed";
           await send(sock, frame(FRAME.GO));
+          s.goSent = at();
+          let running: Buffer;
           try {
-            await reader.expect(FRAME.RUNNING);
+            running = await reader.expect(FRAME.RUNNING);
           } catch (e) {
             throw new TypevisorError("MIGRATION_UNKNOWN", `the destination took the VM but did not confirm it runs (${(e as Error).message}); the VM stays paused here: check the destination before resuming it`);
           }
-          this.progress.downtimeMs = Math.round(performance.now() - stoppedAt);
+          s.running = at();
+          // The destination's own timings, when it sent them (only reported, never acted on).
+          try {
+            const d = DestinationTimesSchema.safeParse(running.length > 0 && running.length < 4096 ? JSON.parse(running.toString("utf8")) : undefined);
+            if (d.success) s.destination = d.data;
+          } catch {
+            // not JSON: no timings
+          }
+          this.progress.switchover = s;
+          this.progress.downtimeMs = Math.round(s.running);
           this.progress.phase = "completed";
           sock.end();
           return this.progress;
         }
+        // Auto-converge (QEMU's rule, see THROTTLE_*): a round that dirtied more than half of what the one before sent.
+        const sentLastRound = this.progress.bytesSent - roundStartBytes;
+        if (this.req.autoConverge !== false && dirtyBytes > THROTTLE_TRIGGER * sentLastRound && ++highDirty >= 2) {
+          highDirty = 0;
+          const pct = this.progress.throttlePercent === 0 ? THROTTLE_INITIAL : Math.min(THROTTLE_MAX, this.progress.throttlePercent + THROTTLE_STEP);
+          this.progress.throttlePercent = pct;
+          vm.setThrottle(pct);
+        }
+        roundStartBytes = this.progress.bytesSent;
+        roundStart = now;
         await this.sendDirty(sock, dirty);
       }
     } catch (e) {
@@ -150,6 +297,8 @@ export class OutgoingMigration {
       this.progress.error ??= (e as Error).message;
       this.sock?.destroy();
       try {
+        vm.setThrottle(0);
+        this.progress.throttlePercent = 0;
         vm.stopDirtyLog();
       } catch {
         // the VM may be gone already
@@ -191,9 +340,10 @@ export class OutgoingMigration {
             this.check();
             const part = run.bytes.subarray(off, Math.min(run.bytes.length, off + BATCH_PAGES * PAGE));
             await send(sock, frame(FRAME.PAGES, pagesHeader(run.gpa + off), part));
-            this.progress.bytesSent += part.length;
+            await this.pace(part.length);
           }
         }
+        this.progress.bytesRemaining = Math.max(0, this.progress.bytesRemaining - r.size);
       }
     } finally {
       closeSync(pagemap);
@@ -207,22 +357,29 @@ export class OutgoingMigration {
       const pages = r.size / PAGE;
       // Safe: a view of the region's own mapping, which stays mapped while the VM exists.
       const mem = new Uint8Array(libc.view(libc.pointerAt(BigInt(r.hostAddress)), r.size));
+      const bit = (q: number): boolean => (bm[q >> 3]! & (1 << (q & 7))) !== 0;
       let p = 0;
       while (p < pages) {
-        if ((bm[p >> 3]! & (1 << (p & 7))) === 0) {
+        // Clean stretches go a byte (8 pages) at a time: most of a big guest's bitmap is zeros.
+        if (bm[p >> 3] === 0) {
+          p = (p | 7) + 1;
+          continue;
+        }
+        if (!bit(p)) {
           p++;
           continue;
         }
         const zero = isZeroPage(mem, p * PAGE);
         let q = p + 1;
-        while (q < pages && q - p < BATCH_PAGES && (bm[q >> 3]! & (1 << (q & 7))) !== 0 && isZeroPage(mem, q * PAGE) === zero) q++;
+        while (q < pages && q - p < BATCH_PAGES && bit(q) && isZeroPage(mem, q * PAGE) === zero) q++;
         this.check();
         if (zero) await send(sock, frame(FRAME.ZEROS, zerosPayload(r.guestPhysAddr + p * PAGE, q - p)));
         else {
           const part = mem.subarray(p * PAGE, q * PAGE);
           await send(sock, frame(FRAME.PAGES, pagesHeader(r.guestPhysAddr + p * PAGE), part));
-          this.progress.bytesSent += part.length;
+          await this.pace(part.length);
         }
+        this.progress.bytesRemaining = Math.max(0, this.progress.bytesRemaining - (q - p) * PAGE);
         p = q;
       }
     }

@@ -10,8 +10,17 @@ export const CTRL = {
   PAUSE: 1,
   /** How many vCPUs are parked right now. */
   PAUSED: 2,
+  /**
+   * Auto-converge (live migration): 0..99, the share of time each vCPU stays out of KVM_RUN.
+   * A throttled vCPU, after running THROTTLE_SLICE_MS, sleeps pct/(100-pct) of a slice before
+   * it enters the guest again; the VMM kicks the vCPUs every slice so none stays in longer.
+   */
+  THROTTLE: 3,
   SLOTS: 4,
 } as const;
+
+/** The slice auto-converge throttles by (QEMU's cpu-throttle uses 10 ms as well). */
+export const THROTTLE_SLICE_MS = 10;
 
 export const VmRequest = { NONE: 0, POWEROFF: 1, RESET: 2, STOP: 3, CRASH: 4 } as const;
 export type VmRequestCode = (typeof VmRequest)[keyof typeof VmRequest];

@@ -21,7 +21,7 @@ import { Serial } from "../devices/legacy/serial/serial.js";
 import { MailboxClient, Op, type OpCode } from "../devices/platform/mailbox.js";
 import { PioBus, type PioDevice } from "../devices/pio-bus.js";
 import { boardRow, enterStamped, PHASE, SLOT, vcpuWord, WORD, withMailbox, withPhase } from "../threads/board.js";
-import { CTRL, STAT_SLOTS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./control.js";
+import { CTRL, STAT_SLOTS, THROTTLE_SLICE_MS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./control.js";
 import { formatRegisterDump } from "./dump.js";
 
 const init = workerData as VcpuWorkerInit;
@@ -145,6 +145,9 @@ function handleIo(out: boolean, size: number, ioPort: number, count: number, dat
  * KVM_RUN completes it and returns EINTR without running guest code.
  */
 function completePending(): void {
+  // Nothing can be pending before the first KVM_RUN; and a vCPU started parked before its state
+  // is set (an incoming migration, Vm.prestart) must not be run at all until then.
+  if (!entered) return;
   run.immediateExit = 1;
   libc.ioctlRaw(init.vcpuFd, KVM.RUN, 0);
   run.immediateExit = 0;
@@ -174,6 +177,24 @@ function ending(exit: Exclude<VmExit, { kind: "io" | "mmio" | "hlt" | "intr" }>)
   }
 }
 
+/** Whether this vCPU has entered KVM_RUN yet. */
+let entered = false;
+
+/** When this vCPU last came back from a throttle sleep (or started running since one). */
+let sliceStart = 0;
+
+/**
+ * Auto-converge: once this vCPU has had a slice in the guest, stay out for pct/(100-pct) of a
+ * slice (20% throttle: 2.5 ms after each 10 ms). The wait ends early when the VMM changes the
+ * throttle or notifies the word (pause, stop), so a paused or stopping VM never waits on it.
+ */
+function throttled(pct: number): void {
+  const now = performance.now();
+  if (now - sliceStart < THROTTLE_SLICE_MS) return;
+  Atomics.wait(ctrl, CTRL.THROTTLE, pct, (THROTTLE_SLICE_MS * pct) / (100 - pct));
+  sliceStart = performance.now();
+}
+
 function loop(): LoopEnd {
   for (;;) {
     const req = Atomics.load(ctrl, CTRL.REQUEST) as VmRequestCode;
@@ -190,7 +211,10 @@ function loop(): LoopEnd {
       Atomics.notify(ctrl, CTRL.PAUSED);
       continue;
     }
+    const throttle = Atomics.load(ctrl, CTRL.THROTTLE);
+    if (throttle > 0) throttled(throttle);
     state[WORD.STATE] = withPhase(word, PHASE.run);
+    entered = true;
     const r = libc.ioctlRaw(init.vcpuFd, KVM.RUN, 0);
     if (r < 0) {
       if (r === -libc.EINTR || r === -libc.EAGAIN) {

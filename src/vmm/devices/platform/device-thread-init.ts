@@ -39,6 +39,12 @@ export interface DeviceThreadInit {
    */
   restore?: DevicesState;
   /**
+   * Build the devices and open their back ends but leave their state for a later "restore"
+   * command: an incoming migration starts this thread while memory is still arriving, so the
+   * thread's start-up is not part of the guest's pause.
+   */
+  deferRestore?: boolean;
+  /**
    * A DirtyLog's buffer (memory/guest-memory.ts): when given, every guest page this thread's
    * devices write is marked in it (the VMM's half of live migration's dirty tracking; KVM's log has
    * the vCPUs' half). Absent: no tracking, no cost.
@@ -101,6 +107,12 @@ export type DeviceRequest =
    * rings; the devices keep working afterwards (the VM may resume).
    */
   | { command: "snapshot" }
+  /**
+   * An incoming migration's devices (started with `deferRestore` while the memory streamed in):
+   * put this state back now (checked with parseDevicesState, as `restore` is); once only, after
+   * the irqchip and every vCPU's LAPIC are restored.
+   */
+  | { command: "restore"; args: { state: unknown } }
   /** Block the device thread for `ms` (only with DeviceThreadInit.debugCommands): a stuck device thread, for tests. */
   | { command: "debug.stall"; args: { ms: number } };
 
@@ -114,6 +126,7 @@ export interface DeviceReplies {
   "balloon.stats": BalloonReport;
   "disks.retry": { held: number };
   dirtyLog: { on: boolean };
+  restore: { restored: true };
   snapshot: DevicesState;
   "debug.stall": { stalledMs: number };
 }
