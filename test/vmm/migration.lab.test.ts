@@ -59,13 +59,13 @@ describe("live migration of a running guest between two network namespaces under
       BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--cpus", "2", "--memory", "512",
       "--disk", disk, "--api-socket", apiA, "--append", `root=/dev/vda ${runScriptArg(SCRIPT)}`,
     ]);
-    const b = new ConsoleProcess("ip", ["netns", "exec", NS, process.execPath, BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:${ADDR_B}:7070`, "--disk", disk, "--api-socket", apiB]);
+    const b = new ConsoleProcess("ip", ["netns", "exec", NS, process.execPath, BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:${ADDR_B}:7070`, "--plain-tcp", "--disk", disk, "--api-socket", apiB]);
     try {
       await a.waitFor(/typevisor-test: ready/, 0, 900_000);
       await a.waitFor(/tick=20\b/, 0, 120_000);
       await b.waitFor(/waiting for a migration/, 0, 300_000);
       console.log(`migration-lab: source booted at ${a.seconds().toFixed(0)} s`);
-      const r = await unixApi(apiA, "POST", "/migrate", { to: `tcp:${ADDR_B}:7070` });
+      const r = await unixApi(apiA, "POST", "/migrate", { to: `tcp:${ADDR_B}:7070`, plainTcp: true });
       expect(r.status, JSON.stringify(r.body)).toBe(202);
       expect(await a.exited, a.output.slice(-2000)).toBe(0);
       const moved = /migrated to .* \(downtime (\d+) ms, (\d+) bytes in (\d+) rounds\)/.exec(a.output);

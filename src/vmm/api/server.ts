@@ -12,8 +12,10 @@
  *                  state.json, config.json and (unless memory is false) the memory file; a
  *                  running VM is paused meanwhile and runs on afterwards. 200 {path, ms,
  *                  memoryBytes, dataBytes}; `typevisor run --restore DIR` starts from it
- *   POST /migrate  {"to": "tcp:HOST:PORT"|"unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?}:
+ *   POST /migrate  {"to": "tcp:HOST:PORT"|"unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?,
+ *                  "tls"?: {"cert", "key", "ca"?, "peerFingerprint"?} (PEM texts), "plainTcp"?: true}:
  *                  live-migrate the VM to a VMM started with `run --incoming`; 202 with progress.
+ *                  Over TCP the stream needs TLS (both sides authenticated) or plainTcp.
  *                  GET /migrate: progress {phase, round, bytesSent, dirtyBytes, bandwidth,
  *                  expectedDowntimeMs, downtimeMs?, error?}; DELETE /migrate cancels (the VM runs on)
  *   PUT  /restore  (a standby VMM only, `run --standby`) {"snapshot": DIR, "id"?, "consoleLog"?,
@@ -44,6 +46,10 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { existsSync, unlinkSync } from "node:fs";
 import { listenOnFd, listenOwnerOnly } from "../../sys/owner-only-socket.js";
 import { TypevisorError, isTypevisorError } from "../../errors.js";
+import { checkStreamTls, StreamTlsSchema, type StreamTls } from "../migration/transport.js";
+
+/** POST /migrate's body once checked. */
+export interface MigrateBody { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number; tls?: StreamTls; plainTcp?: boolean }
 
 export interface ControlTarget {
   info(): unknown;
@@ -60,7 +66,7 @@ export interface ControlTarget {
   threads(): Promise<unknown>;
   pause(): Promise<void>;
   /** POST: start a live migration (body checked here); GET: its progress; DELETE: cancel it. */
-  migrate?(method: "POST" | "GET" | "DELETE", body?: { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number }): Promise<unknown>;
+  migrate?(method: "POST" | "GET" | "DELETE", body?: MigrateBody): Promise<unknown>;
   /** Save the VM into `path` (Vm.snapshot). */
   snapshot(req: { path: string; memory?: boolean }): Promise<unknown>;
   resume(): void;
@@ -85,7 +91,7 @@ export class SwitchableTarget implements ControlTarget {
   threads(): Promise<unknown> { return this.current.threads(); }
   pause(): Promise<void> { return this.current.pause(); }
   snapshot(req: { path: string; memory?: boolean }): Promise<unknown> { return this.current.snapshot(req); }
-  migrate(method: "POST" | "GET" | "DELETE", body?: { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number }): Promise<unknown> {
+  migrate(method: "POST" | "GET" | "DELETE", body?: MigrateBody): Promise<unknown> {
     if (this.current.migrate === undefined) return Promise.reject(new TypevisorError("VM_STATE", "this VMM has no VM to migrate"));
     return this.current.migrate(method, body);
   }
@@ -190,9 +196,16 @@ export function startControlServer(socketPath: string, target: ControlTarget, li
           const body = (await readJson(req)) as Record<string, unknown> | undefined;
           const num = (k: string, max: number): boolean => body?.[k] === undefined || (typeof body[k] === "number" && Number.isInteger(body[k]) && (body[k] as number) > 0 && (body[k] as number) <= max);
           if (typeof body?.["to"] !== "string" || body["to"].length > 4096 || !num("maxDowntimeMs", 3_600_000) || !num("maxRounds", 1000) || !num("timeoutMs", 86_400_000)) {
-            return problem(res, 400, "INVALID_REQUEST", 'body must be {"to": "tcp:HOST:PORT" | "unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?}');
+            return problem(res, 400, "INVALID_REQUEST", 'body must be {"to": "tcp:HOST:PORT" | "unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?, "tls"?: {"cert", "key", "ca"?, "peerFingerprint"?}, "plainTcp"?: true}');
           }
-          return send(res, 202, await target.migrate("POST", body as { to: string }));
+          // The stream's security (migration/transport.ts): PEM texts checked here, the endpoint's policy (TCP needs TLS or plainTcp) when it connects.
+          if (body["tls"] !== undefined) {
+            const t = StreamTlsSchema.safeParse(body["tls"]);
+            if (!t.success) return problem(res, 400, "INVALID_REQUEST", `tls: ${t.error.issues[0]?.path.join(".") ?? ""}: ${t.error.issues[0]?.message ?? "invalid"}`);
+            checkStreamTls(t.data);
+          }
+          if (body["plainTcp"] !== undefined && typeof body["plainTcp"] !== "boolean") return problem(res, 400, "INVALID_REQUEST", "plainTcp must be true or false");
+          return send(res, 202, await target.migrate("POST", body as unknown as MigrateBody));
         }
         case "PUT /restore": {
           if (target.restore === undefined) return problem(res, 409, "VM_STATE", "this VMM is not a standby VMM");

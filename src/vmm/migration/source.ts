@@ -12,13 +12,16 @@
  * says so (at most one copy of the guest ever runs).
  */
 import { closeSync, openSync } from "node:fs";
-import { connect, type Socket } from "node:net";
+import type { Socket } from "node:net";
 import { TypevisorError } from "../../errors.js";
 import { forEachDataRun, isZeroPage } from "../snapshot/memory.js";
 import { encodeState, type SnapshotConfig } from "../snapshot/state.js";
 import * as libc from "../../sys/libc.js";
 import type { Vm } from "../vm.js";
 import { FRAME, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, zerosPayload } from "./protocol.js";
+import { openStream, parseEndpoint, type StreamTls } from "./transport.js";
+
+export { parseEndpoint };
 
 export interface MigrateRequest {
   /** "tcp:HOST:PORT" or "unix:PATH". */
@@ -29,6 +32,9 @@ export interface MigrateRequest {
   maxRounds?: number;
   /** The whole migration must finish within this (else it is cancelled and the VM runs on here). */
   timeoutMs?: number;
+  /** TLS with mutual authentication (transport.ts); without it TCP needs `plainTcp`. */
+  tls?: StreamTls;
+  plainTcp?: boolean;
 }
 
 export type MigrationPhase = "connecting" | "precopy" | "stopped" | "committed" | "completed" | "failed" | "cancelled";
@@ -54,13 +60,6 @@ const DEFAULT_ROUNDS = 30;
 const DEFAULT_TIMEOUT_MS = 600_000;
 /** Pages per PAGES frame. */
 const BATCH_PAGES = (MAX_FRAME - 64) / PAGE;
-
-export function parseEndpoint(spec: string): { path: string } | { host: string; port: number } {
-  if (spec.startsWith("unix:") && spec.length > 5) return { path: spec.slice(5) };
-  const m = /^tcp:(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(spec);
-  if (m !== null && Number(m[2]) > 0 && Number(m[2]) < 65536) return { host: m[1]!.replace(/^\[|\]$/g, ""), port: Number(m[2]) };
-  throw new TypevisorError("INVALID_REQUEST", `migration endpoint "${spec}": give tcp:HOST:PORT or unix:PATH`);
-}
 
 export class OutgoingMigration {
   readonly progress: MigrationProgress = { phase: "connecting", round: 0, bytesSent: 0, dirtyBytes: 0, bandwidth: 0, expectedDowntimeMs: 0, startedAt: new Date().toISOString() };
@@ -164,17 +163,7 @@ export class OutgoingMigration {
   }
 
   private connect(): Promise<Socket> {
-    const ep = parseEndpoint(this.req.to);
-    return new Promise((resolve, reject) => {
-      const sock = "path" in ep ? connect(ep.path) : connect(ep.port, ep.host);
-      this.sock = sock;
-      sock.once("connect", () => {
-        sock.off("error", reject);
-        sock.on("error", () => undefined); // reported by the reader
-        resolve(sock);
-      });
-      sock.once("error", (e) => reject(new TypevisorError("MIGRATION_PEER", `cannot reach ${this.req.to}: ${e.message}`)));
-    });
+    return openStream(this.req.to, { ...(this.req.tls !== undefined ? { tls: this.req.tls } : {}), ...(this.req.plainTcp === true ? { plainTcp: true } : {}) }, (s) => (this.sock = s));
   }
 
   /** Round 0: every page that holds something (the destination's memory starts as zeros). */
