@@ -42,7 +42,7 @@ describe("VM state machine", () => {
         expect(() => assertTransition(s, to as (typeof VM_STATES)[number])).not.toThrow();
       }),
     );
-    expect(VM_STATES.filter(isActive)).toEqual(["starting", "running", "paused", "stopping"]);
+    expect(VM_STATES.filter(isActive)).toEqual(["starting", "running", "paused", "stopping", "migrating", "incoming"]);
     expect(() => assertTransition("stopped", "running")).toThrow(/illegal/);
   });
 });
