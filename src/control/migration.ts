@@ -187,7 +187,7 @@ export class Migrations {
       throw new TypevisorError("MIGRATION_UNSUPPORTED", "this daemon runs its VMMs in the sandbox, whose own network namespace cannot reach the destination", { hint: "run the daemons with --no-sandbox for live migration (docs/migration.md)" });
     }
     const url = new URL(input.to);
-    if (url.protocol !== "https:" || url.port === "" && url.hostname === "") throw new TypevisorError("INVALID_REQUEST", `the destination must be a daemon's https:// URL (got ${input.to})`);
+    if (url.protocol !== "https:" || url.hostname === "") throw new TypevisorError("INVALID_REQUEST", `the destination must be a daemon's https:// URL (got ${input.to})`);
     return this.h.serial(name, async () => {
       const r = this.h.row(name);
       if (r.state !== "running" && r.state !== "paused") throw new TypevisorError("VM_STATE", `cannot migrate VM ${name}: it is ${r.state} (migrate needs running or paused)`);

@@ -17,6 +17,9 @@ describe("VM state machine", () => {
       stopping: ["kill"],
       stopped: ["start", "remove"],
       crashed: ["start", "remove"],
+      // A migration's VM takes no action until it has ended one way or the other (control/migration.ts).
+      migrating: [],
+      incoming: [],
     });
   });
 
