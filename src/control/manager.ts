@@ -229,6 +229,7 @@ export class VmManager extends EventEmitter {
       store: this.store,
       sandboxed: config.sandbox !== undefined,
       allowedDirs: config.allowedDirs ?? [],
+      imagesHome: config.imagesHome,
       startTimeoutMs: config.startTimeoutMs,
       serial: (name, fn) => this.serial(name, fn),
       row: (name) => this.row(name),

@@ -41,13 +41,16 @@
  * that left in `<home>/migrated-away`, so its start-up sweep does not take their disks from its pools.
  */
 import { randomBytes } from "node:crypto";
-import { appendFileSync, mkdirSync, readFileSync, realpathSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { appendFileSync, existsSync, mkdirSync, readFileSync, realpathSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, isIP } from "node:net";
 import { join, sep } from "node:path";
 import type { Logger } from "pino";
 import { z } from "zod";
 import { TypevisorError } from "../errors.js";
 import { VmmClient } from "../engine/vmm-client.js";
+import { copyFile } from "node:fs/promises";
+import { imagePaths } from "../images/dirs.js";
+import { parseManifest } from "../images/manifest.js";
 import { oneTimeCertificate } from "./migration-tls.js";
 import { homePaths, vmPaths } from "./paths.js";
 import { vmSpec, type VmState } from "./spec.js";
@@ -123,6 +126,8 @@ export interface MigrationHost {
   store: Store;
   sandboxed: boolean;
   allowedDirs: string[];
+  /** Where image names resolve (typevisor image build). */
+  imagesHome: string | undefined;
   startTimeoutMs: number;
   serial<T>(name: string, fn: () => Promise<T>): Promise<T>;
   row(name: string): VmRow;
@@ -222,9 +227,11 @@ export class Migrations {
     const st = this.status.get(name)!;
     const vmm = new VmmClient(vmPaths(this.h.home, r.id).apiSocket);
     let prepared = false;
+    let mine: Awaited<ReturnType<typeof oneTimeCertificate>>;
+    let ans: z.infer<typeof incomingAnswer>;
     try {
-      const mine = await oneTimeCertificate(`typevisor migration source ${plan.id}`);
-      const ans = await this.peer(plan).prepareIncoming({
+      mine = await oneTimeCertificate(`typevisor migration source ${plan.id}`);
+      ans = await this.peer(plan).prepareIncoming({
         migrationId: plan.id, vmId: r.id, spec: r.spec,
         disks: r.disks.map((d) => ({ path: d.path, format: d.format ?? "raw", sizeBytes: d.sizeBytes, ...(d.backing !== undefined ? { backing: d.backing } : {}), ...(d.chain !== undefined ? { chain: d.chain } : {}) })),
         sourceFingerprint: mine.fingerprint,
@@ -232,12 +239,25 @@ export class Migrations {
       prepared = true;
       crashPoint("migrate-source-peer-prepared");
       st.phase = "connecting";
-      await vmm.call("POST", "/migrate", { to: ans.endpoint, tls: { cert: mine.cert, key: mine.key, peerFingerprint: ans.fingerprint }, ...(plan.maxDowntimeMs !== undefined ? { maxDowntimeMs: plan.maxDowntimeMs } : {}) });
-      crashPoint("migrate-source-vmm-started");
     } catch (e) {
       if (prepared) await this.abortPeer(plan);
       await this.revert(name, r.id, before, (e as Error).message);
       return;
+    }
+    try {
+      // A VMM busy with its guest may take long to answer (its first migration loads the code): a minute.
+      await vmm.call("POST", "/migrate", { to: ans.endpoint, tls: { cert: mine.cert, key: mine.key, peerFingerprint: ans.fingerprint }, ...(plan.maxDowntimeMs !== undefined ? { maxDowntimeMs: plan.maxDowntimeMs } : {}) }, 60_000);
+      crashPoint("migrate-source-vmm-started");
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      // Refused: nothing started. No answer: it may have started after all, so it is not assumed
+      // failed; watch() asks the VMM (no migration there: B's VMM is dropped first, then ours runs on).
+      if (code !== "VMM_TIMEOUT" && code !== "VMM_UNREACHABLE") {
+        await this.abortPeer(plan);
+        await this.revert(name, r.id, before, (e as Error).message);
+        return;
+      }
+      this.h.log.warn({ vm: name, err: (e as Error).message }, "the VMM did not answer the migration request; asking it how it stands");
     }
     await this.watch(name, r.id, plan);
   }
@@ -347,9 +367,14 @@ export class Migrations {
     // Every file the VM will open must be on storage this daemon was told it may give VMs (--allow-files).
     for (const d of input.disks) for (const f of [d.path, ...(d.chain ?? (d.backing !== undefined ? [d.backing] : []))]) this.allowed(f);
     if (this.h.store.getVm(name) !== undefined) throw new TypevisorError("VM_EXISTS", `a VM named ${name} already exists here`);
+    const boot = this.bootFiles(input.spec);
     const id = randomBytes(6).toString("hex");
     const p = vmPaths(this.h.home, id);
     mkdirSync(p.outDir, { recursive: true, mode: 0o700 });
+    // The VM's own kernel, initrd and command line, as a create makes them: what a later start here boots.
+    await copyFile(boot.kernel, join(p.dir, "vmlinuz"));
+    if (boot.initrd !== undefined) await copyFile(boot.initrd, join(p.dir, "initrd.img"));
+    if (boot.cmdline !== undefined) writeFileSync(join(p.dir, "cmdline"), boot.cmdline);
     const now = new Date().toISOString();
     const disks: DiskRow[] = input.disks.map((d) => ({ path: d.path, sizeBytes: d.sizeBytes, format: d.format, ...(d.backing !== undefined ? { backing: d.backing } : {}), ...(d.chain !== undefined ? { chain: d.chain } : {}) }));
     this.h.store.insertVm({ id, name, spec: input.spec, state: "incoming", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
@@ -380,6 +405,23 @@ export class Migrations {
       await this.dropIncoming(name, id, (e as Error).message);
       throw e;
     }
+  }
+
+  /**
+   * What a later start of the VM here boots (the running guest needs none of it): the same image
+   * of this daemon's, or the spec's kernel and initrd if this daemon may read them (--allow-files).
+   * Without them the VM could run here but never start again: refused.
+   */
+  private bootFiles(spec: z.output<typeof vmSpec>): { kernel: string; initrd?: string; cmdline?: string } {
+    if (spec.kernel !== undefined) {
+      this.allowed(spec.kernel);
+      if (spec.initrd !== undefined) this.allowed(spec.initrd);
+      return { kernel: spec.kernel, ...(spec.initrd !== undefined ? { initrd: spec.initrd } : {}) };
+    }
+    const ip = imagePaths(spec.image!, this.h.imagesHome);
+    if (!existsSync(ip.kernel)) throw new TypevisorError("IMAGE_NOT_FOUND", `the destination has no image named ${spec.image!}, which the VM boots from when it is started again`, { hint: `build it there first: typevisor image build ${spec.image!}` });
+    const cmdline = existsSync(ip.manifest) ? parseManifest(readFileSync(ip.manifest, "utf8"), ip.manifest).cmdline : undefined;
+    return { kernel: ip.kernel, ...(existsSync(ip.initrd) ? { initrd: ip.initrd } : {}), ...(cmdline !== undefined ? { cmdline } : {}) };
   }
 
   private allowed(f: string): void {

@@ -99,8 +99,11 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
     await a.stop();
     a = await startDaemon({ home: a.home, args });
     expect(existsSync(onB.disks[0]!.path)).toBe(true);
+    // B made the VM's own boot files: it starts again there (a boot: the banner).
     await b.client.stopVm("mig1");
-    await b.client.removeVm("mig1");
+    await b.client.startVm("mig1");
+    await until("the banner of a fresh boot on B", async () => (await b.client.console("mig1")).toString().includes(TINY_KERNEL_BANNER) || undefined);
+    await b.client.removeVm("mig1", { force: true });
   }, 180_000);
 
   it("refuses what it cannot do, and a failed migration leaves the VM running on A and nothing on B", async () => {
