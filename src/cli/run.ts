@@ -216,10 +216,11 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   // A restore and an incoming migration both take the machine from elsewhere: only back ends are given here.
   const restoring = o.restore !== undefined || o.incoming !== undefined;
   // The incoming stream's security, checked before anything is built (the files read now: a daemon may remove them once we listen).
-  const { streamTlsFromFiles } = await import("../vmm/migration/transport.js");
+  const { checkedEndpoint, streamTlsFromFiles } = await import("../vmm/migration/transport.js");
   const incomingTls = streamTlsFromFiles({ cert: o.tlsCert, key: o.tlsKey, ca: o.tlsCa, peerFingerprint: o.tlsPeerFingerprint });
   if ((incomingTls !== undefined || o.plainTcp === true) && o.incoming === undefined) throw new TypevisorError("INVALID_ARGUMENT", "--tls-* and --plain-tcp are for --incoming");
   if (incomingTls !== undefined && o.plainTcp === true) throw new TypevisorError("INVALID_ARGUMENT", "give either TLS (--tls-cert ...) or --plain-tcp, not both");
+  if (o.incoming !== undefined) checkedEndpoint(o.incoming, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) });
   const vcpuNice = o.vcpuNice !== undefined ? parseIntArg("--vcpu-nice", o.vcpuNice) : undefined;
   const memoryOvercommit = o.memoryOvercommit !== undefined ? parseRatioArg("--memory-overcommit", o.memoryOvercommit) : undefined;
   const id = o.id !== undefined ? parseVmId(o.id) : undefined;
