@@ -324,27 +324,14 @@ export class TypevisorClient {
     const q = new URLSearchParams({ follow: "true" });
     if (opts.after !== undefined) q.set("after", String(opts.after));
     if (opts.vm !== undefined) q.set("vm", opts.vm);
-    const res = await this.open(`/v1/events?${q.toString()}`);
-    let buf = "";
-    try {
-      res.setEncoding("utf8");
-      for await (const chunk of res) {
-        buf += chunk as string;
-        let i: number;
-        while ((i = buf.indexOf("\n\n")) >= 0) {
-          const block = buf.slice(0, i);
-          buf = buf.slice(i + 2);
-          const data = block
-            .split("\n")
-            .filter((l) => l.startsWith("data: "))
-            .map((l) => l.slice(6))
-            .join("\n");
-          if (data !== "") yield JSON.parse(data) as EventRecord;
-        }
-      }
-    } finally {
-      res.destroy();
-    }
+    yield* this.records(`/v1/events?${q.toString()}`, "\n\n", (block) => {
+      const data = block
+        .split("\n")
+        .filter((l) => l.startsWith("data: "))
+        .map((l) => l.slice(6))
+        .join("\n");
+      return data !== "" ? (JSON.parse(data) as EventRecord) : undefined;
+    });
   }
   /** The daemon's log (and a VM's VMM log), searched: GET /v1/logs. */
   async logs(opts: LogsOptions = {}): Promise<LogLine[]> {
@@ -352,18 +339,22 @@ export class TypevisorClient {
   }
   /** The matching backlog, then new lines as they are written; iterate with `for await`. */
   async *followLogs(opts: LogsOptions = {}): AsyncGenerator<LogLine> {
-    const res = await this.open(`/v1/logs${logsQueryString({ ...opts, follow: true })}`);
+    // empty lines are the daemon's keep-alives
+    yield* this.records(`/v1/logs${logsQueryString({ ...opts, follow: true })}`, "\n", (line) => (line.trim() !== "" ? (JSON.parse(line) as LogLine) : undefined));
+  }
+  /** A streamed response cut into records at `sep`; `parse` gives undefined for a keep-alive. */
+  private async *records<T>(path: string, sep: string, parse: (record: string) => T | undefined): AsyncGenerator<T> {
+    const res = await this.open(path);
     let buf = "";
     try {
       res.setEncoding("utf8");
       for await (const chunk of res) {
         buf += chunk as string;
         let i: number;
-        while ((i = buf.indexOf("\n")) >= 0) {
-          const line = buf.slice(0, i);
-          buf = buf.slice(i + 1);
-          // empty lines are the daemon's keep-alives
-          if (line.trim() !== "") yield JSON.parse(line) as LogLine;
+        while ((i = buf.indexOf(sep)) >= 0) {
+          const record = parse(buf.slice(0, i));
+          buf = buf.slice(i + sep.length);
+          if (record !== undefined) yield record;
         }
       }
     } finally {

@@ -8,7 +8,9 @@ import type { FiringAlertInfo } from "../api/alert-routes.js";
 import { ALERT_METRICS, SEVERITIES, type AlertMetric } from "../control/alerts.js";
 import { TypevisorError } from "../errors.js";
 import { parseSize } from "../size.js";
+import type { EventRecord } from "../control/spec.js";
 import { connect, type ConnectionOptions } from "./connect.js";
+import { printFollowed } from "./follow.js";
 import { formatTime, renderTable, toJson } from "./format.js";
 import { escapeControls } from "./terminal-safe.js";
 import { parseHistoryRange } from "./history.js";
@@ -46,13 +48,10 @@ export function registerAlertCommands(program: Command): void {
       const alerts = await c.alerts();
       process.stdout.write(o.json === true ? (o.follow === true ? alerts.map((a) => `${JSON.stringify(a)}\n`).join("") : toJson({ alerts })) : formatAlerts(alerts));
       if (o.follow !== true) return;
-      const end = (): never => process.exit(0);
-      process.once("SIGINT", end);
-      process.once("SIGTERM", end);
-      for await (const e of connect(o, { timeoutMs: 0 }).followEvents({ after: last })) {
-        if (!e.type.startsWith("alert.") || e.type.startsWith("alert.rule")) continue;
-        process.stdout.write(o.json === true ? `${JSON.stringify(e)}\n` : `${formatTime(e.at)}  ${e.type === "alert.firing" ? "FIRING  " : "RESOLVED"}  ${escapeControls(e.message)}\n`);
-      }
+      const alertOnly = (e: EventRecord): boolean => e.type.startsWith("alert.") && !e.type.startsWith("alert.rule");
+      const print = (e: EventRecord): string =>
+        !alertOnly(e) ? "" : o.json === true ? `${JSON.stringify(e)}\n` : `${formatTime(e.at)}  ${e.type === "alert.firing" ? "FIRING  " : "RESOLVED"}  ${escapeControls(e.message)}\n`;
+      await printFollowed(connect(o, { timeoutMs: 0 }).followEvents({ after: last }), print, "event stream");
     });
 
   const alert = program.command("alert").description("alert rules: typevisor alert rule add|ls|rm");

@@ -7,8 +7,8 @@
  */
 import type { Command } from "commander";
 import type { EventRecord } from "../control/spec.js";
-import { TypevisorError } from "../errors.js";
 import { connect, type ConnectionOptions } from "./connect.js";
+import { printFollowed } from "./follow.js";
 import { formatTime } from "./format.js";
 import { escapeControls } from "./terminal-safe.js";
 import { clientCommand, parseWhole } from "./vm.js";
@@ -50,27 +50,7 @@ export function registerEventsCommand(program: Command): void {
       }
       // No request timeout (the daemon's keep-alives come every 15 s, but an idle hour is normal).
       const stream = connect(o, { timeoutMs: 0 }).followEvents(opts);
-      // A pending `next()` cannot be cancelled from outside the generator, so
-      // Ctrl-C (or a reader that went away) ends the process here: nothing is
-      // left to flush, stdout to a pipe or a terminal is synchronous on Linux.
-      const end = (): never => process.exit(0);
-      process.once("SIGINT", end);
-      process.once("SIGTERM", end);
-      process.stdout.on("error", (e: NodeJS.ErrnoException) => {
-        if (e.code === "EPIPE") end();
-      });
-      try {
-        // The header comes with the first event: a refused request (a bad --vm) then prints only its error.
-        let first = !json;
-        for await (const e of stream) {
-          process.stdout.write((first ? eventHeader() : "") + formatEvent(e, json));
-          first = false;
-        }
-      } catch (e) {
-        if (e instanceof TypevisorError) throw e; // refused up front (bad --vm, no daemon)
-        // "aborted": the connection dropped mid-stream.
-      }
-      // The stream only ends from the daemon's side: it stopped, so a follower (a script) should know.
-      throw new TypevisorError("DAEMON_UNREACHABLE", "the daemon closed the event stream (it stopped?)");
+      // The header comes with the first event: a refused request (a bad --vm) then prints only its error.
+      await printFollowed(stream, (e, first) => (first && !json ? eventHeader() : "") + formatEvent(e, json), "event stream");
     });
 }

@@ -12,6 +12,7 @@ import type { LogLine } from "../control/logs.js";
 import { LOG_LEVELS, LOG_SOURCES, type LogLevel, type LogSource } from "../control/logs.js";
 import { TypevisorError } from "../errors.js";
 import { connect, type ConnectionOptions } from "./connect.js";
+import { printFollowed } from "./follow.js";
 import { formatTime } from "./format.js";
 import { parseHistoryRange } from "./history.js";
 import { escapeControls } from "./terminal-safe.js";
@@ -77,17 +78,6 @@ export function registerLogsCommand(program: Command): void {
         return;
       }
       const stream = connect(o, { timeoutMs: 0 }).followLogs(opts);
-      const end = (): never => process.exit(0);
-      process.once("SIGINT", end);
-      process.once("SIGTERM", end);
-      process.stdout.on("error", (e: NodeJS.ErrnoException) => {
-        if (e.code === "EPIPE") end();
-      });
-      try {
-        for await (const l of stream) if (keep(l)) process.stdout.write(formatLogLine(l, json));
-      } catch (e) {
-        if (e instanceof TypevisorError) throw e;
-      }
-      throw new TypevisorError("DAEMON_UNREACHABLE", "the daemon closed the log stream (it stopped?)");
+      await printFollowed(stream, (l) => (keep(l) ? formatLogLine(l, json) : ""), "log stream");
     });
 }

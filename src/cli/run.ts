@@ -434,7 +434,12 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
           },
           snapshot: async (req) => {
             if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
-            return current.snapshot(resolve(req.path), { config, ...(req.memory !== undefined ? { memory: req.memory } : {}) });
+            return current.snapshot(resolve(req.path), {
+              config,
+              ...(req.memory !== undefined ? { memory: req.memory } : {}),
+              ...(req.base !== undefined ? { base: resolve(req.base) } : {}),
+              ...(req.track !== undefined ? { track: req.track } : {}),
+            });
           },
           resume: () => current?.resume(),
           stop: () => {

@@ -54,16 +54,22 @@ export const MAX_LINE = 8192;
 
 const PINO_LEVELS: Record<number, LogLevel> = { 10: "trace", 20: "debug", 30: "info", 40: "warn", 50: "error", 60: "fatal" };
 
-/** One line of the daemon's log, or undefined for what is not one of its JSON objects (a torn write, garbage). */
-export function parseDaemonLine(text: string): LogLine | undefined {
+/** A pino line's object, or undefined for what is not a JSON object (a torn write, garbage, a runaway line). */
+export function pinoObject(text: string): Record<string, unknown> | undefined {
   let o: unknown;
   try {
     o = JSON.parse(text.length > MAX_LINE * 4 ? "" : text);
   } catch {
     return undefined;
   }
-  if (typeof o !== "object" || o === null || Array.isArray(o)) return undefined;
-  const { time, level, msg, vm, pid: _pid, hostname: _host, ...rest } = o as Record<string, unknown>;
+  return typeof o === "object" && o !== null && !Array.isArray(o) ? (o as Record<string, unknown>) : undefined;
+}
+
+/** One line of the daemon's log, or undefined for what is not one of its JSON objects. */
+export function parseDaemonLine(text: string): LogLine | undefined {
+  const o = pinoObject(text);
+  if (o === undefined) return undefined;
+  const { time, level, msg, vm, pid: _pid, hostname: _host, ...rest } = o;
   const t = typeof time === "number" && Number.isFinite(time) ? new Date(time) : undefined;
   if (t === undefined || Number.isNaN(t.getTime())) return undefined;
   const line: LogLine = {

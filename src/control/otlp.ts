@@ -14,6 +14,7 @@
  */
 import { hostname } from "node:os";
 import { TypevisorError } from "../errors.js";
+import { pinoObject } from "./logs.js";
 
 export const MAX_BATCH = 512;
 export const MAX_QUEUE = 10_000;
@@ -58,14 +59,8 @@ function anyValue(v: unknown): AnyValue | undefined {
 
 /** The LogRecord for one pino line, or undefined for what is not one. */
 export function logRecord(line: string, observedMs = Date.now()): LogRecord | undefined {
-  let o: Record<string, unknown>;
-  try {
-    const v = JSON.parse(line) as unknown;
-    if (typeof v !== "object" || v === null || Array.isArray(v)) return undefined;
-    o = v as Record<string, unknown>;
-  } catch {
-    return undefined;
-  }
+  const o = pinoObject(line);
+  if (o === undefined) return undefined;
   const { time, level, msg, pid: _pid, hostname: _h, ...rest } = o;
   const ms = typeof time === "number" && Number.isFinite(time) ? time : observedMs;
   const [severityNumber, severityText] = SEVERITY[typeof level === "number" ? level : 30] ?? [9, "INFO"];

@@ -20,6 +20,7 @@ import { createSocket, type Socket as UdpSocket } from "node:dgram";
 import { hostname } from "node:os";
 import { connect, type Socket } from "node:net";
 import { TypevisorError } from "../errors.js";
+import { pinoObject } from "./logs.js";
 
 /** Facility `daemon` (RFC 5424 §6.2.1 table 1). */
 const FACILITY_DAEMON = 3;
@@ -59,14 +60,8 @@ function token(v: string, max: number): string {
 
 /** The RFC 5424 message for one pino line, or undefined for what is not one. */
 export function formatSyslog(line: string, host = hostname()): string | undefined {
-  let o: Record<string, unknown>;
-  try {
-    const v = JSON.parse(line) as unknown;
-    if (typeof v !== "object" || v === null || Array.isArray(v)) return undefined;
-    o = v as Record<string, unknown>;
-  } catch {
-    return undefined;
-  }
+  const o = pinoObject(line);
+  if (o === undefined) return undefined;
   const level = typeof o["level"] === "number" ? o["level"] : 30;
   const pri = FACILITY_DAEMON * 8 + (SEVERITY[level] ?? 6);
   const time = typeof o["time"] === "number" && Number.isFinite(o["time"]) ? new Date(o["time"]).toISOString() : "-";

@@ -5,10 +5,11 @@
  * MachineConfig.
  */
 import { closeSync, openSync, readFileSync, statSync } from "node:fs";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { TypevisorError } from "../errors.js";
 import type { DeviceSpecs } from "./device-specs.js";
-import { decodeState, MAX_STATE_BYTES, SNAPSHOT_FILES, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
+import type { MemoryLayer } from "./snapshot/memory.js";
+import { decodeState, MAX_SNAPSHOT_CHAIN, MAX_STATE_BYTES, SNAPSHOT_FILES, stateSha256, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
 import { Vm, type PauseReason } from "./vm.js";
 
 /** A VM's whole description as plain data (what a snapshot's config.json holds). */
@@ -80,19 +81,22 @@ export interface RestoreOverrides {
 
 /** A snapshot directory's state, read and validated (nothing built yet). */
 export function readSnapshot(dir: string): SnapshotState {
+  return decodeState(readStateFile(dir), join(dir, SNAPSHOT_FILES.state));
+}
+
+/** The bytes of `dir`'s state.json (a regular file, at most MAX_STATE_BYTES), not yet decoded. */
+function readStateFile(dir: string): Buffer {
   const path = join(dir, SNAPSHOT_FILES.state);
-  let bytes: Buffer;
   try {
     const st = statSync(path);
     if (!st.isFile()) throw new TypevisorError("SNAPSHOT_INVALID", `${path} is not a regular file`);
     if (st.size > MAX_STATE_BYTES) throw new TypevisorError("SNAPSHOT_INVALID", `${path}: ${st.size} bytes, more than a state file can be`);
-    bytes = readFileSync(path);
+    return readFileSync(path);
   } catch (e) {
     if (e instanceof TypevisorError) throw e;
     const code = (e as NodeJS.ErrnoException).code;
     throw new TypevisorError("SNAPSHOT_NOT_FOUND", `${dir}: ${code === "ENOENT" ? "not a snapshot (no state.json)" : (e as Error).message}`);
   }
-  return decodeState(bytes, path);
 }
 
 /** The saved configuration with `o`'s back ends in place of the saved ones (same count and kinds). */
@@ -126,22 +130,57 @@ export function restoreVm(dir: string, overrides: RestoreOverrides, host: VmHost
   const state = readSnapshot(dir);
   if (state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${dir}: a snapshot without memory (disk-only) cannot be restored into a running VM; boot its disk instead`);
   const config = applyOverrides(state.config, overrides);
-  const memPath = join(dir, SNAPSHOT_FILES.memory);
-  let fd: number;
-  try {
-    fd = openSync(memPath, "r");
-  } catch (e) {
-    throw new TypevisorError("SNAPSHOT_INVALID", `${memPath}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "missing" : (e as Error).message}`);
-  }
+  const layers = openMemoryChain(dir, state);
   try {
     const vm = new Vm({
       ...shape(config), ...host,
-      boot: { kind: "snapshot", state, memoryFd: fd, what: dir, ...(opts.keepClock === true ? { keepClock: true } : {}) },
+      boot: { kind: "snapshot", state, memory: layers, what: dir, ...(opts.keepClock === true ? { keepClock: true } : {}) },
     });
     return { vm, config, state };
   } catch (e) {
-    // The Vm owns the fd only once built.
-    closeSync(fd);
+    // The Vm owns the files only once built.
+    for (const l of layers) closeSync(l.fd);
+    throw e;
+  }
+}
+
+function openMemoryFile(dir: string): number {
+  const memPath = join(dir, SNAPSHOT_FILES.memory);
+  try {
+    return openSync(memPath, "r");
+  } catch (e) {
+    throw new TypevisorError("SNAPSHOT_INVALID", `${memPath}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "missing" : (e as Error).message}`);
+  }
+}
+
+/**
+ * The memory files a restore of `state` (read from `dir`) maps, base first: its own, and for an
+ * incremental snapshot its base's, and so on down to a full snapshot. Each base must be the very
+ * snapshot named (its state's SHA-256), of the same machine, at most MAX_SNAPSHOT_CHAIN deep.
+ */
+export function openMemoryChain(dir: string, state: SnapshotState): MemoryLayer[] {
+  const layers: MemoryLayer[] = [];
+  try {
+    let cur = { dir, state };
+    for (;;) {
+      const memory = cur.state.memory;
+      if (memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${cur.dir}: a snapshot without memory (disk-only) cannot be the base of a restore`);
+      layers.unshift({ fd: openMemoryFile(cur.dir), layout: memory, what: cur.dir });
+      if (memory.base === undefined) return layers;
+      if (layers.length > MAX_SNAPSHOT_CHAIN) throw new TypevisorError("SNAPSHOT_INVALID", `${dir}: more than ${MAX_SNAPSHOT_CHAIN} incremental snapshots stand on each other`);
+      const baseDir = resolve(cur.dir, memory.base.path);
+      const bytes = readStateFile(baseDir);
+      if (stateSha256(bytes) !== memory.base.sha256) {
+        throw new TypevisorError("SNAPSHOT_MISMATCH", `${cur.dir}: its base ${baseDir} is not the snapshot it was taken on (replaced or changed since)`);
+      }
+      const base = decodeState(bytes, join(baseDir, SNAPSHOT_FILES.state));
+      const same = base.memory !== null && base.config.memoryMiB === state.config.memoryMiB && base.memory.regions.length === memory.regions.length &&
+        base.memory.regions.every((r, i) => r.guestPhysAddr === memory.regions[i]!.guestPhysAddr && r.size === memory.regions[i]!.size);
+      if (!same) throw new TypevisorError("SNAPSHOT_MISMATCH", `${cur.dir}: its base ${baseDir} is not of the same machine's memory`);
+      cur = { dir: baseDir, state: base };
+    }
+  } catch (e) {
+    for (const l of layers) closeSync(l.fd);
     throw e;
   }
 }

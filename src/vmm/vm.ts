@@ -38,11 +38,11 @@ import { deviceThreadPhase, ioThreadReport, vcpuReport, type DeviceThreadThreads
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
-import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
+import { dirname, join, relative, resolve } from "node:path";
 import { cpuCaps, elapsedSinceSave, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
-import { mapMemoryFile, writeMemoryFile, type RegionSource } from "./snapshot/memory.js";
-import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
+import { bitmapBytes, mapMemoryLayers, writeDirtyMemoryFile, writeMemoryFile, type MemoryLayer, type MemoryWriteResult, type RegionSource } from "./snapshot/memory.js";
+import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, stateSha256, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
 
 import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "./defaults.js";
 import { XAPIC_MAX_CPUS } from "./arch/x86_64/acpi/tables.js";
@@ -69,17 +69,37 @@ const HUGE_PAGE = 2 * 1024 * 1024;
  */
 const V8_INTERRUPT_BUDGET = 16384;
 
+export interface SnapshotOptions {
+  /** false: state and configuration only (a disk-only snapshot). */
+  memory?: boolean;
+  config: SnapshotConfig;
+  /**
+   * An incremental snapshot: only the pages written since the snapshot in this directory, which
+   * must be the one this VM tracks (taken with `track`, or the last incremental one).
+   */
+  base?: string;
+  /** Count the pages written from now on, so that the next snapshot may name this one as its base. */
+  track?: boolean;
+}
+
+/** One reader of the dirty log: the pages written since it last took them (`acc`), and the copy it was last given (`out`). */
+interface DirtySubscriber {
+  acc: Uint8Array[];
+  out: Uint8Array[];
+}
+
 export type BootSource =
   | { kind: "linux"; kernel: Uint8Array; initrd?: Uint8Array; cmdline: string }
   /** A tiny test guest: `setup` writes code and returns the boot CPU state. */
   | { kind: "custom"; setup: (mem: GuestMemory) => BootCpuState }
   /**
-   * A snapshot: guest memory mapped from `memoryFd` (the VM keeps it open and closes it), every
-   * vCPU and the platform as saved. `state` was validated by decodeState; `what` names the
+   * A snapshot: guest memory mapped from `memory` (its memory file, or the base's and each
+   * incremental layer's, base first; the VM keeps them open and closes them), every vCPU and the
+   * platform as saved. `state` was validated by decodeState; `what` names the
    * snapshot in errors. `keepClock`: the guest clock continues from the saved time instead of
    * being moved to now.
    */
-  | { kind: "snapshot"; state: SnapshotState; memoryFd: number; what: string; keepClock?: boolean }
+  | { kind: "snapshot"; state: SnapshotState; memory: readonly MemoryLayer[]; what: string; keepClock?: boolean }
   /**
    * A VM arriving by live migration: memory starts empty (zero) and is filled by the caller,
    * then applyState() puts the vCPUs and devices in place before run().
@@ -265,7 +285,7 @@ export class Vm {
   private pauseReason_: PauseReason | undefined;
   private inputTimer: NodeJS.Timeout | undefined;
   /** A restored VM's memory file (each region a private mapping of it), kept open for the VM's life. */
-  private memoryFd: number | undefined;
+  private memoryFds: number[] = [];
   private memorySources: (RegionSource | undefined)[] = [];
   /** What a restore found KVM would not take back (MSR indices), for the caller to report. */
   readonly restoreWarnings: string[] = [];
@@ -276,8 +296,13 @@ export class Vm {
   private devicesStarted: Promise<VcpuWorkerInit["platform"]> | undefined;
   /** The pages the device thread writes, while dirty logging is on. */
   private deviceDirty: DirtyLog | undefined;
-  /** While guest writes are logged (live migration): one bitmap per RAM slot, a bit per page. */
+  /** While guest writes are logged: KVM's bitmap per RAM slot, a bit per page. */
   private dirtyMaps: libc.Mapping[] | undefined;
+  /** Who reads the dirty log: a live migration, the incremental-snapshot tracker. */
+  private readonly dirtySubscribers = new Set<DirtySubscriber>();
+  private migrationDirty: DirtySubscriber | undefined;
+  /** Set while pages written since a snapshot are tracked (its state's SHA-256): the base an incremental snapshot may name. */
+  private tracked: { sha256: string; dir: string; sub: DirtySubscriber } | undefined;
   /** Built for a state that applyState() has not put in place yet (a restore or an incoming migration). */
   private awaitingState: boolean;
   /** Each vCPU's CPUID table as set (KVM_SET_CPUID2), for snapshots. */
@@ -295,7 +320,7 @@ export class Vm {
       // The VM is built with the saved machine's shape; anything else would not match its state.
       if (snap.state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${snap.what}: a snapshot without memory (disk-only) cannot be restored by the VMM`);
       if (config.cpus !== snap.state.config.cpus || config.memoryMiB !== snap.state.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${snap.what}: saved with ${snap.state.config.cpus} vCPUs and ${snap.state.config.memoryMiB} MiB`);
-      this.memoryFd = snap.memoryFd;
+      this.memoryFds = snap.memory.map((l) => l.fd);
     }
     this.kvm = new Kvm();
     try {
@@ -346,9 +371,14 @@ export class Vm {
         if (layout.regions.some((r, i) => r.guestPhysAddr !== hostRegions[i]?.guestPhysAddr || r.size !== hostRegions[i]?.size) || layout.regions.length !== hostRegions.length) {
           throw new TypevisorError("SNAPSHOT_INVALID", `${snap.what}: its memory regions do not match a ${config.memoryMiB} MiB VM's`);
         }
-        mapMemoryFile(snap.memoryFd, layout, this.mems, snap.what);
+        mapMemoryLayers(snap.memory, this.mems);
         for (const m of this.mems) libc.madvise(m, libc.MADV_DONTFORK);
-        this.memorySources = layout.regions.map((r) => ({ fd: snap.memoryFd, offset: r.fileOffset }));
+        this.memorySources = layout.regions.map((_r, i) => ({
+          layers: snap.memory.map((l) => {
+            const lr = l.layout.regions[i]!;
+            return { fd: l.fd, offset: lr.fileOffset, ...(lr.runs !== undefined ? { runs: lr.runs } : {}) };
+          }),
+        }));
       }
       // Safe to hand to the kernel: each slot is exactly one mapping made above, kept mapped
       // until releaseKvm() closes the VM fd (which drops the slots) before unmapping it.
@@ -936,13 +966,15 @@ export class Vm {
    * and runs again afterwards. The directory appears whole or not at all: everything is
    * written under a temporary name, synced, then renamed.
    */
-  async snapshot(dir: string, opts: { memory?: boolean; config: SnapshotConfig }): Promise<{ path: string; ms: number; memoryBytes: number; dataBytes: number }> {
+  async snapshot(dir: string, opts: SnapshotOptions): Promise<{ path: string; ms: number; memoryBytes: number; dataBytes: number; base?: string }> {
     if (this.state !== "running" && this.state !== "paused") throw new TypevisorError("VM_STATE", `cannot snapshot a VM that is ${this.state}`);
     if (this.pauseReason_ !== undefined) throw new TypevisorError("VM_STATE", "the VM is paused for a full disk: free space and resume it first");
+    if (opts.memory === false && (opts.base !== undefined || opts.track === true)) throw new TypevisorError("INVALID_REQUEST", "an incremental snapshot (base) or dirty tracking (track) needs memory: drop \"memory\": false");
     const started = performance.now();
     const wasRunning = this.state === "running";
     const tmp = join(dirname(dir), `.${dir.split("/").pop() ?? "snapshot"}.tmp-${process.pid}`);
     if (existsSync(dir)) throw new TypevisorError("SNAPSHOT_EXISTS", `${dir} already exists`);
+    const base = opts.base !== undefined ? this.trackedBase(opts.base) : undefined;
     try {
       mkdirSync(tmp, { mode: 0o700 });
     } catch (e) {
@@ -955,18 +987,29 @@ export class Vm {
       let dataBytes = 0;
       if (opts.memory !== false) {
         const captured = await this.captureState(opts.config, runState);
-        const written = writeMemoryFile(join(tmp, SNAPSHOT_FILES.memory), this.memory.hostRegions, this.memorySources);
+        let written: MemoryWriteResult;
+        if (base !== undefined) {
+          // Every page written since the base (by the guest or the devices), and nothing else.
+          this.harvestDirty();
+          written = writeDirtyMemoryFile(join(tmp, SNAPSHOT_FILES.memory), this.memory.hostRegions, base.sub.acc);
+          written.layout.base = { path: relative(dir, base.dir) || ".", sha256: base.sha256 };
+        } else {
+          written = writeMemoryFile(join(tmp, SNAPSHOT_FILES.memory), this.memory.hostRegions, this.memorySources);
+        }
         dataBytes = written.dataBytes;
         state = { ...captured, memory: written.layout };
       } else {
         state = { version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState, config: opts.config, memory: null, vcpus: [], vm: null, platform: null, devices: null };
       }
       const memory = state.memory;
-      writeSynced(join(tmp, SNAPSHOT_FILES.state), encodeState(state));
+      const stateBytes = encodeState(state);
+      writeSynced(join(tmp, SNAPSHOT_FILES.state), stateBytes);
       writeSynced(join(tmp, SNAPSHOT_FILES.config), Buffer.from(JSON.stringify(opts.config, null, 2) + "\n"));
       renameSync(tmp, dir);
       syncDir(dirname(dir));
-      return { path: dir, ms: Math.round(performance.now() - started), memoryBytes: memory?.bytes ?? 0, dataBytes };
+      // From here on, pages written are counted against this snapshot (still paused: none yet).
+      if (base !== undefined || opts.track === true) await this.trackFrom(dir, stateSha256(stateBytes)!);
+      return { path: dir, ms: Math.round(performance.now() - started), memoryBytes: memory?.bytes ?? 0, dataBytes, ...(base !== undefined ? { base: base.dir } : {}) };
     } catch (e) {
       rmSync(tmp, { recursive: true, force: true });
       throw e;
@@ -976,44 +1019,85 @@ export class Vm {
   }
 
   /**
-   * Start logging the guest's writes to RAM (KVM_MEM_LOG_DIRTY_PAGES on every slot, KVM API
-   * §4.35): takeDirtyLog() then says which pages changed since the last call. Writes made by the
-   * VMM's own threads (the devices) are not in KVM's log.
+   * The tracked snapshot, when `baseDir` is it: its state file there must still be the one taken
+   * (same SHA-256), else the pages counted since are not the difference to what is there now.
+   */
+  private trackedBase(baseDir: string): { sha256: string; dir: string; sub: DirtySubscriber } {
+    const t = this.tracked;
+    if (t === undefined) throw new TypevisorError("VM_STATE", "no snapshot is tracked yet: take one with \"track\": true first, then incremental ones with \"base\"");
+    let sha: string | undefined;
+    try {
+      sha = stateSha256(readFileSync(join(baseDir, SNAPSHOT_FILES.state)).subarray(0, 256));
+    } catch (e) {
+      throw new TypevisorError("SNAPSHOT_NOT_FOUND", `${baseDir}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "not a snapshot (no state.json)" : (e as Error).message}`);
+    }
+    if (sha !== t.sha256) throw new TypevisorError("SNAPSHOT_MISMATCH", `${baseDir} is not the snapshot this VM tracks its changes since (that is ${t.dir}): take a full one with "track": true`);
+    return { ...t, dir: resolve(baseDir) };
+  }
+
+  /** Count the pages written from now on against the snapshot just written to `dir`. */
+  private async trackFrom(dir: string, sha256: string): Promise<void> {
+    const sub = this.tracked?.sub ?? (await this.subscribeDirty());
+    for (const acc of sub.acc) acc.fill(0);
+    this.tracked = { sha256, dir, sub };
+  }
+
+  /**
+   * Start logging the guest's writes to RAM for a live migration (KVM_MEM_LOG_DIRTY_PAGES on every
+   * slot, KVM API §4.35): takeDirtyLog() then says which pages changed since the last call. The
+   * device thread marks its own writes (KVM does not see them). The log is shared: an
+   * incremental-snapshot tracker may be reading it too, and each reader sees every page once.
    */
   async startDirtyLog(): Promise<void> {
-    if (this.dirtyMaps !== undefined) return;
-    const regions = this.memory.hostRegions;
-    this.dirtyMaps = regions.map((r) => libc.mmap(Math.ceil(r.size / 4096 / 64) * 8, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS));
-    regions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress), KVM_MEM_LOG_DIRTY_PAGES));
-    // The devices' own writes (used rings, received frames, disk reads) never reach KVM's log: the device thread marks them here.
-    if (this.deviceThread !== undefined) {
-      const end = Math.max(...regions.map((r) => r.guestPhysAddr + r.size));
-      this.deviceDirty = DirtyLog.create(end);
-      await this.deviceCommand({ command: "dirtyLog", args: { buffer: this.deviceDirty.shared } });
-    }
+    if (this.migrationDirty !== undefined) return;
+    this.migrationDirty = await this.subscribeDirty();
   }
 
   /** Each slot's pages written since the last call (or startDirtyLog), one bit per 4 KiB page; views valid until the next call. */
   takeDirtyLog(): Uint8Array[] {
-    const maps = this.dirtyMaps;
-    if (maps === undefined) throw new TypevisorError("VM_STATE", "dirty logging is off");
-    const regions = this.memory.hostRegions;
-    const out = maps.map((m, slot) => {
-      this.vm.getDirtyLog(slot, m);
-      return new Uint8Array(libc.view(m.pointer, m.length));
+    const sub = this.migrationDirty;
+    if (sub === undefined) throw new TypevisorError("VM_STATE", "dirty logging is off");
+    this.harvestDirty();
+    sub.acc.forEach((acc, slot) => {
+      sub.out[slot]!.set(acc);
+      acc.fill(0);
     });
-    // Fold in what the devices wrote (guest-physical page numbers) as bits of each slot.
-    for (const page of this.deviceDirty?.take() ?? []) {
-      const gpa = page * 4096;
-      const slot = regions.findIndex((r) => gpa >= r.guestPhysAddr && gpa < r.guestPhysAddr + r.size);
-      if (slot < 0) continue;
-      const p = (gpa - regions[slot]!.guestPhysAddr) / 4096;
-      out[slot]![p >> 3]! |= 1 << (p & 7);
-    }
-    return out;
+    return sub.out;
   }
 
   stopDirtyLog(): void {
+    const sub = this.migrationDirty;
+    this.migrationDirty = undefined;
+    if (sub !== undefined) this.unsubscribeDirty(sub);
+  }
+
+  /** A new reader of the dirty log, from now on (logging starts with the first). */
+  private async subscribeDirty(): Promise<DirtySubscriber> {
+    const regions = this.memory.hostRegions;
+    if (this.dirtyMaps === undefined) {
+      // Safe to hand to KVM_GET_DIRTY_LOG: each is a private mapping of exactly the bitmap size
+      // KVM writes for its slot (one bit per page, rounded up to 64 bits), unmapped only once
+      // logging is off (stopDirtyLogging) or the VM is released.
+      this.dirtyMaps = regions.map((r) => libc.mmap(bitmapBytes(r.size), libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_ANONYMOUS));
+      regions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress), KVM_MEM_LOG_DIRTY_PAGES));
+      // The devices' own writes (used rings, received frames, disk reads) never reach KVM's log: the device thread marks them here.
+      if (this.deviceThread !== undefined) {
+        const end = Math.max(...regions.map((r) => r.guestPhysAddr + r.size));
+        this.deviceDirty = DirtyLog.create(end);
+        await this.deviceCommand({ command: "dirtyLog", args: { buffer: this.deviceDirty.shared } });
+      }
+    } else {
+      // What was written until now belongs to the readers already there.
+      this.harvestDirty();
+    }
+    const sub: DirtySubscriber = { acc: regions.map((r) => new Uint8Array(bitmapBytes(r.size))), out: regions.map((r) => new Uint8Array(bitmapBytes(r.size))) };
+    this.dirtySubscribers.add(sub);
+    return sub;
+  }
+
+  private unsubscribeDirty(sub: DirtySubscriber): void {
+    this.dirtySubscribers.delete(sub);
+    if (this.dirtySubscribers.size > 0) return;
     const maps = this.dirtyMaps;
     if (maps === undefined) return;
     this.dirtyMaps = undefined;
@@ -1023,6 +1107,31 @@ export class Vm {
     this.deviceDirty = undefined;
     this.memory.hostRegions.forEach((h, slot) => this.vm.setUserMemoryRegion(slot, h.guestPhysAddr, h.size, BigInt(h.hostAddress)));
     for (const m of maps) libc.munmap(m);
+  }
+
+  /** Read (and clear) KVM's and the device thread's logs into every reader's bitmaps. */
+  private harvestDirty(): void {
+    const maps = this.dirtyMaps;
+    if (maps === undefined) return;
+    const regions = this.memory.hostRegions;
+    const subs = [...this.dirtySubscribers];
+    maps.forEach((m, slot) => {
+      this.vm.getDirtyLog(slot, m);
+      // Safe: a view of the bitmap mapping made in subscribeDirty, alive while logging is on.
+      const bits = new Uint8Array(libc.view(m.pointer, m.length));
+      for (const sub of subs) {
+        const acc = sub.acc[slot]!;
+        for (let i = 0; i < bits.length; i++) if (bits[i] !== 0) acc[i]! |= bits[i]!;
+      }
+    });
+    // Fold in what the devices wrote (guest-physical page numbers) as bits of each slot.
+    for (const page of this.deviceDirty?.take() ?? []) {
+      const gpa = page * 4096;
+      const slot = regions.findIndex((r) => gpa >= r.guestPhysAddr && gpa < r.guestPhysAddr + r.size);
+      if (slot < 0) continue;
+      const p = (gpa - regions[slot]!.guestPhysAddr) / 4096;
+      for (const sub of subs) sub.acc[slot]![p >> 3]! |= 1 << (p & 7);
+    }
   }
 
   /** Where each RAM region's pages came from when the VM was restored (snapshot/memory.ts RegionSource). */
@@ -1040,6 +1149,9 @@ export class Vm {
     self.vm?.close();
     for (const m of this.dirtyMaps ?? []) libc.munmap(m);
     this.dirtyMaps = undefined;
+    this.dirtySubscribers.clear();
+    this.migrationDirty = undefined;
+    this.tracked = undefined;
     for (const m of this.mems) libc.munmap(m);
     this.mems.length = 0;
     self.kvm?.close();
@@ -1065,8 +1177,8 @@ export class Vm {
     this.stopSampler();
     this.releaseKvm();
     // Only now: a constructor that failed leaves the memory file to whoever opened it.
-    if (this.memoryFd !== undefined) closeSync(this.memoryFd);
-    this.memoryFd = undefined;
+    for (const fd of this.memoryFds) closeSync(fd);
+    this.memoryFds = [];
   }
 }
 

@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { unixApi } from "../helpers/unix-api.js";
+import { until as pollUntil } from "../helpers/daemon.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { cpSync, rmSync } from "node:fs";
 import { VMGENID_ADDR, VMGENID_SIZE } from "../../src/vmm/arch/x86_64/layout.js";
@@ -33,13 +34,8 @@ const kernel = join(dir, "tiny.bzImage");
 writeTinyKernel(kernel);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-async function until(what: string, cond: () => boolean, ms = 20_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
+/** test/helpers/daemon.ts's poll, with this file's longer default (a restore under load). */
+const until = (what: string, cond: () => boolean, ms = 20_000): Promise<boolean> => pollUntil(what, cond, ms);
 
 interface Vmm {
   child: ChildProcess;

@@ -8,10 +8,12 @@
  *                  the VMM paused the VM because a disk's filesystem is full (null otherwise)
  *   GET  /stats    vCPU exits by reason, uptime, memory, disk/network I/O counters
  *   POST /pause    park every vCPU (interrupts KVM_RUN)
- *   POST /snapshot {"path": DIR, "memory"?: bool}  save the whole VM into DIR (must not exist):
- *                  state.json, config.json and (unless memory is false) the memory file; a
- *                  running VM is paused meanwhile and runs on afterwards. 200 {path, ms,
- *                  memoryBytes, dataBytes}; `typevisor run --restore DIR` starts from it
+ *   POST /snapshot {"path": DIR, "memory"?: bool, "track"?: bool, "base"?: DIR0}  save the whole VM
+ *                  into DIR (must not exist): state.json, config.json and (unless memory is false)
+ *                  the memory file; a running VM is paused meanwhile and runs on afterwards. 200
+ *                  {path, ms, memoryBytes, dataBytes}; `typevisor run --restore DIR` starts from it.
+ *                  track: count the pages written from now on; base: an incremental snapshot of
+ *                  only the pages written since DIR0, the tracked snapshot (docs/snapshots.md)
  *   POST /migrate  {"to": "tcp:HOST:PORT"|"unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?,
  *                  "tls"?: {"cert", "key", "ca"?, "peerFingerprint"?} (PEM texts), "plainTcp"?: true}:
  *                  live-migrate the VM to a VMM started with `run --incoming`; 202 with progress.
@@ -45,11 +47,17 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { existsSync, unlinkSync } from "node:fs";
 import { listenOnFd, listenOwnerOnly } from "../../sys/owner-only-socket.js";
+import { z } from "zod";
 import { TypevisorError, isTypevisorError } from "../../errors.js";
 import { checkStreamTls, StreamTlsSchema, type StreamTls } from "../migration/transport.js";
 
 /** POST /migrate's body once checked. */
 export interface MigrateBody { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number; tls?: StreamTls; plainTcp?: boolean }
+
+const dirString = z.string().min(1).max(4096).refine((v) => !v.includes("\0"), "no NUL bytes");
+/** POST /snapshot's body. */
+export const SnapshotRequestSchema = z.strictObject({ path: dirString, memory: z.boolean().optional(), base: dirString.optional(), track: z.boolean().optional() });
+export type SnapshotRequest = z.infer<typeof SnapshotRequestSchema>;
 
 export interface ControlTarget {
   info(): unknown;
@@ -68,7 +76,7 @@ export interface ControlTarget {
   /** POST: start a live migration (body checked here); GET: its progress; DELETE: cancel it. */
   migrate?(method: "POST" | "GET" | "DELETE", body?: MigrateBody): Promise<unknown>;
   /** Save the VM into `path` (Vm.snapshot). */
-  snapshot(req: { path: string; memory?: boolean }): Promise<unknown>;
+  snapshot(req: SnapshotRequest): Promise<unknown>;
   resume(): void;
   stop(): void;
   /** Host-initiated reset (VM_STATE when there is no running VM). */
@@ -90,7 +98,7 @@ export class SwitchableTarget implements ControlTarget {
   balloon(method: "GET" | "PUT" | "POST", body?: { pages: number }): Promise<unknown> { return this.current.balloon(method, body); }
   threads(): Promise<unknown> { return this.current.threads(); }
   pause(): Promise<void> { return this.current.pause(); }
-  snapshot(req: { path: string; memory?: boolean }): Promise<unknown> { return this.current.snapshot(req); }
+  snapshot(req: SnapshotRequest): Promise<unknown> { return this.current.snapshot(req); }
   migrate(method: "POST" | "GET" | "DELETE", body?: MigrateBody): Promise<unknown> {
     if (this.current.migrate === undefined) return Promise.reject(new TypevisorError("VM_STATE", "this VMM has no VM to migrate"));
     return this.current.migrate(method, body);
@@ -180,12 +188,9 @@ export function startControlServer(socketPath: string, target: ControlTarget, li
           await target.pause();
           return send(res, 200, { ok: true });
         case "POST /snapshot": {
-          const body = (await readJson(req)) as { path?: unknown; memory?: unknown } | undefined;
-          const path = body?.path;
-          if (typeof path !== "string" || path === "" || path.length > 4096 || path.includes("\0") || (body?.memory !== undefined && typeof body.memory !== "boolean")) {
-            return problem(res, 400, "INVALID_REQUEST", 'body must be {"path": "<directory to create>", "memory"?: true|false}');
-          }
-          return send(res, 200, await target.snapshot({ path, ...(typeof body?.memory === "boolean" ? { memory: body.memory } : {}) }));
+          const r = SnapshotRequestSchema.safeParse(await readJson(req));
+          if (!r.success) return problem(res, 400, "INVALID_REQUEST", 'body must be {"path": "<directory to create>", "memory"?: true|false, "base"?: "<tracked snapshot>", "track"?: true|false}');
+          return send(res, 200, await target.snapshot(r.data));
         }
         case "POST /migrate":
         case "GET /migrate":

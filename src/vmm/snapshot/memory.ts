@@ -13,6 +13,13 @@
  * Restoring maps the file MAP_PRIVATE over each region's reserved range: nothing is read until
  * the guest touches it, so restore time does not grow with guest memory, and VMMs restoring the
  * same snapshot share its pages through the page cache until each writes its own copy.
+ *
+ * An incremental snapshot (docs/snapshots.md "Incremental snapshots") holds only the pages written
+ * since its base: its file has them at their usual offsets and its layout lists them as runs of
+ * pages per region. Holes cannot say "unchanged" by themselves: a file system reports data and
+ * holes in its own block size (SEEK_DATA on a 128 KiB record finds zeros around a written page),
+ * so the runs, in the checksummed state file, are what counts. Restoring maps the base's file,
+ * then each incremental layer's runs over it, in order.
  */
 import { closeSync, fstatSync, openSync, readSync } from "node:fs";
 import { TypevisorError } from "../../errors.js";
@@ -31,11 +38,25 @@ const PRESENT_OR_SWAPPED_HI = 0xc000_0000;
 /** 32-bit words of a page looked at in JavaScript before comparing the whole page. */
 const QUICK_WORDS = 16;
 
-/** Where a region's pages came from when it is a private mapping of an older memory file. */
-export interface RegionSource {
+/** One memory file a region is (partly) a private mapping of: the region starts at `offset` of `fd`. */
+export interface SourceLayer {
   fd: number;
   offset: number;
+  /** An incremental layer: the pages it holds, as [first page, count] runs of the region; absent: every data range of the file. */
+  runs?: readonly (readonly [number, number])[];
 }
+
+/** Where a region's pages came from when it was restored: its memory files, base first. */
+export interface RegionSource {
+  layers: readonly SourceLayer[];
+}
+
+/**
+ * More mappings than this for one restore and the rest of an incremental layer's runs are read
+ * into guest memory instead (private copies): each run is a VMA, and a process has at most
+ * vm.max_map_count (65530 by default) of them.
+ */
+export const MAX_LAYER_MAPPINGS = 16_384;
 
 export interface MemoryWriteResult {
   layout: MemoryLayout;
@@ -104,7 +125,7 @@ export function forEachDataRun(pagemap: number, r: HostRegion, source: RegionSou
     const words = new Int32Array(chunk);
     const got = readSync(pagemap, entryBytes, 0, n * 8, Number(chunkAddr / BigInt(PAGE)) * 8);
     if (got !== n * 8) throw new TypevisorError("SNAPSHOT_WRITE", `reading /proc/self/pagemap: ${got} of ${n * 8} bytes`);
-    const fromFile = source === undefined ? undefined : dataRanges(source.fd, source.offset + first * PAGE, n * PAGE);
+    const fromFile = source === undefined ? undefined : layerPages(source, first, n);
     let runStart = -1;
     const flush = (end: number): void => {
       if (runStart < 0) return;
@@ -112,7 +133,7 @@ export function forEachDataRun(pagemap: number, r: HostRegion, source: RegionSou
       runStart = -1;
     };
     for (let p = 0; p < n; p++) {
-      const maybe = (entries[2 * p + 1]! & PRESENT_OR_SWAPPED_HI) !== 0 || (fromFile !== undefined && inRanges(fromFile, p * PAGE));
+      const maybe = (entries[2 * p + 1]! & PRESENT_OR_SWAPPED_HI) !== 0 || (fromFile !== undefined && fromFile[p] === 1);
       let nonZero = false;
       if (maybe) {
         // A page of data nearly always has a non-zero word among its first few, which settles
@@ -154,9 +175,21 @@ function dataRanges(fd: number, off: number, len: number): [number, number][] {
   return out;
 }
 
-function inRanges(ranges: readonly [number, number][], at: number): boolean {
-  for (const [a, b] of ranges) if (at >= a && at < b) return true;
-  return false;
+/** Which of the region's pages [first, first+n) some layer of `source` holds (1) or leaves to the one below (0). */
+function layerPages(source: RegionSource, first: number, n: number): Uint8Array {
+  const mask = new Uint8Array(n);
+  for (const l of source.layers) {
+    if (l.runs === undefined) {
+      for (const [a, b] of dataRanges(l.fd, l.offset + first * PAGE, n * PAGE)) mask.fill(1, Math.floor(a / PAGE), Math.ceil(b / PAGE));
+      continue;
+    }
+    for (const [start, count] of l.runs) {
+      const a = Math.max(start, first);
+      const b = Math.min(start + count, first + n);
+      if (a < b) mask.fill(1, a - first, b - first);
+    }
+  }
+  return mask;
 }
 
 /**
@@ -176,4 +209,100 @@ export function mapMemoryFile(fd: number, layout: MemoryLayout, reserved: readon
     // address and length), still owned by the caller; the file is kept open by the caller.
     libc.mmapFixed(m.address, r.size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_NORESERVE, fd, r.fileOffset);
   });
+}
+
+/** Bytes of a dirty bitmap (one bit per 4 KiB page, as KVM_GET_DIRTY_LOG gives) that one region of `size` needs. */
+export const bitmapBytes = (size: number): number => Math.ceil(size / PAGE / 64) * 8;
+
+/** The runs of set bits of `bitmap` (pages of a region of `pages` pages), as [first page, count]. */
+export function bitmapRuns(bitmap: Uint8Array, pages: number): [number, number][] {
+  const runs: [number, number][] = [];
+  let start = -1;
+  for (let p = 0; p < pages; p++) {
+    const set = (bitmap[p >> 3]! & (1 << (p & 7))) !== 0;
+    if (set && start < 0) start = p;
+    else if (!set && start >= 0) {
+      runs.push([start, p - start]);
+      start = -1;
+    }
+  }
+  if (start >= 0) runs.push([start, pages - start]);
+  return runs;
+}
+
+/**
+ * Write the pages `dirty` marks (one bitmap per region, KVM's layout) to `path` (which must not
+ * exist) at their offsets, zero or not: an incremental snapshot's memory file. The layout's
+ * regions carry the runs written. Synchronous, with the VM paused, as writeMemoryFile.
+ */
+export function writeDirtyMemoryFile(path: string, regions: readonly HostRegion[], dirty: readonly Uint8Array[]): MemoryWriteResult {
+  const fd = openSync(path, "wx", 0o600);
+  let dataBytes = 0;
+  const layout: MemoryLayout = { file: "memory", bytes: 0, regions: [] };
+  try {
+    let offset = 0;
+    for (const [i, r] of regions.entries()) {
+      const bitmap = dirty[i];
+      if (bitmap === undefined || bitmap.length < bitmapBytes(r.size)) throw new TypevisorError("SNAPSHOT_WRITE", `no dirty bitmap for memory region ${i}`);
+      const runs = bitmapRuns(bitmap, r.size / PAGE);
+      for (const [start, count] of runs) {
+        for (let done = 0; done < count; done += CHUNK_PAGES) {
+          const n = Math.min(CHUNK_PAGES, count - done);
+          // Safe: n pages inside region r's own mapping (the run lies within the region: bitmapRuns stops at its last page), mapped for this call.
+          const bytes = new Uint8Array(libc.view(libc.pointerAt(BigInt(r.hostAddress) + BigInt((start + done) * PAGE)), n * PAGE));
+          check(libc.pwriteFull(fd, bytes, offset + (start + done) * PAGE), "writing guest memory");
+          dataBytes += n * PAGE;
+        }
+      }
+      layout.regions.push({ guestPhysAddr: r.guestPhysAddr, size: r.size, fileOffset: offset, runs });
+      offset += r.size;
+    }
+    layout.bytes = offset;
+    check(libc.ftruncate(fd, offset), `sizing ${path}`);
+    check(libc.fdatasync(fd), `syncing ${path}`);
+  } finally {
+    closeSync(fd);
+  }
+  return { layout, dataBytes };
+}
+
+/** One memory file of a restore: the base (`layout` without runs) or an incremental layer. */
+export interface MemoryLayer {
+  fd: number;
+  layout: MemoryLayout;
+  what: string;
+}
+
+/**
+ * Map a snapshot's memory over `reserved`: the base layer's file whole (mapMemoryFile), then each
+ * incremental layer's runs over it, in order, so the newest copy of every page is what the guest
+ * sees. Past MAX_LAYER_MAPPINGS runs, the rest are read in instead (see there).
+ */
+export function mapMemoryLayers(layers: readonly MemoryLayer[], reserved: readonly libc.Mapping[]): void {
+  const [base, ...incremental] = layers;
+  if (base === undefined) throw new TypevisorError("SNAPSHOT_INVALID", "no memory file to restore from");
+  mapMemoryFile(base.fd, base.layout, reserved, base.what);
+  let mappings = 0;
+  for (const l of incremental) {
+    const size = fstatSync(l.fd).size;
+    if (size !== l.layout.bytes) throw new TypevisorError("SNAPSHOT_INVALID", `${l.what}: the memory file is ${size} bytes, the snapshot says ${l.layout.bytes} (truncated or not this snapshot's)`);
+    l.layout.regions.forEach((r, i) => {
+      const m = reserved[i];
+      if (m === undefined || m.length !== r.size) throw new TypevisorError("SNAPSHOT_INVALID", `${l.what}: memory region ${i} does not match this VM's layout`);
+      for (const [start, count] of r.runs ?? []) {
+        const at = start * PAGE;
+        const len = count * PAGE;
+        if (++mappings <= MAX_LAYER_MAPPINGS) {
+          // Safe: [at, at+len) lies inside this region's mapping (the state's schema checked
+          // every run against the region's size), which the caller owns; the file stays open.
+          libc.mmapFixed(m.address + BigInt(at), len, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_PRIVATE | libc.MAP_NORESERVE, l.fd, r.fileOffset + at);
+        } else {
+          // Safe: the same bounds; writing makes private copies of these pages of the mapping.
+          const dst = new Uint8Array(libc.view(libc.pointerAt(m.address + BigInt(at)), len));
+          const got = libc.preadFull(l.fd, dst, r.fileOffset + at);
+          if (got < 0) throw new TypevisorError("SNAPSHOT_INVALID", `${l.what}: reading memory: ${libc.errnoName(-got)}`);
+        }
+      }
+    });
+  }
 }

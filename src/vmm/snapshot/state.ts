@@ -95,11 +95,44 @@ export const SnapshotConfigSchema = z.object({
 });
 export type SnapshotConfig = z.infer<typeof SnapshotConfigSchema>;
 
+/** How many base snapshots an incremental one may stand on (each is a memory file open and mapped). */
+export const MAX_SNAPSHOT_CHAIN = 32;
+const pageRun = z.tuple([z.number().int().min(0), z.number().int().min(1)]);
+
 export const MemoryLayoutSchema = z.object({
   file: z.literal(SNAPSHOT_FILES.memory),
   bytes: z.number().int().min(0).max(MAX_MEMORY_MIB * 1024 * 1024),
-  /** Each RAM region at `fileOffset` of the memory file (offsets page-aligned, regions back to back). */
-  regions: z.array(z.object({ guestPhysAddr: z.number().int().min(0), size: z.number().int().min(4096), fileOffset: z.number().int().min(0) })).min(1).max(8),
+  /**
+   * Each RAM region at `fileOffset` of the memory file (offsets page-aligned, regions back to
+   * back). In an incremental snapshot, `runs` lists the pages the file holds ([first page, count]
+   * within the region, ascending, apart); every other page is the base's.
+   */
+  regions: z.array(z.object({
+    guestPhysAddr: z.number().int().min(0), size: z.number().int().min(4096), fileOffset: z.number().int().min(0),
+    runs: z.array(pageRun).max(1 << 22).optional(),
+  })).min(1).max(8),
+  /**
+   * Set in an incremental snapshot: the snapshot this one holds the changes since, found at
+   * `path` (relative to this snapshot's directory, or absolute), whose state.json body must have
+   * this SHA-256 (its header's): a base replaced or changed since is refused.
+   */
+  base: z.object({ path: z.string().min(1).max(4096).refine((v) => !v.includes("\0"), "no NUL bytes"), sha256: z.string().regex(/^[0-9a-f]{64}$/) }).optional(),
+}).superRefine((m, ctx) => {
+  for (const [i, r] of m.regions.entries()) {
+    if (r.runs === undefined) {
+      if (m.base !== undefined) ctx.addIssue({ code: "custom", message: `region ${i}: an incremental snapshot lists its pages` });
+      continue;
+    }
+    if (m.base === undefined) ctx.addIssue({ code: "custom", message: `region ${i}: page runs without a base snapshot` });
+    let next = 0;
+    for (const [start, count] of r.runs) {
+      if (start < next || start + count > r.size / 4096) {
+        ctx.addIssue({ code: "custom", message: `region ${i}: page runs must be ascending, apart and inside the region` });
+        break;
+      }
+      next = start + count + 1;
+    }
+  }
 });
 export type MemoryLayout = z.infer<typeof MemoryLayoutSchema>;
 
@@ -137,6 +170,12 @@ export function encodeState(state: SnapshotState): Buffer {
   const body = Buffer.from(JSON.stringify(state));
   const sha = createHash("sha256").update(body).digest("hex");
   return Buffer.concat([Buffer.from(`${MAGIC} ${SNAPSHOT_VERSION} bytes=${body.length} sha256=${sha}\n`), body]);
+}
+
+/** The SHA-256 of a state file's body, from its header (what an incremental snapshot's `base.sha256` names). */
+export function stateSha256(bytes: Uint8Array): string | undefined {
+  const nl = Buffer.from(bytes.subarray(0, 256)).indexOf(0x0a);
+  return nl < 0 ? undefined : /sha256=([0-9a-f]{64})$/.exec(Buffer.from(bytes.subarray(0, nl)).toString("latin1"))?.[1];
 }
 
 const invalid = (what: string, detail: string): TypevisorError =>

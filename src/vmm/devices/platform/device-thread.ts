@@ -161,8 +161,14 @@ try {
     plug(`virtio-vsock cid=${init.devices.vsock.cid} ${init.devices.vsock.uds}`, "vsock", vsock);
   }
   if (init.devices.balloon !== undefined) {
+    const discard = makeDiscard(init.memory);
     balloon = new BalloonDevice({
-      discard: makeDiscard(init.memory),
+      // A discarded page reads back as zeros (or, restored from a snapshot, as the file's page):
+      // its content changed without a guest write, so a migration or an incremental snapshot must send it again.
+      discard: (gpa, len) => {
+        discard(gpa, len);
+        mem.dirtyLog?.mark(gpa, len);
+      },
       maxPages: Math.floor(mem.size / BALLOON_PAGE_SIZE),
       statsPollSeconds: init.devices.balloon.statsPollSeconds,
       deflateOnOom: init.devices.balloon.deflateOnOom,
