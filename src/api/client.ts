@@ -25,6 +25,7 @@ import { normalizeFingerprint } from "../control/tls.js";
 import type { LogLevel, LogLine, LogSource } from "../control/logs.js";
 import type { CloneInput, SnapshotCreateInput, SnapshotInfo } from "../control/snapshots.js";
 import { ApiError } from "./api-error.js";
+import type { incomingAnswer, incomingSpec, incomingState, MigrateInput, MigrationStatus } from "../control/migration.js";
 
 export { ApiError };
 
@@ -235,6 +236,27 @@ export class TypevisorClient {
   cloneVm(vm: string, spec: CloneInput): Promise<VmInfo> {
     return this.json("POST", `/v1/vms/${encodeURIComponent(vm)}/clone`, spec);
   }
+  /** Live-migrate a VM to another daemon (docs/migration.md); 202 at once, then poll migration(). */
+  migrateVm(name: string, spec: MigrateInput): Promise<MigrationStatus> {
+    return this.json("POST", `/v1/vms/${encodeURIComponent(name)}/migrate`, spec);
+  }
+  migration(name: string): Promise<MigrationStatus> {
+    return this.json("GET", `/v1/vms/${encodeURIComponent(name)}/migrate`);
+  }
+  cancelMigration(name: string): Promise<MigrationStatus> {
+    return this.json("DELETE", `/v1/vms/${encodeURIComponent(name)}/migrate`);
+  }
+  /** The destination side, called by the source daemon. */
+  prepareIncoming(body: import("zod").input<typeof incomingSpec>): Promise<import("zod").infer<typeof incomingAnswer>> {
+    return this.json("POST", "/v1/migrations/incoming", body);
+  }
+  incomingStatus(migrationId: string): Promise<import("zod").infer<typeof incomingState>> {
+    return this.json("GET", `/v1/migrations/incoming/${encodeURIComponent(migrationId)}`);
+  }
+  abortIncoming(migrationId: string): Promise<import("zod").infer<typeof incomingState>> {
+    return this.json("DELETE", `/v1/migrations/incoming/${encodeURIComponent(migrationId)}`);
+  }
+
   vmStats(name: string): Promise<VmStats> {
     return this.json("GET", `/v1/vms/${encodeURIComponent(name)}/stats`);
   }

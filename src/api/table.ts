@@ -8,5 +8,6 @@ import { LOG_ROUTES } from "./log-routes.js";
 import { ROUTES, type Route } from "./routes.js";
 import { SECURITY_ROUTES } from "./security-routes.js";
 import { SNAPSHOT_ROUTES } from "./snapshot-routes.js";
+import { MIGRATION_ROUTES } from "./migration-routes.js";
 
-export const API_ROUTES: readonly Route[] = [...ROUTES, ...SECURITY_ROUTES, ...LOGIN_ROUTES, ...ALERT_ROUTES, ...LOG_ROUTES, ...SNAPSHOT_ROUTES];
+export const API_ROUTES: readonly Route[] = [...ROUTES, ...SECURITY_ROUTES, ...LOGIN_ROUTES, ...ALERT_ROUTES, ...LOG_ROUTES, ...SNAPSHOT_ROUTES, ...MIGRATION_ROUTES];

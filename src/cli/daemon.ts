@@ -189,6 +189,8 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     consoleLogSize,
     logger,
     ...(o.standbyVmms !== undefined ? { standbyVmms: standbyCount(o.standbyVmms) } : {}),
+    // A live migration's source reaches the destination daemon through the same typed client as the CLI (control/migration.ts).
+    migrationPeer: (peer) => new TypevisorClient({ host: peer.host, port: peer.port, ...(peer.fingerprint !== undefined ? { fingerprint: peer.fingerprint } : {}) }, { token: peer.token, timeoutMs: 60_000 }),
     ...config,
   });
   events.manager = manager;

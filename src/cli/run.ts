@@ -65,6 +65,13 @@ export interface RunOptions {
   keepClock?: boolean;
   /** Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of booting. */
   incoming?: string;
+  /** The incoming stream's TLS (vmm/migration/transport.ts): this side's certificate and key, the source's CA or fingerprint. */
+  tlsCert?: string;
+  tlsKey?: string;
+  tlsCa?: string;
+  tlsPeerFingerprint?: string;
+  /** Accept the incoming stream over TCP without TLS. */
+  plainTcp?: boolean;
   /** Wait on --api-socket for PUT /restore instead of booting (standby.ts). */
   standby?: boolean;
   /** Not flags: a standby VMM's API server, which this run answers on instead of opening its own, and who to tell once the VM is built. */
@@ -216,6 +223,12 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   if (o.restore !== undefined && o.incoming !== undefined) throw new TypevisorError("INVALID_ARGUMENT", "give either --restore or --incoming, not both");
   // A restore and an incoming migration both take the machine from elsewhere: only back ends are given here.
   const restoring = o.restore !== undefined || o.incoming !== undefined;
+  // The incoming stream's security, checked before anything is built (the files read now: a daemon may remove them once we listen).
+  const { checkedEndpoint, streamTlsFromFiles } = await import("../vmm/migration/transport.js");
+  const incomingTls = streamTlsFromFiles({ cert: o.tlsCert, key: o.tlsKey, ca: o.tlsCa, peerFingerprint: o.tlsPeerFingerprint });
+  if ((incomingTls !== undefined || o.plainTcp === true) && o.incoming === undefined) throw new TypevisorError("INVALID_ARGUMENT", "--tls-* and --plain-tcp are for --incoming");
+  if (incomingTls !== undefined && o.plainTcp === true) throw new TypevisorError("INVALID_ARGUMENT", "give either TLS (--tls-cert ...) or --plain-tcp, not both");
+  if (o.incoming !== undefined) checkedEndpoint(o.incoming, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) });
   const vcpuNice = o.vcpuNice !== undefined ? parseIntArg("--vcpu-nice", o.vcpuNice) : undefined;
   const memoryOvercommit = o.memoryOvercommit !== undefined ? parseRatioArg("--memory-overcommit", o.memoryOvercommit) : undefined;
   const id = o.id !== undefined ? parseVmId(o.id) : undefined;
@@ -358,7 +371,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       let onStarted: (() => void) | undefined;
       if (boots === 1 && o.incoming !== undefined) {
         const { receiveMigration } = await import("../vmm/migration/destination.js");
-        const incoming = await receiveMigration(o.incoming, overrides ?? {}, host, log);
+        const incoming = await receiveMigration(o.incoming, overrides ?? {}, host, log, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) });
         vm = incoming.vm;
         config = incoming.config;
         onStarted = incoming.running;
@@ -413,9 +426,11 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
             }
             if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
             if (migration !== undefined && ["connecting", "precopy", "stopped", "committed"].includes(migration.progress.phase)) throw new TypevisorError("VM_STATE", "a migration is already under way");
-            const { OutgoingMigration, parseEndpoint } = await import("../vmm/migration/source.js");
-            const req = body as import("../vmm/migration/source.js").MigrateRequest;
-            parseEndpoint(req.to);
+            const { OutgoingMigration } = await import("../vmm/migration/source.js");
+            const { checkedEndpoint } = await import("../vmm/migration/transport.js");
+            const req = body as import("../vmm/api/server.js").MigrateBody;
+            // The endpoint and its security (TCP needs TLS or plainTcp) refused here, with a 400, not later as a failed migration.
+            checkedEndpoint(req.to, req);
             const m = new OutgoingMigration(current, config, req);
             migration = m;
             void m.done.then((p) => {
@@ -536,7 +551,12 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--sandbox-bind <dir>", "with --sandbox: a directory the VMM may also read and write, e.g. where POST /snapshot writes (repeatable; the directories of --console-log, --exit-file, --vsock's socket and --incoming unix: are given already)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
-    .option("--incoming <endpoint>", "wait for one live migration on tcp:ADDR:PORT or unix:PATH and run the VM it brings (--disk/--net/--vsock give this host's back ends, in order); the source sends it with POST /migrate")
+    .option("--incoming <endpoint>", "wait for one live migration on tcp:ADDR:PORT or unix:PATH and run the VM it brings (--disk/--net/--vsock give this host's back ends, in order); the source sends it with POST /migrate. Over TCP: TLS (--tls-*) or --plain-tcp")
+    .option("--tls-cert <file>", "--incoming: this side's TLS certificate (PEM); the source must present the certificate --tls-peer-fingerprint or --tls-ca names")
+    .option("--tls-key <file>", "--incoming: the TLS certificate's private key (PEM)")
+    .option("--tls-ca <file>", "--incoming: accept a source whose certificate this CA (PEM) signed")
+    .option("--tls-peer-fingerprint <sha256>", "--incoming: accept only a source whose certificate has this SHA-256 fingerprint")
+    .option("--plain-tcp", "--incoming tcp:...: accept the stream without TLS (the guest's memory crosses the network in the clear)")
     .option("--standby", "start a VMM ahead of need: wait on --api-socket for PUT /restore {\"snapshot\": DIR, ...} and become that VM (docs/snapshots.md)", false)
     .action(async (opts: RunOptions, cmd: Command) => {
       const log = (l: string): void => void process.stderr.write(l + "\n");

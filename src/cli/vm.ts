@@ -25,6 +25,7 @@ import { addConnectionOptions, connect, type ConnectionOptions } from "./connect
 import { formatBytes, formatDuration, formatTime, renderFields, renderTable, toJson, withProgress } from "./format.js";
 import { formatHistory, parseHistoryRange, parseStep } from "./history.js";
 import { registerSnapshotCommands } from "./snapshot.js";
+import { registerMigrateCommand } from "./migrate.js";
 import { TerminalSafeStream } from "./terminal-safe.js";
 
 
@@ -432,6 +433,7 @@ export function registerVmCommands(program: Command): void {
     });
 
   registerSnapshotCommands(vm);
+  registerMigrateCommand(vm);
 
   clientCommand(vm, "logs", "the VM's serial console output, as captured by the daemon")
     .argument("<name>", "VM name")

@@ -46,6 +46,7 @@ import { Webhooks, type WebhookStatus } from "./webhooks.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
 import { Snapshots, chainOf } from "./snapshots.js";
 import { StandbyPool } from "./standby.js";
+import { Migrations, type PeerConnector } from "./migration.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
 export interface ManagerConfig {
@@ -73,6 +74,8 @@ export interface ManagerConfig {
   webhookRetryBaseMs?: number;
   /** Standby VMMs kept ready for restores (standby.ts); default 1 where KVM is hardware, else 0. */
   standbyVmms?: number;
+  /** How this daemon reaches another for a live migration (the API client; control/migration.ts). */
+  migrationPeer?: PeerConnector;
 }
 
 /** Biggest disk we will create: far past any host here, well short of a typo's 10^18. */
@@ -174,6 +177,8 @@ export class VmManager extends EventEmitter {
   readonly snapshots: Snapshots;
   /** VMMs started ahead of need, which restores take (standby.ts); none kept when its size is 0. */
   readonly standby: StandbyPool;
+  /** Live migration to and from other daemons (migration.ts). */
+  readonly migrations: Migrations;
 
   constructor(readonly config: ManagerConfig) {
     super();
@@ -220,6 +225,26 @@ export class VmManager extends EventEmitter {
     // VMM for the VM instead (docs/snapshots.md "Under the VMM sandbox").
     const standbys = config.sandbox !== undefined ? 0 : (config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0));
     this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger });
+    this.migrations = new Migrations({
+      home: config.home,
+      log: config.logger,
+      store: this.store,
+      sandboxed: config.sandbox !== undefined,
+      allowedDirs: config.allowedDirs ?? [],
+      imagesHome: config.imagesHome,
+      startTimeoutMs: config.startTimeoutMs,
+      serial: (name, fn) => this.serial(name, fn),
+      row: (name) => this.row(name),
+      event: (type, vm, message, data) => this.event(type, vm, message, data),
+      setState: (name, to) => void this.setState(name, to),
+      startIncoming: (name, incoming) => this.startIncoming(name, incoming),
+      vmm: (id) => {
+        const l = this.live.get(id);
+        return l === undefined ? undefined : { alive: !l.dead, died: l.died };
+      },
+      kill: (pid) => kill(pid),
+      peer: config.migrationPeer,
+    });
   }
 
   // ---- queries ------------------------------------------------------------
@@ -296,7 +321,7 @@ export class VmManager extends EventEmitter {
     const host = discoverHost(this.config.home);
     // Memory and disk are read now; CPU is the average over the last usage interval.
     const { used } = hostUsed(this.config.home);
-    const vms: Record<VmState, number> = { defined: 0, starting: 0, running: 0, paused: 0, stopping: 0, stopped: 0, crashed: 0 };
+    const vms: Record<VmState, number> = { defined: 0, starting: 0, running: 0, paused: 0, stopping: 0, stopped: 0, crashed: 0, migrating: 0, incoming: 0 };
     for (const r of this.store.listVms()) vms[r.state]++;
     return { ...report(host, this.config.policy, this.allocated(), { ...used, cpus: this.hostCpuUsed }), cgroups: this.cgroups, vms, standbyVmms: { size: this.standby.size, ready: this.standby.ready() } };
   }
@@ -854,6 +879,43 @@ export class VmManager extends EventEmitter {
   }
 
   /**
+   * The VMM of a VM being migrated here (migration.ts): `run --incoming` with this host's back
+   * ends, in the VM's cgroup, tracked like any VMM (its exit: recordEnd → migrations.vmmEnded).
+   * Its API socket answers only once the VM runs here, so nothing waits for it here.
+   */
+  private async startIncoming(name: string, incoming: NonNullable<VmmLaunch["incoming"]>): Promise<{ pid: number; alive: () => boolean }> {
+    const r = this.row(name);
+    const spec = r.spec;
+    const p = vmPaths(this.config.home, r.id);
+    const host = discoverHost(this.config.home);
+    checkAllocation(host, this.config.policy, this.allocated(name), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: 0 }, { cpu: true, memory: true });
+    const launch: VmmLaunch = {
+      id: r.id, kernel: "", cmdline: "", cpus: spec.cpus, memoryMiB: spec.memoryMiB,
+      disks: r.disks.map((d, i) => ({ path: d.path, format: d.format ?? "raw", serial: `${r.name}-${i}`.slice(0, 20) })),
+      nets: spec.nets, rng: spec.rng, balloon: spec.balloon,
+      apiSocket: p.apiSocket, consoleLog: p.consoleLog, consoleLogSize: this.config.consoleLogSize, consoleSocket: p.consoleSocket,
+      exitFile: p.exitFile, vmmLog: p.vmmLog, forceKvm: this.config.forceKvm, incoming,
+    };
+    const cgroup = this.cgroups.available
+      ? VmCgroup.create(this.cgroups, `vm-${r.id}`, { cpuMaxCpus: spec.cpus, memoryMaxBytes: spec.memoryMiB * 2 ** 20 + vmmOverheadBytes(spec.cpus, spec.memoryMiB * 2 ** 20, this.config.vmmOverheadBytes), ...(spec.cpuWeight !== undefined ? { cpuWeight: spec.cpuWeight } : {}) })
+      : undefined;
+    const child = spawnVmm(launch);
+    const pid = child.pid;
+    if (pid === undefined) {
+      cgroup?.remove();
+      throw new TypevisorError("VMM_SPAWN", "cannot start the incoming VMM process");
+    }
+    try {
+      cgroup?.addProcess(pid);
+    } catch (e) {
+      this.log.warn({ vm: name, err: (e as Error).message }, "could not move the VMM into its cgroup");
+    }
+    const live = this.track(name, r.id, pid, child, cgroup);
+    this.store.updateVm(name, { runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}) } });
+    return { pid, alive: () => !live.dead };
+  }
+
+  /**
    * A restore through a standby VMM (standby.ts): `PUT /restore` with what `run --restore` would
    * be given, then its socket and log renamed into the VM's places (a listening unix socket keeps
    * working under its new name: connect(2) finds it by path). Undefined when none is ready, or
@@ -1024,7 +1086,8 @@ export class VmManager extends EventEmitter {
     // A quarantined row's directory is kept: it may be all that is left of that VM.
     const quarantined = this.store.quarantined();
     for (const q of quarantined) this.daemonEvent("daemon.quarantine", `VM ${q.name}: its inventory row cannot be read (${q.reason}); left alone (vm rm removes it)`, { vm: q.name, id: q.id, reason: q.reason });
-    const known = new Set([...rows.map((r) => r.id), ...quarantined.map((q) => q.id)]);
+    // VMs that migrated away: their disks in this daemon's pools are the destination's now (migration.ts).
+    const known = new Set([...rows.map((r) => r.id), ...quarantined.map((q) => q.id), ...this.migrations.departed()]);
     const running = new Set(rows.filter((r) => isActive(r.state) && r.runtime !== undefined).map((r) => r.id));
     const gone = (what: string, path: string): void => {
       rmSync(path, { recursive: true, force: true });
@@ -1070,6 +1133,12 @@ export class VmManager extends EventEmitter {
     // a VMM killed outright could not remove its own sockets
     this.removeSockets(id);
     const file = this.readExitFile(id);
+    if (cur.state === "migrating" || cur.state === "incoming") {
+      // A migration's VMM: its end is the migration's to judge (migration.ts), not a stop or a crash.
+      if (cur.state === "migrating") this.store.updateVm(name, { runtime: null, lastExit: { result: (file?.result ?? "killed") as VmExit["result"], code: file?.code ?? code, signal, ...(file?.reason !== undefined ? { reason: file.reason } : {}), at: new Date().toISOString() } });
+      this.migrations.vmmEnded(this.row(name), file?.result);
+      return;
+    }
     const clean = file !== undefined && (file.result === "poweroff" || file.result === "stopped" || file.result === "reset" || file.result === "migrated") && (file.code ?? code) === 0;
     const asked = cur.state === "stopping";
     const exit: VmExit = {
@@ -1210,6 +1279,7 @@ export class VmManager extends EventEmitter {
     const followUps = this.snapshots.recoverFiles();
     await Promise.all(this.store.listVms().filter((r) => isActive(r.state)).map((r) => this.reattachOne(r)));
     await this.snapshots.finishRecovery(followUps);
+    await this.migrations.recover();
     await this.sweepOrphans();
     // A previous daemon's standbys end (and one it was handing a VM when killed); new ones start.
     const recorded = new Set(this.store.listVms().flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));

@@ -73,7 +73,8 @@ export type VmSpecInput = z.input<typeof vmSpec>;
 /** With defaults filled in: what the inventory stores. */
 export type VmSpec = z.output<typeof vmSpec>;
 
-export const VM_STATES = ["defined", "starting", "running", "paused", "stopping", "stopped", "crashed"] as const;
+/** migrating: this daemon's VM is being moved to another daemon; incoming: a VM being moved here (control/migration.ts). */
+export const VM_STATES = ["defined", "starting", "running", "paused", "stopping", "stopped", "crashed", "migrating", "incoming"] as const;
 export type VmState = (typeof VM_STATES)[number];
 
 export const vmExit = z.object({
@@ -147,7 +148,7 @@ export type VmUsage = z.infer<typeof vmUsage>;
 export const eventRecord = z.object({
   seq: z.number().int(),
   at: z.string(),
-  type: z.string().describe("vm.created, vm.starting, vm.running, vm.paused (data.reason disk-full when the VMM paused it because a disk's filesystem is full), vm.resumed, vm.stopping, vm.stopped, vm.crashed, vm.rebooted, vm.removed, vm.restarting, vm.reattached, daemon.started, daemon.stopping"),
+  type: z.string().describe("vm.created, vm.starting, vm.running, vm.paused (data.reason disk-full when the VMM paused it because a disk's filesystem is full), vm.resumed, vm.stopping, vm.stopped, vm.crashed, vm.rebooted, vm.removed, vm.restarting, vm.reattached, vm.migrating, vm.migrated (it left this daemon), vm.incoming, vm.migrated-in (it arrived), vm.migration-failed, daemon.started, daemon.stopping"),
   vm: z.string().optional(),
   message: z.string(),
   data: z.record(z.string(), z.unknown()).optional(),

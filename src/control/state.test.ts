@@ -17,6 +17,9 @@ describe("VM state machine", () => {
       stopping: ["kill"],
       stopped: ["start", "remove"],
       crashed: ["start", "remove"],
+      // A migration's VM takes no action until it has ended one way or the other (control/migration.ts).
+      migrating: [],
+      incoming: [],
     });
   });
 
@@ -42,7 +45,7 @@ describe("VM state machine", () => {
         expect(() => assertTransition(s, to as (typeof VM_STATES)[number])).not.toThrow();
       }),
     );
-    expect(VM_STATES.filter(isActive)).toEqual(["starting", "running", "paused", "stopping"]);
+    expect(VM_STATES.filter(isActive)).toEqual(["starting", "running", "paused", "stopping", "migrating", "incoming"]);
     expect(() => assertTransition("stopped", "running")).toThrow(/illegal/);
   });
 });

@@ -9,6 +9,8 @@
  *   running/paused ─(guest poweroff)→ stopped
  *   starting/running/paused/stopping ─(unexpected exit)→ crashed
  *   stopped/crashed ─start→ starting
+ *   running/paused ─migrate→ migrating ─(failed)→ running/paused; ─(moved)→ row removed
+ *   (created as) incoming ─(arrived)→ running; ─(did not)→ row removed   (control/migration.ts)
  */
 import { TypevisorError } from "../errors.js";
 import type { VmState } from "./spec.js";
@@ -32,11 +34,13 @@ const TRANSITIONS: Record<VmState, readonly VmState[]> = {
   defined: ["starting"],
   // paused: a VMM that restored a saved state paused (snapshots.ts)
   starting: ["running", "paused", "stopping", "stopped", "crashed"],
-  running: ["paused", "stopping", "stopped", "crashed", "running"],
-  paused: ["running", "stopping", "stopped", "crashed"],
+  running: ["paused", "stopping", "stopped", "crashed", "running", "migrating"],
+  paused: ["running", "stopping", "stopped", "crashed", "migrating"],
   stopping: ["stopped", "crashed"],
   stopped: ["starting"],
   crashed: ["starting"],
+  migrating: ["running", "paused", "crashed"],
+  incoming: ["running", "crashed"],
 };
 
 /** Whether `action` may be asked of a VM in `state`. */
@@ -66,7 +70,7 @@ export function assertTransition(from: VmState, to: VmState): void {
 }
 
 /** States in which a VMM process exists (or should) and holds CPU and memory. */
-export const ACTIVE_STATES: readonly VmState[] = ["starting", "running", "paused", "stopping"];
+export const ACTIVE_STATES: readonly VmState[] = ["starting", "running", "paused", "stopping", "migrating", "incoming"];
 export function isActive(state: VmState): boolean {
   return ACTIVE_STATES.includes(state);
 }

@@ -40,6 +40,12 @@ export interface VmmLaunch {
    * replace its back ends in order. `paused`: the VM stays paused after the restore.
    */
   restore?: { dir: string; paused: boolean };
+  /**
+   * Wait for a live migration instead of booting (`run --incoming`, docs/migration.md): the
+   * machine comes in the stream; the disks and NICs given here are this host's back ends. TLS:
+   * this side's one-time certificate and key files, and the source's fingerprint.
+   */
+  incoming?: { endpoint: string; certFile: string; keyFile: string; peerFingerprint: string };
 }
 
 /** bin/typevisor.js of this installation (dist/engine/native.js → ../../bin). */
@@ -47,6 +53,14 @@ export const TYPEVISOR_BIN = fileURLToPath(new URL("../../bin/typevisor.js", imp
 
 export function vmmArgs(l: VmmLaunch): string[] {
   if (l.restore !== undefined) return restoreArgs(l, l.restore);
+  if (l.incoming !== undefined) {
+    const i = l.incoming;
+    return [
+      "run", "--no-lab", "--id", l.id, "--incoming", i.endpoint, "--tls-cert", i.certFile, "--tls-key", i.keyFile, "--tls-peer-fingerprint", i.peerFingerprint,
+      "--api-socket", l.apiSocket, "--console-log", l.consoleLog, "--console-log-size", String(l.consoleLogSize), "--console-socket", l.consoleSocket, "--exit-file", l.exitFile,
+      ...backEndArgs(l), ...(l.forceKvm ? ["--force-kvm"] : []),
+    ];
+  }
   const args = [
     "run", "--no-lab", "--id", l.id,
     "--kernel", l.kernel,

@@ -36,6 +36,11 @@ describe("typevisor run rejects bad input with one line", () => {
     ["--vcpu-nice beyond 19", ["--kernel", kernel, "--vcpu-nice", "20"], /error\[INVALID_ARGUMENT\]: --vcpu-nice must be a whole number from 0 to 19 \(got 20\)/],
     ["--vcpu-nice negative", ["--kernel", kernel, "--vcpu-nice", "-1"], /error\[INVALID_ARGUMENT\]: --vcpu-nice must be a whole number/],
     ["nothing to boot", [], /error\[INVALID_ARGUMENT\]: nothing to boot/],
+    // The migration stream's security (docs/migration.md, "Transport security"): checked before anything is built.
+    ["--incoming over TCP with neither TLS nor --plain-tcp", ["--incoming", "tcp:127.0.0.1:7999"], /error\[INVALID_REQUEST\]: a migration over TCP .* carries the guest's memory/],
+    ["--tls-cert without --tls-key", ["--incoming", "tcp:127.0.0.1:7999", "--tls-cert", kernel], /error\[INVALID_ARGUMENT\]: TLS for the migration stream needs both --tls-cert and --tls-key/],
+    ["--tls-cert that is no certificate", ["--incoming", "tcp:127.0.0.1:7999", "--tls-cert", kernel, "--tls-key", kernel, "--tls-peer-fingerprint", "00".repeat(32)], /error\[INVALID_REQUEST\]: the migration TLS certificate is not a PEM certificate/],
+    ["--plain-tcp without --incoming", ["--kernel", kernel, "--plain-tcp"], /error\[INVALID_ARGUMENT\]: --tls-\* and --plain-tcp are for --incoming/],
   ])("%s", (_name, args, expected) => {
     const files: Record<string, () => Uint8Array> = {
       TRUNC: () => fakeBzImage().subarray(0, 0x300),

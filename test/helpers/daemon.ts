@@ -34,11 +34,14 @@ export interface TestDaemon {
  */
 const START_TIMEOUT_MS = process.env["TYPEVISOR_IN_LAB"] === "1" ? 120_000 : 20_000;
 
-export async function startDaemon(opts: { home?: string; socket?: string; args?: string[]; env?: Record<string, string> } = {}): Promise<TestDaemon> {
+/** `prefix`: a command the daemon runs under (e.g. `ip netns exec NS`: a daemon in another network namespace). */
+export async function startDaemon(opts: { home?: string; socket?: string; args?: string[]; env?: Record<string, string>; prefix?: string[] } = {}): Promise<TestDaemon> {
   const home = opts.home ?? mkdtempSync(join(tmpdir(), "tvd-"));
   const socket = opts.socket ?? join(home, "typevisor.sock");
   let out = "";
-  const proc = spawn(process.execPath, [BIN, "daemon", "--home", home, "--usage-interval", "1", ...(opts.socket !== undefined ? ["--socket", opts.socket] : []), ...(opts.args ?? [])], {
+  const argv = [BIN, "daemon", "--home", home, "--usage-interval", "1", ...(opts.socket !== undefined ? ["--socket", opts.socket] : []), ...(opts.args ?? [])];
+  const [cmd, ...pre] = opts.prefix ?? [];
+  const proc = spawn(cmd ?? process.execPath, cmd !== undefined ? [...pre, process.execPath, ...argv] : argv, {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, ...opts.env },
   });

@@ -16,6 +16,9 @@ import { MEM_DIRTIER_UP, writeMemDirtier } from "../helpers/disk-guest.js";
 import { unixApi } from "../helpers/unix-api.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { FRAME, frame, hello, pagesHeader } from "../../src/vmm/migration/protocol.js";
+import { oneTimeCertificate, type OneTimeCert } from "../../src/control/migration-tls.js";
+import { connect as tlsConnect } from "node:tls";
+import { writeFileSync } from "node:fs";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const hasKvm = existsSync("/dev/kvm");
@@ -72,15 +75,53 @@ const kill = async (v: Vmm): Promise<void> => {
   await v.exited;
 };
 
+/** One-time credentials for each end (what the daemons make: control/migration-tls.ts). */
+async function certPair(): Promise<{ src: OneTimeCert; dst: OneTimeCert }> {
+  return { src: await oneTimeCertificate("source"), dst: await oneTimeCertificate("destination") };
+}
+
+/** `run --incoming` flags for `mine`, accepting the source whose certificate has `peer` as fingerprint. */
+function tlsFlags(mine: OneTimeCert, peer: string): string[] {
+  const d = mkdtempSync(join(dir, "tls-"));
+  writeFileSync(join(d, "cert.pem"), mine.cert);
+  writeFileSync(join(d, "key.pem"), mine.key, { mode: 0o600 });
+  return ["--tls-cert", join(d, "cert.pem"), "--tls-key", join(d, "key.pem"), "--tls-peer-fingerprint", peer];
+}
+
+/** A TLS client without a certificate: the destination cuts it off (the handshake may finish first: TLS 1.3 checks the client's certificate after). */
+async function refusedWithoutCert(endpoint: string): Promise<void> {
+  const [, host, port] = /^tcp:(.+):(\d+)$/.exec(endpoint)!;
+  await new Promise<void>((resolve) => {
+    const s = tlsConnect({ host: host!, port: Number(port), rejectUnauthorized: false });
+    s.on("secureConnect", () => s.write(Buffer.concat(helloFrame())));
+    s.on("error", () => resolve());
+    s.on("close", () => resolve());
+  });
+}
+
+const helloFrame = (): Uint8Array[] => {
+  const regions = [{ guestPhysAddr: 0, size: 64 * 1024 * 1024 }];
+  return frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello({ cpus: 1, memoryMiB: 64, devices: { disks: [], nets: [], rng: false } }, regions))));
+};
+
 describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
-  it.each(["unix", "tcp"] as const)("moves a running guest over %s: it answers at the destination, the source ends as migrated", async (kind) => {
+  it.each(["unix", "tcp-tls"] as const)("moves a running guest over %s: it answers at the destination, the source ends as migrated", async (kind) => {
     const src = await source(`src-${kind}`);
     const endpoint = kind === "unix" ? `unix:${join(dir, `mig-${kind}.sock`)}` : `tcp:127.0.0.1:${47000 + Math.floor(Math.random() * 1000)}`;
-    const dst = start(`dst-${kind}`, ["--incoming", endpoint]);
+    // Over TCP: TLS, each side pinning the other's one-time certificate.
+    const tls = kind === "unix" ? undefined : await certPair();
+    const dst = start(`dst-${kind}`, ["--incoming", endpoint, ...(tls !== undefined ? tlsFlags(tls.dst, tls.src.fingerprint) : [])]);
     try {
       await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      if (tls !== undefined) {
+        // A client with no certificate is refused before the destination reads a byte of it; the destination waits on.
+        await refusedWithoutCert(endpoint);
+        await until("the refusal in the destination's log", () => /refused a migration connection/.test(dst.stderr()));
+        expect(dst.child.exitCode).toBeNull();
+        expect((await unixApi(dst.api, "GET", "/vm").catch(() => ({ status: 0 }))).status).toBe(0); // no API: no VM yet
+      }
       await stillAnswers(src.con, "before");
-      const r = await unixApi(src.vm.api, "POST", "/migrate", { to: endpoint });
+      const r = await unixApi(src.vm.api, "POST", "/migrate", { to: endpoint, ...(tls !== undefined ? { tls: { cert: tls.src.cert, key: tls.src.key, peerFingerprint: tls.dst.fingerprint } } : {}) });
       expect(r.status, JSON.stringify(r.body)).toBe(202);
       expect(await src.vm.exited, src.vm.stderr()).toBe(0);
       expect(JSON.parse(readFileSync(src.vm.exit, "utf8")).result).toBe("migrated");
@@ -92,6 +133,34 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect(vm.state).toBe("running");
       expect(vm.cpus).toBe(2);
       con.sock.destroy();
+    } finally {
+      await kill(src.vm);
+      await kill(dst);
+    }
+  }, 60_000);
+
+  it("over TCP: refuses plain TCP unless asked; a destination with the wrong certificate gets nothing and the source runs on", async () => {
+    const src = await source("src-wrongcert");
+    const { src: mine, dst: theirs } = await certPair();
+    const imposter = await oneTimeCertificate("imposter");
+    const endpoint = `tcp:127.0.0.1:${48000 + Math.floor(Math.random() * 1000)}`;
+    // The imposter has the real source's fingerprint pinned: it would take the stream, but its own certificate is not the one the source expects.
+    const dst = start("dst-imposter", ["--incoming", endpoint, ...tlsFlags(imposter, mine.fingerprint)]);
+    try {
+      const plain = await unixApi(src.vm.api, "POST", "/migrate", { to: endpoint });
+      expect(plain.status).toBe(400);
+      expect(JSON.stringify(plain.body)).toMatch(/TLS|plainTcp/);
+      expect((await unixApi(src.vm.api, "POST", "/migrate", { to: endpoint, tls: { cert: mine.cert, key: "not a key", peerFingerprint: theirs.fingerprint } })).status).toBe(400);
+      await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      const r = await unixApi(src.vm.api, "POST", "/migrate", { to: endpoint, tls: { cert: mine.cert, key: mine.key, peerFingerprint: theirs.fingerprint } });
+      expect(r.status, JSON.stringify(r.body)).toBe(202);
+      let last: { phase?: string; error?: string; bytesSent?: number } = {};
+      await until("the migration to fail", async () => (last = (await unixApi(src.vm.api, "GET", "/migrate")).body).phase === "failed");
+      expect(last.error).toMatch(/not the expected peer.*fingerprint/);
+      expect(last.bytesSent).toBe(0);
+      expect((await unixApi(src.vm.api, "GET", "/vm")).body.state).toBe("running");
+      await stillAnswers(src.con, "after-imposter");
+      expect(dst.child.exitCode).toBeNull(); // the imposter got no stream: it still waits
     } finally {
       await kill(src.vm);
       await kill(dst);
@@ -240,10 +309,6 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     }
   }, 180_000);
 
-  const helloFrame = (): Uint8Array[] => {
-    const regions = [{ guestPhysAddr: 0, size: 64 * 1024 * 1024 }];
-    return frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello({ cpus: 1, memoryMiB: 64, devices: { disks: [], nets: [], rng: false } }, regions))));
-  };
   it.each([
     ["garbage", [Buffer.from("GET / HTTP/1.1\r\n\r\n")], /unknown frame type|MIGRATION_STREAM/],
     ["an oversized frame", [Buffer.from([2, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])], /over the \d+-byte limit/],

@@ -15,8 +15,10 @@
  *                  track: count the pages written from now on; base: an incremental snapshot of
  *                  only the pages written since DIR0, the tracked snapshot (docs/snapshots.md)
  *   POST /migrate  {"to": "tcp:HOST:PORT"|"unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?,
- *                  "maxBandwidth"? (bytes/s), "autoConverge"? (default true), "disks"? "shared"|"copy"}:
+ *                  "maxBandwidth"? (bytes/s), "autoConverge"? (default true), "disks"? "shared"|"copy",
+ *                  "tls"?: {"cert", "key", "ca"?, "peerFingerprint"?} (PEM texts), "plainTcp"?: true}:
  *                  live-migrate the VM to a VMM started with `run --incoming`; 202 with progress.
+ *                  Over TCP the stream needs TLS (both sides authenticated) or plainTcp.
  *                  GET /migrate: progress {phase, round, bytesSent, dirtyBytes, bytesRemaining,
  *                  bandwidth, dirtyRate, expectedDowntimeMs, throttlePercent, downtimeMs?,
  *                  switchover? (where the pause went), disks?, error?}; DELETE /migrate cancels
@@ -50,6 +52,10 @@ import { existsSync, unlinkSync } from "node:fs";
 import { listenOnFd, listenOwnerOnly } from "../../sys/owner-only-socket.js";
 import { z } from "zod";
 import { TypevisorError, isTypevisorError } from "../../errors.js";
+import { checkStreamTls, StreamTlsSchema, type StreamTls } from "../migration/transport.js";
+
+/** POST /migrate's body once checked. */
+export interface MigrateBody { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number; tls?: StreamTls; plainTcp?: boolean }
 
 const dirString = z.string().min(1).max(4096).refine((v) => !v.includes("\0"), "no NUL bytes");
 /** POST /snapshot's body. */
@@ -211,8 +217,15 @@ export function startControlServer(socketPath: string, target: ControlTarget, li
           if (typeof body?.["to"] !== "string" || body["to"].length > 4096 || !num("maxDowntimeMs", 3_600_000) || !num("maxRounds", 1000) || !num("timeoutMs", 86_400_000) ||
             !num("maxBandwidth", 2 ** 40) || (body["autoConverge"] !== undefined && typeof body["autoConverge"] !== "boolean") ||
             (body["disks"] !== undefined && body["disks"] !== "shared" && body["disks"] !== "copy")) {
-            return problem(res, 400, "INVALID_REQUEST", 'body must be {"to": "tcp:HOST:PORT" | "unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?, "maxBandwidth"? (bytes/s), "autoConverge"?: bool, "disks"?: "shared" | "copy"}');
+            return problem(res, 400, "INVALID_REQUEST", 'body must be {"to": "tcp:HOST:PORT" | "unix:PATH", "maxDowntimeMs"?, "maxRounds"?, "timeoutMs"?, "maxBandwidth"? (bytes/s), "autoConverge"?: bool, "disks"?: "shared" | "copy", "tls"?: {"cert", "key", "ca"?, "peerFingerprint"?}, "plainTcp"?: true}');
           }
+          // The stream's security (migration/transport.ts): PEM texts checked here, the endpoint's policy (TCP needs TLS or plainTcp) when it connects.
+          if (body["tls"] !== undefined) {
+            const t = StreamTlsSchema.safeParse(body["tls"]);
+            if (!t.success) return problem(res, 400, "INVALID_REQUEST", `tls: ${t.error.issues[0]?.path.join(".") ?? ""}: ${t.error.issues[0]?.message ?? "invalid"}`);
+            checkStreamTls(t.data);
+          }
+          if (body["plainTcp"] !== undefined && typeof body["plainTcp"] !== "boolean") return problem(res, 400, "INVALID_REQUEST", "plainTcp must be true or false");
           return send(res, 202, await target.migrate("POST", body as unknown as MigrateBody));
         }
         case "PUT /restore": {

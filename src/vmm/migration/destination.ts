@@ -5,15 +5,14 @@
  * READY, and hands the VM to the caller to run only after the source's GO. Everything read is
  * checked (protocol.ts); any failure sends ERROR, destroys the half-built VM and throws: no VM.
  */
-import { existsSync, unlinkSync } from "node:fs";
-import { createServer, type Server, type Socket } from "node:net";
 import { TypevisorError } from "../../errors.js";
 import { ramRanges } from "../arch/x86_64/layout.js";
 import { applyOverrides, incomingVm, type MachineConfig, type RestoreOverrides, type VmHost } from "../builder.js";
 import { decodeState, encodeState } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
 import { FRAME, FrameReader, frame, HelloSchema, jsonFrame, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
-import { parseEndpoint, type DestinationTimes } from "./source.js";
+import type { DestinationTimes } from "./source.js";
+import { acceptStream, type StreamSecurity } from "./transport.js";
 
 export interface Incoming {
   vm: Vm;
@@ -22,24 +21,8 @@ export interface Incoming {
   running(): void;
 }
 
-/** Wait for one connection on `spec`; the listener is closed once it arrived. */
-function acceptOne(spec: string, log: (line: string) => void): Promise<Socket> {
-  const ep = parseEndpoint(spec);
-  return new Promise((resolve, reject) => {
-    const server: Server = createServer({ pauseOnConnect: false }, (sock) => {
-      server.close();
-      resolve(sock);
-    });
-    server.once("error", (e) => reject(new TypevisorError("MIGRATION_LISTEN", `cannot listen on ${spec}: ${e.message}`)));
-    if ("path" in ep) {
-      if (existsSync(ep.path)) unlinkSync(ep.path);
-      server.listen(ep.path, () => log(`typevisor: waiting for a migration on ${spec}`));
-    } else server.listen(ep.port, ep.host, () => log(`typevisor: waiting for a migration on ${spec}`));
-  });
-}
-
-export async function receiveMigration(spec: string, overrides: RestoreOverrides, host: VmHost, log: (line: string) => void): Promise<Incoming> {
-  const sock = await acceptOne(spec, log);
+export async function receiveMigration(spec: string, overrides: RestoreOverrides, host: VmHost, log: (line: string) => void, security: StreamSecurity = {}): Promise<Incoming> {
+  const sock = await acceptStream(spec, security, log);
   sock.setNoDelay(true);
   const reader = new FrameReader(sock);
   let vm: Vm | undefined;

@@ -12,7 +12,7 @@
  * says so (at most one copy of the guest ever runs).
  */
 import { closeSync, openSync } from "node:fs";
-import { connect, type Socket } from "node:net";
+import type { Socket } from "node:net";
 import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
 import { forEachDataRun, isZeroPage } from "../snapshot/memory.js";
@@ -20,6 +20,9 @@ import { encodeState, type SnapshotConfig } from "../snapshot/state.js";
 import * as libc from "../../sys/libc.js";
 import type { Vm } from "../vm.js";
 import { FRAME, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, zerosPayload } from "./protocol.js";
+import { openStream, parseEndpoint, type StreamTls } from "./transport.js";
+
+export { parseEndpoint };
 
 export interface MigrateRequest {
   /** "tcp:HOST:PORT" or "unix:PATH". */
@@ -36,6 +39,9 @@ export interface MigrateRequest {
   autoConverge?: boolean;
   /** "shared" (default): both VMMs open the same disk files; "copy": the disks' contents go in the stream too. */
   disks?: "shared" | "copy";
+  /** TLS with mutual authentication (transport.ts); without it TCP needs `plainTcp`. */
+  tls?: StreamTls;
+  plainTcp?: boolean;
 }
 
 export type MigrationPhase = "connecting" | "precopy" | "stopped" | "committed" | "completed" | "failed" | "cancelled";
@@ -117,13 +123,6 @@ const THROTTLE_INITIAL = 20;
 const THROTTLE_STEP = 10;
 const THROTTLE_MAX = 99;
 const THROTTLE_TRIGGER = 0.5;
-
-export function parseEndpoint(spec: string): { path: string } | { host: string; port: number } {
-  if (spec.startsWith("unix:") && spec.length > 5) return { path: spec.slice(5) };
-  const m = /^tcp:(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(spec);
-  if (m !== null && Number(m[2]) > 0 && Number(m[2]) < 65536) return { host: m[1]!.replace(/^\[|\]$/g, ""), port: Number(m[2]) };
-  throw new TypevisorError("INVALID_REQUEST", `migration endpoint "${spec}": give tcp:HOST:PORT or unix:PATH`);
-}
 
 const DestinationTimesSchema = z.strictObject({
   stateDecoded: z.number().finite(), threadsReady: z.number().finite(), stateApplied: z.number().finite(), devicesRestored: z.number().finite(),
@@ -313,17 +312,7 @@ export class OutgoingMigration {
   }
 
   private connect(): Promise<Socket> {
-    const ep = parseEndpoint(this.req.to);
-    return new Promise((resolve, reject) => {
-      const sock = "path" in ep ? connect(ep.path) : connect(ep.port, ep.host);
-      this.sock = sock;
-      sock.once("connect", () => {
-        sock.off("error", reject);
-        sock.on("error", () => undefined); // reported by the reader
-        resolve(sock);
-      });
-      sock.once("error", (e) => reject(new TypevisorError("MIGRATION_PEER", `cannot reach ${this.req.to}: ${e.message}`)));
-    });
+    return openStream(this.req.to, { ...(this.req.tls !== undefined ? { tls: this.req.tls } : {}), ...(this.req.plainTcp === true ? { plainTcp: true } : {}) }, (s) => (this.sock = s));
   }
 
   /** Round 0: every page that holds something (the destination's memory starts as zeros). */

@@ -1,0 +1,155 @@
+/**
+ * Live migration between two daemons on this host (different homes, each with its HTTPS
+ * listener), tiny guests on the host's /dev/kvm: `vm migrate` moves a running VM from A to B (it
+ * answers on B's console without having rebooted, A's inventory no longer has it, events on
+ * both); refusals leave it running on A; and either daemon SIGKILLed at each step of the
+ * protocol (TYPEVISOR_CRASH_AT) leaves, once restarted, exactly one owner with the guest running.
+ * (Two daemons in two network namespaces with a Debian guest: test/vmm/migration.lab.test.ts.)
+ */
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { TypevisorClient } from "../../src/api/client.js";
+import { processAlive } from "../../src/control/proc.js";
+import { BIN, startDaemon, tcpPort, until, type TestDaemon } from "../helpers/daemon.js";
+import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+
+const hasKvm = existsSync("/dev/kvm");
+
+describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --force-kvm)", () => {
+  const dir = mkdtempSync(join(tmpdir(), "tvmigd-"));
+  const shared = join(dir, "shared");
+  const kernel = join(dir, "tiny.bin");
+  let a: TestDaemon;
+  let b: TestDaemon;
+  let peer: { to: string; peerToken: string; peerFingerprint: string };
+  const args = ["--force-kvm", "--no-sandbox", "--allow-files", dir, "--listen", "127.0.0.1:0"];
+
+  beforeAll(async () => {
+    writeTinyKernel(kernel);
+    mkdirSync(shared);
+    [a, b] = await Promise.all([startDaemon({ args }), startDaemon({ args })]);
+    await a.client.createPool({ name: "shared", path: shared });
+    await b.client.addUser({ name: "peer-a", role: "operator" });
+    const t = await b.client.createToken({ user: "peer-a" });
+    peer = { to: `https://127.0.0.1:${await tcpPort(b)}`, peerToken: t.token, peerFingerprint: (await b.client.host()).tls!.fingerprint };
+  }, 60_000);
+
+  afterAll(async () => {
+    for (const d of [a, b]) {
+      if (d === undefined) continue;
+      for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
+      await d.stop();
+    }
+    rmSync(dir, { recursive: true, force: true });
+  }, 60_000);
+
+  /** A running tiny guest on A whose disk is on the shared storage. */
+  async function sourceVm(name: string): Promise<void> {
+    await a.client.createVm({ name, kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "raw", pool: "shared" }, { start: true });
+    await until(`${name}'s banner`, async () => (await a.client.console(name)).toString().includes(TINY_KERNEL_BANNER) || undefined);
+  }
+
+  /** Type `word` on the VM's console at `d` and see it echoed: the guest runs there. */
+  async function answers(d: TestDaemon, name: string, word: string): Promise<void> {
+    const s = await d.client.attachConsole(name);
+    s.on("error", () => undefined);
+    s.write(word);
+    try {
+      await until(`the echo of ${word} on ${name}`, async () => (await d.client.console(name)).toString().includes(word) || undefined, 20_000);
+    } finally {
+      s.destroy();
+    }
+  }
+
+  const names = async (c: TypevisorClient): Promise<Record<string, string>> => Object.fromEntries((await c.listVms()).map((v) => [v.name, v.state]));
+
+  /** Exactly one daemon owns `name` and runs it: A (running, B none) or B (running, A none). */
+  async function settledOwner(name: string): Promise<"a" | "b"> {
+    return until(`one owner of ${name}`, async () => {
+      const [na, nb] = [await names(a.client), await names(b.client)];
+      if (na[name] === "running" && nb[name] === undefined) return "a" as const;
+      if (na[name] === undefined && nb[name] === "running") return "b" as const;
+      return undefined;
+    }, 60_000);
+  }
+
+  it("vm migrate moves a running VM to the other daemon: it runs on there without a reboot and leaves A's inventory", async () => {
+    await sourceVm("mig1");
+    await answers(a, "mig1", "before-move");
+    const pidA = (await a.client.getVm("mig1")).pid!;
+    const r = spawnSync(process.execPath, [BIN, "vm", "migrate", "mig1", "--to", peer.to, "--peer-token", peer.peerToken, "--peer-fingerprint", peer.peerFingerprint, "--max-downtime", "200", "--home", a.home], { encoding: "utf8", timeout: 120_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain("mig1: migrated to https://127.0.0.1");
+    expect(r.stderr).toMatch(/mig1: (precopy|stopped|committed|confirming)/);
+    expect(await names(a.client)).not.toHaveProperty("mig1");
+    const onB = await b.client.getVm("mig1");
+    expect(onB.state).toBe("running");
+    expect(onB.disks[0]!.path.startsWith(shared)).toBe(true);
+    await answers(b, "mig1", "after-move");
+    // B's console starts at the move: the guest did not boot again.
+    expect((await b.client.console("mig1")).toString()).not.toContain(TINY_KERNEL_BANNER);
+    await until("A's VMM to end", () => !processAlive(pidA) || undefined);
+    expect((await a.client.events({ vm: "mig1" })).map((e) => e.type)).toEqual(expect.arrayContaining(["vm.migrating", "vm.migrated"]));
+    expect((await b.client.events({ vm: "mig1" })).map((e) => e.type)).toEqual(expect.arrayContaining(["vm.incoming", "vm.migrated-in"]));
+    expect((await a.client.migration("mig1")).phase).toBe("completed");
+    // A restart of A does not sweep the disk B's VM now uses out of A's pool.
+    await a.stop();
+    a = await startDaemon({ home: a.home, args });
+    expect(existsSync(onB.disks[0]!.path)).toBe(true);
+    // B made the VM's own boot files: it starts again there (a boot: the banner).
+    await b.client.stopVm("mig1");
+    await b.client.startVm("mig1");
+    await until("the banner of a fresh boot on B", async () => (await b.client.console("mig1")).toString().includes(TINY_KERNEL_BANNER) || undefined);
+    await b.client.removeVm("mig1", { force: true });
+  }, 180_000);
+
+  it("refuses what it cannot do, and a failed migration leaves the VM running on A and nothing on B", async () => {
+    await sourceVm("mig2");
+    await expect(a.client.migrateVm("mig2", { ...peer, copyDisks: true })).rejects.toMatchObject({ code: "NOT_IMPLEMENTED" });
+    await a.client.createVm({ name: "local", kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "raw" }, { start: true });
+    await expect(a.client.migrateVm("local", peer)).rejects.toMatchObject({ code: "MIGRATION_UNSUPPORTED" });
+    for (const bad of [{ ...peer, peerToken: "tv_wrong" }, { ...peer, peerFingerprint: "00".repeat(32) }]) {
+      await a.client.migrateVm("mig2", bad);
+      await until("the failure", async () => ((await a.client.migration("mig2")).phase === "failed" ? true : undefined));
+      expect((await a.client.getVm("mig2")).state).toBe("running");
+    }
+    expect(await names(b.client)).toEqual({});
+    await answers(a, "mig2", "still-on-a");
+    expect((await a.client.events({ vm: "mig2" })).map((e) => e.type)).toContain("vm.migration-failed");
+    await a.client.removeVm("local", { force: true });
+    await a.client.removeVm("mig2", { force: true });
+  }, 120_000);
+
+  describe("a daemon killed at each step: after its restart exactly one owner runs the VM", () => {
+    it.each([
+      ["a", "migrate-source-marked", "a"],
+      ["a", "migrate-source-peer-prepared", "a"],
+      ["a", "migrate-source-vmm-started", "b"],
+      ["b", "migrate-dest-row", "a"],
+      ["b", "migrate-dest-listening", "a"],
+      ["b", "migrate-dest-before-running", "b"],
+    ] as const)("%s killed at %s: the VM ends up on %s", async (who, step, owner) => {
+      const name = `k-${step.replace(/^migrate-/, "").slice(0, 20)}`;
+      await sourceVm(name);
+      const victim = who === "a" ? a : b;
+      await victim.stop();
+      const dying = await startDaemon({ home: victim.home, args, env: { TYPEVISOR_CRASH_AT: step } });
+      if (who === "a") a = dying;
+      else {
+        b = dying;
+        peer.to = `https://127.0.0.1:${await tcpPort(b)}`;
+      }
+      await a.client.migrateVm(name, peer).catch(() => undefined);
+      await until(`the daemon to die at ${step}`, () => (dying.proc.exitCode !== null || dying.proc.signalCode !== null) || undefined, 60_000);
+      const again = await startDaemon({ home: victim.home, args: [...args.slice(0, -1), `127.0.0.1:${await tcpPort(dying)}`] });
+      if (who === "a") a = again;
+      else b = again;
+      expect(await settledOwner(name)).toBe(owner);
+      await answers(owner === "a" ? a : b, name, `alive-${step}`);
+      await (owner === "a" ? a : b).client.removeVm(name, { force: true });
+    }, 180_000);
+  });
+});
