@@ -41,9 +41,16 @@ function statusOf(url: string): Promise<number> {
 
 /** A progress line: the lab's silence watchdog (docs/lab.md) sees the test is alive, a reader where it is. */
 const t0 = performance.now();
-const step = (what: string): void => console.log(`web.lab: ${what} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+let phase = "starting";
+const step = (what: string): void => {
+  phase = what;
+  console.log(`web.lab: ${what} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
+};
+// a line a minute while a step takes long (a page load can take minutes here): the watchdog's silence is not this test's
+const alive = setInterval(() => console.log(`web.lab: still after "${phase}" (${((performance.now() - t0) / 1000).toFixed(0)} s)`), 60_000);
 
 afterAll(async () => {
+  clearInterval(alive);
   await browser?.close();
   if (d !== undefined) {
     for (const v of await d.client.listVms().catch(() => [])) await d.client.removeVm(v.name, { force: true }).catch(() => undefined);
@@ -65,7 +72,9 @@ describe.skipIf(!hasChromium)("the web console in Chromium with a Debian guest u
 
     // one after the other: the lab has one CPU, and a browser starting beside it keeps the daemon
     // past its start-up limit; the browser and its first page take a minute or more here
-    d = await startDaemon({ home, args: ["--listen", "127.0.0.1:0", "--usage-interval", "2"] });
+    // --start-timeout: a VMM (node) starting beside a browser on the lab's one emulated CPU took
+    // over the default 60 s to answer on its socket once, on a loaded machine, and was killed for it
+    d = await startDaemon({ home, args: ["--listen", "127.0.0.1:0", "--usage-interval", "2", "--start-timeout", "300"] });
     const base = `https://127.0.0.1:${await tcpPort(d)}`;
     // the page over HTTPS from here first: the listener answers on the lab's loopback (a failure
     // here is the network's, not the browser's), and the daemon's first TLS handshake is behind it
