@@ -41,6 +41,11 @@ export async function newPage(browser: Browser, errors: string[]): Promise<{ ctx
 /** Log in through the page's form (and the TOTP code when given); resolves once the navigation shows. */
 export async function loginPage(page: Page, base: string, user: string, password: string, code?: string): Promise<void> {
   await page.goto(`${base}/`);
+  await fillLogin(page, user, password, code);
+}
+
+/** The login form of a page already loaded. */
+export async function fillLogin(page: Page, user: string, password: string, code?: string): Promise<void> {
   await page.fill("#user", user);
   await page.fill("#password", password);
   if (code !== undefined) await page.fill("#totp", code);
