@@ -41,7 +41,7 @@ function cli(args: string[]): string {
 }
 
 /** Type a line on a VM's console (through the daemon) and wait for `expect` in what comes back. */
-async function say(vm: string, line: string, expect: RegExp, timeoutMs = 120_000): Promise<string> {
+async function say(vm: string, line: string, expect: RegExp, timeoutMs = 300_000): Promise<string> {
   const con = await d!.client.attachConsole(vm);
   let out = "";
   con.on("data", (b: Buffer) => (out += b.toString("latin1")));
