@@ -2,7 +2,7 @@ import { mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { readSessions, resolveToken, saveSession, sessionFile } from "./connect.js";
+import { readSessions, requestTimeoutMs, resolveToken, saveSession, sessionFile } from "./connect.js";
 
 describe("the token the CLI sends", () => {
   it("is --token-file, else $TYPEVISOR_TOKEN, else the session saved for that very --host", () => {
@@ -31,5 +31,12 @@ describe("the token the CLI sends", () => {
     writeFileSync(file, JSON.stringify({ "[::1]:8420": { token: 42 } }));
     expect(resolveToken({ host: "[::1]:8420" }, env)).toBeUndefined();
     expect(readFileSync(file, "utf8")).toContain("42");
+  });
+
+  it("waits $TYPEVISOR_TIMEOUT seconds for an answer, 120 by default, and refuses anything but whole seconds", () => {
+    expect(requestTimeoutMs({})).toBe(120_000);
+    expect(requestTimeoutMs({ TYPEVISOR_TIMEOUT: "" })).toBe(120_000);
+    expect(requestTimeoutMs({ TYPEVISOR_TIMEOUT: "420" })).toBe(420_000);
+    for (const bad of ["0", "-5", "1.5", "2m", "86401", "1e3"]) expect(() => requestTimeoutMs({ TYPEVISOR_TIMEOUT: bad }), bad).toThrow(/TYPEVISOR_TIMEOUT/);
   });
 });

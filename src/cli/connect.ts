@@ -5,6 +5,7 @@
  *   --socket PATH      the API's unix socket
  *   --home DIR         the daemon's home (`typevisor daemon --home DIR` serves DIR/typevisor.sock)
  *   $TYPEVISOR_SOCKET  then <data home>/typevisor.sock, the daemon's default
+ *   $TYPEVISOR_TIMEOUT  seconds a request may wait for its answer (default 120)
  * and, to prove who is asking and whom it talks to (docs/security.md):
  *   --token-file FILE  or $TYPEVISOR_TOKEN: a bearer token (never a command-line argument: ps shows those);
  *                      else, with --host, the session `typevisor login` saved for that host
@@ -140,5 +141,18 @@ export function resolveTarget(o: ConnectionOptions, env: Env = process.env): Cli
 export function connect(o: ConnectionOptions, opts: { timeoutMs?: number; env?: Env } = {}): TypevisorClient {
   const env = opts.env ?? process.env;
   const token = resolveToken(o, env);
-  return new TypevisorClient(resolveTarget(o, env), { timeoutMs: opts.timeoutMs ?? 120_000, ...(token !== undefined ? { token } : {}) });
+  return new TypevisorClient(resolveTarget(o, env), { timeoutMs: opts.timeoutMs ?? requestTimeoutMs(env), ...(token !== undefined ? { token } : {}) });
+}
+
+/**
+ * How long a request may wait for the daemon's answer: $TYPEVISOR_TIMEOUT seconds, else 120 s. A
+ * `vm create --start` or `vm start` answers once the VMM is up, which the daemon bounds by its
+ * own --start-timeout: a daemon given a longer one (a slow host) needs a longer wait here too.
+ */
+export function requestTimeoutMs(env: Env): number {
+  const v = env["TYPEVISOR_TIMEOUT"];
+  if (v === undefined || v === "") return 120_000;
+  const s = Number(v);
+  if (!/^\d+$/.test(v.trim()) || !Number.isSafeInteger(s) || s < 1 || s > 86_400) throw new TypevisorError("INVALID_ARGUMENT", `TYPEVISOR_TIMEOUT must be a whole number of seconds from 1 to 86400 (got "${v}")`);
+  return s * 1000;
 }

@@ -26,7 +26,8 @@ let d: TestDaemon | undefined;
 const LAB_START_TIMEOUT = ["--start-timeout", "300"];
 
 function cli(args: string[], input?: string): { code: number | null; out: string; err: string } {
-  const r = spawnSync(process.execPath, [BIN, ...args, "--home", home], { input: input ?? "", encoding: "utf8", timeout: 300_000 });
+  // `vm create --start` answers once the VMM is up, which the daemon allows LAB_START_TIMEOUT for: the CLI waits longer.
+  const r = spawnSync(process.execPath, [BIN, ...args, "--home", home], { input: input ?? "", encoding: "utf8", timeout: 480_000, env: { ...process.env, TYPEVISOR_TIMEOUT: "420" } });
   return { code: r.status, out: r.stdout, err: r.stderr };
 }
 
