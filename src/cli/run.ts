@@ -225,7 +225,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
     if (path !== undefined && !existsSync(dirname(path))) throw new TypevisorError("INVALID_ARGUMENT", `${flag} ${path}: directory ${dirname(path)} does not exist`);
   }
   const devices: DeviceSpecs = {
-    disks: o.disk.map(parseDiskSpec),
+    disks: o.disk.map((d) => parseDiskSpec(d, { mayNotExist: o.incoming !== undefined })),
     nets: o.net.map(parseNetSpec),
     rng: o.rng,
     ...(o.balloon !== undefined ? { balloon: parseBalloonSpec(o.balloon === true ? "" : String(o.balloon)) } : {}),
@@ -531,6 +531,6 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
 /** The switch-over's steps on one line (docs/migration.md "Downtime"). */
 function switchoverLine(s: import("../vmm/migration/source.js").SwitchoverTimes): string {
   const d = s.destination;
-  return `vcpus stopped ${s.vcpusStopped}, last round ${s.lastRoundSent} (${s.lastRoundBytes} B), state captured ${s.stateCaptured}, state sent ${s.stateSent} (${s.stateBytes} B), READY ${s.ready}, GO ${s.goSent}, RUNNING ${s.running}` +
+  return `vcpus stopped ${s.vcpusStopped}, state captured ${s.stateCaptured}, last round ${s.lastRoundSent} (${s.lastRoundBytes} B)${s.disksSent !== undefined ? `, disks ${s.disksSent} (${s.lastDiskBytes ?? 0} B)` : ""}, state sent ${s.stateSent} (${s.stateBytes} B), READY ${s.ready}, GO ${s.goSent}, RUNNING ${s.running}` +
     (d !== undefined ? `; destination (ms from DONE): state decoded ${d.stateDecoded}, threads up ${d.threadsReady}, applied ${d.stateApplied}, devices restored ${d.devicesRestored}, READY sent ${d.readySent}, GO ${d.goReceived}, resumed ${d.resumed}` : "");
 }
