@@ -246,7 +246,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
     if (path !== undefined && !existsSync(dirname(path))) throw new TypevisorError("INVALID_ARGUMENT", `${flag} ${path}: directory ${dirname(path)} does not exist`);
   }
   const devices: DeviceSpecs = {
-    disks: o.disk.map(parseDiskSpec),
+    disks: o.disk.map((d) => parseDiskSpec(d, { mayNotExist: o.incoming !== undefined })),
     nets: o.net.map(parseNetSpec),
     rng: o.rng,
     ...(o.balloon !== undefined ? { balloon: parseBalloonSpec(o.balloon === true ? "" : String(o.balloon)) } : {}),
@@ -551,7 +551,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--sandbox-bind <dir>", "with --sandbox: a directory the VMM may also read and write, e.g. where POST /snapshot writes (repeatable; the directories of --console-log, --exit-file, --vsock's socket and --incoming unix: are given already)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
-    .option("--incoming <endpoint>", "wait for one live migration on tcp:ADDR:PORT or unix:PATH and run the VM it brings (--disk/--net/--vsock give this host's back ends, in order); the source sends it with POST /migrate. Over TCP: TLS (--tls-*) or --plain-tcp")
+    .option("--incoming <endpoint>", "wait for one live migration on tcp:ADDR:PORT or unix:PATH and run the VM it brings (--disk/--net/--vsock give this host's back ends, in order; when the source copies its disks, each --disk names a file to create or an empty one); the source sends it with POST /migrate. Over TCP: TLS (--tls-*) or --plain-tcp")
     .option("--tls-cert <file>", "--incoming: this side's TLS certificate (PEM); the source must present the certificate --tls-peer-fingerprint or --tls-ca names")
     .option("--tls-key <file>", "--incoming: the TLS certificate's private key (PEM)")
     .option("--tls-ca <file>", "--incoming: accept a source whose certificate this CA (PEM) signed")
@@ -575,6 +575,6 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
 /** The switch-over's steps on one line (docs/migration.md "Downtime"). */
 function switchoverLine(s: import("../vmm/migration/source.js").SwitchoverTimes): string {
   const d = s.destination;
-  return `vcpus stopped ${s.vcpusStopped}, last round ${s.lastRoundSent} (${s.lastRoundBytes} B), state captured ${s.stateCaptured}, state sent ${s.stateSent} (${s.stateBytes} B), READY ${s.ready}, GO ${s.goSent}, RUNNING ${s.running}` +
+  return `vcpus stopped ${s.vcpusStopped}, state captured ${s.stateCaptured}, last round ${s.lastRoundSent} (${s.lastRoundBytes} B)${s.disksSent !== undefined ? `, disks ${s.disksSent} (${s.lastDiskBytes ?? 0} B)` : ""}, state sent ${s.stateSent} (${s.stateBytes} B), READY ${s.ready}, GO ${s.goSent}, RUNNING ${s.running}` +
     (d !== undefined ? `; destination (ms from DONE): state decoded ${d.stateDecoded}, threads up ${d.threadsReady}, applied ${d.stateApplied}, devices restored ${d.devicesRestored}, READY sent ${d.readySent}, GO ${d.goReceived}, resumed ${d.resumed}` : "");
 }

@@ -2,7 +2,7 @@
  * Device specifications as plain data, and the parsers for their
  * command-line form. Validated fully before a VM is created.
  */
-import { statSync } from "node:fs";
+import { existsSync, statSync } from "node:fs";
 import type { DiskFormat } from "./disk/backend.js";
 import { TypevisorError } from "../errors.js";
 import { tapNameProblem } from "../sys/tap.js";
@@ -75,8 +75,11 @@ function onOff(v: string, what: string): boolean {
   throw bad(`${what} must be on or off (got "${v}")`);
 }
 
-/** `PATH[,format=raw|qcow2][,readonly=on][,serial=ID]` */
-export function parseDiskSpec(spec: string): DiskSpec {
+/**
+ * `PATH[,format=raw|qcow2][,readonly=on][,serial=ID]`. `mayNotExist`: an incoming migration's
+ * disk, which the migration creates when it copies the disks (migration/destination.ts).
+ */
+export function parseDiskSpec(spec: string, opts2: { mayNotExist?: boolean } = {}): DiskSpec {
   const { head: path, opts } = parseOptions(spec, "--disk");
   if (path === "") throw bad("--disk needs a path: --disk PATH[,format=raw|qcow2][,readonly=on][,serial=ID]");
   const disk: DiskSpec = { path, readonly: false };
@@ -91,6 +94,7 @@ export function parseDiskSpec(spec: string): DiskSpec {
     } else throw bad(`--disk: unknown option "${k}" (known: format, readonly, serial)`);
   }
   let size: number;
+  if (opts2.mayNotExist === true && !existsSync(path)) return disk;
   try {
     const st = statSync(path);
     if (!st.isFile() && !st.isBlockDevice()) throw bad(`--disk ${path}: not a regular file or block device`);

@@ -6,19 +6,18 @@
  * destination. (A Debian guest under real KVM: migration.lab.test.ts.)
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
-import { MEM_DIRTIER_UP, writeMemDirtier } from "../helpers/disk-guest.js";
+import { checkDiskPattern, MEM_DIRTIER_UP, writeDiskGuest, writeMemDirtier } from "../helpers/disk-guest.js";
 import { unixApi } from "../helpers/unix-api.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { FRAME, frame, hello, pagesHeader } from "../../src/vmm/migration/protocol.js";
 import { oneTimeCertificate, type OneTimeCert } from "../../src/control/migration-tls.js";
 import { connect as tlsConnect } from "node:tls";
-import { writeFileSync } from "node:fs";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const hasKvm = existsSync("/dev/kvm");
@@ -27,6 +26,8 @@ const kernel = join(dir, "tiny.bzImage");
 writeTinyKernel(kernel);
 const dirtier = join(dir, "dirtier.bzImage");
 writeMemDirtier(dirtier);
+const writer = join(dir, "writer.bzImage");
+writeDiskGuest(writer);
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 async function until(what: string, cond: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
@@ -309,11 +310,72 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     }
   }, 180_000);
 
+  it("copies a raw disk the guest writes during the migration (\"disks\": \"copy\"): the destination's disk holds the source's bytes", async () => {
+    const srcDisk = join(dir, "copy-src.raw");
+    const dstDisk = join(dir, "copy-dst.raw");
+    writeFileSync(srcDisk, "");
+    truncateSync(srcDisk, 128 * 1024 * 1024);
+    const src = start("src-copy", ["--kernel", writer, "--memory", "64", "--disk", srcDisk]);
+    const con = await consoleClient(src.sock);
+    const endpoint = `unix:${join(dir, "copy.sock")}`;
+    // A path that does not exist yet: the destination makes it, as large as the source's disk.
+    // Paused there, so the two files can be compared as they were at the switch-over.
+    const dst = start("dst-copy", ["--incoming", endpoint, "--disk", dstDisk, "--paused"]);
+    try {
+      await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      await until("the guest's first writes", () => /tv-disk: (\d+) MiB/.test(con.text()), 90_000);
+      const r = await unixApi(src.api, "POST", "/migrate", { to: endpoint, disks: "copy" });
+      expect(r.status, JSON.stringify(r.body)).toBe(202);
+      expect(await src.exited, src.stderr()).toBe(0);
+      expect(JSON.parse(readFileSync(src.exit, "utf8")).result, `${src.stderr()}\n${con.text().slice(-300)}`).toBe("migrated");
+      // The guest was writing all along: blocks written during the copy went again in later rounds.
+      expect(src.stderr()).toMatch(/disks [\d.]+ \(\d+ B\)/);
+      const a = readFileSync(srcDisk);
+      const b = readFileSync(dstDisk);
+      expect(b.length).toBe(a.length);
+      expect(b.equals(a)).toBe(true);
+      // And what it wrote is the guest's pattern, up to where it had got.
+      const written = Number(/tv-disk: (\d+) MiB/.exec(con.text())![1]) * 1024 * 1024;
+      expect(checkDiskPattern(b.subarray(0, written))).toBeUndefined();
+    } finally {
+      con.sock.destroy();
+      await kill(src);
+      await kill(dst);
+    }
+  }, 180_000);
+
+  it("refuses to copy a disk over a destination file that holds data, and the source runs on", async () => {
+    const srcDisk = join(dir, "refuse-src.raw");
+    const dstDisk = join(dir, "refuse-dst.raw");
+    writeFileSync(srcDisk, "");
+    truncateSync(srcDisk, 8 * 1024 * 1024);
+    writeFileSync(dstDisk, Buffer.alloc(512, "precious"));
+    const src = start("src-refuse-disk", ["--kernel", kernel, "--memory", "64", "--disk", srcDisk]);
+    const con = await consoleClient(src.sock);
+    const endpoint = `unix:${join(dir, "refuse-disk.sock")}`;
+    const dst = start("dst-refuse-disk", ["--incoming", endpoint, "--disk", dstDisk]);
+    try {
+      await until("the banner", () => con.text().includes(TINY_KERNEL_BANNER));
+      await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      expect((await unixApi(src.api, "POST", "/migrate", { to: endpoint, disks: "copy" })).status).toBe(202);
+      expect(await dst.exited).toBe(2);
+      expect(dst.stderr()).toContain("is not empty");
+      expect(readFileSync(dstDisk).equals(Buffer.alloc(512, "precious"))).toBe(true);
+      await until("the failure", async () => (await unixApi(src.api, "GET", "/migrate")).body.phase === "failed");
+      await stillAnswers(con, "still-mine");
+    } finally {
+      con.sock.destroy();
+      await kill(src);
+      await kill(dst);
+    }
+  }, 60_000);
+
   it.each([
     ["garbage", [Buffer.from("GET / HTTP/1.1\r\n\r\n")], /unknown frame type|MIGRATION_STREAM/],
     ["an oversized frame", [Buffer.from([2, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])], /over the \d+-byte limit/],
     ["pages outside RAM", [...helloFrame(), ...frame(FRAME.PAGES, pagesHeader(0x1_0000_0000), Buffer.alloc(4096, 1))], /outside guest RAM/],
     ["a truncated stream", [...helloFrame(), ...frame(FRAME.STATE, Buffer.from("typevisor-snapshot 1 bytes=5 sha256=00\n{}")), ...frame(FRAME.DONE)], /SNAPSHOT_INVALID|bad header|checksum/],
+    ["disk data for a disk HELLO did not announce", [...helloFrame(), ...frame(FRAME.DISK_DATA, Buffer.alloc(16), Buffer.alloc(512, 1))], /DISK_DATA for disk 0; HELLO copies 0 disks/],
     ["HELLO with another machine's regions", [...frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello({ cpus: 1, memoryMiB: 64, devices: { disks: [], nets: [], rng: false } }, [{ guestPhysAddr: 0, size: 4096 }]))))], /do not match/],
   ] as const)("a destination sent %s ends with one clear error and no VM", async (_name, bytes, message) => {
     const path = join(dir, `hostile-${Math.random().toString(36).slice(2)}.sock`);

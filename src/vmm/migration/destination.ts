@@ -5,12 +5,14 @@
  * READY, and hands the VM to the caller to run only after the source's GO. Everything read is
  * checked (protocol.ts); any failure sends ERROR, destroys the half-built VM and throws: no VM.
  */
+import { closeSync, existsSync, fdatasync as fdatasyncAsync, openSync, rmSync, statSync, truncateSync } from "node:fs";
+import { errnoName, ftruncate, pwriteFull } from "../../sys/libc.js";
 import { TypevisorError } from "../../errors.js";
 import { ramRanges } from "../arch/x86_64/layout.js";
 import { applyOverrides, incomingVm, type MachineConfig, type RestoreOverrides, type VmHost } from "../builder.js";
 import { decodeState, encodeState } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
-import { FRAME, FrameReader, frame, HelloSchema, jsonFrame, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
+import { DISK_HEADER, FRAME, FrameReader, frame, HelloSchema, jsonFrame, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
 import { acceptStream, type StreamSecurity } from "./transport.js";
 
@@ -27,6 +29,8 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
   const reader = new FrameReader(sock);
   let vm: Vm | undefined;
   let prestartError: Error | undefined;
+  /** "disks": "copy": the files this side writes the disks' contents into. */
+  let targets: DiskTarget[] = [];
   try {
     let raw: unknown;
     try {
@@ -43,6 +47,8 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     if (h.data.regions.length !== expected.length || h.data.regions.some((r, i) => r.guestPhysAddr !== expected[i]!.start || r.size !== expected[i]!.size)) {
       throw streamError(`HELLO: RAM regions do not match a ${config.memoryMiB} MiB VM`);
     }
+    // Before the VM: its device thread opens the disks (with the size they will have) when HELLO is in.
+    if (h.data.disks !== undefined) targets = createDiskTargets(config, h.data.disks);
     vm = incomingVm(config, host);
     // The device thread and the vCPU threads start now, while the memory streams in, rather than
     // inside the guest's pause (the lab measured seconds for their start-up there).
@@ -79,6 +85,16 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
         const len = f.payload.readUInt32LE(8) * PAGE;
         if (gpa % BigInt(PAGE) !== 0n || gpa > BigInt(Number.MAX_SAFE_INTEGER) || len === 0 || !inOneRegion(expected, Number(gpa), len)) throw streamError(`ZEROS at 0x${gpa.toString(16)} (+${len}) lies outside guest RAM`);
         mem.fill(Number(gpa), len, 0);
+      } else if (f.type === FRAME.DISK_DATA) {
+        if (f.payload.length <= DISK_HEADER) throw streamError(`DISK_DATA of ${f.payload.length} bytes carries no data`);
+        const disk = f.payload.readUInt32LE(0);
+        const offset = f.payload.readBigUInt64LE(8);
+        const len = f.payload.length - DISK_HEADER;
+        const t = targets[disk];
+        if (t === undefined) throw streamError(`DISK_DATA for disk ${disk}; HELLO copies ${targets.length} disks`);
+        if (f.payload.readUInt32LE(4) !== 0 || offset > BigInt(t.size) || Number(offset) + len > t.size) throw streamError(`DISK_DATA at ${offset} (+${len}) lies outside disk ${disk} (${t.size} bytes)`);
+        const r = pwriteFull(t.fd, f.payload.subarray(DISK_HEADER), Number(offset));
+        if (r < 0) throw new TypevisorError("MIGRATION_DISKS", `writing ${t.path}: ${errnoName(-r)}`);
       } else if (f.type === FRAME.STATE) {
         stateBytes += f.payload.length;
         if (stateBytes > MAX_STATE_STREAM) throw streamError(`the state is over ${MAX_STATE_STREAM} bytes`);
@@ -106,12 +122,22 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     times.readySent = at();
     await reader.expect(FRAME.GO);
     times.goReceived = at();
+    const copied = targets;
+    targets = [];
     return {
       vm: built,
       config,
       running: () => {
         times.resumed = at();
         void send(sock, jsonFrame(FRAME.RUNNING, times)).finally(() => sock.end()).catch(() => undefined);
+        // The copied disks' bytes are in the page cache (what the guest reads); to stable storage
+        // now, off the pause and off this thread (the guest's own flushes order its writes anyway).
+        for (const t of copied) {
+          fdatasyncAsync(t.fd, (err) => {
+            if (err !== null) log(`typevisor: migration: syncing the copied disk ${t.path}: ${err.code ?? err.message}`);
+            closeSync(t.fd);
+          });
+        }
       },
     };
   } catch (caught) {
@@ -124,6 +150,12 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     }
     sock.destroy();
     await vm?.discard();
+    // Nothing left behind: a file made here goes, an empty one given goes back to empty.
+    for (const t of targets) {
+      closeSync(t.fd);
+      if (t.created) rmSync(t.path, { force: true });
+      else truncateSync(t.path, 0);
+    }
     throw e;
   }
 }
@@ -144,5 +176,45 @@ async function warmStateChecks(vm: Vm, config: MachineConfig): Promise<void> {
     decodeState(encodeState({ ...sample, memory: null }), "a warm-up sample");
   } catch {
     // only a warm-up: the migration does not need it
+  }
+}
+
+interface DiskTarget {
+  path: string;
+  fd: number;
+  size: number;
+  /** Made by this migration (removed again if it fails), not an empty file given with --disk. */
+  created: boolean;
+}
+
+/**
+ * The files the copied disks go into: each disk's path in the (overridden) configuration, a
+ * file that does not exist yet or an empty one (never a disk with data: that would be
+ * overwritten), sized as the source's disk. Raw (the only format "copy" sends).
+ */
+function createDiskTargets(config: MachineConfig, disks: readonly { size: number }[]): DiskTarget[] {
+  const list = config.devices.disks;
+  if (disks.length !== list.length) throw streamError(`HELLO copies ${disks.length} disks for a machine with ${list.length}`);
+  const out: DiskTarget[] = [];
+  try {
+    list.forEach((d, i) => {
+      const size = disks[i]!.size;
+      if (size % 512 !== 0) throw streamError(`disk ${i} of ${size} bytes is not whole sectors`);
+      const exists = existsSync(d.path);
+      if (exists && statSync(d.path).size !== 0) {
+        throw new TypevisorError("MIGRATION_DISKS", `${d.path} is not empty: the copied disk would overwrite it`, { hint: "give an empty file or a path that does not exist yet (--disk PATH on run --incoming)" });
+      }
+      const fd = openSync(d.path, exists ? "r+" : "wx", 0o600);
+      out.push({ path: d.path, fd, size, created: !exists });
+      if (ftruncate(fd, size) < 0) throw new TypevisorError("MIGRATION_DISKS", `cannot size ${d.path} to ${size} bytes`);
+      d.format = "raw";
+    });
+    return out;
+  } catch (e) {
+    for (const t of out) {
+      closeSync(t.fd);
+      if (t.created) rmSync(t.path, { force: true });
+    }
+    throw e;
   }
 }

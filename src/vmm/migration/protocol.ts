@@ -5,7 +5,8 @@
  *
  * Source to destination, in order: HELLO (JSON: version, the machine's configuration, its RAM
  * regions), then any number of PAGES (u64 guest-physical address, then whole 4 KiB pages) and
- * ZEROS (u64 address, u32 page count: pages that became zero), then STATE (a snapshot state file,
+ * ZEROS (u64 address, u32 page count: pages that became zero) and, when the disks are copied,
+ * DISK_DATA (u32 disk index, u32 zero, u64 byte offset, then the bytes), then STATE (a snapshot state file,
  * checksummed and schema-checked as one: snapshot/state.ts), then DONE. Meanwhile the
  * destination says PREPARED once its device and vCPU threads are up (the source switches over
  * only after it, so their start-up is never part of the guest's pause). The destination answers
@@ -29,8 +30,11 @@ export const MAX_FRAME = 2 * 1024 * 1024 + 64;
 /** A snapshot state file may be up to this large (MAX_STATE_BYTES is the file cap; a stream VM is smaller). */
 export const MAX_STATE_STREAM = 64 * 1024 * 1024;
 
+/** The largest disk a stream may copy (a sanity cap: 1 PiB). */
+export const MAX_DISK_BYTES = 2 ** 50;
+
 export const FRAME = {
-  HELLO: 1, PAGES: 2, ZEROS: 3, STATE: 4, DONE: 5,
+  HELLO: 1, PAGES: 2, ZEROS: 3, STATE: 4, DONE: 5, DISK_DATA: 6,
   READY: 16, GO: 17, RUNNING: 18, ERROR: 19, PREPARED: 20,
 } as const;
 export type FrameType = (typeof FRAME)[keyof typeof FRAME];
@@ -41,11 +45,25 @@ export const HelloSchema = z.strictObject({
   version: z.number().int(),
   config: SnapshotConfigSchema,
   regions: z.array(z.strictObject({ guestPhysAddr: z.number().int().min(0), size: z.number().int().min(PAGE) })).min(1).max(8),
+  /** "disks": "copy": each disk's size, in the configuration's order; its contents come as DISK_DATA. */
+  disks: z.array(z.strictObject({ size: z.number().int().min(0).max(MAX_DISK_BYTES) })).max(64).optional(),
 });
 export type Hello = z.infer<typeof HelloSchema>;
 
-export function hello(config: SnapshotConfig, regions: { guestPhysAddr: number; size: number }[]): Hello {
-  return { magic: "typevisor-migration", version: MIGRATION_VERSION, config, regions };
+export function hello(config: SnapshotConfig, regions: { guestPhysAddr: number; size: number }[], disks?: { size: number }[]): Hello {
+  return { magic: "typevisor-migration", version: MIGRATION_VERSION, config, regions, ...(disks !== undefined ? { disks } : {}) };
+}
+
+/** DISK_DATA's header: u32 disk index, u32 zero, u64 byte offset; the bytes follow. */
+export const DISK_HEADER = 16;
+/** Bytes of disk per DISK_DATA frame at most. */
+export const DISK_CHUNK = 1024 * 1024;
+
+export function diskHeader(disk: number, offset: number): Buffer {
+  const b = Buffer.alloc(DISK_HEADER);
+  b.writeUInt32LE(disk, 0);
+  b.writeBigUInt64LE(BigInt(offset), 8);
+  return b;
 }
 
 export const streamError = (detail: string): TypevisorError => new TypevisorError("MIGRATION_STREAM", `migration stream: ${detail}`);

@@ -11,7 +11,7 @@
  * again: if the destination's RUNNING does not arrive, the VM stays paused here and the error
  * says so (at most one copy of the guest ever runs).
  */
-import { closeSync, openSync } from "node:fs";
+import { closeSync, fstatSync, openSync, readSync } from "node:fs";
 import type { Socket } from "node:net";
 import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
@@ -19,7 +19,8 @@ import { forEachDataRun, isZeroPage } from "../snapshot/memory.js";
 import { encodeState, type SnapshotConfig } from "../snapshot/state.js";
 import * as libc from "../../sys/libc.js";
 import type { Vm } from "../vm.js";
-import { FRAME, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, zerosPayload } from "./protocol.js";
+import { DIRTY_BLOCK_SIZE, DirtyBlocks } from "../disk/dirty-blocks.js";
+import { DISK_CHUNK, diskHeader, FRAME, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, zerosPayload } from "./protocol.js";
 import { openStream, parseEndpoint, type StreamTls } from "./transport.js";
 
 export { parseEndpoint };
@@ -53,11 +54,14 @@ export type MigrationPhase = "connecting" | "precopy" | "stopped" | "committed" 
 export interface SwitchoverTimes {
   /** Every vCPU out of KVM_RUN and parked. */
   vcpusStopped: number;
+  /** vCPU, interrupt-controller, clock and device state read (the device thread's reply included). */
+  stateCaptured: number;
   /** The last dirty pages sent (lastRoundBytes of them). */
   lastRoundSent: number;
   lastRoundBytes: number;
-  /** vCPU, interrupt-controller, clock and device state read (the device thread's reply included). */
-  stateCaptured: number;
+  /** "disks": "copy": the blocks written since the last round sent (lastDiskBytes of them). */
+  disksSent?: number;
+  lastDiskBytes?: number;
   /** The state encoded and handed to the socket, and DONE after it (stateBytes of it). */
   stateSent: number;
   stateBytes: number;
@@ -134,6 +138,8 @@ export class OutgoingMigration {
   private sock: Socket | undefined;
   private cancelled = false;
   private wake: (() => void) | undefined;
+  /** "disks": "copy": each disk opened for reading, and the blocks its writes change (marked by the device thread). */
+  private disks: { fd: number; path: string; size: number; dirty: DirtyBlocks }[] = [];
   /** Pacing (maxBandwidth): bytes sent since `paceStart`. */
   private paceStart = 0;
   private paceBytes = 0;
@@ -194,7 +200,9 @@ export class OutgoingMigration {
       const sock = await this.connect();
       const reader = new FrameReader(sock);
       const regions = vm.memory.hostRegions;
-      await send(sock, jsonFrame(FRAME.HELLO, hello(this.config, regions.map((r) => ({ guestPhysAddr: r.guestPhysAddr, size: r.size })))));
+      if (this.req.disks === "copy") this.openDisks();
+      const diskSizes = this.req.disks === "copy" ? this.disks.map((d) => ({ size: d.size })) : undefined;
+      await send(sock, jsonFrame(FRAME.HELLO, hello(this.config, regions.map((r) => ({ guestPhysAddr: r.guestPhysAddr, size: r.size })), diskSizes)));
       // The destination's threads start when HELLO arrives; the guest is paused only once they are up.
       const prepared = reader.expect(FRAME.PREPARED);
       prepared.catch(() => undefined);
@@ -204,7 +212,13 @@ export class OutgoingMigration {
       this.progress.phase = "precopy";
       const t0 = performance.now();
       this.paceStart = t0;
-      this.progress.bytesRemaining = regions.reduce((n, r) => n + r.size, 0);
+      this.progress.bytesRemaining = regions.reduce((n, r) => n + r.size, 0) + this.disks.reduce((n, d) => n + d.size, 0);
+      if (this.disks.length > 0) {
+        // From here every completed write is marked: what the copy below reads stale goes again in a round.
+        await vm.deviceCommand({ command: "disks.dirtyLog", args: { buffers: this.disks.map((d) => d.dirty.shared) } });
+        this.progress.disks = { bytesSent: 0, dirtyBytes: 0 };
+        await this.copyDisks(sock);
+      }
       await this.sendAll(sock);
       // Usually long arrived (round 0 takes longer than a thread start); a tiny guest may wait here.
       await prepared;
@@ -218,9 +232,12 @@ export class OutgoingMigration {
         this.progress.round = round;
         // A copy: the next takeDirtyLog() reuses the same bitmaps.
         const dirty = vm.takeDirtyLog().map((b) => Uint8Array.from(b));
+        const diskDirty = this.disks.map((d) => d.dirty.take());
         const now = performance.now();
         const pages = countBits(dirty);
-        const dirtyBytes = pages * PAGE;
+        const diskBytes = diskDirty.reduce((n, b) => n + b.length, 0) * DIRTY_BLOCK_SIZE;
+        if (this.progress.disks !== undefined) this.progress.disks.dirtyBytes = diskBytes;
+        const dirtyBytes = pages * PAGE + diskBytes;
         this.progress.dirtyBytes = dirtyBytes;
         this.progress.bytesRemaining = dirtyBytes;
         this.progress.dirtyRate = now > roundStart ? Math.round((dirtyBytes * 1000) / (now - roundStart)) : 0;
@@ -238,13 +255,23 @@ export class OutgoingMigration {
           this.progress.throttlePercent = 0;
           this.progress.phase = "stopped";
           s.vcpusStopped = at();
+          // The state first: capturing it completes the disk requests in flight, whose data, used
+          // elements and status bytes land in guest memory (marked by the device thread) and on
+          // the disks; the last round below then carries them.
+          const state = await vm.captureState(this.config, wasRunning ? "running" : "paused");
+          s.stateCaptured = at();
           const last = vm.takeDirtyLog();
           const before = this.progress.bytesSent;
           await this.sendDirty(sock, mergeBitmaps(dirty, last));
           s.lastRoundBytes = this.progress.bytesSent - before;
           s.lastRoundSent = at();
-          const state = await vm.captureState(this.config, wasRunning ? "running" : "paused");
-          s.stateCaptured = at();
+          if (this.disks.length > 0) {
+            // The capture completed every request in flight (each marked as it completed): the disks hold their last writes.
+            const beforeDisks = this.progress.bytesSent;
+            await this.sendDiskBlocks(sock, diskDirty.map((b, i) => mergeSorted(b, this.disks[i]!.dirty.take())));
+            s.disksSent = at();
+            s.lastDiskBytes = this.progress.bytesSent - beforeDisks;
+          }
           const bytes = encodeState({ ...state, memory: { file: "memory", bytes: regions.reduce((n, r) => n + r.size, 0), regions: layoutOf(regions) } });
           for (let off = 0; off < bytes.length; off += MAX_FRAME - 64) await send(sock, frame(FRAME.STATE, bytes.subarray(off, Math.min(bytes.length, off + MAX_FRAME - 64))));
           await send(sock, frame(FRAME.DONE));
@@ -276,6 +303,7 @@ export class OutgoingMigration {
           this.progress.downtimeMs = Math.round(s.running);
           this.progress.phase = "completed";
           sock.end();
+          this.closeDisks(false);
           return this.progress;
         }
         // Auto-converge (QEMU's rule, see THROTTLE_*): a round that dirtied more than half of what the one before sent.
@@ -288,6 +316,7 @@ export class OutgoingMigration {
         }
         roundStartBytes = this.progress.bytesSent;
         roundStart = now;
+        await this.sendDiskBlocks(sock, diskDirty);
         await this.sendDirty(sock, dirty);
       }
     } catch (e) {
@@ -299,6 +328,7 @@ export class OutgoingMigration {
         vm.setThrottle(0);
         this.progress.throttlePercent = 0;
         vm.stopDirtyLog();
+        this.closeDisks(true);
       } catch {
         // the VM may be gone already
       }
@@ -309,6 +339,80 @@ export class OutgoingMigration {
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  /**
+   * "disks": "copy": open every disk for reading. Raw images only: a qcow2 image's clusters are
+   * the I/O thread's to map (its tables may be cached there), so reading them from this thread
+   * could see stale metadata.
+   */
+  private openDisks(): void {
+    for (const d of this.config.devices.disks) {
+      const fd = openSync(d.path, "r");
+      this.disks.push({ fd, path: d.path, size: 0, dirty: DirtyBlocks.create(1) });
+      const magic = Buffer.alloc(4);
+      readSync(fd, magic, 0, 4, 0);
+      if (d.format === "qcow2" || magic.equals(Buffer.from([0x51, 0x46, 0x49, 0xfb]))) {
+        throw new TypevisorError("MIGRATION_DISKS", `disk ${d.path} is qcow2: "disks": "copy" copies raw images only (for now); put it on storage both hosts see and use "shared"`);
+      }
+      const size = fstatSync(fd).size;
+      this.disks[this.disks.length - 1] = { fd, path: d.path, size, dirty: DirtyBlocks.create(size) };
+    }
+  }
+
+  private closeDisks(stopMarking: boolean): void {
+    if (this.disks.length === 0) return;
+    if (stopMarking) this.vm.deviceCommand({ command: "disks.dirtyLog", args: { buffers: null } }).catch(() => undefined);
+    for (const d of this.disks) closeSync(d.fd);
+    this.disks = [];
+  }
+
+  /** Every disk's data (SEEK_DATA/SEEK_HOLE: holes are not read; the destination's file starts as one hole). */
+  private async copyDisks(sock: Socket): Promise<void> {
+    const buf = Buffer.alloc(DISK_CHUNK);
+    for (const [i, d] of this.disks.entries()) {
+      let pos = 0;
+      while (pos < d.size) {
+        const data = libc.lseek(d.fd, pos, libc.SEEK_DATA);
+        if (data < 0 || data >= d.size) break; // -ENXIO: no data after pos
+        const hole = Math.min(d.size, Math.max(data + 1, libc.lseek(d.fd, data, libc.SEEK_HOLE)));
+        for (let off = data; off < hole; off += DISK_CHUNK) {
+          this.check();
+          await this.sendDiskRange(sock, i, off, Math.min(DISK_CHUNK, hole - off), buf);
+        }
+        pos = hole;
+      }
+    }
+  }
+
+  /** The blocks in `blocks` (one ascending list per disk), runs of neighbours in one frame. */
+  private async sendDiskBlocks(sock: Socket, blocks: number[][]): Promise<void> {
+    const buf = Buffer.alloc(DISK_CHUNK);
+    const per = DISK_CHUNK / DIRTY_BLOCK_SIZE;
+    for (const [i, list] of blocks.entries()) {
+      const d = this.disks[i]!;
+      for (let k = 0; k < list.length;) {
+        let n = 1;
+        while (k + n < list.length && n < per && list[k + n] === list[k]! + n) n++;
+        const off = list[k]! * DIRTY_BLOCK_SIZE;
+        if (off < d.size) {
+          this.check();
+          await this.sendDiskRange(sock, i, off, Math.min(n * DIRTY_BLOCK_SIZE, d.size - off), buf);
+        }
+        k += n;
+      }
+    }
+  }
+
+  private async sendDiskRange(sock: Socket, disk: number, off: number, len: number, buf: Buffer): Promise<void> {
+    const part = buf.subarray(0, len);
+    const r = libc.preadFull(this.disks[disk]!.fd, part, off);
+    if (r < 0) throw new TypevisorError("MIGRATION_DISKS", `reading ${this.disks[disk]!.path} at ${off}: ${libc.errnoName(-r)}`);
+    // A copy: the socket may still hold the frame when `buf` is reused for the next one.
+    await send(sock, frame(FRAME.DISK_DATA, diskHeader(disk, off), Buffer.from(part)));
+    if (this.progress.disks !== undefined) this.progress.disks.bytesSent += len;
+    this.progress.bytesRemaining = Math.max(0, this.progress.bytesRemaining - len);
+    await this.pace(len);
   }
 
   private connect(): Promise<Socket> {
@@ -398,4 +502,16 @@ function mergeBitmaps(a: readonly Uint8Array[], b: readonly Uint8Array[]): Uint8
     for (let j = 0; j < out.length; j++) out[j]! |= y[j]!;
     return out;
   });
+}
+
+/** The union of two ascending lists of block numbers, ascending, without repeats. */
+function mergeSorted(a: readonly number[], b: readonly number[]): number[] {
+  const out: number[] = [];
+  let i = 0;
+  let j = 0;
+  while (i < a.length || j < b.length) {
+    const v = j >= b.length || (i < a.length && a[i]! <= b[j]!) ? a[i++]! : b[j++]!;
+    if (out.length === 0 || out[out.length - 1] !== v) out.push(v);
+  }
+  return out;
 }

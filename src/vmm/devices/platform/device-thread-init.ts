@@ -113,6 +113,11 @@ export type DeviceRequest =
    * the irqchip and every vCPU's LAPIC are restored.
    */
   | { command: "restore"; args: { state: unknown } }
+  /**
+   * A live migration copying the disks: start (one DirtyBlocks buffer per disk, in --disk order)
+   * or stop (null) marking the blocks each disk's writes change (disk/dirty-blocks.ts).
+   */
+  | { command: "disks.dirtyLog"; args: { buffers: SharedArrayBuffer[] | null } }
   /** Block the device thread for `ms` (only with DeviceThreadInit.debugCommands): a stuck device thread, for tests. */
   | { command: "debug.stall"; args: { ms: number } };
 
@@ -127,6 +132,7 @@ export interface DeviceReplies {
   "disks.retry": { held: number };
   dirtyLog: { on: boolean };
   restore: { restored: true };
+  "disks.dirtyLog": { disks: number };
   snapshot: DevicesState;
   "debug.stall": { stalledMs: number };
 }

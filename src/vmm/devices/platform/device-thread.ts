@@ -26,6 +26,7 @@ import { adoptTap, openTap, setLinkUp } from "../../../sys/tap.js";
 import { boardRow, clockMs, deviceRow, deviceWord, enterStamped, PHASE, SLOT, WORD } from "../../threads/board.js";
 import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
+import { DirtyBlocks } from "../../disk/dirty-blocks.js";
 import { parseDevicesState, restoreDevices, saveDevices, type DeviceKind } from "./snapshot.js";
 
 const init = workerData as DeviceThreadInit;
@@ -278,6 +279,13 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
       restored = true;
       routeKicks();
       return { restored: true };
+    case "disks.dirtyLog": {
+      const b = c.args.buffers;
+      if (b !== null && b.length !== disks.length) throw new TypevisorError("INVALID_REQUEST", `disks.dirtyLog: ${b.length} maps for ${disks.length} disks`);
+      // Between requests (commands run between passes): no write is half-marked.
+      disks.forEach(({ dev }, i) => (dev.dirtyBlocks = b === null ? undefined : new DirtyBlocks(b[i]!)));
+      return { disks: disks.length };
+    }
     case "disks.retry":
       for (const { dev } of disks) dev.retryHeld();
       return { held: disks.reduce((n, { dev }) => n + dev.heldRequests, 0) };

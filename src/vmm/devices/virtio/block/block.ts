@@ -9,6 +9,7 @@ import type { ChainResult } from "../queue/runner.js";
 import { activateQueues, DEFERRED, inspectQueues, serviceQueue } from "../queue/runner.js";
 import type { DescriptorChain, GuestBuf, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
+import type { DirtyBlocks } from "../../../disk/dirty-blocks.js";
 import type { DiskBackend, DiskFormat, DiskInit } from "../../../disk/backend.js";
 import { backendFromInit, openDisk, type OpenDisk } from "../../../disk/open.js";
 import type { Qcow2Backend } from "../../../disk/qcow2/image.js";
@@ -159,6 +160,8 @@ interface Pending {
   used: number;
   /** For the counters: 1 read, 2 write, 0 neither. */
   kind: 0 | 1 | 2;
+  /** Bytes the request changes from sector on (writes, write-zeroes, discards): marked dirty when it completes. */
+  written?: number;
   bytes: number;
   /** The request itself, to run again after a full disk (held). */
   chain: DescriptorChain;
@@ -234,6 +237,11 @@ export class BlockDevice implements VirtioDevice {
   backendFds: readonly number[];
   private readonly counters: Omit<BlockStats, "ioThread"> = { readBytes: 0, writeBytes: 0, readOps: 0, writeOps: 0 };
   private ioThreadFailed = false;
+  /**
+   * While a live migration copies this disk: the blocks written (marked as each write completes;
+   * disk/dirty-blocks.ts). Set and cleared by the device thread's "disks.dirtyLog" command.
+   */
+  dirtyBlocks: DirtyBlocks | undefined;
   /** With an I/O thread: whether reads are first tried from the page cache here (readCached). */
   private nowaitReads = true;
   /** Requests a full host filesystem stopped, in the order they failed (holdOnNoSpace). */
@@ -494,6 +502,8 @@ export class BlockDevice implements VirtioDevice {
   private finish(slot: number, result: number): void {
     const p = this.pending[slot];
     this.pending[slot] = undefined;
+    // Whatever the result: a failed write may have changed part of its range.
+    if (p?.written !== undefined) this.dirtyBlocks?.mark(p.sector * SECTOR_SIZE, p.written);
     const ctx = this.ctx;
     const q = this.queues[0];
     if (p === undefined || ctx === undefined || q === undefined || q.broken !== undefined) return;
@@ -674,8 +684,12 @@ export class BlockDevice implements VirtioDevice {
         if (this.readonly) return IOERR;
         const len = chain.totalRead - HEADER_SIZE;
         if (len % SECTOR_SIZE !== 0 || !this.inRangeNum(sector, len)) return IOERR;
-        if (this.offload(IO_OP.WRITE, chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE, { head, status, used: 1, kind: 2, bytes: len, chain, type, sector })) return DEFERRED;
-        this.transfer("write", chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE);
+        if (this.offload(IO_OP.WRITE, chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE, { head, status, used: 1, kind: 2, bytes: len, chain, type, sector, written: len })) return DEFERRED;
+        try {
+          this.transfer("write", chain.readable, HEADER_SIZE, len, sector * SECTOR_SIZE);
+        } finally {
+          this.dirtyBlocks?.mark(sector * SECTOR_SIZE, len);
+        }
         this.stabilize();
         this.countDone(2, len);
         return OK;
@@ -726,10 +740,11 @@ export class BlockDevice implements VirtioDevice {
     // One segment (MAX_WRITE_ZEROES_SEG, and qcow2's max_discard_seg): on the I/O thread when there is one.
     const one = segs.length === 1 ? segs[0]! : undefined;
     const op = zero ? IO_OP.WRITE_ZEROES : IO_OP.DISCARD;
-    if (one !== undefined && this.offload(op, undefined, 0, one.sectors * SECTOR_SIZE, Number(one.sector) * SECTOR_SIZE, { head: chain.head, status, used: 1, kind: 0, bytes: 0, chain, type, sector: Number(one.sector) })) return DEFERRED;
+    if (one !== undefined && this.offload(op, undefined, 0, one.sectors * SECTOR_SIZE, Number(one.sector) * SECTOR_SIZE, { head: chain.head, status, used: 1, kind: 0, bytes: 0, chain, type, sector: Number(one.sector), written: one.sectors * SECTOR_SIZE })) return DEFERRED;
     for (const s of segs) {
       const pos = Number(s.sector) * SECTOR_SIZE;
       const len = s.sectors * SECTOR_SIZE;
+      this.dirtyBlocks?.mark(pos, len);
       if (this.raw) this.check(writeZeroes(this.fd, this.iov, pos, len));
       else this.check(zero ? this.inline().writeZeroes(pos, len) : this.inline().discard(pos, len));
     }
