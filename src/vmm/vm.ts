@@ -638,8 +638,11 @@ export class Vm {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
     if (this.awaitingState) throw new TypevisorError("VM_STATE", "this VM waits for its state (applyState) before it can run");
     const startPaused = opts.paused ?? this.restoredRunState === "paused";
-    // Paused from the start: the vCPUs park at their first look at the control words.
+    // Paused from the start: the vCPUs park at their first look at the control words. Set before
+    // the devices start (an await): a resume() meanwhile (a daemon resuming a VM restored paused,
+    // as soon as its API answers) clears it, and must not be undone below.
     this.state = startPaused ? "paused" : "running";
+    if (startPaused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
     let platform: VcpuWorkerInit["platform"];
     try {
       platform = await this.prepareDevices();
@@ -654,13 +657,13 @@ export class Vm {
     this.sampler.unref();
     let exited: Promise<VmExitResult>;
     if (this.vcpuThreads !== undefined) {
-      // Started parked by prestart() (an incoming migration): let them go.
+      // Started parked by prestart() (an incoming migration): let them go, unless paused now.
       exited = this.vcpuThreads.exited;
-      if (!startPaused) {
+      if (this.state === "running") {
         Atomics.store(this.ctrl, CTRL.PAUSE, 0);
         Atomics.notify(this.ctrl, CTRL.PAUSE);
       }
-    } else exited = this.spawnVcpus(startPaused, platform).exited;
+    } else exited = this.spawnVcpus(false, platform).exited; // PAUSE is as set above (or by a resume() since)
     // The vCPU workers exist by now (created synchronously): tell the caller on the next turn.
     if (opts.onStarted !== undefined) setImmediate(opts.onStarted);
     const result = await exited;
@@ -690,7 +693,7 @@ export class Vm {
     }
   }
 
-  /** Create the vCPU workers (parked when `paused`); `ready` once each runs its loop, `exited` once all ended. */
+  /** Create the vCPU workers (`paused`: set the pause flag first, so they park); `ready` once each runs its loop, `exited` once all ended. */
   private spawnVcpus(paused: boolean, platform: VcpuWorkerInit["platform"]): { ready: Promise<void>; exited: Promise<VmExitResult> } {
     if (paused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
     // Idempotent, so a rebooted VM in the same process sets it again harmlessly.

@@ -44,7 +44,9 @@ describe("vmmArgs for a restore", () => {
   it("gives the snapshot and this VM's sockets and back ends, not a machine (the snapshot has it)", () => {
     const args = vmmArgs({ ...launch, restore: { dir: "/snap", paused: true } });
     expect(args.slice(0, 6)).toEqual(["run", "--no-lab", "--id", "vm1", "--restore", "/snap"]);
-    for (const f of ["--kernel", "--cmdline", "--cpus", "--memory", "--rng"]) expect(args).not.toContain(f);
+    for (const f of ["--cmdline", "--cpus", "--memory", "--rng"]) expect(args).not.toContain(f);
+    // The kernel given is what a guest reboot boots: this VM's own copy, not the snapshot's source's.
+    expect(args.slice(args.indexOf("--kernel"), args.indexOf("--kernel") + 2)).toEqual(["--kernel", "/k"]);
     expect(args).toEqual(expect.arrayContaining(["--disk", "/d/disk0.qcow2,format=qcow2,serial=web-0", "--net", "tap=tap1,mac=52:54:00:00:00:01", "--paused", "--force-kvm", "--api-socket", "/a"]));
     expect(vmmArgs({ ...launch, restore: { dir: "/snap", paused: false } })).not.toContain("--paused");
   });
