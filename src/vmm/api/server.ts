@@ -52,26 +52,16 @@ import { existsSync, unlinkSync } from "node:fs";
 import { listenOnFd, listenOwnerOnly } from "../../sys/owner-only-socket.js";
 import { z } from "zod";
 import { TypevisorError, isTypevisorError } from "../../errors.js";
-import { checkStreamTls, StreamTlsSchema, type StreamTls } from "../migration/transport.js";
-
-/** POST /migrate's body once checked. */
-export interface MigrateBody { to: string; maxDowntimeMs?: number; maxRounds?: number; timeoutMs?: number; tls?: StreamTls; plainTcp?: boolean }
+import type { MigrateRequest } from "../migration/source.js";
+import { checkStreamTls, StreamTlsSchema } from "../migration/transport.js";
 
 const dirString = z.string().min(1).max(4096).refine((v) => !v.includes("\0"), "no NUL bytes");
 /** POST /snapshot's body. */
 export const SnapshotRequestSchema = z.strictObject({ path: dirString, memory: z.boolean().optional(), base: dirString.optional(), track: z.boolean().optional() });
 export type SnapshotRequest = z.infer<typeof SnapshotRequestSchema>;
 
-/** POST /migrate's body, as checked here (migration/source.ts MigrateRequest uses it as is). */
-export interface MigrateBody {
-  to: string;
-  maxDowntimeMs?: number;
-  maxRounds?: number;
-  timeoutMs?: number;
-  maxBandwidth?: number;
-  autoConverge?: boolean;
-  disks?: "shared" | "copy";
-}
+/** POST /migrate's body, as checked here: the migration's own request (migration/source.ts). */
+export type MigrateBody = MigrateRequest;
 
 export interface ControlTarget {
   info(): unknown;
