@@ -6,7 +6,6 @@
  * A restore from a chain runs on; a base that was replaced or is missing is refused before any
  * vCPU runs.
  */
-import { spawn, type ChildProcess } from "node:child_process";
 import { cpSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, closeSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -17,8 +16,8 @@ import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/
 import { until as pollUntil } from "../helpers/daemon.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { unixApi } from "../helpers/unix-api.js";
+import { killVmm, startVmm, type Vmm } from "../helpers/vmm-process.js";
 
-const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const hasKvm = existsSync("/dev/kvm");
 const dir = mkdtempSync(join(tmpdir(), "tv-incsnap-"));
 const kernel = join(dir, "tiny.bzImage");
@@ -28,26 +27,7 @@ const until = (what: string, cond: () => boolean, ms = 20_000): Promise<boolean>
 const MEMORY_MIB = 64;
 const PAGE = 4096;
 
-interface Vmm {
-  child: ChildProcess;
-  exited: Promise<number | null>;
-  stderr: () => string;
-  api: string;
-  sock: string;
-  log: string;
-}
-
-function start(name: string, args: string[]): Vmm {
-  const d = mkdtempSync(join(dir, `${name}-`));
-  const api = join(d, "api.sock");
-  const sock = join(d, "c.sock");
-  const log = join(d, "c.log");
-  const child = spawn(process.execPath, [BIN, "run", "--force-kvm", "--no-lab", "--api-socket", api, "--console-socket", sock, "--console-log", log, ...args], { stdio: ["ignore", "pipe", "pipe"] });
-  let err = "";
-  child.stderr!.on("data", (b: Buffer) => (err += b.toString()));
-  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
-  return { child, exited, stderr: () => err, api, sock, log };
-}
+const start = (name: string, args: string[]): Vmm => startVmm(dir, name, args);
 
 async function open(v: Vmm): Promise<ConsoleClient> {
   await until(`console socket ${v.sock}`, () => existsSync(v.sock));
@@ -55,10 +35,7 @@ async function open(v: Vmm): Promise<ConsoleClient> {
   return connectConsole(v.sock);
 }
 
-async function kill(v: Vmm): Promise<void> {
-  v.child.kill("SIGKILL");
-  await v.exited;
-}
+const kill = killVmm;
 
 const readIf = (p: string): string => (existsSync(p) ? readFileSync(p, "latin1") : "");
 const stateOf = (d: string): SnapshotState => decodeState(readFileSync(join(d, "state.json")), d);

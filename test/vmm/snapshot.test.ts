@@ -5,13 +5,14 @@
  * restored guest only answers typed bytes if all of it came back. Bad snapshots must fail with
  * one clear line before any vCPU runs. (Debian guests are proven in the lab: snapshot.lab.test.ts.)
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, writeFileSync, truncateSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { unixApi } from "../helpers/unix-api.js";
+import { killVmm, startVmm, type Vmm } from "../helpers/vmm-process.js";
 import { until as pollUntil } from "../helpers/daemon.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { cpSync, rmSync } from "node:fs";
@@ -37,26 +38,7 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 /** test/helpers/daemon.ts's poll, with this file's longer default (a restore under load). */
 const until = (what: string, cond: () => boolean, ms = 20_000): Promise<boolean> => pollUntil(what, cond, ms);
 
-interface Vmm {
-  child: ChildProcess;
-  exited: Promise<number | null>;
-  stderr: () => string;
-  api: string;
-  sock: string;
-  log: string;
-}
-
-function start(name: string, args: string[]): Vmm {
-  const d = mkdtempSync(join(dir, `${name}-`));
-  const api = join(d, "api.sock");
-  const sock = join(d, "c.sock");
-  const log = join(d, "c.log");
-  const child = spawn(process.execPath, [BIN, "run", "--force-kvm", "--no-lab", "--api-socket", api, "--console-socket", sock, "--console-log", log, ...args], { stdio: ["ignore", "pipe", "pipe"] });
-  let err = "";
-  child.stderr!.on("data", (b: Buffer) => (err += b.toString()));
-  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
-  return { child, exited, stderr: () => err, api, sock, log };
-}
+const start = (name: string, args: string[]): Vmm => startVmm(dir, name, args);
 
 /** The console client once the VMM has made its socket. */
 async function consoleClient(path: string): Promise<ConsoleClient> {
@@ -66,10 +48,7 @@ async function consoleClient(path: string): Promise<ConsoleClient> {
 
 const readIf = (p: string): string => (existsSync(p) ? readFileSync(p, "latin1") : "");
 
-async function kill(v: Vmm): Promise<void> {
-  v.child.kill("SIGKILL");
-  await v.exited;
-}
+const kill = killVmm;
 
 describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () => {
   const snap = join(dir, "snap1");
