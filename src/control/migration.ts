@@ -31,6 +31,8 @@
  *     there) → the row becomes running; else the VMM is ended and the row dropped (A's VMM then
  *     sees the stream cut before GO, or no RUNNING after it, and the guest runs on at A).
  *   B's incoming VMM exits: the row is dropped (a VM that arrived has a running row first).
+ *   B asked about an incoming row (status, abort) whose VMM answers: the row becomes running
+ *     first (awaitArrival's poll may lag the VMM), so B never says "waiting" of a guest it runs.
  *
  * A is always the one that removes its row, and only after B said its row is running (or that B
  * has none and A's VMM never handed the guest over): a VM is never in neither inventory, and
@@ -478,18 +480,35 @@ export class Migrations {
     return this.h.store.listVms().find((r) => this.readPlan(r)?.id === migrationId);
   }
 
-  incomingStatus(migrationId: string): z.infer<typeof incomingState> {
-    const r = this.findByMigration(migrationId);
+  /**
+   * Where an incoming migration is. The row alone can lag: the VMM runs the guest (its API socket
+   * is up) a moment before awaitArrival's poll sees it, and a source that heard RUNNING asks in
+   * that moment. So an `incoming` row whose VMM answers is marked arrived first.
+   */
+  async incomingStatus(migrationId: string): Promise<z.infer<typeof incomingState>> {
+    let r = this.findByMigration(migrationId);
     if (r === undefined) return { migrationId, state: "absent" };
+    if (r.state === "incoming" && (await this.vmmAnswers(r.id))) {
+      await this.arrived(r.name, r.id);
+      r = this.findByMigration(migrationId);
+      if (r === undefined) return { migrationId, state: "absent" };
+    }
     return { migrationId, state: r.state === "incoming" ? "waiting" : "running", vm: r.name };
   }
 
+  /** Drop an incoming migration that has not arrived; one whose VMM runs the guest is never dropped (VM_STATE). */
   async abortIncoming(migrationId: string): Promise<z.infer<typeof incomingState>> {
-    const r = this.findByMigration(migrationId);
-    if (r === undefined) return { migrationId, state: "absent" };
-    if (r.state !== "incoming") throw new TypevisorError("VM_STATE", `VM ${r.name} has arrived and runs here: the migration cannot be undone`);
+    const s = await this.incomingStatus(migrationId);
+    if (s.state === "absent") return s;
+    if (s.state === "running") throw new TypevisorError("VM_STATE", `VM ${s.vm ?? "?"} has arrived and runs here: the migration cannot be undone`);
+    const r = this.findByMigration(migrationId)!;
     await this.dropIncoming(r.name, r.id, "the source gave up");
     return this.incomingStatus(migrationId);
+  }
+
+  /** The incoming VMM's API socket answers only once the guest runs there (cli/run.ts). */
+  private vmmAnswers(id: string): Promise<boolean> {
+    return new VmmClient(vmPaths(this.h.home, id).apiSocket, 2000).info().then(() => true, () => false);
   }
 
   // ---- both: a VMM's end, a daemon's start ------------------------------------------------------
@@ -518,8 +537,9 @@ export class Migrations {
         this.h.log.warn({ vm: name, err: (e as Error).message }, "the destination does not answer; the VM stays migrating here until it does");
         return undefined;
       });
-      if (s?.state === "waiting") await this.abortPeer(plan);
-      else if (s !== undefined) {
+      // Waiting, after our VMM heard B's RUNNING: B's row lags its VMM; ask again (aborting would end the only guest).
+      if (s?.state === "waiting" && !handedOver) await this.abortPeer(plan);
+      else if (s !== undefined && s.state !== "waiting") {
         await this.h.serial(name, async () => {
           const r = this.h.store.getVm(name);
           if (r?.id !== id || r.state !== "migrating") return;
@@ -560,8 +580,7 @@ export class Migrations {
         else if (r.runtime === undefined) void this.confirm(r.name, r.id, plan, r.lastExit?.result === "migrated");
         // (a dead VMM with a runtime recorded: its exit is being recorded, which calls vmmEnded)
       } else if (r.state === "incoming") {
-        const up = await new VmmClient(vmPaths(this.h.home, r.id).apiSocket, 2000).info().then(() => true, () => false);
-        if (up) await this.arrived(r.name, r.id);
+        if (await this.vmmAnswers(r.id)) await this.arrived(r.name, r.id);
         else void this.h.serial(r.name, () => this.dropIncoming(r.name, r.id, "the daemon restarted before the VM arrived"));
       }
     }

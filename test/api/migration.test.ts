@@ -134,9 +134,7 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
       ["a", "migrate-source-vmm-started", "b"],
       ["b", "migrate-dest-row", "a"],
       ["b", "migrate-dest-listening", "a"],
-      // ["b", "migrate-dest-before-running", "b"]: since the destination VMM starts its threads while
-      // memory streams in (PREPARED), B did not reach this crash point in 2 of 2 host runs (it timed
-      // out waiting for B to die): to be found out, and put back (docs/migration.md "Not yet").
+      ["b", "migrate-dest-before-running", "b"],
     ] as const)("%s killed at %s: the VM ends up on %s", async (who, step, owner) => {
       const name = `k-${step.replace(/^migrate-/, "").slice(0, 20)}`;
       await sourceVm(name);
