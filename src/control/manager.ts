@@ -888,7 +888,9 @@ export class VmManager extends EventEmitter {
     const spec = r.spec;
     const p = vmPaths(this.config.home, r.id);
     const host = discoverHost(this.config.home);
-    checkAllocation(host, this.config.policy, this.allocated(name), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: 0 }, { cpu: true, memory: true });
+    // Disks copied in the stream are made in the VM's directory here: they take this home's disk budget.
+    const copied = r.disks.filter((d) => d.path.startsWith(p.dir + "/")).reduce((n, d) => n + d.sizeBytes, 0);
+    checkAllocation(host, this.config.policy, this.allocated(name), { cpus: spec.cpus, memoryBytes: spec.memoryMiB * 2 ** 20, diskBytes: copied }, { cpu: true, memory: true, disk: copied > 0 });
     const launch: VmmLaunch = {
       id: r.id, kernel: "", cmdline: "", cpus: spec.cpus, memoryMiB: spec.memoryMiB,
       disks: r.disks.map((d, i) => ({ path: d.path, format: d.format ?? "raw", serial: `${r.name}-${i}`.slice(0, 20) })),

@@ -38,9 +38,11 @@
  * has none and A's VMM never handed the guest over): a VM is never in neither inventory, and
  * never running in both. While both have a row, A's says `migrating` and B's says where it is.
  *
- * Disks: shared storage only (`--copy-disks` is refused until the VMM copies disks): B opens the
- * same files, which must lie under one of B's --allow-files directories. A keeps the ids of VMs
- * that left in `<home>/migrated-away`, so its start-up sweep does not take their disks from its pools.
+ * Disks: on storage both see, B opens the same files, which must lie under one of B's
+ * --allow-files directories. A keeps the ids of VMs that left in `<home>/migrated-away`, so its
+ * start-up sweep does not take their disks from its pools. With `--copy-disks` (raw disks), B's
+ * row names files in its own VM directory, the incoming VMM creates them and the source VMM sends
+ * their contents in the stream (`disks: "copy"`); A's files go with A's row once B runs the VM.
  */
 import { randomBytes } from "node:crypto";
 import { appendFileSync, existsSync, mkdirSync, readFileSync, realpathSync, renameSync, rmSync, writeFileSync } from "node:fs";
@@ -70,7 +72,7 @@ export const migrateSpec = z
     peerToken: z.string().min(1).max(4096).describe("an API token of the destination daemon with the operator or admin role"),
     peerFingerprint: z.string().max(200).optional().describe("the destination daemon's HTTPS certificate SHA-256 fingerprint (what `typevisor host` shows there); else its certificate must chain to a system CA"),
     maxDowntimeMs: z.number().int().min(1).max(3_600_000).optional(),
-    copyDisks: z.boolean().default(false).describe("copy local disks (not built yet: refused); without it the disks must be on storage both daemons see"),
+    copyDisks: z.boolean().default(false).describe("copy the VM's disks into the destination daemon's own directory while the VM runs (raw disks only, for now); without it the disks must be on storage both daemons see"),
   })
   .strict();
 export type MigrateInput = z.input<typeof migrateSpec>;
@@ -83,6 +85,8 @@ export const incomingSpec = z
     spec: vmSpec,
     disks: z.array(z.object({ path: z.string().min(1).max(4096).startsWith("/"), format: z.enum(["raw", "qcow2"]), sizeBytes: z.number().int().min(0), chain: z.array(z.string().max(4096)).max(64).optional(), backing: z.string().max(4096).optional() }).strict()).max(16),
     sourceFingerprint: z.string().regex(/^([0-9A-F]{2}:){31}[0-9A-F]{2}$/),
+    /** The disks' contents come in the stream: the destination makes its own files for them (its default pool), `disks` gives their sizes and formats only. */
+    copyDisks: z.boolean().optional(),
   })
   .strict();
 
@@ -108,6 +112,8 @@ interface Plan {
   /** source: how to reach B. */
   peer?: { url: string; token: string; fingerprint?: string };
   maxDowntimeMs?: number;
+  /** source: the disks go in the stream (`disks: "copy"`). */
+  copyDisks?: boolean;
   /** destination: set once the VM runs here. */
   arrived?: boolean;
   startedAt: string;
@@ -187,9 +193,6 @@ export class Migrations {
   // ---- source -----------------------------------------------------------------------------------
 
   async start(name: string, input: z.output<typeof migrateSpec>): Promise<MigrationStatus> {
-    if (input.copyDisks) {
-      throw new TypevisorError("NOT_IMPLEMENTED", "copying local disks during a migration is not built yet", { hint: "put the VM's disks in a pool on storage the destination sees too (typevisor pool create), and migrate without --copy-disks" });
-    }
     if (this.h.sandboxed) {
       throw new TypevisorError("MIGRATION_UNSUPPORTED", "this daemon runs its VMMs in the sandbox, whose own network namespace cannot reach the destination", { hint: "run the daemons with --no-sandbox for live migration (docs/migration.md)" });
     }
@@ -198,11 +201,17 @@ export class Migrations {
     return this.h.serial(name, async () => {
       const r = this.h.row(name);
       if (r.state !== "running" && r.state !== "paused") throw new TypevisorError("VM_STATE", `cannot migrate VM ${name}: it is ${r.state} (migrate needs running or paused)`);
-      const local = r.disks.filter((d) => !this.shared(d));
-      if (local.length > 0) {
-        throw new TypevisorError("MIGRATION_UNSUPPORTED", `VM ${name}'s disk ${local[0]!.path} is in this daemon's own directory, which the destination cannot open`, { hint: "disks must be in a pool on storage both daemons see (--copy-disks is not built yet)" });
+      if (input.copyDisks) {
+        // The VMM copies raw images only (vmm/migration/source.ts openDisks): a qcow2 file's clusters would need its metadata too.
+        const q = r.disks.find((d) => (d.format ?? "raw") !== "raw");
+        if (q !== undefined) throw new TypevisorError("MIGRATION_UNSUPPORTED", `VM ${name}'s disk ${q.path} is qcow2: --copy-disks copies raw disks only (for now)`, { hint: "put its disks in a pool on storage both daemons see, and migrate without --copy-disks" });
+      } else {
+        const local = r.disks.filter((d) => !this.shared(d));
+        if (local.length > 0) {
+          throw new TypevisorError("MIGRATION_UNSUPPORTED", `VM ${name}'s disk ${local[0]!.path} is in this daemon's own directory, which the destination cannot open`, { hint: "copy it with --copy-disks (raw disks), or put the disks in a pool on storage both daemons see" });
+        }
       }
-      const plan: Plan = { role: "source", id: randomBytes(12).toString("hex"), peer: { url: url.origin, token: input.peerToken, ...(input.peerFingerprint !== undefined ? { fingerprint: input.peerFingerprint } : {}) }, ...(input.maxDowntimeMs !== undefined ? { maxDowntimeMs: input.maxDowntimeMs } : {}), startedAt: new Date().toISOString() };
+      const plan: Plan = { role: "source", id: randomBytes(12).toString("hex"), peer: { url: url.origin, token: input.peerToken, ...(input.peerFingerprint !== undefined ? { fingerprint: input.peerFingerprint } : {}) }, ...(input.maxDowntimeMs !== undefined ? { maxDowntimeMs: input.maxDowntimeMs } : {}), ...(input.copyDisks ? { copyDisks: true } : {}), startedAt: new Date().toISOString() };
       // The plan before the state: a daemon killed between the two finds a plan of a VM that is not migrating, and drops it.
       this.writePlan(r, plan);
       this.h.setState(name, "migrating");
@@ -237,6 +246,7 @@ export class Migrations {
         migrationId: plan.id, vmId: r.id, spec: r.spec,
         disks: r.disks.map((d) => ({ path: d.path, format: d.format ?? "raw", sizeBytes: d.sizeBytes, ...(d.backing !== undefined ? { backing: d.backing } : {}), ...(d.chain !== undefined ? { chain: d.chain } : {}) })),
         sourceFingerprint: mine.fingerprint,
+        ...(plan.copyDisks === true ? { copyDisks: true } : {}),
       });
       prepared = true;
       crashPoint("migrate-source-peer-prepared");
@@ -248,7 +258,7 @@ export class Migrations {
     }
     try {
       // A VMM busy with its guest may take long to answer (its first migration loads the code): a minute.
-      await vmm.call("POST", "/migrate", { to: ans.endpoint, tls: { cert: mine.cert, key: mine.key, peerFingerprint: ans.fingerprint }, ...(plan.maxDowntimeMs !== undefined ? { maxDowntimeMs: plan.maxDowntimeMs } : {}) }, 60_000);
+      await vmm.call("POST", "/migrate", { to: ans.endpoint, tls: { cert: mine.cert, key: mine.key, peerFingerprint: ans.fingerprint }, ...(plan.maxDowntimeMs !== undefined ? { maxDowntimeMs: plan.maxDowntimeMs } : {}), ...(plan.copyDisks === true ? { disks: "copy" } : {}) }, 60_000);
       crashPoint("migrate-source-vmm-started");
     } catch (e) {
       const code = (e as { code?: string }).code;
@@ -366,20 +376,28 @@ export class Migrations {
     if (localAddress === undefined || isIP(localAddress.replace(/^::ffff:/, "")) === 0) throw new TypevisorError("INVALID_REQUEST", "a migration is prepared over the daemon's HTTPS listener (the stream comes to the address the source reached)");
     const host = localAddress.replace(/^::ffff:/, "");
     const name = input.spec.name;
-    // Every file the VM will open must be on storage this daemon was told it may give VMs (--allow-files).
-    for (const d of input.disks) for (const f of [d.path, ...(d.chain ?? (d.backing !== undefined ? [d.backing] : []))]) this.allowed(f);
+    const copy = input.copyDisks === true;
+    if (copy && input.disks.some((d) => d.format !== "raw" || d.backing !== undefined || d.chain !== undefined)) throw new TypevisorError("MIGRATION_UNSUPPORTED", "copied disks must be raw images without backing files");
+    // Every file the VM will open must be on storage this daemon was told it may give VMs (--allow-files); copied disks are this daemon's own files.
+    if (!copy) for (const d of input.disks) for (const f of [d.path, ...(d.chain ?? (d.backing !== undefined ? [d.backing] : []))]) this.allowed(f);
     if (this.h.store.getVm(name) !== undefined) throw new TypevisorError("VM_EXISTS", `a VM named ${name} already exists here`);
     const boot = this.bootFiles(input.spec);
     const id = randomBytes(6).toString("hex");
     const p = vmPaths(this.h.home, id);
+    // Copied: the incoming VMM creates each file (destination.ts createDiskTargets) in the VM's directory, under the disk's own name (disk<N>).
+    const disks: DiskRow[] = copy
+      ? input.disks.map((d, i) => ({ path: join(p.dir, `disk${/disk(\d+)\.[a-z0-9]+$/.exec(d.path)?.[1] ?? i}.raw`), sizeBytes: d.sizeBytes, format: "raw" }))
+      : input.disks.map((d) => ({ path: d.path, sizeBytes: d.sizeBytes, format: d.format, ...(d.backing !== undefined ? { backing: d.backing } : {}), ...(d.chain !== undefined ? { chain: d.chain } : {}) }));
+    if (new Set(disks.map((d) => d.path)).size !== disks.length) throw new TypevisorError("INVALID_REQUEST", "two disks of the incoming VM have the same name");
     mkdirSync(p.outDir, { recursive: true, mode: 0o700 });
     // The VM's own kernel, initrd and command line, as a create makes them: what a later start here boots.
     await copyFile(boot.kernel, join(p.dir, "vmlinuz"));
     if (boot.initrd !== undefined) await copyFile(boot.initrd, join(p.dir, "initrd.img"));
     if (boot.cmdline !== undefined) writeFileSync(join(p.dir, "cmdline"), boot.cmdline);
     const now = new Date().toISOString();
-    const disks: DiskRow[] = input.disks.map((d) => ({ path: d.path, sizeBytes: d.sizeBytes, format: d.format, ...(d.backing !== undefined ? { backing: d.backing } : {}), ...(d.chain !== undefined ? { chain: d.chain } : {}) }));
-    this.h.store.insertVm({ id, name, spec: input.spec, state: "incoming", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
+    // Copied disks are in this daemon's default pool, whatever pool they were in at the source.
+    const spec = copy ? { ...input.spec, pool: "default" } : input.spec;
+    this.h.store.insertVm({ id, name, spec, state: "incoming", createdAt: now, updatedAt: now, dir: p.dir, disks, restarts: 0 });
     this.writePlan({ id }, { role: "destination", id: input.migrationId, startedAt: now });
     this.h.event("vm.incoming", name, `VM ${name} is being migrated here (migration ${input.migrationId})`, { migration: input.migrationId });
     crashPoint("migrate-dest-row");

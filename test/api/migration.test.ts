@@ -7,7 +7,8 @@
  * (Two daemons in two network namespaces with a Debian guest: test/vmm/migration.lab.test.ts.)
  */
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { createHash, randomBytes } from "node:crypto";
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -110,11 +111,42 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
     await b.client.removeVm("mig1", { force: true });
   }, 180_000);
 
+  it("vm migrate --copy-disks moves a VM whose raw disk is A's own: B runs it on a copy with the same bytes, A's file is gone", async () => {
+    await a.client.createVm({ name: "mig3", kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "raw" });
+    const diskA = (await a.client.getVm("mig3")).disks[0]!.path;
+    expect(diskA.startsWith(a.home)).toBe(true);
+    // Data where a sparse copy must find it (and holes between, which stay zero).
+    const fd = openSync(diskA, "r+");
+    for (const at of [0, 5 * 2 ** 20 + 4096, 16 * 2 ** 20 - 65536]) writeSync(fd, randomBytes(65536), 0, 65536, at);
+    closeSync(fd);
+    const before = createHash("sha256").update(readFileSync(diskA)).digest("hex");
+    await a.client.startVm("mig3");
+    await until("mig3's banner", async () => (await a.client.console("mig3")).toString().includes(TINY_KERNEL_BANNER) || undefined);
+    const r = spawnSync(process.execPath, [BIN, "vm", "migrate", "mig3", "--to", peer.to, "--peer-token", peer.peerToken, "--peer-fingerprint", peer.peerFingerprint, "--copy-disks", "--home", a.home], { encoding: "utf8", timeout: 120_000 });
+    expect(r.status, r.stderr).toBe(0);
+    const onB = await until("mig3 running on B", async () => {
+      const v = await b.client.getVm("mig3").catch(() => undefined);
+      return v?.state === "running" ? v : undefined;
+    }, 30_000);
+    const diskB = onB.disks[0]!.path;
+    expect(diskB.startsWith(b.home)).toBe(true);
+    expect(onB.disks[0]!.pool).toBe("default");
+    expect(createHash("sha256").update(readFileSync(diskB)).digest("hex")).toBe(before);
+    expect(await names(a.client)).not.toHaveProperty("mig3");
+    expect(existsSync(diskA)).toBe(false);
+    await answers(b, "mig3", "copied-over");
+    await b.client.removeVm("mig3", { force: true });
+    expect(existsSync(diskB)).toBe(false);
+  }, 180_000);
+
   it("refuses what it cannot do, and a failed migration leaves the VM running on A and nothing on B", async () => {
     await sourceVm("mig2");
-    await expect(a.client.migrateVm("mig2", { ...peer, copyDisks: true })).rejects.toMatchObject({ code: "NOT_IMPLEMENTED" });
     await a.client.createVm({ name: "local", kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "raw" }, { start: true });
-    await expect(a.client.migrateVm("local", peer)).rejects.toMatchObject({ code: "MIGRATION_UNSUPPORTED" });
+    await expect(a.client.migrateVm("local", peer)).rejects.toMatchObject({ code: "MIGRATION_UNSUPPORTED", message: expect.stringContaining("own directory") });
+    // The VMM copies raw images only.
+    await a.client.createVm({ name: "localq", kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "qcow2" }, { start: true });
+    await expect(a.client.migrateVm("localq", { ...peer, copyDisks: true })).rejects.toMatchObject({ code: "MIGRATION_UNSUPPORTED", message: expect.stringContaining("qcow2") });
+    await a.client.removeVm("localq", { force: true });
     for (const bad of [{ ...peer, peerToken: "tv_wrong" }, { ...peer, peerFingerprint: "00".repeat(32) }]) {
       await a.client.migrateVm("mig2", bad);
       await until("the failure", async () => ((await a.client.migration("mig2")).phase === "failed" ? true : undefined));
