@@ -22,6 +22,7 @@
  * Run: npm run bench:migrate     (boots the lab itself when the host KVM is PVM)
  *      BENCH_RUNS=1 BENCH_CASES=idle-256,idle-1024,dirty-256 BENCH_DOWNTIME_MS=300
  */
+import { execFileSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -256,6 +257,8 @@ async function runCase(c: Case): Promise<{ case: string; typevisor: Sample[]; qe
 
 async function main(): Promise<void> {
   const cases = CASES.map(parseCase);
+  // The lab boots with its loopback down: a connect to 127.0.0.1 is "Network is unreachable" there.
+  execFileSync("ip", ["link", "set", "lo", "up"], { stdio: "pipe", timeout: 10_000 });
   console.log(`bench/migrate: ${RUNS} run(s) each, alternating (QEMU first); cases ${CASES.join(", ")}; downtime limit ${DOWNTIME_MS} ms, no bandwidth limit; loopback TCP; 1 vCPU; kernel ${imagePaths("minimal").kernel}`);
   const all = [];
   for (const c of cases) all.push(await runCase(c));
