@@ -6,6 +6,10 @@
  * restart), the source VMM ends as migrated, and the disk takes writes at the destination and is
  * clean afterwards (`e2fsck -fn`).
  *
+ * Then a guest with a NIC keeps one TCP connection to a peer outside it (an address on a bridge
+ * that spans both "hosts") and sends a line every 100 ms: after the move the peer still has one
+ * connection, every line in order, and the lines go on.
+ *
  * Then the same between two daemons (control/migration.ts): daemon A in the lab's namespace,
  * daemon B in the other one with its own home and its HTTPS API on the veth address; a Debian
  * guest of A's, its disk in a pool on storage both see, moves with `typevisor vm migrate` (A
@@ -15,6 +19,7 @@
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync } from "node:fs";
+import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -30,6 +35,10 @@ const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const NS = "tvmigb";
 const ADDR_A = "10.77.0.1";
 const ADDR_B = "10.77.0.2";
+/** The guest's own segment (TCP test): the peer's address on the bridge, the guest's, the TAP's name on both hosts. */
+const PEER = "10.78.0.1";
+const GUEST = "10.78.0.10";
+const TAP = "tvmtap0";
 const ip = (...args: string[]): void => void execFileSync("ip", args, { timeout: SYNC_TIMEOUT_MS, stdio: "pipe" });
 
 const SCRIPT = [
@@ -97,6 +106,80 @@ describe("live migration of a running guest between two network namespaces under
       b.kill();
     }
     execFileSync("e2fsck", ["-fn", disk], { stdio: "pipe", timeout: SYNC_TIMEOUT_MS });
+  }, 2_400_000);
+
+  it("keeps the guest's TCP connection to a peer outside it across the move (one connection, every line in order)", async () => {
+    // One L2 segment across both "hosts": a bridge here (the peer's address on it, the source's
+    // TAP) joined by a veth to a bridge in B's namespace (a TAP of the same name for the destination).
+    const nsip = (...args: string[]): void => ip("netns", "exec", NS, "ip", ...args);
+    ip("link", "add", "tvmbr0", "type", "bridge");
+    ip("addr", "add", `${PEER}/24`, "dev", "tvmbr0");
+    ip("tuntap", "add", "dev", TAP, "mode", "tap");
+    ip("link", "add", "tvmpa", "type", "veth", "peer", "name", "tvmpb");
+    ip("link", "set", "tvmpb", "netns", NS);
+    for (const l of [TAP, "tvmpa"]) ip("link", "set", l, "master", "tvmbr0");
+    for (const l of ["tvmbr0", TAP, "tvmpa"]) ip("link", "set", l, "up");
+    nsip("link", "add", "tvmbr1", "type", "bridge");
+    nsip("tuntap", "add", "dev", TAP, "mode", "tap");
+    for (const l of [TAP, "tvmpb"]) nsip("link", "set", l, "master", "tvmbr1");
+    for (const l of ["tvmbr1", TAP, "tvmpb"]) nsip("link", "set", l, "up");
+    // The peer: every connection and every line it receives, with when.
+    const conns: { lines: { n: number; at: number }[] }[] = [];
+    const server = createServer((sock) => {
+      const c = { lines: [] as { n: number; at: number }[] };
+      conns.push(c);
+      let partial = "";
+      sock.on("data", (d: Buffer) => {
+        const at = performance.now();
+        const parts = (partial + d.toString("latin1")).split("\n");
+        partial = parts.pop() ?? "";
+        for (const l of parts) if (/^n=\d+$/.test(l)) c.lines.push({ n: Number(l.slice(2)), at });
+      });
+      sock.on("error", () => undefined);
+    });
+    await new Promise<void>((r) => server.listen(7100, PEER, r));
+    const script = [
+      `ip addr add ${GUEST}/24 dev eth0`, "ip link set eth0 up",
+      // One connection for the whole test: busybox nc sends its stdin, a line every 100 ms.
+      `(i=0; while true; do i=$((i+1)); echo "n=$i"; sleep 0.1; done | nc ${PEER} 7100; echo "nc-ended=$?") &`,
+      'echo "typevisor-test: ready"',
+      'while read -r line; do eval "$line"; echo "typevisor-test: done"; done',
+    ].join("\n");
+    const apiA = join(dir, "tcp-a.sock");
+    const a = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "256", "--net", `tap=${TAP},mac=02:00:00:00:78:10`, "--api-socket", apiA, "--append", runScriptArg(script)]);
+    const b = new ConsoleProcess("ip", ["netns", "exec", NS, process.execPath, BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:${ADDR_B}:7072`, "--plain-tcp", "--net", `tap=${TAP}`, "--api-socket", join(dir, "tcp-b.sock")]);
+    const lines = (): { n: number; at: number }[] => conns[0]?.lines ?? [];
+    try {
+      await a.waitFor(/typevisor-test: ready/, 0, 900_000);
+      await until("the guest's lines at the peer", () => lines().length >= 20 || undefined, 300_000);
+      await b.waitFor(/waiting for a migration/, 0, 300_000);
+      const before = lines().length;
+      const t = performance.now();
+      const r = await unixApi(apiA, "POST", "/migrate", { to: `tcp:${ADDR_B}:7072`, plainTcp: true });
+      expect(r.status, JSON.stringify(r.body)).toBe(202);
+      expect(await a.exited, a.output.slice(-2000)).toBe(0);
+      const lastAtSource = lines()[lines().length - 1]?.n ?? 0;
+      await until("30 more lines after the move", () => (lines()[lines().length - 1]?.n ?? 0) >= lastAtSource + 30 || undefined, 300_000);
+      // The same connection: no second one; every line once, in order, none lost (TCP's own order and retransmission, end to end).
+      expect(conns.length).toBe(1);
+      const ns = lines().map((l) => l.n);
+      expect(ns).toEqual(Array.from({ length: ns.length }, (_, i) => i + 1));
+      expect(b.output).not.toMatch(/nc-ended/);
+      let gap = 0;
+      for (let i = Math.max(1, before); i < lines().length; i++) if (lines()[i]!.at >= t) gap = Math.max(gap, lines()[i]!.at - lines()[i - 1]!.at);
+      console.log(`migration-lab: tcp: ${ns.length} lines on one connection, ${lines().length - before} since the move began; longest gap the peer saw ${gap.toFixed(0)} ms (${/downtime \d+ ms/.exec(a.output)?.[0] ?? "?"})`);
+    } finally {
+      a.kill();
+      b.kill();
+      server.close();
+      for (const del of [() => ip("link", "del", "tvmbr0"), () => ip("link", "del", TAP), () => ip("link", "del", "tvmpa"), () => nsip("link", "del", "tvmbr1"), () => nsip("link", "del", TAP)]) {
+        try {
+          del();
+        } catch {
+          // gone with its peer or the namespace
+        }
+      }
+    }
   }, 2_400_000);
 
   it("moves a daemon's guest to another daemon with vm migrate: the counter goes on there, only B lists it", async () => {
