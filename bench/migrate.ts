@@ -14,8 +14,8 @@
  *    printed beside it, since a tick is the resolution);
  *  - the VMM's own downtime (ours: the source's "downtime N ms", paused to the destination's
  *    RUNNING; QEMU: query-migrate's `downtime`);
- *  - total time: the migrate request to the source done (ours: the source VMM exits as migrated;
- *    QEMU: query-migrate `completed`), and bytes sent.
+ *  - total time: the migrate request to the source done (ours: the source VMM prints "migrated
+ *    to", before it exits; QEMU: query-migrate `completed`), and bytes sent.
  * Both with the same downtime limit (BENCH_DOWNTIME_MS, 300 by default: QEMU's default) and no
  * bandwidth limit (QEMU's default 128 MiB/s lifted; ours has none by default).
  *
@@ -163,12 +163,16 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     const startTick = ticks.last();
     const r = await unixApi(apiA, "POST", "/migrate", { to: `tcp:127.0.0.1:${port}`, plainTcp: true, maxDowntimeMs: DOWNTIME_MS });
     if (r.status !== 202) throw new Error(`POST /migrate answered ${r.status}: ${JSON.stringify(r.body)}`);
-    const code = await Promise.race([a.exited, new Promise<"timeout">((res) => setTimeout(() => res("timeout"), STEP_MS))]);
+    // Done when the source says so (as QEMU's query-migrate "completed"), not when its process has exited.
+    await a.waitFor(/migrated to /, 0, STEP_MS);
     const totalMs = performance.now() - t;
+    const code = await a.exited;
     if (code !== 0) throw new Error(`the source VMM ended ${String(code)}:\n${a.output.slice(-2000)}`);
     const moved = /migrated to .* \(downtime (\d+) ms, (\d+) bytes in (\d+) rounds\)/.exec(a.output);
     if (moved === null) throw new Error(`no migration summary from the source:\n${a.output.slice(-2000)}`);
     await afterMove(ticks, startTick);
+    // Where the pause went (cli/run.ts prints the source's and the destination's steps).
+    console.log(`[${c.name}] typevisor ${/migration switch-over.*/.exec(a.output)?.[0] ?? "(no switch-over line)"}`);
     return { ...ticks.gaps(t), downtimeMs: Number(moved[1]), totalMs, bytes: Number(moved[2]), rounds: Number(moved[3]) };
   } finally {
     a.kill();

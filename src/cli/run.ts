@@ -575,6 +575,6 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
 /** The switch-over's steps on one line (docs/migration.md "Downtime"). */
 function switchoverLine(s: import("../vmm/migration/source.js").SwitchoverTimes): string {
   const d = s.destination;
-  return `vcpus stopped ${s.vcpusStopped}, state captured ${s.stateCaptured}, last round ${s.lastRoundSent} (${s.lastRoundBytes} B)${s.disksSent !== undefined ? `, disks ${s.disksSent} (${s.lastDiskBytes ?? 0} B)` : ""}, state sent ${s.stateSent} (${s.stateBytes} B), READY ${s.ready}, GO ${s.goSent}, RUNNING ${s.running}` +
+  return `vcpus stopped ${s.vcpusStopped}, state captured ${s.stateCaptured},${s.dirtyTaken !== undefined ? ` dirty log read ${s.dirtyTaken},` : ""} last round ${s.lastRoundSent} (${s.lastRoundBytes} B)${s.disksSent !== undefined ? `, disks ${s.disksSent} (${s.lastDiskBytes ?? 0} B)` : ""}, state sent ${s.stateSent} (${s.stateBytes} B), READY ${s.ready}, GO ${s.goSent}, RUNNING ${s.running}` +
     (d !== undefined ? `; destination (ms from DONE): state decoded ${d.stateDecoded}, threads up ${d.threadsReady}, applied ${d.stateApplied}, devices restored ${d.devicesRestored}, READY sent ${d.readySent}, GO ${d.goReceived}, resumed ${d.resumed}` : "");
 }

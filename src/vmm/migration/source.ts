@@ -56,6 +56,8 @@ export interface SwitchoverTimes {
   vcpusStopped: number;
   /** vCPU, interrupt-controller, clock and device state read (the device thread's reply included). */
   stateCaptured: number;
+  /** The dirty log read once more (KVM_GET_DIRTY_LOG and the device thread's marks): what the last round sends. */
+  dirtyTaken?: number;
   /** The last dirty pages sent (lastRoundBytes of them). */
   lastRoundSent: number;
   lastRoundBytes: number;
@@ -261,6 +263,7 @@ export class OutgoingMigration {
           const state = await vm.captureState(this.config, wasRunning ? "running" : "paused");
           s.stateCaptured = at();
           const last = vm.takeDirtyLog();
+          s.dirtyTaken = at();
           const before = this.progress.bytesSent;
           await this.sendDirty(sock, mergeBitmaps(dirty, last));
           s.lastRoundBytes = this.progress.bytesSent - before;
