@@ -371,6 +371,9 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       let onStarted: (() => void) | undefined;
       if (boots === 1 && o.incoming !== undefined) {
         const { receiveMigration } = await import("../vmm/migration/destination.js");
+        // The control server is started between GO and the vCPUs' release (below): its code loads
+        // now, while the memory streams in, not inside the guest's pause (the lab measured ~150 ms).
+        if (o.apiSocket !== undefined && o.attach === undefined) void import("../vmm/api/server.js").catch(() => undefined);
         const incoming = await receiveMigration(o.incoming, overrides ?? {}, host, log, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) });
         vm = incoming.vm;
         config = incoming.config;
@@ -575,6 +578,6 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
 /** The switch-over's steps on one line (docs/migration.md "Downtime"). */
 function switchoverLine(s: import("../vmm/migration/source.js").SwitchoverTimes): string {
   const d = s.destination;
-  return `vcpus stopped ${s.vcpusStopped}, state captured ${s.stateCaptured},${s.dirtyTaken !== undefined ? ` dirty log read ${s.dirtyTaken},` : ""} last round ${s.lastRoundSent} (${s.lastRoundBytes} B)${s.disksSent !== undefined ? `, disks ${s.disksSent} (${s.lastDiskBytes ?? 0} B)` : ""}, state sent ${s.stateSent} (${s.stateBytes} B), READY ${s.ready}, GO ${s.goSent}, RUNNING ${s.running}` +
+  return `${s.syncMs !== undefined ? `(before it: in-flight rounds drained in ${s.syncMs}) ` : ""}vcpus stopped ${s.vcpusStopped}, state captured ${s.stateCaptured},${s.dirtyTaken !== undefined ? ` dirty log read ${s.dirtyTaken},` : ""} last round ${s.lastRoundSent} (${s.lastRoundBytes} B)${s.disksSent !== undefined ? `, disks ${s.disksSent} (${s.lastDiskBytes ?? 0} B)` : ""}, state sent ${s.stateSent} (${s.stateBytes} B), READY ${s.ready}, GO ${s.goSent}, RUNNING ${s.running}` +
     (d !== undefined ? `; destination (ms from DONE): state decoded ${d.stateDecoded}, threads up ${d.threadsReady}, applied ${d.stateApplied}, devices restored ${d.devicesRestored}, READY sent ${d.readySent}, GO ${d.goReceived}, resumed ${d.resumed}` : "");
 }

@@ -200,14 +200,19 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
   it("keeps the VM running when the destination refuses the state, and after a cancel", async () => {
     const src = await source("src-refuse");
     const path = join(dir, "refuse.sock");
-    // Says it is prepared, reads everything, then answers ERROR where READY belongs.
+    // Says it is prepared, reads every frame (answering SYNC as a destination does), then answers ERROR where READY belongs.
     const server = createServer((s) => {
       s.write(Buffer.concat(frame(FRAME.PREPARED)));
       let buf = Buffer.alloc(0);
       s.on("data", (d: Buffer) => {
         buf = Buffer.concat([buf, d]);
-        // DONE is the 8-byte header {5, 0}: answer once it has arrived.
-        if (buf.length >= 8 && buf.subarray(buf.length - 8).equals(Buffer.from([5, 0, 0, 0, 0, 0, 0, 0]))) s.write(Buffer.concat(frame(FRAME.ERROR, Buffer.from("no room here"))));
+        while (buf.length >= 8 && buf.length >= 8 + buf.readUInt32LE(4)) {
+          const type = buf.readUInt32LE(0);
+          const payload = buf.subarray(8, 8 + buf.readUInt32LE(4));
+          buf = buf.subarray(8 + payload.length);
+          if (type === FRAME.SYNC) s.write(Buffer.concat(frame(FRAME.SYNCED, payload)));
+          if (type === FRAME.DONE) s.write(Buffer.concat(frame(FRAME.ERROR, Buffer.from("no room here"))));
+        }
       });
     });
     await new Promise<void>((r) => server.listen(path, r));
@@ -376,6 +381,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     ["pages outside RAM", [...helloFrame(), ...frame(FRAME.PAGES, pagesHeader(0x1_0000_0000), Buffer.alloc(4096, 1))], /outside guest RAM/],
     ["a truncated stream", [...helloFrame(), ...frame(FRAME.STATE, Buffer.from("typevisor-snapshot 1 bytes=5 sha256=00\n{}")), ...frame(FRAME.DONE)], /SNAPSHOT_INVALID|bad header|checksum/],
     ["disk data for a disk HELLO did not announce", [...helloFrame(), ...frame(FRAME.DISK_DATA, Buffer.alloc(16), Buffer.alloc(512, 1))], /DISK_DATA for disk 0; HELLO copies 0 disks/],
+    ["a SYNC of the wrong size", [...helloFrame(), ...frame(FRAME.SYNC, Buffer.alloc(4096))], /SYNC of 4096 bytes/],
     ["HELLO with another machine's regions", [...frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello({ cpus: 1, memoryMiB: 64, devices: { disks: [], nets: [], rng: false } }, [{ guestPhysAddr: 0, size: 4096 }]))))], /do not match/],
   ] as const)("a destination sent %s ends with one clear error and no VM", async (_name, bytes, message) => {
     const path = join(dir, `hostile-${Math.random().toString(36).slice(2)}.sock`);

@@ -95,6 +95,10 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
         if (f.payload.readUInt32LE(4) !== 0 || offset > BigInt(t.size) || Number(offset) + len > t.size) throw streamError(`DISK_DATA at ${offset} (+${len}) lies outside disk ${disk} (${t.size} bytes)`);
         const r = pwriteFull(t.fd, f.payload.subarray(DISK_HEADER), Number(offset));
         if (r < 0) throw new TypevisorError("MIGRATION_DISKS", `writing ${t.path}: ${errnoName(-r)}`);
+      } else if (f.type === FRAME.SYNC) {
+        // Every frame before it is in guest memory (or on the disks): say so (protocol.ts).
+        if (f.payload.length !== 4) throw streamError(`SYNC of ${f.payload.length} bytes`);
+        await send(sock, frame(FRAME.SYNCED, f.payload));
       } else if (f.type === FRAME.STATE) {
         stateBytes += f.payload.length;
         if (stateBytes > MAX_STATE_STREAM) throw streamError(`the state is over ${MAX_STATE_STREAM} bytes`);

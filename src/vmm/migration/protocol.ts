@@ -12,6 +12,10 @@
  * only after it, so their start-up is never part of the guest's pause). The destination answers
  * READY once the whole state is in place (or ERROR with a message); the source then commits and
  * sends GO; the destination runs the VM and answers RUNNING (JSON: its timings, reported only).
+ * Just before it pauses the guest, the source sends SYNC (u32 sequence) and waits for the
+ * destination's SYNCED (the same payload), which the destination sends when it has read every
+ * frame before the SYNC: the pause then starts with nothing of the earlier rounds in flight (the
+ * socket buffers held megabytes of them, which the last round waited behind inside the pause).
  *
  * Everything a destination reads is hostile: every length is capped before anything is
  * allocated, every page range is checked against the VM's RAM regions, frames out of order are
@@ -22,8 +26,8 @@ import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
 import { SnapshotConfigSchema, type SnapshotConfig } from "../snapshot/state.js";
 
-/** 2: PREPARED, RUNNING's timings. */
-export const MIGRATION_VERSION = 2;
+/** 2: PREPARED, RUNNING's timings. 3: SYNC and SYNCED before the pause. */
+export const MIGRATION_VERSION = 3;
 export const PAGE = 4096;
 /** 2 MiB of pages and their header: the largest frame either side accepts (the state is sent in pieces). */
 export const MAX_FRAME = 2 * 1024 * 1024 + 64;
@@ -34,8 +38,8 @@ export const MAX_STATE_STREAM = 64 * 1024 * 1024;
 export const MAX_DISK_BYTES = 2 ** 50;
 
 export const FRAME = {
-  HELLO: 1, PAGES: 2, ZEROS: 3, STATE: 4, DONE: 5, DISK_DATA: 6,
-  READY: 16, GO: 17, RUNNING: 18, ERROR: 19, PREPARED: 20,
+  HELLO: 1, PAGES: 2, ZEROS: 3, STATE: 4, DONE: 5, DISK_DATA: 6, SYNC: 7,
+  READY: 16, GO: 17, RUNNING: 18, ERROR: 19, PREPARED: 20, SYNCED: 21,
 } as const;
 export type FrameType = (typeof FRAME)[keyof typeof FRAME];
 const NAMES = Object.fromEntries(Object.entries(FRAME).map(([k, v]) => [v, k])) as Record<number, string>;

@@ -20,7 +20,7 @@ import { encodeState, type SnapshotConfig } from "../snapshot/state.js";
 import * as libc from "../../sys/libc.js";
 import type { Vm } from "../vm.js";
 import { DIRTY_BLOCK_SIZE, DirtyBlocks } from "../disk/dirty-blocks.js";
-import { DISK_CHUNK, diskHeader, FRAME, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, zerosPayload } from "./protocol.js";
+import { DISK_CHUNK, diskHeader, FRAME, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, streamError, zerosPayload } from "./protocol.js";
 import { openStream, parseEndpoint, type StreamTls } from "./transport.js";
 
 export { parseEndpoint };
@@ -52,6 +52,8 @@ export type MigrationPhase = "connecting" | "precopy" | "stopped" | "committed" 
  * destination's own steps in ms from its receipt of DONE (its clock; it sends them in RUNNING).
  */
 export interface SwitchoverTimes {
+  /** Before the pause (not part of it): SYNC sent to SYNCED back, the earlier rounds drained to the destination. */
+  syncMs?: number;
   /** Every vCPU out of KVM_RUN and parked. */
   vcpusStopped: number;
   /** vCPU, interrupt-controller, clock and device state read (the device thread's reply included). */
@@ -247,7 +249,17 @@ export class OutgoingMigration {
         this.progress.bandwidth = secs > 0 ? Math.round(this.progress.bytesSent / secs) : 0;
         this.progress.expectedDowntimeMs = this.progress.bandwidth > 0 ? Math.round((dirtyBytes * 1000) / this.progress.bandwidth) : 0;
         if (this.progress.expectedDowntimeMs <= maxDowntime || (this.req.maxRounds !== undefined && round >= this.req.maxRounds)) {
-          const s: SwitchoverTimes = { vcpusStopped: 0, lastRoundSent: 0, lastRoundBytes: 0, stateCaptured: 0, stateSent: 0, stateBytes: 0, ready: 0, goSent: 0, running: 0 };
+          // The guest still runs: wait until the destination has read everything sent so far, so
+          // the pause does not begin behind megabytes of earlier rounds in the socket buffers.
+          // What the guest writes meanwhile is in the log the last round reads.
+          const syncStart = performance.now();
+          const seq = Buffer.alloc(4);
+          seq.writeUInt32LE(round);
+          await send(sock, frame(FRAME.SYNC, seq));
+          const synced = await reader.expect(FRAME.SYNCED);
+          if (!synced.equals(seq)) throw streamError("SYNCED does not answer the SYNC sent");
+          const syncMs = Math.round((performance.now() - syncStart) * 10) / 10;
+          const s: SwitchoverTimes = { syncMs, vcpusStopped: 0, lastRoundSent: 0, lastRoundBytes: 0, stateCaptured: 0, stateSent: 0, stateBytes: 0, ready: 0, goSent: 0, running: 0 };
           const stoppedAt = performance.now();
           const at = (): number => Math.round((performance.now() - stoppedAt) * 10) / 10;
           // Stop the guest, then send what it wrote since the bitmap above was taken, and that bitmap's pages too.
