@@ -76,10 +76,8 @@ afterAll(async () => {
 const FORK_LOG = "crng reseeded due to virtual machine fork";
 const URANDOM = `i=0; while [ "$(dmesg | grep -c '${FORK_LOG}')" = 0 ] && [ $i -lt 40 ]; do sleep 0.25; i=$((i+1)); done; echo "RND$((6*7))=$(dd if=/dev/urandom bs=16 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n')."`;
 
-// Opt-in (TYPEVISOR_SNAPSHOTS_LAB=1) until it has passed in the lab: it has not yet (2026-12-05:
-// six runs on a machine loaded with other labs ran out of time, and the lab group's run failed on a
-// restore bug since fixed, src/vmm/vm.ts run()); it would take 10-15 min of the lab group.
-describe.skipIf(process.env["TYPEVISOR_SNAPSHOTS_LAB"] !== "1")("snapshots, rollback and ten clones through the sandboxed daemon, with a Debian guest", () => {
+// About 10 min of the lab group (595 s alone on a quiet machine, 2026-12-05).
+describe("snapshots, rollback and ten clones through the sandboxed daemon, with a Debian guest", () => {
   it("rolls back disk and memory, and runs ten clones of one memory snapshot at once, sharing its memory", async () => {
     onTestFailed(() => {
       if (d !== undefined) console.log(`snapshots.lab: the daemon's log:\n${d.log().slice(-6000)}`);
