@@ -127,6 +127,43 @@ export async function send(sock: Socket, parts: Uint8Array[]): Promise<void> {
   }
 }
 
+/**
+ * Small frames gathered into one socket write. Scattered dirty pages are one small frame each, and
+ * a write each (three, with the headers) is a system call each, and over loopback on the lab's one
+ * CPU a switch to the destination's process each: the lab measured 2.6 ms per frame, 526 ms of a
+ * 1.2 MB last round inside the guest's pause. Small frames are copied into one buffer at flush
+ * (a page the guest changes before that goes with its newer bytes, and is in the dirty log
+ * anyway); a large frame is written as it is, after what is gathered, without a copy.
+ */
+export class FrameBatch {
+  private parts: Uint8Array[] = [];
+  private bytes = 0;
+
+  constructor(private readonly sock: Socket, private readonly limit = 1024 * 1024) {}
+
+  /** Add a frame; written once the batch holds `limit` bytes. */
+  async add(parts: Uint8Array[]): Promise<void> {
+    const len = parts.reduce((n, p) => n + p.length, 0);
+    if (len >= this.limit / 4) {
+      await this.flush();
+      await send(this.sock, parts);
+      return;
+    }
+    this.parts.push(...parts);
+    this.bytes += len;
+    if (this.bytes >= this.limit) await this.flush();
+  }
+
+  /** Write what is gathered (and wait as send() does). */
+  async flush(): Promise<void> {
+    if (this.parts.length === 0) return;
+    const all = Buffer.concat(this.parts, this.bytes);
+    this.parts = [];
+    this.bytes = 0;
+    await send(this.sock, [all]);
+  }
+}
+
 export interface Frame {
   type: number;
   payload: Buffer;

@@ -20,7 +20,7 @@ import { encodeState, type SnapshotConfig } from "../snapshot/state.js";
 import * as libc from "../../sys/libc.js";
 import type { Vm } from "../vm.js";
 import { DIRTY_BLOCK_SIZE, DirtyBlocks } from "../disk/dirty-blocks.js";
-import { DISK_CHUNK, diskHeader, FRAME, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, streamError, zerosPayload } from "./protocol.js";
+import { DISK_CHUNK, diskHeader, FRAME, FrameBatch, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, streamError, zerosPayload } from "./protocol.js";
 import { openStream, parseEndpoint, type StreamTls } from "./transport.js";
 
 export { parseEndpoint };
@@ -458,8 +458,9 @@ export class OutgoingMigration {
     }
   }
 
-  /** The pages set in `bitmaps` (one per slot): runs of non-zero pages as PAGES, zero pages as ZEROS. */
+  /** The pages set in `bitmaps` (one per slot): runs of non-zero pages as PAGES, zero pages as ZEROS, gathered into large writes. */
   private async sendDirty(sock: Socket, bitmaps: Uint8Array[]): Promise<void> {
+    const batch = new FrameBatch(sock);
     for (const [slot, r] of this.vm.memory.hostRegions.entries()) {
       const bm = bitmaps[slot]!;
       const pages = r.size / PAGE;
@@ -481,16 +482,17 @@ export class OutgoingMigration {
         let q = p + 1;
         while (q < pages && q - p < BATCH_PAGES && bit(q) && isZeroPage(mem, q * PAGE) === zero) q++;
         this.check();
-        if (zero) await send(sock, frame(FRAME.ZEROS, zerosPayload(r.guestPhysAddr + p * PAGE, q - p)));
+        if (zero) await batch.add(frame(FRAME.ZEROS, zerosPayload(r.guestPhysAddr + p * PAGE, q - p)));
         else {
           const part = mem.subarray(p * PAGE, q * PAGE);
-          await send(sock, frame(FRAME.PAGES, pagesHeader(r.guestPhysAddr + p * PAGE), part));
+          await batch.add(frame(FRAME.PAGES, pagesHeader(r.guestPhysAddr + p * PAGE), part));
           await this.pace(part.length);
         }
         this.progress.bytesRemaining = Math.max(0, this.progress.bytesRemaining - (q - p) * PAGE);
         p = q;
       }
     }
+    await batch.flush();
   }
 }
 
