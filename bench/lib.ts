@@ -1,6 +1,8 @@
 import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { SYNC_TIMEOUT_MS } from "../test/helpers/sync-timeout.js";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { QmpClient } from "../src/lab/qmp.js";
+import type { ConsoleProcess } from "../test/helpers/console-process.js";
 import { CLK_TCK, parseStatFields } from "../src/control/proc.js";
 
 /** Shared pieces of the benchmarks: summary statistics and the report line. */
@@ -241,4 +243,20 @@ function schedReport(out: string, label: string): void {
   console.log(`sched ${label}: ${lines.length} events; switches away by thread and state: ${top.map(([k, v]) => `${k} ${v}`).join(", ")}`);
   const mid = Math.floor(lines.length / 2);
   console.log(lines.slice(mid, mid + 80).join("\n"));
+}
+
+/** Poll `cond` every 10 ms until it holds (a timeout error after `ms`). */
+export async function until(what: string, cond: () => boolean, ms: number): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** QEMU's QMP socket at `path` once it exists (an error with QEMU's output if it exited first). */
+export async function qmpOpen(path: string, p: ConsoleProcess, timeoutMs: number): Promise<QmpClient> {
+  await until(`QMP socket ${path}`, () => existsSync(path) || p.child.exitCode !== null, timeoutMs);
+  if (p.child.exitCode !== null) throw new Error(`QEMU exited ${p.child.exitCode}:\n${p.output.slice(-2000)}`);
+  return QmpClient.open(path, timeoutMs);
 }

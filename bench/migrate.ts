@@ -27,17 +27,17 @@
  *      BENCH_RUNS=1 BENCH_CASES=idle-256,idle-1024,dirty-256 BENCH_DOWNTIME_MS=300
  */
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { kvmHostKind } from "../src/kvm/kvm.js";
-import { QmpClient } from "../src/lab/qmp.js";
+import type { QmpClient } from "../src/lab/qmp.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { unixApi } from "../test/helpers/unix-api.js";
-import { compare, median } from "./lib.js";
+import { compare, median, qmpOpen as qmpOpenLib, until as untilLib } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 1);
 const CASES = (process.env["BENCH_CASES"] ?? "idle-256,idle-1024,dirty-256").split(",").map((c) => c.trim());
@@ -160,13 +160,7 @@ function freePort(): Promise<number> {
   });
 }
 
-async function until(what: string, cond: () => boolean, ms = STEP_MS): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
+const until = (what: string, cond: () => boolean, ms = STEP_MS): Promise<void> => untilLib(what, cond, ms);
 
 /** Wait for the destination to print AFTER_TICKS ticks past the highest seen when the migration began. */
 async function afterMove(ticks: Ticks, from: number): Promise<void> {
@@ -209,11 +203,7 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
   }
 }
 
-async function qmpOpen(path: string, p: ConsoleProcess): Promise<QmpClient> {
-  await until(`QMP socket ${path}`, () => existsSync(path) || p.child.exitCode !== null);
-  if (p.child.exitCode !== null) throw new Error(`QEMU exited ${p.child.exitCode}:\n${p.output.slice(-2000)}`);
-  return QmpClient.open(path, STEP_MS);
-}
+const qmpOpen = (path: string, p: ConsoleProcess): Promise<QmpClient> => qmpOpenLib(path, p, STEP_MS);
 
 async function qemu(c: Case, cmdline: string, work: string): Promise<Sample> {
   const img = imagePaths("minimal");

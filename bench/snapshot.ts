@@ -35,12 +35,12 @@ import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
 import { imagePaths } from "../src/images/image.js";
 import { kvmHostKind } from "../src/kvm/kvm.js";
-import { QmpClient } from "../src/lab/qmp.js";
+import type { QmpClient } from "../src/lab/qmp.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { microvm } from "../test/helpers/qemu-microvm.js";
 import { unixApi } from "../test/helpers/unix-api.js";
 import { instantCreate } from "./instant-create.js";
-import { compare, counterDelta, kvmCounters, median, mountDebugfs, processMemory } from "./lib.js";
+import { compare, counterDelta, kvmCounters, median, mountDebugfs, processMemory, qmpOpen as qmpOpenLib, until as untilLib } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const MEMORY_MIBS = (process.env["BENCH_MEMORY"] ?? "256,2048").split(",").map((v) => Number(v.trim()));
@@ -123,13 +123,7 @@ async function roundTrip(p: ConsoleProcess, line: string): Promise<void> {
   await p.waitFor(new RegExp(`ans-${line}`), from, STEP_MS);
 }
 
-async function until(what: string, cond: () => boolean, ms = STEP_MS): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
+const until = (what: string, cond: () => boolean, ms = STEP_MS): Promise<void> => untilLib(what, cond, ms);
 
 interface Sample {
   /** Process start to the source guest's first answer (a cold boot). */
@@ -242,11 +236,7 @@ async function standbyRestore(snap: string, work: string): Promise<{ standbyMs: 
   }
 }
 
-async function qmpOpen(path: string, p: ConsoleProcess): Promise<QmpClient> {
-  await until(`QMP socket ${path}`, () => existsSync(path) || p.child.exitCode !== null);
-  if (p.child.exitCode !== null) throw new Error(`QEMU exited ${p.child.exitCode}:\n${p.output.slice(-2000)}`);
-  return QmpClient.open(path, STEP_MS);
-}
+const qmpOpen = (path: string, p: ConsoleProcess): Promise<QmpClient> => qmpOpenLib(path, p, STEP_MS);
 
 async function qemu(memoryMiB: number, cmdline: string, work: string): Promise<Sample> {
   const img = imagePaths("minimal");
