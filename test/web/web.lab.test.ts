@@ -114,9 +114,14 @@ describe.skipIf(!hasChromium || process.env["TYPEVISOR_WEB_LAB"] !== "1")("the w
     expect(page.url()).toMatch(/#\/vm\/weblab$/);
     step("created from the form: running");
 
-    // the guest boots to its shell; then the browser's terminal types a command into it
+    // The guest boots to its shell with the browser on a blank page: the VM page's live charts and
+    // terminal, interpreted (--jitless) on the lab's one emulated CPU, starved the boot (not in
+    // userspace after 480 s); then back to the VM's page, whose terminal types a command into it.
+    await page.goto("about:blank");
     await until("the guest's userspace", async () => (await d!.client.console("weblab")).toString().includes(ROOTFS_UP_LINE) || undefined, 480_000);
     step("the guest is in userspace");
+    await page.goto(`${base}/#/vm/weblab`);
+    await page.waitForSelector('#vm-state[data-state="running"]');
     await page.waitForSelector('#console-note[data-connected="true"]');
     await page.click("#console");
     // $((6*7)) is computed by the guest's shell: the echo of the typed line never shows "web-42"
