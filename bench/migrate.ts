@@ -28,7 +28,7 @@
  */
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import { createServer, type Server } from "node:net";
+import { createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { runScriptArg } from "../src/images/guest-init.js";
@@ -95,10 +95,12 @@ class Ticks {
   readonly at = new Map<number, number>();
   connections = 0;
   private readonly server: Server;
+  private readonly sockets: Socket[] = [];
 
   constructor() {
     this.server = createServer((sock) => {
       this.connections++;
+      this.sockets.push(sock);
       let partial = "";
       sock.on("error", () => undefined);
       sock.on("data", (d: Buffer) => {
@@ -117,8 +119,10 @@ class Ticks {
     return new Promise((r) => this.server.listen(PEER_PORT, PEER, r));
   }
 
+  /** The server and the guest's connection: its VM is killed without a FIN, and an open socket would keep this process alive. */
   close(): void {
     this.server.close();
+    for (const s of this.sockets) s.destroy();
   }
 
   last(): number {
