@@ -901,8 +901,30 @@ export class VmManager extends EventEmitter {
     const cgroup = this.cgroups.available
       ? VmCgroup.create(this.cgroups, `vm-${r.id}`, { cpuMaxCpus: spec.cpus, memoryMaxBytes: spec.memoryMiB * 2 ** 20 + vmmOverheadBytes(spec.cpus, spec.memoryMiB * 2 ** 20, this.config.vmmOverheadBytes), ...(spec.cpuWeight !== undefined ? { cpuWeight: spec.cpuWeight } : {}) })
       : undefined;
-    const child = spawnVmm(launch);
-    const pid = child.pid;
+    let child: ChildProcess;
+    let pid: number | undefined;
+    let sandboxUid: number | undefined;
+    const sb = this.config.sandbox;
+    if (sb !== undefined) {
+      // Jailed as any start is (its stream comes over a unix socket in out/, relayed by this daemon: migration-relay.ts).
+      try {
+        const bases = basesDir(this.config.home) + sep;
+        const s = await spawnSandboxed(launch, {
+          uid: allocateUid(this.store.db, r.id, sb.uidBase, sb.uidCount), root: p.jailRoot, outDir: p.outDir,
+          ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sb.probe !== undefined ? { probe: sb.probe } : {}),
+          allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f),
+        });
+        child = s.child;
+        pid = s.pid;
+        sandboxUid = s.uid;
+      } catch (e) {
+        cgroup?.remove();
+        throw e;
+      }
+    } else {
+      child = spawnVmm(launch);
+      pid = child.pid;
+    }
     if (pid === undefined) {
       cgroup?.remove();
       throw new TypevisorError("VMM_SPAWN", "cannot start the incoming VMM process");
@@ -913,7 +935,7 @@ export class VmManager extends EventEmitter {
       this.log.warn({ vm: name, err: (e as Error).message }, "could not move the VMM into its cgroup");
     }
     const live = this.track(name, r.id, pid, child, cgroup);
-    this.store.updateVm(name, { runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}) } });
+    this.store.updateVm(name, { runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sandboxUid !== undefined ? { sandboxUid } : {}) } });
     return { pid, alive: () => !live.dead };
   }
 

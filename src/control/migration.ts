@@ -55,6 +55,8 @@ import { VmmClient } from "../engine/vmm-client.js";
 import { copyFile } from "node:fs/promises";
 import { imagePaths } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
+import type { VmmLaunch } from "../engine/native.js";
+import { relayIncoming, relayOutgoing, type Relay } from "./migration-relay.js";
 import { oneTimeCertificate } from "./migration-tls.js";
 import { homePaths, vmPaths } from "./paths.js";
 import { vmSpec, type VmState } from "./spec.js";
@@ -141,8 +143,8 @@ export interface MigrationHost {
   row(name: string): VmRow;
   event(type: string, vm: string | undefined, message: string, data?: Record<string, unknown>): void;
   setState(name: string, to: VmState): void;
-  /** Start `run --incoming` for the row `name` (state incoming); tracked like any VMM. */
-  startIncoming(name: string, incoming: { endpoint: string; certFile: string; keyFile: string; peerFingerprint: string }): Promise<{ pid: number; alive: () => boolean }>;
+  /** Start `run --incoming` for the row `name` (state incoming); tracked like any VMM (jailed when the daemon sandboxes its VMMs). */
+  startIncoming(name: string, incoming: NonNullable<VmmLaunch["incoming"]>): Promise<{ pid: number; alive: () => boolean }>;
   /** Whether the row's VMM process lives, and a promise of its end. */
   vmm(id: string): { alive: boolean; died: Promise<unknown> } | undefined;
   kill(pid: number): void;
@@ -154,6 +156,13 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 export class Migrations {
   private readonly status = new Map<string, MigrationStatus>();
+  /** Sandboxed VMMs' streams this daemon carries (migration-relay.ts), by VM id. */
+  private readonly relays = new Map<string, Relay>();
+
+  private endRelay(id: string): void {
+    this.relays.get(id)?.close();
+    this.relays.delete(id);
+  }
 
   constructor(private readonly h: MigrationHost) {}
 
@@ -193,9 +202,6 @@ export class Migrations {
   // ---- source -----------------------------------------------------------------------------------
 
   async start(name: string, input: z.output<typeof migrateSpec>): Promise<MigrationStatus> {
-    if (this.h.sandboxed) {
-      throw new TypevisorError("MIGRATION_UNSUPPORTED", "this daemon runs its VMMs in the sandbox, whose own network namespace cannot reach the destination", { hint: "run the daemons with --no-sandbox for live migration (docs/migration.md)" });
-    }
     const url = new URL(input.to);
     if (url.protocol !== "https:" || url.hostname === "") throw new TypevisorError("INVALID_REQUEST", `the destination must be a daemon's https:// URL (got ${input.to})`);
     return this.h.serial(name, async () => {
@@ -257,14 +263,25 @@ export class Migrations {
       return;
     }
     try {
+      const tls = { cert: mine.cert, key: mine.key, peerFingerprint: ans.fingerprint };
+      let target: { to: string; tls?: typeof tls } = { to: ans.endpoint, tls };
+      if (this.h.sandboxed) {
+        // A jailed VMM cannot reach the network: it sends to a socket in its out/ directory, and this daemon carries it (migration-relay.ts).
+        const uid = this.h.store.getVm(name)?.runtime?.sandboxUid;
+        if (uid === undefined) throw new TypevisorError("MIGRATION_UNSUPPORTED", `VM ${name}'s VMM runs outside the sandbox of this sandboxing daemon (started before it sandboxed?): restart it first`);
+        const sock = join(vmPaths(this.h.home, r.id).outDir, "migrate.sock");
+        this.relays.set(r.id, await relayOutgoing(sock, { uid, gid: uid }, ans.endpoint, tls, (e) => this.h.log.warn({ vm: name, err: e.message }, "the migration relay could not reach the destination")));
+        target = { to: `unix:${sock}` };
+      }
       // A VMM busy with its guest may take long to answer (its first migration loads the code): a minute.
-      await vmm.call("POST", "/migrate", { to: ans.endpoint, tls: { cert: mine.cert, key: mine.key, peerFingerprint: ans.fingerprint }, ...(plan.maxDowntimeMs !== undefined ? { maxDowntimeMs: plan.maxDowntimeMs } : {}), ...(plan.copyDisks === true ? { disks: "copy" } : {}) }, 60_000);
+      await vmm.call("POST", "/migrate", { ...target, ...(plan.maxDowntimeMs !== undefined ? { maxDowntimeMs: plan.maxDowntimeMs } : {}), ...(plan.copyDisks === true ? { disks: "copy" } : {}) }, 60_000);
       crashPoint("migrate-source-vmm-started");
     } catch (e) {
       const code = (e as { code?: string }).code;
       // Refused: nothing started. No answer: it may have started after all, so it is not assumed
       // failed; watch() asks the VMM (no migration there: B's VMM is dropped first, then ours runs on).
       if (code !== "VMM_TIMEOUT" && code !== "VMM_UNREACHABLE") {
+        this.endRelay(r.id);
         await this.abortPeer(plan);
         await this.revert(name, r.id, before, (e as Error).message);
         return;
@@ -356,6 +373,7 @@ export class Migrations {
       }
       this.h.setState(name, state);
       rmSync(this.planFile(r), { force: true });
+      this.endRelay(id);
       const st = this.status.get(name);
       if (st !== undefined) Object.assign(st, { phase: cancelled ? "cancelled" : "failed", error: why, endedAt: new Date().toISOString() });
       this.h.event("vm.migration-failed", name, `VM ${name} did not migrate (${why}); it runs on here`, { error: why });
@@ -372,7 +390,6 @@ export class Migrations {
   // ---- destination ------------------------------------------------------------------------------
 
   async prepareIncoming(input: z.output<typeof incomingSpec>, localAddress: string | undefined): Promise<z.infer<typeof incomingAnswer>> {
-    if (this.h.sandboxed) throw new TypevisorError("MIGRATION_UNSUPPORTED", "the destination daemon runs its VMMs in the sandbox, whose own network namespace cannot take the stream", { hint: "run the daemons with --no-sandbox for live migration" });
     if (localAddress === undefined || isIP(localAddress.replace(/^::ffff:/, "")) === 0) throw new TypevisorError("INVALID_REQUEST", "a migration is prepared over the daemon's HTTPS listener (the stream comes to the address the source reached)");
     const host = localAddress.replace(/^::ffff:/, "");
     const name = input.spec.name;
@@ -405,11 +422,20 @@ export class Migrations {
       const mine = await oneTimeCertificate(`typevisor migration destination ${input.migrationId}`);
       const certFile = join(p.dir, "tls-cert.pem");
       const keyFile = join(p.dir, "tls-key.pem");
-      writeFileSync(certFile, mine.cert, { mode: 0o600 });
-      writeFileSync(keyFile, mine.key, { mode: 0o600 });
       const port = await freePort(host);
       const endpoint = `tcp:${host.includes(":") ? `[${host}]` : host}:${port}`;
-      const vmm = await this.h.startIncoming(name, { endpoint, certFile, keyFile, peerFingerprint: input.sourceFingerprint });
+      // A jailed VMM listens on a unix socket in its out/ directory and this daemon carries the stream to it (migration-relay.ts); else it listens itself.
+      const vmmSocket = join(p.outDir, "incoming.sock");
+      let vmm: { alive: () => boolean };
+      if (this.h.sandboxed) {
+        // Copied disks: empty files made here, which the jail binds (the VMM cannot create files in the VM's directory).
+        if (copy) for (const d of disks) writeFileSync(d.path, "", { mode: 0o600, flag: "wx" });
+        vmm = await this.h.startIncoming(name, { endpoint: `unix:${vmmSocket}` });
+      } else {
+        writeFileSync(certFile, mine.cert, { mode: 0o600 });
+        writeFileSync(keyFile, mine.key, { mode: 0o600 });
+        vmm = await this.h.startIncoming(name, { endpoint, tls: { certFile, keyFile, peerFingerprint: input.sourceFingerprint } });
+      }
       // Listening once it says so (the VMM read its credentials before: they go now).
       const deadline = Date.now() + this.h.startTimeoutMs;
       while (!readLog(p.vmmLog).includes("waiting for a migration")) {
@@ -418,6 +444,9 @@ export class Migrations {
       }
       rmSync(certFile, { force: true });
       rmSync(keyFile, { force: true });
+      if (this.h.sandboxed) {
+        this.relays.set(id, await relayIncoming(endpoint, { cert: mine.cert, key: mine.key, peerFingerprint: input.sourceFingerprint }, vmmSocket, (line) => this.h.log.warn({ vm: name }, line)));
+      }
       crashPoint("migrate-dest-listening");
       void this.awaitArrival(name, id, vmm.alive);
       return { endpoint, fingerprint: mine.fingerprint };
@@ -471,6 +500,8 @@ export class Migrations {
       const r = this.h.store.getVm(name);
       if (r?.id !== id || r.state !== "incoming") return;
       crashPoint("migrate-dest-before-running");
+      // The relay (a sandboxed VMM's) carries the last frames (RUNNING) and ends with the stream: not closed here.
+      this.relays.delete(id);
       const plan = this.readPlan(r);
       if (plan !== undefined) this.writePlan(r, { ...plan, arrived: true });
       this.h.setState(name, "running");
@@ -489,6 +520,7 @@ export class Migrations {
     }
     const cur = this.h.store.getVm(name);
     if (cur?.id !== id || cur.state !== "incoming") return;
+    this.endRelay(id);
     this.h.store.deleteVm(name);
     rmSync(vmPaths(this.h.home, id).dir, { recursive: true, force: true });
     this.h.event("vm.migration-failed", name, `the incoming migration of VM ${name} did not arrive (${why}); nothing of it is left here`, { error: why });
@@ -535,11 +567,13 @@ export class Migrations {
   vmmEnded(r: VmRow, result: string | undefined): void {
     if (r.state === "incoming") {
       // Dropped here (not through dropIncoming: we are in the queue already, and the VMM is dead).
+      this.endRelay(r.id);
       this.h.store.deleteVm(r.name);
       rmSync(r.dir, { recursive: true, force: true });
       this.h.event("vm.migration-failed", r.name, `the incoming migration of VM ${r.name} did not arrive (its VMM ended: ${result ?? "killed"}); nothing of it is left here`, { result });
       return;
     }
+    this.endRelay(r.id);
     const plan = this.readPlan(r);
     if (plan === undefined) return;
     const st = this.status.get(r.name) ?? { vm: r.name, to: plan.peer?.url ?? "?", phase: "confirming" as const, startedAt: plan.startedAt };

@@ -43,9 +43,10 @@ export interface VmmLaunch {
   /**
    * Wait for a live migration instead of booting (`run --incoming`, docs/migration.md): the
    * machine comes in the stream; the disks and NICs given here are this host's back ends. TLS:
-   * this side's one-time certificate and key files, and the source's fingerprint.
+   * this side's one-time certificate and key files, and the source's fingerprint; none on a unix
+   * endpoint (a sandboxed VMM's, which its daemon relays: control/migration-relay.ts).
    */
-  incoming?: { endpoint: string; certFile: string; keyFile: string; peerFingerprint: string };
+  incoming?: { endpoint: string; tls?: { certFile: string; keyFile: string; peerFingerprint: string } };
 }
 
 /** bin/typevisor.js of this installation (dist/engine/native.js → ../../bin). */
@@ -56,7 +57,8 @@ export function vmmArgs(l: VmmLaunch): string[] {
   if (l.incoming !== undefined) {
     const i = l.incoming;
     return [
-      "run", "--no-lab", "--id", l.id, "--incoming", i.endpoint, "--tls-cert", i.certFile, "--tls-key", i.keyFile, "--tls-peer-fingerprint", i.peerFingerprint,
+      "run", "--no-lab", "--id", l.id, "--incoming", i.endpoint,
+      ...(i.tls !== undefined ? ["--tls-cert", i.tls.certFile, "--tls-key", i.tls.keyFile, "--tls-peer-fingerprint", i.tls.peerFingerprint] : []),
       "--api-socket", l.apiSocket, "--console-log", l.consoleLog, "--console-log-size", String(l.consoleLogSize), "--console-socket", l.consoleSocket, "--exit-file", l.exitFile,
       ...backEndArgs(l), ...(l.forceKvm ? ["--force-kvm"] : []),
     ];

@@ -14,6 +14,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { TypevisorClient } from "../../src/api/client.js";
 import { processAlive } from "../../src/control/proc.js";
+import { JAIL_BIN } from "../../src/control/sandbox/sandbox.js";
 import { BIN, startDaemon, tcpPort, until, type TestDaemon } from "../helpers/daemon.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 
@@ -188,4 +189,73 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
       await (owner === "a" ? a : b).client.removeVm(name, { force: true });
     }, 180_000);
   });
+});
+
+describe.skipIf(!hasKvm || process.getuid?.() !== 0 || !existsSync(JAIL_BIN))("live migration between two sandboxing daemons (root, tiny guests)", () => {
+  const dir = mkdtempSync(join(tmpdir(), "tvmigsb-"));
+  const shared = join(dir, "shared");
+  const kernel = join(dir, "tiny.bin");
+  let a: TestDaemon;
+  let b: TestDaemon;
+  let peer: { to: string; peerToken: string; peerFingerprint: string };
+  // The daemons' default: every VMM jailed (docs/security.md), so each stream goes through its daemon's relay.
+  const args = ["--force-kvm", "--allow-files", dir, "--listen", "127.0.0.1:0"];
+
+  beforeAll(async () => {
+    writeTinyKernel(kernel);
+    mkdirSync(shared);
+    [a, b] = await Promise.all([startDaemon({ args }), startDaemon({ args })]);
+    await a.client.createPool({ name: "shared", path: shared });
+    await b.client.addUser({ name: "peer-a", role: "operator" });
+    const t = await b.client.createToken({ user: "peer-a" });
+    peer = { to: `https://127.0.0.1:${await tcpPort(b)}`, peerToken: t.token, peerFingerprint: (await b.client.host()).tls!.fingerprint };
+  }, 60_000);
+
+  afterAll(async () => {
+    for (const d of [a, b]) {
+      if (d === undefined) continue;
+      for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
+      await d.stop();
+    }
+    rmSync(dir, { recursive: true, force: true });
+  }, 60_000);
+
+  async function echoes(d: TestDaemon, name: string, word: string): Promise<void> {
+    const s = await d.client.attachConsole(name);
+    s.on("error", () => undefined);
+    s.write(word);
+    try {
+      await until(`the echo of ${word} on ${name}`, async () => (await d.client.console(name)).toString().includes(word) || undefined, 20_000);
+    } finally {
+      s.destroy();
+    }
+  }
+
+  it.each([
+    ["a disk on shared storage", { pool: "shared" }, false],
+    ["a raw disk of A's own, copied", {}, true],
+  ] as const)("moves a jailed VMM's guest with %s: it runs on B in B's jail, its stream carried by both daemons", async (_what, where, copyDisks) => {
+    const name = copyDisks ? "sbcopy" : "sbshared";
+    await a.client.createVm({ name, kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "raw", ...where }, { start: true });
+    await until(`${name}'s banner`, async () => (await a.client.console(name)).toString().includes(TINY_KERNEL_BANNER) || undefined);
+    const onA = await a.client.getVm(name);
+    expect(onA.sandbox?.uid).toBeGreaterThan(0);
+    await echoes(a, name, "before-move");
+    await a.client.migrateVm(name, { ...peer, ...(copyDisks ? { copyDisks: true } : {}) });
+    const onB = await until(`${name} running on B`, async () => {
+      const v = await b.client.getVm(name).catch(() => undefined);
+      return v?.state === "running" ? v : undefined;
+    }, 60_000);
+    expect((await a.client.migration(name)).phase).not.toBe("failed");
+    // Jailed there too: its own uid, without capabilities.
+    expect(onB.sandbox?.uid).toBeGreaterThan(0);
+    const status = readFileSync(`/proc/${onB.pid!}/status`, "utf8");
+    expect(status).toMatch(/^CapEff:\s*0+$/m);
+    expect(status).toMatch(/^Seccomp:\s*2$/m);
+    await echoes(b, name, "after-move");
+    expect((await b.client.console(name)).toString()).not.toContain(TINY_KERNEL_BANNER);
+    await until("A to drop it", async () => ((await a.client.listVms()).some((v) => v.name === name) ? undefined : true));
+    if (copyDisks) expect(onB.disks[0]!.path.startsWith(b.home)).toBe(true);
+    await b.client.removeVm(name, { force: true });
+  }, 120_000);
 });

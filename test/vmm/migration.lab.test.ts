@@ -10,7 +10,8 @@
  * that spans both "hosts") and sends a line every 100 ms: after the move the peer still has one
  * connection, every line in order, and the lines go on.
  *
- * Then the same between two daemons (control/migration.ts): daemon A in the lab's namespace,
+ * Then the same between two sandboxing daemons (control/migration.ts; each VMM jailed, its stream
+ * relayed by its daemon: control/migration-relay.ts): daemon A in the lab's namespace,
  * daemon B in the other one with its own home and its HTTPS API on the veth address; a Debian
  * guest of A's, its disk in a pool on storage both see, moves with `typevisor vm migrate` (A
  * authenticates B by its pinned certificate and a token of B's; the VMM stream is TLS with
@@ -187,8 +188,8 @@ describe("live migration of a running guest between two network namespaces under
     const step = (what: string): void => console.log(`migration-lab: daemons: ${what} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
     const shared = join(dir, "shared");
     mkdirSync(shared);
-    // Sandboxed VMMs have their own network namespace (docs/security.md): migration needs --no-sandbox for now.
-    const common = ["--no-sandbox", "--usage-interval", "5"];
+    // The daemons' default: every VMM jailed (its own empty network namespace), the stream carried by both daemons (control/migration-relay.ts).
+    const common = ["--usage-interval", "5"];
     let a: TestDaemon | undefined;
     let b: TestDaemon | undefined;
     try {
@@ -219,6 +220,8 @@ describe("live migration of a running guest between two network namespaces under
       expect(ls(a)).not.toContain("mover");
       expect(ls(b)).toMatch(/mover\s+running/);
       expect(processAlive(pidA)).toBe(false);
+      // Jailed at B as it was at A: its own uid.
+      expect((await b.client.getVm("mover")).sandbox?.uid).toBeGreaterThan(0);
       await until("the counter going on at B", async () => {
         const ticks = [...(await text(b!)).matchAll(/tick=(\d+)/g)].map((m) => Number(m[1]));
         return ticks.length >= 5 ? ticks : undefined;

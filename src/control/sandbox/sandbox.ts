@@ -142,8 +142,8 @@ export async function spawnSandboxed(
   mkdirSync(s.outDir, { recursive: true, mode: 0o700 });
   chownSync(s.outDir, uid, gid);
   const binds: string[] = [`${s.outDir}:rw`];
-  // The kernel and initrd copies are the VM's own: its uid reads them.
-  for (const f of [l.kernel, ...(l.initrd !== undefined ? [l.initrd] : [])]) {
+  // The kernel and initrd copies are the VM's own: its uid reads them (none for an incoming migration: the guest comes running).
+  for (const f of [...(l.kernel !== "" ? [l.kernel] : []), ...(l.initrd !== undefined ? [l.initrd] : [])]) {
     chownSync(f, uid, gid);
     binds.push(f);
   }

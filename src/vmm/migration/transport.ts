@@ -185,10 +185,28 @@ export function openStream(spec: string, sec: StreamSecurity, onSocket: (s: Sock
  * before anything of theirs is read; the listener then goes on waiting.
  */
 export function acceptStream(spec: string, sec: StreamSecurity, log: (line: string) => void): Promise<Socket> {
+  return listenStream(spec, sec, log).accepted;
+}
+
+/** A listener for one stream (acceptStream's): `listening` once bound, `accepted` with the peer, `close()` to give up waiting. */
+export interface StreamListener {
+  listening: Promise<void>;
+  accepted: Promise<Socket>;
+  close(): void;
+}
+
+export function listenStream(spec: string, sec: StreamSecurity, log: (line: string) => void): StreamListener {
   const ep = checkedEndpoint(spec, sec);
   const t = sec.tls;
-  return new Promise((resolve, reject) => {
-    let server: Server;
+  let server: Server;
+  let onListening: () => void = () => undefined;
+  let onError: (e: Error) => void = () => undefined;
+  const listening = new Promise<void>((res, rej) => {
+    onListening = res;
+    onError = rej;
+  });
+  listening.catch(() => undefined);
+  const accepted = new Promise<Socket>((resolve, reject) => {
     const take = (sock: Socket): void => {
       server.close();
       resolve(sock);
@@ -210,18 +228,29 @@ export function acceptStream(spec: string, sec: StreamSecurity, log: (line: stri
         sock.destroy();
       });
     }
-    server.once("error", (e) => reject(new TypevisorError("MIGRATION_LISTEN", `cannot listen on ${spec}: ${e.message}`)));
+    server.once("error", (e) => {
+      const err = new TypevisorError("MIGRATION_LISTEN", `cannot listen on ${spec}: ${e.message}`);
+      onError(err);
+      reject(err);
+    });
+    server.once("close", () => reject(new TypevisorError("MIGRATION_LISTEN", `stopped listening on ${spec} before a peer came`)));
     const how = t !== undefined ? " (TLS, the peer authenticated)" : "";
     if ("path" in ep) {
       if (existsSync(ep.path)) unlinkSync(ep.path);
-      server.listen(ep.path, () => log(`typevisor: waiting for a migration on ${spec}${how}`));
+      server.listen(ep.path, () => {
+        log(`typevisor: waiting for a migration on ${spec}${how}`);
+        onListening();
+      });
     } else {
       server.listen(ep.port, ep.host, () => {
         // The port actually bound (tcp:ADDR:0 asks the kernel for one): what a caller hands the source.
         const a = server.address();
         const port = typeof a === "object" && a !== null ? a.port : ep.port;
         log(`typevisor: waiting for a migration on tcp:${ep.host.includes(":") ? `[${ep.host}]` : ep.host}:${port}${how}`);
+        onListening();
       });
     }
   });
+  accepted.catch(() => undefined);
+  return { listening, accepted, close: () => server.close() };
 }
