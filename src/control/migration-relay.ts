@@ -10,9 +10,10 @@
  *
  *   source VMM --unix--> source daemon ==TLS==> destination daemon --unix--> destination VMM
  */
-import { chmodSync, chownSync, rmSync } from "node:fs";
+import { chmodSync, chownSync, closeSync, rmSync } from "node:fs";
 import { connect, createServer, type Socket } from "node:net";
 import { TypevisorError } from "../errors.js";
+import { openSocketNoFollow } from "../sys/untrusted-file.js";
 import { listenStream, openStream, type StreamTls } from "../vmm/migration/transport.js";
 
 /** Pipe `a` and `b` both ways; either side's end or error ends both. */
@@ -64,9 +65,21 @@ export async function relayOutgoing(path: string, owner: { uid: number; gid: num
     server.once("error", (e) => reject(new TypevisorError("UNIX_SOCKET", `cannot listen on ${path}: ${e.message}`)));
     server.listen(path, resolve);
   });
-  // Bound by root: the VMM's uid alone may connect (connect(2) needs write permission on the socket).
-  chownSync(path, owner.uid, owner.gid);
-  chmodSync(path, 0o600);
+  // Bound by root: the VMM's uid alone may connect (connect(2) needs write permission on the
+  // socket). Through the descriptor: the VMM owns the directory and could swap in a symlink to a
+  // host file between the bind and a chown by name.
+  try {
+    const fd = openSocketNoFollow(path);
+    try {
+      chownSync(`/proc/self/fd/${fd}`, owner.uid, owner.gid);
+      chmodSync(`/proc/self/fd/${fd}`, 0o600);
+    } finally {
+      closeSync(fd);
+    }
+  } catch (e) {
+    server.close();
+    throw new TypevisorError("UNIX_SOCKET", `cannot hand ${path} to the VMM: ${(e as Error).message}`);
+  }
   return {
     close: () => {
       server.close();
@@ -88,13 +101,27 @@ export async function relayIncoming(endpoint: string, tls: StreamTls, vmmPath: s
     (peer) => {
       held.push(peer);
       peer.pause();
-      const vmm = connect(vmmPath);
+      // The VMM owns the directory: connect to the socket it bound, never through a symlink put there.
+      let fd: number;
+      try {
+        fd = openSocketNoFollow(vmmPath);
+      } catch (e) {
+        log(`typevisor: the incoming VMM's socket ${vmmPath}: ${(e as Error).message}`);
+        peer.destroy();
+        return;
+      }
+      const vmm = connect(`/proc/self/fd/${fd}`);
       held.push(vmm);
+      let connected = false;
       vmm.once("connect", () => {
+        connected = true;
+        closeSync(fd);
         peer.resume();
         splice(peer, vmm);
       });
       vmm.once("error", (e) => {
+        if (connected) return; // splice's
+        closeSync(fd);
         log(`typevisor: the incoming VMM's socket ${vmmPath}: ${e.message}`);
         peer.destroy();
       });

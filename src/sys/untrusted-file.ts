@@ -41,3 +41,24 @@ export function readRegularNoFollow(path: string, maxBytes: number): Buffer {
     closeSync(fd);
   }
 }
+
+/** O_PATH (linux/fcntl.h, 010000000 on x86-64; node's fs.constants does not have it). */
+const O_PATH = 0o10000000;
+
+/**
+ * A descriptor for the unix socket at `path` that a less trusted process could replace: O_PATH |
+ * O_NOFOLLOW opens the last component itself (a symlink yields the link, refused below), and only
+ * a socket is accepted. `/proc/self/fd/N` then names that very inode for chown(2), chmod(2) and
+ * connect(2), which would otherwise follow a symlink swapped in after the check.
+ * @throws the open's error, or an Error with code EFTYPE for anything but a socket
+ */
+export function openSocketNoFollow(path: string): number {
+  const fd = openSync(path, O_PATH | constants.O_NOFOLLOW);
+  try {
+    if (!fstatSync(fd).isSocket()) throw Object.assign(new Error(`${path} is not a socket`), { code: "EFTYPE" });
+  } catch (e) {
+    closeSync(fd);
+    throw e;
+  }
+  return fd;
+}
