@@ -189,7 +189,8 @@ describe("live migration of a running guest between two network namespaces under
     const shared = join(dir, "shared");
     mkdirSync(shared);
     // The daemons' default: every VMM jailed (its own empty network namespace), the stream carried by both daemons (control/migration-relay.ts).
-    const common = ["--usage-interval", "5"];
+    // --start-timeout: a jailed VMM's start took over the default 60 s in a lab beside other labs.
+    const common = ["--usage-interval", "5", "--start-timeout", "300"];
     let a: TestDaemon | undefined;
     let b: TestDaemon | undefined;
     try {
