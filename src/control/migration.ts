@@ -551,7 +551,8 @@ export class Migrations {
     const s = await this.incomingStatus(migrationId);
     if (s.state === "absent") return s;
     if (s.state === "running") throw new TypevisorError("VM_STATE", `VM ${s.vm ?? "?"} has arrived and runs here: the migration cannot be undone`);
-    const r = this.findByMigration(migrationId)!;
+    const r = this.findByMigration(migrationId);
+    if (r === undefined) return { migrationId, state: "absent" };
     await this.dropIncoming(r.name, r.id, "the source gave up");
     return this.incomingStatus(migrationId);
   }
