@@ -445,7 +445,7 @@ export class Migrations {
       rmSync(certFile, { force: true });
       rmSync(keyFile, { force: true });
       if (this.h.sandboxed) {
-        this.relays.set(id, await relayIncoming(endpoint, { cert: mine.cert, key: mine.key, peerFingerprint: input.sourceFingerprint }, vmmSocket, (line) => this.h.log.warn({ vm: name }, line)));
+        this.relays.set(id, await relayIncoming(endpoint, { cert: mine.cert, key: mine.key, peerFingerprint: input.sourceFingerprint }, vmmSocket, (line) => this.h.log.info({ vm: name }, line)));
       }
       crashPoint("migrate-dest-listening");
       void this.awaitArrival(name, id, vmm.alive);
