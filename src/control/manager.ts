@@ -803,15 +803,9 @@ export class VmManager extends EventEmitter {
       pid = child.pid;
     } else if (sb !== undefined) {
       try {
-        const bases = basesDir(this.config.home) + sep;
         // A restore: the saved state readable by one group, which this VMM is given (jailed-state.ts).
         const restoreGroup = restore !== undefined ? this.snapshots.shareForRestore(restore.dir, r.id) : undefined;
-        const s = await spawnSandboxed(launch, {
-          uid: allocateUid(this.store.db, r.id, sb.uidBase, sb.uidCount), root: p.jailRoot, outDir: p.outDir,
-          ...(restoreGroup !== undefined ? { restoreGroup } : {}),
-          ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sb.probe !== undefined ? { probe: sb.probe } : {}),
-          allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f),
-        });
+        const s = await this.spawnJailed(launch, sb, cgroup, restoreGroup);
         child = s.child;
         pid = s.pid;
         sandboxUid = s.uid;
@@ -883,6 +877,18 @@ export class VmManager extends EventEmitter {
    * ends, in the VM's cgroup, tracked like any VMM (its exit: recordEnd → migrations.vmmEnded).
    * Its API socket answers only once the VM runs here, so nothing waits for it here.
    */
+  /** `launch`'s VMM in its sandbox (sandbox/sandbox.ts): the VM's uid, its jail root and out/ directory, its cgroup. */
+  private spawnJailed(launch: VmmLaunch, sb: SandboxOptions, cgroup: VmCgroup | undefined, restoreGroup?: number): ReturnType<typeof spawnSandboxed> {
+    const p = vmPaths(this.config.home, launch.id);
+    const bases = basesDir(this.config.home) + sep;
+    return spawnSandboxed(launch, {
+      uid: allocateUid(this.store.db, launch.id, sb.uidBase, sb.uidCount), root: p.jailRoot, outDir: p.outDir,
+      ...(restoreGroup !== undefined ? { restoreGroup } : {}),
+      ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sb.probe !== undefined ? { probe: sb.probe } : {}),
+      allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f),
+    });
+  }
+
   private async startIncoming(name: string, incoming: NonNullable<VmmLaunch["incoming"]>): Promise<{ pid: number; alive: () => boolean }> {
     const r = this.row(name);
     const spec = r.spec;
@@ -908,12 +914,7 @@ export class VmManager extends EventEmitter {
     if (sb !== undefined) {
       // Jailed as any start is (its stream comes over a unix socket in out/, relayed by this daemon: migration-relay.ts).
       try {
-        const bases = basesDir(this.config.home) + sep;
-        const s = await spawnSandboxed(launch, {
-          uid: allocateUid(this.store.db, r.id, sb.uidBase, sb.uidCount), root: p.jailRoot, outDir: p.outDir,
-          ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sb.probe !== undefined ? { probe: sb.probe } : {}),
-          allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f),
-        });
+        const s = await this.spawnJailed(launch, sb, cgroup);
         child = s.child;
         pid = s.pid;
         sandboxUid = s.uid;

@@ -20,6 +20,38 @@ import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 
 const hasKvm = existsSync("/dev/kvm");
 
+/** Daemons A and B (their `args`), a pool "shared" of A's in `dir`, and what A needs to migrate to B (an operator token of B's, B's fingerprint). */
+async function startPair(args: string[], dir: string): Promise<{ a: TestDaemon; b: TestDaemon; peer: { to: string; peerToken: string; peerFingerprint: string } }> {
+  writeTinyKernel(join(dir, "tiny.bin"));
+  mkdirSync(join(dir, "shared"));
+  const [a, b] = await Promise.all([startDaemon({ args }), startDaemon({ args })]);
+  await a.client.createPool({ name: "shared", path: join(dir, "shared") });
+  await b.client.addUser({ name: "peer-a", role: "operator" });
+  const t = await b.client.createToken({ user: "peer-a" });
+  return { a, b, peer: { to: `https://127.0.0.1:${await tcpPort(b)}`, peerToken: t.token, peerFingerprint: (await b.client.host()).tls!.fingerprint } };
+}
+
+async function stopPair(daemons: (TestDaemon | undefined)[], dir: string): Promise<void> {
+  for (const d of daemons) {
+    if (d === undefined) continue;
+    for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
+    await d.stop();
+  }
+  rmSync(dir, { recursive: true, force: true });
+}
+
+/** Type `word` on the VM's console at `d` and see it echoed: the guest runs there. */
+async function answers(d: TestDaemon, name: string, word: string): Promise<void> {
+  const s = await d.client.attachConsole(name);
+  s.on("error", () => undefined);
+  s.write(word);
+  try {
+    await until(`the echo of ${word} on ${name}`, async () => (await d.client.console(name)).toString().includes(word) || undefined, 20_000);
+  } finally {
+    s.destroy();
+  }
+}
+
 describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --force-kvm)", () => {
   const dir = mkdtempSync(join(tmpdir(), "tvmigd-"));
   const shared = join(dir, "shared");
@@ -30,23 +62,9 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
   const args = ["--force-kvm", "--no-sandbox", "--allow-files", dir, "--listen", "127.0.0.1:0"];
 
   beforeAll(async () => {
-    writeTinyKernel(kernel);
-    mkdirSync(shared);
-    [a, b] = await Promise.all([startDaemon({ args }), startDaemon({ args })]);
-    await a.client.createPool({ name: "shared", path: shared });
-    await b.client.addUser({ name: "peer-a", role: "operator" });
-    const t = await b.client.createToken({ user: "peer-a" });
-    peer = { to: `https://127.0.0.1:${await tcpPort(b)}`, peerToken: t.token, peerFingerprint: (await b.client.host()).tls!.fingerprint };
+    ({ a, b, peer } = await startPair(args, dir));
   }, 60_000);
-
-  afterAll(async () => {
-    for (const d of [a, b]) {
-      if (d === undefined) continue;
-      for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
-      await d.stop();
-    }
-    rmSync(dir, { recursive: true, force: true });
-  }, 60_000);
+  afterAll(() => stopPair([a, b], dir), 60_000);
 
   /** A running tiny guest on A whose disk is on the shared storage. */
   async function sourceVm(name: string): Promise<void> {
@@ -54,17 +72,6 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
     await until(`${name}'s banner`, async () => (await a.client.console(name)).toString().includes(TINY_KERNEL_BANNER) || undefined);
   }
 
-  /** Type `word` on the VM's console at `d` and see it echoed: the guest runs there. */
-  async function answers(d: TestDaemon, name: string, word: string): Promise<void> {
-    const s = await d.client.attachConsole(name);
-    s.on("error", () => undefined);
-    s.write(word);
-    try {
-      await until(`the echo of ${word} on ${name}`, async () => (await d.client.console(name)).toString().includes(word) || undefined, 20_000);
-    } finally {
-      s.destroy();
-    }
-  }
 
   const names = async (c: TypevisorClient): Promise<Record<string, string>> => Object.fromEntries((await c.listVms()).map((v) => [v.name, v.state]));
 
@@ -193,7 +200,6 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
 
 describe.skipIf(!hasKvm || process.getuid?.() !== 0 || !existsSync(JAIL_BIN))("live migration between two sandboxing daemons (root, tiny guests)", () => {
   const dir = mkdtempSync(join(tmpdir(), "tvmigsb-"));
-  const shared = join(dir, "shared");
   const kernel = join(dir, "tiny.bin");
   let a: TestDaemon;
   let b: TestDaemon;
@@ -202,34 +208,10 @@ describe.skipIf(!hasKvm || process.getuid?.() !== 0 || !existsSync(JAIL_BIN))("l
   const args = ["--force-kvm", "--allow-files", dir, "--listen", "127.0.0.1:0"];
 
   beforeAll(async () => {
-    writeTinyKernel(kernel);
-    mkdirSync(shared);
-    [a, b] = await Promise.all([startDaemon({ args }), startDaemon({ args })]);
-    await a.client.createPool({ name: "shared", path: shared });
-    await b.client.addUser({ name: "peer-a", role: "operator" });
-    const t = await b.client.createToken({ user: "peer-a" });
-    peer = { to: `https://127.0.0.1:${await tcpPort(b)}`, peerToken: t.token, peerFingerprint: (await b.client.host()).tls!.fingerprint };
+    ({ a, b, peer } = await startPair(args, dir));
   }, 60_000);
+  afterAll(() => stopPair([a, b], dir), 60_000);
 
-  afterAll(async () => {
-    for (const d of [a, b]) {
-      if (d === undefined) continue;
-      for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
-      await d.stop();
-    }
-    rmSync(dir, { recursive: true, force: true });
-  }, 60_000);
-
-  async function echoes(d: TestDaemon, name: string, word: string): Promise<void> {
-    const s = await d.client.attachConsole(name);
-    s.on("error", () => undefined);
-    s.write(word);
-    try {
-      await until(`the echo of ${word} on ${name}`, async () => (await d.client.console(name)).toString().includes(word) || undefined, 20_000);
-    } finally {
-      s.destroy();
-    }
-  }
 
   it.each([
     ["a disk on shared storage", { pool: "shared" }, false],
@@ -240,7 +222,7 @@ describe.skipIf(!hasKvm || process.getuid?.() !== 0 || !existsSync(JAIL_BIN))("l
     await until(`${name}'s banner`, async () => (await a.client.console(name)).toString().includes(TINY_KERNEL_BANNER) || undefined);
     const onA = await a.client.getVm(name);
     expect(onA.sandbox?.uid).toBeGreaterThan(0);
-    await echoes(a, name, "before-move");
+    await answers(a, name, "before-move");
     await a.client.migrateVm(name, { ...peer, ...(copyDisks ? { copyDisks: true } : {}) });
     const onB = await until(`${name} running on B`, async () => {
       const v = await b.client.getVm(name).catch(() => undefined);
@@ -252,7 +234,7 @@ describe.skipIf(!hasKvm || process.getuid?.() !== 0 || !existsSync(JAIL_BIN))("l
     const status = readFileSync(`/proc/${onB.pid!}/status`, "utf8");
     expect(status).toMatch(/^CapEff:\s*0+$/m);
     expect(status).toMatch(/^Seccomp:\s*2$/m);
-    await echoes(b, name, "after-move");
+    await answers(b, name, "after-move");
     expect((await b.client.console(name)).toString()).not.toContain(TINY_KERNEL_BANNER);
     await until("A to drop it", async () => ((await a.client.listVms()).some((v) => v.name === name) ? undefined : true));
     if (copyDisks) expect(onB.disks[0]!.path.startsWith(b.home)).toBe(true);
