@@ -1,6 +1,6 @@
 /**
- * A `typevisor run --force-kvm` VMM started by a test, with its API socket, console socket and
- * console log in a directory of its own under `parent`.
+ * A `typevisor run --force-kvm` VMM started by a test, with its API socket, console socket,
+ * console log and exit file in a directory of its own under `parent`.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync } from "node:fs";
@@ -15,6 +15,8 @@ export interface Vmm {
   api: string;
   sock: string;
   log: string;
+  /** Its exit record (`--exit-file`): `result` says how it ended. */
+  exit: string;
 }
 
 export function startVmm(parent: string, name: string, args: string[]): Vmm {
@@ -22,11 +24,12 @@ export function startVmm(parent: string, name: string, args: string[]): Vmm {
   const api = join(d, "api.sock");
   const sock = join(d, "c.sock");
   const log = join(d, "c.log");
-  const child = spawn(process.execPath, [BIN, "run", "--force-kvm", "--no-lab", "--api-socket", api, "--console-socket", sock, "--console-log", log, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  const exit = join(d, "exit.json");
+  const child = spawn(process.execPath, [BIN, "run", "--force-kvm", "--no-lab", "--api-socket", api, "--console-socket", sock, "--console-log", log, "--exit-file", exit, ...args], { stdio: ["ignore", "pipe", "pipe"] });
   let err = "";
   child.stderr!.on("data", (b: Buffer) => (err += b.toString()));
   const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
-  return { child, exited, stderr: () => err, api, sock, log };
+  return { child, exited, stderr: () => err, api, sock, log, exit };
 }
 
 export async function killVmm(v: Vmm): Promise<void> {

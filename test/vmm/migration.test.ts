@@ -5,7 +5,6 @@
  * leaves the source VM running; a hostile stream gets one clear error and no VM at the
  * destination. (A Debian guest under real KVM: migration.lab.test.ts.)
  */
-import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -14,12 +13,12 @@ import { afterAll, describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { checkDiskPattern, MEM_DIRTIER_UP, writeDiskGuest, writeMemDirtier } from "../helpers/disk-guest.js";
 import { unixApi } from "../helpers/unix-api.js";
+import { killVmm, startVmm, type Vmm } from "../helpers/vmm-process.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { FRAME, frame, hello, pagesHeader } from "../../src/vmm/migration/protocol.js";
 import { oneTimeCertificate, type OneTimeCert } from "../../src/control/migration-tls.js";
 import { connect as tlsConnect } from "node:tls";
 
-const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const hasKvm = existsSync("/dev/kvm");
 const dir = mkdtempSync(join(tmpdir(), "tv-mig-"));
 const kernel = join(dir, "tiny.bzImage");
@@ -38,19 +37,7 @@ async function until(what: string, cond: () => boolean | Promise<boolean>, ms = 
   }
 }
 
-interface Vmm { child: ChildProcess; exited: Promise<number | null>; stderr: () => string; api: string; sock: string; exit: string }
-
-function start(name: string, args: string[]): Vmm {
-  const d = mkdtempSync(join(dir, `${name}-`));
-  const api = join(d, "api.sock");
-  const sock = join(d, "c.sock");
-  const exit = join(d, "exit.json");
-  const child = spawn(process.execPath, [BIN, "run", "--force-kvm", "--no-lab", "--api-socket", api, "--console-socket", sock, "--exit-file", exit, ...args], { stdio: ["ignore", "pipe", "pipe"] });
-  let err = "";
-  child.stderr!.on("data", (b: Buffer) => (err += b.toString()));
-  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
-  return { child, exited, stderr: () => err, api, sock, exit };
-}
+const start = (name: string, args: string[]): Vmm => startVmm(dir, name, args);
 
 /** The console client once the VMM has made its socket. */
 async function consoleClient(path: string): Promise<ConsoleClient> {
@@ -71,10 +58,6 @@ async function stillAnswers(con: ConsoleClient, word: string): Promise<void> {
   await until(`the echo of ${word}`, () => con.text().includes(word));
 }
 
-const kill = async (v: Vmm): Promise<void> => {
-  v.child.kill("SIGKILL");
-  await v.exited;
-};
 
 /** One-time credentials for each end (what the daemons make: control/migration-tls.ts). */
 async function certPair(): Promise<{ src: OneTimeCert; dst: OneTimeCert }> {
@@ -135,8 +118,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect(vm.cpus).toBe(2);
       con.sock.destroy();
     } finally {
-      await kill(src.vm);
-      await kill(dst);
+      await killVmm(src.vm);
+      await killVmm(dst);
     }
   }, 60_000);
 
@@ -163,8 +146,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       await stillAnswers(src.con, "after-imposter");
       expect(dst.child.exitCode).toBeNull(); // the imposter got no stream: it still waits
     } finally {
-      await kill(src.vm);
-      await kill(dst);
+      await killVmm(src.vm);
+      await killVmm(dst);
     }
   }, 60_000);
 
@@ -193,7 +176,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       await stillAnswers(src.con, "still-here");
     } finally {
       server.close();
-      await kill(src.vm);
+      await killVmm(src.vm);
     }
   }, 60_000);
 
@@ -236,7 +219,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     } finally {
       server.close();
       stalled.close();
-      await kill(src.vm);
+      await killVmm(src.vm);
     }
   }, 60_000);
 
@@ -247,7 +230,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     try {
       expect((await unixApi(src.vm.api, "POST", "/snapshot", { path: snap })).status).toBe(200);
     } finally {
-      await kill(src.vm);
+      await killVmm(src.vm);
     }
     const stateFile = readFileSync(join(snap, "state.json"));
     const config = JSON.parse(stateFile.subarray(stateFile.indexOf(0x0a) + 1).toString("utf8")).config;
@@ -272,7 +255,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect(dst.stderr()).toMatch(/MIGRATION_PEER|closed/);
     } finally {
       s.destroy();
-      await kill(dst);
+      await killVmm(dst);
     }
   }, 60_000);
 
@@ -310,8 +293,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       con2.sock.destroy();
     } finally {
       con.sock.destroy();
-      await kill(src);
-      await kill(dst);
+      await killVmm(src);
+      await killVmm(dst);
     }
   }, 180_000);
 
@@ -344,8 +327,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect(checkDiskPattern(b.subarray(0, written))).toBeUndefined();
     } finally {
       con.sock.destroy();
-      await kill(src);
-      await kill(dst);
+      await killVmm(src);
+      await killVmm(dst);
     }
   }, 180_000);
 
@@ -370,8 +353,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       await stillAnswers(con, "still-mine");
     } finally {
       con.sock.destroy();
-      await kill(src);
-      await kill(dst);
+      await killVmm(src);
+      await killVmm(dst);
     }
   }, 60_000);
 
@@ -396,7 +379,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect(JSON.parse(readFileSync(dst.exit, "utf8")).result).toBe("error");
     } finally {
       s.destroy();
-      await kill(dst);
+      await killVmm(dst);
     }
   }, 30_000);
 });
