@@ -76,22 +76,12 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
   // The generic Debian kernel (linux-image-*-amd64) booting to userspace is proven by
   // vmgenid.lab.test.ts, which needs that kernel (CONFIG_VMGENID) and checks `uname -r`: one boot, not two.
 
-  it("reboot restarts the VM; poweroff at the shell exits 0", async () => {
-    const p = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--image", "minimal", "--memory", "256"]);
+  // One boot for the API socket's pause/resume and the guest's reboot (each boot is ~30 s of the lab group).
+  it("pause and resume through the API socket leave the guest working; reboot restarts the VM; poweroff at the shell exits 0", async () => {
+    const sock = join(mkdtempSync(join(tmpdir(), "tv-api-")), "vm.sock");
+    const p = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--image", "minimal", "--cpus", "2", "--memory", "256", "--vcpu-nice", "5", "--api-socket", sock]);
     running.push(p);
     let at = await p.waitFor(PROMPT);
-    p.type("reboot\n");
-    at = await p.waitFor(/guest reset; restarting the VM/, at);
-    at = await p.waitFor(new RegExp(USERSPACE_UP_LINE), at);
-    await p.waitFor(PROMPT, at);
-    p.type("poweroff\n");
-    expect(await p.exited).toBe(0);
-  });
-
-  it("pause and resume through the API socket leave the guest working", async () => {
-    const sock = join(mkdtempSync(join(tmpdir(), "tv-api-")), "vm.sock");
-    const p = tv(["--image", "minimal", "--cpus", "2", "--memory", "256", "--vcpu-nice", "5", "--api-socket", sock]);
-    const at = await p.waitFor(PROMPT);
     expect((await api(sock, "POST", "/pause")).status).toBe(200);
     expect(JSON.parse((await api(sock, "GET", "/vm")).body).state).toBe("paused");
     const before = JSON.parse((await api(sock, "GET", "/stats")).body).totalExits as number;
@@ -101,12 +91,17 @@ describe("typevisor run boots Debian kernels under real KVM", () => {
     expect((await api(sock, "POST", "/pause")).status).toBe(409);
     expect((await api(sock, "POST", "/resume")).status).toBe(200);
     p.type("echo ok-$((40+2))\n");
-    await p.waitFor(/ok-42/, at);
+    at = await p.waitFor(/ok-42/, at);
     const stats = JSON.parse((await api(sock, "GET", "/stats")).body);
     expect(stats.vcpus).toHaveLength(2);
     expect(stats.vcpus[0].exits.io).toBeGreaterThan(0);
     // --vcpu-nice 5 over the nice value the VMM inherited from this process.
     expect(stats.vcpus.map((v: { nice: number }) => v.nice)).toEqual([0, 1].map(() => Math.min(19, getPriority() + 5)));
+    await p.waitFor(PROMPT, at);
+    p.type("reboot\n");
+    at = await p.waitFor(/guest reset; restarting the VM/, at);
+    at = await p.waitFor(new RegExp(USERSPACE_UP_LINE), at);
+    await p.waitFor(PROMPT, at);
     p.type("poweroff\n");
     expect(await p.exited).toBe(0);
   });
