@@ -118,6 +118,9 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     times.threadsReady = at();
     vm.applyState(state, { what: "the migrated VM" });
     times.stateApplied = at();
+    // Shared disks: opened at HELLO, while the source still wrote them; it wrote its cached metadata
+    // back before DONE (source.ts), so a qcow2 image's tables are read again now (QEMU's invalidate).
+    if (targets.length === 0 && config.devices.disks.length > 0) await vm.deviceCommand({ command: "disks.reopen" });
     for (const w of vm.restoreWarnings) log(`typevisor: migration: ${w}`);
     // Back ends open and device state in place before READY: after GO nothing may fail here.
     await vm.restoreDevices();

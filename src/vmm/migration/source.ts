@@ -65,6 +65,8 @@ export interface SwitchoverTimes {
   lastRoundBytes: number;
   /** "disks": "copy": the blocks written since the last round sent (lastDiskBytes of them). */
   disksSent?: number;
+  /** "disks": "shared": every disk's writes and cached metadata on storage (the destination reads the same files). */
+  disksFlushed?: number;
   lastDiskBytes?: number;
   /** The state encoded and handed to the socket, and DONE after it (stateBytes of it). */
   stateSent: number;
@@ -262,6 +264,9 @@ export class OutgoingMigration {
           const s: SwitchoverTimes = { syncMs, vcpusStopped: 0, lastRoundSent: 0, lastRoundBytes: 0, stateCaptured: 0, stateSent: 0, stateBytes: 0, ready: 0, goSent: 0, running: 0 };
           const stoppedAt = performance.now();
           const at = (): number => Math.round((performance.now() - stoppedAt) * 10) / 10;
+          // Shared disks: most of what the pause's flush would write goes now, while the guest runs.
+          const sharedDisks = this.disks.length === 0 && this.config.devices.disks.length > 0;
+          if (sharedDisks) await vm.deviceCommand({ command: "disks.flush" });
           // Stop the guest, then send what it wrote since the bitmap above was taken, and that bitmap's pages too.
           if (wasRunning) await vm.pause();
           paused = true;
@@ -274,6 +279,14 @@ export class OutgoingMigration {
           // the disks; the last round below then carries them.
           const state = await vm.captureState(this.config, wasRunning ? "running" : "paused");
           s.stateCaptured = at();
+          if (sharedDisks) {
+            // Shared disks: the destination opens the same files and reads them (a qcow2 image's
+            // tables too) once DONE is in; what this side wrote and caches must be there first,
+            // and nothing is written here afterwards (the guest stays paused; QEMU inactivates
+            // its block devices at this point). A failure fails the migration: the guest runs on here.
+            await vm.deviceCommand({ command: "disks.flush" });
+            s.disksFlushed = at();
+          }
           const last = vm.takeDirtyLog();
           s.dirtyTaken = at();
           const before = this.progress.bytesSent;

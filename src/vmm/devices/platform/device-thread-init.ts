@@ -118,6 +118,17 @@ export type DeviceRequest =
    * or stop (null) marking the blocks each disk's writes change (disk/dirty-blocks.ts).
    */
   | { command: "disks.dirtyLog"; args: { buffers: SharedArrayBuffer[] | null } }
+  /**
+   * A live migration on shared storage, source side, guest paused: every disk's completed
+   * writes and cached metadata on stable storage now (BlockDevice.flushNow). Fails (DISK_IO,
+   * naming the disks) when any disk could not.
+   */
+  | { command: "disks.flush" }
+  /**
+   * An incoming live migration on shared storage, before its guest runs: every qcow2 disk reads
+   * its metadata again, as the source left it (BlockDevice.reopen). Fails as disks.flush does.
+   */
+  | { command: "disks.reopen" }
   /** Block the device thread for `ms` (only with DeviceThreadInit.debugCommands): a stuck device thread, for tests. */
   | { command: "debug.stall"; args: { ms: number } };
 
@@ -133,6 +144,8 @@ export interface DeviceReplies {
   dirtyLog: { on: boolean };
   restore: { restored: true };
   "disks.dirtyLog": { disks: number };
+  "disks.flush": { disks: number };
+  "disks.reopen": { disks: number };
   snapshot: DevicesState;
   "debug.stall": { stalledMs: number };
 }

@@ -286,6 +286,16 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
       disks.forEach(({ dev }, i) => (dev.dirtyBlocks = b === null ? undefined : new DirtyBlocks(b[i]!)));
       return { disks: disks.length };
     }
+    case "disks.flush":
+    case "disks.reopen": {
+      const failed: string[] = [];
+      for (const { name, dev } of disks) {
+        const r = c.command === "disks.flush" ? dev.flushNow() : dev.reopen();
+        if (r < 0) failed.push(`${name}: ${libc.errnoName(-r)}`);
+      }
+      if (failed.length > 0) throw new TypevisorError("DISK_IO", `${c.command === "disks.flush" ? "flushing" : "reopening"} the disks failed (${failed.join(", ")})`);
+      return { disks: disks.length };
+    }
     case "disks.retry":
       for (const { dev } of disks) dev.retryHeld();
       return { held: disks.reduce((n, { dev }) => n + dev.heldRequests, 0) };

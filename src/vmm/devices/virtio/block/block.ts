@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
 import { IoVec, RWF_NOWAIT } from "../../../../sys/iov.js";
-import { EDQUOT, EINTR, EINVAL, ENOSPC, EOPNOTSUPP, errnoName } from "../../../../sys/libc.js";
+import { EDQUOT, EINTR, EINVAL, EIO, ENOSPC, EOPNOTSUPP, errnoName } from "../../../../sys/libc.js";
 import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { gatherHost, readChain, writeChain } from "../queue/chain.js";
@@ -544,14 +544,69 @@ export class BlockDevice implements VirtioDevice {
     this.writeThrough = true;
   }
 
+  /** Wait for the requests on the I/O thread and answer them (used ring, interrupt). */
+  private completeInFlight(): void {
+    if (this.io === undefined || this.io.inFlight === 0) return;
+    this.io.drain((slot, result) => this.finish(slot, result));
+    if (this.io.gone) this.dropIoThread();
+    const q = this.queues[0];
+    if (this.ctx !== undefined && q !== undefined && q.broken === undefined && q.needsInterrupt()) this.ctx.interruptQueue(0);
+  }
+
+  /**
+   * Run one operation on the I/O thread now and wait for it (nothing else in flight): its
+   * result, or undefined when there is no I/O thread (or it is gone: then it was dropped).
+   */
+  private onIoThreadNow(op: number): number | undefined {
+    this.completeInFlight();
+    const io = this.io;
+    if (io === undefined) return undefined;
+    io.nextIov();
+    io.submit(op, 0, 0, false);
+    let result = -EIO;
+    io.drain((_slot, r) => (result = r));
+    if (!io.gone) return result;
+    this.dropIoThread();
+    // The thread and what it cached are gone: the operation cannot be said to have happened.
+    return -EIO;
+  }
+
+  /**
+   * Everything completed so far on stable storage, a qcow2 image's cached metadata included,
+   * before this returns (0 or -errno). A live migration's source does this in the guest's pause,
+   * before the destination reads the same files (QEMU: bdrv_inactivate_all before the last
+   * device state); requests in flight are completed and answered first.
+   */
+  flushNow(): number {
+    if (this.readonly) return 0;
+    return this.onIoThreadNow(IO_OP.FLUSH) ?? this.syncInline();
+  }
+
+  /**
+   * Read a qcow2 image's metadata again from the file, dropping what was read when the device
+   * opened it (0 or -errno). An incoming live migration on shared storage opens the disks while
+   * the source still writes them; the source writes its metadata back in the pause (flushNow)
+   * and the destination rereads it before its guest runs (QEMU: bdrv_invalidate_cache). Only
+   * before this device served a request: it drops its cache by writing it back, and a backend
+   * that never wrote has nothing to write. Raw images cache nothing.
+   */
+  reopen(): number {
+    if (this.raw) return 0;
+    const r = this.onIoThreadNow(IO_OP.REOPEN);
+    if (r !== undefined) return r;
+    try {
+      this.backend?.close();
+      this.backend = backendFromInit(this.diskInit);
+      return 0;
+    } catch {
+      this.backend = undefined; // requests fail with IOERR (inline())
+      return -EIO;
+    }
+  }
+
   save(): BlockDeviceState {
     // In-flight requests are completed into the used ring first, so the cursors saved are final.
-    if (this.io !== undefined && this.io.inFlight > 0) {
-      this.io.drain((slot, result) => this.finish(slot, result));
-      if (this.io.gone) this.dropIoThread();
-      const q = this.queues[0];
-      if (this.ctx !== undefined && q !== undefined && q.broken === undefined && q.needsInterrupt()) this.ctx.interruptQueue(0);
-    }
+    this.completeInFlight();
     // A held request (after the drain: one may have just failed for space) was taken from the
     // ring and not answered: the saved cursors cannot say so.
     if (this.held.length > 0) throw new TypevisorError("DISK_HELD", `disk ${this.diskInit.path} has ${this.held.length} requests waiting for space on its filesystem; free space and resume first`);

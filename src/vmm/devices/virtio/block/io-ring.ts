@@ -22,8 +22,11 @@ const IOVEC_BYTES = 16;
 export const CTL = { SUBMITTED: 0, COMPLETED: 1, STOP: 2, TID: 3, CLOSED: 4 } as const;
 /** Slot fields (Float64). */
 export const META = { OP: 0, POS: 1, LEN: 2, IOVCNT: 3, SYNC: 4, RESULT: 5 } as const;
-/** Operations. */
-export const IO_OP = { READ: 1, WRITE: 2, FLUSH: 3, WRITE_ZEROES: 4, DISCARD: 5 } as const;
+/**
+ * Operations. REOPEN: drop the backend (writing back what it caches) and build it again from the
+ * file, so it reads metadata another process wrote (an incoming live migration on shared storage).
+ */
+export const IO_OP = { READ: 1, WRITE: 2, FLUSH: 3, WRITE_ZEROES: 4, DISCARD: 5, REOPEN: 6 } as const;
 
 export interface IoRing {
   readonly sab: SharedArrayBuffer;
@@ -43,7 +46,7 @@ export function ioRing(sab = new SharedArrayBuffer(CTL_BYTES + SLOTS * META_FIEL
 /** Index of `field` of slot `slot` in IoRing.meta. */
 export const metaAt = (slot: number, field: number): number => slot * META_FIELDS + field;
 
-const OP_NAMES: Record<number, string> = { [IO_OP.READ]: "read", [IO_OP.WRITE]: "write", [IO_OP.FLUSH]: "flush", [IO_OP.WRITE_ZEROES]: "write-zeroes", [IO_OP.DISCARD]: "discard" };
+const OP_NAMES: Record<number, string> = { [IO_OP.READ]: "read", [IO_OP.WRITE]: "write", [IO_OP.FLUSH]: "flush", [IO_OP.WRITE_ZEROES]: "write-zeroes", [IO_OP.DISCARD]: "discard", [IO_OP.REOPEN]: "reopen" };
 
 /** What a ring shows of its I/O thread, read from any thread without asking either side (GET /threads). */
 export interface IoRingStatus {

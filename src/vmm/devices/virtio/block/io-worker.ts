@@ -40,9 +40,26 @@ try {
   disk = undefined;
 }
 
+/** IO_OP.REOPEN: the backend built again from the file (its metadata as on disk now). */
+function reopen(): number {
+  try {
+    disk?.close();
+  } catch {
+    // a backend that cannot write back has nothing to lose here: it never wrote (see BlockDevice.reopen)
+  }
+  try {
+    disk = backendFromInit(init.disk);
+    return 0;
+  } catch {
+    disk = undefined;
+    return -libc.EIO;
+  }
+}
+
 function execute(slot: number): number {
-  if (disk === undefined) return -libc.EIO;
   const op = meta[metaAt(slot, META.OP)]!;
+  if (op === IO_OP.REOPEN) return reopen();
+  if (disk === undefined) return -libc.EIO;
   const pos = meta[metaAt(slot, META.POS)]!;
   let r: number;
   switch (op) {

@@ -131,6 +131,40 @@ for (const where of ["the device thread", "an I/O thread"] as const) {
       }
     });
 
+    it("two devices on one file, as a live migration's two ends: after the first's flushNow() and the second's reopen(), the second reads every write and allocates past them", () => {
+      const { img, base } = overlay();
+      const model = Buffer.alloc(4 * MiB);
+      base.copy(model);
+      const a = open(img);
+      // The destination opens the file at HELLO, while the source still writes it.
+      const b = open(img);
+      try {
+        const ra = rig(a);
+        // A new cluster and its L2 table: in a's cache only, until its flush.
+        const w1 = pattern(32768, 0, 11);
+        expect(ra.write(0, w1)).toBe(VIRTIO_BLK_S.OK);
+        w1.copy(model, 0);
+        expect(a.flushNow()).toBe(0);
+        expect(b.reopen()).toBe(0);
+        const rb = rig(b);
+        expect(rb.read(0, 32768).equals(w1)).toBe(true);
+        // A cluster b allocates now lies past a's: neither overwrites the other.
+        const w2 = pattern(32768, 3 * MiB, 12);
+        expect(rb.write((3 * MiB) / 512, w2)).toBe(VIRTIO_BLK_S.OK);
+        w2.copy(model, 3 * MiB);
+        expect(rb.flush()).toBe(VIRTIO_BLK_S.OK);
+        expect(rb.read(0, 32768).equals(w1)).toBe(true);
+      } finally {
+        // The source ends after the destination runs: it has nothing left to write.
+        a.close();
+        b.close();
+      }
+      expect(qemuCheck(img).status).toBe(0);
+      const raw = path.join(dir, `two${n++}.raw`);
+      qemuImg(["convert", "-f", "qcow2", "-O", "raw", img, raw]);
+      expect(fs.readFileSync(raw).equals(model)).toBe(true);
+    });
+
     it("a read-only overlay offers RO, fails writes, and leaves the file as it was", () => {
       const { img } = overlay();
       const before = fs.readFileSync(img);
