@@ -29,7 +29,7 @@ export function registerMigrateCommand(vm: Command): void {
     .requiredOption("--peer-token <token>", "an API token of the destination daemon with the operator or admin role (typevisor token create there)")
     .option("--peer-fingerprint <sha256>", "the destination daemon's certificate fingerprint (typevisor host there); else a system CA must vouch for it")
     .option("--max-downtime <ms>", "the longest pause the guest may see at the switch-over (default 300)")
-    .option("--copy-disks", "copy the VM's disks into the destination daemon's own directory while the VM runs (raw disks; without it the disks must be on storage both daemons see)")
+    .option("--copy-disks", "copy the VM's disks into the destination daemon's own directory while the VM runs (a qcow2 disk becomes a standalone qcow2 image there; without it the disks must be on storage both daemons see)")
     .option("--no-wait", "return once the migration has started (follow it with GET /v1/vms/NAME/migrate)")
     .option("--json", "print the final progress as the API's JSON")
     .action(async (name: string, o: ConnectionOptions & { to: string; peerToken: string; peerFingerprint?: string; maxDowntime?: string; copyDisks?: boolean; wait: boolean; json?: boolean }) => {

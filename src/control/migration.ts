@@ -40,7 +40,7 @@
  *
  * Disks: on storage both see, B opens the same files, which must lie under one of B's
  * --allow-files directories. A keeps the ids of VMs that left in `<home>/migrated-away`, so its
- * start-up sweep does not take their disks from its pools. With `--copy-disks` (raw disks), B's
+ * start-up sweep does not take their disks from its pools. With `--copy-disks` (raw or qcow2), B's
  * row names files in its own VM directory, the incoming VMM creates them and the source VMM sends
  * their contents in the stream (`disks: "copy"`); A's files go with A's row once B runs the VM.
  */
@@ -53,6 +53,7 @@ import { z } from "zod";
 import { TypevisorError } from "../errors.js";
 import { VmmClient } from "../engine/vmm-client.js";
 import { copyFile } from "node:fs/promises";
+import { createQcow2 } from "../vmm/disk/qcow2/create.js";
 import { imagePaths } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
 import type { VmmLaunch } from "../engine/native.js";
@@ -74,7 +75,7 @@ export const migrateSpec = z
     peerToken: z.string().min(1).max(4096).describe("an API token of the destination daemon with the operator or admin role"),
     peerFingerprint: z.string().max(200).optional().describe("the destination daemon's HTTPS certificate SHA-256 fingerprint (what `typevisor host` shows there); else its certificate must chain to a system CA"),
     maxDowntimeMs: z.number().int().min(1).max(3_600_000).optional(),
-    copyDisks: z.boolean().default(false).describe("copy the VM's disks into the destination daemon's own directory while the VM runs (raw disks only, for now); without it the disks must be on storage both daemons see"),
+    copyDisks: z.boolean().default(false).describe("copy the VM's disks into the destination daemon's own directory while the VM runs (a qcow2 disk becomes a standalone qcow2 image there); without it the disks must be on storage both daemons see"),
   })
   .strict();
 export type MigrateInput = z.input<typeof migrateSpec>;
@@ -207,14 +208,10 @@ export class Migrations {
     return this.h.serial(name, async () => {
       const r = this.h.row(name);
       if (r.state !== "running" && r.state !== "paused") throw new TypevisorError("VM_STATE", `cannot migrate VM ${name}: it is ${r.state} (migrate needs running or paused)`);
-      if (input.copyDisks) {
-        // The VMM copies raw images only (vmm/migration/source.ts openDisks): a qcow2 file's clusters would need its metadata too.
-        const q = r.disks.find((d) => (d.format ?? "raw") !== "raw");
-        if (q !== undefined) throw new TypevisorError("MIGRATION_UNSUPPORTED", `VM ${name}'s disk ${q.path} is qcow2: --copy-disks copies raw disks only (for now)`, { hint: "put its disks in a pool on storage both daemons see, and migrate without --copy-disks" });
-      } else {
+      if (!input.copyDisks) {
         const local = r.disks.filter((d) => !this.shared(d));
         if (local.length > 0) {
-          throw new TypevisorError("MIGRATION_UNSUPPORTED", `VM ${name}'s disk ${local[0]!.path} is in this daemon's own directory, which the destination cannot open`, { hint: "copy it with --copy-disks (raw disks), or put the disks in a pool on storage both daemons see" });
+          throw new TypevisorError("MIGRATION_UNSUPPORTED", `VM ${name}'s disk ${local[0]!.path} is in this daemon's own directory, which the destination cannot open`, { hint: "copy it with --copy-disks, or put the disks in a pool on storage both daemons see" });
         }
       }
       const plan: Plan = { role: "source", id: randomBytes(12).toString("hex"), peer: { url: url.origin, token: input.peerToken, ...(input.peerFingerprint !== undefined ? { fingerprint: input.peerFingerprint } : {}) }, ...(input.maxDowntimeMs !== undefined ? { maxDowntimeMs: input.maxDowntimeMs } : {}), ...(input.copyDisks ? { copyDisks: true } : {}), startedAt: new Date().toISOString() };
@@ -394,16 +391,17 @@ export class Migrations {
     const host = localAddress.replace(/^::ffff:/, "");
     const name = input.spec.name;
     const copy = input.copyDisks === true;
-    if (copy && input.disks.some((d) => d.format !== "raw" || d.backing !== undefined || d.chain !== undefined)) throw new TypevisorError("MIGRATION_UNSUPPORTED", "copied disks must be raw images without backing files");
     // Every file the VM will open must be on storage this daemon was told it may give VMs (--allow-files); copied disks are this daemon's own files.
     if (!copy) for (const d of input.disks) for (const f of [d.path, ...(d.chain ?? (d.backing !== undefined ? [d.backing] : []))]) this.allowed(f);
     if (this.h.store.getVm(name) !== undefined) throw new TypevisorError("VM_EXISTS", `a VM named ${name} already exists here`);
     const boot = this.bootFiles(input.spec);
     const id = randomBytes(6).toString("hex");
     const p = vmPaths(this.h.home, id);
-    // Copied: the incoming VMM creates each file (destination.ts createDiskTargets) in the VM's directory, under the disk's own name (disk<N>).
+    // Copied: the incoming VMM makes each file (disk-targets.ts) in the VM's directory, under the
+    // disk's own name (disk<N>), in the disk's format: a qcow2 disk's copy is a standalone image
+    // (what the source's whole chain holds; no backing file here).
     const disks: DiskRow[] = copy
-      ? input.disks.map((d, i) => ({ path: join(p.dir, `disk${/disk(\d+)\.[a-z0-9]+$/.exec(d.path)?.[1] ?? i}.raw`), sizeBytes: d.sizeBytes, format: "raw" }))
+      ? input.disks.map((d, i) => ({ path: join(p.dir, `disk${/disk(\d+)\.[a-z0-9]+$/.exec(d.path)?.[1] ?? i}.${d.format}`), sizeBytes: d.sizeBytes, format: d.format }))
       : input.disks.map((d) => ({ path: d.path, sizeBytes: d.sizeBytes, format: d.format, ...(d.backing !== undefined ? { backing: d.backing } : {}), ...(d.chain !== undefined ? { chain: d.chain } : {}) }));
     if (new Set(disks.map((d) => d.path)).size !== disks.length) throw new TypevisorError("INVALID_REQUEST", "two disks of the incoming VM have the same name");
     mkdirSync(p.outDir, { recursive: true, mode: 0o700 });
@@ -428,8 +426,15 @@ export class Migrations {
       const vmmSocket = join(p.outDir, "incoming.sock");
       let vmm: { alive: () => boolean };
       if (this.h.sandboxed) {
-        // Copied disks: empty files made here, which the jail binds (the VMM cannot create files in the VM's directory).
-        if (copy) for (const d of disks) writeFileSync(d.path, "", { mode: 0o600, flag: "wx" });
+        // Copied disks: made here, which the jail binds (the VMM cannot create files in the VM's
+        // directory): empty raw files, blank qcow2 images of the disk's size (what the jail reads
+        // of a qcow2 disk's chain must be there already; the VMM accepts a blank one: disk-targets.ts).
+        if (copy) {
+          for (const d of disks) {
+            if (d.format === "qcow2") createQcow2(d.path, { size: d.sizeBytes });
+            else writeFileSync(d.path, "", { mode: 0o600, flag: "wx" });
+          }
+        }
         vmm = await this.h.startIncoming(name, { endpoint: `unix:${vmmSocket}` });
       } else {
         writeFileSync(certFile, mine.cert, { mode: 0o600 });

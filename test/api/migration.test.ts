@@ -6,7 +6,7 @@
  * protocol (TYPEVISOR_CRASH_AT) leaves, once restarted, exactly one owner with the guest running.
  * (Two daemons in two network namespaces with a Debian guest: test/vmm/migration.lab.test.ts.)
  */
-import { spawnSync } from "node:child_process";
+import { execFileSync, spawnSync } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -147,14 +147,43 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
     expect(existsSync(diskB)).toBe(false);
   }, 180_000);
 
+  it("vm migrate --copy-disks moves a VM whose qcow2 disk is A's own: B runs it on a qcow2 image of its own that reads the same, A's file is gone", async () => {
+    await a.client.createVm({ name: "mig4", kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "qcow2" });
+    const diskA = (await a.client.getVm("mig4")).disks[0]!.path;
+    expect(diskA.startsWith(a.home)).toBe(true);
+    // Clusters QEMU allocates (data, and a zeroed one), the rest unallocated.
+    execFileSync("qemu-io", ["-f", "qcow2", "-c", "write -P 0x61 0 64k", "-c", "write -P 0x62 5M 68k", "-c", "write -z 9M 64k", "-c", "write -P 0x63 15M 1M", diskA], { timeout: 30_000 });
+    const rawOf = (img: string): string => {
+      const out = join(mkdtempSync(join(tmpdir(), "tv-migq-")), "disk.raw");
+      execFileSync("qemu-img", ["convert", "-U", "-f", "qcow2", "-O", "raw", img, out], { timeout: 60_000 });
+      return createHash("sha256").update(readFileSync(out)).digest("hex");
+    };
+    const before = rawOf(diskA);
+    await a.client.startVm("mig4");
+    await until("mig4's banner", async () => (await a.client.console("mig4")).toString().includes(TINY_KERNEL_BANNER) || undefined);
+    await a.client.migrateVm("mig4", { ...peer, copyDisks: true });
+    const onB = await until("mig4 running on B", async () => {
+      const v = await b.client.getVm("mig4").catch(() => undefined);
+      return v?.state === "running" ? v : undefined;
+    }, 60_000);
+    const diskB = onB.disks[0]!.path;
+    expect(diskB.startsWith(b.home)).toBe(true);
+    expect(diskB.endsWith(".qcow2")).toBe(true);
+    expect(onB.disks[0]).toMatchObject({ format: "qcow2", sizeBytes: 16 * 2 ** 20 });
+    const check = spawnSync("qemu-img", ["check", "-U", diskB], { encoding: "utf8", timeout: 60_000 });
+    expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+    expect(rawOf(diskB)).toBe(before);
+    await until("A to drop mig4", async () => (!("mig4" in (await names(a.client))) ? true : undefined));
+    expect(existsSync(diskA)).toBe(false);
+    await answers(b, "mig4", "copied-qcow2");
+    await b.client.removeVm("mig4", { force: true });
+    expect(existsSync(diskB)).toBe(false);
+  }, 180_000);
+
   it("refuses what it cannot do, and a failed migration leaves the VM running on A and nothing on B", async () => {
     await sourceVm("mig2");
     await a.client.createVm({ name: "local", kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "raw" }, { start: true });
     await expect(a.client.migrateVm("local", peer)).rejects.toMatchObject({ code: "MIGRATION_UNSUPPORTED", message: expect.stringContaining("own directory") });
-    // The VMM copies raw images only.
-    await a.client.createVm({ name: "localq", kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "qcow2" }, { start: true });
-    await expect(a.client.migrateVm("localq", { ...peer, copyDisks: true })).rejects.toMatchObject({ code: "MIGRATION_UNSUPPORTED", message: expect.stringContaining("qcow2") });
-    await a.client.removeVm("localq", { force: true });
     for (const bad of [{ ...peer, peerToken: "tv_wrong" }, { ...peer, peerFingerprint: "00".repeat(32) }]) {
       await a.client.migrateVm("mig2", bad);
       await until("the failure", async () => ((await a.client.migration("mig2")).phase === "failed" ? true : undefined));
@@ -214,11 +243,13 @@ describe.skipIf(!hasKvm || process.getuid?.() !== 0 || !existsSync(JAIL_BIN))("l
 
 
   it.each([
-    ["a disk on shared storage", { pool: "shared" }, false],
-    ["a raw disk of A's own, copied", {}, true],
-  ] as const)("moves a jailed VMM's guest with %s: it runs on B in B's jail, its stream carried by both daemons", async (_what, where, copyDisks) => {
-    const name = copyDisks ? "sbcopy" : "sbshared";
-    await a.client.createVm({ name, kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "raw", ...where }, { start: true });
+    ["a raw disk on shared storage", { pool: "shared" }, false, "raw"],
+    ["a qcow2 disk on shared storage", { pool: "shared" }, false, "qcow2"],
+    ["a raw disk of A's own, copied", {}, true, "raw"],
+    ["a qcow2 disk of A's own, copied", {}, true, "qcow2"],
+  ] as const)("moves a jailed VMM's guest with %s: it runs on B in B's jail, its stream carried by both daemons", async (_what, where, copyDisks, diskFormat) => {
+    const name = `sb${copyDisks ? "copy" : "shared"}${diskFormat}`;
+    await a.client.createVm({ name, kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat, ...where }, { start: true });
     await until(`${name}'s banner`, async () => (await a.client.console(name)).toString().includes(TINY_KERNEL_BANNER) || undefined);
     const onA = await a.client.getVm(name);
     expect(onA.sandbox?.uid).toBeGreaterThan(0);
@@ -238,6 +269,9 @@ describe.skipIf(!hasKvm || process.getuid?.() !== 0 || !existsSync(JAIL_BIN))("l
     expect((await b.client.console(name)).toString()).not.toContain(TINY_KERNEL_BANNER);
     await until("A to drop it", async () => ((await a.client.listVms()).some((v) => v.name === name) ? undefined : true));
     if (copyDisks) expect(onB.disks[0]!.path.startsWith(b.home)).toBe(true);
+    expect(onB.disks[0]!.format).toBe(diskFormat);
+    const check = spawnSync("qemu-img", ["check", "-U", onB.disks[0]!.path], { encoding: "utf8", timeout: 60_000 });
+    if (diskFormat === "qcow2") expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
     await b.client.removeVm(name, { force: true });
   }, 120_000);
 });

@@ -333,6 +333,59 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     }
   }, 180_000);
 
+  it("copies a qcow2 overlay the guest writes during the migration: the destination's own image holds what the source's chain did, then the guest writes on there", async () => {
+    // A raw base with data the guest has not overwritten yet at the switch-over (its last 8 MiB).
+    const base = join(dir, "copyq-base.raw");
+    writeFileSync(base, Buffer.concat([Buffer.alloc(8 * 1024 * 1024), Buffer.alloc(8 * 1024 * 1024, 0x5a)]));
+    const srcDisk = join(dir, "copyq-src.qcow2");
+    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, srcDisk, "16M"], { timeout: 30_000 });
+    const dstDisk = join(dir, "copyq-dst.qcow2");
+    const src = start("src-copyq", ["--kernel", writer, "--memory", "64", "--disk", `${srcDisk},format=qcow2`]);
+    const con = await consoleClient(src.sock);
+    const endpoint = `unix:${join(dir, "copyq.sock")}`;
+    const dst = start("dst-copyq", ["--incoming", endpoint, "--disk", dstDisk, "--paused"]);
+    let dcon: ConsoleClient | undefined;
+    try {
+      await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      await until("the guest's first writes", () => /tv-disk: [1-9]\d* MiB/.test(con.text()), 90_000);
+      const r = await unixApi(src.api, "POST", "/migrate", { to: endpoint, disks: "copy" });
+      expect(r.status, JSON.stringify(r.body)).toBe(202);
+      expect(await src.exited, src.stderr()).toBe(0);
+      expect(JSON.parse(readFileSync(src.exit, "utf8")).result, `${src.stderr()}\n${dst.stderr()}\n${con.text().slice(-300)}`).toBe("migrated");
+      // Paused at the destination: both images as they were at the switch-over.
+      const info = JSON.parse(execFileSync("qemu-img", ["info", "-U", "--output=json", dstDisk], { encoding: "utf8", timeout: 30_000 })) as { format: string; "virtual-size": number; "backing-filename"?: string };
+      expect(info).toMatchObject({ format: "qcow2", "virtual-size": 16 * 1024 * 1024 });
+      expect(info["backing-filename"]).toBeUndefined();
+      const check = spawnSync("qemu-img", ["check", "-U", dstDisk], { encoding: "utf8", timeout: 60_000 });
+      expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+      const a = join(dir, "copyq-src.raw");
+      const b = join(dir, "copyq-dst.raw");
+      execFileSync("qemu-img", ["convert", "-U", "-O", "raw", srcDisk, a], { timeout: 60_000 });
+      execFileSync("qemu-img", ["convert", "-U", "-O", "raw", dstDisk, b], { timeout: 60_000 });
+      const ours = readFileSync(b);
+      expect(ours.equals(readFileSync(a))).toBe(true);
+      expect(ours.subarray(15 * 1024 * 1024).every((x) => x === 0x5a)).toBe(true);
+      // The copy holds only what the chain had (allocated clusters), not the whole virtual size as data.
+      const allocated = JSON.parse(execFileSync("qemu-img", ["map", "-U", "--output=json", dstDisk], { encoding: "utf8", timeout: 30_000 })) as { length: number; data: boolean }[];
+      const dataBytes = allocated.filter((m) => m.data).reduce((n, m) => n + m.length, 0);
+      expect(dataBytes).toBeLessThan(16 * 1024 * 1024);
+      // Resumed, the guest writes on into its copy, to the end, and powers off.
+      dcon = await consoleClient(dst.sock);
+      expect((await unixApi(dst.api, "POST", "/resume")).status).toBe(200);
+      expect(await dst.exited, `${dst.stderr()}\n${dcon.text().slice(-300)}`).toBe(0);
+      expect(dcon.text()).toContain(DISK_GUEST_DONE);
+      const after = spawnSync("qemu-img", ["check", dstDisk], { encoding: "utf8", timeout: 60_000 });
+      expect(after.status, `${after.stdout}${after.stderr}`).toBe(0);
+      execFileSync("qemu-img", ["convert", "-O", "raw", dstDisk, b], { timeout: 60_000 });
+      expect(checkDiskPattern(readFileSync(b))).toBeUndefined();
+    } finally {
+      con.sock.destroy();
+      dcon?.sock.destroy();
+      await killVmm(src);
+      await killVmm(dst);
+    }
+  }, 180_000);
+
   // Shared storage with a qcow2 image: both VMMs open one file, and each caches its metadata (L1,
   // L2 tables, refcounts, where the next cluster goes). The source must write its cache back before
   // the destination runs, and the destination must read the metadata again then, not use what it

@@ -20,11 +20,32 @@ export interface DiskBackend {
   discard(pos: number, len: number): number;
   /** Everything completed before is on stable storage, data and metadata. */
   flush(): number;
+  /**
+   * The parts of [pos, pos + len) that may read as something other than zeros, ascending and
+   * merged (a superset is allowed: a part listed may still read as zeros). What a copy of the
+   * disk must send (a live migration's "disks": "copy"): the rest reads as zeros anyway.
+   * @throws TypevisorError DISK_IO, or the backend's IoFailure for metadata it refuses
+   */
+  dataRanges(pos: number, len: number): DataRange[];
   /** Write back what is cached (no flush to storage) and drop this object; the fds stay the opener's. */
   close(): void;
 }
 
 export type DiskFormat = "raw" | "qcow2";
+
+/** [offset, offset + length) of a disk, in bytes. */
+export interface DataRange {
+  offset: number;
+  length: number;
+}
+
+/** Append [offset, offset + length) to `out`, merged with the last range when they touch. */
+export function addRange(out: DataRange[], offset: number, length: number): void {
+  if (length <= 0) return;
+  const last = out[out.length - 1];
+  if (last !== undefined && last.offset + last.length === offset) last.length += length;
+  else out.push({ offset, length });
+}
 
 /**
  * What a thread needs to build a backend: plain data, so it crosses to a disk's I/O thread

@@ -5,8 +5,7 @@
  * READY, and hands the VM to the caller to run only after the source's GO. Everything read is
  * checked (protocol.ts); any failure sends ERROR, destroys the half-built VM and throws: no VM.
  */
-import { closeSync, existsSync, fdatasync as fdatasyncAsync, openSync, rmSync, statSync, truncateSync } from "node:fs";
-import { errnoName, ftruncate, pwriteFull } from "../../sys/libc.js";
+import { closeSync, fdatasync as fdatasyncAsync } from "node:fs";
 import { TypevisorError } from "../../errors.js";
 import { ramRanges } from "../arch/x86_64/layout.js";
 import { applyOverrides, incomingVm, type MachineConfig, type RestoreOverrides, type VmHost } from "../builder.js";
@@ -15,6 +14,7 @@ import type { Vm } from "../vm.js";
 import { DISK_HEADER, FRAME, FrameReader, frame, HelloSchema, jsonFrame, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
 import { acceptStream, type StreamSecurity } from "./transport.js";
+import { createDiskTargets, finishDiskTargets, removeDiskTargets, writeDiskData, type DiskTarget } from "./disk-targets.js";
 
 export interface Incoming {
   vm: Vm;
@@ -48,7 +48,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       throw streamError(`HELLO: RAM regions do not match a ${config.memoryMiB} MiB VM`);
     }
     // Before the VM: its device thread opens the disks (with the size they will have) when HELLO is in.
-    if (h.data.disks !== undefined) targets = createDiskTargets(config, h.data.disks);
+    if (h.data.disks !== undefined) targets = createDiskTargets(config.devices.disks, h.data.disks);
     vm = incomingVm(config, host);
     // The device thread and the vCPU threads start now, while the memory streams in, rather than
     // inside the guest's pause (the lab measured seconds for their start-up there).
@@ -93,8 +93,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
         const t = targets[disk];
         if (t === undefined) throw streamError(`DISK_DATA for disk ${disk}; HELLO copies ${targets.length} disks`);
         if (f.payload.readUInt32LE(4) !== 0 || offset > BigInt(t.size) || Number(offset) + len > t.size) throw streamError(`DISK_DATA at ${offset} (+${len}) lies outside disk ${disk} (${t.size} bytes)`);
-        const r = pwriteFull(t.fd, f.payload.subarray(DISK_HEADER), Number(offset));
-        if (r < 0) throw new TypevisorError("MIGRATION_DISKS", `writing ${t.path}: ${errnoName(-r)}`);
+        writeDiskData(t, Number(offset), f.payload.subarray(DISK_HEADER));
       } else if (f.type === FRAME.SYNC) {
         // Every frame before it is in guest memory (or on the disks): say so (protocol.ts).
         if (f.payload.length !== 4) throw streamError(`SYNC of ${f.payload.length} bytes`);
@@ -118,9 +117,11 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     times.threadsReady = at();
     vm.applyState(state, { what: "the migrated VM" });
     times.stateApplied = at();
-    // Shared disks: opened at HELLO, while the source still wrote them; it wrote its cached metadata
-    // back before DONE (source.ts), so a qcow2 image's tables are read again now (QEMU's invalidate).
-    if (targets.length === 0 && config.devices.disks.length > 0) await vm.deviceCommand({ command: "disks.reopen" });
+    // The devices opened the disks at HELLO: shared ones while the source still wrote them (it
+    // wrote its cached metadata back before DONE: source.ts), copied qcow2 ones still empty (their
+    // metadata is written back now). A qcow2 image's tables are read again (QEMU's invalidate).
+    finishDiskTargets(targets);
+    if (config.devices.disks.length > 0) await vm.deviceCommand({ command: "disks.reopen" });
     for (const w of vm.restoreWarnings) log(`typevisor: migration: ${w}`);
     // Back ends open and device state in place before READY: after GO nothing may fail here.
     await vm.restoreDevices();
@@ -158,11 +159,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     sock.destroy();
     await vm?.discard();
     // Nothing left behind: a file made here goes, an empty one given goes back to empty.
-    for (const t of targets) {
-      closeSync(t.fd);
-      if (t.created) rmSync(t.path, { force: true });
-      else truncateSync(t.path, 0);
-    }
+    removeDiskTargets(targets);
     throw e;
   }
 }
@@ -183,45 +180,5 @@ async function warmStateChecks(vm: Vm, config: MachineConfig): Promise<void> {
     decodeState(encodeState({ ...sample, memory: null }), "a warm-up sample");
   } catch {
     // only a warm-up: the migration does not need it
-  }
-}
-
-interface DiskTarget {
-  path: string;
-  fd: number;
-  size: number;
-  /** Made by this migration (removed again if it fails), not an empty file given with --disk. */
-  created: boolean;
-}
-
-/**
- * The files the copied disks go into: each disk's path in the (overridden) configuration, a
- * file that does not exist yet or an empty one (never a disk with data: that would be
- * overwritten), sized as the source's disk. Raw (the only format "copy" sends).
- */
-function createDiskTargets(config: MachineConfig, disks: readonly { size: number }[]): DiskTarget[] {
-  const list = config.devices.disks;
-  if (disks.length !== list.length) throw streamError(`HELLO copies ${disks.length} disks for a machine with ${list.length}`);
-  const out: DiskTarget[] = [];
-  try {
-    list.forEach((d, i) => {
-      const size = disks[i]!.size;
-      if (size % 512 !== 0) throw streamError(`disk ${i} of ${size} bytes is not whole sectors`);
-      const exists = existsSync(d.path);
-      if (exists && statSync(d.path).size !== 0) {
-        throw new TypevisorError("MIGRATION_DISKS", `${d.path} is not empty: the copied disk would overwrite it`, { hint: "give an empty file or a path that does not exist yet (--disk PATH on run --incoming)" });
-      }
-      const fd = openSync(d.path, exists ? "r+" : "wx", 0o600);
-      out.push({ path: d.path, fd, size, created: !exists });
-      if (ftruncate(fd, size) < 0) throw new TypevisorError("MIGRATION_DISKS", `cannot size ${d.path} to ${size} bytes`);
-      d.format = "raw";
-    });
-    return out;
-  } catch (e) {
-    for (const t of out) {
-      closeSync(t.fd);
-      if (t.created) rmSync(t.path, { force: true });
-    }
-    throw e;
   }
 }

@@ -49,12 +49,16 @@ export const HelloSchema = z.strictObject({
   version: z.number().int(),
   config: SnapshotConfigSchema,
   regions: z.array(z.strictObject({ guestPhysAddr: z.number().int().min(0), size: z.number().int().min(PAGE) })).min(1).max(8),
-  /** "disks": "copy": each disk's size, in the configuration's order; its contents come as DISK_DATA. */
-  disks: z.array(z.strictObject({ size: z.number().int().min(0).max(MAX_DISK_BYTES) })).max(64).optional(),
+  /**
+   * "disks": "copy": each disk's size (what the guest sees) and format, in the configuration's
+   * order; its contents come as DISK_DATA. The destination makes its copy in that format (a
+   * qcow2 copy standalone: the data of the source's whole backing chain, no backing file).
+   */
+  disks: z.array(z.strictObject({ size: z.number().int().min(0).max(MAX_DISK_BYTES), format: z.enum(["raw", "qcow2"]).optional() })).max(64).optional(),
 });
 export type Hello = z.infer<typeof HelloSchema>;
 
-export function hello(config: SnapshotConfig, regions: { guestPhysAddr: number; size: number }[], disks?: { size: number }[]): Hello {
+export function hello(config: SnapshotConfig, regions: { guestPhysAddr: number; size: number }[], disks?: { size: number; format?: "raw" | "qcow2" }[]): Hello {
   return { magic: "typevisor-migration", version: MIGRATION_VERSION, config, regions, ...(disks !== undefined ? { disks } : {}) };
 }
 

@@ -11,7 +11,7 @@
  * again: if the destination's RUNNING does not arrive, the VM stays paused here and the error
  * says so (at most one copy of the guest ever runs).
  */
-import { closeSync, fstatSync, openSync, readSync } from "node:fs";
+import { closeSync, openSync } from "node:fs";
 import type { Socket } from "node:net";
 import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
@@ -19,8 +19,9 @@ import { forEachDataRun, isZeroPage } from "../snapshot/memory.js";
 import { encodeState, type SnapshotConfig } from "../snapshot/state.js";
 import * as libc from "../../sys/libc.js";
 import type { Vm } from "../vm.js";
-import { DIRTY_BLOCK_SIZE, DirtyBlocks } from "../disk/dirty-blocks.js";
-import { DISK_CHUNK, diskHeader, FRAME, FrameBatch, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, streamError, zerosPayload } from "./protocol.js";
+import { DIRTY_BLOCK_SIZE } from "../disk/dirty-blocks.js";
+import { DiskCopy } from "./disk-copy.js";
+import { diskHeader, FRAME, FrameBatch, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, streamError, zerosPayload } from "./protocol.js";
 import { openStream, parseEndpoint, type StreamTls } from "./transport.js";
 
 export { parseEndpoint };
@@ -144,8 +145,8 @@ export class OutgoingMigration {
   private sock: Socket | undefined;
   private cancelled = false;
   private wake: (() => void) | undefined;
-  /** "disks": "copy": each disk opened for reading, and the blocks its writes change (marked by the device thread). */
-  private disks: { fd: number; path: string; size: number; dirty: DirtyBlocks }[] = [];
+  /** "disks": "copy": the disks, and the blocks their writes change (marked by the device thread). */
+  private copy: DiskCopy | undefined;
   /** Pacing (maxBandwidth): bytes sent since `paceStart`. */
   private paceStart = 0;
   private paceBytes = 0;
@@ -206,8 +207,9 @@ export class OutgoingMigration {
       const sock = await this.connect();
       const reader = new FrameReader(sock);
       const regions = vm.memory.hostRegions;
-      if (this.req.disks === "copy") this.openDisks();
-      const diskSizes = this.req.disks === "copy" ? this.disks.map((d) => ({ size: d.size })) : undefined;
+      if (this.req.disks === "copy") this.copy = new DiskCopy(this.config.devices.disks);
+      const copy = this.copy;
+      const diskSizes = copy?.disks.map((d) => ({ size: d.size, format: d.format }));
       await send(sock, jsonFrame(FRAME.HELLO, hello(this.config, regions.map((r) => ({ guestPhysAddr: r.guestPhysAddr, size: r.size })), diskSizes)));
       // The destination's threads start when HELLO arrives; the guest is paused only once they are up.
       const prepared = reader.expect(FRAME.PREPARED);
@@ -218,12 +220,13 @@ export class OutgoingMigration {
       this.progress.phase = "precopy";
       const t0 = performance.now();
       this.paceStart = t0;
-      this.progress.bytesRemaining = regions.reduce((n, r) => n + r.size, 0) + this.disks.reduce((n, d) => n + d.size, 0);
-      if (this.disks.length > 0) {
+      this.progress.bytesRemaining = regions.reduce((n, r) => n + r.size, 0) + (copy?.totalBytes ?? 0);
+      if (copy !== undefined && copy.disks.length > 0) {
         // From here every completed write is marked: what the copy below reads stale goes again in a round.
-        await vm.deviceCommand({ command: "disks.dirtyLog", args: { buffers: this.disks.map((d) => d.dirty.shared) } });
+        await vm.deviceCommand({ command: "disks.dirtyLog", args: { buffers: copy.disks.map((d) => d.dirty.shared) } });
         this.progress.disks = { bytesSent: 0, dirtyBytes: 0 };
-        await this.copyDisks(sock);
+        await this.flushForCopy();
+        await copy.copyAll(this.emitDisk(sock), () => this.check());
       }
       await this.sendAll(sock);
       // Usually long arrived (round 0 takes longer than a thread start); a tiny guest may wait here.
@@ -238,7 +241,7 @@ export class OutgoingMigration {
         this.progress.round = round;
         // A copy: the next takeDirtyLog() reuses the same bitmaps.
         const dirty = vm.takeDirtyLog().map((b) => Uint8Array.from(b));
-        const diskDirty = this.disks.map((d) => d.dirty.take());
+        const diskDirty = copy?.disks.map((d) => d.dirty.take()) ?? [];
         const now = performance.now();
         const pages = countBits(dirty);
         const diskBytes = diskDirty.reduce((n, b) => n + b.length, 0) * DIRTY_BLOCK_SIZE;
@@ -265,7 +268,7 @@ export class OutgoingMigration {
           const stoppedAt = performance.now();
           const at = (): number => Math.round((performance.now() - stoppedAt) * 10) / 10;
           // Shared disks: most of what the pause's flush would write goes now, while the guest runs.
-          const sharedDisks = this.disks.length === 0 && this.config.devices.disks.length > 0;
+          const sharedDisks = copy === undefined && this.config.devices.disks.length > 0;
           if (sharedDisks) await vm.deviceCommand({ command: "disks.flush" });
           // Stop the guest, then send what it wrote since the bitmap above was taken, and that bitmap's pages too.
           if (wasRunning) await vm.pause();
@@ -279,11 +282,12 @@ export class OutgoingMigration {
           // the disks; the last round below then carries them.
           const state = await vm.captureState(this.config, wasRunning ? "running" : "paused");
           s.stateCaptured = at();
-          if (sharedDisks) {
+          if (sharedDisks || copy?.needsFlush === true) {
             // Shared disks: the destination opens the same files and reads them (a qcow2 image's
             // tables too) once DONE is in; what this side wrote and caches must be there first,
             // and nothing is written here afterwards (the guest stays paused; QEMU inactivates
             // its block devices at this point). A failure fails the migration: the guest runs on here.
+            // Copied qcow2 disks: the last pass reads the tables from storage (disk-copy.ts).
             await vm.deviceCommand({ command: "disks.flush" });
             s.disksFlushed = at();
           }
@@ -293,10 +297,10 @@ export class OutgoingMigration {
           await this.sendDirty(sock, mergeBitmaps(dirty, last));
           s.lastRoundBytes = this.progress.bytesSent - before;
           s.lastRoundSent = at();
-          if (this.disks.length > 0) {
+          if (copy !== undefined && copy.disks.length > 0) {
             // The capture completed every request in flight (each marked as it completed): the disks hold their last writes.
             const beforeDisks = this.progress.bytesSent;
-            await this.sendDiskBlocks(sock, diskDirty.map((b, i) => mergeSorted(b, this.disks[i]!.dirty.take())));
+            await copy.sendBlocks(diskDirty.map((b, i) => mergeSorted(b, copy.disks[i]!.dirty.take())), this.emitDisk(sock), () => this.check(), true);
             s.disksSent = at();
             s.lastDiskBytes = this.progress.bytesSent - beforeDisks;
           }
@@ -331,7 +335,8 @@ export class OutgoingMigration {
           this.progress.downtimeMs = Math.round(s.running);
           this.progress.phase = "completed";
           sock.end();
-          this.closeDisks(false);
+          // The VMM ends now: its device thread stops marking with it.
+          this.copy = undefined;
           return this.progress;
         }
         // Auto-converge (QEMU's rule, see THROTTLE_*): a round that dirtied more than half of what the one before sent.
@@ -344,7 +349,7 @@ export class OutgoingMigration {
         }
         roundStartBytes = this.progress.bytesSent;
         roundStart = now;
-        await this.sendDiskBlocks(sock, diskDirty);
+        await this.sendDiskBlocks(sock, diskDirty, false);
         await this.sendDirty(sock, dirty);
       }
     } catch (e) {
@@ -356,7 +361,7 @@ export class OutgoingMigration {
         vm.setThrottle(0);
         this.progress.throttlePercent = 0;
         vm.stopDirtyLog();
-        this.closeDisks(true);
+        this.stopDiskMarking();
       } catch {
         // the VM may be gone already
       }
@@ -369,78 +374,30 @@ export class OutgoingMigration {
     }
   }
 
-  /**
-   * "disks": "copy": open every disk for reading. Raw images only: a qcow2 image's clusters are
-   * the I/O thread's to map (its tables may be cached there), so reading them from this thread
-   * could see stale metadata.
-   */
-  private openDisks(): void {
-    for (const d of this.config.devices.disks) {
-      const fd = openSync(d.path, "r");
-      this.disks.push({ fd, path: d.path, size: 0, dirty: DirtyBlocks.create(1) });
-      const magic = Buffer.alloc(4);
-      readSync(fd, magic, 0, 4, 0);
-      if (d.format === "qcow2" || magic.equals(Buffer.from([0x51, 0x46, 0x49, 0xfb]))) {
-        throw new TypevisorError("MIGRATION_DISKS", `disk ${d.path} is qcow2: "disks": "copy" copies raw images only (for now); put it on storage both hosts see and use "shared"`);
-      }
-      const size = fstatSync(fd).size;
-      this.disks[this.disks.length - 1] = { fd, path: d.path, size, dirty: DirtyBlocks.create(size) };
-    }
+  /** "disks": "copy": a DISK_DATA frame, counted and paced. */
+  private readonly emitDisk = (sock: Socket) => async (disk: number, off: number, data: Buffer): Promise<void> => {
+    await send(sock, frame(FRAME.DISK_DATA, diskHeader(disk, off), data));
+    if (this.progress.disks !== undefined) this.progress.disks.bytesSent += data.length;
+    this.progress.bytesRemaining = Math.max(0, this.progress.bytesRemaining - data.length);
+    await this.pace(data.length);
+  };
+
+  /** Before a pass over copied qcow2 disks: the device thread's cached tables on storage (disk-copy.ts). */
+  private async flushForCopy(): Promise<void> {
+    if (this.copy?.needsFlush === true) await this.vm.deviceCommand({ command: "disks.flush" });
   }
 
-  private closeDisks(stopMarking: boolean): void {
-    if (this.disks.length === 0) return;
-    if (stopMarking) this.vm.deviceCommand({ command: "disks.dirtyLog", args: { buffers: null } }).catch(() => undefined);
-    for (const d of this.disks) closeSync(d.fd);
-    this.disks = [];
+  /** "disks": "copy": the blocks in `blocks`, after the flush the readers need. */
+  private async sendDiskBlocks(sock: Socket, blocks: number[][], final: boolean): Promise<void> {
+    if (this.copy === undefined || blocks.every((b) => b.length === 0)) return;
+    await this.flushForCopy();
+    await this.copy.sendBlocks(blocks, this.emitDisk(sock), () => this.check(), final);
   }
 
-  /** Every disk's data (SEEK_DATA/SEEK_HOLE: holes are not read; the destination's file starts as one hole). */
-  private async copyDisks(sock: Socket): Promise<void> {
-    const buf = Buffer.alloc(DISK_CHUNK);
-    for (const [i, d] of this.disks.entries()) {
-      let pos = 0;
-      while (pos < d.size) {
-        const data = libc.lseek(d.fd, pos, libc.SEEK_DATA);
-        if (data < 0 || data >= d.size) break; // -ENXIO: no data after pos
-        const hole = Math.min(d.size, Math.max(data + 1, libc.lseek(d.fd, data, libc.SEEK_HOLE)));
-        for (let off = data; off < hole; off += DISK_CHUNK) {
-          this.check();
-          await this.sendDiskRange(sock, i, off, Math.min(DISK_CHUNK, hole - off), buf);
-        }
-        pos = hole;
-      }
-    }
-  }
-
-  /** The blocks in `blocks` (one ascending list per disk), runs of neighbours in one frame. */
-  private async sendDiskBlocks(sock: Socket, blocks: number[][]): Promise<void> {
-    const buf = Buffer.alloc(DISK_CHUNK);
-    const per = DISK_CHUNK / DIRTY_BLOCK_SIZE;
-    for (const [i, list] of blocks.entries()) {
-      const d = this.disks[i]!;
-      for (let k = 0; k < list.length;) {
-        let n = 1;
-        while (k + n < list.length && n < per && list[k + n] === list[k]! + n) n++;
-        const off = list[k]! * DIRTY_BLOCK_SIZE;
-        if (off < d.size) {
-          this.check();
-          await this.sendDiskRange(sock, i, off, Math.min(n * DIRTY_BLOCK_SIZE, d.size - off), buf);
-        }
-        k += n;
-      }
-    }
-  }
-
-  private async sendDiskRange(sock: Socket, disk: number, off: number, len: number, buf: Buffer): Promise<void> {
-    const part = buf.subarray(0, len);
-    const r = libc.preadFull(this.disks[disk]!.fd, part, off);
-    if (r < 0) throw new TypevisorError("MIGRATION_DISKS", `reading ${this.disks[disk]!.path} at ${off}: ${libc.errnoName(-r)}`);
-    // A copy: the socket may still hold the frame when `buf` is reused for the next one.
-    await send(sock, frame(FRAME.DISK_DATA, diskHeader(disk, off), Buffer.from(part)));
-    if (this.progress.disks !== undefined) this.progress.disks.bytesSent += len;
-    this.progress.bytesRemaining = Math.max(0, this.progress.bytesRemaining - len);
-    await this.pace(len);
+  private stopDiskMarking(): void {
+    if (this.copy === undefined) return;
+    this.copy = undefined;
+    this.vm.deviceCommand({ command: "disks.dirtyLog", args: { buffers: null } }).catch(() => undefined);
   }
 
   private connect(): Promise<Socket> {

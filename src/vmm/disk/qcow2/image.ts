@@ -21,7 +21,7 @@ import { constants as zlibConstants, inflateRawSync } from "node:zlib";
 import { addressOf, IoVec } from "../../../sys/iov.js";
 import { EIO, fallocate, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ftruncate } from "../../../sys/libc.js";
 import { transferAll } from "../../devices/virtio/block/file-io.js";
-import type { DiskBackend } from "../backend.js";
+import { addRange, type DataRange, type DiskBackend } from "../backend.js";
 import { compressedRange, DiskFormatError, entryOffset, INCOMPAT, L2, parseHeader, standardReservedBits, writeEntry, type Qcow2Header } from "./format.js";
 import { errnoOf, IoFailure, MetaIo } from "./io.js";
 import { L2Cache, type L2Table } from "./l2-cache.js";
@@ -285,6 +285,39 @@ export class Qcow2Backend implements DiskBackend {
         this.classify(t.buf.readUInt32BE(j * 8), t.buf.readUInt32BE(j * 8 + 4), gc);
       }
     }
+  }
+
+  /**
+   * What of [pos, pos + len) may hold data (DiskBackend.dataRanges): data and compressed clusters,
+   * and under unallocated ones (a whole L2 table's span at once when its L1 entry is empty) what
+   * the backing file lists; zero clusters, and clusters unallocated without a backing file or past
+   * its end, are left out. Reads metadata only; an entry the backend refuses throws (IoFailure).
+   */
+  dataRanges(pos: number, len: number): DataRange[] {
+    const out: DataRange[] = [];
+    const end = Math.min(pos + len, this.capacity);
+    const fromBacking = (p: number, n: number): void => {
+      const inside = this.backing === undefined ? 0 : Math.max(0, Math.min(n, this.backing.capacity - p));
+      if (inside > 0) for (const r of this.backing!.dataRanges(p, inside)) addRange(out, r.offset, r.length);
+    };
+    let p = pos;
+    while (p < end) {
+      const gc = Math.floor(p / this.cluster);
+      const l1i = Math.floor(gc / this.l2Entries);
+      if (entryOffset(this.l1.readUInt32BE(l1i * 8), this.l1.readUInt32BE(l1i * 8 + 4)) === 0) {
+        // No L2 table: the whole span it would map is unallocated.
+        const spanEnd = Math.min(end, (l1i + 1) * this.l2Entries * this.cluster);
+        fromBacking(p, spanEnd - p);
+        p = spanEnd;
+        continue;
+      }
+      const n = Math.min(this.cluster - (p % this.cluster), end - p);
+      const m = this.map(gc);
+      if (m.kind === Kind.Data || m.kind === Kind.Compressed) addRange(out, p, n);
+      else if (m.kind === Kind.Unallocated) fromBacking(p, n);
+      p += n;
+    }
+    return out;
   }
 
   // ---- reads ----

@@ -209,3 +209,51 @@ describe("what openDisk refuses", () => {
     expect(() => open(dirty, false)).toThrow(/dirty/);
   });
 });
+
+describe("dataRanges: what a copy of a disk must send", () => {
+  it("lists data and compressed clusters and the backing file's data under unallocated ones; zero clusters and holes are left out; everything else reads as zeros", () => {
+    // A sparse raw base: data at [0, 1 MiB) and [5 MiB, 5.5 MiB), a hole between.
+    const base = file("ranges-base.raw");
+    writeFileSync(base, "");
+    const fd = openSync(base, "r+");
+    writeSync(fd, pattern(MiB, 0, 7), 0, MiB, 0);
+    writeSync(fd, pattern(MiB / 2, 5 * MiB, 8), 0, MiB / 2, 5 * MiB);
+    closeSync(fd);
+    execFileSync("truncate", ["-s", "6M", base]);
+    const img = file("ranges.qcow2");
+    qemuImg(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, img, "16M"]);
+    // QEMU writes: data at 3 MiB (allocated, over the base's hole), zeroes the base's first 128 KiB
+    // (zero clusters), data past the base's end at 10 MiB.
+    execFileSync("qemu-io", ["-f", "qcow2", "-c", "write -P 0x33 3M 128k", "-c", "write -z 0 128k", "-c", "write -P 0x44 10M 64k", img], { timeout: 30_000 });
+    const { b, done } = open(img, true);
+    try {
+      const ranges = b.dataRanges(0, b.capacity);
+      expect(ranges).toEqual([
+        { offset: 128 * 1024, length: MiB - 128 * 1024 },
+        { offset: 3 * MiB, length: 128 * 1024 },
+        { offset: 5 * MiB, length: MiB / 2 },
+        { offset: 10 * MiB, length: 64 * 1024 },
+      ]);
+      // Outside the ranges the disk reads as zeros; a window in the middle clips.
+      const all = readAll(b, 0, b.capacity);
+      const covered = Buffer.alloc(all.length);
+      for (const r of ranges) all.copy(covered, r.offset, r.offset, r.offset + r.length);
+      expect(covered.equals(all)).toBe(true);
+      expect(b.dataRanges(3 * MiB + 4096, MiB)).toEqual([{ offset: 3 * MiB + 4096, length: 128 * 1024 - 4096 }]);
+    } finally {
+      done();
+    }
+    // The raw base alone: its extents (tmpfs and ext4 report holes; a filesystem that does not lists it whole).
+    const r = open(base, true, "raw");
+    try {
+      const ranges = r.b.dataRanges(0, r.b.capacity);
+      expect(ranges[0]?.offset).toBe(0);
+      const all = readAll(r.b, 0, r.b.capacity);
+      const covered = Buffer.alloc(all.length);
+      for (const x of ranges) all.copy(covered, x.offset, x.offset, x.offset + x.length);
+      expect(covered.equals(all)).toBe(true);
+    } finally {
+      r.done();
+    }
+  });
+});
