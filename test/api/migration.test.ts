@@ -8,7 +8,7 @@
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -222,6 +222,43 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
       else b = again;
       expect(await settledOwner(name)).toBe(owner);
       await answers(owner === "a" ? a : b, name, `alive-${step}`);
+      await (owner === "a" ? a : b).client.removeVm(name, { force: true });
+    }, 180_000);
+
+    // Copied disks: the owner has its disk, the other daemon has no VM directory left for it.
+    it.each([
+      ["a", "migrate-source-vmm-started", "b"],
+      ["b", "migrate-dest-listening", "a"],
+      ["b", "migrate-dest-before-running", "b"],
+    ] as const)("with a copied qcow2 disk, %s killed at %s: the VM ends up on %s, nothing of it left on the other", async (who, step, owner) => {
+      const name = `kc-${step.replace(/^migrate-/, "").slice(0, 20)}`;
+      await a.client.createVm({ name, kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "qcow2" }, { start: true });
+      await until(`${name}'s banner`, async () => (await a.client.console(name)).toString().includes(TINY_KERNEL_BANNER) || undefined);
+      const idA = (await a.client.getVm(name)).id;
+      const victim = who === "a" ? a : b;
+      await victim.stop();
+      const dying = await startDaemon({ home: victim.home, args, env: { TYPEVISOR_CRASH_AT: step } });
+      if (who === "a") a = dying;
+      else {
+        b = dying;
+        peer.to = `https://127.0.0.1:${await tcpPort(b)}`;
+      }
+      await a.client.migrateVm(name, { ...peer, copyDisks: true }).catch(() => undefined);
+      await until(`the daemon to die at ${step}`, () => (dying.proc.exitCode !== null || dying.proc.signalCode !== null) || undefined, 60_000);
+      const again = await startDaemon({ home: victim.home, args: [...args.slice(0, -1), `127.0.0.1:${await tcpPort(dying)}`] });
+      if (who === "a") a = again;
+      else b = again;
+      expect(await settledOwner(name)).toBe(owner);
+      const mine = await (owner === "a" ? a : b).client.getVm(name);
+      expect(existsSync(mine.disks[0]!.path)).toBe(true);
+      await answers(owner === "a" ? a : b, name, `alive-${step}`);
+      if (owner === "b") {
+        await until("A's VM directory to go", () => !existsSync(join(a.home, "vms", idA)) || undefined, 30_000);
+      } else {
+        const left = existsSync(join(b.home, "vms")) ? readdirSync(join(b.home, "vms")) : [];
+        const bIds = new Set((await b.client.listVms()).map((v) => v.id));
+        expect(left.filter((d) => !bIds.has(d))).toEqual([]);
+      }
       await (owner === "a" ? a : b).client.removeVm(name, { force: true });
     }, 180_000);
   });
