@@ -92,6 +92,14 @@ function diskIndex(path: string): number {
   return m === null ? -1 : Number(m[1]);
 }
 
+/** A VMM process just spawned (spawnProcess): pid undefined when the spawn failed (its "error" says why). */
+interface Spawned {
+  child: ChildProcess;
+  pid: number | undefined;
+  /** The uid its sandbox runs it as. */
+  sandboxUid?: number;
+}
+
 interface Live {
   pid: number;
   child?: ChildProcess;
@@ -792,47 +800,30 @@ export class VmManager extends EventEmitter {
       }
     }
 
-    let child: ChildProcess;
-    let pid: number | undefined;
-    let sandboxUid: number | undefined;
     const sb = this.config.sandbox;
     // A restore takes a standby VMM when one is ready (no process start to wait for); never under the sandbox (standbys are not jailed).
     const adopted = restore !== undefined && sb === undefined ? await this.fromStandby(launch, cgroup) : undefined;
-    if (adopted !== undefined) {
-      child = adopted.child;
-      pid = child.pid;
-    } else if (sb !== undefined) {
+    let proc: Spawned;
+    if (adopted !== undefined) proc = { child: adopted.child, pid: adopted.child.pid };
+    else {
       try {
-        // A restore: the saved state readable by one group, which this VMM is given (jailed-state.ts).
-        const restoreGroup = restore !== undefined ? this.snapshots.shareForRestore(restore.dir, r.id) : undefined;
-        const s = await this.spawnJailed(launch, sb, cgroup, restoreGroup);
-        child = s.child;
-        pid = s.pid;
-        sandboxUid = s.uid;
+        // A restore under the sandbox: the saved state readable by one group, which this VMM is given (jailed-state.ts).
+        const restoreGroup = restore !== undefined && sb !== undefined ? this.snapshots.shareForRestore(restore.dir, r.id) : undefined;
+        proc = await this.spawnProcess(launch, cgroup, restoreGroup);
       } catch (e) {
         cgroup?.remove();
-        this.failStart(name, `sandbox: ${(e as Error).message}`);
+        this.failStart(name, `${sb !== undefined ? "sandbox: " : ""}${(e as Error).message}`);
         throw e;
       }
-    } else {
-      child = spawnVmm(launch);
-      pid = child.pid;
     }
+    const { child, pid } = proc;
     if (pid === undefined) {
       cgroup?.remove();
       const why = await new Promise<string>((res) => child.once("error", (e) => res(e.message)));
       this.failStart(name, `cannot start the VMM process: ${why}`);
       throw new TypevisorError("VMM_SPAWN", `cannot start the VMM process: ${why}`);
     }
-    try {
-      cgroup?.addProcess(pid);
-    } catch (e) {
-      this.log.warn({ vm: name, err: (e as Error).message }, "could not move the VMM into its cgroup");
-    }
-    const live = this.track(name, r.id, pid, child, cgroup);
-    this.store.updateVm(name, {
-      runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sandboxUid !== undefined ? { sandboxUid } : {}) },
-    });
+    const live = this.adoptProcess(name, r.id, proc, pid, cgroup);
     // Recorded: the VM's now (until here the pool's pid file had it, for a daemon killed meanwhile).
     if (adopted !== undefined) rmSync(adopted.pidFile, { force: true });
     try {
@@ -872,11 +863,31 @@ export class VmManager extends EventEmitter {
     return this.get(name);
   }
 
-  /**
-   * The VMM of a VM being migrated here (migration.ts): `run --incoming` with this host's back
-   * ends, in the VM's cgroup, tracked like any VMM (its exit: recordEnd → migrations.vmmEnded).
-   * Its API socket answers only once the VM runs here, so nothing waits for it here.
-   */
+  /** `launch`'s VMM process: in its sandbox when the daemon sandboxes (spawnJailed), else a plain child. */
+  private async spawnProcess(launch: VmmLaunch, cgroup: VmCgroup | undefined, restoreGroup?: number): Promise<Spawned> {
+    const sb = this.config.sandbox;
+    if (sb === undefined) {
+      const child = spawnVmm(launch);
+      return { child, pid: child.pid };
+    }
+    const s = await this.spawnJailed(launch, sb, cgroup, restoreGroup);
+    return { child: s.child, pid: s.pid, sandboxUid: s.uid };
+  }
+
+  /** A VMM process that started: into its cgroup, tracked (its exit recorded), its runtime in the inventory. */
+  private adoptProcess(name: string, id: string, proc: Spawned, pid: number, cgroup: VmCgroup | undefined): Live {
+    try {
+      cgroup?.addProcess(pid);
+    } catch (e) {
+      this.log.warn({ vm: name, err: (e as Error).message }, "could not move the VMM into its cgroup");
+    }
+    const live = this.track(name, id, pid, proc.child, cgroup);
+    this.store.updateVm(name, {
+      runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(proc.sandboxUid !== undefined ? { sandboxUid: proc.sandboxUid } : {}) },
+    });
+    return live;
+  }
+
   /** `launch`'s VMM in its sandbox (sandbox/sandbox.ts): the VM's uid, its jail root and out/ directory, its cgroup. */
   private spawnJailed(launch: VmmLaunch, sb: SandboxOptions, cgroup: VmCgroup | undefined, restoreGroup?: number): ReturnType<typeof spawnSandboxed> {
     const p = vmPaths(this.config.home, launch.id);
@@ -889,6 +900,13 @@ export class VmManager extends EventEmitter {
     });
   }
 
+  /**
+   * The VMM of a VM being migrated here (migration.ts): `run --incoming` with this host's back
+   * ends, in the VM's cgroup, tracked like any VMM (its exit: recordEnd → migrations.vmmEnded);
+   * jailed as any start is (its stream then comes over a unix socket in out/, relayed by this
+   * daemon: migration-relay.ts). Its API socket answers only once the VM runs here, so nothing
+   * waits for it here.
+   */
   private async startIncoming(name: string, incoming: NonNullable<VmmLaunch["incoming"]>): Promise<{ pid: number; alive: () => boolean }> {
     const r = this.row(name);
     const spec = r.spec;
@@ -907,36 +925,19 @@ export class VmManager extends EventEmitter {
     const cgroup = this.cgroups.available
       ? VmCgroup.create(this.cgroups, `vm-${r.id}`, { cpuMaxCpus: spec.cpus, memoryMaxBytes: spec.memoryMiB * 2 ** 20 + vmmOverheadBytes(spec.cpus, spec.memoryMiB * 2 ** 20, this.config.vmmOverheadBytes), ...(spec.cpuWeight !== undefined ? { cpuWeight: spec.cpuWeight } : {}) })
       : undefined;
-    let child: ChildProcess;
-    let pid: number | undefined;
-    let sandboxUid: number | undefined;
-    const sb = this.config.sandbox;
-    if (sb !== undefined) {
-      // Jailed as any start is (its stream comes over a unix socket in out/, relayed by this daemon: migration-relay.ts).
-      try {
-        const s = await this.spawnJailed(launch, sb, cgroup);
-        child = s.child;
-        pid = s.pid;
-        sandboxUid = s.uid;
-      } catch (e) {
-        cgroup?.remove();
-        throw e;
-      }
-    } else {
-      child = spawnVmm(launch);
-      pid = child.pid;
+    let proc: Spawned;
+    try {
+      proc = await this.spawnProcess(launch, cgroup);
+    } catch (e) {
+      cgroup?.remove();
+      throw e;
     }
+    const pid = proc.pid;
     if (pid === undefined) {
       cgroup?.remove();
       throw new TypevisorError("VMM_SPAWN", "cannot start the incoming VMM process");
     }
-    try {
-      cgroup?.addProcess(pid);
-    } catch (e) {
-      this.log.warn({ vm: name, err: (e as Error).message }, "could not move the VMM into its cgroup");
-    }
-    const live = this.track(name, r.id, pid, child, cgroup);
-    this.store.updateVm(name, { runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(sandboxUid !== undefined ? { sandboxUid } : {}) } });
+    const live = this.adoptProcess(name, r.id, proc, pid, cgroup);
     return { pid, alive: () => !live.dead };
   }
 

@@ -54,6 +54,8 @@ describe("readers on live processes", () => {
 
   it("read a spawned sleep, and see it gone after it dies (start time guards the pid)", async () => {
     const c = sleeper();
+    // Under load the child may be seen between its fork and its exec for a moment (node's cmdline, no RSS of its own yet).
+    for (const end = Date.now() + 5000; JSON.stringify(processCmdline(c.pid)) !== '["sleep","30"]' && Date.now() < end; ) await new Promise((r) => setTimeout(r, 10));
     const start = processStartTime(c.pid);
     expect(start).toBeDefined();
     expect(processCmdline(c.pid)).toEqual(["sleep", "30"]);
