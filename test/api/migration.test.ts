@@ -197,6 +197,23 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
   }, 120_000);
 
   describe("a daemon killed at each step: after its restart exactly one owner runs the VM", () => {
+    /** Restart `who` to die at `step` (TYPEVISOR_CRASH_AT), migrate `name`, and start it again once it died. */
+    async function dieAt(who: "a" | "b", step: string, copyDisks: boolean, name: string): Promise<void> {
+      const victim = who === "a" ? a : b;
+      await victim.stop();
+      const dying = await startDaemon({ home: victim.home, args, env: { TYPEVISOR_CRASH_AT: step } });
+      if (who === "a") a = dying;
+      else {
+        b = dying;
+        peer.to = `https://127.0.0.1:${await tcpPort(b)}`;
+      }
+      await a.client.migrateVm(name, { ...peer, ...(copyDisks ? { copyDisks: true } : {}) }).catch(() => undefined);
+      await until(`the daemon to die at ${step}`, () => (dying.proc.exitCode !== null || dying.proc.signalCode !== null) || undefined, 60_000);
+      const again = await startDaemon({ home: victim.home, args: [...args.slice(0, -1), `127.0.0.1:${await tcpPort(dying)}`] });
+      if (who === "a") a = again;
+      else b = again;
+    }
+
     it.each([
       ["a", "migrate-source-marked", "a"],
       ["a", "migrate-source-peer-prepared", "a"],
@@ -207,19 +224,7 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
     ] as const)("%s killed at %s: the VM ends up on %s", async (who, step, owner) => {
       const name = `k-${step.replace(/^migrate-/, "").slice(0, 20)}`;
       await sourceVm(name);
-      const victim = who === "a" ? a : b;
-      await victim.stop();
-      const dying = await startDaemon({ home: victim.home, args, env: { TYPEVISOR_CRASH_AT: step } });
-      if (who === "a") a = dying;
-      else {
-        b = dying;
-        peer.to = `https://127.0.0.1:${await tcpPort(b)}`;
-      }
-      await a.client.migrateVm(name, peer).catch(() => undefined);
-      await until(`the daemon to die at ${step}`, () => (dying.proc.exitCode !== null || dying.proc.signalCode !== null) || undefined, 60_000);
-      const again = await startDaemon({ home: victim.home, args: [...args.slice(0, -1), `127.0.0.1:${await tcpPort(dying)}`] });
-      if (who === "a") a = again;
-      else b = again;
+      await dieAt(who, step, false, name);
       expect(await settledOwner(name)).toBe(owner);
       await answers(owner === "a" ? a : b, name, `alive-${step}`);
       await (owner === "a" ? a : b).client.removeVm(name, { force: true });
@@ -235,19 +240,7 @@ describe.skipIf(!hasKvm)("live migration between two daemons (tiny guests, --for
       await a.client.createVm({ name, kernel, memoryMiB: 64, rng: false, diskSize: "16M", diskFormat: "qcow2" }, { start: true });
       await until(`${name}'s banner`, async () => (await a.client.console(name)).toString().includes(TINY_KERNEL_BANNER) || undefined);
       const idA = (await a.client.getVm(name)).id;
-      const victim = who === "a" ? a : b;
-      await victim.stop();
-      const dying = await startDaemon({ home: victim.home, args, env: { TYPEVISOR_CRASH_AT: step } });
-      if (who === "a") a = dying;
-      else {
-        b = dying;
-        peer.to = `https://127.0.0.1:${await tcpPort(b)}`;
-      }
-      await a.client.migrateVm(name, { ...peer, copyDisks: true }).catch(() => undefined);
-      await until(`the daemon to die at ${step}`, () => (dying.proc.exitCode !== null || dying.proc.signalCode !== null) || undefined, 60_000);
-      const again = await startDaemon({ home: victim.home, args: [...args.slice(0, -1), `127.0.0.1:${await tcpPort(dying)}`] });
-      if (who === "a") a = again;
-      else b = again;
+      await dieAt(who, step, true, name);
       expect(await settledOwner(name)).toBe(owner);
       const mine = await (owner === "a" ? a : b).client.getVm(name);
       expect(existsSync(mine.disks[0]!.path)).toBe(true);

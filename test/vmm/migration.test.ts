@@ -54,6 +54,17 @@ async function source(name: string): Promise<{ vm: Vmm; con: ConsoleClient }> {
   return { vm, con };
 }
 
+/** The disk-writer guest at `dst` wrote to the end of its qcow2 `image` and powered off: the image is clean and every sector holds its pattern. */
+async function writtenToTheEnd(dst: Vmm, con: ConsoleClient, image: string): Promise<void> {
+  expect(await dst.exited, `${dst.stderr()}\n${con.text().slice(-300)}`).toBe(0);
+  expect(con.text()).toContain(DISK_GUEST_DONE);
+  const check = spawnSync("qemu-img", ["check", image], { encoding: "utf8", timeout: 60_000 });
+  expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
+  const raw = `${image}.end.raw`;
+  execFileSync("qemu-img", ["convert", "-O", "raw", image, raw], { timeout: 60_000 });
+  expect(checkDiskPattern(readFileSync(raw))).toBeUndefined();
+}
+
 async function stillAnswers(con: ConsoleClient, word: string): Promise<void> {
   con.sock.write(word);
   await until(`the echo of ${word}`, () => con.text().includes(word));
@@ -372,12 +383,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       // Resumed, the guest writes on into its copy, to the end, and powers off.
       dcon = await consoleClient(dst.sock);
       expect((await unixApi(dst.api, "POST", "/resume")).status).toBe(200);
-      expect(await dst.exited, `${dst.stderr()}\n${dcon.text().slice(-300)}`).toBe(0);
-      expect(dcon.text()).toContain(DISK_GUEST_DONE);
-      const after = spawnSync("qemu-img", ["check", dstDisk], { encoding: "utf8", timeout: 60_000 });
-      expect(after.status, `${after.stdout}${after.stderr}`).toBe(0);
-      execFileSync("qemu-img", ["convert", "-O", "raw", dstDisk, b], { timeout: 60_000 });
-      expect(checkDiskPattern(readFileSync(b))).toBeUndefined();
+      await writtenToTheEnd(dst, dcon, dstDisk);
     } finally {
       con.sock.destroy();
       dcon?.sock.destroy();
@@ -410,13 +416,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect(before, con.text().slice(-300)).toBeLessThan(16);
       // At the destination the guest goes on to the end of its disk, flushes and powers off.
       dcon = await consoleClient(dst.sock);
-      expect(await dst.exited, `${dst.stderr()}\n${dcon.text().slice(-300)}`).toBe(0);
-      expect(dcon.text()).toContain(DISK_GUEST_DONE);
-      const check = spawnSync("qemu-img", ["check", disk], { encoding: "utf8", timeout: 60_000 });
-      expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
-      const rawCopy = join(dir, "shared-q.raw");
-      execFileSync("qemu-img", ["convert", "-O", "raw", disk, rawCopy], { timeout: 60_000 });
-      expect(checkDiskPattern(readFileSync(rawCopy))).toBeUndefined();
+      await writtenToTheEnd(dst, dcon, disk);
     } finally {
       con.sock.destroy();
       dcon?.sock.destroy();
