@@ -13,13 +13,14 @@
  * Then the same between two sandboxing daemons (control/migration.ts; each VMM jailed, its stream
  * relayed by its daemon: control/migration-relay.ts): daemon A in the lab's namespace,
  * daemon B in the other one with its own home and its HTTPS API on the veth address; a Debian
- * guest of A's, its disk in a pool on storage both see, moves with `typevisor vm migrate` (A
- * authenticates B by its pinned certificate and a token of B's; the VMM stream is TLS with
- * one-time certificates): the counter goes on at B, `vm ls` lists it on B only, A's VMM is gone,
- * and the disk takes writes at B and is clean afterwards.
+ * guest of A's, its disk the daemon's default (a qcow2 linked clone of the image's base, in A's
+ * own directory), moves with `typevisor vm migrate --copy-disks` (A authenticates B by its pinned
+ * certificate and a token of B's; the VMM stream is TLS with one-time certificates): the counter
+ * goes on at B, `vm ls` lists it on B only, A's VMM and A's disk are gone, and B's standalone
+ * qcow2 copy takes writes and is clean afterwards (`qemu-img check`, `e2fsck -fn` of its contents).
  */
 import { execFileSync, spawnSync } from "node:child_process";
-import { copyFileSync, mkdirSync, mkdtempSync } from "node:fs";
+import { copyFileSync, existsSync, mkdtempSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -183,11 +184,12 @@ describe("live migration of a running guest between two network namespaces under
     }
   }, 2_400_000);
 
-  it("moves a daemon's guest to another daemon with vm migrate: the counter goes on there, only B lists it", async () => {
+  // The daemon's default disk (a qcow2 linked clone of the image's base, in A's own directory),
+  // copied while the guest runs (--copy-disks): B gets a standalone qcow2 image of its own.
+  // (Shared storage: the VMM-to-VMM test above, and test/api/migration.test.ts on the host.)
+  it("moves a daemon's guest to another daemon with vm migrate --copy-disks: the counter goes on there on a copy of its qcow2 disk, only B lists it", async () => {
     const t0 = performance.now();
     const step = (what: string): void => console.log(`migration-lab: daemons: ${what} (${((performance.now() - t0) / 1000).toFixed(0)} s)`);
-    const shared = join(dir, "shared");
-    mkdirSync(shared);
     // The daemons' default: every VMM jailed (its own empty network namespace), the stream carried by both daemons (control/migration-relay.ts).
     // --start-timeout: a jailed VMM's start took over the default 60 s in a lab beside other labs.
     const common = ["--usage-interval", "5", "--start-timeout", "300"];
@@ -196,14 +198,15 @@ describe("live migration of a running guest between two network namespaces under
     try {
       [a, b] = await Promise.all([
         startDaemon({ args: common }),
-        startDaemon({ args: [...common, "--listen", `${ADDR_B}:7443`, "--allow-files", shared], prefix: ["ip", "netns", "exec", NS] }),
+        startDaemon({ args: [...common, "--listen", `${ADDR_B}:7443`], prefix: ["ip", "netns", "exec", NS] }),
       ]);
       step("both daemons up");
       await b.client.addUser({ name: "peer-a", role: "operator" });
       const token = (await b.client.createToken({ user: "peer-a" })).token;
       const fingerprint = (await b.client.host()).tls!.fingerprint;
-      await a.client.createPool({ name: "shared", path: shared });
-      await a.client.createVm({ name: "mover", image: "minimal", cpus: 1, memoryMiB: 256, diskFormat: "raw", pool: "shared", append: runScriptArg(SCRIPT) }, { start: true });
+      await a.client.createVm({ name: "mover", image: "minimal", cpus: 1, memoryMiB: 256, append: runScriptArg(SCRIPT) }, { start: true });
+      const diskA = (await a.client.getVm("mover")).disks[0]!;
+      expect(diskA).toMatchObject({ format: "qcow2" });
       const text = async (d: TestDaemon): Promise<string> => (await d.client.console("mover")).toString();
       await until("the guest's counter on A", async () => /tick=20\b/.test(await text(a!)) || undefined, 900_000);
       step("the guest counts on A");
@@ -212,7 +215,7 @@ describe("live migration of a running guest between two network namespaces under
       const beforeMove = Math.max(...[...(await text(a)).matchAll(/tick=(\d+)/g)].map((m) => Number(m[1])));
       // --max-downtime 3000: under the lab's emulation the pre-copy barely converges (30 rounds, 110 MiB, 63 s paused at the
       // default 300 ms: 470 s in all); the test is about where the VM ends up, not about the pause (bench/migrate).
-      const r = spawnSync(process.execPath, [DAEMON_BIN, "vm", "migrate", "mover", "--to", `https://${ADDR_B}:7443`, "--peer-token", token, "--peer-fingerprint", fingerprint, "--max-downtime", "3000", "--home", a.home], { encoding: "utf8", timeout: 600_000 });
+      const r = spawnSync(process.execPath, [DAEMON_BIN, "vm", "migrate", "mover", "--to", `https://${ADDR_B}:7443`, "--peer-token", token, "--peer-fingerprint", fingerprint, "--max-downtime", "3000", "--copy-disks", "--home", a.home], { encoding: "utf8", timeout: 600_000 });
       step(`vm migrate exited ${r.status}`);
       expect(r.status, `${r.stdout}${r.stderr}\n${a.log().slice(-3000)}\n${b.log().slice(-3000)}`).toBe(0);
       console.log(`migration-lab: daemons: ${r.stderr.trim().split("\n").slice(-2).join(" | ")}`);
@@ -239,9 +242,16 @@ describe("live migration of a running guest between two network namespaces under
       con.destroy();
       // Synced above: a stop through B's daemon leaves the filesystem as a power cut after sync would.
       expect((await b.client.stopVm("mover")).state).toBe("stopped");
-      const disk = (await b.client.getVm("mover")).disks[0]!.path;
-      execFileSync("e2fsck", ["-fn", disk], { stdio: "pipe", timeout: SYNC_TIMEOUT_MS });
-      step("written and clean at B");
+      // B's own standalone qcow2 image: clean to QEMU's checker, its ext4 clean to e2fsck.
+      const diskB = (await b.client.getVm("mover")).disks[0]!;
+      expect(diskB.path.startsWith(b.home)).toBe(true);
+      expect(diskB.format).toBe("qcow2");
+      await until("A's copy of the disk to go with its row", () => !existsSync(diskA.path) || undefined, 60_000);
+      execFileSync("qemu-img", ["check", diskB.path], { stdio: "pipe", timeout: SYNC_TIMEOUT_MS });
+      const raw = join(dir, "moved.raw");
+      execFileSync("qemu-img", ["convert", "-O", "raw", diskB.path, raw], { stdio: "pipe", timeout: SYNC_TIMEOUT_MS });
+      execFileSync("e2fsck", ["-fn", raw], { stdio: "pipe", timeout: SYNC_TIMEOUT_MS });
+      step("written at B; its qcow2 copy and its filesystem clean");
     } finally {
       for (const d of [a, b]) {
         if (d === undefined) continue;
