@@ -33,6 +33,8 @@ export interface DiskTarget {
 const ZEROS = Buffer.alloc(MAX_FRAME);
 /** One piece over a DISK_DATA payload (256 bytes of storage: off V8's heap, never moves; see IoVec). */
 const ONE = new IoVec(new Uint8Array(256));
+/** The payload ONE points into, while the backend writes it (writeDiskData). */
+let _inFlight: Buffer | undefined;
 
 /**
  * The files the copied disks go into: each disk's path in the (overridden) configuration's `list`, a
@@ -107,11 +109,16 @@ export function writeDiskData(t: DiskTarget, offset: number, data: Buffer): void
     if (data.equals(ZEROS.subarray(0, data.length))) r = t.qcow2.writeZeroes(offset, data.length);
     else {
       // Safe to hand over: `data` is a view of a frame's own Buffer (off V8's heap, never moved),
-      // alive across this synchronous call; the backend writes exactly data.length bytes from it.
+      // and the backend writes exactly data.length bytes from it. The backend is JavaScript that
+      // allocates, so a GC may run inside the call: `_inFlight` keeps the Buffer reachable until
+      // the call returns (a variable the code no longer reads is no root, and its memory would
+      // be freed under the pwritev).
+      _inFlight = data;
       ONE.clear();
       ONE.push(addressOf(data), data.length);
       r = t.qcow2.writev(ONE, offset);
       ONE.clear();
+      _inFlight = undefined;
     }
   } else r = pwriteFull(t.fd, data, offset);
   if (r < 0) throw new TypevisorError("MIGRATION_DISKS", `writing ${t.path}: ${errnoName(-r)}`);
