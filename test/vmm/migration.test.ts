@@ -345,11 +345,11 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
   }, 180_000);
 
   it("copies a qcow2 overlay the guest writes during the migration: the destination's own image holds what the source's chain did, then the guest writes on there", async () => {
-    // A raw base with data the guest has not overwritten yet at the switch-over (its last 8 MiB).
+    // A raw base with data the guest has not overwritten yet at the switch-over (its last 4 MiB).
     const base = join(dir, "copyq-base.raw");
-    writeFileSync(base, Buffer.concat([Buffer.alloc(8 * 1024 * 1024), Buffer.alloc(8 * 1024 * 1024, 0x5a)]));
+    writeFileSync(base, Buffer.concat([Buffer.alloc(4 * 1024 * 1024), Buffer.alloc(4 * 1024 * 1024, 0x5a)]));
     const srcDisk = join(dir, "copyq-src.qcow2");
-    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, srcDisk, "16M"], { timeout: 30_000 });
+    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, srcDisk, "8M"], { timeout: 30_000 });
     const dstDisk = join(dir, "copyq-dst.qcow2");
     const src = start("src-copyq", ["--kernel", writer, "--memory", "64", "--disk", `${srcDisk},format=qcow2`]);
     const con = await consoleClient(src.sock);
@@ -365,7 +365,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect(JSON.parse(readFileSync(src.exit, "utf8")).result, `${src.stderr()}\n${dst.stderr()}\n${con.text().slice(-300)}`).toBe("migrated");
       // Paused at the destination: both images as they were at the switch-over.
       const info = JSON.parse(execFileSync("qemu-img", ["info", "-U", "--output=json", dstDisk], { encoding: "utf8", timeout: 30_000 })) as { format: string; "virtual-size": number; "backing-filename"?: string };
-      expect(info).toMatchObject({ format: "qcow2", "virtual-size": 16 * 1024 * 1024 });
+      expect(info).toMatchObject({ format: "qcow2", "virtual-size": 8 * 1024 * 1024 });
       expect(info["backing-filename"]).toBeUndefined();
       const check = spawnSync("qemu-img", ["check", "-U", dstDisk], { encoding: "utf8", timeout: 60_000 });
       expect(check.status, `${check.stdout}${check.stderr}`).toBe(0);
@@ -375,11 +375,11 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       execFileSync("qemu-img", ["convert", "-U", "-O", "raw", dstDisk, b], { timeout: 60_000 });
       const ours = readFileSync(b);
       expect(ours.equals(readFileSync(a))).toBe(true);
-      expect(ours.subarray(15 * 1024 * 1024).every((x) => x === 0x5a)).toBe(true);
+      expect(ours.subarray(7 * 1024 * 1024).every((x) => x === 0x5a)).toBe(true);
       // The copy holds only what the chain had (allocated clusters), not the whole virtual size as data.
       const allocated = JSON.parse(execFileSync("qemu-img", ["map", "-U", "--output=json", dstDisk], { encoding: "utf8", timeout: 30_000 })) as { length: number; data: boolean }[];
       const dataBytes = allocated.filter((m) => m.data).reduce((n, m) => n + m.length, 0);
-      expect(dataBytes).toBeLessThan(16 * 1024 * 1024);
+      expect(dataBytes).toBeLessThan(8 * 1024 * 1024);
       // Resumed, the guest writes on into its copy, to the end, and powers off.
       dcon = await consoleClient(dst.sock);
       expect((await unixApi(dst.api, "POST", "/resume")).status).toBe(200);
@@ -399,7 +399,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
   // the destination). The guest allocates clusters on both sides of the move.
   it("moves a guest writing a shared qcow2 disk: it writes on at the destination; qemu-img check is clean and every sector holds its pattern", async () => {
     const disk = join(dir, "shared.qcow2");
-    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", disk, "16M"], { timeout: 30_000 });
+    execFileSync("qemu-img", ["create", "-q", "-f", "qcow2", disk, "8M"], { timeout: 30_000 });
     const src = start("src-q", ["--kernel", writer, "--memory", "64", "--disk", `${disk},format=qcow2`]);
     const con = await consoleClient(src.sock);
     const endpoint = `unix:${join(dir, "shared-q.sock")}`;
@@ -413,7 +413,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect(await src.exited, src.stderr()).toBe(0);
       expect(JSON.parse(readFileSync(src.exit, "utf8")).result, src.stderr()).toBe("migrated");
       const before = Number(/tv-disk: (\d+) MiB(?![\s\S]*tv-disk: \d+ MiB)/.exec(con.text())?.[1] ?? 0);
-      expect(before, con.text().slice(-300)).toBeLessThan(16);
+      expect(before, con.text().slice(-300)).toBeLessThan(8);
       // At the destination the guest goes on to the end of its disk, flushes and powers off.
       dcon = await consoleClient(dst.sock);
       await writtenToTheEnd(dst, dcon, disk);
