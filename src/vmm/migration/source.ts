@@ -66,7 +66,7 @@ export interface SwitchoverTimes {
   lastRoundBytes: number;
   /** "disks": "copy": the blocks written since the last round sent (lastDiskBytes of them). */
   disksSent?: number;
-  /** "disks": "shared": every disk's writes and cached metadata on storage (the destination reads the same files). */
+  /** Every disk's writes and cached metadata on storage: shared disks (the destination reads the same files), or copied qcow2 ones (the last pass reads their tables). */
   disksFlushed?: number;
   lastDiskBytes?: number;
   /** The state encoded and handed to the socket, and DONE after it (stateBytes of it). */
