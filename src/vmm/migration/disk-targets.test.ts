@@ -2,7 +2,7 @@
  * The destination's copied disks (disk-targets.ts): what file a copy may go into (never one that
  * holds data), and a qcow2 copy written through our backend that qemu-img finds clean and thin.
  */
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -32,6 +32,7 @@ describe("copied disks at the destination", () => {
     writeDiskData(t[0]!, 4 * MiB, Buffer.alloc(MiB));
     writeDiskData(t[0]!, 6 * MiB + 4096, Buffer.alloc(8192, 0x72));
     finishDiskTargets(t);
+    closeSync(t[0]!.fd);
     expect(qemuCheck(p).status).toBe(0);
     const raw = path("copy.raw");
     qemuImg(["convert", "-U", "-f", "qcow2", "-O", "raw", p, raw]);
