@@ -323,7 +323,7 @@ describe("parseDevicesState on hostile input", () => {
     const mem = new GuestMemory(new ArrayBuffer(MEM), [{ guestPhysAddr: 0, size: MEM, hostOffset: 0 }]);
     let restored = 0;
     fc.assert(
-      fc.property(fc.oneof(fc.jsonValue(), mutated), (x) => {
+      fc.property(fc.oneof(fc.jsonValue(), mutated, fc.constant(good as unknown)), (x) => {
         let state: DevicesState;
         try {
           state = parseDevicesState(x);
@@ -344,7 +344,9 @@ describe("parseDevicesState on hostile input", () => {
       }),
       { numRuns: 150 },
     );
-    // Not vacuous: some replaced values are legal (a name, a generation, a cursor) and restore.
+    // Not vacuous: the good state itself (a third of the samples) and the replaced values that are
+    // legal (a name, a generation, a cursor: 1-5 in 150 samples) restore. The good state is sampled
+    // so that this never depends on luck: without it, 1 run in about 20 restored nothing.
     expect(restored).toBeGreaterThan(0);
   });
 });
