@@ -336,6 +336,17 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
   const app = buildApi(manager, logger, limits, sec, peers, gate);
   await app.ready();
   const servers: Server[] = [];
+  // Every socket of every listener, until it closes: close() ends what closeAllConnections()
+  // does not see (a connection upgraded, or taken over by a request the server no longer tracks),
+  // which otherwise kept server.close() waiting forever: the daemon hung at shutdown after a
+  // fuzzer's requests (test/api/fuzz.test.ts, seed 1176699468).
+  const sockets = new Set<Duplex>();
+  const track = (s: Server): void => {
+    s.on("connection", (sock: Duplex) => {
+      sockets.add(sock);
+      sock.once("close", () => sockets.delete(sock));
+    });
+  };
   const attached = new Set<Duplex>();
   const attach = attachHandler(manager, attached, gate, peers);
   const consoleWs = consoleWebSocket(manager, gate, (s) => peers.get(s), attached);
@@ -374,6 +385,7 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
   } else {
     chmodSync(l.socketPath, 0o600);
   }
+  track(unix);
   servers.push(unix);
   let tcpAddress: RunningApi["tcpAddress"];
   if (l.tcp !== undefined) {
@@ -384,6 +396,7 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
     await listen(tcp, l.tcp);
     const a = tcp.address();
     if (a !== null && typeof a === "object") tcpAddress = { host: a.address, port: a.port };
+    track(tcp);
     servers.push(tcp);
   }
   return {
@@ -392,8 +405,10 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
       for (const c of attached) c.destroy();
       consoleWs.close();
       for (const s of servers) {
+        const closed = new Promise<void>((r) => s.close(() => r()));
         s.closeAllConnections();
-        await new Promise<void>((r) => s.close(() => r()));
+        for (const sock of sockets) sock.destroy();
+        await closed;
       }
       await app.close();
       if (existsSync(l.socketPath)) unlinkSync(l.socketPath);

@@ -233,6 +233,9 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   logFile.close();
   for (const s of syslog) s.close();
   await otlp?.close();
+  // Shut down in order: whatever still holds the event loop now (a peer's connection that never
+  // closes, a delivery in flight) must not keep the daemon up; an unref'd timer does not itself.
+  setTimeout(() => process.exit(0), 2000).unref();
   return 0;
 }
 
