@@ -13,6 +13,7 @@ const FROM_HEADERS: Record<string, number> = {
   GET_IRQCHIP: 0xc208ae62, SET_IRQCHIP: 0x8208ae63, GET_PIT2: 0x8070ae9f, SET_PIT2: 0x4070aea0,
   GET_CLOCK: 0x8030ae7c, SET_CLOCK: 0x4030ae7b, GET_TSC_KHZ: 0xaea3, SET_TSC_KHZ: 0xaea2,
   KVMCLOCK_CTRL: 0xaead, GET_CPUID2: 0xc008ae91, GET_MP_STATE: 0x8004ae98,
+  TRANSLATE: 0xc018ae85,
 };
 
 describe("KVM ioctl numbers", () => {

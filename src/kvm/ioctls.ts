@@ -33,6 +33,8 @@ export const SIZEOF = {
   kvm_irqfd: 32,
   kvm_ioeventfd: 64,
   kvm_mp_state: 4,
+  /** struct kvm_translation: linear_address, physical_address (u64), valid, writeable, usermode, pad[5] (u8). */
+  kvm_translation: 24,
   kvm_msi: 32,
   kvm_dirty_log: 16,
   kvm_clock_data: 48,
@@ -91,6 +93,7 @@ export const KVM = {
   SET_LAPIC: iow(0x8f, SIZEOF.kvm_lapic_state),
   SET_CPUID2: iow(0x90, SIZEOF.kvm_cpuid2),
   GET_CPUID2: iowr(0x91, SIZEOF.kvm_cpuid2),
+  TRANSLATE: iowr(0x85, SIZEOF.kvm_translation),
   GET_MP_STATE: ior(0x98, SIZEOF.kvm_mp_state),
   SET_MP_STATE: iow(0x99, SIZEOF.kvm_mp_state),
   GET_VCPU_EVENTS: ior(0x9f, SIZEOF.kvm_vcpu_events),

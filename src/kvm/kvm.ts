@@ -408,6 +408,19 @@ export class VcpuFd {
   }
 
   /**
+   * The guest-physical address of `linear` through this vCPU's page tables as they are now (KVM
+   * API §4.15 KVM_TRANSLATE), or undefined where nothing is mapped. Safe: the kernel reads and
+   * writes only the 24-byte struct, which lives for the call.
+   */
+  translate(linear: bigint): bigint | undefined {
+    const b = new Uint8Array(SIZEOF.kvm_translation);
+    const dv = new DataView(b.buffer);
+    dv.setBigUint64(0, BigInt.asUintN(64, linear), true);
+    libc.ioctl(this.fd, KVM.TRANSLATE, b, "KVM_TRANSLATE");
+    return b[16] !== 0 ? dv.getBigUint64(8, true) : undefined;
+  }
+
+  /**
    * Tell the guest's kvmclock that the vCPU was stopped by the host (KVM API §4.85
    * KVM_KVMCLOCK_CTRL): its soft-lockup watchdog then does not count the pause. EINVAL when the
    * guest has not set up kvmclock on this vCPU, which callers may ignore.

@@ -40,7 +40,7 @@ import { setLint } from "./arch/x86_64/lapic.js";
 import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
 import { dirname, join, relative, resolve } from "node:path";
-import { cpuCaps, elapsedSinceSave, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
+import { completePendingHalt, cpuCaps, elapsedSinceSave, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
 import { bitmapBytes, mapMemoryLayers, writeDirtyMemoryFile, writeMemoryFile, type MemoryLayer, type MemoryWriteResult, type RegionSource } from "./snapshot/memory.js";
 import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, stateSha256, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
 
@@ -485,6 +485,8 @@ export class Vm {
       const refused = restoreVcpu(vcpu, saved, advance);
       this.cpuids[vcpu.id] = saved.cpuid;
       if (refused.length > 0) this.restoreWarnings.push(`vCPU ${vcpu.id}: KVM did not take back MSR ${refused.map((i) => `0x${i.toString(16)}`).join(", ")}`);
+      // A paravirtual spinlock's kick that was in flight is not in the state: see completePendingHalt.
+      completePendingHalt(vcpu, (gpa) => (gpa < BigInt(Number.MAX_SAFE_INTEGER) ? this.memory.trySlice(Number(gpa), 1)?.[0] : undefined));
     }
     restoreVmKvm(this.vm, this.kvm, state.vm, opts.keepClock === true);
     this.serial.restore(state.platform.serial);

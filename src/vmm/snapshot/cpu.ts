@@ -103,6 +103,50 @@ export function restoreVcpu(vcpu: VcpuFd, s: VcpuState, advanceNs = 0n): number[
   return refused;
 }
 
+const MP_STATE_RUNNABLE = 0;
+const OPCODE_HLT = 0xf4;
+const RFLAGS_IF = 1n << 9n;
+const EFER_LMA = 1 << 10;
+
+/**
+ * Complete a HLT that a restored vCPU was about to execute with interrupts off, as if it had
+ * returned at once. Returns true when it moved RIP past one.
+ *
+ * Why: a Linux guest waiting on a paravirtual spinlock (kvm_wait() in arch/x86/kernel/kvm.c)
+ * runs HLT with interrupts off and trusts the lock's releaser to wake it with KVM_HC_KICK_CPU
+ * (Documentation/virt/kvm/x86/hypercalls.rst). KVM keeps that kick as a flag beside the vCPU
+ * that no state ioctl carries out: KVM_GET_MP_STATE folds it in only for a vCPU already halted.
+ * A vCPU caught by the snapshot between the kick and its HLT therefore came back without the
+ * kick, and halted for good: the lab saw a restored Debian guest whose second CPU sat "idling at
+ * native_halt" under RCU stall reports while the first waited for the lock.
+ *
+ * Why it is safe: resuming after a HLT with interrupts off is what an NMI does (SDM vol. 3
+ * §6.7.1: the handler returns to the instruction after HLT), so guest code cannot rely on such a
+ * HLT never returning; kvm_wait()'s caller re-checks the lock, and every other halt() in Linux
+ * loops. A vCPU with interrupts on is left alone: its next interrupt wakes it.
+ *
+ * `readByte`: one byte of guest memory at a guest-physical address (undefined outside RAM).
+ */
+export function completePendingHalt(vcpu: VcpuFd, readByte: (gpa: bigint) => number | undefined): boolean {
+  if (vcpu.getMpState() !== MP_STATE_RUNNABLE) return false;
+  const regs = vcpu.getRegs();
+  if ((regs.rflags & RFLAGS_IF) !== 0n) return false;
+  const sregs = vcpu.getSregs();
+  // The linear address of the next instruction (SDM vol. 3 §3.4.4: CS's base is ignored in 64-bit mode).
+  const linear = (sregs.efer & EFER_LMA) !== 0 ? regs.rip : (BigInt(sregs.cs.base) + regs.rip) & 0xffff_ffffn;
+  let gpa: bigint | undefined;
+  try {
+    gpa = vcpu.translate(linear);
+  } catch (e) {
+    // A KVM without KVM_TRANSLATE (not x86's): the state goes back as saved.
+    if (e instanceof SysError) return false;
+    throw e;
+  }
+  if (gpa === undefined || readByte(gpa) !== OPCODE_HLT) return false;
+  vcpu.setRegs({ ...regs, rip: regs.rip + 1n });
+  return true;
+}
+
 /** KVM_SET_MSRS stops at the first MSR it refuses: skip that one, set the rest, in order. */
 function setMsrsEach(vcpu: VcpuFd, entries: MsrEntry[]): number[] {
   const refused: number[] = [];
