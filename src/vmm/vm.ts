@@ -298,6 +298,13 @@ export class Vm {
   /** The run state a restored guest was saved in. */
   private restoredRunState: "running" | "paused" | undefined;
   private devicesStarted: Promise<VcpuWorkerInit["platform"]> | undefined;
+  /** The device thread's mailbox and eventfd, made as it is created (before it is ready). */
+  private devicePlatform: VcpuWorkerInit["platform"];
+  /**
+   * True while run() waits for the device thread with the vCPU threads already created and
+   * parked: pause() and resume() then only say what the vCPUs do once the devices are up.
+   */
+  private starting = false;
   /** The vCPU workers once created (by run(), or earlier by prestart()). */
   private vcpuThreads: { ready: Promise<void>; exited: Promise<VmExitResult> } | undefined;
   /** prestart(): the device thread starts without the devices' state; restoreDevices() sends it later. */
@@ -553,6 +560,7 @@ export class Vm {
     const eventfd = libc.eventfd();
     const mailbox = createMailbox(this.vcpus.length);
     const control = new SharedArrayBuffer(4);
+    this.devicePlatform = { mailbox, eventfd };
     const init: DeviceThreadInit = {
       vmFd: this.vm.fd,
       memory: this.memory.hostRegions,
@@ -645,21 +653,36 @@ export class Vm {
     // as soon as its API answers) clears it, and must not be undone below.
     this.state = startPaused ? "paused" : "running";
     if (startPaused) Atomics.store(this.ctrl, CTRL.PAUSE, 1);
+    const devicesReady = this.prepareDevices();
+    // The vCPU threads are created now, beside the device thread, rather than once it is ready:
+    // each is a Node worker whose bootstrap and module loading is most of a VMM's start-up
+    // (docs/benchmarks.md, density), so the two start together. They wait parked until the
+    // devices are up: a bad disk still fails before any guest code runs.
+    if (this.vcpuThreads === undefined && this.devicePlatform !== undefined) {
+      this.starting = true;
+      this.spawnVcpus(true, this.devicePlatform);
+    }
     let platform: VcpuWorkerInit["platform"];
     try {
-      platform = await this.prepareDevices();
+      platform = await devicesReady;
     } catch (e) {
+      this.starting = false;
+      if (this.vcpuThreads !== undefined) {
+        this.stop();
+        await this.vcpuThreads.exited;
+      }
       this.state = "stopped";
       await this.stopDevices();
       throw e;
     }
+    this.starting = false;
     this.startedAt = Date.now();
     // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
     this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
     this.sampler.unref();
     let exited: Promise<VmExitResult>;
     if (this.vcpuThreads !== undefined) {
-      // Started parked by prestart() (an incoming migration): let them go, unless paused now.
+      // Started parked (by prestart() for an incoming migration, or above): let them go, unless paused now.
       exited = this.vcpuThreads.exited;
       if (this.state === "running") {
         Atomics.store(this.ctrl, CTRL.PAUSE, 0);
@@ -812,6 +835,11 @@ export class Vm {
 
   async pause(): Promise<void> {
     if (this.state !== "running") throw new TypevisorError("VM_STATE", `cannot pause a VM that is ${this.state}`);
+    // Still starting: the vCPUs are parked until the devices are up, and run() keeps them so.
+    if (this.starting) {
+      this.state = "paused";
+      return;
+    }
     Atomics.store(this.ctrl, CTRL.PAUSE, 1);
     this.kickAll();
     const deadline = Date.now() + 5000;
@@ -828,6 +856,11 @@ export class Vm {
     if (this.state !== "paused") throw new TypevisorError("VM_STATE", `cannot resume a VM that is ${this.state}`);
     const heldForSpace = this.pauseReason_ !== undefined;
     this.pauseReason_ = undefined;
+    // Still starting: run() lets the parked vCPUs go once the devices are up.
+    if (this.starting) {
+      this.state = "running";
+      return;
+    }
     Atomics.store(this.ctrl, CTRL.PAUSE, 0);
     Atomics.notify(this.ctrl, CTRL.PAUSE);
     this.state = "running";

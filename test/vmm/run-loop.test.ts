@@ -75,6 +75,32 @@ describe.skipIf(!hasKvm)("vCPU run loop (tiny guests on /dev/kvm)", () => {
     con.close();
   });
 
+  it("with devices, the vCPU threads start beside the device thread and wait for it: paused then, the guest runs only once resumed", async () => {
+    const con = consoleFile();
+    const vm = new Vm({ cpus: 2, memoryMiB: 64, consoleFd: con.fd, boot: tinyGuest([...print("ran\n"), ...POWEROFF]), devices: { disks: [], nets: [], rng: true } });
+    const done = vm.run();
+    // Asked while the device thread is still starting (run() has not awaited anything yet).
+    await vm.pause();
+    expect(vm.vmState).toBe("paused");
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(con.read()).toBe("");
+    vm.resume();
+    expect(await done).toEqual({ kind: "poweroff" });
+    expect(con.read()).toBe("ran\n");
+    vm.destroy();
+    con.close();
+  });
+
+  it("with devices that fail to start, run() fails and the vCPU threads started beside them are gone", async () => {
+    const con = consoleFile();
+    const vm = new Vm({ cpus: 2, memoryMiB: 64, consoleFd: con.fd, boot: tinyGuest([...print("ran\n"), ...POWEROFF]), devices: { disks: [{ path: join(tmpdir(), "tv-no-such-disk.raw"), readonly: true }], nets: [], rng: false } });
+    await expect(vm.run()).rejects.toThrow(/tv-no-such-disk/);
+    expect(vm.vmState).toBe("stopped");
+    expect(con.read()).toBe("");
+    vm.destroy();
+    con.close();
+  });
+
   it("runs a guest with 8 GiB: the guest and the VMM see the same bytes below and above 4 GiB, across the VMM's 2 GiB views", async () => {
     const GiB = 2 ** 30;
     const con = consoleFile();
