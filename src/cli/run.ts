@@ -224,11 +224,13 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   // A restore and an incoming migration both take the machine from elsewhere: only back ends are given here.
   const restoring = o.restore !== undefined || o.incoming !== undefined;
   // The incoming stream's security, checked before anything is built (the files read now: a daemon may remove them once we listen).
-  const { checkedEndpoint, streamTlsFromFiles } = await import("../vmm/migration/transport.js");
-  const incomingTls = streamTlsFromFiles({ cert: o.tlsCert, key: o.tlsKey, ca: o.tlsCa, peerFingerprint: o.tlsPeerFingerprint });
+  // The stream's module (and the schema library it needs) only for a VMM that has a stream.
+  const streamFlags = o.incoming !== undefined || o.plainTcp === true || [o.tlsCert, o.tlsKey, o.tlsCa, o.tlsPeerFingerprint].some((f) => f !== undefined);
+  const transport = streamFlags ? await import("../vmm/migration/transport.js") : undefined;
+  const incomingTls = transport?.streamTlsFromFiles({ cert: o.tlsCert, key: o.tlsKey, ca: o.tlsCa, peerFingerprint: o.tlsPeerFingerprint });
   if ((incomingTls !== undefined || o.plainTcp === true) && o.incoming === undefined) throw new TypevisorError("INVALID_ARGUMENT", "--tls-* and --plain-tcp are for --incoming");
   if (incomingTls !== undefined && o.plainTcp === true) throw new TypevisorError("INVALID_ARGUMENT", "give either TLS (--tls-cert ...) or --plain-tcp, not both");
-  if (o.incoming !== undefined) checkedEndpoint(o.incoming, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) });
+  if (o.incoming !== undefined) transport?.checkedEndpoint(o.incoming, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) });
   const vcpuNice = o.vcpuNice !== undefined ? parseIntArg("--vcpu-nice", o.vcpuNice) : undefined;
   const memoryOvercommit = o.memoryOvercommit !== undefined ? parseRatioArg("--memory-overcommit", o.memoryOvercommit) : undefined;
   const id = o.id !== undefined ? parseVmId(o.id) : undefined;
@@ -380,7 +382,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
         onStarted = incoming.running;
         log("typevisor: migration received; the VM runs here now");
       } else if (boots === 1 && o.restore !== undefined) {
-        const restored = restoreVm(o.restore, overrides ?? {}, host, { keepClock: o.keepClock === true });
+        const restored = await restoreVm(o.restore, overrides ?? {}, host, { keepClock: o.keepClock === true });
         vm = restored.vm;
         config = restored.config;
         for (const w of vm.restoreWarnings) log(`typevisor: restore: ${w}`);

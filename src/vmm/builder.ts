@@ -9,7 +9,8 @@ import { join, resolve } from "node:path";
 import { TypevisorError } from "../errors.js";
 import type { DeviceSpecs } from "./device-specs.js";
 import type { MemoryLayer } from "./snapshot/memory.js";
-import { decodeState, MAX_SNAPSHOT_CHAIN, MAX_STATE_BYTES, SNAPSHOT_FILES, stateSha256, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
+import { MAX_SNAPSHOT_CHAIN, MAX_STATE_BYTES, SNAPSHOT_FILES, stateSha256 } from "./snapshot/state-file.js";
+import type { SnapshotConfig, SnapshotState } from "./snapshot/state.js";
 import { Vm, type PauseReason } from "./vm.js";
 
 /** A VM's whole description as plain data (what a snapshot's config.json holds). */
@@ -83,9 +84,14 @@ export interface RestoreOverrides {
   memoryOvercommit?: number;
 }
 
-/** A snapshot directory's state, read and validated (nothing built yet). */
-export function readSnapshot(dir: string): SnapshotState {
-  return decodeState(readStateFile(dir), join(dir, SNAPSHOT_FILES.state));
+type DecodeState = typeof import("./snapshot/state.js").decodeState;
+
+/**
+ * The state file's decoder, loaded on the first restore only: its schemas need zod, which a VMM
+ * that boots and never restores does not load (snapshot/state-file.ts says what it costs).
+ */
+async function stateDecoder(): Promise<DecodeState> {
+  return (await import("./snapshot/state.js")).decodeState;
 }
 
 /** The bytes of `dir`'s state.json (a regular file, at most MAX_STATE_BYTES), not yet decoded. */
@@ -132,11 +138,12 @@ export function applyOverrides(saved: MachineConfig, o: RestoreOverrides): Machi
  * as the guest touches it), every vCPU and device as saved. Bad input (a damaged or foreign
  * snapshot, a CPU that lacks what the guest used) fails here, before any vCPU runs.
  */
-export function restoreVm(dir: string, overrides: RestoreOverrides, host: VmHost, opts: { keepClock?: boolean } = {}): { vm: Vm; config: MachineConfig; state: SnapshotState } {
-  const state = readSnapshot(dir);
+export async function restoreVm(dir: string, overrides: RestoreOverrides, host: VmHost, opts: { keepClock?: boolean } = {}): Promise<{ vm: Vm; config: MachineConfig; state: SnapshotState }> {
+  const decodeState = await stateDecoder();
+  const state = decodeState(readStateFile(dir), join(dir, SNAPSHOT_FILES.state));
   if (state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${dir}: a snapshot without memory (disk-only) cannot be restored into a running VM; boot its disk instead`);
   const config = applyOverrides(state.config, overrides);
-  const layers = openMemoryChain(dir, state);
+  const layers = openMemoryChain(dir, state, decodeState);
   try {
     const vm = new Vm({
       ...shape(config), ...host,
@@ -164,7 +171,7 @@ function openMemoryFile(dir: string): number {
  * incremental snapshot its base's, and so on down to a full snapshot. Each base must be the very
  * snapshot named (its state's SHA-256), of the same machine, at most MAX_SNAPSHOT_CHAIN deep.
  */
-export function openMemoryChain(dir: string, state: SnapshotState): MemoryLayer[] {
+export function openMemoryChain(dir: string, state: SnapshotState, decodeState: DecodeState): MemoryLayer[] {
   const layers: MemoryLayer[] = [];
   try {
     let cur = { dir, state };

@@ -42,7 +42,8 @@ import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync,
 import { dirname, join, relative, resolve } from "node:path";
 import { completePendingHalt, cpuCaps, elapsedSinceSave, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
 import { bitmapBytes, mapMemoryLayers, writeDirtyMemoryFile, writeMemoryFile, type MemoryLayer, type MemoryWriteResult, type RegionSource } from "./snapshot/memory.js";
-import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, stateSha256, type SnapshotConfig, type SnapshotState } from "./snapshot/state.js";
+import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, stateSha256 } from "./snapshot/state-file.js";
+import type { SnapshotConfig, SnapshotState } from "./snapshot/state.js";
 
 import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "./defaults.js";
 import { XAPIC_MAX_CPUS } from "./arch/x86_64/acpi/tables.js";

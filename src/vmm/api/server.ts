@@ -50,15 +50,17 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { existsSync, unlinkSync } from "node:fs";
 import { listenOnFd, listenOwnerOnly } from "../../sys/owner-only-socket.js";
-import { z } from "zod";
 import { TypevisorError, isTypevisorError } from "../../errors.js";
 import type { MigrateRequest } from "../migration/source.js";
-import { checkStreamTls, StreamTlsSchema } from "../migration/transport.js";
+import type { SnapshotRequest } from "./requests.js";
 
-const dirString = z.string().min(1).max(4096).refine((v) => !v.includes("\0"), "no NUL bytes");
-/** POST /snapshot's body. */
-export const SnapshotRequestSchema = z.strictObject({ path: dirString, memory: z.boolean().optional(), base: dirString.optional(), track: z.boolean().optional() });
-export type SnapshotRequest = z.infer<typeof SnapshotRequestSchema>;
+export type { SnapshotRequest };
+/**
+ * The schemas of the request bodies, loaded by the first request that has one: they need zod,
+ * which a VMM that is only ever asked GET /stats does not load (snapshot/state-file.ts says what
+ * it costs per VMM).
+ */
+const requests = () => import("./requests.js");
 
 /** POST /migrate's body, as checked here: the migration's own request (migration/source.ts). */
 export type MigrateBody = MigrateRequest;
@@ -192,6 +194,7 @@ export function startControlServer(socketPath: string, target: ControlTarget, li
           await target.pause();
           return send(res, 200, { ok: true });
         case "POST /snapshot": {
+          const { SnapshotRequestSchema } = await requests();
           const r = SnapshotRequestSchema.safeParse(await readJson(req));
           if (!r.success) return problem(res, 400, "INVALID_REQUEST", 'body must be {"path": "<directory to create>", "memory"?: true|false, "base"?: "<tracked snapshot>", "track"?: true|false}');
           return send(res, 200, await target.snapshot(r.data));
@@ -211,6 +214,7 @@ export function startControlServer(socketPath: string, target: ControlTarget, li
           }
           // The stream's security (migration/transport.ts): PEM texts checked here, the endpoint's policy (TCP needs TLS or plainTcp) when it connects.
           if (body["tls"] !== undefined) {
+            const { checkStreamTls, StreamTlsSchema } = await import("../migration/transport.js");
             const t = StreamTlsSchema.safeParse(body["tls"]);
             if (!t.success) return problem(res, 400, "INVALID_REQUEST", `tls: ${t.error.issues[0]?.path.join(".") ?? ""}: ${t.error.issues[0]?.message ?? "invalid"}`);
             checkStreamTls(t.data);

@@ -17,7 +17,8 @@ import { CAP, IRQCHIP, KVM_CLOCK, SIZEOF } from "../../kvm/ioctls.js";
 import type { Kvm, VcpuFd, VmFd } from "../../kvm/kvm.js";
 import { REG_NAMES, type KvmCpuidEntry, type KvmRegs, type MsrEntry } from "../../kvm/structs.js";
 import { SysError } from "../../sys/libc.js";
-import { b64, fromB64, hex, type VcpuState, type VmKvmState } from "./state.js";
+import { b64, fromB64, hex } from "./state-file.js";
+import type { VcpuState, VmKvmState } from "./state.js";
 
 const MSR_IA32_TSC = 0x10;
 const MSR_IA32_TSC_DEADLINE = 0x6e0;

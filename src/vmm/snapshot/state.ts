@@ -18,13 +18,10 @@ import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
 import { MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB } from "../defaults.js";
 import { SIZEOF } from "../../kvm/ioctls.js";
+import { MAX_STATE_BYTES, SNAPSHOT_FILES, SNAPSHOT_VERSION } from "./state-file.js";
 
-export const SNAPSHOT_VERSION = 1;
-const MAGIC = "typevisor-snapshot";
-/** A 4096-vCPU VM's state is ~40 MiB; anything larger is not ours. */
-export const MAX_STATE_BYTES = 256 * 1024 * 1024;
-/** File names inside a snapshot directory. */
-export const SNAPSHOT_FILES = { state: "state.json", config: "config.json", memory: "memory" } as const;
+// The file's framing and the helpers that need no schema live in state-file.ts (loaded without zod).
+export { MAX_SNAPSHOT_CHAIN, MAX_STATE_BYTES, SNAPSHOT_FILES, SNAPSHOT_VERSION, b64, encodeState, fromB64, hex, stateSha256 } from "./state-file.js";
 
 const hex64 = z.string().regex(/^0x[0-9a-f]{1,16}$/, "a 64-bit value as 0x-prefixed hex");
 const u32 = z.number().int().min(0).max(0xffff_ffff);
@@ -95,8 +92,6 @@ export const SnapshotConfigSchema = z.object({
 });
 export type SnapshotConfig = z.infer<typeof SnapshotConfigSchema>;
 
-/** How many base snapshots an incremental one may stand on (each is a memory file open and mapped). */
-export const MAX_SNAPSHOT_CHAIN = 32;
 const pageRun = z.tuple([z.number().int().min(0), z.number().int().min(1)]);
 
 export const MemoryLayoutSchema = z.object({
@@ -165,18 +160,6 @@ export const SnapshotStateSchema = z.object({
 });
 export type SnapshotState = z.infer<typeof SnapshotStateSchema>;
 
-/** The bytes of state.json for `state`. */
-export function encodeState(state: SnapshotState): Buffer {
-  const body = Buffer.from(JSON.stringify(state));
-  const sha = createHash("sha256").update(body).digest("hex");
-  return Buffer.concat([Buffer.from(`${MAGIC} ${SNAPSHOT_VERSION} bytes=${body.length} sha256=${sha}\n`), body]);
-}
-
-/** The SHA-256 of a state file's body, from its header (what an incremental snapshot's `base.sha256` names). */
-export function stateSha256(bytes: Uint8Array): string | undefined {
-  const nl = Buffer.from(bytes.subarray(0, 256)).indexOf(0x0a);
-  return nl < 0 ? undefined : /sha256=([0-9a-f]{64})$/.exec(Buffer.from(bytes.subarray(0, nl)).toString("latin1"))?.[1];
-}
 
 const invalid = (what: string, detail: string): TypevisorError =>
   new TypevisorError("SNAPSHOT_INVALID", `${what}: ${detail}`, { hint: "the snapshot is damaged or was not written by this version of typevisor; take a new one" });
@@ -209,7 +192,3 @@ export function decodeState(bytes: Uint8Array, what: string): SnapshotState {
   }
   return r.data;
 }
-
-export const hex = (v: bigint): string => `0x${v.toString(16)}`;
-export const b64 = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString("base64");
-export const fromB64 = (s: string): Uint8Array => new Uint8Array(Buffer.from(s, "base64"));

@@ -27,9 +27,19 @@ import { boardRow, clockMs, deviceRow, deviceWord, enterStamped, PHASE, SLOT, WO
 import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
 import { DirtyBlocks } from "../../disk/dirty-blocks.js";
-import { parseDevicesState, restoreDevices, saveDevices, type DeviceKind } from "./snapshot.js";
+import { restoreDevices, saveDevices, type DeviceKind } from "./snapshot.js";
 
 const init = workerData as DeviceThreadInit;
+/**
+ * The device state's checker, for a thread that restores (now, or later by command); its
+ * schemas load zod, which a thread that boots a VM fresh does not need (snapshot-schema.ts).
+ */
+const parseDevicesState = init.restore !== undefined || init.deferRestore === true ? (await import("./snapshot-schema.js")).parseDevicesState : undefined;
+/** parseDevicesState where this thread was started to restore; an error anywhere else. */
+function checkedState(x: unknown): ReturnType<NonNullable<typeof parseDevicesState>> {
+  if (parseDevicesState === undefined) throw new TypevisorError("VM_STATE", "this device thread was not started to restore a state");
+  return parseDevicesState(x);
+}
 const port = parentPort;
 if (port === null) throw new Error("device thread started outside a worker thread");
 const post = (m: DeviceThreadMessage): void => port.postMessage(m);
@@ -178,10 +188,10 @@ try {
   }
   bus.onDecodeChange((_changes: BarDecode[]) => routeKicks());
   // Checked again here (the main thread parsed it too): this thread trusts no state it did not check.
-  if (init.restore !== undefined) restoreDevices(plugged, bus, parseDevicesState(init.restore));
+  if (init.restore !== undefined) restoreDevices(plugged, bus, checkedState(init.restore));
   // The state's checker is slow the first time (schema set-up: ~100 ms on a loaded host, far more
   // in the lab) and fast afterwards: run it now on these devices' own state, off the guest's pause.
-  if (init.deferRestore === true) parseDevicesState(saveDevices(plugged, bus));
+  if (init.deferRestore === true) checkedState(saveDevices(plugged, bus));
   routeKicks();
 } catch (e) {
   post(isTypevisorError(e) ? { type: "error", code: e.code, message: e.message } : { type: "error", code: "DEVICE_SETUP", message: (e as Error).message });
@@ -275,7 +285,7 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
     case "restore":
       if (init.deferRestore !== true || restored) throw new TypevisorError("VM_STATE", "this device thread's state was put in place already");
       // Checked here as the init's restore is: this thread trusts no state it did not check.
-      restoreDevices(plugged, bus, parseDevicesState(c.args.state));
+      restoreDevices(plugged, bus, checkedState(c.args.state));
       restored = true;
       routeKicks();
       return { restored: true };

@@ -21,7 +21,8 @@ import { TestDriver } from "../virtio/queue/test-driver.js";
 import { RngDevice } from "../virtio/rng/rng.js";
 import { VSOCK_EVENT_TRANSPORT_RESET } from "../virtio/vsock/packet.js";
 import { VsockDevice } from "../virtio/vsock/vsock.js";
-import { parseDevicesState, restoreDevices, saveDevices, type DeviceKind, type DevicesState, type PluggedDevice } from "./snapshot.js";
+import { restoreDevices, saveDevices, type DeviceKind, type DevicesState, type PluggedDevice } from "./snapshot.js";
+import { parseDevicesState } from "./snapshot-schema.js";
 
 const dir = mkdtempSync(join(tmpdir(), "tv-snapdev-"));
 const fds: number[] = [];

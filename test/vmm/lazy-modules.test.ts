@@ -1,0 +1,64 @@
+/**
+ * What a VMM loads costs every VM on the host (issue 19, docs/benchmarks.md "Density"): zod, the
+ * schema library that checks snapshots, migration streams and request bodies, is ~7 MiB of heap
+ * and ~70 ms per thread that loads it. A VMM that boots a guest and is only asked GET must not
+ * load it in any of its threads (main, device thread, vCPU, disk I/O); the first request with a
+ * body does. Every module each thread resolves is logged by a Node module hook (node:module
+ * register, run in each worker through the inherited --import).
+ */
+import { spawn } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { until } from "../helpers/daemon.js";
+import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { unixApi } from "../helpers/unix-api.js";
+
+const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
+const hasKvm = existsSync("/dev/kvm");
+const dir = mkdtempSync(join(tmpdir(), "tv-lazy-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const kernel = join(dir, "tiny.bzImage");
+writeTinyKernel(kernel);
+const disk = join(dir, "disk.raw");
+writeFileSync(disk, "");
+truncateSync(disk, 8 * 2 ** 20);
+const moduleLog = join(dir, "modules.log");
+writeFileSync(join(dir, "hooks.mjs"), `import { appendFileSync } from "node:fs";
+export async function resolve(specifier, context, next) {
+  const r = await next(specifier, context);
+  appendFileSync(${JSON.stringify(moduleLog)}, r.url + "\\n");
+  return r;
+}
+`);
+writeFileSync(join(dir, "register.mjs"), `import { register } from "node:module";\nregister(new URL("./hooks.mjs", import.meta.url));\n`);
+
+const loaded = (): string[] => (existsSync(moduleLog) ? readFileSync(moduleLog, "utf8").split("\n") : []);
+const zod = (): string[] => loaded().filter((u) => u.includes("/node_modules/zod/"));
+
+describe.skipIf(!hasKvm)("modules a VMM loads (tiny kernel, --force-kvm)", () => {
+  it("booting with a disk, an entropy source and an API socket loads no zod in any thread; POST /snapshot loads it", async () => {
+    const api = join(dir, "api.sock");
+    const log = join(dir, "console.log");
+    const child = spawn(process.execPath, ["--import", join(dir, "register.mjs"), BIN, "run", "--force-kvm", "--no-lab", "--kernel", kernel, "--memory", "64", "--disk", `${disk},readonly=on`, "--rng", "--api-socket", api, "--console-log", log], { stdio: ["ignore", "ignore", "pipe"] });
+    const exited = new Promise((r) => child.on("exit", r));
+    try {
+      await until("the banner", () => existsSync(log) && readFileSync(log, "latin1").includes(TINY_KERNEL_BANNER), 30_000);
+      expect((await unixApi(api, "GET", "/vm")).status).toBe(200);
+      expect((await unixApi(api, "GET", "/stats")).status).toBe(200);
+      // The hook saw every thread: each one's entry module and koffi (which each thread loads).
+      const urls = loaded();
+      for (const entry of ["devices/platform/device-thread.js", "vcpu/worker.js", "devices/virtio/block/io-worker.js"]) expect(urls.some((u) => u.endsWith(entry)), entry).toBe(true);
+      expect(urls.filter((u) => /\/node_modules\/koffi\/index\.js$/.test(u)).length).toBeGreaterThanOrEqual(3);
+      expect(zod()).toEqual([]);
+      const r = await unixApi(api, "POST", "/snapshot", { path: join(dir, "snap") });
+      expect(r.status, JSON.stringify(r.body)).toBe(200);
+      expect(zod().length).toBeGreaterThan(0);
+    } finally {
+      child.kill("SIGKILL");
+      await exited;
+    }
+  });
+});
