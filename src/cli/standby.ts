@@ -93,6 +93,9 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
   };
   const target = new SwitchableTarget(standby);
   const server = await startControlServer(o.apiSocket, target);
+  // What a restore needs and a booting VMM leaves out (the state file's schemas: builder.ts), loaded
+  // now rather than inside the restore this process is kept for.
+  await import("../vmm/snapshot/state.js");
   log(`typevisor: on standby at ${o.apiSocket} (PUT /restore)`);
   const onSignal = (): void => process.exit(0);
   process.once("SIGTERM", onSignal);
