@@ -34,7 +34,9 @@ const COMMANDS = ["run", "image", "daemon", "vm", "pool", "host", "events", "ale
  */
 export async function buildProgram(argv: string[] = process.argv): Promise<Command> {
   const first = argv.slice(2).find((a) => !a.startsWith("-"));
-  const want = (c: (typeof COMMANDS)[number]): boolean => first === c || !(COMMANDS as readonly string[]).includes(first ?? "");
+  // `typevisor --version` needs no command: loading them all (as help does) took seconds in the lab.
+  const versionOnly = first === undefined && argv.slice(2).some((a) => a === "--version" || a === "-V");
+  const want = (c: (typeof COMMANDS)[number]): boolean => !versionOnly && (first === c || !(COMMANDS as readonly string[]).includes(first ?? ""));
   const program = new Command();
   program
     .name("typevisor")
