@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
-import { addressOf, IOV_MAX, IoVec } from "./iov.js";
+import { addressOf, discardPages, IOV_MAX, IoVec } from "./iov.js";
 
 const dir = mkdtempSync(join(tmpdir(), "tv-iov-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -103,5 +103,41 @@ describe("IoVec", () => {
       }),
       { numRuns: 150 },
     );
+  });
+});
+
+describe("discardPages", () => {
+  const rssKiB = (): number => Number(/VmRSS:\s+(\d+)/.exec(readFileSync("/proc/self/status", "utf8"))?.[1]);
+
+  it("hands a big buffer's pages back to the kernel: RSS drops, whole pages read zero, the edges keep their bytes", () => {
+    const size = 32 * 2 ** 20 + 123;
+    const b = Buffer.allocUnsafeSlow(size).fill(0xa5);
+    const before = rssKiB();
+    const released = discardPages(b);
+    const after = rssKiB();
+    expect(released).toBeGreaterThanOrEqual(32 * 2 ** 20 - 8192);
+    expect(before - after).toBeGreaterThan(30 * 1024);
+    const start = addressOf(b);
+    const head = (4096 - (start % 4096)) % 4096;
+    const tail = (start + size) % 4096;
+    expect(b.subarray(0, head).every((x) => x === 0xa5)).toBe(true);
+    expect(b.subarray(size - tail).every((x) => x === 0xa5)).toBe(true);
+    expect(b.subarray(head, size - tail).every((x) => x === 0)).toBe(true);
+    // Still a valid buffer.
+    b.fill(1);
+    expect(b[size - 1]).toBe(1);
+  });
+
+  it("leaves alone what is not a whole buffer of its own: pool slices, views, shared memory, small buffers", () => {
+    const pooled = Buffer.from("pooled bytes");
+    const big = Buffer.allocUnsafeSlow(1 << 20).fill(7);
+    const view = big.subarray(4096);
+    const shared = new Uint8Array(new SharedArrayBuffer(1 << 20)).fill(9);
+    const small = new Uint8Array(16 * 1024).fill(3);
+    for (const v of [pooled, view, shared, small]) expect(discardPages(v)).toBe(0);
+    expect(pooled.toString()).toBe("pooled bytes");
+    expect(big.every((x) => x === 7)).toBe(true);
+    expect(shared.every((x) => x === 9)).toBe(true);
+    expect(small.every((x) => x === 3)).toBe(true);
   });
 });

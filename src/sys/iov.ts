@@ -22,6 +22,11 @@ const addressFn = libc.func("uintptr_t memmove(void *dst, void *src, size_t n)")
 // address is passed as an integer, which the x86-64 ABI hands over exactly as a pointer.
 const copyToAddressFn = libc.func("uintptr_t memmove(uintptr_t dst, void *src, size_t n)");
 const copyFromAddressFn = libc.func("uintptr_t memmove(void *dst, uintptr_t src, size_t n)");
+const madviseAtFn = libc.func("int madvise(uintptr_t addr, size_t len, int advice)");
+const MADV_DONTNEED = 4;
+const PAGE = 4096;
+/** Node's Buffer pool hands out slices of 8 KiB slabs other buffers share: nothing this small is released. */
+const MIN_DISCARD = 64 * 1024;
 const fillAddressFn = libc.func("uintptr_t memset(uintptr_t dst, int c, size_t n)");
 
 export { IOV_MAX };
@@ -41,6 +46,27 @@ const MAX_PIECE = 2 ** 30;
 export function addressOf(view: Uint8Array): number {
   const a = addressFn(view, view, 0) as number | bigint;
   return Number(a);
+}
+
+/**
+ * Give the memory under `bytes` back to the kernel now rather than whenever V8 collects the
+ * buffer (madvise(2) MADV_DONTNEED): a kernel or initrd read to boot a guest would otherwise stay
+ * resident in a VMM whose main thread allocates too little to ever collect it (16 MiB of a lab
+ * VMM's private memory: docs/benchmarks.md "Density"). Afterwards the buffer reads as zeros.
+ * Only a buffer that is its whole ArrayBuffer (never a view into a shared pool or someone else's
+ * bytes) of at least MIN_DISCARD. Safe: only whole pages strictly inside the buffer's own bytes
+ * are advised (its allocator's bookkeeping lies outside them), and the pages stay mapped, so the
+ * buffer remains valid to read and write. Returns the bytes released.
+ */
+export function discardPages(bytes: Uint8Array): number {
+  const ab = bytes.buffer;
+  if (ab instanceof SharedArrayBuffer || bytes.byteOffset !== 0 || bytes.byteLength !== ab.byteLength || bytes.byteLength < MIN_DISCARD) return 0;
+  const start = addressOf(bytes);
+  const first = Math.ceil(start / PAGE) * PAGE;
+  const end = Math.floor((start + bytes.byteLength) / PAGE) * PAGE;
+  if (end <= first) return 0;
+  // Advice, not a requirement: a kernel that refuses leaves the pages to V8 as before.
+  return (madviseAtFn(first, end - first, MADV_DONTNEED) as number) === 0 ? end - first : 0;
 }
 
 /** A reusable iovec array of up to `capacity` (default IOV_MAX) entries. */

@@ -7,6 +7,7 @@
 import { closeSync, openSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { TypevisorError } from "../errors.js";
+import { discardPages } from "../sys/iov.js";
 import type { DeviceSpecs } from "./device-specs.js";
 import type { MemoryLayer } from "./snapshot/memory.js";
 import { MAX_SNAPSHOT_CHAIN, MAX_STATE_BYTES, SNAPSHOT_FILES, stateSha256 } from "./snapshot/state-file.js";
@@ -51,13 +52,22 @@ export function readBootPayload(config: MachineConfig): BootPayload {
   };
 }
 
-/** A VM that boots `config.boot`'s kernel (read now unless `payload` has it). */
+/**
+ * A VM that boots `config.boot`'s kernel (read now unless `payload` has it). The payload is
+ * spent once the VM is built (its bytes are in guest memory): its pages are handed back then
+ * (iov.ts discardPages), and it must not be used again.
+ */
 export function bootVm(config: MachineConfig, host: VmHost, payload?: BootPayload): Vm {
   const p = payload ?? readBootPayload(config);
-  return new Vm({
-    ...shape(config), ...host,
-    boot: { kind: "linux", kernel: p.kernel, ...(p.initrd !== undefined ? { initrd: p.initrd } : {}), cmdline: config.boot!.cmdline },
-  });
+  try {
+    return new Vm({
+      ...shape(config), ...host,
+      boot: { kind: "linux", kernel: p.kernel, ...(p.initrd !== undefined ? { initrd: p.initrd } : {}), cmdline: config.boot!.cmdline },
+    });
+  } finally {
+    discardPages(p.kernel);
+    if (p.initrd !== undefined) discardPages(p.initrd);
+  }
 }
 
 function shape(config: MachineConfig): { cpus: number; memoryMiB: number; devices: DeviceSpecs; vcpuNice?: number; memoryOvercommit?: number } {
