@@ -27,6 +27,8 @@ import { parseSize } from "../size.js";
 import { sandboxProbe } from "../vmm/sandbox-probe.js";
 import { installFilter, noExecFilter } from "../sys/seccomp.js";
 
+/** Console input kept while the VM is being built: what a person or a script types at once, not a stream. */
+const EARLY_INPUT_MAX = 64 * 1024;
 
 export interface RunOptions {
   image?: string;
@@ -301,6 +303,17 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   }
 
   let current: Vm | undefined;
+  // Console input that arrives while the VM is still being built (a restore reads and checks its
+  // state file asynchronously): kept, up to a bound, and typed into the VM once it exists.
+  let early: Uint8Array[] = [];
+  let earlyBytes = 0;
+  const sendInput = (b: Uint8Array): void => {
+    if (current !== undefined) current.sendInput(b);
+    else if (earlyBytes + b.length <= EARLY_INPUT_MAX) {
+      early.push(Uint8Array.from(b));
+      earlyBytes += b.length;
+    }
+  };
   let server: Server | undefined;
   let served = false;
   let migration: import("../vmm/migration/source.js").OutgoingMigration | undefined;
@@ -321,7 +334,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
         ? { log: { path: o.consoleLog, maxBytes: logSize, onDrop: (code: string) => log(`typevisor: console log ${o.consoleLog}: ${code}: dropping guest output until it can be written (the log notes how much)`) } }
         : {}),
       ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket, ...(consoleSocketFd !== undefined ? { fd: consoleSocketFd } : {}) } } : {}),
-      onInput: (b) => current?.sendInput(b),
+      onInput: sendInput,
     })
     : undefined;
   const consoleFd = consolePipe?.writeFd ?? 1;
@@ -343,10 +356,10 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
           escape = true;
           continue;
         }
-        current?.sendInput(Uint8Array.of(b));
+        sendInput(Uint8Array.of(b));
       }
     } else {
-      current?.sendInput(chunk);
+      sendInput(chunk);
     }
   };
   if (!headless) {
@@ -391,6 +404,9 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
         vm = bootVm(config, host, firstBoot);
       }
       current = vm;
+      for (const b of early) vm.sendInput(b);
+      early = [];
+      earlyBytes = 0;
       firstBoot = undefined;
       // A stop (signal or API) that arrived while this VM was being built: it runs no guest code.
       if (stopRequested) vm.stop();
