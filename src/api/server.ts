@@ -233,7 +233,7 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
  * connection is spliced to the VMM's console socket (the way Docker's attach
  * hijacks its connection). Many clients may attach at once.
  */
-function attachHandler(manager: VmManager, attached: Set<Duplex>, gate: Gate, peers: Peers): (req: IncomingMessage, socket: Duplex, head: Buffer) => void {
+function attachHandler(manager: VmManager, gate: Gate, peers: Peers): (req: IncomingMessage, socket: Duplex, head: Buffer) => void {
   const send = (socket: Duplex, p: Problem, headers: Record<string, string> = {}): void => {
     const body = JSON.stringify(p);
     const extra = Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join("");
@@ -296,10 +296,7 @@ function attachHandler(manager: VmManager, attached: Set<Duplex>, gate: Gate, pe
     );
     vmm.once("connect", () => {
       vmm.removeAllListeners("error");
-      // Upgraded connections are the server's no more (closeAllConnections skips them), yet
-      // server.close() waits for them: the daemon's close ends them itself.
-      attached.add(socket);
-      socket.once("close", () => attached.delete(socket));
+      // Upgraded: the HTTP server counts it as its own no more, yet server.close() waits for it (startApi's close ends it).
       record("ok");
       socket.write("HTTP/1.1 101 Switching Protocols\r\nupgrade: tcp\r\nconnection: Upgrade\r\n\r\n");
       if (head.length > 0) vmm.write(head);
@@ -336,8 +333,8 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
   const app = buildApi(manager, logger, limits, sec, peers, gate);
   await app.ready();
   const servers: Server[] = [];
-  // Every socket of every listener, until it closes: close() ends what closeAllConnections()
-  // does not see (a connection upgraded, or taken over by a request the server no longer tracks),
+  // Every socket of every listener, until it closes: close() ends them all, those the HTTP server
+  // no longer counts as its own included (an attached console, a console WebSocket: upgraded),
   // which otherwise kept server.close() waiting forever: the daemon hung at shutdown after a
   // fuzzer's requests (test/api/fuzz.test.ts, seed 1176699468).
   const sockets = new Set<Duplex>();
@@ -347,9 +344,8 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
       sock.once("close", () => sockets.delete(sock));
     });
   };
-  const attached = new Set<Duplex>();
-  const attach = attachHandler(manager, attached, gate, peers);
-  const consoleWs = consoleWebSocket(manager, gate, (s) => peers.get(s), attached);
+  const attach = attachHandler(manager, gate, peers);
+  const consoleWs = consoleWebSocket(manager, gate, (s) => peers.get(s));
   const onUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     if (!consoleWs.handle(req, socket, head)) attach(req, socket, head);
   };
@@ -402,14 +398,10 @@ export async function startApi(manager: VmManager, logger: Logger, l: Listeners,
   return {
     ...(tcpAddress !== undefined ? { tcpAddress } : {}),
     async close() {
-      for (const c of attached) c.destroy();
+      const closed = servers.map((s) => new Promise<void>((r) => s.close(() => r())));
+      for (const sock of sockets) sock.destroy();
       consoleWs.close();
-      for (const s of servers) {
-        const closed = new Promise<void>((r) => s.close(() => r()));
-        s.closeAllConnections();
-        for (const sock of sockets) sock.destroy();
-        await closed;
-      }
+      await Promise.all(closed);
       await app.close();
       if (existsSync(l.socketPath)) unlinkSync(l.socketPath);
     },

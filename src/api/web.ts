@@ -197,7 +197,7 @@ export interface ConsoleWs {
   close(): void;
 }
 
-export function consoleWebSocket(manager: VmManager, gate: Gate, peerOf: (socket: Duplex) => PeerCred | undefined, attached: Set<Duplex>): ConsoleWs {
+export function consoleWebSocket(manager: VmManager, gate: Gate, peerOf: (socket: Duplex) => PeerCred | undefined): ConsoleWs {
   const wss = new WebSocketServer({ noServer: true, maxPayload: 64 * 1024, perMessageDeflate: false });
   const send = (socket: Duplex, p: Problem, headers: Record<string, string> = {}): void => {
     const body = JSON.stringify(p);
@@ -264,8 +264,6 @@ export function consoleWebSocket(manager: VmManager, gate: Gate, peerOf: (socket
       vmm.once("connect", () => {
         vmm.removeAllListeners("error");
         wss.handleUpgrade(req, socket, head, (ws: WebSocket) => {
-          attached.add(socket);
-          socket.once("close", () => attached.delete(socket));
           record("ok", typing ? "read-write" : "read-only");
           const close = (): void => {
             ws.terminate();

@@ -34,7 +34,8 @@ describe.skipIf(!ready)("console WebSocket (real daemon, tiny guest)", () => {
     dir = mkdtempSync(join(tmpdir(), "tvws-"));
     const kernel = join(dir, "tiny.bin");
     writeTinyKernel(kernel);
-    d = await startDaemon({ args: ["--listen", "127.0.0.1:0", "--force-kvm", "--allow-files", dir] });
+    // --stop-vms-on-exit: the last test stops the daemon with a VM running.
+    d = await startDaemon({ args: ["--listen", "127.0.0.1:0", "--force-kvm", "--allow-files", dir, "--stop-vms-on-exit"] });
     port = await tcpPort(d);
     await d.client.createVm({ name: "ws1", kernel, memoryMiB: 64, rng: false }, { start: true });
     await d.client.createVm({ name: "ws2", kernel, memoryMiB: 64, rng: false });
@@ -91,4 +92,15 @@ describe.skipIf(!ready)("console WebSocket (real daemon, tiny guest)", () => {
     expect(same).toBeInstanceOf(WebSocket);
     (same as WebSocket).close();
   });
+
+  // Last: it stops the daemon.
+  it("stops with a console attached and a console WebSocket open: both are cut and the daemon exits 0", async () => {
+    const ws = await open("ws1", "op");
+    if (typeof ws === "number") throw new Error(`refused: ${ws}`);
+    const wsClosed = new Promise<void>((r) => ws.once("close", () => r()));
+    const con = await d.client.attachConsole("ws1");
+    const conClosed = new Promise<void>((r) => con.once("close", () => r()));
+    expect(await d.stop()).toBe(0);
+    await Promise.all([wsClosed, conClosed]);
+  }, 60_000);
 });
