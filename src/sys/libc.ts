@@ -115,14 +115,30 @@ function check(call: string, ret: number): number {
   return ret;
 }
 
-/** ioctl with a pointer (buffer) argument; returns the non-negative result. */
+/**
+ * ioctl with a pointer (buffer) argument; returns the non-negative result. Made again when a
+ * signal interrupted it (EINTR: the call did nothing, signal(7)): a VMM gets signals while it
+ * builds its VM (SIGPROF from a profiler, SIGWINCH, SIGCHLD), and on PVM hosts KVM_CREATE_VM
+ * sleeps interruptibly (QEMU's kvm_init loops on KVM_CREATE_VM's EINTR the same way). KVM_RUN,
+ * whose EINTR means "stopped for a signal" (KVM API §4.10), goes through ioctlRaw, not here.
+ */
 export function ioctl(fd: number, req: number, arg: Uint8Array | null, name = "ioctl"): number {
-  return check(name, ioctlPtr(fd, req, arg) as number);
+  for (;;) {
+    const r = ioctlPtr(fd, req, arg) as number;
+    if (r >= 0) return r;
+    const e = koffi.errno();
+    if (e !== EINTR) throw new SysError(name, e);
+  }
 }
 
-/** ioctl with an integer argument. */
+/** ioctl with an integer argument, made again after EINTR as ioctl() is. */
 export function ioctlValue(fd: number, req: number, arg: number | bigint, name = "ioctl"): number {
-  return check(name, ioctlInt(fd, req, arg) as number);
+  for (;;) {
+    const r = ioctlInt(fd, req, arg) as number;
+    if (r >= 0) return r;
+    const e = koffi.errno();
+    if (e !== EINTR) throw new SysError(name, e);
+  }
 }
 
 /** ioctl returning -errno instead of throwing (for hot paths such as KVM_RUN). */
