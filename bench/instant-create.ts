@@ -11,7 +11,8 @@
  *     kept (docs/snapshots.md "Under the VMM sandbox"): a jailed VMM starts for each restore.
  * Goal (issue 15): instant create at most 0.1x a cold create+boot.
  *
- * Run alone: BENCH_ONLY=daemon npm run bench:snapshot     (BENCH_RUNS: runs per series)
+ * Run alone: BENCH_ONLY=daemon npm run bench:snapshot     (BENCH_RUNS: runs per series; BENCH_TRACE=1
+ * prints each create's timeline: request returned, console attached, first output, answer)
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -22,12 +23,20 @@ import { median } from "./lib.js";
 
 const PROBE_RETRY_MS = 2000;
 const ANSWER_MS = 600_000;
+/** BENCH_TRACE=1: each run's timeline (answered()). */
+const TRACE = process.env["BENCH_TRACE"] === "1";
 
 /** Type a probe on the VM's console until the guest answers (the shell may not be up yet); ms from `t0`. */
 async function answered(c: TypevisorClient, vm: string, t0: number): Promise<number> {
+  const requested = performance.now() - t0;
   const con = await c.attachConsole(vm);
+  const attached = performance.now() - t0;
   let out = "";
-  con.on("data", (b: Buffer) => (out += b.toString("latin1")));
+  let firstOutput: number | undefined;
+  con.on("data", (b: Buffer) => {
+    firstOutput ??= performance.now() - t0;
+    out += b.toString("latin1");
+  });
   let n = 0;
   // The marker is computed by the shell: the echo of the typed line never matches.
   const probe = (): void => void con.write(`echo ans-$((${n++}+1000))\n`);
@@ -35,7 +44,10 @@ async function answered(c: TypevisorClient, vm: string, t0: number): Promise<num
   const timer = setInterval(probe, PROBE_RETRY_MS);
   try {
     await until(`${vm} answering`, () => (/ans-1\d{3}/.test(out) ? true : undefined), ANSWER_MS);
-    return performance.now() - t0;
+    const ms = performance.now() - t0;
+    // Where the time went (ms from the request): the API call's return, the console attached, the guest's first byte on it, probes typed (one every 2 s without an answer; the answer names the one it answers).
+    if (TRACE) console.log(`  ${vm}: request returned ${requested.toFixed(0)}, console attached ${attached.toFixed(0)}, first output ${firstOutput?.toFixed(0) ?? "-"}, answered ${ms.toFixed(0)} (probes typed ${n}, answered ${/ans-(1\d{3})/.exec(out)?.[1] ?? "?"})`);
+    return ms;
   } finally {
     clearInterval(timer);
     con.destroy();
