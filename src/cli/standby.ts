@@ -9,7 +9,11 @@ import { z } from "zod";
 import { TypevisorError } from "../errors.js";
 import { startControlServer, SwitchableTarget, type ControlTarget } from "../vmm/api/server.js";
 import { Kvm, kvmHostKind } from "../kvm/kvm.js";
+import { prestartedCount, prestartWorkers } from "../vmm/threads/spawn.js";
 import { runCommand, type RunOptions } from "./run.js";
+
+/** vCPU threads a standby starts ahead: templates are mostly small VMs (docs/snapshots.md "Standby VMMs"). */
+const STANDBY_VCPU_THREADS = 1;
 
 const pathString = z.string().min(1).max(4096).refine((s) => !s.includes("\0"), "no NUL bytes");
 
@@ -92,11 +96,13 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
     },
   };
   const target = new SwitchableTarget(standby);
+  // Before the socket answers (which is when a supervisor counts this standby ready): what a
+  // restore needs and a booting VMM leaves out (the state file's schemas: builder.ts), and the
+  // VM's device thread and first vCPU thread, started and waiting (vmm/threads/spawn.ts); a VM
+  // with more vCPUs starts the others when it is built.
+  await Promise.all([import("../vmm/snapshot/state.js"), prestartWorkers("devices/platform/device-thread.js", 1), prestartWorkers("vcpu/worker.js", STANDBY_VCPU_THREADS)]);
   const server = await startControlServer(o.apiSocket, target);
-  // What a restore needs and a booting VMM leaves out (the state file's schemas: builder.ts), loaded
-  // now rather than inside the restore this process is kept for.
-  await import("../vmm/snapshot/state.js");
-  log(`typevisor: on standby at ${o.apiSocket} (PUT /restore)`);
+  log(`typevisor: on standby at ${o.apiSocket} (PUT /restore; ${prestartedCount("devices/platform/device-thread.js")} device thread and ${prestartedCount("vcpu/worker.js")} vCPU thread waiting)`);
   const onSignal = (): void => process.exit(0);
   process.once("SIGTERM", onSignal);
   process.once("SIGINT", onSignal);

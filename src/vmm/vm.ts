@@ -8,9 +8,8 @@
  */
 import { totalmem } from "node:os";
 import { setFlagsFromString } from "node:v8";
-import { Worker } from "node:worker_threads";
-import { workerUrl } from "./worker-url.js";
-import { VMM_WORKER_LIMITS } from "./isolates.js";
+import type { Worker } from "node:worker_threads";
+import { spawnWorker } from "./threads/spawn.js";
 import { TypevisorError } from "../errors.js";
 import { formatBytes } from "../size.js";
 import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
@@ -570,7 +569,7 @@ export class Vm {
       // Checked again by the device thread (parseDevicesState) before anything is built from it.
       ...(this.deferDeviceState ? { deferRestore: true } : this.restoredDevices !== undefined && this.restoredDevices !== null ? { restore: this.restoredDevices as DevicesState } : {}),
     };
-    const w = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
+    const w = spawnWorker("devices/platform/device-thread.js", init);
     this.deviceThread = { worker: w, eventfd, control: new Int32Array(control) };
     await new Promise<void>((resolve, reject) => {
       w.on("message", (m: DeviceThreadMessage) => {
@@ -745,7 +744,7 @@ export class Vm {
           ...(platform !== undefined ? { platform } : {}),
           ...(this.config.vcpuSeccomp === true ? { seccomp: true } : {}),
         };
-        const w = new Worker(workerUrl("vcpu/worker.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
+        const w = spawnWorker("vcpu/worker.js", init);
         w.on("message", (m: VcpuMessage) => {
           if (m.type === "ready") {
             this.pthreads[m.vcpuId] = m.thread;

@@ -6,7 +6,7 @@
  * one clear line before any vCPU runs. (Debian guests are proven in the lab: snapshot.lab.test.ts.)
  */
 import { spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, writeFileSync, truncateSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync, truncateSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -149,6 +149,8 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     try {
       await until("the standby socket", () => existsSync(api));
       expect((await unixApi(api, "GET", "/vm")).body.state).toBe("standby");
+      // Its threads while it waits: the device thread and one vCPU thread are among them (started ahead).
+      const before = new Set(readdirSync(`/proc/${child.pid}/task`).map(Number));
       expect((await unixApi(api, "POST", "/pause")).status).toBe(409);
       expect((await unixApi(api, "PUT", "/restore", { snapshot: snap, bogus: 1 })).status).toBe(400);
       const r = await unixApi(api, "PUT", "/restore", { snapshot: snap, consoleSocket: sock, id: "from-standby" });
@@ -156,6 +158,17 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
       const vm = (await unixApi(api, "GET", "/vm")).body;
       expect(vm.state).toBe("running");
       expect(vm.id).toBe("from-standby");
+      // The VM's device thread and first vCPU thread are the ones the standby started before the
+      // request; its second vCPU (the snapshot's VM has 2) started with the VM.
+      const threads = async (): Promise<{ devices: { tid: number | null } | null; vcpus: { tid: number | null }[] }> => (await unixApi(api, "GET", "/threads")).body;
+      await pollUntil("every thread's tid published", async () => {
+        const t = await threads();
+        return t.devices?.tid != null && t.vcpus.length === 2 && t.vcpus.every((v) => v.tid !== null) ? true : undefined;
+      }, 20_000);
+      const t = await threads();
+      expect(before.has(t.devices!.tid!), "the device thread was started ahead").toBe(true);
+      expect(before.has(t.vcpus[0]!.tid!), "vCPU 0's thread was started ahead").toBe(true);
+      expect(before.has(t.vcpus[1]!.tid!), "vCPU 1's thread started with the VM").toBe(false);
       const c = await consoleClient(sock);
       c.sock.write("standby");
       await until("the echo", () => c.text().includes("standby"));

@@ -7,7 +7,7 @@
  * The guest is hostile: any exit we do not understand is counted and answered
  * harmlessly (reads as all ones), never thrown at the user.
  */
-import { parentPort, workerData } from "node:worker_threads";
+import { parentPort } from "node:worker_threads";
 import { EXIT, EXIT_NAMES, KVM, SYSTEM_EVENT } from "../../kvm/ioctls.js";
 import { VcpuFd, VmFd } from "../../kvm/kvm.js";
 import { KvmRun, type VmExit } from "../../kvm/run.js";
@@ -23,8 +23,9 @@ import { PioBus, type PioDevice } from "../devices/pio-bus.js";
 import { boardRow, enterStamped, PHASE, SLOT, vcpuWord, WORD, withMailbox, withPhase } from "../threads/board.js";
 import { CTRL, STAT_SLOTS, THROTTLE_SLICE_MS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./control.js";
 import { formatRegisterDump } from "./dump.js";
+import { workerInit } from "../threads/spawn.js";
 
-const init = workerData as VcpuWorkerInit;
+const init = await workerInit<VcpuWorkerInit>();
 const port = parentPort;
 if (port === null) throw new Error("vCPU worker started outside a worker thread");
 

@@ -6,7 +6,7 @@
  * so a guest's queue kick costs the vCPU no exit to userspace at all
  * (KVM API §4.59 KVM_IOEVENTFD); completions are signalled with KVM_SIGNAL_MSI.
  */
-import { parentPort, receiveMessageOnPort, workerData } from "node:worker_threads";
+import { parentPort, receiveMessageOnPort } from "node:worker_threads";
 import { isTypevisorError, TypevisorError } from "../../../errors.js";
 import { VmFd } from "../../../kvm/kvm.js";
 import * as libc from "../../../sys/libc.js";
@@ -28,8 +28,11 @@ import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, Dev
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
 import { DirtyBlocks } from "../../disk/dirty-blocks.js";
 import { restoreDevices, saveDevices, type DeviceKind } from "./snapshot.js";
+import { workerInit } from "../../threads/spawn.js";
 
-const init = workerData as DeviceThreadInit;
+// Started ahead of need (a standby VMM, which only ever restores): the state's checker loads
+// while it waits for its VM.
+const init = await workerInit<DeviceThreadInit>(() => import("./snapshot-schema.js"));
 /**
  * The device state's checker, for a thread that restores (now, or later by command); its
  * schemas load zod, which a thread that boots a VM fresh does not need (snapshot-schema.ts).

@@ -1,0 +1,99 @@
+/**
+ * The VMM's worker threads (the device thread, each vCPU thread), started when a VM is built or,
+ * in a standby VMM, ahead of need. A worker's start-up is Node's bootstrap of a new isolate plus
+ * loading the entry's modules: ~0.1 s each on a project machine and seconds in the lab's emulated
+ * CPU, paid again by every VM built. A standby VMM (cli/standby.ts, issue 15's "instant create")
+ * pays it before any VM is asked of it: its workers start with no VM to serve, load their
+ * modules, say so, and wait; building a VM then hands each its init as its first message
+ * instead of as workerData. Everything else about the thread is the same either way.
+ */
+import { once } from "node:events";
+import { parentPort, Worker, workerData } from "node:worker_threads";
+import { VMM_WORKER_LIMITS } from "../isolates.js";
+import { workerUrl } from "../worker-url.js";
+
+/** Entry modules of the workers a VM's build starts (relative to src/vmm/, as workerUrl takes them). */
+export type VmmWorkerEntry = "devices/platform/device-thread.js" | "vcpu/worker.js";
+
+/** workerData of a worker started ahead of need: its init comes later, as its first message. */
+interface Prestarted {
+  prestarted: true;
+}
+/** What such a worker posts once its modules are loaded, and what it is sent when it is taken. */
+type PrestartMessage = { type: "prestarted" } | { type: "init"; init: unknown };
+
+const isPrestarted = (d: unknown): d is Prestarted => typeof d === "object" && d !== null && (d as Partial<Prestarted>).prestarted === true;
+
+/** Workers waiting for an init, per entry (main thread only). */
+const waiting = new Map<VmmWorkerEntry, Worker[]>();
+
+/**
+ * Start `count` workers of `entry` with no VM yet; resolves once each has loaded its modules
+ * and waits (a worker that fails on the way is left out). They do not keep the process alive.
+ */
+export async function prestartWorkers(entry: VmmWorkerEntry, count: number): Promise<void> {
+  const started = Array.from({ length: count }, async () => {
+    const w = new Worker(workerUrl(entry), { workerData: { prestarted: true } satisfies Prestarted, resourceLimits: VMM_WORKER_LIMITS });
+    w.unref();
+    const gone = (): void => {
+      const list = waiting.get(entry);
+      const i = list?.indexOf(w) ?? -1;
+      if (i >= 0) list!.splice(i, 1);
+    };
+    // An error event without a listener would end the process: a standby must outlive a failed spare.
+    w.on("error", gone);
+    w.once("exit", gone);
+    try {
+      const [m] = (await once(w, "message")) as [PrestartMessage];
+      if (m.type !== "prestarted") return;
+    } catch {
+      return; // it failed while loading: builds start their own
+    }
+    if (w.threadId === -1) return;
+    const list = waiting.get(entry) ?? [];
+    list.push(w);
+    waiting.set(entry, list);
+  });
+  await Promise.all(started);
+}
+
+/** Workers of `entry` started ahead and still waiting. */
+export function prestartedCount(entry: VmmWorkerEntry): number {
+  return waiting.get(entry)?.length ?? 0;
+}
+
+/**
+ * A worker of `entry` running with `init`: one started ahead of need when there is one (it gets
+ * `init` as its first message), else a new one with `init` as its workerData.
+ */
+export function spawnWorker(entry: VmmWorkerEntry, init: unknown): Worker {
+  const list = waiting.get(entry);
+  for (let w = list?.shift(); w !== undefined; w = list?.shift()) {
+    if (w.threadId === -1) continue;
+    w.removeAllListeners("error");
+    w.removeAllListeners("exit");
+    w.ref();
+    // Structured clone, as workerData is: SharedArrayBuffers are shared, fds and numbers copied.
+    w.postMessage({ type: "init", init } satisfies PrestartMessage);
+    return w;
+  }
+  return new Worker(workerUrl(entry), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
+}
+
+/**
+ * In a worker's entry module: its init, from workerData, or, for a worker started ahead of need,
+ * from its first message; meanwhile `warm` loads what a VM's init will need (for a standby: what a
+ * restore needs). Top-level await: the rest of the entry module runs once the init is here.
+ */
+export async function workerInit<T>(warm?: () => Promise<unknown>): Promise<T> {
+  if (!isPrestarted(workerData)) return workerData as T;
+  const port = parentPort;
+  if (port === null) throw new Error("workerInit outside a worker thread");
+  if (warm !== undefined) await warm();
+  // Listening before saying so: the init can only be sent once "prestarted" arrived.
+  const first = once(port, "message") as Promise<[PrestartMessage]>;
+  port.postMessage({ type: "prestarted" } satisfies PrestartMessage);
+  const [m] = await first;
+  if (m.type !== "init") throw new Error(`a prestarted worker got ${m.type} before its init`);
+  return m.init as T;
+}
