@@ -38,6 +38,14 @@ interface Slot {
 
 /** How long a standby may take to answer on its socket (Node's start-up: seconds on a loaded host). */
 const READY_TIMEOUT_MS = 60_000;
+/**
+ * How long after a standby is taken the one behind it starts. A standby's start (Node, the VMM's
+ * modules, its device and vCPU threads) is CPU time the VM just restored from the taken one needs
+ * first for its own first seconds: on a small host, and in the lab's one emulated CPU, a standby
+ * started at once delayed a clone's first console answer by seconds. A burst of restores larger
+ * than the pool spawns VMMs for the rest meanwhile, as without a pool.
+ */
+export const STANDBY_REFILL_DELAY_MS = 5_000;
 
 export class StandbyPool {
   private readonly slots = new Map<string, Slot>();
@@ -45,6 +53,8 @@ export class StandbyPool {
   private started = false;
   /** Kept filled only once a memory snapshot exists: a daemon that never restores pays for none. */
   private wanted = false;
+  /** The refill after a take (STANDBY_REFILL_DELAY_MS), while it waits. */
+  private refill: NodeJS.Timeout | undefined;
   readonly dir: string;
 
   constructor(private readonly opts: { home: string; size: number; forceKvm: boolean; log: Logger }) {
@@ -140,7 +150,7 @@ export class StandbyPool {
     this.fill();
   }
 
-  /** A ready standby, out of the pool (a new one is started behind it), or undefined. */
+  /** A ready standby, out of the pool (a new one is started behind it, STANDBY_REFILL_DELAY_MS later), or undefined. */
   take(): StandbyVmm | undefined {
     const slot = [...this.slots.values()].find((s) => s.ready && s.child.exitCode === null && s.child.signalCode === null);
     if (slot === undefined) {
@@ -148,7 +158,10 @@ export class StandbyPool {
       return undefined;
     }
     this.slots.delete(slot.key);
-    this.fill();
+    this.refill ??= setTimeout(() => {
+      this.refill = undefined;
+      this.fill();
+    }, STANDBY_REFILL_DELAY_MS).unref();
     const d = this.dir;
     return { pid: slot.child.pid!, child: slot.child, socket: join(d, `${slot.key}.api`), log: join(d, `${slot.key}.log`), pidFile: join(d, `${slot.key}.pid`) };
   }
@@ -156,6 +169,7 @@ export class StandbyPool {
   /** Daemon shutdown: the standbys go (a VM taken from the pool is the VM's). */
   close(): void {
     this.closed = true;
+    clearTimeout(this.refill);
     for (const s of this.slots.values()) {
       try {
         s.child.kill("SIGKILL");
