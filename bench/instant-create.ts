@@ -14,6 +14,7 @@
  * Run alone: BENCH_ONLY=daemon npm run bench:snapshot     (BENCH_RUNS: runs per series; BENCH_TRACE=1
  * prints each create's timeline: request returned, console attached, first output, answer)
  */
+import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -38,15 +39,19 @@ async function answered(c: TypevisorClient, vm: string, t0: number): Promise<num
     out += b.toString("latin1");
   });
   let n = 0;
-  // The marker is computed by the shell: the echo of the typed line never matches.
-  const probe = (): void => void con.write(`echo ans-$((${n++}+1000))\n`);
+  // The marker is computed by the shell, so the echo of the typed line never matches, and carries
+  // this call's own tag: a clone's shell may still hold lines its template was typed (a snapshot
+  // taken right after the template answered keeps the rest in its tty), and answers them first.
+  const tag = randomBytes(3).toString("hex");
+  const probe = (): void => void con.write(`echo ans-${tag}-$((${n++}+1000))\n`);
   probe();
   const timer = setInterval(probe, PROBE_RETRY_MS);
   try {
-    await until(`${vm} answering`, () => (/ans-1\d{3}/.test(out) ? true : undefined), ANSWER_MS);
+    const answer = new RegExp(`ans-${tag}-(1\\d{3})`);
+    await until(`${vm} answering`, () => (answer.test(out) ? true : undefined), ANSWER_MS);
     const ms = performance.now() - t0;
     // Where the time went (ms from the request): the API call's return, the console attached, the guest's first byte on it, probes typed (one every 2 s without an answer; the answer names the one it answers).
-    if (TRACE) console.log(`  ${vm}: request returned ${requested.toFixed(0)}, console attached ${attached.toFixed(0)}, first output ${firstOutput?.toFixed(0) ?? "-"}, answered ${ms.toFixed(0)} (probes typed ${n}, answered ${/ans-(1\d{3})/.exec(out)?.[1] ?? "?"})`);
+    if (TRACE) console.log(`  ${vm}: request returned ${requested.toFixed(0)}, console attached ${attached.toFixed(0)}, first output ${firstOutput?.toFixed(0) ?? "-"}, answered ${ms.toFixed(0)} (probes typed ${n}, answered ${answer.exec(out)?.[1] ?? "?"})`);
     return ms;
   } finally {
     clearInterval(timer);
