@@ -9,7 +9,7 @@
 import { totalmem } from "node:os";
 import { setFlagsFromString } from "node:v8";
 import type { Worker } from "node:worker_threads";
-import { spawnWorker } from "./threads/spawn.js";
+import { endPrestarted, spawnWorker } from "./threads/spawn.js";
 import { TypevisorError } from "../errors.js";
 import { formatBytes } from "../size.js";
 import { Kvm, VcpuFd, VmFd } from "../kvm/kvm.js";
@@ -689,6 +689,8 @@ export class Vm {
         Atomics.notify(this.ctrl, CTRL.PAUSE);
       }
     } else exited = this.spawnVcpus(false, platform).exited; // PAUSE is as set above (or by a resume() since)
+    // Every thread of this VM is started: spare ones a standby started ahead that it did not take go.
+    endPrestarted();
     // The vCPU workers exist by now (created synchronously): tell the caller on the next turn.
     if (opts.onStarted !== undefined) setImmediate(opts.onStarted);
     const result = await exited;

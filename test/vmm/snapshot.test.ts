@@ -182,6 +182,41 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     }
   }, 60_000);
 
+  it("a standby VMM's spare threads serve the restored VM: its disk's I/O thread too", async () => {
+    const d = mkdtempSync(join(dir, "standby-disk-"));
+    // Not on tmpfs (a disk there is served on the device thread, with no I/O thread of its own).
+    const disk = join(d, "disk.raw");
+    writeFileSync(disk, "");
+    truncateSync(disk, 8 * 1024 * 1024);
+    const withDisk = join(d, "snap");
+    const a = start("sd", ["--kernel", kernel, "--memory", "64", "--disk", disk]);
+    try {
+      await until("the banner", () => readIf(a.log).includes(TINY_KERNEL_BANNER));
+      await pollUntil("the source's I/O thread", async () => ((await unixApi(a.api, "GET", "/threads")).body.ioThreads?.[0]?.state === "running" ? true : undefined), 20_000);
+      expect((await unixApi(a.api, "POST", "/snapshot", { path: withDisk })).status).toBe(200);
+    } finally {
+      await kill(a);
+    }
+    const api = join(d, "api.sock");
+    const child = spawn(process.execPath, [BIN, "run", "--standby", "--force-kvm", "--no-lab", "--api-socket", api], { stdio: ["ignore", "pipe", "pipe"] });
+    let err = "";
+    child.stderr.on("data", (b: Buffer) => (err += b.toString()));
+    try {
+      await until("the standby socket", () => existsSync(api));
+      await pollUntil("the standby answering", async () => ((await unixApi(api, "GET", "/vm")).status === 200 ? true : undefined), 20_000);
+      const before = new Set(readdirSync(`/proc/${child.pid}/task`).map(Number));
+      const r = await unixApi(api, "PUT", "/restore", { snapshot: withDisk, disks: [disk], consoleSocket: join(d, "c.sock") });
+      expect(r.status, `${JSON.stringify(r.body)} ${err}`).toBe(200);
+      const io = await pollUntil("the I/O thread's tid", async () => {
+        const t = (await unixApi(api, "GET", "/threads")).body as { ioThreads: { state: string; tid: number | null }[] };
+        return t.ioThreads[0]?.state === "running" ? t.ioThreads[0].tid ?? undefined : undefined;
+      }, 20_000);
+      expect(before.has(io), "the disk's I/O thread was started ahead").toBe(true);
+    } finally {
+      child.kill("SIGKILL");
+    }
+  }, 60_000);
+
   it("a standby VMM answers a bad snapshot with the error and exits 2", async () => {
     const d = mkdtempSync(join(dir, "standby-bad-"));
     const api = join(d, "api.sock");

@@ -12,8 +12,12 @@ import { parentPort, Worker, workerData } from "node:worker_threads";
 import { VMM_WORKER_LIMITS } from "../isolates.js";
 import { workerUrl } from "../worker-url.js";
 
-/** Entry modules of the workers a VM's build starts (relative to src/vmm/, as workerUrl takes them). */
-export type VmmWorkerEntry = "devices/platform/device-thread.js" | "vcpu/worker.js";
+/**
+ * Entry modules of the workers a VM's build starts (relative to src/vmm/, as workerUrl takes
+ * them): the main thread starts the device thread and the vCPU threads, the device thread each
+ * disk's I/O thread. A pool of spares is per thread (module state), like the workers it starts.
+ */
+export type VmmWorkerEntry = "devices/platform/device-thread.js" | "vcpu/worker.js" | "devices/virtio/block/io-worker.js";
 
 /** workerData of a worker started ahead of need: its init comes later, as its first message. */
 interface Prestarted {
@@ -78,6 +82,15 @@ export function spawnWorker(entry: VmmWorkerEntry, init: unknown): Worker {
     return w;
   }
   return new Worker(workerUrl(entry), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
+}
+
+/**
+ * End the spares no build took (a VM with fewer vCPUs or disks than a standby prepared for): a
+ * waiting isolate is a few MiB the VM would keep for nothing. Called by the thread that started
+ * them once its part of the VM has started every thread it needs.
+ */
+export function endPrestarted(): void {
+  for (const list of waiting.values()) for (const w of list.splice(0)) void w.terminate();
 }
 
 /**

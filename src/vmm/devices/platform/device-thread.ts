@@ -28,11 +28,11 @@ import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, Dev
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
 import { DirtyBlocks } from "../../disk/dirty-blocks.js";
 import { restoreDevices, saveDevices, type DeviceKind } from "./snapshot.js";
-import { workerInit } from "../../threads/spawn.js";
+import { endPrestarted, prestartWorkers, workerInit } from "../../threads/spawn.js";
 
-// Started ahead of need (a standby VMM, which only ever restores): the state's checker loads
-// while it waits for its VM.
-const init = await workerInit<DeviceThreadInit>(() => import("./snapshot-schema.js"));
+// Started ahead of need (a standby VMM, which only ever restores): the state's checker loads, and
+// a disk's I/O thread starts, while it waits for its VM.
+const init = await workerInit<DeviceThreadInit>(() => Promise.all([import("./snapshot-schema.js"), prestartWorkers("devices/virtio/block/io-worker.js", 1)]));
 /**
  * The device state's checker, for a thread that restores (now, or later by command); its
  * schemas load zod, which a thread that boots a VM fresh does not need (snapshot-schema.ts).
@@ -202,6 +202,8 @@ try {
 }
 // Named so per-thread CPU (/proc/PID/task/TID/comm) tells this thread from V8's and the vCPUs'.
 libc.pthreadSetName(libc.pthreadSelf(), "tv-devices");
+// An I/O thread started ahead that no disk took (no disk, or one served on this thread).
+endPrestarted();
 post({
   type: "ready",
   devices: plugged.map((p) => `${p.name} at 00:${p.slot.toString(16).padStart(2, "0")}.0`),

@@ -1,9 +1,8 @@
 import { readFileSync } from "node:fs";
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
 import type { IoVec } from "../../../../sys/iov.js";
 import * as libc from "../../../../sys/libc.js";
-import { workerUrl } from "../../../worker-url.js";
-import { VMM_WORKER_LIMITS } from "../../../isolates.js";
+import { spawnWorker } from "../../../threads/spawn.js";
 import { CTL, META, metaAt, SLOTS, ioRing, type IoRing } from "./io-ring.js";
 import type { DiskInit } from "../../../disk/backend.js";
 import type { IoWorkerInit } from "./io-worker.js";
@@ -46,7 +45,7 @@ export class BlockIoThread {
     const init: IoWorkerInit = { sab: this.ring.sab, disk, eventfd: this.eventfd, name };
     // The thread waits in Atomics.wait, never in its event loop: unref'd, it keeps no process alive.
     try {
-      this.worker = new Worker(workerUrl("devices/virtio/block/io-worker.js"), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
+      this.worker = spawnWorker("devices/virtio/block/io-worker.js", init);
     } catch (e) {
       libc.close(this.eventfd);
       throw e;

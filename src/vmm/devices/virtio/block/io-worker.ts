@@ -6,11 +6,11 @@
  * QEMU splits it with aio=threads: the device thread walks rings, this thread moves data.
  * It blocks in Atomics.wait between requests and never returns to its event loop.
  */
-import { workerData } from "node:worker_threads";
 import * as libc from "../../../../sys/libc.js";
 import type { DiskBackend, DiskInit } from "../../../disk/backend.js";
 import { backendFromInit } from "../../../disk/open.js";
 import { CTL, IO_OP, META, metaAt, SLOTS, ioRing } from "./io-ring.js";
+import { workerInit } from "../../../threads/spawn.js";
 
 export interface IoWorkerInit {
   sab: SharedArrayBuffer;
@@ -25,7 +25,7 @@ export interface IoWorkerInit {
   name: string;
 }
 
-const init = workerData as IoWorkerInit;
+const init = await workerInit<IoWorkerInit>();
 const ring = ioRing(init.sab);
 const { ctl, meta } = ring;
 libc.pthreadSetName(libc.pthreadSelf(), init.name);
