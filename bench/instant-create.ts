@@ -27,8 +27,13 @@ const ANSWER_MS = 600_000;
 /** BENCH_TRACE=1: each run's timeline (answered()). */
 const TRACE = process.env["BENCH_TRACE"] === "1";
 
-/** Type a probe on the VM's console until the guest answers (the shell may not be up yet); ms from `t0`. */
-async function answered(c: TypevisorClient, vm: string, t0: number): Promise<number> {
+/**
+ * Type a probe on the VM's console until the guest answers (the shell may not be up yet); ms from
+ * `t0`. `drain`: then also wait until every probe typed was answered, so the guest's tty holds
+ * none of them (a template: its snapshot would keep them, and each clone would answer them first,
+ * one console line at a time, before the line its own measure types).
+ */
+async function answered(c: TypevisorClient, vm: string, t0: number, drain = false): Promise<number> {
   const requested = performance.now() - t0;
   const con = await c.attachConsole(vm);
   const attached = performance.now() - t0;
@@ -52,6 +57,11 @@ async function answered(c: TypevisorClient, vm: string, t0: number): Promise<num
     const ms = performance.now() - t0;
     // Where the time went (ms from the request): the API call's return, the console attached, the guest's first byte on it, probes typed (one every 2 s without an answer; the answer names the one it answers).
     if (TRACE) console.log(`  ${vm}: request returned ${requested.toFixed(0)}, console attached ${attached.toFixed(0)}, first output ${firstOutput?.toFixed(0) ?? "-"}, answered ${ms.toFixed(0)} (probes typed ${n}, answered ${answer.exec(out)?.[1] ?? "?"})`);
+    if (drain) {
+      clearInterval(timer);
+      const last = `ans-${tag}-${n - 1 + 1000}`;
+      await until(`${vm} answering every probe typed`, () => (out.includes(last) ? true : undefined), ANSWER_MS);
+    }
     return ms;
   } finally {
     clearInterval(timer);
@@ -63,7 +73,7 @@ const spec = (name: string) => ({ name, image: "minimal", cpus: 1, memoryMiB: 25
 
 async function template(d: TestDaemon): Promise<void> {
   await d.client.createVm(spec("tpl"), { start: true });
-  await answered(d.client, "tpl", performance.now());
+  await answered(d.client, "tpl", performance.now(), true);
   await d.client.createSnapshot("tpl", { name: "gold" });
 }
 
