@@ -1,6 +1,6 @@
 /**
- * The VMM's worker threads (the device thread, each vCPU thread), started when a VM is built or,
- * in a standby VMM, ahead of need. A worker's start-up is Node's bootstrap of a new isolate plus
+ * The VMM's worker threads (the device thread, each vCPU thread, each disk's I/O thread), started
+ * when a VM is built or, in a standby VMM, ahead of need. A worker's start-up is Node's bootstrap of a new isolate plus
  * loading the entry's modules: ~0.1 s each on a project machine and seconds in the lab's emulated
  * CPU, paid again by every VM built. A standby VMM (cli/standby.ts, issue 15's "instant create")
  * pays it before any VM is asked of it: its workers start with no VM to serve, load their
@@ -28,7 +28,7 @@ type PrestartMessage = { type: "prestarted" } | { type: "init"; init: unknown };
 
 const isPrestarted = (d: unknown): d is Prestarted => typeof d === "object" && d !== null && (d as Partial<Prestarted>).prestarted === true;
 
-/** Workers waiting for an init, per entry (main thread only). */
+/** Workers this thread started ahead that wait for an init, per entry. */
 const waiting = new Map<VmmWorkerEntry, Worker[]>();
 
 /**
