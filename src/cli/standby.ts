@@ -98,8 +98,8 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
   const target = new SwitchableTarget(standby);
   // Before the socket answers (which is when a supervisor counts this standby ready): what a
   // restore needs and a booting VMM leaves out (the state file's schemas: builder.ts), and the
-  // VM's device thread and first vCPU thread, started and waiting (vmm/threads/spawn.ts); a VM
-  // with more vCPUs starts the others when it is built.
+  // VM's device thread (which starts a disk I/O thread of its own) and first vCPU thread, started
+  // and waiting (vmm/threads/spawn.ts); a VM with more vCPUs or disks starts the others when it is built.
   await Promise.all([import("../vmm/snapshot/state.js"), prestartWorkers("devices/platform/device-thread.js", 1), prestartWorkers("vcpu/worker.js", STANDBY_VCPU_THREADS)]);
   const server = await startControlServer(o.apiSocket, target);
   log(`typevisor: on standby at ${o.apiSocket} (PUT /restore; ${prestartedCount("devices/platform/device-thread.js")} device thread and ${prestartedCount("vcpu/worker.js")} vCPU thread waiting)`);

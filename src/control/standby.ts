@@ -40,7 +40,7 @@ interface Slot {
 const READY_TIMEOUT_MS = 60_000;
 /**
  * How long after a standby is taken the one behind it starts. A standby's start (Node, the VMM's
- * modules, its device and vCPU threads) is CPU time the VM just restored from the taken one needs
+ * modules, its device, vCPU and disk I/O threads) is CPU time the VM just restored from the taken one needs
  * first for its own first seconds: on a small host, and in the lab's one emulated CPU, a standby
  * started at once delayed a clone's first console answer by seconds. A burst of restores larger
  * than the pool spawns VMMs for the rest meanwhile, as without a pool.
