@@ -19,6 +19,7 @@ import { join } from "node:path";
 import type { Logger } from "pino";
 import { TYPEVISOR_BIN, vmmEnv } from "../engine/native.js";
 import { VmmClient } from "../engine/vmm-client.js";
+import { VMM_NODE_FLAGS } from "../vmm/isolates.js";
 import { processAlive, processStartTime } from "./proc.js";
 
 /** A standby VMM ready to be given a snapshot. */
@@ -108,7 +109,7 @@ export class StandbyPool {
     let child: ChildProcess;
     try {
       // Detached and with the VMM's environment only, as every VMM (engine/native.ts spawnVmm).
-      child = spawn(process.execPath, [TYPEVISOR_BIN, "run", "--standby", "--no-lab", "--api-socket", socket, ...(this.opts.forceKvm ? ["--force-kvm"] : [])], {
+      child = spawn(process.execPath, [...VMM_NODE_FLAGS, TYPEVISOR_BIN, "run", "--standby", "--no-lab", "--api-socket", socket, ...(this.opts.forceKvm ? ["--force-kvm"] : [])], {
         detached: true,
         stdio: ["ignore", log, log],
         env: vmmEnv("standby"),

@@ -19,6 +19,7 @@ import { checkDiskPattern, DISK_GUEST_DONE, writeDiskGuest } from "../helpers/di
 import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
 import { outcome } from "../helpers/thrown.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { VMM_NODE_FLAGS } from "../../src/vmm/isolates.js";
 
 const hasKvm = existsSync("/dev/kvm");
 const hasQemu = spawnSync("qemu-io", ["--version"]).status === 0;
@@ -372,6 +373,8 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       expect(await waiting()).toEqual([]);
       await c.createSnapshot("sb1", { name: "m" });
       let standby = await ready();
+      // Node started with the VMM's isolate limits, as every VMM the daemon starts (vmm/isolates.ts)
+      expect(readFileSync(`/proc/${standby}/cmdline`, "utf8").split("\0")).toEqual(expect.arrayContaining([...VMM_NODE_FLAGS]));
       await c.rollbackSnapshot("sb1", "m");
       // The VM's new VMM is the standby that was waiting; another one waits behind it.
       let vm = await c.getVm("sb1");

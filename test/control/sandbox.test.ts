@@ -15,6 +15,7 @@ import { runCli } from "../helpers/cli.js";
 import { writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { JAIL_BIN, DEFAULT_UID_RANGE } from "../../src/control/sandbox/sandbox.js";
 import { vmPaths } from "../../src/control/paths.js";
+import { VMM_NODE_FLAGS } from "../../src/vmm/isolates.js";
 
 const root = process.getuid?.() === 0;
 const ready = existsSync("/dev/kvm") && root && existsSync(JAIL_BIN);
@@ -79,6 +80,8 @@ describe.skipIf(!ready)("the VMM sandbox (root, tiny guests, real VMMs)", () => 
     expect((await d.client.getVm("b")).sandbox?.uid).toBe(Number(sb["Uid"]!.split(/\s+/)[0]));
     const shown = await runCli(["vm", "show", "a", "--socket", d.socket]).then((r) => r.stdout);
     expect(shown).toMatch(new RegExp(`^sandbox:?\\s+uid ${uidA} \\(gid ${uidA}\\)`, "m"));
+    // Node started with the VMM's isolate limits, as every VMM the daemon starts (vmm/isolates.ts)
+    for (const pid of [a.pid!, b.pid!]) expect(readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0")).toEqual(expect.arrayContaining([...VMM_NODE_FLAGS]));
     for (const s of [sa, sb]) {
       for (const k of ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]) expect(s[k], k).toBe("0000000000000000");
       expect(s["NoNewPrivs"]).toBe("1");

@@ -21,6 +21,7 @@ import { clone3Filter, filterBytes, vmmFilter } from "../../sys/seccomp.js";
 import { openTap, setLinkUp } from "../../sys/tap.js";
 import { unixListen } from "../../sys/unix-socket.js";
 import { openDisk } from "../../vmm/disk/open.js";
+import { VMM_NODE_FLAGS } from "../../vmm/isolates.js";
 import type { DiskInit } from "../../vmm/disk/backend.js";
 
 /** The project's root: bin/typevisor.js's parent directory. */
@@ -221,7 +222,7 @@ export async function spawnSandboxed(
       ...sys.symlinks.flatMap((x) => ["--symlink", x]),
       ...fds.map((_, i) => ["--keep-fd", String(slot(i))]).flat(),
       "--seccomp", filterBytes(vmmFilter()).toString("hex"), "--seccomp-quiet", filterBytes(clone3Filter()).toString("hex"),
-      "--", realpathSync(process.execPath), TYPEVISOR_BIN, ...vmm,
+      "--", realpathSync(process.execPath), ...VMM_NODE_FLAGS, TYPEVISOR_BIN, ...vmm,
     ];
     const log = openSync(l.vmmLog, "a");
     try {
