@@ -115,6 +115,14 @@ function check(call: string, ret: number): number {
   return ret;
 }
 
+/** check() for a call made again after EINTR: true when `ret` says a signal interrupted it, else `ret` is returned by the caller or thrown here. */
+function interrupted(call: string, ret: number): boolean {
+  if (ret >= 0) return false;
+  const e = koffi.errno();
+  if (e !== EINTR) throw new SysError(call, e);
+  return true;
+}
+
 /**
  * ioctl with a pointer (buffer) argument; returns the non-negative result. Made again when a
  * signal interrupted it (EINTR: the call did nothing, signal(7)): a VMM gets signals while it
@@ -123,22 +131,18 @@ function check(call: string, ret: number): number {
  * whose EINTR means "stopped for a signal" (KVM API §4.10), goes through ioctlRaw, not here.
  */
 export function ioctl(fd: number, req: number, arg: Uint8Array | null, name = "ioctl"): number {
-  for (;;) {
-    const r = ioctlPtr(fd, req, arg) as number;
-    if (r >= 0) return r;
-    const e = koffi.errno();
-    if (e !== EINTR) throw new SysError(name, e);
-  }
+  let r: number;
+  do r = ioctlPtr(fd, req, arg) as number;
+  while (interrupted(name, r));
+  return r;
 }
 
 /** ioctl with an integer argument, made again after EINTR as ioctl() is. */
 export function ioctlValue(fd: number, req: number, arg: number | bigint, name = "ioctl"): number {
-  for (;;) {
-    const r = ioctlInt(fd, req, arg) as number;
-    if (r >= 0) return r;
-    const e = koffi.errno();
-    if (e !== EINTR) throw new SysError(name, e);
-  }
+  let r: number;
+  do r = ioctlInt(fd, req, arg) as number;
+  while (interrupted(name, r));
+  return r;
 }
 
 /** ioctl returning -errno instead of throwing (for hot paths such as KVM_RUN). */
