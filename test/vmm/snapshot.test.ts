@@ -5,7 +5,7 @@
  * restored guest only answers typed bytes if all of it came back. Bad snapshots must fail with
  * one clear line before any vCPU runs. (Debian guests are proven in the lab: snapshot.lab.test.ts.)
  */
-import { spawn } from "node:child_process";
+import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync, truncateSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -49,6 +49,15 @@ async function consoleClient(path: string): Promise<ConsoleClient> {
 const readIf = (p: string): string => (existsSync(p) ? readFileSync(p, "latin1") : "");
 
 const kill = killVmm;
+
+/** `run --standby` on `api`: the process, its stderr so far, and its exit code once it ends. */
+function startStandby(api: string): { child: ChildProcess; err: () => string; exited: Promise<number | null> } {
+  const child = spawn(process.execPath, [BIN, "run", "--standby", "--force-kvm", "--no-lab", "--api-socket", api], { stdio: ["ignore", "pipe", "pipe"] });
+  let err = "";
+  child.stderr.on("data", (b: Buffer) => (err += b.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  return { child, err: () => err, exited };
+}
 
 describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () => {
   const snap = join(dir, "snap1");
@@ -142,10 +151,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     const d = mkdtempSync(join(dir, "standby-"));
     const api = join(d, "api.sock");
     const sock = join(d, "c.sock");
-    const child = spawn(process.execPath, [BIN, "run", "--standby", "--force-kvm", "--no-lab", "--api-socket", api], { stdio: ["ignore", "pipe", "pipe"] });
-    let err = "";
-    child.stderr.on("data", (b: Buffer) => (err += b.toString()));
-    const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+    const { child, err, exited } = startStandby(api);
     try {
       await until("the standby socket", () => existsSync(api));
       expect((await unixApi(api, "GET", "/vm")).body.state).toBe("standby");
@@ -154,7 +160,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
       expect((await unixApi(api, "POST", "/pause")).status).toBe(409);
       expect((await unixApi(api, "PUT", "/restore", { snapshot: snap, bogus: 1 })).status).toBe(400);
       const r = await unixApi(api, "PUT", "/restore", { snapshot: snap, consoleSocket: sock, id: "from-standby" });
-      expect(r.status, `${JSON.stringify(r.body)} ${err}`).toBe(200);
+      expect(r.status, `${JSON.stringify(r.body)} ${err()}`).toBe(200);
       const vm = (await unixApi(api, "GET", "/vm")).body;
       expect(vm.state).toBe("running");
       expect(vm.id).toBe("from-standby");
@@ -198,15 +204,13 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
       await kill(a);
     }
     const api = join(d, "api.sock");
-    const child = spawn(process.execPath, [BIN, "run", "--standby", "--force-kvm", "--no-lab", "--api-socket", api], { stdio: ["ignore", "pipe", "pipe"] });
-    let err = "";
-    child.stderr.on("data", (b: Buffer) => (err += b.toString()));
+    const { child, err } = startStandby(api);
     try {
       await until("the standby socket", () => existsSync(api));
       await pollUntil("the standby answering", async () => ((await unixApi(api, "GET", "/vm")).status === 200 ? true : undefined), 20_000);
       const before = new Set(readdirSync(`/proc/${child.pid}/task`).map(Number));
       const r = await unixApi(api, "PUT", "/restore", { snapshot: withDisk, disks: [disk], consoleSocket: join(d, "c.sock") });
-      expect(r.status, `${JSON.stringify(r.body)} ${err}`).toBe(200);
+      expect(r.status, `${JSON.stringify(r.body)} ${err()}`).toBe(200);
       const io = await pollUntil("the I/O thread's tid", async () => {
         const t = (await unixApi(api, "GET", "/threads")).body as { ioThreads: { state: string; tid: number | null }[] };
         return t.ioThreads[0]?.state === "running" ? t.ioThreads[0].tid ?? undefined : undefined;
@@ -220,8 +224,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
   it("a standby VMM answers a bad snapshot with the error and exits 2", async () => {
     const d = mkdtempSync(join(dir, "standby-bad-"));
     const api = join(d, "api.sock");
-    const child = spawn(process.execPath, [BIN, "run", "--standby", "--force-kvm", "--no-lab", "--api-socket", api], { stdio: ["ignore", "pipe", "pipe"] });
-    const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+    const { child, exited } = startStandby(api);
     try {
       await until("the standby socket", () => existsSync(api));
       const r = await unixApi(api, "PUT", "/restore", { snapshot: join(dir, "nowhere") });
