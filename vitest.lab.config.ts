@@ -8,6 +8,8 @@ export default defineConfig({
     testTimeout: 600_000,
     hookTimeout: 600_000,
     fileParallelism: false,
+    // A test that hangs prints where everything is before its timeout (test/helpers/lab-stall-report.ts).
+    setupFiles: ["test/helpers/lab-stall-report.ts"],
     reporters: ["verbose"],
   },
 });

@@ -43,7 +43,8 @@ export function apiSocketOf(argv: string[]): string | undefined {
   return i >= 0 ? argv[i + 1] : argv.find((a) => a.startsWith("--api-socket="))?.slice("--api-socket=".length);
 }
 
-async function vmmThreads(socketPath: string): Promise<string> {
+/** A VMM's GET /threads, pretty-printed, or why there is none. */
+export async function vmmThreads(socketPath: string): Promise<string> {
   try {
     const a = await httpRequest({ socketPath, path: "/threads", method: "GET" }, undefined, 5000);
     const text = a.body.toString("utf8");

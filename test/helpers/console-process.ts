@@ -4,8 +4,14 @@
  * Shared by lab tests and benchmarks.
  */
 import { spawn, type ChildProcessWithoutNullStreams } from "node:child_process";
+import { apiSocketOf, processReport, vmmThreads } from "../../src/lab/threads-report.js";
+
+/** How long a guest may take to power off before exit() gives up on it (a lab boot is 20-50 s). */
+export const EXIT_TIMEOUT_MS = 300_000;
 
 export class ConsoleProcess {
+  /** Every ConsoleProcess not yet exited: the lab stall report prints their consoles (lab-stall-report.ts). */
+  static readonly live = new Set<ConsoleProcess>();
   output = "";
   readonly exited: Promise<number | null>;
   readonly child: ChildProcessWithoutNullStreams;
@@ -14,6 +20,7 @@ export class ConsoleProcess {
 
   constructor(cmd: string, args: string[], env: NodeJS.ProcessEnv = process.env) {
     this.child = spawn(cmd, args, { stdio: ["pipe", "pipe", "pipe"], env });
+    ConsoleProcess.live.add(this);
     const onData = (d: Buffer): void => {
       this.output += d.toString("utf8");
       for (const w of this.waiters) w();
@@ -22,6 +29,7 @@ export class ConsoleProcess {
     this.child.stderr.on("data", onData);
     this.exited = new Promise((resolve) =>
       this.child.on("exit", (code) => {
+        ConsoleProcess.live.delete(this);
         resolve(code);
         for (const w of this.waiters) w();
       }),
@@ -62,6 +70,33 @@ export class ConsoleProcess {
       this.waiters.push(check);
       check();
     });
+  }
+
+  /**
+   * The exit code, or a rejection when the process is still running after `timeoutMs`: a guest
+   * that hangs fails its test in minutes instead of running into the test's own timeout with
+   * nothing to show. The rejection carries the console's tail and where the process's threads
+   * are (for a VMM with --api-socket, its own GET /threads: vCPUs, devices, virtqueue indices);
+   * then the process is killed.
+   */
+  async exit(timeoutMs = EXIT_TIMEOUT_MS): Promise<number | null> {
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<"late">((resolve) => (timer = setTimeout(() => resolve("late"), timeoutMs)));
+    const r = await Promise.race([this.exited, late]).finally(() => clearTimeout(timer));
+    if (r !== "late") return r;
+    const where = await this.whereStuck();
+    this.kill();
+    throw new Error(`still running after ${timeoutMs} ms (killed)\n${where}\noutput:\n${this.output.slice(-3000)}`);
+  }
+
+  /** This process's threads and, for a VMM with an API socket, its own report (lab-stall-report.ts too). */
+  async whereStuck(): Promise<string> {
+    const pid = this.child.pid;
+    if (pid === undefined) return "not started";
+    let text = processReport(pid);
+    const socket = apiSocketOf(this.child.spawnargs);
+    if (socket !== undefined) text += `\nGET /threads on ${socket}:\n${await vmmThreads(socket)}`;
+    return text;
   }
 
   type(text: string): void {

@@ -74,6 +74,6 @@ describe("virtio-balloon under real KVM", () => {
     expect((await api(sock, "PUT", "/balloon", { targetMiB: -1 })).status).toBe(400);
     expect((await api(sock, "PUT", "/balloon", { targetMiB: 100000 })).status).toBe(400);
     p.type("poweroff\n");
-    expect(await p.exited).toBe(0);
+    expect(await p.exit()).toBe(0);
   });
 });

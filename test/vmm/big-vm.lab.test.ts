@@ -123,7 +123,7 @@ describe("a big VM under real KVM: 12 GiB, 16 vCPUs", () => {
       }
       const threads = (await getJson(api, "/threads")) as ThreadsQueues;
       p.type("go\n");
-      const code = await p.exited;
+      const code = await p.exit();
       const out = p.output;
 
       // Memory: MemTotal (kB) above 11 GiB; the pattern took ~2 GiB out of ZONE_NORMAL (above 4 GiB) and read back intact.

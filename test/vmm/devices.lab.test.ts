@@ -21,11 +21,17 @@ afterEach(() => {
   for (const p of running.splice(0)) p.kill();
 });
 
+const sockets = mkdtempSync(join(tmpdir(), "tv-devices-api-"));
+let boots = 0;
+
+// Each boot has an API socket so that a guest that hangs is reported with the VMM's own view of
+// its threads and virtqueues (ConsoleProcess.exit).
 async function boot(args: string[], script: string, append = ""): Promise<{ code: number | null; out: string }> {
   const cmdline = `${append} ${runScriptArg(script)}`.trim();
-  const p = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "256", ...args, "--append", cmdline]);
+  const sock = join(sockets, `api-${boots++}.sock`);
+  const p = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "256", "--api-socket", sock, ...args, "--append", cmdline]);
   running.push(p);
-  const code = await p.exited;
+  const code = await p.exit();
   return { code, out: p.output };
 }
 

@@ -87,7 +87,7 @@ describe("live migration of a running guest between two network namespaces under
       console.log(`migration-lab: source booted at ${a.seconds().toFixed(0)} s`);
       const r = await unixApi(apiA, "POST", "/migrate", { to: `tcp:${ADDR_B}:7070`, plainTcp: true });
       expect(r.status, JSON.stringify(r.body)).toBe(202);
-      expect(await a.exited, a.output.slice(-2000)).toBe(0);
+      expect(await a.exit(), a.output.slice(-2000)).toBe(0);
       const moved = /migrated to .* \(downtime (\d+) ms, (\d+) bytes in (\d+) rounds\)/.exec(a.output);
       expect(moved, a.output.slice(-2000)).not.toBeNull();
       console.log(`migration-lab: downtime ${moved?.[1]} ms, ${moved?.[2]} bytes in ${moved?.[3]} rounds`);
@@ -102,7 +102,7 @@ describe("live migration of a running guest between two network namespaces under
       b.type("dd if=/dev/urandom of=/moved bs=1M count=4 2>/dev/null; sync; echo written=$?\n");
       await b.waitFor(/written=0/, 0, 300_000);
       b.type("poweroff -f\n");
-      expect(await b.exited).toBe(0);
+      expect(await b.exit()).toBe(0);
     } finally {
       a.kill();
       b.kill();
@@ -159,7 +159,7 @@ describe("live migration of a running guest between two network namespaces under
       const t = performance.now();
       const r = await unixApi(apiA, "POST", "/migrate", { to: `tcp:${ADDR_B}:7072`, plainTcp: true });
       expect(r.status, JSON.stringify(r.body)).toBe(202);
-      expect(await a.exited, a.output.slice(-2000)).toBe(0);
+      expect(await a.exit(), a.output.slice(-2000)).toBe(0);
       const lastAtSource = lines()[lines().length - 1]?.n ?? 0;
       await until("30 more lines after the move", () => (lines()[lines().length - 1]?.n ?? 0) >= lastAtSource + 30 || undefined, 300_000);
       // The same connection: no second one; every line once, in order, none lost (TCP's own order and retransmission, end to end).

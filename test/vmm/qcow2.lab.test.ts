@@ -29,14 +29,14 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 async function ours(disk: string, script: string): Promise<{ code: number | null; out: string }> {
   const p = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "256", "--disk", disk, "--append", `root=/dev/vda ${runScriptArg(script)}`]);
   running.push(p);
-  return { code: await p.exited, out: p.output };
+  return { code: await p.exit(), out: p.output };
 }
 
 async function qemu(disk: string, script: string): Promise<{ code: number | null; out: string }> {
   const cmdline = (await loadImage("minimal")).cmdline;
   const p = new ConsoleProcess("qemu-system-x86_64", microvm(img.kernel, img.initrd, `${cmdline} root=/dev/vda ${runScriptArg(script)}`, ["-drive", `file=${disk},if=none,id=root,format=qcow2`, "-device", "virtio-blk-device,drive=root"]));
   running.push(p);
-  return { code: await p.exited, out: p.output };
+  return { code: await p.exit(), out: p.output };
 }
 
 const sha256 = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");

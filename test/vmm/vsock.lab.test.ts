@@ -93,7 +93,7 @@ describe("virtio-vsock under real KVM", () => {
       const rt = await hostRoundTrip(uds, 1234, data);
       expect(rt.ok).toMatch(/^OK \d+$/);
       expect(sha256(rt.echo)).toBe(sha256(data));
-      expect(await p.exited).toBe(0);
+      expect(await p.exit()).toBe(0);
     } finally {
       p.kill();
       server.close();

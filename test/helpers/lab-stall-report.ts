@@ -1,0 +1,36 @@
+/**
+ * Set-up file of the lab group (vitest.lab.config.ts): a test still running STALL_REPORT_MS into
+ * its run (the group's testTimeout is 600 s, its slowest healthy test under 3 min) prints, before
+ * vitest's timeout ends it, every process in the lab thread by thread, each typevisor VMM's own
+ * GET /threads, and the console tail of every guest the test still runs. Without it a hung test
+ * ends with "Test timed out" and nothing else (the lab watchdog only sees a silent run, and the
+ * timeout fires first).
+ */
+import { afterEach, beforeEach } from "vitest";
+import { fullReport } from "../../src/lab/threads-report.js";
+import { ConsoleProcess } from "./console-process.js";
+
+export const STALL_REPORT_MS = 480_000;
+
+let timer: NodeJS.Timeout | undefined;
+
+beforeEach((ctx) => {
+  const name = ctx.task.name;
+  timer = setTimeout(() => void report(name), STALL_REPORT_MS);
+});
+
+afterEach(() => {
+  clearTimeout(timer);
+  timer = undefined;
+});
+
+async function report(name: string): Promise<void> {
+  const parts = [`==== lab stall report: "${name}" still running after ${STALL_REPORT_MS / 1000} s`];
+  try {
+    parts.push(await fullReport());
+  } catch (e) {
+    parts.push(`process report failed: ${(e as Error).message}`);
+  }
+  for (const p of ConsoleProcess.live) parts.push(`==== console of ${p.child.spawnargs.slice(0, 4).join(" ")} ... (pid ${p.child.pid ?? "?"}), last 4000 chars:\n${p.output.slice(-4000)}`);
+  console.log(parts.join("\n"));
+}
