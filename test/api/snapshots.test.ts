@@ -20,6 +20,7 @@ import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
 import { outcome } from "../helpers/thrown.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { VMM_NODE_FLAGS } from "../../src/vmm/isolates.js";
+import { STANDBY_REFILL_DELAY_MS } from "../../src/control/standby.js";
 
 const hasKvm = existsSync("/dev/kvm");
 const hasQemu = spawnSync("qemu-io", ["--version"]).status === 0;
@@ -375,7 +376,11 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       let standby = await ready();
       // Node started with the VMM's isolate limits, as every VMM the daemon starts (vmm/isolates.ts)
       expect(readFileSync(`/proc/${standby}/cmdline`, "utf8").split("\0")).toEqual(expect.arrayContaining([...VMM_NODE_FLAGS]));
+      const taking = Date.now();
       await c.rollbackSnapshot("sb1", "m");
+      // The one behind it starts STANDBY_REFILL_DELAY_MS after the take, not beside the restored
+      // guest's first steps (checked when the rollback itself took well under that delay).
+      if (Date.now() - taking < STANDBY_REFILL_DELAY_MS - 1000) expect(await waiting()).toEqual([]);
       // The VM's new VMM is the standby that was waiting; another one waits behind it.
       let vm = await c.getVm("sb1");
       expect(vm.pid, sd.log().split("\n").filter((l) => l.includes("standby")).join("\n")).toBe(standby);
