@@ -209,12 +209,32 @@ export class FrameReader {
     w?.();
   }
 
+  /**
+   * The next `n` buffered bytes (n <= buffered), copying only those: a view of the first chunk
+   * when it holds them all, else one new buffer. (Concatenating everything buffered for each take,
+   * as this once did, copied up to twice MAX_FRAME per frame header and again per payload.)
+   * The chunks are the socket's own fresh buffers, never reused by it, so a view stays valid.
+   */
   private take(n: number): Buffer {
-    const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
-    const out = all.subarray(0, n);
-    const rest = all.subarray(n);
-    this.chunks = rest.length > 0 ? [rest] : [];
-    this.buffered = rest.length;
+    if (n === 0) return Buffer.alloc(0);
+    const first = this.chunks[0]!;
+    let out: Buffer;
+    if (first.length >= n) {
+      out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+    } else {
+      out = Buffer.allocUnsafe(n);
+      for (let got = 0; got < n; ) {
+        const c = this.chunks[0]!;
+        const k = Math.min(c.length, n - got);
+        c.copy(out, got, 0, k);
+        got += k;
+        if (k === c.length) this.chunks.shift();
+        else this.chunks[0] = c.subarray(k);
+      }
+    }
+    this.buffered -= n;
     if (this.buffered <= MAX_FRAME) this.sock.resume();
     return out;
   }
@@ -234,8 +254,7 @@ export class FrameReader {
     if (NAMES[type] === undefined) throw streamError(`unknown frame type ${type}`);
     if (length > MAX_FRAME) throw streamError(`a ${NAMES[type]} frame claims ${length} bytes, over the ${MAX_FRAME}-byte limit`);
     await this.need(length);
-    // A copy: the payload outlives the chunk it came in.
-    return { type, payload: Buffer.from(this.take(length)) };
+    return { type, payload: this.take(length) };
   }
 
   /** The next frame, which must be `type` (an ERROR frame from the peer becomes its message). */
