@@ -378,6 +378,81 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   if (devices.vsock !== undefined && !restoring) log(`typevisor: vsock cid=${devices.vsock.cid}: connect to ${devices.vsock.uds} ("CONNECT <port>\n"); guest connections to port P reach ${devices.vsock.uds}_P`);
   // Outside the loop: the API server is created on the first boot and must report later ones.
   let bootCount = 0;
+  // What the control socket (--api-socket) serves: it reads `current` at each request, so one
+  // target serves every boot, and a server started before the VM exists (an incoming migration).
+  const controlTarget = (): ControlTarget => ({
+    // pauseReason: set while the VMM paused the VM by itself (a disk's filesystem is full).
+    info: () => ({ id: id ?? null, state: current?.vmState, cpus: config.cpus, memoryMiB: config.memoryMiB, cmdline: config.boot?.cmdline ?? null, restoredFrom: o.restore ?? null, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
+    stats: async () => {
+      const vmNow = current;
+      if (vmNow === undefined) return undefined;
+      return { ...vmNow.getStats(), io: await vmNow.ioStats() };
+    },
+    registers: () => current?.registers(),
+    balloon: async (method, body) => {
+      if (current === undefined) throw new TypevisorError("VM_STATE", "no VM");
+      if (method === "PUT") {
+        if (body === undefined) throw new TypevisorError("INVALID_REQUEST", "PUT /balloon needs a target");
+        return current.deviceCommand({ command: "balloon.setTarget", args: body });
+      }
+      if (method === "POST") return current.deviceCommand({ command: "balloon.requestStats" });
+      return current.deviceCommand({ command: "balloon.stats" });
+    },
+    devices: async () => ((current?.devices.length ?? 0) > 0 ? current?.deviceCommand({ command: "devices" }) : []),
+    threads: async () => {
+      if (current === undefined) throw new TypevisorError("VM_STATE", "no VM");
+      return current.threads();
+    },
+    pause: async () => current?.pause(),
+    migrate: async (method, body) => {
+      if (method === "GET") {
+        if (migration === undefined) throw new TypevisorError("NOT_FOUND", "no migration has been started");
+        return migration.progress;
+      }
+      if (method === "DELETE") {
+        if (migration === undefined || !migration.cancel()) throw new TypevisorError("VM_STATE", "no migration that can still be cancelled");
+        return migration.progress;
+      }
+      if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
+      if (migration !== undefined && ["connecting", "precopy", "stopped", "committed"].includes(migration.progress.phase)) throw new TypevisorError("VM_STATE", "a migration is already under way");
+      const { OutgoingMigration } = await import("../vmm/migration/source.js");
+      const { checkedEndpoint } = await import("../vmm/migration/transport.js");
+      const req = body as import("../vmm/api/server.js").MigrateBody;
+      // The endpoint and its security (TCP needs TLS or plainTcp) refused here, with a 400, not later as a failed migration.
+      checkedEndpoint(req.to, req);
+      const m = new OutgoingMigration(current, config, req);
+      migration = m;
+      void m.done.then((p) => {
+        if (p.phase === "completed") {
+          // The guest runs at the destination now: this VMM ends.
+          log(`typevisor: migrated to ${req.to} (downtime ${p.downtimeMs ?? "?"} ms, ${p.bytesSent} bytes in ${p.round} rounds)`);
+          if (p.switchover !== undefined) log(`typevisor: migration switch-over (ms from pause): ${switchoverLine(p.switchover)}`);
+          migrated = true;
+          stopRequested = true;
+          current?.stop();
+        } else log(`typevisor: migration to ${req.to} ${p.phase}: ${p.error ?? ""}`);
+      });
+      return m.progress;
+    },
+    snapshot: async (req) => {
+      if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
+      return current.snapshot(resolve(req.path), {
+        config,
+        ...(req.memory !== undefined ? { memory: req.memory } : {}),
+        ...(req.base !== undefined ? { base: resolve(req.base) } : {}),
+        ...(req.track !== undefined ? { track: req.track } : {}),
+      });
+    },
+    resume: () => current?.resume(),
+    stop: () => {
+      stopRequested = true;
+      current?.stop();
+    },
+    reboot: () => {
+      if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
+      current.reset();
+    },
+  });
   try {
     for (let boots = 1; ; boots++) {
       bootCount = boots;
@@ -386,13 +461,31 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       let onStarted: (() => void) | undefined;
       if (boots === 1 && o.incoming !== undefined) {
         const { receiveMigration } = await import("../vmm/migration/destination.js");
-        // The control server is started between GO and the vCPUs' release (below): its code loads
-        // now, while the memory streams in, not inside the guest's pause (the lab measured ~150 ms).
-        if (o.apiSocket !== undefined && o.attach === undefined) void import("../vmm/api/server.js").catch(() => undefined);
-        const incoming = await receiveMigration(o.incoming, overrides ?? {}, host, log, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) });
+        // The control socket listens before the stream is accepted, and answers once the vCPUs
+        // run here: its start-up (module loading, the bind) is not in the guest's pause (in the
+        // lab it was most of the time from GO to the vCPUs' release), and a socket that cannot be
+        // bound fails the migration before the source ever pauses.
+        let arrived: { resolve: () => void; reject: (e: Error) => void } | undefined;
+        if (o.apiSocket !== undefined && o.attach === undefined) {
+          const until = new Promise<void>((resolve, reject) => (arrived = { resolve, reject }));
+          const { startControlServer } = await import("../vmm/api/server.js");
+          server = await startControlServer(o.apiSocket, controlTarget(), apiSocketFd, { until });
+          served = true;
+        }
+        let incoming: Awaited<ReturnType<typeof receiveMigration>>;
+        try {
+          incoming = await receiveMigration(o.incoming, overrides ?? {}, host, log, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) });
+        } catch (e) {
+          arrived?.reject(e as Error);
+          throw e;
+        }
         vm = incoming.vm;
         config = incoming.config;
-        onStarted = incoming.running;
+        const running = incoming.running;
+        onStarted = () => {
+          running();
+          arrived?.resolve();
+        };
         log("typevisor: migration received; the VM runs here now");
       } else if (boots === 1 && o.restore !== undefined) {
         const restored = await restoreVm(o.restore, overrides ?? {}, host, { keepClock: o.keepClock === true });
@@ -412,79 +505,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
       if (stopRequested) vm.stop();
       if (o.apiSocket !== undefined && server === undefined && !served) {
         served = true;
-        const target: ControlTarget = {
-          // pauseReason: set while the VMM paused the VM by itself (a disk's filesystem is full).
-          info: () => ({ id: id ?? null, state: current?.vmState, cpus: config.cpus, memoryMiB: config.memoryMiB, cmdline: config.boot?.cmdline ?? null, restoredFrom: o.restore ?? null, boots: bootCount, pid: process.pid, devices: current?.devices ?? [], pauseReason: current?.pauseReason ?? null, consoleDroppedBytes: consolePipe?.droppedBytes ?? 0 }),
-          stats: async () => {
-            const vmNow = current;
-            if (vmNow === undefined) return undefined;
-            return { ...vmNow.getStats(), io: await vmNow.ioStats() };
-          },
-          registers: () => current?.registers(),
-          balloon: async (method, body) => {
-            if (current === undefined) throw new TypevisorError("VM_STATE", "no VM");
-            if (method === "PUT") {
-              if (body === undefined) throw new TypevisorError("INVALID_REQUEST", "PUT /balloon needs a target");
-              return current.deviceCommand({ command: "balloon.setTarget", args: body });
-            }
-            if (method === "POST") return current.deviceCommand({ command: "balloon.requestStats" });
-            return current.deviceCommand({ command: "balloon.stats" });
-          },
-          devices: async () => ((current?.devices.length ?? 0) > 0 ? current?.deviceCommand({ command: "devices" }) : []),
-          threads: async () => {
-            if (current === undefined) throw new TypevisorError("VM_STATE", "no VM");
-            return current.threads();
-          },
-          pause: async () => current?.pause(),
-          migrate: async (method, body) => {
-            if (method === "GET") {
-              if (migration === undefined) throw new TypevisorError("NOT_FOUND", "no migration has been started");
-              return migration.progress;
-            }
-            if (method === "DELETE") {
-              if (migration === undefined || !migration.cancel()) throw new TypevisorError("VM_STATE", "no migration that can still be cancelled");
-              return migration.progress;
-            }
-            if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
-            if (migration !== undefined && ["connecting", "precopy", "stopped", "committed"].includes(migration.progress.phase)) throw new TypevisorError("VM_STATE", "a migration is already under way");
-            const { OutgoingMigration } = await import("../vmm/migration/source.js");
-            const { checkedEndpoint } = await import("../vmm/migration/transport.js");
-            const req = body as import("../vmm/api/server.js").MigrateBody;
-            // The endpoint and its security (TCP needs TLS or plainTcp) refused here, with a 400, not later as a failed migration.
-            checkedEndpoint(req.to, req);
-            const m = new OutgoingMigration(current, config, req);
-            migration = m;
-            void m.done.then((p) => {
-              if (p.phase === "completed") {
-                // The guest runs at the destination now: this VMM ends.
-                log(`typevisor: migrated to ${req.to} (downtime ${p.downtimeMs ?? "?"} ms, ${p.bytesSent} bytes in ${p.round} rounds)`);
-                if (p.switchover !== undefined) log(`typevisor: migration switch-over (ms from pause): ${switchoverLine(p.switchover)}`);
-                migrated = true;
-                stopRequested = true;
-                current?.stop();
-              } else log(`typevisor: migration to ${req.to} ${p.phase}: ${p.error ?? ""}`);
-            });
-            return m.progress;
-          },
-          snapshot: async (req) => {
-            if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
-            return current.snapshot(resolve(req.path), {
-              config,
-              ...(req.memory !== undefined ? { memory: req.memory } : {}),
-              ...(req.base !== undefined ? { base: resolve(req.base) } : {}),
-              ...(req.track !== undefined ? { track: req.track } : {}),
-            });
-          },
-          resume: () => current?.resume(),
-          stop: () => {
-            stopRequested = true;
-            current?.stop();
-          },
-          reboot: () => {
-            if (current === undefined || stopRequested) throw new TypevisorError("VM_STATE", "the VM is stopping");
-            current.reset();
-          },
-        };
+        const target = controlTarget();
         if (o.attach !== undefined) {
           // A standby VMM: its socket now answers for this VM.
           o.attach.target.current = target;

@@ -109,14 +109,19 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     const dst = start(`dst-${kind}`, ["--incoming", endpoint, ...(tls !== undefined ? tlsFlags(tls.dst, tls.src.fingerprint) : [])]);
     try {
       await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      // Its control socket listens already (bound before the stream, outside the guest's pause)
+      // but answers only once the VM runs here: a request now waits for the arrival.
+      const early = unixApi(dst.api, "GET", "/vm");
+      let answeredEarly = false;
+      void early.then(() => (answeredEarly = true), () => undefined);
       if (tls !== undefined) {
         // A client with no certificate is refused before the destination reads a byte of it; the destination waits on.
         await refusedWithoutCert(endpoint);
         await until("the refusal in the destination's log", () => /refused a migration connection/.test(dst.stderr()));
         expect(dst.child.exitCode).toBeNull();
-        expect((await unixApi(dst.api, "GET", "/vm").catch(() => ({ status: 0 }))).status).toBe(0); // no API: no VM yet
       }
       await stillAnswers(src.con, "before");
+      expect(answeredEarly).toBe(false);
       const r = await unixApi(src.vm.api, "POST", "/migrate", { to: endpoint, ...(tls !== undefined ? { tls: { cert: tls.src.cert, key: tls.src.key, peerFingerprint: tls.dst.fingerprint } } : {}) });
       expect(r.status, JSON.stringify(r.body)).toBe(202);
       expect(await src.vm.exited, src.vm.stderr()).toBe(0);
@@ -128,6 +133,10 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       const vm = (await unixApi(dst.api, "GET", "/vm")).body;
       expect(vm.state).toBe("running");
       expect(vm.cpus).toBe(2);
+      // The request made while it waited was answered once the VM arrived, for the VM that runs.
+      const first = await early;
+      expect(first.status).toBe(200);
+      expect(first.body.cpus).toBe(2);
       con.sock.destroy();
     } finally {
       await killVmm(src.vm);
@@ -161,6 +170,15 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       await killVmm(src.vm);
       await killVmm(dst);
     }
+  }, 60_000);
+
+  it("a destination whose control socket cannot be bound fails before it takes a stream, not after the source paused", async () => {
+    const endpoint = join(dir, "nosock-mig.sock");
+    const r = spawnSync(process.execPath, [new URL("../../bin/typevisor.js", import.meta.url).pathname, "run", "--force-kvm", "--no-lab", "--incoming", `unix:${endpoint}`, "--api-socket", join(dir, "no-such-dir", "api.sock")], { encoding: "utf8", timeout: 60_000 });
+    expect(r.status, r.stderr).not.toBe(0);
+    expect(r.stderr).toMatch(/cannot listen on .*api\.sock/);
+    expect(r.stderr).not.toContain("waiting for a migration");
+    expect(existsSync(endpoint)).toBe(false);
   }, 60_000);
 
   it("keeps the VM running at the source when the destination dies mid-stream", async () => {

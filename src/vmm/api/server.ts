@@ -159,7 +159,16 @@ function readJson(req: IncomingMessage): Promise<unknown> {
   });
 }
 
-export function startControlServer(socketPath: string, target: ControlTarget, listenFd?: number): Promise<Server> {
+/**
+ * Serve `target` on `socketPath` (or on the listening socket `listenFd`). With `until`, the socket
+ * listens now but every request waits for `until` before it is answered (an incoming migration:
+ * the socket is bound before the guest's pause, so its set-up is not in it and a failure to bind
+ * fails the migration while the source still runs the guest; and it still answers only once the
+ * VM runs here, which is how a daemon learns that it arrived). If `until` rejects, requests get 503.
+ */
+export function startControlServer(socketPath: string, target: ControlTarget, listenFd?: number, opts: { until?: Promise<void> } = {}): Promise<Server> {
+  const until = opts.until;
+  until?.catch(() => undefined);
   if (listenFd === undefined && existsSync(socketPath)) {
     // A stale socket from a dead VMM would make listen() fail with EADDRINUSE.
     unlinkSync(socketPath);
@@ -167,6 +176,10 @@ export function startControlServer(socketPath: string, target: ControlTarget, li
   const server = createServer((req: IncomingMessage, res: ServerResponse) => {
     const route = `${req.method ?? ""} ${(req.url ?? "").split("?")[0]}`;
     const handle = async (): Promise<void> => {
+      if (until !== undefined) {
+        const arrived = await until.then(() => true, () => false);
+        if (!arrived) return problem(res, 503, "VM_STATE", "the VM did not arrive");
+      }
       switch (route) {
         case "GET /vm":
           return send(res, 200, target.info());
