@@ -110,7 +110,11 @@ const SEND_QUEUE = 4 * 1024 * 1024;
 export async function send(sock: Socket, parts: Uint8Array[]): Promise<void> {
   // A socket closed earlier fires no more events: waiting for 'drain' or 'close' would never end.
   if (sock.destroyed || !sock.writable) throw new TypevisorError("MIGRATION_PEER", "the connection is closed");
+  // One writev for a frame's parts (header, address, pages), not a system call and, over TCP,
+  // a segment each.
+  sock.cork();
   for (const p of parts) sock.write(p);
+  sock.uncork();
   // Wait only once a few MiB are queued, not at the socket's 16 KiB high-water mark: scattered
   // dirty pages are one small frame each, and a wait per frame (an event-loop turn, a syscall
   // each) was most of the time the last round took while the guest was paused.

@@ -138,6 +138,16 @@ function tlsOptions(t: StreamTls): { cert: string; key: string; ca?: string; rej
 }
 
 /**
+ * No Nagle on the source's TCP connection: what it writes is frames whose last segment is short
+ * (a frame's tail, a SYNC, the state's last piece), and Nagle holds such a segment until the
+ * destination acknowledges the data before it, which Linux may delay by up to 40 ms (delayed ACK).
+ * (A unix socket has no Nagle: setNoDelay does nothing there.)
+ */
+function noDelay(sock: Socket): void {
+  sock.setNoDelay(true);
+}
+
+/**
  * The source's connection, its peer checked. `onSocket` gets the socket as soon as there is one
  * (a cancel destroys it while connecting).
  */
@@ -150,6 +160,7 @@ export function openStream(spec: string, sec: StreamSecurity, onSocket: (s: Sock
       const sock = "path" in ep ? connect(ep.path) : connect(ep.port, ep.host);
       onSocket(sock);
       sock.once("connect", () => {
+        noDelay(sock);
         sock.off("error", fail);
         sock.on("error", () => undefined); // reported by the reader
         resolve(sock);
@@ -171,6 +182,7 @@ export function openStream(spec: string, sec: StreamSecurity, onSocket: (s: Sock
         reject(new TypevisorError("MIGRATION_AUTH", `the destination ${spec} is not the expected peer: ${why}; nothing was sent`));
         return;
       }
+      noDelay(sock);
       sock.off("error", fail);
       sock.on("error", () => undefined); // reported by the reader
       resolve(sock);
