@@ -16,7 +16,7 @@ import { checkDiskPattern, DISK_GUEST_DONE, MEM_DIRTIER_UP, writeDiskGuest, writ
 import { unixApi } from "../helpers/unix-api.js";
 import { killVmm, startVmm, type Vmm } from "../helpers/vmm-process.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
-import { FRAME, frame, hello, pagesHeader } from "../../src/vmm/migration/protocol.js";
+import { FRAME, frame, hello, MAX_STATE_FRAMES, pagesHeader } from "../../src/vmm/migration/protocol.js";
 import { oneTimeCertificate, type OneTimeCert } from "../../src/control/migration-tls.js";
 import { connect as tlsConnect } from "node:tls";
 
@@ -476,6 +476,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     ["a truncated stream", [...helloFrame(), ...frame(FRAME.STATE, Buffer.from("typevisor-snapshot 1 bytes=5 sha256=00\n{}")), ...frame(FRAME.DONE)], /SNAPSHOT_INVALID|bad header|checksum/],
     ["disk data for a disk HELLO did not announce", [...helloFrame(), ...frame(FRAME.DISK_DATA, Buffer.alloc(16), Buffer.alloc(512, 1))], /DISK_DATA for disk 0; HELLO copies 0 disks/],
     ["a SYNC of the wrong size", [...helloFrame(), ...frame(FRAME.SYNC, Buffer.alloc(4096))], /SYNC of 4096 bytes/],
+    // Every piece is kept until DONE: a byte a frame would cost an object (and a socket read) per byte.
+    ["the state in a byte a frame", [...helloFrame(), Buffer.concat(Array.from({ length: MAX_STATE_FRAMES + 1 }, () => Buffer.concat(frame(FRAME.STATE, Buffer.from("x")))))], /over \d+ STATE frames/],
     ["HELLO with another machine's regions", [...frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello({ cpus: 1, memoryMiB: 64, devices: { disks: [], nets: [], rng: false } }, [{ guestPhysAddr: 0, size: 4096 }]))))], /do not match/],
   ] as const)("a destination sent %s ends with one clear error and no VM", async (_name, bytes, message) => {
     const path = join(dir, `hostile-${Math.random().toString(36).slice(2)}.sock`);

@@ -11,7 +11,7 @@ import { ramRanges } from "../arch/x86_64/layout.js";
 import { applyOverrides, incomingVm, type MachineConfig, type RestoreOverrides, type VmHost } from "../builder.js";
 import { decodeState, encodeState } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
-import { DISK_HEADER, FRAME, FrameReader, frame, HelloSchema, jsonFrame, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
+import { DISK_HEADER, FRAME, FrameReader, frame, HelloSchema, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
 import { acceptStream, type StreamSecurity } from "./transport.js";
 import { createDiskTargets, finishDiskTargets, removeDiskTargets, writeDiskData, type DiskTarget } from "./disk-targets.js";
@@ -101,6 +101,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       } else if (f.type === FRAME.STATE) {
         stateBytes += f.payload.length;
         if (stateBytes > MAX_STATE_STREAM) throw streamError(`the state is over ${MAX_STATE_STREAM} bytes`);
+        if (stateParts.length >= MAX_STATE_FRAMES) throw streamError(`the state comes in over ${MAX_STATE_FRAMES} STATE frames`);
         stateParts.push(f.payload);
       } else if (f.type === FRAME.DONE) {
         doneAt = performance.now();

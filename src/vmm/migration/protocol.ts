@@ -33,6 +33,14 @@ export const PAGE = 4096;
 export const MAX_FRAME = 2 * 1024 * 1024 + 64;
 /** A snapshot state file may be up to this large (MAX_STATE_BYTES is the file cap; a stream VM is smaller). */
 export const MAX_STATE_STREAM = 64 * 1024 * 1024;
+/** The source sends the state in STATE frames of this many bytes (the last one shorter). */
+export const STATE_PIECE = MAX_FRAME - 64;
+/**
+ * At most this many STATE frames: twice what MAX_STATE_STREAM takes in STATE_PIECE frames. The
+ * destination keeps every piece until DONE; pieces of a byte each would cost it an object (and,
+ * as views of the socket's reads, a whole read) per byte it was sent.
+ */
+export const MAX_STATE_FRAMES = 2 * Math.ceil(MAX_STATE_STREAM / STATE_PIECE);
 
 /** The largest disk a stream may copy (a sanity cap: 1 PiB). */
 export const MAX_DISK_BYTES = 2 ** 50;

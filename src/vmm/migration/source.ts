@@ -21,7 +21,7 @@ import * as libc from "../../sys/libc.js";
 import type { Vm } from "../vm.js";
 import { DIRTY_BLOCK_SIZE } from "../disk/dirty-blocks.js";
 import { DiskCopy } from "./disk-copy.js";
-import { diskHeader, FRAME, FrameBatch, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, streamError, zerosPayload } from "./protocol.js";
+import { diskHeader, FRAME, FrameBatch, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, STATE_PIECE, streamError, zerosPayload } from "./protocol.js";
 import { openStream, parseEndpoint, type StreamTls } from "./transport.js";
 
 export { parseEndpoint };
@@ -305,7 +305,7 @@ export class OutgoingMigration {
             s.lastDiskBytes = this.progress.bytesSent - beforeDisks;
           }
           const bytes = encodeState({ ...state, memory: { file: "memory", bytes: regions.reduce((n, r) => n + r.size, 0), regions: layoutOf(regions) } });
-          for (let off = 0; off < bytes.length; off += MAX_FRAME - 64) await send(sock, frame(FRAME.STATE, bytes.subarray(off, Math.min(bytes.length, off + MAX_FRAME - 64))));
+          for (let off = 0; off < bytes.length; off += STATE_PIECE) await send(sock, frame(FRAME.STATE, bytes.subarray(off, Math.min(bytes.length, off + STATE_PIECE))));
           await send(sock, frame(FRAME.DONE));
           s.stateBytes = bytes.length;
           s.stateSent = at();
