@@ -29,6 +29,11 @@ import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { compare, counterDelta, cpuDelta, formatCpu, kvmCounters, mountDebugfs, nodePerfArgs, perfAttach, schedAttach, threadTicks } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
+const NODE_FLAGS = (process.env["BENCH_NODE_FLAGS"] ?? "") !== "";
+/** BENCH_PERF: the phases perf samples, [PERF_FROM, PERF_TO) in script order: the first two, or the one BENCH_PERF_PHASE (0-based) names. */
+const PERF_PHASE = process.env["BENCH_PERF_PHASE"];
+const PERF_FROM = PERF_PHASE !== undefined && PERF_PHASE !== "" ? Number(PERF_PHASE) : 0;
+const PERF_TO = PERF_PHASE !== undefined && PERF_PHASE !== "" ? PERF_FROM + 1 : 2;
 const QCOW2 = process.env["BENCH_DISK_FORMAT"] === "qcow2";
 const DISK_MIB = QCOW2 ? 1024 : 512;
 // busybox time reports 10 ms steps: 512 MiB at ~600 MB/s takes ~0.9 s, so one step is ~1% (128 MiB made it ~5%).
@@ -66,8 +71,17 @@ const SMALL = `dd if=/dev/vda of=/dev/null bs=4k count=${IOPS_COUNT} iflag=direc
  * paid); after one full round our figures are what a VM that has been running a while gets.
  */
 const WARMUP = [WRITE, READ, SMALL].map((c) => `${c} 2>/dev/null`).join("; ");
-/** qcow2: warm up on the second half (its own clusters), measure reads from the backing file first. */
-const WARMUP_QCOW2 = [`${WRITE} seek=${SEQ_MIB}`, `${READ} skip=${SEQ_MIB}`, `${SMALL} skip=${(SEQ_MIB * 256).toString()}`].map((c) => `${c} 2>/dev/null`).join("; ");
+/**
+ * qcow2: warm up on the second half (its own clusters, its own L2 table) with every kind of request
+ * the timed phases make on the first: reads from the backing file (no L2 table yet), writes that
+ * allocate (a new L2 table, new clusters), writes in place, reads of allocated clusters, small
+ * reads. A warm-up that skipped one left its code path unrun: V8 then deoptimized the device path
+ * in the timed phase that first took it (`BENCH_NODE_FLAGS=--trace-deopt` shows where) and
+ * recompiled it there, 0.2-0.3 s of the lab's one CPU in a 1-4 s phase (docs/benchmarks.md).
+ */
+const WARMUP_QCOW2 = [`${READ} skip=${SEQ_MIB}`, `${WRITE} seek=${SEQ_MIB}`, `${WRITE} seek=${SEQ_MIB}`, `${READ} skip=${SEQ_MIB}`, `${SMALL} skip=${(SEQ_MIB * 256).toString()}`]
+  .map((c) => `${c} 2>/dev/null`)
+  .join("; ");
 /**
  * The timed phases in the order the script runs them. qcow2: reads from the backing file, the
  * allocating write, 4 KiB reads of what it allocated, then 1 MiB read and write of the same
@@ -104,9 +118,8 @@ async function once(cmd: string, args: string[]): Promise<Result> {
       at = await p.waitFor(new RegExp(`MARK${n}\\r?\\n`), at, 600_000);
       samples.push(threadTicks(pid));
       kvm.push(kvmCounters(pid));
-      // BENCH_PERF: the first two phases only.
-      if (n === 0) stopPerf = perfAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} ${RUN[0]![0]}+${RUN[1]![0]}`);
-      if (n === 2) perfReport = stopPerf?.();
+      if (n === PERF_FROM) stopPerf = perfAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} ${RUN.slice(PERF_FROM, PERF_TO).map(([ph]) => ph).join("+")}`);
+      if (n === PERF_TO) perfReport = stopPerf?.();
       // BENCH_SCHED: the second phase only.
       if (n === 1) stopSched = schedAttach(pid, `${cmd.endsWith("qemu-system-x86_64") ? "qemu" : "typevisor"} ${RUN[1]![0]}`);
       if (n === 2) schedReport = stopSched?.();
@@ -114,6 +127,8 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     await perfReport?.();
     await schedReport?.();
     await p.waitFor(/typevisor-guest: exit/, at, 600_000);
+    // BENCH_NODE_FLAGS (e.g. --trace-deopt): V8's trace lines and the phase marks, in the order the VMM printed them.
+    if (NODE_FLAGS && cmd === process.execPath) console.log(`bench/disk: V8 trace of this run:\n${p.output.split("\n").filter((l) => /^\[(bailout|marking)|^MARK\d/.test(l)).join("\n")}`);
     const bytes = SEQ_MIB * 1024 * 1024;
     const rate: Partial<Record<Phase, number>> = {};
     for (const [ph] of RUN) rate[ph] = (ph === "4k" ? IOPS_COUNT : bytes / 1e6) / seconds(p.output, TAGS[ph]);

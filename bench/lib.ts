@@ -169,8 +169,8 @@ export function counterDelta(a: Map<string, number>, b: Map<string, number>): Re
  */
 export const PERF = process.env["BENCH_PERF"] === "1";
 
-/** Extra node flags for a VMM under BENCH_PERF. */
-export const nodePerfArgs = (): string[] => (PERF ? ["--perf-basic-prof"] : []);
+/** Extra node flags for a VMM: --perf-basic-prof under BENCH_PERF, and BENCH_NODE_FLAGS (space-separated, e.g. --trace-deopt). */
+export const nodePerfArgs = (): string[] => [...(PERF ? ["--perf-basic-prof"] : []), ...(process.env["BENCH_NODE_FLAGS"]?.split(" ").filter((f) => f !== "") ?? [])];
 
 /**
  * Start `perf record` on `pid`; the returned function stops it (without waiting: the benchmark goes
@@ -213,6 +213,12 @@ function report(out: string, label: string): void {
     const lines = (rep.stdout ?? "").split("\n").filter((l) => (l.trim() !== "" && !l.startsWith("#")) || l.startsWith("# Samples"));
     console.log(`perf ${label} (${sort}):\n${lines.join("\n")}${rep.stderr ? `\n${rep.stderr.slice(0, 500)}` : ""}`);
   }
+  // BENCH_PERF_COMM=THREAD: that thread's own symbols down to 0.05 % (where a thread's extra CPU goes).
+  const comm = process.env["BENCH_PERF_COMM"];
+  if (comm === undefined || comm === "") return;
+  const rep = spawnSync("perf", ["report", "-i", out, "--stdio", "--no-children", "--comms", comm, "--sort", "dso,sym", "--percent-limit", "0.05", "-g", "none"], { encoding: "utf8", timeout: SYNC_TIMEOUT_MS });
+  const lines = (rep.stdout ?? "").split("\n").filter((l) => (l.trim() !== "" && !l.startsWith("#")) || l.startsWith("# Samples"));
+  console.log(`perf ${label} (thread ${comm}: dso,sym):\n${lines.join("\n")}`);
 }
 
 /**

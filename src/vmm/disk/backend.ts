@@ -11,8 +11,13 @@ export interface DiskBackend {
   readonly format: DiskFormat;
   /** Size the guest sees, in bytes. */
   readonly capacity: number;
-  /** Bytes [pos, pos + iov.bytes) into the iovec's memory. Reads past `capacity` are the caller's bug. */
+  /**
+   * Bytes [pos, pos + iov.bytes) into the iovec's memory. Reads past `capacity` are the caller's
+   * bug. `iov` is the backend's to consume (a transfer advances and clears it): refill it before
+   * another call.
+   */
   readv(iov: IoVec, pos: number): number;
+  /** Bytes [pos, pos + iov.bytes) from the iovec's memory; `iov` is consumed as by readv. */
   writev(iov: IoVec, pos: number): number;
   /** [pos, pos + len) reads as zeros afterwards; may deallocate. */
   writeZeroes(pos: number, len: number): number;

@@ -41,21 +41,38 @@ const enum Kind {
 }
 
 /** An L2 entry as it was before a write changed it (write(): undone if the data write fails). */
-interface Undo {
-  table: L2Table;
-  at: number;
-  hi: number;
-  lo: number;
+class Undo {
+  constructor(
+    readonly table: L2Table,
+    readonly at: number,
+    readonly hi: number,
+    readonly lo: number,
+  ) {}
 }
 
 /** A cluster's mapping: its kind, and for Data the host offset and whether it may be written in place. */
-interface Mapping {
-  kind: Kind;
-  host: number;
-  inPlace: boolean;
-  hi: number;
-  lo: number;
+class Mapping {
+  constructor(
+    readonly kind: Kind,
+    readonly host: number,
+    readonly inPlace: boolean,
+    readonly hi: number,
+    readonly lo: number,
+  ) {}
 }
+
+/*
+ * One instance of each, made first, with values past 2^31: V8 gives an object's field the
+ * representation of the first value stored in it, and a later value that does not fit (an L2
+ * entry's high word with the COPIED bit, a host offset past 2 GiB) replaces the class's hidden
+ * class and deoptimizes every function of the request path that ran on it, which then recompiles
+ * in the middle of the guest's I/O (seen as `wrong map` bailouts in bench/disk's timed phases:
+ * docs/benchmarks.md). Fields made for doubles from the start also take small integers.
+ */
+new Mapping(Kind.Unallocated, 2 ** 52, false, 2 ** 32 - 1, 2 ** 32 - 1);
+new Undo({ buf: Buffer.alloc(0), dirty: false }, 0, 2 ** 32 - 1, 2 ** 32 - 1);
+/** A cluster whose L2 table does not exist (its L1 entry is empty). */
+const UNALLOCATED = new Mapping(Kind.Unallocated, 0, false, 0, 0);
 
 export interface Qcow2OpenOptions {
   readonly: boolean;
@@ -229,7 +246,7 @@ export class Qcow2Backend implements DiskBackend {
 
   private map(gc: number): Mapping {
     const t = this.tableFor(gc);
-    if (t === undefined) return { kind: Kind.Unallocated, host: 0, inPlace: false, hi: 0, lo: 0 };
+    if (t === undefined) return UNALLOCATED;
     const at = (gc % this.l2Entries) * 8;
     return this.classify(t.buf.readUInt32BE(at), t.buf.readUInt32BE(at + 4), gc);
   }
@@ -249,22 +266,22 @@ export class Qcow2Backend implements DiskBackend {
       let bad = r.offset < this.cluster || r.offset >= this.openSize || last >= Math.ceil(this.openSize / this.cluster) || r.bytes > 2 * this.cluster + 512;
       for (let c = first; !bad && c <= last; c++) bad = this.metadata.has(c);
       if (bad) throw new IoFailure(-EIO, `compressed guest cluster ${gc} lies outside the file's data`);
-      return { kind: Kind.Compressed, host: 0, inPlace: false, hi, lo };
+      return new Mapping(Kind.Compressed, 0, false, hi, lo);
     }
     if (standardReservedBits(hi, lo)) throw new IoFailure(-EIO, `L2 entry of guest cluster ${gc} has reserved bits set`);
-    if (this.header.version === 3 && (lo & L2.ZERO_LO) !== 0) return { kind: Kind.Zero, host: 0, inPlace: false, hi, lo };
+    if (this.header.version === 3 && (lo & L2.ZERO_LO) !== 0) return new Mapping(Kind.Zero, 0, false, hi, lo);
     const host = entryOffset(hi, lo);
     if (host === 0) {
       // Offset 0 with bit 63 set means "host cluster 0" only with an external data file (refused at open).
       if ((hi & L2.COPIED_HI) !== 0) throw new IoFailure(-EIO, `L2 entry of guest cluster ${gc} points at the header`);
-      return { kind: Kind.Unallocated, host: 0, inPlace: false, hi, lo };
+      return new Mapping(Kind.Unallocated, 0, false, hi, lo);
     }
     if (host % this.cluster !== 0) throw new IoFailure(-EIO, `L2 entry of guest cluster ${gc} is not cluster-aligned`);
     const c = host / this.cluster;
     // Never data on metadata or past the file (a crafted table must not turn a guest write into a
     // header write, or grow the file to a size of its choosing). A last cluster may end past it.
     if (this.metadata.has(c) || host >= this.fileSize) throw new IoFailure(-EIO, `guest cluster ${gc} maps to host ${host}, which is metadata or past the end`);
-    return { kind: Kind.Data, host, inPlace: (hi & L2.COPIED_HI) !== 0, hi, lo };
+    return new Mapping(Kind.Data, host, (hi & L2.COPIED_HI) !== 0, hi, lo);
   }
 
   /**
@@ -349,16 +366,14 @@ export class Qcow2Backend implements DiskBackend {
         this.readData(iov, skip + done, n, m.host + (p % this.cluster));
       } else if (m.kind === Kind.Zero) {
         while (done + n < len && this.map(gc + Math.ceil((p % this.cluster + n) / this.cluster)).kind === Kind.Zero) n += Math.min(this.cluster, len - done - n);
-        this.slice(iov, skip + done, n);
-        this.sub.fillZero();
+        this.slice(iov, skip + done, n).fillZero();
       } else if (m.kind === Kind.Unallocated) {
         // One backing-file read for a run of unallocated clusters (a sequential read of a fresh overlay).
         while (done + n < len && this.map(gc + Math.ceil((p % this.cluster + n) / this.cluster)).kind === Kind.Unallocated) n += Math.min(this.cluster, len - done - n);
         this.readBacking(iov, skip + done, n, p);
       } else {
         this.decompress(m, gc);
-        this.slice(iov, skip + done, n);
-        this.sub.copyIn(this.bounce.subarray(p % this.cluster, (p % this.cluster) + n));
+        this.slice(iov, skip + done, n).copyIn(this.bounce.subarray(p % this.cluster, (p % this.cluster) + n));
       }
       done += n;
     }
@@ -368,30 +383,33 @@ export class Qcow2Backend implements DiskBackend {
   private readData(iov: IoVec, skip: number, len: number, host: number): void {
     const inside = Math.max(0, Math.min(len, this.fileSize - host));
     if (inside > 0) {
-      this.slice(iov, skip, inside);
-      this.check(transferAll(this.fd, this.sub, false, host), "reading data");
+      this.check(transferAll(this.fd, this.slice(iov, skip, inside), false, host), "reading data");
     }
     if (inside < len) {
-      this.slice(iov, skip + inside, len - inside);
-      this.sub.fillZero();
+      this.slice(iov, skip + inside, len - inside).fillZero();
     }
   }
 
-  private slice(iov: IoVec, skip: number, len: number): void {
+  /**
+   * The pieces of `iov` that cover its bytes [skip, skip + len): `iov` itself when that is all of
+   * it (one mapping for the whole request: the usual case, no copy of up to IOV_MAX entries), else
+   * a copy of the part in `this.sub`. Either may be consumed by the transfer (DiskBackend.readv).
+   */
+  private slice(iov: IoVec, skip: number, len: number): IoVec {
+    if (skip === 0 && len === iov.bytes) return iov;
     this.sub.clear();
     if (!iov.sliceInto(this.sub, skip, len)) throw new IoFailure(-EIO, "request has too many pieces");
+    return this.sub;
   }
 
   /** Unallocated: the backing file's bytes where it has them, zeros past its end or without one. */
   private readBacking(iov: IoVec, skip: number, len: number, pos: number): void {
     const inside = this.backing === undefined ? 0 : Math.max(0, Math.min(len, this.backing.capacity - pos));
     if (inside > 0) {
-      this.slice(iov, skip, inside);
-      this.check(this.backing!.readv(this.sub, pos), "reading the backing file");
+      this.check(this.backing!.readv(this.slice(iov, skip, inside), pos), "reading the backing file");
     }
     if (inside < len) {
-      this.slice(iov, skip + inside, len - inside);
-      this.sub.fillZero();
+      this.slice(iov, skip + inside, len - inside).fillZero();
     }
   }
 
@@ -472,12 +490,13 @@ export class Qcow2Backend implements DiskBackend {
       if (run === undefined) return;
       const r = run;
       run = undefined;
-      this.slice(iov, r.skip, r.len);
-      const res = transferAll(this.fd, this.sub, true, r.host);
+      const res = transferAll(this.fd, this.slice(iov, r.skip, r.len), true, r.host);
       if (res < 0) {
         this.undo(r.undo, r.frees, r.host, r.len);
         throw new IoFailure(res, "writing data");
       }
+      // The write grew the file: coverAllocations() need not (one ftruncate less per request).
+      this.fileSize = Math.max(this.fileSize, r.host + r.len);
     };
     try {
       while (done < len) {
@@ -496,8 +515,7 @@ export class Qcow2Backend implements DiskBackend {
             if (next.kind !== Kind.Data || !next.inPlace || next.host !== m.host + inOff + n) break;
             n += Math.min(this.cluster, len - done - n);
           }
-          this.slice(iov, skip + done, n);
-          this.check(transferAll(this.fd, this.sub, true, m.host + inOff), "writing data");
+          this.check(transferAll(this.fd, this.slice(iov, skip + done, n), true, m.host + inOff), "writing data");
           this.fileSize = Math.max(this.fileSize, m.host + inOff + n);
           done += n;
           continue;
@@ -551,7 +569,7 @@ export class Qcow2Backend implements DiskBackend {
   /** What guest cluster `gc`'s L2 entry holds now, to put back if the write that changes it fails. */
   private entryUndo(table: L2Table, gc: number): Undo {
     const at = (gc % this.l2Entries) * 8;
-    return { table, at, hi: table.buf.readUInt32BE(at), lo: table.buf.readUInt32BE(at + 4) };
+    return new Undo(table, at, table.buf.readUInt32BE(at), table.buf.readUInt32BE(at + 4));
   }
 
   /**
