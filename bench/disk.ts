@@ -35,6 +35,7 @@ const PERF_PHASE = process.env["BENCH_PERF_PHASE"];
 const PERF_FROM = PERF_PHASE !== undefined && PERF_PHASE !== "" ? Number(PERF_PHASE) : 0;
 const PERF_TO = PERF_PHASE !== undefined && PERF_PHASE !== "" ? PERF_FROM + 1 : 2;
 const QCOW2 = process.env["BENCH_DISK_FORMAT"] === "qcow2";
+/** The raw image's size, or the qcow2 base's (MiB); a qcow2 overlay is twice that (NEXT_TABLE). */
 const DISK_MIB = QCOW2 ? 1024 : 512;
 // busybox time reports 10 ms steps: 512 MiB at ~600 MB/s takes ~0.9 s, so one step is ~1% (128 MiB made it ~5%).
 const SEQ_MIB = 512;
@@ -72,6 +73,13 @@ const SMALL = `dd if=/dev/vda of=/dev/null bs=4k count=${IOPS_COUNT} iflag=direc
  */
 const WARMUP = [WRITE, READ, SMALL].map((c) => `${c} 2>/dev/null`).join("; ");
 /**
+ * qcow2: writes that make the L2 table of the 512 MiB past the base (the overlay is twice the
+ * base's size). The warm-up's first write makes the second half's table while V8 is not yet
+ * collecting type feedback for the write path, so without a second table made later the timed
+ * allocating write met that code as new (a deoptimization and a recompile in the phase).
+ */
+const NEXT_TABLE = `dd if=/dev/zero of=/dev/vda bs=1M count=32 seek=${DISK_MIB} oflag=direct`;
+/**
  * qcow2: warm up on the second half (its own clusters, its own L2 table) with every kind of request
  * the timed phases make on the first: reads from the backing file (no L2 table yet), writes that
  * allocate (a new L2 table, new clusters), writes in place, reads of allocated clusters, small
@@ -79,7 +87,7 @@ const WARMUP = [WRITE, READ, SMALL].map((c) => `${c} 2>/dev/null`).join("; ");
  * in the timed phase that first took it (`BENCH_NODE_FLAGS=--trace-deopt` shows where) and
  * recompiled it there, 0.2-0.3 s of the lab's one CPU in a 1-4 s phase (docs/benchmarks.md).
  */
-const WARMUP_QCOW2 = [`${READ} skip=${SEQ_MIB}`, `${WRITE} seek=${SEQ_MIB}`, `${WRITE} seek=${SEQ_MIB}`, `${READ} skip=${SEQ_MIB}`, `${SMALL} skip=${(SEQ_MIB * 256).toString()}`]
+const WARMUP_QCOW2 = [`${READ} skip=${SEQ_MIB}`, `${WRITE} seek=${SEQ_MIB}`, NEXT_TABLE, `${WRITE} seek=${SEQ_MIB}`, `${READ} skip=${SEQ_MIB}`, `${SMALL} skip=${(SEQ_MIB * 256).toString()}`]
   .map((c) => `${c} 2>/dev/null`)
   .join("; ");
 /**
@@ -127,8 +135,8 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     await perfReport?.();
     await schedReport?.();
     await p.waitFor(/typevisor-guest: exit/, at, 600_000);
-    // BENCH_NODE_FLAGS (e.g. --trace-deopt): V8's trace lines and the phase marks, in the order the VMM printed them.
-    if (NODE_FLAGS && cmd === process.execPath) console.log(`bench/disk: V8 trace of this run:\n${p.output.split("\n").filter((l) => /^\[(bailout|marking)|^MARK\d/.test(l)).join("\n")}`);
+    // BENCH_NODE_FLAGS (e.g. --trace-deopt, --trace-gc): V8's trace lines and the phase marks, in the order the VMM printed them.
+    if (NODE_FLAGS && cmd === process.execPath) console.log(`bench/disk: V8 trace of this run:\n${p.output.split("\n").filter((l) => /^\[(bailout|marking)|^\[\d+:0x[0-9a-f]+\]|^MARK\d/.test(l)).join("\n")}`);
     const bytes = SEQ_MIB * 1024 * 1024;
     const rate: Partial<Record<Phase, number>> = {};
     for (const [ph] of RUN) rate[ph] = (ph === "4k" ? IOPS_COUNT : bytes / 1e6) / seconds(p.output, TAGS[ph]);
@@ -142,6 +150,25 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     throw e;
   } finally {
     p.kill();
+  }
+}
+
+/**
+ * Write and delete a file of `mib` MiB in `dir`, so the memory a run's files and guest take has
+ * been used once before any VMM is timed. In the lab, the first use of a page of the lab VM's
+ * memory costs a fault in the QEMU that emulates it; without this the first VMM of the first run
+ * (always ours, before the order alternated) paid for it: its allocating write was 20-30 % below
+ * the same VMM's later runs (docs/benchmarks.md).
+ */
+function prefault(dir: string, mib: number): void {
+  const p = join(dir, "prefault");
+  const fd = openSync(p, "w");
+  try {
+    const chunk = Buffer.alloc(1024 * 1024, 1);
+    for (let i = 0; i < mib; i++) writeSync(fd, chunk);
+  } finally {
+    closeSync(fd);
+    rmSync(p, { force: true });
   }
 }
 
@@ -163,12 +190,14 @@ async function main(): Promise<void> {
   const fresh = (): void => {
     if (!QCOW2) return;
     rmSync(disk, { force: true });
-    createQcow2(disk, { size: DISK_MIB * 1024 * 1024, backing: { file: rawDisk, format: "raw" } });
+    createQcow2(disk, { size: 2 * DISK_MIB * 1024 * 1024, backing: { file: rawDisk, format: "raw" } });
   };
   const format = QCOW2 ? "qcow2" : "raw";
   const ours = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", "512", "--disk", `${disk},format=${format}`, "--cmdline", cmdline,
     // a control socket, so a lab watchdog that finds this run stalled gets the VMM's GET /threads (docs/lab.md)
-    "--api-socket", join(dir, "vmm.sock")];
+    "--api-socket", join(dir, "vmm.sock"),
+    // BENCH_TV_ARGS: more `typevisor run` options for our VMM (a diagnostic: e.g. --vcpu-nice 8)
+    ...(process.env["BENCH_TV_ARGS"]?.split(" ").filter((a) => a !== "") ?? [])];
   const qemu = [
     // debug-threads names QEMU's threads (vCPU, I/O workers), so its CPU splits by thread as ours does.
     "-name", "debug-threads=on", "-M", "q35", "-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "512",
@@ -178,14 +207,21 @@ async function main(): Promise<void> {
   ];
   const res: { typevisor: Result[]; qemu: Result[] } = { typevisor: [], qemu: [] };
   if (!mountDebugfs()) console.log("bench/disk: no KVM debugfs here, KVM counters left out");
-  const what = QCOW2 ? `fresh qcow2 overlays (64 KiB clusters) on a ${DISK_MIB} MiB raw base` : `${DISK_MIB} MiB raw image`;
+  const what = QCOW2 ? `fresh ${2 * DISK_MIB} MiB qcow2 overlays (64 KiB clusters) on a ${DISK_MIB} MiB raw base` : `${DISK_MIB} MiB raw image`;
   console.log(`bench/disk: ${RUNS} runs each, alternating; ${what} in ${base}, guest 512 MiB, 1 vCPU`);
+  prefault(base, DISK_MIB + 512 + 256);
   for (let i = 0; i < RUNS; i++) {
-    fresh();
-    const a = await once(process.execPath, ours);
+    // Which VMM goes first alternates: the first of a pair meets the machine as the previous run left it.
+    const first = i % 2 === 0 ? "typevisor" : "qemu";
+    let a: Result | undefined;
+    let b: Result | undefined;
+    for (const who of first === "typevisor" ? (["typevisor", "qemu"] as const) : (["qemu", "typevisor"] as const)) {
+      fresh();
+      if (who === "typevisor") a = await once(process.execPath, ours);
+      else b = await once("qemu-system-x86_64", qemu);
+    }
+    if (a === undefined || b === undefined) throw new Error("bench/disk: a run did not complete");
     res.typevisor.push(a);
-    fresh();
-    const b = await once("qemu-system-x86_64", qemu);
     res.qemu.push(b);
     const f = (x: Result) => REPORT.map((ph) => `${ph} ${(x.rate[ph] ?? 0).toFixed(ph === "4k" ? 0 : 1)} ${ph === "4k" ? "IOPS" : "MB/s"}`).join(", ");
     console.log(`run ${i + 1}: typevisor ${f(a)} | qemu ${f(b)}`);
