@@ -10,9 +10,9 @@
  * time of every thread of the VMM process (guest time counts in its vCPU thread): in the lab
  * there is one CPU, so whatever a VMM spends per request comes straight out of throughput.
  *
- * BENCH_DISK_FORMAT=qcow2 measures qcow2 instead: each run of each VMM gets a fresh overlay
+ * BENCH_DISK_FORMAT=qcow2 measures qcow2 instead: each run of each VMM gets a fresh 2 GiB overlay
  * (made by our createQcow2, which QEMU opens as well) on a 1 GiB raw base. The warm-up uses the
- * disk's second half; then, on the first half, sequential reads come from the backing file (no
+ * base's second half (and makes one L2 table past the base); then, on the first half, sequential reads come from the backing file (no
  * cluster allocated yet), sequential writes allocate every cluster, 4 KiB reads hit the clusters
  * just allocated, and then the same half, now fully allocated, is read and written again in 1 MiB
  * blocks (no allocation, no backing file: the qcow2 steady state).
