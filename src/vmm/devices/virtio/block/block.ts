@@ -215,8 +215,8 @@ class IoCounters {
   ) {}
 }
 // Made first with values past 2^31, so V8 gives the fields double representation from the start:
-// otherwise the byte counts passing 2 GiB deoptimize the request path once (a Smi addition that
-// overflows, then a field whose representation changes), mid-I/O (docs/benchmarks.md).
+// otherwise the byte counts passing 2 GiB widen them then, which throws away the request path's
+// compiled code once, in the middle of the guest's I/O (docs/benchmarks.md, qcow2 recompiles).
 new IoCounters(2 ** 52, 2 ** 52, 2 ** 52, 2 ** 52);
 
 export class BlockDevice implements VirtioDevice {
