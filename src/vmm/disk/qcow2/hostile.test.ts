@@ -698,6 +698,65 @@ describe("crafted entries, one at a time", () => {
     h.close();
   });
 
+  // A request over several clusters is served as runs of clusters that follow each other on the
+  // host (one preadv/pwritev each): the run must end where the next cluster is metadata or past
+  // the end of the file, as a request for that cluster alone would be refused.
+  for (const where of ["metadata", "past the end"] as const) {
+    it(`a run of data clusters stops at a cluster that is ${where}: reads and in-place writes over it fail, nothing is overwritten`, () => {
+      // An image whose metadata lies after data (512 B clusters: L2 tables between the data of
+      // earlier tables), and two neighbouring entries of one table to craft.
+      const base = bases.find((b) => b.name === "ours, 512 B clusters")!;
+      const { bytes, layout } = { bytes: Buffer.from(base.bytes), layout: base.layout };
+      const cl = layout.cluster;
+      const meta = new Set([...layout.l2.map((t) => t.off), ...layout.blocks, layout.l1Off, layout.rtOff]);
+      const eof = Math.ceil(layout.fileSize / cl) * cl;
+      // The first cluster is a valid data cluster (a request for it alone succeeds); the second is metadata, or the end of the file.
+      const first = where === "metadata" ? layout.data.find((d) => meta.has(d.host + cl))?.host : Math.max(...layout.data.map((d) => d.host));
+      expect(first).toBeDefined();
+      if (where === "past the end") expect(first! + cl).toBe(eof);
+      const second = first! + cl;
+      const e = layout.data.find((d) => d.at % cl < cl - 8 && !meta.has(d.host))!;
+      for (const [at, host] of [[e.at, first!], [e.at + 8, second]] as const) {
+        const [hi, lo] = entry(host, "copied");
+        bytes.writeUInt32BE(hi, at);
+        bytes.writeUInt32BE(lo, at + 4);
+      }
+      const { path } = stage(bytes);
+      const before = readFileSync(path);
+      const h = openRw(path);
+      const back = Buffer.alloc(2 * cl);
+      expect(io(h.b, back, e.guest, false)).toBeLessThan(0);
+      expect(io(h.b, pattern(2 * cl, e.guest, 9), e.guest, true)).toBeLessThan(0);
+      h.close();
+      const after = readFileSync(path);
+      if (where === "metadata") expect(after.subarray(second, second + cl).equals(before.subarray(second, second + cl))).toBe(true);
+      else expect(after.length).toBeLessThanOrEqual(Math.max(before.length, second));
+    });
+  }
+
+  it("a run of in-place writes stops at a neighbouring cluster that is shared (COPIED clear): that one is copied, its old bytes stay", () => {
+    const { bytes, layout } = smallImage();
+    // Two neighbouring entries of one table whose clusters follow each other on the host.
+    const e0 = layout.data.find((d) => d.at % C < C - 8 && layout.data.some((n) => n.at === d.at + 8 && n.host === d.host + C))!;
+    expect(e0).toBeDefined();
+    const e1 = layout.data.find((n) => n.at === e0.at + 8)!;
+    // The second is shared, as after a snapshot: COPIED clear and a refcount of 2 (qcow2.txt §Cluster mapping, bit 63).
+    const [hi, lo] = entry(e1.host, "none");
+    bytes.writeUInt32BE(hi, e1.at);
+    bytes.writeUInt32BE(lo, e1.at + 4);
+    expect(layout.refcountOrder).toBe(4);
+    bytes.writeUInt16BE(2, layout.blocks[0]! + (e1.host / C) * 2);
+    const { path } = stage(bytes);
+    const old = Buffer.from(bytes.subarray(e1.host, e1.host + C));
+    const h = openRw(path);
+    const data = pattern(2 * C, e0.guest, 11);
+    expect(io(h.b, data, e0.guest, true)).toBe(0);
+    expect(h.b.flush()).toBe(0);
+    expect(readAll(h.b, e0.guest, 2 * C).equals(data)).toBe(true);
+    h.close();
+    expect(readFileSync(path).subarray(e1.host, e1.host + C).equals(old)).toBe(true);
+  });
+
   it("a refcount block that counts every cluster past the end does not push the file out", () => {
     const { bytes, layout } = smallImage();
     const blk = layout.blocks[0]!;

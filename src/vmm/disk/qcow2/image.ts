@@ -358,17 +358,15 @@ export class Qcow2Backend implements DiskBackend {
       let n = Math.min(this.cluster - (p % this.cluster), len - done);
       if (m.kind === Kind.Data) {
         // Extend over the following clusters while they are data right after this one on the host.
-        while (done + n < len) {
-          const next = this.map(gc + Math.ceil((p % this.cluster + n) / this.cluster));
-          if (next.kind !== Kind.Data || next.host !== m.host + (p % this.cluster) + n) break;
-          n += Math.min(this.cluster, len - done - n);
-        }
+        n = this.dataRun(gc, m.host, p % this.cluster, n, len - done, false);
         this.readData(iov, skip + done, n, m.host + (p % this.cluster));
       } else if (m.kind === Kind.Zero) {
         while (done + n < len && this.map(gc + Math.ceil((p % this.cluster + n) / this.cluster)).kind === Kind.Zero) n += Math.min(this.cluster, len - done - n);
         this.slice(iov, skip + done, n).fillZero();
       } else if (m.kind === Kind.Unallocated) {
-        // One backing-file read for a run of unallocated clusters (a sequential read of a fresh overlay).
+        // One backing-file read for a run of unallocated clusters (a sequential read of a fresh
+        // overlay); without an L2 table, all of that table's span is unallocated at once.
+        if (m === UNALLOCATED) n = Math.min(len - done, (Math.floor(gc / this.l2Entries) + 1) * this.l2Entries * this.cluster - p);
         while (done + n < len && this.map(gc + Math.ceil((p % this.cluster + n) / this.cluster)).kind === Kind.Unallocated) n += Math.min(this.cluster, len - done - n);
         this.readBacking(iov, skip + done, n, p);
       } else {
@@ -377,6 +375,32 @@ export class Qcow2Backend implements DiskBackend {
       }
       done += n;
     }
+  }
+
+  /**
+   * How far a run that starts `inOff` bytes into data cluster `gc` (at `host`, `n` bytes so far)
+   * extends, up to `max` bytes, over the clusters after it that are data at the next host
+   * cluster (and may be written in place, when `inPlace`). Reads the entries of gc's own L2
+   * table directly, with the checks classify() makes for data (no reserved bits, not zero or
+   * compressed, not metadata, inside the file), and without an object per cluster; a cluster
+   * that fails them, or one in the next table, ends the run and is mapped (and refused) on its own.
+   */
+  private dataRun(gc: number, host: number, inOff: number, n: number, max: number, inPlace: boolean): number {
+    const t = this.tableFor(gc);
+    if (t === undefined) return n;
+    const tableEnd = (Math.floor(gc / this.l2Entries) + 1) * this.l2Entries;
+    const zeroFlag = this.header.version === 3 ? L2.ZERO_LO : 0;
+    for (let g = gc + 1; n < max && g < tableEnd; g++) {
+      const at = (g % this.l2Entries) * 8;
+      const hi = t.buf.readUInt32BE(at);
+      const lo = t.buf.readUInt32BE(at + 4);
+      if ((hi & L2.COMPRESSED_HI) !== 0 || (lo & zeroFlag) !== 0 || standardReservedBits(hi, lo)) break;
+      if (inPlace && (hi & L2.COPIED_HI) === 0) break;
+      const h = entryOffset(hi, lo);
+      if (h !== host + inOff + n || h >= this.fileSize || this.metadata.has(h / this.cluster)) break;
+      n += Math.min(this.cluster, max - n);
+    }
+    return n;
   }
 
   /** Host bytes [host, host + len) into `iov`; what lies past the end of the file reads as zeros (a last cluster QEMU wrote short). */
@@ -510,11 +534,7 @@ export class Qcow2Backend implements DiskBackend {
         let n = Math.min(this.cluster - inOff, len - done);
         if (m.kind === Kind.Data && m.inPlace) {
           flushRun();
-          while (done + n < len) {
-            const next = this.map(gc + Math.ceil((inOff + n) / this.cluster));
-            if (next.kind !== Kind.Data || !next.inPlace || next.host !== m.host + inOff + n) break;
-            n += Math.min(this.cluster, len - done - n);
-          }
+          n = this.dataRun(gc, m.host, inOff, n, len - done, true);
           this.check(transferAll(this.fd, this.slice(iov, skip + done, n), true, m.host + inOff), "writing data");
           this.fileSize = Math.max(this.fileSize, m.host + inOff + n);
           done += n;
