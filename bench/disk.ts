@@ -30,6 +30,8 @@ import { compare, counterDelta, cpuDelta, formatCpu, kvmCounters, mountDebugfs, 
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const NODE_FLAGS = (process.env["BENCH_NODE_FLAGS"] ?? "") !== "";
+/** Lines of V8's --trace-deopt, --trace-opt and --trace-gc. */
+const V8_TRACE = /^\[(bailout|marking|compiling|completed|optimizing)|^\[\d+:0x[0-9a-f]+\]/;
 /** BENCH_PERF: the phases perf samples, [PERF_FROM, PERF_TO) in script order: the first two, or the one BENCH_PERF_PHASE (0-based) names. */
 const PERF_PHASE = process.env["BENCH_PERF_PHASE"];
 const PERF_FROM = PERF_PHASE !== undefined && PERF_PHASE !== "" ? Number(PERF_PHASE) : 0;
@@ -135,8 +137,8 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     await perfReport?.();
     await schedReport?.();
     await p.waitFor(/typevisor-guest: exit/, at, 600_000);
-    // BENCH_NODE_FLAGS (e.g. --trace-deopt, --trace-gc): V8's trace lines and the phase marks, in the order the VMM printed them.
-    if (NODE_FLAGS && cmd === process.execPath) console.log(`bench/disk: V8 trace of this run:\n${p.output.split("\n").filter((l) => /^\[(bailout|marking)|^\[\d+:0x[0-9a-f]+\]|^MARK\d/.test(l)).join("\n")}`);
+    // BENCH_NODE_FLAGS (e.g. --trace-deopt, --trace-opt, --trace-gc): V8's trace lines and the phase marks, in the order the VMM printed them.
+    if (NODE_FLAGS && cmd === process.execPath) console.log(`bench/disk: V8 trace of this run:\n${p.output.split("\n").filter((l) => V8_TRACE.test(l) || /^MARK\d/.test(l)).join("\n")}`);
     const bytes = SEQ_MIB * 1024 * 1024;
     const rate: Partial<Record<Phase, number>> = {};
     for (const [ph] of RUN) rate[ph] = (ph === "4k" ? IOPS_COUNT : bytes / 1e6) / seconds(p.output, TAGS[ph]);
@@ -146,7 +148,9 @@ async function once(cmd: string, args: string[]): Promise<Result> {
     const kvmDelta = index.map((i) => counterDelta(kvm[i]!, kvm[i + 1]!));
     return { rate, cpu, kvm: kvmDelta };
   } catch (e) {
-    console.log(`bench/disk: ${cmd} failed; its output ends:\n${p.output.slice(-3000)}`);
+    // With V8 tracing on, what the guest printed last is under thousands of trace lines: leave them out.
+    const out = NODE_FLAGS ? p.output.split("\n").filter((l) => !V8_TRACE.test(l)).join("\n") : p.output;
+    console.log(`bench/disk: ${cmd} failed; its output ends:\n${out.slice(-3000)}`);
     throw e;
   } finally {
     p.kill();
