@@ -12,10 +12,11 @@
  *
  * BENCH_DISK_FORMAT=qcow2 measures qcow2 instead: each run of each VMM gets a fresh 2 GiB overlay
  * (made by our createQcow2, which QEMU opens as well) on a 1 GiB raw base. The warm-up uses the
- * base's second half (and makes one L2 table past the base); then, on the first half, sequential reads come from the backing file (no
- * cluster allocated yet), sequential writes allocate every cluster, 4 KiB reads hit the clusters
- * just allocated, and then the same half, now fully allocated, is read and written again in 1 MiB
- * blocks (no allocation, no backing file: the qcow2 steady state).
+ * base's second half (and makes one L2 table past the base); then, on the first half, sequential
+ * reads come from the backing file (no cluster allocated yet), sequential writes allocate every
+ * cluster, 4 KiB reads hit the clusters just allocated, and then the same half, now fully
+ * allocated, is read and written again in 1 MiB blocks (no allocation, no backing file: the qcow2
+ * steady state).
  *
  * Run: npm run bench:disk  (BENCH_DISK_FORMAT=qcow2 npm run bench:disk)
  */
@@ -230,10 +231,9 @@ async function main(): Promise<void> {
   prefault(base, DISK_MIB + 512 + 256);
   for (let i = 0; i < RUNS; i++) {
     // Which VMM goes first alternates: the first of a pair meets the machine as the previous run left it.
-    const first = i % 2 === 0 ? "typevisor" : "qemu";
     let a: Result | undefined;
     let b: Result | undefined;
-    for (const who of first === "typevisor" ? (["typevisor", "qemu"] as const) : (["qemu", "typevisor"] as const)) {
+    for (const who of i % 2 === 0 ? (["typevisor", "qemu"] as const) : (["qemu", "typevisor"] as const)) {
       fresh();
       if (who === "typevisor") a = await once(process.execPath, ours);
       else b = await once("qemu-system-x86_64", qemu);

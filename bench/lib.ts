@@ -207,18 +207,16 @@ function perfRecord(args: string[], out: string, summarize: (out: string) => voi
 }
 
 function report(out: string, label: string): void {
-  for (const [sort, limit] of [["comm,dso", "0.5"], ["comm,dso,sym", "0.3"]] as const) {
-    const rep = spawnSync("perf", ["report", "-i", out, "--stdio", "--no-children", "--sort", sort, "--percent-limit", limit, "-g", "none"], { encoding: "utf8", timeout: SYNC_TIMEOUT_MS });
+  const print = (title: string, args: string[]): void => {
+    const rep = spawnSync("perf", ["report", "-i", out, "--stdio", "--no-children", ...args, "-g", "none"], { encoding: "utf8", timeout: SYNC_TIMEOUT_MS });
     // Keep the sample count from the header: percentages of two reports compare only through it.
     const lines = (rep.stdout ?? "").split("\n").filter((l) => (l.trim() !== "" && !l.startsWith("#")) || l.startsWith("# Samples"));
-    console.log(`perf ${label} (${sort}):\n${lines.join("\n")}${rep.stderr ? `\n${rep.stderr.slice(0, 500)}` : ""}`);
-  }
+    console.log(`perf ${label} (${title}):\n${lines.join("\n")}${rep.stderr ? `\n${rep.stderr.slice(0, 500)}` : ""}`);
+  };
+  for (const [sort, limit] of [["comm,dso", "0.5"], ["comm,dso,sym", "0.3"]] as const) print(sort, ["--sort", sort, "--percent-limit", limit]);
   // BENCH_PERF_COMM=THREAD: that thread's own symbols down to 0.05 % (where a thread's extra CPU goes).
   const comm = process.env["BENCH_PERF_COMM"];
-  if (comm === undefined || comm === "") return;
-  const rep = spawnSync("perf", ["report", "-i", out, "--stdio", "--no-children", "--comms", comm, "--sort", "dso,sym", "--percent-limit", "0.05", "-g", "none"], { encoding: "utf8", timeout: SYNC_TIMEOUT_MS });
-  const lines = (rep.stdout ?? "").split("\n").filter((l) => (l.trim() !== "" && !l.startsWith("#")) || l.startsWith("# Samples"));
-  console.log(`perf ${label} (thread ${comm}: dso,sym):\n${lines.join("\n")}`);
+  if (comm !== undefined && comm !== "") print(`thread ${comm}: dso,sym`, ["--comms", comm, "--sort", "dso,sym", "--percent-limit", "0.05"]);
 }
 
 /**
