@@ -139,7 +139,7 @@ function defaultVsockPath(): string {
 }
 
 /** A descriptor inherited from the supervisor; it needs the socket's path too (messages, GET /vm). */
-function parseFdArg(name: string, v: string, path: string | undefined): number {
+export function parseFdArg(name: string, v: string, path: string | undefined): number {
   const fd = parseIntArg(name, v);
   if (fd < 3) throw new TypevisorError("INVALID_ARGUMENT", `${name} must be 3 or more (0-2 are stdio)`);
   if (path === undefined) throw new TypevisorError("INVALID_ARGUMENT", `${name} needs the socket's path too (${name.replace("-fd", "")} PATH)`);

@@ -10,7 +10,8 @@ import { TypevisorError } from "../errors.js";
 import { startControlServer, SwitchableTarget, type ControlTarget } from "../vmm/api/server.js";
 import { Kvm, kvmHostKind } from "../kvm/kvm.js";
 import { prestartedCount, prestartWorkers } from "../vmm/threads/spawn.js";
-import { runCommand, type RunOptions } from "./run.js";
+import { installFilter, noExecFilter } from "../sys/seccomp.js";
+import { parseFdArg, runCommand, type RunOptions } from "./run.js";
 
 /** vCPU threads a standby starts ahead: templates are mostly small VMs (docs/snapshots.md "Standby VMMs"). */
 const STANDBY_VCPU_THREADS = 1;
@@ -51,6 +52,10 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
     throw new TypevisorError("KVM_UNSUITABLE", kind === "pvm" ? "this host's /dev/kvm is PVM: --standby runs only where a restored guest can (or with --force-kvm for purpose-built guests)" : "this host has no /dev/kvm");
   }
   new Kvm().close();
+  // Jailed (the daemon's sandbox): the socket is bound by the daemon and inherited; no exec from
+  // here on, before any request is read (the restore's run then need not install it again).
+  const apiSocketFd = o.apiSocketFd !== undefined ? parseFdArg("--api-socket-fd", o.apiSocketFd, o.apiSocket) : undefined;
+  if (o.seccompNoExec === true) installFilter(noExecFilter());
   let chosen: ((r: { opts: RunOptions; built: () => void; failed: (e: unknown) => void }) => void) | undefined;
   const request = new Promise<{ opts: RunOptions; built: () => void; failed: (e: unknown) => void }>((resolve) => (chosen = resolve));
   const standby: ControlTarget = {
@@ -81,7 +86,7 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
       chosen = undefined;
       const b = r.data;
       const opts: RunOptions = {
-        ...o, standby: false, restore: b.snapshot, disk: b.disks ?? [], net: b.nets ?? [],
+        ...o, standby: false, seccompNoExec: false, restore: b.snapshot, disk: b.disks ?? [], net: b.nets ?? [],
         ...(b.id !== undefined ? { id: b.id } : {}),
         ...(b.consoleLog !== undefined ? { consoleLog: b.consoleLog } : {}),
         ...(b.consoleLogSize !== undefined ? { consoleLogSize: b.consoleLogSize } : {}),
@@ -101,7 +106,7 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
   // VM's device thread (which starts a disk I/O thread of its own) and first vCPU thread, started
   // and waiting (vmm/threads/spawn.ts); a VM with more vCPUs or disks starts the others when it is built.
   await Promise.all([import("../vmm/snapshot/state.js"), prestartWorkers("devices/platform/device-thread.js", 1), prestartWorkers("vcpu/worker.js", STANDBY_VCPU_THREADS)]);
-  const server = await startControlServer(o.apiSocket, target);
+  const server = await startControlServer(o.apiSocket, target, apiSocketFd);
   log(`typevisor: on standby at ${o.apiSocket} (PUT /restore; ${prestartedCount("devices/platform/device-thread.js")} device thread and ${prestartedCount("vcpu/worker.js")} vCPU thread waiting)`);
   const onSignal = (): void => process.exit(0);
   process.once("SIGTERM", onSignal);

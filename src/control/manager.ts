@@ -46,6 +46,7 @@ import { Webhooks, type WebhookStatus } from "./webhooks.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
 import { Snapshots, chainOf } from "./snapshots.js";
 import { StandbyPool } from "./standby.js";
+import { adoptStandbyUid, handVmFiles, hasSandboxUid, JailedStandbys, releaseHandoff } from "./sandbox/jailed-standby.js";
 import { Migrations, type PeerConnector } from "./migration.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
@@ -98,6 +99,8 @@ interface Spawned {
   pid: number | undefined;
   /** The uid its sandbox runs it as. */
   sandboxUid?: number;
+  /** A jailed standby handed this VM: its hand-off directory, whose mounts go when the VMM ends (jailed-standby.ts). */
+  handoff?: string;
 }
 
 interface Live {
@@ -158,6 +161,10 @@ export class VmManager extends EventEmitter {
   readonly store: Store;
   readonly cgroups: CgroupSupport;
   private readonly live = new Map<string, Live>();
+  /** VM id → the hand-off directory of the jailed standby that became its VMM (removeSockets releases it). */
+  private readonly handoffs = new Map<string, string>();
+  /** Jailed standbys' uids and mounts (under the sandbox only). */
+  private readonly jailer: JailedStandbys | undefined;
   private readonly queues = new Map<string, Promise<unknown>>();
   private readonly usage = new Map<string, VmUsage>();
   /** Usage history (history.ts), fed by collectUsage. */
@@ -225,14 +232,15 @@ export class VmManager extends EventEmitter {
       },
       insertVm: (row) => this.store.insertVm(row),
       removeUnusedBases: () => this.removeUnusedBases(),
-      snapshotWithMemory: () => this.standby.want(),
+      snapshotWithMemory: (id, dir) => this.standby.want({ id, dir }),
+      snapshotsRemoved: () => this.standby.dropTemplateUnless((id) => this.snapshots.exists(id)),
       ...(config.sandbox !== undefined ? { sandboxId: (owner: string) => allocateUid(this.store.db, owner, config.sandbox!.uidBase, config.sandbox!.uidCount) } : {}),
     });
-    // None under the sandbox: a jail is built for one VM (its uid, the files bound into its root,
-    // its TAPs and sockets handed over as descriptors at exec), so a restore there starts a jailed
-    // VMM for the VM instead (docs/snapshots.md "Under the VMM sandbox").
-    const standbys = config.sandbox !== undefined ? 0 : (config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0));
-    this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger });
+    // Under the sandbox each standby is jailed for one memory snapshot (sandbox/jailed-standby.ts).
+    const standbys = config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0);
+    const sandbox = config.sandbox;
+    this.jailer = sandbox !== undefined ? new JailedStandbys({ db: this.store.db, home: config.home, sandbox, forceKvm: config.forceKvm, templateGroup: (t) => this.snapshots.shareForRestore(t.dir, "")! }) : undefined;
+    this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger, ...(this.jailer !== undefined ? { jail: this.jailer } : {}) });
     this.migrations = new Migrations({
       home: config.home,
       log: config.logger,
@@ -563,6 +571,7 @@ export class VmManager extends EventEmitter {
       assertAction(name, cur.state, "remove");
       this.store.deleteVm(name);
       this.snapshots.forgetVm(cur.id);
+      this.standby.dropTemplateUnless((id) => this.snapshots.exists(id));
       this.removeSockets(cur.id);
       this.usage.delete(cur.id);
       this.history.forget(cur.id);
@@ -801,11 +810,13 @@ export class VmManager extends EventEmitter {
     }
 
     const sb = this.config.sandbox;
-    // A restore takes a standby VMM when one is ready (no process start to wait for); never under the sandbox (standbys are not jailed).
-    const adopted = restore !== undefined && sb === undefined ? await this.fromStandby(launch, cgroup) : undefined;
+    // A restore takes a standby VMM when one is ready (no process start to wait for); under the sandbox a jailed one of this snapshot.
+    const adopted: { child: ChildProcess; pidFile: string; pid?: number; sandboxUid?: number; handoff?: string } | undefined =
+      restore === undefined ? undefined : sb === undefined ? await this.fromStandby(launch, cgroup) : await this.fromJailedStandby(launch, cgroup);
     let proc: Spawned;
-    if (adopted !== undefined) proc = { child: adopted.child, pid: adopted.child.pid };
-    else {
+    if (adopted !== undefined) {
+      proc = { child: adopted.child, pid: adopted.pid ?? adopted.child.pid, ...(adopted.sandboxUid !== undefined ? { sandboxUid: adopted.sandboxUid } : {}), ...(adopted.handoff !== undefined ? { handoff: adopted.handoff } : {}) };
+    } else {
       try {
         // A restore under the sandbox: the saved state readable by one group, which this VMM is given (jailed-state.ts).
         const restoreGroup = restore !== undefined && sb !== undefined ? this.snapshots.shareForRestore(restore.dir, r.id) : undefined;
@@ -881,9 +892,13 @@ export class VmManager extends EventEmitter {
     } catch (e) {
       this.log.warn({ vm: name, err: (e as Error).message }, "could not move the VMM into its cgroup");
     }
+    if (proc.handoff !== undefined) this.handoffs.set(id, proc.handoff);
     const live = this.track(name, id, pid, proc.child, cgroup);
     this.store.updateVm(name, {
-      runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(proc.sandboxUid !== undefined ? { sandboxUid: proc.sandboxUid } : {}) },
+      runtime: {
+        pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(proc.sandboxUid !== undefined ? { sandboxUid: proc.sandboxUid } : {}),
+        ...(proc.handoff !== undefined ? { handoff: proc.handoff } : {}),
+      },
     });
     return live;
   }
@@ -967,6 +982,58 @@ export class VmManager extends EventEmitter {
       this.log.warn({ vm: l.id, err: (e as Error).message }, "a restore through a standby VMM failed; starting a VMM for it");
       kill(sb.pid);
       for (const f of [sb.socket, sb.log, sb.pidFile]) rmSync(f, { force: true });
+      return undefined;
+    }
+  }
+
+  /**
+   * A restore of a memory snapshot through a jailed standby started for it (sandbox/jailed-standby.ts):
+   * the VM takes the standby's uid, its files are bound into the standby's view, then `PUT /restore`
+   * as fromStandby, and its sockets (bound by this daemon) and log renamed into the VM's places.
+   * Undefined, and a fresh jail is started by the caller, when the restore is of no memory snapshot,
+   * the VM has NICs (TAPs are handed over at exec) or a uid already (a rollback of a VM that ran),
+   * none is ready for that snapshot (the pool then turns to it), a file lies outside the home, or
+   * the restore failed there (that standby is ended).
+   */
+  private async fromJailedStandby(l: VmmLaunch, cgroup: VmCgroup | undefined): Promise<{ child: ChildProcess; pidFile: string; pid: number; sandboxUid: number; handoff: string } | undefined> {
+    const template = l.restore !== undefined ? this.snapshots.memorySnapshotAt(l.restore.dir) : undefined;
+    if (template === undefined || l.restore === undefined || l.nets.length > 0 || hasSandboxUid(this.store.db, l.id)) return undefined;
+    // Shared with the snapshot's group before a standby of it is taken (a fresh jail does it too).
+    this.snapshots.shareForRestore(l.restore.dir, l.id);
+    const sb = this.standby.take(template.id);
+    if (sb?.jail === undefined) {
+      this.standby.want(template); // the next restores are of this one
+      return undefined;
+    }
+    const j = sb.jail;
+    const p = vmPaths(this.config.home, l.id);
+    const bases = basesDir(this.config.home) + sep;
+    try {
+      const bound = handVmFiles(l, { uid: j.uid, home: this.config.home, handoff: j.handoff, outDir: p.outDir, allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f) });
+      if (bound === undefined) throw new TypevisorError("SANDBOX", "a file of the VM lies outside the daemon's home: it cannot be handed to a standby");
+      if (!adoptStandbyUid(this.store.db, l.id, j.key)) throw new TypevisorError("SANDBOX", "the VM has a sandbox uid already");
+      mkdirSync(dirname(l.vmmLog), { recursive: true, mode: 0o700 });
+      cgroup?.addProcess(sb.pid);
+      await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
+        snapshot: l.restore.dir, id: l.id, kernel: l.kernel, ...(l.initrd !== undefined ? { initrd: l.initrd } : {}), consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
+        disks: l.disks.map(diskArg), nets: [], paused: l.restore.paused,
+      });
+      renameSync(sb.socket, l.apiSocket);
+      renameSync(j.consoleSocket, l.consoleSocket);
+      if (existsSync(l.vmmLog)) renameSync(l.vmmLog, `${l.vmmLog}.1`);
+      renameSync(sb.log, l.vmmLog);
+      return { child: sb.child, pidFile: sb.pidFile, pid: sb.pid, sandboxUid: j.uid, handoff: j.handoff };
+    } catch (e) {
+      this.log.warn({ vm: l.id, err: (e as Error).message }, "a restore through a jailed standby VMM failed; starting a VMM for it");
+      kill(sb.pid);
+      sb.child.once("exit", () => {
+        try {
+          this.jailer?.release(j.key, j.handoff);
+        } catch (err) {
+          this.log.warn({ vm: l.id, err: (err as Error).message }, "could not detach a jailed standby's hand-off mounts");
+        }
+      });
+      for (const f of [sb.socket, j.consoleSocket, sb.log, sb.pidFile]) rmSync(f, { force: true });
       return undefined;
     }
   }
@@ -1095,10 +1162,19 @@ export class VmManager extends EventEmitter {
   }
 
 
-  /** The VMM's control and console sockets (run/<id>.api, run/<id>.con). */
+  /** The VMM's control and console sockets (run/<id>.api, run/<id>.con), and the mounts a jailed standby was handed its files through. */
   private removeSockets(id: string): void {
     const p = vmPaths(this.config.home, id);
     for (const f of [p.apiSocket, p.consoleSocket]) rmSync(f, { force: true });
+    const h = this.handoffs.get(id);
+    if (h !== undefined) {
+      this.handoffs.delete(id);
+      try {
+        releaseHandoff(h);
+      } catch (e) {
+        this.log.warn({ vm: id, err: (e as Error).message }, "could not detach a jailed standby's hand-off mounts");
+      }
+    }
   }
 
   /**
@@ -1308,8 +1384,13 @@ export class VmManager extends EventEmitter {
     await this.migrations.recover();
     await this.sweepOrphans();
     // A previous daemon's standbys end (and one it was handing a VM when killed); new ones start.
-    const recorded = new Set(this.store.listVms().flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));
-    for (const p of this.standby.start(recorded, this.snapshots.anyWithMemory())) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
+    const rows = this.store.listVms();
+    const recorded = new Set(rows.flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));
+    // Jailed standbys that became VMs still running: their hand-off mounts stay until they end.
+    for (const r of rows) if (r.runtime?.handoff !== undefined) this.handoffs.set(r.id, r.runtime.handoff);
+    const template = this.jailer !== undefined ? this.snapshots.newestWithMemory() : undefined;
+    for (const p of this.standby.start(recorded, this.jailer === undefined && this.snapshots.anyWithMemory(), new Set(this.handoffs.values()))) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
+    if (template !== undefined) this.standby.want(template);
   }
 
   /** reattach() for one VM the inventory says has a VMM. */

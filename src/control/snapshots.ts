@@ -225,8 +225,10 @@ export interface SnapshotHost {
    * a memory snapshot (`snapshotOwner(id)`), from the sandbox's range (jailed-state.ts).
    */
   sandboxId?: (owner: string) => number;
-  /** A memory snapshot exists now: restores will come (the standby pool fills: standby.ts). */
-  snapshotWithMemory(): void;
+  /** Memory snapshot `snapId` exists now: restores will come (the standby pool fills: standby.ts). */
+  snapshotWithMemory(snapId: string, stateDir: string): void;
+  /** Snapshots were removed (a jailed standby pool's template may be gone: standby.ts). */
+  snapshotsRemoved(): void;
   /** Bases no VM disk or snapshot stands on any more go (manager.ts, bases.ts). */
   removeUnusedBases(): Promise<void>;
 }
@@ -362,6 +364,17 @@ export class Snapshots {
    * read it (a memory snapshot's own group, or the VM's gid for a state saved only to restart it),
    * given the directory (jailed-state.ts shareWithGroup). Undefined without the sandbox.
    */
+  /** The memory snapshot whose saved state `dir` is, if it is one (not a state saved only to restart a VM). */
+  memorySnapshotAt(dir: string): { id: string; dir: string } | undefined {
+    const snap = this.allRows().find((s) => s.memory && this.stateDir(s.id) === dir);
+    return snap !== undefined ? { id: snap.id, dir } : undefined;
+  }
+
+  /** Whether snapshot `snapId` is still in the inventory. */
+  exists(snapId: string): boolean {
+    return this.db.prepare("SELECT 1 FROM snapshots WHERE id = ?").get(snapId) !== undefined;
+  }
+
   shareForRestore(dir: string, vmId: string): number | undefined {
     const id = this.host.sandboxId;
     if (id === undefined) return undefined;
@@ -385,6 +398,12 @@ export class Snapshots {
   /** The jailed VMM's `out/<op>.op`, removed as its uid (jailed-state.ts). */
   private async dropJailSave(plan: SnapshotPlan): Promise<void> {
     if (plan.jail !== undefined) await removeJailSave(dirname(plan.jail.save), plan.jail.uid);
+  }
+
+  /** The memory snapshot taken last, if any (what a jailed standby pool starts for: standby.ts). */
+  newestWithMemory(): { id: string; dir: string } | undefined {
+    const r = this.db.prepare("SELECT id FROM snapshots WHERE memory = 1 ORDER BY created_at DESC, rowid DESC LIMIT 1").get() as { id: string } | undefined;
+    return r !== undefined ? { id: r.id, dir: this.stateDir(r.id) } : undefined;
   }
 
   /** Whether any VM has a snapshot with memory (something a standby VMM could restore). */
@@ -523,7 +542,7 @@ export class Snapshots {
       throw e;
     }
     this.host.event("vm.snapshot-created", vm.name, `VM ${vm.name}: snapshot ${spec.name} taken (${memory ? "disks and memory" : "disks only"})`, { snapshot: spec.name, id: snapId, memory });
-    if (memory) this.host.snapshotWithMemory();
+    if (memory) this.host.snapshotWithMemory(snapId, this.stateDir(snapId));
     await this.restartAfterSnapshot(opId, plan);
     return this.get(vm.name, spec.name);
   }
@@ -695,6 +714,7 @@ export class Snapshots {
         // The VM stood on it: it now stands on what it was taken on.
         if (this.currentOf(vm, [s])?.id === s.id) this.setHead(vm.id, s.parent);
       })();
+      this.host.snapshotsRemoved();
       // A layer one file stands on is merged into that file, when no VMM reads it (then freed by gc).
       let merged = 0;
       for (const l of s.disks) if (await this.merge(vm, l)) merged++;

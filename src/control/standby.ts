@@ -7,8 +7,14 @@
  * the VM's places, and a new standby is started behind it. Every other start spawns as before.
  * The pool is filled once the inventory has a memory snapshot (want()), not before.
  *
+ * Under the VMM sandbox (`jail` given) each standby is jailed for one memory snapshot, the
+ * pool's template (docs/security.md "Standby VMMs in the sandbox"): it runs as a uid of its own
+ * with that snapshot's group, and the daemon binds the VM's files into its view when it hands it
+ * a VM (`<k>.d`, the hand-off directory; manager.ts fromJailedStandby). Only a restore of that
+ * snapshot can take it; the template follows the memory snapshot restored or saved last.
+ *
  * Files live in `<home>/standby/`: `<k>.api` (socket), `<k>.log` (its stderr), `<k>.pid` (pid and
- * start time). A daemon killed leaves its standbys waiting: the next one ends them at start
+ * start time), jailed also `<k>.con` (the console socket it will serve) and `<k>.d`. A daemon killed leaves its standbys waiting: the next one ends them at start
  * (their pid files), and the pid file of one being adopted goes only once the VM's inventory row
  * names its pid, so a VMM adopted halfway is never left running unrecorded.
  */
@@ -29,12 +35,33 @@ export interface StandbyVmm {
   socket: string;
   log: string;
   pidFile: string;
+  /** Jailed: its uid, its console socket (bound by the daemon) and its hand-off directory. */
+  jail?: { key: string; uid: number; consoleSocket: string; handoff: string };
+}
+
+/** A memory snapshot a jailed standby is started for: its id and saved state's directory. */
+export interface StandbyTemplate {
+  id: string;
+  dir: string;
+}
+
+/** How the pool starts and ends jailed standbys (the daemon's sandbox: manager.ts). */
+export interface StandbyJailer {
+  /** Start a jailed `run --standby` for `template` with these files; resolves with the waiter and the VMM's pid and uid. */
+  spawn(key: string, template: StandbyTemplate, files: { socket: string; consoleSocket: string; log: string; handoff: string }): Promise<{ child: ChildProcess; pid: number; uid: number }>;
+  /** A jailed standby that was not taken is gone: its uid and its hand-off directory are released. */
+  release(key: string, handoff: string): void;
+  /** At start: what a previous daemon's jailed standbys left (uids, hand-off directories), except hand-off directories in `keep`. */
+  sweep(dir: string, keep: ReadonlySet<string>): void;
 }
 
 interface Slot {
   key: string;
-  child: ChildProcess;
+  child: ChildProcess | undefined;
+  pid: number | undefined;
   ready: boolean;
+  template?: string;
+  uid?: number;
 }
 
 /** How long a standby may take to answer on its socket (Node's start-up: seconds on a loaded host). */
@@ -50,16 +77,25 @@ export const STANDBY_REFILL_DELAY_MS = 5_000;
 
 export class StandbyPool {
   private readonly slots = new Map<string, Slot>();
+  /** Keys of standbys handed a VM whose process has not ended yet (their exit is the VM's). */
+  private readonly taken = new Set<string>();
   private closed = false;
   private started = false;
   /** Kept filled only once a memory snapshot exists: a daemon that never restores pays for none. */
   private wanted = false;
   /** The refill after a take (STANDBY_REFILL_DELAY_MS), while it waits. */
   private refill: NodeJS.Timeout | undefined;
+  /** Jailed: the memory snapshot the standbys are started for. */
+  private template: StandbyTemplate | undefined;
   readonly dir: string;
 
-  constructor(private readonly opts: { home: string; size: number; forceKvm: boolean; log: Logger }) {
+  constructor(private readonly opts: { home: string; size: number; forceKvm: boolean; log: Logger; jail?: StandbyJailer }) {
     this.dir = join(opts.home, "standby");
+  }
+
+  private files(key: string): { socket: string; consoleSocket: string; log: string; handoff: string; pidFile: string } {
+    const d = this.dir;
+    return { socket: join(d, `${key}.api`), consoleSocket: join(d, `${key}.con`), log: join(d, `${key}.log`), handoff: join(d, `${key}.d`), pidFile: join(d, `${key}.pid`) };
   }
 
   get size(): number {
@@ -75,7 +111,7 @@ export class StandbyPool {
    * End what a previous daemon left (its standbys, and a VMM it was handing a VM when killed,
    * unless the inventory recorded it as that VM's: `known`), then fill the pool.
    */
-  start(known: ReadonlySet<number> = new Set(), wanted = false): string[] {
+  start(known: ReadonlySet<number> = new Set(), wanted = false, keepHandoffs: ReadonlySet<string> = new Set()): string[] {
     this.wanted = wanted;
     const ended: string[] = [];
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
@@ -91,7 +127,9 @@ export class StandbyPool {
         }
       }
     }
-    for (const f of readdirSync(this.dir)) rmSync(join(this.dir, f), { force: true });
+    // Hand-off directories (mounts) first: the files bound there must not be reached by a removal.
+    this.opts.jail?.sweep(this.dir, keepHandoffs);
+    for (const f of readdirSync(this.dir)) if (!f.endsWith(".d")) rmSync(join(this.dir, f), { force: true });
     this.started = true;
     this.fill();
     return ended;
@@ -99,11 +137,16 @@ export class StandbyPool {
 
   private fill(): void {
     // Only once start() has swept what a previous daemon left.
+    if (this.opts.jail !== undefined && this.template === undefined) return;
     while (this.started && this.wanted && !this.closed && this.slots.size < this.opts.size) this.spawnOne();
   }
 
   private spawnOne(): void {
     const key = randomBytes(4).toString("hex");
+    if (this.opts.jail !== undefined) {
+      this.spawnJailed(key, this.opts.jail, this.template!);
+      return;
+    }
     const socket = join(this.dir, `${key}.api`);
     const log = openSync(join(this.dir, `${key}.log`), "a");
     let child: ChildProcess;
@@ -118,23 +161,66 @@ export class StandbyPool {
       closeSync(log);
     }
     child.unref();
-    const slot: Slot = { key, child, ready: false };
+    const slot: Slot = { key, child, pid: child.pid, ready: false };
     this.slots.set(key, slot);
-    const pid = child.pid;
-    if (pid === undefined) {
+    if (child.pid === undefined) {
       this.slots.delete(key);
       child.once("error", (e) => this.opts.log.warn({ err: e.message }, "a standby VMM did not start"));
       return;
     }
-    writeFileSync(join(this.dir, `${key}.pid`), `${pid} ${processStartTime(pid) ?? ""}\n`);
+    this.watch(slot, child, child.pid);
+  }
+
+  /** A jailed standby for `template` (StandbyJailer.spawn); its slot counts from now, so fill() does not start another meanwhile. */
+  private spawnJailed(key: string, jail: StandbyJailer, template: StandbyTemplate): void {
+    const slot: Slot = { key, child: undefined, pid: undefined, ready: false, template: template.id };
+    this.slots.set(key, slot);
+    const f = this.files(key);
+    jail.spawn(key, template, f).then(
+      ({ child, pid, uid }) => {
+        child.unref();
+        slot.child = child;
+        slot.pid = pid;
+        slot.uid = uid;
+        if (this.slots.get(key) !== slot) {
+          child.kill("SIGKILL"); // the pool closed or changed template meanwhile
+          return;
+        }
+        this.watch(slot, child, pid);
+      },
+      (e: unknown) => {
+        if (this.slots.get(key) === slot) this.slots.delete(key);
+        this.opts.log.warn({ err: (e as Error).message }, "a jailed standby VMM did not start");
+        try {
+          jail.release(key, f.handoff);
+        } catch (err) {
+          this.opts.log.warn({ err: (err as Error).message }, "could not release a jailed standby's files");
+        }
+      },
+    );
+  }
+
+  /** Its pid file, its end (not taken: its files go), and its readiness (its socket answers). */
+  private watch(slot: Slot, child: ChildProcess, pid: number): void {
+    const key = slot.key;
+    const f = this.files(key);
+    writeFileSync(f.pidFile, `${pid} ${processStartTime(pid) ?? ""}\n`);
     child.once("exit", () => {
-      if (this.slots.get(key) !== slot) return; // taken: the VM's now
+      if (this.taken.delete(key)) return; // the VM's now: its files went with it
+      const ended = this.slots.get(key) !== slot; // by want() changing the template, or close()
       this.slots.delete(key);
-      for (const ext of ["api", "log", "pid"]) rmSync(join(this.dir, `${key}.${ext}`), { force: true });
+      for (const x of [f.socket, f.consoleSocket, f.log, f.pidFile]) rmSync(x, { force: true });
+      if (this.opts.jail !== undefined) {
+        try {
+          this.opts.jail.release(key, f.handoff);
+        } catch (e) {
+          this.opts.log.warn({ err: (e as Error).message }, "could not release a jailed standby's files");
+        }
+      }
       // A standby that dies by itself is not restarted in a loop: the next take() starts one.
-      if (!this.closed) this.opts.log.warn({ pid }, "a standby VMM exited");
+      if (!this.closed && !ended) this.opts.log.warn({ pid }, "a standby VMM exited");
     });
-    void new VmmClient(socket).waitReady(Date.now() + READY_TIMEOUT_MS, () => child.exitCode === null && child.signalCode === null).then(
+    void new VmmClient(f.socket).waitReady(Date.now() + READY_TIMEOUT_MS, () => child.exitCode === null && child.signalCode === null).then(
       () => {
         slot.ready = true;
       },
@@ -145,40 +231,82 @@ export class StandbyPool {
     );
   }
 
-  /** There is something to restore (a memory snapshot): keep the pool filled from now on. */
-  want(): void {
+  /**
+   * There is something to restore (a memory snapshot): keep the pool filled from now on. Jailed,
+   * `template` is the snapshot the standbys are for: standbys of another one are ended.
+   */
+  want(template?: StandbyTemplate): void {
     this.wanted = true;
+    if (this.opts.jail !== undefined && template !== undefined && template.id !== this.template?.id) {
+      this.template = template;
+      for (const [key, s] of [...this.slots]) {
+        if (s.template === template.id) continue;
+        this.slots.delete(key);
+        s.child?.kill("SIGKILL"); // its exit handler releases its files
+      }
+    }
     this.fill();
   }
 
-  /** A ready standby, out of the pool (a new one is started behind it, STANDBY_REFILL_DELAY_MS later), or undefined. */
-  take(): StandbyVmm | undefined {
-    const slot = [...this.slots.values()].find((s) => s.ready && s.child.exitCode === null && s.child.signalCode === null);
+  /** Jailed: `exists` says the template's snapshot is gone: its standbys end, and none start until the next want(). */
+  dropTemplateUnless(exists: (snapId: string) => boolean): void {
+    if (this.template === undefined || exists(this.template.id)) return;
+    this.template = undefined;
+    for (const [key, s] of [...this.slots]) {
+      this.slots.delete(key);
+      s.child?.kill("SIGKILL");
+    }
+  }
+
+  /** The template jailed standbys are started for now. */
+  templateId(): string | undefined {
+    return this.template?.id;
+  }
+
+  /**
+   * A ready standby, out of the pool (a new one is started behind it, STANDBY_REFILL_DELAY_MS
+   * later), or undefined. Jailed, only one started for `template` (the snapshot being restored).
+   */
+  take(template?: string): StandbyVmm | undefined {
+    const slot = [...this.slots.values()].find((s) => s.ready && s.child !== undefined && s.child.exitCode === null && s.child.signalCode === null && (this.opts.jail === undefined || s.template === template));
     if (slot === undefined) {
       this.fill();
       return undefined;
     }
     this.slots.delete(slot.key);
+    this.taken.add(slot.key);
     this.refill ??= setTimeout(() => {
       this.refill = undefined;
       this.fill();
     }, STANDBY_REFILL_DELAY_MS).unref();
-    const d = this.dir;
-    return { pid: slot.child.pid!, child: slot.child, socket: join(d, `${slot.key}.api`), log: join(d, `${slot.key}.log`), pidFile: join(d, `${slot.key}.pid`) };
+    const f = this.files(slot.key);
+    return {
+      pid: slot.pid!, child: slot.child!, socket: f.socket, log: f.log, pidFile: f.pidFile,
+      ...(this.opts.jail !== undefined ? { jail: { key: slot.key, uid: slot.uid!, consoleSocket: f.consoleSocket, handoff: f.handoff } } : {}),
+    };
   }
 
   /** Daemon shutdown: the standbys go (a VM taken from the pool is the VM's). */
   close(): void {
     this.closed = true;
     clearTimeout(this.refill);
-    for (const s of this.slots.values()) {
+    const ending = [...this.slots.values()];
+    this.slots.clear();
+    for (const s of ending) {
       try {
-        s.child.kill("SIGKILL");
+        s.child?.kill("SIGKILL");
       } catch {
         /* gone */
       }
+      // Jailed: its mounts go now, not when its exit is seen (the daemon may be gone by then).
+      if (this.opts.jail !== undefined) {
+        try {
+          this.opts.jail.release(s.key, this.files(s.key).handoff);
+        } catch (e) {
+          this.opts.log.warn({ err: (e as Error).message }, "could not release a jailed standby's files");
+        }
+      }
     }
-    this.slots.clear();
-    if (existsSync(this.dir)) for (const f of readdirSync(this.dir)) rmSync(join(this.dir, f), { force: true });
+    if (existsSync(this.dir)) for (const f of readdirSync(this.dir)) if (!f.endsWith(".d")) rmSync(join(this.dir, f), { force: true });
   }
 }

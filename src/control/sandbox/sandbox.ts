@@ -65,7 +65,13 @@ export const snapshotOwner = (snapId: string): string => `snapshot:${snapId}`;
  */
 export function allocateUid(db: Database.Database, vmId: string, base: number, count: number): number {
   return db.transaction(() => {
-    db.prepare("DELETE FROM sandbox_ids WHERE vm_id NOT IN (SELECT id FROM vms) AND vm_id NOT IN (SELECT 'snapshot:' || id FROM snapshots)").run();
+    // A jailed standby's row (`standby:<key>:<snapshot>`, jailed-standby.ts) is freed by the pool; it
+    // also keeps its template's group reserved, even once that snapshot is removed, while it lives.
+    db.prepare(
+      `DELETE FROM sandbox_ids WHERE vm_id NOT IN (SELECT id FROM vms) AND vm_id NOT IN (SELECT 'snapshot:' || id FROM snapshots)
+         AND vm_id NOT LIKE 'standby:%'
+         AND vm_id NOT IN (SELECT 'snapshot:' || substr(vm_id, instr(substr(vm_id, 9), ':') + 9) FROM sandbox_ids WHERE vm_id LIKE 'standby:%')`,
+    ).run();
     const had = db.prepare("SELECT uid FROM sandbox_ids WHERE vm_id = ?").get(vmId) as { uid: number } | undefined;
     if (had !== undefined && had.uid >= base && had.uid < base + count) return had.uid;
     if (had !== undefined) db.prepare("DELETE FROM sandbox_ids WHERE vm_id = ?").run(vmId);
@@ -120,36 +126,30 @@ export interface SandboxedVmm {
   uid: number;
 }
 
+/** A file or directory a jailed VMM sees at its host path; read-only unless `rw`. */
+export interface VmBind {
+  path: string;
+  rw: boolean;
+}
+
 /**
- * Start `l`'s VMM inside its sandbox. `root` is an empty directory the jail's root is mounted on
- * (in the VMM's mount namespace only); `outDir` the one directory the VMM may write (console log,
- * exit file), owned by its uid. Resolves once the helper reported the VMM's pid.
- * @throws TypevisorError SANDBOX (the helper missing, a disk chain outside what the VM may use), TAP_OPEN, UNIX_SOCKET
+ * What `l`'s VMM must see of the host beyond the system (vmFileBinds): its output directory
+ * (read-write, made and given to `uid`), its kernel and initrd (given to `uid`), the top of each
+ * disk's chain (given to `uid`; read-write unless read-only) and the chain's backing files
+ * (read-only; each a shared base or another of its own disks: the chain comes from headers a VMM
+ * once wrote, so it is untrusted), and a restore's saved state (read-only).
+ * @throws TypevisorError SANDBOX for a backing file the VM may not use
  */
-export async function spawnSandboxed(
-  l: VmmLaunch,
-  s: {
-    uid: number; root: string; outDir: string; cgroup?: string; probe?: string[]; allowedBacking: (path: string) => boolean;
-    /** A restore: the saved state's directory (bound read-only) and the group that may read it (shareWithGroup). */
-    restoreGroup?: number;
-  },
-): Promise<SandboxedVmm> {
-  if (!existsSync(JAIL_BIN)) {
-    throw new TypevisorError("SANDBOX", `the VMM sandbox helper ${JAIL_BIN} is not built`, { hint: "install gcc and libc6-dev and run npm run build, or start the daemon with --no-sandbox" });
-  }
-  const uid = s.uid;
-  const gid = s.uid;
-  mkdirSync(s.root, { recursive: true, mode: 0o700 });
-  mkdirSync(s.outDir, { recursive: true, mode: 0o700 });
-  chownSync(s.outDir, uid, gid);
-  const binds: string[] = [`${s.outDir}:rw`];
+export function vmFileBinds(l: VmmLaunch, uid: number, outDir: string, allowedBacking: (path: string) => boolean): VmBind[] {
+  const gid = uid;
+  mkdirSync(outDir, { recursive: true, mode: 0o700 });
+  chownSync(outDir, uid, gid);
+  const binds: VmBind[] = [{ path: outDir, rw: true }];
   // The kernel and initrd copies are the VM's own: its uid reads them (none for an incoming migration: the guest comes running).
   for (const f of [...(l.kernel !== "" ? [l.kernel] : []), ...(l.initrd !== undefined ? [l.initrd] : [])]) {
     chownSync(f, uid, gid);
-    binds.push(f);
+    binds.push({ path: f, rw: false });
   }
-  // Disks: the top of each chain is the VM's (read-write unless readonly); backing files must be
-  // shared bases or its own disks (the chain is read from headers a VMM once wrote: untrusted).
   const own = new Set(l.disks.map((d) => d.path));
   for (const d of l.disks) {
     const opened = openDisk(d.path, { format: d.format, readonly: true });
@@ -162,15 +162,45 @@ export async function spawnSandboxed(
     const [top, ...backing] = files;
     if (top === undefined) continue;
     chownSync(top, uid, gid);
-    binds.push(d.readonly === true ? top : `${top}:rw`);
+    binds.push({ path: top, rw: d.readonly !== true });
     for (const b of backing) {
-      if (!own.has(b) && !s.allowedBacking(b)) throw new TypevisorError("SANDBOX", `disk ${d.path} has the backing file ${b}, which is neither a base image nor one of this VM's disks`);
+      if (!own.has(b) && !allowedBacking(b)) throw new TypevisorError("SANDBOX", `disk ${d.path} has the backing file ${b}, which is neither a base image nor one of this VM's disks`);
       // once, however many of its disks share it: a second bind would find the first one's read-only file
-      if (!own.has(b) && !binds.includes(b)) binds.push(b);
+      if (!own.has(b) && !binds.some((x) => x.path === b)) binds.push({ path: b, rw: false });
     }
   }
   // A restore reads the saved state in place (its memory mapped MAP_PRIVATE: clones share its pages).
-  if (l.restore !== undefined) binds.push(l.restore.dir);
+  if (l.restore !== undefined) binds.push({ path: l.restore.dir, rw: false });
+  return binds;
+}
+
+/**
+ * Start `l`'s VMM inside its sandbox. `root` is an empty directory the jail's root is mounted on
+ * (in the VMM's mount namespace only); `outDir` the one directory the VMM may write (console log,
+ * exit file), owned by its uid. Resolves once the helper reported the VMM's pid.
+ *
+ * With `standby`, the VMM is a standby (`run --standby`, docs/security.md "Standby VMMs in the
+ * sandbox"): it has no VM yet, so no VM file is bound; `standby.handoff` (a shared mount the
+ * daemon made) is bound at `standby.home` as a slave, and the daemon binds the VM's files under
+ * it when it hands this VMM a VM (attachVmFiles).
+ * @throws TypevisorError SANDBOX (the helper missing, a disk chain outside what the VM may use), TAP_OPEN, UNIX_SOCKET
+ */
+export async function spawnSandboxed(
+  l: VmmLaunch,
+  s: {
+    uid: number; root: string; outDir: string; cgroup?: string; probe?: string[]; allowedBacking: (path: string) => boolean;
+    /** A restore: the saved state's directory (bound read-only) and the group that may read it (shareWithGroup). */
+    restoreGroup?: number;
+    standby?: { handoff: string; home: string };
+  },
+): Promise<SandboxedVmm> {
+  if (!existsSync(JAIL_BIN)) {
+    throw new TypevisorError("SANDBOX", `the VMM sandbox helper ${JAIL_BIN} is not built`, { hint: "install gcc and libc6-dev and run npm run build, or start the daemon with --no-sandbox" });
+  }
+  const uid = s.uid;
+  const gid = s.uid;
+  mkdirSync(s.root, { recursive: true, mode: 0o700 });
+  const binds: string[] = s.standby !== undefined ? [] : vmFileBinds(l, uid, s.outDir, s.allowedBacking).map((b) => (b.rw ? `${b.path}:rw` : b.path));
   const sys = systemBinds();
   binds.push(...sys.binds);
 
@@ -202,7 +232,7 @@ export async function spawnSandboxed(
     }
     const slot = (i: number): number => 4 + i; // the child's fd numbers: stdio index = fd
     const vmm = [
-      ...vmmArgs({ ...l, nets: [] }),
+      ...(s.standby !== undefined ? ["run", "--standby", "--no-lab", "--api-socket", l.apiSocket, ...(l.forceKvm ? ["--force-kvm"] : [])] : vmmArgs({ ...l, nets: [] })),
       "--api-socket-fd", String(slot(0)),
       "--console-socket-fd", String(slot(1)),
       "--seccomp-no-exec", "--seccomp-vcpu",
@@ -219,6 +249,7 @@ export async function spawnSandboxed(
       ...Object.entries(VMM_RLIMITS).flatMap(([k, v]) => ["--rlimit", `${k}=${v}`]),
       "--dev", "/dev/kvm",
       ...binds.flatMap((b) => ["--bind", b]),
+      ...(s.standby !== undefined ? ["--handoff", `${s.standby.handoff}=${s.standby.home}`] : []),
       ...sys.symlinks.flatMap((x) => ["--symlink", x]),
       ...fds.map((_, i) => ["--keep-fd", String(slot(i))]).flat(),
       "--seccomp", filterBytes(vmmFilter()).toString("hex"), "--seccomp-quiet", filterBytes(clone3Filter()).toString("hex"),

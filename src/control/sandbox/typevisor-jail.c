@@ -11,7 +11,9 @@
  *      as its waiter, reports the child's pid (as the host sees it) on --pid-fd, forwards SIGTERM,
  *      SIGINT and SIGHUP to it, and exits as it exits (same code, or killed by the same signal),
  *      so the daemon's child-exit handling sees the VMM's own ending;
- *   4. in the child: make every mount private (no propagation back to the host), open every
+ *   4. in the child: make every mount private (no propagation back to the host; with --handoff
+ *      a slave: mounts the daemon makes later under the hand-off directory reach this namespace,
+ *      nothing goes back), open every
  *      --bind source with O_PATH|O_NOFOLLOW (a symlink put where a file was expected is refused),
  *      mount a tmpfs on --root and bind each source at its own path under it (read-only unless
  *      :rw; nosuid, nodev; noexec unless :exec), a /dev with fresh device nodes (null, zero, full,
@@ -77,6 +79,14 @@ static int nkeep;
 static struct { int resource; rlim_t value; } limits[16];
 static int nlimits;
 static const char *root, *cgroup, *hostname, *seccomp_hex, *seccomp_quiet_hex;
+/*
+ * --handoff SRC=DST: a standby VMM's jail (docs/security.md "Standby VMMs in the sandbox"). SRC is a
+ * directory the daemon made a shared mount (its own peer group); it is bound at DST (the daemon's
+ * home) as a slave, so the files the daemon binds under SRC when it hands this VMM a VM appear
+ * here at the paths they have on the host. Read-only, nosuid, nodev, noexec like a data bind;
+ * each file bound under it later carries its own flags.
+ */
+static const char *handoff_src, *handoff_dst;
 static long uid = -1, gid = -1;
 static int die_with_parent;
 static gid_t groups[16]; /* supplementary groups: a snapshot's group, for the VMM that restores it (sandbox.ts) */
@@ -231,7 +241,9 @@ static void drop_capabilities(void) {
 
 static void build_root(void) {
   char t[4096];
-  if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("making mounts private");
+  /* With a hand-off: slaves, so the hand-off's copy here still receives the daemon's mounts
+   * (mount_namespaces(7), "MS_SLAVE"); every other bind is made private once it is in place. */
+  if (mount(NULL, "/", NULL, MS_REC | (handoff_src != NULL ? MS_SLAVE : MS_PRIVATE), NULL) != 0) die("making mounts private");
   /* Sources are opened in the host's view, before anything is mounted over it. */
   for (int i = 0; i < nbinds; i++) {
     binds[i].fd = open(binds[i].path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
@@ -260,7 +272,20 @@ static void build_root(void) {
     if (mount(src, t, NULL, MS_BIND | (S_ISDIR(binds[i].st.st_mode) ? MS_REC : 0), NULL) != 0) die("bind %s", binds[i].path);
     unsigned long flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | (binds[i].rw ? 0 : MS_RDONLY) | (binds[i].exec ? 0 : MS_NOEXEC);
     if (mount(NULL, t, NULL, flags, NULL) != 0) die("remount %s", binds[i].path);
+    if (handoff_src != NULL && mount(NULL, t, NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("making %s private", binds[i].path);
     close(binds[i].fd);
+  }
+  if (handoff_src != NULL) {
+    /* Opened as the others: a symlink is refused; a slave of the daemon's shared mount (above). */
+    int fd = open(handoff_src, O_PATH | O_NOFOLLOW | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) die("open %s", handoff_src);
+    under_root(t, sizeof t, handoff_dst);
+    mkdirs(t, 0755);
+    char src[64];
+    snprintf(src, sizeof src, "/proc/self/fd/%d", fd);
+    if (mount(src, t, NULL, MS_BIND, NULL) != 0) die("bind %s", handoff_src);
+    if (mount(NULL, t, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("remount %s", handoff_src);
+    close(fd);
   }
   for (int i = 0; i < nsymlinks; i++) {
     char path[4096];
@@ -349,6 +374,15 @@ int main(int argc, char **argv) {
       }
       check_path(p);
       b->path = p;
+    } else if (strcmp(a, "--handoff") == 0 && v != NULL) {
+      char *p = strdup(v);
+      char *eq = strchr(p, '=');
+      if (eq == NULL) die("--handoff SRC=DST");
+      *eq = '\0';
+      check_path(p);
+      check_path(eq + 1);
+      handoff_src = p;
+      handoff_dst = eq + 1;
     } else if (strcmp(a, "--rlimit") == 0 && nlimits < 16) {
       const char *eq = strchr(v, '=');
       if (eq == NULL) die("--rlimit NAME=VALUE");

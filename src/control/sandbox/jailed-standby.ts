@@ -1,0 +1,148 @@
+/**
+ * Standby VMMs under the VMM sandbox (docs/security.md "Standby VMMs in the sandbox"; issue 15,
+ * instant create). A jailed VMM is built for one VM: its uid, the VM's files bound into its root,
+ * its sockets passed at exec. A standby is started before its VM exists, so:
+ *   - its uid is its own (`standby:<key>:<snapshot>` in sandbox_ids) and becomes the VM's when it is
+ *     handed one (only a VM that has no uid yet: a new clone);
+ *   - it is started for one memory snapshot, the pool's template, whose group it is given (a clone
+ *     of snapshot S reads S and nothing else, as with a fresh jail); the row's name keeps that
+ *     group reserved (allocateUid) while the standby lives;
+ *   - its control and console sockets are bound by the daemon in `standby/` and renamed into the
+ *     VM's places when it is handed one;
+ *   - the VM's files reach its view through its hand-off directory `standby/<key>.d`: a shared
+ *     mount the jail holds as a slave at the daemon's home (typevisor-jail --handoff). Handing it a
+ *     VM binds each file the VM needs (the same list a fresh jail gets: vmFileBinds) at its own
+ *     path under the hand-off directory, so the VMM sees it at its host path. The binds stay while
+ *     that VMM runs and are detached when it ends.
+ * What cannot be handed over this way: TAP devices (opened by the daemon and passed at exec) and
+ * files outside the daemon's home (a disk in a pool elsewhere). A restore that needs them starts
+ * a fresh jail as before.
+ */
+import type { ChildProcess } from "node:child_process";
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { dirname, join, relative, sep } from "node:path";
+import type Database from "better-sqlite3";
+import { TypevisorError } from "../../errors.js";
+import type { VmmLaunch } from "../../engine/native.js";
+import { attachBind, detachMount, makeSharedMount } from "../../sys/mount-api.js";
+import type { StandbyJailer, StandbyTemplate } from "../standby.js";
+import { allocateUid, spawnSandboxed, vmFileBinds, type SandboxOptions } from "./sandbox.js";
+
+/** The sandbox_ids owner of a jailed standby's uid: its key and its template (whose group it holds). */
+export const standbyOwner = (key: string, snapId: string): string => `standby:${key}:${snapId}`;
+
+/** Mount points under `dir` in this process's mount namespace (deepest first). */
+function mountsUnder(dir: string): string[] {
+  const out: string[] = [];
+  for (const line of readFileSync("/proc/self/mountinfo", "utf8").split("\n")) {
+    const mp = line.split(" ")[4]?.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+    if (mp !== undefined && (mp === dir || mp.startsWith(dir + sep))) out.push(mp);
+  }
+  return out.sort((a, b) => b.length - a.length);
+}
+
+/**
+ * A hand-off directory's mounts detached and the directory removed. Nothing is removed while a
+ * mount is left under it: a removal would reach the VM's own files through a bind.
+ */
+export function releaseHandoff(dir: string): void {
+  for (let left = mountsUnder(dir), tries = 0; left.length > 0; left = mountsUnder(dir), tries++) {
+    if (tries > 16) throw new TypevisorError("SANDBOX", `cannot detach the mounts under ${dir}: ${left.join(", ")}`);
+    for (const m of left) detachMount(m);
+  }
+  rmSync(dir, { recursive: true, force: true });
+}
+
+export class JailedStandbys implements StandbyJailer {
+  constructor(
+    private readonly o: {
+      db: Database.Database;
+      home: string;
+      sandbox: SandboxOptions;
+      forceKvm: boolean;
+      /** The group that may read `template`'s saved state (Snapshots.shareForRestore). */
+      templateGroup: (template: StandbyTemplate) => number;
+    },
+  ) {}
+
+  async spawn(key: string, template: StandbyTemplate, files: { socket: string; consoleSocket: string; log: string; handoff: string }): Promise<{ child: ChildProcess; pid: number; uid: number }> {
+    const sb = this.o.sandbox;
+    const group = this.o.templateGroup(template);
+    const uid = allocateUid(this.o.db, standbyOwner(key, template.id), sb.uidBase, sb.uidCount);
+    // Root's, traversable: the VMM's uid walks through it to the files bound under it.
+    mkdirSync(files.handoff, { mode: 0o711 });
+    chmodSync(files.handoff, 0o711); // under the daemon's umask
+    makeSharedMount(files.handoff);
+    const l: VmmLaunch = {
+      id: `standby-${key}`, kernel: "", cmdline: "", cpus: 1, memoryMiB: 0, disks: [], nets: [], rng: false, balloon: false,
+      apiSocket: files.socket, consoleLog: "", consoleLogSize: 0, consoleSocket: files.consoleSocket, exitFile: "", vmmLog: files.log, forceKvm: this.o.forceKvm,
+    };
+    const s = await spawnSandboxed(l, {
+      uid, root: `${files.handoff}.root`, outDir: "", restoreGroup: group, allowedBacking: () => false,
+      standby: { handoff: files.handoff, home: this.o.home },
+    });
+    return { child: s.child, pid: s.pid, uid };
+  }
+
+  release(key: string, handoff: string): void {
+    releaseHandoff(handoff);
+    rmSync(`${handoff}.root`, { recursive: true, force: true });
+    this.o.db.prepare("DELETE FROM sandbox_ids WHERE vm_id LIKE ?").run(`standby:${key}:%`);
+  }
+
+  sweep(dir: string, keep: ReadonlySet<string>): void {
+    for (const f of existsSync(dir) ? readdirSync(dir) : []) {
+      const p = join(dir, f);
+      if (f.endsWith(".d") && !keep.has(p)) releaseHandoff(p);
+      if (f.endsWith(".d.root") && !keep.has(p.slice(0, -".root".length))) rmSync(p, { recursive: true, force: true });
+    }
+    // No standby outlives its daemon (StandbyPool.start ends them); one handed a VM was renamed to the VM's.
+    this.o.db.prepare("DELETE FROM sandbox_ids WHERE vm_id LIKE 'standby:%'").run();
+  }
+}
+
+/**
+ * Give `vmId` (which has no uid yet) the jailed standby's uid: its row becomes the VM's.
+ * False when the VM has one already (a rollback of a VM that ran: its files are its uid's).
+ */
+export function adoptStandbyUid(db: Database.Database, vmId: string, key: string): boolean {
+  return db.transaction(() => {
+    if (db.prepare("SELECT 1 FROM sandbox_ids WHERE vm_id = ?").get(vmId) !== undefined) return false;
+    return db.prepare("UPDATE sandbox_ids SET vm_id = ? WHERE vm_id LIKE ?").run(vmId, `standby:${key}:%`).changes === 1;
+  })();
+}
+
+/** Whether `vmId` has a sandbox uid already. */
+export function hasSandboxUid(db: Database.Database, vmId: string): boolean {
+  return db.prepare("SELECT 1 FROM sandbox_ids WHERE vm_id = ?").get(vmId) !== undefined;
+}
+
+/**
+ * The VM's files bound into a jailed standby's view, each at its host path (docs above): the same
+ * list and ownership a fresh jail gets (vmFileBinds: out/, kernel, initrd, disks and their backing
+ * files, the saved state). Undefined, with nothing bound, when one of them lies outside `home`.
+ */
+export function handVmFiles(l: VmmLaunch, s: { uid: number; home: string; handoff: string; outDir: string; allowedBacking: (path: string) => boolean }): string[] | undefined {
+  const binds = vmFileBinds(l, s.uid, s.outDir, s.allowedBacking);
+  const rel = binds.map((b) => relative(s.home, b.path));
+  if (rel.some((r) => r === "" || r.startsWith("..") || r.startsWith(sep))) return undefined;
+  const done: string[] = [];
+  binds.forEach((b, i) => {
+    const at = join(s.handoff, rel[i]!);
+    for (let d = dirname(at), made: string[] = []; ; d = dirname(d)) {
+      if (existsSync(d)) {
+        for (const m of made.reverse()) {
+          mkdirSync(m, { mode: 0o711 });
+          chmodSync(m, 0o711); // under the umask
+        }
+        break;
+      }
+      made.push(d);
+    }
+    if (statSync(b.path).isDirectory()) mkdirSync(at, { recursive: true, mode: 0o700 });
+    else closeSync(openSync(at, "a", 0o600));
+    attachBind(b.path, at, b.rw);
+    done.push(at);
+  });
+  return done;
+}

@@ -1,0 +1,156 @@
+/**
+ * Standby VMMs under the VMM sandbox (docs/security.md "Standby VMMs in the sandbox"), on a real
+ * daemon run as root with real jailed VMMs and tiny guests on this host's /dev/kvm: a standby is
+ * jailed for the memory snapshot saved last (its own uid, that snapshot's group, nothing of the
+ * daemon's home in its view); a clone of that snapshot takes it (the standby's pid and uid become
+ * the clone's) and sees its own files at their host paths, backing files read-only, and no other
+ * VM's; when the clone's VMM ends, the hand-off mounts go; removing the snapshot ends the standby;
+ * a daemon killed leaves nothing its successor does not clean up.
+ */
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { TypevisorClient } from "../../src/api/client.js";
+import { JAIL_BIN } from "../../src/control/sandbox/sandbox.js";
+import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+
+const ready = existsSync("/dev/kvm") && process.getuid?.() === 0 && existsSync(JAIL_BIN);
+
+function ids(pid: number): { uid: number; groups: number[] } {
+  const s = readFileSync(`/proc/${pid}/status`, "utf8");
+  const field = (k: string): string => new RegExp(`^${k}:\\s*(.*)$`, "m").exec(s)![1]!.trim();
+  return { uid: Number(field("Uid").split(/\s+/)[0]), groups: field("Groups").split(/\s+/).filter((x) => x !== "").map(Number) };
+}
+
+/** Mount points under `dir` in a process's view (/proc/PID/mountinfo), with their options. */
+function mountsUnder(pid: number | "self", dir: string): { at: string; opts: string }[] {
+  return readFileSync(`/proc/${pid}/mountinfo`, "utf8").split("\n").flatMap((l) => {
+    const f = l.split(" ");
+    return f[4] !== undefined && f[4].startsWith(dir) ? [{ at: f[4], opts: f[5] ?? "" }] : [];
+  });
+}
+
+describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)", () => {
+  let d: TestDaemon;
+  let dir: string;
+  let kernel: string;
+  const spec = (name: string) => ({ name, kernel, memoryMiB: 64, rng: false, diskSize: "8M" });
+  const args = () => ["--force-kvm", "--allow-files", dir, "--standby-vmms", "1"];
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "tvsbstandby-"));
+    kernel = join(dir, "tiny.bin");
+    writeTinyKernel(kernel);
+    d = await startDaemon({ args: args() });
+  }, 60_000);
+
+  afterAll(async () => {
+    if (d !== undefined) {
+      for (const vm of await d.client.listVms().catch(() => [])) await d.client.removeVm(vm.name, { force: true }).catch(() => undefined);
+      await d.stop();
+      expect(mountsUnder("self", d.home)).toEqual([]);
+    }
+    rmSync(dir, { recursive: true, force: true });
+  }, 60_000);
+
+  const banners = async (c: TypevisorClient, vm: string): Promise<number> => (await c.console(vm)).toString().split(TINY_KERNEL_BANNER).length - 1;
+  async function echoes(c: TypevisorClient, vm: string, text: string): Promise<void> {
+    const con = await c.attachConsole(vm);
+    let seen = "";
+    con.on("data", (b: Buffer) => (seen += b.toString()));
+    con.write(text);
+    try {
+      await until(`${vm} echoing ${text}`, () => seen.includes(text) || undefined);
+    } finally {
+      con.destroy();
+    }
+  }
+  const standbyPids = (home: string): number[] =>
+    readdirSync(join(home, "standby")).filter((x) => x.endsWith(".pid")).map((x) => Number(readFileSync(join(home, "standby", x), "utf8").split(" ")[0]));
+  async function oneReady(c: TypevisorClient, home: string): Promise<number> {
+    await until("a jailed standby VMM ready", async () => (await c.host()).standbyVmms.ready === 1 || undefined, 60_000);
+    const pids = standbyPids(home);
+    expect(pids).toHaveLength(1);
+    return pids[0]!;
+  }
+
+  it("a clone of the template takes the jailed standby: its uid, the snapshot's group, its own files at their paths and nothing else", async () => {
+    const c = d.client;
+    const src = await c.createVm(spec("t"), { start: true });
+    await until("banner", async () => (await banners(c, "t")) >= 1 || undefined);
+    // No memory snapshot yet: nothing to be a standby for.
+    expect((await c.host()).standbyVmms).toEqual({ size: 1, ready: 0 });
+    const other = await c.createSnapshot("t", { name: "other" });
+    const gold = await c.createSnapshot("t", { name: "gold" });
+    const standby = await oneReady(c, d.home);
+    const group = statSync(join(d.home, "snapshots", gold.id)).gid;
+    const sid = ids(standby);
+    expect(sid.groups).toEqual([group]);
+    expect(sid.uid).not.toBe(ids((await c.getVm("t")).pid!).uid);
+    expect(readFileSync(`/proc/${standby}/status`, "utf8")).toMatch(/^CapEff:\s*0+$/m);
+    // Before it is handed a VM it sees nothing of the daemon's home.
+    expect(readdirSync(`/proc/${standby}/root${d.home}`)).toEqual([]);
+
+    const clone = await c.cloneVm("t", { name: "c1", snapshot: "gold" });
+    expect(clone.state).toBe("running");
+    expect(clone.pid, d.log().split("\n").filter((l) => l.includes("standby")).join("\n")).toBe(standby);
+    expect(ids(clone.pid!).uid).toBe(sid.uid);
+    await echoes(c, "c1", "from-jailed-standby");
+    expect(await banners(c, "c1")).toBe(0);
+    expect(readFileSync(join(d.home, "vms", clone.id, "vmm.log"), "utf8")).toContain("on standby at");
+    // Its files at their host paths, its disk its uid's and writable, the layer under it read-only.
+    const view = `/proc/${clone.pid!}/root`;
+    const disk = clone.disks[0]!.path;
+    expect(existsSync(`${view}${disk}`)).toBe(true);
+    expect(statSync(disk).uid).toBe(sid.uid);
+    expect(existsSync(`${view}${join(d.home, "snapshots", gold.id)}/memory`)).toBe(true);
+    expect(existsSync(`${view}${join(d.home, "snapshots", other.id)}`)).toBe(false);
+    expect(existsSync(`${view}${src.disks[0]!.path}`)).toBe(false);
+    const inView = mountsUnder(clone.pid!, d.home);
+    expect(inView.find((m) => m.at === disk)?.opts).toMatch(/^rw,nosuid,nodev,noexec/);
+    const layer = gold.disks[0]!.layer;
+    expect(inView.find((m) => m.at === layer)?.opts).toMatch(/^ro,nosuid,nodev,noexec/);
+    expect(inView.find((m) => m.at === join(d.home, "snapshots", gold.id))?.opts).toMatch(/^ro,/);
+
+    // A new standby for the same template starts behind it.
+    const next = await oneReady(c, d.home);
+    expect(next).not.toBe(standby);
+    // The clone's VMM ends: its hand-off mounts go with it.
+    const handoffs = () => mountsUnder("self", join(d.home, "standby")).map((m) => m.at);
+    const before = handoffs().filter((m) => m.includes("/vms/"));
+    expect(before.length).toBeGreaterThan(0);
+    await c.stopVm("c1");
+    expect(handoffs().filter((m) => m.includes("/vms/"))).toEqual([]);
+    // It boots as a jailed VM of that uid next time.
+    const again = await c.startVm("c1");
+    expect(ids(again.pid!).uid).toBe(sid.uid);
+    await until("c1 booted", async () => (await banners(c, "c1")) >= 1 || undefined);
+    await c.removeVm("c1", { force: true });
+
+    // The template removed: its standby ends, and none waits.
+    await c.removeSnapshot("t", "gold");
+    await until("the standby gone", () => (standbyPids(d.home).length === 0 ? true : undefined), 20_000);
+    expect(mountsUnder("self", join(d.home, "standby"))).toEqual([]);
+    expect((await c.host()).standbyVmms.ready).toBe(0);
+  }, 180_000);
+
+  it("a rollback (a VM with a uid already) starts a fresh jail; a daemon killed leaves its successor nothing to trip on", async () => {
+    const c = d.client;
+    await c.createSnapshot("t", { name: "gold2" });
+    const standby = await oneReady(c, d.home);
+    const back = await c.rollbackSnapshot("t", "gold2");
+    expect(back.pid).not.toBe(standby);
+    await echoes(c, "t", "rolled");
+    // Killed with a standby waiting: the next daemon ends it and its mounts, and starts its own.
+    await d.stop("SIGKILL");
+    const home = d.home;
+    d = await startDaemon({ home, args: args() });
+    expect(() => process.kill(standby, 0)).toThrow();
+    const fresh = await oneReady(d.client, home);
+    expect(fresh).not.toBe(standby);
+    expect(mountsUnder("self", join(home, "standby")).map((m) => m.at)).toEqual([join(home, "standby", readdirSync(join(home, "standby")).find((f) => f.endsWith(".d"))!)]);
+    expect((await d.client.getVm("t")).state).toBe("running");
+  }, 180_000);
+});
