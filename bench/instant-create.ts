@@ -3,12 +3,14 @@
  * template (a clone of a memory snapshot: it restores, no boot) against a cold create and boot of
  * the same guest, each timed from the API request to the guest answering a line typed on its
  * console (through the daemon's console stream). The template is the minimal image, 256 MiB, 1
- * vCPU, booted once and snapshotted with memory. Three series, alternating:
+ * vCPU, booted once and snapshotted with memory. Four series, alternating:
  *   - cold: `POST /v1/vms {image: minimal, start}`, to the answer;
  *   - clone, standby pool: the same daemon run with `--no-sandbox --standby-vmms 1` (a VMM already
  *     started takes the restore; docs/snapshots.md "Instant starts"), the pool refilled between runs;
- *   - clone, sandboxed: a daemon run as root with its default VMM sandbox, where no standbys are
- *     kept (docs/snapshots.md "Under the VMM sandbox"): a jailed VMM starts for each restore.
+ *   - clone, sandboxed with a jailed standby: a daemon run as root with its default VMM sandbox and
+ *     `--standby-vmms 1` (a standby jailed for the template takes it: docs/security.md "Standby
+ *     VMMs in the sandbox");
+ *   - clone, sandboxed, no standby: the same with `--standby-vmms 0`: a jailed VMM starts for each restore.
  * Goal (issue 15): instant create at most 0.1x a cold create+boot.
  *
  * Run alone: BENCH_ONLY=daemon npm run bench:snapshot     (BENCH_RUNS: runs per series; BENCH_TRACE=1
@@ -77,41 +79,48 @@ async function template(d: TestDaemon): Promise<void> {
   await d.client.createSnapshot("tpl", { name: "gold" });
 }
 
-export async function instantCreate(runs: number): Promise<{ coldMs: number[]; standbyMs: number[]; sandboxedMs: number[] }> {
-  const homes = [mkdtempSync(join(tmpdir(), "bench-ic-a-")), mkdtempSync(join(tmpdir(), "bench-ic-b-"))];
+export async function instantCreate(runs: number): Promise<{ coldMs: number[]; standbyMs: number[]; jailedStandbyMs: number[]; sandboxedMs: number[] }> {
+  const homes = [0, 1, 2].map((i) => mkdtempSync(join(tmpdir(), `bench-ic-${i}-`)));
   const pooled = await startDaemon({ home: homes[0]!, args: ["--no-sandbox", "--standby-vmms", "1"] });
-  const jailed = await startDaemon({ home: homes[1]!, args: [] });
-  const out = { coldMs: [] as number[], standbyMs: [] as number[], sandboxedMs: [] as number[] };
+  const jailedPooled = await startDaemon({ home: homes[1]!, args: ["--standby-vmms", "1"] });
+  const jailed = await startDaemon({ home: homes[2]!, args: ["--standby-vmms", "0"] });
+  const daemons = [pooled, jailedPooled, jailed];
+  const out = { coldMs: [] as number[], standbyMs: [] as number[], jailedStandbyMs: [] as number[], sandboxedMs: [] as number[] };
+  const standbyReady = (d: TestDaemon) => until("a standby VMM ready", async () => ((await d.client.host()).standbyVmms.ready >= 1 ? true : undefined), ANSWER_MS);
+  const clone = async (d: TestDaemon, name: string): Promise<number> => {
+    const t0 = performance.now();
+    await d.client.cloneVm("tpl", { name, snapshot: "gold" });
+    const ms = await answered(d.client, name, t0);
+    await d.client.removeVm(name, { force: true });
+    return ms;
+  };
   try {
-    await template(pooled);
-    await template(jailed);
+    for (const d of daemons) await template(d);
     console.log("bench/instant-create: templates booted and snapshotted (with memory)");
     for (let i = 0; i < runs; i++) {
-      let t0 = performance.now();
+      const t0 = performance.now();
       await pooled.client.createVm(spec(`cold${i}`), { start: true });
       out.coldMs.push(await answered(pooled.client, `cold${i}`, t0));
       await pooled.client.removeVm(`cold${i}`, { force: true });
 
-      await until("a standby VMM ready", async () => ((await pooled.client.host()).standbyVmms.ready >= 1 ? true : undefined), ANSWER_MS);
-      t0 = performance.now();
-      await pooled.client.cloneVm("tpl", { name: `c${i}`, snapshot: "gold" });
-      out.standbyMs.push(await answered(pooled.client, `c${i}`, t0));
-      await pooled.client.removeVm(`c${i}`, { force: true });
-
-      t0 = performance.now();
-      await jailed.client.cloneVm("tpl", { name: `c${i}`, snapshot: "gold" });
-      out.sandboxedMs.push(await answered(jailed.client, `c${i}`, t0));
-      await jailed.client.removeVm(`c${i}`, { force: true });
-      console.log(`run ${i + 1}: cold create+boot ${out.coldMs[i]!.toFixed(0)} ms, clone with a standby VMM ${out.standbyMs[i]!.toFixed(0)} ms, clone sandboxed (no standby) ${out.sandboxedMs[i]!.toFixed(0)} ms`);
+      await standbyReady(pooled);
+      out.standbyMs.push(await clone(pooled, `c${i}`));
+      await standbyReady(jailedPooled);
+      out.jailedStandbyMs.push(await clone(jailedPooled, `c${i}`));
+      out.sandboxedMs.push(await clone(jailed, `c${i}`));
+      console.log(
+        `run ${i + 1}: cold create+boot ${out.coldMs[i]!.toFixed(0)} ms, clone with a standby VMM ${out.standbyMs[i]!.toFixed(0)} ms, ` +
+          `clone sandboxed with a jailed standby ${out.jailedStandbyMs[i]!.toFixed(0)} ms, clone sandboxed (no standby) ${out.sandboxedMs[i]!.toFixed(0)} ms`,
+      );
     }
     const cold = median(out.coldMs);
-    for (const [label, xs] of [["with a standby VMM (--no-sandbox)", out.standbyMs], ["sandboxed, no standby", out.sandboxedMs]] as const) {
+    for (const [label, xs] of [["with a standby VMM (--no-sandbox)", out.standbyMs], ["sandboxed, with a jailed standby", out.jailedStandbyMs], ["sandboxed, no standby", out.sandboxedMs]] as const) {
       const r = median(xs) / cold;
       console.log(`daemon: create from a template ${label}: median ${median(xs).toFixed(0)} ms vs cold create+boot ${cold.toFixed(0)} ms: ${r.toFixed(3)}x (goal at most 0.1x: ${r <= 0.1 ? "met" : "not met"})`);
     }
     return out;
   } finally {
-    for (const d of [pooled, jailed]) {
+    for (const d of daemons) {
       for (const v of await d.client.listVms().catch(() => [])) await d.client.removeVm(v.name, { force: true }).catch(() => undefined);
       await d.stop();
     }

@@ -126,6 +126,9 @@ export function handVmFiles(l: VmmLaunch, s: { uid: number; home: string; handof
   const binds = vmFileBinds(l, s.uid, s.outDir, s.allowedBacking);
   const rel = binds.map((b) => relative(s.home, b.path));
   if (rel.some((r) => r === "" || r.startsWith("..") || r.startsWith(sep))) return undefined;
+  // None inside another: a placeholder is made through the host's path, which must not pass
+  // through a bound directory the VMM can write (its out/: a symlink put there would be followed).
+  if (binds.some((a) => binds.some((b) => b !== a && a.path.startsWith(b.path + sep)))) return undefined;
   const done: string[] = [];
   binds.forEach((b, i) => {
     const at = join(s.handoff, rel[i]!);
@@ -140,7 +143,7 @@ export function handVmFiles(l: VmmLaunch, s: { uid: number; home: string; handof
       made.push(d);
     }
     if (statSync(b.path).isDirectory()) mkdirSync(at, { recursive: true, mode: 0o700 });
-    else closeSync(openSync(at, "a", 0o600));
+    else closeSync(openSync(at, "wx", 0o600)); // O_EXCL: a new file, never one that was there (nor a symlink)
     attachBind(b.path, at, b.rw);
     done.push(at);
   });
