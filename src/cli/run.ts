@@ -82,6 +82,8 @@ export interface RunOptions {
   apiSocketFd?: string;
   /** The console socket, the same way. */
   consoleSocketFd?: string;
+  /** A jailed standby: the socket its daemon sends the VM's TAP descriptors on (standby.ts). */
+  handoffFd?: string;
   /** Test hook of the daemon's sandbox: paths to try to open and denied system calls to try, reported on stderr. */
   sandboxProbe?: string;
   /** Install a seccomp filter refusing execve/execveat on every thread (the daemon's sandbox). */
@@ -585,6 +587,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--exit-file <path>", 'on exit, write {"code","result":"poweroff|stopped|reset|crash|error","reason"?,"at"} here atomically')
     .addOption(new Option("--api-socket-fd <n>", "the --api-socket, already bound and listening, inherited as this descriptor (the daemon's sandbox binds it: the VMM cannot)").hideHelp())
     .addOption(new Option("--console-socket-fd <n>", "the --console-socket, the same way").hideHelp())
+    .addOption(new Option("--handoff-fd <n>", "with --standby: a unix socket on which the daemon's sandbox sends the restored VM's TAP descriptors").hideHelp())
     .addOption(new Option("--seccomp-no-exec", "refuse execve and execveat from here on, on every thread (seccomp; the daemon's sandbox passes it)").hideHelp())
     .addOption(new Option("--seccomp-vcpu", "each vCPU thread narrows itself with its own seccomp filter before it runs the guest (the sandbox passes it)").hideHelp())
     .addOption(new Option("--sandbox-probe <paths>", "test hook: try to open these paths (comma-separated) and a few denied system calls, and report on stderr").hideHelp())

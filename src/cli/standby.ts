@@ -11,6 +11,8 @@ import { startControlServer, SwitchableTarget, type ControlTarget } from "../vmm
 import { Kvm, kvmHostKind } from "../kvm/kvm.js";
 import { prestartedCount, prestartWorkers } from "../vmm/threads/spawn.js";
 import { installFilter, noExecFilter } from "../sys/seccomp.js";
+import { recvFds } from "../sys/scm-rights.js";
+import { close } from "../sys/libc.js";
 import { parseFdArg, runCommand, type RunOptions } from "./run.js";
 
 /** vCPU threads a standby starts ahead: templates are mostly small VMs (docs/snapshots.md "Standby VMMs"). */
@@ -28,6 +30,8 @@ export const RestoreRequestSchema = z.strictObject({
   exitFile: pathString.optional(),
   disks: z.array(z.string().max(4096)).max(64).optional(),
   nets: z.array(z.string().max(128)).max(64).optional(),
+  /** A jailed standby (--handoff-fd): each of `nets`' TAPs comes as a descriptor on that socket, in order. */
+  netFds: z.number().int().min(1).max(8).optional(),
   vsock: z.string().max(4096).optional(),
   /** What a guest reboot boots, in place of the snapshot's (run --restore --kernel/--initrd). */
   kernel: pathString.optional(),
@@ -55,6 +59,7 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
   // Jailed (the daemon's sandbox): the socket is bound by the daemon and inherited; no exec from
   // here on, before any request is read (the restore's run then need not install it again).
   const apiSocketFd = o.apiSocketFd !== undefined ? parseFdArg("--api-socket-fd", o.apiSocketFd, o.apiSocket) : undefined;
+  const handoffFd = o.handoffFd !== undefined ? parseFdArg("--handoff-fd", o.handoffFd, "") : undefined;
   if (o.seccompNoExec === true) installFilter(noExecFilter());
   let chosen: ((r: { opts: RunOptions; built: () => void; failed: (e: unknown) => void }) => void) | undefined;
   const request = new Promise<{ opts: RunOptions; built: () => void; failed: (e: unknown) => void }>((resolve) => (chosen = resolve));
@@ -83,10 +88,24 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
       }
       const take = chosen;
       if (take === undefined) return Promise.reject(new TypevisorError("VM_STATE", "a restore is already under way"));
-      chosen = undefined;
       const b = r.data;
+      let nets = b.nets ?? [];
+      if (b.netFds !== undefined) {
+        // The TAPs were opened by the daemon, in the host's network namespace, and sent just before this request.
+        if (handoffFd === undefined) return Promise.reject(new TypevisorError("INVALID_REQUEST", "PUT /restore: netFds needs a standby started with --handoff-fd"));
+        if (nets.length !== b.netFds || nets.some((n) => /(^|,)fd=/.test(n))) return Promise.reject(new TypevisorError("INVALID_REQUEST", "PUT /restore: netFds must count nets, which then name no fd"));
+        let fds: number[];
+        try {
+          fds = recvFds(handoffFd, b.netFds);
+        } catch (e) {
+          return Promise.reject(e as Error);
+        }
+        nets = nets.map((n, i) => `${n},fd=${fds[i]!}`);
+      }
+      if (handoffFd !== undefined) close(handoffFd);
+      chosen = undefined;
       const opts: RunOptions = {
-        ...o, standby: false, seccompNoExec: false, restore: b.snapshot, disk: b.disks ?? [], net: b.nets ?? [],
+        ...o, standby: false, seccompNoExec: false, restore: b.snapshot, disk: b.disks ?? [], net: nets,
         ...(b.id !== undefined ? { id: b.id } : {}),
         ...(b.consoleLog !== undefined ? { consoleLog: b.consoleLog } : {}),
         ...(b.consoleLogSize !== undefined ? { consoleLogSize: b.consoleLogSize } : {}),

@@ -21,6 +21,8 @@ import { imagePaths, imagesDir } from "../images/dirs.js";
 import { parseManifest } from "../images/manifest.js";
 import { diskArg, netArg, spawnVmm, type VmmLaunch } from "../engine/native.js";
 import { readRegularNoFollow } from "../sys/untrusted-file.js";
+import { sendFds } from "../sys/scm-rights.js";
+import { openTap, setLinkUp } from "../sys/tap.js";
 import { filesystemOf } from "../sys/mounts.js";
 import { allocateUid, spawnSandboxed, type SandboxOptions } from "./sandbox/sandbox.js";
 import { basesDir } from "./bases.js";
@@ -990,14 +992,15 @@ export class VmManager extends EventEmitter {
    * A restore of a memory snapshot through a jailed standby started for it (sandbox/jailed-standby.ts):
    * the VM takes the standby's uid, its files are bound into the standby's view, then `PUT /restore`
    * as fromStandby, and its sockets (bound by this daemon) and log renamed into the VM's places.
-   * Undefined, and a fresh jail is started by the caller, when the restore is of no memory snapshot,
-   * the VM has NICs (TAPs are handed over at exec) or a uid already (a rollback of a VM that ran),
+   * Its TAPs are opened here and sent over the standby's socket (SCM_RIGHTS). Undefined, and a fresh
+   * jail is started by the caller, when the restore is of no memory snapshot, the VM has a uid
+   * already (a rollback of a VM that ran),
    * none is ready for that snapshot (the pool then turns to it), a file lies outside the home, or
    * the restore failed there (that standby is ended).
    */
   private async fromJailedStandby(l: VmmLaunch, cgroup: VmCgroup | undefined): Promise<{ child: ChildProcess; pidFile: string; pid: number; sandboxUid: number; handoff: string } | undefined> {
     const template = l.restore !== undefined ? this.snapshots.memorySnapshotAt(l.restore.dir) : undefined;
-    if (template === undefined || l.restore === undefined || l.nets.length > 0 || hasSandboxUid(this.store.db, l.id)) return undefined;
+    if (template === undefined || l.restore === undefined || hasSandboxUid(this.store.db, l.id)) return undefined;
     // Shared with the snapshot's group before a standby of it is taken (a fresh jail does it too).
     this.snapshots.shareForRestore(l.restore.dir, l.id);
     const sb = this.standby.take(template.id);
@@ -1006,6 +1009,7 @@ export class VmManager extends EventEmitter {
       return undefined;
     }
     const j = sb.jail;
+    let fdSocketOpen = true;
     const p = vmPaths(this.config.home, l.id);
     const bases = basesDir(this.config.home) + sep;
     try {
@@ -1013,11 +1017,27 @@ export class VmManager extends EventEmitter {
       if (bound === undefined) throw new TypevisorError("SANDBOX", "a file of the VM lies outside the daemon's home: it cannot be handed to a standby");
       if (!adoptStandbyUid(this.store.db, l.id, j.key)) throw new TypevisorError("SANDBOX", "the VM has a sandbox uid already");
       mkdirSync(dirname(l.vmmLog), { recursive: true, mode: 0o700 });
+      // Its TAPs, opened here in the host's network namespace (as for a fresh jail), sent as descriptors.
+      if (l.nets.length > 0) {
+        const taps: number[] = [];
+        try {
+          for (const n of l.nets) {
+            const t = openTap(n.tap);
+            taps.push(t.fd);
+            if (t.created) setLinkUp(t.name);
+          }
+          sendFds(j.fdSocket, taps);
+        } finally {
+          for (const fd of taps) closeSync(fd);
+        }
+      }
       cgroup?.addProcess(sb.pid);
       await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
         snapshot: l.restore.dir, id: l.id, kernel: l.kernel, ...(l.initrd !== undefined ? { initrd: l.initrd } : {}), consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
-        disks: l.disks.map(diskArg), nets: [], paused: l.restore.paused,
+        disks: l.disks.map(diskArg), nets: l.nets.map(netArg), ...(l.nets.length > 0 ? { netFds: l.nets.length } : {}), paused: l.restore.paused,
       });
+      fdSocketOpen = false;
+      closeSync(j.fdSocket);
       renameSync(sb.socket, l.apiSocket);
       renameSync(j.consoleSocket, l.consoleSocket);
       if (existsSync(l.vmmLog)) renameSync(l.vmmLog, `${l.vmmLog}.1`);
@@ -1026,6 +1046,7 @@ export class VmManager extends EventEmitter {
     } catch (e) {
       this.log.warn({ vm: l.id, err: (e as Error).message }, "a restore through a jailed standby VMM failed; starting a VMM for it");
       kill(sb.pid);
+      if (fdSocketOpen) closeSync(j.fdSocket);
       sb.child.once("exit", () => {
         try {
           this.jailer?.release(j.key, j.handoff);

@@ -36,7 +36,7 @@ export interface StandbyVmm {
   log: string;
   pidFile: string;
   /** Jailed: its uid, its console socket (bound by the daemon) and its hand-off directory. */
-  jail?: { key: string; uid: number; consoleSocket: string; handoff: string };
+  jail?: { key: string; uid: number; consoleSocket: string; handoff: string; fdSocket: number };
 }
 
 /** A memory snapshot a jailed standby is started for: its id and saved state's directory. */
@@ -48,7 +48,7 @@ export interface StandbyTemplate {
 /** How the pool starts and ends jailed standbys (the daemon's sandbox: manager.ts). */
 export interface StandbyJailer {
   /** Start a jailed `run --standby` for `template` with these files; resolves with the waiter and the VMM's pid and uid. */
-  spawn(key: string, template: StandbyTemplate, files: { socket: string; consoleSocket: string; log: string; handoff: string }): Promise<{ child: ChildProcess; pid: number; uid: number }>;
+  spawn(key: string, template: StandbyTemplate, files: { socket: string; consoleSocket: string; log: string; handoff: string }): Promise<{ child: ChildProcess; pid: number; uid: number; fdSocket: number }>;
   /** A jailed standby that was not taken is gone: its uid and its hand-off directory are released. */
   release(key: string, handoff: string): void;
   /** At start: what a previous daemon's jailed standbys left (uids, hand-off directories), except hand-off directories in `keep`. */
@@ -62,6 +62,8 @@ interface Slot {
   ready: boolean;
   template?: string;
   uid?: number;
+  /** Jailed: the daemon's end of the socket the VM's TAPs are sent on. */
+  fdSocket?: number;
 }
 
 /** How long a standby may take to answer on its socket (Node's start-up: seconds on a loaded host). */
@@ -74,6 +76,17 @@ const READY_TIMEOUT_MS = 60_000;
  * than the pool spawns VMMs for the rest meanwhile, as without a pool.
  */
 export const STANDBY_REFILL_DELAY_MS = 5_000;
+
+/** A jailed standby's TAP socket (the daemon's end), once. */
+function closeFd(s: Slot): void {
+  if (s.fdSocket === undefined) return;
+  try {
+    closeSync(s.fdSocket);
+  } catch {
+    // closed already
+  }
+  s.fdSocket = undefined;
+}
 
 export class StandbyPool {
   private readonly slots = new Map<string, Slot>();
@@ -129,7 +142,7 @@ export class StandbyPool {
     }
     // Hand-off directories (mounts) first: the files bound there must not be reached by a removal.
     this.opts.jail?.sweep(this.dir, keepHandoffs);
-    for (const f of readdirSync(this.dir)) if (!f.endsWith(".d")) rmSync(join(this.dir, f), { force: true });
+    for (const f of readdirSync(this.dir)) if (!f.endsWith(".d") && !f.endsWith(".d.root")) rmSync(join(this.dir, f), { force: true });
     this.started = true;
     this.fill();
     return ended;
@@ -177,13 +190,23 @@ export class StandbyPool {
     this.slots.set(key, slot);
     const f = this.files(key);
     jail.spawn(key, template, f).then(
-      ({ child, pid, uid }) => {
+      ({ child, pid, uid, fdSocket }) => {
         child.unref();
         slot.child = child;
         slot.pid = pid;
         slot.uid = uid;
+        slot.fdSocket = fdSocket;
         if (this.slots.get(key) !== slot) {
-          child.kill("SIGKILL"); // the pool closed or changed template meanwhile
+          // The pool closed or changed template meanwhile.
+          closeFd(slot);
+          child.once("exit", () => {
+            try {
+              jail.release(key, f.handoff);
+            } catch (e) {
+              this.opts.log.warn({ err: (e as Error).message }, "could not release a jailed standby's files");
+            }
+          });
+          child.kill("SIGKILL");
           return;
         }
         this.watch(slot, child, pid);
@@ -209,6 +232,7 @@ export class StandbyPool {
       if (this.taken.delete(key)) return; // the VM's now: its files went with it
       const ended = this.slots.get(key) !== slot; // by want() changing the template, or close()
       this.slots.delete(key);
+      closeFd(slot);
       for (const x of [f.socket, f.consoleSocket, f.log, f.pidFile]) rmSync(x, { force: true });
       if (this.opts.jail !== undefined) {
         try {
@@ -282,7 +306,7 @@ export class StandbyPool {
     const f = this.files(slot.key);
     return {
       pid: slot.pid!, child: slot.child!, socket: f.socket, log: f.log, pidFile: f.pidFile,
-      ...(this.opts.jail !== undefined ? { jail: { key: slot.key, uid: slot.uid!, consoleSocket: f.consoleSocket, handoff: f.handoff } } : {}),
+      ...(this.opts.jail !== undefined ? { jail: { key: slot.key, uid: slot.uid!, consoleSocket: f.consoleSocket, handoff: f.handoff, fdSocket: slot.fdSocket! } } : {}),
     };
   }
 
@@ -298,6 +322,7 @@ export class StandbyPool {
       } catch {
         /* gone */
       }
+      closeFd(s);
       // Jailed: its mounts go now, not when its exit is seen (the daemon may be gone by then).
       if (this.opts.jail !== undefined) {
         try {
@@ -307,6 +332,6 @@ export class StandbyPool {
         }
       }
     }
-    if (existsSync(this.dir)) for (const f of readdirSync(this.dir)) if (!f.endsWith(".d")) rmSync(join(this.dir, f), { force: true });
+    if (existsSync(this.dir)) for (const f of readdirSync(this.dir)) if (!f.endsWith(".d") && !f.endsWith(".d.root")) rmSync(join(this.dir, f), { force: true });
   }
 }

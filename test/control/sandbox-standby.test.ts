@@ -90,6 +90,8 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     expect(sid.groups).toEqual([group]);
     expect(sid.uid).not.toBe(ids((await c.getVm("t")).pid!).uid);
     expect(readFileSync(`/proc/${standby}/status`, "utf8")).toMatch(/^CapEff:\s*0+$/m);
+    // The allowlist, the quiet clone3 filter and the no-exec filter (installed once, at the standby's start)
+    expect(readFileSync(`/proc/${standby}/status`, "utf8")).toMatch(/^Seccomp_filters:\s*3$/m);
     // Before it is handed a VM it sees nothing of the daemon's home.
     expect(readdirSync(`/proc/${standby}/root${d.home}`)).toEqual([]);
 
@@ -136,6 +138,37 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     expect((await c.host()).standbyVmms.ready).toBe(0);
   }, 180_000);
 
+  it("a clone with a NIC: its TAP, opened by the daemon in the host's network namespace, reaches the standby as a descriptor", async () => {
+    const c = d.client;
+    await c.createVm({ ...spec("n"), nets: [{ tap: "tvsbsb0" }] }, { start: true });
+    await until("banner", async () => (await banners(c, "n")) >= 1 || undefined);
+    await c.createSnapshot("n", { name: "ngold" });
+    // The pool turned to the snapshot saved last.
+    let standby = await oneReady(c, d.home);
+    for (let i = 0; i < 50 && ids(standby).groups[0] !== statSync(join(d.home, "snapshots", (await c.getSnapshot("n", "ngold")).id)).gid; i++) {
+      await new Promise((r) => setTimeout(r, 200));
+      standby = await oneReady(c, d.home);
+    }
+    const clone = await c.cloneVm("n", { name: "nc", snapshot: "ngold", nets: [{ tap: "tvsbsb1" }] });
+    expect(clone.pid).toBe(standby);
+    await echoes(c, "nc", "with-a-nic");
+    // The VMM holds the TAP device attached to the clone's interface (tun's fdinfo names it).
+    const tuns = (pid: number, tap: string) =>
+      readdirSync(`/proc/${pid}/fd`).filter((fd) => {
+        try {
+          return readFileSync(`/proc/${pid}/fdinfo/${fd}`, "utf8").includes(`iff:\t${tap}`);
+        } catch {
+          return false;
+        }
+      }).length;
+    // As many as the template's VMM (a fresh jail) holds for its own.
+    expect(tuns(clone.pid!, "tvsbsb1")).toBeGreaterThan(0);
+    expect(tuns(clone.pid!, "tvsbsb1")).toBe(tuns((await c.getVm("n")).pid!, "tvsbsb0"));
+    expect(existsSync("/sys/class/net/tvsbsb1")).toBe(true);
+    await c.removeVm("nc", { force: true });
+    await c.removeVm("n", { force: true });
+  }, 120_000);
+
   it("a rollback (a VM with a uid already) starts a fresh jail; a daemon killed leaves its successor nothing to trip on", async () => {
     const c = d.client;
     await c.createSnapshot("t", { name: "gold2" });
@@ -143,14 +176,25 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     const back = await c.rollbackSnapshot("t", "gold2");
     expect(back.pid).not.toBe(standby);
     await echoes(c, "t", "rolled");
-    // Killed with a standby waiting: the next daemon ends it and its mounts, and starts its own.
-    await d.stop("SIGKILL");
+    // A clone through the standby, then the daemon killed with it running and a new standby waiting:
+    // the next daemon keeps the clone's hand-off mounts (its VMM reads its files through them),
+    // ends the waiting standby and its mounts, and starts its own.
+    const clone = await c.cloneVm("t", { name: "k1", snapshot: "gold2" });
+    expect(clone.pid).toBe(standby);
+    const waiting = await oneReady(c, d.home);
     const home = d.home;
+    const cloneMounts = mountsUnder("self", join(home, "standby")).filter((m) => m.at.includes(`/vms/${clone.id}/`)).map((m) => m.at);
+    expect(cloneMounts.length).toBeGreaterThan(0);
+    await d.stop("SIGKILL");
     d = await startDaemon({ home, args: args() });
-    expect(() => process.kill(standby, 0)).toThrow();
+    expect(() => process.kill(waiting, 0)).toThrow();
     const fresh = await oneReady(d.client, home);
-    expect(fresh).not.toBe(standby);
-    expect(mountsUnder("self", join(home, "standby")).map((m) => m.at)).toEqual([join(home, "standby", readdirSync(join(home, "standby")).find((f) => f.endsWith(".d"))!)]);
+    expect(fresh).not.toBe(waiting);
     expect((await d.client.getVm("t")).state).toBe("running");
+    expect((await d.client.getVm("k1")).pid).toBe(clone.pid);
+    await echoes(d.client, "k1", "after-the-daemon-restart");
+    expect(mountsUnder("self", join(home, "standby")).filter((m) => m.at.includes(`/vms/${clone.id}/`)).map((m) => m.at)).toEqual(cloneMounts);
+    await d.client.stopVm("k1");
+    expect(mountsUnder("self", join(home, "standby")).filter((m) => m.at.includes("/vms/"))).toEqual([]);
   }, 180_000);
 });

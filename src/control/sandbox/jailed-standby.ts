@@ -14,9 +14,10 @@
  *     VM binds each file the VM needs (the same list a fresh jail gets: vmFileBinds) at its own
  *     path under the hand-off directory, so the VMM sees it at its host path. The binds stay while
  *     that VMM runs and are detached when it ends.
- * What cannot be handed over this way: TAP devices (opened by the daemon and passed at exec) and
- * files outside the daemon's home (a disk in a pool elsewhere). A restore that needs them starts
- * a fresh jail as before.
+ *   - the VM's TAP devices, which the daemon opens in the host's network namespace, are sent over a
+ *     unix socket pair whose other end the standby got at exec (SCM_RIGHTS: sys/scm-rights.ts).
+ * What cannot be handed over this way: files outside the daemon's home (a disk in a pool
+ * elsewhere). A restore that needs them starts a fresh jail as before.
  */
 import type { ChildProcess } from "node:child_process";
 import { chmodSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
@@ -25,6 +26,7 @@ import type Database from "better-sqlite3";
 import { TypevisorError } from "../../errors.js";
 import type { VmmLaunch } from "../../engine/native.js";
 import { attachBind, detachMount, makeSharedMount } from "../../sys/mount-api.js";
+import { seqpacketPair } from "../../sys/scm-rights.js";
 import type { StandbyJailer, StandbyTemplate } from "../standby.js";
 import { allocateUid, spawnSandboxed, vmFileBinds, type SandboxOptions } from "./sandbox.js";
 
@@ -51,6 +53,8 @@ export function releaseHandoff(dir: string): void {
     for (const m of left) detachMount(m);
   }
   rmSync(dir, { recursive: true, force: true });
+  // The jail's root was mounted on this one in the VMM's namespace only: here it is an empty directory.
+  rmSync(`${dir}.root`, { recursive: true, force: true });
 }
 
 export class JailedStandbys implements StandbyJailer {
@@ -65,7 +69,7 @@ export class JailedStandbys implements StandbyJailer {
     },
   ) {}
 
-  async spawn(key: string, template: StandbyTemplate, files: { socket: string; consoleSocket: string; log: string; handoff: string }): Promise<{ child: ChildProcess; pid: number; uid: number }> {
+  async spawn(key: string, template: StandbyTemplate, files: { socket: string; consoleSocket: string; log: string; handoff: string }): Promise<{ child: ChildProcess; pid: number; uid: number; fdSocket: number }> {
     const sb = this.o.sandbox;
     const group = this.o.templateGroup(template);
     const uid = allocateUid(this.o.db, standbyOwner(key, template.id), sb.uidBase, sb.uidCount);
@@ -77,16 +81,22 @@ export class JailedStandbys implements StandbyJailer {
       id: `standby-${key}`, kernel: "", cmdline: "", cpus: 1, memoryMiB: 0, disks: [], nets: [], rng: false, balloon: false,
       apiSocket: files.socket, consoleLog: "", consoleLogSize: 0, consoleSocket: files.consoleSocket, exitFile: "", vmmLog: files.log, forceKvm: this.o.forceKvm,
     };
-    const s = await spawnSandboxed(l, {
-      uid, root: `${files.handoff}.root`, outDir: "", restoreGroup: group, allowedBacking: () => false,
-      standby: { handoff: files.handoff, home: this.o.home },
-    });
-    return { child: s.child, pid: s.pid, uid };
+    // The VM's TAPs go over this pair when it is handed one (scm-rights.ts); the standby's end is passed at exec.
+    const [mine, theirs] = seqpacketPair();
+    try {
+      const s = await spawnSandboxed(l, {
+        uid, root: `${files.handoff}.root`, outDir: "", restoreGroup: group, allowedBacking: () => false,
+        standby: { handoff: files.handoff, home: this.o.home, socket: theirs },
+      });
+      return { child: s.child, pid: s.pid, uid, fdSocket: mine };
+    } catch (e) {
+      closeSync(mine);
+      throw e;
+    }
   }
 
   release(key: string, handoff: string): void {
     releaseHandoff(handoff);
-    rmSync(`${handoff}.root`, { recursive: true, force: true });
     this.o.db.prepare("DELETE FROM sandbox_ids WHERE vm_id LIKE ?").run(`standby:${key}:%`);
   }
 
@@ -94,7 +104,6 @@ export class JailedStandbys implements StandbyJailer {
     for (const f of existsSync(dir) ? readdirSync(dir) : []) {
       const p = join(dir, f);
       if (f.endsWith(".d") && !keep.has(p)) releaseHandoff(p);
-      if (f.endsWith(".d.root") && !keep.has(p.slice(0, -".root".length))) rmSync(p, { recursive: true, force: true });
     }
     // No standby outlives its daemon (StandbyPool.start ends them); one handed a VM was renamed to the VM's.
     this.o.db.prepare("DELETE FROM sandbox_ids WHERE vm_id LIKE 'standby:%'").run();

@@ -181,7 +181,8 @@ export function vmFileBinds(l: VmmLaunch, uid: number, outDir: string, allowedBa
  *
  * With `standby`, the VMM is a standby (`run --standby`, docs/security.md "Standby VMMs in the
  * sandbox"): it has no VM yet, so no VM file is bound; `standby.handoff` (a shared mount the
- * daemon made) is bound at `standby.home` as a slave, and the daemon binds the VM's files under
+ * daemon made) is bound at `standby.home` as a slave, `standby.socket` is passed for the VM's TAPs
+ * (`run --handoff-fd`), and the daemon binds the VM's files under
  * it when it hands this VMM a VM (attachVmFiles).
  * @throws TypevisorError SANDBOX (the helper missing, a disk chain outside what the VM may use), TAP_OPEN, UNIX_SOCKET
  */
@@ -191,7 +192,8 @@ export async function spawnSandboxed(
     uid: number; root: string; outDir: string; cgroup?: string; probe?: string[]; allowedBacking: (path: string) => boolean;
     /** A restore: the saved state's directory (bound read-only) and the group that may read it (shareWithGroup). */
     restoreGroup?: number;
-    standby?: { handoff: string; home: string };
+    /** `socket`: this end of a SOCK_SEQPACKET pair, over which the daemon sends the VM's TAPs (scm-rights.ts); closed here once passed. */
+    standby?: { handoff: string; home: string; socket: number };
   },
 ): Promise<SandboxedVmm> {
   if (!existsSync(JAIL_BIN)) {
@@ -224,6 +226,7 @@ export async function spawnSandboxed(
     fds.push(con);
     // Bound by root under umask: narrowed to the daemon alone (the run directory is 0700 too).
     for (const p of [l.apiSocket, l.consoleSocket]) chmodSync(p, 0o600);
+    if (s.standby !== undefined) fds.push(s.standby.socket);
     for (const n of l.nets) {
       const t = openTap(n.tap);
       fds.push(t.fd);
@@ -232,7 +235,9 @@ export async function spawnSandboxed(
     }
     const slot = (i: number): number => 4 + i; // the child's fd numbers: stdio index = fd
     const vmm = [
-      ...(s.standby !== undefined ? ["run", "--standby", "--no-lab", "--api-socket", l.apiSocket, ...(l.forceKvm ? ["--force-kvm"] : [])] : vmmArgs({ ...l, nets: [] })),
+      ...(s.standby !== undefined
+        ? ["run", "--standby", "--no-lab", "--api-socket", l.apiSocket, "--handoff-fd", String(slot(2)), ...(l.forceKvm ? ["--force-kvm"] : [])]
+        : vmmArgs({ ...l, nets: [] })),
       "--api-socket-fd", String(slot(0)),
       "--console-socket-fd", String(slot(1)),
       "--seccomp-no-exec", "--seccomp-vcpu",
