@@ -3,7 +3,7 @@ import { closeSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, writeF
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { recvFds, sendFds, seqpacketPair } from "./scm-rights.js";
+import { recvFds, sendFds, seqpacketPair, shutdownRead } from "./scm-rights.js";
 
 const openFds = (): number => readdirSync("/proc/self/fd").length;
 
@@ -40,6 +40,18 @@ describe("SCM_RIGHTS", () => {
     sendFds(a, [0, 1, 2]);
     expect(() => recvFds(b, 2)).toThrow(/expected 2 descriptor\(s\).*got 3/);
     expect(openFds()).toBe(before);
+    closeSync(a);
+    closeSync(b);
+  });
+
+  it("a side shut for reading refuses what its peer sends", () => {
+    const [a, b] = seqpacketPair();
+    shutdownRead(a);
+    expect(() => sendFds(b, [0])).toThrow(/EPIPE|errno 32/);
+    sendFds(a, [0]); // the other way still works
+    const got = recvFds(b, 1);
+    expect(got).toHaveLength(1);
+    for (const fd of got) closeSync(fd);
     closeSync(a);
     closeSync(b);
   });

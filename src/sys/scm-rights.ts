@@ -17,6 +17,7 @@ const socketpairFn = libc.func("int socketpair(int domain, int type, int protoco
 const sendmsgFn = libc.func("sendmsg", "long", ["int", koffi.pointer(msghdrT), "int"]);
 const recvmsgFn = libc.func("recvmsg", "long", ["int", koffi.inout(koffi.pointer(msghdrT)), "int"]);
 const closeFn = libc.func("int close(int fd)");
+const shutdownFn = libc.func("int shutdown(int fd, int how)");
 
 const AF_UNIX = 1;
 const SOCK_SEQPACKET = 5;
@@ -36,6 +37,14 @@ export function seqpacketPair(): [number, number] {
   const sv = [-1, -1];
   if (socketpairFn(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) !== 0) throw new SysError("socketpair", errno());
   return [sv[0]!, sv[1]!];
+}
+
+/**
+ * This end only sends: the peer's sends then fail (EPIPE), so a peer that is not trusted cannot
+ * queue messages, or descriptors, on this side (unix(7): shutdown of a stream or seqpacket socket).
+ */
+export function shutdownRead(fd: number): void {
+  if (shutdownFn(fd, 0 /* SHUT_RD */) !== 0) throw new SysError("shutdown", errno());
 }
 
 /** One message carrying `fds` (which stay open here: the receiver gets its own copies). */

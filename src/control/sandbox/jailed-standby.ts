@@ -26,7 +26,7 @@ import type Database from "better-sqlite3";
 import { TypevisorError } from "../../errors.js";
 import type { VmmLaunch } from "../../engine/native.js";
 import { attachBind, detachMount, makeSharedMount } from "../../sys/mount-api.js";
-import { seqpacketPair } from "../../sys/scm-rights.js";
+import { seqpacketPair, shutdownRead } from "../../sys/scm-rights.js";
 import type { StandbyJailer, StandbyTemplate } from "../standby.js";
 import { allocateUid, spawnSandboxed, vmFileBinds, type SandboxOptions } from "./sandbox.js";
 
@@ -84,6 +84,7 @@ export class JailedStandbys implements StandbyJailer {
     // The VM's TAPs go over this pair when it is handed one (scm-rights.ts); the standby's end is passed at exec.
     const [mine, theirs] = seqpacketPair();
     try {
+      shutdownRead(mine); // a standby taken over cannot queue anything on the daemon's side
       const s = await spawnSandboxed(l, {
         uid, root: `${files.handoff}.root`, outDir: "", restoreGroup: group, allowedBacking: () => false,
         standby: { handoff: files.handoff, home: this.o.home, socket: theirs },
