@@ -234,7 +234,7 @@ export class VmManager extends EventEmitter {
       },
       insertVm: (row) => this.store.insertVm(row),
       removeUnusedBases: () => this.removeUnusedBases(),
-      snapshotWithMemory: (id, dir) => this.standby.want({ id, dir }),
+      snapshotWithMemory: (id, dir) => this.standby.want({ id, dir }, { retarget: false }),
       snapshotsRemoved: () => this.standby.dropTemplateUnless((id) => this.snapshots.exists(id)),
       ...(config.sandbox !== undefined ? { sandboxId: (owner: string) => allocateUid(this.store.db, owner, config.sandbox!.uidBase, config.sandbox!.uidCount) } : {}),
     });

@@ -11,7 +11,8 @@
  * pool's template (docs/security.md "Standby VMMs in the sandbox"): it runs as a uid of its own
  * with that snapshot's group, and the daemon binds the VM's files into its view when it hands it
  * a VM (`<k>.d`, the hand-off directory; manager.ts fromJailedStandby). Only a restore of that
- * snapshot can take it; the template follows the memory snapshot restored or saved last.
+ * snapshot can take it; the template is the memory snapshot restored last (before any restore,
+ * the first one saved; at the daemon's start, the newest).
  *
  * Files live in `<home>/standby/`: `<k>.api` (socket), `<k>.log` (its stderr), `<k>.pid` (pid and
  * start time), jailed also `<k>.con` (the console socket it will serve) and `<k>.d`. A daemon killed leaves its standbys waiting: the next one ends them at start
@@ -257,11 +258,13 @@ export class StandbyPool {
 
   /**
    * There is something to restore (a memory snapshot): keep the pool filled from now on. Jailed,
-   * `template` is the snapshot the standbys are for: standbys of another one are ended.
+   * `template` is the snapshot the standbys are for: standbys of another one are ended; without
+   * `retarget`, only when the pool has no template yet (a snapshot saved does not take the pool
+   * from the one being cloned: a restore does).
    */
-  want(template?: StandbyTemplate): void {
+  want(template?: StandbyTemplate, opts: { retarget: boolean } = { retarget: true }): void {
     this.wanted = true;
-    if (this.opts.jail !== undefined && template !== undefined && template.id !== this.template?.id) {
+    if (this.opts.jail !== undefined && template !== undefined && template.id !== this.template?.id && (opts.retarget || this.template === undefined)) {
       this.template = template;
       for (const [key, s] of [...this.slots]) {
         if (s.template === template.id) continue;
