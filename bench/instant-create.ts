@@ -103,10 +103,18 @@ export async function instantCreate(runs: number): Promise<{ coldMs: number[]; s
       out.coldMs.push(await answered(pooled.client, `cold${i}`, t0));
       await pooled.client.removeVm(`cold${i}`, { force: true });
 
-      await standbyReady(pooled);
+      // Each clone with both pools full: a standby refilled after a take (5 s later: Node, the VMM's
+      // modules and its threads starting, seconds of the lab's one CPU) would slow the next series'
+      // guest, not its own.
+      const poolsFull = async (): Promise<void> => {
+        await standbyReady(pooled);
+        await standbyReady(jailedPooled);
+      };
+      await poolsFull();
       out.standbyMs.push(await clone(pooled, `c${i}`));
-      await standbyReady(jailedPooled);
+      await poolsFull();
       out.jailedStandbyMs.push(await clone(jailedPooled, `c${i}`));
+      await poolsFull();
       out.sandboxedMs.push(await clone(jailed, `c${i}`));
       console.log(
         `run ${i + 1}: cold create+boot ${out.coldMs[i]!.toFixed(0)} ms, clone with a standby VMM ${out.standbyMs[i]!.toFixed(0)} ms, ` +
