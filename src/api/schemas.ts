@@ -51,7 +51,9 @@ export const hostReport = z.object({
   overcommit: z.object({ cpu: z.number(), memory: z.number(), disk: z.number(), reservedMemoryBytes: z.number() }),
   cgroups: z.object({ available: z.boolean(), mount: z.string().optional(), controllers: z.array(z.string()), reason: z.string().optional() }),
   vms: z.record(z.string(), z.number()),
-  standbyVmms: z.object({ size: z.number().int(), ready: z.number().int() }).describe("VMMs kept started for restores (--standby-vmms), and how many wait ready now (docs/snapshots.md)"),
+  standbyVmms: z
+    .object({ size: z.number().int(), ready: z.number().int(), template: z.string().optional().describe("under the VMM sandbox: the id of the memory snapshot the standbys are jailed for") })
+    .describe("VMMs kept started for restores (--standby-vmms), and how many wait ready now (docs/snapshots.md)"),
   tls: z.object({ fingerprint: z.string().describe("SHA-256 of the HTTPS listener's certificate (pin it: --fingerprint)") }).optional(),
 });
 export const problemSchema = z.object({

@@ -34,7 +34,10 @@ export function formatHostReport(h: HostReport): string {
   const total = counts.reduce((a, [, n]) => a + n, 0);
   if (h.tls !== undefined) out += `https:      certificate SHA-256 ${h.tls.fingerprint}\n`;
   // optional: an older daemon does not say
-  if (h.standbyVmms !== undefined && h.standbyVmms.size > 0) out += `standby:    ${h.standbyVmms.ready} of ${h.standbyVmms.size} VMM(s) started and waiting for a restore\n`;
+  if (h.standbyVmms !== undefined && h.standbyVmms.size > 0) {
+    const t = h.standbyVmms.template;
+    out += `standby:    ${h.standbyVmms.ready} of ${h.standbyVmms.size} VMM(s) started and waiting for a restore${t !== undefined ? ` (jailed for snapshot ${t})` : ""}\n`;
+  }
   out += `vms:        ${total === 0 ? "none" : `${total} (${counts.map(([s, n]) => `${n} ${s}`).join(", ")})`}\n`;
   return out;
 }

@@ -335,13 +335,13 @@ export class VmManager extends EventEmitter {
     return this.store.events(opts);
   }
 
-  host(): ResourceReport & { cgroups: CgroupSupport; vms: Record<VmState, number>; standbyVmms: { size: number; ready: number } } {
+  host(): ResourceReport & { cgroups: CgroupSupport; vms: Record<VmState, number>; standbyVmms: { size: number; ready: number; template?: string } } {
     const host = discoverHost(this.config.home);
     // Memory and disk are read now; CPU is the average over the last usage interval.
     const { used } = hostUsed(this.config.home);
     const vms: Record<VmState, number> = { defined: 0, starting: 0, running: 0, paused: 0, stopping: 0, stopped: 0, crashed: 0, migrating: 0, incoming: 0 };
     for (const r of this.store.listVms()) vms[r.state]++;
-    return { ...report(host, this.config.policy, this.allocated(), { ...used, cpus: this.hostCpuUsed }), cgroups: this.cgroups, vms, standbyVmms: { size: this.standby.size, ready: this.standby.ready() } };
+    return { ...report(host, this.config.policy, this.allocated(), { ...used, cpus: this.hostCpuUsed }), cgroups: this.cgroups, vms, standbyVmms: { size: this.standby.size, ready: this.standby.ready(), ...(this.standby.templateId() !== undefined ? { template: this.standby.templateId()! } : {}) } };
   }
 
   /** CPU and memory of VMs that hold a VMM; disk of every VM. */

@@ -88,6 +88,7 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     // starts a fresh jail and turns the pool to that one.
     const first = await oneReady(c, d.home);
     expect(ids(first).groups).toEqual([statSync(join(d.home, "snapshots", other.id)).gid]);
+    expect((await c.host()).standbyVmms.template).toBe(other.id);
     const c0 = await c.cloneVm("t", { name: "c0", snapshot: "gold" });
     expect(c0.pid).not.toBe(first);
     await until("the first standby ended", () => (existsSync(`/proc/${first}`) ? undefined : true), 20_000);
