@@ -48,7 +48,7 @@ import { Webhooks, type WebhookStatus } from "./webhooks.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
 import { Snapshots, chainOf } from "./snapshots.js";
 import { StandbyPool } from "./standby.js";
-import { adoptStandbyUid, handVmFiles, hasSandboxUid, JailedStandbys, releaseHandoff } from "./sandbox/jailed-standby.js";
+import { adoptStandbyUid, handVmFiles, hasSandboxUid, JailedStandbys, sealHandoff } from "./sandbox/jailed-standby.js";
 import { Migrations, type PeerConnector } from "./migration.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
 
@@ -101,8 +101,6 @@ interface Spawned {
   pid: number | undefined;
   /** The uid its sandbox runs it as. */
   sandboxUid?: number;
-  /** A jailed standby handed this VM: its hand-off directory, whose mounts go when the VMM ends (jailed-standby.ts). */
-  handoff?: string;
 }
 
 interface Live {
@@ -163,8 +161,6 @@ export class VmManager extends EventEmitter {
   readonly store: Store;
   readonly cgroups: CgroupSupport;
   private readonly live = new Map<string, Live>();
-  /** VM id → the hand-off directory of the jailed standby that became its VMM (removeSockets releases it). */
-  private readonly handoffs = new Map<string, string>();
   /** Jailed standbys' uids and mounts (under the sandbox only). */
   private readonly jailer: JailedStandbys | undefined;
   private readonly queues = new Map<string, Promise<unknown>>();
@@ -813,11 +809,11 @@ export class VmManager extends EventEmitter {
 
     const sb = this.config.sandbox;
     // A restore takes a standby VMM when one is ready (no process start to wait for); under the sandbox a jailed one of this snapshot.
-    const adopted: { child: ChildProcess; pidFile: string; pid?: number; sandboxUid?: number; handoff?: string } | undefined =
+    const adopted: { child: ChildProcess; pidFile: string; pid?: number; sandboxUid?: number } | undefined =
       restore === undefined ? undefined : sb === undefined ? await this.fromStandby(launch, cgroup) : await this.fromJailedStandby(launch, cgroup);
     let proc: Spawned;
     if (adopted !== undefined) {
-      proc = { child: adopted.child, pid: adopted.pid ?? adopted.child.pid, ...(adopted.sandboxUid !== undefined ? { sandboxUid: adopted.sandboxUid } : {}), ...(adopted.handoff !== undefined ? { handoff: adopted.handoff } : {}) };
+      proc = { child: adopted.child, pid: adopted.pid ?? adopted.child.pid, ...(adopted.sandboxUid !== undefined ? { sandboxUid: adopted.sandboxUid } : {}) };
     } else {
       try {
         // A restore under the sandbox: the saved state readable by one group, which this VMM is given (jailed-state.ts).
@@ -894,13 +890,9 @@ export class VmManager extends EventEmitter {
     } catch (e) {
       this.log.warn({ vm: name, err: (e as Error).message }, "could not move the VMM into its cgroup");
     }
-    if (proc.handoff !== undefined) this.handoffs.set(id, proc.handoff);
     const live = this.track(name, id, pid, proc.child, cgroup);
     this.store.updateVm(name, {
-      runtime: {
-        pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(proc.sandboxUid !== undefined ? { sandboxUid: proc.sandboxUid } : {}),
-        ...(proc.handoff !== undefined ? { handoff: proc.handoff } : {}),
-      },
+      runtime: { pid, pidStartTime: processStartTime(pid) ?? "", startedAt: new Date().toISOString(), ...(cgroup !== undefined ? { cgroup: cgroup.path } : {}), ...(proc.sandboxUid !== undefined ? { sandboxUid: proc.sandboxUid } : {}) },
     });
     return live;
   }
@@ -998,7 +990,7 @@ export class VmManager extends EventEmitter {
    * none is ready for that snapshot (the pool then turns to it), a file lies outside the home, or
    * the restore failed there (that standby is ended).
    */
-  private async fromJailedStandby(l: VmmLaunch, cgroup: VmCgroup | undefined): Promise<{ child: ChildProcess; pidFile: string; pid: number; sandboxUid: number; handoff: string } | undefined> {
+  private async fromJailedStandby(l: VmmLaunch, cgroup: VmCgroup | undefined): Promise<{ child: ChildProcess; pidFile: string; pid: number; sandboxUid: number } | undefined> {
     const template = l.restore !== undefined ? this.snapshots.memorySnapshotAt(l.restore.dir) : undefined;
     if (template === undefined || l.restore === undefined || hasSandboxUid(this.store.db, l.id)) return undefined;
     // Shared with the snapshot's group before a standby of it is taken (a fresh jail does it too).
@@ -1015,6 +1007,8 @@ export class VmManager extends EventEmitter {
     try {
       const bound = handVmFiles(l, { uid: j.uid, home: this.config.home, handoff: j.handoff, outDir: p.outDir, allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f) });
       if (bound === undefined) throw new TypevisorError("SANDBOX", "a file of the VM lies outside the daemon's home: it cannot be handed to a standby");
+      // The standby's namespace has its copies now: none stays mounted here.
+      sealHandoff(j.handoff, join(dirname(p.outDir), "standby-handoff"));
       if (!adoptStandbyUid(this.store.db, l.id, j.key)) throw new TypevisorError("SANDBOX", "the VM has a sandbox uid already");
       mkdirSync(dirname(l.vmmLog), { recursive: true, mode: 0o700 });
       // Its TAPs, opened here in the host's network namespace (as for a fresh jail), sent as descriptors.
@@ -1042,7 +1036,7 @@ export class VmManager extends EventEmitter {
       renameSync(j.consoleSocket, l.consoleSocket);
       if (existsSync(l.vmmLog)) renameSync(l.vmmLog, `${l.vmmLog}.1`);
       renameSync(sb.log, l.vmmLog);
-      return { child: sb.child, pidFile: sb.pidFile, pid: sb.pid, sandboxUid: j.uid, handoff: j.handoff };
+      return { child: sb.child, pidFile: sb.pidFile, pid: sb.pid, sandboxUid: j.uid };
     } catch (e) {
       this.log.warn({ vm: l.id, err: (e as Error).message }, "a restore through a jailed standby VMM failed; starting a VMM for it");
       kill(sb.pid);
@@ -1183,19 +1177,10 @@ export class VmManager extends EventEmitter {
   }
 
 
-  /** The VMM's control and console sockets (run/<id>.api, run/<id>.con), and the mounts a jailed standby was handed its files through. */
+  /** The VMM's control and console sockets (run/<id>.api, run/<id>.con). */
   private removeSockets(id: string): void {
     const p = vmPaths(this.config.home, id);
     for (const f of [p.apiSocket, p.consoleSocket]) rmSync(f, { force: true });
-    const h = this.handoffs.get(id);
-    if (h !== undefined) {
-      this.handoffs.delete(id);
-      try {
-        releaseHandoff(h);
-      } catch (e) {
-        this.log.warn({ vm: id, err: (e as Error).message }, "could not detach a jailed standby's hand-off mounts");
-      }
-    }
   }
 
   /**
@@ -1407,10 +1392,8 @@ export class VmManager extends EventEmitter {
     // A previous daemon's standbys end (and one it was handing a VM when killed); new ones start.
     const rows = this.store.listVms();
     const recorded = new Set(rows.flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));
-    // Jailed standbys that became VMs still running: their hand-off mounts stay until they end.
-    for (const r of rows) if (r.runtime?.handoff !== undefined) this.handoffs.set(r.id, r.runtime.handoff);
     const template = this.jailer !== undefined ? this.snapshots.newestWithMemory() : undefined;
-    for (const p of this.standby.start(recorded, this.jailer === undefined && this.snapshots.anyWithMemory(), new Set(this.handoffs.values()))) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
+    for (const p of this.standby.start(recorded, this.jailer === undefined && this.snapshots.anyWithMemory())) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
     if (template !== undefined) this.standby.want(template);
   }
 

@@ -52,8 +52,8 @@ export interface StandbyJailer {
   spawn(key: string, template: StandbyTemplate, files: { socket: string; consoleSocket: string; log: string; handoff: string }): Promise<{ child: ChildProcess; pid: number; uid: number; fdSocket: number }>;
   /** A jailed standby that was not taken is gone: its uid and its hand-off directory are released. */
   release(key: string, handoff: string): void;
-  /** At start: what a previous daemon's jailed standbys left (uids, hand-off directories), except hand-off directories in `keep`. */
-  sweep(dir: string, keep: ReadonlySet<string>): void;
+  /** At start: what a previous daemon's jailed standbys left (uids, hand-off directories and their mounts). */
+  sweep(dir: string): void;
 }
 
 interface Slot {
@@ -125,7 +125,7 @@ export class StandbyPool {
    * End what a previous daemon left (its standbys, and a VMM it was handing a VM when killed,
    * unless the inventory recorded it as that VM's: `known`), then fill the pool.
    */
-  start(known: ReadonlySet<number> = new Set(), wanted = false, keepHandoffs: ReadonlySet<string> = new Set()): string[] {
+  start(known: ReadonlySet<number> = new Set(), wanted = false): string[] {
     this.wanted = wanted;
     const ended: string[] = [];
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
@@ -142,7 +142,7 @@ export class StandbyPool {
       }
     }
     // Hand-off directories (mounts) first: the files bound there must not be reached by a removal.
-    this.opts.jail?.sweep(this.dir, keepHandoffs);
+    this.opts.jail?.sweep(this.dir);
     for (const f of readdirSync(this.dir)) if (!f.endsWith(".d") && !f.endsWith(".d.root")) rmSync(join(this.dir, f), { force: true });
     this.started = true;
     this.fill();

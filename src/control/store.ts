@@ -40,8 +40,6 @@ export interface VmRuntime {
   cgroup?: string;
   /** The uid and gid the VMM runs as in its sandbox (sandbox/sandbox.ts); absent when not jailed. */
   sandboxUid?: number;
-  /** A jailed standby that became this VM's VMM: the directory its files were bound through (sandbox/jailed-standby.ts). */
-  handoff?: string;
 }
 
 export interface VmRow {

@@ -28,6 +28,7 @@ const closeFn = libc.func("int close(int fd)");
 const openFn = libc.func("int open(const char *path, int flags, int mode)");
 
 const MS_BIND = 0x1000;
+const MS_REC = 0x4000;
 const MS_PRIVATE = 1 << 18;
 const MS_SHARED = 1 << 20;
 const MNT_DETACH = 2;
@@ -85,6 +86,15 @@ export function attachBind(src: string, dst: string, rw: boolean): void {
   } finally {
     closeFn(fd);
   }
+}
+
+/**
+ * `dir` and every mount under it leave their peer groups (MS_REC|MS_PRIVATE): their slaves in other
+ * namespaces keep their copies, which no longer receive anything from here, so detaching these
+ * afterwards does not reach them (mount_namespaces(7), "MS_PRIVATE"; sharedsubtree.rst).
+ */
+export function makePrivateTree(dir: string): void {
+  check(mountFn(null, dir, null, MS_REC | MS_PRIVATE, null), `make ${dir} private`);
 }
 
 /** Detach whatever is mounted at `path` and under it (MNT_DETACH); false when nothing was. */

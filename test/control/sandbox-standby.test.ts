@@ -4,7 +4,7 @@
  * jailed for one memory snapshot (its own uid, that snapshot's group, nothing of the daemon's home
  * in its view), the pool turning to the snapshot restored last; a clone of that snapshot takes it (the standby's pid and uid become
  * the clone's) and sees its own files at their host paths, backing files read-only, and no other
- * VM's; when the clone's VMM ends, the hand-off mounts go; removing the snapshot ends the standby;
+ * VM's, while the host keeps no mount of them; removing the snapshot ends the standby;
  * a daemon killed leaves nothing its successor does not clean up.
  */
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
@@ -104,6 +104,8 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     // Before it is handed a VM it sees nothing of the daemon's home.
     expect(readdirSync(`/proc/${standby}/root${d.home}`)).toEqual([]);
 
+    const key = readdirSync(join(d.home, "standby")).find((f) => f.endsWith(".pid") && readFileSync(join(d.home, "standby", f), "utf8").startsWith(`${standby} `))!.slice(0, -".pid".length);
+    expect(existsSync(join(d.home, "standby", `${key}.d`))).toBe(true);
     const clone = await c.cloneVm("t", { name: "c1", snapshot: "gold" });
     expect(clone.state).toBe("running");
     expect(clone.pid, d.log().split("\n").filter((l) => l.includes("standby")).join("\n")).toBe(standby);
@@ -125,15 +127,17 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     expect(inView.find((m) => m.at === layer)?.opts).toMatch(/^ro,nosuid,nodev,noexec/);
     expect(inView.find((m) => m.at === join(d.home, "snapshots", gold.id))?.opts).toMatch(/^ro,/);
 
+    // The daemon's side of the hand-off is gone once the files were bound: no mount of the clone's
+    // files is left in the host's namespace, while its own view keeps them.
+    expect(mountsUnder("self", d.home).filter((m) => m.at.includes("/vms/"))).toEqual([]);
+    for (const f of [`${key}.d`, `${key}.d.root`, `${key}.api`, `${key}.con`, `${key}.pid`]) expect(existsSync(join(d.home, "standby", f)), f).toBe(false);
+    // The directories its copies are mounted on moved into the VM's directory (removing them would unmount them there).
+    expect(existsSync(join(d.home, "vms", clone.id, "standby-handoff", "vms", clone.id, "out"))).toBe(true);
+    await echoes(c, "c1", "after-the-seal");
     // A new standby for the same template starts behind it.
     const next = await oneReady(c, d.home);
     expect(next).not.toBe(standby);
-    // The clone's VMM ends: its hand-off mounts go with it.
-    const handoffs = () => mountsUnder("self", join(d.home, "standby")).map((m) => m.at);
-    const before = handoffs().filter((m) => m.includes("/vms/"));
-    expect(before.length).toBeGreaterThan(0);
     await c.stopVm("c1");
-    expect(handoffs().filter((m) => m.includes("/vms/"))).toEqual([]);
     // It boots as a jailed VM of that uid next time.
     const again = await c.startVm("c1");
     expect(ids(again.pid!).uid).toBe(sid.uid);
@@ -189,8 +193,8 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     expect(clone.pid).toBe(standby);
     const waiting = await oneReady(c, d.home);
     const home = d.home;
-    const cloneMounts = mountsUnder("self", join(home, "standby")).filter((m) => m.at.includes(`/vms/${clone.id}/`)).map((m) => m.at);
-    expect(cloneMounts.length).toBeGreaterThan(0);
+    const cloneView = mountsUnder(clone.pid!, home).map((m) => m.at);
+    expect(cloneView).toContain(clone.disks[0]!.path);
     await d.stop("SIGKILL");
     d = await startDaemon({ home, args: args() });
     expect(() => process.kill(waiting, 0)).toThrow();
@@ -199,8 +203,9 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     expect((await d.client.getVm("t")).state).toBe("running");
     expect((await d.client.getVm("k1")).pid).toBe(clone.pid);
     await echoes(d.client, "k1", "after-the-daemon-restart");
-    expect(mountsUnder("self", join(home, "standby")).filter((m) => m.at.includes(`/vms/${clone.id}/`)).map((m) => m.at)).toEqual(cloneMounts);
+    expect(mountsUnder(clone.pid!, home).map((m) => m.at)).toEqual(cloneView);
+    // Only the new standby's (empty) hand-off directory is mounted on the host.
+    expect(mountsUnder("self", home).map((m) => m.at)).toEqual([join(home, "standby", readdirSync(join(home, "standby")).find((f) => f.endsWith(".d"))!)]);
     await d.client.stopVm("k1");
-    expect(mountsUnder("self", join(home, "standby")).filter((m) => m.at.includes("/vms/"))).toEqual([]);
   }, 180_000);
 });

@@ -20,12 +20,12 @@
  * elsewhere). A restore that needs them starts a fresh jail as before.
  */
 import type { ChildProcess } from "node:child_process";
-import { chmodSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, statSync } from "node:fs";
 import { dirname, join, relative, sep } from "node:path";
 import type Database from "better-sqlite3";
 import { TypevisorError } from "../../errors.js";
 import type { VmmLaunch } from "../../engine/native.js";
-import { attachBind, detachMount, makeSharedMount } from "../../sys/mount-api.js";
+import { attachBind, detachMount, makePrivateTree, makeSharedMount } from "../../sys/mount-api.js";
 import { seqpacketPair, shutdownRead } from "../../sys/scm-rights.js";
 import type { StandbyJailer, StandbyTemplate } from "../standby.js";
 import { allocateUid, spawnSandboxed, vmFileBinds, type SandboxOptions } from "./sandbox.js";
@@ -53,8 +53,44 @@ export function releaseHandoff(dir: string): void {
     for (const m of left) detachMount(m);
   }
   rmSync(dir, { recursive: true, force: true });
-  // The jail's root was mounted on this one in the VMM's namespace only: here it is an empty directory.
-  rmSync(`${dir}.root`, { recursive: true, force: true });
+  removeJailRoot(`${dir}.root`);
+}
+
+/**
+ * The directory the jail's root was mounted on, in the VMM's namespace only (here it is empty, and
+ * pivot_root(2) moved that mount off it): removed, never recursively.
+ */
+function removeJailRoot(dir: string): void {
+  try {
+    rmdirSync(dir);
+  } catch {
+    // not there, or not empty: left
+  }
+}
+
+/**
+ * Once the VM's files are bound (handVmFiles) the standby's namespace holds its own copies: the
+ * hand-off tree is made private, so detaching it here does not propagate there, then detached.
+ * Its directories stay, moved to `keepAt` (in the VM's directory): the VMM's copies are mounted on
+ * those very directory entries, and removing one would unmount them there too (a mount point
+ * removed in another namespace is detached from every one: rmdir(2), unlink(2) since Linux 3.18).
+ * They go with the VM's directory, or at the VM's next hand-off. Nothing of that VMM stays mounted
+ * in the host's namespace, whatever happens to it or to the daemon afterwards.
+ */
+export function sealHandoff(dir: string, keepAt: string): void {
+  makePrivateTree(dir);
+  for (let left = mountsUnder(dir), tries = 0; left.length > 0; left = mountsUnder(dir), tries++) {
+    if (tries > 16) throw new TypevisorError("SANDBOX", `cannot detach the mounts under ${dir}: ${left.join(", ")}`);
+    for (const m of left) detachMount(m);
+  }
+  // A previous hand-off's, whose VMM has ended (this VM is being started).
+  for (const old of [keepAt, `${keepAt}.root`]) rmSync(old, { recursive: true, force: true });
+  renameSync(dir, keepAt);
+  try {
+    renameSync(`${dir}.root`, `${keepAt}.root`);
+  } catch {
+    // not there: nothing to keep
+  }
 }
 
 export class JailedStandbys implements StandbyJailer {
@@ -101,10 +137,10 @@ export class JailedStandbys implements StandbyJailer {
     this.o.db.prepare("DELETE FROM sandbox_ids WHERE vm_id LIKE ?").run(`standby:${key}:%`);
   }
 
-  sweep(dir: string, keep: ReadonlySet<string>): void {
+  sweep(dir: string): void {
     for (const f of existsSync(dir) ? readdirSync(dir) : []) {
-      const p = join(dir, f);
-      if (f.endsWith(".d") && !keep.has(p)) releaseHandoff(p);
+      if (f.endsWith(".d")) releaseHandoff(join(dir, f));
+      else if (f.endsWith(".d.root")) removeJailRoot(join(dir, f));
     }
     // No standby outlives its daemon (StandbyPool.start ends them); one handed a VM was renamed to the VM's.
     this.o.db.prepare("DELETE FROM sandbox_ids WHERE vm_id LIKE 'standby:%'").run();
