@@ -986,9 +986,8 @@ export class VmManager extends EventEmitter {
    * as fromStandby, and its sockets (bound by this daemon) and log renamed into the VM's places.
    * Its TAPs are opened here and sent over the standby's socket (SCM_RIGHTS). Undefined, and a fresh
    * jail is started by the caller, when the restore is of no memory snapshot, the VM has a uid
-   * already (a rollback of a VM that ran),
-   * none is ready for that snapshot (the pool then turns to it), a file lies outside the home, or
-   * the restore failed there (that standby is ended).
+   * already (a rollback of a VM that ran), none is ready for that snapshot (the pool then turns to
+   * it), a file lies outside the home, or the restore failed there (that standby is ended).
    */
   private async fromJailedStandby(l: VmmLaunch, cgroup: VmCgroup | undefined): Promise<{ child: ChildProcess; pidFile: string; pid: number; sandboxUid: number } | undefined> {
     const template = l.restore !== undefined ? this.snapshots.memorySnapshotAt(l.restore.dir) : undefined;

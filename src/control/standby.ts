@@ -15,7 +15,8 @@
  * the first one saved; at the daemon's start, the newest).
  *
  * Files live in `<home>/standby/`: `<k>.api` (socket), `<k>.log` (its stderr), `<k>.pid` (pid and
- * start time), jailed also `<k>.con` (the console socket it will serve) and `<k>.d`. A daemon killed leaves its standbys waiting: the next one ends them at start
+ * start time), jailed also `<k>.con` (the console socket it will serve), `<k>.d` and `<k>.d.root`
+ * (its jail's root). A daemon killed leaves its standbys waiting: the next one ends them at start
  * (their pid files), and the pid file of one being adopted goes only once the VM's inventory row
  * names its pid, so a VMM adopted halfway is never left running unrecorded.
  */
