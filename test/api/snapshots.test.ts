@@ -18,7 +18,8 @@ import { qemuCheck, qemuRaw } from "../../src/vmm/disk/test-disk.js";
 import { checkDiskPattern, DISK_GUEST_DONE, writeDiskGuest } from "../helpers/disk-guest.js";
 import { BIN, startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
 import { outcome } from "../helpers/thrown.js";
-import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { banners, echoes } from "../helpers/tiny-console.js";
 import { VMM_NODE_FLAGS } from "../../src/vmm/isolates.js";
 import { STANDBY_REFILL_DELAY_MS } from "../../src/control/standby.js";
 
@@ -256,19 +257,6 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     expect(layers(d.home)).toEqual([]);
   }, 120_000);
 
-  /** Type into a VM's serial console through the daemon; resolves once the tiny guest echoes it back. */
-  async function echoes(c: TypevisorClient, vm: string, text: string): Promise<void> {
-    const con = await c.attachConsole(vm);
-    let seen = "";
-    con.on("data", (b: Buffer) => (seen += b.toString()));
-    con.write(text);
-    try {
-      await until(`${vm} echoing ${text}`, () => seen.includes(text) || undefined);
-    } finally {
-      con.destroy();
-    }
-  }
-  const banners = async (c: TypevisorClient, vm: string) => (await c.console(vm)).toString().split(TINY_KERNEL_BANNER).length - 1;
 
   it("snapshots a running VM with its memory: it goes on without a boot on a new overlay; rollback and a clone run from the saved moment", async () => {
     const c = d.client;

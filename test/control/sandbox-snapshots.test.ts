@@ -11,11 +11,11 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } 
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { TypevisorClient } from "../../src/api/client.js";
 import { vmPaths } from "../../src/control/paths.js";
 import { JAIL_BIN } from "../../src/control/sandbox/sandbox.js";
 import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
-import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { banners, echoes } from "../helpers/tiny-console.js";
 
 const ready = existsSync("/dev/kvm") && process.getuid?.() === 0 && existsSync(JAIL_BIN);
 
@@ -46,18 +46,6 @@ describe.skipIf(!ready)("memory snapshots, rollback and clones under the VMM san
     rmSync(dir, { recursive: true, force: true });
   }, 60_000);
 
-  const banners = async (c: TypevisorClient, vm: string): Promise<number> => (await c.console(vm)).toString().split(TINY_KERNEL_BANNER).length - 1;
-  async function echoes(c: TypevisorClient, vm: string, text: string): Promise<void> {
-    const con = await c.attachConsole(vm);
-    let seen = "";
-    con.on("data", (b: Buffer) => (seen += b.toString()));
-    con.write(text);
-    try {
-      await until(`${vm} echoing ${text}`, () => seen.includes(text) || undefined);
-    } finally {
-      con.destroy();
-    }
-  }
   /** What a VM's out/ and the daemon's snapshots/ hold that an operation left: nothing once it is over. */
   const leftovers = (vmId: string): string[] => [
     ...readdirSync(vmPaths(d.home, vmId).outDir).filter((f) => f.endsWith(".op")),

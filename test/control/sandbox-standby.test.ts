@@ -14,7 +14,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { TypevisorClient } from "../../src/api/client.js";
 import { JAIL_BIN } from "../../src/control/sandbox/sandbox.js";
 import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
-import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { banners, echoes } from "../helpers/tiny-console.js";
 
 const ready = existsSync("/dev/kvm") && process.getuid?.() === 0 && existsSync(JAIL_BIN);
 
@@ -55,18 +56,6 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     rmSync(dir, { recursive: true, force: true });
   }, 60_000);
 
-  const banners = async (c: TypevisorClient, vm: string): Promise<number> => (await c.console(vm)).toString().split(TINY_KERNEL_BANNER).length - 1;
-  async function echoes(c: TypevisorClient, vm: string, text: string): Promise<void> {
-    const con = await c.attachConsole(vm);
-    let seen = "";
-    con.on("data", (b: Buffer) => (seen += b.toString()));
-    con.write(text);
-    try {
-      await until(`${vm} echoing ${text}`, () => seen.includes(text) || undefined);
-    } finally {
-      con.destroy();
-    }
-  }
   const standbyPids = (home: string): number[] =>
     readdirSync(join(home, "standby")).filter((x) => x.endsWith(".pid")).map((x) => Number(readFileSync(join(home, "standby", x), "utf8").split(" ")[0]));
   async function oneReady(c: TypevisorClient, home: string): Promise<number> {
