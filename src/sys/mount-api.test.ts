@@ -50,7 +50,7 @@ describe.skipIf(!root)("hand-off mounts", () => {
     expect(code).toBe(0);
   });
 
-  it("refuses a symlink as the source", () => {
+  it("refuses a symlink as the source, and a target that is not there", () => {
     const d = mkdtempSync(join(tmpdir(), "tvmnt-"));
     dirs.push(d);
     const h = join(d, "h");
@@ -60,5 +60,7 @@ describe.skipIf(!root)("hand-off mounts", () => {
     writeFileSync(join(d, "target"), "x");
     symlinkSync(join(d, "target"), join(d, "link"));
     expect(() => attachBind(join(d, "link"), join(h, "f"), false)).toThrow(/neither a regular file nor a directory/);
+    // The kernel's refusal comes back as the call's error (errno through syscall(2)).
+    expect(() => attachBind(join(d, "target"), join(h, "missing"), false)).toThrow(/move_mount .*ENOENT/);
   });
 });

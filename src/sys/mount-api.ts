@@ -5,7 +5,7 @@
  * under it with its flags set before it is attached, so the copy that propagates into the jail is
  * read-only (or not) from its first moment.
  *
- * Why the new mount API (open_tree(2), mount_setattr(2), move_mount(2), Linux 5.12) for the files:
+ * Why the new mount API (open_tree(2), mount_setattr(2), move_mount(2); Linux 5.12) for the files:
  * with mount(2) a read-only bind is two steps (bind, then remount read-only), and the remount
  * changes only the daemon's own mount: the copy that propagated into the jail at the bind stays
  * writable (mount_namespaces(7): mount flags are per mount, not propagated). A detached clone
@@ -20,10 +20,17 @@ import { SysError, errno } from "./libc.js";
 const libc = koffi.load("libc.so.6");
 const mountFn = libc.func("int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const void *data)");
 const umount2Fn = libc.func("int umount2(const char *target, int flags)");
-// glibc 2.36 wraps the new mount API.
-const openTreeFn = libc.func("int open_tree(int dfd, const char *path, unsigned int flags)");
-const moveMountFn = libc.func("int move_mount(int from_dfd, const char *from_path, int to_dfd, const char *to_path, unsigned int flags)");
-const mountSetattrFn = libc.func("int mount_setattr(int dfd, const char *path, unsigned int flags, void *attr, size_t size)");
+// The new mount API through syscall(2): glibc wraps it only from 2.36, and a missing symbol would
+// fail this module's load (and the daemon's) on an older C library. x86_64 numbers (arch/x86/entry/syscalls).
+const syscallFn = libc.func("long syscall(long number, ...)");
+const SYS_open_tree = 428;
+const SYS_move_mount = 429;
+const SYS_mount_setattr = 442;
+const openTreeFn = (dfd: number, path: string, flags: number): number => Number(syscallFn(SYS_open_tree, "int", dfd, "str", path, "uint", flags));
+const moveMountFn = (fromDfd: number, fromPath: string, toDfd: number, toPath: string, flags: number): number =>
+  Number(syscallFn(SYS_move_mount, "int", fromDfd, "str", fromPath, "int", toDfd, "str", toPath, "uint", flags));
+const mountSetattrFn = (dfd: number, path: string, flags: number, attr: Buffer, size: number): number =>
+  Number(syscallFn(SYS_mount_setattr, "int", dfd, "str", path, "uint", flags, "void *", attr, "size_t", size));
 const closeFn = libc.func("int close(int fd)");
 const openFn = libc.func("int open(const char *path, int flags, int mode)");
 
