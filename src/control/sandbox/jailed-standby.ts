@@ -12,8 +12,9 @@
  *   - the VM's files reach its view through its hand-off directory `standby/<key>.d`: a shared
  *     mount the jail holds as a slave at the daemon's home (typevisor-jail --handoff). Handing it a
  *     VM binds each file the VM needs (the same list a fresh jail gets: vmFileBinds) at its own
- *     path under the hand-off directory, so the VMM sees it at its host path. The binds stay while
- *     that VMM runs and are detached when it ends.
+ *     path under the hand-off directory, so the VMM sees it at its host path. Then the tree is made
+ *     private and detached on the host (sealHandoff): the VMM keeps its copies, the host keeps no
+ *     mount for it, and the directories they are mounted on move into the VM's directory.
  *   - the VM's TAP devices, which the daemon opens in the host's network namespace, are sent over a
  *     unix socket pair whose other end the standby got at exec (SCM_RIGHTS: sys/scm-rights.ts).
  * What cannot be handed over this way: files outside the daemon's home (a disk in a pool
@@ -26,6 +27,7 @@ import type Database from "better-sqlite3";
 import { TypevisorError } from "../../errors.js";
 import type { VmmLaunch } from "../../engine/native.js";
 import { attachBind, detachMount, makePrivateTree, makeSharedMount } from "../../sys/mount-api.js";
+import { parseMountinfo } from "../../sys/mounts.js";
 import { seqpacketPair, shutdownRead } from "../../sys/scm-rights.js";
 import type { StandbyJailer, StandbyTemplate } from "../standby.js";
 import { allocateUid, spawnSandboxed, vmFileBinds, type SandboxOptions } from "./sandbox.js";
@@ -35,12 +37,10 @@ export const standbyOwner = (key: string, snapId: string): string => `standby:${
 
 /** Mount points under `dir` in this process's mount namespace (deepest first). */
 function mountsUnder(dir: string): string[] {
-  const out: string[] = [];
-  for (const line of readFileSync("/proc/self/mountinfo", "utf8").split("\n")) {
-    const mp = line.split(" ")[4]?.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
-    if (mp !== undefined && (mp === dir || mp.startsWith(dir + sep))) out.push(mp);
-  }
-  return out.sort((a, b) => b.length - a.length);
+  return parseMountinfo(readFileSync("/proc/self/mountinfo", "utf8"))
+    .map((m) => m.mountPoint)
+    .filter((mp) => mp === dir || mp.startsWith(dir + sep))
+    .sort((a, b) => b.length - a.length);
 }
 
 /**
