@@ -47,7 +47,7 @@ import type { AuditLog } from "./audit.js";
 import { Webhooks, type WebhookStatus } from "./webhooks.js";
 import { HOST_SCOPE, MetricsHistory, RateTracker, type HistoryPoint, type MetricSample } from "./history.js";
 import { Snapshots, chainOf } from "./snapshots.js";
-import { StandbyPool } from "./standby.js";
+import { StandbyPool, type StandbyVmm } from "./standby.js";
 import { adoptStandbyUid, handVmFiles, hasSandboxUid, JailedStandbys, sealHandoff } from "./sandbox/jailed-standby.js";
 import { Migrations, type PeerConnector } from "./migration.js";
 import { checkPoolPath, checkPoolQuota, claimPool, releasePool, DEFAULT_POOL, poolDiskPath, poolReport, poolSpec, quotaOf, sweepPool, type PoolDisk, type PoolInfo, type PoolRow } from "./pools.js";
@@ -964,13 +964,7 @@ export class VmManager extends EventEmitter {
       for (const f of [l.consoleLog, l.exitFile, l.vmmLog]) mkdirSync(dirname(f), { recursive: true, mode: 0o700 });
       // Before the restore: guest memory it touches is charged to the VM's cgroup, not the daemon's.
       cgroup?.addProcess(sb.pid);
-      await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
-        snapshot: l.restore.dir, id: l.id, kernel: l.kernel, ...(l.initrd !== undefined ? { initrd: l.initrd } : {}), consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
-        disks: l.disks.map(diskArg), nets: l.nets.map(netArg), paused: l.restore.paused,
-      });
-      renameSync(sb.socket, l.apiSocket);
-      if (existsSync(l.vmmLog)) renameSync(l.vmmLog, `${l.vmmLog}.1`);
-      renameSync(sb.log, l.vmmLog);
+      await this.restoreInto(sb, l, l.restore);
       return { child: sb.child, pidFile: sb.pidFile };
     } catch (e) {
       this.log.warn({ vm: l.id, err: (e as Error).message }, "a restore through a standby VMM failed; starting a VMM for it");
@@ -978,6 +972,21 @@ export class VmManager extends EventEmitter {
       for (const f of [sb.socket, sb.log, sb.pidFile]) rmSync(f, { force: true });
       return undefined;
     }
+  }
+
+  /**
+   * `PUT /restore` to standby `sb` with what `run --restore` would be given for `l` (`extra`: a
+   * jailed standby's netFds), then its control socket and log renamed into the VM's places (a
+   * listening unix socket keeps working under its new name).
+   */
+  private async restoreInto(sb: StandbyVmm, l: VmmLaunch, restore: NonNullable<VmmLaunch["restore"]>, extra: { netFds?: number } = {}): Promise<void> {
+    await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
+      snapshot: restore.dir, id: l.id, kernel: l.kernel, ...(l.initrd !== undefined ? { initrd: l.initrd } : {}), consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
+      disks: l.disks.map(diskArg), nets: l.nets.map(netArg), ...extra, paused: restore.paused,
+    });
+    renameSync(sb.socket, l.apiSocket);
+    if (existsSync(l.vmmLog)) renameSync(l.vmmLog, `${l.vmmLog}.1`);
+    renameSync(sb.log, l.vmmLog);
   }
 
   /**
@@ -1004,8 +1013,7 @@ export class VmManager extends EventEmitter {
     const p = vmPaths(this.config.home, l.id);
     const bases = basesDir(this.config.home) + sep;
     try {
-      const bound = handVmFiles(l, { uid: j.uid, home: this.config.home, handoff: j.handoff, outDir: p.outDir, allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f) });
-      if (bound === undefined) throw new TypevisorError("SANDBOX", "a file of the VM lies outside the daemon's home: it cannot be handed to a standby");
+      if (!handVmFiles(l, { uid: j.uid, home: this.config.home, handoff: j.handoff, outDir: p.outDir, allowedBacking: (f) => f.startsWith(bases) || this.snapshots.isLayer(f) })) throw new TypevisorError("SANDBOX", "a file of the VM lies outside the daemon's home, or inside another of its files: it cannot be handed to a standby");
       // The standby's namespace has its copies now: none stays mounted here.
       sealHandoff(j.handoff, join(dirname(p.outDir), "standby-handoff"));
       if (!adoptStandbyUid(this.store.db, l.id, j.key)) throw new TypevisorError("SANDBOX", "the VM has a sandbox uid already");
@@ -1025,16 +1033,10 @@ export class VmManager extends EventEmitter {
         }
       }
       cgroup?.addProcess(sb.pid);
-      await new VmmClient(sb.socket, this.config.startTimeoutMs).call("PUT", "/restore", {
-        snapshot: l.restore.dir, id: l.id, kernel: l.kernel, ...(l.initrd !== undefined ? { initrd: l.initrd } : {}), consoleLog: l.consoleLog, consoleLogSize: String(l.consoleLogSize), consoleSocket: l.consoleSocket, exitFile: l.exitFile,
-        disks: l.disks.map(diskArg), nets: l.nets.map(netArg), ...(l.nets.length > 0 ? { netFds: l.nets.length } : {}), paused: l.restore.paused,
-      });
+      await this.restoreInto(sb, l, l.restore, l.nets.length > 0 ? { netFds: l.nets.length } : {});
       fdSocketOpen = false;
       closeSync(j.fdSocket);
-      renameSync(sb.socket, l.apiSocket);
       renameSync(j.consoleSocket, l.consoleSocket);
-      if (existsSync(l.vmmLog)) renameSync(l.vmmLog, `${l.vmmLog}.1`);
-      renameSync(sb.log, l.vmmLog);
       return { child: sb.child, pidFile: sb.pidFile, pid: sb.pid, sandboxUid: j.uid };
     } catch (e) {
       this.log.warn({ vm: l.id, err: (e as Error).message }, "a restore through a jailed standby VMM failed; starting a VMM for it");
@@ -1389,8 +1391,7 @@ export class VmManager extends EventEmitter {
     await this.migrations.recover();
     await this.sweepOrphans();
     // A previous daemon's standbys end (and one it was handing a VM when killed); new ones start.
-    const rows = this.store.listVms();
-    const recorded = new Set(rows.flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));
+    const recorded = new Set(this.store.listVms().flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));
     const template = this.jailer !== undefined ? this.snapshots.newestWithMemory() : undefined;
     for (const p of this.standby.start(recorded, this.jailer === undefined && this.snapshots.anyWithMemory())) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
     if (template !== undefined) this.standby.want(template);

@@ -43,15 +43,20 @@ function mountsUnder(dir: string): string[] {
     .sort((a, b) => b.length - a.length);
 }
 
+/** Every mount at or under `dir` detached, deepest first, until the mount table shows none. */
+function detachAllUnder(dir: string): void {
+  for (let left = mountsUnder(dir), tries = 0; left.length > 0; left = mountsUnder(dir), tries++) {
+    if (tries > 16) throw new TypevisorError("SANDBOX", `cannot detach the mounts under ${dir}: ${left.join(", ")}`);
+    for (const m of left) detachMount(m);
+  }
+}
+
 /**
  * A hand-off directory's mounts detached and the directory removed. Nothing is removed while a
  * mount is left under it: a removal would reach the VM's own files through a bind.
  */
 export function releaseHandoff(dir: string): void {
-  for (let left = mountsUnder(dir), tries = 0; left.length > 0; left = mountsUnder(dir), tries++) {
-    if (tries > 16) throw new TypevisorError("SANDBOX", `cannot detach the mounts under ${dir}: ${left.join(", ")}`);
-    for (const m of left) detachMount(m);
-  }
+  detachAllUnder(dir);
   rmSync(dir, { recursive: true, force: true });
   removeJailRoot(`${dir}.root`);
 }
@@ -79,10 +84,7 @@ function removeJailRoot(dir: string): void {
  */
 export function sealHandoff(dir: string, keepAt: string): void {
   makePrivateTree(dir);
-  for (let left = mountsUnder(dir), tries = 0; left.length > 0; left = mountsUnder(dir), tries++) {
-    if (tries > 16) throw new TypevisorError("SANDBOX", `cannot detach the mounts under ${dir}: ${left.join(", ")}`);
-    for (const m of left) detachMount(m);
-  }
+  detachAllUnder(dir);
   // A previous hand-off's, whose VMM has ended (this VM is being started).
   for (const old of [keepAt, `${keepAt}.root`]) rmSync(old, { recursive: true, force: true });
   renameSync(dir, keepAt);
@@ -153,7 +155,7 @@ export class JailedStandbys implements StandbyJailer {
  */
 export function adoptStandbyUid(db: Database.Database, vmId: string, key: string): boolean {
   return db.transaction(() => {
-    if (db.prepare("SELECT 1 FROM sandbox_ids WHERE vm_id = ?").get(vmId) !== undefined) return false;
+    if (hasSandboxUid(db, vmId)) return false;
     return db.prepare("UPDATE sandbox_ids SET vm_id = ? WHERE vm_id LIKE ?").run(vmId, `standby:${key}:%`).changes === 1;
   })();
 }
@@ -166,16 +168,16 @@ export function hasSandboxUid(db: Database.Database, vmId: string): boolean {
 /**
  * The VM's files bound into a jailed standby's view, each at its host path (docs above): the same
  * list and ownership a fresh jail gets (vmFileBinds: out/, kernel, initrd, disks and their backing
- * files, the saved state). Undefined, with nothing bound, when one of them lies outside `home`.
+ * files, the saved state). False, with nothing bound, when one of them lies outside `home` or
+ * inside another.
  */
-export function handVmFiles(l: VmmLaunch, s: { uid: number; home: string; handoff: string; outDir: string; allowedBacking: (path: string) => boolean }): string[] | undefined {
+export function handVmFiles(l: VmmLaunch, s: { uid: number; home: string; handoff: string; outDir: string; allowedBacking: (path: string) => boolean }): boolean {
   const binds = vmFileBinds(l, s.uid, s.outDir, s.allowedBacking);
   const rel = binds.map((b) => relative(s.home, b.path));
-  if (rel.some((r) => r === "" || r.startsWith("..") || r.startsWith(sep))) return undefined;
+  if (rel.some((r) => r === "" || r.startsWith("..") || r.startsWith(sep))) return false;
   // None inside another: a placeholder is made through the host's path, which must not pass
   // through a bound directory the VMM can write (its out/: a symlink put there would be followed).
-  if (binds.some((a) => binds.some((b) => b !== a && a.path.startsWith(b.path + sep)))) return undefined;
-  const done: string[] = [];
+  if (binds.some((a) => binds.some((b) => b !== a && a.path.startsWith(b.path + sep)))) return false;
   binds.forEach((b, i) => {
     const at = join(s.handoff, rel[i]!);
     for (let d = dirname(at), made: string[] = []; ; d = dirname(d)) {
@@ -191,7 +193,6 @@ export function handVmFiles(l: VmmLaunch, s: { uid: number; home: string; handof
     if (statSync(b.path).isDirectory()) mkdirSync(at, { recursive: true, mode: 0o700 });
     else closeSync(openSync(at, "wx", 0o600)); // O_EXCL: a new file, never one that was there (nor a symlink)
     attachBind(b.path, at, b.rw);
-    done.push(at);
   });
-  return done;
+  return true;
 }

@@ -182,8 +182,8 @@ export function vmFileBinds(l: VmmLaunch, uid: number, outDir: string, allowedBa
  * With `standby`, the VMM is a standby (`run --standby`, docs/security.md "Standby VMMs in the
  * sandbox"): it has no VM yet, so no VM file is bound; `standby.handoff` (a shared mount the
  * daemon made) is bound at `standby.home` as a slave, `standby.socket` is passed for the VM's TAPs
- * (`run --handoff-fd`), and the daemon binds the VM's files under
- * it when it hands this VMM a VM (attachVmFiles).
+ * (`run --handoff-fd`), and the daemon binds the VM's files under it when it hands this VMM a VM
+ * (jailed-standby.ts handVmFiles).
  * @throws TypevisorError SANDBOX (the helper missing, a disk chain outside what the VM may use), TAP_OPEN, UNIX_SOCKET
  */
 export async function spawnSandboxed(
