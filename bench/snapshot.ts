@@ -214,10 +214,13 @@ async function ours(memoryMiB: number, cmdline: string, work: string): Promise<S
  * The same snapshot restored into a standby VMM: Node, the modules and KVM are up before the clock
  * starts (the daemon keeps a pool of these: docs/snapshots.md "Standby VMMs"), so the figure is
  * what a pool-backed instant create waits for. Timed from `PUT /restore` to the guest's answer.
+ * The standby is started for this snapshot (`--template`), as the daemon's pool starts them for
+ * its template; BENCH_STANDBY_TEMPLATE=0 starts it without one.
  */
 async function standbyRestore(snap: string, work: string): Promise<{ standbyMs: number; standbyBuiltMs: number }> {
   const api = join(work, "standby.sock");
-  const p = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--standby", "--api-socket", api]);
+  const template = process.env["BENCH_STANDBY_TEMPLATE"] === "0" ? [] : ["--template", snap];
+  const p = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--standby", ...template, "--api-socket", api]);
   try {
     await until("the standby VMM's API socket", () => existsSync(api) || p.child.exitCode !== null);
     const ready = await unixApi(api, "GET", "/vm");

@@ -20,7 +20,7 @@ import { parseBalloonSpec, parseDiskSpec, parseNetSpec, parseVsockSpec, type Dev
 import type { ControlTarget, SwitchableTarget } from "../vmm/api/server.js";
 import { DEFAULT_CMDLINE, DEFAULT_VCPU_NICE, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "../vmm/defaults.js";
 import { validateConfig, type Vm, type VmExitResult } from "../vmm/vm.js";
-import { bootVm, readBootPayload, restoreVm, type BootPayload, type MachineConfig, type RestoreOverrides } from "../vmm/builder.js";
+import { bootVm, readBootPayload, restoreVm, type BootPayload, type MachineConfig, type PreparedRestore, type RestoreOverrides } from "../vmm/builder.js";
 import { ConsolePipe } from "../vmm/console/console-pipe.js";
 import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { parseSize } from "../size.js";
@@ -82,6 +82,10 @@ export interface RunOptions {
   apiSocketFd?: string;
   /** The console socket, the same way. */
   consoleSocketFd?: string;
+  /** With --standby: a snapshot to make ready ahead (builder.ts prepareRestore); its restore then skips what was done. */
+  template?: string;
+  /** Not a flag: what a standby prepared for its template. */
+  prepared?: PreparedRestore;
   /** A jailed standby: the socket its daemon sends the VM's TAP descriptors on (standby.ts). */
   handoffFd?: string;
   /** Test hook of the daemon's sandbox: paths to try to open and denied system calls to try, reported on stderr. */
@@ -490,9 +494,10 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
         };
         log("typevisor: migration received; the VM runs here now");
       } else if (boots === 1 && o.restore !== undefined) {
-        const restored = await restoreVm(o.restore, overrides ?? {}, host, { keepClock: o.keepClock === true });
+        const restored = await restoreVm(o.restore, overrides ?? {}, host, { keepClock: o.keepClock === true, ...(o.prepared !== undefined ? { prepared: o.prepared } : {}) });
         vm = restored.vm;
         config = restored.config;
+        if (restored.builtAhead) log(`typevisor: restore: into the VM this standby built ahead for ${o.restore}`);
         for (const w of vm.restoreWarnings) log(`typevisor: restore: ${w}`);
       } else {
         // The files are read again for each boot rather than held in the heap for the VM's lifetime.
@@ -603,9 +608,11 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--tls-peer-fingerprint <sha256>", "--incoming: accept only a source whose certificate has this SHA-256 fingerprint")
     .option("--plain-tcp", "--incoming tcp:...: accept the stream without TLS (the guest's memory crosses the network in the clear)")
     .option("--standby", "start a VMM ahead of need: wait on --api-socket for PUT /restore {\"snapshot\": DIR, ...} and become that VM (docs/snapshots.md)", false)
+    .option("--template <dir>", "with --standby: a memory snapshot to make ready ahead (its state decoded, one restore rehearsed), so a PUT /restore of it takes less time (docs/snapshots.md)")
     .action(async (opts: RunOptions, cmd: Command) => {
       const log = (l: string): void => void process.stderr.write(l + "\n");
       if (opts.sandbox !== true && (opts.sandboxUid !== undefined || (opts.sandboxBind ?? []).length > 0)) throw new TypevisorError("INVALID_ARGUMENT", "--sandbox-uid and --sandbox-bind need --sandbox");
+      if (opts.template !== undefined && opts.standby !== true) throw new TypevisorError("INVALID_ARGUMENT", "--template is for --standby (a restore names its snapshot with --restore)");
       const code = opts.sandbox === true
         ? await (await import("./run-sandbox.js")).runSandboxed(opts, log)
         : opts.standby === true ? await (await import("./standby.js")).standbyCommand(opts, log) : await runCommand(opts, log);

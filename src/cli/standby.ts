@@ -14,6 +14,8 @@ import { installFilter, noExecFilter } from "../sys/seccomp.js";
 import { recvFds } from "../sys/scm-rights.js";
 import { close } from "../sys/libc.js";
 import { parseFdArg, runCommand, type RunOptions } from "./run.js";
+import { prepareRestore, type PreparedRestore } from "../vmm/builder.js";
+import { phase } from "../vmm/phases.js";
 
 /** vCPU threads a standby starts ahead: templates are mostly small VMs (docs/snapshots.md "Standby VMMs"). */
 const STANDBY_VCPU_THREADS = 1;
@@ -81,6 +83,7 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
     },
     reboot: notYet,
     restore: (body: unknown) => {
+      phase("request");
       const r = RestoreRequestSchema.safeParse(body);
       if (!r.success) {
         const first = r.error.issues[0];
@@ -124,9 +127,23 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
   // restore needs and a booting VMM leaves out (the state file's schemas: builder.ts), and the
   // VM's device thread (which starts a disk I/O thread of its own) and first vCPU thread, started
   // and waiting (vmm/threads/spawn.ts); a VM with more vCPUs or disks starts the others when it is built.
-  await Promise.all([import("../vmm/snapshot/state.js"), prestartWorkers("devices/platform/device-thread.js", 1), prestartWorkers("vcpu/worker.js", STANDBY_VCPU_THREADS)]);
+  // With a template, a VM for it built meanwhile (builder.ts prepareRestore). One that cannot be
+  // read or built here leaves the standby as without one: a restore of it then fails as it would.
+  const prepare = async (dir: string): Promise<PreparedRestore | undefined> => {
+    try {
+      return await prepareRestore(dir);
+    } catch (e) {
+      log(`typevisor: standby: template ${dir} not made ready (${e instanceof Error ? e.message : String(e)}); restores take the whole path`);
+      return undefined;
+    }
+  };
+  const [prepared] = await Promise.all([
+    o.template !== undefined ? prepare(o.template) : import("../vmm/snapshot/state.js").then(() => undefined),
+    prestartWorkers("devices/platform/device-thread.js", 1),
+    prestartWorkers("vcpu/worker.js", STANDBY_VCPU_THREADS),
+  ]);
   const server = await startControlServer(o.apiSocket, target, apiSocketFd);
-  log(`typevisor: on standby at ${o.apiSocket} (PUT /restore; ${prestartedCount("devices/platform/device-thread.js")} device thread and ${prestartedCount("vcpu/worker.js")} vCPU thread waiting)`);
+  log(`typevisor: on standby at ${o.apiSocket} (PUT /restore; ${prestartedCount("devices/platform/device-thread.js")} device thread and ${prestartedCount("vcpu/worker.js")} vCPU thread waiting${prepared !== undefined ? `; a VM built for ${prepared.dir}` : ""})`);
   const onSignal = (): void => process.exit(0);
   process.once("SIGTERM", onSignal);
   process.once("SIGINT", onSignal);
@@ -134,7 +151,7 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
   process.off("SIGTERM", onSignal);
   process.off("SIGINT", onSignal);
   try {
-    return await runCommand({ ...req.opts, attach: { target, onBuilt: req.built } }, log);
+    return await runCommand({ ...req.opts, attach: { target, onBuilt: req.built }, ...(prepared !== undefined ? { prepared } : {}) }, log);
   } catch (e) {
     req.failed(e);
     // Answered on the socket; the process ends as a failed restore would.

@@ -69,6 +69,19 @@ export function discardPages(bytes: Uint8Array): number {
   return (madviseAtFn(first, end - first, MADV_DONTNEED) as number) === 0 ? end - first : 0;
 }
 
+/** madvise(2) MADV_POPULATE_READ (Linux 5.14, mm/madvise.c). */
+const MADV_POPULATE_READ = 22;
+
+/**
+ * Fill the page tables of [address, address+length) of a mapping as reads would (madvise(2)
+ * MADV_POPULATE_READ): a private file mapping gets the file's pages mapped read-only (a later
+ * write still copies). Returns 0, or -errno (EINVAL: a kernel before 5.14). The caller owns the
+ * range; nothing is written to it.
+ */
+export function populateRead(address: bigint, length: number): number {
+  return (madviseAtFn(address, length, MADV_POPULATE_READ) as number) === 0 ? 0 : -koffi.errno();
+}
+
 /** A reusable iovec array of up to `capacity` (default IOV_MAX) entries. */
 export class IoVec {
   /** The struct iovec array as the kernel reads it (larger than 64 bytes: off V8's heap, never moves). */

@@ -4,7 +4,7 @@
  * guest's reboot and a restore all come through here; the CLI only parses flags into a
  * MachineConfig.
  */
-import { closeSync, openSync, readFileSync, statSync } from "node:fs";
+import { closeSync, fstatSync, openSync, readFileSync, realpathSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { TypevisorError } from "../errors.js";
 import { discardPages } from "../sys/iov.js";
@@ -13,6 +13,7 @@ import type { MemoryLayer } from "./snapshot/memory.js";
 import { MAX_SNAPSHOT_CHAIN, MAX_STATE_BYTES, SNAPSHOT_FILES, stateSha256 } from "./snapshot/state-file.js";
 import type { SnapshotConfig, SnapshotState } from "./snapshot/state.js";
 import { Vm, type PauseReason } from "./vm.js";
+import { phase } from "./phases.js";
 
 /** A VM's whole description as plain data (what a snapshot's config.json holds). */
 export type MachineConfig = SnapshotConfig;
@@ -144,22 +145,117 @@ export function applyOverrides(saved: MachineConfig, o: RestoreOverrides): Machi
 }
 
 /**
+ * A snapshot made ready for a restore before it is asked for (a standby VMM's template:
+ * cli/standby.ts): its state file's bytes and what they decode to, and a VM built for it whose
+ * state is not applied yet, which the first restore of that very snapshot takes.
+ */
+export interface PreparedRestore {
+  /** The snapshot's directory, resolved. */
+  dir: string;
+  bytes: Buffer;
+  state: SnapshotState;
+  /** Built ahead (boot.deferState); undefined once a restore took or dropped it. */
+  vm: Vm | undefined;
+  /** Each memory file the VM maps, as it was opened: the VM is taken only while these are still the files at those paths. */
+  files: { path: string; dev: number; ino: number; size: number; mtimeMs: number }[];
+}
+
+/**
+ * Make ready for restores of the snapshot in `dir`: its state decoded and kept, and a VM built
+ * for it with the state in place, its memory mapped and the host page tables of the guest's data
+ * filled (snapshot/memory.ts populateMemoryLayers). A restore of that snapshot then only gives it
+ * its console and back ends. In the lab (docs/benchmarks.md, 2026-12-06), a standby's restore of a
+ * 256 MiB guest spent 0.14 s decoding the state, 0.07 s building the VM, 0.15 s applying the state
+ * (cold code, and OpenSSL's first random bytes for the generation ID) and 0.07 s more in host page
+ * faults under the guest's first touches.
+ */
+export async function prepareRestore(dir: string): Promise<PreparedRestore> {
+  const decodeState = await stateDecoder();
+  const real = realpathSync(dir);
+  const bytes = readStateFile(real);
+  const state = decodeState(bytes, join(real, SNAPSHOT_FILES.state));
+  if (state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${dir}: a snapshot without memory (disk-only) cannot be restored into a running VM`);
+  const layers = openMemoryChain(real, state, decodeState);
+  let vm: Vm;
+  try {
+    vm = new Vm({ ...shape(state.config), consoleFd: 1, boot: { kind: "snapshot", state, memory: layers, what: real, deferState: true } });
+  } catch (e) {
+    for (const l of layers) closeSync(l.fd);
+    throw e;
+  }
+  // The state goes in now, as at the restore itself: the guest's clocks, once set, run on with the
+  // host's (KVM_SET_CLOCK's kvmclock, the TSC's offset), so when the VM runs they say the time of
+  // that moment, as they would had the state been set then; the new generation ID is this VM's
+  // alone. What a request brings (console, back ends) is only the host's side (takeHost).
+  try {
+    vm.applyState(state, { what: real, newMachine: true });
+  } catch (e) {
+    vm.destroy();
+    throw e;
+  }
+  const files = layers.map((l) => {
+    const st = fstatSync(l.fd);
+    return { path: join(l.what, SNAPSHOT_FILES.memory), dev: st.dev, ino: st.ino, size: st.size, mtimeMs: st.mtimeMs };
+  });
+  return { dir: real, bytes, state, vm, files };
+}
+
+/** `p`'s VM, if a restore of `dir` may take it: the same snapshot, its memory files unchanged. Otherwise (or without `dir`) it is given up. */
+async function takePrepared(p: PreparedRestore, dir?: string): Promise<Vm | undefined> {
+  const vm = p.vm;
+  if (vm === undefined) return undefined;
+  p.vm = undefined;
+  let same = false;
+  try {
+    same = dir !== undefined && realpathSync(dir) === p.dir && p.files.every((f) => {
+      const st = statSync(f.path);
+      return st.dev === f.dev && st.ino === f.ino && st.size === f.size && st.mtimeMs === f.mtimeMs;
+    });
+  } catch {
+    // gone or unreadable: not the same
+  }
+  if (same) return vm;
+  // Its memory and KVM VM go before another is built.
+  await vm.discard();
+  return undefined;
+}
+
+/**
  * A VM restored from the snapshot in `dir`: its memory mapped from the snapshot's file (loaded
  * as the guest touches it), every vCPU and device as saved. Bad input (a damaged or foreign
- * snapshot, a CPU that lacks what the guest used) fails here, before any vCPU runs.
+ * snapshot, a CPU that lacks what the guest used) fails here, before any vCPU runs. `prepared`:
+ * what a standby made ready for its template (prepareRestore), used when `dir`'s state file holds
+ * exactly its bytes.
  */
-export async function restoreVm(dir: string, overrides: RestoreOverrides, host: VmHost, opts: { keepClock?: boolean } = {}): Promise<{ vm: Vm; config: MachineConfig; state: SnapshotState }> {
+export async function restoreVm(dir: string, overrides: RestoreOverrides, host: VmHost, opts: { keepClock?: boolean; prepared?: PreparedRestore } = {}): Promise<{ vm: Vm; config: MachineConfig; state: SnapshotState; builtAhead: boolean }> {
   const decodeState = await stateDecoder();
-  const state = decodeState(readStateFile(dir), join(dir, SNAPSHOT_FILES.state));
+  phase("restoreVm");
+  const bytes = readStateFile(dir);
+  const p = opts.prepared !== undefined && bytes.equals(opts.prepared.bytes) ? opts.prepared : undefined;
+  // Another snapshot: the VM built ahead goes first (its memory and KVM VM), then this one is built as usual.
+  if (p === undefined && opts.prepared?.vm !== undefined) await takePrepared(opts.prepared);
+  const state = p !== undefined ? p.state : decodeState(bytes, join(dir, SNAPSHOT_FILES.state));
+  phase("decoded");
   if (state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${dir}: a snapshot without memory (disk-only) cannot be restored into a running VM; boot its disk instead`);
   const config = applyOverrides(state.config, overrides);
+  // --keep-clock wants the clocks as saved, not run on since the VM was built: that one is built now.
+  const ahead = p !== undefined ? await takePrepared(p, opts.keepClock === true ? undefined : dir) : undefined;
+  if (ahead !== undefined) {
+    try {
+      ahead.takeHost({ ...host, devices: config.devices, vcpuNice: config.vcpuNice, memoryOvercommit: config.memoryOvercommit });
+    } catch (e) {
+      await ahead.discard();
+      throw e;
+    }
+    return { vm: ahead, config, state, builtAhead: true };
+  }
   const layers = openMemoryChain(dir, state, decodeState);
   try {
     const vm = new Vm({
       ...shape(config), ...host,
       boot: { kind: "snapshot", state, memory: layers, what: dir, ...(opts.keepClock === true ? { keepClock: true } : {}) },
     });
-    return { vm, config, state };
+    return { vm, config, state, builtAhead: false };
   } catch (e) {
     // The Vm owns the files only once built.
     for (const l of layers) closeSync(l.fd);

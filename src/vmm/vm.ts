@@ -40,12 +40,13 @@ import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync, openSync, fsyncSync, closeSync } from "node:fs";
 import { dirname, join, relative, resolve } from "node:path";
 import { completePendingHalt, cpuCaps, elapsedSinceSave, markClockPaused, missingCpuFeatures, msrsToSave, restoreVcpu, restoreVmKvm, saveVcpu, saveVmKvm } from "./snapshot/cpu.js";
-import { bitmapBytes, mapMemoryLayers, writeDirtyMemoryFile, writeMemoryFile, type MemoryLayer, type MemoryWriteResult, type RegionSource } from "./snapshot/memory.js";
+import { bitmapBytes, mapMemoryLayers, populateMemoryLayers, writeDirtyMemoryFile, writeMemoryFile, type MemoryLayer, type MemoryWriteResult, type RegionSource } from "./snapshot/memory.js";
 import { encodeState, SNAPSHOT_FILES, SNAPSHOT_VERSION, stateSha256 } from "./snapshot/state-file.js";
 import type { SnapshotConfig, SnapshotState } from "./snapshot/state.js";
 
 import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "./defaults.js";
 import { XAPIC_MAX_CPUS } from "./arch/x86_64/acpi/tables.js";
+import { phase, takePhases } from "./phases.js";
 
 export { MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB };
 export type { IoStats, IoTotals } from "./devices/platform/device-thread-init.js";
@@ -99,7 +100,15 @@ export type BootSource =
    * snapshot in errors. `keepClock`: the guest clock continues from the saved time instead of
    * being moved to now.
    */
-  | { kind: "snapshot"; state: SnapshotState; memory: readonly MemoryLayer[]; what: string; keepClock?: boolean }
+  | {
+    kind: "snapshot"; state: SnapshotState; memory: readonly MemoryLayer[]; what: string; keepClock?: boolean;
+    /**
+     * Built ahead of its restore (a standby VMM's template: builder.ts prepareRestore): memory
+     * mapped and populated, vCPUs made; the state is left for applyState(), and the VM's console
+     * and back ends for takeHost() once it is asked for.
+     */
+    deferState?: boolean;
+  }
   /**
    * A VM arriving by live migration: memory starts empty (zero) and is filled by the caller,
    * then applyState() puts the vCPUs and devices in place before run().
@@ -323,14 +332,17 @@ export class Vm {
   /** Each vCPU's CPUID table as set (KVM_SET_CPUID2), for snapshots. */
   private readonly cpuids: KvmCpuidEntry[][] = [];
 
-  /** The configuration minus the boot payload (kernel and initrd are not kept once loaded). */
-  readonly config: Omit<VmConfig, "boot">;
+  /** The configuration minus the boot payload (kernel and initrd are not kept once loaded); takeHost() may replace it once. */
+  private cfg: Omit<VmConfig, "boot">;
+  /** Built ahead for a snapshot (boot.deferState) and not yet given its host (takeHost). */
+  private aheadOfHost: boolean;
 
   constructor(config: VmConfig) {
     const { boot: _payload, ...rest } = config;
-    this.config = rest;
+    this.cfg = rest;
     validateConfig(config);
     const snap = config.boot.kind === "snapshot" ? config.boot : undefined;
+    this.aheadOfHost = snap?.deferState === true;
     if (snap !== undefined) {
       // The VM is built with the saved machine's shape; anything else would not match its state.
       if (snap.state.memory === null) throw new TypevisorError("SNAPSHOT_INVALID", `${snap.what}: a snapshot without memory (disk-only) cannot be restored by the VMM`);
@@ -387,6 +399,8 @@ export class Vm {
           throw new TypevisorError("SNAPSHOT_INVALID", `${snap.what}: its memory regions do not match a ${config.memoryMiB} MiB VM's`);
         }
         mapMemoryLayers(snap.memory, this.mems);
+        // Built ahead of its restore: the host side of the guest's first touches done now, off its time.
+        if (snap.deferState === true) populateMemoryLayers(snap.memory, this.mems);
         for (const m of this.mems) libc.madvise(m, libc.MADV_DONTFORK);
         this.memorySources = layout.regions.map((_r, i) => ({
           layers: snap.memory.map((l) => {
@@ -404,7 +418,7 @@ export class Vm {
       this.serial = new Serial(this.serialShared, () => {
         vmFd.irqLine(IRQ.COM1, 1);
         vmFd.irqLine(IRQ.COM1, 0);
-      }, (b) => libc.writeAll(config.consoleFd, b));
+      }, (b) => libc.writeAll(this.cfg.consoleFd, b));
 
       let boot: BootCpuState | undefined;
       this.awaitingState = config.boot.kind === "snapshot" || config.boot.kind === "incoming";
@@ -455,7 +469,8 @@ export class Vm {
         const map = libc.mmap(runSize, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, vcpu.fd, 0);
         this.runMaps.push({ map, run: new Uint8Array(libc.view(map.pointer, runSize)) });
       }
-      if (snap !== undefined) {
+      phase("built");
+      if (snap !== undefined && snap.deferState !== true) {
         // A restored snapshot is a new machine to the guest (a live migration is not: same VM, moved).
         this.applyState(snap.state, { what: snap.what, newMachine: true, ...(snap.keepClock !== undefined ? { keepClock: snap.keepClock } : {}) });
       } else if (!this.awaitingState) {
@@ -475,6 +490,24 @@ export class Vm {
     }
   }
 
+  get config(): Readonly<Omit<VmConfig, "boot">> {
+    return this.cfg;
+  }
+
+  /**
+   * A VM built ahead for a snapshot (boot.deferState) becomes the VM asked for: its console, back
+   * ends and limits replace those it was built with, before its state is applied. The machine
+   * (vCPUs, memory) stays the snapshot's.
+   */
+  takeHost(h: Pick<VmConfig, "consoleFd" | "devices" | "vcpuNice" | "memoryOvercommit" | "onPaused" | "vcpuSeccomp">): void {
+    if (!this.aheadOfHost || this.state !== "created") throw new TypevisorError("VM_STATE", "takeHost() is for a VM built ahead, once, before it runs");
+    const next = { ...this.cfg, ...h };
+    validateConfig(next, this.kvm.maxVcpus());
+    checkHostMemory(next.memoryMiB, { memoryBytes: totalmem(), overcommit: next.memoryOvercommit ?? 1, physBits: guestPhysBits(this.kvm.supportedCpuid()) });
+    this.cfg = next;
+    this.aheadOfHost = false;
+  }
+
   /**
    * Put a saved or migrated VM's state in place (vCPUs, interrupt controllers, PIT, clock, UART;
    * the devices when the device thread starts), once, before run(). Guest memory must hold the
@@ -483,7 +516,8 @@ export class Vm {
   applyState(state: SnapshotState, opts: { what: string; keepClock?: boolean; newMachine?: boolean }): void {
     if (!this.awaitingState || this.state !== "created") throw new TypevisorError("VM_STATE", "state can be applied once, to a VM built for it, before it runs");
     if (state.vm === null || state.platform === null || state.vcpus.length !== this.vcpus.length) throw new TypevisorError("SNAPSHOT_INVALID", `${opts.what}: no vCPU state to restore`);
-    if (state.config.cpus !== this.config.cpus || state.config.memoryMiB !== this.config.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${opts.what}: saved with ${state.config.cpus} vCPUs and ${state.config.memoryMiB} MiB`);
+    if (state.config.cpus !== this.cfg.cpus || state.config.memoryMiB !== this.cfg.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${opts.what}: saved with ${state.config.cpus} vCPUs and ${state.config.memoryMiB} MiB`);
+    phase("apply");
     this.checkCpu(state, opts.what, this.kvm.supportedCpuid(), this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0);
     this.awaitingState = false;
     const advance = opts.keepClock === true ? 0n : elapsedSinceSave(state.vm);
@@ -505,6 +539,7 @@ export class Vm {
     for (const v of this.vcpus) markClockPaused(v);
     this.restoredDevices = state.devices;
     this.restoredRunState = state.runState;
+    phase("applied");
   }
 
   /**
@@ -555,7 +590,7 @@ export class Vm {
   }
 
   private async startDevices(): Promise<VcpuWorkerInit["platform"]> {
-    const devices = this.config.devices;
+    const devices = this.cfg.devices;
     if (devices === undefined || !hasDevices(devices)) return undefined;
     const eventfd = libc.eventfd();
     const mailbox = createMailbox(this.vcpus.length);
@@ -565,7 +600,7 @@ export class Vm {
       vmFd: this.vm.fd,
       memory: this.memory.hostRegions,
       mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
-      ...(this.config.debugDeviceCommands === true ? { debugCommands: true } : {}),
+      ...(this.cfg.debugDeviceCommands === true ? { debugCommands: true } : {}),
       // Checked again by the device thread (parseDevicesState) before anything is built from it.
       ...(this.deferDeviceState ? { deferRestore: true } : this.restoredDevices !== undefined && this.restoredDevices !== null ? { restore: this.restoredDevices as DevicesState } : {}),
     };
@@ -605,7 +640,7 @@ export class Vm {
   deviceCommand<R extends DeviceRequest>(request: R): Promise<DeviceReplies[R["command"]]> {
     const d = this.deviceThread;
     if (d === undefined) return Promise.reject(new TypevisorError("NO_DEVICES", "this VM has no devices"));
-    if (request.command.startsWith("debug.") && this.config.debugDeviceCommands !== true) {
+    if (request.command.startsWith("debug.") && this.cfg.debugDeviceCommands !== true) {
       return Promise.reject(new TypevisorError("INVALID_REQUEST", `${request.command} needs debugDeviceCommands`));
     }
     const id = ++this.commandSeq;
@@ -647,6 +682,7 @@ export class Vm {
   async run(opts: { paused?: boolean; onStarted?: () => void } = {}): Promise<VmExitResult> {
     if (this.state !== "created") throw new TypevisorError("VM_STATE", `cannot start a VM that is ${this.state}`);
     if (this.awaitingState) throw new TypevisorError("VM_STATE", "this VM waits for its state (applyState) before it can run");
+    if (this.aheadOfHost) throw new TypevisorError("VM_STATE", "this VM was built ahead and waits for its host (takeHost) before it can run");
     const startPaused = opts.paused ?? this.restoredRunState === "paused";
     // Paused from the start: the vCPUs park at their first look at the control words. Set before
     // the devices start (an await): a resume() meanwhile (a daemon resuming a VM restored paused,
@@ -658,6 +694,7 @@ export class Vm {
     // each is a Node worker whose bootstrap and module loading is most of a VMM's start-up
     // (docs/benchmarks.md, density), so the two start together. They wait parked until the
     // devices are up: a bad disk still fails before any guest code runs.
+    phase("run");
     if (this.vcpuThreads === undefined && this.devicePlatform !== undefined) {
       this.starting = true;
       this.spawnVcpus(true, this.devicePlatform);
@@ -691,6 +728,9 @@ export class Vm {
     } else exited = this.spawnVcpus(false, platform).exited; // PAUSE is as set above (or by a resume() since)
     // Every thread of this VM is started: spare ones a standby started ahead that it did not take go.
     endPrestarted();
+    phase("released");
+    const phases = takePhases();
+    if (phases !== undefined) process.stderr.write(`typevisor: phases ${phases}\n`);
     // The vCPU workers exist by now (created synchronously): tell the caller on the next turn.
     if (opts.onStarted !== undefined) setImmediate(opts.onStarted);
     const result = await exited;
@@ -742,9 +782,9 @@ export class Vm {
         const init: VcpuWorkerInit = {
           vcpuId: vcpu.id, vcpuFd: vcpu.fd, vmFd: this.vm.fd, runSize: this.runMaps[vcpu.id]!.run.length,
           control: this.control, stats: this.stats, serial: this.serialShared,
-          consoleFd: this.config.consoleFd, com1Gsi: IRQ.COM1, niceOffset: this.config.vcpuNice ?? DEFAULT_VCPU_NICE, board: this.board,
+          consoleFd: this.cfg.consoleFd, com1Gsi: IRQ.COM1, niceOffset: this.cfg.vcpuNice ?? DEFAULT_VCPU_NICE, board: this.board,
           ...(platform !== undefined ? { platform } : {}),
-          ...(this.config.vcpuSeccomp === true ? { seccomp: true } : {}),
+          ...(this.cfg.vcpuSeccomp === true ? { seccomp: true } : {}),
         };
         const w = spawnWorker("vcpu/worker.js", init);
         w.on("message", (m: VcpuMessage) => {
@@ -887,7 +927,7 @@ export class Vm {
     const message = `disk ${m.path}: the filesystem ${fs.mountPoint} (${fs.type}) is full (${m.errno} on a ${m.op}; ${formatBytes(fs.freeBytes)} free of ${formatBytes(fs.sizeBytes)}): the VM is paused; free space there and resume it`;
     this.pauseReason_ = { kind: "disk-full", errno: m.errno, op: m.op, disk: m.path, filesystem: fs, message, at: new Date().toISOString() };
     const reason = this.pauseReason_;
-    const told = (): void => this.config.onPaused?.(reason);
+    const told = (): void => this.cfg.onPaused?.(reason);
     if (this.state !== "running") return told();
     void this.pauseForDisk(reason).then(told);
   }
@@ -994,7 +1034,7 @@ export class Vm {
     // A VM with devices whose thread is not running (not started yet, or stopped) still shows its row.
     let asked: Promise<DeviceAnswer> | undefined;
     if (this.deviceThread !== undefined) asked = this.askDeviceThread(answerMs);
-    else if (hasDevices(this.config.devices)) asked = Promise.resolve({ error: `the device thread is not running (the VM is ${this.state})`, ms: 0 });
+    else if (hasDevices(this.cfg.devices)) asked = Promise.resolve({ error: `the device thread is not running (the VM is ${this.state})`, ms: 0 });
     const kernel = new Promise<KernelThread[] | null>((resolve) => {
       const timer = setTimeout(() => resolve(null), answerMs);
       kernelThreads().then(

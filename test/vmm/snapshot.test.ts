@@ -51,8 +51,8 @@ const readIf = (p: string): string => (existsSync(p) ? readFileSync(p, "latin1")
 const kill = killVmm;
 
 /** `run --standby` on `api`: the process, its stderr so far, and its exit code once it ends. */
-function startStandby(api: string): { child: ChildProcess; err: () => string; exited: Promise<number | null> } {
-  const child = spawn(process.execPath, [BIN, "run", "--standby", "--force-kvm", "--no-lab", "--api-socket", api], { stdio: ["ignore", "pipe", "pipe"] });
+function startStandby(api: string, extra: string[] = []): { child: ChildProcess; err: () => string; exited: Promise<number | null> } {
+  const child = spawn(process.execPath, [BIN, "run", "--standby", "--force-kvm", "--no-lab", "--api-socket", api, ...extra], { stdio: ["ignore", "pipe", "pipe"] });
   let err = "";
   child.stderr.on("data", (b: Buffer) => (err += b.toString()));
   const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
@@ -216,6 +216,119 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
         return t.ioThreads[0]?.state === "running" ? t.ioThreads[0].tid ?? undefined : undefined;
       }, 20_000);
       expect(before.has(io), "the disk's I/O thread was started ahead").toBe(true);
+    } finally {
+      child.kill("SIGKILL");
+    }
+  }, 60_000);
+
+  /** The mappings of `pid` (/proc/PID/smaps) of the file `path`, with their resident KiB. */
+  function fileMappings(pid: number, path: string): { inode: number; rssKiB: number }[] {
+    const out: { inode: number; rssKiB: number }[] = [];
+    let cur: { inode: number; rssKiB: number } | undefined;
+    for (const line of readFileSync(`/proc/${pid}/smaps`, "utf8").split("\n")) {
+      const head = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ (\d+)\s+(.*)$/.exec(line);
+      if (head !== null) {
+        cur = head[2] === path ? { inode: Number(head[1]), rssKiB: 0 } : undefined;
+        if (cur !== undefined) out.push(cur);
+      } else if (cur !== undefined && line.startsWith("Rss:")) cur.rssKiB = Number(/(\d+)/.exec(line)![1]);
+    }
+    return out;
+  }
+
+  it("a standby started for a template (--template) builds its VM ahead, and its restore takes that VM", async () => {
+    const d = mkdtempSync(join(dir, "standby-template-"));
+    const api = join(d, "api.sock");
+    const sock = join(d, "c.sock");
+    const { child, err, exited } = startStandby(api, ["--template", snap]);
+    try {
+      await until("the standby socket", () => existsSync(api));
+      expect(err()).toContain(`a VM built for ${snap}`);
+      // Before any request: the template's memory mapped, and the pages its guest had written in
+      // place in this process's page tables already (populated), one mapping per RAM region.
+      const mem = join(snap, SNAPSHOT_FILES.memory);
+      const ahead = fileMappings(child.pid!, mem);
+      expect(ahead.length).toBeGreaterThan(0);
+      expect(ahead.reduce((a, m) => a + m.rssKiB, 0)).toBeGreaterThan(64);
+      const r = await unixApi(api, "PUT", "/restore", { snapshot: snap, consoleSocket: sock });
+      expect(r.status, `${JSON.stringify(r.body)} ${err()}`).toBe(200);
+      expect(err()).toContain(`restore: into the VM this standby built ahead for ${snap}`);
+      // The same mappings serve the restored VM: no second one of the file was made.
+      expect(fileMappings(child.pid!, mem).length).toBe(ahead.length);
+      const c = await consoleClient(sock);
+      c.sock.write("templ");
+      await until("the echo", () => c.text().includes("templ"));
+      expect((await unixApi(api, "GET", "/vm")).body.restoredFrom).toBe(snap);
+      c.sock.destroy();
+      expect((await unixApi(api, "POST", "/stop")).status).toBe(202);
+      expect(await exited).toBe(0);
+    } finally {
+      child.kill("SIGKILL");
+    }
+  }, 60_000);
+
+  it("a standby started for one template restores another snapshot, or a replaced template, from the files asked for", async () => {
+    const d = mkdtempSync(join(dir, "standby-other-"));
+    // A copy of snap is another snapshot (other inode); the template then has its memory file replaced.
+    const other = join(d, "other");
+    cpSync(snap, other, { recursive: true });
+    const templ = join(d, "templ");
+    cpSync(snap, templ, { recursive: true });
+    for (const [name, asked, change] of [
+      ["other", other, () => undefined],
+      ["replaced", templ, () => {
+        const m = join(templ, SNAPSHOT_FILES.memory);
+        cpSync(m, `${m}.new`);
+        rmSync(m);
+        cpSync(`${m}.new`, m);
+        rmSync(`${m}.new`);
+      }],
+    ] as const) {
+      const api = join(d, `${name}.sock`);
+      const sock = join(d, `${name}.c.sock`);
+      const { child, err, exited } = startStandby(api, ["--template", templ]);
+      try {
+        await until("the standby socket", () => existsSync(api));
+        expect(err()).toContain("a VM built for");
+        const ahead = fileMappings(child.pid!, join(templ, SNAPSHOT_FILES.memory));
+        expect(ahead.length).toBeGreaterThan(0);
+        change();
+        const r = await unixApi(api, "PUT", "/restore", { snapshot: asked, consoleSocket: sock });
+        expect(r.status, `${JSON.stringify(r.body)} ${err()}`).toBe(200);
+        // The VM built ahead is gone; the restored one maps the file asked for, as it is now.
+        const now = fileMappings(child.pid!, join(asked, SNAPSHOT_FILES.memory));
+        expect(now.length).toBeGreaterThan(0);
+        const ino = statSync(join(asked, SNAPSHOT_FILES.memory)).ino;
+        expect(now.every((m) => m.inode === ino), name).toBe(true);
+        expect(err()).not.toContain("built ahead");
+        if (name === "other") expect(fileMappings(child.pid!, join(templ, SNAPSHOT_FILES.memory))).toEqual([]);
+        const c = await consoleClient(sock);
+        c.sock.write(name);
+        await until("the echo", () => c.text().includes(name));
+        c.sock.destroy();
+        expect((await unixApi(api, "POST", "/stop")).status).toBe(202);
+        expect(await exited).toBe(0);
+      } finally {
+        child.kill("SIGKILL");
+      }
+    }
+  }, 90_000);
+
+  it("a standby whose template cannot be read says so and still serves restores", async () => {
+    const d = mkdtempSync(join(dir, "standby-notempl-"));
+    const api = join(d, "api.sock");
+    const sock = join(d, "c.sock");
+    const { child, err, exited } = startStandby(api, ["--template", join(dir, "nowhere")]);
+    try {
+      await until("the standby socket", () => existsSync(api));
+      expect(err()).toMatch(/template .*nowhere not made ready/);
+      const r = await unixApi(api, "PUT", "/restore", { snapshot: snap, consoleSocket: sock });
+      expect(r.status, `${JSON.stringify(r.body)} ${err()}`).toBe(200);
+      const c = await consoleClient(sock);
+      c.sock.write("plain");
+      await until("the echo", () => c.text().includes("plain"));
+      c.sock.destroy();
+      expect((await unixApi(api, "POST", "/stop")).status).toBe(202);
+      expect(await exited).toBe(0);
     } finally {
       child.kill("SIGKILL");
     }

@@ -24,6 +24,7 @@
 import { closeSync, fstatSync, openSync, readSync } from "node:fs";
 import { TypevisorError } from "../../errors.js";
 import * as libc from "../../sys/libc.js";
+import { populateRead } from "../../sys/iov.js";
 import type { HostRegion } from "../memory/guest-memory.js";
 import type { MemoryLayout } from "./state.js";
 
@@ -305,4 +306,30 @@ export function mapMemoryLayers(layers: readonly MemoryLayer[], reserved: readon
       }
     });
   }
+}
+
+/**
+ * Fill the host page tables of every range of `reserved` (mapped by mapMemoryLayers) that some
+ * layer holds data for, so the guest's first touch of such a page costs KVM's stage-2 fault only,
+ * not a host page fault inside it (lab, 2026-12-06: 0.2 of the 0.27 s a restored 256 MiB guest
+ * took to answer its first line was spent that way). Holes are left alone: populating them
+ * would give the file pages for them. For a VM built ahead of its restore (a standby's template),
+ * where the time is not the guest's. Returns false when the kernel cannot (before Linux 5.14).
+ */
+export function populateMemoryLayers(layers: readonly MemoryLayer[], reserved: readonly libc.Mapping[]): boolean {
+  for (const l of layers) {
+    for (const [i, r] of l.layout.regions.entries()) {
+      const m = reserved[i];
+      if (m === undefined) continue;
+      const ranges = r.runs !== undefined ? r.runs.map(([start, count]): [number, number] => [start * PAGE, (start + count) * PAGE]) : dataRanges(l.fd, r.fileOffset, r.size);
+      for (const [a, b] of ranges) {
+        // Safe: [a, b) lies inside this region (dataRanges stops at its end; runs were checked
+        // against its size by the state's schema), whose mapping the caller owns.
+        const e = populateRead(m.address + BigInt(a), Math.min(b, r.size) - a);
+        if (e === -libc.EINVAL) return false;
+        if (e < 0) throw new TypevisorError("SNAPSHOT_INVALID", `${l.what}: reading memory ahead: ${libc.errnoName(-e)}`);
+      }
+    }
+  }
+  return true;
 }

@@ -24,6 +24,7 @@ import { boardRow, enterStamped, PHASE, SLOT, vcpuWord, WORD, withMailbox, withP
 import { CTRL, STAT_SLOTS, THROTTLE_SLICE_MS, VmRequest, type VcpuMessage, type VcpuWorkerInit, type VmRequestCode } from "./control.js";
 import { formatRegisterDump } from "./dump.js";
 import { workerInit } from "../threads/spawn.js";
+import { tracingPhases } from "../phases.js";
 
 const init = await workerInit<VcpuWorkerInit>();
 const port = parentPort;
@@ -215,6 +216,7 @@ function loop(): LoopEnd {
     const throttle = Atomics.load(ctrl, CTRL.THROTTLE);
     if (throttle > 0) throttled(throttle);
     state[WORD.STATE] = withPhase(word, PHASE.run);
+    if (!entered && tracingPhases) process.stderr.write(`typevisor: vCPU ${init.vcpuId} first KVM_RUN at ${(performance.timeOrigin + performance.now()).toFixed(1)} (epoch ms)\n`);
     entered = true;
     const r = libc.ioctlRaw(init.vcpuFd, KVM.RUN, 0);
     if (r < 0) {
