@@ -957,8 +957,12 @@ export class VmManager extends EventEmitter {
    * the restore failed there (that standby is ended, and the caller spawns as usual, which says why).
    */
   private async fromStandby(l: VmmLaunch, cgroup: VmCgroup | undefined): Promise<{ child: ChildProcess; pidFile: string } | undefined> {
-    const sb = l.restore !== undefined ? this.standby.take() : undefined;
-    if (sb === undefined || l.restore === undefined) return undefined;
+    if (l.restore === undefined) return undefined;
+    // The standbys are started for the memory snapshot restored last from now on (standby.ts).
+    const template = this.snapshots.memorySnapshotAt(l.restore.dir);
+    if (template !== undefined) this.standby.want(template);
+    const sb = this.standby.take(template?.id);
+    if (sb === undefined) return undefined;
     try {
       // Where its files go (a new VM's output directory may not be there yet).
       for (const f of [l.consoleLog, l.exitFile, l.vmmLog]) mkdirSync(dirname(f), { recursive: true, mode: 0o700 });
@@ -1392,8 +1396,9 @@ export class VmManager extends EventEmitter {
     await this.sweepOrphans();
     // A previous daemon's standbys end (and one it was handing a VM when killed); new ones start.
     const recorded = new Set(this.store.listVms().flatMap((r) => (r.runtime !== undefined ? [r.runtime.pid] : [])));
-    const template = this.jailer !== undefined ? this.snapshots.newestWithMemory() : undefined;
-    for (const p of this.standby.start(recorded, this.jailer === undefined && this.snapshots.anyWithMemory())) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
+    // The pool's template: the newest memory snapshot (standby.ts); none kept without one.
+    const template = this.snapshots.newestWithMemory();
+    for (const p of this.standby.start(recorded)) this.daemonEvent("daemon.cleanup", `ended a standby VMM a previous daemon left (${p})`, {});
     if (template !== undefined) this.standby.want(template);
   }
 

@@ -400,15 +400,10 @@ export class Snapshots {
     if (plan.jail !== undefined) await removeJailSave(dirname(plan.jail.save), plan.jail.uid);
   }
 
-  /** The memory snapshot taken last, if any (what a jailed standby pool starts for: standby.ts). */
+  /** The memory snapshot taken last, if any (what the standby pool starts for at the daemon's start: standby.ts). */
   newestWithMemory(): { id: string; dir: string } | undefined {
     const r = this.db.prepare("SELECT id FROM snapshots WHERE memory = 1 ORDER BY created_at DESC, rowid DESC LIMIT 1").get() as { id: string } | undefined;
     return r !== undefined ? { id: r.id, dir: this.stateDir(r.id) } : undefined;
-  }
-
-  /** Whether any VM has a snapshot with memory (something a standby VMM could restore). */
-  anyWithMemory(): boolean {
-    return this.db.prepare("SELECT 1 FROM snapshots WHERE memory = 1 LIMIT 1").get() !== undefined;
   }
 
   list(vmName: string): SnapshotInfo[] {

@@ -7,12 +7,17 @@
  * the VM's places, and a new standby is started behind it. Every other start spawns as before.
  * The pool is filled once the inventory has a memory snapshot (want()), not before.
  *
+ * Every standby is started for the pool's template: the memory snapshot restored last (before
+ * any restore, the first one saved; at the daemon's start, the newest). It builds that
+ * snapshot's VM ahead (`run --standby --template`: its state in place, its memory mapped), so a
+ * restore of the template only gives the VM its console and back ends; a restore of another
+ * snapshot builds its VM as before.
+ *
  * Under the VMM sandbox (`jail` given) each standby is jailed for one memory snapshot, the
  * pool's template (docs/security.md "Standby VMMs in the sandbox"): it runs as a uid of its own
  * with that snapshot's group, and the daemon binds the VM's files into its view when it hands it
  * a VM (`<k>.d`, the hand-off directory; manager.ts fromJailedStandby). Only a restore of that
- * snapshot can take it; the template is the memory snapshot restored last (before any restore,
- * the first one saved; at the daemon's start, the newest).
+ * snapshot can take it.
  *
  * Files live in `<home>/standby/`: `<k>.api` (socket), `<k>.log` (its stderr), `<k>.pid` (pid and
  * start time), jailed also `<k>.con` (the console socket it will serve), `<k>.d` and `<k>.d.root`
@@ -41,7 +46,7 @@ export interface StandbyVmm {
   jail?: { key: string; uid: number; consoleSocket: string; handoff: string; fdSocket: number };
 }
 
-/** A memory snapshot a jailed standby is started for: its id and saved state's directory. */
+/** A memory snapshot standbys are started for: its id and saved state's directory. */
 export interface StandbyTemplate {
   id: string;
   dir: string;
@@ -100,7 +105,7 @@ export class StandbyPool {
   private wanted = false;
   /** The refill after a take (STANDBY_REFILL_DELAY_MS), while it waits. */
   private refill: NodeJS.Timeout | undefined;
-  /** Jailed: the memory snapshot the standbys are started for. */
+  /** The memory snapshot standbys are started for (jailed: the one they may serve). */
   private template: StandbyTemplate | undefined;
   readonly dir: string;
 
@@ -167,7 +172,11 @@ export class StandbyPool {
     let child: ChildProcess;
     try {
       // Detached and with the VMM's environment only, as every VMM (engine/native.ts spawnVmm).
-      child = spawn(process.execPath, [...VMM_NODE_FLAGS, TYPEVISOR_BIN, "run", "--standby", "--no-lab", "--api-socket", socket, ...(this.opts.forceKvm ? ["--force-kvm"] : [])], {
+      child = spawn(process.execPath, [
+        ...VMM_NODE_FLAGS, TYPEVISOR_BIN, "run", "--standby", "--no-lab", "--api-socket", socket,
+        ...(this.template !== undefined ? ["--template", this.template.dir] : []),
+        ...(this.opts.forceKvm ? ["--force-kvm"] : []),
+      ], {
         detached: true,
         stdio: ["ignore", log, log],
         env: vmmEnv("standby"),
@@ -176,7 +185,7 @@ export class StandbyPool {
       closeSync(log);
     }
     child.unref();
-    const slot: Slot = { key, child, pid: child.pid, ready: false };
+    const slot: Slot = { key, child, pid: child.pid, ready: false, ...(this.template !== undefined ? { template: this.template.id } : {}) };
     this.slots.set(key, slot);
     if (child.pid === undefined) {
       this.slots.delete(key);
@@ -258,45 +267,55 @@ export class StandbyPool {
   }
 
   /**
-   * There is something to restore (a memory snapshot): keep the pool filled from now on. Jailed,
-   * `template` is the snapshot the standbys are for: standbys of another one are ended; without
-   * `retarget`, only when the pool has no template yet (a snapshot saved does not take the pool
-   * from the one being cloned: a restore does).
+   * There is something to restore (a memory snapshot): keep the pool filled from now on.
+   * `template` is the snapshot the standbys are started for from now on; without `retarget`, only
+   * when the pool has no template yet (a snapshot saved does not take the pool from the one being
+   * cloned: a restore does). Jailed standbys of another template are ended (they could serve no
+   * restore); unjailed ones stay, and serve any restore, only without a VM built ahead.
    */
   want(template?: StandbyTemplate, opts: { retarget: boolean } = { retarget: true }): void {
     this.wanted = true;
-    if (this.opts.jail !== undefined && template !== undefined && template.id !== this.template?.id && (opts.retarget || this.template === undefined)) {
+    if (template !== undefined && template.id !== this.template?.id && (opts.retarget || this.template === undefined)) {
       this.template = template;
-      for (const [key, s] of [...this.slots]) {
-        if (s.template === template.id) continue;
-        this.slots.delete(key);
-        s.child?.kill("SIGKILL"); // its exit handler releases its files
+      if (this.opts.jail !== undefined) {
+        for (const [key, s] of [...this.slots]) {
+          if (s.template === template.id) continue;
+          this.slots.delete(key);
+          s.child?.kill("SIGKILL"); // its exit handler releases its files
+        }
       }
     }
     this.fill();
   }
 
-  /** Jailed: `exists` says the template's snapshot is gone: its standbys end, and none start until the next want(). */
+  /**
+   * `exists` says which snapshots are still there: standbys started for one that is gone end (the
+   * VM built ahead maps its memory file, which would keep its space on disk), and when it was the
+   * template, none is started for it again (jailed: none at all until the next want()).
+   */
   dropTemplateUnless(exists: (snapId: string) => boolean): void {
-    if (this.template === undefined || exists(this.template.id)) return;
-    this.template = undefined;
+    if (this.template !== undefined && !exists(this.template.id)) this.template = undefined;
     for (const [key, s] of [...this.slots]) {
+      if (s.template === undefined || exists(s.template)) continue;
       this.slots.delete(key);
       s.child?.kill("SIGKILL");
     }
+    this.fill();
   }
 
-  /** The template jailed standbys are started for now. */
+  /** The template standbys are started for now. */
   templateId(): string | undefined {
     return this.template?.id;
   }
 
   /**
    * A ready standby, out of the pool (a new one is started behind it, STANDBY_REFILL_DELAY_MS
-   * later), or undefined. Jailed, only one started for `template` (the snapshot being restored).
+   * later), or undefined: one started for `template` (the snapshot being restored), else,
+   * unjailed, any. Jailed, only one started for it.
    */
   take(template?: string): StandbyVmm | undefined {
-    const slot = [...this.slots.values()].find((s) => s.ready && s.child !== undefined && s.child.exitCode === null && s.child.signalCode === null && (this.opts.jail === undefined || s.template === template));
+    const live = [...this.slots.values()].filter((s) => s.ready && s.child !== undefined && s.child.exitCode === null && s.child.signalCode === null);
+    const slot = live.find((s) => s.template === template) ?? (this.opts.jail === undefined ? live[0] : undefined);
     if (slot === undefined) {
       this.fill();
       return undefined;

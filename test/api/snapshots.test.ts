@@ -364,6 +364,13 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       let standby = await ready();
       // Node started with the VMM's isolate limits, as every VMM the daemon starts (vmm/isolates.ts)
       expect(readFileSync(`/proc/${standby}/cmdline`, "utf8").split("\0")).toEqual(expect.arrayContaining([...VMM_NODE_FLAGS]));
+      // Started for the snapshot (the pool's template), whose VM it builds ahead.
+      const templateArg = (pid: number): string | undefined => {
+        const a = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
+        return a[a.indexOf("--template") + 1];
+      };
+      const m = (await c.listSnapshots("sb1")).find((x) => x.name === "m")!;
+      expect(templateArg(standby)).toBe(join(sd.home, "snapshots", m.id));
       const taking = Date.now();
       await c.rollbackSnapshot("sb1", "m");
       // The one behind it starts STANDBY_REFILL_DELAY_MS after the take, not beside the restored
@@ -373,6 +380,7 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       let vm = await c.getVm("sb1");
       expect(vm.pid, sd.log().split("\n").filter((l) => l.includes("standby")).join("\n")).toBe(standby);
       expect(readFileSync(join(sd.home, "vms", vm.id, "vmm.log"), "utf8")).toContain("on standby at");
+      expect(readFileSync(join(sd.home, "vms", vm.id, "vmm.log"), "utf8")).toContain("into the VM this standby built ahead");
       await echoes(c, "sb1", "from-standby");
       standby = await ready();
       expect(standby).not.toBe(vm.pid);
@@ -380,6 +388,27 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       expect(clone.pid, sd.log().split("\n").filter((l) => l.includes("standby")).join("\n")).toBe(standby);
       await echoes(c, "sb1-c", "clone-standby");
       expect(await banners(c, "sb1-c")).toBe(0);
+      // A clone of another snapshot takes the standby all the same (its VM is built as usual), and
+      // turns the pool to that snapshot; removing it ends the standby started for it.
+      const m2 = await c.createSnapshot("sb1", { name: "m2" });
+      standby = await ready();
+      expect(templateArg(standby)).toBe(join(sd.home, "snapshots", m.id));
+      const c2 = await c.cloneVm("sb1", { name: "sb1-c2", snapshot: "m2" });
+      expect(c2.pid).toBe(standby);
+      expect(readFileSync(join(sd.home, "vms", c2.id, "vmm.log"), "utf8")).not.toContain("built ahead");
+      await echoes(c, "sb1-c2", "clone-other");
+      standby = await ready();
+      expect(templateArg(standby)).toBe(join(sd.home, "snapshots", m2.id));
+      await c.removeVm("sb1-c2", { force: true });
+      await c.removeSnapshot("sb1", "m2");
+      await until("the standby for m2 ended", () => {
+        try {
+          process.kill(standby, 0);
+          return undefined;
+        } catch {
+          return true;
+        }
+      });
       // A daemon killed leaves its standbys: the next one ends them, and keeps its VMs.
       standby = await ready();
       vm = await c.getVm("sb1");

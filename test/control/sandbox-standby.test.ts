@@ -9,7 +9,7 @@
  */
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { TypevisorClient } from "../../src/api/client.js";
 import { JAIL_BIN } from "../../src/control/sandbox/sandbox.js";
@@ -90,8 +90,12 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     expect(readFileSync(`/proc/${standby}/status`, "utf8")).toMatch(/^CapEff:\s*0+$/m);
     // The allowlist, the quiet clone3 filter and the no-exec filter (installed once, at the standby's start)
     expect(readFileSync(`/proc/${standby}/status`, "utf8")).toMatch(/^Seccomp_filters:\s*3$/m);
-    // Before it is handed a VM it sees nothing of the daemon's home.
-    expect(readdirSync(`/proc/${standby}/root${d.home}`)).toEqual([]);
+    // Before it is handed a VM it sees nothing of the daemon's home but its template's saved
+    // state (read-only), from which it built that VM ahead.
+    expect(readdirSync(`/proc/${standby}/root${d.home}`)).toEqual(["snapshots"]);
+    expect(readdirSync(`/proc/${standby}/root${join(d.home, "snapshots")}`)).toEqual([gold.id]);
+    expect(mountsUnder(standby, d.home).find((m) => m.at === join(d.home, "snapshots", gold.id))?.opts).toMatch(/^ro,/);
+    await until("the VM built ahead", () => (readFileSync(join(d.home, "standby", `${readdirSync(join(d.home, "standby")).find((f) => f.endsWith(".pid") && readFileSync(join(d.home, "standby", f), "utf8").startsWith(`${standby} `))!.slice(0, -".pid".length)}.log`), "utf8").includes("a VM built for") ? true : undefined), 20_000);
 
     const key = readdirSync(join(d.home, "standby")).find((f) => f.endsWith(".pid") && readFileSync(join(d.home, "standby", f), "utf8").startsWith(`${standby} `))!.slice(0, -".pid".length);
     expect(existsSync(join(d.home, "standby", `${key}.d`))).toBe(true);
@@ -102,6 +106,7 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     await echoes(c, "c1", "from-jailed-standby");
     expect(await banners(c, "c1")).toBe(0);
     expect(readFileSync(join(d.home, "vms", clone.id, "vmm.log"), "utf8")).toContain("on standby at");
+    expect(readFileSync(join(d.home, "vms", clone.id, "vmm.log"), "utf8")).toContain(`restore: into the VM this standby built ahead for ${join(d.home, "snapshots", gold.id)}`);
     // Its files at their host paths, its disk its uid's and writable, the layer under it read-only.
     const view = `/proc/${clone.pid!}/root`;
     const disk = clone.disks[0]!.path;
@@ -193,8 +198,10 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     expect((await d.client.getVm("k1")).pid).toBe(clone.pid);
     await echoes(d.client, "k1", "after-the-daemon-restart");
     expect(mountsUnder(clone.pid!, home).map((m) => m.at)).toEqual(cloneView);
-    // Only the new standby's (empty) hand-off directory is mounted on the host.
-    expect(mountsUnder("self", home).map((m) => m.at)).toEqual([join(home, "standby", readdirSync(join(home, "standby")).find((f) => f.endsWith(".d"))!)]);
+    // Only the new standby's hand-off directory is mounted on the host, with its template's saved state in it.
+    const handoff = join(home, "standby", readdirSync(join(home, "standby")).find((f) => f.endsWith(".d"))!);
+    const gold2 = (await d.client.listSnapshots("t")).find((x) => x.name === "gold2")!;
+    expect(mountsUnder("self", home).map((m) => m.at).sort()).toEqual([handoff, join(handoff, relative(home, join(home, "snapshots", gold2.id)))].sort());
     await d.client.stopVm("k1");
   }, 180_000);
 });

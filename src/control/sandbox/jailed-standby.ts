@@ -9,6 +9,8 @@
  *     group reserved (allocateUid) while the standby lives;
  *   - its control and console sockets are bound by the daemon in `standby/` and renamed into the
  *     VM's places when it is handed one;
+ *   - the template's saved state is bound into its view (read-only) when it starts, so it builds
+ *     that snapshot's VM ahead (`run --standby --template`);
  *   - the VM's files reach its view through its hand-off directory `standby/<key>.d`: a shared
  *     mount the jail holds as a slave at the daemon's home (typevisor-jail --handoff). Handing it a
  *     VM binds each file the VM needs (the same list a fresh jail gets: vmFileBinds) at its own
@@ -115,6 +117,10 @@ export class JailedStandbys implements StandbyJailer {
     mkdirSync(files.handoff, { mode: 0o711 });
     chmodSync(files.handoff, 0o711); // under the daemon's umask
     makeSharedMount(files.handoff);
+    // The template's saved state, read-only, in its view from the start (it would be handed over
+    // with its first VM anyway, and its group may read it): the standby builds its VM ahead.
+    const templateAt = underHome(this.o.home, template.dir);
+    if (templateAt !== undefined) bindAt({ path: template.dir, rw: false }, join(files.handoff, templateAt));
     const l: VmmLaunch = {
       id: `standby-${key}`, kernel: "", cmdline: "", cpus: 1, memoryMiB: 0, disks: [], nets: [], rng: false, balloon: false,
       apiSocket: files.socket, consoleLog: "", consoleLogSize: 0, consoleSocket: files.consoleSocket, exitFile: "", vmmLog: files.log, forceKvm: this.o.forceKvm,
@@ -125,7 +131,7 @@ export class JailedStandbys implements StandbyJailer {
       shutdownRead(mine); // a standby taken over cannot queue anything on the daemon's side
       const s = await spawnSandboxed(l, {
         uid, root: `${files.handoff}.root`, outDir: "", restoreGroup: group, allowedBacking: () => false,
-        standby: { handoff: files.handoff, home: this.o.home, socket: theirs },
+        standby: { handoff: files.handoff, home: this.o.home, socket: theirs, ...(templateAt !== undefined ? { template: template.dir } : {}) },
       });
       return { child: s.child, pid: s.pid, uid, fdSocket: mine };
     } catch (e) {
@@ -173,26 +179,38 @@ export function hasSandboxUid(db: Database.Database, vmId: string): boolean {
  */
 export function handVmFiles(l: VmmLaunch, s: { uid: number; home: string; handoff: string; outDir: string; allowedBacking: (path: string) => boolean }): boolean {
   const binds = vmFileBinds(l, s.uid, s.outDir, s.allowedBacking);
-  const rel = binds.map((b) => relative(s.home, b.path));
-  if (rel.some((r) => r === "" || r.startsWith("..") || r.startsWith(sep))) return false;
+  const rel = binds.map((b) => underHome(s.home, b.path));
+  if (rel.some((r) => r === undefined)) return false;
   // None inside another: a placeholder is made through the host's path, which must not pass
   // through a bound directory the VMM can write (its out/: a symlink put there would be followed).
   if (binds.some((a) => binds.some((b) => b !== a && a.path.startsWith(b.path + sep)))) return false;
-  binds.forEach((b, i) => {
-    const at = join(s.handoff, rel[i]!);
-    for (let d = dirname(at), made: string[] = []; ; d = dirname(d)) {
-      if (existsSync(d)) {
-        for (const m of made.reverse()) {
-          mkdirSync(m, { mode: 0o711 });
-          chmodSync(m, 0o711); // under the umask
-        }
-        break;
-      }
-      made.push(d);
-    }
-    if (statSync(b.path).isDirectory()) mkdirSync(at, { recursive: true, mode: 0o700 });
-    else closeSync(openSync(at, "wx", 0o600)); // O_EXCL: a new file, never one that was there (nor a symlink)
-    attachBind(b.path, at, b.rw);
-  });
+  binds.forEach((b, i) => bindAt(b, join(s.handoff, rel[i]!)));
   return true;
+}
+
+/** Home-relative, when `path` lies inside `home` (not `home` itself). */
+function underHome(home: string, path: string): string | undefined {
+  const r = relative(home, path);
+  return r === "" || r.startsWith("..") || r.startsWith(sep) ? undefined : r;
+}
+
+/**
+ * `b` bound at `at` (under a hand-off directory), the directories up to it made (traversable
+ * only). A directory bound again where it is already (the template's saved state, bound when the
+ * standby started) is stacked on the first: the same files.
+ */
+function bindAt(b: { path: string; rw: boolean }, at: string): void {
+  for (let d = dirname(at), made: string[] = []; ; d = dirname(d)) {
+    if (existsSync(d)) {
+      for (const m of made.reverse()) {
+        mkdirSync(m, { mode: 0o711 });
+        chmodSync(m, 0o711); // under the umask
+      }
+      break;
+    }
+    made.push(d);
+  }
+  if (statSync(b.path).isDirectory()) mkdirSync(at, { recursive: true, mode: 0o700 });
+  else closeSync(openSync(at, "wx", 0o600)); // O_EXCL: a new file, never one that was there (nor a symlink)
+  attachBind(b.path, at, b.rw);
 }

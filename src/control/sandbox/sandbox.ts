@@ -193,7 +193,7 @@ export async function spawnSandboxed(
     /** A restore: the saved state's directory (bound read-only) and the group that may read it (shareWithGroup). */
     restoreGroup?: number;
     /** `socket`: this end of a SOCK_SEQPACKET pair, over which the daemon sends the VM's TAPs (scm-rights.ts); closed here once passed. */
-    standby?: { handoff: string; home: string; socket: number };
+    standby?: { handoff: string; home: string; socket: number; template?: string };
   },
 ): Promise<SandboxedVmm> {
   if (!existsSync(JAIL_BIN)) {
@@ -236,7 +236,7 @@ export async function spawnSandboxed(
     const slot = (i: number): number => 4 + i; // the child's fd numbers: stdio index = fd
     const vmm = [
       ...(s.standby !== undefined
-        ? ["run", "--standby", "--no-lab", "--api-socket", l.apiSocket, "--handoff-fd", String(slot(2)), ...(l.forceKvm ? ["--force-kvm"] : [])]
+        ? ["run", "--standby", "--no-lab", "--api-socket", l.apiSocket, "--handoff-fd", String(slot(2)), ...(s.standby.template !== undefined ? ["--template", s.standby.template] : []), ...(l.forceKvm ? ["--force-kvm"] : [])]
         : vmmArgs({ ...l, nets: [] })),
       "--api-socket-fd", String(slot(0)),
       "--console-socket-fd", String(slot(1)),

@@ -84,7 +84,8 @@ static const char *root, *cgroup, *hostname, *seccomp_hex, *seccomp_quiet_hex;
  * directory the daemon made a shared mount (its own peer group); it is bound at DST (the daemon's
  * home) as a slave, so the files the daemon binds under SRC when it hands this VMM a VM appear
  * here at the paths they have on the host. Read-only, nosuid, nodev, noexec like a data bind;
- * each file bound under it later carries its own flags.
+ * each file bound under it (before the jail starts: the template's saved state; later: the VM's
+ * files) carries its own flags.
  */
 static const char *handoff_src, *handoff_dst;
 static long uid = -1, gid = -1;
@@ -283,7 +284,8 @@ static void build_root(void) {
     mkdirs(t, 0755);
     char src[64];
     snprintf(src, sizeof src, "/proc/self/fd/%d", fd);
-    if (mount(src, t, NULL, MS_BIND, NULL) != 0) die("bind %s", handoff_src);
+    /* MS_REC: what the daemon bound there before the jail started (the template's saved state) comes too. */
+    if (mount(src, t, NULL, MS_BIND | MS_REC, NULL) != 0) die("bind %s", handoff_src);
     if (mount(NULL, t, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("remount %s", handoff_src);
     close(fd);
   }
