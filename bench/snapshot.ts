@@ -40,7 +40,7 @@ import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { microvm } from "../test/helpers/qemu-microvm.js";
 import { unixApi } from "../test/helpers/unix-api.js";
 import { instantCreate } from "./instant-create.js";
-import { compare, counterDelta, kvmCounters, median, mountDebugfs, processMemory, qmpOpen as qmpOpenLib, until as untilLib } from "./lib.js";
+import { compare, counterDelta, kvmCounters, median, mountDebugfs, processMemory, type ProcessMemory, qmpOpen as qmpOpenLib, until as untilLib } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 3);
 const MEMORY_MIBS = (process.env["BENCH_MEMORY"] ?? "256,2048").split(",").map((v) => Number(v.trim()));
@@ -151,6 +151,8 @@ interface Sample {
    */
   standbyMs?: number;
   standbyBuiltMs?: number;
+  /** The standby's memory while it waits, built ahead for the snapshot (lib.ts processMemory). */
+  standbyWaiting?: ProcessMemory;
 }
 
 /** Allocated bytes of a file or of every file in a directory (st_blocks, so holes do not count). */
@@ -202,8 +204,8 @@ async function ours(memoryMiB: number, cmdline: string, work: string): Promise<S
     showConsole("typevisor", q);
     q.kill();
     await q.exited;
-    const { standbyMs, standbyBuiltMs } = await standbyRestore(snap, work);
-    return { coldMs, snapshotMs, snapshotWallMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB, restoreKvm, standbyMs, standbyBuiltMs };
+    const { standbyMs, standbyBuiltMs, standbyWaiting } = await standbyRestore(snap, work, memoryMiB);
+    return { coldMs, snapshotMs, snapshotWallMs, fileBytes, restoreMs, restoreBuiltMs, restoreRssKiB, restoreKvm, standbyMs, standbyBuiltMs, standbyWaiting };
   } finally {
     q.kill();
     await q.exited;
@@ -217,7 +219,7 @@ async function ours(memoryMiB: number, cmdline: string, work: string): Promise<S
  * The standby is started for this snapshot (`--template`), as the daemon's pool starts them for
  * its template; BENCH_STANDBY_TEMPLATE=0 starts it without one.
  */
-async function standbyRestore(snap: string, work: string): Promise<{ standbyMs: number; standbyBuiltMs: number }> {
+async function standbyRestore(snap: string, work: string, memoryMiB: number): Promise<{ standbyMs: number; standbyBuiltMs: number; standbyWaiting: ProcessMemory }> {
   const api = join(work, "standby.sock");
   const template = process.env["BENCH_STANDBY_TEMPLATE"] === "0" ? [] : ["--template", snap];
   const p = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--standby", ...template, "--api-socket", api]);
@@ -225,6 +227,7 @@ async function standbyRestore(snap: string, work: string): Promise<{ standbyMs: 
     await until("the standby VMM's API socket", () => existsSync(api) || p.child.exitCode !== null);
     const ready = await unixApi(api, "GET", "/vm");
     if (ready.status !== 200 || ready.body.state !== "standby") throw new Error(`the standby VMM is not on standby: ${ready.status} ${JSON.stringify(ready.body)}`);
+    const standbyWaiting = processMemory(p.child.pid!, memoryMiB);
     const t = performance.now();
     const from = p.output.length;
     const r = await unixApi(api, "PUT", "/restore", { snapshot: snap, ...(KEEP_CLOCK ? { keepClock: true } : {}) });
@@ -232,7 +235,7 @@ async function standbyRestore(snap: string, work: string): Promise<{ standbyMs: 
     if (r.status !== 200) throw new Error(`PUT /restore answered ${r.status}: ${JSON.stringify(r.body)}`);
     const answeredAt = (await answerMs(p, from)) + p.t0;
     showConsole("typevisor (standby)", p);
-    return { standbyMs: answeredAt - t, standbyBuiltMs };
+    return { standbyMs: answeredAt - t, standbyBuiltMs, standbyWaiting };
   } finally {
     p.kill();
     await p.exited;
@@ -350,6 +353,8 @@ async function size(memoryMiB: number): Promise<{ memoryMiB: number; fillMiB: nu
   const standby = results.typevisor.map((s) => s.standbyMs ?? NaN);
   console.log(compare(`${tag} restore into a standby VMM (ours: PUT /restore to the answer; QEMU: process start to the answer), median (ms)`, standby, results.qemu.map((s) => s.restoreMs), 0));
   console.log(`${tag} restore into a standby VMM: PUT /restore answered after ${median(results.typevisor.map((s) => s.standbyBuiltMs ?? NaN)).toFixed(0)} ms (median)`);
+  const w = (f: (m: ProcessMemory) => number): string => (median(results.typevisor.map((s) => (s.standbyWaiting !== undefined ? f(s.standbyWaiting) : NaN))) / 1024).toFixed(1);
+  console.log(`${tag} a standby waiting (its VM built ahead), median (MiB): RSS ${w((m) => m.rssKiB)}, USS ${w((m) => m.ussKiB)} of which in files ${w((m) => m.fileUssKiB)} (the snapshot's memory file, its pages in the page cache, which clones share), page tables ${w((m) => m.pteKiB)}`);
   const rs = median(standby) / median(results.qemu.map((s) => s.restoreMs));
   console.log(`${tag} goal: restore at most 0.2x QEMU's, from a standby VMM: ${rs.toFixed(2)}x, ${rs <= 0.2 ? "met" : "not met"}`);
   console.log(compare(`${tag} resident memory right after the restored guest answered, median (MiB)`, ...series((s) => s.restoreRssKiB / 1024)));

@@ -284,7 +284,7 @@ export function registerDaemonCommand(program: Command): void {
       [] as string[],
     )
     .option("--log-otlp <url>", "also send the daemon's log to an OpenTelemetry collector: OTLP/HTTP JSON, POSTed to this URL (e.g. http://localhost:4318/v1/logs) in batches, retried")
-    .option("--standby-vmms <n>", "VMM processes kept started and waiting, so a VM restored from a snapshot (rollback, clone) does not wait for one to start; under the VMM sandbox they are jailed for one memory snapshot and serve its clones (default: 1 where KVM is hardware, else 0; docs/snapshots.md, docs/security.md)")
+    .option("--standby-vmms <n>", "VMM processes kept started and waiting, so a VM restored from a snapshot (rollback, clone) does not wait for one to start; each has the VM of the memory snapshot restored last built ahead, and under the VMM sandbox serves only that snapshot's clones (default: 1 where KVM is hardware, else 0; docs/snapshots.md, docs/security.md)")
     .addOption(new Option("--log-level <level>", "log level").choices(["trace", "debug", "info", "warn", "error"]).default("info"))
     .action(async (opts: DaemonOptions) => {
       process.exitCode = await daemonCommand(opts);
