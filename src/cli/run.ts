@@ -82,7 +82,7 @@ export interface RunOptions {
   apiSocketFd?: string;
   /** The console socket, the same way. */
   consoleSocketFd?: string;
-  /** With --standby: a snapshot to make ready ahead (builder.ts prepareRestore); its restore then skips what was done. */
+  /** With --standby: a snapshot whose VM to build ahead (builder.ts prepareRestore); its restore then takes that VM. */
   template?: string;
   /** Not a flag: what a standby prepared for its template. */
   prepared?: PreparedRestore;
@@ -608,7 +608,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--tls-peer-fingerprint <sha256>", "--incoming: accept only a source whose certificate has this SHA-256 fingerprint")
     .option("--plain-tcp", "--incoming tcp:...: accept the stream without TLS (the guest's memory crosses the network in the clear)")
     .option("--standby", "start a VMM ahead of need: wait on --api-socket for PUT /restore {\"snapshot\": DIR, ...} and become that VM (docs/snapshots.md)", false)
-    .option("--template <dir>", "with --standby: a memory snapshot to make ready ahead (its state decoded, one restore rehearsed), so a PUT /restore of it takes less time (docs/snapshots.md)")
+    .option("--template <dir>", "with --standby: a memory snapshot whose VM to build ahead (state in place, memory mapped), so a PUT /restore of it only gives that VM its console and back ends (docs/snapshots.md)")
     .action(async (opts: RunOptions, cmd: Command) => {
       const log = (l: string): void => void process.stderr.write(l + "\n");
       if (opts.sandbox !== true && (opts.sandboxUid !== undefined || (opts.sandboxBind ?? []).length > 0)) throw new TypevisorError("INVALID_ARGUMENT", "--sandbox-uid and --sandbox-bind need --sandbox");

@@ -146,8 +146,8 @@ export function applyOverrides(saved: MachineConfig, o: RestoreOverrides): Machi
 
 /**
  * A snapshot made ready for a restore before it is asked for (a standby VMM's template:
- * cli/standby.ts): its state file's bytes and what they decode to, and a VM built for it whose
- * state is not applied yet, which the first restore of that very snapshot takes.
+ * cli/standby.ts): its state file's bytes and what they decode to, and a VM built for it with that
+ * state in place, which the first restore of that very snapshot takes.
  */
 export interface PreparedRestore {
   /** The snapshot's directory, resolved. */

@@ -496,8 +496,8 @@ export class Vm {
 
   /**
    * A VM built ahead for a snapshot (boot.deferState) becomes the VM asked for: its console, back
-   * ends and limits replace those it was built with, before its state is applied. The machine
-   * (vCPUs, memory) stays the snapshot's.
+   * ends and limits replace those it was built with, before it runs. The machine (vCPUs, memory,
+   * the state applied) stays the snapshot's.
    */
   takeHost(h: Pick<VmConfig, "consoleFd" | "devices" | "vcpuNice" | "memoryOvercommit" | "onPaused" | "vcpuSeccomp">): void {
     if (!this.aheadOfHost || this.state !== "created") throw new TypevisorError("VM_STATE", "takeHost() is for a VM built ahead, once, before it runs");

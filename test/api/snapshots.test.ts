@@ -341,6 +341,16 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
     }
   }, 180_000);
 
+  /** For until(): true once process `pid` is gone. */
+  const gone = (pid: number): true | undefined => {
+    try {
+      process.kill(pid, 0);
+      return undefined;
+    } catch {
+      return true;
+    }
+  };
+
   it("restores through a standby VMM when one is ready (--standby-vmms): no process start to wait for", async () => {
     const sd = await startDaemon({ args: ["--force-kvm", "--no-sandbox", "--allow-files", dir, "--standby-vmms", "1"] });
     try {
@@ -401,14 +411,7 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       expect(templateArg(standby)).toBe(join(sd.home, "snapshots", m2.id));
       await c.removeVm("sb1-c2", { force: true });
       await c.removeSnapshot("sb1", "m2");
-      await until("the standby for m2 ended", () => {
-        try {
-          process.kill(standby, 0);
-          return undefined;
-        } catch {
-          return true;
-        }
-      });
+      await until("the standby for m2 ended", () => gone(standby));
       // A daemon killed leaves its standbys: the next one ends them, and keeps its VMs.
       standby = await ready();
       vm = await c.getVm("sb1");
@@ -416,14 +419,7 @@ describe.skipIf(!hasKvm || !hasQemu)("snapshots, rollback and clones (real daemo
       process.kill(standby, 0);
       const again = await startDaemon({ home: sd.home, args: ["--force-kvm", "--no-sandbox", "--allow-files", dir, "--standby-vmms", "0"] });
       try {
-        await until("the old standby ended", () => {
-          try {
-            process.kill(standby, 0);
-            return undefined;
-          } catch {
-            return true;
-          }
-        });
+        await until("the old standby ended", () => gone(standby));
         expect((await again.client.getVm("sb1")).pid).toBe(vm.pid);
         expect(readdirSync(join(sd.home, "standby"))).toEqual([]);
         for (const v of await again.client.listVms()) await again.client.removeVm(v.name, { force: true });

@@ -59,6 +59,16 @@ function startStandby(api: string, extra: string[] = []): { child: ChildProcess;
   return { child, err: () => err, exited };
 }
 
+/** The restored guest echoes `word` on `sock`; then the VMM on `api` is stopped and exits 0. */
+async function echoThenStop(api: string, sock: string, word: string, exited: Promise<number | null>): Promise<void> {
+  const c = await consoleClient(sock);
+  c.sock.write(word);
+  await until("the echo", () => c.text().includes(word));
+  c.sock.destroy();
+  expect((await unixApi(api, "POST", "/stop")).status).toBe(202);
+  expect(await exited).toBe(0);
+}
+
 describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () => {
   const snap = join(dir, "snap1");
 
@@ -254,13 +264,8 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
       expect(err()).toContain(`restore: into the VM this standby built ahead for ${snap}`);
       // The same mappings serve the restored VM: no second one of the file was made.
       expect(fileMappings(child.pid!, mem).length).toBe(ahead.length);
-      const c = await consoleClient(sock);
-      c.sock.write("templ");
-      await until("the echo", () => c.text().includes("templ"));
       expect((await unixApi(api, "GET", "/vm")).body.restoredFrom).toBe(snap);
-      c.sock.destroy();
-      expect((await unixApi(api, "POST", "/stop")).status).toBe(202);
-      expect(await exited).toBe(0);
+      await echoThenStop(api, sock, "templ", exited);
     } finally {
       child.kill("SIGKILL");
     }
@@ -301,12 +306,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
         expect(now.every((m) => m.inode === ino), name).toBe(true);
         expect(err()).not.toContain("built ahead");
         if (name === "other") expect(fileMappings(child.pid!, join(templ, SNAPSHOT_FILES.memory))).toEqual([]);
-        const c = await consoleClient(sock);
-        c.sock.write(name);
-        await until("the echo", () => c.text().includes(name));
-        c.sock.destroy();
-        expect((await unixApi(api, "POST", "/stop")).status).toBe(202);
-        expect(await exited).toBe(0);
+        await echoThenStop(api, sock, name, exited);
       } finally {
         child.kill("SIGKILL");
       }
@@ -323,12 +323,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
       expect(err()).toMatch(/template .*nowhere not made ready/);
       const r = await unixApi(api, "PUT", "/restore", { snapshot: snap, consoleSocket: sock });
       expect(r.status, `${JSON.stringify(r.body)} ${err()}`).toBe(200);
-      const c = await consoleClient(sock);
-      c.sock.write("plain");
-      await until("the echo", () => c.text().includes("plain"));
-      c.sock.destroy();
-      expect((await unixApi(api, "POST", "/stop")).status).toBe(202);
-      expect(await exited).toBe(0);
+      await echoThenStop(api, sock, "plain", exited);
     } finally {
       child.kill("SIGKILL");
     }
