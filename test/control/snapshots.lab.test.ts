@@ -153,6 +153,9 @@ describe("snapshots, rollback and ten clones through the sandboxed daemon, with 
     const fromStandby = clones.filter((c) => readFileSync(join(home, "vms", c.id, "vmm.log"), "utf8").includes("on standby at")).map((c) => c.name);
     step(`restored by a jailed standby VMM: ${fromStandby.join(", ")}; the others by a jailed VMM started for them`);
     expect(fromStandby).toContain("c1");
+    // Each of those took the VM its standby had built ahead for the template (docs/snapshots.md "Standby VMMs").
+    const builtAhead = clones.filter((c) => readFileSync(join(home, "vms", c.id, "vmm.log"), "utf8").includes("into the VM this standby built ahead")).map((c) => c.name);
+    expect(builtAhead).toEqual(fromStandby);
     const macs = new Set(clones.map((c) => (c.spec as { nets: { mac?: string }[] }).nets[0]?.mac));
     expect(macs.size).toBe(CLONES);
     expect(macs.has(undefined)).toBe(false);
