@@ -9,7 +9,7 @@ import { z } from "zod";
 import { TypevisorError } from "../errors.js";
 import { startControlServer, SwitchableTarget, type ControlTarget } from "../vmm/api/server.js";
 import { Kvm, kvmHostKind } from "../kvm/kvm.js";
-import { prestartedCount, prestartWorkers } from "../vmm/threads/spawn.js";
+import { prestartedCount, prestartWorkers, rehearseWorkers } from "../vmm/threads/spawn.js";
 import { installFilter, noExecFilter } from "../sys/seccomp.js";
 import { recvFds } from "../sys/scm-rights.js";
 import { close } from "../sys/libc.js";
@@ -142,6 +142,8 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
     prestartWorkers("devices/platform/device-thread.js", 1),
     prestartWorkers("vcpu/worker.js", STANDBY_VCPU_THREADS),
   ]);
+  // The template's device state through the device thread's checker while nothing waits on it.
+  if (prepared !== undefined && prepared.state.devices !== null) rehearseWorkers("devices/platform/device-thread.js", prepared.state.devices);
   const server = await startControlServer(o.apiSocket, target, apiSocketFd);
   log(`typevisor: on standby at ${o.apiSocket} (PUT /restore; ${prestartedCount("devices/platform/device-thread.js")} device thread and ${prestartedCount("vcpu/worker.js")} vCPU thread waiting${prepared !== undefined ? `; a VM built for ${prepared.dir}` : ""})`);
   const onSignal = (): void => process.exit(0);

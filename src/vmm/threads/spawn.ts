@@ -23,8 +23,11 @@ export type VmmWorkerEntry = "devices/platform/device-thread.js" | "vcpu/worker.
 interface Prestarted {
   prestarted: true;
 }
-/** What such a worker posts once its modules are loaded, and what it is sent when it is taken. */
-type PrestartMessage = { type: "prestarted" } | { type: "init"; init: unknown };
+/**
+ * What such a worker posts once its modules are loaded, and what it is sent: a sample of what its
+ * init will carry to rehearse with while it waits (any number, optional), then its init when it is taken.
+ */
+type PrestartMessage = { type: "prestarted" } | { type: "rehearse"; sample: unknown } | { type: "init"; init: unknown };
 
 const isPrestarted = (d: unknown): d is Prestarted => typeof d === "object" && d !== null && (d as Partial<Prestarted>).prestarted === true;
 
@@ -85,6 +88,15 @@ export function spawnWorker(entry: VmmWorkerEntry, init: unknown): Worker {
 }
 
 /**
+ * Hand each waiting worker of `entry` a sample of what a build will give it (a standby's template:
+ * cli/standby.ts), to run through the code that will handle the real one (workerInit's `rehearse`),
+ * so that code has run once, and is compiled, before the VM waits on it.
+ */
+export function rehearseWorkers(entry: VmmWorkerEntry, sample: unknown): void {
+  for (const w of waiting.get(entry) ?? []) w.postMessage({ type: "rehearse", sample } satisfies PrestartMessage);
+}
+
+/**
  * End the spares no build took (a VM with fewer vCPUs or disks than a standby prepared for): a
  * waiting isolate is a few MiB the VM would keep for nothing. Called by the thread that started
  * them once its part of the VM has started every thread it needs.
@@ -96,17 +108,34 @@ export function endPrestarted(): void {
 /**
  * In a worker's entry module: its init, from workerData, or, for a worker started ahead of need,
  * from its first message; meanwhile `warm` loads what a VM's init will need (for a standby: what a
- * restore needs). Top-level await: the rest of the entry module runs once the init is here.
+ * restore needs), and `rehearse` runs each sample it is sent (rehearseWorkers) through that code.
+ * A rehearsal that fails is ignored: it was for the code, and the init is checked on its own.
+ * Top-level await: the rest of the entry module runs once the init is here.
  */
-export async function workerInit<T>(warm?: () => Promise<unknown>): Promise<T> {
+export async function workerInit<T>(warm?: () => Promise<unknown>, rehearse?: (sample: unknown) => Promise<void>): Promise<T> {
   if (!isPrestarted(workerData)) return workerData as T;
   const port = parentPort;
   if (port === null) throw new Error("workerInit outside a worker thread");
   if (warm !== undefined) await warm();
-  // Listening before saying so: the init can only be sent once "prestarted" arrived.
-  const first = once(port, "message") as Promise<[PrestartMessage]>;
+  // Every message, in order, from before saying so: the parent sends only once "prestarted" arrived.
+  const queue: PrestartMessage[] = [];
+  let wake: (() => void) | undefined;
+  const onMessage = (m: PrestartMessage): void => {
+    queue.push(m);
+    wake?.();
+  };
+  port.on("message", onMessage);
   port.postMessage({ type: "prestarted" } satisfies PrestartMessage);
-  const [m] = await first;
-  if (m.type !== "init") throw new Error(`a prestarted worker got ${m.type} before its init`);
-  return m.init as T;
+  for (;;) {
+    while (queue.length === 0) await new Promise<void>((resolve) => (wake = resolve));
+    wake = undefined;
+    const m = queue.shift()!;
+    if (m.type === "rehearse") {
+      await rehearse?.(m.sample).catch(() => undefined);
+      continue;
+    }
+    port.off("message", onMessage);
+    if (m.type !== "init") throw new Error(`a prestarted worker got ${m.type} before its init`);
+    return m.init as T;
+  }
 }

@@ -58,7 +58,11 @@ class DeviceThread {
   readonly started: Promise<DeviceThreadMessage>;
   private readonly exited: Promise<void>;
 
-  constructor(devices: DeviceSpecs, restore?: unknown) {
+  /**
+   * `rehearse`: the thread is started ahead of need, as a standby starts it (threads/spawn.ts), and
+   * given these samples to rehearse with before its init.
+   */
+  constructor(devices: DeviceSpecs, restore?: unknown, rehearse?: unknown[]) {
     const init: DeviceThreadInit = {
       vmFd: vm!.fd,
       memory: regions,
@@ -70,10 +74,13 @@ class DeviceThread {
       board: createBoard(1),
       ...(restore !== undefined ? { restore: restore as DevicesState } : {}),
     };
-    this.worker = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init });
+    this.worker = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: rehearse !== undefined ? { prestarted: true } : init });
     this.started = new Promise((resolve) => {
-      this.worker.on("message", (m: DeviceThreadMessage) => {
-        if (m.type === "reply") this.replies.get(m.id)?.(m);
+      this.worker.on("message", (m: DeviceThreadMessage | { type: "prestarted" }) => {
+        if (m.type === "prestarted") {
+          for (const sample of rehearse ?? []) this.worker.postMessage({ type: "rehearse", sample });
+          this.worker.postMessage({ type: "init", init });
+        } else if (m.type === "reply") this.replies.get(m.id)?.(m);
         else if (m.type === "ready" || m.type === "error") resolve(m);
       });
       this.worker.on("error", (e) => resolve({ type: "error", code: "WORKER", message: e.message }));
@@ -178,10 +185,12 @@ describe.skipIf(!hasKvm)("device thread snapshot and restore (real worker, KVM V
     const again = await a.command({ command: "snapshot" });
     await a.stop();
 
-    // A clone with its own copy of the disk; the state through JSON as a file would carry it.
+    // A clone with its own copy of the disk; the state through JSON as a file would carry it. Its
+    // thread started ahead, as a standby's, and rehearsed first with garbage (ignored) and with
+    // the state itself (checked, nothing built from it).
     const clone = join(dir, "clone.img");
     copyFileSync(disk, clone);
-    const b = new DeviceThread(specs(clone), JSON.parse(JSON.stringify(again)));
+    const b = new DeviceThread(specs(clone), JSON.parse(JSON.stringify(again)), [{ bogus: 1 }, JSON.parse(JSON.stringify(again))]);
     expect(await b.started).toMatchObject({ type: "ready" });
     const blk2 = new PciDriver(b.mmio, slots[0]!);
     expect(blk2.status()).toBe(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK);

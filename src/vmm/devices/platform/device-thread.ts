@@ -31,8 +31,13 @@ import { restoreDevices, saveDevices, type DeviceKind } from "./snapshot.js";
 import { endPrestarted, prestartWorkers, workerInit } from "../../threads/spawn.js";
 
 // Started ahead of need (a standby VMM, which only ever restores): the state's checker loads, and
-// a disk's I/O thread starts, while it waits for its VM.
-const init = await workerInit<DeviceThreadInit>(() => Promise.all([import("./snapshot-schema.js"), prestartWorkers("devices/virtio/block/io-worker.js", 1)]));
+// a disk's I/O thread starts, while it waits for its VM; a standby built for a template hands it
+// that snapshot's device state to check meanwhile, so the checker's first, slow run is not the
+// restore's (in the lab 0.2 s of a clone's: docs/benchmarks.md).
+const init = await workerInit<DeviceThreadInit>(
+  () => Promise.all([import("./snapshot-schema.js"), prestartWorkers("devices/virtio/block/io-worker.js", 1)]),
+  async (sample) => void (await import("./snapshot-schema.js")).parseDevicesState(sample),
+);
 /**
  * The device state's checker, for a thread that restores (now, or later by command); its
  * schemas load zod, which a thread that boots a VM fresh does not need (snapshot-schema.ts).
