@@ -92,9 +92,12 @@ export function threadTicks(pid: number): Map<string, number> {
 /** CPU seconds per thread name between two samples. */
 export function cpuDelta(a: Map<string, number>, b: Map<string, number>): Record<string, number> {
   const out: Record<string, number> = {};
+  // By thread id: a thread may have named itself between the samples (a VMM's worker started
+  // ahead is "node" until its init names it), and its earlier CPU is not part of the delta.
+  const before = new Map([...a].map(([k, v]) => [k.slice(k.lastIndexOf("#") + 1), v]));
   for (const [k, v] of b) {
     const name = k.slice(0, k.lastIndexOf("#"));
-    const d = (v - (a.get(k) ?? 0)) / CLK_TCK;
+    const d = (v - (before.get(k.slice(k.lastIndexOf("#") + 1)) ?? 0)) / CLK_TCK;
     if (d > 0) out[name] = (out[name] ?? 0) + d;
   }
   return out;

@@ -37,7 +37,7 @@ import { kvmHostKind } from "../src/kvm/kvm.js";
 import type { QmpClient } from "../src/lab/qmp.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { unixApi } from "../test/helpers/unix-api.js";
-import { compare, median, qmpOpen as qmpOpenLib, until as untilLib } from "./lib.js";
+import { compare, cpuDelta, formatCpu, median, nodePerfArgs, perfAttach, qmpOpen as qmpOpenLib, threadTicks, until as untilLib } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 1);
 const CASES = (process.env["BENCH_CASES"] ?? "idle-256,idle-1024,dirty-256").split(",").map((c) => c.trim());
@@ -177,12 +177,28 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
   const port = await freePort();
   const ticks = new Ticks();
   await ticks.listen();
-  const a = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(c.memoryMiB), "--net", `tap=${TAP_SRC},mac=${MAC}`, "--cmdline", cmdline, "--api-socket", apiA]);
-  const b = new ConsoleProcess(process.execPath, [BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:127.0.0.1:${port}`, "--plain-tcp", "--net", `tap=${TAP_DST}`, "--api-socket", apiB]);
+  const a = new ConsoleProcess(process.execPath, [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(c.memoryMiB), "--net", `tap=${TAP_SRC},mac=${MAC}`, "--cmdline", cmdline, "--api-socket", apiA]);
+  const b = new ConsoleProcess(process.execPath, [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:127.0.0.1:${port}`, "--plain-tcp", "--net", `tap=${TAP_DST}`, "--api-socket", apiB]);
   try {
     await a.waitFor(new RegExp(READY), 0, BOOT_MS);
     await b.waitFor(/waiting for a migration/, 0, BOOT_MS);
     await until("the guest ticking", () => ticks.last() >= 50);
+    // Where each side's CPU went during the migration, by thread (the source's last sample is
+    // taken shortly before it exits), and under BENCH_PERF where in the code.
+    const pidA = a.child.pid!;
+    const pidB = b.child.pid!;
+    const cpuA0 = threadTicks(pidA);
+    const cpuB0 = threadTicks(pidB);
+    let cpuA1 = cpuA0;
+    const sampler = setInterval(() => {
+      try {
+        cpuA1 = threadTicks(pidA);
+      } catch {
+        // the source has exited: its last sample stands
+      }
+    }, 100);
+    const stopPerfA = perfAttach(pidA, "typevisor migration source");
+    const stopPerfB = perfAttach(pidB, "typevisor migration destination");
     const t = performance.now();
     const startTick = ticks.last();
     const r = await unixApi(apiA, "POST", "/migrate", { to: `tcp:127.0.0.1:${port}`, plainTcp: true, maxDowntimeMs: DOWNTIME_MS });
@@ -190,6 +206,11 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     // Done when the source says so (as QEMU's query-migrate "completed"), not when its process has exited.
     await a.waitFor(/migrated to /, 0, STEP_MS);
     const totalMs = performance.now() - t;
+    clearInterval(sampler);
+    const cpuB1 = threadTicks(pidB);
+    const reportA = stopPerfA();
+    const reportB = stopPerfB();
+    console.log(`[${c.name}] typevisor CPU (s) during the migration: source ${formatCpu(cpuDelta(cpuA0, cpuA1))}; destination ${formatCpu(cpuDelta(cpuB0, cpuB1))}`);
     const code = await a.exited;
     if (code !== 0) throw new Error(`the source VMM ended ${String(code)}:\n${a.output.slice(-2000)}`);
     const moved = /migrated to .* \(downtime (\d+) ms, (\d+) bytes in (\d+) rounds\)/.exec(a.output);
@@ -198,6 +219,16 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     if (ticks.connections !== 1) throw new Error(`the guest's peer saw ${ticks.connections} connections: the TCP connection did not survive the move`);
     // Where the pause went (cli/run.ts prints the source's and the destination's steps).
     console.log(`[${c.name}] typevisor ${/migration switch-over.*/.exec(a.output)?.[0] ?? "(no switch-over line)"}`);
+    // TYPEVISOR_TRACE_PHASES=1: the destination's marks and its device thread's restore steps.
+    for (const l of b.output.split("\n").filter((x) => /typevisor: (phases|device thread restore|vCPU \d+ first KVM_RUN)/.test(x))) console.log(`[${c.name}] destination ${l.trim()}`);
+    if (nodePerfArgs().includes("--trace-gc")) {
+      for (const [side, out] of [["source", a.output], ["destination", b.output]] as const) {
+        const lines = out.split("\n").filter((l) => /: (Mark-Compact|Scavenge|Mark-Sweep)/.test(l));
+        console.log(`[${c.name}] ${side} GCs: ${lines.length}; full: ${lines.filter((l) => !l.includes("Scavenge")).map((l) => l.replace(/^.*?\] */, "").replace(/\(average mu.*?\)/, "").slice(0, 220)).join(" | ")}`);
+      }
+    }
+    await reportA();
+    await reportB();
     return { ...ticks.gaps(t), downtimeMs: Number(moved[1]), totalMs, bytes: Number(moved[2]), rounds: Number(moved[3]) };
   } finally {
     ticks.close();
@@ -231,6 +262,8 @@ async function qemu(c: Case, cmdline: string, work: string): Promise<Sample> {
     const m = await qmpOpen(srcQmp, a);
     try {
       await m.execute("migrate-set-parameters", { "downtime-limit": DOWNTIME_MS, "max-bandwidth": 2 ** 40 }, STEP_MS);
+      const cpuA0 = threadTicks(a.child.pid!);
+      const cpuB0 = threadTicks(b.child.pid!);
       const t = performance.now();
       const startTick = ticks.last();
       await m.execute("migrate", { uri: `tcp:127.0.0.1:${port}` }, STEP_MS);
@@ -243,6 +276,7 @@ async function qemu(c: Case, cmdline: string, work: string): Promise<Sample> {
         await new Promise((r) => setTimeout(r, 10));
       }
       const totalMs = performance.now() - t;
+      console.log(`[${c.name}] QEMU CPU (s) during the migration: source ${formatCpu(cpuDelta(cpuA0, threadTicks(a.child.pid!)))}; destination ${formatCpu(cpuDelta(cpuB0, threadTicks(b.child.pid!)))}`);
       await afterMove(ticks, startTick);
       if (ticks.connections !== 1) throw new Error(`the guest's peer saw ${ticks.connections} connections: the TCP connection did not survive the move`);
       return { ...ticks.gaps(t), downtimeMs: s.downtime ?? NaN, totalMs, bytes: s.ram?.transferred ?? NaN };

@@ -483,6 +483,10 @@ export class Vm {
     }
   }
 
+  private sampleCpuid(vcpuId: number): KvmCpuidEntry[] {
+    return filterCpuid(this.kvm.supportedCpuid(), { vcpuId, cpus: this.cfg.cpus, tscDeadline: this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0 });
+  }
+
   private checkCpu(state: SnapshotState, what: string, supported: KvmCpuidEntry[], tscDeadline: boolean): void {
     const missing = new Set(state.vcpus.flatMap((v) => missingCpuFeatures(v.cpuid, filterCpuid(supported, { vcpuId: v.id, cpus: state.config.cpus, tscDeadline }))));
     if (missing.size > 0) {
@@ -506,6 +510,24 @@ export class Vm {
     checkHostMemory(next.memoryMiB, { memoryBytes: totalmem(), overcommit: next.memoryOvercommit ?? 1, physBits: guestPhysBits(this.kvm.supportedCpuid()) });
     this.cfg = next;
     this.aheadOfHost = false;
+  }
+
+  /**
+   * An incoming migration's warm-up, while memory streams in: put `sample` (this VM's own
+   * never-run state, from captureState) back the way applyState puts a state in, so that code has
+   * run once before the guest's pause waits on it (lab: applyState took ~100 ms there, most of it
+   * code running for the first time). What it writes is what was read, so nothing changes: no new
+   * generation ID, no clock-paused flag, and the VM still waits for its state.
+   */
+  rehearseApply(sample: SnapshotState): void {
+    if (!this.awaitingState || this.state !== "created" || sample.vm === null || sample.platform === null || sample.vcpus.length !== this.vcpus.length) {
+      throw new TypevisorError("VM_STATE", "rehearseApply() is for a VM awaiting its state, with a sample of its own");
+    }
+    this.checkCpu(sample, "a warm-up sample", this.kvm.supportedCpuid(), this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0);
+    const advance = elapsedSinceSave(sample.vm);
+    for (const vcpu of this.vcpus) restoreVcpu(vcpu, sample.vcpus[vcpu.id]!, advance);
+    restoreVmKvm(this.vm, this.kvm, sample.vm, false);
+    this.serial.restore(sample.platform.serial);
   }
 
   /**
@@ -555,8 +577,9 @@ export class Vm {
     const caps = cpuCaps(this.kvm);
     return {
       version: SNAPSHOT_VERSION, createdAt: new Date().toISOString(), runState, config,
-      // A prestarted VM's vCPUs have no CPUID yet (the incoming state brings it): the host's, for a sample.
-      vcpus: this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id] ?? this.kvm.supportedCpuid())),
+      // A prestarted VM's vCPUs have no CPUID yet (the incoming state brings it): what a VM built
+      // here would get (the host's, filtered as a boot filters it), for a sample.
+      vcpus: this.vcpus.map((v) => saveVcpu(v, msrs, caps, this.cpuids[v.id] ?? this.sampleCpuid(v.id))),
       vm: saveVmKvm(this.vm),
       platform: { serial: this.serial.save() },
       devices,
@@ -1161,7 +1184,7 @@ export class Vm {
           written = writeDirtyMemoryFile(join(tmp, SNAPSHOT_FILES.memory), this.memory.hostRegions, base.sub.acc);
           written.layout.base = { path: relative(dir, base.dir) || ".", sha256: base.sha256 };
         } else {
-          written = writeMemoryFile(join(tmp, SNAPSHOT_FILES.memory), this.memory.hostRegions, this.memorySources);
+          written = writeMemoryFile(join(tmp, SNAPSHOT_FILES.memory), this.memory.hostRegions, this.memorySources, (gpa, len) => this.memory.trySlice(gpa, len));
         }
         dataBytes = written.dataBytes;
         state = { ...captured, memory: written.layout };

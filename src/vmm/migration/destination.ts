@@ -11,7 +11,9 @@ import { ramRanges } from "../arch/x86_64/layout.js";
 import { applyOverrides, incomingVm, type MachineConfig, type RestoreOverrides, type VmHost } from "../builder.js";
 import { decodeState, encodeState } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
-import { DISK_HEADER, FRAME, FrameReader, frame, HelloSchema, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
+import { prestartWorkers } from "../threads/spawn.js";
+import { phase } from "../phases.js";
+import { DISK_HEADER, FRAME, FrameReader, type DirectFrames, frame, HelloSchema, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
 import { acceptStream, type StreamSecurity } from "./transport.js";
 import { createDiskTargets, finishDiskTargets, removeDiskTargets, writeDiskData, type DiskTarget } from "./disk-targets.js";
@@ -23,7 +25,18 @@ export interface Incoming {
   running(): void;
 }
 
+/**
+ * Worker threads started before the stream is accepted (threads/spawn.ts): Node's bootstrap of
+ * each isolate and its modules took seconds of the lab's one CPU, and at HELLO they competed with
+ * the memory stream for it (bench/migrate, idle 256 MiB: the destination's device and vCPU
+ * threads used 3.7 and 1.6 s of CPU during the migration). A VM with more vCPUs starts the others at
+ * HELLO, still before the pause.
+ */
+const PRESTARTED_VCPU_THREADS = 1;
+
 export async function receiveMigration(spec: string, overrides: RestoreOverrides, host: VmHost, log: (line: string) => void, security: StreamSecurity = {}): Promise<Incoming> {
+  // Before listening: whoever waits for "waiting for a migration" starts the source on a ready side.
+  await Promise.all([prestartWorkers("devices/platform/device-thread.js", 1), prestartWorkers("vcpu/worker.js", PRESTARTED_VCPU_THREADS)]);
   const sock = await acceptStream(spec, security, log);
   sock.setNoDelay(true);
   const reader = new FrameReader(sock);
@@ -71,14 +84,22 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     let doneAt = 0;
     const at = (): number => Math.round((performance.now() - doneAt) * 10) / 10;
     let stateBytes = 0;
-    for (;;) {
-      const f = await reader.next();
-      if (f.type === FRAME.PAGES) {
-        if (f.payload.length < 8 + PAGE || (f.payload.length - 8) % PAGE !== 0) throw streamError(`PAGES of ${f.payload.length} bytes is not an address and whole pages`);
-        const gpa = f.payload.readBigUInt64LE(0);
-        const len = f.payload.length - 8;
+    // PAGES: the address is checked, then the pages go from the socket's buffers into guest memory.
+    const pages: DirectFrames = {
+      heads: new Map([[FRAME.PAGES, 8]]),
+      begin: (_type, head, len) => {
+        if (len < PAGE || len % PAGE !== 0) throw streamError(`PAGES of ${len + 8} bytes is not an address and whole pages`);
+        const gpa = head.readBigUInt64LE(0);
         if (gpa % BigInt(PAGE) !== 0n || gpa > BigInt(Number.MAX_SAFE_INTEGER) || !inOneRegion(expected, Number(gpa), len)) throw streamError(`PAGES at 0x${gpa.toString(16)} (+${len}) lies outside guest RAM`);
-        mem.write(Number(gpa), f.payload.subarray(8));
+        const base = Number(gpa);
+        return (piece, at) => mem.write(base + at, piece);
+      },
+    };
+    for (;;) {
+      const f = await reader.next(pages);
+      if (f.type === FRAME.PAGES) {
+        // In guest memory already (the head was shorter than a page: refused).
+        if (f.payload.length !== 8) throw streamError(`PAGES of ${f.payload.length} bytes is not an address and whole pages`);
       } else if (f.type === FRAME.ZEROS) {
         if (f.payload.length !== 12) throw streamError(`ZEROS of ${f.payload.length} bytes`);
         const gpa = f.payload.readBigUInt64LE(0);
@@ -105,12 +126,15 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
         stateParts.push(f.payload);
       } else if (f.type === FRAME.DONE) {
         doneAt = performance.now();
+        phase("done");
         break;
       } else if (f.type === FRAME.ERROR) {
         throw new TypevisorError("MIGRATION_PEER", `the source failed: ${f.payload.toString("utf8").slice(0, 2000)}`);
       } else throw streamError(`unexpected frame ${f.type} during the transfer`);
     }
-    const state = decodeState(Buffer.concat(stateParts), "the migration stream's state");
+    const stateBytesIn = Buffer.concat(stateParts);
+    phase("concat");
+    const state = decodeState(stateBytesIn, "the migration stream's state");
     if (state.config.cpus !== config.cpus || state.config.memoryMiB !== config.memoryMiB) throw streamError("the state describes another machine than HELLO");
     const times: Partial<DestinationTimes> = { stateDecoded: at() };
     // The threads must be up (parked) before the vCPU state goes in: they never ran, nothing is pending.
@@ -123,9 +147,11 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     // metadata is written back now). A qcow2 image's tables are read again (QEMU's invalidate).
     finishDiskTargets(targets);
     if (config.devices.disks.length > 0) await vm.deviceCommand({ command: "disks.reopen" });
+    phase("reopened");
     for (const w of vm.restoreWarnings) log(`typevisor: migration: ${w}`);
     // Back ends open and device state in place before READY: after GO nothing may fail here.
     await vm.restoreDevices();
+    phase("devicesRestored");
     times.devicesRestored = at();
     await send(sock, frame(FRAME.READY));
     times.readySent = at();
@@ -171,14 +197,15 @@ function inOneRegion(regions: readonly { start: number; size: number }[], gpa: n
 
 /**
  * The state's checker (decodeState: schema set-up on first use) is slow the first time: ~300 ms
- * on a loaded host, far more in the lab, and ~1 ms afterwards. Run it once on this VM's own
- * (never-run) state while the memory streams in, so the real state is checked fast in the pause.
- * Only a warm-up: whatever it finds is ignored.
+ * on a loaded host, far more in the lab, and ~1 ms afterwards; so is the first applyState. Run
+ * both once on this VM's own (never-run) state while the memory streams in (Vm.rehearseApply puts
+ * back what it read), so the real state is checked and applied faster in the pause. Only a
+ * warm-up: whatever it finds is ignored.
  */
 async function warmStateChecks(vm: Vm, config: MachineConfig): Promise<void> {
   try {
     const sample = await vm.captureState(config, "paused");
-    decodeState(encodeState({ ...sample, memory: null }), "a warm-up sample");
+    vm.rehearseApply(decodeState(encodeState({ ...sample, memory: null }), "a warm-up sample"));
   } catch {
     // only a warm-up: the migration does not need it
   }

@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
-import { FRAME, FrameReader, MAX_FRAME, frame, type FrameType } from "./protocol.js";
+import { FRAME, FrameReader, MAX_FRAME, frame, type DirectFrames, type FrameType } from "./protocol.js";
 
 const dir = mkdtempSync(join(tmpdir(), "tv-frames-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -68,6 +68,76 @@ describe("FrameReader", () => {
       ),
       { numRuns: 40 },
     );
+  });
+
+  it("hands a direct frame's rest to its sink piece by piece, every byte once and in place, and other frames whole", async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.record({ type: fc.constantFrom(FRAME.PAGES, FRAME.STATE, FRAME.ZEROS), length: fc.oneof(fc.integer({ min: 0, max: 12 }), fc.integer({ min: 4000, max: 300_000 })), seed: fc.integer({ min: 0, max: 255 }) }), { minLength: 1, maxLength: 10 }),
+        fc.array(fc.integer({ min: 1, max: 200_000 }), { minLength: 1, maxLength: 5 }),
+        async (frames, sizes) => {
+          const payloads = frames.map((f) => Buffer.alloc(f.length).map((_, i) => (i * 31 + f.seed) & 0xff));
+          const bytes = Buffer.concat(frames.flatMap((f, i) => frame(f.type, payloads[i]!)));
+          const p = await socketPair();
+          try {
+            let rest: Buffer | undefined;
+            let seen = new Uint8Array(0);
+            const direct: DirectFrames = {
+              heads: new Map([[FRAME.PAGES, 8]]),
+              begin: (type, head, restBytes) => {
+                expect(type).toBe(FRAME.PAGES);
+                expect(head.length).toBe(8);
+                rest = Buffer.alloc(restBytes);
+                seen = new Uint8Array(restBytes);
+                return (piece, at) => {
+                  for (let k = at; k < at + piece.length; k++) seen[k]!++;
+                  piece.copy(rest!, at);
+                };
+              },
+            };
+            const reader = new FrameReader(p.read);
+            const writing = writeInPieces(p.write, bytes, sizes);
+            for (let i = 0; i < frames.length; i++) {
+              rest = undefined;
+              const got = await reader.next(direct);
+              const want = payloads[i]!;
+              expect(got.type).toBe(frames[i]!.type);
+              if (frames[i]!.type === FRAME.PAGES && want.length >= 8) {
+                expect(got.payload.equals(want.subarray(0, 8))).toBe(true);
+                expect(rest!.equals(want.subarray(8))).toBe(true);
+                expect(seen.every((b) => b === 1)).toBe(true);
+              } else {
+                expect(rest).toBeUndefined();
+                expect(got.payload.equals(want)).toBe(true);
+              }
+            }
+            await writing;
+          } finally {
+            p.close();
+          }
+        },
+      ),
+      { numRuns: 40 },
+    );
+  });
+
+  it("a direct frame whose head is refused hands nothing on, and the error is begin's", async () => {
+    const p = await socketPair();
+    try {
+      const reader = new FrameReader(p.read);
+      let pieces = 0;
+      const direct: DirectFrames = {
+        heads: new Map([[FRAME.PAGES, 8]]),
+        begin: () => {
+          throw new Error("outside guest RAM");
+        },
+      };
+      p.write.write(Buffer.concat(frame(FRAME.PAGES, Buffer.alloc(100_000, 7))));
+      await expect(reader.next({ ...direct, begin: (t, h, n) => (direct.begin(t, h, n), () => void pieces++) })).rejects.toThrow(/outside guest RAM/);
+      expect(pieces).toBe(0);
+    } finally {
+      p.close();
+    }
   });
 
   it("a payload taken is not changed by the frames read after it", async () => {

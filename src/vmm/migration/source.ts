@@ -11,13 +11,13 @@
  * again: if the destination's RUNNING does not arrive, the VM stays paused here and the error
  * says so (at most one copy of the guest ever runs).
  */
+import { createHash } from "node:crypto";
 import { closeSync, openSync } from "node:fs";
 import type { Socket } from "node:net";
 import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
 import { forEachDataRun, isZeroPage } from "../snapshot/memory.js";
 import { encodeState, type SnapshotConfig } from "../snapshot/state.js";
-import * as libc from "../../sys/libc.js";
 import type { Vm } from "../vm.js";
 import { DIRTY_BLOCK_SIZE } from "../disk/dirty-blocks.js";
 import { DiskCopy } from "./disk-copy.js";
@@ -121,6 +121,8 @@ export interface MigrationProgress {
 
 const DEFAULT_DOWNTIME_MS = 300;
 const DEFAULT_TIMEOUT_MS = 600_000;
+/** The switch-over comes with round 2 at the earliest: round 1 always runs beside the guest (see run()); `maxRounds` may end sooner. */
+const MIN_ROUNDS_BEFORE_SWITCHOVER = 2;
 /** Pages per PAGES frame. */
 const BATCH_PAGES = (MAX_FRAME - 64) / PAGE;
 /**
@@ -229,6 +231,9 @@ export class OutgoingMigration {
         await copy.copyAll(this.emitDisk(sock), () => this.check());
       }
       await this.sendAll(sock);
+      // The state's checksum (encodeState) is the process's first SHA-256 otherwise, inside the
+      // pause; OpenSSL's first use is slow (lab: tens to 100+ ms).
+      createHash("sha256").update(Buffer.alloc(64)).digest("hex");
       // Usually long arrived (round 0 takes longer than a thread start); a tiny guest may wait here.
       await prepared;
       const maxDowntime = this.req.maxDowntimeMs ?? DEFAULT_DOWNTIME_MS;
@@ -253,7 +258,13 @@ export class OutgoingMigration {
         const secs = (now - t0) / 1000;
         this.progress.bandwidth = secs > 0 ? Math.round(this.progress.bytesSent / secs) : 0;
         this.progress.expectedDowntimeMs = this.progress.bandwidth > 0 ? Math.round((dirtyBytes * 1000) / this.progress.bandwidth) : 0;
-        if (this.progress.expectedDowntimeMs <= maxDowntime || (this.req.maxRounds !== undefined && round >= this.req.maxRounds)) {
+        // Never straight after round 0: the last round and the state go out while the guest is
+        // paused, and the code that sends them (the dirty-page scan, ZEROS, the frames' batching)
+        // would otherwise run there for the first time. A round of what round 0's time dirtied
+        // runs it once while the guest still runs, and leaves the last round less to send (lab,
+        // idle 256 MiB: the last round took 250-300 ms for 1.4 MB when it was the first).
+        const converged = round >= MIN_ROUNDS_BEFORE_SWITCHOVER && this.progress.expectedDowntimeMs <= maxDowntime;
+        if (converged || (this.req.maxRounds !== undefined && round >= this.req.maxRounds)) {
           // The guest still runs: wait until the destination has read everything sent so far, so
           // the pause does not begin behind megabytes of earlier rounds in the socket buffers.
           // What the guest writes meanwhile is in the log the last round reads.
@@ -411,7 +422,7 @@ export class OutgoingMigration {
       const sources = this.vm.memoryRegionSources;
       const runs: { gpa: number; bytes: Uint8Array }[] = [];
       for (const [i, r] of this.vm.memory.hostRegions.entries()) {
-        forEachDataRun(pagemap, r, sources[i], (offset, bytes) => runs.push({ gpa: r.guestPhysAddr + offset, bytes }));
+        forEachDataRun(pagemap, r, sources[i], (offset, bytes) => runs.push({ gpa: r.guestPhysAddr + offset, bytes }), (gpa, len) => this.vm.memory.trySlice(gpa, len));
         // Sent region by region: the views stay valid (the mapping does) and the page list stays small.
         for (const run of runs.splice(0)) {
           for (let off = 0; off < run.bytes.length; off += BATCH_PAGES * PAGE) {
@@ -434,8 +445,10 @@ export class OutgoingMigration {
     for (const [slot, r] of this.vm.memory.hostRegions.entries()) {
       const bm = bitmaps[slot]!;
       const pages = r.size / PAGE;
-      // Safe: a view of the region's own mapping, which stays mapped while the VM exists.
-      const mem = new Uint8Array(libc.view(libc.pointerAt(BigInt(r.hostAddress)), r.size));
+      // The VM's own views (memory.ts ExistingViews: a new view of all of RAM per round started
+      // a full collection each time); a batch is at most 2 MiB, inside one view's overlap.
+      const memory = this.vm.memory;
+      const mem = (q: number, n: number): Uint8Array => memory.slice(r.guestPhysAddr + q * PAGE, n * PAGE);
       const bit = (q: number): boolean => (bm[q >> 3]! & (1 << (q & 7))) !== 0;
       let p = 0;
       while (p < pages) {
@@ -448,13 +461,13 @@ export class OutgoingMigration {
           p++;
           continue;
         }
-        const zero = isZeroPage(mem, p * PAGE);
+        const zero = isZeroPage(mem(p, 1), 0);
         let q = p + 1;
-        while (q < pages && q - p < BATCH_PAGES && bit(q) && isZeroPage(mem, q * PAGE) === zero) q++;
+        while (q < pages && q - p < BATCH_PAGES && bit(q) && isZeroPage(mem(q, 1), 0) === zero) q++;
         this.check();
         if (zero) await batch.add(frame(FRAME.ZEROS, zerosPayload(r.guestPhysAddr + p * PAGE, q - p)));
         else {
-          const part = mem.subarray(p * PAGE, q * PAGE);
+          const part = mem(p, q - p);
           await batch.add(frame(FRAME.PAGES, pagesHeader(r.guestPhysAddr + p * PAGE), part));
           await this.pace(part.length);
         }

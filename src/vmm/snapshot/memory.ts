@@ -70,7 +70,7 @@ export interface MemoryWriteResult {
  * private mapping of, when it was restored. Synchronous: the vCPUs are paused meanwhile and
  * nothing else may write guest memory (the device thread is quiesced).
  */
-export function writeMemoryFile(path: string, regions: readonly HostRegion[], sources: readonly (RegionSource | undefined)[]): MemoryWriteResult {
+export function writeMemoryFile(path: string, regions: readonly HostRegion[], sources: readonly (RegionSource | undefined)[], existing?: ExistingViews): MemoryWriteResult {
   const fd = openSync(path, "wx", 0o600);
   let dataBytes = 0;
   const layout: MemoryLayout = { file: "memory", bytes: 0, regions: [] };
@@ -79,7 +79,7 @@ export function writeMemoryFile(path: string, regions: readonly HostRegion[], so
     let offset = 0;
     for (const [i, r] of regions.entries()) {
       layout.regions.push({ guestPhysAddr: r.guestPhysAddr, size: r.size, fileOffset: offset });
-      dataBytes += writeRegion(fd, pagemap, r, offset, sources[i]);
+      dataBytes += writeRegion(fd, pagemap, r, offset, sources[i], existing);
       offset += r.size;
     }
     layout.bytes = offset;
@@ -98,14 +98,23 @@ function check(r: number, what: string): void {
 
 const ZERO = new Uint8Array(PAGE);
 
-function writeRegion(fd: number, pagemap: number, r: HostRegion, fileOffset: number, source: RegionSource | undefined): number {
+function writeRegion(fd: number, pagemap: number, r: HostRegion, fileOffset: number, source: RegionSource | undefined, existing: ExistingViews | undefined): number {
   let written = 0;
   forEachDataRun(pagemap, r, source, (offset, bytes) => {
     check(libc.pwriteFull(fd, bytes, fileOffset + offset), "writing guest memory");
     written += bytes.length;
-  });
+  }, existing);
   return written;
 }
+
+/**
+ * Views of guest memory that exist already, by guest-physical address (GuestMemory.trySlice), or
+ * undefined. A new view of native memory (libc.view) counts as external memory to V8, and every
+ * 64 MiB or so of it starts a full collection that reduces memory, throwing away compiled code
+ * with it: a migration's rounds, which viewed all of RAM each time, kept making the source's and
+ * the checkers' code cold again.
+ */
+export type ExistingViews = (gpa: number, len: number) => Uint8Array | undefined;
 
 /**
  * Call `run(offset, bytes)` for every run of non-zero pages of region `r` (offset from the
@@ -113,7 +122,7 @@ function writeRegion(fd: number, pagemap: number, r: HostRegion, fileOffset: num
  * pagemap shows was never touched (and, for a private file mapping, what its file has no data
  * for). `pagemap` is an open /proc/self/pagemap.
  */
-export function forEachDataRun(pagemap: number, r: HostRegion, source: RegionSource | undefined, run: (offset: number, bytes: Uint8Array) => void): void {
+export function forEachDataRun(pagemap: number, r: HostRegion, source: RegionSource | undefined, run: (offset: number, bytes: Uint8Array) => void, existing?: ExistingViews): void {
   const entries = new Uint32Array(CHUNK_PAGES * 2);
   const entryBytes = new Uint8Array(entries.buffer);
   const pages = r.size / PAGE;
@@ -121,9 +130,8 @@ export function forEachDataRun(pagemap: number, r: HostRegion, source: RegionSou
     const n = Math.min(CHUNK_PAGES, pages - first);
     const chunkAddr = BigInt(r.hostAddress) + BigInt(first * PAGE);
     // Safe: a view of n pages inside the region's own mapping, which stays mapped for this call.
-    const chunk = libc.view(libc.pointerAt(chunkAddr), n * PAGE);
-    const mem = new Uint8Array(chunk);
-    const words = new Int32Array(chunk);
+    const mem = existing?.(r.guestPhysAddr + first * PAGE, n * PAGE) ?? new Uint8Array(libc.view(libc.pointerAt(chunkAddr), n * PAGE));
+    const words = new Int32Array(mem.buffer, mem.byteOffset, mem.length / 4);
     const got = readSync(pagemap, entryBytes, 0, n * 8, Number(chunkAddr / BigInt(PAGE)) * 8);
     if (got !== n * 8) throw new TypevisorError("SNAPSHOT_WRITE", `reading /proc/self/pagemap: ${got} of ${n * 8} bytes`);
     const fromFile = source === undefined ? undefined : layerPages(source, first, n);

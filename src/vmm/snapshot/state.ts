@@ -13,6 +13,7 @@
  * validates the body against the schema below before anything is built from it: a truncated,
  * corrupted or foreign file is one clear SNAPSHOT_INVALID error.
  */
+import { phase } from "../phases.js";
 import { createHash } from "node:crypto";
 import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
@@ -179,13 +180,16 @@ export function decodeState(bytes: Uint8Array, what: string): SnapshotState {
   const body = Buffer.from(bytes.subarray(nl + 1));
   if (body.length !== Number(m[2])) throw invalid(what, `truncated or padded: the body is ${body.length} bytes, the header says ${m[2]}`);
   if (createHash("sha256").update(body).digest("hex") !== m[3]) throw invalid(what, "checksum mismatch (the file was changed or damaged)");
+  phase("sha256");
   let json: unknown;
   try {
     json = JSON.parse(body.toString("utf8"));
   } catch {
     throw invalid(what, "the body is not JSON");
   }
+  phase("json");
   const r = SnapshotStateSchema.safeParse(json);
+  phase("schema");
   if (!r.success) {
     const first = r.error.issues[0];
     throw invalid(what, `${first?.path.join(".") || "(root)"}: ${first?.message ?? "invalid"}`);

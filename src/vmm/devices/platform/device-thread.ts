@@ -29,6 +29,8 @@ import { MailboxServer, Op, type OpCode } from "./mailbox.js";
 import { DirtyBlocks } from "../../disk/dirty-blocks.js";
 import { restoreDevices, saveDevices, type DeviceKind } from "./snapshot.js";
 import { endPrestarted, prestartWorkers, workerInit } from "../../threads/spawn.js";
+import { tracingPhases } from "../../phases.js";
+import { writeSync } from "node:fs";
 
 // Started ahead of need (a standby VMM, which only ever restores): the state's checker loads, and
 // a disk's I/O thread starts, while it waits for its VM; a standby built for a template hands it
@@ -294,8 +296,21 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
       return { on: mem.dirtyLog !== undefined };
     case "restore":
       if (init.deferRestore !== true || restored) throw new TypevisorError("VM_STATE", "this device thread's state was put in place already");
-      // Checked here as the init's restore is: this thread trusts no state it did not check.
-      restoreDevices(plugged, bus, checkedState(c.args.state));
+      {
+        // Checked here as the init's restore is: this thread trusts no state it did not check.
+        // With TYPEVISOR_TRACE_PHASES=1, how long the check and each step of the restore took.
+        const steps: string[] = [];
+        let t = performance.now();
+        const step = (done: string): void => {
+          const now = performance.now();
+          steps.push(`${done} ${(now - t).toFixed(1)}`);
+          t = now;
+        };
+        const checked = checkedState(c.args.state);
+        step("state checked");
+        restoreDevices(plugged, bus, checked, tracingPhases ? step : undefined);
+        if (tracingPhases) writeSync(2, `typevisor: device thread restore (ms): ${steps.join(", ")}\n`);
+      }
       restored = true;
       routeKicks();
       return { restored: true };

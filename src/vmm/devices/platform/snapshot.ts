@@ -128,11 +128,13 @@ function restoreDevice(p: PluggedDevice, s: DeviceSnapshot, ctx: ActivateContext
  * whose decode rebuild moves the BARs (and with them, through its listeners, the ioeventfds)
  * to where the guest had programmed them.
  *
+ * `step`, when given, is told as each step ends (the VMM's phase trace).
+ *
  * Restoring can raise interrupts (virtio-net's announce request, vsock's TRANSPORT_RESET event,
  * queues with work already published): the interrupt controller and every vCPU's LAPIC must be
  * restored before this runs, or the messages are lost.
  */
-export function restoreDevices(plugged: readonly PluggedDevice[], bus: PciBus, state: DevicesState): void {
+export function restoreDevices(plugged: readonly PluggedDevice[], bus: PciBus, state: DevicesState, step?: (done: string) => void): void {
   const mismatch = (m: string): TypevisorError =>
     new TypevisorError("SNAPSHOT_MISMATCH", `the snapshot's devices do not match this VM's: ${m}`, { hint: "restore with the same kinds and number of disks, NICs, rng, vsock and balloon as the snapshotted VM" });
   const want = state.devices.map((d) => `${d.kind}@${d.slot}`).join(", ");
@@ -144,9 +146,17 @@ export function restoreDevices(plugged: readonly PluggedDevice[], bus: PciBus, s
     const problem = deviceProblem(plugged[i]!, s);
     if (problem !== undefined) throw new TypevisorError("SNAPSHOT_INVALID", `the snapshot's state for ${plugged[i]!.name} (slot ${s.slot}) is invalid: ${problem}`);
   });
+  step?.("checked");
   state.devices.forEach((s, i) => {
     const p = plugged[i]!;
-    p.transport.restore(s.transport, (ctx) => restoreDevice(p, s, ctx));
+    p.transport.restore(s.transport, (ctx) => {
+      step?.(`${p.name}: transport`);
+      restoreDevice(p, s, ctx);
+      step?.(`${p.name}: device`);
+    });
+    // After the device: the transport serves the enabled queues once (work published before the pause).
+    step?.(`${p.name}: queues served`);
   });
   bus.restore(state.bus);
+  step?.("bus");
 }
