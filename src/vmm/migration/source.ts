@@ -234,6 +234,8 @@ export class OutgoingMigration {
       // The state's checksum (encodeState) is the process's first SHA-256 otherwise, inside the
       // pause; OpenSSL's first use is slow (lab: tens to 100+ ms).
       createHash("sha256").update(Buffer.alloc(64)).digest("hex");
+      // And what the capture asks KVM about every vCPU (the MSR list, XSAVE's size), asked now.
+      vm.saveSet();
       // Usually long arrived (round 0 takes longer than a thread start); a tiny guest may wait here.
       await prepared;
       const maxDowntime = this.req.maxDowntimeMs ?? DEFAULT_DOWNTIME_MS;
