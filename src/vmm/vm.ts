@@ -353,7 +353,7 @@ export class Vm {
     try {
       validateConfig(config, this.kvm.maxVcpus());
       const supported = this.kvm.supportedCpuid();
-      const tscDeadline = this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
+      const tscDeadline = this.tscDeadline();
       // Refuse before anything is built when the guest may use a CPU feature this host cannot offer.
       if (snap !== undefined) this.checkCpu(snap.state, snap.what, supported, tscDeadline);
       checkHostMemory(config.memoryMiB, { memoryBytes: totalmem(), overcommit: config.memoryOvercommit ?? 1, physBits: guestPhysBits(supported) });
@@ -496,7 +496,12 @@ export class Vm {
   private saveSetCache: { msrs: readonly number[]; caps: CpuCaps } | undefined;
 
   private sampleCpuid(vcpuId: number): KvmCpuidEntry[] {
-    return filterCpuid(this.kvm.supportedCpuid(), { vcpuId, cpus: this.cfg.cpus, tscDeadline: this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0 });
+    return filterCpuid(this.kvm.supportedCpuid(), { vcpuId, cpus: this.cfg.cpus, tscDeadline: this.tscDeadline() });
+  }
+
+  /** Whether KVM's in-kernel LAPIC offers the TSC-deadline timer (a boot's CPUID says so only then). */
+  private tscDeadline(): boolean {
+    return this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0;
   }
 
   private checkCpu(state: SnapshotState, what: string, supported: KvmCpuidEntry[], tscDeadline: boolean): void {
@@ -535,11 +540,28 @@ export class Vm {
     if (!this.awaitingState || this.state !== "created" || sample.vm === null || sample.platform === null || sample.vcpus.length !== this.vcpus.length) {
       throw new TypevisorError("VM_STATE", "rehearseApply() is for a VM awaiting its state, with a sample of its own");
     }
-    this.checkCpu(sample, "a warm-up sample", this.kvm.supportedCpuid(), this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0);
-    const advance = elapsedSinceSave(sample.vm);
-    for (const vcpu of this.vcpus) restoreVcpu(vcpu, sample.vcpus[vcpu.id]!, advance);
-    restoreVmKvm(this.vm, this.kvm, sample.vm, false);
-    this.serial.restore(sample.platform.serial);
+    this.checkCpu(sample, "a warm-up sample", this.kvm.supportedCpuid(), this.tscDeadline());
+    this.putState(sample.vcpus, sample.vm, sample.platform, false);
+  }
+
+  /**
+   * The vCPUs, the in-kernel devices and the UART from a checked state, in the order KVM needs
+   * (snapshot/cpu.ts); `each` runs after each vCPU's restore with the MSRs KVM refused.
+   */
+  private putState(
+    vcpus: SnapshotState["vcpus"],
+    vmState: NonNullable<SnapshotState["vm"]>,
+    platform: NonNullable<SnapshotState["platform"]>,
+    keepClock: boolean,
+    each?: (vcpu: VcpuFd, saved: SnapshotState["vcpus"][number], refused: number[]) => void,
+  ): void {
+    const advance = keepClock ? 0n : elapsedSinceSave(vmState);
+    for (const vcpu of this.vcpus) {
+      const saved = vcpus[vcpu.id]!;
+      each?.(vcpu, saved, restoreVcpu(vcpu, saved, advance));
+    }
+    restoreVmKvm(this.vm, this.kvm, vmState, keepClock);
+    this.serial.restore(platform.serial);
   }
 
   /**
@@ -552,19 +574,14 @@ export class Vm {
     if (state.vm === null || state.platform === null || state.vcpus.length !== this.vcpus.length) throw new TypevisorError("SNAPSHOT_INVALID", `${opts.what}: no vCPU state to restore`);
     if (state.config.cpus !== this.cfg.cpus || state.config.memoryMiB !== this.cfg.memoryMiB) throw new TypevisorError("SNAPSHOT_MISMATCH", `${opts.what}: saved with ${state.config.cpus} vCPUs and ${state.config.memoryMiB} MiB`);
     phase("apply");
-    this.checkCpu(state, opts.what, this.kvm.supportedCpuid(), this.kvm.checkExtension(CAP.TSC_DEADLINE_TIMER) > 0);
+    this.checkCpu(state, opts.what, this.kvm.supportedCpuid(), this.tscDeadline());
     this.awaitingState = false;
-    const advance = opts.keepClock === true ? 0n : elapsedSinceSave(state.vm);
-    for (const vcpu of this.vcpus) {
-      const saved = state.vcpus[vcpu.id]!;
-      const refused = restoreVcpu(vcpu, saved, advance);
+    this.putState(state.vcpus, state.vm, state.platform, opts.keepClock === true, (vcpu, saved, refused) => {
       this.cpuids[vcpu.id] = saved.cpuid;
       if (refused.length > 0) this.restoreWarnings.push(`vCPU ${vcpu.id}: KVM did not take back MSR ${refused.map((i) => `0x${i.toString(16)}`).join(", ")}`);
       // A paravirtual spinlock's kick that was in flight is not in the state: see completePendingHalt.
       completePendingHalt(vcpu, (gpa) => (gpa < BigInt(Number.MAX_SAFE_INTEGER) ? this.memory.trySlice(Number(gpa), 1)?.[0] : undefined));
-    }
-    restoreVmKvm(this.vm, this.kvm, state.vm, opts.keepClock === true);
-    this.serial.restore(state.platform.serial);
+    });
     // A new machine (a restored snapshot, maybe one of many clones): new generation ID and its GED
     // interrupt pending before any vCPU runs (IOAPIC and LAPICs are back by now), so the guest
     // reseeds its RNG (vmgenid.ts).
