@@ -12,6 +12,7 @@ import { applyOverrides, incomingVm, type MachineConfig, type RestoreOverrides, 
 import { decodeState, encodeState } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
 import { prestartWorkers } from "../threads/spawn.js";
+import { keepCompiledCode } from "../code-flush.js";
 import { phase } from "../phases.js";
 import { DISK_HEADER, FRAME, FrameReader, type DirectFrames, frame, HelloSchema, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
@@ -35,9 +36,17 @@ export interface Incoming {
 const PRESTARTED_VCPU_THREADS = 1;
 
 export async function receiveMigration(spec: string, overrides: RestoreOverrides, host: VmHost, log: (line: string) => void, security: StreamSecurity = {}): Promise<Incoming> {
+  // The warm-ups below (threads, state checks, applyState's rehearsal) must outlive the stream's collections.
+  const releaseCode = keepCompiledCode();
   // Before listening: whoever waits for "waiting for a migration" starts the source on a ready side.
-  await Promise.all([prestartWorkers("devices/platform/device-thread.js", 1), prestartWorkers("vcpu/worker.js", PRESTARTED_VCPU_THREADS)]);
-  const sock = await acceptStream(spec, security, log);
+  let sock: Awaited<ReturnType<typeof acceptStream>>;
+  try {
+    await Promise.all([prestartWorkers("devices/platform/device-thread.js", 1), prestartWorkers("vcpu/worker.js", PRESTARTED_VCPU_THREADS)]);
+    sock = await acceptStream(spec, security, log);
+  } catch (e) {
+    releaseCode();
+    throw e;
+  }
   sock.setNoDelay(true);
   const reader = new FrameReader(sock);
   let vm: Vm | undefined;
@@ -164,6 +173,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       config,
       running: () => {
         times.resumed = at();
+        releaseCode();
         void send(sock, jsonFrame(FRAME.RUNNING, times)).finally(() => sock.end()).catch(() => undefined);
         // The copied disks' bytes are in the page cache (what the guest reads); to stable storage
         // now, off the pause and off this thread (the guest's own flushes order its writes anyway).
@@ -187,6 +197,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     await vm?.discard();
     // Nothing left behind: a file made here goes, an empty one given goes back to empty.
     removeDiskTargets(targets);
+    releaseCode();
     throw e;
   }
 }

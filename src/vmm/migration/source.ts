@@ -11,6 +11,7 @@
  * again: if the destination's RUNNING does not arrive, the VM stays paused here and the error
  * says so (at most one copy of the guest ever runs).
  */
+import { keepCompiledCode } from "../code-flush.js";
 import { createHash } from "node:crypto";
 import { closeSync, openSync } from "node:fs";
 import type { Socket } from "node:net";
@@ -205,6 +206,8 @@ export class OutgoingMigration {
       this.cancel();
     }, this.req.timeoutMs ?? DEFAULT_TIMEOUT_MS);
     let paused = false;
+    // What runs first in the pause (the capture, the last round) is warmed by the rounds before it.
+    const releaseCode = keepCompiledCode();
     try {
       const sock = await this.connect();
       const reader = new FrameReader(sock);
@@ -384,6 +387,7 @@ export class OutgoingMigration {
       return this.progress;
     } finally {
       clearTimeout(timer);
+      releaseCode();
     }
   }
 

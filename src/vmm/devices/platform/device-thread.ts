@@ -27,7 +27,7 @@ import { boardRow, clockMs, deviceRow, deviceWord, enterStamped, PHASE, SLOT, WO
 import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage } from "./device-thread-init.js";
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
 import { DirtyBlocks } from "../../disk/dirty-blocks.js";
-import { restoreDevices, saveDevices, type DeviceKind } from "./snapshot.js";
+import { restoreDevices, restoreDevicesThen, saveDevices, type DeviceKind } from "./snapshot.js";
 import { endPrestarted, prestartWorkers, workerInit } from "../../threads/spawn.js";
 import { tracingPhases } from "../../phases.js";
 import { writeSync } from "node:fs";
@@ -308,11 +308,17 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
         };
         const checked = checkedState(c.args.state);
         step("state checked");
-        restoreDevices(plugged, bus, checked, tracingPhases ? step : undefined);
-        if (tracingPhases) writeSync(2, `typevisor: device thread restore (ms): ${steps.join(", ")}\n`);
+        const serve = restoreDevicesThen(plugged, bus, checked, tracingPhases ? step : undefined);
+        restored = true;
+        routeKicks();
+        // The queues' first look once the reply is out: the caller's next step (a migration's
+        // READY) need not wait for it, and nothing else runs on this thread before it.
+        afterReply = () => {
+          step("replied");
+          serve();
+          if (tracingPhases) writeSync(2, `typevisor: device thread restore (ms): ${steps.join(", ")}\n`);
+        };
       }
-      restored = true;
-      routeKicks();
       return { restored: true };
     case "disks.dirtyLog": {
       const b = c.args.buffers;
@@ -348,6 +354,9 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
   }
 }
 
+/** Work a command leaves for after its reply is posted (runCommand "restore"). */
+let afterReply: (() => void) | undefined;
+
 /** Serve commands the main thread posted (its messages queue up while this thread sleeps in poll). */
 function serveCommands(): void {
   for (let m = receiveMessageOnPort(port!); m !== undefined; m = receiveMessageOnPort(port!)) {
@@ -358,6 +367,9 @@ function serveCommands(): void {
     } catch (e) {
       post(isTypevisorError(e) ? { type: "reply", id: c.id, ok: false, code: e.code, message: e.message } : { type: "reply", id: c.id, ok: false, code: "DEVICE_COMMAND", message: (e as Error).message });
     }
+    const after = afterReply;
+    afterReply = undefined;
+    after?.();
   }
 }
 

@@ -130,11 +130,20 @@ function restoreDevice(p: PluggedDevice, s: DeviceSnapshot, ctx: ActivateContext
  *
  * `step`, when given, is told as each step ends (the VMM's phase trace).
  *
+ * Last, each live device's enabled queues are looked at once (VirtioPciTransport
+ * serveRestoredQueues); restoreDevicesThen leaves that to the function it returns, for a caller
+ * that answers first (a migration's destination: device-thread.ts "restore").
+ *
  * Restoring can raise interrupts (virtio-net's announce request, vsock's TRANSPORT_RESET event,
  * queues with work already published): the interrupt controller and every vCPU's LAPIC must be
  * restored before this runs, or the messages are lost.
  */
 export function restoreDevices(plugged: readonly PluggedDevice[], bus: PciBus, state: DevicesState, step?: (done: string) => void): void {
+  restoreDevicesThen(plugged, bus, state, step)();
+}
+
+/** restoreDevices without the queues' first look: the returned function does it (call it once, soon). */
+export function restoreDevicesThen(plugged: readonly PluggedDevice[], bus: PciBus, state: DevicesState, step?: (done: string) => void): () => void {
   const mismatch = (m: string): TypevisorError =>
     new TypevisorError("SNAPSHOT_MISMATCH", `the snapshot's devices do not match this VM's: ${m}`, { hint: "restore with the same kinds and number of disks, NICs, rng, vsock and balloon as the snapshotted VM" });
   const want = state.devices.map((d) => `${d.kind}@${d.slot}`).join(", ");
@@ -154,9 +163,11 @@ export function restoreDevices(plugged: readonly PluggedDevice[], bus: PciBus, s
       restoreDevice(p, s, ctx);
       step?.(`${p.name}: device`);
     });
-    // After the device: the transport serves the enabled queues once (work published before the pause).
-    step?.(`${p.name}: queues served`);
   });
   bus.restore(state.bus);
   step?.("bus");
+  return () => {
+    for (const p of plugged) p.transport.serveRestoredQueues();
+    step?.("queues served");
+  };
 }

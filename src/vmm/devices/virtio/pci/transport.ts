@@ -684,9 +684,8 @@ export class VirtioPciDevice implements PciDevice {
    * configuration space (BAR addresses, command register: the bus's decode is the caller's to
    * refresh), the MSI-X table and pending bits, the transport registers and every queue's.
    * A device that was live (DRIVER_OK and not DEVICE_NEEDS_RESET) is handed to
-   * `restoreDevice(ctx)` instead of activate(), with the same context activate() would get;
-   * then every enabled queue is looked at once, as after DRIVER_OK, so buffers the driver
-   * published while its kick was in flight at the snapshot are not left waiting.
+   * `restoreDevice(ctx)` instead of activate(), with the same context activate() would get.
+   * The caller then runs serveRestoredQueues().
    * @throws TypevisorError SNAPSHOT_INVALID (restoreProblem), or whatever restoreDevice throws
    */
   restore(state: VirtioPciState, restoreDevice: (ctx: ActivateContext) => void): void {
@@ -710,7 +709,16 @@ export class VirtioPciDevice implements PciDevice {
     if ((this.status & S.DEVICE_NEEDS_RESET) !== 0) this.needsResetReason = "the device needed a reset when the snapshot was taken";
     if (!live(this.status)) return;
     restoreDevice(this.activateContext());
-    this.notifyEnabled();
+  }
+
+  /**
+   * After restore(): every enabled queue of a live device is looked at once, as after DRIVER_OK,
+   * so buffers the driver published while its kick was in flight at the snapshot are not left
+   * waiting. Apart from restore() so a migration's destination runs it after its reply, outside
+   * the guest's pause: it is a kick come late, which the guest cannot tell from one come early.
+   */
+  serveRestoredQueues(): void {
+    if (live(this.status)) this.notifyEnabled();
   }
 }
 
