@@ -130,22 +130,29 @@ class Ticks {
   }
 
   /** The longest gap between consecutive tick arrivals at or after `from` (ms), and the median gap before it. */
-  gaps(from: number): { maxGapMs: number; usualGapMs: number } {
+  gaps(from: number): { maxGapMs: number; usualGapMs: number; gapFromMs: number } {
     const times = [...this.at.entries()].sort((a, b) => a[0] - b[0]).map((e) => e[1]);
     let maxGapMs = 0;
+    let gapFromMs = NaN;
     const before: number[] = [];
     for (let i = 1; i < times.length; i++) {
       const g = times[i]! - times[i - 1]!;
-      if (times[i]! >= from) maxGapMs = Math.max(maxGapMs, g);
-      else before.push(g);
+      if (times[i]! >= from) {
+        if (g > maxGapMs) {
+          maxGapMs = g;
+          gapFromMs = times[i - 1]! - from;
+        }
+      } else before.push(g);
     }
-    return { maxGapMs, usualGapMs: before.length > 0 ? median(before.slice(-200)) : NaN };
+    return { maxGapMs, usualGapMs: before.length > 0 ? median(before.slice(-200)) : NaN, gapFromMs };
   }
 }
 
 interface Sample {
   maxGapMs: number;
   usualGapMs: number;
+  /** Where that gap began, ms after the migrate request (the pause ends about when the source says it is done: totalMs). */
+  gapFromMs: number;
   /** The VMM's own downtime figure. */
   downtimeMs: number;
   totalMs: number;
@@ -295,7 +302,7 @@ async function runCase(c: Case): Promise<{ case: string; typevisor: Sample[]; qe
   const cmdline = `console=ttyS0 panic=-1 ${runScriptArg(guestScript(c))}`;
   const results = { case: c.name, typevisor: [] as Sample[], qemu: [] as Sample[] };
   const fmt = (s: Sample): string =>
-    `gap the peer saw ${s.maxGapMs.toFixed(0)} ms (lines every ${s.usualGapMs.toFixed(0)} ms), VMM downtime ${s.downtimeMs.toFixed(0)} ms, total ${s.totalMs.toFixed(0)} ms, ${(s.bytes / 2 ** 20).toFixed(1)} MiB sent${s.rounds !== undefined ? ` in ${s.rounds} rounds` : ""}`;
+    `gap the peer saw ${s.maxGapMs.toFixed(0)} ms from ${s.gapFromMs.toFixed(0)} ms after the migrate request (lines every ${s.usualGapMs.toFixed(0)} ms), VMM downtime ${s.downtimeMs.toFixed(0)} ms, total ${s.totalMs.toFixed(0)} ms, ${(s.bytes / 2 ** 20).toFixed(1)} MiB sent${s.rounds !== undefined ? ` in ${s.rounds} rounds` : ""}`;
   for (let i = 0; i < RUNS; i++) {
     for (const who of ["qemu", "typevisor"] as const) {
       const work = mkdtempSync(join(tmpdir(), `bench-mig-${who}-`));

@@ -239,6 +239,11 @@ export class OutgoingMigration {
       createHash("sha256").update(Buffer.alloc(64)).digest("hex");
       // And what the capture asks KVM about every vCPU (the MSR list, XSAVE's size), asked now.
       vm.saveSet();
+      // The device thread's part of the capture (its quiesce, each device's save(), the reply)
+      // runs here once, its result thrown away: it read only, and its code ran first in the
+      // pause otherwise (18-34 ms of it in the lab). A disk completes its requests in flight, as a
+      // flush would. (A VM without devices answers NO_DEVICES: nothing to warm.)
+      await vm.deviceCommand({ command: "snapshot" }).catch(() => undefined);
       // Usually long arrived (round 0 takes longer than a thread start); a tiny guest may wait here.
       await prepared;
       const maxDowntime = this.req.maxDowntimeMs ?? DEFAULT_DOWNTIME_MS;
