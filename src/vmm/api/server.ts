@@ -227,7 +227,7 @@ export function startControlServer(socketPath: string, target: ControlTarget, li
           }
           // The stream's security (migration/transport.ts): PEM texts checked here, the endpoint's policy (TCP needs TLS or plainTcp) when it connects.
           if (body["tls"] !== undefined) {
-            const { checkStreamTls, StreamTlsSchema } = await import("../migration/transport.js");
+            const [{ checkStreamTls }, { StreamTlsSchema }] = await Promise.all([import("../migration/transport.js"), import("../migration/tls-schema.js")]);
             const t = StreamTlsSchema.safeParse(body["tls"]);
             if (!t.success) return problem(res, 400, "INVALID_REQUEST", `tls: ${t.error.issues[0]?.path.join(".") ?? ""}: ${t.error.issues[0]?.message ?? "invalid"}`);
             checkStreamTls(t.data);

@@ -14,8 +14,9 @@ import type { Vm } from "../vm.js";
 import { prestartWorkers } from "../threads/spawn.js";
 import { keepCompiledCode } from "../code-flush.js";
 import { phase } from "../phases.js";
-import { DISK_HEADER, FRAME, FrameReader, type DirectFrames, frame, HelloSchema, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
+import { DISK_HEADER, FRAME, FrameReader, type DirectFrames, frame, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
+import { HelloSchema } from "./hello-schema.js";
 import { acceptStream, type StreamSecurity } from "./transport.js";
 import { createDiskTargets, finishDiskTargets, removeDiskTargets, writeDiskData, type DiskTarget } from "./disk-targets.js";
 

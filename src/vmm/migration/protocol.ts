@@ -22,9 +22,8 @@
  * refused, and any violation ends the migration with MIGRATION_STREAM and no VM.
  */
 import type { Socket } from "node:net";
-import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
-import { SnapshotConfigSchema, type SnapshotConfig } from "../snapshot/state.js";
+import type { SnapshotConfig } from "../snapshot/state.js";
 
 /** 2: PREPARED, RUNNING's timings. 3: SYNC and SYNCED before the pause. */
 export const MIGRATION_VERSION = 3;
@@ -52,19 +51,19 @@ export const FRAME = {
 export type FrameType = (typeof FRAME)[keyof typeof FRAME];
 const NAMES = Object.fromEntries(Object.entries(FRAME).map(([k, v]) => [v, k])) as Record<number, string>;
 
-export const HelloSchema = z.strictObject({
-  magic: z.literal("typevisor-migration"),
-  version: z.number().int(),
-  config: SnapshotConfigSchema,
-  regions: z.array(z.strictObject({ guestPhysAddr: z.number().int().min(0), size: z.number().int().min(PAGE) })).min(1).max(8),
+/** HELLO: the VM's configuration and RAM layout (hello-schema.ts checks it on the destination; the source loads no zod). */
+export interface Hello {
+  magic: "typevisor-migration";
+  version: number;
+  config: SnapshotConfig;
+  regions: { guestPhysAddr: number; size: number }[];
   /**
    * "disks": "copy": each disk's size (what the guest sees) and format, in the configuration's
    * order; its contents come as DISK_DATA. The destination makes its copy in that format (a
    * qcow2 copy standalone: the data of the source's whole backing chain, no backing file).
    */
-  disks: z.array(z.strictObject({ size: z.number().int().min(0).max(MAX_DISK_BYTES), format: z.enum(["raw", "qcow2"]).optional() })).max(64).optional(),
-});
-export type Hello = z.infer<typeof HelloSchema>;
+  disks?: { size: number; format?: "raw" | "qcow2" }[];
+}
 
 export function hello(config: SnapshotConfig, regions: { guestPhysAddr: number; size: number }[], disks?: { size: number; format?: "raw" | "qcow2" }[]): Hello {
   return { magic: "typevisor-migration", version: MIGRATION_VERSION, config, regions, ...(disks !== undefined ? { disks } : {}) };

@@ -16,13 +16,13 @@ import { phase, takePhases } from "../phases.js";
 import { createHash } from "node:crypto";
 import { closeSync, openSync } from "node:fs";
 import type { Socket } from "node:net";
-import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
 import { forEachDataRun, isZeroPage } from "../snapshot/memory.js";
-import { encodeState, type SnapshotConfig } from "../snapshot/state.js";
+import { encodeState } from "../snapshot/state-file.js";
+import type { SnapshotConfig } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
 import { DIRTY_BLOCK_SIZE } from "../disk/dirty-blocks.js";
-import { DiskCopy } from "./disk-copy.js";
+import type { DiskCopy } from "./disk-copy.js";
 import { diskHeader, FRAME, FrameBatch, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, STATE_PIECE, streamError, zerosPayload } from "./protocol.js";
 import { openStream, parseEndpoint, type StreamTls } from "./transport.js";
 
@@ -151,10 +151,21 @@ const THROTTLE_STEP = 10;
 const THROTTLE_MAX = 99;
 const THROTTLE_TRIGGER = 0.5;
 
-const DestinationTimesSchema = z.strictObject({
-  stateDecoded: z.number().finite(), threadsReady: z.number().finite(), stateApplied: z.number().finite(), devicesRestored: z.number().finite(),
-  readySent: z.number().finite(), goReceived: z.number().finite(), resumed: z.number().finite(),
-});
+const DESTINATION_TIMES = ["stateDecoded", "threadsReady", "stateApplied", "devicesRestored", "readySent", "goReceived", "resumed"] as const satisfies readonly (keyof DestinationTimes)[];
+
+/** RUNNING's payload as DestinationTimes when it is exactly that (finite numbers, no other keys); only ever reported. */
+function destinationTimes(payload: Buffer): DestinationTimes | undefined {
+  if (payload.length === 0 || payload.length >= 4096) return undefined;
+  let v: unknown;
+  try {
+    v = JSON.parse(payload.toString("utf8"));
+  } catch {
+    return undefined;
+  }
+  if (typeof v !== "object" || v === null || Array.isArray(v) || Object.keys(v).length !== DESTINATION_TIMES.length) return undefined;
+  const r = v as Record<string, unknown>;
+  return DESTINATION_TIMES.every((k) => Object.hasOwn(r, k) && typeof r[k] === "number" && Number.isFinite(r[k])) ? (r as unknown as DestinationTimes) : undefined;
+}
 
 export class OutgoingMigration {
   readonly progress: MigrationProgress = { phase: "connecting", round: 0, bytesSent: 0, dirtyBytes: 0, bytesRemaining: 0, bandwidth: 0, dirtyRate: 0, expectedDowntimeMs: 0, throttlePercent: 0, startedAt: new Date().toISOString() };
@@ -227,7 +238,8 @@ export class OutgoingMigration {
       phase("connected");
       const reader = new FrameReader(sock);
       const regions = vm.memory.hostRegions;
-      if (this.req.disks === "copy") this.copy = new DiskCopy(this.config.devices.disks);
+      // Loaded only for a copy: the disks' modules (qcow2 and all) are the device thread's otherwise.
+      if (this.req.disks === "copy") this.copy = new (await import("./disk-copy.js")).DiskCopy(this.config.devices.disks);
       const copy = this.copy;
       const diskSizes = copy?.disks.map((d) => ({ size: d.size, format: d.format }));
       await send(sock, jsonFrame(FRAME.HELLO, hello(this.config, regions.map((r) => ({ guestPhysAddr: r.guestPhysAddr, size: r.size })), diskSizes)));
@@ -276,6 +288,7 @@ export class OutgoingMigration {
         phase(`round${round}`);
         // A copy: the next takeDirtyLog() reuses the same bitmaps.
         const dirty = vm.takeDirtyLog().map((b) => Uint8Array.from(b));
+        phase(`round${round}-log`);
         const diskDirty = copy?.disks.map((d) => d.dirty.take()) ?? [];
         const now = performance.now();
         const pages = countBits(dirty);
@@ -335,7 +348,9 @@ export class OutgoingMigration {
             await vm.deviceCommand({ command: "disks.flush" });
             s.disksFlushed = at();
           }
+          phase("captured");
           const last = vm.takeDirtyLog();
+          phase("lastLog");
           s.dirtyTaken = at();
           const before = this.progress.bytesSent;
           await this.sendDirty(sock, mergeBitmaps(dirty, last));
@@ -369,12 +384,8 @@ export class OutgoingMigration {
           }
           s.running = at();
           // The destination's own timings, when it sent them (only reported, never acted on).
-          try {
-            const d = DestinationTimesSchema.safeParse(running.length > 0 && running.length < 4096 ? JSON.parse(running.toString("utf8")) : undefined);
-            if (d.success) s.destination = d.data;
-          } catch {
-            // not JSON: no timings
-          }
+          const d = destinationTimes(running);
+          if (d !== undefined) s.destination = d;
           this.progress.switchover = s;
           this.progress.downtimeMs = Math.round(s.running);
           this.progress.phase = "completed";

@@ -19,7 +19,6 @@ import { X509Certificate } from "node:crypto";
 import { existsSync, readFileSync, unlinkSync } from "node:fs";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { connect as tlsConnect, createServer as createTlsServer, type TLSSocket } from "node:tls";
-import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
 
 /** PEM texts and the peer's pin: what both ends of a TLS stream are given. */
@@ -34,14 +33,8 @@ export interface StreamTls {
   peerFingerprint?: string;
 }
 
-const PEM_MAX = 64 * 1024;
-/** POST /migrate's `tls` (the VMM API checks it with this, then streamTls() checks the PEMs). */
-export const StreamTlsSchema = z.strictObject({
-  cert: z.string().min(1).max(PEM_MAX),
-  key: z.string().min(1).max(PEM_MAX),
-  ca: z.string().min(1).max(PEM_MAX).optional(),
-  peerFingerprint: z.string().max(200).optional(),
-});
+/** The longest PEM text taken (a certificate chain or key: far less in practice). */
+export const PEM_MAX = 64 * 1024;
 
 /** How a stream is secured: TLS, or plain; TCP in plain only when the caller said so (`plainTcp`). */
 export interface StreamSecurity {
