@@ -77,7 +77,10 @@ function parseCase(c: string): Case {
 function guestScript(c: Case): string {
   const lines = [
     `ip addr add ${GUEST}/24 dev eth0`, "ip link set eth0 up",
-    `(i=0; while true; do i=$((i+1)); echo "n=$i"; sleep ${TICK_S}; done | nc ${PEER} ${PEER_PORT}; echo "nc-ended") &`,
+    // Each line carries the guest's own uptime (read by the shell, no fork): across the peer's
+    // longest gap it says whether the guest made no lines (its clock ran on by the gap) or made
+    // them and they came late (its clock moved by a tick or two).
+    `(i=0; while true; do i=$((i+1)); read up rest < /proc/uptime; echo "n=$i t=$up"; sleep ${TICK_S}; done | nc ${PEER} ${PEER_PORT}; echo "nc-ended") &`,
   ];
   if (c.dirtyMiB > 0) {
     lines.push(
@@ -93,6 +96,8 @@ function guestScript(c: Case): string {
 /** The peer: when each line the guest sent arrived (ms, performance.now()), on its one connection. */
 class Ticks {
   readonly at = new Map<number, number>();
+  /** The guest's uptime (s) in each line. */
+  readonly guestAt = new Map<number, number>();
   connections = 0;
   private readonly server: Server;
   private readonly sockets: Socket[] = [];
@@ -108,8 +113,11 @@ class Ticks {
         const lines = (partial + d.toString("latin1")).split("\n");
         partial = lines.pop() ?? "";
         for (const l of lines) {
-          const m = /^n=(\d+)$/.exec(l);
-          if (m !== null && !this.at.has(Number(m[1]))) this.at.set(Number(m[1]), now);
+          const m = /^n=(\d+)(?: t=(\d+\.\d+))?$/.exec(l);
+          if (m !== null && !this.at.has(Number(m[1]))) {
+            this.at.set(Number(m[1]), now);
+            if (m[2] !== undefined) this.guestAt.set(Number(m[1]), Number(m[2]));
+          }
         }
       });
     });
@@ -130,10 +138,12 @@ class Ticks {
   }
 
   /** The longest gap between consecutive tick arrivals at or after `from` (ms), and the median gap before it. */
-  gaps(from: number): { maxGapMs: number; usualGapMs: number; gapFromMs: number } {
-    const times = [...this.at.entries()].sort((a, b) => a[0] - b[0]).map((e) => e[1]);
+  gaps(from: number): { maxGapMs: number; usualGapMs: number; gapFromMs: number; guestGapMs: number } {
+    const entries = [...this.at.entries()].sort((a, b) => a[0] - b[0]);
+    const times = entries.map((e) => e[1]);
     let maxGapMs = 0;
     let gapFromMs = NaN;
+    let guestGapMs = NaN;
     const before: number[] = [];
     for (let i = 1; i < times.length; i++) {
       const g = times[i]! - times[i - 1]!;
@@ -141,10 +151,13 @@ class Ticks {
         if (g > maxGapMs) {
           maxGapMs = g;
           gapFromMs = times[i - 1]! - from;
+          const a = this.guestAt.get(entries[i - 1]![0]);
+          const b = this.guestAt.get(entries[i]![0]);
+          guestGapMs = a !== undefined && b !== undefined ? (b - a) * 1000 : NaN;
         }
       } else before.push(g);
     }
-    return { maxGapMs, usualGapMs: before.length > 0 ? median(before.slice(-200)) : NaN, gapFromMs };
+    return { maxGapMs, usualGapMs: before.length > 0 ? median(before.slice(-200)) : NaN, gapFromMs, guestGapMs };
   }
 }
 
@@ -153,6 +166,8 @@ interface Sample {
   usualGapMs: number;
   /** Where that gap began, ms after the migrate request (the pause ends about when the source says it is done: totalMs). */
   gapFromMs: number;
+  /** How far the guest's own clock moved between the gap's two lines (ms; 10 ms resolution). */
+  guestGapMs: number;
   /** The VMM's own downtime figure. */
   downtimeMs: number;
   totalMs: number;
@@ -303,7 +318,7 @@ async function runCase(c: Case): Promise<{ case: string; typevisor: Sample[]; qe
   const cmdline = `console=ttyS0 panic=-1 ${runScriptArg(guestScript(c))}`;
   const results = { case: c.name, typevisor: [] as Sample[], qemu: [] as Sample[] };
   const fmt = (s: Sample): string =>
-    `gap the peer saw ${s.maxGapMs.toFixed(0)} ms from ${s.gapFromMs.toFixed(0)} ms after the migrate request (lines every ${s.usualGapMs.toFixed(0)} ms), VMM downtime ${s.downtimeMs.toFixed(0)} ms, total ${s.totalMs.toFixed(0)} ms, ${(s.bytes / 2 ** 20).toFixed(1)} MiB sent${s.rounds !== undefined ? ` in ${s.rounds} rounds` : ""}`;
+    `gap the peer saw ${s.maxGapMs.toFixed(0)} ms from ${s.gapFromMs.toFixed(0)} ms after the migrate request (the guest's clock moved ${s.guestGapMs.toFixed(0)} ms between those lines; lines every ${s.usualGapMs.toFixed(0)} ms), VMM downtime ${s.downtimeMs.toFixed(0)} ms, total ${s.totalMs.toFixed(0)} ms, ${(s.bytes / 2 ** 20).toFixed(1)} MiB sent${s.rounds !== undefined ? ` in ${s.rounds} rounds` : ""}`;
   for (let i = 0; i < RUNS; i++) {
     for (const who of ["qemu", "typevisor"] as const) {
       const work = mkdtempSync(join(tmpdir(), `bench-mig-${who}-`));
