@@ -11,8 +11,6 @@
  * again: if the destination's RUNNING does not arrive, the VM stays paused here and the error
  * says so (at most one copy of the guest ever runs).
  */
-import { keepCompiledCode } from "../code-flush.js";
-import { phase, takePhases } from "../phases.js";
 import { createHash } from "node:crypto";
 import { closeSync, openSync } from "node:fs";
 import type { Socket } from "node:net";
@@ -21,6 +19,8 @@ import { forEachDataRun, isZeroPage } from "../snapshot/memory.js";
 import { encodeState } from "../snapshot/state-file.js";
 import type { SnapshotConfig } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
+import { keepCompiledCode } from "../code-flush.js";
+import { phase, takePhases } from "../phases.js";
 import { DIRTY_BLOCK_SIZE } from "../disk/dirty-blocks.js";
 import type { DiskCopy } from "./disk-copy.js";
 import { diskHeader, FRAME, FrameBatch, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, STATE_PIECE, streamError, zerosPayload } from "./protocol.js";

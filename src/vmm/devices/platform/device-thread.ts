@@ -369,7 +369,13 @@ function serveCommands(): void {
     }
     const after = afterReply;
     afterReply = undefined;
-    after?.();
+    try {
+      after?.();
+    } catch (e) {
+      // A device's queue handling keeps its own errors (a broken queue asks for a reset); one
+      // that escapes must not end this thread's loop with the VM already told it may run.
+      writeSync(2, `typevisor: device thread: after the ${c.command} reply: ${(e as Error).message}\n`);
+    }
   }
 }
 
