@@ -199,7 +199,9 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
   const port = await freePort();
   const ticks = new Ticks();
   await ticks.listen();
-  const a = new ConsoleProcess(process.execPath, [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(c.memoryMiB), "--net", `tap=${TAP_SRC},mac=${MAC}`, "--cmdline", cmdline, "--api-socket", apiA]);
+  const a = new ConsoleProcess(process.execPath, [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(c.memoryMiB), "--net", `tap=${TAP_SRC},mac=${MAC}`, "--cmdline", cmdline, "--api-socket", apiA,
+    // BENCH_TV_ARGS: more `typevisor run` options for the source (a diagnostic: e.g. --vcpu-nice 0)
+    ...(process.env["BENCH_TV_ARGS"]?.split(" ").filter((x) => x !== "") ?? [])]);
   const b = new ConsoleProcess(process.execPath, [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:127.0.0.1:${port}`, "--plain-tcp", "--net", `tap=${TAP_DST}`, "--api-socket", apiB]);
   try {
     await a.waitFor(new RegExp(READY), 0, BOOT_MS);
