@@ -9,12 +9,12 @@
  *
  * The flag is the process's (every isolate's) and V8 reads it at each collection, so it can be
  * turned off while any migration runs and back on after. A VMM started with
- * `--no-flush-bytecode` keeps its own setting.
+ * `--no-flush-bytecode` (on its command line or in NODE_OPTIONS) keeps its own setting.
  */
 import { setFlagsFromString } from "node:v8";
 
 let holds = 0;
-const givenOff = process.execArgv.some((a) => a === "--no-flush-bytecode" || a === "--no-flush_bytecode");
+const givenOff = [...process.execArgv, ...(process.env["NODE_OPTIONS"] ?? "").split(/\s+/)].some((a) => a === "--no-flush-bytecode" || a === "--no-flush_bytecode");
 
 /** Keep every compiled function until the returned release is called (each release once). */
 export function keepCompiledCode(): () => void {
