@@ -127,6 +127,8 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect(await src.vm.exited, src.vm.stderr()).toBe(0);
       expect(JSON.parse(readFileSync(src.vm.exit, "utf8")).result).toBe("migrated");
       expect(src.vm.stderr()).toMatch(/migrated to .* \(downtime \d+ ms/);
+      // The destination's RUNNING carried its own step times, and the source took them as such.
+      expect(src.vm.stderr()).toMatch(/destination \(ms from DONE\): state decoded [\d.]+, threads up [\d.]+/);
       const con = await consoleClient(dst.sock);
       await stillAnswers(con, "after-move");
       expect(con.text()).not.toContain(TINY_KERNEL_BANNER);

@@ -21,6 +21,7 @@ import type { SnapshotConfig } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
 import { keepCompiledCode } from "../code-flush.js";
 import { phase, takePhases } from "../phases.js";
+import { exactRecord, isFiniteNumber } from "../plain-checks.js";
 import { DIRTY_BLOCK_SIZE } from "../disk/dirty-blocks.js";
 import type { DiskCopy } from "./disk-copy.js";
 import { diskHeader, FRAME, FrameBatch, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pagesHeader, send, STATE_PIECE, streamError, zerosPayload } from "./protocol.js";
@@ -153,6 +154,8 @@ const THROTTLE_TRIGGER = 0.5;
 
 const DESTINATION_TIMES = ["stateDecoded", "threadsReady", "stateApplied", "devicesRestored", "readySent", "goReceived", "resumed"] as const satisfies readonly (keyof DestinationTimes)[];
 
+const isDestinationTimes = exactRecord(Object.fromEntries(DESTINATION_TIMES.map((k) => [k, isFiniteNumber])));
+
 /** RUNNING's payload as DestinationTimes when it is exactly that (finite numbers, no other keys); only ever reported. */
 function destinationTimes(payload: Buffer): DestinationTimes | undefined {
   if (payload.length === 0 || payload.length >= 4096) return undefined;
@@ -162,9 +165,7 @@ function destinationTimes(payload: Buffer): DestinationTimes | undefined {
   } catch {
     return undefined;
   }
-  if (typeof v !== "object" || v === null || Array.isArray(v) || Object.keys(v).length !== DESTINATION_TIMES.length) return undefined;
-  const r = v as Record<string, unknown>;
-  return DESTINATION_TIMES.every((k) => Object.hasOwn(r, k) && typeof r[k] === "number" && Number.isFinite(r[k])) ? (r as unknown as DestinationTimes) : undefined;
+  return isDestinationTimes(v) ? (v as DestinationTimes) : undefined;
 }
 
 export class OutgoingMigration {

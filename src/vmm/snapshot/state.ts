@@ -19,6 +19,7 @@ import { z } from "zod";
 import { TypevisorError } from "../../errors.js";
 import { MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB } from "../defaults.js";
 import { SIZEOF } from "../../kvm/ioctls.js";
+import { exactRecord, isU32 } from "../plain-checks.js";
 import { MAX_STATE_BYTES, SNAPSHOT_FILES, SNAPSHOT_VERSION } from "./state-file.js";
 
 // The file's framing and the helpers that need no schema live in state-file.ts (loaded without zod).
@@ -36,8 +37,6 @@ function blob(size: number, atLeast = false) {
   }, `must be ${atLeast ? "at least " : ""}${size} bytes`);
 }
 
-const isU32 = (v: unknown): boolean => typeof v === "number" && Number.isInteger(v) && v >= 0 && v <= 0xffff_ffff;
-
 /**
  * A list of flat records with exactly `fields` (each passing its check), at most `max` long,
  * checked in one loop. An object schema per entry costs far more while V8 has not optimized
@@ -47,18 +46,13 @@ const isU32 = (v: unknown): boolean => typeof v === "number" && Number.isInteger
  * the whole state's schema.
  */
 function flatList<T>(fields: Record<keyof T & string, (v: unknown) => boolean>, max: number, what: string) {
-  const names = Object.keys(fields) as (keyof T & string)[];
-  const checks = names.map((n) => fields[n]);
+  const entry = exactRecord(fields);
   return z.custom<T[]>((v) => {
     if (!Array.isArray(v) || v.length > max) return false;
-    for (const e of v as unknown[]) {
-      if (typeof e !== "object" || e === null || Array.isArray(e) || Object.keys(e).length !== names.length) return false;
-      for (let i = 0; i < names.length; i++) {
-        if (!Object.hasOwn(e, names[i]!) || !checks[i]!((e as Record<string, unknown>)[names[i]!])) return false;
-      }
-    }
+    // A loop rather than every(): a hole in the array is an entry that fails, not one skipped.
+    for (const e of v as unknown[]) if (!entry(e)) return false;
     return true;
-  }, `must be at most ${max} entries of exactly {${names.join(", ")}} (${what})`);
+  }, `must be at most ${max} entries of exactly {${Object.keys(fields).join(", ")}} (${what})`);
 }
 
 const regNames = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"] as const;

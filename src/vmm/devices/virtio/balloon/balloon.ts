@@ -1,5 +1,6 @@
 import { TypevisorError } from "../../../../errors.js";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
+import { isU32 } from "../../../plain-checks.js";
 import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, hasFeature, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { readChain } from "../queue/chain.js";
@@ -116,8 +117,6 @@ export interface BalloonDeviceState {
 function isPowerOfTwo(n: number): boolean {
   return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
 }
-
-const isU32 = (n: unknown): n is number => typeof n === "number" && Number.isInteger(n) && n >= 0 && n <= 0xffff_ffff;
 
 /**
  * virtio-balloon (virtio 1.2 §5.5), the traditional balloon: the host sets a target
