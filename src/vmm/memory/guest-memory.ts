@@ -376,6 +376,17 @@ export class GuestMemory {
     }
   }
 
+  /**
+   * A writable view of guest memory from `gpa`, at most `max` bytes long and at least one (shorter
+   * where [gpa, gpa+max) crosses into the next view), its pages marked as written: for a writer
+   * that fills it in place (a migration stream read straight into guest memory).
+   */
+  writableRun(gpa: number, max: number): Uint8Array {
+    const first = this.slices(gpa, max)[0]!;
+    this.dirtyLog?.mark(gpa, first.length);
+    return first;
+  }
+
   fill(gpa: number, len: number, value = 0): void {
     this.dirtyLog?.mark(gpa, len);
     for (const p of this.slices(gpa, len)) p.fill(value);

@@ -14,10 +14,11 @@ import type { Vm } from "../vm.js";
 import { prestartWorkers } from "../threads/spawn.js";
 import { keepCompiledCode } from "../code-flush.js";
 import { phase } from "../phases.js";
-import { DISK_HEADER, FRAME, FrameReader, type DirectFrames, frame, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
+import { DISK_HEADER, FRAME, type DirectFrames, frame, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
 import { HelloSchema } from "./hello-schema.js";
 import { acceptStream, type StreamSecurity } from "./transport.js";
+import { frameReaderFor } from "./read-into.js";
 import { createDiskTargets, finishDiskTargets, removeDiskTargets, writeDiskData, type DiskTarget } from "./disk-targets.js";
 
 export interface Incoming {
@@ -40,16 +41,17 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
   // The warm-ups below (threads, state checks, applyState's rehearsal) must outlive the stream's collections.
   const releaseCode = keepCompiledCode();
   // Before listening: whoever waits for "waiting for a migration" starts the source on a ready side.
-  let sock: Awaited<ReturnType<typeof acceptStream>>;
+  let accepted: Awaited<ReturnType<typeof acceptStream>>;
   try {
     await Promise.all([prestartWorkers("devices/platform/device-thread.js", 1), prestartWorkers("vcpu/worker.js", PRESTARTED_VCPU_THREADS)]);
-    sock = await acceptStream(spec, security, log);
+    accepted = await acceptStream(spec, security, log);
   } catch (e) {
     releaseCode();
     throw e;
   }
+  // A plain socket's reads go straight where the frames go (read-into.ts); TLS keeps FrameReader.
+  const { sock, reader } = frameReaderFor(accepted);
   sock.setNoDelay(true);
-  const reader = new FrameReader(sock);
   let vm: Vm | undefined;
   let prestartError: Error | undefined;
   /** "disks": "copy": the files this side writes the disks' contents into. */
@@ -94,7 +96,8 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     let doneAt = 0;
     const at = (): number => Math.round((performance.now() - doneAt) * 10) / 10;
     let stateBytes = 0;
-    // PAGES: the address is checked, then the pages go from the socket's buffers into guest memory.
+    // PAGES: the address is checked, then the pages go into guest memory (read there by the kernel
+    // on a plain socket: read-into.ts).
     const pages: DirectFrames = {
       heads: new Map([[FRAME.PAGES, 8]]),
       begin: (_type, head, len) => {
@@ -102,7 +105,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
         const gpa = head.readBigUInt64LE(0);
         if (gpa % BigInt(PAGE) !== 0n || gpa > BigInt(Number.MAX_SAFE_INTEGER) || !inOneRegion(expected, Number(gpa), len)) throw streamError(`PAGES at 0x${gpa.toString(16)} (+${len}) lies outside guest RAM`);
         const base = Number(gpa);
-        return (piece, at) => mem.write(base + at, piece);
+        return (at, max) => mem.writableRun(base + at, max);
       },
     };
     for (;;) {

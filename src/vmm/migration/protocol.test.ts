@@ -1,8 +1,10 @@
 /**
- * FrameReader over a real unix socket: whatever way the bytes are cut into writes (and so into the
- * reads the destination sees), it gives back exactly the frames sent, in order, byte for byte; a
- * hostile header (unknown type, a length over MAX_FRAME) or a stream cut mid-frame is an error,
- * never a hang or an allocation sized by the peer.
+ * Both frame readers over a real unix socket: FrameReader ('data' events: TLS) and
+ * read-into.ts ReadIntoFrameReader (Node's onread: a plain socket's bytes read into place).
+ * Whatever way the bytes are cut into writes (and so into the reads the destination sees), each
+ * gives back exactly the frames sent, in order, byte for byte, a direct frame's rest in the views
+ * its target gives; a hostile header (unknown type, a length over MAX_FRAME) or a stream cut
+ * mid-frame is an error, never a hang or an allocation sized by the peer.
  */
 import { mkdtempSync, rmSync } from "node:fs";
 import { connect, createServer, type Socket } from "node:net";
@@ -10,24 +12,39 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
-import { FRAME, FrameReader, MAX_FRAME, frame, type DirectFrames, type FrameType } from "./protocol.js";
+import { FRAME, FrameReader, MAX_FRAME, frame, type DirectFrames, type FrameSource, type FrameType } from "./protocol.js";
+import { frameReaderFor } from "./read-into.js";
 
 const dir = mkdtempSync(join(tmpdir(), "tv-frames-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 let n = 0;
 
-/** A connected pair: `write` is the client end, `read` the server's. */
-async function socketPair(): Promise<{ write: Socket; read: Socket; close: () => void }> {
+type Open = (accepted: Socket) => { reader: FrameSource; sock: Socket };
+const kinds: [string, Open][] = [
+  ["FrameReader", (s) => (s.resume(), { reader: new FrameReader(s), sock: s })],
+  [
+    "ReadIntoFrameReader",
+    (s) => {
+      const r = frameReaderFor(s);
+      // On this Node the handle moves to an onread socket; if it stopped doing so, this says it.
+      expect(r.readInto).toBe(true);
+      return r;
+    },
+  ],
+];
+
+/** A connected pair: `write` is the client end; `reader` reads the server's end (accepted paused, as transport.ts does). */
+async function socketPair(open: Open): Promise<{ write: Socket; reader: FrameSource; close: () => void }> {
   const path = join(dir, `s${n++}.sock`);
   const accepted = new Promise<Socket>((resolve) => {
-    const srv = createServer((s) => {
+    const srv = createServer({ pauseOnConnect: true }, (s) => {
       srv.close();
       resolve(s);
     }).listen(path);
   });
   const write = connect(path);
-  const read = await accepted;
-  return { write, read, close: () => (write.destroy(), read.destroy()) };
+  const { reader, sock } = open(await accepted);
+  return { write, reader, close: () => (write.destroy(), sock.destroy()) };
 }
 
 /** Write `bytes` in pieces of the given sizes (cycled), each its own write and event-loop turn. */
@@ -42,7 +59,7 @@ async function writeInPieces(s: Socket, bytes: Buffer, sizes: number[]): Promise
 
 const types = Object.values(FRAME) as FrameType[];
 
-describe("FrameReader", () => {
+describe.each(kinds)("%s", (_name, open) => {
   it("returns every frame sent, in order and intact, however the stream is cut", async () => {
     await fc.assert(
       fc.asyncProperty(
@@ -51,9 +68,9 @@ describe("FrameReader", () => {
         async (frames, sizes) => {
           const payloads = frames.map((f) => Buffer.alloc(f.length).map((_, i) => (i * 31 + f.seed) & 0xff));
           const bytes = Buffer.concat(frames.flatMap((f, i) => frame(f.type, payloads[i]!)));
-          const p = await socketPair();
+          const p = await socketPair(open);
           try {
-            const reader = new FrameReader(p.read);
+            const reader = p.reader;
             const writing = writeInPieces(p.write, bytes, sizes);
             for (let i = 0; i < frames.length; i++) {
               const got = await reader.next();
@@ -70,42 +87,48 @@ describe("FrameReader", () => {
     );
   });
 
-  it("hands a direct frame's rest to its sink piece by piece, every byte once and in place, and other frames whole", async () => {
+  it("puts a direct frame's rest into the views its target gives, each filled once and in order, and other frames whole", async () => {
     await fc.assert(
       fc.asyncProperty(
-        fc.array(fc.record({ type: fc.constantFrom(FRAME.PAGES, FRAME.STATE, FRAME.ZEROS), length: fc.oneof(fc.integer({ min: 0, max: 12 }), fc.integer({ min: 4000, max: 300_000 })), seed: fc.integer({ min: 0, max: 255 }) }), { minLength: 1, maxLength: 10 }),
+        fc.array(fc.record({ type: fc.constantFrom(FRAME.PAGES, FRAME.STATE, FRAME.ZEROS), length: fc.oneof(fc.integer({ min: 0, max: 12 }), fc.integer({ min: 4000, max: 300_000 }), fc.constant(MAX_FRAME)), seed: fc.integer({ min: 0, max: 255 }) }), { minLength: 1, maxLength: 10 }),
         fc.array(fc.integer({ min: 1, max: 200_000 }), { minLength: 1, maxLength: 5 }),
-        async (frames, sizes) => {
+        fc.array(fc.integer({ min: 1, max: 300_000 }), { minLength: 1, maxLength: 4 }),
+        async (frames, sizes, views) => {
           const payloads = frames.map((f) => Buffer.alloc(f.length).map((_, i) => (i * 31 + f.seed) & 0xff));
           const bytes = Buffer.concat(frames.flatMap((f, i) => frame(f.type, payloads[i]!)));
-          const p = await socketPair();
+          const p = await socketPair(open);
           try {
             let rest: Buffer | undefined;
-            let seen = new Uint8Array(0);
+            let next = 0;
+            let asked = 0;
             const direct: DirectFrames = {
               heads: new Map([[FRAME.PAGES, 8]]),
               begin: (type, head, restBytes) => {
                 expect(type).toBe(FRAME.PAGES);
                 expect(head.length).toBe(8);
                 rest = Buffer.alloc(restBytes);
-                seen = new Uint8Array(restBytes);
-                return (piece, at) => {
-                  for (let k = at; k < at + piece.length; k++) seen[k]!++;
-                  piece.copy(rest!, at);
+                next = 0;
+                // Views of varying length (a guest-memory run may end at a view's edge), asked for in order.
+                return (at, max) => {
+                  expect(at).toBe(next);
+                  expect(max).toBeGreaterThan(0);
+                  expect(max).toBeLessThanOrEqual(restBytes - at);
+                  const len = Math.min(max, views[asked++ % views.length]!);
+                  next = at + len;
+                  return rest!.subarray(at, at + len);
                 };
               },
             };
-            const reader = new FrameReader(p.read);
             const writing = writeInPieces(p.write, bytes, sizes);
             for (let i = 0; i < frames.length; i++) {
               rest = undefined;
-              const got = await reader.next(direct);
+              const got = await p.reader.next(direct);
               const want = payloads[i]!;
               expect(got.type).toBe(frames[i]!.type);
               if (frames[i]!.type === FRAME.PAGES && want.length >= 8) {
                 expect(got.payload.equals(want.subarray(0, 8))).toBe(true);
+                expect(next).toBe(want.length - 8);
                 expect(rest!.equals(want.subarray(8))).toBe(true);
-                expect(seen.every((b) => b === 1)).toBe(true);
               } else {
                 expect(rest).toBeUndefined();
                 expect(got.payload.equals(want)).toBe(true);
@@ -121,10 +144,28 @@ describe("FrameReader", () => {
     );
   });
 
-  it("a direct frame whose head is refused hands nothing on, and the error is begin's", async () => {
-    const p = await socketPair();
+  it.runIf(_name === "ReadIntoFrameReader")("reads a large frame's rest into its target's views, not through a copy", async () => {
+    const p = await socketPair(open);
     try {
-      const reader = new FrameReader(p.read);
+      const into = Buffer.alloc(MAX_FRAME - 8 - 64);
+      const pages = Buffer.alloc(into.length).map((_, i) => (i * 7) & 0xff);
+      const direct: DirectFrames = { heads: new Map([[FRAME.PAGES, 8]]), begin: () => (at, max) => into.subarray(at, at + max) };
+      // The destination waits for the frame before it comes (else the header's read stops at the frame's head and the next read goes through the spill too).
+      const got = p.reader.next(direct);
+      await writeInPieces(p.write, Buffer.concat(frame(FRAME.PAGES, Buffer.concat([Buffer.alloc(8), pages]))), [100_000]);
+      await got;
+      expect(into.equals(pages)).toBe(true);
+      // Only what the header's read (64 KiB) took along is copied.
+      expect((p.reader as unknown as { bytesInPlace: number }).bytesInPlace).toBeGreaterThanOrEqual(pages.length - 64 * 1024);
+    } finally {
+      p.close();
+    }
+  });
+
+  it("a direct frame whose head is refused hands nothing on, and the error is begin's", async () => {
+    const p = await socketPair(open);
+    try {
+      const reader = p.reader;
       let pieces = 0;
       const direct: DirectFrames = {
         heads: new Map([[FRAME.PAGES, 8]]),
@@ -133,7 +174,7 @@ describe("FrameReader", () => {
         },
       };
       p.write.write(Buffer.concat(frame(FRAME.PAGES, Buffer.alloc(100_000, 7))));
-      await expect(reader.next({ ...direct, begin: (t, h, n) => (direct.begin(t, h, n), () => void pieces++) })).rejects.toThrow(/outside guest RAM/);
+      await expect(reader.next({ ...direct, begin: (t, h, n) => (direct.begin(t, h, n), () => (pieces++, Buffer.alloc(1))) })).rejects.toThrow(/outside guest RAM/);
       expect(pieces).toBe(0);
     } finally {
       p.close();
@@ -141,9 +182,9 @@ describe("FrameReader", () => {
   });
 
   it("a payload taken is not changed by the frames read after it", async () => {
-    const p = await socketPair();
+    const p = await socketPair(open);
     try {
-      const reader = new FrameReader(p.read);
+      const reader = p.reader;
       const a = Buffer.alloc(100_000, 0xaa);
       const b = Buffer.alloc(100_000, 0xbb);
       await writeInPieces(p.write, Buffer.concat([...frame(FRAME.PAGES, a), ...frame(FRAME.PAGES, b)]), [65_536, 3]);
@@ -162,9 +203,9 @@ describe("FrameReader", () => {
       [FRAME.PAGES, MAX_FRAME + 1, /over the \d+-byte limit/],
       [FRAME.STATE, 0xffffffff, /over the \d+-byte limit/],
     ] as const) {
-      const p = await socketPair();
+      const p = await socketPair(open);
       try {
-        const reader = new FrameReader(p.read);
+        const reader = p.reader;
         const h = Buffer.alloc(8);
         h.writeUInt32LE(type, 0);
         h.writeUInt32LE(length, 4);
@@ -177,9 +218,9 @@ describe("FrameReader", () => {
   });
 
   it("a stream that ends inside a frame is an error, not a wait", async () => {
-    const p = await socketPair();
+    const p = await socketPair(open);
     try {
-      const reader = new FrameReader(p.read);
+      const reader = p.reader;
       const bytes = Buffer.concat(frame(FRAME.PAGES, Buffer.alloc(10_000, 1)));
       p.write.end(bytes.subarray(0, 5000));
       await expect(reader.next()).rejects.toMatchObject({ code: "MIGRATION_PEER" });

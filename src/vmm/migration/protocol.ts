@@ -189,17 +189,45 @@ export interface DirectFrames {
   /** The frame types taken this way, each with the bytes of its head (a frame shorter than its head comes whole). */
   heads: ReadonlyMap<number, number>;
   /**
-   * Check a frame's head (throw to refuse the frame) and return where its rest goes: `sink(piece,
-   * at)`, `at` being the piece's offset in the rest, `piece` a view valid only during the call.
+   * Check a frame's head (throw to refuse the frame) and return where its rest goes:
+   * `target(at, max)` is a writable view for the rest's bytes from offset `at`, at least one and
+   * at most `max` bytes long; the reader fills each view it asks for (ReadIntoFrameReader has the
+   * kernel read into it; FrameReader copies into it) before it asks for the next.
    */
-  begin(type: number, head: Buffer, restBytes: number): (piece: Buffer, at: number) => void;
+  begin(type: number, head: Buffer, restBytes: number): FrameTarget;
+}
+
+/** Where a direct frame's rest goes (DirectFrames.begin). */
+export type FrameTarget = (at: number, max: number) => Uint8Array;
+
+/** What the two readers (FrameReader, and read-into.ts ReadIntoFrameReader for plain sockets) offer. */
+export interface FrameSource {
+  /** The next frame; a direct frame's rest goes to its target (see DirectFrames). */
+  next(direct?: DirectFrames): Promise<Frame>;
+  /** The next frame, which must be `type` (an ERROR frame from the peer becomes its message). */
+  expect(type: FrameType): Promise<Buffer>;
+}
+
+/** A frame header's type and length checked: MIGRATION_STREAM before anything is read or allocated for it. */
+export function checkFrameHeader(type: number, length: number): void {
+  if (NAMES[type] === undefined) throw streamError(`unknown frame type ${type}`);
+  if (length > MAX_FRAME) throw streamError(`a ${NAMES[type]} frame claims ${length} bytes, over the ${MAX_FRAME}-byte limit`);
+}
+
+/** `expect` for either reader: the frame must be `type`; an ERROR frame from the peer becomes its message. */
+export function expectedPayload(f: Frame, type: FrameType): Buffer {
+  if (f.type === FRAME.ERROR && type !== FRAME.ERROR) throw new TypevisorError("MIGRATION_PEER", `the peer failed: ${f.payload.toString("utf8").slice(0, 2000)}`);
+  if (f.type !== type) throw streamError(`expected ${NAMES[type]}, got ${NAMES[f.type]}`);
+  return f.payload;
 }
 
 /**
  * Frames from a socket, one at a time, with every length checked before anything is buffered
- * for it. `next()` rejects when the peer closes or sends garbage.
+ * for it. `next()` rejects when the peer closes or sends garbage. Reads through the socket's
+ * 'data' events (each read a new buffer from Node): for TLS, whose records Node decrypts into
+ * buffers of its own; a plain socket is read with read-into.ts ReadIntoFrameReader instead.
  */
-export class FrameReader {
+export class FrameReader implements FrameSource {
   private chunks: Buffer[] = [];
   private buffered = 0;
   private waiter: (() => void) | undefined;
@@ -270,8 +298,8 @@ export class FrameReader {
 
   /**
    * The next frame. With `direct`, a frame of a type it names is not gathered into one buffer:
-   * its head comes as the payload, and the rest goes to the sink `direct.begin` returns, in the
-   * pieces the socket delivered (bulk data, PAGES: one copy, into guest memory, and no
+   * its head comes as the payload, and the rest is copied into the views `direct.begin`'s target
+   * gives, from the pieces the socket delivered (bulk data, PAGES: one copy, into guest memory, and no
    * allocation per frame; gathering each 2 MiB frame first cost an allocation the size of the
    * data, and the collections it caused, in the destination's one event loop).
    */
@@ -280,8 +308,7 @@ export class FrameReader {
     const h = this.take(8);
     const type = h.readUInt32LE(0);
     const length = h.readUInt32LE(4);
-    if (NAMES[type] === undefined) throw streamError(`unknown frame type ${type}`);
-    if (length > MAX_FRAME) throw streamError(`a ${NAMES[type]} frame claims ${length} bytes, over the ${MAX_FRAME}-byte limit`);
+    checkFrameHeader(type, length);
     await this.need(length);
     const headBytes = direct?.heads.get(type);
     if (direct === undefined || headBytes === undefined || length < headBytes) return { type, payload: this.take(length) };
@@ -291,12 +318,17 @@ export class FrameReader {
     return { type, payload: head };
   }
 
-  /** Hand the next `n` buffered bytes (n <= buffered) to `sink` piece by piece, as views: no copy. */
-  private consume(n: number, sink: (piece: Buffer, at: number) => void): void {
+  /** Copy the next `n` buffered bytes (n <= buffered) into the views `target` gives. */
+  private consume(n: number, target: FrameTarget): void {
     for (let at = 0; at < n; ) {
       const c = this.chunks[0]!;
       const k = Math.min(c.length, n - at);
-      sink(k === c.length ? c : c.subarray(0, k), at);
+      for (let off = 0; off < k; ) {
+        const t = target(at + off, k - off);
+        const m = Math.min(t.length, k - off);
+        t.set(c.subarray(off, off + m));
+        off += m;
+      }
       at += k;
       if (k === c.length) this.chunks.shift();
       else this.chunks[0] = c.subarray(k);
@@ -305,12 +337,8 @@ export class FrameReader {
     if (this.buffered <= MAX_FRAME) this.sock.resume();
   }
 
-  /** The next frame, which must be `type` (an ERROR frame from the peer becomes its message). */
   async expect(type: FrameType): Promise<Buffer> {
-    const f = await this.next();
-    if (f.type === FRAME.ERROR && type !== FRAME.ERROR) throw new TypevisorError("MIGRATION_PEER", `the peer failed: ${f.payload.toString("utf8").slice(0, 2000)}`);
-    if (f.type !== type) throw streamError(`expected ${NAMES[type]}, got ${NAMES[f.type]}`);
-    return f.payload;
+    return expectedPayload(await this.next(), type);
   }
 }
 

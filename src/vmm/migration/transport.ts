@@ -216,7 +216,8 @@ export function listenStream(spec: string, sec: StreamSecurity, log: (line: stri
       server.close();
       resolve(sock);
     };
-    if (t === undefined) server = createServer({ pauseOnConnect: false }, take);
+    // Plain: accepted without reading a byte, so its handle can move to a socket that reads into place (read-into.ts).
+    if (t === undefined) server = createServer({ pauseOnConnect: true }, take);
     else {
       server = createTlsServer({ ...tlsOptions(t), requestCert: true }, (sock: TLSSocket) => {
         const why = peerProblem(sock, t);
