@@ -63,8 +63,8 @@ export class ReadIntoFrameReader implements FrameSource {
   private whenFilled: () => void = () => undefined;
   /** The view of `want` handed to Node for the next read (a read into it lands in place), if any. */
   private handed: Uint8Array | undefined;
-  /** Bytes the spill read past a header that waits for next(): taken first when it comes. */
-  private held: Buffer | undefined;
+  /** Bytes the spill read past a header that waits for next() (a view of the spill): taken first when it comes. */
+  private held: Uint8Array | undefined;
   private type = 0;
   private length = 0;
   private rest = { head: Buffer.alloc(0), target: undefined as FrameTarget | undefined, at: 0, total: 0 };
@@ -159,7 +159,11 @@ export class ReadIntoFrameReader implements FrameSource {
     return this.reading;
   }
 
-  /** Copy `bytes` into what is wanted, frame by frame; what lies past a header that waits for next() is held (copied: the spill is read into again). */
+  /**
+   * Copy `bytes` into what is wanted, frame by frame; what lies past a header that waits for
+   * next() is held as a view (no copy: the spill is not read into again until everything held
+   * is taken, since reading stays stopped while anything is held).
+   */
   private feed(bytes: Uint8Array): void {
     let off = 0;
     while (off < bytes.length && this.want !== undefined) {
@@ -170,7 +174,7 @@ export class ReadIntoFrameReader implements FrameSource {
       off += k;
       if (this.filled === want.length) this.whenFilled();
     }
-    if (off < bytes.length && this.stage === "await") this.held = Buffer.from(bytes.subarray(off));
+    if (off < bytes.length && this.stage === "await") this.held = bytes.subarray(off);
   }
 
   // ---- the frame's steps ----
