@@ -16,7 +16,7 @@ import { checkDiskPattern, DISK_GUEST_DONE, MEM_DIRTIER_UP, writeDiskGuest, writ
 import { unixApi } from "../helpers/unix-api.js";
 import { killVmm, startVmm, type Vmm } from "../helpers/vmm-process.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
-import { FRAME, frame, hello, MAX_STATE_FRAMES, pagesHeader } from "../../src/vmm/migration/protocol.js";
+import { FRAME, frame, hello, MAX_STATE_FRAMES, pageSetHead, pagesHeader, setPageBit } from "../../src/vmm/migration/protocol.js";
 import { oneTimeCertificate, type OneTimeCert } from "../../src/control/migration-tls.js";
 import { connect as tlsConnect } from "node:tls";
 
@@ -95,6 +95,13 @@ async function refusedWithoutCert(endpoint: string): Promise<void> {
   });
 }
 
+/** A PAGE_SET head for the window at `gpa` with these pages' bits set. */
+const pageSetWith = (gpa: number, data: number[], zero: number[]): Buffer => {
+  const h = pageSetHead(gpa);
+  for (const k of data) setPageBit(h, k, false);
+  for (const k of zero) setPageBit(h, k, true);
+  return h;
+};
 const helloFrame = (): Uint8Array[] => {
   const regions = [{ guestPhysAddr: 0, size: 64 * 1024 * 1024 }];
   return frame(FRAME.HELLO, Buffer.from(JSON.stringify(hello({ cpus: 1, memoryMiB: 64, devices: { disks: [], nets: [], rng: false } }, regions))));
@@ -475,6 +482,9 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     ["garbage", [Buffer.from("GET / HTTP/1.1\r\n\r\n")], /unknown frame type|MIGRATION_STREAM/],
     ["an oversized frame", [Buffer.from([2, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])], /over the \d+-byte limit/],
     ["pages outside RAM", [...helloFrame(), ...frame(FRAME.PAGES, pagesHeader(0x1_0000_0000), Buffer.alloc(4096, 1))], /outside guest RAM/],
+    ["a PAGE_SET page outside RAM", [...helloFrame(), ...frame(FRAME.PAGE_SET, pageSetWith(0xffff_f000_0000, [0], []), Buffer.alloc(4096, 1))], /page 0 lies outside guest RAM/],
+    ["a PAGE_SET whose bitmap names more pages than it carries", [...helloFrame(), ...frame(FRAME.PAGE_SET, pageSetWith(0, [0, 1], [5]), Buffer.alloc(4096, 1))], /names 2 pages of data and carries 4096 bytes/],
+    ["a PAGE_SET page both data and zero", [...helloFrame(), ...frame(FRAME.PAGE_SET, pageSetWith(0, [3], [3]), Buffer.alloc(4096, 1))], /page 3 is both data and zero/],
     ["a truncated stream", [...helloFrame(), ...frame(FRAME.STATE, Buffer.from("typevisor-snapshot 1 bytes=5 sha256=00\n{}")), ...frame(FRAME.DONE)], /SNAPSHOT_INVALID|bad header|checksum/],
     ["disk data for a disk HELLO did not announce", [...helloFrame(), ...frame(FRAME.DISK_DATA, Buffer.alloc(16), Buffer.alloc(512, 1))], /DISK_DATA for disk 0; HELLO copies 0 disks/],
     ["a SYNC of the wrong size", [...helloFrame(), ...frame(FRAME.SYNC, Buffer.alloc(4096))], /SYNC of 4096 bytes/],

@@ -14,7 +14,7 @@ import type { Vm } from "../vm.js";
 import { prestartWorkers } from "../threads/spawn.js";
 import { keepCompiledCode } from "../code-flush.js";
 import { phase } from "../phases.js";
-import { DISK_HEADER, FRAME, type DirectFrames, frame, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, send, streamError } from "./protocol.js";
+import { DISK_HEADER, FRAME, type DirectFrames, frame, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, pageSetTarget, readPageSet, send, SET_HEAD, streamError } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
 import { HelloSchema } from "./hello-schema.js";
 import { acceptStream, type StreamSecurity } from "./transport.js";
@@ -98,12 +98,21 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     let stateBytes = 0;
     // PAGES: the address is checked, then the pages go into guest memory (read there by the kernel
     // on a plain socket: read-into.ts).
+    const inRam = (gpa: number, len: number): boolean => inOneRegion(expected, gpa, len);
     const pages: DirectFrames = {
-      heads: new Map([[FRAME.PAGES, 8]]),
-      begin: (_type, head, len) => {
+      heads: new Map([
+        [FRAME.PAGES, 8],
+        [FRAME.PAGE_SET, SET_HEAD],
+      ]),
+      begin: (type, head, len) => {
+        if (type === FRAME.PAGE_SET) {
+          const set = readPageSet(head, len, inRam);
+          for (const gpa of set.zero) mem.fill(gpa, PAGE, 0);
+          return pageSetTarget(set.data, (gpa, max) => mem.writableRun(gpa, max));
+        }
         if (len < PAGE || len % PAGE !== 0) throw streamError(`PAGES of ${len + 8} bytes is not an address and whole pages`);
         const gpa = head.readBigUInt64LE(0);
-        if (gpa % BigInt(PAGE) !== 0n || gpa > BigInt(Number.MAX_SAFE_INTEGER) || !inOneRegion(expected, Number(gpa), len)) throw streamError(`PAGES at 0x${gpa.toString(16)} (+${len}) lies outside guest RAM`);
+        if (gpa % BigInt(PAGE) !== 0n || gpa > BigInt(Number.MAX_SAFE_INTEGER) || !inRam(Number(gpa), len)) throw streamError(`PAGES at 0x${gpa.toString(16)} (+${len}) lies outside guest RAM`);
         const base = Number(gpa);
         return (at, max) => mem.writableRun(base + at, max);
       },
@@ -113,12 +122,9 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       if (f.type === FRAME.PAGES) {
         // In guest memory already (the head was shorter than a page: refused).
         if (f.payload.length !== 8) throw streamError(`PAGES of ${f.payload.length} bytes is not an address and whole pages`);
-      } else if (f.type === FRAME.ZEROS) {
-        if (f.payload.length !== 12) throw streamError(`ZEROS of ${f.payload.length} bytes`);
-        const gpa = f.payload.readBigUInt64LE(0);
-        const len = f.payload.readUInt32LE(8) * PAGE;
-        if (gpa % BigInt(PAGE) !== 0n || gpa > BigInt(Number.MAX_SAFE_INTEGER) || len === 0 || !inOneRegion(expected, Number(gpa), len)) throw streamError(`ZEROS at 0x${gpa.toString(16)} (+${len}) lies outside guest RAM`);
-        mem.fill(Number(gpa), len, 0);
+      } else if (f.type === FRAME.PAGE_SET) {
+        // Its zero pages are zeroed and its data in guest memory already (a frame shorter than its head: refused).
+        if (f.payload.length !== SET_HEAD) throw streamError(`PAGE_SET of ${f.payload.length} bytes is shorter than its head`);
       } else if (f.type === FRAME.DISK_DATA) {
         if (f.payload.length <= DISK_HEADER) throw streamError(`DISK_DATA of ${f.payload.length} bytes carries no data`);
         const disk = f.payload.readUInt32LE(0);

@@ -12,7 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
-import { FRAME, FrameReader, MAX_FRAME, frame, type DirectFrames, type FrameSource, type FrameType } from "./protocol.js";
+import { FRAME, FrameReader, MAX_FRAME, PAGE, frame, pageSetHead, pageSetTarget, readPageSet, SET_HEAD, SET_PAGES, setPageBit, type DirectFrames, type FrameSource, type FrameType } from "./protocol.js";
 import { frameReaderFor } from "./read-into.js";
 
 const dir = mkdtempSync(join(tmpdir(), "tv-frames-"));
@@ -90,7 +90,7 @@ describe.each(kinds)("%s", (_name, open) => {
   it("puts a direct frame's rest into the views its target gives, each filled once and in order, and other frames whole", async () => {
     await fc.assert(
       fc.asyncProperty(
-        fc.array(fc.record({ type: fc.constantFrom(FRAME.PAGES, FRAME.STATE, FRAME.ZEROS), length: fc.oneof(fc.integer({ min: 0, max: 12 }), fc.integer({ min: 4000, max: 300_000 }), fc.constant(MAX_FRAME)), seed: fc.integer({ min: 0, max: 255 }) }), { minLength: 1, maxLength: 10 }),
+        fc.array(fc.record({ type: fc.constantFrom(FRAME.PAGES, FRAME.STATE, FRAME.PAGE_SET), length: fc.oneof(fc.integer({ min: 0, max: 12 }), fc.integer({ min: 4000, max: 300_000 }), fc.constant(MAX_FRAME)), seed: fc.integer({ min: 0, max: 255 }) }), { minLength: 1, maxLength: 10 }),
         fc.array(fc.integer({ min: 1, max: 200_000 }), { minLength: 1, maxLength: 5 }),
         fc.array(fc.integer({ min: 1, max: 300_000 }), { minLength: 1, maxLength: 4 }),
         async (frames, sizes, views) => {
@@ -227,5 +227,58 @@ describe.each(kinds)("%s", (_name, open) => {
     } finally {
       p.close();
     }
+  });
+});
+
+describe("PAGE_SET", () => {
+  const window = fc.record({ base: fc.integer({ min: 0, max: 64 }).map((m) => m * 1024 * 1024), marks: fc.array(fc.constantFrom(0, 0, 1, 2), { minLength: SET_PAGES, maxLength: SET_PAGES }) });
+  const ram = (size: number) => (gpa: number, len: number): boolean => gpa >= 0 && gpa + len <= size;
+
+  it("reads back the pages a head marks, in order, and refuses the hostile ones", () => {
+    fc.assert(
+      fc.property(window, fc.integer({ min: 0, max: 70 * 1024 * 1024 }), ({ base, marks }, ramSize) => {
+        const head = pageSetHead(base);
+        marks.forEach((m, k) => m !== 0 && setPageBit(head, k, m === 2));
+        const data = marks.flatMap((m, k) => (m === 1 ? [base + k * PAGE] : []));
+        const zero = marks.flatMap((m, k) => (m === 2 ? [base + k * PAGE] : []));
+        const outside = [...data, ...zero].some((g) => g + PAGE > ramSize);
+        if (outside) expect(() => readPageSet(head, data.length * PAGE, ram(ramSize))).toThrow(/outside guest RAM/);
+        else {
+          expect(readPageSet(head, data.length * PAGE, ram(ramSize))).toEqual({ data, zero });
+          expect(() => readPageSet(head, data.length * PAGE + PAGE, ram(ramSize))).toThrow(/carries/);
+        }
+      }),
+      { numRuns: 300 },
+    );
+    const both = pageSetHead(0);
+    setPageBit(both, 7, false);
+    setPageBit(both, 7, true);
+    expect(() => readPageSet(both, PAGE, ram(1 << 30))).toThrow(/page 7 is both data and zero/);
+    const odd = pageSetHead(0);
+    odd.writeBigUInt64LE(123n, 0);
+    expect(() => readPageSet(odd, 0, ram(1 << 30))).toThrow(/not a page address/);
+    expect(SET_HEAD + SET_PAGES * PAGE).toBeLessThanOrEqual(MAX_FRAME);
+  });
+
+  it("puts each data byte at its page, whatever the lengths the reader asks for", () => {
+    fc.assert(
+      fc.property(fc.uniqueArray(fc.integer({ min: 0, max: 63 }), { maxLength: 40 }), fc.array(fc.integer({ min: 1, max: 3 * PAGE }), { minLength: 1, maxLength: 5 }), (pages, asks) => {
+        const data = [...pages].sort((a, b) => a - b).map((p) => p * PAGE);
+        const mem = Buffer.alloc(64 * PAGE);
+        const stream = Buffer.alloc(data.length * PAGE).map((_, i) => (i * 13 + 1) & 0xff);
+        const target = pageSetTarget(data, (gpa, max) => mem.subarray(gpa, gpa + max));
+        for (let at = 0, i = 0; at < stream.length; i++) {
+          const v = target(at, Math.min(asks[i % asks.length]!, stream.length - at));
+          expect(v.length).toBeGreaterThan(0);
+          v.set(stream.subarray(at, at + v.length));
+          at += v.length;
+        }
+        data.forEach((gpa, k) => expect(mem.subarray(gpa, gpa + PAGE).equals(stream.subarray(k * PAGE, (k + 1) * PAGE))).toBe(true));
+        // Nothing else was written.
+        const others = Array.from({ length: 64 }, (_, p) => p * PAGE).filter((g) => !data.includes(g));
+        for (const g of others) expect(mem.subarray(g, g + PAGE).every((b) => b === 0)).toBe(true);
+      }),
+      { numRuns: 300 },
+    );
   });
 });

@@ -5,7 +5,10 @@
  *
  * Source to destination, in order: HELLO (JSON: version, the machine's configuration, its RAM
  * regions), then any number of PAGES (u64 guest-physical address, then whole 4 KiB pages) and
- * ZEROS (u64 address, u32 page count: pages that became zero) and, when the disks are copied,
+ * PAGE_SET (u64 address of a window of SET_PAGES pages, a bitmap of its pages that follow with
+ * their bytes, a bitmap of its pages that became zero, then the bytes of the first bitmap's pages
+ * in order: the rounds after the first, whose dirty pages lie scattered, in one frame per window
+ * where a frame per run cost both sides more than the bytes did) and, when the disks are copied,
  * DISK_DATA (u32 disk index, u32 zero, u64 byte offset, then the bytes), then STATE (a snapshot state file,
  * checksummed and schema-checked as one: snapshot/state.ts), then DONE. Meanwhile the
  * destination says PREPARED once its device and vCPU threads are up (the source switches over
@@ -25,8 +28,8 @@ import type { Socket } from "node:net";
 import { TypevisorError } from "../../errors.js";
 import type { SnapshotConfig } from "../snapshot/state.js";
 
-/** 2: PREPARED, RUNNING's timings. 3: SYNC and SYNCED before the pause. */
-export const MIGRATION_VERSION = 3;
+/** 2: PREPARED, RUNNING's timings. 3: SYNC and SYNCED before the pause. 4: PAGE_SET in place of ZEROS. */
+export const MIGRATION_VERSION = 4;
 export const PAGE = 4096;
 /** 2 MiB of pages and their header: the largest frame either side accepts (the state is sent in pieces). */
 export const MAX_FRAME = 2 * 1024 * 1024 + 64;
@@ -45,7 +48,7 @@ export const MAX_STATE_FRAMES = 2 * Math.ceil(MAX_STATE_STREAM / STATE_PIECE);
 export const MAX_DISK_BYTES = 2 ** 50;
 
 export const FRAME = {
-  HELLO: 1, PAGES: 2, ZEROS: 3, STATE: 4, DONE: 5, DISK_DATA: 6, SYNC: 7,
+  HELLO: 1, PAGES: 2, STATE: 4, DONE: 5, DISK_DATA: 6, SYNC: 7, PAGE_SET: 8,
   READY: 16, GO: 17, RUNNING: 18, ERROR: 19, PREPARED: 20, SYNCED: 21,
 } as const;
 export type FrameType = (typeof FRAME)[keyof typeof FRAME];
@@ -103,11 +106,65 @@ export function pagesHeader(gpa: number): Buffer {
   return b;
 }
 
-export function zerosPayload(gpa: number, pages: number): Buffer {
-  const b = Buffer.alloc(12);
+/**
+ * Where a PAGE_SET's data goes: its pages' addresses in order, each run of adjacent ones as one
+ * view (`view(gpa, max)`: a writable view of at most max bytes). The reader asks for offsets in
+ * order (DirectFrames), so a cursor finds the run.
+ */
+export function pageSetTarget(data: readonly number[], view: (gpa: number, max: number) => Uint8Array): FrameTarget {
+  let i = 0;
+  return (at, max) => {
+    while (i < data.length && at >= (i + 1) * PAGE) i++;
+    const k = Math.floor(at / PAGE);
+    if (k !== i) throw streamError(`PAGE_SET data out of order (byte ${at})`);
+    // The run of adjacent pages from page i on.
+    let j = i + 1;
+    while (j < data.length && data[j] === data[j - 1]! + PAGE) j++;
+    return view(data[i]! + (at - i * PAGE), Math.min(max, j * PAGE - at));
+  };
+}
+
+/** Pages in a PAGE_SET window (1 MiB: a full window and its head fit in MAX_FRAME). */
+export const SET_PAGES = 256;
+/** One PAGE_SET bitmap's bytes (bit k of byte k >> 3, least significant first: the window's page k). */
+export const SET_BITMAP = SET_PAGES / 8;
+/** PAGE_SET's head: the window's u64 address, the data bitmap, the zero bitmap. */
+export const SET_HEAD = 8 + 2 * SET_BITMAP;
+
+/** A PAGE_SET head for the window at `gpa`, its bitmaps empty (setPageBit fills them). */
+export function pageSetHead(gpa: number): Buffer {
+  const b = Buffer.alloc(SET_HEAD);
   b.writeBigUInt64LE(BigInt(gpa), 0);
-  b.writeUInt32LE(pages, 8);
   return b;
+}
+
+/** Mark the window's page `k` in a PAGE_SET head: its bytes follow (`zero` false), or it became zero. */
+export function setPageBit(head: Buffer, k: number, zero: boolean): void {
+  head[8 + (zero ? SET_BITMAP : 0) + (k >> 3)]! |= 1 << (k & 7);
+}
+
+/**
+ * A PAGE_SET head read and checked against the frame's length and guest RAM (`inRam(gpa, len)`):
+ * the guest-physical address of every page whose bytes follow, in order, and of every page that
+ * became zero. Refused (MIGRATION_STREAM): an address that is not page-aligned, a page in both
+ * bitmaps, a page outside guest RAM, a data bitmap whose pages are not what the frame carries.
+ */
+export function readPageSet(head: Buffer, restBytes: number, inRam: (gpa: number, len: number) => boolean): { data: number[]; zero: number[] } {
+  const base = head.readBigUInt64LE(0);
+  if (base % BigInt(PAGE) !== 0n || base > BigInt(Number.MAX_SAFE_INTEGER)) throw streamError(`PAGE_SET at 0x${base.toString(16)} is not a page address`);
+  const data: number[] = [];
+  const zero: number[] = [];
+  for (let k = 0; k < SET_PAGES; k++) {
+    const d = (head[8 + (k >> 3)]! >> (k & 7)) & 1;
+    const z = (head[8 + SET_BITMAP + (k >> 3)]! >> (k & 7)) & 1;
+    if (d === 0 && z === 0) continue;
+    const gpa = Number(base) + k * PAGE;
+    if (d === 1 && z === 1) throw streamError(`PAGE_SET at 0x${base.toString(16)}: page ${k} is both data and zero`);
+    if (!inRam(gpa, PAGE)) throw streamError(`PAGE_SET at 0x${base.toString(16)}: page ${k} lies outside guest RAM`);
+    (d === 1 ? data : zero).push(gpa);
+  }
+  if (restBytes !== data.length * PAGE) throw streamError(`PAGE_SET at 0x${base.toString(16)} names ${data.length} pages of data and carries ${restBytes} bytes`);
+  return { data, zero };
 }
 
 /** Bytes the sender lets the socket queue before it waits for them to drain. */
