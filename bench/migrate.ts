@@ -202,7 +202,10 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
   const a = new ConsoleProcess(process.execPath, [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--image", "minimal", "--memory", String(c.memoryMiB), "--net", `tap=${TAP_SRC},mac=${MAC}`, "--cmdline", cmdline, "--api-socket", apiA,
     // BENCH_TV_ARGS: more `typevisor run` options for the source (a diagnostic: e.g. --vcpu-nice 0)
     ...(process.env["BENCH_TV_ARGS"]?.split(" ").filter((x) => x !== "") ?? [])]);
-  const b = new ConsoleProcess(process.execPath, [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:127.0.0.1:${port}`, "--plain-tcp", "--net", `tap=${TAP_DST}`, "--api-socket", apiB]);
+  // BENCH_DST_PREFIX: a command the destination runs under (a diagnostic: e.g. strace --seccomp-bpf -f -T -e trace=ioctl -o FILE)
+  const prefix = process.env["BENCH_DST_PREFIX"]?.split(" ").filter((x) => x !== "") ?? [];
+  const dstArgs = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:127.0.0.1:${port}`, "--plain-tcp", "--net", `tap=${TAP_DST}`, "--api-socket", apiB];
+  const b = prefix.length > 0 ? new ConsoleProcess(prefix[0]!, [...prefix.slice(1), process.execPath, ...dstArgs]) : new ConsoleProcess(process.execPath, dstArgs);
   try {
     await a.waitFor(new RegExp(READY), 0, BOOT_MS);
     await b.waitFor(/waiting for a migration/, 0, BOOT_MS);
