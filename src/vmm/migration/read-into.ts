@@ -136,6 +136,10 @@ export class ReadIntoFrameReader implements FrameSource {
   private nextBuffer(): Uint8Array {
     const w = this.want;
     if (w !== undefined && this.held === undefined && this.ended === undefined && w.length - this.filled >= IN_PLACE_MIN) {
+      // The kernel reads into this view (libuv's next read). Safe: it lies inside the frame's own
+      // buffer or inside its target's view of guest RAM (begin() checked the range first), no
+      // longer than what the frame has left; guest memory stays mapped until the VM is discarded,
+      // and the destination destroys the socket (uv_close stops reading) before it discards.
       this.handed = w.subarray(this.filled);
       return this.handed;
     }
