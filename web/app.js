@@ -531,7 +531,9 @@ function vmPage(name) {
   };
   refit();
   window.addEventListener("resize", refit);
+  let left = false;
   app.cleanups.push(() => {
+    left = true;
     window.removeEventListener("resize", refit);
     if (ws) ws.close();
     term.dispose();
@@ -557,6 +559,13 @@ function vmPage(name) {
       if (r.ok) term.write(new Uint8Array(await r.arrayBuffer()));
     } catch {
       /* only the backlog is missing */
+    }
+    // The VM may have stopped, or the page been left, while the backlog came: no socket then (the
+    // daemon would refuse it with 409, which the browser logs as an error).
+    const now = app.vms.get(name);
+    if (left || now === undefined || !["running", "paused", "starting"].includes(now.state)) {
+      connecting = false;
+      return;
     }
     ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/vms/${encodeURIComponent(name)}/console/ws`);
     connecting = false;

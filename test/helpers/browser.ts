@@ -26,13 +26,15 @@ export function launchChromium(): Promise<Browser> {
  * A fresh context (no cookies) and page at 1280×800 that records the page's errors into `errors`:
  * uncaught exceptions and console errors, except the browser's own "failed to load resource: the
  * server responded with a status of 4xx" for a refusal the test provokes on purpose (the page
- * handles those and shows them).
+ * handles those and shows them), and its "WebSocket connection ... failed: ... Unexpected response
+ * code: 4xx" for a console socket the daemon refused because the VM stopped while it was being
+ * opened (the page shows the console closed).
  */
 export async function newPage(browser: Browser, errors: string[]): Promise<{ ctx: BrowserContext; page: Page }> {
   const ctx = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 800 } });
   const page = await ctx.newPage();
   page.on("console", (m) => {
-    if (m.type() === "error" && !/status of 4\d\d/.test(m.text())) errors.push(m.text());
+    if (m.type() === "error" && !/status of 4\d\d|WebSocket connection to .* failed: .*Unexpected response code: 4\d\d/.test(m.text())) errors.push(m.text());
   });
   page.on("pageerror", (e) => errors.push(String(e)));
   return { ctx, page };
