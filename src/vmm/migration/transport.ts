@@ -193,7 +193,11 @@ export function acceptStream(spec: string, sec: StreamSecurity, log: (line: stri
   return listenStream(spec, sec, log).accepted;
 }
 
-/** A listener for one stream (acceptStream's): `listening` once bound, `accepted` with the peer, `close()` to give up waiting. */
+/**
+ * A listener for one stream (acceptStream's): `listening` once bound, `accepted` with the peer
+ * (a plain socket paused, not a byte read: read-into.ts frameReaderFor takes it from there),
+ * `close()` to give up waiting.
+ */
 export interface StreamListener {
   listening: Promise<void>;
   accepted: Promise<Socket>;
