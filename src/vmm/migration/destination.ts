@@ -14,7 +14,8 @@ import type { Vm } from "../vm.js";
 import { prestartWorkers } from "../threads/spawn.js";
 import { keepCompiledCode } from "../code-flush.js";
 import { phase } from "../phases.js";
-import { DISK_HEADER, FRAME, type DirectFrames, frame, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, pageSetTarget, readPageSet, send, SET_HEAD, streamError } from "./protocol.js";
+import { startProfile, stopProfile } from "../profile.js";
+import { DISK_HEADER, FRAME, type DirectFrames, frame, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, pageSetTarget, readPageSet, send, SET_HEAD, streamError, streamedMemory } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
 import { HelloSchema } from "./hello-schema.js";
 import { acceptStream, type StreamSecurity } from "./transport.js";
@@ -137,6 +138,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       } else if (f.type === FRAME.SYNC) {
         // Every frame before it is in guest memory (or on the disks): say so (protocol.ts).
         if (f.payload.length !== 4) throw streamError(`SYNC of ${f.payload.length} bytes`);
+        startProfile();
         await send(sock, frame(FRAME.SYNCED, f.payload));
       } else if (f.type === FRAME.STATE) {
         stateBytes += f.payload.length;
@@ -183,6 +185,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       config,
       running: () => {
         times.resumed = at();
+        stopProfile("migration-destination");
         releaseCode();
         void send(sock, jsonFrame(FRAME.RUNNING, times)).finally(() => sock.end()).catch(() => undefined);
         // The copied disks' bytes are in the page cache (what the guest reads); to stable storage
@@ -226,7 +229,9 @@ function inOneRegion(regions: readonly { start: number; size: number }[], gpa: n
 async function warmStateChecks(vm: Vm, config: MachineConfig): Promise<void> {
   try {
     const sample = await vm.captureState(config, "paused");
-    vm.rehearseApply(decodeState(encodeState({ ...sample, memory: null }), "a warm-up sample"));
+    // With its memory described as the stream's will be, so the check of that part and the
+    // state's cross-checks (which only a state with memory gets) run too.
+    vm.rehearseApply(decodeState(encodeState({ ...sample, memory: streamedMemory(vm.memory.hostRegions) }), "a warm-up sample"));
   } catch {
     // only a warm-up: the migration does not need it
   }

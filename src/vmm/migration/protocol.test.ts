@@ -12,7 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
-import { FRAME, FrameReader, MAX_FRAME, PAGE, frame, pageSetHead, pageSetTarget, readPageSet, SET_HEAD, SET_PAGES, setPageBit, type DirectFrames, type FrameSource, type FrameType } from "./protocol.js";
+import { FRAME, FrameReader, MAX_FRAME, PAGE, PageSetWriter, frame, pageSetHead, pageSetTarget, readPageSet, SET_HEAD, SET_PAGES, setPageBit, type DirectFrames, type FrameSource, type FrameType } from "./protocol.js";
 import { frameReaderFor } from "./read-into.js";
 
 const dir = mkdtempSync(join(tmpdir(), "tv-frames-"));
@@ -286,6 +286,53 @@ describe("PAGE_SET", () => {
         for (const g of others) expect(mem.subarray(g, g + PAGE).every((b) => b === 0)).toBe(true);
       }),
       { numRuns: 300 },
+    );
+  });
+
+  it("PageSetWriter: each window's frame names exactly its marked pages, data or zero, and carries their bytes; bits past the window are ignored", async () => {
+    // A window of n pages: 0 clean, 1 marked with bytes, 2 marked and all zeros; stray bits past n set.
+    const windowArb = fc.integer({ min: 1, max: SET_PAGES }).chain((n) =>
+      fc.record({ n: fc.constant(n), gpa: fc.integer({ min: 0, max: 1 << 20 }).map((p) => p * PAGE), marks: fc.array(fc.constantFrom(0, 0, 0, 1, 2), { minLength: n, maxLength: n }), seed: fc.integer({ min: 1, max: 250 }) }),
+    );
+    await fc.assert(
+      fc.asyncProperty(fc.array(windowArb, { minLength: 1, maxLength: 4 }), fc.integer({ min: 1, max: 3 * PAGE }), async (windows, flushAt) => {
+        const p = await socketPair(kinds[0]![1]);
+        try {
+          const out = new PageSetWriter(p.write, flushAt);
+          const expected: { gpa: number; data: number[]; zero: number[]; bytes: Buffer }[] = [];
+          for (const w of windows) {
+            const mem = Buffer.alloc(w.n * PAGE);
+            const bitmap = Buffer.alloc(2 + SET_PAGES / 8, 0xff);
+            bitmap.fill(0, 2, 2 + ((w.n + 7) >> 3));
+            for (let k = w.n; k < ((w.n + 7) & ~7); k++) bitmap[2 + (k >> 3)]! |= 1 << (k & 7);
+            w.marks.forEach((m, k) => {
+              if (m !== 0) bitmap[2 + (k >> 3)]! |= 1 << (k & 7);
+              // Clean pages have bytes too: they must not be sent.
+              if (m !== 2) mem.fill((w.seed + k) & 0xff || 1, k * PAGE, (k + 1) * PAGE);
+            });
+            await out.window(w.gpa, mem, bitmap, 2, w.n);
+            const data = w.marks.flatMap((m, k) => (m === 1 ? [k] : []));
+            const zero = w.marks.flatMap((m, k) => (m === 2 ? [k] : []));
+            expect([out.dataPages, out.zeroPages]).toEqual([data.length, zero.length]);
+            if (data.length + zero.length > 0) {
+              expected.push({ gpa: w.gpa, data: data.map((k) => w.gpa + k * PAGE), zero: zero.map((k) => w.gpa + k * PAGE), bytes: Buffer.concat(data.map((k) => mem.subarray(k * PAGE, (k + 1) * PAGE))) });
+            }
+          }
+          await out.flush();
+          for (const e of expected) {
+            const f = await p.reader.next();
+            expect(f.type).toBe(FRAME.PAGE_SET);
+            const got = readPageSet(f.payload.subarray(0, SET_HEAD), f.payload.length - SET_HEAD, () => true);
+            expect(got).toEqual({ data: e.data, zero: e.zero });
+            expect(f.payload.subarray(SET_HEAD).equals(e.bytes)).toBe(true);
+          }
+          p.write.end();
+          await expect(p.reader.next()).rejects.toThrow();
+        } finally {
+          p.close();
+        }
+      }),
+      { numRuns: 60 },
     );
   });
 });

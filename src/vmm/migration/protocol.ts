@@ -26,7 +26,7 @@
  */
 import type { Socket } from "node:net";
 import { TypevisorError } from "../../errors.js";
-import type { SnapshotConfig } from "../snapshot/state.js";
+import type { SnapshotConfig, SnapshotState } from "../snapshot/state.js";
 
 /** 2: PREPARED, RUNNING's timings. 3: SYNC and SYNCED before the pause. 4: PAGE_SET in place of ZEROS. */
 export const MIGRATION_VERSION = 4;
@@ -130,6 +130,8 @@ export const SET_PAGES = 256;
 export const SET_BITMAP = SET_PAGES / 8;
 /** PAGE_SET's head: the window's u64 address, the data bitmap, the zero bitmap. */
 export const SET_HEAD = 8 + 2 * SET_BITMAP;
+/** A whole PAGE_SET frame at its largest: frame header, head, every page of the window. */
+const SET_FRAME_MAX = 8 + SET_HEAD + SET_PAGES * PAGE;
 
 /** A PAGE_SET head for the window at `gpa`, its bitmaps empty (setPageBit fills them). */
 export function pageSetHead(gpa: number): Buffer {
@@ -152,19 +154,102 @@ export function setPageBit(head: Buffer, k: number, zero: boolean): void {
 export function readPageSet(head: Buffer, restBytes: number, inRam: (gpa: number, len: number) => boolean): { data: number[]; zero: number[] } {
   const base = head.readBigUInt64LE(0);
   if (base % BigInt(PAGE) !== 0n || base > BigInt(Number.MAX_SAFE_INTEGER)) throw streamError(`PAGE_SET at 0x${base.toString(16)} is not a page address`);
+  const gpa0 = Number(base);
+  // A window wholly in RAM (all but a region's last, short one) needs no check per page.
+  const whole = inRam(gpa0, SET_PAGES * PAGE);
   const data: number[] = [];
   const zero: number[] = [];
-  for (let k = 0; k < SET_PAGES; k++) {
-    const d = (head[8 + (k >> 3)]! >> (k & 7)) & 1;
-    const z = (head[8 + SET_BITMAP + (k >> 3)]! >> (k & 7)) & 1;
-    if (d === 0 && z === 0) continue;
-    const gpa = Number(base) + k * PAGE;
-    if (d === 1 && z === 1) throw streamError(`PAGE_SET at 0x${base.toString(16)}: page ${k} is both data and zero`);
-    if (!inRam(gpa, PAGE)) throw streamError(`PAGE_SET at 0x${base.toString(16)}: page ${k} lies outside guest RAM`);
-    (d === 1 ? data : zero).push(gpa);
+  // Byte by byte, then only the bits set: an idle guest's window names a few pages of 256.
+  for (let i = 0; i < SET_BITMAP; i++) {
+    const d = head[8 + i]!;
+    const z = head[8 + SET_BITMAP + i]!;
+    if ((d | z) === 0) continue;
+    if ((d & z) !== 0) throw streamError(`PAGE_SET at 0x${base.toString(16)}: page ${i * 8 + lowestBit(d & z)} is both data and zero`);
+    for (let v = d | z; v !== 0; v &= v - 1) {
+      const bit = lowestBit(v);
+      const gpa = gpa0 + (i * 8 + bit) * PAGE;
+      if (!whole && !inRam(gpa, PAGE)) throw streamError(`PAGE_SET at 0x${base.toString(16)}: page ${i * 8 + bit} lies outside guest RAM`);
+      if (((d >> bit) & 1) === 1) data.push(gpa);
+      else zero.push(gpa);
+    }
   }
   if (restBytes !== data.length * PAGE) throw streamError(`PAGE_SET at 0x${base.toString(16)} names ${data.length} pages of data and carries ${restBytes} bytes`);
   return { data, zero };
+}
+
+/** The index of the lowest set bit of a non-zero byte. */
+const lowestBit = (v: number): number => 31 - Math.clz32(v & -v);
+
+const ZERO_PAGE = Buffer.alloc(PAGE);
+
+/**
+ * PAGE_SET frames written straight into one staging buffer and sent about a MiB at a time: no
+ * buffer, view or array per frame or per page (the last round, sent while the guest is paused,
+ * is hundreds of windows of a few pages each). Pages that are all zeros go as bits.
+ */
+export class PageSetWriter {
+  private stage: Buffer;
+  private used = 0;
+  /** Pages the last window() sent with their bytes, and as zero. */
+  dataPages = 0;
+  zeroPages = 0;
+
+  constructor(private readonly sock: Socket, private readonly flushAt = 1024 * 1024) {
+    this.stage = Buffer.allocUnsafeSlow(flushAt + SET_FRAME_MAX);
+  }
+
+  /**
+   * One window's frame: the pages of `mem` (the window's `n` <= SET_PAGES pages, from guest
+   * address `gpa`) whose bits are set in `bitmap` from byte `first` on (bit k of byte first +
+   * (k >> 3): page k; bits past n are ignored). Writes the staged frames once they pass the flush
+   * size (and waits as send() does).
+   */
+  async window(gpa: number, mem: Uint8Array, bitmap: Uint8Array, first: number, n: number): Promise<void> {
+    const b = this.stage;
+    const head = this.used;
+    let at = head + 8 + SET_HEAD;
+    b.writeUInt32LE(FRAME.PAGE_SET, head);
+    b.writeUInt32LE(gpa % 2 ** 32, head + 8);
+    b.writeUInt32LE(Math.floor(gpa / 2 ** 32), head + 12);
+    b.fill(0, head + 16, at);
+    let data = 0;
+    let zero = 0;
+    const bytes = (n + 7) >> 3;
+    for (let i = 0; i < bytes; i++) {
+      let v = bitmap[first + i]!;
+      if (v === 0) continue;
+      if (i === bytes - 1 && (n & 7) !== 0) v &= (1 << (n & 7)) - 1;
+      for (; v !== 0; v &= v - 1) {
+        const k = i * 8 + lowestBit(v);
+        const src = k * PAGE;
+        if (ZERO_PAGE.compare(mem, src, src + PAGE) === 0) {
+          b[head + 16 + SET_BITMAP + i]! |= 1 << (k & 7);
+          zero++;
+        } else {
+          // Buffer's copy takes ranges: no view per page. `mem` is a Uint8Array, which it accepts.
+          Buffer.prototype.copy.call(mem, b, at, src, src + PAGE);
+          b[head + 16 + i]! |= 1 << (k & 7);
+          at += PAGE;
+          data++;
+        }
+      }
+    }
+    this.dataPages = data;
+    this.zeroPages = zero;
+    if (data + zero === 0) return;
+    b.writeUInt32LE(at - head - 8, head + 4);
+    this.used = at;
+    if (this.used >= this.flushAt) await this.flush();
+  }
+
+  /** Write what is staged (and wait as send() does); the socket keeps the buffer, the next frames go to a new one. */
+  async flush(): Promise<void> {
+    if (this.used === 0) return;
+    const out = this.stage.subarray(0, this.used);
+    this.stage = Buffer.allocUnsafeSlow(this.flushAt + SET_FRAME_MAX);
+    this.used = 0;
+    await send(this.sock, [out]);
+  }
 }
 
 /** Bytes the sender lets the socket queue before it waits for them to drain. */
@@ -196,43 +281,6 @@ export async function send(sock: Socket, parts: Uint8Array[]): Promise<void> {
       sock.once("drain", onDrain);
       sock.once("close", onClose);
     });
-  }
-}
-
-/**
- * Small frames gathered into one socket write. Scattered dirty pages are one small frame each, and
- * a write each (three, with the headers) is a system call each, and over loopback on the lab's one
- * CPU a switch to the destination's process each: the lab measured 2.6 ms per frame, 526 ms of a
- * 1.2 MB last round inside the guest's pause. Small frames are copied into one buffer at flush
- * (a page the guest changes before that goes with its newer bytes, and is in the dirty log
- * anyway); a large frame is written as it is, after what is gathered, without a copy.
- */
-export class FrameBatch {
-  private parts: Uint8Array[] = [];
-  private bytes = 0;
-
-  constructor(private readonly sock: Socket, private readonly limit = 1024 * 1024) {}
-
-  /** Add a frame; written once the batch holds `limit` bytes. */
-  async add(parts: Uint8Array[]): Promise<void> {
-    const len = parts.reduce((n, p) => n + p.length, 0);
-    if (len >= this.limit / 4) {
-      await this.flush();
-      await send(this.sock, parts);
-      return;
-    }
-    this.parts.push(...parts);
-    this.bytes += len;
-    if (this.bytes >= this.limit) await this.flush();
-  }
-
-  /** Write what is gathered (and wait as send() does). */
-  async flush(): Promise<void> {
-    if (this.parts.length === 0) return;
-    const all = Buffer.concat(this.parts, this.bytes);
-    this.parts = [];
-    this.bytes = 0;
-    await send(this.sock, [all]);
   }
 }
 
@@ -401,4 +449,18 @@ export class FrameReader implements FrameSource {
 
 export function frameName(type: number): string {
   return NAMES[type] ?? String(type);
+}
+
+/**
+ * The memory a migrated state describes: the VM's RAM regions, back to back as a snapshot's
+ * memory file would hold them (the stream carries the pages themselves).
+ */
+export function streamedMemory(regions: readonly { guestPhysAddr: number; size: number }[]): NonNullable<SnapshotState["memory"]> {
+  let off = 0;
+  const layout = regions.map((r) => {
+    const out = { guestPhysAddr: r.guestPhysAddr, size: r.size, fileOffset: off };
+    off += r.size;
+    return out;
+  });
+  return { file: "memory", bytes: off, regions: layout };
 }

@@ -15,16 +15,17 @@ import { createHash } from "node:crypto";
 import { closeSync, openSync } from "node:fs";
 import type { Socket } from "node:net";
 import { TypevisorError } from "../../errors.js";
-import { forEachDataRun, isZeroPage } from "../snapshot/memory.js";
+import { forEachDataRun } from "../snapshot/memory.js";
 import { encodeState } from "../snapshot/state-file.js";
 import type { SnapshotConfig } from "../snapshot/state.js";
 import type { Vm } from "../vm.js";
 import { keepCompiledCode } from "../code-flush.js";
 import { phase, takePhases } from "../phases.js";
+import { startProfile, stopProfile } from "../profile.js";
 import { exactRecord, isFiniteNumber } from "../plain-checks.js";
 import { DIRTY_BLOCK_SIZE } from "../disk/dirty-blocks.js";
 import type { DiskCopy } from "./disk-copy.js";
-import { diskHeader, FRAME, FrameBatch, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, pageSetHead, pagesHeader, send, SET_PAGES, setPageBit, STATE_PIECE, streamError } from "./protocol.js";
+import { diskHeader, FRAME, FrameReader, frame, hello, jsonFrame, MAX_FRAME, PAGE, PageSetWriter, pagesHeader, send, SET_PAGES, STATE_PIECE, streamError, streamedMemory } from "./protocol.js";
 import { openStream, parseEndpoint, type StreamTls } from "./transport.js";
 
 export { parseEndpoint };
@@ -317,6 +318,7 @@ export class OutgoingMigration {
           const syncStart = performance.now();
           const seq = Buffer.alloc(4);
           seq.writeUInt32LE(round);
+          startProfile();
           await send(sock, frame(FRAME.SYNC, seq));
           const synced = await reader.expect(FRAME.SYNCED);
           if (!synced.equals(seq)) throw streamError("SYNCED does not answer the SYNC sent");
@@ -364,7 +366,7 @@ export class OutgoingMigration {
             s.disksSent = at();
             s.lastDiskBytes = this.progress.bytesSent - beforeDisks;
           }
-          const bytes = encodeState({ ...state, memory: { file: "memory", bytes: regions.reduce((n, r) => n + r.size, 0), regions: layoutOf(regions) } });
+          const bytes = encodeState({ ...state, memory: streamedMemory(regions) });
           for (let off = 0; off < bytes.length; off += STATE_PIECE) await send(sock, frame(FRAME.STATE, bytes.subarray(off, Math.min(bytes.length, off + STATE_PIECE))));
           await send(sock, frame(FRAME.DONE));
           s.stateBytes = bytes.length;
@@ -384,6 +386,7 @@ export class OutgoingMigration {
             throw new TypevisorError("MIGRATION_UNKNOWN", `the destination took the VM but did not confirm it runs (${(e as Error).message}); the VM stays paused here: check the destination before resuming it`);
           }
           s.running = at();
+          stopProfile("migration-source");
           // The destination's own timings, when it sent them (only reported, never acted on).
           const d = destinationTimes(running);
           if (d !== undefined) s.destination = d;
@@ -494,61 +497,31 @@ export class OutgoingMigration {
    * memory) and which became zero, gathered into large writes.
    */
   private async sendDirty(sock: Socket, bitmaps: Uint8Array[]): Promise<void> {
-    const batch = new FrameBatch(sock);
-    for (const [slot, r] of this.vm.memory.hostRegions.entries()) {
+    const out = new PageSetWriter(sock);
+    const memory = this.vm.memory;
+    for (const [slot, r] of memory.hostRegions.entries()) {
       const bm = bitmaps[slot]!;
       const pages = r.size / PAGE;
-      // The VM's own views (memory.ts ExistingViews: a new view of all of RAM per round started
-      // a full collection each time); a window is 1 MiB, inside one view's overlap.
-      const memory = this.vm.memory;
-      const mem = (q: number, n: number): Uint8Array => memory.slice(r.guestPhysAddr + q * PAGE, n * PAGE);
       for (let w = 0; w < pages; w += SET_PAGES) {
         const n = Math.min(SET_PAGES, pages - w);
-        // Clean windows go SET_BITMAP bytes at a time: most of a big guest's bitmap is zeros.
+        // Clean windows go a word at a time: most of a big guest's bitmap is zeros.
         let any = false;
         for (let b = w >> 3, end = (w + n + 7) >> 3; b < end && !any; b++) any = bm[b] !== 0;
         if (!any) continue;
-        const head = pageSetHead(r.guestPhysAddr + w * PAGE);
-        const runs: Uint8Array[] = [];
-        let runStart = -1;
-        let dataPages = 0;
-        let zeroPages = 0;
-        for (let k = 0; k < n; k++) {
-          const p = w + k;
-          const dirty = (bm[p >> 3]! & (1 << (p & 7))) !== 0;
-          const data = dirty && !isZeroPage(mem(p, 1), 0);
-          if (data) {
-            setPageBit(head, k, false);
-            dataPages++;
-            if (runStart < 0) runStart = k;
-            continue;
-          }
-          if (runStart >= 0) runs.push(mem(w + runStart, k - runStart));
-          runStart = -1;
-          if (dirty) {
-            setPageBit(head, k, true);
-            zeroPages++;
-          }
-        }
-        if (runStart >= 0) runs.push(mem(w + runStart, n - runStart));
         this.check();
-        await batch.add(frame(FRAME.PAGE_SET, head, ...runs));
-        await this.pace(dataPages * PAGE);
-        this.progress.bytesRemaining = Math.max(0, this.progress.bytesRemaining - (dataPages + zeroPages) * PAGE);
+        // The VM's own views (memory.ts ExistingViews: a new view of all of RAM per round started
+        // a full collection each time); a window is 1 MiB, inside one view's overlap.
+        const gpa = r.guestPhysAddr + w * PAGE;
+        await out.window(gpa, memory.slice(gpa, n * PAGE), bm, w >> 3, n);
+        await this.pace(out.dataPages * PAGE);
+        this.progress.bytesRemaining = Math.max(0, this.progress.bytesRemaining - (out.dataPages + out.zeroPages) * PAGE);
       }
     }
-    await batch.flush();
+    await out.flush();
   }
+
 }
 
-function layoutOf(regions: readonly { guestPhysAddr: number; size: number }[]): { guestPhysAddr: number; size: number; fileOffset: number }[] {
-  let off = 0;
-  return regions.map((r) => {
-    const out = { guestPhysAddr: r.guestPhysAddr, size: r.size, fileOffset: off };
-    off += r.size;
-    return out;
-  });
-}
 
 function countBits(bitmaps: readonly Uint8Array[]): number {
   let n = 0;

@@ -30,6 +30,7 @@ import { DirtyBlocks } from "../../disk/dirty-blocks.js";
 import { restoreDevices, restoreDevicesThen, saveDevices, type DeviceKind } from "./snapshot.js";
 import { endPrestarted, prestartWorkers, workerInit } from "../../threads/spawn.js";
 import { tracingPhases } from "../../phases.js";
+import { startProfile, stopProfile } from "../../profile.js";
 import { writeSync } from "node:fs";
 
 // Started ahead of need (a standby VMM, which only ever restores): the state's checker loads, and
@@ -309,6 +310,7 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
       {
         // Checked here as the init's restore is: this thread trusts no state it did not check.
         // With TYPEVISOR_TRACE_PHASES=1, how long the check and each step of the restore took.
+        startProfile();
         const steps: string[] = [];
         let t = performance.now();
         const step = (done: string): void => {
@@ -326,6 +328,7 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
         afterReply = () => {
           step("replied");
           serve();
+          stopProfile("device-thread-restore");
           if (tracingPhases) writeSync(2, `typevisor: device thread restore (ms): ${steps.join(", ")}\n`);
         };
       }
