@@ -232,7 +232,9 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     ...(process.env["BENCH_TV_ARGS"]?.split(" ").filter((x) => x !== "") ?? [])]));
   // BENCH_DST_PREFIX: a command the destination runs under (a diagnostic: e.g. strace --seccomp-bpf -f -T -e trace=ioctl -o FILE)
   const prefix = process.env["BENCH_DST_PREFIX"]?.split(" ").filter((x) => x !== "") ?? [];
-  const dstArgs = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:127.0.0.1:${port}`, "--plain-tcp", "--net", `tap=${TAP_DST}`, "--api-socket", apiB];
+  // BENCH_DST_ARGS: more `typevisor run` options for the destination (a diagnostic: e.g. --vcpu-nice 0)
+  const dstArgs = [...nodePerfArgs(), BIN, "run", "--no-lab", "--no-reboot", "--incoming", `tcp:127.0.0.1:${port}`, "--plain-tcp", "--net", `tap=${TAP_DST}`, "--api-socket", apiB,
+    ...(process.env["BENCH_DST_ARGS"]?.split(" ").filter((x) => x !== "") ?? [])];
   const b = new ConsoleProcess(...(prefix.length > 0 ? behindPeer(prefix[0]!, [...prefix.slice(1), process.execPath, ...dstArgs]) : behindPeer(process.execPath, dstArgs)));
   try {
     await a.waitFor(new RegExp(READY), 0, BOOT_MS);

@@ -22,6 +22,8 @@ import type { Vm } from "../vm.js";
 import { keepCompiledCode } from "../code-flush.js";
 import { phase, takePhases } from "../phases.js";
 import { startProfile, stopProfile } from "../profile.js";
+import { niceEveryThread } from "../threads/kernel.js";
+import { MAX_NICE } from "../defaults.js";
 import { exactRecord, isFiniteNumber } from "../plain-checks.js";
 import { DIRTY_BLOCK_SIZE } from "../disk/dirty-blocks.js";
 import type { DiskCopy } from "./disk-copy.js";
@@ -387,6 +389,10 @@ export class OutgoingMigration {
           }
           s.running = at();
           stopProfile("migration-source");
+          // The guest runs there now; what is left here is teardown (guest memory unmapped, threads
+          // ended). Where the destination shares this host's CPUs (a move within one host, the
+          // one-CPU lab) or other VMs run here, that must not take CPU from guests: it goes last.
+          niceEveryThread(MAX_NICE);
           // The destination's own timings, when it sent them (only reported, never acted on).
           const d = destinationTimes(running);
           if (d !== undefined) s.destination = d;

@@ -4,7 +4,9 @@
  * sys/proc-stat.ts threadStates reads, parsed by it, but with asynchronous reads: the main
  * thread does not wait on procfs either.
  */
+import { readdirSync } from "node:fs";
 import { readdir, readFile } from "node:fs/promises";
+import { setThreadNice } from "../../sys/libc.js";
 import { CLK_TCK, parseStatFields, parseSyscall } from "../../sys/proc-stat.js";
 
 export interface KernelThread {
@@ -57,4 +59,28 @@ export async function kernelThreads(): Promise<KernelThread[]> {
     }),
   );
   return threads.filter((t): t is KernelThread => t !== undefined);
+}
+
+/**
+ * Give every thread of this process nice value `nice` (setpriority(2) per thread: on Linux a
+ * nice value is a thread's own). Best effort: a thread that ended meanwhile, or a /proc this
+ * process cannot read (a jail without it), is skipped. Returns how many threads took it.
+ */
+export function niceEveryThread(nice: number): number {
+  let tids: number[];
+  try {
+    tids = readdirSync("/proc/self/task").map(Number).filter((n) => Number.isInteger(n) && n > 0);
+  } catch {
+    return 0;
+  }
+  let done = 0;
+  for (const tid of tids) {
+    try {
+      setThreadNice(tid, nice);
+      done++;
+    } catch {
+      // ended meanwhile
+    }
+  }
+  return done;
 }
