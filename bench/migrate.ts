@@ -286,7 +286,11 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     }
     await reportA();
     await reportB();
-    if (process.env["BENCH_TICKS"] === "1") console.log(`[${c.name}] typevisor ${ticks.dump(t)}`);
+    if (process.env["BENCH_TICKS"] === "1") {
+      console.log(`[${c.name}] typevisor ${ticks.dump(t)}`);
+      // What the guest's kernel said on the destination's console (a clock or watchdog complaint after the move).
+      console.log(`[${c.name}] typevisor destination console, last lines:\n${b.output.split("\n").filter((l) => !/^n=\d|tick \d/.test(l)).slice(-25).join("\n")}`);
+    }
     return { ...ticks.gaps(t), downtimeMs: Number(moved[1]), totalMs, bytes: Number(moved[2]), rounds: Number(moved[3]) };
   } finally {
     ticks.close();

@@ -904,6 +904,34 @@ export class Vm {
     }
   }
 
+  /**
+   * Run the vCPU threads `offset` steps nicer than the main thread (0..MAX_NICE; the VM's own
+   * setting is `vcpuNice`). A migration's source lifts them to 0 while it streams memory: at +3
+   * they lost every shared CPU to the streaming main thread, and in the one-CPU lab the guest made
+   * no line for ~300 ms before the pause (docs/benchmarks.md). `undefined` puts the VM's own back.
+   * Best effort, as at the threads' start: a refusal is kept in the vCPU's report.
+   */
+  setVcpuNice(offset?: number): void {
+    const off = offset ?? this.cfg.vcpuNice ?? DEFAULT_VCPU_NICE;
+    let base = 0;
+    try {
+      base = libc.threadNice(libc.gettid());
+    } catch {
+      // keep 0: the main thread's nice is what the vCPUs started from
+    }
+    const nice = Math.min(MAX_NICE, base + off);
+    for (const v of this.vcpus) {
+      const tid = readRow(this.boardRows[v.id]!).tid;
+      if (tid <= 0) continue;
+      try {
+        libc.setThreadNice(tid, nice);
+        this.nice[v.id] = { nice };
+      } catch (e) {
+        this.nice[v.id] = { nice: this.nice[v.id]?.nice ?? nice, niceError: (e as Error).message };
+      }
+    }
+  }
+
   /** The auto-converge throttle now (0..99). */
   get throttle(): number {
     return Atomics.load(this.ctrl, CTRL.THROTTLE);

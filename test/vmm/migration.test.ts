@@ -17,6 +17,7 @@ import { unixApi } from "../helpers/unix-api.js";
 import { killVmm, startVmm, type Vmm } from "../helpers/vmm-process.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { FRAME, frame, hello, MAX_STATE_FRAMES, pageSetHead, pagesHeader, setPageBit } from "../../src/vmm/migration/protocol.js";
+import { DEFAULT_VCPU_NICE } from "../../src/vmm/defaults.js";
 import { oneTimeCertificate, type OneTimeCert } from "../../src/control/migration-tls.js";
 import { connect as tlsConnect } from "node:tls";
 
@@ -251,8 +252,14 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect((await unixApi(src.vm.api, "POST", "/migrate", { to: `unix:${stall}` })).status).toBe(202);
       // A tiny guest's few pages fit in the socket's buffer: the source may already wait, paused, for READY.
       await until("the transfer", async () => ["precopy", "stopped"].includes((await unixApi(src.vm.api, "GET", "/migrate")).body.phase));
+      // While it streams, the vCPUs run at the main thread's weight (root may lower a nice value);
+      // after the cancel, at their own +3 again.
+      const vcpuNice = async (): Promise<number[]> => ((await unixApi(src.vm.api, "GET", "/stats")).body as { vcpus: { nice: number }[] }).vcpus.map((v) => v.nice);
+      const during = await vcpuNice();
       expect((await unixApi(src.vm.api, "DELETE", "/migrate")).status).toBe(200);
       await until("the cancel", async () => (await unixApi(src.vm.api, "GET", "/migrate")).body.phase === "cancelled");
+      const after = await vcpuNice();
+      expect(after.map((n, i) => n - during[i]!)).toEqual(after.map(() => (process.getuid?.() === 0 ? DEFAULT_VCPU_NICE : 0)));
       await stillAnswers(src.con, "after-cancel");
       expect((await unixApi(src.vm.api, "POST", "/migrate", { to: "ftp:nowhere" })).status).toBe(400);
     } finally {

@@ -254,6 +254,9 @@ export class OutgoingMigration {
       // Anything written from here on is in the log: round 0 may send a page that changes again; the next round resends it.
       vm.takeDirtyLog();
       phase("dirtyLogOn");
+      // The guest before the stream: its vCPUs at the main thread's weight until the migration
+      // ends (Vm.setVcpuNice; lowering a nice value needs CAP_SYS_NICE, without it nothing changes).
+      vm.setVcpuNice(0);
       this.progress.phase = "precopy";
       const t0 = performance.now();
       this.paceStart = t0;
@@ -425,6 +428,7 @@ export class OutgoingMigration {
       try {
         vm.setThrottle(0);
         this.progress.throttlePercent = 0;
+        vm.setVcpuNice();
         vm.stopDirtyLog();
         this.stopDiskMarking();
       } catch {
