@@ -503,8 +503,8 @@ export class OutgoingMigration {
 
   /**
    * The pages set in `bitmaps` (one per slot), a PAGE_SET frame per window of SET_PAGES pages
-   * that has any: which of them carry bytes (each run of adjacent ones a single view of guest
-   * memory) and which became zero, gathered into large writes.
+   * that has any: which of them carry bytes (copied into the frame) and which became zero,
+   * written by PageSetWriter in writes of about a MiB.
    */
   private async sendDirty(sock: Socket, bitmaps: Uint8Array[]): Promise<void> {
     const out = new PageSetWriter(sock);
@@ -514,7 +514,7 @@ export class OutgoingMigration {
       const pages = r.size / PAGE;
       for (let w = 0; w < pages; w += SET_PAGES) {
         const n = Math.min(SET_PAGES, pages - w);
-        // Clean windows go a word at a time: most of a big guest's bitmap is zeros.
+        // A clean window costs a look at its bitmap bytes: most of a big guest's bitmap is zeros.
         let any = false;
         for (let b = w >> 3, end = (w + n + 7) >> 3; b < end && !any; b++) any = bm[b] !== 0;
         if (!any) continue;
