@@ -909,7 +909,7 @@ export class Vm {
    * setting is `vcpuNice`). A migration's source lifts them to 0 while it streams memory: at +3
    * they lost every shared CPU to the streaming main thread, and in the one-CPU lab the guest made
    * no line for ~300 ms before the pause (docs/benchmarks.md). `undefined` puts the VM's own back.
-   * Best effort, as at the threads' start: a refusal is kept in the vCPU's report.
+   * Best effort: a refused change leaves the thread as it was.
    */
   setVcpuNice(offset?: number): void {
     const off = offset ?? this.cfg.vcpuNice ?? DEFAULT_VCPU_NICE;
@@ -926,8 +926,8 @@ export class Vm {
       try {
         libc.setThreadNice(tid, nice);
         this.nice[v.id] = { nice };
-      } catch (e) {
-        this.nice[v.id] = { nice: this.nice[v.id]?.nice ?? nice, niceError: (e as Error).message };
+      } catch {
+        // Refused (a lift without CAP_SYS_NICE): the thread keeps the nice value it had, which is what it reports.
       }
     }
   }
