@@ -15,7 +15,7 @@ export function phase(name: string): void {
 export function takePhases(): string | undefined {
   if (!enabled || marks.length === 0) return undefined;
   const t0 = marks[0]![1];
-  // The monotonic clock too: V8's CPU profiles (--cpu-prof) time their samples on it.
+  // The monotonic clock too: V8's CPU profiles (profile.ts, --cpu-prof) time their samples on it.
   const monotonicUs = Number(process.hrtime.bigint() / 1000n) - Math.round((performance.now() - t0) * 1000);
   const line = `from ${(performance.timeOrigin + t0).toFixed(1)} (epoch ms, monotonic ${monotonicUs} us): ${marks.map(([n, t]) => `${n} +${(t - t0).toFixed(1)}`).join(", ")}`;
   marks.length = 0;

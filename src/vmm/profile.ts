@@ -1,9 +1,10 @@
 /**
- * A diagnostic: with TYPEVISOR_PROFILE_DIR=DIR in its environment, a VMM's main thread records
- * V8's CPU profile between two named points (a migration's switch-over) and writes it to
- * DIR/NAME-PID.cpuprofile (Chrome DevTools' format). Only the main thread is sampled: node's
- * --cpu-prof samples every worker too, and its signals interrupt the vCPU's KVM_RUN so often that
- * a guest under the lab's nested KVM barely boots. Off, each call is one comparison.
+ * A diagnostic: with TYPEVISOR_PROFILE_DIR=DIR in its environment, the thread that calls these
+ * (a migration's main threads, the destination's device thread) records V8's CPU profile between
+ * two points of a switch-over and writes it to DIR/NAME-PID-THREADID.cpuprofile (Chrome DevTools'
+ * format). Only those threads are sampled: node's --cpu-prof samples every worker too, and its
+ * signals interrupt the vCPU's KVM_RUN so often that a guest under the lab's nested KVM barely
+ * boots. Off, each call is one comparison.
  */
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -27,7 +28,7 @@ export function startProfile(): void {
   session = s;
 }
 
-/** Stop sampling and write the profile as DIR/NAME-PID.cpuprofile. */
+/** Stop sampling and write the profile as DIR/NAME-PID-THREADID.cpuprofile. */
 export function stopProfile(name: string): void {
   const s = session;
   if (dir === undefined || s === undefined) return;
