@@ -137,8 +137,8 @@ export function mountDebugfs(): boolean {
   return existsSync(KVM_DEBUGFS);
 }
 
-/** KVM_KEYS of every VM of `pid`, summed (a VMM has one). */
-export function kvmCounters(pid: number): Map<string, number> {
+/** KVM_KEYS (or `keys`) of every VM of `pid`, summed (a VMM has one). */
+export function kvmCounters(pid: number, keys: readonly string[] = KVM_KEYS): Map<string, number> {
   const out = new Map<string, number>();
   let dirs: string[] = [];
   try {
@@ -147,7 +147,7 @@ export function kvmCounters(pid: number): Map<string, number> {
     return out;
   }
   for (const d of dirs) {
-    for (const k of KVM_KEYS) {
+    for (const k of keys) {
       try {
         out.set(k, (out.get(k) ?? 0) + Number(readFileSync(`${KVM_DEBUGFS}/${d}/${k}`, "utf8").trim()));
       } catch {
@@ -266,4 +266,107 @@ export async function qmpOpen(path: string, p: ConsoleProcess, timeoutMs: number
   await until(`QMP socket ${path}`, () => existsSync(path) || p.child.exitCode !== null, timeoutMs);
   if (p.child.exitCode !== null) throw new Error(`QEMU exited ${p.child.exitCode}:\n${p.output.slice(-2000)}`);
   return QmpClient.open(path, timeoutMs);
+}
+
+/**
+ * A diagnostic: where the CPU went around a moment, thread by thread. Every `everyMs` it reads
+ * the schedstat (the kernel's sched-stats.rst: ns on the CPU, ns waiting on a run queue) of each
+ * process's main thread and of the threads a VMM names (`tv-*`), and each process's whole CPU
+ * (proc(5) stat, in ticks), so a window tells "this thread ran" from "it was runnable and
+ * waited", and the rest of a process (V8's helpers) shows as "other". Not free: in the lab the
+ * sampler (25 ms steps, with 7 debugfs counters) took 10-25 ms of every 50 of the one CPU, so it
+ * tells where time goes; the figures of a run with it are not comparable with one without.
+ */
+export class SchedTimeline {
+  private readonly rows: { at: number; threads: Map<string, [number, number]>; counters: Map<string, number> }[] = [];
+  private readonly timer: NodeJS.Timeout;
+  private tracked = new Map<number, { tid: string; comm: string }[]>();
+  private n = 0;
+
+  /** `counters`: more figures to sample (e.g. KVM's debugfs counters), reported as per-step differences. */
+  constructor(
+    private readonly pids: () => number[],
+    everyMs = 25,
+    private readonly counters: () => Map<string, number> = () => new Map(),
+  ) {
+    this.timer = setInterval(() => this.sample(), everyMs);
+    this.sample();
+  }
+
+  private rescan(pid: number): void {
+    const keep: { tid: string; comm: string }[] = [];
+    for (const tid of readdirSync(`/proc/${pid}/task`)) {
+      try {
+        const comm = readFileSync(`/proc/${pid}/task/${tid}/comm`, "utf8").trim();
+        if (tid === String(pid) || comm.startsWith("tv-")) keep.push({ tid, comm: tid === String(pid) ? "main" : comm });
+      } catch {
+        // ended meanwhile
+      }
+    }
+    this.tracked.set(pid, keep);
+  }
+
+  private sample(): void {
+    const threads = new Map<string, [number, number]>();
+    const rescan = this.n++ % 10 === 0;
+    for (const pid of this.pids()) {
+      try {
+        if (rescan || !this.tracked.has(pid)) this.rescan(pid);
+        const f = parseStatFields(readFileSync(`/proc/${pid}/stat`, "utf8"));
+        // proc(5): 14 utime, 15 stime (ticks), as ns so it sums like schedstat
+        if (f !== undefined) threads.set(`${pid}/all#`, [((Number(f[14]) + Number(f[15])) / CLK_TCK) * 1e9, 0]);
+      } catch {
+        continue; // the process has ended
+      }
+      for (const { tid, comm } of this.tracked.get(pid) ?? []) {
+        try {
+          const [run, wait] = readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ").map(Number);
+          threads.set(`${pid}/${comm}#${tid}`, [run ?? 0, wait ?? 0]);
+        } catch {
+          // ended
+        }
+      }
+    }
+    this.rows.push({ at: performance.now(), threads, counters: this.counters() });
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.sample();
+  }
+
+  /**
+   * From `from` to `to` (performance.now() ms) in steps of `stepMs`: per step, each thread that
+   * ran or waited at least 2 ms, as "name run/wait" in ms, and per process "other" (its CPU
+   * beyond the named threads, 10 ms ticks, so approximate).
+   */
+  report(from: number, to: number, stepMs: number, label: (key: string) => string): string {
+    const at = (t: number) => this.rows.reduce((best, r) => (Math.abs(r.at - t) < Math.abs(best.at - t) ? r : best), this.rows[0]!);
+    const out: string[] = [];
+    for (let t = from; t < to; t += stepMs) {
+      const a = at(t);
+      const b = at(t + stepMs);
+      const sums = new Map<string, [number, number]>();
+      const named = new Map<string, number>();
+      for (const [k, [run, wait]] of b.threads) {
+        const [run0, wait0] = a.threads.get(k) ?? [run, wait];
+        const pid = k.slice(0, k.indexOf("/"));
+        if (k.endsWith("/all#")) continue;
+        named.set(pid, (named.get(pid) ?? 0) + (run - run0) / 1e6);
+        const name = label(k);
+        const s = sums.get(name) ?? [0, 0];
+        sums.set(name, [s[0] + (run - run0) / 1e6, s[1] + (wait - wait0) / 1e6]);
+      }
+      for (const [k, [all]] of b.threads) {
+        if (!k.endsWith("/all#")) continue;
+        const pid = k.slice(0, k.indexOf("/"));
+        const other = (all - (a.threads.get(k)?.[0] ?? all)) / 1e6 - (named.get(pid) ?? 0);
+        if (other >= 10) sums.set(label(`${pid}/other#`), [other, 0]);
+      }
+      const busy = [...sums].filter(([, [r, w]]) => r >= 2 || w >= 2).map(([n, [r, w]]) => `${n} ${r.toFixed(0)}/${w.toFixed(0)}`);
+      const counted = [...b.counters].map(([k, v]) => [k, v - (a.counters.get(k) ?? v)] as const).filter(([, d]) => d !== 0);
+      out.push(`  ${(a.at - from).toFixed(0)}..${(b.at - from).toFixed(0)} ms: ${busy.join(", ") || "idle"}${counted.length > 0 ? ` | ${counted.map(([k, d]) => `${k} ${d}`).join(" ")}` : ""}`);
+    }
+    return out.join("\n");
+  }
 }

@@ -25,6 +25,9 @@
  *
  * Run: npm run bench:migrate     (boots the lab itself when the host KVM is PVM)
  *      BENCH_RUNS=1 BENCH_CASES=idle-256,idle-1024,dirty-256 BENCH_DOWNTIME_MS=300
+ * Diagnostics: BENCH_TICKS=1 (every line's arrival and guest clock), BENCH_TIMELINE=1 (per thread,
+ * time on the CPU and waiting for it, 50 ms steps across the gap; costs the lab CPU), BENCH_ONLY=
+ * typevisor|qemu (one VMM's runs), BENCH_TV_ARGS / BENCH_DST_ARGS / BENCH_DST_PREFIX (below).
  */
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -37,11 +40,13 @@ import { kvmHostKind } from "../src/kvm/kvm.js";
 import type { QmpClient } from "../src/lab/qmp.js";
 import { ConsoleProcess } from "../test/helpers/console-process.js";
 import { unixApi } from "../test/helpers/unix-api.js";
-import { compare, cpuDelta, formatCpu, median, nodePerfArgs, perfAttach, qmpOpen as qmpOpenLib, threadTicks, until as untilLib } from "./lib.js";
+import { compare, cpuDelta, formatCpu, median, nodePerfArgs, perfAttach, qmpOpen as qmpOpenLib, kvmCounters, mountDebugfs, SchedTimeline, threadTicks, until as untilLib } from "./lib.js";
 
 const RUNS = Number(process.env["BENCH_RUNS"] ?? 1);
 const CASES = (process.env["BENCH_CASES"] ?? "idle-256,idle-1024,dirty-256").split(",").map((c) => c.trim());
 const DOWNTIME_MS = Number(process.env["BENCH_DOWNTIME_MS"] ?? 300);
+/** BENCH_ONLY=typevisor|qemu (a diagnostic: one VMM's runs, e.g. to compare builds; no ratio is printed). */
+const ONLY = ((o) => (o === "typevisor" || o === "qemu" ? o : undefined))(process.env["BENCH_ONLY"]);
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const QEMU = "qemu-system-x86_64";
 /** The guest's tick interval (s): busybox sleep takes fractions. */
@@ -221,6 +226,9 @@ async function afterMove(ticks: Ticks): Promise<void> {
   await until(`${AFTER_TICKS} ticks after the move`, () => ticks.last() >= from + AFTER_TICKS);
 }
 
+/** BENCH_TIMELINE's KVM counters of the destination's VM (debugfs): what its vCPU does once it runs. */
+const TIMELINE_KVM_KEYS = ["exits", "io_exits", "mmio_exits", "halt_exits", "pf_fixed", "pf_taken", "irq_injections"];
+
 async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
   const apiA = join(work, "a.sock");
   const apiB = join(work, "b.sock");
@@ -256,6 +264,12 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     }, 100);
     const stopPerfA = perfAttach(pidA, "typevisor migration source");
     const stopPerfB = perfAttach(pidB, "typevisor migration destination");
+    // BENCH_TIMELINE=1 (a diagnostic): which thread ran, and which waited for the CPU, across the gap.
+    let sched: SchedTimeline | undefined;
+    if (process.env["BENCH_TIMELINE"] === "1") {
+      mountDebugfs(); // KVM's counters where debugfs is there; without it they are left out
+      sched = new SchedTimeline(() => [pidA, pidB, process.pid], 25, () => kvmCounters(pidB, TIMELINE_KVM_KEYS));
+    }
     const t = performance.now();
     const r = await unixApi(apiA, "POST", "/migrate", { to: `tcp:127.0.0.1:${port}`, plainTcp: true, maxDowntimeMs: DOWNTIME_MS });
     if (r.status !== 202) throw new Error(`POST /migrate answered ${r.status}: ${JSON.stringify(r.body)}`);
@@ -273,6 +287,12 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     if (moved === null) throw new Error(`no migration summary from the source:\n${a.output.slice(-2000)}`);
     await afterMove(ticks);
     if (ticks.connections !== 1) throw new Error(`the guest's peer saw ${ticks.connections} connections: the TCP connection did not survive the move`);
+    if (sched !== undefined) {
+      sched.stop();
+      const g = ticks.gaps(t);
+      const side = (k: string): string => (k.startsWith(`${pidA}/`) ? "src " : k.startsWith(`${pidB}/`) ? "dst " : "peer ") + k.slice(k.indexOf("/") + 1, k.lastIndexOf("#"));
+      console.log(`[${c.name}] typevisor threads across the gap (run/waiting ms; from 100 ms before the gap's first line, at ${(performance.timeOrigin + t + g.gapFromMs - 100).toFixed(0)} epoch ms; ${g.maxGapMs.toFixed(0)} ms gap):\n${sched.report(t + g.gapFromMs - 100, t + g.gapFromMs + g.maxGapMs + 100, 50, side)}`);
+    }
     // Where the pause went (cli/run.ts prints the source's and the destination's steps).
     console.log(`[${c.name}] typevisor ${/migration switch-over.*/.exec(a.output)?.[0] ?? "(no switch-over line)"}`);
     // TYPEVISOR_TRACE_PHASES=1: the destination's marks and its device thread's restore steps.
@@ -359,6 +379,7 @@ async function runCase(c: Case): Promise<{ case: string; typevisor: Sample[]; qe
     `gap the peer saw ${s.maxGapMs.toFixed(0)} ms from ${s.gapFromMs.toFixed(0)} ms after the migrate request (the guest's clock moved ${s.guestGapMs.toFixed(0)} ms between those lines; lines every ${s.usualGapMs.toFixed(0)} ms), VMM downtime ${s.downtimeMs.toFixed(0)} ms, total ${s.totalMs.toFixed(0)} ms, ${(s.bytes / 2 ** 20).toFixed(1)} MiB sent${s.rounds !== undefined ? ` in ${s.rounds} rounds` : ""}`;
   for (let i = 0; i < RUNS; i++) {
     for (const who of ["qemu", "typevisor"] as const) {
+      if (ONLY !== undefined && who !== ONLY) continue;
       const work = mkdtempSync(join(tmpdir(), `bench-mig-${who}-`));
       try {
         const s = await (who === "typevisor" ? ours : qemu)(c, cmdline, work);
@@ -368,6 +389,11 @@ async function runCase(c: Case): Promise<{ case: string; typevisor: Sample[]; qe
         rmSync(work, { recursive: true, force: true });
       }
     }
+  }
+  if (ONLY !== undefined) {
+    const r = results[ONLY];
+    console.log(`[${c.name}] ${ONLY} only (BENCH_ONLY), medians: gap ${median(r.map((s) => s.maxGapMs)).toFixed(0)} ms, downtime ${median(r.map((s) => s.downtimeMs)).toFixed(0)} ms, total ${median(r.map((s) => s.totalMs)).toFixed(0)} ms`);
+    return results;
   }
   const series = (f: (s: Sample) => number) => [results.typevisor.map(f), results.qemu.map(f)] as const;
   console.log(compare(`[${c.name}] the longest gap the guest's peer saw, median (ms)`, ...series((s) => s.maxGapMs), 0));
@@ -385,7 +411,15 @@ async function main(): Promise<void> {
   // The lab boots with its loopback down: a connect to 127.0.0.1 is "Network is unreachable" there.
   const ip = (...a: string[]): void => void execFileSync("ip", a, { stdio: "pipe", timeout: 10_000 });
   ip("link", "set", "lo", "up");
-  // The guest's segment: the peer's address on a bridge that holds both TAPs.
+  // The guest's segment: the peer's address on a bridge that holds both TAPs. An earlier run in
+  // the same lab (a series of builds or settings in one boot) left its own: gone first.
+  for (const dev of [TAP_SRC, TAP_DST, BRIDGE]) {
+    try {
+      ip("link", "del", dev);
+    } catch {
+      // not there
+    }
+  }
   ip("link", "add", BRIDGE, "type", "bridge");
   ip("addr", "add", `${PEER}/24`, "dev", BRIDGE);
   for (const t of [TAP_SRC, TAP_DST]) {

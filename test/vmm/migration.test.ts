@@ -6,7 +6,7 @@
  * destination. (A Debian guest under real KVM: migration.lab.test.ts.)
  */
 import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -18,6 +18,7 @@ import { killVmm, startVmm, type Vmm } from "../helpers/vmm-process.js";
 import { consoleClient as connectConsole, type ConsoleClient } from "../helpers/console-client.js";
 import { FRAME, frame, hello, MAX_STATE_FRAMES, pageSetHead, pagesHeader, setPageBit } from "../../src/vmm/migration/protocol.js";
 import { DEFAULT_VCPU_NICE } from "../../src/vmm/defaults.js";
+import { threadNice } from "../../src/sys/libc.js";
 import { oneTimeCertificate, type OneTimeCert } from "../../src/control/migration-tls.js";
 import { connect as tlsConnect } from "node:tls";
 
@@ -64,6 +65,13 @@ async function writtenToTheEnd(dst: Vmm, con: ConsoleClient, image: string): Pro
   const raw = `${image}.end.raw`;
   execFileSync("qemu-img", ["convert", "-O", "raw", image, raw], { timeout: 60_000 });
   expect(checkDiskPattern(readFileSync(raw))).toBeUndefined();
+}
+
+/** The nice values of a process's threads that Node leaves named `node`, but its main thread: V8's helpers (threads/kernel.ts). */
+function helperNices(pid: number): number[] {
+  return readdirSync(`/proc/${pid}/task`)
+    .filter((t) => t !== String(pid) && readFileSync(`/proc/${pid}/task/${t}/comm`, "utf8").trim() === "node")
+    .map((t) => threadNice(Number(t)));
 }
 
 async function stillAnswers(con: ConsoleClient, word: string): Promise<void> {
@@ -247,6 +255,9 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       expect((await unixApi(src.vm.api, "POST", "/migrate", { to: `unix:${path}` })).status).toBe(202);
       await until("the refusal", async () => (await unixApi(src.vm.api, "GET", "/migrate")).body.phase === "failed");
       expect((await unixApi(src.vm.api, "GET", "/migrate")).body.error).toContain("no room here");
+      // The pause set V8's helper threads at nice 19 (as root, who may undo it): back where they were.
+      const pid = src.vm.child.pid!;
+      expect(helperNices(pid)).toEqual(helperNices(pid).map(() => threadNice(pid)));
       await stillAnswers(src.con, "after-refusal");
 
       expect((await unixApi(src.vm.api, "POST", "/migrate", { to: `unix:${stall}` })).status).toBe(202);

@@ -15,6 +15,8 @@ import { prestartWorkers } from "../threads/spawn.js";
 import { keepCompiledCode } from "../code-flush.js";
 import { phase } from "../phases.js";
 import { startProfile, stopProfile } from "../profile.js";
+import { niceHelperThreads } from "../threads/kernel.js";
+import { MAX_NICE } from "../defaults.js";
 import { DISK_HEADER, FRAME, type DirectFrames, frame, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, pageSetTarget, readPageSet, send, SET_HEAD, streamError, streamedMemory } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
 import { HelloSchema } from "./hello-schema.js";
@@ -38,6 +40,9 @@ export interface Incoming {
  */
 const PRESTARTED_VCPU_THREADS = 1;
 
+/** How long after the guest resumes here V8's helper threads stay at nice 19 (niceHelperThreads). */
+const HELPERS_BACK_MS = 2000;
+
 export async function receiveMigration(spec: string, overrides: RestoreOverrides, host: VmHost, log: (line: string) => void, security: StreamSecurity = {}): Promise<Incoming> {
   // The warm-ups below (threads, state checks, applyState's rehearsal) must outlive the stream's collections.
   const releaseCode = keepCompiledCode();
@@ -57,6 +62,8 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
   let prestartError: Error | undefined;
   /** "disks": "copy": the files this side writes the disks' contents into. */
   let targets: DiskTarget[] = [];
+  /** Puts V8's helper threads back to their nice value, once they were set aside (from the first SYNC). */
+  let undoHelpers: (() => void) | undefined;
   try {
     let raw: unknown;
     try {
@@ -139,6 +146,9 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
         // Every frame before it is in guest memory (or on the disks): say so (protocol.ts).
         if (f.payload.length !== 4) throw streamError(`SYNC of ${f.payload.length} bytes`);
         startProfile();
+        // Past round 0 what is left is short and ends in the guest's pause: V8's background
+        // compiles and collections wait until the guest runs here (threads/kernel.ts).
+        undoHelpers ??= niceHelperThreads(MAX_NICE);
         await send(sock, frame(FRAME.SYNCED, f.payload));
       } else if (f.type === FRAME.STATE) {
         stateBytes += f.payload.length;
@@ -187,6 +197,8 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
         times.resumed = at();
         stopProfile("migration-destination");
         releaseCode();
+        // The guest's first moments here are its own (its vCPU catches up); the helpers after them.
+        if (undoHelpers !== undefined) setTimeout(undoHelpers, HELPERS_BACK_MS).unref();
         void send(sock, jsonFrame(FRAME.RUNNING, times)).finally(() => sock.end()).catch(() => undefined);
         // The copied disks' bytes are in the page cache (what the guest reads); to stable storage
         // now, off the pause and off this thread (the guest's own flushes order its writes anyway).
@@ -207,6 +219,7 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       // the connection is gone
     }
     sock.destroy();
+    undoHelpers?.();
     await vm?.discard();
     // Nothing left behind: a file made here goes, an empty one given goes back to empty.
     removeDiskTargets(targets);

@@ -22,7 +22,7 @@ import type { Vm } from "../vm.js";
 import { keepCompiledCode } from "../code-flush.js";
 import { phase, takePhases } from "../phases.js";
 import { startProfile, stopProfile } from "../profile.js";
-import { niceEveryThread } from "../threads/kernel.js";
+import { niceEveryThread, niceHelperThreads } from "../threads/kernel.js";
 import { MAX_NICE } from "../defaults.js";
 import { exactRecord, isFiniteNumber } from "../plain-checks.js";
 import { DIRTY_BLOCK_SIZE } from "../disk/dirty-blocks.js";
@@ -234,6 +234,8 @@ export class OutgoingMigration {
       this.cancel();
     }, this.req.timeoutMs ?? DEFAULT_TIMEOUT_MS);
     let paused = false;
+    /** Puts V8's helper threads back to their nice value (set during the pause), if they were changed. */
+    let undoHelpers: (() => void) | undefined;
     // What runs first in the pause (the capture, the last round) is warmed by the rounds before it.
     const releaseCode = keepCompiledCode();
     phase("migrate");
@@ -335,6 +337,8 @@ export class OutgoingMigration {
           const sharedDisks = copy === undefined && this.config.devices.disks.length > 0;
           if (sharedDisks) await vm.deviceCommand({ command: "disks.flush" });
           // Stop the guest, then send what it wrote since the bitmap above was taken, and that bitmap's pages too.
+          // The pause is this thread's: V8's background compiles and collections wait (kernel.ts).
+          undoHelpers = niceHelperThreads(MAX_NICE);
           if (wasRunning) await vm.pause();
           paused = true;
           phase("paused");
@@ -429,6 +433,7 @@ export class OutgoingMigration {
         vm.setThrottle(0);
         this.progress.throttlePercent = 0;
         vm.setVcpuNice();
+        undoHelpers?.();
         vm.stopDirtyLog();
         this.stopDiskMarking();
       } catch {

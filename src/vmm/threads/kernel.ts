@@ -4,9 +4,9 @@
  * sys/proc-stat.ts threadStates reads, parsed by it, but with asynchronous reads: the main
  * thread does not wait on procfs either.
  */
-import { readdirSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { readdir, readFile } from "node:fs/promises";
-import { setThreadNice } from "../../sys/libc.js";
+import { setThreadNice, threadNice } from "../../sys/libc.js";
 import { CLK_TCK, parseStatFields, parseSyscall } from "../../sys/proc-stat.js";
 
 export interface KernelThread {
@@ -83,4 +83,68 @@ export function niceEveryThread(nice: number): number {
     }
   }
   return done;
+}
+
+/** CAP_SYS_NICE's bit in a capability set (linux/capability.h). */
+const CAP_SYS_NICE = 23n;
+
+/**
+ * Whether this process may lower a thread's nice value again: CAP_SYS_NICE in its effective set
+ * (capabilities(7); /proc/self/status CapEff). RLIMIT_NICE could allow it too; not counted.
+ */
+export function mayLowerNice(): boolean {
+  try {
+    const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync("/proc/self/status", "utf8"));
+    return m !== null && ((BigInt(`0x${m[1]}`) >> CAP_SYS_NICE) & 1n) === 1n;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * V8's helper threads at nice `nice` for a while: the threads Node leaves named `node` other than
+ * the main thread (V8's platform workers, which run its background compiles and its concurrent
+ * GC, and libuv's pool), not the VMM's named threads. Measured in a migration's pause in the lab
+ * (bench/migrate, BENCH_SCHED=1): those helpers took 30-80 % of the one CPU from both sides' main
+ * threads, compiling code that runs once. At nice 19 they run when nothing else wants the CPU;
+ * the main thread's code does not wait for them (concurrent compiles finish when they can; a
+ * collection the helpers have not finished the main thread finishes itself).
+ *
+ * Returns the undo (each thread back to the nice value it had), or undefined when nothing was
+ * changed: putting a lower nice value back needs CAP_SYS_NICE, and helpers left at 19 for a VM's
+ * life would starve its compiles on a busy host, so without it this does nothing.
+ */
+export function niceHelperThreads(nice: number): (() => void) | undefined {
+  if (!mayLowerNice()) return undefined;
+  const before = new Map<number, number>();
+  let tids: string[];
+  try {
+    tids = readdirSync("/proc/self/task");
+  } catch {
+    return undefined;
+  }
+  for (const t of tids) {
+    const tid = Number(t);
+    if (!Number.isInteger(tid) || tid === process.pid) continue;
+    try {
+      if (readFileSync(`/proc/self/task/${tid}/comm`, "utf8").trim() !== "node") continue;
+      const was = threadNice(tid);
+      setThreadNice(tid, nice);
+      before.set(tid, was);
+    } catch {
+      // ended meanwhile
+    }
+  }
+  let undone = false;
+  return () => {
+    if (undone) return;
+    undone = true;
+    for (const [tid, was] of before) {
+      try {
+        setThreadNice(tid, was);
+      } catch {
+        // ended meanwhile
+      }
+    }
+  };
 }
