@@ -1,4 +1,5 @@
-import { readdirSync, readFileSync } from "node:fs";
+import { execFileSync, spawnSync } from "node:child_process";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { threadNice } from "../../sys/libc.js";
 import { mayLowerNice, niceHelperThreads } from "./kernel.js";
@@ -20,8 +21,8 @@ describe("niceHelperThreads", () => {
   it("sets V8's helper threads aside and puts each back, leaving the main thread and named threads alone", () => {
     const before = threads();
     const undo = niceHelperThreads(19);
-    if (!mayLowerNice()) {
-      // Without CAP_SYS_NICE nothing could be put back: nothing is changed.
+    if (!mayLowerNice(Math.min(...before.filter((t) => t.comm === "node" && t.tid !== process.pid).map((t) => t.nice)))) {
+      // Without CAP_SYS_NICE or RLIMIT_NICE nothing could be put back: nothing is changed.
       expect(undo).toBeUndefined();
       expect(threads().map((t) => [t.tid, t.nice])).toEqual(before.map((t) => [t.tid, t.nice]));
       return;
@@ -38,5 +39,39 @@ describe("niceHelperThreads", () => {
     for (const t of threads()) if (was.has(t.tid)) expect(t.nice).toBe(was.get(t.tid));
     // Twice is harmless.
     undo!();
+  });
+});
+
+describe("niceHelperThreads without CAP_SYS_NICE (a jailed VMM)", () => {
+  const kernelJs = new URL("../../../dist/vmm/threads/kernel.js", import.meta.url).pathname;
+  // An unprivileged process (nobody, no capabilities) runs the built module, as the daemon's VMMs do.
+  const asNobody = (prlimit: string[]): { changed: boolean; during: number[]; after: number[] } => {
+    const script = `import { niceHelperThreads } from ${JSON.stringify(kernelJs)};
+import { readdirSync, readFileSync } from "node:fs";
+const nices = () => readdirSync("/proc/self/task").filter((t) => t !== String(process.pid) && readFileSync("/proc/self/task/" + t + "/comm", "utf8").trim() === "node").map((t) => Number(readFileSync("/proc/self/task/" + t + "/stat", "utf8").split(") ")[1].split(" ")[16]));
+const undo = niceHelperThreads(19);
+const during = nices();
+undo?.();
+console.log(JSON.stringify({ changed: undo !== undefined, during, after: nices() }));`;
+    const setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", process.execPath, "--input-type=module", "-e", script];
+    const [cmd, ...args] = prlimit.length > 0 ? ["prlimit", ...prlimit, ...setpriv] : setpriv;
+    return JSON.parse(execFileSync(cmd!, args, { encoding: "utf8", timeout: 30_000 })) as { changed: boolean; during: number[]; after: number[] };
+  };
+  const root = process.getuid?.() === 0 && existsSync(kernelJs);
+  // Raising RLIMIT_NICE's hard limit needs CAP_SYS_RESOURCE, which not every root has (a container's).
+  const canGrantNice = root && spawnSync("prlimit", ["--nice=20:20", "true"]).status === 0;
+
+  it.skipIf(!root)("leaves them alone where nothing could put them back (no CAP_SYS_NICE, RLIMIT_NICE 0)", () => {
+    const r = asNobody(["--nice=0:0"]);
+    expect(r.changed).toBe(false);
+    expect(r.during.length).toBeGreaterThan(0);
+    expect(r.during.every((n) => n === 0)).toBe(true);
+  });
+
+  it.skipIf(!canGrantNice)("sets them aside and back where RLIMIT_NICE lets it undo that", () => {
+    const r = asNobody(["--nice=20:20"]);
+    expect(r.changed).toBe(true);
+    expect(r.during.every((n) => n === 19)).toBe(true);
+    expect(r.after.every((n) => n === 0)).toBe(true);
   });
 });

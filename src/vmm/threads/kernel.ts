@@ -89,13 +89,17 @@ export function niceEveryThread(nice: number): number {
 const CAP_SYS_NICE = 23n;
 
 /**
- * Whether this process may lower a thread's nice value again: CAP_SYS_NICE in its effective set
- * (capabilities(7); /proc/self/status CapEff). RLIMIT_NICE could allow it too; not counted.
+ * Whether this process may lower a thread's nice value back to `nice`: with CAP_SYS_NICE in its
+ * effective set (capabilities(7); /proc/self/status CapEff), or where RLIMIT_NICE allows it
+ * (setrlimit(2): down to 20 - its soft limit; /proc/self/limits "Max nice priority"), as the
+ * daemon gives its jailed VMMs (control/sandbox/sandbox.ts VMM_RLIMITS).
  */
-export function mayLowerNice(): boolean {
+export function mayLowerNice(nice: number): boolean {
   try {
     const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync("/proc/self/status", "utf8"));
-    return m !== null && ((BigInt(`0x${m[1]}`) >> CAP_SYS_NICE) & 1n) === 1n;
+    if (m !== null && ((BigInt(`0x${m[1]}`) >> CAP_SYS_NICE) & 1n) === 1n) return true;
+    const l = /^Max nice priority\s+(\d+|unlimited)\s/m.exec(readFileSync("/proc/self/limits", "utf8"));
+    return l !== null && (l[1] === "unlimited" || nice >= 20 - Number(l[1]));
   } catch {
     return false;
   }
@@ -105,30 +109,36 @@ export function mayLowerNice(): boolean {
  * V8's helper threads at nice `nice` for a while: the threads Node leaves named `node` other than
  * the main thread (V8's platform workers, which run its background compiles and its concurrent
  * GC, and libuv's pool), not the VMM's named threads. Measured in a migration's pause in the lab
- * (bench/migrate, BENCH_SCHED=1): those helpers took 30-80 % of the one CPU from both sides' main
- * threads, compiling code that runs once. At nice 19 they run when nothing else wants the CPU;
+ * (bench/migrate, BENCH_TIMELINE=1), those helpers took 20-80 % of the one CPU in 50 ms steps
+ * while both sides' main threads waited for it, for code and garbage of a pause that runs once.
+ * At nice 19 they run when nothing else wants the CPU;
  * the main thread's code does not wait for them (concurrent compiles finish when they can; a
  * collection the helpers have not finished the main thread finishes itself).
  *
  * Returns the undo (each thread back to the nice value it had), or undefined when nothing was
- * changed: putting a lower nice value back needs CAP_SYS_NICE, and helpers left at 19 for a VM's
- * life would starve its compiles on a busy host, so without it this does nothing.
+ * changed: putting a lower nice value back needs CAP_SYS_NICE or RLIMIT_NICE (mayLowerNice), and
+ * helpers left at 19 for a VM's life would starve its compiles on a busy host, so without either
+ * this does nothing.
  */
 export function niceHelperThreads(nice: number): (() => void) | undefined {
-  if (!mayLowerNice()) return undefined;
-  const before = new Map<number, number>();
-  let tids: string[];
+  const helpers: { tid: number; was: number }[] = [];
   try {
-    tids = readdirSync("/proc/self/task");
+    for (const t of readdirSync("/proc/self/task")) {
+      const tid = Number(t);
+      if (!Number.isInteger(tid) || tid === process.pid) continue;
+      try {
+        if (readFileSync(`/proc/self/task/${tid}/comm`, "utf8").trim() === "node") helpers.push({ tid, was: threadNice(tid) });
+      } catch {
+        // ended meanwhile
+      }
+    }
   } catch {
     return undefined;
   }
-  for (const t of tids) {
-    const tid = Number(t);
-    if (!Number.isInteger(tid) || tid === process.pid) continue;
+  if (helpers.length === 0 || !mayLowerNice(Math.min(...helpers.map((h) => h.was)))) return undefined;
+  const before = new Map<number, number>();
+  for (const { tid, was } of helpers) {
     try {
-      if (readFileSync(`/proc/self/task/${tid}/comm`, "utf8").trim() !== "node") continue;
-      const was = threadNice(tid);
       setThreadNice(tid, nice);
       before.set(tid, was);
     } catch {
