@@ -91,8 +91,8 @@ const CAP_SYS_NICE = 23n;
 /**
  * Whether this process may lower a thread's nice value back to `nice`: with CAP_SYS_NICE in its
  * effective set (capabilities(7); /proc/self/status CapEff), or where RLIMIT_NICE allows it
- * (setrlimit(2): down to 20 - its soft limit; /proc/self/limits "Max nice priority"), as the
- * daemon gives its jailed VMMs (control/sandbox/sandbox.ts VMM_RLIMITS).
+ * (setrlimit(2): down to 20 - its soft limit; /proc/self/limits "Max nice priority"), as
+ * systemd's LimitNICE= or prlimit(1) can give a VMM. The daemon's jailed VMMs have neither yet.
  */
 export function mayLowerNice(nice: number): boolean {
   try {
@@ -111,9 +111,9 @@ export function mayLowerNice(nice: number): boolean {
  * GC, and libuv's pool), not the VMM's named threads. Measured in a migration's pause in the lab
  * (bench/migrate, BENCH_TIMELINE=1), those helpers took 20-80 % of the one CPU in 50 ms steps
  * while both sides' main threads waited for it, for code and garbage of a pause that runs once.
- * At nice 19 they run when nothing else wants the CPU;
- * the main thread's code does not wait for them (concurrent compiles finish when they can; a
- * collection the helpers have not finished the main thread finishes itself).
+ * At nice 19 they run when nothing else wants the CPU; the main thread's code does not wait for
+ * them (concurrent compiles finish when they can; a collection the helpers have not finished the
+ * main thread finishes itself).
  *
  * Returns the undo (each thread back to the nice value it had), or undefined when nothing was
  * changed: putting a lower nice value back needs CAP_SYS_NICE or RLIMIT_NICE (mayLowerNice), and
