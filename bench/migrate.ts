@@ -265,10 +265,10 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     const stopPerfA = perfAttach(pidA, "typevisor migration source");
     const stopPerfB = perfAttach(pidB, "typevisor migration destination");
     // BENCH_TIMELINE=1 (a diagnostic): which thread ran, and which waited for the CPU, across the gap.
-    let sched: SchedTimeline | undefined;
+    let timeline: SchedTimeline | undefined;
     if (process.env["BENCH_TIMELINE"] === "1") {
       mountDebugfs(); // KVM's counters where debugfs is there; without it they are left out
-      sched = new SchedTimeline(() => [pidA, pidB, process.pid], 25, () => kvmCounters(pidB, TIMELINE_KVM_KEYS));
+      timeline = new SchedTimeline(() => [pidA, pidB, process.pid], 25, () => kvmCounters(pidB, TIMELINE_KVM_KEYS));
     }
     const t = performance.now();
     const r = await unixApi(apiA, "POST", "/migrate", { to: `tcp:127.0.0.1:${port}`, plainTcp: true, maxDowntimeMs: DOWNTIME_MS });
@@ -287,11 +287,11 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     if (moved === null) throw new Error(`no migration summary from the source:\n${a.output.slice(-2000)}`);
     await afterMove(ticks);
     if (ticks.connections !== 1) throw new Error(`the guest's peer saw ${ticks.connections} connections: the TCP connection did not survive the move`);
-    if (sched !== undefined) {
-      sched.stop();
+    if (timeline !== undefined) {
+      timeline.stop();
       const g = ticks.gaps(t);
       const side = (k: string): string => (k.startsWith(`${pidA}/`) ? "src " : k.startsWith(`${pidB}/`) ? "dst " : "peer ") + k.slice(k.indexOf("/") + 1, k.lastIndexOf("#"));
-      console.log(`[${c.name}] typevisor threads across the gap (run/waiting ms; from 100 ms before the gap's first line, at ${(performance.timeOrigin + t + g.gapFromMs - 100).toFixed(0)} epoch ms; ${g.maxGapMs.toFixed(0)} ms gap):\n${sched.report(t + g.gapFromMs - 100, t + g.gapFromMs + g.maxGapMs + 100, 50, side)}`);
+      console.log(`[${c.name}] typevisor threads across the gap (run/waiting ms; from 100 ms before the gap's first line, at ${(performance.timeOrigin + t + g.gapFromMs - 100).toFixed(0)} epoch ms; ${g.maxGapMs.toFixed(0)} ms gap):\n${timeline.report(t + g.gapFromMs - 100, t + g.gapFromMs + g.maxGapMs + 100, 50, side)}`);
     }
     // Where the pause went (cli/run.ts prints the source's and the destination's steps).
     console.log(`[${c.name}] typevisor ${/migration switch-over.*/.exec(a.output)?.[0] ?? "(no switch-over line)"}`);
