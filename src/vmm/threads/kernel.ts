@@ -61,18 +61,23 @@ export async function kernelThreads(): Promise<KernelThread[]> {
   return threads.filter((t): t is KernelThread => t !== undefined);
 }
 
+/** This process's thread ids (/proc/self/task), or undefined where /proc cannot be read (a jail without it). */
+function ownThreadIds(): number[] | undefined {
+  try {
+    return readdirSync("/proc/self/task").map(Number).filter((n) => Number.isInteger(n) && n > 0);
+  } catch {
+    return undefined;
+  }
+}
+
 /**
  * Give every thread of this process nice value `nice` (setpriority(2) per thread: on Linux a
  * nice value is a thread's own). Best effort: a thread that ended meanwhile, or a /proc this
  * process cannot read (a jail without it), is skipped. Returns how many threads took it.
  */
 export function niceEveryThread(nice: number): number {
-  let tids: number[];
-  try {
-    tids = readdirSync("/proc/self/task").map(Number).filter((n) => Number.isInteger(n) && n > 0);
-  } catch {
-    return 0;
-  }
+  const tids = ownThreadIds();
+  if (tids === undefined) return 0;
   let done = 0;
   for (const tid of tids) {
     try {
@@ -121,19 +126,16 @@ export function mayLowerNice(nice: number): boolean {
  * this does nothing.
  */
 export function niceHelperThreads(nice: number): (() => void) | undefined {
+  const tids = ownThreadIds();
+  if (tids === undefined) return undefined;
   const helpers: { tid: number; was: number }[] = [];
-  try {
-    for (const t of readdirSync("/proc/self/task")) {
-      const tid = Number(t);
-      if (!Number.isInteger(tid) || tid === process.pid) continue;
-      try {
-        if (readFileSync(`/proc/self/task/${tid}/comm`, "utf8").trim() === "node") helpers.push({ tid, was: threadNice(tid) });
-      } catch {
-        // ended meanwhile
-      }
+  for (const tid of tids) {
+    if (tid === process.pid) continue;
+    try {
+      if (readFileSync(`/proc/self/task/${tid}/comm`, "utf8").trim() === "node") helpers.push({ tid, was: threadNice(tid) });
+    } catch {
+      // ended meanwhile
     }
-  } catch {
-    return undefined;
   }
   if (helpers.length === 0 || !mayLowerNice(Math.min(...helpers.map((h) => h.was)))) return undefined;
   const before = new Map<number, number>();
