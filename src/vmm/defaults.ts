@@ -1,5 +1,12 @@
-/** The kernel command line a VM boots with unless told otherwise: console on COM1, reboot on panic. */
-export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1";
+/**
+ * The kernel command line a VM boots with unless told otherwise: console on COM1, reboot on panic,
+ * and `quiet` (loglevel 4: warnings and errors still reach the console, the rest is in dmesg).
+ * Every byte the kernel prints goes out through the 8250's transmit register, a port write the
+ * VMM handles after a VM exit, plus the driver's polls of the line status register. A Debian cloud
+ * kernel's ~20 KB boot log cost 15 of 27 s of `typevisor run --image minimal` in the lab
+ * (2026-12-07: 27.4 s → 12.6 s with `quiet`), and a share of a second on hardware.
+ */
+export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet";
 
 /** Guest memory limits (kept here, free of KVM imports, so the control plane's schemas can share them). */
 export const MIN_MEMORY_MIB = 64;
