@@ -76,9 +76,18 @@ export async function startDaemon(opts: { home?: string; socket?: string; args?:
   };
 }
 
+/**
+ * The longest pause between two looks in `until`. A look is often a request to a daemon (a VM's
+ * whole console log, its row): in the lab, where every instruction is emulated on one CPU, a look
+ * every 100 ms through a guest's minute-long boot took a share of that CPU from the guest and the
+ * VMMs it waited on. There the pause grows from 100 ms to 1 s; on the host it stays 100 ms.
+ */
+const UNTIL_MAX_PAUSE_MS = process.env["TYPEVISOR_IN_LAB"] === "1" ? 1000 : 100;
+
 export async function until<T>(what: string, fn: () => Promise<T | undefined> | T | undefined, timeoutMs = 15_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   let last: unknown;
+  let pause = 100;
   for (;;) {
     try {
       const v = await fn();
@@ -87,7 +96,8 @@ export async function until<T>(what: string, fn: () => Promise<T | undefined> | 
       last = e;
     }
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last !== undefined ? `: ${String(last)}` : ""}`);
-    await new Promise((r) => setTimeout(r, 100));
+    await new Promise((r) => setTimeout(r, Math.min(pause, Math.max(0, deadline - Date.now()) + 1)));
+    pause = Math.min(UNTIL_MAX_PAUSE_MS, Math.round(pause * 1.5));
   }
 }
 
