@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 // `npm test`: everything CI checks, in the least wall time on a 2-core machine.
 //
-// The lab group is the long pole (one lab boot, 40-55 min on the project machines, longer where
-// the host's disk is slow: every file the lab reads comes over 9p) and its emulated machine has one CPU
-// (docs/lab.md: `-smp 2` once panicked the lab kernel), so it keeps one host core busy and leaves
+// The lab group is the long pole (one lab boot, ~58 min on a project machine on 2026-12-07,
+// longer where the host's disk is slow: every file the lab reads comes over 9p; docs/lab.md has
+// it per file) and its emulated machine has one CPU (docs/lab.md: `-smp 2` once panicked the lab kernel), so it keeps one host core busy and leaves
 // the other mostly idle. The type-check, lint and unit suite (~10 min) run on that other core at
 // the same time instead of before it. What both need is made first, once: the build (dist/, the
 // jail helper) and the minimal image (two builders of one image at once would race on its cache).
