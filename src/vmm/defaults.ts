@@ -4,7 +4,8 @@
  * Every byte the kernel prints goes out through the 8250's transmit register, a port write the
  * VMM handles after a VM exit, plus the driver's polls of the line status register. A Debian cloud
  * kernel's ~20 KB boot log cost 15 of 27 s of `typevisor run --image minimal` in the lab
- * (2026-12-07: 27.4 s → 12.6 s with `quiet`), and a share of a second on hardware.
+ * (2026-12-07: 27.4 s → 12.6 s with `quiet`); on hardware an exit costs far less, but the log is
+ * still tens of thousands of them.
  */
 export const DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet";
 
