@@ -3,8 +3,9 @@
 //
 // The lab group is the long pole (one lab boot, ~58 min on a project machine on 2026-12-07,
 // longer where the host's disk is slow: every file the lab reads comes over 9p; docs/lab.md has
-// it per file) and its emulated machine has one CPU (docs/lab.md: `-smp 2` once panicked the lab kernel), so it keeps one host core busy and leaves
-// the other mostly idle. The type-check, lint and unit suite (~10 min) run on that other core at
+// it per file) and its emulated machine has one CPU (docs/lab.md: `-smp 2` once panicked the lab
+// kernel, and gave no gain on 2026-12-07), so it keeps one host core busy and leaves the other
+// mostly idle. The type-check, lint and unit suite (~10 min) run on that other core at
 // the same time instead of before it. What both need is made first, once: the build (dist/, the
 // jail helper) and the minimal image (two builders of one image at once would race on its cache).
 // Both sides run at the same priority: the unit side at nice 10 starved its own guests whenever

@@ -163,11 +163,12 @@ describe("snapshots, rollback and ten clones through the sandboxed daemon, with 
     // has the clone's own MAC: the guest's driver read the template's at probe, so it is bound
     // again, and then reads the clone's from the device.
     const rebind = "n=$(basename $(readlink /sys/class/net/eth0/device)); echo $n > /sys/bus/virtio/drivers/virtio_net/unbind; echo $n > /sys/bus/virtio/drivers/virtio_net/bind; sleep 1";
+    const HI = /HI42 ([0-9a-f-]{36}) ([0-9a-f:]{17}) ([0-9a-f:]{17})\./;
     // All ten asked at once: each guest's rebind sleeps, and one at a time they took 20 s each in the lab.
-    const answers = await Promise.all(clones.map((c) => say(c.name, `a=$(cat /sys/class/net/eth0/address); ${rebind}; echo "HI$((6*7)) $(cat /proc/sys/kernel/random/boot_id) $a $(cat /sys/class/net/eth*/address | head -n 1)."`, /HI42 ([0-9a-f-]{36}) ([0-9a-f:]{17}) ([0-9a-f:]{17})\./)));
+    const answers = await Promise.all(clones.map((c) => say(c.name, `a=$(cat /sys/class/net/eth0/address); ${rebind}; echo "HI$((6*7)) $(cat /proc/sys/kernel/random/boot_id) $a $(cat /sys/class/net/eth*/address | head -n 1)."`, HI)));
     const seen: string[] = [];
     for (const [i, c] of clones.entries()) {
-      const x = /HI42 ([0-9a-f-]{36}) ([0-9a-f:]{17}) ([0-9a-f:]{17})\./.exec(answers[i]!)!;
+      const x = HI.exec(answers[i]!)!;
       expect(x[1]).toBe(bootId);
       seen.push(`${c.name}: ${x[2]} then ${x[3]}`);
       expect(x[3]).toBe((c.spec as { nets: { mac?: string }[] }).nets[0]?.mac);
