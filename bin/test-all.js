@@ -16,8 +16,32 @@
 // both making progress; the exit code is non-zero if either failed, and the summary says which.
 import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
+import { stripVTControlCharacters } from "node:util";
 
 const npx = process.platform === "win32" ? "npx.cmd" : "npx";
+
+/**
+ * Lines that say what failed, per tag, repeated at the end: the unit side usually ends long before
+ * the lab, and a CI log shown from its tail (stop 38's) then holds only the lab's lines.
+ */
+const failures = new Map();
+/** vitest's failed tests and files and its totals, tsc's errors, eslint's. */
+const FAILURE_LINE = /\bFAIL\b|×|✗|Test Files|^\s*Tests\s|error TS\d+|\s\serror\s\s/;
+const MAX_FAILURE_LINES = 40;
+/** After vitest's `FAIL  file > test`: its error's first lines. */
+const AFTER_FAIL = 2;
+const following = new Map();
+function noteFailure(tag, raw) {
+  // CI may force colours on: matched and kept without them.
+  const line = stripVTControlCharacters(raw);
+  const seen = failures.get(tag) ?? [];
+  failures.set(tag, seen);
+  const more = following.get(tag) ?? 0;
+  if (more > 0 && line.trim() !== "") following.set(tag, more - 1);
+  else if (!FAILURE_LINE.test(line)) return;
+  if (/\bFAIL\b/.test(line)) following.set(tag, AFTER_FAIL);
+  if (seen.length < MAX_FAILURE_LINES && !seen.includes(line)) seen.push(line);
+}
 
 /** Run a command; its output goes to ours, each line tagged; resolves with its exit code. */
 function run(tag, cmd, args) {
@@ -25,7 +49,10 @@ function run(tag, cmd, args) {
     const started = Date.now();
     console.log(`[${tag}] $ ${cmd} ${args.join(" ")}`);
     const p = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, FORCE_COLOR: process.env.FORCE_COLOR ?? "0" } });
-    for (const s of [p.stdout, p.stderr]) createInterface({ input: s }).on("line", (l) => console.log(`[${tag}] ${l}`));
+    for (const s of [p.stdout, p.stderr]) createInterface({ input: s }).on("line", (l) => {
+      console.log(`[${tag}] ${l}`);
+      noteFailure(tag, l);
+    });
     p.on("error", (e) => {
       console.log(`[${tag}] could not start ${cmd}: ${e.message}`);
       resolve(127);
@@ -67,6 +94,11 @@ const [unit, lab] = await Promise.all([
   ]),
   chain("lab", [[process.execPath, "bin/lab.js", "--", npx, "vitest", "run", "--config", "vitest.lab.config.ts"]]),
 ]);
+for (const [tag, code] of [["unit", unit], ["lab", lab]]) {
+  if (code === 0) continue;
+  console.log(`test-all: what the ${tag} side printed about failures (the first ${MAX_FAILURE_LINES} such lines):`);
+  for (const l of failures.get(tag) ?? []) console.log(`[${tag}] ${l}`);
+}
 const min = ((Date.now() - t0) / 60000).toFixed(1);
 console.log(`test-all: type-check, lint and unit tests ${unit === 0 ? "passed" : `FAILED (exit ${unit})`}; lab group ${lab === 0 ? "passed" : `FAILED (exit ${lab})`}; ${min} min in all`);
 process.exit(unit !== 0 ? unit : lab);

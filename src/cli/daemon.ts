@@ -254,7 +254,7 @@ export function registerDaemonCommand(program: Command): void {
     .option("--disk-overcommit <ratio>", "VM disk bytes allowed per byte of the home's filesystem", "1")
     .option("--reserved-memory <size>", "host memory kept for the host and the daemon", "256M")
     .option("--console-log-size <size>", "rotate a VM's console log past this size", "1M")
-    .option("--start-timeout <seconds>", "a VMM must answer on its API socket within this", "60")
+    .option("--start-timeout <seconds>", "a VMM (a standby VMM too) must answer on its API socket within this", "60")
     .option("--stop-timeout <seconds>", "then a stopping VMM is killed", "30")
     .option("--usage-interval <seconds>", "how often per-VM usage is sampled", "5")
     .option("--stream-stall-timeout <seconds>", "an event-stream client that takes nothing for this long is disconnected (it resumes with ?after=)", "30")

@@ -238,7 +238,7 @@ export class VmManager extends EventEmitter {
     const standbys = config.standbyVmms ?? (kvmHostKind() === "hardware" ? 1 : 0);
     const sandbox = config.sandbox;
     this.jailer = sandbox !== undefined ? new JailedStandbys({ db: this.store.db, home: config.home, sandbox, forceKvm: config.forceKvm, templateGroup: (t) => this.snapshots.shareForRestore(t.dir, "")! }) : undefined;
-    this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger, ...(this.jailer !== undefined ? { jail: this.jailer } : {}) });
+    this.standby = new StandbyPool({ home: config.home, size: standbys, forceKvm: config.forceKvm, log: config.logger, readyTimeoutMs: config.startTimeoutMs, ...(this.jailer !== undefined ? { jail: this.jailer } : {}) });
     this.migrations = new Migrations({
       home: config.home,
       log: config.logger,

@@ -73,8 +73,6 @@ interface Slot {
   fdSocket?: number;
 }
 
-/** How long a standby may take to answer on its socket (Node's start-up: seconds on a loaded host). */
-const READY_TIMEOUT_MS = 60_000;
 /**
  * How long after a standby is taken the one behind it starts. A standby's start (Node, the VMM's
  * modules, its device, vCPU and disk I/O threads) is CPU time the VM just restored from the taken one needs
@@ -109,7 +107,13 @@ export class StandbyPool {
   private template: StandbyTemplate | undefined;
   readonly dir: string;
 
-  constructor(private readonly opts: { home: string; size: number; forceKvm: boolean; log: Logger; jail?: StandbyJailer }) {
+  /**
+   * `readyTimeoutMs`: how long a standby may take to answer on its socket, the daemon's
+   * --start-timeout as for any VMM. A standby answers only once its VM is built ahead: Node's
+   * start-up, the VMM's modules and the template's state and memory map, which took over 60 s for a
+   * jailed standby in CI's lab (2026-12-07); one ended for it is not started again until a restore.
+   */
+  constructor(private readonly opts: { home: string; size: number; forceKvm: boolean; log: Logger; readyTimeoutMs: number; jail?: StandbyJailer }) {
     this.dir = join(opts.home, "standby");
   }
 
@@ -255,7 +259,7 @@ export class StandbyPool {
       // A standby that dies by itself is not restarted in a loop: the next take() starts one.
       if (!this.closed && !ended) this.opts.log.warn({ pid }, "a standby VMM exited");
     });
-    void new VmmClient(f.socket).waitReady(Date.now() + READY_TIMEOUT_MS, () => child.exitCode === null && child.signalCode === null).then(
+    void new VmmClient(f.socket).waitReady(Date.now() + this.opts.readyTimeoutMs, () => child.exitCode === null && child.signalCode === null).then(
       () => {
         slot.ready = true;
       },
