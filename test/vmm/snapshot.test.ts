@@ -59,6 +59,13 @@ function startStandby(api: string, extra: string[] = []): { child: ChildProcess;
   return { child, err: () => err, exited };
 }
 
+/**
+ * Until the standby says it waits: that line comes once its socket listens and its template's VM
+ * is built. Its socket file alone appears before both (bound, then the line written, and stderr
+ * read here later still): a check of the line right after the file was seen failed in CI.
+ */
+const onStandby = (err: () => string): Promise<boolean> => until("the standby on its socket", () => err().includes("typevisor: on standby at"));
+
 /** The restored guest echoes `word` on `sock`; then the VMM on `api` is stopped and exits 0. */
 async function echoThenStop(api: string, sock: string, word: string, exited: Promise<number | null>): Promise<void> {
   const c = await consoleClient(sock);
@@ -163,7 +170,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     const sock = join(d, "c.sock");
     const { child, err, exited } = startStandby(api);
     try {
-      await until("the standby socket", () => existsSync(api));
+      await onStandby(err);
       expect((await unixApi(api, "GET", "/vm")).body.state).toBe("standby");
       // Its threads while it waits: the device thread and one vCPU thread are among them (started ahead).
       const before = new Set(readdirSync(`/proc/${child.pid}/task`).map(Number));
@@ -216,7 +223,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     const api = join(d, "api.sock");
     const { child, err } = startStandby(api);
     try {
-      await until("the standby socket", () => existsSync(api));
+      await onStandby(err);
       await pollUntil("the standby answering", async () => ((await unixApi(api, "GET", "/vm")).status === 200 ? true : undefined), 20_000);
       const before = new Set(readdirSync(`/proc/${child.pid}/task`).map(Number));
       const r = await unixApi(api, "PUT", "/restore", { snapshot: withDisk, disks: [disk], consoleSocket: join(d, "c.sock") });
@@ -251,7 +258,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     const sock = join(d, "c.sock");
     const { child, err, exited } = startStandby(api, ["--template", snap]);
     try {
-      await until("the standby socket", () => existsSync(api));
+      await onStandby(err);
       expect(err()).toContain(`a VM built for ${snap}`);
       // Before any request: the template's memory mapped, and the pages its guest had written in
       // place in this process's page tables already (populated), one mapping per RAM region.
@@ -292,7 +299,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
       const sock = join(d, `${name}.c.sock`);
       const { child, err, exited } = startStandby(api, ["--template", templ]);
       try {
-        await until("the standby socket", () => existsSync(api));
+        await onStandby(err);
         expect(err()).toContain("a VM built for");
         const ahead = fileMappings(child.pid!, join(templ, SNAPSHOT_FILES.memory));
         expect(ahead.length).toBeGreaterThan(0);
@@ -319,7 +326,7 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
     const sock = join(d, "c.sock");
     const { child, err, exited } = startStandby(api, ["--template", join(dir, "nowhere")]);
     try {
-      await until("the standby socket", () => existsSync(api));
+      await onStandby(err);
       expect(err()).toMatch(/template .*nowhere not made ready/);
       const r = await unixApi(api, "PUT", "/restore", { snapshot: snap, consoleSocket: sock });
       expect(r.status, `${JSON.stringify(r.body)} ${err()}`).toBe(200);
@@ -332,9 +339,9 @@ describe.skipIf(!hasKvm)("snapshot and restore (tiny kernel, --force-kvm)", () =
   it("a standby VMM answers a bad snapshot with the error and exits 2", async () => {
     const d = mkdtempSync(join(dir, "standby-bad-"));
     const api = join(d, "api.sock");
-    const { child, exited } = startStandby(api);
+    const { child, err, exited } = startStandby(api);
     try {
-      await until("the standby socket", () => existsSync(api));
+      await onStandby(err);
       const r = await unixApi(api, "PUT", "/restore", { snapshot: join(dir, "nowhere") });
       expect(r.status).toBe(400);
       expect(r.body.code).toBe("SNAPSHOT_NOT_FOUND");
