@@ -123,12 +123,17 @@ function restoreArgs(l: VmmLaunch, r: { dir: string; paused: boolean }): string[
 }
 
 /**
- * The VMM's whole environment: it reads none of the daemon's (every path it needs comes as a flag),
- * and whatever the daemon was given (tokens, credentials, NODE_OPTIONS) stays out of a process
+ * The VMM's whole environment: it reads none of the daemon's (every path it needs comes as a flag;
+ * TYPEVISOR_TRACE_PHASES=1 alone is passed on, as that value only), and whatever the daemon was given (tokens, credentials, NODE_OPTIONS) stays out of a process
  * that a guest may one day take over.
  */
 export function vmmEnv(id: string, env: NodeJS.ProcessEnv = process.env): Record<string, string> {
-  return { PATH: env["PATH"] ?? "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", TYPEVISOR_VM_ID: id };
+  return {
+    PATH: env["PATH"] ?? "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    TYPEVISOR_VM_ID: id,
+    // The start-up phase marks (vmm/phases.ts), for a daemon started with them: one switch, its value fixed.
+    ...(env["TYPEVISOR_TRACE_PHASES"] === "1" ? { TYPEVISOR_TRACE_PHASES: "1" } : {}),
+  };
 }
 
 /**
