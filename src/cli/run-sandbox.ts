@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { TypevisorError } from "../errors.js";
 import { TYPEVISOR_BIN } from "../engine/native.js";
-import { DEFAULT_UID_RANGE, JAIL_BIN, VMM_RLIMITS, systemBinds } from "../control/sandbox/sandbox.js";
+import { DEFAULT_UID_RANGE, JAIL_BIN, systemBinds, vmmRlimits } from "../control/sandbox/sandbox.js";
 import { clone3Filter, filterBytes, vmmFilter } from "../sys/seccomp.js";
 import { openTap, setLinkUp } from "../sys/tap.js";
 import { unixListen } from "../sys/unix-socket.js";
@@ -192,7 +192,7 @@ function prepare(h: Handover, o: RunOptions, uid: number, root: string): void {
     "--hostname", `vm-${o.id ?? "run"}`.slice(0, 64),
     "--pid-fd", "3",
     "--die-with-parent", "1",
-    ...Object.entries(VMM_RLIMITS).flatMap(([k, val]) => ["--rlimit", `${k}=${val}`]),
+    ...Object.entries(vmmRlimits()).flatMap(([k, val]) => ["--rlimit", `${k}=${val}`]),
     "--dev", "/dev/kvm",
     ...[...dirs].flatMap((d) => ["--bind", `${d}:rw`]),
     ...files.flatMap((f) => ["--bind", f]),

@@ -7,8 +7,9 @@
  * to a second sandboxed VMM. Refused, with a clear message, when not root.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
+import { createServer } from "node:net";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { BIN } from "../helpers/daemon.js";
@@ -18,6 +19,8 @@ import { consoleClient, type ConsoleClient } from "../helpers/console-client.js"
 import { runCli } from "../helpers/cli.js";
 import { JAIL_BIN, DEFAULT_UID_RANGE } from "../../src/control/sandbox/sandbox.js";
 import { createQcow2 } from "../../src/vmm/disk/qcow2/create.js";
+import { DEFAULT_VCPU_NICE } from "../../src/vmm/defaults.js";
+import { CAN_GRANT_NICE } from "../helpers/privileges.js";
 
 const root = process.getuid?.() === 0;
 const ready = existsSync("/dev/kvm") && root && existsSync(JAIL_BIN);
@@ -152,6 +155,31 @@ describe.skipIf(!ready)("typevisor run --sandbox (root, tiny guest, every device
       expect(existsSync(join(snaps, "s1", "memory"))).toBe(true);
       con.sock.write("before");
       await until("the echo after the snapshot", () => con!.text().includes("before"));
+
+      // A migration to a peer that never reads, cancelled: while it streams, the jailed VMM lifts its
+      // vCPUs to its own nice value (no CAP_SYS_NICE: the jail's RLIMIT_NICE lets it take back what
+      // it gave up), and puts them back after. Where this root cannot grant RLIMIT_NICE (no
+      // CAP_SYS_RESOURCE, as in a container), nothing changes.
+      const stall = join(b, "stall.sock");
+      const stalled = createServer((x) => x.pause());
+      await new Promise<void>((r) => stalled.listen(stall, r));
+      chmodSync(stall, 0o777);
+      try {
+        const api = join(a, "api.sock");
+        const vcpuNice = async (): Promise<number[]> => ((await unixApi(api, "GET", "/stats")).body as { vcpus: { nice: number }[] }).vcpus.map((v) => v.nice);
+        const before = await vcpuNice();
+        expect((await unixApi(api, "POST", "/migrate", { to: `unix:${stall}` })).status).toBe(202);
+        await until("the transfer", async () => ["precopy", "stopped"].includes((await unixApi(api, "GET", "/migrate")).body.phase));
+        const during = await vcpuNice();
+        expect((await unixApi(api, "DELETE", "/migrate")).status).toBe(200);
+        await until("the cancel", async () => (await unixApi(api, "GET", "/migrate")).body.phase === "cancelled");
+        expect(during.map((n, i) => before[i]! - n)).toEqual(before.map(() => (CAN_GRANT_NICE ? DEFAULT_VCPU_NICE : 0)));
+        expect(await vcpuNice()).toEqual(before);
+      } finally {
+        stalled.close();
+      }
+      con.sock.write("after-cancel");
+      await until("the echo after the cancel", () => con!.text().includes("after-cancel"));
 
       // live migration over unix to a second sandboxed VMM (its own TAP and vsock socket, the same disks)
       // The same uid as the source, which must reach the destination's socket (its file and directory are that uid's)

@@ -7,10 +7,11 @@
  * EPERM; its console, control socket and exit record still work through what the daemon handed it.
  */
 import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { getPriority, tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startDaemon, until, type TestDaemon } from "../helpers/daemon.js";
+import { CAN_GRANT_NICE } from "../helpers/privileges.js";
 import { runCli } from "../helpers/cli.js";
 import { writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { JAIL_BIN, DEFAULT_UID_RANGE } from "../../src/control/sandbox/sandbox.js";
@@ -104,6 +105,11 @@ describe.skipIf(!ready)("the VMM sandbox (root, tiny guests, real VMMs)", () => 
     const limits = readFileSync(`/proc/${a.pid!}/limits`, "utf8");
     expect(limits).toMatch(/^Max open files\s+4096\s+4096/m);
     expect(limits).toMatch(/^Max core file size\s+0\s+0/m);
+    // RLIMIT_NICE at this process's nice value: the VMM may take back what it gives up (its vCPUs'
+    // nice offset), and no more. Granting it needs CAP_SYS_RESOURCE, which a container's root may
+    // lack: then the VMM runs with the limit it inherited.
+    const nice = CAN_GRANT_NICE ? 20 - getPriority() : Number(/^Max nice priority\s+(\d+)/m.exec(readFileSync("/proc/self/limits", "utf8"))![1]);
+    expect(limits).toMatch(new RegExp(`^Max nice priority\\s+${nice}\\s+${nice}\\s`, "m"));
     // The uid is recorded in the inventory, and the VM's disk is its uid's.
     expect(statSync(a.disks[0]!.path).uid).toBe(uidA);
     // its root holds only what it was given (a fresh /dev, /proc, /tmp, the system's /usr, ...)

@@ -14,6 +14,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { chmodSync, chownSync, closeSync, existsSync, lstatSync, mkdirSync, openSync, readlinkSync, realpathSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
+import { getPriority } from "node:os";
 import type Database from "better-sqlite3";
 import { TypevisorError } from "../../errors.js";
 import { TYPEVISOR_BIN, vmmArgs, vmmEnv, type VmmLaunch } from "../../engine/native.js";
@@ -34,6 +35,17 @@ export const DEFAULT_UID_RANGE = { base: 1_900_000_000, count: 65_536 } as const
 
 /** Resource limits of a VMM (setrlimit(2)). NOFILE: Node, every vCPU's fds, eventfds, disks, sockets; NPROC counts threads of this uid (one uid per VM). */
 export const VMM_RLIMITS = { nofile: 4096, core: 0, nproc: 1024 } as const;
+
+/**
+ * VMM_RLIMITS, and RLIMIT_NICE at the nice value the VMM starts with (this process's: it inherits
+ * it). Without CAP_SYS_NICE a thread may lower its nice value only down to 20 - RLIMIT_NICE
+ * (setrlimit(2), sched(7)); with this the VMM can take back what it gave up itself (its vCPU
+ * threads run DEFAULT_VCPU_NICE nicer and are lifted to its own value while a migration streams,
+ * vmm/migration/source.ts) and can never rise above the process that started it.
+ */
+export function vmmRlimits(): Record<string, number> {
+  return { ...VMM_RLIMITS, nice: Math.min(40, Math.max(1, 20 - getPriority())) };
+}
 
 export interface SandboxOptions {
   uidBase: number;
@@ -251,7 +263,7 @@ export async function spawnSandboxed(
       "--hostname", `vm-${l.id}`.slice(0, 64),
       "--pid-fd", "3",
       ...(s.cgroup !== undefined ? ["--cgroup", s.cgroup] : []),
-      ...Object.entries(VMM_RLIMITS).flatMap(([k, v]) => ["--rlimit", `${k}=${v}`]),
+      ...Object.entries(vmmRlimits()).flatMap(([k, v]) => ["--rlimit", `${k}=${v}`]),
       "--dev", "/dev/kvm",
       ...binds.flatMap((b) => ["--bind", b]),
       ...(s.standby !== undefined ? ["--handoff", `${s.standby.handoff}=${s.standby.home}`] : []),

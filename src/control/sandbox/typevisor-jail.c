@@ -393,6 +393,7 @@ int main(int argc, char **argv) {
       else if (strncmp(v, "core=", 5) == 0) r = RLIMIT_CORE;
       else if (strncmp(v, "nproc=", 6) == 0) r = RLIMIT_NPROC;
       else if (strncmp(v, "fsize=", 6) == 0) r = RLIMIT_FSIZE;
+      else if (strncmp(v, "nice=", 5) == 0) r = RLIMIT_NICE;
       else die("--rlimit: unknown resource in \"%s\"", v);
       limits[nlimits].resource = r;
       limits[nlimits++].value = (rlim_t)number(eq + 1, 0x7fffffffffffffffL);
@@ -459,7 +460,13 @@ int main(int argc, char **argv) {
   build_root();
   for (int l = 0; l < nlimits; l++) {
     struct rlimit r = { limits[l].value, limits[l].value };
-    if (setrlimit(limits[l].resource, &r) != 0) die("setrlimit");
+    if (setrlimit(limits[l].resource, &r) != 0) {
+      /* RLIMIT_NICE only lets the VMM take back a nice value it gave up itself (its vCPU threads
+         during a migration); raising its hard limit needs CAP_SYS_RESOURCE, which a container's
+         root may lack: the VMM then runs without it, as an unjailed unprivileged one does. */
+      if (limits[l].resource == RLIMIT_NICE && errno == EPERM) continue;
+      die("setrlimit");
+    }
   }
   close_others();
   drop_capabilities();

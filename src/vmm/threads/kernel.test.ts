@@ -1,8 +1,9 @@
-import { execFileSync, spawnSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { threadNice } from "../../sys/libc.js";
 import { mayLowerNice, niceHelperThreads } from "./kernel.js";
+import { CAN_GRANT_NICE } from "../../../test/helpers/privileges.js";
 
 /** Every thread of this process: tid, name and nice value. */
 function threads(): { tid: number; comm: string; nice: number }[] {
@@ -59,7 +60,7 @@ console.log(JSON.stringify({ changed: undo !== undefined, during, after: nices()
   };
   const root = process.getuid?.() === 0 && existsSync(kernelJs);
   // Raising RLIMIT_NICE's hard limit needs CAP_SYS_RESOURCE, which not every root has (a container's).
-  const canGrantNice = root && spawnSync("prlimit", ["--nice=20:20", "true"]).status === 0;
+  const canGrantNice = root && CAN_GRANT_NICE;
 
   it.skipIf(!root)("leaves them alone where nothing could put them back (no CAP_SYS_NICE, RLIMIT_NICE 0)", () => {
     const r = asNobody(["--nice=0:0"]);
