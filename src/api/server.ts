@@ -226,9 +226,12 @@ export function buildApi(manager: VmManager, logger: Logger, limits: StreamLimit
   }
 
   registerWebAssets(app);
-  const doc = openApiDocument();
+  // Made at the first request for it, not at start: converting every route's zod schemas to JSON
+  // Schema was ~50 ms of the daemon's start on the host (seconds in the lab), for a document few ask for.
+  let doc: ReturnType<typeof openApiDocument> | undefined;
   app.get(SERVER_GUARDS.openapi.url, async (request) => {
     guard(request, SERVER_GUARDS.openapi);
+    doc ??= openApiDocument();
     return doc;
   });
   const metrics = createMetrics(manager, sec.audit);
