@@ -14,6 +14,8 @@
 //
 // Each line of the two runs is printed as it comes, tagged `[lab]` or `[unit]`, so a CI log shows
 // both making progress; the exit code is non-zero if either failed, and the summary says which.
+// The last lines repeat what failed and give each side's seconds per test file (a CI log is often
+// read from its end).
 import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
 import { stripVTControlCharacters } from "node:util";
@@ -43,6 +45,31 @@ function noteFailure(tag, raw) {
   if (seen.length < MAX_FAILURE_LINES && !seen.includes(line)) seen.push(line);
 }
 
+/**
+ * Seconds per test file, per tag, from vitest's lines (a file's summary line, or the sum of its
+ * tests' lines from the verbose reporter the lab uses), printed at the end for the same reason:
+ * where a CI run's time went, in its last lines.
+ */
+const fileSeconds = new Map();
+function noteTime(tag, line) {
+  const m = /^\s*[✓×↓]\s+(\S+\.test\.ts)(?:\s+\(\d+ tests?[^)]*\)|\s+>.*)\s(\d+)ms$/.exec(line);
+  if (m === null) return;
+  const files = fileSeconds.get(tag) ?? new Map();
+  fileSeconds.set(tag, files);
+  const [, file, ms] = m;
+  const summary = !line.includes(" > ");
+  const f = files.get(file) ?? { tests: 0, summary: undefined };
+  if (summary) f.summary = Number(ms) / 1000;
+  else f.tests += Number(ms) / 1000;
+  files.set(file, f);
+}
+function timeSummary(tag, top) {
+  const files = [...(fileSeconds.get(tag) ?? new Map())].map(([f, t]) => [f, t.summary ?? t.tests]).sort((a, b) => b[1] - a[1]);
+  if (files.length === 0) return undefined;
+  const shown = files.slice(0, top).map(([f, s]) => `${f.replace(/\.test\.ts$/, "")} ${s.toFixed(0)}`);
+  return `${shown.join(", ")}${files.length > top ? `, ${files.length - top} more` : ""}`;
+}
+
 /** Run a command; its output goes to ours, each line tagged; resolves with its exit code. */
 function run(tag, cmd, args) {
   return new Promise((resolve) => {
@@ -52,6 +79,7 @@ function run(tag, cmd, args) {
     for (const s of [p.stdout, p.stderr]) createInterface({ input: s }).on("line", (l) => {
       console.log(`[${tag}] ${l}`);
       noteFailure(tag, l);
+      noteTime(tag, stripVTControlCharacters(l));
     });
     p.on("error", (e) => {
       console.log(`[${tag}] could not start ${cmd}: ${e.message}`);
@@ -98,6 +126,10 @@ for (const [tag, code] of [["unit", unit], ["lab", lab]]) {
   if (code === 0) continue;
   console.log(`test-all: what the ${tag} side printed about failures (the first ${MAX_FAILURE_LINES} such lines):`);
   for (const l of failures.get(tag) ?? []) console.log(`[${tag}] ${l}`);
+}
+for (const [tag, top] of [["unit", 8], ["lab", 20]]) {
+  const t = timeSummary(tag, top);
+  if (t !== undefined) console.log(`test-all: ${tag} seconds per file, longest first: ${t}`);
 }
 const min = ((Date.now() - t0) / 60000).toFixed(1);
 console.log(`test-all: type-check, lint and unit tests ${unit === 0 ? "passed" : `FAILED (exit ${unit})`}; lab group ${lab === 0 ? "passed" : `FAILED (exit ${lab})`}; ${min} min in all`);
