@@ -109,9 +109,10 @@ export class StandbyPool {
 
   /**
    * `readyTimeoutMs`: how long a standby may take to answer on its socket, the daemon's
-   * --start-timeout as for any VMM. A standby answers only once its VM is built ahead: Node's
-   * start-up, the VMM's modules and the template's state and memory map, which took over 60 s for a
-   * jailed standby in CI's lab (2026-12-07); one ended for it is not started again until a restore.
+   * --start-timeout as for any VMM. A standby answers only once its VM is built ahead (Node's
+   * start-up, the VMM's modules, the template's state and memory map), and one ended for not
+   * answering is not started again until a restore. A fixed 60 s was too short for the lab in stop
+   * 38's CI run (2026-12-07): no jailed standby was ready in the 300 s snapshots.lab waited.
    */
   constructor(private readonly opts: { home: string; size: number; forceKvm: boolean; log: Logger; readyTimeoutMs: number; jail?: StandbyJailer }) {
     this.dir = join(opts.home, "standby");

@@ -124,8 +124,8 @@ function restoreArgs(l: VmmLaunch, r: { dir: string; paused: boolean }): string[
 
 /**
  * The VMM's whole environment: it reads none of the daemon's (every path it needs comes as a flag;
- * TYPEVISOR_TRACE_PHASES=1 alone is passed on, as that value only), and whatever the daemon was given (tokens, credentials, NODE_OPTIONS) stays out of a process
- * that a guest may one day take over.
+ * TYPEVISOR_TRACE_PHASES=1 alone is passed on, as that value only), and whatever the daemon was
+ * given (tokens, credentials, NODE_OPTIONS) stays out of a process that a guest may one day take over.
  */
 export function vmmEnv(id: string, env: NodeJS.ProcessEnv = process.env): Record<string, string> {
   return {
