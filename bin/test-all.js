@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // `npm test`: everything CI checks, in the least wall time on a 2-core machine.
 //
-// The lab group is the long pole (one lab boot, 45-58 min on a project machine on 2026-12-07,
+// The lab group is the long pole (one lab boot, 42-58 min on a project machine on 2026-12-07,
 // longer where the host's disk is slow: every file the lab reads comes over 9p; docs/lab.md has
 // it per file) and its emulated machine has one CPU (docs/lab.md: `-smp 2` once panicked the lab
 // kernel, and gave no gain on 2026-12-07), so it keeps one host core busy and leaves the other
