@@ -33,9 +33,7 @@ const MAX_FAILURE_LINES = 40;
 /** After vitest's `FAIL  file > test`: its error's first lines. */
 const AFTER_FAIL = 2;
 const following = new Map();
-function noteFailure(tag, raw) {
-  // CI may force colours on: matched and kept without them.
-  const line = stripVTControlCharacters(raw);
+function noteFailure(tag, line) {
   const seen = failures.get(tag) ?? [];
   failures.set(tag, seen);
   const more = following.get(tag) ?? 0;
@@ -78,8 +76,10 @@ function run(tag, cmd, args) {
     const p = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, FORCE_COLOR: process.env.FORCE_COLOR ?? "0" } });
     for (const s of [p.stdout, p.stderr]) createInterface({ input: s }).on("line", (l) => {
       console.log(`[${tag}] ${l}`);
-      noteFailure(tag, l);
-      noteTime(tag, stripVTControlCharacters(l));
+      // CI may force colours on: lines are matched and kept without them.
+      const plain = stripVTControlCharacters(l);
+      noteFailure(tag, plain);
+      noteTime(tag, plain);
     });
     p.on("error", (e) => {
       console.log(`[${tag}] could not start ${cmd}: ${e.message}`);

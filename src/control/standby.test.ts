@@ -11,6 +11,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
 import { afterEach, describe, expect, it } from "vitest";
+import { until } from "../../test/helpers/daemon.js";
+import { processAlive } from "./proc.js";
 import { StandbyPool, type StandbyJailer } from "./standby.js";
 
 /** A jailer whose standbys answer `delayMs` after they start. */
@@ -27,15 +29,6 @@ function slowJailer(delayMs: number, pids: number[]): StandbyJailer {
     sweep: () => undefined,
   };
 }
-
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 describe("standby pool: readiness within the start timeout", () => {
   const pools: StandbyPool[] = [];
@@ -60,20 +53,19 @@ describe("standby pool: readiness within the start timeout", () => {
     const p = pool(1500, 20_000, pids);
     expect(p.ready()).toBe(0);
     const t0 = Date.now();
-    while (p.ready() === 0 && Date.now() - t0 < 15_000) await new Promise((r) => setTimeout(r, 50));
+    await until("the standby counted ready", () => p.ready() === 1, 15_000);
     expect(p.ready()).toBe(1);
     expect(Date.now() - t0).toBeGreaterThanOrEqual(1000);
     expect(pids.length).toBe(1);
-    expect(alive(pids[0]!)).toBe(true);
+    expect(processAlive(pids[0]!)).toBe(true);
   });
 
   it("one that does not answer within the timeout is ended, and not counted", async () => {
     const pids: number[] = [];
     const p = pool(30_000, 800, pids);
-    const t0 = Date.now();
-    while ((pids.length === 0 || alive(pids[0]!)) && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 50));
+    await until("the standby ended", () => pids.length === 1 && !processAlive(pids[0]!), 10_000);
     expect(pids.length).toBe(1);
-    expect(alive(pids[0]!)).toBe(false);
+    expect(processAlive(pids[0]!)).toBe(false);
     expect(p.ready()).toBe(0);
   });
 });

@@ -136,7 +136,10 @@ describe("snapshots, rollback and ten clones through the sandboxed daemon, with 
     // (the second's time: request to running). Each is running when the call returns.
     // The daemon keeps a standby VMM jailed for s1 (--standby-vmms defaults to 1 on a hardware KVM
     // host; s1 is its template: the first memory snapshot saved): c1 is restored by it, NIC and all.
-    const pool = await until("a jailed standby ready for s1", async () => ((await api.host()).standbyVmms.ready >= 1 ? (await api.host()).standbyVmms : undefined), 300_000).catch((e: unknown) => {
+    const pool = await until("a jailed standby ready for s1", async () => {
+      const s = (await api.host()).standbyVmms;
+      return s.ready >= 1 ? s : undefined;
+    }, 300_000).catch((e: unknown) => {
       throw new Error(`${(e as Error).message}; the daemon's lines on standbys:\n${d!.log().split("\n").filter((l) => l.includes("standby")).slice(-10).join("\n")}`);
     });
     expect(pool.template).toBe(s1.id);
