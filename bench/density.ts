@@ -14,6 +14,7 @@
  *
  * Run: npm run bench:density          (boots the lab itself when the host KVM is PVM)
  *      BENCH_DENSITY=1,10,30          the numbers of VMs at once
+ *      BENCH_SETTLE_MS=15000          how long they all idle before they are measured
  */
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
@@ -29,8 +30,13 @@ const COUNTS = (process.env["BENCH_DENSITY"] ?? "1,10,30").split(",").map((v) =>
 const MEMORY_MIB = 256;
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const MARK = "bench-density-idle";
-/** How long all N VMs idle before they are measured (their boot's transient buffers settle). */
-const SETTLE_MS = 5000;
+/**
+ * How long all N VMs idle before they are measured: their boot's transient buffers settle, and
+ * each VMM's disk I/O thread, started by the boot's reads, ends after 10 s without a request
+ * (IO_THREAD_IDLE_MS; QEMU's thread pool ends its idle workers after 10 s as well), so both are
+ * measured as idle VMs stay. Until 2026-12-07: 5 s (`BENCH_SETTLE_MS=5000` for that).
+ */
+const SETTLE_MS = Number(process.env["BENCH_SETTLE_MS"] ?? 15_000);
 
 interface Sample extends ProcessMemory {
   firstLineMs: number;
@@ -113,7 +119,7 @@ async function round(who: "typevisor" | "qemu", count: number): Promise<Round> {
 
 async function main(): Promise<void> {
   const most = Math.max(...COUNTS);
-  console.log(`bench/density: ${COUNTS.join(", ")} VMs at once per VMM; guest ${MEMORY_MIB} MiB, 1 vCPU, minimal image, read-only disk + net (own TAP) + rng`);
+  console.log(`bench/density: ${COUNTS.join(", ")} VMs at once per VMM; guest ${MEMORY_MIB} MiB, 1 vCPU, minimal image, read-only disk + net (own TAP) + rng; measured after ${SETTLE_MS / 1000} s idle`);
   removeTaps(most);
   makeTaps(most);
   const results: { count: number; typevisor: Round; qemu: Round }[] = [];

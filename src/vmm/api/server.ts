@@ -41,7 +41,7 @@
  *                  notify|backend|command|tick|..., phaseMs, passes, device, queue, answering,
  *                  answerMs, pci[] (each device's status, ISR, MSI-X, and per queue its registers,
  *                  the device's cursor and the ring indices in guest memory)} or null without
- *                  devices; ioThreads[] {disk, name, tid, state none|starting|running|failed, busy,
+ *                  devices; ioThreads[] {disk, name, tid, state none|idle|starting|running|failed, busy,
  *                  inFlight, current, phaseMs, completed}; kernel[] {tid, comm, state, wchan, syscall,
  *                  cpuSeconds}.
  *                  Waits at most about 1 s for the device thread (answering: false if it does not

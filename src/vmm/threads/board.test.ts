@@ -137,10 +137,12 @@ describe("GET /threads pieces", () => {
     expect(deviceThreadPhase(snap(deviceWord(PHASE.poll), { since: 100 }), names, 1100)).toEqual({ tid: 77, phase: "poll", phaseMs: 1000, passes: 0 });
   });
 
-  it("reports a disk's I/O thread from its ring: none, starting, running (busy or idle), failed", () => {
+  it("reports a disk's I/O thread from its ring: none, idle (no thread now), starting, running (busy or idle), failed", () => {
     const w = new PhaseWatch();
-    const status = (submitted: number, completed: number, tid = 50) => ({ tid, submitted, completed, stopping: false, current: submitted === completed ? null : { op: "flush", pos: 0, len: 0 } });
+    const status = (submitted: number, completed: number, tid = 50, active = true) => ({ tid, submitted, completed, stopping: false, active, current: submitted === completed ? null : { op: "flush", pos: 0, len: 0 } });
     expect(ioThreadReport(0, "d0", undefined, undefined, 0, w)).toMatchObject({ state: "none", name: null, busy: false, inFlight: 0 });
+    // A ring with no thread on it (not started yet, or ended after idling): its history stays.
+    expect(ioThreadReport(0, "d0", { name: "tv-blk0", status: status(7, 7, 0, false), alive: false }, undefined, 0, w)).toMatchObject({ state: "idle", name: "tv-blk0", tid: null, completed: 7, busy: false });
     expect(ioThreadReport(0, "d0", { name: "tv-blk0", status: status(0, 0, 0), alive: false }, undefined, 0, w)).toMatchObject({ state: "starting", tid: null });
     const busy = ioThreadReport(1, "d1", { name: "tv-blk1", status: status(5, 3), alive: true }, { name: "d1", ioThread: "running", inFlight: 2 }, 1000, w);
     expect(busy).toMatchObject({ state: "running", tid: 50, busy: true, inFlight: 2, current: { op: "flush" }, completed: 3, deviceInFlight: 2, phaseMs: 0 });

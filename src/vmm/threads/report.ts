@@ -65,8 +65,12 @@ export interface IoThreadReport {
   /** Thread name (tv-blkN); null for a disk without an I/O thread. */
   name: string | null;
   tid: number | null;
-  /** none (served on the device thread) | starting | running | failed (gone; its requests were answered with IOERR or are stuck). */
-  state: "none" | "starting" | "running" | "failed";
+  /**
+   * none (served on the device thread) | idle (no thread now: it starts when the disk needs one,
+   * and ends after idling) | starting | running | failed (gone; its requests were answered with
+   * IOERR or are stuck).
+   */
+  state: "none" | "idle" | "starting" | "running" | "failed";
   /** Working on a request now. */
   busy: boolean;
   /** Requests submitted to the thread and not done by it. */
@@ -148,7 +152,7 @@ export function ioThreadReport(
   const inFlight = (status.submitted - status.completed) | 0;
   const busy = inFlight !== 0;
   const state: IoThreadReport["state"] =
-    fromDevices?.ioThread === "failed" ? "failed" : status.tid === 0 ? "starting" : thread.alive ? "running" : "failed";
+    fromDevices?.ioThread === "failed" ? "failed" : !status.active ? "idle" : status.tid === 0 ? "starting" : thread.alive ? "running" : "failed";
   return {
     disk,
     name: thread.name,

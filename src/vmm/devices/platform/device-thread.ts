@@ -28,7 +28,7 @@ import type { DeviceCommand, DeviceReplies, DeviceRequest, DeviceThreadInit, Dev
 import { MailboxServer, Op, type OpCode } from "./mailbox.js";
 import { DirtyBlocks } from "../../disk/dirty-blocks.js";
 import { restoreDevices, restoreDevicesThen, saveDevices, type DeviceKind } from "./snapshot.js";
-import { endPrestarted, prestartWorkers, workerInit } from "../../threads/spawn.js";
+import { endPrestarted, prestartedCount, prestartWorkers, workerInit } from "../../threads/spawn.js";
 import { tracingPhases } from "../../phases.js";
 import { startProfile, stopProfile } from "../../profile.js";
 import { writeSync } from "node:fs";
@@ -153,10 +153,13 @@ function handle(op: OpCode, addr: number, size: number, data: bigint): bigint {
 try {
   init.devices.disks.forEach((d, i) => {
     // Each disk's file I/O runs on its own thread (tv-blkN), so a slow disk stalls only itself.
+    // It starts when the disk first needs it and ends after idling (an isolate is ~8 MiB of the
+    // VMM's own memory); a standby's, started ahead, is already paid for and taken at once.
     const dev = new BlockDevice({
       path: d.path,
       readonly: d.readonly,
       ioThread: `tv-blk${i}`,
+      ioThreadStart: prestartedCount("devices/virtio/block/io-worker.js") > 0 ? "eager" : "on-demand",
       // A full host filesystem pauses the VM (QEMU's werror=enospc) instead of failing the guest's write.
       onNoSpace: (info) => post({ type: "no-space", disk: i, ...info }),
       ...(d.format !== undefined ? { format: d.format } : {}),

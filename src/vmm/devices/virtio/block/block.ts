@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import { TypevisorError } from "../../../../errors.js";
 import { IoVec, RWF_NOWAIT } from "../../../../sys/iov.js";
-import { EDQUOT, EINTR, EINVAL, EIO, ENOSPC, EOPNOTSUPP, errnoName } from "../../../../sys/libc.js";
+import { EDQUOT, EINTR, EINVAL, EIO, ENOSPC, EOPNOTSUPP, errnoName, eventfdClear } from "../../../../sys/libc.js";
 import type { ActivateContext, VirtioDevice, VirtioDeviceInspect } from "../device.js";
 import { featureBit, hasFeature, readConfigBytes, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { gatherHost, readChain, writeChain } from "../queue/chain.js";
@@ -14,7 +14,7 @@ import type { DiskBackend, DiskFormat, DiskInit } from "../../../disk/backend.js
 import { backendFromInit, openDisk, type OpenDisk } from "../../../disk/open.js";
 import type { Qcow2Backend } from "../../../disk/qcow2/image.js";
 import { syncData, transferAll, writeZeroes } from "./file-io.js";
-import { IO_OP } from "./io-ring.js";
+import { IO_OP, ioRing, type IoRing } from "./io-ring.js";
 import { BlockIoThread } from "./io-thread.js";
 
 /** virtio-blk feature bits (virtio 1.2 §5.2.3). */
@@ -76,6 +76,16 @@ function inMemoryFs(path: string): boolean {
 }
 
 
+/**
+ * How long an on-demand I/O thread may idle before it ends: each is a V8 isolate (~8 MiB of the
+ * VMM's own memory, docs/benchmarks.md "Density"), and most VMs' disks idle most of the time.
+ * QEMU's thread pool ends its idle workers after the same 10 s (util/thread-pool.c).
+ */
+export const IO_THREAD_IDLE_MS = 10_000;
+
+/** How long an on-demand I/O thread may take to come up before the disk gives up on it and stays on its device thread. */
+const STARTING_GRACE_MS = 300_000;
+
 /** Limits we announce, so one request cannot pin the main thread for long. */
 const MAX_DISCARD_SECTORS = 1 << 22; // 2 GiB per segment: discard is a no-op (see below)
 const MAX_DISCARD_SEG = 32;
@@ -108,6 +118,15 @@ export interface BlockDeviceOptions {
    * A file on tmpfs/ramfs gets no I/O thread (see inMemoryFilesInline).
    */
   ioThread?: string;
+  /**
+   * When the I/O thread starts. "on-demand" (default): when the disk first needs it (a write, a
+   * flush, a read the page cache cannot serve), requests being served on the calling thread until
+   * it is up; and it ends again after ioThreadIdleMs without a request (a read-only disk whose
+   * blocks are cached never needs one). "eager": at construction, for the device's whole life.
+   */
+  ioThreadStart?: "eager" | "on-demand";
+  /** An on-demand I/O thread ends after this long without a request (ms; default IO_THREAD_IDLE_MS; Infinity: never). */
+  ioThreadIdleMs?: number;
   /**
    * Whether a file on tmpfs/ramfs is served on the calling thread even with `ioThread`: its
    * requests never wait for a disk (its pages are memory; fdatasync has nothing to do), so a trip
@@ -201,8 +220,12 @@ export interface BlockStats {
   writeBytes: number;
   readOps: number;
   writeOps: number;
-  /** The disk's I/O thread: "none" (served on the device thread), "running", or "failed" (gone; served on the device thread since). */
-  ioThread: "none" | "running" | "failed";
+  /**
+   * The disk's I/O thread: "none" (served on the device thread), "idle" (none now: it starts when
+   * the disk needs it), "starting" (requests still served on the device thread), "running", or
+   * "failed" (gone; served on the device thread since).
+   */
+  ioThread: "none" | "idle" | "starting" | "running" | "failed";
 }
 
 /** BlockStats' counters, one object per disk, updated as requests complete. */
@@ -243,8 +266,16 @@ export class BlockDevice implements VirtioDevice {
   private writeThrough = true;
   /** The iovec array of a request done on this thread (one at a time). */
   private readonly iov = new IoVec();
+  /** The I/O thread requests go to (it owns a qcow2 image's tables while it runs). */
   private io: BlockIoThread | undefined;
+  /** An I/O thread started and not yet handed the disk (handOver): the image is still this thread's. */
+  private starting: BlockIoThread | undefined;
+  /** The I/O thread's name when the disk has one (started or not), and its ring, which outlives each thread. */
   private readonly ioThreadName: string | undefined;
+  private readonly ring: IoRing | undefined;
+  private readonly ioIdleMs: number;
+  /** When a request last went to the I/O thread (performance.now()). */
+  private lastIoUse = 0;
   /** Requests on the I/O thread, by slot. */
   private readonly pending: (Pending | undefined)[] = [];
   /** Poll this (the I/O thread's completion eventfd) and call onBackendReadable. */
@@ -351,18 +382,21 @@ export class BlockDevice implements VirtioDevice {
     }
     this.config = c;
     const inMemory = (opts.inMemoryFilesInline ?? true) && opts.path !== undefined && inMemoryFs(opts.path);
+    this.ioThreadName = opts.ioThread !== undefined && !inMemory ? opts.ioThread : undefined;
+    this.ring = this.ioThreadName !== undefined ? ioRing() : undefined;
+    this.ioIdleMs = opts.ioThreadIdleMs ?? IO_THREAD_IDLE_MS;
     try {
-      if (opts.ioThread !== undefined && !inMemory) {
+      if (this.ioThreadName !== undefined && opts.ioThreadStart === "eager") {
         // The I/O thread owns the image from here: no second backend may act on its tables.
         this.backend?.close();
         this.backend = undefined;
-        this.io = new BlockIoThread(this.diskInit, opts.ioThread);
+        this.io = new BlockIoThread(this.diskInit, this.ioThreadName, this.ring);
+        this.io.open();
       }
     } catch (e) {
       this.opened?.close();
       throw new TypevisorError("DISK_IO_THREAD", `cannot start the I/O thread of disk ${opts.path ?? `fd ${fd}`}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
     }
-    this.ioThreadName = this.io !== undefined ? opts.ioThread : undefined;
     this.backendFds = this.io !== undefined ? [this.io.eventfd] : [];
     this.nowaitReads = opts.readsOnIoThread !== true;
     this.onNoSpace = opts.onNoSpace;
@@ -370,6 +404,8 @@ export class BlockDevice implements VirtioDevice {
 
   /** Finish in-flight I/O, stop the I/O thread and close the backing file if the device opened it. */
   close(): void {
+    this.starting?.close();
+    this.starting = undefined;
     this.io?.close();
     this.pending.length = 0;
     this.backend?.close();
@@ -379,7 +415,7 @@ export class BlockDevice implements VirtioDevice {
 
   /** The I/O thread's name and shared ring, while it has one (GET /threads reads the ring from the main thread). */
   get ioThreadRing(): { name: string; ring: SharedArrayBuffer } | undefined {
-    return this.io === undefined || this.ioThreadName === undefined ? undefined : { name: this.ioThreadName, ring: this.io.sharedRing };
+    return this.ring === undefined || this.ioThreadName === undefined ? undefined : { name: this.ioThreadName, ring: this.ring.sab };
   }
 
   /** Requests on the I/O thread not yet answered. */
@@ -393,11 +429,86 @@ export class BlockDevice implements VirtioDevice {
    * thread, rather than leaving the guest waiting forever.
    */
   tick(): void {
+    const s = this.starting;
+    if (s !== undefined && !s.alive(STARTING_GRACE_MS)) {
+      // It never came up (or died before the hand-over): the disk stays on this thread. Nothing
+      // waits on a starting thread (its disk is served here meanwhile), so it gets long to start.
+      s.close();
+      this.starting = undefined;
+      this.backendFds = [];
+      this.ioThreadFailed = true;
+    }
     const io = this.io;
-    if (io === undefined || io.inFlight === 0 || io.alive()) return;
+    if (io === undefined) return;
+    if (io.inFlight === 0) {
+      if (this.held.length === 0 && performance.now() - this.lastIoUse >= this.ioIdleMs) this.endIdleIoThread();
+      return;
+    }
+    if (io.alive()) return;
     this.dropIoThread();
     // Raises the interrupt for the answers, and serves here what waited in the ring for a slot.
     this.notify(0);
+  }
+
+  /**
+   * The I/O thread for a request that would wait for the storage: the running one, or undefined
+   * while it starts (the caller serves the request itself). Starts it on first need; hands it the
+   * disk once it is up.
+   */
+  private ioThread(): BlockIoThread | undefined {
+    if (this.io !== undefined) return this.io;
+    if (this.ioThreadName === undefined || this.ioThreadFailed) return undefined;
+    const s = this.starting;
+    if (s === undefined) {
+      try {
+        this.starting = new BlockIoThread(this.diskInit, this.ioThreadName, this.ring);
+        // Polled for the thread's first signal: it is up (onBackendReadable hands over then).
+        this.backendFds = [this.starting.eventfd];
+      } catch {
+        this.ioThreadFailed = true;
+      }
+      return undefined;
+    }
+    if (!s.started) return undefined;
+    this.handOver();
+    return this.io;
+  }
+
+  /**
+   * The started I/O thread takes the disk: a qcow2 image's tables, cached here until now, are
+   * written back and synced first (close()), and the thread reads them from the file. No
+   * request is in flight here: this thread serves one at a time, to its end.
+   */
+  private handOver(): void {
+    const s = this.starting!;
+    this.starting = undefined;
+    this.backend?.close();
+    this.backend = undefined;
+    s.open();
+    this.io = s;
+    this.lastIoUse = performance.now();
+  }
+
+  /**
+   * The I/O thread idled for ioIdleMs: it writes back what it caches and ends (close()), and this
+   * thread takes the disk again until the next request that needs one.
+   */
+  private endIdleIoThread(): void {
+    const io = this.io!;
+    io.close();
+    this.io = undefined;
+    this.backendFds = [];
+    if (io.gone) this.ioThreadFailed = true;
+    if (!this.raw) this.backend = this.backendAgain();
+  }
+
+  /** A qcow2 backend built anew from the file (its tables as on disk now); undefined if that fails: requests then fail with IOERR (inline()). */
+  private backendAgain(): DiskBackend | undefined {
+    try {
+      return backendFromInit(this.diskInit);
+    } catch {
+      return undefined;
+    }
   }
 
   /** The I/O thread is gone: answer what is stuck on it (IOERR) and serve everything here from now on. */
@@ -409,18 +520,19 @@ export class BlockDevice implements VirtioDevice {
     this.io = undefined;
     this.backendFds = [];
     this.ioThreadFailed = true;
-    if (!this.raw) {
-      // The thread's cached tables went with it: the file holds what its last flush wrote.
-      try {
-        this.backend = backendFromInit(this.diskInit);
-      } catch {
-        this.backend = undefined; // requests fail with IOERR (inline())
-      }
-    }
+    // The thread's cached tables went with it: the file holds what its last flush wrote.
+    if (!this.raw) this.backend = this.backendAgain();
   }
 
   /** The I/O thread finished requests: answer them, then take what waited for a free slot. */
   onBackendReadable(fd: number): void {
+    const s = this.starting;
+    if (s !== undefined && fd === s.eventfd) {
+      // Its first signal: it is up. Requests go to it from now on.
+      eventfdClear(fd);
+      if (s.started) this.handOver();
+      return;
+    }
     const io = this.io;
     if (io === undefined || fd !== io.eventfd) return;
     io.reap((slot, result) => this.finish(slot, result));
@@ -691,7 +803,8 @@ export class BlockDevice implements VirtioDevice {
 
   /** Completed read/write requests and bytes since construction. */
   stats(): BlockStats {
-    return { ...this.counters, ioThread: this.io !== undefined ? "running" : this.ioThreadFailed ? "failed" : "none" };
+    const ioThread = this.io !== undefined ? "running" : this.ioThreadFailed ? "failed" : this.starting !== undefined ? "starting" : this.ioThreadName !== undefined ? "idle" : "none";
+    return { ...this.counters, ioThread };
   }
 
   /**
@@ -704,7 +817,7 @@ export class BlockDevice implements VirtioDevice {
    * does not take RWF_NOWAIT (EOPNOTSUPP/EINVAL) is not asked again.
    */
   private readCached(bufs: readonly GuestBuf[], len: number, pos: number): boolean {
-    if (this.io === undefined || !this.nowaitReads || !this.raw) return false;
+    if (this.ioThreadName === undefined || this.ioThreadFailed || !this.nowaitReads || !this.raw) return false;
     const iov = this.iov;
     iov.clear();
     if (!gatherHost(iov, bufs, 0, len)) {
@@ -725,11 +838,12 @@ export class BlockDevice implements VirtioDevice {
    * iovec array (seg_max pieces do; a driver that sends more is served here, in pieces).
    */
   private offload(op: number, bufs: readonly GuestBuf[] | undefined, skip: number, len: number, pos: number, p: Pending): boolean {
-    const io = this.io;
+    const io = this.ioThread();
     if (io === undefined || io.full) return false;
     if (bufs !== undefined && !gatherHost(io.nextIov(), bufs, skip, len)) return false;
     const slot = io.submit(op, pos, len, this.writeThrough && op !== IO_OP.READ && op !== IO_OP.FLUSH);
     this.pending[slot] = p;
+    this.lastIoUse = performance.now();
     return true;
   }
 

@@ -17,9 +17,13 @@ const IOVEC_BYTES = 16;
 /**
  * Control words (Int32). TID: the I/O thread's kernel thread id, stored when it starts (liveness).
  * CLOSED: set once the thread has closed its disk backend after STOP (a qcow2 image writes its
- * cached metadata back then), so the owner knows it may end the thread.
+ * cached metadata back then), so the owner knows it may end the thread. ACTIVE: 1 while a thread
+ * serves this ring (started, not yet ended); a disk's ring outlives its threads, which are started
+ * when the disk needs one and ended when it has idled (io-thread.ts). OPEN: the device thread's
+ * go-ahead to build the backend (it may hold the image itself until then: qcow2's tables are one
+ * thread's only).
  */
-export const CTL = { SUBMITTED: 0, COMPLETED: 1, STOP: 2, TID: 3, CLOSED: 4 } as const;
+export const CTL = { SUBMITTED: 0, COMPLETED: 1, STOP: 2, TID: 3, CLOSED: 4, ACTIVE: 5, OPEN: 6 } as const;
 /** Slot fields (Float64). */
 export const META = { OP: 0, POS: 1, LEN: 2, IOVCNT: 3, SYNC: 4, RESULT: 5 } as const;
 /**
@@ -58,6 +62,8 @@ export interface IoRingStatus {
   /** The request the thread works on now (the oldest not completed), or null when it is idle. */
   current: { op: string; pos: number; len: number } | null;
   stopping: boolean;
+  /** Whether a thread serves the ring now (false: the disk's I/O thread has not started yet, or ended after idling). */
+  active: boolean;
 }
 
 export function ioRingStatus(ring: IoRing): IoRingStatus {
@@ -69,5 +75,5 @@ export function ioRingStatus(ring: IoRing): IoRingStatus {
     const op = ring.meta[metaAt(slot, META.OP)]!;
     current = { op: OP_NAMES[op] ?? `op ${op}`, pos: ring.meta[metaAt(slot, META.POS)]!, len: ring.meta[metaAt(slot, META.LEN)]! };
   }
-  return { tid: Atomics.load(ring.ctl, CTL.TID), submitted, completed, current, stopping: Atomics.load(ring.ctl, CTL.STOP) !== 0 };
+  return { tid: Atomics.load(ring.ctl, CTL.TID), submitted, completed, current, stopping: Atomics.load(ring.ctl, CTL.STOP) !== 0, active: Atomics.load(ring.ctl, CTL.ACTIVE) !== 0 };
 }

@@ -10,7 +10,8 @@ import { TestDriver, type DriverBuf } from "../queue/test-driver.js";
 import { fuzzCase, harness, runFuzzCase } from "../queue/test-fuzz.js";
 import { goodRead } from "./test-requests.js";
 import { BlockDevice, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
-import { CTL, SLOTS, SLOT_IOV } from "./io-ring.js";
+import { CTL, SLOTS, SLOT_IOV, ioRing, ioRingStatus } from "./io-ring.js";
+import { sleepMs, waitIoThreadUp } from "./test-block.js";
 
 /*
  * virtio-blk with its file I/O on a real I/O thread (io-worker.ts, from dist/: `npm run build`
@@ -31,7 +32,7 @@ const sha = (file: string): string => createHash("sha256").update(fs.readFileSyn
 
 /** A device on `file` whose every read and write goes through its own I/O thread. */
 const onThread = (file: string, readonly = false): BlockDevice =>
-  new BlockDevice({ path: file, readonly, ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+  new BlockDevice({ path: file, readonly, ioThread: "tv-blk-test", ioThreadStart: "eager", readsOnIoThread: true, inMemoryFilesInline: false });
 
 /** Reap completions until the device has answered everything it handed its I/O thread. */
 function settle(dev: BlockDevice): void {
@@ -134,7 +135,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it("WRITE_ZEROES runs on the I/O thread; GET_ID, DISCARD and bad requests are answered at once", () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, serial: "abc", ioThread: "tv-blk-test", readsOnIoThread: true, inMemoryFilesInline: false });
+    const dev = new BlockDevice({ path: img.file, readonly: false, serial: "abc", ioThread: "tv-blk-test", ioThreadStart: "eager", readsOnIoThread: true, inMemoryFilesInline: false });
     try {
       const r = rig(dev);
       const seg = r.area(0) + 0x10;
@@ -182,7 +183,7 @@ describe("virtio-blk on an I/O thread", () => {
 
   it("a read whose data is in the page cache is answered at once on the calling thread; the rest go to the I/O thread", () => {
     const img = image();
-    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", inMemoryFilesInline: false });
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-test", ioThreadStart: "eager", inMemoryFilesInline: false });
     try {
       const r = rig(dev);
       fs.readFileSync(img.file); // in the page cache (the file was just written anyway)
@@ -209,7 +210,7 @@ describe("virtio-blk on an I/O thread", () => {
     const file = path.join(fs.mkdtempSync("/dev/shm/tv-blkio-"), "disk.img");
     const content = randomBytes(64 * 512);
     fs.writeFileSync(file, content);
-    const dev = new BlockDevice({ path: file, readonly: false, ioThread: "tv-blk-test" });
+    const dev = new BlockDevice({ path: file, readonly: false, ioThread: "tv-blk-test", ioThreadStart: "eager" });
     try {
       expect(dev.backendFds).toEqual([]);
       expect(dev.stats().ioThread).toBe("none");
@@ -268,6 +269,69 @@ describe("virtio-blk on an I/O thread", () => {
     } finally {
       dev.close();
     }
+  });
+});
+
+describe("virtio-blk with an on-demand I/O thread", () => {
+  it("starts no thread for reads the page cache serves; starts one for a write, serves it here meanwhile, hands over, and ends it after idling", () => {
+    const img = image();
+    const model = Buffer.from(img.content);
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-od", inMemoryFilesInline: false, ioThreadIdleMs: 200 });
+    try {
+      const ring = ioRing(dev.ioThreadRing!.ring);
+      expect(dev.stats().ioThread).toBe("idle");
+      expect(ioRingStatus(ring)).toMatchObject({ active: false, tid: 0, submitted: 0, completed: 0 });
+      const r = rig(dev);
+      fs.readFileSync(img.file); // in the page cache
+      const read = (sector: bigint) => r.run([{ type: VIRTIO_BLK_T.IN, sector, data: [{ addr: r.area(0) + 0x10, len: 512, write: true }] }]);
+      const write = (sector: number, byte: number) => {
+        r.mem.write(r.area(1) + 0x10, Buffer.alloc(512, byte));
+        model.fill(byte, sector * 512, (sector + 1) * 512);
+        return r.run([{ type: VIRTIO_BLK_T.OUT, sector: BigInt(sector), data: [{ addr: r.area(1) + 0x10, len: 512 }] }, { type: VIRTIO_BLK_T.FLUSH, sector: 0n, data: [] }]);
+      };
+      expect(read(7n).status).toEqual([VIRTIO_BLK_S.OK]);
+      expect(Buffer.from(r.mem.read(r.area(0) + 0x10, 512)).equals(model.subarray(7 * 512, 8 * 512))).toBe(true);
+      expect(dev.stats().ioThread).toBe("idle");
+      // A write needs the thread: it starts, and the write and its flush are done here meanwhile.
+      expect(write(9, 0x11).status).toEqual([VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK]);
+      expect(dev.stats().ioThread).toBe("starting");
+      expect(dev.backendFds).toHaveLength(1);
+      waitIoThreadUp(dev);
+      expect(ioRingStatus(ring).active).toBe(true);
+      expect(ioRingStatus(ring).tid).toBeGreaterThan(0);
+      expect(write(10, 0x22).status).toEqual([VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK]);
+      expect(ioRingStatus(ring).completed).toBe(2);
+      // Busy within the idle time: it stays.
+      dev.tick();
+      expect(dev.stats().ioThread).toBe("running");
+      sleepMs(250);
+      dev.tick();
+      expect(dev.stats().ioThread).toBe("idle");
+      expect(dev.backendFds).toEqual([]);
+      expect(ioRingStatus(ring)).toMatchObject({ active: false, tid: 0, completed: 2 });
+      // It comes back on the next need; the ring's counters run on from the first thread's.
+      expect(write(11, 0x33).status).toEqual([VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK]);
+      waitIoThreadUp(dev);
+      expect(write(12, 0x44).status).toEqual([VIRTIO_BLK_S.OK, VIRTIO_BLK_S.OK]);
+      expect(ioRingStatus(ring)).toMatchObject({ active: true, completed: 4 });
+      expect(dev.stats()).toMatchObject({ writeOps: 4, readOps: 1, ioThread: "running" });
+    } finally {
+      dev.close();
+    }
+    expect(fs.readFileSync(img.file).equals(model)).toBe(true);
+  });
+
+  it("a device closed while its thread starts ends that thread, which never touched the image", () => {
+    const img = image();
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-od", inMemoryFilesInline: false });
+    const r = rig(dev);
+    r.mem.write(r.area(0) + 0x10, Buffer.alloc(512, 0x5c));
+    expect(r.run([{ type: VIRTIO_BLK_T.OUT, sector: 3n, data: [{ addr: r.area(0) + 0x10, len: 512 }] }]).status).toEqual([VIRTIO_BLK_S.OK]);
+    expect(dev.stats().ioThread).toBe("starting");
+    const ring = ioRing(dev.ioThreadRing!.ring);
+    dev.close();
+    expect(ioRingStatus(ring)).toMatchObject({ active: false, tid: 0 });
+    expect(fs.readFileSync(img.file).subarray(3 * 512, 4 * 512).every((b) => b === 0x5c)).toBe(true);
   });
 });
 

@@ -38,9 +38,21 @@ export class BlockIoThread {
   private gone_ = false;
   private readonly startedAt = performance.now();
 
-  /** `disk`: the image and its chain, open; owned by the caller and open until after close(). */
-  constructor(disk: DiskInit, private readonly name: string) {
-    this.ring = ioRing();
+  /**
+   * `disk`: the image and its chain, open; owned by the caller and open until after close().
+   * `ring`: the disk's ring, which may have served an earlier thread of the same disk (its
+   * counters run on, so whoever reads it sees one history). The thread builds its backend only
+   * after open(): until then the caller may still serve the image itself.
+   */
+  constructor(disk: DiskInit, private readonly name: string, ring: IoRing = ioRing()) {
+    this.ring = ring;
+    const { ctl } = ring;
+    const done = Atomics.load(ctl, CTL.COMPLETED);
+    Atomics.store(ctl, CTL.SUBMITTED, done);
+    this.submitted = done;
+    this.reaped = done;
+    for (const w of [CTL.STOP, CTL.CLOSED, CTL.TID, CTL.OPEN]) Atomics.store(ctl, w, 0);
+    Atomics.store(ctl, CTL.ACTIVE, 1);
     this.eventfd = libc.eventfd();
     const init: IoWorkerInit = { sab: this.ring.sab, disk, eventfd: this.eventfd, name };
     // The thread waits in Atomics.wait, never in its event loop: unref'd, it keeps no process alive.
@@ -48,9 +60,21 @@ export class BlockIoThread {
       this.worker = spawnWorker("devices/virtio/block/io-worker.js", init);
     } catch (e) {
       libc.close(this.eventfd);
+      Atomics.store(ctl, CTL.ACTIVE, 0);
       throw e;
     }
     this.worker.unref();
+  }
+
+  /** Whether the thread is up (it has stored its tid, and signalled the eventfd once to say so). */
+  get started(): boolean {
+    return Atomics.load(this.ring.ctl, CTL.TID) !== 0;
+  }
+
+  /** Let the thread build its backend: the caller no longer acts on the image (see the constructor). */
+  open(): void {
+    Atomics.store(this.ring.ctl, CTL.OPEN, 1);
+    Atomics.notify(this.ring.ctl, CTL.OPEN);
   }
 
   /** The ring this thread shares (the main thread reads it for GET /threads: ioRingStatus). */
@@ -127,12 +151,12 @@ export class BlockIoThread {
   /**
    * Whether the thread still exists: its tid names a task of this process with its name (a tid
    * is reused only after the thread is gone). Before it has stored its tid, a thread counts as
-   * starting for START_GRACE_MS (a worker's start takes seconds under an emulated CPU).
+   * starting for `startGraceMs` (a worker's start takes seconds under an emulated CPU).
    */
-  alive(): boolean {
+  alive(startGraceMs = START_GRACE_MS): boolean {
     if (this.gone_) return false;
     const tid = Atomics.load(this.ring.ctl, CTL.TID);
-    if (tid === 0) return performance.now() - this.startedAt < START_GRACE_MS;
+    if (tid === 0) return performance.now() - this.startedAt < startGraceMs;
     try {
       // comm holds at most 15 bytes of the name (pthread_setname_np(3)).
       return readFileSync(`/proc/self/task/${tid}/comm`, "utf8").trim() === this.name.slice(0, 15);
@@ -164,6 +188,7 @@ export class BlockIoThread {
     this.closed = true;
     Atomics.store(this.ring.ctl, CTL.STOP, 1);
     Atomics.notify(this.ring.ctl, CTL.SUBMITTED);
+    Atomics.notify(this.ring.ctl, CTL.OPEN);
     // Its cached metadata must reach the file before the thread goes (or the fds close).
     const deadline = performance.now() + CLOSE_MS;
     while (!this.gone_ && Atomics.load(this.ring.ctl, CTL.CLOSED) === 0 && performance.now() < deadline) {
@@ -171,5 +196,8 @@ export class BlockIoThread {
     }
     void this.worker.terminate();
     libc.close(this.eventfd);
+    // The ring no longer has a thread (GET /threads: "idle" until the disk starts another).
+    Atomics.store(this.ring.ctl, CTL.TID, 0);
+    Atomics.store(this.ring.ctl, CTL.ACTIVE, 0);
   }
 }

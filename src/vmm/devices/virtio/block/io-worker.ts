@@ -31,11 +31,17 @@ const { ctl, meta } = ring;
 libc.pthreadSetName(libc.pthreadSelf(), init.name);
 // Named first, then the tid: the device thread's liveness check finds /proc/self/task/TID/comm = name.
 Atomics.store(ctl, CTL.TID, libc.gettid());
+// Up: the device thread (woken by the eventfd, no request completed) may hand the image over.
+// Until it says OPEN it may still serve the disk itself, so nothing here touches the image. A
+// thread started with the device has OPEN already and needs no such wake-up.
+if (Atomics.load(ctl, CTL.OPEN) === 0) libc.eventfdSignal(init.eventfd);
+while (Atomics.load(ctl, CTL.OPEN) === 0 && Atomics.load(ctl, CTL.STOP) === 0) Atomics.wait(ctl, CTL.OPEN, 0);
 // The device built it once already (validated, capacity known), so this does not fail but for a
-// file changed in between; then every request fails with EIO, which the guest sees.
+// file changed in between; then every request fails with EIO, which the guest sees. Not built
+// when told to stop before OPEN: the device thread still holds the image.
 let disk: DiskBackend | undefined;
 try {
-  disk = backendFromInit(init.disk);
+  disk = Atomics.load(ctl, CTL.OPEN) !== 0 ? backendFromInit(init.disk) : undefined;
 } catch {
   disk = undefined;
 }
@@ -87,7 +93,8 @@ function execute(slot: number): number {
   return r;
 }
 
-let next = 0;
+// The ring may have served an earlier thread of this disk: its counters run on from there.
+let next = Atomics.load(ctl, CTL.COMPLETED);
 for (;;) {
   if (Atomics.load(ctl, CTL.SUBMITTED) === next) {
     // Stop only when idle: everything submitted has been done.

@@ -99,7 +99,7 @@ for (const format of ["raw", "qcow2"] as const) {
         const stops: NoSpaceInfo[] = [];
         const dev = new BlockDevice({
           path: img, readonly: false, ...(format === "qcow2" ? { format } : {}),
-          ...(where === "an I/O thread" ? { ioThread: "tv-blk-nospace", inMemoryFilesInline: false } : {}),
+          ...(where === "an I/O thread" ? { ioThread: "tv-blk-nospace", ioThreadStart: "eager", inMemoryFilesInline: false } : {}),
           onNoSpace: (i) => stops.push(i),
         });
         let heldAt = -1;

@@ -7,7 +7,7 @@ import { pattern, qemuCheck, qemuImg } from "../../../disk/test-disk.js";
 import { featureBit, hasFeature, VIRTIO_F } from "../device.js";
 import { TestDriver, type DriverBuf } from "../queue/test-driver.js";
 import { harness } from "../queue/test-fuzz.js";
-import { settle } from "./test-block.js";
+import { settle, sleepMs, waitIoThreadUp } from "./test-block.js";
 import { BlockDevice, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
 
 /*
@@ -67,7 +67,7 @@ function rig(dev: BlockDevice) {
 for (const where of ["the device thread", "an I/O thread"] as const) {
   describe(`virtio-blk on a qcow2 overlay, served on ${where}`, () => {
     const open = (img: string, readonly = false) =>
-      new BlockDevice({ path: img, format: "qcow2", readonly, ...(where === "an I/O thread" ? { ioThread: "tv-blk-q", inMemoryFilesInline: false } : {}) });
+      new BlockDevice({ path: img, format: "qcow2", readonly, ...(where === "an I/O thread" ? { ioThread: "tv-blk-q", ioThreadStart: "eager", inMemoryFilesInline: false } : {}) });
 
     it("shows the virtual size, reads the backing file through, writes copy on write, zeroes and discards free clusters; qemu-img agrees", () => {
       const { img, base } = overlay();
@@ -182,6 +182,53 @@ for (const where of ["the device thread", "an I/O thread"] as const) {
 }
 
 describe("virtio-blk refuses to guess a format", () => {
+  it("an on-demand I/O thread takes the image over from the device thread and gives it back after idling, the tables written back each time; qemu-img agrees", () => {
+    const { img, base } = overlay();
+    const model = Buffer.alloc(4 * MiB);
+    base.copy(model);
+    const dev = new BlockDevice({ path: img, format: "qcow2", readonly: false, ioThread: "tv-blk-od", inMemoryFilesInline: false, ioThreadIdleMs: 200 });
+    const put = (r: ReturnType<typeof rig>, sector: number, len: number, seed: number) => {
+      const d = pattern(len, seed, 3);
+      expect(r.write(sector, d)).toBe(VIRTIO_BLK_S.OK);
+      d.copy(model, sector * 512);
+    };
+    const same = (r: ReturnType<typeof rig>) => {
+      for (const [sector, len] of [[0, 49152], [120, 8192], [5000, 40960]] as const) expect(r.read(sector, len).equals(model.subarray(sector * 512, sector * 512 + len))).toBe(true);
+    };
+    try {
+      expect(dev.stats().ioThread).toBe("idle");
+      expect(dev.backendFds).toEqual([]);
+      const r = rig(dev);
+      // The first request starts the thread and is done here meanwhile, on the device thread's tables.
+      put(r, 124, 6144, 1);
+      expect(dev.stats().ioThread).toBe("starting");
+      put(r, 5000, 8192, 2);
+      waitIoThreadUp(dev);
+      // The thread read the tables the device thread wrote back at the hand-over.
+      same(r);
+      put(r, 5016, 20480, 3);
+      expect(r.flush()).toBe(VIRTIO_BLK_S.OK);
+      same(r);
+      sleepMs(250);
+      dev.tick();
+      expect(dev.stats().ioThread).toBe("idle");
+      expect(dev.backendFds).toEqual([]);
+      expect(dev.ioThreadRing).toBeDefined();
+      // Back on the device thread, from the tables the thread wrote back as it ended.
+      same(r);
+      put(r, 200, 4096, 4);
+      waitIoThreadUp(dev);
+      put(r, 300, 16384, 5);
+      same(r);
+    } finally {
+      dev.close();
+    }
+    expect(qemuCheck(img).status).toBe(0);
+    const raw = path.join(dir, `check${n++}.raw`);
+    qemuImg(["convert", "-f", "qcow2", "-O", "raw", img, raw]);
+    expect(fs.readFileSync(raw).equals(model)).toBe(true);
+  });
+
   it("a qcow2 file opened without format=qcow2 is refused with a hint", () => {
     const { img } = overlay();
     expect(() => new BlockDevice({ path: img, readonly: false })).toThrow(expect.objectContaining({ code: "DISK_FORMAT", hint: expect.stringContaining("format=qcow2") }));
