@@ -23,6 +23,7 @@ const munmapFn = libc.func("int munmap(void *addr, size_t len)");
 const mmapAtFn = libc.func("void *mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, long off)");
 const lseekFn = libc.func("int64_t lseek(int fd, int64_t off, int whence)");
 const madviseFn = libc.func("int madvise(void *addr, size_t len, int advice)");
+const mallocTrimFn = libc.func("int malloc_trim(size_t pad)");
 const writeFn = libc.func("long write(int fd, const void *buf, size_t n)");
 const readFn = libc.func("long read(int fd, void *buf, size_t n)");
 const pollFn = libc.func("int poll(void *fds, unsigned long nfds, int timeout)");
@@ -213,6 +214,16 @@ export function lseek(fd: number, off: number, whence: number): number {
 
 export function munmap(m: Mapping): void {
   check("munmap", munmapFn(m.pointer, m.length) as number);
+}
+
+/**
+ * Give the free memory of every malloc arena back to the kernel (glibc malloc_trim(3), pad 0:
+ * madvise(MADV_DONTNEED) on free pages, and the main heap's top). A thread that ended leaves its
+ * arena to the process with whatever it freed still resident; nothing is handed to the kernel
+ * but glibc's own free lists. Returns whether any memory was released.
+ */
+export function mallocTrim(): boolean {
+  return (mallocTrimFn(0) as number) === 1;
 }
 
 export function madvise(m: Mapping, advice: number): void {

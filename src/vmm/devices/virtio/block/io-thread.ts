@@ -20,6 +20,11 @@ const CLOSE_MS = 30_000;
  * queue kicks), drain before a reset or a snapshot. Up to SLOTS requests are in flight; the
  * device leaves further ones in the available ring until a slot frees (back-pressure).
  *
+ * One disk may have several of these in turn, one at a time, on the same ring: the device starts
+ * one when a request needs it and ends it after it has idled (block.ts, ioThreadStart). A new one
+ * waits until open() before it builds its backend, since until then the device may still serve
+ * the image itself.
+ *
  * The device thread never returns to its event loop, so it would not hear of the worker's end
  * ("exit" event): whether the thread is still there is asked of the kernel instead
  * (/proc/self/task/TID, proc(5)), by the device about once a second while requests are in
