@@ -124,8 +124,9 @@ export interface BlockDeviceOptions {
   /**
    * When the I/O thread starts. "on-demand" (default): when the disk first needs it (a write, a
    * flush, a read the page cache cannot serve), requests being served on the calling thread until
-   * it is up; and it ends again after ioThreadIdleMs without a request (a read-only disk whose
-   * blocks are cached never needs one). "eager": at construction, for the device's whole life.
+   * it is up (a read-only disk whose blocks are cached never needs one). "eager": at
+   * construction (a thread started ahead, already paid for). Either way it ends after
+   * ioThreadIdleMs without a request, and starts again on the next need.
    */
   ioThreadStart?: "eager" | "on-demand";
   /** An on-demand I/O thread ends after this long without a request (ms; default IO_THREAD_IDLE_MS; Infinity: never). */
@@ -399,6 +400,7 @@ export class BlockDevice implements VirtioDevice {
         this.backend = undefined;
         this.io = new BlockIoThread(this.diskInit, this.ioThreadName, this.ring);
         this.io.open();
+        this.lastIoUse = performance.now();
       }
     } catch (e) {
       this.opened?.close();

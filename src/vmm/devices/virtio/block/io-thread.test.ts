@@ -321,6 +321,26 @@ describe("virtio-blk with an on-demand I/O thread", () => {
     expect(fs.readFileSync(img.file).equals(model)).toBe(true);
   });
 
+  it("a thread started with the device (a spare, already paid for) stays while used and ends after idling too", () => {
+    const img = image();
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-od", ioThreadStart: "eager", inMemoryFilesInline: false, ioThreadIdleMs: 300 });
+    try {
+      const r = rig(dev);
+      dev.tick();
+      expect(dev.stats().ioThread).toBe("running");
+      r.mem.write(r.area(0) + 0x10, Buffer.alloc(512, 0x6d));
+      expect(r.run([{ type: VIRTIO_BLK_T.OUT, sector: 4n, data: [{ addr: r.area(0) + 0x10, len: 512 }] }]).status).toEqual([VIRTIO_BLK_S.OK]);
+      dev.tick();
+      expect(dev.stats().ioThread).toBe("running");
+      sleepMs(350);
+      dev.tick();
+      expect(dev.stats().ioThread).toBe("idle");
+      expect(fs.readFileSync(img.file).subarray(4 * 512, 5 * 512).every((b) => b === 0x6d)).toBe(true);
+    } finally {
+      dev.close();
+    }
+  });
+
   it("a device closed while its thread starts ends that thread, which never touched the image", () => {
     const img = image();
     const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-od", inMemoryFilesInline: false });
