@@ -29,6 +29,14 @@ function overlay(): { img: string; base: Buffer } {
   return { img, base };
 }
 
+/** `qemu-img check` finds the image clean, and QEMU reads it as `model`. */
+function qemuAgrees(img: string, model: Buffer): void {
+  expect(qemuCheck(img).status).toBe(0);
+  const raw = path.join(dir, `check${n++}.raw`);
+  qemuImg(["convert", "-f", "qcow2", "-O", "raw", img, raw]);
+  expect(fs.readFileSync(raw).equals(model)).toBe(true);
+}
+
 /** One request at a time: header at 0x1000, data from 0x2000 (up to 48 KiB in 4 KiB pieces), status at 0xf000. */
 function rig(dev: BlockDevice) {
   const { h, drv } = harness(dev, FEATURES, (m) => new TestDriver(m, 64, 0));
@@ -101,10 +109,7 @@ for (const where of ["the device thread", "an I/O thread"] as const) {
       } finally {
         dev.close();
       }
-      expect(qemuCheck(img).status).toBe(0);
-      const raw = path.join(dir, `check${n++}.raw`);
-      qemuImg(["convert", "-f", "qcow2", "-O", "raw", img, raw]);
-      expect(fs.readFileSync(raw).equals(model)).toBe(true);
+      qemuAgrees(img, model);
       // The base was never written.
       expect(fs.readFileSync(path.join(dir, `base${n - 2}.raw`)).equals(base)).toBe(true);
     });
@@ -223,10 +228,7 @@ describe("virtio-blk refuses to guess a format", () => {
     } finally {
       dev.close();
     }
-    expect(qemuCheck(img).status).toBe(0);
-    const raw = path.join(dir, `check${n++}.raw`);
-    qemuImg(["convert", "-f", "qcow2", "-O", "raw", img, raw]);
-    expect(fs.readFileSync(raw).equals(model)).toBe(true);
+    qemuAgrees(img, model);
   });
 
   it("a qcow2 file opened without format=qcow2 is refused with a hint", () => {
