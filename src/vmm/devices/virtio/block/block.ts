@@ -508,14 +508,16 @@ export class BlockDevice implements VirtioDevice {
    */
   private endIdleIoThread(): void {
     const io = this.io!;
-    io.close();
+    const clean = io.close();
     this.io = undefined;
     this.backendFds = [];
-    if (io.gone) this.ioThreadFailed = true;
+    if (io.gone || !clean) this.ioThreadFailed = true;
     // The thread's isolate is torn down on its own thread after close(); its malloc arena keeps
     // what it freed resident until trimmed (host: ~1-2 MiB of the ~2.3 MiB an ended thread left).
     this.trimDue = performance.now() + TRIM_AFTER_MS;
-    if (!this.raw) this.backend = this.backendAgain();
+    // A thread still stuck writing a qcow2 image's tables back may yet write them: this thread
+    // must not act on the image beside it, so its requests fail (IOERR) rather than corrupt it.
+    if (!this.raw) this.backend = clean ? this.backendAgain() : undefined;
   }
 
   /** A qcow2 backend built anew from the file (its tables as on disk now); undefined if that fails: requests then fail with IOERR (inline()). */

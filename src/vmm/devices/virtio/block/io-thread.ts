@@ -39,6 +39,8 @@ export class BlockIoThread {
   private submitted = 0;
   private reaped = 0;
   private closed = false;
+  /** close() saw the thread close its backend, or end (see close()). */
+  private closedCleanly = true;
   /** Set by abandon(): the thread is gone and its in-flight requests were answered. */
   private gone_ = false;
   private readonly startedAt = performance.now();
@@ -187,8 +189,13 @@ export class BlockIoThread {
   }
 
   /** Drain (results dropped), stop the thread once it has closed its backend, and close the eventfd. */
-  close(): void {
-    if (this.closed) return;
+  /**
+   * Returns false when the thread was still there after CLOSE_MS without having closed its
+   * backend (its storage hangs in the write-back): it may yet write the image, so nothing else
+   * may act on it, and the ring must not serve another thread.
+   */
+  close(): boolean {
+    if (this.closed) return this.closedCleanly;
     this.drain(() => {});
     this.closed = true;
     Atomics.store(this.ring.ctl, CTL.STOP, 1);
@@ -199,10 +206,12 @@ export class BlockIoThread {
     while (!this.gone_ && Atomics.load(this.ring.ctl, CTL.CLOSED) === 0 && performance.now() < deadline) {
       if (Atomics.wait(this.ring.ctl, CTL.CLOSED, 0, LIVENESS_MS) === "timed-out" && !this.alive()) break;
     }
+    this.closedCleanly = this.gone_ || Atomics.load(this.ring.ctl, CTL.CLOSED) !== 0 || !this.alive();
     void this.worker.terminate();
     libc.close(this.eventfd);
     // The ring no longer has a thread (GET /threads: "idle" until the disk starts another).
     Atomics.store(this.ring.ctl, CTL.TID, 0);
     Atomics.store(this.ring.ctl, CTL.ACTIVE, 0);
+    return this.closedCleanly;
   }
 }
