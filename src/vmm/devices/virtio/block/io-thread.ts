@@ -84,11 +84,6 @@ export class BlockIoThread {
     Atomics.notify(this.ring.ctl, CTL.OPEN);
   }
 
-  /** The ring this thread shares (the main thread reads it for GET /threads: ioRingStatus). */
-  get sharedRing(): SharedArrayBuffer {
-    return this.ring.sab;
-  }
-
   /** Requests submitted and not yet reaped. */
   get inFlight(): number {
     return (this.submitted - this.reaped) | 0;
