@@ -61,6 +61,18 @@ export async function buildProgram(argv: string[] = process.argv): Promise<Comma
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // A `run` that builds its VM here starts the VM's threads first, so their start overlaps its own.
+  const early = argv[2] === "run" ? await import("./early-threads.js") : undefined;
+  early?.startEarlyThreads(argv);
+  try {
+    return await parseAndRun(argv);
+  } finally {
+    // Spares no VM took (a usage error, say) must not hold the process until they have started.
+    early?.endEarlyThreads();
+  }
+}
+
+async function parseAndRun(argv: string[]): Promise<number> {
   const program = await buildProgram(argv);
   try {
     await program.parseAsync(argv);

@@ -26,6 +26,7 @@ import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { parseSize } from "../size.js";
 import { sandboxProbe } from "../vmm/sandbox-probe.js";
 import { installFilter, noExecFilter } from "../sys/seccomp.js";
+import { endPrestarted } from "../vmm/threads/spawn.js";
 
 /** Console input kept while the VM is being built: what a person or a script types at once, not a stream. */
 const EARLY_INPUT_MAX = 64 * 1024;
@@ -613,9 +614,16 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
       const log = (l: string): void => void process.stderr.write(l + "\n");
       if (opts.sandbox !== true && (opts.sandboxUid !== undefined || (opts.sandboxBind ?? []).length > 0)) throw new TypevisorError("INVALID_ARGUMENT", "--sandbox-uid and --sandbox-bind need --sandbox");
       if (opts.template !== undefined && opts.standby !== true) throw new TypevisorError("INVALID_ARGUMENT", "--template is for --standby (a restore names its snapshot with --restore)");
-      const code = opts.sandbox === true
-        ? await (await import("./run-sandbox.js")).runSandboxed(opts, log)
-        : opts.standby === true ? await (await import("./standby.js")).standbyCommand(opts, log) : await runCommand(opts, log);
+      let code: number;
+      try {
+        code = opts.sandbox === true
+          ? await (await import("./run-sandbox.js")).runSandboxed(opts, log)
+          : opts.standby === true ? await (await import("./standby.js")).standbyCommand(opts, log) : await runCommand(opts, log);
+      } finally {
+        // Threads started early (cli/early-threads.ts) that no VM took: this run ended before its
+        // VM ran, or runs it inside the lab instead.
+        endPrestarted();
+      }
       if (code === -1) {
         process.exitCode = await onLab(cmd.parent?.args ?? []);
       } else {

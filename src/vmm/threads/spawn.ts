@@ -4,11 +4,12 @@
  * loading the entry's modules: ~0.1 s each on a project machine and seconds in the lab's emulated
  * CPU, paid again by every VM built. A standby VMM (cli/standby.ts, issue 15's "instant create")
  * pays it before any VM is asked of it: its workers start with no VM to serve, load their
- * modules, say so, and wait; building a VM then hands each its init as its first message
- * instead of as workerData. Everything else about the thread is the same either way.
+ * modules, say so, and wait; building a VM then hands each its init on a channel of its own
+ * instead of as workerData. A `run` that boots or restores starts its device thread and a vCPU
+ * thread the same way as it begins (cli/early-threads.ts), so their start overlaps its own.
+ * Everything else about the thread is the same either way.
  */
-import { once } from "node:events";
-import { parentPort, Worker, workerData } from "node:worker_threads";
+import { MessageChannel, type MessagePort, Worker, workerData } from "node:worker_threads";
 import { VMM_WORKER_LIMITS } from "../isolates.js";
 import { workerUrl } from "../worker-url.js";
 
@@ -19,9 +20,17 @@ import { workerUrl } from "../worker-url.js";
  */
 export type VmmWorkerEntry = "devices/platform/device-thread.js" | "vcpu/worker.js" | "devices/virtio/block/io-worker.js";
 
-/** workerData of a worker started ahead of need: its init comes later, as its first message. */
+/**
+ * workerData of a worker started ahead of need: its init comes later, as a message on `port`
+ * (a channel of its own, so that nothing of this hand-over ever reaches the listeners the VM
+ * puts on the worker itself, even for a worker taken before it finished starting). `warm`:
+ * whether it runs its entry's warm-up while it waits (a standby's; a VMM that starts its
+ * threads early only to overlap their start with its own has no use for it).
+ */
 interface Prestarted {
   prestarted: true;
+  port: MessagePort;
+  warm: boolean;
 }
 /**
  * What such a worker posts once its modules are loaded, and what it is sent: a sample of what its
@@ -31,57 +40,77 @@ type PrestartMessage = { type: "prestarted" } | { type: "rehearse"; sample: unkn
 
 const isPrestarted = (d: unknown): d is Prestarted => typeof d === "object" && d !== null && (d as Partial<Prestarted>).prestarted === true;
 
-/** Workers this thread started ahead that wait for an init, per entry. */
-const waiting = new Map<VmmWorkerEntry, Worker[]>();
+/** A worker started ahead of need, and the channel its init goes on. */
+interface Spare {
+  worker: Worker;
+  port: MessagePort;
+  gone: () => void;
+}
+
+/**
+ * Workers this thread started ahead that wait for an init, per entry, in the order they were
+ * started; one still loading its modules is among them (a build takes it as it is: its init
+ * waits in its channel until it looks).
+ */
+const waiting = new Map<VmmWorkerEntry, Spare[]>();
 
 /**
  * Start `count` workers of `entry` with no VM yet; resolves once each has loaded its modules
- * and waits (a worker that fails on the way is left out). They do not keep the process alive.
+ * and waits, or failed (then it is left out). Until then the process stays up; a spare that
+ * waits does not keep it alive. `warm`
+ * (default true): each runs its entry's warm-up while it waits (workerInit).
  */
-export async function prestartWorkers(entry: VmmWorkerEntry, count: number): Promise<void> {
+export async function prestartWorkers(entry: VmmWorkerEntry, count: number, opts: { warm?: boolean } = {}): Promise<void> {
   const started = Array.from({ length: count }, async () => {
-    const w = new Worker(workerUrl(entry), { workerData: { prestarted: true } satisfies Prestarted, resourceLimits: VMM_WORKER_LIMITS });
+    const { port1, port2 } = new MessageChannel();
+    const data: Prestarted = { prestarted: true, port: port2, warm: opts.warm ?? true };
+    const w = new Worker(workerUrl(entry), { workerData: data, transferList: [port2], resourceLimits: VMM_WORKER_LIMITS });
     w.unref();
     const gone = (): void => {
       const list = waiting.get(entry);
-      const i = list?.indexOf(w) ?? -1;
+      const i = list?.findIndex((s) => s.worker === w) ?? -1;
       if (i >= 0) list!.splice(i, 1);
     };
     // An error event without a listener would end the process: a standby must outlive a failed spare.
     w.on("error", gone);
     w.once("exit", gone);
-    try {
-      const [m] = (await once(w, "message")) as [PrestartMessage];
-      if (m.type !== "prestarted") return;
-    } catch {
-      return; // it failed while loading: builds start their own
-    }
-    if (w.threadId === -1) return;
     const list = waiting.get(entry) ?? [];
-    list.push(w);
+    list.push({ worker: w, port: port1, gone });
     waiting.set(entry, list);
+    // Its word that it is up (on the channel), or its end: whichever comes first. The channel
+    // holds the process open meanwhile (a standby awaits this with nothing else open yet), and
+    // no longer once the spare waits (or endPrestarted closed it).
+    await new Promise<void>((resolve) => {
+      port1.once("message", () => resolve());
+      port1.once("close", () => resolve());
+      w.once("exit", () => resolve());
+    });
+    port1.unref();
   });
   await Promise.all(started);
 }
 
-/** Workers of `entry` started ahead and still waiting. */
+/** Workers of `entry` started ahead and not taken (those still starting included). */
 export function prestartedCount(entry: VmmWorkerEntry): number {
   return waiting.get(entry)?.length ?? 0;
 }
 
 /**
  * A worker of `entry` running with `init`: one started ahead of need when there is one (it gets
- * `init` as its first message), else a new one with `init` as its workerData.
+ * `init` on its channel, whether or not it has finished starting), else a new one with `init` as
+ * its workerData.
  */
 export function spawnWorker(entry: VmmWorkerEntry, init: unknown): Worker {
   const list = waiting.get(entry);
-  for (let w = list?.shift(); w !== undefined; w = list?.shift()) {
+  for (let s = list?.shift(); s !== undefined; s = list?.shift()) {
+    const w = s.worker;
     if (w.threadId === -1) continue;
-    w.removeAllListeners("error");
-    w.removeAllListeners("exit");
+    w.off("error", s.gone);
+    w.off("exit", s.gone);
     w.ref();
     // Structured clone, as workerData is: SharedArrayBuffers are shared, fds and numbers copied.
-    w.postMessage({ type: "init", init } satisfies PrestartMessage);
+    // The worker closes the channel once it has its init.
+    s.port.postMessage({ type: "init", init } satisfies PrestartMessage);
     return w;
   }
   return new Worker(workerUrl(entry), { workerData: init, resourceLimits: VMM_WORKER_LIMITS });
@@ -93,16 +122,22 @@ export function spawnWorker(entry: VmmWorkerEntry, init: unknown): Worker {
  * so that code has run once, and is compiled, before the VM waits on it.
  */
 export function rehearseWorkers(entry: VmmWorkerEntry, sample: unknown): void {
-  for (const w of waiting.get(entry) ?? []) w.postMessage({ type: "rehearse", sample } satisfies PrestartMessage);
+  for (const s of waiting.get(entry) ?? []) s.port.postMessage({ type: "rehearse", sample } satisfies PrestartMessage);
 }
 
 /**
- * End the spares no build took (a VM with fewer vCPUs or disks than a standby prepared for): a
- * waiting isolate is a few MiB the VM would keep for nothing. Called by the thread that started
- * them once its part of the VM has started every thread it needs.
+ * End the spares no build took (a VM with fewer vCPUs or disks than a standby prepared for, or a
+ * `run` that ends before its VM runs): a waiting isolate is a few MiB the VM would keep for
+ * nothing. Called by the thread that started them once its part of the VM has started every
+ * thread it needs.
  */
 export function endPrestarted(): void {
-  for (const list of waiting.values()) for (const w of list.splice(0)) void w.terminate();
+  for (const list of waiting.values()) {
+    for (const s of list.splice(0)) {
+      s.port.close();
+      void s.worker.terminate();
+    }
+  }
 }
 
 /**
@@ -114,10 +149,10 @@ export function endPrestarted(): void {
  */
 export async function workerInit<T>(warm?: () => Promise<unknown>, rehearse?: (sample: unknown) => Promise<void>): Promise<T> {
   if (!isPrestarted(workerData)) return workerData as T;
-  const port = parentPort;
-  if (port === null) throw new Error("workerInit outside a worker thread");
-  if (warm !== undefined) await warm();
-  // Every message, in order, from before saying so: the parent sends only once "prestarted" arrived.
+  const { port } = workerData;
+  if (warm !== undefined && workerData.warm) await warm();
+  // Every message on the channel, in order (an init may be there already: a build took this
+  // worker while it was still starting).
   const queue: PrestartMessage[] = [];
   let wake: (() => void) | undefined;
   const onMessage = (m: PrestartMessage): void => {
@@ -135,6 +170,7 @@ export async function workerInit<T>(warm?: () => Promise<unknown>, rehearse?: (s
       continue;
     }
     port.off("message", onMessage);
+    port.close();
     if (m.type !== "init") throw new Error(`a prestarted worker got ${m.type} before its init`);
     return m.init as T;
   }

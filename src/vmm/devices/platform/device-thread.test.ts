@@ -16,6 +16,7 @@ import * as libc from "../../../sys/libc.js";
 import type { DeviceSpecs } from "../../device-specs.js";
 import { GuestMemory, type HostRegion } from "../../memory/guest-memory.js";
 import { createBoard } from "../../threads/board.js";
+import { prestartWorkers, rehearseWorkers, spawnWorker } from "../../threads/spawn.js";
 import { workerUrl } from "../../worker-url.js";
 import { PCI_SLOTS } from "../pci/bus.js";
 import { VIRTIO_BLK_S, VIRTIO_BLK_T } from "../virtio/block/block.js";
@@ -74,13 +75,16 @@ class DeviceThread {
       board: createBoard(1),
       ...(restore !== undefined ? { restore: restore as DevicesState } : {}),
     };
-    this.worker = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: rehearse !== undefined ? { prestarted: true } : init });
+    if (rehearse !== undefined) {
+      // Taken at once, while it still starts (as a `run` takes its early threads): the samples
+      // and then the init wait on its channel, in that order, until it looks.
+      void prestartWorkers("devices/platform/device-thread.js", 1);
+      for (const sample of rehearse) rehearseWorkers("devices/platform/device-thread.js", sample);
+      this.worker = spawnWorker("devices/platform/device-thread.js", init);
+    } else this.worker = new Worker(workerUrl("devices/platform/device-thread.js"), { workerData: init });
     this.started = new Promise((resolve) => {
-      this.worker.on("message", (m: DeviceThreadMessage | { type: "prestarted" }) => {
-        if (m.type === "prestarted") {
-          for (const sample of rehearse ?? []) this.worker.postMessage({ type: "rehearse", sample });
-          this.worker.postMessage({ type: "init", init });
-        } else if (m.type === "reply") this.replies.get(m.id)?.(m);
+      this.worker.on("message", (m: DeviceThreadMessage) => {
+        if (m.type === "reply") this.replies.get(m.id)?.(m);
         else if (m.type === "ready" || m.type === "error") resolve(m);
       });
       this.worker.on("error", (e) => resolve({ type: "error", code: "WORKER", message: e.message }));
