@@ -434,6 +434,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
           // The guest runs at the destination now: this VMM ends.
           log(`typevisor: migrated to ${req.to} (downtime ${p.downtimeMs ?? "?"} ms, ${p.bytesSent} bytes in ${p.round} rounds)`);
           if (p.switchover !== undefined) log(`typevisor: migration switch-over (ms from pause): ${switchoverLine(p.switchover)}`);
+          m.teardownLast();
           migrated = true;
           stopRequested = true;
           current?.stop();

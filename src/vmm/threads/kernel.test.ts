@@ -76,3 +76,30 @@ console.log(JSON.stringify({ changed: undo !== undefined, during, after: nices()
     expect(r.after.every((n) => n === 0)).toBe(true);
   });
 });
+
+describe("niceEveryThread", () => {
+  const kernelJs = new URL("../../../dist/vmm/threads/kernel.js", import.meta.url).pathname;
+  const libcJs = new URL("../../../dist/sys/libc.js", import.meta.url).pathname;
+  // In a process of its own: nobody may take the nice value back without CAP_SYS_NICE.
+  it.skipIf(!existsSync(kernelJs))("sets every thread of the process but the one it is told to leave (a migration's source reports before its own teardown goes last)", () => {
+    const script = `import { niceEveryThread } from ${JSON.stringify(kernelJs)};
+import { gettid, threadNice } from ${JSON.stringify(libcJs)};
+import { Worker } from "node:worker_threads";
+import { readdirSync } from "node:fs";
+const w = new Worker("setInterval(() => {}, 1000)", { eval: true });
+await new Promise((r) => w.once("online", r));
+const me = gettid();
+const was = threadNice(me);
+const n = niceEveryThread(19, me);
+const others = readdirSync("/proc/self/task").map(Number).filter((t) => t !== me).map((t) => threadNice(t));
+console.log(JSON.stringify({ n, was, me: threadNice(me), others }));
+process.exit(0);`;
+    const r = JSON.parse(execFileSync(process.execPath, ["--input-type=module", "-e", script], { encoding: "utf8", timeout: 30_000 })) as { n: number; was: number; me: number; others: number[] };
+    expect(r.me).toBe(r.was);
+    expect(r.was).toBeLessThan(19);
+    // V8's platform workers and the worker's thread at least.
+    expect(r.others.length).toBeGreaterThan(2);
+    expect(r.others.every((v) => v === 19)).toBe(true);
+    expect(r.n).toBe(r.others.length);
+  });
+});

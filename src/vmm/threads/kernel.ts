@@ -72,14 +72,16 @@ function ownThreadIds(): number[] | undefined {
 
 /**
  * Give every thread of this process nice value `nice` (setpriority(2) per thread: on Linux a
- * nice value is a thread's own). Best effort: a thread that ended meanwhile, or a /proc this
- * process cannot read (a jail without it), is skipped. Returns how many threads took it.
+ * nice value is a thread's own), but thread `except` when given. Best effort: a thread that
+ * ended meanwhile, or a /proc this process cannot read (a jail without it), is skipped. Returns
+ * how many threads took it.
  */
-export function niceEveryThread(nice: number): number {
+export function niceEveryThread(nice: number, except?: number): number {
   const tids = ownThreadIds();
   if (tids === undefined) return 0;
   let done = 0;
   for (const tid of tids) {
+    if (tid === except) continue;
     try {
       setThreadNice(tid, nice);
       done++;
