@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import type { Server } from "node:http";
 import { Option, type Command } from "commander";
-import { TypevisorError } from "../errors.js";
+import { isTypevisorError, TypevisorError } from "../errors.js";
 import { exitCodeFor } from "./exit-codes.js";
 import { imagePaths } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
@@ -373,9 +373,12 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
     if (tty) stdin.setRawMode(true);
     stdin.on("data", onInput);
   }
+  // A stop before there is a VM (a destination waiting for its migration) ends the wait.
+  const stopping = new AbortController();
   const onSignal = (): void => {
     stopRequested = true;
     current?.stop();
+    stopping.abort();
   };
   process.on("SIGTERM", onSignal);
   process.on("SIGINT", onSignal);
@@ -482,9 +485,14 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
         }
         let incoming: Awaited<ReturnType<typeof receiveMigration>>;
         try {
-          incoming = await receiveMigration(o.incoming, overrides ?? {}, host, log, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) });
+          incoming = await receiveMigration(o.incoming, overrides ?? {}, host, log, { ...(incomingTls !== undefined ? { tls: incomingTls } : {}), ...(o.plainTcp === true ? { plainTcp: true } : {}) }, { signal: stopping.signal });
         } catch (e) {
           arrived?.reject(e as Error);
+          // Told to stop while it waited: no VM came, and none was lost (the source runs on).
+          if (isTypevisorError(e) && e.code === "MIGRATION_STOPPED") {
+            log(`typevisor: ${e.message}`);
+            return { code: 0, result: "stopped", reason: e.message };
+          }
           throw e;
         }
         vm = incoming.vm;

@@ -199,6 +199,50 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     expect(existsSync(endpoint)).toBe(false);
   }, 60_000);
 
+  it("a destination told to stop (SIGTERM) while it waits ends at once, exit 0 and \"stopped\", and leaves no socket", async () => {
+    const endpoint = join(dir, "stop-wait.sock");
+    const dst = start("dst-stop-wait", ["--incoming", `unix:${endpoint}`]);
+    try {
+      await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      dst.child.kill("SIGTERM");
+      const code = await Promise.race([dst.exited, new Promise<string>((r) => setTimeout(() => r("still waiting 20 s after SIGTERM"), 20_000))]);
+      expect(code, dst.stderr()).toBe(0);
+      expect(dst.stderr()).toContain("stopped before a migration came in");
+      expect(JSON.parse(readFileSync(dst.exit, "utf8"))).toMatchObject({ code: 0, result: "stopped" });
+      expect(existsSync(endpoint)).toBe(false);
+      expect(existsSync(dst.api)).toBe(false);
+    } finally {
+      await killVmm(dst);
+    }
+  }, 60_000);
+
+  it("a destination stopped while the stream comes in cuts it: it exits 0 with no VM, and the source runs on", async () => {
+    const src = await source("src-stop-mid");
+    const endpoint = join(dir, "stop-mid.sock");
+    const dst = start("dst-stop-mid", ["--incoming", `unix:${endpoint}`]);
+    try {
+      await until("the destination to listen", () => dst.stderr().includes("waiting for a migration"));
+      // Paced to 2 MiB/s, so the first round (the tiny guest's few MiB) takes seconds.
+      expect((await unixApi(src.vm.api, "POST", "/migrate", { to: `unix:${endpoint}`, maxBandwidth: 2 * 1024 * 1024 })).status).toBe(202);
+      await until("pages on their way", async () => ((await unixApi(src.vm.api, "GET", "/migrate")).body as { bytesSent: number }).bytesSent > 0);
+      dst.child.kill("SIGTERM");
+      expect(await dst.exited, dst.stderr()).toBe(0);
+      expect(JSON.parse(readFileSync(dst.exit, "utf8"))).toMatchObject({ code: 0, result: "stopped" });
+      let last: unknown;
+      await until("the migration to fail", async () => {
+        last = (await unixApi(src.vm.api, "GET", "/migrate")).body;
+        return (last as { phase: string }).phase === "failed";
+      }).catch((e: Error) => {
+        throw new Error(`${e.message}: ${JSON.stringify(last)} ${src.vm.stderr()}`);
+      });
+      expect((await unixApi(src.vm.api, "GET", "/vm")).body.state).toBe("running");
+      await stillAnswers(src.con, "after-dst-stop");
+    } finally {
+      await killVmm(src.vm);
+      await killVmm(dst);
+    }
+  }, 60_000);
+
   it("keeps the VM running at the source when the destination dies mid-stream", async () => {
     const src = await source("src-die");
     const path = join(dir, "die.sock");

@@ -6,6 +6,7 @@
  * checked (protocol.ts); any failure sends ERROR, destroys the half-built VM and throws: no VM.
  */
 import { closeSync, fdatasync as fdatasyncAsync } from "node:fs";
+import type { Socket } from "node:net";
 import { TypevisorError } from "../../errors.js";
 import { ramRanges } from "../arch/x86_64/layout.js";
 import { applyOverrides, incomingVm, type MachineConfig, type RestoreOverrides, type VmHost } from "../builder.js";
@@ -20,9 +21,18 @@ import { MAX_NICE } from "../defaults.js";
 import { DISK_HEADER, FRAME, type DirectFrames, frame, jsonFrame, MAX_STATE_FRAMES, MAX_STATE_STREAM, MIGRATION_VERSION, PAGE, pageSetTarget, readPageSet, send, SET_HEAD, streamError, streamedMemory } from "./protocol.js";
 import type { DestinationTimes } from "./source.js";
 import { HelloSchema } from "./hello-schema.js";
-import { acceptStream, type StreamSecurity } from "./transport.js";
+import { listenStream, type StreamListener, type StreamSecurity } from "./transport.js";
 import { frameReaderFor } from "./read-into.js";
 import { createDiskTargets, finishDiskTargets, removeDiskTargets, writeDiskData, type DiskTarget } from "./disk-targets.js";
+
+export interface ReceiveOptions {
+  /**
+   * Aborted when the VMM is told to stop (SIGTERM, SIGINT): while it waits for the stream, it
+   * stops listening; while the stream comes in (before READY), the stream is cut. Either way
+   * receiveMigration fails with MIGRATION_STOPPED and leaves nothing behind.
+   */
+  signal?: AbortSignal;
+}
 
 export interface Incoming {
   vm: Vm;
@@ -43,21 +53,38 @@ const PRESTARTED_VCPU_THREADS = 1;
 /** How long after the guest resumes here V8's helper threads stay at nice 19 (niceHelperThreads). */
 const HELPERS_BACK_MS = 2000;
 
-export async function receiveMigration(spec: string, overrides: RestoreOverrides, host: VmHost, log: (line: string) => void, security: StreamSecurity = {}): Promise<Incoming> {
+export async function receiveMigration(spec: string, overrides: RestoreOverrides, host: VmHost, log: (line: string) => void, security: StreamSecurity = {}, opts: ReceiveOptions = {}): Promise<Incoming> {
+  const { signal } = opts;
+  // A function, not a narrowed property: the signal is aborted across awaits.
+  const aborted = (): boolean => signal?.aborted === true;
+  const stopped = (): TypevisorError => new TypevisorError("MIGRATION_STOPPED", "stopped before a migration came in");
+  if (aborted()) throw stopped();
   // The warm-ups below (threads, state checks, applyState's rehearsal) must outlive the stream's collections.
   const releaseCode = keepCompiledCode();
   // Before listening: whoever waits for "waiting for a migration" starts the source on a ready side.
-  let accepted: Awaited<ReturnType<typeof acceptStream>>;
+  let accepted: Socket;
+  let listener: StreamListener | undefined;
+  const stopListening = (): void => listener?.close();
+  signal?.addEventListener("abort", stopListening, { once: true });
   try {
     await Promise.all([prestartWorkers("devices/platform/device-thread.js", 1), prestartWorkers("vcpu/worker.js", PRESTARTED_VCPU_THREADS)]);
-    accepted = await acceptStream(spec, security, log);
+    if (aborted()) throw stopped();
+    listener = listenStream(spec, security, log);
+    accepted = await listener.accepted;
   } catch (e) {
     releaseCode();
-    throw e;
+    throw aborted() ? stopped() : e;
+  } finally {
+    signal?.removeEventListener("abort", stopListening);
   }
   // A plain socket's reads go straight where the frames go (read-into.ts); TLS keeps FrameReader.
   const { sock, reader } = frameReaderFor(accepted);
   sock.setNoDelay(true);
+  // Stopped while the stream comes in (before READY): the stream is cut, and the source, which
+  // has not committed, keeps its VM running. From READY on the source may commit at any moment,
+  // so the VM is taken (and a stop asked meanwhile ends it once it is built: cli/run.ts).
+  const cut = (): void => void sock.destroy();
+  signal?.addEventListener("abort", cut, { once: true });
   let vm: Vm | undefined;
   let prestartError: Error | undefined;
   /** "disks": "copy": the files this side writes the disks' contents into. */
@@ -184,6 +211,8 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
     await vm.restoreDevices();
     phase("devicesRestored");
     times.devicesRestored = at();
+    signal?.removeEventListener("abort", cut);
+    if (aborted()) throw stopped();
     await send(sock, frame(FRAME.READY));
     times.readySent = at();
     await reader.expect(FRAME.GO);
@@ -211,8 +240,10 @@ export async function receiveMigration(spec: string, overrides: RestoreOverrides
       },
     };
   } catch (caught) {
-    // The threads' start-up failing cut the stream: that failure is the one to tell.
-    const e = prestartError ?? caught;
+    signal?.removeEventListener("abort", cut);
+    // The threads' start-up failing cut the stream: that failure is the one to tell; a stop cut
+    // it otherwise.
+    const e = prestartError ?? (aborted() ? stopped() : caught);
     try {
       sock.write(Buffer.concat(frame(FRAME.ERROR, Buffer.from((e as Error).message.slice(0, 4000)))));
     } catch {
