@@ -415,7 +415,7 @@ export class OutgoingMigration {
           // one-CPU lab) or other VMs run here, that must not take CPU from guests: it goes last.
           // Every thread but this one now; this one once the caller has said the migration is
           // done (teardownLast), so that report does not wait behind the guests (in the lab it
-          // came 0.6-0.9 s after the destination's RUNNING).
+          // came 357-381 ms after the destination's RUNNING: docs/migration.md).
           niceEveryThread(MAX_NICE, gettid());
           // The destination's own timings, when it sent them (only reported, never acted on).
           const d = destinationTimes(running);
