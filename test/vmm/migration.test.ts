@@ -81,6 +81,19 @@ async function stillAnswers(con: ConsoleClient, word: string): Promise<void> {
 
 
 /** One-time credentials for each end (what the daemons make: control/migration-tls.ts). */
+/** The source's migration ends as failed, and its VM runs on here and answers (`word` echoed). */
+async function failedAndRunsOn(src: { vm: Vmm; con: ConsoleClient }, word: string): Promise<void> {
+  let last: unknown;
+  await until("the migration to fail", async () => {
+    last = (await unixApi(src.vm.api, "GET", "/migrate")).body;
+    return (last as { phase: string }).phase === "failed";
+  }).catch((e: Error) => {
+    throw new Error(`${e.message}: ${JSON.stringify(last)} ${src.vm.stderr()}`);
+  });
+  expect((await unixApi(src.vm.api, "GET", "/vm")).body.state).toBe("running");
+  await stillAnswers(src.con, word);
+}
+
 async function certPair(): Promise<{ src: OneTimeCert; dst: OneTimeCert }> {
   return { src: await oneTimeCertificate("source"), dst: await oneTimeCertificate("destination") };
 }
@@ -228,15 +241,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
       dst.child.kill("SIGTERM");
       expect(await dst.exited, dst.stderr()).toBe(0);
       expect(JSON.parse(readFileSync(dst.exit, "utf8"))).toMatchObject({ code: 0, result: "stopped" });
-      let last: unknown;
-      await until("the migration to fail", async () => {
-        last = (await unixApi(src.vm.api, "GET", "/migrate")).body;
-        return (last as { phase: string }).phase === "failed";
-      }).catch((e: Error) => {
-        throw new Error(`${e.message}: ${JSON.stringify(last)} ${src.vm.stderr()}`);
-      });
-      expect((await unixApi(src.vm.api, "GET", "/vm")).body.state).toBe("running");
-      await stillAnswers(src.con, "after-dst-stop");
+      await failedAndRunsOn(src, "after-dst-stop");
     } finally {
       await killVmm(src.vm);
       await killVmm(dst);
@@ -257,15 +262,7 @@ describe.skipIf(!hasKvm)("live migration (tiny kernel, --force-kvm)", () => {
     await new Promise<void>((r) => server.listen(path, r));
     try {
       expect((await unixApi(src.vm.api, "POST", "/migrate", { to: `unix:${path}` })).status).toBe(202);
-      let last: unknown;
-      await until("the migration to fail", async () => {
-        last = (await unixApi(src.vm.api, "GET", "/migrate")).body;
-        return (last as { phase: string }).phase === "failed";
-      }).catch((e: Error) => {
-        throw new Error(`${e.message}: ${JSON.stringify(last)} ${src.vm.stderr()}`);
-      });
-      expect((await unixApi(src.vm.api, "GET", "/vm")).body.state).toBe("running");
-      await stillAnswers(src.con, "still-here");
+      await failedAndRunsOn(src, "still-here");
     } finally {
       server.close();
       await killVmm(src.vm);
