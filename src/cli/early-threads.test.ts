@@ -34,7 +34,7 @@ describe("which `run` starts its VM's threads as it begins", () => {
     ]) {
       expect(earlyThreads(argv(...args)), args.join(" ")).toBeUndefined();
     }
-    // --sandbox-uid alone is an error of its own (needs --sandbox), not a sandboxed run: no match on the prefix.
+    // --sandbox-probe (a test hook the jail passes its VMM) is not --sandbox: no match on the prefix.
     expect(earlyThreads(argv("run", "--sandbox-probe", "/etc", "--kernel", "k", "--rng"))).toEqual({ deviceThread: true, vcpuThreads: 1 });
   });
 });
