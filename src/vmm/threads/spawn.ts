@@ -57,8 +57,8 @@ const waiting = new Map<VmmWorkerEntry, Spare[]>();
 /**
  * Start `count` workers of `entry` with no VM yet; resolves once each has loaded its modules
  * and waits, or failed (then it is left out). Until then the process stays up; a spare that
- * waits does not keep it alive. `warm`
- * (default true): each runs its entry's warm-up while it waits (workerInit).
+ * waits does not keep it alive. `warm` (default true): each runs its entry's warm-up while it
+ * waits (workerInit).
  */
 export async function prestartWorkers(entry: VmmWorkerEntry, count: number, opts: { warm?: boolean } = {}): Promise<void> {
   const started = Array.from({ length: count }, async () => {
