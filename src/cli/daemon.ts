@@ -190,7 +190,10 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
     logger,
     ...(o.standbyVmms !== undefined ? { standbyVmms: standbyCount(o.standbyVmms) } : {}),
     // A live migration's source reaches the destination daemon through the same typed client as the CLI (control/migration.ts).
-    migrationPeer: (peer) => new TypevisorClient({ host: peer.host, port: peer.port, ...(peer.fingerprint !== undefined ? { fingerprint: peer.fingerprint } : {}) }, { token: peer.token, timeoutMs: 60_000 }),
+    // The destination answers "prepare" once its incoming VMM listens, which may take its own
+    // --start-timeout (taken to be this daemon's): waited for that long and a minute more. A
+    // fixed minute failed a migration in the lab whose destination VMM took longer to start.
+    migrationPeer: (peer) => new TypevisorClient({ host: peer.host, port: peer.port, ...(peer.fingerprint !== undefined ? { fingerprint: peer.fingerprint } : {}) }, { token: peer.token, timeoutMs: config.startTimeoutMs + 60_000 }),
     ...config,
   });
   events.manager = manager;
@@ -254,7 +257,7 @@ export function registerDaemonCommand(program: Command): void {
     .option("--disk-overcommit <ratio>", "VM disk bytes allowed per byte of the home's filesystem", "1")
     .option("--reserved-memory <size>", "host memory kept for the host and the daemon", "256M")
     .option("--console-log-size <size>", "rotate a VM's console log past this size", "1M")
-    .option("--start-timeout <seconds>", "a VMM (a standby VMM too) must answer on its API socket within this", "60")
+    .option("--start-timeout <seconds>", "a VMM (a standby VMM too) must answer on its API socket within this; a migration's source waits this long and a minute more for the destination daemon to prepare", "60")
     .option("--stop-timeout <seconds>", "then a stopping VMM is killed", "30")
     .option("--usage-interval <seconds>", "how often per-VM usage is sampled", "5")
     .option("--stream-stall-timeout <seconds>", "an event-stream client that takes nothing for this long is disconnected (it resumes with ?after=)", "30")
