@@ -45,6 +45,25 @@ interface Spare {
   worker: Worker;
   port: MessagePort;
   gone: () => void;
+  /** It said it is up (its modules loaded), or it ended. */
+  started: boolean;
+  /** endPrestarted came while it was still starting: it ends once it is up. */
+  ending: boolean;
+}
+
+/**
+ * End a spare that is up. One still starting is ended only once it is up: a worker terminated
+ * while it loads a native addon (koffi's Node-API module initialisation) brings the whole
+ * process down ("FATAL ERROR: Error::ThrowAsJavaScriptException napi_throw"), which a `run`
+ * whose arguments failed its checks while its early threads started did.
+ */
+function endSpare(s: Spare): void {
+  if (!s.started) {
+    s.ending = true;
+    return;
+  }
+  s.port.close();
+  void s.worker.terminate();
 }
 
 /**
@@ -74,18 +93,21 @@ export async function prestartWorkers(entry: VmmWorkerEntry, count: number, opts
     // An error event without a listener would end the process: a standby must outlive a failed spare.
     w.on("error", gone);
     w.once("exit", gone);
+    const spare: Spare = { worker: w, port: port1, gone, started: false, ending: false };
     const list = waiting.get(entry) ?? [];
-    list.push({ worker: w, port: port1, gone });
+    list.push(spare);
     waiting.set(entry, list);
     // Its word that it is up (on the channel), or its end: whichever comes first. The channel
-    // holds the process open meanwhile (a standby awaits this with nothing else open yet), and
-    // no longer once the spare waits (or endPrestarted closed it).
+    // holds the process open meanwhile (a standby awaits this with nothing else open yet; a
+    // spare ended while it starts must get this far), and no longer once the spare waits.
     await new Promise<void>((resolve) => {
       port1.once("message", () => resolve());
       port1.once("close", () => resolve());
       w.once("exit", () => resolve());
     });
-    port1.unref();
+    spare.started = true;
+    if (spare.ending) endSpare(spare);
+    else port1.unref();
   });
   await Promise.all(started);
 }
@@ -129,15 +151,11 @@ export function rehearseWorkers(entry: VmmWorkerEntry, sample: unknown): void {
  * End the spares no build took (a VM with fewer vCPUs or disks than a standby prepared for, or a
  * `run` that ends before its VM runs): a waiting isolate is a few MiB the VM would keep for
  * nothing. Called by the thread that started them once its part of the VM has started every
- * thread it needs.
+ * thread it needs. One still starting ends once it is up (endSpare); the process stays up until
+ * then.
  */
 export function endPrestarted(): void {
-  for (const list of waiting.values()) {
-    for (const s of list.splice(0)) {
-      s.port.close();
-      void s.worker.terminate();
-    }
-  }
+  for (const list of waiting.values()) for (const s of list.splice(0)) endSpare(s);
 }
 
 /**
