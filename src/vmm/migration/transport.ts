@@ -185,18 +185,11 @@ export function openStream(spec: string, sec: StreamSecurity, onSocket: (s: Sock
 }
 
 /**
- * The destination's listener: resolves with the first connection whose peer is the expected one
- * (TLS: authenticated; plain: the first to connect). Refused TLS peers are logged and cut off
- * before anything of theirs is read; the listener then goes on waiting.
- */
-export function acceptStream(spec: string, sec: StreamSecurity, log: (line: string) => void): Promise<Socket> {
-  return listenStream(spec, sec, log).accepted;
-}
-
-/**
- * A listener for one stream (acceptStream's): `listening` once bound, `accepted` with the peer
- * (a plain socket paused, not a byte read: read-into.ts frameReaderFor takes it from there),
- * `close()` to give up waiting.
+ * The destination's listener for one stream: `listening` once bound, `accepted` with the first
+ * connection whose peer is the expected one (TLS: authenticated; plain: the first to connect; a
+ * plain socket paused, not a byte read: read-into.ts frameReaderFor takes it from there),
+ * `close()` to give up waiting. Refused TLS peers are logged and cut off before anything of
+ * theirs is read; the listener then goes on waiting.
  */
 export interface StreamListener {
   listening: Promise<void>;
