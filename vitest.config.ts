@@ -7,5 +7,7 @@ export default defineConfig({
     include: ["src/**/*.test.ts", "test/**/*.test.ts", "bench/**/*.test.ts"],
     exclude: ["**/*.lab.test.ts", "node_modules/**", "dist/**"],
     testTimeout: 30_000,
+    // A test that times out reports the processes it left running (what a hung VMM was doing).
+    setupFiles: ["test/helpers/unit-stall-report.ts"],
   },
 });

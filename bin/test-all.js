@@ -27,8 +27,8 @@ const npx = process.platform === "win32" ? "npx.cmd" : "npx";
  * the lab, and a CI log shown from its tail (stop 38's) then holds only the lab's lines.
  */
 const failures = new Map();
-/** vitest's failed tests and files and its totals, tsc's errors, eslint's. */
-const FAILURE_LINE = /\bFAIL\b|×|✗|Test Files|^\s*Tests\s|error TS\d+|\s\serror\s\s/;
+/** vitest's failed tests and files and its totals, tsc's errors, eslint's; what a test that timed out printed of the processes it left (test/helpers/unit-stall-report.ts). */
+const FAILURE_LINE = /\bFAIL\b|×|✗|Test Files|^\s*Tests\s|error TS\d+|\s\serror\s\s|^test-diag:/;
 const MAX_FAILURE_LINES = 40;
 /** After vitest's `FAIL  file > test`: its error's first lines. */
 const AFTER_FAIL = 2;

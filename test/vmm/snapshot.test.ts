@@ -9,7 +9,8 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync, truncateSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it, onTestFailed } from "vitest";
+import { diagLine } from "../helpers/diag-line.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { unixApi } from "../helpers/unix-api.js";
 import { killVmm, startVmm, type Vmm } from "../helpers/vmm-process.js";
@@ -56,6 +57,8 @@ function startStandby(api: string, extra: string[] = []): { child: ChildProcess;
   let err = "";
   child.stderr.on("data", (b: Buffer) => (err += b.toString()));
   const exited = new Promise<number | null>((resolve) => child.on("exit", (code) => resolve(code)));
+  // What it said, in the lines a CI run's tail keeps (a hang is otherwise only "timed out").
+  onTestFailed(() => console.log(diagLine(`standby pid ${child.pid ?? "?"} (exit ${child.exitCode ?? "none yet"}) said`, err.slice(-700))));
   return { child, err: () => err, exited };
 }
 
