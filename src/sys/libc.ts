@@ -38,6 +38,7 @@ const sigactionFn = libc.func("int sigaction(int sig, const void *act, void *old
 const dlsymFn = libc.func("uintptr_t dlsym(uintptr_t handle, const char *name)");
 const getpidFn = libc.func("int getpid()");
 const pipe2Fn = libc.func("int pipe2(void *fds, int flags)");
+const socketpairFn = libc.func("int socketpair(int domain, int type, int protocol, void *sv)");
 const gettidFn = libc.func("int gettid()");
 const preadFn = libc.func("long pread(int fd, void *buf, size_t n, int64_t off)");
 const pwriteFn = libc.func("long pwrite(int fd, const void *buf, size_t n, int64_t off)");
@@ -441,6 +442,20 @@ export function installKickHandler(): void {
 export function pipe2(flags = O_CLOEXEC): [number, number] {
   const fds = new Int32Array(2);
   check("pipe2", pipe2Fn(fds, flags) as number);
+  return [fds[0]!, fds[1]!];
+}
+
+/**
+ * socketpair(2) of non-blocking, close-on-exec AF_UNIX datagram sockets. A stand-in for a TAP
+ * where a device's code runs with no network (net/rehearse.ts): like a TAP fd, each read is one
+ * packet and each write(v) sends one. The kernel writes the two fds into `fds`, alive for the call.
+ */
+export function datagramPair(): [number, number] {
+  const AF_UNIX = 1;
+  const SOCK_DGRAM = 2;
+  const SOCK_NONBLOCK = 0o4000;
+  const fds = new Int32Array(2);
+  check("socketpair", socketpairFn(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | O_CLOEXEC, 0, fds) as number);
   return [fds[0]!, fds[1]!];
 }
 

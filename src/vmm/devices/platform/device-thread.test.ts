@@ -23,7 +23,7 @@ import { VIRTIO_BLK_S, VIRTIO_BLK_T } from "../virtio/block/block.js";
 import { featureBit, VIRTIO_F } from "../virtio/device.js";
 import { COMMON, VIRTIO_STATUS as S } from "../virtio/pci/caps.js";
 import { PciDriver, type MmioTarget } from "../virtio/pci/test-pci-driver.js";
-import { TestDriver } from "../virtio/queue/test-driver.js";
+import { QueueDriver } from "../virtio/queue/driver.js";
 import type { DeviceReplies, DeviceRequest, DeviceThreadInit, DeviceThreadMessage, DevicesState } from "./device-thread-init.js";
 import { createMailbox, MailboxClient, Op } from "./mailbox.js";
 
@@ -146,7 +146,7 @@ function virtioSlots(t: MmioTarget): number[] {
   return slots;
 }
 
-function readSector(d: PciDriver, q: TestDriver, sector: number): number {
+function readSector(d: PciDriver, q: QueueDriver, sector: number): number {
   mem.writeU32(0x300000, VIRTIO_BLK_T.IN);
   mem.writeU64(0x300008, BigInt(sector));
   mem.writeU8(0x302000, 0xee);
@@ -171,7 +171,7 @@ describe.skipIf(!hasKvm)("device thread snapshot and restore (real worker, KVM V
     const slots = virtioSlots(a.mmio);
     expect(slots).toHaveLength(2);
     const blk = new PciDriver(a.mmio, slots[0]!);
-    const q = new TestDriver(mem, 16, 0x10000);
+    const q = new QueueDriver(mem, 16, 0x10000);
     blk.enableMsix(2);
     blk.setCommon(COMMON.DEVICE_STATUS, 1, 0);
     blk.addStatus(S.ACKNOWLEDGE | S.DRIVER);

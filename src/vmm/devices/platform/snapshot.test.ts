@@ -17,7 +17,7 @@ import { fakeTap } from "../virtio/net/test-tap.js";
 import { COMMON, VIRTIO_PCI_CAP, VIRTIO_STATUS as S } from "../virtio/pci/caps.js";
 import { PciDriver } from "../virtio/pci/test-pci-driver.js";
 import { MSIX_BAR, VIRTIO_BAR, VirtioPciDevice } from "../virtio/pci/transport.js";
-import { TestDriver } from "../virtio/queue/test-driver.js";
+import { QueueDriver } from "../virtio/queue/driver.js";
 import { RngDevice } from "../virtio/rng/rng.js";
 import { VSOCK_EVENT_TRANSPORT_RESET } from "../virtio/vsock/packet.js";
 import { VsockDevice } from "../virtio/vsock/vsock.js";
@@ -79,7 +79,7 @@ function machine(mem: GuestMemory, id: Identity, kinds: readonly DeviceKind[] = 
 }
 
 /** Linux's probe: MSI-X with one vector per queue plus config (vector 0), features without EVENT_IDX (so every used buffer interrupts), queues, DRIVER_OK. */
-function bringUp(d: PciDriver, queues: readonly TestDriver[]): void {
+function bringUp(d: PciDriver, queues: readonly QueueDriver[]): void {
   d.enableMsix(queues.length + 1);
   d.setCommon(COMMON.DEVICE_STATUS, 1, 0);
   d.addStatus(S.ACKNOWLEDGE);
@@ -99,7 +99,7 @@ const DATA = 0x301000;
 const STATUS = 0x302000;
 
 /** One virtio-blk read of `sector` into DATA (virtio 1.2 §5.2.6), published; the caller kicks. */
-function blockRead(mem: GuestMemory, q: TestDriver, sector: number): void {
+function blockRead(mem: GuestMemory, q: QueueDriver, sector: number): void {
   mem.writeU32(HDR, VIRTIO_BLK_T.IN);
   mem.writeU64(HDR + 8, BigInt(sector));
   mem.writeU8(STATUS, 0xee);
@@ -110,7 +110,7 @@ function blockRead(mem: GuestMemory, q: TestDriver, sector: number): void {
 function usedMachine() {
   const mem = new GuestMemory(new ArrayBuffer(MEM), [{ guestPhysAddr: 0, size: MEM, hostOffset: 0 }]);
   const a = machine(mem, { disk: disk("a.img"), mac: Uint8Array.of(2, 0, 0, 0, 0, 1), cid: 3, uds: join(dir, `a${Math.random()}.sock`) });
-  const rings = (n: number, base: number): TestDriver[] => Array.from({ length: n }, (_, i) => new TestDriver(mem, 16, base + i * 0x1000));
+  const rings = (n: number, base: number): QueueDriver[] => Array.from({ length: n }, (_, i) => new QueueDriver(mem, 16, base + i * 0x1000));
   const q = { block: rings(1, 0x10000), net: rings(3, 0x20000), rng: rings(1, 0x30000), vsock: rings(3, 0x40000), balloon: rings(2, 0x50000) };
   // Firmware put the block device's BAR 4 low in the window; the guest moves it to the top (Linux
   // may reassign BARs): decode off, new address, decode on.

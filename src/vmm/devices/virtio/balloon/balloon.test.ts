@@ -5,8 +5,8 @@ import type { MemoryRegionSpec } from "../../../memory/guest-memory.js";
 import { GuestMemory } from "../../../memory/guest-memory.js";
 import type { ActivateContext } from "../device.js";
 import { featureBit, hasFeature, VIRTIO_F, VIRTIO_ID } from "../device.js";
-import type { DriverBuf } from "../queue/test-driver.js";
-import { TestDriver } from "../queue/test-driver.js";
+import type { DriverBuf } from "../queue/driver.js";
+import { QueueDriver } from "../queue/driver.js";
 import { fuzzCase, runFuzzCase, FUZZ_MEM } from "../queue/test-fuzz.js";
 import type { BalloonDeviceOptions } from "./balloon.js";
 import { BalloonDevice, DEFLATEQ, INFLATEQ, MAX_PFNS_PER_BUFFER, MAX_STAT_ENTRIES, STATSQ, VIRTIO_BALLOON_F } from "./balloon.js";
@@ -31,7 +31,7 @@ const ALL = featureBit(VIRTIO_F.VERSION_1) | featureBit(VIRTIO_BALLOON_F.STATS_V
 interface Rig {
   dev: BalloonDevice;
   mem: GuestMemory;
-  drv: TestDriver[];
+  drv: QueueDriver[];
   ctx: ActivateContext;
   discards: [number, number][];
   interrupts: number[];
@@ -42,7 +42,7 @@ interface Rig {
 
 function rig(opts: Partial<BalloonDeviceOptions> = {}, features = ALL, queues = 3): Rig {
   const mem = new GuestMemory(new ArrayBuffer(3 * MiB), LAYOUT);
-  const drv = QBASE.slice(0, queues).map((b) => new TestDriver(mem, QSIZE, b));
+  const drv = QBASE.slice(0, queues).map((b) => new QueueDriver(mem, QSIZE, b));
   const discards: [number, number][] = [];
   const clock = { t: 1_000_000 };
   const r: Rig = {
@@ -418,7 +418,7 @@ describe("BalloonDevice", () => {
   });
 
   it("on adversarial inflate rings: never throws, writes only the used ring, discards only in RAM (property)", () => {
-    const good = (mem: GuestMemory, drv: TestDriver) => {
+    const good = (mem: GuestMemory, drv: QueueDriver) => {
       mem.write(0x3000, pfnBytes([2, 3]));
       const head = drv.addChain([{ addr: 0x3000, len: 8 }]);
       return { head, check: (len: number) => expect(len).toBe(0) };

@@ -3,7 +3,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import * as libc from "../../../../sys/libc.js";
 import { GuestMemory, type HostRegion } from "../../../memory/guest-memory.js";
 import { featureBit, VIRTIO_F } from "../device.js";
-import { TestDriver } from "../queue/test-driver.js";
+import { QueueDriver } from "../queue/driver.js";
 import { BalloonDevice, INFLATEQ, VIRTIO_BALLOON_F } from "./balloon.js";
 import { HOST_PAGE_SIZE, makeDiscard } from "./discard.js";
 
@@ -106,8 +106,8 @@ describe("makeDiscard", () => {
     const { m, bytes } = anonMapping();
     const mem = GuestMemory.mapped(layout(m));
     const dev = new BalloonDevice({ discard: makeDiscard(layout(m)), maxPages: LEN / 4096 });
-    mem.fill(0, TestDriver.footprint(8)); // queue area
-    const drv = new TestDriver(mem, 8, 0);
+    mem.fill(0, QueueDriver.footprint(8)); // queue area
+    const drv = new QueueDriver(mem, 8, 0);
     const ctx = {
       mem,
       queues: [drv.config, { size: 0, descAddr: 0, driverAddr: 0, deviceAddr: 0 }],

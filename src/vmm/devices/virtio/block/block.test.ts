@@ -7,8 +7,8 @@ import { afterAll, beforeEach, describe, expect, it } from "vitest";
 import { isTypevisorError } from "../../../../errors.js";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
 import { featureBit, hasFeature, VIRTIO_F } from "../device.js";
-import { TestDriver } from "../queue/test-driver.js";
-import type { DriverBuf } from "../queue/test-driver.js";
+import { QueueDriver } from "../queue/driver.js";
+import type { DriverBuf } from "../queue/driver.js";
 import { fuzzCase, harness, runFuzzCase } from "../queue/test-fuzz.js";
 import { goodRead } from "./test-requests.js";
 import type { Harness } from "../queue/test-fuzz.js";
@@ -41,14 +41,14 @@ function writeHeader(mem: GuestMemory, type: number, sector: bigint, at = HDR): 
 interface Rig {
   dev: BlockDevice;
   h: Harness;
-  drv: TestDriver;
+  drv: QueueDriver;
   mem: GuestMemory;
   /** Submit one request and return [status, used len]. */
   submit(type: number, sector: bigint, data: DriverBuf[], opts?: { status?: boolean }): [number, number];
 }
 
 function rig(dev: BlockDevice, features = ALL): Rig {
-  const { h, drv } = harness(dev, features, (m) => new TestDriver(m, 16, 0));
+  const { h, drv } = harness(dev, features, (m) => new QueueDriver(m, 16, 0));
   dev.activate(h.ctx);
   const mem = h.mem;
   return {
@@ -332,8 +332,8 @@ describe("BlockDevice requests", () => {
       expect(r.h.resets).toHaveLength(1);
       // After the driver resets the device, it works again.
       r.dev.reset();
-      r.mem.fill(0, TestDriver.footprint(16));
-      const drv = new TestDriver(r.mem, 16, 0);
+      r.mem.fill(0, QueueDriver.footprint(16));
+      const drv = new QueueDriver(r.mem, 16, 0);
       r.dev.activate(r.h.ctx);
       writeHeader(r.mem, VIRTIO_BLK_T.IN, 1n);
       drv.publish(drv.addChain([{ addr: HDR, len: 16 }, { addr: DATA, len: 512, write: true }, { addr: STATUS, len: 1, write: true }]));

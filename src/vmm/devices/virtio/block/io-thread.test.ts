@@ -6,7 +6,7 @@ import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
 import { pollIn } from "../../../../sys/libc.js";
 import { featureBit, VIRTIO_F } from "../device.js";
-import { TestDriver, type DriverBuf } from "../queue/test-driver.js";
+import { QueueDriver, type DriverBuf } from "../queue/driver.js";
 import { fuzzCase, harness, runFuzzCase } from "../queue/test-fuzz.js";
 import { goodRead } from "./test-requests.js";
 import { BlockDevice, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
@@ -55,7 +55,7 @@ interface Req {
 
 /** Requests laid out one per 1 KiB area from 0x4000 (header at +0, data from +0x10, status at +0x3ff) in the harness's 64 KiB. */
 function rig(dev: BlockDevice) {
-  const { h, drv } = harness(dev, FEATURES, (m) => new TestDriver(m, QSIZE, 0));
+  const { h, drv } = harness(dev, FEATURES, (m) => new QueueDriver(m, QSIZE, 0));
   dev.activate(h.ctx);
   return {
     h,

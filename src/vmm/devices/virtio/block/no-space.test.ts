@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createQcow2 } from "../../../disk/qcow2/create.js";
 import { pattern, qemuCheck, qemuRaw } from "../../../disk/test-disk.js";
 import { featureBit, VIRTIO_F } from "../device.js";
-import { TestDriver, type DriverBuf } from "../queue/test-driver.js";
+import { QueueDriver, type DriverBuf } from "../queue/driver.js";
 import { harness } from "../queue/test-fuzz.js";
 import { settle } from "./test-block.js";
 import { BlockDevice, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T, type NoSpaceInfo } from "./block.js";
@@ -40,7 +40,7 @@ afterAll(() => {
 
 /** Write requests with data at 0x2000 (32 KiB in 4 KiB pieces), header 0x1000, status 0xf000; a read at 0xe000 with header 0x1100, status 0xf001. */
 function rig(dev: BlockDevice) {
-  const { h, drv } = harness(dev, FEATURES, (m) => new TestDriver(m, 64, 0));
+  const { h, drv } = harness(dev, FEATURES, (m) => new QueueDriver(m, 64, 0));
   dev.activate(h.ctx);
   const pieces = (at: number, len: number, write: boolean): DriverBuf[] => Array.from({ length: Math.ceil(len / 4096) }, (_, i) => ({ addr: at + i * 4096, len: Math.min(4096, len - i * 4096), write }));
   const publish = (hdr: number, status: number, type: number, sector: number, data: DriverBuf[]): void => {

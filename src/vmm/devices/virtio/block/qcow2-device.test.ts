@@ -5,7 +5,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { createQcow2 } from "../../../disk/qcow2/create.js";
 import { pattern, qemuCheck, qemuImg } from "../../../disk/test-disk.js";
 import { featureBit, hasFeature, VIRTIO_F } from "../device.js";
-import { TestDriver, type DriverBuf } from "../queue/test-driver.js";
+import { QueueDriver, type DriverBuf } from "../queue/driver.js";
 import { harness } from "../queue/test-fuzz.js";
 import { settle, sleepMs, waitIoThreadUp } from "./test-block.js";
 import { BlockDevice, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
@@ -39,7 +39,7 @@ function qemuAgrees(img: string, model: Buffer): void {
 
 /** One request at a time: header at 0x1000, data from 0x2000 (up to 48 KiB in 4 KiB pieces), status at 0xf000. */
 function rig(dev: BlockDevice) {
-  const { h, drv } = harness(dev, FEATURES, (m) => new TestDriver(m, 64, 0));
+  const { h, drv } = harness(dev, FEATURES, (m) => new QueueDriver(m, 64, 0));
   dev.activate(h.ctx);
   const req = (type: number, sector: number, data: DriverBuf[]): number => {
     h.mem.writeU32(0x1000, type);
@@ -118,7 +118,7 @@ for (const where of ["the device thread", "an I/O thread"] as const) {
       const { img } = overlay();
       const dev = open(img);
       try {
-        const { h, drv } = harness(dev, FEATURES & ~featureBit(VIRTIO_BLK_F.FLUSH), (m) => new TestDriver(m, 16, 0));
+        const { h, drv } = harness(dev, FEATURES & ~featureBit(VIRTIO_BLK_F.FLUSH), (m) => new QueueDriver(m, 16, 0));
         dev.activate(h.ctx);
         h.mem.writeU32(0x1000, VIRTIO_BLK_T.OUT);
         h.mem.writeU64(0x1008, 2048n);

@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import { expect } from "vitest";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
-import type { TestDriver } from "../queue/test-driver.js";
+import type { QueueDriver } from "../queue/driver.js";
 import type { GoodRequest } from "../queue/test-fuzz.js";
 import { VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
 
@@ -11,7 +11,7 @@ import { VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
  */
 export const goodRead =
   (file: string): GoodRequest =>
-  (mem: GuestMemory, drv: TestDriver) => {
+  (mem: GuestMemory, drv: QueueDriver) => {
     const at = 0x3000;
     mem.writeU32(at, VIRTIO_BLK_T.IN);
     mem.writeU64(at + 8, 3n);

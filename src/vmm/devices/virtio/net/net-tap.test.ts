@@ -7,7 +7,7 @@ import type { TapHandle } from "../../../../sys/tap.js";
 import { GuestMemory } from "../../../memory/guest-memory.js";
 import type { ActivateContext } from "../device.js";
 import { featureBit, VIRTIO_F } from "../device.js";
-import { TestDriver } from "../queue/test-driver.js";
+import { QueueDriver } from "../queue/driver.js";
 import { macFromIdentity } from "./mac.js";
 import { NetDevice, RXQ, TXQ, VIRTIO_NET_F, VNET_HDR_LEN } from "./net.js";
 
@@ -62,8 +62,8 @@ describe.skipIf(!ok)("NetDevice on a real TAP (root)", () => {
       const dev = new NetDevice({ tapFd: tap.fd, mac: GUEST_MAC, queueSize: 64 });
       const size = 1 << 20;
       const mem = new GuestMemory(new ArrayBuffer(size), [{ guestPhysAddr: 0, size, hostOffset: 0 }]);
-      const rx = new TestDriver(mem, 64, 0);
-      const tx = new TestDriver(mem, 64, 0x4000);
+      const rx = new QueueDriver(mem, 64, 0);
+      const tx = new QueueDriver(mem, 64, 0x4000);
       let features = featureBit(VIRTIO_F.VERSION_1) | featureBit(VIRTIO_F.EVENT_IDX) | featureBit(VIRTIO_NET_F.MAC) | featureBit(VIRTIO_NET_F.STATUS);
       if (mrg) features |= featureBit(VIRTIO_NET_F.MRG_RXBUF);
       const interrupts: number[] = [];

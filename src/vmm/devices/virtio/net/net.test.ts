@@ -5,8 +5,8 @@ import { GuestMemory } from "../../../memory/guest-memory.js";
 import type { ActivateContext, QueueConfig } from "../device.js";
 import { featureBit, hasFeature, VIRTIO_F, VIRTIO_ID } from "../device.js";
 import { QueueError, SplitQueue } from "../queue/split-queue.js";
-import type { DriverBuf } from "../queue/test-driver.js";
-import { TestDriver } from "../queue/test-driver.js";
+import type { DriverBuf } from "../queue/driver.js";
+import { QueueDriver } from "../queue/driver.js";
 import type { FuzzCase } from "../queue/test-fuzz.js";
 import { DATA_AREA, FUZZ_MEM, fuzzCase, INDIRECT_AREA, QSIZE } from "../queue/test-fuzz.js";
 import { fakeTap as makeFakeTap } from "./test-tap.js";
@@ -45,8 +45,8 @@ const DATA = 0x10000;
 interface Rig {
   dev: NetDevice;
   mem: GuestMemory;
-  rx: TestDriver;
-  tx: TestDriver;
+  rx: QueueDriver;
+  tx: QueueDriver;
   host: number;
   resets: string[];
   interrupts: number[];
@@ -58,8 +58,8 @@ function rig(features = ALL, opts: { queueSize?: number; mtu?: number } = {}): R
   const dev = new NetDevice({ tapFd: tap.dev, mac: MAC, ...opts });
   const mem = new GuestMemory(new ArrayBuffer(MEM), [{ guestPhysAddr: 0, size: MEM, hostOffset: 0 }]);
   const size = opts.queueSize ?? 16;
-  const rx = new TestDriver(mem, size, RX_BASE);
-  const tx = new TestDriver(mem, size, TX_BASE);
+  const rx = new QueueDriver(mem, size, RX_BASE);
+  const tx = new QueueDriver(mem, size, TX_BASE);
   const resets: string[] = [];
   const interrupts: number[] = [];
   const ctx: ActivateContext = {
@@ -339,7 +339,7 @@ describe("NetDevice receive", () => {
   it("restore() asks the guest to announce itself when GUEST_ANNOUNCE was negotiated; ANNOUNCE_ACK on the control queue clears it (§5.1.6.5.4)", () => {
     const r = rig();
     const st = JSON.parse(JSON.stringify(r.dev.save())) as ReturnType<NetDevice["save"]>;
-    const ctrl = new TestDriver(r.mem, 16, 0x8000);
+    const ctrl = new QueueDriver(r.mem, 16, 0x8000);
     let configInterrupts = 0;
     const restoreWith = (features: bigint): NetDevice => {
       const dev = new NetDevice({ tapFd: r.dev.backendFds[0]!, mac: Uint8Array.of(0x02, 0, 0, 0, 0, 0x99) });
@@ -522,7 +522,7 @@ describe("NetDevice receive", () => {
 
 /* ---------- hostile rings (fast-check) ---------- */
 
-function layCase(mem: GuestMemory, drv: TestDriver, c: FuzzCase): void {
+function layCase(mem: GuestMemory, drv: QueueDriver, c: FuzzCase): void {
   c.descs.forEach((d, i) => drv.writeDesc(drv.config.descAddr, i, BigInt(d.addr), d.len, d.flags, d.next));
   c.indirect.forEach((d, i) => drv.writeDesc(INDIRECT_AREA, i, BigInt(d.addr), d.len, d.flags, d.next));
   c.slots.forEach((s, i) => {
@@ -547,7 +547,7 @@ function fuzzRig(c: FuzzCase, q: number, mrg: boolean) {
   const tap = fakeTap(caseFds);
   const dev = new NetDevice({ tapFd: tap.dev, mac: MAC, queueSize: QSIZE });
   const mem = new GuestMemory(new ArrayBuffer(FUZZ_MEM), [{ guestPhysAddr: 0, size: FUZZ_MEM, hostOffset: 0 }]);
-  const drv = new TestDriver(mem, QSIZE, 0);
+  const drv = new QueueDriver(mem, QSIZE, 0);
   layCase(mem, drv, c);
   let features = featureBit(VIRTIO_F.VERSION_1);
   if (c.eventIdx) features |= featureBit(VIRTIO_F.EVENT_IDX);
@@ -619,9 +619,9 @@ describe("NetDevice on hostile rings (property)", () => {
 
         // Recovery: reset, fresh rings, one frame into one good chain.
         dev.reset();
-        mem.fill(0, TestDriver.footprint(QSIZE));
+        mem.fill(0, QueueDriver.footprint(QSIZE));
         drain(tap.dev);
-        const d2 = new TestDriver(mem, QSIZE, 0);
+        const d2 = new QueueDriver(mem, QSIZE, 0);
         dev.activate({ mem, queues: [d2.config], features: featureBit(VIRTIO_F.VERSION_1), interruptQueue: () => undefined, interruptConfig: () => undefined, needsReset: () => undefined });
         const h = d2.addChain([{ addr: 0x3000, len: 1600, write: true }]);
         d2.publish(h);

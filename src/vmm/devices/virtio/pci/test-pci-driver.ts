@@ -131,7 +131,7 @@ export class PciDriver {
     w64(COMMON.QUEUE_DEVICE, base + 0x1000 * Math.ceil((16 * size + 6 + 2 * size) / 0x1000));
     this.setCommon(COMMON.QUEUE_MSIX_VECTOR, 2, vector);
   }
-  /** Program queue `q` where a TestDriver placed it (`c`), give it MSI-X `vector`, enable it (§4.1.5.1.3). */
+  /** Program queue `q` where a QueueDriver placed it (`c`), give it MSI-X `vector`, enable it (§4.1.5.1.3). */
   placeQueue(q: number, c: QueueConfig, vector: number): void {
     this.setCommon(COMMON.QUEUE_SELECT, 2, q);
     this.setCommon(COMMON.QUEUE_SIZE, 2, c.size);

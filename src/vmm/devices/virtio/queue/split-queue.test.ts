@@ -5,7 +5,7 @@ import { addressOf, IoVec } from "../../../../sys/iov.js";
 import { bufsLength, chainSlices, gatherHost, readChain, writeChain } from "./chain.js";
 import type { DescriptorChain, SplitQueueOptions } from "./split-queue.js";
 import { QueueError, SplitQueue, VIRTQ_DESC_F } from "./split-queue.js";
-import { TestDriver } from "./test-driver.js";
+import { QueueDriver } from "./driver.js";
 
 const MEM = 64 * 1024;
 const DATA = 0x4000;
@@ -17,7 +17,7 @@ function mkMem(n = MEM): GuestMemory {
 
 function setup(size = 8, opts: Partial<SplitQueueOptions> = {}) {
   const mem = mkMem();
-  const drv = new TestDriver(mem, size, 0);
+  const drv = new QueueDriver(mem, size, 0);
   const q = new SplitQueue(mem, drv.config, { eventIdx: false, indirect: false, ...opts });
   return { mem, drv, q };
 }
@@ -85,7 +85,7 @@ describe("SplitQueue.pop", () => {
     const heads: number[] = [];
     for (let i = 0; i < 4; i++) {
       const h = drv.addChain([{ addr: DATA + i * 16, len: 8, write: true }]);
-      // TestDriver writes the ring slot from its own idx, which we moved to 0xfffe.
+      // QueueDriver writes the ring slot from its own idx, which we moved to 0xfffe.
       drv.publish(h);
       heads.push(h);
     }
@@ -118,15 +118,15 @@ describe("SplitQueue.pop", () => {
   });
 
   it.each([
-    ["head outside the table", (d: TestDriver) => d.publish(9), "VIRTQ_HEAD"],
-    ["next outside the table", (d: TestDriver) => (d.writeDesc(0, 0, DATA, 8, NEXT, 8), d.publish(0)), "VIRTQ_NEXT"],
-    ["a loop", (d: TestDriver) => (d.writeDesc(0, 0, DATA, 8, NEXT, 1), d.writeDesc(0, 1, DATA, 8, NEXT, 0), d.publish(0)), "VIRTQ_LOOP"],
-    ["a self loop", (d: TestDriver) => (d.writeDesc(0, 3, DATA, 8, NEXT | WRITE, 3), d.publish(3)), "VIRTQ_LOOP"],
-    ["readable after writable", (d: TestDriver) => d.publish(d.addChain([{ addr: DATA, len: 8, write: true }, { addr: DATA, len: 8 }])), "VIRTQ_ORDER"],
-    ["readable after an empty writable", (d: TestDriver) => d.publish(d.addChain([{ addr: DATA, len: 0, write: true }, { addr: DATA, len: 8 }])), "VIRTQ_ORDER"],
-    ["a buffer past the end of RAM", (d: TestDriver) => d.publish(d.addChain([{ addr: MEM - 4, len: 8 }])), "VIRTQ_BUFFER"],
-    ["a 64-bit address", (d: TestDriver) => (d.writeDesc(0, 0, 0xffff_ffff_ffff_f000n, 8, 0, 0), d.publish(0)), "VIRTQ_BUFFER"],
-    ["INDIRECT without the feature", (d: TestDriver) => d.publish(d.addIndirectChain([{ addr: DATA, len: 8 }], 0x2000)), "VIRTQ_INDIRECT"],
+    ["head outside the table", (d: QueueDriver) => d.publish(9), "VIRTQ_HEAD"],
+    ["next outside the table", (d: QueueDriver) => (d.writeDesc(0, 0, DATA, 8, NEXT, 8), d.publish(0)), "VIRTQ_NEXT"],
+    ["a loop", (d: QueueDriver) => (d.writeDesc(0, 0, DATA, 8, NEXT, 1), d.writeDesc(0, 1, DATA, 8, NEXT, 0), d.publish(0)), "VIRTQ_LOOP"],
+    ["a self loop", (d: QueueDriver) => (d.writeDesc(0, 3, DATA, 8, NEXT | WRITE, 3), d.publish(3)), "VIRTQ_LOOP"],
+    ["readable after writable", (d: QueueDriver) => d.publish(d.addChain([{ addr: DATA, len: 8, write: true }, { addr: DATA, len: 8 }])), "VIRTQ_ORDER"],
+    ["readable after an empty writable", (d: QueueDriver) => d.publish(d.addChain([{ addr: DATA, len: 0, write: true }, { addr: DATA, len: 8 }])), "VIRTQ_ORDER"],
+    ["a buffer past the end of RAM", (d: QueueDriver) => d.publish(d.addChain([{ addr: MEM - 4, len: 8 }])), "VIRTQ_BUFFER"],
+    ["a 64-bit address", (d: QueueDriver) => (d.writeDesc(0, 0, 0xffff_ffff_ffff_f000n, 8, 0, 0), d.publish(0)), "VIRTQ_BUFFER"],
+    ["INDIRECT without the feature", (d: QueueDriver) => d.publish(d.addIndirectChain([{ addr: DATA, len: 8 }], 0x2000)), "VIRTQ_INDIRECT"],
   ])("rejects %s", (_name, build, code) => {
     const { drv, q } = setup(8);
     build(drv);
@@ -140,7 +140,7 @@ describe("SplitQueue.pop", () => {
     const backing = new ArrayBuffer(region);
     const regions = Array.from({ length: 66 }, (_, i) => ({ guestPhysAddr: i * region, size: region, hostOffset: 0 }));
     const mem = new GuestMemory(backing, regions);
-    const drv = new TestDriver(mem, 128, 0);
+    const drv = new QueueDriver(mem, 128, 0);
     const q = new SplitQueue(mem, drv.config, { eventIdx: false, indirect: false });
     const bufs = Array.from({ length: 65 }, (_, i) => ({ addr: (i + 1) * region, len: region, write: true }));
     drv.publish(drv.addChain(bufs));
@@ -186,13 +186,13 @@ describe("indirect descriptors (§2.7.5.3)", () => {
   });
 
   it.each([
-    ["nested", (d: TestDriver) => (d.writeDesc(TABLE, 0, TABLE, 16, INDIRECT, 0), d.writeDesc(0, 0, TABLE, 16, INDIRECT, 0))],
-    ["NEXT with INDIRECT", (d: TestDriver) => (d.writeDesc(TABLE, 0, DATA, 8, 0, 0), d.writeDesc(0, 0, TABLE, 16, INDIRECT | NEXT, 1))],
-    ["length not a multiple of 16", (d: TestDriver) => d.writeDesc(0, 0, TABLE, 24, INDIRECT, 0)],
-    ["zero length", (d: TestDriver) => d.writeDesc(0, 0, TABLE, 0, INDIRECT, 0)],
-    ["table outside RAM", (d: TestDriver) => d.writeDesc(0, 0, MEM - 16, 32, INDIRECT, 0)],
-    ["loop inside the table", (d: TestDriver) => (d.writeDesc(TABLE, 0, DATA, 8, NEXT, 1), d.writeDesc(TABLE, 1, DATA, 8, NEXT, 0), d.writeDesc(0, 0, TABLE, 32, INDIRECT, 0))],
-    ["next past the table end", (d: TestDriver) => (d.writeDesc(TABLE, 0, DATA, 8, NEXT, 2), d.writeDesc(TABLE, 2, DATA, 8, 0, 0), d.writeDesc(0, 0, TABLE, 32, INDIRECT, 0))],
+    ["nested", (d: QueueDriver) => (d.writeDesc(TABLE, 0, TABLE, 16, INDIRECT, 0), d.writeDesc(0, 0, TABLE, 16, INDIRECT, 0))],
+    ["NEXT with INDIRECT", (d: QueueDriver) => (d.writeDesc(TABLE, 0, DATA, 8, 0, 0), d.writeDesc(0, 0, TABLE, 16, INDIRECT | NEXT, 1))],
+    ["length not a multiple of 16", (d: QueueDriver) => d.writeDesc(0, 0, TABLE, 24, INDIRECT, 0)],
+    ["zero length", (d: QueueDriver) => d.writeDesc(0, 0, TABLE, 0, INDIRECT, 0)],
+    ["table outside RAM", (d: QueueDriver) => d.writeDesc(0, 0, MEM - 16, 32, INDIRECT, 0)],
+    ["loop inside the table", (d: QueueDriver) => (d.writeDesc(TABLE, 0, DATA, 8, NEXT, 1), d.writeDesc(TABLE, 1, DATA, 8, NEXT, 0), d.writeDesc(0, 0, TABLE, 32, INDIRECT, 0))],
+    ["next past the table end", (d: QueueDriver) => (d.writeDesc(TABLE, 0, DATA, 8, NEXT, 2), d.writeDesc(TABLE, 2, DATA, 8, 0, 0), d.writeDesc(0, 0, TABLE, 32, INDIRECT, 0))],
   ])("rejects %s", (_name, build) => {
     const { drv, q } = setup(8, { indirect: true });
     build(drv);
@@ -338,7 +338,7 @@ describe("pop on random descriptor tables (property)", () => {
         fc.boolean(),
         (descs, ring, availIdx, indirect) => {
           const mem = mkMem();
-          const drv = new TestDriver(mem, size, 0);
+          const drv = new QueueDriver(mem, size, 0);
           descs.forEach((d, i) => drv.writeDesc(0, i, BigInt(d.addr), d.len, d.flags, d.next));
           // Also scatter descriptors where indirect tables may point.
           descs.forEach((d, i) => drv.writeDesc(0x400, i, BigInt(d.addr), d.len, d.flags, (d.next + 1) % 12));
@@ -388,7 +388,7 @@ describe("descriptor addresses as two 32-bit halves (property)", () => {
     fc.assert(
       fc.property(addr, fc.integer({ min: 0, max: 128 }), fc.boolean(), (a, len, viaIndirect) => {
         const mem = mem2();
-        const drv = new TestDriver(mem, 8, 0);
+        const drv = new QueueDriver(mem, 8, 0);
         if (viaIndirect) {
           drv.writeDesc(0x400, 0, a, len, WRITE, 0);
           drv.writeDesc(0, 0, 0x400, 16, INDIRECT, 0);
@@ -439,7 +439,7 @@ describe("chains across regions and host views (property)", () => {
           { guestPhysAddr: 0, size: LOW, hostOffset: 0 },
           { guestPhysAddr: HIGH, size: LOW, hostOffset: LOW },
         ], geometry);
-        const drv = new TestDriver(mem, 8, 0x100);
+        const drv = new QueueDriver(mem, 8, 0x100);
         const q = new SplitQueue(mem, drv.config, { eventIdx: false, indirect: false });
         // Readable first (§2.7.4.2); the queue's own area [0x100, 0x400) is left alone.
         const bufs = [...raw.filter((b) => !b.write), ...raw.filter((b) => b.write)].map((b) => ({
@@ -492,9 +492,9 @@ describe("chains across regions and host views (property)", () => {
 
   it("refuses a queue whose rings would need two views, instead of throwing (a geometry with less overlap than a ring)", () => {
     const mem = new GuestMemory(new ArrayBuffer(MEM), [{ guestPhysAddr: 0, size: MEM, hostOffset: 0 }], { step: 4096, overlap: 16 });
-    const drv = new TestDriver(mem, 8, 4096 - 64);
+    const drv = new QueueDriver(mem, 8, 4096 - 64);
     expect(() => new SplitQueue(mem, drv.config, { eventIdx: false, indirect: false })).toThrow(/crosses two host views/);
-    expect(SplitQueue.check(mem, new TestDriver(mem, 8, 0).config)).toBeUndefined();
+    expect(SplitQueue.check(mem, new QueueDriver(mem, 8, 0).config)).toBeUndefined();
   });
 });
 

@@ -4,7 +4,7 @@ import { GuestMemory } from "../../../memory/guest-memory.js";
 import type { ActivateContext, VirtioDevice } from "../device.js";
 import { featureBit, VIRTIO_F } from "../device.js";
 import { type DescriptorChain, QueueError, SplitQueue } from "./split-queue.js";
-import { TestDriver } from "./test-driver.js";
+import { QueueDriver } from "./driver.js";
 
 /**
  * Test helper: adversarial rings for any device, and the invariants every device must keep
@@ -120,7 +120,7 @@ export interface Harness {
   interrupts: number[];
 }
 
-export function harness(device: VirtioDevice, features: bigint, build: (mem: GuestMemory) => TestDriver): { h: Harness; drv: TestDriver } {
+export function harness(device: VirtioDevice, features: bigint, build: (mem: GuestMemory) => QueueDriver): { h: Harness; drv: QueueDriver } {
   const mem = new GuestMemory(new ArrayBuffer(FUZZ_MEM), [{ guestPhysAddr: 0, size: FUZZ_MEM, hostOffset: 0 }]);
   const drv = build(mem);
   const resets: string[] = [];
@@ -137,7 +137,7 @@ export function harness(device: VirtioDevice, features: bigint, build: (mem: Gue
 }
 
 /** A well-formed request a device must still serve: builds it, and checks its completion. */
-export type GoodRequest = (mem: GuestMemory, drv: TestDriver) => { head: number; check: (usedLen: number) => void };
+export type GoodRequest = (mem: GuestMemory, drv: QueueDriver) => { head: number; check: (usedLen: number) => void };
 
 /**
  * Run one adversarial case against a fresh `device` and assert the common invariants.
@@ -150,7 +150,7 @@ export function runFuzzCase(device: VirtioDevice, c: FuzzCase, good: GoodRequest
   let features = featureBit(VIRTIO_F.VERSION_1);
   if (c.eventIdx) features |= featureBit(VIRTIO_F.EVENT_IDX);
   if (c.indirectFeature) features |= featureBit(VIRTIO_F.INDIRECT_DESC);
-  const { h, drv } = harness(device, features | (device.features & ~(featureBit(VIRTIO_F.EVENT_IDX) | featureBit(VIRTIO_F.INDIRECT_DESC))), (m) => new TestDriver(m, QSIZE, 0));
+  const { h, drv } = harness(device, features | (device.features & ~(featureBit(VIRTIO_F.EVENT_IDX) | featureBit(VIRTIO_F.INDIRECT_DESC))), (m) => new QueueDriver(m, QSIZE, 0));
   const { mem } = h;
   c.descs.forEach((d, i) => drv.writeDesc(drv.config.descAddr, i, BigInt(d.addr), d.len, d.flags, d.next));
   c.indirect.forEach((d, i) => drv.writeDesc(INDIRECT_AREA, i, BigInt(d.addr), d.len, d.flags, d.next));
@@ -230,8 +230,8 @@ export function runFuzzCase(device: VirtioDevice, c: FuzzCase, good: GoodRequest
   let d2 = drv;
   if (h.resets.length > 0) {
     device.reset();
-    mem.fill(0, TestDriver.footprint(QSIZE));
-    d2 = new TestDriver(mem, QSIZE, 0);
+    mem.fill(0, QueueDriver.footprint(QSIZE));
+    d2 = new QueueDriver(mem, QSIZE, 0);
     device.activate(h.ctx);
   } else {
     d2.setAvailIdx(c.availIdx);

@@ -2,14 +2,14 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import type { GuestMemory } from "../../../memory/guest-memory.js";
 import { featureBit, VIRTIO_F, VIRTIO_ID } from "../device.js";
-import { TestDriver } from "../queue/test-driver.js";
+import { QueueDriver } from "../queue/driver.js";
 import { fuzzCase, harness, runFuzzCase } from "../queue/test-fuzz.js";
 import { RngDevice } from "./rng.js";
 
 const DATA = 0x8000;
 
 function rig(dev: RngDevice) {
-  const { h, drv } = harness(dev, featureBit(VIRTIO_F.VERSION_1), (m) => new TestDriver(m, 8, 0));
+  const { h, drv } = harness(dev, featureBit(VIRTIO_F.VERSION_1), (m) => new QueueDriver(m, 8, 0));
   dev.activate(h.ctx);
   return { h, drv, mem: h.mem };
 }
@@ -65,7 +65,7 @@ describe("RngDevice", () => {
   });
 
   it("on adversarial rings: never throws, writes only where allowed, still serves a good request (property)", () => {
-    const good = (mem: GuestMemory, drv: TestDriver) => {
+    const good = (mem: GuestMemory, drv: QueueDriver) => {
       mem.fill(0x3000, 64, 0);
       const head = drv.addChain([{ addr: 0x3000, len: 64, write: true }]);
       return { head, check: (len: number) => expect(len).toBe(64) };

@@ -9,7 +9,7 @@ import * as libc from "../../../../sys/libc.js";
 import { GuestMemory } from "../../../memory/guest-memory.js";
 import type { ActivateContext } from "../device.js";
 import { hasFeature, VIRTIO_F, VIRTIO_ID } from "../device.js";
-import { TestDriver } from "../queue/test-driver.js";
+import { QueueDriver } from "../queue/driver.js";
 import type { VsockHeader } from "./packet.js";
 import { decodeHeader, encodeHeader, VSOCK_HDR_LEN, VSOCK_OP, VSOCK_SHUTDOWN_RCV, VSOCK_SHUTDOWN_SEND, VSOCK_TYPE_STREAM } from "./packet.js";
 import { VSOCK_BUF_ALLOC, VSOCK_CONFIG_SIZE, VSOCK_MAX_PAYLOAD, VSOCK_EVQ, VSOCK_RXQ, VSOCK_TXQ, VsockDevice } from "./vsock.js";
@@ -42,9 +42,9 @@ class Rig {
   readonly dev: VsockDevice;
   readonly udsPath: string;
   readonly mem = new GuestMemory(new ArrayBuffer(MEM), [{ guestPhysAddr: 0, size: MEM, hostOffset: 0 }]);
-  readonly rx = new TestDriver(this.mem, QS, RX_BASE);
-  readonly tx = new TestDriver(this.mem, QS, TX_BASE);
-  readonly ev = new TestDriver(this.mem, QS, EV_BASE);
+  readonly rx = new QueueDriver(this.mem, QS, RX_BASE);
+  readonly tx = new QueueDriver(this.mem, QS, TX_BASE);
+  readonly ev = new QueueDriver(this.mem, QS, EV_BASE);
   readonly resets: string[] = [];
   readonly received: Pkt[] = [];
   readonly rxLen = new Map<number, number>();
@@ -467,9 +467,9 @@ describe("VsockDevice against hostile tx packets (fast-check)", () => {
         const dev = new VsockDevice({ guestCid: CID, udsPath: path, maxConnections: 4 });
         try {
           const mem = new GuestMemory(new ArrayBuffer(MEM), [{ guestPhysAddr: 0, size: MEM, hostOffset: 0 }]);
-          const rx = new TestDriver(mem, QS, RX_BASE);
-          const tx = new TestDriver(mem, QS, TX_BASE);
-          const ev = new TestDriver(mem, QS, EV_BASE);
+          const rx = new QueueDriver(mem, QS, RX_BASE);
+          const tx = new QueueDriver(mem, QS, TX_BASE);
+          const ev = new QueueDriver(mem, QS, EV_BASE);
           const rxLen = new Map<number, number>();
           dev.activate({ mem, queues: [rx.config, tx.config, ev.config], features: dev.features, interruptQueue: () => undefined, interruptConfig: () => undefined, needsReset: () => undefined });
           for (const s of steps) {

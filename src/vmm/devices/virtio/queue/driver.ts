@@ -3,10 +3,11 @@ import type { QueueConfig } from "../device.js";
 import { VIRTQ_DESC_F } from "./split-queue.js";
 
 /**
- * Test helper playing the DRIVER side of one split virtqueue (virtio 1.2 §2.7.13): it lays out
- * the descriptor table and rings in guest memory, adds chains and reads back the used ring.
- * Deliberately simple (descriptors handed out round-robin); tests that want garbage write
- * descriptors and indices directly with writeDesc / setAvailIdx.
+ * The DRIVER side of one split virtqueue (virtio 1.2 §2.7.13): it lays out the descriptor table
+ * and rings in memory, adds chains and reads back the used ring. For tests, and for a device
+ * thread's rehearsal of its queue code on scratch memory (net/rehearse.ts). Deliberately simple
+ * (descriptors handed out round-robin); tests that want garbage write descriptors and indices
+ * directly with writeDesc / setAvailIdx.
  */
 export interface DriverBuf {
   addr: number;
@@ -19,7 +20,7 @@ export interface UsedElem {
   len: number;
 }
 
-export class TestDriver {
+export class QueueDriver {
   readonly config: QueueConfig;
   private nextDesc = 0;
   private availIdx = 0;
