@@ -296,7 +296,7 @@ async function ours(c: Case, cmdline: string, work: string): Promise<Sample> {
     // Where the pause went (cli/run.ts prints the source's and the destination's steps).
     console.log(`[${c.name}] typevisor ${/migration switch-over.*/.exec(a.output)?.[0] ?? "(no switch-over line)"}`);
     // TYPEVISOR_TRACE_PHASES=1: the destination's marks and its device thread's restore steps.
-    for (const l of b.output.split("\n").filter((x) => /typevisor: (phases|device thread restore|vCPU \d+ first KVM_RUN)/.test(x))) console.log(`[${c.name}] destination ${l.trim()}`);
+    for (const l of b.output.split("\n").filter((x) => /typevisor: (phases|device thread restore|device thread: |vCPU \d+ first KVM_RUN)/.test(x))) console.log(`[${c.name}] destination ${l.trim()}`);
     for (const l of a.output.split("\n").filter((x) => x.includes("typevisor: source phases"))) console.log(`[${c.name}] ${l.trim()} (migrate request at ${(performance.timeOrigin + t).toFixed(1)} epoch ms)`);
     if (nodePerfArgs().includes("--trace-gc")) {
       for (const [side, out] of [["source", a.output], ["destination", b.output]] as const) {
