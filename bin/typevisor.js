@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// The typevisor CLI. Runs the compiled code in dist/ (built by `npm ci` via the prepare script, or `npm run build`).
-import { main } from "../dist/cli/main.js";
+// The typevisor CLI. Runs the bundled build in dist/bundle/ (made by `npm ci` via the prepare script, or `npm run build`: bin/bundle.js).
+import { main } from "../dist/bundle/cli.js";
 
 const code = await main(process.argv);
 process.exitCode = code;

@@ -4,7 +4,8 @@
  * and ~70 ms per thread that loads it. A VMM that boots a guest and is only asked GET must not
  * load it in any of its threads (main, device thread, vCPU, disk I/O); the first request with a
  * body does (not POST /migrate: the source side of a migration loads none). Every module each thread resolves is logged by a Node module hook (node:module
- * register, run in each worker through the inherited --import).
+ * register, run in each worker through the inherited --import). The CLI runs bundled
+ * (bin/bundle.js): each thread's entry is a file of dist/bundle/, and zod is a chunk of its own there.
  */
 import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
@@ -13,6 +14,7 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { until } from "../helpers/daemon.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
+import { bundledWorkerName } from "../../src/vmm/worker-url.js";
 import { unixApi } from "../helpers/unix-api.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
@@ -36,7 +38,9 @@ export async function resolve(specifier, context, next) {
 writeFileSync(join(dir, "register.mjs"), `import { register } from "node:module";\nregister(new URL("./hooks.mjs", import.meta.url));\n`);
 
 const loaded = (): string[] => (existsSync(moduleLog) ? readFileSync(moduleLog, "utf8").split("\n") : []);
-const zod = (): string[] => loaded().filter((u) => u.includes("/node_modules/zod/"));
+const zod = (): string[] => loaded().filter((u) => u.includes("/node_modules/zod/") || /\/dist\/bundle\/[^/]*-zod-[^/]*\.js$/.test(u));
+/** A thread's entry module was loaded: its bundle (the CLI's build). */
+const entryLoaded = (rel: Parameters<typeof bundledWorkerName>[0]): boolean => loaded().some((u) => u.endsWith(`/dist/bundle/${bundledWorkerName(rel)}`));
 
 describe.skipIf(!hasKvm)("modules a VMM loads (tiny kernel, --force-kvm)", () => {
   it("booting with a disk, an entropy source and an API socket loads no zod in any thread; POST /snapshot loads it", async () => {
@@ -52,10 +56,9 @@ describe.skipIf(!hasKvm)("modules a VMM loads (tiny kernel, --force-kvm)", () =>
       const t = await unixApi(api, "GET", "/threads");
       expect((t.body as { ioThreads?: { state: string }[] }).ioThreads?.[0]?.state).toBe("idle");
       // The hook saw every thread: each one's entry module and koffi (which each thread loads).
-      const urls = loaded();
-      for (const entry of ["devices/platform/device-thread.js", "vcpu/worker.js"]) expect(urls.some((u) => u.endsWith(entry)), entry).toBe(true);
-      expect(urls.some((u) => u.endsWith("devices/virtio/block/io-worker.js")), "no I/O thread").toBe(false);
-      expect(urls.filter((u) => /\/node_modules\/koffi\/index\.js$/.test(u)).length).toBeGreaterThanOrEqual(2);
+      for (const entry of ["devices/platform/device-thread.js", "vcpu/worker.js"] as const) expect(entryLoaded(entry), entry).toBe(true);
+      expect(entryLoaded("devices/virtio/block/io-worker.js"), "no I/O thread").toBe(false);
+      expect(loaded().filter((u) => /\/node_modules\/koffi\/index\.js$/.test(u)).length).toBeGreaterThanOrEqual(2);
       expect(zod()).toEqual([]);
       // A migration's source loads no zod either: the migrate request waits for its modules (lab:
       // seconds with zod). To a socket nobody listens on: it fails, and the VM runs on.
@@ -63,7 +66,8 @@ describe.skipIf(!hasKvm)("modules a VMM loads (tiny kernel, --force-kvm)", () =>
       expect(m.status, JSON.stringify(m.body)).toBe(202);
       await until("the migration to fail", async () => ((await unixApi(api, "GET", "/migrate")).body as { phase?: string }).phase === "failed", 30_000);
       expect((await unixApi(api, "GET", "/vm")).status).toBe(200);
-      expect(loaded().some((u) => u.endsWith("vmm/migration/source.js"))).toBe(true);
+      // The source's module, in its chunk (named after it).
+      expect(loaded().some((u) => /\/dist\/bundle\/cli-source-[^/]*\.js$/.test(u))).toBe(true);
       expect(zod()).toEqual([]);
       const r = await unixApi(api, "POST", "/snapshot", { path: join(dir, "snap") });
       expect(r.status, JSON.stringify(r.body)).toBe(200);

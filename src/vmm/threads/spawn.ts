@@ -11,14 +11,9 @@
  */
 import { MessageChannel, type MessagePort, Worker, workerData } from "node:worker_threads";
 import { VMM_WORKER_LIMITS } from "../isolates.js";
-import { workerUrl } from "../worker-url.js";
+import { type VmmWorkerEntry, workerUrl } from "../worker-url.js";
 
-/**
- * Entry modules of the workers a VM's build starts (relative to src/vmm/, as workerUrl takes
- * them): the main thread starts the device thread and the vCPU threads, the device thread each
- * disk's I/O thread. A pool of spares is per thread (module state), like the workers it starts.
- */
-export type VmmWorkerEntry = "devices/platform/device-thread.js" | "vcpu/worker.js" | "devices/virtio/block/io-worker.js";
+export type { VmmWorkerEntry };
 
 /**
  * workerData of a worker started ahead of need: its init comes later, as a message on `port`
