@@ -26,6 +26,7 @@ import { LOG_SIZE_LIMITS } from "../vmm/console/rotating-log.js";
 import { dataHome } from "../images/dirs.js";
 import { kvmHostKind } from "../kvm/kvm.js";
 import { installLastResort } from "./last-resort.js";
+import { stdoutWhileItLasts } from "./stdio-gone.js";
 
 interface DaemonOptions {
   home?: string;
@@ -163,7 +164,7 @@ export async function daemonCommand(o: DaemonOptions): Promise<number> {
   const logger = pino(
     { level: o.logLevel, base: { pid: process.pid } },
     pino.multistream([
-      { level: o.logLevel as "info", stream: process.stdout },
+      { level: o.logLevel as "info", stream: stdoutWhileItLasts() },
       { level: o.logLevel as "info", stream: logFile },
       ...syslog.map((stream) => ({ level: o.logLevel as "info", stream })),
       ...(otlp !== undefined ? [{ level: o.logLevel as "info", stream: otlp }] : []),
