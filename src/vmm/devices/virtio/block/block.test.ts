@@ -12,7 +12,7 @@ import type { DriverBuf } from "../queue/driver.js";
 import { fuzzCase, harness, runFuzzCase } from "../queue/test-fuzz.js";
 import { goodRead } from "./test-requests.js";
 import type { Harness } from "../queue/test-fuzz.js";
-import { BlockDevice, BLOCK_CONFIG_SIZE, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
+import { BlockDevice, BLOCK_CONFIG_SIZE, IO_THREAD_IDLE_MAX_FACTOR, nextIoIdleMs, VIRTIO_BLK_F, VIRTIO_BLK_S, VIRTIO_BLK_T } from "./block.js";
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), "tv-blk-"));
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -401,5 +401,47 @@ describe("BlockDevice on adversarial rings (property)", () => {
       }),
       { numRuns: 200 },
     );
+  });
+});
+
+describe("an on-demand I/O thread's idle time (nextIoIdleMs)", () => {
+  it("doubles for a thread needed again within its idle time, halves back otherwise, and stays within [base, 32 x base]", () => {
+    const base = 10_000;
+    expect(nextIoIdleMs(base, base, Infinity)).toBe(base); // the first thread
+    expect(nextIoIdleMs(base, base, 2_000)).toBe(20_000); // a write 12 s after the last: its thread ended 2 s before
+    expect(nextIoIdleMs(20_000, base, 2_000)).toBe(40_000);
+    expect(nextIoIdleMs(320_000, base, 1)).toBe(320_000); // the cap
+    expect(nextIoIdleMs(40_000, base, 60_000)).toBe(20_000); // quiet for longer than it waited
+    expect(nextIoIdleMs(base, base, 60_000)).toBe(base);
+    expect(nextIoIdleMs(Infinity, Infinity, 0)).toBe(Infinity); // never ends
+    // Whatever the gaps, it stays in bounds; a guest writing every P ms stops restarting the thread after a few starts.
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 60_000 }), fc.array(fc.integer({ min: 0, max: 10_000_000 }), { maxLength: 50 }), (b, gaps) => {
+        let idle = b;
+        for (const g of gaps) {
+          idle = nextIoIdleMs(idle, b, g);
+          if (idle < b || idle > b * IO_THREAD_IDLE_MAX_FACTOR) return false;
+        }
+        return true;
+      }),
+    );
+    // A guest that writes every 12 s, against a 10 s base: its thread ends 10 s after a write and is
+    // needed 2 s later; from the second start on it may idle 20 s and so stays.
+    let idle = base;
+    let starts = 0;
+    let alive = false;
+    let lastEnd = -Infinity;
+    for (let t = 0; t < 600_000; t += 12_000) {
+      if (alive && 12_000 >= idle) {
+        alive = false;
+        lastEnd = t - 12_000 + idle;
+      }
+      if (!alive) {
+        idle = nextIoIdleMs(idle, base, t - lastEnd);
+        alive = true;
+        starts++;
+      }
+    }
+    expect(starts).toBe(2);
   });
 });

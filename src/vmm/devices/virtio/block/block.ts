@@ -83,6 +83,26 @@ function inMemoryFs(path: string): boolean {
  */
 export const IO_THREAD_IDLE_MS = 10_000;
 
+/** The most an on-demand I/O thread's idle time grows to, as a multiple of its base (nextIoIdleMs). */
+export const IO_THREAD_IDLE_MAX_FACTOR = 32;
+
+/**
+ * How long the next on-demand I/O thread may idle before it ends, given the last one's idle time
+ * (`current`), the disk's base (`base`), and how long after the last one ended a request needed
+ * a thread again (`sinceEnd`; Infinity: none has ended yet). Unlike QEMU's pthreads, our thread is
+ * an isolate whose start costs ~0.1-0.2 s of CPU on a project machine and seconds in the lab: a
+ * guest that writes every 12 s would start one five times a minute at a fixed 10 s. So a thread
+ * needed again sooner than its idle time after it ended gets twice that time (up to
+ * IO_THREAD_IDLE_MAX_FACTOR × base: one start per 5.3 min at most, for a 10 s base), and one not
+ * needed for longer halves it back toward the base: a disk used in short bursts far apart still
+ * gives its isolate's memory back.
+ */
+export function nextIoIdleMs(current: number, base: number, sinceEnd: number): number {
+  if (!Number.isFinite(base)) return base;
+  if (sinceEnd < current) return Math.min(current * 2, base * IO_THREAD_IDLE_MAX_FACTOR);
+  return Math.max(current / 2, base);
+}
+
 /** How long after an I/O thread ended its memory is trimmed (its isolate is disposed of by then). */
 const TRIM_AFTER_MS = 1000;
 
@@ -126,10 +146,11 @@ export interface BlockDeviceOptions {
    * flush, a read the page cache cannot serve), requests being served on the calling thread until
    * it is up (a read-only disk whose blocks are cached never needs one). "eager": at
    * construction (a thread started ahead, already paid for). Either way it ends after
-   * ioThreadIdleMs without a request, and starts again on the next need.
+   * ioThreadIdleMs without a request (more for a disk whose thread was soon needed again:
+   * nextIoIdleMs), and starts again on the next need.
    */
   ioThreadStart?: "eager" | "on-demand";
-  /** An on-demand I/O thread ends after this long without a request (ms; default IO_THREAD_IDLE_MS; Infinity: never). */
+  /** An on-demand I/O thread ends after this long without a request (ms; default IO_THREAD_IDLE_MS; Infinity: never): the base nextIoIdleMs grows from. */
   ioThreadIdleMs?: number;
   /**
    * Whether a file on tmpfs/ramfs is served on the calling thread even with `ioThread`: its
@@ -280,6 +301,10 @@ export class BlockDevice implements VirtioDevice {
   private readonly ioThreadName: string | undefined;
   private readonly ring: IoRing | undefined;
   private readonly ioIdleMs: number;
+  /** How long the current (or next) I/O thread may idle before it ends (nextIoIdleMs). */
+  private idleNowMs: number;
+  /** When the last on-demand I/O thread ended for idling (performance.now(); -Infinity: none yet). */
+  private lastIdleEnd = -Infinity;
   /** When a request last went to the I/O thread, or its completions were last reaped (performance.now()). */
   private lastIoUse = 0;
   /** When to give malloc's free memory back after an I/O thread ended (performance.now(); 0: not due). */
@@ -393,6 +418,7 @@ export class BlockDevice implements VirtioDevice {
     this.ioThreadName = opts.ioThread !== undefined && !inMemory ? opts.ioThread : undefined;
     this.ring = this.ioThreadName !== undefined ? ioRing() : undefined;
     this.ioIdleMs = opts.ioThreadIdleMs ?? IO_THREAD_IDLE_MS;
+    this.idleNowMs = this.ioIdleMs;
     try {
       if (this.ioThreadName !== undefined && opts.ioThreadStart === "eager") {
         // The I/O thread owns the image from here: no second backend may act on its tables.
@@ -454,7 +480,7 @@ export class BlockDevice implements VirtioDevice {
     const io = this.io;
     if (io === undefined) return;
     if (io.inFlight === 0) {
-      if (this.held.length === 0 && performance.now() - this.lastIoUse >= this.ioIdleMs) this.endIdleIoThread();
+      if (this.held.length === 0 && performance.now() - this.lastIoUse >= this.idleNowMs) this.endIdleIoThread();
       return;
     }
     if (io.alive()) return;
@@ -473,6 +499,7 @@ export class BlockDevice implements VirtioDevice {
     if (this.ioThreadName === undefined || this.ioThreadFailed) return undefined;
     const s = this.starting;
     if (s === undefined) {
+      this.idleNowMs = nextIoIdleMs(this.idleNowMs, this.ioIdleMs, performance.now() - this.lastIdleEnd);
       try {
         this.starting = new BlockIoThread(this.diskInit, this.ioThreadName, this.ring);
         // Polled for the thread's first signal: it is up (onBackendReadable hands over then).
@@ -503,13 +530,14 @@ export class BlockDevice implements VirtioDevice {
   }
 
   /**
-   * The I/O thread idled for ioIdleMs: it writes back what it caches and ends (close()), and this
+   * The I/O thread idled for idleNowMs: it writes back what it caches and ends (close()), and this
    * thread takes the disk again until the next request that needs one.
    */
   private endIdleIoThread(): void {
     const io = this.io!;
     const clean = io.close();
     this.io = undefined;
+    this.lastIdleEnd = performance.now();
     this.backendFds = [];
     if (io.gone || !clean) this.ioThreadFailed = true;
     // The thread's isolate is torn down on its own thread after close(); its malloc arena keeps
@@ -553,7 +581,7 @@ export class BlockDevice implements VirtioDevice {
     }
     const io = this.io;
     if (io === undefined || fd !== io.eventfd) return;
-    // Idle is counted from the last completion too: a flush that took longer than ioIdleMs is not idling.
+    // Idle is counted from the last completion too: a flush that took longer than idleNowMs is not idling.
     this.lastIoUse = performance.now();
     io.reap((slot, result) => this.finish(slot, result));
     if (this.held.length > 0 && !this.stoppedOnNoSpace) this.drainHeld();

@@ -321,6 +321,36 @@ describe("virtio-blk with an on-demand I/O thread", () => {
     expect(fs.readFileSync(img.file).equals(model)).toBe(true);
   });
 
+  it("a thread needed again soon after it idled out gets twice the idle time before it ends again", () => {
+    const img = image();
+    const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-od", inMemoryFilesInline: false, ioThreadIdleMs: 300 });
+    try {
+      const r = rig(dev);
+      const write = (sector: number) => {
+        r.mem.write(r.area(0) + 0x10, Buffer.alloc(512, sector));
+        expect(r.run([{ type: VIRTIO_BLK_T.OUT, sector: BigInt(sector), data: [{ addr: r.area(0) + 0x10, len: 512 }] }]).status).toEqual([VIRTIO_BLK_S.OK]);
+      };
+      write(1);
+      waitIoThreadUp(dev);
+      write(2);
+      sleepMs(350);
+      dev.tick();
+      expect(dev.stats().ioThread).toBe("idle");
+      // Needed again at once: the new thread may idle 600 ms.
+      write(3);
+      waitIoThreadUp(dev);
+      write(4);
+      sleepMs(350);
+      dev.tick();
+      expect(dev.stats().ioThread).toBe("running");
+      sleepMs(300);
+      dev.tick();
+      expect(dev.stats().ioThread).toBe("idle");
+    } finally {
+      dev.close();
+    }
+  });
+
   it("a thread started with the device (a spare, already paid for) stays while used and ends after idling too", () => {
     const img = image();
     const dev = new BlockDevice({ path: img.file, readonly: false, ioThread: "tv-blk-od", ioThreadStart: "eager", inMemoryFilesInline: false, ioThreadIdleMs: 300 });
