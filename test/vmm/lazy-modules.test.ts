@@ -14,7 +14,7 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { until } from "../helpers/daemon.js";
 import { TINY_KERNEL_BANNER, writeTinyKernel } from "../helpers/tiny-kernel.js";
-import { bundledWorkerName } from "../../src/vmm/worker-url.js";
+import { bundledWorkerName, type VmmWorkerEntry } from "../../src/vmm/worker-url.js";
 import { unixApi } from "../helpers/unix-api.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
@@ -40,7 +40,7 @@ writeFileSync(join(dir, "register.mjs"), `import { register } from "node:module"
 const loaded = (): string[] => (existsSync(moduleLog) ? readFileSync(moduleLog, "utf8").split("\n") : []);
 const zod = (): string[] => loaded().filter((u) => u.includes("/node_modules/zod/") || /\/dist\/bundle\/[^/]*-zod-[^/]*\.js$/.test(u));
 /** A thread's entry module was loaded: its bundle (the CLI's build). */
-const entryLoaded = (rel: Parameters<typeof bundledWorkerName>[0]): boolean => loaded().some((u) => u.endsWith(`/dist/bundle/${bundledWorkerName(rel)}`));
+const entryLoaded = (rel: VmmWorkerEntry): boolean => loaded().some((u) => u.endsWith(`/dist/bundle/${bundledWorkerName(rel)}`));
 
 describe.skipIf(!hasKvm)("modules a VMM loads (tiny kernel, --force-kvm)", () => {
   it("booting with a disk, an entropy source and an API socket loads no zod in any thread; POST /snapshot loads it", async () => {

@@ -13,8 +13,6 @@ import { MessageChannel, type MessagePort, Worker, workerData } from "node:worke
 import { VMM_WORKER_LIMITS } from "../isolates.js";
 import { type VmmWorkerEntry, workerUrl } from "../worker-url.js";
 
-export type { VmmWorkerEntry };
-
 /**
  * workerData of a worker started ahead of need: its init comes later, as a message on `port`
  * (a channel of its own, so that nothing of this hand-over ever reaches the listeners the VM
