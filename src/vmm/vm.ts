@@ -31,7 +31,7 @@ import { hasDevices, type DeviceSpecs } from "./device-specs.js";
 import { createMailbox } from "./devices/platform/mailbox.js";
 import type { DeviceCommand, DeviceReplies, DeviceRequest, DevicesState, DeviceThreadInit, DeviceThreadMessage, DeviceThreadReport, IoStats } from "./devices/platform/device-thread-init.js";
 import { ioRing, ioRingStatus, type IoRing } from "./devices/virtio/block/io-ring.js";
-import { boardRow, clockMs, createBoard, deviceRow, PhaseWatch, readRow, SAMPLE_MS, type BoardRow } from "./threads/board.js";
+import { boardRow, clockMs, createBoard, deviceRow, nextSampleMs, PhaseWatch, readRow, SAMPLE_MS, type BoardRow } from "./threads/board.js";
 import { kernelThreads, type KernelThread } from "./threads/kernel.js";
 import { deviceThreadPhase, ioThreadReport, vcpuReport, type DeviceThreadThreadsReport, type IoThreadReport, type ThreadsReport, type VcpuThreadReport } from "./threads/report.js";
 import { bootMsrs } from "./arch/x86_64/msrs.js";
@@ -282,9 +282,10 @@ export class Vm {
   /** Where every thread is (threads/board.ts): one row per vCPU, then the device thread's. */
   private readonly board: SharedArrayBuffer;
   private readonly boardRows: BoardRow[];
-  /** Times the phases nobody stamps (vCPU run/exit, I/O requests), from observations every SAMPLE_MS. */
+  /** Times the phases nobody stamps (vCPU run/exit, I/O requests), from the sampler's observations (nextSampleMs). */
   private readonly watch = new PhaseWatch();
   private sampler: NodeJS.Timeout | undefined;
+  private samplerMs = SAMPLE_MS;
   /** The device thread's "threads" answer still awaited: a stuck thread gets one request, not one per GET. */
   private threadsAnswer: Promise<DeviceThreadReport> | undefined;
   /** Each vCPU thread's pthread_t (kicks, names). */
@@ -765,9 +766,7 @@ export class Vm {
     }
     this.starting = false;
     this.startedAt = Date.now();
-    // Observes the board for the phases nobody stamps; reading a few words per thread costs nothing.
-    this.sampler = setInterval(() => this.observeThreads(), SAMPLE_MS);
-    this.sampler.unref();
+    this.startSampler();
     let exited: Promise<VmExitResult>;
     if (this.vcpuThreads !== undefined) {
       // Started parked (by prestart() for an incoming migration, or above): let them go, unless paused now.
@@ -879,8 +878,20 @@ export class Vm {
     return this.vcpuThreads;
   }
 
+  /** Observes the board for the phases nobody stamps: often while they move, seldom while the VM idles. */
+  private startSampler(): void {
+    this.samplerMs = SAMPLE_MS;
+    const tick = (): void => {
+      this.samplerMs = nextSampleMs(this.samplerMs, this.observeThreads());
+      this.sampler = setTimeout(tick, this.samplerMs);
+      this.sampler.unref();
+    };
+    this.sampler = setTimeout(tick, this.samplerMs);
+    this.sampler.unref();
+  }
+
   private stopSampler(): void {
-    if (this.sampler !== undefined) clearInterval(this.sampler);
+    if (this.sampler !== undefined) clearTimeout(this.sampler);
     this.sampler = undefined;
   }
 
@@ -1075,11 +1086,13 @@ export class Vm {
     });
   }
 
-  /** One observation of the unstamped phases (the sampler's tick). */
-  private observeThreads(): void {
+  /** One observation of the unstamped phases (the sampler's tick); whether any of them moved. */
+  private observeThreads(): boolean {
+    const before = this.watch.changes;
     const now = clockMs();
     this.vcpuReports(now);
     this.ioThreadReports(now, null, undefined);
+    return this.watch.changes !== before;
   }
 
   /** The device thread's own report, or why there is none, waited for at most `ms` (a timer: this thread never blocks). */
@@ -1110,6 +1123,9 @@ export class Vm {
    * at most `answerMs` of waiting, on timers.
    */
   async threads(answerMs = THREADS_ANSWER_MS): Promise<ThreadsReport> {
+    // An observation now, so the times reported below cover at least this request's wait even
+    // when the sampler, the VM idle, last looked seconds ago.
+    this.observeThreads();
     // A VM with devices whose thread is not running (not started yet, or stopped) still shows its row.
     let asked: Promise<DeviceAnswer> | undefined;
     if (this.deviceThread !== undefined) asked = this.askDeviceThread(answerMs);

@@ -5,7 +5,7 @@
  * file. Runs the real CLI from dist/.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
@@ -133,6 +133,35 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
       if (vm.child.exitCode === null) vm.child.kill("SIGKILL");
     }
   }, 30_000);
+
+  it("lets its threads sleep while the guest idles: no main-thread sampler 4 times a second, no device-thread poll every second", async () => {
+    const vm = start("t6", ["--rng"]);
+    try {
+      await until("the banner", () => readIf(vm.files.log).includes(TINY_KERNEL_BANNER));
+      // Every wake-up from a sleep is a context switch of that thread (the main thread is the first task).
+      const task = (tid: number): string => readFileSync(`/proc/${vm.child.pid}/task/${tid}/status`, "utf8");
+      const switches = (tid: number): number => {
+        const s = task(tid);
+        return Number(/\nvoluntary_ctxt_switches:\s+(\d+)/.exec(s)![1]) + Number(/nonvoluntary_ctxt_switches:\s+(\d+)/.exec(s)![1]);
+      };
+      const devices = readdirSync(`/proc/${vm.child.pid}/task`).map(Number).find((t) => /^Name:\s+tv-devices$/m.test(task(t)));
+      expect(devices).toBeDefined();
+      // Past the start's one-off work (the malloc trim 10 s in) and the sampler's back-off (to 8 s).
+      await new Promise((r) => setTimeout(r, 12_000));
+      const a = [switches(vm.child.pid!), switches(devices!)];
+      await new Promise((r) => setTimeout(r, 4000));
+      // Before: a sampler every 250 ms made 16 here, a poll timeout every second 4; now 0-1 each.
+      expect(switches(vm.child.pid!) - a[0]!).toBeLessThanOrEqual(3);
+      expect(switches(devices!) - a[1]!).toBeLessThanOrEqual(1);
+      // Both still answer: GET /threads asks the device thread through its eventfd.
+      const t = await unixApi(vm.files.api, "GET", "/threads");
+      expect(t.body).toMatchObject({ vcpus: [{ phase: "run" }], devices: { answering: true, phase: "poll" } });
+      vm.child.kill("SIGTERM");
+      expect(await vm.exited, vm.stderr()).toBe(0);
+    } finally {
+      if (vm.child.exitCode === null) vm.child.kill("SIGKILL");
+    }
+  }, 40_000);
 
   it("records result stopped when killed with SIGTERM", async () => {
     const vm = start("t2");

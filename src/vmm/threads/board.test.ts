@@ -5,6 +5,8 @@ import {
   PHASE,
   PhaseWatch,
   ROW_BYTES,
+  SAMPLE_MAX_MS,
+  SAMPLE_MS,
   SLOT,
   WORD,
   boardRow,
@@ -16,6 +18,7 @@ import {
   deviceWord,
   enterStamped,
   isStamped,
+  nextSampleMs,
   phaseName,
   readRow,
   vcpuWord,
@@ -106,6 +109,17 @@ describe("thread board layout", () => {
     expect(w.observe("v0", 8, 101, 3200)).toBe(0); // another phase
     expect(w.observe("v0", 8, 101, 3300)).toBe(100);
     expect(w.observe("v1", 8, 101, 3300)).toBe(0); // keys are separate
+    expect(w.changes).toBe(4); // every first sight of a pair, none of the unchanged ones
+  });
+
+  it("samples every 250 ms while anything moves, backs off to one look in 8 s while nothing does", () => {
+    const waits: number[] = [];
+    let ms = SAMPLE_MS;
+    for (let i = 0; i < 8; i++) waits.push((ms = nextSampleMs(ms, false)));
+    expect(waits).toEqual([500, 1000, 2000, 4000, 8000, 8000, 8000, 8000]);
+    expect(nextSampleMs(8000, true)).toBe(SAMPLE_MS);
+    expect(nextSampleMs(0, false)).toBe(SAMPLE_MS); // never below the base
+    expect(SAMPLE_MAX_MS).toBe(8000);
   });
 });
 

@@ -209,15 +209,19 @@ export function readRow(row: BoardRow): RowSnapshot {
  * phases nobody stamps (a vCPU's run/exit, a disk I/O thread's request). Each observation
  * passes the state word and a counter that moves with every transition (exits, completed
  * requests); the answer is the time since the pair was first seen unchanged, so it is a lower
- * bound, as fine as the observations are frequent (the VMM samples every SAMPLE_MS).
+ * bound, as fine as the observations are frequent (the VMM samples every SAMPLE_MS while the
+ * threads move, less often while they do not: nextSampleMs).
  */
 export class PhaseWatch {
   private readonly seen = new Map<string, { word: number; count: number; since: number }>();
+  /** Observations that found a pair it had not seen (the sampler's cue to look again soon). */
+  changes = 0;
 
   observe(key: string, word: number, count: number, now = clockMs()): number {
     const last = this.seen.get(key);
     if (last !== undefined && last.word === word && last.count === count) return Math.max(0, now - last.since);
     this.seen.set(key, { word, count, since: now });
+    this.changes++;
     return 0;
   }
 
@@ -226,5 +230,20 @@ export class PhaseWatch {
   }
 }
 
-/** How often the VMM's main thread observes the board for PhaseWatch. */
+/** How often the VMM's main thread observes the board for PhaseWatch while something moves. */
 export const SAMPLE_MS = 250;
+/** The longest wait between two observations, reached while nothing moves (an idle guest). */
+export const SAMPLE_MAX_MS = 8000;
+
+/**
+ * The wait before the next observation: SAMPLE_MS after one that saw a change, twice the last
+ * wait (up to SAMPLE_MAX_MS) after one that saw none. An idle VMM then wakes its main thread
+ * about once in 8 s instead of four times a second: each wake is a timer, a few objects and, in
+ * time, a young-generation collection, which an emulated CPU (the KVM lab) pays ~1 ms of CPU
+ * for, times every idle VMM on the host (docs/benchmarks.md). A phase that starts while the wait
+ * is long is first seen up to SAMPLE_MAX_MS late, so its time is a lower bound by that much more;
+ * GET /threads observes when asked, so a report's time covers at least its own wait.
+ */
+export function nextSampleMs(lastMs: number, changed: boolean): number {
+  return changed ? SAMPLE_MS : Math.min(SAMPLE_MAX_MS, Math.max(SAMPLE_MS, lastMs * 2));
+}

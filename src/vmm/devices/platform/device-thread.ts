@@ -476,13 +476,24 @@ let trimAt: number | undefined = lastTick + TRIM_AFTER_START_MS;
 /** Passes through the loop (the board's SEQ: a reader sees this thread move). */
 let passes = 0;
 const POLL_WORD = deviceWord(PHASE.poll);
+/**
+ * poll's timeout: a second while something here has timed work (the trim, a disk's I/O thread to
+ * watch or end, the balloon's statistics), none otherwise. An idle VM's devices then wait only on
+ * their fds (a command and the stop write the mailbox eventfd), and the thread stops waking once
+ * a second for nothing (docs/vmm.md).
+ */
+function pollTimeoutMs(): number {
+  if (trimAt !== undefined || balloon !== undefined) return 1000;
+  for (const { dev } of disks) if (dev.needsTick) return 1000;
+  return -1;
+}
 while (Atomics.load(stop, 0) === 0) {
   // Back-end fds are polled only while their device wants them: a device without guest buffers wants none.
   if (wantedBackendsChanged()) rebuildPollSet();
   // poll is not stamped: its time counts from the last wake-up (serving took microseconds), so a
   // pass still reads the clock once, after poll, as it did before the board.
   row.i32[WORD.STATE] = POLL_WORD;
-  const ready = pollSet.wait(1000);
+  const ready = pollSet.wait(pollTimeoutMs());
   const now = clockMs();
   // What this pass serves is stamped with its wake-up.
   row.f64[SLOT.SINCE] = now;

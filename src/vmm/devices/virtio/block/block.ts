@@ -463,6 +463,14 @@ export class BlockDevice implements VirtioDevice {
    * requests wait on it gets them answered with IOERR and goes on without it, on the device
    * thread, rather than leaving the guest waiting forever.
    */
+  /**
+   * Whether tick() has anything to watch: a trim due, an I/O thread starting or running (to end
+   * when idle, or to drop when dead). Without, the device thread may sleep until an fd wakes it.
+   */
+  get needsTick(): boolean {
+    return this.trimDue !== 0 || this.starting !== undefined || this.io !== undefined;
+  }
+
   tick(): void {
     if (this.trimDue !== 0 && performance.now() >= this.trimDue) {
       this.trimDue = 0;
