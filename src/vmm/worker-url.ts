@@ -17,7 +17,13 @@ export function bundledWorkerName(rel: VmmWorkerEntry): string {
 }
 
 /**
- * Where a worker entry lives. The CLI runs from dist/bundle/ (bin/typevisor.js), where this code
+ * A file of a bundled build: dist/bundle-<hash>/ once Node has resolved the dist/bundle link
+ * (bin/bundle.js), dist/bundle/ where it is a directory.
+ */
+const BUNDLED = /\/dist\/bundle(?:-[0-9a-f]{12})?\//;
+
+/**
+ * Where a worker entry lives. The CLI runs from its build's directory (bin/typevisor.js), where this code
  * is inlined into some chunk and the entries are bundles beside it; the compiled modules in
  * dist/vmm/ are the unbundled build. Under vitest the VMM's modules run from src/ as TypeScript,
  * so point at dist/ (built first).
@@ -25,6 +31,6 @@ export function bundledWorkerName(rel: VmmWorkerEntry): string {
 export function workerUrl(rel: VmmWorkerEntry): URL {
   const here = fileURLToPath(import.meta.url);
   if (here.endsWith(".ts")) return new URL(`file://${here.replace(/\/src\/vmm\/worker-url\.ts$/, `/dist/vmm/${rel}`)}`);
-  if (here.includes("/dist/bundle/")) return new URL(`./${bundledWorkerName(rel)}`, import.meta.url);
+  if (BUNDLED.test(here)) return new URL(`./${bundledWorkerName(rel)}`, import.meta.url);
   return new URL(`./${rel}`, import.meta.url);
 }

@@ -38,9 +38,9 @@ export async function resolve(specifier, context, next) {
 writeFileSync(join(dir, "register.mjs"), `import { register } from "node:module";\nregister(new URL("./hooks.mjs", import.meta.url));\n`);
 
 const loaded = (): string[] => (existsSync(moduleLog) ? readFileSync(moduleLog, "utf8").split("\n") : []);
-const zod = (): string[] => loaded().filter((u) => u.includes("/node_modules/zod/") || /\/dist\/bundle\/[^/]*-zod-[^/]*\.js$/.test(u));
+const zod = (): string[] => loaded().filter((u) => u.includes("/node_modules/zod/") || /\/dist\/bundle(-[0-9a-f]{12})?\/[^/]*-zod-[^/]*\.js$/.test(u));
 /** A thread's entry module was loaded: its bundle (the CLI's build). */
-const entryLoaded = (rel: VmmWorkerEntry): boolean => loaded().some((u) => u.endsWith(`/dist/bundle/${bundledWorkerName(rel)}`));
+const entryLoaded = (rel: VmmWorkerEntry): boolean => loaded().some((u) => new RegExp(`/dist/bundle(-[0-9a-f]{12})?/${bundledWorkerName(rel)}$`).test(u));
 
 describe.skipIf(!hasKvm)("modules a VMM loads (tiny kernel, --force-kvm)", () => {
   it("booting with a disk, an entropy source and an API socket loads no zod in any thread; POST /snapshot loads it", async () => {
@@ -67,7 +67,7 @@ describe.skipIf(!hasKvm)("modules a VMM loads (tiny kernel, --force-kvm)", () =>
       await until("the migration to fail", async () => ((await unixApi(api, "GET", "/migrate")).body as { phase?: string }).phase === "failed", 30_000);
       expect((await unixApi(api, "GET", "/vm")).status).toBe(200);
       // The source's module, in its chunk (named after it).
-      expect(loaded().some((u) => /\/dist\/bundle\/cli-source-[^/]*\.js$/.test(u))).toBe(true);
+      expect(loaded().some((u) => /\/dist\/bundle(-[0-9a-f]{12})?\/cli-source-[^/]*\.js$/.test(u))).toBe(true);
       expect(zod()).toEqual([]);
       const r = await unixApi(api, "POST", "/snapshot", { path: join(dir, "snap") });
       expect(r.status, JSON.stringify(r.body)).toBe(200);
