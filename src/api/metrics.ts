@@ -47,6 +47,16 @@ export function createMetrics(manager: VmManager, audit?: AuditLog): Registry {
   perVm("typevisor_vm_net_tx_bytes", "Bytes sent by the guest through virtio-net", (u) => u.netTxBytes);
 
   new Gauge({
+    name: "typevisor_vm_health_checks",
+    help: "Health checks (GET /vm on its control socket) the daemon has asked of the VM's running VMM; every 2 s while its answers change, down to one in 8 s while they do not",
+    labelNames: ["vm"] as const,
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const { vm, checks } of manager.healthChecks()) this.set({ vm }, checks);
+    },
+  });
+  new Gauge({
     name: "typevisor_vm_state",
     help: "1 for the VM's current lifecycle state",
     labelNames: ["vm", "state"] as const,

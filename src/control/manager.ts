@@ -114,6 +114,10 @@ interface Live {
   dead: boolean;
   /** For VMMs this daemon did not start (re-attached after a restart): liveness polling. */
   poll?: NodeJS.Timeout;
+  /** The watchdog's last answer from this VMM (what it watches for), its wait and next check. */
+  health?: { seen: string; everyMs: number; nextAt: number };
+  /** Health checks asked of this VMM (the typevisor_vm_health_checks metric). */
+  healthChecks?: number;
   cgroup?: VmCgroup;
   prevCpu?: { at: number; cpuSeconds: number };
   /** Since when its control API has not answered (the watchdog); undefined while it answers. */
@@ -145,6 +149,14 @@ interface VmmInfo {
 
 /** How often the watchdog asks each running VMM, and how long an answer may take. */
 const HEALTH_INTERVAL_MS = 2000;
+/**
+ * The longest wait between two health checks of one VMM, reached while its answers stay the same
+ * (each unchanged answer doubles the wait; any change, or no answer, brings it back to
+ * HEALTH_INTERVAL_MS). A check costs both processes a request over the VMM's socket: ~1.5 ms of
+ * CPU on a project machine, tens of ms on the KVM lab's emulated CPU, where ten idle VMs checked
+ * every 2 s took a measurable share of it (docs/benchmarks.md, "An idle VMM's wake-ups").
+ */
+const HEALTH_MAX_INTERVAL_MS = 8000;
 const HEALTH_TIMEOUT_MS = 3000;
 
 function zodMessage(e: z.ZodError): string {
@@ -311,6 +323,14 @@ export class VmManager extends EventEmitter {
 
   allUsage(): { vm: VmInfo; usage: VmUsage | undefined }[] {
     return this.store.listVms().map((r) => ({ vm: this.info(r), usage: this.usage.get(r.id) }));
+  }
+
+  /** Health checks (GET /vm) asked of each VM's running VMM so far, by VM name. */
+  healthChecks(): { vm: string; checks: number }[] {
+    return this.store.listVms().flatMap((r) => {
+      const live = this.live.get(r.id);
+      return live === undefined || live.dead ? [] : [{ vm: r.name, checks: live.healthChecks ?? 0 }];
+    });
   }
 
   /** The daemon's own log and, for a VM, its VMM's log and console log (GET /v1/logs, logs.ts). */
@@ -1474,28 +1494,37 @@ export class VmManager extends EventEmitter {
   }
 
   /**
-   * The watchdog: every HEALTH_INTERVAL_MS each running or paused VMM is asked GET /vm, all at
-   * once and each on its own deadline, so one that hangs slows no other. No answer within
+   * The watchdog: each running or paused VMM is asked GET /vm, every HEALTH_INTERVAL_MS while its
+   * answers change and less often (up to HEALTH_MAX_INTERVAL_MS) while they do not, all at once
+   * and each on its own deadline, so one that hangs slows no other. No answer within
    * HEALTH_TIMEOUT_MS marks it unresponsive (vm.unresponsive, VmInfo.unresponsive); the next
    * answer clears it (vm.responsive). A VMM that died is the exit path's business, not this one's.
    */
   private startWatchdog(): void {
     this.healthTimer = setInterval(() => {
+      const now = Date.now();
       for (const r of this.store.listVms()) {
         const live = this.live.get(r.id);
         if (live === undefined || live.dead || live.checking === true || (r.state !== "running" && r.state !== "paused")) continue;
+        if (live.health !== undefined && now < live.health.nextAt) continue;
         live.checking = true;
+        live.healthChecks = (live.healthChecks ?? 0) + 1;
         void this.client(r)
           .call<VmmInfo>("GET", "/vm", undefined, HEALTH_TIMEOUT_MS)
           .then(
             (answer) => {
               this.noteConsoleDrops(r.name, live, answer);
               this.notePause(r.name, r.id, live, answer);
+              // What the checks watch for: the VMM's state, a pause of its own, console output dropped.
+              const seen = `${String(answer.state)}|${String(answer.pauseReason?.at ?? "")}|${String(answer.consoleDroppedBytes ?? 0)}`;
+              const every = live.health?.seen === seen && live.unresponsiveSince === undefined ? Math.min(HEALTH_MAX_INTERVAL_MS, live.health.everyMs * 2) : HEALTH_INTERVAL_MS;
+              live.health = { seen, everyMs: every, nextAt: Date.now() + every - HEALTH_INTERVAL_MS / 2 };
               if (live.unresponsiveSince === undefined) return;
               live.unresponsiveSince = undefined;
               this.event("vm.responsive", r.name, `VM ${r.name}'s VMM answers again`, { pid: live.pid });
             },
             (e: unknown) => {
+              live.health = undefined;
               if (live.dead || live.unresponsiveSince !== undefined || !processAlive(live.pid)) return;
               live.unresponsiveSince = new Date().toISOString();
               this.event("vm.unresponsive", r.name, `VM ${r.name}'s VMM (pid ${live.pid}) does not answer on its control socket: ${(e as Error).message}`, { pid: live.pid });

@@ -304,6 +304,21 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     await c.removeVm("junk");
   }, 30_000);
 
+  it("checks an idle VMM's health less often while its answers stay the same: not every 2 s", async () => {
+    const c = d.client;
+    await c.createVm(spec("calm"), { start: true });
+    const checks = async (): Promise<number> => Number(/typevisor_vm_health_checks\{vm="calm"\} (\d+)/.exec(await c.metrics())?.[1] ?? NaN);
+    // Waits of 2, 4 and 8 s: by 14 s the checks are 8 s apart.
+    await new Promise((r) => setTimeout(r, 14_000));
+    const a = await checks();
+    expect(a).toBeGreaterThanOrEqual(2);
+    await new Promise((r) => setTimeout(r, 16_000));
+    // Every 2 s would be 8 more; every 8 s, 2 (3 at a window's edges).
+    expect((await checks()) - a).toBeLessThanOrEqual(3);
+    // Still watched: a VMM stopped as a whole is found unresponsive (the next test, in full).
+    await c.removeVm("calm", { force: true });
+  }, 60_000);
+
   it("marks a VMM that stops answering unresponsive (event, VmInfo), without slowing the others, and clears it when it answers again", async () => {
     const c = d.client;
     await c.createVm(spec("hang-a"), { start: true });
