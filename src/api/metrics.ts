@@ -11,7 +11,11 @@ import { VM_STATES } from "../control/spec.js";
 
 export function createMetrics(manager: VmManager, audit?: AuditLog): Registry {
   const registry = new Registry();
-  collectDefaultMetrics({ register: registry, prefix: "typevisor_daemon_" });
+  // The event-loop delay histogram samples with a timer of this period: prom-client's default,
+  // 10 ms, woke an idle daemon 100 times a second (0.9 % of a project machine's CPU with no VM at
+  // all, several times that on the KVM lab's emulated CPU). One sample a second still shows a
+  // loop that stalls (docs/benchmarks.md, "An idle VMM's wake-ups").
+  collectDefaultMetrics({ register: registry, prefix: "typevisor_daemon_", eventLoopMonitoringPrecision: 1000 });
 
   new Gauge({
     name: "typevisor_host_resource",
