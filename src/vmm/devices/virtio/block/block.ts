@@ -459,11 +459,6 @@ export class BlockDevice implements VirtioDevice {
   }
 
   /**
-   * About once a second (the device thread's loop): a disk whose I/O thread is gone while
-   * requests wait on it gets them answered with IOERR and goes on without it, on the device
-   * thread, rather than leaving the guest waiting forever.
-   */
-  /**
    * Whether tick() has anything to watch: a trim due, an I/O thread starting or running (to end
    * when idle, or to drop when dead). Without, the device thread may sleep until an fd wakes it.
    */
@@ -471,6 +466,11 @@ export class BlockDevice implements VirtioDevice {
     return this.trimDue !== 0 || this.starting !== undefined || this.io !== undefined;
   }
 
+  /**
+   * About once a second (the device thread's loop): a disk whose I/O thread is gone while
+   * requests wait on it gets them answered with IOERR and goes on without it, on the device
+   * thread, rather than leaving the guest waiting forever.
+   */
   tick(): void {
     if (this.trimDue !== 0 && performance.now() >= this.trimDue) {
       this.trimDue = 0;
