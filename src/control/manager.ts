@@ -1518,6 +1518,8 @@ export class VmManager extends EventEmitter {
               // What the checks watch for: the VMM's state, a pause of its own, console output dropped.
               const seen = `${String(answer.state)}|${String(answer.pauseReason?.at ?? "")}|${String(answer.consoleDroppedBytes ?? 0)}`;
               const every = live.health?.seen === seen && live.unresponsiveSince === undefined ? Math.min(HEALTH_MAX_INTERVAL_MS, live.health.everyMs * 2) : HEALTH_INTERVAL_MS;
+              // Due half a tick early: the watchdog ticks every HEALTH_INTERVAL_MS, and a 4 s wait
+              // must be the second tick from now, not the third.
               live.health = { seen, everyMs: every, nextAt: Date.now() + every - HEALTH_INTERVAL_MS / 2 };
               if (live.unresponsiveSince === undefined) return;
               live.unresponsiveSince = undefined;

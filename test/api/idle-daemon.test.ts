@@ -2,20 +2,14 @@
  * An idle daemon lets its main thread sleep: no timer of its own or of a library wakes it a
  * hundred times a second (prom-client's event-loop delay monitor did, at its default 10 ms).
  */
-import { readFileSync } from "node:fs";
 import { afterAll, describe, expect, it } from "vitest";
 import { startDaemon, type TestDaemon } from "../helpers/daemon.js";
+import { contextSwitches as switches } from "../helpers/thread-wakeups.js";
 
 let d: TestDaemon | undefined;
 afterAll(async () => {
   await d?.stop();
 });
-
-/** Context switches of a process's main thread: each wake-up from a sleep is one. */
-function switches(pid: number): number {
-  const s = readFileSync(`/proc/${pid}/task/${pid}/status`, "utf8");
-  return Number(/\nvoluntary_ctxt_switches:\s+(\d+)/.exec(s)![1]) + Number(/nonvoluntary_ctxt_switches:\s+(\d+)/.exec(s)![1]);
-}
 
 describe("an idle daemon", () => {
   it("wakes its main thread a few times a second at most, and still reports its event loop's delay", async () => {

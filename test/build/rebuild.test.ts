@@ -72,7 +72,7 @@ describe("rebuilding under running processes (bin/bundle.js)", () => {
       const r = await unixApi(api, "POST", "/snapshot", { path: join(dir, "snap") });
       expect(r.status, `${JSON.stringify(r.body)} ${err}`).toBe(200);
       expect(existsSync(join(dir, "snap"))).toBe(true);
-      // A process started now runs the second build: its version line comes from there.
+      // A process started now loads through the link, which names the second build: it runs.
       expect(version().status).toBe(0);
     } finally {
       child.kill("SIGKILL");

@@ -5,13 +5,14 @@
  * file. Runs the real CLI from dist/.
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { unixApi } from "../helpers/unix-api.js";
 import { consoleClient } from "../helpers/console-client.js";
+import { contextSwitches, threadNamed } from "../helpers/thread-wakeups.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const hasKvm = existsSync("/dev/kvm");
@@ -138,20 +139,16 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
     const vm = start("t6", ["--rng"]);
     try {
       await until("the banner", () => readIf(vm.files.log).includes(TINY_KERNEL_BANNER));
-      // Every wake-up from a sleep is a context switch of that thread (the main thread is the first task).
-      const task = (tid: number): string => readFileSync(`/proc/${vm.child.pid}/task/${tid}/status`, "utf8");
-      const switches = (tid: number): number => {
-        const s = task(tid);
-        return Number(/\nvoluntary_ctxt_switches:\s+(\d+)/.exec(s)![1]) + Number(/nonvoluntary_ctxt_switches:\s+(\d+)/.exec(s)![1]);
-      };
-      const devices = readdirSync(`/proc/${vm.child.pid}/task`).map(Number).find((t) => /^Name:\s+tv-devices$/m.test(task(t)));
+      const pid = vm.child.pid!;
+      const switches = (tid: number): number => contextSwitches(pid, tid);
+      const devices = threadNamed(pid, "tv-devices");
       expect(devices).toBeDefined();
       // Past the start's one-off work (the malloc trim 10 s in) and the sampler's back-off (to 8 s).
       await new Promise((r) => setTimeout(r, 12_000));
-      const a = [switches(vm.child.pid!), switches(devices!)];
+      const a = [switches(pid), switches(devices!)];
       await new Promise((r) => setTimeout(r, 4000));
       // Before: a sampler every 250 ms made 16 here, a poll timeout every second 4; now 0-1 each.
-      expect(switches(vm.child.pid!) - a[0]!).toBeLessThanOrEqual(3);
+      expect(switches(pid) - a[0]!).toBeLessThanOrEqual(3);
       expect(switches(devices!) - a[1]!).toBeLessThanOrEqual(1);
       // Both still answer: GET /threads asks the device thread through its eventfd.
       const t = await unixApi(vm.files.api, "GET", "/threads");
