@@ -149,7 +149,7 @@ function prepare(h: Handover, o: RunOptions, uid: number, root: string): void {
     v.push("--vsock", `cid=${vs.cid},uds=${uds}`);
     dirs.add(dirname(uds));
   }
-  for (const [flag, path] of [["--console-log", o.consoleLog], ["--exit-file", o.exitFile]] as const) {
+  for (const [flag, path] of [["--console-log", o.consoleLog], ["--exit-file", o.exitFile], ["--stats-file", o.statsFile]] as const) {
     if (path === undefined) continue;
     v.push(flag, resolve(path));
     dirs.add(dirname(resolve(path)));

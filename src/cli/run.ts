@@ -6,6 +6,7 @@
  * SIGTERM), 1 when it crashes, 2 for bad input. A guest reboot restarts the
  * VM unless --no-reboot. --exit-file records how the process ended.
  */
+import { processStatsPage } from "../vmm/stats/page.js";
 import { existsSync, renameSync, unlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -58,6 +59,8 @@ export interface RunOptions {
   consoleLogSize?: string;
   consoleSocket?: string;
   exitFile?: string;
+  /** Map the VMM's I/O counters onto this file (stats/page.ts): a supervisor reads them without asking the VMM. */
+  statsFile?: string;
   /** Run on a PVM /dev/kvm instead of refusing or re-running in the lab (purpose-built guests boot there). */
   forceKvm?: boolean;
   /** Start from this snapshot directory instead of booting. */
@@ -253,7 +256,7 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   if (o.seccompNoExec === true) installFilter(noExecFilter());
   if (o.sandboxProbe !== undefined) log(`typevisor: sandbox probe ${JSON.stringify(sandboxProbe(o.sandboxProbe.split(",").filter((x) => x !== "")))}`);
   // A socket handed over as a descriptor is bound already: its directory need not be in our view.
-  for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", consoleSocketFd === undefined ? o.consoleSocket : undefined], ["--exit-file", o.exitFile]] as const) {
+  for (const [flag, path] of [["--console-log", o.consoleLog], ["--console-socket", consoleSocketFd === undefined ? o.consoleSocket : undefined], ["--exit-file", o.exitFile], ["--stats-file", o.statsFile]] as const) {
     if (path !== undefined && !existsSync(dirname(path))) throw new TypevisorError("INVALID_ARGUMENT", `${flag} ${path}: directory ${dirname(path)} does not exist`);
   }
   const devices: DeviceSpecs = {
@@ -308,6 +311,8 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
     if (!o.lab) throw new TypevisorError("KVM_UNSUITABLE", why, { hint: "drop --no-lab to run inside the KVM lab, use --force-kvm for a purpose-built guest, or use a host with hardware virtualization" });
     return -1; // the caller re-runs this command inside the lab
   }
+  // Before any VM is built: from here on the devices count into the file.
+  if (o.statsFile !== undefined) processStatsPage().backWith(o.statsFile);
 
   let current: Vm | undefined;
   // Console input that arrives while the VM is still being built (a restore reads and checks its
@@ -600,6 +605,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .option("--console-log-size <size>", `rotate --console-log when it would exceed SIZE (bytes or K/M/G; default ${DEFAULT_CONSOLE_LOG_SIZE}): PATH becomes PATH.1`)
     .option("--console-socket <path>", "serve the serial console on this unix socket: clients get output from when they connect, what they send is typed into the guest (headless)")
     .option("--exit-file <path>", 'on exit, write {"code","result":"poweroff|stopped|reset|crash|error","reason"?,"at"} here atomically')
+    .option("--stats-file <path>", "keep the VM's disk and network counters in this file, one 4 KiB page the VMM updates in place (the layout: docs/vmm.md), so a supervisor reads them without asking the VMM")
     .addOption(new Option("--api-socket-fd <n>", "the --api-socket, already bound and listening, inherited as this descriptor (the daemon's sandbox binds it: the VMM cannot)").hideHelp())
     .addOption(new Option("--console-socket-fd <n>", "the --console-socket, the same way").hideHelp())
     .addOption(new Option("--handoff-fd <n>", "with --standby: a unix socket on which the daemon's sandbox sends the restored VM's TAP descriptors").hideHelp())
@@ -608,7 +614,7 @@ export function registerRunCommand(program: Command, onLab: (argv: string[]) => 
     .addOption(new Option("--sandbox-probe <paths>", "test hook: try to open these paths (comma-separated) and a few denied system calls, and report on stderr").hideHelp())
     .option("--sandbox", "run the VMM in the sandbox the daemon gives its VMMs (root only): its own uid, no capabilities, its own namespaces and root, the seccomp allowlist (docs/security.md)", false)
     .option("--sandbox-uid <uid>", "with --sandbox: the VMM's uid and gid (default: the highest free one of 1900000000-1900065535)")
-    .option("--sandbox-bind <dir>", "with --sandbox: a directory the VMM may also read and write, e.g. where POST /snapshot writes (repeatable; the directories of --console-log, --exit-file, --vsock's socket and --incoming unix: are given already)", (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option("--sandbox-bind <dir>", "with --sandbox: a directory the VMM may also read and write, e.g. where POST /snapshot writes (repeatable; the directories of --console-log, --exit-file, --stats-file, --vsock's socket and --incoming unix: are given already)", (v: string, acc: string[]) => [...acc, v], [] as string[])
     .option("--force-kvm", "run on this host's /dev/kvm even when it is PVM (purpose-built guests only) instead of refusing or using the lab", false)
     .addOption(new Option("--no-lab", "fail instead of running inside the KVM lab when this host cannot boot stock kernels"))
     .option("--incoming <endpoint>", "wait for one live migration on tcp:ADDR:PORT or unix:PATH and run the VM it brings (--disk/--net/--vsock give this host's back ends, in order; when the source copies its disks, each --disk names a file to create or an empty one); the source sends it with POST /migrate. Over TCP: TLS (--tls-*) or --plain-tcp")

@@ -30,6 +30,7 @@ export const RestoreRequestSchema = z.strictObject({
   consoleLogSize: z.string().max(16).optional(),
   consoleSocket: pathString.optional(),
   exitFile: pathString.optional(),
+  statsFile: pathString.optional(),
   disks: z.array(z.string().max(4096)).max(64).optional(),
   nets: z.array(z.string().max(128)).max(64).optional(),
   /** A jailed standby (--handoff-fd): each of `nets`' TAPs comes as a descriptor on that socket, in order. */
@@ -48,7 +49,7 @@ const notYet = (): never => {
 
 export async function standbyCommand(o: RunOptions, log: (line: string) => void): Promise<number> {
   if (o.apiSocket === undefined) throw new TypevisorError("INVALID_ARGUMENT", "--standby needs --api-socket (where PUT /restore arrives)");
-  for (const [flag, given] of [["--image", o.image], ["--kernel", o.kernel], ["--restore", o.restore], ["--console-log", o.consoleLog], ["--console-socket", o.consoleSocket], ["--exit-file", o.exitFile], ["--vsock", o.vsock]] as const) {
+  for (const [flag, given] of [["--image", o.image], ["--kernel", o.kernel], ["--restore", o.restore], ["--console-log", o.consoleLog], ["--console-socket", o.consoleSocket], ["--exit-file", o.exitFile], ["--stats-file", o.statsFile], ["--vsock", o.vsock]] as const) {
     if (given !== undefined) throw new TypevisorError("INVALID_ARGUMENT", `${flag} cannot be combined with --standby: PUT /restore says what the VM is`);
   }
   if (o.disk.length > 0 || o.net.length > 0) throw new TypevisorError("INVALID_ARGUMENT", "--disk/--net cannot be combined with --standby: PUT /restore names the back ends");
@@ -114,6 +115,7 @@ export async function standbyCommand(o: RunOptions, log: (line: string) => void)
         ...(b.consoleLogSize !== undefined ? { consoleLogSize: b.consoleLogSize } : {}),
         ...(b.consoleSocket !== undefined ? { consoleSocket: b.consoleSocket } : {}),
         ...(b.exitFile !== undefined ? { exitFile: b.exitFile } : {}),
+        ...(b.statsFile !== undefined ? { statsFile: b.statsFile } : {}),
         ...(b.vsock !== undefined ? { vsock: b.vsock } : {}),
         ...(b.kernel !== undefined ? { kernel: b.kernel } : {}),
         ...(b.initrd !== undefined ? { initrd: b.initrd } : {}),

@@ -6,6 +6,7 @@
  *   daemon.log{,.1}         the daemon's own log (pino JSON lines), rotated by size (logs.ts)
  *   tls/                    the HTTPS certificate the daemon made (tls.ts)
  *   vms/<id>/               one VM: its disks, kernel and initrd copies, VMM log (the daemon's; its VMM cannot write here)
+ *   vms/<id>/stats          the VMM's stats page (vmm/stats/layout.ts): the VMM writes its content, the daemon reads it
  *   vms/<id>/out/           what the VMM writes: console logs, exit file (a sandboxed VMM's uid owns it: untrusted)
  *   vms/<id>/root/          where the sandboxed VMM's root is mounted, in its own mount namespace (empty on the host)
  *   run/<id>.{api,con}      the VMM's control and console sockets (short paths: sun_path is 108 bytes, unix(7))
@@ -20,6 +21,7 @@ export interface VmPaths {
   consoleLog: string;
   vmmLog: string;
   exitFile: string;
+  statsFile: string;
   outDir: string;
   jailRoot: string;
 }
@@ -39,6 +41,7 @@ export function vmPaths(home: string, id: string): VmPaths {
     consoleLog: join(h.vms, id, "out", "console.log"),
     vmmLog: join(h.vms, id, "vmm.log"),
     exitFile: join(h.vms, id, "out", "exit.json"),
+    statsFile: join(h.vms, id, "stats"),
     outDir: join(h.vms, id, "out"),
     jailRoot: join(h.vms, id, "root"),
   };

@@ -30,6 +30,11 @@ export interface VmmLaunch {
   consoleLogSize: number;
   consoleSocket: string;
   exitFile: string;
+  /**
+   * The VMM's stats page (`run --stats-file`, vmm/stats/layout.ts): the daemon reads the VM's I/O
+   * counters from it instead of asking the VMM. In a directory the VMM cannot write.
+   */
+  statsFile?: string;
   /** The VMM's own stderr (its messages, not the guest's). */
   vmmLog: string;
   /** Run on a PVM /dev/kvm (purpose-built guests only). */
@@ -60,7 +65,7 @@ export function vmmArgs(l: VmmLaunch): string[] {
       "run", "--no-lab", "--id", l.id, "--incoming", i.endpoint,
       ...(i.tls !== undefined ? ["--tls-cert", i.tls.certFile, "--tls-key", i.tls.keyFile, "--tls-peer-fingerprint", i.tls.peerFingerprint] : []),
       "--api-socket", l.apiSocket, "--console-log", l.consoleLog, "--console-log-size", String(l.consoleLogSize), "--console-socket", l.consoleSocket, "--exit-file", l.exitFile,
-      ...backEndArgs(l), ...(l.forceKvm ? ["--force-kvm"] : []),
+      ...statsArgs(l), ...backEndArgs(l), ...(l.forceKvm ? ["--force-kvm"] : []),
     ];
   }
   const args = [
@@ -76,6 +81,7 @@ export function vmmArgs(l: VmmLaunch): string[] {
     "--console-log-size", String(l.consoleLogSize),
     "--console-socket", l.consoleSocket,
     "--exit-file", l.exitFile,
+    ...statsArgs(l),
   ];
   args.push(...backEndArgs(l));
   if (l.rng) args.push("--rng");
@@ -92,6 +98,10 @@ export function diskArg(d: VmmLaunch["disks"][number]): string {
 /** A --net value (also PUT /restore's `nets` entries). */
 export function netArg(n: VmmLaunch["nets"][number]): string {
   return `tap=${n.tap}${n.mac !== undefined ? `,mac=${n.mac}` : ""}`;
+}
+
+function statsArgs(l: VmmLaunch): string[] {
+  return l.statsFile !== undefined ? ["--stats-file", l.statsFile] : [];
 }
 
 /** --disk and --net flags, the same for a boot and a restore (where they replace the snapshot's back ends in order). */
@@ -116,6 +126,7 @@ function restoreArgs(l: VmmLaunch, r: { dir: string; paused: boolean }): string[
     "--console-log-size", String(l.consoleLogSize),
     "--console-socket", l.consoleSocket,
     "--exit-file", l.exitFile,
+    ...statsArgs(l),
     ...backEndArgs(l),
     ...(r.paused ? ["--paused"] : []),
     ...(l.forceKvm ? ["--force-kvm"] : []),

@@ -47,6 +47,8 @@ import type { SnapshotConfig, SnapshotState } from "./snapshot/state.js";
 import { DEFAULT_VCPU_NICE, MAX_MEMORY_MIB, MAX_NICE, MAX_VCPUS, MIN_MEMORY_MIB } from "./defaults.js";
 import { XAPIC_MAX_CPUS } from "./arch/x86_64/acpi/tables.js";
 import { phase, takePhases } from "./phases.js";
+import { processStatsPage, type StatsPage } from "./stats/page.js";
+import type { BlockStats } from "./devices/virtio/block/block.js";
 
 export { MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB };
 export type { IoStats, IoTotals } from "./devices/platform/device-thread-init.js";
@@ -133,6 +135,8 @@ export interface VmConfig {
   onPaused?: (reason: PauseReason) => void;
   /** Each vCPU thread narrows itself with its own seccomp filter before its first KVM_RUN (the sandbox). */
   vcpuSeccomp?: boolean;
+  /** Where the devices count their I/O (stats/page.ts); default the process's page (processStatsPage). */
+  statsPage?: StatsPage;
 }
 
 export type VmExitResult =
@@ -177,7 +181,7 @@ export interface PauseReason {
   at: string;
 }
 
-/** Counters of a VM without devices (nothing to ask the device thread). */
+/** Counters of a VM without devices. */
 export function emptyIoStats(): IoStats {
   return {
     diskReadBytes: 0, diskWriteBytes: 0, diskReadOps: 0, diskWriteOps: 0,
@@ -274,6 +278,9 @@ export class Vm {
   private workers: Worker[] = [];
   private deviceThread: { worker: Worker; eventfd: number; control: Int32Array } | undefined;
   private deviceNames: string[] = [];
+  /** The NICs' names in stats-page order (the device thread's "ready"). */
+  private netNames: string[] = [];
+  private readonly statsPage: StatsPage;
   /** Each disk and its I/O thread's shared ring (read here for GET /threads, whatever the device thread is doing). */
   private diskThreads: { name: string; ioThread: { name: string; ring: IoRing } | null }[] = [];
   private deviceFailure: string | undefined;
@@ -342,6 +349,7 @@ export class Vm {
     const { boot: _payload, ...rest } = config;
     this.cfg = rest;
     validateConfig(config);
+    this.statsPage = config.statsPage ?? processStatsPage();
     const snap = config.boot.kind === "snapshot" ? config.boot : undefined;
     this.aheadOfHost = snap?.deferState === true;
     if (snap !== undefined) {
@@ -643,6 +651,8 @@ export class Vm {
 
   private async startDevices(): Promise<VcpuWorkerInit["platform"]> {
     const devices = this.cfg.devices;
+    // Counted from 0 on each boot, as the devices are new; a VM without devices has a page of none.
+    this.statsPage.setDevices(devices?.disks.length ?? 0, devices?.nets.length ?? 0);
     if (devices === undefined || !hasDevices(devices)) return undefined;
     const eventfd = libc.eventfd();
     const mailbox = createMailbox(this.vcpus.length);
@@ -651,7 +661,7 @@ export class Vm {
     const init: DeviceThreadInit = {
       vmFd: this.vm.fd,
       memory: this.memory.hostRegions,
-      mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board,
+      mailbox, eventfd, vcpus: this.vcpus.length, devices, control, board: this.board, statsPage: this.statsPage.ref,
       ...(this.cfg.debugDeviceCommands === true ? { debugCommands: true } : {}),
       // Checked again by the device thread (parseDevicesState) before anything is built from it.
       ...(this.deferDeviceState ? { deferRestore: true } : this.restoredDevices !== undefined && this.restoredDevices !== null ? { restore: this.restoredDevices as DevicesState } : {}),
@@ -662,6 +672,7 @@ export class Vm {
       w.on("message", (m: DeviceThreadMessage) => {
         if (m.type === "ready") {
           this.deviceNames = m.devices;
+          this.netNames = m.nets;
           this.diskThreads = m.disks.map((d) => ({ name: d.name, ioThread: d.ioThread === null ? null : { name: d.ioThread.name, ring: ioRing(d.ioThread.ring) } }));
           resolve();
         } else if (m.type === "error") reject(new TypevisorError(m.code, m.message));
@@ -766,6 +777,7 @@ export class Vm {
     }
     this.starting = false;
     this.startedAt = Date.now();
+    this.statsPage.setStartedAt(this.startedAt);
     this.startSampler();
     let exited: Promise<VmExitResult>;
     if (this.vcpuThreads !== undefined) {
@@ -1058,10 +1070,27 @@ export class Vm {
     this.kickAll();
   }
 
-  /** Disk and network counters from the device thread's back ends (zeros without devices). */
-  async ioStats(): Promise<IoStats> {
-    if (this.deviceThread === undefined) return emptyIoStats();
-    return this.deviceCommand({ command: "io" });
+  /**
+   * Disk and network counters as the device thread's back ends counted them into the stats page
+   * (zeros without devices), with each disk's I/O thread as its ring shows it: read here, so
+   * asking does not wake the device thread. (A thread that failed shows in GET /threads, which
+   * asks the device thread.)
+   */
+  ioStats(): IoStats {
+    const r = this.deviceThread === undefined ? undefined : this.statsPage.read();
+    if (r === undefined) return emptyIoStats();
+    return {
+      ...r.totals,
+      disks: r.disks.map((d, i) => ({ name: this.diskThreads[i]?.name ?? `disk ${i}`, ...d, ioThread: this.ioThreadState(i) })),
+      nets: r.nics.map((n, i) => ({ name: this.netNames[i] ?? `nic ${i}`, ...n })),
+    };
+  }
+
+  private ioThreadState(disk: number): BlockStats["ioThread"] {
+    const t = this.diskThreads[disk]?.ioThread;
+    if (t === undefined || t === null) return "none";
+    const s = ioRingStatus(t.ring);
+    return !s.active ? "idle" : s.tid === 0 ? "starting" : "running";
   }
 
   /** Exits of vCPU `id` so far, every reason (its row of the stats buffer). */

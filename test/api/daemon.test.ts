@@ -3,6 +3,8 @@
  * purpose-built guests on this host's /dev/kvm (PVM runs them; stock kernels
  * are proven in the lab, test/control/daemon.lab.test.ts).
  */
+import { parseStatsPage } from "../../src/vmm/stats/layout.js";
+import { contextSwitches, threadNamed } from "../helpers/thread-wakeups.js";
 import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { request } from "node:http";
@@ -11,7 +13,7 @@ import { dirname, join } from "node:path";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ApiError } from "../../src/api/client.js";
-import { homePaths } from "../../src/control/paths.js";
+import { homePaths, vmPaths } from "../../src/control/paths.js";
 import { Store } from "../../src/control/store.js";
 import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helpers/tiny-kernel.js";
 import { outcome } from "../helpers/thrown.js";
@@ -317,6 +319,29 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     expect((await checks()) - a).toBeLessThanOrEqual(3);
     // Still watched: a VMM stopped as a whole is found unresponsive (the next test, in full).
     await c.removeVm("calm", { force: true });
+  }, 60_000);
+
+  it("samples a VM's I/O from its stats page: sampling every second wakes neither the VMM's main thread nor its device thread", async () => {
+    const c = d.client;
+    await c.createVm(spec("paged", { rng: true }), { start: true });
+    const vm = await c.getVm("paged");
+    const devices = await until("the device thread", async () => threadNamed(vm.pid!, "tv-devices"), 20_000);
+    await until("a usage sample with I/O", async () => ((await c.vmStats("paged")).usage?.diskReadBytes !== undefined ? true : undefined), 20_000);
+    // The page is the VMM's: set up (no disk or NIC counts into it: the tiny guest has none), started.
+    const page = parseStatsPage(readFileSync(vmPaths(d.home, vm.id).statsFile));
+    expect(page).toMatchObject({ disks: [], nics: [], totals: { diskReadBytes: 0, netTxBytes: 0 } });
+    expect(page!.startedAtMs).toBeGreaterThan(0);
+    // Samples every second (the test daemon's --usage-interval 1), each of which asked the VMM
+    // GET /stats: its main thread switched 14-17 times in 4 s, most of it for those requests (a
+    // health check, every 8 s by now, is 3-4); now the daemon reads the page. Measured past the
+    // device thread's own timed work (its malloc trim 10 s after the start).
+    await new Promise((r) => setTimeout(r, 12_000));
+    const a = [contextSwitches(vm.pid!), contextSwitches(vm.pid!, devices)];
+    await new Promise((r) => setTimeout(r, 4000));
+    expect(contextSwitches(vm.pid!) - a[0]!).toBeLessThanOrEqual(8);
+    expect(contextSwitches(vm.pid!, devices) - a[1]!).toBeLessThanOrEqual(1);
+    expect((await c.vmStats("paged")).usage).toMatchObject({ diskReadBytes: 0, netRxBytes: 0 });
+    await c.removeVm("paged", { force: true });
   }, 60_000);
 
   it("marks a VMM that stops answering unresponsive (event, VmInfo), without slowing the others, and clears it when it answers again", async () => {

@@ -13,6 +13,7 @@ import { TINY_KERNEL_BANNER, TINY_KERNEL_KEYS, writeTinyKernel } from "../helper
 import { unixApi } from "../helpers/unix-api.js";
 import { consoleClient } from "../helpers/console-client.js";
 import { contextSwitches, threadNamed } from "../helpers/thread-wakeups.js";
+import { parseStatsPage } from "../../src/vmm/stats/layout.js";
 
 const BIN = new URL("../../bin/typevisor.js", import.meta.url).pathname;
 const hasKvm = existsSync("/dev/kvm");
@@ -136,7 +137,8 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
   }, 30_000);
 
   it("lets its threads sleep while the guest idles: no main-thread sampler 4 times a second, no device-thread poll every second", async () => {
-    const vm = start("t6", ["--rng"]);
+    const stats = join(mkdtempSync(join(dir, "t6s-")), "stats");
+    const vm = start("t6", ["--rng", "--stats-file", stats]);
     try {
       await until("the banner", () => readIf(vm.files.log).includes(TINY_KERNEL_BANNER));
       const pid = vm.child.pid!;
@@ -150,6 +152,16 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
       // Before: a sampler every 250 ms made 16 here, a poll timeout every second 4; now 0-1 each.
       expect(switches(pid) - a[0]!).toBeLessThanOrEqual(3);
       expect(switches(devices!) - a[1]!).toBeLessThanOrEqual(1);
+      // GET /stats reads the counters from the stats page: it does not wake the device thread
+      // (before: one command, so one wake-up, per request).
+      const b = switches(devices!);
+      for (let i = 0; i < 10; i++) expect((await unixApi(vm.files.api, "GET", "/stats")).body).toMatchObject({ io: { disks: [], nets: [] } });
+      expect(switches(devices!) - b).toBeLessThanOrEqual(1);
+      // The same counters in the file, for a supervisor: set up, no devices counting, started now.
+      const page = parseStatsPage(readFileSync(stats));
+      expect(page).toMatchObject({ disks: [], nics: [], totals: { diskReadBytes: 0, netRxBytes: 0 } });
+      expect(Date.now() - page!.startedAtMs!).toBeGreaterThan(10_000);
+      expect(Date.now() - page!.startedAtMs!).toBeLessThan(40_000);
       // Both still answer: GET /threads asks the device thread through its eventfd.
       const t = await unixApi(vm.files.api, "GET", "/threads");
       expect(t.body).toMatchObject({ vcpus: [{ phase: "run" }], devices: { answering: true, phase: "poll" } });

@@ -7,6 +7,8 @@
  * VM's, while the host keeps no mount of them; removing the snapshot ends the standby;
  * a daemon killed leaves nothing its successor does not clean up.
  */
+import { parseStatsPage } from "../../src/vmm/stats/layout.js";
+import { vmPaths } from "../../src/control/paths.js";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
@@ -115,6 +117,9 @@ describe.skipIf(!ready)("standby VMMs under the VMM sandbox (root, tiny guests)"
     expect(existsSync(`${view}${join(d.home, "snapshots", gold.id)}/memory`)).toBe(true);
     expect(existsSync(`${view}${join(d.home, "snapshots", other.id)}`)).toBe(false);
     expect(existsSync(`${view}${src.disks[0]!.path}`)).toBe(false);
+    // its stats page, handed over like its disk: the standby counts into the file the daemon reads
+    expect(existsSync(`${view}${vmPaths(d.home, clone.id).statsFile}`)).toBe(true);
+    expect(await until("the clone's stats page", async () => parseStatsPage(readFileSync(vmPaths(d.home, clone.id).statsFile)))).toMatchObject({ disks: [{ readOps: expect.any(Number) }] });
     const inView = mountsUnder(clone.pid!, d.home);
     expect(inView.find((m) => m.at === disk)?.opts).toMatch(/^rw,nosuid,nodev,noexec/);
     const layer = gold.disks[0]!.layer;

@@ -6,6 +6,7 @@
  * files, the inventory and the other VM's disk cannot be opened and denied system calls fail with
  * EPERM; its console, control socket and exit record still work through what the daemon handed it.
  */
+import { parseStatsPage } from "../../src/vmm/stats/layout.js";
 import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { getPriority, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -147,6 +148,11 @@ describe.skipIf(!ready)("the VMM sandbox (root, tiny guests, real VMMs)", () => 
     // started again: the same uid (recorded), a fresh sandbox
     const again = await d.client.startVm("a");
     expect(again.state).toBe("running");
+    // the stats page, made by the daemon, the VM's uid's to write, in the daemon's directory: the jailed VMM counts into it
+    const stats = vmPaths(d.home, again.id).statsFile;
+    expect(statSync(stats).uid).toBe(again.sandbox?.uid);
+    const page = await until("the jailed VMM's stats page", async () => parseStatsPage(readFileSync(stats)));
+    expect(page).toMatchObject({ disks: [{ readBytes: expect.any(Number) }], nics: [] });
   }, 60_000);
 
   it("a symlink the VMM puts where its console log was is not followed by the daemon", async () => {

@@ -12,7 +12,7 @@
  *     pivot_root, credentials, limits, seccomp, exec. Why C: typevisor-jail.c's header.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { chmodSync, chownSync, closeSync, existsSync, lstatSync, mkdirSync, openSync, readlinkSync, realpathSync, rmSync } from "node:fs";
+import { chmodSync, chownSync, closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, readlinkSync, realpathSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { getPriority } from "node:os";
 import type Database from "better-sqlite3";
@@ -183,6 +183,15 @@ export function vmFileBinds(l: VmmLaunch, uid: number, outDir: string, allowedBa
   }
   // A restore reads the saved state in place (its memory mapped MAP_PRIVATE: clones share its pages).
   if (l.restore !== undefined) binds.push({ path: l.restore.dir, rw: false });
+  // The stats page: made here, empty, and given to the VM's uid, which maps it and writes its
+  // counters; it lies in the daemon's directory, so the VMM can change its content, never where
+  // the daemon's path leads (the daemon reads it with O_NOFOLLOW all the same: control/stats-page.ts).
+  if (l.statsFile !== undefined) {
+    rmSync(l.statsFile, { force: true });
+    closeSync(openSync(l.statsFile, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600));
+    chownSync(l.statsFile, uid, gid);
+    binds.push({ path: l.statsFile, rw: true });
+  }
   return binds;
 }
 

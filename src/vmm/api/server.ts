@@ -24,7 +24,7 @@
  *                  switchover? (where the pause went), disks?, error?}; DELETE /migrate cancels
  *                  (the VM runs on)
  *   PUT  /restore  (a standby VMM only, `run --standby`) {"snapshot": DIR, "id"?, "consoleLog"?,
- *                  "consoleSocket"?, "exitFile"?, "disks"?: [SPEC], "nets"?: [SPEC], "vsock"?: SPEC,
+ *                  "consoleSocket"?, "exitFile"?, "statsFile"?, "disks"?: [SPEC], "nets"?: [SPEC], "vsock"?: SPEC,
  *                  "paused"?: bool, "keepClock"?: bool}: become the VM saved in DIR, on this same
  *                  socket; answers 200 once the VM is built (its errors as for `run --restore`)
  *   POST /resume

@@ -11,6 +11,8 @@ import type { BlockStats } from "../virtio/block/block.js";
 import type { NetStats } from "../virtio/net/net.js";
 import type { VirtioPciInspect } from "../virtio/pci/transport.js";
 import type { DevicesState } from "./snapshot.js";
+import type { IoTotals } from "../../stats/layout.js";
+import type { StatsPageRef } from "../../stats/page.js";
 
 export type { DevicesState } from "./snapshot.js";
 
@@ -28,6 +30,11 @@ export interface DeviceThreadInit {
   control: SharedArrayBuffer;
   /** The thread board (threads/board.ts); this thread publishes its phase in row `deviceRow(vcpus)`. */
   board: SharedArrayBuffer;
+  /**
+   * The VMM's stats page (stats/page.ts), mapped by the main thread for the process's lifetime:
+   * disk `i` and NIC `i` count into its slots `i` (set up, and zeroed, by the main thread first).
+   */
+  statsPage: StatsPageRef;
   /** Accept the debug.* commands (tests of a device thread that does not answer). */
   debugCommands?: boolean;
   /**
@@ -52,17 +59,8 @@ export interface DeviceThreadInit {
   dirtyLog?: SharedArrayBuffer;
 }
 
-/** Disk and network traffic summed over the VM's virtio devices (counted by the back ends). */
-export interface IoTotals {
-  diskReadBytes: number;
-  diskWriteBytes: number;
-  diskReadOps: number;
-  diskWriteOps: number;
-  netRxBytes: number;
-  netTxBytes: number;
-  netRxPackets: number;
-  netTxPackets: number;
-}
+/** Disk and network traffic summed over the VM's virtio devices (counted by the back ends into the stats page). */
+export type { IoTotals } from "../../stats/layout.js";
 
 export interface IoStats extends IoTotals {
   disks: ({ name: string } & BlockStats)[];
@@ -92,7 +90,6 @@ export interface DeviceThreadReport {
 /** What the main thread can ask of the device thread. */
 export type DeviceRequest =
   | { command: "devices" }
-  | { command: "io" }
   | { command: "threads" }
   | { command: "balloon.setTarget"; args: { pages: number } }
   | { command: "balloon.requestStats" }
@@ -135,7 +132,6 @@ export type DeviceRequest =
 /** The answer to each request. */
 export interface DeviceReplies {
   devices: PciDeviceSummary[];
-  io: IoStats;
   threads: DeviceThreadReport;
   "balloon.setTarget": BalloonReport;
   "balloon.requestStats": { requested: boolean };
@@ -162,7 +158,8 @@ export interface DiskThreadInfo {
 }
 
 export type DeviceThreadMessage =
-  | { type: "ready"; devices: string[]; disks: DiskThreadInfo[] }
+  /** `nets`: the NICs' names in order (NIC `i` counts into the stats page's slot `i`; disks likewise in `disks`). */
+  | { type: "ready"; devices: string[]; disks: DiskThreadInfo[]; nets: string[] }
   | { type: "reply"; id: number; ok: true; result: DeviceReplies[DeviceCommandName] }
   | { type: "reply"; id: number; ok: false; code: string; message: string }
   | { type: "error"; code: string; message: string }

@@ -5,6 +5,7 @@
  * snapshot with the "snapshot" command, stops the thread, starts a new one with `restore`, and
  * the guest's disk driver continues on the new thread.
  */
+import { StatsPage } from "../../stats/page.js";
 import { copyFileSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -73,6 +74,7 @@ class DeviceThread {
       devices,
       control: this.control,
       board: createBoard(1),
+      statsPage: StatsPage.create().ref,
       ...(restore !== undefined ? { restore: restore as DevicesState } : {}),
     };
     if (rehearse !== undefined) {

@@ -32,6 +32,7 @@ import { endPrestarted, prestartedCount, prestartWorkers, workerInit } from "../
 import { tracingPhases } from "../../phases.js";
 import { startProfile, stopProfile } from "../../profile.js";
 import { writeSync } from "node:fs";
+import { StatsPage } from "../../stats/page.js";
 
 // Started ahead of need (a standby VMM, which only ever restores): the state's checker loads, and
 // a disk's I/O thread starts, while it waits for its VM; a standby built for a template hands it
@@ -80,9 +81,10 @@ const taps: number[] = [];
 let balloon: BalloonDevice | undefined;
 let vsock: VsockDevice | undefined;
 const plugged: Plugged[] = [];
-/** Back ends whose traffic GET /stats reports ("io" command). */
+/** Disks and NICs in order: disk `i` and NIC `i` count into slot `i` of the stats page. */
 const disks: { name: string; dev: BlockDevice }[] = [];
 const nics: { name: string; dev: NetDevice }[] = [];
+const statsPage = StatsPage.attach(init.statsPage);
 
 function plug(name: string, kind: DeviceKind, device: VirtioDevice): void {
   const transport = new VirtioPciDevice({
@@ -162,6 +164,7 @@ try {
       ioThreadStart: prestartedCount("devices/virtio/block/io-worker.js") > 0 ? "eager" : "on-demand",
       // A full host filesystem pauses the VM (QEMU's werror=enospc) instead of failing the guest's write.
       onNoSpace: (info) => post({ type: "no-space", disk: i, ...info }),
+      counters: statsPage.disk(i),
       ...(d.format !== undefined ? { format: d.format } : {}),
       ...(d.serial !== undefined ? { serial: d.serial } : {}),
     });
@@ -175,7 +178,7 @@ try {
     // A TAP we just created starts down and would drop what the guest sends.
     if (tap.created) setLinkUp(tap.name);
     const mac = n.mac !== undefined ? parseMac(n.mac) : macFromIdentity(`${tap.name}/net${i}`);
-    const dev = new NetDevice({ tapFd: tap.fd, mac });
+    const dev = new NetDevice({ tapFd: tap.fd, mac, counters: statsPage.nic(i) });
     const name = `virtio-net ${tap.name} ${formatMac(mac)}`;
     plug(name, "net", dev);
     nics.push({ name, dev });
@@ -247,26 +250,8 @@ post({
   devices: plugged.map((p) => `${p.name} at 00:${p.slot.toString(16).padStart(2, "0")}.0`),
   // The main thread reads each I/O thread's ring itself (GET /threads), so it sees a disk's I/O even while this thread is stuck.
   disks: disks.map(({ name, dev }) => ({ name, ioThread: dev.ioThreadRing ?? null })),
+  nets: nics.map(({ name }) => name),
 });
-
-/** Disk and network counters: totals over devices plus one entry per device (GET /stats "io"). */
-function ioStats(): DeviceReplies["io"] {
-  const perDisk = disks.map(({ name, dev }) => ({ name, ...dev.stats() }));
-  const perNic = nics.map(({ name, dev }) => ({ name, ...dev.stats() }));
-  const sum = <T>(xs: T[], f: (x: T) => number): number => xs.reduce((n, x) => n + f(x), 0);
-  return {
-    diskReadBytes: sum(perDisk, (d) => d.readBytes),
-    diskWriteBytes: sum(perDisk, (d) => d.writeBytes),
-    diskReadOps: sum(perDisk, (d) => d.readOps),
-    diskWriteOps: sum(perDisk, (d) => d.writeOps),
-    netRxBytes: sum(perNic, (n) => n.rxBytes),
-    netTxBytes: sum(perNic, (n) => n.txBytes),
-    netRxPackets: sum(perNic, (n) => n.rxPackets),
-    netTxPackets: sum(perNic, (n) => n.txPackets),
-    disks: perDisk,
-    nets: perNic,
-  };
-}
 
 function theBalloon(): BalloonDevice {
   if (balloon === undefined) throw new TypevisorError("NO_BALLOON", "this VM has no balloon (start it with --balloon)");
@@ -306,8 +291,6 @@ function runCommand(c: DeviceRequest): DeviceReplies[DeviceRequest["command"]] {
   switch (c.command) {
     case "devices":
       return plugged.map((p) => ({ name: p.name, slot: p.slot, status: p.transport.deviceStatus, needsReset: p.transport.needsResetReason ?? null }));
-    case "io":
-      return ioStats();
     case "threads":
       return threadsReport();
     case "balloon.setTarget":

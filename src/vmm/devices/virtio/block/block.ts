@@ -16,6 +16,7 @@ import type { Qcow2Backend } from "../../../disk/qcow2/image.js";
 import { syncData, transferAll, writeZeroes } from "./file-io.js";
 import { IO_OP, ioRing, type IoRing } from "./io-ring.js";
 import { BlockIoThread } from "./io-thread.js";
+import { DISK, DISK_SLOT } from "../../../stats/layout.js";
 
 /** virtio-blk feature bits (virtio 1.2 §5.2.3). */
 export const VIRTIO_BLK_F = {
@@ -171,6 +172,12 @@ export interface BlockDeviceOptions {
    * Once per stop: not again until retryHeld() ran. Without it such a request fails with IOERR.
    */
   onNoSpace?: (info: NoSpaceInfo) => void;
+  /**
+   * Where this disk counts its completed requests (DISK indices of the VMM's stats page:
+   * stats/layout.ts), so GET /stats and the daemon read them without asking this thread.
+   * Default: an array of its own.
+   */
+  counters?: Float64Array;
 }
 
 /** Why a disk stopped taking requests: its host file could not grow (NoSpace handling, BlockDeviceOptions.onNoSpace). */
@@ -255,20 +262,6 @@ export interface BlockStats {
   ioThread: "none" | "idle" | "starting" | "running" | "failed";
 }
 
-/** BlockStats' counters, one object per disk, updated as requests complete. */
-class IoCounters {
-  constructor(
-    public readBytes: number,
-    public writeBytes: number,
-    public readOps: number,
-    public writeOps: number,
-  ) {}
-}
-// Made first with values past 2^31, so V8 gives the fields double representation from the start:
-// otherwise the byte counts passing 2 GiB widen them then, which throws away the request path's
-// compiled code once, in the middle of the guest's I/O (docs/benchmarks.md, qcow2 recompiles).
-new IoCounters(2 ** 52, 2 ** 52, 2 ** 52, 2 ** 52);
-
 export class BlockDevice implements VirtioDevice {
   readonly deviceType = VIRTIO_ID.BLOCK;
   readonly queueMaxSizes: readonly number[];
@@ -313,7 +306,8 @@ export class BlockDevice implements VirtioDevice {
   private readonly pending: (Pending | undefined)[] = [];
   /** Poll this (the I/O thread's completion eventfd) and call onBackendReadable. */
   backendFds: readonly number[];
-  private readonly counters = new IoCounters(0, 0, 0, 0);
+  /** Completed requests and their bytes (GET /stats), DISK indices; in the stats page when given one. */
+  private readonly counters: Float64Array;
   private ioThreadFailed = false;
   /**
    * While a live migration copies this disk: the blocks written (marked as each write completes;
@@ -330,6 +324,8 @@ export class BlockDevice implements VirtioDevice {
 
   /** @throws TypevisorError DISK_OPEN, DISK_TYPE, DISK_SIZE, DISK_SERIAL, DISK_OPTIONS */
   constructor(opts: BlockDeviceOptions) {
+    this.counters = opts.counters ?? new Float64Array(DISK_SLOT);
+    if (this.counters.length < DISK_SLOT) throw new TypevisorError("DISK_OPTIONS", `a disk's counters take ${DISK_SLOT} slots`);
     const queueSize = opts.queueSize ?? 256;
     if (!Number.isInteger(queueSize) || queueSize < 2 || queueSize > 32768 || (queueSize & (queueSize - 1)) !== 0) {
       throw new TypevisorError("DISK_OPTIONS", `virtio-blk queue size ${queueSize} is not a power of 2 in 2..32768`);
@@ -699,11 +695,13 @@ export class BlockDevice implements VirtioDevice {
   /** A read or write completed with status OK: the GET /stats counters. */
   private countDone(kind: Pending["kind"], bytes: number): void {
     if (kind === 1) {
-      this.counters.readOps++;
-      this.counters.readBytes += bytes;
+      const c = this.counters;
+      c[DISK.READ_OPS] = c[DISK.READ_OPS]! + 1;
+      c[DISK.READ_BYTES] = c[DISK.READ_BYTES]! + bytes;
     } else if (kind === 2) {
-      this.counters.writeOps++;
-      this.counters.writeBytes += bytes;
+      const c = this.counters;
+      c[DISK.WRITE_OPS] = c[DISK.WRITE_OPS]! + 1;
+      c[DISK.WRITE_BYTES] = c[DISK.WRITE_BYTES]! + bytes;
     }
   }
 
@@ -860,7 +858,8 @@ export class BlockDevice implements VirtioDevice {
   /** Completed read/write requests and bytes since construction. */
   stats(): BlockStats {
     const ioThread = this.io !== undefined ? "running" : this.ioThreadFailed ? "failed" : this.starting !== undefined ? "starting" : this.ioThreadName !== undefined ? "idle" : "none";
-    return { ...this.counters, ioThread };
+    const c = this.counters;
+    return { readBytes: c[DISK.READ_BYTES]!, writeBytes: c[DISK.WRITE_BYTES]!, readOps: c[DISK.READ_OPS]!, writeOps: c[DISK.WRITE_OPS]!, ioThread };
   }
 
   /**

@@ -9,6 +9,7 @@ import { activateQueues, inspectQueues, serviceQueue, type ChainResult } from ".
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
 import { formatMac } from "./mac.js";
+import { NIC, NIC_SLOT } from "../../../stats/layout.js";
 
 /** virtio-net feature bits (virtio 1.2 §5.1.3). */
 export const VIRTIO_NET_F = {
@@ -103,6 +104,11 @@ export interface NetDeviceOptions {
   mtu?: number;
   /** Queue size the device allows (power of 2). Default 256. */
   queueSize?: number;
+  /**
+   * Where this NIC counts its frames (NIC indices of the VMM's stats page: stats/layout.ts), so
+   * GET /stats and the daemon read them without asking this thread. Default: an array of its own.
+   */
+  counters?: Float64Array;
 }
 
 export interface NetDeviceState {
@@ -174,10 +180,13 @@ export class NetDevice implements VirtioDevice {
   private readonly rxIov = new IoVec();
   /** Fallback when a chain has more pieces than writev takes. */
   private txBuf: Uint8Array | undefined;
-  private readonly counters: NetStats = { rxPackets: 0, rxBytes: 0, rxDropped: 0, txPackets: 0, txBytes: 0, txDropped: 0 };
+  /** Frames and bytes each way (GET /stats), NIC indices; in the stats page when given one. */
+  private readonly counters: Float64Array;
 
   /** @throws TypevisorError NET_OPTIONS, NET_MAC */
   constructor(opts: NetDeviceOptions) {
+    this.counters = opts.counters ?? new Float64Array(NIC_SLOT);
+    if (this.counters.length < NIC_SLOT) throw new TypevisorError("NET_OPTIONS", `a NIC's counters take ${NIC_SLOT} slots`);
     const size = opts.queueSize ?? 256;
     if (!Number.isInteger(size) || size < 2 || size > 32768 || (size & (size - 1)) !== 0) {
       throw new TypevisorError("NET_OPTIONS", `virtio-net queue size ${size} is not a power of 2 in 2..32768`);
@@ -360,11 +369,19 @@ export class NetDevice implements VirtioDevice {
 
   /** Packet and byte counters since construction. */
   stats(): NetStats {
-    return { ...this.counters };
+    const c = this.counters;
+    return {
+      rxPackets: c[NIC.RX_PACKETS]!, rxBytes: c[NIC.RX_BYTES]!, rxDropped: c[NIC.RX_DROPPED]!,
+      txPackets: c[NIC.TX_PACKETS]!, txBytes: c[NIC.TX_BYTES]!, txDropped: c[NIC.TX_DROPPED]!,
+    };
+  }
+
+  private count(i: number, n: number): void {
+    this.counters[i] = this.counters[i]! + n;
   }
 
   private dropStash(): void {
-    if (this.stashLen > 0) this.counters.rxDropped++;
+    if (this.stashLen > 0) this.count(NIC.RX_DROPPED, 1);
     this.stashLen = 0;
     this.held = [];
     this.heldBytes = 0;
@@ -375,7 +392,7 @@ export class NetDevice implements VirtioDevice {
       const n = readRaw(this.tapFd, this.rxBuf);
       if (n === -EINTR) continue;
       if (n <= 0) return;
-      this.counters.rxDropped++;
+      this.count(NIC.RX_DROPPED, 1);
     }
   }
 
@@ -384,7 +401,7 @@ export class NetDevice implements VirtioDevice {
     const len = chain.totalRead;
     // Driver mistakes on tx cost only that packet (as a NIC drops a bad frame); the queue goes on.
     if (len < VNET_HDR_LEN || len > VNET_HDR_LEN + MAX_FRAME) {
-      this.counters.txDropped++;
+      this.count(NIC.TX_DROPPED, 1);
       return 0;
     }
     const hdr = this.txHdr;
@@ -393,7 +410,7 @@ export class NetDevice implements VirtioDevice {
     // §5.1.6.2.1: NEEDS_CSUM only with CSUM, a gso_type only with its HOST_TSO*; anything else would
     // hand the host stack offload work we never agreed to. The TAP re-validates the header too.
     if (!headerAllowed(hdr[0]!, hdr[1]!, ctx.features, "tx")) {
-      this.counters.txDropped++;
+      this.count(NIC.TX_DROPPED, 1);
       return 0;
     }
     // num_buffers is unused on transmit (§5.1.6.2); the TAP ignores bytes 10-11 anyway.
@@ -417,11 +434,11 @@ export class NetDevice implements VirtioDevice {
       r = iov.writev(this.tapFd);
     }
     if (r === len) {
-      this.counters.txPackets++;
-      this.counters.txBytes += len - VNET_HDR_LEN;
+      this.count(NIC.TX_PACKETS, 1);
+      this.count(NIC.TX_BYTES, len - VNET_HDR_LEN);
     } else {
       // EIO (TAP down), EINVAL (runt frame), EAGAIN: a NIC drops the frame and goes on.
-      this.counters.txDropped++;
+      this.count(NIC.TX_DROPPED, 1);
     }
     return 0;
   }
@@ -448,7 +465,7 @@ export class NetDevice implements VirtioDevice {
           if (n === -EAGAIN || n <= 0) break;
           if (n < VNET_HDR_LEN || n > VNET_HDR_LEN + MAX_FRAME) {
             // Shorter than the header we configured, or truncated by our buffer: not a frame we can pass on.
-            this.counters.rxDropped++;
+            this.count(NIC.RX_DROPPED, 1);
             continue;
           }
           this.stashLen = n;
@@ -511,7 +528,7 @@ export class NetDevice implements VirtioDevice {
     if (n <= 0) return "empty";
     if (n < VNET_HDR_LEN || n > Math.min(iov.bytes, VNET_HDR_LEN + MAX_FRAME) || !this.rxHeaderAllowed(ctx, this.held[0]!)) {
       // Short, cut or with offloads the guest did not negotiate (§5.1.6.4.1): the chains stay held.
-      this.counters.rxDropped++;
+      this.count(NIC.RX_DROPPED, 1);
       return "dropped";
     }
     this.complete(ctx, q, n);
@@ -569,7 +586,7 @@ export class NetDevice implements VirtioDevice {
     // The TAP produces only the offloads set with TUNSETOFFLOAD, i.e. what the guest negotiated;
     // check anyway (§5.1.6.4.1) and pass the header through. num_buffers is ours to fill.
     if (!headerAllowed(buf[0]!, buf[1]!, ctx.features, "rx")) {
-      this.counters.rxDropped++;
+      this.count(NIC.RX_DROPPED, 1);
       return "dropped";
     }
 
@@ -590,7 +607,7 @@ export class NetDevice implements VirtioDevice {
       if (chain.totalWrite < need) {
         // The driver SHOULD post buffers for a full frame (§5.1.6.3.1); this one is too small.
         // Drop the frame and keep the chain for the next (smaller) one.
-        this.counters.rxDropped++;
+        this.count(NIC.RX_DROPPED, 1);
         return "dropped";
       }
       writeChain(ctx.mem, chain.writable, buf.subarray(0, need));
@@ -602,7 +619,7 @@ export class NetDevice implements VirtioDevice {
     while (this.heldBytes < need) {
       if (this.held.length >= q.config.size) {
         // Every buffer the ring can hold is not enough: waiting would deadlock; drop the frame.
-        this.counters.rxDropped++;
+        this.count(NIC.RX_DROPPED, 1);
         return "dropped";
       }
       const c = this.popRx(ctx, q);
@@ -628,7 +645,7 @@ export class NetDevice implements VirtioDevice {
   }
 
   private delivered(len: number): void {
-    this.counters.rxPackets++;
-    this.counters.rxBytes += len - VNET_HDR_LEN;
+    this.count(NIC.RX_PACKETS, 1);
+    this.count(NIC.RX_BYTES, len - VNET_HDR_LEN);
   }
 }
