@@ -138,7 +138,8 @@ describe.skipIf(!hasKvm)("typevisor run, headless (tiny kernel, --force-kvm)", (
 
   it("lets its threads sleep while the guest idles: no main-thread sampler 4 times a second, no device-thread poll every second", async () => {
     const stats = join(mkdtempSync(join(dir, "t6s-")), "stats");
-    const vm = start("t6", ["--rng", "--stats-file", stats]);
+    // A balloon too (without statistics polling): it has no timed work either.
+    const vm = start("t6", ["--rng", "--balloon", "--stats-file", stats]);
     try {
       await until("the banner", () => readIf(vm.files.log).includes(TINY_KERNEL_BANNER));
       const pid = vm.child.pid!;

@@ -461,14 +461,17 @@ let passes = 0;
 const POLL_WORD = deviceWord(PHASE.poll);
 /**
  * poll's timeout: a second while something here has timed work (the trim, a disk's I/O thread to
- * watch or end, the balloon's statistics), none otherwise. An idle VM's devices then wait only on
+ * watch or end), until the balloon's next statistics request when it polls them, none otherwise. An idle VM's devices then wait only on
  * their fds (a command and the stop write the mailbox eventfd), and the thread stops waking once
  * a second for nothing (docs/vmm.md).
  */
 function pollTimeoutMs(): number {
-  if (trimAt !== undefined || balloon !== undefined) return 1000;
-  for (const { dev } of disks) if (dev.needsTick) return 1000;
-  return -1;
+  let ms = trimAt !== undefined ? 1000 : -1;
+  for (const { dev } of disks) if (dev.needsTick) ms = 1000;
+  // A balloon polling the guest's statistics: until its next request is due (none while it waits for the guest's answer).
+  const b = balloon?.msUntilTick() ?? -1;
+  if (b >= 0) ms = ms < 0 ? b : Math.min(ms, b);
+  return ms;
 }
 while (Atomics.load(stop, 0) === 0) {
   // Back-end fds are polled only while their device wants them: a device without guest buffers wants none.

@@ -299,17 +299,24 @@ describe("BalloonDevice", () => {
     r.dev.activate(r.ctx);
     post(r, STATSQ, DATA, statBytes(LINUX_STATS));
     r.dev.notify(STATSQ);
+    // The device thread's poll timeout: until the request is due, bounded by the interval.
+    expect(r.dev.msUntilTick(r.clock.t + 500)).toBe(1500);
+    expect(r.dev.msUntilTick(r.clock.t - 1e9)).toBe(2000); // a wall clock set back
     r.dev.tick(r.clock.t + 1999);
     expect(r.drv[STATSQ]!.takeUsed()).toEqual([]);
+    expect(r.dev.msUntilTick(r.clock.t + 2000)).toBe(0);
     r.dev.tick(r.clock.t + 2000);
     expect(r.drv[STATSQ]!.takeUsed()).toHaveLength(1);
-    r.dev.tick(r.clock.t + 10000); // nothing held
+    // Nothing held: nothing to time (the guest's answer comes as a kick).
+    expect(r.dev.msUntilTick(r.clock.t + 10000)).toBe(-1);
+    r.dev.tick(r.clock.t + 10000);
     expect(r.drv[STATSQ]!.takeUsed()).toEqual([]);
-    // Without polling, tick does nothing.
+    // Without polling, tick does nothing and nothing is timed.
     const q = rig();
     q.dev.activate(q.ctx);
     post(q, STATSQ, DATA, statBytes(LINUX_STATS));
     q.dev.notify(STATSQ);
+    expect(q.dev.msUntilTick(q.clock.t)).toBe(-1);
     q.dev.tick(q.clock.t + 1e9);
     expect(q.drv[STATSQ]!.takeUsed()).toEqual([]);
   });

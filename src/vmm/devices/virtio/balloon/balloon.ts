@@ -240,6 +240,17 @@ export class BalloonDevice implements VirtioDevice {
     if (now - this.lastStatsAt >= this.pollMs) this.requestStats();
   }
 
+  /**
+   * How long until tick() has work (ms, 0: now), or -1 while it has none to come: no polling, or
+   * no buffer held to hand back (the guest's next one arrives as a kick, which wakes the device
+   * thread anyway). So the device thread sleeps without a timeout under an idle balloon. At most
+   * the poll interval, whatever the wall clock did meanwhile.
+   */
+  msUntilTick(now: number = this.now()): number {
+    if (this.pollMs === 0 || this.heldStats === undefined || this.ctx === undefined || this.queues[STATSQ]?.broken !== undefined) return -1;
+    return Math.min(this.pollMs, Math.max(0, this.lastStatsAt + this.pollMs - now));
+  }
+
   // --- VirtioDevice ------------------------------------------------------------------------
 
   readConfig(offset: number, size: number): bigint {
