@@ -343,7 +343,10 @@ async function runVm(o: RunOptions, log: (line: string) => void): Promise<{ code
   const consolePipe = headless
     ? await ConsolePipe.open({
       ...(o.consoleLog !== undefined
-        ? { log: { path: o.consoleLog, maxBytes: logSize, onDrop: (code: string) => log(`typevisor: console log ${o.consoleLog}: ${code}: dropping guest output until it can be written (the log notes how much)`) } }
+        ? { log: { path: o.consoleLog, maxBytes: logSize, onDrop: (code: string) => {
+          log(`typevisor: console log ${o.consoleLog}: ${code}: dropping guest output until it can be written (the log notes how much)`);
+          processStatsPage().noteChange(); // GET /vm's consoleDroppedBytes starts to grow: a supervisor asks now
+        } } }
         : {}),
       ...(o.consoleSocket !== undefined ? { socket: { path: o.consoleSocket, ...(consoleSocketFd !== undefined ? { fd: consoleSocketFd } : {}) } } : {}),
       onInput: sendInput,

@@ -8,7 +8,7 @@
  * Concurrency: every action and every process exit for one VM runs through
  * that VM's queue, so two requests never interleave halfway.
  */
-import { readStatsFile } from "./stats-page.js";
+import { readStatsChanges, readStatsFile } from "./stats-page.js";
 import { EventEmitter } from "node:events";
 import { copyFile, rm } from "node:fs/promises";
 import { closeSync, constants, existsSync, fstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statfsSync, statSync, unlinkSync, writeFileSync } from "node:fs";
@@ -116,7 +116,8 @@ interface Live {
   /** For VMMs this daemon did not start (re-attached after a restart): liveness polling. */
   poll?: NodeJS.Timeout;
   /** The watchdog's last answer from this VMM (what it watches for), its wait and next check. */
-  health?: { seen: string; everyMs: number; nextAt: number };
+  /** `changes`: the VMM's stats page's change counter when the last check was asked (undefined: no page). */
+  health?: { seen: string; everyMs: number; nextAt: number; changes: number | undefined };
   /** Health checks asked of this VMM (the typevisor_vm_health_checks metric). */
   healthChecks?: number;
   cgroup?: VmCgroup;
@@ -155,7 +156,9 @@ const HEALTH_INTERVAL_MS = 2000;
  * (each unchanged answer doubles the wait; any change, or no answer, brings it back to
  * HEALTH_INTERVAL_MS). A check costs both processes a request over the VMM's socket: ~1.5 ms of
  * CPU on a project machine, tens of ms on the KVM lab's emulated CPU, where ten idle VMs checked
- * every 2 s took a measurable share of it (docs/benchmarks.md, "An idle VMM's wake-ups").
+ * every 2 s took a measurable share of it (docs/benchmarks.md, "An idle VMM's wake-ups"). What
+ * the checks watch for does not wait for the wait: the VMM counts each change of it in its stats
+ * page, which the watchdog reads every tick (a file read), and a VMM whose count moved is asked at once.
  */
 const HEALTH_MAX_INTERVAL_MS = 8000;
 const HEALTH_TIMEOUT_MS = 3000;
@@ -1512,7 +1515,9 @@ export class VmManager extends EventEmitter {
       for (const r of this.store.listVms()) {
         const live = this.live.get(r.id);
         if (live === undefined || live.dead || live.checking === true || (r.state !== "running" && r.state !== "paused")) continue;
-        if (live.health !== undefined && now < live.health.nextAt) continue;
+        // Read before asking: a change made while the answer is on its way moves the count again, and is checked next tick.
+        const changes = readStatsChanges(vmPaths(this.config.home, r.id).statsFile);
+        if (live.health !== undefined && now < live.health.nextAt && changes === live.health.changes) continue;
         live.checking = true;
         live.healthChecks = (live.healthChecks ?? 0) + 1;
         void this.client(r)
@@ -1526,7 +1531,7 @@ export class VmManager extends EventEmitter {
               const every = live.health?.seen === seen && live.unresponsiveSince === undefined ? Math.min(HEALTH_MAX_INTERVAL_MS, live.health.everyMs * 2) : HEALTH_INTERVAL_MS;
               // Due half a tick early: the watchdog ticks every HEALTH_INTERVAL_MS, and a 4 s wait
               // must be the second tick from now, not the third.
-              live.health = { seen, everyMs: every, nextAt: Date.now() + every - HEALTH_INTERVAL_MS / 2 };
+              live.health = { seen, everyMs: every, nextAt: Date.now() + every - HEALTH_INTERVAL_MS / 2, changes };
               if (live.unresponsiveSince === undefined) return;
               live.unresponsiveSince = undefined;
               this.event("vm.responsive", r.name, `VM ${r.name}'s VMM answers again`, { pid: live.pid });

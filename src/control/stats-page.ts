@@ -7,9 +7,21 @@
  */
 import { closeSync, readSync } from "node:fs";
 import { openRegularNoFollow } from "../sys/untrusted-file.js";
-import { parseStatsPage, STATS_PAGE_BYTES, type StatsReading } from "../vmm/stats/layout.js";
+import { parseStatsChanges, parseStatsPage, STATS_HEADER_BYTES, STATS_PAGE_BYTES, type StatsReading } from "../vmm/stats/layout.js";
 
 export function readStatsFile(path: string): StatsReading | undefined {
+  const b = readHead(path, STATS_PAGE_BYTES);
+  return b === undefined ? undefined : parseStatsPage(b);
+}
+
+/** The page's change counter alone (its header): what the watchdog looks at every tick. */
+export function readStatsChanges(path: string): number | undefined {
+  const b = readHead(path, STATS_HEADER_BYTES);
+  return b === undefined ? undefined : parseStatsChanges(b);
+}
+
+/** The first `bytes` of the file (fewer if it is shorter), or undefined when it cannot be read as a regular file. */
+function readHead(path: string, bytes: number): Buffer | undefined {
   let fd: number;
   try {
     fd = openRegularNoFollow(path);
@@ -17,14 +29,14 @@ export function readStatsFile(path: string): StatsReading | undefined {
     return undefined;
   }
   try {
-    const buf = Buffer.alloc(STATS_PAGE_BYTES);
+    const buf = Buffer.alloc(bytes);
     let got = 0;
     while (got < buf.length) {
       const n = readSync(fd, buf, got, buf.length - got, got);
       if (n <= 0) break;
       got += n;
     }
-    return parseStatsPage(buf.subarray(0, got));
+    return buf.subarray(0, got);
   } catch {
     return undefined;
   } finally {

@@ -299,7 +299,16 @@ export class Vm {
   private pthreads: bigint[] = [];
   private readonly nice: { nice: number; niceError?: string }[] = [];
   private startedAt = 0;
-  private state: VmState = "created";
+  private currentState: VmState = "created";
+  /** The VM's state; each change is counted in the stats page, where a supervisor looks for it (stats/layout.ts). */
+  private get state(): VmState {
+    return this.currentState;
+  }
+  private set state(s: VmState) {
+    if (s === this.currentState) return;
+    this.currentState = s;
+    this.statsPage.noteChange();
+  }
   private destroyed = false;
   private pendingInput: Uint8Array[] = [];
   /** Set while the VM is paused because a disk's filesystem is full; cleared by resume(). */

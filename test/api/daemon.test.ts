@@ -3,6 +3,7 @@
  * purpose-built guests on this host's /dev/kvm (PVM runs them; stock kernels
  * are proven in the lab, test/control/daemon.lab.test.ts).
  */
+import { unixApi } from "../helpers/unix-api.js";
 import { parseStatsPage } from "../../src/vmm/stats/layout.js";
 import { contextSwitches, threadNamed } from "../helpers/thread-wakeups.js";
 import { execFileSync } from "node:child_process";
@@ -319,6 +320,26 @@ describe.skipIf(!hasKvm)("daemon API with real VMM processes (tiny guests)", () 
     expect((await checks()) - a).toBeLessThanOrEqual(3);
     // Still watched: a VMM stopped as a whole is found unresponsive (the next test, in full).
     await c.removeVm("calm", { force: true });
+  }, 60_000);
+
+  it("checks a VMM at once when its stats page counts a change, backed off or not", async () => {
+    const c = d.client;
+    await c.createVm(spec("woken"), { start: true });
+    const vm = await c.getVm("woken");
+    const checks = async (): Promise<number> => Number(/typevisor_vm_health_checks\{vm="woken"\} (\d+)/.exec(await c.metrics())?.[1] ?? NaN);
+    // Backed off to 8 s by now (waits of 2, 4, 8 s); then right after a check, the next is 8 s away.
+    await new Promise((r) => setTimeout(r, 14_000));
+    const a = await checks();
+    await until("a check", async () => ((await checks()) > a ? true : undefined), 10_000);
+    const b = await checks();
+    // Paused behind the daemon's back (its own API socket): the VMM counts the change in its page.
+    expect((await unixApi(vm.apiSocket!, "POST", "/pause")).status).toBeLessThan(300);
+    const t0 = performance.now();
+    await until("the check the change brings", async () => ((await checks()) > b ? true : undefined), 10_000);
+    // The watchdog ticks every 2 s; without the page the check came 8 s after the last.
+    expect(performance.now() - t0).toBeLessThan(3500);
+    await unixApi(vm.apiSocket!, "POST", "/resume");
+    await c.removeVm("woken", { force: true });
   }, 60_000);
 
   it("samples a VM's I/O from its stats page: sampling every second wakes neither the VMM's main thread nor its device thread", async () => {

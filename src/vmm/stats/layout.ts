@@ -15,6 +15,9 @@
  *   bytes 8-11    disks in use (at most MAX_DISKS)
  *   bytes 12-15   NICs in use (at most MAX_NICS)
  *   bytes 16-23   f64: when the VM last started running (ms since the epoch; 0: not yet)
+ *   bytes 24-27   changes: counts up whenever something a supervisor watches through the control
+ *                 API changes (the VM's state, with a pause of the VMM's own; console output
+ *                 starting to be dropped), so it asks then, not only on its own schedule
  *   bytes 64-     MAX_DISKS disk slots of DISK_SLOT f64 each, then MAX_NICS NIC slots of NIC_SLOT
  *
  * A page is written by a process a guest may have taken over: its reader checks every field
@@ -30,7 +33,7 @@ export const MAX_DISKS = 32;
 export const MAX_NICS = 32;
 
 /** u32 indices of the header. */
-export const HEADER = { MAGIC: 0, VERSION: 1, DISKS: 2, NICS: 3 } as const;
+export const HEADER = { MAGIC: 0, VERSION: 1, DISKS: 2, NICS: 3, CHANGES: 6 } as const;
 /** f64 index of the start time. */
 export const STARTED_AT = 2;
 
@@ -41,9 +44,10 @@ export const DISK_SLOT = 4;
 export const NIC = { RX_PACKETS: 0, RX_BYTES: 1, RX_DROPPED: 2, TX_PACKETS: 3, TX_BYTES: 4, TX_DROPPED: 5 } as const;
 export const NIC_SLOT = 6;
 
-const HEADER_BYTES = 64;
+/** The header's bytes, before the first disk slot. */
+export const STATS_HEADER_BYTES = 64;
 /** f64 index of disk slot `i`. */
-export const diskSlot = (i: number): number => HEADER_BYTES / 8 + i * DISK_SLOT;
+export const diskSlot = (i: number): number => STATS_HEADER_BYTES / 8 + i * DISK_SLOT;
 /** f64 index of NIC slot `i`. */
 export const nicSlot = (i: number): number => diskSlot(MAX_DISKS) + i * NIC_SLOT;
 // The layout must fit its page (checked once, at load).
@@ -61,9 +65,11 @@ export interface DiskCounters {
 export interface NicCounters {
   rxPackets: number;
   rxBytes: number;
+  /** Host -> guest frames dropped: too big for the guest's buffers, unusable header, device not ready. */
   rxDropped: number;
   txPackets: number;
   txBytes: number;
+  /** Guest -> host chains dropped: malformed, oversized, or refused by the TAP. */
   txDropped: number;
 }
 
@@ -85,6 +91,8 @@ export interface StatsReading {
   totals: IoTotals;
   /** When the VM last started running (ms since the epoch), or undefined before it has. */
   startedAtMs: number | undefined;
+  /** The change counter (HEADER.CHANGES). */
+  changes: number;
 }
 
 /** A counter as written: a whole number of events or bytes, below 2^53. */
@@ -101,6 +109,17 @@ export function parseStatsPage(bytes: Uint8Array): StatsReading | undefined {
   const page = new ArrayBuffer(STATS_PAGE_BYTES);
   new Uint8Array(page).set(bytes.subarray(0, STATS_PAGE_BYTES));
   return readStatsPage(new Uint32Array(page), new Float64Array(page));
+}
+
+/**
+ * The change counter alone, from a page's first STATS_HEADER_BYTES (a watchdog's frequent look),
+ * or undefined for a page that is not one (no magic, another version).
+ */
+export function parseStatsChanges(bytes: Uint8Array): number | undefined {
+  if (bytes.length < STATS_HEADER_BYTES) return undefined;
+  const b = Buffer.from(bytes.buffer, bytes.byteOffset, STATS_HEADER_BYTES);
+  if (b.readUInt32LE(HEADER.MAGIC * 4) !== STATS_MAGIC || b.readUInt32LE(HEADER.VERSION * 4) !== STATS_VERSION) return undefined;
+  return b.readUInt32LE(HEADER.CHANGES * 4);
 }
 
 /** parseStatsPage over the page's own views (the VMM reading its own page: no copy). */
@@ -144,5 +163,6 @@ export function readStatsPage(u32: Uint32Array, f64: Float64Array): StatsReading
       netTxPackets: sum(nics, (n) => n.txPackets),
     },
     startedAtMs: started === 0 ? undefined : started,
+    changes: u32[HEADER.CHANGES]!,
   };
 }

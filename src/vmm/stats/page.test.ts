@@ -4,7 +4,7 @@ import { join } from "node:path";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { BlockDevice } from "../devices/virtio/block/block.js";
-import { DISK, diskSlot, HEADER, MAX_DISKS, NIC, nicSlot, parseStatsPage, STATS_PAGE_BYTES } from "./layout.js";
+import { DISK, diskSlot, HEADER, MAX_DISKS, NIC, nicSlot, parseStatsChanges, parseStatsPage, STATS_HEADER_BYTES, STATS_PAGE_BYTES } from "./layout.js";
 import { StatsPage } from "./page.js";
 
 const dir = mkdtempSync(join(tmpdir(), "tv-stats-page-"));
@@ -36,6 +36,18 @@ describe("the stats page", () => {
     // A new boot's devices count from 0.
     p.setDevices(2, 1);
     expect(p.read()?.totals.diskReadBytes).toBe(0);
+  });
+
+  it("counts changes in its header, which a watchdog reads alone", () => {
+    const p = StatsPage.create();
+    expect(parseStatsChanges(bytesOf(p))).toBeUndefined(); // not set up
+    p.setDevices(0, 0);
+    expect(parseStatsChanges(bytesOf(p))).toBe(0);
+    p.noteChange();
+    p.noteChange();
+    expect(parseStatsChanges(bytesOf(p).subarray(0, STATS_HEADER_BYTES))).toBe(2);
+    expect(p.read()?.changes).toBe(2);
+    expect(parseStatsChanges(bytesOf(p).subarray(0, 10))).toBeUndefined();
   });
 
   it("is where a disk counts its completed requests when given one", () => {

@@ -94,6 +94,11 @@ export class StatsPage {
     this.f64[STARTED_AT] = ms;
   }
 
+  /** Something a supervisor watches changed (the VM's state, console output being dropped): count it (HEADER.CHANGES). */
+  noteChange(): void {
+    Atomics.add(this.u32, HEADER.CHANGES, 1);
+  }
+
   read(): StatsReading | undefined {
     return readStatsPage(this.u32, this.f64);
   }

@@ -16,7 +16,7 @@ import type { Qcow2Backend } from "../../../disk/qcow2/image.js";
 import { syncData, transferAll, writeZeroes } from "./file-io.js";
 import { IO_OP, ioRing, type IoRing } from "./io-ring.js";
 import { BlockIoThread } from "./io-thread.js";
-import { DISK, DISK_SLOT } from "../../../stats/layout.js";
+import { DISK, DISK_SLOT, type DiskCounters } from "../../../stats/layout.js";
 
 /** virtio-blk feature bits (virtio 1.2 §5.2.3). */
 export const VIRTIO_BLK_F = {
@@ -249,11 +249,7 @@ export interface BlockDeviceState {
  * would make both cheap later.
  */
 /** I/O counters of one disk (for the control API's GET /stats). */
-export interface BlockStats {
-  readBytes: number;
-  writeBytes: number;
-  readOps: number;
-  writeOps: number;
+export interface BlockStats extends DiskCounters {
   /**
    * The disk's I/O thread: "none" (served on the device thread), "idle" (none now: it starts when
    * the disk needs it), "starting" (requests still served on the device thread), "running", or

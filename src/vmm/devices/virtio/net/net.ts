@@ -9,7 +9,7 @@ import { activateQueues, inspectQueues, serviceQueue, type ChainResult } from ".
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
 import { formatMac } from "./mac.js";
-import { NIC, NIC_SLOT } from "../../../stats/layout.js";
+import { NIC, NIC_SLOT, type NicCounters } from "../../../stats/layout.js";
 
 /** virtio-net feature bits (virtio 1.2 §5.1.3). */
 export const VIRTIO_NET_F = {
@@ -124,16 +124,8 @@ export interface NetDeviceState {
   stash?: string;
 }
 
-export interface NetStats {
-  rxPackets: number;
-  rxBytes: number;
-  /** Host -> guest frames dropped: too big for the guest's buffers, unusable header, device not ready. */
-  rxDropped: number;
-  txPackets: number;
-  txBytes: number;
-  /** Guest -> host chains dropped: malformed, oversized, or refused by the TAP. */
-  txDropped: number;
-}
+/** A NIC's counters, as its slot of the stats page holds them. */
+export type NetStats = NicCounters;
 
 type Placed = "done" | "dropped" | "wait" | "broken";
 
