@@ -5,8 +5,7 @@
  * file is opened without following a symlink or blocking on a FIFO, only its first page is read,
  * and every field is checked (parseStatsPage); anything else reads as no page.
  */
-import { closeSync, readSync } from "node:fs";
-import { openRegularNoFollow } from "../sys/untrusted-file.js";
+import { readRegularNoFollowHead } from "../sys/untrusted-file.js";
 import { parseStatsChanges, parseStatsPage, STATS_HEADER_BYTES, STATS_PAGE_BYTES, type StatsReading } from "../vmm/stats/layout.js";
 
 export function readStatsFile(path: string): StatsReading | undefined {
@@ -22,24 +21,9 @@ export function readStatsChanges(path: string): number | undefined {
 
 /** The first `bytes` of the file (fewer if it is shorter), or undefined when it cannot be read as a regular file. */
 function readHead(path: string, bytes: number): Buffer | undefined {
-  let fd: number;
   try {
-    fd = openRegularNoFollow(path);
+    return readRegularNoFollowHead(path, bytes);
   } catch {
     return undefined;
-  }
-  try {
-    const buf = Buffer.alloc(bytes);
-    let got = 0;
-    while (got < buf.length) {
-      const n = readSync(fd, buf, got, buf.length - got, got);
-      if (n <= 0) break;
-      got += n;
-    }
-    return buf.subarray(0, got);
-  } catch {
-    return undefined;
-  } finally {
-    closeSync(fd);
   }
 }

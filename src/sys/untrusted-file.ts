@@ -28,18 +28,32 @@ export function readRegularNoFollow(path: string, maxBytes: number): Buffer {
   const fd = openRegularNoFollow(path);
   try {
     const size = fstatSync(fd).size;
-    const start = Math.max(0, size - maxBytes);
-    const buf = Buffer.alloc(Math.min(size, maxBytes));
-    let got = 0;
-    while (got < buf.length) {
-      const n = readSync(fd, buf, got, buf.length - got, start + got);
-      if (n <= 0) break;
-      got += n;
-    }
-    return buf.subarray(0, got);
+    return readAt(fd, Math.max(0, size - maxBytes), Math.min(size, maxBytes));
   } finally {
     closeSync(fd);
   }
+}
+
+/** The first `maxBytes` (at most) of the regular file `path`, refusing symlinks and other file types. */
+export function readRegularNoFollowHead(path: string, maxBytes: number): Buffer {
+  const fd = openRegularNoFollow(path);
+  try {
+    return readAt(fd, 0, maxBytes);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Up to `length` bytes of `fd` from `start` (fewer at its end). */
+function readAt(fd: number, start: number, length: number): Buffer {
+  const buf = Buffer.alloc(length);
+  let got = 0;
+  while (got < buf.length) {
+    const n = readSync(fd, buf, got, buf.length - got, start + got);
+    if (n <= 0) break;
+    got += n;
+  }
+  return buf.subarray(0, got);
 }
 
 /** O_PATH (linux/fcntl.h, 010000000 on x86-64; node's fs.constants does not have it). */

@@ -33,7 +33,7 @@ import type { DeviceCommand, DeviceReplies, DeviceRequest, DevicesState, DeviceT
 import { ioRing, ioRingStatus, type IoRing } from "./devices/virtio/block/io-ring.js";
 import { boardRow, clockMs, createBoard, deviceRow, nextSampleMs, PhaseWatch, readRow, SAMPLE_MS, type BoardRow } from "./threads/board.js";
 import { kernelThreads, type KernelThread } from "./threads/kernel.js";
-import { deviceThreadPhase, ioThreadReport, vcpuReport, type DeviceThreadThreadsReport, type IoThreadReport, type ThreadsReport, type VcpuThreadReport } from "./threads/report.js";
+import { deviceThreadPhase, ioRingState, ioThreadReport, vcpuReport, type DeviceThreadThreadsReport, type IoThreadReport, type ThreadsReport, type VcpuThreadReport } from "./threads/report.js";
 import { bootMsrs } from "./arch/x86_64/msrs.js";
 import { setLint } from "./arch/x86_64/lapic.js";
 import { filesystemOf, type FilesystemInfo } from "./disk/filesystem.js";
@@ -1098,8 +1098,8 @@ export class Vm {
   private ioThreadState(disk: number): BlockStats["ioThread"] {
     const t = this.diskThreads[disk]?.ioThread;
     if (t === undefined || t === null) return "none";
-    const s = ioRingStatus(t.ring);
-    return !s.active ? "idle" : s.tid === 0 ? "starting" : "running";
+    // Without /proc's view (GET /threads reads it): a thread its ring shows is taken as alive.
+    return ioRingState(ioRingStatus(t.ring), true);
   }
 
   /** Exits of vCPU `id` so far, every reason (its row of the stats buffer). */

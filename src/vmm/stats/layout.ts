@@ -73,6 +73,19 @@ export interface NicCounters {
   txDropped: number;
 }
 
+/** The disk counters of the slot at f64 index `s` (DISK indices from there). */
+export function diskCountersAt(f64: Float64Array, s: number): DiskCounters {
+  return { readBytes: f64[s + DISK.READ_BYTES]!, writeBytes: f64[s + DISK.WRITE_BYTES]!, readOps: f64[s + DISK.READ_OPS]!, writeOps: f64[s + DISK.WRITE_OPS]! };
+}
+
+/** The NIC counters of the slot at f64 index `s` (NIC indices from there). */
+export function nicCountersAt(f64: Float64Array, s: number): NicCounters {
+  return {
+    rxPackets: f64[s + NIC.RX_PACKETS]!, rxBytes: f64[s + NIC.RX_BYTES]!, rxDropped: f64[s + NIC.RX_DROPPED]!,
+    txPackets: f64[s + NIC.TX_PACKETS]!, txBytes: f64[s + NIC.TX_BYTES]!, txDropped: f64[s + NIC.TX_DROPPED]!,
+  };
+}
+
 /** Counters summed over a VM's devices (GET /stats `io`, the daemon's usage). */
 export interface IoTotals {
   diskReadBytes: number;
@@ -132,18 +145,13 @@ export function readStatsPage(u32: Uint32Array, f64: Float64Array): StatsReading
   if (!counter(started)) return undefined;
   const disks: DiskCounters[] = [];
   for (let i = 0; i < nDisks; i++) {
-    const s = diskSlot(i);
-    const d = { readBytes: f64[s + DISK.READ_BYTES]!, writeBytes: f64[s + DISK.WRITE_BYTES]!, readOps: f64[s + DISK.READ_OPS]!, writeOps: f64[s + DISK.WRITE_OPS]! };
+    const d = diskCountersAt(f64, diskSlot(i));
     if (!Object.values(d).every(counter)) return undefined;
     disks.push(d);
   }
   const nics: NicCounters[] = [];
   for (let i = 0; i < nNics; i++) {
-    const s = nicSlot(i);
-    const n = {
-      rxPackets: f64[s + NIC.RX_PACKETS]!, rxBytes: f64[s + NIC.RX_BYTES]!, rxDropped: f64[s + NIC.RX_DROPPED]!,
-      txPackets: f64[s + NIC.TX_PACKETS]!, txBytes: f64[s + NIC.TX_BYTES]!, txDropped: f64[s + NIC.TX_DROPPED]!,
-    };
+    const n = nicCountersAt(f64, nicSlot(i));
     if (!Object.values(n).every(counter)) return undefined;
     nics.push(n);
   }

@@ -132,6 +132,11 @@ export function deviceThreadPhase(snap: RowSnapshot, deviceNames: readonly strin
   };
 }
 
+/** An I/O thread's state as its ring shows it; `alive`: whether the kernel still lists it (a thread that died shows as failed). */
+export function ioRingState(status: IoRingStatus, alive: boolean): "idle" | "starting" | "running" | "failed" {
+  return !status.active ? "idle" : status.tid === 0 ? "starting" : alive ? "running" : "failed";
+}
+
 /**
  * One disk's I/O thread. `ring`: its ring's status (undefined: the disk has no I/O thread);
  * `alive`: whether the kernel still lists its tid under its name; `fromDevices`: the device
@@ -151,8 +156,7 @@ export function ioThreadReport(
   const { status } = thread;
   const inFlight = (status.submitted - status.completed) | 0;
   const busy = inFlight !== 0;
-  const state: IoThreadReport["state"] =
-    fromDevices?.ioThread === "failed" ? "failed" : !status.active ? "idle" : status.tid === 0 ? "starting" : thread.alive ? "running" : "failed";
+  const state: IoThreadReport["state"] = fromDevices?.ioThread === "failed" ? "failed" : ioRingState(status, thread.alive);
   return {
     disk,
     name: thread.name,

@@ -16,7 +16,7 @@ import type { Qcow2Backend } from "../../../disk/qcow2/image.js";
 import { syncData, transferAll, writeZeroes } from "./file-io.js";
 import { IO_OP, ioRing, type IoRing } from "./io-ring.js";
 import { BlockIoThread } from "./io-thread.js";
-import { DISK, DISK_SLOT, type DiskCounters } from "../../../stats/layout.js";
+import { DISK, DISK_SLOT, diskCountersAt, type DiskCounters } from "../../../stats/layout.js";
 
 /** virtio-blk feature bits (virtio 1.2 §5.2.3). */
 export const VIRTIO_BLK_F = {
@@ -854,8 +854,7 @@ export class BlockDevice implements VirtioDevice {
   /** Completed read/write requests and bytes since construction. */
   stats(): BlockStats {
     const ioThread = this.io !== undefined ? "running" : this.ioThreadFailed ? "failed" : this.starting !== undefined ? "starting" : this.ioThreadName !== undefined ? "idle" : "none";
-    const c = this.counters;
-    return { readBytes: c[DISK.READ_BYTES]!, writeBytes: c[DISK.WRITE_BYTES]!, readOps: c[DISK.READ_OPS]!, writeOps: c[DISK.WRITE_OPS]!, ioThread };
+    return { ...diskCountersAt(this.counters, 0), ioThread };
   }
 
   /**

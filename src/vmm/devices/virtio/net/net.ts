@@ -9,7 +9,7 @@ import { activateQueues, inspectQueues, serviceQueue, type ChainResult } from ".
 import type { DescriptorChain, SplitQueue, SplitQueueState } from "../queue/split-queue.js";
 import { QueueError } from "../queue/split-queue.js";
 import { formatMac } from "./mac.js";
-import { NIC, NIC_SLOT, type NicCounters } from "../../../stats/layout.js";
+import { NIC, NIC_SLOT, nicCountersAt, type NicCounters } from "../../../stats/layout.js";
 
 /** virtio-net feature bits (virtio 1.2 §5.1.3). */
 export const VIRTIO_NET_F = {
@@ -361,11 +361,7 @@ export class NetDevice implements VirtioDevice {
 
   /** Packet and byte counters since construction. */
   stats(): NetStats {
-    const c = this.counters;
-    return {
-      rxPackets: c[NIC.RX_PACKETS]!, rxBytes: c[NIC.RX_BYTES]!, rxDropped: c[NIC.RX_DROPPED]!,
-      txPackets: c[NIC.TX_PACKETS]!, txBytes: c[NIC.TX_BYTES]!, txDropped: c[NIC.TX_DROPPED]!,
-    };
+    return nicCountersAt(this.counters, 0);
   }
 
   private count(i: number, n: number): void {
